@@ -1,0 +1,43 @@
+package kms
+
+// Permission is what a request needs from its principal.
+type Permission string
+
+const (
+	// PermReadKey: read key metadata and public keys.
+	PermReadKey Permission = "read-key"
+	// PermUseKey: sign, verify, decapsulate.
+	PermUseKey Permission = "use-key"
+	// PermManageKey: create, rotate, change policy and version states.
+	PermManageKey Permission = "manage-key"
+	// PermManageTokens: create tokens.
+	PermManageTokens Permission = "manage-tokens"
+)
+
+var rolePerms = map[Role][]Permission{
+	RoleAdmin:  {PermReadKey, PermUseKey, PermManageKey, PermManageTokens},
+	RoleWorker: {PermReadKey},
+}
+
+// Authorize decides whether p may exercise perm; key is the key name the
+// request touches, or "" for requests that touch no one key (listing,
+// tokens). Key listing is filtered by MayUse separately.
+func (p *Principal) Authorize(perm Permission, key string) error {
+	if p == nil {
+		return Errorf(KindUnauthenticated, "a bearer token is required")
+	}
+	allowed := false
+	for _, q := range rolePerms[p.Role] {
+		if q == perm {
+			allowed = true
+			break
+		}
+	}
+	if !allowed {
+		return Errorf(KindPermissionDenied, "role %s may not %s", p.Role, perm)
+	}
+	if key != "" && !p.MayUse(key) {
+		return Errorf(KindPermissionDenied, "this token may not use key %q", key)
+	}
+	return nil
+}

@@ -1,0 +1,153 @@
+package kms
+
+import (
+	"encoding/binary"
+	"regexp"
+	"slices"
+	"strings"
+	"time"
+)
+
+// State is the state of one key version.
+type State string
+
+const (
+	StateEnabled          State = "enabled"
+	StateDisabled         State = "disabled"
+	StateDestroyScheduled State = "destroy_scheduled"
+	StateDestroyed        State = "destroyed"
+)
+
+// Operation names what a key may be used for; a kind offers a fixed set and a
+// key's policy may narrow it.
+type Operation string
+
+const (
+	OpSign        Operation = "sign"
+	OpVerify      Operation = "verify"
+	OpDecapsulate Operation = "decapsulate"
+)
+
+// Destroy waiting period bounds, in days.
+const (
+	DefaultDestroyWaitDays = 30
+	MinDestroyWaitDays     = 1
+	MaxDestroyWaitDays     = 365
+)
+
+// Policy is what an administrator sets on a key.
+type Policy struct {
+	// DestroyWaitDays is the waiting period of schedule-destroy when the
+	// request names none.
+	DestroyWaitDays int `json:"destroy_wait_days"`
+	// AllowedOperations narrows the operations of the key's kind. Empty
+	// means all of them.
+	AllowedOperations []Operation `json:"allowed_operations,omitempty"`
+}
+
+// Version is one generation of key material.
+type Version struct {
+	Number      uint64     `json:"number"`
+	State       State      `json:"state"`
+	CreatedAt   time.Time  `json:"created_at"`
+	DestroyAt   *time.Time `json:"destroy_at,omitempty"`
+	DestroyedAt *time.Time `json:"destroyed_at,omitempty"`
+	PublicKey   []byte     `json:"public_key,omitempty"`
+	// Sealed is the secret material sealed by the Sealer; nil once destroyed.
+	Sealed []byte `json:"sealed,omitempty"`
+}
+
+// Key is a named key with its versions. Versions are numbered from 1 and
+// kept in order; Versions[i].Number == i+1.
+type Key struct {
+	Name                 string    `json:"name"`
+	Kind                 string    `json:"kind"`
+	Policy               Policy    `json:"policy"`
+	CreatedAt            time.Time `json:"created_at"`
+	Primary              uint64    `json:"primary"`
+	MinDecryptionVersion uint64    `json:"min_decryption_version"`
+	Versions             []Version `json:"versions"`
+}
+
+// Version returns version n, or a not-found error.
+func (k *Key) Version(n uint64) (*Version, error) {
+	if n == 0 || n > uint64(len(k.Versions)) {
+		return nil, Errorf(KindNotFound, "key %q has no version %d", k.Name, n)
+	}
+	return &k.Versions[n-1], nil
+}
+
+// Latest is the highest version number.
+func (k *Key) Latest() uint64 { return uint64(len(k.Versions)) }
+
+// Clone returns a deep copy.
+func (k *Key) Clone() *Key {
+	c := *k
+	c.Policy.AllowedOperations = slices.Clone(k.Policy.AllowedOperations)
+	c.Versions = make([]Version, len(k.Versions))
+	for i, v := range k.Versions {
+		v.PublicKey = slices.Clone(v.PublicKey)
+		v.Sealed = slices.Clone(v.Sealed)
+		if v.DestroyAt != nil {
+			t := *v.DestroyAt
+			v.DestroyAt = &t
+		}
+		if v.DestroyedAt != nil {
+			t := *v.DestroyedAt
+			v.DestroyedAt = &t
+		}
+		c.Versions[i] = v
+	}
+	return &c
+}
+
+// Allows reports whether the policy lets the key be used for op.
+func (p Policy) Allows(op Operation) bool {
+	return len(p.AllowedOperations) == 0 || slices.Contains(p.AllowedOperations, op)
+}
+
+var nameRE = regexp.MustCompile(`^[a-z0-9][a-z0-9._-]{0,63}$`)
+
+// ValidateName checks a key name supplied from outside.
+func ValidateName(name string) error {
+	if !nameRE.MatchString(name) {
+		return Errorf(KindInvalid, "invalid key name %q: want 1-64 characters of a-z, 0-9, '.', '_', '-', starting with a letter or digit", clip(name, 80))
+	}
+	return nil
+}
+
+// clip shortens s for an error message so a huge input is not echoed.
+func clip(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	return s[:n] + "..."
+}
+
+// SealContext names the material a sealed blob holds. Its AAD binds a blob to
+// exactly one key, version and kind under one KEK.
+type SealContext struct {
+	Key     string
+	Version uint64
+	Kind    string
+}
+
+// AAD is the additional authenticated data for a blob sealed under kekID.
+// Each field is length-prefixed so no two contexts encode alike.
+func (c SealContext) AAD(kekID string) []byte {
+	var b []byte
+	b = append(b, "kmsd-seal-v1"...)
+	for _, s := range []string{c.Key, c.Kind, kekID} {
+		b = binary.BigEndian.AppendUint32(b, uint32(len(s)))
+		b = append(b, s...)
+	}
+	b = binary.BigEndian.AppendUint64(b, c.Version)
+	return b
+}
+
+// internalPrefix marks names the service keeps for itself (the identity key).
+// ValidateName refuses it, so no client can name, read or change such a key.
+const internalPrefix = "_"
+
+// IsInternal reports whether name is a service-internal key.
+func IsInternal(name string) bool { return strings.HasPrefix(name, internalPrefix) }

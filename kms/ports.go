@@ -1,0 +1,104 @@
+package kms
+
+import (
+	"context"
+	"io"
+	"time"
+)
+
+// Sealer encrypts secret material under a key that never leaves an HSM.
+// Implementations must bind every blob to sc (SealContext.AAD) so that a blob
+// does not open under another context.
+type Sealer interface {
+	Seal(ctx context.Context, sc SealContext, plaintext Secret) ([]byte, error)
+	Unseal(ctx context.Context, sc SealContext, blob []byte) (Secret, error)
+	// Ping checks that the HSM answers.
+	Ping(ctx context.Context) error
+}
+
+// Store persists keys and tokens. Implementations commit each call durably
+// (fsync) before returning nil.
+type Store interface {
+	// CreateKey stores a new key; ErrAlreadyExists if the name is taken.
+	CreateKey(ctx context.Context, k *Key) error
+	// GetKey returns a copy of the key; ErrNotFound if absent.
+	GetKey(ctx context.Context, name string) (*Key, error)
+	// ListKeys returns up to limit keys with names after `after`, in name order.
+	ListKeys(ctx context.Context, after string, limit int) ([]*Key, error)
+	// UpdateKey loads the key, calls fn on a copy, and stores the copy in
+	// one transaction if fn returns nil. If fn or the commit fails, nothing
+	// changes.
+	UpdateKey(ctx context.Context, name string, fn func(k *Key) error) error
+
+	// CreateToken stores a token record; ErrAlreadyExists if the id is taken.
+	CreateToken(ctx context.Context, t *Token) error
+	// GetToken returns the token with the id; ErrNotFound if absent.
+	GetToken(ctx context.Context, id string) (*Token, error)
+	// CountTokens returns how many tokens exist.
+	CountTokens(ctx context.Context) (int, error)
+
+	// Ping checks that the store answers.
+	Ping(ctx context.Context) error
+}
+
+// Clock tells the time; tests inject a fake one.
+type Clock interface {
+	Now() time.Time
+}
+
+// SystemClock is the real clock.
+type SystemClock struct{}
+
+// Now returns time.Now in UTC.
+func (SystemClock) Now() time.Time { return time.Now().UTC() }
+
+// KeyKind is one algorithm the service can hold keys of. Kinds come from a
+// registry keyed by name; see Registry.
+type KeyKind interface {
+	Name() string
+	// Operations lists what keys of this kind can do.
+	Operations() []Operation
+	// Generate makes fresh key material from rand and checks it (pair-wise
+	// consistency). It returns the secret to seal and the public key.
+	Generate(rand io.Reader) (secret Secret, public []byte, err error)
+	// Load parses unsealed material into a private key handle for the
+	// operations below. The handle may be cached.
+	Load(secret Secret) (PrivateKey, error)
+}
+
+// PrivateKey is an opaque, loaded private key of some kind.
+type PrivateKey interface{}
+
+// SigningKind is a KeyKind that signs.
+type SigningKind interface {
+	KeyKind
+	Sign(rand io.Reader, priv PrivateKey, msg, context []byte) ([]byte, error)
+	Verify(public, msg, context, sig []byte) (bool, error)
+}
+
+// KEMKind is a KeyKind that decapsulates.
+type KEMKind interface {
+	KeyKind
+	Decapsulate(priv PrivateKey, ciphertext []byte) (Secret, error)
+}
+
+// Registry maps kind names to kinds.
+type Registry map[string]KeyKind
+
+// NewRegistry builds a registry from kinds.
+func NewRegistry(kinds ...KeyKind) Registry {
+	r := Registry{}
+	for _, k := range kinds {
+		r[k.Name()] = k
+	}
+	return r
+}
+
+// Lookup returns the kind with the name, or an invalid-argument error.
+func (r Registry) Lookup(name string) (KeyKind, error) {
+	k, ok := r[name]
+	if !ok {
+		return nil, Errorf(KindInvalid, "unknown key kind %q", clip(name, 40))
+	}
+	return k, nil
+}

@@ -1,0 +1,144 @@
+package pqc
+
+import (
+	"bytes"
+	"crypto/mlkem"
+	"crypto/rand"
+	"strings"
+	"testing"
+
+	"kmsd/kms"
+)
+
+func TestSelfTestPasses(t *testing.T) {
+	if err := SelfTest(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestSelfTestDetectsWrongVector(t *testing.T) {
+	orig := katJSON
+	defer func() { katJSON = orig }()
+	// Flip one hex digit of the first expected public-key digest.
+	i := bytes.Index(orig, []byte(`"public_sha256": "`)) + len(`"public_sha256": "`)
+	bad := bytes.Clone(orig)
+	if bad[i] == '0' {
+		bad[i] = '1'
+	} else {
+		bad[i] = '0'
+	}
+	katJSON = bad
+	err := SelfTest()
+	if err == nil || !strings.Contains(err.Error(), "ML-KEM-512 keyGen") {
+		t.Fatalf("SelfTest with a corrupted vector = %v, want a keyGen failure", err)
+	}
+}
+
+func kind(t *testing.T, name string) kms.KeyKind {
+	t.Helper()
+	k, err := kms.NewRegistry(Kinds()...).Lookup(name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return k
+}
+
+func TestSignVerifyAllDSA(t *testing.T) {
+	for _, name := range []string{"ml-dsa-44", "ml-dsa-65", "ml-dsa-87"} {
+		t.Run(name, func(t *testing.T) {
+			k := kind(t, name).(kms.SigningKind)
+			secret, pub, err := k.Generate(rand.Reader)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if secret.Len() != 32 {
+				t.Fatalf("seed is %d bytes, want 32", secret.Len())
+			}
+			priv, err := k.Load(secret)
+			if err != nil {
+				t.Fatal(err)
+			}
+			msg, ctx := []byte("hello"), []byte("ctx")
+			sig, err := k.Sign(nil, priv, msg, ctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, c := range []struct {
+				msg, ctx []byte
+				want     bool
+			}{{msg, ctx, true}, {[]byte("hellp"), ctx, false}, {msg, nil, false}, {msg, []byte("ctx2"), false}} {
+				ok, err := k.Verify(pub, c.msg, c.ctx, sig)
+				if err != nil || ok != c.want {
+					t.Errorf("Verify(%q,%q) = %v, %v; want %v", c.msg, c.ctx, ok, err, c.want)
+				}
+			}
+			if ok, _ := k.Verify(pub, msg, ctx, sig[:10]); ok {
+				t.Error("a truncated signature verified")
+			}
+			if _, err := k.Sign(nil, priv, msg, make([]byte, 256)); err == nil {
+				t.Error("a 256-byte context was accepted")
+			}
+		})
+	}
+}
+
+// TestMLKEMInteropStdlib: Go's crypto/mlkem encapsulates to our public key
+// and our decapsulation returns the same shared secret.
+func TestMLKEMInteropStdlib(t *testing.T) {
+	for _, name := range []string{"ml-kem-768", "ml-kem-1024"} {
+		t.Run(name, func(t *testing.T) {
+			k := kind(t, name).(kms.KEMKind)
+			secret, pub, err := k.Generate(rand.Reader)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if secret.Len() != 64 {
+				t.Fatalf("seed is %d bytes, want 64", secret.Len())
+			}
+			var ss, ct []byte
+			var seedKey []byte
+			if name == "ml-kem-768" {
+				ek, err := mlkem.NewEncapsulationKey768(pub)
+				if err != nil {
+					t.Fatal(err)
+				}
+				ss, ct = ek.Encapsulate()
+				dk, _ := mlkem.NewDecapsulationKey768(secret.Reveal())
+				seedKey = dk.EncapsulationKey().Bytes()
+			} else {
+				ek, err := mlkem.NewEncapsulationKey1024(pub)
+				if err != nil {
+					t.Fatal(err)
+				}
+				ss, ct = ek.Encapsulate()
+				dk, _ := mlkem.NewDecapsulationKey1024(secret.Reveal())
+				seedKey = dk.EncapsulationKey().Bytes()
+			}
+			if !bytes.Equal(seedKey, pub) {
+				t.Fatal("the stdlib derives another public key from our seed: seed format differs from FIPS 203 d||z")
+			}
+			priv, err := k.Load(secret)
+			if err != nil {
+				t.Fatal(err)
+			}
+			got, err := k.Decapsulate(priv, ct)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !bytes.Equal(got.Reveal(), ss) {
+				t.Fatal("shared secrets differ")
+			}
+			if _, err := k.Decapsulate(priv, ct[1:]); kms.KindOf(err) != kms.KindInvalid {
+				t.Fatalf("short ciphertext: err = %v, want invalid", err)
+			}
+		})
+	}
+}
+
+func TestLoadRefusesWrongSeedSize(t *testing.T) {
+	for _, k := range Kinds() {
+		if _, err := k.Load(kms.NewSecret(make([]byte, 31))); err == nil {
+			t.Errorf("%s loaded a 31-byte seed", k.Name())
+		}
+	}
+}

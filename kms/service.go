@@ -1,0 +1,589 @@
+package kms
+
+import (
+	"context"
+	"crypto/rand"
+	"errors"
+	"io"
+	"log/slog"
+	"slices"
+	"sync"
+	"time"
+)
+
+// Config wires a Service.
+type Config struct {
+	Store  Store
+	Sealer Sealer
+	Kinds  Registry
+	Clock  Clock     // default SystemClock
+	Rand   io.Reader // default crypto/rand.Reader
+	Logger *slog.Logger
+	// CacheTTL bounds how long unsealed private keys stay in memory after
+	// they were unsealed. Zero means the default (5 minutes); a negative
+	// value turns the cache off.
+	CacheTTL time.Duration
+	// CacheSize bounds how many unsealed keys are held at once (default 1024).
+	CacheSize int
+}
+
+// Service is the domain: every operation on keys and tokens goes through it.
+type Service struct {
+	store  Store
+	sealer Sealer
+	kinds  Registry
+	clock  Clock
+	rand   io.Reader
+	log    *slog.Logger
+	cache  *keyCache
+
+	locksMu sync.Mutex
+	locks   map[string]*sync.Mutex // per-key locks that serialize rotations
+}
+
+// NewService builds a Service.
+func NewService(cfg Config) (*Service, error) {
+	if cfg.Store == nil || cfg.Sealer == nil || len(cfg.Kinds) == 0 {
+		return nil, errors.New("kms: NewService needs a Store, a Sealer and at least one key kind")
+	}
+	s := &Service{
+		store: cfg.Store, sealer: cfg.Sealer, kinds: cfg.Kinds,
+		clock: cfg.Clock, rand: cfg.Rand, log: cfg.Logger,
+		locks: map[string]*sync.Mutex{},
+	}
+	if s.clock == nil {
+		s.clock = SystemClock{}
+	}
+	if s.rand == nil {
+		s.rand = rand.Reader
+	}
+	if s.log == nil {
+		s.log = slog.New(slog.DiscardHandler)
+	}
+	ttl, size := cfg.CacheTTL, cfg.CacheSize
+	if ttl == 0 {
+		ttl = 5 * time.Minute
+	}
+	if size <= 0 {
+		size = 1024
+	}
+	s.cache = newKeyCache(ttl, size, s.clock)
+	return s, nil
+}
+
+func (s *Service) keyLock(name string) *sync.Mutex {
+	s.locksMu.Lock()
+	defer s.locksMu.Unlock()
+	m, ok := s.locks[name]
+	if !ok {
+		m = &sync.Mutex{}
+		s.locks[name] = m
+	}
+	return m
+}
+
+// Ready checks the store and the HSM.
+func (s *Service) Ready(ctx context.Context) error {
+	if err := s.store.Ping(ctx); err != nil {
+		return Wrap(KindUnavailable, "store", err)
+	}
+	if err := s.sealer.Ping(ctx); err != nil {
+		return Wrap(KindUnavailable, "hsm", err)
+	}
+	return nil
+}
+
+// PolicyInput is a policy as a client sends it: zero values mean defaults.
+type PolicyInput = Policy
+
+func (s *Service) checkPolicy(kind KeyKind, p Policy) (Policy, error) {
+	if p.DestroyWaitDays == 0 {
+		p.DestroyWaitDays = DefaultDestroyWaitDays
+	}
+	if p.DestroyWaitDays < MinDestroyWaitDays || p.DestroyWaitDays > MaxDestroyWaitDays {
+		return p, Errorf(KindInvalid, "destroy_wait_days must be between %d and %d", MinDestroyWaitDays, MaxDestroyWaitDays)
+	}
+	ops := kind.Operations()
+	var seen []Operation
+	for _, op := range p.AllowedOperations {
+		if !slices.Contains(ops, op) {
+			return p, Errorf(KindInvalid, "operation %q is not offered by kind %s (it offers %v)", clip(string(op), 40), kind.Name(), ops)
+		}
+		if slices.Contains(seen, op) {
+			return p, Errorf(KindInvalid, "operation %q is listed twice", op)
+		}
+		seen = append(seen, op)
+	}
+	return p, nil
+}
+
+// newVersion generates and seals material for version n of a key. Nothing
+// is stored.
+func (s *Service) newVersion(ctx context.Context, name string, kind KeyKind, n uint64) (Version, error) {
+	secret, pub, err := kind.Generate(s.rand)
+	if err != nil {
+		return Version{}, Wrap(KindInternal, "generate "+kind.Name(), err)
+	}
+	defer secret.Wipe()
+	sealed, err := s.sealer.Seal(ctx, SealContext{Key: name, Version: n, Kind: kind.Name()}, secret)
+	if err != nil {
+		return Version{}, asUnavailable("seal", err)
+	}
+	return Version{Number: n, State: StateEnabled, CreatedAt: s.clock.Now(), PublicKey: pub, Sealed: sealed}, nil
+}
+
+// asUnavailable keeps an *Error's kind and makes anything else "unavailable":
+// an HSM or disk that fails is a 5xx the client may retry.
+func asUnavailable(op string, err error) error {
+	var e *Error
+	if errors.As(err, &e) {
+		return err
+	}
+	return Wrap(KindUnavailable, op, err)
+}
+
+// CreateKey generates version 1 of a new key and stores it.
+func (s *Service) CreateKey(ctx context.Context, name, kindName string, p Policy) (*Key, error) {
+	if err := ValidateName(name); err != nil {
+		return nil, err
+	}
+	return s.createKey(ctx, name, kindName, p)
+}
+
+func (s *Service) createKey(ctx context.Context, name, kindName string, p Policy) (*Key, error) {
+	kind, err := s.kinds.Lookup(kindName)
+	if err != nil {
+		return nil, err
+	}
+	if p, err = s.checkPolicy(kind, p); err != nil {
+		return nil, err
+	}
+	if _, err := s.store.GetKey(ctx, name); err == nil {
+		return nil, Errorf(KindAlreadyExists, "key %q already exists", name)
+	} else if !errors.Is(err, ErrNotFound) {
+		return nil, asUnavailable("store", err)
+	}
+	v, err := s.newVersion(ctx, name, kind, 1)
+	if err != nil {
+		return nil, err
+	}
+	k := &Key{Name: name, Kind: kind.Name(), Policy: p, CreatedAt: v.CreatedAt, Primary: 1, MinDecryptionVersion: 1, Versions: []Version{v}}
+	if err := s.store.CreateKey(ctx, k); err != nil {
+		if errors.Is(err, ErrAlreadyExists) {
+			return nil, Errorf(KindAlreadyExists, "key %q already exists", name)
+		}
+		return nil, asUnavailable("store", err)
+	}
+	return k, nil
+}
+
+// GetKey returns a key. Internal keys are not found.
+func (s *Service) GetKey(ctx context.Context, name string) (*Key, error) {
+	if err := ValidateName(name); err != nil {
+		return nil, err
+	}
+	return s.getKey(ctx, name)
+}
+
+func (s *Service) getKey(ctx context.Context, name string) (*Key, error) {
+	k, err := s.store.GetKey(ctx, name)
+	if errors.Is(err, ErrNotFound) {
+		return nil, Errorf(KindNotFound, "key %q not found", name)
+	}
+	if err != nil {
+		return nil, asUnavailable("store", err)
+	}
+	return k, nil
+}
+
+// ListKeys returns up to limit keys after the name `after` that filter
+// accepts (nil accepts all), and the name to continue after ("" at the end).
+func (s *Service) ListKeys(ctx context.Context, after string, limit int, filter func(name string) bool) ([]*Key, string, error) {
+	if limit <= 0 || limit > 1000 {
+		return nil, "", Errorf(KindInvalid, "limit must be between 1 and 1000")
+	}
+	var out []*Key
+	for {
+		batch, err := s.store.ListKeys(ctx, after, limit+1)
+		if err != nil {
+			return nil, "", asUnavailable("store", err)
+		}
+		for _, k := range batch {
+			after = k.Name
+			if IsInternal(k.Name) || (filter != nil && !filter(k.Name)) {
+				continue
+			}
+			if len(out) == limit {
+				// One more exists: the page ends after the last one kept.
+				return out, out[len(out)-1].Name, nil
+			}
+			out = append(out, k)
+		}
+		if len(batch) < limit+1 {
+			return out, "", nil
+		}
+	}
+}
+
+// KeyUpdate is a PATCH: nil fields are left as they are.
+type KeyUpdate struct {
+	Policy               *Policy
+	MinDecryptionVersion *uint64
+}
+
+// UpdateKey changes a key's policy or min_decryption_version.
+func (s *Service) UpdateKey(ctx context.Context, name string, u KeyUpdate) (*Key, error) {
+	if err := ValidateName(name); err != nil {
+		return nil, err
+	}
+	var out *Key
+	err := s.update(ctx, name, func(k *Key) error {
+		if u.Policy != nil {
+			kind, err := s.kinds.Lookup(k.Kind)
+			if err != nil {
+				return err
+			}
+			p, err := s.checkPolicy(kind, *u.Policy)
+			if err != nil {
+				return err
+			}
+			k.Policy = p
+		}
+		if u.MinDecryptionVersion != nil {
+			m := *u.MinDecryptionVersion
+			if m < 1 || m > k.Primary {
+				return Errorf(KindInvalid, "min_decryption_version must be between 1 and the primary version %d", k.Primary)
+			}
+			k.MinDecryptionVersion = m
+		}
+		out = k.Clone()
+		return nil
+	})
+	return out, err
+}
+
+// update runs fn in one store transaction and maps store errors.
+func (s *Service) update(ctx context.Context, name string, fn func(k *Key) error) error {
+	err := s.store.UpdateKey(ctx, name, fn)
+	if errors.Is(err, ErrNotFound) && KindOf(err) != KindNotFound {
+		return Errorf(KindNotFound, "key %q not found", name)
+	}
+	if err != nil {
+		return asUnavailable("store", err)
+	}
+	return nil
+}
+
+// Rotate creates a new version and makes it primary. Material is generated
+// and sealed first; the new version and the primary change then commit in
+// one transaction, so a failure at any point leaves the key as it was.
+func (s *Service) Rotate(ctx context.Context, name string) (*Key, *Version, error) {
+	if err := ValidateName(name); err != nil {
+		return nil, nil, err
+	}
+	return s.rotate(ctx, name)
+}
+
+func (s *Service) rotate(ctx context.Context, name string) (*Key, *Version, error) {
+	mu := s.keyLock(name)
+	mu.Lock()
+	defer mu.Unlock()
+	k, err := s.getKey(ctx, name)
+	if err != nil {
+		return nil, nil, err
+	}
+	kind, err := s.kinds.Lookup(k.Kind)
+	if err != nil {
+		return nil, nil, Wrap(KindInternal, "rotate", err)
+	}
+	n := k.Latest() + 1
+	v, err := s.newVersion(ctx, name, kind, n)
+	if err != nil {
+		return nil, nil, err
+	}
+	var out *Key
+	err = s.update(ctx, name, func(k *Key) error {
+		if k.Latest()+1 != n {
+			return Errorf(KindFailedPrecondition, "key %q changed during rotation; retry", name)
+		}
+		k.Versions = append(k.Versions, v)
+		k.Primary = n
+		out = k.Clone()
+		return nil
+	})
+	if err != nil {
+		return nil, nil, err
+	}
+	return out, &out.Versions[n-1], nil
+}
+
+// resolve returns the key and version n of it (0 means the primary).
+func (s *Service) resolve(ctx context.Context, name string, n uint64) (*Key, *Version, error) {
+	k, err := s.getKey(ctx, name)
+	if err != nil {
+		return nil, nil, err
+	}
+	if n == 0 {
+		n = k.Primary
+	}
+	v, err := k.Version(n)
+	if err != nil {
+		return nil, nil, err
+	}
+	return k, v, nil
+}
+
+// PublicKey returns version n (0: primary) of a key, with its public key, if
+// the version is usable.
+func (s *Service) PublicKey(ctx context.Context, name string, n uint64) (*Key, *Version, error) {
+	if err := ValidateName(name); err != nil {
+		return nil, nil, err
+	}
+	k, v, err := s.resolve(ctx, name, n)
+	if err != nil {
+		return nil, nil, err
+	}
+	if _, err := transition(k, v, ActUse, s.clock.Now()); err != nil {
+		return nil, nil, err
+	}
+	return k, v, nil
+}
+
+// SetVersionState applies a state action (disable, enable, schedule-destroy,
+// cancel-destroy) to version n. days is the destroy waiting period for
+// schedule-destroy (0: the key's policy).
+func (s *Service) SetVersionState(ctx context.Context, name string, n uint64, action Action, days int) (*Version, error) {
+	if err := ValidateName(name); err != nil {
+		return nil, err
+	}
+	switch action {
+	case ActDisable, ActEnable, ActScheduleDestroy, ActCancelDestroy:
+	default:
+		return nil, Errorf(KindInvalid, "unknown action %q", action)
+	}
+	if action == ActScheduleDestroy && days != 0 && (days < MinDestroyWaitDays || days > MaxDestroyWaitDays) {
+		return nil, Errorf(KindInvalid, "days must be between %d and %d", MinDestroyWaitDays, MaxDestroyWaitDays)
+	}
+	var out Version
+	err := s.update(ctx, name, func(k *Key) error {
+		v, err := k.Version(n)
+		if err != nil {
+			return err
+		}
+		now := s.clock.Now()
+		st, err := transition(k, v, action, now)
+		if err != nil {
+			return err
+		}
+		v.State = st
+		switch action {
+		case ActScheduleDestroy:
+			d := days
+			if d == 0 {
+				d = k.Policy.DestroyWaitDays
+			}
+			at := now.Add(time.Duration(d) * 24 * time.Hour)
+			v.DestroyAt = &at
+		case ActCancelDestroy:
+			v.DestroyAt = nil
+		}
+		out = *v
+		out.Sealed = nil
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	if out.State != StateEnabled {
+		s.cache.evict(name, n)
+	}
+	return &out, nil
+}
+
+// DestroyDue erases the sealed material of every version whose destroy time
+// has come (crypto-shredding); metadata stays. It returns how many versions
+// it destroyed.
+func (s *Service) DestroyDue(ctx context.Context) (int, error) {
+	destroyed := 0
+	after := ""
+	for {
+		keys, err := s.store.ListKeys(ctx, after, 100)
+		if err != nil {
+			return destroyed, asUnavailable("store", err)
+		}
+		for _, k := range keys {
+			after = k.Name
+			now := s.clock.Now()
+			due := false
+			for i := range k.Versions {
+				if _, err := transition(k, &k.Versions[i], ActDestroy, now); err == nil && k.Versions[i].State != StateDestroyed {
+					due = true
+				}
+			}
+			if !due {
+				continue
+			}
+			var nums []uint64
+			err := s.update(ctx, k.Name, func(k *Key) error {
+				nums = nums[:0]
+				for i := range k.Versions {
+					v := &k.Versions[i]
+					if v.State == StateDestroyed {
+						continue
+					}
+					st, err := transition(k, v, ActDestroy, now)
+					if err != nil {
+						continue
+					}
+					clear(v.Sealed)
+					v.State, v.Sealed, v.DestroyAt = st, nil, nil
+					t := now
+					v.DestroyedAt = &t
+					nums = append(nums, v.Number)
+				}
+				return nil
+			})
+			if err != nil {
+				return destroyed, err
+			}
+			for _, n := range nums {
+				s.cache.evict(k.Name, n)
+				s.log.Info("key version destroyed", "key", k.Name, "version", n)
+			}
+			destroyed += len(nums)
+		}
+		if len(keys) < 100 {
+			return destroyed, nil
+		}
+	}
+}
+
+// RunMaintenance calls DestroyDue every interval until ctx ends.
+func (s *Service) RunMaintenance(ctx context.Context, interval time.Duration) {
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for {
+		if _, err := s.DestroyDue(ctx); err != nil && ctx.Err() == nil {
+			s.log.Error("destroying due key versions", "err", err)
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+// privateKey returns the loaded private key of version v, from the cache or
+// by unsealing it.
+func (s *Service) privateKey(ctx context.Context, k *Key, v *Version, kind KeyKind) (PrivateKey, error) {
+	if pk, ok := s.cache.get(k.Name, v.Number); ok {
+		return pk, nil
+	}
+	if v.Sealed == nil {
+		return nil, Errorf(KindFailedPrecondition, "version %d of key %q has no material", v.Number, k.Name)
+	}
+	secret, err := s.sealer.Unseal(ctx, SealContext{Key: k.Name, Version: v.Number, Kind: k.Kind}, v.Sealed)
+	if err != nil {
+		return nil, asUnavailable("unseal", err)
+	}
+	defer secret.Wipe()
+	pk, err := kind.Load(secret)
+	if err != nil {
+		return nil, Wrap(KindInternal, "load "+k.Kind, err)
+	}
+	s.cache.put(k.Name, v.Number, pk)
+	return pk, nil
+}
+
+// usable resolves version n (0: primary) of a key for op and checks the
+// policy and state.
+func (s *Service) usable(ctx context.Context, name string, n uint64, op Operation) (*Key, *Version, KeyKind, error) {
+	k, v, err := s.resolve(ctx, name, n)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	kind, err := s.kinds.Lookup(k.Kind)
+	if err != nil {
+		return nil, nil, nil, Wrap(KindInternal, string(op), err)
+	}
+	if !slices.Contains(kind.Operations(), op) {
+		return nil, nil, nil, Errorf(KindFailedPrecondition, "key %q is of kind %s, which cannot %s", name, k.Kind, op)
+	}
+	if !k.Policy.Allows(op) {
+		return nil, nil, nil, Errorf(KindFailedPrecondition, "the policy of key %q does not allow %s", name, op)
+	}
+	if _, err := transition(k, v, ActUse, s.clock.Now()); err != nil {
+		return nil, nil, nil, err
+	}
+	return k, v, kind, nil
+}
+
+// Sign signs msg with the primary version of a signing key.
+func (s *Service) Sign(ctx context.Context, name string, msg, context []byte) ([]byte, uint64, error) {
+	if err := ValidateName(name); err != nil {
+		return nil, 0, err
+	}
+	return s.sign(ctx, name, msg, context)
+}
+
+func (s *Service) sign(ctx context.Context, name string, msg, context []byte) ([]byte, uint64, error) {
+	if len(context) > 255 {
+		return nil, 0, Errorf(KindInvalid, "context must be at most 255 bytes")
+	}
+	k, v, kind, err := s.usable(ctx, name, 0, OpSign)
+	if err != nil {
+		return nil, 0, err
+	}
+	pk, err := s.privateKey(ctx, k, v, kind)
+	if err != nil {
+		return nil, 0, err
+	}
+	sig, err := kind.(SigningKind).Sign(s.rand, pk, msg, context)
+	if err != nil {
+		return nil, 0, Wrap(KindInternal, "sign", err)
+	}
+	return sig, v.Number, nil
+}
+
+// Verify checks sig over msg with version n of a signing key.
+func (s *Service) Verify(ctx context.Context, name string, n uint64, msg, context, sig []byte) (bool, error) {
+	if err := ValidateName(name); err != nil {
+		return false, err
+	}
+	if n == 0 {
+		return false, Errorf(KindInvalid, "version is required to verify")
+	}
+	if len(context) > 255 {
+		return false, Errorf(KindInvalid, "context must be at most 255 bytes")
+	}
+	_, v, kind, err := s.usable(ctx, name, n, OpVerify)
+	if err != nil {
+		return false, err
+	}
+	ok, err := kind.(SigningKind).Verify(v.PublicKey, msg, context, sig)
+	if err != nil {
+		return false, Wrap(KindInternal, "verify", err)
+	}
+	return ok, nil
+}
+
+// Decapsulate recovers the shared secret of ciphertext with version n of a
+// KEM key.
+func (s *Service) Decapsulate(ctx context.Context, name string, n uint64, ciphertext []byte) (Secret, error) {
+	if err := ValidateName(name); err != nil {
+		return Secret{}, err
+	}
+	if n == 0 {
+		return Secret{}, Errorf(KindInvalid, "version is required to decapsulate")
+	}
+	k, v, kind, err := s.usable(ctx, name, n, OpDecapsulate)
+	if err != nil {
+		return Secret{}, err
+	}
+	pk, err := s.privateKey(ctx, k, v, kind)
+	if err != nil {
+		return Secret{}, err
+	}
+	return kind.(KEMKind).Decapsulate(pk, ciphertext)
+}
