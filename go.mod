@@ -7,4 +7,7 @@ require (
 	go.etcd.io/bbolt v1.5.0
 )
 
-require golang.org/x/sys v0.47.0 // indirect
+require (
+	github.com/miekg/pkcs11 v1.1.2 // indirect
+	golang.org/x/sys v0.47.0 // indirect
+)

@@ -1,0 +1,517 @@
+package hsm
+
+import (
+	"bytes"
+	"context"
+	"crypto/aes"
+	"crypto/cipher"
+	"crypto/rand"
+	"encoding/binary"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"sync"
+
+	"github.com/miekg/pkcs11"
+
+	"kmsd/kms"
+)
+
+// Config opens a Sealer.
+type Config struct {
+	// Module is the path of the PKCS#11 library. Ignored if Loaded is set.
+	Module string
+	// Loaded is an already loaded module (tests wrap one to inject faults).
+	Loaded Module
+	// TokenLabel finds the token. Slot numbers are never used: SoftHSM
+	// reassigns them.
+	TokenLabel string
+	// PIN is the user PIN.
+	PIN string
+	// KEKLabel names the KEK object (default "kmsd-kek").
+	KEKLabel string
+	// Sessions bounds the session pool (default 8).
+	Sessions int
+}
+
+// Sealer is a kms.Sealer over a PKCS#11 token.
+type Sealer struct {
+	mod        Module
+	slot       uint
+	kek        pkcs11.ObjectHandle
+	kekID      string // hex of the KEK's CKA_ID
+	loginSess  pkcs11.SessionHandle
+	finalize   bool
+	pool       *pool
+	closeOnce  sync.Once
+	closedLock sync.RWMutex
+	closed     bool
+}
+
+var _ kms.Sealer = (*Sealer)(nil)
+
+const (
+	defaultKEKLabel = "kmsd-kek"
+	dekSize         = 32
+	gcmNonce        = 12
+	gcmTagBits      = 128
+)
+
+// Open loads the module, finds the token by label, logs in, checks the
+// mechanisms, finds or creates the KEK, checks its attributes and runs the
+// self-test. Any failure closes what was opened and returns an error naming
+// the cause (never the PIN).
+func Open(cfg Config) (_ *Sealer, err error) {
+	if cfg.KEKLabel == "" {
+		cfg.KEKLabel = defaultKEKLabel
+	}
+	if cfg.Sessions <= 0 {
+		cfg.Sessions = 8
+	}
+	mod := cfg.Loaded
+	if mod == nil {
+		if mod, err = LoadModule(cfg.Module); err != nil {
+			return nil, err
+		}
+	}
+	s := &Sealer{mod: mod}
+	if err := mod.Initialize(); err != nil {
+		if rv(err) != pkcs11.CKR_CRYPTOKI_ALREADY_INITIALIZED {
+			mod.Destroy()
+			return nil, fmt.Errorf("%w: C_Initialize: %v", ErrModule, err)
+		}
+	} else {
+		s.finalize = true
+	}
+	defer func() {
+		if err != nil {
+			s.shutdown()
+		}
+	}()
+	if s.slot, err = FindToken(mod, cfg.TokenLabel); err != nil {
+		return nil, err
+	}
+	s.loginSess, err = mod.OpenSession(s.slot, pkcs11.CKF_SERIAL_SESSION|pkcs11.CKF_RW_SESSION)
+	if err != nil {
+		return nil, fmt.Errorf("open session on token %q: %w", cfg.TokenLabel, err)
+	}
+	if err := mod.Login(s.loginSess, pkcs11.CKU_USER, cfg.PIN); err != nil {
+		switch rv(err) {
+		case pkcs11.CKR_USER_ALREADY_LOGGED_IN:
+		case pkcs11.CKR_PIN_INCORRECT, pkcs11.CKR_PIN_INVALID, pkcs11.CKR_PIN_LEN_RANGE:
+			return nil, fmt.Errorf("token %q: %w", cfg.TokenLabel, ErrPINIncorrect)
+		case pkcs11.CKR_PIN_LOCKED:
+			return nil, fmt.Errorf("token %q: %w", cfg.TokenLabel, ErrPINLocked)
+		default:
+			return nil, fmt.Errorf("log in to token %q: %w", cfg.TokenLabel, err)
+		}
+	}
+	if err := checkMechanisms(mod, s.slot); err != nil {
+		return nil, err
+	}
+	if s.kek, s.kekID, err = findOrCreateKEK(mod, s.loginSess, cfg.KEKLabel); err != nil {
+		return nil, err
+	}
+	s.pool = newPool(mod, s.slot, cfg.Sessions)
+	if err := s.selfTest(); err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+// FindToken returns the slot holding the initialized token with the label.
+func FindToken(mod Module, label string) (uint, error) {
+	slots, err := mod.GetSlotList(true)
+	if err != nil {
+		return 0, fmt.Errorf("list slots: %w", err)
+	}
+	for _, slot := range slots {
+		ti, err := mod.GetTokenInfo(slot)
+		if err != nil {
+			continue
+		}
+		if ti.Label == label && ti.Flags&pkcs11.CKF_TOKEN_INITIALIZED != 0 {
+			return slot, nil
+		}
+	}
+	return 0, fmt.Errorf("%w: %q", ErrTokenNotFound, label)
+}
+
+func checkMechanisms(mod Module, slot uint) error {
+	ms, err := mod.GetMechanismList(slot)
+	if err != nil {
+		return fmt.Errorf("list mechanisms: %w", err)
+	}
+	need := map[uint]string{pkcs11.CKM_AES_GCM: "CKM_AES_GCM", pkcs11.CKM_AES_KEY_GEN: "CKM_AES_KEY_GEN"}
+	for _, m := range ms {
+		delete(need, m.Mechanism)
+	}
+	for _, name := range need {
+		return fmt.Errorf("%w: %s", ErrMechanism, name)
+	}
+	return nil
+}
+
+func kekTemplate(label string, id []byte) []*pkcs11.Attribute {
+	return []*pkcs11.Attribute{
+		pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_SECRET_KEY),
+		pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_AES),
+		pkcs11.NewAttribute(pkcs11.CKA_VALUE_LEN, 32),
+		pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true),
+		pkcs11.NewAttribute(pkcs11.CKA_PRIVATE, true),
+		pkcs11.NewAttribute(pkcs11.CKA_SENSITIVE, true),
+		pkcs11.NewAttribute(pkcs11.CKA_EXTRACTABLE, false),
+		pkcs11.NewAttribute(pkcs11.CKA_ENCRYPT, true),
+		pkcs11.NewAttribute(pkcs11.CKA_DECRYPT, true),
+		pkcs11.NewAttribute(pkcs11.CKA_MODIFIABLE, false),
+		pkcs11.NewAttribute(pkcs11.CKA_LABEL, label),
+		pkcs11.NewAttribute(pkcs11.CKA_ID, id),
+	}
+}
+
+func findByLabel(mod Module, sh pkcs11.SessionHandle, label string) ([]pkcs11.ObjectHandle, error) {
+	tmpl := []*pkcs11.Attribute{
+		pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_SECRET_KEY),
+		pkcs11.NewAttribute(pkcs11.CKA_LABEL, label),
+		pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true),
+	}
+	if err := mod.FindObjectsInit(sh, tmpl); err != nil {
+		return nil, fmt.Errorf("find KEK: %w", err)
+	}
+	objs, _, err := mod.FindObjects(sh, 2)
+	if ferr := mod.FindObjectsFinal(sh); err == nil {
+		err = ferr
+	}
+	if err != nil {
+		return nil, fmt.Errorf("find KEK: %w", err)
+	}
+	return objs, nil
+}
+
+// findOrCreateKEK finds the KEK by label or, on first start, generates it in
+// the token. Either way it then checks the attributes that make it safe.
+func findOrCreateKEK(mod Module, sh pkcs11.SessionHandle, label string) (pkcs11.ObjectHandle, string, error) {
+	objs, err := findByLabel(mod, sh, label)
+	if err != nil {
+		return 0, "", err
+	}
+	var kek pkcs11.ObjectHandle
+	switch len(objs) {
+	case 0:
+		id := make([]byte, 16)
+		if _, err := rand.Read(id); err != nil {
+			return 0, "", err
+		}
+		kek, err = mod.GenerateKey(sh, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_KEY_GEN, nil)}, kekTemplate(label, id))
+		if err != nil {
+			return 0, "", fmt.Errorf("generate KEK %q: %w", label, err)
+		}
+	case 1:
+		kek = objs[0]
+	default:
+		return 0, "", fmt.Errorf("%w: more than one key is labelled %q", ErrKEK, label)
+	}
+	a, err := KEKAttributes(mod, sh, kek)
+	if err != nil {
+		return 0, "", err
+	}
+	if err := a.check(); err != nil {
+		return 0, "", fmt.Errorf("%w: %q %v", ErrKEK, label, err)
+	}
+	return kek, hex.EncodeToString(a.ID), nil
+}
+
+// Attributes are the KEK attributes the sealer relies on.
+type Attributes struct {
+	KeyType          uint
+	ValueLen         uint
+	Sensitive        bool
+	AlwaysSensitive  bool
+	Extractable      bool
+	NeverExtractable bool
+	Token            bool
+	ID               []byte
+}
+
+func (a Attributes) check() error {
+	switch {
+	case a.KeyType != pkcs11.CKK_AES || a.ValueLen != 32:
+		return errors.New("is not an AES-256 key")
+	case !a.Sensitive || a.Extractable:
+		return errors.New("is extractable or not sensitive")
+	case !a.Token:
+		return errors.New("is not a token object")
+	case len(a.ID) == 0:
+		return errors.New("has no CKA_ID")
+	}
+	return nil
+}
+
+// KEKAttributes reads the attributes of a KEK object back from the token.
+func KEKAttributes(mod Module, sh pkcs11.SessionHandle, kek pkcs11.ObjectHandle) (Attributes, error) {
+	attrs, err := mod.GetAttributeValue(sh, kek, []*pkcs11.Attribute{
+		pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, nil),
+		pkcs11.NewAttribute(pkcs11.CKA_VALUE_LEN, nil),
+		pkcs11.NewAttribute(pkcs11.CKA_SENSITIVE, nil),
+		pkcs11.NewAttribute(pkcs11.CKA_ALWAYS_SENSITIVE, nil),
+		pkcs11.NewAttribute(pkcs11.CKA_EXTRACTABLE, nil),
+		pkcs11.NewAttribute(pkcs11.CKA_NEVER_EXTRACTABLE, nil),
+		pkcs11.NewAttribute(pkcs11.CKA_TOKEN, nil),
+		pkcs11.NewAttribute(pkcs11.CKA_ID, nil),
+	})
+	if err != nil {
+		return Attributes{}, fmt.Errorf("read KEK attributes: %w", err)
+	}
+	var a Attributes
+	for _, at := range attrs {
+		switch at.Type {
+		case pkcs11.CKA_KEY_TYPE:
+			a.KeyType = ulong(at.Value)
+		case pkcs11.CKA_VALUE_LEN:
+			a.ValueLen = ulong(at.Value)
+		case pkcs11.CKA_SENSITIVE:
+			a.Sensitive = boolean(at.Value)
+		case pkcs11.CKA_ALWAYS_SENSITIVE:
+			a.AlwaysSensitive = boolean(at.Value)
+		case pkcs11.CKA_EXTRACTABLE:
+			a.Extractable = boolean(at.Value)
+		case pkcs11.CKA_NEVER_EXTRACTABLE:
+			a.NeverExtractable = boolean(at.Value)
+		case pkcs11.CKA_TOKEN:
+			a.Token = boolean(at.Value)
+		case pkcs11.CKA_ID:
+			a.ID = bytes.Clone(at.Value)
+		}
+	}
+	return a, nil
+}
+
+// ulong decodes a CK_ULONG attribute (native byte order, native size).
+func ulong(b []byte) uint {
+	switch len(b) {
+	case 8:
+		return uint(binary.NativeEndian.Uint64(b))
+	case 4:
+		return uint(binary.NativeEndian.Uint32(b))
+	}
+	return 0
+}
+
+func boolean(b []byte) bool { return len(b) == 1 && b[0] != 0 }
+
+// KEKAttributes reads the sealer's KEK attributes from the token.
+func (s *Sealer) KEKAttributes(ctx context.Context) (Attributes, error) {
+	var a Attributes
+	err := s.pool.with(ctx, func(sh pkcs11.SessionHandle) error {
+		var err error
+		a, err = KEKAttributes(s.mod, sh, s.kek)
+		return err
+	})
+	return a, err
+}
+
+// KEKID is the hex CKA_ID of the KEK; it is bound into every blob's AAD.
+func (s *Sealer) KEKID() string { return s.kekID }
+
+// hsmEncrypt encrypts with AES-GCM under key inside the token.
+func (s *Sealer) hsmEncrypt(sh pkcs11.SessionHandle, key pkcs11.ObjectHandle, iv, aad, pt []byte) ([]byte, error) {
+	p := pkcs11.NewGCMParams(iv, aad, gcmTagBits)
+	defer p.Free()
+	if err := s.mod.EncryptInit(sh, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_GCM, p)}, key); err != nil {
+		return nil, fmt.Errorf("C_EncryptInit: %w", err)
+	}
+	ct, err := s.mod.Encrypt(sh, pt)
+	if err != nil {
+		return nil, fmt.Errorf("C_Encrypt: %w", err)
+	}
+	return ct, nil
+}
+
+// hsmDecrypt decrypts AES-GCM under key inside the token.
+func (s *Sealer) hsmDecrypt(sh pkcs11.SessionHandle, key pkcs11.ObjectHandle, iv, aad, ct []byte) ([]byte, error) {
+	p := pkcs11.NewGCMParams(iv, aad, gcmTagBits)
+	defer p.Free()
+	if err := s.mod.DecryptInit(sh, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_GCM, p)}, key); err != nil {
+		return nil, fmt.Errorf("C_DecryptInit: %w", err)
+	}
+	pt, err := s.mod.Decrypt(sh, ct)
+	if err != nil {
+		return nil, fmt.Errorf("C_Decrypt: %w", err)
+	}
+	return pt, nil
+}
+
+// Blob layout, version 1:
+//
+//	"KMS1" | u16 len(kekID) | kekID | 12-byte wrap IV | u16 len(wrappedDEK) | wrappedDEK |
+//	12-byte data nonce | AES-256-GCM(DEK, nonce, plaintext, AAD)
+//
+// wrappedDEK is AES-256-GCM(KEK, wrap IV, DEK, AAD) computed inside the HSM.
+// Both layers authenticate the same AAD (kms.SealContext.AAD), so a blob
+// moved to another key, version, kind or KEK fails to open.
+var blobMagic = []byte("KMS1")
+
+// ErrBlob is returned for a blob that does not open: corrupted, truncated, or
+// sealed for another key, version, kind or KEK.
+var ErrBlob = errors.New("sealed blob does not open in this context")
+
+// Seal implements kms.Sealer.
+func (s *Sealer) Seal(ctx context.Context, sc kms.SealContext, plaintext kms.Secret) ([]byte, error) {
+	aad := sc.AAD(s.kekID)
+	dek := make([]byte, dekSize)
+	defer clear(dek)
+	nonces := make([]byte, 2*gcmNonce)
+	if _, err := io.ReadFull(rand.Reader, dek); err != nil {
+		return nil, err
+	}
+	if _, err := io.ReadFull(rand.Reader, nonces); err != nil {
+		return nil, err
+	}
+	wrapIV, nonce := nonces[:gcmNonce], nonces[gcmNonce:]
+	var wrapped []byte
+	err := s.run(ctx, func(sh pkcs11.SessionHandle) error {
+		var err error
+		wrapped, err = s.hsmEncrypt(sh, s.kek, wrapIV, aad, dek)
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("wrap DEK: %w", err)
+	}
+	aead, err := newGCM(dek)
+	if err != nil {
+		return nil, err
+	}
+	out := append([]byte{}, blobMagic...)
+	out = binary.BigEndian.AppendUint16(out, uint16(len(s.kekID)))
+	out = append(out, s.kekID...)
+	out = append(out, wrapIV...)
+	out = binary.BigEndian.AppendUint16(out, uint16(len(wrapped)))
+	out = append(out, wrapped...)
+	out = append(out, nonce...)
+	return aead.Seal(out, nonce, plaintext.Reveal(), aad), nil
+}
+
+func newGCM(key []byte) (cipher.AEAD, error) {
+	b, err := aes.NewCipher(key)
+	if err != nil {
+		return nil, err
+	}
+	return cipher.NewGCM(b)
+}
+
+type blob struct {
+	kekID, wrapIV, wrapped, nonce, ct []byte
+}
+
+func parseBlob(b []byte) (blob, error) {
+	var p blob
+	if !bytes.HasPrefix(b, blobMagic) {
+		return p, ErrBlob
+	}
+	b = b[len(blobMagic):]
+	take := func(n int) []byte {
+		if n < 0 || len(b) < n {
+			b = nil
+			return nil
+		}
+		v := b[:n]
+		b = b[n:]
+		return v
+	}
+	lenField := func() int {
+		v := take(2)
+		if v == nil {
+			return -1
+		}
+		return int(binary.BigEndian.Uint16(v))
+	}
+	p.kekID = take(lenField())
+	p.wrapIV = take(gcmNonce)
+	p.wrapped = take(lenField())
+	p.nonce = take(gcmNonce)
+	p.ct = b
+	if p.kekID == nil || p.wrapIV == nil || p.wrapped == nil || p.nonce == nil || len(p.ct) < 16 {
+		return p, ErrBlob
+	}
+	return p, nil
+}
+
+// Unseal implements kms.Sealer.
+func (s *Sealer) Unseal(ctx context.Context, sc kms.SealContext, b []byte) (kms.Secret, error) {
+	p, err := parseBlob(b)
+	if err != nil {
+		return kms.Secret{}, kms.Wrap(kms.KindInternal, "unseal", err)
+	}
+	if string(p.kekID) != s.kekID {
+		return kms.Secret{}, kms.Wrap(kms.KindInternal, "unseal", fmt.Errorf("%w: sealed under KEK %s, this HSM's KEK is %s", ErrBlob, p.kekID, s.kekID))
+	}
+	aad := sc.AAD(s.kekID)
+	var dek []byte
+	err = s.run(ctx, func(sh pkcs11.SessionHandle) error {
+		var err error
+		dek, err = s.hsmDecrypt(sh, s.kek, p.wrapIV, aad, p.wrapped)
+		return err
+	})
+	if err != nil {
+		// A GCM tag mismatch inside the HSM: PKCS#11 says
+		// CKR_ENCRYPTED_DATA_INVALID; SoftHSM answers CKR_GENERAL_ERROR.
+		if r := rv(err); r == pkcs11.CKR_ENCRYPTED_DATA_INVALID || r == pkcs11.CKR_ENCRYPTED_DATA_LEN_RANGE || r == pkcs11.CKR_GENERAL_ERROR {
+			return kms.Secret{}, kms.Wrap(kms.KindInternal, "unseal", ErrBlob)
+		}
+		return kms.Secret{}, fmt.Errorf("unwrap DEK: %w", err)
+	}
+	defer clear(dek)
+	aead, err := newGCM(dek)
+	if err != nil {
+		return kms.Secret{}, kms.Wrap(kms.KindInternal, "unseal", ErrBlob)
+	}
+	pt, err := aead.Open(nil, p.nonce, p.ct, aad)
+	if err != nil {
+		return kms.Secret{}, kms.Wrap(kms.KindInternal, "unseal", ErrBlob)
+	}
+	return kms.NewSecret(pt), nil
+}
+
+// Ping implements kms.Sealer: it takes a pooled session and asks the token
+// for its state.
+func (s *Sealer) Ping(ctx context.Context) error {
+	return s.run(ctx, func(sh pkcs11.SessionHandle) error {
+		_, err := s.mod.GetSessionInfo(sh)
+		return err
+	})
+}
+
+func (s *Sealer) run(ctx context.Context, fn func(pkcs11.SessionHandle) error) error {
+	s.closedLock.RLock()
+	defer s.closedLock.RUnlock()
+	if s.closed {
+		return ErrClosed
+	}
+	return s.pool.with(ctx, fn)
+}
+
+// Close closes every session, logs out and finalizes the module.
+func (s *Sealer) Close() error {
+	s.closeOnce.Do(func() {
+		s.closedLock.Lock()
+		s.closed = true
+		s.closedLock.Unlock()
+		s.shutdown()
+	})
+	return nil
+}
+
+func (s *Sealer) shutdown() {
+	if s.pool != nil {
+		s.pool.close()
+	}
+	if s.loginSess != 0 { // CK_INVALID_HANDLE is 0
+		_ = s.mod.Logout(s.loginSess)
+		_ = s.mod.CloseSession(s.loginSess)
+	}
+	if s.finalize {
+		_ = s.mod.Finalize()
+	}
+	s.mod.Destroy()
+}

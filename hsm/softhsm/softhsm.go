@@ -1,0 +1,122 @@
+// Package softhsm sets up the embedded default HSM: a SoftHSM2 token in the
+// data dir, with its config, token directory and generated PINs, so that
+// kmsd starts with one command on a new machine.
+package softhsm
+
+import (
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"kmsd/hsm"
+	"kmsd/internal/fileutil"
+)
+
+// ModulePaths are where Debian, Ubuntu, Fedora and source installs put the
+// SoftHSM2 library.
+var ModulePaths = []string{
+	"/usr/lib/softhsm/libsofthsm2.so",
+	"/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
+	"/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so",
+	"/usr/lib64/pkcs11/libsofthsm2.so",
+	"/usr/local/lib/softhsm/libsofthsm2.so",
+}
+
+// FindModule returns the first SoftHSM2 library found.
+func FindModule() (string, error) {
+	for _, p := range ModulePaths {
+		if _, err := os.Stat(p); err == nil {
+			return p, nil
+		}
+	}
+	return "", fmt.Errorf("SoftHSM2 is not installed (looked in %s); install it (Debian: apt-get install softhsm2) or pass --pkcs11-module", strings.Join(ModulePaths, ", "))
+}
+
+// Setup is what Bootstrap made: enough to open the sealer.
+type Setup struct {
+	Module     string
+	Conf       string // SOFTHSM2_CONF
+	TokenLabel string
+	PINFile    string
+}
+
+// Bootstrap prepares <dir>/softhsm.conf, <dir>/tokens, <dir>/pin and
+// <dir>/so-pin on first use, sets SOFTHSM2_CONF for this process, and
+// initializes the token with label if it does not exist yet.
+func Bootstrap(dir, label string) (Setup, error) {
+	mod, err := FindModule()
+	if err != nil {
+		return Setup{}, err
+	}
+	st := Setup{Module: mod, Conf: filepath.Join(dir, "softhsm2.conf"), TokenLabel: label, PINFile: filepath.Join(dir, "pin")}
+	tokens := filepath.Join(dir, "tokens")
+	if err := os.MkdirAll(tokens, 0o700); err != nil {
+		return st, err
+	}
+	if _, err := os.Stat(st.Conf); errors.Is(err, fs.ErrNotExist) {
+		conf := fmt.Sprintf("# written by kmsd on first start\ndirectories.tokendir = %s\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n", tokens)
+		if err := fileutil.WriteAtomic(st.Conf, []byte(conf), 0o600); err != nil {
+			return st, err
+		}
+	}
+	if err := os.Setenv("SOFTHSM2_CONF", st.Conf); err != nil {
+		return st, err
+	}
+	pin, err := readOrCreateSecret(st.PINFile)
+	if err != nil {
+		return st, err
+	}
+	soPIN, err := readOrCreateSecret(filepath.Join(dir, "so-pin"))
+	if err != nil {
+		return st, err
+	}
+	m, err := hsm.LoadModule(mod)
+	if err != nil {
+		return st, err
+	}
+	defer m.Destroy()
+	if err := m.Initialize(); err != nil {
+		return st, fmt.Errorf("%w: C_Initialize: %v", hsm.ErrModule, err)
+	}
+	defer m.Finalize()
+	if _, err := hsm.FindToken(m, label); err == nil {
+		return st, nil
+	} else if !errors.Is(err, hsm.ErrTokenNotFound) {
+		return st, err
+	}
+	if err := hsm.InitToken(m, label, soPIN, pin); err != nil {
+		return st, err
+	}
+	return st, nil
+}
+
+// ReadPIN reads a PIN file, trimming one trailing newline.
+func ReadPIN(path string) (string, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return "", err
+	}
+	return strings.TrimRight(string(b), "\r\n"), nil
+}
+
+func readOrCreateSecret(path string) (string, error) {
+	if pin, err := ReadPIN(path); err == nil {
+		return pin, nil
+	} else if !errors.Is(err, fs.ErrNotExist) {
+		return "", err
+	}
+	b := make([]byte, 16)
+	if _, err := rand.Read(b); err != nil {
+		return "", err
+	}
+	pin := hex.EncodeToString(b)
+	if err := fileutil.WriteAtomic(path, []byte(pin+"\n"), 0o600); err != nil {
+		return "", err
+	}
+	return pin, nil
+}
