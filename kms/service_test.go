@@ -1,0 +1,481 @@
+package kms_test
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"errors"
+	"io"
+	"os"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/cloudflare/circl/sign/mldsa/mldsa65"
+
+	"kmsd/internal/testhsm"
+	"kmsd/kms"
+	"kmsd/kms/bolt"
+	"kmsd/kms/pqc"
+)
+
+func TestMain(m *testing.M) { testhsm.Main(m) }
+
+type fakeClock struct {
+	mu sync.Mutex
+	t  time.Time
+}
+
+func (c *fakeClock) Now() time.Time { c.mu.Lock(); defer c.mu.Unlock(); return c.t }
+func (c *fakeClock) Add(d time.Duration) {
+	c.mu.Lock()
+	c.t = c.t.Add(d)
+	c.mu.Unlock()
+}
+
+// recordingRand is crypto/rand that remembers what it handed out, so a test
+// knows every seed the service generated.
+type recordingRand struct {
+	mu  sync.Mutex
+	out [][]byte
+}
+
+func (r *recordingRand) Read(p []byte) (int, error) {
+	n, err := rand.Read(p)
+	r.mu.Lock()
+	r.out = append(r.out, bytes.Clone(p[:n]))
+	r.mu.Unlock()
+	return n, err
+}
+
+// countingSealer wraps the real sealer to count calls and inject faults.
+type countingSealer struct {
+	kms.Sealer
+	seals, unseals atomic.Int64
+	fail           atomic.Bool
+}
+
+var errHSMDown = errors.New("injected: HSM down")
+
+func (c *countingSealer) Seal(ctx context.Context, sc kms.SealContext, p kms.Secret) ([]byte, error) {
+	c.seals.Add(1)
+	if c.fail.Load() {
+		return nil, errHSMDown
+	}
+	return c.Sealer.Seal(ctx, sc, p)
+}
+
+func (c *countingSealer) Unseal(ctx context.Context, sc kms.SealContext, b []byte) (kms.Secret, error) {
+	c.unseals.Add(1)
+	if c.fail.Load() {
+		return kms.Secret{}, errHSMDown
+	}
+	return c.Sealer.Unseal(ctx, sc, b)
+}
+
+// faultStore fails UpdateKey after fn ran (as a failed commit would).
+type faultStore struct {
+	kms.Store
+	failUpdate atomic.Bool
+}
+
+func (f *faultStore) UpdateKey(ctx context.Context, name string, fn func(k *kms.Key) error) error {
+	if f.failUpdate.Load() {
+		return f.Store.UpdateKey(ctx, name, func(k *kms.Key) error {
+			if err := fn(k); err != nil {
+				return err
+			}
+			return errors.New("injected: disk full")
+		})
+	}
+	return f.Store.UpdateKey(ctx, name, fn)
+}
+
+type env struct {
+	svc    *kms.Service
+	clock  *fakeClock
+	sealer *countingSealer
+	store  *faultStore
+	rand   *recordingRand
+	path   string
+}
+
+func newEnv(t *testing.T, ttl time.Duration) *env {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "kms.db")
+	st, err := bolt.Open(path, bolt.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	e := &env{
+		clock:  &fakeClock{t: time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)},
+		sealer: &countingSealer{Sealer: testhsm.Open(t)},
+		store:  &faultStore{Store: st},
+		rand:   &recordingRand{},
+		path:   path,
+	}
+	e.svc, err = kms.NewService(kms.Config{Store: e.store, Sealer: e.sealer, Kinds: kms.NewRegistry(pqc.Kinds()...), Clock: e.clock, Rand: e.rand, CacheTTL: ttl})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return e
+}
+
+var ctx = context.Background()
+
+func must[T any](t *testing.T) func(v T, err error) T {
+	return func(v T, err error) T {
+		t.Helper()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return v
+	}
+}
+
+func TestSignRotateVerify(t *testing.T) {
+	e := newEnv(t, 0)
+	k := must[*kms.Key](t)(e.svc.CreateKey(ctx, "signer", "ml-dsa-65", kms.Policy{}))
+	if k.Primary != 1 || k.Policy.DestroyWaitDays != 30 || len(k.Versions) != 1 {
+		t.Fatalf("new key: %+v", k)
+	}
+	msg := []byte("message")
+	sig1, v1, err := e.svc.Sign(ctx, "signer", msg, nil)
+	if err != nil || v1 != 1 {
+		t.Fatalf("sign: v%d %v", v1, err)
+	}
+	_, pub1, _ := e.svc.PublicKey(ctx, "signer", 1)
+	var pk mldsa65.PublicKey
+	if err := pk.UnmarshalBinary(pub1.PublicKey); err != nil {
+		t.Fatal(err)
+	}
+	if !mldsa65.Verify(&pk, msg, nil, sig1) {
+		t.Fatal("circl does not verify the service's signature")
+	}
+	if _, _, err := e.svc.Rotate(ctx, "signer"); err != nil {
+		t.Fatal(err)
+	}
+	sig2, v2, _ := e.svc.Sign(ctx, "signer", msg, nil)
+	if v2 != 2 {
+		t.Fatalf("signed with v%d after rotation", v2)
+	}
+	for _, c := range []struct {
+		v    uint64
+		sig  []byte
+		want bool
+	}{{1, sig1, true}, {2, sig2, true}, {1, sig2, false}, {2, sig1, false}} {
+		ok, err := e.svc.Verify(ctx, "signer", c.v, msg, nil, c.sig)
+		if err != nil || ok != c.want {
+			t.Errorf("verify v%d: %v %v, want %v", c.v, ok, err, c.want)
+		}
+	}
+	if _, err := e.svc.SetVersionState(ctx, "signer", 1, kms.ActDisable, 0); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.svc.Verify(ctx, "signer", 1, msg, nil, sig1); !errors.Is(err, kms.ErrFailedPrecondition) {
+		t.Fatalf("verify with a disabled version: %v", err)
+	}
+}
+
+// TestRotationFailureChangesNothing: an HSM failure while sealing, or a store
+// failure while committing, leaves the key exactly as it was.
+func TestRotationFailureChangesNothing(t *testing.T) {
+	e := newEnv(t, 0)
+	before := must[*kms.Key](t)(e.svc.CreateKey(ctx, "k", "ml-kem-768", kms.Policy{}))
+	e.sealer.fail.Store(true)
+	if _, _, err := e.svc.Rotate(ctx, "k"); !errors.Is(err, kms.ErrUnavailable) {
+		t.Fatalf("rotate with the HSM down: %v, want unavailable", err)
+	}
+	e.sealer.fail.Store(false)
+	e.store.failUpdate.Store(true)
+	if _, _, err := e.svc.Rotate(ctx, "k"); !errors.Is(err, kms.ErrUnavailable) {
+		t.Fatalf("rotate with a failing commit: %v, want unavailable", err)
+	}
+	e.store.failUpdate.Store(false)
+	after := must[*kms.Key](t)(e.svc.GetKey(ctx, "k"))
+	if after.Primary != before.Primary || len(after.Versions) != 1 || !bytes.Equal(after.Versions[0].Sealed, before.Versions[0].Sealed) {
+		t.Fatalf("key changed by failed rotations: %+v", after)
+	}
+	if _, v, err := e.svc.Rotate(ctx, "k"); err != nil || v.Number != 2 {
+		t.Fatalf("rotate after recovery: %v", err)
+	}
+}
+
+func TestScheduledDestroyShredsMaterial(t *testing.T) {
+	e := newEnv(t, 0)
+	e.svc.CreateKey(ctx, "k", "ml-kem-768", kms.Policy{DestroyWaitDays: 7})
+	e.svc.Rotate(ctx, "k")
+	if _, err := e.svc.SetVersionState(ctx, "k", 2, kms.ActScheduleDestroy, 0); !errors.Is(err, kms.ErrFailedPrecondition) {
+		t.Fatalf("destroying the primary: %v", err)
+	}
+	v := must[*kms.Version](t)(e.svc.SetVersionState(ctx, "k", 1, kms.ActScheduleDestroy, 0))
+	if v.State != kms.StateDestroyScheduled || !v.DestroyAt.Equal(e.clock.Now().Add(7*24*time.Hour)) {
+		t.Fatalf("scheduled: %+v", v)
+	}
+	e.clock.Add(7*24*time.Hour - time.Second)
+	if n, err := e.svc.DestroyDue(ctx); n != 0 || err != nil {
+		t.Fatalf("destroyed %d before the time, %v", n, err)
+	}
+	e.clock.Add(time.Second)
+	if n, err := e.svc.DestroyDue(ctx); n != 1 || err != nil {
+		t.Fatalf("DestroyDue = %d, %v; want 1", n, err)
+	}
+	k := must[*kms.Key](t)(e.svc.GetKey(ctx, "k"))
+	if k.Versions[0].State != kms.StateDestroyed || k.Versions[0].Sealed != nil || k.Versions[0].DestroyedAt == nil {
+		t.Fatalf("version 1 after destroy: %+v", k.Versions[0])
+	}
+	if k.Versions[1].Sealed == nil {
+		t.Fatal("version 2 lost its material")
+	}
+	if _, err := e.svc.Decapsulate(ctx, "k", 1, make([]byte, 1088)); !errors.Is(err, kms.ErrFailedPrecondition) {
+		t.Fatalf("decapsulate with a destroyed version: %v", err)
+	}
+	for _, a := range []kms.Action{kms.ActEnable, kms.ActCancelDestroy, kms.ActDisable, kms.ActScheduleDestroy} {
+		if _, err := e.svc.SetVersionState(ctx, "k", 1, a, 0); !errors.Is(err, kms.ErrFailedPrecondition) {
+			t.Errorf("%s on a destroyed version: %v", a, err)
+		}
+	}
+}
+
+func TestCancelDestroyRestoresDisabled(t *testing.T) {
+	e := newEnv(t, 0)
+	e.svc.CreateKey(ctx, "k", "ml-dsa-44", kms.Policy{})
+	e.svc.Rotate(ctx, "k")
+	e.svc.SetVersionState(ctx, "k", 1, kms.ActScheduleDestroy, 3)
+	v := must[*kms.Version](t)(e.svc.SetVersionState(ctx, "k", 1, kms.ActCancelDestroy, 0))
+	if v.State != kms.StateDisabled || v.DestroyAt != nil {
+		t.Fatalf("after cancel: %+v", v)
+	}
+	e.clock.Add(400 * 24 * time.Hour)
+	if n, _ := e.svc.DestroyDue(ctx); n != 0 {
+		t.Fatal("a cancelled destroy still happened")
+	}
+	if _, err := e.svc.SetVersionState(ctx, "k", 1, kms.ActEnable, 0); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.svc.SetVersionState(ctx, "k", 1, kms.ActScheduleDestroy, 366); !errors.Is(err, kms.ErrInvalid) {
+		t.Fatalf("366 days: %v", err)
+	}
+}
+
+// TestNoSeedInStoreFile: the bbolt file holds no generated seed in plaintext.
+func TestNoSeedInStoreFile(t *testing.T) {
+	e := newEnv(t, 0)
+	for i, kind := range []string{"ml-kem-512", "ml-kem-768", "ml-kem-1024", "ml-dsa-44", "ml-dsa-65", "ml-dsa-87"} {
+		name := "k" + string(rune('a'+i))
+		e.svc.CreateKey(ctx, name, kind, kms.Policy{})
+		e.svc.Rotate(ctx, name)
+	}
+	db, err := os.ReadFile(e.path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	seeds := 0
+	for _, b := range e.rand.out {
+		if len(b) != 32 && len(b) != 64 {
+			continue
+		}
+		seeds++
+		// Look for the seed and each 16-byte window of it.
+		for off := 0; off+16 <= len(b); off += 8 {
+			if bytes.Contains(db, b[off:off+16]) {
+				t.Fatalf("bytes %d-%d of a %d-byte seed appear in the store file", off, off+16, len(b))
+			}
+		}
+	}
+	if seeds < 12 {
+		t.Fatalf("saw %d seeds, want at least 12", seeds)
+	}
+}
+
+// TestUnsealCacheTTL: a hot key costs one unseal per TTL.
+func TestUnsealCacheTTL(t *testing.T) {
+	e := newEnv(t, time.Minute)
+	e.svc.CreateKey(ctx, "k", "ml-dsa-65", kms.Policy{})
+	for i := 0; i < 5; i++ {
+		if _, _, err := e.svc.Sign(ctx, "k", []byte("m"), nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := e.sealer.unseals.Load(); n != 1 {
+		t.Fatalf("%d unseals for 5 signs within the TTL, want 1", n)
+	}
+	e.clock.Add(time.Minute)
+	e.svc.Sign(ctx, "k", []byte("m"), nil)
+	if n := e.sealer.unseals.Load(); n != 2 {
+		t.Fatalf("%d unseals after the TTL passed, want 2", n)
+	}
+	// The HSM going down does not stop a cached key, but an expired one fails
+	// with unavailable, not a wrong answer.
+	e.sealer.fail.Store(true)
+	if _, _, err := e.svc.Sign(ctx, "k", []byte("m"), nil); err != nil {
+		t.Fatalf("cached sign with the HSM down: %v", err)
+	}
+	e.clock.Add(time.Minute)
+	if _, _, err := e.svc.Sign(ctx, "k", []byte("m"), nil); !errors.Is(err, kms.ErrUnavailable) {
+		t.Fatalf("uncached sign with the HSM down: %v", err)
+	}
+}
+
+func TestCacheOff(t *testing.T) {
+	e := newEnv(t, -1)
+	e.svc.CreateKey(ctx, "k", "ml-dsa-65", kms.Policy{})
+	for i := 0; i < 3; i++ {
+		e.svc.Sign(ctx, "k", []byte("m"), nil)
+	}
+	if n := e.sealer.unseals.Load(); n != 3 {
+		t.Fatalf("%d unseals with the cache off, want 3", n)
+	}
+}
+
+func TestPolicyAndMinDecryptionVersion(t *testing.T) {
+	e := newEnv(t, 0)
+	if _, err := e.svc.CreateKey(ctx, "k", "ml-dsa-65", kms.Policy{AllowedOperations: []kms.Operation{kms.OpDecapsulate}}); !errors.Is(err, kms.ErrInvalid) {
+		t.Fatalf("decapsulate on a signing key: %v", err)
+	}
+	e.svc.CreateKey(ctx, "k", "ml-dsa-65", kms.Policy{AllowedOperations: []kms.Operation{kms.OpVerify}})
+	if _, _, err := e.svc.Sign(ctx, "k", []byte("m"), nil); !errors.Is(err, kms.ErrFailedPrecondition) {
+		t.Fatalf("sign when the policy allows only verify: %v", err)
+	}
+	e.svc.UpdateKey(ctx, "k", kms.KeyUpdate{Policy: &kms.Policy{}})
+	sig, _, err := e.svc.Sign(ctx, "k", []byte("m"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.svc.Rotate(ctx, "k")
+	three := uint64(3)
+	if _, err := e.svc.UpdateKey(ctx, "k", kms.KeyUpdate{MinDecryptionVersion: &three}); !errors.Is(err, kms.ErrInvalid) {
+		t.Fatalf("min_decryption_version above primary: %v", err)
+	}
+	two := uint64(2)
+	e.svc.UpdateKey(ctx, "k", kms.KeyUpdate{MinDecryptionVersion: &two})
+	if _, err := e.svc.Verify(ctx, "k", 1, []byte("m"), nil, sig); !errors.Is(err, kms.ErrFailedPrecondition) {
+		t.Fatalf("verify below min_decryption_version: %v", err)
+	}
+}
+
+func TestConcurrentRotations(t *testing.T) {
+	e := newEnv(t, 0)
+	e.svc.CreateKey(ctx, "k", "ml-dsa-44", kms.Policy{})
+	var wg sync.WaitGroup
+	for i := 0; i < 8; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if _, _, err := e.svc.Rotate(ctx, "k"); err != nil {
+				t.Error(err)
+			}
+		}()
+	}
+	wg.Wait()
+	k := must[*kms.Key](t)(e.svc.GetKey(ctx, "k"))
+	if len(k.Versions) != 9 || k.Primary != 9 {
+		t.Fatalf("%d versions, primary %d; want 9, 9", len(k.Versions), k.Primary)
+	}
+	for n := uint64(1); n <= 9; n++ {
+		// Every version's blob opens under its own number.
+		if _, _, err := e.svc.PublicKey(ctx, "k", n); err != nil {
+			t.Fatal(err)
+		}
+	}
+	e.svc.SetVersionState(ctx, "k", 9, kms.ActDisable, 0) // refused: primary
+	for n := uint64(1); n <= 8; n++ {
+		if _, err := e.svc.SetVersionState(ctx, "k", n, kms.ActDisable, 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+func TestListKeysPaginatesAndHidesIdentity(t *testing.T) {
+	e := newEnv(t, 0)
+	if err := e.svc.EnsureIdentity(ctx); err != nil {
+		t.Fatal(err)
+	}
+	names := []string{"0a", "0b", "a", "b", "c"}
+	for _, n := range names {
+		e.svc.CreateKey(ctx, n, "ml-kem-512", kms.Policy{})
+	}
+	var got []string
+	after := ""
+	for pages := 0; ; pages++ {
+		keys, next, err := e.svc.ListKeys(ctx, after, 2, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, k := range keys {
+			got = append(got, k.Name)
+		}
+		if next == "" {
+			break
+		}
+		after = next
+		if pages > 5 {
+			t.Fatal("pagination does not end")
+		}
+	}
+	if len(got) != len(names) {
+		t.Fatalf("listed %v, want %v", got, names)
+	}
+	for i := range got {
+		if got[i] != names[i] {
+			t.Fatalf("listed %v, want %v", got, names)
+		}
+	}
+	if _, err := e.svc.GetKey(ctx, kms.IdentityKeyName); !errors.Is(err, kms.ErrInvalid) {
+		t.Fatalf("GetKey of the identity key: %v", err)
+	}
+	v, pub, err := e.svc.Identity(ctx)
+	if err != nil || v != 1 || len(pub) != mldsa65.PublicKeySize {
+		t.Fatalf("Identity: %d %d %v", v, len(pub), err)
+	}
+}
+
+func TestTokens(t *testing.T) {
+	e := newEnv(t, 0)
+	admin, err := e.svc.EnsureAdminToken(ctx)
+	if err != nil || admin == "" {
+		t.Fatal(err)
+	}
+	if again, _ := e.svc.EnsureAdminToken(ctx); again != "" {
+		t.Fatal("a second admin token was made")
+	}
+	tok, rec, err := e.svc.CreateToken(ctx, "w", kms.RoleWorker, []string{"team-a-*"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	db, _ := os.ReadFile(e.path)
+	if bytes.Contains(db, []byte(tok)) || bytes.Contains(db, []byte(tok[len(tok)-20:])) {
+		t.Fatal("the token is stored in plaintext")
+	}
+	p, err := e.svc.Authenticate(ctx, tok)
+	if err != nil || p.Role != kms.RoleWorker || p.TokenID != rec.ID {
+		t.Fatalf("Authenticate: %+v %v", p, err)
+	}
+	if err := p.Authorize(kms.PermReadKey, "team-a-1"); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		perm kms.Permission
+		key  string
+	}{{kms.PermReadKey, "team-b-1"}, {kms.PermUseKey, "team-a-1"}, {kms.PermManageKey, "team-a-1"}, {kms.PermManageTokens, ""}} {
+		if err := p.Authorize(c.perm, c.key); !errors.Is(err, kms.ErrPermissionDenied) {
+			t.Errorf("worker %s on %q: %v", c.perm, c.key, err)
+		}
+	}
+	for _, bad := range []string{"", "kms_", tok + "x", tok[:len(tok)-1], "Bearer " + tok, admin[:20] + tok[20:]} {
+		if _, err := e.svc.Authenticate(ctx, bad); !errors.Is(err, kms.ErrUnauthenticated) {
+			t.Errorf("Authenticate(%q) = %v", bad, err)
+		}
+	}
+	if _, _, err := e.svc.CreateToken(ctx, "x", "root", []string{"*"}); !errors.Is(err, kms.ErrInvalid) {
+		t.Fatalf("unknown role: %v", err)
+	}
+	if _, _, err := e.svc.CreateToken(ctx, "x", kms.RoleWorker, []string{"["}); !errors.Is(err, kms.ErrInvalid) {
+		t.Fatalf("malformed pattern: %v", err)
+	}
+}
+
+var _ io.Reader = (*recordingRand)(nil)
