@@ -8,6 +8,7 @@ require (
 )
 
 require (
+	github.com/go-chi/chi/v5 v5.5.0 // indirect
 	github.com/miekg/pkcs11 v1.1.2 // indirect
 	golang.org/x/sys v0.47.0 // indirect
 )

@@ -435,11 +435,15 @@ func TestListKeysPaginatesAndHidesIdentity(t *testing.T) {
 
 func TestTokens(t *testing.T) {
 	e := newEnv(t, 0)
-	admin, err := e.svc.EnsureAdminToken(ctx)
-	if err != nil || admin == "" {
+	var admin string
+	made, err := e.svc.EnsureAdminToken(ctx, func(tok string) error { admin = tok; return nil })
+	if err != nil || !made || admin == "" {
 		t.Fatal(err)
 	}
-	if again, _ := e.svc.EnsureAdminToken(ctx); again != "" {
+	if p, err := e.svc.Authenticate(ctx, admin); err != nil || p.Role != kms.RoleAdmin {
+		t.Fatalf("the bootstrap admin token does not authenticate: %v", err)
+	}
+	if again, _ := e.svc.EnsureAdminToken(ctx, func(string) error { t.Fatal("persist called again"); return nil }); again {
 		t.Fatal("a second admin token was made")
 	}
 	tok, rec, err := e.svc.CreateToken(ctx, "w", kms.RoleWorker, []string{"team-a-*"})

@@ -29,18 +29,30 @@ func (s *Service) CreateToken(ctx context.Context, name string, role Role, keys 
 }
 
 // EnsureAdminToken creates an admin token for all keys when the store has no
-// token at all (first start). It returns the token text, or "" if tokens
-// already exist.
-func (s *Service) EnsureAdminToken(ctx context.Context) (string, error) {
+// token at all (first start). persist is called with the token text before
+// the token is stored, so a token is never valid unless it was written down;
+// if storing fails, the next start makes a new one. It returns whether a
+// token was made.
+func (s *Service) EnsureAdminToken(ctx context.Context, persist func(token string) error) (bool, error) {
 	n, err := s.store.CountTokens(ctx)
 	if err != nil {
-		return "", asUnavailable("store", err)
+		return false, asUnavailable("store", err)
 	}
 	if n > 0 {
-		return "", nil
+		return false, nil
 	}
-	tok, _, err := s.CreateToken(ctx, "bootstrap admin", RoleAdmin, []string{"*"})
-	return tok, err
+	id, tok, hash, err := newTokenSecret(s.rand)
+	if err != nil {
+		return false, Wrap(KindInternal, "token", err)
+	}
+	if err := persist(tok); err != nil {
+		return false, err
+	}
+	t := &Token{ID: id, Name: "bootstrap admin", Role: RoleAdmin, Keys: []string{"*"}, Hash: hash, CreatedAt: s.clock.Now()}
+	if err := s.store.CreateToken(ctx, t); err != nil {
+		return false, asUnavailable("store", err)
+	}
+	return true, nil
 }
 
 // Authenticate maps a presented bearer token to its principal.

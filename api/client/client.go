@@ -1,0 +1,234 @@
+// Package client is the Go SDK for kmsd's REST API, used by workers and by
+// kmsctl.
+package client
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// Client talks to one kmsd.
+type Client struct {
+	base  *url.URL
+	token string
+	http  *http.Client
+}
+
+// Option configures a Client.
+type Option func(*Client)
+
+// WithHTTPClient sets the HTTP client (for TLS settings or timeouts).
+func WithHTTPClient(h *http.Client) Option { return func(c *Client) { c.http = h } }
+
+// New returns a client for the server at baseURL (for example
+// "http://127.0.0.1:8420") authenticating with token.
+func New(baseURL, token string, opts ...Option) (*Client, error) {
+	u, err := url.Parse(baseURL)
+	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+		return nil, fmt.Errorf("server address %q must be an http:// or https:// URL", baseURL)
+	}
+	u.Path = strings.TrimRight(u.Path, "/")
+	c := &Client{base: u, token: token, http: &http.Client{Timeout: 60 * time.Second}}
+	for _, o := range opts {
+		o(c)
+	}
+	return c, nil
+}
+
+// Error is a problem answered by the server.
+type Error struct {
+	Problem
+}
+
+func (e *Error) Error() string {
+	s := fmt.Sprintf("%d %s", e.Status, e.Title)
+	if e.Detail != "" {
+		s += ": " + e.Detail
+	}
+	return s
+}
+
+// IsProblem reports whether err is a server problem of the given type suffix
+// (for example "not-found").
+func IsProblem(err error, typ string) bool {
+	var e *Error
+	return errors.As(err, &e) && strings.HasSuffix(e.Type, ":"+typ)
+}
+
+// StatusOf returns the HTTP status of a server problem, or 0 for other errors
+// (transport failures).
+func StatusOf(err error) int {
+	var e *Error
+	if errors.As(err, &e) {
+		return e.Status
+	}
+	return 0
+}
+
+func (c *Client) do(ctx context.Context, method, path string, query url.Values, in, out any) error {
+	u := *c.base
+	u.Path += path
+	u.RawPath = ""
+	if query != nil {
+		u.RawQuery = query.Encode()
+	}
+	var body io.Reader
+	if in != nil {
+		b, err := json.Marshal(in)
+		if err != nil {
+			return err
+		}
+		body = bytes.NewReader(b)
+	}
+	req, err := http.NewRequestWithContext(ctx, method, u.String(), body)
+	if err != nil {
+		return err
+	}
+	if in != nil {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	req.Header.Set("Accept", "application/json")
+	if c.token != "" {
+		req.Header.Set("Authorization", "Bearer "+c.token)
+	}
+	resp, err := c.http.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode >= 400 {
+		e := &Error{}
+		b, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
+		if json.Unmarshal(b, &e.Problem) != nil || e.Status == 0 {
+			e.Problem = Problem{Status: resp.StatusCode, Title: http.StatusText(resp.StatusCode)}
+		}
+		return e
+	}
+	if out == nil {
+		return nil
+	}
+	if err := json.NewDecoder(resp.Body).Decode(out); err != nil {
+		return fmt.Errorf("decode %s %s response: %w", method, path, err)
+	}
+	return nil
+}
+
+func keyPath(name string, rest ...string) string {
+	p := "/v1/keys/" + url.PathEscape(name)
+	for _, r := range rest {
+		p += "/" + r
+	}
+	return p
+}
+
+// VersionRef is a version number, or 0 for the primary version.
+func versionRef(v uint64) string {
+	if v == 0 {
+		return "primary"
+	}
+	return strconv.FormatUint(v, 10)
+}
+
+// Health calls GET /healthz.
+func (c *Client) Health(ctx context.Context) error {
+	return c.do(ctx, http.MethodGet, "/healthz", nil, nil, nil)
+}
+
+// Ready calls GET /readyz.
+func (c *Client) Ready(ctx context.Context) error {
+	return c.do(ctx, http.MethodGet, "/readyz", nil, nil, nil)
+}
+
+// Identity returns the service's identity public key.
+func (c *Client) Identity(ctx context.Context) (*Identity, error) {
+	var out Identity
+	return &out, c.do(ctx, http.MethodGet, "/v1/identity", nil, nil, &out)
+}
+
+// CreateKey creates a key.
+func (c *Client) CreateKey(ctx context.Context, req CreateKeyRequest) (*Key, error) {
+	var out Key
+	return &out, c.do(ctx, http.MethodPost, "/v1/keys", nil, req, &out)
+}
+
+// ListKeys returns one page of keys; pass the previous NextPageToken to go on.
+func (c *Client) ListKeys(ctx context.Context, limit int, pageToken string) (*KeyList, error) {
+	q := url.Values{}
+	if limit > 0 {
+		q.Set("limit", strconv.Itoa(limit))
+	}
+	if pageToken != "" {
+		q.Set("page_token", pageToken)
+	}
+	var out KeyList
+	return &out, c.do(ctx, http.MethodGet, "/v1/keys", q, nil, &out)
+}
+
+// GetKey returns a key.
+func (c *Client) GetKey(ctx context.Context, name string) (*Key, error) {
+	var out Key
+	return &out, c.do(ctx, http.MethodGet, keyPath(name), nil, nil, &out)
+}
+
+// UpdateKey changes a key's policy or min_decryption_version.
+func (c *Client) UpdateKey(ctx context.Context, name string, req UpdateKeyRequest) (*Key, error) {
+	var out Key
+	return &out, c.do(ctx, http.MethodPatch, keyPath(name), nil, req, &out)
+}
+
+// Rotate makes a new primary version.
+func (c *Client) Rotate(ctx context.Context, name string) (*Version, error) {
+	var out Version
+	return &out, c.do(ctx, http.MethodPost, keyPath(name, "rotate"), nil, nil, &out)
+}
+
+// PublicKey returns a version's public key (version 0: the primary).
+func (c *Client) PublicKey(ctx context.Context, name string, version uint64) (*PublicKey, error) {
+	var out PublicKey
+	return &out, c.do(ctx, http.MethodGet, keyPath(name, "versions", versionRef(version), "public-key"), nil, nil, &out)
+}
+
+// VersionAction is one of "disable", "enable", "schedule-destroy",
+// "cancel-destroy".
+func (c *Client) VersionAction(ctx context.Context, name string, version uint64, action string, days int) (*Version, error) {
+	var in any
+	if action == "schedule-destroy" && days != 0 {
+		in = ScheduleDestroyRequest{Days: days}
+	}
+	var out Version
+	return &out, c.do(ctx, http.MethodPost, keyPath(name, "versions", strconv.FormatUint(version, 10), action), nil, in, &out)
+}
+
+// Sign signs message with the key's primary version.
+func (c *Client) Sign(ctx context.Context, name string, message, sigContext []byte) (*SignResponse, error) {
+	var out SignResponse
+	return &out, c.do(ctx, http.MethodPost, keyPath(name, "sign"), nil, SignRequest{Message: message, Context: sigContext}, &out)
+}
+
+// Verify checks a signature with a given version.
+func (c *Client) Verify(ctx context.Context, name string, version uint64, message, signature, sigContext []byte) (bool, error) {
+	var out VerifyResponse
+	err := c.do(ctx, http.MethodPost, keyPath(name, "verify"), nil, VerifyRequest{Message: message, Signature: signature, Version: version, Context: sigContext}, &out)
+	return out.Valid, err
+}
+
+// Decapsulate recovers an ML-KEM shared secret.
+func (c *Client) Decapsulate(ctx context.Context, name string, version uint64, ciphertext []byte) (*DecapsulateResponse, error) {
+	var out DecapsulateResponse
+	return &out, c.do(ctx, http.MethodPost, keyPath(name, "decapsulate"), nil, DecapsulateRequest{Ciphertext: ciphertext, Version: version}, &out)
+}
+
+// CreateToken creates a bearer token.
+func (c *Client) CreateToken(ctx context.Context, req CreateTokenRequest) (*Token, error) {
+	var out Token
+	return &out, c.do(ctx, http.MethodPost, "/v1/tokens", nil, req, &out)
+}

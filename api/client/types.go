@@ -1,0 +1,142 @@
+package client
+
+import "time"
+
+// The wire types of the REST API, shared by the server and this client.
+
+// Policy is a key's policy.
+type Policy struct {
+	DestroyWaitDays   int      `json:"destroy_wait_days,omitempty"`
+	AllowedOperations []string `json:"allowed_operations,omitempty"`
+}
+
+// Version is one key version.
+type Version struct {
+	Name        string     `json:"name"`
+	Version     uint64     `json:"version"`
+	State       string     `json:"state"`
+	Primary     bool       `json:"primary"`
+	CreatedAt   time.Time  `json:"created_at"`
+	DestroyAt   *time.Time `json:"destroy_at,omitempty"`
+	DestroyedAt *time.Time `json:"destroyed_at,omitempty"`
+}
+
+// Key is a key with its versions.
+type Key struct {
+	Name                 string    `json:"name"`
+	Kind                 string    `json:"kind"`
+	Policy               Policy    `json:"policy"`
+	CreatedAt            time.Time `json:"created_at"`
+	PrimaryVersion       uint64    `json:"primary_version"`
+	LatestVersion        uint64    `json:"latest_version"`
+	MinDecryptionVersion uint64    `json:"min_decryption_version"`
+	Versions             []Version `json:"versions"`
+}
+
+// KeyList is a page of keys.
+type KeyList struct {
+	Keys          []Key  `json:"keys"`
+	NextPageToken string `json:"next_page_token,omitempty"`
+}
+
+// CreateKeyRequest is the body of POST /v1/keys.
+type CreateKeyRequest struct {
+	Name   string  `json:"name"`
+	Kind   string  `json:"kind"`
+	Policy *Policy `json:"policy,omitempty"`
+}
+
+// UpdateKeyRequest is the body of PATCH /v1/keys/{name}.
+type UpdateKeyRequest struct {
+	Policy               *Policy `json:"policy,omitempty"`
+	MinDecryptionVersion *uint64 `json:"min_decryption_version,omitempty"`
+}
+
+// ScheduleDestroyRequest is the body of .../schedule-destroy.
+type ScheduleDestroyRequest struct {
+	Days int `json:"days,omitempty"`
+}
+
+// PublicKey is a version's public key.
+type PublicKey struct {
+	Name      string `json:"name"`
+	Version   uint64 `json:"version"`
+	Kind      string `json:"kind"`
+	PublicKey []byte `json:"public_key"` // standard base64 on the wire
+}
+
+// SignRequest is the body of POST /v1/keys/{name}/sign.
+type SignRequest struct {
+	Message []byte `json:"message"`
+	Context []byte `json:"context,omitempty"`
+}
+
+// SignResponse is a signature and the version that made it.
+type SignResponse struct {
+	Signature []byte `json:"signature"`
+	Version   uint64 `json:"version"`
+}
+
+// VerifyRequest is the body of POST /v1/keys/{name}/verify.
+type VerifyRequest struct {
+	Message   []byte `json:"message"`
+	Signature []byte `json:"signature"`
+	Version   uint64 `json:"version"`
+	Context   []byte `json:"context,omitempty"`
+}
+
+// VerifyResponse says whether a signature is valid.
+type VerifyResponse struct {
+	Valid bool `json:"valid"`
+}
+
+// DecapsulateRequest is the body of POST /v1/keys/{name}/decapsulate.
+type DecapsulateRequest struct {
+	Ciphertext []byte `json:"ciphertext"`
+	Version    uint64 `json:"version"`
+}
+
+// DecapsulateResponse is a shared secret.
+type DecapsulateResponse struct {
+	SharedSecret []byte `json:"shared_secret"`
+	Version      uint64 `json:"version"`
+}
+
+// Identity is the service's identity public key.
+type Identity struct {
+	Algorithm string `json:"algorithm"`
+	Version   uint64 `json:"version"`
+	PublicKey []byte `json:"public_key"`
+}
+
+// CreateTokenRequest is the body of POST /v1/tokens.
+type CreateTokenRequest struct {
+	Name string   `json:"name,omitempty"`
+	Role string   `json:"role"`
+	Keys []string `json:"keys"`
+}
+
+// Token is a created token. Token (the secret) is returned only once.
+type Token struct {
+	ID        string    `json:"id"`
+	Name      string    `json:"name,omitempty"`
+	Role      string    `json:"role"`
+	Keys      []string  `json:"keys"`
+	CreatedAt time.Time `json:"created_at"`
+	Token     string    `json:"token"`
+}
+
+// Problem is an RFC 9457 problem document.
+type Problem struct {
+	Type      string `json:"type"`
+	Title     string `json:"title"`
+	Status    int    `json:"status"`
+	Detail    string `json:"detail,omitempty"`
+	Instance  string `json:"instance,omitempty"`
+	RequestID string `json:"request_id,omitempty"`
+}
+
+// Health is the body of /healthz and /readyz.
+type Health struct {
+	Status string `json:"status"`
+}

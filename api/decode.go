@@ -1,0 +1,156 @@
+package api
+
+import (
+	"bytes"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"mime"
+	"net/http"
+	"strings"
+)
+
+// MaxBody is the largest request body accepted (1 MiB).
+const MaxBody = 1 << 20
+
+// errBodyTooLarge marks a body over the limit.
+var errBodyTooLarge = errors.New("request body is larger than 1 MiB")
+
+// errMedia marks a body that is not JSON.
+var errMedia = errors.New("the request body must be application/json")
+
+// decodeError is a client mistake in a body, with a message safe to return.
+type decodeError struct{ msg string }
+
+func (e *decodeError) Error() string { return e.msg }
+
+// decode reads a JSON body into v strictly: at most MaxBody bytes, JSON
+// media type, no unknown or duplicate fields, no field names in another case,
+// nothing after the value. An empty body is allowed only if optional.
+func decode(r *http.Request, v any, optional bool) error {
+	body, err := io.ReadAll(http.MaxBytesReader(nil, r.Body, MaxBody))
+	var mbe *http.MaxBytesError
+	if errors.As(err, &mbe) {
+		return errBodyTooLarge
+	}
+	if err != nil {
+		return &decodeError{"could not read the request body"}
+	}
+	if ev := eventFrom(r); ev != nil {
+		ev.bytesIn = len(body)
+	}
+	if len(bytes.TrimSpace(body)) == 0 {
+		if optional {
+			return nil
+		}
+		return &decodeError{"a JSON request body is required"}
+	}
+	if ct := r.Header.Get("Content-Type"); ct != "" {
+		mt, _, err := mime.ParseMediaType(ct)
+		if err != nil || mt != "application/json" {
+			return errMedia
+		}
+	}
+	if err := checkKeys(body); err != nil {
+		return err
+	}
+	dec := json.NewDecoder(bytes.NewReader(body))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		return &decodeError{describe(err)}
+	}
+	if _, err := dec.Token(); err != io.EOF {
+		return &decodeError{"unexpected data after the JSON value"}
+	}
+	return nil
+}
+
+// checkKeys walks the JSON tokens and refuses duplicate keys in any object
+// and keys that are not lower case (encoding/json would match "Name" to
+// "name"; every field of this API is lower case).
+func checkKeys(body []byte) error {
+	type frame struct {
+		object    bool
+		keys      map[string]bool
+		expectKey bool
+	}
+	var stack []*frame
+	// valueDone tells the enclosing object that its value is complete.
+	valueDone := func() {
+		if n := len(stack); n > 0 && stack[n-1].object {
+			stack[n-1].expectKey = true
+		}
+	}
+	dec := json.NewDecoder(bytes.NewReader(body))
+	for {
+		tok, err := dec.Token()
+		if err == io.EOF {
+			return nil
+		}
+		if err != nil {
+			return &decodeError{describe(err)}
+		}
+		if n := len(stack); n > 0 && stack[n-1].object && stack[n-1].expectKey {
+			top := stack[n-1]
+			if tok == json.Delim('}') {
+				stack = stack[:n-1]
+				valueDone()
+				continue
+			}
+			k, _ := tok.(string)
+			if top.keys[k] {
+				return &decodeError{fmt.Sprintf("duplicate field %q", clip(k))}
+			}
+			if k != strings.ToLower(k) {
+				return &decodeError{fmt.Sprintf("unknown field %q", clip(k))}
+			}
+			top.keys[k] = true
+			top.expectKey = false
+			continue
+		}
+		switch tok {
+		case json.Delim('{'):
+			stack = append(stack, &frame{object: true, keys: map[string]bool{}, expectKey: true})
+		case json.Delim('['):
+			stack = append(stack, &frame{})
+		case json.Delim(']'):
+			stack = stack[:len(stack)-1]
+			valueDone()
+		default:
+			valueDone()
+		}
+	}
+}
+
+func clip(s string) string {
+	if len(s) > 40 {
+		return s[:40] + "..."
+	}
+	return s
+}
+
+// describe turns a decoding error into a message that names the field and
+// does not echo the input.
+func describe(err error) string {
+	var syn *json.SyntaxError
+	var typ *json.UnmarshalTypeError
+	var b64 base64.CorruptInputError
+	switch {
+	case errors.As(err, &syn):
+		return fmt.Sprintf("malformed JSON at byte %d", syn.Offset)
+	case errors.As(err, &typ):
+		if typ.Field != "" {
+			return fmt.Sprintf("field %q must be %s", typ.Field, typ.Type.String())
+		}
+		return "the request body must be a JSON object"
+	case errors.As(err, &b64):
+		return "a binary field is not valid standard base64"
+	case errors.Is(err, io.ErrUnexpectedEOF), errors.Is(err, io.EOF):
+		return "truncated JSON"
+	case strings.HasPrefix(err.Error(), "json: unknown field "):
+		return "unknown field " + strings.TrimPrefix(err.Error(), "json: unknown field ")
+	}
+	return "malformed request body"
+}

@@ -1,0 +1,321 @@
+package api
+
+import (
+	"errors"
+	"fmt"
+	"net/http"
+	"net/url"
+	"strconv"
+
+	"github.com/go-chi/chi/v5"
+
+	"kmsd/api/client"
+	"kmsd/kms"
+)
+
+// readBody decodes the request body into v or writes the problem and
+// returns false.
+func readBody(w http.ResponseWriter, r *http.Request, v any, optional bool) bool {
+	err := decode(r, v, optional)
+	var de *decodeError
+	switch {
+	case err == nil:
+		return true
+	case errors.Is(err, errBodyTooLarge):
+		writeProblem(w, r, http.StatusRequestEntityTooLarge, ProbBodyTooLarge, err.Error())
+	case errors.Is(err, errMedia):
+		writeProblem(w, r, http.StatusUnsupportedMediaType, ProbUnsupportedMedia, err.Error())
+	case errors.As(err, &de):
+		writeProblem(w, r, http.StatusBadRequest, ProbInvalid, de.msg)
+	default:
+		writeProblem(w, r, http.StatusBadRequest, ProbInvalid, "malformed request body")
+	}
+	return false
+}
+
+// versionParam parses {version}: a positive number or "primary" (0).
+func versionParam(r *http.Request) (uint64, error) {
+	s := chi.URLParam(r, "version")
+	if s == "primary" {
+		return 0, nil
+	}
+	n, err := strconv.ParseUint(s, 10, 32)
+	if err != nil || n == 0 || (len(s) > 1 && s[0] == '0') {
+		return 0, kms.Errorf(kms.KindInvalid, "version must be a positive number or \"primary\"")
+	}
+	return n, nil
+}
+
+func toVersion(k *kms.Key, v *kms.Version) client.Version {
+	return client.Version{Name: k.Name, Version: v.Number, State: string(v.State), Primary: v.Number == k.Primary,
+		CreatedAt: v.CreatedAt, DestroyAt: v.DestroyAt, DestroyedAt: v.DestroyedAt}
+}
+
+func toKey(k *kms.Key) client.Key {
+	out := client.Key{Name: k.Name, Kind: k.Kind, CreatedAt: k.CreatedAt, PrimaryVersion: k.Primary,
+		LatestVersion: k.Latest(), MinDecryptionVersion: k.MinDecryptionVersion,
+		Policy:   toPolicy(k.Policy),
+		Versions: make([]client.Version, len(k.Versions))}
+	for i := range k.Versions {
+		out.Versions[i] = toVersion(k, &k.Versions[i])
+	}
+	return out
+}
+
+func toPolicy(p kms.Policy) client.Policy {
+	out := client.Policy{DestroyWaitDays: p.DestroyWaitDays}
+	for _, op := range p.AllowedOperations {
+		out.AllowedOperations = append(out.AllowedOperations, string(op))
+	}
+	return out
+}
+
+func fromPolicy(p *client.Policy) kms.Policy {
+	if p == nil {
+		return kms.Policy{}
+	}
+	out := kms.Policy{DestroyWaitDays: p.DestroyWaitDays}
+	for _, op := range p.AllowedOperations {
+		out.AllowedOperations = append(out.AllowedOperations, kms.Operation(op))
+	}
+	return out
+}
+
+func (s *Server) healthz(w http.ResponseWriter, r *http.Request) {
+	writeJSON(w, http.StatusOK, client.Health{Status: "ok"})
+}
+
+func (s *Server) readyz(w http.ResponseWriter, r *http.Request) {
+	if err := s.svc.Ready(r.Context()); err != nil {
+		writeError(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, client.Health{Status: "ready"})
+}
+
+func (s *Server) identity(w http.ResponseWriter, r *http.Request) {
+	v, pub, err := s.svc.Identity(r.Context())
+	if err != nil {
+		writeError(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, client.Identity{Algorithm: kms.IdentityKind, Version: v, PublicKey: pub})
+}
+
+func (s *Server) createKey(w http.ResponseWriter, r *http.Request) {
+	var req client.CreateKeyRequest
+	if !readBody(w, r, &req, false) {
+		return
+	}
+	ev := eventFrom(r)
+	ev.key = req.Name
+	if err := kms.ValidateName(req.Name); err != nil {
+		writeError(w, r, err)
+		return
+	}
+	if err := ev.principal.Authorize(kms.PermManageKey, req.Name); err != nil {
+		writeError(w, r, err)
+		return
+	}
+	k, err := s.svc.CreateKey(r.Context(), req.Name, req.Kind, fromPolicy(req.Policy))
+	if err != nil {
+		writeError(w, r, err)
+		return
+	}
+	w.Header().Set("Location", "/v1/keys/"+url.PathEscape(k.Name))
+	writeJSON(w, http.StatusCreated, toKey(k))
+}
+
+func (s *Server) listKeys(w http.ResponseWriter, r *http.Request) {
+	q := r.URL.Query()
+	limit := 100
+	if l := q.Get("limit"); l != "" {
+		n, err := strconv.Atoi(l)
+		if err != nil || n < 1 || n > 1000 {
+			writeProblem(w, r, http.StatusBadRequest, ProbInvalid, "limit must be a number from 1 to 1000")
+			return
+		}
+		limit = n
+	}
+	after := q.Get("page_token")
+	if after != "" {
+		if err := kms.ValidateName(after); err != nil {
+			writeProblem(w, r, http.StatusBadRequest, ProbInvalid, "malformed page_token")
+			return
+		}
+	}
+	p := eventFrom(r).principal
+	keys, next, err := s.svc.ListKeys(r.Context(), after, limit, p.MayUse)
+	if err != nil {
+		writeError(w, r, err)
+		return
+	}
+	out := client.KeyList{Keys: make([]client.Key, 0, len(keys)), NextPageToken: next}
+	for _, k := range keys {
+		out.Keys = append(out.Keys, toKey(k))
+	}
+	writeJSON(w, http.StatusOK, out)
+}
+
+func (s *Server) getKey(w http.ResponseWriter, r *http.Request) {
+	k, err := s.svc.GetKey(r.Context(), chi.URLParam(r, "name"))
+	if err != nil {
+		writeError(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, toKey(k))
+}
+
+func (s *Server) updateKey(w http.ResponseWriter, r *http.Request) {
+	var req client.UpdateKeyRequest
+	if !readBody(w, r, &req, false) {
+		return
+	}
+	if req.Policy == nil && req.MinDecryptionVersion == nil {
+		writeProblem(w, r, http.StatusBadRequest, ProbInvalid, "nothing to change: give policy or min_decryption_version")
+		return
+	}
+	u := kms.KeyUpdate{MinDecryptionVersion: req.MinDecryptionVersion}
+	if req.Policy != nil {
+		p := fromPolicy(req.Policy)
+		u.Policy = &p
+	}
+	k, err := s.svc.UpdateKey(r.Context(), chi.URLParam(r, "name"), u)
+	if err != nil {
+		writeError(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, toKey(k))
+}
+
+func (s *Server) rotate(w http.ResponseWriter, r *http.Request) {
+	var req struct{}
+	if !readBody(w, r, &req, true) {
+		return
+	}
+	k, v, err := s.svc.Rotate(r.Context(), chi.URLParam(r, "name"))
+	if err != nil {
+		writeError(w, r, err)
+		return
+	}
+	w.Header().Set("Location", fmt.Sprintf("/v1/keys/%s/versions/%d/public-key", url.PathEscape(k.Name), v.Number))
+	writeJSON(w, http.StatusCreated, toVersion(k, v))
+}
+
+func (s *Server) publicKey(w http.ResponseWriter, r *http.Request) {
+	n, err := versionParam(r)
+	if err != nil {
+		writeError(w, r, err)
+		return
+	}
+	k, v, err := s.svc.PublicKey(r.Context(), chi.URLParam(r, "name"), n)
+	if err != nil {
+		writeError(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, client.PublicKey{Name: k.Name, Version: v.Number, Kind: k.Kind, PublicKey: v.PublicKey})
+}
+
+func (s *Server) versionAction(a kms.Action) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		n, err := versionParam(r)
+		if err != nil {
+			writeError(w, r, err)
+			return
+		}
+		if n == 0 {
+			writeProblem(w, r, http.StatusBadRequest, ProbInvalid, "name a version number: the primary version's state cannot be changed this way")
+			return
+		}
+		days := 0
+		if a == kms.ActScheduleDestroy {
+			var req client.ScheduleDestroyRequest
+			if !readBody(w, r, &req, true) {
+				return
+			}
+			if req.Days < 0 {
+				writeProblem(w, r, http.StatusBadRequest, ProbInvalid, "days must be between 1 and 365")
+				return
+			}
+			days = req.Days
+		} else {
+			var req struct{}
+			if !readBody(w, r, &req, true) {
+				return
+			}
+		}
+		name := chi.URLParam(r, "name")
+		v, err := s.svc.SetVersionState(r.Context(), name, n, a, days)
+		if err != nil {
+			writeError(w, r, err)
+			return
+		}
+		k := &kms.Key{Name: name}
+		writeJSON(w, http.StatusOK, toVersion(k, v))
+	}
+}
+
+func (s *Server) sign(w http.ResponseWriter, r *http.Request) {
+	var req client.SignRequest
+	if !readBody(w, r, &req, false) {
+		return
+	}
+	if req.Message == nil {
+		writeProblem(w, r, http.StatusBadRequest, ProbInvalid, "message is required")
+		return
+	}
+	sig, v, err := s.svc.Sign(r.Context(), chi.URLParam(r, "name"), req.Message, req.Context)
+	if err != nil {
+		writeError(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, client.SignResponse{Signature: sig, Version: v})
+}
+
+func (s *Server) verify(w http.ResponseWriter, r *http.Request) {
+	var req client.VerifyRequest
+	if !readBody(w, r, &req, false) {
+		return
+	}
+	if req.Message == nil || req.Signature == nil || req.Version == 0 {
+		writeProblem(w, r, http.StatusBadRequest, ProbInvalid, "message, signature and version are required")
+		return
+	}
+	ok, err := s.svc.Verify(r.Context(), chi.URLParam(r, "name"), req.Version, req.Message, req.Context, req.Signature)
+	if err != nil {
+		writeError(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, client.VerifyResponse{Valid: ok})
+}
+
+func (s *Server) decapsulate(w http.ResponseWriter, r *http.Request) {
+	var req client.DecapsulateRequest
+	if !readBody(w, r, &req, false) {
+		return
+	}
+	if req.Ciphertext == nil || req.Version == 0 {
+		writeProblem(w, r, http.StatusBadRequest, ProbInvalid, "ciphertext and version are required")
+		return
+	}
+	ss, err := s.svc.Decapsulate(r.Context(), chi.URLParam(r, "name"), req.Version, req.Ciphertext)
+	if err != nil {
+		writeError(w, r, err)
+		return
+	}
+	defer ss.Wipe()
+	writeJSON(w, http.StatusOK, client.DecapsulateResponse{SharedSecret: ss.Reveal(), Version: req.Version})
+}
+
+func (s *Server) createToken(w http.ResponseWriter, r *http.Request) {
+	var req client.CreateTokenRequest
+	if !readBody(w, r, &req, false) {
+		return
+	}
+	tok, t, err := s.svc.CreateToken(r.Context(), req.Name, kms.Role(req.Role), req.Keys)
+	if err != nil {
+		writeError(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusCreated, client.Token{ID: t.ID, Name: t.Name, Role: string(t.Role), Keys: t.Keys, CreatedAt: t.CreatedAt, Token: tok})
+}

@@ -1,0 +1,93 @@
+package api
+
+import (
+	"encoding/json"
+	"net/http"
+
+	"kmsd/api/client"
+	"kmsd/kms"
+)
+
+// ProblemBase prefixes every problem type. Types are stable: clients may
+// switch on them.
+const ProblemBase = "urn:kmsd:problem:"
+
+// Problem types.
+const (
+	ProbInvalid          = "invalid-request"
+	ProbBodyTooLarge     = "body-too-large"
+	ProbUnsupportedMedia = "unsupported-media-type"
+	ProbUnauthenticated  = "unauthenticated"
+	ProbForbidden        = "forbidden"
+	ProbNotFound         = "not-found"
+	ProbMethod           = "method-not-allowed"
+	ProbAlreadyExists    = "already-exists"
+	ProbKeyState         = "failed-precondition"
+	ProbUnavailable      = "unavailable"
+	ProbInternal         = "internal"
+)
+
+var problemTitles = map[string]string{
+	ProbInvalid:          "The request is invalid",
+	ProbBodyTooLarge:     "The request body is too large",
+	ProbUnsupportedMedia: "Unsupported media type",
+	ProbUnauthenticated:  "Authentication required",
+	ProbForbidden:        "Not allowed",
+	ProbNotFound:         "Not found",
+	ProbMethod:           "Method not allowed",
+	ProbAlreadyExists:    "Already exists",
+	ProbKeyState:         "The key or version is not in a state that allows this",
+	ProbUnavailable:      "Service unavailable",
+	ProbInternal:         "Internal error",
+}
+
+var kindProblems = map[kms.Kind]struct {
+	status int
+	typ    string
+}{
+	kms.KindInvalid:            {http.StatusBadRequest, ProbInvalid},
+	kms.KindNotFound:           {http.StatusNotFound, ProbNotFound},
+	kms.KindAlreadyExists:      {http.StatusConflict, ProbAlreadyExists},
+	kms.KindFailedPrecondition: {http.StatusConflict, ProbKeyState},
+	kms.KindUnauthenticated:    {http.StatusUnauthorized, ProbUnauthenticated},
+	kms.KindPermissionDenied:   {http.StatusForbidden, ProbForbidden},
+	kms.KindUnavailable:        {http.StatusServiceUnavailable, ProbUnavailable},
+	kms.KindInternal:           {http.StatusInternalServerError, ProbInternal},
+}
+
+// writeProblem writes an RFC 9457 problem document.
+func writeProblem(w http.ResponseWriter, r *http.Request, status int, typ, detail string) {
+	ev := eventFrom(r)
+	p := client.Problem{Type: ProblemBase + typ, Title: problemTitles[typ], Status: status, Detail: detail, Instance: r.URL.Path}
+	if ev != nil {
+		p.RequestID = ev.id
+		ev.problem = typ
+	}
+	if status == http.StatusUnauthorized {
+		w.Header().Set("WWW-Authenticate", `Bearer realm="kmsd"`)
+	}
+	if status == http.StatusServiceUnavailable {
+		w.Header().Set("Retry-After", "1")
+	}
+	w.Header().Set("Content-Type", "application/problem+json")
+	w.WriteHeader(status)
+	_ = json.NewEncoder(w).Encode(p)
+}
+
+// writeError maps a domain error to its problem. Internal causes go to the
+// request's log event, never to the client.
+func writeError(w http.ResponseWriter, r *http.Request, err error) {
+	kp := kindProblems[kms.KindOf(err)]
+	if kp.status >= 500 {
+		if ev := eventFrom(r); ev != nil {
+			ev.err = err
+		}
+	}
+	writeProblem(w, r, kp.status, kp.typ, kms.PublicMessage(err))
+}
+
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	_ = json.NewEncoder(w).Encode(v)
+}

@@ -1,0 +1,207 @@
+// Package api is kmsd's REST API: a chi router, bearer-token auth, strict
+// JSON decoding and RFC 9457 problem responses. Handlers are thin: decode,
+// validate, one call into kms.Service, render.
+package api
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"log/slog"
+	"net/http"
+	"runtime/debug"
+	"strings"
+	"time"
+
+	"github.com/go-chi/chi/v5"
+
+	"kmsd/kms"
+)
+
+// Server serves the API over a kms.Service.
+type Server struct {
+	svc *kms.Service
+	log *slog.Logger
+}
+
+// New builds a Server. log receives one event per request.
+func New(svc *kms.Service, log *slog.Logger) *Server {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	return &Server{svc: svc, log: log}
+}
+
+// event is the one log record of a request; handlers add to it.
+type event struct {
+	id        string
+	tokenID   string
+	problem   string
+	err       error
+	bytesIn   int
+	key       string
+	principal *kms.Principal
+}
+
+type ctxKey struct{}
+
+func eventFrom(r *http.Request) *event {
+	ev, _ := r.Context().Value(ctxKey{}).(*event)
+	return ev
+}
+
+// statusWriter records the status and size of a response.
+type statusWriter struct {
+	http.ResponseWriter
+	status int
+	bytes  int
+}
+
+func (w *statusWriter) WriteHeader(code int) {
+	if w.status == 0 {
+		w.status = code
+	}
+	w.ResponseWriter.WriteHeader(code)
+}
+
+func (w *statusWriter) Write(b []byte) (int, error) {
+	if w.status == 0 {
+		w.status = http.StatusOK
+	}
+	n, err := w.ResponseWriter.Write(b)
+	w.bytes += n
+	return n, err
+}
+
+func newRequestID() string {
+	b := make([]byte, 8)
+	_, _ = rand.Read(b)
+	return hex.EncodeToString(b)
+}
+
+// observe wraps every request: request id, panic recovery, no-store caching
+// and the request's one log event.
+func (s *Server) observe(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		start := time.Now()
+		ev := &event{id: newRequestID()}
+		r = r.WithContext(context.WithValue(r.Context(), ctxKey{}, ev))
+		sw := &statusWriter{ResponseWriter: w}
+		sw.Header().Set("X-Request-Id", ev.id)
+		sw.Header().Set("Cache-Control", "no-store")
+		defer func() {
+			if p := recover(); p != nil {
+				if p == http.ErrAbortHandler {
+					panic(p)
+				}
+				s.log.Error("panic", "request_id", ev.id, "panic", p, "stack", string(debug.Stack()))
+				if sw.status == 0 {
+					writeProblem(sw, r, http.StatusInternalServerError, ProbInternal, "")
+				}
+			}
+			route := ""
+			if rc := chi.RouteContext(r.Context()); rc != nil {
+				route = rc.RoutePattern()
+			}
+			attrs := []slog.Attr{
+				slog.String("request_id", ev.id),
+				slog.String("method", r.Method),
+				slog.String("route", route),
+				slog.Int("status", sw.status),
+				slog.Float64("duration_ms", float64(time.Since(start).Microseconds())/1000),
+				slog.Int("bytes_in", ev.bytesIn),
+				slog.Int("bytes_out", sw.bytes),
+				slog.String("remote", r.RemoteAddr),
+			}
+			if ev.tokenID != "" {
+				attrs = append(attrs, slog.String("token_id", ev.tokenID))
+			}
+			if ev.key != "" {
+				attrs = append(attrs, slog.String("key", ev.key))
+			}
+			if ev.problem != "" {
+				attrs = append(attrs, slog.String("problem", ev.problem))
+			}
+			level := slog.LevelInfo
+			if ev.err != nil {
+				attrs = append(attrs, slog.String("error", ev.err.Error()))
+				level = slog.LevelError
+			}
+			s.log.LogAttrs(r.Context(), level, "request", attrs...)
+		}()
+		next.ServeHTTP(sw, r)
+	})
+}
+
+// authenticate resolves the bearer token; requests without a valid one stop
+// here with 401.
+func (s *Server) authenticate(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		h := r.Header.Get("Authorization")
+		scheme, tok, ok := strings.Cut(h, " ")
+		if h == "" {
+			writeProblem(w, r, http.StatusUnauthorized, ProbUnauthenticated, "a bearer token is required (Authorization: Bearer <token>)")
+			return
+		}
+		if !ok || !strings.EqualFold(scheme, "Bearer") || tok == "" {
+			writeProblem(w, r, http.StatusUnauthorized, ProbUnauthenticated, "the Authorization header must be \"Bearer <token>\"")
+			return
+		}
+		p, err := s.svc.Authenticate(r.Context(), tok)
+		if err != nil {
+			writeError(w, r, err)
+			return
+		}
+		ev := eventFrom(r)
+		ev.tokenID, ev.principal = p.TokenID, p
+		next.ServeHTTP(w, r)
+	})
+}
+
+// allow wraps a handler with an authorization check for perm on the key
+// named in the route (if any).
+func allow(perm kms.Permission, h http.HandlerFunc) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		ev := eventFrom(r)
+		name := chi.URLParam(r, "name")
+		ev.key = name
+		if err := ev.principal.Authorize(perm, name); err != nil {
+			writeError(w, r, err)
+			return
+		}
+		h(w, r)
+	}
+}
+
+// Handler returns the API's router.
+func (s *Server) Handler() http.Handler {
+	r := chi.NewRouter()
+	r.Use(s.observe)
+	r.NotFound(func(w http.ResponseWriter, r *http.Request) {
+		writeProblem(w, r, http.StatusNotFound, ProbNotFound, "no such endpoint")
+	})
+	r.MethodNotAllowed(func(w http.ResponseWriter, r *http.Request) {
+		writeProblem(w, r, http.StatusMethodNotAllowed, ProbMethod, "method not allowed on this endpoint")
+	})
+	r.Get("/healthz", s.healthz)
+	r.Get("/readyz", s.readyz)
+	r.Get("/v1/identity", s.identity)
+	r.Group(func(r chi.Router) {
+		r.Use(s.authenticate)
+		r.Post("/v1/keys", allow(kms.PermManageKey, s.createKey))
+		r.Get("/v1/keys", allow(kms.PermReadKey, s.listKeys))
+		r.Get("/v1/keys/{name}", allow(kms.PermReadKey, s.getKey))
+		r.Patch("/v1/keys/{name}", allow(kms.PermManageKey, s.updateKey))
+		r.Post("/v1/keys/{name}/rotate", allow(kms.PermManageKey, s.rotate))
+		r.Get("/v1/keys/{name}/versions/{version}/public-key", allow(kms.PermReadKey, s.publicKey))
+		r.Post("/v1/keys/{name}/versions/{version}/disable", allow(kms.PermManageKey, s.versionAction(kms.ActDisable)))
+		r.Post("/v1/keys/{name}/versions/{version}/enable", allow(kms.PermManageKey, s.versionAction(kms.ActEnable)))
+		r.Post("/v1/keys/{name}/versions/{version}/schedule-destroy", allow(kms.PermManageKey, s.versionAction(kms.ActScheduleDestroy)))
+		r.Post("/v1/keys/{name}/versions/{version}/cancel-destroy", allow(kms.PermManageKey, s.versionAction(kms.ActCancelDestroy)))
+		r.Post("/v1/keys/{name}/sign", allow(kms.PermUseKey, s.sign))
+		r.Post("/v1/keys/{name}/verify", allow(kms.PermUseKey, s.verify))
+		r.Post("/v1/keys/{name}/decapsulate", allow(kms.PermUseKey, s.decapsulate))
+		r.Post("/v1/tokens", allow(kms.PermManageTokens, s.createToken))
+	})
+	return r
+}

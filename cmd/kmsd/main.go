@@ -1,0 +1,211 @@
+// Command kmsd is the key management server: it wires the HSM sealer, the
+// bbolt store, the key kinds and the REST API, and starts and stops them.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	"kmsd/api"
+	"kmsd/hsm"
+	"kmsd/hsm/softhsm"
+	"kmsd/internal/fileutil"
+	"kmsd/kms"
+	"kmsd/kms/bolt"
+	"kmsd/kms/pqc"
+)
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	err := run(ctx, os.Args[1:], os.Getenv, os.Stderr, nil)
+	if errors.Is(err, flag.ErrHelp) {
+		os.Exit(0)
+	}
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "kmsd: %v\n", err)
+		os.Exit(1)
+	}
+}
+
+type config struct {
+	dataDir         string
+	addr            string
+	module          string
+	token           string
+	pinFile         string
+	kekLabel        string
+	cacheTTL        time.Duration
+	destroyInterval time.Duration
+	shutdownTimeout time.Duration
+	logLevel        string
+}
+
+// parseFlags reads flags, with KMS_* environment variables as defaults.
+func parseFlags(args []string, getenv func(string) string, out io.Writer) (config, error) {
+	var c config
+	fs := flag.NewFlagSet("kmsd", flag.ContinueOnError)
+	fs.SetOutput(out)
+	env := func(name, def string) string {
+		if v := getenv(name); v != "" {
+			return v
+		}
+		return def
+	}
+	dur := func(name string, def time.Duration) time.Duration {
+		if v := getenv(name); v != "" {
+			if d, err := time.ParseDuration(v); err == nil {
+				return d
+			}
+		}
+		return def
+	}
+	fs.StringVar(&c.dataDir, "data-dir", env("KMS_DATA_DIR", "./data"), "directory for the database, the admin token and the embedded SoftHSM token (env KMS_DATA_DIR)")
+	fs.StringVar(&c.addr, "addr", env("KMS_ADDR", "127.0.0.1:8420"), "address to listen on (env KMS_ADDR)")
+	fs.StringVar(&c.module, "pkcs11-module", env("KMS_PKCS11_MODULE", ""), "PKCS#11 library; empty: the embedded SoftHSM2 token under <data-dir>/softhsm (env KMS_PKCS11_MODULE)")
+	fs.StringVar(&c.token, "pkcs11-token", env("KMS_PKCS11_TOKEN", "kmsd"), "label of the PKCS#11 token (env KMS_PKCS11_TOKEN)")
+	fs.StringVar(&c.pinFile, "pkcs11-pin-file", env("KMS_PKCS11_PIN_FILE", ""), "file holding the token's user PIN; or set KMS_PKCS11_PIN (env KMS_PKCS11_PIN_FILE)")
+	fs.StringVar(&c.kekLabel, "kek-label", env("KMS_KEK_LABEL", "kmsd-kek"), "label of the key encryption key in the token (env KMS_KEK_LABEL)")
+	fs.DurationVar(&c.cacheTTL, "key-cache-ttl", dur("KMS_KEY_CACHE_TTL", 5*time.Minute), "how long an unsealed private key stays in memory; 0 turns the cache off (env KMS_KEY_CACHE_TTL)")
+	fs.DurationVar(&c.destroyInterval, "destroy-check-interval", dur("KMS_DESTROY_CHECK_INTERVAL", time.Minute), "how often versions due for destruction are destroyed (env KMS_DESTROY_CHECK_INTERVAL)")
+	fs.DurationVar(&c.shutdownTimeout, "shutdown-timeout", dur("KMS_SHUTDOWN_TIMEOUT", 30*time.Second), "how long SIGTERM waits for requests in flight (env KMS_SHUTDOWN_TIMEOUT)")
+	fs.StringVar(&c.logLevel, "log-level", env("KMS_LOG_LEVEL", "info"), "debug, info, warn or error (env KMS_LOG_LEVEL)")
+	if err := fs.Parse(args); err != nil {
+		return c, err
+	}
+	if fs.NArg() > 0 {
+		return c, fmt.Errorf("unexpected argument %q", fs.Arg(0))
+	}
+	if c.destroyInterval <= 0 || c.shutdownTimeout <= 0 || c.cacheTTL < 0 {
+		return c, errors.New("durations must be positive (key-cache-ttl may be 0)")
+	}
+	return c, nil
+}
+
+// run starts kmsd and blocks until ctx ends, then drains and closes. ready,
+// if set, is called with the listening address.
+func run(ctx context.Context, args []string, getenv func(string) string, stderr io.Writer, ready func(addr string)) error {
+	c, err := parseFlags(args, getenv, stderr)
+	if err != nil {
+		return err
+	}
+	var level slog.Level
+	if err := level.UnmarshalText([]byte(c.logLevel)); err != nil {
+		return fmt.Errorf("--log-level: %w", err)
+	}
+	log := slog.New(slog.NewJSONHandler(stderr, &slog.HandlerOptions{Level: level}))
+
+	if err := os.MkdirAll(c.dataDir, 0o700); err != nil {
+		return fmt.Errorf("data dir: %w", err)
+	}
+	if err := pqc.SelfTest(); err != nil {
+		return err
+	}
+
+	hcfg := hsm.Config{Module: c.module, TokenLabel: c.token, KEKLabel: c.kekLabel}
+	pinFile := c.pinFile
+	if c.module == "" {
+		st, err := softhsm.Bootstrap(filepath.Join(c.dataDir, "softhsm"), c.token)
+		if err != nil {
+			return fmt.Errorf("embedded SoftHSM: %w", err)
+		}
+		hcfg.Module = st.Module
+		if pinFile == "" {
+			pinFile = st.PINFile
+		}
+		log.Info("embedded SoftHSM token", "module", st.Module, "conf", st.Conf, "token", c.token)
+	}
+	switch {
+	case pinFile != "":
+		if hcfg.PIN, err = softhsm.ReadPIN(pinFile); err != nil {
+			return fmt.Errorf("PIN file: %w", err)
+		}
+	case getenv("KMS_PKCS11_PIN") != "":
+		hcfg.PIN = getenv("KMS_PKCS11_PIN")
+	default:
+		return errors.New("no PIN: pass --pkcs11-pin-file or set KMS_PKCS11_PIN")
+	}
+	sealer, err := hsm.Open(hcfg)
+	if err != nil {
+		return fmt.Errorf("HSM: %w", err)
+	}
+	defer sealer.Close()
+	log.Info("HSM ready", "token", c.token, "kek_label", c.kekLabel, "kek_id", sealer.KEKID())
+
+	store, err := bolt.Open(filepath.Join(c.dataDir, "kms.db"), bolt.Options{})
+	if err != nil {
+		return err
+	}
+	defer store.Close()
+
+	ttl := c.cacheTTL
+	if ttl == 0 {
+		ttl = -1
+	}
+	svc, err := kms.NewService(kms.Config{Store: store, Sealer: sealer, Kinds: kms.NewRegistry(pqc.Kinds()...), Logger: log, CacheTTL: ttl})
+	if err != nil {
+		return err
+	}
+	if err := svc.EnsureIdentity(ctx); err != nil {
+		return fmt.Errorf("identity key: %w", err)
+	}
+	tokenPath := filepath.Join(c.dataDir, "admin.token")
+	made, err := svc.EnsureAdminToken(ctx, func(tok string) error {
+		return fileutil.WriteAtomic(tokenPath, []byte(tok+"\n"), 0o600)
+	})
+	if err != nil {
+		return fmt.Errorf("admin token: %w", err)
+	}
+	if made {
+		log.Info("wrote the bootstrap admin token", "path", tokenPath)
+	}
+
+	ln, err := net.Listen("tcp", c.addr)
+	if err != nil {
+		return err
+	}
+	srv := &http.Server{
+		Handler:           api.New(svc, log).Handler(),
+		ReadHeaderTimeout: 10 * time.Second,
+		ReadTimeout:       60 * time.Second,
+		IdleTimeout:       120 * time.Second,
+		MaxHeaderBytes:    64 << 10,
+		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
+	}
+	mctx, mcancel := context.WithCancel(context.Background())
+	mdone := make(chan struct{})
+	go func() { defer close(mdone); svc.RunMaintenance(mctx, c.destroyInterval) }()
+	// Stop the maintenance loop before the store and the HSM close.
+	defer func() { mcancel(); <-mdone }()
+
+	errc := make(chan error, 1)
+	go func() { errc <- srv.Serve(ln) }()
+	log.Info("listening", "addr", ln.Addr().String())
+	if ready != nil {
+		ready(ln.Addr().String())
+	}
+	select {
+	case err := <-errc:
+		return err
+	case <-ctx.Done():
+	}
+	log.Info("shutting down: draining requests")
+	sctx, cancel := context.WithTimeout(context.Background(), c.shutdownTimeout)
+	defer cancel()
+	if err := srv.Shutdown(sctx); err != nil {
+		log.Warn("shutdown", "err", err)
+	}
+	log.Info("stopped")
+	return nil
+}
