@@ -1,0 +1,258 @@
+package api_test
+
+import (
+	"bytes"
+	"context"
+	"encoding/base64"
+	"encoding/json"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/http/httptest"
+	"path/filepath"
+	"slices"
+	"sort"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/getkin/kin-openapi/openapi3"
+	"github.com/getkin/kin-openapi/openapi3filter"
+	"github.com/getkin/kin-openapi/routers"
+	"github.com/getkin/kin-openapi/routers/legacy"
+	"github.com/go-chi/chi/v5"
+
+	"kmsd/api"
+	"kmsd/api/client"
+	"kmsd/internal/testhsm"
+	"kmsd/kms"
+	"kmsd/kms/bolt"
+	"kmsd/kms/pqc"
+)
+
+func TestMain(m *testing.M) { testhsm.Main(m) }
+
+type fakeClock struct {
+	mu sync.Mutex
+	t  time.Time
+}
+
+func (c *fakeClock) Now() time.Time { c.mu.Lock(); defer c.mu.Unlock(); return c.t }
+func (c *fakeClock) Add(d time.Duration) {
+	c.mu.Lock()
+	c.t = c.t.Add(d)
+	c.mu.Unlock()
+}
+
+// lockedBuffer collects the server's log.
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}
+
+type env struct {
+	t       *testing.T
+	url     string
+	svc     *kms.Service
+	store   *bolt.Store
+	clock   *fakeClock
+	admin   string
+	log     *lockedBuffer
+	httpc   *http.Client
+	checker *specChecker
+}
+
+var spec = func() *openapi3.T {
+	doc, err := openapi3.NewLoader().LoadFromFile("../openapi.yaml")
+	if err != nil {
+		panic(err)
+	}
+	return doc
+}()
+
+// newEnv starts the API on 127.0.0.1 over a real SoftHSM token and a bbolt
+// file. Every response the tests receive is validated against openapi.yaml.
+func newEnv(t *testing.T) *env {
+	t.Helper()
+	st, err := bolt.Open(filepath.Join(t.TempDir(), "kms.db"), bolt.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	e := &env{t: t, store: st, clock: &fakeClock{t: time.Now().UTC()}, log: &lockedBuffer{}}
+	e.svc, err = kms.NewService(kms.Config{Store: st, Sealer: testhsm.Open(t), Kinds: kms.NewRegistry(pqc.Kinds()...), Clock: e.clock})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := e.svc.EnsureIdentity(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.svc.EnsureAdminToken(context.Background(), func(tok string) error { e.admin = tok; return nil }); err != nil {
+		t.Fatal(err)
+	}
+	srv := httptest.NewServer(api.New(e.svc, slog.New(slog.NewJSONHandler(e.log, nil))).Handler())
+	t.Cleanup(srv.Close)
+	e.url = srv.URL
+	e.checker = newSpecChecker(t)
+	e.httpc = &http.Client{Transport: e.checker}
+	return e
+}
+
+func (e *env) client(token string) *client.Client {
+	c, err := client.New(e.url, token, client.WithHTTPClient(e.httpc))
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	return c
+}
+
+// raw sends a request and returns status, headers and body.
+func (e *env) raw(method, path, token, contentType, body string) (int, http.Header, []byte) {
+	e.t.Helper()
+	req, err := http.NewRequest(method, e.url+path, strings.NewReader(body))
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	if token != "" {
+		req.Header.Set("Authorization", "Bearer "+token)
+	}
+	if contentType != "" {
+		req.Header.Set("Content-Type", contentType)
+	}
+	resp, err := e.httpc.Do(req)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, resp.Header, b
+}
+
+// specChecker validates every response against openapi.yaml.
+type specChecker struct {
+	t      *testing.T
+	router routers.Router
+}
+
+func newSpecChecker(t *testing.T) *specChecker {
+	doc := *spec
+	doc.Servers = nil
+	r, err := legacy.NewRouter(&doc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &specChecker{t: t, router: r}
+}
+
+func (c *specChecker) RoundTrip(req *http.Request) (*http.Response, error) {
+	resp, err := http.DefaultTransport.RoundTrip(req)
+	if err != nil {
+		return nil, err
+	}
+	body, err := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if err != nil {
+		return nil, err
+	}
+	resp.Body = io.NopCloser(bytes.NewReader(body))
+	if resp.StatusCode >= 400 && resp.Header.Get("Content-Type") != "application/problem+json" {
+		c.t.Errorf("%s %s: %d with Content-Type %q, want application/problem+json", req.Method, req.URL.Path, resp.StatusCode, resp.Header.Get("Content-Type"))
+	}
+	route, params, err := c.router.FindRoute(req)
+	if err != nil {
+		// Only unknown endpoints may be missing from the spec.
+		if resp.StatusCode != http.StatusNotFound && resp.StatusCode != http.StatusMethodNotAllowed {
+			c.t.Errorf("%s %s answered %d but is not in openapi.yaml", req.Method, req.URL.Path, resp.StatusCode)
+		}
+		return resp, nil
+	}
+	in := &openapi3filter.ResponseValidationInput{
+		RequestValidationInput: &openapi3filter.RequestValidationInput{Request: req, PathParams: params, Route: route,
+			Options: &openapi3filter.Options{AuthenticationFunc: openapi3filter.NoopAuthenticationFunc}},
+		Status: resp.StatusCode, Header: resp.Header,
+		Options: &openapi3filter.Options{IncludeResponseStatus: true},
+	}
+	in.SetBodyBytes(body)
+	if err := openapi3filter.ValidateResponse(context.Background(), in); err != nil {
+		c.t.Errorf("%s %s: response %d does not match openapi.yaml: %v\nbody: %s", req.Method, req.URL.Path, resp.StatusCode, err, body)
+	}
+	return resp, nil
+}
+
+// TestSpecMatchesRouter fails when a route is missing from openapi.yaml or
+// the spec names a route the router lacks.
+func TestSpecMatchesRouter(t *testing.T) {
+	if err := spec.Validate(context.Background()); err != nil {
+		t.Fatalf("openapi.yaml is not a valid OpenAPI document: %v", err)
+	}
+	var inRouter, inSpec []string
+	h := api.New(nil, nil).Handler().(chi.Routes)
+	err := chi.Walk(h, func(method, route string, _ http.Handler, _ ...func(http.Handler) http.Handler) error {
+		inRouter = append(inRouter, method+" "+route)
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for path, item := range spec.Paths.Map() {
+		for method := range item.Operations() {
+			inSpec = append(inSpec, method+" "+path)
+		}
+	}
+	sort.Strings(inRouter)
+	sort.Strings(inSpec)
+	for _, r := range inRouter {
+		if !slices.Contains(inSpec, r) {
+			t.Errorf("route %s is not in openapi.yaml", r)
+		}
+	}
+	for _, r := range inSpec {
+		if !slices.Contains(inRouter, r) {
+			t.Errorf("openapi.yaml names %s, which the router lacks", r)
+		}
+	}
+	if len(inRouter) < 17 {
+		t.Fatalf("walked only %d routes", len(inRouter))
+	}
+}
+
+func b64(b []byte) string { return base64.StdEncoding.EncodeToString(b) }
+
+func problemType(t *testing.T, body []byte) string {
+	t.Helper()
+	var p client.Problem
+	if err := json.Unmarshal(body, &p); err != nil {
+		t.Fatalf("not a problem document: %s", body)
+	}
+	return strings.TrimPrefix(p.Type, api.ProblemBase)
+}
+
+// snapshot is everything a request could change.
+func (e *env) snapshot() string {
+	var sb strings.Builder
+	keys, err := e.store.ListKeys(context.Background(), "", 10000)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	for _, k := range keys {
+		b, _ := json.Marshal(k)
+		sb.Write(b)
+	}
+	n, _ := e.store.CountTokens(context.Background())
+	fmt.Fprintf(&sb, "tokens=%d", n)
+	return sb.String()
+}
