@@ -160,13 +160,22 @@ func TestAccess(t *testing.T) {
 	}
 	before := e.snapshot()
 	for name, call := range map[string]func() error{
-		"sign":         func() error { _, err := w.Sign(ctx, "team-a-sig", []byte("m"), nil); return err },
-		"rotate":       func() error { _, err := w.Rotate(ctx, "team-a-sig"); return err },
-		"create":       func() error { _, err := w.CreateKey(ctx, client.CreateKeyRequest{Name: "team-a-new", Kind: "ml-dsa-44"}); return err },
-		"token":        func() error { _, err := w.CreateToken(ctx, client.CreateTokenRequest{Role: "admin", Keys: []string{"*"}}); return err },
-		"other key":    func() error { _, err := w.PublicKey(ctx, "team-b-sig", 0); return err },
-		"disable":      func() error { _, err := w.VersionAction(ctx, "team-a-sig", 1, "disable", 0); return err },
-		"patch policy": func() error { _, err := w.UpdateKey(ctx, "team-a-sig", client.UpdateKeyRequest{Policy: &client.Policy{}}); return err },
+		"sign":   func() error { _, err := w.Sign(ctx, "team-a-sig", []byte("m"), nil); return err },
+		"rotate": func() error { _, err := w.Rotate(ctx, "team-a-sig"); return err },
+		"create": func() error {
+			_, err := w.CreateKey(ctx, client.CreateKeyRequest{Name: "team-a-new", Kind: "ml-dsa-44"})
+			return err
+		},
+		"token": func() error {
+			_, err := w.CreateToken(ctx, client.CreateTokenRequest{Role: "admin", Keys: []string{"*"}})
+			return err
+		},
+		"other key": func() error { _, err := w.PublicKey(ctx, "team-b-sig", 0); return err },
+		"disable":   func() error { _, err := w.VersionAction(ctx, "team-a-sig", 1, "disable", 0); return err },
+		"patch policy": func() error {
+			_, err := w.UpdateKey(ctx, "team-a-sig", client.UpdateKeyRequest{Policy: &client.Policy{}})
+			return err
+		},
 	} {
 		if err := call(); client.StatusOf(err) != http.StatusForbidden {
 			t.Errorf("worker %s: %v, want 403", name, err)
