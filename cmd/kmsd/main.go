@@ -113,6 +113,14 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 		return err
 	}
 
+	// The store first: its file lock makes a second kmsd on the same data
+	// dir fail fast, before it touches the HSM.
+	store, err := bolt.Open(filepath.Join(c.dataDir, "kms.db"), bolt.Options{})
+	if err != nil {
+		return err
+	}
+	defer store.Close()
+
 	hcfg := hsm.Config{Module: c.module, TokenLabel: c.token, KEKLabel: c.kekLabel}
 	pinFile := c.pinFile
 	if c.module == "" {
@@ -142,12 +150,6 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 	}
 	defer sealer.Close()
 	log.Info("HSM ready", "token", c.token, "kek_label", c.kekLabel, "kek_id", sealer.KEKID())
-
-	store, err := bolt.Open(filepath.Join(c.dataDir, "kms.db"), bolt.Options{})
-	if err != nil {
-		return err
-	}
-	defer store.Close()
 
 	ttl := c.cacheTTL
 	if ttl == 0 {

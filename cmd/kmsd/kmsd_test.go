@@ -1,0 +1,359 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"crypto/mlkem"
+	"fmt"
+	"math/rand/v2"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"kmsd/api/client"
+	"kmsd/hsm/softhsm"
+	"kmsd/kms/bolt"
+)
+
+// These tests run the real kmsd binary: embedded SoftHSM token, bbolt file,
+// HTTP on 127.0.0.1.
+
+var kmsdBin string
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "kmsd-bin-")
+	if err != nil {
+		panic(err)
+	}
+	kmsdBin = filepath.Join(dir, "kmsd")
+	out, err := exec.Command("go", "build", "-o", kmsdBin, ".").CombinedOutput()
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "build kmsd: %v\n%s", err, out)
+		os.Exit(1)
+	}
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+type proc struct {
+	cmd    *exec.Cmd
+	addr   string
+	stderr *syncBuffer
+	done   chan error
+}
+
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+func freeAddr(t *testing.T) string {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().String()
+}
+
+// start runs kmsd and returns at once; use waitReady or wait.
+func start(t *testing.T, dataDir string, args ...string) *proc {
+	t.Helper()
+	p := &proc{addr: freeAddr(t), stderr: &syncBuffer{}, done: make(chan error, 1)}
+	p.cmd = exec.Command(kmsdBin, append([]string{"--data-dir", dataDir, "--addr", p.addr}, args...)...)
+	p.cmd.Env = append(os.Environ(), "SOFTHSM2_CONF=/nonexistent") // kmsd must set its own
+	p.cmd.Stderr = p.stderr
+	if err := p.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { p.done <- p.cmd.Wait() }()
+	t.Cleanup(func() {
+		p.cmd.Process.Kill()
+		<-p.done
+	})
+	return p
+}
+
+func (p *proc) waitReady(t *testing.T) {
+	t.Helper()
+	c, _ := client.New("http://"+p.addr, "")
+	deadline := time.Now().Add(20 * time.Second)
+	for time.Now().Before(deadline) {
+		select {
+		case err := <-p.done:
+			p.done <- err
+			t.Fatalf("kmsd exited: %v\n%s", err, p.stderr.String())
+		default:
+		}
+		if c.Ready(context.Background()) == nil {
+			return
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	t.Fatalf("kmsd not ready in time\n%s", p.stderr.String())
+}
+
+// wait returns the exit code once kmsd ends.
+func (p *proc) wait(t *testing.T, limit time.Duration) int {
+	t.Helper()
+	select {
+	case err := <-p.done:
+		p.done <- err
+		if err == nil {
+			return 0
+		}
+		if ee, ok := err.(*exec.ExitError); ok {
+			return ee.ExitCode()
+		}
+		t.Fatal(err)
+	case <-time.After(limit):
+		t.Fatalf("kmsd still running after %v\n%s", limit, p.stderr.String())
+	}
+	return -1
+}
+
+func adminClient(t *testing.T, p *proc, dataDir string) *client.Client {
+	t.Helper()
+	tok, err := os.ReadFile(filepath.Join(dataDir, "admin.token"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := client.New("http://"+p.addr, strings.TrimSpace(string(tok)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+var ctx = context.Background()
+
+func TestFirstStartAndRestart(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "data")
+	p := start(t, dir)
+	p.waitReady(t)
+	fi, err := os.Stat(filepath.Join(dir, "admin.token"))
+	if err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("admin.token: %v %v", fi, err)
+	}
+	for _, f := range []string{"softhsm/softhsm2.conf", "softhsm/pin", "kms.db"} {
+		if _, err := os.Stat(filepath.Join(dir, f)); err != nil {
+			t.Fatalf("%s: %v", f, err)
+		}
+	}
+	c := adminClient(t, p, dir)
+	id1, err := c.Identity(ctx)
+	if err != nil || id1.Version != 1 {
+		t.Fatal(err)
+	}
+	if _, err := c.CreateKey(ctx, client.CreateKeyRequest{Name: "k", Kind: "ml-dsa-65"}); err != nil {
+		t.Fatal(err)
+	}
+	sig, err := c.Sign(ctx, "k", []byte("m"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tok, _ := os.ReadFile(filepath.Join(dir, "admin.token"))
+	pin, _ := softhsm.ReadPIN(filepath.Join(dir, "softhsm/pin"))
+	p.cmd.Process.Signal(syscall.SIGTERM)
+	if code := p.wait(t, 15*time.Second); code != 0 {
+		t.Fatalf("exit %d after SIGTERM\n%s", code, p.stderr.String())
+	}
+	log := p.stderr.String()
+	if strings.Contains(log, strings.TrimSpace(string(tok))) || strings.Contains(log, pin) {
+		t.Fatal("the log holds the admin token or the PIN")
+	}
+	if !strings.Contains(log, filepath.Join(dir, "admin.token")) || !strings.Contains(log, `"msg":"stopped"`) {
+		t.Fatalf("the log lacks the admin token path or the stop: %s", log)
+	}
+
+	// Restart: same identity, same token, the key still signs and verifies.
+	p2 := start(t, dir)
+	p2.waitReady(t)
+	c2 := adminClient(t, p2, dir)
+	id2, err := c2.Identity(ctx)
+	if err != nil || !bytes.Equal(id1.PublicKey, id2.PublicKey) {
+		t.Fatalf("identity changed across restart: %v", err)
+	}
+	if ok, err := c2.Verify(ctx, "k", 1, []byte("m"), sig.Signature, nil); !ok || err != nil {
+		t.Fatalf("verify after restart: %v %v", ok, err)
+	}
+	if _, err := c2.Sign(ctx, "k", []byte("m"), nil); err != nil {
+		t.Fatalf("sign after restart: %v", err)
+	}
+	tok2, _ := os.ReadFile(filepath.Join(dir, "admin.token"))
+	if !bytes.Equal(tok, tok2) {
+		t.Fatal("the admin token was replaced on restart")
+	}
+}
+
+func TestSecondInstanceFailsFast(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "data")
+	p := start(t, dir)
+	p.waitReady(t)
+	q := start(t, dir)
+	if code := q.wait(t, 10*time.Second); code == 0 {
+		t.Fatal("a second kmsd on the same data dir started")
+	}
+	if !strings.Contains(q.stderr.String(), "another kmsd") {
+		t.Fatalf("unclear message: %s", q.stderr.String())
+	}
+}
+
+// TestHSMFaultsStopStartup: a missing module, a missing token or a wrong PIN
+// stops kmsd before it listens, with one line naming the cause and not the
+// PIN.
+func TestHSMFaultsStopStartup(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "data")
+	p := start(t, dir)
+	p.waitReady(t)
+	p.cmd.Process.Signal(syscall.SIGTERM)
+	p.wait(t, 15*time.Second)
+	mod, err := softhsm.FindModule()
+	if err != nil {
+		t.Fatal(err)
+	}
+	pin, _ := softhsm.ReadPIN(filepath.Join(dir, "softhsm/pin"))
+	wrong := filepath.Join(t.TempDir(), "wrong-pin")
+	os.WriteFile(wrong, []byte("0000wrongpin0000\n"), 0o600)
+	conf := "SOFTHSM2_CONF=" + filepath.Join(dir, "softhsm/softhsm2.conf")
+	cases := []struct {
+		name string
+		args []string
+		env  string
+		want string
+	}{
+		{"missing module", []string{"--pkcs11-module", "/nonexistent/libnope.so", "--pkcs11-pin-file", wrong}, "", "cannot load the PKCS#11 module /nonexistent/libnope.so"},
+		{"missing token", []string{"--pkcs11-module", mod, "--pkcs11-token", "nosuch", "--pkcs11-pin-file", filepath.Join(dir, "softhsm/pin")}, conf, `no token with that label: "nosuch"`},
+		{"wrong PIN", []string{"--pkcs11-module", mod, "--pkcs11-pin-file", wrong}, conf, "refused the PIN"},
+		{"no PIN", []string{"--pkcs11-module", mod}, conf, "no PIN"},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			q := &proc{addr: freeAddr(t), stderr: &syncBuffer{}, done: make(chan error, 1)}
+			q.cmd = exec.Command(kmsdBin, append([]string{"--data-dir", dir, "--addr", q.addr}, c.args...)...)
+			q.cmd.Env = append(os.Environ(), c.env)
+			q.cmd.Stderr = q.stderr
+			if err := q.cmd.Start(); err != nil {
+				t.Fatal(err)
+			}
+			go func() { q.done <- q.cmd.Wait() }()
+			if code := q.wait(t, 15*time.Second); code != 1 {
+				t.Fatalf("exit code %d, want 1", code)
+			}
+			out := q.stderr.String()
+			last := strings.TrimSpace(out[strings.LastIndex(strings.TrimRight(out, "\n"), "\n")+1:])
+			if !strings.HasPrefix(last, "kmsd: ") || !strings.Contains(last, c.want) {
+				t.Fatalf("last line %q does not name %q", last, c.want)
+			}
+			if strings.Contains(out, pin) || strings.Contains(out, "0000wrongpin0000") {
+				t.Fatal("the output names a PIN")
+			}
+			if conn, err := net.Dial("tcp", q.addr); err == nil {
+				conn.Close()
+				t.Fatal("kmsd listened")
+			}
+		})
+	}
+}
+
+// TestCrashSafety kills kmsd with SIGKILL during a loop of creates and
+// rotations, many times. After each kill the bbolt file checks clean, and
+// after each restart every acknowledged version exists and decapsulates.
+func TestCrashSafety(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "data")
+	type ack struct {
+		name    string
+		version uint64
+	}
+	var acked []ack
+	rounds := 8
+	for round := 0; round < rounds; round++ {
+		p := start(t, dir)
+		p.waitReady(t)
+		c := adminClient(t, p, dir)
+		// Every version acknowledged before still works.
+		for _, a := range acked {
+			pub, err := c.PublicKey(ctx, a.name, a.version)
+			if err != nil {
+				t.Fatalf("round %d: acknowledged %s v%d: %v", round, a.name, a.version, err)
+			}
+			ek, err := mlkem.NewEncapsulationKey768(pub.PublicKey)
+			if err != nil {
+				t.Fatal(err)
+			}
+			ss, ct := ek.Encapsulate()
+			got, err := c.Decapsulate(ctx, a.name, a.version, ct)
+			if err != nil || !bytes.Equal(got.SharedSecret, ss) {
+				t.Fatalf("round %d: %s v%d does not decapsulate: %v", round, a.name, a.version, err)
+			}
+		}
+		var mu sync.Mutex
+		var wg sync.WaitGroup
+		for w := 0; w < 2; w++ {
+			wg.Add(1)
+			go func(w int) {
+				defer wg.Done()
+				for i := 0; ; i++ {
+					name := fmt.Sprintf("r%d-w%d-%d", round, w, i)
+					if _, err := c.CreateKey(ctx, client.CreateKeyRequest{Name: name, Kind: "ml-kem-768"}); err != nil {
+						return // killed
+					}
+					mu.Lock()
+					acked = append(acked, ack{name, 1})
+					mu.Unlock()
+					v, err := c.Rotate(ctx, name)
+					if err != nil {
+						return
+					}
+					mu.Lock()
+					acked = append(acked, ack{name, v.Version})
+					mu.Unlock()
+				}
+			}(w)
+		}
+		time.Sleep(time.Duration(100+rand.IntN(300)) * time.Millisecond)
+		p.cmd.Process.Signal(syscall.SIGKILL)
+		p.wait(t, 10*time.Second)
+		wg.Wait()
+		st, err := bolt.Open(filepath.Join(dir, "kms.db"), bolt.Options{})
+		if err != nil {
+			t.Fatalf("round %d: open after kill: %v", round, err)
+		}
+		if err := st.Check(); err != nil {
+			t.Fatalf("round %d: bbolt check: %v", round, err)
+		}
+		st.Close()
+	}
+	if len(acked) < rounds*2 {
+		t.Fatalf("only %d operations were acknowledged in %d rounds", len(acked), rounds)
+	}
+	t.Logf("%d acknowledged versions survived %d kills", len(acked), rounds)
+	// A last start to check the versions acknowledged in the final round.
+	p := start(t, dir)
+	p.waitReady(t)
+	c := adminClient(t, p, dir)
+	for _, a := range acked {
+		if _, err := c.PublicKey(ctx, a.name, a.version); err != nil {
+			t.Fatalf("acknowledged %s v%d lost: %v", a.name, a.version, err)
+		}
+	}
+}
