@@ -1,0 +1,317 @@
+package main
+
+import (
+	"flag"
+	"os"
+
+	"kmsd/api/client"
+)
+
+// commands is the one table that both dispatch and --help read.
+var commands = []command{
+	{
+		name: "identity", synopsis: "", help: "print the service's ML-DSA-65 identity public key",
+		run: func(e *env, _ *flag.FlagSet, _ []string) (int, error) {
+			id, err := e.c.Identity(e.ctx)
+			if err != nil {
+				return 0, err
+			}
+			return exitOK, printJSON(e.stdout, id)
+		},
+	},
+	{
+		name: "keys create", synopsis: "NAME --kind KIND [--destroy-wait-days N] [--allow OPS]",
+		help: "create a key (kinds: ml-kem-512|768|1024, ml-dsa-44|65|87)", nargs: 1,
+		flags: func(fs *flag.FlagSet) {
+			fs.String("kind", "", "key kind (required)")
+			fs.Int("destroy-wait-days", 0, "default waiting period of schedule-destroy, 1-365 (server default 30)")
+			fs.String("allow", "", "comma-separated operations the key may do (sign, verify, decapsulate); default all of its kind's")
+		},
+		run: func(e *env, fs *flag.FlagSet, args []string) (int, error) {
+			kind := fs.Lookup("kind").Value.String()
+			if kind == "" {
+				return 0, usageError{"--kind is required"}
+			}
+			req := client.CreateKeyRequest{Name: args[0], Kind: kind}
+			if p := policyFlags(fs); p != nil {
+				req.Policy = p
+			}
+			k, err := e.c.CreateKey(e.ctx, req)
+			if err != nil {
+				return 0, err
+			}
+			return exitOK, printJSON(e.stdout, k)
+		},
+	},
+	{
+		name: "keys list", synopsis: "[--limit N]", help: "list the keys the token may read (all pages)",
+		flags: func(fs *flag.FlagSet) { fs.Int("limit", 100, "keys per request") },
+		run: func(e *env, fs *flag.FlagSet, _ []string) (int, error) {
+			limit := intFlag(fs, "limit")
+			var all []client.Key
+			tok := ""
+			for {
+				page, err := e.c.ListKeys(e.ctx, limit, tok)
+				if err != nil {
+					return 0, err
+				}
+				all = append(all, page.Keys...)
+				if tok = page.NextPageToken; tok == "" {
+					break
+				}
+			}
+			if all == nil {
+				all = []client.Key{}
+			}
+			return exitOK, printJSON(e.stdout, all)
+		},
+	},
+	{
+		name: "keys show", synopsis: "NAME", help: "show a key and its versions", nargs: 1,
+		run: func(e *env, _ *flag.FlagSet, args []string) (int, error) {
+			k, err := e.c.GetKey(e.ctx, args[0])
+			if err != nil {
+				return 0, err
+			}
+			return exitOK, printJSON(e.stdout, k)
+		},
+	},
+	{
+		name: "keys rotate", synopsis: "NAME", help: "make a new primary version", nargs: 1,
+		run: func(e *env, _ *flag.FlagSet, args []string) (int, error) {
+			v, err := e.c.Rotate(e.ctx, args[0])
+			if err != nil {
+				return 0, err
+			}
+			return exitOK, printJSON(e.stdout, v)
+		},
+	},
+	{
+		name: "keys update", synopsis: "NAME [--min-decryption-version N] [--destroy-wait-days N] [--allow OPS]",
+		help: "change min_decryption_version or the policy (policy flags replace the whole policy)", nargs: 1,
+		flags: func(fs *flag.FlagSet) {
+			fs.Uint64("min-decryption-version", 0, "oldest version that may still be used")
+			fs.Int("destroy-wait-days", 0, "default waiting period of schedule-destroy, 1-365")
+			fs.String("allow", "", "comma-separated operations the key may do")
+		},
+		run: func(e *env, fs *flag.FlagSet, args []string) (int, error) {
+			var req client.UpdateKeyRequest
+			if isSet(fs, "min-decryption-version") {
+				v, _ := fs.Lookup("min-decryption-version").Value.(flag.Getter).Get().(uint64)
+				req.MinDecryptionVersion = &v
+			}
+			req.Policy = policyFlags(fs)
+			if req.Policy == nil && req.MinDecryptionVersion == nil {
+				return 0, usageError{"nothing to change: give --min-decryption-version, --destroy-wait-days or --allow"}
+			}
+			k, err := e.c.UpdateKey(e.ctx, args[0], req)
+			if err != nil {
+				return 0, err
+			}
+			return exitOK, printJSON(e.stdout, k)
+		},
+	},
+	versionCommand("disable", "disable a version that is not primary"),
+	versionCommand("enable", "enable a disabled version"),
+	versionCommand("schedule-destroy", "erase a version's material after --days (default: the key's policy)"),
+	versionCommand("cancel-destroy", "cancel a scheduled destroy; the version comes back disabled"),
+	{
+		name: "public-key", synopsis: "NAME [--version N|primary] [--out FILE]", help: "print a version's public key (or write its raw bytes to FILE)", nargs: 1,
+		flags: func(fs *flag.FlagSet) {
+			fs.String("version", "primary", "version number or primary")
+			fs.String("out", "", "write the raw public key to this file")
+		},
+		run: func(e *env, fs *flag.FlagSet, args []string) (int, error) {
+			v, err := parseVersion(fs.Lookup("version").Value.String(), true)
+			if err != nil {
+				return 0, err
+			}
+			pk, err := e.c.PublicKey(e.ctx, args[0], v)
+			if err != nil {
+				return 0, err
+			}
+			if out := fs.Lookup("out").Value.String(); out != "" {
+				if err := os.WriteFile(out, pk.PublicKey, 0o644); err != nil {
+					return 0, usageError{err.Error()}
+				}
+			}
+			return exitOK, printJSON(e.stdout, pk)
+		},
+	},
+	{
+		name: "sign", synopsis: "NAME (--message B64 | --message-file FILE) [--context B64]", help: "sign with the primary version", nargs: 1,
+		flags: func(fs *flag.FlagSet) {
+			fs.String("message", "", "message, standard base64")
+			fs.String("message-file", "", "file holding the raw message (- for stdin)")
+			fs.String("context", "", "FIPS 204 context string, standard base64")
+		},
+		run: func(e *env, fs *flag.FlagSet, args []string) (int, error) {
+			msg, err := binaryInput(str(fs, "message"), str(fs, "message-file"), "message")
+			if err != nil {
+				return 0, err
+			}
+			if msg == nil && str(fs, "message-file") == "" {
+				return 0, usageError{"give --message or --message-file"}
+			}
+			if msg == nil {
+				msg = []byte{}
+			}
+			sctx, err := binaryInput(str(fs, "context"), "", "context")
+			if err != nil {
+				return 0, err
+			}
+			r, err := e.c.Sign(e.ctx, args[0], msg, sctx)
+			if err != nil {
+				return 0, err
+			}
+			return exitOK, printJSON(e.stdout, r)
+		},
+	},
+	{
+		name: "verify", synopsis: "NAME --version N (--signature B64 | --signature-file FILE) (--message B64 | --message-file FILE) [--context B64]",
+		help: "check a signature; exit 0 if valid, 1 if not", nargs: 1,
+		flags: func(fs *flag.FlagSet) {
+			fs.String("version", "", "version that made the signature (required)")
+			fs.String("signature", "", "signature, standard base64")
+			fs.String("signature-file", "", "file holding the raw signature")
+			fs.String("message", "", "message, standard base64")
+			fs.String("message-file", "", "file holding the raw message (- for stdin)")
+			fs.String("context", "", "FIPS 204 context string, standard base64")
+		},
+		run: func(e *env, fs *flag.FlagSet, args []string) (int, error) {
+			v, err := parseVersion(str(fs, "version"), false)
+			if err != nil {
+				return 0, err
+			}
+			sig, err := binaryInput(str(fs, "signature"), str(fs, "signature-file"), "signature")
+			if err != nil {
+				return 0, err
+			}
+			msg, err := binaryInput(str(fs, "message"), str(fs, "message-file"), "message")
+			if err != nil {
+				return 0, err
+			}
+			sctx, err := binaryInput(str(fs, "context"), "", "context")
+			if err != nil {
+				return 0, err
+			}
+			if sig == nil || (msg == nil && str(fs, "message-file") == "") {
+				return 0, usageError{"give --signature and --message (or their -file forms)"}
+			}
+			if msg == nil {
+				msg = []byte{}
+			}
+			ok, err := e.c.Verify(e.ctx, args[0], v, msg, sig, sctx)
+			if err != nil {
+				return 0, err
+			}
+			if err := printJSON(e.stdout, client.VerifyResponse{Valid: ok}); err != nil {
+				return 0, err
+			}
+			if !ok {
+				return exitInvalid, nil
+			}
+			return exitOK, nil
+		},
+	},
+	{
+		name: "decapsulate", synopsis: "NAME --version N (--ciphertext B64 | --ciphertext-file FILE)",
+		help: "recover an ML-KEM shared secret (printed in base64)", nargs: 1,
+		flags: func(fs *flag.FlagSet) {
+			fs.String("version", "", "version the ciphertext was made for (required)")
+			fs.String("ciphertext", "", "ciphertext, standard base64")
+			fs.String("ciphertext-file", "", "file holding the raw ciphertext (- for stdin)")
+		},
+		run: func(e *env, fs *flag.FlagSet, args []string) (int, error) {
+			v, err := parseVersion(str(fs, "version"), false)
+			if err != nil {
+				return 0, err
+			}
+			ct, err := binaryInput(str(fs, "ciphertext"), str(fs, "ciphertext-file"), "ciphertext")
+			if err != nil {
+				return 0, err
+			}
+			if ct == nil {
+				return 0, usageError{"give --ciphertext or --ciphertext-file"}
+			}
+			r, err := e.c.Decapsulate(e.ctx, args[0], v, ct)
+			if err != nil {
+				return 0, err
+			}
+			return exitOK, printJSON(e.stdout, r)
+		},
+	},
+	{
+		name: "tokens create", synopsis: "--role admin|worker --keys PATTERNS [--name NAME]",
+		help: "create a bearer token (printed once)",
+		flags: func(fs *flag.FlagSet) {
+			fs.String("role", "", "admin or worker (required)")
+			fs.String("keys", "", "comma-separated key-name patterns, e.g. 'team-a-*' or '*' (required)")
+			fs.String("name", "", "a name for the token")
+		},
+		run: func(e *env, fs *flag.FlagSet, _ []string) (int, error) {
+			if str(fs, "role") == "" || str(fs, "keys") == "" {
+				return 0, usageError{"--role and --keys are required"}
+			}
+			t, err := e.c.CreateToken(e.ctx, client.CreateTokenRequest{Name: str(fs, "name"), Role: str(fs, "role"), Keys: splitList(str(fs, "keys"))})
+			if err != nil {
+				return 0, err
+			}
+			return exitOK, printJSON(e.stdout, t)
+		},
+	},
+}
+
+func versionCommand(action, help string) command {
+	c := command{
+		name: "versions " + action, synopsis: "NAME VERSION", help: help, nargs: 2,
+		run: func(e *env, fs *flag.FlagSet, args []string) (int, error) {
+			v, err := parseVersion(args[1], false)
+			if err != nil {
+				return 0, err
+			}
+			days := 0
+			if action == "schedule-destroy" {
+				days = intFlag(fs, "days")
+			}
+			out, err := e.c.VersionAction(e.ctx, args[0], v, action, days)
+			if err != nil {
+				return 0, err
+			}
+			return exitOK, printJSON(e.stdout, out)
+		},
+	}
+	if action == "schedule-destroy" {
+		c.synopsis = "NAME VERSION [--days N]"
+		c.flags = func(fs *flag.FlagSet) {
+			fs.Int("days", 0, "waiting period, 1-365 (default: the key's destroy_wait_days)")
+		}
+	}
+	return c
+}
+
+func str(fs *flag.FlagSet, name string) string { return fs.Lookup(name).Value.String() }
+
+func intFlag(fs *flag.FlagSet, name string) int {
+	v, _ := fs.Lookup(name).Value.(flag.Getter).Get().(int)
+	return v
+}
+
+func isSet(fs *flag.FlagSet, name string) bool {
+	set := false
+	fs.Visit(func(f *flag.Flag) {
+		if f.Name == name {
+			set = true
+		}
+	})
+	return set
+}
+
+// policyFlags builds a policy from --destroy-wait-days and --allow, or nil
+// if neither was given.
+func policyFlags(fs *flag.FlagSet) *client.Policy {
+	if !isSet(fs, "destroy-wait-days") && !isSet(fs, "allow") {
+		return nil
+	}
+	return &client.Policy{DestroyWaitDays: intFlag(fs, "destroy-wait-days"), AllowedOperations: splitList(str(fs, "allow"))}
+}

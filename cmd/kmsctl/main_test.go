@@ -1,0 +1,184 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"crypto/mlkem"
+	"encoding/base64"
+	"encoding/json"
+	"flag"
+	"net/http/httptest"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"testing"
+
+	"kmsd/api"
+	"kmsd/internal/testhsm"
+	"kmsd/kms"
+	"kmsd/kms/bolt"
+	"kmsd/kms/pqc"
+)
+
+func TestMain(m *testing.M) { testhsm.Main(m) }
+
+// server starts the real API over SoftHSM and bbolt on 127.0.0.1 and returns
+// its URL and an admin token.
+func server(t *testing.T) (string, string) {
+	st, err := bolt.Open(filepath.Join(t.TempDir(), "kms.db"), bolt.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	svc, err := kms.NewService(kms.Config{Store: st, Sealer: testhsm.Open(t), Kinds: kms.NewRegistry(pqc.Kinds()...)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	svc.EnsureIdentity(context.Background())
+	var admin string
+	svc.EnsureAdminToken(context.Background(), func(tok string) error { admin = tok; return nil })
+	srv := httptest.NewServer(api.New(svc, nil).Handler())
+	t.Cleanup(srv.Close)
+	return srv.URL, admin
+}
+
+type result struct {
+	code           int
+	stdout, stderr string
+}
+
+func kmsctl(t *testing.T, env map[string]string, args ...string) result {
+	t.Helper()
+	var out, errb bytes.Buffer
+	code := run(context.Background(), args, func(k string) string { return env[k] }, &out, &errb)
+	return result{code, out.String(), errb.String()}
+}
+
+func TestCommands(t *testing.T) {
+	url, admin := server(t)
+	env := map[string]string{"KMS_ADDR": url, "KMS_TOKEN": admin}
+	ok := func(args ...string) string {
+		t.Helper()
+		r := kmsctl(t, env, args...)
+		if r.code != exitOK {
+			t.Fatalf("kmsctl %v: exit %d: %s", args, r.code, r.stderr)
+		}
+		return r.stdout
+	}
+	var key struct {
+		Name           string `json:"name"`
+		PrimaryVersion int    `json:"primary_version"`
+	}
+	json.Unmarshal([]byte(ok("keys", "create", "sig", "--kind", "ml-dsa-65", "--destroy-wait-days", "5")), &key)
+	if key.Name != "sig" || key.PrimaryVersion != 1 {
+		t.Fatalf("create: %+v", key)
+	}
+	ok("keys", "create", "--kind", "ml-kem-768", "kem") // flags before the name
+	if !strings.Contains(ok("keys", "list", "--limit", "1"), `"kem"`) {
+		t.Fatal("keys list misses a key on the second page")
+	}
+	ok("keys", "show", "sig")
+	msg := base64.StdEncoding.EncodeToString([]byte("hello"))
+	var sig struct {
+		Signature string `json:"signature"`
+		Version   int    `json:"version"`
+	}
+	json.Unmarshal([]byte(ok("sign", "sig", "--message", msg)), &sig)
+	if sig.Version != 1 || sig.Signature == "" {
+		t.Fatalf("sign: %+v", sig)
+	}
+	ok("verify", "sig", "--version", "1", "--signature", sig.Signature, "--message", msg)
+	bad := kmsctl(t, env, "verify", "sig", "--version", "1", "--signature", sig.Signature, "--message", base64.StdEncoding.EncodeToString([]byte("hellp")))
+	if bad.code != exitInvalid || !strings.Contains(bad.stdout, `"valid": false`) {
+		t.Fatalf("verify of a wrong message: exit %d %s", bad.code, bad.stdout)
+	}
+	ok("keys", "rotate", "sig")
+	ok("keys", "update", "sig", "--min-decryption-version", "1", "--destroy-wait-days", "9")
+	ok("versions", "disable", "sig", "1")
+	ok("versions", "enable", "sig", "1")
+	if out := ok("versions", "schedule-destroy", "sig", "1", "--days", "3"); !strings.Contains(out, "destroy_scheduled") {
+		t.Fatalf("schedule-destroy: %s", out)
+	}
+	if out := ok("versions", "cancel-destroy", "sig", "1"); !strings.Contains(out, `"disabled"`) {
+		t.Fatalf("cancel-destroy: %s", out)
+	}
+	var pk struct {
+		PublicKey []byte `json:"public_key"`
+	}
+	out := filepath.Join(t.TempDir(), "kem.pub")
+	json.Unmarshal([]byte(ok("public-key", "kem", "--out", out)), &pk)
+	ek, err := mlkem.NewEncapsulationKey768(pk.PublicKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ss, ct := ek.Encapsulate()
+	var dec struct {
+		SharedSecret []byte `json:"shared_secret"`
+	}
+	json.Unmarshal([]byte(ok("decapsulate", "kem", "--version", "1", "--ciphertext", base64.StdEncoding.EncodeToString(ct))), &dec)
+	if !bytes.Equal(dec.SharedSecret, ss) {
+		t.Fatal("decapsulate returned another secret")
+	}
+	var tok struct {
+		Token string `json:"token"`
+	}
+	json.Unmarshal([]byte(ok("tokens", "create", "--role", "worker", "--keys", "kem,sig")), &tok)
+	if !strings.HasPrefix(tok.Token, "kms_") {
+		t.Fatalf("tokens create: %+v", tok)
+	}
+	if !strings.Contains(ok("identity"), `"ml-dsa-65"`) {
+		t.Fatal("identity")
+	}
+
+	// Exit codes.
+	worker := map[string]string{"KMS_ADDR": url, "KMS_TOKEN": tok.Token}
+	for _, c := range []struct {
+		env  map[string]string
+		args []string
+		code int
+	}{
+		{env, []string{"keys", "show", "nope"}, exitRefused},
+		{env, []string{"keys", "create", "Bad", "--kind", "ml-dsa-65"}, exitRefused},
+		{worker, []string{"keys", "rotate", "sig"}, exitRefused},
+		{map[string]string{"KMS_ADDR": url}, []string{"keys", "list"}, exitRefused},
+		{env, []string{"keys", "show"}, exitUsage},
+		{env, []string{"keys", "create", "x"}, exitUsage},
+		{env, []string{"versions", "disable", "sig", "one"}, exitUsage},
+		{env, []string{"frobnicate"}, exitUsage},
+		{env, []string{"keys", "show", "sig", "--bogus"}, exitUsage},
+		{env, []string{"sign", "sig", "--message", "***"}, exitUsage},
+		{map[string]string{"KMS_ADDR": "http://127.0.0.1:1"}, []string{"keys", "list"}, exitFailure},
+		{env, []string{"--help"}, exitOK},
+		{env, []string{"verify", "--help"}, exitOK},
+	} {
+		if r := kmsctl(t, c.env, c.args...); r.code != c.code {
+			t.Errorf("kmsctl %v: exit %d, want %d (%s)", c.args, r.code, c.code, r.stderr)
+		}
+	}
+}
+
+// TestHelpMatchesCode: every command is in --help, and every --flag a
+// synopsis names is a flag the command defines.
+func TestHelpMatchesCode(t *testing.T) {
+	r := kmsctl(t, nil, "--help")
+	flagRE := regexp.MustCompile(`--([a-z-]+)`)
+	for _, c := range commands {
+		if !strings.Contains(r.stdout, "  "+c.name) {
+			t.Errorf("--help lacks %q", c.name)
+		}
+		fs := flag.NewFlagSet(c.name, flag.ContinueOnError)
+		if c.flags != nil {
+			c.flags(fs)
+		}
+		for _, m := range flagRE.FindAllStringSubmatch(c.synopsis, -1) {
+			if fs.Lookup(m[1]) == nil {
+				t.Errorf("%s: synopsis names --%s, which the command does not define", c.name, m[1])
+			}
+		}
+		fs.VisitAll(func(f *flag.Flag) {
+			if !strings.Contains(c.synopsis, "--"+f.Name) {
+				t.Errorf("%s: flag --%s is missing from the synopsis", c.name, f.Name)
+			}
+		})
+	}
+}
