@@ -27,6 +27,7 @@ import (
 )
 
 func main() {
+	noCoreDumps()
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 	err := run(ctx, os.Args[1:], os.Getenv, os.Stderr, nil)
@@ -37,6 +38,14 @@ func main() {
 		fmt.Fprintf(os.Stderr, "kmsd: %v\n", err)
 		os.Exit(1)
 	}
+}
+
+// noCoreDumps keeps unsealed key material out of core files and away from
+// same-user ptrace: RLIMIT_CORE 0 and PR_SET_DUMPABLE 0.
+func noCoreDumps() {
+	_ = syscall.Setrlimit(syscall.RLIMIT_CORE, &syscall.Rlimit{})
+	const prSetDumpable = 4
+	_, _, _ = syscall.RawSyscall(syscall.SYS_PRCTL, prSetDumpable, 0, 0)
 }
 
 type config struct {
