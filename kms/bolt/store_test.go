@@ -1,0 +1,69 @@
+package bolt_test
+
+import (
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"kmsd/kms"
+	"kmsd/kms/bolt"
+	"kmsd/kms/storetest"
+)
+
+func TestConformance(t *testing.T) {
+	storetest.Run(t, func(t *testing.T) kms.Store {
+		s, err := bolt.Open(filepath.Join(t.TempDir(), "kms.db"), bolt.Options{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { s.Close() })
+		return s
+	})
+}
+
+// TestSecondOpenFailsFast: a second open of a locked file fails within the
+// lock timeout with ErrLocked.
+func TestSecondOpenFailsFast(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "kms.db")
+	s, err := bolt.Open(path, bolt.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	_, err = bolt.Open(path, bolt.Options{LockTimeout: 100 * time.Millisecond})
+	if !errors.Is(err, bolt.ErrLocked) || !strings.Contains(err.Error(), "another kmsd") {
+		t.Fatalf("second open: %v", err)
+	}
+}
+
+// TestSurvivesReopen: what was committed is there after close and reopen.
+func TestSurvivesReopen(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "kms.db")
+	s, _ := bolt.Open(path, bolt.Options{})
+	ctx := context.Background()
+	s.CreateKey(ctx, &kms.Key{Name: "a", Primary: 1, Versions: []kms.Version{{Number: 1, Sealed: []byte("x")}}})
+	s.Close()
+	s, err := bolt.Open(path, bolt.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if k, err := s.GetKey(ctx, "a"); err != nil || string(k.Versions[0].Sealed) != "x" {
+		t.Fatalf("after reopen: %+v %v", k, err)
+	}
+	if err := s.Check(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestRefusesOtherFiles(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "kms.db")
+	os.WriteFile(path, []byte(strings.Repeat("not a database ", 1000)), 0o600)
+	if _, err := bolt.Open(path, bolt.Options{}); err == nil {
+		t.Fatal("opened a file that is not a bbolt database")
+	}
+}
