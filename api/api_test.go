@@ -86,7 +86,10 @@ var spec = func() *openapi3.T {
 
 // newEnv starts the API on 127.0.0.1 over a real SoftHSM token and a bbolt
 // file. Every response the tests receive is validated against openapi.yaml.
-func newEnv(t *testing.T) *env {
+func newEnv(t *testing.T) *env { return newEnvWith(t, nil, nil) }
+
+// newEnvWith lets a test wrap the real sealer and store to inject faults.
+func newEnvWith(t *testing.T, wrapSealer func(kms.Sealer) kms.Sealer, wrapStore func(kms.Store) kms.Store) *env {
 	t.Helper()
 	st, err := bolt.Open(filepath.Join(t.TempDir(), "kms.db"), bolt.Options{})
 	if err != nil {
@@ -94,7 +97,15 @@ func newEnv(t *testing.T) *env {
 	}
 	t.Cleanup(func() { st.Close() })
 	e := &env{t: t, store: st, clock: &fakeClock{t: time.Now().UTC()}, log: &lockedBuffer{}}
-	e.svc, err = kms.NewService(kms.Config{Store: st, Sealer: testhsm.Open(t), Kinds: kms.NewRegistry(pqc.Kinds()...), Clock: e.clock})
+	var sealer kms.Sealer = testhsm.Open(t)
+	var store kms.Store = st
+	if wrapSealer != nil {
+		sealer = wrapSealer(sealer)
+	}
+	if wrapStore != nil {
+		store = wrapStore(store)
+	}
+	e.svc, err = kms.NewService(kms.Config{Store: store, Sealer: sealer, Kinds: kms.NewRegistry(pqc.Kinds()...), Clock: e.clock, CacheTTL: -1})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,0 +1,137 @@
+package api_test
+
+import (
+	"context"
+	"errors"
+	"net/http"
+	"strings"
+	"sync/atomic"
+	"testing"
+
+	"kmsd/api/client"
+	"kmsd/kms"
+)
+
+type flakySealer struct {
+	kms.Sealer
+	down *atomic.Bool
+}
+
+var errDown = errors.New("injected: CKR_DEVICE_ERROR from /dev/hsm0")
+
+func (f flakySealer) Seal(ctx context.Context, sc kms.SealContext, p kms.Secret) ([]byte, error) {
+	if f.down.Load() {
+		return nil, errDown
+	}
+	return f.Sealer.Seal(ctx, sc, p)
+}
+
+func (f flakySealer) Unseal(ctx context.Context, sc kms.SealContext, b []byte) (kms.Secret, error) {
+	if f.down.Load() {
+		return kms.Secret{}, errDown
+	}
+	return f.Sealer.Unseal(ctx, sc, b)
+}
+
+func (f flakySealer) Ping(ctx context.Context) error {
+	if f.down.Load() {
+		return errDown
+	}
+	return f.Sealer.Ping(ctx)
+}
+
+// fullStore fails every write as a full disk would, after the transaction
+// function ran.
+type fullStore struct {
+	kms.Store
+	full *atomic.Bool
+}
+
+var errFull = errors.New("injected: write /data/kms.db: no space left on device")
+
+func (f fullStore) CreateKey(ctx context.Context, k *kms.Key) error {
+	if f.full.Load() {
+		return errFull
+	}
+	return f.Store.CreateKey(ctx, k)
+}
+
+func (f fullStore) UpdateKey(ctx context.Context, name string, fn func(*kms.Key) error) error {
+	if f.full.Load() {
+		return f.Store.UpdateKey(ctx, name, func(k *kms.Key) error {
+			if err := fn(k); err != nil {
+				return err
+			}
+			return errFull
+		})
+	}
+	return f.Store.UpdateKey(ctx, name, fn)
+}
+
+func (f fullStore) CreateToken(ctx context.Context, t *kms.Token) error {
+	if f.full.Load() {
+		return errFull
+	}
+	return f.Store.CreateToken(ctx, t)
+}
+
+// TestFailingHSMAndFullDisk: a failing HSM or a full disk gets a clear 503
+// problem that does not leak the cause, changes nothing, and the service
+// recovers when the fault clears.
+func TestFailingHSMAndFullDisk(t *testing.T) {
+	var down, full atomic.Bool
+	e := newEnvWith(t,
+		func(s kms.Sealer) kms.Sealer { return flakySealer{s, &down} },
+		func(s kms.Store) kms.Store { return fullStore{s, &full} })
+	c := e.client(e.admin)
+	if _, err := c.CreateKey(ctx, client.CreateKeyRequest{Name: "sig", Kind: "ml-dsa-65"}); err != nil {
+		t.Fatal(err)
+	}
+	before := e.snapshot()
+	check := func(what string, err error) {
+		t.Helper()
+		var pe *client.Error
+		if !errors.As(err, &pe) || pe.Status != http.StatusServiceUnavailable || !strings.HasSuffix(pe.Type, ":unavailable") {
+			t.Fatalf("%s: %v, want a 503 unavailable problem", what, err)
+		}
+		if strings.Contains(pe.Detail, "injected") || strings.Contains(pe.Detail, "/dev/") || strings.Contains(pe.Detail, "/data/") {
+			t.Fatalf("%s: the problem leaks the cause: %q", what, pe.Detail)
+		}
+	}
+	down.Store(true)
+	_, err := c.CreateKey(ctx, client.CreateKeyRequest{Name: "new", Kind: "ml-dsa-65"})
+	check("create with the HSM down", err)
+	_, err = c.Rotate(ctx, "sig")
+	check("rotate with the HSM down", err)
+	_, err = c.Sign(ctx, "sig", []byte("m"), nil)
+	check("sign with the HSM down", err)
+	check("readyz with the HSM down", c.Ready(ctx))
+	down.Store(false)
+
+	full.Store(true)
+	_, err = c.CreateKey(ctx, client.CreateKeyRequest{Name: "new", Kind: "ml-dsa-65"})
+	check("create on a full disk", err)
+	_, err = c.Rotate(ctx, "sig")
+	check("rotate on a full disk", err)
+	_, err = c.VersionAction(ctx, "sig", 1, "schedule-destroy", 0)
+	// version 1 is primary: the refusal comes before the write.
+	if !client.IsProblem(err, "failed-precondition") {
+		t.Fatalf("schedule-destroy of the primary on a full disk: %v", err)
+	}
+	_, err = c.CreateToken(ctx, client.CreateTokenRequest{Role: "worker", Keys: []string{"*"}})
+	check("token on a full disk", err)
+	full.Store(false)
+
+	if e.snapshot() != before {
+		t.Fatal("failed requests changed state")
+	}
+	if !strings.Contains(e.log.String(), "injected") {
+		t.Fatal("the cause is not in the operational log")
+	}
+	if _, err := c.Rotate(ctx, "sig"); err != nil {
+		t.Fatalf("rotate after recovery: %v", err)
+	}
+	if _, err := c.Sign(ctx, "sig", []byte("m"), nil); err != nil {
+		t.Fatalf("sign after recovery: %v", err)
+	}
+}
