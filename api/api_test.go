@@ -14,7 +14,6 @@ import (
 	"slices"
 	"sort"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -27,6 +26,7 @@ import (
 	"kmsd/api"
 	"kmsd/api/client"
 	"kmsd/internal/testhsm"
+	"kmsd/internal/testutil"
 	"kmsd/kms"
 	"kmsd/kms/bolt"
 	"kmsd/kms/pqc"
@@ -34,44 +34,14 @@ import (
 
 func TestMain(m *testing.M) { testhsm.Main(m) }
 
-type fakeClock struct {
-	mu sync.Mutex
-	t  time.Time
-}
-
-func (c *fakeClock) Now() time.Time { c.mu.Lock(); defer c.mu.Unlock(); return c.t }
-func (c *fakeClock) Add(d time.Duration) {
-	c.mu.Lock()
-	c.t = c.t.Add(d)
-	c.mu.Unlock()
-}
-
-// lockedBuffer collects the server's log.
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
-
 type env struct {
 	t       *testing.T
 	url     string
 	svc     *kms.Service
 	store   *bolt.Store
-	clock   *fakeClock
+	clock   *testutil.Clock
 	admin   string
-	log     *lockedBuffer
+	log     *testutil.Buffer
 	httpc   *http.Client
 	checker *specChecker
 }
@@ -96,7 +66,7 @@ func newEnvWith(t *testing.T, wrapSealer func(kms.Sealer) kms.Sealer, wrapStore 
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { st.Close() })
-	e := &env{t: t, store: st, clock: &fakeClock{t: time.Now().UTC()}, log: &lockedBuffer{}}
+	e := &env{t: t, store: st, clock: testutil.NewClock(time.Now().UTC()), log: &testutil.Buffer{}}
 	var sealer kms.Sealer = testhsm.Open(t)
 	var store kms.Store = st
 	if wrapSealer != nil {

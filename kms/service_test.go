@@ -16,24 +16,13 @@ import (
 	"github.com/cloudflare/circl/sign/mldsa/mldsa65"
 
 	"kmsd/internal/testhsm"
+	"kmsd/internal/testutil"
 	"kmsd/kms"
 	"kmsd/kms/bolt"
 	"kmsd/kms/pqc"
 )
 
 func TestMain(m *testing.M) { testhsm.Main(m) }
-
-type fakeClock struct {
-	mu sync.Mutex
-	t  time.Time
-}
-
-func (c *fakeClock) Now() time.Time { c.mu.Lock(); defer c.mu.Unlock(); return c.t }
-func (c *fakeClock) Add(d time.Duration) {
-	c.mu.Lock()
-	c.t = c.t.Add(d)
-	c.mu.Unlock()
-}
 
 // recordingRand is crypto/rand that remembers what it handed out, so a test
 // knows every seed the service generated.
@@ -95,7 +84,7 @@ func (f *faultStore) UpdateKey(ctx context.Context, name string, fn func(k *kms.
 
 type env struct {
 	svc    *kms.Service
-	clock  *fakeClock
+	clock  *testutil.Clock
 	sealer *countingSealer
 	store  *faultStore
 	rand   *recordingRand
@@ -111,7 +100,7 @@ func newEnv(t *testing.T, ttl time.Duration) *env {
 	}
 	t.Cleanup(func() { st.Close() })
 	e := &env{
-		clock:  &fakeClock{t: time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)},
+		clock:  testutil.NewClock(time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)),
 		sealer: &countingSealer{Sealer: testhsm.Open(t)},
 		store:  &faultStore{Store: st},
 		rand:   &recordingRand{},

@@ -18,6 +18,7 @@ import (
 
 	"kmsd/api/client"
 	"kmsd/hsm/softhsm"
+	"kmsd/internal/testutil"
 	"kmsd/kms/bolt"
 )
 
@@ -45,25 +46,8 @@ func TestMain(m *testing.M) {
 type proc struct {
 	cmd    *exec.Cmd
 	addr   string
-	stderr *syncBuffer
+	stderr *testutil.Buffer
 	done   chan error
-}
-
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }
 
 func freeAddr(t *testing.T) string {
@@ -78,7 +62,7 @@ func freeAddr(t *testing.T) string {
 // start runs kmsd and returns at once; use waitReady or wait.
 func start(t *testing.T, dataDir string, args ...string) *proc {
 	t.Helper()
-	p := &proc{addr: freeAddr(t), stderr: &syncBuffer{}, done: make(chan error, 1)}
+	p := &proc{addr: freeAddr(t), stderr: &testutil.Buffer{}, done: make(chan error, 1)}
 	p.cmd = exec.Command(kmsdBin, append([]string{"--data-dir", dataDir, "--addr", p.addr}, args...)...)
 	p.cmd.Env = append(os.Environ(), "SOFTHSM2_CONF=/nonexistent") // kmsd must set its own
 	p.cmd.Stderr = p.stderr
@@ -248,7 +232,7 @@ func TestHSMFaultsStopStartup(t *testing.T) {
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
-			q := &proc{addr: freeAddr(t), stderr: &syncBuffer{}, done: make(chan error, 1)}
+			q := &proc{addr: freeAddr(t), stderr: &testutil.Buffer{}, done: make(chan error, 1)}
 			q.cmd = exec.Command(kmsdBin, append([]string{"--data-dir", dir, "--addr", q.addr}, c.args...)...)
 			q.cmd.Env = append(os.Environ(), c.env)
 			q.cmd.Stderr = q.stderr
