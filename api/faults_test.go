@@ -49,30 +49,30 @@ type fullStore struct {
 
 var errFull = errors.New("injected: write /data/kms.db: no space left on device")
 
-func (f fullStore) CreateKey(ctx context.Context, k *kms.Key) error {
+func (f fullStore) CreateKey(ctx context.Context, k *kms.Key, a []*kms.AuditRecord) error {
 	if f.full.Load() {
 		return errFull
 	}
-	return f.Store.CreateKey(ctx, k)
+	return f.Store.CreateKey(ctx, k, a)
 }
 
-func (f fullStore) UpdateKey(ctx context.Context, name string, fn func(*kms.Key) error) error {
+func (f fullStore) UpdateKey(ctx context.Context, name string, fn func(*kms.Key) ([]*kms.AuditRecord, error)) error {
 	if f.full.Load() {
-		return f.Store.UpdateKey(ctx, name, func(k *kms.Key) error {
-			if err := fn(k); err != nil {
-				return err
+		return f.Store.UpdateKey(ctx, name, func(k *kms.Key) ([]*kms.AuditRecord, error) {
+			if _, err := fn(k); err != nil {
+				return nil, err
 			}
-			return errFull
+			return nil, errFull
 		})
 	}
 	return f.Store.UpdateKey(ctx, name, fn)
 }
 
-func (f fullStore) CreateToken(ctx context.Context, t *kms.Token) error {
+func (f fullStore) CreateToken(ctx context.Context, t *kms.Token, a []*kms.AuditRecord) error {
 	if f.full.Load() {
 		return errFull
 	}
-	return f.Store.CreateToken(ctx, t)
+	return f.Store.CreateToken(ctx, t, a)
 }
 
 // TestFailingHSMAndFullDisk: a failing HSM or a full disk gets a clear 503

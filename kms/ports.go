@@ -19,19 +19,21 @@ type Sealer interface {
 // Store persists keys and tokens. Implementations commit each call durably
 // (fsync) before returning nil.
 type Store interface {
-	// CreateKey stores a new key; ErrAlreadyExists if the name is taken.
-	CreateKey(ctx context.Context, k *Key) error
+	// CreateKey stores a new key and appends the audit records in the same
+	// transaction; ErrAlreadyExists if the name is taken.
+	CreateKey(ctx context.Context, k *Key, audit []*AuditRecord) error
 	// GetKey returns a copy of the key; ErrNotFound if absent.
 	GetKey(ctx context.Context, name string) (*Key, error)
 	// ListKeys returns up to limit keys with names after `after`, in name order.
 	ListKeys(ctx context.Context, after string, limit int) ([]*Key, error)
-	// UpdateKey loads the key, calls fn on a copy, and stores the copy in
-	// one transaction if fn returns nil. If fn or the commit fails, nothing
-	// changes.
-	UpdateKey(ctx context.Context, name string, fn func(k *Key) error) error
+	// UpdateKey loads the key, calls fn on a copy, and stores the copy and
+	// the audit records fn returns in one transaction if fn returns no
+	// error. If fn or the commit fails, nothing changes.
+	UpdateKey(ctx context.Context, name string, fn func(k *Key) ([]*AuditRecord, error)) error
 
-	// CreateToken stores a token record; ErrAlreadyExists if the id is taken.
-	CreateToken(ctx context.Context, t *Token) error
+	// CreateToken stores a token record and the audit records in one
+	// transaction; ErrAlreadyExists if the id is taken.
+	CreateToken(ctx context.Context, t *Token, audit []*AuditRecord) error
 	// GetToken returns the token with the id; ErrNotFound if absent.
 	GetToken(ctx context.Context, id string) (*Token, error)
 	// CountTokens returns how many tokens exist.

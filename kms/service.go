@@ -25,6 +25,10 @@ type Config struct {
 	CacheTTL time.Duration
 	// CacheSize bounds how many unsealed keys are held at once (default 1024).
 	CacheSize int
+	// Audit makes the service record the actions it takes on its own
+	// (scheduled destruction, bootstrap) in the audit log. Records of
+	// requests come with the request's ctx (WithAudit).
+	Audit bool
 }
 
 // Service is the domain: every operation on keys and tokens goes through it.
@@ -36,6 +40,7 @@ type Service struct {
 	rand   io.Reader
 	log    *slog.Logger
 	cache  *keyCache
+	audit  bool
 
 	locksMu sync.Mutex
 	locks   map[string]*sync.Mutex // per-key locks that serialize rotations
@@ -48,7 +53,7 @@ func NewService(cfg Config) (*Service, error) {
 	}
 	s := &Service{
 		store: cfg.Store, sealer: cfg.Sealer, kinds: cfg.Kinds,
-		clock: cfg.Clock, rand: cfg.Rand, log: cfg.Logger,
+		clock: cfg.Clock, rand: cfg.Rand, log: cfg.Logger, audit: cfg.Audit,
 		locks: map[string]*sync.Mutex{},
 	}
 	if s.clock == nil {
@@ -147,10 +152,10 @@ func (s *Service) CreateKey(ctx context.Context, name, kindName string, p Policy
 	if err := ValidateName(name); err != nil {
 		return nil, err
 	}
-	return s.createKey(ctx, name, kindName, p)
+	return s.createKey(ctx, name, kindName, p, auditFor(ctx, name, 1))
 }
 
-func (s *Service) createKey(ctx context.Context, name, kindName string, p Policy) (*Key, error) {
+func (s *Service) createKey(ctx context.Context, name, kindName string, p Policy, audit []*AuditRecord) (*Key, error) {
 	kind, err := s.kinds.Lookup(kindName)
 	if err != nil {
 		return nil, err
@@ -168,7 +173,7 @@ func (s *Service) createKey(ctx context.Context, name, kindName string, p Policy
 		return nil, err
 	}
 	k := &Key{Name: name, Kind: kind.Name(), Policy: p, CreatedAt: v.CreatedAt, Primary: 1, MinDecryptionVersion: 1, Versions: []Version{v}}
-	if err := s.store.CreateKey(ctx, k); err != nil {
+	if err := s.store.CreateKey(ctx, k, audit); err != nil {
 		if errors.Is(err, ErrAlreadyExists) {
 			return nil, Errorf(KindAlreadyExists, "key %q already exists", name)
 		}
@@ -237,33 +242,33 @@ func (s *Service) UpdateKey(ctx context.Context, name string, u KeyUpdate) (*Key
 		return nil, err
 	}
 	var out *Key
-	err := s.update(ctx, name, func(k *Key) error {
+	err := s.update(ctx, name, func(k *Key) ([]*AuditRecord, error) {
 		if u.Policy != nil {
 			kind, err := s.kinds.Lookup(k.Kind)
 			if err != nil {
-				return err
+				return nil, err
 			}
 			p, err := s.checkPolicy(kind, *u.Policy)
 			if err != nil {
-				return err
+				return nil, err
 			}
 			k.Policy = p
 		}
 		if u.MinDecryptionVersion != nil {
 			m := *u.MinDecryptionVersion
 			if m < 1 || m > k.Primary {
-				return Errorf(KindInvalid, "min_decryption_version must be between 1 and the primary version %d", k.Primary)
+				return nil, Errorf(KindInvalid, "min_decryption_version must be between 1 and the primary version %d", k.Primary)
 			}
 			k.MinDecryptionVersion = m
 		}
 		out = k.Clone()
-		return nil
+		return auditFor(ctx, name, 0), nil
 	})
 	return out, err
 }
 
 // update runs fn in one store transaction and maps store errors.
-func (s *Service) update(ctx context.Context, name string, fn func(k *Key) error) error {
+func (s *Service) update(ctx context.Context, name string, fn func(k *Key) ([]*AuditRecord, error)) error {
 	err := s.store.UpdateKey(ctx, name, fn)
 	if errors.Is(err, ErrNotFound) && KindOf(err) != KindNotFound {
 		return Errorf(KindNotFound, "key %q not found", name)
@@ -302,14 +307,14 @@ func (s *Service) rotate(ctx context.Context, name string) (*Key, *Version, erro
 		return nil, nil, err
 	}
 	var out *Key
-	err = s.update(ctx, name, func(k *Key) error {
+	err = s.update(ctx, name, func(k *Key) ([]*AuditRecord, error) {
 		if k.Latest()+1 != n {
-			return Errorf(KindFailedPrecondition, "key %q changed during rotation; retry", name)
+			return nil, Errorf(KindFailedPrecondition, "key %q changed during rotation; retry", name)
 		}
 		k.Versions = append(k.Versions, v)
 		k.Primary = n
 		out = k.Clone()
-		return nil
+		return auditFor(ctx, name, n), nil
 	})
 	if err != nil {
 		return nil, nil, err
@@ -365,15 +370,15 @@ func (s *Service) SetVersionState(ctx context.Context, name string, n uint64, ac
 		return nil, Errorf(KindInvalid, "days must be between %d and %d", MinDestroyWaitDays, MaxDestroyWaitDays)
 	}
 	var out Version
-	err := s.update(ctx, name, func(k *Key) error {
+	err := s.update(ctx, name, func(k *Key) ([]*AuditRecord, error) {
 		v, err := k.Version(n)
 		if err != nil {
-			return err
+			return nil, err
 		}
 		now := s.clock.Now()
 		st, err := transition(k, v, action, now)
 		if err != nil {
-			return err
+			return nil, err
 		}
 		v.State = st
 		switch action {
@@ -389,7 +394,7 @@ func (s *Service) SetVersionState(ctx context.Context, name string, n uint64, ac
 		}
 		out = *v
 		out.Sealed = nil
-		return nil
+		return auditFor(ctx, name, n), nil
 	})
 	if err != nil {
 		return nil, err
@@ -424,8 +429,9 @@ func (s *Service) DestroyDue(ctx context.Context) (int, error) {
 				continue
 			}
 			var nums []uint64
-			err := s.update(ctx, k.Name, func(k *Key) error {
+			err := s.update(ctx, k.Name, func(k *Key) ([]*AuditRecord, error) {
 				nums = nums[:0]
+				var recs []*AuditRecord
 				for i := range k.Versions {
 					v := &k.Versions[i]
 					if v.State == StateDestroyed {
@@ -440,8 +446,9 @@ func (s *Service) DestroyDue(ctx context.Context) (int, error) {
 					t := now
 					v.DestroyedAt = &t
 					nums = append(nums, v.Number)
+					recs = append(recs, s.systemRecord("destroy due version", k.Name, v.Number)...)
 				}
-				return nil
+				return recs, nil
 			})
 			if err != nil {
 				return destroyed, err
@@ -456,6 +463,15 @@ func (s *Service) DestroyDue(ctx context.Context) (int, error) {
 			return destroyed, nil
 		}
 	}
+}
+
+// systemRecord is the audit record of an action the service takes on its
+// own, or nil when auditing is off.
+func (s *Service) systemRecord(op, key string, version uint64) []*AuditRecord {
+	if !s.audit {
+		return nil
+	}
+	return []*AuditRecord{{Time: s.clock.Now().UTC().Format(time.RFC3339Nano), Actor: "system", Operation: op, Key: key, Version: version, Status: 200}}
 }
 
 // RunMaintenance calls DestroyDue every interval until ctx ends.

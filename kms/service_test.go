@@ -70,13 +70,13 @@ type faultStore struct {
 	failUpdate atomic.Bool
 }
 
-func (f *faultStore) UpdateKey(ctx context.Context, name string, fn func(k *kms.Key) error) error {
+func (f *faultStore) UpdateKey(ctx context.Context, name string, fn func(k *kms.Key) ([]*kms.AuditRecord, error)) error {
 	if f.failUpdate.Load() {
-		return f.Store.UpdateKey(ctx, name, func(k *kms.Key) error {
-			if err := fn(k); err != nil {
-				return err
+		return f.Store.UpdateKey(ctx, name, func(k *kms.Key) ([]*kms.AuditRecord, error) {
+			if _, err := fn(k); err != nil {
+				return nil, err
 			}
-			return errors.New("injected: disk full")
+			return nil, errors.New("injected: disk full")
 		})
 	}
 	return f.Store.UpdateKey(ctx, name, fn)

@@ -22,7 +22,7 @@ func (s *Service) CreateToken(ctx context.Context, name string, role Role, keys 
 		return "", nil, Wrap(KindInternal, "token", err)
 	}
 	t := &Token{ID: id, Name: name, Role: role, Keys: keys, Hash: hash, CreatedAt: s.clock.Now()}
-	if err := s.store.CreateToken(ctx, t); err != nil {
+	if err := s.store.CreateToken(ctx, t, auditFor(ctx, "", 0)); err != nil {
 		return "", nil, asUnavailable("store", err)
 	}
 	return tok, t, nil
@@ -49,7 +49,7 @@ func (s *Service) EnsureAdminToken(ctx context.Context, persist func(token strin
 		return false, err
 	}
 	t := &Token{ID: id, Name: "bootstrap admin", Role: RoleAdmin, Keys: []string{"*"}, Hash: hash, CreatedAt: s.clock.Now()}
-	if err := s.store.CreateToken(ctx, t); err != nil {
+	if err := s.store.CreateToken(ctx, t, s.systemRecord("create bootstrap admin token "+id, "", 0)); err != nil {
 		return false, asUnavailable("store", err)
 	}
 	return true, nil

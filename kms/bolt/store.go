@@ -8,6 +8,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"sync/atomic"
 	"time"
 
 	bbolt "go.etcd.io/bbolt"
@@ -28,9 +29,15 @@ const schemaVersion = "1"
 // ErrLocked is returned by Open when another process holds the file.
 var ErrLocked = errors.New("the database is locked by another process (is another kmsd running on this data dir?)")
 
-// Store is a kms.Store on bbolt.
+// Store is a kms.Store and kms.AuditStore on bbolt.
 type Store struct {
-	db *bbolt.DB
+	db          *bbolt.DB
+	appendCh    chan appendReq
+	quit        chan struct{}
+	stopped     chan struct{}
+	closeOnce   bool
+	commits     atomic.Uint64
+	auditGroups atomic.Uint64
 }
 
 var _ kms.Store = (*Store)(nil)
@@ -54,7 +61,7 @@ func Open(path string, o Options) (*Store, error) {
 		return nil, fmt.Errorf("open %s: %w", path, err)
 	}
 	err = db.Update(func(tx *bbolt.Tx) error {
-		for _, b := range [][]byte{bucketKeys, bucketTokens, bucketMeta} {
+		for _, b := range [][]byte{bucketKeys, bucketTokens, bucketMeta, bucketAuditRecords, bucketAuditHashes, bucketAuditCheckpoints} {
 			if _, err := tx.CreateBucketIfNotExists(b); err != nil {
 				return err
 			}
@@ -72,11 +79,29 @@ func Open(path string, o Options) (*Store, error) {
 		db.Close()
 		return nil, fmt.Errorf("initialize %s: %w", path, err)
 	}
-	return &Store{db: db}, nil
+	s := &Store{db: db, appendCh: make(chan appendReq, maxGroup), quit: make(chan struct{}), stopped: make(chan struct{})}
+	go s.committer()
+	return s, nil
 }
 
-// Close closes the file.
-func (s *Store) Close() error { return s.db.Close() }
+// Close stops the audit committer and closes the file.
+func (s *Store) Close() error {
+	if !s.closeOnce {
+		s.closeOnce = true
+		close(s.quit)
+		<-s.stopped
+	}
+	return s.db.Close()
+}
+
+// update runs fn in a write transaction and counts the commit.
+func (s *Store) update(fn func(tx *bbolt.Tx) error) error {
+	err := s.db.Update(fn)
+	if err == nil {
+		s.commits.Add(1)
+	}
+	return err
+}
 
 // Path is the file's path.
 func (s *Store) Path() string { return s.db.Path() }
@@ -113,18 +138,25 @@ func exists(what, name string) error {
 }
 
 // CreateKey implements kms.Store.
-func (s *Store) CreateKey(ctx context.Context, k *kms.Key) error {
+func (s *Store) CreateKey(ctx context.Context, k *kms.Key, audit []*kms.AuditRecord) error {
 	buf, err := json.Marshal(k)
 	if err != nil {
 		return err
 	}
-	return s.db.Update(func(tx *bbolt.Tx) error {
+	err = s.update(func(tx *bbolt.Tx) error {
 		b := tx.Bucket(bucketKeys)
 		if b.Get([]byte(k.Name)) != nil {
 			return exists("key", k.Name)
 		}
-		return b.Put([]byte(k.Name), buf)
+		if err := b.Put([]byte(k.Name), buf); err != nil {
+			return err
+		}
+		return appendAudit(tx, audit)
 	})
+	if err == nil {
+		markCommitted(audit)
+	}
+	return err
 }
 
 func decodeKey(buf []byte) (*kms.Key, error) {
@@ -177,8 +209,9 @@ func (s *Store) ListKeys(ctx context.Context, after string, limit int) ([]*kms.K
 }
 
 // UpdateKey implements kms.Store.
-func (s *Store) UpdateKey(ctx context.Context, name string, fn func(k *kms.Key) error) error {
-	return s.db.Update(func(tx *bbolt.Tx) error {
+func (s *Store) UpdateKey(ctx context.Context, name string, fn func(k *kms.Key) ([]*kms.AuditRecord, error)) error {
+	var audit []*kms.AuditRecord
+	err := s.update(func(tx *bbolt.Tx) error {
 		b := tx.Bucket(bucketKeys)
 		buf := b.Get([]byte(name))
 		if buf == nil {
@@ -188,7 +221,7 @@ func (s *Store) UpdateKey(ctx context.Context, name string, fn func(k *kms.Key) 
 		if err != nil {
 			return err
 		}
-		if err := fn(k); err != nil {
+		if audit, err = fn(k); err != nil {
 			return err
 		}
 		if k.Name != name {
@@ -198,23 +231,37 @@ func (s *Store) UpdateKey(ctx context.Context, name string, fn func(k *kms.Key) 
 		if err != nil {
 			return err
 		}
-		return b.Put([]byte(name), out)
+		if err := b.Put([]byte(name), out); err != nil {
+			return err
+		}
+		return appendAudit(tx, audit)
 	})
+	if err == nil {
+		markCommitted(audit)
+	}
+	return err
 }
 
 // CreateToken implements kms.Store.
-func (s *Store) CreateToken(ctx context.Context, t *kms.Token) error {
+func (s *Store) CreateToken(ctx context.Context, t *kms.Token, audit []*kms.AuditRecord) error {
 	buf, err := json.Marshal(t)
 	if err != nil {
 		return err
 	}
-	return s.db.Update(func(tx *bbolt.Tx) error {
+	err = s.update(func(tx *bbolt.Tx) error {
 		b := tx.Bucket(bucketTokens)
 		if b.Get([]byte(t.ID)) != nil {
 			return exists("token", t.ID)
 		}
-		return b.Put([]byte(t.ID), buf)
+		if err := b.Put([]byte(t.ID), buf); err != nil {
+			return err
+		}
+		return appendAudit(tx, audit)
 	})
+	if err == nil {
+		markCommitted(audit)
+	}
+	return err
 }
 
 // GetToken implements kms.Store.

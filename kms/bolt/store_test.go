@@ -25,6 +25,20 @@ func TestConformance(t *testing.T) {
 	})
 }
 
+func TestAuditConformance(t *testing.T) {
+	storetest.RunAudit(t, func(t *testing.T) interface {
+		kms.Store
+		kms.AuditStore
+	} {
+		s, err := bolt.Open(filepath.Join(t.TempDir(), "kms.db"), bolt.Options{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { s.Close() })
+		return s
+	})
+}
+
 // TestSecondOpenFailsFast: a second open of a locked file fails within the
 // lock timeout with ErrLocked.
 func TestSecondOpenFailsFast(t *testing.T) {
@@ -45,7 +59,7 @@ func TestSurvivesReopen(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "kms.db")
 	s, _ := bolt.Open(path, bolt.Options{})
 	ctx := context.Background()
-	s.CreateKey(ctx, &kms.Key{Name: "a", Primary: 1, Versions: []kms.Version{{Number: 1, Sealed: []byte("x")}}})
+	s.CreateKey(ctx, &kms.Key{Name: "a", Primary: 1, Versions: []kms.Version{{Number: 1, Sealed: []byte("x")}}}, nil)
 	s.Close()
 	s, err := bolt.Open(path, bolt.Options{})
 	if err != nil {
