@@ -14,6 +14,7 @@ import (
 	"slices"
 	"sort"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -25,6 +26,7 @@ import (
 
 	"kmsd/api"
 	"kmsd/api/client"
+	"kmsd/audit"
 	"kmsd/internal/testhsm"
 	"kmsd/internal/testutil"
 	"kmsd/kms"
@@ -44,6 +46,21 @@ type env struct {
 	log     *testutil.Buffer
 	httpc   *http.Client
 	checker *specChecker
+	alog    *audit.Log
+	idPub   []byte
+	stream  *recordingSink
+}
+
+// recordingSink is a RecordSink that keeps what it gets.
+type recordingSink struct {
+	mu   sync.Mutex
+	recs [][]byte
+}
+
+func (r *recordingSink) Emit(b []byte) {
+	r.mu.Lock()
+	r.recs = append(r.recs, b)
+	r.mu.Unlock()
 }
 
 var spec = func() *openapi3.T {
@@ -56,17 +73,17 @@ var spec = func() *openapi3.T {
 
 // newEnv starts the API on 127.0.0.1 over a real SoftHSM token and a bbolt
 // file. Every response the tests receive is validated against openapi.yaml.
-func newEnv(t *testing.T) *env { return newEnvWith(t, nil, nil) }
+func newEnv(t *testing.T) *env { return newEnvWith(t, nil, nil, nil) }
 
-// newEnvWith lets a test wrap the real sealer and store to inject faults.
-func newEnvWith(t *testing.T, wrapSealer func(kms.Sealer) kms.Sealer, wrapStore func(kms.Store) kms.Store) *env {
+// newEnvWith lets a test wrap the real sealer and stores to inject faults.
+func newEnvWith(t *testing.T, wrapSealer func(kms.Sealer) kms.Sealer, wrapStore func(kms.Store) kms.Store, wrapAudit func(kms.AuditStore) kms.AuditStore) *env {
 	t.Helper()
 	st, err := bolt.Open(filepath.Join(t.TempDir(), "kms.db"), bolt.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { st.Close() })
-	e := &env{t: t, store: st, clock: testutil.NewClock(time.Now().UTC()), log: &testutil.Buffer{}}
+	e := &env{t: t, store: st, clock: testutil.NewClock(time.Now().UTC()), log: &testutil.Buffer{}, stream: &recordingSink{}}
 	var sealer kms.Sealer = testhsm.Open(t)
 	var store kms.Store = st
 	if wrapSealer != nil {
@@ -75,7 +92,7 @@ func newEnvWith(t *testing.T, wrapSealer func(kms.Sealer) kms.Sealer, wrapStore 
 	if wrapStore != nil {
 		store = wrapStore(store)
 	}
-	e.svc, err = kms.NewService(kms.Config{Store: store, Sealer: sealer, Kinds: kms.NewRegistry(pqc.Kinds()...), Clock: e.clock, CacheTTL: -1})
+	e.svc, err = kms.NewService(kms.Config{Store: store, Sealer: sealer, Kinds: kms.NewRegistry(pqc.Kinds()...), Clock: e.clock, CacheTTL: -1, Audit: true})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -85,7 +102,20 @@ func newEnvWith(t *testing.T, wrapSealer func(kms.Sealer) kms.Sealer, wrapStore 
 	if _, err := e.svc.EnsureAdminToken(context.Background(), func(tok string) error { e.admin = tok; return nil }); err != nil {
 		t.Fatal(err)
 	}
-	srv := httptest.NewServer(api.New(e.svc, slog.New(slog.NewJSONHandler(e.log, nil))).Handler())
+	_, idPub, err := e.svc.Identity(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.alog = audit.New(audit.Config{Store: st, PublicKey: idPub, Sign: func(ctx context.Context, msg []byte) ([]byte, error) {
+		sig, _, err := e.svc.SignAsIdentity(ctx, msg, nil)
+		return sig, err
+	}})
+	e.idPub = idPub
+	var auditStore kms.AuditStore = st
+	if wrapAudit != nil {
+		auditStore = wrapAudit(st)
+	}
+	srv := httptest.NewServer(api.New(e.svc, slog.New(slog.NewJSONHandler(e.log, nil)), api.Options{Audit: auditStore, Prover: e.alog, Stream: e.stream}).Handler())
 	t.Cleanup(srv.Close)
 	e.url = srv.URL
 	e.checker = newSpecChecker(t)
@@ -181,7 +211,7 @@ func TestSpecMatchesRouter(t *testing.T) {
 		t.Fatalf("openapi.yaml is not a valid OpenAPI document: %v", err)
 	}
 	var inRouter, inSpec []string
-	h := api.New(nil, nil).Handler().(chi.Routes)
+	h := api.New(nil, nil, api.Options{Audit: &bolt.Store{}, Prover: &audit.Log{}}).Handler().(chi.Routes)
 	err := chi.Walk(h, func(method, route string, _ http.Handler, _ ...func(http.Handler) http.Handler) error {
 		inRouter = append(inRouter, method+" "+route)
 		return nil

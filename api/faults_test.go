@@ -82,7 +82,7 @@ func TestFailingHSMAndFullDisk(t *testing.T) {
 	var down, full atomic.Bool
 	e := newEnvWith(t,
 		func(s kms.Sealer) kms.Sealer { return flakySealer{s, &down} },
-		func(s kms.Store) kms.Store { return fullStore{s, &full} })
+		func(s kms.Store) kms.Store { return fullStore{s, &full} }, nil)
 	c := e.client(e.admin)
 	if _, err := c.CreateKey(ctx, client.CreateKeyRequest{Name: "sig", Kind: "ml-dsa-65"}); err != nil {
 		t.Fatal(err)

@@ -117,6 +117,7 @@ func (s *Server) createKey(w http.ResponseWriter, r *http.Request) {
 		writeError(w, r, err)
 		return
 	}
+	pending(r, http.StatusCreated)
 	k, err := s.svc.CreateKey(r.Context(), req.Name, req.Kind, fromPolicy(req.Policy))
 	if err != nil {
 		writeError(w, r, err)
@@ -175,6 +176,7 @@ func (s *Server) updateKey(w http.ResponseWriter, r *http.Request) {
 		writeProblem(w, r, http.StatusBadRequest, ProbInvalid, "nothing to change: give policy or min_decryption_version")
 		return
 	}
+	pending(r, http.StatusOK)
 	u := kms.KeyUpdate{MinDecryptionVersion: req.MinDecryptionVersion}
 	if req.Policy != nil {
 		p := fromPolicy(req.Policy)
@@ -193,6 +195,7 @@ func (s *Server) rotate(w http.ResponseWriter, r *http.Request) {
 	if !readBody(w, r, &req, true) {
 		return
 	}
+	pending(r, http.StatusCreated)
 	k, v, err := s.svc.Rotate(r.Context(), chi.URLParam(r, "name"))
 	if err != nil {
 		writeError(w, r, err)
@@ -213,6 +216,7 @@ func (s *Server) publicKey(w http.ResponseWriter, r *http.Request) {
 		writeError(w, r, err)
 		return
 	}
+	eventFrom(r).version = v.Number
 	writeJSON(w, http.StatusOK, client.PublicKey{Name: k.Name, Version: v.Number, Kind: k.Kind, PublicKey: v.PublicKey})
 }
 
@@ -245,6 +249,8 @@ func (s *Server) versionAction(a kms.Action) http.HandlerFunc {
 			}
 		}
 		name := chi.URLParam(r, "name")
+		eventFrom(r).version = n
+		pending(r, http.StatusOK)
 		v, err := s.svc.SetVersionState(r.Context(), name, n, a, days)
 		if err != nil {
 			writeError(w, r, err)
@@ -269,6 +275,7 @@ func (s *Server) sign(w http.ResponseWriter, r *http.Request) {
 		writeError(w, r, err)
 		return
 	}
+	eventFrom(r).version = v
 	writeJSON(w, http.StatusOK, client.SignResponse{Signature: sig, Version: v})
 }
 
@@ -281,6 +288,7 @@ func (s *Server) verify(w http.ResponseWriter, r *http.Request) {
 		writeProblem(w, r, http.StatusBadRequest, ProbInvalid, "message, signature and version are required")
 		return
 	}
+	eventFrom(r).version = req.Version
 	ok, err := s.svc.Verify(r.Context(), chi.URLParam(r, "name"), req.Version, req.Message, req.Context, req.Signature)
 	if err != nil {
 		writeError(w, r, err)
@@ -298,6 +306,7 @@ func (s *Server) decapsulate(w http.ResponseWriter, r *http.Request) {
 		writeProblem(w, r, http.StatusBadRequest, ProbInvalid, "ciphertext and version are required")
 		return
 	}
+	eventFrom(r).version = req.Version
 	ss, err := s.svc.Decapsulate(r.Context(), chi.URLParam(r, "name"), req.Version, req.Ciphertext)
 	if err != nil {
 		writeError(w, r, err)
@@ -312,6 +321,7 @@ func (s *Server) createToken(w http.ResponseWriter, r *http.Request) {
 	if !readBody(w, r, &req, false) {
 		return
 	}
+	pending(r, http.StatusCreated)
 	tok, t, err := s.svc.CreateToken(r.Context(), req.Name, kms.Role(req.Role), req.Keys)
 	if err != nil {
 		writeError(w, r, err)

@@ -20,16 +20,29 @@ import (
 
 // Server serves the API over a kms.Service.
 type Server struct {
-	svc *kms.Service
-	log *slog.Logger
+	svc  *kms.Service
+	log  *slog.Logger
+	opts Options
+}
+
+// Options are the optional parts of the API.
+type Options struct {
+	// Audit, if set, records every request: the response waits until its
+	// record is durable (fail-closed). kmsd always sets it; only the
+	// benchmark runs without.
+	Audit kms.AuditStore
+	// Prover serves checkpoints and proofs (needs Audit).
+	Prover kms.AuditProver
+	// Stream, if set, gets a copy of every committed record.
+	Stream RecordSink
 }
 
 // New builds a Server. log receives one event per request.
-func New(svc *kms.Service, log *slog.Logger) *Server {
+func New(svc *kms.Service, log *slog.Logger, opts Options) *Server {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &Server{svc: svc, log: log}
+	return &Server{svc: svc, log: log, opts: opts}
 }
 
 // event is the one log record of a request; handlers add to it.
@@ -40,7 +53,9 @@ type event struct {
 	err       error
 	bytesIn   int
 	key       string
+	version   uint64
 	principal *kms.Principal
+	rec       *kms.AuditRecord // pending audit record, nil when auditing is off
 }
 
 type ctxKey struct{}
@@ -176,7 +191,7 @@ func allow(perm kms.Permission, h http.HandlerFunc) http.HandlerFunc {
 // Handler returns the API's router.
 func (s *Server) Handler() http.Handler {
 	r := chi.NewRouter()
-	r.Use(s.observe)
+	r.Use(s.observe, s.audited)
 	r.NotFound(func(w http.ResponseWriter, r *http.Request) {
 		writeProblem(w, r, http.StatusNotFound, ProbNotFound, "no such endpoint")
 	})
@@ -202,6 +217,12 @@ func (s *Server) Handler() http.Handler {
 		r.Post("/v1/keys/{name}/verify", allow(kms.PermUseKey, s.verify))
 		r.Post("/v1/keys/{name}/decapsulate", allow(kms.PermUseKey, s.decapsulate))
 		r.Post("/v1/tokens", allow(kms.PermManageTokens, s.createToken))
+		if s.opts.Audit != nil && s.opts.Prover != nil {
+			r.Get("/v1/audit/checkpoint", allow(kms.PermReadAudit, s.auditCheckpoint))
+			r.Get("/v1/audit/records", allow(kms.PermReadAudit, s.auditRecords))
+			r.Get("/v1/audit/proof/inclusion", allow(kms.PermReadAudit, s.auditInclusion))
+			r.Get("/v1/audit/proof/consistency", allow(kms.PermReadAudit, s.auditConsistency))
+		}
 	})
 	return r
 }

@@ -12,11 +12,14 @@ const (
 	PermManageKey Permission = "manage-key"
 	// PermManageTokens: create tokens.
 	PermManageTokens Permission = "manage-tokens"
+	// PermReadAudit: read audit records, checkpoints and proofs.
+	PermReadAudit Permission = "read-audit"
 )
 
 var rolePerms = map[Role][]Permission{
-	RoleAdmin:  {PermReadKey, PermUseKey, PermManageKey, PermManageTokens},
-	RoleWorker: {PermReadKey},
+	RoleAdmin:   {PermReadKey, PermUseKey, PermManageKey, PermManageTokens, PermReadAudit},
+	RoleWorker:  {PermReadKey},
+	RoleAuditor: {PermReadAudit},
 }
 
 // Authorize decides whether p may exercise perm; key is the key name the

@@ -98,3 +98,14 @@ func auditFor(ctx context.Context, key string, version uint64) []*AuditRecord {
 	}
 	return []*AuditRecord{rec}
 }
+
+// AuditProver serves the signed view of the audit log.
+type AuditProver interface {
+	// Latest returns the newest signed checkpoint; ErrNotFound if none.
+	Latest(ctx context.Context) ([]byte, error)
+	// InclusionProof proves record index is in the tree of the given size.
+	InclusionProof(ctx context.Context, index, size uint64) ([][32]byte, error)
+	// ConsistencyProof proves the tree of size old is a prefix of the tree
+	// of the given size.
+	ConsistencyProof(ctx context.Context, old, size uint64) ([][32]byte, error)
+}

@@ -19,6 +19,8 @@ const (
 	RoleAdmin Role = "admin"
 	// RoleWorker may read keys and their public keys.
 	RoleWorker Role = "worker"
+	// RoleAuditor may read the audit log, its checkpoints and proofs.
+	RoleAuditor Role = "auditor"
 )
 
 // Token is a bearer token as stored: its secret is kept only as a hash.
@@ -92,10 +94,10 @@ func (p *Principal) MayUse(name string) bool {
 // ValidateRole checks a role named from outside.
 func ValidateRole(r Role) error {
 	switch r {
-	case RoleAdmin, RoleWorker:
+	case RoleAdmin, RoleWorker, RoleAuditor:
 		return nil
 	}
-	return Errorf(KindInvalid, "unknown role %q: want admin or worker", clip(string(r), 40))
+	return Errorf(KindInvalid, "unknown role %q: want admin, worker or auditor", clip(string(r), 40))
 }
 
 // ValidatePatterns checks key-name patterns named from outside.

@@ -134,7 +134,7 @@ func run(dur time.Duration, concList string, ttl time.Duration, msgSize int) err
 	if err != nil {
 		return err
 	}
-	srv := &http.Server{Handler: api.New(svc, slog.New(slog.DiscardHandler)).Handler()}
+	srv := &http.Server{Handler: api.New(svc, slog.New(slog.DiscardHandler), api.Options{}).Handler()}
 	go srv.Serve(ln)
 	defer srv.Close()
 	base := "http://" + ln.Addr().String()

@@ -37,7 +37,7 @@ func server(t *testing.T) (string, string) {
 	svc.EnsureIdentity(context.Background())
 	var admin string
 	svc.EnsureAdminToken(context.Background(), func(tok string) error { admin = tok; return nil })
-	srv := httptest.NewServer(api.New(svc, nil).Handler())
+	srv := httptest.NewServer(api.New(svc, nil, api.Options{}).Handler())
 	t.Cleanup(srv.Close)
 	return srv.URL, admin
 }

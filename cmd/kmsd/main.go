@@ -14,10 +14,12 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strconv"
 	"syscall"
 	"time"
 
 	"kmsd/api"
+	"kmsd/audit"
 	"kmsd/hsm"
 	"kmsd/hsm/softhsm"
 	"kmsd/internal/fileutil"
@@ -59,6 +61,10 @@ type config struct {
 	destroyInterval time.Duration
 	shutdownTimeout time.Duration
 	logLevel        string
+	auditEvery      uint64
+	auditInterval   time.Duration
+	auditStream     string
+	auditStreamWait time.Duration
 }
 
 // parseFlags reads flags, with KMS_* environment variables as defaults.
@@ -90,14 +96,25 @@ func parseFlags(args []string, getenv func(string) string, out io.Writer) (confi
 	fs.DurationVar(&c.destroyInterval, "destroy-check-interval", dur("KMS_DESTROY_CHECK_INTERVAL", time.Minute), "how often versions due for destruction are destroyed (env KMS_DESTROY_CHECK_INTERVAL)")
 	fs.DurationVar(&c.shutdownTimeout, "shutdown-timeout", dur("KMS_SHUTDOWN_TIMEOUT", 30*time.Second), "how long SIGTERM waits for requests in flight (env KMS_SHUTDOWN_TIMEOUT)")
 	fs.StringVar(&c.logLevel, "log-level", env("KMS_LOG_LEVEL", "info"), "debug, info, warn or error (env KMS_LOG_LEVEL)")
+	every := uint64(1000)
+	if v, err := strconv.ParseUint(getenv("KMS_AUDIT_CHECKPOINT_EVERY"), 10, 64); err == nil && v > 0 {
+		every = v
+	}
+	fs.Uint64Var(&c.auditEvery, "audit-checkpoint-every", every, "sign an audit checkpoint once this many records are uncovered (env KMS_AUDIT_CHECKPOINT_EVERY)")
+	fs.DurationVar(&c.auditInterval, "audit-checkpoint-interval", dur("KMS_AUDIT_CHECKPOINT_INTERVAL", 10*time.Second), "and at least this often while any are (env KMS_AUDIT_CHECKPOINT_INTERVAL)")
+	fs.StringVar(&c.auditStream, "audit-stream", env("KMS_AUDIT_STREAM", ""), "also append each committed audit record as a JSON line to this file, or - for stdout; empty: off (env KMS_AUDIT_STREAM)")
+	fs.DurationVar(&c.auditStreamWait, "audit-stream-timeout", dur("KMS_AUDIT_STREAM_TIMEOUT", 100*time.Millisecond), "longest a request waits for a stuck stream sink before the record is dropped from the stream (env KMS_AUDIT_STREAM_TIMEOUT)")
 	if err := fs.Parse(args); err != nil {
 		return c, err
 	}
 	if fs.NArg() > 0 {
 		return c, fmt.Errorf("unexpected argument %q", fs.Arg(0))
 	}
-	if c.destroyInterval <= 0 || c.shutdownTimeout <= 0 || c.cacheTTL < 0 {
+	if c.destroyInterval <= 0 || c.shutdownTimeout <= 0 || c.cacheTTL < 0 || c.auditInterval <= 0 || c.auditStreamWait <= 0 {
 		return c, errors.New("durations must be positive (key-cache-ttl may be 0)")
+	}
+	if c.auditEvery == 0 {
+		return c, errors.New("--audit-checkpoint-every must be at least 1")
 	}
 	return c, nil
 }
@@ -164,7 +181,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 	if ttl == 0 {
 		ttl = -1
 	}
-	svc, err := kms.NewService(kms.Config{Store: store, Sealer: sealer, Kinds: kms.NewRegistry(pqc.Kinds()...), Logger: log, CacheTTL: ttl})
+	svc, err := kms.NewService(kms.Config{Store: store, Sealer: sealer, Kinds: kms.NewRegistry(pqc.Kinds()...), Logger: log, CacheTTL: ttl, Audit: true})
 	if err != nil {
 		return err
 	}
@@ -182,12 +199,45 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 		log.Info("wrote the bootstrap admin token", "path", tokenPath)
 	}
 
+	_, idPub, err := svc.Identity(ctx)
+	if err != nil {
+		return fmt.Errorf("identity key: %w", err)
+	}
+	alog := audit.New(audit.Config{
+		Store: store, PublicKey: idPub, Every: c.auditEvery, Interval: c.auditInterval, Logger: log,
+		Sign: func(ctx context.Context, msg []byte) ([]byte, error) {
+			sig, _, err := svc.SignAsIdentity(ctx, msg, nil)
+			return sig, err
+		},
+	})
+	opts := api.Options{Audit: store, Prover: alog}
+	if c.auditStream != "" {
+		var w io.Writer = os.Stdout
+		if c.auditStream != "-" {
+			f, err := os.OpenFile(c.auditStream, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
+			if err != nil {
+				return fmt.Errorf("audit stream: %w", err)
+			}
+			defer f.Close()
+			w = f
+		}
+		stream := audit.NewStream(w, c.auditStreamWait, 4096, log)
+		defer stream.Close()
+		opts.Stream = stream
+	}
+	actx, acancel := context.WithCancel(context.Background())
+	adone := make(chan struct{})
+	go func() { defer close(adone); alog.Run(actx) }()
+	// The last checkpoint is signed after requests drained, before the
+	// store and the HSM close.
+	defer func() { acancel(); <-adone }()
+
 	ln, err := net.Listen("tcp", c.addr)
 	if err != nil {
 		return err
 	}
 	srv := &http.Server{
-		Handler:           api.New(svc, log).Handler(),
+		Handler:           api.New(svc, log, opts).Handler(),
 		ReadHeaderTimeout: 10 * time.Second,
 		ReadTimeout:       60 * time.Second,
 		IdleTimeout:       120 * time.Second,

@@ -1,0 +1,237 @@
+package api
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"net/http"
+	"runtime/debug"
+	"strconv"
+	"time"
+
+	"github.com/go-chi/chi/v5"
+
+	"kmsd/kms"
+)
+
+// RecordSink receives each committed audit record (the streaming copy for a
+// SIEM). Emit must return quickly.
+type RecordSink interface {
+	Emit(record []byte)
+}
+
+// bufferedWriter holds a response until its audit record is durable.
+type bufferedWriter struct {
+	header http.Header
+	status int
+	body   bytes.Buffer
+}
+
+func (b *bufferedWriter) Header() http.Header { return b.header }
+func (b *bufferedWriter) WriteHeader(code int) {
+	if b.status == 0 {
+		b.status = code
+	}
+}
+func (b *bufferedWriter) Write(p []byte) (int, error) {
+	if b.status == 0 {
+		b.status = http.StatusOK
+	}
+	return b.body.Write(p)
+}
+
+// pending marks the request as a state change that will answer status if it
+// succeeds: its record then commits in the same transaction as the change.
+func pending(r *http.Request, status int) {
+	if ev := eventFrom(r); ev != nil && ev.rec != nil {
+		ev.rec.Status = status
+		ev.rec.ReqBytes = ev.bytesIn
+		if ev.principal != nil {
+			ev.rec.Actor, ev.rec.Role = ev.principal.TokenID, string(ev.principal.Role)
+		}
+		ev.rec.Operation = operation(r)
+	}
+}
+
+func operation(r *http.Request) string {
+	if rc := chi.RouteContext(r.Context()); rc != nil && rc.RoutePattern() != "" {
+		return r.Method + " " + rc.RoutePattern()
+	}
+	p := r.URL.Path
+	if len(p) > 200 {
+		p = p[:200] + "..."
+	}
+	return r.Method + " " + p + " (no such route)"
+}
+
+// audited records every request, answered or refused, authenticated or not.
+// The response is held until its record is durable; if the record cannot be
+// made durable the client gets 503 instead (fail-closed). A state change's
+// record was already committed with the change itself.
+func (s *Server) audited(next http.Handler) http.Handler {
+	if s.opts.Audit == nil {
+		return next
+	}
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		ev := eventFrom(r)
+		rec := &kms.AuditRecord{Time: time.Now().UTC().Format(time.RFC3339Nano), RequestID: ev.id, Actor: "anonymous", Source: r.RemoteAddr}
+		ev.rec = rec
+		r = r.WithContext(kms.WithAudit(r.Context(), rec))
+		bw := &bufferedWriter{header: w.Header()}
+		s.serveRecovered(bw, r, next)
+		if bw.status == 0 {
+			bw.status = http.StatusOK
+		}
+		if !rec.Committed {
+			rec.Operation = operation(r)
+			if ev.principal != nil {
+				rec.Actor, rec.Role = ev.principal.TokenID, string(ev.principal.Role)
+			}
+			if rec.Key == "" {
+				rec.Key = ev.key
+			}
+			if rec.Version == 0 {
+				rec.Version = ev.version
+			}
+			rec.Status, rec.Problem, rec.ReqBytes, rec.RespBytes = bw.status, ev.problem, ev.bytesIn, bw.body.Len()
+			// The answer waits for durability even if the client left.
+			if err := s.opts.Audit.AppendAudit(context.WithoutCancel(r.Context()), rec); err != nil {
+				ev.err = fmt.Errorf("audit record not durable: %w", err)
+				for k := range w.Header() {
+					if k != "X-Request-Id" && k != "Cache-Control" {
+						w.Header().Del(k)
+					}
+				}
+				writeProblem(w, r, http.StatusServiceUnavailable, ProbUnavailable, "the audit log cannot record this request, so it was not carried out; retry later")
+				return
+			}
+		}
+		if s.opts.Stream != nil {
+			s.opts.Stream.Emit(rec.Encode())
+		}
+		w.WriteHeader(bw.status)
+		_, _ = w.Write(bw.body.Bytes())
+	})
+}
+
+// serveRecovered runs next; a panic becomes a 500 answer (and its record)
+// instead of a lost record.
+func (s *Server) serveRecovered(bw *bufferedWriter, r *http.Request, next http.Handler) {
+	defer func() {
+		if p := recover(); p != nil {
+			if p == http.ErrAbortHandler {
+				panic(p)
+			}
+			s.log.Error("panic", "request_id", eventFrom(r).id, "panic", p, "stack", string(debug.Stack()))
+			bw.status = 0
+			bw.body.Reset()
+			writeProblem(bw, r, http.StatusInternalServerError, ProbInternal, "")
+		}
+	}()
+	next.ServeHTTP(bw, r)
+}
+
+// MaxAuditRecords bounds one records request.
+const MaxAuditRecords = 10000
+
+func queryUint(r *http.Request, name string) (uint64, error) {
+	v := r.URL.Query().Get(name)
+	n, err := strconv.ParseUint(v, 10, 63)
+	if err != nil {
+		return 0, kms.Errorf(kms.KindInvalid, "query parameter %s must be a non-negative number", name)
+	}
+	return n, nil
+}
+
+func (s *Server) auditCheckpoint(w http.ResponseWriter, r *http.Request) {
+	msg, err := s.opts.Prover.Latest(r.Context())
+	if err != nil {
+		writeError(w, r, err)
+		return
+	}
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	w.WriteHeader(http.StatusOK)
+	_, _ = w.Write(msg)
+}
+
+func (s *Server) auditRecords(w http.ResponseWriter, r *http.Request) {
+	start, err := queryUint(r, "start")
+	if err != nil {
+		writeError(w, r, err)
+		return
+	}
+	end, err := queryUint(r, "end")
+	if err != nil {
+		writeError(w, r, err)
+		return
+	}
+	if end < start || end-start > MaxAuditRecords {
+		writeProblem(w, r, http.StatusBadRequest, ProbInvalid, fmt.Sprintf("need start <= end and at most %d records per request", MaxAuditRecords))
+		return
+	}
+	recs, err := s.opts.Audit.AuditRecords(r.Context(), start, end)
+	if err != nil {
+		writeError(w, r, err)
+		return
+	}
+	w.Header().Set("Content-Type", "application/jsonl")
+	w.WriteHeader(http.StatusOK)
+	for _, b := range recs {
+		_, _ = w.Write(b)
+		_, _ = w.Write([]byte{'\n'})
+	}
+}
+
+// ProofResponse is the body of the proof endpoints.
+type ProofResponse struct {
+	Index *uint64  `json:"index,omitempty"`
+	Old   *uint64  `json:"old,omitempty"`
+	Size  uint64   `json:"size"`
+	Proof [][]byte `json:"proof"`
+}
+
+func proofBody(p [][32]byte) [][]byte {
+	out := make([][]byte, len(p))
+	for i := range p {
+		out[i] = p[i][:]
+	}
+	return out
+}
+
+func (s *Server) auditInclusion(w http.ResponseWriter, r *http.Request) {
+	index, err := queryUint(r, "index")
+	if err != nil {
+		writeError(w, r, err)
+		return
+	}
+	size, err := queryUint(r, "size")
+	if err != nil {
+		writeError(w, r, err)
+		return
+	}
+	p, err := s.opts.Prover.InclusionProof(r.Context(), index, size)
+	if err != nil {
+		writeError(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, ProofResponse{Index: &index, Size: size, Proof: proofBody(p)})
+}
+
+func (s *Server) auditConsistency(w http.ResponseWriter, r *http.Request) {
+	old, err := queryUint(r, "old")
+	if err != nil {
+		writeError(w, r, err)
+		return
+	}
+	size, err := queryUint(r, "size")
+	if err != nil {
+		writeError(w, r, err)
+		return
+	}
+	p, err := s.opts.Prover.ConsistencyProof(r.Context(), old, size)
+	if err != nil {
+		writeError(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, ProofResponse{Old: &old, Size: size, Proof: proofBody(p)})
+}
