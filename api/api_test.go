@@ -3,6 +3,7 @@ package api_test
 import (
 	"bytes"
 	"context"
+	"crypto/rand"
 	"encoding/base64"
 	"encoding/json"
 	"fmt"
@@ -49,6 +50,28 @@ type env struct {
 	alog    *audit.Log
 	idPub   []byte
 	stream  *recordingSink
+	rand    *recordingRand
+}
+
+// recordingRand is crypto/rand that remembers what it handed out, so a test
+// knows every seed the service generated.
+type recordingRand struct {
+	mu  sync.Mutex
+	out [][]byte
+}
+
+func (r *recordingRand) Read(p []byte) (int, error) {
+	n, err := rand.Read(p)
+	r.mu.Lock()
+	r.out = append(r.out, bytes.Clone(p[:n]))
+	r.mu.Unlock()
+	return n, err
+}
+
+func (r *recordingRand) take() [][]byte {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.out
 }
 
 // recordingSink is a RecordSink that keeps what it gets.
@@ -83,7 +106,7 @@ func newEnvWith(t *testing.T, wrapSealer func(kms.Sealer) kms.Sealer, wrapStore 
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { st.Close() })
-	e := &env{t: t, store: st, clock: testutil.NewClock(time.Now().UTC()), log: &testutil.Buffer{}, stream: &recordingSink{}}
+	e := &env{t: t, store: st, clock: testutil.NewClock(time.Now().UTC()), log: &testutil.Buffer{}, stream: &recordingSink{}, rand: &recordingRand{}}
 	var sealer kms.Sealer = testhsm.Open(t)
 	var store kms.Store = st
 	if wrapSealer != nil {
@@ -92,7 +115,7 @@ func newEnvWith(t *testing.T, wrapSealer func(kms.Sealer) kms.Sealer, wrapStore 
 	if wrapStore != nil {
 		store = wrapStore(store)
 	}
-	e.svc, err = kms.NewService(kms.Config{Store: store, Sealer: sealer, Kinds: kms.NewRegistry(pqc.Kinds()...), Clock: e.clock, CacheTTL: -1, Audit: true})
+	e.svc, err = kms.NewService(kms.Config{Store: store, Sealer: sealer, Kinds: kms.NewRegistry(pqc.Kinds()...), Clock: e.clock, Rand: e.rand, CacheTTL: -1, Audit: true})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -157,6 +180,11 @@ func (e *env) raw(method, path, token, contentType, body string) (int, http.Head
 type specChecker struct {
 	t      *testing.T
 	router routers.Router
+}
+
+func init() {
+	// JSON lines are text to the validator: their schema is a string.
+	openapi3filter.RegisterBodyDecoder("application/jsonl", openapi3filter.PlainBodyDecoder)
 }
 
 func newSpecChecker(t *testing.T) *specChecker {
