@@ -232,3 +232,86 @@ func (c *Client) CreateToken(ctx context.Context, req CreateTokenRequest) (*Toke
 	var out Token
 	return &out, c.do(ctx, http.MethodPost, "/v1/tokens", nil, req, &out)
 }
+
+// getRaw fetches a non-JSON resource.
+func (c *Client) getRaw(ctx context.Context, path string, query url.Values) ([]byte, error) {
+	u := *c.base
+	u.Path += path
+	if query != nil {
+		u.RawQuery = query.Encode()
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u.String(), nil)
+	if err != nil {
+		return nil, err
+	}
+	if c.token != "" {
+		req.Header.Set("Authorization", "Bearer "+c.token)
+	}
+	resp, err := c.http.Do(req)
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return nil, err
+	}
+	if resp.StatusCode >= 400 {
+		e := &Error{}
+		if json.Unmarshal(b, &e.Problem) != nil || e.Status == 0 {
+			e.Problem = Problem{Status: resp.StatusCode, Title: http.StatusText(resp.StatusCode)}
+		}
+		return nil, e
+	}
+	return b, nil
+}
+
+// AuditCheckpoint returns the latest signed checkpoint (a signed note).
+func (c *Client) AuditCheckpoint(ctx context.Context) ([]byte, error) {
+	return c.getRaw(ctx, "/v1/audit/checkpoint", nil)
+}
+
+// AuditRecords returns records [start, end), each exactly as hashed into the
+// tree. It pages through the server's per-request limit.
+func (c *Client) AuditRecords(ctx context.Context, start, end uint64) ([][]byte, error) {
+	var out [][]byte
+	for start < end {
+		stop := min(end, start+10000)
+		b, err := c.getRaw(ctx, "/v1/audit/records", url.Values{"start": {strconv.FormatUint(start, 10)}, "end": {strconv.FormatUint(stop, 10)}})
+		if err != nil {
+			return nil, err
+		}
+		lines := bytes.Split(b, []byte("\n"))
+		if len(lines) == 0 || len(lines[len(lines)-1]) != 0 {
+			return nil, fmt.Errorf("records [%d, %d): the answer does not end in a newline", start, stop)
+		}
+		lines = lines[:len(lines)-1]
+		if uint64(len(lines)) != stop-start {
+			return nil, fmt.Errorf("records [%d, %d): got %d lines", start, stop, len(lines))
+		}
+		out = append(out, lines...)
+		start = stop
+	}
+	return out, nil
+}
+
+// Proof is an audit inclusion or consistency proof.
+type Proof struct {
+	Size  uint64   `json:"size"`
+	Proof [][]byte `json:"proof"`
+}
+
+// InclusionProof proves record index is in the tree of the given size.
+func (c *Client) InclusionProof(ctx context.Context, index, size uint64) (*Proof, error) {
+	var out Proof
+	q := url.Values{"index": {strconv.FormatUint(index, 10)}, "size": {strconv.FormatUint(size, 10)}}
+	return &out, c.do(ctx, http.MethodGet, "/v1/audit/proof/inclusion", q, nil, &out)
+}
+
+// ConsistencyProof proves the tree of size old is a prefix of the tree of
+// the given size.
+func (c *Client) ConsistencyProof(ctx context.Context, old, size uint64) (*Proof, error) {
+	var out Proof
+	q := url.Values{"old": {strconv.FormatUint(old, 10)}, "size": {strconv.FormatUint(size, 10)}}
+	return &out, c.do(ctx, http.MethodGet, "/v1/audit/proof/consistency", q, nil, &out)
+}

@@ -7,13 +7,16 @@ import (
 	"encoding/base64"
 	"encoding/json"
 	"flag"
+	"fmt"
 	"net/http/httptest"
+	"os"
 	"path/filepath"
 	"regexp"
 	"strings"
 	"testing"
 
 	"kmsd/api"
+	"kmsd/audit"
 	"kmsd/internal/testhsm"
 	"kmsd/kms"
 	"kmsd/kms/bolt"
@@ -22,24 +25,35 @@ import (
 
 func TestMain(m *testing.M) { testhsm.Main(m) }
 
-// server starts the real API over SoftHSM and bbolt on 127.0.0.1 and returns
-// its URL and an admin token.
+// server starts the real API (audited) over SoftHSM and bbolt on 127.0.0.1
+// and returns its URL and an admin token.
 func server(t *testing.T) (string, string) {
+	url, admin, _ := auditedServer(t)
+	return url, admin
+}
+
+func auditedServer(t *testing.T) (string, string, *audit.Log) {
 	st, err := bolt.Open(filepath.Join(t.TempDir(), "kms.db"), bolt.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { st.Close() })
-	svc, err := kms.NewService(kms.Config{Store: st, Sealer: testhsm.Open(t), Kinds: kms.NewRegistry(pqc.Kinds()...)})
+	svc, err := kms.NewService(kms.Config{Store: st, Sealer: testhsm.Open(t), Kinds: kms.NewRegistry(pqc.Kinds()...), Audit: true})
 	if err != nil {
 		t.Fatal(err)
 	}
-	svc.EnsureIdentity(context.Background())
+	ctx := context.Background()
+	svc.EnsureIdentity(ctx)
 	var admin string
-	svc.EnsureAdminToken(context.Background(), func(tok string) error { admin = tok; return nil })
-	srv := httptest.NewServer(api.New(svc, nil, api.Options{}).Handler())
+	svc.EnsureAdminToken(ctx, func(tok string) error { admin = tok; return nil })
+	_, pub, _ := svc.Identity(ctx)
+	alog := audit.New(audit.Config{Store: st, PublicKey: pub, Sign: func(ctx context.Context, m []byte) ([]byte, error) {
+		sig, _, err := svc.SignAsIdentity(ctx, m, nil)
+		return sig, err
+	}})
+	srv := httptest.NewServer(api.New(svc, nil, api.Options{Audit: st, Prover: alog}).Handler())
 	t.Cleanup(srv.Close)
-	return srv.URL, admin
+	return srv.URL, admin, alog
 }
 
 type result struct {
@@ -154,6 +168,53 @@ func TestCommands(t *testing.T) {
 		if r := kmsctl(t, c.env, c.args...); r.code != c.code {
 			t.Errorf("kmsctl %v: exit %d, want %d (%s)", c.args, r.code, c.code, r.stderr)
 		}
+	}
+}
+
+func TestAuditVerifyAndExport(t *testing.T) {
+	url, admin, alog := auditedServer(t)
+	env := map[string]string{"KMS_ADDR": url, "KMS_TOKEN": admin}
+	for i := 0; i < 5; i++ {
+		kmsctl(t, env, "keys", "create", fmt.Sprintf("k%d", i), "--kind", "ml-dsa-44")
+	}
+	alog.Checkpoint(context.Background())
+	dir := t.TempDir()
+	idFile, saved := filepath.Join(dir, "identity.pub"), filepath.Join(dir, "saved.checkpoint")
+	r := kmsctl(t, env, "audit", "verify", "--identity-key-file", idFile, "--fetch-identity", "--save-checkpoint", saved)
+	if r.code != exitOK || !strings.Contains(r.stdout, "audit log intact") || !strings.Contains(r.stdout, "pinned") {
+		t.Fatalf("live verify: %d %s %s", r.code, r.stdout, r.stderr)
+	}
+	exp := filepath.Join(dir, "export")
+	if r := kmsctl(t, env, "audit", "export", "--out", exp); r.code != exitOK {
+		t.Fatalf("export: %d %s", r.code, r.stderr)
+	}
+	if r := kmsctl(t, env, "audit", "verify", "--identity-key-file", idFile, "--export", exp, "--saved-checkpoint", saved); r.code != exitOK {
+		t.Fatalf("export verify: %d %s %s", r.code, r.stdout, r.stderr)
+	}
+	// More records and a newer checkpoint: the live log extends the saved one.
+	kmsctl(t, env, "keys", "rotate", "k1")
+	alog.Checkpoint(context.Background())
+	if r := kmsctl(t, env, "audit", "verify", "--identity-key-file", idFile, "--saved-checkpoint", saved, "--save-checkpoint", saved); r.code != exitOK {
+		t.Fatalf("live verify against the saved checkpoint: %d %s %s", r.code, r.stdout, r.stderr)
+	}
+	// The old export is now a rollback relative to the newer saved checkpoint.
+	r = kmsctl(t, env, "audit", "verify", "--identity-key-file", idFile, "--export", exp, "--saved-checkpoint", saved)
+	if r.code != exitInvalid || !strings.Contains(r.stdout, "NOT intact") || !strings.Contains(r.stdout, "rollback") {
+		t.Fatalf("rollback: %d %s", r.code, r.stdout)
+	}
+	// A changed record in the export.
+	recs := filepath.Join(exp, "records.jsonl")
+	b, _ := os.ReadFile(recs)
+	os.WriteFile(recs, bytes.Replace(b, []byte(`"status":201`), []byte(`"status":200`), 1), 0o600)
+	r = kmsctl(t, env, "audit", "verify", "--identity-key-file", idFile, "--export", exp)
+	if r.code != exitInvalid || !strings.Contains(r.stdout, "check failed at record") {
+		t.Fatalf("tampered export: %d %s", r.code, r.stdout)
+	}
+	// A wrong identity key.
+	other := filepath.Join(dir, "other.pub")
+	os.WriteFile(other, []byte(base64.StdEncoding.EncodeToString(make([]byte, 1952))), 0o600)
+	if r := kmsctl(t, env, "audit", "verify", "--identity-key-file", other); r.code != exitInvalid || !strings.Contains(r.stdout, "signature") {
+		t.Fatalf("wrong identity: %d %s", r.code, r.stdout)
 	}
 }
 

@@ -1,0 +1,249 @@
+package main
+
+import (
+	"bytes"
+	"encoding/base64"
+	"errors"
+	"flag"
+	"fmt"
+	iofs "io/fs"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+
+	"golang.org/x/mod/sumdb/tlog"
+
+	"kmsd/audit"
+	"kmsd/internal/fileutil"
+)
+
+// auditCommands verify and export the audit log.
+var auditCommands = []command{
+	{
+		name:     "audit verify",
+		synopsis: "--identity-key-file FILE [--fetch-identity] [--export DIR] [--saved-checkpoint FILE] [--save-checkpoint FILE]",
+		help:     "check the audit log's signatures, tree, inclusion and consistency; exit 0 if intact, 1 if not",
+		flags: func(fs *flag.FlagSet) {
+			fs.String("identity-key-file", "", "the service's identity public key, base64 as GET /v1/identity gives it (required)")
+			fs.Bool("fetch-identity", false, "if the identity key file does not exist, fetch the key from the server once and pin it there")
+			fs.String("export", "", "verify an export made by 'audit export' instead of the live server")
+			fs.String("saved-checkpoint", "", "a checkpoint saved earlier: the log must extend it (no rollback, no fork)")
+			fs.String("save-checkpoint", "", "after a good verification, save the latest checkpoint here for next time")
+		},
+		run: auditVerify,
+	},
+	{
+		name:     "audit export",
+		synopsis: "--out DIR",
+		help:     "write the records covered by the latest checkpoint and the checkpoint to DIR (an older checkpoint there is kept as checkpoint.<size>)",
+		flags:    func(fs *flag.FlagSet) { fs.String("out", "", "directory to write (required)") },
+		run:      auditExport,
+	},
+}
+
+func init() { commands = append(commands, auditCommands...) }
+
+// checkpointSize reads the size line of a signed checkpoint without
+// verifying it (verification comes later, with the pinned key).
+func checkpointSize(note []byte) (uint64, error) {
+	text, _, ok := bytes.Cut(note, []byte("\n\n"))
+	if !ok {
+		return 0, errors.New("the server's checkpoint is not a signed note")
+	}
+	c, err := audit.ParseCheckpoint(string(text) + "\n")
+	return c.Size, err
+}
+
+func auditExport(e *env, fs *flag.FlagSet, _ []string) (int, error) {
+	out := str(fs, "out")
+	if out == "" {
+		return 0, usageError{"--out is required"}
+	}
+	cp, err := e.c.AuditCheckpoint(e.ctx)
+	if err != nil {
+		return 0, err
+	}
+	size, err := checkpointSize(cp)
+	if err != nil {
+		return exitFailure, err
+	}
+	recs, err := e.c.AuditRecords(e.ctx, 0, size)
+	if err != nil {
+		return 0, err
+	}
+	if err := os.MkdirAll(out, 0o700); err != nil {
+		return 0, usageError{err.Error()}
+	}
+	if old, err := os.ReadFile(filepath.Join(out, "checkpoint")); err == nil {
+		if n, err := checkpointSize(old); err == nil {
+			if err := fileutil.WriteAtomic(filepath.Join(out, fmt.Sprintf("checkpoint.%d", n)), old, 0o600); err != nil {
+				return 0, usageError{err.Error()}
+			}
+		}
+	}
+	var buf bytes.Buffer
+	for _, r := range recs {
+		buf.Write(r)
+		buf.WriteByte('\n')
+	}
+	if err := fileutil.WriteAtomic(filepath.Join(out, "records.jsonl"), buf.Bytes(), 0o600); err != nil {
+		return 0, usageError{err.Error()}
+	}
+	if err := fileutil.WriteAtomic(filepath.Join(out, "checkpoint"), cp, 0o600); err != nil {
+		return 0, usageError{err.Error()}
+	}
+	fmt.Fprintf(e.stdout, "exported %d records and the checkpoint of size %d to %s\n", len(recs), size, out)
+	return exitOK, nil
+}
+
+func readIdentity(e *env, fs *flag.FlagSet) ([]byte, error) {
+	path := str(fs, "identity-key-file")
+	if path == "" {
+		return nil, usageError{"--identity-key-file is required"}
+	}
+	b, err := os.ReadFile(path)
+	fetch, _ := fs.Lookup("fetch-identity").Value.(flag.Getter).Get().(bool)
+	if errors.Is(err, errNotExist) && fetch {
+		id, err := e.c.Identity(e.ctx)
+		if err != nil {
+			return nil, err
+		}
+		if err := fileutil.WriteAtomic(path, []byte(base64.StdEncoding.EncodeToString(id.PublicKey)+"\n"), 0o644); err != nil {
+			return nil, usageError{err.Error()}
+		}
+		fmt.Fprintf(e.stdout, "pinned the identity key (version %d) in %s\n", id.Version, path)
+		return id.PublicKey, nil
+	}
+	if err != nil {
+		return nil, usageError{err.Error()}
+	}
+	pub, err := base64.StdEncoding.DecodeString(strings.TrimSpace(string(b)))
+	if err != nil {
+		return nil, usageError{"the identity key file does not hold standard base64"}
+	}
+	return pub, nil
+}
+
+var errNotExist = iofs.ErrNotExist
+
+// notIntact reports a failed verification: one line, exit 1.
+func notIntact(e *env, err error) (int, error) {
+	fmt.Fprintf(e.stdout, "audit log NOT intact: %v\n", err)
+	return exitInvalid, nil
+}
+
+func auditVerify(e *env, fs *flag.FlagSet, _ []string) (int, error) {
+	pub, err := readIdentity(e, fs)
+	if err != nil {
+		return 0, err
+	}
+	var saved []byte
+	if p := str(fs, "saved-checkpoint"); p != "" {
+		if saved, err = os.ReadFile(p); err != nil {
+			return 0, usageError{err.Error()}
+		}
+	}
+	var records, checkpoints [][]byte
+	live := str(fs, "export") == ""
+	if !live {
+		dir := str(fs, "export")
+		b, err := os.ReadFile(filepath.Join(dir, "records.jsonl"))
+		if err != nil {
+			return 0, usageError{err.Error()}
+		}
+		if len(b) > 0 {
+			if b[len(b)-1] != '\n' {
+				return notIntact(e, errors.New("truncated check failed: records.jsonl does not end in a newline"))
+			}
+			records = bytes.Split(b[:len(b)-1], []byte("\n"))
+		}
+		names, _ := filepath.Glob(filepath.Join(dir, "checkpoint*"))
+		sort.Strings(names)
+		for _, n := range names {
+			cp, err := os.ReadFile(n)
+			if err != nil {
+				return 0, usageError{err.Error()}
+			}
+			checkpoints = append(checkpoints, cp)
+		}
+		if len(checkpoints) == 0 {
+			return 0, usageError{"the export has no checkpoint"}
+		}
+	} else {
+		cp, err := e.c.AuditCheckpoint(e.ctx)
+		if err != nil {
+			return 0, err
+		}
+		size, err := checkpointSize(cp)
+		if err != nil {
+			return notIntact(e, err)
+		}
+		if records, err = e.c.AuditRecords(e.ctx, 0, size); err != nil {
+			return 0, err
+		}
+		checkpoints = [][]byte{cp}
+	}
+	res, tree, err := audit.Verify(pub, records, checkpoints, saved)
+	if err != nil {
+		return notIntact(e, err)
+	}
+	if live {
+		// The server's proofs must agree with what was recomputed.
+		if saved != nil {
+			old, _ := audit.OpenCheckpoint(saved, pub)
+			if old.Size > 0 && old.Size < res.Size {
+				p, err := e.c.ConsistencyProof(e.ctx, old.Size, res.Size)
+				if err != nil {
+					return 0, err
+				}
+				if err := tlog.CheckTree(proofHashes(p.Proof), int64(res.Size), res.Root, int64(old.Size), old.Root); err != nil {
+					return notIntact(e, &audit.Problem{Check: "proof", Index: -1, Msg: fmt.Sprintf("the server's consistency proof from size %d does not check: %v", old.Size, err)})
+				}
+			}
+		}
+		for _, i := range sample(res.Size, 16) {
+			p, err := e.c.InclusionProof(e.ctx, i, res.Size)
+			if err != nil {
+				return 0, err
+			}
+			if err := tlog.CheckRecord(proofHashes(p.Proof), int64(res.Size), res.Root, int64(i), tree.Leaf(i)); err != nil {
+				return notIntact(e, &audit.Problem{Check: "proof", Index: int64(i), Msg: fmt.Sprintf("the server's inclusion proof does not check: %v", err)})
+			}
+		}
+	}
+	if p := str(fs, "save-checkpoint"); p != "" {
+		if err := fileutil.WriteAtomic(p, checkpoints[len(checkpoints)-1], 0o600); err != nil {
+			return 0, usageError{err.Error()}
+		}
+	}
+	fmt.Fprintln(e.stdout, res.String())
+	return exitOK, nil
+}
+
+// sample picks up to n indexes spread over [0, size), first and last included.
+func sample(size uint64, n uint64) []uint64 {
+	if size == 0 {
+		return nil
+	}
+	if size <= n {
+		out := make([]uint64, size)
+		for i := range out {
+			out[i] = uint64(i)
+		}
+		return out
+	}
+	out := make([]uint64, n)
+	for i := uint64(0); i < n; i++ {
+		out[i] = i * (size - 1) / (n - 1)
+	}
+	return out
+}
+
+func proofHashes(p [][]byte) []tlog.Hash {
+	out := make([]tlog.Hash, len(p))
+	for i := range p {
+		copy(out[i][:], p[i])
+	}
+	return out
+}
