@@ -18,6 +18,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"runtime/pprof"
 	"slices"
 	"strconv"
 	"strings"
@@ -28,6 +29,7 @@ import (
 
 	"kmsd/api"
 	"kmsd/api/client"
+	"kmsd/audit"
 	"kmsd/hsm"
 	"kmsd/hsm/softhsm"
 	"kmsd/kms"
@@ -40,9 +42,21 @@ func main() {
 	conc := flag.String("concurrency", "1,16", "comma-separated concurrencies")
 	ttl := flag.Duration("key-cache-ttl", 5*time.Minute, "unsealed-key cache TTL of the server (0: off)")
 	msgSize := flag.Int("message-size", 256, "bytes per message")
+	scenario := flag.String("scenario", "sign", "sign: the API beside raw circl; audit: the API with the audit log on and off")
+	cpuprofile := flag.String("cpuprofile", "", "write a CPU profile of the whole run to this file")
 	flag.Parse()
-	if err := run(*dur, *conc, *ttl, *msgSize); err != nil {
+	if *cpuprofile != "" {
+		f, err := os.Create(*cpuprofile)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "kmsbench:", err)
+			os.Exit(1)
+		}
+		pprof.StartCPUProfile(f)
+		defer pprof.StopCPUProfile()
+	}
+	if err := run(*dur, *conc, *ttl, *msgSize, *scenario); err != nil {
 		fmt.Fprintln(os.Stderr, "kmsbench:", err)
+		pprof.StopCPUProfile()
 		os.Exit(1)
 	}
 }
@@ -96,7 +110,116 @@ func load(c int, d time.Duration, fn func() error) result {
 	return result{ops: len(all), elapsed: time.Since(start), lat: all, failures: failures}
 }
 
-func run(dur time.Duration, concList string, ttl time.Duration, msgSize int) error {
+// server is one in-process kmsd stack on 127.0.0.1.
+type server struct {
+	base, admin string
+	store       *bolt.Store
+	close       func()
+}
+
+// newServer starts the real router over the SoftHSM sealer and a fresh
+// bbolt file in dir; audited turns the audit log on (as kmsd always has it).
+func newServer(dir string, sealer *hsm.Sealer, ttl time.Duration, audited bool) (*server, error) {
+	store, err := bolt.Open(filepath.Join(dir, fmt.Sprintf("kms-%v.db", audited)), bolt.Options{})
+	if err != nil {
+		return nil, err
+	}
+	svc, err := kms.NewService(kms.Config{Store: store, Sealer: sealer, Kinds: kms.NewRegistry(pqc.Kinds()...), CacheTTL: ttl, Audit: audited})
+	if err != nil {
+		return nil, err
+	}
+	ctx := context.Background()
+	var admin string
+	if err := svc.EnsureIdentity(ctx); err != nil {
+		return nil, err
+	}
+	if _, err := svc.EnsureAdminToken(ctx, func(t string) error { admin = t; return nil }); err != nil {
+		return nil, err
+	}
+	var opts api.Options
+	acancel := func() {}
+	if audited {
+		_, pub, err := svc.Identity(ctx)
+		if err != nil {
+			return nil, err
+		}
+		alog := audit.New(audit.Config{Store: store, PublicKey: pub, Sign: func(ctx context.Context, m []byte) ([]byte, error) {
+			sig, _, err := svc.SignAsIdentity(ctx, m, nil)
+			return sig, err
+		}})
+		actx, cancel := context.WithCancel(ctx)
+		acancel = cancel
+		go alog.Run(actx)
+		opts = api.Options{Audit: store, Prover: alog}
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return nil, err
+	}
+	srv := &http.Server{Handler: api.New(svc, slog.New(slog.DiscardHandler), opts).Handler()}
+	go srv.Serve(ln)
+	s := &server{base: "http://" + ln.Addr().String(), admin: admin, store: store}
+	s.close = func() { srv.Close(); acancel(); store.Close() }
+	c, _ := client.New(s.base, admin)
+	if _, err := c.CreateKey(ctx, client.CreateKeyRequest{Name: "bench", Kind: "ml-dsa-65"}); err != nil {
+		return nil, err
+	}
+	// A few keys besides, so the store is not trivially small.
+	for i := 0; i < 50; i++ {
+		c.CreateKey(ctx, client.CreateKeyRequest{Name: fmt.Sprintf("other-%02d", i), Kind: "ml-dsa-65"})
+	}
+	return s, nil
+}
+
+// apiLoad runs one kind of request against s from n clients for d.
+func apiLoad(s *server, n int, d time.Duration, method, path string, body []byte, check func(*http.Response) error) (result, error) {
+	tr := &http.Transport{MaxIdleConnsPerHost: n, MaxConnsPerHost: n}
+	defer tr.CloseIdleConnections()
+	hc := &http.Client{Transport: tr}
+	res := load(n, d, func() error {
+		var rd *bytes.Reader
+		if body != nil {
+			rd = bytes.NewReader(body)
+		}
+		req, _ := http.NewRequest(method, s.base+path, nil)
+		if rd != nil {
+			req, _ = http.NewRequest(method, s.base+path, rd)
+			req.Header.Set("Content-Type", "application/json")
+		}
+		req.Header.Set("Authorization", "Bearer "+s.admin)
+		resp, err := hc.Do(req)
+		if err != nil {
+			return err
+		}
+		defer resp.Body.Close()
+		if resp.StatusCode != 200 {
+			return fmt.Errorf("status %d", resp.StatusCode)
+		}
+		return check(resp)
+	})
+	if res.failures > 0 {
+		return res, fmt.Errorf("%d requests to %s failed", res.failures, path)
+	}
+	return res, nil
+}
+
+func checkSign(resp *http.Response) error {
+	var out client.SignResponse
+	if err := json.NewDecoder(resp.Body).Decode(&out); err != nil || len(out.Signature) != mldsa65.SignatureSize {
+		return fmt.Errorf("bad signature answer")
+	}
+	return nil
+}
+
+func checkPublicKey(resp *http.Response) error {
+	var out client.PublicKey
+	if err := json.NewDecoder(resp.Body).Decode(&out); err != nil || len(out.PublicKey) != mldsa65.PublicKeySize {
+		return fmt.Errorf("bad public key answer")
+	}
+	return nil
+}
+
+func run(dur time.Duration, concList string, ttl time.Duration, msgSize int, scenario string) error {
 	dir, err := os.MkdirTemp("", "kmsbench-")
 	if err != nil {
 		return err
@@ -112,85 +235,86 @@ func run(dur time.Duration, concList string, ttl time.Duration, msgSize int) err
 		return err
 	}
 	defer sealer.Close()
-	store, err := bolt.Open(filepath.Join(dir, "kms.db"), bolt.Options{})
-	if err != nil {
-		return err
-	}
-	defer store.Close()
 	ttlLabel := ttl.String()
 	if ttl == 0 {
 		ttl, ttlLabel = -1, "off"
 	}
-	svc, err := kms.NewService(kms.Config{Store: store, Sealer: sealer, Kinds: kms.NewRegistry(pqc.Kinds()...), CacheTTL: ttl})
-	if err != nil {
-		return err
-	}
-	ctx := context.Background()
-	var admin string
-	if _, err := svc.EnsureAdminToken(ctx, func(t string) error { admin = t; return nil }); err != nil {
-		return err
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return err
-	}
-	srv := &http.Server{Handler: api.New(svc, slog.New(slog.DiscardHandler), api.Options{}).Handler()}
-	go srv.Serve(ln)
-	defer srv.Close()
-	base := "http://" + ln.Addr().String()
-	c, _ := client.New(base, admin)
-	if _, err := c.CreateKey(ctx, client.CreateKeyRequest{Name: "bench", Kind: "ml-dsa-65"}); err != nil {
-		return err
-	}
-	// A few keys besides, so the store is not trivially small.
-	for i := 0; i < 50; i++ {
-		c.CreateKey(ctx, client.CreateKeyRequest{Name: fmt.Sprintf("other-%02d", i), Kind: "ml-dsa-65"})
-	}
-
 	msg := make([]byte, msgSize)
 	rand.Read(msg)
-	_, sk, _ := mldsa65.GenerateKey(rand.Reader)
 	body, _ := json.Marshal(client.SignRequest{Message: msg})
-
-	fmt.Printf("# kmsbench: ml-dsa-65 sign, %d-byte messages, %v per measurement, GOMAXPROCS=%d, %s/%s\n",
-		msgSize, dur, runtime.GOMAXPROCS(0), runtime.GOOS, runtime.GOARCH)
-	fmt.Printf("# server key cache TTL: %s\n", ttlLabel)
-	fmt.Println("| concurrency | raw circl ops/s | API ops/s | API/raw | API p50 | API p99 | raw p50 | raw p99 |")
-	fmt.Println("|---|---|---|---|---|---|---|---|")
+	var concs []int
 	for _, cs := range strings.Split(concList, ",") {
 		n, err := strconv.Atoi(strings.TrimSpace(cs))
 		if err != nil || n < 1 {
 			return fmt.Errorf("bad concurrency %q", cs)
 		}
-		raw := load(n, dur, func() error {
-			sig := make([]byte, mldsa65.SignatureSize)
-			return mldsa65.SignTo(sk, msg, nil, true, sig)
-		})
-		tr := &http.Transport{MaxIdleConnsPerHost: n, MaxConnsPerHost: n}
-		hc := &http.Client{Transport: tr}
-		apiRes := load(n, dur, func() error {
-			req, _ := http.NewRequest("POST", base+"/v1/keys/bench/sign", bytes.NewReader(body))
-			req.Header.Set("Authorization", "Bearer "+admin)
-			req.Header.Set("Content-Type", "application/json")
-			resp, err := hc.Do(req)
+		concs = append(concs, n)
+	}
+	fmt.Printf("# kmsbench %s: %v per measurement, GOMAXPROCS=%d, %s/%s, server key cache TTL %s\n",
+		scenario, dur, runtime.GOMAXPROCS(0), runtime.GOOS, runtime.GOARCH, ttlLabel)
+	switch scenario {
+	case "sign":
+		s, err := newServer(dir, sealer, ttl, true)
+		if err != nil {
+			return err
+		}
+		defer s.close()
+		_, sk, _ := mldsa65.GenerateKey(rand.Reader)
+		fmt.Printf("# ml-dsa-65 sign of %d-byte messages through the audited API vs raw circl in-process\n", msgSize)
+		fmt.Println("| concurrency | raw circl ops/s | API ops/s | API/raw | API p50 | API p99 | raw p50 | raw p99 |")
+		fmt.Println("|---|---|---|---|---|---|---|---|")
+		for _, n := range concs {
+			raw := load(n, dur, func() error {
+				sig := make([]byte, mldsa65.SignatureSize)
+				return mldsa65.SignTo(sk, msg, nil, true, sig)
+			})
+			apiRes, err := apiLoad(s, n, dur, "POST", "/v1/keys/bench/sign", body, checkSign)
 			if err != nil {
 				return err
 			}
-			var out client.SignResponse
-			err = json.NewDecoder(resp.Body).Decode(&out)
-			resp.Body.Close()
-			if err != nil || resp.StatusCode != 200 || len(out.Signature) != mldsa65.SignatureSize {
-				return fmt.Errorf("status %d", resp.StatusCode)
-			}
-			return nil
-		})
-		tr.CloseIdleConnections()
-		if apiRes.failures > 0 {
-			return fmt.Errorf("%d API requests failed", apiRes.failures)
+			fmt.Printf("| %d | %.0f | %.0f | %.2f | %v | %v | %v | %v |\n", n, raw.rate(), apiRes.rate(), apiRes.rate()/raw.rate(),
+				apiRes.pct(0.5).Round(time.Microsecond), apiRes.pct(0.99).Round(time.Microsecond),
+				raw.pct(0.5).Round(time.Microsecond), raw.pct(0.99).Round(time.Microsecond))
 		}
-		fmt.Printf("| %d | %.0f | %.0f | %.2f | %v | %v | %v | %v |\n", n, raw.rate(), apiRes.rate(), apiRes.rate()/raw.rate(),
-			apiRes.pct(0.5).Round(time.Microsecond), apiRes.pct(0.99).Round(time.Microsecond),
-			raw.pct(0.5).Round(time.Microsecond), raw.pct(0.99).Round(time.Microsecond))
+	case "audit":
+		on, err := newServer(dir, sealer, ttl, true)
+		if err != nil {
+			return err
+		}
+		defer on.close()
+		off, err := newServer(dir, sealer, ttl, false)
+		if err != nil {
+			return err
+		}
+		defer off.close()
+		fmt.Println("# the same requests with the audit log on (as kmsd runs) and off (benchmark-only)")
+		fmt.Println("| request | concurrency | audit off ops/s | audit on ops/s | on/off | on p50 | on p99 | bbolt commits per 1000 audited requests |")
+		fmt.Println("|---|---|---|---|---|---|---|---|")
+		for _, req := range []struct {
+			name, method, path string
+			body               []byte
+			check              func(*http.Response) error
+		}{
+			{"GET public-key", "GET", "/v1/keys/bench/versions/primary/public-key", nil, checkPublicKey},
+			{"POST sign", "POST", "/v1/keys/bench/sign", body, checkSign},
+		} {
+			for _, n := range concs {
+				offRes, err := apiLoad(off, n, dur, req.method, req.path, req.body, req.check)
+				if err != nil {
+					return err
+				}
+				before := on.store.Commits()
+				onRes, err := apiLoad(on, n, dur, req.method, req.path, req.body, req.check)
+				if err != nil {
+					return err
+				}
+				commits := on.store.Commits() - before
+				fmt.Printf("| %s | %d | %.0f | %.0f | %.2f | %v | %v | %.1f |\n", req.name, n, offRes.rate(), onRes.rate(), onRes.rate()/offRes.rate(),
+					onRes.pct(0.5).Round(time.Microsecond), onRes.pct(0.99).Round(time.Microsecond), 1000*float64(commits)/float64(onRes.ops))
+			}
+		}
+	default:
+		return fmt.Errorf("unknown scenario %q (sign or audit)", scenario)
 	}
 	return nil
 }

@@ -181,7 +181,14 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 	if ttl == 0 {
 		ttl = -1
 	}
-	svc, err := kms.NewService(kms.Config{Store: store, Sealer: sealer, Kinds: kms.NewRegistry(pqc.Kinds()...), Logger: log, CacheTTL: ttl, Audit: true})
+	// The audit log cannot be turned off by configuration. This
+	// environment variable exists only so BENCHMARKS.md can measure what
+	// auditing costs, in the same binary.
+	audited := getenv("KMSD_BENCHMARK_UNAUDITED") != "1"
+	if !audited {
+		log.Warn("AUDIT LOG OFF: KMSD_BENCHMARK_UNAUDITED=1 is for benchmarks only; requests are not recorded")
+	}
+	svc, err := kms.NewService(kms.Config{Store: store, Sealer: sealer, Kinds: kms.NewRegistry(pqc.Kinds()...), Logger: log, CacheTTL: ttl, Audit: audited})
 	if err != nil {
 		return err
 	}
@@ -211,6 +218,9 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 		},
 	})
 	opts := api.Options{Audit: store, Prover: alog}
+	if !audited {
+		opts = api.Options{}
+	}
 	if c.auditStream != "" {
 		var w io.Writer = os.Stdout
 		if c.auditStream != "-" {
@@ -227,7 +237,12 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 	}
 	actx, acancel := context.WithCancel(context.Background())
 	adone := make(chan struct{})
-	go func() { defer close(adone); alog.Run(actx) }()
+	go func() {
+		defer close(adone)
+		if audited {
+			alog.Run(actx)
+		}
+	}()
 	// The last checkpoint is signed after requests drained, before the
 	// store and the HSM close.
 	defer func() { acancel(); <-adone }()
@@ -267,6 +282,6 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 	if err := srv.Shutdown(sctx); err != nil {
 		log.Warn("shutdown", "err", err)
 	}
-	log.Info("stopped")
+	log.Info("stopped", "store_commits", store.Commits(), "audit_group_commits", store.AuditGroups())
 	return nil
 }

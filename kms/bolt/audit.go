@@ -13,11 +13,17 @@ import (
 	"kmsd/kms"
 )
 
+// Each record is stored under its index (u64, big endian) as
+//
+//	k (1 byte) | k tree hashes (32 bytes each) | canonical record
+//
+// where the hashes are the ones tlog.StoredHashes says writing the record
+// stores (its leaf hash, then the hashes of the subtrees it completes, by
+// level). Keeping them beside the record makes an append dirty one run of
+// leaf pages instead of two.
 var (
-	bucketAuditRecords     = []byte("audit_records")     // u64 index -> canonical record
-	bucketAuditHashes      = []byte("audit_hashes")      // u64 tlog storage index -> 32-byte hash
+	bucketAuditRecords     = []byte("audit_records")     // u64 index -> hashes + canonical record
 	bucketAuditCheckpoints = []byte("audit_checkpoints") // u64 tree size -> signed note
-	keyAuditSize           = []byte("audit_size")
 )
 
 var _ kms.AuditStore = (*Store)(nil)
@@ -25,23 +31,36 @@ var _ kms.AuditStore = (*Store)(nil)
 func u64(n uint64) []byte { return binary.BigEndian.AppendUint64(nil, n) }
 
 func auditSize(tx *bbolt.Tx) uint64 {
-	if v := tx.Bucket(bucketMeta).Get(keyAuditSize); len(v) == 8 {
-		return binary.BigEndian.Uint64(v)
+	k, _ := tx.Bucket(bucketAuditRecords).Cursor().Last()
+	if k == nil {
+		return 0
 	}
-	return 0
+	return binary.BigEndian.Uint64(k) + 1
 }
 
-// txHashReader reads stored tree hashes inside a transaction.
+// splitValue splits a stored value into its tree hashes and the record.
+func splitValue(v []byte) (hashes, record []byte, err error) {
+	if len(v) < 1 || len(v) < 1+int(v[0])*tlog.HashSize {
+		return nil, nil, errors.New("audit: malformed stored record")
+	}
+	n := 1 + int(v[0])*tlog.HashSize
+	return v[1:n], v[n:], nil
+}
+
+// txHashReader reads stored tree hashes inside a transaction: the hash at
+// (level, m) was stored with record ((m+1) << level) - 1, at position level.
 func txHashReader(tx *bbolt.Tx) tlog.HashReader {
-	b := tx.Bucket(bucketAuditHashes)
+	b := tx.Bucket(bucketAuditRecords)
 	return tlog.HashReaderFunc(func(indexes []int64) ([]tlog.Hash, error) {
 		out := make([]tlog.Hash, len(indexes))
 		for i, idx := range indexes {
-			v := b.Get(u64(uint64(idx)))
-			if len(v) != tlog.HashSize {
-				return nil, fmt.Errorf("audit: tree hash %d missing", idx)
+			level, m := tlog.SplitStoredHashIndex(idx)
+			rec := uint64((m+1)<<level) - 1
+			hs, _, err := splitValue(b.Get(u64(rec)))
+			if err != nil || len(hs) < (level+1)*tlog.HashSize {
+				return nil, fmt.Errorf("audit: tree hash %d (record %d) missing", idx, rec)
 			}
-			copy(out[i][:], v)
+			copy(out[i][:], hs[level*tlog.HashSize:])
 		}
 		return out, nil
 	})
@@ -55,7 +74,9 @@ func appendAudit(tx *bbolt.Tx, recs []*kms.AuditRecord) error {
 		return nil
 	}
 	size := auditSize(tx)
-	rb, hb := tx.Bucket(bucketAuditRecords), tx.Bucket(bucketAuditHashes)
+	rb := tx.Bucket(bucketAuditRecords)
+	// Keys only ever grow: pack pages full instead of splitting them in half.
+	rb.FillPercent = 1.0
 	hr := txHashReader(tx)
 	for _, r := range recs {
 		r.Index, r.PrevHash = size, ""
@@ -71,18 +92,18 @@ func appendAudit(tx *bbolt.Tx, recs []*kms.AuditRecord) error {
 		if err != nil {
 			return err
 		}
-		base := tlog.StoredHashIndex(0, int64(size))
-		for i, h := range hashes {
-			if err := hb.Put(u64(uint64(base+int64(i))), h[:]); err != nil {
-				return err
-			}
+		v := make([]byte, 0, 1+len(hashes)*tlog.HashSize+len(data))
+		v = append(v, byte(len(hashes)))
+		for _, h := range hashes {
+			v = append(v, h[:]...)
 		}
-		if err := rb.Put(u64(size), data); err != nil {
+		v = append(v, data...)
+		if err := rb.Put(u64(size), v); err != nil {
 			return err
 		}
 		size++
 	}
-	return tx.Bucket(bucketMeta).Put(keyAuditSize, u64(size))
+	return nil
 }
 
 func markCommitted(recs []*kms.AuditRecord) {
@@ -177,7 +198,11 @@ func (s *Store) AuditRecords(ctx context.Context, start, end uint64) ([][]byte, 
 			if binary.BigEndian.Uint64(k) != i {
 				return fmt.Errorf("audit: record %d missing", i)
 			}
-			out = append(out, append([]byte(nil), v...))
+			_, rec, err := splitValue(v)
+			if err != nil {
+				return err
+			}
+			out = append(out, append([]byte(nil), rec...))
 			i++
 		}
 		if i != end {

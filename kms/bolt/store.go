@@ -61,7 +61,7 @@ func Open(path string, o Options) (*Store, error) {
 		return nil, fmt.Errorf("open %s: %w", path, err)
 	}
 	err = db.Update(func(tx *bbolt.Tx) error {
-		for _, b := range [][]byte{bucketKeys, bucketTokens, bucketMeta, bucketAuditRecords, bucketAuditHashes, bucketAuditCheckpoints} {
+		for _, b := range [][]byte{bucketKeys, bucketTokens, bucketMeta, bucketAuditRecords, bucketAuditCheckpoints} {
 			if _, err := tx.CreateBucketIfNotExists(b); err != nil {
 				return err
 			}
