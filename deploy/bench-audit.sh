@@ -2,14 +2,15 @@
 # Measures what the audit log costs: the same kmsd binary serves the same
 # requests with the audit log on (as always in production) and off (the
 # benchmark-only KMSD_BENCHMARK_UNAUDITED=1), loaded by wrk from another
-# process over 127.0.0.1 at concurrency 16. Prints a Markdown table for
-# BENCHMARKS.md. Usage: deploy/bench-audit.sh [seconds per run, default 10]
+# process over 127.0.0.1 (concurrency 16 unless given). Prints a Markdown table for
+# BENCHMARKS.md. Usage: deploy/bench-audit.sh [seconds per run, default 10] [connections, default 16]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . deploy/deps.sh
 kmsd_deps
 command -v wrk >/dev/null 2>&1 || kmsd_apt_install wrk
 secs="${1:-10}"
+conns="${2:-16}"
 work=$(mktemp -d)
 trap 'pkill -f "$work/kmsd" 2>/dev/null || true; rm -rf "$work"' EXIT
 go build -o "$work/kmsd" ./cmd/kmsd
@@ -33,9 +34,9 @@ run() {
   for kind in public-key sign; do
     local out
     if [ "$kind" = public-key ]; then
-      out=$(wrk -t2 -c16 -d"${secs}s" --latency -H "Authorization: Bearer $tok" "http://127.0.0.1:$port/v1/keys/bench/versions/primary/public-key")
+      out=$(wrk -t2 -c"$conns" -d"${secs}s" --latency -H "Authorization: Bearer $tok" "http://127.0.0.1:$port/v1/keys/bench/versions/primary/public-key")
     else
-      out=$(wrk -t2 -c16 -d"${secs}s" --latency -H "Authorization: Bearer $tok" -s "$work/sign.lua" "http://127.0.0.1:$port/v1/keys/bench/sign")
+      out=$(wrk -t2 -c"$conns" -d"${secs}s" --latency -H "Authorization: Bearer $tok" -s "$work/sign.lua" "http://127.0.0.1:$port/v1/keys/bench/sign")
     fi
     if echo "$out" | grep -q "Non-2xx"; then echo "non-2xx answers in $mode $kind run" >&2; echo "$out" >&2; exit 1; fi
     local rps p50 p99 n
@@ -53,11 +54,11 @@ run() {
 }
 
 { run off; run on; } > "$work/results"
-awk '
+awk -v conns="$conns" '
   $2=="commits" { commits[$1]=$3; reqs[$1]=$4; next }
   { rps[$1" "$2]=$3; p50[$1" "$2]=$4; p99[$1" "$2]=$5 }
   END {
-    printf "| request (concurrency 16) | audit off req/s | audit on req/s | on/off | on p50 | on p99 |\n|---|---|---|---|---|---|\n"
+    printf "| request (concurrency %d) | audit off req/s | audit on req/s | on/off | on p50 | on p99 |\n|---|---|---|---|---|---|\n", conns
     split("public-key sign", kinds, " ")
     for (i = 1; i <= 2; i++) { k = kinds[i]
       printf "| %s | %.0f | %.0f | %.2f | %s | %s |\n", k, rps["off " k], rps["on " k], rps["on " k] / rps["off " k], p50["on " k], p99["on " k] }

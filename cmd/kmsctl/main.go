@@ -20,14 +20,15 @@ import (
 // Exit codes scripts can rely on.
 const (
 	exitOK       = 0
-	exitInvalid  = 1 // verify: the signature is not valid
+	exitInvalid  = 1 // verify: the signature is not valid; audit verify: the log is not intact
 	exitUsage    = 2 // bad command line
 	exitRefused  = 3 // the server refused the request (4xx)
 	exitFailure  = 4 // the server failed (5xx) or could not be reached
 	defaultAddr  = "http://127.0.0.1:8420"
-	helpExitText = `Exit codes: 0 success; 1 verify found the signature invalid; 2 usage error;
-3 the server refused the request (4xx: bad input, not found, not allowed,
-wrong state); 4 the server failed (5xx) or could not be reached.`
+	helpExitText = `Exit codes: 0 success; 1 verify found the signature invalid, or audit verify
+found the log not intact; 2 usage error; 3 the server refused the request (4xx:
+bad input, not found, not allowed, wrong state); 4 the server failed (5xx) or
+could not be reached.`
 )
 
 type env struct {

@@ -70,8 +70,26 @@ type config struct {
 // parseFlags reads flags, with KMS_* environment variables as defaults.
 func parseFlags(args []string, getenv func(string) string, out io.Writer) (config, error) {
 	var c config
-	fs := flag.NewFlagSet("kmsd", flag.ContinueOnError)
+	fs := newFlagSet(&c, getenv)
 	fs.SetOutput(out)
+	if err := fs.Parse(args); err != nil {
+		return c, err
+	}
+	if fs.NArg() > 0 {
+		return c, fmt.Errorf("unexpected argument %q", fs.Arg(0))
+	}
+	if c.destroyInterval <= 0 || c.shutdownTimeout <= 0 || c.cacheTTL < 0 || c.auditInterval <= 0 || c.auditStreamWait <= 0 {
+		return c, errors.New("durations must be positive (key-cache-ttl may be 0)")
+	}
+	if c.auditEvery == 0 {
+		return c, errors.New("--audit-checkpoint-every must be at least 1")
+	}
+	return c, nil
+}
+
+// newFlagSet defines kmsd's flags into c.
+func newFlagSet(c *config, getenv func(string) string) *flag.FlagSet {
+	fs := flag.NewFlagSet("kmsd", flag.ContinueOnError)
 	env := func(name, def string) string {
 		if v := getenv(name); v != "" {
 			return v
@@ -101,22 +119,10 @@ func parseFlags(args []string, getenv func(string) string, out io.Writer) (confi
 		every = v
 	}
 	fs.Uint64Var(&c.auditEvery, "audit-checkpoint-every", every, "sign an audit checkpoint once this many records are uncovered (env KMS_AUDIT_CHECKPOINT_EVERY)")
-	fs.DurationVar(&c.auditInterval, "audit-checkpoint-interval", dur("KMS_AUDIT_CHECKPOINT_INTERVAL", 10*time.Second), "and at least this often while any are (env KMS_AUDIT_CHECKPOINT_INTERVAL)")
+	fs.DurationVar(&c.auditInterval, "audit-checkpoint-interval", dur("KMS_AUDIT_CHECKPOINT_INTERVAL", 10*time.Second), "and sign one at least this often while any records are uncovered (env KMS_AUDIT_CHECKPOINT_INTERVAL)")
 	fs.StringVar(&c.auditStream, "audit-stream", env("KMS_AUDIT_STREAM", ""), "also append each committed audit record as a JSON line to this file, or - for stdout; empty: off (env KMS_AUDIT_STREAM)")
 	fs.DurationVar(&c.auditStreamWait, "audit-stream-timeout", dur("KMS_AUDIT_STREAM_TIMEOUT", 100*time.Millisecond), "longest a request waits for a stuck stream sink before the record is dropped from the stream (env KMS_AUDIT_STREAM_TIMEOUT)")
-	if err := fs.Parse(args); err != nil {
-		return c, err
-	}
-	if fs.NArg() > 0 {
-		return c, fmt.Errorf("unexpected argument %q", fs.Arg(0))
-	}
-	if c.destroyInterval <= 0 || c.shutdownTimeout <= 0 || c.cacheTTL < 0 || c.auditInterval <= 0 || c.auditStreamWait <= 0 {
-		return c, errors.New("durations must be positive (key-cache-ttl may be 0)")
-	}
-	if c.auditEvery == 0 {
-		return c, errors.New("--audit-checkpoint-every must be at least 1")
-	}
-	return c, nil
+	return fs
 }
 
 // run starts kmsd and blocks until ctx ends, then drains and closes. ready,
