@@ -43,6 +43,7 @@ func main() {
 	ttl := flag.Duration("key-cache-ttl", 5*time.Minute, "unsealed-key cache TTL of the server (0: off)")
 	msgSize := flag.Int("message-size", 256, "bytes per message")
 	scenario := flag.String("scenario", "sign", "sign: the API beside raw circl; audit: the API with the audit log on and off")
+	unaudited := flag.Bool("unaudited", false, "sign scenario: serve without the audit log (benchmark only; kmsd always audits)")
 	cpuprofile := flag.String("cpuprofile", "", "write a CPU profile of the whole run to this file")
 	flag.Parse()
 	if *cpuprofile != "" {
@@ -54,7 +55,7 @@ func main() {
 		pprof.StartCPUProfile(f)
 		defer pprof.StopCPUProfile()
 	}
-	if err := run(*dur, *conc, *ttl, *msgSize, *scenario); err != nil {
+	if err := run(*dur, *conc, *ttl, *msgSize, *scenario, !*unaudited); err != nil {
 		fmt.Fprintln(os.Stderr, "kmsbench:", err)
 		pprof.StopCPUProfile()
 		os.Exit(1)
@@ -219,7 +220,7 @@ func checkPublicKey(resp *http.Response) error {
 	return nil
 }
 
-func run(dur time.Duration, concList string, ttl time.Duration, msgSize int, scenario string) error {
+func run(dur time.Duration, concList string, ttl time.Duration, msgSize int, scenario string, audited bool) error {
 	dir, err := os.MkdirTemp("", "kmsbench-")
 	if err != nil {
 		return err
@@ -254,13 +255,13 @@ func run(dur time.Duration, concList string, ttl time.Duration, msgSize int, sce
 		scenario, dur, runtime.GOMAXPROCS(0), runtime.GOOS, runtime.GOARCH, ttlLabel)
 	switch scenario {
 	case "sign":
-		s, err := newServer(dir, sealer, ttl, true)
+		s, err := newServer(dir, sealer, ttl, audited)
 		if err != nil {
 			return err
 		}
 		defer s.close()
 		_, sk, _ := mldsa65.GenerateKey(rand.Reader)
-		fmt.Printf("# ml-dsa-65 sign of %d-byte messages through the audited API vs raw circl in-process\n", msgSize)
+		fmt.Printf("# ml-dsa-65 sign of %d-byte messages through the API (audit log %s) vs raw circl in-process\n", msgSize, map[bool]string{true: "on", false: "off"}[audited])
 		fmt.Println("| concurrency | raw circl ops/s | API ops/s | API/raw | API p50 | API p99 | raw p50 | raw p99 |")
 		fmt.Println("|---|---|---|---|---|---|---|---|")
 		for _, n := range concs {
