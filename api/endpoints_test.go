@@ -280,6 +280,11 @@ func TestBadInputs(t *testing.T) {
 		{"token bad pattern", "POST", "/v1/tokens", json, `{"role":"worker","keys":["["]}`, 400, "invalid-request"},
 		{"unknown endpoint", "GET", "/v1/nothing", "", "", 404, "not-found"},
 		{"wrong method", "DELETE", "/v1/keys/sig", "", "", 405, "method-not-allowed"},
+		// Audit settings and records cannot be changed through the API.
+		{"rewrite audit records", "POST", "/v1/audit/records", json, `{}`, 405, "method-not-allowed"},
+		{"delete audit records", "DELETE", "/v1/audit/records?start=0&end=1", "", "", 405, "method-not-allowed"},
+		{"replace checkpoint", "PUT", "/v1/audit/checkpoint", json, `{}`, 405, "method-not-allowed"},
+		{"audit settings", "PATCH", "/v1/audit/settings", json, `{"enabled":false}`, 404, "not-found"},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
