@@ -3,7 +3,6 @@ package api_test
 import (
 	"bytes"
 	"context"
-	"crypto/rand"
 	"encoding/base64"
 	"encoding/json"
 	"fmt"
@@ -50,28 +49,7 @@ type env struct {
 	alog    *audit.Log
 	idPub   []byte
 	stream  *recordingSink
-	rand    *recordingRand
-}
-
-// recordingRand is crypto/rand that remembers what it handed out, so a test
-// knows every seed the service generated.
-type recordingRand struct {
-	mu  sync.Mutex
-	out [][]byte
-}
-
-func (r *recordingRand) Read(p []byte) (int, error) {
-	n, err := rand.Read(p)
-	r.mu.Lock()
-	r.out = append(r.out, bytes.Clone(p[:n]))
-	r.mu.Unlock()
-	return n, err
-}
-
-func (r *recordingRand) take() [][]byte {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return r.out
+	rand    *testutil.RecordingRand
 }
 
 // recordingSink is a RecordSink that keeps what it gets.
@@ -106,7 +84,7 @@ func newEnvWith(t *testing.T, wrapSealer func(kms.Sealer) kms.Sealer, wrapStore 
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { st.Close() })
-	e := &env{t: t, store: st, clock: testutil.NewClock(time.Now().UTC()), log: &testutil.Buffer{}, stream: &recordingSink{}, rand: &recordingRand{}}
+	e := &env{t: t, store: st, clock: testutil.NewClock(time.Now().UTC()), log: &testutil.Buffer{}, stream: &recordingSink{}, rand: &testutil.RecordingRand{}}
 	var sealer kms.Sealer = testhsm.Open(t)
 	var store kms.Store = st
 	if wrapSealer != nil {

@@ -155,14 +155,8 @@ func (s *Server) auditCheckpoint(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *Server) auditRecords(w http.ResponseWriter, r *http.Request) {
-	start, err := queryUint(r, "start")
-	if err != nil {
-		writeError(w, r, err)
-		return
-	}
-	end, err := queryUint(r, "end")
-	if err != nil {
-		writeError(w, r, err)
+	start, end, ok := queryPair(w, r, "start", "end")
+	if !ok {
 		return
 	}
 	if end < start || end-start > MaxAuditRecords {
@@ -198,15 +192,22 @@ func proofBody(p [][32]byte) [][]byte {
 	return out
 }
 
-func (s *Server) auditInclusion(w http.ResponseWriter, r *http.Request) {
-	index, err := queryUint(r, "index")
-	if err != nil {
-		writeError(w, r, err)
-		return
+// queryPair parses two required non-negative query parameters.
+func queryPair(w http.ResponseWriter, r *http.Request, a, b string) (uint64, uint64, bool) {
+	x, err := queryUint(r, a)
+	if err == nil {
+		var y uint64
+		if y, err = queryUint(r, b); err == nil {
+			return x, y, true
+		}
 	}
-	size, err := queryUint(r, "size")
-	if err != nil {
-		writeError(w, r, err)
+	writeError(w, r, err)
+	return 0, 0, false
+}
+
+func (s *Server) auditInclusion(w http.ResponseWriter, r *http.Request) {
+	index, size, ok := queryPair(w, r, "index", "size")
+	if !ok {
 		return
 	}
 	p, err := s.opts.Prover.InclusionProof(r.Context(), index, size)
@@ -218,14 +219,8 @@ func (s *Server) auditInclusion(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *Server) auditConsistency(w http.ResponseWriter, r *http.Request) {
-	old, err := queryUint(r, "old")
-	if err != nil {
-		writeError(w, r, err)
-		return
-	}
-	size, err := queryUint(r, "size")
-	if err != nil {
-		writeError(w, r, err)
+	old, size, ok := queryPair(w, r, "old", "size")
+	if !ok {
 		return
 	}
 	p, err := s.opts.Prover.ConsistencyProof(r.Context(), old, size)

@@ -231,7 +231,7 @@ func TestNoSecretsInAudit(t *testing.T) {
 	secrets = append(secrets, ss, ct[:64])
 	admin.Verify(ctx, "sig", 1, msg, sig.Signature, []byte("SECRET-CONTEXT"))
 	// Every seed the service drew.
-	for _, b := range e.rand.take() {
+	for _, b := range e.rand.Taken() {
 		if len(b) == 32 || len(b) == 64 {
 			secrets = append(secrets, b)
 		}

@@ -3,9 +3,7 @@ package kms_test
 import (
 	"bytes"
 	"context"
-	"crypto/rand"
 	"errors"
-	"io"
 	"os"
 	"path/filepath"
 	"sync"
@@ -23,21 +21,6 @@ import (
 )
 
 func TestMain(m *testing.M) { testhsm.Main(m) }
-
-// recordingRand is crypto/rand that remembers what it handed out, so a test
-// knows every seed the service generated.
-type recordingRand struct {
-	mu  sync.Mutex
-	out [][]byte
-}
-
-func (r *recordingRand) Read(p []byte) (int, error) {
-	n, err := rand.Read(p)
-	r.mu.Lock()
-	r.out = append(r.out, bytes.Clone(p[:n]))
-	r.mu.Unlock()
-	return n, err
-}
 
 // countingSealer wraps the real sealer to count calls and inject faults.
 type countingSealer struct {
@@ -87,7 +70,7 @@ type env struct {
 	clock  *testutil.Clock
 	sealer *countingSealer
 	store  *faultStore
-	rand   *recordingRand
+	rand   *testutil.RecordingRand
 	path   string
 }
 
@@ -103,7 +86,7 @@ func newEnv(t *testing.T, ttl time.Duration) *env {
 		clock:  testutil.NewClock(time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)),
 		sealer: &countingSealer{Sealer: testhsm.Open(t)},
 		store:  &faultStore{Store: st},
-		rand:   &recordingRand{},
+		rand:   &testutil.RecordingRand{},
 		path:   path,
 	}
 	e.svc, err = kms.NewService(kms.Config{Store: e.store, Sealer: e.sealer, Kinds: kms.NewRegistry(pqc.Kinds()...), Clock: e.clock, Rand: e.rand, CacheTTL: ttl})
@@ -263,7 +246,7 @@ func TestNoSeedInStoreFile(t *testing.T) {
 		t.Fatal(err)
 	}
 	seeds := 0
-	for _, b := range e.rand.out {
+	for _, b := range e.rand.Taken() {
 		if len(b) != 32 && len(b) != 64 {
 			continue
 		}
@@ -470,5 +453,3 @@ func TestTokens(t *testing.T) {
 		t.Fatalf("malformed pattern: %v", err)
 	}
 }
-
-var _ io.Reader = (*recordingRand)(nil)

@@ -3,9 +3,32 @@ package testutil
 
 import (
 	"bytes"
+	"crypto/rand"
 	"sync"
 	"time"
 )
+
+// RecordingRand is crypto/rand that remembers what it handed out, so a test
+// knows every seed the code under test generated.
+type RecordingRand struct {
+	mu  sync.Mutex
+	out [][]byte
+}
+
+func (r *RecordingRand) Read(p []byte) (int, error) {
+	n, err := rand.Read(p)
+	r.mu.Lock()
+	r.out = append(r.out, bytes.Clone(p[:n]))
+	r.mu.Unlock()
+	return n, err
+}
+
+// Taken returns everything read so far.
+func (r *RecordingRand) Taken() [][]byte {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.out
+}
 
 // Clock is a kms.Clock that moves only when told.
 type Clock struct {
