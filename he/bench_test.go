@@ -1,0 +1,63 @@
+package he
+
+import (
+	"context"
+	"testing"
+
+	"github.com/tuneinsight/lattigo/v6/core/rlwe"
+)
+
+func powersOfTwo(slots int) []int {
+	var r []int
+	for k := 1; k < slots; k *= 2 {
+		r = append(r, k)
+	}
+	return r
+}
+
+// BenchmarkKeyset compares one keyset (public, relinearization and Galois
+// keys for all power-of-two rotations) made by Generate on all cores and
+// streamed to the blob store, with plain single-threaded Lattigo making the
+// same keys in memory. Run with -bench Keyset -benchtime 3x.
+func BenchmarkKeyset(b *testing.B) {
+	for _, name := range []string{"ckks-logn14", "ckks-logn15"} {
+		p, err := Resolve(CKKS, []byte(`"`+name+`"`))
+		if err != nil {
+			b.Fatal(err)
+		}
+		sk, _ := SecretKey(p.RLWE(), make([]byte, SeedSize))
+		spec := KeySpec{Rotations: powersOfTwo(p.CKKS.MaxSlots()), Relinearization: true}
+		gal, err := GaloisElements(p, spec)
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.Run(name+"/lattigo-single-thread", func(b *testing.B) {
+			for b.Loop() {
+				kgen := rlwe.NewKeyGenerator(p.RLWE())
+				kgen.GenPublicKeyNew(sk)
+				kgen.GenRelinearizationKeyNew(sk)
+				for _, g := range gal {
+					kgen.GenGaloisKeyNew(g, sk)
+				}
+			}
+		})
+		b.Run(name+"/generate-all-cores-to-blobs", func(b *testing.B) {
+			store, err := OpenBlobStore(b.TempDir())
+			if err != nil {
+				b.Fatal(err)
+			}
+			var bytes int64
+			for b.Loop() {
+				blobs, err := Generate(context.Background(), p, sk, spec, gal, store, 0, nil)
+				if err != nil {
+					b.Fatal(err)
+				}
+				bytes = 0
+				for _, bl := range blobs {
+					bytes += bl.Size
+				}
+			}
+			b.ReportMetric(float64(bytes)/(1<<20), "MiB/keyset")
+		})
+	}
+}

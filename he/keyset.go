@@ -1,0 +1,202 @@
+package he
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"runtime"
+	"slices"
+	"sync"
+
+	"github.com/tuneinsight/lattigo/v6/core/rlwe"
+	"github.com/tuneinsight/lattigo/v6/ring"
+	"github.com/tuneinsight/lattigo/v6/utils/sampling"
+)
+
+// SeedSize is the size of the sealed secret: the secret key is derived from
+// it, so the HSM-sealed material is 32 bytes, not the NTT form (MBs).
+const SeedSize = 32
+
+// SecretKey derives the secret key from a seed: a keyed PRNG (BLAKE2b XOF,
+// domain-separated) through Lattigo's public ternary sampler, then the same
+// basis extension, NTT and Montgomery form Lattigo's key generator applies.
+func SecretKey(params rlwe.Parameters, seed []byte) (*rlwe.SecretKey, error) {
+	if len(seed) != SeedSize {
+		return nil, fmt.Errorf("seed is %d bytes, want %d", len(seed), SeedSize)
+	}
+	prng, err := sampling.NewKeyedPRNG(append([]byte("kmsd-he-secret-key-v1"), seed...))
+	if err != nil {
+		return nil, err
+	}
+	sampler, err := ring.NewSampler(prng, params.RingQ(), params.Xs(), false)
+	if err != nil {
+		return nil, err
+	}
+	sk := rlwe.NewSecretKey(params)
+	rqp := params.RingQP().AtLevel(sk.LevelQ(), sk.LevelP())
+	sampler.AtLevel(sk.LevelQ()).Read(sk.Value.Q)
+	if levelP := sk.LevelP(); levelP > -1 {
+		rqp.ExtendBasisSmallNormAndCenter(sk.Value.Q, levelP, sk.Value.Q, sk.Value.P)
+	}
+	rqp.NTT(sk.Value, sk.Value)
+	rqp.MForm(sk.Value, sk.Value)
+	return sk, nil
+}
+
+// KeySpec says which evaluation keys a version has.
+type KeySpec struct {
+	Rotations       []int
+	Conjugation     bool
+	Relinearization bool
+}
+
+// GaloisElements validates the rotations and returns the Galois elements,
+// sorted and unique.
+func GaloisElements(p *Params, spec KeySpec) ([]uint64, error) {
+	slots := 0
+	if p.Scheme == CKKS {
+		slots = p.CKKS.MaxSlots()
+	} else {
+		slots = p.BGV.MaxSlots() / 2 // column rotations act on rows of N/2
+	}
+	var out []uint64
+	seen := map[int]bool{}
+	for _, k := range spec.Rotations {
+		if k == 0 || k <= -slots || k >= slots {
+			return nil, &ErrParams{fmt.Sprintf("rotation %d is outside ±(1..%d)", k, slots-1)}
+		}
+		if seen[k] {
+			return nil, &ErrParams{fmt.Sprintf("rotation %d is listed twice", k)}
+		}
+		seen[k] = true
+		if p.Scheme == CKKS {
+			out = append(out, p.CKKS.GaloisElementForRotation(k))
+		} else {
+			out = append(out, p.BGV.GaloisElementForColRotation(k))
+		}
+	}
+	if spec.Conjugation {
+		if p.Scheme == CKKS {
+			out = append(out, p.CKKS.GaloisElementForComplexConjugation())
+		} else {
+			out = append(out, p.BGV.GaloisElementForRowRotation())
+		}
+	}
+	slices.Sort(out)
+	return slices.Compact(out), nil
+}
+
+// KeySizes returns the serialized sizes of the public key, the
+// relinearization key and one Galois key, computed from the parameters
+// without generating anything.
+func KeySizes(p *Params) (pk, rlk, gk int) {
+	rp := p.RLWE()
+	return rlwe.NewPublicKey(rp).BinarySize(), rlwe.NewRelinearizationKey(rp).BinarySize(), rlwe.NewGaloisKey(rp).BinarySize()
+}
+
+// EstimateSize is the total size of a keyset, before any work.
+func EstimateSize(p *Params, spec KeySpec, galEls []uint64) int64 {
+	pk, rlk, gk := KeySizes(p)
+	total := int64(pk) + int64(len(galEls))*int64(gk)
+	if spec.Relinearization {
+		total += int64(rlk)
+	}
+	return total
+}
+
+// Blob is one generated key in the blob store.
+type Blob struct {
+	Kind          string // "public", "relinearization", "galois"
+	GaloisElement uint64
+	Digest        Digest
+	Size          int64
+}
+
+// Progress reports generation progress: keys done of total, bytes written.
+type Progress func(done, total int, bytes int64)
+
+// Generate makes the public key and the evaluation keys of spec from the
+// secret key, on workers goroutines (0: all cores), streaming each key to
+// the blob store as soon as it is done, so that memory holds about one key
+// per worker. The blobs are returned in a fixed order: public,
+// relinearization, then Galois keys by element.
+func Generate(ctx context.Context, p *Params, sk *rlwe.SecretKey, spec KeySpec, galEls []uint64, store *BlobStore, workers int, progress Progress) ([]Blob, error) {
+	if workers <= 0 {
+		workers = runtime.GOMAXPROCS(0)
+	}
+	rp := p.RLWE()
+	type job struct {
+		i    int
+		kind string
+		gal  uint64
+	}
+	jobs := []job{{kind: "public"}}
+	if spec.Relinearization {
+		jobs = append(jobs, job{kind: "relinearization"})
+	}
+	for _, g := range galEls {
+		jobs = append(jobs, job{kind: "galois", gal: g})
+	}
+	for i := range jobs {
+		jobs[i].i = i
+	}
+	out := make([]Blob, len(jobs))
+	ch := make(chan job)
+	var mu sync.Mutex
+	var firstErr error
+	done, bytes := 0, int64(0)
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	var wg sync.WaitGroup
+	for w := 0; w < min(workers, len(jobs)); w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			kgen := rlwe.NewKeyGenerator(rp) // not safe for concurrent use: one each
+			for j := range ch {
+				var writeTo func(io.Writer) error
+				switch j.kind {
+				case "public":
+					k := kgen.GenPublicKeyNew(sk)
+					writeTo = func(w io.Writer) error { _, err := k.WriteTo(w); return err }
+				case "relinearization":
+					k := kgen.GenRelinearizationKeyNew(sk)
+					writeTo = func(w io.Writer) error { _, err := k.WriteTo(w); return err }
+				case "galois":
+					k := kgen.GenGaloisKeyNew(j.gal, sk)
+					writeTo = func(w io.Writer) error { _, err := k.WriteTo(w); return err }
+				}
+				d, n, err := store.Put(writeTo)
+				mu.Lock()
+				if err != nil && firstErr == nil {
+					firstErr = fmt.Errorf("store %s key: %w", j.kind, err)
+					cancel()
+				}
+				out[j.i] = Blob{Kind: j.kind, GaloisElement: j.gal, Digest: d, Size: n}
+				done++
+				bytes += n
+				if progress != nil {
+					progress(done, len(jobs), bytes)
+				}
+				mu.Unlock()
+			}
+		}()
+	}
+feed:
+	for _, j := range jobs {
+		select {
+		case ch <- j:
+		case <-ctx.Done():
+			break feed
+		}
+	}
+	close(ch)
+	wg.Wait()
+	if firstErr != nil {
+		return nil, firstErr
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	return out, nil
+}
