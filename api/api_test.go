@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
+	"os"
 	"path/filepath"
 	"slices"
 	"sort"
@@ -27,6 +28,7 @@ import (
 	"kmsd/api"
 	"kmsd/api/client"
 	"kmsd/audit"
+	"kmsd/he"
 	"kmsd/internal/testhsm"
 	"kmsd/internal/testutil"
 	"kmsd/kms"
@@ -50,7 +52,12 @@ type env struct {
 	idPub   []byte
 	stream  *recordingSink
 	rand    *testutil.RecordingRand
+	blobs   *he.BlobStore
 }
+
+type blobSource struct{ s *he.BlobStore }
+
+func (b blobSource) Open(d string) (*os.File, error) { return b.s.Open(he.Digest(d)) }
 
 // recordingSink is a RecordSink that keeps what it gets.
 type recordingSink struct {
@@ -93,7 +100,12 @@ func newEnvWith(t *testing.T, wrapSealer func(kms.Sealer) kms.Sealer, wrapStore 
 	if wrapStore != nil {
 		store = wrapStore(store)
 	}
-	e.svc, err = kms.NewService(kms.Config{Store: store, Sealer: sealer, Kinds: kms.NewRegistry(pqc.Kinds()...), Clock: e.clock, Rand: e.rand, CacheTTL: -1, Audit: true})
+	e.blobs, err = he.OpenBlobStore(filepath.Join(t.TempDir(), "blobs"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	kinds := kms.NewRegistry(append(pqc.Kinds(), he.Kinds(e.blobs, 2)...)...)
+	e.svc, err = kms.NewService(kms.Config{Store: store, Sealer: sealer, Kinds: kinds, Clock: e.clock, Rand: e.rand, CacheTTL: -1, Audit: true})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -116,7 +128,7 @@ func newEnvWith(t *testing.T, wrapSealer func(kms.Sealer) kms.Sealer, wrapStore 
 	if wrapAudit != nil {
 		auditStore = wrapAudit(st)
 	}
-	srv := httptest.NewServer(api.New(e.svc, slog.New(slog.NewJSONHandler(e.log, nil)), api.Options{Audit: auditStore, Prover: e.alog, Stream: e.stream}).Handler())
+	srv := httptest.NewServer(api.New(e.svc, slog.New(slog.NewJSONHandler(e.log, nil)), api.Options{Audit: auditStore, Prover: e.alog, Stream: e.stream, Blobs: blobSource{e.blobs}}).Handler())
 	t.Cleanup(srv.Close)
 	e.url = srv.URL
 	e.checker = newSpecChecker(t)

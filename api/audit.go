@@ -3,6 +3,7 @@ package api
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"net/http"
 	"runtime/debug"
@@ -20,24 +21,61 @@ type RecordSink interface {
 	Emit(record []byte)
 }
 
-// bufferedWriter holds a response until its audit record is durable.
+// bufferedWriter holds a response until its audit record is durable. A
+// handler that streams a large body (blobs) switches it to streaming: the
+// record is then committed when the status is written, before any byte
+// leaves, and the body goes straight through.
 type bufferedWriter struct {
 	header http.Header
 	status int
 	body   bytes.Buffer
+
+	stream    bool
+	out       http.ResponseWriter
+	commit    func(status int, size int) bool // false: the record failed, 503 was written
+	refused   bool
+	committed bool
+	streamed  int
 }
 
 func (b *bufferedWriter) Header() http.Header { return b.header }
 func (b *bufferedWriter) WriteHeader(code int) {
-	if b.status == 0 {
-		b.status = code
+	if b.status != 0 {
+		return
+	}
+	b.status = code
+	if b.stream {
+		size, _ := strconv.Atoi(b.header.Get("Content-Length"))
+		b.committed = true
+		if !b.commit(code, size) {
+			b.refused = true
+			return
+		}
+		b.out.WriteHeader(code)
 	}
 }
 func (b *bufferedWriter) Write(p []byte) (int, error) {
 	if b.status == 0 {
-		b.status = http.StatusOK
+		b.WriteHeader(http.StatusOK)
+	}
+	if b.stream {
+		if b.refused {
+			return 0, errAuditRefused
+		}
+		n, err := b.out.Write(p)
+		b.streamed += n
+		return n, err
 	}
 	return b.body.Write(p)
+}
+
+var errAuditRefused = errors.New("the audit record was not durable: answer withheld")
+
+// streamAudited switches w (when it is the audit buffer) to streaming.
+func streamAudited(w http.ResponseWriter) {
+	if b, ok := w.(*bufferedWriter); ok && b.out != nil {
+		b.stream = true
+	}
 }
 
 // pending marks the request as a state change that will answer status if it
@@ -77,12 +115,10 @@ func (s *Server) audited(next http.Handler) http.Handler {
 		rec := &kms.AuditRecord{Time: time.Now().UTC().Format(time.RFC3339Nano), RequestID: ev.id, Actor: "anonymous", Source: r.RemoteAddr}
 		ev.rec = rec
 		r = r.WithContext(kms.WithAudit(r.Context(), rec))
-		bw := &bufferedWriter{header: w.Header()}
-		s.serveRecovered(bw, r, next)
-		if bw.status == 0 {
-			bw.status = http.StatusOK
-		}
-		if !rec.Committed {
+		bw := &bufferedWriter{header: w.Header(), out: w}
+		// record completes and commits rec for an answer of status and
+		// size; on failure it writes 503 instead and returns false.
+		record := func(status, size int) bool {
 			rec.Operation = operation(r)
 			if ev.principal != nil {
 				rec.Actor, rec.Role = ev.principal.TokenID, string(ev.principal.Role)
@@ -93,18 +129,34 @@ func (s *Server) audited(next http.Handler) http.Handler {
 			if rec.Version == 0 {
 				rec.Version = ev.version
 			}
-			rec.Status, rec.Problem, rec.ReqBytes, rec.RespBytes = bw.status, ev.problem, ev.bytesIn, bw.body.Len()
+			rec.Status, rec.Problem, rec.ReqBytes, rec.RespBytes = status, ev.problem, ev.bytesIn, size
 			// The answer waits for durability even if the client left.
 			if err := s.opts.Audit.AppendAudit(context.WithoutCancel(r.Context()), rec); err != nil {
 				ev.err = fmt.Errorf("audit record not durable: %w", err)
 				for k := range w.Header() {
-					if k != "X-Request-Id" && k != "Cache-Control" {
+					if k != "X-Request-Id" {
 						w.Header().Del(k)
 					}
 				}
+				w.Header().Set("Cache-Control", "no-store")
 				writeProblem(w, r, http.StatusServiceUnavailable, ProbUnavailable, "the audit log cannot record this request, so it was not carried out; retry later")
-				return
+				return false
 			}
+			return true
+		}
+		bw.commit = record
+		s.serveRecovered(bw, r, next)
+		if bw.stream && bw.committed {
+			if !bw.refused && s.opts.Stream != nil {
+				s.opts.Stream.Emit(rec.Encode())
+			}
+			return // already answered, record first
+		}
+		if bw.status == 0 {
+			bw.status = http.StatusOK
+		}
+		if !rec.Committed && !record(bw.status, bw.body.Len()) {
+			return
 		}
 		if s.opts.Stream != nil {
 			s.opts.Stream.Emit(rec.Encode())

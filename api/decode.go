@@ -69,12 +69,15 @@ func decode(r *http.Request, v any, optional bool) error {
 
 // checkKeys walks the JSON tokens and refuses duplicate keys in any object
 // and keys that are not lower case (encoding/json would match "Name" to
-// "name"; every field of this API is lower case).
+// "name"; every field of this API is lower case) except inside "params",
+// which holds a Lattigo parameters literal with its own field names.
 func checkKeys(body []byte) error {
 	type frame struct {
 		object    bool
 		keys      map[string]bool
 		expectKey bool
+		free      bool // inside a "params" value: any key case
+		lastKey   string
 	}
 	var stack []*frame
 	// valueDone tells the enclosing object that its value is complete.
@@ -103,18 +106,24 @@ func checkKeys(body []byte) error {
 			if top.keys[k] {
 				return &decodeError{fmt.Sprintf("duplicate field %q", clip(k))}
 			}
-			if k != strings.ToLower(k) {
+			if k != strings.ToLower(k) && !top.free {
 				return &decodeError{fmt.Sprintf("unknown field %q", clip(k))}
 			}
 			top.keys[k] = true
 			top.expectKey = false
+			top.lastKey = k
 			continue
+		}
+		free := false
+		if n := len(stack); n > 0 {
+			top := stack[n-1]
+			free = top.free || (top.object && top.lastKey == "params")
 		}
 		switch tok {
 		case json.Delim('{'):
-			stack = append(stack, &frame{object: true, keys: map[string]bool{}, expectKey: true})
+			stack = append(stack, &frame{object: true, keys: map[string]bool{}, expectKey: true, free: free})
 		case json.Delim('['):
-			stack = append(stack, &frame{})
+			stack = append(stack, &frame{free: free})
 		case json.Delim(']'):
 			stack = stack[:len(stack)-1]
 			valueDone()

@@ -1,6 +1,7 @@
 package api
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net/http"
@@ -63,7 +64,7 @@ func toKey(k *kms.Key) client.Key {
 }
 
 func toPolicy(p kms.Policy) client.Policy {
-	out := client.Policy{DestroyWaitDays: p.DestroyWaitDays}
+	out := client.Policy{DestroyWaitDays: p.DestroyWaitDays, Params: p.Params, Rotations: p.Rotations, Conjugation: p.Conjugation, Relinearization: p.Relinearization}
 	for _, op := range p.AllowedOperations {
 		out.AllowedOperations = append(out.AllowedOperations, string(op))
 	}
@@ -74,7 +75,7 @@ func fromPolicy(p *client.Policy) kms.Policy {
 	if p == nil {
 		return kms.Policy{}
 	}
-	out := kms.Policy{DestroyWaitDays: p.DestroyWaitDays}
+	out := kms.Policy{DestroyWaitDays: p.DestroyWaitDays, Params: p.Params, Rotations: p.Rotations, Conjugation: p.Conjugation, Relinearization: p.Relinearization}
 	for _, op := range p.AllowedOperations {
 		out.AllowedOperations = append(out.AllowedOperations, kms.Operation(op))
 	}
@@ -217,7 +218,16 @@ func (s *Server) publicKey(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	eventFrom(r).version = v.Number
-	writeJSON(w, http.StatusOK, client.PublicKey{Name: k.Name, Version: v.Number, Kind: k.Kind, PublicKey: v.PublicKey})
+	out := client.PublicKey{Name: k.Name, Version: v.Number, Kind: k.Kind, PublicKey: v.PublicKey}
+	if v.Manifest != nil {
+		var m kms.Manifest
+		if err := json.Unmarshal(v.Manifest, &m); err != nil {
+			writeError(w, r, kms.Wrap(kms.KindInternal, "manifest", err))
+			return
+		}
+		out.Digest, out.Size, out.URL = m.PublicKey.Digest, m.PublicKey.Size, blobURL(m.PublicKey.Digest)
+	}
+	writeJSON(w, http.StatusOK, out)
 }
 
 func (s *Server) versionAction(a kms.Action) http.HandlerFunc {

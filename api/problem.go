@@ -24,6 +24,8 @@ const (
 	ProbAlreadyExists    = "already-exists"
 	ProbKeyState         = "failed-precondition"
 	ProbUnavailable      = "unavailable"
+	ProbTooLarge         = "too-large"
+	ProbBusy             = "busy"
 	ProbInternal         = "internal"
 )
 
@@ -38,6 +40,8 @@ var problemTitles = map[string]string{
 	ProbAlreadyExists:    "Already exists",
 	ProbKeyState:         "The key or version is not in a state that allows this",
 	ProbUnavailable:      "Service unavailable",
+	ProbTooLarge:         "The result would be too large",
+	ProbBusy:             "Too many operations of this kind at once",
 	ProbInternal:         "Internal error",
 }
 
@@ -53,6 +57,8 @@ var kindProblems = map[kms.Kind]struct {
 	kms.KindPermissionDenied:   {http.StatusForbidden, ProbForbidden},
 	kms.KindUnavailable:        {http.StatusServiceUnavailable, ProbUnavailable},
 	kms.KindInternal:           {http.StatusInternalServerError, ProbInternal},
+	kms.KindTooLarge:           {http.StatusRequestEntityTooLarge, ProbTooLarge},
+	kms.KindExhausted:          {http.StatusTooManyRequests, ProbBusy},
 }
 
 // writeProblem writes an RFC 9457 problem document.
@@ -66,7 +72,7 @@ func writeProblem(w http.ResponseWriter, r *http.Request, status int, typ, detai
 	if status == http.StatusUnauthorized {
 		w.Header().Set("WWW-Authenticate", `Bearer realm="kmsd"`)
 	}
-	if status == http.StatusServiceUnavailable {
+	if status == http.StatusServiceUnavailable || status == http.StatusTooManyRequests {
 		w.Header().Set("Retry-After", "1")
 	}
 	w.Header().Set("Content-Type", "application/problem+json")

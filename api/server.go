@@ -35,6 +35,8 @@ type Options struct {
 	Prover kms.AuditProver
 	// Stream, if set, gets a copy of every committed record.
 	Stream RecordSink
+	// Blobs serves the HE kinds' public and evaluation keys.
+	Blobs BlobSource
 }
 
 // New builds a Server. log receives one event per request.
@@ -217,6 +219,9 @@ func (s *Server) Handler() http.Handler {
 		r.Post("/v1/keys/{name}/verify", allow(kms.PermUseKey, s.verify))
 		r.Post("/v1/keys/{name}/decapsulate", allow(kms.PermUseKey, s.decapsulate))
 		r.Post("/v1/tokens", allow(kms.PermManageTokens, s.createToken))
+		r.Get("/v1/keys/{name}/versions/{version}/evaluation-keys", allow(kms.PermReadKey, s.manifest))
+		r.Get("/v1/keys/{name}/versions/{version}/evaluation-keys/signature", allow(kms.PermReadKey, s.manifestSignature))
+		r.Get("/v1/blobs/sha256/{hex}", s.blob) // authorized against the blob's key inside
 		if s.opts.Audit != nil && s.opts.Prover != nil {
 			r.Get("/v1/audit/checkpoint", allow(kms.PermReadAudit, s.auditCheckpoint))
 			r.Get("/v1/audit/records", allow(kms.PermReadAudit, s.auditRecords))

@@ -152,3 +152,15 @@ func (b *BlobStore) RemoveOrphans(keep map[Digest]bool) (int, error) {
 	}
 	return n, nil
 }
+
+// Remove deletes a blob; a missing one is not an error.
+func (b *BlobStore) Remove(d Digest) error {
+	p, err := b.Path(d)
+	if err != nil {
+		return err
+	}
+	if err := os.Remove(p); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return err
+	}
+	return nil
+}

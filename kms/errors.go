@@ -19,6 +19,8 @@ const (
 	KindUnauthenticated
 	KindPermissionDenied
 	KindUnavailable
+	KindTooLarge
+	KindExhausted
 )
 
 // Sentinel errors, one per kind. Every *Error matches exactly one of them
@@ -32,6 +34,8 @@ var (
 	ErrUnauthenticated    = errors.New("unauthenticated")
 	ErrPermissionDenied   = errors.New("permission denied")
 	ErrUnavailable        = errors.New("unavailable")
+	ErrTooLarge           = errors.New("too large")
+	ErrExhausted          = errors.New("resource exhausted")
 )
 
 var kindSentinel = map[Kind]error{
@@ -43,6 +47,8 @@ var kindSentinel = map[Kind]error{
 	KindUnauthenticated:    ErrUnauthenticated,
 	KindPermissionDenied:   ErrPermissionDenied,
 	KindUnavailable:        ErrUnavailable,
+	KindTooLarge:           ErrTooLarge,
+	KindExhausted:          ErrExhausted,
 }
 
 // Error is the one error type of the domain. Msg is written by this package

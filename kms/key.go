@@ -2,6 +2,7 @@ package kms
 
 import (
 	"encoding/binary"
+	"encoding/json"
 	"regexp"
 	"slices"
 	"strings"
@@ -43,6 +44,19 @@ type Policy struct {
 	// AllowedOperations narrows the operations of the key's kind. Empty
 	// means all of them.
 	AllowedOperations []Operation `json:"allowed_operations,omitempty"`
+
+	// Homomorphic-encryption kinds only: the parameter set (a preset name
+	// or a Lattigo parameters literal) and the evaluation keys each version
+	// gets. Changes apply to versions made afterwards.
+	Params          json.RawMessage `json:"params,omitempty"`
+	Rotations       []int           `json:"rotations,omitempty"`
+	Conjugation     bool            `json:"conjugation,omitempty"`
+	Relinearization bool            `json:"relinearization,omitempty"`
+}
+
+// hasKeysetFields reports whether any HE field is set.
+func (p Policy) hasKeysetFields() bool {
+	return len(p.Params) > 0 || len(p.Rotations) > 0 || p.Conjugation || p.Relinearization
 }
 
 // Version is one generation of key material.
@@ -55,6 +69,13 @@ type Version struct {
 	PublicKey   []byte     `json:"public_key,omitempty"`
 	// Sealed is the secret material sealed by the Sealer; nil once destroyed.
 	Sealed []byte `json:"sealed,omitempty"`
+
+	// HE versions: the manifest, its signature by the identity key (and
+	// that key's version), and the blobs it lists.
+	Manifest      []byte   `json:"manifest,omitempty"`
+	ManifestSig   []byte   `json:"manifest_sig,omitempty"`
+	ManifestSigBy uint64   `json:"manifest_sig_by,omitempty"`
+	Blobs         []string `json:"blobs,omitempty"`
 }
 
 // Key is a named key with its versions. Versions are numbered from 1 and
@@ -84,10 +105,15 @@ func (k *Key) Latest() uint64 { return uint64(len(k.Versions)) }
 func (k *Key) Clone() *Key {
 	c := *k
 	c.Policy.AllowedOperations = slices.Clone(k.Policy.AllowedOperations)
+	c.Policy.Params = slices.Clone(k.Policy.Params)
+	c.Policy.Rotations = slices.Clone(k.Policy.Rotations)
 	c.Versions = make([]Version, len(k.Versions))
 	for i, v := range k.Versions {
 		v.PublicKey = slices.Clone(v.PublicKey)
 		v.Sealed = slices.Clone(v.Sealed)
+		v.Manifest = slices.Clone(v.Manifest)
+		v.ManifestSig = slices.Clone(v.ManifestSig)
+		v.Blobs = slices.Clone(v.Blobs)
 		if v.DestroyAt != nil {
 			t := *v.DestroyAt
 			v.DestroyAt = &t

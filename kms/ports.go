@@ -39,6 +39,11 @@ type Store interface {
 	// CountTokens returns how many tokens exist.
 	CountTokens(ctx context.Context) (int, error)
 
+	// BlobOwner returns the name of the key whose versions list the blob;
+	// ErrNotFound if none does. Stores index the Blobs of every version
+	// they write, in the same transaction.
+	BlobOwner(ctx context.Context, digest string) (string, error)
+
 	// Ping checks that the store answers.
 	Ping(ctx context.Context) error
 }

@@ -25,6 +25,11 @@ type Config struct {
 	CacheTTL time.Duration
 	// CacheSize bounds how many unsealed keys are held at once (default 1024).
 	CacheSize int
+	// MaxKeysetBytes refuses HE keys whose keyset would be larger (default
+	// 4 GiB). MaxGenerations bounds HE keyset generations at once (default
+	// 1); past it, requests are refused with "exhausted" (429).
+	MaxKeysetBytes int64
+	MaxGenerations int
 	// Audit makes the service record the actions it takes on its own
 	// (scheduled destruction, bootstrap) in the audit log. Records of
 	// requests come with the request's ctx (WithAudit).
@@ -41,6 +46,9 @@ type Service struct {
 	log    *slog.Logger
 	cache  *keyCache
 	audit  bool
+
+	maxKeyset   int64
+	generations chan struct{}
 
 	locksMu sync.Mutex
 	locks   map[string]*sync.Mutex // per-key locks that serialize rotations
@@ -65,6 +73,14 @@ func NewService(cfg Config) (*Service, error) {
 	if s.log == nil {
 		s.log = slog.New(slog.DiscardHandler)
 	}
+	s.maxKeyset = cfg.MaxKeysetBytes
+	if s.maxKeyset <= 0 {
+		s.maxKeyset = 4 << 30
+	}
+	if cfg.MaxGenerations <= 0 {
+		cfg.MaxGenerations = 1
+	}
+	s.generations = make(chan struct{}, cfg.MaxGenerations)
 	ttl, size := cfg.CacheTTL, cfg.CacheSize
 	if ttl == 0 {
 		ttl = 5 * time.Minute
@@ -102,6 +118,18 @@ func (s *Service) Ready(ctx context.Context) error {
 type PolicyInput = Policy
 
 func (s *Service) checkPolicy(kind KeyKind, p Policy) (Policy, error) {
+	if kk, ok := kind.(KeysetKind); ok {
+		var size int64
+		var err error
+		if p, size, err = kk.CheckPolicy(p); err != nil {
+			return p, err
+		}
+		if size > s.maxKeyset {
+			return p, Errorf(KindTooLarge, "the keyset would be %d MiB, above the limit of %d MiB", size>>20, s.maxKeyset>>20)
+		}
+	} else if p.hasKeysetFields() {
+		return p, Errorf(KindInvalid, "params, rotations, conjugation and relinearization apply to HE kinds (ckks, bgv) only")
+	}
 	if p.DestroyWaitDays == 0 {
 		p.DestroyWaitDays = DefaultDestroyWaitDays
 	}
@@ -123,8 +151,12 @@ func (s *Service) checkPolicy(kind KeyKind, p Policy) (Policy, error) {
 }
 
 // newVersion generates and seals material for version n of a key. Nothing
-// is stored.
-func (s *Service) newVersion(ctx context.Context, name string, kind KeyKind, n uint64) (Version, error) {
+// is stored; for HE kinds the keyset's blobs are written (and must be
+// discarded if the version does not commit).
+func (s *Service) newVersion(ctx context.Context, name string, kind KeyKind, n uint64, p Policy) (Version, error) {
+	if kk, ok := kind.(KeysetKind); ok {
+		return s.newKeysetVersion(ctx, name, kk, n, p)
+	}
 	secret, pub, err := kind.Generate(s.rand)
 	if err != nil {
 		return Version{}, Wrap(KindInternal, "generate "+kind.Name(), err)
@@ -168,12 +200,13 @@ func (s *Service) createKey(ctx context.Context, name, kindName string, p Policy
 	} else if !errors.Is(err, ErrNotFound) {
 		return nil, asUnavailable("store", err)
 	}
-	v, err := s.newVersion(ctx, name, kind, 1)
+	v, err := s.newVersion(ctx, name, kind, 1, p)
 	if err != nil {
 		return nil, err
 	}
 	k := &Key{Name: name, Kind: kind.Name(), Policy: p, CreatedAt: v.CreatedAt, Primary: 1, MinDecryptionVersion: 1, Versions: []Version{v}}
 	if err := s.store.CreateKey(ctx, k, audit); err != nil {
+		s.discard(kind, v)
 		if errors.Is(err, ErrAlreadyExists) {
 			return nil, Errorf(KindAlreadyExists, "key %q already exists", name)
 		}
@@ -302,7 +335,7 @@ func (s *Service) rotate(ctx context.Context, name string) (*Key, *Version, erro
 		return nil, nil, Wrap(KindInternal, "rotate", err)
 	}
 	n := k.Latest() + 1
-	v, err := s.newVersion(ctx, name, kind, n)
+	v, err := s.newVersion(ctx, name, kind, n, k.Policy)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -317,6 +350,7 @@ func (s *Service) rotate(ctx context.Context, name string) (*Key, *Version, erro
 		return auditFor(ctx, name, n), nil
 	})
 	if err != nil {
+		s.discard(kind, v)
 		return nil, nil, err
 	}
 	return out, &out.Versions[n-1], nil

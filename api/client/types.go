@@ -1,13 +1,21 @@
 package client
 
-import "time"
+import (
+	"encoding/json"
+	"time"
+)
 
 // The wire types of the REST API, shared by the server and this client.
 
-// Policy is a key's policy.
+// Policy is a key's policy. Params, Rotations, Conjugation and
+// Relinearization apply to the HE kinds (ckks, bgv) only.
 type Policy struct {
-	DestroyWaitDays   int      `json:"destroy_wait_days,omitempty"`
-	AllowedOperations []string `json:"allowed_operations,omitempty"`
+	DestroyWaitDays   int             `json:"destroy_wait_days,omitempty"`
+	AllowedOperations []string        `json:"allowed_operations,omitempty"`
+	Params            json.RawMessage `json:"params,omitempty"` // preset name (JSON string) or Lattigo parameters literal
+	Rotations         []int           `json:"rotations,omitempty"`
+	Conjugation       bool            `json:"conjugation,omitempty"`
+	Relinearization   bool            `json:"relinearization,omitempty"`
 }
 
 // Version is one key version.
@@ -57,12 +65,25 @@ type ScheduleDestroyRequest struct {
 	Days int `json:"days,omitempty"`
 }
 
-// PublicKey is a version's public key.
+// PublicKey is a version's public key: inline for ML-KEM/ML-DSA, as a blob
+// (digest, size, URL) for the HE kinds.
 type PublicKey struct {
 	Name      string `json:"name"`
 	Version   uint64 `json:"version"`
 	Kind      string `json:"kind"`
-	PublicKey []byte `json:"public_key"` // standard base64 on the wire
+	PublicKey []byte `json:"public_key,omitempty"` // standard base64 on the wire
+	Digest    string `json:"digest,omitempty"`
+	Size      int64  `json:"size,omitempty"`
+	URL       string `json:"url,omitempty"`
+}
+
+// ManifestSignature is the identity key's signature over a manifest's exact
+// bytes.
+type ManifestSignature struct {
+	Algorithm       string `json:"algorithm"`
+	IdentityVersion uint64 `json:"identity_version"`
+	Context         string `json:"context"`
+	Signature       []byte `json:"signature"`
 }
 
 // SignRequest is the body of POST /v1/keys/{name}/sign.

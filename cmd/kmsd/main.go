@@ -20,6 +20,7 @@ import (
 
 	"kmsd/api"
 	"kmsd/audit"
+	"kmsd/he"
 	"kmsd/hsm"
 	"kmsd/hsm/softhsm"
 	"kmsd/internal/fileutil"
@@ -65,6 +66,9 @@ type config struct {
 	auditInterval   time.Duration
 	auditStream     string
 	auditStreamWait time.Duration
+	maxKeysetMiB    int64
+	heGenerations   int
+	heWorkers       int
 }
 
 // parseFlags reads flags, with KMS_* environment variables as defaults.
@@ -83,6 +87,9 @@ func parseFlags(args []string, getenv func(string) string, out io.Writer) (confi
 	}
 	if c.auditEvery == 0 {
 		return c, errors.New("--audit-checkpoint-every must be at least 1")
+	}
+	if c.maxKeysetMiB < 1 || c.heGenerations < 1 || c.heWorkers < 0 {
+		return c, errors.New("--max-keyset-mib and --he-generations must be at least 1, --he-workers at least 0")
 	}
 	return c, nil
 }
@@ -122,6 +129,15 @@ func newFlagSet(c *config, getenv func(string) string) *flag.FlagSet {
 	fs.DurationVar(&c.auditInterval, "audit-checkpoint-interval", dur("KMS_AUDIT_CHECKPOINT_INTERVAL", 10*time.Second), "and sign one at least this often while any records are uncovered (env KMS_AUDIT_CHECKPOINT_INTERVAL)")
 	fs.StringVar(&c.auditStream, "audit-stream", env("KMS_AUDIT_STREAM", ""), "also append each committed audit record as a JSON line to this file, or - for stdout; empty: off (env KMS_AUDIT_STREAM)")
 	fs.DurationVar(&c.auditStreamWait, "audit-stream-timeout", dur("KMS_AUDIT_STREAM_TIMEOUT", 100*time.Millisecond), "longest a request waits for a stuck stream sink before the record is dropped from the stream (env KMS_AUDIT_STREAM_TIMEOUT)")
+	intEnv := func(name string, def int) int {
+		if v, err := strconv.Atoi(getenv(name)); err == nil {
+			return v
+		}
+		return def
+	}
+	fs.Int64Var(&c.maxKeysetMiB, "max-keyset-mib", int64(intEnv("KMS_MAX_KEYSET_MIB", 4096)), "refuse HE keys whose keyset (public and evaluation keys) would be larger than this many MiB (env KMS_MAX_KEYSET_MIB)")
+	fs.IntVar(&c.heGenerations, "he-generations", intEnv("KMS_HE_GENERATIONS", 1), "HE keyset generations at once; more are refused with 429 (env KMS_HE_GENERATIONS)")
+	fs.IntVar(&c.heWorkers, "he-workers", intEnv("KMS_HE_WORKERS", 0), "goroutines per HE keyset generation; 0: one per core (env KMS_HE_WORKERS)")
 	return fs
 }
 
@@ -194,9 +210,30 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 	if !audited {
 		log.Warn("AUDIT LOG OFF: KMSD_BENCHMARK_UNAUDITED=1 is for benchmarks only; requests are not recorded")
 	}
-	svc, err := kms.NewService(kms.Config{Store: store, Sealer: sealer, Kinds: kms.NewRegistry(pqc.Kinds()...), Logger: log, CacheTTL: ttl, Audit: audited})
+	blobs, err := he.OpenBlobStore(filepath.Join(c.dataDir, "blobs"))
+	if err != nil {
+		return fmt.Errorf("blob store: %w", err)
+	}
+	kinds := kms.NewRegistry(append(pqc.Kinds(), he.Kinds(blobs, c.heWorkers)...)...)
+	svc, err := kms.NewService(kms.Config{Store: store, Sealer: sealer, Kinds: kinds, Logger: log, CacheTTL: ttl, Audit: audited,
+		MaxKeysetBytes: c.maxKeysetMiB << 20, MaxGenerations: c.heGenerations})
 	if err != nil {
 		return err
+	}
+	// Blobs of a generation a crash interrupted belong to no committed
+	// version: remove them before serving.
+	keep, err := svc.ReferencedBlobs(ctx)
+	if err != nil {
+		return err
+	}
+	keepD := map[he.Digest]bool{}
+	for d := range keep {
+		keepD[he.Digest(d)] = true
+	}
+	if n, err := blobs.RemoveOrphans(keepD); err != nil {
+		return fmt.Errorf("blob store: %w", err)
+	} else if n > 0 {
+		log.Info("removed blobs no committed version lists (an interrupted generation)", "count", n)
 	}
 	if err := svc.EnsureIdentity(ctx); err != nil {
 		return fmt.Errorf("identity key: %w", err)
@@ -223,9 +260,9 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 			return sig, err
 		},
 	})
-	opts := api.Options{Audit: store, Prover: alog}
+	opts := api.Options{Audit: store, Prover: alog, Blobs: blobSource{blobs}}
 	if !audited {
-		opts = api.Options{}
+		opts = api.Options{Blobs: blobSource{blobs}}
 	}
 	if c.auditStream != "" {
 		var w io.Writer = os.Stdout
@@ -291,3 +328,8 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 	log.Info("stopped", "store_commits", store.Commits(), "audit_group_commits", store.AuditGroups())
 	return nil
 }
+
+// blobSource adapts the HE blob store to the API.
+type blobSource struct{ s *he.BlobStore }
+
+func (b blobSource) Open(digest string) (*os.File, error) { return b.s.Open(he.Digest(digest)) }

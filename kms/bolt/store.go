@@ -18,6 +18,7 @@ import (
 )
 
 var (
+	bucketBlobs  = []byte("blob_owners") // blob digest -> key name
 	bucketKeys   = []byte("keys")
 	bucketTokens = []byte("tokens")
 	bucketMeta   = []byte("meta")
@@ -61,7 +62,7 @@ func Open(path string, o Options) (*Store, error) {
 		return nil, fmt.Errorf("open %s: %w", path, err)
 	}
 	err = db.Update(func(tx *bbolt.Tx) error {
-		for _, b := range [][]byte{bucketKeys, bucketTokens, bucketMeta, bucketAuditRecords, bucketAuditCheckpoints} {
+		for _, b := range [][]byte{bucketKeys, bucketTokens, bucketMeta, bucketAuditRecords, bucketAuditCheckpoints, bucketBlobs} {
 			if _, err := tx.CreateBucketIfNotExists(b); err != nil {
 				return err
 			}
@@ -151,6 +152,9 @@ func (s *Store) CreateKey(ctx context.Context, k *kms.Key, audit []*kms.AuditRec
 		if err := b.Put([]byte(k.Name), buf); err != nil {
 			return err
 		}
+		if err := indexBlobs(tx, k); err != nil {
+			return err
+		}
 		return appendAudit(tx, audit)
 	})
 	if err == nil {
@@ -234,6 +238,9 @@ func (s *Store) UpdateKey(ctx context.Context, name string, fn func(k *kms.Key) 
 		if err := b.Put([]byte(name), out); err != nil {
 			return err
 		}
+		if err := indexBlobs(tx, k); err != nil {
+			return err
+		}
 		return appendAudit(tx, audit)
 	})
 	if err == nil {
@@ -288,4 +295,33 @@ func (s *Store) CountTokens(ctx context.Context) (int, error) {
 		return nil
 	})
 	return n, err
+}
+
+// indexBlobs records which key owns each blob its versions list.
+func indexBlobs(tx *bbolt.Tx, k *kms.Key) error {
+	b := tx.Bucket(bucketBlobs)
+	for _, v := range k.Versions {
+		for _, d := range v.Blobs {
+			if b.Get([]byte(d)) == nil {
+				if err := b.Put([]byte(d), []byte(k.Name)); err != nil {
+					return err
+				}
+			}
+		}
+	}
+	return nil
+}
+
+// BlobOwner implements kms.Store.
+func (s *Store) BlobOwner(ctx context.Context, digest string) (string, error) {
+	var name string
+	err := s.db.View(func(tx *bbolt.Tx) error {
+		v := tx.Bucket(bucketBlobs).Get([]byte(digest))
+		if v == nil {
+			return notFound("blob", digest)
+		}
+		name = string(v)
+		return nil
+	})
+	return name, err
 }

@@ -1,0 +1,95 @@
+package api
+
+import (
+	"net/http"
+	"os"
+	"regexp"
+	"strings"
+	"time"
+
+	"github.com/go-chi/chi/v5"
+
+	"kmsd/api/client"
+	"kmsd/kms"
+)
+
+// BlobSource opens blobs by digest for streaming ("sha256:<hex>").
+type BlobSource interface {
+	Open(digest string) (*os.File, error)
+}
+
+func blobURL(digest string) string {
+	return "/v1/blobs/sha256/" + strings.TrimPrefix(digest, "sha256:")
+}
+
+func (s *Server) manifest(w http.ResponseWriter, r *http.Request) {
+	n, err := versionParam(r)
+	if err != nil {
+		writeError(w, r, err)
+		return
+	}
+	_, v, err := s.svc.Manifest(r.Context(), chi.URLParam(r, "name"), n)
+	if err != nil {
+		writeError(w, r, err)
+		return
+	}
+	eventFrom(r).version = v.Number
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(http.StatusOK)
+	_, _ = w.Write(v.Manifest)
+}
+
+func (s *Server) manifestSignature(w http.ResponseWriter, r *http.Request) {
+	n, err := versionParam(r)
+	if err != nil {
+		writeError(w, r, err)
+		return
+	}
+	_, v, err := s.svc.Manifest(r.Context(), chi.URLParam(r, "name"), n)
+	if err != nil {
+		writeError(w, r, err)
+		return
+	}
+	eventFrom(r).version = v.Number
+	writeJSON(w, http.StatusOK, client.ManifestSignature{Algorithm: kms.IdentityKind, IdentityVersion: v.ManifestSigBy, Context: kms.ManifestContext, Signature: v.ManifestSig})
+}
+
+var hexRE = regexp.MustCompile(`^[0-9a-f]{64}$`)
+
+// blob streams a blob from disk (Range, ETag, If-None-Match through
+// http.ServeContent). A token sees only blobs of keys it may read.
+func (s *Server) blob(w http.ResponseWriter, r *http.Request) {
+	h := chi.URLParam(r, "hex")
+	if !hexRE.MatchString(h) {
+		writeProblem(w, r, http.StatusBadRequest, ProbInvalid, "a blob is named by 64 lower-case hex digits of its SHA-256")
+		return
+	}
+	digest := "sha256:" + h
+	ev := eventFrom(r)
+	owner, err := s.svc.BlobOwner(r.Context(), digest)
+	if err != nil {
+		writeError(w, r, err)
+		return
+	}
+	ev.key = owner
+	if err := ev.principal.Authorize(kms.PermReadKey, owner); err != nil {
+		// Do not tell a token which blobs exist for keys it cannot read.
+		writeProblem(w, r, http.StatusNotFound, ProbNotFound, "no such blob")
+		return
+	}
+	if s.opts.Blobs == nil {
+		writeProblem(w, r, http.StatusNotFound, ProbNotFound, "no such blob")
+		return
+	}
+	f, err := s.opts.Blobs.Open(digest)
+	if err != nil {
+		writeError(w, r, kms.Wrap(kms.KindInternal, "open blob", err))
+		return
+	}
+	defer f.Close()
+	w.Header().Set("Content-Type", "application/octet-stream")
+	w.Header().Set("ETag", `"`+digest+`"`)
+	w.Header().Set("Cache-Control", "private, max-age=31536000, immutable")
+	streamAudited(w)
+	http.ServeContent(w, r, "", time.Time{}, f)
+}

@@ -1,0 +1,101 @@
+package he
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+
+	"kmsd/kms"
+)
+
+// Kind is the ckks or bgv key kind: versions are keysets whose secret key
+// is derived from a sealed seed and whose public and evaluation keys are
+// blobs in store.
+type Kind struct {
+	scheme  Scheme
+	store   *BlobStore
+	workers int
+}
+
+var _ kms.KeysetKind = (*Kind)(nil)
+
+// Kinds returns the ckks and bgv kinds writing blobs to store with workers
+// goroutines (0: all cores).
+func Kinds(store *BlobStore, workers int) []kms.KeyKind {
+	return []kms.KeyKind{&Kind{scheme: CKKS, store: store, workers: workers}, &Kind{scheme: BGV, store: store, workers: workers}}
+}
+
+func (k *Kind) Name() string { return string(k.scheme) }
+
+// Operations: none through the key operations yet (decryption is to come).
+func (k *Kind) Operations() []kms.Operation { return nil }
+
+var errKeysetOnly = errors.New("he: keyset kinds are generated with GenerateKeyset")
+
+func (k *Kind) Generate(io.Reader) (kms.Secret, []byte, error) { return kms.Secret{}, nil, errKeysetOnly }
+func (k *Kind) Load(kms.Secret) (kms.PrivateKey, error)        { return nil, errKeysetOnly }
+
+func (k *Kind) resolve(p kms.Policy) (*Params, KeySpec, []uint64, error) {
+	if len(p.Params) == 0 {
+		return nil, KeySpec{}, nil, kms.Errorf(kms.KindInvalid, "policy.params is required for kind %s: a preset (%v) or a Lattigo parameters literal", k.scheme, Presets(k.scheme))
+	}
+	params, err := Resolve(k.scheme, p.Params)
+	var pe *ErrParams
+	if errors.As(err, &pe) {
+		return nil, KeySpec{}, nil, kms.Errorf(kms.KindInvalid, "policy.params: %s", pe.Msg)
+	}
+	if err != nil {
+		return nil, KeySpec{}, nil, err
+	}
+	spec := KeySpec{Rotations: p.Rotations, Conjugation: p.Conjugation, Relinearization: p.Relinearization}
+	gal, err := GaloisElements(params, spec)
+	if errors.As(err, &pe) {
+		return nil, KeySpec{}, nil, kms.Errorf(kms.KindInvalid, "policy.rotations: %s", pe.Msg)
+	}
+	return params, spec, gal, err
+}
+
+// CheckPolicy implements kms.KeysetKind.
+func (k *Kind) CheckPolicy(p kms.Policy) (kms.Policy, int64, error) {
+	params, spec, gal, err := k.resolve(p)
+	if err != nil {
+		return p, 0, err
+	}
+	return p, EstimateSize(params, spec, gal), nil
+}
+
+// GenerateKeyset implements kms.KeysetKind.
+func (k *Kind) GenerateKeyset(ctx context.Context, seed kms.Secret, p kms.Policy, progress func(done, total int, bytes int64)) (*kms.Keyset, error) {
+	params, spec, gal, err := k.resolve(p)
+	if err != nil {
+		return nil, err
+	}
+	sk, err := SecretKey(params.RLWE(), seed.Reveal())
+	if err != nil {
+		return nil, err
+	}
+	blobs, err := Generate(ctx, params, sk, spec, gal, k.store, k.workers, progress)
+	if err != nil {
+		return nil, fmt.Errorf("generate keyset: %w", err)
+	}
+	ks := &kms.Keyset{ParamsID: params.ID, Params: params.JSON}
+	for _, b := range blobs {
+		switch b.Kind {
+		case "public":
+			ks.PublicKey = kms.BlobRef{Digest: string(b.Digest), Size: b.Size}
+		case "relinearization":
+			ks.Relinearization = &kms.BlobRef{Digest: string(b.Digest), Size: b.Size}
+		case "galois":
+			ks.Galois = append(ks.Galois, kms.GaloisRef{GaloisElement: b.GaloisElement, Digest: string(b.Digest), Size: b.Size})
+		}
+	}
+	return ks, nil
+}
+
+// RemoveBlobs implements kms.KeysetKind.
+func (k *Kind) RemoveBlobs(digests []string) {
+	for _, d := range digests {
+		_ = k.store.Remove(Digest(d))
+	}
+}

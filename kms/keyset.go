@@ -1,0 +1,179 @@
+package kms
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"io"
+	"time"
+)
+
+// KeysetKind is a key kind whose versions carry public evaluation material
+// as content-addressed blobs: the homomorphic-encryption kinds. The secret
+// is a 32-byte seed, sealed like any other; the public and evaluation keys
+// are public material written outside the store.
+type KeysetKind interface {
+	KeyKind
+	// CheckPolicy validates the kind's fields of p (parameters, rotations)
+	// and returns p normalized and the size of one keyset in bytes.
+	CheckPolicy(p Policy) (Policy, int64, error)
+	// GenerateKeyset derives the secret from seed and writes the public and
+	// evaluation keys of p as blobs.
+	GenerateKeyset(ctx context.Context, seed Secret, p Policy, progress func(done, total int, bytes int64)) (*Keyset, error)
+	// RemoveBlobs deletes blobs (those of a generation that did not commit).
+	RemoveBlobs(digests []string)
+}
+
+// BlobRef names a blob.
+type BlobRef struct {
+	Digest string `json:"digest"` // "sha256:<hex>"
+	Size   int64  `json:"size"`
+}
+
+// GaloisRef names the blob of one Galois key.
+type GaloisRef struct {
+	GaloisElement uint64 `json:"galois_element"`
+	Digest        string `json:"digest"`
+	Size          int64  `json:"size"`
+}
+
+// Keyset is what GenerateKeyset made.
+type Keyset struct {
+	ParamsID        string
+	Params          json.RawMessage // Lattigo's parameters JSON
+	PublicKey       BlobRef
+	Relinearization *BlobRef
+	Galois          []GaloisRef
+}
+
+// Digests lists every blob of the keyset.
+func (k *Keyset) Digests() []string {
+	out := []string{k.PublicKey.Digest}
+	if k.Relinearization != nil {
+		out = append(out, k.Relinearization.Digest)
+	}
+	for _, g := range k.Galois {
+		out = append(out, g.Digest)
+	}
+	return out
+}
+
+// ManifestContext is the ML-DSA context string of manifest signatures.
+const ManifestContext = "kms-manifest-v1"
+
+// Manifest lists a HE version's blobs. It is encoded once (fields in this
+// order), signed by the identity key over the exact bytes, and served
+// byte-identical forever.
+type Manifest struct {
+	Key                string          `json:"key"`
+	Version            uint64          `json:"version"`
+	Kind               string          `json:"kind"`
+	ParamsID           string          `json:"params_id"`
+	Params             json.RawMessage `json:"params"`
+	PublicKey          BlobRef         `json:"public_key"`
+	RelinearizationKey *BlobRef        `json:"relinearization_key"`
+	GaloisKeys         []GaloisRef     `json:"galois_keys"`
+	CreatedAt          time.Time       `json:"created_at"`
+}
+
+func buildManifest(name string, n uint64, kind string, ks *Keyset, at time.Time) ([]byte, error) {
+	m := Manifest{Key: name, Version: n, Kind: kind, ParamsID: ks.ParamsID, Params: ks.Params,
+		PublicKey: ks.PublicKey, RelinearizationKey: ks.Relinearization, GaloisKeys: ks.Galois, CreatedAt: at}
+	if m.GaloisKeys == nil {
+		m.GaloisKeys = []GaloisRef{}
+	}
+	return json.Marshal(m)
+}
+
+// newKeysetVersion makes an HE version: a sealed seed, the keyset's blobs,
+// and the manifest signed by the identity key. At most MaxGenerations run
+// at once.
+func (s *Service) newKeysetVersion(ctx context.Context, name string, kind KeysetKind, n uint64, p Policy) (Version, error) {
+	select {
+	case s.generations <- struct{}{}:
+		defer func() { <-s.generations }()
+	default:
+		return Version{}, Errorf(KindExhausted, "%d HE keyset generation(s) already running; retry later", cap(s.generations))
+	}
+	seed := make([]byte, 32)
+	if _, err := io.ReadFull(s.rand, seed); err != nil {
+		return Version{}, Wrap(KindInternal, "seed", err)
+	}
+	secret := NewSecret(seed)
+	defer secret.Wipe()
+	sealed, err := s.sealer.Seal(ctx, SealContext{Key: name, Version: n, Kind: kind.Name()}, secret)
+	if err != nil {
+		return Version{}, asUnavailable("seal", err)
+	}
+	ks, err := kind.GenerateKeyset(ctx, secret, p, nil)
+	if err != nil {
+		return Version{}, asUnavailable("generate "+kind.Name()+" keyset", err)
+	}
+	v := Version{Number: n, State: StateEnabled, CreatedAt: s.clock.Now(), Sealed: sealed, Blobs: ks.Digests()}
+	if v.Manifest, err = buildManifest(name, n, kind.Name(), ks, v.CreatedAt); err != nil {
+		kind.RemoveBlobs(v.Blobs)
+		return Version{}, Wrap(KindInternal, "manifest", err)
+	}
+	if v.ManifestSig, v.ManifestSigBy, err = s.SignAsIdentity(ctx, v.Manifest, []byte(ManifestContext)); err != nil {
+		kind.RemoveBlobs(v.Blobs)
+		return Version{}, err
+	}
+	return v, nil
+}
+
+// discard removes what newVersion wrote outside the store for a version
+// that did not commit.
+func (s *Service) discard(kind KeyKind, v Version) {
+	if kk, ok := kind.(KeysetKind); ok && len(v.Blobs) > 0 {
+		kk.RemoveBlobs(v.Blobs)
+	}
+}
+
+// ReferencedBlobs lists every blob a committed version lists (all keys,
+// internal ones included), for removing the orphans of a crash at start.
+func (s *Service) ReferencedBlobs(ctx context.Context) (map[string]bool, error) {
+	out := map[string]bool{}
+	after := ""
+	for {
+		keys, err := s.store.ListKeys(ctx, after, 100)
+		if err != nil {
+			return nil, asUnavailable("store", err)
+		}
+		for _, k := range keys {
+			after = k.Name
+			for _, v := range k.Versions {
+				for _, d := range v.Blobs {
+					out[d] = true
+				}
+			}
+		}
+		if len(keys) < 100 {
+			return out, nil
+		}
+	}
+}
+
+// Manifest returns version n's manifest and its signature, if the version is
+// usable.
+func (s *Service) Manifest(ctx context.Context, name string, n uint64) (*Key, *Version, error) {
+	k, v, err := s.PublicKey(ctx, name, n)
+	if err != nil {
+		return nil, nil, err
+	}
+	if v.Manifest == nil {
+		return nil, nil, Errorf(KindFailedPrecondition, "key %q is of kind %s, which has no evaluation keys", name, k.Kind)
+	}
+	return k, v, nil
+}
+
+// BlobOwner returns the key that lists the blob.
+func (s *Service) BlobOwner(ctx context.Context, digest string) (string, error) {
+	name, err := s.store.BlobOwner(ctx, digest)
+	if errors.Is(err, ErrNotFound) {
+		return "", Errorf(KindNotFound, "no such blob")
+	}
+	if err != nil {
+		return "", asUnavailable("store", err)
+	}
+	return name, nil
+}
