@@ -33,8 +33,10 @@ func (k *Kind) Operations() []kms.Operation { return nil }
 
 var errKeysetOnly = errors.New("he: keyset kinds are generated with GenerateKeyset")
 
-func (k *Kind) Generate(io.Reader) (kms.Secret, []byte, error) { return kms.Secret{}, nil, errKeysetOnly }
-func (k *Kind) Load(kms.Secret) (kms.PrivateKey, error)        { return nil, errKeysetOnly }
+func (k *Kind) Generate(io.Reader) (kms.Secret, []byte, error) {
+	return kms.Secret{}, nil, errKeysetOnly
+}
+func (k *Kind) Load(kms.Secret) (kms.PrivateKey, error) { return nil, errKeysetOnly }
 
 func (k *Kind) resolve(p kms.Policy) (*Params, KeySpec, []uint64, error) {
 	if len(p.Params) == 0 {
