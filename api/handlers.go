@@ -64,7 +64,8 @@ func toKey(k *kms.Key) client.Key {
 }
 
 func toPolicy(p kms.Policy) client.Policy {
-	out := client.Policy{DestroyWaitDays: p.DestroyWaitDays, Params: p.Params, Rotations: p.Rotations, Conjugation: p.Conjugation, Relinearization: p.Relinearization}
+	out := client.Policy{DestroyWaitDays: p.DestroyWaitDays, Params: p.Params, Rotations: p.Rotations, Conjugation: p.Conjugation, Relinearization: p.Relinearization,
+		DecryptLogPrecision: p.DecryptLogPrecision, DecryptBudget: p.DecryptBudget}
 	for _, op := range p.AllowedOperations {
 		out.AllowedOperations = append(out.AllowedOperations, string(op))
 	}
@@ -75,7 +76,8 @@ func fromPolicy(p *client.Policy) kms.Policy {
 	if p == nil {
 		return kms.Policy{}
 	}
-	out := kms.Policy{DestroyWaitDays: p.DestroyWaitDays, Params: p.Params, Rotations: p.Rotations, Conjugation: p.Conjugation, Relinearization: p.Relinearization}
+	out := kms.Policy{DestroyWaitDays: p.DestroyWaitDays, Params: p.Params, Rotations: p.Rotations, Conjugation: p.Conjugation, Relinearization: p.Relinearization,
+		DecryptLogPrecision: p.DecryptLogPrecision, DecryptBudget: p.DecryptBudget}
 	for _, op := range p.AllowedOperations {
 		out.AllowedOperations = append(out.AllowedOperations, kms.Operation(op))
 	}

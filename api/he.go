@@ -1,6 +1,10 @@
 package api
 
 import (
+	"errors"
+	"fmt"
+	"io"
+	"mime"
 	"net/http"
 	"os"
 	"regexp"
@@ -92,4 +96,48 @@ func (s *Server) blob(w http.ResponseWriter, r *http.Request) {
 	w.Header().Set("Cache-Control", "private, max-age=31536000, immutable")
 	streamAudited(w)
 	http.ServeContent(w, r, "", time.Time{}, f)
+}
+
+// decrypt takes a Lattigo ciphertext (MarshalBinary) as the body, limited
+// to the size a ciphertext of the version's parameters can have.
+func (s *Server) decrypt(w http.ResponseWriter, r *http.Request) {
+	n, err := versionParam(r)
+	if err != nil {
+		writeError(w, r, err)
+		return
+	}
+	if n == 0 {
+		writeProblem(w, r, http.StatusBadRequest, ProbInvalid, "name the version the ciphertext was encrypted under")
+		return
+	}
+	name := chi.URLParam(r, "name")
+	ev := eventFrom(r)
+	ev.version = n
+	limit, err := s.svc.MaxCiphertextSize(r.Context(), name, n)
+	if err != nil {
+		writeError(w, r, err)
+		return
+	}
+	if mt, _, _ := mime.ParseMediaType(r.Header.Get("Content-Type")); mt != "application/octet-stream" {
+		writeProblem(w, r, http.StatusUnsupportedMediaType, ProbUnsupportedMedia, "the body must be the ciphertext's MarshalBinary bytes as application/octet-stream")
+		return
+	}
+	body, err := io.ReadAll(http.MaxBytesReader(nil, r.Body, limit))
+	var mbe *http.MaxBytesError
+	if errors.As(err, &mbe) {
+		writeProblem(w, r, http.StatusRequestEntityTooLarge, ProbBodyTooLarge, fmt.Sprintf("a ciphertext for these parameters is at most %d bytes", limit))
+		return
+	}
+	if err != nil {
+		writeProblem(w, r, http.StatusBadRequest, ProbInvalid, "could not read the request body")
+		return
+	}
+	ev.bytesIn = len(body)
+	pending(r, http.StatusOK)
+	vals, v, err := s.svc.Decrypt(r.Context(), name, n, body)
+	if err != nil {
+		writeError(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, client.DecryptResponse{Values: vals, Version: v})
 }

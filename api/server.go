@@ -222,6 +222,7 @@ func (s *Server) Handler() http.Handler {
 		r.Get("/v1/keys/{name}/versions/{version}/evaluation-keys", allow(kms.PermReadKey, s.manifest))
 		r.Get("/v1/keys/{name}/versions/{version}/evaluation-keys/signature", allow(kms.PermReadKey, s.manifestSignature))
 		r.Get("/v1/blobs/sha256/{hex}", s.blob) // authorized against the blob's key inside
+		r.Post("/v1/keys/{name}/versions/{version}/decrypt", allow(kms.PermDecrypt, s.decrypt))
 		if s.opts.Audit != nil && s.opts.Prover != nil {
 			r.Get("/v1/audit/checkpoint", allow(kms.PermReadAudit, s.auditCheckpoint))
 			r.Get("/v1/audit/records", allow(kms.PermReadAudit, s.auditRecords))

@@ -28,8 +28,8 @@ func Kinds(store *BlobStore, workers int) []kms.KeyKind {
 
 func (k *Kind) Name() string { return string(k.scheme) }
 
-// Operations: none through the key operations yet (decryption is to come).
-func (k *Kind) Operations() []kms.Operation { return nil }
+// Operations: decryption, for parties with the decryptor role.
+func (k *Kind) Operations() []kms.Operation { return []kms.Operation{kms.OpDecrypt} }
 
 var errKeysetOnly = errors.New("he: keyset kinds are generated with GenerateKeyset")
 
@@ -60,6 +60,12 @@ func (k *Kind) resolve(p kms.Policy) (*Params, KeySpec, []uint64, error) {
 
 // CheckPolicy implements kms.KeysetKind.
 func (k *Kind) CheckPolicy(p kms.Policy) (kms.Policy, int64, error) {
+	if p.DecryptLogPrecision < 0 || p.DecryptLogPrecision > 52 {
+		return p, 0, kms.Errorf(kms.KindInvalid, "decrypt_log_precision must be between 1 and 52 bits")
+	}
+	if p.DecryptLogPrecision != 0 && k.scheme != CKKS {
+		return p, 0, kms.Errorf(kms.KindInvalid, "decrypt_log_precision applies to ckks only")
+	}
 	params, spec, gal, err := k.resolve(p)
 	if err != nil {
 		return p, 0, err

@@ -14,12 +14,15 @@ const (
 	PermManageTokens Permission = "manage-tokens"
 	// PermReadAudit: read audit records, checkpoints and proofs.
 	PermReadAudit Permission = "read-audit"
+	// PermDecrypt: decrypt HE ciphertexts.
+	PermDecrypt Permission = "decrypt"
 )
 
 var rolePerms = map[Role][]Permission{
-	RoleAdmin:   {PermReadKey, PermUseKey, PermManageKey, PermManageTokens, PermReadAudit},
-	RoleWorker:  {PermReadKey},
-	RoleAuditor: {PermReadAudit},
+	RoleAdmin:     {PermReadKey, PermUseKey, PermManageKey, PermManageTokens, PermReadAudit, PermDecrypt},
+	RoleDecryptor: {PermReadKey, PermDecrypt},
+	RoleWorker:    {PermReadKey},
+	RoleAuditor:   {PermReadAudit},
 }
 
 // Authorize decides whether p may exercise perm; key is the key name the

@@ -27,6 +27,7 @@ const (
 	OpSign        Operation = "sign"
 	OpVerify      Operation = "verify"
 	OpDecapsulate Operation = "decapsulate"
+	OpDecrypt     Operation = "decrypt"
 )
 
 // Destroy waiting period bounds, in days.
@@ -52,11 +53,17 @@ type Policy struct {
 	Rotations       []int           `json:"rotations,omitempty"`
 	Conjugation     bool            `json:"conjugation,omitempty"`
 	Relinearization bool            `json:"relinearization,omitempty"`
+	// DecryptLogPrecision: CKKS results are rounded to this many bits of
+	// precision (Lattigo's DecodePublic) so decryption results do not leak
+	// the secret key (default 16). DecryptBudget: decryptions per version,
+	// 0 for no limit; past it the key must be rotated.
+	DecryptLogPrecision int    `json:"decrypt_log_precision,omitempty"`
+	DecryptBudget       uint64 `json:"decrypt_budget,omitempty"`
 }
 
 // hasKeysetFields reports whether any HE field is set.
 func (p Policy) hasKeysetFields() bool {
-	return len(p.Params) > 0 || len(p.Rotations) > 0 || p.Conjugation || p.Relinearization
+	return len(p.Params) > 0 || len(p.Rotations) > 0 || p.Conjugation || p.Relinearization || p.DecryptLogPrecision != 0 || p.DecryptBudget != 0
 }
 
 // Version is one generation of key material.
@@ -76,6 +83,8 @@ type Version struct {
 	ManifestSig   []byte   `json:"manifest_sig,omitempty"`
 	ManifestSigBy uint64   `json:"manifest_sig_by,omitempty"`
 	Blobs         []string `json:"blobs,omitempty"`
+	// Decryptions counts decryptions with this version (HE budget).
+	Decryptions uint64 `json:"decryptions,omitempty"`
 }
 
 // Key is a named key with its versions. Versions are numbered from 1 and

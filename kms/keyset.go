@@ -177,3 +177,97 @@ func (s *Service) BlobOwner(ctx context.Context, digest string) (string, error) 
 	}
 	return name, nil
 }
+
+// DecryptingKind is a keyset kind whose versions decrypt.
+type DecryptingKind interface {
+	KeysetKind
+	// MaxCiphertextSize bounds a ciphertext for the version's parameters.
+	MaxCiphertextSize(manifest []byte) (int64, error)
+	// ParseCiphertext checks ct against the version's parameters (from its
+	// manifest); an invalid or foreign ciphertext is KindInvalid.
+	ParseCiphertext(manifest, ct []byte) (any, error)
+	// LoadSecret derives the version's secret key from its seed.
+	LoadSecret(seed Secret, manifest []byte) (PrivateKey, error)
+	// Decrypt decrypts a parsed ciphertext: CKKS real parts rounded to
+	// logPrecision bits, BGV integers.
+	Decrypt(priv PrivateKey, manifest []byte, ct any, logPrecision int) (any, error)
+}
+
+// DefaultDecryptLogPrecision is the rounding of CKKS results when the policy
+// sets none.
+const DefaultDecryptLogPrecision = 16
+
+// MaxCiphertextSize is the body limit of a decryption with version n.
+func (s *Service) MaxCiphertextSize(ctx context.Context, name string, n uint64) (int64, error) {
+	k, v, err := s.Manifest(ctx, name, n)
+	if err != nil {
+		return 0, err
+	}
+	dk, ok := s.kinds[k.Kind].(DecryptingKind)
+	if !ok {
+		return 0, Errorf(KindFailedPrecondition, "key %q of kind %s does not decrypt", name, k.Kind)
+	}
+	return dk.MaxCiphertextSize(v.Manifest)
+}
+
+// Decrypt decrypts an HE ciphertext with version n. The ciphertext is
+// checked and the secret unsealed (or taken from the cache) first; then the
+// version's decryption counter is advanced in one transaction with the
+// request's audit record (a crash can never let the budget be exceeded);
+// then the ciphertext is decrypted.
+func (s *Service) Decrypt(ctx context.Context, name string, n uint64, ct []byte) (any, uint64, error) {
+	if err := ValidateName(name); err != nil {
+		return nil, 0, err
+	}
+	k, v, kind, err := s.usable(ctx, name, n, OpDecrypt)
+	if err != nil {
+		return nil, 0, err
+	}
+	dk, ok := kind.(DecryptingKind)
+	if !ok || v.Manifest == nil {
+		return nil, 0, Errorf(KindFailedPrecondition, "key %q of kind %s does not decrypt", name, k.Kind)
+	}
+	parsed, err := dk.ParseCiphertext(v.Manifest, ct)
+	if err != nil {
+		return nil, 0, err
+	}
+	priv, ok := s.cache.get(name, v.Number)
+	if !ok {
+		secret, err := s.sealer.Unseal(ctx, SealContext{Key: name, Version: v.Number, Kind: k.Kind}, v.Sealed)
+		if err != nil {
+			return nil, 0, asUnavailable("unseal", err)
+		}
+		priv, err = dk.LoadSecret(secret, v.Manifest)
+		secret.Wipe()
+		if err != nil {
+			return nil, 0, Wrap(KindInternal, "load "+k.Kind, err)
+		}
+		s.cache.put(name, v.Number, priv)
+	}
+	err = s.update(ctx, name, func(k *Key) ([]*AuditRecord, error) {
+		v, err := k.Version(v.Number)
+		if err != nil {
+			return nil, err
+		}
+		if _, err := transition(k, v, ActUse, s.clock.Now()); err != nil {
+			return nil, err
+		}
+		if b := k.Policy.DecryptBudget; b > 0 && v.Decryptions >= b {
+			return nil, Errorf(KindExhausted, "the decryption budget of version %d of key %q (%d) is spent: rotate the key and encrypt under the new version", v.Number, name, b)
+		}
+		v.Decryptions++
+		return auditFor(ctx, name, v.Number), nil
+	})
+	if err != nil {
+		return nil, 0, err
+	}
+	prec := k.Policy.DecryptLogPrecision
+	if prec == 0 {
+		prec = DefaultDecryptLogPrecision
+	}
+	vals, err := dk.Decrypt(priv, v.Manifest, parsed, prec)
+	if err != nil {
+		return nil, 0, Wrap(KindInternal, "decrypt", err)
+	}
+	return vals, v.Number, nil
+}

@@ -21,6 +21,8 @@ const (
 	RoleWorker Role = "worker"
 	// RoleAuditor may read the audit log, its checkpoints and proofs.
 	RoleAuditor Role = "auditor"
+	// RoleDecryptor may read keys and decrypt HE ciphertexts.
+	RoleDecryptor Role = "decryptor"
 )
 
 // Token is a bearer token as stored: its secret is kept only as a hash.
@@ -94,10 +96,10 @@ func (p *Principal) MayUse(name string) bool {
 // ValidateRole checks a role named from outside.
 func ValidateRole(r Role) error {
 	switch r {
-	case RoleAdmin, RoleWorker, RoleAuditor:
+	case RoleAdmin, RoleWorker, RoleAuditor, RoleDecryptor:
 		return nil
 	}
-	return Errorf(KindInvalid, "unknown role %q: want admin, worker or auditor", clip(string(r), 40))
+	return Errorf(KindInvalid, "unknown role %q: want admin, worker, auditor or decryptor", clip(string(r), 40))
 }
 
 // ValidatePatterns checks key-name patterns named from outside.

@@ -315,3 +315,40 @@ func (c *Client) ConsistencyProof(ctx context.Context, old, size uint64) (*Proof
 	q := url.Values{"old": {strconv.FormatUint(old, 10)}, "size": {strconv.FormatUint(size, 10)}}
 	return &out, c.do(ctx, http.MethodGet, "/v1/audit/proof/consistency", q, nil, &out)
 }
+
+// Decrypt sends a Lattigo ciphertext (MarshalBinary bytes) to be decrypted
+// with version (decryptor or admin token). CKKS slots come back as their
+// real parts rounded to the key's precision, BGV slots as integers.
+func (c *Client) Decrypt(ctx context.Context, name string, version uint64, ciphertext []byte) ([]float64, error) {
+	u := *c.base
+	u.Path += keyPath(name, "versions", strconv.FormatUint(version, 10), "decrypt")
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, u.String(), bytes.NewReader(ciphertext))
+	if err != nil {
+		return nil, err
+	}
+	req.Header.Set("Content-Type", "application/octet-stream")
+	req.Header.Set("Authorization", "Bearer "+c.token)
+	resp, err := c.http.Do(req)
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return nil, err
+	}
+	if resp.StatusCode >= 400 {
+		e := &Error{}
+		if json.Unmarshal(b, &e.Problem) != nil || e.Status == 0 {
+			e.Problem = Problem{Status: resp.StatusCode, Title: http.StatusText(resp.StatusCode)}
+		}
+		return nil, e
+	}
+	var out struct {
+		Values []float64 `json:"values"`
+	}
+	if err := json.Unmarshal(b, &out); err != nil {
+		return nil, fmt.Errorf("decode decrypt response: %w", err)
+	}
+	return out.Values, nil
+}

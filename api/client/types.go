@@ -16,6 +16,9 @@ type Policy struct {
 	Rotations         []int           `json:"rotations,omitempty"`
 	Conjugation       bool            `json:"conjugation,omitempty"`
 	Relinearization   bool            `json:"relinearization,omitempty"`
+	// DecryptLogPrecision (ckks) and DecryptBudget (decryptions per version).
+	DecryptLogPrecision int    `json:"decrypt_log_precision,omitempty"`
+	DecryptBudget       uint64 `json:"decrypt_budget,omitempty"`
 }
 
 // Version is one key version.
@@ -160,4 +163,11 @@ type Problem struct {
 // Health is the body of /healthz and /readyz.
 type Health struct {
 	Status string `json:"status"`
+}
+
+// DecryptResponse is a decryption's result: CKKS slots' real parts (rounded)
+// or BGV slots.
+type DecryptResponse struct {
+	Values  any    `json:"values"`
+	Version uint64 `json:"version"`
 }

@@ -1,0 +1,137 @@
+package he
+
+import (
+	"encoding/json"
+	"fmt"
+	"sync"
+
+	"github.com/tuneinsight/lattigo/v6/core/rlwe"
+	"github.com/tuneinsight/lattigo/v6/schemes/bgv"
+	"github.com/tuneinsight/lattigo/v6/schemes/ckks"
+
+	"kmsd/kms"
+)
+
+var _ kms.DecryptingKind = (*Kind)(nil)
+
+// manifestParams are the parameters a version's manifest names, built once
+// per parameter id.
+var paramsCache sync.Map // params id -> *Params
+
+func (k *Kind) versionParams(manifest []byte) (*Params, error) {
+	var m kms.Manifest
+	if err := json.Unmarshal(manifest, &m); err != nil {
+		return nil, fmt.Errorf("manifest: %w", err)
+	}
+	if p, ok := paramsCache.Load(m.ParamsID); ok {
+		return p.(*Params), nil
+	}
+	p, err := Resolve(k.scheme, m.Params)
+	if err != nil {
+		return nil, err
+	}
+	if p.ID != m.ParamsID {
+		return nil, fmt.Errorf("manifest parameters hash to %s, not %s", p.ID, m.ParamsID)
+	}
+	paramsCache.Store(p.ID, p)
+	return p, nil
+}
+
+// MaxCiphertextSize implements kms.DecryptingKind: a degree-1 ciphertext at
+// the top level, and room for its metadata.
+func (k *Kind) MaxCiphertextSize(manifest []byte) (int64, error) {
+	p, err := k.versionParams(manifest)
+	if err != nil {
+		return 0, err
+	}
+	rp := p.RLWE()
+	return int64(rlwe.NewCiphertext(rp, 1, rp.MaxLevel()).BinarySize()) + 4096, nil
+}
+
+// ParseCiphertext implements kms.DecryptingKind. A ciphertext of other
+// parameters is refused where it can be told apart: another ring degree,
+// more levels than the parameters have, a coefficient not below its
+// modulus, another degree or domain.
+func (k *Kind) ParseCiphertext(manifest, b []byte) (ct any, err error) {
+	p, err := k.versionParams(manifest)
+	if err != nil {
+		return nil, err
+	}
+	rp := p.RLWE()
+	defer func() {
+		if r := recover(); r != nil {
+			ct, err = nil, kms.Errorf(kms.KindInvalid, "the body is not a Lattigo ciphertext")
+		}
+	}()
+	c := new(rlwe.Ciphertext)
+	if err := c.UnmarshalBinary(b); err != nil {
+		return nil, kms.Errorf(kms.KindInvalid, "the body is not a Lattigo ciphertext (MarshalBinary bytes)")
+	}
+	switch {
+	case c.Degree() != 1:
+		return nil, kms.Errorf(kms.KindInvalid, "ciphertext of degree %d: relinearize to degree 1 first", c.Degree())
+	case c.N() != rp.N():
+		return nil, kms.Errorf(kms.KindInvalid, "ciphertext of ring degree %d, the key's parameters have %d: another parameter set", c.N(), rp.N())
+	case c.Level() > rp.MaxLevel():
+		return nil, kms.Errorf(kms.KindInvalid, "ciphertext at level %d, the key's parameters have %d: another parameter set", c.Level(), rp.MaxLevel())
+	case c.IsNTT != rp.NTTFlag():
+		return nil, kms.Errorf(kms.KindInvalid, "ciphertext in the wrong domain for these parameters")
+	}
+	q := rp.Q()
+	for _, poly := range c.Value {
+		for i := 0; i <= c.Level(); i++ {
+			for _, x := range poly.Coeffs[i] {
+				if x >= q[i] {
+					return nil, kms.Errorf(kms.KindInvalid, "ciphertext coefficient above modulus %d: another parameter set", i)
+				}
+			}
+		}
+	}
+	return c, nil
+}
+
+type secretKey struct {
+	sk *rlwe.SecretKey
+}
+
+// LoadSecret implements kms.DecryptingKind.
+func (k *Kind) LoadSecret(seed kms.Secret, manifest []byte) (kms.PrivateKey, error) {
+	p, err := k.versionParams(manifest)
+	if err != nil {
+		return nil, err
+	}
+	sk, err := SecretKey(p.RLWE(), seed.Reveal())
+	if err != nil {
+		return nil, err
+	}
+	return secretKey{sk}, nil
+}
+
+// Decrypt implements kms.DecryptingKind: CKKS slots' real parts rounded to
+// logPrecision bits with DecodePublic (the mitigation of key-recovery
+// attacks on CKKS decryption results), BGV slots as integers mod t.
+func (k *Kind) Decrypt(priv kms.PrivateKey, manifest []byte, parsed any, logPrecision int) (any, error) {
+	p, err := k.versionParams(manifest)
+	if err != nil {
+		return nil, err
+	}
+	sk, ok := priv.(secretKey)
+	ct, ok2 := parsed.(*rlwe.Ciphertext)
+	if !ok || !ok2 {
+		return nil, fmt.Errorf("he: wrong key or ciphertext type")
+	}
+	if k.scheme == CKKS {
+		pt := rlwe.NewDecryptor(p.CKKS, sk.sk).DecryptNew(ct)
+		vals := make([]float64, pt.Slots())
+		if err := ckks.NewEncoder(p.CKKS).DecodePublic(pt, vals, float64(logPrecision)); err != nil {
+			return nil, err
+		}
+		return vals, nil
+	}
+	pt := rlwe.NewDecryptor(p.BGV, sk.sk).DecryptNew(ct)
+	vals := make([]uint64, p.BGV.MaxSlots())
+	if err := bgv.NewEncoder(p.BGV).Decode(pt, vals); err != nil {
+		return nil, err
+	}
+	return vals, nil
+}
