@@ -53,7 +53,10 @@ type env struct {
 	stream  *recordingSink
 	rand    *testutil.RecordingRand
 	blobs   *he.BlobStore
+	blobDir string
 }
+
+func (e *env) blobsDir() string { return e.blobDir }
 
 type blobSource struct{ s *he.BlobStore }
 
@@ -100,7 +103,8 @@ func newEnvWith(t *testing.T, wrapSealer func(kms.Sealer) kms.Sealer, wrapStore 
 	if wrapStore != nil {
 		store = wrapStore(store)
 	}
-	e.blobs, err = he.OpenBlobStore(filepath.Join(t.TempDir(), "blobs"))
+	e.blobDir = filepath.Join(t.TempDir(), "blobs")
+	e.blobs, err = he.OpenBlobStore(e.blobDir)
 	if err != nil {
 		t.Fatal(err)
 	}

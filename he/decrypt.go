@@ -1,6 +1,7 @@
 package he
 
 import (
+	"bytes"
 	"encoding/json"
 	"fmt"
 	"sync"
@@ -63,8 +64,18 @@ func (k *Kind) ParseCiphertext(manifest, b []byte) (ct any, err error) {
 			ct, err = nil, kms.Errorf(kms.KindInvalid, "the body is not a Lattigo ciphertext")
 		}
 	}()
+	// A degree-1 ciphertext at level L has exactly one size: refuse any
+	// other before parsing. (Lattigo's UnmarshalBinary recurses forever on
+	// truncated input; ReadFrom on a bytes.Reader reports EOF instead.)
+	sizeOK := false
+	for l := 0; l <= rp.MaxLevel() && !sizeOK; l++ {
+		sizeOK = len(b) == rlwe.NewCiphertext(rp, 1, l).BinarySize()
+	}
+	if !sizeOK {
+		return nil, kms.Errorf(kms.KindInvalid, "the body is not a degree-1 ciphertext of the key's parameters (size %d): another parameter set, or not a Lattigo ciphertext", len(b))
+	}
 	c := new(rlwe.Ciphertext)
-	if err := c.UnmarshalBinary(b); err != nil {
+	if _, err := c.ReadFrom(bytes.NewReader(b)); err != nil {
 		return nil, kms.Errorf(kms.KindInvalid, "the body is not a Lattigo ciphertext (MarshalBinary bytes)")
 	}
 	switch {

@@ -1,0 +1,294 @@
+// Package hekeys is what an MCP worker embeds to get the public and
+// evaluation keys of an HE key from kmsd: it fetches the version's manifest
+// and its signature, checks the signature against a pinned identity key,
+// downloads each blob (resuming with Range), checks every digest, caches
+// blobs on disk by digest, and returns ready Lattigo objects. Any mismatch
+// is an error; a key that fails a check is never returned.
+package hekeys
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/cloudflare/circl/sign/mldsa/mldsa65"
+	"github.com/tuneinsight/lattigo/v6/core/rlwe"
+	"github.com/tuneinsight/lattigo/v6/schemes/bgv"
+	"github.com/tuneinsight/lattigo/v6/schemes/ckks"
+
+	"kmsd/api/client"
+)
+
+// ManifestContext is the ML-DSA context of manifest signatures.
+const ManifestContext = "kms-manifest-v1"
+
+// Manifest is a version's list of blobs, as kmsd signs it.
+type Manifest struct {
+	Key                string          `json:"key"`
+	Version            uint64          `json:"version"`
+	Kind               string          `json:"kind"`
+	ParamsID           string          `json:"params_id"`
+	Params             json.RawMessage `json:"params"`
+	PublicKey          Blob            `json:"public_key"`
+	RelinearizationKey *Blob           `json:"relinearization_key"`
+	GaloisKeys         []GaloisBlob    `json:"galois_keys"`
+}
+
+// Blob names a blob.
+type Blob struct {
+	Digest string `json:"digest"`
+	Size   int64  `json:"size"`
+}
+
+// GaloisBlob names a Galois key's blob.
+type GaloisBlob struct {
+	GaloisElement uint64 `json:"galois_element"`
+	Digest        string `json:"digest"`
+	Size          int64  `json:"size"`
+}
+
+// Keys are a verified HE version's public material.
+type Keys struct {
+	Manifest       Manifest
+	Scheme         string          // "ckks" or "bgv"
+	CKKS           ckks.Parameters // set for ckks
+	BGV            bgv.Parameters  // set for bgv
+	PublicKey      *rlwe.PublicKey
+	EvaluationKeys *rlwe.MemEvaluationKeySet
+}
+
+// Fetcher gets keys from one kmsd.
+type Fetcher struct {
+	BaseURL string // e.g. http://127.0.0.1:8420
+	Token   string // a worker token
+	// IdentityKey is the pinned ML-DSA-65 public key of the service (GET
+	// /v1/identity once, over a trusted channel).
+	IdentityKey []byte
+	// CacheDir keeps blobs by digest; a second fetch sends only conditional
+	// requests.
+	CacheDir string
+	HTTP     *http.Client
+}
+
+// ErrVerify is the class of every failed check.
+var ErrVerify = errors.New("hekeys: verification failed")
+
+func verifyErr(format string, args ...any) error {
+	return fmt.Errorf("%w: %s", ErrVerify, fmt.Sprintf(format, args...))
+}
+
+func (f *Fetcher) get(ctx context.Context, path string, hdr map[string]string) (*http.Response, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, strings.TrimRight(f.BaseURL, "/")+path, nil)
+	if err != nil {
+		return nil, err
+	}
+	req.Header.Set("Authorization", "Bearer "+f.Token)
+	for k, v := range hdr {
+		req.Header.Set(k, v)
+	}
+	hc := f.HTTP
+	if hc == nil {
+		hc = http.DefaultClient
+	}
+	return hc.Do(req)
+}
+
+func (f *Fetcher) getAll(ctx context.Context, path string) ([]byte, error) {
+	resp, err := f.get(ctx, path, nil)
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(io.LimitReader(resp.Body, 64<<20))
+	if err != nil {
+		return nil, err
+	}
+	if resp.StatusCode != http.StatusOK {
+		return nil, fmt.Errorf("GET %s: %d %s", path, resp.StatusCode, strings.TrimSpace(string(b)))
+	}
+	return b, nil
+}
+
+// Fetch returns the verified keys of version (0: primary) of key name.
+func (f *Fetcher) Fetch(ctx context.Context, name string, version uint64) (*Keys, error) {
+	ref := "primary"
+	if version != 0 {
+		ref = fmt.Sprint(version)
+	}
+	base := "/v1/keys/" + name + "/versions/" + ref + "/evaluation-keys"
+	raw, err := f.getAll(ctx, base)
+	if err != nil {
+		return nil, err
+	}
+	sigb, err := f.getAll(ctx, base+"/signature")
+	if err != nil {
+		return nil, err
+	}
+	var sig client.ManifestSignature
+	if err := json.Unmarshal(sigb, &sig); err != nil {
+		return nil, verifyErr("malformed manifest signature")
+	}
+	var pk mldsa65.PublicKey
+	if err := pk.UnmarshalBinary(f.IdentityKey); err != nil {
+		return nil, fmt.Errorf("hekeys: pinned identity key: %w", err)
+	}
+	if sig.Algorithm != "ml-dsa-65" || sig.Context != ManifestContext || !mldsa65.Verify(&pk, raw, []byte(ManifestContext), sig.Signature) {
+		return nil, verifyErr("the manifest of %s version %s is not signed by the pinned identity key", name, ref)
+	}
+	k := &Keys{}
+	if err := json.Unmarshal(raw, &k.Manifest); err != nil {
+		return nil, verifyErr("malformed manifest")
+	}
+	m := &k.Manifest
+	if m.Key != name || (version != 0 && m.Version != version) {
+		return nil, verifyErr("asked for %s version %s, the manifest is of %s version %d", name, ref, m.Key, m.Version)
+	}
+	sum := sha256.Sum256(m.Params)
+	if "sha256:"+hex.EncodeToString(sum[:]) != m.ParamsID {
+		return nil, verifyErr("the manifest's parameters do not hash to its params_id")
+	}
+	var rp rlwe.Parameters
+	switch m.Kind {
+	case "ckks":
+		if err := k.CKKS.UnmarshalJSON(m.Params); err != nil {
+			return nil, verifyErr("parameters: %v", err)
+		}
+		rp = k.CKKS.Parameters
+	case "bgv":
+		if err := k.BGV.UnmarshalJSON(m.Params); err != nil {
+			return nil, verifyErr("parameters: %v", err)
+		}
+		rp = k.BGV.Parameters
+	default:
+		return nil, verifyErr("unknown kind %q", m.Kind)
+	}
+	k.Scheme = m.Kind
+	data, err := f.blob(ctx, m.PublicKey.Digest, m.PublicKey.Size)
+	if err != nil {
+		return nil, err
+	}
+	k.PublicKey = rlwe.NewPublicKey(rp)
+	if err := k.PublicKey.UnmarshalBinary(data); err != nil {
+		return nil, verifyErr("public key: %v", err)
+	}
+	var rlk *rlwe.RelinearizationKey
+	if m.RelinearizationKey != nil {
+		data, err := f.blob(ctx, m.RelinearizationKey.Digest, m.RelinearizationKey.Size)
+		if err != nil {
+			return nil, err
+		}
+		rlk = rlwe.NewRelinearizationKey(rp)
+		if err := rlk.UnmarshalBinary(data); err != nil {
+			return nil, verifyErr("relinearization key: %v", err)
+		}
+	}
+	var gks []*rlwe.GaloisKey
+	for _, g := range m.GaloisKeys {
+		data, err := f.blob(ctx, g.Digest, g.Size)
+		if err != nil {
+			return nil, err
+		}
+		gk := rlwe.NewGaloisKey(rp)
+		if err := gk.UnmarshalBinary(data); err != nil {
+			return nil, verifyErr("galois key %d: %v", g.GaloisElement, err)
+		}
+		if gk.GaloisElement != g.GaloisElement {
+			return nil, verifyErr("the blob listed for Galois element %d holds %d", g.GaloisElement, gk.GaloisElement)
+		}
+		gks = append(gks, gk)
+	}
+	k.EvaluationKeys = rlwe.NewMemEvaluationKeySet(rlk, gks...)
+	return k, nil
+}
+
+// blob returns a blob's bytes, from the cache when its digest checks
+// (after a conditional request, so the server still decides access), else
+// downloaded (resuming a partial download with Range) and checked.
+func (f *Fetcher) blob(ctx context.Context, digest string, size int64) ([]byte, error) {
+	h, ok := strings.CutPrefix(digest, "sha256:")
+	if !ok || len(h) != 64 {
+		return nil, verifyErr("malformed digest %q", digest)
+	}
+	if _, err := hex.DecodeString(h); err != nil {
+		return nil, verifyErr("malformed digest %q", digest)
+	}
+	path := "/v1/blobs/sha256/" + h
+	final := filepath.Join(f.CacheDir, h)
+	if data, err := os.ReadFile(final); err == nil && matches(data, h, size) {
+		resp, err := f.get(ctx, path, map[string]string{"If-None-Match": `"` + digest + `"`})
+		if err != nil {
+			return nil, err
+		}
+		resp.Body.Close()
+		if resp.StatusCode == http.StatusNotModified {
+			return data, nil
+		}
+		if resp.StatusCode != http.StatusOK {
+			return nil, fmt.Errorf("GET %s: %d", path, resp.StatusCode)
+		}
+	}
+	if err := os.MkdirAll(f.CacheDir, 0o700); err != nil {
+		return nil, err
+	}
+	part := final + ".part"
+	var have int64
+	if fi, err := os.Stat(part); err == nil && fi.Size() < size {
+		have = fi.Size()
+	} else {
+		os.Remove(part)
+	}
+	hdr := map[string]string{}
+	if have > 0 {
+		hdr["Range"] = fmt.Sprintf("bytes=%d-", have)
+	}
+	resp, err := f.get(ctx, path, hdr)
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	flags := os.O_WRONLY | os.O_CREATE
+	switch {
+	case resp.StatusCode == http.StatusPartialContent && have > 0:
+		flags |= os.O_APPEND
+	case resp.StatusCode == http.StatusOK:
+		flags |= os.O_TRUNC
+	default:
+		return nil, fmt.Errorf("GET %s: %d", path, resp.StatusCode)
+	}
+	out, err := os.OpenFile(part, flags, 0o600)
+	if err != nil {
+		return nil, err
+	}
+	_, err = io.Copy(out, io.LimitReader(resp.Body, size+1))
+	if cerr := out.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return nil, fmt.Errorf("download %s (resumable): %w", digest, err)
+	}
+	data, err := os.ReadFile(part)
+	if err != nil {
+		return nil, err
+	}
+	if !matches(data, h, size) {
+		os.Remove(part)
+		return nil, verifyErr("blob %s does not match its digest or size", digest)
+	}
+	if err := os.Rename(part, final); err != nil {
+		return nil, err
+	}
+	return data, nil
+}
+
+func matches(data []byte, h string, size int64) bool {
+	sum := sha256.Sum256(data)
+	return int64(len(data)) == size && hex.EncodeToString(sum[:]) == h
+}

@@ -1,0 +1,313 @@
+package api_test
+
+import (
+	"bytes"
+	"crypto/rand"
+	"errors"
+	"io"
+	"math"
+	"net/http"
+	"net/http/httptest"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync/atomic"
+	"testing"
+
+	"github.com/cloudflare/circl/sign/mldsa/mldsa65"
+	"github.com/tuneinsight/lattigo/v6/core/rlwe"
+	"github.com/tuneinsight/lattigo/v6/schemes/bgv"
+	"github.com/tuneinsight/lattigo/v6/schemes/ckks"
+
+	"kmsd/api/client"
+	"kmsd/api/client/hekeys"
+)
+
+// countingTransport counts blob answers by status.
+type countingTransport struct {
+	next         http.RoundTripper
+	full, notMod atomic.Int64
+	blobRequests atomic.Int64
+}
+
+func (c *countingTransport) RoundTrip(r *http.Request) (*http.Response, error) {
+	resp, err := c.next.RoundTrip(r)
+	if err == nil && strings.HasPrefix(r.URL.Path, "/v1/blobs/") {
+		c.blobRequests.Add(1)
+		switch resp.StatusCode {
+		case 200:
+			c.full.Add(1)
+		case 304:
+			c.notMod.Add(1)
+		}
+	}
+	return resp, err
+}
+
+// TestWorkerCKKSEndToEnd: a worker built on hekeys fetches the keys,
+// encrypts, multiplies, relinearizes and rotates; kmsd's decrypt returns the
+// expected values within the precision. A second fetch costs only
+// conditional requests.
+func TestWorkerCKKSEndToEnd(t *testing.T) {
+	e := newEnv(t)
+	admin := e.client(e.admin)
+	heKey(t, e, "he-ckks", `{"name":"he-ckks","kind":"ckks","policy":{"params":"ckks-logn13","rotations":[1,2,4],"relinearization":true,"decrypt_log_precision":20}}`)
+	worker, _ := admin.CreateToken(ctx, client.CreateTokenRequest{Role: "worker", Keys: []string{"he-*"}})
+	decryptor, _ := admin.CreateToken(ctx, client.CreateTokenRequest{Role: "decryptor", Keys: []string{"he-*"}})
+	ct := &countingTransport{next: e.checker}
+	f := &hekeys.Fetcher{BaseURL: e.url, Token: worker.Token, IdentityKey: e.idPub, CacheDir: t.TempDir(), HTTP: &http.Client{Transport: ct}}
+	keys, err := f.Fetch(ctx, "he-ckks", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if keys.Scheme != "ckks" || keys.Manifest.Version != 1 || len(keys.Manifest.GaloisKeys) != 3 {
+		t.Fatalf("keys: %+v", keys.Manifest)
+	}
+	params := keys.CKKS
+	enc := ckks.NewEncoder(params)
+	values := make([]float64, params.MaxSlots())
+	for i := range values {
+		values[i] = float64(i%13)/4 - 1
+	}
+	pt := ckks.NewPlaintext(params, params.MaxLevel())
+	enc.Encode(values, pt)
+	c, err := rlwe.NewEncryptor(params, keys.PublicKey).EncryptNew(pt)
+	if err != nil {
+		t.Fatal(err)
+	}
+	eval := ckks.NewEvaluator(params, keys.EvaluationKeys)
+	sq, err := eval.MulRelinNew(c, c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	eval.Rescale(sq, sq)
+	rot, err := eval.RotateNew(sq, 4)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := rot.MarshalBinary()
+	got, err := e.client(decryptor.Token).Decrypt(ctx, "he-ckks", 1, body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != len(values) {
+		t.Fatalf("%d values, want %d", len(got), len(values))
+	}
+	for i := range got {
+		x := values[(i+4)%len(values)]
+		if math.Abs(got[i]-x*x) > 1e-3 {
+			t.Fatalf("slot %d: %f, want %f", i, got[i], x*x)
+		}
+	}
+	// Rounded to 20 bits: every value is a multiple of 2^-20 (as a float).
+	for _, v := range got[:16] {
+		if scaled := v * (1 << 20); math.Abs(scaled-math.Round(scaled)) > 1e-6 {
+			t.Fatalf("value %v is not rounded to 20 bits", v)
+		}
+	}
+	// A second fetch: only conditional requests, all answered 304.
+	full := ct.full.Load()
+	if full != 5 {
+		t.Fatalf("first fetch downloaded %d blobs, want 5", full)
+	}
+	if _, err := f.Fetch(ctx, "he-ckks", 1); err != nil {
+		t.Fatal(err)
+	}
+	if ct.full.Load() != full || ct.notMod.Load() != 5 {
+		t.Fatalf("second fetch: %d full downloads, %d not-modified", ct.full.Load()-full, ct.notMod.Load())
+	}
+	// The worker cannot decrypt; a decryptor of other keys cannot either.
+	if _, err := e.client(worker.Token).Decrypt(ctx, "he-ckks", 1, body); client.StatusOf(err) != 403 {
+		t.Fatalf("worker decrypts: %v", err)
+	}
+}
+
+func TestWorkerBGVEndToEnd(t *testing.T) {
+	e := newEnv(t)
+	heKey(t, e, "he-bgv", `{"name":"he-bgv","kind":"bgv","policy":{"params":"bgv-logn13","rotations":[1],"relinearization":true}}`)
+	f := &hekeys.Fetcher{BaseURL: e.url, Token: e.admin, IdentityKey: e.idPub, CacheDir: t.TempDir(), HTTP: e.httpc}
+	keys, err := f.Fetch(ctx, "he-bgv", 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	params := keys.BGV
+	enc := bgv.NewEncoder(params)
+	values := make([]uint64, params.MaxSlots())
+	for i := range values {
+		values[i] = uint64(i*7) % 1000
+	}
+	pt := bgv.NewPlaintext(params, params.MaxLevel())
+	enc.Encode(values, pt)
+	c, _ := rlwe.NewEncryptor(params, keys.PublicKey).EncryptNew(pt)
+	eval := bgv.NewEvaluator(params, keys.EvaluationKeys)
+	sq, err := eval.MulRelinNew(c, c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rot, err := eval.RotateColumnsNew(sq, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := rot.MarshalBinary()
+	got, err := e.client(e.admin).Decrypt(ctx, "he-bgv", 1, body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	half := len(values) / 2
+	tmod := params.PlaintextModulus()
+	for i := 0; i < half; i++ {
+		x := values[(i+1)%half]
+		if uint64(got[i]) != x*x%tmod {
+			t.Fatalf("slot %d: %v, want %d", i, got[i], x*x%tmod)
+		}
+	}
+}
+
+// tamperProxy forwards to kmsd and lets a test rewrite answers.
+func tamperProxy(t *testing.T, target string, rewrite func(path string, body []byte) []byte) string {
+	u, _ := url.Parse(target)
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		req, _ := http.NewRequest(r.Method, u.String()+r.URL.RequestURI(), r.Body)
+		req.Header = r.Header.Clone()
+		resp, err := http.DefaultTransport.RoundTrip(req)
+		if err != nil {
+			w.WriteHeader(502)
+			return
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		b = rewrite(r.URL.Path, b)
+		for k, v := range resp.Header {
+			if k != "Content-Length" {
+				w.Header()[k] = v
+			}
+		}
+		w.WriteHeader(resp.StatusCode)
+		w.Write(b)
+	}))
+	t.Cleanup(srv.Close)
+	return srv.URL
+}
+
+// TestWorkerRefusesTampering: a flipped byte in a blob on disk, a forged
+// manifest, a signature by another identity key, a manifest of another
+// version: each makes the SDK fail with a verification error.
+func TestWorkerRefusesTampering(t *testing.T) {
+	e := newEnv(t)
+	heKey(t, e, "he-t", `{"name":"he-t","kind":"ckks","policy":{"params":"ckks-logn13","rotations":[1],"relinearization":true}}`)
+	e.client(e.admin).Rotate(ctx, "he-t")
+	fetch := func(base string, identity []byte, version uint64) error {
+		f := &hekeys.Fetcher{BaseURL: base, Token: e.admin, IdentityKey: identity, CacheDir: t.TempDir()}
+		_, err := f.Fetch(ctx, "he-t", version)
+		return err
+	}
+	if err := fetch(e.url, e.idPub, 2); err != nil {
+		t.Fatalf("clean fetch: %v", err)
+	}
+	otherPub, _, _ := mldsa65.GenerateKey(rand.Reader)
+	otherBytes, _ := otherPub.MarshalBinary()
+	cases := map[string]func() error{
+		"another identity key": func() error { return fetch(e.url, otherBytes, 2) },
+		"forged manifest": func() error {
+			return fetch(tamperProxy(t, e.url, func(p string, b []byte) []byte {
+				if strings.HasSuffix(p, "/evaluation-keys") {
+					return bytes.Replace(b, []byte(`"version":2`), []byte(`"version":2 `), 1)
+				}
+				return b
+			}), e.idPub, 2)
+		},
+		"manifest of another version": func() error {
+			return fetch(tamperProxy(t, e.url, func(p string, b []byte) []byte {
+				if strings.Contains(p, "/versions/2/evaluation-keys") {
+					// Serve version 1's manifest and signature for version 2.
+					_, _, other := e.raw("GET", strings.Replace(p, "/versions/2/", "/versions/1/", 1), e.admin, "", "")
+					return other
+				}
+				return b
+			}), e.idPub, 2)
+		},
+	}
+	for name, call := range cases {
+		if err := call(); !errors.Is(err, hekeys.ErrVerify) {
+			t.Errorf("%s: %v, want a verification error", name, err)
+		}
+	}
+	// A flipped byte in a blob file on the server's disk.
+	ents, _ := os.ReadDir(e.blobsDir())
+	flipped := 0
+	for _, ent := range ents {
+		p := filepath.Join(e.blobsDir(), ent.Name())
+		b, _ := os.ReadFile(p)
+		b[len(b)/2] ^= 0x40
+		os.WriteFile(p, b, 0o600)
+		flipped++
+	}
+	if flipped == 0 {
+		t.Fatal("no blob files found")
+	}
+	if err := fetch(e.url, e.idPub, 2); !errors.Is(err, hekeys.ErrVerify) || !strings.Contains(err.Error(), "digest") {
+		t.Fatalf("flipped blob: %v", err)
+	}
+}
+
+// TestDecryptRefusals: a ciphertext of another parameter set, the wrong
+// media type, a body above the limit, and decryptions past the budget.
+func TestDecryptRefusals(t *testing.T) {
+	e := newEnv(t)
+	heKey(t, e, "he-d", `{"name":"he-d","kind":"ckks","policy":{"params":"ckks-logn13","decrypt_budget":2}}`)
+	f := &hekeys.Fetcher{BaseURL: e.url, Token: e.admin, IdentityKey: e.idPub, CacheDir: t.TempDir()}
+	keys, err := f.Fetch(ctx, "he-d", 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pt := ckks.NewPlaintext(keys.CKKS, keys.CKKS.MaxLevel())
+	ckks.NewEncoder(keys.CKKS).Encode([]float64{1, 2, 3}, pt)
+	c, _ := rlwe.NewEncryptor(keys.CKKS, keys.PublicKey).EncryptNew(pt)
+	good, _ := c.MarshalBinary()
+	// A ciphertext of ckks-logn14.
+	p14, _ := ckks.NewParametersFromLiteral(ckks.ParametersLiteral{LogN: 14, LogQ: []int{55, 40, 40}, LogP: []int{55}, LogDefaultScale: 40})
+	kg := rlwe.NewKeyGenerator(p14)
+	sk14 := kg.GenSecretKeyNew()
+	pt14 := ckks.NewPlaintext(p14, p14.MaxLevel())
+	ckks.NewEncoder(p14).Encode([]float64{1}, pt14)
+	c14, _ := rlwe.NewEncryptor(p14, sk14).EncryptNew(pt14)
+	foreign, _ := c14.MarshalBinary()
+	path := "/v1/keys/he-d/versions/1/decrypt"
+	for _, c := range []struct {
+		name, ctype string
+		body        []byte
+		status      int
+		typ         string
+	}{
+		{"other parameters", "application/octet-stream", foreign, 413, "body-too-large"},
+		{"garbage", "application/octet-stream", []byte("not a ciphertext"), 400, "invalid-request"},
+		{"truncated", "application/octet-stream", good[:len(good)/2], 400, "invalid-request"},
+		{"json", "application/json", good, 415, "unsupported-media-type"},
+	} {
+		st, _, body := e.raw("POST", path, e.admin, c.ctype, string(c.body))
+		if st != c.status || problemType(t, body) != c.typ {
+			t.Errorf("%s: %d %s", c.name, st, body)
+		}
+	}
+	// A same-size ciphertext under other moduli is refused, not misread.
+	p13b, _ := ckks.NewParametersFromLiteral(ckks.ParametersLiteral{LogN: 13, LogQ: []int{50, 40, 40, 40}, LogP: []int{45}, LogDefaultScale: 35})
+	skb := rlwe.NewKeyGenerator(p13b).GenSecretKeyNew()
+	ptb := ckks.NewPlaintext(p13b, p13b.MaxLevel())
+	ckks.NewEncoder(p13b).Encode([]float64{1}, ptb)
+	cb, _ := rlwe.NewEncryptor(p13b, skb).EncryptNew(ptb)
+	other, _ := cb.MarshalBinary()
+	if st, _, body := e.raw("POST", path, e.admin, "application/octet-stream", string(other)); st != 400 || !strings.Contains(string(body), "another parameter set") {
+		t.Errorf("other moduli: %d %s", st, body)
+	}
+	// The budget: two decryptions, then 429 asking for a rotation.
+	for i := 0; i < 2; i++ {
+		if _, err := e.client(e.admin).Decrypt(ctx, "he-d", 1, good); err != nil {
+			t.Fatalf("decryption %d: %v", i+1, err)
+		}
+	}
+	_, err = e.client(e.admin).Decrypt(ctx, "he-d", 1, good)
+	if client.StatusOf(err) != 429 || !strings.Contains(err.Error(), "rotate") {
+		t.Fatalf("past the budget: %v", err)
+	}
+}
