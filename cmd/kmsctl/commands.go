@@ -1,8 +1,12 @@
 package main
 
 import (
+	"encoding/json"
 	"flag"
+	"fmt"
 	"os"
+	"strconv"
+	"strings"
 
 	"kmsd/api/client"
 )
@@ -20,12 +24,13 @@ var commands = []command{
 		},
 	},
 	{
-		name: "keys create", synopsis: "NAME --kind KIND [--destroy-wait-days N] [--allow OPS]",
-		help: "create a key (kinds: ml-kem-512|768|1024, ml-dsa-44|65|87)", nargs: 1,
+		name: "keys create", synopsis: "NAME --kind KIND [--destroy-wait-days N] [--allow OPS] [--params P] [--rotations R] [--conjugation] [--relinearization] [--decrypt-log-precision B] [--decrypt-budget N]",
+		help: "create a key (kinds: ml-kem-512|768|1024, ml-dsa-44|65|87, ckks, bgv)", nargs: 1,
 		flags: func(fs *flag.FlagSet) {
 			fs.String("kind", "", "key kind (required)")
 			fs.Int("destroy-wait-days", 0, "default waiting period of schedule-destroy, 1-365 (server default 30)")
-			fs.String("allow", "", "comma-separated operations the key may do (sign, verify, decapsulate); default all of its kind's")
+			fs.String("allow", "", "comma-separated operations the key may do (sign, verify, decapsulate, decrypt); default all of its kind's")
+			heFlags(fs)
 		},
 		run: func(e *env, fs *flag.FlagSet, args []string) (int, error) {
 			kind := fs.Lookup("kind").Value.String()
@@ -33,9 +38,11 @@ var commands = []command{
 				return 0, usageError{"--kind is required"}
 			}
 			req := client.CreateKeyRequest{Name: args[0], Kind: kind}
-			if p := policyFlags(fs); p != nil {
-				req.Policy = p
+			p, err := policyFlags(fs)
+			if err != nil {
+				return 0, err
 			}
+			req.Policy = p
 			k, err := e.c.CreateKey(e.ctx, req)
 			if err != nil {
 				return 0, err
@@ -87,12 +94,13 @@ var commands = []command{
 		},
 	},
 	{
-		name: "keys update", synopsis: "NAME [--min-decryption-version N] [--destroy-wait-days N] [--allow OPS]",
-		help: "change min_decryption_version or the policy (policy flags replace the whole policy)", nargs: 1,
+		name: "keys update", synopsis: "NAME [--min-decryption-version N] [--destroy-wait-days N] [--allow OPS] [--params P] [--rotations R] [--conjugation] [--relinearization] [--decrypt-log-precision B] [--decrypt-budget N]",
+		help: "change min_decryption_version or the policy (policy flags replace the whole policy; HE changes apply to later versions)", nargs: 1,
 		flags: func(fs *flag.FlagSet) {
 			fs.Uint64("min-decryption-version", 0, "oldest version that may still be used")
 			fs.Int("destroy-wait-days", 0, "default waiting period of schedule-destroy, 1-365")
 			fs.String("allow", "", "comma-separated operations the key may do")
+			heFlags(fs)
 		},
 		run: func(e *env, fs *flag.FlagSet, args []string) (int, error) {
 			var req client.UpdateKeyRequest
@@ -100,7 +108,11 @@ var commands = []command{
 				v, _ := fs.Lookup("min-decryption-version").Value.(flag.Getter).Get().(uint64)
 				req.MinDecryptionVersion = &v
 			}
-			req.Policy = policyFlags(fs)
+			p, err := policyFlags(fs)
+			if err != nil {
+				return 0, err
+			}
+			req.Policy = p
 			if req.Policy == nil && req.MinDecryptionVersion == nil {
 				return 0, usageError{"nothing to change: give --min-decryption-version, --destroy-wait-days or --allow"}
 			}
@@ -242,10 +254,36 @@ var commands = []command{
 		},
 	},
 	{
-		name: "tokens create", synopsis: "--role admin|worker --keys PATTERNS [--name NAME]",
+		name: "decrypt", synopsis: "NAME --version N --ciphertext-file FILE",
+		help: "decrypt an HE ciphertext (Lattigo MarshalBinary bytes; decryptor or admin token)", nargs: 1,
+		flags: func(fs *flag.FlagSet) {
+			fs.String("version", "", "version the ciphertext is encrypted under (required)")
+			fs.String("ciphertext-file", "", "file holding the ciphertext bytes (- for stdin) (required)")
+		},
+		run: func(e *env, fs *flag.FlagSet, args []string) (int, error) {
+			v, err := parseVersion(str(fs, "version"), false)
+			if err != nil {
+				return 0, err
+			}
+			ct, err := binaryInput("", str(fs, "ciphertext-file"), "ciphertext")
+			if err != nil {
+				return 0, err
+			}
+			if ct == nil {
+				return 0, usageError{"give --ciphertext-file"}
+			}
+			vals, err := e.c.Decrypt(e.ctx, args[0], v, ct)
+			if err != nil {
+				return 0, err
+			}
+			return exitOK, printJSON(e.stdout, map[string]any{"values": vals, "version": v})
+		},
+	},
+	{
+		name: "tokens create", synopsis: "--role admin|worker|auditor|decryptor --keys PATTERNS [--name NAME]",
 		help: "create a bearer token (printed once)",
 		flags: func(fs *flag.FlagSet) {
-			fs.String("role", "", "admin or worker (required)")
+			fs.String("role", "", "admin, worker, auditor or decryptor (required)")
 			fs.String("keys", "", "comma-separated key-name patterns, e.g. 'team-a-*' or '*' (required)")
 			fs.String("name", "", "a name for the token")
 		},
@@ -307,11 +345,57 @@ func isSet(fs *flag.FlagSet, name string) bool {
 	return set
 }
 
-// policyFlags builds a policy from --destroy-wait-days and --allow, or nil
-// if neither was given.
-func policyFlags(fs *flag.FlagSet) *client.Policy {
-	if !isSet(fs, "destroy-wait-days") && !isSet(fs, "allow") {
-		return nil
+// heFlags are the policy flags of the HE kinds.
+func heFlags(fs *flag.FlagSet) {
+	fs.String("params", "", "ckks/bgv: a preset (ckks-logn13..16, bgv-logn13..16) or @FILE holding a Lattigo parameters literal")
+	fs.String("rotations", "", "ckks/bgv: comma-separated slot rotations to make Galois keys for")
+	fs.Bool("conjugation", false, "ckks: complex conjugation key; bgv: row rotation key")
+	fs.Bool("relinearization", false, "ckks/bgv: make a relinearization key")
+	fs.Int("decrypt-log-precision", 0, "ckks: round decryption results to this many bits (server default 16)")
+	fs.Uint64("decrypt-budget", 0, "ckks/bgv: decryptions per version (0: no limit)")
+}
+
+// policyFlags builds a policy from the policy flags, or nil if none was
+// given.
+func policyFlags(fs *flag.FlagSet) (*client.Policy, error) {
+	given := false
+	for _, n := range []string{"destroy-wait-days", "allow", "params", "rotations", "conjugation", "relinearization", "decrypt-log-precision", "decrypt-budget"} {
+		if fs.Lookup(n) != nil && isSet(fs, n) {
+			given = true
+		}
 	}
-	return &client.Policy{DestroyWaitDays: intFlag(fs, "destroy-wait-days"), AllowedOperations: splitList(str(fs, "allow"))}
+	if !given {
+		return nil, nil
+	}
+	p := &client.Policy{DestroyWaitDays: intFlag(fs, "destroy-wait-days"), AllowedOperations: splitList(str(fs, "allow"))}
+	if fs.Lookup("params") == nil {
+		return p, nil
+	}
+	switch v := str(fs, "params"); {
+	case strings.HasPrefix(v, "@"):
+		b, err := os.ReadFile(v[1:])
+		if err != nil {
+			return nil, usageError{err.Error()}
+		}
+		p.Params = json.RawMessage(b)
+	case v != "":
+		p.Params, _ = json.Marshal(v)
+	}
+	for _, r := range splitList(str(fs, "rotations")) {
+		n, err := strconv.Atoi(r)
+		if err != nil {
+			return nil, usageError{fmt.Sprintf("--rotations: %q is not a number", r)}
+		}
+		p.Rotations = append(p.Rotations, n)
+	}
+	p.Conjugation = boolFlag(fs, "conjugation")
+	p.Relinearization = boolFlag(fs, "relinearization")
+	p.DecryptLogPrecision = intFlag(fs, "decrypt-log-precision")
+	p.DecryptBudget, _ = fs.Lookup("decrypt-budget").Value.(flag.Getter).Get().(uint64)
+	return p, nil
+}
+
+func boolFlag(fs *flag.FlagSet, name string) bool {
+	v, _ := fs.Lookup(name).Value.(flag.Getter).Get().(bool)
+	return v
 }

@@ -17,6 +17,7 @@ import (
 
 	"kmsd/api"
 	"kmsd/audit"
+	"kmsd/he"
 	"kmsd/internal/testhsm"
 	"kmsd/kms"
 	"kmsd/kms/bolt"
@@ -38,7 +39,11 @@ func auditedServer(t *testing.T) (string, string, *audit.Log) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { st.Close() })
-	svc, err := kms.NewService(kms.Config{Store: st, Sealer: testhsm.Open(t), Kinds: kms.NewRegistry(pqc.Kinds()...), Audit: true})
+	blobs, err := he.OpenBlobStore(filepath.Join(t.TempDir(), "blobs"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	svc, err := kms.NewService(kms.Config{Store: st, Sealer: testhsm.Open(t), Kinds: kms.NewRegistry(append(pqc.Kinds(), he.Kinds(blobs, 0)...)...), Audit: true})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -215,6 +220,28 @@ func TestAuditVerifyAndExport(t *testing.T) {
 	os.WriteFile(other, []byte(base64.StdEncoding.EncodeToString(make([]byte, 1952))), 0o600)
 	if r := kmsctl(t, env, "audit", "verify", "--identity-key-file", other); r.code != exitInvalid || !strings.Contains(r.stdout, "signature") {
 		t.Fatalf("wrong identity: %d %s", r.code, r.stdout)
+	}
+}
+
+func TestHECommands(t *testing.T) {
+	url, admin := server(t)
+	env := map[string]string{"KMS_ADDR": url, "KMS_TOKEN": admin}
+	r := kmsctl(t, env, "keys", "create", "he1", "--kind", "ckks", "--params", "ckks-logn13", "--rotations", "1,2", "--relinearization", "--decrypt-budget", "5")
+	if r.code != exitOK || !strings.Contains(r.stdout, `"ckks-logn13"`) || !strings.Contains(r.stdout, `"decrypt_budget": 5`) {
+		t.Fatalf("create: %d %s %s", r.code, r.stdout, r.stderr)
+	}
+	lit := filepath.Join(t.TempDir(), "params.json")
+	os.WriteFile(lit, []byte(`{"LogN":13,"LogQ":[60,60,60,60],"LogP":[60],"LogDefaultScale":40}`), 0o600)
+	if r := kmsctl(t, env, "keys", "create", "he2", "--kind", "ckks", "--params", "@"+lit); r.code != exitRefused || !strings.Contains(r.stderr, "exceeds 218") {
+		t.Fatalf("insecure literal: %d %s", r.code, r.stderr)
+	}
+	if r := kmsctl(t, env, "keys", "create", "he3", "--kind", "bgv", "--params", "bgv-logn13", "--rotations", "one"); r.code != exitUsage {
+		t.Fatalf("bad rotations: %d %s", r.code, r.stderr)
+	}
+	garbage := filepath.Join(t.TempDir(), "ct")
+	os.WriteFile(garbage, []byte("garbage"), 0o600)
+	if r := kmsctl(t, env, "decrypt", "he1", "--version", "1", "--ciphertext-file", garbage); r.code != exitRefused {
+		t.Fatalf("decrypt garbage: %d %s", r.code, r.stderr)
 	}
 }
 
