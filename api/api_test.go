@@ -86,6 +86,10 @@ var spec = func() *openapi3.T {
 // file. Every response the tests receive is validated against openapi.yaml.
 func newEnv(t *testing.T) *env { return newEnvWith(t, nil, nil, nil) }
 
+// testAsyncKeysetBytes, when set, makes smaller keysets go to the
+// background (tests run one at a time in this package).
+var testAsyncKeysetBytes int64
+
 // newEnvWith lets a test wrap the real sealer and stores to inject faults.
 func newEnvWith(t *testing.T, wrapSealer func(kms.Sealer) kms.Sealer, wrapStore func(kms.Store) kms.Store, wrapAudit func(kms.AuditStore) kms.AuditStore) *env {
 	t.Helper()
@@ -109,7 +113,8 @@ func newEnvWith(t *testing.T, wrapSealer func(kms.Sealer) kms.Sealer, wrapStore 
 		t.Fatal(err)
 	}
 	kinds := kms.NewRegistry(append(pqc.Kinds(), he.Kinds(e.blobs, 2)...)...)
-	e.svc, err = kms.NewService(kms.Config{Store: store, Sealer: sealer, Kinds: kinds, Clock: e.clock, Rand: e.rand, CacheTTL: -1, Audit: true})
+	e.svc, err = kms.NewService(kms.Config{Store: store, Sealer: sealer, Kinds: kinds, Clock: e.clock, Rand: e.rand, CacheTTL: -1, Audit: true,
+		AsyncKeysetBytes: testAsyncKeysetBytes})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -121,9 +121,13 @@ func (s *Server) createKey(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	pending(r, http.StatusCreated)
-	k, err := s.svc.CreateKey(r.Context(), req.Name, req.Kind, fromPolicy(req.Policy))
+	k, job, err := s.svc.CreateKeyAsync(r.Context(), s.background(r), req.Name, req.Kind, fromPolicy(req.Policy))
 	if err != nil {
 		writeError(w, r, err)
+		return
+	}
+	if job != nil {
+		s.accepted(w, r, job)
 		return
 	}
 	w.Header().Set("Location", "/v1/keys/"+url.PathEscape(k.Name))
@@ -199,9 +203,13 @@ func (s *Server) rotate(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	pending(r, http.StatusCreated)
-	k, v, err := s.svc.Rotate(r.Context(), chi.URLParam(r, "name"))
+	k, v, job, err := s.svc.RotateAsync(r.Context(), s.background(r), chi.URLParam(r, "name"))
 	if err != nil {
 		writeError(w, r, err)
+		return
+	}
+	if job != nil {
+		s.accepted(w, r, job)
 		return
 	}
 	w.Header().Set("Location", fmt.Sprintf("/v1/keys/%s/versions/%d/public-key", url.PathEscape(k.Name), v.Number))

@@ -37,12 +37,18 @@ type Options struct {
 	Stream RecordSink
 	// Blobs serves the HE kinds' public and evaluation keys.
 	Blobs BlobSource
+	// Background is the context of long operations (HE generations that
+	// answer 202); cancel it at shutdown. Default: context.Background().
+	Background context.Context
 }
 
 // New builds a Server. log receives one event per request.
 func New(svc *kms.Service, log *slog.Logger, opts Options) *Server {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
+	}
+	if opts.Background == nil {
+		opts.Background = context.Background()
 	}
 	return &Server{svc: svc, log: log, opts: opts}
 }
@@ -223,6 +229,7 @@ func (s *Server) Handler() http.Handler {
 		r.Get("/v1/keys/{name}/versions/{version}/evaluation-keys/signature", allow(kms.PermReadKey, s.manifestSignature))
 		r.Get("/v1/blobs/sha256/{hex}", s.blob) // authorized against the blob's key inside
 		r.Post("/v1/keys/{name}/versions/{version}/decrypt", allow(kms.PermDecrypt, s.decrypt))
+		r.Get("/v1/operations/{id}", s.operation) // authorized against the operation's key inside
 		if s.opts.Audit != nil && s.opts.Prover != nil {
 			r.Get("/v1/audit/checkpoint", allow(kms.PermReadAudit, s.auditCheckpoint))
 			r.Get("/v1/audit/records", allow(kms.PermReadAudit, s.auditRecords))

@@ -105,7 +105,7 @@ func (s *Service) newKeysetVersion(ctx context.Context, name string, kind Keyset
 	if err != nil {
 		return Version{}, asUnavailable("seal", err)
 	}
-	ks, err := kind.GenerateKeyset(ctx, secret, p, nil)
+	ks, err := kind.GenerateKeyset(ctx, secret, p, progressFrom(ctx))
 	if err != nil {
 		return Version{}, asUnavailable("generate "+kind.Name()+" keyset", err)
 	}

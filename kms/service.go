@@ -30,6 +30,9 @@ type Config struct {
 	// 1); past it, requests are refused with "exhausted" (429).
 	MaxKeysetBytes int64
 	MaxGenerations int
+	// AsyncKeysetBytes: keysets larger than this are generated in the
+	// background by CreateKeyAsync and RotateAsync (default 64 MiB).
+	AsyncKeysetBytes int64
 	// Audit makes the service record the actions it takes on its own
 	// (scheduled destruction, bootstrap) in the audit log. Records of
 	// requests come with the request's ctx (WithAudit).
@@ -48,7 +51,9 @@ type Service struct {
 	audit  bool
 
 	maxKeyset   int64
+	asyncBytes  int64
 	generations chan struct{}
+	jobs        jobs
 
 	locksMu sync.Mutex
 	locks   map[string]*sync.Mutex // per-key locks that serialize rotations
@@ -81,6 +86,11 @@ func NewService(cfg Config) (*Service, error) {
 		cfg.MaxGenerations = 1
 	}
 	s.generations = make(chan struct{}, cfg.MaxGenerations)
+	s.jobs.m = map[string]*Job{}
+	s.asyncBytes = cfg.AsyncKeysetBytes
+	if s.asyncBytes <= 0 {
+		s.asyncBytes = 64 << 20
+	}
 	ttl, size := cfg.CacheTTL, cfg.CacheSize
 	if ttl == 0 {
 		ttl = 5 * time.Minute

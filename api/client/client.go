@@ -75,6 +75,13 @@ func StatusOf(err error) int {
 }
 
 func (c *Client) do(ctx context.Context, method, path string, query url.Values, in, out any) error {
+	_, err := c.doStatus(ctx, method, path, query, in, func(int) any { return out })
+	return err
+}
+
+// doStatus is do with the answer's body decoded into what pick returns for
+// its status.
+func (c *Client) doStatus(ctx context.Context, method, path string, query url.Values, in any, pick func(status int) any) (int, error) {
 	u := *c.base
 	u.Path += path
 	u.RawPath = ""
@@ -85,13 +92,13 @@ func (c *Client) do(ctx context.Context, method, path string, query url.Values, 
 	if in != nil {
 		b, err := json.Marshal(in)
 		if err != nil {
-			return err
+			return 0, err
 		}
 		body = bytes.NewReader(b)
 	}
 	req, err := http.NewRequestWithContext(ctx, method, u.String(), body)
 	if err != nil {
-		return err
+		return 0, err
 	}
 	if in != nil {
 		req.Header.Set("Content-Type", "application/json")
@@ -102,7 +109,7 @@ func (c *Client) do(ctx context.Context, method, path string, query url.Values, 
 	}
 	resp, err := c.http.Do(req)
 	if err != nil {
-		return err
+		return 0, err
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode >= 400 {
@@ -111,15 +118,16 @@ func (c *Client) do(ctx context.Context, method, path string, query url.Values, 
 		if json.Unmarshal(b, &e.Problem) != nil || e.Status == 0 {
 			e.Problem = Problem{Status: resp.StatusCode, Title: http.StatusText(resp.StatusCode)}
 		}
-		return e
+		return resp.StatusCode, e
 	}
+	out := pick(resp.StatusCode)
 	if out == nil {
-		return nil
+		return resp.StatusCode, nil
 	}
 	if err := json.NewDecoder(resp.Body).Decode(out); err != nil {
-		return fmt.Errorf("decode %s %s response: %w", method, path, err)
+		return resp.StatusCode, fmt.Errorf("decode %s %s response: %w", method, path, err)
 	}
-	return nil
+	return resp.StatusCode, nil
 }
 
 func keyPath(name string, rest ...string) string {
@@ -351,4 +359,75 @@ func (c *Client) Decrypt(ctx context.Context, name string, version uint64, ciphe
 		return nil, fmt.Errorf("decode decrypt response: %w", err)
 	}
 	return out.Values, nil
+}
+
+// CreateKeyOrOperation creates a key; a large HE keyset answers 202 and
+// comes back as an Operation to follow with WaitOperation.
+func (c *Client) CreateKeyOrOperation(ctx context.Context, req CreateKeyRequest) (*Key, *Operation, error) {
+	var k Key
+	var op Operation
+	st, err := c.doStatus(ctx, http.MethodPost, "/v1/keys", nil, req, func(s int) any {
+		if s == http.StatusAccepted {
+			return &op
+		}
+		return &k
+	})
+	if err != nil {
+		return nil, nil, err
+	}
+	if st == http.StatusAccepted {
+		return nil, &op, nil
+	}
+	return &k, nil, nil
+}
+
+// RotateOrOperation rotates; a large HE keyset answers 202 (see
+// CreateKeyOrOperation).
+func (c *Client) RotateOrOperation(ctx context.Context, name string) (*Version, *Operation, error) {
+	var v Version
+	var op Operation
+	st, err := c.doStatus(ctx, http.MethodPost, keyPath(name, "rotate"), nil, nil, func(s int) any {
+		if s == http.StatusAccepted {
+			return &op
+		}
+		return &v
+	})
+	if err != nil {
+		return nil, nil, err
+	}
+	if st == http.StatusAccepted {
+		return nil, &op, nil
+	}
+	return &v, nil, nil
+}
+
+// GetOperation returns an operation's state.
+func (c *Client) GetOperation(ctx context.Context, id string) (*Operation, error) {
+	var op Operation
+	return &op, c.do(ctx, http.MethodGet, "/v1/operations/"+url.PathEscape(id), nil, nil, &op)
+}
+
+// WaitOperation polls an operation every interval until it ends, calling
+// progress (if set) with each state. A failed operation is an error.
+func (c *Client) WaitOperation(ctx context.Context, id string, every time.Duration, progress func(*Operation)) (*Operation, error) {
+	for {
+		op, err := c.GetOperation(ctx, id)
+		if err != nil {
+			return nil, err
+		}
+		if progress != nil {
+			progress(op)
+		}
+		switch op.State {
+		case "succeeded":
+			return op, nil
+		case "failed":
+			return op, fmt.Errorf("operation %s failed: %s", op.ID, op.Error)
+		}
+		select {
+		case <-ctx.Done():
+			return op, ctx.Err()
+		case <-time.After(every):
+		}
+	}
 }

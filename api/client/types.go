@@ -171,3 +171,20 @@ type DecryptResponse struct {
 	Values  any    `json:"values"`
 	Version uint64 `json:"version"`
 }
+
+// Operation is a long-running generation (answered 202).
+type Operation struct {
+	ID       string   `json:"id"`
+	State    string   `json:"state"` // running, succeeded, failed
+	Progress Progress `json:"progress"`
+	Error    string   `json:"error,omitempty"`
+	Key      string   `json:"key"`
+	Version  uint64   `json:"version,omitempty"`
+}
+
+// Progress counts keys generated of the total and bytes written.
+type Progress struct {
+	Done  int   `json:"done"`
+	Total int   `json:"total"`
+	Bytes int64 `json:"bytes"`
+}

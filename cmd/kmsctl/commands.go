@@ -1,12 +1,14 @@
 package main
 
 import (
+	"context"
 	"encoding/json"
 	"flag"
 	"fmt"
 	"os"
 	"strconv"
 	"strings"
+	"time"
 
 	"kmsd/api/client"
 )
@@ -43,9 +45,17 @@ var commands = []command{
 				return 0, err
 			}
 			req.Policy = p
-			k, err := e.c.CreateKey(e.ctx, req)
+			k, op, err := e.c.CreateKeyOrOperation(e.ctx, req)
 			if err != nil {
 				return 0, err
+			}
+			if op != nil {
+				if err := waitWithBar(e, op); err != nil {
+					return exitFailure, err
+				}
+				if k, err = e.c.GetKey(e.ctx, req.Name); err != nil {
+					return 0, err
+				}
 			}
 			return exitOK, printJSON(e.stdout, k)
 		},
@@ -86,9 +96,19 @@ var commands = []command{
 	{
 		name: "keys rotate", synopsis: "NAME", help: "make a new primary version", nargs: 1,
 		run: func(e *env, _ *flag.FlagSet, args []string) (int, error) {
-			v, err := e.c.Rotate(e.ctx, args[0])
+			v, op, err := e.c.RotateOrOperation(e.ctx, args[0])
 			if err != nil {
 				return 0, err
+			}
+			if op != nil {
+				if err := waitWithBar(e, op); err != nil {
+					return exitFailure, err
+				}
+				k, err := e.c.GetKey(e.ctx, args[0])
+				if err != nil {
+					return 0, err
+				}
+				return exitOK, printJSON(e.stdout, k.Versions[len(k.Versions)-1])
 			}
 			return exitOK, printJSON(e.stdout, v)
 		},
@@ -398,4 +418,22 @@ func policyFlags(fs *flag.FlagSet) (*client.Policy, error) {
 func boolFlag(fs *flag.FlagSet, name string) bool {
 	v, _ := fs.Lookup(name).Value.(flag.Getter).Get().(bool)
 	return v
+}
+
+// waitWithBar follows a background operation, drawing a progress bar on
+// stderr.
+func waitWithBar(e *env, op *client.Operation) error {
+	// The wait is not bounded by --timeout: a logN 16 keyset takes minutes.
+	_, err := e.c.WaitOperation(context.WithoutCancel(e.ctx), op.ID, 200*time.Millisecond, func(o *client.Operation) {
+		const width = 30
+		filled := 0
+		if o.Progress.Total > 0 {
+			filled = width * o.Progress.Done / o.Progress.Total
+		}
+		fmt.Fprintf(e.stderr, "\r[%s%s] %d/%d keys, %d MiB", strings.Repeat("#", filled), strings.Repeat(" ", width-filled), o.Progress.Done, o.Progress.Total, o.Progress.Bytes>>20)
+		if o.State != "running" {
+			fmt.Fprintln(e.stderr)
+		}
+	})
+	return err
 }

@@ -35,6 +35,7 @@ type env struct {
 	ctx    context.Context
 	c      *client.Client
 	stdout io.Writer
+	stderr io.Writer
 }
 
 type command struct {
@@ -135,7 +136,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	}
 	ctx, cancel := context.WithTimeout(ctx, *timeout)
 	defer cancel()
-	code, err := cmd.run(&env{ctx: ctx, c: c, stdout: stdout}, fs, pos)
+	code, err := cmd.run(&env{ctx: ctx, c: c, stdout: stdout, stderr: stderr}, fs, pos)
 	if err != nil {
 		var ue usageError
 		switch {

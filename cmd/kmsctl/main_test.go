@@ -43,7 +43,8 @@ func auditedServer(t *testing.T) (string, string, *audit.Log) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	svc, err := kms.NewService(kms.Config{Store: st, Sealer: testhsm.Open(t), Kinds: kms.NewRegistry(append(pqc.Kinds(), he.Kinds(blobs, 0)...)...), Audit: true})
+	svc, err := kms.NewService(kms.Config{Store: st, Sealer: testhsm.Open(t), Kinds: kms.NewRegistry(append(pqc.Kinds(), he.Kinds(blobs, 0)...)...), Audit: true,
+		AsyncKeysetBytes: 1 << 20}) // HE keysets in these tests go to the background
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -229,6 +230,12 @@ func TestHECommands(t *testing.T) {
 	r := kmsctl(t, env, "keys", "create", "he1", "--kind", "ckks", "--params", "ckks-logn13", "--rotations", "1,2", "--relinearization", "--decrypt-budget", "5")
 	if r.code != exitOK || !strings.Contains(r.stdout, `"ckks-logn13"`) || !strings.Contains(r.stdout, `"decrypt_budget": 5`) {
 		t.Fatalf("create: %d %s %s", r.code, r.stdout, r.stderr)
+	}
+	if !strings.Contains(r.stderr, "] 4/4 keys") {
+		t.Fatalf("no progress bar on stderr: %q", r.stderr)
+	}
+	if r := kmsctl(t, env, "keys", "rotate", "he1"); r.code != exitOK || !strings.Contains(r.stdout, `"version": 2`) {
+		t.Fatalf("rotate: %d %s %s", r.code, r.stdout, r.stderr)
 	}
 	lit := filepath.Join(t.TempDir(), "params.json")
 	os.WriteFile(lit, []byte(`{"LogN":13,"LogQ":[60,60,60,60],"LogP":[60],"LogDefaultScale":40}`), 0o600)

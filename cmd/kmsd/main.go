@@ -67,6 +67,7 @@ type config struct {
 	auditStream     string
 	auditStreamWait time.Duration
 	maxKeysetMiB    int64
+	asyncKeysetMiB  int64
 	heGenerations   int
 	heWorkers       int
 }
@@ -88,8 +89,8 @@ func parseFlags(args []string, getenv func(string) string, out io.Writer) (confi
 	if c.auditEvery == 0 {
 		return c, errors.New("--audit-checkpoint-every must be at least 1")
 	}
-	if c.maxKeysetMiB < 1 || c.heGenerations < 1 || c.heWorkers < 0 {
-		return c, errors.New("--max-keyset-mib and --he-generations must be at least 1, --he-workers at least 0")
+	if c.maxKeysetMiB < 1 || c.asyncKeysetMiB < 1 || c.heGenerations < 1 || c.heWorkers < 0 {
+		return c, errors.New("--max-keyset-mib, --async-keyset-mib and --he-generations must be at least 1, --he-workers at least 0")
 	}
 	return c, nil
 }
@@ -136,6 +137,7 @@ func newFlagSet(c *config, getenv func(string) string) *flag.FlagSet {
 		return def
 	}
 	fs.Int64Var(&c.maxKeysetMiB, "max-keyset-mib", int64(intEnv("KMS_MAX_KEYSET_MIB", 4096)), "refuse HE keys whose keyset (public and evaluation keys) would be larger than this many MiB (env KMS_MAX_KEYSET_MIB)")
+	fs.Int64Var(&c.asyncKeysetMiB, "async-keyset-mib", int64(intEnv("KMS_ASYNC_KEYSET_MIB", 64)), "HE keysets larger than this many MiB are generated in the background: create and rotate answer 202 with an operation to poll (env KMS_ASYNC_KEYSET_MIB)")
 	fs.IntVar(&c.heGenerations, "he-generations", intEnv("KMS_HE_GENERATIONS", 1), "HE keyset generations at once; more are refused with 429 (env KMS_HE_GENERATIONS)")
 	fs.IntVar(&c.heWorkers, "he-workers", intEnv("KMS_HE_WORKERS", 0), "goroutines per HE keyset generation; 0: one per core (env KMS_HE_WORKERS)")
 	return fs
@@ -216,7 +218,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 	}
 	kinds := kms.NewRegistry(append(pqc.Kinds(), he.Kinds(blobs, c.heWorkers)...)...)
 	svc, err := kms.NewService(kms.Config{Store: store, Sealer: sealer, Kinds: kinds, Logger: log, CacheTTL: ttl, Audit: audited,
-		MaxKeysetBytes: c.maxKeysetMiB << 20, MaxGenerations: c.heGenerations})
+		MaxKeysetBytes: c.maxKeysetMiB << 20, MaxGenerations: c.heGenerations, AsyncKeysetBytes: c.asyncKeysetMiB << 20})
 	if err != nil {
 		return err
 	}
@@ -260,9 +262,13 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 			return sig, err
 		},
 	})
-	opts := api.Options{Audit: store, Prover: alog, Blobs: blobSource{blobs}}
+	// Background operations (large HE generations) end with the server: an
+	// interrupted one commits nothing and its blobs are removed.
+	bgctx, bgcancel := context.WithCancel(context.Background())
+	defer bgcancel()
+	opts := api.Options{Audit: store, Prover: alog, Blobs: blobSource{blobs}, Background: bgctx}
 	if !audited {
-		opts = api.Options{Blobs: blobSource{blobs}}
+		opts = api.Options{Blobs: blobSource{blobs}, Background: bgctx}
 	}
 	if c.auditStream != "" {
 		var w io.Writer = os.Stdout

@@ -1,0 +1,53 @@
+package api
+
+import (
+	"context"
+	"net/http"
+
+	"github.com/go-chi/chi/v5"
+
+	"kmsd/api/client"
+	"kmsd/kms"
+)
+
+// background is the context a 202 operation runs in: the server's, with an
+// audit record of its own that commits with the new version (the
+// request's record, status 202, is written when the answer is).
+func (s *Server) background(r *http.Request) context.Context {
+	ctx := s.opts.Background
+	ev := eventFrom(r)
+	if ev == nil || ev.rec == nil {
+		return ctx
+	}
+	rec := *ev.rec
+	rec.Operation = operation(r) + " (completed in the background)"
+	rec.Status = http.StatusCreated
+	rec.Committed = false
+	return kms.WithAudit(ctx, &rec)
+}
+
+func toOperation(j *kms.Job) client.Operation {
+	return client.Operation{ID: j.ID, State: j.State, Key: j.Key, Version: j.Version, Error: j.Error,
+		Progress: client.Progress{Done: j.Done, Total: j.Total, Bytes: j.Bytes}}
+}
+
+// accepted answers 202 for work that goes on in the background.
+func (s *Server) accepted(w http.ResponseWriter, r *http.Request, j *kms.Job) {
+	w.Header().Set("Location", "/v1/operations/"+j.ID)
+	writeJSON(w, http.StatusAccepted, toOperation(j))
+}
+
+func (s *Server) operation(w http.ResponseWriter, r *http.Request) {
+	j, err := s.svc.GetJob(chi.URLParam(r, "id"))
+	if err != nil {
+		writeError(w, r, err)
+		return
+	}
+	ev := eventFrom(r)
+	ev.key = j.Key
+	if err := ev.principal.Authorize(kms.PermReadKey, j.Key); err != nil {
+		writeProblem(w, r, http.StatusNotFound, ProbNotFound, "no such operation")
+		return
+	}
+	writeJSON(w, http.StatusOK, toOperation(j))
+}
