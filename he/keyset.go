@@ -153,6 +153,7 @@ func Generate(ctx context.Context, p *Params, sk *rlwe.SecretKey, spec KeySpec, 
 		go func() {
 			defer wg.Done()
 			kgen := rlwe.NewKeyGenerator(rp) // not safe for concurrent use: one each
+			gk := rlwe.NewGaloisKey(rp)      // reused: one Galois key in memory per worker
 			for j := range ch {
 				var writeTo func(io.Writer) error
 				switch j.kind {
@@ -163,8 +164,8 @@ func Generate(ctx context.Context, p *Params, sk *rlwe.SecretKey, spec KeySpec, 
 					k := kgen.GenRelinearizationKeyNew(sk)
 					writeTo = func(w io.Writer) error { _, err := k.WriteTo(w); return err }
 				case "galois":
-					k := kgen.GenGaloisKeyNew(j.gal, sk)
-					writeTo = func(w io.Writer) error { _, err := k.WriteTo(w); return err }
+					kgen.GenGaloisKey(j.gal, sk, gk)
+					writeTo = func(w io.Writer) error { _, err := gk.WriteTo(w); return err }
 				}
 				d, n, err := store.Put(writeTo)
 				mu.Lock()

@@ -23,6 +23,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/cloudflare/circl/sign/mldsa/mldsa65"
@@ -30,6 +31,7 @@ import (
 	"kmsd/api"
 	"kmsd/api/client"
 	"kmsd/audit"
+	"kmsd/he"
 	"kmsd/hsm"
 	"kmsd/hsm/softhsm"
 	"kmsd/kms"
@@ -42,7 +44,8 @@ func main() {
 	conc := flag.String("concurrency", "1,16", "comma-separated concurrencies")
 	ttl := flag.Duration("key-cache-ttl", 5*time.Minute, "unsealed-key cache TTL of the server (0: off)")
 	msgSize := flag.Int("message-size", 256, "bytes per message")
-	scenario := flag.String("scenario", "sign", "sign: the API beside raw circl; audit: the API with the audit log on and off")
+	scenario := flag.String("scenario", "sign", "sign: the API beside raw circl; audit: the API with the audit log on and off; hekeygen: one HE keyset's time and peak RSS")
+	flag.StringVar(&heParams, "params", "ckks-logn15", "hekeygen scenario: the CKKS preset")
 	unaudited := flag.Bool("unaudited", false, "sign scenario: serve without the audit log (benchmark only; kmsd always audits)")
 	cpuprofile := flag.String("cpuprofile", "", "write a CPU profile of the whole run to this file")
 	flag.Parse()
@@ -277,6 +280,8 @@ func run(dur time.Duration, concList string, ttl time.Duration, msgSize int, sce
 				apiRes.pct(0.5).Round(time.Microsecond), apiRes.pct(0.99).Round(time.Microsecond),
 				raw.pct(0.5).Round(time.Microsecond), raw.pct(0.99).Round(time.Microsecond))
 		}
+	case "hekeygen":
+		return heKeygen(dir, heParams)
 	case "audit":
 		on, err := newServer(dir, sealer, ttl, true)
 		if err != nil {
@@ -315,7 +320,58 @@ func run(dur time.Duration, concList string, ttl time.Duration, msgSize int, sce
 			}
 		}
 	default:
-		return fmt.Errorf("unknown scenario %q (sign or audit)", scenario)
+		return fmt.Errorf("unknown scenario %q (sign, audit or hekeygen)", scenario)
 	}
+	return nil
+}
+
+var heParams string
+
+// heKeygen generates one CKKS keyset (public, relinearization, and Galois
+// keys for all power-of-two rotations) with he.Generate into a blob store,
+// and reports time and the process's peak RSS against the size of one
+// Galois key. Run it alone: peak RSS covers the whole process.
+func heKeygen(dir, preset string) error {
+	p, err := he.Resolve(he.CKKS, []byte(`"`+preset+`"`))
+	if err != nil {
+		return err
+	}
+	var rots []int
+	for k := 1; k < p.CKKS.MaxSlots(); k *= 2 {
+		rots = append(rots, k)
+	}
+	spec := he.KeySpec{Rotations: rots, Relinearization: true}
+	gal, err := he.GaloisElements(p, spec)
+	if err != nil {
+		return err
+	}
+	store, err := he.OpenBlobStore(filepath.Join(dir, "blobs"))
+	if err != nil {
+		return err
+	}
+	seed := make([]byte, he.SeedSize)
+	rand.Read(seed)
+	sk, err := he.SecretKey(p.RLWE(), seed)
+	if err != nil {
+		return err
+	}
+	_, _, gk := he.KeySizes(p)
+	var before syscall.Rusage
+	syscall.Getrusage(syscall.RUSAGE_SELF, &before)
+	start := time.Now()
+	blobs, err := he.Generate(context.Background(), p, sk, spec, gal, store, 0, nil)
+	if err != nil {
+		return err
+	}
+	el := time.Since(start)
+	var ru syscall.Rusage
+	syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
+	var total int64
+	for _, b := range blobs {
+		total += b.Size
+	}
+	peak := ru.Maxrss << 10 // KiB on Linux
+	fmt.Printf("# he.Generate %s: %d keys (%d Galois), %d MiB in %v on %d workers\n", preset, len(blobs), len(gal), total>>20, el.Round(time.Millisecond), runtime.GOMAXPROCS(0))
+	fmt.Printf("peak RSS %d MiB; one Galois key %d MiB; target (4 Galois keys + 100 MiB) %d MiB\n", peak>>20, gk>>20, (4*int64(gk)+100<<20)>>20)
 	return nil
 }
