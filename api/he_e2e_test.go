@@ -311,3 +311,54 @@ func TestDecryptRefusals(t *testing.T) {
 		t.Fatalf("past the budget: %v", err)
 	}
 }
+
+// TestWorkerResumesDownload: a partial blob left in the cache by an
+// interrupted download is completed with a Range request, and a corrupt
+// partial file is detected, not used.
+func TestWorkerResumesDownload(t *testing.T) {
+	e := newEnv(t)
+	heKey(t, e, "he-r", `{"name":"he-r","kind":"ckks","policy":{"params":"ckks-logn13"}}`)
+	pub, err := e.client(e.admin).PublicKey(ctx, "he-r", 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := strings.TrimPrefix(pub.Digest, "sha256:")
+	_, _, full := e.raw("GET", pub.URL, e.admin, "", "")
+	var ranges atomic.Int64
+	tr := roundTripFunc(func(r *http.Request) (*http.Response, error) {
+		if r.Header.Get("Range") != "" {
+			ranges.Add(1)
+		}
+		return http.DefaultTransport.RoundTrip(r)
+	})
+	for _, c := range []struct {
+		name    string
+		part    []byte
+		wantErr bool
+	}{
+		{"good half", full[:len(full)/2], false},
+		{"corrupt half", append([]byte{full[0] ^ 1}, full[1:len(full)/2]...), true},
+	} {
+		cache := t.TempDir()
+		os.WriteFile(filepath.Join(cache, h+".part"), c.part, 0o600)
+		f := &hekeys.Fetcher{BaseURL: e.url, Token: e.admin, IdentityKey: e.idPub, CacheDir: cache, HTTP: &http.Client{Transport: tr}}
+		before := ranges.Load()
+		_, err := f.Fetch(ctx, "he-r", 1)
+		if ranges.Load() != before+1 {
+			t.Fatalf("%s: %d range requests, want 1", c.name, ranges.Load()-before)
+		}
+		if c.wantErr != (err != nil) || (err != nil && !errors.Is(err, hekeys.ErrVerify)) {
+			t.Fatalf("%s: %v", c.name, err)
+		}
+		if !c.wantErr {
+			got, _ := os.ReadFile(filepath.Join(cache, h))
+			if !bytes.Equal(got, full) {
+				t.Fatalf("%s: the cached blob differs", c.name)
+			}
+		}
+	}
+}
+
+type roundTripFunc func(*http.Request) (*http.Response, error)
+
+func (f roundTripFunc) RoundTrip(r *http.Request) (*http.Response, error) { return f(r) }
