@@ -26,35 +26,37 @@ func blobURL(digest string) string {
 	return "/v1/blobs/sha256/" + strings.TrimPrefix(digest, "sha256:")
 }
 
-func (s *Server) manifest(w http.ResponseWriter, r *http.Request) {
+// manifestVersion resolves the route's HE version, or writes the problem.
+func (s *Server) manifestVersion(w http.ResponseWriter, r *http.Request) (*kms.Version, bool) {
 	n, err := versionParam(r)
 	if err != nil {
 		writeError(w, r, err)
-		return
+		return nil, false
 	}
 	_, v, err := s.svc.Manifest(r.Context(), chi.URLParam(r, "name"), n)
 	if err != nil {
 		writeError(w, r, err)
-		return
+		return nil, false
 	}
 	eventFrom(r).version = v.Number
+	return v, true
+}
+
+func (s *Server) manifest(w http.ResponseWriter, r *http.Request) {
+	v, ok := s.manifestVersion(w, r)
+	if !ok {
+		return
+	}
 	w.Header().Set("Content-Type", "application/json")
 	w.WriteHeader(http.StatusOK)
 	_, _ = w.Write(v.Manifest)
 }
 
 func (s *Server) manifestSignature(w http.ResponseWriter, r *http.Request) {
-	n, err := versionParam(r)
-	if err != nil {
-		writeError(w, r, err)
+	v, ok := s.manifestVersion(w, r)
+	if !ok {
 		return
 	}
-	_, v, err := s.svc.Manifest(r.Context(), chi.URLParam(r, "name"), n)
-	if err != nil {
-		writeError(w, r, err)
-		return
-	}
-	eventFrom(r).version = v.Number
 	writeJSON(w, http.StatusOK, client.ManifestSignature{Algorithm: kms.IdentityKind, IdentityVersion: v.ManifestSigBy, Context: kms.ManifestContext, Signature: v.ManifestSig})
 }
 

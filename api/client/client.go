@@ -113,12 +113,8 @@ func (c *Client) doStatus(ctx context.Context, method, path string, query url.Va
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode >= 400 {
-		e := &Error{}
 		b, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
-		if json.Unmarshal(b, &e.Problem) != nil || e.Status == 0 {
-			e.Problem = Problem{Status: resp.StatusCode, Title: http.StatusText(resp.StatusCode)}
-		}
-		return resp.StatusCode, e
+		return resp.StatusCode, problemError(resp.StatusCode, b)
 	}
 	out := pick(resp.StatusCode)
 	if out == nil {
@@ -265,13 +261,19 @@ func (c *Client) getRaw(ctx context.Context, path string, query url.Values) ([]b
 		return nil, err
 	}
 	if resp.StatusCode >= 400 {
-		e := &Error{}
-		if json.Unmarshal(b, &e.Problem) != nil || e.Status == 0 {
-			e.Problem = Problem{Status: resp.StatusCode, Title: http.StatusText(resp.StatusCode)}
-		}
-		return nil, e
+		return nil, problemError(resp.StatusCode, b)
 	}
 	return b, nil
+}
+
+// problemError turns an error answer into an *Error, from its problem
+// document when it has one.
+func problemError(status int, body []byte) *Error {
+	e := &Error{}
+	if json.Unmarshal(body, &e.Problem) != nil || e.Status == 0 {
+		e.Problem = Problem{Status: status, Title: http.StatusText(status)}
+	}
+	return e
 }
 
 // AuditCheckpoint returns the latest signed checkpoint (a signed note).
@@ -346,11 +348,7 @@ func (c *Client) Decrypt(ctx context.Context, name string, version uint64, ciphe
 		return nil, err
 	}
 	if resp.StatusCode >= 400 {
-		e := &Error{}
-		if json.Unmarshal(b, &e.Problem) != nil || e.Status == 0 {
-			e.Problem = Problem{Status: resp.StatusCode, Title: http.StatusText(resp.StatusCode)}
-		}
-		return nil, e
+		return nil, problemError(resp.StatusCode, b)
 	}
 	var out struct {
 		Values []float64 `json:"values"`

@@ -25,35 +25,14 @@ import (
 	"github.com/tuneinsight/lattigo/v6/schemes/ckks"
 
 	"kmsd/api/client"
+	"kmsd/kms"
 )
 
 // ManifestContext is the ML-DSA context of manifest signatures.
-const ManifestContext = "kms-manifest-v1"
+const ManifestContext = kms.ManifestContext
 
 // Manifest is a version's list of blobs, as kmsd signs it.
-type Manifest struct {
-	Key                string          `json:"key"`
-	Version            uint64          `json:"version"`
-	Kind               string          `json:"kind"`
-	ParamsID           string          `json:"params_id"`
-	Params             json.RawMessage `json:"params"`
-	PublicKey          Blob            `json:"public_key"`
-	RelinearizationKey *Blob           `json:"relinearization_key"`
-	GaloisKeys         []GaloisBlob    `json:"galois_keys"`
-}
-
-// Blob names a blob.
-type Blob struct {
-	Digest string `json:"digest"`
-	Size   int64  `json:"size"`
-}
-
-// GaloisBlob names a Galois key's blob.
-type GaloisBlob struct {
-	GaloisElement uint64 `json:"galois_element"`
-	Digest        string `json:"digest"`
-	Size          int64  `json:"size"`
-}
+type Manifest = kms.Manifest
 
 // Keys are a verified HE version's public material.
 type Keys struct {
