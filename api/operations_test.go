@@ -76,3 +76,41 @@ func TestLargeKeysetIsAnOperation(t *testing.T) {
 		t.Fatalf("duplicate: %v", err)
 	}
 }
+
+// TestGenerationSlotsFull: while a keyset generation runs (one slot by
+// default), another answers 429 at once and creates nothing.
+func TestGenerationSlotsFull(t *testing.T) {
+	testAsyncKeysetBytes = 1 << 20
+	defer func() { testAsyncKeysetBytes = 0 }()
+	e := newEnv(t)
+	c := e.client(e.admin)
+	_, op, err := c.CreateKeyOrOperation(ctx, client.CreateKeyRequest{Name: "slow", Kind: "ckks",
+		Policy: &client.Policy{Params: json.RawMessage(`"ckks-logn14"`), Rotations: []int{1, 2, 4, 8, 16, 32, 64, 128}, Relinearization: true}})
+	if err != nil || op == nil {
+		t.Fatalf("first: %v %v", op, err)
+	}
+	// Wait until it is generating (it holds the slot).
+	for {
+		o, err := c.GetOperation(ctx, op.ID)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if o.Progress.Done >= 1 || o.State != "running" {
+			if o.State != "running" {
+				t.Fatalf("the first generation ended too soon to test: %+v", o)
+			}
+			break
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	st, h, body := e.raw("POST", "/v1/keys", e.admin, "application/json", `{"name":"second","kind":"ckks","policy":{"params":"ckks-logn13","rotations":[1]}}`)
+	if st != 429 || problemType(t, body) != "busy" || h.Get("Retry-After") == "" {
+		t.Fatalf("second: %d %s", st, body)
+	}
+	if _, err := c.GetKey(ctx, "second"); !client.IsProblem(err, "not-found") {
+		t.Fatalf("the refused create left a key: %v", err)
+	}
+	if _, err := c.WaitOperation(ctx, op.ID, 20*time.Millisecond, nil); err != nil {
+		t.Fatal(err)
+	}
+}
