@@ -74,9 +74,3 @@ func (c *keyCache) evict(name string, n uint64) {
 	defer c.mu.Unlock()
 	delete(c.m, cacheKey(name, n))
 }
-
-func (c *keyCache) len() int {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return len(c.m)
-}

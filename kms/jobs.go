@@ -29,9 +29,9 @@ type jobs struct {
 	m  map[string]*Job
 }
 
-// AsyncThreshold is the keyset size above which CreateKeyAsync and
-// RotateAsync run in the background (Config.AsyncKeysetBytes, default
-// 64 MiB).
+// asyncWanted reports whether a key of this kind and policy has a keyset
+// larger than Config.AsyncKeysetBytes (default 64 MiB), which CreateKeyAsync
+// and RotateAsync generate in the background.
 func (s *Service) asyncWanted(kind KeyKind, p Policy) bool {
 	kk, ok := kind.(KeysetKind)
 	if !ok {

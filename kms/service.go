@@ -124,9 +124,6 @@ func (s *Service) Ready(ctx context.Context) error {
 	return nil
 }
 
-// PolicyInput is a policy as a client sends it: zero values mean defaults.
-type PolicyInput = Policy
-
 func (s *Service) checkPolicy(kind KeyKind, p Policy) (Policy, error) {
 	if kk, ok := kind.(KeysetKind); ok {
 		var size int64

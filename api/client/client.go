@@ -239,14 +239,27 @@ func (c *Client) CreateToken(ctx context.Context, req CreateTokenRequest) (*Toke
 
 // getRaw fetches a non-JSON resource.
 func (c *Client) getRaw(ctx context.Context, path string, query url.Values) ([]byte, error) {
+	return c.rawBody(ctx, http.MethodGet, path, query, "", nil)
+}
+
+// rawBody sends a request with an optional raw body and returns the
+// answer's body, or the server's problem as an *Error.
+func (c *Client) rawBody(ctx context.Context, method, path string, query url.Values, contentType string, body []byte) ([]byte, error) {
 	u := *c.base
 	u.Path += path
 	if query != nil {
 		u.RawQuery = query.Encode()
 	}
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u.String(), nil)
+	var rd io.Reader
+	if body != nil {
+		rd = bytes.NewReader(body)
+	}
+	req, err := http.NewRequestWithContext(ctx, method, u.String(), rd)
 	if err != nil {
 		return nil, err
+	}
+	if contentType != "" {
+		req.Header.Set("Content-Type", contentType)
 	}
 	if c.token != "" {
 		req.Header.Set("Authorization", "Bearer "+c.token)
@@ -330,25 +343,9 @@ func (c *Client) ConsistencyProof(ctx context.Context, old, size uint64) (*Proof
 // with version (decryptor or admin token). CKKS slots come back as their
 // real parts rounded to the key's precision, BGV slots as integers.
 func (c *Client) Decrypt(ctx context.Context, name string, version uint64, ciphertext []byte) ([]float64, error) {
-	u := *c.base
-	u.Path += keyPath(name, "versions", strconv.FormatUint(version, 10), "decrypt")
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, u.String(), bytes.NewReader(ciphertext))
+	b, err := c.rawBody(ctx, http.MethodPost, keyPath(name, "versions", strconv.FormatUint(version, 10), "decrypt"), nil, "application/octet-stream", ciphertext)
 	if err != nil {
 		return nil, err
-	}
-	req.Header.Set("Content-Type", "application/octet-stream")
-	req.Header.Set("Authorization", "Bearer "+c.token)
-	resp, err := c.http.Do(req)
-	if err != nil {
-		return nil, err
-	}
-	defer resp.Body.Close()
-	b, err := io.ReadAll(resp.Body)
-	if err != nil {
-		return nil, err
-	}
-	if resp.StatusCode >= 400 {
-		return nil, problemError(resp.StatusCode, b)
 	}
 	var out struct {
 		Values []float64 `json:"values"`

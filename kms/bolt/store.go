@@ -145,17 +145,10 @@ func (s *Store) CreateKey(ctx context.Context, k *kms.Key, audit []*kms.AuditRec
 		return err
 	}
 	err = s.update(func(tx *bbolt.Tx) error {
-		b := tx.Bucket(bucketKeys)
-		if b.Get([]byte(k.Name)) != nil {
+		if tx.Bucket(bucketKeys).Get([]byte(k.Name)) != nil {
 			return exists("key", k.Name)
 		}
-		if err := b.Put([]byte(k.Name), buf); err != nil {
-			return err
-		}
-		if err := indexBlobs(tx, k); err != nil {
-			return err
-		}
-		return appendAudit(tx, audit)
+		return putKey(tx, k, buf, audit)
 	})
 	if err == nil {
 		markCommitted(audit)
@@ -235,13 +228,7 @@ func (s *Store) UpdateKey(ctx context.Context, name string, fn func(k *kms.Key) 
 		if err != nil {
 			return err
 		}
-		if err := b.Put([]byte(name), out); err != nil {
-			return err
-		}
-		if err := indexBlobs(tx, k); err != nil {
-			return err
-		}
-		return appendAudit(tx, audit)
+		return putKey(tx, k, out, audit)
 	})
 	if err == nil {
 		markCommitted(audit)
@@ -295,6 +282,18 @@ func (s *Store) CountTokens(ctx context.Context) (int, error) {
 		return nil
 	})
 	return n, err
+}
+
+// putKey writes a key record, indexes its blobs and appends the audit
+// records of the change, all in tx.
+func putKey(tx *bbolt.Tx, k *kms.Key, buf []byte, audit []*kms.AuditRecord) error {
+	if err := tx.Bucket(bucketKeys).Put([]byte(k.Name), buf); err != nil {
+		return err
+	}
+	if err := indexBlobs(tx, k); err != nil {
+		return err
+	}
+	return appendAudit(tx, audit)
 }
 
 // indexBlobs records which key owns each blob its versions list.
