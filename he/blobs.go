@@ -72,43 +72,74 @@ func (b *BlobStore) Path(d Digest) (string, error) {
 // Put streams a blob from write into the store and returns its digest and
 // size. Nothing is buffered whole in memory.
 func (b *BlobStore) Put(write func(io.Writer) error) (Digest, int64, error) {
-	f, err := os.CreateTemp(b.dir, tmpPrefix+"*")
+	p, err := b.write(write)
 	if err != nil {
 		return "", 0, err
 	}
-	tmp := f.Name()
-	ok := false
-	defer func() {
-		if !ok {
-			f.Close()
-			os.Remove(tmp)
-		}
-	}()
-	h := sha256.New()
-	cw := &countingWriter{w: io.MultiWriter(f, h)}
-	bw := bufio.NewWriterSize(cw, 1<<20)
-	if err := write(bw); err != nil {
+	if err := b.commit(p); err != nil {
 		return "", 0, err
 	}
-	if err := bw.Flush(); err != nil {
-		return "", 0, err
-	}
-	if err := f.Sync(); err != nil {
-		return "", 0, err
-	}
-	if err := f.Close(); err != nil {
-		return "", 0, err
-	}
-	d := Digest("sha256:" + hex.EncodeToString(h.Sum(nil)))
-	path, _ := b.Path(d)
-	if err := os.Rename(tmp, path); err != nil {
-		return "", 0, err
-	}
-	ok = true
 	if err := fileutil.SyncDir(b.dir); err != nil {
 		return "", 0, err
 	}
-	return d, cw.n, nil
+	return p.digest, p.size, nil
+}
+
+// pendingBlob is a blob written to its temp file and hashed, not yet
+// durable nor visible under its digest.
+type pendingBlob struct {
+	f      *os.File
+	digest Digest
+	size   int64
+}
+
+// write streams a blob into a new temp file, hashing it on the way. The
+// caller must commit or abort the result.
+func (b *BlobStore) write(write func(io.Writer) error) (*pendingBlob, error) {
+	f, err := os.CreateTemp(b.dir, tmpPrefix+"*")
+	if err != nil {
+		return nil, err
+	}
+	p := &pendingBlob{f: f}
+	h := sha256.New()
+	cw := &countingWriter{w: io.MultiWriter(f, h)}
+	bw := bufio.NewWriterSize(cw, 1<<20)
+	err = write(bw)
+	if err == nil {
+		err = bw.Flush()
+	}
+	if err != nil {
+		b.abort(p)
+		return nil, err
+	}
+	p.digest = Digest("sha256:" + hex.EncodeToString(h.Sum(nil)))
+	p.size = cw.n
+	return p, nil
+}
+
+// commit makes a pending blob durable (fsync) and renames it to its
+// digest. The directory entry is durable only after SyncDir.
+func (b *BlobStore) commit(p *pendingBlob) error {
+	if err := p.f.Sync(); err != nil {
+		b.abort(p)
+		return err
+	}
+	if err := p.f.Close(); err != nil {
+		os.Remove(p.f.Name())
+		return err
+	}
+	path, _ := b.Path(p.digest)
+	if err := os.Rename(p.f.Name(), path); err != nil {
+		os.Remove(p.f.Name())
+		return err
+	}
+	return nil
+}
+
+// abort closes and removes a pending blob's temp file.
+func (b *BlobStore) abort(p *pendingBlob) {
+	p.f.Close()
+	os.Remove(p.f.Name())
 }
 
 type countingWriter struct {

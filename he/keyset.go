@@ -8,6 +8,8 @@ import (
 	"slices"
 	"sync"
 
+	"kmsd/internal/fileutil"
+
 	"github.com/tuneinsight/lattigo/v6/core/rlwe"
 	"github.com/tuneinsight/lattigo/v6/ring"
 	"github.com/tuneinsight/lattigo/v6/utils/sampling"
@@ -118,8 +120,11 @@ type Progress func(done, total int, bytes int64)
 // Generate makes the public key and the evaluation keys of spec from the
 // secret key, on workers goroutines (0: all cores), streaming each key to
 // the blob store as soon as it is done, so that memory holds about one key
-// per worker. The blobs are returned in a fixed order: public,
-// relinearization, then Galois keys by element.
+// per worker. Workers only write and hash; one more goroutine fsyncs and
+// renames the written files in the background, so the disk works while the
+// cores generate. When Generate returns nil every blob is durable; on an
+// error it removes what it wrote. The blobs are returned in a fixed order:
+// public, relinearization, then Galois keys by element.
 func Generate(ctx context.Context, p *Params, sk *rlwe.SecretKey, spec KeySpec, galEls []uint64, store *BlobStore, workers int, progress Progress) ([]Blob, error) {
 	if workers <= 0 {
 		workers = runtime.GOMAXPROCS(0)
@@ -140,20 +145,65 @@ func Generate(ctx context.Context, p *Params, sk *rlwe.SecretKey, spec KeySpec, 
 	for i := range jobs {
 		jobs[i].i = i
 	}
-	out := make([]Blob, len(jobs))
-	ch := make(chan job)
-	var mu sync.Mutex
-	var firstErr error
-	done, bytes := 0, int64(0)
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
+	var mu sync.Mutex
+	var firstErr error
+	fail := func(err error) {
+		mu.Lock()
+		if firstErr == nil {
+			firstErr = err
+			cancel()
+		}
+		mu.Unlock()
+	}
+
+	// The syncer: fsync and rename in the order the workers finish.
+	type written struct {
+		j job
+		p *pendingBlob
+	}
+	pending := make(chan written, len(jobs))
+	out := make([]Blob, len(jobs))
+	committed := make([]Digest, 0, len(jobs))
+	syncerDone := make(chan struct{})
+	go func() {
+		defer close(syncerDone)
+		done, bytes := 0, int64(0)
+		for w := range pending {
+			if ctx.Err() != nil {
+				store.abort(w.p)
+				continue
+			}
+			if err := store.commit(w.p); err != nil {
+				fail(fmt.Errorf("store %s key: %w", w.j.kind, err))
+				continue
+			}
+			committed = append(committed, w.p.digest)
+			out[w.j.i] = Blob{Kind: w.j.kind, GaloisElement: w.j.gal, Digest: w.p.digest, Size: w.p.size}
+			done++
+			bytes += w.p.size
+			if progress != nil {
+				progress(done, len(jobs), bytes)
+			}
+		}
+	}()
+
+	ch := make(chan job)
 	var wg sync.WaitGroup
 	for w := 0; w < min(workers, len(jobs)); w++ {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			kgen := rlwe.NewKeyGenerator(rp) // not safe for concurrent use: one each
-			gk := rlwe.NewGaloisKey(rp)      // reused: one Galois key in memory per worker
+			prng, err := newUniformPRNG()
+			if err != nil {
+				fail(fmt.Errorf("uniform prng: %w", err))
+				for range ch {
+				}
+				return
+			}
+			kgen := newKeyGenerator(rp, prng) // not safe for concurrent use: one each
+			gk := rlwe.NewGaloisKey(rp) // reused: one Galois key in memory per worker
 			for j := range ch {
 				var writeTo func(io.Writer) error
 				switch j.kind {
@@ -167,19 +217,12 @@ func Generate(ctx context.Context, p *Params, sk *rlwe.SecretKey, spec KeySpec, 
 					kgen.GenGaloisKey(j.gal, sk, gk)
 					writeTo = func(w io.Writer) error { _, err := gk.WriteTo(w); return err }
 				}
-				d, n, err := store.Put(writeTo)
-				mu.Lock()
-				if err != nil && firstErr == nil {
-					firstErr = fmt.Errorf("store %s key: %w", j.kind, err)
-					cancel()
+				pb, err := store.write(writeTo)
+				if err != nil {
+					fail(fmt.Errorf("store %s key: %w", j.kind, err))
+					continue
 				}
-				out[j.i] = Blob{Kind: j.kind, GaloisElement: j.gal, Digest: d, Size: n}
-				done++
-				bytes += n
-				if progress != nil {
-					progress(done, len(jobs), bytes)
-				}
-				mu.Unlock()
+				pending <- written{j, pb}
 			}
 		}()
 	}
@@ -193,11 +236,20 @@ feed:
 	}
 	close(ch)
 	wg.Wait()
-	if firstErr != nil {
-		return nil, firstErr
+	close(pending)
+	<-syncerDone
+	if firstErr == nil {
+		if err := ctx.Err(); err != nil {
+			firstErr = err
+		} else if err := fileutil.SyncDir(store.dir); err != nil {
+			firstErr = fmt.Errorf("store keys: %w", err)
+		}
 	}
-	if err := ctx.Err(); err != nil {
-		return nil, err
+	if firstErr != nil {
+		for _, d := range committed {
+			_ = store.Remove(d)
+		}
+		return nil, firstErr
 	}
 	return out, nil
 }
