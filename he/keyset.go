@@ -203,7 +203,7 @@ func Generate(ctx context.Context, p *Params, sk *rlwe.SecretKey, spec KeySpec, 
 				return
 			}
 			kgen := newKeyGenerator(rp, prng) // not safe for concurrent use: one each
-			gk := rlwe.NewGaloisKey(rp) // reused: one Galois key in memory per worker
+			gk := rlwe.NewGaloisKey(rp)       // reused: one Galois key in memory per worker
 			for j := range ch {
 				var writeTo func(io.Writer) error
 				switch j.kind {
