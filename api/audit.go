@@ -111,6 +111,8 @@ func (s *Server) audited(next http.Handler) http.Handler {
 		return next
 	}
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		release := s.opts.Audit.Expect()
+		defer release()
 		ev := eventFrom(r)
 		rec := &kms.AuditRecord{Time: time.Now().UTC().Format(time.RFC3339Nano), RequestID: ev.id, Actor: "anonymous", Source: r.RemoteAddr}
 		ev.rec = rec
@@ -130,6 +132,7 @@ func (s *Server) audited(next http.Handler) http.Handler {
 				rec.Version = ev.version
 			}
 			rec.Status, rec.Problem, rec.ReqBytes, rec.RespBytes = status, ev.problem, ev.bytesIn, size
+			release()
 			// The answer waits for durability even if the client left.
 			if err := s.opts.Audit.AppendAudit(context.WithoutCancel(r.Context()), rec); err != nil {
 				ev.err = fmt.Errorf("audit record not durable: %w", err)

@@ -61,6 +61,11 @@ type AuditStore interface {
 	// AppendAudit makes rec durable as the next record and sets its Index
 	// and Committed. Concurrent calls share commits (group commit).
 	AppendAudit(ctx context.Context, rec *AuditRecord) error
+	// Expect announces that a record is on its way (a request is being
+	// served); release says it was handed to AppendAudit or will not
+	// come, and may be called more than once. A group commit may wait
+	// briefly for announced records so that more requests share it.
+	Expect() (release func())
 	// AuditSize is the number of records.
 	AuditSize(ctx context.Context) (uint64, error)
 	// AuditRecords returns the encoded records [start, end).

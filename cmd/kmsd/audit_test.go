@@ -154,9 +154,11 @@ func TestAuditSurvivesKill9(t *testing.T) {
 }
 
 // TestFullDiskFailsClosed puts the data dir on a small tmpfs, fills it, and
-// checks that requests then fail with 503 and change nothing, that every
-// acknowledged request is intact and recorded, and that kmsd recovers once
-// space is freed. Needs root (mount), as CI has.
+// checks that state changes then fail with 503 and change nothing; that
+// reads go on while their records fit in the preallocated audit WAL and
+// fail with 503 once it is full; that every acknowledged request is intact
+// and recorded; and that kmsd recovers once space is freed. Needs root
+// (mount), as CI has.
 func TestFullDiskFailsClosed(t *testing.T) {
 	mnt := t.TempDir()
 	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", mnt).CombinedOutput(); err != nil {
@@ -164,7 +166,7 @@ func TestFullDiskFailsClosed(t *testing.T) {
 	}
 	t.Cleanup(func() { exec.Command("umount", "-l", mnt).Run() })
 	dir := filepath.Join(mnt, "data")
-	p := start(t, dir)
+	p := start(t, dir, "--audit-wal-mib", "1")
 	p.waitReady(t)
 	c := adminClient(t, p, dir)
 	if _, err := c.CreateKey(ctx, client.CreateKeyRequest{Name: "before", Kind: "ml-dsa-65"}); err != nil {
@@ -209,9 +211,21 @@ func TestFullDiskFailsClosed(t *testing.T) {
 	if len(refused) == 0 {
 		t.Fatalf("no request was refused on a full disk (%d succeeded)", len(created))
 	}
-	// Reads also need their record: they fail closed too.
-	if _, err := c.PublicKey(ctx, "before", 1); client.StatusOf(err) != 503 {
-		t.Fatalf("a read on a full disk: %v, want 503", err)
+	// Reads need their record too: the preallocated WAL (1 MiB here, 4 KiB
+	// per group) takes them until it is full and cannot be flushed into
+	// kms.db; then they fail closed.
+	reads := 0
+	for ; reads < 1000; reads++ {
+		_, err := c.PublicKey(ctx, "before", 1)
+		if client.StatusOf(err) == 503 {
+			break
+		}
+		if err != nil {
+			t.Fatalf("read %d on a full disk: %v", reads, err)
+		}
+	}
+	if reads == 0 || reads == 1000 {
+		t.Fatalf("%d reads succeeded on a full disk: want some (WAL room), then 503 (WAL full)", reads)
 	}
 	os.Remove(filler)
 	// Recovery: the next requests succeed.
@@ -251,9 +265,18 @@ func TestFullDiskFailsClosed(t *testing.T) {
 			t.Fatalf("refused create of %s is recorded as a success", n)
 		}
 	}
+	okReads := 0
+	for _, r := range recs {
+		if r.Operation == "GET /v1/keys/{name}/versions/{version}/public-key" && r.Key == "before" && r.Status == 200 {
+			okReads++
+		}
+	}
+	if okReads != reads {
+		t.Fatalf("%d reads were answered on the full disk, %d are recorded", reads, okReads)
+	}
 	if !strings.Contains(p.stderr.String(), "no space left on device") {
 		t.Fatalf("the operational log does not name the cause")
 	}
-	t.Logf("%d creates succeeded and %d were refused on the full disk", len(created), len(refused))
+	t.Logf("%d creates succeeded and %d were refused on the full disk; %d reads answered before the WAL filled", len(created), len(refused), reads)
 	_ = context.Background
 }

@@ -67,6 +67,7 @@ type config struct {
 	auditStream     string
 	auditStreamWait time.Duration
 	maxKeysetMiB    int64
+	auditWALMiB     int64
 	asyncKeysetMiB  int64
 	heGenerations   int
 	heWorkers       int
@@ -88,6 +89,9 @@ func parseFlags(args []string, getenv func(string) string, out io.Writer) (confi
 	}
 	if c.auditEvery == 0 {
 		return c, errors.New("--audit-checkpoint-every must be at least 1")
+	}
+	if c.auditWALMiB < 1 {
+		return c, errors.New("--audit-wal-mib must be at least 1")
 	}
 	if c.maxKeysetMiB < 1 || c.asyncKeysetMiB < 1 || c.heGenerations < 1 || c.heWorkers < 0 {
 		return c, errors.New("--max-keyset-mib, --async-keyset-mib and --he-generations must be at least 1, --he-workers at least 0")
@@ -136,6 +140,7 @@ func newFlagSet(c *config, getenv func(string) string) *flag.FlagSet {
 		}
 		return def
 	}
+	fs.Int64Var(&c.auditWALMiB, "audit-wal-mib", int64(intEnv("KMS_AUDIT_WAL_MIB", 16)), "size of the audit write-ahead log <data-dir>/kms.db-audit-wal, preallocated at start: records wait there (durable) until they move into kms.db (env KMS_AUDIT_WAL_MIB)")
 	fs.Int64Var(&c.maxKeysetMiB, "max-keyset-mib", int64(intEnv("KMS_MAX_KEYSET_MIB", 4096)), "refuse HE keys whose keyset (public and evaluation keys) would be larger than this many MiB (env KMS_MAX_KEYSET_MIB)")
 	fs.Int64Var(&c.asyncKeysetMiB, "async-keyset-mib", int64(intEnv("KMS_ASYNC_KEYSET_MIB", 64)), "HE keysets larger than this many MiB are generated in the background: create and rotate answer 202 with an operation to poll (env KMS_ASYNC_KEYSET_MIB)")
 	fs.IntVar(&c.heGenerations, "he-generations", intEnv("KMS_HE_GENERATIONS", 1), "HE keyset generations at once; more are refused with 429 (env KMS_HE_GENERATIONS)")
@@ -165,7 +170,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 
 	// The store first: its file lock makes a second kmsd on the same data
 	// dir fail fast, before it touches the HSM.
-	store, err := bolt.Open(filepath.Join(c.dataDir, "kms.db"), bolt.Options{})
+	store, err := bolt.Open(filepath.Join(c.dataDir, "kms.db"), bolt.Options{AuditWALSize: c.auditWALMiB << 20})
 	if err != nil {
 		return err
 	}
@@ -331,7 +336,8 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 	if err := srv.Shutdown(sctx); err != nil {
 		log.Warn("shutdown", "err", err)
 	}
-	log.Info("stopped", "store_commits", store.Commits(), "audit_group_commits", store.AuditGroups())
+	log.Info("stopped", "store_commits", store.Commits(), "audit_group_commits", store.AuditGroups(),
+		"audit_wal_syncs", store.WALSyncs(), "fsyncs", store.Fsyncs())
 	return nil
 }
 

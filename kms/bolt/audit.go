@@ -6,6 +6,9 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"runtime"
+	"sync/atomic"
+	"time"
 
 	bbolt "go.etcd.io/bbolt"
 	"golang.org/x/mod/sumdb/tlog"
@@ -66,29 +69,16 @@ func txHashReader(tx *bbolt.Tx) tlog.HashReader {
 	})
 }
 
-// appendAudit appends records to the log inside tx: it assigns each its
-// index and the previous record's leaf hash, stores the canonical bytes and
-// the Merkle tree hashes tlog needs, and advances the size.
-func appendAudit(tx *bbolt.Tx, recs []*kms.AuditRecord) error {
-	if len(recs) == 0 {
-		return nil
-	}
-	size := auditSize(tx)
+// putRecords stores encoded records first, first+1, ... in tx with the
+// Merkle tree hashes tlog needs; earlier records must be in tx already.
+func putRecords(tx *bbolt.Tx, first uint64, datas [][]byte) error {
 	rb := tx.Bucket(bucketAuditRecords)
 	// Keys only ever grow: pack pages full instead of splitting them in half.
 	rb.FillPercent = 1.0
 	hr := txHashReader(tx)
-	for _, r := range recs {
-		r.Index, r.PrevHash = size, ""
-		if size > 0 {
-			prev, err := hr.ReadHashes([]int64{tlog.StoredHashIndex(0, int64(size-1))})
-			if err != nil {
-				return err
-			}
-			r.PrevHash = hex.EncodeToString(prev[0][:])
-		}
-		data := r.Encode()
-		hashes, err := tlog.StoredHashes(int64(size), data, hr)
+	for i, data := range datas {
+		idx := first + uint64(i)
+		hashes, err := tlog.StoredHashes(int64(idx), data, hr)
 		if err != nil {
 			return err
 		}
@@ -98,11 +88,41 @@ func appendAudit(tx *bbolt.Tx, recs []*kms.AuditRecord) error {
 			v = append(v, h[:]...)
 		}
 		v = append(v, data...)
-		if err := rb.Put(u64(size), v); err != nil {
+		if err := rb.Put(u64(idx), v); err != nil {
 			return err
 		}
-		size++
 	}
+	return nil
+}
+
+// encodeNext gives recs the next indexes and the chain of previous leaf
+// hashes, starting after (next, leaf), and returns their canonical bytes
+// and the new (next, leaf). Callers hold auditMu.
+func encodeNext(recs []*kms.AuditRecord, next uint64, leaf tlog.Hash) ([][]byte, uint64, tlog.Hash) {
+	datas := make([][]byte, len(recs))
+	for i, r := range recs {
+		r.Index, r.PrevHash = next, ""
+		if next > 0 {
+			r.PrevHash = hex.EncodeToString(leaf[:])
+		}
+		datas[i] = r.Encode()
+		leaf = tlog.RecordHash(datas[i])
+		next++
+	}
+	return datas, next, leaf
+}
+
+// appendAudit appends records inside a transaction run by update (which
+// holds auditMu and has already moved the WAL's waiting records into tx).
+func (s *Store) appendAudit(tx *bbolt.Tx, recs []*kms.AuditRecord) error {
+	if len(recs) == 0 {
+		return nil
+	}
+	datas, next, leaf := encodeNext(recs, s.next, s.lastLeaf)
+	if err := putRecords(tx, s.next, datas); err != nil {
+		return err
+	}
+	s.next, s.lastLeaf = next, leaf
 	return nil
 }
 
@@ -122,14 +142,29 @@ var errStoreClosed = errors.New("the store is closed")
 
 const maxGroup = 4096
 
-// committer is the group commit loop: it takes every record waiting, commits
-// them in one transaction (one fsync pair), and answers each caller. While
-// one commit runs, the next group gathers, so under load many requests share
-// one fsync and an idle log costs one commit per record, with no added
-// delay.
+// gatherWait bounds how long a group waits for requests that are still
+// being served (Expect) to bring their records.
+const gatherWait = 200 * time.Microsecond
+
+// committer is the group commit loop: it takes every record waiting, and,
+// while requests announced by Expect are still being served (for at most
+// gatherWait), yields to let them add theirs; then it writes the group as
+// one WAL frame with one fdatasync and answers each caller. While one group
+// commits the next gathers, so under load many requests share one fsync,
+// and an idle log costs one fdatasync per record with no added delay.
 func (s *Store) committer() {
 	defer close(s.stopped)
 	batch := make([]appendReq, 0, maxGroup)
+	drain := func() {
+		for len(batch) < maxGroup {
+			select {
+			case req := <-s.appendCh:
+				batch = append(batch, req)
+			default:
+				return
+			}
+		}
+	}
 	for {
 		batch = batch[:0]
 		select {
@@ -138,26 +173,150 @@ func (s *Store) committer() {
 		case req := <-s.appendCh:
 			batch = append(batch, req)
 		}
-	gather:
-		for len(batch) < maxGroup {
-			select {
-			case req := <-s.appendCh:
-				batch = append(batch, req)
-			default:
-				break gather
+		drain()
+		if s.expected.Load() > 0 {
+			deadline := time.Now().Add(gatherWait)
+			for s.expected.Load() > 0 && len(batch) < maxGroup && time.Now().Before(deadline) {
+				runtime.Gosched()
+				drain()
 			}
 		}
 		recs := make([]*kms.AuditRecord, len(batch))
 		for i, req := range batch {
 			recs[i] = req.rec
 		}
-		err := s.update(func(tx *bbolt.Tx) error { return appendAudit(tx, recs) })
+		err := s.commitGroup(recs)
 		if err == nil {
 			s.auditGroups.Add(1)
 			markCommitted(recs)
 		}
 		for _, req := range batch {
 			req.done <- err
+		}
+	}
+}
+
+// commitGroup makes recs durable: as one WAL frame, or, if the WAL failed
+// before, through a bbolt transaction (which also carries every record
+// waiting in the WAL); a successful one puts the WAL back in use.
+func (s *Store) commitGroup(recs []*kms.AuditRecord) error {
+	for attempt := 0; ; attempt++ {
+		s.auditMu.Lock()
+		if s.walBroken {
+			s.auditMu.Unlock()
+			err := s.update(func(tx *bbolt.Tx) error { return s.appendAudit(tx, recs) })
+			if err == nil {
+				s.auditMu.Lock()
+				s.walBroken = false
+				s.auditMu.Unlock()
+			}
+			return err
+		}
+		datas, next, leaf := encodeNext(recs, s.next, s.lastLeaf)
+		frame := s.wal.encode(s.next, datas)
+		off, ok := s.wal.place(int64(len(frame)))
+		if !ok {
+			s.auditMu.Unlock()
+			if attempt > 0 {
+				return errors.New("audit: the WAL is full")
+			}
+			// The ring is full of records bbolt has not taken yet: move
+			// them now, then retry once.
+			if err := s.flushAudit(); err != nil {
+				return fmt.Errorf("audit: the WAL is full and cannot be flushed: %w", err)
+			}
+			continue
+		}
+		if err := s.wal.write(frame, off, next); err != nil {
+			// What reached the disk is unknown: from now on groups go
+			// through bbolt, whose commit supersedes whatever this frame
+			// left (WAL records below bbolt's size are ignored at open).
+			s.walBroken = true
+			s.auditMu.Unlock()
+			return fmt.Errorf("audit WAL: %w", err)
+		}
+		s.walSyncs.Add(1)
+		s.next, s.lastLeaf = next, leaf
+		s.pending = append(s.pending, datas...)
+		flush := len(s.pending) >= walFlushRecords || s.wal.used > s.wal.size/2
+		s.auditMu.Unlock()
+		if flush {
+			select {
+			case s.flushCh <- struct{}{}:
+			default:
+			}
+		}
+		return nil
+	}
+}
+
+// flushAudit moves the records waiting in the WAL into bbolt in one
+// transaction. The WAL keeps taking groups meanwhile: only the records
+// waiting when it starts move.
+func (s *Store) flushAudit() error {
+	s.writeMu.Lock() // excludes update and other flushes until the bookkeeping is done
+	defer s.writeMu.Unlock()
+	tx, err := s.db.Begin(true)
+	if err != nil {
+		return err
+	}
+	s.auditMu.Lock()
+	batch := s.pending
+	first := s.next - uint64(len(batch))
+	s.auditMu.Unlock()
+	if len(batch) == 0 {
+		return tx.Rollback()
+	}
+	if err := putRecords(tx, first, batch); err != nil {
+		tx.Rollback()
+		return err
+	}
+	if err := tx.Commit(); err != nil {
+		return err
+	}
+	s.commits.Add(1)
+	s.auditMu.Lock()
+	s.pending = s.pending[len(batch):]
+	s.wal.flushed(first + uint64(len(batch)))
+	s.auditMu.Unlock()
+	return nil
+}
+
+// flusher moves WAL records into bbolt when many wait, and every
+// flushInterval when any do.
+func (s *Store) flusher() {
+	defer close(s.flusherStopped)
+	t := time.NewTicker(flushInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-s.quit:
+			return
+		case <-s.flushCh:
+		case <-t.C:
+		}
+		s.auditMu.Lock()
+		n := len(s.pending)
+		s.auditMu.Unlock()
+		if n > 0 {
+			if err := s.flushAudit(); err != nil {
+				s.flushErrors.Add(1) // retried at the next tick; the records stay durable in the WAL
+			}
+		}
+	}
+}
+
+var flushInterval = 200 * time.Millisecond // a variable for tests
+
+// Expect announces a record on its way (a request being served); release
+// says it has been handed to AppendAudit or will not come. The group
+// commit waits briefly for announced records to join it.
+func (s *Store) Expect() (release func()) {
+	s.expected.Add(1)
+	var once atomic.Bool
+	return func() {
+		if once.CompareAndSwap(false, true) {
+			s.expected.Add(-1)
 		}
 	}
 }
@@ -178,8 +337,12 @@ func (s *Store) AppendAudit(ctx context.Context, rec *kms.AuditRecord) error {
 	return <-req.done
 }
 
-// AuditSize implements kms.AuditStore.
+// AuditSize implements kms.AuditStore. Like every audit read, it first
+// moves the records waiting in the WAL into bbolt.
 func (s *Store) AuditSize(ctx context.Context) (uint64, error) {
+	if err := s.flushAudit(); err != nil {
+		return 0, err
+	}
 	var n uint64
 	err := s.db.View(func(tx *bbolt.Tx) error { n = auditSize(tx); return nil })
 	return n, err
@@ -187,6 +350,9 @@ func (s *Store) AuditSize(ctx context.Context) (uint64, error) {
 
 // AuditRecords implements kms.AuditStore.
 func (s *Store) AuditRecords(ctx context.Context, start, end uint64) ([][]byte, error) {
+	if err := s.flushAudit(); err != nil {
+		return nil, err
+	}
 	var out [][]byte
 	err := s.db.View(func(tx *bbolt.Tx) error {
 		if size := auditSize(tx); start > end || end > size {
@@ -215,6 +381,9 @@ func (s *Store) AuditRecords(ctx context.Context, start, end uint64) ([][]byte, 
 
 // AuditHashes implements kms.AuditStore.
 func (s *Store) AuditHashes(ctx context.Context, indexes []int64) ([][32]byte, error) {
+	if err := s.flushAudit(); err != nil {
+		return nil, err
+	}
 	var out [][32]byte
 	err := s.db.View(func(tx *bbolt.Tx) error {
 		hs, err := txHashReader(tx).ReadHashes(indexes)
@@ -252,9 +421,16 @@ func (s *Store) LatestCheckpoint(ctx context.Context) (uint64, []byte, error) {
 	return size, note, err
 }
 
-// Commits counts the write transactions committed so far (bbolt makes two
+// Commits counts the bbolt transactions committed so far (bbolt makes two
 // fdatasync calls per commit: pages, then the meta page).
 func (s *Store) Commits() uint64 { return s.commits.Load() }
+
+// WALSyncs counts the audit WAL frames written (one fdatasync each).
+func (s *Store) WALSyncs() uint64 { return s.walSyncs.Load() }
+
+// Fsyncs counts the fsync-class calls made for commits: two per bbolt
+// commit, one per WAL frame.
+func (s *Store) Fsyncs() uint64 { return 2*s.commits.Load() + s.walSyncs.Load() }
 
 // AuditGroups counts the group commits of the audit committer.
 func (s *Store) AuditGroups() uint64 { return s.auditGroups.Load() }

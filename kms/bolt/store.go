@@ -5,14 +5,17 @@ package bolt
 import (
 	"bytes"
 	"context"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"sync"
 	"sync/atomic"
 	"time"
 
 	bbolt "go.etcd.io/bbolt"
 	bberrors "go.etcd.io/bbolt/errors"
+	"golang.org/x/mod/sumdb/tlog"
 
 	"kmsd/kms"
 )
@@ -30,15 +33,33 @@ const schemaVersion = "1"
 // ErrLocked is returned by Open when another process holds the file.
 var ErrLocked = errors.New("the database is locked by another process (is another kmsd running on this data dir?)")
 
-// Store is a kms.Store and kms.AuditStore on bbolt.
+// Store is a kms.Store and kms.AuditStore on bbolt, with the audit
+// write-ahead log (wal.go) beside the bbolt file.
 type Store struct {
-	db          *bbolt.DB
-	appendCh    chan appendReq
-	quit        chan struct{}
-	stopped     chan struct{}
-	closeOnce   bool
-	commits     atomic.Uint64
-	auditGroups atomic.Uint64
+	db             *bbolt.DB
+	appendCh       chan appendReq
+	flushCh        chan struct{}
+	quit           chan struct{}
+	stopped        chan struct{}
+	flusherStopped chan struct{}
+	closeOnce      bool
+	commits        atomic.Uint64
+	auditGroups    atomic.Uint64
+	walSyncs       atomic.Uint64
+	flushErrors    atomic.Uint64
+	expected       atomic.Int64
+
+	// writeMu serializes bbolt write transactions with their bookkeeping
+	// (update, flushAudit). auditMu orders the log: it guards next,
+	// lastLeaf, pending, the WAL and walBroken. Lock order: writeMu,
+	// bbolt's writer lock, auditMu; the WAL path takes auditMu alone.
+	writeMu   sync.Mutex
+	auditMu   sync.Mutex
+	next      uint64    // index of the next record
+	lastLeaf  tlog.Hash // leaf hash of record next-1
+	pending   [][]byte  // records durable in the WAL, not yet in bbolt: [next-len(pending), next)
+	wal       *wal
+	walBroken bool
 }
 
 var _ kms.Store = (*Store)(nil)
@@ -47,6 +68,9 @@ var _ kms.Store = (*Store)(nil)
 type Options struct {
 	// LockTimeout bounds the wait for the file lock (default 1s).
 	LockTimeout time.Duration
+	// AuditWALSize is the size of the audit write-ahead log file, path +
+	// "-audit-wal", preallocated at open (default DefaultWALSize).
+	AuditWALSize int64
 }
 
 // Open opens or creates the database file at path.
@@ -80,28 +104,133 @@ func Open(path string, o Options) (*Store, error) {
 		db.Close()
 		return nil, fmt.Errorf("initialize %s: %w", path, err)
 	}
-	s := &Store{db: db, appendCh: make(chan appendReq, maxGroup), quit: make(chan struct{}), stopped: make(chan struct{})}
+	s := &Store{db: db, appendCh: make(chan appendReq, maxGroup), flushCh: make(chan struct{}, 1),
+		quit: make(chan struct{}), stopped: make(chan struct{}), flusherStopped: make(chan struct{})}
+	if o.AuditWALSize == 0 {
+		o.AuditWALSize = DefaultWALSize
+	}
+	if err := s.recoverWAL(path+"-audit-wal", o.AuditWALSize); err != nil {
+		db.Close()
+		return nil, err
+	}
 	go s.committer()
+	go s.flusher()
 	return s, nil
 }
 
-// Close stops the audit committer and closes the file.
+// recoverWAL opens the audit WAL, copies into bbolt the records it holds
+// past bbolt's end (groups acknowledged before a crash), checking that they
+// continue the log, then zeroes the WAL.
+func (s *Store) recoverWAL(path string, size int64) error {
+	err := s.db.View(func(tx *bbolt.Tx) error {
+		s.next = auditSize(tx)
+		if s.next > 0 {
+			hs, _, err := splitValue(tx.Bucket(bucketAuditRecords).Get(u64(s.next - 1)))
+			if err != nil {
+				return err
+			}
+			copy(s.lastLeaf[:], hs)
+		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	w, err := openWAL(path, size)
+	if err != nil {
+		return fmt.Errorf("open audit WAL: %w", err)
+	}
+	s.wal = w
+	recs, err := w.scan(s.next)
+	if err != nil {
+		w.f.Close()
+		return fmt.Errorf("read audit WAL %s: %w", path, err)
+	}
+	next, leaf := s.next, s.lastLeaf
+	for _, data := range recs {
+		r, err := kms.DecodeAuditRecord(data)
+		want := ""
+		if next > 0 {
+			want = hex.EncodeToString(leaf[:])
+		}
+		if err != nil || r.Index != next || r.PrevHash != want {
+			w.f.Close()
+			return fmt.Errorf("audit WAL %s: record %d does not continue the log in %s (a WAL of another database?); refusing to start", path, next, s.db.Path())
+		}
+		leaf = tlog.RecordHash(data)
+		next++
+	}
+	if len(recs) > 0 {
+		s.pending = recs
+		s.next, s.lastLeaf = next, leaf
+		if err := s.update(func(*bbolt.Tx) error { return nil }); err != nil {
+			w.f.Close()
+			return fmt.Errorf("copy %d audit records from the WAL: %w", len(recs), err)
+		}
+	}
+	if err := w.reset(); err != nil {
+		w.f.Close()
+		return fmt.Errorf("reset audit WAL: %w", err)
+	}
+	return nil
+}
+
+// Close stops the audit committer and the flusher, moves the records
+// waiting in the WAL into bbolt (if that fails they stay in the WAL and
+// are copied at the next open) and closes the files.
 func (s *Store) Close() error {
+	var err error
 	if !s.closeOnce {
 		s.closeOnce = true
 		close(s.quit)
 		<-s.stopped
+		<-s.flusherStopped
+		err = s.flushAudit()
+		if cerr := s.wal.f.Close(); err == nil {
+			err = cerr
+		}
 	}
-	return s.db.Close()
-}
-
-// update runs fn in a write transaction and counts the commit.
-func (s *Store) update(fn func(tx *bbolt.Tx) error) error {
-	err := s.db.Update(fn)
-	if err == nil {
-		s.commits.Add(1)
+	if cerr := s.db.Close(); err == nil {
+		err = cerr
 	}
 	return err
+}
+
+// update runs fn in a write transaction, counts the commit and keeps the
+// audit log in order: it holds auditMu throughout, first moves the records
+// waiting in the WAL into tx (so records fn appends follow them), and
+// undoes fn's index assignments if the transaction does not commit.
+func (s *Store) update(fn func(tx *bbolt.Tx) error) error {
+	s.writeMu.Lock()
+	defer s.writeMu.Unlock()
+	tx, err := s.db.Begin(true)
+	if err != nil {
+		return err
+	}
+	s.auditMu.Lock()
+	defer s.auditMu.Unlock()
+	next, leaf, waiting := s.next, s.lastLeaf, len(s.pending)
+	committed := false
+	defer func() { // also on a panic in fn, which then goes on up
+		if !committed {
+			_ = tx.Rollback() // ErrTxClosed if a failed Commit rolled back already
+			s.next, s.lastLeaf = next, leaf
+		}
+	}()
+	if err := putRecords(tx, next-uint64(waiting), s.pending); err != nil {
+		return err
+	}
+	if err := fn(tx); err != nil {
+		return err
+	}
+	if err := tx.Commit(); err != nil {
+		return err
+	}
+	committed = true
+	s.commits.Add(1)
+	s.pending = nil
+	s.wal.flushed(next)
+	return nil
 }
 
 // Path is the file's path.
@@ -148,7 +277,7 @@ func (s *Store) CreateKey(ctx context.Context, k *kms.Key, audit []*kms.AuditRec
 		if tx.Bucket(bucketKeys).Get([]byte(k.Name)) != nil {
 			return exists("key", k.Name)
 		}
-		return putKey(tx, k, buf, audit)
+		return s.putKey(tx, k, buf, audit)
 	})
 	if err == nil {
 		markCommitted(audit)
@@ -228,7 +357,7 @@ func (s *Store) UpdateKey(ctx context.Context, name string, fn func(k *kms.Key) 
 		if err != nil {
 			return err
 		}
-		return putKey(tx, k, out, audit)
+		return s.putKey(tx, k, out, audit)
 	})
 	if err == nil {
 		markCommitted(audit)
@@ -250,7 +379,7 @@ func (s *Store) CreateToken(ctx context.Context, t *kms.Token, audit []*kms.Audi
 		if err := b.Put([]byte(t.ID), buf); err != nil {
 			return err
 		}
-		return appendAudit(tx, audit)
+		return s.appendAudit(tx, audit)
 	})
 	if err == nil {
 		markCommitted(audit)
@@ -286,14 +415,14 @@ func (s *Store) CountTokens(ctx context.Context) (int, error) {
 
 // putKey writes a key record, indexes its blobs and appends the audit
 // records of the change, all in tx.
-func putKey(tx *bbolt.Tx, k *kms.Key, buf []byte, audit []*kms.AuditRecord) error {
+func (s *Store) putKey(tx *bbolt.Tx, k *kms.Key, buf []byte, audit []*kms.AuditRecord) error {
 	if err := tx.Bucket(bucketKeys).Put([]byte(k.Name), buf); err != nil {
 		return err
 	}
 	if err := indexBlobs(tx, k); err != nil {
 		return err
 	}
-	return appendAudit(tx, audit)
+	return s.appendAudit(tx, audit)
 }
 
 // indexBlobs records which key owns each blob its versions list.
