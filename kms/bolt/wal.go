@@ -7,7 +7,10 @@ import (
 	"hash/crc32"
 	"io"
 	"os"
+	"path/filepath"
 	"sort"
+
+	"kmsd/internal/fileutil"
 )
 
 // The audit write-ahead log: a preallocated file used as a ring of frames,
@@ -27,8 +30,10 @@ import (
 // all integers big endian. A frame is valid when its magic and CRC match;
 // a torn write fails the CRC. At open, every valid frame holding records
 // at or past bbolt's size is copied into bbolt (they must continue the
-// log exactly, or Open fails), then the whole file is zeroed, so that the
-// file only ever holds frames of the running process.
+// log exactly, or Open fails), then every frame found is invalidated
+// (reset), so that the file only ever holds frames of the running process.
+// Record bytes are JSON, which never holds a NUL byte, so a record cannot
+// carry a forged frame header (the index field's high byte is NUL).
 const (
 	walMagic       = "kmsdwal1"
 	walHeader      = 32
@@ -43,6 +48,7 @@ var walCRC = crc32.MakeTable(crc32.Castagnoli)
 
 type wal struct {
 	f      *os.File
+	found  []int64 // offsets of the valid frames scan saw
 	size   int64
 	head   int64      // where the next frame goes
 	frames []walFrame // frames not yet in bbolt, oldest first
@@ -108,6 +114,7 @@ func (w *wal) scan(from uint64) ([][]byte, error) {
 			off += walAlign // torn or stale: skip this block only
 			continue
 		}
+		w.found = append(w.found, off)
 		if first+uint64(count) > from {
 			frames = append(frames, scannedFrame{first, recs})
 		}
@@ -141,23 +148,42 @@ func splitPayload(p []byte, count uint32) ([][]byte, bool) {
 	return recs, len(p) == 0 && len(recs) == int(count)
 }
 
-// reset zeroes the whole file (after its records reached bbolt) and makes
-// it durable.
+// reset empties the WAL after its records reached bbolt: a file of another
+// size is rewritten with zeros (the first open, or a new --audit-wal-mib),
+// otherwise the first block of every frame scan found is zeroed, which
+// invalidates it. Then the file is made durable.
 func (w *wal) reset() error {
-	if err := w.f.Truncate(0); err != nil {
+	st, err := w.f.Stat()
+	if err != nil {
 		return err
 	}
 	zero := make([]byte, 1<<20)
-	for off := int64(0); off < w.size; off += int64(len(zero)) {
-		n := min(int64(len(zero)), w.size-off)
-		if _, err := w.f.WriteAt(zero[:n], off); err != nil {
+	if st.Size() != w.size {
+		if err := w.f.Truncate(0); err != nil {
 			return err
+		}
+		for off := int64(0); off < w.size; off += int64(len(zero)) {
+			n := min(int64(len(zero)), w.size-off)
+			if _, err := w.f.WriteAt(zero[:n], off); err != nil {
+				return err
+			}
+		}
+	} else {
+		for _, off := range w.found {
+			if _, err := w.f.WriteAt(zero[:walAlign], off); err != nil {
+				return err
+			}
 		}
 	}
 	if err := w.f.Sync(); err != nil {
 		return err
 	}
-	w.head, w.frames, w.used = 0, nil, 0
+	if st.Size() != w.size { // a new file: its directory entry must last too
+		if err := fileutil.SyncDir(filepath.Dir(w.f.Name())); err != nil {
+			return err
+		}
+	}
+	w.head, w.frames, w.used, w.found = 0, nil, 0, nil
 	return nil
 }
 

@@ -281,3 +281,43 @@ func TestWALWriteFailureFallsBackToBbolt(t *testing.T) {
 	}
 	verifyLog(t, openTest(t, crashCopy(t, s), 0), []string{"a", "b", "c"})
 }
+
+// TestWALInvalidatedAtOpen: after an open, the WAL holds no valid frame
+// (old ones cannot come back at a later recovery) and has its full size.
+func TestWALInvalidatedAtOpen(t *testing.T) {
+	noBackgroundFlush(t)
+	path := filepath.Join(t.TempDir(), "kms.db")
+	s, err := Open(path, Options{AuditWALSize: 64 * walAlign})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 20; i++ {
+		if err := s.AppendAudit(ctx, testRec("r")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	w, _ := openWAL(path+"-audit-wal", 64*walAlign)
+	if recs, _ := w.scan(0); len(recs) != 20 {
+		t.Fatalf("%d records in the WAL before close, want 20", len(recs))
+	}
+	w.f.Close()
+	s.Close()
+	s = openTest(t, path, 64*walAlign)
+	w, _ = openWAL(path+"-audit-wal", 64*walAlign)
+	defer w.f.Close()
+	if recs, _ := w.scan(0); len(recs) != 0 || len(w.found) != 0 {
+		t.Fatalf("%d frames still valid after open", len(w.found))
+	}
+	if st, _ := w.f.Stat(); st.Size() != 64*walAlign {
+		t.Fatalf("WAL is %d bytes, want %d", st.Size(), 64*walAlign)
+	}
+	verifyLog(t, s, slicesRepeat("r", 20))
+}
+
+func slicesRepeat(s string, n int) []string {
+	out := make([]string, n)
+	for i := range out {
+		out[i] = s
+	}
+	return out
+}
