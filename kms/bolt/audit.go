@@ -6,7 +6,6 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"runtime"
 	"sync/atomic"
 	"time"
 
@@ -147,14 +146,16 @@ const maxGroup = 4096
 const gatherWait = 200 * time.Microsecond
 
 // committer is the group commit loop: it takes every record waiting, and,
-// while requests announced by Expect are still being served (for at most
-// gatherWait), yields to let them add theirs; then it writes the group as
+// while requests announced by Expect are still being served, waits (at
+// most gatherWait) for their records to join; then it writes the group as
 // one WAL frame with one fdatasync and answers each caller. While one group
 // commits the next gathers, so under load many requests share one fsync,
 // and an idle log costs one fdatasync per record with no added delay.
 func (s *Store) committer() {
 	defer close(s.stopped)
 	batch := make([]appendReq, 0, maxGroup)
+	timer := time.NewTimer(time.Hour)
+	timer.Stop()
 	drain := func() {
 		for len(batch) < maxGroup {
 			select {
@@ -175,11 +176,18 @@ func (s *Store) committer() {
 		}
 		drain()
 		if s.expected.Load() > 0 {
-			deadline := time.Now().Add(gatherWait)
-			for s.expected.Load() > 0 && len(batch) < maxGroup && time.Now().Before(deadline) {
-				runtime.Gosched()
-				drain()
+			timer.Reset(gatherWait)
+		wait:
+			for s.expected.Load() > 0 && len(batch) < maxGroup {
+				select {
+				case req := <-s.appendCh:
+					batch = append(batch, req)
+					drain()
+				case <-timer.C:
+					break wait
+				}
 			}
+			timer.Stop()
 		}
 		recs := make([]*kms.AuditRecord, len(batch))
 		for i, req := range batch {
