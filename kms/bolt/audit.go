@@ -170,7 +170,15 @@ func (s *Store) committer() {
 		batch = batch[:0]
 		select {
 		case <-s.quit:
-			return
+			// Answer whatever was queued before the store closed.
+			for {
+				select {
+				case req := <-s.appendCh:
+					req.done <- errStoreClosed
+				default:
+					return
+				}
+			}
 		case req := <-s.appendCh:
 			batch = append(batch, req)
 		}
@@ -204,29 +212,27 @@ func (s *Store) committer() {
 	}
 }
 
-// commitGroup makes recs durable: as one WAL frame, or, if the WAL failed
-// before, through a bbolt transaction (which also carries every record
-// waiting in the WAL); a successful one puts the WAL back in use.
+// commitGroup makes recs durable as one WAL frame. Groups go through a
+// bbolt transaction instead (which also carries every record waiting in
+// the WAL) when the frame is larger than the whole WAL, and for the rest of
+// the process's life once a WAL write has failed.
 func (s *Store) commitGroup(recs []*kms.AuditRecord) error {
+	viaBolt := func() error {
+		return s.update(func(tx *bbolt.Tx) error { return s.appendAudit(tx, recs) })
+	}
 	for attempt := 0; ; attempt++ {
 		s.auditMu.Lock()
 		if s.walBroken {
 			s.auditMu.Unlock()
-			err := s.update(func(tx *bbolt.Tx) error { return s.appendAudit(tx, recs) })
-			if err == nil {
-				s.auditMu.Lock()
-				s.walBroken = false
-				s.auditMu.Unlock()
-			}
-			return err
+			return viaBolt()
 		}
 		datas, next, leaf := encodeNext(recs, s.next, s.lastLeaf)
 		frame := s.wal.encode(s.next, datas)
 		off, ok := s.wal.place(int64(len(frame)))
 		if !ok {
 			s.auditMu.Unlock()
-			if attempt > 0 {
-				return errors.New("audit: the WAL is full")
+			if attempt > 0 || int64(len(frame)) > s.wal.size {
+				return viaBolt() // only a frame larger than the WAL fails twice
 			}
 			// The ring is full of records bbolt has not taken yet: move
 			// them now, then retry once.
@@ -236,10 +242,12 @@ func (s *Store) commitGroup(recs []*kms.AuditRecord) error {
 			continue
 		}
 		if err := s.wal.write(frame, off, next); err != nil {
-			// What reached the disk is unknown: from now on groups go
-			// through bbolt, whose commit supersedes whatever this frame
-			// left (WAL records below bbolt's size are ignored at open).
+			// What reached the disk is unknown. Invalidate the frame if
+			// the disk still lets us (best effort), and send every later
+			// group through bbolt, whose commits supersede the frame
+			// anyway: WAL records below bbolt's size are ignored at open.
 			s.walBroken = true
+			s.wal.invalidate(off)
 			s.auditMu.Unlock()
 			return fmt.Errorf("audit WAL: %w", err)
 		}

@@ -250,6 +250,14 @@ func (w *wal) write(frame []byte, off int64, end uint64) error {
 	return nil
 }
 
+// invalidate zeroes the first block of a frame that may be half written,
+// best effort (the caller already refuses the frame's records).
+func (w *wal) invalidate(off int64) {
+	if _, err := w.f.WriteAt(make([]byte, walAlign), off); err == nil {
+		_ = fdatasync(w.f)
+	}
+}
+
 // flushed forgets the frames whose records are all below end (in bbolt).
 func (w *wal) flushed(end uint64) {
 	i := 0

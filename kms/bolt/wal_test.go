@@ -243,8 +243,8 @@ func TestWALRingWrapsAndFills(t *testing.T) {
 }
 
 // TestWALWriteFailureFallsBackToBbolt: when a WAL write fails, that group
-// is refused (nothing acknowledged), the next goes through a bbolt commit
-// with the same indexes, and the WAL is used again after it.
+// is refused (nothing acknowledged), and later groups go through bbolt
+// commits, the first with the same indexes.
 func TestWALWriteFailureFallsBackToBbolt(t *testing.T) {
 	noBackgroundFlush(t)
 	path := filepath.Join(t.TempDir(), "kms.db")
@@ -276,10 +276,29 @@ func TestWALWriteFailureFallsBackToBbolt(t *testing.T) {
 	if err := s.AppendAudit(ctx, testRec("c")); err != nil {
 		t.Fatal(err)
 	}
-	if s.WALSyncs() != syncs+1 {
-		t.Fatal("the WAL is not used again after the bbolt commit")
+	if s.WALSyncs() != syncs || s.Commits() != commits+2 {
+		t.Fatal("a group went to the WAL after it failed")
 	}
 	verifyLog(t, openTest(t, crashCopy(t, s), 0), []string{"a", "b", "c"})
+}
+
+// TestWALFrameLargerThanTheWAL: a group too big for the whole WAL commits
+// through bbolt instead of failing.
+func TestWALFrameLargerThanTheWAL(t *testing.T) {
+	noBackgroundFlush(t)
+	s := openTest(t, filepath.Join(t.TempDir(), "kms.db"), 4*walAlign)
+	big := testRec(strings.Repeat("x", 5*walAlign))
+	commits := s.Commits()
+	if err := s.AppendAudit(ctx, big); err != nil || !big.Committed {
+		t.Fatalf("a group larger than the WAL: %v", err)
+	}
+	if s.Commits() != commits+1 {
+		t.Fatal("it did not go through bbolt")
+	}
+	if err := s.AppendAudit(ctx, testRec("small")); err != nil {
+		t.Fatal(err)
+	}
+	verifyLog(t, openTest(t, crashCopy(t, s), 4*walAlign), []string{big.Operation, "small"})
 }
 
 // TestWALInvalidatedAtOpen: after an open, the WAL holds no valid frame
