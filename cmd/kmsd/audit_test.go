@@ -70,6 +70,7 @@ func hasRecord(recs []*kms.AuditRecord, o op) bool {
 func TestAuditSurvivesKill9(t *testing.T) {
 	dir := filepath.Join(t.TempDir(), "data")
 	var acked []op
+	walRecoveries := 0
 	for round := 0; round < 4; round++ {
 		p := start(t, dir, "--audit-checkpoint-interval", "200ms")
 		p.waitReady(t)
@@ -97,6 +98,19 @@ func TestAuditSurvivesKill9(t *testing.T) {
 		}
 		done := make(chan struct{})
 		results := make(chan op, 100000)
+		if round == 0 {
+			if _, err := c.CreateKey(ctx, client.CreateKeyRequest{Name: "hot", Kind: "ml-dsa-44"}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		go func() { // reads only: their records wait in the WAL between flushes
+			defer func() { done <- struct{}{} }()
+			for {
+				if _, err := c.PublicKey(ctx, "hot", 1); err != nil {
+					return
+				}
+			}
+		}()
 		for w := 0; w < 3; w++ {
 			go func(w int) {
 				defer func() { done <- struct{}{} }()
@@ -121,8 +135,11 @@ func TestAuditSurvivesKill9(t *testing.T) {
 		time.Sleep(time.Duration(200+100*round) * time.Millisecond)
 		p.cmd.Process.Signal(syscall.SIGKILL)
 		p.wait(t, 10*time.Second)
-		for w := 0; w < 3; w++ {
+		for w := 0; w < 4; w++ {
 			<-done
+		}
+		if round > 0 && strings.Contains(p.stderr.String(), "audit WAL: copied records") {
+			walRecoveries++
 		}
 		close(results)
 		for o := range results {
@@ -134,6 +151,13 @@ func TestAuditSurvivesKill9(t *testing.T) {
 	}
 	p := start(t, dir)
 	p.waitReady(t)
+	if strings.Contains(p.stderr.String(), "audit WAL: copied records") {
+		walRecoveries++
+	}
+	if walRecoveries == 0 {
+		t.Fatal("no restart found records in the audit WAL: the crash path of the WAL was not exercised")
+	}
+	t.Logf("%d of 4 restarts copied records from the audit WAL", walRecoveries)
 	deadline := time.Now().Add(10 * time.Second)
 	for {
 		_, recs := verifyLog(t, adminClient(t, p, dir))

@@ -175,6 +175,9 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 		return err
 	}
 	defer store.Close()
+	if n := store.WALRecovered(); n > 0 {
+		log.Info("audit WAL: copied records acknowledged before a crash into kms.db", "records", n)
+	}
 
 	hcfg := hsm.Config{Module: c.module, TokenLabel: c.token, KEKLabel: c.kekLabel}
 	pinFile := c.pinFile

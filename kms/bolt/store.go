@@ -60,6 +60,8 @@ type Store struct {
 	pending   [][]byte  // records durable in the WAL, not yet in bbolt: [next-len(pending), next)
 	wal       *wal
 	walBroken bool
+
+	walRecovered int // records copied from the WAL at open
 }
 
 var _ kms.Store = (*Store)(nil)
@@ -160,6 +162,7 @@ func (s *Store) recoverWAL(path string, size int64) error {
 		leaf = tlog.RecordHash(data)
 		next++
 	}
+	s.walRecovered = len(recs)
 	if len(recs) > 0 {
 		s.pending = recs
 		s.next, s.lastLeaf = next, leaf
@@ -174,6 +177,10 @@ func (s *Store) recoverWAL(path string, size int64) error {
 	}
 	return nil
 }
+
+// WALRecovered is how many audit records Open copied from the WAL into
+// bbolt: records acknowledged before a crash that bbolt did not have yet.
+func (s *Store) WALRecovered() int { return s.walRecovered }
 
 // Close stops the audit committer and the flusher, moves the records
 // waiting in the WAL into bbolt (if that fails they stay in the WAL and
