@@ -145,7 +145,7 @@ func (s *Store) recoverWAL(path string, size int64) error {
 	s.wal = w
 	recs, err := w.scan(s.next)
 	if err != nil {
-		w.f.Close()
+		w.close()
 		return fmt.Errorf("read audit WAL %s: %w", path, err)
 	}
 	next, leaf := s.next, s.lastLeaf
@@ -156,7 +156,7 @@ func (s *Store) recoverWAL(path string, size int64) error {
 			want = hex.EncodeToString(leaf[:])
 		}
 		if err != nil || r.Index != next || r.PrevHash != want {
-			w.f.Close()
+			w.close()
 			return fmt.Errorf("audit WAL %s: record %d does not continue the log in %s (a WAL of another database?); refusing to start", path, next, s.db.Path())
 		}
 		leaf = tlog.RecordHash(data)
@@ -167,12 +167,12 @@ func (s *Store) recoverWAL(path string, size int64) error {
 		s.pending = recs
 		s.next, s.lastLeaf = next, leaf
 		if err := s.update(func(*bbolt.Tx) error { return nil }); err != nil {
-			w.f.Close()
+			w.close()
 			return fmt.Errorf("copy %d audit records from the WAL: %w", len(recs), err)
 		}
 	}
 	if err := w.reset(); err != nil {
-		w.f.Close()
+		w.close()
 		return fmt.Errorf("reset audit WAL: %w", err)
 	}
 	return nil
@@ -193,7 +193,7 @@ func (s *Store) Close() error {
 		<-s.stopped
 		<-s.flusherStopped
 		err = s.flushAudit()
-		if cerr := s.wal.f.Close(); err == nil {
+		if cerr := s.wal.close(); err == nil {
 			err = cerr
 		}
 	}
