@@ -349,8 +349,19 @@ func (s *Store) AppendAudit(ctx context.Context, rec *kms.AuditRecord) error {
 	}
 	// Once queued the record is committed or refused; wait for the answer
 	// even if ctx ends, so the caller never reports a record it cannot vouch
-	// for.
-	return <-req.done
+	// for. A record queued as the store closed, after the committer's last
+	// look at the queue, is refused.
+	select {
+	case err := <-req.done:
+		return err
+	case <-s.stopped:
+		select {
+		case err := <-req.done:
+			return err
+		default:
+			return errStoreClosed
+		}
+	}
 }
 
 // AuditSize implements kms.AuditStore. Like every audit read, it first

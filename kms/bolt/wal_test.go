@@ -10,6 +10,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"golang.org/x/mod/sumdb/tlog"
 
@@ -339,4 +340,47 @@ func slicesRepeat(s string, n int) []string {
 		out[i] = s
 	}
 	return out
+}
+
+// TestAppendDuringCloseNeverHangs: appends racing with Close all return,
+// each either committed or refused with the store closed.
+func TestAppendDuringCloseNeverHangs(t *testing.T) {
+	for round := 0; round < 20; round++ {
+		s, err := Open(filepath.Join(t.TempDir(), "kms.db"), Options{AuditWALSize: 64 * walAlign})
+		if err != nil {
+			t.Fatal(err)
+		}
+		var wg sync.WaitGroup
+		errs := make(chan error, 64)
+		for i := 0; i < 64; i++ {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				r := testRec("r")
+				err := s.AppendAudit(ctx, r)
+				if (err == nil) != r.Committed {
+					err = fmt.Errorf("returned %v with Committed %v", err, r.Committed)
+				} else if err != nil && err != errStoreClosed {
+					err = fmt.Errorf("unexpected: %w", err)
+				} else {
+					err = nil
+				}
+				errs <- err
+			}()
+		}
+		s.Close()
+		done := make(chan struct{})
+		go func() { wg.Wait(); close(done) }()
+		select {
+		case <-done:
+		case <-time.After(10 * time.Second):
+			t.Fatal("an append hangs after Close")
+		}
+		close(errs)
+		for err := range errs {
+			if err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
 }
