@@ -340,7 +340,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 		log.Warn("shutdown", "err", err)
 	}
 	log.Info("stopped", "store_commits", store.Commits(), "audit_group_commits", store.AuditGroups(),
-		"audit_wal_syncs", store.WALSyncs(), "fsyncs", store.Fsyncs())
+		"audit_wal_syncs", store.WALSyncs(), "fsyncs", store.Fsyncs(), "audit_flush_errors", store.FlushErrors())
 	return nil
 }
 

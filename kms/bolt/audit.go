@@ -452,6 +452,10 @@ func (s *Store) LatestCheckpoint(ctx context.Context) (uint64, []byte, error) {
 // fdatasync calls per commit: pages, then the meta page).
 func (s *Store) Commits() uint64 { return s.commits.Load() }
 
+// FlushErrors counts background moves of WAL records into bbolt that
+// failed (retried at the next tick; the records stay durable in the WAL).
+func (s *Store) FlushErrors() uint64 { return s.flushErrors.Load() }
+
 // WALSyncs counts the audit WAL frames written (one fdatasync each).
 func (s *Store) WALSyncs() uint64 { return s.walSyncs.Load() }
 
