@@ -270,6 +270,12 @@ func (s *Store) commitGroup(recs []*kms.AuditRecord) error {
 // transaction. The WAL keeps taking groups meanwhile: only the records
 // waiting when it starts move.
 func (s *Store) flushAudit() error {
+	s.auditMu.Lock()
+	waiting := len(s.pending)
+	s.auditMu.Unlock()
+	if waiting == 0 {
+		return nil // nothing to move: no write transaction for an audit read
+	}
 	s.writeMu.Lock() // excludes update and other flushes until the bookkeeping is done
 	defer s.writeMu.Unlock()
 	tx, err := s.db.Begin(true)
@@ -311,13 +317,8 @@ func (s *Store) flusher() {
 		case <-s.flushCh:
 		case <-t.C:
 		}
-		s.auditMu.Lock()
-		n := len(s.pending)
-		s.auditMu.Unlock()
-		if n > 0 {
-			if err := s.flushAudit(); err != nil {
-				s.flushErrors.Add(1) // retried at the next tick; the records stay durable in the WAL
-			}
+		if err := s.flushAudit(); err != nil {
+			s.flushErrors.Add(1) // retried at the next tick; the records stay durable in the WAL
 		}
 	}
 }
