@@ -153,7 +153,15 @@ func TestHERefusals(t *testing.T) {
 		{`{"name":"h","kind":"ckks","policy":{"params":"ckks-logn13","rotations":[5000]}}`, 400, "invalid-request", "outside"},
 		{`{"name":"h","kind":"ckks","policy":{"params":"ckks-logn16","relinearization":true,"rotations":[` + strings.Join(big, ",") + `]}}`, 413, "too-large", "above the limit"},
 		{`{"name":"h","kind":"ml-dsa-65","policy":{"params":"ckks-logn13"}}`, 400, "invalid-request", "HE kinds"},
+		// The outside review's literals, whose secret key was recovered from
+		// the public key: a sparse secret, a low-density secret, a tiny error.
+		{`{"name":"weak","kind":"ckks","policy":{"params":{"LogN":13,"LogQ":[45,35],"LogP":[45],"LogDefaultScale":35,"Xs":{"Type":"Ternary","H":1}}}}`, 400, "invalid-request", "params.Xs.H"},
+		{`{"name":"weak","kind":"ckks","policy":{"params":{"LogN":13,"LogQ":[45,35],"LogP":[45],"LogDefaultScale":35,"Xs":{"Type":"Ternary","P":0.001}}}}`, 400, "invalid-request", "params.Xs.P"},
+		{`{"name":"weak","kind":"ckks","policy":{"params":{"LogN":13,"LogQ":[45,35],"LogP":[45],"LogDefaultScale":35,"Xe":{"Type":"DiscreteGaussian","Sigma":0.05,"Bound":1}}}}`, 400, "invalid-request", "params.Xe.Sigma"},
+		{`{"name":"weak","kind":"bgv","policy":{"params":{"LogN":13,"LogQ":[54,54],"LogP":[55],"PlaintextModulus":65537,"Xs":{"Type":"Ternary","H":1}}}}`, 400, "invalid-request", "params.Xs.H"},
+		{`{"name":"weak","kind":"ckks","policy":{"params":{"LogN":13,"LogQ":[45,35],"LogP":[45],"LogDefaultScale":35,"Unknown":1}}}`, 400, "invalid-request", "params.Unknown"},
 		{`{"name":"h","kind":"ckks","policy":{"params":"ckks-logn13"}} `, 201, "", ""},
+		{`{"name":"h2","kind":"ckks","policy":{"params":{"LogN":13,"LogQ":[45,35],"LogP":[45],"LogDefaultScale":35}}}`, 201, "", ""},
 	}
 	for _, c := range cases {
 		before := e.snapshot()

@@ -13,12 +13,12 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"math"
 	"reflect"
 	"slices"
 	"strings"
 
 	"github.com/tuneinsight/lattigo/v6/core/rlwe"
+	"github.com/tuneinsight/lattigo/v6/ring"
 	"github.com/tuneinsight/lattigo/v6/schemes/bgv"
 	"github.com/tuneinsight/lattigo/v6/schemes/ckks"
 )
@@ -32,9 +32,39 @@ const (
 )
 
 // MaxLogQP is the HomomorphicEncryption.org standard's bound on log2(QP) for
-// 128-bit classical security with a ternary secret, by log2(N). Lattigo does
-// not check it; Resolve does, for presets and custom literals alike.
-var MaxLogQP = map[int]float64{13: 218, 14: 438, 15: 881, 16: 1772}
+// 128-bit classical security with a uniform ternary secret and an error of
+// standard deviation 3.19, by log2(N) (N = 2^16 as extended by OpenFHE's
+// HEStd_128_classic table). Lattigo does not check it; Resolve does, for
+// presets and custom literals alike. Ring degrees outside the table are
+// refused.
+var MaxLogQP = map[int]float64{13: 218, 14: 438, 15: 881, 16: 1747}
+
+// The error distribution the security tables assume: a discrete Gaussian of
+// standard deviation at least MinSigma, cut off no closer than
+// MinBoundSigmas standard deviations. MaxSigma and MaxBoundSigmas keep the
+// sampler's work and the noise budget sane; larger values are not weaker,
+// only useless.
+const (
+	MinSigma       = 3.19
+	MaxSigma       = 64
+	MinBoundSigmas = 6
+	MaxBoundSigmas = 64
+)
+
+// literalFields lists, per scheme, the fields of a Lattigo parameters
+// literal that the security check understands. Anything else is refused:
+// an allow-list, so a field Lattigo adds later cannot slip past.
+var literalFields = map[Scheme][]string{
+	CKKS: {"LogN", "LogNthRoot", "Q", "P", "LogQ", "LogP", "Xe", "Xs", "RingType", "LogDefaultScale"},
+	BGV:  {"LogN", "LogNthRoot", "Q", "P", "LogQ", "LogP", "Xe", "Xs", "PlaintextModulus"},
+}
+
+// distFields lists the fields of each distribution type Lattigo parses
+// (ring.ParametersFromMap ignores any others).
+var distFields = map[string][]string{
+	"Ternary":          {"Type", "P", "H"},
+	"DiscreteGaussian": {"Type", "Sigma", "Bound"},
+}
 
 // Params is a checked parameter set.
 type Params struct {
@@ -43,7 +73,9 @@ type Params struct {
 	CKKS   ckks.Parameters
 	BGV    bgv.Parameters
 	// ID is "sha256:" of the canonical JSON (Lattigo's MarshalJSON of the
-	// resolved parameters, moduli included).
+	// resolved parameters: ring degree and type, moduli, secret and error
+	// distributions, scale or plaintext modulus; every field that affects
+	// security).
 	ID string
 	// JSON is that canonical JSON.
 	JSON []byte
@@ -109,6 +141,9 @@ func Resolve(s Scheme, spec json.RawMessage) (*Params, error) {
 	if err := json.Unmarshal(spec, &name); err == nil {
 		return resolvePreset(s, name)
 	}
+	if err := checkLiteralFields(s, spec); err != nil {
+		return nil, err
+	}
 	switch s {
 	case CKKS:
 		var lit ckks.ParametersLiteral
@@ -142,6 +177,106 @@ func strictUnmarshal(b []byte, v any) error {
 	return json.Unmarshal(b, v)
 }
 
+// checkLiteralFields refuses, naming the field, every literal field the
+// security check does not understand, and every field of Xs and Xe that
+// Lattigo would ignore.
+func checkLiteralFields(s Scheme, spec []byte) error {
+	allowed, ok := literalFields[s]
+	if !ok {
+		return &ErrParams{fmt.Sprintf("unknown scheme %q", s)}
+	}
+	var fields map[string]json.RawMessage
+	if err := json.Unmarshal(spec, &fields); err != nil || fields == nil {
+		return &ErrParams{"params is neither a preset name nor a parameters literal (a JSON object)"}
+	}
+	for k := range fields {
+		if !slices.Contains(allowed, k) {
+			return &ErrParams{fmt.Sprintf("params.%s: field not accepted (a literal may set %s)", clip(k), strings.Join(allowed, ", "))}
+		}
+	}
+	for _, d := range []string{"Xs", "Xe"} {
+		raw, ok := fields[d]
+		if !ok {
+			continue
+		}
+		var m map[string]json.RawMessage
+		if err := json.Unmarshal(raw, &m); err != nil || m == nil {
+			return &ErrParams{fmt.Sprintf("params.%s: must be an object with a Type", d)}
+		}
+		var typ string
+		if err := json.Unmarshal(m["Type"], &typ); err != nil {
+			return &ErrParams{fmt.Sprintf("params.%s.Type: must be a string", d)}
+		}
+		known, ok := distFields[typ]
+		if !ok {
+			return &ErrParams{fmt.Sprintf("params.%s.Type: distribution %q not accepted", d, clip(typ))}
+		}
+		for k := range m {
+			if !slices.Contains(known, k) {
+				return &ErrParams{fmt.Sprintf("params.%s.%s: field not accepted for a %s distribution", d, clip(k), typ)}
+			}
+		}
+	}
+	return nil
+}
+
+// checkSecurity is the allow-list the resolved parameters (Lattigo's
+// defaults filled in) must pass: the ring, the secret and the error
+// distributions the HomomorphicEncryption.org tables assume, and log2(QP)
+// under the table's bound for the ring degree.
+func checkSecurity(rp rlwe.Parameters) error {
+	logN := rp.LogN()
+	bound, ok := MaxLogQP[logN]
+	if !ok {
+		return &ErrParams{fmt.Sprintf("params.LogN: %d is outside 13..16, the ring degrees of the security table", logN)}
+	}
+	if rp.RingType() != ring.Standard {
+		return &ErrParams{fmt.Sprintf("params.RingType: only %q is accepted (the security table covers the standard cyclotomic ring)", ring.Standard)}
+	}
+	if rp.NthRoot() != 2<<logN {
+		return &ErrParams{fmt.Sprintf("params.LogNthRoot: only %d (2N) is accepted", logN+1)}
+	}
+	if err := checkDistributions(rp.Xs(), rp.Xe()); err != nil {
+		return err
+	}
+	if lqp := rp.LogQP(); !(lqp <= bound) {
+		return &ErrParams{fmt.Sprintf("params: log2(QP) = %.1f exceeds %.0f, the 128-bit security bound for N = 2^%d with a ternary secret", lqp, bound, logN)}
+	}
+	return nil
+}
+
+// checkDistributions accepts only the uniform ternary secret and a discrete
+// Gaussian error of the width the security tables assume. A nil
+// distribution (left to Lattigo's default) passes.
+func checkDistributions(xsd, xed ring.DistributionParameters) error {
+	if xsd != nil {
+		xs, ok := xsd.(ring.Ternary)
+		if !ok {
+			return &ErrParams{fmt.Sprintf("params.Xs: a %s secret is not accepted: only the uniform ternary secret (omit Xs)", xsd.Type())}
+		}
+		if xs.H != 0 {
+			return &ErrParams{fmt.Sprintf("params.Xs.H: a sparse secret (Hamming weight %d) is not accepted: only the uniform ternary secret (omit Xs)", xs.H)}
+		}
+		if want := rlwe.DefaultXs.P; xs.P != want {
+			return &ErrParams{fmt.Sprintf("params.Xs.P: density %g is not accepted: only the uniform ternary secret, P = 2/3 (omit Xs)", xs.P)}
+		}
+	}
+	if xed != nil {
+		xe, ok := xed.(ring.DiscreteGaussian)
+		if !ok {
+			return &ErrParams{fmt.Sprintf("params.Xe: a %s error is not accepted: only a discrete Gaussian (omit Xe for sigma 3.2)", xed.Type())}
+		}
+		if !(xe.Sigma >= MinSigma && xe.Sigma <= MaxSigma) { // also refuses NaN
+			return &ErrParams{fmt.Sprintf("params.Xe.Sigma: %g is not accepted: the error's standard deviation must be %g to %d", xe.Sigma, MinSigma, MaxSigma)}
+		}
+		// 6*3.2 is 19.200000000000003 in floating point: allow for rounding.
+		if !(xe.Bound >= MinBoundSigmas*xe.Sigma*(1-1e-9) && xe.Bound <= MaxBoundSigmas*xe.Sigma) {
+			return &ErrParams{fmt.Sprintf("params.Xe.Bound: %g is not accepted: the bound must be %d to %d times Sigma", xe.Bound, MinBoundSigmas, MaxBoundSigmas)}
+		}
+	}
+	return nil
+}
+
 func resolvePreset(s Scheme, name string) (*Params, error) {
 	if s == CKKS {
 		if lit, ok := ckksPresets[name]; ok {
@@ -167,9 +302,21 @@ func build(s Scheme, name string, cl ckks.ParametersLiteral, bl bgv.ParametersLi
 	if s == BGV {
 		logN = bl.LogN
 	}
-	bound, ok := MaxLogQP[logN]
-	if !ok {
-		return nil, &ErrParams{fmt.Sprintf("LogN %d is outside 13..16", logN)}
+	// Checked before Lattigo too: it would try to build rings of any size.
+	if _, ok := MaxLogQP[logN]; !ok {
+		return nil, &ErrParams{fmt.Sprintf("params.LogN: %d is outside 13..16, the ring degrees of the security table", logN)}
+	}
+	// The literal's own distributions are checked before Lattigo sees them
+	// (so the refusal names the field), and again with defaults filled.
+	rl := cl.GetRLWEParametersLiteral()
+	if s == BGV {
+		rl = bl.GetRLWEParametersLiteral()
+	}
+	if rl.LogNthRoot != 0 && rl.LogNthRoot != logN+1 {
+		return nil, &ErrParams{fmt.Sprintf("params.LogNthRoot: only %d (2N) is accepted", logN+1)}
+	}
+	if err := checkDistributions(rl.Xs, rl.Xe); err != nil {
+		return nil, err
 	}
 	defer func() {
 		if r := recover(); r != nil {
@@ -194,11 +341,8 @@ func build(s Scheme, name string, cl ckks.ParametersLiteral, bl bgv.ParametersLi
 	if err != nil {
 		return nil, err
 	}
-	if lqp := rp.LogQP(); lqp > bound || math.IsNaN(lqp) {
-		return nil, &ErrParams{fmt.Sprintf("log2(QP) = %.1f exceeds %.0f, the 128-bit security bound for N = 2^%d with a ternary secret", lqp, bound, logN)}
-	}
-	if rp.Xs().Type() != "Ternary" {
-		return nil, &ErrParams{"the secret distribution must be ternary (the security bound assumes it)"}
+	if err := checkSecurity(rp); err != nil {
+		return nil, err
 	}
 	sum := sha256.Sum256(p.JSON)
 	p.ID = "sha256:" + hex.EncodeToString(sum[:])
