@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/mlkem"
 	"encoding/base64"
+	"encoding/json"
 	"net/http"
 	"strings"
 	"testing"
@@ -13,6 +14,7 @@ import (
 	"github.com/cloudflare/circl/sign/mldsa/mldsa65"
 
 	"kmsd/api/client"
+	"kmsd/kms"
 )
 
 var ctx = context.Background()
@@ -352,5 +354,129 @@ func TestPaginationAndPatch(t *testing.T) {
 	}
 	if v, err := c.VersionAction(ctx, "a1", 1, "enable", 0); err != nil || v.State != "enabled" {
 		t.Fatalf("enable: %+v %v", v, err)
+	}
+}
+
+// TestTokenEscalationRefused is the review's finding: an admin token for
+// team-a-* minted an admin token for *, which then signed with a team-b
+// key. Now the mint is refused and nothing is created.
+func TestTokenEscalationRefused(t *testing.T) {
+	e := newEnv(t)
+	root := e.client(e.admin)
+	if _, err := root.CreateKey(ctx, client.CreateKeyRequest{Name: "team-b-sig", Kind: "ml-dsa-44"}); err != nil {
+		t.Fatal(err)
+	}
+	a, err := root.CreateToken(ctx, client.CreateTokenRequest{Role: "admin", Keys: []string{"team-a-*"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ta := e.client(a.Token)
+	before := e.snapshot()
+	for _, req := range []client.CreateTokenRequest{
+		{Role: "admin", Keys: []string{"*"}},
+		{Role: "admin", Keys: []string{"team-*"}},
+		{Role: "worker", Keys: []string{"team-b-*"}},
+		{Role: "decryptor", Keys: []string{"team-a*"}},
+		{Role: "admin", Keys: []string{"team-a-*", "team-b-sig"}},
+	} {
+		if _, err := ta.CreateToken(ctx, req); client.StatusOf(err) != http.StatusForbidden {
+			t.Errorf("team-a admin mints %+v: %v, want 403", req, err)
+		}
+	}
+	if _, err := root.CreateToken(ctx, client.CreateTokenRequest{Role: "auditor", Keys: []string{"team-a-*"}}); client.StatusOf(err) != http.StatusBadRequest {
+		t.Errorf("scoped auditor: %v, want 400", err)
+	}
+	if _, err := root.CreateToken(ctx, client.CreateTokenRequest{Role: "worker", Keys: []string{"*"}, TTL: "soon"}); client.StatusOf(err) != http.StatusBadRequest {
+		t.Errorf("ttl soon: %v, want 400", err)
+	}
+	if e.snapshot() != before {
+		t.Fatal("a refused mint changed state")
+	}
+	if _, err := ta.CreateToken(ctx, client.CreateTokenRequest{Role: "worker", Keys: []string{"team-a-prod-*"}}); err != nil {
+		t.Fatalf("a narrower token: %v", err)
+	}
+	if _, err := ta.Sign(ctx, "team-b-sig", []byte("m"), nil); client.StatusOf(err) != http.StatusForbidden {
+		t.Fatalf("team-a admin signs with team-b: %v", err)
+	}
+}
+
+// TestTokenListRevokeExpire: tokens are listed without secrets, a revoked
+// token is refused at once on a connection already open, an expired one
+// with the token-expired problem, and each token change is audited with
+// the token's id.
+func TestTokenListRevokeExpire(t *testing.T) {
+	e := newEnv(t)
+	root := e.client(e.admin)
+	w, err := root.CreateToken(ctx, client.CreateTokenRequest{Name: "w", Role: "worker", Keys: []string{"*"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	short, err := root.CreateToken(ctx, client.CreateTokenRequest{Role: "worker", Keys: []string{"*"}, TTL: "1h"})
+	if err != nil || short.ExpiresAt == nil {
+		t.Fatalf("ttl: %+v %v", short, err)
+	}
+	wc := e.client(w.Token) // the same http.Client: its connection is kept alive
+	if _, err := wc.ListKeys(ctx, 0, ""); err != nil {
+		t.Fatal(err)
+	}
+	st, _, body := e.raw("GET", "/v1/tokens", e.admin, "", "")
+	if st != 200 || strings.Contains(string(body), w.Token) || strings.Contains(string(body), e.admin) || strings.Contains(string(body), `"token"`) || strings.Contains(string(body), "hash") {
+		t.Fatalf("token list: %d %s", st, body)
+	}
+	var list client.TokenList
+	json.Unmarshal(body, &list)
+	if len(list.Tokens) != 3 {
+		t.Fatalf("%d tokens listed", len(list.Tokens))
+	}
+	got, err := root.GetToken(ctx, w.ID)
+	if err != nil || got.Name != "w" || got.LastUsedAt == nil || got.CreatedBy == "" {
+		t.Fatalf("GetToken: %+v %v", got, err)
+	}
+	if _, err := wc.ListTokens(ctx, 0, ""); client.StatusOf(err) != http.StatusForbidden {
+		t.Fatalf("a worker lists tokens: %v", err)
+	}
+	rv, err := root.RevokeToken(ctx, w.ID)
+	if err != nil || rv.RevokedAt == nil {
+		t.Fatalf("revoke: %+v %v", rv, err)
+	}
+	if _, err := wc.ListKeys(ctx, 0, ""); client.StatusOf(err) != http.StatusUnauthorized {
+		t.Fatalf("a revoked token on an open connection: %v", err)
+	}
+	if _, err := root.RevokeToken(ctx, w.ID); client.StatusOf(err) != http.StatusConflict {
+		t.Fatalf("revoke twice: %v", err)
+	}
+	me := strings.Split(e.admin, "_")[1]
+	if _, err := root.RevokeToken(ctx, me); client.StatusOf(err) != http.StatusConflict {
+		t.Fatalf("revoking the only root admin: %v", err)
+	}
+	for _, bad := range []string{"nothex", "0000000000000000", "kms_x"} {
+		if _, err := root.GetToken(ctx, bad); client.StatusOf(err) != http.StatusBadRequest && client.StatusOf(err) != http.StatusNotFound {
+			t.Fatalf("GetToken(%q): %v", bad, err)
+		}
+	}
+	e.clock.Add(time.Hour)
+	st, _, body = e.raw("GET", "/v1/keys", short.Token, "", "")
+	if st != 401 || problemType(t, body) != "token-expired" {
+		t.Fatalf("expired token: %d %s", st, body)
+	}
+	// The audit log names the token each change touched, never a secret.
+	n, _ := e.store.AuditSize(ctx)
+	recs, err := e.store.AuditRecords(ctx, 0, n)
+	if err != nil {
+		t.Fatal(err)
+	}
+	created, revoked := false, false
+	for _, b := range recs {
+		for _, secret := range []string{w.Token, short.Token, e.admin} {
+			if strings.Contains(string(b), secret) {
+				t.Fatalf("a secret in the audit log: %s", b)
+			}
+		}
+		r, _ := kms.DecodeAuditRecord(b)
+		created = created || (r.Operation == "POST /v1/tokens" && r.Token == w.ID && r.Status == 201)
+		revoked = revoked || (r.Operation == "DELETE /v1/tokens/{id}" && r.Token == w.ID && r.Status == 200)
+	}
+	if !created || !revoked {
+		t.Fatalf("token records: created %v revoked %v", created, revoked)
 	}
 }

@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"net/url"
 	"strconv"
+	"time"
 
 	"github.com/go-chi/chi/v5"
 
@@ -134,18 +135,26 @@ func (s *Server) createKey(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusCreated, toKey(k))
 }
 
-func (s *Server) listKeys(w http.ResponseWriter, r *http.Request) {
-	q := r.URL.Query()
-	limit := 100
-	if l := q.Get("limit"); l != "" {
-		n, err := strconv.Atoi(l)
-		if err != nil || n < 1 || n > 1000 {
-			writeProblem(w, r, http.StatusBadRequest, ProbInvalid, "limit must be a number from 1 to 1000")
-			return
-		}
-		limit = n
+// limitParam parses the optional limit query parameter (default 100).
+func limitParam(w http.ResponseWriter, r *http.Request) (int, bool) {
+	l := r.URL.Query().Get("limit")
+	if l == "" {
+		return 100, true
 	}
-	after := q.Get("page_token")
+	n, err := strconv.Atoi(l)
+	if err != nil || n < 1 || n > 1000 {
+		writeProblem(w, r, http.StatusBadRequest, ProbInvalid, "limit must be a number from 1 to 1000")
+		return 0, false
+	}
+	return n, true
+}
+
+func (s *Server) listKeys(w http.ResponseWriter, r *http.Request) {
+	limit, ok := limitParam(w, r)
+	if !ok {
+		return
+	}
+	after := r.URL.Query().Get("page_token")
 	if after != "" {
 		if err := kms.ValidateName(after); err != nil {
 			writeProblem(w, r, http.StatusBadRequest, ProbInvalid, "malformed page_token")
@@ -336,16 +345,72 @@ func (s *Server) decapsulate(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, client.DecapsulateResponse{SharedSecret: ss.Reveal(), Version: req.Version})
 }
 
+func toTokenInfo(t *kms.Token) client.TokenInfo {
+	return client.TokenInfo{ID: t.ID, Name: t.Name, Role: string(t.Role), Keys: t.Keys, CreatedAt: t.CreatedAt, CreatedBy: t.CreatedBy,
+		ExpiresAt: t.ExpiresAt, LastUsedAt: t.LastUsedAt, RevokedAt: t.RevokedAt}
+}
+
 func (s *Server) createToken(w http.ResponseWriter, r *http.Request) {
 	var req client.CreateTokenRequest
 	if !readBody(w, r, &req, false) {
 		return
 	}
+	var ttl time.Duration
+	if req.TTL != "" {
+		d, err := time.ParseDuration(req.TTL)
+		if err != nil || d <= 0 {
+			writeProblem(w, r, http.StatusBadRequest, ProbInvalid, "ttl must be a positive duration such as \"90m\" or \"720h\"")
+			return
+		}
+		ttl = d
+	}
 	pending(r, http.StatusCreated)
-	tok, t, err := s.svc.CreateToken(r.Context(), req.Name, kms.Role(req.Role), req.Keys)
+	tok, t, err := s.svc.CreateToken(r.Context(), eventFrom(r).principal, kms.TokenRequest{Name: req.Name, Role: kms.Role(req.Role), Keys: req.Keys, TTL: ttl})
 	if err != nil {
 		writeError(w, r, err)
 		return
 	}
-	writeJSON(w, http.StatusCreated, client.Token{ID: t.ID, Name: t.Name, Role: string(t.Role), Keys: t.Keys, CreatedAt: t.CreatedAt, Token: tok})
+	w.Header().Set("Location", "/v1/tokens/"+t.ID)
+	writeJSON(w, http.StatusCreated, client.Token{TokenInfo: toTokenInfo(t), Token: tok})
+}
+
+func (s *Server) listTokens(w http.ResponseWriter, r *http.Request) {
+	limit, ok := limitParam(w, r)
+	if !ok {
+		return
+	}
+	after := r.URL.Query().Get("page_token")
+	if after != "" && !kms.ValidTokenID(after) {
+		writeProblem(w, r, http.StatusBadRequest, ProbInvalid, "malformed page_token")
+		return
+	}
+	toks, next, err := s.svc.ListTokens(r.Context(), eventFrom(r).principal, after, limit)
+	if err != nil {
+		writeError(w, r, err)
+		return
+	}
+	out := client.TokenList{Tokens: make([]client.TokenInfo, 0, len(toks)), NextPageToken: next}
+	for _, t := range toks {
+		out.Tokens = append(out.Tokens, toTokenInfo(t))
+	}
+	writeJSON(w, http.StatusOK, out)
+}
+
+func (s *Server) getToken(w http.ResponseWriter, r *http.Request) {
+	t, err := s.svc.GetToken(r.Context(), eventFrom(r).principal, chi.URLParam(r, "id"))
+	if err != nil {
+		writeError(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, toTokenInfo(t))
+}
+
+func (s *Server) revokeToken(w http.ResponseWriter, r *http.Request) {
+	pending(r, http.StatusOK)
+	t, err := s.svc.RevokeToken(r.Context(), eventFrom(r).principal, chi.URLParam(r, "id"))
+	if err != nil {
+		writeError(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, toTokenInfo(t))
 }

@@ -18,6 +18,7 @@ const (
 	ProbBodyTooLarge     = "body-too-large"
 	ProbUnsupportedMedia = "unsupported-media-type"
 	ProbUnauthenticated  = "unauthenticated"
+	ProbTokenExpired     = "token-expired"
 	ProbForbidden        = "forbidden"
 	ProbNotFound         = "not-found"
 	ProbMethod           = "method-not-allowed"
@@ -34,6 +35,7 @@ var problemTitles = map[string]string{
 	ProbBodyTooLarge:     "The request body is too large",
 	ProbUnsupportedMedia: "Unsupported media type",
 	ProbUnauthenticated:  "Authentication required",
+	ProbTokenExpired:     "The bearer token has expired",
 	ProbForbidden:        "Not allowed",
 	ProbNotFound:         "Not found",
 	ProbMethod:           "Method not allowed",
@@ -59,6 +61,7 @@ var kindProblems = map[kms.Kind]struct {
 	kms.KindInternal:           {http.StatusInternalServerError, ProbInternal},
 	kms.KindTooLarge:           {http.StatusRequestEntityTooLarge, ProbTooLarge},
 	kms.KindExhausted:          {http.StatusTooManyRequests, ProbBusy},
+	kms.KindExpired:            {http.StatusUnauthorized, ProbTokenExpired},
 }
 
 // writeProblem writes an RFC 9457 problem document.

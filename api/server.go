@@ -225,6 +225,9 @@ func (s *Server) Handler() http.Handler {
 		r.Post("/v1/keys/{name}/verify", allow(kms.PermUseKey, s.verify))
 		r.Post("/v1/keys/{name}/decapsulate", allow(kms.PermUseKey, s.decapsulate))
 		r.Post("/v1/tokens", allow(kms.PermManageTokens, s.createToken))
+		r.Get("/v1/tokens", allow(kms.PermManageTokens, s.listTokens))
+		r.Get("/v1/tokens/{id}", allow(kms.PermManageTokens, s.getToken))
+		r.Delete("/v1/tokens/{id}", allow(kms.PermManageTokens, s.revokeToken))
 		r.Get("/v1/keys/{name}/versions/{version}/evaluation-keys", allow(kms.PermReadKey, s.manifest))
 		r.Get("/v1/keys/{name}/versions/{version}/evaluation-keys/signature", allow(kms.PermReadKey, s.manifestSignature))
 		r.Get("/v1/blobs/sha256/{hex}", s.blob) // authorized against the blob's key inside

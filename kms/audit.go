@@ -23,6 +23,7 @@ type AuditRecord struct {
 	Operation string `json:"operation"`        // e.g. "POST /v1/keys/{name}/rotate"
 	Key       string `json:"key,omitempty"`
 	Version   uint64 `json:"version,omitempty"`
+	Token     string `json:"token,omitempty"`   // id (never the secret) of the token a token operation touched
 	Status    int    `json:"status"`            // HTTP status of the answer
 	Problem   string `json:"problem,omitempty"` // problem type on failure
 	ReqBytes  int    `json:"req_bytes,omitempty"`
@@ -101,6 +102,17 @@ func auditFor(ctx context.Context, key string, version uint64) []*AuditRecord {
 	if version != 0 {
 		rec.Version = version
 	}
+	return []*AuditRecord{rec}
+}
+
+// auditForToken returns the pending record of ctx completed for a change to
+// the token with the id, or nil when ctx carries none.
+func auditForToken(ctx context.Context, id string) []*AuditRecord {
+	rec, _ := ctx.Value(auditKey{}).(*AuditRecord)
+	if rec == nil {
+		return nil
+	}
+	rec.Token = id
 	return []*AuditRecord{rec}
 }
 

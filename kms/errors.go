@@ -21,6 +21,9 @@ const (
 	KindUnavailable
 	KindTooLarge
 	KindExhausted
+	// KindExpired: the bearer token has expired (401, with its own
+	// problem type so clients know to get a new one).
+	KindExpired
 )
 
 // Sentinel errors, one per kind. Every *Error matches exactly one of them
@@ -36,6 +39,7 @@ var (
 	ErrUnavailable        = errors.New("unavailable")
 	ErrTooLarge           = errors.New("too large")
 	ErrExhausted          = errors.New("resource exhausted")
+	ErrExpired            = errors.New("token expired")
 )
 
 var kindSentinel = map[Kind]error{
@@ -49,6 +53,7 @@ var kindSentinel = map[Kind]error{
 	KindUnavailable:        ErrUnavailable,
 	KindTooLarge:           ErrTooLarge,
 	KindExhausted:          ErrExhausted,
+	KindExpired:            ErrExpired,
 }
 
 // Error is the one error type of the domain. Msg is written by this package

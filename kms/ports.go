@@ -38,6 +38,17 @@ type Store interface {
 	GetToken(ctx context.Context, id string) (*Token, error)
 	// CountTokens returns how many tokens exist.
 	CountTokens(ctx context.Context) (int, error)
+	// ListTokens returns up to limit tokens with ids after `after`, in id
+	// order.
+	ListTokens(ctx context.Context, after string, limit int) ([]*Token, error)
+	// UpdateToken loads the token, calls fn on a copy, and stores the copy
+	// and the audit records fn returns in one transaction if fn returns no
+	// error; ErrNotFound if absent.
+	UpdateToken(ctx context.Context, id string, fn func(t *Token) ([]*AuditRecord, error)) error
+	// RecordTokenUse sets LastUsedAt of the tokens named (those that still
+	// exist) to the given times when later than what is stored, in one
+	// transaction.
+	RecordTokenUse(ctx context.Context, used map[string]time.Time) error
 
 	// BlobOwner returns the name of the key whose versions list the blob;
 	// ErrNotFound if none does. Stores index the Blobs of every version

@@ -33,6 +33,10 @@ type Config struct {
 	// AsyncKeysetBytes: keysets larger than this are generated in the
 	// background by CreateKeyAsync and RotateAsync (default 64 MiB).
 	AsyncKeysetBytes int64
+	// MaxTokenTTL bounds the lifetime of tokens created through the API;
+	// a token created without a ttl gets this one. Zero: no maximum, and
+	// tokens without a ttl do not expire.
+	MaxTokenTTL time.Duration
 	// Audit makes the service record the actions it takes on its own
 	// (scheduled destruction, bootstrap) in the audit log. Records of
 	// requests come with the request's ctx (WithAudit).
@@ -50,6 +54,10 @@ type Service struct {
 	cache  *keyCache
 	audit  bool
 
+	maxTokenTTL time.Duration
+	uses        tokenUses
+	revokeMu    sync.Mutex
+
 	maxKeyset   int64
 	asyncBytes  int64
 	generations chan struct{}
@@ -66,7 +74,7 @@ func NewService(cfg Config) (*Service, error) {
 	}
 	s := &Service{
 		store: cfg.Store, sealer: cfg.Sealer, kinds: cfg.Kinds,
-		clock: cfg.Clock, rand: cfg.Rand, log: cfg.Logger, audit: cfg.Audit,
+		clock: cfg.Clock, rand: cfg.Rand, log: cfg.Logger, audit: cfg.Audit, maxTokenTTL: cfg.MaxTokenTTL,
 		locks: map[string]*sync.Mutex{},
 	}
 	if s.clock == nil {
@@ -522,6 +530,9 @@ func (s *Service) RunMaintenance(ctx context.Context, interval time.Duration) {
 	for {
 		if _, err := s.DestroyDue(ctx); err != nil && ctx.Err() == nil {
 			s.log.Error("destroying due key versions", "err", err)
+		}
+		if err := s.FlushTokenUse(ctx); err != nil && ctx.Err() == nil {
+			s.log.Error("writing down token use", "err", err)
 		}
 		select {
 		case <-ctx.Done():

@@ -418,7 +418,11 @@ func TestTokens(t *testing.T) {
 	if again, _ := e.svc.EnsureAdminToken(ctx, func(string) error { t.Fatal("persist called again"); return nil }); again {
 		t.Fatal("a second admin token was made")
 	}
-	tok, rec, err := e.svc.CreateToken(ctx, "w", kms.RoleWorker, []string{"team-a-*"})
+	root, err := e.svc.Authenticate(ctx, admin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tok, rec, err := e.svc.CreateToken(ctx, root, kms.TokenRequest{Name: "w", Role: kms.RoleWorker, Keys: []string{"team-a-*"}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -446,10 +450,169 @@ func TestTokens(t *testing.T) {
 			t.Errorf("Authenticate(%q) = %v", bad, err)
 		}
 	}
-	if _, _, err := e.svc.CreateToken(ctx, "x", "root", []string{"*"}); !errors.Is(err, kms.ErrInvalid) {
+	if _, _, err := e.svc.CreateToken(ctx, root, kms.TokenRequest{Name: "x", Role: "root", Keys: []string{"*"}}); !errors.Is(err, kms.ErrInvalid) {
 		t.Fatalf("unknown role: %v", err)
 	}
-	if _, _, err := e.svc.CreateToken(ctx, "x", kms.RoleWorker, []string{"["}); !errors.Is(err, kms.ErrInvalid) {
+	if _, _, err := e.svc.CreateToken(ctx, root, kms.TokenRequest{Name: "x", Role: kms.RoleWorker, Keys: []string{"["}}); !errors.Is(err, kms.ErrInvalid) {
 		t.Fatalf("malformed pattern: %v", err)
 	}
+}
+
+// TestTokenSubsetRule: a token creates only tokens within itself. The
+// review's escalation (an admin for team-a-* minting an admin for *) is the
+// first refusal.
+func TestTokenSubsetRule(t *testing.T) {
+	e := newEnv(t, 0)
+	now := e.clock.Now()
+	in := func(d time.Duration) *time.Time { x := now.Add(d); return &x }
+	cases := []struct {
+		name    string
+		creator kms.Principal
+		req     kms.TokenRequest
+		want    error // nil: created
+	}{
+		{"escalation to all keys", kms.Principal{Role: kms.RoleAdmin, Keys: []string{"team-a-*"}}, kms.TokenRequest{Role: kms.RoleAdmin, Keys: []string{"*"}}, kms.ErrPermissionDenied},
+		{"sibling team", kms.Principal{Role: kms.RoleAdmin, Keys: []string{"team-a-*"}}, kms.TokenRequest{Role: kms.RoleWorker, Keys: []string{"team-b-*"}}, kms.ErrPermissionDenied},
+		{"prefix without the dash", kms.Principal{Role: kms.RoleAdmin, Keys: []string{"team-a-*"}}, kms.TokenRequest{Role: kms.RoleWorker, Keys: []string{"team-a*"}}, kms.ErrPermissionDenied},
+		{"wildcard in the middle", kms.Principal{Role: kms.RoleAdmin, Keys: []string{"team-a-*"}}, kms.TokenRequest{Role: kms.RoleWorker, Keys: []string{"team-?-x"}}, kms.ErrPermissionDenied},
+		{"one pattern of two outside", kms.Principal{Role: kms.RoleAdmin, Keys: []string{"team-a-*"}}, kms.TokenRequest{Role: kms.RoleWorker, Keys: []string{"team-a-1", "team-b-1"}}, kms.ErrPermissionDenied},
+		{"same scope", kms.Principal{Role: kms.RoleAdmin, Keys: []string{"team-a-*"}}, kms.TokenRequest{Role: kms.RoleAdmin, Keys: []string{"team-a-*"}}, nil},
+		{"narrower scope", kms.Principal{Role: kms.RoleAdmin, Keys: []string{"team-a-*"}}, kms.TokenRequest{Role: kms.RoleWorker, Keys: []string{"team-a-prod-*", "team-a-1"}}, nil},
+		{"covered by a union", kms.Principal{Role: kms.RoleAdmin, Keys: []string{"team-a-x*", "team-a-y*"}}, kms.TokenRequest{Role: kms.RoleDecryptor, Keys: []string{"team-a-[xy]*"}}, nil},
+		{"scoped auditor refused", kms.Principal{Role: kms.RoleAdmin, Keys: []string{"*"}}, kms.TokenRequest{Role: kms.RoleAuditor, Keys: []string{"team-a-*"}}, kms.ErrInvalid},
+		{"auditor for all", kms.Principal{Role: kms.RoleAdmin, Keys: []string{"*"}}, kms.TokenRequest{Role: kms.RoleAuditor, Keys: []string{"*"}}, nil},
+		{"auditor by a scoped admin", kms.Principal{Role: kms.RoleAdmin, Keys: []string{"team-a-*"}}, kms.TokenRequest{Role: kms.RoleAuditor, Keys: []string{"*"}}, kms.ErrPermissionDenied},
+		{"decryptor creating a worker", kms.Principal{Role: kms.RoleDecryptor, Keys: []string{"*"}}, kms.TokenRequest{Role: kms.RoleWorker, Keys: []string{"x"}}, nil},
+		{"decryptor creating an admin", kms.Principal{Role: kms.RoleDecryptor, Keys: []string{"*"}}, kms.TokenRequest{Role: kms.RoleAdmin, Keys: []string{"x"}}, kms.ErrPermissionDenied},
+		{"worker creating a decryptor", kms.Principal{Role: kms.RoleWorker, Keys: []string{"*"}}, kms.TokenRequest{Role: kms.RoleDecryptor, Keys: []string{"x"}}, kms.ErrPermissionDenied},
+		{"auditor creating a worker", kms.Principal{Role: kms.RoleAuditor, Keys: []string{"*"}}, kms.TokenRequest{Role: kms.RoleWorker, Keys: []string{"x"}}, kms.ErrPermissionDenied},
+		{"outliving the creator", kms.Principal{Role: kms.RoleAdmin, Keys: []string{"*"}, ExpiresAt: in(time.Hour)}, kms.TokenRequest{Role: kms.RoleWorker, Keys: []string{"x"}, TTL: 2 * time.Hour}, kms.ErrPermissionDenied},
+		{"within the creator's life", kms.Principal{Role: kms.RoleAdmin, Keys: []string{"*"}, ExpiresAt: in(time.Hour)}, kms.TokenRequest{Role: kms.RoleWorker, Keys: []string{"x"}, TTL: 30 * time.Minute}, nil},
+		{"no ttl under an expiring creator", kms.Principal{Role: kms.RoleAdmin, Keys: []string{"*"}, ExpiresAt: in(time.Hour)}, kms.TokenRequest{Role: kms.RoleWorker, Keys: []string{"x"}}, nil},
+		{"ttl below a second", kms.Principal{Role: kms.RoleAdmin, Keys: []string{"*"}}, kms.TokenRequest{Role: kms.RoleWorker, Keys: []string{"x"}, TTL: time.Millisecond}, kms.ErrInvalid},
+	}
+	for _, c := range cases {
+		before, _ := e.store.CountTokens(ctx)
+		_, tok, err := e.svc.CreateToken(ctx, &c.creator, c.req)
+		after, _ := e.store.CountTokens(ctx)
+		if c.want == nil {
+			if err != nil {
+				t.Errorf("%s: %v", c.name, err)
+				continue
+			}
+			if c.creator.ExpiresAt != nil && (tok.ExpiresAt == nil || tok.ExpiresAt.After(*c.creator.ExpiresAt)) {
+				t.Errorf("%s: expires %v, after its creator (%v)", c.name, tok.ExpiresAt, c.creator.ExpiresAt)
+			}
+			continue
+		}
+		if !errors.Is(err, c.want) {
+			t.Errorf("%s: %v, want %v", c.name, err, c.want)
+		}
+		if after != before {
+			t.Errorf("%s: a refused create stored a token", c.name)
+		}
+	}
+}
+
+// TestTokenRevokeAndExpire: a revoked token is refused at once; an expired
+// one with KindExpired; the server's maximum lifetime is the default and
+// the bound; the last admin token for all keys cannot be revoked.
+func TestTokenRevokeAndExpire(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "kms.db")
+	st, err := bolt.Open(path, bolt.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	clock := testutil.NewClock(time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC))
+	svc, err := kms.NewService(kms.Config{Store: st, Sealer: testhsm.Open(t), Kinds: kms.NewRegistry(pqc.Kinds()...), Clock: clock, MaxTokenTTL: 24 * time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var admin string
+	if _, err := svc.EnsureAdminToken(ctx, func(tok string) error { admin = tok; return nil }); err != nil {
+		t.Fatal(err)
+	}
+	root, err := svc.Authenticate(ctx, admin)
+	if err != nil || root.ExpiresAt != nil {
+		t.Fatalf("bootstrap admin: %+v %v", root, err)
+	}
+	if _, _, err := svc.CreateToken(ctx, root, kms.TokenRequest{Role: kms.RoleWorker, Keys: []string{"*"}, TTL: 25 * time.Hour}); !errors.Is(err, kms.ErrInvalid) {
+		t.Fatalf("ttl over the maximum: %v", err)
+	}
+	wtok, w, err := svc.CreateToken(ctx, root, kms.TokenRequest{Role: kms.RoleWorker, Keys: []string{"*"}})
+	if err != nil || w.ExpiresAt == nil || !w.ExpiresAt.Equal(clock.Now().Add(24*time.Hour)) || w.CreatedBy != root.TokenID {
+		t.Fatalf("default lifetime: %+v %v", w, err)
+	}
+	clock.Add(24*time.Hour - time.Second)
+	if _, err := svc.Authenticate(ctx, wtok); err != nil {
+		t.Fatalf("a second before expiry: %v", err)
+	}
+	clock.Add(time.Second)
+	if _, err := svc.Authenticate(ctx, wtok); !errors.Is(err, kms.ErrExpired) || kms.KindOf(err) != kms.KindExpired {
+		t.Fatalf("at expiry: %v", err)
+	}
+	// The only admin token for all keys cannot go.
+	if _, err := svc.RevokeToken(ctx, root, root.TokenID); !errors.Is(err, kms.ErrFailedPrecondition) {
+		t.Fatalf("revoking the last root admin: %v", err)
+	}
+	// An expired admin does not count as the one that remains.
+	clock.Add(24 * time.Hour)
+	_, a2, err := svc.CreateToken(ctx, root, kms.TokenRequest{Role: kms.RoleAdmin, Keys: []string{"*"}, TTL: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	clock.Add(2 * time.Hour)
+	if _, err := svc.RevokeToken(ctx, root, root.TokenID); !errors.Is(err, kms.ErrFailedPrecondition) {
+		t.Fatalf("revoking the root admin beside an expired one: %v", err)
+	}
+	a3tok, a3, err := svc.CreateToken(ctx, root, kms.TokenRequest{Role: kms.RoleAdmin, Keys: []string{"*"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := svc.RevokeToken(ctx, root, root.TokenID); err != nil {
+		t.Fatalf("revoking the bootstrap admin while another exists: %v", err)
+	}
+	if _, err := svc.Authenticate(ctx, admin); !errors.Is(err, kms.ErrUnauthenticated) {
+		t.Fatalf("revoked token: %v", err)
+	}
+	p3, err := svc.Authenticate(ctx, a3tok)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := svc.RevokeToken(ctx, p3, a3.ID); !errors.Is(err, kms.ErrFailedPrecondition) {
+		t.Fatalf("revoking the new last root admin: %v", err)
+	}
+	if _, err := svc.RevokeToken(ctx, p3, root.TokenID); !errors.Is(err, kms.ErrFailedPrecondition) {
+		t.Fatalf("revoking twice: %v", err)
+	}
+	// A scoped admin sees and revokes only what is within it.
+	stok, _, err := svc.CreateToken(ctx, p3, kms.TokenRequest{Role: kms.RoleAdmin, Keys: []string{"team-a-*"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sp, _ := svc.Authenticate(ctx, stok)
+	if _, err := svc.GetToken(ctx, sp, a3.ID); !errors.Is(err, kms.ErrNotFound) {
+		t.Fatalf("a scoped admin reads a root token: %v", err)
+	}
+	if _, err := svc.RevokeToken(ctx, sp, a3.ID); !errors.Is(err, kms.ErrNotFound) {
+		t.Fatalf("a scoped admin revokes a root token: %v", err)
+	}
+	list, _, err := svc.ListTokens(ctx, sp, "", 100)
+	if err != nil || len(list) != 1 || list[0].ID != sp.TokenID {
+		t.Fatalf("a scoped admin's list: %+v %v", list, err)
+	}
+	all, _, err := svc.ListTokens(ctx, p3, "", 2)
+	if err != nil || len(all) != 2 {
+		t.Fatalf("list page: %d %v", len(all), err)
+	}
+	// Last use is remembered, and written down by FlushTokenUse.
+	if err := svc.FlushTokenUse(ctx); err != nil {
+		t.Fatal(err)
+	}
+	got, err := st.GetToken(ctx, a3.ID)
+	if err != nil || got.LastUsedAt == nil || !got.LastUsedAt.Equal(clock.Now()) {
+		t.Fatalf("last use of a3: %+v %v", got, err)
+	}
+	_ = a2
 }

@@ -7,6 +7,7 @@ import (
 	"encoding/hex"
 	"io"
 	"path"
+	"slices"
 	"strings"
 	"time"
 )
@@ -33,7 +34,26 @@ type Token struct {
 	Keys      []string  `json:"keys"` // key-name patterns (path.Match syntax)
 	Hash      []byte    `json:"hash"` // SHA-256 of the secret part
 	CreatedAt time.Time `json:"created_at"`
+	// CreatedBy is the id of the token that created this one, or "system"
+	// for the bootstrap admin token.
+	CreatedBy string `json:"created_by,omitempty"`
+	// ExpiresAt is when the token stops working; nil: never.
+	ExpiresAt *time.Time `json:"expires_at,omitempty"`
+	// RevokedAt is when the token was revoked; nil: not revoked.
+	RevokedAt *time.Time `json:"revoked_at,omitempty"`
+	// LastUsedAt is the last time the token authenticated a request, as
+	// last written down (the service keeps newer uses in memory and
+	// writes them about once a minute).
+	LastUsedAt *time.Time `json:"last_used_at,omitempty"`
 }
+
+// Expired reports whether the token has expired at now.
+func (t *Token) Expired(now time.Time) bool {
+	return t.ExpiresAt != nil && !now.Before(*t.ExpiresAt)
+}
+
+// Active reports whether the token authenticates at now.
+func (t *Token) Active(now time.Time) bool { return t.RevokedAt == nil && !t.Expired(now) }
 
 const tokenPrefix = "kms_"
 
@@ -82,9 +102,34 @@ func (t *Token) MayUse(name string) bool {
 
 // Principal is an authenticated caller.
 type Principal struct {
-	TokenID string
-	Role    Role
-	Keys    []string
+	TokenID   string
+	Role      Role
+	Keys      []string
+	ExpiresAt *time.Time // nil: the token does not expire
+}
+
+// covers reports whether a token of role, patterns keys and expiry exp is
+// within what p holds: a role whose permissions p's role has, patterns
+// whose names p's patterns all match, and an expiry no later than p's. If
+// not, it says why, for the client.
+func (p *Principal) covers(role Role, keys []string, exp *time.Time) error {
+	for _, perm := range rolePerms[role] {
+		if !slices.Contains(rolePerms[p.Role], perm) {
+			return Errorf(KindPermissionDenied, "a %s token may not create or manage %s tokens (role %s may %s)", p.Role, role, role, perm)
+		}
+	}
+	for _, k := range keys {
+		if ok, example := PatternsContain(p.Keys, k); !ok {
+			if example != "" {
+				return Errorf(KindPermissionDenied, "key pattern %q reaches beyond this token's patterns (it matches %q)", clip(k, 40), clip(example, 70))
+			}
+			return Errorf(KindPermissionDenied, "key pattern %q could not be shown to be within this token's patterns", clip(k, 40))
+		}
+	}
+	if p.ExpiresAt != nil && (exp == nil || exp.After(*p.ExpiresAt)) {
+		return Errorf(KindPermissionDenied, "the token would outlive this token, which expires at %s", p.ExpiresAt.UTC().Format(time.RFC3339))
+	}
+	return nil
 }
 
 // MayUse reports whether the principal may touch the named key.

@@ -237,6 +237,32 @@ func (c *Client) CreateToken(ctx context.Context, req CreateTokenRequest) (*Toke
 	return &out, c.do(ctx, http.MethodPost, "/v1/tokens", nil, req, &out)
 }
 
+// ListTokens returns one page of the tokens this token may manage (never
+// their secrets); pass the previous NextPageToken to go on.
+func (c *Client) ListTokens(ctx context.Context, limit int, pageToken string) (*TokenList, error) {
+	q := url.Values{}
+	if limit > 0 {
+		q.Set("limit", strconv.Itoa(limit))
+	}
+	if pageToken != "" {
+		q.Set("page_token", pageToken)
+	}
+	var out TokenList
+	return &out, c.do(ctx, http.MethodGet, "/v1/tokens", q, nil, &out)
+}
+
+// GetToken returns a token's metadata.
+func (c *Client) GetToken(ctx context.Context, id string) (*TokenInfo, error) {
+	var out TokenInfo
+	return &out, c.do(ctx, http.MethodGet, "/v1/tokens/"+url.PathEscape(id), nil, nil, &out)
+}
+
+// RevokeToken revokes a token: every later request with it is refused.
+func (c *Client) RevokeToken(ctx context.Context, id string) (*TokenInfo, error) {
+	var out TokenInfo
+	return &out, c.do(ctx, http.MethodDelete, "/v1/tokens/"+url.PathEscape(id), nil, nil, &out)
+}
+
 // getRaw fetches a non-JSON resource.
 func (c *Client) getRaw(ctx context.Context, path string, query url.Values) ([]byte, error) {
 	return c.rawBody(ctx, http.MethodGet, path, query, "", nil)

@@ -138,16 +138,34 @@ type CreateTokenRequest struct {
 	Name string   `json:"name,omitempty"`
 	Role string   `json:"role"`
 	Keys []string `json:"keys"`
+	// TTL is the token's lifetime as a Go duration ("24h", "90m");
+	// empty: the server's maximum (--max-token-ttl).
+	TTL string `json:"ttl,omitempty"`
+}
+
+// TokenInfo is a token's metadata; it never holds the secret.
+type TokenInfo struct {
+	ID         string     `json:"id"`
+	Name       string     `json:"name,omitempty"`
+	Role       string     `json:"role"`
+	Keys       []string   `json:"keys"`
+	CreatedAt  time.Time  `json:"created_at"`
+	CreatedBy  string     `json:"created_by,omitempty"`
+	ExpiresAt  *time.Time `json:"expires_at,omitempty"`
+	LastUsedAt *time.Time `json:"last_used_at,omitempty"`
+	RevokedAt  *time.Time `json:"revoked_at,omitempty"`
 }
 
 // Token is a created token. Token (the secret) is returned only once.
 type Token struct {
-	ID        string    `json:"id"`
-	Name      string    `json:"name,omitempty"`
-	Role      string    `json:"role"`
-	Keys      []string  `json:"keys"`
-	CreatedAt time.Time `json:"created_at"`
-	Token     string    `json:"token"`
+	TokenInfo
+	Token string `json:"token"`
+}
+
+// TokenList is one page of GET /v1/tokens.
+type TokenList struct {
+	Tokens        []TokenInfo `json:"tokens"`
+	NextPageToken string      `json:"next_page_token,omitempty"`
 }
 
 // Problem is an RFC 9457 problem document.

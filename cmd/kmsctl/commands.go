@@ -300,18 +300,58 @@ var commands = []command{
 		},
 	},
 	{
-		name: "tokens create", synopsis: "--role admin|worker|auditor|decryptor --keys PATTERNS [--name NAME]",
-		help: "create a bearer token (printed once)",
+		name: "tokens create", synopsis: "--role admin|worker|auditor|decryptor --keys PATTERNS [--name NAME] [--ttl D]",
+		help: "create a bearer token (printed once); it can hold no more than the token that creates it",
 		flags: func(fs *flag.FlagSet) {
 			fs.String("role", "", "admin, worker, auditor or decryptor (required)")
-			fs.String("keys", "", "comma-separated key-name patterns, e.g. 'team-a-*' or '*' (required)")
+			fs.String("keys", "", "comma-separated key-name patterns, e.g. 'team-a-*' or '*' (required; auditors take '*' only)")
 			fs.String("name", "", "a name for the token")
+			fs.String("ttl", "", "lifetime, e.g. 90m or 720h (default: the server's --max-token-ttl)")
 		},
 		run: func(e *env, fs *flag.FlagSet, _ []string) (int, error) {
 			if str(fs, "role") == "" || str(fs, "keys") == "" {
 				return 0, usageError{"--role and --keys are required"}
 			}
-			t, err := e.c.CreateToken(e.ctx, client.CreateTokenRequest{Name: str(fs, "name"), Role: str(fs, "role"), Keys: splitList(str(fs, "keys"))})
+			t, err := e.c.CreateToken(e.ctx, client.CreateTokenRequest{Name: str(fs, "name"), Role: str(fs, "role"), Keys: splitList(str(fs, "keys")), TTL: str(fs, "ttl")})
+			if err != nil {
+				return 0, err
+			}
+			return exitOK, printJSON(e.stdout, t)
+		},
+	},
+	{
+		name: "tokens list", synopsis: "[--limit N]", help: "list the tokens this token may manage (metadata only, never a secret; all pages)",
+		flags: func(fs *flag.FlagSet) { fs.Int("limit", 100, "tokens per request") },
+		run: func(e *env, fs *flag.FlagSet, _ []string) (int, error) {
+			all := []client.TokenInfo{}
+			page := ""
+			for {
+				l, err := e.c.ListTokens(e.ctx, intFlag(fs, "limit"), page)
+				if err != nil {
+					return 0, err
+				}
+				all = append(all, l.Tokens...)
+				if page = l.NextPageToken; page == "" {
+					break
+				}
+			}
+			return exitOK, printJSON(e.stdout, all)
+		},
+	},
+	{
+		name: "tokens show", synopsis: "ID", help: "show a token's metadata (ID: the 16 hex digits after kms_)", nargs: 1,
+		run: func(e *env, _ *flag.FlagSet, args []string) (int, error) {
+			t, err := e.c.GetToken(e.ctx, args[0])
+			if err != nil {
+				return 0, err
+			}
+			return exitOK, printJSON(e.stdout, t)
+		},
+	},
+	{
+		name: "tokens revoke", synopsis: "ID", help: "revoke a token: every later request with it is refused", nargs: 1,
+		run: func(e *env, _ *flag.FlagSet, args []string) (int, error) {
+			t, err := e.c.RevokeToken(e.ctx, args[0])
 			if err != nil {
 				return 0, err
 			}

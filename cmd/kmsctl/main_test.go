@@ -149,6 +149,23 @@ func TestCommands(t *testing.T) {
 	if !strings.Contains(ok("identity"), `"ml-dsa-65"`) {
 		t.Fatal("identity")
 	}
+	var short struct {
+		ID        string `json:"id"`
+		ExpiresAt string `json:"expires_at"`
+	}
+	json.Unmarshal([]byte(ok("tokens", "create", "--role", "worker", "--keys", "kem", "--ttl", "1h")), &short)
+	if short.ExpiresAt == "" {
+		t.Fatal("tokens create --ttl: no expiry")
+	}
+	if l := ok("tokens", "list"); !strings.Contains(l, short.ID) || strings.Contains(l, "kms_") {
+		t.Fatalf("tokens list: %s", l)
+	}
+	if !strings.Contains(ok("tokens", "show", short.ID), short.ID) {
+		t.Fatal("tokens show")
+	}
+	if !strings.Contains(ok("tokens", "revoke", short.ID), "revoked_at") {
+		t.Fatal("tokens revoke")
+	}
 
 	// Exit codes.
 	worker := map[string]string{"KMS_ADDR": url, "KMS_TOKEN": tok.Token}

@@ -71,6 +71,7 @@ type config struct {
 	asyncKeysetMiB  int64
 	heGenerations   int
 	heWorkers       int
+	maxTokenTTL     time.Duration
 }
 
 // parseFlags reads flags, with KMS_* environment variables as defaults.
@@ -84,8 +85,8 @@ func parseFlags(args []string, getenv func(string) string, out io.Writer) (confi
 	if fs.NArg() > 0 {
 		return c, fmt.Errorf("unexpected argument %q", fs.Arg(0))
 	}
-	if c.destroyInterval <= 0 || c.shutdownTimeout <= 0 || c.cacheTTL < 0 || c.auditInterval <= 0 || c.auditStreamWait <= 0 {
-		return c, errors.New("durations must be positive (key-cache-ttl may be 0)")
+	if c.destroyInterval <= 0 || c.shutdownTimeout <= 0 || c.cacheTTL < 0 || c.auditInterval <= 0 || c.auditStreamWait <= 0 || c.maxTokenTTL < 0 {
+		return c, errors.New("durations must be positive (key-cache-ttl and max-token-ttl may be 0)")
 	}
 	if c.auditEvery == 0 {
 		return c, errors.New("--audit-checkpoint-every must be at least 1")
@@ -144,6 +145,7 @@ func newFlagSet(c *config, getenv func(string) string) *flag.FlagSet {
 	fs.Int64Var(&c.maxKeysetMiB, "max-keyset-mib", int64(intEnv("KMS_MAX_KEYSET_MIB", 4096)), "refuse HE keys whose keyset (public and evaluation keys) would be larger than this many MiB (env KMS_MAX_KEYSET_MIB)")
 	fs.Int64Var(&c.asyncKeysetMiB, "async-keyset-mib", int64(intEnv("KMS_ASYNC_KEYSET_MIB", 64)), "HE keysets larger than this many MiB are generated in the background: create and rotate answer 202 with an operation to poll (env KMS_ASYNC_KEYSET_MIB)")
 	fs.IntVar(&c.heGenerations, "he-generations", intEnv("KMS_HE_GENERATIONS", 1), "HE keyset generations at once; more are refused with 429 (env KMS_HE_GENERATIONS)")
+	fs.DurationVar(&c.maxTokenTTL, "max-token-ttl", dur("KMS_MAX_TOKEN_TTL", 90*24*time.Hour), "longest lifetime of a token created through the API, and the lifetime of one created without a ttl; 0: no maximum, tokens without a ttl do not expire (env KMS_MAX_TOKEN_TTL)")
 	fs.IntVar(&c.heWorkers, "he-workers", intEnv("KMS_HE_WORKERS", 0), "goroutines per HE keyset generation; 0: one per core (env KMS_HE_WORKERS)")
 	return fs
 }
@@ -226,6 +228,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 	}
 	kinds := kms.NewRegistry(append(pqc.Kinds(), he.Kinds(blobs, c.heWorkers)...)...)
 	svc, err := kms.NewService(kms.Config{Store: store, Sealer: sealer, Kinds: kinds, Logger: log, CacheTTL: ttl, Audit: audited,
+		MaxTokenTTL:    c.maxTokenTTL,
 		MaxKeysetBytes: c.maxKeysetMiB << 20, MaxGenerations: c.heGenerations, AsyncKeysetBytes: c.asyncKeysetMiB << 20})
 	if err != nil {
 		return err
@@ -319,8 +322,15 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 	mctx, mcancel := context.WithCancel(context.Background())
 	mdone := make(chan struct{})
 	go func() { defer close(mdone); svc.RunMaintenance(mctx, c.destroyInterval) }()
-	// Stop the maintenance loop before the store and the HSM close.
-	defer func() { mcancel(); <-mdone }()
+	// Stop the maintenance loop before the store and the HSM close, then
+	// write down the token uses it had not.
+	defer func() {
+		mcancel()
+		<-mdone
+		if err := svc.FlushTokenUse(context.Background()); err != nil {
+			log.Warn("writing down token use", "err", err)
+		}
+	}()
 
 	errc := make(chan error, 1)
 	go func() { errc <- srv.Serve(ln) }()

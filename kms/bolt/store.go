@@ -410,6 +410,97 @@ func (s *Store) GetToken(ctx context.Context, id string) (*kms.Token, error) {
 	return &t, nil
 }
 
+// ListTokens implements kms.Store.
+func (s *Store) ListTokens(ctx context.Context, after string, limit int) ([]*kms.Token, error) {
+	var out []*kms.Token
+	err := s.db.View(func(tx *bbolt.Tx) error {
+		c := tx.Bucket(bucketTokens).Cursor()
+		var k, v []byte
+		if after == "" {
+			k, v = c.First()
+		} else {
+			k, v = c.Seek([]byte(after))
+			if k != nil && bytes.Equal(k, []byte(after)) {
+				k, v = c.Next()
+			}
+		}
+		for ; k != nil && len(out) < limit; k, v = c.Next() {
+			var t kms.Token
+			if err := json.Unmarshal(v, &t); err != nil {
+				return fmt.Errorf("decode token record: %w", err)
+			}
+			out = append(out, &t)
+		}
+		return nil
+	})
+	return out, err
+}
+
+// UpdateToken implements kms.Store.
+func (s *Store) UpdateToken(ctx context.Context, id string, fn func(t *kms.Token) ([]*kms.AuditRecord, error)) error {
+	var audit []*kms.AuditRecord
+	err := s.update(func(tx *bbolt.Tx) error {
+		b := tx.Bucket(bucketTokens)
+		buf := b.Get([]byte(id))
+		if buf == nil {
+			return notFound("token", id)
+		}
+		var t kms.Token
+		if err := json.Unmarshal(buf, &t); err != nil {
+			return fmt.Errorf("decode token record: %w", err)
+		}
+		var err error
+		if audit, err = fn(&t); err != nil {
+			return err
+		}
+		if t.ID != id {
+			return errors.New("a token's id cannot change")
+		}
+		out, err := json.Marshal(&t)
+		if err != nil {
+			return err
+		}
+		if err := b.Put([]byte(id), out); err != nil {
+			return err
+		}
+		return s.appendAudit(tx, audit)
+	})
+	if err == nil {
+		markCommitted(audit)
+	}
+	return err
+}
+
+// RecordTokenUse implements kms.Store.
+func (s *Store) RecordTokenUse(ctx context.Context, used map[string]time.Time) error {
+	return s.update(func(tx *bbolt.Tx) error {
+		b := tx.Bucket(bucketTokens)
+		for id, at := range used {
+			buf := b.Get([]byte(id))
+			if buf == nil {
+				continue
+			}
+			var t kms.Token
+			if err := json.Unmarshal(buf, &t); err != nil {
+				return fmt.Errorf("decode token record: %w", err)
+			}
+			if t.LastUsedAt != nil && !at.After(*t.LastUsedAt) {
+				continue
+			}
+			at := at
+			t.LastUsedAt = &at
+			out, err := json.Marshal(&t)
+			if err != nil {
+				return err
+			}
+			if err := b.Put([]byte(id), out); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+}
+
 // CountTokens implements kms.Store.
 func (s *Store) CountTokens(ctx context.Context) (int, error) {
 	n := 0

@@ -155,6 +155,49 @@ func Run(t *testing.T, open func(t *testing.T) kms.Store) {
 		if _, err := s.GetToken(ctx, "nope"); !errors.Is(err, kms.ErrNotFound) {
 			t.Fatalf("GetToken of a missing id: %v", err)
 		}
+		page, err := s.ListTokens(ctx, "", 2)
+		if err != nil || len(page) != 2 || page[0].ID != fmt.Sprintf("%016d", 0) {
+			t.Fatalf("ListTokens first page: %v %v", page, err)
+		}
+		if rest, _ := s.ListTokens(ctx, page[1].ID, 2); len(rest) != 1 || rest[0].ID != fmt.Sprintf("%016d", 2) {
+			t.Fatalf("ListTokens second page: %v", rest)
+		}
+		// UpdateToken: fn's error changes nothing; a success stores.
+		id := fmt.Sprintf("%016d", 1)
+		boom := errors.New("boom")
+		if err := s.UpdateToken(ctx, id, func(t *kms.Token) ([]*kms.AuditRecord, error) {
+			t.Name = "changed"
+			return nil, boom
+		}); !errors.Is(err, boom) {
+			t.Fatalf("UpdateToken with a failing fn: %v", err)
+		}
+		if got, _ := s.GetToken(ctx, id); got.Name != "" {
+			t.Fatal("a failed UpdateToken changed the token")
+		}
+		now := time.Date(2026, 3, 1, 0, 0, 0, 0, time.UTC)
+		if err := s.UpdateToken(ctx, id, func(t *kms.Token) ([]*kms.AuditRecord, error) {
+			t.RevokedAt = &now
+			return nil, nil
+		}); err != nil {
+			t.Fatal(err)
+		}
+		if got, _ := s.GetToken(ctx, id); got.RevokedAt == nil || !got.RevokedAt.Equal(now) {
+			t.Fatalf("UpdateToken did not store: %+v", got)
+		}
+		if err := s.UpdateToken(ctx, "nope", func(*kms.Token) ([]*kms.AuditRecord, error) { return nil, nil }); !errors.Is(err, kms.ErrNotFound) {
+			t.Fatalf("UpdateToken of a missing id: %v", err)
+		}
+		// RecordTokenUse keeps the latest time and skips missing tokens.
+		later := now.Add(time.Hour)
+		if err := s.RecordTokenUse(ctx, map[string]time.Time{id: later, "nope": later}); err != nil {
+			t.Fatal(err)
+		}
+		if err := s.RecordTokenUse(ctx, map[string]time.Time{id: now}); err != nil {
+			t.Fatal(err)
+		}
+		if got, _ := s.GetToken(ctx, id); got.LastUsedAt == nil || !got.LastUsedAt.Equal(later) {
+			t.Fatalf("RecordTokenUse: %+v", got.LastUsedAt)
+		}
 	})
 
 	t.Run("Ping", func(t *testing.T) {
