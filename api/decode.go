@@ -47,11 +47,10 @@ func decode(r *http.Request, v any, optional bool) error {
 		}
 		return &decodeError{"a JSON request body is required"}
 	}
-	if ct := r.Header.Get("Content-Type"); ct != "" {
-		mt, _, err := mime.ParseMediaType(ct)
-		if err != nil || mt != "application/json" {
-			return errMedia
-		}
+	// A body must say it is JSON (the spec's 415): no sniffing.
+	mt, _, err := mime.ParseMediaType(r.Header.Get("Content-Type"))
+	if err != nil || mt != "application/json" {
+		return errMedia
 	}
 	if err := checkKeys(body); err != nil {
 		return err
@@ -65,6 +64,20 @@ func decode(r *http.Request, v any, optional bool) error {
 		return &decodeError{"unexpected data after the JSON value"}
 	}
 	return nil
+}
+
+// fieldMin is the schema's minimum of the number fields whose zero the Go
+// types cannot tell from "absent" (and would read as "the default"): an
+// explicit value below it is refused, as openapi.yaml says.
+// binaryFields are the fields that hold base64 strings; encoding/json would
+// also take a JSON array of numbers for them, which is refused.
+var binaryFields = map[string]bool{"message": true, "signature": true, "context": true, "ciphertext": true}
+
+var fieldMin = map[string]float64{
+	"destroy_wait_days":      1,
+	"days":                   1,
+	"decrypt_log_precision":  1,
+	"min_decryption_version": 1,
 }
 
 // checkKeys walks the JSON tokens and refuses duplicate keys in any object
@@ -123,11 +136,22 @@ func checkKeys(body []byte) error {
 		case json.Delim('{'):
 			stack = append(stack, &frame{object: true, keys: map[string]bool{}, expectKey: true, free: free})
 		case json.Delim('['):
+			if n := len(stack); n > 0 && !free && stack[n-1].object && binaryFields[stack[n-1].lastKey] {
+				return &decodeError{fmt.Sprintf("field %q must be a standard base64 string", stack[n-1].lastKey)}
+			}
 			stack = append(stack, &frame{free: free})
 		case json.Delim(']'):
 			stack = stack[:len(stack)-1]
 			valueDone()
 		default:
+			if n := len(stack); n > 0 && !free && stack[n-1].object {
+				k := stack[n-1].lastKey
+				if min, ok := fieldMin[k]; ok {
+					if f, isNum := tok.(float64); isNum && f < min {
+						return &decodeError{fmt.Sprintf("field %q must be at least %g", k, min)}
+					}
+				}
+			}
 			valueDone()
 		}
 	}

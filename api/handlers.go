@@ -184,7 +184,10 @@ func (s *Server) getKey(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *Server) updateKey(w http.ResponseWriter, r *http.Request) {
-	var req client.UpdateKeyRequest
+	var req struct {
+		Policy               json.RawMessage `json:"policy"`
+		MinDecryptionVersion *uint64         `json:"min_decryption_version"`
+	}
 	if !readBody(w, r, &req, false) {
 		return
 	}
@@ -192,12 +195,16 @@ func (s *Server) updateKey(w http.ResponseWriter, r *http.Request) {
 		writeProblem(w, r, http.StatusBadRequest, ProbInvalid, "nothing to change: give policy or min_decryption_version")
 		return
 	}
-	pending(r, http.StatusOK)
 	u := kms.KeyUpdate{MinDecryptionVersion: req.MinDecryptionVersion}
 	if req.Policy != nil {
-		p := fromPolicy(req.Policy)
-		u.Policy = &p
+		patch, err := policyPatcher(req.Policy)
+		if err != nil {
+			writeProblem(w, r, http.StatusBadRequest, ProbInvalid, err.Error())
+			return
+		}
+		u.PatchPolicy = patch
 	}
+	pending(r, http.StatusOK)
 	k, err := s.svc.UpdateKey(r.Context(), chi.URLParam(r, "name"), u)
 	if err != nil {
 		writeError(w, r, err)

@@ -97,7 +97,44 @@ func (s *Server) blob(w http.ResponseWriter, r *http.Request) {
 	w.Header().Set("ETag", `"`+digest+`"`)
 	w.Header().Set("Cache-Control", "private, max-age=31536000, immutable")
 	streamAudited(w)
-	http.ServeContent(w, r, "", time.Time{}, f)
+	http.ServeContent(&problemOnError{ResponseWriter: w, r: r}, r, "", time.Time{}, f)
+}
+
+// problemOnError turns the plain-text errors http.ServeContent writes (416
+// for a range past the end, 412 for a failed If-Match) into problem
+// documents, keeping headers such as Content-Range.
+type problemOnError struct {
+	http.ResponseWriter
+	r       *http.Request
+	replied bool
+}
+
+func (p *problemOnError) WriteHeader(code int) {
+	if code < 400 || p.replied {
+		p.ResponseWriter.WriteHeader(code)
+		return
+	}
+	p.replied = true
+	h := p.Header()
+	for _, k := range []string{"ETag", "X-Content-Type-Options", "Content-Length"} {
+		h.Del(k)
+	}
+	h.Set("Cache-Control", "no-store")
+	switch code {
+	case http.StatusRequestedRangeNotSatisfiable:
+		writeProblem(p.ResponseWriter, p.r, code, ProbRange, "the requested range is not satisfiable (Content-Range gives the blob's size)")
+	case http.StatusPreconditionFailed:
+		writeProblem(p.ResponseWriter, p.r, code, ProbPrecondition, "the blob does not match If-Match")
+	default:
+		writeProblem(p.ResponseWriter, p.r, code, ProbInvalid, http.StatusText(code))
+	}
+}
+
+func (p *problemOnError) Write(b []byte) (int, error) {
+	if p.replied {
+		return len(b), nil // the plain-text error text: replaced by the problem
+	}
+	return p.ResponseWriter.Write(b)
 }
 
 // decrypt takes a Lattigo ciphertext (MarshalBinary) as the body, limited

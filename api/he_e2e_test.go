@@ -310,6 +310,44 @@ func TestDecryptRefusals(t *testing.T) {
 	if client.StatusOf(err) != 429 || !strings.Contains(err.Error(), "rotate") {
 		t.Fatalf("past the budget: %v", err)
 	}
+	// The review's finding: a PATCH that left out decrypt_budget reset it
+	// to unlimited and the exhausted version decrypted again. A merge patch
+	// keeps what it does not name.
+	admin := e.client(e.admin)
+	k, err := admin.UpdateKey(ctx, "he-d", client.UpdateKeyRequest{Policy: &client.Policy{DestroyWaitDays: 7}})
+	if err != nil || k.Policy.DecryptBudget != 2 || k.Policy.DestroyWaitDays != 7 || string(k.Policy.Params) != `"ckks-logn13"` {
+		t.Fatalf("patch of destroy_wait_days: %+v %v", k, err)
+	}
+	if st, _, body := e.raw("PATCH", "/v1/keys/he-d", e.admin, "application/json", `{"policy":{"rotations":[1]}}`); st != 200 || !strings.Contains(string(body), `"decrypt_budget":2`) {
+		t.Fatalf("raw patch: %d %s", st, body)
+	}
+	if _, err := admin.Decrypt(ctx, "he-d", 1, good); client.StatusOf(err) != 429 {
+		t.Fatalf("after an unrelated patch the exhausted version decrypts: %v", err)
+	}
+	// Raising the budget grants the difference only: the used count stays.
+	if _, err := admin.UpdateKey(ctx, "he-d", client.UpdateKeyRequest{Policy: &client.Policy{DecryptBudget: 3}}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := admin.Decrypt(ctx, "he-d", 1, good); err != nil {
+		t.Fatalf("within the raised budget: %v", err)
+	}
+	if _, err := admin.Decrypt(ctx, "he-d", 1, good); client.StatusOf(err) != 429 {
+		t.Fatalf("past the raised budget: %v", err)
+	}
+	// null resets a field to its default (here: no limit), explicitly.
+	k, err = admin.UpdateKey(ctx, "he-d", client.UpdateKeyRequest{ClearPolicy: []string{"decrypt_budget"}})
+	if err != nil || k.Policy.DecryptBudget != 0 || k.Policy.DestroyWaitDays != 7 {
+		t.Fatalf("clear decrypt_budget: %+v %v", k, err)
+	}
+	for _, bad := range []string{`{"policy":[1]}`, `{"policy":"x"}`, `{"policy":{"bogus":1}}`, `{"policy":{"destroy_wait_days":0}}`} {
+		before := e.snapshot()
+		if st, _, body := e.raw("PATCH", "/v1/keys/he-d", e.admin, "application/json", bad); st != 400 {
+			t.Errorf("patch %s: %d %s", bad, st, body)
+		}
+		if e.snapshot() != before {
+			t.Errorf("patch %s changed state", bad)
+		}
+	}
 }
 
 // TestWorkerResumesDownload: a partial blob left in the cache by an

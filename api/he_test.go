@@ -5,6 +5,7 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
+	"io"
 	"net/http"
 	"strings"
 	"testing"
@@ -85,6 +86,20 @@ func TestHEManifestAndBlobs(t *testing.T) {
 	_, _, full := e.raw("GET", "/v1/blobs/sha256/"+strings.TrimPrefix(m.PublicKey.Digest, "sha256:"), e.admin, "", "")
 	if resp.StatusCode != 206 || n != 100 || string(part[:n]) != string(full[100:200]) {
 		t.Fatalf("range: %d, %d bytes", resp.StatusCode, n)
+	}
+	// A range past the end is a problem document (was text/plain); the
+	// spec checker fails any 4xx that is not application/problem+json.
+	req, _ = http.NewRequest("GET", url, nil)
+	req.Header.Set("Authorization", "Bearer "+e.admin)
+	req.Header.Set("Range", fmt.Sprintf("bytes=%d-", len(full)+10))
+	resp, err = e.httpc.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rb, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 416 || problemType(t, rb) != "range-not-satisfiable" || resp.Header.Get("Content-Range") != fmt.Sprintf("bytes */%d", len(full)) || resp.Header.Get("ETag") != "" {
+		t.Fatalf("range past the end: %d %v %s", resp.StatusCode, resp.Header, rb)
 	}
 	req, _ = http.NewRequest("GET", url, nil)
 	req.Header.Set("Authorization", "Bearer "+e.admin)

@@ -27,6 +27,8 @@ const (
 	ProbUnavailable      = "unavailable"
 	ProbTooLarge         = "too-large"
 	ProbBusy             = "busy"
+	ProbRange            = "range-not-satisfiable"
+	ProbPrecondition     = "precondition-failed"
 	ProbInternal         = "internal"
 )
 
@@ -44,6 +46,8 @@ var problemTitles = map[string]string{
 	ProbUnavailable:      "Service unavailable",
 	ProbTooLarge:         "The result would be too large",
 	ProbBusy:             "Too many operations of this kind at once",
+	ProbRange:            "Range not satisfiable",
+	ProbPrecondition:     "Precondition failed",
 	ProbInternal:         "Internal error",
 }
 

@@ -280,7 +280,9 @@ func (s *Service) ListKeys(ctx context.Context, after string, limit int, filter 
 
 // KeyUpdate is a PATCH: nil fields are left as they are.
 type KeyUpdate struct {
-	Policy               *Policy
+	// PatchPolicy makes the new policy from the current one, inside the
+	// update's transaction (so a concurrent change is never undone).
+	PatchPolicy          func(Policy) (Policy, error)
 	MinDecryptionVersion *uint64
 }
 
@@ -291,14 +293,22 @@ func (s *Service) UpdateKey(ctx context.Context, name string, u KeyUpdate) (*Key
 	}
 	var out *Key
 	err := s.update(ctx, name, func(k *Key) ([]*AuditRecord, error) {
-		if u.Policy != nil {
+		if u.PatchPolicy != nil {
 			kind, err := s.kinds.Lookup(k.Kind)
 			if err != nil {
 				return nil, err
 			}
-			p, err := s.checkPolicy(kind, *u.Policy)
+			p, err := u.PatchPolicy(k.Policy)
 			if err != nil {
 				return nil, err
+			}
+			if p, err = s.checkPolicy(kind, p); err != nil {
+				return nil, err
+			}
+			if old := k.Policy.DecryptBudget; old != 0 && (p.DecryptBudget == 0 || p.DecryptBudget > old) {
+				// Versions' used counts stay: raising the budget grants only
+				// the difference.
+				s.log.Info("decrypt budget raised", "key", name, "from", old, "to", p.DecryptBudget)
 			}
 			k.Policy = p
 		}

@@ -312,7 +312,7 @@ func TestPolicyAndMinDecryptionVersion(t *testing.T) {
 	if _, _, err := e.svc.Sign(ctx, "k", []byte("m"), nil); !errors.Is(err, kms.ErrFailedPrecondition) {
 		t.Fatalf("sign when the policy allows only verify: %v", err)
 	}
-	e.svc.UpdateKey(ctx, "k", kms.KeyUpdate{Policy: &kms.Policy{}})
+	e.svc.UpdateKey(ctx, "k", kms.KeyUpdate{PatchPolicy: func(p kms.Policy) (kms.Policy, error) { return kms.Policy{}, nil }})
 	sig, _, err := e.svc.Sign(ctx, "k", []byte("m"), nil)
 	if err != nil {
 		t.Fatal(err)

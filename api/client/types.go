@@ -1,6 +1,7 @@
 package client
 
 import (
+	"bytes"
 	"encoding/json"
 	"time"
 )
@@ -57,10 +58,41 @@ type CreateKeyRequest struct {
 	Policy *Policy `json:"policy,omitempty"`
 }
 
-// UpdateKeyRequest is the body of PATCH /v1/keys/{name}.
+// UpdateKeyRequest is the body of PATCH /v1/keys/{name}. The policy is a
+// JSON merge patch (RFC 7396): the fields set in Policy change, the fields
+// named in ClearPolicy go back to their defaults (sent as null), and all
+// others stay as they are.
 type UpdateKeyRequest struct {
-	Policy               *Policy `json:"policy,omitempty"`
-	MinDecryptionVersion *uint64 `json:"min_decryption_version,omitempty"`
+	Policy               *Policy  `json:"policy,omitempty"`
+	ClearPolicy          []string `json:"-"` // JSON names, e.g. "decrypt_budget"
+	MinDecryptionVersion *uint64  `json:"min_decryption_version,omitempty"`
+}
+
+// MarshalJSON writes the policy patch with a null for each cleared field.
+func (u UpdateKeyRequest) MarshalJSON() ([]byte, error) {
+	out := map[string]any{}
+	if u.MinDecryptionVersion != nil {
+		out["min_decryption_version"] = *u.MinDecryptionVersion
+	}
+	if u.Policy != nil || len(u.ClearPolicy) > 0 {
+		patch := map[string]any{}
+		if u.Policy != nil {
+			b, err := json.Marshal(u.Policy)
+			if err != nil {
+				return nil, err
+			}
+			dec := json.NewDecoder(bytes.NewReader(b))
+			dec.UseNumber() // moduli above 2^53 keep every digit
+			if err := dec.Decode(&patch); err != nil {
+				return nil, err
+			}
+		}
+		for _, f := range u.ClearPolicy {
+			patch[f] = nil
+		}
+		out["policy"] = patch
+	}
+	return json.Marshal(out)
 }
 
 // ScheduleDestroyRequest is the body of .../schedule-destroy.
