@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"runtime/debug"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/go-chi/chi/v5"
@@ -95,11 +96,11 @@ func operation(r *http.Request) string {
 	if rc := chi.RouteContext(r.Context()); rc != nil && rc.RoutePattern() != "" {
 		return r.Method + " " + rc.RoutePattern()
 	}
-	p := r.URL.Path
-	if len(p) > 200 {
-		p = p[:200] + "..."
+	m := r.Method
+	if len(m) > 16 || !safeSegment(strings.ToLower(m)) {
+		m = redacted(m)
 	}
-	return r.Method + " " + p + " (no such route)"
+	return m + " " + clipField(safePath(r.URL.Path), 120) + " (no such route)"
 }
 
 // audited records every request, answered or refused, authenticated or not.
@@ -132,6 +133,7 @@ func (s *Server) audited(next http.Handler) http.Handler {
 				rec.Version = ev.version
 			}
 			rec.Status, rec.Problem, rec.ReqBytes, rec.RespBytes = status, ev.problem, ev.bytesIn, size
+			capRecord(rec)
 			release()
 			// The answer waits for durability even if the client left.
 			if err := s.opts.Audit.AppendAudit(context.WithoutCancel(r.Context()), rec); err != nil {
@@ -284,4 +286,25 @@ func (s *Server) auditConsistency(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	writeJSON(w, http.StatusOK, ProofResponse{Old: &old, Size: size, Proof: proofBody(p)})
+}
+
+// clipField bounds one recorded string.
+func clipField(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	return s[:n] + "..."
+}
+
+// capRecord bounds every string of a request's record, whatever a client
+// sent: no field costs more than a fixed size in every record.
+func capRecord(rec *kms.AuditRecord) {
+	rec.Operation = clipField(rec.Operation, 160)
+	rec.Key = clipField(rec.Key, 64)
+	rec.Actor = clipField(rec.Actor, 32)
+	rec.Role = clipField(rec.Role, 16)
+	rec.Source = clipField(rec.Source, 64)
+	rec.Problem = clipField(rec.Problem, 48)
+	rec.RequestID = clipField(rec.RequestID, 32)
+	rec.Token = clipField(rec.Token, 32)
 }

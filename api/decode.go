@@ -41,6 +41,9 @@ func decode(r *http.Request, v any, optional bool) error {
 	if ev := eventFrom(r); ev != nil {
 		ev.bytesIn = len(body)
 	}
+	if !jsonDepthOK(body) {
+		return &decodeError{fmt.Sprintf("the JSON body nests deeper than %d levels", maxDepth)}
+	}
 	if len(bytes.TrimSpace(body)) == 0 {
 		if optional {
 			return nil

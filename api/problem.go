@@ -71,7 +71,7 @@ var kindProblems = map[kms.Kind]struct {
 // writeProblem writes an RFC 9457 problem document.
 func writeProblem(w http.ResponseWriter, r *http.Request, status int, typ, detail string) {
 	ev := eventFrom(r)
-	p := client.Problem{Type: ProblemBase + typ, Title: problemTitles[typ], Status: status, Detail: detail, Instance: r.URL.Path}
+	p := client.Problem{Type: ProblemBase + typ, Title: problemTitles[typ], Status: status, Detail: detail, Instance: safePath(r.URL.Path)}
 	if ev != nil {
 		p.RequestID = ev.id
 		ev.problem = typ

@@ -187,7 +187,7 @@ func allow(perm kms.Permission, h http.HandlerFunc) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
 		ev := eventFrom(r)
 		name := chi.URLParam(r, "name")
-		ev.key = name
+		ev.key = recordedName(name)
 		if err := ev.principal.Authorize(perm, name); err != nil {
 			writeError(w, r, err)
 			return

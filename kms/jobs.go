@@ -63,7 +63,7 @@ func (s *Service) GetJob(id string) (*Job, error) {
 	defer s.jobs.mu.Unlock()
 	j, ok := s.jobs.m[id]
 	if !ok {
-		return nil, Errorf(KindNotFound, "no operation %q (operations are kept in memory and end with a restart)", clip(id, 40))
+		return nil, Errorf(KindNotFound, "no such operation (operations are kept in memory and end with a restart)")
 	}
 	c := *j
 	return &c, nil

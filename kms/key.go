@@ -146,7 +146,8 @@ var nameRE = regexp.MustCompile(`^[a-z0-9][a-z0-9._-]{0,63}$`)
 // ValidateName checks a key name supplied from outside.
 func ValidateName(name string) error {
 	if !nameRE.MatchString(name) {
-		return Errorf(KindInvalid, "invalid key name %q: want 1-64 characters of a-z, 0-9, '.', '_', '-', starting with a letter or digit", clip(name, 80))
+		// Not echoed: a mistyped or pasted secret must not come back.
+		return Errorf(KindInvalid, "invalid key name (not shown): want 1-64 characters of a-z, 0-9, '.', '_', '-', starting with a letter or digit")
 	}
 	return nil
 }

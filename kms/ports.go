@@ -116,7 +116,7 @@ func NewRegistry(kinds ...KeyKind) Registry {
 func (r Registry) Lookup(name string) (KeyKind, error) {
 	k, ok := r[name]
 	if !ok {
-		return nil, Errorf(KindInvalid, "unknown key kind %q", clip(name, 40))
+		return nil, Errorf(KindInvalid, "unknown key kind: want one of ml-kem-512, ml-kem-768, ml-kem-1024, ml-dsa-44, ml-dsa-65, ml-dsa-87, ckks, bgv")
 	}
 	return k, nil
 }

@@ -144,7 +144,7 @@ func ValidateRole(r Role) error {
 	case RoleAdmin, RoleWorker, RoleAuditor, RoleDecryptor:
 		return nil
 	}
-	return Errorf(KindInvalid, "unknown role %q: want admin, worker, auditor or decryptor", clip(string(r), 40))
+	return Errorf(KindInvalid, "unknown role: want admin, worker, auditor or decryptor")
 }
 
 // ValidatePatterns checks key-name patterns named from outside.
@@ -157,10 +157,10 @@ func ValidatePatterns(ps []string) error {
 	}
 	for _, p := range ps {
 		if p == "" || len(p) > 128 {
-			return Errorf(KindInvalid, "key pattern %q must be 1-128 characters", clip(p, 40))
+			return Errorf(KindInvalid, "a key pattern must be 1-128 characters")
 		}
 		if _, err := path.Match(p, ""); err != nil {
-			return Errorf(KindInvalid, "malformed key pattern %q", clip(p, 40))
+			return Errorf(KindInvalid, "malformed key pattern (not shown)")
 		}
 	}
 	return nil
