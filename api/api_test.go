@@ -54,6 +54,7 @@ type env struct {
 	rand    *testutil.RecordingRand
 	blobs   *he.BlobStore
 	blobDir string
+	api     *api.Server
 }
 
 func (e *env) blobsDir() string { return e.blobDir }
@@ -85,6 +86,10 @@ var spec = func() *openapi3.T {
 // newEnv starts the API on 127.0.0.1 over a real SoftHSM token and a bbolt
 // file. Every response the tests receive is validated against openapi.yaml.
 func newEnv(t *testing.T) *env { return newEnvWith(t, nil, nil, nil) }
+
+// testOptions, when set, changes the API's options (tests in this package
+// run one at a time).
+var testOptions func(*api.Options)
 
 // testAsyncKeysetBytes, when set, makes smaller keysets go to the
 // background (tests run one at a time in this package).
@@ -137,7 +142,12 @@ func newEnvWith(t *testing.T, wrapSealer func(kms.Sealer) kms.Sealer, wrapStore 
 	if wrapAudit != nil {
 		auditStore = wrapAudit(st)
 	}
-	srv := httptest.NewServer(api.New(e.svc, slog.New(slog.NewJSONHandler(e.log, nil)), api.Options{Audit: auditStore, Prover: e.alog, Stream: e.stream, Blobs: blobSource{e.blobs}}).Handler())
+	opts := api.Options{Audit: auditStore, Prover: e.alog, Stream: e.stream, Blobs: blobSource{e.blobs}}
+	if testOptions != nil {
+		testOptions(&opts)
+	}
+	e.api = api.New(e.svc, slog.New(slog.NewJSONHandler(e.log, nil)), opts)
+	srv := httptest.NewServer(e.api.Handler())
 	t.Cleanup(srv.Close)
 	e.url = srv.URL
 	e.checker = newSpecChecker(t)

@@ -18,6 +18,7 @@ import (
 
 	"golang.org/x/mod/sumdb/tlog"
 
+	"kmsd/api"
 	"kmsd/api/client"
 	"kmsd/audit"
 	"kmsd/kms"
@@ -377,5 +378,66 @@ func TestDeepJSONRefusedCheaply(t *testing.T) {
 	// Nesting the API uses is fine.
 	if st, _, body := e.raw("POST", "/v1/keys", e.admin, "application/json", `{"name":"ok","kind":"ckks","policy":{"params":{"LogN":13,"LogQ":[45,35],"LogP":[45],"LogDefaultScale":35,"Xe":{"Type":"DiscreteGaussian","Sigma":3.2,"Bound":19.2}}}}`); st != 201 {
 		t.Fatalf("ordinary nesting: %d %s", st, body)
+	}
+}
+
+// TestUnauthenticatedFloodBounded is the review's finding: each anonymous
+// request wrote a ~1 KB durable record, so one client could fill the disk.
+// Past a per-address limit, requests without a valid token get 429 and are
+// summarized in one record per address and window; a valid token from the
+// same address is not held back; a per-token limit, when set, applies.
+func TestUnauthenticatedFloodBounded(t *testing.T) {
+	testOptions = func(o *api.Options) { o.UnauthRate, o.UnauthBurst, o.TokenRate = 0.5, 5, 1 }
+	defer func() { testOptions = nil }()
+	e := newEnv(t)
+	before, _ := e.store.AuditSize(ctx)
+	statuses := map[int]int{}
+	for i := 0; i < 200; i++ {
+		st, h, body := e.raw("GET", "/v1/keys", "", "", "")
+		if i < 100 {
+			st2, _, _ := e.raw("GET", "/v1/keys", "kms_0000000000000000_forged", "", "")
+			statuses[st2]++
+		}
+		statuses[st]++
+		if st == 429 && (h.Get("Retry-After") == "" || problemType(t, body) != "rate-limited") {
+			t.Fatalf("429 without Retry-After or problem: %v %s", h, body)
+		}
+	}
+	if statuses[401] != 5 || statuses[429] != 295 {
+		t.Fatalf("statuses %v, want 5 x 401 then 429", statuses)
+	}
+	after, _ := e.store.AuditSize(ctx)
+	if after-before != 5 {
+		t.Fatalf("%d records for 300 refused requests, want 5", after-before)
+	}
+	// A valid token from the flooding address still works; the per-token
+	// limit (1/s, bursts of 2) then applies, with a record.
+	for i, want := range []int{200, 200, 429} {
+		if st, _, body := e.raw("GET", "/v1/keys", e.admin, "", ""); st != want {
+			t.Fatalf("authenticated request %d: %d %s", i, st, body)
+		}
+	}
+	n, err := e.api.FlushRefusals(ctx, true)
+	if err != nil || n != 1 {
+		t.Fatalf("FlushRefusals: %d %v", n, err)
+	}
+	size, _ := e.store.AuditSize(ctx)
+	recs, _ := e.store.AuditRecords(ctx, after, size)
+	var summary *kms.AuditRecord
+	limited := 0
+	for _, b := range recs {
+		r, _ := kms.DecodeAuditRecord(b)
+		if r.Count > 0 {
+			summary = r
+		}
+		if r.Status == 429 && r.Actor != "anonymous" {
+			limited++
+		}
+	}
+	if summary == nil || summary.Count != 295 || summary.Source != "127.0.0.1" || summary.First == "" || summary.Last < summary.First {
+		t.Fatalf("summary: %+v", summary)
+	}
+	if limited != 1 {
+		t.Fatalf("%d records of per-token refusals, want 1", limited)
 	}
 }

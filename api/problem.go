@@ -27,6 +27,7 @@ const (
 	ProbUnavailable      = "unavailable"
 	ProbTooLarge         = "too-large"
 	ProbBusy             = "busy"
+	ProbRateLimited      = "rate-limited"
 	ProbRange            = "range-not-satisfiable"
 	ProbPrecondition     = "precondition-failed"
 	ProbInternal         = "internal"
@@ -46,6 +47,7 @@ var problemTitles = map[string]string{
 	ProbUnavailable:      "Service unavailable",
 	ProbTooLarge:         "The result would be too large",
 	ProbBusy:             "Too many operations of this kind at once",
+	ProbRateLimited:      "Too many requests",
 	ProbRange:            "Range not satisfiable",
 	ProbPrecondition:     "Precondition failed",
 	ProbInternal:         "Internal error",
@@ -79,7 +81,7 @@ func writeProblem(w http.ResponseWriter, r *http.Request, status int, typ, detai
 	if status == http.StatusUnauthorized {
 		w.Header().Set("WWW-Authenticate", `Bearer realm="kmsd"`)
 	}
-	if status == http.StatusServiceUnavailable || status == http.StatusTooManyRequests {
+	if (status == http.StatusServiceUnavailable || status == http.StatusTooManyRequests) && w.Header().Get("Retry-After") == "" {
 		w.Header().Set("Retry-After", "1")
 	}
 	w.Header().Set("Content-Type", "application/problem+json")

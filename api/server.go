@@ -8,8 +8,10 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"log/slog"
+	"math"
 	"net/http"
 	"runtime/debug"
+	"strconv"
 	"strings"
 	"time"
 
@@ -23,6 +25,10 @@ type Server struct {
 	svc  *kms.Service
 	log  *slog.Logger
 	opts Options
+
+	unauth  *rateLimiter // per source, for anonymous and failed-auth requests; nil: off
+	perTok  *rateLimiter // per token; nil: off
+	refused refusals
 }
 
 // Options are the optional parts of the API.
@@ -40,6 +46,17 @@ type Options struct {
 	// Background is the context of long operations (HE generations that
 	// answer 202); cancel it at shutdown. Default: context.Background().
 	Background context.Context
+	// UnauthRate limits, per client address, the requests that carry no
+	// valid token (anonymous or failed authentication), in requests per
+	// second with bursts of UnauthBurst; past it they get 429 and are
+	// summarized in one audit record per address and RefusalWindow. Zero:
+	// no limit.
+	UnauthRate    float64
+	UnauthBurst   int
+	RefusalWindow time.Duration // default 1 minute
+	// TokenRate limits each token's requests per second (bursts of twice
+	// that); past it, 429. Zero: no limit.
+	TokenRate float64
 }
 
 // New builds a Server. log receives one event per request.
@@ -50,7 +67,14 @@ func New(svc *kms.Service, log *slog.Logger, opts Options) *Server {
 	if opts.Background == nil {
 		opts.Background = context.Background()
 	}
-	return &Server{svc: svc, log: log, opts: opts}
+	if opts.RefusalWindow <= 0 {
+		opts.RefusalWindow = time.Minute
+	}
+	s := &Server{svc: svc, log: log, opts: opts}
+	s.unauth = newRateLimiter(opts.UnauthRate, opts.UnauthBurst, time.Now)
+	s.perTok = newRateLimiter(opts.TokenRate, int(math.Ceil(2*opts.TokenRate)), time.Now)
+	s.refused.window = opts.RefusalWindow
+	return s
 }
 
 // event is the one log record of a request; handlers add to it.
@@ -63,6 +87,7 @@ type event struct {
 	key       string
 	version   uint64
 	principal *kms.Principal
+	authErr   error            // why the presented token was refused; nil if none was presented
 	rec       *kms.AuditRecord // pending audit record, nil when auditing is off
 }
 
@@ -146,6 +171,9 @@ func (s *Server) observe(next http.Handler) http.Handler {
 				attrs = append(attrs, slog.String("problem", ev.problem))
 			}
 			level := slog.LevelInfo
+			if ev.problem == ProbRateLimited {
+				level = slog.LevelDebug // one audit summary per source and window instead
+			}
 			if ev.err != nil {
 				attrs = append(attrs, slog.String("error", ev.err.Error()))
 				level = slog.LevelError
@@ -156,28 +184,79 @@ func (s *Server) observe(next http.Handler) http.Handler {
 	})
 }
 
-// authenticate resolves the bearer token; requests without a valid one stop
-// here with 401.
+// identify resolves the bearer token, if one is presented, before the
+// request is audited or limited: a valid one sets the principal, anything
+// else the reason it is refused (which authenticate answers on the routes
+// that need a token).
+func (s *Server) identify(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		ev := eventFrom(r)
+		if h := r.Header.Get("Authorization"); h != "" {
+			scheme, tok, ok := strings.Cut(h, " ")
+			if !ok || !strings.EqualFold(scheme, "Bearer") || tok == "" {
+				ev.authErr = kms.Errorf(kms.KindUnauthenticated, "the Authorization header must be \"Bearer <token>\"")
+			} else if p, err := s.svc.Authenticate(r.Context(), tok); err != nil {
+				ev.authErr = err
+			} else {
+				ev.tokenID, ev.principal = p.TokenID, p
+			}
+		}
+		next.ServeHTTP(w, r)
+	})
+}
+
+// limit applies the rate limits: per client address to requests without a
+// valid token (refusals past it are counted into one audit record per
+// address and window, not one each), and per token to the others.
+func (s *Server) limit(next http.Handler) http.Handler {
+	if s.unauth == nil && s.perTok == nil {
+		return next
+	}
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		ev := eventFrom(r)
+		if ev.principal == nil && s.unauth != nil {
+			src := sourceOf(r.RemoteAddr)
+			if ok, wait := s.unauth.allow(src); !ok {
+				s.refused.note(src, time.Now())
+				w.Header().Set("Retry-After", strconv.Itoa(int(math.Ceil(wait.Seconds()))))
+				writeProblem(w, r, http.StatusTooManyRequests, ProbRateLimited, "too many requests without a valid token from this address; retry later")
+				return
+			}
+		}
+		next.ServeHTTP(w, r)
+	})
+}
+
+// limitToken is the per-token limit; it runs inside the audit, so a
+// refusal of an authenticated request has its record.
+func (s *Server) limitToken(next http.Handler) http.Handler {
+	if s.perTok == nil {
+		return next
+	}
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if p := eventFrom(r).principal; p != nil {
+			if ok, wait := s.perTok.allow(p.TokenID); !ok {
+				w.Header().Set("Retry-After", strconv.Itoa(int(math.Ceil(wait.Seconds()))))
+				writeProblem(w, r, http.StatusTooManyRequests, ProbRateLimited, "this token is over its request rate limit; retry later")
+				return
+			}
+		}
+		next.ServeHTTP(w, r)
+	})
+}
+
+// authenticate stops requests without a valid bearer token with 401.
 func (s *Server) authenticate(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		h := r.Header.Get("Authorization")
-		scheme, tok, ok := strings.Cut(h, " ")
-		if h == "" {
-			writeProblem(w, r, http.StatusUnauthorized, ProbUnauthenticated, "a bearer token is required (Authorization: Bearer <token>)")
-			return
-		}
-		if !ok || !strings.EqualFold(scheme, "Bearer") || tok == "" {
-			writeProblem(w, r, http.StatusUnauthorized, ProbUnauthenticated, "the Authorization header must be \"Bearer <token>\"")
-			return
-		}
-		p, err := s.svc.Authenticate(r.Context(), tok)
-		if err != nil {
-			writeError(w, r, err)
-			return
-		}
 		ev := eventFrom(r)
-		ev.tokenID, ev.principal = p.TokenID, p
-		next.ServeHTTP(w, r)
+		switch {
+		case ev.principal != nil:
+			next.ServeHTTP(w, r)
+		case ev.authErr != nil:
+			writeError(w, r, ev.authErr)
+		default:
+			writeProblem(w, r, http.StatusUnauthorized, ProbUnauthenticated, "a bearer token is required (Authorization: Bearer <token>)")
+		}
 	})
 }
 
@@ -199,7 +278,7 @@ func allow(perm kms.Permission, h http.HandlerFunc) http.HandlerFunc {
 // Handler returns the API's router.
 func (s *Server) Handler() http.Handler {
 	r := chi.NewRouter()
-	r.Use(s.observe, s.audited)
+	r.Use(s.observe, s.identify, s.limit, s.audited, s.limitToken)
 	r.NotFound(func(w http.ResponseWriter, r *http.Request) {
 		writeProblem(w, r, http.StatusNotFound, ProbNotFound, "no such endpoint")
 	})

@@ -28,6 +28,11 @@ type AuditRecord struct {
 	Problem   string `json:"problem,omitempty"` // problem type on failure
 	ReqBytes  int    `json:"req_bytes,omitempty"`
 	RespBytes int    `json:"resp_bytes,omitempty"` // omitted for state changes: the record commits before the answer is written
+	// A summary of requests refused over a rate limit: how many, the first
+	// and the last (RFC 3339, UTC).
+	Count uint64 `json:"count,omitempty"`
+	First string `json:"first,omitempty"`
+	Last  string `json:"last,omitempty"`
 
 	// Committed is set once the record is durable in the log; not encoded.
 	Committed bool `json:"-"`

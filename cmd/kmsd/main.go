@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"net"
 	"net/http"
 	"os"
@@ -72,6 +73,9 @@ type config struct {
 	heGenerations   int
 	heWorkers       int
 	maxTokenTTL     time.Duration
+	unauthRate      float64
+	unauthBurst     int
+	tokenRate       float64
 }
 
 // parseFlags reads flags, with KMS_* environment variables as defaults.
@@ -90,6 +94,9 @@ func parseFlags(args []string, getenv func(string) string, out io.Writer) (confi
 	}
 	if c.auditEvery == 0 {
 		return c, errors.New("--audit-checkpoint-every must be at least 1")
+	}
+	if c.unauthRate < 0 || c.unauthBurst < 1 || c.tokenRate < 0 || math.IsNaN(c.unauthRate) || math.IsNaN(c.tokenRate) {
+		return c, errors.New("--unauth-rate-limit and --token-rate-limit must be at least 0, --unauth-burst at least 1")
 	}
 	if c.auditWALMiB < 1 {
 		return c, errors.New("--audit-wal-mib must be at least 1")
@@ -146,6 +153,15 @@ func newFlagSet(c *config, getenv func(string) string) *flag.FlagSet {
 	fs.Int64Var(&c.asyncKeysetMiB, "async-keyset-mib", int64(intEnv("KMS_ASYNC_KEYSET_MIB", 64)), "HE keysets larger than this many MiB are generated in the background: create and rotate answer 202 with an operation to poll (env KMS_ASYNC_KEYSET_MIB)")
 	fs.IntVar(&c.heGenerations, "he-generations", intEnv("KMS_HE_GENERATIONS", 1), "HE keyset generations at once; more are refused with 429 (env KMS_HE_GENERATIONS)")
 	fs.DurationVar(&c.maxTokenTTL, "max-token-ttl", dur("KMS_MAX_TOKEN_TTL", 90*24*time.Hour), "longest lifetime of a token created through the API, and the lifetime of one created without a ttl; 0: no maximum, tokens without a ttl do not expire (env KMS_MAX_TOKEN_TTL)")
+	floatEnv := func(name string, def float64) float64 {
+		if v, err := strconv.ParseFloat(getenv(name), 64); err == nil {
+			return v
+		}
+		return def
+	}
+	fs.Float64Var(&c.unauthRate, "unauth-rate-limit", floatEnv("KMS_UNAUTH_RATE_LIMIT", 5), "requests per second each client address may make without a valid token (anonymous or failed authentication); past it 429, summarized in one audit record per address and minute; 0: no limit (env KMS_UNAUTH_RATE_LIMIT)")
+	fs.IntVar(&c.unauthBurst, "unauth-burst", intEnv("KMS_UNAUTH_BURST", 50), "burst allowed above --unauth-rate-limit (env KMS_UNAUTH_BURST)")
+	fs.Float64Var(&c.tokenRate, "token-rate-limit", floatEnv("KMS_TOKEN_RATE_LIMIT", 0), "requests per second each token may make, in bursts of twice that; past it 429; 0: no limit (env KMS_TOKEN_RATE_LIMIT)")
 	fs.IntVar(&c.heWorkers, "he-workers", intEnv("KMS_HE_WORKERS", 0), "goroutines per HE keyset generation; 0: one per core (env KMS_HE_WORKERS)")
 	return fs
 }
@@ -281,6 +297,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 	if !audited {
 		opts = api.Options{Blobs: blobSource{blobs}, Background: bgctx}
 	}
+	opts.UnauthRate, opts.UnauthBurst, opts.TokenRate = c.unauthRate, c.unauthBurst, c.tokenRate
 	if c.auditStream != "" {
 		var w io.Writer = os.Stdout
 		if c.auditStream != "-" {
@@ -311,8 +328,9 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 	if err != nil {
 		return err
 	}
+	apiSrv := api.New(svc, log, opts)
 	srv := &http.Server{
-		Handler:           api.New(svc, log, opts).Handler(),
+		Handler:           apiSrv.Handler(),
 		ReadHeaderTimeout: 10 * time.Second,
 		ReadTimeout:       60 * time.Second,
 		IdleTimeout:       120 * time.Second,
@@ -322,11 +340,14 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 	mctx, mcancel := context.WithCancel(context.Background())
 	mdone := make(chan struct{})
 	go func() { defer close(mdone); svc.RunMaintenance(mctx, c.destroyInterval) }()
+	rdone := make(chan struct{})
+	go func() { defer close(rdone); apiSrv.Run(mctx) }() // summaries of refused requests
 	// Stop the maintenance loop before the store and the HSM close, then
 	// write down the token uses it had not.
 	defer func() {
 		mcancel()
 		<-mdone
+		<-rdone
 		if err := svc.FlushTokenUse(context.Background()); err != nil {
 			log.Warn("writing down token use", "err", err)
 		}
