@@ -193,6 +193,9 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 		return err
 	}
 	defer store.Close()
+	if store.WALMissing() {
+		log.Error("audit WAL: the file kms.db-audit-wal was missing at start beside a database with records: records acknowledged after the last flush before the previous stop, if any, are lost; a new WAL was made")
+	}
 	if n := store.WALRecovered(); n > 0 {
 		log.Info("audit WAL: copied records acknowledged before a crash into kms.db", "records", n)
 	}
@@ -371,7 +374,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 		log.Warn("shutdown", "err", err)
 	}
 	log.Info("stopped", "store_commits", store.Commits(), "audit_group_commits", store.AuditGroups(),
-		"audit_wal_syncs", store.WALSyncs(), "fsyncs", store.Fsyncs(), "audit_flush_errors", store.FlushErrors())
+		"audit_wal_syncs", store.WALSyncs(), "fsyncs", store.Fsyncs(), "audit_flush_errors", store.FlushErrors(), "audit_wal_recreated", store.WALRecreated())
 	return nil
 }
 

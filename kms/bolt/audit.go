@@ -222,6 +222,13 @@ func (s *Store) commitGroup(recs []*kms.AuditRecord) error {
 	}
 	for attempt := 0; ; attempt++ {
 		s.auditMu.Lock()
+		if s.walGone {
+			s.auditMu.Unlock()
+			if err := s.recreateWAL(); err != nil {
+				return err
+			}
+			continue
+		}
 		if s.walBroken {
 			s.auditMu.Unlock()
 			return viaBolt()
@@ -252,6 +259,17 @@ func (s *Store) commitGroup(recs []*kms.AuditRecord) error {
 			return fmt.Errorf("audit WAL: %w", err)
 		}
 		s.walSyncs.Add(1)
+		if s.wal.replaced() {
+			// The frame went to a file no restart will read: refuse its
+			// records (their indexes are reused), and re-create the WAL
+			// before taking more.
+			s.walGone = true
+			s.auditMu.Unlock()
+			if err := s.recreateWAL(); err != nil {
+				return err
+			}
+			return errWALGone
+		}
 		s.next, s.lastLeaf = next, leaf
 		s.pending = append(s.pending, datas...)
 		flush := len(s.pending) >= walFlushRecords || s.wal.used > s.wal.size/2
@@ -316,6 +334,18 @@ func (s *Store) flusher() {
 			return
 		case <-s.flushCh:
 		case <-t.C:
+		}
+		s.auditMu.Lock()
+		if !s.walBroken && s.wal.replaced() {
+			s.walGone = true
+		}
+		gone := s.walGone
+		s.auditMu.Unlock()
+		if gone {
+			if err := s.recreateWAL(); err != nil {
+				s.flushErrors.Add(1) // groups stay refused; retried at the next tick
+			}
+			continue
 		}
 		if err := s.flushAudit(); err != nil {
 			s.flushErrors.Add(1) // retried at the next tick; the records stay durable in the WAL

@@ -9,6 +9,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"os"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -60,6 +61,14 @@ type Store struct {
 	pending   [][]byte  // records durable in the WAL, not yet in bbolt: [next-len(pending), next)
 	wal       *wal
 	walBroken bool
+	// walGone: the WAL file was deleted or replaced while open; groups are
+	// refused (fail closed) until recreateWAL has moved every waiting
+	// record into bbolt and made a new WAL file.
+	walGone    bool
+	walSize    int64
+	recreateMu sync.Mutex
+	recreated  atomic.Uint64
+	walMissing bool // the WAL file was missing at open, though bbolt had records
 
 	walRecovered int // records copied from the WAL at open
 }
@@ -138,6 +147,10 @@ func (s *Store) recoverWAL(path string, size int64) error {
 	if err != nil {
 		return err
 	}
+	if _, err := os.Stat(path); errors.Is(err, os.ErrNotExist) && s.next > 0 {
+		s.walMissing = true
+	}
+	s.walSize = size
 	w, err := openWAL(path, size)
 	if err != nil {
 		return fmt.Errorf("open audit WAL: %w", err)
@@ -175,6 +188,53 @@ func (s *Store) recoverWAL(path string, size int64) error {
 		w.close()
 		return fmt.Errorf("reset audit WAL: %w", err)
 	}
+	return nil
+}
+
+// WALMissing reports whether Open found no WAL file beside a database that
+// has audit records: the file was deleted while no kmsd ran, or before a
+// crash; records acknowledged only in it are lost.
+func (s *Store) WALMissing() bool { return s.walMissing }
+
+// WALRecreated counts the WAL files made anew after the one in use was
+// deleted or replaced.
+func (s *Store) WALRecreated() uint64 { return s.recreated.Load() }
+
+// errWALGone refuses audit groups while the WAL file is being re-created.
+var errWALGone = errors.New("audit WAL: the file was deleted or replaced while in use; refusing records until it is re-created")
+
+// recreateWAL, after the WAL file was found deleted or replaced: moves
+// every record waiting in the (orphaned) WAL into bbolt, where it is
+// durable, then makes a new WAL file and uses it. Until it succeeds, groups
+// are refused.
+func (s *Store) recreateWAL() error {
+	s.recreateMu.Lock()
+	defer s.recreateMu.Unlock()
+	s.auditMu.Lock()
+	gone := s.walGone
+	s.auditMu.Unlock()
+	if !gone {
+		return nil
+	}
+	// Groups are refused while walGone, so nothing joins pending meanwhile;
+	// state changes commit through bbolt, which also takes pending.
+	if err := s.update(func(*bbolt.Tx) error { return nil }); err != nil {
+		return fmt.Errorf("%w: moving waiting records into bbolt: %v", errWALGone, err)
+	}
+	w, err := openWAL(s.wal.path, s.walSize)
+	if err != nil {
+		return fmt.Errorf("%w: %v", errWALGone, err)
+	}
+	if err := w.reset(); err != nil {
+		w.close()
+		return fmt.Errorf("%w: %v", errWALGone, err)
+	}
+	s.auditMu.Lock()
+	old := s.wal
+	s.wal, s.walGone = w, false
+	s.auditMu.Unlock()
+	old.close()
+	s.recreated.Add(1)
 	return nil
 }
 

@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
+	"syscall"
 
 	"kmsd/internal/fileutil"
 )
@@ -47,14 +48,16 @@ const (
 var walCRC = crc32.MakeTable(crc32.Castagnoli)
 
 type wal struct {
-	f      *os.File
-	found  []int64 // offsets of the valid frames scan saw
-	aio    *asyncSyncer
-	size   int64
-	head   int64      // where the next frame goes
-	frames []walFrame // frames not yet in bbolt, oldest first
-	used   int64      // bytes of those frames
-	buf    []byte
+	f        *os.File
+	path     string
+	dev, ino uint64  // of the file opened, to notice it replaced or unlinked
+	found    []int64 // offsets of the valid frames scan saw
+	aio      *asyncSyncer
+	size     int64
+	head     int64      // where the next frame goes
+	frames   []walFrame // frames not yet in bbolt, oldest first
+	used     int64      // bytes of those frames
+	buf      []byte
 }
 
 type walFrame struct {
@@ -73,7 +76,12 @@ func openWAL(path string, size int64) (*wal, error) {
 	if err != nil {
 		return nil, err
 	}
-	w := &wal{f: f, size: alignUp(size)}
+	w := &wal{f: f, path: path, size: alignUp(size)}
+	if st, err := f.Stat(); err == nil {
+		if sys, ok := st.Sys().(*syscall.Stat_t); ok {
+			w.dev, w.ino = uint64(sys.Dev), uint64(sys.Ino)
+		}
+	}
 	// Where the kernel has no native AIO (or its limit is reached) the WAL
 	// uses a plain fdatasync: slower under load, as durable.
 	w.aio, _ = newAsyncSyncer()
@@ -93,6 +101,29 @@ func (w *wal) sync() error {
 		w.aio = nil
 	}
 	return fdatasync(w.f)
+}
+
+// replaced reports whether the file at the WAL's path is no longer the one
+// opened (deleted, renamed away or replaced): records written to it would
+// not be found after a crash.
+func (w *wal) replaced() bool {
+	st, err := os.Stat(w.path)
+	if err != nil {
+		return true
+	}
+	sys, ok := st.Sys().(*syscall.Stat_t)
+	if !ok {
+		return false
+	}
+	if uint64(sys.Dev) != w.dev || uint64(sys.Ino) != w.ino {
+		return true
+	}
+	fst, err := w.f.Stat()
+	if err != nil {
+		return true
+	}
+	fsys, ok := fst.Sys().(*syscall.Stat_t)
+	return ok && fsys.Nlink == 0
 }
 
 func (w *wal) close() error {

@@ -3,6 +3,7 @@ package bolt
 import (
 	"context"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -382,5 +383,105 @@ func TestAppendDuringCloseNeverHangs(t *testing.T) {
 				t.Fatal(err)
 			}
 		}
+	}
+}
+
+// TestWALDeletedWhileRunning is the review's finding: the WAL deleted while
+// kmsd ran, then a crash, lost the records of answered requests, and kmsd
+// restarted without a word. Now the group written into the orphaned file is
+// refused, every record acknowledged earlier moves into bbolt, a new WAL
+// file is made, and a crash afterwards loses nothing acknowledged.
+func TestWALDeletedWhileRunning(t *testing.T) {
+	noBackgroundFlush(t)
+	for _, how := range []string{"unlinked", "replaced"} {
+		t.Run(how, func(t *testing.T) {
+			s := openTest(t, filepath.Join(t.TempDir(), "kms.db"), 0)
+			var want []string
+			for i := 0; i < 20; i++ {
+				want = append(want, fmt.Sprint("before", i))
+				if err := s.AppendAudit(ctx, testRec(want[i])); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if len(s.pending) != 20 {
+				t.Fatalf("%d records in the WAL only: the test does not exercise the WAL", len(s.pending))
+			}
+			walPath := s.db.Path() + "-audit-wal"
+			old, _ := os.Stat(walPath)
+			switch how {
+			case "unlinked":
+				os.Remove(walPath)
+			case "replaced":
+				os.Remove(walPath)
+				os.WriteFile(walPath, make([]byte, 1<<20), 0o600)
+			}
+			// The first group after it went to a file nobody will read:
+			// refused, fail-closed.
+			if err := s.AppendAudit(ctx, testRec("lost")); !errors.Is(err, errWALGone) {
+				t.Fatalf("append into the orphaned WAL: %v", err)
+			}
+			if len(s.pending) != 0 || s.WALRecreated() != 1 {
+				t.Fatalf("after detection: %d waiting, %d re-created", len(s.pending), s.WALRecreated())
+			}
+			now, err := os.Stat(walPath)
+			if err != nil || os.SameFile(old, now) {
+				t.Fatalf("the WAL was not re-created: %v", err)
+			}
+			for i := 0; i < 5; i++ {
+				want = append(want, fmt.Sprint("after", i))
+				if err := s.AppendAudit(ctx, testRec(want[len(want)-1])); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if len(s.pending) != 5 {
+				t.Fatalf("%d records in the new WAL, want 5", len(s.pending))
+			}
+			verifyLog(t, openTest(t, crashCopy(t, s), 0), want)
+		})
+	}
+}
+
+// TestWALDeletedWhileIdle: the background check finds a deleted WAL
+// without waiting for the next record, and moves what waits into bbolt.
+func TestWALDeletedWhileIdle(t *testing.T) {
+	old := flushInterval
+	flushInterval = 20 * time.Millisecond
+	t.Cleanup(func() { flushInterval = old }) // after the stores' cleanups stop their flushers
+	s := openTest(t, filepath.Join(t.TempDir(), "kms.db"), 0)
+	// A burst keeps records waiting: the flush takes them only on a tick.
+	if err := s.AppendAudit(ctx, testRec("a")); err != nil {
+		t.Fatal(err)
+	}
+	os.Remove(s.db.Path() + "-audit-wal")
+	deadline := time.Now().Add(5 * time.Second)
+	for s.WALRecreated() == 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("the deleted WAL was not noticed")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if _, err := os.Stat(s.db.Path() + "-audit-wal"); err != nil {
+		t.Fatal(err)
+	}
+	verifyLog(t, openTest(t, crashCopy(t, s), 0), []string{"a"})
+}
+
+// TestWALMissingAtOpenReported: a database with records whose WAL file is
+// gone says so at open.
+func TestWALMissingAtOpenReported(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "kms.db")
+	s, err := Open(path, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s.WALMissing() {
+		t.Fatal("a new database reports a missing WAL")
+	}
+	s.AppendAudit(ctx, testRec("a"))
+	s.Close()
+	os.Remove(path + "-audit-wal")
+	s = openTest(t, path, 0)
+	if !s.WALMissing() {
+		t.Fatal("a missing WAL was not reported")
 	}
 }
