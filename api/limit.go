@@ -179,3 +179,30 @@ func (s *Server) Run(ctx context.Context) {
 		}
 	}
 }
+
+// RecordTLSRefusal audits a connection refused during the TLS handshake
+// (mutual TLS without a valid client certificate), before any request was
+// read. Refusals count against the address's unauthenticated limit; past
+// it they are summarized like refused requests.
+func (s *Server) RecordTLSRefusal(remote, reason string) {
+	src := sourceOf(remote)
+	if s.unauth != nil {
+		if ok, _ := s.unauth.allow(src); !ok {
+			s.refused.note(src, time.Now())
+			return
+		}
+	}
+	s.log.Warn("TLS handshake refused", "remote", remote, "reason", reason)
+	if s.opts.Audit == nil {
+		return
+	}
+	rec := &kms.AuditRecord{Time: time.Now().UTC().Format(time.RFC3339Nano), Actor: "anonymous", Source: clipField(remote, 64),
+		Operation: clipField("TLS handshake refused: "+reason, 160), Status: 401, Problem: ProbUnauthenticated}
+	if err := s.opts.Audit.AppendAudit(context.Background(), rec); err != nil {
+		s.log.Error("audit: TLS refusal not recorded", "err", err)
+		return
+	}
+	if s.opts.Stream != nil {
+		s.opts.Stream.Emit(rec.Encode())
+	}
+}

@@ -24,7 +24,7 @@ LUA
 run() {
   local mode="$1" data="$work/data-$1" port=$((18400 + RANDOM % 1000)) env=()
   [ "$mode" = off ] && env=(KMSD_BENCHMARK_UNAUDITED=1)
-  env "${env[@]}" "$work/kmsd" --data-dir "$data" --addr "127.0.0.1:$port" 2>"$work/$mode.log" &
+  env "${env[@]}" "$work/kmsd" --data-dir "$data" --addr "127.0.0.1:$port" --insecure-http 2>"$work/$mode.log" &
   local pid=$!
   for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/readyz" >/dev/null && break; sleep 0.1; done
   local tok; tok=$(cat "$data/admin.token")

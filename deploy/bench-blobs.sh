@@ -14,7 +14,7 @@ work=$(mktemp -d)
 trap 'kill $kpid 2>/dev/null || true; [ -f "$work/nginx.pid" ] && kill "$(cat "$work/nginx.pid")" 2>/dev/null || true; rm -rf "$work"' EXIT
 go build -o "$work/kmsd" ./cmd/kmsd
 kport=$((19400 + RANDOM % 500)) nport=$((19900 + RANDOM % 500))
-"$work/kmsd" --data-dir "$work/data" --addr "127.0.0.1:$kport" --log-level warn 2>"$work/kmsd.log" &
+"$work/kmsd" --data-dir "$work/data" --addr "127.0.0.1:$kport" --insecure-http --log-level warn 2>"$work/kmsd.log" &
 kpid=$!
 for _ in $(seq 100); do curl -sf "http://127.0.0.1:$kport/readyz" >/dev/null && break; sleep 0.1; done
 tok=$(cat "$work/data/admin.token")

@@ -24,7 +24,7 @@ const (
 	exitUsage    = 2 // bad command line
 	exitRefused  = 3 // the server refused the request (4xx)
 	exitFailure  = 4 // the server failed (5xx) or could not be reached
-	defaultAddr  = "http://127.0.0.1:8420"
+	defaultAddr  = "https://127.0.0.1:8420"
 	helpExitText = `Exit codes: 0 success; 1 verify found the signature invalid, or audit verify
 found the log not intact; 2 usage error; 3 the server refused the request (4xx:
 bad input, not found, not allowed, wrong state); 4 the server failed (5xx) or
@@ -61,6 +61,10 @@ Global flags:
   --token TOKEN     bearer token (env KMS_TOKEN)
   --token-file F    file holding the bearer token (env KMS_TOKEN_FILE), e.g. <data-dir>/admin.token
   --timeout D       request timeout (default 60s)
+  --ca-cert F       CA certificate (PEM) to trust for https (env KMS_CACERT); for
+                    the embedded default: <data-dir>/tls/ca.pem. Empty: system roots
+  --client-cert F   client certificate (PEM) for mutual TLS (env KMS_CLIENT_CERT)
+  --client-key F    its private key (env KMS_CLIENT_KEY)
 
 Commands:
 `, defaultAddr)
@@ -77,6 +81,9 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	token := gfs.String("token", getenv("KMS_TOKEN"), "")
 	tokenFile := gfs.String("token-file", getenv("KMS_TOKEN_FILE"), "")
 	timeout := gfs.Duration("timeout", 60*time.Second, "")
+	caCert := gfs.String("ca-cert", getenv("KMS_CACERT"), "")
+	clientCert := gfs.String("client-cert", getenv("KMS_CLIENT_CERT"), "")
+	clientKey := gfs.String("client-key", getenv("KMS_CLIENT_KEY"), "")
 	if err := gfs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			usage(stdout)
@@ -129,7 +136,12 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		}
 		tok = strings.TrimSpace(string(b))
 	}
-	c, err := client.New(*addr, tok)
+	tlsCfg, err := client.TLSConfig(*caCert, *clientCert, *clientKey)
+	if err != nil {
+		fmt.Fprintf(stderr, "kmsctl: %v\n", err)
+		return exitUsage
+	}
+	c, err := client.New(*addr, tok, client.WithTLS(tlsCfg))
 	if err != nil {
 		fmt.Fprintf(stderr, "kmsctl: %v\n", err)
 		return exitUsage

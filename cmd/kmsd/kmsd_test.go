@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -44,10 +45,34 @@ func TestMain(m *testing.M) {
 }
 
 type proc struct {
-	cmd    *exec.Cmd
-	addr   string
-	stderr *testutil.Buffer
-	done   chan error
+	cmd     *exec.Cmd
+	addr    string
+	dataDir string
+	plain   bool // started with --insecure-http
+	stderr  *testutil.Buffer
+	done    chan error
+}
+
+// url is kmsd's base URL: https unless started with --insecure-http.
+func (p *proc) url() string {
+	if p.plain {
+		return "http://" + p.addr
+	}
+	return "https://" + p.addr
+}
+
+// client is a client for p with token, trusting the local CA kmsd made
+// under its data dir.
+func (p *proc) client(t *testing.T, token string) (*client.Client, error) {
+	t.Helper()
+	if p.plain {
+		return client.New(p.url(), token)
+	}
+	cfg, err := client.TLSConfig(filepath.Join(p.dataDir, "tls", "ca.pem"), "", "")
+	if err != nil {
+		return nil, err
+	}
+	return client.New(p.url(), token, client.WithTLS(cfg))
 }
 
 func freeAddr(t *testing.T) string {
@@ -62,7 +87,7 @@ func freeAddr(t *testing.T) string {
 // start runs kmsd and returns at once; use waitReady or wait.
 func start(t *testing.T, dataDir string, args ...string) *proc {
 	t.Helper()
-	p := &proc{addr: freeAddr(t), stderr: &testutil.Buffer{}, done: make(chan error, 1)}
+	p := &proc{addr: freeAddr(t), dataDir: dataDir, plain: slices.Contains(args, "--insecure-http"), stderr: &testutil.Buffer{}, done: make(chan error, 1)}
 	p.cmd = exec.Command(kmsdBin, append([]string{"--data-dir", dataDir, "--addr", p.addr}, args...)...)
 	p.cmd.Env = append(os.Environ(), "SOFTHSM2_CONF=/nonexistent") // kmsd must set its own
 	p.cmd.Stderr = p.stderr
@@ -79,7 +104,6 @@ func start(t *testing.T, dataDir string, args ...string) *proc {
 
 func (p *proc) waitReady(t *testing.T) {
 	t.Helper()
-	c, _ := client.New("http://"+p.addr, "")
 	deadline := time.Now().Add(20 * time.Second)
 	for time.Now().Before(deadline) {
 		select {
@@ -88,7 +112,8 @@ func (p *proc) waitReady(t *testing.T) {
 			t.Fatalf("kmsd exited: %v\n%s", err, p.stderr.String())
 		default:
 		}
-		if c.Ready(context.Background()) == nil {
+		// The CA file appears once kmsd made it.
+		if c, err := p.client(t, ""); err == nil && c.Ready(context.Background()) == nil {
 			return
 		}
 		time.Sleep(20 * time.Millisecond)
@@ -121,7 +146,7 @@ func adminClient(t *testing.T, p *proc, dataDir string) *client.Client {
 	if err != nil {
 		t.Fatal(err)
 	}
-	c, err := client.New("http://"+p.addr, strings.TrimSpace(string(tok)))
+	c, err := p.client(t, strings.TrimSpace(string(tok)))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -4,6 +4,8 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"flag"
 	"fmt"
@@ -15,6 +17,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"syscall"
 	"time"
@@ -25,6 +28,7 @@ import (
 	"kmsd/hsm"
 	"kmsd/hsm/softhsm"
 	"kmsd/internal/fileutil"
+	"kmsd/internal/tlsutil"
 	"kmsd/kms"
 	"kmsd/kms/bolt"
 	"kmsd/kms/pqc"
@@ -76,6 +80,10 @@ type config struct {
 	unauthRate      float64
 	unauthBurst     int
 	tokenRate       float64
+	tlsCert         string
+	tlsKey          string
+	tlsClientCA     string
+	insecureHTTP    bool
 }
 
 // parseFlags reads flags, with KMS_* environment variables as defaults.
@@ -97,6 +105,18 @@ func parseFlags(args []string, getenv func(string) string, out io.Writer) (confi
 	}
 	if c.unauthRate < 0 || c.unauthBurst < 1 || c.tokenRate < 0 || math.IsNaN(c.unauthRate) || math.IsNaN(c.tokenRate) {
 		return c, errors.New("--unauth-rate-limit and --token-rate-limit must be at least 0, --unauth-burst at least 1")
+	}
+	if c.insecureHTTP && (c.tlsCert != "" || c.tlsKey != "" || c.tlsClientCA != "") {
+		return c, errors.New("--insecure-http cannot be combined with --tls-cert, --tls-key or --tls-client-ca")
+	}
+	if c.insecureHTTP && !tlsutil.IsLoopback(c.addr) {
+		return c, fmt.Errorf("--insecure-http is refused on %s: plain HTTP is allowed only on a loopback address (127.0.0.1, ::1, localhost)", c.addr)
+	}
+	if (c.tlsCert == "") != (c.tlsKey == "") {
+		return c, errors.New("--tls-cert and --tls-key go together")
+	}
+	if _, _, err := net.SplitHostPort(c.addr); err != nil {
+		return c, fmt.Errorf("--addr %q must be host:port", c.addr)
 	}
 	if c.auditWALMiB < 1 {
 		return c, errors.New("--audit-wal-mib must be at least 1")
@@ -126,6 +146,10 @@ func newFlagSet(c *config, getenv func(string) string) *flag.FlagSet {
 	}
 	fs.StringVar(&c.dataDir, "data-dir", env("KMS_DATA_DIR", "./data"), "directory for the database, the admin token and the embedded SoftHSM token (env KMS_DATA_DIR)")
 	fs.StringVar(&c.addr, "addr", env("KMS_ADDR", "127.0.0.1:8420"), "address to listen on (env KMS_ADDR)")
+	fs.StringVar(&c.tlsCert, "tls-cert", env("KMS_TLS_CERT", ""), "server certificate (PEM, the chain after the leaf); empty: a local CA and certificate for localhost made under <data-dir>/tls (env KMS_TLS_CERT)")
+	fs.StringVar(&c.tlsKey, "tls-key", env("KMS_TLS_KEY", ""), "private key of --tls-cert (PEM); both are read again on SIGHUP (env KMS_TLS_KEY)")
+	fs.StringVar(&c.tlsClientCA, "tls-client-ca", env("KMS_TLS_CLIENT_CA", ""), "require mutual TLS: clients must present a certificate chained to these CA certificates (PEM); refusals are audited (env KMS_TLS_CLIENT_CA)")
+	fs.BoolVar(&c.insecureHTTP, "insecure-http", getenv("KMS_INSECURE_HTTP") == "1", "serve plain HTTP instead of HTTPS; refused unless --addr is a loopback address (env KMS_INSECURE_HTTP, set to 1)")
 	fs.StringVar(&c.module, "pkcs11-module", env("KMS_PKCS11_MODULE", ""), "PKCS#11 library; empty: the embedded SoftHSM2 token under <data-dir>/softhsm (env KMS_PKCS11_MODULE)")
 	fs.StringVar(&c.token, "pkcs11-token", env("KMS_PKCS11_TOKEN", "kmsd"), "label of the PKCS#11 token (env KMS_PKCS11_TOKEN)")
 	fs.StringVar(&c.pinFile, "pkcs11-pin-file", env("KMS_PKCS11_PIN_FILE", ""), "file holding the token's user PIN; or set KMS_PKCS11_PIN (env KMS_PKCS11_PIN_FILE)")
@@ -178,6 +202,10 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 		return fmt.Errorf("--log-level: %w", err)
 	}
 	log := slog.New(slog.NewJSONHandler(stderr, &slog.HandlerOptions{Level: level}))
+	// SIGHUP reloads the TLS certificate; it must never stop kmsd.
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
 
 	if err := os.MkdirAll(c.dataDir, 0o700); err != nil {
 		return fmt.Errorf("data dir: %w", err)
@@ -327,11 +355,52 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 	// store and the HSM close.
 	defer func() { acancel(); <-adone }()
 
+	apiSrv := api.New(svc, log, opts)
+	var tlsCfg *tls.Config
+	if !c.insecureHTTP {
+		certFile, keyFile := c.tlsCert, c.tlsKey
+		if certFile == "" {
+			local, err := tlsutil.EnsureLocal(filepath.Join(c.dataDir, "tls"), localHosts(c.addr), time.Now())
+			if err != nil {
+				return fmt.Errorf("TLS: %w", err)
+			}
+			certFile, keyFile = local.Cert, local.Key
+			if local.CreatedCA {
+				log.Info("made a local CA for TLS: clients trust it with --ca-cert / KMS_CACERT", "ca", local.CA)
+			}
+			if local.Issued {
+				log.Info("issued the local server certificate", "cert", local.Cert, "hosts", localHosts(c.addr))
+			}
+		}
+		reloader, err := tlsutil.NewReloader(certFile, keyFile)
+		if err != nil {
+			return fmt.Errorf("TLS: %w", err)
+		}
+		var clientCAs *x509.CertPool
+		if c.tlsClientCA != "" {
+			if clientCAs, err = tlsutil.LoadPool(c.tlsClientCA); err != nil {
+				return fmt.Errorf("--tls-client-ca: %w", err)
+			}
+		}
+		tlsCfg = tlsutil.ServerConfig(reloader, clientCAs, apiSrv.RecordTLSRefusal)
+		go func() {
+			for range hup {
+				if err := reloader.Reload(); err != nil {
+					log.Error("SIGHUP: TLS certificate not reloaded; the previous one stays in use", "err", err)
+					continue
+				}
+				leaf := reloader.Leaf()
+				log.Info("SIGHUP: TLS certificate reloaded", "subject", leaf.Subject.String(), "not_after", leaf.NotAfter, "serial", leaf.SerialNumber.Text(16))
+			}
+		}()
+	} else {
+		log.Warn("PLAIN HTTP: --insecure-http serves without TLS, on a loopback address only")
+	}
+
 	ln, err := net.Listen("tcp", c.addr)
 	if err != nil {
 		return err
 	}
-	apiSrv := api.New(svc, log, opts)
 	srv := &http.Server{
 		Handler:           apiSrv.Handler(),
 		ReadHeaderTimeout: 10 * time.Second,
@@ -339,6 +408,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 		IdleTimeout:       120 * time.Second,
 		MaxHeaderBytes:    64 << 10,
 		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
+		TLSConfig:         tlsCfg,
 	}
 	mctx, mcancel := context.WithCancel(context.Background())
 	mdone := make(chan struct{})
@@ -357,8 +427,14 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 	}()
 
 	errc := make(chan error, 1)
-	go func() { errc <- srv.Serve(ln) }()
-	log.Info("listening", "addr", ln.Addr().String())
+	scheme := "https"
+	if tlsCfg != nil {
+		go func() { errc <- srv.ServeTLS(ln, "", "") }()
+	} else {
+		scheme = "http"
+		go func() { errc <- srv.Serve(ln) }()
+	}
+	log.Info("listening", "addr", ln.Addr().String(), "url", scheme+"://"+ln.Addr().String(), "tls", tlsCfg != nil, "mutual_tls", c.tlsClientCA != "")
 	if ready != nil {
 		ready(ln.Addr().String())
 	}
@@ -382,3 +458,13 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 type blobSource struct{ s *he.BlobStore }
 
 func (b blobSource) Open(digest string) (*os.File, error) { return b.s.Open(he.Digest(digest)) }
+
+// localHosts are the names the local server certificate covers: localhost,
+// 127.0.0.1 and ::1, and the host of the listen address when it names one.
+func localHosts(addr string) []string {
+	hosts := slices.Clone(tlsutil.LocalHosts)
+	if h, _, err := net.SplitHostPort(addr); err == nil && h != "" && h != "0.0.0.0" && h != "::" && !slices.Contains(hosts, h) {
+		hosts = append(hosts, h)
+	}
+	return hosts
+}

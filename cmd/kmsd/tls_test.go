@@ -1,0 +1,279 @@
+package main
+
+import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
+	"math/big"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"kmsd/api/client"
+	"kmsd/internal/testutil"
+	"kmsd/internal/tlsutil"
+)
+
+// dialTLS connects to p with only the given key exchange groups and
+// versions, trusting the CA kmsd made.
+func dialTLS(t *testing.T, p *proc, cfg *tls.Config) (tls.ConnectionState, error) {
+	t.Helper()
+	pool, err := tlsutil.LoadPool(filepath.Join(p.dataDir, "tls", "ca.pem"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.RootCAs = pool
+	cfg.ServerName = "127.0.0.1"
+	c, err := tls.Dial("tcp", p.addr, cfg)
+	if err != nil {
+		return tls.ConnectionState{}, err
+	}
+	defer c.Close()
+	return c.ConnectionState(), nil
+}
+
+// TestTLSPostQuantumByDefault: the embedded default serves HTTPS under a
+// local CA made at first start; a client that offers only X25519MLKEM768
+// negotiates it, one that offers only X25519 falls back to it, and TLS 1.2
+// or a group kmsd does not offer is refused.
+func TestTLSPostQuantumByDefault(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "data")
+	p := start(t, dir)
+	p.waitReady(t)
+	st, err := dialTLS(t, p, &tls.Config{CurvePreferences: []tls.CurveID{tls.X25519MLKEM768}})
+	if err != nil {
+		t.Fatalf("X25519MLKEM768-only client: %v", err)
+	}
+	if st.CurveID != tls.X25519MLKEM768 || st.Version != tls.VersionTLS13 {
+		t.Fatalf("negotiated %v, version %x", st.CurveID, st.Version)
+	}
+	if st, err := dialTLS(t, p, &tls.Config{CurvePreferences: []tls.CurveID{tls.X25519}}); err != nil || st.CurveID != tls.X25519 {
+		t.Fatalf("X25519-only client: %v %v", st.CurveID, err)
+	}
+	if st, err := dialTLS(t, p, &tls.Config{}); err != nil || st.CurveID != tls.X25519MLKEM768 {
+		t.Fatalf("a default Go client: %v %v", st.CurveID, err)
+	}
+	if _, err := dialTLS(t, p, &tls.Config{MaxVersion: tls.VersionTLS12}); err == nil {
+		t.Fatal("a TLS 1.2 client was served")
+	}
+	if _, err := dialTLS(t, p, &tls.Config{CurvePreferences: []tls.CurveID{tls.CurveP256}}); err == nil {
+		t.Fatal("a P-256-only client was served")
+	}
+	// Plain HTTP on the TLS port gets nothing useful.
+	if resp, err := http.Get("http://" + p.addr + "/healthz"); err == nil {
+		resp.Body.Close()
+		if resp.StatusCode == 200 {
+			t.Fatal("plain HTTP answered 200 on the TLS port")
+		}
+	}
+	for _, f := range []string{"ca-key.pem", "server-key.pem"} {
+		fi, err := os.Stat(filepath.Join(dir, "tls", f))
+		if err != nil || fi.Mode().Perm() != 0o600 {
+			t.Fatalf("%s: %v %v", f, fi.Mode(), err)
+		}
+	}
+	c := adminClient(t, p, dir)
+	if _, err := c.ListKeys(ctx, 0, ""); err != nil {
+		t.Fatalf("an admin over HTTPS: %v", err)
+	}
+	// A restart keeps the CA: clients pinned to it still connect.
+	ca1, _ := os.ReadFile(filepath.Join(dir, "tls", "ca.pem"))
+	p.cmd.Process.Signal(syscall.SIGTERM)
+	p.wait(t, 20*time.Second)
+	p = start(t, dir)
+	p.waitReady(t)
+	if ca2, _ := os.ReadFile(filepath.Join(dir, "tls", "ca.pem")); string(ca1) != string(ca2) {
+		t.Fatal("the local CA changed across a restart")
+	}
+}
+
+// TestInsecureHTTPOnlyOnLoopback: plain HTTP is served only when asked for
+// and only on loopback; every flag is checked before the data dir is made.
+func TestInsecureHTTPOnlyOnLoopback(t *testing.T) {
+	for _, c := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--insecure-http", "--addr", "0.0.0.0:8420"}, "only on a loopback"},
+		{[]string{"--insecure-http", "--addr", "192.0.2.1:8420"}, "only on a loopback"},
+		{[]string{"--insecure-http", "--addr", ":8420"}, "only on a loopback"},
+		{[]string{"--insecure-http", "--tls-client-ca", "x.pem"}, "cannot be combined"},
+		{[]string{"--tls-cert", "x.pem"}, "go together"},
+		{[]string{"--addr", "nonsense"}, "host:port"},
+	} {
+		dir := filepath.Join(t.TempDir(), "data")
+		var stderr testutil.Buffer
+		err := run(ctx, append([]string{"--data-dir", dir}, c.args...), func(string) string { return "" }, &stderr, nil)
+		if err == nil || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("%v: %v, want %q", c.args, err, c.want)
+		}
+		if _, err := os.Stat(dir); err == nil {
+			t.Errorf("%v: the data dir was made before the flags were checked", c.args)
+		}
+	}
+	dir := filepath.Join(t.TempDir(), "data")
+	p := start(t, dir, "--insecure-http")
+	p.waitReady(t)
+	if _, err := adminClient(t, p, dir).ListKeys(ctx, 0, ""); err != nil {
+		t.Fatalf("plain HTTP on loopback: %v", err)
+	}
+	if _, err := os.Stat(filepath.Join(dir, "tls")); err == nil {
+		t.Fatal("--insecure-http made a TLS directory")
+	}
+}
+
+// certPair writes a key and a certificate signed by parent (self-signed
+// when parent is nil) and returns the certificate and key.
+func certPair(t *testing.T, dir, name string, parent *x509.Certificate, parentKey *ecdsa.PrivateKey, tmpl *x509.Certificate) (*x509.Certificate, *ecdsa.PrivateKey) {
+	t.Helper()
+	k, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	sn, _ := rand.Int(rand.Reader, big.NewInt(1<<62))
+	tmpl.SerialNumber = sn
+	tmpl.NotBefore, tmpl.NotAfter = time.Now().Add(-time.Hour), time.Now().Add(time.Hour)
+	if parent == nil {
+		parent, parentKey = tmpl, k
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, parent, &k.PublicKey, parentKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kd, _ := x509.MarshalPKCS8PrivateKey(k)
+	os.WriteFile(filepath.Join(dir, name+".pem"), pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o600)
+	os.WriteFile(filepath.Join(dir, name+"-key.pem"), pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: kd}), 0o600)
+	c, _ := x509.ParseCertificate(der)
+	return c, k
+}
+
+func caTmpl(cn string) *x509.Certificate {
+	return &x509.Certificate{Subject: pkix.Name{CommonName: cn}, IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign}
+}
+
+// TestTLSCertificateReloadOnSIGHUP: --tls-cert/--tls-key are read again on
+// SIGHUP; new connections get the new certificate, a bad file keeps the
+// old one in use, and kmsd keeps running.
+func TestTLSCertificateReloadOnSIGHUP(t *testing.T) {
+	certs := t.TempDir()
+	ca, caKey := certPair(t, certs, "ca", nil, nil, caTmpl("test CA"))
+	server := &x509.Certificate{Subject: pkix.Name{CommonName: "one"}, DNSNames: []string{"localhost"}, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}}
+	certPair(t, certs, "server", ca, caKey, server)
+	dir := filepath.Join(t.TempDir(), "data")
+	p := start(t, dir, "--tls-cert", filepath.Join(certs, "server.pem"), "--tls-key", filepath.Join(certs, "server-key.pem"))
+	pool := x509.NewCertPool()
+	pool.AddCert(ca)
+	leafCN := func() string {
+		c, err := tls.Dial("tcp", p.addr, &tls.Config{RootCAs: pool, ServerName: "localhost"})
+		if err != nil {
+			return "error: " + err.Error()
+		}
+		defer c.Close()
+		return c.ConnectionState().PeerCertificates[0].Subject.CommonName
+	}
+	deadline := time.Now().Add(20 * time.Second)
+	for leafCN() != "one" {
+		if time.Now().After(deadline) {
+			t.Fatalf("kmsd did not serve its certificate: %s\n%s", leafCN(), p.stderr.String())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if _, err := os.Stat(filepath.Join(dir, "tls")); err == nil {
+		t.Fatal("a local CA was made though --tls-cert was given")
+	}
+	certPair(t, certs, "server", ca, caKey, &x509.Certificate{Subject: pkix.Name{CommonName: "two"}, DNSNames: []string{"localhost"}, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}})
+	p.cmd.Process.Signal(syscall.SIGHUP)
+	for leafCN() != "two" {
+		if time.Now().After(deadline) {
+			t.Fatalf("the renewed certificate is not served: %s\n%s", leafCN(), p.stderr.String())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	os.WriteFile(filepath.Join(certs, "server.pem"), []byte("garbage"), 0o600)
+	p.cmd.Process.Signal(syscall.SIGHUP)
+	for !strings.Contains(p.stderr.String(), "TLS certificate not reloaded") {
+		if time.Now().After(deadline) {
+			t.Fatalf("a bad reload was not reported\n%s", p.stderr.String())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if cn := leafCN(); cn != "two" {
+		t.Fatalf("after a bad reload: %s", cn)
+	}
+}
+
+// TestMutualTLS: with --tls-client-ca, a client without a certificate, or
+// with one from another CA, is refused in the handshake, before any
+// handler, and the refusal is in the audit log with its source; a client
+// with a certificate from the CA is served.
+func TestMutualTLS(t *testing.T) {
+	certs := t.TempDir()
+	ca, caKey := certPair(t, certs, "clientca", nil, nil, caTmpl("client CA"))
+	certPair(t, certs, "client", ca, caKey, &x509.Certificate{Subject: pkix.Name{CommonName: "mcp-1"}, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}})
+	other, otherKey := certPair(t, certs, "otherca", nil, nil, caTmpl("other CA"))
+	certPair(t, certs, "stranger", other, otherKey, &x509.Certificate{Subject: pkix.Name{CommonName: "stranger"}, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}})
+	dir := filepath.Join(t.TempDir(), "data")
+	p := start(t, dir, "--tls-client-ca", filepath.Join(certs, "clientca.pem"), "--audit-checkpoint-interval", "100ms")
+	caFile := filepath.Join(dir, "tls", "ca.pem")
+	tok := func() string {
+		b, _ := os.ReadFile(filepath.Join(dir, "admin.token"))
+		return strings.TrimSpace(string(b))
+	}
+	withCert := func(name string) (*client.Client, error) {
+		cert, key := "", ""
+		if name != "" {
+			cert, key = filepath.Join(certs, name+".pem"), filepath.Join(certs, name+"-key.pem")
+		}
+		cfg, err := client.TLSConfig(caFile, cert, key)
+		if err != nil {
+			return nil, err
+		}
+		return client.New(p.url(), tok(), client.WithTLS(cfg))
+	}
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		if c, err := withCert("client"); err == nil && c.Ready(ctx) == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("kmsd not ready\n%s", p.stderr.String())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	for _, name := range []string{"", "stranger"} {
+		c, err := withCert(name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := c.ListKeys(ctx, 0, ""); err == nil || client.StatusOf(err) != 0 {
+			t.Fatalf("client certificate %q: %v, want a refused handshake", name, err)
+		}
+	}
+	good, _ := withCert("client")
+	if _, err := good.ListKeys(ctx, 0, ""); err != nil {
+		t.Fatalf("with a client certificate: %v", err)
+	}
+	// Both refusals are recorded, with the client's address.
+	var reasons []string
+	for time.Now().Before(deadline) {
+		reasons = reasons[:0]
+		_, recs := verifyLog(t, good) // the log verifies against a signed checkpoint
+		for _, r := range recs {
+			if strings.HasPrefix(r.Operation, "TLS handshake refused") && strings.HasPrefix(r.Source, "127.0.0.1:") && r.Status == 401 {
+				reasons = append(reasons, r.Operation)
+			}
+		}
+		if len(reasons) >= 2 {
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if len(reasons) < 2 || !strings.Contains(strings.Join(reasons, "|"), "no client certificate") || !strings.Contains(strings.Join(reasons, "|"), "does not chain") {
+		t.Fatalf("refusals recorded: %q", reasons)
+	}
+}
