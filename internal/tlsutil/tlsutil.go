@@ -38,8 +38,8 @@ var LocalHosts = []string{"localhost", "127.0.0.1", "::1"}
 // Local is what EnsureLocal made or found under a directory.
 type Local struct {
 	CA, CAKey, Cert, Key string // file paths
-	Issued                   bool // a server certificate was issued now
-	CreatedCA                bool
+	Issued               bool   // a server certificate was issued now
+	CreatedCA            bool
 }
 
 const (
