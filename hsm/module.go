@@ -49,6 +49,7 @@ var (
 	ErrPINLocked     = errors.New("the token's user PIN is locked")
 	ErrMechanism     = errors.New("the token lacks a required mechanism")
 	ErrKEK           = errors.New("the key encryption key is not as required")
+	ErrKEKMissing    = errors.New("the key encryption key is missing (kmsd creates it only for a new data dir)")
 	ErrSelfTest      = errors.New("HSM self-test failed")
 	ErrClosed        = errors.New("the HSM sealer is closed")
 )

@@ -31,6 +31,10 @@ type Config struct {
 	PIN string
 	// KEKLabel names the KEK object (default "kmsd-kek").
 	KEKLabel string
+	// CreateKEK allows Open to generate the KEK when the token has none
+	// with the label: only for a brand-new data dir. Otherwise a missing
+	// KEK stops Open (ErrKEKMissing): never a second KEK by accident.
+	CreateKEK bool
 	// Sessions bounds the session pool (default 8).
 	Sessions int
 }
@@ -110,7 +114,7 @@ func Open(cfg Config) (_ *Sealer, err error) {
 	if err := checkMechanisms(mod, s.slot); err != nil {
 		return nil, err
 	}
-	if s.kek, s.kekID, err = findOrCreateKEK(mod, s.loginSess, cfg.KEKLabel); err != nil {
+	if s.kek, s.kekID, err = findOrCreateKEK(mod, s.loginSess, cfg.KEKLabel, cfg.CreateKEK); err != nil {
 		return nil, err
 	}
 	s.pool = newPool(mod, s.slot, cfg.Sessions)
@@ -197,7 +201,7 @@ func findByLabel(mod Module, sh pkcs11.SessionHandle, label string) ([]pkcs11.Ob
 
 // findOrCreateKEK finds the KEK by label or, on first start, generates it in
 // the token. Either way it then checks the attributes that make it safe.
-func findOrCreateKEK(mod Module, sh pkcs11.SessionHandle, label string) (pkcs11.ObjectHandle, string, error) {
+func findOrCreateKEK(mod Module, sh pkcs11.SessionHandle, label string, create bool) (pkcs11.ObjectHandle, string, error) {
 	objs, err := findByLabel(mod, sh, label)
 	if err != nil {
 		return 0, "", err
@@ -205,6 +209,9 @@ func findOrCreateKEK(mod Module, sh pkcs11.SessionHandle, label string) (pkcs11.
 	var kek pkcs11.ObjectHandle
 	switch len(objs) {
 	case 0:
+		if !create {
+			return 0, "", fmt.Errorf("%w: no key labelled %q in the token", ErrKEKMissing, label)
+		}
 		id := make([]byte, 16)
 		if _, err := rand.Read(id); err != nil {
 			return 0, "", err

@@ -246,12 +246,12 @@ func run(dur time.Duration, concList string, ttl time.Duration, msgSize int, sce
 		return err
 	}
 	defer os.RemoveAll(dir)
-	st, err := softhsm.Bootstrap(filepath.Join(dir, "softhsm"), "kmsbench")
+	st, err := softhsm.Bootstrap(filepath.Join(dir, "softhsm"), "kmsbench", true)
 	if err != nil {
 		return err
 	}
 	pin, _ := softhsm.ReadPIN(st.PINFile)
-	sealer, err := hsm.Open(hsm.Config{Module: st.Module, TokenLabel: st.TokenLabel, PIN: pin})
+	sealer, err := hsm.Open(hsm.Config{Module: st.Module, TokenLabel: st.TokenLabel, PIN: pin, CreateKEK: true})
 	if err != nil {
 		return err
 	}

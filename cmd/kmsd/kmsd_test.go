@@ -251,7 +251,7 @@ func TestHSMFaultsStopStartup(t *testing.T) {
 		want string
 	}{
 		{"missing module", []string{"--pkcs11-module", "/nonexistent/libnope.so", "--pkcs11-pin-file", wrong}, "", "cannot load the PKCS#11 module /nonexistent/libnope.so"},
-		{"missing token", []string{"--pkcs11-module", mod, "--pkcs11-token", "nosuch", "--pkcs11-pin-file", filepath.Join(dir, "softhsm/pin")}, conf, `no token with that label: "nosuch"`},
+		{"other token", []string{"--pkcs11-module", mod, "--pkcs11-token", "nosuch", "--pkcs11-pin-file", filepath.Join(dir, "softhsm/pin")}, conf, `sealed under the key labelled "kmsd-kek" in token "kmsd"`},
 		{"wrong PIN", []string{"--pkcs11-module", mod, "--pkcs11-pin-file", wrong}, conf, "refused the PIN"},
 		{"no PIN", []string{"--pkcs11-module", mod}, conf, "no PIN"},
 	}
@@ -364,5 +364,92 @@ func TestCrashSafety(t *testing.T) {
 		if _, err := c.PublicKey(ctx, a.name, a.version); err != nil {
 			t.Fatalf("acknowledged %s v%d lost: %v", a.name, a.version, err)
 		}
+	}
+}
+
+// exitsWith runs kmsd on dir with args, expects exit code 1 and a last line
+// containing want, and that it did not listen.
+func exitsWith(t *testing.T, dir string, want string, args ...string) {
+	t.Helper()
+	q := start(t, dir, args...)
+	if code := q.wait(t, 20*time.Second); code != 1 {
+		t.Fatalf("%v: exit code %d, want 1\n%s", args, code, q.stderr.String())
+	}
+	out := strings.TrimRight(q.stderr.String(), "\n")
+	last := out[strings.LastIndex(out, "\n")+1:]
+	if !strings.HasPrefix(last, "kmsd: ") || !strings.Contains(last, want) {
+		t.Fatalf("%v: last line %q does not name %q", args, last, want)
+	}
+}
+
+// TestNeverASecondTokenOrKEK is the review's finding: with the embedded
+// token directory missing, or another --pkcs11-token / --kek-label, kmsd
+// silently made a new token or KEK and then failed every existing key. The
+// store now remembers what it was sealed under; only a new data dir gets a
+// token and a KEK, and any other start finds exactly those or stops with
+// one line naming what is missing, creating nothing.
+func TestNeverASecondTokenOrKEK(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "data")
+	p := start(t, dir)
+	p.waitReady(t)
+	c := adminClient(t, p, dir)
+	if _, err := c.CreateKey(ctx, client.CreateKeyRequest{Name: "k", Kind: "ml-dsa-44"}); err != nil {
+		t.Fatal(err)
+	}
+	p.cmd.Process.Signal(syscall.SIGTERM)
+	p.wait(t, 20*time.Second)
+	tokens := filepath.Join(dir, "softhsm", "tokens")
+	entries := func() []string {
+		es, _ := os.ReadDir(tokens)
+		var out []string
+		for _, e := range es {
+			out = append(out, e.Name())
+		}
+		return out
+	}
+	before := entries()
+	if len(before) != 1 {
+		t.Fatalf("token directory holds %v", before)
+	}
+
+	exitsWith(t, dir, `sealed under the key labelled "kmsd-kek" in token "kmsd"`, "--kek-label", "other-kek")
+	exitsWith(t, dir, `sealed under the key labelled "kmsd-kek" in token "kmsd"`, "--pkcs11-token", "other")
+
+	// The token directory moved away: refused, and no new one made.
+	os.Rename(tokens, tokens+".moved")
+	exitsWith(t, dir, "tokens is missing")
+	if _, err := os.Stat(tokens); err == nil {
+		t.Fatal("a new token directory was made")
+	}
+	// The directory is there but the token in it is not.
+	os.Mkdir(tokens, 0o700)
+	exitsWith(t, dir, `no token labelled "kmsd"`)
+	if len(entries()) != 0 {
+		t.Fatalf("a new token was made: %v", entries())
+	}
+	os.Remove(tokens)
+	os.Rename(tokens+".moved", tokens)
+
+	// The store says another KEK: refused.
+	st, err := bolt.Open(filepath.Join(dir, "kms.db"), bolt.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	good, _ := st.Meta("sealed-under")
+	st.PutMeta("sealed-under", []byte(`{"token":"kmsd","label":"kmsd-kek","id":"00112233445566778899aabbccddeeff"}`))
+	st.Close()
+	exitsWith(t, dir, "sealed under the KEK with id 00112233445566778899aabbccddeeff")
+	st, _ = bolt.Open(filepath.Join(dir, "kms.db"), bolt.Options{})
+	st.PutMeta("sealed-under", good)
+	st.Close()
+
+	// Back as it was: the key signs, nothing was lost, still one token.
+	p = start(t, dir)
+	p.waitReady(t)
+	if _, err := adminClient(t, p, dir).Sign(ctx, "k", []byte("m"), nil); err != nil {
+		t.Fatalf("sign after the refused starts: %v", err)
+	}
+	if got := entries(); len(got) != 1 || got[0] != before[0] {
+		t.Fatalf("token directory now holds %v, before %v", got, before)
 	}
 }

@@ -6,6 +6,7 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -228,10 +229,25 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 		log.Info("audit WAL: copied records acknowledged before a crash into kms.db", "records", n)
 	}
 
-	hcfg := hsm.Config{Module: c.module, TokenLabel: c.token, KEKLabel: c.kekLabel}
+	// The store remembers the token and the KEK it was sealed under. Only a
+	// brand-new data dir gets a new embedded token and a new KEK; any other
+	// start finds exactly those, or stops naming what is missing.
+	sealedUnder, err := readKEKRef(store)
+	if err != nil {
+		return err
+	}
+	fresh := false
+	if sealedUnder == nil {
+		if fresh, err = store.Empty(); err != nil {
+			return err
+		}
+	} else if sealedUnder.Token != c.token || sealedUnder.Label != c.kekLabel {
+		return fmt.Errorf("this data dir was sealed under the key labelled %q in token %q (KEK id %s), but kmsd was started with --pkcs11-token %q --kek-label %q: start it with those", sealedUnder.Label, sealedUnder.Token, sealedUnder.ID, c.token, c.kekLabel)
+	}
+	hcfg := hsm.Config{Module: c.module, TokenLabel: c.token, KEKLabel: c.kekLabel, CreateKEK: fresh}
 	pinFile := c.pinFile
 	if c.module == "" {
-		st, err := softhsm.Bootstrap(filepath.Join(c.dataDir, "softhsm"), c.token)
+		st, err := softhsm.Bootstrap(filepath.Join(c.dataDir, "softhsm"), c.token, fresh)
 		if err != nil {
 			return fmt.Errorf("embedded SoftHSM: %w", err)
 		}
@@ -256,7 +272,16 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 		return fmt.Errorf("HSM: %w", err)
 	}
 	defer sealer.Close()
-	log.Info("HSM ready", "token", c.token, "kek_label", c.kekLabel, "kek_id", sealer.KEKID())
+	if sealedUnder != nil && sealedUnder.ID != sealer.KEKID() {
+		return fmt.Errorf("HSM: the key labelled %q in token %q has id %s, but this data dir was sealed under the KEK with id %s (another token or KEK of the same name?); refusing to start", c.kekLabel, c.token, sealer.KEKID(), sealedUnder.ID)
+	}
+	if sealedUnder == nil {
+		b, _ := json.Marshal(kekRef{Token: c.token, Label: c.kekLabel, ID: sealer.KEKID()})
+		if err := store.PutMeta("sealed-under", b); err != nil {
+			return fmt.Errorf("record the KEK in the store: %w", err)
+		}
+	}
+	log.Info("HSM ready", "token", c.token, "kek_label", c.kekLabel, "kek_id", sealer.KEKID(), "new_data_dir", fresh)
 
 	ttl := c.cacheTTL
 	if ttl == 0 {
@@ -467,4 +492,24 @@ func localHosts(addr string) []string {
 		hosts = append(hosts, h)
 	}
 	return hosts
+}
+
+// kekRef is the token and the KEK a data dir's secrets are sealed under,
+// as the store remembers them.
+type kekRef struct {
+	Token string `json:"token"`
+	Label string `json:"label"`
+	ID    string `json:"id"`
+}
+
+func readKEKRef(store *bolt.Store) (*kekRef, error) {
+	b, err := store.Meta("sealed-under")
+	if err != nil || b == nil {
+		return nil, err
+	}
+	var r kekRef
+	if err := json.Unmarshal(b, &r); err != nil {
+		return nil, fmt.Errorf("the store's record of its KEK does not decode: %w", err)
+	}
+	return &r, nil
 }

@@ -45,16 +45,30 @@ type Setup struct {
 	PINFile    string
 }
 
+// ErrMissing: a part of the embedded token is gone from a data dir that
+// had one; Bootstrap makes a new token only when asked to (a new data dir).
+var ErrMissing = errors.New("the embedded SoftHSM token is incomplete")
+
 // Bootstrap prepares <dir>/softhsm.conf, <dir>/tokens, <dir>/pin and
-// <dir>/so-pin on first use, sets SOFTHSM2_CONF for this process, and
-// initializes the token with label if it does not exist yet.
-func Bootstrap(dir, label string) (Setup, error) {
+// <dir>/so-pin, sets SOFTHSM2_CONF for this process, and initializes the
+// token with label. With create false (a data dir that has keys or was
+// sealed before) nothing is made: a missing file or token is ErrMissing,
+// naming it, so that a moved token directory never becomes a new, empty
+// token.
+func Bootstrap(dir, label string, create bool) (Setup, error) {
 	mod, err := FindModule()
 	if err != nil {
 		return Setup{}, err
 	}
 	st := Setup{Module: mod, Conf: filepath.Join(dir, "softhsm2.conf"), TokenLabel: label, PINFile: filepath.Join(dir, "pin")}
 	tokens := filepath.Join(dir, "tokens")
+	if !create {
+		for _, f := range []string{st.Conf, tokens, st.PINFile} {
+			if _, err := os.Stat(f); err != nil {
+				return st, fmt.Errorf("%w: %s is missing (moved or deleted?); kmsd made it at first start and will not make a new one", ErrMissing, f)
+			}
+		}
+	}
 	if err := os.MkdirAll(tokens, 0o700); err != nil {
 		return st, err
 	}
@@ -88,6 +102,9 @@ func Bootstrap(dir, label string) (Setup, error) {
 		return st, nil
 	} else if !errors.Is(err, hsm.ErrTokenNotFound) {
 		return st, err
+	}
+	if !create {
+		return st, fmt.Errorf("%w: no token labelled %q in %s (moved or deleted?); kmsd made it at first start and will not make a new one", ErrMissing, label, tokens)
 	}
 	if err := hsm.InitToken(m, label, soPIN, pin); err != nil {
 		return st, err

@@ -24,7 +24,7 @@ func Main(m *testing.M) {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)
 	}
-	setup, err = softhsm.Bootstrap(dir, TokenLabel)
+	setup, err = softhsm.Bootstrap(dir, TokenLabel, true)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "testhsm:", err)
 		os.RemoveAll(dir)
@@ -49,7 +49,7 @@ func PIN(t testing.TB) string {
 
 // Config returns an hsm.Config for the test token.
 func Config(t testing.TB) hsm.Config {
-	return hsm.Config{Module: setup.Module, TokenLabel: TokenLabel, PIN: PIN(t)}
+	return hsm.Config{Module: setup.Module, TokenLabel: TokenLabel, PIN: PIN(t), CreateKEK: true}
 }
 
 // Open opens a sealer on the test token and closes it when the test ends.

@@ -191,6 +191,34 @@ func (s *Store) recoverWAL(path string, size int64) error {
 	return nil
 }
 
+// Meta returns a value of the store's own metadata (nil if unset).
+func (s *Store) Meta(key string) ([]byte, error) {
+	var v []byte
+	err := s.db.View(func(tx *bbolt.Tx) error {
+		v = bytes.Clone(tx.Bucket(bucketMeta).Get([]byte("x-" + key)))
+		return nil
+	})
+	return v, err
+}
+
+// PutMeta sets a value of the store's own metadata, durably.
+func (s *Store) PutMeta(key string, value []byte) error {
+	return s.update(func(tx *bbolt.Tx) error { return tx.Bucket(bucketMeta).Put([]byte("x-"+key), value) })
+}
+
+// Empty reports whether the store holds no key and no token: a new data
+// dir.
+func (s *Store) Empty() (bool, error) {
+	empty := false
+	err := s.db.View(func(tx *bbolt.Tx) error {
+		k, _ := tx.Bucket(bucketKeys).Cursor().First()
+		t, _ := tx.Bucket(bucketTokens).Cursor().First()
+		empty = k == nil && t == nil
+		return nil
+	})
+	return empty, err
+}
+
 // WALMissing reports whether Open found no WAL file beside a database that
 // has audit records: the file was deleted while no kmsd ran, or before a
 // crash; records acknowledged only in it are lost.
