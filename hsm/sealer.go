@@ -11,7 +11,10 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"sync"
+	"sync/atomic"
+	"time"
 
 	"github.com/miekg/pkcs11"
 
@@ -37,20 +40,43 @@ type Config struct {
 	CreateKEK bool
 	// Sessions bounds the session pool (default 8).
 	Sessions int
+	// Logger receives connection losses and re-establishments.
+	Logger *slog.Logger
 }
 
-// Sealer is a kms.Sealer over a PKCS#11 token.
+// Sealer is a kms.Sealer over a PKCS#11 token. When the token goes away
+// while kmsd runs (removed, its files moved, a session or the KEK handle
+// invalidated), every operation fails fast as unavailable and a supervisor
+// re-establishes the connection with back-off: module re-initialized (when
+// the sealer initialized it), token found by label, login (never retried
+// after the PIN is refused), KEK found by label (never created) and checked
+// to be the same key, sessions opened anew, a round trip tested.
 type Sealer struct {
-	mod        Module
-	slot       uint
-	kek        pkcs11.ObjectHandle
-	kekID      string // hex of the KEK's CKA_ID
-	loginSess  pkcs11.SessionHandle
-	finalize   bool
-	pool       *pool
-	closeOnce  sync.Once
-	closedLock sync.RWMutex
-	closed     bool
+	mod      Module
+	cfg      Config
+	kekID    string // hex of the KEK's CKA_ID
+	finalize bool
+	log      *slog.Logger
+
+	mu     sync.RWMutex // operations hold it shared while they use c; reconnect and Close exclusively
+	c      *conn        // nil while disconnected
+	closed bool
+
+	hmu         sync.Mutex
+	healthy     bool
+	lastErr     error
+	supervising bool
+	pinRefused  bool
+	reconnects  atomic.Uint64
+	closeOnce   sync.Once
+}
+
+// conn is one established connection to the token.
+type conn struct {
+	slot      uint
+	kek       pkcs11.ObjectHandle
+	loginSess pkcs11.SessionHandle
+	pool      *pool
 }
 
 var _ kms.Sealer = (*Sealer)(nil)
@@ -62,10 +88,19 @@ const (
 	gcmTagBits      = 128
 )
 
+// Back-off between reconnection attempts.
+var (
+	reconnectFirst = 100 * time.Millisecond
+	reconnectMax   = 2 * time.Second
+)
+
+// ErrDisconnected is returned while the token is unreachable.
+var ErrDisconnected = errors.New("the HSM is unreachable; reconnecting")
+
 // Open loads the module, finds the token by label, logs in, checks the
-// mechanisms, finds or creates the KEK, checks its attributes and runs the
-// self-test. Any failure closes what was opened and returns an error naming
-// the cause (never the PIN).
+// mechanisms, finds (or, with CreateKEK, creates) the KEK, checks its
+// attributes and runs the self-test. Any failure closes what was opened and
+// returns an error naming the cause (never the PIN).
 func Open(cfg Config) (_ *Sealer, err error) {
 	if cfg.KEKLabel == "" {
 		cfg.KEKLabel = defaultKEKLabel
@@ -79,7 +114,10 @@ func Open(cfg Config) (_ *Sealer, err error) {
 			return nil, err
 		}
 	}
-	s := &Sealer{mod: mod}
+	s := &Sealer{mod: mod, cfg: cfg, log: cfg.Logger, healthy: true}
+	if s.log == nil {
+		s.log = slog.New(slog.DiscardHandler)
+	}
 	if err := mod.Initialize(); err != nil {
 		if rv(err) != pkcs11.CKR_CRYPTOKI_ALREADY_INITIALIZED {
 			mod.Destroy()
@@ -90,39 +128,177 @@ func Open(cfg Config) (_ *Sealer, err error) {
 	}
 	defer func() {
 		if err != nil {
-			s.shutdown()
+			s.Close()
 		}
 	}()
-	if s.slot, err = FindToken(mod, cfg.TokenLabel); err != nil {
-		return nil, err
-	}
-	s.loginSess, err = mod.OpenSession(s.slot, pkcs11.CKF_SERIAL_SESSION|pkcs11.CKF_RW_SESSION)
+	c, kekID, err := s.connect(cfg.CreateKEK)
+	s.c = c
 	if err != nil {
-		return nil, fmt.Errorf("open session on token %q: %w", cfg.TokenLabel, err)
-	}
-	if err := mod.Login(s.loginSess, pkcs11.CKU_USER, cfg.PIN); err != nil {
-		switch rv(err) {
-		case pkcs11.CKR_USER_ALREADY_LOGGED_IN:
-		case pkcs11.CKR_PIN_INCORRECT, pkcs11.CKR_PIN_INVALID, pkcs11.CKR_PIN_LEN_RANGE:
-			return nil, fmt.Errorf("token %q: %w", cfg.TokenLabel, ErrPINIncorrect)
-		case pkcs11.CKR_PIN_LOCKED:
-			return nil, fmt.Errorf("token %q: %w", cfg.TokenLabel, ErrPINLocked)
-		default:
-			return nil, fmt.Errorf("log in to token %q: %w", cfg.TokenLabel, err)
-		}
-	}
-	if err := checkMechanisms(mod, s.slot); err != nil {
 		return nil, err
 	}
-	if s.kek, s.kekID, err = findOrCreateKEK(mod, s.loginSess, cfg.KEKLabel, cfg.CreateKEK); err != nil {
-		return nil, err
-	}
-	s.pool = newPool(mod, s.slot, cfg.Sessions)
+	s.kekID = kekID
 	if err := s.selfTest(); err != nil {
 		return nil, err
 	}
 	return s, nil
 }
+
+// connect establishes a connection: token by label, a login session, the
+// mechanisms, the KEK by label (created only if create), its attributes,
+// and a session pool. On failure it closes what it opened; c may still be
+// returned half made for shutdown to close.
+func (s *Sealer) connect(create bool) (c *conn, kekID string, err error) {
+	c = &conn{}
+	defer func() {
+		if err != nil {
+			s.closeConn(c)
+			c = nil
+		}
+	}()
+	if c.slot, err = FindToken(s.mod, s.cfg.TokenLabel); err != nil {
+		return c, "", err
+	}
+	c.loginSess, err = s.mod.OpenSession(c.slot, pkcs11.CKF_SERIAL_SESSION|pkcs11.CKF_RW_SESSION)
+	if err != nil {
+		return c, "", fmt.Errorf("open session on token %q: %w", s.cfg.TokenLabel, err)
+	}
+	if err := s.mod.Login(c.loginSess, pkcs11.CKU_USER, s.cfg.PIN); err != nil {
+		switch rv(err) {
+		case pkcs11.CKR_USER_ALREADY_LOGGED_IN:
+		case pkcs11.CKR_PIN_INCORRECT, pkcs11.CKR_PIN_INVALID, pkcs11.CKR_PIN_LEN_RANGE:
+			return c, "", fmt.Errorf("token %q: %w", s.cfg.TokenLabel, ErrPINIncorrect)
+		case pkcs11.CKR_PIN_LOCKED:
+			return c, "", fmt.Errorf("token %q: %w", s.cfg.TokenLabel, ErrPINLocked)
+		default:
+			return c, "", fmt.Errorf("log in to token %q: %w", s.cfg.TokenLabel, err)
+		}
+	}
+	if err := checkMechanisms(s.mod, c.slot); err != nil {
+		return c, "", err
+	}
+	if c.kek, kekID, err = findOrCreateKEK(s.mod, c.loginSess, s.cfg.KEKLabel, create); err != nil {
+		return c, "", err
+	}
+	c.pool = newPool(s.mod, c.slot, s.cfg.Sessions)
+	return c, kekID, nil
+}
+
+// closeConn closes a connection's sessions, best effort.
+func (s *Sealer) closeConn(c *conn) {
+	if c == nil {
+		return
+	}
+	if c.pool != nil {
+		c.pool.close()
+	}
+	if c.loginSess != 0 { // CK_INVALID_HANDLE is 0
+		_ = s.mod.Logout(c.loginSess)
+		_ = s.mod.CloseSession(c.loginSess)
+	}
+}
+
+// reconnectable reports whether err means the connection to the token (a
+// session, the login, the KEK handle or the token itself) is gone, so that
+// only a reconnection can help.
+func reconnectable(err error) bool {
+	switch rv(err) {
+	case pkcs11.CKR_OBJECT_HANDLE_INVALID, pkcs11.CKR_KEY_HANDLE_INVALID, pkcs11.CKR_SESSION_HANDLE_INVALID,
+		pkcs11.CKR_SESSION_CLOSED, pkcs11.CKR_TOKEN_NOT_PRESENT, pkcs11.CKR_TOKEN_NOT_RECOGNIZED,
+		pkcs11.CKR_DEVICE_REMOVED, pkcs11.CKR_DEVICE_ERROR, pkcs11.CKR_USER_NOT_LOGGED_IN,
+		pkcs11.CKR_CRYPTOKI_NOT_INITIALIZED, pkcs11.CKR_SLOT_ID_INVALID:
+		return true
+	}
+	return false
+}
+
+// broke marks the connection lost and starts the supervisor.
+func (s *Sealer) broke(err error) {
+	s.hmu.Lock()
+	defer s.hmu.Unlock()
+	s.lastErr = err
+	if s.healthy {
+		s.healthy = false
+		s.log.Error("HSM: connection lost; operations answer unavailable until it is re-established", "err", err)
+	}
+	if !s.supervising && !s.pinRefused {
+		s.supervising = true
+		go s.supervise()
+	}
+}
+
+// supervise reconnects with back-off until it succeeds, the PIN is
+// refused (never retried: that would lock the token) or the sealer closes.
+func (s *Sealer) supervise() {
+	wait := reconnectFirst
+	for {
+		time.Sleep(wait)
+		err := s.reconnect()
+		s.hmu.Lock()
+		switch {
+		case err == nil:
+			s.healthy, s.lastErr, s.supervising = true, nil, false
+			s.hmu.Unlock()
+			s.reconnects.Add(1)
+			s.log.Info("HSM: connection re-established", "token", s.cfg.TokenLabel, "kek_id", s.kekID)
+			return
+		case errors.Is(err, ErrClosed):
+			s.supervising = false
+			s.hmu.Unlock()
+			return
+		case errors.Is(err, ErrPINIncorrect) || errors.Is(err, ErrPINLocked) || errors.Is(err, ErrKEKChanged):
+			s.pinRefused, s.supervising, s.lastErr = true, false, err
+			s.hmu.Unlock()
+			s.log.Error("HSM: not reconnecting: restart kmsd once the cause is fixed", "err", err)
+			return
+		}
+		s.lastErr = err
+		s.hmu.Unlock()
+		wait = min(2*wait, reconnectMax)
+	}
+}
+
+// ErrKEKChanged: after a reconnection the KEK found by label is another key.
+var ErrKEKChanged = errors.New("the key found by the KEK's label is not the KEK this sealer was using")
+
+// reconnect drops the connection and makes a new one. The module is
+// re-initialized when this sealer initialized it (SoftHSM, for one, reads
+// its token directory again only then).
+func (s *Sealer) reconnect() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return ErrClosed
+	}
+	s.closeConn(s.c)
+	s.c = nil
+	if s.finalize {
+		_ = s.mod.Finalize()
+		if err := s.mod.Initialize(); err != nil && rv(err) != pkcs11.CKR_CRYPTOKI_ALREADY_INITIALIZED {
+			return fmt.Errorf("C_Initialize: %w", err)
+		}
+	}
+	c, kekID, err := s.connect(false)
+	if err != nil {
+		return err
+	}
+	if kekID != s.kekID {
+		s.closeConn(c)
+		return fmt.Errorf("%w: id %s, was %s", ErrKEKChanged, kekID, s.kekID)
+	}
+	// A round trip through the KEK before anyone relies on it.
+	err = c.pool.with(context.Background(), func(sh pkcs11.SessionHandle) error {
+		return s.pingKEK(sh, c.kek)
+	})
+	if err != nil {
+		s.closeConn(c)
+		return err
+	}
+	s.c = c
+	return nil
+}
+
+// Reconnects counts re-established connections.
+func (s *Sealer) Reconnects() uint64 { return s.reconnects.Load() }
 
 // FindToken returns the slot holding the initialized token with the label.
 func FindToken(mod Module, label string) (uint, error) {
@@ -316,9 +492,9 @@ func boolean(b []byte) bool { return len(b) == 1 && b[0] != 0 }
 // KEKAttributes reads the sealer's KEK attributes from the token.
 func (s *Sealer) KEKAttributes(ctx context.Context) (Attributes, error) {
 	var a Attributes
-	err := s.pool.with(ctx, func(sh pkcs11.SessionHandle) error {
+	err := s.run(ctx, func(sh pkcs11.SessionHandle, kek pkcs11.ObjectHandle) error {
 		var err error
-		a, err = KEKAttributes(s.mod, sh, s.kek)
+		a, err = KEKAttributes(s.mod, sh, kek)
 		return err
 	})
 	return a, err
@@ -383,9 +559,9 @@ func (s *Sealer) Seal(ctx context.Context, sc kms.SealContext, plaintext kms.Sec
 	}
 	wrapIV, nonce := nonces[:gcmNonce], nonces[gcmNonce:]
 	var wrapped []byte
-	err := s.run(ctx, func(sh pkcs11.SessionHandle) error {
+	err := s.run(ctx, func(sh pkcs11.SessionHandle, kek pkcs11.ObjectHandle) error {
 		var err error
-		wrapped, err = s.hsmEncrypt(sh, s.kek, wrapIV, aad, dek)
+		wrapped, err = s.hsmEncrypt(sh, kek, wrapIV, aad, dek)
 		return err
 	})
 	if err != nil {
@@ -461,9 +637,9 @@ func (s *Sealer) Unseal(ctx context.Context, sc kms.SealContext, b []byte) (kms.
 	}
 	aad := sc.AAD(s.kekID)
 	var dek []byte
-	err = s.run(ctx, func(sh pkcs11.SessionHandle) error {
+	err = s.run(ctx, func(sh pkcs11.SessionHandle, kek pkcs11.ObjectHandle) error {
 		var err error
-		dek, err = s.hsmDecrypt(sh, s.kek, p.wrapIV, aad, p.wrapped)
+		dek, err = s.hsmDecrypt(sh, kek, p.wrapIV, aad, p.wrapped)
 		return err
 	})
 	if err != nil {
@@ -486,45 +662,62 @@ func (s *Sealer) Unseal(ctx context.Context, sc kms.SealContext, b []byte) (kms.
 	return kms.NewSecret(pt), nil
 }
 
-// Ping implements kms.Sealer: it takes a pooled session and asks the token
-// for its state.
+// Ping implements kms.Sealer: it encrypts with the KEK in the token, so it
+// fails whenever sealing and unsealing would.
 func (s *Sealer) Ping(ctx context.Context) error {
-	return s.run(ctx, func(sh pkcs11.SessionHandle) error {
-		_, err := s.mod.GetSessionInfo(sh)
-		return err
+	return s.run(ctx, func(sh pkcs11.SessionHandle, kek pkcs11.ObjectHandle) error {
+		return s.pingKEK(sh, kek)
 	})
 }
 
-func (s *Sealer) run(ctx context.Context, fn func(pkcs11.SessionHandle) error) error {
-	s.closedLock.RLock()
-	defer s.closedLock.RUnlock()
+// pingKEK encrypts a random block with the KEK under a random IV.
+func (s *Sealer) pingKEK(sh pkcs11.SessionHandle, kek pkcs11.ObjectHandle) error {
+	buf := make([]byte, gcmNonce+16)
+	if _, err := io.ReadFull(rand.Reader, buf); err != nil {
+		return err
+	}
+	_, err := s.hsmEncrypt(sh, kek, buf[:gcmNonce], []byte("kmsd ping"), buf[gcmNonce:])
+	return err
+}
+
+// run runs fn on a session of the current connection with its KEK handle.
+// While the connection is lost it fails at once (ErrDisconnected, with the
+// cause); an error that means the connection is gone starts reconnection.
+func (s *Sealer) run(ctx context.Context, fn func(pkcs11.SessionHandle, pkcs11.ObjectHandle) error) error {
+	s.mu.RLock()
 	if s.closed {
+		s.mu.RUnlock()
 		return ErrClosed
 	}
-	return s.pool.with(ctx, fn)
+	s.hmu.Lock()
+	healthy, last := s.healthy, s.lastErr
+	s.hmu.Unlock()
+	c := s.c
+	if !healthy || c == nil {
+		s.mu.RUnlock()
+		return fmt.Errorf("%w: %v", ErrDisconnected, last)
+	}
+	err := c.pool.with(ctx, func(sh pkcs11.SessionHandle) error { return fn(sh, c.kek) })
+	s.mu.RUnlock()
+	if reconnectable(err) {
+		s.broke(err)
+	}
+	return err
 }
 
-// Close closes every session, logs out and finalizes the module.
+// Close closes every session, logs out and finalizes the module. A
+// reconnection under way finishes first; none starts after.
 func (s *Sealer) Close() error {
 	s.closeOnce.Do(func() {
-		s.closedLock.Lock()
+		s.mu.Lock()
+		defer s.mu.Unlock()
 		s.closed = true
-		s.closedLock.Unlock()
-		s.shutdown()
+		s.closeConn(s.c)
+		s.c = nil
+		if s.finalize {
+			_ = s.mod.Finalize()
+		}
+		s.mod.Destroy()
 	})
 	return nil
-}
-
-func (s *Sealer) shutdown() {
-	if s.pool != nil {
-		s.pool.close()
-	}
-	if s.loginSess != 0 { // CK_INVALID_HANDLE is 0
-		_ = s.mod.Logout(s.loginSess)
-		_ = s.mod.CloseSession(s.loginSess)
-	}
-	if s.finalize {
-		_ = s.mod.Finalize()
-	}
-	s.mod.Destroy()
 }

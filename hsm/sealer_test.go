@@ -7,9 +7,12 @@ import (
 	"crypto/cipher"
 	"encoding/hex"
 	"errors"
+	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/miekg/pkcs11"
 
@@ -165,6 +168,19 @@ type faultModule struct {
 	failDecrypt   bool
 	failMechanism bool
 	encrypts      int
+	loginErr      error
+	logins        int
+}
+
+func (f *faultModule) Login(sh pkcs11.SessionHandle, userType uint, pin string) error {
+	f.mu.Lock()
+	f.logins++
+	err := f.loginErr
+	f.mu.Unlock()
+	if err != nil {
+		return err
+	}
+	return f.Module.Login(sh, userType, pin)
 }
 
 var errInjected = pkcs11.Error(pkcs11.CKR_DEVICE_ERROR)
@@ -261,11 +277,107 @@ func TestHSMFaultAfterStart(t *testing.T) {
 	if _, err := s.Unseal(ctx, sc, blob); err == nil {
 		t.Fatal("Unseal with a failing HSM succeeded")
 	}
+	if err := s.Ping(ctx); err == nil {
+		t.Fatal("Ping succeeded while the HSM fails")
+	}
 	f.mu.Lock()
 	f.failEncrypt, f.failDecrypt = false, false
 	f.mu.Unlock()
+	// The sealer reconnects on its own, with back-off.
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		got, err := s.Unseal(ctx, sc, blob)
+		if err == nil && string(got.Reveal()) == "m" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("Unseal after recovery: %v", err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if s.Reconnects() < 1 {
+		t.Fatal("recovered without reconnecting")
+	}
+}
+
+// TestTokenMovedAwayAndBack is the review's finding: with the token's
+// files moved away and back, the KEK handle stayed invalid
+// (CKR_OBJECT_HANDLE_INVALID) and every seal failed until a restart, while
+// Ping kept answering. Now Ping fails while sealing would, and the sealer
+// re-establishes the connection on its own once the token is back.
+func TestTokenMovedAwayAndBack(t *testing.T) {
+	s := testhsm.Open(t)
+	ctx := context.Background()
+	blob, err := s.Seal(ctx, sc, kms.NewSecret([]byte("m")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	tokens := filepath.Join(filepath.Dir(testhsm.Setup().Conf), "tokens")
+	if err := os.Rename(tokens, tokens+".away"); err != nil {
+		t.Fatal(err)
+	}
+	restored := false
+	defer func() {
+		if !restored {
+			os.Rename(tokens+".away", tokens)
+		}
+	}()
+	if _, err := s.Seal(ctx, sc, kms.NewSecret([]byte("m"))); err == nil {
+		t.Fatal("Seal succeeded with the token gone")
+	}
+	if err := s.Ping(ctx); err == nil {
+		t.Fatal("Ping succeeded with the token gone")
+	}
+	time.Sleep(300 * time.Millisecond) // reconnection attempts fail meanwhile
+	if err := s.Ping(ctx); err == nil {
+		t.Fatal("Ping succeeded with the token still gone")
+	}
+	os.Rename(tokens+".away", tokens)
+	restored = true
+	deadline := time.Now().Add(10 * time.Second)
+	for s.Ping(ctx) != nil {
+		if time.Now().After(deadline) {
+			t.Fatalf("not reconnected: %v", s.Ping(ctx))
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 	if got, err := s.Unseal(ctx, sc, blob); err != nil || string(got.Reveal()) != "m" {
-		t.Fatalf("Unseal after recovery: %v", err)
+		t.Fatalf("a blob sealed before does not open after: %v", err)
+	}
+	if _, err := s.Seal(ctx, sc, kms.NewSecret([]byte("m"))); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestReconnectNeverRetriesARefusedPIN: when the token refuses the PIN on
+// reconnection, the sealer stops trying (a retried wrong PIN locks the
+// token) and stays unavailable.
+func TestReconnectNeverRetriesARefusedPIN(t *testing.T) {
+	f := &faultModule{}
+	s, err := openFaulty(t, f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	f.mu.Lock()
+	f.failEncrypt = true
+	f.loginErr = pkcs11.Error(pkcs11.CKR_PIN_INCORRECT)
+	logins := f.logins
+	f.mu.Unlock()
+	ctx := context.Background()
+	if _, err := s.Seal(ctx, sc, kms.NewSecret([]byte("m"))); err == nil {
+		t.Fatal("Seal succeeded")
+	}
+	time.Sleep(3 * time.Second) // several back-off periods
+	f.mu.Lock()
+	f.failEncrypt = false
+	tried := f.logins - logins
+	f.mu.Unlock()
+	if tried != 1 {
+		t.Fatalf("%d logins after the PIN was refused, want exactly 1", tried)
+	}
+	if err := s.Ping(ctx); err == nil || !errors.Is(err, hsm.ErrDisconnected) {
+		t.Fatalf("Ping after a refused PIN: %v", err)
 	}
 }
 

@@ -29,7 +29,7 @@ var (
 //     under another context.
 func (s *Sealer) selfTest() error {
 	ctx := context.Background()
-	err := s.pool.with(ctx, func(sh pkcs11.SessionHandle) error {
+	err := s.run(ctx, func(sh pkcs11.SessionHandle, _ pkcs11.ObjectHandle) error {
 		key, err := s.mod.CreateObject(sh, []*pkcs11.Attribute{
 			pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_SECRET_KEY),
 			pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_AES),

@@ -453,3 +453,93 @@ func TestNeverASecondTokenOrKEK(t *testing.T) {
 		t.Fatalf("token directory now holds %v, before %v", got, before)
 	}
 }
+
+// TestTokenGoneAndBackUnderLoad is the review's finding: with the token
+// directory moved away, requests correctly got 503 but /readyz stayed 200,
+// and after the token came back kmsd stayed at 503 until restarted. Now
+// /readyz fails while sealing fails, and service resumes on its own within
+// seconds of the token's return; no request gets a 500 meanwhile.
+func TestTokenGoneAndBackUnderLoad(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "data")
+	p := start(t, dir)
+	p.waitReady(t)
+	c := adminClient(t, p, dir)
+	if _, err := c.CreateKey(ctx, client.CreateKeyRequest{Name: "before", Kind: "ml-kem-768"}); err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	statuses := map[int]int{}
+	stop := make(chan struct{})
+	done := make(chan struct{})
+	go func() { // load: creates, which seal in the HSM
+		defer close(done)
+		for i := 0; ; i++ {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			_, err := c.CreateKey(ctx, client.CreateKeyRequest{Name: fmt.Sprintf("load-%d", i), Kind: "ml-dsa-44"})
+			st := client.StatusOf(err)
+			if err == nil {
+				st = 201
+			}
+			mu.Lock()
+			statuses[st]++
+			mu.Unlock()
+			time.Sleep(5 * time.Millisecond)
+		}
+	}()
+	tokens := filepath.Join(dir, "softhsm", "tokens")
+	time.Sleep(200 * time.Millisecond)
+	if err := os.Rename(tokens, tokens+".away"); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for c.Ready(ctx) == nil {
+		if time.Now().After(deadline) {
+			t.Fatal("/readyz still answers 200 with the token gone")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if err := c.Ready(ctx); client.StatusOf(err) != 503 {
+		t.Fatalf("/readyz with the token gone: %v", err)
+	}
+	time.Sleep(time.Second) // a few failed reconnection attempts
+	if err := os.Rename(tokens+".away", tokens); err != nil {
+		t.Fatal(err)
+	}
+	back := time.Now()
+	for c.Ready(ctx) != nil {
+		if time.Now().After(back.Add(10 * time.Second)) {
+			t.Fatalf("not ready 10 s after the token came back\n%s", p.stderr.String())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	t.Logf("ready again %v after the token came back", time.Since(back).Round(time.Millisecond))
+	time.Sleep(200 * time.Millisecond)
+	close(stop)
+	<-done
+	mu.Lock()
+	defer mu.Unlock()
+	if statuses[503] == 0 || statuses[201] == 0 || len(statuses) != 2 {
+		t.Fatalf("statuses under load: %v (want 201s and 503s only)", statuses)
+	}
+	// A key sealed before the outage opens after it.
+	pk, err := c.PublicKey(ctx, "before", 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ek, err := mlkem.NewEncapsulationKey768(pk.PublicKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ss, ct := ek.Encapsulate()
+	got, err := c.Decapsulate(ctx, "before", 1, ct)
+	if err != nil || !bytes.Equal(got.SharedSecret, ss) {
+		t.Fatalf("decapsulate after the outage: %v", err)
+	}
+	if !strings.Contains(p.stderr.String(), "connection re-established") {
+		t.Fatal("the reconnection was not logged")
+	}
+}

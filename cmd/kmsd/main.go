@@ -244,7 +244,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 	} else if sealedUnder.Token != c.token || sealedUnder.Label != c.kekLabel {
 		return fmt.Errorf("this data dir was sealed under the key labelled %q in token %q (KEK id %s), but kmsd was started with --pkcs11-token %q --kek-label %q: start it with those", sealedUnder.Label, sealedUnder.Token, sealedUnder.ID, c.token, c.kekLabel)
 	}
-	hcfg := hsm.Config{Module: c.module, TokenLabel: c.token, KEKLabel: c.kekLabel, CreateKEK: fresh}
+	hcfg := hsm.Config{Module: c.module, TokenLabel: c.token, KEKLabel: c.kekLabel, CreateKEK: fresh, Logger: log}
 	pinFile := c.pinFile
 	if c.module == "" {
 		st, err := softhsm.Bootstrap(filepath.Join(c.dataDir, "softhsm"), c.token, fresh)
