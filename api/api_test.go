@@ -3,10 +3,12 @@ package api_test
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
 	"encoding/base64"
 	"encoding/json"
 	"fmt"
 	"io"
+	"kmsd/internal/tlsutil"
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
@@ -87,6 +89,10 @@ var spec = func() *openapi3.T {
 // file. Every response the tests receive is validated against openapi.yaml.
 func newEnv(t *testing.T) *env { return newEnvWith(t, nil, nil, nil) }
 
+// testTransport reaches the current test's server over HTTPS, trusting its
+// CA (tests in this package run one at a time).
+var testTransport *http.Transport
+
 // testOptions, when set, changes the API's options (tests in this package
 // run one at a time).
 var testOptions func(*api.Options)
@@ -147,9 +153,31 @@ func newEnvWith(t *testing.T, wrapSealer func(kms.Sealer) kms.Sealer, wrapStore 
 		testOptions(&opts)
 	}
 	e.api = api.New(e.svc, slog.New(slog.NewJSONHandler(e.log, nil)), opts)
-	srv := httptest.NewServer(e.api.Handler())
+	// HTTPS with kmsd's own TLS configuration, under a CA made for the test.
+	local, err := tlsutil.EnsureLocal(t.TempDir(), tlsutil.LocalHosts, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	reloader, err := tlsutil.NewReloader(local.Cert, local.Key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pair, err := tls.LoadX509KeyPair(local.Cert, local.Key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := httptest.NewUnstartedServer(e.api.Handler())
+	srv.TLS = tlsutil.ServerConfig(reloader, nil, nil)
+	srv.TLS.Certificates = []tls.Certificate{pair} // httptest would add its own otherwise
+	srv.StartTLS()
 	t.Cleanup(srv.Close)
 	e.url = srv.URL
+	clientTLS, err := client.TLSConfig(local.CA, "", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	testTransport = &http.Transport{TLSClientConfig: clientTLS}
+	t.Cleanup(testTransport.CloseIdleConnections)
 	e.checker = newSpecChecker(t)
 	e.httpc = &http.Client{Transport: e.checker}
 	return e
@@ -207,7 +235,7 @@ func newSpecChecker(t *testing.T) *specChecker {
 }
 
 func (c *specChecker) RoundTrip(req *http.Request) (*http.Response, error) {
-	resp, err := http.DefaultTransport.RoundTrip(req)
+	resp, err := testTransport.RoundTrip(req)
 	if err != nil {
 		return nil, err
 	}

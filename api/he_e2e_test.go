@@ -170,7 +170,7 @@ func tamperProxy(t *testing.T, target string, rewrite func(path string, body []b
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		req, _ := http.NewRequest(r.Method, u.String()+r.URL.RequestURI(), r.Body)
 		req.Header = r.Header.Clone()
-		resp, err := http.DefaultTransport.RoundTrip(req)
+		resp, err := testTransport.RoundTrip(req)
 		if err != nil {
 			w.WriteHeader(502)
 			return
@@ -198,7 +198,7 @@ func TestWorkerRefusesTampering(t *testing.T) {
 	heKey(t, e, "he-t", `{"name":"he-t","kind":"ckks","policy":{"params":"ckks-logn13","rotations":[1],"relinearization":true}}`)
 	e.client(e.admin).Rotate(ctx, "he-t")
 	fetch := func(base string, identity []byte, version uint64) error {
-		f := &hekeys.Fetcher{BaseURL: base, Token: e.admin, IdentityKey: identity, CacheDir: t.TempDir()}
+		f := &hekeys.Fetcher{BaseURL: base, Token: e.admin, IdentityKey: identity, CacheDir: t.TempDir(), HTTP: &http.Client{Transport: testTransport}}
 		_, err := f.Fetch(ctx, "he-t", version)
 		return err
 	}
@@ -256,7 +256,7 @@ func TestWorkerRefusesTampering(t *testing.T) {
 func TestDecryptRefusals(t *testing.T) {
 	e := newEnv(t)
 	heKey(t, e, "he-d", `{"name":"he-d","kind":"ckks","policy":{"params":"ckks-logn13","decrypt_budget":2}}`)
-	f := &hekeys.Fetcher{BaseURL: e.url, Token: e.admin, IdentityKey: e.idPub, CacheDir: t.TempDir()}
+	f := &hekeys.Fetcher{BaseURL: e.url, Token: e.admin, IdentityKey: e.idPub, CacheDir: t.TempDir(), HTTP: e.httpc}
 	keys, err := f.Fetch(ctx, "he-d", 1)
 	if err != nil {
 		t.Fatal(err)
@@ -367,7 +367,7 @@ func TestWorkerResumesDownload(t *testing.T) {
 		if r.Header.Get("Range") != "" {
 			ranges.Add(1)
 		}
-		return http.DefaultTransport.RoundTrip(r)
+		return testTransport.RoundTrip(r)
 	})
 	for _, c := range []struct {
 		name    string

@@ -37,7 +37,7 @@ func TestLargeKeysetIsAnOperation(t *testing.T) {
 		t.Fatalf("final operation %+v", final)
 	}
 	// The key is usable: its keys fetch and verify.
-	f := &hekeys.Fetcher{BaseURL: e.url, Token: e.admin, IdentityKey: e.idPub, CacheDir: t.TempDir()}
+	f := &hekeys.Fetcher{BaseURL: e.url, Token: e.admin, IdentityKey: e.idPub, CacheDir: t.TempDir(), HTTP: e.httpc}
 	if _, err := f.Fetch(ctx, "big", 1); err != nil {
 		t.Fatal(err)
 	}

@@ -4,16 +4,19 @@ import (
 	"bytes"
 	"context"
 	"crypto/mlkem"
+	"crypto/tls"
 	"encoding/base64"
 	"encoding/json"
 	"flag"
 	"fmt"
+	"kmsd/internal/tlsutil"
 	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"regexp"
 	"strings"
 	"testing"
+	"time"
 
 	"kmsd/api"
 	"kmsd/audit"
@@ -57,10 +60,28 @@ func auditedServer(t *testing.T) (string, string, *audit.Log) {
 		sig, _, err := svc.SignAsIdentity(ctx, m, nil)
 		return sig, err
 	}})
-	srv := httptest.NewServer(api.New(svc, nil, api.Options{Audit: st, Prover: alog}).Handler())
+	// HTTPS with kmsd's TLS configuration; kmsctl trusts the test CA
+	// through KMS_CACERT (see kmsctl below).
+	local, err := tlsutil.EnsureLocal(t.TempDir(), tlsutil.LocalHosts, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	reloader, err := tlsutil.NewReloader(local.Cert, local.Key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pair, _ := tls.LoadX509KeyPair(local.Cert, local.Key)
+	srv := httptest.NewUnstartedServer(api.New(svc, nil, api.Options{Audit: st, Prover: alog}).Handler())
+	srv.TLS = tlsutil.ServerConfig(reloader, nil, nil)
+	srv.TLS.Certificates = []tls.Certificate{pair}
+	srv.StartTLS()
 	t.Cleanup(srv.Close)
+	testCA = local.CA
 	return srv.URL, admin, alog
 }
+
+// testCA is the CA of the current test's server (tests run one at a time).
+var testCA string
 
 type result struct {
 	code           int
@@ -70,7 +91,12 @@ type result struct {
 func kmsctl(t *testing.T, env map[string]string, args ...string) result {
 	t.Helper()
 	var out, errb bytes.Buffer
-	code := run(context.Background(), args, func(k string) string { return env[k] }, &out, &errb)
+	code := run(context.Background(), args, func(k string) string {
+		if k == "KMS_CACERT" && env[k] == "" {
+			return testCA
+		}
+		return env[k]
+	}, &out, &errb)
 	return result{code, out.String(), errb.String()}
 }
 
