@@ -3,15 +3,12 @@ package api_test
 import (
 	"bytes"
 	"context"
-	"crypto/tls"
 	"encoding/base64"
 	"encoding/json"
 	"fmt"
 	"io"
-	"kmsd/internal/tlsutil"
 	"log/slog"
 	"net/http"
-	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"slices"
@@ -154,25 +151,9 @@ func newEnvWith(t *testing.T, wrapSealer func(kms.Sealer) kms.Sealer, wrapStore 
 	}
 	e.api = api.New(e.svc, slog.New(slog.NewJSONHandler(e.log, nil)), opts)
 	// HTTPS with kmsd's own TLS configuration, under a CA made for the test.
-	local, err := tlsutil.EnsureLocal(t.TempDir(), tlsutil.LocalHosts, time.Now())
-	if err != nil {
-		t.Fatal(err)
-	}
-	reloader, err := tlsutil.NewReloader(local.Cert, local.Key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	pair, err := tls.LoadX509KeyPair(local.Cert, local.Key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv := httptest.NewUnstartedServer(e.api.Handler())
-	srv.TLS = tlsutil.ServerConfig(reloader, nil, nil)
-	srv.TLS.Certificates = []tls.Certificate{pair} // httptest would add its own otherwise
-	srv.StartTLS()
-	t.Cleanup(srv.Close)
+	srv, caFile := testutil.TLSServer(t, e.api.Handler())
 	e.url = srv.URL
-	clientTLS, err := client.TLSConfig(local.CA, "", "")
+	clientTLS, err := client.TLSConfig(caFile, "", "")
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -17,6 +17,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"kmsd/internal/tlsutil"
 )
 
 // Client talks to one kmsd.
@@ -48,7 +50,7 @@ func WithTLS(cfg *tls.Config) Option {
 // for the embedded default, <data-dir>/tls/ca.pem), and an optional client
 // certificate and key for mutual TLS.
 func TLSConfig(caFile, certFile, keyFile string) (*tls.Config, error) {
-	c := &tls.Config{MinVersion: tls.VersionTLS13, CurvePreferences: []tls.CurveID{tls.X25519MLKEM768, tls.X25519}}
+	c := &tls.Config{MinVersion: tls.VersionTLS13, CurvePreferences: tlsutil.CurvePreferences}
 	if caFile != "" {
 		b, err := os.ReadFile(caFile)
 		if err != nil {

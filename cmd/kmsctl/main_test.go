@@ -4,24 +4,21 @@ import (
 	"bytes"
 	"context"
 	"crypto/mlkem"
-	"crypto/tls"
 	"encoding/base64"
 	"encoding/json"
 	"flag"
 	"fmt"
-	"kmsd/internal/tlsutil"
-	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"regexp"
 	"strings"
 	"testing"
-	"time"
 
 	"kmsd/api"
 	"kmsd/audit"
 	"kmsd/he"
 	"kmsd/internal/testhsm"
+	"kmsd/internal/testutil"
 	"kmsd/kms"
 	"kmsd/kms/bolt"
 	"kmsd/kms/pqc"
@@ -62,21 +59,8 @@ func auditedServer(t *testing.T) (string, string, *audit.Log) {
 	}})
 	// HTTPS with kmsd's TLS configuration; kmsctl trusts the test CA
 	// through KMS_CACERT (see kmsctl below).
-	local, err := tlsutil.EnsureLocal(t.TempDir(), tlsutil.LocalHosts, time.Now())
-	if err != nil {
-		t.Fatal(err)
-	}
-	reloader, err := tlsutil.NewReloader(local.Cert, local.Key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	pair, _ := tls.LoadX509KeyPair(local.Cert, local.Key)
-	srv := httptest.NewUnstartedServer(api.New(svc, nil, api.Options{Audit: st, Prover: alog}).Handler())
-	srv.TLS = tlsutil.ServerConfig(reloader, nil, nil)
-	srv.TLS.Certificates = []tls.Certificate{pair}
-	srv.StartTLS()
-	t.Cleanup(srv.Close)
-	testCA = local.CA
+	srv, caFile := testutil.TLSServer(t, api.New(svc, nil, api.Options{Audit: st, Prover: alog}).Handler())
+	testCA = caFile
 	return srv.URL, admin, alog
 }
 

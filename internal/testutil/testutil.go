@@ -4,8 +4,14 @@ package testutil
 import (
 	"bytes"
 	"crypto/rand"
+	"crypto/tls"
+	"net/http"
+	"net/http/httptest"
 	"sync"
+	"testing"
 	"time"
+
+	"kmsd/internal/tlsutil"
 )
 
 // RecordingRand is crypto/rand that remembers what it handed out, so a test
@@ -69,4 +75,28 @@ func (l *Buffer) String() string {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.b.String()
+}
+
+// TLSServer serves h over HTTPS on 127.0.0.1 with kmsd's TLS configuration,
+// under a CA made for the test, and returns the server and the CA file.
+func TLSServer(t testing.TB, h http.Handler) (*httptest.Server, string) {
+	t.Helper()
+	local, err := tlsutil.EnsureLocal(t.TempDir(), tlsutil.LocalHosts, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	reloader, err := tlsutil.NewReloader(local.Cert, local.Key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pair, err := tls.LoadX509KeyPair(local.Cert, local.Key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := httptest.NewUnstartedServer(h)
+	srv.TLS = tlsutil.ServerConfig(reloader, nil, nil)
+	srv.TLS.Certificates = []tls.Certificate{pair} // httptest would add its own otherwise
+	srv.StartTLS()
+	t.Cleanup(srv.Close)
+	return srv, local.CA
 }

@@ -303,31 +303,6 @@ func VerifyClient(cs tls.ConnectionState, roots *x509.CertPool) error {
 	return nil
 }
 
-// ClientConfig is the client side: TLS 1.3, the same key exchange, the CA
-// file to trust (system roots when empty), and an optional client
-// certificate for mutual TLS.
-func ClientConfig(caFile, certFile, keyFile string) (*tls.Config, error) {
-	c := &tls.Config{MinVersion: tls.VersionTLS13, CurvePreferences: CurvePreferences}
-	if caFile != "" {
-		p, err := LoadPool(caFile)
-		if err != nil {
-			return nil, fmt.Errorf("CA certificate: %w", err)
-		}
-		c.RootCAs = p
-	}
-	if (certFile == "") != (keyFile == "") {
-		return nil, errors.New("a client certificate needs both the certificate and the key file")
-	}
-	if certFile != "" {
-		pair, err := tls.LoadX509KeyPair(certFile, keyFile)
-		if err != nil {
-			return nil, fmt.Errorf("client certificate: %w", err)
-		}
-		c.Certificates = []tls.Certificate{pair}
-	}
-	return c, nil
-}
-
 // IsLoopback reports whether a listen address's host is a loopback address
 // (or "localhost"); an empty host or 0.0.0.0 listens on every interface.
 func IsLoopback(addr string) bool {

@@ -405,9 +405,15 @@ func (s *Store) GetKey(ctx context.Context, name string) (*kms.Key, error) {
 
 // ListKeys implements kms.Store.
 func (s *Store) ListKeys(ctx context.Context, after string, limit int) ([]*kms.Key, error) {
-	var out []*kms.Key
-	err := s.db.View(func(tx *bbolt.Tx) error {
-		c := tx.Bucket(bucketKeys).Cursor()
+	return listAfter(s.db, bucketKeys, after, limit, decodeKey)
+}
+
+// listAfter decodes up to limit values of bucket whose keys sort after
+// `after`, in key order.
+func listAfter[T any](db *bbolt.DB, bucket []byte, after string, limit int, decode func([]byte) (*T, error)) ([]*T, error) {
+	var out []*T
+	err := db.View(func(tx *bbolt.Tx) error {
+		c := tx.Bucket(bucket).Cursor()
 		var k, v []byte
 		if after == "" {
 			k, v = c.First()
@@ -418,11 +424,11 @@ func (s *Store) ListKeys(ctx context.Context, after string, limit int) ([]*kms.K
 			}
 		}
 		for ; k != nil && len(out) < limit; k, v = c.Next() {
-			key, err := decodeKey(v)
+			x, err := decode(v)
 			if err != nil {
 				return err
 			}
-			out = append(out, key)
+			out = append(out, x)
 		}
 		return nil
 	})
@@ -500,28 +506,15 @@ func (s *Store) GetToken(ctx context.Context, id string) (*kms.Token, error) {
 
 // ListTokens implements kms.Store.
 func (s *Store) ListTokens(ctx context.Context, after string, limit int) ([]*kms.Token, error) {
-	var out []*kms.Token
-	err := s.db.View(func(tx *bbolt.Tx) error {
-		c := tx.Bucket(bucketTokens).Cursor()
-		var k, v []byte
-		if after == "" {
-			k, v = c.First()
-		} else {
-			k, v = c.Seek([]byte(after))
-			if k != nil && bytes.Equal(k, []byte(after)) {
-				k, v = c.Next()
-			}
-		}
-		for ; k != nil && len(out) < limit; k, v = c.Next() {
-			var t kms.Token
-			if err := json.Unmarshal(v, &t); err != nil {
-				return fmt.Errorf("decode token record: %w", err)
-			}
-			out = append(out, &t)
-		}
-		return nil
-	})
-	return out, err
+	return listAfter(s.db, bucketTokens, after, limit, decodeToken)
+}
+
+func decodeToken(buf []byte) (*kms.Token, error) {
+	var t kms.Token
+	if err := json.Unmarshal(buf, &t); err != nil {
+		return nil, fmt.Errorf("decode token record: %w", err)
+	}
+	return &t, nil
 }
 
 // UpdateToken implements kms.Store.
