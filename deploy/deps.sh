@@ -25,6 +25,31 @@ kmsd_have_softhsm() {
   return 1
 }
 
+# kmsd_go_switches: the go on PATH is 1.21 or newer, so it fetches the
+# release go.mod names by itself (GOTOOLCHAIN=auto).
+kmsd_go_switches() {
+  local v major minor
+  v=$(go env GOVERSION 2>/dev/null) || return 1   # e.g. go1.19.8
+  v=${v#go}; major=${v%%.*}; v=${v#*.}; minor=${v%%.*}
+  [ "$major" -gt 1 ] || [ "$minor" -ge 21 ]
+}
+
+# kmsd_go_bootstrap: an older go (Debian 12 ships 1.19) cannot switch
+# toolchains, but it can download the golang.org/toolchain module of the
+# release go.mod names through the module proxy; that go is then used.
+kmsd_go_bootstrap() {
+  local want mod dir
+  want=$(awk '$1 == "go" {print $2; exit}' go.mod)
+  mod="golang.org/toolchain@v0.0.1-go${want}.$(go env GOOS)-$(go env GOARCH)"
+  echo "go $(go env GOVERSION) cannot build go ${want}: fetching ${mod}" >&2
+  dir=$(cd "$(mktemp -d)" && GO111MODULE=on go mod download -json "$mod" | awk -F'"' '$2 == "Dir" {print $4}')
+  [ -n "$dir" ] && [ -f "$dir/bin/go" ] || { echo "could not download $mod" >&2; return 1; }
+  # Module zips carry no exec bits (cmd/go sets them when it switches).
+  chmod a+x "$dir/bin/"* "$dir"/pkg/tool/*/*
+  export PATH="$dir/bin:$PATH" GOTOOLCHAIN=local
+  unset GOROOT
+}
+
 kmsd_deps() {
   local need=()
   kmsd_have_softhsm || need+=(softhsm2)
@@ -36,7 +61,12 @@ kmsd_deps() {
     echo "installing: ${need[*]}" >&2
     kmsd_apt_install "${need[@]}"
   fi
-  # go.mod names the Go release; an older go fetches it from the module proxy.
-  export GOTOOLCHAIN="${GOTOOLCHAIN:-auto}"
+  # go.mod names the Go release; a go of 1.21 or newer fetches it from the
+  # module proxy by itself, an older one through kmsd_go_bootstrap.
+  if kmsd_go_switches; then
+    export GOTOOLCHAIN="${GOTOOLCHAIN:-auto}"
+  else
+    kmsd_go_bootstrap
+  fi
   export CGO_ENABLED=1
 }

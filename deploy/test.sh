@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every check and test: gofmt, go vet, and go test -race over all
-# packages against a real SoftHSM2 token, bbolt files and HTTP on 127.0.0.1.
+# packages against a real SoftHSM2 token, bbolt files and kmsd over HTTPS on
+# 127.0.0.1. Installs what it needs first (deploy/deps.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . deploy/deps.sh
