@@ -69,13 +69,13 @@ func decode(r *http.Request, v any, optional bool) error {
 	return nil
 }
 
-// fieldMin is the schema's minimum of the number fields whose zero the Go
-// types cannot tell from "absent" (and would read as "the default"): an
-// explicit value below it is refused, as openapi.yaml says.
 // binaryFields are the fields that hold base64 strings; encoding/json would
 // also take a JSON array of numbers for them, which is refused.
 var binaryFields = map[string]bool{"message": true, "signature": true, "context": true, "ciphertext": true}
 
+// fieldMin is the schema's minimum of the number fields whose zero the Go
+// types cannot tell from "absent" (and would read as "the default"): an
+// explicit value below it is refused, as openapi.yaml says.
 var fieldMin = map[string]float64{
 	"destroy_wait_days":      1,
 	"days":                   1,

@@ -205,9 +205,10 @@ func (s *Server) identify(next http.Handler) http.Handler {
 	})
 }
 
-// limit applies the rate limits: per client address to requests without a
-// valid token (refusals past it are counted into one audit record per
-// address and window, not one each), and per token to the others.
+// limit applies the per-address limit to requests without a valid token:
+// refusals past it are counted into one audit record per address and
+// window, not one each. (The per-token limit is limitToken, inside the
+// audit.)
 func (s *Server) limit(next http.Handler) http.Handler {
 	if s.unauth == nil && s.perTok == nil {
 		return next

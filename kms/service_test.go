@@ -6,6 +6,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -452,6 +453,18 @@ func TestTokens(t *testing.T) {
 	}
 	if _, _, err := e.svc.CreateToken(ctx, root, kms.TokenRequest{Name: "x", Role: "root", Keys: []string{"*"}}); !errors.Is(err, kms.ErrInvalid) {
 		t.Fatalf("unknown role: %v", err)
+	}
+	// A pasted token (or any character no key name holds) is no pattern:
+	// refused without being echoed or stored.
+	for _, bad := range []string{admin, "Team-*", "team a", "k/*", "k\x00"} {
+		before, _ := e.store.CountTokens(ctx)
+		_, _, err := e.svc.CreateToken(ctx, root, kms.TokenRequest{Role: kms.RoleWorker, Keys: []string{bad}})
+		if !errors.Is(err, kms.ErrInvalid) || strings.Contains(err.Error(), bad) {
+			t.Fatalf("pattern %q: %v", bad, err)
+		}
+		if after, _ := e.store.CountTokens(ctx); after != before {
+			t.Fatalf("pattern %q: a token was stored", bad)
+		}
 	}
 	if _, _, err := e.svc.CreateToken(ctx, root, kms.TokenRequest{Name: "x", Role: kms.RoleWorker, Keys: []string{"["}}); !errors.Is(err, kms.ErrInvalid) {
 		t.Fatalf("malformed pattern: %v", err)

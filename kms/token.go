@@ -159,6 +159,14 @@ func ValidatePatterns(ps []string) error {
 		if p == "" || len(p) > 128 {
 			return Errorf(KindInvalid, "a key pattern must be 1-128 characters")
 		}
+		// Only what can match a key name: its characters and the glob's.
+		// Anything else (upper case, a pasted token) matches nothing and
+		// would be stored and shown back; it is refused, not echoed.
+		for i := 0; i < len(p); i++ {
+			if c := p[i]; !('a' <= c && c <= 'z' || '0' <= c && c <= '9' || strings.IndexByte("._-*?[]^\\", c) >= 0) {
+				return Errorf(KindInvalid, "a key pattern may hold only a-z, 0-9, '.', '_', '-' and the glob characters * ? [ ] ^ \\ (not shown)")
+			}
+		}
 		if _, err := path.Match(p, ""); err != nil {
 			return Errorf(KindInvalid, "malformed key pattern (not shown)")
 		}

@@ -206,7 +206,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 	// SIGHUP reloads the TLS certificate; it must never stop kmsd.
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
-	defer signal.Stop(hup)
+	defer func() { signal.Stop(hup); close(hup) }() // ends the reload loop
 
 	if err := os.MkdirAll(c.dataDir, 0o700); err != nil {
 		return fmt.Errorf("data dir: %w", err)
