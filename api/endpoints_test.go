@@ -93,7 +93,7 @@ func TestSignatureLifecycle(t *testing.T) {
 		t.Fatalf("verify with a destroyed version: %v", err)
 	}
 	k, _ := c.GetKey(ctx, "docs")
-	if k.Versions[0].State != "destroyed" || k.Versions[0].DestroyedAt == nil || k.PrimaryVersion != 2 {
+	if len(k.Versions) != 2 || k.Versions[1].Version != 1 || k.Versions[1].State != "destroyed" || k.Versions[1].DestroyedAt == nil || k.PrimaryVersion != 2 {
 		t.Fatalf("key after destroy: %+v", k)
 	}
 }

@@ -49,17 +49,17 @@ type fullStore struct {
 
 var errFull = errors.New("injected: write /data/kms.db: no space left on device")
 
-func (f fullStore) CreateKey(ctx context.Context, k *kms.Key, a []*kms.AuditRecord) error {
+func (f fullStore) CreateKey(ctx context.Context, k *kms.Key, v *kms.Version, a []*kms.AuditRecord) error {
 	if f.full.Load() {
 		return errFull
 	}
-	return f.Store.CreateKey(ctx, k, a)
+	return f.Store.CreateKey(ctx, k, v, a)
 }
 
-func (f fullStore) UpdateKey(ctx context.Context, name string, fn func(*kms.Key) ([]*kms.AuditRecord, error)) error {
+func (f fullStore) UpdateKey(ctx context.Context, name string, fn func(kms.KeyTx) ([]*kms.AuditRecord, error)) error {
 	if f.full.Load() {
-		return f.Store.UpdateKey(ctx, name, func(k *kms.Key) ([]*kms.AuditRecord, error) {
-			if _, err := fn(k); err != nil {
+		return f.Store.UpdateKey(ctx, name, func(tx kms.KeyTx) ([]*kms.AuditRecord, error) {
+			if _, err := fn(tx); err != nil {
 				return nil, err
 			}
 			return nil, errFull

@@ -53,15 +53,33 @@ func toVersion(k *kms.Key, v *kms.Version) client.Version {
 		CreatedAt: v.CreatedAt, DestroyAt: v.DestroyAt, DestroyedAt: v.DestroyedAt}
 }
 
-func toKey(k *kms.Key) client.Key {
+// toKey renders a key's header and the versions given (none: the field is
+// left out).
+func toKey(k *kms.Key, vs []*kms.Version, next uint64) client.Key {
 	out := client.Key{Name: k.Name, Kind: k.Kind, CreatedAt: k.CreatedAt, PrimaryVersion: k.Primary,
-		LatestVersion: k.Latest(), MinDecryptionVersion: k.MinDecryptionVersion,
-		Policy:   toPolicy(k.Policy),
-		Versions: make([]client.Version, len(k.Versions))}
-	for i := range k.Versions {
-		out.Versions[i] = toVersion(k, &k.Versions[i])
+		LatestVersion: k.Latest, MinDecryptionVersion: k.MinDecryptionVersion,
+		Policy: toPolicy(k.Policy), Versions: toVersions(k, vs), NextVersionsPageToken: pageToken(next)}
+	return out
+}
+
+func toVersions(k *kms.Key, vs []*kms.Version) []client.Version {
+	if len(vs) == 0 {
+		return nil
+	}
+	out := make([]client.Version, len(vs))
+	for i, v := range vs {
+		out[i] = toVersion(k, v)
 	}
 	return out
+}
+
+// pageToken is the page token of a versions page: the number to continue
+// below, "" at the end.
+func pageToken(next uint64) string {
+	if next == 0 {
+		return ""
+	}
+	return strconv.FormatUint(next, 10)
 }
 
 func toPolicy(p kms.Policy) client.Policy {
@@ -122,7 +140,7 @@ func (s *Server) createKey(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	pending(r, http.StatusCreated)
-	k, job, err := s.svc.CreateKeyAsync(r.Context(), s.background(r), req.Name, req.Kind, fromPolicy(req.Policy))
+	k, v, job, err := s.svc.CreateKeyAsync(r.Context(), s.background(r), req.Name, req.Kind, fromPolicy(req.Policy))
 	if err != nil {
 		writeError(w, r, err)
 		return
@@ -132,7 +150,7 @@ func (s *Server) createKey(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	w.Header().Set("Location", "/v1/keys/"+url.PathEscape(k.Name))
-	writeJSON(w, http.StatusCreated, toKey(k))
+	writeJSON(w, http.StatusCreated, toKey(k, []*kms.Version{v}, 0))
 }
 
 // limitParam parses the optional limit query parameter (default 100).
@@ -169,18 +187,49 @@ func (s *Server) listKeys(w http.ResponseWriter, r *http.Request) {
 	}
 	out := client.KeyList{Keys: make([]client.Key, 0, len(keys)), NextPageToken: next}
 	for _, k := range keys {
-		out.Keys = append(out.Keys, toKey(k))
+		out.Keys = append(out.Keys, toKey(k, nil, 0))
 	}
 	writeJSON(w, http.StatusOK, out)
 }
 
 func (s *Server) getKey(w http.ResponseWriter, r *http.Request) {
-	k, err := s.svc.GetKey(r.Context(), chi.URLParam(r, "name"))
+	limit, ok := limitParam(w, r)
+	if !ok {
+		return
+	}
+	k, vs, next, err := s.svc.GetKey(r.Context(), chi.URLParam(r, "name"), 0, limit)
 	if err != nil {
 		writeError(w, r, err)
 		return
 	}
-	writeJSON(w, http.StatusOK, toKey(k))
+	writeJSON(w, http.StatusOK, toKey(k, vs, next))
+}
+
+// listVersions pages through a key's versions, newest first.
+func (s *Server) listVersions(w http.ResponseWriter, r *http.Request) {
+	limit, ok := limitParam(w, r)
+	if !ok {
+		return
+	}
+	var before uint64
+	if pt := r.URL.Query().Get("page_token"); pt != "" {
+		n, err := strconv.ParseUint(pt, 10, 32)
+		if err != nil || n < 2 || pt[0] == '0' {
+			writeProblem(w, r, http.StatusBadRequest, ProbInvalid, "malformed page_token")
+			return
+		}
+		before = n
+	}
+	k, vs, next, err := s.svc.GetKey(r.Context(), chi.URLParam(r, "name"), before, limit)
+	if err != nil {
+		writeError(w, r, err)
+		return
+	}
+	out := client.VersionList{Versions: toVersions(k, vs), NextPageToken: pageToken(next)}
+	if out.Versions == nil {
+		out.Versions = []client.Version{}
+	}
+	writeJSON(w, http.StatusOK, out)
 }
 
 func (s *Server) updateKey(w http.ResponseWriter, r *http.Request) {
@@ -210,7 +259,7 @@ func (s *Server) updateKey(w http.ResponseWriter, r *http.Request) {
 		writeError(w, r, err)
 		return
 	}
-	writeJSON(w, http.StatusOK, toKey(k))
+	writeJSON(w, http.StatusOK, toKey(k, nil, 0))
 }
 
 func (s *Server) rotate(w http.ResponseWriter, r *http.Request) {

@@ -294,6 +294,7 @@ func (s *Server) Handler() http.Handler {
 		r.Post("/v1/keys", allow(kms.PermManageKey, s.createKey))
 		r.Get("/v1/keys", allow(kms.PermReadKey, s.listKeys))
 		r.Get("/v1/keys/{name}", allow(kms.PermReadKey, s.getKey))
+		r.Get("/v1/keys/{name}/versions", allow(kms.PermReadKey, s.listVersions))
 		r.Patch("/v1/keys/{name}", allow(kms.PermManageKey, s.updateKey))
 		r.Post("/v1/keys/{name}/rotate", allow(kms.PermManageKey, s.rotate))
 		r.Get("/v1/keys/{name}/versions/{version}/public-key", allow(kms.PermReadKey, s.publicKey))

@@ -22,7 +22,7 @@ func (s *Service) EnsureIdentity(ctx context.Context) error {
 	if !errors.Is(err, ErrNotFound) {
 		return asUnavailable("store", err)
 	}
-	_, err = s.createKey(ctx, IdentityKeyName, IdentityKind, Policy{AllowedOperations: []Operation{OpSign, OpVerify}},
+	_, _, err = s.createKey(ctx, IdentityKeyName, IdentityKind, Policy{AllowedOperations: []Operation{OpSign, OpVerify}},
 		s.systemRecord("create identity key", IdentityKeyName, 1))
 	if errors.Is(err, ErrAlreadyExists) {
 		return nil

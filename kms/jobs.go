@@ -100,30 +100,30 @@ func progressFrom(ctx context.Context) func(done, total int, bytes int64) {
 // everything first and returns a running Job (and a nil key). bg is the
 // context the background work runs in (with its own audit record: the
 // request's was written when the job started).
-func (s *Service) CreateKeyAsync(ctx, bg context.Context, name, kindName string, p Policy) (*Key, *Job, error) {
+func (s *Service) CreateKeyAsync(ctx, bg context.Context, name, kindName string, p Policy) (*Key, *Version, *Job, error) {
 	if err := ValidateName(name); err != nil {
-		return nil, nil, err
+		return nil, nil, nil, err
 	}
 	kind, err := s.kinds.Lookup(kindName)
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, nil, err
 	}
 	if !s.asyncWanted(kind, p) {
-		k, err := s.CreateKey(ctx, name, kindName, p)
-		return k, nil, err
+		k, v, err := s.CreateKey(ctx, name, kindName, p)
+		return k, v, nil, err
 	}
 	if _, err := s.checkPolicy(kind, p); err != nil {
-		return nil, nil, err
+		return nil, nil, nil, err
 	}
 	if _, err := s.store.GetKey(ctx, name); err == nil {
-		return nil, nil, Errorf(KindAlreadyExists, "key %q already exists", name)
+		return nil, nil, nil, Errorf(KindAlreadyExists, "key %q already exists", name)
 	}
 	if err := s.generationSlotFree(); err != nil {
-		return nil, nil, err
+		return nil, nil, nil, err
 	}
 	j := s.newJob(name)
 	go func() {
-		k, err := s.createKey(context.WithValue(bg, progressKey{}, s.jobProgress(j)), name, kindName, p, auditFor(bg, name, 1))
+		k, _, err := s.createKey(context.WithValue(bg, progressKey{}, s.jobProgress(j)), name, kindName, p, auditFor(bg, name, 1))
 		var v uint64
 		if err == nil {
 			v = k.Primary
@@ -131,7 +131,7 @@ func (s *Service) CreateKeyAsync(ctx, bg context.Context, name, kindName string,
 		s.finishJob(j, v, err)
 	}()
 	c := *j
-	return nil, &c, nil
+	return nil, nil, &c, nil
 }
 
 // RotateAsync is Rotate, in the background for large keysets (see

@@ -87,28 +87,19 @@ type Version struct {
 	Decryptions uint64 `json:"decryptions,omitempty"`
 }
 
-// Key is a named key with its versions. Versions are numbered from 1 and
-// kept in order; Versions[i].Number == i+1.
+// Key is a key's header: what every request reads besides the one version
+// it uses. Versions are records of their own (Store.GetVersion), numbered
+// from 1 to Latest with no gaps, so a request's cost does not grow with the
+// key's history.
 type Key struct {
 	Name                 string    `json:"name"`
 	Kind                 string    `json:"kind"`
 	Policy               Policy    `json:"policy"`
 	CreatedAt            time.Time `json:"created_at"`
 	Primary              uint64    `json:"primary"`
+	Latest               uint64    `json:"latest"`
 	MinDecryptionVersion uint64    `json:"min_decryption_version"`
-	Versions             []Version `json:"versions"`
 }
-
-// Version returns version n, or a not-found error.
-func (k *Key) Version(n uint64) (*Version, error) {
-	if n == 0 || n > uint64(len(k.Versions)) {
-		return nil, Errorf(KindNotFound, "key %q has no version %d", k.Name, n)
-	}
-	return &k.Versions[n-1], nil
-}
-
-// Latest is the highest version number.
-func (k *Key) Latest() uint64 { return uint64(len(k.Versions)) }
 
 // Clone returns a deep copy.
 func (k *Key) Clone() *Key {
@@ -116,22 +107,27 @@ func (k *Key) Clone() *Key {
 	c.Policy.AllowedOperations = slices.Clone(k.Policy.AllowedOperations)
 	c.Policy.Params = slices.Clone(k.Policy.Params)
 	c.Policy.Rotations = slices.Clone(k.Policy.Rotations)
-	c.Versions = make([]Version, len(k.Versions))
-	for i, v := range k.Versions {
-		v.PublicKey = slices.Clone(v.PublicKey)
-		v.Sealed = slices.Clone(v.Sealed)
-		v.Manifest = slices.Clone(v.Manifest)
-		v.ManifestSig = slices.Clone(v.ManifestSig)
-		v.Blobs = slices.Clone(v.Blobs)
-		if v.DestroyAt != nil {
-			t := *v.DestroyAt
-			v.DestroyAt = &t
-		}
-		if v.DestroyedAt != nil {
-			t := *v.DestroyedAt
-			v.DestroyedAt = &t
-		}
-		c.Versions[i] = v
+	return &c
+}
+
+// HasVersion reports whether version n exists.
+func (k *Key) HasVersion(n uint64) bool { return n >= 1 && n <= k.Latest }
+
+// Clone returns a deep copy.
+func (v *Version) Clone() *Version {
+	c := *v
+	c.PublicKey = slices.Clone(v.PublicKey)
+	c.Sealed = slices.Clone(v.Sealed)
+	c.Manifest = slices.Clone(v.Manifest)
+	c.ManifestSig = slices.Clone(v.ManifestSig)
+	c.Blobs = slices.Clone(v.Blobs)
+	if v.DestroyAt != nil {
+		t := *v.DestroyAt
+		c.DestroyAt = &t
+	}
+	if v.DestroyedAt != nil {
+		t := *v.DestroyedAt
+		c.DestroyedAt = &t
 	}
 	return &c
 }

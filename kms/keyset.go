@@ -141,9 +141,19 @@ func (s *Service) ReferencedBlobs(ctx context.Context) (map[string]bool, error) 
 		}
 		for _, k := range keys {
 			after = k.Name
-			for _, v := range k.Versions {
-				for _, d := range v.Blobs {
-					out[d] = true
+			for before := uint64(0); ; {
+				vs, err := s.store.ListVersions(ctx, k.Name, before, 500)
+				if err != nil {
+					return nil, asUnavailable("store", err)
+				}
+				for _, v := range vs {
+					for _, d := range v.Blobs {
+						out[d] = true
+					}
+					before = v.Number
+				}
+				if len(vs) < 500 || before <= 1 {
+					break
 				}
 			}
 		}
@@ -244,8 +254,9 @@ func (s *Service) Decrypt(ctx context.Context, name string, n uint64, ct []byte)
 		}
 		s.cache.put(name, v.Number, priv)
 	}
-	err = s.update(ctx, name, func(k *Key) ([]*AuditRecord, error) {
-		v, err := k.Version(v.Number)
+	err = s.update(ctx, name, func(tx KeyTx) ([]*AuditRecord, error) {
+		k := tx.Key()
+		v, err := tx.Version(v.Number)
 		if err != nil {
 			return nil, err
 		}

@@ -18,18 +18,37 @@ type Sealer interface {
 
 // Store persists keys and tokens. Implementations commit each call durably
 // (fsync) before returning nil.
+//
+// A key is a small header (Key) and one record per version (Version); a
+// request that uses one version reads the header and that version only.
 type Store interface {
-	// CreateKey stores a new key and appends the audit records in the same
-	// transaction; ErrAlreadyExists if the name is taken.
-	CreateKey(ctx context.Context, k *Key, audit []*AuditRecord) error
-	// GetKey returns a copy of the key; ErrNotFound if absent.
+	// CreateKey stores a new key's header and its version 1 and appends the
+	// audit records, in one transaction; ErrAlreadyExists if the name is
+	// taken.
+	CreateKey(ctx context.Context, k *Key, v *Version, audit []*AuditRecord) error
+	// GetKey returns a copy of the key's header; ErrNotFound if absent.
 	GetKey(ctx context.Context, name string) (*Key, error)
-	// ListKeys returns up to limit keys with names after `after`, in name order.
+	// GetVersion returns a copy of version n of the key; ErrNotFound if
+	// the key or the version is absent.
+	GetVersion(ctx context.Context, name string, n uint64) (*Version, error)
+	// ListKeys returns up to limit key headers with names after `after`,
+	// in name order.
 	ListKeys(ctx context.Context, after string, limit int) ([]*Key, error)
-	// UpdateKey loads the key, calls fn on a copy, and stores the copy and
-	// the audit records fn returns in one transaction if fn returns no
-	// error. If fn or the commit fails, nothing changes.
-	UpdateKey(ctx context.Context, name string, fn func(k *Key) ([]*AuditRecord, error)) error
+	// ListVersions returns up to limit versions of the key numbered below
+	// `before` (0: from the latest), newest first; ErrNotFound if the key
+	// is absent.
+	ListVersions(ctx context.Context, name string, before uint64, limit int) ([]*Version, error)
+	// UpdateKey runs fn on a transaction over one key: fn changes the
+	// header (tx.Key), versions it loads (tx.Version) and versions it adds
+	// (tx.AddVersion); the store writes them and the audit records fn
+	// returns in one transaction if fn returns no error. If fn or the
+	// commit fails, nothing changes.
+	UpdateKey(ctx context.Context, name string, fn func(tx KeyTx) ([]*AuditRecord, error)) error
+	// DueVersions returns up to limit versions scheduled for destruction
+	// at or before now, the earliest first. Stores index the DestroyAt of
+	// every version in StateDestroyScheduled they write, in the same
+	// transaction.
+	DueVersions(ctx context.Context, now time.Time, limit int) ([]VersionRef, error)
 
 	// CreateToken stores a token record and the audit records in one
 	// transaction; ErrAlreadyExists if the id is taken.
@@ -57,6 +76,40 @@ type Store interface {
 
 	// Ping checks that the store answers.
 	Ping(ctx context.Context) error
+
+	// Watch registers fn to learn of every committed change: it is called
+	// with the records a transaction changed after it committed, before
+	// the call that committed returns (so a cache fed by it is never stale
+	// in this process once a write is acknowledged). A replicated store
+	// calls it from its watch for the commits of other replicas, too.
+	// fn must be fast and must not call the store.
+	Watch(fn func([]Change))
+}
+
+// KeyTx is one key inside a Store.UpdateKey transaction.
+type KeyTx interface {
+	// Key is the header, to read and change.
+	Key() *Key
+	// Version loads version n to read and change; changes are written at
+	// commit. A not-found error if the key has no version n.
+	Version(n uint64) (*Version, error)
+	// AddVersion adds version Latest+1 and advances the header's Latest.
+	AddVersion(v *Version) error
+}
+
+// VersionRef names one version of one key.
+type VersionRef struct {
+	Key     string
+	Version uint64
+}
+
+// Change names a record a committed transaction wrote: a key's header
+// (Key set, Version 0), one version (Key and Version set) or a token
+// (Token set).
+type Change struct {
+	Key     string
+	Version uint64
+	Token   string
 }
 
 // Clock tells the time; tests inject a fake one.

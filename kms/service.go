@@ -25,6 +25,10 @@ type Config struct {
 	CacheTTL time.Duration
 	// CacheSize bounds how many unsealed keys are held at once (default 1024).
 	CacheSize int
+	// RecordCacheSize bounds how many decoded key headers, versions and
+	// tokens each are held in memory (default 4096); negative: off. The
+	// cache follows the store's change feed (Store.Watch).
+	RecordCacheSize int
 	// MaxKeysetBytes refuses HE keys whose keyset would be larger (default
 	// 4 GiB). MaxGenerations bounds HE keyset generations at once (default
 	// 1); past it, requests are refused with "exhausted" (429).
@@ -52,6 +56,7 @@ type Service struct {
 	rand   io.Reader
 	log    *slog.Logger
 	cache  *keyCache
+	rc     *readCache
 	audit  bool
 
 	maxTokenTTL time.Duration
@@ -107,6 +112,11 @@ func NewService(cfg Config) (*Service, error) {
 		size = 1024
 	}
 	s.cache = newKeyCache(ttl, size, s.clock)
+	if cfg.RecordCacheSize == 0 {
+		cfg.RecordCacheSize = 4096
+	}
+	s.rc = newReadCache(cfg.RecordCacheSize)
+	s.store.Watch(s.rc.invalidate)
 	return s, nil
 }
 
@@ -195,61 +205,100 @@ func asUnavailable(op string, err error) error {
 }
 
 // CreateKey generates version 1 of a new key and stores it.
-func (s *Service) CreateKey(ctx context.Context, name, kindName string, p Policy) (*Key, error) {
+func (s *Service) CreateKey(ctx context.Context, name, kindName string, p Policy) (*Key, *Version, error) {
 	if err := ValidateName(name); err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	return s.createKey(ctx, name, kindName, p, auditFor(ctx, name, 1))
 }
 
-func (s *Service) createKey(ctx context.Context, name, kindName string, p Policy, audit []*AuditRecord) (*Key, error) {
+func (s *Service) createKey(ctx context.Context, name, kindName string, p Policy, audit []*AuditRecord) (*Key, *Version, error) {
 	kind, err := s.kinds.Lookup(kindName)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	if p, err = s.checkPolicy(kind, p); err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	if _, err := s.store.GetKey(ctx, name); err == nil {
-		return nil, Errorf(KindAlreadyExists, "key %q already exists", name)
+		return nil, nil, Errorf(KindAlreadyExists, "key %q already exists", name)
 	} else if !errors.Is(err, ErrNotFound) {
-		return nil, asUnavailable("store", err)
+		return nil, nil, asUnavailable("store", err)
 	}
 	v, err := s.newVersion(ctx, name, kind, 1, p)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
-	k := &Key{Name: name, Kind: kind.Name(), Policy: p, CreatedAt: v.CreatedAt, Primary: 1, MinDecryptionVersion: 1, Versions: []Version{v}}
-	if err := s.store.CreateKey(ctx, k, audit); err != nil {
+	k := &Key{Name: name, Kind: kind.Name(), Policy: p, CreatedAt: v.CreatedAt, Primary: 1, Latest: 1, MinDecryptionVersion: 1}
+	if err := s.store.CreateKey(ctx, k, &v, audit); err != nil {
 		s.discard(kind, v)
 		if errors.Is(err, ErrAlreadyExists) {
-			return nil, Errorf(KindAlreadyExists, "key %q already exists", name)
+			return nil, nil, Errorf(KindAlreadyExists, "key %q already exists", name)
 		}
-		return nil, asUnavailable("store", err)
+		return nil, nil, asUnavailable("store", err)
 	}
-	return k, nil
+	return k, &v, nil
 }
 
-// GetKey returns a key. Internal keys are not found.
-func (s *Service) GetKey(ctx context.Context, name string) (*Key, error) {
+// MaxVersionsPage bounds a page of versions.
+const MaxVersionsPage = 1000
+
+// GetKey returns a key's header and up to limit of its versions numbered
+// below `before` (0: from the latest), newest first, and the number to
+// continue below (0 when none is left). Internal keys are not found.
+func (s *Service) GetKey(ctx context.Context, name string, before uint64, limit int) (*Key, []*Version, uint64, error) {
 	if err := ValidateName(name); err != nil {
-		return nil, err
+		return nil, nil, 0, err
 	}
-	return s.getKey(ctx, name)
+	k, err := s.getKey(ctx, name)
+	if err != nil {
+		return nil, nil, 0, err
+	}
+	vs, next, err := s.listVersions(ctx, name, before, limit)
+	if err != nil {
+		return nil, nil, 0, err
+	}
+	return k, vs, next, nil
 }
 
-func (s *Service) getKey(ctx context.Context, name string) (*Key, error) {
-	k, err := s.store.GetKey(ctx, name)
+func (s *Service) listVersions(ctx context.Context, name string, before uint64, limit int) ([]*Version, uint64, error) {
+	if limit <= 0 || limit > MaxVersionsPage {
+		return nil, 0, Errorf(KindInvalid, "limit must be between 1 and %d", MaxVersionsPage)
+	}
+	vs, err := s.store.ListVersions(ctx, name, before, limit)
 	if errors.Is(err, ErrNotFound) {
-		return nil, Errorf(KindNotFound, "key %q not found", name)
+		return nil, 0, Errorf(KindNotFound, "key %q not found", name)
 	}
 	if err != nil {
-		return nil, asUnavailable("store", err)
+		return nil, 0, asUnavailable("store", err)
 	}
-	return k, nil
+	var next uint64
+	// Versions are numbered 1..Latest without gaps: a full page that did
+	// not reach version 1 has more below it.
+	if len(vs) == limit && vs[len(vs)-1].Number > 1 {
+		next = vs[len(vs)-1].Number
+	}
+	return vs, next, nil
 }
 
-// ListKeys returns up to limit keys after the name `after` that filter
+// getKey reads a key's header from the store (not the cache): for the
+// administrative paths that must see the newest.
+func (s *Service) getKey(ctx context.Context, name string) (*Key, error) {
+	k, err := s.store.GetKey(ctx, name)
+	return k, s.keyErr(name, err)
+}
+
+func (s *Service) keyErr(name string, err error) error {
+	if errors.Is(err, ErrNotFound) {
+		return Errorf(KindNotFound, "key %q not found", name)
+	}
+	if err != nil {
+		return asUnavailable("store", err)
+	}
+	return nil
+}
+
+// ListKeys returns up to limit key headers after the name `after` that filter
 // accepts (nil accepts all), and the name to continue after ("" at the end).
 func (s *Service) ListKeys(ctx context.Context, after string, limit int, filter func(name string) bool) ([]*Key, string, error) {
 	if limit <= 0 || limit > 1000 {
@@ -292,7 +341,8 @@ func (s *Service) UpdateKey(ctx context.Context, name string, u KeyUpdate) (*Key
 		return nil, err
 	}
 	var out *Key
-	err := s.update(ctx, name, func(k *Key) ([]*AuditRecord, error) {
+	err := s.update(ctx, name, func(tx KeyTx) ([]*AuditRecord, error) {
+		k := tx.Key()
 		if u.PatchPolicy != nil {
 			kind, err := s.kinds.Lookup(k.Kind)
 			if err != nil {
@@ -326,7 +376,7 @@ func (s *Service) UpdateKey(ctx context.Context, name string, u KeyUpdate) (*Key
 }
 
 // update runs fn in one store transaction and maps store errors.
-func (s *Service) update(ctx context.Context, name string, fn func(k *Key) ([]*AuditRecord, error)) error {
+func (s *Service) update(ctx context.Context, name string, fn func(tx KeyTx) ([]*AuditRecord, error)) error {
 	err := s.store.UpdateKey(ctx, name, fn)
 	if errors.Is(err, ErrNotFound) && KindOf(err) != KindNotFound {
 		return Errorf(KindNotFound, "key %q not found", name)
@@ -359,17 +409,20 @@ func (s *Service) rotate(ctx context.Context, name string) (*Key, *Version, erro
 	if err != nil {
 		return nil, nil, Wrap(KindInternal, "rotate", err)
 	}
-	n := k.Latest() + 1
+	n := k.Latest + 1
 	v, err := s.newVersion(ctx, name, kind, n, k.Policy)
 	if err != nil {
 		return nil, nil, err
 	}
 	var out *Key
-	err = s.update(ctx, name, func(k *Key) ([]*AuditRecord, error) {
-		if k.Latest()+1 != n {
+	err = s.update(ctx, name, func(tx KeyTx) ([]*AuditRecord, error) {
+		k := tx.Key()
+		if k.Latest+1 != n {
 			return nil, Errorf(KindFailedPrecondition, "key %q changed during rotation; retry", name)
 		}
-		k.Versions = append(k.Versions, v)
+		if err := tx.AddVersion(v.Clone()); err != nil {
+			return nil, err
+		}
 		k.Primary = n
 		out = k.Clone()
 		return auditFor(ctx, name, n), nil
@@ -378,21 +431,28 @@ func (s *Service) rotate(ctx context.Context, name string) (*Key, *Version, erro
 		s.discard(kind, v)
 		return nil, nil, err
 	}
-	return out, &out.Versions[n-1], nil
+	return out, &v, nil
 }
 
-// resolve returns the key and version n of it (0 means the primary).
+// resolve returns the key's header and version n of it (0 means the
+// primary), from the read cache: shared values, read only.
 func (s *Service) resolve(ctx context.Context, name string, n uint64) (*Key, *Version, error) {
-	k, err := s.getKey(ctx, name)
+	k, err := s.cachedKey(ctx, name)
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, s.keyErr(name, err)
 	}
 	if n == 0 {
 		n = k.Primary
 	}
-	v, err := k.Version(n)
+	if !k.HasVersion(n) {
+		return nil, nil, Errorf(KindNotFound, "key %q has no version %d", name, n)
+	}
+	v, err := s.cachedVersion(ctx, name, n)
+	if errors.Is(err, ErrNotFound) {
+		return nil, nil, Errorf(KindNotFound, "key %q has no version %d", name, n)
+	}
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, asUnavailable("store", err)
 	}
 	return k, v, nil
 }
@@ -429,8 +489,9 @@ func (s *Service) SetVersionState(ctx context.Context, name string, n uint64, ac
 		return nil, Errorf(KindInvalid, "days must be between %d and %d", MinDestroyWaitDays, MaxDestroyWaitDays)
 	}
 	var out Version
-	err := s.update(ctx, name, func(k *Key) ([]*AuditRecord, error) {
-		v, err := k.Version(n)
+	err := s.update(ctx, name, func(tx KeyTx) ([]*AuditRecord, error) {
+		k := tx.Key()
+		v, err := tx.Version(n)
 		if err != nil {
 			return nil, err
 		}
@@ -466,34 +527,34 @@ func (s *Service) SetVersionState(ctx context.Context, name string, n uint64, ac
 
 // DestroyDue erases the sealed material of every version whose destroy time
 // has come (crypto-shredding); metadata stays. It returns how many versions
-// it destroyed.
+// it destroyed. The store's schedule index names the due versions, so the
+// cost follows what is due, not how many versions exist.
 func (s *Service) DestroyDue(ctx context.Context) (int, error) {
 	destroyed := 0
-	after := ""
 	for {
-		keys, err := s.store.ListKeys(ctx, after, 100)
+		now := s.clock.Now()
+		refs, err := s.store.DueVersions(ctx, now, 100)
 		if err != nil {
 			return destroyed, asUnavailable("store", err)
 		}
-		for _, k := range keys {
-			after = k.Name
-			now := s.clock.Now()
-			due := false
-			for i := range k.Versions {
-				if _, err := transition(k, &k.Versions[i], ActDestroy, now); err == nil && k.Versions[i].State != StateDestroyed {
-					due = true
-				}
+		byKey := map[string][]uint64{}
+		var names []string
+		for _, r := range refs {
+			if _, ok := byKey[r.Key]; !ok {
+				names = append(names, r.Key)
 			}
-			if !due {
-				continue
-			}
+			byKey[r.Key] = append(byKey[r.Key], r.Version)
+		}
+		progress := 0
+		for _, name := range names {
 			var nums []uint64
-			err := s.update(ctx, k.Name, func(k *Key) ([]*AuditRecord, error) {
+			err := s.update(ctx, name, func(tx KeyTx) ([]*AuditRecord, error) {
 				nums = nums[:0]
+				k := tx.Key()
 				var recs []*AuditRecord
-				for i := range k.Versions {
-					v := &k.Versions[i]
-					if v.State == StateDestroyed {
+				for _, n := range byKey[name] {
+					v, err := tx.Version(n)
+					if err != nil || v.State == StateDestroyed {
 						continue
 					}
 					st, err := transition(k, v, ActDestroy, now)
@@ -513,12 +574,16 @@ func (s *Service) DestroyDue(ctx context.Context) (int, error) {
 				return destroyed, err
 			}
 			for _, n := range nums {
-				s.cache.evict(k.Name, n)
-				s.log.Info("key version destroyed", "key", k.Name, "version", n)
+				s.cache.evict(name, n)
+				s.log.Info("key version destroyed", "key", name, "version", n)
 			}
 			destroyed += len(nums)
+			progress += len(nums)
 		}
-		if len(keys) < 100 {
+		// A full batch that destroyed nothing would come back the same:
+		// stop rather than spin on it (the store's index disagrees with
+		// the versions; the next run tries again).
+		if len(refs) < 100 || progress == 0 {
 			return destroyed, nil
 		}
 	}

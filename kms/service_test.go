@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -54,10 +55,10 @@ type faultStore struct {
 	failUpdate atomic.Bool
 }
 
-func (f *faultStore) UpdateKey(ctx context.Context, name string, fn func(k *kms.Key) ([]*kms.AuditRecord, error)) error {
+func (f *faultStore) UpdateKey(ctx context.Context, name string, fn func(kms.KeyTx) ([]*kms.AuditRecord, error)) error {
 	if f.failUpdate.Load() {
-		return f.Store.UpdateKey(ctx, name, func(k *kms.Key) ([]*kms.AuditRecord, error) {
-			if _, err := fn(k); err != nil {
+		return f.Store.UpdateKey(ctx, name, func(tx kms.KeyTx) ([]*kms.AuditRecord, error) {
+			if _, err := fn(tx); err != nil {
 				return nil, err
 			}
 			return nil, errors.New("injected: disk full")
@@ -99,6 +100,27 @@ func newEnv(t *testing.T, ttl time.Duration) *env {
 
 var ctx = context.Background()
 
+// create makes a key or fails the test.
+func (e *env) create(t *testing.T, name, kind string, p kms.Policy) *kms.Key {
+	t.Helper()
+	k, _, err := e.svc.CreateKey(ctx, name, kind, p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return k
+}
+
+// get returns a key's header and all its versions, oldest first.
+func (e *env) get(t *testing.T, name string) (*kms.Key, []*kms.Version) {
+	t.Helper()
+	k, vs, _, err := e.svc.GetKey(ctx, name, 0, kms.MaxVersionsPage)
+	if err != nil {
+		t.Fatal(err)
+	}
+	slices.Reverse(vs)
+	return k, vs
+}
+
 func must[T any](t *testing.T) func(v T, err error) T {
 	return func(v T, err error) T {
 		t.Helper()
@@ -111,8 +133,8 @@ func must[T any](t *testing.T) func(v T, err error) T {
 
 func TestSignRotateVerify(t *testing.T) {
 	e := newEnv(t, 0)
-	k := must[*kms.Key](t)(e.svc.CreateKey(ctx, "signer", "ml-dsa-65", kms.Policy{}))
-	if k.Primary != 1 || k.Policy.DestroyWaitDays != 30 || len(k.Versions) != 1 {
+	k := e.create(t, "signer", "ml-dsa-65", kms.Policy{})
+	if k.Primary != 1 || k.Policy.DestroyWaitDays != 30 || k.Latest != 1 {
 		t.Fatalf("new key: %+v", k)
 	}
 	msg := []byte("message")
@@ -157,7 +179,7 @@ func TestSignRotateVerify(t *testing.T) {
 // failure while committing, leaves the key exactly as it was.
 func TestRotationFailureChangesNothing(t *testing.T) {
 	e := newEnv(t, 0)
-	before := must[*kms.Key](t)(e.svc.CreateKey(ctx, "k", "ml-kem-768", kms.Policy{}))
+	before, beforeVs := e.get(t, e.create(t, "k", "ml-kem-768", kms.Policy{}).Name)
 	e.sealer.fail.Store(true)
 	if _, _, err := e.svc.Rotate(ctx, "k"); !errors.Is(err, kms.ErrUnavailable) {
 		t.Fatalf("rotate with the HSM down: %v, want unavailable", err)
@@ -168,8 +190,8 @@ func TestRotationFailureChangesNothing(t *testing.T) {
 		t.Fatalf("rotate with a failing commit: %v, want unavailable", err)
 	}
 	e.store.failUpdate.Store(false)
-	after := must[*kms.Key](t)(e.svc.GetKey(ctx, "k"))
-	if after.Primary != before.Primary || len(after.Versions) != 1 || !bytes.Equal(after.Versions[0].Sealed, before.Versions[0].Sealed) {
+	after, afterVs := e.get(t, "k")
+	if after.Primary != before.Primary || after.Latest != 1 || len(afterVs) != 1 || !bytes.Equal(afterVs[0].Sealed, beforeVs[0].Sealed) {
 		t.Fatalf("key changed by failed rotations: %+v", after)
 	}
 	if _, v, err := e.svc.Rotate(ctx, "k"); err != nil || v.Number != 2 {
@@ -179,7 +201,7 @@ func TestRotationFailureChangesNothing(t *testing.T) {
 
 func TestScheduledDestroyShredsMaterial(t *testing.T) {
 	e := newEnv(t, 0)
-	e.svc.CreateKey(ctx, "k", "ml-kem-768", kms.Policy{DestroyWaitDays: 7})
+	e.create(t, "k", "ml-kem-768", kms.Policy{DestroyWaitDays: 7})
 	e.svc.Rotate(ctx, "k")
 	if _, err := e.svc.SetVersionState(ctx, "k", 2, kms.ActScheduleDestroy, 0); !errors.Is(err, kms.ErrFailedPrecondition) {
 		t.Fatalf("destroying the primary: %v", err)
@@ -196,11 +218,11 @@ func TestScheduledDestroyShredsMaterial(t *testing.T) {
 	if n, err := e.svc.DestroyDue(ctx); n != 1 || err != nil {
 		t.Fatalf("DestroyDue = %d, %v; want 1", n, err)
 	}
-	k := must[*kms.Key](t)(e.svc.GetKey(ctx, "k"))
-	if k.Versions[0].State != kms.StateDestroyed || k.Versions[0].Sealed != nil || k.Versions[0].DestroyedAt == nil {
-		t.Fatalf("version 1 after destroy: %+v", k.Versions[0])
+	_, vs := e.get(t, "k")
+	if vs[0].State != kms.StateDestroyed || vs[0].Sealed != nil || vs[0].DestroyedAt == nil {
+		t.Fatalf("version 1 after destroy: %+v", vs[0])
 	}
-	if k.Versions[1].Sealed == nil {
+	if vs[1].Sealed == nil {
 		t.Fatal("version 2 lost its material")
 	}
 	if _, err := e.svc.Decapsulate(ctx, "k", 1, make([]byte, 1088)); !errors.Is(err, kms.ErrFailedPrecondition) {
@@ -215,7 +237,7 @@ func TestScheduledDestroyShredsMaterial(t *testing.T) {
 
 func TestCancelDestroyRestoresDisabled(t *testing.T) {
 	e := newEnv(t, 0)
-	e.svc.CreateKey(ctx, "k", "ml-dsa-44", kms.Policy{})
+	e.create(t, "k", "ml-dsa-44", kms.Policy{})
 	e.svc.Rotate(ctx, "k")
 	e.svc.SetVersionState(ctx, "k", 1, kms.ActScheduleDestroy, 3)
 	v := must[*kms.Version](t)(e.svc.SetVersionState(ctx, "k", 1, kms.ActCancelDestroy, 0))
@@ -239,7 +261,7 @@ func TestNoSeedInStoreFile(t *testing.T) {
 	e := newEnv(t, 0)
 	for i, kind := range []string{"ml-kem-512", "ml-kem-768", "ml-kem-1024", "ml-dsa-44", "ml-dsa-65", "ml-dsa-87"} {
 		name := "k" + string(rune('a'+i))
-		e.svc.CreateKey(ctx, name, kind, kms.Policy{})
+		e.create(t, name, kind, kms.Policy{})
 		e.svc.Rotate(ctx, name)
 	}
 	db, err := os.ReadFile(e.path)
@@ -267,7 +289,7 @@ func TestNoSeedInStoreFile(t *testing.T) {
 // TestUnsealCacheTTL: a hot key costs one unseal per TTL.
 func TestUnsealCacheTTL(t *testing.T) {
 	e := newEnv(t, time.Minute)
-	e.svc.CreateKey(ctx, "k", "ml-dsa-65", kms.Policy{})
+	e.create(t, "k", "ml-dsa-65", kms.Policy{})
 	for i := 0; i < 5; i++ {
 		if _, _, err := e.svc.Sign(ctx, "k", []byte("m"), nil); err != nil {
 			t.Fatal(err)
@@ -295,7 +317,7 @@ func TestUnsealCacheTTL(t *testing.T) {
 
 func TestCacheOff(t *testing.T) {
 	e := newEnv(t, -1)
-	e.svc.CreateKey(ctx, "k", "ml-dsa-65", kms.Policy{})
+	e.create(t, "k", "ml-dsa-65", kms.Policy{})
 	for i := 0; i < 3; i++ {
 		e.svc.Sign(ctx, "k", []byte("m"), nil)
 	}
@@ -306,10 +328,10 @@ func TestCacheOff(t *testing.T) {
 
 func TestPolicyAndMinDecryptionVersion(t *testing.T) {
 	e := newEnv(t, 0)
-	if _, err := e.svc.CreateKey(ctx, "k", "ml-dsa-65", kms.Policy{AllowedOperations: []kms.Operation{kms.OpDecapsulate}}); !errors.Is(err, kms.ErrInvalid) {
+	if _, _, err := e.svc.CreateKey(ctx, "k", "ml-dsa-65", kms.Policy{AllowedOperations: []kms.Operation{kms.OpDecapsulate}}); !errors.Is(err, kms.ErrInvalid) {
 		t.Fatalf("decapsulate on a signing key: %v", err)
 	}
-	e.svc.CreateKey(ctx, "k", "ml-dsa-65", kms.Policy{AllowedOperations: []kms.Operation{kms.OpVerify}})
+	e.create(t, "k", "ml-dsa-65", kms.Policy{AllowedOperations: []kms.Operation{kms.OpVerify}})
 	if _, _, err := e.svc.Sign(ctx, "k", []byte("m"), nil); !errors.Is(err, kms.ErrFailedPrecondition) {
 		t.Fatalf("sign when the policy allows only verify: %v", err)
 	}
@@ -332,7 +354,7 @@ func TestPolicyAndMinDecryptionVersion(t *testing.T) {
 
 func TestConcurrentRotations(t *testing.T) {
 	e := newEnv(t, 0)
-	e.svc.CreateKey(ctx, "k", "ml-dsa-44", kms.Policy{})
+	e.create(t, "k", "ml-dsa-44", kms.Policy{})
 	var wg sync.WaitGroup
 	for i := 0; i < 8; i++ {
 		wg.Add(1)
@@ -344,9 +366,9 @@ func TestConcurrentRotations(t *testing.T) {
 		}()
 	}
 	wg.Wait()
-	k := must[*kms.Key](t)(e.svc.GetKey(ctx, "k"))
-	if len(k.Versions) != 9 || k.Primary != 9 {
-		t.Fatalf("%d versions, primary %d; want 9, 9", len(k.Versions), k.Primary)
+	k, vs := e.get(t, "k")
+	if len(vs) != 9 || k.Primary != 9 || k.Latest != 9 {
+		t.Fatalf("%d versions, primary %d; want 9, 9", len(vs), k.Primary)
 	}
 	for n := uint64(1); n <= 9; n++ {
 		// Every version's blob opens under its own number.
@@ -369,7 +391,7 @@ func TestListKeysPaginatesAndHidesIdentity(t *testing.T) {
 	}
 	names := []string{"0a", "0b", "a", "b", "c"}
 	for _, n := range names {
-		e.svc.CreateKey(ctx, n, "ml-kem-512", kms.Policy{})
+		e.create(t, n, "ml-kem-512", kms.Policy{})
 	}
 	var got []string
 	after := ""
@@ -397,7 +419,7 @@ func TestListKeysPaginatesAndHidesIdentity(t *testing.T) {
 			t.Fatalf("listed %v, want %v", got, names)
 		}
 	}
-	if _, err := e.svc.GetKey(ctx, kms.IdentityKeyName); !errors.Is(err, kms.ErrInvalid) {
+	if _, _, _, err := e.svc.GetKey(ctx, kms.IdentityKeyName, 0, 1); !errors.Is(err, kms.ErrInvalid) {
 		t.Fatalf("GetKey of the identity key: %v", err)
 	}
 	v, pub, err := e.svc.Identity(ctx)

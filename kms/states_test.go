@@ -54,11 +54,11 @@ func TestTransitions(t *testing.T) {
 	}
 	for _, c := range cases {
 		v := Version{Number: 2, State: c.state, DestroyAt: c.at}
-		k := &Key{Name: "k", Primary: 1, MinDecryptionVersion: 1, Versions: []Version{{Number: 1}, v}}
+		k := &Key{Name: "k", Primary: 1, Latest: 2, MinDecryptionVersion: 1}
 		if c.primary {
 			k.Primary = 2
 		}
-		got, err := transition(k, &k.Versions[1], c.action, now)
+		got, err := transition(k, &v, c.action, now)
 		if c.want == "" {
 			if err == nil || KindOf(err) != KindFailedPrecondition {
 				t.Errorf("%s on %s (primary %v): got %q, %v; want a failed-precondition refusal", c.action, c.state, c.primary, got, err)
@@ -72,12 +72,11 @@ func TestTransitions(t *testing.T) {
 }
 
 func TestUseBelowMinDecryptionVersion(t *testing.T) {
-	k := &Key{Name: "k", Primary: 3, MinDecryptionVersion: 2, Versions: []Version{
-		{Number: 1, State: StateEnabled}, {Number: 2, State: StateEnabled}, {Number: 3, State: StateEnabled}}}
-	if _, err := transition(k, &k.Versions[0], ActUse, time.Now()); err == nil {
+	k := &Key{Name: "k", Primary: 3, Latest: 3, MinDecryptionVersion: 2}
+	if _, err := transition(k, &Version{Number: 1, State: StateEnabled}, ActUse, time.Now()); err == nil {
 		t.Fatal("version 1 is usable below min_decryption_version 2")
 	}
-	if _, err := transition(k, &k.Versions[1], ActUse, time.Now()); err != nil {
+	if _, err := transition(k, &Version{Number: 2, State: StateEnabled}, ActUse, time.Now()); err != nil {
 		t.Fatal(err)
 	}
 }

@@ -141,7 +141,7 @@ func (s *Service) Authenticate(ctx context.Context, token string) (*Principal, e
 	if !ok {
 		return nil, Errorf(KindUnauthenticated, "malformed bearer token")
 	}
-	t, err := s.store.GetToken(ctx, id)
+	t, err := s.cachedToken(ctx, id)
 	if errors.Is(err, ErrNotFound) {
 		return nil, Errorf(KindUnauthenticated, "unknown bearer token")
 	}

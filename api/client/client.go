@@ -222,13 +222,40 @@ func (c *Client) ListKeys(ctx context.Context, limit int, pageToken string) (*Ke
 	return &out, c.do(ctx, http.MethodGet, "/v1/keys", q, nil, &out)
 }
 
-// GetKey returns a key.
+// GetKey returns a key with its newest versions (the server's default
+// page, 100).
 func (c *Client) GetKey(ctx context.Context, name string) (*Key, error) {
-	var out Key
-	return &out, c.do(ctx, http.MethodGet, keyPath(name), nil, nil, &out)
+	return c.GetKeyVersions(ctx, name, 0)
 }
 
-// UpdateKey changes a key's policy or min_decryption_version.
+// GetKeyVersions returns a key with up to limit of its newest versions (0:
+// the server's default).
+func (c *Client) GetKeyVersions(ctx context.Context, name string, limit int) (*Key, error) {
+	q := url.Values{}
+	if limit > 0 {
+		q.Set("limit", strconv.Itoa(limit))
+	}
+	var out Key
+	return &out, c.do(ctx, http.MethodGet, keyPath(name), q, nil, &out)
+}
+
+// ListVersions returns a page of a key's versions, newest first; pageToken
+// is "" or the NextPageToken of the previous page (or the key's
+// NextVersionsPageToken).
+func (c *Client) ListVersions(ctx context.Context, name string, limit int, pageToken string) (*VersionList, error) {
+	q := url.Values{}
+	if limit > 0 {
+		q.Set("limit", strconv.Itoa(limit))
+	}
+	if pageToken != "" {
+		q.Set("page_token", pageToken)
+	}
+	var out VersionList
+	return &out, c.do(ctx, http.MethodGet, keyPath(name)+"/versions", q, nil, &out)
+}
+
+// UpdateKey changes a key's policy or min_decryption_version; the answer
+// carries no versions.
 func (c *Client) UpdateKey(ctx context.Context, name string, req UpdateKeyRequest) (*Key, error) {
 	var out Key
 	return &out, c.do(ctx, http.MethodPatch, keyPath(name), nil, req, &out)

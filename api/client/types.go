@@ -33,16 +33,26 @@ type Version struct {
 	DestroyedAt *time.Time `json:"destroyed_at,omitempty"`
 }
 
-// Key is a key with its versions.
+// Key is a key's header and, from GET /v1/keys/{name} and key creation,
+// its newest versions (newest first). NextVersionsPageToken, when set,
+// continues the versions at GET /v1/keys/{name}/versions. Lists and
+// updates carry no versions.
 type Key struct {
-	Name                 string    `json:"name"`
-	Kind                 string    `json:"kind"`
-	Policy               Policy    `json:"policy"`
-	CreatedAt            time.Time `json:"created_at"`
-	PrimaryVersion       uint64    `json:"primary_version"`
-	LatestVersion        uint64    `json:"latest_version"`
-	MinDecryptionVersion uint64    `json:"min_decryption_version"`
-	Versions             []Version `json:"versions"`
+	Name                  string    `json:"name"`
+	Kind                  string    `json:"kind"`
+	Policy                Policy    `json:"policy"`
+	CreatedAt             time.Time `json:"created_at"`
+	PrimaryVersion        uint64    `json:"primary_version"`
+	LatestVersion         uint64    `json:"latest_version"`
+	MinDecryptionVersion  uint64    `json:"min_decryption_version"`
+	Versions              []Version `json:"versions,omitempty"`
+	NextVersionsPageToken string    `json:"next_versions_page_token,omitempty"`
+}
+
+// VersionList is a page of a key's versions, newest first.
+type VersionList struct {
+	Versions      []Version `json:"versions"`
+	NextPageToken string    `json:"next_page_token,omitempty"`
 }
 
 // KeyList is a page of keys.

@@ -84,13 +84,33 @@ var commands = []command{
 		},
 	},
 	{
-		name: "keys show", synopsis: "NAME", help: "show a key and its versions", nargs: 1,
-		run: func(e *env, _ *flag.FlagSet, args []string) (int, error) {
-			k, err := e.c.GetKey(e.ctx, args[0])
+		name: "keys show", synopsis: "NAME [--versions N]", help: "show a key and its newest versions (all of them: keys versions)", nargs: 1,
+		flags: func(fs *flag.FlagSet) { fs.Int("versions", 100, "newest versions to show, 1-1000") },
+		run: func(e *env, fs *flag.FlagSet, args []string) (int, error) {
+			k, err := e.c.GetKeyVersions(e.ctx, args[0], intFlag(fs, "versions"))
 			if err != nil {
 				return 0, err
 			}
 			return exitOK, printJSON(e.stdout, k)
+		},
+	},
+	{
+		name: "keys versions", synopsis: "NAME [--limit N]", help: "list all versions of a key, newest first (all pages)", nargs: 1,
+		flags: func(fs *flag.FlagSet) { fs.Int("limit", 1000, "versions per request, 1-1000") },
+		run: func(e *env, fs *flag.FlagSet, args []string) (int, error) {
+			all := []client.Version{}
+			tok := ""
+			for {
+				page, err := e.c.ListVersions(e.ctx, args[0], intFlag(fs, "limit"), tok)
+				if err != nil {
+					return 0, err
+				}
+				all = append(all, page.Versions...)
+				if tok = page.NextPageToken; tok == "" {
+					break
+				}
+			}
+			return exitOK, printJSON(e.stdout, all)
 		},
 	},
 	{
@@ -104,11 +124,11 @@ var commands = []command{
 				if err := waitWithBar(e, op); err != nil {
 					return exitFailure, err
 				}
-				k, err := e.c.GetKey(e.ctx, args[0])
+				k, err := e.c.GetKeyVersions(e.ctx, args[0], 1)
 				if err != nil {
 					return 0, err
 				}
-				return exitOK, printJSON(e.stdout, k.Versions[len(k.Versions)-1])
+				return exitOK, printJSON(e.stdout, k.Versions[0])
 			}
 			return exitOK, printJSON(e.stdout, v)
 		},

@@ -222,6 +222,9 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 		return err
 	}
 	defer store.Close()
+	if from, to, keys, versions := store.Migrated(); from != "" {
+		log.Info("kms.db migrated: each key version is now a record of its own", "from_schema", from, "to_schema", to, "keys", keys, "versions", versions)
+	}
 	if store.WALMissing() {
 		log.Error("audit WAL: the file kms.db-audit-wal was missing at start beside a database with records: records acknowledged after the last flush before the previous stop, if any, are lost; a new WAL was made")
 	}

@@ -5,6 +5,7 @@ package bolt
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -21,15 +22,28 @@ import (
 	"kmsd/kms"
 )
 
+// The file's layout (schema 2):
+//
+//	keys         name -> key header (JSON kms.Key)
+//	versions     name 0x00 number(u64 BE) -> version (JSON kms.Version)
+//	destroy_due  destroy_at(unix ns, u64 BE) name 0x00 number -> empty
+//	blob_owners  blob digest -> key name
+//	tokens       id -> token (JSON kms.Token)
+//	meta         "schema" -> "2"; "x-..." -> kmsd's own metadata
+//
+// plus the audit buckets (audit.go). Schema 1 kept every version inside
+// the key's record; Open migrates it (migrate.go).
 var (
-	bucketBlobs  = []byte("blob_owners") // blob digest -> key name
-	bucketKeys   = []byte("keys")
-	bucketTokens = []byte("tokens")
-	bucketMeta   = []byte("meta")
-	keySchema    = []byte("schema")
+	bucketBlobs    = []byte("blob_owners")
+	bucketKeys     = []byte("keys")
+	bucketVersions = []byte("versions")
+	bucketDue      = []byte("destroy_due")
+	bucketTokens   = []byte("tokens")
+	bucketMeta     = []byte("meta")
+	keySchema      = []byte("schema")
 )
 
-const schemaVersion = "1"
+const schemaVersion = "2"
 
 // ErrLocked is returned by Open when another process holds the file.
 var ErrLocked = errors.New("the database is locked by another process (is another kmsd running on this data dir?)")
@@ -71,6 +85,10 @@ type Store struct {
 	walMissing bool // the WAL file was missing at open, though bbolt had records
 
 	walRecovered int // records copied from the WAL at open
+	migrated     migration
+
+	watchMu  sync.RWMutex
+	watchers []func([]kms.Change)
 }
 
 var _ kms.Store = (*Store)(nil)
@@ -96,18 +114,37 @@ func Open(path string, o Options) (*Store, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open %s: %w", path, err)
 	}
+	var mig migration
 	err = db.Update(func(tx *bbolt.Tx) error {
-		for _, b := range [][]byte{bucketKeys, bucketTokens, bucketMeta, bucketAuditRecords, bucketAuditCheckpoints, bucketBlobs} {
+		var schema []byte
+		if m := tx.Bucket(bucketMeta); m != nil {
+			schema = m.Get(keySchema)
+		}
+		if schema != nil && string(schema) != "1" && string(schema) != schemaVersion {
+			return fmt.Errorf("database schema %q is not the supported %q (a newer kmsd's file?)", schema, schemaVersion)
+		}
+		if string(schema) == "1" {
+			// Checked before any bucket is made: a schema-1 file that
+			// already has version records was changed by something else.
+			if b := tx.Bucket(bucketVersions); b != nil {
+				if k, _ := b.Cursor().First(); k != nil {
+					return errors.New("the file says schema 1 but already holds version records (half-migrated?); refusing to start: restore it from a backup")
+				}
+			}
+		}
+		for _, b := range [][]byte{bucketKeys, bucketVersions, bucketDue, bucketTokens, bucketMeta, bucketAuditRecords, bucketAuditCheckpoints, bucketBlobs} {
 			if _, err := tx.CreateBucketIfNotExists(b); err != nil {
 				return err
 			}
 		}
-		m := tx.Bucket(bucketMeta)
-		switch v := m.Get(keySchema); {
-		case v == nil:
-			return m.Put(keySchema, []byte(schemaVersion))
-		case string(v) != schemaVersion:
-			return fmt.Errorf("database schema %q is not the supported %q", v, schemaVersion)
+		if string(schema) == "1" {
+			var err error
+			if mig, err = migrateV1(tx); err != nil {
+				return fmt.Errorf("migrate schema 1 to %s: %w", schemaVersion, err)
+			}
+		}
+		if string(schema) != schemaVersion {
+			return tx.Bucket(bucketMeta).Put(keySchema, []byte(schemaVersion))
 		}
 		return nil
 	})
@@ -116,7 +153,7 @@ func Open(path string, o Options) (*Store, error) {
 		return nil, fmt.Errorf("initialize %s: %w", path, err)
 	}
 	s := &Store{db: db, appendCh: make(chan appendReq, maxGroup), flushCh: make(chan struct{}, 1),
-		quit: make(chan struct{}), stopped: make(chan struct{}), flusherStopped: make(chan struct{})}
+		quit: make(chan struct{}), stopped: make(chan struct{}), flusherStopped: make(chan struct{}), migrated: mig}
 	if o.AuditWALSize == 0 {
 		o.AuditWALSize = DefaultWALSize
 	}
@@ -362,22 +399,111 @@ func exists(what, name string) error {
 	return &kms.Error{Kind: kms.KindAlreadyExists, Msg: fmt.Sprintf("%s %q already exists", what, name)}
 }
 
+// Watch implements kms.Store.
+func (s *Store) Watch(fn func([]kms.Change)) {
+	s.watchMu.Lock()
+	defer s.watchMu.Unlock()
+	s.watchers = append(s.watchers, fn)
+}
+
+// changed tells the watchers what a committed transaction wrote.
+func (s *Store) changed(chs []kms.Change) {
+	if len(chs) == 0 {
+		return
+	}
+	s.watchMu.RLock()
+	defer s.watchMu.RUnlock()
+	for _, fn := range s.watchers {
+		fn(chs)
+	}
+}
+
+// versionKey is the versions bucket's key of version n of a key.
+func versionKey(name string, n uint64) []byte {
+	b := make([]byte, 0, len(name)+9)
+	b = append(b, name...)
+	b = append(b, 0)
+	return binary.BigEndian.AppendUint64(b, n)
+}
+
+// dueKey is the destroy_due bucket's key of a scheduled version.
+func dueKey(at time.Time, name string, n uint64) []byte {
+	b := binary.BigEndian.AppendUint64(nil, uint64(max(at.UnixNano(), 0)))
+	return append(b, versionKey(name, n)...)
+}
+
 // CreateKey implements kms.Store.
-func (s *Store) CreateKey(ctx context.Context, k *kms.Key, audit []*kms.AuditRecord) error {
+func (s *Store) CreateKey(ctx context.Context, k *kms.Key, v *kms.Version, audit []*kms.AuditRecord) error {
+	if v.Number != 1 || k.Latest != 1 {
+		return errors.New("a new key has version 1 only")
+	}
+	err := s.update(func(tx *bbolt.Tx) error {
+		if tx.Bucket(bucketKeys).Get([]byte(k.Name)) != nil {
+			return exists("key", k.Name)
+		}
+		if err := putHeader(tx, k); err != nil {
+			return err
+		}
+		if err := putVersion(tx, k.Name, v, nil); err != nil {
+			return err
+		}
+		return s.appendAudit(tx, audit)
+	})
+	if err == nil {
+		markCommitted(audit)
+		s.changed([]kms.Change{{Key: k.Name}, {Key: k.Name, Version: 1}})
+	}
+	return err
+}
+
+func putHeader(tx *bbolt.Tx, k *kms.Key) error {
 	buf, err := json.Marshal(k)
 	if err != nil {
 		return err
 	}
-	err = s.update(func(tx *bbolt.Tx) error {
-		if tx.Bucket(bucketKeys).Get([]byte(k.Name)) != nil {
-			return exists("key", k.Name)
-		}
-		return s.putKey(tx, k, buf, audit)
-	})
-	if err == nil {
-		markCommitted(audit)
+	return tx.Bucket(bucketKeys).Put([]byte(k.Name), buf)
+}
+
+// putVersion writes a version record, moves its destroy-schedule entry
+// (old is the DestroyAt it was indexed under, nil if none) and indexes its
+// blobs.
+func putVersion(tx *bbolt.Tx, name string, v *kms.Version, old *time.Time) error {
+	buf, err := json.Marshal(v)
+	if err != nil {
+		return err
 	}
-	return err
+	if err := tx.Bucket(bucketVersions).Put(versionKey(name, v.Number), buf); err != nil {
+		return err
+	}
+	due := tx.Bucket(bucketDue)
+	if old != nil {
+		if err := due.Delete(dueKey(*old, name, v.Number)); err != nil {
+			return err
+		}
+	}
+	if at := scheduledAt(v); at != nil {
+		if err := due.Put(dueKey(*at, name, v.Number), nil); err != nil {
+			return err
+		}
+	}
+	blobs := tx.Bucket(bucketBlobs)
+	for _, d := range v.Blobs {
+		if blobs.Get([]byte(d)) == nil {
+			if err := blobs.Put([]byte(d), []byte(name)); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// scheduledAt is when a version is due for destruction, nil if it is not
+// scheduled.
+func scheduledAt(v *kms.Version) *time.Time {
+	if v.State == kms.StateDestroyScheduled && v.DestroyAt != nil {
+		return v.DestroyAt
+	}
+	return nil
 }
 
 func decodeKey(buf []byte) (*kms.Key, error) {
@@ -386,6 +512,14 @@ func decodeKey(buf []byte) (*kms.Key, error) {
 		return nil, fmt.Errorf("decode key record: %w", err)
 	}
 	return &k, nil
+}
+
+func decodeVersion(buf []byte) (*kms.Version, error) {
+	var v kms.Version
+	if err := json.Unmarshal(buf, &v); err != nil {
+		return nil, fmt.Errorf("decode version record: %w", err)
+	}
+	return &v, nil
 }
 
 // GetKey implements kms.Store.
@@ -403,9 +537,75 @@ func (s *Store) GetKey(ctx context.Context, name string) (*kms.Key, error) {
 	return k, err
 }
 
+// GetVersion implements kms.Store.
+func (s *Store) GetVersion(ctx context.Context, name string, n uint64) (*kms.Version, error) {
+	var v *kms.Version
+	err := s.db.View(func(tx *bbolt.Tx) error {
+		buf := tx.Bucket(bucketVersions).Get(versionKey(name, n))
+		if buf == nil {
+			return &kms.Error{Kind: kms.KindNotFound, Msg: fmt.Sprintf("key %q has no version %d", name, n)}
+		}
+		var err error
+		v, err = decodeVersion(buf)
+		return err
+	})
+	return v, err
+}
+
 // ListKeys implements kms.Store.
 func (s *Store) ListKeys(ctx context.Context, after string, limit int) ([]*kms.Key, error) {
 	return listAfter(s.db, bucketKeys, after, limit, decodeKey)
+}
+
+// ListVersions implements kms.Store.
+func (s *Store) ListVersions(ctx context.Context, name string, before uint64, limit int) ([]*kms.Version, error) {
+	var out []*kms.Version
+	err := s.db.View(func(tx *bbolt.Tx) error {
+		buf := tx.Bucket(bucketKeys).Get([]byte(name))
+		if buf == nil {
+			return notFound("key", name)
+		}
+		k, err := decodeKey(buf)
+		if err != nil {
+			return err
+		}
+		n := k.Latest
+		if before != 0 && before-1 < n {
+			n = before - 1
+		}
+		b := tx.Bucket(bucketVersions)
+		for ; n >= 1 && len(out) < limit; n-- {
+			buf := b.Get(versionKey(name, n))
+			if buf == nil {
+				return fmt.Errorf("key %q: version record %d of %d is missing", name, n, k.Latest)
+			}
+			v, err := decodeVersion(buf)
+			if err != nil {
+				return err
+			}
+			out = append(out, v)
+		}
+		return nil
+	})
+	return out, err
+}
+
+// DueVersions implements kms.Store.
+func (s *Store) DueVersions(ctx context.Context, now time.Time, limit int) ([]kms.VersionRef, error) {
+	var out []kms.VersionRef
+	end := uint64(max(now.UnixNano(), 0))
+	err := s.db.View(func(tx *bbolt.Tx) error {
+		c := tx.Bucket(bucketDue).Cursor()
+		for k, _ := c.First(); k != nil && len(out) < limit; k, _ = c.Next() {
+			if len(k) < 8+1+8 || binary.BigEndian.Uint64(k) > end {
+				break
+			}
+			rest := k[8:]
+			out = append(out, kms.VersionRef{Key: string(rest[:len(rest)-9]), Version: binary.BigEndian.Uint64(rest[len(rest)-8:])})
+		}
+		return nil
+	})
+	return out, err
 }
 
 // listAfter decodes up to limit values of bucket whose keys sort after
@@ -435,12 +635,59 @@ func listAfter[T any](db *bbolt.DB, bucket []byte, after string, limit int, deco
 	return out, err
 }
 
+// keyTx is a kms.KeyTx over a bbolt write transaction.
+type keyTx struct {
+	tx     *bbolt.Tx
+	key    *kms.Key
+	latest uint64                  // the header's Latest when loaded
+	loaded map[uint64]*kms.Version // versions handed out, written back at commit
+	due    map[uint64]*time.Time   // their destroy-schedule entries when loaded
+	added  []*kms.Version
+}
+
+func (t *keyTx) Key() *kms.Key { return t.key }
+
+func (t *keyTx) Version(n uint64) (*kms.Version, error) {
+	if v, ok := t.loaded[n]; ok {
+		return v, nil
+	}
+	for _, v := range t.added {
+		if v.Number == n {
+			return v, nil
+		}
+	}
+	buf := t.tx.Bucket(bucketVersions).Get(versionKey(t.key.Name, n))
+	if buf == nil || n > t.latest {
+		return nil, &kms.Error{Kind: kms.KindNotFound, Msg: fmt.Sprintf("key %q has no version %d", t.key.Name, n)}
+	}
+	v, err := decodeVersion(buf)
+	if err != nil {
+		return nil, err
+	}
+	t.loaded[n] = v
+	if at := scheduledAt(v); at != nil {
+		c := *at
+		t.due[n] = &c
+	}
+	return v, nil
+}
+
+func (t *keyTx) AddVersion(v *kms.Version) error {
+	if v.Number != t.key.Latest+1 {
+		return fmt.Errorf("key %q: version %d added after version %d", t.key.Name, v.Number, t.key.Latest)
+	}
+	t.added = append(t.added, v)
+	t.key.Latest = v.Number
+	return nil
+}
+
 // UpdateKey implements kms.Store.
-func (s *Store) UpdateKey(ctx context.Context, name string, fn func(k *kms.Key) ([]*kms.AuditRecord, error)) error {
+func (s *Store) UpdateKey(ctx context.Context, name string, fn func(kms.KeyTx) ([]*kms.AuditRecord, error)) error {
 	var audit []*kms.AuditRecord
+	var chs []kms.Change
 	err := s.update(func(tx *bbolt.Tx) error {
-		b := tx.Bucket(bucketKeys)
-		buf := b.Get([]byte(name))
+		chs = chs[:0]
+		buf := tx.Bucket(bucketKeys).Get([]byte(name))
 		if buf == nil {
 			return notFound("key", name)
 		}
@@ -448,20 +695,42 @@ func (s *Store) UpdateKey(ctx context.Context, name string, fn func(k *kms.Key) 
 		if err != nil {
 			return err
 		}
-		if audit, err = fn(k); err != nil {
+		kt := &keyTx{tx: tx, key: k, latest: k.Latest, loaded: map[uint64]*kms.Version{}, due: map[uint64]*time.Time{}}
+		if audit, err = fn(kt); err != nil {
 			return err
 		}
-		if k.Name != name {
+		switch {
+		case k.Name != name:
 			return errors.New("a key cannot be renamed")
+		case k.Latest != kt.latest+uint64(len(kt.added)):
+			return errors.New("a key's latest version changes only by adding versions")
+		case k.Primary < 1 || k.Primary > k.Latest || k.MinDecryptionVersion > k.Latest:
+			return fmt.Errorf("key %q: primary %d or min_decryption_version %d is not a version", name, k.Primary, k.MinDecryptionVersion)
 		}
-		out, err := json.Marshal(k)
-		if err != nil {
+		if err := putHeader(tx, k); err != nil {
 			return err
 		}
-		return s.putKey(tx, k, out, audit)
+		chs = append(chs, kms.Change{Key: name})
+		for n, v := range kt.loaded {
+			if v.Number != n {
+				return errors.New("a version's number cannot change")
+			}
+			if err := putVersion(tx, name, v, kt.due[n]); err != nil {
+				return err
+			}
+			chs = append(chs, kms.Change{Key: name, Version: n})
+		}
+		for _, v := range kt.added {
+			if err := putVersion(tx, name, v, nil); err != nil {
+				return err
+			}
+			chs = append(chs, kms.Change{Key: name, Version: v.Number})
+		}
+		return s.appendAudit(tx, audit)
 	})
 	if err == nil {
 		markCommitted(audit)
+		s.changed(chs)
 	}
 	return err
 }
@@ -484,6 +753,7 @@ func (s *Store) CreateToken(ctx context.Context, t *kms.Token, audit []*kms.Audi
 	})
 	if err == nil {
 		markCommitted(audit)
+		s.changed([]kms.Change{{Token: t.ID}})
 	}
 	return err
 }
@@ -548,13 +818,16 @@ func (s *Store) UpdateToken(ctx context.Context, id string, fn func(t *kms.Token
 	})
 	if err == nil {
 		markCommitted(audit)
+		s.changed([]kms.Change{{Token: id}})
 	}
 	return err
 }
 
 // RecordTokenUse implements kms.Store.
 func (s *Store) RecordTokenUse(ctx context.Context, used map[string]time.Time) error {
-	return s.update(func(tx *bbolt.Tx) error {
+	var chs []kms.Change
+	err := s.update(func(tx *bbolt.Tx) error {
+		chs = chs[:0]
 		b := tx.Bucket(bucketTokens)
 		for id, at := range used {
 			buf := b.Get([]byte(id))
@@ -577,9 +850,14 @@ func (s *Store) RecordTokenUse(ctx context.Context, used map[string]time.Time) e
 			if err := b.Put([]byte(id), out); err != nil {
 				return err
 			}
+			chs = append(chs, kms.Change{Token: id})
 		}
 		return nil
 	})
+	if err == nil {
+		s.changed(chs)
+	}
+	return err
 }
 
 // CountTokens implements kms.Store.
@@ -590,33 +868,6 @@ func (s *Store) CountTokens(ctx context.Context) (int, error) {
 		return nil
 	})
 	return n, err
-}
-
-// putKey writes a key record, indexes its blobs and appends the audit
-// records of the change, all in tx.
-func (s *Store) putKey(tx *bbolt.Tx, k *kms.Key, buf []byte, audit []*kms.AuditRecord) error {
-	if err := tx.Bucket(bucketKeys).Put([]byte(k.Name), buf); err != nil {
-		return err
-	}
-	if err := indexBlobs(tx, k); err != nil {
-		return err
-	}
-	return s.appendAudit(tx, audit)
-}
-
-// indexBlobs records which key owns each blob its versions list.
-func indexBlobs(tx *bbolt.Tx, k *kms.Key) error {
-	b := tx.Bucket(bucketBlobs)
-	for _, v := range k.Versions {
-		for _, d := range v.Blobs {
-			if b.Get([]byte(d)) == nil {
-				if err := b.Put([]byte(d), []byte(k.Name)); err != nil {
-					return err
-				}
-			}
-		}
-	}
-	return nil
 }
 
 // BlobOwner implements kms.Store.

@@ -59,15 +59,17 @@ func TestSurvivesReopen(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "kms.db")
 	s, _ := bolt.Open(path, bolt.Options{})
 	ctx := context.Background()
-	s.CreateKey(ctx, &kms.Key{Name: "a", Primary: 1, Versions: []kms.Version{{Number: 1, Sealed: []byte("x")}}}, nil)
+	if err := s.CreateKey(ctx, &kms.Key{Name: "a", Primary: 1, Latest: 1}, &kms.Version{Number: 1, Sealed: []byte("x")}, nil); err != nil {
+		t.Fatal(err)
+	}
 	s.Close()
 	s, err := bolt.Open(path, bolt.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer s.Close()
-	if k, err := s.GetKey(ctx, "a"); err != nil || string(k.Versions[0].Sealed) != "x" {
-		t.Fatalf("after reopen: %+v %v", k, err)
+	if v, err := s.GetVersion(ctx, "a", 1); err != nil || string(v.Sealed) != "x" {
+		t.Fatalf("after reopen: %+v %v", v, err)
 	}
 	if err := s.Check(); err != nil {
 		t.Fatal(err)

@@ -139,7 +139,7 @@ func TestWALRecoversAcknowledgedRecords(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if err := s.CreateKey(ctx, &kms.Key{Name: "k", Kind: "ml-dsa-65"}, []*kms.AuditRecord{testRec("create")}); err != nil {
+	if err := s.CreateKey(ctx, &kms.Key{Name: "k", Kind: "ml-dsa-65", Primary: 1, Latest: 1}, &kms.Version{Number: 1}, []*kms.AuditRecord{testRec("create")}); err != nil {
 		t.Fatal(err)
 	}
 	want = append(want, "create")
@@ -208,7 +208,7 @@ func TestWALOfAnotherLogRefused(t *testing.T) {
 		if err := s.AppendAudit(ctx, testRec("first")); err != nil {
 			t.Fatal(err)
 		}
-		if err := s.CreateKey(ctx, &kms.Key{Name: "k", Kind: "ml-dsa-65"}, []*kms.AuditRecord{{Time: "2026-01-01T00:00:00Z", Actor: fmt.Sprintf("%p", s), Operation: "create", Status: 201}}); err != nil {
+		if err := s.CreateKey(ctx, &kms.Key{Name: "k", Kind: "ml-dsa-65", Primary: 1, Latest: 1}, &kms.Version{Number: 1}, []*kms.AuditRecord{{Time: "2026-01-01T00:00:00Z", Actor: fmt.Sprintf("%p", s), Operation: "create", Status: 201}}); err != nil {
 			t.Fatal(err)
 		}
 		if err := s.AppendAudit(ctx, testRec("waiting")); err != nil {

@@ -6,6 +6,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -13,11 +14,59 @@ import (
 	"kmsd/kms"
 )
 
+var t0 = time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+
 func key(name string) *kms.Key {
-	now := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
-	return &kms.Key{Name: name, Kind: "ml-dsa-65", CreatedAt: now, Primary: 1, MinDecryptionVersion: 1,
-		Policy:   kms.Policy{DestroyWaitDays: 30},
-		Versions: []kms.Version{{Number: 1, State: kms.StateEnabled, CreatedAt: now, PublicKey: []byte("pub"), Sealed: []byte("sealed")}}}
+	return &kms.Key{Name: name, Kind: "ml-dsa-65", CreatedAt: t0, Primary: 1, Latest: 1, MinDecryptionVersion: 1,
+		Policy: kms.Policy{DestroyWaitDays: 30}}
+}
+
+func version(n uint64) *kms.Version {
+	return &kms.Version{Number: n, State: kms.StateEnabled, CreatedAt: t0, PublicKey: []byte(fmt.Sprintf("pub%d", n)), Sealed: []byte("sealed")}
+}
+
+// create stores a key with version 1 or fails the test.
+func create(t *testing.T, s kms.Store, name string) {
+	t.Helper()
+	if err := s.CreateKey(context.Background(), key(name), version(1), nil); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// rotate adds a version to a key through UpdateKey.
+func rotate(s kms.Store, name string) error {
+	return s.UpdateKey(context.Background(), name, func(tx kms.KeyTx) ([]*kms.AuditRecord, error) {
+		k := tx.Key()
+		if err := tx.AddVersion(version(k.Latest + 1)); err != nil {
+			return nil, err
+		}
+		k.Primary = k.Latest
+		return nil, nil
+	})
+}
+
+// watched records what the store's change feed reports.
+type watched struct {
+	mu  sync.Mutex
+	chs []kms.Change
+}
+
+func (w *watched) take() []kms.Change {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	c := w.chs
+	w.chs = nil
+	return c
+}
+
+func watch(s kms.Store) *watched {
+	w := &watched{}
+	s.Watch(func(chs []kms.Change) {
+		w.mu.Lock()
+		w.chs = append(w.chs, chs...)
+		w.mu.Unlock()
+	})
+	return w
 }
 
 // Run runs the suite; open returns a new, empty store.
@@ -26,87 +75,246 @@ func Run(t *testing.T, open func(t *testing.T) kms.Store) {
 
 	t.Run("CreateGet", func(t *testing.T) {
 		s := open(t)
-		if err := s.CreateKey(ctx, key("a"), nil); err != nil {
-			t.Fatal(err)
+		w := watch(s)
+		create(t, s, "a")
+		if got := w.take(); !slices.Equal(got, []kms.Change{{Key: "a"}, {Key: "a", Version: 1}}) {
+			t.Fatalf("changes reported for a new key: %v", got)
 		}
 		got, err := s.GetKey(ctx, "a")
-		if err != nil || got.Name != "a" || string(got.Versions[0].Sealed) != "sealed" || !got.CreatedAt.Equal(key("a").CreatedAt) {
+		if err != nil || got.Name != "a" || got.Latest != 1 || !got.CreatedAt.Equal(t0) {
 			t.Fatalf("GetKey: %+v %v", got, err)
 		}
-		if err := s.CreateKey(ctx, key("a"), nil); !errors.Is(err, kms.ErrAlreadyExists) {
+		v, err := s.GetVersion(ctx, "a", 1)
+		if err != nil || v.Number != 1 || string(v.Sealed) != "sealed" || string(v.PublicKey) != "pub1" {
+			t.Fatalf("GetVersion: %+v %v", v, err)
+		}
+		if err := s.CreateKey(ctx, key("a"), version(1), nil); !errors.Is(err, kms.ErrAlreadyExists) {
 			t.Fatalf("second CreateKey: %v", err)
+		}
+		if len(w.take()) != 0 {
+			t.Fatal("a refused CreateKey reported changes")
 		}
 		if _, err := s.GetKey(ctx, "b"); !errors.Is(err, kms.ErrNotFound) {
 			t.Fatalf("GetKey of a missing key: %v", err)
+		}
+		for _, n := range []uint64{0, 2} {
+			if _, err := s.GetVersion(ctx, "a", n); !errors.Is(err, kms.ErrNotFound) {
+				t.Fatalf("GetVersion %d: %v", n, err)
+			}
+		}
+		if _, err := s.GetVersion(ctx, "b", 1); !errors.Is(err, kms.ErrNotFound) {
+			t.Fatalf("GetVersion of a missing key: %v", err)
+		}
+		if err := s.CreateKey(ctx, key("c"), version(2), nil); err == nil {
+			t.Fatal("a key was created with version 2 only")
 		}
 	})
 
 	t.Run("GetReturnsACopy", func(t *testing.T) {
 		s := open(t)
-		s.CreateKey(ctx, key("a"), nil)
+		create(t, s, "a")
 		k, _ := s.GetKey(ctx, "a")
-		k.Versions[0].Sealed[0] = 'X'
 		k.Primary = 9
+		v, _ := s.GetVersion(ctx, "a", 1)
+		v.Sealed[0] = 'X'
 		again, _ := s.GetKey(ctx, "a")
-		if again.Primary != 1 || string(again.Versions[0].Sealed) != "sealed" {
-			t.Fatal("changing a returned key changed the store")
+		v2, _ := s.GetVersion(ctx, "a", 1)
+		if again.Primary != 1 || string(v2.Sealed) != "sealed" {
+			t.Fatal("changing a returned key or version changed the store")
 		}
 	})
 
 	t.Run("UpdateCommitsOrNothing", func(t *testing.T) {
 		s := open(t)
-		s.CreateKey(ctx, key("a"), nil)
+		create(t, s, "a")
+		w := watch(s)
 		boom := errors.New("boom")
-		err := s.UpdateKey(ctx, "a", func(k *kms.Key) ([]*kms.AuditRecord, error) {
-			k.Primary = 7
-			k.Versions = append(k.Versions, kms.Version{Number: 2})
+		err := s.UpdateKey(ctx, "a", func(tx kms.KeyTx) ([]*kms.AuditRecord, error) {
+			tx.Key().Primary = 2
+			if err := tx.AddVersion(version(2)); err != nil {
+				return nil, err
+			}
+			v, _ := tx.Version(1)
+			v.State = kms.StateDisabled
 			return nil, boom
 		})
 		if !errors.Is(err, boom) {
 			t.Fatalf("UpdateKey returned %v, want fn's error", err)
 		}
 		k, _ := s.GetKey(ctx, "a")
-		if k.Primary != 1 || len(k.Versions) != 1 {
+		v, _ := s.GetVersion(ctx, "a", 1)
+		if k.Primary != 1 || k.Latest != 1 || v.State != kms.StateEnabled {
 			t.Fatal("a failed update changed the key")
 		}
-		if err := s.UpdateKey(ctx, "a", func(k *kms.Key) ([]*kms.AuditRecord, error) { k.Primary = 2; return nil, nil }); err != nil {
+		if _, err := s.GetVersion(ctx, "a", 2); !errors.Is(err, kms.ErrNotFound) {
+			t.Fatal("a failed update left a version")
+		}
+		if len(w.take()) != 0 {
+			t.Fatal("a failed update reported changes")
+		}
+		if err := rotate(s, "a"); err != nil {
 			t.Fatal(err)
 		}
-		if k, _ := s.GetKey(ctx, "a"); k.Primary != 2 {
-			t.Fatal("update lost")
+		if k, _ := s.GetKey(ctx, "a"); k.Primary != 2 || k.Latest != 2 {
+			t.Fatalf("update lost: %+v", k)
 		}
-		if err := s.UpdateKey(ctx, "zz", func(*kms.Key) ([]*kms.AuditRecord, error) { return nil, nil }); !errors.Is(err, kms.ErrNotFound) {
-			t.Fatalf("update of a missing key: %v", err)
+		if got := w.take(); !slices.Equal(got, []kms.Change{{Key: "a"}, {Key: "a", Version: 2}}) {
+			t.Fatalf("changes reported for a rotation: %v", got)
 		}
-		if err := s.UpdateKey(ctx, "a", func(k *kms.Key) ([]*kms.AuditRecord, error) { k.Name = "b"; return nil, nil }); err == nil {
-			t.Fatal("a key was renamed")
+		// A version changed through the transaction is written back.
+		if err := s.UpdateKey(ctx, "a", func(tx kms.KeyTx) ([]*kms.AuditRecord, error) {
+			v, err := tx.Version(1)
+			if err != nil {
+				return nil, err
+			}
+			v.State = kms.StateDisabled
+			return nil, nil
+		}); err != nil {
+			t.Fatal(err)
+		}
+		if v, _ := s.GetVersion(ctx, "a", 1); v.State != kms.StateDisabled {
+			t.Fatal("a version change was lost")
+		}
+		if got := w.take(); !slices.Equal(got, []kms.Change{{Key: "a"}, {Key: "a", Version: 1}}) {
+			t.Fatalf("changes reported for a version change: %v", got)
+		}
+		for name, fn := range map[string]func(kms.KeyTx) ([]*kms.AuditRecord, error){
+			"missing key": nil,
+			"rename":      func(tx kms.KeyTx) ([]*kms.AuditRecord, error) { tx.Key().Name = "b"; return nil, nil },
+			"latest":      func(tx kms.KeyTx) ([]*kms.AuditRecord, error) { tx.Key().Latest = 7; return nil, nil },
+			"primary":     func(tx kms.KeyTx) ([]*kms.AuditRecord, error) { tx.Key().Primary = 3; return nil, nil },
+			"gap":         func(tx kms.KeyTx) ([]*kms.AuditRecord, error) { return nil, tx.AddVersion(version(4)) },
+			"no version": func(tx kms.KeyTx) ([]*kms.AuditRecord, error) {
+				_, err := tx.Version(3)
+				return nil, err
+			},
+		} {
+			target := "a"
+			if fn == nil {
+				target, fn = "zz", func(kms.KeyTx) ([]*kms.AuditRecord, error) { return nil, nil }
+			}
+			if err := s.UpdateKey(ctx, target, fn); err == nil {
+				t.Fatalf("%s: the update was accepted", name)
+			} else if name == "missing key" || name == "no version" {
+				if !errors.Is(err, kms.ErrNotFound) {
+					t.Fatalf("%s: %v, want not found", name, err)
+				}
+			}
+		}
+		if k, _ := s.GetKey(ctx, "a"); k.Primary != 2 || k.Latest != 2 || k.Name != "a" {
+			t.Fatalf("a refused update changed the key: %+v", k)
 		}
 	})
 
 	t.Run("UpdatesSerialize", func(t *testing.T) {
 		s := open(t)
-		s.CreateKey(ctx, key("a"), nil)
+		create(t, s, "a")
 		var wg sync.WaitGroup
 		for i := 0; i < 20; i++ {
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				s.UpdateKey(ctx, "a", func(k *kms.Key) ([]*kms.AuditRecord, error) {
-					k.Versions = append(k.Versions, kms.Version{Number: k.Latest() + 1})
-					return nil, nil
-				})
+				rotate(s, "a")
 			}()
 		}
 		wg.Wait()
-		if k, _ := s.GetKey(ctx, "a"); len(k.Versions) != 21 {
-			t.Fatalf("%d versions after 20 concurrent appends, want 21 (lost update)", len(k.Versions))
+		if k, _ := s.GetKey(ctx, "a"); k.Latest != 21 {
+			t.Fatalf("%d versions after 20 concurrent appends, want 21 (lost update)", k.Latest)
+		}
+		for n := uint64(1); n <= 21; n++ {
+			if v, err := s.GetVersion(ctx, "a", n); err != nil || string(v.PublicKey) != fmt.Sprintf("pub%d", n) {
+				t.Fatalf("version %d: %+v %v", n, v, err)
+			}
+		}
+	})
+
+	t.Run("ListVersionsPages", func(t *testing.T) {
+		s := open(t)
+		create(t, s, "a")
+		create(t, s, "a0") // a name with a as prefix must not mix in
+		rotate(s, "a0")
+		for i := 0; i < 9; i++ {
+			if err := rotate(s, "a"); err != nil {
+				t.Fatal(err)
+			}
+		}
+		var got []uint64
+		for before := uint64(0); ; {
+			vs, err := s.ListVersions(ctx, "a", before, 4)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, v := range vs {
+				got = append(got, v.Number)
+				before = v.Number
+			}
+			if len(vs) < 4 {
+				break
+			}
+		}
+		if !slices.Equal(got, []uint64{10, 9, 8, 7, 6, 5, 4, 3, 2, 1}) {
+			t.Fatalf("listed versions %v", got)
+		}
+		if vs, _ := s.ListVersions(ctx, "a", 100, 2); len(vs) != 2 || vs[0].Number != 10 {
+			t.Fatalf("ListVersions below a number past the latest: %v", vs)
+		}
+		if vs, _ := s.ListVersions(ctx, "a", 1, 2); len(vs) != 0 {
+			t.Fatalf("ListVersions below 1: %v", vs)
+		}
+		if _, err := s.ListVersions(ctx, "zz", 0, 2); !errors.Is(err, kms.ErrNotFound) {
+			t.Fatalf("ListVersions of a missing key: %v", err)
+		}
+	})
+
+	t.Run("DueVersions", func(t *testing.T) {
+		s := open(t)
+		for _, name := range []string{"a", "b"} {
+			create(t, s, name)
+			for i := 0; i < 3; i++ {
+				rotate(s, name)
+			}
+		}
+		schedule := func(name string, n uint64, at *time.Time, st kms.State) {
+			t.Helper()
+			if err := s.UpdateKey(ctx, name, func(tx kms.KeyTx) ([]*kms.AuditRecord, error) {
+				v, err := tx.Version(n)
+				if err != nil {
+					return nil, err
+				}
+				v.State, v.DestroyAt = st, at
+				return nil, nil
+			}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		day := func(d int) *time.Time { x := t0.AddDate(0, 0, d); return &x }
+		schedule("a", 2, day(3), kms.StateDestroyScheduled)
+		schedule("b", 1, day(1), kms.StateDestroyScheduled)
+		schedule("b", 3, day(2), kms.StateDestroyScheduled)
+		schedule("a", 1, day(5), kms.StateDestroyScheduled)
+		schedule("a", 1, nil, kms.StateDisabled)            // cancelled: leaves the schedule
+		schedule("b", 3, day(4), kms.StateDestroyScheduled) // moved
+		due, err := s.DueVersions(ctx, *day(10), 10)
+		want := []kms.VersionRef{{Key: "b", Version: 1}, {Key: "a", Version: 2}, {Key: "b", Version: 3}}
+		if err != nil || !slices.Equal(due, want) {
+			t.Fatalf("DueVersions = %v %v, want %v", due, err, want)
+		}
+		if due, _ := s.DueVersions(ctx, *day(3), 10); !slices.Equal(due, want[:2]) {
+			t.Fatalf("DueVersions at day 3 = %v", due)
+		}
+		if due, _ := s.DueVersions(ctx, *day(10), 1); !slices.Equal(due, want[:1]) {
+			t.Fatalf("DueVersions limited to 1 = %v", due)
+		}
+		schedule("b", 1, nil, kms.StateDestroyed)
+		if due, _ := s.DueVersions(ctx, *day(10), 10); !slices.Equal(due, want[1:]) {
+			t.Fatalf("DueVersions after a destruction = %v", due)
 		}
 	})
 
 	t.Run("ListOrderAndPages", func(t *testing.T) {
 		s := open(t)
 		for _, n := range []string{"c", "a", "b", "d"} {
-			s.CreateKey(ctx, key(n), nil)
+			create(t, s, n)
 		}
 		var got string
 		after := ""
@@ -133,6 +341,7 @@ func Run(t *testing.T, open func(t *testing.T) kms.Store) {
 
 	t.Run("Tokens", func(t *testing.T) {
 		s := open(t)
+		w := watch(s)
 		if n, _ := s.CountTokens(ctx); n != 0 {
 			t.Fatalf("%d tokens in a new store", n)
 		}
@@ -144,6 +353,9 @@ func Run(t *testing.T, open func(t *testing.T) kms.Store) {
 		}
 		if err := s.CreateToken(ctx, &kms.Token{ID: fmt.Sprintf("%016d", 1)}, nil); !errors.Is(err, kms.ErrAlreadyExists) {
 			t.Fatalf("duplicate token id: %v", err)
+		}
+		if got := w.take(); len(got) != 3 || got[2] != (kms.Change{Token: fmt.Sprintf("%016d", 2)}) {
+			t.Fatalf("changes reported for 3 new tokens: %v", got)
 		}
 		if n, _ := s.CountTokens(ctx); n != 3 {
 			t.Fatalf("CountTokens = %d", n)
@@ -184,6 +396,9 @@ func Run(t *testing.T, open func(t *testing.T) kms.Store) {
 		if got, _ := s.GetToken(ctx, id); got.RevokedAt == nil || !got.RevokedAt.Equal(now) {
 			t.Fatalf("UpdateToken did not store: %+v", got)
 		}
+		if got := w.take(); !slices.Equal(got, []kms.Change{{Token: id}}) {
+			t.Fatalf("changes reported for a revocation: %v", got)
+		}
 		if err := s.UpdateToken(ctx, "nope", func(*kms.Token) ([]*kms.AuditRecord, error) { return nil, nil }); !errors.Is(err, kms.ErrNotFound) {
 			t.Fatalf("UpdateToken of a missing id: %v", err)
 		}
@@ -197,6 +412,9 @@ func Run(t *testing.T, open func(t *testing.T) kms.Store) {
 		}
 		if got, _ := s.GetToken(ctx, id); got.LastUsedAt == nil || !got.LastUsedAt.Equal(later) {
 			t.Fatalf("RecordTokenUse: %+v", got.LastUsedAt)
+		}
+		if got := w.take(); !slices.Equal(got, []kms.Change{{Token: id}}) {
+			t.Fatalf("changes reported for token use: %v", got)
 		}
 	})
 
@@ -249,13 +467,13 @@ func RunAudit(t *testing.T, open func(t *testing.T) interface {
 	t.Run("ChangeAndRecordCommitTogether", func(t *testing.T) {
 		s := open(t)
 		r := rec("create")
-		if err := s.CreateKey(ctx, key("a"), []*kms.AuditRecord{r}); err != nil || !r.Committed {
+		if err := s.CreateKey(ctx, key("a"), version(1), []*kms.AuditRecord{r}); err != nil || !r.Committed {
 			t.Fatalf("create: %v %v", err, r.Committed)
 		}
 		// A failing change leaves neither the change nor its record.
 		r2 := rec("update")
-		err := s.UpdateKey(ctx, "a", func(k *kms.Key) ([]*kms.AuditRecord, error) {
-			k.Primary = 5
+		err := s.UpdateKey(ctx, "a", func(tx kms.KeyTx) ([]*kms.AuditRecord, error) {
+			tx.Key().MinDecryptionVersion = 0
 			return []*kms.AuditRecord{r2}, errors.New("refused")
 		})
 		if err == nil || r2.Committed {
@@ -265,12 +483,12 @@ func RunAudit(t *testing.T, open func(t *testing.T) interface {
 			t.Fatalf("size %d after a refused update, want 1", n)
 		}
 		// A duplicate create appends nothing.
-		if err := s.CreateKey(ctx, key("a"), []*kms.AuditRecord{rec("dup")}); err == nil {
+		if err := s.CreateKey(ctx, key("a"), version(1), []*kms.AuditRecord{rec("dup")}); err == nil {
 			t.Fatal("duplicate create")
 		}
 		r3 := rec("update")
-		if err := s.UpdateKey(ctx, "a", func(k *kms.Key) ([]*kms.AuditRecord, error) {
-			k.Primary = 5
+		if err := s.UpdateKey(ctx, "a", func(tx kms.KeyTx) ([]*kms.AuditRecord, error) {
+			tx.Key().MinDecryptionVersion = 0
 			return []*kms.AuditRecord{r3}, nil
 		}); err != nil || !r3.Committed || r3.Index != 1 {
 			t.Fatalf("update: %v %+v", err, r3)

@@ -1,0 +1,88 @@
+package bolt
+
+import (
+	"encoding/json"
+	"fmt"
+
+	bbolt "go.etcd.io/bbolt"
+
+	"kmsd/kms"
+)
+
+// keyV1 is a key record of schema 1: the header with every version inside.
+type keyV1 struct {
+	kms.Key
+	Versions []kms.Version `json:"versions"`
+}
+
+// migration says what Open migrated.
+type migration struct {
+	From, To       string
+	Keys, Versions int
+}
+
+// Migrated reports what Open migrated: the schemas and how many keys and
+// versions moved (zero values if the file was current).
+func (s *Store) Migrated() (from, to string, keys, versions int) {
+	m := s.migrated
+	return m.From, m.To, m.Keys, m.Versions
+}
+
+// migrateV1 moves every version out of its key's record into a record of
+// its own and rewrites the header with Latest set, inside tx: the whole
+// file migrates in one transaction or not at all. Every record is checked
+// on the way (versions numbered 1..n in order, primary and
+// min_decryption_version among them); one that is not refuses the
+// migration, and the file stays as it was.
+func migrateV1(tx *bbolt.Tx) (migration, error) {
+	m := migration{From: "1", To: schemaVersion}
+	keys := tx.Bucket(bucketKeys)
+	var olds []keyV1
+	err := keys.ForEach(func(name, buf []byte) error {
+		var k keyV1
+		if err := json.Unmarshal(buf, &k); err != nil {
+			return fmt.Errorf("key record %q: %w", name, err)
+		}
+		if k.Name != string(name) {
+			return fmt.Errorf("key record %q names key %q", name, k.Name)
+		}
+		if k.Key.Latest != 0 {
+			return fmt.Errorf("key record %q already has a latest version (not a schema-1 record)", name)
+		}
+		n := uint64(len(k.Versions))
+		if n == 0 {
+			return fmt.Errorf("key record %q has no versions", name)
+		}
+		for i, v := range k.Versions {
+			if v.Number != uint64(i+1) {
+				return fmt.Errorf("key record %q: version %d is at position %d", name, v.Number, i+1)
+			}
+		}
+		if k.Primary < 1 || k.Primary > n || k.MinDecryptionVersion > n {
+			return fmt.Errorf("key record %q: primary %d or min_decryption_version %d is not one of its %d versions", name, k.Primary, k.MinDecryptionVersion, n)
+		}
+		olds = append(olds, k)
+		return nil
+	})
+	if err != nil {
+		return m, err
+	}
+	// Written after the walk: bbolt does not allow changing a bucket while
+	// a cursor walks it.
+	for i := range olds {
+		k := &olds[i]
+		h := k.Key
+		h.Latest = uint64(len(k.Versions))
+		if err := putHeader(tx, &h); err != nil {
+			return m, err
+		}
+		for j := range k.Versions {
+			if err := putVersion(tx, h.Name, &k.Versions[j], nil); err != nil {
+				return m, err
+			}
+		}
+		m.Keys++
+		m.Versions += len(k.Versions)
+	}
+	return m, nil
+}

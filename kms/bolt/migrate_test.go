@@ -1,0 +1,191 @@
+package bolt_test
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	bbolt "go.etcd.io/bbolt"
+
+	"kmsd/kms"
+	"kmsd/kms/bolt"
+)
+
+// writeV1 makes a file as schema 1 laid it out: each key one record with
+// its versions inside. records maps a key name to its record's JSON.
+func writeV1(t *testing.T, path string, records map[string]string, extra func(tx *bbolt.Tx) error) {
+	t.Helper()
+	db, err := bbolt.Open(path, 0o600, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	err = db.Update(func(tx *bbolt.Tx) error {
+		for _, b := range []string{"keys", "tokens", "meta", "audit_records", "audit_checkpoints", "blob_owners"} {
+			if _, err := tx.CreateBucket([]byte(b)); err != nil {
+				return err
+			}
+		}
+		if err := tx.Bucket([]byte("meta")).Put([]byte("schema"), []byte("1")); err != nil {
+			return err
+		}
+		for name, rec := range records {
+			if err := tx.Bucket([]byte("keys")).Put([]byte(name), []byte(rec)); err != nil {
+				return err
+			}
+		}
+		if extra != nil {
+			return extra(tx)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+// v1Record is a schema-1 key record with n versions; version 2 (if any)
+// is scheduled for destruction.
+func v1Record(name string, n int) string {
+	type version struct {
+		Number    uint64     `json:"number"`
+		State     string     `json:"state"`
+		CreatedAt time.Time  `json:"created_at"`
+		DestroyAt *time.Time `json:"destroy_at,omitempty"`
+		PublicKey []byte     `json:"public_key"`
+		Sealed    []byte     `json:"sealed"`
+	}
+	at := time.Date(2026, 2, 1, 0, 0, 0, 0, time.UTC)
+	vs := make([]version, n)
+	for i := range vs {
+		vs[i] = version{Number: uint64(i + 1), State: "enabled", CreatedAt: at, PublicKey: []byte(fmt.Sprintf("%s-pub%d", name, i+1)), Sealed: []byte(fmt.Sprintf("%s-sealed%d", name, i+1))}
+	}
+	if n >= 2 {
+		d := at.AddDate(0, 0, 30)
+		vs[1].State, vs[1].DestroyAt = "destroy_scheduled", &d
+	}
+	b, _ := json.Marshal(map[string]any{"name": name, "kind": "ml-dsa-65", "policy": map[string]any{"destroy_wait_days": 30},
+		"created_at": at, "primary": n, "min_decryption_version": 1, "versions": vs})
+	return string(b)
+}
+
+func TestMigratesSchema1(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "kms.db")
+	writeV1(t, path, map[string]string{"a": v1Record("a", 3), "_identity": v1Record("_identity", 1), "b": v1Record("b", 40)}, nil)
+	s, err := bolt.Open(path, bolt.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if from, to, keys, versions := s.Migrated(); from != "1" || to != "2" || keys != 3 || versions != 44 {
+		t.Fatalf("Migrated() = %s %s %d %d", from, to, keys, versions)
+	}
+	ctx := context.Background()
+	for name, n := range map[string]uint64{"a": 3, "b": 40, "_identity": 1} {
+		k, err := s.GetKey(ctx, name)
+		if err != nil || k.Latest != n || k.Primary != n || k.Kind != "ml-dsa-65" || k.Policy.DestroyWaitDays != 30 {
+			t.Fatalf("key %s after migration: %+v %v", name, k, err)
+		}
+		for i := uint64(1); i <= n; i++ {
+			v, err := s.GetVersion(ctx, name, i)
+			if err != nil || string(v.PublicKey) != fmt.Sprintf("%s-pub%d", name, i) || string(v.Sealed) != fmt.Sprintf("%s-sealed%d", name, i) {
+				t.Fatalf("%s version %d after migration: %+v %v", name, i, v, err)
+			}
+		}
+	}
+	// The destroy schedule was indexed on the way.
+	due, err := s.DueVersions(ctx, time.Date(2027, 1, 1, 0, 0, 0, 0, time.UTC), 10)
+	if err != nil || len(due) != 2 || due[0].Version != 2 || due[1].Version != 2 {
+		t.Fatalf("DueVersions after migration: %v %v", due, err)
+	}
+	if err := s.Check(); err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+	// A second open finds schema 2 and migrates nothing.
+	s2, err := bolt.Open(path, bolt.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s2.Close()
+	if from, _, _, _ := s2.Migrated(); from != "" {
+		t.Fatalf("migrated again from %q", from)
+	}
+}
+
+// TestRefusesHalfMigratedFile: a schema-1 file that already holds version
+// records, or a schema-1 record that does not hold together, stops Open
+// and leaves the file as it was.
+func TestRefusesHalfMigratedFile(t *testing.T) {
+	broken := map[string]string{
+		"gap":          strings.Replace(v1Record("a", 3), `"number":2`, `"number":5`, 1),
+		"primary":      strings.Replace(v1Record("a", 3), `"primary":3`, `"primary":4`, 1),
+		"no versions":  `{"name":"a","kind":"ml-dsa-65","primary":1,"versions":[]}`,
+		"other name":   strings.Replace(v1Record("a", 1), `"name":"a"`, `"name":"b"`, 1),
+		"not json":     `{"name":`,
+		"has a latest": strings.Replace(v1Record("a", 1), `"primary":1`, `"primary":1,"latest":1`, 1),
+	}
+	for name, rec := range broken {
+		t.Run(name, func(t *testing.T) {
+			path := filepath.Join(t.TempDir(), "kms.db")
+			writeV1(t, path, map[string]string{"a": rec, "z": v1Record("z", 2)}, nil)
+			if s, err := bolt.Open(path, bolt.Options{}); err == nil {
+				s.Close()
+				t.Fatal("opened")
+			}
+			assertSchema1(t, path)
+		})
+	}
+	t.Run("version records present", func(t *testing.T) {
+		path := filepath.Join(t.TempDir(), "kms.db")
+		writeV1(t, path, map[string]string{"a": v1Record("a", 2), "z": v1Record("z", 2)}, func(tx *bbolt.Tx) error {
+			b, err := tx.CreateBucket([]byte("versions"))
+			if err != nil {
+				return err
+			}
+			return b.Put([]byte("a\x00\x00\x00\x00\x00\x00\x00\x00\x01"), []byte(`{"number":1}`))
+		})
+		_, err := bolt.Open(path, bolt.Options{})
+		if err == nil || !strings.Contains(err.Error(), "half-migrated") {
+			t.Fatalf("Open: %v", err)
+		}
+		assertSchema1(t, path)
+	})
+}
+
+// assertSchema1 checks that a refused migration changed nothing.
+func assertSchema1(t *testing.T, path string) {
+	t.Helper()
+	db, err := bbolt.Open(path, 0o600, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	db.View(func(tx *bbolt.Tx) error {
+		if s := string(tx.Bucket([]byte("meta")).Get([]byte("schema"))); s != "1" {
+			t.Fatalf("schema %q after a refused migration", s)
+		}
+		if b := tx.Bucket([]byte("destroy_due")); b != nil {
+			t.Fatal("a refused migration made buckets")
+		}
+		var rec struct {
+			Versions []kms.Version `json:"versions"`
+		}
+		if err := json.Unmarshal(tx.Bucket([]byte("keys")).Get([]byte("z")), &rec); err != nil || len(rec.Versions) != 2 {
+			t.Fatalf("key z after a refused migration: %v %v", rec, err)
+		}
+		return nil
+	})
+}
+
+func TestRefusesNewerSchema(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "kms.db")
+	writeV1(t, path, nil, func(tx *bbolt.Tx) error { return tx.Bucket([]byte("meta")).Put([]byte("schema"), []byte("3")) })
+	if _, err := bolt.Open(path, bolt.Options{}); err == nil || !strings.Contains(err.Error(), `"3"`) {
+		t.Fatalf("Open of a schema-3 file: %v", err)
+	}
+}

@@ -1,0 +1,140 @@
+package kms
+
+import (
+	"context"
+	"sync"
+)
+
+// readCache keeps the records every request reads (key headers, versions,
+// tokens) decoded in memory. It is driven by the store's change feed
+// (Store.Watch): a committed change drops the records it names before the
+// write that made it is acknowledged, so a revoked token or a disabled
+// version is refused by the very next request. A replicated store drives
+// the same feed from its watch.
+//
+// Values in the cache are shared by every reader and must not be changed;
+// the Service changes records only inside Store.UpdateKey, on the store's
+// own copies.
+//
+// A load that raced with an invalidation must not put back what it read
+// before the change: each load notes the cache's generation first, every
+// invalidation advances it, and a put whose generation is stale is dropped.
+type readCache struct {
+	mu       sync.RWMutex
+	gen      uint64
+	keys     map[string]*Key
+	versions map[VersionRef]*Version
+	tokens   map[string]*Token
+	max      int // entries per map
+	off      bool
+}
+
+func newReadCache(max int) *readCache {
+	c := &readCache{max: max, off: max < 0}
+	c.reset()
+	return c
+}
+
+func (c *readCache) reset() {
+	c.keys = map[string]*Key{}
+	c.versions = map[VersionRef]*Version{}
+	c.tokens = map[string]*Token{}
+}
+
+// invalidate drops what changes name. A header change drops only the
+// header: versions are records of their own, with their own changes.
+func (c *readCache) invalidate(changes []Change) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.gen++
+	for _, ch := range changes {
+		switch {
+		case ch.Token != "":
+			delete(c.tokens, ch.Token)
+		case ch.Version != 0:
+			delete(c.versions, VersionRef{ch.Key, ch.Version})
+		default:
+			delete(c.keys, ch.Key)
+		}
+	}
+}
+
+// generation is read before a load from the store.
+func (c *readCache) generation() uint64 {
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	return c.gen
+}
+
+// put stores v under k in m unless an invalidation happened since gen; a
+// full map drops an arbitrary entry first.
+func put[K comparable, V any](c *readCache, m map[K]V, k K, v V, gen uint64) {
+	if c.off {
+		return
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.gen != gen {
+		return
+	}
+	if len(m) >= c.max {
+		for old := range m {
+			delete(m, old)
+			break
+		}
+	}
+	m[k] = v
+}
+
+func get[K comparable, V any](c *readCache, m map[K]V, k K) (V, bool) {
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	v, ok := m[k]
+	return v, ok
+}
+
+// key returns the header of a key, from the cache or the store (shared:
+// read only).
+func (s *Service) cachedKey(ctx context.Context, name string) (*Key, error) {
+	if k, ok := get(s.rc, s.rc.keys, name); ok {
+		return k, nil
+	}
+	gen := s.rc.generation()
+	k, err := s.store.GetKey(ctx, name)
+	if err != nil {
+		return nil, err
+	}
+	put(s.rc, s.rc.keys, name, k, gen)
+	return k, nil
+}
+
+// cachedVersion returns version n of a key, from the cache or the store
+// (shared: read only).
+func (s *Service) cachedVersion(ctx context.Context, name string, n uint64) (*Version, error) {
+	ref := VersionRef{name, n}
+	if v, ok := get(s.rc, s.rc.versions, ref); ok {
+		return v, nil
+	}
+	gen := s.rc.generation()
+	v, err := s.store.GetVersion(ctx, name, n)
+	if err != nil {
+		return nil, err
+	}
+	put(s.rc, s.rc.versions, ref, v, gen)
+	return v, nil
+}
+
+// cachedToken returns a token record, from the cache or the store (shared:
+// read only). Unknown ids are not cached, so guessing fills nothing.
+func (s *Service) cachedToken(ctx context.Context, id string) (*Token, error) {
+	if t, ok := get(s.rc, s.rc.tokens, id); ok {
+		return t, nil
+	}
+	gen := s.rc.generation()
+	t, err := s.store.GetToken(ctx, id)
+	if err != nil {
+		return nil, err
+	}
+	put(s.rc, s.rc.tokens, id, t, gen)
+	return t, nil
+}
