@@ -6,8 +6,8 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
-	"strings"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -49,10 +49,43 @@ func (c *countingSealer) Unseal(ctx context.Context, sc kms.SealContext, b []byt
 	return c.Sealer.Unseal(ctx, sc, b)
 }
 
-// faultStore fails UpdateKey after fn ran (as a failed commit would).
+// faultStore fails UpdateKey after fn ran (as a failed commit would), counts
+// the reads of the hot path and can hold a token read (readcache_test.go).
 type faultStore struct {
 	kms.Store
 	failUpdate atomic.Bool
+
+	getKey, getVersion, getToken, listVersions atomic.Int64
+	tokenRead                                  func(t *kms.Token) // called with what GetToken read, before it returns
+}
+
+func (f *faultStore) GetKey(ctx context.Context, name string) (*kms.Key, error) {
+	f.getKey.Add(1)
+	return f.Store.GetKey(ctx, name)
+}
+
+func (f *faultStore) GetVersion(ctx context.Context, name string, n uint64) (*kms.Version, error) {
+	f.getVersion.Add(1)
+	return f.Store.GetVersion(ctx, name, n)
+}
+
+func (f *faultStore) ListVersions(ctx context.Context, name string, before uint64, limit int) ([]*kms.Version, error) {
+	f.listVersions.Add(1)
+	return f.Store.ListVersions(ctx, name, before, limit)
+}
+
+func (f *faultStore) GetToken(ctx context.Context, id string) (*kms.Token, error) {
+	f.getToken.Add(1)
+	t, err := f.Store.GetToken(ctx, id)
+	if err == nil && f.tokenRead != nil {
+		f.tokenRead(t)
+	}
+	return t, err
+}
+
+// reads returns and resets the hot-path read counts.
+func (f *faultStore) reads() (key, version, token, list int64) {
+	return f.getKey.Swap(0), f.getVersion.Swap(0), f.getToken.Swap(0), f.listVersions.Swap(0)
 }
 
 func (f *faultStore) UpdateKey(ctx context.Context, name string, fn func(kms.KeyTx) ([]*kms.AuditRecord, error)) error {
@@ -77,6 +110,11 @@ type env struct {
 }
 
 func newEnv(t *testing.T, ttl time.Duration) *env {
+	return newEnvCache(t, ttl, 0)
+}
+
+// newEnvCache is newEnv with a record cache size (negative: off).
+func newEnvCache(t *testing.T, ttl time.Duration, records int) *env {
 	t.Helper()
 	path := filepath.Join(t.TempDir(), "kms.db")
 	st, err := bolt.Open(path, bolt.Options{})
@@ -91,7 +129,7 @@ func newEnv(t *testing.T, ttl time.Duration) *env {
 		rand:   &testutil.RecordingRand{},
 		path:   path,
 	}
-	e.svc, err = kms.NewService(kms.Config{Store: e.store, Sealer: e.sealer, Kinds: kms.NewRegistry(pqc.Kinds()...), Clock: e.clock, Rand: e.rand, CacheTTL: ttl})
+	e.svc, err = kms.NewService(kms.Config{Store: e.store, Sealer: e.sealer, Kinds: kms.NewRegistry(pqc.Kinds()...), Clock: e.clock, Rand: e.rand, CacheTTL: ttl, RecordCacheSize: records})
 	if err != nil {
 		t.Fatal(err)
 	}
