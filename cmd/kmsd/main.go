@@ -15,6 +15,7 @@ import (
 	"math"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -85,6 +86,7 @@ type config struct {
 	tlsKey          string
 	tlsClientCA     string
 	insecureHTTP    bool
+	debugAddr       string
 }
 
 // parseFlags reads flags, with KMS_* environment variables as defaults.
@@ -112,6 +114,9 @@ func parseFlags(args []string, getenv func(string) string, out io.Writer) (confi
 	}
 	if c.insecureHTTP && !tlsutil.IsLoopback(c.addr) {
 		return c, fmt.Errorf("--insecure-http is refused on %s: plain HTTP is allowed only on a loopback address (127.0.0.1, ::1, localhost)", c.addr)
+	}
+	if c.debugAddr != "" && !tlsutil.IsLoopback(c.debugAddr) {
+		return c, fmt.Errorf("--debug-addr is refused on %s: the profiling endpoints are served on a loopback address only", c.debugAddr)
 	}
 	if (c.tlsCert == "") != (c.tlsKey == "") {
 		return c, errors.New("--tls-cert and --tls-key go together")
@@ -151,6 +156,7 @@ func newFlagSet(c *config, getenv func(string) string) *flag.FlagSet {
 	fs.StringVar(&c.tlsKey, "tls-key", env("KMS_TLS_KEY", ""), "private key of --tls-cert (PEM); both are read again on SIGHUP (env KMS_TLS_KEY)")
 	fs.StringVar(&c.tlsClientCA, "tls-client-ca", env("KMS_TLS_CLIENT_CA", ""), "require mutual TLS: clients must present a certificate chained to these CA certificates (PEM); refusals are audited (env KMS_TLS_CLIENT_CA)")
 	fs.BoolVar(&c.insecureHTTP, "insecure-http", getenv("KMS_INSECURE_HTTP") == "1", "serve plain HTTP instead of HTTPS; refused unless --addr is a loopback address (env KMS_INSECURE_HTTP, set to 1)")
+	fs.StringVar(&c.debugAddr, "debug-addr", env("KMS_DEBUG_ADDR", ""), "serve Go's profiles and execution traces (/debug/pprof/, unauthenticated) on this loopback address, e.g. 127.0.0.1:8421; empty: off (env KMS_DEBUG_ADDR)")
 	fs.StringVar(&c.module, "pkcs11-module", env("KMS_PKCS11_MODULE", ""), "PKCS#11 library; empty: the embedded SoftHSM2 token under <data-dir>/softhsm (env KMS_PKCS11_MODULE)")
 	fs.StringVar(&c.token, "pkcs11-token", env("KMS_PKCS11_TOKEN", "kmsd"), "label of the PKCS#11 token (env KMS_PKCS11_TOKEN)")
 	fs.StringVar(&c.pinFile, "pkcs11-pin-file", env("KMS_PKCS11_PIN_FILE", ""), "file holding the token's user PIN; or set KMS_PKCS11_PIN (env KMS_PKCS11_PIN_FILE)")
@@ -429,6 +435,16 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 	if err != nil {
 		return err
 	}
+	if c.debugAddr != "" {
+		dln, err := net.Listen("tcp", c.debugAddr)
+		if err != nil {
+			return err
+		}
+		dsrv := &http.Server{Handler: debugHandler(), ReadHeaderTimeout: 10 * time.Second}
+		defer dsrv.Close()
+		go dsrv.Serve(dln)
+		log.Warn("profiling endpoints served without authentication", "url", "http://"+dln.Addr().String()+"/debug/pprof/")
+	}
 	srv := &http.Server{
 		Handler:           apiSrv.Handler(),
 		ReadHeaderTimeout: 10 * time.Second,
@@ -515,4 +531,16 @@ func readKEKRef(store *bolt.Store) (*kekRef, error) {
 		return nil, fmt.Errorf("the store's record of its KEK does not decode: %w", err)
 	}
 	return &r, nil
+}
+
+// debugHandler serves net/http/pprof's endpoints only (not the default mux,
+// which other packages could add to).
+func debugHandler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("/debug/pprof/", pprof.Index)
+	mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
+	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	return mux
 }

@@ -8,6 +8,7 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/pem"
+	"io"
 	"math/big"
 	"net/http"
 	"os"
@@ -275,5 +276,29 @@ func TestMutualTLS(t *testing.T) {
 	}
 	if len(reasons) < 2 || !strings.Contains(strings.Join(reasons, "|"), "no client certificate") || !strings.Contains(strings.Join(reasons, "|"), "does not chain") {
 		t.Fatalf("refusals recorded: %q", reasons)
+	}
+}
+
+// TestDebugAddrOnlyOnLoopback: the profiling endpoints are off by default,
+// refused on a non-loopback address, and serve pprof on loopback.
+func TestDebugAddrOnlyOnLoopback(t *testing.T) {
+	exitsWith(t, t.TempDir(), "--debug-addr is refused", "--debug-addr", "0.0.0.0:0")
+	dir := filepath.Join(t.TempDir(), "data")
+	dbg := freeAddr(t)
+	p := start(t, dir, "--debug-addr", dbg)
+	p.waitReady(t)
+	resp, err := http.Get("http://" + dbg + "/debug/pprof/goroutine?debug=1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 200 || !strings.Contains(string(body), "goroutine profile") {
+		t.Fatalf("debug endpoint: %d %.200s", resp.StatusCode, body)
+	}
+	// The API port does not serve them.
+	c := adminClient(t, p, dir)
+	if _, err := c.GetKey(ctx, "debug"); !client.IsProblem(err, "not-found") {
+		t.Fatalf("%v", err)
 	}
 }
