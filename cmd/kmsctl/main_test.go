@@ -123,6 +123,24 @@ func TestCommands(t *testing.T) {
 		t.Fatalf("verify of a wrong message: exit %d %s", bad.code, bad.stdout)
 	}
 	ok("keys", "rotate", "sig")
+	ok("keys", "rotate", "sig")
+	var shown struct {
+		Versions []struct {
+			Version int `json:"version"`
+		} `json:"versions"`
+		Next string `json:"next_versions_page_token"`
+	}
+	json.Unmarshal([]byte(ok("keys", "show", "sig", "--versions", "2")), &shown)
+	if len(shown.Versions) != 2 || shown.Versions[0].Version != 3 || shown.Next != "2" {
+		t.Fatalf("keys show --versions 2: %+v", shown)
+	}
+	var all []struct {
+		Version int `json:"version"`
+	}
+	json.Unmarshal([]byte(ok("keys", "versions", "sig", "--limit", "2")), &all)
+	if len(all) != 3 || all[0].Version != 3 || all[2].Version != 1 {
+		t.Fatalf("keys versions over pages of 2: %+v", all)
+	}
 	ok("keys", "update", "sig", "--min-decryption-version", "1", "--destroy-wait-days", "9")
 	ok("versions", "disable", "sig", "1")
 	ok("versions", "enable", "sig", "1")
