@@ -30,15 +30,8 @@ type readCache struct {
 }
 
 func newReadCache(max int) *readCache {
-	c := &readCache{max: max, off: max < 0}
-	c.reset()
-	return c
-}
-
-func (c *readCache) reset() {
-	c.keys = map[string]*Key{}
-	c.versions = map[VersionRef]*Version{}
-	c.tokens = map[string]*Token{}
+	return &readCache{max: max, off: max < 0,
+		keys: map[string]*Key{}, versions: map[VersionRef]*Version{}, tokens: map[string]*Token{}}
 }
 
 // invalidate drops what changes name. A header change drops only the
@@ -93,7 +86,7 @@ func get[K comparable, V any](c *readCache, m map[K]V, k K) (V, bool) {
 	return v, ok
 }
 
-// key returns the header of a key, from the cache or the store (shared:
+// cachedKey returns the header of a key, from the cache or the store (shared:
 // read only).
 func (s *Service) cachedKey(ctx context.Context, name string) (*Key, error) {
 	if k, ok := get(s.rc, s.rc.keys, name); ok {

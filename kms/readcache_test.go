@@ -101,15 +101,7 @@ func TestCacheFollowsChanges(t *testing.T) {
 		t.Fatalf("sign after the policy stopped allowing it: %v", err)
 	}
 
-	var admin string
-	if _, err := e.svc.EnsureAdminToken(ctx, func(tok string) error { admin = tok; return nil }); err != nil {
-		t.Fatal(err)
-	}
-	root, _ := e.svc.Authenticate(ctx, admin)
-	tok, info, err := e.svc.CreateToken(ctx, root, kms.TokenRequest{Role: kms.RoleWorker, Keys: []string{"*"}})
-	if err != nil {
-		t.Fatal(err)
-	}
+	root, tok, info := e.workerToken(t)
 	for i := 0; i < 3; i++ {
 		if _, err := e.svc.Authenticate(ctx, tok); err != nil {
 			t.Fatal(err)
@@ -130,15 +122,7 @@ func TestCacheFollowsChanges(t *testing.T) {
 // the next one must not.
 func TestCacheDropsReadsThatRaceAChange(t *testing.T) {
 	e := newEnv(t, 0)
-	var admin string
-	if _, err := e.svc.EnsureAdminToken(ctx, func(tok string) error { admin = tok; return nil }); err != nil {
-		t.Fatal(err)
-	}
-	root, _ := e.svc.Authenticate(ctx, admin)
-	tok, info, err := e.svc.CreateToken(ctx, root, kms.TokenRequest{Role: kms.RoleWorker, Keys: []string{"*"}})
-	if err != nil {
-		t.Fatal(err)
-	}
+	root, tok, info := e.workerToken(t)
 	read, release := make(chan struct{}), make(chan struct{})
 	var once sync.Once
 	e.store.tokenRead = func(t *kms.Token) {
@@ -165,4 +149,23 @@ func TestCacheDropsReadsThatRaceAChange(t *testing.T) {
 	if _, err := e.svc.Authenticate(ctx, tok); !errors.Is(err, kms.ErrUnauthenticated) {
 		t.Fatalf("a token revoked while its record was being read still authenticates: %v", err)
 	}
+}
+
+// workerToken bootstraps the admin token and makes a worker token with it:
+// the admin's principal, the worker token's text and its record.
+func (e *env) workerToken(t *testing.T) (*kms.Principal, string, *kms.Token) {
+	t.Helper()
+	var admin string
+	if _, err := e.svc.EnsureAdminToken(ctx, func(tok string) error { admin = tok; return nil }); err != nil {
+		t.Fatal(err)
+	}
+	root, err := e.svc.Authenticate(ctx, admin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tok, info, err := e.svc.CreateToken(ctx, root, kms.TokenRequest{Role: kms.RoleWorker, Keys: []string{"*"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return root, tok, info
 }

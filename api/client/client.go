@@ -209,8 +209,9 @@ func (c *Client) CreateKey(ctx context.Context, req CreateKeyRequest) (*Key, err
 	return &out, c.do(ctx, http.MethodPost, "/v1/keys", nil, req, &out)
 }
 
-// ListKeys returns one page of keys; pass the previous NextPageToken to go on.
-func (c *Client) ListKeys(ctx context.Context, limit int, pageToken string) (*KeyList, error) {
+// pageQuery is the query of a paged list: limit (0: the server's default)
+// and the page token ("" for the first page).
+func pageQuery(limit int, pageToken string) url.Values {
 	q := url.Values{}
 	if limit > 0 {
 		q.Set("limit", strconv.Itoa(limit))
@@ -218,6 +219,12 @@ func (c *Client) ListKeys(ctx context.Context, limit int, pageToken string) (*Ke
 	if pageToken != "" {
 		q.Set("page_token", pageToken)
 	}
+	return q
+}
+
+// ListKeys returns one page of keys; pass the previous NextPageToken to go on.
+func (c *Client) ListKeys(ctx context.Context, limit int, pageToken string) (*KeyList, error) {
+	q := pageQuery(limit, pageToken)
 	var out KeyList
 	return &out, c.do(ctx, http.MethodGet, "/v1/keys", q, nil, &out)
 }
@@ -231,10 +238,7 @@ func (c *Client) GetKey(ctx context.Context, name string) (*Key, error) {
 // GetKeyVersions returns a key with up to limit of its newest versions (0:
 // the server's default).
 func (c *Client) GetKeyVersions(ctx context.Context, name string, limit int) (*Key, error) {
-	q := url.Values{}
-	if limit > 0 {
-		q.Set("limit", strconv.Itoa(limit))
-	}
+	q := pageQuery(limit, "")
 	var out Key
 	return &out, c.do(ctx, http.MethodGet, keyPath(name), q, nil, &out)
 }
@@ -243,13 +247,7 @@ func (c *Client) GetKeyVersions(ctx context.Context, name string, limit int) (*K
 // is "" or the NextPageToken of the previous page (or the key's
 // NextVersionsPageToken).
 func (c *Client) ListVersions(ctx context.Context, name string, limit int, pageToken string) (*VersionList, error) {
-	q := url.Values{}
-	if limit > 0 {
-		q.Set("limit", strconv.Itoa(limit))
-	}
-	if pageToken != "" {
-		q.Set("page_token", pageToken)
-	}
+	q := pageQuery(limit, pageToken)
 	var out VersionList
 	return &out, c.do(ctx, http.MethodGet, keyPath(name)+"/versions", q, nil, &out)
 }
@@ -312,13 +310,7 @@ func (c *Client) CreateToken(ctx context.Context, req CreateTokenRequest) (*Toke
 // ListTokens returns one page of the tokens this token may manage (never
 // their secrets); pass the previous NextPageToken to go on.
 func (c *Client) ListTokens(ctx context.Context, limit int, pageToken string) (*TokenList, error) {
-	q := url.Values{}
-	if limit > 0 {
-		q.Set("limit", strconv.Itoa(limit))
-	}
-	if pageToken != "" {
-		q.Set("page_token", pageToken)
-	}
+	q := pageQuery(limit, pageToken)
 	var out TokenList
 	return &out, c.do(ctx, http.MethodGet, "/v1/tokens", q, nil, &out)
 }

@@ -1,10 +1,12 @@
 package main
 
 import (
+	"archive/tar"
 	"bytes"
+	"compress/gzip"
 	"encoding/base64"
+	"io"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strings"
@@ -26,9 +28,7 @@ import (
 // audit log continues and verifies, and a second start migrates nothing.
 func TestMigratesDataDirOfSchema1(t *testing.T) {
 	dir := t.TempDir()
-	if out, err := exec.Command("tar", "-C", dir, "-xzf", "testdata/v1-datadir.tar.gz").CombinedOutput(); err != nil {
-		t.Fatalf("untar: %v %s", err, out)
-	}
+	untar(t, "testdata/v1-datadir.tar.gz", dir)
 	data := filepath.Join(dir, "data")
 	// The SoftHSM config names its token directory by absolute path: point
 	// it at the copy, as an operator moving a data dir would.
@@ -111,5 +111,48 @@ func TestMigratesDataDirOfSchema1(t *testing.T) {
 	res, recs := verifyLog(t, c2)
 	if !hasRecord(recs, op{"POST /v1/keys", "sig", 1, 201}) || !hasRecord(recs, op{"POST /v1/keys/{name}/rotate", "sig", 4, 201}) {
 		t.Fatalf("the audit log does not hold both the records from before and after the migration (%d records)", res.Size)
+	}
+}
+
+// untar unpacks a .tar.gz of directories and regular files into dir,
+// keeping the modes (kmsd checks that its secrets are 0600).
+func untar(t *testing.T, archive, dir string) {
+	t.Helper()
+	f, err := os.Open(archive)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	zr, err := gzip.NewReader(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tr := tar.NewReader(zr)
+	for {
+		h, err := tr.Next()
+		if err == io.EOF {
+			return
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		path := filepath.Join(dir, h.Name)
+		if !strings.HasPrefix(path, dir+string(filepath.Separator)) {
+			t.Fatalf("%s: entry %q leaves the directory", archive, h.Name)
+		}
+		switch h.Typeflag {
+		case tar.TypeDir:
+			err = os.MkdirAll(path, h.FileInfo().Mode().Perm())
+		case tar.TypeReg:
+			var b []byte
+			if b, err = io.ReadAll(tr); err == nil {
+				err = os.WriteFile(path, b, h.FileInfo().Mode().Perm())
+			}
+		default:
+			t.Fatalf("%s: unexpected entry %q", archive, h.Name)
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
 	}
 }

@@ -473,7 +473,7 @@ func RunAudit(t *testing.T, open func(t *testing.T) interface {
 		// A failing change leaves neither the change nor its record.
 		r2 := rec("update")
 		err := s.UpdateKey(ctx, "a", func(tx kms.KeyTx) ([]*kms.AuditRecord, error) {
-			tx.Key().MinDecryptionVersion = 0
+			tx.Key().Policy.DestroyWaitDays = 7
 			return []*kms.AuditRecord{r2}, errors.New("refused")
 		})
 		if err == nil || r2.Committed {
@@ -488,7 +488,7 @@ func RunAudit(t *testing.T, open func(t *testing.T) interface {
 		}
 		r3 := rec("update")
 		if err := s.UpdateKey(ctx, "a", func(tx kms.KeyTx) ([]*kms.AuditRecord, error) {
-			tx.Key().MinDecryptionVersion = 0
+			tx.Key().Policy.DestroyWaitDays = 7
 			return []*kms.AuditRecord{r3}, nil
 		}); err != nil || !r3.Committed || r3.Index != 1 {
 			t.Fatalf("update: %v %+v", err, r3)
