@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . deploy/deps.sh
 kmsd_deps
-command -v wrk >/dev/null 2>&1 || kmsd_apt_install wrk
+kmsd_bench_deps
 command -v nginx >/dev/null 2>&1 || kmsd_apt_install nginx-light
 preset="${1:-ckks-logn15}" secs="${2:-10}" conns="${3:-4}"
 work=$(mktemp -d)

@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . deploy/deps.sh
 kmsd_deps
-command -v wrk >/dev/null 2>&1 || kmsd_apt_install wrk
+kmsd_bench_deps
 secs="${1:-20}"
 versions="${2:-60}"
 work=$(mktemp -d)

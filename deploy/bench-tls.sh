@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . deploy/deps.sh
 kmsd_deps
-command -v wrk >/dev/null 2>&1 || kmsd_apt_install wrk
+kmsd_bench_deps
 secs="${1:-10}"
 conns="${2:-16}"
 work=$(mktemp -d)

@@ -15,7 +15,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . deploy/deps.sh
 kmsd_deps
-command -v wrk >/dev/null 2>&1 || kmsd_apt_install wrk
+kmsd_bench_deps
 secs="${1:-10}"
 levels="${2:-1 100 1000 10000}"
 work=$(mktemp -d)

@@ -70,3 +70,15 @@ kmsd_deps() {
   fi
   export CGO_ENABLED=1
 }
+
+# kmsd_bench_deps: what the benchmark scripts use besides kmsd's own needs
+# (wrk loads, curl waits for readiness and sets up keys).
+kmsd_bench_deps() {
+  local need=()
+  command -v wrk >/dev/null 2>&1 || need+=(wrk)
+  command -v curl >/dev/null 2>&1 || need+=(curl)
+  if [ ${#need[@]} -gt 0 ]; then
+    echo "installing: ${need[*]}" >&2
+    kmsd_apt_install "${need[@]}"
+  fi
+}
