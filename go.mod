@@ -1,4 +1,4 @@
-module kmsd
+module github.com/kmsd-project/kmsd
 
 go 1.26.8
 

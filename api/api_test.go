@@ -24,15 +24,15 @@ import (
 	"github.com/getkin/kin-openapi/routers/legacy"
 	"github.com/go-chi/chi/v5"
 
-	"kmsd/api"
-	"kmsd/api/client"
-	"kmsd/audit"
-	"kmsd/he"
-	"kmsd/internal/testhsm"
-	"kmsd/internal/testutil"
-	"kmsd/kms"
-	"kmsd/kms/bolt"
-	"kmsd/kms/pqc"
+	"github.com/kmsd-project/kmsd/api"
+	"github.com/kmsd-project/kmsd/api/client"
+	"github.com/kmsd-project/kmsd/audit"
+	"github.com/kmsd-project/kmsd/he"
+	"github.com/kmsd-project/kmsd/internal/testhsm"
+	"github.com/kmsd-project/kmsd/internal/testutil"
+	"github.com/kmsd-project/kmsd/kms"
+	"github.com/kmsd-project/kmsd/kms/bolt"
+	"github.com/kmsd-project/kmsd/kms/pqc"
 )
 
 func TestMain(m *testing.M) { testhsm.Main(m) }

@@ -18,10 +18,10 @@ import (
 
 	"golang.org/x/mod/sumdb/tlog"
 
-	"kmsd/api"
-	"kmsd/api/client"
-	"kmsd/audit"
-	"kmsd/kms"
+	"github.com/kmsd-project/kmsd/api"
+	"github.com/kmsd-project/kmsd/api/client"
+	"github.com/kmsd-project/kmsd/audit"
+	"github.com/kmsd-project/kmsd/kms"
 )
 
 // auditLog fetches every record as the admin.

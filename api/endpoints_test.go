@@ -13,8 +13,8 @@ import (
 
 	"github.com/cloudflare/circl/sign/mldsa/mldsa65"
 
-	"kmsd/api/client"
-	"kmsd/kms"
+	"github.com/kmsd-project/kmsd/api/client"
+	"github.com/kmsd-project/kmsd/kms"
 )
 
 var ctx = context.Background()

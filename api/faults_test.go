@@ -8,8 +8,8 @@ import (
 	"sync/atomic"
 	"testing"
 
-	"kmsd/api/client"
-	"kmsd/kms"
+	"github.com/kmsd-project/kmsd/api/client"
+	"github.com/kmsd-project/kmsd/kms"
 )
 
 type flakySealer struct {

@@ -7,7 +7,7 @@ import (
 	"strings"
 	"testing"
 
-	"kmsd/api/client"
+	"github.com/kmsd-project/kmsd/api/client"
 )
 
 // FuzzDecode: no body makes the strict decoder panic, and every body it

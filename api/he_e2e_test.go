@@ -20,8 +20,8 @@ import (
 	"github.com/tuneinsight/lattigo/v6/schemes/bgv"
 	"github.com/tuneinsight/lattigo/v6/schemes/ckks"
 
-	"kmsd/api/client"
-	"kmsd/api/client/hekeys"
+	"github.com/kmsd-project/kmsd/api/client"
+	"github.com/kmsd-project/kmsd/api/client/hekeys"
 )
 
 // countingTransport counts blob answers by status.

@@ -7,7 +7,7 @@ import (
 	"sync"
 	"time"
 
-	"kmsd/kms"
+	"github.com/kmsd-project/kmsd/kms"
 )
 
 // rateLimiter is a token bucket per key (a client address, or a token id),

@@ -6,8 +6,8 @@ import (
 
 	"github.com/go-chi/chi/v5"
 
-	"kmsd/api/client"
-	"kmsd/kms"
+	"github.com/kmsd-project/kmsd/api/client"
+	"github.com/kmsd-project/kmsd/kms"
 )
 
 // background is the context a 202 operation runs in: the server's, with an

@@ -6,9 +6,9 @@ import (
 	"testing"
 	"time"
 
-	"kmsd/api/client"
-	"kmsd/api/client/hekeys"
-	"kmsd/kms"
+	"github.com/kmsd-project/kmsd/api/client"
+	"github.com/kmsd-project/kmsd/api/client/hekeys"
+	"github.com/kmsd-project/kmsd/kms"
 )
 
 // TestLargeKeysetIsAnOperation: above the async threshold, create and

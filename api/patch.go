@@ -4,8 +4,8 @@ import (
 	"bytes"
 	"encoding/json"
 
-	"kmsd/api/client"
-	"kmsd/kms"
+	"github.com/kmsd-project/kmsd/api/client"
+	"github.com/kmsd-project/kmsd/kms"
 )
 
 // mergePatch applies an RFC 7396 JSON merge patch to target: an object in

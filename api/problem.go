@@ -4,8 +4,8 @@ import (
 	"encoding/json"
 	"net/http"
 
-	"kmsd/api/client"
-	"kmsd/kms"
+	"github.com/kmsd-project/kmsd/api/client"
+	"github.com/kmsd-project/kmsd/kms"
 )
 
 // ProblemBase prefixes every problem type. Types are stable: clients may

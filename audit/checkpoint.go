@@ -25,7 +25,7 @@ type Checkpoint struct {
 // identity key, so checkpoints of another kmsd do not pass for this one's.
 func Origin(pub []byte) string {
 	h := sha256.Sum256(pub)
-	return "kmsd/audit/" + hex.EncodeToString(h[:8])
+	return "github.com/kmsd-project/kmsd/audit/" + hex.EncodeToString(h[:8])
 }
 
 // Text is the checkpoint body as signed: three lines, each ending in "\n".

@@ -6,7 +6,7 @@ import (
 	"testing"
 	"time"
 
-	"kmsd/audit"
+	"github.com/kmsd-project/kmsd/audit"
 )
 
 type blockingWriter struct {

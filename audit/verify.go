@@ -8,7 +8,7 @@ import (
 
 	"golang.org/x/mod/sumdb/tlog"
 
-	"kmsd/kms"
+	"github.com/kmsd-project/kmsd/kms"
 )
 
 // Problem says what is wrong with a log: which check failed, and where.

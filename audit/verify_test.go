@@ -14,9 +14,9 @@ import (
 	"github.com/cloudflare/circl/sign/mldsa/mldsa65"
 	"golang.org/x/mod/sumdb/tlog"
 
-	"kmsd/audit"
-	"kmsd/kms"
-	"kmsd/kms/bolt"
+	"github.com/kmsd-project/kmsd/audit"
+	"github.com/kmsd-project/kmsd/kms"
+	"github.com/kmsd-project/kmsd/kms/bolt"
 )
 
 type fixture struct {

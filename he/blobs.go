@@ -12,7 +12,7 @@ import (
 	"path/filepath"
 	"strings"
 
-	"kmsd/internal/fileutil"
+	"github.com/kmsd-project/kmsd/internal/fileutil"
 )
 
 // BlobStore keeps public material (public and evaluation keys) as files

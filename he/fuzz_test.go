@@ -7,7 +7,7 @@ import (
 	"github.com/tuneinsight/lattigo/v6/core/rlwe"
 	"github.com/tuneinsight/lattigo/v6/schemes/ckks"
 
-	"kmsd/kms"
+	"github.com/kmsd-project/kmsd/kms"
 )
 
 // FuzzParseCiphertext: no request body crashes the decryption path (Lattigo

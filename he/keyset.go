@@ -8,7 +8,7 @@ import (
 	"slices"
 	"sync"
 
-	"kmsd/internal/fileutil"
+	"github.com/kmsd-project/kmsd/internal/fileutil"
 
 	"github.com/tuneinsight/lattigo/v6/core/rlwe"
 	"github.com/tuneinsight/lattigo/v6/ring"

@@ -6,7 +6,7 @@ import (
 	"fmt"
 	"io"
 
-	"kmsd/kms"
+	"github.com/kmsd-project/kmsd/kms"
 )
 
 // Kind is the ckks or bgv key kind: versions are keysets whose secret key

@@ -4,8 +4,8 @@ import (
 	"context"
 	"testing"
 
-	"kmsd/internal/testhsm"
-	"kmsd/kms"
+	"github.com/kmsd-project/kmsd/internal/testhsm"
+	"github.com/kmsd-project/kmsd/kms"
 )
 
 // BenchmarkSeal is one seal of a 32-byte seed: a fresh DEK, an HSM

@@ -18,7 +18,7 @@ import (
 
 	"github.com/miekg/pkcs11"
 
-	"kmsd/kms"
+	"github.com/kmsd-project/kmsd/kms"
 )
 
 // Config opens a Sealer.

@@ -16,9 +16,9 @@ import (
 
 	"github.com/miekg/pkcs11"
 
-	"kmsd/hsm"
-	"kmsd/internal/testhsm"
-	"kmsd/kms"
+	"github.com/kmsd-project/kmsd/hsm"
+	"github.com/kmsd-project/kmsd/internal/testhsm"
+	"github.com/kmsd-project/kmsd/kms"
 )
 
 func TestMain(m *testing.M) { testhsm.Main(m) }

@@ -8,7 +8,7 @@ import (
 
 	"github.com/miekg/pkcs11"
 
-	"kmsd/kms"
+	"github.com/kmsd-project/kmsd/kms"
 )
 
 // Known answer for the wrap path: AES-256-GCM with this key, IV and AAD turns

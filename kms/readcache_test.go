@@ -6,7 +6,7 @@ import (
 	"testing"
 	"time"
 
-	"kmsd/kms"
+	"github.com/kmsd-project/kmsd/kms"
 )
 
 // TestHotPathReadsOneVersion: with the record cache off, a sign, a verify,

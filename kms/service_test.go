@@ -15,11 +15,11 @@ import (
 
 	"github.com/cloudflare/circl/sign/mldsa/mldsa65"
 
-	"kmsd/internal/testhsm"
-	"kmsd/internal/testutil"
-	"kmsd/kms"
-	"kmsd/kms/bolt"
-	"kmsd/kms/pqc"
+	"github.com/kmsd-project/kmsd/internal/testhsm"
+	"github.com/kmsd-project/kmsd/internal/testutil"
+	"github.com/kmsd-project/kmsd/kms"
+	"github.com/kmsd-project/kmsd/kms/bolt"
+	"github.com/kmsd-project/kmsd/kms/pqc"
 )
 
 func TestMain(m *testing.M) { testhsm.Main(m) }

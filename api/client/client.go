@@ -18,7 +18,7 @@ import (
 	"strings"
 	"time"
 
-	"kmsd/internal/tlsutil"
+	"github.com/kmsd-project/kmsd/internal/tlsutil"
 )
 
 // Client talks to one kmsd.

@@ -28,15 +28,15 @@ import (
 
 	"github.com/cloudflare/circl/sign/mldsa/mldsa65"
 
-	"kmsd/api"
-	"kmsd/api/client"
-	"kmsd/audit"
-	"kmsd/he"
-	"kmsd/hsm"
-	"kmsd/hsm/softhsm"
-	"kmsd/kms"
-	"kmsd/kms/bolt"
-	"kmsd/kms/pqc"
+	"github.com/kmsd-project/kmsd/api"
+	"github.com/kmsd-project/kmsd/api/client"
+	"github.com/kmsd-project/kmsd/audit"
+	"github.com/kmsd-project/kmsd/he"
+	"github.com/kmsd-project/kmsd/hsm"
+	"github.com/kmsd-project/kmsd/hsm/softhsm"
+	"github.com/kmsd-project/kmsd/kms"
+	"github.com/kmsd-project/kmsd/kms/bolt"
+	"github.com/kmsd-project/kmsd/kms/pqc"
 )
 
 func main() {

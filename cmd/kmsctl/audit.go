@@ -14,8 +14,8 @@ import (
 
 	"golang.org/x/mod/sumdb/tlog"
 
-	"kmsd/audit"
-	"kmsd/internal/fileutil"
+	"github.com/kmsd-project/kmsd/audit"
+	"github.com/kmsd-project/kmsd/internal/fileutil"
 )
 
 // auditCommands verify and export the audit log.

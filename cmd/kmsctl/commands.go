@@ -10,7 +10,7 @@ import (
 	"strings"
 	"time"
 
-	"kmsd/api/client"
+	"github.com/kmsd-project/kmsd/api/client"
 )
 
 // commands is the one table that both dispatch and --help read.

@@ -14,7 +14,7 @@ import (
 	"strings"
 	"time"
 
-	"kmsd/api/client"
+	"github.com/kmsd-project/kmsd/api/client"
 )
 
 // Exit codes scripts can rely on.

@@ -14,14 +14,14 @@ import (
 	"strings"
 	"testing"
 
-	"kmsd/api"
-	"kmsd/audit"
-	"kmsd/he"
-	"kmsd/internal/testhsm"
-	"kmsd/internal/testutil"
-	"kmsd/kms"
-	"kmsd/kms/bolt"
-	"kmsd/kms/pqc"
+	"github.com/kmsd-project/kmsd/api"
+	"github.com/kmsd-project/kmsd/audit"
+	"github.com/kmsd-project/kmsd/he"
+	"github.com/kmsd-project/kmsd/internal/testhsm"
+	"github.com/kmsd-project/kmsd/internal/testutil"
+	"github.com/kmsd-project/kmsd/kms"
+	"github.com/kmsd-project/kmsd/kms/bolt"
+	"github.com/kmsd-project/kmsd/kms/pqc"
 )
 
 func TestMain(m *testing.M) { testhsm.Main(m) }

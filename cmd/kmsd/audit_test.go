@@ -13,9 +13,9 @@ import (
 	"testing"
 	"time"
 
-	"kmsd/api/client"
-	"kmsd/audit"
-	"kmsd/kms"
+	"github.com/kmsd-project/kmsd/api/client"
+	"github.com/kmsd-project/kmsd/audit"
+	"github.com/kmsd-project/kmsd/kms"
 )
 
 // verifyLog fetches the latest checkpoint and the records it covers from a

@@ -10,7 +10,7 @@ import (
 	"testing"
 	"time"
 
-	"kmsd/api/client"
+	"github.com/kmsd-project/kmsd/api/client"
 )
 
 var errAcked = errors.New("created")

@@ -17,10 +17,10 @@ import (
 	"testing"
 	"time"
 
-	"kmsd/api/client"
-	"kmsd/hsm/softhsm"
-	"kmsd/internal/testutil"
-	"kmsd/kms/bolt"
+	"github.com/kmsd-project/kmsd/api/client"
+	"github.com/kmsd-project/kmsd/hsm/softhsm"
+	"github.com/kmsd-project/kmsd/internal/testutil"
+	"github.com/kmsd-project/kmsd/kms/bolt"
 )
 
 // These tests run the real kmsd binary: embedded SoftHSM token, bbolt file,

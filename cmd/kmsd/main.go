@@ -24,16 +24,16 @@ import (
 	"syscall"
 	"time"
 
-	"kmsd/api"
-	"kmsd/audit"
-	"kmsd/he"
-	"kmsd/hsm"
-	"kmsd/hsm/softhsm"
-	"kmsd/internal/fileutil"
-	"kmsd/internal/tlsutil"
-	"kmsd/kms"
-	"kmsd/kms/bolt"
-	"kmsd/kms/pqc"
+	"github.com/kmsd-project/kmsd/api"
+	"github.com/kmsd-project/kmsd/audit"
+	"github.com/kmsd-project/kmsd/he"
+	"github.com/kmsd-project/kmsd/hsm"
+	"github.com/kmsd-project/kmsd/hsm/softhsm"
+	"github.com/kmsd-project/kmsd/internal/fileutil"
+	"github.com/kmsd-project/kmsd/internal/tlsutil"
+	"github.com/kmsd-project/kmsd/kms"
+	"github.com/kmsd-project/kmsd/kms/bolt"
+	"github.com/kmsd-project/kmsd/kms/pqc"
 )
 
 func main() {

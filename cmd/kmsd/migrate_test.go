@@ -16,7 +16,7 @@ import (
 
 	"github.com/cloudflare/circl/kem/mlkem/mlkem768"
 
-	"kmsd/api/client"
+	"github.com/kmsd-project/kmsd/api/client"
 )
 
 // TestMigratesDataDirOfSchema1: a data dir made by kmsd before versions

@@ -18,9 +18,9 @@ import (
 	"testing"
 	"time"
 
-	"kmsd/api/client"
-	"kmsd/internal/testutil"
-	"kmsd/internal/tlsutil"
+	"github.com/kmsd-project/kmsd/api/client"
+	"github.com/kmsd-project/kmsd/internal/testutil"
+	"github.com/kmsd-project/kmsd/internal/tlsutil"
 )
 
 // dialTLS connects to p with only the given key exchange groups and

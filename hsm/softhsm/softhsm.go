@@ -13,8 +13,8 @@ import (
 	"path/filepath"
 	"strings"
 
-	"kmsd/hsm"
-	"kmsd/internal/fileutil"
+	"github.com/kmsd-project/kmsd/hsm"
+	"github.com/kmsd-project/kmsd/internal/fileutil"
 )
 
 // ModulePaths are where Debian, Ubuntu, Fedora and source installs put the

@@ -7,8 +7,8 @@ import (
 	"os"
 	"testing"
 
-	"kmsd/hsm"
-	"kmsd/hsm/softhsm"
+	"github.com/kmsd-project/kmsd/hsm"
+	"github.com/kmsd-project/kmsd/hsm/softhsm"
 )
 
 // TokenLabel is the label of the test token.

@@ -11,7 +11,7 @@ import (
 	"testing"
 	"time"
 
-	"kmsd/internal/tlsutil"
+	"github.com/kmsd-project/kmsd/internal/tlsutil"
 )
 
 // RecordingRand is crypto/rand that remembers what it handed out, so a test

@@ -24,7 +24,7 @@ import (
 	"sync/atomic"
 	"time"
 
-	"kmsd/internal/fileutil"
+	"github.com/kmsd-project/kmsd/internal/fileutil"
 )
 
 // CurvePreferences is the key exchange kmsd offers, in order: the hybrid

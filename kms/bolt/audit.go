@@ -12,7 +12,7 @@ import (
 	bbolt "go.etcd.io/bbolt"
 	"golang.org/x/mod/sumdb/tlog"
 
-	"kmsd/kms"
+	"github.com/kmsd-project/kmsd/kms"
 )
 
 // Each record is stored under its index (u64, big endian) as

@@ -5,8 +5,8 @@ import (
 	"path/filepath"
 	"testing"
 
-	"kmsd/kms"
-	"kmsd/kms/bolt"
+	"github.com/kmsd-project/kmsd/kms"
+	"github.com/kmsd-project/kmsd/kms/bolt"
 )
 
 func benchRecord() *kms.AuditRecord {

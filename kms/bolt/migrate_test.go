@@ -11,8 +11,8 @@ import (
 
 	bbolt "go.etcd.io/bbolt"
 
-	"kmsd/kms"
-	"kmsd/kms/bolt"
+	"github.com/kmsd-project/kmsd/kms"
+	"github.com/kmsd-project/kmsd/kms/bolt"
 )
 
 // writeV1 makes a file as schema 1 laid it out: each key one record with

@@ -19,7 +19,7 @@ import (
 	bberrors "go.etcd.io/bbolt/errors"
 	"golang.org/x/mod/sumdb/tlog"
 
-	"kmsd/kms"
+	"github.com/kmsd-project/kmsd/kms"
 )
 
 // The file's layout (schema 2):

@@ -9,9 +9,9 @@ import (
 	"testing"
 	"time"
 
-	"kmsd/kms"
-	"kmsd/kms/bolt"
-	"kmsd/kms/storetest"
+	"github.com/kmsd-project/kmsd/kms"
+	"github.com/kmsd-project/kmsd/kms/bolt"
+	"github.com/kmsd-project/kmsd/kms/storetest"
 )
 
 func TestConformance(t *testing.T) {

@@ -11,7 +11,7 @@ import (
 	"sort"
 	"syscall"
 
-	"kmsd/internal/fileutil"
+	"github.com/kmsd-project/kmsd/internal/fileutil"
 )
 
 // The audit write-ahead log: a preallocated file used as a ring of frames,

@@ -10,7 +10,7 @@ import (
 
 	"github.com/cloudflare/circl/kem"
 
-	"kmsd/kms"
+	"github.com/kmsd-project/kmsd/kms"
 )
 
 // kat.json holds, for each parameter set, the first keyGen vector and (for

@@ -7,7 +7,7 @@ import (
 	"strings"
 	"testing"
 
-	"kmsd/kms"
+	"github.com/kmsd-project/kmsd/kms"
 )
 
 func TestSelfTestPasses(t *testing.T) {
