@@ -21,6 +21,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strconv"
+	"strings"
 	"syscall"
 	"time"
 
@@ -92,10 +93,18 @@ type config struct {
 // parseFlags reads flags, with KMS_* environment variables as defaults.
 func parseFlags(args []string, getenv func(string) string, out io.Writer) (config, error) {
 	var c config
-	fs := newFlagSet(&c, getenv)
+	fs, envErrs := newFlagSetErrs(&c, getenv)
 	fs.SetOutput(out)
 	if err := fs.Parse(args); err != nil {
 		return c, err
+	}
+	// An environment variable counts only where its flag was not given.
+	given := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { given[f.Name] = true })
+	for _, e := range *envErrs {
+		if !given[envFlag(fs, e.name)] {
+			return c, e.err
+		}
 	}
 	if fs.NArg() > 0 {
 		return c, fmt.Errorf("unexpected argument %q", fs.Arg(0))
@@ -121,8 +130,13 @@ func parseFlags(args []string, getenv func(string) string, out io.Writer) (confi
 	if (c.tlsCert == "") != (c.tlsKey == "") {
 		return c, errors.New("--tls-cert and --tls-key go together")
 	}
-	if _, _, err := net.SplitHostPort(c.addr); err != nil {
-		return c, fmt.Errorf("--addr %q must be host:port", c.addr)
+	if err := checkHostPort(c.addr); err != nil {
+		return c, fmt.Errorf("--addr %q (env KMS_ADDR) is kmsd's listen address and must be host:port, e.g. 127.0.0.1:8420: %v", c.addr, err)
+	}
+	if c.debugAddr != "" {
+		if err := checkHostPort(c.debugAddr); err != nil {
+			return c, fmt.Errorf("--debug-addr %q must be host:port: %v", c.debugAddr, err)
+		}
 	}
 	if c.auditWALMiB < 1 {
 		return c, errors.New("--audit-wal-mib must be at least 1")
@@ -133,21 +147,133 @@ func parseFlags(args []string, getenv func(string) string, out io.Writer) (confi
 	return c, nil
 }
 
-// newFlagSet defines kmsd's flags into c.
+// envFlag is the flag whose help names the environment variable env.
+func envFlag(fs *flag.FlagSet, env string) string {
+	name := ""
+	fs.VisitAll(func(f *flag.Flag) {
+		if strings.Contains(f.Usage, "(env "+env+")") || strings.Contains(f.Usage, "(env "+env+",") {
+			name = f.Name
+		}
+	})
+	return name
+}
+
+// checkHostPort accepts host:port with a numeric port and a host that is an
+// IP address, a DNS name or empty (all interfaces): a URL is refused.
+func checkHostPort(addr string) error {
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return err
+	}
+	if p, err := strconv.ParseUint(port, 10, 16); err != nil || (p == 0 && port != "0") {
+		return fmt.Errorf("port %q is not a number from 0 to 65535", port)
+	}
+	if host == "" || net.ParseIP(host) != nil {
+		return nil
+	}
+	for _, label := range strings.Split(host, ".") {
+		if label == "" || len(label) > 63 {
+			return fmt.Errorf("host %q is not an IP address or a DNS name", host)
+		}
+		for _, r := range label {
+			if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '-') {
+				return fmt.Errorf("host %q is not an IP address or a DNS name", host)
+			}
+		}
+	}
+	return nil
+}
+
+// checkBeforeDisk checks what the flags name (files to read, addresses to
+// listen on) before kmsd creates or changes anything on disk, so a wrong
+// setting stops it with nothing written.
+func checkBeforeDisk(c config, getenv func(string) string) error {
+	if c.module != "" && c.pinFile == "" && getenv("KMS_PKCS11_PIN") == "" {
+		return errors.New("no PIN for --pkcs11-module: pass --pkcs11-pin-file or set KMS_PKCS11_PIN")
+	}
+	if fi, err := os.Stat(c.dataDir); err == nil && !fi.IsDir() {
+		return fmt.Errorf("--data-dir %s is not a directory", c.dataDir)
+	}
+	readable := func(flagName, path string) error {
+		if path == "" {
+			return nil
+		}
+		f, err := os.Open(path)
+		if err != nil {
+			return fmt.Errorf("--%s: %w", flagName, err)
+		}
+		return f.Close()
+	}
+	for _, fl := range []struct{ name, path string }{
+		{"pkcs11-module", c.module}, {"pkcs11-pin-file", c.pinFile},
+		{"tls-cert", c.tlsCert}, {"tls-key", c.tlsKey}, {"tls-client-ca", c.tlsClientCA},
+	} {
+		if err := readable(fl.name, fl.path); err != nil {
+			return err
+		}
+	}
+	if c.tlsCert != "" {
+		if _, err := tls.LoadX509KeyPair(c.tlsCert, c.tlsKey); err != nil {
+			return fmt.Errorf("--tls-cert/--tls-key: %w", err)
+		}
+	}
+	if c.tlsClientCA != "" {
+		if _, err := tlsutil.LoadPool(c.tlsClientCA); err != nil {
+			return fmt.Errorf("--tls-client-ca: %w", err)
+		}
+	}
+	if c.auditStream != "" && c.auditStream != "-" {
+		if fi, err := os.Stat(filepath.Dir(c.auditStream)); err != nil || !fi.IsDir() {
+			return fmt.Errorf("--audit-stream %s: its directory does not exist", c.auditStream)
+		}
+	}
+	// A trial bind: an address in use or not local stops kmsd here rather
+	// than after it made a data dir and an admin token.
+	for _, a := range []struct{ name, addr string }{{"addr", c.addr}, {"debug-addr", c.debugAddr}} {
+		if a.addr == "" {
+			continue
+		}
+		ln, err := net.Listen("tcp", a.addr)
+		if err != nil {
+			return fmt.Errorf("--%s %s: %w", a.name, a.addr, err)
+		}
+		ln.Close()
+	}
+	return nil
+}
+
+// newFlagSet defines kmsd's flags into c. An environment variable that
+// does not parse is an error parseFlags reports (through envErrs), never a
+// silent default.
 func newFlagSet(c *config, getenv func(string) string) *flag.FlagSet {
+	fs, _ := newFlagSetErrs(c, getenv)
+	return fs
+}
+
+// envError is an environment variable whose value does not parse.
+type envError struct {
+	name string
+	err  error
+}
+
+func newFlagSetErrs(c *config, getenv func(string) string) (*flag.FlagSet, *[]envError) {
 	fs := flag.NewFlagSet("kmsd", flag.ContinueOnError)
+	var errs []envError
 	env := func(name, def string) string {
 		if v := getenv(name); v != "" {
 			return v
 		}
 		return def
 	}
-	dur := func(name string, def time.Duration) time.Duration {
+	parsed := func(name string, parse func(string) error) {
 		if v := getenv(name); v != "" {
-			if d, err := time.ParseDuration(v); err == nil {
-				return d
+			if err := parse(v); err != nil {
+				errs = append(errs, envError{name, fmt.Errorf("%s=%q: %v", name, v, err)})
 			}
 		}
+	}
+	dur := func(name string, def time.Duration) time.Duration {
+		parsed(name, func(v string) (err error) { def, err = time.ParseDuration(v); return })
 		return def
 	}
 	fs.StringVar(&c.dataDir, "data-dir", env("KMS_DATA_DIR", "./data"), "directory for the database, the admin token and the embedded SoftHSM token (env KMS_DATA_DIR)")
@@ -155,6 +281,12 @@ func newFlagSet(c *config, getenv func(string) string) *flag.FlagSet {
 	fs.StringVar(&c.tlsCert, "tls-cert", env("KMS_TLS_CERT", ""), "server certificate (PEM, the chain after the leaf); empty: a local CA and certificate for localhost made under <data-dir>/tls (env KMS_TLS_CERT)")
 	fs.StringVar(&c.tlsKey, "tls-key", env("KMS_TLS_KEY", ""), "private key of --tls-cert (PEM); both are read again on SIGHUP (env KMS_TLS_KEY)")
 	fs.StringVar(&c.tlsClientCA, "tls-client-ca", env("KMS_TLS_CLIENT_CA", ""), "require mutual TLS: clients must present a certificate chained to these CA certificates (PEM); refusals are audited (env KMS_TLS_CLIENT_CA)")
+	parsed("KMS_INSECURE_HTTP", func(v string) error {
+		if v != "1" && v != "0" {
+			return errors.New("must be 1 or 0")
+		}
+		return nil
+	})
 	fs.BoolVar(&c.insecureHTTP, "insecure-http", getenv("KMS_INSECURE_HTTP") == "1", "serve plain HTTP instead of HTTPS; refused unless --addr is a loopback address (env KMS_INSECURE_HTTP, set to 1)")
 	fs.StringVar(&c.debugAddr, "debug-addr", env("KMS_DEBUG_ADDR", ""), "serve Go's profiles and execution traces (/debug/pprof/, unauthenticated) on this loopback address, e.g. 127.0.0.1:8421; empty: off (env KMS_DEBUG_ADDR)")
 	fs.StringVar(&c.module, "pkcs11-module", env("KMS_PKCS11_MODULE", ""), "PKCS#11 library; empty: the embedded SoftHSM2 token under <data-dir>/softhsm (env KMS_PKCS11_MODULE)")
@@ -166,17 +298,13 @@ func newFlagSet(c *config, getenv func(string) string) *flag.FlagSet {
 	fs.DurationVar(&c.shutdownTimeout, "shutdown-timeout", dur("KMS_SHUTDOWN_TIMEOUT", 30*time.Second), "how long SIGTERM waits for requests in flight (env KMS_SHUTDOWN_TIMEOUT)")
 	fs.StringVar(&c.logLevel, "log-level", env("KMS_LOG_LEVEL", "info"), "debug, info, warn or error (env KMS_LOG_LEVEL)")
 	every := uint64(1000)
-	if v, err := strconv.ParseUint(getenv("KMS_AUDIT_CHECKPOINT_EVERY"), 10, 64); err == nil && v > 0 {
-		every = v
-	}
+	parsed("KMS_AUDIT_CHECKPOINT_EVERY", func(v string) (err error) { every, err = strconv.ParseUint(v, 10, 64); return })
 	fs.Uint64Var(&c.auditEvery, "audit-checkpoint-every", every, "sign an audit checkpoint once this many records are uncovered (env KMS_AUDIT_CHECKPOINT_EVERY)")
 	fs.DurationVar(&c.auditInterval, "audit-checkpoint-interval", dur("KMS_AUDIT_CHECKPOINT_INTERVAL", 10*time.Second), "and sign one at least this often while any records are uncovered (env KMS_AUDIT_CHECKPOINT_INTERVAL)")
 	fs.StringVar(&c.auditStream, "audit-stream", env("KMS_AUDIT_STREAM", ""), "also append each committed audit record as a JSON line to this file, or - for stdout; empty: off (env KMS_AUDIT_STREAM)")
 	fs.DurationVar(&c.auditStreamWait, "audit-stream-timeout", dur("KMS_AUDIT_STREAM_TIMEOUT", 100*time.Millisecond), "longest a request waits for a stuck stream sink before the record is dropped from the stream (env KMS_AUDIT_STREAM_TIMEOUT)")
 	intEnv := func(name string, def int) int {
-		if v, err := strconv.Atoi(getenv(name)); err == nil {
-			return v
-		}
+		parsed(name, func(v string) (err error) { def, err = strconv.Atoi(v); return })
 		return def
 	}
 	fs.Int64Var(&c.auditWALMiB, "audit-wal-mib", int64(intEnv("KMS_AUDIT_WAL_MIB", 16)), "size of the audit write-ahead log <data-dir>/kms.db-audit-wal, preallocated at start: records wait there (durable) until they move into kms.db (env KMS_AUDIT_WAL_MIB)")
@@ -185,16 +313,14 @@ func newFlagSet(c *config, getenv func(string) string) *flag.FlagSet {
 	fs.IntVar(&c.heGenerations, "he-generations", intEnv("KMS_HE_GENERATIONS", 1), "HE keyset generations at once; more are refused with 429 (env KMS_HE_GENERATIONS)")
 	fs.DurationVar(&c.maxTokenTTL, "max-token-ttl", dur("KMS_MAX_TOKEN_TTL", 90*24*time.Hour), "longest lifetime of a token created through the API, and the lifetime of one created without a ttl; 0: no maximum, tokens without a ttl do not expire (env KMS_MAX_TOKEN_TTL)")
 	floatEnv := func(name string, def float64) float64 {
-		if v, err := strconv.ParseFloat(getenv(name), 64); err == nil {
-			return v
-		}
+		parsed(name, func(v string) (err error) { def, err = strconv.ParseFloat(v, 64); return })
 		return def
 	}
 	fs.Float64Var(&c.unauthRate, "unauth-rate-limit", floatEnv("KMS_UNAUTH_RATE_LIMIT", 5), "requests per second each client address may make without a valid token (anonymous or failed authentication); past it 429, summarized in one audit record per address and minute; 0: no limit (env KMS_UNAUTH_RATE_LIMIT)")
 	fs.IntVar(&c.unauthBurst, "unauth-burst", intEnv("KMS_UNAUTH_BURST", 50), "burst allowed above --unauth-rate-limit (env KMS_UNAUTH_BURST)")
 	fs.Float64Var(&c.tokenRate, "token-rate-limit", floatEnv("KMS_TOKEN_RATE_LIMIT", 0), "requests per second each token may make, in bursts of twice that; past it 429; 0: no limit (env KMS_TOKEN_RATE_LIMIT)")
 	fs.IntVar(&c.heWorkers, "he-workers", intEnv("KMS_HE_WORKERS", 0), "goroutines per HE keyset generation; 0: one per core (env KMS_HE_WORKERS)")
-	return fs
+	return fs, &errs
 }
 
 // run starts kmsd and blocks until ctx ends, then drains and closes. ready,
@@ -207,6 +333,9 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 	var level slog.Level
 	if err := level.UnmarshalText([]byte(c.logLevel)); err != nil {
 		return fmt.Errorf("--log-level: %w", err)
+	}
+	if err := checkBeforeDisk(c, getenv); err != nil {
+		return err
 	}
 	log := slog.New(slog.NewJSONHandler(stderr, &slog.HandlerOptions{Level: level}))
 	// SIGHUP reloads the TLS certificate; it must never stop kmsd.

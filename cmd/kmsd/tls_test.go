@@ -10,9 +10,11 @@ import (
 	"encoding/pem"
 	"io"
 	"math/big"
+	"net"
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -300,5 +302,57 @@ func TestDebugAddrOnlyOnLoopback(t *testing.T) {
 	c := adminClient(t, p, dir)
 	if _, err := c.GetKey(ctx, "debug"); !client.IsProblem(err, "not-found") {
 		t.Fatalf("%v", err)
+	}
+}
+
+// TestBadSettingsStopBeforeDisk: a wrong setting, from a flag or from the
+// environment, stops kmsd with a message naming it and nothing on disk: a
+// client URL in KMS_ADDR, an environment value that does not parse (never a
+// silent default), files that cannot be read, an address in use.
+func TestBadSettingsStopBeforeDisk(t *testing.T) {
+	busy, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer busy.Close()
+	for _, c := range []struct {
+		env  map[string]string
+		args []string
+		want string
+	}{
+		{map[string]string{"KMS_ADDR": "https://127.0.0.1:8420"}, nil, "listen address and must be host:port"},
+		{nil, []string{"--addr", "127.0.0.1:http"}, "port \"http\" is not a number"},
+		{nil, []string{"--addr", "127.0.0.1:70000"}, "not a number from 0 to 65535"},
+		{nil, []string{"--addr", "exa mple:8420"}, "not an IP address or a DNS name"},
+		{map[string]string{"KMS_AUDIT_WAL_MIB": "16MiB"}, nil, `KMS_AUDIT_WAL_MIB="16MiB"`},
+		{map[string]string{"KMS_KEY_CACHE_TTL": "5 minutes"}, nil, `KMS_KEY_CACHE_TTL="5 minutes"`},
+		{map[string]string{"KMS_UNAUTH_RATE_LIMIT": "lots"}, nil, "KMS_UNAUTH_RATE_LIMIT"},
+		{map[string]string{"KMS_INSECURE_HTTP": "true"}, nil, "must be 1 or 0"},
+		{nil, []string{"--addr", busy.Addr().String()}, "address already in use"},
+		{nil, []string{"--tls-cert", "/nonexistent/cert.pem", "--tls-key", "/nonexistent/key.pem"}, "--tls-cert"},
+		{nil, []string{"--tls-client-ca", "/nonexistent/ca.pem"}, "--tls-client-ca"},
+		{nil, []string{"--pkcs11-module", "/nonexistent/libhsm.so", "--pkcs11-pin-file", "/nonexistent/pin"}, "--pkcs11-module"},
+		{nil, []string{"--pkcs11-module", "/nonexistent/libhsm.so"}, "no PIN"},
+		{nil, []string{"--audit-stream", "/nonexistent/dir/audit.jsonl"}, "--audit-stream"},
+	} {
+		dir := filepath.Join(t.TempDir(), "data")
+		var stderr testutil.Buffer
+		args := append([]string{"--data-dir", dir}, c.args...)
+		if c.env["KMS_ADDR"] == "" && !slices.Contains(c.args, "--addr") {
+			args = append(args, "--addr", "127.0.0.1:0")
+		}
+		err := run(ctx, args, func(k string) string { return c.env[k] }, &stderr, nil)
+		if err == nil || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("%v %v: %v, want %q", c.env, c.args, err, c.want)
+		}
+		if _, err := os.Stat(dir); err == nil {
+			t.Errorf("%v %v: the data dir was made before the setting was checked", c.env, c.args)
+		}
+	}
+	// A flag given on the command line wins over a bad environment value.
+	if _, err := parseFlags([]string{"--audit-wal-mib", "8"}, func(k string) string {
+		return map[string]string{"KMS_AUDIT_WAL_MIB": "lots"}[k]
+	}, io.Discard); err != nil {
+		t.Errorf("a flag did not override a bad environment value: %v", err)
 	}
 }
