@@ -76,6 +76,19 @@ type Manifest struct {
 	CreatedAt          time.Time       `json:"created_at"`
 }
 
+// Blobs lists every blob the manifest names: the public key, the
+// relinearization key if any, then the Galois keys.
+func (m *Manifest) Blobs() []BlobRef {
+	out := []BlobRef{m.PublicKey}
+	if m.RelinearizationKey != nil {
+		out = append(out, *m.RelinearizationKey)
+	}
+	for _, g := range m.GaloisKeys {
+		out = append(out, BlobRef{Digest: g.Digest, Size: g.Size})
+	}
+	return out
+}
+
 func buildManifest(name string, n uint64, kind string, ks *Keyset, at time.Time) ([]byte, error) {
 	m := Manifest{Key: name, Version: n, Kind: kind, ParamsID: ks.ParamsID, Params: ks.Params,
 		PublicKey: ks.PublicKey, RelinearizationKey: ks.Relinearization, GaloisKeys: ks.Galois, CreatedAt: at}

@@ -5,8 +5,10 @@ package client
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -367,6 +369,42 @@ func (c *Client) rawBody(ctx context.Context, method, path string, query url.Val
 		return nil, problemError(resp.StatusCode, b)
 	}
 	return b, nil
+}
+
+// Blob streams the content-addressed blob digest ("sha256:<hex>") to w
+// and checks that what arrived hashes to it. On a mismatch w has received
+// bytes that must be thrown away.
+func (c *Client) Blob(ctx context.Context, digest string, w io.Writer) error {
+	h, ok := strings.CutPrefix(digest, "sha256:")
+	if _, err := hex.DecodeString(h); !ok || err != nil || len(h) != 64 {
+		return fmt.Errorf("malformed blob digest %q", digest)
+	}
+	u := *c.base
+	u.Path += "/v1/blobs/sha256/" + h
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u.String(), nil)
+	if err != nil {
+		return err
+	}
+	if c.token != "" {
+		req.Header.Set("Authorization", "Bearer "+c.token)
+	}
+	resp, err := c.http.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		b, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
+		return problemError(resp.StatusCode, b)
+	}
+	sum := sha256.New()
+	if _, err := io.Copy(io.MultiWriter(w, sum), resp.Body); err != nil {
+		return err
+	}
+	if hex.EncodeToString(sum.Sum(nil)) != h {
+		return fmt.Errorf("blob %s: the bytes received do not hash to it", digest)
+	}
+	return nil
 }
 
 // problemError turns an error answer into an *Error, from its problem

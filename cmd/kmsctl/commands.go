@@ -5,7 +5,9 @@ import (
 	"encoding/json"
 	"flag"
 	"fmt"
+	"io"
 	"os"
+	"sort"
 	"strconv"
 	"strings"
 	"time"
@@ -22,7 +24,7 @@ var commands = []command{
 			if err != nil {
 				return 0, err
 			}
-			return exitOK, printJSON(e.stdout, id)
+			return exitOK, e.out(id)
 		},
 	},
 	{
@@ -57,7 +59,7 @@ var commands = []command{
 					return 0, err
 				}
 			}
-			return exitOK, printJSON(e.stdout, k)
+			return exitOK, e.out(k)
 		},
 	},
 	{
@@ -80,7 +82,7 @@ var commands = []command{
 			if all == nil {
 				all = []client.Key{}
 			}
-			return exitOK, printJSON(e.stdout, all)
+			return exitOK, e.out(all)
 		},
 	},
 	{
@@ -91,7 +93,7 @@ var commands = []command{
 			if err != nil {
 				return 0, err
 			}
-			return exitOK, printJSON(e.stdout, k)
+			return exitOK, e.out(k)
 		},
 	},
 	{
@@ -110,7 +112,7 @@ var commands = []command{
 					break
 				}
 			}
-			return exitOK, printJSON(e.stdout, all)
+			return exitOK, e.out(all)
 		},
 	},
 	{
@@ -128,14 +130,14 @@ var commands = []command{
 				if err != nil {
 					return 0, err
 				}
-				return exitOK, printJSON(e.stdout, k.Versions[0])
+				return exitOK, e.out(k.Versions[0])
 			}
-			return exitOK, printJSON(e.stdout, v)
+			return exitOK, e.out(v)
 		},
 	},
 	{
 		name: "keys update", synopsis: "NAME [--min-decryption-version N] [--destroy-wait-days N] [--allow OPS] [--params P] [--rotations R] [--conjugation] [--relinearization] [--decrypt-log-precision B] [--decrypt-budget N]",
-		help: "change min_decryption_version or the policy (policy flags replace the whole policy; HE changes apply to later versions)", nargs: 1,
+		help: "change min_decryption_version or policy fields: only the flags given change, a flag given as 0, false or empty resets its field to the default; HE changes apply to later versions", nargs: 1,
 		flags: func(fs *flag.FlagSet) {
 			fs.Uint64("min-decryption-version", 0, "oldest version that may still be used")
 			fs.Int("destroy-wait-days", 0, "default waiting period of schedule-destroy, 1-365")
@@ -153,14 +155,15 @@ var commands = []command{
 				return 0, err
 			}
 			req.Policy = p
+			req.ClearPolicy = clearedPolicyFields(fs)
 			if req.Policy == nil && req.MinDecryptionVersion == nil {
-				return 0, usageError{"nothing to change: give --min-decryption-version, --destroy-wait-days or --allow"}
+				return 0, usageError{"nothing to change: give --min-decryption-version or a policy flag (kmsctl keys update --help)"}
 			}
 			k, err := e.c.UpdateKey(e.ctx, args[0], req)
 			if err != nil {
 				return 0, err
 			}
-			return exitOK, printJSON(e.stdout, k)
+			return exitOK, e.out(k)
 		},
 	},
 	versionCommand("disable", "disable a version that is not primary"),
@@ -168,10 +171,11 @@ var commands = []command{
 	versionCommand("schedule-destroy", "erase a version's material after --days (default: the key's policy)"),
 	versionCommand("cancel-destroy", "cancel a scheduled destroy; the version comes back disabled"),
 	{
-		name: "public-key", synopsis: "NAME [--version N|primary] [--out FILE]", help: "print a version's public key (or write its raw bytes to FILE)", nargs: 1,
+		name: "public-key", synopsis: "NAME [--version N|primary] [--out FILE]",
+		help: "print a version's public key; with --out write only its raw bytes to FILE (for ckks/bgv: the public-key blob, checked against its digest)", nargs: 1,
 		flags: func(fs *flag.FlagSet) {
 			fs.String("version", "primary", "version number or primary")
-			fs.String("out", "", "write the raw public key to this file")
+			fs.String("out", "", "write the raw public key to this file instead of printing")
 		},
 		run: func(e *env, fs *flag.FlagSet, args []string) (int, error) {
 			v, err := parseVersion(fs.Lookup("version").Value.String(), true)
@@ -182,12 +186,14 @@ var commands = []command{
 			if err != nil {
 				return 0, err
 			}
-			if out := fs.Lookup("out").Value.String(); out != "" {
-				if err := os.WriteFile(out, pk.PublicKey, 0o644); err != nil {
-					return 0, usageError{err.Error()}
-				}
+			out := str(fs, "out")
+			if out == "" {
+				return exitOK, e.out(pk)
 			}
-			return exitOK, printJSON(e.stdout, pk)
+			if pk.Digest == "" {
+				return exitOK, writeFileAtomic(out, pk.PublicKey, 0o644)
+			}
+			return exitOK, writeFileWith(out, 0o644, func(w io.Writer) error { return e.c.Blob(e.ctx, pk.Digest, w) })
 		},
 	},
 	{
@@ -216,7 +222,7 @@ var commands = []command{
 			if err != nil {
 				return 0, err
 			}
-			return exitOK, printJSON(e.stdout, r)
+			return exitOK, e.out(r)
 		},
 	},
 	{
@@ -257,7 +263,7 @@ var commands = []command{
 			if err != nil {
 				return 0, err
 			}
-			if err := printJSON(e.stdout, client.VerifyResponse{Valid: ok}); err != nil {
+			if err := e.out(client.VerifyResponse{Valid: ok}); err != nil {
 				return 0, err
 			}
 			if !ok {
@@ -290,7 +296,7 @@ var commands = []command{
 			if err != nil {
 				return 0, err
 			}
-			return exitOK, printJSON(e.stdout, r)
+			return exitOK, e.out(r)
 		},
 	},
 	{
@@ -316,7 +322,7 @@ var commands = []command{
 			if err != nil {
 				return 0, err
 			}
-			return exitOK, printJSON(e.stdout, map[string]any{"values": vals, "version": v})
+			return exitOK, e.out(map[string]any{"values": vals, "version": v})
 		},
 	},
 	{
@@ -336,7 +342,7 @@ var commands = []command{
 			if err != nil {
 				return 0, err
 			}
-			return exitOK, printJSON(e.stdout, t)
+			return exitOK, e.out(t)
 		},
 	},
 	{
@@ -355,7 +361,7 @@ var commands = []command{
 					break
 				}
 			}
-			return exitOK, printJSON(e.stdout, all)
+			return exitOK, e.out(all)
 		},
 	},
 	{
@@ -365,7 +371,7 @@ var commands = []command{
 			if err != nil {
 				return 0, err
 			}
-			return exitOK, printJSON(e.stdout, t)
+			return exitOK, e.out(t)
 		},
 	},
 	{
@@ -375,7 +381,7 @@ var commands = []command{
 			if err != nil {
 				return 0, err
 			}
-			return exitOK, printJSON(e.stdout, t)
+			return exitOK, e.out(t)
 		},
 	},
 }
@@ -396,7 +402,7 @@ func versionCommand(action, help string) command {
 			if err != nil {
 				return 0, err
 			}
-			return exitOK, printJSON(e.stdout, out)
+			return exitOK, e.out(out)
 		},
 	}
 	if action == "schedule-destroy" {
@@ -473,6 +479,31 @@ func policyFlags(fs *flag.FlagSet) (*client.Policy, error) {
 	p.DecryptLogPrecision = intFlag(fs, "decrypt-log-precision")
 	p.DecryptBudget, _ = fs.Lookup("decrypt-budget").Value.(flag.Getter).Get().(uint64)
 	return p, nil
+}
+
+// policyFields maps the policy flags to the policy's JSON fields.
+var policyFields = map[string]string{
+	"destroy-wait-days": "destroy_wait_days", "allow": "allowed_operations", "params": "params",
+	"rotations": "rotations", "conjugation": "conjugation", "relinearization": "relinearization",
+	"decrypt-log-precision": "decrypt_log_precision", "decrypt-budget": "decrypt_budget",
+}
+
+// clearedPolicyFields are the policy fields whose flag was given with its
+// zero value: the update resets them (JSON merge patch null) rather than
+// leaving them out, which would keep them.
+func clearedPolicyFields(fs *flag.FlagSet) []string {
+	var out []string
+	fs.Visit(func(f *flag.Flag) {
+		field, ok := policyFields[f.Name]
+		if !ok {
+			return
+		}
+		if v := f.Value.String(); v == "" || v == "0" || v == "false" {
+			out = append(out, field)
+		}
+	})
+	sort.Strings(out)
+	return out
 }
 
 func boolFlag(fs *flag.FlagSet, name string) bool {

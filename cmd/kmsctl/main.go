@@ -3,6 +3,7 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"encoding/base64"
 	"encoding/json"
 	"errors"
@@ -24,7 +25,7 @@ const (
 	exitUsage    = 2 // bad command line
 	exitRefused  = 3 // the server refused the request (4xx)
 	exitFailure  = 4 // the server failed (5xx) or could not be reached
-	defaultAddr  = "https://127.0.0.1:8420"
+	defaultURL   = "https://127.0.0.1:8420"
 	helpExitText = `Exit codes: 0 success; 1 verify found the signature invalid, or audit verify
 found the log not intact; 2 usage error; 3 the server refused the request (4xx:
 bad input, not found, not allowed, wrong state); 4 the server failed (5xx) or
@@ -34,8 +35,19 @@ could not be reached.`
 type env struct {
 	ctx    context.Context
 	c      *client.Client
+	g      *globals
+	tls    *tls.Config
 	stdout io.Writer
 	stderr io.Writer
+	table  bool // -o table
+}
+
+// out prints a command's result as JSON or as a table (-o).
+func (e *env) out(v any) error {
+	if e.table {
+		return printTable(e.stdout, v)
+	}
+	return printJSON(e.stdout, v)
 }
 
 type command struct {
@@ -47,43 +59,100 @@ type command struct {
 	run      func(e *env, fs *flag.FlagSet, args []string) (int, error)
 }
 
+// globals are the flags every command takes, before or after its name.
+type globals struct {
+	url, token, tokenFile, caCert, clientCert, clientKey, output string
+	timeout                                                      time.Duration
+}
+
+func newGlobals(getenv func(string) string) *globals {
+	return &globals{
+		url: orDefault(getenv("KMS_URL"), defaultURL), token: getenv("KMS_TOKEN"), tokenFile: getenv("KMS_TOKEN_FILE"),
+		caCert: getenv("KMS_CACERT"), clientCert: getenv("KMS_CLIENT_CERT"), clientKey: getenv("KMS_CLIENT_KEY"),
+		output: getenv("KMS_OUTPUT"), timeout: 60 * time.Second,
+	}
+}
+
+// define adds the global flags to fs, keeping the values already parsed.
+func (g *globals) define(fs *flag.FlagSet) {
+	fs.StringVar(&g.url, "url", g.url, "")
+	fs.StringVar(&g.url, "addr", g.url, "") // the name before KMS_URL existed
+	fs.StringVar(&g.token, "token", g.token, "")
+	fs.StringVar(&g.tokenFile, "token-file", g.tokenFile, "")
+	fs.DurationVar(&g.timeout, "timeout", g.timeout, "")
+	fs.StringVar(&g.caCert, "ca-cert", g.caCert, "")
+	fs.StringVar(&g.clientCert, "client-cert", g.clientCert, "")
+	fs.StringVar(&g.clientKey, "client-key", g.clientKey, "")
+	fs.StringVar(&g.output, "o", g.output, "")
+	fs.StringVar(&g.output, "output", g.output, "")
+}
+
 func main() {
 	os.Exit(run(context.Background(), os.Args[1:], os.Getenv, os.Stdout, os.Stderr))
 }
 
-func usage(w io.Writer) {
-	fmt.Fprintf(w, `kmsctl: command line for kmsd, the post-quantum key management service.
-
-Usage: kmsctl [global flags] <command> [arguments] [flags]
-
-Global flags:
-  --addr URL        server (env KMS_ADDR, default %s)
+const globalHelp = `Global flags (before or after the command):
+  --url URL         kmsd's URL (env KMS_URL, default %s)
   --token TOKEN     bearer token (env KMS_TOKEN)
   --token-file F    file holding the bearer token (env KMS_TOKEN_FILE), e.g. <data-dir>/admin.token
-  --timeout D       request timeout (default 60s)
   --ca-cert F       CA certificate (PEM) to trust for https (env KMS_CACERT); for
                     the embedded default: <data-dir>/tls/ca.pem. Empty: system roots
   --client-cert F   client certificate (PEM) for mutual TLS (env KMS_CLIENT_CERT)
   --client-key F    its private key (env KMS_CLIENT_KEY)
+  -o, --output F    json or table (env KMS_OUTPUT; default: table on a terminal,
+                    json otherwise)
+  --timeout D       request timeout (default 60s; background operations are
+                    waited for without it)
+`
 
-Commands:
-`, defaultAddr)
+func usage(w io.Writer) {
+	fmt.Fprintf(w, "kmsctl: command line for kmsd, the post-quantum key management service.\n\nUsage: kmsctl <command> [arguments] [flags]\n\n"+globalHelp+"\nCommands:\n", defaultURL)
 	for _, c := range commands {
 		fmt.Fprintf(w, "  %s\n      %s\n", strings.TrimSpace(c.name+" "+c.synopsis), c.help)
 	}
-	fmt.Fprintf(w, "\nRun 'kmsctl <command> --help' for a command's flags. Binary values on the\ncommand line are standard base64; output is JSON.\n\n%s\n", helpExitText)
+	fmt.Fprintf(w, "\nRun 'kmsctl <command> --help' (or 'kmsctl help <command>') for a command's\nflags, 'kmsctl <group> --help' for a group's commands. Binary values on the\ncommand line are standard base64.\n\n%s\n", helpExitText)
 }
 
+// groupUsage lists the commands of one group (keys, versions, ...).
+func groupUsage(w io.Writer, group string) {
+	fmt.Fprintf(w, "Usage: kmsctl %s <command> [arguments] [flags]\n\nCommands:\n", group)
+	for _, c := range commands {
+		if strings.HasPrefix(c.name, group+" ") {
+			fmt.Fprintf(w, "  %s\n      %s\n", strings.TrimSpace(c.name+" "+c.synopsis), c.help)
+		}
+	}
+	fmt.Fprintf(w, "\nRun 'kmsctl %s <command> --help' for a command's flags, 'kmsctl --help' for\nthe global flags.\n", group)
+}
+
+func commandUsage(w io.Writer, cmd *command) {
+	fmt.Fprintf(w, "Usage: kmsctl %s\n  %s\n", strings.TrimSpace(cmd.name+" "+cmd.synopsis), cmd.help)
+	if cmd.flags != nil {
+		own := flag.NewFlagSet(cmd.name, flag.ContinueOnError)
+		cmd.flags(own)
+		fmt.Fprintln(w, "\nFlags:")
+		own.SetOutput(w)
+		own.PrintDefaults()
+	}
+	fmt.Fprintf(w, "\n"+globalHelp, defaultURL)
+}
+
+// isGroup says whether word is the first word of some command.
+func isGroup(word string) bool {
+	for _, c := range commands {
+		if strings.HasPrefix(c.name, word+" ") {
+			return true
+		}
+	}
+	return false
+}
+
+func isHelp(a string) bool { return a == "-h" || a == "-help" || a == "--help" }
+
 func run(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) int {
+	g := newGlobals(getenv)
 	gfs := flag.NewFlagSet("kmsctl", flag.ContinueOnError)
 	gfs.SetOutput(io.Discard)
-	addr := gfs.String("addr", orDefault(getenv("KMS_ADDR"), defaultAddr), "")
-	token := gfs.String("token", getenv("KMS_TOKEN"), "")
-	tokenFile := gfs.String("token-file", getenv("KMS_TOKEN_FILE"), "")
-	timeout := gfs.Duration("timeout", 60*time.Second, "")
-	caCert := gfs.String("ca-cert", getenv("KMS_CACERT"), "")
-	clientCert := gfs.String("client-cert", getenv("KMS_CLIENT_CERT"), "")
-	clientKey := gfs.String("client-key", getenv("KMS_CLIENT_KEY"), "")
+	g.define(gfs)
 	if err := gfs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			usage(stdout)
@@ -94,61 +163,92 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		return exitUsage
 	}
 	rest := gfs.Args()
-	if len(rest) == 0 || rest[0] == "help" {
+	help := false
+	if len(rest) > 0 && rest[0] == "help" {
+		help, rest = true, rest[1:]
+	}
+	if len(rest) == 0 {
 		usage(stdout)
-		if len(rest) == 0 {
-			return exitUsage
+		if help {
+			return exitOK
 		}
-		return exitOK
+		return exitUsage
 	}
 	cmd, rest := findCommand(rest)
 	if cmd == nil {
-		fmt.Fprintf(stderr, "kmsctl: unknown command %q\n\n", strings.Join(args[len(args)-len(gfs.Args()):], " "))
-		usage(stderr)
+		words := gfs.Args()
+		if help {
+			words = words[1:]
+		}
+		if isGroup(words[0]) {
+			if help || len(words) == 1 || isHelp(words[1]) {
+				if help || len(words) > 1 {
+					groupUsage(stdout, words[0])
+					return exitOK
+				}
+				groupUsage(stderr, words[0])
+				return exitUsage
+			}
+			fmt.Fprintf(stderr, "kmsctl: unknown command %q\n\n", words[0]+" "+words[1])
+			groupUsage(stderr, words[0])
+			return exitUsage
+		}
+		fmt.Fprintf(stderr, "kmsctl: unknown command %q; run 'kmsctl --help' for the list\n", words[0])
 		return exitUsage
 	}
+	if help {
+		commandUsage(stdout, cmd)
+		return exitOK
+	}
 	fs := flag.NewFlagSet("kmsctl "+cmd.name, flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	fs.Usage = func() {} // printed below, to stdout for --help
+	fs.SetOutput(io.Discard)
+	g.define(fs)
 	if cmd.flags != nil {
 		cmd.flags(fs)
 	}
 	pos, err := parseInterleaved(fs, rest)
 	if errors.Is(err, flag.ErrHelp) {
-		fmt.Fprintf(stdout, "Usage: kmsctl %s\n  %s\n", strings.TrimSpace(cmd.name+" "+cmd.synopsis), cmd.help)
-		fs.SetOutput(stdout)
-		fs.PrintDefaults()
+		commandUsage(stdout, cmd)
 		return exitOK
 	}
 	if err == nil && len(pos) != cmd.nargs {
 		err = fmt.Errorf("%s takes %d argument(s): %s", cmd.name, cmd.nargs, cmd.synopsis)
 	}
 	if err != nil {
+		fmt.Fprintf(stderr, "kmsctl: %v\nRun 'kmsctl %s --help' for its flags.\n", err, cmd.name)
+		return exitUsage
+	}
+	if getenv("KMS_URL") == "" && getenv("KMS_ADDR") != "" && !isSet(gfs, "url") && !isSet(gfs, "addr") && !isSet(fs, "url") && !isSet(fs, "addr") {
+		fmt.Fprintf(stderr, "kmsctl: note: KMS_ADDR is kmsd's listen address and kmsctl does not read it; set KMS_URL (for example https://%s)\n", getenv("KMS_ADDR"))
+	}
+	table, err := outputMode(g.output, stdout)
+	if err != nil {
 		fmt.Fprintf(stderr, "kmsctl: %v\n", err)
 		return exitUsage
 	}
-	tok := *token
-	if tok == "" && *tokenFile != "" {
-		b, err := os.ReadFile(*tokenFile)
+	tok := g.token
+	if tok == "" && g.tokenFile != "" {
+		b, err := os.ReadFile(g.tokenFile)
 		if err != nil {
 			fmt.Fprintf(stderr, "kmsctl: token file: %v\n", err)
 			return exitUsage
 		}
 		tok = strings.TrimSpace(string(b))
 	}
-	tlsCfg, err := client.TLSConfig(*caCert, *clientCert, *clientKey)
+	tlsCfg, err := client.TLSConfig(g.caCert, g.clientCert, g.clientKey)
 	if err != nil {
 		fmt.Fprintf(stderr, "kmsctl: %v\n", err)
 		return exitUsage
 	}
-	c, err := client.New(*addr, tok, client.WithTLS(tlsCfg))
+	c, err := client.New(g.url, tok, client.WithTLS(tlsCfg))
 	if err != nil {
-		fmt.Fprintf(stderr, "kmsctl: %v\n", err)
+		fmt.Fprintf(stderr, "kmsctl: --url: %v\n", err)
 		return exitUsage
 	}
-	ctx, cancel := context.WithTimeout(ctx, *timeout)
+	g.token = tok
+	ctx, cancel := context.WithTimeout(ctx, g.timeout)
 	defer cancel()
-	code, err := cmd.run(&env{ctx: ctx, c: c, stdout: stdout, stderr: stderr}, fs, pos)
+	code, err := cmd.run(&env{ctx: ctx, c: c, g: g, tls: tlsCfg, stdout: stdout, stderr: stderr, table: table}, fs, pos)
 	if err != nil {
 		var ue usageError
 		switch {
@@ -164,6 +264,24 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		}
 	}
 	return code
+}
+
+// outputMode resolves -o: table by default on a terminal, JSON otherwise.
+func outputMode(o string, stdout io.Writer) (bool, error) {
+	switch o {
+	case "json":
+		return false, nil
+	case "table":
+		return true, nil
+	case "":
+		f, ok := stdout.(*os.File)
+		if !ok {
+			return false, nil
+		}
+		fi, err := f.Stat()
+		return err == nil && fi.Mode()&os.ModeCharDevice != 0, nil
+	}
+	return false, fmt.Errorf("-o %q: give json or table", o)
 }
 
 type usageError struct{ msg string }
@@ -238,7 +356,11 @@ func binaryInput(b64, file, what string) ([]byte, error) {
 	case file == "-":
 		return io.ReadAll(os.Stdin)
 	case file != "":
-		return os.ReadFile(file)
+		b, err := os.ReadFile(file)
+		if err != nil {
+			return nil, usageError{fmt.Sprintf("--%s-file: %v", what, err)}
+		}
+		return b, nil
 	case b64 != "":
 		b, err := base64.StdEncoding.DecodeString(b64)
 		if err != nil {

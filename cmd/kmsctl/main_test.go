@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"context"
 	"crypto/mlkem"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/base64"
 	"encoding/json"
 	"flag"
@@ -15,6 +17,7 @@ import (
 	"testing"
 
 	"github.com/kmsd-project/kmsd/api"
+	"github.com/kmsd-project/kmsd/api/client"
 	"github.com/kmsd-project/kmsd/audit"
 	"github.com/kmsd-project/kmsd/he"
 	"github.com/kmsd-project/kmsd/internal/testhsm"
@@ -59,10 +62,14 @@ func auditedServer(t *testing.T) (string, string, *audit.Log) {
 	}})
 	// HTTPS with kmsd's TLS configuration; kmsctl trusts the test CA
 	// through KMS_CACERT (see kmsctl below).
-	srv, caFile := testutil.TLSServer(t, api.New(svc, nil, api.Options{Audit: st, Prover: alog}).Handler())
+	srv, caFile := testutil.TLSServer(t, api.New(svc, nil, api.Options{Audit: st, Prover: alog, Blobs: blobSource{blobs}}).Handler())
 	testCA = caFile
 	return srv.URL, admin, alog
 }
+
+type blobSource struct{ s *he.BlobStore }
+
+func (b blobSource) Open(d string) (*os.File, error) { return b.s.Open(he.Digest(d)) }
 
 // testCA is the CA of the current test's server (tests run one at a time).
 var testCA string
@@ -86,7 +93,7 @@ func kmsctl(t *testing.T, env map[string]string, args ...string) result {
 
 func TestCommands(t *testing.T) {
 	url, admin := server(t)
-	env := map[string]string{"KMS_ADDR": url, "KMS_TOKEN": admin}
+	env := map[string]string{"KMS_URL": url, "KMS_TOKEN": admin}
 	ok := func(args ...string) string {
 		t.Helper()
 		r := kmsctl(t, env, args...)
@@ -150,12 +157,12 @@ func TestCommands(t *testing.T) {
 	if out := ok("versions", "cancel-destroy", "sig", "1"); !strings.Contains(out, `"disabled"`) {
 		t.Fatalf("cancel-destroy: %s", out)
 	}
-	var pk struct {
-		PublicKey []byte `json:"public_key"`
-	}
 	out := filepath.Join(t.TempDir(), "kem.pub")
-	json.Unmarshal([]byte(ok("public-key", "kem", "--out", out)), &pk)
-	ek, err := mlkem.NewEncapsulationKey768(pk.PublicKey)
+	if printed := ok("public-key", "kem", "--out", out); printed != "" {
+		t.Fatalf("public-key --out also printed %q", printed)
+	}
+	raw, _ := os.ReadFile(out)
+	ek, err := mlkem.NewEncapsulationKey768(raw)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -196,7 +203,7 @@ func TestCommands(t *testing.T) {
 	}
 
 	// Exit codes.
-	worker := map[string]string{"KMS_ADDR": url, "KMS_TOKEN": tok.Token}
+	worker := map[string]string{"KMS_URL": url, "KMS_TOKEN": tok.Token}
 	for _, c := range []struct {
 		env  map[string]string
 		args []string
@@ -205,16 +212,20 @@ func TestCommands(t *testing.T) {
 		{env, []string{"keys", "show", "nope"}, exitRefused},
 		{env, []string{"keys", "create", "Bad", "--kind", "ml-dsa-65"}, exitRefused},
 		{worker, []string{"keys", "rotate", "sig"}, exitRefused},
-		{map[string]string{"KMS_ADDR": url}, []string{"keys", "list"}, exitRefused},
+		{map[string]string{"KMS_URL": url}, []string{"keys", "list"}, exitRefused},
 		{env, []string{"keys", "show"}, exitUsage},
 		{env, []string{"keys", "create", "x"}, exitUsage},
 		{env, []string{"versions", "disable", "sig", "one"}, exitUsage},
 		{env, []string{"frobnicate"}, exitUsage},
 		{env, []string{"keys", "show", "sig", "--bogus"}, exitUsage},
 		{env, []string{"sign", "sig", "--message", "***"}, exitUsage},
-		{map[string]string{"KMS_ADDR": "http://127.0.0.1:1"}, []string{"keys", "list"}, exitFailure},
+		{map[string]string{"KMS_URL": "http://127.0.0.1:1"}, []string{"keys", "list"}, exitFailure},
 		{env, []string{"--help"}, exitOK},
 		{env, []string{"verify", "--help"}, exitOK},
+		{env, []string{"sign", "sig", "--message-file", "/nonexistent/msg"}, exitUsage},
+		{env, []string{"decrypt", "sig", "--version", "1", "--ciphertext-file", "/nonexistent/ct"}, exitUsage},
+		{env, []string{"keys", "list", "-o", "yaml"}, exitUsage},
+		{map[string]string{"KMS_URL": "127.0.0.1:8420", "KMS_TOKEN": admin}, []string{"keys", "list"}, exitUsage},
 	} {
 		if r := kmsctl(t, c.env, c.args...); r.code != c.code {
 			t.Errorf("kmsctl %v: exit %d, want %d (%s)", c.args, r.code, c.code, r.stderr)
@@ -224,7 +235,7 @@ func TestCommands(t *testing.T) {
 
 func TestAuditVerifyAndExport(t *testing.T) {
 	url, admin, alog := auditedServer(t)
-	env := map[string]string{"KMS_ADDR": url, "KMS_TOKEN": admin}
+	env := map[string]string{"KMS_URL": url, "KMS_TOKEN": admin}
 	for i := 0; i < 5; i++ {
 		kmsctl(t, env, "keys", "create", fmt.Sprintf("k%d", i), "--kind", "ml-dsa-44")
 	}
@@ -271,7 +282,7 @@ func TestAuditVerifyAndExport(t *testing.T) {
 
 func TestHECommands(t *testing.T) {
 	url, admin := server(t)
-	env := map[string]string{"KMS_ADDR": url, "KMS_TOKEN": admin}
+	env := map[string]string{"KMS_URL": url, "KMS_TOKEN": admin}
 	r := kmsctl(t, env, "keys", "create", "he1", "--kind", "ckks", "--params", "ckks-logn13", "--rotations", "1,2", "--relinearization", "--decrypt-budget", "5")
 	if r.code != exitOK || !strings.Contains(r.stdout, `"ckks-logn13"`) || !strings.Contains(r.stdout, `"decrypt_budget": 5`) {
 		t.Fatalf("create: %d %s %s", r.code, r.stdout, r.stderr)
@@ -320,5 +331,204 @@ func TestHelpMatchesCode(t *testing.T) {
 				t.Errorf("%s: flag --%s is missing from the synopsis", c.name, f.Name)
 			}
 		})
+	}
+}
+
+// TestHelpAndGlobalFlags: groups and commands have their own help, global
+// flags work after the command, and KMS_ADDR (kmsd's) is not read.
+func TestHelpAndGlobalFlags(t *testing.T) {
+	url, admin := server(t)
+	for _, c := range []struct {
+		args       []string
+		code       int
+		stdout     string
+		stderr     string
+		notInStdin string
+	}{
+		{[]string{"keys", "--help"}, exitOK, "keys create NAME", "", "tokens create"},
+		{[]string{"help", "keys"}, exitOK, "keys rotate NAME", "", "tokens create"},
+		{[]string{"keys"}, exitUsage, "", "keys list", ""},
+		{[]string{"keys", "frobnicate"}, exitUsage, "", `unknown command "keys frobnicate"`, ""},
+		{[]string{"help", "keys", "create"}, exitOK, "--url URL", "", ""},
+		{[]string{"keys", "create", "--help"}, exitOK, "-kind string", "", "tokens create"},
+		{[]string{"audit", "--help"}, exitOK, "audit inclusion-proof", "", ""},
+	} {
+		r := kmsctl(t, nil, c.args...)
+		if r.code != c.code || !strings.Contains(r.stdout, c.stdout) || !strings.Contains(r.stderr, c.stderr) || (c.notInStdin != "" && strings.Contains(r.stdout, c.notInStdin)) {
+			t.Errorf("kmsctl %v: exit %d, stdout %q, stderr %q", c.args, r.code, r.stdout, r.stderr)
+		}
+	}
+	// Global flags after the command and its arguments.
+	if r := kmsctl(t, nil, "keys", "create", "late", "--kind", "ml-dsa-44", "--url", url, "--token", admin, "--ca-cert", testCA); r.code != exitOK {
+		t.Fatalf("global flags after the command: %d %s", r.code, r.stderr)
+	}
+	// kmsd's KMS_ADDR is not the client's URL: kmsctl says so and uses KMS_URL.
+	r := kmsctl(t, map[string]string{"KMS_ADDR": "127.0.0.1:1", "KMS_TOKEN": admin}, "keys", "list", "--url", url)
+	if r.code != exitOK || strings.Contains(r.stderr, "KMS_ADDR") {
+		t.Fatalf("--url with KMS_ADDR set: %d %s", r.code, r.stderr)
+	}
+	r = kmsctl(t, map[string]string{"KMS_ADDR": "127.0.0.1:1", "KMS_TOKEN": admin}, "keys", "list")
+	if !strings.Contains(r.stderr, "set KMS_URL") {
+		t.Fatalf("KMS_ADDR without KMS_URL: no hint: %q", r.stderr)
+	}
+	// Output: JSON when not a terminal, tables on request.
+	env := map[string]string{"KMS_URL": url, "KMS_TOKEN": admin}
+	if r := kmsctl(t, env, "keys", "list"); !json.Valid([]byte(r.stdout)) {
+		t.Fatalf("keys list to a pipe is not JSON: %s", r.stdout)
+	}
+	r = kmsctl(t, env, "keys", "list", "-o", "table")
+	lines := strings.Split(strings.TrimSpace(r.stdout), "\n")
+	if r.code != exitOK || len(lines) != 2 || !regexp.MustCompile(`^NAME\s+KIND\s+POLICY`).MatchString(lines[0]) || !strings.HasPrefix(lines[1], "late ") {
+		t.Fatalf("keys list -o table: %d %q", r.code, r.stdout)
+	}
+	r = kmsctl(t, env, "keys", "show", "late", "--output", "table")
+	if !regexp.MustCompile(`(?m)^LATEST_VERSION\s+1$`).MatchString(r.stdout) || !regexp.MustCompile(`(?m)^VERSIONS:\nNAME\s+VERSION\s+STATE`).MatchString(r.stdout) {
+		t.Fatalf("keys show -o table: %q", r.stdout)
+	}
+}
+
+// TestMoreCommands: operations, the audit log's parts, encapsulation to a
+// served key, HE key fetches that resume, and policy updates that change
+// only what is given.
+func TestMoreCommands(t *testing.T) {
+	url, admin, alog := auditedServer(t)
+	env := map[string]string{"KMS_URL": url, "KMS_TOKEN": admin}
+	ok := func(args ...string) string {
+		t.Helper()
+		r := kmsctl(t, env, args...)
+		if r.code != exitOK {
+			t.Fatalf("kmsctl %v: exit %d: %s", args, r.code, r.stderr)
+		}
+		return r.stdout
+	}
+	// Encapsulate here, decapsulate there: the same secret.
+	ok("keys", "create", "kem", "--kind", "ml-kem-768")
+	var enc struct {
+		Version      int    `json:"version"`
+		Ciphertext   string `json:"ciphertext"`
+		SharedSecret []byte `json:"shared_secret"`
+	}
+	json.Unmarshal([]byte(ok("encapsulate", "kem")), &enc)
+	var dec struct {
+		SharedSecret []byte `json:"shared_secret"`
+	}
+	json.Unmarshal([]byte(ok("decapsulate", "kem", "--version", "1", "--ciphertext", enc.Ciphertext)), &dec)
+	if enc.Version != 1 || len(enc.SharedSecret) != 32 || !bytes.Equal(dec.SharedSecret, enc.SharedSecret) {
+		t.Fatalf("encapsulate/decapsulate: %+v vs %x", enc, dec.SharedSecret)
+	}
+	ssFile := filepath.Join(t.TempDir(), "ss")
+	if out := ok("encapsulate", "kem", "--shared-secret-file", ssFile); strings.Contains(out, "shared_secret") {
+		t.Fatalf("--shared-secret-file still printed the secret: %s", out)
+	}
+	if fi, err := os.Stat(ssFile); err != nil || fi.Size() != 32 || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("shared secret file: %v %v", fi, err)
+	}
+	ok("keys", "create", "sig", "--kind", "ml-dsa-44")
+	if r := kmsctl(t, env, "encapsulate", "sig"); r.code != exitUsage || !strings.Contains(r.stderr, "needs an ML-KEM key") {
+		t.Fatalf("encapsulate to a signing key: %d %s", r.code, r.stderr)
+	}
+
+	// Policy updates change only the flags given; a zero value resets.
+	ok("keys", "create", "he", "--kind", "ckks", "--params", "ckks-logn13", "--rotations", "1", "--relinearization", "--decrypt-budget", "5")
+	var k struct {
+		Policy map[string]any `json:"policy"`
+	}
+	json.Unmarshal([]byte(ok("keys", "update", "he", "--decrypt-budget", "7")), &k)
+	if k.Policy["decrypt_budget"] != 7.0 || k.Policy["relinearization"] != true || k.Policy["params"] != "ckks-logn13" || fmt.Sprint(k.Policy["rotations"]) != "[1]" {
+		t.Fatalf("update --decrypt-budget changed more: %v", k.Policy)
+	}
+	k.Policy = nil
+	json.Unmarshal([]byte(ok("keys", "update", "he", "--relinearization=false")), &k)
+	if _, on := k.Policy["relinearization"]; on || k.Policy["decrypt_budget"] != 7.0 {
+		t.Fatalf("update --relinearization=false: %v", k.Policy)
+	}
+
+	// HE keys to a directory: every blob checked, a second run keeps them,
+	// a partial one resumes.
+	dir, idFile := t.TempDir(), filepath.Join(t.TempDir(), "id.pub")
+	r := kmsctl(t, env, "he", "fetch", "he", "--dir", dir, "--identity-key-file", idFile, "--fetch-identity")
+	if r.code != exitOK || !strings.Contains(r.stderr, "] ") || !strings.Contains(r.stdout, `"blobs": 3`) {
+		t.Fatalf("he fetch: %d %s %s", r.code, r.stdout, r.stderr)
+	}
+	blobs, _ := filepath.Glob(filepath.Join(dir, "[0-9a-f]*"))
+	if len(blobs) != 3 {
+		t.Fatalf("he fetch wrote %v", blobs)
+	}
+	for _, b := range blobs {
+		data, _ := os.ReadFile(b)
+		if sum := sha256.Sum256(data); hex.EncodeToString(sum[:]) != filepath.Base(b) {
+			t.Fatalf("%s does not hash to its name", b)
+		}
+	}
+	data, _ := os.ReadFile(blobs[0])
+	os.Remove(blobs[0])
+	os.WriteFile(blobs[0]+".part", data[:len(data)/2], 0o600)
+	if r := kmsctl(t, env, "he", "fetch", "he", "--version", "1", "--dir", dir, "--identity-key-file", idFile); r.code != exitOK {
+		t.Fatalf("he fetch resume: %d %s", r.code, r.stderr)
+	}
+	if again, _ := os.ReadFile(blobs[0]); !bytes.Equal(again, data) {
+		t.Fatal("the resumed blob differs")
+	}
+	other := filepath.Join(t.TempDir(), "other.pub")
+	os.WriteFile(other, []byte(base64.StdEncoding.EncodeToString(make([]byte, 1952))), 0o600)
+	if r := kmsctl(t, env, "he", "fetch", "he", "--dir", t.TempDir(), "--identity-key-file", other); r.code != exitFailure || !strings.Contains(r.stderr, "not signed by the pinned identity key") {
+		t.Fatalf("he fetch with another identity: %d %s", r.code, r.stderr)
+	}
+	// The HE public key to a file: the blob's bytes, nothing printed.
+	pkFile := filepath.Join(t.TempDir(), "pk.bin")
+	if r := kmsctl(t, env, "public-key", "he", "--out", pkFile); r.code != exitOK || r.stdout != "" {
+		t.Fatalf("public-key --out of an HE key: %d %q %s", r.code, r.stdout, r.stderr)
+	}
+	if fi, err := os.Stat(pkFile); err != nil || fi.Size() == 0 {
+		t.Fatalf("HE public key file: %v %v", fi, err)
+	}
+
+	// Operations: a rotation in the background, shown and waited for.
+	r = kmsctl(t, env, "keys", "rotate", "he")
+	if r.code != exitOK {
+		t.Fatalf("rotate: %d %s", r.code, r.stderr)
+	}
+	tlsCfg, _ := client.TLSConfig(testCA, "", "")
+	c, _ := client.New(url, admin, client.WithTLS(tlsCfg))
+	_, op, err := c.RotateOrOperation(context.Background(), "he")
+	if err != nil || op == nil {
+		t.Fatalf("rotate through the SDK: %v %v", op, err)
+	}
+	r = kmsctl(t, env, "operations", "wait", op.ID)
+	if r.code != exitOK || !strings.Contains(r.stdout, `"state": "succeeded"`) || !strings.Contains(r.stdout, `"version": 3`) {
+		t.Fatalf("operations wait: %d %s %s", r.code, r.stdout, r.stderr)
+	}
+	if r := kmsctl(t, env, "operations", "show", op.ID); r.code != exitOK || !strings.Contains(r.stdout, `"succeeded"`) {
+		t.Fatalf("operations show: %d %s", r.code, r.stdout)
+	}
+	if r := kmsctl(t, env, "operations", "show", "op_nonexistent"); r.code != exitRefused {
+		t.Fatalf("operations show of an unknown id: %d %s", r.code, r.stderr)
+	}
+
+	// The audit log's parts.
+	alog.Checkpoint(context.Background())
+	note := ok("audit", "checkpoint")
+	size, err := checkpointSize([]byte(note))
+	if err != nil || size < 5 {
+		t.Fatalf("audit checkpoint: %v %q", err, note)
+	}
+	recs := strings.Split(strings.TrimSpace(ok("audit", "records", "--start", "0", "--end", "3")), "\n")
+	if len(recs) != 3 || !json.Valid([]byte(recs[2])) || !strings.Contains(recs[2], `"index":2`) {
+		t.Fatalf("audit records: %q", recs)
+	}
+	var proof struct {
+		Size  uint64   `json:"size"`
+		Proof [][]byte `json:"proof"`
+	}
+	json.Unmarshal([]byte(ok("audit", "inclusion-proof", "--index", "2", "--size", fmt.Sprint(size))), &proof)
+	if proof.Size != size || len(proof.Proof) == 0 {
+		t.Fatalf("inclusion-proof: %+v", proof)
+	}
+	json.Unmarshal([]byte(ok("audit", "consistency-proof", "--old", "3", "--size", fmt.Sprint(size))), &proof)
+	if len(proof.Proof) == 0 {
+		t.Fatalf("consistency-proof: %+v", proof)
+	}
+	if r := kmsctl(t, env, "audit", "records", "--start", "3", "--end", "3"); r.code != exitUsage {
+		t.Fatalf("audit records with an empty range: %d", r.code)
 	}
 }

@@ -55,6 +55,31 @@ type Fetcher struct {
 	// requests.
 	CacheDir string
 	HTTP     *http.Client
+	// Progress, if set, is called as blob bytes arrive (or are found in
+	// the cache) with the bytes done and the total of the version's blobs.
+	// A Fetcher may be used by several goroutines at once.
+	Progress func(done, total int64)
+}
+
+// progress counts one Fetch's or Download's bytes.
+type progress struct {
+	done, total int64
+	report      func(done, total int64)
+}
+
+func (f *Fetcher) newProgress(m *Manifest) *progress {
+	p := &progress{report: f.Progress}
+	for _, r := range m.Blobs() {
+		p.total += r.Size
+	}
+	return p
+}
+
+func (p *progress) advance(n int64) {
+	p.done += n
+	if p.report != nil {
+		p.report(p.done, p.total)
+	}
 }
 
 // ErrVerify is the class of every failed check.
@@ -98,42 +123,91 @@ func (f *Fetcher) getAll(ctx context.Context, path string) ([]byte, error) {
 
 // Fetch returns the verified keys of version (0: primary) of key name.
 func (f *Fetcher) Fetch(ctx context.Context, name string, version uint64) (*Keys, error) {
+	k := &Keys{}
+	raw, _, err := f.manifest(ctx, name, version)
+	if err != nil {
+		return nil, err
+	}
+	if err := json.Unmarshal(raw, &k.Manifest); err != nil {
+		return nil, verifyErr("malformed manifest")
+	}
+	return f.keys(ctx, k)
+}
+
+// Download fetches and verifies the manifest of version (0: primary) of
+// key name and every blob it lists into CacheDir (blobs named by their hex
+// digest, a partial download resumed with Range), without loading them.
+// It writes the manifest's exact signed bytes to manifest-<version>.json
+// and its signature to manifest-<version>.sig.json there too, and returns
+// the manifest.
+func (f *Fetcher) Download(ctx context.Context, name string, version uint64) (*Manifest, error) {
+	raw, sig, err := f.manifest(ctx, name, version)
+	if err != nil {
+		return nil, err
+	}
+	var m Manifest
+	if err := json.Unmarshal(raw, &m); err != nil {
+		return nil, verifyErr("malformed manifest")
+	}
+	pr := f.newProgress(&m)
+	for _, r := range m.Blobs() {
+		if _, err := f.blob(ctx, r.Digest, r.Size, pr); err != nil {
+			return nil, err
+		}
+	}
+	for file, data := range map[string][]byte{fmt.Sprintf("manifest-%d.json", m.Version): raw, fmt.Sprintf("manifest-%d.sig.json", m.Version): sig} {
+		if err := os.WriteFile(filepath.Join(f.CacheDir, file), data, 0o644); err != nil {
+			return nil, err
+		}
+	}
+	return &m, nil
+}
+
+// manifest fetches a version's manifest and signature and checks the
+// signature against the pinned identity key, the key, version and
+// parameters hash; it returns the manifest's exact bytes and the
+// signature document.
+func (f *Fetcher) manifest(ctx context.Context, name string, version uint64) (raw, sigb []byte, err error) {
 	ref := "primary"
 	if version != 0 {
 		ref = fmt.Sprint(version)
 	}
 	base := "/v1/keys/" + name + "/versions/" + ref + "/evaluation-keys"
-	raw, err := f.getAll(ctx, base)
-	if err != nil {
-		return nil, err
+	if raw, err = f.getAll(ctx, base); err != nil {
+		return nil, nil, err
 	}
-	sigb, err := f.getAll(ctx, base+"/signature")
-	if err != nil {
-		return nil, err
+	if sigb, err = f.getAll(ctx, base+"/signature"); err != nil {
+		return nil, nil, err
 	}
 	var sig client.ManifestSignature
 	if err := json.Unmarshal(sigb, &sig); err != nil {
-		return nil, verifyErr("malformed manifest signature")
+		return nil, nil, verifyErr("malformed manifest signature")
 	}
 	var pk mldsa65.PublicKey
 	if err := pk.UnmarshalBinary(f.IdentityKey); err != nil {
-		return nil, fmt.Errorf("hekeys: pinned identity key: %w", err)
+		return nil, nil, fmt.Errorf("hekeys: pinned identity key: %w", err)
 	}
 	if sig.Algorithm != "ml-dsa-65" || sig.Context != ManifestContext || !mldsa65.Verify(&pk, raw, []byte(ManifestContext), sig.Signature) {
-		return nil, verifyErr("the manifest of %s version %s is not signed by the pinned identity key", name, ref)
+		return nil, nil, verifyErr("the manifest of %s version %s is not signed by the pinned identity key", name, ref)
 	}
-	k := &Keys{}
-	if err := json.Unmarshal(raw, &k.Manifest); err != nil {
-		return nil, verifyErr("malformed manifest")
+	var m Manifest
+	if err := json.Unmarshal(raw, &m); err != nil {
+		return nil, nil, verifyErr("malformed manifest")
 	}
-	m := &k.Manifest
 	if m.Key != name || (version != 0 && m.Version != version) {
-		return nil, verifyErr("asked for %s version %s, the manifest is of %s version %d", name, ref, m.Key, m.Version)
+		return nil, nil, verifyErr("asked for %s version %s, the manifest is of %s version %d", name, ref, m.Key, m.Version)
 	}
 	sum := sha256.Sum256(m.Params)
 	if "sha256:"+hex.EncodeToString(sum[:]) != m.ParamsID {
-		return nil, verifyErr("the manifest's parameters do not hash to its params_id")
+		return nil, nil, verifyErr("the manifest's parameters do not hash to its params_id")
 	}
+	return raw, sigb, nil
+}
+
+// keys loads the verified manifest's parameters and blobs.
+func (f *Fetcher) keys(ctx context.Context, k *Keys) (*Keys, error) {
+	m := &k.Manifest
+	pr := f.newProgress(m)
 	var rp rlwe.Parameters
 	switch m.Kind {
 	case "ckks":
@@ -150,7 +224,7 @@ func (f *Fetcher) Fetch(ctx context.Context, name string, version uint64) (*Keys
 		return nil, verifyErr("unknown kind %q", m.Kind)
 	}
 	k.Scheme = m.Kind
-	data, err := f.blob(ctx, m.PublicKey.Digest, m.PublicKey.Size)
+	data, err := f.blob(ctx, m.PublicKey.Digest, m.PublicKey.Size, pr)
 	if err != nil {
 		return nil, err
 	}
@@ -160,7 +234,7 @@ func (f *Fetcher) Fetch(ctx context.Context, name string, version uint64) (*Keys
 	}
 	var rlk *rlwe.RelinearizationKey
 	if m.RelinearizationKey != nil {
-		data, err := f.blob(ctx, m.RelinearizationKey.Digest, m.RelinearizationKey.Size)
+		data, err := f.blob(ctx, m.RelinearizationKey.Digest, m.RelinearizationKey.Size, pr)
 		if err != nil {
 			return nil, err
 		}
@@ -171,7 +245,7 @@ func (f *Fetcher) Fetch(ctx context.Context, name string, version uint64) (*Keys
 	}
 	var gks []*rlwe.GaloisKey
 	for _, g := range m.GaloisKeys {
-		data, err := f.blob(ctx, g.Digest, g.Size)
+		data, err := f.blob(ctx, g.Digest, g.Size, pr)
 		if err != nil {
 			return nil, err
 		}
@@ -191,7 +265,7 @@ func (f *Fetcher) Fetch(ctx context.Context, name string, version uint64) (*Keys
 // blob returns a blob's bytes, from the cache when its digest checks
 // (after a conditional request, so the server still decides access), else
 // downloaded (resuming a partial download with Range) and checked.
-func (f *Fetcher) blob(ctx context.Context, digest string, size int64) ([]byte, error) {
+func (f *Fetcher) blob(ctx context.Context, digest string, size int64, pr *progress) ([]byte, error) {
 	h, ok := strings.CutPrefix(digest, "sha256:")
 	if !ok || len(h) != 64 {
 		return nil, verifyErr("malformed digest %q", digest)
@@ -208,6 +282,7 @@ func (f *Fetcher) blob(ctx context.Context, digest string, size int64) ([]byte, 
 		}
 		resp.Body.Close()
 		if resp.StatusCode == http.StatusNotModified {
+			pr.advance(size)
 			return data, nil
 		}
 		if resp.StatusCode != http.StatusOK {
@@ -221,6 +296,7 @@ func (f *Fetcher) blob(ctx context.Context, digest string, size int64) ([]byte, 
 	var have int64
 	if fi, err := os.Stat(part); err == nil && fi.Size() < size {
 		have = fi.Size()
+		pr.advance(have)
 	} else {
 		os.Remove(part)
 	}
@@ -246,7 +322,7 @@ func (f *Fetcher) blob(ctx context.Context, digest string, size int64) ([]byte, 
 	if err != nil {
 		return nil, err
 	}
-	_, err = io.Copy(out, io.LimitReader(resp.Body, size+1))
+	_, err = io.Copy(progressWriter{out, pr}, io.LimitReader(resp.Body, size+1))
 	if cerr := out.Close(); err == nil {
 		err = cerr
 	}
@@ -265,6 +341,18 @@ func (f *Fetcher) blob(ctx context.Context, digest string, size int64) ([]byte, 
 		return nil, err
 	}
 	return data, nil
+}
+
+// progressWriter reports each write to the fetcher's progress.
+type progressWriter struct {
+	w io.Writer
+	p *progress
+}
+
+func (p progressWriter) Write(b []byte) (int, error) {
+	n, err := p.w.Write(b)
+	p.p.advance(int64(n))
+	return n, err
 }
 
 func matches(data []byte, h string, size int64) bool {

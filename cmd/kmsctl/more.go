@@ -1,0 +1,262 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/base64"
+	"flag"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/cloudflare/circl/kem"
+	"github.com/cloudflare/circl/kem/mlkem/mlkem1024"
+	"github.com/cloudflare/circl/kem/mlkem/mlkem512"
+	"github.com/cloudflare/circl/kem/mlkem/mlkem768"
+
+	"github.com/kmsd-project/kmsd/api/client/hekeys"
+	"github.com/kmsd-project/kmsd/internal/fileutil"
+)
+
+// moreCommands are what the API has beyond the key basics: background
+// operations, the audit log's raw parts, local encapsulation and fetching
+// HE evaluation keys.
+var moreCommands = []command{
+	{
+		name: "operations show", synopsis: "ID", help: "show a background operation (an HE keyset being generated): state, progress, result", nargs: 1,
+		run: func(e *env, _ *flag.FlagSet, args []string) (int, error) {
+			op, err := e.c.GetOperation(e.ctx, args[0])
+			if err != nil {
+				return 0, err
+			}
+			return exitOK, e.out(op)
+		},
+	},
+	{
+		name: "operations wait", synopsis: "ID", help: "wait for a background operation to end, with a progress bar on stderr; exit 4 if it failed", nargs: 1,
+		run: func(e *env, _ *flag.FlagSet, args []string) (int, error) {
+			op, err := e.c.GetOperation(e.ctx, args[0])
+			if err != nil {
+				return 0, err
+			}
+			if op.State == "running" {
+				if err := waitWithBar(e, op); err != nil {
+					return 0, err
+				}
+				if op, err = e.c.GetOperation(e.ctx, args[0]); err != nil {
+					return 0, err
+				}
+			}
+			if err := e.out(op); err != nil {
+				return 0, err
+			}
+			if op.State == "failed" {
+				return exitFailure, nil
+			}
+			return exitOK, nil
+		},
+	},
+	{
+		name: "audit checkpoint", synopsis: "", help: "print the latest signed checkpoint (a C2SP signed note; check it with audit verify)",
+		run: func(e *env, _ *flag.FlagSet, _ []string) (int, error) {
+			note, err := e.c.AuditCheckpoint(e.ctx)
+			if err != nil {
+				return 0, err
+			}
+			_, err = e.stdout.Write(note)
+			return exitOK, err
+		},
+	},
+	{
+		name: "audit records", synopsis: "--start N --end M", help: "print records [start, end) as JSON lines, exactly as hashed into the log",
+		flags: func(fs *flag.FlagSet) {
+			fs.Uint64("start", 0, "first record index")
+			fs.Uint64("end", 0, "index after the last record (required)")
+		},
+		run: func(e *env, fs *flag.FlagSet, _ []string) (int, error) {
+			start, end := uintFlag(fs, "start"), uintFlag(fs, "end")
+			if end <= start {
+				return 0, usageError{"--end must be greater than --start"}
+			}
+			recs, err := e.c.AuditRecords(e.ctx, start, end)
+			if err != nil {
+				return 0, err
+			}
+			for _, r := range recs {
+				if _, err := fmt.Fprintf(e.stdout, "%s\n", r); err != nil {
+					return 0, err
+				}
+			}
+			return exitOK, nil
+		},
+	},
+	{
+		name: "audit inclusion-proof", synopsis: "--index I --size N", help: "print the RFC 6962 proof that record I is in the log of size N",
+		flags: func(fs *flag.FlagSet) {
+			fs.Uint64("index", 0, "record index")
+			fs.Uint64("size", 0, "tree size, at most the latest checkpoint's (required)")
+		},
+		run: func(e *env, fs *flag.FlagSet, _ []string) (int, error) {
+			p, err := e.c.InclusionProof(e.ctx, uintFlag(fs, "index"), uintFlag(fs, "size"))
+			if err != nil {
+				return 0, err
+			}
+			return exitOK, e.out(p)
+		},
+	},
+	{
+		name: "audit consistency-proof", synopsis: "--old N --size M", help: "print the RFC 6962 proof that the log of size N is a prefix of the log of size M",
+		flags: func(fs *flag.FlagSet) {
+			fs.Uint64("old", 0, "older tree size")
+			fs.Uint64("size", 0, "newer tree size (required)")
+		},
+		run: func(e *env, fs *flag.FlagSet, _ []string) (int, error) {
+			p, err := e.c.ConsistencyProof(e.ctx, uintFlag(fs, "old"), uintFlag(fs, "size"))
+			if err != nil {
+				return 0, err
+			}
+			return exitOK, e.out(p)
+		},
+	},
+	{
+		name: "encapsulate", synopsis: "NAME [--version N|primary] [--shared-secret-file FILE]",
+		help: "encapsulate locally to a served ML-KEM public key: prints the ciphertext (for decapsulate) and the shared secret", nargs: 1,
+		flags: func(fs *flag.FlagSet) {
+			fs.String("version", "primary", "version number or primary")
+			fs.String("shared-secret-file", "", "write the raw shared secret to this file (0600) instead of printing it")
+		},
+		run: encapsulate,
+	},
+	{
+		name: "he fetch", synopsis: "NAME [--version N|primary] --dir DIR --identity-key-file FILE [--fetch-identity]",
+		help: "download a ckks/bgv version's public and evaluation keys to DIR: the signed manifest is checked against the pinned identity key and every blob against its digest; blobs already in DIR are kept, a partial one resumes", nargs: 1,
+		flags: func(fs *flag.FlagSet) {
+			fs.String("version", "primary", "version number or primary")
+			fs.String("dir", "", "directory to write (required); blobs are named by their sha256")
+			fs.String("identity-key-file", "", "the service's identity public key, base64 (required)")
+			fs.Bool("fetch-identity", false, "if the identity key file does not exist, fetch the key from the server once and pin it there")
+		},
+		run: heFetch,
+	},
+}
+
+func init() { commands = append(commands, moreCommands...) }
+
+func uintFlag(fs *flag.FlagSet, name string) uint64 {
+	v, _ := fs.Lookup(name).Value.(flag.Getter).Get().(uint64)
+	return v
+}
+
+var kemSchemes = map[string]kem.Scheme{
+	"ml-kem-512": mlkem512.Scheme(), "ml-kem-768": mlkem768.Scheme(), "ml-kem-1024": mlkem1024.Scheme(),
+}
+
+func encapsulate(e *env, fs *flag.FlagSet, args []string) (int, error) {
+	v, err := parseVersion(str(fs, "version"), true)
+	if err != nil {
+		return 0, err
+	}
+	pk, err := e.c.PublicKey(e.ctx, args[0], v)
+	if err != nil {
+		return 0, err
+	}
+	scheme, ok := kemSchemes[pk.Kind]
+	if !ok {
+		return 0, usageError{fmt.Sprintf("%s is a %s key; encapsulate needs an ML-KEM key", args[0], pk.Kind)}
+	}
+	pub, err := scheme.UnmarshalBinaryPublicKey(pk.PublicKey)
+	if err != nil {
+		return 0, fmt.Errorf("the server's public key: %w", err)
+	}
+	ct, ss, err := scheme.Encapsulate(pub)
+	if err != nil {
+		return 0, err
+	}
+	out := map[string]any{"name": pk.Name, "version": pk.Version, "ciphertext": base64.StdEncoding.EncodeToString(ct)}
+	if f := str(fs, "shared-secret-file"); f != "" {
+		if err := writeFileAtomic(f, ss, 0o600); err != nil {
+			return 0, err
+		}
+	} else {
+		out["shared_secret"] = base64.StdEncoding.EncodeToString(ss)
+	}
+	return exitOK, e.out(out)
+}
+
+func heFetch(e *env, fs *flag.FlagSet, args []string) (int, error) {
+	v, err := parseVersion(str(fs, "version"), true)
+	if err != nil {
+		return 0, err
+	}
+	dir := str(fs, "dir")
+	if dir == "" {
+		return 0, usageError{"--dir is required"}
+	}
+	pub, err := readIdentity(e, fs)
+	if err != nil {
+		return 0, err
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return 0, usageError{err.Error()}
+	}
+	f := &hekeys.Fetcher{BaseURL: e.g.url, Token: e.g.token, IdentityKey: pub, CacheDir: dir,
+		HTTP:     &http.Client{Transport: &http.Transport{TLSClientConfig: e.tls, Proxy: http.ProxyFromEnvironment}},
+		Progress: bar(e, "MiB")}
+	// Like the wait for an operation, a download is not bounded by
+	// --timeout: a logN 16 keyset is gigabytes; Ctrl-C stops it and the
+	// next run resumes.
+	m, err := f.Download(context.WithoutCancel(e.ctx), args[0], v)
+	if err != nil {
+		return 0, err
+	}
+	var total int64
+	for _, b := range m.Blobs() {
+		total += b.Size
+	}
+	return exitOK, e.out(map[string]any{"name": m.Key, "version": m.Version, "kind": m.Kind, "params_id": m.ParamsID,
+		"dir": dir, "manifest": filepath.Join(dir, "manifest-"+strconv.FormatUint(m.Version, 10)+".json"),
+		"blobs": len(m.Blobs()), "bytes": total})
+}
+
+// bar draws a progress bar of bytes on stderr, at most every 100 ms.
+func bar(e *env, unit string) func(done, total int64) {
+	var last time.Time
+	return func(done, total int64) {
+		if done < total && time.Since(last) < 100*time.Millisecond {
+			return
+		}
+		last = time.Now()
+		const width = 30
+		filled := 0
+		if total > 0 {
+			filled = int(width * done / total)
+		}
+		fmt.Fprintf(e.stderr, "\r[%s%s] %d/%d %s", strings.Repeat("#", filled), strings.Repeat(" ", width-filled), done>>20, total>>20, unit)
+		if done >= total {
+			fmt.Fprintln(e.stderr)
+		}
+	}
+}
+
+// writeFileAtomic writes data to path (a file error is the user's: exit 2).
+func writeFileAtomic(path string, data []byte, mode os.FileMode) error {
+	if err := fileutil.WriteAtomic(path, data, mode); err != nil {
+		return usageError{err.Error()}
+	}
+	return nil
+}
+
+// writeFileWith writes what fill produces to path through a temporary file
+// beside it, renamed into place only when fill succeeded.
+func writeFileWith(path string, mode os.FileMode, fill func(io.Writer) error) error {
+	var buf bytes.Buffer
+	if err := fill(&buf); err != nil {
+		return err
+	}
+	return writeFileAtomic(path, buf.Bytes(), mode)
+}
