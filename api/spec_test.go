@@ -1,0 +1,133 @@
+package api_test
+
+import (
+	"net/http"
+	"regexp"
+	"slices"
+	"sort"
+	"strings"
+	"testing"
+
+	"github.com/getkin/kin-openapi/openapi3"
+
+	"github.com/kmsd-project/kmsd/api/client"
+)
+
+// TestSpecDeclaresSharedAnswers: every operation has a unique operationId
+// and declares what any request can get: 429, 500 and 503 everywhere; 401
+// and 403 where a token is needed; 400, 413 and 415 where there is a body;
+// 400 where there are query parameters; 400 and 404 where the path names
+// something.
+func TestSpecDeclaresSharedAnswers(t *testing.T) {
+	ids := map[string]string{}
+	for path, item := range spec.Paths.Map() {
+		for method, op := range item.Operations() {
+			where := method + " " + path
+			if op.OperationID == "" {
+				t.Errorf("%s: no operationId", where)
+			} else if other, dup := ids[op.OperationID]; dup {
+				t.Errorf("%s and %s share operationId %s", where, other, op.OperationID)
+			}
+			ids[op.OperationID] = where
+			need := []string{"429", "500", "503"}
+			if op.Security == nil || len(*op.Security) > 0 {
+				need = append(need, "401", "403")
+			}
+			if op.RequestBody != nil {
+				need = append(need, "400", "413", "415")
+			}
+			params := append(openapi3.Parameters{}, item.Parameters...)
+			params = append(params, op.Parameters...)
+			for _, p := range params {
+				switch p.Value.In {
+				case "query":
+					need = append(need, "400")
+				case "path":
+					need = append(need, "400", "404")
+				}
+			}
+			for _, s := range need {
+				if op.Responses.Value(s) == nil {
+					t.Errorf("%s does not declare %s", where, s)
+				}
+			}
+		}
+	}
+}
+
+// TestEveryRefusalIsDeclared sends every operation in openapi.yaml the
+// requests that are refused before or inside its handler (no token, an
+// auditor's token, a worker's token for other keys, an unknown key, a body
+// that is not JSON, a bad query) through the spec checker, which fails the
+// test on any status the operation does not declare.
+func TestEveryRefusalIsDeclared(t *testing.T) {
+	e := newEnv(t)
+	admin := e.client(e.admin)
+	if _, err := admin.CreateKey(ctx, client.CreateKeyRequest{Name: "k", Kind: "ml-dsa-44"}); err != nil {
+		t.Fatal(err)
+	}
+	auditor, err := admin.CreateToken(ctx, client.CreateTokenRequest{Role: "auditor", Keys: []string{"*"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	worker, err := admin.CreateToken(ctx, client.CreateTokenRequest{Role: "worker", Keys: []string{"other-*"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	param := regexp.MustCompile(`\{[a-z]+\}`)
+	fill := func(path, name string) string {
+		return param.ReplaceAllStringFunc(path, func(p string) string {
+			switch p {
+			case "{name}":
+				return name
+			case "{version}":
+				return "1"
+			case "{id}":
+				return "0123456789abcdef"
+			case "{hex}":
+				return strings.Repeat("0", 64)
+			}
+			t.Fatalf("no value for %s", p)
+			return ""
+		})
+	}
+	var ops []string
+	for path, item := range spec.Paths.Map() {
+		for method := range item.Operations() {
+			ops = append(ops, method+" "+path)
+		}
+	}
+	sort.Strings(ops)
+	seen := map[int]bool{}
+	for _, o := range ops {
+		method, path, _ := strings.Cut(o, " ")
+		for _, c := range []struct {
+			token, name, ctype, body, query string
+		}{
+			{"", "k", "", "", ""},
+			{auditor.Token, "k", "application/json", "{}", ""},
+			{worker.Token, "k", "application/json", "{}", ""},
+			{e.admin, "nope", "application/json", "{}", ""},
+			{e.admin, "k", "text/plain", "x", ""},
+			{e.admin, "k", "application/json", "{", ""},
+			{e.admin, "k", "application/json", "{}", "?limit=0&start=x&index=x&page_token=%00"},
+		} {
+			if method == http.MethodGet || method == http.MethodDelete {
+				c.ctype, c.body = "", ""
+			}
+			status, _, _ := e.raw(method, fill(path, c.name)+c.query, c.token, c.ctype, c.body)
+			seen[status] = true
+		}
+	}
+	for _, s := range []int{400, 401, 403, 404, 415} {
+		if !seen[s] {
+			t.Errorf("no operation answered %d: the probe is not reaching the handlers", s)
+		}
+	}
+	var got []int
+	for s := range seen {
+		got = append(got, s)
+	}
+	slices.Sort(got)
+	t.Logf("statuses seen: %v", got)
+}
