@@ -82,3 +82,33 @@ kmsd_bench_deps() {
     kmsd_apt_install "${need[@]}"
   fi
 }
+
+# kmsd_test_deps: what deploy/test.sh uses besides kmsd's own needs: Node.js
+# and npm for the OpenAPI lint (Redocly CLI, pinned in deploy/spec-lint), and
+# the tools README.md's walk-throughs call (curl, jq, pkcs11-tool), which a
+# test runs as written.
+kmsd_test_deps() {
+  local need=()
+  command -v node >/dev/null 2>&1 || need+=(nodejs)
+  command -v npm >/dev/null 2>&1 || need+=(npm)
+  command -v curl >/dev/null 2>&1 || need+=(curl)
+  command -v jq >/dev/null 2>&1 || need+=(jq)
+  command -v pkcs11-tool >/dev/null 2>&1 || need+=(opensc)
+  if [ ${#need[@]} -gt 0 ]; then
+    echo "installing: ${need[*]}" >&2
+    kmsd_apt_install "${need[@]}"
+  fi
+}
+
+# kmsd_lint_spec: Redocly's recommended rules over openapi.yaml; any error or
+# warning fails.
+kmsd_lint_spec() {
+  ( cd deploy/spec-lint && npm ci --no-audit --no-fund --loglevel=error >/dev/null )
+  local out
+  if ! out=$(REDOCLY_TELEMETRY=off REDOCLY_SUPPRESS_UPDATE_NOTICE=true deploy/spec-lint/node_modules/.bin/redocly lint openapi.yaml 2>&1) || grep -qi 'warning' <<<"$out"; then
+    echo "$out" >&2
+    echo "redocly lint: openapi.yaml has errors or warnings" >&2
+    return 1
+  fi
+  echo "redocly lint: openapi.yaml: 0 errors, 0 warnings" >&2
+}

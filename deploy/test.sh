@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # Runs every check and test: gofmt, go vet, and go test -race over all
 # packages against a real SoftHSM2 token, bbolt files and kmsd over HTTPS on
-# 127.0.0.1. Installs what it needs first (deploy/deps.sh).
+# 127.0.0.1, README.md's command blocks as written, and Redocly's lint of
+# openapi.yaml. Installs what it needs first (deploy/deps.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . deploy/deps.sh
 kmsd_deps
+kmsd_test_deps
 unformatted=$(gofmt -l $(git ls-files '*.go' 2>/dev/null || find . -name '*.go'))
 if [ -n "$unformatted" ]; then
   echo "gofmt: not formatted:" $unformatted >&2
   exit 1
 fi
 go vet ./...
+kmsd_lint_spec
 go test -race -count=1 -timeout 20m ./...
