@@ -58,7 +58,7 @@ func toVersion(k *kms.Key, v *kms.Version) client.Version {
 func toKey(k *kms.Key, vs []*kms.Version, next uint64) client.Key {
 	out := client.Key{Name: k.Name, Kind: k.Kind, CreatedAt: k.CreatedAt, PrimaryVersion: k.Primary,
 		LatestVersion: k.Latest, MinDecryptionVersion: k.MinDecryptionVersion,
-		Policy: toPolicy(k.Policy), Versions: toVersions(k, vs), NextVersionsPageToken: pageToken(next)}
+		Policy: toPolicy(k.Policy), Versions: toVersions(k, vs), NextVersionsPageToken: versionsPageToken(k.Name, next)}
 	return out
 }
 
@@ -73,13 +73,13 @@ func toVersions(k *kms.Key, vs []*kms.Version) []client.Version {
 	return out
 }
 
-// pageToken is the page token of a versions page: the number to continue
-// below, "" at the end.
-func pageToken(next uint64) string {
+// versionsPageToken continues a key's versions below next ("" at the
+// end).
+func versionsPageToken(name string, next uint64) string {
 	if next == 0 {
 		return ""
 	}
-	return strconv.FormatUint(next, 10)
+	return encodePageToken("versions", name, strconv.FormatUint(next, 10))
 }
 
 func toPolicy(p kms.Policy) client.Policy {
@@ -172,10 +172,11 @@ func (s *Server) listKeys(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
-	after := r.URL.Query().Get("page_token")
-	if after != "" {
-		if err := kms.ValidateName(after); err != nil {
-			writeProblem(w, r, http.StatusBadRequest, ProbInvalid, "malformed page_token")
+	var after string
+	if pt := r.URL.Query().Get("page_token"); pt != "" {
+		var ok bool
+		if after, ok = decodePageToken(pt, "keys", ""); !ok || kms.ValidateName(after) != nil {
+			writeProblem(w, r, http.StatusBadRequest, ProbInvalid, "malformed page_token: pass next_page_token of the previous page of this list unchanged")
 			return
 		}
 	}
@@ -185,7 +186,7 @@ func (s *Server) listKeys(w http.ResponseWriter, r *http.Request) {
 		writeError(w, r, err)
 		return
 	}
-	out := client.KeyList{Keys: make([]client.Key, 0, len(keys)), NextPageToken: next}
+	out := client.KeyList{Keys: make([]client.Key, 0, len(keys)), NextPageToken: encodePageToken("keys", "", next)}
 	for _, k := range keys {
 		out.Keys = append(out.Keys, toKey(k, nil, 0))
 	}
@@ -212,20 +213,22 @@ func (s *Server) listVersions(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	var before uint64
+	name := chi.URLParam(r, "name")
 	if pt := r.URL.Query().Get("page_token"); pt != "" {
-		n, err := strconv.ParseUint(pt, 10, 32)
-		if err != nil || n < 2 || pt[0] == '0' {
-			writeProblem(w, r, http.StatusBadRequest, ProbInvalid, "malformed page_token")
+		pos, ok := decodePageToken(pt, "versions", name)
+		n, err := strconv.ParseUint(pos, 10, 32)
+		if !ok || err != nil || n < 2 || pos[0] == '0' {
+			writeProblem(w, r, http.StatusBadRequest, ProbInvalid, "malformed page_token: pass next_page_token (or next_versions_page_token) of this key's previous page unchanged")
 			return
 		}
 		before = n
 	}
-	k, vs, next, err := s.svc.GetKey(r.Context(), chi.URLParam(r, "name"), before, limit)
+	k, vs, next, err := s.svc.GetKey(r.Context(), name, before, limit)
 	if err != nil {
 		writeError(w, r, err)
 		return
 	}
-	out := client.VersionList{Versions: toVersions(k, vs), NextPageToken: pageToken(next)}
+	out := client.VersionList{Versions: toVersions(k, vs), NextPageToken: versionsPageToken(k.Name, next)}
 	if out.Versions == nil {
 		out.Versions = []client.Version{}
 	}
@@ -435,17 +438,20 @@ func (s *Server) listTokens(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
-	after := r.URL.Query().Get("page_token")
-	if after != "" && !kms.ValidTokenID(after) {
-		writeProblem(w, r, http.StatusBadRequest, ProbInvalid, "malformed page_token")
-		return
+	var after string
+	if pt := r.URL.Query().Get("page_token"); pt != "" {
+		var ok bool
+		if after, ok = decodePageToken(pt, "tokens", ""); !ok || !kms.ValidTokenID(after) {
+			writeProblem(w, r, http.StatusBadRequest, ProbInvalid, "malformed page_token: pass next_page_token of the previous page of this list unchanged")
+			return
+		}
 	}
 	toks, next, err := s.svc.ListTokens(r.Context(), eventFrom(r).principal, after, limit)
 	if err != nil {
 		writeError(w, r, err)
 		return
 	}
-	out := client.TokenList{Tokens: make([]client.TokenInfo, 0, len(toks)), NextPageToken: next}
+	out := client.TokenList{Tokens: make([]client.TokenInfo, 0, len(toks)), NextPageToken: encodePageToken("tokens", "", next)}
 	for _, t := range toks {
 		out.Tokens = append(out.Tokens, toTokenInfo(t))
 	}

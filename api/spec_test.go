@@ -131,3 +131,51 @@ func TestEveryRefusalIsDeclared(t *testing.T) {
 	slices.Sort(got)
 	t.Logf("statuses seen: %v", got)
 }
+
+// TestPageTokensAreOpaqueAndChecked: a page token continues only the list
+// (and key) it came from; a key name, a made-up or changed token, or a
+// token of another list is refused with 400.
+func TestPageTokensAreOpaqueAndChecked(t *testing.T) {
+	e := newEnv(t)
+	c := e.client(e.admin)
+	for _, n := range []string{"a", "b", "c"} {
+		if _, err := c.CreateKey(ctx, client.CreateKeyRequest{Name: n, Kind: "ml-dsa-44"}); err != nil {
+			t.Fatal(err)
+		}
+		c.Rotate(ctx, n)
+		c.Rotate(ctx, n)
+	}
+	c.CreateToken(ctx, client.CreateTokenRequest{Role: "worker", Keys: []string{"a"}})
+	keys, err := c.ListKeys(ctx, 1, "")
+	if err != nil || keys.NextPageToken == "" || keys.NextPageToken == "a" {
+		t.Fatalf("first page: %+v %v", keys, err)
+	}
+	if page, err := c.ListKeys(ctx, 1, keys.NextPageToken); err != nil || page.Keys[0].Name != "b" {
+		t.Fatalf("second page: %+v %v", page, err)
+	}
+	toks, _ := c.ListTokens(ctx, 1, "")
+	vers, _ := c.ListVersions(ctx, "a", 1, "")
+	if toks.NextPageToken == "" || vers.NextPageToken == "" {
+		t.Fatal("no next page")
+	}
+	if page, err := c.ListVersions(ctx, "a", 1, vers.NextPageToken); err != nil || page.Versions[0].Version != 2 {
+		t.Fatalf("versions page 2: %+v %v", page, err)
+	}
+	changed := []byte(keys.NextPageToken)
+	changed[len(changed)/2] ^= 1
+	for _, q := range []string{
+		"/v1/keys?page_token=garbage",
+		"/v1/keys?page_token=a",
+		"/v1/keys?page_token=" + string(changed),
+		"/v1/keys?page_token=" + toks.NextPageToken,
+		"/v1/tokens?page_token=" + keys.NextPageToken,
+		"/v1/keys/b/versions?page_token=" + vers.NextPageToken,
+		"/v1/keys/a/versions?page_token=2",
+		"/v1/keys/a/versions?page_token=" + strings.Repeat("A", 600),
+	} {
+		status, _, body := e.raw("GET", q, e.admin, "", "")
+		if status != 400 || !strings.Contains(string(body), "malformed page_token") {
+			t.Errorf("GET %s: %d %s", q, status, body)
+		}
+	}
+}

@@ -138,7 +138,7 @@ func TestCommands(t *testing.T) {
 		Next string `json:"next_versions_page_token"`
 	}
 	json.Unmarshal([]byte(ok("keys", "show", "sig", "--versions", "2")), &shown)
-	if len(shown.Versions) != 2 || shown.Versions[0].Version != 3 || shown.Next != "2" {
+	if len(shown.Versions) != 2 || shown.Versions[0].Version != 3 || shown.Next == "" {
 		t.Fatalf("keys show --versions 2: %+v", shown)
 	}
 	var all []struct {
