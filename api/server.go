@@ -276,6 +276,18 @@ func allow(perm kms.Permission, h http.HandlerFunc) http.HandlerFunc {
 	}
 }
 
+// allowedMethods lists the methods the router serves on path, for the
+// Allow header of a 405.
+func allowedMethods(routes chi.Routes, path string) []string {
+	var out []string
+	for _, m := range []string{http.MethodGet, http.MethodHead, http.MethodPost, http.MethodPut, http.MethodPatch, http.MethodDelete} {
+		if routes.Match(chi.NewRouteContext(), m, path) {
+			out = append(out, m)
+		}
+	}
+	return out
+}
+
 // Handler returns the API's router.
 func (s *Server) Handler() http.Handler {
 	r := chi.NewRouter()
@@ -283,8 +295,10 @@ func (s *Server) Handler() http.Handler {
 	r.NotFound(func(w http.ResponseWriter, r *http.Request) {
 		writeProblem(w, r, http.StatusNotFound, ProbNotFound, "no such endpoint")
 	})
-	r.MethodNotAllowed(func(w http.ResponseWriter, r *http.Request) {
-		writeProblem(w, r, http.StatusMethodNotAllowed, ProbMethod, "method not allowed on this endpoint")
+	r.MethodNotAllowed(func(w http.ResponseWriter, req *http.Request) {
+		allowed := allowedMethods(r, req.URL.Path)
+		w.Header().Set("Allow", strings.Join(allowed, ", "))
+		writeProblem(w, req, http.StatusMethodNotAllowed, ProbMethod, "method not allowed on this endpoint; it allows "+strings.Join(allowed, ", "))
 	})
 	r.Get("/healthz", s.healthz)
 	r.Get("/readyz", s.readyz)
@@ -298,6 +312,7 @@ func (s *Server) Handler() http.Handler {
 		r.Patch("/v1/keys/{name}", allow(kms.PermManageKey, s.updateKey))
 		r.Post("/v1/keys/{name}/rotate", allow(kms.PermManageKey, s.rotate))
 		r.Get("/v1/keys/{name}/versions/{version}/public-key", allow(kms.PermReadKey, s.publicKey))
+		r.Head("/v1/keys/{name}/versions/{version}/public-key", allow(kms.PermReadKey, s.publicKey))
 		r.Post("/v1/keys/{name}/versions/{version}/disable", allow(kms.PermManageKey, s.versionAction(kms.ActDisable)))
 		r.Post("/v1/keys/{name}/versions/{version}/enable", allow(kms.PermManageKey, s.versionAction(kms.ActEnable)))
 		r.Post("/v1/keys/{name}/versions/{version}/schedule-destroy", allow(kms.PermManageKey, s.versionAction(kms.ActScheduleDestroy)))
@@ -312,6 +327,7 @@ func (s *Server) Handler() http.Handler {
 		r.Get("/v1/keys/{name}/versions/{version}/evaluation-keys", allow(kms.PermReadKey, s.manifest))
 		r.Get("/v1/keys/{name}/versions/{version}/evaluation-keys/signature", allow(kms.PermReadKey, s.manifestSignature))
 		r.Get("/v1/blobs/sha256/{hex}", s.blob) // authorized against the blob's key inside
+		r.Head("/v1/blobs/sha256/{hex}", s.blob)
 		r.Post("/v1/keys/{name}/versions/{version}/decrypt", allow(kms.PermDecrypt, s.decrypt))
 		r.Get("/v1/operations/{id}", s.operation) // authorized against the operation's key inside
 		if s.opts.Audit != nil && s.opts.Prover != nil {

@@ -1,6 +1,7 @@
 package api_test
 
 import (
+	"fmt"
 	"net/http"
 	"regexp"
 	"slices"
@@ -176,6 +177,51 @@ func TestPageTokensAreOpaqueAndChecked(t *testing.T) {
 		status, _, body := e.raw("GET", q, e.admin, "", "")
 		if status != 400 || !strings.Contains(string(body), "malformed page_token") {
 			t.Errorf("GET %s: %d %s", q, status, body)
+		}
+	}
+}
+
+// TestHEADAndAllow: HEAD answers as GET without a body on public keys and
+// blobs; a 405 names the methods the endpoint allows.
+func TestHEADAndAllow(t *testing.T) {
+	e := newEnv(t)
+	c := e.client(e.admin)
+	if _, err := c.CreateKey(ctx, client.CreateKeyRequest{Name: "k", Kind: "ml-kem-768"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.CreateKey(ctx, client.CreateKeyRequest{Name: "he", Kind: "ckks", Policy: &client.Policy{Params: []byte(`"ckks-logn13"`)}}); err != nil {
+		t.Fatal(err)
+	}
+	pk, err := c.PublicKey(ctx, "he", 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	blob := pk.URL
+	for _, path := range []string{"/v1/keys/k/versions/1/public-key", blob} {
+		gs, gh, gb := e.raw("GET", path, e.admin, "", "")
+		hs, hh, hb := e.raw("HEAD", path, e.admin, "", "")
+		if gs != 200 || hs != 200 || len(hb) != 0 || len(gb) == 0 {
+			t.Fatalf("%s: GET %d (%d bytes), HEAD %d (%d bytes)", path, gs, len(gb), hs, len(hb))
+		}
+		if hh.Get("Content-Type") != gh.Get("Content-Type") || hh.Get("ETag") != gh.Get("ETag") {
+			t.Errorf("%s: HEAD headers %v differ from GET's %v", path, hh, gh)
+		}
+		if cl := hh.Get("Content-Length"); cl != "" && cl != fmt.Sprint(len(gb)) {
+			t.Errorf("%s: HEAD Content-Length %s, GET body %d bytes", path, cl, len(gb))
+		}
+		if s, _, _ := e.raw("HEAD", path, "", "", ""); s != 401 {
+			t.Errorf("%s: HEAD without a token: %d", path, s)
+		}
+	}
+	for _, c := range []struct{ method, path, allow string }{
+		{"DELETE", "/v1/keys", "GET, POST"},
+		{"PUT", "/v1/keys/k", "GET, PATCH"},
+		{"POST", "/v1/keys/k/versions/1/public-key", "GET, HEAD"},
+		{"GET", "/v1/keys/k/sign", "POST"},
+	} {
+		status, h, body := e.raw(c.method, c.path, e.admin, "application/json", "")
+		if status != 405 || h.Get("Allow") != c.allow || problemType(t, body) != "method-not-allowed" {
+			t.Errorf("%s %s: %d Allow %q %s, want 405 Allow %q", c.method, c.path, status, h.Get("Allow"), body, c.allow)
 		}
 	}
 }
