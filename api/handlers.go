@@ -1,6 +1,7 @@
 package api
 
 import (
+	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -73,6 +74,25 @@ func toVersions(k *kms.Key, vs []*kms.Version) []client.Version {
 	return out
 }
 
+// paramsOut is a policy's params as answers carry them: a preset name as
+// it is, a parameters literal as a JSON string holding its compact text, so
+// that its 64-bit moduli reach every JSON parser exact. Create and update
+// take either form back.
+func paramsOut(p json.RawMessage) json.RawMessage {
+	if len(p) == 0 || p[0] != '{' {
+		return p
+	}
+	var buf bytes.Buffer
+	if err := json.Compact(&buf, p); err != nil {
+		return p
+	}
+	out, err := json.Marshal(buf.String())
+	if err != nil {
+		return p
+	}
+	return out
+}
+
 // versionsPageToken continues a key's versions below next ("" at the
 // end).
 func versionsPageToken(name string, next uint64) string {
@@ -83,7 +103,7 @@ func versionsPageToken(name string, next uint64) string {
 }
 
 func toPolicy(p kms.Policy) client.Policy {
-	out := client.Policy{DestroyWaitDays: p.DestroyWaitDays, Params: p.Params, Rotations: p.Rotations, Conjugation: p.Conjugation, Relinearization: p.Relinearization,
+	out := client.Policy{DestroyWaitDays: p.DestroyWaitDays, Params: paramsOut(p.Params), Rotations: p.Rotations, Conjugation: p.Conjugation, Relinearization: p.Relinearization,
 		DecryptLogPrecision: p.DecryptLogPrecision, DecryptBudget: p.DecryptBudget}
 	for _, op := range p.AllowedOperations {
 		out.AllowedOperations = append(out.AllowedOperations, string(op))

@@ -1,17 +1,22 @@
 package api_test
 
 import (
+	"bytes"
+	"encoding/json"
 	"fmt"
+	"math"
 	"net/http"
 	"regexp"
 	"slices"
 	"sort"
+	"strconv"
 	"strings"
 	"testing"
 
 	"github.com/getkin/kin-openapi/openapi3"
 
 	"github.com/kmsd-project/kmsd/api/client"
+	"github.com/kmsd-project/kmsd/api/client/hekeys"
 )
 
 // TestSpecDeclaresSharedAnswers: every operation has a unique operationId
@@ -223,5 +228,68 @@ func TestHEADAndAllow(t *testing.T) {
 		if status != 405 || h.Get("Allow") != c.allow || problemType(t, body) != "method-not-allowed" {
 			t.Errorf("%s %s: %d Allow %q %s, want 405 Allow %q", c.method, c.path, status, h.Get("Allow"), body, c.allow)
 		}
+	}
+}
+
+// TestNoNumberAbove2To53: public documents carry 64-bit integers as text,
+// so a client whose JSON numbers are doubles (JavaScript, Prism) reads the
+// moduli exact and the manifest signature still verifies over the bytes
+// served. Moduli here are 55-bit.
+func TestNoNumberAbove2To53(t *testing.T) {
+	e := newEnv(t)
+	c := e.client(e.admin)
+	lit := `{"LogN":13,"LogQ":[55,40,40],"LogP":[55],"LogDefaultScale":40}`
+	if _, err := c.CreateKey(ctx, client.CreateKeyRequest{Name: "he", Kind: "ckks", Policy: &client.Policy{Params: []byte(lit)}}); err != nil {
+		t.Fatal(err)
+	}
+	_, _, manifest := e.raw("GET", "/v1/keys/he/versions/1/evaluation-keys", e.admin, "", "")
+	// A second key from the manifest's literal (explicit 55-bit Q and P),
+	// given back as the string it came in: its answers carry it the same way.
+	var m struct{ Params json.RawMessage }
+	json.Unmarshal(manifest, &m)
+	if _, err := c.CreateKey(ctx, client.CreateKeyRequest{Name: "he2", Kind: "ckks", Policy: &client.Policy{Params: m.Params}}); err != nil {
+		t.Fatalf("create with the literal a manifest carried: %v", err)
+	}
+	_, _, keyDoc := e.raw("GET", "/v1/keys/he2", e.admin, "", "")
+	big := 0
+	for _, doc := range [][]byte{keyDoc, manifest} {
+		dec := json.NewDecoder(bytes.NewReader(doc))
+		dec.UseNumber()
+		for {
+			tok, err := dec.Token()
+			if err != nil {
+				break
+			}
+			if n, ok := tok.(json.Number); ok {
+				if f, _ := strconv.ParseFloat(n.String(), 64); math.Abs(f) >= 1<<53 {
+					t.Errorf("a number above 2^53 in a public document: %s in %s", n, doc)
+				}
+			}
+			if s, ok := tok.(string); ok && strings.HasPrefix(s, "{") {
+				// The literal's text holds the moduli exact.
+				var l struct{ Q, P []uint64 }
+				if err := json.Unmarshal([]byte(s), &l); err != nil {
+					t.Fatal(err)
+				}
+				for _, q := range append(l.Q, l.P...) {
+					if q >= 1<<53 {
+						big++
+					}
+				}
+			}
+		}
+	}
+	if big != 4 {
+		t.Fatalf("found %d moduli above 2^53 in the literal texts, want the two 55-bit ones in each document", big)
+	}
+	// The SDK verifies the signature over the bytes served and reads the
+	// literal from its text.
+	f := &hekeys.Fetcher{BaseURL: e.url, Token: e.admin, IdentityKey: e.idPub, CacheDir: t.TempDir(), HTTP: e.httpc}
+	keys, err := f.Fetch(ctx, "he", 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if q := keys.CKKS.Q(); len(q) != 3 || q[0] < 1<<54 {
+		t.Fatalf("the SDK read moduli %v", q)
 	}
 }

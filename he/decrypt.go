@@ -27,7 +27,11 @@ func (k *Kind) versionParams(manifest []byte) (*Params, error) {
 	if p, ok := paramsCache.Load(m.ParamsID); ok {
 		return p.(*Params), nil
 	}
-	p, err := Resolve(k.scheme, m.Params)
+	lit, err := m.Literal()
+	if err != nil {
+		return nil, fmt.Errorf("manifest: %w", err)
+	}
+	p, err := Resolve(k.scheme, lit)
 	if err != nil {
 		return nil, err
 	}

@@ -134,11 +134,15 @@ type ErrParams struct{ Msg string }
 
 func (e *ErrParams) Error() string { return e.Msg }
 
-// Resolve turns a preset name or a Lattigo ParametersLiteral (JSON) into
+// Resolve turns a preset name or a Lattigo ParametersLiteral (a JSON
+// object, or a JSON string holding one, as kmsd sends it back) into
 // checked parameters.
 func Resolve(s Scheme, spec json.RawMessage) (*Params, error) {
 	var name string
 	if err := json.Unmarshal(spec, &name); err == nil {
+		if strings.HasPrefix(strings.TrimSpace(name), "{") {
+			return Resolve(s, json.RawMessage(name))
+		}
 		return resolvePreset(s, name)
 	}
 	if err := checkLiteralFields(s, spec); err != nil {

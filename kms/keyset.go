@@ -76,6 +76,21 @@ type Manifest struct {
 	CreatedAt          time.Time       `json:"created_at"`
 }
 
+// Literal is the Lattigo parameters literal the manifest names, as the
+// JSON text params_id hashes. Manifests carry it as a JSON string, so that
+// 64-bit moduli reach every JSON parser exact (a JavaScript client rounds
+// numbers above 2^53); manifests made before that carry it as an object.
+func (m *Manifest) Literal() ([]byte, error) {
+	if len(m.Params) > 0 && m.Params[0] == '"' {
+		var s string
+		if err := json.Unmarshal(m.Params, &s); err != nil {
+			return nil, err
+		}
+		return []byte(s), nil
+	}
+	return m.Params, nil
+}
+
 // Blobs lists every blob the manifest names: the public key, the
 // relinearization key if any, then the Galois keys.
 func (m *Manifest) Blobs() []BlobRef {
@@ -90,7 +105,11 @@ func (m *Manifest) Blobs() []BlobRef {
 }
 
 func buildManifest(name string, n uint64, kind string, ks *Keyset, at time.Time) ([]byte, error) {
-	m := Manifest{Key: name, Version: n, Kind: kind, ParamsID: ks.ParamsID, Params: ks.Params,
+	lit, err := json.Marshal(string(ks.Params))
+	if err != nil {
+		return nil, err
+	}
+	m := Manifest{Key: name, Version: n, Kind: kind, ParamsID: ks.ParamsID, Params: lit,
 		PublicKey: ks.PublicKey, RelinearizationKey: ks.Relinearization, GaloisKeys: ks.Galois, CreatedAt: at}
 	if m.GaloisKeys == nil {
 		m.GaloisKeys = []GaloisRef{}

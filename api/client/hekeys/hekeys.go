@@ -197,7 +197,11 @@ func (f *Fetcher) manifest(ctx context.Context, name string, version uint64) (ra
 	if m.Key != name || (version != 0 && m.Version != version) {
 		return nil, nil, verifyErr("asked for %s version %s, the manifest is of %s version %d", name, ref, m.Key, m.Version)
 	}
-	sum := sha256.Sum256(m.Params)
+	lit, err := m.Literal()
+	if err != nil {
+		return nil, nil, verifyErr("malformed manifest parameters")
+	}
+	sum := sha256.Sum256(lit)
 	if "sha256:"+hex.EncodeToString(sum[:]) != m.ParamsID {
 		return nil, nil, verifyErr("the manifest's parameters do not hash to its params_id")
 	}
@@ -208,15 +212,19 @@ func (f *Fetcher) manifest(ctx context.Context, name string, version uint64) (ra
 func (f *Fetcher) keys(ctx context.Context, k *Keys) (*Keys, error) {
 	m := &k.Manifest
 	pr := f.newProgress(m)
+	lit, err := m.Literal()
+	if err != nil {
+		return nil, verifyErr("malformed manifest parameters")
+	}
 	var rp rlwe.Parameters
 	switch m.Kind {
 	case "ckks":
-		if err := k.CKKS.UnmarshalJSON(m.Params); err != nil {
+		if err := k.CKKS.UnmarshalJSON(lit); err != nil {
 			return nil, verifyErr("parameters: %v", err)
 		}
 		rp = k.CKKS.Parameters
 	case "bgv":
-		if err := k.BGV.UnmarshalJSON(m.Params); err != nil {
+		if err := k.BGV.UnmarshalJSON(lit); err != nil {
 			return nil, verifyErr("parameters: %v", err)
 		}
 		rp = k.BGV.Parameters
