@@ -204,8 +204,13 @@ func checkBeforeDisk(c config, getenv func(string) string) error {
 		}
 		return f.Close()
 	}
+	if c.module != "" {
+		if err := readable("pkcs11-module", c.module); err != nil {
+			return fmt.Errorf("cannot load the PKCS#11 module %s: %w", c.module, err)
+		}
+	}
 	for _, fl := range []struct{ name, path string }{
-		{"pkcs11-module", c.module}, {"pkcs11-pin-file", c.pinFile},
+		{"pkcs11-pin-file", c.pinFile},
 		{"tls-cert", c.tlsCert}, {"tls-key", c.tlsKey}, {"tls-client-ca", c.tlsClientCA},
 	} {
 		if err := readable(fl.name, fl.path); err != nil {
