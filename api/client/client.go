@@ -46,6 +46,10 @@ func WithTLS(cfg *tls.Config) Option {
 	}
 }
 
+// HTTPClient is the HTTP client c sends with (its TLS settings), for
+// hekeys.Fetcher.HTTP, so both reach kmsd the same way.
+func (c *Client) HTTPClient() *http.Client { return c.http }
+
 // TLSConfig is the client TLS configuration for kmsd: TLS 1.3, the hybrid
 // post-quantum key exchange X25519MLKEM768 first and X25519 as the
 // fallback, caFile (PEM) as the roots to trust (the system's when empty;

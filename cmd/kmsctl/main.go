@@ -3,7 +3,6 @@ package main
 
 import (
 	"context"
-	"crypto/tls"
 	"encoding/base64"
 	"encoding/json"
 	"errors"
@@ -36,7 +35,6 @@ type env struct {
 	ctx    context.Context
 	c      *client.Client
 	g      *globals
-	tls    *tls.Config
 	stdout io.Writer
 	stderr io.Writer
 	table  bool // -o table
@@ -248,7 +246,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	g.token = tok
 	ctx, cancel := context.WithTimeout(ctx, g.timeout)
 	defer cancel()
-	code, err := cmd.run(&env{ctx: ctx, c: c, g: g, tls: tlsCfg, stdout: stdout, stderr: stderr, table: table}, fs, pos)
+	code, err := cmd.run(&env{ctx: ctx, c: c, g: g, stdout: stdout, stderr: stderr, table: table}, fs, pos)
 	if err != nil {
 		var ue usageError
 		switch {

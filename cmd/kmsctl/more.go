@@ -7,7 +7,6 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"net/http"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -204,9 +203,11 @@ func heFetch(e *env, fs *flag.FlagSet, args []string) (int, error) {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return 0, usageError{err.Error()}
 	}
-	f := &hekeys.Fetcher{BaseURL: e.g.url, Token: e.g.token, IdentityKey: pub, CacheDir: dir,
-		HTTP:     &http.Client{Transport: &http.Transport{TLSClientConfig: e.tls, Proxy: http.ProxyFromEnvironment}},
-		Progress: bar(e, "MiB")}
+	// The same transport as every other command (TLS, HTTP/2), without the
+	// client's overall timeout: see below.
+	hc := *e.c.HTTPClient()
+	hc.Timeout = 0
+	f := &hekeys.Fetcher{BaseURL: e.g.url, Token: e.g.token, IdentityKey: pub, CacheDir: dir, HTTP: &hc, Progress: bar(e, "MiB")}
 	// Like the wait for an operation, a download is not bounded by
 	// --timeout: a logN 16 keyset is gigabytes; Ctrl-C stops it and the
 	// next run resumes.

@@ -43,22 +43,42 @@ func TestKill9DuringHEGeneration(t *testing.T) {
 		}
 		done <- err
 	}()
-	// Wait until generation has written some blobs, then kill.
-	deadline := time.Now().Add(30 * time.Second)
-	for {
+	// Wait until generation has finished at least one blob of the new
+	// keyset (a file named by its digest, not a temporary one), then kill.
+	kept := map[string]bool{}
+	for _, e := range before {
+		kept[e.Name()] = true
+	}
+	orphans := func() (done, temp []string) {
 		ents, _ := os.ReadDir(blobsDir)
-		if len(ents) > len(before)+1 {
+		for _, e := range ents {
+			switch {
+			case strings.HasPrefix(e.Name(), ".tmp-"):
+				temp = append(temp, e.Name())
+			case !kept[e.Name()]:
+				done = append(done, e.Name())
+			}
+		}
+		return done, temp
+	}
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		if done, _ := orphans(); len(done) > 0 {
 			break
 		}
 		if time.Now().After(deadline) {
-			t.Fatal("generation wrote no blobs")
+			t.Fatal("generation finished no blob in 60 s")
 		}
-		time.Sleep(20 * time.Millisecond)
+		time.Sleep(10 * time.Millisecond)
 	}
 	p.cmd.Process.Signal(syscall.SIGKILL)
 	p.wait(t, 10*time.Second)
 	if err := <-done; err == errAcked {
 		t.Fatal("the key was created before the kill; the test needs a slower keyset")
+	}
+	left, _ := orphans()
+	if len(left) == 0 {
+		t.Fatal("no finished blob of the interrupted keyset on disk after the kill")
 	}
 	q := start(t, dir)
 	q.waitReady(t)
@@ -66,12 +86,28 @@ func TestKill9DuringHEGeneration(t *testing.T) {
 	if _, err := c.GetKey(ctx, "interrupted"); !client.IsProblem(err, "not-found") {
 		t.Fatalf("the interrupted key exists: %v", err)
 	}
-	after, _ := os.ReadDir(blobsDir)
-	if len(after) != len(before) {
-		t.Fatalf("%d blob files after restart, want the %d of the kept key", len(after), len(before))
+	// After the restart exactly the kept key's blobs remain: every blob the
+	// interrupted generation finished, and every temporary file, is gone.
+	if done, temp := orphans(); len(done) != 0 || len(temp) != 0 {
+		t.Fatalf("after restart: orphan blobs %v, temporary files %v", done, temp)
 	}
-	if !strings.Contains(q.stderr.String(), "removed blobs no committed version lists") {
-		t.Fatal("the restart did not report removing orphans")
+	for name := range kept {
+		if _, err := os.Stat(filepath.Join(blobsDir, name)); err != nil {
+			t.Fatalf("a blob of the kept key is gone: %v", err)
+		}
+	}
+	// The removal of finished orphans is logged with their count.
+	var logged struct {
+		Msg   string `json:"msg"`
+		Count int    `json:"count"`
+	}
+	for _, line := range strings.Split(q.stderr.String(), "\n") {
+		if strings.Contains(line, "removed blobs no committed version lists") {
+			json.Unmarshal([]byte(line), &logged)
+		}
+	}
+	if logged.Count != len(left) {
+		t.Fatalf("the restart logged removing %d orphan blobs, %d were on disk", logged.Count, len(left))
 	}
 	// The kept key still serves its manifest and blobs.
 	k, err := c.GetKey(ctx, "kept")

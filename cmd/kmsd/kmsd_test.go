@@ -26,7 +26,7 @@ import (
 // These tests run the real kmsd binary: embedded SoftHSM token, bbolt file,
 // HTTP on 127.0.0.1.
 
-var kmsdBin string
+var kmsdBin, kmsctlBin string
 
 func TestMain(m *testing.M) {
 	dir, err := os.MkdirTemp("", "kmsd-bin-")
@@ -37,6 +37,11 @@ func TestMain(m *testing.M) {
 	out, err := exec.Command("go", "build", "-o", kmsdBin, ".").CombinedOutput()
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "build kmsd: %v\n%s", err, out)
+		os.Exit(1)
+	}
+	kmsctlBin = filepath.Join(dir, "kmsctl")
+	if out, err := exec.Command("go", "build", "-o", kmsctlBin, "../kmsctl").CombinedOutput(); err != nil {
+		fmt.Fprintf(os.Stderr, "build kmsctl: %v\n%s", err, out)
 		os.Exit(1)
 	}
 	code := m.Run()
