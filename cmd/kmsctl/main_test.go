@@ -91,10 +91,10 @@ func kmsctl(t *testing.T, env map[string]string, args ...string) result {
 	return result{code, out.String(), errb.String()}
 }
 
-func TestCommands(t *testing.T) {
-	url, admin := server(t)
-	env := map[string]string{"KMS_URL": url, "KMS_TOKEN": admin}
-	ok := func(args ...string) string {
+// okRunner runs kmsctl with env and fails the test unless it exits 0;
+// it returns stdout.
+func okRunner(t *testing.T, env map[string]string) func(args ...string) string {
+	return func(args ...string) string {
 		t.Helper()
 		r := kmsctl(t, env, args...)
 		if r.code != exitOK {
@@ -102,6 +102,12 @@ func TestCommands(t *testing.T) {
 		}
 		return r.stdout
 	}
+}
+
+func TestCommands(t *testing.T) {
+	url, admin := server(t)
+	env := map[string]string{"KMS_URL": url, "KMS_TOKEN": admin}
+	ok := okRunner(t, env)
 	var key struct {
 		Name           string `json:"name"`
 		PrimaryVersion int    `json:"primary_version"`
@@ -393,14 +399,7 @@ func TestHelpAndGlobalFlags(t *testing.T) {
 func TestMoreCommands(t *testing.T) {
 	url, admin, alog := auditedServer(t)
 	env := map[string]string{"KMS_URL": url, "KMS_TOKEN": admin}
-	ok := func(args ...string) string {
-		t.Helper()
-		r := kmsctl(t, env, args...)
-		if r.code != exitOK {
-			t.Fatalf("kmsctl %v: exit %d: %s", args, r.code, r.stderr)
-		}
-		return r.stdout
-	}
+	ok := okRunner(t, env)
 	// Encapsulate here, decapsulate there: the same secret.
 	ok("keys", "create", "kem", "--kind", "ml-kem-768")
 	var enc struct {
