@@ -157,14 +157,16 @@ func (s *Server) decrypt(w http.ResponseWriter, r *http.Request) {
 		writeError(w, r, err)
 		return
 	}
-	if mt, _, _ := mime.ParseMediaType(r.Header.Get("Content-Type")); mt != "application/octet-stream" {
-		writeProblem(w, r, http.StatusUnsupportedMediaType, ProbUnsupportedMedia, "the body must be the ciphertext's MarshalBinary bytes as application/octet-stream")
+	if mt, _, _ := mime.ParseMediaType(r.Header.Get("Content-Type")); mt != "application/json" {
+		writeProblem(w, r, http.StatusUnsupportedMediaType, ProbUnsupportedMedia, "the body must be a ciphertext envelope (application/json): key, version, params_id, level, scale, slots, ciphertext")
 		return
 	}
-	body, err := io.ReadAll(http.MaxBytesReader(nil, r.Body, limit))
+	// The envelope carries the ciphertext in base64, plus a few fields.
+	bodyLimit := limit/3*4 + 8<<10
+	body, err := io.ReadAll(http.MaxBytesReader(nil, r.Body, bodyLimit))
 	var mbe *http.MaxBytesError
 	if errors.As(err, &mbe) {
-		writeProblem(w, r, http.StatusRequestEntityTooLarge, ProbBodyTooLarge, fmt.Sprintf("a ciphertext for these parameters is at most %d bytes", limit))
+		writeProblem(w, r, http.StatusRequestEntityTooLarge, ProbBodyTooLarge, fmt.Sprintf("a ciphertext for these parameters is at most %d bytes (an envelope at most %d)", limit, bodyLimit))
 		return
 	}
 	if err != nil {
@@ -172,8 +174,13 @@ func (s *Server) decrypt(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	ev.bytesIn = len(body)
+	env, err := kms.ParseEnvelope(body, int(limit))
+	if err != nil {
+		writeError(w, r, err)
+		return
+	}
 	pending(r, http.StatusOK)
-	vals, v, err := s.svc.Decrypt(r.Context(), name, n, body)
+	vals, v, err := s.svc.Decrypt(r.Context(), name, n, env)
 	if err != nil {
 		writeError(w, r, err)
 		return

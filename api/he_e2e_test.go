@@ -3,6 +3,7 @@ package api_test
 import (
 	"bytes"
 	"crypto/rand"
+	"encoding/json"
 	"errors"
 	"io"
 	"math"
@@ -86,8 +87,11 @@ func TestWorkerCKKSEndToEnd(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	body, _ := rot.MarshalBinary()
-	got, err := e.client(decryptor.Token).Decrypt(ctx, "he-ckks", 1, body)
+	env, err := keys.Seal(rot, len(values))
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := e.client(decryptor.Token).Decrypt(ctx, env)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -118,7 +122,7 @@ func TestWorkerCKKSEndToEnd(t *testing.T) {
 		t.Fatalf("second fetch: %d full downloads, %d not-modified", ct.full.Load()-full, ct.notMod.Load())
 	}
 	// The worker cannot decrypt; a decryptor of other keys cannot either.
-	if _, err := e.client(worker.Token).Decrypt(ctx, "he-ckks", 1, body); client.StatusOf(err) != 403 {
+	if _, err := e.client(worker.Token).Decrypt(ctx, env); client.StatusOf(err) != 403 {
 		t.Fatalf("worker decrypts: %v", err)
 	}
 }
@@ -132,6 +136,7 @@ func TestWorkerBGVEndToEnd(t *testing.T) {
 		t.Fatal(err)
 	}
 	params := keys.BGV
+	half := params.MaxSlots() / 2
 	enc := bgv.NewEncoder(params)
 	values := make([]uint64, params.MaxSlots())
 	for i := range values {
@@ -149,13 +154,18 @@ func TestWorkerBGVEndToEnd(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	body, _ := rot.MarshalBinary()
-	got, err := e.client(e.admin).Decrypt(ctx, "he-bgv", 1, body)
+	env, err := keys.Seal(rot, half)
 	if err != nil {
 		t.Fatal(err)
 	}
-	half := len(values) / 2
+	got, err := e.client(e.admin).Decrypt(ctx, env)
+	if err != nil {
+		t.Fatal(err)
+	}
 	tmod := params.PlaintextModulus()
+	if len(got) != half {
+		t.Fatalf("%d values, want the %d in use", len(got), half)
+	}
 	for i := 0; i < half; i++ {
 		x := values[(i+1)%half]
 		if uint64(got[i]) != x*x%tmod {
@@ -261,10 +271,11 @@ func TestDecryptRefusals(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	pt := ckks.NewPlaintext(keys.CKKS, keys.CKKS.MaxLevel())
-	ckks.NewEncoder(keys.CKKS).Encode([]float64{1, 2, 3}, pt)
-	c, _ := rlwe.NewEncryptor(keys.CKKS, keys.PublicKey).EncryptNew(pt)
-	good, _ := c.MarshalBinary()
+	good, err := keys.Encrypt([]float64{1, 2, 3})
+	if err != nil {
+		t.Fatal(err)
+	}
+	goodJSON, _ := json.Marshal(good)
 	// A ciphertext of ckks-logn14.
 	p14, _ := ckks.NewParametersFromLiteral(ckks.ParametersLiteral{LogN: 14, LogQ: []int{55, 40, 40}, LogP: []int{55}, LogDefaultScale: 40})
 	kg := rlwe.NewKeyGenerator(p14)
@@ -273,40 +284,71 @@ func TestDecryptRefusals(t *testing.T) {
 	ckks.NewEncoder(p14).Encode([]float64{1}, pt14)
 	c14, _ := rlwe.NewEncryptor(p14, sk14).EncryptNew(pt14)
 	foreign, _ := c14.MarshalBinary()
-	path := "/v1/keys/he-d/versions/1/decrypt"
-	for _, c := range []struct {
-		name, ctype string
-		body        []byte
-		status      int
-		typ         string
-	}{
-		{"other parameters", "application/octet-stream", foreign, 413, "body-too-large"},
-		{"garbage", "application/octet-stream", []byte("not a ciphertext"), 400, "invalid-request"},
-		{"truncated", "application/octet-stream", good[:len(good)/2], 400, "invalid-request"},
-		{"json", "application/json", good, 415, "unsupported-media-type"},
-	} {
-		st, _, body := e.raw("POST", path, e.admin, c.ctype, string(c.body))
-		if st != c.status || problemType(t, body) != c.typ {
-			t.Errorf("%s: %d %s", c.name, st, body)
-		}
-	}
-	// A same-size ciphertext under other moduli is refused, not misread.
+	// A same-size ciphertext under other moduli.
 	p13b, _ := ckks.NewParametersFromLiteral(ckks.ParametersLiteral{LogN: 13, LogQ: []int{50, 40, 40, 40}, LogP: []int{45}, LogDefaultScale: 35})
 	skb := rlwe.NewKeyGenerator(p13b).GenSecretKeyNew()
 	ptb := ckks.NewPlaintext(p13b, p13b.MaxLevel())
 	ckks.NewEncoder(p13b).Encode([]float64{1}, ptb)
 	cb, _ := rlwe.NewEncryptor(p13b, skb).EncryptNew(ptb)
 	other, _ := cb.MarshalBinary()
-	if st, _, body := e.raw("POST", path, e.admin, "application/octet-stream", string(other)); st != 400 || !strings.Contains(string(body), "another parameter set") {
-		t.Errorf("other moduli: %d %s", st, body)
+	// A ciphertext of another key of the same preset, in its own envelope.
+	heKey(t, e, "he-other", `{"name":"he-other","kind":"ckks","policy":{"params":"ckks-logn13"}}`)
+	otherKeys, err := f.Fetch(ctx, "he-other", 1)
+	if err != nil {
+		t.Fatal(err)
 	}
-	// The budget: two decryptions, then 429 asking for a rotation.
-	for i := 0; i < 2; i++ {
-		if _, err := e.client(e.admin).Decrypt(ctx, "he-d", 1, good); err != nil {
+	otherEnv, _ := otherKeys.Encrypt([]float64{1, 2, 3})
+	otherJSON, _ := json.Marshal(otherEnv)
+	with := func(change func(*client.Envelope)) string {
+		c := *good
+		change(&c)
+		b, _ := json.Marshal(&c)
+		return string(b)
+	}
+	path := "/v1/keys/he-d/versions/1/decrypt"
+	for _, c := range []struct {
+		name, ctype string
+		body        string
+		status      int
+		want        string
+	}{
+		{"other parameters (larger)", "application/json", with(func(c *client.Envelope) { c.Ciphertext = foreign }), 413, "at most"},
+		{"garbage ciphertext", "application/json", with(func(c *client.Envelope) { c.Ciphertext = []byte("not a ciphertext") }), 400, "not a degree-1 ciphertext"},
+		{"truncated ciphertext", "application/json", with(func(c *client.Envelope) { c.Ciphertext = c.Ciphertext[:len(c.Ciphertext)/2] }), 400, "truncated"},
+		{"same size, other moduli", "application/json", with(func(c *client.Envelope) { c.Ciphertext = other }), 400, "another parameter set"},
+		{"another key's envelope", "application/json", string(otherJSON), 400, `under key "he-other" version 1, not "he-d" version 1`},
+		{"another version", "application/json", with(func(c *client.Envelope) { c.Version = 2 }), 400, `version 2, not "he-d" version 1`},
+		{"another parameter id", "application/json", with(func(c *client.Envelope) { c.ParamsID = "sha256:" + strings.Repeat("0", 64) }), 400, "made under parameters sha256:0000"},
+		{"wrong level", "application/json", with(func(c *client.Envelope) { c.Level-- }), 400, "its ciphertext is at level"},
+		{"wrong scale", "application/json", with(func(c *client.Envelope) { c.Scale *= 2 }), 400, "its ciphertext has"},
+		{"more slots than it has", "application/json", with(func(c *client.Envelope) { c.Slots = 1 << 16 }), 400, "slots in use, its ciphertext has"},
+		{"unknown field", "application/json", strings.Replace(string(goodJSON), `{`, `{"extra":1,`, 1), 400, "not a ciphertext envelope"},
+		{"missing field", "application/json", strings.Replace(string(goodJSON), `"slots":3,`, ``, 1), 400, "needs key, version"},
+		{"not JSON", "application/json", "{", 400, "not a ciphertext envelope"},
+		{"raw bytes", "application/octet-stream", string(good.Ciphertext), 415, "ciphertext envelope"},
+	} {
+		before := e.snapshot()
+		st, _, body := e.raw("POST", path, e.admin, c.ctype, c.body)
+		var prob client.Problem
+		json.Unmarshal(body, &prob)
+		if st != c.status || !strings.Contains(prob.Detail, c.want) {
+			t.Errorf("%s: %d %s", c.name, st, body)
+		}
+		if e.snapshot() != before {
+			t.Errorf("%s: a refused decryption changed the store", c.name)
+		}
+	}
+	// Only the slots in use come back.
+	if vals, err := e.client(e.admin).Decrypt(ctx, good); err != nil || len(vals) != 3 || math.Abs(vals[2]-3) > 1e-3 {
+		t.Fatalf("decrypt: %v %v", vals, err)
+	}
+	// The budget: two decryptions (one above), then 429 asking for a rotation.
+	for i := 1; i < 2; i++ {
+		if _, err := e.client(e.admin).Decrypt(ctx, good); err != nil {
 			t.Fatalf("decryption %d: %v", i+1, err)
 		}
 	}
-	_, err = e.client(e.admin).Decrypt(ctx, "he-d", 1, good)
+	_, err = e.client(e.admin).Decrypt(ctx, good)
 	if client.StatusOf(err) != 429 || !strings.Contains(err.Error(), "rotate") {
 		t.Fatalf("past the budget: %v", err)
 	}
@@ -321,17 +363,17 @@ func TestDecryptRefusals(t *testing.T) {
 	if st, _, body := e.raw("PATCH", "/v1/keys/he-d", e.admin, "application/json", `{"policy":{"rotations":[1]}}`); st != 200 || !strings.Contains(string(body), `"decrypt_budget":2`) {
 		t.Fatalf("raw patch: %d %s", st, body)
 	}
-	if _, err := admin.Decrypt(ctx, "he-d", 1, good); client.StatusOf(err) != 429 {
+	if _, err := admin.Decrypt(ctx, good); client.StatusOf(err) != 429 {
 		t.Fatalf("after an unrelated patch the exhausted version decrypts: %v", err)
 	}
 	// Raising the budget grants the difference only: the used count stays.
 	if _, err := admin.UpdateKey(ctx, "he-d", client.UpdateKeyRequest{Policy: &client.Policy{DecryptBudget: 3}}); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := admin.Decrypt(ctx, "he-d", 1, good); err != nil {
+	if _, err := admin.Decrypt(ctx, good); err != nil {
 		t.Fatalf("within the raised budget: %v", err)
 	}
-	if _, err := admin.Decrypt(ctx, "he-d", 1, good); client.StatusOf(err) != 429 {
+	if _, err := admin.Decrypt(ctx, good); client.StatusOf(err) != 429 {
 		t.Fatalf("past the raised budget: %v", err)
 	}
 	// null resets a field to its default (here: no limit), explicitly.

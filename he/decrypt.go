@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"math"
 	"sync"
 
 	"github.com/tuneinsight/lattigo/v6/core/rlwe"
@@ -53,19 +54,46 @@ func (k *Kind) MaxCiphertextSize(manifest []byte) (int64, error) {
 	return int64(rlwe.NewCiphertext(rp, 1, rp.MaxLevel()).BinarySize()) + 4096, nil
 }
 
-// ParseCiphertext implements kms.DecryptingKind. A ciphertext of other
-// parameters is refused where it can be told apart: another ring degree,
-// more levels than the parameters have, a coefficient not below its
-// modulus, another degree or domain.
-func (k *Kind) ParseCiphertext(manifest, b []byte) (ct any, err error) {
+// ParseCiphertext implements kms.DecryptingKind: the envelope's
+// ciphertext, checked against the version's parameters and against the
+// envelope's own level, scale and slot count.
+func (k *Kind) ParseCiphertext(manifest []byte, env *kms.Envelope) (any, error) {
 	p, err := k.versionParams(manifest)
 	if err != nil {
 		return nil, err
 	}
-	rp := p.RLWE()
+	return OpenEnvelope(p.RLWE(), env)
+}
+
+// OpenEnvelope parses the envelope's ciphertext for parameters rp and
+// checks that the envelope describes it: its level, its scale (to 1e-9)
+// and a slot count the ciphertext has. It does not compare key, version or
+// parameter id: the caller knows which it expects (Envelope.MatchVersion).
+func OpenEnvelope(rp rlwe.Parameters, env *kms.Envelope) (*rlwe.Ciphertext, error) {
+	ct, err := ParseCiphertext(rp, env.Ciphertext)
+	if err != nil {
+		return nil, err
+	}
+	if ct.Level() != env.Level {
+		return nil, kms.Errorf(kms.KindInvalid, "the envelope says level %d, its ciphertext is at level %d", env.Level, ct.Level())
+	}
+	if s, _ := ct.Scale.Value.Float64(); math.Abs(s-env.Scale) > 1e-9*s {
+		return nil, kms.Errorf(kms.KindInvalid, "the envelope says scale %g, its ciphertext has %g", env.Scale, s)
+	}
+	if slots := ct.Slots(); env.Slots > slots {
+		return nil, kms.Errorf(kms.KindInvalid, "the envelope says %d slots in use, its ciphertext has %d", env.Slots, slots)
+	}
+	return ct, nil
+}
+
+// ParseCiphertext parses a degree-1 Lattigo ciphertext for parameters rp.
+// A ciphertext of other parameters is refused where it can be told apart:
+// another ring degree, more levels than the parameters have, a coefficient
+// not below its modulus, another degree or domain.
+func ParseCiphertext(rp rlwe.Parameters, b []byte) (ct *rlwe.Ciphertext, err error) {
 	defer func() {
 		if r := recover(); r != nil {
-			ct, err = nil, kms.Errorf(kms.KindInvalid, "the body is not a Lattigo ciphertext")
+			ct, err = nil, kms.Errorf(kms.KindInvalid, "not a Lattigo ciphertext")
 		}
 	}()
 	// A degree-1 ciphertext at level L has exactly one size: refuse any
@@ -76,11 +104,11 @@ func (k *Kind) ParseCiphertext(manifest, b []byte) (ct any, err error) {
 		sizeOK = len(b) == rlwe.NewCiphertext(rp, 1, l).BinarySize()
 	}
 	if !sizeOK {
-		return nil, kms.Errorf(kms.KindInvalid, "the body is not a degree-1 ciphertext of the key's parameters (size %d): another parameter set, or not a Lattigo ciphertext", len(b))
+		return nil, kms.Errorf(kms.KindInvalid, "not a degree-1 ciphertext of the key's parameters (size %d): another parameter set, truncated, or not a Lattigo ciphertext", len(b))
 	}
 	c := new(rlwe.Ciphertext)
 	if _, err := c.ReadFrom(bytes.NewReader(b)); err != nil {
-		return nil, kms.Errorf(kms.KindInvalid, "the body is not a Lattigo ciphertext (MarshalBinary bytes)")
+		return nil, kms.Errorf(kms.KindInvalid, "not a Lattigo ciphertext (MarshalBinary bytes)")
 	}
 	switch {
 	case c.Degree() != 1:

@@ -225,9 +225,10 @@ type DecryptingKind interface {
 	KeysetKind
 	// MaxCiphertextSize bounds a ciphertext for the version's parameters.
 	MaxCiphertextSize(manifest []byte) (int64, error)
-	// ParseCiphertext checks ct against the version's parameters (from its
-	// manifest); an invalid or foreign ciphertext is KindInvalid.
-	ParseCiphertext(manifest, ct []byte) (any, error)
+	// ParseCiphertext checks the envelope's ciphertext against the
+	// version's parameters (from its manifest) and against the envelope's
+	// level, scale and slots; an invalid or foreign one is KindInvalid.
+	ParseCiphertext(manifest []byte, env *Envelope) (any, error)
 	// LoadSecret derives the version's secret key from its seed.
 	LoadSecret(seed Secret, manifest []byte) (PrivateKey, error)
 	// Decrypt decrypts a parsed ciphertext: CKKS real parts rounded to
@@ -257,7 +258,7 @@ func (s *Service) MaxCiphertextSize(ctx context.Context, name string, n uint64) 
 // version's decryption counter is advanced in one transaction with the
 // request's audit record (a crash can never let the budget be exceeded);
 // then the ciphertext is decrypted.
-func (s *Service) Decrypt(ctx context.Context, name string, n uint64, ct []byte) (any, uint64, error) {
+func (s *Service) Decrypt(ctx context.Context, name string, n uint64, env *Envelope) (any, uint64, error) {
 	if err := ValidateName(name); err != nil {
 		return nil, 0, err
 	}
@@ -269,7 +270,14 @@ func (s *Service) Decrypt(ctx context.Context, name string, n uint64, ct []byte)
 	if !ok || v.Manifest == nil {
 		return nil, 0, Errorf(KindFailedPrecondition, "key %q of kind %s does not decrypt", name, k.Kind)
 	}
-	parsed, err := dk.ParseCiphertext(v.Manifest, ct)
+	var m Manifest
+	if err := json.Unmarshal(v.Manifest, &m); err != nil {
+		return nil, 0, Wrap(KindInternal, "manifest", err)
+	}
+	if err := env.MatchVersion(name, v.Number, m.ParamsID); err != nil {
+		return nil, 0, err
+	}
+	parsed, err := dk.ParseCiphertext(v.Manifest, env)
 	if err != nil {
 		return nil, 0, err
 	}
@@ -311,6 +319,13 @@ func (s *Service) Decrypt(ctx context.Context, name string, n uint64, ct []byte)
 	vals, err := dk.Decrypt(priv, v.Manifest, parsed, prec)
 	if err != nil {
 		return nil, 0, Wrap(KindInternal, "decrypt", err)
+	}
+	// Only the slots in use.
+	switch x := vals.(type) {
+	case []float64:
+		vals = x[:min(len(x), env.Slots)]
+	case []uint64:
+		vals = x[:min(len(x), env.Slots)]
 	}
 	return vals, v.Number, nil
 }

@@ -471,11 +471,16 @@ func (c *Client) ConsistencyProof(ctx context.Context, old, size uint64) (*Proof
 	return &out, c.do(ctx, http.MethodGet, "/v1/audit/proof/consistency", q, nil, &out)
 }
 
-// Decrypt sends a Lattigo ciphertext (MarshalBinary bytes) to be decrypted
-// with version (decryptor or admin token). CKKS slots come back as their
-// real parts rounded to the key's precision, BGV slots as integers.
-func (c *Client) Decrypt(ctx context.Context, name string, version uint64, ciphertext []byte) ([]float64, error) {
-	b, err := c.rawBody(ctx, http.MethodPost, keyPath(name, "versions", strconv.FormatUint(version, 10), "decrypt"), nil, "application/octet-stream", ciphertext)
+// Decrypt sends a ciphertext envelope to be decrypted with the key version
+// it names (decryptor or admin token) and returns the slots in use: CKKS
+// slots as their real parts rounded to the key's precision, BGV slots as
+// integers.
+func (c *Client) Decrypt(ctx context.Context, env *Envelope) ([]float64, error) {
+	body, err := json.Marshal(env)
+	if err != nil {
+		return nil, err
+	}
+	b, err := c.rawBody(ctx, http.MethodPost, keyPath(env.Key, "versions", strconv.FormatUint(env.Version, 10), "decrypt"), nil, "application/json", body)
 	if err != nil {
 		return nil, err
 	}
@@ -483,7 +488,7 @@ func (c *Client) Decrypt(ctx context.Context, name string, version uint64, ciphe
 		Values []float64 `json:"values"`
 	}
 	if err := json.Unmarshal(b, &out); err != nil {
-		return nil, fmt.Errorf("decode decrypt response: %w", err)
+		return nil, fmt.Errorf("decrypt response: %w", err)
 	}
 	return out.Values, nil
 }

@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"encoding/json"
 	"time"
+
+	"github.com/kmsd-project/kmsd/kms"
 )
 
 // The wire types of the REST API, shared by the server and this client.
@@ -21,6 +23,11 @@ type Policy struct {
 	DecryptLogPrecision int    `json:"decrypt_log_precision,omitempty"`
 	DecryptBudget       uint64 `json:"decrypt_budget,omitempty"`
 }
+
+// Envelope is an HE ciphertext as it crosses a process boundary: the key,
+// version and parameters it is under, level, scale, slots in use and the
+// Lattigo ciphertext (base64 in JSON). hekeys makes and opens them.
+type Envelope = kms.Envelope
 
 // Version is one key version.
 type Version struct {

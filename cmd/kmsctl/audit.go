@@ -118,6 +118,20 @@ func readIdentity(e *env, fs *flag.FlagSet) ([]byte, error) {
 	if err != nil {
 		return nil, usageError{err.Error()}
 	}
+	return decodeIdentity(b)
+}
+
+// readIdentityFile reads a pinned identity public key (base64, as GET
+// /v1/identity gives it).
+func readIdentityFile(path string) ([]byte, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, usageError{err.Error()}
+	}
+	return decodeIdentity(b)
+}
+
+func decodeIdentity(b []byte) ([]byte, error) {
 	pub, err := base64.StdEncoding.DecodeString(strings.TrimSpace(string(b)))
 	if err != nil {
 		return nil, usageError{"the identity key file does not hold standard base64"}

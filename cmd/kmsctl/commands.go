@@ -300,32 +300,6 @@ var commands = []command{
 		},
 	},
 	{
-		name: "decrypt", synopsis: "NAME --version N --ciphertext-file FILE",
-		help: "decrypt an HE ciphertext (Lattigo MarshalBinary bytes; decryptor or admin token)", nargs: 1,
-		flags: func(fs *flag.FlagSet) {
-			fs.String("version", "", "version the ciphertext is encrypted under (required)")
-			fs.String("ciphertext-file", "", "file holding the ciphertext bytes (- for stdin) (required)")
-		},
-		run: func(e *env, fs *flag.FlagSet, args []string) (int, error) {
-			v, err := parseVersion(str(fs, "version"), false)
-			if err != nil {
-				return 0, err
-			}
-			ct, err := binaryInput("", str(fs, "ciphertext-file"), "ciphertext")
-			if err != nil {
-				return 0, err
-			}
-			if ct == nil {
-				return 0, usageError{"give --ciphertext-file"}
-			}
-			vals, err := e.c.Decrypt(e.ctx, args[0], v, ct)
-			if err != nil {
-				return 0, err
-			}
-			return exitOK, e.out(map[string]any{"values": vals, "version": v})
-		},
-	},
-	{
 		name: "tokens create", synopsis: "--role admin|worker|auditor|decryptor --keys PATTERNS [--name NAME] [--ttl D]",
 		help: "create a bearer token (printed once); it can hold no more than the token that creates it",
 		flags: func(fs *flag.FlagSet) {

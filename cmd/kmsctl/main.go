@@ -33,6 +33,7 @@ could not be reached.`
 
 type env struct {
 	ctx    context.Context
+	getenv func(string) string
 	c      *client.Client
 	g      *globals
 	stdout io.Writer
@@ -246,7 +247,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	g.token = tok
 	ctx, cancel := context.WithTimeout(ctx, g.timeout)
 	defer cancel()
-	code, err := cmd.run(&env{ctx: ctx, c: c, g: g, stdout: stdout, stderr: stderr, table: table}, fs, pos)
+	code, err := cmd.run(&env{ctx: ctx, getenv: getenv, c: c, g: g, stdout: stdout, stderr: stderr, table: table}, fs, pos)
 	if err != nil {
 		var ue usageError
 		switch {

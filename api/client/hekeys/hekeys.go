@@ -131,7 +131,21 @@ func (f *Fetcher) Fetch(ctx context.Context, name string, version uint64) (*Keys
 	if err := json.Unmarshal(raw, &k.Manifest); err != nil {
 		return nil, verifyErr("malformed manifest")
 	}
-	return f.keys(ctx, k)
+	return f.keys(ctx, k, true)
+}
+
+// FetchPublic is Fetch without the evaluation keys: the verified manifest,
+// parameters and public key, all an encrypting party needs.
+func (f *Fetcher) FetchPublic(ctx context.Context, name string, version uint64) (*Keys, error) {
+	k := &Keys{}
+	raw, _, err := f.manifest(ctx, name, version)
+	if err != nil {
+		return nil, err
+	}
+	if err := json.Unmarshal(raw, &k.Manifest); err != nil {
+		return nil, verifyErr("malformed manifest")
+	}
+	return f.keys(ctx, k, false)
 }
 
 // Download fetches and verifies the manifest of version (0: primary) of
@@ -209,9 +223,12 @@ func (f *Fetcher) manifest(ctx context.Context, name string, version uint64) (ra
 }
 
 // keys loads the verified manifest's parameters and blobs.
-func (f *Fetcher) keys(ctx context.Context, k *Keys) (*Keys, error) {
+func (f *Fetcher) keys(ctx context.Context, k *Keys, evaluation bool) (*Keys, error) {
 	m := &k.Manifest
 	pr := f.newProgress(m)
+	if !evaluation {
+		pr.total = m.PublicKey.Size
+	}
 	lit, err := m.Literal()
 	if err != nil {
 		return nil, verifyErr("malformed manifest parameters")
@@ -239,6 +256,9 @@ func (f *Fetcher) keys(ctx context.Context, k *Keys) (*Keys, error) {
 	k.PublicKey = rlwe.NewPublicKey(rp)
 	if err := k.PublicKey.UnmarshalBinary(data); err != nil {
 		return nil, verifyErr("public key: %v", err)
+	}
+	if !evaluation {
+		return k, nil
 	}
 	var rlk *rlwe.RelinearizationKey
 	if m.RelinearizationKey != nil {

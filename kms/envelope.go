@@ -1,0 +1,101 @@
+package kms
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"math"
+	"regexp"
+)
+
+// Envelope is how an HE ciphertext crosses a process boundary (MCP tools,
+// kmsctl, the SDK, the decrypt endpoint): the key, version and parameters
+// it was made under, its level and scale, how many slots hold values, and
+// the Lattigo ciphertext (MarshalBinary; standard base64 in JSON). Whoever
+// takes one checks every field against the key version it names and the
+// ciphertext itself, and refuses a mismatch.
+type Envelope struct {
+	Key      string  `json:"key"`
+	Version  uint64  `json:"version"`
+	ParamsID string  `json:"params_id"`
+	Level    int     `json:"level"`
+	Scale    float64 `json:"scale"`
+	Slots    int     `json:"slots"`
+	// Ciphertext is the Lattigo ciphertext's MarshalBinary bytes.
+	Ciphertext []byte `json:"ciphertext"`
+}
+
+var paramsIDRE = regexp.MustCompile(`^sha256:[0-9a-f]{64}$`)
+
+// ParseEnvelope decodes an envelope strictly (one JSON object, no unknown
+// or missing fields, nothing after it) and checks its fields' forms; the
+// ciphertext must be at most maxCiphertext bytes. It does not look inside
+// the ciphertext: the kind does that against the version's parameters.
+func ParseEnvelope(b []byte, maxCiphertext int) (*Envelope, error) {
+	dec := json.NewDecoder(bytes.NewReader(b))
+	dec.DisallowUnknownFields()
+	var raw struct {
+		Key        *string  `json:"key"`
+		Version    *uint64  `json:"version"`
+		ParamsID   *string  `json:"params_id"`
+		Level      *int     `json:"level"`
+		Scale      *float64 `json:"scale"`
+		Slots      *int     `json:"slots"`
+		Ciphertext *[]byte  `json:"ciphertext"`
+	}
+	if err := dec.Decode(&raw); err != nil {
+		return nil, Errorf(KindInvalid, "not a ciphertext envelope: %s", clipErr(err))
+	}
+	if dec.More() {
+		return nil, Errorf(KindInvalid, "not a ciphertext envelope: data after the object")
+	}
+	if raw.Key == nil || raw.Version == nil || raw.ParamsID == nil || raw.Level == nil || raw.Scale == nil || raw.Slots == nil || raw.Ciphertext == nil {
+		return nil, Errorf(KindInvalid, "a ciphertext envelope needs key, version, params_id, level, scale, slots and ciphertext")
+	}
+	e := &Envelope{Key: *raw.Key, Version: *raw.Version, ParamsID: *raw.ParamsID, Level: *raw.Level, Scale: *raw.Scale, Slots: *raw.Slots, Ciphertext: *raw.Ciphertext}
+	switch {
+	case ValidateName(e.Key) != nil:
+		return nil, Errorf(KindInvalid, "envelope: key is not a valid key name")
+	case e.Version == 0 || e.Version > math.MaxUint32:
+		return nil, Errorf(KindInvalid, "envelope: version must be a positive number")
+	case !paramsIDRE.MatchString(e.ParamsID):
+		return nil, Errorf(KindInvalid, "envelope: params_id must be sha256:<64 hex digits>")
+	case e.Level < 0 || e.Level > 64:
+		return nil, Errorf(KindInvalid, "envelope: level %d is out of range", e.Level)
+	case !(e.Scale >= 1) || math.IsInf(e.Scale, 0):
+		return nil, Errorf(KindInvalid, "envelope: scale must be a finite number of at least 1")
+	case e.Slots < 1 || e.Slots > 1<<16:
+		return nil, Errorf(KindInvalid, "envelope: slots must be from 1 to 65536")
+	case len(e.Ciphertext) == 0:
+		return nil, Errorf(KindInvalid, "envelope: the ciphertext is empty")
+	case len(e.Ciphertext) > maxCiphertext:
+		return nil, Errorf(KindInvalid, "envelope: the ciphertext is %d bytes, more than any ciphertext of these parameters (%d)", len(e.Ciphertext), maxCiphertext)
+	}
+	return e, nil
+}
+
+// clipErr keeps a decoder error short and free of echoed input.
+func clipErr(err error) string {
+	s := err.Error()
+	if len(s) > 120 {
+		s = s[:120]
+	}
+	return s
+}
+
+// MatchVersion refuses an envelope made under another key, version or
+// parameter set than the one a request names, saying which.
+func (e *Envelope) MatchVersion(name string, version uint64, paramsID string) error {
+	if e.Key != name || e.Version != version {
+		return Errorf(KindInvalid, "the ciphertext is under key %q version %d, not %q version %d", e.Key, e.Version, name, version)
+	}
+	if e.ParamsID != paramsID {
+		return Errorf(KindInvalid, "the ciphertext was made under parameters %s, but version %d of %q has %s", e.ParamsID, version, name, paramsID)
+	}
+	return nil
+}
+
+// String names the envelope without its ciphertext.
+func (e *Envelope) String() string {
+	return fmt.Sprintf("%s v%d (%s, level %d, %d slots)", e.Key, e.Version, e.ParamsID, e.Level, e.Slots)
+}
