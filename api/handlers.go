@@ -429,6 +429,30 @@ func toTokenInfo(t *kms.Token) client.TokenInfo {
 		ExpiresAt: t.ExpiresAt, LastUsedAt: t.LastUsedAt, RevokedAt: t.RevokedAt}
 }
 
+// introspect answers whether a token is active and what it may do (RFC
+// 7662's shape, JSON in and out). The token in the body is never logged or
+// recorded; only the caller's token id is.
+func (s *Server) introspect(w http.ResponseWriter, r *http.Request) {
+	var req client.IntrospectRequest
+	if !readBody(w, r, &req, false) {
+		return
+	}
+	p, err := s.svc.Introspect(r.Context(), req.Token)
+	if err != nil {
+		writeError(w, r, err)
+		return
+	}
+	out := client.Introspection{}
+	if p != nil {
+		out = client.Introspection{Active: true, TokenType: "Bearer", TokenID: p.TokenID, Role: string(p.Role), Keys: p.Keys}
+		if p.ExpiresAt != nil {
+			out.Exp = p.ExpiresAt.Unix()
+		}
+	}
+	w.Header().Set("Cache-Control", "no-store")
+	writeJSON(w, http.StatusOK, out)
+}
+
 func (s *Server) createToken(w http.ResponseWriter, r *http.Request) {
 	var req client.CreateTokenRequest
 	if !readBody(w, r, &req, false) {

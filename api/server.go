@@ -321,6 +321,7 @@ func (s *Server) Handler() http.Handler {
 		r.Post("/v1/keys/{name}/verify", allow(kms.PermUseKey, s.verify))
 		r.Post("/v1/keys/{name}/decapsulate", allow(kms.PermUseKey, s.decapsulate))
 		r.Post("/v1/tokens", allow(kms.PermManageTokens, s.createToken))
+		r.Post("/v1/tokens/introspect", allow(kms.PermIntrospect, s.introspect))
 		r.Get("/v1/tokens", allow(kms.PermManageTokens, s.listTokens))
 		r.Get("/v1/tokens/{id}", allow(kms.PermManageTokens, s.getToken))
 		r.Delete("/v1/tokens/{id}", allow(kms.PermManageTokens, s.revokeToken))

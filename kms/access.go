@@ -16,12 +16,15 @@ const (
 	PermReadAudit Permission = "read-audit"
 	// PermDecrypt: decrypt HE ciphertexts.
 	PermDecrypt Permission = "decrypt"
+	// PermIntrospect: ask whether a bearer token is active and what it may
+	// do (a worker such as kmsd-mcp checks its own clients' tokens).
+	PermIntrospect Permission = "introspect-tokens"
 )
 
 var rolePerms = map[Role][]Permission{
-	RoleAdmin:     {PermReadKey, PermUseKey, PermManageKey, PermManageTokens, PermReadAudit, PermDecrypt},
+	RoleAdmin:     {PermReadKey, PermUseKey, PermManageKey, PermManageTokens, PermReadAudit, PermDecrypt, PermIntrospect},
 	RoleDecryptor: {PermReadKey, PermDecrypt},
-	RoleWorker:    {PermReadKey},
+	RoleWorker:    {PermReadKey, PermIntrospect},
 	RoleAuditor:   {PermReadAudit},
 }
 

@@ -163,6 +163,28 @@ func (s *Service) Authenticate(ctx context.Context, token string) (*Principal, e
 	return &Principal{TokenID: t.ID, Role: t.Role, Keys: t.Keys, ExpiresAt: t.ExpiresAt}, nil
 }
 
+// Introspect says whether token is active (known, its secret right, not
+// revoked, not expired) and, if so, what it may do (RFC 7662). An inactive
+// token is (nil, nil), whatever the reason: the caller learns nothing more
+// than the holder could. It does not count as a use of the token.
+func (s *Service) Introspect(ctx context.Context, token string) (*Principal, error) {
+	id, secret, ok := parseToken(token)
+	if !ok {
+		return nil, nil
+	}
+	t, err := s.cachedToken(ctx, id)
+	if errors.Is(err, ErrNotFound) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, asUnavailable("store", err)
+	}
+	if !t.matches(secret) || t.RevokedAt != nil || t.Expired(s.clock.Now()) {
+		return nil, nil
+	}
+	return &Principal{TokenID: t.ID, Role: t.Role, Keys: t.Keys, ExpiresAt: t.ExpiresAt}, nil
+}
+
 // ValidTokenID checks a token id named from outside (16 hex digits).
 func ValidTokenID(id string) bool {
 	if len(id) != 16 {

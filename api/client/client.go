@@ -327,6 +327,13 @@ func (c *Client) GetToken(ctx context.Context, id string) (*TokenInfo, error) {
 	return &out, c.do(ctx, http.MethodGet, "/v1/tokens/"+url.PathEscape(id), nil, nil, &out)
 }
 
+// IntrospectToken asks kmsd whether token is active and what it may do
+// (the caller needs the introspect-tokens permission: worker or admin).
+func (c *Client) IntrospectToken(ctx context.Context, token string) (*Introspection, error) {
+	var out Introspection
+	return &out, c.do(ctx, http.MethodPost, "/v1/tokens/introspect", nil, IntrospectRequest{Token: token}, &out)
+}
+
 // RevokeToken revokes a token: every later request with it is refused.
 func (c *Client) RevokeToken(ctx context.Context, id string) (*TokenInfo, error) {
 	var out TokenInfo

@@ -205,6 +205,23 @@ type TokenInfo struct {
 	RevokedAt  *time.Time `json:"revoked_at,omitempty"`
 }
 
+// IntrospectRequest is the body of POST /v1/tokens/introspect.
+type IntrospectRequest struct {
+	Token string `json:"token"`
+}
+
+// Introspection is a token's state in the shape of RFC 7662: for an
+// inactive token (unknown, wrong secret, revoked, expired, malformed) only
+// Active=false.
+type Introspection struct {
+	Active    bool     `json:"active"`
+	TokenType string   `json:"token_type,omitempty"` // "Bearer"
+	TokenID   string   `json:"token_id,omitempty"`
+	Role      string   `json:"role,omitempty"`
+	Keys      []string `json:"keys,omitempty"` // key-name patterns
+	Exp       int64    `json:"exp,omitempty"`  // expiry, seconds since 1970; absent: never
+}
+
 // Token is a created token. Token (the secret) is returned only once.
 type Token struct {
 	TokenInfo

@@ -1,0 +1,70 @@
+package api_test
+
+import (
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/kmsd-project/kmsd/api/client"
+)
+
+// TestIntrospection: a worker learns whether a token is active and what it
+// may do; an inactive token of any kind answers only active=false; roles
+// without the permission, and anonymous callers, are refused; the secret in
+// the body appears in no record or log.
+func TestIntrospection(t *testing.T) {
+	e := newEnv(t)
+	admin := e.client(e.admin)
+	worker, err := admin.CreateToken(ctx, client.CreateTokenRequest{Name: "mcp", Role: "worker", Keys: []string{"*"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	user, _ := admin.CreateToken(ctx, client.CreateTokenRequest{Role: "decryptor", Keys: []string{"team-a-*"}, TTL: "1h"})
+	revoked, _ := admin.CreateToken(ctx, client.CreateTokenRequest{Role: "worker", Keys: []string{"x"}})
+	admin.RevokeToken(ctx, revoked.ID)
+	short, _ := admin.CreateToken(ctx, client.CreateTokenRequest{Role: "worker", Keys: []string{"x"}, TTL: "1m"})
+	w := e.client(worker.Token)
+
+	got, err := w.IntrospectToken(ctx, user.Token)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !got.Active || got.Role != "decryptor" || got.TokenID != user.ID || len(got.Keys) != 1 || got.Keys[0] != "team-a-*" || got.TokenType != "Bearer" || got.Exp != user.ExpiresAt.Unix() {
+		t.Fatalf("introspection of an active token: %+v", got)
+	}
+	if got, _ := w.IntrospectToken(ctx, e.admin); !got.Active || got.Role != "admin" || got.Exp != 0 {
+		t.Fatalf("the bootstrap admin token (no expiry): %+v", got)
+	}
+	e.clock.Add(2 * time.Minute)
+	wrongSecret := user.Token[:len(user.Token)-1] + map[bool]string{true: "b", false: "a"}[strings.HasSuffix(user.Token, "a")]
+	for name, tok := range map[string]string{"revoked": revoked.Token, "expired": short.Token, "wrong secret": wrongSecret, "unknown": "kms_0123456789abcdef_" + strings.Repeat("x", 43), "malformed": "garbage", "empty": ""} {
+		got, err := w.IntrospectToken(ctx, tok)
+		if err != nil || got.Active || got.Role != "" || got.TokenID != "" || got.Keys != nil || got.Exp != 0 {
+			t.Errorf("%s: %+v %v", name, got, err)
+		}
+	}
+	// Introspection is not a use of the token.
+	info, _ := admin.GetToken(ctx, user.ID)
+	if info.LastUsedAt != nil {
+		t.Errorf("introspection marked the token used at %v", info.LastUsedAt)
+	}
+	// Who may ask.
+	dec := e.client(user.Token)
+	if _, err := dec.IntrospectToken(ctx, worker.Token); client.StatusOf(err) != 403 {
+		t.Errorf("a decryptor introspects: %v", err)
+	}
+	if st, h, _ := e.raw("POST", "/v1/tokens/introspect", "", "application/json", `{"token":"`+user.Token+`"}`); st != 401 || h.Get("WWW-Authenticate") == "" {
+		t.Errorf("anonymous introspection: %d %v", st, h)
+	}
+	if st, _, _ := e.raw("POST", "/v1/tokens/introspect", worker.Token, "application/json", `{"token":1}`); st != 400 {
+		t.Errorf("a token that is not a string: %d", st)
+	}
+	// The secrets in the bodies are nowhere in the store or the log.
+	snap := e.snapshot() + e.log.String()
+	for _, tok := range []string{user.Token, revoked.Token, short.Token} {
+		secret := tok[strings.LastIndex(tok, "_")+1:]
+		if strings.Contains(snap, secret) {
+			t.Fatal("a token secret from an introspection body was recorded or logged")
+		}
+	}
+}
