@@ -2,12 +2,15 @@ package api
 
 import (
 	"bytes"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"net/http"
 	"net/url"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/go-chi/chi/v5"
@@ -223,7 +226,35 @@ func (s *Server) getKey(w http.ResponseWriter, r *http.Request) {
 		writeError(w, r, err)
 		return
 	}
-	writeJSON(w, http.StatusOK, toKey(k, vs, next))
+	// An ETag of the answer's bytes lets a worker poll for rotations and
+	// state changes with If-None-Match: 304 while nothing changed.
+	body, err := json.Marshal(toKey(k, vs, next))
+	if err != nil {
+		writeError(w, r, err)
+		return
+	}
+	body = append(body, '\n')
+	sum := sha256.Sum256(body)
+	etag := `"sha256:` + hex.EncodeToString(sum[:]) + `"`
+	w.Header().Set("ETag", etag)
+	w.Header().Set("Cache-Control", "no-cache")
+	if inm := r.Header.Get("If-None-Match"); inm != "" && etagMatches(inm, etag) {
+		w.WriteHeader(http.StatusNotModified)
+		return
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(http.StatusOK)
+	_, _ = w.Write(body)
+}
+
+// etagMatches says whether an If-None-Match value names etag.
+func etagMatches(inm, etag string) bool {
+	for _, t := range strings.Split(inm, ",") {
+		if t = strings.TrimSpace(t); t == etag || t == "*" {
+			return true
+		}
+	}
+	return false
 }
 
 // listVersions pages through a key's versions, newest first.

@@ -293,3 +293,29 @@ func TestNoNumberAbove2To53(t *testing.T) {
 		t.Fatalf("the SDK read moduli %v", q)
 	}
 }
+
+// TestKeyETag: GET /v1/keys/{name} answers 304 to its own ETag until the
+// key changes (a rotation, a state change).
+func TestKeyETag(t *testing.T) {
+	e := newEnv(t)
+	c := e.client(e.admin)
+	if _, err := c.CreateKey(ctx, client.CreateKeyRequest{Name: "k", Kind: "ml-dsa-44"}); err != nil {
+		t.Fatal(err)
+	}
+	k, etag, err := c.GetKeyIfChanged(ctx, "k", 10, "")
+	if err != nil || k == nil || etag == "" {
+		t.Fatalf("first poll: %v %q %v", k, etag, err)
+	}
+	if k2, etag2, err := c.GetKeyIfChanged(ctx, "k", 10, etag); err != nil || k2 != nil || etag2 != etag {
+		t.Fatalf("unchanged: %v %q %v", k2, etag2, err)
+	}
+	c.Rotate(ctx, "k")
+	k3, etag3, err := c.GetKeyIfChanged(ctx, "k", 10, etag)
+	if err != nil || k3 == nil || k3.PrimaryVersion != 2 || etag3 == etag {
+		t.Fatalf("after a rotation: %+v %q %v", k3, etag3, err)
+	}
+	c.VersionAction(ctx, "k", 1, "disable", 0)
+	if k4, etag4, _ := c.GetKeyIfChanged(ctx, "k", 10, etag3); k4 == nil || etag4 == etag3 {
+		t.Fatal("a disabled version did not change the ETag")
+	}
+}

@@ -249,6 +249,44 @@ func (c *Client) GetKeyVersions(ctx context.Context, name string, limit int) (*K
 	return &out, c.do(ctx, http.MethodGet, keyPath(name), q, nil, &out)
 }
 
+// GetKeyIfChanged is GetKeyVersions with If-None-Match: it returns the
+// key and its ETag, or (nil, etag) when the key's answer has not changed
+// since etag (kmsd answered 304). Workers poll with it for rotations.
+func (c *Client) GetKeyIfChanged(ctx context.Context, name string, limit int, etag string) (*Key, string, error) {
+	u := *c.base
+	u.Path += keyPath(name)
+	u.RawPath = ""
+	u.RawQuery = pageQuery(limit, "").Encode()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u.String(), nil)
+	if err != nil {
+		return nil, "", err
+	}
+	req.Header.Set("Accept", "application/json")
+	if c.token != "" {
+		req.Header.Set("Authorization", "Bearer "+c.token)
+	}
+	if etag != "" {
+		req.Header.Set("If-None-Match", etag)
+	}
+	resp, err := c.http.Do(req)
+	if err != nil {
+		return nil, "", err
+	}
+	defer resp.Body.Close()
+	switch {
+	case resp.StatusCode == http.StatusNotModified:
+		return nil, etag, nil
+	case resp.StatusCode >= 400:
+		b, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
+		return nil, "", problemError(resp.StatusCode, b)
+	}
+	var k Key
+	if err := json.NewDecoder(resp.Body).Decode(&k); err != nil {
+		return nil, "", fmt.Errorf("decode key %s: %w", name, err)
+	}
+	return &k, resp.Header.Get("ETag"), nil
+}
+
 // ListVersions returns a page of a key's versions, newest first; pageToken
 // is "" or the NextPageToken of the previous page (or the key's
 // NextVersionsPageToken).
