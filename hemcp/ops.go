@@ -1,0 +1,301 @@
+// Package hemcp is the logic of kmsd-mcp: an MCP server that computes on
+// CKKS ciphertexts with the evaluation keys of keys held in kmsd. It never
+// sees a secret key or a plaintext of its clients: it fetches public and
+// evaluation keys through api/client/hekeys (manifest signature and every
+// blob digest checked), evaluates, and answers with ciphertext envelopes
+// that only a decryptor can open, through kmsd.
+package hemcp
+
+import (
+	"errors"
+	"fmt"
+	"math/bits"
+	"sort"
+
+	"github.com/tuneinsight/lattigo/v6/core/rlwe"
+	"github.com/tuneinsight/lattigo/v6/schemes/ckks"
+
+	"github.com/kmsd-project/kmsd/api/client/hekeys"
+)
+
+// Engine evaluates on the ciphertexts of one CKKS key version. It is safe
+// for concurrent use: each operation works on its own shallow copy of the
+// evaluator.
+type Engine struct {
+	Keys   *hekeys.Keys
+	params ckks.Parameters
+	eval   *ckks.Evaluator
+	slots  int
+	galois map[uint64]bool // Galois elements the keyset has
+}
+
+// MissingRotationError says which slot rotation an operation needs a
+// Galois key for that the key version lacks.
+type MissingRotationError struct {
+	Rotation int // the rotation (slots to the left) the operation needs
+	Key      int // the rotation whose Galois key is missing
+}
+
+func (e *MissingRotationError) Error() string {
+	if e.Key == e.Rotation {
+		return fmt.Sprintf("this key version has no Galois key for rotation %d, which the operation needs: create the key (or rotate it after a policy update) with rotations that include %d, or all powers of two below the slot count", e.Rotation, e.Rotation)
+	}
+	return fmt.Sprintf("this key version has no Galois key for rotation %d (needed to make rotation %d from powers of two): add rotation %d or %d to the key's rotations", e.Key, e.Rotation, e.Key, e.Rotation)
+}
+
+// NewEngine makes an engine for a verified CKKS key version.
+func NewEngine(k *hekeys.Keys) (*Engine, error) {
+	if k.Scheme != "ckks" {
+		return nil, fmt.Errorf("hemcp: key %s is %s; the tools compute on ckks keys", k.Manifest.Key, k.Scheme)
+	}
+	e := &Engine{Keys: k, params: k.CKKS, eval: ckks.NewEvaluator(k.CKKS, k.EvaluationKeys), slots: k.CKKS.MaxSlots(), galois: map[uint64]bool{}}
+	for _, g := range k.Manifest.GaloisKeys {
+		e.galois[g.GaloisElement] = true
+	}
+	return e, nil
+}
+
+// Slots is how many values a ciphertext of this version holds.
+func (e *Engine) Slots() int { return e.slots }
+
+// Rotations lists the slot rotations (to the left) the keyset has keys
+// for, ascending.
+func (e *Engine) Rotations() []int {
+	var out []int
+	for r := 1; r < e.slots; r++ {
+		if e.galois[e.params.GaloisElement(r)] {
+			out = append(out, r)
+		}
+	}
+	return out
+}
+
+// Relinearization says whether the keyset has a relinearization key.
+func (e *Engine) Relinearization() bool { return e.Keys.Manifest.RelinearizationKey != nil }
+
+// rotate rotates ct left by k slots, with the key for k or, failing that,
+// as a sum of rotations by powers of two.
+func (e *Engine) rotate(ev *ckks.Evaluator, ct *rlwe.Ciphertext, k int) (*rlwe.Ciphertext, error) {
+	k = ((k % e.slots) + e.slots) % e.slots
+	if k == 0 {
+		return ct.CopyNew(), nil
+	}
+	if e.galois[e.params.GaloisElement(k)] {
+		return ev.RotateNew(ct, k)
+	}
+	for rest := k; rest != 0; rest &= rest - 1 {
+		if p := 1 << bits.TrailingZeros(uint(rest)); !e.galois[e.params.GaloisElement(p)] {
+			return nil, &MissingRotationError{Rotation: k, Key: p}
+		}
+	}
+	out := ct
+	for rest := k; rest != 0; rest &= rest - 1 {
+		r, err := ev.RotateNew(out, 1<<bits.TrailingZeros(uint(rest)))
+		if err != nil {
+			return nil, err
+		}
+		out = r
+	}
+	return out, nil
+}
+
+// MatVec computes y = W·x for a ciphertext x whose first n slots hold the
+// vector (n = the length of W's rows, the rest zero) and a plaintext m×n
+// matrix W, with y in the first m slots. Method: x is replicated with
+// period n' (n rounded up to a power of two) across the slots, then
+// y_i = sum over k < n' of diag_k[i] * x[(i+k) mod n'] with diag_k[i] =
+// W[i][(i+k) mod n'], evaluated baby-step giant-step: n'/b - 1 rotations
+// by b and b - 1 rotations by 1, plus log2(slots/n') for the replication;
+// one level. Rotations missing from the keyset are made from powers of
+// two, or reported as a MissingRotationError.
+func (e *Engine) MatVec(x *rlwe.Ciphertext, W [][]float64) (*rlwe.Ciphertext, error) {
+	m := len(W)
+	if m == 0 || len(W[0]) == 0 {
+		return nil, errors.New("the matrix is empty")
+	}
+	n := len(W[0])
+	for i, row := range W {
+		if len(row) != n {
+			return nil, fmt.Errorf("row %d has %d columns, row 0 has %d", i, len(row), n)
+		}
+	}
+	np := 1
+	for np < n {
+		np *= 2
+	}
+	if np > e.slots || m > e.slots {
+		return nil, fmt.Errorf("a %dx%d matrix does not fit %d slots", m, n, e.slots)
+	}
+	if x.Level() < 1 {
+		return nil, errors.New("the ciphertext is at level 0: no level left for a multiplication")
+	}
+	ev := e.eval.ShallowCopy()
+	// Replicate x with period np.
+	v := x.CopyNew()
+	for p := np; p < e.slots; p *= 2 {
+		r, err := e.rotate(ev, v, p)
+		if err != nil {
+			return nil, err
+		}
+		if err := ev.Add(v, r, v); err != nil {
+			return nil, err
+		}
+	}
+	logNp := bits.TrailingZeros(uint(np))
+	b := 1 << (logNp / 2)
+	G := np / b
+	baby := make([]*rlwe.Ciphertext, b)
+	baby[0] = v
+	for j := 1; j < b; j++ {
+		r, err := e.rotate(ev, baby[j-1], 1)
+		if err != nil {
+			return nil, err
+		}
+		baby[j] = r
+	}
+	var acc *rlwe.Ciphertext
+	pd := make([]float64, e.slots)
+	for g := G - 1; g >= 0; g-- {
+		var u *rlwe.Ciphertext
+		for j := 0; j < b; j++ {
+			k := b*g + j
+			// pdiag[t] = diag_k[(t - b*g) mod slots]; diag_k[i] = W[i][(i+k) mod np].
+			nonzero := false
+			for t := range pd {
+				pd[t] = 0
+			}
+			for i := 0; i < m; i++ {
+				c := (i + k) % np
+				if c >= n || W[i][c] == 0 {
+					continue
+				}
+				pd[(i+b*g)%e.slots] = W[i][c]
+				nonzero = true
+			}
+			if !nonzero {
+				continue
+			}
+			prod, err := ev.MulNew(baby[j], pd)
+			if err != nil {
+				return nil, err
+			}
+			if u == nil {
+				u = prod
+			} else if err := ev.Add(u, prod, u); err != nil {
+				return nil, err
+			}
+		}
+		switch {
+		case acc == nil:
+			acc = u
+		default:
+			r, err := e.rotate(ev, acc, b)
+			if err != nil {
+				return nil, err
+			}
+			if u != nil {
+				if err := ev.Add(r, u, r); err != nil {
+					return nil, err
+				}
+			}
+			acc = r
+		}
+	}
+	if acc == nil { // an all-zero matrix
+		acc = x.CopyNew()
+		if err := ev.Mul(acc, 0.0, acc); err != nil {
+			return nil, err
+		}
+	}
+	if err := ev.Rescale(acc, acc); err != nil {
+		return nil, err
+	}
+	return acc, nil
+}
+
+// Linear is y = W·x + b, with y in the first m slots.
+func (e *Engine) Linear(x *rlwe.Ciphertext, W [][]float64, bias []float64) (*rlwe.Ciphertext, error) {
+	if bias != nil && len(bias) != len(W) {
+		return nil, fmt.Errorf("bias has %d values, the weights %d rows", len(bias), len(W))
+	}
+	y, err := e.MatVec(x, W)
+	if err != nil {
+		return nil, err
+	}
+	if bias != nil {
+		if err := e.eval.ShallowCopy().Add(y, bias, y); err != nil {
+			return nil, err
+		}
+	}
+	return y, nil
+}
+
+// Polynomial evaluates c[0] + c[1]·x + ... + c[d]·x^d on every slot, by
+// Horner's rule: d levels, d-1 relinearized multiplications.
+func (e *Engine) Polynomial(x *rlwe.Ciphertext, c []float64) (*rlwe.Ciphertext, error) {
+	d := len(c) - 1
+	for d > 0 && c[d] == 0 {
+		d--
+	}
+	if d < 1 {
+		return nil, errors.New("give at least the coefficients of degree 0 and 1, the highest not 0")
+	}
+	if x.Level() < d {
+		return nil, fmt.Errorf("a degree-%d polynomial needs %d levels; the ciphertext has %d left", d, d, x.Level())
+	}
+	if d > 1 && !e.Relinearization() {
+		return nil, errors.New("this key version has no relinearization key, which a polynomial of degree 2 or more needs")
+	}
+	ev := e.eval.ShallowCopy()
+	r, err := ev.MulNew(x, c[d])
+	if err != nil {
+		return nil, err
+	}
+	if err := ev.Rescale(r, r); err != nil {
+		return nil, err
+	}
+	if err := ev.Add(r, c[d-1], r); err != nil {
+		return nil, err
+	}
+	for i := d - 2; i >= 0; i-- {
+		if err := ev.MulRelin(r, x, r); err != nil {
+			return nil, err
+		}
+		if err := ev.Rescale(r, r); err != nil {
+			return nil, err
+		}
+		if err := ev.Add(r, c[i], r); err != nil {
+			return nil, err
+		}
+	}
+	return r, nil
+}
+
+// Aggregate sums ciphertexts of this version, or averages them (one level).
+func (e *Engine) Aggregate(cts []*rlwe.Ciphertext, mean bool) (*rlwe.Ciphertext, error) {
+	if len(cts) == 0 {
+		return nil, errors.New("no ciphertexts")
+	}
+	ev := e.eval.ShallowCopy()
+	// Lowest level first, so the sum is taken at the level all share.
+	sort.SliceStable(cts, func(i, j int) bool { return cts[i].Level() < cts[j].Level() })
+	sum := cts[0].CopyNew()
+	for _, ct := range cts[1:] {
+		if err := ev.Add(sum, ct, sum); err != nil {
+			return nil, err
+		}
+	}
+	if !mean {
+		return sum, nil
+	}
+	if sum.Level() < 1 {
+		return nil, errors.New("the ciphertexts are at level 0: no level left for the mean's multiplication")
+	}
+	if err := ev.Mul(sum, 1/float64(len(cts)), sum); err != nil {
+		return nil, err
+	}
+	if err := ev.Rescale(sum, sum); err != nil {
+		return nil, err
+	}
+	return sum, nil
+}
