@@ -1,0 +1,244 @@
+// Command kmsd-mcp is an MCP server that computes on CKKS ciphertexts with
+// the evaluation keys of keys held in kmsd (tools he_describe, he_linear,
+// he_polynomial, he_aggregate, he_similarity; each served key's manifest
+// as a resource). Without --http it speaks MCP on stdin and stdout; with
+// --http, streamable HTTP at /mcp, where every client presents a bearer
+// token that kmsd's introspection vouches for.
+package main
+
+import (
+	"context"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/modelcontextprotocol/go-sdk/mcp"
+
+	"github.com/kmsd-project/kmsd/api/client"
+	"github.com/kmsd-project/kmsd/api/client/hekeys"
+	"github.com/kmsd-project/kmsd/hemcp"
+	"github.com/kmsd-project/kmsd/internal/tlsutil"
+)
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	err := run(ctx, os.Args[1:], os.Getenv, os.Stdin, os.Stdout, os.Stderr, nil)
+	if errors.Is(err, flag.ErrHelp) {
+		os.Exit(0)
+	}
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "kmsd-mcp: %v\n", err)
+		os.Exit(1)
+	}
+}
+
+type keyList []string
+
+func (k *keyList) String() string { return strings.Join(*k, ",") }
+func (k *keyList) Set(v string) error {
+	*k = append(*k, v)
+	return nil
+}
+
+type config struct {
+	kmsURL, caCert, tokenFile, identityFile, httpAddr, cacheDir, modelsFile, contextFile, logLevel string
+	keys                                                                                           keyList
+	refresh, introspectTTL                                                                         time.Duration
+	maxRequestMiB                                                                                  int64
+}
+
+func parseFlags(args []string, getenv func(string) string, out io.Writer) (config, error) {
+	var c config
+	fs := flag.NewFlagSet("kmsd-mcp", flag.ContinueOnError)
+	fs.SetOutput(out)
+	env := func(name, def string) string {
+		if v := getenv(name); v != "" {
+			return v
+		}
+		return def
+	}
+	var errs []error
+	dur := func(name string, def time.Duration) time.Duration {
+		if v := getenv(name); v != "" {
+			d, err := time.ParseDuration(v)
+			if err != nil {
+				errs = append(errs, fmt.Errorf("%s=%q: %v", name, v, err))
+			}
+			return d
+		}
+		return def
+	}
+	fs.StringVar(&c.kmsURL, "kms-url", env("KMSD_MCP_KMS_URL", "https://127.0.0.1:8420"), "kmsd's URL (env KMSD_MCP_KMS_URL)")
+	fs.StringVar(&c.caCert, "ca-cert", env("KMSD_MCP_CA_CERT", ""), "CA certificate (PEM) to trust for kmsd, e.g. <data-dir>/tls/ca.pem; empty: system roots (env KMSD_MCP_CA_CERT)")
+	fs.StringVar(&c.tokenFile, "token-file", env("KMSD_MCP_TOKEN_FILE", ""), "file holding this server's own worker token; or set KMSD_MCP_TOKEN (never a flag value) (env KMSD_MCP_TOKEN_FILE)")
+	fs.StringVar(&c.identityFile, "identity-key-file", env("KMSD_MCP_IDENTITY_KEY_FILE", ""), "kmsd's identity public key (base64, from GET /v1/identity), pinned: manifests must be signed by it (required) (env KMSD_MCP_IDENTITY_KEY_FILE)")
+	fs.Var(&c.keys, "key", "a ckks key to serve; repeat for more (env KMSD_MCP_KEY, comma-separated)")
+	fs.StringVar(&c.httpAddr, "http", env("KMSD_MCP_HTTP", ""), "serve streamable HTTP at /mcp on this loopback address, e.g. 127.0.0.1:8421; empty: stdio (env KMSD_MCP_HTTP)")
+	fs.StringVar(&c.cacheDir, "cache-dir", env("KMSD_MCP_CACHE_DIR", ""), "verified blobs by digest (default: the user cache dir, kmsd-mcp) (env KMSD_MCP_CACHE_DIR)")
+	fs.DurationVar(&c.refresh, "refresh", dur("KMSD_MCP_REFRESH", 30*time.Second), "how often each key is polled for rotations and state changes (env KMSD_MCP_REFRESH)")
+	fs.DurationVar(&c.introspectTTL, "introspect-ttl", dur("KMSD_MCP_INTROSPECT_TTL", 10*time.Second), "how long kmsd's answer about a client token is kept; a revoked token works at most this long (env KMSD_MCP_INTROSPECT_TTL)")
+	fs.StringVar(&c.modelsFile, "models", env("KMSD_MCP_MODELS", ""), "JSON file of named linear models for he_linear: {\"name\": {\"weights\": [[...]], \"bias\": [...]}} (env KMSD_MCP_MODELS)")
+	fs.StringVar(&c.contextFile, "context", env("KMSD_MCP_CONTEXT", ""), "JSON file of named context embeddings for he_similarity: {\"name\": {\"ids\": [...], \"embeddings\": [[...]]}} (env KMSD_MCP_CONTEXT)")
+	fs.Int64Var(&c.maxRequestMiB, "max-request-mib", 64, "largest MCP message over HTTP or stdio, in MiB (ciphertexts are megabytes) (env KMSD_MCP_MAX_REQUEST_MIB)")
+	fs.StringVar(&c.logLevel, "log-level", env("KMSD_MCP_LOG_LEVEL", "info"), "debug, info, warn or error; JSON logs on stderr (env KMSD_MCP_LOG_LEVEL)")
+	if v := getenv("KMSD_MCP_KEY"); v != "" {
+		for _, k := range strings.Split(v, ",") {
+			if k = strings.TrimSpace(k); k != "" {
+				c.keys = append(c.keys, k)
+			}
+		}
+	}
+	if v := getenv("KMSD_MCP_MAX_REQUEST_MIB"); v != "" {
+		if _, err := fmt.Sscan(v, &c.maxRequestMiB); err != nil {
+			errs = append(errs, fmt.Errorf("KMSD_MCP_MAX_REQUEST_MIB=%q: not a number", v))
+		}
+	}
+	envKeys := len(c.keys)
+	if err := fs.Parse(args); err != nil {
+		return c, err
+	}
+	if len(c.keys) > envKeys && envKeys > 0 {
+		c.keys = c.keys[envKeys:] // flags win over the environment
+	}
+	if fs.NArg() > 0 {
+		return c, fmt.Errorf("unexpected argument %q", fs.Arg(0))
+	}
+	if len(errs) > 0 {
+		return c, errs[0]
+	}
+	switch {
+	case len(c.keys) == 0:
+		return c, errors.New("give at least one --key NAME")
+	case c.identityFile == "":
+		return c, errors.New("--identity-key-file is required: kmsd-mcp checks every manifest against the pinned identity key")
+	case c.refresh <= 0 || c.introspectTTL <= 0 || c.maxRequestMiB < 1:
+		return c, errors.New("--refresh and --introspect-ttl must be positive, --max-request-mib at least 1")
+	case c.httpAddr != "" && !tlsutil.IsLoopback(c.httpAddr):
+		return c, fmt.Errorf("--http %s is refused: kmsd-mcp serves plain HTTP, on a loopback address only (put a TLS proxy in front to serve further)", c.httpAddr)
+	}
+	return c, nil
+}
+
+// run starts kmsd-mcp; ready, if set, is called with the HTTP address.
+func run(ctx context.Context, args []string, getenv func(string) string, stdin io.Reader, stdout, stderr io.Writer, ready func(string)) error {
+	c, err := parseFlags(args, getenv, stderr)
+	if err != nil {
+		return err
+	}
+	var level slog.Level
+	if err := level.UnmarshalText([]byte(c.logLevel)); err != nil {
+		return fmt.Errorf("--log-level: %w", err)
+	}
+	log := slog.New(slog.NewJSONHandler(stderr, &slog.HandlerOptions{Level: level}))
+	token := strings.TrimSpace(getenv("KMSD_MCP_TOKEN"))
+	if c.tokenFile != "" {
+		b, err := os.ReadFile(c.tokenFile)
+		if err != nil {
+			return fmt.Errorf("--token-file: %w", err)
+		}
+		token = strings.TrimSpace(string(b))
+	}
+	if token == "" {
+		return errors.New("no token: give --token-file or set KMSD_MCP_TOKEN (a worker token for the served keys)")
+	}
+	idb, err := os.ReadFile(c.identityFile)
+	if err != nil {
+		return fmt.Errorf("--identity-key-file: %w", err)
+	}
+	identity, err := base64.StdEncoding.DecodeString(strings.TrimSpace(string(idb)))
+	if err != nil {
+		return errors.New("--identity-key-file does not hold standard base64")
+	}
+	tlsCfg, err := client.TLSConfig(c.caCert, "", "")
+	if err != nil {
+		return fmt.Errorf("--ca-cert: %w", err)
+	}
+	kc, err := client.New(c.kmsURL, token, client.WithTLS(tlsCfg))
+	if err != nil {
+		return fmt.Errorf("--kms-url: %w", err)
+	}
+	if c.cacheDir == "" {
+		base, err := os.UserCacheDir()
+		if err != nil {
+			base = os.TempDir()
+		}
+		c.cacheDir = filepath.Join(base, "kmsd-mcp")
+	}
+	hc := *kc.HTTPClient()
+	hc.Timeout = 0 // keysets are large; ctx bounds the fetch
+	cfg := hemcp.Config{Client: kc, Fetcher: &hekeys.Fetcher{BaseURL: c.kmsURL, Token: token, IdentityKey: identity, CacheDir: c.cacheDir, HTTP: &hc},
+		Keys: c.keys, Refresh: c.refresh, IntrospectTTL: c.introspectTTL, MaxRequestBytes: c.maxRequestMiB << 20, Logger: log}
+	if err := readJSONFile(c.modelsFile, &cfg.Models); err != nil {
+		return fmt.Errorf("--models: %w", err)
+	}
+	if err := readJSONFile(c.contextFile, &cfg.Contexts); err != nil {
+		return fmt.Errorf("--context: %w", err)
+	}
+	start := time.Now()
+	s, err := hemcp.New(ctx, cfg)
+	if err != nil {
+		return err
+	}
+	log.Info("keys ready", "keys", c.keys, "seconds", time.Since(start).Seconds(), "cache_dir", c.cacheDir)
+	rctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	go s.Refresh(rctx)
+
+	if c.httpAddr == "" {
+		t := &mcp.IOTransport{Reader: io.NopCloser(stdin), Writer: nopWriteCloser{stdout}, MaxLineLength: int(c.maxRequestMiB << 20)}
+		err := s.MCPServer().Run(ctx, t)
+		if ctx.Err() != nil || errors.Is(err, io.EOF) {
+			return nil
+		}
+		return err
+	}
+	ln, err := net.Listen("tcp", c.httpAddr)
+	if err != nil {
+		return err
+	}
+	srv := &http.Server{Handler: s.HTTPHandler(), ReadHeaderTimeout: 10 * time.Second}
+	log.Info("listening", "url", "http://"+ln.Addr().String()+"/mcp")
+	if ready != nil {
+		ready(ln.Addr().String())
+	}
+	errc := make(chan error, 1)
+	go func() { errc <- srv.Serve(ln) }()
+	select {
+	case err := <-errc:
+		return err
+	case <-ctx.Done():
+	}
+	sctx, scancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer scancel()
+	return srv.Shutdown(sctx)
+}
+
+type nopWriteCloser struct{ io.Writer }
+
+func (nopWriteCloser) Close() error { return nil }
+
+func readJSONFile(path string, v any) error {
+	if path == "" {
+		return nil
+	}
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return err
+	}
+	dec := json.NewDecoder(strings.NewReader(string(b)))
+	dec.DisallowUnknownFields()
+	return dec.Decode(v)
+}

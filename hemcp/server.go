@@ -1,0 +1,555 @@
+package hemcp
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"slices"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/modelcontextprotocol/go-sdk/auth"
+	"github.com/modelcontextprotocol/go-sdk/mcp"
+	"github.com/tuneinsight/lattigo/v6/core/rlwe"
+
+	"github.com/kmsd-project/kmsd/api/client"
+	"github.com/kmsd-project/kmsd/api/client/hekeys"
+	"github.com/kmsd-project/kmsd/kms"
+)
+
+// Config is what kmsd-mcp is started with.
+type Config struct {
+	Client          *client.Client // kmsd, with the server's own worker token
+	Fetcher         *hekeys.Fetcher
+	Keys            []string      // the keys served
+	Refresh         time.Duration // how often each key is polled for rotations and state changes
+	Models          map[string]Model
+	Contexts        map[string]Corpus
+	IntrospectTTL   time.Duration // how long an introspection answer is kept
+	MaxRequestBytes int64
+	Logger          *slog.Logger
+}
+
+// Model is a named linear model: y = W·x + b.
+type Model struct {
+	Weights [][]float64 `json:"weights"`
+	Bias    []float64   `json:"bias,omitempty"`
+}
+
+// Corpus is a named set of plaintext context embeddings the server holds
+// for he_similarity.
+type Corpus struct {
+	IDs        []string    `json:"ids"`
+	Embeddings [][]float64 `json:"embeddings"`
+}
+
+// Server serves the configured keys' tools over MCP.
+type Server struct {
+	cfg    Config
+	log    *slog.Logger
+	mu     sync.RWMutex
+	served map[string]*servedKey
+	intro  sync.Map // sha256(token) -> introEntry
+}
+
+type servedKey struct {
+	name     string
+	etag     string
+	primary  uint64
+	enabled  map[uint64]bool
+	engines  map[uint64]*Engine
+	loadedAt time.Time
+}
+
+type introEntry struct {
+	info *client.Introspection
+	at   time.Time
+}
+
+// New fetches and verifies every configured key's primary version; a key
+// that cannot be served stops it with the reason.
+func New(ctx context.Context, cfg Config) (*Server, error) {
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if cfg.Refresh <= 0 {
+		cfg.Refresh = 30 * time.Second
+	}
+	if cfg.IntrospectTTL <= 0 {
+		cfg.IntrospectTTL = 10 * time.Second
+	}
+	if cfg.MaxRequestBytes <= 0 {
+		cfg.MaxRequestBytes = 64 << 20
+	}
+	if len(cfg.Keys) == 0 {
+		return nil, errors.New("no keys to serve: give --key NAME")
+	}
+	s := &Server{cfg: cfg, log: cfg.Logger, served: map[string]*servedKey{}}
+	for _, name := range cfg.Keys {
+		if err := kms.ValidateName(name); err != nil {
+			return nil, fmt.Errorf("--key %q: %v", name, err)
+		}
+		s.served[name] = &servedKey{name: name, enabled: map[uint64]bool{}, engines: map[uint64]*Engine{}}
+		if err := s.refresh(ctx, name); err != nil {
+			return nil, fmt.Errorf("key %s: %w", name, err)
+		}
+	}
+	return s, nil
+}
+
+// refresh polls kmsd for a key (If-None-Match): a new primary is fetched,
+// verified and made ready; versions no longer enabled are dropped.
+func (s *Server) refresh(ctx context.Context, name string) error {
+	s.mu.RLock()
+	etag := s.served[name].etag
+	s.mu.RUnlock()
+	k, newTag, err := s.cfg.Client.GetKeyIfChanged(ctx, name, kms.MaxVersionsPage, etag)
+	if err != nil {
+		return err
+	}
+	if k == nil {
+		return nil // unchanged
+	}
+	if k.Kind != "ckks" {
+		return fmt.Errorf("key %s is %s: kmsd-mcp computes on ckks keys", name, k.Kind)
+	}
+	enabled := map[uint64]bool{}
+	for _, v := range k.Versions {
+		if v.State == "enabled" && v.Version >= k.MinDecryptionVersion {
+			enabled[v.Version] = true
+		}
+	}
+	s.mu.RLock()
+	_, have := s.served[name].engines[k.PrimaryVersion]
+	s.mu.RUnlock()
+	var eng *Engine
+	if !have && enabled[k.PrimaryVersion] {
+		if eng, err = s.load(ctx, name, k.PrimaryVersion); err != nil {
+			return err
+		}
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	sk := s.served[name]
+	sk.etag, sk.primary, sk.enabled = newTag, k.PrimaryVersion, enabled
+	if eng != nil {
+		sk.engines[k.PrimaryVersion] = eng
+		s.log.Info("serving key version", "key", name, "version", k.PrimaryVersion, "primary", true)
+	}
+	for v := range sk.engines {
+		if !enabled[v] {
+			delete(sk.engines, v)
+			s.log.Info("stopped serving key version: not enabled in kmsd", "key", name, "version", v)
+		}
+	}
+	return nil
+}
+
+func (s *Server) load(ctx context.Context, name string, version uint64) (*Engine, error) {
+	keys, err := s.cfg.Fetcher.Fetch(ctx, name, version)
+	if err != nil {
+		return nil, err
+	}
+	return NewEngine(keys)
+}
+
+// Refresh polls every key every Config.Refresh until ctx ends.
+func (s *Server) Refresh(ctx context.Context) {
+	t := time.NewTicker(s.cfg.Refresh)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			for _, name := range s.cfg.Keys {
+				if err := s.refresh(ctx, name); err != nil && ctx.Err() == nil {
+					s.log.Warn("refresh failed; serving what was loaded", "key", name, "err", err)
+				}
+			}
+		}
+	}
+}
+
+// engine is the engine of a served key version, loading an enabled older
+// version on first use.
+func (s *Server) engine(ctx context.Context, name string, version uint64) (*Engine, error) {
+	s.mu.RLock()
+	sk, ok := s.served[name]
+	var eng *Engine
+	var enabled bool
+	if ok {
+		eng, enabled = sk.engines[version], sk.enabled[version]
+	}
+	s.mu.RUnlock()
+	switch {
+	case !ok:
+		return nil, fmt.Errorf("this server does not serve key %q (it serves %s)", name, strings.Join(s.cfg.Keys, ", "))
+	case eng != nil:
+		return eng, nil
+	case !enabled:
+		return nil, fmt.Errorf("version %d of key %q is not enabled in kmsd (disabled, retired by min_decryption_version, scheduled for destruction, destroyed, or not yet seen: the server polls every %s)", version, name, s.cfg.Refresh)
+	}
+	eng, err := s.load(ctx, name, version)
+	if err != nil {
+		return nil, err
+	}
+	s.mu.Lock()
+	if sk.enabled[version] {
+		sk.engines[version] = eng
+	}
+	s.mu.Unlock()
+	return eng, nil
+}
+
+// EnvelopeJSON is a ciphertext envelope as the tools take and give it.
+type EnvelopeJSON struct {
+	Key        string  `json:"key" jsonschema:"the kmsd key the ciphertext is under"`
+	Version    uint64  `json:"version" jsonschema:"the key version"`
+	ParamsID   string  `json:"params_id" jsonschema:"sha256 of the CKKS parameters literal"`
+	Level      int     `json:"level" jsonschema:"the ciphertext's level"`
+	Scale      float64 `json:"scale" jsonschema:"the ciphertext's scale"`
+	Slots      int     `json:"slots" jsonschema:"how many slots hold values"`
+	Ciphertext string  `json:"ciphertext" jsonschema:"the Lattigo ciphertext, standard base64"`
+}
+
+func fromEnvelope(e *client.Envelope) EnvelopeJSON {
+	return EnvelopeJSON{Key: e.Key, Version: e.Version, ParamsID: e.ParamsID, Level: e.Level, Scale: e.Scale, Slots: e.Slots, Ciphertext: base64.StdEncoding.EncodeToString(e.Ciphertext)}
+}
+
+// open checks an envelope strictly, the caller's right to its key, and
+// that it is under a served, enabled version; it returns the engine and
+// the ciphertext.
+func (s *Server) open(ctx context.Context, req *mcp.CallToolRequest, ej EnvelopeJSON) (*Engine, *rlwe.Ciphertext, *client.Envelope, error) {
+	b, err := json.Marshal(ej)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	env, err := hekeys.ParseEnvelope(b)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	if err := allowed(req, env.Key); err != nil {
+		return nil, nil, nil, err
+	}
+	eng, err := s.engine(ctx, env.Key, env.Version)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	ct, err := eng.Keys.Open(env)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	return eng, ct, env, nil
+}
+
+// allowed refuses a key outside the patterns of the HTTP caller's token.
+// On stdio there is no token: the process that started the server is its
+// one client, and the server's configuration decides.
+func allowed(req *mcp.CallToolRequest, key string) error {
+	if req == nil || req.Extra == nil || req.Extra.TokenInfo == nil {
+		return nil
+	}
+	patterns, _ := req.Extra.TokenInfo.Extra["keys"].([]string)
+	if !(&kms.Principal{Keys: patterns}).MayUse(key) {
+		return fmt.Errorf("your token may not use key %q", key)
+	}
+	return nil
+}
+
+// Tool inputs and outputs.
+type (
+	DescribeIn  struct{}
+	DescribeOut struct {
+		Keys  []KeyInfo         `json:"keys"`
+		Tools map[string]string `json:"tools"`
+	}
+	KeyInfo struct {
+		Name     string        `json:"name"`
+		Primary  uint64        `json:"primary_version"`
+		Versions []VersionInfo `json:"versions"`
+	}
+	VersionInfo struct {
+		Version         uint64  `json:"version"`
+		ParamsID        string  `json:"params_id"`
+		LogN            int     `json:"log_n"`
+		Slots           int     `json:"slots"`
+		LogScale        float64 `json:"log2_scale"`
+		Levels          int     `json:"levels"`
+		Rotations       []int   `json:"rotations"`
+		Relinearization bool    `json:"relinearization"`
+	}
+	CiphertextOut struct {
+		Ciphertext EnvelopeJSON `json:"ciphertext"`
+	}
+	LinearIn struct {
+		Ciphertext EnvelopeJSON `json:"ciphertext" jsonschema:"x: an envelope whose slots in use are the features"`
+		Weights    [][]float64  `json:"weights,omitempty" jsonschema:"W: one row per output, one column per feature"`
+		Bias       []float64    `json:"bias,omitempty" jsonschema:"b: one value per output"`
+		Model      string       `json:"model,omitempty" jsonschema:"a named model the server holds, instead of weights and bias"`
+	}
+	PolynomialIn struct {
+		Ciphertext   EnvelopeJSON `json:"ciphertext"`
+		Coefficients []float64    `json:"coefficients" jsonschema:"c0, c1, ..., cd of c0 + c1 x + ... + cd x^d, applied to every slot"`
+	}
+	AggregateIn struct {
+		Ciphertexts []EnvelopeJSON `json:"ciphertexts" jsonschema:"envelopes under the same key version"`
+		Op          string         `json:"op" jsonschema:"sum or mean"`
+	}
+	SimilarityIn struct {
+		Ciphertext EnvelopeJSON `json:"ciphertext" jsonschema:"the query embedding"`
+		Context    string       `json:"context" jsonschema:"the name of a set of context embeddings the server holds"`
+	}
+	SimilarityOut struct {
+		Ciphertext EnvelopeJSON `json:"ciphertext" jsonschema:"slot i holds the dot product of the query with context item i"`
+		IDs        []string     `json:"ids" jsonschema:"the context items, in slot order"`
+	}
+)
+
+const toolHelp = `Ciphertexts are envelopes: {"key","version","params_id","level","scale","slots","ciphertext"} (kmsctl he encrypt makes them; kmsctl he decrypt, with a decryptor token, opens results).`
+
+// MCPServer builds the MCP server with the tools and the manifests as
+// resources.
+func (s *Server) MCPServer() *mcp.Server {
+	srv := mcp.NewServer(&mcp.Implementation{Name: "kmsd-mcp", Version: "1.0.0"}, &mcp.ServerOptions{
+		Instructions: "Computes on CKKS ciphertexts under keys held in kmsd; never sees a plaintext. " + toolHelp,
+	})
+	mcp.AddTool(srv, &mcp.Tool{Name: "he_describe", Description: "The keys served: versions, parameter ids, slots, scale, levels, the rotations available, and what each tool needs. Example: {}"}, s.describe)
+	mcp.AddTool(srv, &mcp.Tool{Name: "he_linear", Description: "y = W·x + b for an encrypted vector x and plaintext W (m rows of n) and b; y is in the first m slots. Needs rotations by powers of two (or the exact ones it names). Example: {\"ciphertext\": ENVELOPE, \"weights\": [[0.5, -1, 2]], \"bias\": [0.1]} or {\"ciphertext\": ENVELOPE, \"model\": \"risk\"}. " + toolHelp}, s.linear)
+	mcp.AddTool(srv, &mcp.Tool{Name: "he_polynomial", Description: "c0 + c1·x + ... + cd·x^d on every slot (d levels; the relinearization key for d >= 2). Example (degree-3 sigmoid): {\"ciphertext\": ENVELOPE, \"coefficients\": [0.5, 0.197, 0, -0.004]}. " + toolHelp}, s.polynomial)
+	mcp.AddTool(srv, &mcp.Tool{Name: "he_aggregate", Description: "Sum or mean of ciphertexts from several parties under the same key version. Example: {\"ciphertexts\": [ENVELOPE, ENVELOPE], \"op\": \"mean\"}. " + toolHelp}, s.aggregate)
+	mcp.AddTool(srv, &mcp.Tool{Name: "he_similarity", Description: "Dot products of an encrypted query embedding with the plaintext context embeddings the server holds (private retrieval: the server learns nothing of the query); slot i is item i. Example: {\"ciphertext\": ENVELOPE, \"context\": \"docs\"}. " + toolHelp}, s.similarity)
+	for _, name := range s.cfg.Keys {
+		name := name
+		srv.AddResource(&mcp.Resource{URI: "kmsd://keys/" + name + "/manifest", Name: name + " manifest", MIMEType: "application/json",
+			Description: "the signed manifest of the primary version of " + name + " (parameters, public and evaluation key blobs)"},
+			func(ctx context.Context, req *mcp.ReadResourceRequest) (*mcp.ReadResourceResult, error) {
+				s.mu.RLock()
+				sk := s.served[name]
+				eng := sk.engines[sk.primary]
+				s.mu.RUnlock()
+				if eng == nil {
+					return nil, fmt.Errorf("the primary version of %s is not loaded", name)
+				}
+				b, err := json.Marshal(eng.Keys.Manifest)
+				if err != nil {
+					return nil, err
+				}
+				return &mcp.ReadResourceResult{Contents: []*mcp.ResourceContents{{URI: req.Params.URI, MIMEType: "application/json", Text: string(b)}}}, nil
+			})
+	}
+	return srv
+}
+
+func (s *Server) describe(ctx context.Context, req *mcp.CallToolRequest, _ DescribeIn) (*mcp.CallToolResult, DescribeOut, error) {
+	out := DescribeOut{Tools: map[string]string{
+		"he_linear":     "x with n features in its first slots; weights m x n (or a model); rotations by powers of two from 1 up to half the slots (or those it names); 1 level",
+		"he_polynomial": "d levels for degree d; the relinearization key for d >= 2",
+		"he_aggregate":  "ciphertexts under one key version with the same slots; mean takes 1 level",
+		"he_similarity": "a query of the context's dimension; rotations as he_linear; 1 level",
+		"he_describe":   "nothing",
+	}}
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	for _, name := range s.cfg.Keys {
+		if allowed(req, name) != nil {
+			continue
+		}
+		sk := s.served[name]
+		ki := KeyInfo{Name: name, Primary: sk.primary}
+		for v, e := range sk.engines {
+			ki.Versions = append(ki.Versions, VersionInfo{Version: v, ParamsID: e.Keys.Manifest.ParamsID, LogN: e.params.LogN(), Slots: e.Slots(),
+				LogScale: float64(e.params.LogDefaultScale()), Levels: e.params.MaxLevel(), Rotations: e.Rotations(), Relinearization: e.Relinearization()})
+		}
+		sort.Slice(ki.Versions, func(i, j int) bool { return ki.Versions[i].Version > ki.Versions[j].Version })
+		out.Keys = append(out.Keys, ki)
+	}
+	return nil, out, nil
+}
+
+func (s *Server) result(eng *Engine, ct *rlwe.Ciphertext, slots int) (*mcp.CallToolResult, CiphertextOut, error) {
+	env, err := eng.Keys.Seal(ct, slots)
+	if err != nil {
+		return nil, CiphertextOut{}, err
+	}
+	return nil, CiphertextOut{Ciphertext: fromEnvelope(env)}, nil
+}
+
+func (s *Server) linear(ctx context.Context, req *mcp.CallToolRequest, in LinearIn) (*mcp.CallToolResult, CiphertextOut, error) {
+	eng, ct, env, err := s.open(ctx, req, in.Ciphertext)
+	if err != nil {
+		return nil, CiphertextOut{}, err
+	}
+	W, b := in.Weights, in.Bias
+	if in.Model != "" {
+		if W != nil || b != nil {
+			return nil, CiphertextOut{}, errors.New("give weights (and bias) or a model, not both")
+		}
+		m, ok := s.cfg.Models[in.Model]
+		if !ok {
+			return nil, CiphertextOut{}, fmt.Errorf("no model %q on this server (it has %s)", in.Model, strings.Join(sortedKeys(s.cfg.Models), ", "))
+		}
+		W, b = m.Weights, m.Bias
+	}
+	if len(W) == 0 {
+		return nil, CiphertextOut{}, errors.New("give weights (one row per output) or a model")
+	}
+	if len(W[0]) != env.Slots {
+		return nil, CiphertextOut{}, fmt.Errorf("the weights have %d columns, the ciphertext holds %d values", len(W[0]), env.Slots)
+	}
+	y, err := eng.Linear(ct, W, b)
+	if err != nil {
+		return nil, CiphertextOut{}, err
+	}
+	return s.result(eng, y, len(W))
+}
+
+func (s *Server) polynomial(ctx context.Context, req *mcp.CallToolRequest, in PolynomialIn) (*mcp.CallToolResult, CiphertextOut, error) {
+	eng, ct, env, err := s.open(ctx, req, in.Ciphertext)
+	if err != nil {
+		return nil, CiphertextOut{}, err
+	}
+	y, err := eng.Polynomial(ct, in.Coefficients)
+	if err != nil {
+		return nil, CiphertextOut{}, err
+	}
+	return s.result(eng, y, env.Slots)
+}
+
+func (s *Server) aggregate(ctx context.Context, req *mcp.CallToolRequest, in AggregateIn) (*mcp.CallToolResult, CiphertextOut, error) {
+	if in.Op != "sum" && in.Op != "mean" {
+		return nil, CiphertextOut{}, errors.New(`op must be "sum" or "mean"`)
+	}
+	if len(in.Ciphertexts) == 0 {
+		return nil, CiphertextOut{}, errors.New("give at least one ciphertext")
+	}
+	var eng *Engine
+	var first *client.Envelope
+	cts := make([]*rlwe.Ciphertext, 0, len(in.Ciphertexts))
+	for i, ej := range in.Ciphertexts {
+		e, ct, env, err := s.open(ctx, req, ej)
+		if err != nil {
+			return nil, CiphertextOut{}, fmt.Errorf("ciphertext %d: %w", i, err)
+		}
+		if first == nil {
+			eng, first = e, env
+		} else if env.Key != first.Key || env.Version != first.Version || env.Slots != first.Slots {
+			return nil, CiphertextOut{}, fmt.Errorf("ciphertext %d is %s; ciphertext 0 is %s: all must be under the same key version with the same slots", i, env, first)
+		}
+		cts = append(cts, ct)
+	}
+	y, err := eng.Aggregate(cts, in.Op == "mean")
+	if err != nil {
+		return nil, CiphertextOut{}, err
+	}
+	return s.result(eng, y, first.Slots)
+}
+
+func (s *Server) similarity(ctx context.Context, req *mcp.CallToolRequest, in SimilarityIn) (*mcp.CallToolResult, SimilarityOut, error) {
+	c, ok := s.cfg.Contexts[in.Context]
+	if !ok {
+		return nil, SimilarityOut{}, fmt.Errorf("no context %q on this server (it has %s)", in.Context, strings.Join(sortedKeys(s.cfg.Contexts), ", "))
+	}
+	eng, ct, env, err := s.open(ctx, req, in.Ciphertext)
+	if err != nil {
+		return nil, SimilarityOut{}, err
+	}
+	if len(c.Embeddings) == 0 || len(c.Embeddings[0]) != env.Slots {
+		return nil, SimilarityOut{}, fmt.Errorf("context %q has embeddings of %d dimensions, the query %d", in.Context, dim(c.Embeddings), env.Slots)
+	}
+	y, err := eng.MatVec(ct, c.Embeddings)
+	if err != nil {
+		return nil, SimilarityOut{}, err
+	}
+	sealed, err := eng.Keys.Seal(y, len(c.Embeddings))
+	if err != nil {
+		return nil, SimilarityOut{}, err
+	}
+	return nil, SimilarityOut{Ciphertext: fromEnvelope(sealed), IDs: c.IDs}, nil
+}
+
+func dim(e [][]float64) int {
+	if len(e) == 0 {
+		return 0
+	}
+	return len(e[0])
+}
+
+func sortedKeys[V any](m map[string]V) []string {
+	out := make([]string, 0, len(m))
+	for k := range m {
+		out = append(out, k)
+	}
+	slices.Sort(out)
+	if len(out) == 0 {
+		return []string{"none"}
+	}
+	return out
+}
+
+// HTTPHandler serves MCP over streamable HTTP at /mcp. Every request needs
+// a bearer token that kmsd's introspection says is active; its key
+// patterns limit the keys a call may use. A refusal is 401 with
+// WWW-Authenticate: Bearer. The client's token goes to kmsd only to be
+// introspected; everything else uses the server's own worker token.
+func (s *Server) HTTPHandler() http.Handler {
+	srv := s.MCPServer()
+	h := mcp.NewStreamableHTTPHandler(func(*http.Request) *mcp.Server { return srv }, &mcp.StreamableHTTPOptions{MaxRequestBodyBytes: s.cfg.MaxRequestBytes})
+	withInfo := auth.RequireBearerToken(s.verify, &auth.RequireBearerTokenOptions{AllowMissingExpiration: true})(h)
+	mux := http.NewServeMux()
+	mux.Handle("/mcp", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		tok, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+		if !ok || tok == "" {
+			unauthorized(w, "a bearer token is required")
+			return
+		}
+		if _, err := s.verify(r.Context(), tok, r); err != nil {
+			if errors.Is(err, auth.ErrInvalidToken) {
+				unauthorized(w, "the token is not active in kmsd")
+			} else {
+				http.Error(w, "kmsd could not be asked about the token", http.StatusServiceUnavailable)
+			}
+			return
+		}
+		withInfo.ServeHTTP(w, r)
+	}))
+	return mux
+}
+
+func unauthorized(w http.ResponseWriter, msg string) {
+	w.Header().Set("WWW-Authenticate", `Bearer realm="kmsd-mcp", error="invalid_token"`)
+	http.Error(w, msg, http.StatusUnauthorized)
+}
+
+// verify introspects a client's token with kmsd (answers kept
+// IntrospectTTL, keyed by the token's hash) and makes the SDK's TokenInfo.
+func (s *Server) verify(ctx context.Context, token string, _ *http.Request) (*auth.TokenInfo, error) {
+	h := sha256.Sum256([]byte(token))
+	key := string(h[:])
+	var info *client.Introspection
+	if v, ok := s.intro.Load(key); ok && time.Since(v.(introEntry).at) < s.cfg.IntrospectTTL {
+		info = v.(introEntry).info
+	} else {
+		i, err := s.cfg.Client.IntrospectToken(ctx, token)
+		if err != nil {
+			return nil, err
+		}
+		info = i
+		s.intro.Store(key, introEntry{info: i, at: time.Now()})
+	}
+	if !info.Active || (info.Exp != 0 && time.Unix(info.Exp, 0).Before(time.Now())) {
+		return nil, auth.ErrInvalidToken
+	}
+	ti := &auth.TokenInfo{UserID: info.TokenID, Extra: map[string]any{"keys": info.Keys, "role": info.Role}}
+	if info.Exp != 0 {
+		ti.Expiration = time.Unix(info.Exp, 0)
+	}
+	return ti, nil
+}
