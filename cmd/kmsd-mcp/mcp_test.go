@@ -1,0 +1,395 @@
+package main
+
+import (
+	"context"
+	"encoding/base64"
+	"encoding/json"
+	"fmt"
+	"math"
+	"math/rand/v2"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/modelcontextprotocol/go-sdk/mcp"
+
+	"github.com/kmsd-project/kmsd/api"
+	"github.com/kmsd-project/kmsd/api/client"
+	"github.com/kmsd-project/kmsd/api/client/hekeys"
+	"github.com/kmsd-project/kmsd/audit"
+	"github.com/kmsd-project/kmsd/he"
+	"github.com/kmsd-project/kmsd/internal/testhsm"
+	"github.com/kmsd-project/kmsd/internal/testutil"
+	"github.com/kmsd-project/kmsd/kms"
+	"github.com/kmsd-project/kmsd/kms/bolt"
+	"github.com/kmsd-project/kmsd/kms/pqc"
+)
+
+var mcpBin string
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "kmsd-mcp-bin-")
+	if err != nil {
+		panic(err)
+	}
+	mcpBin = filepath.Join(dir, "kmsd-mcp")
+	if out, err := exec.Command("go", "build", "-o", mcpBin, ".").CombinedOutput(); err != nil {
+		fmt.Fprintf(os.Stderr, "build kmsd-mcp: %v\n%s", err, out)
+		os.Exit(1)
+	}
+	testhsm.Main(m)
+}
+
+type blobSource struct{ s *he.BlobStore }
+
+func (b blobSource) Open(d string) (*os.File, error) { return b.s.Open(he.Digest(d)) }
+
+// world is kmsd (the real API over HTTPS on 127.0.0.1, SoftHSM, bbolt)
+// with what a kmsd-mcp deployment needs on disk.
+type world struct {
+	url, ca, admin  string
+	identityFile    string
+	workerTokenFile string
+	adminc          *client.Client
+}
+
+func newWorld(t *testing.T) *world {
+	st, err := bolt.Open(filepath.Join(t.TempDir(), "kms.db"), bolt.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	blobs, err := he.OpenBlobStore(filepath.Join(t.TempDir(), "blobs"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	svc, err := kms.NewService(kms.Config{Store: st, Sealer: testhsm.Open(t), Kinds: kms.NewRegistry(append(pqc.Kinds(), he.Kinds(blobs, 0)...)...), Audit: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	svc.EnsureIdentity(ctx)
+	w := &world{}
+	svc.EnsureAdminToken(ctx, func(tok string) error { w.admin = tok; return nil })
+	_, pub, _ := svc.Identity(ctx)
+	alog := audit.New(audit.Config{Store: st, PublicKey: pub, Sign: func(ctx context.Context, m []byte) ([]byte, error) {
+		sig, _, err := svc.SignAsIdentity(ctx, m, nil)
+		return sig, err
+	}})
+	srv, caFile := testutil.TLSServer(t, api.New(svc, nil, api.Options{Audit: st, Prover: alog, Blobs: blobSource{blobs}}).Handler())
+	w.url, w.ca = srv.URL, caFile
+	cfg, _ := client.TLSConfig(caFile, "", "")
+	w.adminc, _ = client.New(w.url, w.admin, client.WithTLS(cfg))
+	dir := t.TempDir()
+	w.identityFile = filepath.Join(dir, "identity.pub")
+	os.WriteFile(w.identityFile, []byte(base64.StdEncoding.EncodeToString(pub)), 0o600)
+	wt, err := w.adminc.CreateToken(ctx, client.CreateTokenRequest{Name: "kmsd-mcp", Role: "worker", Keys: []string{"*"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.workerTokenFile = filepath.Join(dir, "worker.token")
+	os.WriteFile(w.workerTokenFile, []byte(wt.Token+"\n"), 0o600)
+	return w
+}
+
+func (w *world) token(t *testing.T, role string, keys ...string) string {
+	tok, err := w.adminc.CreateToken(context.Background(), client.CreateTokenRequest{Role: role, Keys: keys})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tok.Token
+}
+
+// heKey makes a CKKS key with Galois keys for every power of two below
+// the slot count and a relinearization key; decryption keeps 40 bits, so
+// the comparisons below see the CKKS error, not the rounding.
+func (w *world) heKey(t *testing.T, name, preset string, slots int) {
+	var rot []int
+	for p := 1; p < slots; p *= 2 {
+		rot = append(rot, p)
+	}
+	_, op, err := w.adminc.CreateKeyOrOperation(context.Background(), client.CreateKeyRequest{Name: name, Kind: "ckks",
+		Policy: &client.Policy{Params: json.RawMessage(`"` + preset + `"`), Rotations: rot, Relinearization: true, DecryptLogPrecision: 40}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if op != nil {
+		if _, err := w.adminc.WaitOperation(context.Background(), op.ID, 100*time.Millisecond, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// keysFor fetches a key version's public material as a client would.
+func (w *world) keysFor(t *testing.T, name string, version uint64) *hekeys.Keys {
+	pub, _ := os.ReadFile(w.identityFile)
+	id, _ := base64.StdEncoding.DecodeString(string(pub))
+	f := &hekeys.Fetcher{BaseURL: w.url, Token: w.admin, IdentityKey: id, CacheDir: t.TempDir(), HTTP: w.adminc.HTTPClient()}
+	k, err := f.FetchPublic(context.Background(), name, version)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return k
+}
+
+// startHTTP runs kmsd-mcp in this process on 127.0.0.1 and returns its /mcp URL.
+func (w *world) startHTTP(t *testing.T, extra ...string) string {
+	ctx, cancel := context.WithCancel(context.Background())
+	ready := make(chan string, 1)
+	done := make(chan error, 1)
+	args := append([]string{"--kms-url", w.url, "--ca-cert", w.ca, "--token-file", w.workerTokenFile, "--identity-key-file", w.identityFile,
+		"--cache-dir", t.TempDir(), "--http", "127.0.0.1:0"}, extra...)
+	var logs testutil.Buffer
+	go func() {
+		done <- run(ctx, args, func(string) string { return "" }, nil, nil, &logs, func(a string) { ready <- a })
+	}()
+	t.Cleanup(func() {
+		cancel()
+		<-done
+	})
+	select {
+	case a := <-ready:
+		return "http://" + a + "/mcp"
+	case err := <-done:
+		t.Fatalf("kmsd-mcp: %v\n%s", err, logs.String())
+	case <-time.After(60 * time.Second):
+		t.Fatal("kmsd-mcp did not start")
+	}
+	return ""
+}
+
+// bearer adds a token to every request of an MCP client.
+type bearer struct {
+	token string
+	next  http.RoundTripper
+}
+
+func (b bearer) RoundTrip(r *http.Request) (*http.Response, error) {
+	r = r.Clone(r.Context())
+	r.Header.Set("Authorization", "Bearer "+b.token)
+	return b.next.RoundTrip(r)
+}
+
+func connectHTTP(t *testing.T, url, token string) *mcp.ClientSession {
+	c := mcp.NewClient(&mcp.Implementation{Name: "test", Version: "1"}, nil)
+	s, err := c.Connect(context.Background(), &mcp.StreamableClientTransport{Endpoint: url, HTTPClient: &http.Client{Transport: bearer{token, http.DefaultTransport}}}, nil)
+	if err != nil {
+		t.Fatalf("connect: %v", err)
+	}
+	t.Cleanup(func() { s.Close() })
+	return s
+}
+
+// call calls a tool and returns its structured result, or the tool error.
+func call(t *testing.T, s *mcp.ClientSession, tool string, args any) (map[string]any, string) {
+	t.Helper()
+	res, err := s.CallTool(context.Background(), &mcp.CallToolParams{Name: tool, Arguments: args})
+	if err != nil {
+		t.Fatalf("%s: %v", tool, err)
+	}
+	if res.IsError {
+		var msg []string
+		for _, c := range res.Content {
+			if tc, ok := c.(*mcp.TextContent); ok {
+				msg = append(msg, tc.Text)
+			}
+		}
+		return nil, strings.Join(msg, " ")
+	}
+	b, _ := json.Marshal(res.StructuredContent)
+	var out map[string]any
+	json.Unmarshal(b, &out)
+	return out, ""
+}
+
+// envelopeOf turns a tool result's "ciphertext" back into an envelope.
+func envelopeOf(t *testing.T, out map[string]any) *client.Envelope {
+	t.Helper()
+	b, _ := json.Marshal(out["ciphertext"])
+	env, err := hekeys.ParseEnvelope(b)
+	if err != nil {
+		t.Fatalf("the result is not an envelope: %v: %s", err, b)
+	}
+	return env
+}
+
+// slotErrorBound is the error a decrypted slot may carry after a fresh
+// public-key encryption, a plaintext operation that weighs input slots
+// with coefficients of Euclidean norm w, and rot key switches. Derivation
+// (average-case CKKS noise, as in Costache et al. 2020 and Lattigo's
+// estimates): a fresh public-key encryption leaves coefficient noise of
+// variance σ²(4N/3 + 1) (e·u with ternary u, plus e0 and e1·s); a slot's
+// real part is a sum of N coefficients under the canonical embedding, so
+// its error has standard deviation s0 = sqrt(N/2·σ²(4N/3+1))/Δ. A weighted
+// sum of slots scales it by w. The matrix-vector product first replicates
+// the input across the slots (slots/n' copies added), so the noise of
+// every slot, not only of the n in use, is summed: pass w times
+// sqrt(slots/n') for it. Key switching, after dividing by the special
+// modulus P > q_i, adds noise of the order of the rounding,
+// sqrt(N·(1+2N/3)/12)/Δ, per switch; the final rescale adds it once more.
+// Six standard deviations hold for every slot of these tests with
+// probability above 1 - 1e-6; decryption rounds to 2^-40.
+func slotErrorBound(p he.Params, w float64, rot int) float64 {
+	N := float64(p.RLWE().N())
+	sigma := 3.2
+	delta := math.Exp2(float64(p.CKKS.LogDefaultScale()))
+	s0 := math.Sqrt(N/2*sigma*sigma*(4*N/3+1)) / delta
+	round := math.Sqrt(N*(1+2*N/3)/12) / delta
+	std := math.Sqrt(w*w*s0*s0 + float64(rot+1)*round*round)
+	return 6*std + math.Exp2(-40)
+}
+
+func TestToolsOverHTTPMatchPlaintext(t *testing.T) {
+	w := newWorld(t)
+	for _, c := range []struct {
+		name, preset string
+		slots        int
+	}{{"he13", "ckks-logn13", 1 << 12}, {"he14", "ckks-logn14", 1 << 13}} {
+		w.heKey(t, c.name, c.preset, c.slots)
+	}
+	rng := rand.New(rand.NewPCG(7, 9))
+	ctxFile := filepath.Join(t.TempDir(), "context.json")
+	corpus := hemcpCorpus(rng, 40, 16)
+	b, _ := json.Marshal(map[string]any{"docs": corpus})
+	os.WriteFile(ctxFile, b, 0o600)
+	url := w.startHTTP(t, "--key", "he13", "--key", "he14", "--context", ctxFile)
+	user := w.token(t, "worker", "he*")
+	s := connectHTTP(t, url, user)
+
+	out, msg := call(t, s, "he_describe", map[string]any{})
+	if msg != "" || !strings.Contains(fmt.Sprint(out["keys"]), "he13") || !strings.Contains(fmt.Sprint(out["keys"]), "he14") {
+		t.Fatalf("he_describe: %v %s", out, msg)
+	}
+	for _, name := range []string{"he13", "he14"} {
+		keys := w.keysFor(t, name, 1)
+		p, _ := he.Resolve(he.CKKS, json.RawMessage(`"ckks-logn`+name[2:]+`"`))
+		x := make([]float64, 16)
+		for i := range x {
+			x[i] = rng.Float64()*2 - 1
+		}
+		env, err := keys.Encrypt(x)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ej := envJSON(env)
+		check := func(tool string, out map[string]any, msg string, want []float64, weight float64, rot int) {
+			t.Helper()
+			if msg != "" {
+				t.Fatalf("%s %s: %s", name, tool, msg)
+			}
+			got, err := w.adminc.Decrypt(context.Background(), envelopeOf(t, out))
+			if err != nil {
+				t.Fatalf("%s %s: decrypt: %v", name, tool, err)
+			}
+			if len(got) != len(want) {
+				t.Fatalf("%s %s: %d values, want %d", name, tool, len(got), len(want))
+			}
+			bound := slotErrorBound(*p, weight, rot)
+			worst := 0.0
+			for i := range want {
+				worst = math.Max(worst, math.Abs(got[i]-want[i]))
+			}
+			if worst > bound {
+				t.Fatalf("%s %s: error %.3g above the bound %.3g", name, tool, worst, bound)
+			}
+			t.Logf("%s %s: worst error %.3g, bound %.3g", name, tool, worst, bound)
+		}
+		// Linear: 5 outputs of 16 features.
+		W := make([][]float64, 5)
+		bias := make([]float64, 5)
+		norm := 0.0
+		for i := range W {
+			W[i] = make([]float64, 16)
+			rowNorm := 0.0
+			for j := range W[i] {
+				W[i][j] = rng.Float64()*2 - 1
+				rowNorm += W[i][j] * W[i][j]
+			}
+			norm = math.Max(norm, math.Sqrt(rowNorm))
+			bias[i] = rng.Float64()
+		}
+		want := make([]float64, 5)
+		for i := range W {
+			want[i] = bias[i]
+			for j := range x {
+				want[i] += W[i][j] * x[j]
+			}
+		}
+		slots := keys.CKKS.MaxSlots()
+		replicas := math.Sqrt(float64(slots / 16))
+		rots := int(math.Log2(float64(slots/16))) + 3 + 3 // replication, baby and giant steps
+		out, msg := call(t, s, "he_linear", map[string]any{"ciphertext": ej, "weights": W, "bias": bias})
+		check("he_linear", out, msg, want, norm*replicas, rots)
+		// Polynomial: degree-3 sigmoid approximation.
+		cf := []float64{0.5, 0.197, 0, -0.004}
+		want = make([]float64, len(x))
+		for i, v := range x {
+			want[i] = cf[0] + cf[1]*v + cf[3]*v*v*v
+		}
+		out, msg = call(t, s, "he_polynomial", map[string]any{"ciphertext": ej, "coefficients": cf})
+		// The error of x grows by the derivative (at most 0.21 here) plus
+		// the relinearizations' rounding.
+		check("he_polynomial", out, msg, want, 0.25, 4)
+		// Aggregate: mean of three parties.
+		var parties []any
+		sum := make([]float64, len(x))
+		for k := 0; k < 3; k++ {
+			v := make([]float64, len(x))
+			for i := range v {
+				v[i] = rng.Float64()*2 - 1
+				sum[i] += v[i] / 3
+			}
+			e, _ := keys.Encrypt(v)
+			parties = append(parties, envJSON(e))
+		}
+		out, msg = call(t, s, "he_aggregate", map[string]any{"ciphertexts": parties, "op": "mean"})
+		check("he_aggregate", out, msg, sum, math.Sqrt(3)/3, 1)
+		// Similarity against the server's 40 context embeddings.
+		want = make([]float64, len(corpus.Embeddings))
+		for i, e := range corpus.Embeddings {
+			for j := range e {
+				want[i] += e[j] * x[j]
+			}
+		}
+		out, msg = call(t, s, "he_similarity", map[string]any{"ciphertext": ej, "context": "docs"})
+		check("he_similarity", out, msg, want, 1*replicas, rots)
+		if ids, _ := out["ids"].([]any); len(ids) != 40 {
+			t.Fatalf("he_similarity ids: %v", out["ids"])
+		}
+	}
+}
+
+type corpusJSON struct {
+	IDs        []string    `json:"ids"`
+	Embeddings [][]float64 `json:"embeddings"`
+}
+
+// hemcpCorpus makes n unit-norm embeddings of d dimensions.
+func hemcpCorpus(rng *rand.Rand, n, d int) corpusJSON {
+	c := corpusJSON{}
+	for i := 0; i < n; i++ {
+		e := make([]float64, d)
+		norm := 0.0
+		for j := range e {
+			e[j] = rng.NormFloat64()
+			norm += e[j] * e[j]
+		}
+		for j := range e {
+			e[j] /= math.Sqrt(norm)
+		}
+		c.IDs = append(c.IDs, fmt.Sprintf("doc-%d", i))
+		c.Embeddings = append(c.Embeddings, e)
+	}
+	return c
+}
+
+func envJSON(e *client.Envelope) map[string]any {
+	b, _ := json.Marshal(e)
+	var m map[string]any
+	json.Unmarshal(b, &m)
+	return m
+}
