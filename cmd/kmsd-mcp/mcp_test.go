@@ -363,6 +363,15 @@ func TestToolsOverHTTPMatchPlaintext(t *testing.T) {
 	}
 }
 
+func tall(m, n int) [][]float64 {
+	out := make([][]float64, m)
+	for i := range out {
+		out[i] = make([]float64, n)
+		out[i][0] = 1
+	}
+	return out
+}
+
 type corpusJSON struct {
 	IDs        []string    `json:"ids"`
 	Embeddings [][]float64 `json:"embeddings"`
@@ -392,4 +401,105 @@ func envJSON(e *client.Envelope) map[string]any {
 	var m map[string]any
 	json.Unmarshal(b, &m)
 	return m
+}
+
+// TestRefusals: every bad call is a clear tool error or a 401 carrying
+// WWW-Authenticate: Bearer; none crashes the server.
+func TestRefusals(t *testing.T) {
+	w := newWorld(t)
+	w.heKey(t, "he", "ckks-logn13", 1<<12)
+	// A key without Galois keys.
+	if _, err := w.adminc.CreateKey(context.Background(), client.CreateKeyRequest{Name: "he-norot", Kind: "ckks", Policy: &client.Policy{Params: json.RawMessage(`"ckks-logn13"`)}}); err != nil {
+		t.Fatal(err)
+	}
+	url := w.startHTTP(t, "--key", "he", "--key", "he-norot", "--introspect-ttl", "200ms")
+	// No token, a made-up token: 401 with WWW-Authenticate.
+	for _, tok := range []string{"", "kms_0123456789abcdef_" + strings.Repeat("x", 43)} {
+		req, _ := http.NewRequest("POST", url, strings.NewReader(`{"jsonrpc":"2.0","id":1,"method":"initialize","params":{}}`))
+		req.Header.Set("Content-Type", "application/json")
+		req.Header.Set("Accept", "application/json, text/event-stream")
+		if tok != "" {
+			req.Header.Set("Authorization", "Bearer "+tok)
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != 401 || !strings.HasPrefix(resp.Header.Get("WWW-Authenticate"), "Bearer") {
+			t.Errorf("token %q: %d %v", tok, resp.StatusCode, resp.Header)
+		}
+	}
+	keys := w.keysFor(t, "he", 1)
+	x := []float64{0.5, -0.25, 1}
+	env, _ := keys.Encrypt(x)
+	good := envJSON(env)
+	with := func(k string, v any) map[string]any {
+		m := envJSON(env)
+		m[k] = v
+		return m
+	}
+	s := connectHTTP(t, url, w.token(t, "worker", "he*"))
+	other := connectHTTP(t, url, w.token(t, "worker", "other-*"))
+	ctb, _ := base64.StdEncoding.DecodeString(good["ciphertext"].(string))
+	for _, c := range []struct {
+		name string
+		s    *mcp.ClientSession
+		tool string
+		args map[string]any
+		want string
+	}{
+		{"key outside the token's patterns", other, "he_polynomial", map[string]any{"ciphertext": good, "coefficients": []float64{0, 1, 1}}, `may not use key "he"`},
+		{"a key the server does not serve", s, "he_polynomial", map[string]any{"ciphertext": with("key", "he-x"), "coefficients": []float64{0, 1, 1}}, `does not serve key "he-x"`},
+		{"a version kmsd does not have enabled", s, "he_polynomial", map[string]any{"ciphertext": with("version", 9), "coefficients": []float64{0, 1, 1}}, "version 9 of key \"he\" is not enabled"},
+		{"another parameter id", s, "he_polynomial", map[string]any{"ciphertext": with("params_id", "sha256:"+strings.Repeat("0", 64)), "coefficients": []float64{0, 1, 1}}, "made under parameters"},
+		{"malformed ciphertext", s, "he_polynomial", map[string]any{"ciphertext": with("ciphertext", "bm90IGEgY2lwaGVydGV4dA=="), "coefficients": []float64{0, 1, 1}}, "not a degree-1 ciphertext"},
+		{"truncated ciphertext", s, "he_polynomial", map[string]any{"ciphertext": with("ciphertext", base64.StdEncoding.EncodeToString(ctb[:len(ctb)/2])), "coefficients": []float64{0, 1, 1}}, "truncated"},
+		{"not base64", s, "he_polynomial", map[string]any{"ciphertext": with("ciphertext", "***"), "coefficients": []float64{0, 1, 1}}, "not a ciphertext envelope"},
+		{"wrong level", s, "he_polynomial", map[string]any{"ciphertext": with("level", 0), "coefficients": []float64{0, 1, 1}}, "its ciphertext is at level"},
+		{"weights wider than the vector", s, "he_linear", map[string]any{"ciphertext": good, "weights": [][]float64{{1, 2, 3, 4}}}, "the weights have 4 columns, the ciphertext holds 3 values"},
+		{"more outputs than slots", s, "he_linear", map[string]any{"ciphertext": good, "weights": tall(5000, 3)}, "does not fit 4096 slots"},
+		{"bias of another length", s, "he_linear", map[string]any{"ciphertext": good, "weights": [][]float64{{1, 2, 3}}, "bias": []float64{1, 2}}, "bias has 2 values"},
+		{"no weights", s, "he_linear", map[string]any{"ciphertext": good}, "give weights"},
+		{"unknown model", s, "he_linear", map[string]any{"ciphertext": good, "model": "nope"}, `no model "nope"`},
+		{"unknown context", s, "he_similarity", map[string]any{"ciphertext": good, "context": "nope"}, `no context "nope"`},
+		{"bad op", s, "he_aggregate", map[string]any{"ciphertexts": []any{good}, "op": "max"}, `op must be "sum" or "mean"`},
+		{"polynomial too deep", s, "he_polynomial", map[string]any{"ciphertext": good, "coefficients": []float64{0, 1, 1, 1, 1, 1}}, "needs 5 levels"},
+		{"polynomial of degree 0", s, "he_polynomial", map[string]any{"ciphertext": good, "coefficients": []float64{1}}, "degree 0 and 1"},
+	} {
+		if _, msg := call(t, c.s, c.tool, c.args); !strings.Contains(msg, c.want) {
+			t.Errorf("%s: tool error %q, want %q", c.name, msg, c.want)
+		}
+	}
+	// Ciphertexts of two versions cannot be aggregated; a missing rotation is named.
+	nk := w.keysFor(t, "he-norot", 1)
+	nenv, _ := nk.Encrypt(x)
+	if _, msg := call(t, s, "he_aggregate", map[string]any{"ciphertexts": []any{good, envJSON(nenv)}, "op": "sum"}); !strings.Contains(msg, "same key version") {
+		t.Errorf("mixed aggregate: %q", msg)
+	}
+	if _, msg := call(t, s, "he_linear", map[string]any{"ciphertext": envJSON(nenv), "weights": [][]float64{{1, 2, 3}}}); !strings.Contains(msg, "no Galois key for rotation") {
+		t.Errorf("linear without rotations: %q", msg)
+	}
+	// A revoked token stops working within the introspection TTL.
+	tok, _ := w.adminc.CreateToken(context.Background(), client.CreateTokenRequest{Role: "worker", Keys: []string{"he"}})
+	rs := connectHTTP(t, url, tok.Token)
+	if _, msg := call(t, rs, "he_describe", map[string]any{}); msg != "" {
+		t.Fatal(msg)
+	}
+	w.adminc.RevokeToken(context.Background(), tok.ID)
+	time.Sleep(300 * time.Millisecond)
+	if _, err := rs.CallTool(context.Background(), &mcp.CallToolParams{Name: "he_describe", Arguments: map[string]any{}}); err == nil || !strings.Contains(err.Error(), "Unauthorized") {
+		t.Errorf("a revoked token still calls: %v", err)
+	}
+	// An expired token likewise.
+	short, _ := w.adminc.CreateToken(context.Background(), client.CreateTokenRequest{Role: "worker", Keys: []string{"he"}, TTL: "1s"})
+	ss := connectHTTP(t, url, short.Token)
+	time.Sleep(1200 * time.Millisecond)
+	if _, err := ss.CallTool(context.Background(), &mcp.CallToolParams{Name: "he_describe", Arguments: map[string]any{}}); err == nil || !strings.Contains(err.Error(), "Unauthorized") {
+		t.Errorf("an expired token still calls: %v", err)
+	}
+	// The server still answers after all of the above.
+	if _, msg := call(t, s, "he_polynomial", map[string]any{"ciphertext": good, "coefficients": []float64{0, 1, 1}}); msg != "" {
+		t.Fatalf("after the refusals: %s", msg)
+	}
 }
