@@ -503,3 +503,147 @@ func TestRefusals(t *testing.T) {
 		t.Fatalf("after the refusals: %s", msg)
 	}
 }
+
+// TestStdioAndCache: kmsd-mcp as a subprocess on stdio (credentials from
+// the environment, as the MCP specification says for stdio), its manifest
+// resource, and a restart that downloads nothing it already has.
+func TestStdioAndCache(t *testing.T) {
+	w := newWorld(t)
+	w.heKey(t, "he", "ckks-logn13", 1<<12)
+	tok, _ := os.ReadFile(w.workerTokenFile)
+	cache := t.TempDir()
+	start := func() *mcp.ClientSession {
+		cmd := exec.Command(mcpBin)
+		cmd.Env = append(os.Environ(), "KMSD_MCP_KMS_URL="+w.url, "KMSD_MCP_CA_CERT="+w.ca, "KMSD_MCP_TOKEN="+strings.TrimSpace(string(tok)),
+			"KMSD_MCP_IDENTITY_KEY_FILE="+w.identityFile, "KMSD_MCP_KEY=he", "KMSD_MCP_CACHE_DIR="+cache)
+		var stderr testutil.Buffer
+		cmd.Stderr = &stderr
+		c := mcp.NewClient(&mcp.Implementation{Name: "test", Version: "1"}, nil)
+		s, err := c.Connect(context.Background(), &mcp.CommandTransport{Command: cmd}, nil)
+		if err != nil {
+			t.Fatalf("connect over stdio: %v\n%s", err, stderr.String())
+		}
+		return s
+	}
+	s := start()
+	keys := w.keysFor(t, "he", 1)
+	x := []float64{0.5, -1, 0.25, 2}
+	env, _ := keys.Encrypt(x)
+	out, msg := call(t, s, "he_linear", map[string]any{"ciphertext": envJSON(env), "weights": [][]float64{{1, 1, 1, 1}, {2, 0, 0, -1}}, "bias": []float64{0, 1}})
+	if msg != "" {
+		t.Fatal(msg)
+	}
+	got, err := w.adminc.Decrypt(context.Background(), envelopeOf(t, out))
+	if err != nil || len(got) != 2 || math.Abs(got[0]-1.75) > 1e-3 || math.Abs(got[1]-0) > 1e-3 {
+		t.Fatalf("he_linear over stdio: %v %v", got, err)
+	}
+	res, err := s.ListResources(context.Background(), nil)
+	if err != nil || len(res.Resources) != 1 || res.Resources[0].URI != "kmsd://keys/he/manifest" {
+		t.Fatalf("resources: %+v %v", res, err)
+	}
+	rr, err := s.ReadResource(context.Background(), &mcp.ReadResourceParams{URI: "kmsd://keys/he/manifest"})
+	if err != nil || len(rr.Contents) != 1 || !strings.Contains(rr.Contents[0].Text, keys.Manifest.ParamsID) {
+		t.Fatalf("manifest resource: %+v %v", rr, err)
+	}
+	s.Close()
+	// A restart: every blob is already in the cache (verified by digest),
+	// so none is written again.
+	mtimes := map[string]time.Time{}
+	ents, _ := os.ReadDir(cache)
+	for _, e := range ents {
+		fi, _ := e.Info()
+		mtimes[e.Name()] = fi.ModTime()
+	}
+	if len(mtimes) < 3 {
+		t.Fatalf("cache holds %d files", len(mtimes))
+	}
+	time.Sleep(20 * time.Millisecond)
+	s = start()
+	defer s.Close()
+	if _, msg := call(t, s, "he_describe", map[string]any{}); msg != "" {
+		t.Fatal(msg)
+	}
+	ents, _ = os.ReadDir(cache)
+	for _, e := range ents {
+		fi, _ := e.Info()
+		if !fi.ModTime().Equal(mtimes[e.Name()]) {
+			t.Errorf("the restart wrote %s again", e.Name())
+		}
+	}
+}
+
+// TestRotationWhileServing: a rotation in kmsd under load; the new
+// version is served after the refresh interval, the old one keeps working
+// until it is disabled, then it is refused; no call fails meanwhile.
+func TestRotationWhileServing(t *testing.T) {
+	w := newWorld(t)
+	w.heKey(t, "he", "ckks-logn13", 1<<12)
+	url := w.startHTTP(t, "--key", "he", "--refresh", "200ms")
+	s := connectHTTP(t, url, w.token(t, "worker", "he"))
+	k1 := w.keysFor(t, "he", 1)
+	e1, _ := k1.Encrypt([]float64{1, 2})
+	poly := func(env *client.Envelope) string {
+		_, msg := call(t, s, "he_polynomial", map[string]any{"ciphertext": envJSON(env), "coefficients": []float64{1, 2}})
+		return msg
+	}
+	stop := make(chan struct{})
+	errs := make(chan string, 100)
+	loadDone := make(chan int)
+	go func() {
+		n := 0
+		for {
+			select {
+			case <-stop:
+				loadDone <- n
+				return
+			default:
+			}
+			if msg := poly(e1); msg != "" {
+				errs <- msg
+			}
+			n++
+		}
+	}()
+	if _, err := w.adminc.Rotate(context.Background(), "he"); err != nil {
+		t.Fatal(err)
+	}
+	k2 := w.keysFor(t, "he", 2)
+	e2, _ := k2.Encrypt([]float64{1, 2})
+	deadline := time.Now().Add(10 * time.Second)
+	for poly(e2) != "" {
+		if time.Now().After(deadline) {
+			t.Fatalf("version 2 not served 10 s after the rotation: %s", poly(e2))
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	close(stop)
+	n := <-loadDone
+	close(errs)
+	for msg := range errs {
+		t.Errorf("a version-1 call failed during the rotation: %s", msg)
+	}
+	if n == 0 {
+		t.Fatal("no load ran during the rotation")
+	}
+	if msg := poly(e1); msg != "" {
+		t.Fatalf("version 1 refused while still enabled: %s", msg)
+	}
+	if _, err := w.adminc.VersionAction(context.Background(), "he", 1, "disable", 0); err != nil {
+		t.Fatal(err)
+	}
+	deadline = time.Now().Add(10 * time.Second)
+	for {
+		msg := poly(e1)
+		if strings.Contains(msg, "not enabled") {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("version 1 still served 10 s after it was disabled: %q", msg)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if msg := poly(e2); msg != "" {
+		t.Fatalf("version 2 after version 1 was disabled: %s", msg)
+	}
+	t.Logf("%d version-1 calls during the rotation", n)
+}
