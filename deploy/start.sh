@@ -8,4 +8,5 @@ cd "$(dirname "$0")/.."
 kmsd_deps
 go build -o bin/kmsd ./cmd/kmsd
 go build -o bin/kmsctl ./cmd/kmsctl
+go build -o bin/kmsd-mcp ./cmd/kmsd-mcp
 exec ./bin/kmsd --data-dir "${KMS_DATA_DIR:-./data}" "$@"

@@ -26,7 +26,7 @@ import (
 // These tests run the real kmsd binary: embedded SoftHSM token, bbolt file,
 // HTTP on 127.0.0.1.
 
-var kmsdBin, kmsctlBin string
+var kmsdBin, kmsctlBin, mcpBin string
 
 func TestMain(m *testing.M) {
 	dir, err := os.MkdirTemp("", "kmsd-bin-")
@@ -42,6 +42,11 @@ func TestMain(m *testing.M) {
 	kmsctlBin = filepath.Join(dir, "kmsctl")
 	if out, err := exec.Command("go", "build", "-o", kmsctlBin, "../kmsctl").CombinedOutput(); err != nil {
 		fmt.Fprintf(os.Stderr, "build kmsctl: %v\n%s", err, out)
+		os.Exit(1)
+	}
+	mcpBin = filepath.Join(dir, "kmsd-mcp")
+	if out, err := exec.Command("go", "build", "-o", mcpBin, "../kmsd-mcp").CombinedOutput(); err != nil {
+		fmt.Fprintf(os.Stderr, "build kmsd-mcp: %v\n%s", err, out)
 		os.Exit(1)
 	}
 	code := m.Run()

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"encoding/json"
 	"flag"
 	"fmt"
 	"os"
@@ -8,6 +9,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"strings"
+	"syscall"
 	"testing"
 
 	"github.com/kmsd-project/kmsd/internal/testutil"
@@ -95,13 +97,14 @@ func TestREADMERunsAsWritten(t *testing.T) {
 	}
 	work := t.TempDir()
 	os.Mkdir(filepath.Join(work, "bin"), 0o755)
-	for _, b := range []string{kmsdBin, kmsctlBin} {
+	for _, b := range []string{kmsdBin, kmsctlBin, mcpBin} {
 		if err := os.Symlink(b, filepath.Join(work, "bin", filepath.Base(b))); err != nil {
 			t.Fatal(err)
 		}
 	}
 	p := start(t, filepath.Join(work, "data"))
 	p.waitReady(t)
+	mcpAddr := freeAddr(t)
 	var script strings.Builder
 	script.WriteString("set -euo pipefail\n")
 	ran, skipped := 0, 0
@@ -111,13 +114,23 @@ func TestREADMERunsAsWritten(t *testing.T) {
 			continue
 		}
 		ran++
-		fmt.Fprintf(&script, "echo '### README.md block at line %d' >&2\n%s\n", b.line, strings.ReplaceAll(b.text, "127.0.0.1:8420", p.addr))
+		text := strings.ReplaceAll(b.text, "127.0.0.1:8420", p.addr)
+		text = strings.ReplaceAll(text, "127.0.0.1:8421", mcpAddr)
+		fmt.Fprintf(&script, "echo '### README.md block at line %d' >&2\n%s\n", b.line, text)
 	}
 	if ran < 3 || skipped != 2 {
 		t.Fatalf("README.md: %d blocks to run, %d marked to skip; want the walk-throughs run and only start.sh and test.sh skipped", ran, skipped)
 	}
 	cmd := exec.Command("bash", "-c", script.String())
 	cmd.Dir = work
+	// Its own process group: whatever a block starts in the background
+	// (kmsd-mcp) is killed with it.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	t.Cleanup(func() {
+		if cmd.Process != nil {
+			syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+		}
+	})
 	cmd.Env = append(os.Environ(), "KMS_URL=https://"+p.addr)
 	var out testutil.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &out
@@ -130,6 +143,18 @@ func TestREADMERunsAsWritten(t *testing.T) {
 	for _, f := range []string{"pk.bin", "ss.bin", "session-kem.pub", "kmsd-identity.pub", "last.checkpoint", "audit-export/records.jsonl"} {
 		if fi, err := os.Stat(filepath.Join(work, f)); err != nil || fi.Size() == 0 {
 			t.Errorf("README.md's commands did not write %s: %v", f, err)
+		}
+	}
+	// The MCP client configurations are JSON.
+	b, _ := os.ReadFile("../../README.md")
+	jsonBlock := regexp.MustCompile("(?s)```json\n(.*?)```")
+	blocks := jsonBlock.FindAllStringSubmatch(string(b), -1)
+	if len(blocks) < 2 {
+		t.Errorf("README.md has %d json blocks, want the two MCP client configurations", len(blocks))
+	}
+	for _, m := range blocks {
+		if !json.Valid([]byte(m[1])) {
+			t.Errorf("README.md: a json block is not JSON:\n%s", m[1])
 		}
 	}
 	if !strings.Contains(out.String(), "audit log intact") {
