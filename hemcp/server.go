@@ -220,6 +220,21 @@ type EnvelopeJSON struct {
 	Ciphertext string  `json:"ciphertext" jsonschema:"the Lattigo ciphertext, standard base64"`
 }
 
+// envelope checks the fields as hekeys.ParseEnvelope does (the SDK has
+// already decoded the JSON strictly against the tool's schema) without
+// encoding megabytes of base64 again.
+func (ej EnvelopeJSON) envelope() (*client.Envelope, error) {
+	ct, err := base64.StdEncoding.DecodeString(ej.Ciphertext)
+	if err != nil {
+		return nil, kms.Errorf(kms.KindInvalid, "not a ciphertext envelope: ciphertext is not standard base64")
+	}
+	e := &client.Envelope{Key: ej.Key, Version: ej.Version, ParamsID: ej.ParamsID, Level: ej.Level, Scale: ej.Scale, Slots: ej.Slots, Ciphertext: ct}
+	if err := e.Check(hekeys.MaxEnvelopeCiphertext); err != nil {
+		return nil, err
+	}
+	return e, nil
+}
+
 func fromEnvelope(e *client.Envelope) EnvelopeJSON {
 	return EnvelopeJSON{Key: e.Key, Version: e.Version, ParamsID: e.ParamsID, Level: e.Level, Scale: e.Scale, Slots: e.Slots, Ciphertext: base64.StdEncoding.EncodeToString(e.Ciphertext)}
 }
@@ -228,11 +243,7 @@ func fromEnvelope(e *client.Envelope) EnvelopeJSON {
 // that it is under a served, enabled version; it returns the engine and
 // the ciphertext.
 func (s *Server) open(ctx context.Context, req *mcp.CallToolRequest, ej EnvelopeJSON) (*Engine, *rlwe.Ciphertext, *client.Envelope, error) {
-	b, err := json.Marshal(ej)
-	if err != nil {
-		return nil, nil, nil, err
-	}
-	env, err := hekeys.ParseEnvelope(b)
+	env, err := ej.envelope()
 	if err != nil {
 		return nil, nil, nil, err
 	}
@@ -379,7 +390,15 @@ func (s *Server) result(eng *Engine, ct *rlwe.Ciphertext, slots int) (*mcp.CallT
 	if err != nil {
 		return nil, CiphertextOut{}, err
 	}
-	return nil, CiphertextOut{Ciphertext: fromEnvelope(env)}, nil
+	return summary(env), CiphertextOut{Ciphertext: fromEnvelope(env)}, nil
+}
+
+// summary is the text content of a result: a line about the ciphertext in
+// the structured content (without it the SDK would repeat the megabytes of
+// the structured result as text).
+func summary(env *client.Envelope) *mcp.CallToolResult {
+	return &mcp.CallToolResult{Content: []mcp.Content{&mcp.TextContent{Text: fmt.Sprintf(
+		"result: a ciphertext envelope under %s (in structuredContent.ciphertext); decrypt it with kmsctl he decrypt and a decryptor token", env)}}}
 }
 
 func (s *Server) linear(ctx context.Context, req *mcp.CallToolRequest, in LinearIn) (*mcp.CallToolResult, CiphertextOut, error) {
@@ -472,7 +491,7 @@ func (s *Server) similarity(ctx context.Context, req *mcp.CallToolRequest, in Si
 	if err != nil {
 		return nil, SimilarityOut{}, err
 	}
-	return nil, SimilarityOut{Ciphertext: fromEnvelope(sealed), IDs: c.IDs}, nil
+	return summary(sealed), SimilarityOut{Ciphertext: fromEnvelope(sealed), IDs: c.IDs}, nil
 }
 
 func dim(e [][]float64) int {

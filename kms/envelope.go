@@ -53,25 +53,34 @@ func ParseEnvelope(b []byte, maxCiphertext int) (*Envelope, error) {
 		return nil, Errorf(KindInvalid, "a ciphertext envelope needs key, version, params_id, level, scale, slots and ciphertext")
 	}
 	e := &Envelope{Key: *raw.Key, Version: *raw.Version, ParamsID: *raw.ParamsID, Level: *raw.Level, Scale: *raw.Scale, Slots: *raw.Slots, Ciphertext: *raw.Ciphertext}
-	switch {
-	case ValidateName(e.Key) != nil:
-		return nil, Errorf(KindInvalid, "envelope: key is not a valid key name")
-	case e.Version == 0 || e.Version > math.MaxUint32:
-		return nil, Errorf(KindInvalid, "envelope: version must be a positive number")
-	case !paramsIDRE.MatchString(e.ParamsID):
-		return nil, Errorf(KindInvalid, "envelope: params_id must be sha256:<64 hex digits>")
-	case e.Level < 0 || e.Level > 64:
-		return nil, Errorf(KindInvalid, "envelope: level %d is out of range", e.Level)
-	case !(e.Scale >= 1) || math.IsInf(e.Scale, 0):
-		return nil, Errorf(KindInvalid, "envelope: scale must be a finite number of at least 1")
-	case e.Slots < 1 || e.Slots > 1<<16:
-		return nil, Errorf(KindInvalid, "envelope: slots must be from 1 to 65536")
-	case len(e.Ciphertext) == 0:
-		return nil, Errorf(KindInvalid, "envelope: the ciphertext is empty")
-	case len(e.Ciphertext) > maxCiphertext:
-		return nil, Errorf(KindInvalid, "envelope: the ciphertext is %d bytes, more than any ciphertext of these parameters (%d)", len(e.Ciphertext), maxCiphertext)
+	if err := e.Check(maxCiphertext); err != nil {
+		return nil, err
 	}
 	return e, nil
+}
+
+// Check checks the form of every field; the ciphertext must be at most
+// maxCiphertext bytes.
+func (e *Envelope) Check(maxCiphertext int) error {
+	switch {
+	case ValidateName(e.Key) != nil:
+		return Errorf(KindInvalid, "envelope: key is not a valid key name")
+	case e.Version == 0 || e.Version > math.MaxUint32:
+		return Errorf(KindInvalid, "envelope: version must be a positive number")
+	case !paramsIDRE.MatchString(e.ParamsID):
+		return Errorf(KindInvalid, "envelope: params_id must be sha256:<64 hex digits>")
+	case e.Level < 0 || e.Level > 64:
+		return Errorf(KindInvalid, "envelope: level %d is out of range", e.Level)
+	case !(e.Scale >= 1) || math.IsInf(e.Scale, 0):
+		return Errorf(KindInvalid, "envelope: scale must be a finite number of at least 1")
+	case e.Slots < 1 || e.Slots > 1<<16:
+		return Errorf(KindInvalid, "envelope: slots must be from 1 to 65536")
+	case len(e.Ciphertext) == 0:
+		return Errorf(KindInvalid, "envelope: the ciphertext is empty")
+	case len(e.Ciphertext) > maxCiphertext:
+		return Errorf(KindInvalid, "envelope: the ciphertext is %d bytes, more than any ciphertext of these parameters (%d)", len(e.Ciphertext), maxCiphertext)
+	}
+	return nil
 }
 
 // clipErr keeps a decoder error short and free of echoed input.

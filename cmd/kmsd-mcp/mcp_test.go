@@ -57,7 +57,7 @@ type world struct {
 	adminc          *client.Client
 }
 
-func newWorld(t *testing.T) *world {
+func newWorld(t testing.TB) *world {
 	st, err := bolt.Open(filepath.Join(t.TempDir(), "kms.db"), bolt.Options{})
 	if err != nil {
 		t.Fatal(err)
@@ -96,7 +96,7 @@ func newWorld(t *testing.T) *world {
 	return w
 }
 
-func (w *world) token(t *testing.T, role string, keys ...string) string {
+func (w *world) token(t testing.TB, role string, keys ...string) string {
 	tok, err := w.adminc.CreateToken(context.Background(), client.CreateTokenRequest{Role: role, Keys: keys})
 	if err != nil {
 		t.Fatal(err)
@@ -107,7 +107,7 @@ func (w *world) token(t *testing.T, role string, keys ...string) string {
 // heKey makes a CKKS key with Galois keys for every power of two below
 // the slot count and a relinearization key; decryption keeps 40 bits, so
 // the comparisons below see the CKKS error, not the rounding.
-func (w *world) heKey(t *testing.T, name, preset string, slots int) {
+func (w *world) heKey(t testing.TB, name, preset string, slots int) {
 	var rot []int
 	for p := 1; p < slots; p *= 2 {
 		rot = append(rot, p)
@@ -125,7 +125,7 @@ func (w *world) heKey(t *testing.T, name, preset string, slots int) {
 }
 
 // keysFor fetches a key version's public material as a client would.
-func (w *world) keysFor(t *testing.T, name string, version uint64) *hekeys.Keys {
+func (w *world) keysFor(t testing.TB, name string, version uint64) *hekeys.Keys {
 	pub, _ := os.ReadFile(w.identityFile)
 	id, _ := base64.StdEncoding.DecodeString(string(pub))
 	f := &hekeys.Fetcher{BaseURL: w.url, Token: w.admin, IdentityKey: id, CacheDir: t.TempDir(), HTTP: w.adminc.HTTPClient()}
@@ -137,7 +137,7 @@ func (w *world) keysFor(t *testing.T, name string, version uint64) *hekeys.Keys 
 }
 
 // startHTTP runs kmsd-mcp in this process on 127.0.0.1 and returns its /mcp URL.
-func (w *world) startHTTP(t *testing.T, extra ...string) string {
+func (w *world) startHTTP(t testing.TB, extra ...string) string {
 	ctx, cancel := context.WithCancel(context.Background())
 	ready := make(chan string, 1)
 	done := make(chan error, 1)
@@ -174,7 +174,7 @@ func (b bearer) RoundTrip(r *http.Request) (*http.Response, error) {
 	return b.next.RoundTrip(r)
 }
 
-func connectHTTP(t *testing.T, url, token string) *mcp.ClientSession {
+func connectHTTP(t testing.TB, url, token string) *mcp.ClientSession {
 	c := mcp.NewClient(&mcp.Implementation{Name: "test", Version: "1"}, nil)
 	s, err := c.Connect(context.Background(), &mcp.StreamableClientTransport{Endpoint: url, HTTPClient: &http.Client{Transport: bearer{token, http.DefaultTransport}}}, nil)
 	if err != nil {
@@ -185,7 +185,7 @@ func connectHTTP(t *testing.T, url, token string) *mcp.ClientSession {
 }
 
 // call calls a tool and returns its structured result, or the tool error.
-func call(t *testing.T, s *mcp.ClientSession, tool string, args any) (map[string]any, string) {
+func call(t testing.TB, s *mcp.ClientSession, tool string, args any) (map[string]any, string) {
 	t.Helper()
 	res, err := s.CallTool(context.Background(), &mcp.CallToolParams{Name: tool, Arguments: args})
 	if err != nil {
@@ -207,7 +207,7 @@ func call(t *testing.T, s *mcp.ClientSession, tool string, args any) (map[string
 }
 
 // envelopeOf turns a tool result's "ciphertext" back into an envelope.
-func envelopeOf(t *testing.T, out map[string]any) *client.Envelope {
+func envelopeOf(t testing.TB, out map[string]any) *client.Envelope {
 	t.Helper()
 	b, _ := json.Marshal(out["ciphertext"])
 	env, err := hekeys.ParseEnvelope(b)
