@@ -693,3 +693,30 @@ func TestInspectorCLI(t *testing.T) {
 		t.Fatalf("the Inspector listed tools without a token:\n%s", out)
 	}
 }
+
+// TestBadSettings: kmsd-mcp refuses a missing key, a missing pinned
+// identity, a non-loopback HTTP address, a bad environment value and a
+// missing token, each naming the setting.
+func TestBadSettings(t *testing.T) {
+	idFile := filepath.Join(t.TempDir(), "id.pub")
+	os.WriteFile(idFile, []byte("AAAA"), 0o600)
+	for _, c := range []struct {
+		args []string
+		env  map[string]string
+		want string
+	}{
+		{[]string{"--identity-key-file", idFile}, nil, "--key"},
+		{[]string{"--key", "k"}, nil, "--identity-key-file is required"},
+		{[]string{"--key", "k", "--identity-key-file", idFile, "--http", "0.0.0.0:8421"}, nil, "loopback address only"},
+		{[]string{"--key", "k", "--identity-key-file", idFile}, map[string]string{"KMSD_MCP_REFRESH": "soon"}, `KMSD_MCP_REFRESH="soon"`},
+		{[]string{"--key", "k", "--identity-key-file", idFile}, nil, "no token"},
+		{[]string{"--key", "k", "--identity-key-file", idFile, "--token-file", "/nonexistent/token"}, nil, "--token-file"},
+		{[]string{"--key", "k", "--identity-key-file", idFile, "extra"}, nil, "unexpected argument"},
+	} {
+		var stderr testutil.Buffer
+		err := run(context.Background(), c.args, func(k string) string { return c.env[k] }, nil, nil, &stderr, nil)
+		if err == nil || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("%v %v: %v, want %q", c.args, c.env, err, c.want)
+		}
+	}
+}
