@@ -174,7 +174,7 @@ var heCommands = []command{
 			if err != nil {
 				return 0, usageError{err.Error()}
 			}
-			vals, err := e.c.Decrypt(e.ctx, envl)
+			vals, err := hekeys.Decrypt(e.ctx, e.c, envl)
 			if err != nil {
 				return 0, err
 			}

@@ -1,6 +1,7 @@
 package hekeys
 
 import (
+	"context"
 	"fmt"
 
 	"github.com/tuneinsight/lattigo/v6/core/rlwe"
@@ -72,4 +73,12 @@ func (k *Keys) Open(env *client.Envelope) (*rlwe.Ciphertext, error) {
 		return nil, err
 	}
 	return he.OpenEnvelope(k.rlweParams(), env)
+}
+
+// Decrypt has kmsd decrypt an envelope with the key version it names and
+// returns the slots in use. c needs a decryptor (or admin) token for the
+// key; the secret key never leaves kmsd, and each call counts against the
+// version's decrypt budget.
+func Decrypt(ctx context.Context, c *client.Client, env *client.Envelope) ([]float64, error) {
+	return c.Decrypt(ctx, env)
 }
