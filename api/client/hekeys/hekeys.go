@@ -123,20 +123,16 @@ func (f *Fetcher) getAll(ctx context.Context, path string) ([]byte, error) {
 
 // Fetch returns the verified keys of version (0: primary) of key name.
 func (f *Fetcher) Fetch(ctx context.Context, name string, version uint64) (*Keys, error) {
-	k := &Keys{}
-	raw, _, err := f.manifest(ctx, name, version)
-	if err != nil {
-		return nil, err
-	}
-	if err := json.Unmarshal(raw, &k.Manifest); err != nil {
-		return nil, verifyErr("malformed manifest")
-	}
-	return f.keys(ctx, k, true)
+	return f.fetch(ctx, name, version, true)
 }
 
 // FetchPublic is Fetch without the evaluation keys: the verified manifest,
 // parameters and public key, all an encrypting party needs.
 func (f *Fetcher) FetchPublic(ctx context.Context, name string, version uint64) (*Keys, error) {
+	return f.fetch(ctx, name, version, false)
+}
+
+func (f *Fetcher) fetch(ctx context.Context, name string, version uint64, evaluation bool) (*Keys, error) {
 	k := &Keys{}
 	raw, _, err := f.manifest(ctx, name, version)
 	if err != nil {
@@ -145,7 +141,7 @@ func (f *Fetcher) FetchPublic(ctx context.Context, name string, version uint64) 
 	if err := json.Unmarshal(raw, &k.Manifest); err != nil {
 		return nil, verifyErr("malformed manifest")
 	}
-	return f.keys(ctx, k, false)
+	return f.keys(ctx, k, evaluation)
 }
 
 // Download fetches and verifies the manifest of version (0: primary) of
