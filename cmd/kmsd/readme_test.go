@@ -11,6 +11,7 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/kmsd-project/kmsd/internal/testutil"
 )
@@ -126,6 +127,9 @@ func TestREADMERunsAsWritten(t *testing.T) {
 	// Its own process group: whatever a block starts in the background
 	// (kmsd-mcp) is killed with it.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	// A background process left by a failed block keeps the output pipe
+	// open: stop waiting for it soon after bash exits.
+	cmd.WaitDelay = 5 * time.Second
 	t.Cleanup(func() {
 		if cmd.Process != nil {
 			syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
