@@ -27,9 +27,9 @@ import (
 
 	"github.com/kmsd-project/kmsd/api"
 	"github.com/kmsd-project/kmsd/audit"
-	"github.com/kmsd-project/kmsd/he"
 	"github.com/kmsd-project/kmsd/hsm"
 	"github.com/kmsd-project/kmsd/hsm/softhsm"
+	"github.com/kmsd-project/kmsd/internal/app"
 	"github.com/kmsd-project/kmsd/internal/fileutil"
 	"github.com/kmsd-project/kmsd/internal/tlsutil"
 	"github.com/kmsd-project/kmsd/kms"
@@ -437,66 +437,18 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 	if !audited {
 		log.Warn("AUDIT LOG OFF: KMSD_BENCHMARK_UNAUDITED=1 is for benchmarks only; requests are not recorded")
 	}
-	blobs, err := he.OpenBlobStore(filepath.Join(c.dataDir, "blobs"))
-	if err != nil {
-		return fmt.Errorf("blob store: %w", err)
-	}
-	kinds := kms.NewRegistry(append(pqc.Kinds(), he.Kinds(blobs, c.heWorkers)...)...)
-	svc, err := kms.NewService(kms.Config{Store: store, Sealer: sealer, Kinds: kinds, Logger: log, CacheTTL: ttl, Audit: audited,
-		MaxTokenTTL:    c.maxTokenTTL,
-		MaxKeysetBytes: c.maxKeysetMiB << 20, MaxGenerations: c.heGenerations, AsyncKeysetBytes: c.asyncKeysetMiB << 20})
-	if err != nil {
-		return err
-	}
-	// Blobs of a generation a crash interrupted belong to no committed
-	// version: remove them before serving.
-	keep, err := svc.ReferencedBlobs(ctx)
-	if err != nil {
-		return err
-	}
-	keepD := map[he.Digest]bool{}
-	for d := range keep {
-		keepD[he.Digest(d)] = true
-	}
-	if n, err := blobs.RemoveOrphans(keepD); err != nil {
-		return fmt.Errorf("blob store: %w", err)
-	} else if n > 0 {
-		log.Info("removed blobs no committed version lists (an interrupted generation)", "count", n)
-	}
-	if err := svc.EnsureIdentity(ctx); err != nil {
-		return fmt.Errorf("identity key: %w", err)
-	}
 	tokenPath := filepath.Join(c.dataDir, "admin.token")
-	made, err := svc.EnsureAdminToken(ctx, func(tok string) error {
-		return fileutil.WriteAtomic(tokenPath, []byte(tok+"\n"), 0o600)
-	})
-	if err != nil {
-		return fmt.Errorf("admin token: %w", err)
-	}
-	if made {
-		log.Info("wrote the bootstrap admin token", "path", tokenPath)
-	}
-
-	_, idPub, err := svc.Identity(ctx)
-	if err != nil {
-		return fmt.Errorf("identity key: %w", err)
-	}
-	alog := audit.New(audit.Config{
-		Store: store, PublicKey: idPub, Every: c.auditEvery, Interval: c.auditInterval, Logger: log,
-		Sign: func(ctx context.Context, msg []byte) ([]byte, error) {
-			sig, _, err := svc.SignAsIdentity(ctx, msg, nil)
-			return sig, err
+	cfg := app.Config{
+		Store: store, AuditStore: store, Sealer: sealer, BlobDir: filepath.Join(c.dataDir, "blobs"), HEWorkers: c.heWorkers, Logger: log,
+		Service: kms.Config{CacheTTL: ttl, MaxTokenTTL: c.maxTokenTTL,
+			MaxKeysetBytes: c.maxKeysetMiB << 20, MaxGenerations: c.heGenerations, AsyncKeysetBytes: c.asyncKeysetMiB << 20},
+		Unaudited: !audited, AuditEvery: c.auditEvery, AuditInterval: c.auditInterval,
+		API:             api.Options{UnauthRate: c.unauthRate, UnauthBurst: c.unauthBurst, TokenRate: c.tokenRate},
+		DestroyInterval: c.destroyInterval,
+		AdminToken: func(tok string) error {
+			return fileutil.WriteAtomic(tokenPath, []byte(tok+"\n"), 0o600)
 		},
-	})
-	// Background operations (large HE generations) end with the server: an
-	// interrupted one commits nothing and its blobs are removed.
-	bgctx, bgcancel := context.WithCancel(context.Background())
-	defer bgcancel()
-	opts := api.Options{Audit: store, Prover: alog, Blobs: blobSource{blobs}, Background: bgctx}
-	if !audited {
-		opts = api.Options{Blobs: blobSource{blobs}, Background: bgctx}
 	}
-	opts.UnauthRate, opts.UnauthBurst, opts.TokenRate = c.unauthRate, c.unauthBurst, c.tokenRate
 	if c.auditStream != "" {
 		var w io.Writer = os.Stdout
 		if c.auditStream != "-" {
@@ -509,21 +461,16 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 		}
 		stream := audit.NewStream(w, c.auditStreamWait, 4096, log)
 		defer stream.Close()
-		opts.Stream = stream
+		cfg.API.Stream = stream
 	}
-	actx, acancel := context.WithCancel(context.Background())
-	adone := make(chan struct{})
-	go func() {
-		defer close(adone)
-		if audited {
-			alog.Run(actx)
-		}
-	}()
-	// The last checkpoint is signed after requests drained, before the
-	// store and the HSM close.
-	defer func() { acancel(); <-adone }()
-
-	apiSrv := api.New(svc, log, opts)
+	a, err := app.New(ctx, cfg)
+	if err != nil {
+		return err
+	}
+	if a.AdminTokenMade {
+		log.Info("wrote the bootstrap admin token", "path", tokenPath)
+	}
+	apiSrv := a.API
 	var tlsCfg *tls.Config
 	if !c.insecureHTTP {
 		certFile, keyFile := c.tlsCert, c.tlsKey
@@ -588,21 +535,11 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
 		TLSConfig:         tlsCfg,
 	}
-	mctx, mcancel := context.WithCancel(context.Background())
-	mdone := make(chan struct{})
-	go func() { defer close(mdone); svc.RunMaintenance(mctx, c.destroyInterval) }()
-	rdone := make(chan struct{})
-	go func() { defer close(rdone); apiSrv.Run(mctx) }() // summaries of refused requests
-	// Stop the maintenance loop before the store and the HSM close, then
-	// write down the token uses it had not.
-	defer func() {
-		mcancel()
-		<-mdone
-		<-rdone
-		if err := svc.FlushTokenUse(context.Background()); err != nil {
-			log.Warn("writing down token use", "err", err)
-		}
-	}()
+	// Background work (checkpoints, destruction, refusal summaries) stops
+	// after requests drained and before the store and the HSM close; the
+	// last checkpoint and the token uses are written down then.
+	a.Start()
+	defer a.Close()
 
 	errc := make(chan error, 1)
 	scheme := "https"
@@ -631,11 +568,6 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 		"audit_wal_syncs", store.WALSyncs(), "fsyncs", store.Fsyncs(), "audit_flush_errors", store.FlushErrors(), "audit_wal_recreated", store.WALRecreated())
 	return nil
 }
-
-// blobSource adapts the HE blob store to the API.
-type blobSource struct{ s *he.BlobStore }
-
-func (b blobSource) Open(digest string) (*os.File, error) { return b.s.Open(he.Digest(digest)) }
 
 // localHosts are the names the local server certificate covers: localhost,
 // 127.0.0.1 and ::1, and the host of the listen address when it names one.

@@ -1,0 +1,199 @@
+// Package app is the one place that wires kmsd's stack: the HE blob store,
+// the key kinds, the service over a store and a sealer, start-up recovery
+// (blobs no committed version lists), the identity and bootstrap admin
+// token, the audit log and its checkpoints, the REST API, and the
+// background work (scheduled destruction, refusal summaries, token-use
+// flushes). kmsd, kmsbench and the tests build through it; transports
+// (TLS, listeners) stay with their callers.
+package app
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"os"
+	"time"
+
+	"github.com/kmsd-project/kmsd/api"
+	"github.com/kmsd-project/kmsd/audit"
+	"github.com/kmsd-project/kmsd/he"
+	"github.com/kmsd-project/kmsd/kms"
+	"github.com/kmsd-project/kmsd/kms/pqc"
+)
+
+// Config is what New wires.
+type Config struct {
+	Store      kms.Store
+	AuditStore kms.AuditStore // the audit log's store (the bbolt store, or a wrapper of it); required unless Unaudited
+	Sealer     kms.Sealer
+	BlobDir    string // HE public and evaluation keys; empty: no HE kinds
+	HEWorkers  int    // goroutines per HE keyset generation; 0: one per core
+	Logger     *slog.Logger
+	// Service tunes the service; New sets its Store, Sealer, Kinds, Logger
+	// and Audit.
+	Service kms.Config
+	// Unaudited turns the audit log off: for benchmarks that measure what
+	// it costs, never for kmsd serving.
+	Unaudited     bool
+	AuditEvery    uint64
+	AuditInterval time.Duration
+	// API tunes the API (limits, stream); New sets Audit, Prover, Blobs
+	// and Background.
+	API api.Options
+	// AdminToken receives the bootstrap admin token when a new data dir
+	// gets one.
+	AdminToken      func(token string) error
+	DestroyInterval time.Duration // default 1 minute
+}
+
+// App is a wired kmsd.
+type App struct {
+	Service        *kms.Service
+	Audit          *audit.Log // nil when unaudited
+	Blobs          *he.BlobStore
+	API            *api.Server
+	Identity       []byte // the identity public key
+	OrphansRemoved int    // blobs of interrupted generations removed at start
+	AdminTokenMade bool
+
+	cfg     Config
+	log     *slog.Logger
+	bgStop  context.CancelFunc
+	bgCtx   context.Context
+	stop    context.CancelFunc
+	started bool
+	done    []chan struct{}
+}
+
+// blobSource adapts the HE blob store to the API.
+type blobSource struct{ s *he.BlobStore }
+
+func (b blobSource) Open(digest string) (*os.File, error) { return b.s.Open(he.Digest(digest)) }
+
+// New wires the stack and does start-up recovery; nothing runs in the
+// background until Start.
+func New(ctx context.Context, cfg Config) (*App, error) {
+	log := cfg.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	if cfg.Store == nil || cfg.Sealer == nil {
+		return nil, fmt.Errorf("app: a store and a sealer are required")
+	}
+	if !cfg.Unaudited && cfg.AuditStore == nil {
+		return nil, fmt.Errorf("app: an audit store is required (Unaudited is for benchmarks only)")
+	}
+	a := &App{cfg: cfg, log: log}
+	kinds := pqc.Kinds()
+	if cfg.BlobDir != "" {
+		blobs, err := he.OpenBlobStore(cfg.BlobDir)
+		if err != nil {
+			return nil, fmt.Errorf("blob store: %w", err)
+		}
+		a.Blobs = blobs
+		kinds = append(kinds, he.Kinds(blobs, cfg.HEWorkers)...)
+	}
+	sc := cfg.Service
+	sc.Store, sc.Sealer, sc.Kinds, sc.Logger, sc.Audit = cfg.Store, cfg.Sealer, kms.NewRegistry(kinds...), log, !cfg.Unaudited
+	svc, err := kms.NewService(sc)
+	if err != nil {
+		return nil, err
+	}
+	a.Service = svc
+	if a.Blobs != nil {
+		// Blobs of a generation a crash interrupted belong to no committed
+		// version: remove them before serving.
+		keep, err := svc.ReferencedBlobs(ctx)
+		if err != nil {
+			return nil, err
+		}
+		keepD := map[he.Digest]bool{}
+		for d := range keep {
+			keepD[he.Digest(d)] = true
+		}
+		if a.OrphansRemoved, err = a.Blobs.RemoveOrphans(keepD); err != nil {
+			return nil, fmt.Errorf("blob store: %w", err)
+		}
+		if a.OrphansRemoved > 0 {
+			log.Info("removed blobs no committed version lists (an interrupted generation)", "count", a.OrphansRemoved)
+		}
+	}
+	if err := svc.EnsureIdentity(ctx); err != nil {
+		return nil, fmt.Errorf("identity key: %w", err)
+	}
+	if cfg.AdminToken != nil {
+		if a.AdminTokenMade, err = svc.EnsureAdminToken(ctx, cfg.AdminToken); err != nil {
+			return nil, fmt.Errorf("admin token: %w", err)
+		}
+	}
+	if _, a.Identity, err = svc.Identity(ctx); err != nil {
+		return nil, fmt.Errorf("identity key: %w", err)
+	}
+	// Background operations (large HE generations) end with the app: an
+	// interrupted one commits nothing and its blobs are removed at the
+	// next start.
+	a.bgCtx, a.bgStop = context.WithCancel(context.Background())
+	opts := cfg.API
+	opts.Background = a.bgCtx
+	if a.Blobs != nil {
+		opts.Blobs = blobSource{a.Blobs}
+	}
+	if !cfg.Unaudited {
+		a.Audit = audit.New(audit.Config{Store: cfg.AuditStore, PublicKey: a.Identity, Every: cfg.AuditEvery, Interval: cfg.AuditInterval, Logger: log,
+			Sign: func(ctx context.Context, msg []byte) ([]byte, error) {
+				sig, _, err := svc.SignAsIdentity(ctx, msg, nil)
+				return sig, err
+			}})
+		opts.Audit, opts.Prover = cfg.AuditStore, a.Audit
+	} else {
+		opts.Audit, opts.Prover = nil, nil
+	}
+	a.API = api.New(svc, log, opts)
+	return a, nil
+}
+
+// Handler is the REST API.
+func (a *App) Handler() http.Handler { return a.API.Handler() }
+
+// Start runs the background work: audit checkpoints, scheduled
+// destruction, the summaries of refused requests.
+func (a *App) Start() {
+	if a.started {
+		return
+	}
+	a.started = true
+	ctx, cancel := context.WithCancel(context.Background())
+	a.stop = cancel
+	interval := a.cfg.DestroyInterval
+	if interval <= 0 {
+		interval = time.Minute
+	}
+	run := func(f func()) {
+		d := make(chan struct{})
+		a.done = append(a.done, d)
+		go func() { defer close(d); f() }()
+	}
+	if a.Audit != nil {
+		run(func() { a.Audit.Run(ctx) }) // signs a last checkpoint when ctx ends
+	}
+	run(func() { a.Service.RunMaintenance(ctx, interval) })
+	run(func() { a.API.Run(ctx) })
+}
+
+// Close stops background operations and the background work, signs the
+// last checkpoint and writes down token uses; call it after the HTTP
+// server drained and before the store and the sealer close.
+func (a *App) Close() {
+	a.bgStop()
+	if a.stop != nil {
+		a.stop()
+	}
+	for _, d := range a.done {
+		<-d
+	}
+	a.done = nil
+	if err := a.Service.FlushTokenUse(context.Background()); err != nil {
+		a.log.Warn("writing down token use", "err", err)
+	}
+}
