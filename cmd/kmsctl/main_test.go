@@ -16,15 +16,13 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/kmsd-project/kmsd/api"
 	"github.com/kmsd-project/kmsd/api/client"
 	"github.com/kmsd-project/kmsd/audit"
-	"github.com/kmsd-project/kmsd/he"
+	"github.com/kmsd-project/kmsd/internal/app"
 	"github.com/kmsd-project/kmsd/internal/testhsm"
 	"github.com/kmsd-project/kmsd/internal/testutil"
 	"github.com/kmsd-project/kmsd/kms"
 	"github.com/kmsd-project/kmsd/kms/bolt"
-	"github.com/kmsd-project/kmsd/kms/pqc"
 )
 
 func TestMain(m *testing.M) { testhsm.Main(m) }
@@ -42,34 +40,20 @@ func auditedServer(t *testing.T) (string, string, *audit.Log) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { st.Close() })
-	blobs, err := he.OpenBlobStore(filepath.Join(t.TempDir(), "blobs"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	svc, err := kms.NewService(kms.Config{Store: st, Sealer: testhsm.Open(t), Kinds: kms.NewRegistry(append(pqc.Kinds(), he.Kinds(blobs, 0)...)...), Audit: true,
-		AsyncKeysetBytes: 1 << 20}) // HE keysets in these tests go to the background
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx := context.Background()
-	svc.EnsureIdentity(ctx)
 	var admin string
-	svc.EnsureAdminToken(ctx, func(tok string) error { admin = tok; return nil })
-	_, pub, _ := svc.Identity(ctx)
-	alog := audit.New(audit.Config{Store: st, PublicKey: pub, Sign: func(ctx context.Context, m []byte) ([]byte, error) {
-		sig, _, err := svc.SignAsIdentity(ctx, m, nil)
-		return sig, err
-	}})
+	a, err := app.New(context.Background(), app.Config{Store: st, AuditStore: st, Sealer: testhsm.Open(t), BlobDir: filepath.Join(t.TempDir(), "blobs"),
+		Service:    kms.Config{AsyncKeysetBytes: 1 << 20}, // HE keysets in these tests go to the background
+		AdminToken: func(tok string) error { admin = tok; return nil }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(a.Close)
 	// HTTPS with kmsd's TLS configuration; kmsctl trusts the test CA
 	// through KMS_CACERT (see kmsctl below).
-	srv, caFile := testutil.TLSServer(t, api.New(svc, nil, api.Options{Audit: st, Prover: alog, Blobs: blobSource{blobs}}).Handler())
+	srv, caFile := testutil.TLSServer(t, a.Handler())
 	testCA = caFile
-	return srv.URL, admin, alog
+	return srv.URL, admin, a.Audit
 }
-
-type blobSource struct{ s *he.BlobStore }
-
-func (b blobSource) Open(d string) (*os.File, error) { return b.s.Open(he.Digest(d)) }
 
 // testCA is the CA of the current test's server (tests run one at a time).
 var testCA string

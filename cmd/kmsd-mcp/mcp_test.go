@@ -17,16 +17,13 @@ import (
 
 	"github.com/modelcontextprotocol/go-sdk/mcp"
 
-	"github.com/kmsd-project/kmsd/api"
 	"github.com/kmsd-project/kmsd/api/client"
 	"github.com/kmsd-project/kmsd/api/client/hekeys"
-	"github.com/kmsd-project/kmsd/audit"
 	"github.com/kmsd-project/kmsd/he"
+	"github.com/kmsd-project/kmsd/internal/app"
 	"github.com/kmsd-project/kmsd/internal/testhsm"
 	"github.com/kmsd-project/kmsd/internal/testutil"
-	"github.com/kmsd-project/kmsd/kms"
 	"github.com/kmsd-project/kmsd/kms/bolt"
-	"github.com/kmsd-project/kmsd/kms/pqc"
 )
 
 var mcpBin string
@@ -44,10 +41,6 @@ func TestMain(m *testing.M) {
 	testhsm.Main(m)
 }
 
-type blobSource struct{ s *he.BlobStore }
-
-func (b blobSource) Open(d string) (*os.File, error) { return b.s.Open(he.Digest(d)) }
-
 // world is kmsd (the real API over HTTPS on 127.0.0.1, SoftHSM, bbolt)
 // with what a kmsd-mcp deployment needs on disk.
 type world struct {
@@ -63,24 +56,16 @@ func newWorld(t testing.TB) *world {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { st.Close() })
-	blobs, err := he.OpenBlobStore(filepath.Join(t.TempDir(), "blobs"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	svc, err := kms.NewService(kms.Config{Store: st, Sealer: testhsm.Open(t), Kinds: kms.NewRegistry(append(pqc.Kinds(), he.Kinds(blobs, 0)...)...), Audit: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx := context.Background()
-	svc.EnsureIdentity(ctx)
 	w := &world{}
-	svc.EnsureAdminToken(ctx, func(tok string) error { w.admin = tok; return nil })
-	_, pub, _ := svc.Identity(ctx)
-	alog := audit.New(audit.Config{Store: st, PublicKey: pub, Sign: func(ctx context.Context, m []byte) ([]byte, error) {
-		sig, _, err := svc.SignAsIdentity(ctx, m, nil)
-		return sig, err
-	}})
-	srv, caFile := testutil.TLSServer(t, api.New(svc, nil, api.Options{Audit: st, Prover: alog, Blobs: blobSource{blobs}}).Handler())
+	a, err := app.New(context.Background(), app.Config{Store: st, AuditStore: st, Sealer: testhsm.Open(t), BlobDir: filepath.Join(t.TempDir(), "blobs"),
+		AdminToken: func(tok string) error { w.admin = tok; return nil }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(a.Close)
+	ctx := context.Background()
+	pub := a.Identity
+	srv, caFile := testutil.TLSServer(t, a.Handler())
 	w.url, w.ca = srv.URL, caFile
 	cfg, _ := client.TLSConfig(caFile, "", "")
 	w.adminc, _ = client.New(w.url, w.admin, client.WithTLS(cfg))
