@@ -12,7 +12,6 @@ import (
 	"encoding/json"
 	"flag"
 	"fmt"
-	"log/slog"
 	"net"
 	"net/http"
 	"os"
@@ -28,15 +27,13 @@ import (
 
 	"github.com/cloudflare/circl/sign/mldsa/mldsa65"
 
-	"github.com/kmsd-project/kmsd/api"
 	"github.com/kmsd-project/kmsd/api/client"
-	"github.com/kmsd-project/kmsd/audit"
 	"github.com/kmsd-project/kmsd/he"
 	"github.com/kmsd-project/kmsd/hsm"
+	"github.com/kmsd-project/kmsd/internal/app"
 	"github.com/kmsd-project/kmsd/hsm/softhsm"
 	"github.com/kmsd-project/kmsd/kms"
 	"github.com/kmsd-project/kmsd/kms/bolt"
-	"github.com/kmsd-project/kmsd/kms/pqc"
 )
 
 func main() {
@@ -131,45 +128,26 @@ func newServer(dir string, sealer *hsm.Sealer, ttl time.Duration, audited, noIO 
 	if err != nil {
 		return nil, err
 	}
-	svc, err := kms.NewService(kms.Config{Store: store, Sealer: sealer, Kinds: kms.NewRegistry(pqc.Kinds()...), CacheTTL: ttl, Audit: audited})
+	ctx := context.Background()
+	var admin string
+	cfg := app.Config{Store: store, AuditStore: store, Sealer: sealer, Service: kms.Config{CacheTTL: ttl}, Unaudited: !audited,
+		AdminToken: func(t string) error { admin = t; return nil }}
+	if audited && noIO {
+		cfg.AuditStore = ackWithoutIO{store}
+	}
+	a, err := app.New(ctx, cfg)
 	if err != nil {
 		return nil, err
 	}
-	ctx := context.Background()
-	var admin string
-	if err := svc.EnsureIdentity(ctx); err != nil {
-		return nil, err
-	}
-	if _, err := svc.EnsureAdminToken(ctx, func(t string) error { admin = t; return nil }); err != nil {
-		return nil, err
-	}
-	var opts api.Options
-	acancel := func() {}
-	if audited {
-		_, pub, err := svc.Identity(ctx)
-		if err != nil {
-			return nil, err
-		}
-		alog := audit.New(audit.Config{Store: store, PublicKey: pub, Sign: func(ctx context.Context, m []byte) ([]byte, error) {
-			sig, _, err := svc.SignAsIdentity(ctx, m, nil)
-			return sig, err
-		}})
-		actx, cancel := context.WithCancel(ctx)
-		acancel = cancel
-		go alog.Run(actx)
-		opts = api.Options{Audit: store, Prover: alog}
-		if noIO {
-			opts.Audit = ackWithoutIO{store}
-		}
-	}
+	a.Start()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		return nil, err
 	}
-	srv := &http.Server{Handler: api.New(svc, slog.New(slog.DiscardHandler), opts).Handler()}
+	srv := &http.Server{Handler: a.Handler()}
 	go srv.Serve(ln)
 	s := &server{base: "http://" + ln.Addr().String(), admin: admin, store: store}
-	s.close = func() { srv.Close(); acancel(); store.Close() }
+	s.close = func() { srv.Close(); a.Close(); store.Close() }
 	c, _ := client.New(s.base, admin)
 	if _, err := c.CreateKey(ctx, client.CreateKeyRequest{Name: "bench", Kind: "ml-dsa-65"}); err != nil {
 		return nil, err
