@@ -28,11 +28,11 @@ import (
 	"github.com/kmsd-project/kmsd/api/client"
 	"github.com/kmsd-project/kmsd/audit"
 	"github.com/kmsd-project/kmsd/he"
+	"github.com/kmsd-project/kmsd/internal/app"
 	"github.com/kmsd-project/kmsd/internal/testhsm"
 	"github.com/kmsd-project/kmsd/internal/testutil"
 	"github.com/kmsd-project/kmsd/kms"
 	"github.com/kmsd-project/kmsd/kms/bolt"
-	"github.com/kmsd-project/kmsd/kms/pqc"
 )
 
 func TestMain(m *testing.M) { testhsm.Main(m) }
@@ -116,40 +116,24 @@ func newEnvWith(t *testing.T, wrapSealer func(kms.Sealer) kms.Sealer, wrapStore 
 		store = wrapStore(store)
 	}
 	e.blobDir = filepath.Join(t.TempDir(), "blobs")
-	e.blobs, err = he.OpenBlobStore(e.blobDir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	kinds := kms.NewRegistry(append(pqc.Kinds(), he.Kinds(e.blobs, 2)...)...)
-	e.svc, err = kms.NewService(kms.Config{Store: store, Sealer: sealer, Kinds: kinds, Clock: e.clock, Rand: e.rand, CacheTTL: -1, Audit: true,
-		AsyncKeysetBytes: testAsyncKeysetBytes})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := e.svc.EnsureIdentity(context.Background()); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := e.svc.EnsureAdminToken(context.Background(), func(tok string) error { e.admin = tok; return nil }); err != nil {
-		t.Fatal(err)
-	}
-	_, idPub, err := e.svc.Identity(context.Background())
-	if err != nil {
-		t.Fatal(err)
-	}
-	e.alog = audit.New(audit.Config{Store: st, PublicKey: idPub, Sign: func(ctx context.Context, msg []byte) ([]byte, error) {
-		sig, _, err := e.svc.SignAsIdentity(ctx, msg, nil)
-		return sig, err
-	}})
-	e.idPub = idPub
 	var auditStore kms.AuditStore = st
 	if wrapAudit != nil {
 		auditStore = wrapAudit(st)
 	}
-	opts := api.Options{Audit: auditStore, Prover: e.alog, Stream: e.stream, Blobs: blobSource{e.blobs}}
+	cfg := app.Config{Store: store, AuditStore: auditStore, Sealer: sealer, BlobDir: e.blobDir, HEWorkers: 2,
+		Logger:     slog.New(slog.NewJSONHandler(e.log, nil)),
+		Service:    kms.Config{Clock: e.clock, Rand: e.rand, CacheTTL: -1, AsyncKeysetBytes: testAsyncKeysetBytes},
+		API:        api.Options{Stream: e.stream},
+		AdminToken: func(tok string) error { e.admin = tok; return nil }}
 	if testOptions != nil {
-		testOptions(&opts)
+		testOptions(&cfg.API)
 	}
-	e.api = api.New(e.svc, slog.New(slog.NewJSONHandler(e.log, nil)), opts)
+	a, err := app.New(context.Background(), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(a.Close)
+	e.svc, e.alog, e.blobs, e.api, e.idPub = a.Service, a.Audit, a.Blobs, a.API, a.Identity
 	// HTTPS with kmsd's own TLS configuration, under a CA made for the test.
 	srv, caFile := testutil.TLSServer(t, e.api.Handler())
 	e.url = srv.URL
