@@ -30,8 +30,8 @@ import (
 	"github.com/kmsd-project/kmsd/api/client"
 	"github.com/kmsd-project/kmsd/he"
 	"github.com/kmsd-project/kmsd/hsm"
-	"github.com/kmsd-project/kmsd/internal/app"
 	"github.com/kmsd-project/kmsd/hsm/softhsm"
+	"github.com/kmsd-project/kmsd/internal/app"
 	"github.com/kmsd-project/kmsd/kms"
 	"github.com/kmsd-project/kmsd/kms/bolt"
 )
