@@ -1,0 +1,55 @@
+package app
+
+import (
+	"context"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/kmsd-project/kmsd/internal/testhsm"
+	"github.com/kmsd-project/kmsd/kms/bolt"
+)
+
+func TestMain(m *testing.M) { testhsm.Main(m) }
+
+// TestSetupErrorsAreMessages: a missing part is an error naming it, never
+// a nil-pointer panic; a wired app starts and closes cleanly (twice over).
+func TestSetupErrorsAreMessages(t *testing.T) {
+	st, err := bolt.Open(filepath.Join(t.TempDir(), "kms.db"), bolt.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	sealer := testhsm.Open(t)
+	for _, c := range []struct {
+		cfg  Config
+		want string
+	}{
+		{Config{Sealer: sealer, AuditStore: st}, "a store and a sealer are required"},
+		{Config{Store: st, AuditStore: st}, "a store and a sealer are required"},
+		{Config{Store: st, Sealer: sealer}, "an audit store is required"},
+	} {
+		if _, err := New(context.Background(), c.cfg); err == nil || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("%+v: %v, want %q", c.cfg, err, c.want)
+		}
+	}
+	var admin string
+	a, err := New(context.Background(), Config{Store: st, AuditStore: st, Sealer: sealer, BlobDir: filepath.Join(t.TempDir(), "blobs"),
+		AdminToken: func(tok string) error { admin = tok; return nil }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !a.AdminTokenMade || !strings.HasPrefix(admin, "kms_") || len(a.Identity) == 0 || a.Audit == nil || a.Blobs == nil || a.Handler() == nil {
+		t.Fatalf("wired app: %+v", a)
+	}
+	a.Start()
+	a.Start()
+	a.Close()
+	a.Close()
+	// A second start on the same store makes no second admin token.
+	b, err := New(context.Background(), Config{Store: st, AuditStore: st, Sealer: sealer, AdminToken: func(string) error { t.Fatal("a second admin token"); return nil }})
+	if err != nil || b.AdminTokenMade || b.Blobs != nil {
+		t.Fatalf("second start: %+v %v", b, err)
+	}
+	b.Close()
+}
