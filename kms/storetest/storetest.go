@@ -418,6 +418,57 @@ func Run(t *testing.T, open func(t *testing.T) kms.Store) {
 		}
 	})
 
+	t.Run("BlobOwner", func(t *testing.T) {
+		s := open(t)
+		if _, err := s.BlobOwner(ctx, "sha256:none"); !errors.Is(err, kms.ErrNotFound) {
+			t.Fatalf("an unknown blob: %v, want ErrNotFound", err)
+		}
+		v1 := version(1)
+		v1.Blobs = []string{"sha256:a1", "sha256:a2"}
+		if err := s.CreateKey(ctx, key("he-a"), v1, nil); err != nil {
+			t.Fatal(err)
+		}
+		// A version added by an update is indexed in the same transaction;
+		// an update that fails indexes nothing.
+		err := s.UpdateKey(ctx, "he-a", func(tx kms.KeyTx) ([]*kms.AuditRecord, error) {
+			k := tx.Key()
+			v := version(k.Latest + 1)
+			v.Blobs = []string{"sha256:never"}
+			if err := tx.AddVersion(v); err != nil {
+				return nil, err
+			}
+			return nil, errors.New("refused")
+		})
+		if err == nil {
+			t.Fatal("the failing update succeeded")
+		}
+		if _, err := s.BlobOwner(ctx, "sha256:never"); !errors.Is(err, kms.ErrNotFound) {
+			t.Fatalf("a blob of a rolled-back version is indexed: %v", err)
+		}
+		if err := s.UpdateKey(ctx, "he-a", func(tx kms.KeyTx) ([]*kms.AuditRecord, error) {
+			k := tx.Key()
+			v := version(k.Latest + 1)
+			v.Blobs = []string{"sha256:a3"}
+			if err := tx.AddVersion(v); err != nil {
+				return nil, err
+			}
+			k.Primary = k.Latest // AddVersion advanced Latest
+			return nil, nil
+		}); err != nil {
+			t.Fatal(err)
+		}
+		v := version(1)
+		v.Blobs = []string{"sha256:b1"}
+		if err := s.CreateKey(ctx, key("he-b"), v, nil); err != nil {
+			t.Fatal(err)
+		}
+		for digest, owner := range map[string]string{"sha256:a1": "he-a", "sha256:a2": "he-a", "sha256:a3": "he-a", "sha256:b1": "he-b"} {
+			if got, err := s.BlobOwner(ctx, digest); err != nil || got != owner {
+				t.Errorf("BlobOwner(%s) = %q, %v; want %q", digest, got, err, owner)
+			}
+		}
+	})
+
 	t.Run("Ping", func(t *testing.T) {
 		if err := open(t).Ping(ctx); err != nil {
 			t.Fatal(err)
