@@ -10,35 +10,8 @@ import (
 
 	"github.com/kmsd-project/kmsd/api/client"
 	"github.com/kmsd-project/kmsd/kms"
+	"github.com/kmsd-project/kmsd/kms/sealertest"
 )
-
-type flakySealer struct {
-	kms.Sealer
-	down *atomic.Bool
-}
-
-var errDown = errors.New("injected: CKR_DEVICE_ERROR from /dev/hsm0")
-
-func (f flakySealer) Seal(ctx context.Context, sc kms.SealContext, p kms.Secret) ([]byte, error) {
-	if f.down.Load() {
-		return nil, errDown
-	}
-	return f.Sealer.Seal(ctx, sc, p)
-}
-
-func (f flakySealer) Unseal(ctx context.Context, sc kms.SealContext, b []byte) (kms.Secret, error) {
-	if f.down.Load() {
-		return kms.Secret{}, errDown
-	}
-	return f.Sealer.Unseal(ctx, sc, b)
-}
-
-func (f flakySealer) Ping(ctx context.Context) error {
-	if f.down.Load() {
-		return errDown
-	}
-	return f.Sealer.Ping(ctx)
-}
 
 // fullStore fails every write as a full disk would, after the transaction
 // function ran.
@@ -81,7 +54,7 @@ func (f fullStore) CreateToken(ctx context.Context, t *kms.Token, a []*kms.Audit
 func TestFailingHSMAndFullDisk(t *testing.T) {
 	var down, full atomic.Bool
 	e := newEnvWith(t,
-		func(s kms.Sealer) kms.Sealer { return flakySealer{s, &down} },
+		func(s kms.Sealer) kms.Sealer { return sealertest.Faulty{Sealer: s, Down: &down} },
 		func(s kms.Store) kms.Store { return fullStore{s, &full} }, nil)
 	c := e.client(e.admin)
 	if _, err := c.CreateKey(ctx, client.CreateKeyRequest{Name: "sig", Kind: "ml-dsa-65"}); err != nil {

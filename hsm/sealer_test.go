@@ -18,6 +18,7 @@ import (
 
 	"github.com/kmsd-project/kmsd/hsm"
 	"github.com/kmsd-project/kmsd/internal/testhsm"
+	"github.com/kmsd-project/kmsd/kms/sealertest"
 	"github.com/kmsd-project/kmsd/kms"
 )
 
@@ -424,4 +425,12 @@ func TestSelfTestVectorMatchesSoftware(t *testing.T) {
 	if got := g.Seal(nil, iv, dek, []byte("kmsd hsm self-test")); !bytes.Equal(got, want) {
 		t.Fatalf("self-test vector is wrong: %x", got)
 	}
+}
+
+// TestConformance runs the sealer suite against the PKCS#11 sealer on
+// SoftHSM, and against the fault-injecting wrapper the fault tests use.
+func TestConformance(t *testing.T) {
+	open := func(t *testing.T) kms.Sealer { return testhsm.Open(t) }
+	t.Run("softhsm", func(t *testing.T) { sealertest.Run(t, open) })
+	t.Run("faulty", func(t *testing.T) { sealertest.RunFaulty(t, open) })
 }
