@@ -18,8 +18,8 @@ import (
 
 	"github.com/kmsd-project/kmsd/hsm"
 	"github.com/kmsd-project/kmsd/internal/testhsm"
-	"github.com/kmsd-project/kmsd/kms/sealertest"
 	"github.com/kmsd-project/kmsd/kms"
+	"github.com/kmsd-project/kmsd/kms/sealertest"
 )
 
 func TestMain(m *testing.M) { testhsm.Main(m) }
