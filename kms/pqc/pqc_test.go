@@ -7,7 +7,10 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/cloudflare/circl/kem/mlkem/mlkem512"
+
 	"github.com/kmsd-project/kmsd/kms"
+	"github.com/kmsd-project/kmsd/kms/kindtest"
 )
 
 func TestSelfTestPasses(t *testing.T) {
@@ -141,4 +144,36 @@ func TestLoadRefusesWrongSeedSize(t *testing.T) {
 			t.Errorf("%s loaded a 31-byte seed", k.Name())
 		}
 	}
+}
+
+// TestKindConformance runs the kind suite over every ML-KEM and ML-DSA
+// kind; KEM kinds are checked against Go's crypto/mlkem (768, 1024) and
+// circl's encapsulation (512), independent of the kind's decapsulation path.
+func TestKindConformance(t *testing.T) {
+	encaps := map[string]kindtest.Encapsulator{
+		"ml-kem-768": func(pub []byte) ([]byte, []byte, error) {
+			ek, err := mlkem.NewEncapsulationKey768(pub)
+			if err != nil {
+				return nil, nil, err
+			}
+			ss, ct := ek.Encapsulate()
+			return ct, ss, nil
+		},
+		"ml-kem-1024": func(pub []byte) ([]byte, []byte, error) {
+			ek, err := mlkem.NewEncapsulationKey1024(pub)
+			if err != nil {
+				return nil, nil, err
+			}
+			ss, ct := ek.Encapsulate()
+			return ct, ss, nil
+		},
+		"ml-kem-512": func(pub []byte) ([]byte, []byte, error) {
+			pk, err := mlkem512.Scheme().UnmarshalBinaryPublicKey(pub)
+			if err != nil {
+				return nil, nil, err
+			}
+			return mlkem512.Scheme().Encapsulate(pk)
+		},
+	}
+	kindtest.Run(t, Kinds(), encaps, nil)
 }
