@@ -195,13 +195,9 @@ func (s *Server) listKeys(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
-	var after string
-	if pt := r.URL.Query().Get("page_token"); pt != "" {
-		var ok bool
-		if after, ok = decodePageToken(pt, "keys", ""); !ok || kms.ValidateName(after) != nil {
-			writeProblem(w, r, http.StatusBadRequest, ProbInvalid, "malformed page_token: pass next_page_token of the previous page of this list unchanged")
-			return
-		}
+	after, ok := pagePosition(w, r, "keys", "", func(p string) bool { return kms.ValidateName(p) == nil })
+	if !ok {
+		return
 	}
 	p := eventFrom(r).principal
 	keys, next, err := s.svc.ListKeys(r.Context(), after, limit, p.MayUse)
@@ -265,14 +261,15 @@ func (s *Server) listVersions(w http.ResponseWriter, r *http.Request) {
 	}
 	var before uint64
 	name := chi.URLParam(r, "name")
-	if pt := r.URL.Query().Get("page_token"); pt != "" {
-		pos, ok := decodePageToken(pt, "versions", name)
-		n, err := strconv.ParseUint(pos, 10, 32)
-		if !ok || err != nil || n < 2 || pos[0] == '0' {
-			writeProblem(w, r, http.StatusBadRequest, ProbInvalid, "malformed page_token: pass next_page_token (or next_versions_page_token) of this key's previous page unchanged")
-			return
-		}
-		before = n
+	pos, ok := pagePosition(w, r, "versions", name, func(p string) bool {
+		n, err := strconv.ParseUint(p, 10, 32)
+		return err == nil && n >= 2 && p[0] != '0'
+	})
+	if !ok {
+		return
+	}
+	if pos != "" {
+		before, _ = strconv.ParseUint(pos, 10, 32)
 	}
 	k, vs, next, err := s.svc.GetKey(r.Context(), name, before, limit)
 	if err != nil {
@@ -513,13 +510,9 @@ func (s *Server) listTokens(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
-	var after string
-	if pt := r.URL.Query().Get("page_token"); pt != "" {
-		var ok bool
-		if after, ok = decodePageToken(pt, "tokens", ""); !ok || !kms.ValidTokenID(after) {
-			writeProblem(w, r, http.StatusBadRequest, ProbInvalid, "malformed page_token: pass next_page_token of the previous page of this list unchanged")
-			return
-		}
+	after, ok := pagePosition(w, r, "tokens", "", kms.ValidTokenID)
+	if !ok {
+		return
 	}
 	toks, next, err := s.svc.ListTokens(r.Context(), eventFrom(r).principal, after, limit)
 	if err != nil {

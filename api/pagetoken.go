@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"crypto/sha256"
 	"encoding/base64"
+	"net/http"
 	"strings"
 )
 
@@ -46,4 +47,19 @@ func decodePageToken(tok, list, scope string) (string, bool) {
 		return "", false
 	}
 	return parts[3], true
+}
+
+// pagePosition reads the request's page_token for list and scope: "" when
+// there is none; a token that does not decode or whose position valid
+// refuses is answered 400 here (ok false).
+func pagePosition(w http.ResponseWriter, r *http.Request, list, scope string, valid func(string) bool) (pos string, ok bool) {
+	pt := r.URL.Query().Get("page_token")
+	if pt == "" {
+		return "", true
+	}
+	if pos, ok = decodePageToken(pt, list, scope); !ok || !valid(pos) {
+		writeProblem(w, r, http.StatusBadRequest, ProbInvalid, "malformed page_token: pass the next_page_token (for versions, also next_versions_page_token) of the previous page of this list unchanged")
+		return "", false
+	}
+	return pos, true
 }
