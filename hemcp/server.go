@@ -56,7 +56,8 @@ type Server struct {
 	log    *slog.Logger
 	mu     sync.RWMutex
 	served map[string]*servedKey
-	intro  sync.Map // sha256(token) -> introEntry
+	introMu sync.Mutex
+	intro   map[[32]byte]introEntry // sha256(token) -> kmsd's answer, at most maxIntro
 }
 
 type servedKey struct {
@@ -91,7 +92,7 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	if len(cfg.Keys) == 0 {
 		return nil, errors.New("no keys to serve: give --key NAME")
 	}
-	s := &Server{cfg: cfg, log: cfg.Logger, served: map[string]*servedKey{}}
+	s := &Server{cfg: cfg, log: cfg.Logger, served: map[string]*servedKey{}, intro: map[[32]byte]introEntry{}}
 	for _, name := range cfg.Keys {
 		if err := kms.ValidateName(name); err != nil {
 			return nil, fmt.Errorf("--key %q: %v", name, err)
@@ -547,21 +548,43 @@ func unauthorized(w http.ResponseWriter, msg string) {
 	http.Error(w, msg, http.StatusUnauthorized)
 }
 
+// maxIntro bounds the introspection cache: clients presenting ever new
+// (made-up) tokens cannot grow it without limit.
+const maxIntro = 4096
+
+// remember caches an introspection answer; when the cache is full it drops
+// the expired answers first, and everything if none has expired.
+func (s *Server) remember(h [32]byte, info *client.Introspection) {
+	s.introMu.Lock()
+	defer s.introMu.Unlock()
+	if len(s.intro) >= maxIntro {
+		for k, e := range s.intro {
+			if time.Since(e.at) >= s.cfg.IntrospectTTL {
+				delete(s.intro, k)
+			}
+		}
+		if len(s.intro) >= maxIntro {
+			clear(s.intro)
+		}
+	}
+	s.intro[h] = introEntry{info: info, at: time.Now()}
+}
+
 // verify introspects a client's token with kmsd (answers kept
 // IntrospectTTL, keyed by the token's hash) and makes the SDK's TokenInfo.
 func (s *Server) verify(ctx context.Context, token string, _ *http.Request) (*auth.TokenInfo, error) {
 	h := sha256.Sum256([]byte(token))
-	key := string(h[:])
-	var info *client.Introspection
-	if v, ok := s.intro.Load(key); ok && time.Since(v.(introEntry).at) < s.cfg.IntrospectTTL {
-		info = v.(introEntry).info
-	} else {
+	s.introMu.Lock()
+	e, ok := s.intro[h]
+	s.introMu.Unlock()
+	info := e.info
+	if !ok || time.Since(e.at) >= s.cfg.IntrospectTTL {
 		i, err := s.cfg.Client.IntrospectToken(ctx, token)
 		if err != nil {
 			return nil, err
 		}
 		info = i
-		s.intro.Store(key, introEntry{info: i, at: time.Now()})
+		s.remember(h, i)
 	}
 	if !info.Active || (info.Exp != 0 && time.Unix(info.Exp, 0).Before(time.Now())) {
 		return nil, auth.ErrInvalidToken
