@@ -52,10 +52,10 @@ type Corpus struct {
 
 // Server serves the configured keys' tools over MCP.
 type Server struct {
-	cfg    Config
-	log    *slog.Logger
-	mu     sync.RWMutex
-	served map[string]*servedKey
+	cfg     Config
+	log     *slog.Logger
+	mu      sync.RWMutex
+	served  map[string]*servedKey
 	introMu sync.Mutex
 	intro   map[[32]byte]introEntry // sha256(token) -> kmsd's answer, at most maxIntro
 }
