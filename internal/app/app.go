@@ -57,13 +57,15 @@ type App struct {
 	OrphansRemoved int    // blobs of interrupted generations removed at start
 	AdminTokenMade bool
 
-	cfg     Config
-	log     *slog.Logger
-	bgStop  context.CancelFunc
-	bgCtx   context.Context
-	stop    context.CancelFunc
-	started bool
-	done    []chan struct{}
+	cfg       Config
+	log       *slog.Logger
+	bgStop    context.CancelFunc
+	bgCtx     context.Context
+	stop      context.CancelFunc // maintenance and refusal summaries
+	stopAudit context.CancelFunc // the checkpoint loop, stopped last
+	started   bool
+	done      []chan struct{}
+	auditDone chan struct{}
 }
 
 // blobSource adapts the HE blob store to the API.
@@ -169,21 +171,24 @@ func (a *App) Start() {
 	if interval <= 0 {
 		interval = time.Minute
 	}
-	run := func(f func()) {
+	run := func(f func()) chan struct{} {
 		d := make(chan struct{})
-		a.done = append(a.done, d)
 		go func() { defer close(d); f() }()
+		return d
 	}
 	if a.Audit != nil {
-		run(func() { a.Audit.Run(ctx) }) // signs a last checkpoint when ctx ends
+		actx, acancel := context.WithCancel(context.Background())
+		a.stopAudit = acancel
+		a.auditDone = run(func() { a.Audit.Run(actx) }) // signs a last checkpoint when actx ends
 	}
-	run(func() { a.Service.RunMaintenance(ctx, interval) })
-	run(func() { a.API.Run(ctx) })
+	a.done = append(a.done, run(func() { a.Service.RunMaintenance(ctx, interval) }), run(func() { a.API.Run(ctx) }))
 }
 
-// Close stops background operations and the background work, signs the
-// last checkpoint and writes down token uses; call it after the HTTP
-// server drained and before the store and the sealer close.
+// Close stops background operations and the background work, writes down
+// token uses, and last stops the checkpoint loop, so that its final
+// checkpoint covers every record the rest made (a destruction's, say);
+// call it after the HTTP server drained and before the store and the
+// sealer close.
 func (a *App) Close() {
 	a.bgStop()
 	if a.stop != nil {
@@ -195,5 +200,10 @@ func (a *App) Close() {
 	a.done = nil
 	if err := a.Service.FlushTokenUse(context.Background()); err != nil {
 		a.log.Warn("writing down token use", "err", err)
+	}
+	if a.stopAudit != nil {
+		a.stopAudit()
+		<-a.auditDone
+		a.stopAudit = nil
 	}
 }
