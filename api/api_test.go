@@ -9,7 +9,6 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
-	"os"
 	"path/filepath"
 	"slices"
 	"sort"
@@ -57,10 +56,6 @@ type env struct {
 }
 
 func (e *env) blobsDir() string { return e.blobDir }
-
-type blobSource struct{ s *he.BlobStore }
-
-func (b blobSource) Open(d string) (*os.File, error) { return b.s.Open(he.Digest(d)) }
 
 // recordingSink is a RecordSink that keeps what it gets.
 type recordingSink struct {
