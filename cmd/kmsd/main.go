@@ -102,7 +102,7 @@ func parseFlags(args []string, getenv func(string) string, out io.Writer) (confi
 	given := map[string]bool{}
 	fs.Visit(func(f *flag.Flag) { given[f.Name] = true })
 	for _, e := range *envErrs {
-		if !given[envFlag(fs, e.name)] {
+		if !given[envFlag(e.name)] {
 			return c, e.err
 		}
 	}
@@ -147,15 +147,10 @@ func parseFlags(args []string, getenv func(string) string, out io.Writer) (confi
 	return c, nil
 }
 
-// envFlag is the flag whose help names the environment variable env.
-func envFlag(fs *flag.FlagSet, env string) string {
-	name := ""
-	fs.VisitAll(func(f *flag.Flag) {
-		if strings.Contains(f.Usage, "(env "+env+")") || strings.Contains(f.Usage, "(env "+env+",") {
-			name = f.Name
-		}
-	})
-	return name
+// envFlag is the flag an environment variable stands for: KMS_AUDIT_WAL_MIB
+// for --audit-wal-mib (TestREADMEListsEveryFlag holds every flag to it).
+func envFlag(env string) string {
+	return strings.ToLower(strings.ReplaceAll(strings.TrimPrefix(env, "KMS_"), "_", "-"))
 }
 
 // checkHostPort accepts host:port with a numeric port and a host that is an

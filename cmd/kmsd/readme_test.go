@@ -36,7 +36,7 @@ func TestREADMEListsEveryFlag(t *testing.T) {
 			t.Errorf("README.md's configuration table lacks --%s", f.Name)
 			return
 		}
-		if !strings.Contains(f.Usage, "env "+env) {
+		if !strings.Contains(f.Usage, "env "+env) || envFlag(env) != f.Name {
 			t.Errorf("--%s: README says %s, the flag's help says %q", f.Name, env, f.Usage)
 		}
 		delete(inREADME, f.Name)
