@@ -26,6 +26,7 @@ import (
 	"github.com/kmsd-project/kmsd/api"
 	"github.com/kmsd-project/kmsd/api/client"
 	"github.com/kmsd-project/kmsd/audit"
+	"github.com/kmsd-project/kmsd/audit/engine"
 	"github.com/kmsd-project/kmsd/he"
 	"github.com/kmsd-project/kmsd/internal/app"
 	"github.com/kmsd-project/kmsd/internal/testhsm"
@@ -111,9 +112,9 @@ func newEnvWith(t *testing.T, wrapSealer func(kms.Sealer) kms.Sealer, wrapStore 
 		store = wrapStore(store)
 	}
 	e.blobDir = filepath.Join(t.TempDir(), "blobs")
-	var auditStore kms.AuditStore = st
+	var auditStore kms.AuditStore = st.Audit()
 	if wrapAudit != nil {
-		auditStore = wrapAudit(st)
+		auditStore = wrapAudit(st.Audit())
 	}
 	cfg := app.Config{Store: store, AuditStore: auditStore, Sealer: sealer, BlobDir: e.blobDir, HEWorkers: 2,
 		Logger:     slog.New(slog.NewJSONHandler(e.log, nil)),
@@ -236,7 +237,7 @@ func TestSpecMatchesRouter(t *testing.T) {
 		t.Fatalf("openapi.yaml is not a valid OpenAPI document: %v", err)
 	}
 	var inRouter, inSpec []string
-	h := api.New(nil, nil, api.Options{Audit: &bolt.Store{}, Prover: &audit.Log{}}).Handler().(chi.Routes)
+	h := api.New(nil, nil, api.Options{Audit: &engine.Log{}, Prover: &audit.Log{}}).Handler().(chi.Routes)
 	err := chi.Walk(h, func(method, route string, _ http.Handler, _ ...func(http.Handler) http.Handler) error {
 		inRouter = append(inRouter, method+" "+route)
 		return nil

@@ -27,7 +27,7 @@ import (
 // auditLog fetches every record as the admin.
 func (e *env) auditLog() [][]byte {
 	e.t.Helper()
-	size, err := e.store.AuditSize(context.Background())
+	size, err := e.store.Audit().AuditSize(context.Background())
 	if err != nil {
 		e.t.Fatal(err)
 	}
@@ -335,8 +335,8 @@ func TestPastedTokenNotEchoed(t *testing.T) {
 	if strings.Contains(e.log.String(), secret) || strings.Contains(e.log.String(), junk) {
 		t.Error("the pasted token or the junk reached the log")
 	}
-	n, _ := e.store.AuditSize(ctx)
-	recs, err := e.store.AuditRecords(ctx, 0, n)
+	n, _ := e.store.Audit().AuditSize(ctx)
+	recs, err := e.store.Audit().AuditRecords(ctx, 0, n)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -393,7 +393,7 @@ func TestUnauthenticatedFloodBounded(t *testing.T) {
 	testOptions = func(o *api.Options) { o.UnauthRate, o.UnauthBurst, o.TokenRate = 0.01, 5, 0.01 }
 	defer func() { testOptions = nil }()
 	e := newEnv(t)
-	before, _ := e.store.AuditSize(ctx)
+	before, _ := e.store.Audit().AuditSize(ctx)
 	statuses := map[int]int{}
 	for i := 0; i < 200; i++ {
 		st, h, body := e.raw("GET", "/v1/keys", "", "", "")
@@ -409,7 +409,7 @@ func TestUnauthenticatedFloodBounded(t *testing.T) {
 	if statuses[401] != 5 || statuses[429] != 295 {
 		t.Fatalf("statuses %v, want 5 x 401 then 429", statuses)
 	}
-	after, _ := e.store.AuditSize(ctx)
+	after, _ := e.store.Audit().AuditSize(ctx)
 	if after-before != 5 {
 		t.Fatalf("%d records for 300 refused requests, want 5", after-before)
 	}
@@ -424,8 +424,8 @@ func TestUnauthenticatedFloodBounded(t *testing.T) {
 	if err != nil || n != 1 {
 		t.Fatalf("FlushRefusals: %d %v", n, err)
 	}
-	size, _ := e.store.AuditSize(ctx)
-	recs, _ := e.store.AuditRecords(ctx, after, size)
+	size, _ := e.store.Audit().AuditSize(ctx)
+	recs, _ := e.store.Audit().AuditRecords(ctx, after, size)
 	var summary *kms.AuditRecord
 	limited := 0
 	for _, b := range recs {

@@ -468,8 +468,8 @@ func TestTokenListRevokeExpire(t *testing.T) {
 		t.Fatalf("expired token: %d %s", st, body)
 	}
 	// The audit log names the token each change touched, never a secret.
-	n, _ := e.store.AuditSize(ctx)
-	recs, err := e.store.AuditRecords(ctx, 0, n)
+	n, _ := e.store.Audit().AuditSize(ctx)
+	recs, err := e.store.Audit().AuditRecords(ctx, 0, n)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -46,12 +46,12 @@ func newFixture(t testing.TB, n, every int) *fixture {
 	}
 	t.Cleanup(func() { st.Close() })
 	f := &fixture{pub: pub, sk: sk, store: st}
-	f.log = audit.New(audit.Config{Store: st, PublicKey: pub, Sign: sign(sk)})
+	f.log = audit.New(audit.Config{Store: st.Audit(), PublicKey: pub, Sign: sign(sk)})
 	ctx := context.Background()
 	for i := 0; i < n; i++ {
 		rec := &kms.AuditRecord{Time: "2026-11-23T00:00:00Z", RequestID: fmt.Sprintf("req%d", i), Actor: "0123456789abcdef", Role: "admin",
 			Source: "127.0.0.1:5000", Operation: "POST /v1/keys/{name}/sign", Key: fmt.Sprintf("key-%d", i%7), Version: uint64(i%3 + 1), Status: 200, ReqBytes: 40 + i}
-		if err := st.AppendAudit(ctx, rec); err != nil {
+		if err := st.Audit().AppendAudit(ctx, rec); err != nil {
 			t.Fatal(err)
 		}
 		if (i+1)%every == 0 || i == n-1 {
@@ -65,7 +65,7 @@ func newFixture(t testing.TB, n, every int) *fixture {
 			f.checkpoints = append(f.checkpoints, msg)
 		}
 	}
-	f.records, err = st.AuditRecords(ctx, 0, uint64(n))
+	f.records, err = st.Audit().AuditRecords(ctx, 0, uint64(n))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -28,6 +28,7 @@ import (
 	"github.com/cloudflare/circl/sign/mldsa/mldsa65"
 
 	"github.com/kmsd-project/kmsd/api/client"
+	"github.com/kmsd-project/kmsd/audit/engine"
 	"github.com/kmsd-project/kmsd/he"
 	"github.com/kmsd-project/kmsd/hsm"
 	"github.com/kmsd-project/kmsd/hsm/softhsm"
@@ -130,10 +131,10 @@ func newServer(dir string, sealer *hsm.Sealer, ttl time.Duration, audited, noIO 
 	}
 	ctx := context.Background()
 	var admin string
-	cfg := app.Config{Store: store, AuditStore: store, Sealer: sealer, Service: kms.Config{CacheTTL: ttl}, Unaudited: !audited,
+	cfg := app.Config{Store: store, AuditStore: store.Audit(), Sealer: sealer, Service: kms.Config{CacheTTL: ttl}, Unaudited: !audited,
 		AdminToken: func(t string) error { admin = t; return nil }}
 	if audited && noIO {
-		cfg.AuditStore = ackWithoutIO{store}
+		cfg.AuditStore = ackWithoutIO{store.Audit()}
 	}
 	a, err := app.New(ctx, cfg)
 	if err != nil {
@@ -161,7 +162,7 @@ func newServer(dir string, sealer *hsm.Sealer, ttl time.Duration, audited, noIO 
 
 // ackWithoutIO acknowledges records without making them durable. For the
 // audit scenario's decomposition only: never a stand-in for the log.
-type ackWithoutIO struct{ *bolt.Store }
+type ackWithoutIO struct{ *engine.Log }
 
 func (ackWithoutIO) AppendAudit(_ context.Context, r *kms.AuditRecord) error {
 	r.Committed = true

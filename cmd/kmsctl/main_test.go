@@ -41,7 +41,7 @@ func auditedServer(t *testing.T) (string, string, *audit.Log) {
 	}
 	t.Cleanup(func() { st.Close() })
 	var admin string
-	a, err := app.New(context.Background(), app.Config{Store: st, AuditStore: st, Sealer: testhsm.Open(t), BlobDir: filepath.Join(t.TempDir(), "blobs"),
+	a, err := app.New(context.Background(), app.Config{Store: st, AuditStore: st.Audit(), Sealer: testhsm.Open(t), BlobDir: filepath.Join(t.TempDir(), "blobs"),
 		Service:    kms.Config{AsyncKeysetBytes: 1 << 20}, // HE keysets in these tests go to the background
 		AdminToken: func(tok string) error { admin = tok; return nil }})
 	if err != nil {

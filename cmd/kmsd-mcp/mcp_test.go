@@ -57,7 +57,7 @@ func newWorld(t testing.TB) *world {
 	}
 	t.Cleanup(func() { st.Close() })
 	w := &world{}
-	a, err := app.New(context.Background(), app.Config{Store: st, AuditStore: st, Sealer: testhsm.Open(t), BlobDir: filepath.Join(t.TempDir(), "blobs"),
+	a, err := app.New(context.Background(), app.Config{Store: st, AuditStore: st.Audit(), Sealer: testhsm.Open(t), BlobDir: filepath.Join(t.TempDir(), "blobs"),
 		AdminToken: func(tok string) error { w.admin = tok; return nil }})
 	if err != nil {
 		t.Fatal(err)

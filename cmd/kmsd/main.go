@@ -360,10 +360,10 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 	if from, to, keys, versions := store.Migrated(); from != "" {
 		log.Info("kms.db migrated: each key version is now a record of its own", "from_schema", from, "to_schema", to, "keys", keys, "versions", versions)
 	}
-	if store.WALMissing() {
+	if store.Audit().JournalMissing() {
 		log.Error("audit WAL: the file kms.db-audit-wal was missing at start beside a database with records: records acknowledged after the last flush before the previous stop, if any, are lost; a new WAL was made")
 	}
-	if n := store.WALRecovered(); n > 0 {
+	if n := store.Audit().JournalRecovered(); n > 0 {
 		log.Info("audit WAL: copied records acknowledged before a crash into kms.db", "records", n)
 	}
 
@@ -434,7 +434,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 	}
 	tokenPath := filepath.Join(c.dataDir, "admin.token")
 	cfg := app.Config{
-		Store: store, AuditStore: store, Sealer: sealer, BlobDir: filepath.Join(c.dataDir, "blobs"), HEWorkers: c.heWorkers, Logger: log,
+		Store: store, AuditStore: store.Audit(), Sealer: sealer, BlobDir: filepath.Join(c.dataDir, "blobs"), HEWorkers: c.heWorkers, Logger: log,
 		Service: kms.Config{CacheTTL: ttl, MaxTokenTTL: c.maxTokenTTL,
 			MaxKeysetBytes: c.maxKeysetMiB << 20, MaxGenerations: c.heGenerations, AsyncKeysetBytes: c.asyncKeysetMiB << 20},
 		Unaudited: !audited, AuditEvery: c.auditEvery, AuditInterval: c.auditInterval,
@@ -559,8 +559,8 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 	if err := srv.Shutdown(sctx); err != nil {
 		log.Warn("shutdown", "err", err)
 	}
-	log.Info("stopped", "store_commits", store.Commits(), "audit_group_commits", store.AuditGroups(),
-		"audit_wal_syncs", store.WALSyncs(), "fsyncs", store.Fsyncs(), "audit_flush_errors", store.FlushErrors(), "audit_wal_recreated", store.WALRecreated())
+	log.Info("stopped", "store_commits", store.Commits(), "audit_group_commits", store.Audit().Groups(),
+		"audit_wal_syncs", store.Audit().JournalSyncs(), "fsyncs", store.Fsyncs(), "audit_flush_errors", store.Audit().FlushErrors(), "audit_wal_recreated", store.Audit().JournalRecreated())
 	return nil
 }
 

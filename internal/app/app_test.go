@@ -25,8 +25,8 @@ func TestSetupErrorsAreMessages(t *testing.T) {
 		cfg  Config
 		want string
 	}{
-		{Config{Sealer: sealer, AuditStore: st}, "a store and a sealer are required"},
-		{Config{Store: st, AuditStore: st}, "a store and a sealer are required"},
+		{Config{Sealer: sealer, AuditStore: st.Audit()}, "a store and a sealer are required"},
+		{Config{Store: st, AuditStore: st.Audit()}, "a store and a sealer are required"},
 		{Config{Store: st, Sealer: sealer}, "an audit store is required"},
 	} {
 		if _, err := New(context.Background(), c.cfg); err == nil || !strings.Contains(err.Error(), c.want) {
@@ -34,7 +34,7 @@ func TestSetupErrorsAreMessages(t *testing.T) {
 		}
 	}
 	var admin string
-	a, err := New(context.Background(), Config{Store: st, AuditStore: st, Sealer: sealer, BlobDir: filepath.Join(t.TempDir(), "blobs"),
+	a, err := New(context.Background(), Config{Store: st, AuditStore: st.Audit(), Sealer: sealer, BlobDir: filepath.Join(t.TempDir(), "blobs"),
 		AdminToken: func(tok string) error { admin = tok; return nil }})
 	if err != nil {
 		t.Fatal(err)
@@ -47,7 +47,7 @@ func TestSetupErrorsAreMessages(t *testing.T) {
 	a.Close()
 	a.Close()
 	// A second start on the same store makes no second admin token.
-	b, err := New(context.Background(), Config{Store: st, AuditStore: st, Sealer: sealer, AdminToken: func(string) error { t.Fatal("a second admin token"); return nil }})
+	b, err := New(context.Background(), Config{Store: st, AuditStore: st.Audit(), Sealer: sealer, AdminToken: func(string) error { t.Fatal("a second admin token"); return nil }})
 	if err != nil || b.AdminTokenMade || b.Blobs != nil {
 		t.Fatalf("second start: %+v %v", b, err)
 	}

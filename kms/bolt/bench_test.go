@@ -24,7 +24,7 @@ func BenchmarkAppendAuditSerial(b *testing.B) {
 	defer s.Close()
 	ctx := context.Background()
 	for b.Loop() {
-		if err := s.AppendAudit(ctx, benchRecord()); err != nil {
+		if err := s.Audit().AppendAudit(ctx, benchRecord()); err != nil {
 			b.Fatal(err)
 		}
 	}
@@ -43,7 +43,7 @@ func BenchmarkAppendAuditParallel(b *testing.B) {
 	b.SetParallelism(8)
 	b.RunParallel(func(pb *testing.PB) {
 		for pb.Next() {
-			if err := s.AppendAudit(ctx, benchRecord()); err != nil {
+			if err := s.Audit().AppendAudit(ctx, benchRecord()); err != nil {
 				b.Error(err)
 				return
 			}

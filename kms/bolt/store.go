@@ -6,19 +6,17 @@ import (
 	"bytes"
 	"context"
 	"encoding/binary"
-	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"os"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	bbolt "go.etcd.io/bbolt"
 	bberrors "go.etcd.io/bbolt/errors"
-	"golang.org/x/mod/sumdb/tlog"
 
+	"github.com/kmsd-project/kmsd/audit/engine"
 	"github.com/kmsd-project/kmsd/kms"
 )
 
@@ -48,44 +46,18 @@ const schemaVersion = "2"
 // ErrLocked is returned by Open when another process holds the file.
 var ErrLocked = errors.New("the database is locked by another process (is another kmsd running on this data dir?)")
 
-// Store is a kms.Store and kms.AuditStore on bbolt, with the audit
-// write-ahead log (wal.go) beside the bbolt file.
+// Store is a kms.Store on bbolt, holding the rows of its audit log
+// (audit/engine, with its write-ahead journal beside the bbolt file).
 type Store struct {
-	db             *bbolt.DB
-	appendCh       chan appendReq
-	flushCh        chan struct{}
-	quit           chan struct{}
-	stopped        chan struct{}
-	flusherStopped chan struct{}
-	closeOnce      bool
-	commits        atomic.Uint64
-	auditGroups    atomic.Uint64
-	walSyncs       atomic.Uint64
-	flushErrors    atomic.Uint64
-	expected       atomic.Int64
+	db      *bbolt.DB
+	commits atomic.Uint64
+	audit   *engine.Log
+	// batch is the audit batch of the transaction update runs (guarded by
+	// writeMu, which serializes bbolt write transactions).
+	batch   *engine.Batch
+	writeMu sync.Mutex
 
-	// writeMu serializes bbolt write transactions with their bookkeeping
-	// (update, flushAudit). auditMu orders the log: it guards next,
-	// lastLeaf, pending, the WAL and walBroken. Lock order: writeMu,
-	// bbolt's writer lock, auditMu; the WAL path takes auditMu alone.
-	writeMu   sync.Mutex
-	auditMu   sync.Mutex
-	next      uint64    // index of the next record
-	lastLeaf  tlog.Hash // leaf hash of record next-1
-	pending   [][]byte  // records durable in the WAL, not yet in bbolt: [next-len(pending), next)
-	wal       *wal
-	walBroken bool
-	// walGone: the WAL file was deleted or replaced while open; groups are
-	// refused (fail closed) until recreateWAL has moved every waiting
-	// record into bbolt and made a new WAL file.
-	walGone    bool
-	walSize    int64
-	recreateMu sync.Mutex
-	recreated  atomic.Uint64
-	walMissing bool // the WAL file was missing at open, though bbolt had records
-
-	walRecovered int // records copied from the WAL at open
-	migrated     migration
+	migrated migration
 
 	watchMu  sync.RWMutex
 	watchers []func([]kms.Change)
@@ -97,8 +69,9 @@ var _ kms.Store = (*Store)(nil)
 type Options struct {
 	// LockTimeout bounds the wait for the file lock (default 1s).
 	LockTimeout time.Duration
-	// AuditWALSize is the size of the audit write-ahead log file, path +
-	// "-audit-wal", preallocated at open (default DefaultWALSize).
+	// AuditWALSize is the size of the audit write-ahead journal file,
+	// path + "-audit-wal", preallocated at open (default
+	// engine.DefaultWALSize).
 	AuditWALSize int64
 }
 
@@ -152,80 +125,13 @@ func Open(path string, o Options) (*Store, error) {
 		db.Close()
 		return nil, fmt.Errorf("initialize %s: %w", path, err)
 	}
-	s := &Store{db: db, appendCh: make(chan appendReq, maxGroup), flushCh: make(chan struct{}, 1),
-		quit: make(chan struct{}), stopped: make(chan struct{}), flusherStopped: make(chan struct{}), migrated: mig}
-	if o.AuditWALSize == 0 {
-		o.AuditWALSize = DefaultWALSize
-	}
-	if err := s.recoverWAL(path+"-audit-wal", o.AuditWALSize); err != nil {
+	s := &Store{db: db, migrated: mig}
+	s.audit = engine.New(s, engine.Options{JournalPath: path + "-audit-wal", JournalSize: o.AuditWALSize})
+	if err := s.audit.Start(context.Background()); err != nil {
 		db.Close()
 		return nil, err
 	}
-	go s.committer()
-	go s.flusher()
 	return s, nil
-}
-
-// recoverWAL opens the audit WAL, copies into bbolt the records it holds
-// past bbolt's end (groups acknowledged before a crash), checking that they
-// continue the log, then zeroes the WAL.
-func (s *Store) recoverWAL(path string, size int64) error {
-	err := s.db.View(func(tx *bbolt.Tx) error {
-		s.next = auditSize(tx)
-		if s.next > 0 {
-			hs, _, err := splitValue(tx.Bucket(bucketAuditRecords).Get(u64(s.next - 1)))
-			if err != nil {
-				return err
-			}
-			copy(s.lastLeaf[:], hs)
-		}
-		return nil
-	})
-	if err != nil {
-		return err
-	}
-	if _, err := os.Stat(path); errors.Is(err, os.ErrNotExist) && s.next > 0 {
-		s.walMissing = true
-	}
-	s.walSize = size
-	w, err := openWAL(path, size)
-	if err != nil {
-		return fmt.Errorf("open audit WAL: %w", err)
-	}
-	s.wal = w
-	recs, err := w.scan(s.next)
-	if err != nil {
-		w.close()
-		return fmt.Errorf("read audit WAL %s: %w", path, err)
-	}
-	next, leaf := s.next, s.lastLeaf
-	for _, data := range recs {
-		r, err := kms.DecodeAuditRecord(data)
-		want := ""
-		if next > 0 {
-			want = hex.EncodeToString(leaf[:])
-		}
-		if err != nil || r.Index != next || r.PrevHash != want {
-			w.close()
-			return fmt.Errorf("audit WAL %s: record %d does not continue the log in %s (a WAL of another database?); refusing to start", path, next, s.db.Path())
-		}
-		leaf = tlog.RecordHash(data)
-		next++
-	}
-	s.walRecovered = len(recs)
-	if len(recs) > 0 {
-		s.pending = recs
-		s.next, s.lastLeaf = next, leaf
-		if err := s.update(func(*bbolt.Tx) error { return nil }); err != nil {
-			w.close()
-			return fmt.Errorf("copy %d audit records from the WAL: %w", len(recs), err)
-		}
-	}
-	if err := w.reset(); err != nil {
-		w.close()
-		return fmt.Errorf("reset audit WAL: %w", err)
-	}
-	return nil
 }
 
 // Meta returns a value of the store's own metadata (nil if unset).
@@ -256,102 +162,40 @@ func (s *Store) Empty() (bool, error) {
 	return empty, err
 }
 
-// WALMissing reports whether Open found no WAL file beside a database that
-// has audit records: the file was deleted while no kmsd ran, or before a
-// crash; records acknowledged only in it are lost.
-func (s *Store) WALMissing() bool { return s.walMissing }
-
-// WALRecreated counts the WAL files made anew after the one in use was
-// deleted or replaced.
-func (s *Store) WALRecreated() uint64 { return s.recreated.Load() }
-
-// errWALGone refuses audit groups while the WAL file is being re-created.
-var errWALGone = errors.New("audit WAL: the file was deleted or replaced while in use; refusing records until it is re-created")
-
-// recreateWAL, after the WAL file was found deleted or replaced: moves
-// every record waiting in the (orphaned) WAL into bbolt, where it is
-// durable, then makes a new WAL file and uses it. Until it succeeds, groups
-// are refused.
-func (s *Store) recreateWAL() error {
-	s.recreateMu.Lock()
-	defer s.recreateMu.Unlock()
-	s.auditMu.Lock()
-	gone := s.walGone
-	s.auditMu.Unlock()
-	if !gone {
-		return nil
-	}
-	// Groups are refused while walGone, so nothing joins pending meanwhile;
-	// state changes commit through bbolt, which also takes pending.
-	if err := s.update(func(*bbolt.Tx) error { return nil }); err != nil {
-		return fmt.Errorf("%w: moving waiting records into bbolt: %v", errWALGone, err)
-	}
-	w, err := openWAL(s.wal.path, s.walSize)
-	if err != nil {
-		return fmt.Errorf("%w: %v", errWALGone, err)
-	}
-	if err := w.reset(); err != nil {
-		w.close()
-		return fmt.Errorf("%w: %v", errWALGone, err)
-	}
-	s.auditMu.Lock()
-	old := s.wal
-	s.wal, s.walGone = w, false
-	s.auditMu.Unlock()
-	old.close()
-	s.recreated.Add(1)
-	return nil
-}
-
-// WALRecovered is how many audit records Open copied from the WAL into
-// bbolt: records acknowledged before a crash that bbolt did not have yet.
-func (s *Store) WALRecovered() int { return s.walRecovered }
-
-// Close stops the audit committer and the flusher, moves the records
-// waiting in the WAL into bbolt (if that fails they stay in the WAL and
-// are copied at the next open) and closes the files.
+// Close stops the audit log (moving the records waiting in its journal
+// into bbolt; if that fails they stay in the journal and are copied at the
+// next open) and closes the file.
 func (s *Store) Close() error {
-	var err error
-	if !s.closeOnce {
-		s.closeOnce = true
-		close(s.quit)
-		<-s.stopped
-		<-s.flusherStopped
-		err = s.flushAudit()
-		if cerr := s.wal.close(); err == nil {
-			err = cerr
-		}
-	}
+	err := s.audit.Close()
 	if cerr := s.db.Close(); err == nil {
 		err = cerr
 	}
 	return err
 }
 
-// update runs fn in a write transaction, counts the commit and keeps the
-// audit log in order: it holds auditMu throughout, first moves the records
-// waiting in the WAL into tx (so records fn appends follow them), and
-// undoes fn's index assignments if the transaction does not commit.
-func (s *Store) update(fn func(tx *bbolt.Tx) error) error {
+// update runs fn in a write transaction and counts the commit. If fn staged
+// audit records (appendAudit), the audit log learns how the transaction
+// ended, before the next one starts.
+func (s *Store) update(fn func(tx *bbolt.Tx) error) (err error) {
 	s.writeMu.Lock()
 	defer s.writeMu.Unlock()
 	tx, err := s.db.Begin(true)
 	if err != nil {
 		return err
 	}
-	s.auditMu.Lock()
-	defer s.auditMu.Unlock()
-	next, leaf, waiting := s.next, s.lastLeaf, len(s.pending)
 	committed := false
 	defer func() { // also on a panic in fn, which then goes on up
 		if !committed {
 			_ = tx.Rollback() // ErrTxClosed if a failed Commit rolled back already
-			s.next, s.lastLeaf = next, leaf
+			if err == nil {
+				err = errors.New("transaction did not commit")
+			}
+		}
+		if s.batch != nil {
+			s.batch.Done(err)
+			s.batch = nil
 		}
 	}()
-	if err := putRecords(tx, next-uint64(waiting), s.pending); err != nil {
-		return err
-	}
 	if err := fn(tx); err != nil {
 		return err
 	}
@@ -360,8 +204,6 @@ func (s *Store) update(fn func(tx *bbolt.Tx) error) error {
 	}
 	committed = true
 	s.commits.Add(1)
-	s.pending = nil
-	s.wal.flushed(next)
 	return nil
 }
 
@@ -447,10 +289,9 @@ func (s *Store) CreateKey(ctx context.Context, k *kms.Key, v *kms.Version, audit
 		if err := putVersion(tx, k.Name, v, nil); err != nil {
 			return err
 		}
-		return s.appendAudit(tx, audit)
+		return s.appendAudit(ctx, tx, audit, false)
 	})
 	if err == nil {
-		markCommitted(audit)
 		s.changed([]kms.Change{{Key: k.Name}, {Key: k.Name, Version: 1}})
 	}
 	return err
@@ -726,10 +567,9 @@ func (s *Store) UpdateKey(ctx context.Context, name string, fn func(kms.KeyTx) (
 			}
 			chs = append(chs, kms.Change{Key: name, Version: v.Number})
 		}
-		return s.appendAudit(tx, audit)
+		return s.appendAudit(ctx, tx, audit, false)
 	})
 	if err == nil {
-		markCommitted(audit)
 		s.changed(chs)
 	}
 	return err
@@ -749,10 +589,9 @@ func (s *Store) CreateToken(ctx context.Context, t *kms.Token, audit []*kms.Audi
 		if err := b.Put([]byte(t.ID), buf); err != nil {
 			return err
 		}
-		return s.appendAudit(tx, audit)
+		return s.appendAudit(ctx, tx, audit, false)
 	})
 	if err == nil {
-		markCommitted(audit)
 		s.changed([]kms.Change{{Token: t.ID}})
 	}
 	return err
@@ -814,10 +653,9 @@ func (s *Store) UpdateToken(ctx context.Context, id string, fn func(t *kms.Token
 		if err := b.Put([]byte(id), out); err != nil {
 			return err
 		}
-		return s.appendAudit(tx, audit)
+		return s.appendAudit(ctx, tx, audit, false)
 	})
 	if err == nil {
-		markCommitted(audit)
 		s.changed([]kms.Change{{Token: id}})
 	}
 	return err

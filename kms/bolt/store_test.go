@@ -35,7 +35,10 @@ func TestAuditConformance(t *testing.T) {
 			t.Fatal(err)
 		}
 		t.Cleanup(func() { s.Close() })
-		return s
+		return struct {
+			kms.Store
+			kms.AuditStore
+		}{s, s.Audit()}
 	})
 }
 

@@ -1,4 +1,4 @@
-package bolt
+package engine_test
 
 import (
 	"context"
@@ -15,7 +15,9 @@ import (
 
 	"golang.org/x/mod/sumdb/tlog"
 
+	"github.com/kmsd-project/kmsd/audit/engine"
 	"github.com/kmsd-project/kmsd/kms"
+	"github.com/kmsd-project/kmsd/kms/bolt"
 )
 
 var ctx = context.Background()
@@ -26,15 +28,11 @@ func testRec(op string) *kms.AuditRecord {
 
 // noBackgroundFlush keeps records in the WAL for the length of a test, as
 // they are between two flushes.
-func noBackgroundFlush(t *testing.T) {
-	old := flushInterval
-	flushInterval = 1 << 40
-	t.Cleanup(func() { flushInterval = old })
-}
+func noBackgroundFlush(t *testing.T) { engine.SetFlushInterval(t, 1<<40) }
 
-func openTest(t *testing.T, path string, walSize int64) *Store {
+func openTest(t *testing.T, path string, walSize int64) *bolt.Store {
 	t.Helper()
-	s, err := Open(path, Options{AuditWALSize: walSize})
+	s, err := bolt.Open(path, bolt.Options{AuditWALSize: walSize})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -61,25 +59,25 @@ func copyFile(t *testing.T, from, to string) {
 
 // crashCopy copies the database and its WAL as a crash would leave them:
 // what was written so far, without Close's final flush.
-func crashCopy(t *testing.T, s *Store) string {
+func crashCopy(t *testing.T, s *bolt.Store) string {
 	t.Helper()
 	dir := t.TempDir()
 	to := filepath.Join(dir, "kms.db")
-	copyFile(t, s.db.Path(), to)
-	copyFile(t, s.db.Path()+"-audit-wal", to+"-audit-wal")
+	copyFile(t, s.Path(), to)
+	copyFile(t, s.Path()+"-audit-wal", to+"-audit-wal")
 	return to
 }
 
 // verifyLog checks the stored log: indexes and prev hashes chain, and the
 // tree hash from the stored hashes equals the one recomputed from the
 // records alone.
-func verifyLog(t *testing.T, s *Store, want []string) {
+func verifyLog(t *testing.T, s *bolt.Store, want []string) {
 	t.Helper()
-	n, err := s.AuditSize(ctx)
+	n, err := s.Audit().AuditSize(ctx)
 	if err != nil || n != uint64(len(want)) {
 		t.Fatalf("size %d (%v), want %d", n, err, len(want))
 	}
-	recs, err := s.AuditRecords(ctx, 0, n)
+	recs, err := s.Audit().AuditRecords(ctx, 0, n)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -99,7 +97,7 @@ func verifyLog(t *testing.T, s *Store, want []string) {
 		leaves = append(leaves, tlog.RecordHash(data))
 	}
 	stored, err := tlog.TreeHash(int64(n), tlog.HashReaderFunc(func(idx []int64) ([]tlog.Hash, error) {
-		hs, err := s.AuditHashes(ctx, idx)
+		hs, err := s.Audit().AuditHashes(ctx, idx)
 		out := make([]tlog.Hash, len(hs))
 		for i, h := range hs {
 			out[i] = h
@@ -135,7 +133,7 @@ func TestWALRecoversAcknowledgedRecords(t *testing.T) {
 	var want []string
 	for i := 0; i < 3; i++ { // three into bbolt through a state change
 		want = append(want, fmt.Sprint("early", i))
-		if err := s.AppendAudit(ctx, testRec(want[i])); err != nil {
+		if err := s.Audit().AppendAudit(ctx, testRec(want[i])); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -148,7 +146,7 @@ func TestWALRecoversAcknowledgedRecords(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			if err := s.AppendAudit(ctx, testRec("late")); err != nil {
+			if err := s.Audit().AppendAudit(ctx, testRec("late")); err != nil {
 				t.Error(err)
 			}
 		}()
@@ -157,8 +155,8 @@ func TestWALRecoversAcknowledgedRecords(t *testing.T) {
 	for range 100 {
 		want = append(want, "late")
 	}
-	if s.WALSyncs() == 0 || len(s.pending) != 100 {
-		t.Fatalf("%d WAL syncs, %d records waiting: the test does not exercise the WAL", s.WALSyncs(), len(s.pending))
+	if s.Audit().JournalSyncs() == 0 || s.Audit().Waiting() != 100 {
+		t.Fatalf("%d WAL syncs, %d records waiting: the test does not exercise the WAL", s.Audit().JournalSyncs(), s.Audit().Waiting())
 	}
 	path := crashCopy(t, s)
 	r := openTest(t, path, 0)
@@ -179,20 +177,20 @@ func TestWALTornFrame(t *testing.T) {
 	var want []string
 	for i := 0; i < 5; i++ {
 		want = append(want, fmt.Sprint("r", i))
-		if err := s.AppendAudit(ctx, testRec(want[i])); err != nil {
+		if err := s.Audit().AppendAudit(ctx, testRec(want[i])); err != nil {
 			t.Fatal(err)
 		}
 	}
-	last := s.wal.frames[len(s.wal.frames)-1]
+	lastOff := s.Audit().LastFrameOffset()
 	path := crashCopy(t, s)
 	f, err := os.OpenFile(path+"-audit-wal", os.O_RDWR, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
 	b := make([]byte, 1)
-	f.ReadAt(b, last.off+walHeader+10)
+	f.ReadAt(b, lastOff+engine.WALHeader+10)
 	b[0] ^= 0x40
-	f.WriteAt(b, last.off+walHeader+10)
+	f.WriteAt(b, lastOff+engine.WALHeader+10)
 	f.Close()
 	verifyLog(t, openTest(t, path, 0), want[:4])
 }
@@ -204,20 +202,20 @@ func TestWALOfAnotherLogRefused(t *testing.T) {
 	noBackgroundFlush(t)
 	a := openTest(t, filepath.Join(t.TempDir(), "kms.db"), 0)
 	b := openTest(t, filepath.Join(t.TempDir(), "kms.db"), 0)
-	for _, s := range []*Store{a, b} {
-		if err := s.AppendAudit(ctx, testRec("first")); err != nil {
+	for _, s := range []*bolt.Store{a, b} {
+		if err := s.Audit().AppendAudit(ctx, testRec("first")); err != nil {
 			t.Fatal(err)
 		}
 		if err := s.CreateKey(ctx, &kms.Key{Name: "k", Kind: "ml-dsa-65", Primary: 1, Latest: 1}, &kms.Version{Number: 1}, []*kms.AuditRecord{{Time: "2026-01-01T00:00:00Z", Actor: fmt.Sprintf("%p", s), Operation: "create", Status: 201}}); err != nil {
 			t.Fatal(err)
 		}
-		if err := s.AppendAudit(ctx, testRec("waiting")); err != nil {
+		if err := s.Audit().AppendAudit(ctx, testRec("waiting")); err != nil {
 			t.Fatal(err)
 		}
 	}
 	path := crashCopy(t, a)
-	copyFile(t, b.db.Path()+"-audit-wal", path+"-audit-wal")
-	_, err := Open(path, Options{})
+	copyFile(t, b.Path()+"-audit-wal", path+"-audit-wal")
+	_, err := bolt.Open(path, bolt.Options{})
 	if err == nil || !strings.Contains(err.Error(), "does not continue the log") {
 		t.Fatalf("Open with a foreign WAL: %v", err)
 	}
@@ -228,11 +226,11 @@ func TestWALOfAnotherLogRefused(t *testing.T) {
 // waits for a synchronous flush instead of overwriting waiting records.
 func TestWALRingWrapsAndFills(t *testing.T) {
 	noBackgroundFlush(t)
-	s := openTest(t, filepath.Join(t.TempDir(), "kms.db"), 4*walAlign)
+	s := openTest(t, filepath.Join(t.TempDir(), "kms.db"), 4*engine.WALAlign)
 	var want []string
 	for i := 0; i < 30; i++ { // one frame each: the ring fills every 4
 		want = append(want, fmt.Sprint("r", i))
-		if err := s.AppendAudit(ctx, testRec(want[i])); err != nil {
+		if err := s.Audit().AppendAudit(ctx, testRec(want[i])); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -241,7 +239,7 @@ func TestWALRingWrapsAndFills(t *testing.T) {
 	}
 	path := crashCopy(t, s)
 	verifyLog(t, s, want)
-	verifyLog(t, openTest(t, path, 4*walAlign), want)
+	verifyLog(t, openTest(t, path, 4*engine.WALAlign), want)
 }
 
 // TestWALWriteFailureFallsBackToBbolt: when a WAL write fails, that group
@@ -251,34 +249,29 @@ func TestWALWriteFailureFallsBackToBbolt(t *testing.T) {
 	noBackgroundFlush(t)
 	path := filepath.Join(t.TempDir(), "kms.db")
 	s := openTest(t, path, 0)
-	if err := s.AppendAudit(ctx, testRec("a")); err != nil {
+	if err := s.Audit().AppendAudit(ctx, testRec("a")); err != nil {
 		t.Fatal(err)
 	}
-	good := s.wal.f
 	bad, _ := os.Open(path + "-audit-wal") // read-only: writes fail
-	s.auditMu.Lock()
-	s.wal.f = bad
-	s.auditMu.Unlock()
+	good := s.Audit().SwapJournalFile(bad)
 	failed := testRec("refused")
-	if err := s.AppendAudit(ctx, failed); err == nil || failed.Committed {
+	if err := s.Audit().AppendAudit(ctx, failed); err == nil || failed.Committed {
 		t.Fatalf("a failed WAL write was acknowledged: %v", err)
 	}
-	s.auditMu.Lock()
-	s.wal.f = good
-	s.auditMu.Unlock()
+	s.Audit().SwapJournalFile(good)
 	bad.Close()
 	commits := s.Commits()
-	if err := s.AppendAudit(ctx, testRec("b")); err != nil {
+	if err := s.Audit().AppendAudit(ctx, testRec("b")); err != nil {
 		t.Fatal(err)
 	}
 	if s.Commits() != commits+1 {
 		t.Fatal("the group after a WAL failure did not go through bbolt")
 	}
-	syncs := s.WALSyncs()
-	if err := s.AppendAudit(ctx, testRec("c")); err != nil {
+	syncs := s.Audit().JournalSyncs()
+	if err := s.Audit().AppendAudit(ctx, testRec("c")); err != nil {
 		t.Fatal(err)
 	}
-	if s.WALSyncs() != syncs || s.Commits() != commits+2 {
+	if s.Audit().JournalSyncs() != syncs || s.Commits() != commits+2 {
 		t.Fatal("a group went to the WAL after it failed")
 	}
 	verifyLog(t, openTest(t, crashCopy(t, s), 0), []string{"a", "b", "c"})
@@ -288,19 +281,19 @@ func TestWALWriteFailureFallsBackToBbolt(t *testing.T) {
 // through bbolt instead of failing.
 func TestWALFrameLargerThanTheWAL(t *testing.T) {
 	noBackgroundFlush(t)
-	s := openTest(t, filepath.Join(t.TempDir(), "kms.db"), 4*walAlign)
-	big := testRec(strings.Repeat("x", 5*walAlign))
+	s := openTest(t, filepath.Join(t.TempDir(), "kms.db"), 4*engine.WALAlign)
+	big := testRec(strings.Repeat("x", 5*engine.WALAlign))
 	commits := s.Commits()
-	if err := s.AppendAudit(ctx, big); err != nil || !big.Committed {
+	if err := s.Audit().AppendAudit(ctx, big); err != nil || !big.Committed {
 		t.Fatalf("a group larger than the WAL: %v", err)
 	}
 	if s.Commits() != commits+1 {
 		t.Fatal("it did not go through bbolt")
 	}
-	if err := s.AppendAudit(ctx, testRec("small")); err != nil {
+	if err := s.Audit().AppendAudit(ctx, testRec("small")); err != nil {
 		t.Fatal(err)
 	}
-	verifyLog(t, openTest(t, crashCopy(t, s), 4*walAlign), []string{big.Operation, "small"})
+	verifyLog(t, openTest(t, crashCopy(t, s), 4*engine.WALAlign), []string{big.Operation, "small"})
 }
 
 // TestWALInvalidatedAtOpen: after an open, the WAL holds no valid frame
@@ -308,29 +301,26 @@ func TestWALFrameLargerThanTheWAL(t *testing.T) {
 func TestWALInvalidatedAtOpen(t *testing.T) {
 	noBackgroundFlush(t)
 	path := filepath.Join(t.TempDir(), "kms.db")
-	s, err := Open(path, Options{AuditWALSize: 64 * walAlign})
+	s, err := bolt.Open(path, bolt.Options{AuditWALSize: 64 * engine.WALAlign})
 	if err != nil {
 		t.Fatal(err)
 	}
 	for i := 0; i < 20; i++ {
-		if err := s.AppendAudit(ctx, testRec("r")); err != nil {
+		if err := s.Audit().AppendAudit(ctx, testRec("r")); err != nil {
 			t.Fatal(err)
 		}
 	}
-	w, _ := openWAL(path+"-audit-wal", 64*walAlign)
-	if recs, _ := w.scan(0); len(recs) != 20 {
-		t.Fatalf("%d records in the WAL before close, want 20", len(recs))
+	if recs, _, _, err := engine.ScanJournal(path+"-audit-wal", 64*engine.WALAlign); err != nil || recs != 20 {
+		t.Fatalf("%d records in the WAL before close (%v), want 20", recs, err)
 	}
-	w.f.Close()
 	s.Close()
-	s = openTest(t, path, 64*walAlign)
-	w, _ = openWAL(path+"-audit-wal", 64*walAlign)
-	defer w.f.Close()
-	if recs, _ := w.scan(0); len(recs) != 0 || len(w.found) != 0 {
-		t.Fatalf("%d frames still valid after open", len(w.found))
+	s = openTest(t, path, 64*engine.WALAlign)
+	recs, frames, size, err := engine.ScanJournal(path+"-audit-wal", 64*engine.WALAlign)
+	if err != nil || recs != 0 || frames != 0 {
+		t.Fatalf("%d frames still valid after open (%v)", frames, err)
 	}
-	if st, _ := w.f.Stat(); st.Size() != 64*walAlign {
-		t.Fatalf("WAL is %d bytes, want %d", st.Size(), 64*walAlign)
+	if size != 64*engine.WALAlign {
+		t.Fatalf("WAL is %d bytes, want %d", size, 64*engine.WALAlign)
 	}
 	verifyLog(t, s, slicesRepeat("r", 20))
 }
@@ -347,7 +337,7 @@ func slicesRepeat(s string, n int) []string {
 // each either committed or refused with the store closed.
 func TestAppendDuringCloseNeverHangs(t *testing.T) {
 	for round := 0; round < 20; round++ {
-		s, err := Open(filepath.Join(t.TempDir(), "kms.db"), Options{AuditWALSize: 64 * walAlign})
+		s, err := bolt.Open(filepath.Join(t.TempDir(), "kms.db"), bolt.Options{AuditWALSize: 64 * engine.WALAlign})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -358,10 +348,10 @@ func TestAppendDuringCloseNeverHangs(t *testing.T) {
 			go func() {
 				defer wg.Done()
 				r := testRec("r")
-				err := s.AppendAudit(ctx, r)
+				err := s.Audit().AppendAudit(ctx, r)
 				if (err == nil) != r.Committed {
 					err = fmt.Errorf("returned %v with Committed %v", err, r.Committed)
-				} else if err != nil && err != errStoreClosed {
+				} else if err != nil && err != engine.ErrClosed {
 					err = fmt.Errorf("unexpected: %w", err)
 				} else {
 					err = nil
@@ -399,14 +389,14 @@ func TestWALDeletedWhileRunning(t *testing.T) {
 			var want []string
 			for i := 0; i < 20; i++ {
 				want = append(want, fmt.Sprint("before", i))
-				if err := s.AppendAudit(ctx, testRec(want[i])); err != nil {
+				if err := s.Audit().AppendAudit(ctx, testRec(want[i])); err != nil {
 					t.Fatal(err)
 				}
 			}
-			if len(s.pending) != 20 {
-				t.Fatalf("%d records in the WAL only: the test does not exercise the WAL", len(s.pending))
+			if s.Audit().Waiting() != 20 {
+				t.Fatalf("%d records in the WAL only: the test does not exercise the WAL", s.Audit().Waiting())
 			}
-			walPath := s.db.Path() + "-audit-wal"
+			walPath := s.Path() + "-audit-wal"
 			old, _ := os.Stat(walPath)
 			switch how {
 			case "unlinked":
@@ -417,11 +407,11 @@ func TestWALDeletedWhileRunning(t *testing.T) {
 			}
 			// The first group after it went to a file nobody will read:
 			// refused, fail-closed.
-			if err := s.AppendAudit(ctx, testRec("lost")); !errors.Is(err, errWALGone) {
+			if err := s.Audit().AppendAudit(ctx, testRec("lost")); !errors.Is(err, engine.ErrWALGone) {
 				t.Fatalf("append into the orphaned WAL: %v", err)
 			}
-			if len(s.pending) != 0 || s.WALRecreated() != 1 {
-				t.Fatalf("after detection: %d waiting, %d re-created", len(s.pending), s.WALRecreated())
+			if s.Audit().Waiting() != 0 || s.Audit().JournalRecreated() != 1 {
+				t.Fatalf("after detection: %d waiting, %d re-created", s.Audit().Waiting(), s.Audit().JournalRecreated())
 			}
 			now, err := os.Stat(walPath)
 			if err != nil || os.SameFile(old, now) {
@@ -429,12 +419,12 @@ func TestWALDeletedWhileRunning(t *testing.T) {
 			}
 			for i := 0; i < 5; i++ {
 				want = append(want, fmt.Sprint("after", i))
-				if err := s.AppendAudit(ctx, testRec(want[len(want)-1])); err != nil {
+				if err := s.Audit().AppendAudit(ctx, testRec(want[len(want)-1])); err != nil {
 					t.Fatal(err)
 				}
 			}
-			if len(s.pending) != 5 {
-				t.Fatalf("%d records in the new WAL, want 5", len(s.pending))
+			if s.Audit().Waiting() != 5 {
+				t.Fatalf("%d records in the new WAL, want 5", s.Audit().Waiting())
 			}
 			verifyLog(t, openTest(t, crashCopy(t, s), 0), want)
 		})
@@ -444,23 +434,21 @@ func TestWALDeletedWhileRunning(t *testing.T) {
 // TestWALDeletedWhileIdle: the background check finds a deleted WAL
 // without waiting for the next record, and moves what waits into bbolt.
 func TestWALDeletedWhileIdle(t *testing.T) {
-	old := flushInterval
-	flushInterval = 20 * time.Millisecond
-	t.Cleanup(func() { flushInterval = old }) // after the stores' cleanups stop their flushers
+	engine.SetFlushInterval(t, 20*time.Millisecond) // restored after the stores' cleanups stop their flushers
 	s := openTest(t, filepath.Join(t.TempDir(), "kms.db"), 0)
 	// A burst keeps records waiting: the flush takes them only on a tick.
-	if err := s.AppendAudit(ctx, testRec("a")); err != nil {
+	if err := s.Audit().AppendAudit(ctx, testRec("a")); err != nil {
 		t.Fatal(err)
 	}
-	os.Remove(s.db.Path() + "-audit-wal")
+	os.Remove(s.Path() + "-audit-wal")
 	deadline := time.Now().Add(5 * time.Second)
-	for s.WALRecreated() == 0 {
+	for s.Audit().JournalRecreated() == 0 {
 		if time.Now().After(deadline) {
 			t.Fatal("the deleted WAL was not noticed")
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
-	if _, err := os.Stat(s.db.Path() + "-audit-wal"); err != nil {
+	if _, err := os.Stat(s.Path() + "-audit-wal"); err != nil {
 		t.Fatal(err)
 	}
 	verifyLog(t, openTest(t, crashCopy(t, s), 0), []string{"a"})
@@ -470,18 +458,42 @@ func TestWALDeletedWhileIdle(t *testing.T) {
 // gone says so at open.
 func TestWALMissingAtOpenReported(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "kms.db")
-	s, err := Open(path, Options{})
+	s, err := bolt.Open(path, bolt.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if s.WALMissing() {
+	if s.Audit().JournalMissing() {
 		t.Fatal("a new database reports a missing WAL")
 	}
-	s.AppendAudit(ctx, testRec("a"))
+	s.Audit().AppendAudit(ctx, testRec("a"))
 	s.Close()
 	os.Remove(path + "-audit-wal")
 	s = openTest(t, path, 0)
-	if !s.WALMissing() {
+	if !s.Audit().JournalMissing() {
 		t.Fatal("a missing WAL was not reported")
 	}
+}
+
+// TestReopenAtEverySize: a log reopened at any size (the engine reloads the
+// last complete subtree of each level from the rows) goes on with a tree
+// that matches its records.
+func TestReopenAtEverySize(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "kms.db")
+	var want []string
+	for n := 0; n < 40; n++ {
+		s, err := bolt.Open(path, bolt.Options{AuditWALSize: 64 * engine.WALAlign})
+		if err != nil {
+			t.Fatal(err)
+		}
+		for i := 0; i <= n%3; i++ {
+			want = append(want, fmt.Sprint("r", len(want)))
+			if err := s.Audit().AppendAudit(ctx, testRec(want[len(want)-1])); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := s.Close(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	verifyLog(t, openTest(t, path, 64*engine.WALAlign), want)
 }

@@ -1,0 +1,818 @@
+// Package engine is the audit log's engine: the hash chain, the Merkle tree
+// hashes, the group commit and the write-ahead journal. A store keeps the
+// log's rows through the narrow port Rows; the engine decides what the rows
+// are.
+//
+// A row is
+//
+//	k (1 byte) | k tree hashes (32 bytes each) | canonical record
+//
+// where the hashes are the ones tlog.StoredHashes says writing the record
+// stores: its leaf hash, then the hashes of the subtrees it completes, by
+// level. Keeping them beside the record lets a store write one value per
+// record and lets proofs read them back by index.
+//
+// Records reach the rows two ways. A state change carries its records into
+// the store's own transaction (Stage), so the change and its record commit
+// together. A request that changes nothing appends its record through the
+// group commit (AppendAudit): with a journal (a local store), a group is one
+// journal frame and one fdatasync, and the journal's records move into the
+// store in large batches in the background; without one (a replicated
+// store), a group is one store transaction.
+package engine
+
+import (
+	"context"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"math/bits"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/mod/sumdb/tlog"
+
+	"github.com/kmsd-project/kmsd/kms"
+)
+
+// Rows is the port a store implements for the audit log: opaque rows at
+// indexes 0, 1, ... and signed checkpoints.
+//
+// A store writes rows only inside its own transactions: a transaction that
+// carries audit records calls Log.Stage, writes the batch's rows at
+// First, First+1, ... (refusing with ErrConflict if the store's rows do not
+// end at First), commits, and calls Batch.Done with the outcome before it
+// starts the next such transaction.
+type Rows interface {
+	// WriteAudit runs a transaction of the store's own that stages recs
+	// and changes nothing else. It is called with recs empty to move rows
+	// waiting in the journal into the store.
+	WriteAudit(ctx context.Context, recs []*kms.AuditRecord) error
+	// RowsEnd returns the index after the last row.
+	RowsEnd(ctx context.Context) (uint64, error)
+	// ReadRows returns the rows [start, end), which must exist.
+	ReadRows(ctx context.Context, start, end uint64) ([][]byte, error)
+	// PutCheckpoint stores a signed checkpoint of the tree at size.
+	PutCheckpoint(ctx context.Context, size uint64, note []byte) error
+	// LatestCheckpoint returns the newest checkpoint; kms.ErrNotFound if
+	// none.
+	LatestCheckpoint(ctx context.Context) (uint64, []byte, error)
+}
+
+// ErrConflict is returned by a store whose rows do not end where a batch
+// starts: another writer (a replica) appended first. The engine reloads its
+// position; the store retries the transaction.
+var ErrConflict = errors.New("audit: the log grew under this transaction (another writer appended first)")
+
+// Options tune a Log.
+type Options struct {
+	// JournalPath is the write-ahead journal's file (none if empty): only
+	// for a store that no other process writes.
+	JournalPath string
+	// JournalSize is the journal's size (default DefaultWALSize).
+	JournalSize int64
+	// Shared says other processes append to the same rows (replicas): the
+	// engine expects ErrConflict and reloads its position.
+	Shared bool
+}
+
+// Log is the audit log's engine: a kms.AuditStore over a store's Rows.
+type Log struct {
+	rows   Rows
+	shared bool
+
+	appendCh       chan appendReq
+	flushCh        chan struct{}
+	quit           chan struct{}
+	stopped        chan struct{}
+	flusherStopped chan struct{}
+	closeOnce      sync.Once
+	started        bool
+
+	groups       atomic.Uint64
+	walSyncs     atomic.Uint64
+	flushErrors  atomic.Uint64
+	conflicts    atomic.Uint64
+	expected     atomic.Int64
+	recreated    atomic.Uint64
+	walRecovered int
+	walMissing   bool
+
+	// mu orders the log: it guards the position (next, front, stale),
+	// pending and the journal. A store transaction that stages records
+	// holds it from Stage to Done. Lock order: the store's writer lock,
+	// then mu.
+	mu      sync.Mutex
+	next    uint64      // index of the next record
+	front   []tlog.Hash // front[l]: hash of the last complete subtree at level l
+	stale   bool        // the position may be behind the rows (shared, after a conflict)
+	pending [][]byte    // rows durable in the journal only: [next-len(pending), next)
+
+	wal        *wal // nil without a journal
+	walPath    string
+	walSize    int64
+	walBroken  bool
+	walGone    bool
+	recreateMu sync.Mutex
+}
+
+var _ kms.AuditStore = (*Log)(nil)
+
+// New returns a Log over rows; Start loads its position and starts it. A
+// store makes the Log first, so that the Log's recovery can write through
+// the store's transactions.
+func New(rows Rows, o Options) *Log {
+	if o.JournalSize == 0 {
+		o.JournalSize = DefaultWALSize
+	}
+	return &Log{rows: rows, shared: o.Shared, walPath: o.JournalPath, walSize: o.JournalSize,
+		appendCh: make(chan appendReq, maxGroup), flushCh: make(chan struct{}, 1),
+		quit: make(chan struct{}), stopped: make(chan struct{}), flusherStopped: make(chan struct{})}
+}
+
+// Start loads the log's position from the rows, copies into them the
+// records the journal holds past their end (groups acknowledged before a
+// crash), checking that they continue the log, resets the journal, and
+// starts the group commit.
+func (l *Log) Start(ctx context.Context) error {
+	if err := l.load(ctx); err != nil {
+		return err
+	}
+	if l.walPath != "" {
+		if err := l.recoverWAL(ctx); err != nil {
+			return err
+		}
+	}
+	l.started = true
+	go l.committer()
+	go l.flusher()
+	return nil
+}
+
+// load reads the position from the rows: their end and the hashes of the
+// last complete subtree at every level (stored with record
+// ((end>>l)<<l)-1, at position l).
+func (l *Log) load(ctx context.Context) error {
+	end, err := l.rows.RowsEnd(ctx)
+	if err != nil {
+		return fmt.Errorf("audit: read the log's end: %w", err)
+	}
+	front := make([]tlog.Hash, 0, 64)
+	rows := map[uint64][]byte{}
+	for level := 0; end>>level > 0; level++ {
+		rec := (end>>level)<<level - 1
+		row, ok := rows[rec]
+		if !ok {
+			rs, err := l.rows.ReadRows(ctx, rec, rec+1)
+			if err != nil {
+				return fmt.Errorf("audit: read record %d: %w", rec, err)
+			}
+			if len(rs) != 1 {
+				return fmt.Errorf("audit: record %d missing", rec)
+			}
+			row, rows[rec] = rs[0], rs[0]
+		}
+		hs, _, err := splitRow(row)
+		if err != nil || len(hs) < (level+1)*tlog.HashSize {
+			return fmt.Errorf("audit: tree hash at level %d (record %d) missing", level, rec)
+		}
+		var h tlog.Hash
+		copy(h[:], hs[level*tlog.HashSize:])
+		front = append(front, h)
+	}
+	l.next, l.front, l.stale = end, front, false
+	return nil
+}
+
+// splitRow splits a row into its tree hashes and the record.
+func splitRow(v []byte) (hashes, record []byte, err error) {
+	if len(v) < 1 || len(v) < 1+int(v[0])*tlog.HashSize {
+		return nil, nil, errors.New("audit: malformed stored record")
+	}
+	n := 1 + int(v[0])*tlog.HashSize
+	return v[1:n], v[n:], nil
+}
+
+// position is where the log ends: what encoding the next record needs.
+type position struct {
+	next  uint64
+	front []tlog.Hash
+}
+
+// encode gives recs the next indexes and the chain of previous leaf hashes
+// and returns their rows and canonical bytes, and the position after them.
+// p is not changed.
+func (p position) encode(recs []*kms.AuditRecord) (rows, datas [][]byte, after position) {
+	front := append(make([]tlog.Hash, 0, 64), p.front...)
+	next := p.next
+	rows, datas = make([][]byte, len(recs)), make([][]byte, len(recs))
+	for i, r := range recs {
+		r.Index, r.PrevHash = next, ""
+		if next > 0 {
+			r.PrevHash = hex.EncodeToString(front[0][:])
+		}
+		data := r.Encode()
+		rows[i], front = row(next, data, front)
+		datas[i] = data
+		next++
+	}
+	return rows, datas, position{next, front}
+}
+
+// row builds the row of record n and updates front: the record's leaf
+// hash, then one hash per subtree it completes (tlog.StoredHashes, from
+// the last complete subtree of each level instead of reads).
+func row(n uint64, data []byte, front []tlog.Hash) ([]byte, []tlog.Hash) {
+	h := tlog.RecordHash(data)
+	m := bits.TrailingZeros64(n + 1)
+	v := make([]byte, 0, 1+(m+1)*tlog.HashSize+len(data))
+	v = append(v, byte(m+1))
+	v = append(v, h[:]...)
+	hashes := []tlog.Hash{h}
+	for level := 0; level < m; level++ {
+		h = tlog.NodeHash(front[level], h)
+		v = append(v, h[:]...)
+		hashes = append(hashes, h)
+	}
+	for level, h := range hashes {
+		if level < len(front) {
+			front[level] = h
+		} else {
+			front = append(front, h)
+		}
+	}
+	return append(v, data...), front
+}
+
+// decodeRows checks that datas continue the log at p and returns their rows
+// and the position after them.
+func (p position) decode(datas [][]byte) ([][]byte, position, error) {
+	front := append(make([]tlog.Hash, 0, 64), p.front...)
+	next := p.next
+	rows := make([][]byte, len(datas))
+	for i, data := range datas {
+		r, err := kms.DecodeAuditRecord(data)
+		want := ""
+		if next > 0 {
+			want = hex.EncodeToString(front[0][:])
+		}
+		if err != nil || r.Index != next || r.PrevHash != want {
+			return nil, p, fmt.Errorf("record %d does not continue the log", next)
+		}
+		rows[i], front = row(next, data, front)
+		next++
+	}
+	return rows, position{next, front}, nil
+}
+
+func (l *Log) position() position { return position{l.next, l.front} }
+
+func markCommitted(recs []*kms.AuditRecord) {
+	for _, r := range recs {
+		r.Committed = true
+	}
+}
+
+// Batch is the rows a store transaction writes: the rows waiting in the
+// journal, then the records the transaction carries.
+type Batch struct {
+	First uint64
+	Rows  [][]byte
+
+	l     *Log
+	recs  []*kms.AuditRecord
+	after position
+	flush int  // pending rows included (a flush batch)
+	held  bool // l.mu is held until Done
+	done  bool
+}
+
+// Stage is called by a store inside a transaction that carries recs (or,
+// with recs empty, from WriteAudit to move the journal's rows): it returns
+// the rows to write. Until Done, the log takes no other staged batch.
+func (l *Log) Stage(ctx context.Context, recs []*kms.AuditRecord) (*Batch, error) {
+	if len(recs) == 0 {
+		// A flush: the waiting rows do not change once written to the
+		// journal, so the journal keeps taking groups meanwhile.
+		l.mu.Lock()
+		defer l.mu.Unlock()
+		return &Batch{First: l.next - uint64(len(l.pending)), Rows: l.pending, l: l, flush: len(l.pending)}, nil
+	}
+	l.mu.Lock()
+	if l.stale {
+		if err := l.load(ctx); err != nil {
+			l.mu.Unlock()
+			return nil, err
+		}
+	}
+	rows, _, after := l.position().encode(recs)
+	if len(l.pending) > 0 {
+		rows = append(append(make([][]byte, 0, len(l.pending)+len(rows)), l.pending...), rows...)
+	}
+	return &Batch{First: l.next - uint64(len(l.pending)), Rows: rows, l: l, recs: recs, after: after, flush: len(l.pending), held: true}, nil
+}
+
+// Done tells the log whether the transaction that wrote the batch
+// committed (err nil). Records of a committed batch are marked Committed.
+func (b *Batch) Done(err error) {
+	if b == nil || b.done {
+		return
+	}
+	b.done = true
+	l := b.l
+	if !b.held {
+		l.mu.Lock()
+	}
+	defer l.mu.Unlock()
+	switch {
+	case err == nil:
+		if b.held {
+			l.next, l.front = b.after.next, b.after.front
+		}
+		l.pending = l.pending[b.flush:]
+		if l.wal != nil {
+			l.wal.flushed(b.First + uint64(b.flush))
+		}
+		markCommitted(b.recs)
+	case errors.Is(err, ErrConflict):
+		l.conflicts.Add(1)
+		if l.shared {
+			l.stale = true
+		}
+	}
+}
+
+type appendReq struct {
+	rec  *kms.AuditRecord
+	done chan error
+}
+
+// errClosed is returned by AppendAudit after Close.
+var errClosed = errors.New("the audit log is closed")
+
+const maxGroup = 4096
+
+// gatherWait bounds how long a group waits for requests that are still
+// being served (Expect) to bring their records.
+const gatherWait = 200 * time.Microsecond
+
+// committer is the group commit loop: it takes every record waiting, and,
+// while requests announced by Expect are still being served, waits (at
+// most gatherWait) for their records to join; then it commits the group
+// (one journal frame with one fdatasync, or one store transaction) and
+// answers each caller. While one group commits the next gathers, so under
+// load many requests share one commit, and an idle log costs one commit
+// per record with no added delay.
+func (l *Log) committer() {
+	defer close(l.stopped)
+	batch := make([]appendReq, 0, maxGroup)
+	timer := time.NewTimer(time.Hour)
+	timer.Stop()
+	drain := func() {
+		for len(batch) < maxGroup {
+			select {
+			case req := <-l.appendCh:
+				batch = append(batch, req)
+			default:
+				return
+			}
+		}
+	}
+	for {
+		batch = batch[:0]
+		select {
+		case <-l.quit:
+			// Answer whatever was queued before the log closed.
+			for {
+				select {
+				case req := <-l.appendCh:
+					req.done <- errClosed
+				default:
+					return
+				}
+			}
+		case req := <-l.appendCh:
+			batch = append(batch, req)
+		}
+		drain()
+		if l.expected.Load() > 0 {
+			timer.Reset(gatherWait)
+		wait:
+			for l.expected.Load() > 0 && len(batch) < maxGroup {
+				select {
+				case req := <-l.appendCh:
+					batch = append(batch, req)
+					drain()
+				case <-timer.C:
+					break wait
+				}
+			}
+			timer.Stop()
+		}
+		recs := make([]*kms.AuditRecord, len(batch))
+		for i, req := range batch {
+			recs[i] = req.rec
+		}
+		err := l.commitGroup(recs)
+		if err == nil {
+			l.groups.Add(1)
+			markCommitted(recs)
+		}
+		for _, req := range batch {
+			req.done <- err
+		}
+	}
+}
+
+// maxConflicts bounds how often one group is retried after other writers
+// appended first.
+const maxConflicts = 100
+
+// direct commits recs in a store transaction of their own (which also
+// carries every row waiting in the journal), retrying after conflicts.
+func (l *Log) direct(recs []*kms.AuditRecord) error {
+	var err error
+	for range maxConflicts {
+		if err = l.rows.WriteAudit(context.Background(), recs); !errors.Is(err, ErrConflict) {
+			return err
+		}
+	}
+	return err
+}
+
+// commitGroup makes recs durable: as one journal frame, or without a
+// journal as one store transaction. Groups go through a store transaction
+// when the frame is larger than the whole journal, and for the rest of the
+// process's life once a journal write has failed.
+func (l *Log) commitGroup(recs []*kms.AuditRecord) error {
+	if l.walPath == "" {
+		return l.direct(recs)
+	}
+	for attempt := 0; ; attempt++ {
+		l.mu.Lock()
+		if l.walGone {
+			l.mu.Unlock()
+			if err := l.recreateWAL(); err != nil {
+				return err
+			}
+			continue
+		}
+		if l.walBroken {
+			l.mu.Unlock()
+			return l.direct(recs)
+		}
+		rows, datas, after := l.position().encode(recs)
+		frame := l.wal.encode(l.next, datas)
+		off, ok := l.wal.place(int64(len(frame)))
+		if !ok {
+			l.mu.Unlock()
+			if attempt > 0 || int64(len(frame)) > l.wal.size {
+				return l.direct(recs) // only a frame larger than the journal fails twice
+			}
+			// The ring is full of records the store has not taken yet:
+			// move them now, then retry once.
+			if err := l.flush(); err != nil {
+				return fmt.Errorf("audit: the journal is full and cannot be flushed: %w", err)
+			}
+			continue
+		}
+		if err := l.wal.write(frame, off, after.next); err != nil {
+			// What reached the disk is unknown. Invalidate the frame if
+			// the disk still lets us (best effort), and send every later
+			// group through the store, whose commits supersede the frame
+			// anyway: journal records below the store's end are ignored
+			// at open.
+			l.walBroken = true
+			l.wal.invalidate(off)
+			l.mu.Unlock()
+			return fmt.Errorf("audit WAL: %w", err)
+		}
+		l.walSyncs.Add(1)
+		if l.wal.replaced() {
+			// The frame went to a file no restart will read: refuse its
+			// records (their indexes are reused), and re-create the
+			// journal before taking more.
+			l.walGone = true
+			l.mu.Unlock()
+			if err := l.recreateWAL(); err != nil {
+				return err
+			}
+			return errWALGone
+		}
+		l.next, l.front = after.next, after.front
+		l.pending = append(l.pending, rows...)
+		flush := len(l.pending) >= walFlushRecords || l.wal.used > l.wal.size/2
+		l.mu.Unlock()
+		if flush {
+			select {
+			case l.flushCh <- struct{}{}:
+			default:
+			}
+		}
+		return nil
+	}
+}
+
+// waiting reports how many rows wait in the journal.
+func (l *Log) waiting() int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return len(l.pending)
+}
+
+// flush moves the rows waiting in the journal into the store in one
+// transaction. The journal keeps taking groups meanwhile: only the rows
+// waiting when it starts move.
+func (l *Log) flush() error {
+	if l.waiting() == 0 {
+		return nil // nothing to move: no write transaction for an audit read
+	}
+	return l.rows.WriteAudit(context.Background(), nil)
+}
+
+// flusher moves journal rows into the store when many wait, and every
+// flushInterval when any do.
+func (l *Log) flusher() {
+	defer close(l.flusherStopped)
+	if l.walPath == "" {
+		return
+	}
+	t := time.NewTicker(flushInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-l.quit:
+			return
+		case <-l.flushCh:
+		case <-t.C:
+		}
+		l.mu.Lock()
+		if !l.walBroken && l.wal.replaced() {
+			l.walGone = true
+		}
+		gone := l.walGone
+		l.mu.Unlock()
+		if gone {
+			if err := l.recreateWAL(); err != nil {
+				l.flushErrors.Add(1) // groups stay refused; retried at the next tick
+			}
+			continue
+		}
+		if err := l.flush(); err != nil {
+			l.flushErrors.Add(1) // retried at the next tick; the records stay durable in the journal
+		}
+	}
+}
+
+var flushInterval = 200 * time.Millisecond // a variable for tests
+
+// recoverWAL opens the journal, copies into the store the records it holds
+// past the store's end (groups acknowledged before a crash), checking that
+// they continue the log, then zeroes the journal.
+func (l *Log) recoverWAL(ctx context.Context) error {
+	if _, err := os.Stat(l.walPath); errors.Is(err, os.ErrNotExist) && l.next > 0 {
+		l.walMissing = true
+	}
+	w, err := openWAL(l.walPath, l.walSize)
+	if err != nil {
+		return fmt.Errorf("open audit WAL: %w", err)
+	}
+	datas, err := w.scan(l.next)
+	if err != nil {
+		w.close()
+		return fmt.Errorf("read audit WAL %s: %w", l.walPath, err)
+	}
+	rows, after, err := l.position().decode(datas)
+	if err != nil {
+		w.close()
+		return fmt.Errorf("audit WAL %s: %v (a WAL of another database?); refusing to start", l.walPath, err)
+	}
+	l.wal = w
+	l.walRecovered = len(rows)
+	if len(rows) > 0 {
+		l.pending = rows
+		l.next, l.front = after.next, after.front
+		if err := l.rows.WriteAudit(ctx, nil); err != nil {
+			w.close()
+			l.wal = nil
+			return fmt.Errorf("copy %d audit records from the WAL: %w", len(rows), err)
+		}
+	}
+	if err := w.reset(); err != nil {
+		w.close()
+		l.wal = nil
+		return fmt.Errorf("reset audit WAL: %w", err)
+	}
+	return nil
+}
+
+// errWALGone refuses audit groups while the journal is being re-created.
+var errWALGone = errors.New("audit WAL: the file was deleted or replaced while in use; refusing records until it is re-created")
+
+// recreateWAL, after the journal file was found deleted or replaced: moves
+// every row waiting in the (orphaned) journal into the store, where it is
+// durable, then makes a new journal file and uses it. Until it succeeds,
+// groups are refused.
+func (l *Log) recreateWAL() error {
+	l.recreateMu.Lock()
+	defer l.recreateMu.Unlock()
+	l.mu.Lock()
+	gone := l.walGone
+	l.mu.Unlock()
+	if !gone {
+		return nil
+	}
+	// Groups are refused while walGone, so nothing joins pending
+	// meanwhile; state changes commit through the store, which also takes
+	// pending.
+	if err := l.flush(); err != nil {
+		return fmt.Errorf("%w: moving waiting records into the store: %v", errWALGone, err)
+	}
+	w, err := openWAL(l.walPath, l.walSize)
+	if err != nil {
+		return fmt.Errorf("%w: %v", errWALGone, err)
+	}
+	if err := w.reset(); err != nil {
+		w.close()
+		return fmt.Errorf("%w: %v", errWALGone, err)
+	}
+	l.mu.Lock()
+	old := l.wal
+	l.wal, l.walGone = w, false
+	l.mu.Unlock()
+	old.close()
+	l.recreated.Add(1)
+	return nil
+}
+
+// Expect implements kms.AuditStore: it announces a record on its way (a
+// request being served); release says it has been handed to AppendAudit
+// or will not come. The group commit waits briefly for announced records to
+// join it.
+func (l *Log) Expect() (release func()) {
+	l.expected.Add(1)
+	var once atomic.Bool
+	return func() {
+		if once.CompareAndSwap(false, true) {
+			l.expected.Add(-1)
+		}
+	}
+}
+
+// AppendAudit implements kms.AuditStore.
+func (l *Log) AppendAudit(ctx context.Context, rec *kms.AuditRecord) error {
+	if !l.started {
+		return errClosed
+	}
+	req := appendReq{rec: rec, done: make(chan error, 1)}
+	select {
+	case l.appendCh <- req:
+	case <-l.quit:
+		return errClosed
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	// Once queued the record is committed or refused; wait for the answer
+	// even if ctx ends, so the caller never reports a record it cannot
+	// vouch for. A record queued as the log closed, after the committer's
+	// last look at the queue, is refused.
+	select {
+	case err := <-req.done:
+		return err
+	case <-l.stopped:
+		select {
+		case err := <-req.done:
+			return err
+		default:
+			return errClosed
+		}
+	}
+}
+
+// AuditSize implements kms.AuditStore. Like every audit read, it first
+// moves the rows waiting in the journal into the store.
+func (l *Log) AuditSize(ctx context.Context) (uint64, error) {
+	if err := l.flush(); err != nil {
+		return 0, err
+	}
+	return l.rows.RowsEnd(ctx)
+}
+
+// AuditRecords implements kms.AuditStore.
+func (l *Log) AuditRecords(ctx context.Context, start, end uint64) ([][]byte, error) {
+	size, err := l.AuditSize(ctx)
+	if err != nil {
+		return nil, err
+	}
+	if start > end || end > size {
+		return nil, &kms.Error{Kind: kms.KindInvalid, Msg: fmt.Sprintf("records [%d, %d) are outside the log of %d records", start, end, size)}
+	}
+	rows, err := l.rows.ReadRows(ctx, start, end)
+	if err != nil {
+		return nil, err
+	}
+	if uint64(len(rows)) != end-start {
+		return nil, fmt.Errorf("audit: %d of records [%d, %d) read", len(rows), start, end)
+	}
+	out := make([][]byte, len(rows))
+	for i, v := range rows {
+		_, rec, err := splitRow(v)
+		if err != nil {
+			return nil, fmt.Errorf("record %d: %w", start+uint64(i), err)
+		}
+		out[i] = rec
+	}
+	return out, nil
+}
+
+// AuditHashes implements kms.AuditStore: the hash at (level, m) was stored
+// with record ((m+1) << level) - 1, at position level.
+func (l *Log) AuditHashes(ctx context.Context, indexes []int64) ([][32]byte, error) {
+	if err := l.flush(); err != nil {
+		return nil, err
+	}
+	out := make([][32]byte, len(indexes))
+	read := map[uint64][]byte{}
+	for i, idx := range indexes {
+		level, m := tlog.SplitStoredHashIndex(idx)
+		rec := uint64((m+1)<<level) - 1
+		v, ok := read[rec]
+		if !ok {
+			rows, err := l.rows.ReadRows(ctx, rec, rec+1)
+			if err != nil {
+				return nil, fmt.Errorf("audit: tree hash %d (record %d): %w", idx, rec, err)
+			}
+			if len(rows) != 1 {
+				return nil, fmt.Errorf("audit: tree hash %d (record %d) missing", idx, rec)
+			}
+			v, read[rec] = rows[0], rows[0]
+		}
+		hs, _, err := splitRow(v)
+		if err != nil || len(hs) < (level+1)*tlog.HashSize {
+			return nil, fmt.Errorf("audit: tree hash %d (record %d) missing", idx, rec)
+		}
+		copy(out[i][:], hs[level*tlog.HashSize:])
+	}
+	return out, nil
+}
+
+// PutCheckpoint implements kms.AuditStore.
+func (l *Log) PutCheckpoint(ctx context.Context, size uint64, note []byte) error {
+	return l.rows.PutCheckpoint(ctx, size, note)
+}
+
+// LatestCheckpoint implements kms.AuditStore.
+func (l *Log) LatestCheckpoint(ctx context.Context) (uint64, []byte, error) {
+	return l.rows.LatestCheckpoint(ctx)
+}
+
+// Close stops the group commit and the flusher and moves the rows waiting
+// in the journal into the store (if that fails they stay in the journal
+// and are copied at the next start). The store closes after the Log.
+func (l *Log) Close() error {
+	var err error
+	l.closeOnce.Do(func() {
+		close(l.quit)
+		if !l.started {
+			return
+		}
+		<-l.stopped
+		<-l.flusherStopped
+		err = l.flush()
+		if l.wal != nil {
+			if cerr := l.wal.close(); err == nil {
+				err = cerr
+			}
+		}
+	})
+	return err
+}
+
+// Groups counts the group commits.
+func (l *Log) Groups() uint64 { return l.groups.Load() }
+
+// JournalSyncs counts the journal frames written (one fdatasync each).
+func (l *Log) JournalSyncs() uint64 { return l.walSyncs.Load() }
+
+// FlushErrors counts background moves of journal rows into the store that
+// failed (retried at the next tick; the records stay durable in the
+// journal).
+func (l *Log) FlushErrors() uint64 { return l.flushErrors.Load() }
+
+// Conflicts counts batches refused because another writer appended first.
+func (l *Log) Conflicts() uint64 { return l.conflicts.Load() }
+
+// JournalRecovered is how many records Start copied from the journal into
+// the store: records acknowledged before a crash the store did not have.
+func (l *Log) JournalRecovered() int { return l.walRecovered }
+
+// JournalMissing reports whether Start found no journal file beside a log
+// that has records: the file was deleted while no kmsd ran, or before a
+// crash; records acknowledged only in it are lost.
+func (l *Log) JournalMissing() bool { return l.walMissing }
+
+// JournalRecreated counts the journal files made anew after the one in use
+// was deleted or replaced.
+func (l *Log) JournalRecreated() uint64 { return l.recreated.Load() }
