@@ -86,7 +86,8 @@ kmsd_bench_deps() {
 # kmsd_test_deps: what deploy/test.sh uses besides kmsd's own needs: Node.js
 # and npm for the OpenAPI lint (Redocly CLI, pinned in deploy/spec-lint), and
 # the tools README.md's walk-throughs call (curl, jq, pkcs11-tool), which a
-# test runs as written.
+# test runs as written, and etcd (Debian's etcd-server), which the tests of
+# the replicated store start for real on loopback.
 kmsd_test_deps() {
   local need=()
   command -v node >/dev/null 2>&1 || need+=(nodejs)
@@ -94,6 +95,7 @@ kmsd_test_deps() {
   command -v curl >/dev/null 2>&1 || need+=(curl)
   command -v jq >/dev/null 2>&1 || need+=(jq)
   command -v pkcs11-tool >/dev/null 2>&1 || need+=(opensc)
+  command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
   if [ ${#need[@]} -gt 0 ]; then
     echo "installing: ${need[*]}" >&2
     kmsd_apt_install "${need[@]}"

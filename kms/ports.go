@@ -105,11 +105,13 @@ type VersionRef struct {
 
 // Change names a record a committed transaction wrote: a key's header
 // (Key set, Version 0), one version (Key and Version set) or a token
-// (Token set).
+// (Token set). All says anything may have changed (a replicated store that
+// lost its watch): drop every record.
 type Change struct {
 	Key     string
 	Version uint64
 	Token   string
+	All     bool
 }
 
 // Clock tells the time; tests inject a fake one.

@@ -42,6 +42,10 @@ func (c *readCache) invalidate(changes []Change) {
 	c.gen++
 	for _, ch := range changes {
 		switch {
+		case ch.All:
+			clear(c.keys)
+			clear(c.versions)
+			clear(c.tokens)
 		case ch.Token != "":
 			delete(c.tokens, ch.Token)
 		case ch.Version != 0:

@@ -397,41 +397,56 @@ func (s *Service) Rotate(ctx context.Context, name string) (*Key, *Version, erro
 	return s.rotate(ctx, name)
 }
 
+// maxRotateAttempts bounds how often a rotation starts over after another
+// replica added a version first.
+const maxRotateAttempts = 16
+
 func (s *Service) rotate(ctx context.Context, name string) (*Key, *Version, error) {
+	// The lock saves this process's own rotations from racing; rotations
+	// on other replicas are caught by the store's compare-and-swap, and
+	// the loser starts over with the next number (its material was sealed
+	// for the number it lost).
 	mu := s.keyLock(name)
 	mu.Lock()
 	defer mu.Unlock()
-	k, err := s.getKey(ctx, name)
-	if err != nil {
-		return nil, nil, err
-	}
-	kind, err := s.kinds.Lookup(k.Kind)
-	if err != nil {
-		return nil, nil, Wrap(KindInternal, "rotate", err)
-	}
-	n := k.Latest + 1
-	v, err := s.newVersion(ctx, name, kind, n, k.Policy)
-	if err != nil {
-		return nil, nil, err
-	}
-	var out *Key
-	err = s.update(ctx, name, func(tx KeyTx) ([]*AuditRecord, error) {
-		k := tx.Key()
-		if k.Latest+1 != n {
-			return nil, Errorf(KindFailedPrecondition, "key %q changed during rotation; retry", name)
+	for attempt := 1; ; attempt++ {
+		k, err := s.getKey(ctx, name)
+		if err != nil {
+			return nil, nil, err
 		}
-		if err := tx.AddVersion(v.Clone()); err != nil {
-			return nil, err
+		kind, err := s.kinds.Lookup(k.Kind)
+		if err != nil {
+			return nil, nil, Wrap(KindInternal, "rotate", err)
 		}
-		k.Primary = n
-		out = k.Clone()
-		return auditFor(ctx, name, n), nil
-	})
-	if err != nil {
-		s.discard(kind, v)
-		return nil, nil, err
+		n := k.Latest + 1
+		v, err := s.newVersion(ctx, name, kind, n, k.Policy)
+		if err != nil {
+			return nil, nil, err
+		}
+		var out *Key
+		raced := false
+		err = s.update(ctx, name, func(tx KeyTx) ([]*AuditRecord, error) {
+			k := tx.Key()
+			if k.Latest+1 != n {
+				raced = true
+				return nil, Errorf(KindFailedPrecondition, "key %q changed during rotation; retry", name)
+			}
+			if err := tx.AddVersion(v.Clone()); err != nil {
+				return nil, err
+			}
+			k.Primary = n
+			out = k.Clone()
+			return auditFor(ctx, name, n), nil
+		})
+		if err != nil {
+			s.discard(kind, v)
+			if raced && attempt < maxRotateAttempts {
+				continue
+			}
+			return nil, nil, err
+		}
+		return out, &v, nil
 	}
-	return out, &v, nil
 }
 
 // resolve returns the key's header and version n of it (0 means the

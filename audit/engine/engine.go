@@ -76,12 +76,17 @@ type Options struct {
 	// Shared says other processes append to the same rows (replicas): the
 	// engine expects ErrConflict and reloads its position.
 	Shared bool
+	// MaxGroup bounds the records of one group commit (default 4096): a
+	// store whose transactions hold a bounded number of operations (etcd:
+	// 128 by default) sets it below that.
+	MaxGroup int
 }
 
 // Log is the audit log's engine: a kms.AuditStore over a store's Rows.
 type Log struct {
-	rows   Rows
-	shared bool
+	rows     Rows
+	shared   bool
+	maxGroup int
 
 	appendCh       chan appendReq
 	flushCh        chan struct{}
@@ -127,7 +132,10 @@ func New(rows Rows, o Options) *Log {
 	if o.JournalSize == 0 {
 		o.JournalSize = DefaultWALSize
 	}
-	return &Log{rows: rows, shared: o.Shared, walPath: o.JournalPath, walSize: o.JournalSize,
+	if o.MaxGroup <= 0 || o.MaxGroup > maxGroup {
+		o.MaxGroup = maxGroup
+	}
+	return &Log{rows: rows, shared: o.Shared, maxGroup: o.MaxGroup, walPath: o.JournalPath, walSize: o.JournalSize,
 		appendCh: make(chan appendReq, maxGroup), flushCh: make(chan struct{}, 1),
 		quit: make(chan struct{}), stopped: make(chan struct{}), flusherStopped: make(chan struct{})}
 }
@@ -341,6 +349,10 @@ func (b *Batch) Done(err error) {
 		if l.shared {
 			l.stale = true
 		}
+	case l.shared:
+		// A replicated store's transaction may have committed though the
+		// answer was lost: reload the position before the next batch.
+		l.stale = true
 	}
 }
 
@@ -371,7 +383,7 @@ func (l *Log) committer() {
 	timer := time.NewTimer(time.Hour)
 	timer.Stop()
 	drain := func() {
-		for len(batch) < maxGroup {
+		for len(batch) < l.maxGroup {
 			select {
 			case req := <-l.appendCh:
 				batch = append(batch, req)
@@ -400,7 +412,7 @@ func (l *Log) committer() {
 		if l.expected.Load() > 0 {
 			timer.Reset(gatherWait)
 		wait:
-			for l.expected.Load() > 0 && len(batch) < maxGroup {
+			for l.expected.Load() > 0 && len(batch) < l.maxGroup {
 				select {
 				case req := <-l.appendCh:
 					batch = append(batch, req)

@@ -1,0 +1,795 @@
+// Package etcd is the replicated kms.Store: keys, versions, tokens and the
+// audit log's rows in an etcd cluster under one prefix, shared by every
+// kmsd replica.
+//
+// Every state change is one etcd transaction guarded by revisions
+// (compare-and-swap): a key's header revision guards the key and its
+// versions; a token write compares every token's revision (so that the
+// last-admin check sees a snapshot); the audit log's end guards the rows a
+// change appends. A transaction that loses a race is re-read and retried,
+// so concurrent writers on different replicas serialize in etcd without
+// in-process locks.
+package etcd
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/kmsd-project/kmsd/audit/engine"
+	"github.com/kmsd-project/kmsd/kms"
+)
+
+// Layout under the prefix P (numbers are 16 hex digits, so they sort):
+//
+//	P k/<name>                        key header (JSON kms.Key)
+//	P v/<name>/<n>                    version n (JSON kms.Version)
+//	P due/<unix ns>/<name>/<n>        a version scheduled for destruction
+//	P b/<digest>                      the key whose versions list the blob
+//	P t/<id>                          token (JSON kms.Token)
+//	P a/r/<index>                     audit row (audit/engine)
+//	P a/end                           index after the last audit row
+//	P a/c/<size>                      signed checkpoint of the tree at size
+//	P m/<name>                        kmsd's own metadata
+//
+// Key names never hold '/' (kms.ValidateName).
+
+// Options configure Open.
+type Options struct {
+	// Prefix is where kmsd's records live (default "/kmsd/").
+	Prefix string
+	// Logger receives the watch's troubles.
+	Logger *slog.Logger
+	// RequestTimeout bounds each etcd call (default 5s).
+	RequestTimeout time.Duration
+}
+
+// Store is a kms.Store and engine.Rows on etcd.
+type Store struct {
+	cli     *clientv3.Client
+	p       string
+	log     *slog.Logger
+	timeout time.Duration
+	audit   *engine.Log
+
+	watchMu  sync.RWMutex
+	watchers []func([]kms.Change)
+	// own holds the revisions of this process's commits, which it reported
+	// at commit: the watch skips their events. Commits hold ownMu's read
+	// lock from the request to the insert; the watch takes the write lock
+	// to look, so it never sees a commit of ours before it is noted.
+	ownMu   sync.RWMutex
+	ownSet  sync.Mutex // guards own under ownMu's read lock
+	own     map[int64]bool
+	quit    chan struct{}
+	watched chan struct{}
+	health  watchHealth
+}
+
+var (
+	_ kms.Store   = (*Store)(nil)
+	_ engine.Rows = (*Store)(nil)
+)
+
+// Open returns a Store over cli (which the caller closes after the Store)
+// and starts its audit log and its watch of the prefix.
+func Open(ctx context.Context, cli *clientv3.Client, o Options) (*Store, error) {
+	if o.Prefix == "" {
+		o.Prefix = "/kmsd/"
+	}
+	if !strings.HasSuffix(o.Prefix, "/") {
+		o.Prefix += "/"
+	}
+	if o.Logger == nil {
+		o.Logger = slog.New(slog.DiscardHandler)
+	}
+	if o.RequestTimeout == 0 {
+		o.RequestTimeout = 5 * time.Second
+	}
+	s := &Store{cli: cli, p: o.Prefix, log: o.Logger, timeout: o.RequestTimeout, quit: make(chan struct{}), watched: make(chan struct{}), own: map[int64]bool{}}
+	if err := s.Ping(ctx); err != nil {
+		return nil, fmt.Errorf("etcd: %w", err)
+	}
+	// A group's rows go in one transaction: etcd takes 128 operations
+	// per transaction by default (--max-txn-ops), the end key among them.
+	s.audit = engine.New(s, engine.Options{Shared: true, MaxGroup: 100})
+	if err := s.audit.Start(ctx); err != nil {
+		return nil, err
+	}
+	go s.watch()
+	return s, nil
+}
+
+// Audit is the store's audit log (a kms.AuditStore).
+func (s *Store) Audit() *engine.Log { return s.audit }
+
+// Close stops the audit log and the watch.
+func (s *Store) Close() error {
+	err := s.audit.Close()
+	close(s.quit)
+	<-s.watched
+	return err
+}
+
+func hex16(n uint64) string { return fmt.Sprintf("%016x", n) }
+
+func (s *Store) keyK(name string) string               { return s.p + "k/" + name }
+func (s *Store) versionK(name string, n uint64) string { return s.p + "v/" + name + "/" + hex16(n) }
+func (s *Store) dueK(at time.Time, name string, n uint64) string {
+	return s.p + "due/" + hex16(uint64(max(at.UnixNano(), 0))) + "/" + name + "/" + hex16(n)
+}
+func (s *Store) blobK(d string) string       { return s.p + "b/" + d }
+func (s *Store) tokenK(id string) string     { return s.p + "t/" + id }
+func (s *Store) rowK(i uint64) string        { return s.p + "a/r/" + hex16(i) }
+func (s *Store) endK() string                { return s.p + "a/end" }
+func (s *Store) checkpointK(n uint64) string { return s.p + "a/c/" + hex16(n) }
+func (s *Store) metaK(k string) string       { return s.p + "m/" + k }
+
+func (s *Store) ctx(ctx context.Context) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(ctx, s.timeout)
+}
+
+func notFound(what, name string) error {
+	return &kms.Error{Kind: kms.KindNotFound, Msg: fmt.Sprintf("%s %q not found", what, name)}
+}
+
+func exists(what, name string) error {
+	return &kms.Error{Kind: kms.KindAlreadyExists, Msg: fmt.Sprintf("%s %q already exists", what, name)}
+}
+
+// errConflict: a compare of the transaction failed; it is re-read and
+// retried.
+var errConflict = errors.New("etcd: the records changed under the transaction")
+
+// maxAttempts bounds the retries of one state change that keeps losing
+// races.
+const maxAttempts = 64
+
+// commit runs one transaction: cmps and ops, plus the audit rows of recs
+// (staged in the audit log, guarded by the log's end). flush stages even
+// without records. It returns errConflict if a compare failed.
+func (s *Store) commit(ctx context.Context, cmps []clientv3.Cmp, ops []clientv3.Op, recs []*kms.AuditRecord, flush bool) (err error) {
+	var b *engine.Batch
+	if len(recs) > 0 || flush {
+		if b, err = s.audit.Stage(ctx, recs); err != nil {
+			return err
+		}
+		defer func() { b.Done(err) }()
+		if len(b.Rows) > 0 {
+			if b.First == 0 {
+				cmps = append(cmps, clientv3.Compare(clientv3.Version(s.endK()), "=", 0))
+			} else {
+				cmps = append(cmps, clientv3.Compare(clientv3.Value(s.endK()), "=", hex16(b.First)))
+			}
+			for i, row := range b.Rows {
+				ops = append(ops, clientv3.OpPut(s.rowK(b.First+uint64(i)), string(row)))
+			}
+			ops = append(ops, clientv3.OpPut(s.endK(), hex16(b.First+uint64(len(b.Rows)))))
+		}
+	}
+	if len(ops) == 0 {
+		return nil
+	}
+	tctx, cancel := s.ctx(ctx)
+	defer cancel()
+	s.ownMu.RLock()
+	resp, err := s.cli.Txn(tctx).If(cmps...).Then(ops...).Commit()
+	if err == nil && resp.Succeeded {
+		s.noteOwn(resp.Header.Revision)
+	}
+	s.ownMu.RUnlock()
+	if err != nil {
+		return fmt.Errorf("etcd: %w", err)
+	}
+	if !resp.Succeeded {
+		// Which compare failed is not said; the audit log reloads its
+		// position from etcd, and the caller re-reads the rest.
+		return fmt.Errorf("%w (%w)", errConflict, engine.ErrConflict)
+	}
+	return nil
+}
+
+func (s *Store) get(ctx context.Context, key string, opts ...clientv3.OpOption) (*clientv3.GetResponse, error) {
+	tctx, cancel := s.ctx(ctx)
+	defer cancel()
+	resp, err := s.cli.Get(tctx, key, opts...)
+	if err != nil {
+		return nil, fmt.Errorf("etcd: %w", err)
+	}
+	return resp, nil
+}
+
+// Ping implements kms.Store: a linearizable read, which needs a quorum.
+func (s *Store) Ping(ctx context.Context) error {
+	_, err := s.get(ctx, s.p+"ping")
+	return err
+}
+
+func decode[T any](what string, buf []byte) (*T, error) {
+	var x T
+	if err := json.Unmarshal(buf, &x); err != nil {
+		return nil, fmt.Errorf("decode %s record: %w", what, err)
+	}
+	return &x, nil
+}
+
+func encode(x any) string {
+	b, err := json.Marshal(x)
+	if err != nil {
+		panic("etcd: record does not encode: " + err.Error()) // plain structs: cannot happen
+	}
+	return string(b)
+}
+
+// scheduledAt is when a version is due for destruction, nil if it is not
+// scheduled.
+func scheduledAt(v *kms.Version) *time.Time {
+	if v.State == kms.StateDestroyScheduled && v.DestroyAt != nil {
+		return v.DestroyAt
+	}
+	return nil
+}
+
+// putVersion adds the ops that write a version, move its destroy-schedule
+// entry (old: where it was indexed, nil if nowhere) and index its blobs
+// not yet owned (owned: what the transaction read; a compare keeps them
+// unowned until commit).
+func (s *Store) putVersion(ops []clientv3.Op, cmps []clientv3.Cmp, name string, v *kms.Version, old *time.Time, owned map[string]bool) ([]clientv3.Op, []clientv3.Cmp) {
+	ops = append(ops, clientv3.OpPut(s.versionK(name, v.Number), encode(v)))
+	at := scheduledAt(v)
+	if old != nil && (at == nil || !at.Equal(*old)) {
+		ops = append(ops, clientv3.OpDelete(s.dueK(*old, name, v.Number)))
+	}
+	if at != nil && (old == nil || !at.Equal(*old)) {
+		ops = append(ops, clientv3.OpPut(s.dueK(*at, name, v.Number), ""))
+	}
+	for _, d := range v.Blobs {
+		if !owned[d] {
+			owned[d] = true
+			ops = append(ops, clientv3.OpPut(s.blobK(d), name))
+			cmps = append(cmps, clientv3.Compare(clientv3.CreateRevision(s.blobK(d)), "=", 0))
+		}
+	}
+	return ops, cmps
+}
+
+// owners reads which of the blobs already have an owner.
+func (s *Store) owners(ctx context.Context, vs ...*kms.Version) (map[string]bool, error) {
+	owned := map[string]bool{}
+	for _, v := range vs {
+		for _, d := range v.Blobs {
+			if _, done := owned[d]; done {
+				continue
+			}
+			resp, err := s.get(ctx, s.blobK(d), clientv3.WithCountOnly())
+			if err != nil {
+				return nil, err
+			}
+			owned[d] = resp.Count > 0
+		}
+	}
+	return owned, nil
+}
+
+// CreateKey implements kms.Store.
+func (s *Store) CreateKey(ctx context.Context, k *kms.Key, v *kms.Version, audit []*kms.AuditRecord) error {
+	if v.Number != 1 || k.Latest != 1 {
+		return errors.New("a new key has version 1 only")
+	}
+	for range maxAttempts {
+		owned, err := s.owners(ctx, v)
+		if err != nil {
+			return err
+		}
+		cmps := []clientv3.Cmp{clientv3.Compare(clientv3.CreateRevision(s.keyK(k.Name)), "=", 0)}
+		ops := []clientv3.Op{clientv3.OpPut(s.keyK(k.Name), encode(k))}
+		ops, cmps = s.putVersion(ops, cmps, k.Name, v, nil, owned)
+		err = s.commit(ctx, cmps, ops, audit, false)
+		if errors.Is(err, errConflict) {
+			resp, gerr := s.get(ctx, s.keyK(k.Name), clientv3.WithCountOnly())
+			if gerr != nil {
+				return gerr
+			}
+			if resp.Count > 0 {
+				return exists("key", k.Name)
+			}
+			continue
+		}
+		if err == nil {
+			s.changed([]kms.Change{{Key: k.Name}, {Key: k.Name, Version: 1}})
+		}
+		return err
+	}
+	return fmt.Errorf("create key %q: %w %d times in a row", k.Name, errConflict, maxAttempts)
+}
+
+// GetKey implements kms.Store.
+func (s *Store) GetKey(ctx context.Context, name string) (*kms.Key, error) {
+	resp, err := s.get(ctx, s.keyK(name))
+	if err != nil {
+		return nil, err
+	}
+	if len(resp.Kvs) == 0 {
+		return nil, notFound("key", name)
+	}
+	return decode[kms.Key]("key", resp.Kvs[0].Value)
+}
+
+// GetVersion implements kms.Store.
+func (s *Store) GetVersion(ctx context.Context, name string, n uint64) (*kms.Version, error) {
+	resp, err := s.get(ctx, s.versionK(name, n))
+	if err != nil {
+		return nil, err
+	}
+	if len(resp.Kvs) == 0 {
+		return nil, &kms.Error{Kind: kms.KindNotFound, Msg: fmt.Sprintf("key %q has no version %d", name, n)}
+	}
+	return decode[kms.Version]("version", resp.Kvs[0].Value)
+}
+
+// listAfter decodes up to limit records under dir whose names sort after
+// `after`, in name order.
+func listAfter[T any](ctx context.Context, s *Store, dir, what, after string, limit int) ([]*T, error) {
+	if limit <= 0 {
+		return nil, nil
+	}
+	from := s.p + dir
+	if after != "" {
+		from += after + "\x00"
+	}
+	resp, err := s.get(ctx, from, clientv3.WithRange(clientv3.GetPrefixRangeEnd(s.p+dir)), clientv3.WithLimit(int64(limit)))
+	if err != nil {
+		return nil, err
+	}
+	out := make([]*T, 0, len(resp.Kvs))
+	for _, kv := range resp.Kvs {
+		x, err := decode[T](what, kv.Value)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, x)
+	}
+	return out, nil
+}
+
+// ListKeys implements kms.Store.
+func (s *Store) ListKeys(ctx context.Context, after string, limit int) ([]*kms.Key, error) {
+	return listAfter[kms.Key](ctx, s, "k/", "key", after, limit)
+}
+
+// ListVersions implements kms.Store: the header and the versions are read
+// at one revision.
+func (s *Store) ListVersions(ctx context.Context, name string, before uint64, limit int) ([]*kms.Version, error) {
+	hresp, err := s.get(ctx, s.keyK(name))
+	if err != nil {
+		return nil, err
+	}
+	if len(hresp.Kvs) == 0 {
+		return nil, notFound("key", name)
+	}
+	k, err := decode[kms.Key]("key", hresp.Kvs[0].Value)
+	if err != nil {
+		return nil, err
+	}
+	n := k.Latest
+	if before != 0 && before-1 < n {
+		n = before - 1
+	}
+	if n < 1 || limit <= 0 {
+		return nil, nil
+	}
+	want := min(uint64(limit), n)
+	resp, err := s.get(ctx, s.versionK(name, n-want+1), clientv3.WithRange(s.versionK(name, n+1)),
+		clientv3.WithRev(hresp.Header.Revision), clientv3.WithSort(clientv3.SortByKey, clientv3.SortDescend))
+	if err != nil {
+		return nil, err
+	}
+	if uint64(len(resp.Kvs)) != want {
+		return nil, fmt.Errorf("key %q: %d of versions %d..%d found", name, len(resp.Kvs), n-want+1, n)
+	}
+	out := make([]*kms.Version, 0, len(resp.Kvs))
+	for _, kv := range resp.Kvs {
+		v, err := decode[kms.Version]("version", kv.Value)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, v)
+	}
+	return out, nil
+}
+
+// DueVersions implements kms.Store.
+func (s *Store) DueVersions(ctx context.Context, now time.Time, limit int) ([]kms.VersionRef, error) {
+	end := s.p + "due/" + hex16(uint64(max(now.UnixNano(), 0))+1)
+	resp, err := s.get(ctx, s.p+"due/", clientv3.WithRange(end), clientv3.WithLimit(int64(limit)), clientv3.WithKeysOnly())
+	if err != nil {
+		return nil, err
+	}
+	var out []kms.VersionRef
+	for _, kv := range resp.Kvs {
+		parts := strings.Split(strings.TrimPrefix(string(kv.Key), s.p+"due/"), "/")
+		if len(parts) != 3 {
+			return nil, fmt.Errorf("etcd: malformed schedule entry %q", kv.Key)
+		}
+		n, err := strconv.ParseUint(parts[2], 16, 64)
+		if err != nil {
+			return nil, fmt.Errorf("etcd: malformed schedule entry %q", kv.Key)
+		}
+		out = append(out, kms.VersionRef{Key: parts[1], Version: n})
+	}
+	return out, nil
+}
+
+// keyTx is a kms.KeyTx over records read from etcd; they are written at
+// commit if the header's revision has not moved.
+type keyTx struct {
+	s      *Store
+	ctx    context.Context
+	key    *kms.Key
+	rev    int64                   // the header's revision when read
+	latest uint64                  // the header's Latest when read
+	loaded map[uint64]*kms.Version // versions handed out, written back at commit
+	due    map[uint64]*time.Time   // their destroy-schedule entries when read
+	added  []*kms.Version
+}
+
+func (t *keyTx) Key() *kms.Key { return t.key }
+
+func (t *keyTx) Version(n uint64) (*kms.Version, error) {
+	if v, ok := t.loaded[n]; ok {
+		return v, nil
+	}
+	for _, v := range t.added {
+		if v.Number == n {
+			return v, nil
+		}
+	}
+	if n < 1 || n > t.latest {
+		return nil, &kms.Error{Kind: kms.KindNotFound, Msg: fmt.Sprintf("key %q has no version %d", t.key.Name, n)}
+	}
+	// Versions change only with their header: read at its revision.
+	resp, err := t.s.get(t.ctx, t.s.versionK(t.key.Name, n), clientv3.WithRev(t.rev))
+	if err != nil {
+		return nil, err
+	}
+	if len(resp.Kvs) == 0 {
+		return nil, &kms.Error{Kind: kms.KindNotFound, Msg: fmt.Sprintf("key %q has no version %d", t.key.Name, n)}
+	}
+	v, err := decode[kms.Version]("version", resp.Kvs[0].Value)
+	if err != nil {
+		return nil, err
+	}
+	t.loaded[n] = v
+	if at := scheduledAt(v); at != nil {
+		c := *at
+		t.due[n] = &c
+	}
+	return v, nil
+}
+
+func (t *keyTx) AddVersion(v *kms.Version) error {
+	if v.Number != t.key.Latest+1 {
+		return fmt.Errorf("key %q: version %d added after version %d", t.key.Name, v.Number, t.key.Latest)
+	}
+	t.added = append(t.added, v)
+	t.key.Latest = v.Number
+	return nil
+}
+
+// UpdateKey implements kms.Store. fn runs again, on records read anew, if
+// another writer changed the key (or appended to the audit log) first: it
+// must act only through tx.
+func (s *Store) UpdateKey(ctx context.Context, name string, fn func(kms.KeyTx) ([]*kms.AuditRecord, error)) error {
+	for range maxAttempts {
+		resp, err := s.get(ctx, s.keyK(name))
+		if err != nil {
+			return err
+		}
+		if len(resp.Kvs) == 0 {
+			return notFound("key", name)
+		}
+		k, err := decode[kms.Key]("key", resp.Kvs[0].Value)
+		if err != nil {
+			return err
+		}
+		rev := resp.Kvs[0].ModRevision
+		kt := &keyTx{s: s, ctx: ctx, key: k, rev: resp.Header.Revision, latest: k.Latest, loaded: map[uint64]*kms.Version{}, due: map[uint64]*time.Time{}}
+		audit, err := fn(kt)
+		if err != nil {
+			return err
+		}
+		switch {
+		case k.Name != name:
+			return errors.New("a key cannot be renamed")
+		case k.Latest != kt.latest+uint64(len(kt.added)):
+			return errors.New("a key's latest version changes only by adding versions")
+		case k.Primary < 1 || k.Primary > k.Latest || k.MinDecryptionVersion > k.Latest:
+			return fmt.Errorf("key %q: primary %d or min_decryption_version %d is not a version", name, k.Primary, k.MinDecryptionVersion)
+		}
+		all := make([]*kms.Version, 0, len(kt.loaded)+len(kt.added))
+		for n, v := range kt.loaded {
+			if v.Number != n {
+				return errors.New("a version's number cannot change")
+			}
+			all = append(all, v)
+		}
+		all = append(all, kt.added...)
+		owned, err := s.owners(ctx, all...)
+		if err != nil {
+			return err
+		}
+		cmps := []clientv3.Cmp{clientv3.Compare(clientv3.ModRevision(s.keyK(name)), "=", rev)}
+		ops := []clientv3.Op{clientv3.OpPut(s.keyK(name), encode(k))}
+		chs := []kms.Change{{Key: name}}
+		for n, v := range kt.loaded {
+			ops, cmps = s.putVersion(ops, cmps, name, v, kt.due[n], owned)
+			chs = append(chs, kms.Change{Key: name, Version: n})
+		}
+		for _, v := range kt.added {
+			ops, cmps = s.putVersion(ops, cmps, name, v, nil, owned)
+			chs = append(chs, kms.Change{Key: name, Version: v.Number})
+		}
+		err = s.commit(ctx, cmps, ops, audit, false)
+		if errors.Is(err, errConflict) {
+			continue
+		}
+		if err == nil {
+			s.changed(chs)
+		}
+		return err
+	}
+	return fmt.Errorf("update key %q: %w %d times in a row", name, errConflict, maxAttempts)
+}
+
+// CreateToken implements kms.Store.
+func (s *Store) CreateToken(ctx context.Context, t *kms.Token, audit []*kms.AuditRecord) error {
+	for range maxAttempts {
+		cmps := []clientv3.Cmp{clientv3.Compare(clientv3.CreateRevision(s.tokenK(t.ID)), "=", 0)}
+		err := s.commit(ctx, cmps, []clientv3.Op{clientv3.OpPut(s.tokenK(t.ID), encode(t))}, audit, false)
+		if errors.Is(err, errConflict) {
+			resp, gerr := s.get(ctx, s.tokenK(t.ID), clientv3.WithCountOnly())
+			if gerr != nil {
+				return gerr
+			}
+			if resp.Count > 0 {
+				return exists("token", t.ID)
+			}
+			continue
+		}
+		if err == nil {
+			s.changed([]kms.Change{{Token: t.ID}})
+		}
+		return err
+	}
+	return fmt.Errorf("create token: %w %d times in a row", errConflict, maxAttempts)
+}
+
+// GetToken implements kms.Store.
+func (s *Store) GetToken(ctx context.Context, id string) (*kms.Token, error) {
+	resp, err := s.get(ctx, s.tokenK(id))
+	if err != nil {
+		return nil, err
+	}
+	if len(resp.Kvs) == 0 {
+		return nil, notFound("token", id)
+	}
+	return decode[kms.Token]("token", resp.Kvs[0].Value)
+}
+
+// CountTokens implements kms.Store.
+func (s *Store) CountTokens(ctx context.Context) (int, error) {
+	resp, err := s.get(ctx, s.p+"t/", clientv3.WithPrefix(), clientv3.WithCountOnly())
+	if err != nil {
+		return 0, err
+	}
+	return int(resp.Count), nil
+}
+
+// ListTokens implements kms.Store.
+func (s *Store) ListTokens(ctx context.Context, after string, limit int) ([]*kms.Token, error) {
+	return listAfter[kms.Token](ctx, s, "t/", "token", after, limit)
+}
+
+// UpdateToken implements kms.Store. The transaction commits only if no
+// token changed since fn's token was read, so what fn reads of other
+// tokens (the last-admin check) holds at commit; otherwise fn runs again.
+func (s *Store) UpdateToken(ctx context.Context, id string, fn func(t *kms.Token) ([]*kms.AuditRecord, error)) error {
+	for range maxAttempts {
+		resp, err := s.get(ctx, s.tokenK(id))
+		if err != nil {
+			return err
+		}
+		if len(resp.Kvs) == 0 {
+			return notFound("token", id)
+		}
+		t, err := decode[kms.Token]("token", resp.Kvs[0].Value)
+		if err != nil {
+			return err
+		}
+		audit, err := fn(t)
+		if err != nil {
+			return err
+		}
+		if t.ID != id {
+			return errors.New("a token's id cannot change")
+		}
+		cmps := []clientv3.Cmp{clientv3.Compare(clientv3.ModRevision(s.p+"t/"), "<", resp.Header.Revision+1).WithPrefix()}
+		err = s.commit(ctx, cmps, []clientv3.Op{clientv3.OpPut(s.tokenK(id), encode(t))}, audit, false)
+		if errors.Is(err, errConflict) {
+			continue
+		}
+		if err == nil {
+			s.changed([]kms.Change{{Token: id}})
+		}
+		return err
+	}
+	return fmt.Errorf("update token %s: %w %d times in a row", id, errConflict, maxAttempts)
+}
+
+// RecordTokenUse implements kms.Store.
+func (s *Store) RecordTokenUse(ctx context.Context, used map[string]time.Time) error {
+	for range maxAttempts {
+		var cmps []clientv3.Cmp
+		var ops []clientv3.Op
+		var chs []kms.Change
+		for id, at := range used {
+			resp, err := s.get(ctx, s.tokenK(id))
+			if err != nil {
+				return err
+			}
+			if len(resp.Kvs) == 0 {
+				continue
+			}
+			t, err := decode[kms.Token]("token", resp.Kvs[0].Value)
+			if err != nil {
+				return err
+			}
+			if t.LastUsedAt != nil && !at.After(*t.LastUsedAt) {
+				continue
+			}
+			at := at
+			t.LastUsedAt = &at
+			cmps = append(cmps, clientv3.Compare(clientv3.ModRevision(s.tokenK(id)), "=", resp.Kvs[0].ModRevision))
+			ops = append(ops, clientv3.OpPut(s.tokenK(id), encode(t)))
+			chs = append(chs, kms.Change{Token: id})
+		}
+		err := s.commit(ctx, cmps, ops, nil, false)
+		if errors.Is(err, errConflict) {
+			continue
+		}
+		if err == nil {
+			s.changed(chs)
+		}
+		return err
+	}
+	return fmt.Errorf("record token use: %w %d times in a row", errConflict, maxAttempts)
+}
+
+// BlobOwner implements kms.Store.
+func (s *Store) BlobOwner(ctx context.Context, digest string) (string, error) {
+	resp, err := s.get(ctx, s.blobK(digest))
+	if err != nil {
+		return "", err
+	}
+	if len(resp.Kvs) == 0 {
+		return "", notFound("blob", digest)
+	}
+	return string(resp.Kvs[0].Value), nil
+}
+
+// Meta returns a value of kmsd's own metadata (nil if unset).
+func (s *Store) Meta(key string) ([]byte, error) {
+	resp, err := s.get(context.Background(), s.metaK(key))
+	if err != nil || len(resp.Kvs) == 0 {
+		return nil, err
+	}
+	return resp.Kvs[0].Value, nil
+}
+
+// PutMetaIfAbsent sets a value of kmsd's own metadata unless one is set,
+// and returns the value that holds.
+func (s *Store) PutMetaIfAbsent(key string, value []byte) ([]byte, error) {
+	ctx, cancel := s.ctx(context.Background())
+	defer cancel()
+	resp, err := s.cli.Txn(ctx).If(clientv3.Compare(clientv3.CreateRevision(s.metaK(key)), "=", 0)).
+		Then(clientv3.OpPut(s.metaK(key), string(value))).Else(clientv3.OpGet(s.metaK(key))).Commit()
+	if err != nil {
+		return nil, fmt.Errorf("etcd: %w", err)
+	}
+	if resp.Succeeded {
+		return value, nil
+	}
+	return resp.Responses[0].GetResponseRange().Kvs[0].Value, nil
+}
+
+// Empty reports whether the prefix holds no key and no token.
+func (s *Store) Empty() (bool, error) {
+	for _, dir := range []string{"k/", "t/"} {
+		resp, err := s.get(context.Background(), s.p+dir, clientv3.WithPrefix(), clientv3.WithCountOnly())
+		if err != nil {
+			return false, err
+		}
+		if resp.Count > 0 {
+			return false, nil
+		}
+	}
+	return true, nil
+}
+
+// WriteAudit implements engine.Rows.
+func (s *Store) WriteAudit(ctx context.Context, recs []*kms.AuditRecord) error {
+	return s.commit(ctx, nil, nil, recs, true)
+}
+
+// RowsEnd implements engine.Rows.
+func (s *Store) RowsEnd(ctx context.Context) (uint64, error) {
+	resp, err := s.get(ctx, s.endK())
+	if err != nil {
+		return 0, err
+	}
+	if len(resp.Kvs) == 0 {
+		return 0, nil
+	}
+	n, err := strconv.ParseUint(string(resp.Kvs[0].Value), 16, 64)
+	if err != nil {
+		return 0, fmt.Errorf("etcd: malformed audit end %q", resp.Kvs[0].Value)
+	}
+	return n, nil
+}
+
+// ReadRows implements engine.Rows, in pages.
+func (s *Store) ReadRows(ctx context.Context, start, end uint64) ([][]byte, error) {
+	out := make([][]byte, 0, end-start)
+	for start < end {
+		resp, err := s.get(ctx, s.rowK(start), clientv3.WithRange(s.rowK(end)), clientv3.WithLimit(1000))
+		if err != nil {
+			return nil, err
+		}
+		if len(resp.Kvs) == 0 {
+			return nil, fmt.Errorf("audit: record %d missing", start)
+		}
+		for _, kv := range resp.Kvs {
+			if string(kv.Key) != s.rowK(start) {
+				return nil, fmt.Errorf("audit: record %d missing", start)
+			}
+			out = append(out, kv.Value)
+			start++
+		}
+	}
+	return out, nil
+}
+
+// PutCheckpoint implements engine.Rows.
+func (s *Store) PutCheckpoint(ctx context.Context, size uint64, note []byte) error {
+	tctx, cancel := s.ctx(ctx)
+	defer cancel()
+	_, err := s.cli.Put(tctx, s.checkpointK(size), string(note))
+	if err != nil {
+		return fmt.Errorf("etcd: %w", err)
+	}
+	return nil
+}
+
+// LatestCheckpoint implements engine.Rows.
+func (s *Store) LatestCheckpoint(ctx context.Context) (uint64, []byte, error) {
+	resp, err := s.get(ctx, s.p+"a/c/", clientv3.WithPrefix(), clientv3.WithSort(clientv3.SortByKey, clientv3.SortDescend), clientv3.WithLimit(1))
+	if err != nil {
+		return 0, nil, err
+	}
+	if len(resp.Kvs) == 0 {
+		return 0, nil, &kms.Error{Kind: kms.KindNotFound, Msg: "no audit checkpoint yet"}
+	}
+	n, err := strconv.ParseUint(strings.TrimPrefix(string(resp.Kvs[0].Key), s.p+"a/c/"), 16, 64)
+	if err != nil {
+		return 0, nil, fmt.Errorf("etcd: malformed checkpoint key %q", resp.Kvs[0].Key)
+	}
+	return n, resp.Kvs[0].Value, nil
+}

@@ -1,0 +1,95 @@
+package etcd_test
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"strings"
+	"sync/atomic"
+	"testing"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/kmsd-project/kmsd/internal/testetcd"
+	"github.com/kmsd-project/kmsd/kms"
+	"github.com/kmsd-project/kmsd/kms/etcd"
+	"github.com/kmsd-project/kmsd/kms/storetest"
+)
+
+var (
+	cluster  *testetcd.Cluster
+	prefixes atomic.Uint64
+)
+
+// member is one etcd member for the package's tests, started by the first
+// that needs it; each test takes a prefix of its own (an empty store).
+func member(t *testing.T) *testetcd.Cluster {
+	if cluster == nil {
+		cluster = testetcd.Start(packageTB{t}, 1)
+	}
+	return cluster
+}
+
+// packageTB keeps the member running past the test that starts it
+// (TestMain stops it).
+type packageTB struct{ *testing.T }
+
+func (packageTB) Cleanup(func()) {}
+func (p packageTB) TempDir() string {
+	d, err := os.MkdirTemp("", "kmsd-etcd-")
+	if err != nil {
+		p.T.Fatal(err)
+	}
+	return d
+}
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if cluster != nil {
+		cluster.Stop()
+		cluster.RemoveAll()
+	}
+	os.Exit(code)
+}
+
+// client returns a client of the package's member, closed at the test's
+// end.
+func client(t *testing.T) *clientv3.Client {
+	c, err := clientv3.New(clientv3.Config{Endpoints: member(t).Endpoints()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+func newPrefix(t *testing.T) string {
+	return fmt.Sprintf("/test-%d-%s/", prefixes.Add(1), strings.ReplaceAll(t.Name(), "/", "-"))
+}
+
+// open returns a Store on prefix (a replica: several may share one).
+func open(t *testing.T, prefix string) *etcd.Store {
+	s, err := etcd.Open(context.Background(), client(t), etcd.Options{Prefix: prefix})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	return s
+}
+
+func TestConformance(t *testing.T) {
+	storetest.Run(t, func(t *testing.T) kms.Store { return open(t, newPrefix(t)) })
+}
+
+func TestAuditConformance(t *testing.T) {
+	storetest.RunAudit(t, func(t *testing.T) interface {
+		kms.Store
+		kms.AuditStore
+	} {
+		s := open(t, newPrefix(t))
+		return struct {
+			kms.Store
+			kms.AuditStore
+		}{s, s.Audit()}
+	})
+}

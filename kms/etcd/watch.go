@@ -1,0 +1,174 @@
+package etcd
+
+import (
+	"context"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/kmsd-project/kmsd/kms"
+)
+
+// The read caches of every replica are driven by a watch of the prefix:
+// a change committed on any replica drops what it names once the watch
+// delivers it (on loopback, milliseconds). The watch asks etcd for a
+// progress notice every ProgressInterval; if it has heard neither an event
+// nor a notice for StaleAfter (a member lost, a partition, a stalled
+// stream), or it ends (compaction, no leader), every watcher is told to
+// drop everything (kms.Change{All: true}), again at every interval until
+// the watch is back. So a token revoked or a version disabled on one
+// replica stops working on all within StaleAfter+ProgressInterval (2.5 s)
+// at worst.
+var (
+	ProgressInterval = 500 * time.Millisecond
+	StaleAfter       = 2 * time.Second
+)
+
+// Bound is the longest a replica may serve a record changed elsewhere.
+func Bound() time.Duration { return StaleAfter + ProgressInterval }
+
+type watchHealth struct {
+	heard  atomic.Int64 // unix ns of the last event or progress notice
+	resets atomic.Uint64
+}
+
+// Resets counts how often the watchers were told to drop everything.
+func (s *Store) Resets() uint64 { return s.health.resets.Load() }
+
+// Watch implements kms.Store.
+func (s *Store) Watch(fn func([]kms.Change)) {
+	s.watchMu.Lock()
+	defer s.watchMu.Unlock()
+	s.watchers = append(s.watchers, fn)
+}
+
+// changed tells the watchers what a transaction wrote (its own, at commit;
+// every replica's, from the watch).
+func (s *Store) changed(chs []kms.Change) {
+	if len(chs) == 0 {
+		return
+	}
+	s.watchMu.RLock()
+	defer s.watchMu.RUnlock()
+	for _, fn := range s.watchers {
+		fn(chs)
+	}
+}
+
+// noteOwn records the revision of a commit of this process.
+func (s *Store) noteOwn(rev int64) {
+	s.ownSet.Lock()
+	s.own[rev] = true
+	s.ownSet.Unlock()
+}
+
+// others drops the events of this process's own commits, and forgets the
+// revisions at or below rev.
+func (s *Store) others(evs []*clientv3.Event, rev int64) []*clientv3.Event {
+	s.ownMu.Lock()
+	defer s.ownMu.Unlock()
+	out := evs[:0:0]
+	for _, ev := range evs {
+		if !s.own[ev.Kv.ModRevision] {
+			out = append(out, ev)
+		}
+	}
+	for r := range s.own {
+		if r <= rev {
+			delete(s.own, r)
+		}
+	}
+	return out
+}
+
+func (s *Store) reset() {
+	s.health.resets.Add(1)
+	s.changed([]kms.Change{{All: true}})
+}
+
+// change names the record an etcd key holds, if the caches keep it.
+func (s *Store) change(key string) (kms.Change, bool) {
+	rest, ok := strings.CutPrefix(key, s.p)
+	if !ok {
+		return kms.Change{}, false
+	}
+	switch {
+	case strings.HasPrefix(rest, "k/"):
+		return kms.Change{Key: rest[2:]}, true
+	case strings.HasPrefix(rest, "t/"):
+		return kms.Change{Token: rest[2:]}, true
+	case strings.HasPrefix(rest, "v/"):
+		name, n, ok := strings.Cut(rest[2:], "/")
+		v, err := strconv.ParseUint(n, 16, 64)
+		if !ok || err != nil || v == 0 {
+			return kms.Change{}, false
+		}
+		return kms.Change{Key: name, Version: v}, true
+	}
+	return kms.Change{}, false
+}
+
+// watch follows the prefix until Close.
+func (s *Store) watch() {
+	defer close(s.watched)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go func() { <-s.quit; cancel() }()
+	s.health.heard.Store(time.Now().UnixNano())
+	tick := time.NewTicker(ProgressInterval)
+	defer tick.Stop()
+	var rev int64 // the revision to watch from; 0 before the first
+	for ctx.Err() == nil {
+		wctx, wcancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
+		opts := []clientv3.OpOption{clientv3.WithPrefix(), clientv3.WithProgressNotify()}
+		if rev > 0 {
+			opts = append(opts, clientv3.WithRev(rev))
+		}
+		ch := s.cli.Watch(wctx, s.p, opts...)
+		broken := false
+		for !broken {
+			select {
+			case <-ctx.Done():
+				wcancel()
+				return
+			case <-tick.C:
+				if time.Since(time.Unix(0, s.health.heard.Load())) > StaleAfter {
+					s.reset()
+				}
+				rctx, rcancel := context.WithTimeout(wctx, ProgressInterval)
+				_ = s.cli.RequestProgress(rctx)
+				rcancel()
+			case resp, ok := <-ch:
+				if !ok || resp.Err() != nil || resp.Canceled {
+					if ok && resp.CompactRevision > 0 {
+						rev = 0 // history gone: start from now, after a reset
+					}
+					s.log.Warn("etcd watch ended; dropping cached records", "err", resp.Err())
+					broken = true
+					break
+				}
+				s.health.heard.Store(time.Now().UnixNano())
+				if resp.Header.Revision > 0 {
+					rev = resp.Header.Revision + 1
+				}
+				var chs []kms.Change
+				for _, ev := range s.others(resp.Events, resp.Header.Revision) {
+					if c, ok := s.change(string(ev.Kv.Key)); ok {
+						chs = append(chs, c)
+					}
+				}
+				s.changed(chs)
+			}
+		}
+		wcancel()
+		s.reset()
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
