@@ -613,16 +613,42 @@ func (s *Service) systemRecord(op, key string, version uint64) []*AuditRecord {
 	return []*AuditRecord{{Time: s.clock.Now().UTC().Format(time.RFC3339Nano), Actor: "system", Operation: op, Key: key, Version: version, Status: 200}}
 }
 
-// RunMaintenance calls DestroyDue every interval until ctx ends.
+// RunMaintenance calls DestroyDue and FlushTokenUse every interval until
+// ctx ends.
 func (s *Service) RunMaintenance(ctx context.Context, interval time.Duration) {
+	s.every(ctx, interval, s.destroyDue, s.flushTokenUse)
+}
+
+// RunDestruction calls DestroyDue every interval until ctx ends: the part
+// of the maintenance one replica does for all (while it leads).
+func (s *Service) RunDestruction(ctx context.Context, interval time.Duration) {
+	s.every(ctx, interval, s.destroyDue)
+}
+
+// RunTokenUseFlush calls FlushTokenUse every interval until ctx ends: the
+// part every replica does for the uses it saw.
+func (s *Service) RunTokenUseFlush(ctx context.Context, interval time.Duration) {
+	s.every(ctx, interval, s.flushTokenUse)
+}
+
+func (s *Service) destroyDue(ctx context.Context) {
+	if _, err := s.DestroyDue(ctx); err != nil && ctx.Err() == nil {
+		s.log.Error("destroying due key versions", "err", err)
+	}
+}
+
+func (s *Service) flushTokenUse(ctx context.Context) {
+	if err := s.FlushTokenUse(ctx); err != nil && ctx.Err() == nil {
+		s.log.Error("writing down token use", "err", err)
+	}
+}
+
+func (s *Service) every(ctx context.Context, interval time.Duration, fns ...func(context.Context)) {
 	t := time.NewTicker(interval)
 	defer t.Stop()
 	for {
-		if _, err := s.DestroyDue(ctx); err != nil && ctx.Err() == nil {
-			s.log.Error("destroying due key versions", "err", err)
-		}
-		if err := s.FlushTokenUse(ctx); err != nil && ctx.Err() == nil {
-			s.log.Error("writing down token use", "err", err)
+		for _, fn := range fns {
+			fn(ctx)
 		}
 		select {
 		case <-ctx.Done():

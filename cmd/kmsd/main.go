@@ -60,6 +60,12 @@ func noCoreDumps() {
 }
 
 type config struct {
+	store           string
+	etcdEndpoints   string
+	etcdPrefix      string
+	etcdCA          string
+	etcdCert        string
+	etcdKey         string
 	dataDir         string
 	addr            string
 	module          string
@@ -183,6 +189,9 @@ func checkHostPort(addr string) error {
 // listen on) before kmsd creates or changes anything on disk, so a wrong
 // setting stops it with nothing written.
 func checkBeforeDisk(c config, getenv func(string) string) error {
+	if err := checkStore(c); err != nil {
+		return err
+	}
 	if c.module != "" && c.pinFile == "" && getenv("KMS_PKCS11_PIN") == "" {
 		return errors.New("no PIN for --pkcs11-module: pass --pkcs11-pin-file or set KMS_PKCS11_PIN")
 	}
@@ -276,6 +285,12 @@ func newFlagSetErrs(c *config, getenv func(string) string) (*flag.FlagSet, *[]en
 		parsed(name, func(v string) (err error) { def, err = time.ParseDuration(v); return })
 		return def
 	}
+	fs.StringVar(&c.store, "store", env("KMS_STORE", "bolt"), "bolt: the embedded store, kms.db under --data-dir; etcd: the replicated store on an etcd cluster that several kmsd share (env KMS_STORE)")
+	fs.StringVar(&c.etcdEndpoints, "etcd-endpoints", env("KMS_ETCD_ENDPOINTS", ""), "with --store etcd: comma-separated client URLs of the cluster's members; plain http only to loopback (env KMS_ETCD_ENDPOINTS)")
+	fs.StringVar(&c.etcdPrefix, "etcd-prefix", env("KMS_ETCD_PREFIX", "/kmsd/"), "with --store etcd: the key prefix kmsd's records live under; replicas of one kmsd share it (env KMS_ETCD_PREFIX)")
+	fs.StringVar(&c.etcdCA, "etcd-ca", env("KMS_ETCD_CA", ""), "with --store etcd: CA certificates (PEM) that the members' certificates chain to (env KMS_ETCD_CA)")
+	fs.StringVar(&c.etcdCert, "etcd-cert", env("KMS_ETCD_CERT", ""), "with --store etcd: client certificate (PEM) kmsd presents to etcd (env KMS_ETCD_CERT)")
+	fs.StringVar(&c.etcdKey, "etcd-key", env("KMS_ETCD_KEY", ""), "with --store etcd: private key of --etcd-cert (PEM) (env KMS_ETCD_KEY)")
 	fs.StringVar(&c.dataDir, "data-dir", env("KMS_DATA_DIR", "./data"), "directory for the database, the admin token and the embedded SoftHSM token (env KMS_DATA_DIR)")
 	fs.StringVar(&c.addr, "addr", env("KMS_ADDR", "127.0.0.1:8420"), "address to listen on (env KMS_ADDR)")
 	fs.StringVar(&c.tlsCert, "tls-cert", env("KMS_TLS_CERT", ""), "server certificate (PEM, the chain after the leaf); empty: a local CA and certificate for localhost made under <data-dir>/tls (env KMS_TLS_CERT)")
@@ -352,20 +367,11 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 
 	// The store first: its file lock makes a second kmsd on the same data
 	// dir fail fast, before it touches the HSM.
-	store, err := bolt.Open(filepath.Join(c.dataDir, "kms.db"), bolt.Options{AuditWALSize: c.auditWALMiB << 20})
+	store, closeStore, err := openStore(c, log)
 	if err != nil {
 		return err
 	}
-	defer store.Close()
-	if from, to, keys, versions := store.Migrated(); from != "" {
-		log.Info("kms.db migrated: each key version is now a record of its own", "from_schema", from, "to_schema", to, "keys", keys, "versions", versions)
-	}
-	if store.Audit().JournalMissing() {
-		log.Error("audit WAL: the file kms.db-audit-wal was missing at start beside a database with records: records acknowledged after the last flush before the previous stop, if any, are lost; a new WAL was made")
-	}
-	if n := store.Audit().JournalRecovered(); n > 0 {
-		log.Info("audit WAL: copied records acknowledged before a crash into kms.db", "records", n)
-	}
+	defer closeStore()
 
 	// The store remembers the token and the KEK it was sealed under. Only a
 	// brand-new data dir gets a new embedded token and a new KEK; any other
@@ -433,13 +439,23 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 		log.Warn("AUDIT LOG OFF: KMSD_BENCHMARK_UNAUDITED=1 is for benchmarks only; requests are not recorded")
 	}
 	tokenPath := filepath.Join(c.dataDir, "admin.token")
+	// HE keys keep their public and evaluation keys as blobs in a local
+	// directory, which replicas do not share: on etcd, HE kinds are not
+	// offered (creating one is refused as an unknown kind) until blobs
+	// have a shared store.
+	blobDir := filepath.Join(c.dataDir, "blobs")
+	if c.store == "etcd" {
+		blobDir = ""
+		log.Warn("store etcd: HE key kinds (ckks, bgv) are not offered: their blobs need a store the replicas share")
+	}
 	cfg := app.Config{
-		Store: store, AuditStore: store.Audit(), Sealer: sealer, BlobDir: filepath.Join(c.dataDir, "blobs"), HEWorkers: c.heWorkers, Logger: log,
+		Store: store, AuditStore: store.Audit(), Sealer: sealer, BlobDir: blobDir, HEWorkers: c.heWorkers, Logger: log,
 		Service: kms.Config{CacheTTL: ttl, MaxTokenTTL: c.maxTokenTTL,
 			MaxKeysetBytes: c.maxKeysetMiB << 20, MaxGenerations: c.heGenerations, AsyncKeysetBytes: c.asyncKeysetMiB << 20},
 		Unaudited: !audited, AuditEvery: c.auditEvery, AuditInterval: c.auditInterval,
 		API:             api.Options{UnauthRate: c.unauthRate, UnauthBurst: c.unauthBurst, TokenRate: c.tokenRate},
 		DestroyInterval: c.destroyInterval,
+		Lead:            leader(store),
 		AdminToken: func(tok string) error {
 			return fileutil.WriteAtomic(tokenPath, []byte(tok+"\n"), 0o600)
 		},
@@ -559,8 +575,13 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 	if err := srv.Shutdown(sctx); err != nil {
 		log.Warn("shutdown", "err", err)
 	}
-	log.Info("stopped", "store_commits", store.Commits(), "audit_group_commits", store.Audit().Groups(),
-		"audit_wal_syncs", store.Audit().JournalSyncs(), "fsyncs", store.Fsyncs(), "audit_flush_errors", store.Audit().FlushErrors(), "audit_wal_recreated", store.Audit().JournalRecreated())
+	al := store.Audit()
+	if b, ok := store.(*bolt.Store); ok {
+		log.Info("stopped", "store_commits", b.Commits(), "audit_group_commits", al.Groups(),
+			"audit_wal_syncs", al.JournalSyncs(), "fsyncs", b.Fsyncs(), "audit_flush_errors", al.FlushErrors(), "audit_wal_recreated", al.JournalRecreated())
+	} else {
+		log.Info("stopped", "audit_group_commits", al.Groups(), "audit_conflicts", al.Conflicts())
+	}
 	return nil
 }
 
@@ -582,7 +603,7 @@ type kekRef struct {
 	ID    string `json:"id"`
 }
 
-func readKEKRef(store *bolt.Store) (*kekRef, error) {
+func readKEKRef(store backend) (*kekRef, error) {
 	b, err := store.Meta("sealed-under")
 	if err != nil || b == nil {
 		return nil, err

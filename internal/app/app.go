@@ -45,6 +45,10 @@ type Config struct {
 	// gets one.
 	AdminToken      func(token string) error
 	DestroyInterval time.Duration // default 1 minute
+	// Lead runs work (checkpoint signing, scheduled destruction) while
+	// this process leads for role; replicas elect one (etcd.Store.Lead).
+	// Nil: a single process, which always leads.
+	Lead func(ctx context.Context, role string, work func(context.Context))
 }
 
 // App is a wired kmsd.
@@ -176,12 +180,20 @@ func (a *App) Start() {
 		go func() { defer close(d); f() }()
 		return d
 	}
+	lead := a.cfg.Lead
+	if lead == nil {
+		lead = func(ctx context.Context, _ string, work func(context.Context)) { work(ctx) }
+	}
 	if a.Audit != nil {
 		actx, acancel := context.WithCancel(context.Background())
 		a.stopAudit = acancel
-		a.auditDone = run(func() { a.Audit.Run(actx) }) // signs a last checkpoint when actx ends
+		a.auditDone = run(func() { lead(actx, "checkpoints", a.Audit.Run) }) // signs a last checkpoint when actx ends
 	}
-	a.done = append(a.done, run(func() { a.Service.RunMaintenance(ctx, interval) }), run(func() { a.API.Run(ctx) }))
+	a.done = append(a.done,
+		run(func() {
+			lead(ctx, "destruction", func(ctx context.Context) { a.Service.RunMaintenance(ctx, interval) })
+		}),
+		run(func() { a.API.Run(ctx) }))
 }
 
 // Close stops background operations and the background work, writes down

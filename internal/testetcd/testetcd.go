@@ -16,6 +16,7 @@ import (
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.uber.org/zap"
 )
 
 // Cluster is a running etcd cluster.
@@ -104,16 +105,6 @@ func (c *Cluster) Endpoints() []string {
 	return out
 }
 
-// Client returns a client of the whole cluster, closed at cleanup.
-func (c *Cluster) Client() *clientv3.Client {
-	cli, err := clientv3.New(clientv3.Config{Endpoints: c.Endpoints(), DialTimeout: 5 * time.Second})
-	if err != nil {
-		c.t.Fatal(err)
-	}
-	c.t.Cleanup(func() { cli.Close() })
-	return cli
-}
-
 // WaitHealthy waits until every running member answers a linearizable
 // read.
 func (c *Cluster) WaitHealthy() {
@@ -125,7 +116,7 @@ func (c *Cluster) WaitHealthy() {
 			continue // killed
 		default:
 		}
-		cli, err := clientv3.New(clientv3.Config{Endpoints: []string{"http://" + m.client}, DialTimeout: 2 * time.Second})
+		cli, err := clientv3.New(clientv3.Config{Endpoints: []string{"http://" + m.client}, DialTimeout: 2 * time.Second, Logger: zap.NewNop()})
 		if err != nil {
 			c.t.Fatal(err)
 		}

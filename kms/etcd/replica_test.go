@@ -9,6 +9,7 @@ import (
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.uber.org/zap"
 	"golang.org/x/mod/sumdb/tlog"
 
 	"github.com/kmsd-project/kmsd/internal/testetcd"
@@ -28,7 +29,7 @@ func replicas(t *testing.T, c *testetcd.Cluster, n int) []*etcd.Store {
 	prefix := newPrefix(t)
 	var out []*etcd.Store
 	for range n {
-		cli, err := clientv3.New(clientv3.Config{Endpoints: c.Endpoints(), DialTimeout: 5 * time.Second})
+		cli, err := clientv3.New(clientv3.Config{Endpoints: c.Endpoints(), DialTimeout: 5 * time.Second, Logger: zap.NewNop()})
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -694,20 +694,14 @@ func (s *Store) Meta(key string) ([]byte, error) {
 	return resp.Kvs[0].Value, nil
 }
 
-// PutMetaIfAbsent sets a value of kmsd's own metadata unless one is set,
-// and returns the value that holds.
-func (s *Store) PutMetaIfAbsent(key string, value []byte) ([]byte, error) {
+// PutMeta sets a value of kmsd's own metadata.
+func (s *Store) PutMeta(key string, value []byte) error {
 	ctx, cancel := s.ctx(context.Background())
 	defer cancel()
-	resp, err := s.cli.Txn(ctx).If(clientv3.Compare(clientv3.CreateRevision(s.metaK(key)), "=", 0)).
-		Then(clientv3.OpPut(s.metaK(key), string(value))).Else(clientv3.OpGet(s.metaK(key))).Commit()
-	if err != nil {
-		return nil, fmt.Errorf("etcd: %w", err)
+	if _, err := s.cli.Put(ctx, s.metaK(key), string(value)); err != nil {
+		return fmt.Errorf("etcd: %w", err)
 	}
-	if resp.Succeeded {
-		return value, nil
-	}
-	return resp.Responses[0].GetResponseRange().Kvs[0].Value, nil
+	return nil
 }
 
 // Empty reports whether the prefix holds no key and no token.
