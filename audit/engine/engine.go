@@ -27,6 +27,7 @@ import (
 	"errors"
 	"fmt"
 	"math/bits"
+	"math/rand/v2"
 	"os"
 	"sync"
 	"sync/atomic"
@@ -446,12 +447,19 @@ const maxConflicts = 100
 // carries every row waiting in the journal), retrying after conflicts.
 func (l *Log) direct(recs []*kms.AuditRecord) error {
 	var err error
-	for range maxConflicts {
+	for attempt := range maxConflicts {
 		if err = l.rows.WriteAudit(context.Background(), recs); !errors.Is(err, ErrConflict) {
 			return err
 		}
+		backoff(attempt)
 	}
 	return err
+}
+
+// backoff waits a random while, longer after each conflict, so that
+// replicas that keep appending at once stop colliding in step.
+func backoff(attempt int) {
+	time.Sleep(time.Duration(rand.Int64N(int64(min(attempt+1, 16)) * int64(time.Millisecond))))
 }
 
 // commitGroup makes recs durable: as one journal frame, or without a

@@ -17,6 +17,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math/rand/v2"
 	"strconv"
 	"strings"
 	"sync"
@@ -148,6 +149,10 @@ func exists(what, name string) error {
 // errConflict: a compare of the transaction failed; it is re-read and
 // retried.
 var errConflict = errors.New("etcd: the records changed under the transaction")
+
+// backoff waits a random few milliseconds before a retry, so that replicas
+// racing for the same records stop colliding in step.
+func backoff() { time.Sleep(time.Duration(rand.Int64N(int64(4 * time.Millisecond)))) }
 
 // maxAttempts bounds the retries of one state change that keeps losing
 // races.
@@ -301,6 +306,7 @@ func (s *Store) CreateKey(ctx context.Context, k *kms.Key, v *kms.Version, audit
 			if resp.Count > 0 {
 				return exists("key", k.Name)
 			}
+			backoff()
 			continue
 		}
 		if err == nil {
@@ -539,6 +545,7 @@ func (s *Store) UpdateKey(ctx context.Context, name string, fn func(kms.KeyTx) (
 		}
 		err = s.commit(ctx, cmps, ops, audit, false)
 		if errors.Is(err, errConflict) {
+			backoff()
 			continue
 		}
 		if err == nil {
@@ -562,6 +569,7 @@ func (s *Store) CreateToken(ctx context.Context, t *kms.Token, audit []*kms.Audi
 			if resp.Count > 0 {
 				return exists("token", t.ID)
 			}
+			backoff()
 			continue
 		}
 		if err == nil {
@@ -624,6 +632,7 @@ func (s *Store) UpdateToken(ctx context.Context, id string, fn func(t *kms.Token
 		cmps := []clientv3.Cmp{clientv3.Compare(clientv3.ModRevision(s.p+"t/"), "<", resp.Header.Revision+1).WithPrefix()}
 		err = s.commit(ctx, cmps, []clientv3.Op{clientv3.OpPut(s.tokenK(id), encode(t))}, audit, false)
 		if errors.Is(err, errConflict) {
+			backoff()
 			continue
 		}
 		if err == nil {
@@ -663,6 +672,7 @@ func (s *Store) RecordTokenUse(ctx context.Context, used map[string]time.Time) e
 		}
 		err := s.commit(ctx, cmps, ops, nil, false)
 		if errors.Is(err, errConflict) {
+			backoff()
 			continue
 		}
 		if err == nil {

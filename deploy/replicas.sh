@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Runs three kmsd replicas on a three-member etcd cluster, all on this
+# machine's loopback (for trying replicas out and for the benchmarks; a
+# production cluster puts the members on separate machines, with TLS).
+#
+#   deploy/replicas.sh [DIR]     # state under DIR (default ./replicas); Ctrl-C stops all
+#
+# etcd members listen on 127.0.0.1:23791..23793 (clients) and
+# 127.0.0.1:23801..23803 (peers); the replicas serve HTTPS on
+# 127.0.0.1:8431..8433, each with its own local CA under DIR/kmsd-N/tls.
+# The first replica makes the embedded SoftHSM token under DIR/kmsd-1;
+# the others use that token through --pkcs11-module (one KEK for all, as
+# replicas on a real HSM share a partition). The admin token is
+# DIR/kmsd-1/admin.token.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. deploy/deps.sh
+kmsd_deps
+command -v etcd >/dev/null 2>&1 || kmsd_apt_install etcd-server
+dir="$(realpath -m "${1:-./replicas}")"
+mkdir -p "$dir/bin"
+go build -o "$dir/bin/kmsd" ./cmd/kmsd
+pids=()
+trap 'kill "${pids[@]}" 2>/dev/null || true; wait' EXIT INT TERM
+cluster="m1=http://127.0.0.1:23801,m2=http://127.0.0.1:23802,m3=http://127.0.0.1:23803"
+state=new
+[ -d "$dir/etcd-1" ] && state=existing
+for i in 1 2 3; do
+  etcd --name "m$i" --data-dir "$dir/etcd-$i" \
+    --listen-client-urls "http://127.0.0.1:2379$i" --advertise-client-urls "http://127.0.0.1:2379$i" \
+    --listen-peer-urls "http://127.0.0.1:2380$i" --initial-advertise-peer-urls "http://127.0.0.1:2380$i" \
+    --initial-cluster "$cluster" --initial-cluster-state "$state" --initial-cluster-token kmsd-replicas \
+    2>"$dir/etcd-$i.log" &
+  pids+=($!)
+done
+endpoints="http://127.0.0.1:23791,http://127.0.0.1:23792,http://127.0.0.1:23793"
+common=(--store etcd --etcd-endpoints "$endpoints" --etcd-prefix /kmsd/)
+"$dir/bin/kmsd" "${common[@]}" --data-dir "$dir/kmsd-1" --addr 127.0.0.1:8431 2>"$dir/kmsd-1.log" &
+pids+=($!)
+for _ in $(seq 200); do
+  [ -f "$dir/kmsd-1/tls/ca.pem" ] && curl -sf --cacert "$dir/kmsd-1/tls/ca.pem" https://127.0.0.1:8431/readyz >/dev/null && break
+  sleep 0.1
+done
+module=$(sed -n 's/^.*"module":"\([^"]*\)".*$/\1/p' "$dir/kmsd-1.log" | head -1)
+for i in 2 3; do
+  SOFTHSM2_CONF="$dir/kmsd-1/softhsm/softhsm2.conf" "$dir/bin/kmsd" "${common[@]}" --data-dir "$dir/kmsd-$i" --addr "127.0.0.1:843$i" \
+    --pkcs11-module "$module" --pkcs11-pin-file "$dir/kmsd-1/softhsm/pin" 2>"$dir/kmsd-$i.log" &
+  pids+=($!)
+done
+echo "three replicas: https://127.0.0.1:8431 8432 8433 (CA of each: $dir/kmsd-N/tls/ca.pem), admin token $dir/kmsd-1/admin.token; logs in $dir" >&2
+wait
