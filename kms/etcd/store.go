@@ -73,6 +73,8 @@ type Store struct {
 	quit    chan struct{}
 	watched chan struct{}
 	health  watchHealth
+	// watchFrom is the revision the watch starts at.
+	watchFrom int64
 }
 
 var (
@@ -96,9 +98,13 @@ func Open(ctx context.Context, cli *clientv3.Client, o Options) (*Store, error) 
 		o.RequestTimeout = 5 * time.Second
 	}
 	s := &Store{cli: cli, p: o.Prefix, log: o.Logger, timeout: o.RequestTimeout, quit: make(chan struct{}), watched: make(chan struct{}), own: map[int64]bool{}}
-	if err := s.Ping(ctx); err != nil {
-		return nil, fmt.Errorf("etcd: %w", err)
+	// The watch starts right after this read's revision: nothing committed
+	// after Open returns is missed, whenever the watch is set up.
+	resp, err := s.get(ctx, s.p+"ping")
+	if err != nil {
+		return nil, err
 	}
+	s.watchFrom = resp.Header.Revision + 1
 	// A group's rows go in one transaction: etcd takes 128 operations
 	// per transaction by default (--max-txn-ops), the end key among them.
 	s.audit = engine.New(s, engine.Options{Shared: true, MaxGroup: 100})

@@ -120,7 +120,7 @@ func (s *Store) watch() {
 	s.health.heard.Store(time.Now().UnixNano())
 	tick := time.NewTicker(ProgressInterval)
 	defer tick.Stop()
-	var rev int64 // the revision to watch from; 0 before the first
+	rev := s.watchFrom // the revision to watch from; 0: from now
 	for ctx.Err() == nil {
 		wctx, wcancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
 		opts := []clientv3.OpOption{clientv3.WithPrefix(), clientv3.WithProgressNotify()}
