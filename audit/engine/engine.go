@@ -23,6 +23,7 @@ package engine
 
 import (
 	"context"
+	"encoding/binary"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -60,6 +61,13 @@ type Rows interface {
 	// LatestCheckpoint returns the newest checkpoint; kms.ErrNotFound if
 	// none.
 	LatestCheckpoint(ctx context.Context) (uint64, []byte, error)
+}
+
+// HeadReader is implemented by a store that keeps the Head of the last
+// batch it wrote: the log loads its position from it in one read. ReadHead
+// returns nil if the store has none (a log written before heads).
+type HeadReader interface {
+	ReadHead(ctx context.Context) ([]byte, error)
 }
 
 // ErrConflict is returned by a store whose rows do not end where a batch
@@ -164,6 +172,20 @@ func (l *Log) Start(ctx context.Context) error {
 // last complete subtree at every level (stored with record
 // ((end>>l)<<l)-1, at position l).
 func (l *Log) load(ctx context.Context) error {
+	if hr, ok := l.rows.(HeadReader); ok {
+		b, err := hr.ReadHead(ctx)
+		if err != nil {
+			return fmt.Errorf("audit: read the log's head: %w", err)
+		}
+		if b != nil {
+			p, err := decodeHead(b)
+			if err != nil {
+				return err
+			}
+			l.next, l.front, l.stale = p.next, p.front, false
+			return nil
+		}
+	}
 	end, err := l.rows.RowsEnd(ctx)
 	if err != nil {
 		return fmt.Errorf("audit: read the log's end: %w", err)
@@ -289,6 +311,11 @@ func markCommitted(recs []*kms.AuditRecord) {
 type Batch struct {
 	First uint64
 	Rows  [][]byte
+	// Head is the log's position after the batch (EncodeHead): a
+	// replicated store writes it with the rows, so that a replica that
+	// loses a race learns the new position from it (Conflict) instead of
+	// reading rows.
+	Head []byte
 
 	l     *Log
 	recs  []*kms.AuditRecord
@@ -296,6 +323,8 @@ type Batch struct {
 	flush int  // pending rows included (a flush batch)
 	held  bool // l.mu is held until Done
 	done  bool
+
+	conflictHead *position // the head found instead (Conflict)
 }
 
 // Stage is called by a store inside a transaction that carries recs (or,
@@ -320,7 +349,44 @@ func (l *Log) Stage(ctx context.Context, recs []*kms.AuditRecord) (*Batch, error
 	if len(l.pending) > 0 {
 		rows = append(append(make([][]byte, 0, len(l.pending)+len(rows)), l.pending...), rows...)
 	}
-	return &Batch{First: l.next - uint64(len(l.pending)), Rows: rows, l: l, recs: recs, after: after, flush: len(l.pending), held: true}, nil
+	return &Batch{First: l.next - uint64(len(l.pending)), Rows: rows, Head: after.encodeHead(), l: l, recs: recs, after: after, flush: len(l.pending), held: true}, nil
+}
+
+// encodeHead is the position as bytes: next (u64, big endian), then the
+// hash of the last complete subtree of each level.
+func (p position) encodeHead() []byte {
+	b := binary.BigEndian.AppendUint64(make([]byte, 0, 8+len(p.front)*tlog.HashSize), p.next)
+	for _, h := range p.front {
+		b = append(b, h[:]...)
+	}
+	return b
+}
+
+func decodeHead(b []byte) (position, error) {
+	if len(b) < 8 || (len(b)-8)%tlog.HashSize != 0 {
+		return position{}, errors.New("audit: malformed log head")
+	}
+	p := position{next: binary.BigEndian.Uint64(b)}
+	if want := bits.Len64(p.next); (len(b)-8)/tlog.HashSize != want {
+		return position{}, fmt.Errorf("audit: log head of %d records holds %d levels, want %d", p.next, (len(b)-8)/tlog.HashSize, want)
+	}
+	for i := 8; i < len(b); i += tlog.HashSize {
+		var h tlog.Hash
+		copy(h[:], b[i:])
+		p.front = append(p.front, h)
+	}
+	return p, nil
+}
+
+// Conflict tells the log, before Done, the head the store found in place
+// of the one the batch expected: the log takes its position from it.
+func (b *Batch) Conflict(head []byte) {
+	if b == nil || !b.held {
+		return
+	}
+	if p, err := decodeHead(head); err == nil {
+		b.conflictHead = &p
+	}
 }
 
 // Done tells the log whether the transaction that wrote the batch
@@ -347,7 +413,9 @@ func (b *Batch) Done(err error) {
 		markCommitted(b.recs)
 	case errors.Is(err, ErrConflict):
 		l.conflicts.Add(1)
-		if l.shared {
+		if p := b.conflictHead; p != nil && l.shared {
+			l.next, l.front, l.stale = p.next, p.front, false
+		} else if l.shared {
 			l.stale = true
 		}
 	case l.shared:

@@ -51,6 +51,19 @@ func TestRowsMatchTlog(t *testing.T) {
 				stored[tlog.StoredHashIndex(0, n)+int64(j)] = h
 			}
 		}
+		// The head a replicated store keeps decodes to the same position.
+		got, err := decodeHead(after.encodeHead())
+		if err != nil || got.next != after.next || len(got.front) != len(after.front) {
+			t.Fatalf("head after %d records: %+v %v", after.next, got, err)
+		}
+		for i := range got.front {
+			if got.front[i] != after.front[i] {
+				t.Fatalf("head after %d records: level %d differs", after.next, i)
+			}
+		}
+		if _, err := decodeHead(after.encodeHead()[:len(after.encodeHead())-tlog.HashSize]); err == nil {
+			t.Fatalf("a head missing a level decoded (%d records)", after.next)
+		}
 		p = after
 	}
 }

@@ -38,6 +38,7 @@ import (
 //	P t/<id>                          token (JSON kms.Token)
 //	P a/r/<index>                     audit row (audit/engine)
 //	P a/end                           index after the last audit row
+//	P a/head                          the audit log's position (engine.Batch.Head)
 //	P a/c/<size>                      signed checkpoint of the tree at size
 //	P m/<name>                        kmsd's own metadata
 //
@@ -136,6 +137,7 @@ func (s *Store) dueK(at time.Time, name string, n uint64) string {
 func (s *Store) blobK(d string) string       { return s.p + "b/" + d }
 func (s *Store) tokenK(id string) string     { return s.p + "t/" + id }
 func (s *Store) rowK(i uint64) string        { return s.p + "a/r/" + hex16(i) }
+func (s *Store) headK() string               { return s.p + "a/head" }
 func (s *Store) endK() string                { return s.p + "a/end" }
 func (s *Store) checkpointK(n uint64) string { return s.p + "a/c/" + hex16(n) }
 func (s *Store) metaK(k string) string       { return s.p + "m/" + k }
@@ -183,7 +185,7 @@ func (s *Store) commit(ctx context.Context, cmps []clientv3.Cmp, ops []clientv3.
 			for i, row := range b.Rows {
 				ops = append(ops, clientv3.OpPut(s.rowK(b.First+uint64(i)), string(row)))
 			}
-			ops = append(ops, clientv3.OpPut(s.endK(), hex16(b.First+uint64(len(b.Rows)))))
+			ops = append(ops, clientv3.OpPut(s.endK(), hex16(b.First+uint64(len(b.Rows)))), clientv3.OpPut(s.headK(), string(b.Head)))
 		}
 	}
 	if len(ops) == 0 {
@@ -192,7 +194,9 @@ func (s *Store) commit(ctx context.Context, cmps []clientv3.Cmp, ops []clientv3.
 	tctx, cancel := s.ctx(ctx)
 	defer cancel()
 	s.ownMu.RLock()
-	resp, err := s.cli.Txn(tctx).If(cmps...).Then(ops...).Commit()
+	// If a compare fails, the log's head comes back: a replica that lost
+	// the race for the log learns where it ends in the same round trip.
+	resp, err := s.cli.Txn(tctx).If(cmps...).Then(ops...).Else(clientv3.OpGet(s.headK())).Commit()
 	if err == nil && resp.Succeeded {
 		s.noteOwn(resp.Header.Revision)
 	}
@@ -201,6 +205,11 @@ func (s *Store) commit(ctx context.Context, cmps []clientv3.Cmp, ops []clientv3.
 		return fmt.Errorf("etcd: %w", err)
 	}
 	if !resp.Succeeded {
+		if b != nil && len(resp.Responses) == 1 {
+			if kvs := resp.Responses[0].GetResponseRange().GetKvs(); len(kvs) == 1 {
+				b.Conflict(kvs[0].Value)
+			}
+		}
 		// Which compare failed is not said; the audit log reloads its
 		// position from etcd, and the caller re-reads the rest.
 		return fmt.Errorf("%w (%w)", errConflict, engine.ErrConflict)
@@ -737,6 +746,15 @@ func (s *Store) Empty() (bool, error) {
 // WriteAudit implements engine.Rows.
 func (s *Store) WriteAudit(ctx context.Context, recs []*kms.AuditRecord) error {
 	return s.commit(ctx, nil, nil, recs, true)
+}
+
+// ReadHead implements engine.HeadReader.
+func (s *Store) ReadHead(ctx context.Context) ([]byte, error) {
+	resp, err := s.get(ctx, s.headK())
+	if err != nil || len(resp.Kvs) == 0 {
+		return nil, err
+	}
+	return resp.Kvs[0].Value, nil
 }
 
 // RowsEnd implements engine.Rows.
