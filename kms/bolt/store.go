@@ -18,6 +18,7 @@ import (
 
 	"github.com/kmsd-project/kmsd/audit/engine"
 	"github.com/kmsd-project/kmsd/kms"
+	"github.com/kmsd-project/kmsd/kms/storekit"
 )
 
 // The file's layout (schema 2):
@@ -59,8 +60,7 @@ type Store struct {
 
 	migrated migration
 
-	watchMu  sync.RWMutex
-	watchers []func([]kms.Change)
+	watchers storekit.Watchers
 }
 
 var _ kms.Store = (*Store)(nil)
@@ -242,23 +242,10 @@ func exists(what, name string) error {
 }
 
 // Watch implements kms.Store.
-func (s *Store) Watch(fn func([]kms.Change)) {
-	s.watchMu.Lock()
-	defer s.watchMu.Unlock()
-	s.watchers = append(s.watchers, fn)
-}
+func (s *Store) Watch(fn func([]kms.Change)) { s.watchers.Watch(fn) }
 
 // changed tells the watchers what a committed transaction wrote.
-func (s *Store) changed(chs []kms.Change) {
-	if len(chs) == 0 {
-		return
-	}
-	s.watchMu.RLock()
-	defer s.watchMu.RUnlock()
-	for _, fn := range s.watchers {
-		fn(chs)
-	}
-}
+func (s *Store) changed(chs []kms.Change) { s.watchers.Notify(chs) }
 
 // versionKey is the versions bucket's key of version n of a key.
 func versionKey(name string, n uint64) []byte {
@@ -322,7 +309,7 @@ func putVersion(tx *bbolt.Tx, name string, v *kms.Version, old *time.Time) error
 			return err
 		}
 	}
-	if at := scheduledAt(v); at != nil {
+	if at := storekit.ScheduledAt(v); at != nil {
 		if err := due.Put(dueKey(*at, name, v.Number), nil); err != nil {
 			return err
 		}
@@ -338,29 +325,12 @@ func putVersion(tx *bbolt.Tx, name string, v *kms.Version, old *time.Time) error
 	return nil
 }
 
-// scheduledAt is when a version is due for destruction, nil if it is not
-// scheduled.
-func scheduledAt(v *kms.Version) *time.Time {
-	if v.State == kms.StateDestroyScheduled && v.DestroyAt != nil {
-		return v.DestroyAt
-	}
-	return nil
-}
-
 func decodeKey(buf []byte) (*kms.Key, error) {
 	var k kms.Key
 	if err := json.Unmarshal(buf, &k); err != nil {
 		return nil, fmt.Errorf("decode key record: %w", err)
 	}
 	return &k, nil
-}
-
-func decodeVersion(buf []byte) (*kms.Version, error) {
-	var v kms.Version
-	if err := json.Unmarshal(buf, &v); err != nil {
-		return nil, fmt.Errorf("decode version record: %w", err)
-	}
-	return &v, nil
 }
 
 // GetKey implements kms.Store.
@@ -387,7 +357,7 @@ func (s *Store) GetVersion(ctx context.Context, name string, n uint64) (*kms.Ver
 			return &kms.Error{Kind: kms.KindNotFound, Msg: fmt.Sprintf("key %q has no version %d", name, n)}
 		}
 		var err error
-		v, err = decodeVersion(buf)
+		v, err = storekit.DecodeVersion(buf)
 		return err
 	})
 	return v, err
@@ -420,7 +390,7 @@ func (s *Store) ListVersions(ctx context.Context, name string, before uint64, li
 			if buf == nil {
 				return fmt.Errorf("key %q: version record %d of %d is missing", name, n, k.Latest)
 			}
-			v, err := decodeVersion(buf)
+			v, err := storekit.DecodeVersion(buf)
 			if err != nil {
 				return err
 			}
@@ -476,52 +446,6 @@ func listAfter[T any](db *bbolt.DB, bucket []byte, after string, limit int, deco
 	return out, err
 }
 
-// keyTx is a kms.KeyTx over a bbolt write transaction.
-type keyTx struct {
-	tx     *bbolt.Tx
-	key    *kms.Key
-	latest uint64                  // the header's Latest when loaded
-	loaded map[uint64]*kms.Version // versions handed out, written back at commit
-	due    map[uint64]*time.Time   // their destroy-schedule entries when loaded
-	added  []*kms.Version
-}
-
-func (t *keyTx) Key() *kms.Key { return t.key }
-
-func (t *keyTx) Version(n uint64) (*kms.Version, error) {
-	if v, ok := t.loaded[n]; ok {
-		return v, nil
-	}
-	for _, v := range t.added {
-		if v.Number == n {
-			return v, nil
-		}
-	}
-	buf := t.tx.Bucket(bucketVersions).Get(versionKey(t.key.Name, n))
-	if buf == nil || n > t.latest {
-		return nil, &kms.Error{Kind: kms.KindNotFound, Msg: fmt.Sprintf("key %q has no version %d", t.key.Name, n)}
-	}
-	v, err := decodeVersion(buf)
-	if err != nil {
-		return nil, err
-	}
-	t.loaded[n] = v
-	if at := scheduledAt(v); at != nil {
-		c := *at
-		t.due[n] = &c
-	}
-	return v, nil
-}
-
-func (t *keyTx) AddVersion(v *kms.Version) error {
-	if v.Number != t.key.Latest+1 {
-		return fmt.Errorf("key %q: version %d added after version %d", t.key.Name, v.Number, t.key.Latest)
-	}
-	t.added = append(t.added, v)
-	t.key.Latest = v.Number
-	return nil
-}
-
 // UpdateKey implements kms.Store.
 func (s *Store) UpdateKey(ctx context.Context, name string, fn func(kms.KeyTx) ([]*kms.AuditRecord, error)) error {
 	var audit []*kms.AuditRecord
@@ -536,32 +460,24 @@ func (s *Store) UpdateKey(ctx context.Context, name string, fn func(kms.KeyTx) (
 		if err != nil {
 			return err
 		}
-		kt := &keyTx{tx: tx, key: k, latest: k.Latest, loaded: map[uint64]*kms.Version{}, due: map[uint64]*time.Time{}}
+		kt := storekit.NewKeyTx(k, func(n uint64) ([]byte, error) { return tx.Bucket(bucketVersions).Get(versionKey(name, n)), nil })
 		if audit, err = fn(kt); err != nil {
 			return err
 		}
-		switch {
-		case k.Name != name:
-			return errors.New("a key cannot be renamed")
-		case k.Latest != kt.latest+uint64(len(kt.added)):
-			return errors.New("a key's latest version changes only by adding versions")
-		case k.Primary < 1 || k.Primary > k.Latest || k.MinDecryptionVersion > k.Latest:
-			return fmt.Errorf("key %q: primary %d or min_decryption_version %d is not a version", name, k.Primary, k.MinDecryptionVersion)
+		if err := kt.Check(name); err != nil {
+			return err
 		}
 		if err := putHeader(tx, k); err != nil {
 			return err
 		}
 		chs = append(chs, kms.Change{Key: name})
-		for n, v := range kt.loaded {
-			if v.Number != n {
-				return errors.New("a version's number cannot change")
-			}
-			if err := putVersion(tx, name, v, kt.due[n]); err != nil {
+		for n, v := range kt.Loaded {
+			if err := putVersion(tx, name, v, kt.Due[n]); err != nil {
 				return err
 			}
 			chs = append(chs, kms.Change{Key: name, Version: n})
 		}
-		for _, v := range kt.added {
+		for _, v := range kt.Added {
 			if err := putVersion(tx, name, v, nil); err != nil {
 				return err
 			}

@@ -27,6 +27,7 @@ import (
 
 	"github.com/kmsd-project/kmsd/audit/engine"
 	"github.com/kmsd-project/kmsd/kms"
+	"github.com/kmsd-project/kmsd/kms/storekit"
 )
 
 // Layout under the prefix P (numbers are 16 hex digits, so they sort):
@@ -62,8 +63,7 @@ type Store struct {
 	timeout time.Duration
 	audit   *engine.Log
 
-	watchMu  sync.RWMutex
-	watchers []func([]kms.Change)
+	watchers storekit.Watchers
 	// own holds the revisions of this process's commits, which it reported
 	// at commit: the watch skips their events. Commits hold ownMu's read
 	// lock from the request to the insert; the watch takes the write lock
@@ -249,22 +249,13 @@ func encode(x any) string {
 	return string(b)
 }
 
-// scheduledAt is when a version is due for destruction, nil if it is not
-// scheduled.
-func scheduledAt(v *kms.Version) *time.Time {
-	if v.State == kms.StateDestroyScheduled && v.DestroyAt != nil {
-		return v.DestroyAt
-	}
-	return nil
-}
-
 // putVersion adds the ops that write a version, move its destroy-schedule
 // entry (old: where it was indexed, nil if nowhere) and index its blobs
 // not yet owned (owned: what the transaction read; a compare keeps them
 // unowned until commit).
 func (s *Store) putVersion(ops []clientv3.Op, cmps []clientv3.Cmp, name string, v *kms.Version, old *time.Time, owned map[string]bool) ([]clientv3.Op, []clientv3.Cmp) {
 	ops = append(ops, clientv3.OpPut(s.versionK(name, v.Number), encode(v)))
-	at := scheduledAt(v)
+	at := storekit.ScheduledAt(v)
 	if old != nil && (at == nil || !at.Equal(*old)) {
 		ops = append(ops, clientv3.OpDelete(s.dueK(*old, name, v.Number)))
 	}
@@ -449,62 +440,6 @@ func (s *Store) DueVersions(ctx context.Context, now time.Time, limit int) ([]km
 	return out, nil
 }
 
-// keyTx is a kms.KeyTx over records read from etcd; they are written at
-// commit if the header's revision has not moved.
-type keyTx struct {
-	s      *Store
-	ctx    context.Context
-	key    *kms.Key
-	rev    int64                   // the header's revision when read
-	latest uint64                  // the header's Latest when read
-	loaded map[uint64]*kms.Version // versions handed out, written back at commit
-	due    map[uint64]*time.Time   // their destroy-schedule entries when read
-	added  []*kms.Version
-}
-
-func (t *keyTx) Key() *kms.Key { return t.key }
-
-func (t *keyTx) Version(n uint64) (*kms.Version, error) {
-	if v, ok := t.loaded[n]; ok {
-		return v, nil
-	}
-	for _, v := range t.added {
-		if v.Number == n {
-			return v, nil
-		}
-	}
-	if n < 1 || n > t.latest {
-		return nil, &kms.Error{Kind: kms.KindNotFound, Msg: fmt.Sprintf("key %q has no version %d", t.key.Name, n)}
-	}
-	// Versions change only with their header: read at its revision.
-	resp, err := t.s.get(t.ctx, t.s.versionK(t.key.Name, n), clientv3.WithRev(t.rev))
-	if err != nil {
-		return nil, err
-	}
-	if len(resp.Kvs) == 0 {
-		return nil, &kms.Error{Kind: kms.KindNotFound, Msg: fmt.Sprintf("key %q has no version %d", t.key.Name, n)}
-	}
-	v, err := decode[kms.Version]("version", resp.Kvs[0].Value)
-	if err != nil {
-		return nil, err
-	}
-	t.loaded[n] = v
-	if at := scheduledAt(v); at != nil {
-		c := *at
-		t.due[n] = &c
-	}
-	return v, nil
-}
-
-func (t *keyTx) AddVersion(v *kms.Version) error {
-	if v.Number != t.key.Latest+1 {
-		return fmt.Errorf("key %q: version %d added after version %d", t.key.Name, v.Number, t.key.Latest)
-	}
-	t.added = append(t.added, v)
-	t.key.Latest = v.Number
-	return nil
-}
-
 // UpdateKey implements kms.Store. fn runs again, on records read anew, if
 // another writer changed the key (or appended to the audit log) first: it
 // must act only through tx.
@@ -522,27 +457,27 @@ func (s *Store) UpdateKey(ctx context.Context, name string, fn func(kms.KeyTx) (
 			return err
 		}
 		rev := resp.Kvs[0].ModRevision
-		kt := &keyTx{s: s, ctx: ctx, key: k, rev: resp.Header.Revision, latest: k.Latest, loaded: map[uint64]*kms.Version{}, due: map[uint64]*time.Time{}}
+		// Versions change only with their header: read at its revision.
+		at := resp.Header.Revision
+		kt := storekit.NewKeyTx(k, func(n uint64) ([]byte, error) {
+			r, err := s.get(ctx, s.versionK(name, n), clientv3.WithRev(at))
+			if err != nil || len(r.Kvs) == 0 {
+				return nil, err
+			}
+			return r.Kvs[0].Value, nil
+		})
 		audit, err := fn(kt)
 		if err != nil {
 			return err
 		}
-		switch {
-		case k.Name != name:
-			return errors.New("a key cannot be renamed")
-		case k.Latest != kt.latest+uint64(len(kt.added)):
-			return errors.New("a key's latest version changes only by adding versions")
-		case k.Primary < 1 || k.Primary > k.Latest || k.MinDecryptionVersion > k.Latest:
-			return fmt.Errorf("key %q: primary %d or min_decryption_version %d is not a version", name, k.Primary, k.MinDecryptionVersion)
+		if err := kt.Check(name); err != nil {
+			return err
 		}
-		all := make([]*kms.Version, 0, len(kt.loaded)+len(kt.added))
-		for n, v := range kt.loaded {
-			if v.Number != n {
-				return errors.New("a version's number cannot change")
-			}
+		all := make([]*kms.Version, 0, len(kt.Loaded)+len(kt.Added))
+		for _, v := range kt.Loaded {
 			all = append(all, v)
 		}
-		all = append(all, kt.added...)
+		all = append(all, kt.Added...)
 		owned, err := s.owners(ctx, all...)
 		if err != nil {
 			return err
@@ -550,11 +485,11 @@ func (s *Store) UpdateKey(ctx context.Context, name string, fn func(kms.KeyTx) (
 		cmps := []clientv3.Cmp{clientv3.Compare(clientv3.ModRevision(s.keyK(name)), "=", rev)}
 		ops := []clientv3.Op{clientv3.OpPut(s.keyK(name), encode(k))}
 		chs := []kms.Change{{Key: name}}
-		for n, v := range kt.loaded {
-			ops, cmps = s.putVersion(ops, cmps, name, v, kt.due[n], owned)
+		for n, v := range kt.Loaded {
+			ops, cmps = s.putVersion(ops, cmps, name, v, kt.Due[n], owned)
 			chs = append(chs, kms.Change{Key: name, Version: n})
 		}
-		for _, v := range kt.added {
+		for _, v := range kt.Added {
 			ops, cmps = s.putVersion(ops, cmps, name, v, nil, owned)
 			chs = append(chs, kms.Change{Key: name, Version: v.Number})
 		}

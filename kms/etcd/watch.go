@@ -39,24 +39,11 @@ type watchHealth struct {
 func (s *Store) Resets() uint64 { return s.health.resets.Load() }
 
 // Watch implements kms.Store.
-func (s *Store) Watch(fn func([]kms.Change)) {
-	s.watchMu.Lock()
-	defer s.watchMu.Unlock()
-	s.watchers = append(s.watchers, fn)
-}
+func (s *Store) Watch(fn func([]kms.Change)) { s.watchers.Watch(fn) }
 
 // changed tells the watchers what a transaction wrote (its own, at commit;
 // every replica's, from the watch).
-func (s *Store) changed(chs []kms.Change) {
-	if len(chs) == 0 {
-		return
-	}
-	s.watchMu.RLock()
-	defer s.watchMu.RUnlock()
-	for _, fn := range s.watchers {
-		fn(chs)
-	}
-}
+func (s *Store) changed(chs []kms.Change) { s.watchers.Notify(chs) }
 
 // noteOwn records the revision of a commit of this process.
 func (s *Store) noteOwn(rev int64) {
