@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 . deploy/deps.sh
 kmsd_deps
 kmsd_bench_deps
-command -v etcd >/dev/null 2>&1 || kmsd_apt_install etcd-server
+command -v etcd >/dev/null 2>&1 || kmsd_install_etcd
 secs="${1:-10}"
 work=$(mktemp -d)
 pids=()

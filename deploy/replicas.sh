@@ -16,7 +16,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . deploy/deps.sh
 kmsd_deps
-command -v etcd >/dev/null 2>&1 || kmsd_apt_install etcd-server
+command -v etcd >/dev/null 2>&1 || kmsd_install_etcd
 dir="$(realpath -m "${1:-./replicas}")"
 mkdir -p "$dir/bin"
 go build -o "$dir/bin/kmsd" ./cmd/kmsd
