@@ -106,8 +106,8 @@ module=$(sed -n 's/^.*"module":"\([^"]*\)".*$/\1/p' "$work/kmsd-r3-1.log" | head
 for i in 2 3; do
   SOFTHSM2_CONF="$work/r3-1/softhsm/softhsm2.conf" "$work/kmsd" --store etcd --etcd-endpoints "$eps" --data-dir "$work/r3-$i" --addr "${addrs[$((i - 1))]}" \
     --insecure-http --pkcs11-module "$module" --pkcs11-pin-file "$work/r3-1/softhsm/pin" 2>"$work/kmsd-r3-$i.log" & pids+=($!)
+  ready "${addrs[$((i - 1))]}" # one at a time: SoftHSM's file store is not safe for two processes opening the token at once
 done
-ready "${addrs[1]}"; ready "${addrs[2]}"
 bench "etcd-3" "${addrs[@]}" >>"$results"
 
 awk '

@@ -42,10 +42,16 @@ for _ in $(seq 200); do
   sleep 0.1
 done
 module=$(sed -n 's/^.*"module":"\([^"]*\)".*$/\1/p' "$dir/kmsd-1.log" | head -1)
+# One at a time: SoftHSM's file store is not safe for two processes opening
+# the token at once.
 for i in 2 3; do
   SOFTHSM2_CONF="$dir/kmsd-1/softhsm/softhsm2.conf" "$dir/bin/kmsd" "${common[@]}" --data-dir "$dir/kmsd-$i" --addr "127.0.0.1:843$i" \
     --pkcs11-module "$module" --pkcs11-pin-file "$dir/kmsd-1/softhsm/pin" 2>"$dir/kmsd-$i.log" &
   pids+=($!)
+  for _ in $(seq 200); do
+    [ -f "$dir/kmsd-$i/tls/ca.pem" ] && curl -sf --cacert "$dir/kmsd-$i/tls/ca.pem" "https://127.0.0.1:843$i/readyz" >/dev/null && break
+    sleep 0.1
+  done
 done
 echo "three replicas: https://127.0.0.1:8431 8432 8433 (CA of each: $dir/kmsd-N/tls/ca.pem), admin token $dir/kmsd-1/admin.token; logs in $dir" >&2
 wait

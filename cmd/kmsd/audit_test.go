@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"syscall"
@@ -15,6 +16,7 @@ import (
 
 	"github.com/kmsd-project/kmsd/api/client"
 	"github.com/kmsd-project/kmsd/audit"
+	"github.com/kmsd-project/kmsd/internal/testetcd"
 	"github.com/kmsd-project/kmsd/kms"
 )
 
@@ -67,13 +69,23 @@ func hasRecord(recs []*kms.AuditRecord, o op) bool {
 // TestAuditSurvivesKill9: SIGKILL under a load of creates, rotations and
 // reads, several times; after each restart the audit log verifies against
 // the checkpoint kmsd signs at start, and every acknowledged request has its
-// record.
+// record: on the embedded bbolt store and on etcd.
 func TestAuditSurvivesKill9(t *testing.T) {
+	t.Run("bolt", func(t *testing.T) { auditSurvivesKill9(t, nil) })
+	t.Run("etcd", func(t *testing.T) {
+		c := testetcd.Start(t, 1)
+		auditSurvivesKill9(t, []string{"--store", "etcd", "--etcd-endpoints", strings.Join(c.Endpoints(), ",")})
+	})
+}
+
+// auditSurvivesKill9 runs the test on the store the args choose (nil: the
+// embedded bbolt store, whose audit WAL the crashes must exercise).
+func auditSurvivesKill9(t *testing.T, storeArgs []string) {
 	dir := filepath.Join(t.TempDir(), "data")
 	var acked []op
 	walRecoveries := 0
 	for round := 0; round < 4; round++ {
-		p := start(t, dir, "--audit-checkpoint-interval", "200ms")
+		p := start(t, dir, append(slices.Clone(storeArgs), "--audit-checkpoint-interval", "200ms")...)
 		p.waitReady(t)
 		c := adminClient(t, p, dir)
 		if round > 0 {
@@ -166,15 +178,17 @@ func TestAuditSurvivesKill9(t *testing.T) {
 	if len(acked) < 30 {
 		t.Fatalf("only %d requests acknowledged", len(acked))
 	}
-	p := start(t, dir)
+	p := start(t, dir, storeArgs...)
 	p.waitReady(t)
 	if strings.Contains(p.stderr.String(), "audit WAL: copied records") {
 		walRecoveries++
 	}
-	if walRecoveries == 0 {
-		t.Fatal("no restart found records in the audit WAL: the crash path of the WAL was not exercised")
+	if storeArgs == nil {
+		if walRecoveries == 0 {
+			t.Fatal("no restart found records in the audit WAL: the crash path of the WAL was not exercised")
+		}
+		t.Logf("%d of 4 restarts copied records from the audit WAL", walRecoveries)
 	}
-	t.Logf("%d of 4 restarts copied records from the audit WAL", walRecoveries)
 	deadline := time.Now().Add(10 * time.Second)
 	for {
 		_, recs := verifyLog(t, adminClient(t, p, dir))
