@@ -613,12 +613,6 @@ func (s *Service) systemRecord(op, key string, version uint64) []*AuditRecord {
 	return []*AuditRecord{{Time: s.clock.Now().UTC().Format(time.RFC3339Nano), Actor: "system", Operation: op, Key: key, Version: version, Status: 200}}
 }
 
-// RunMaintenance calls DestroyDue and FlushTokenUse every interval until
-// ctx ends.
-func (s *Service) RunMaintenance(ctx context.Context, interval time.Duration) {
-	s.every(ctx, interval, s.destroyDue, s.flushTokenUse)
-}
-
 // RunDestruction calls DestroyDue every interval until ctx ends: the part
 // of the maintenance one replica does for all (while it leads).
 func (s *Service) RunDestruction(ctx context.Context, interval time.Duration) {

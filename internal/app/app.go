@@ -191,8 +191,9 @@ func (a *App) Start() {
 	}
 	a.done = append(a.done,
 		run(func() {
-			lead(ctx, "destruction", func(ctx context.Context) { a.Service.RunMaintenance(ctx, interval) })
+			lead(ctx, "destruction", func(ctx context.Context) { a.Service.RunDestruction(ctx, interval) })
 		}),
+		run(func() { a.Service.RunTokenUseFlush(ctx, interval) }), // every replica, for the uses it saw
 		run(func() { a.API.Run(ctx) }))
 }
 

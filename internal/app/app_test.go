@@ -5,6 +5,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/kmsd-project/kmsd/internal/testhsm"
 	"github.com/kmsd-project/kmsd/kms/bolt"
@@ -52,4 +53,46 @@ func TestSetupErrorsAreMessages(t *testing.T) {
 		t.Fatalf("second start: %+v %v", b, err)
 	}
 	b.Close()
+}
+
+// TestTokenUseFlushedWithoutLeading: a replica that never leads (another
+// destroys due versions) still writes down the uses of the tokens it saw.
+func TestTokenUseFlushedWithoutLeading(t *testing.T) {
+	st, err := bolt.Open(filepath.Join(t.TempDir(), "kms.db"), bolt.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	var admin string
+	led := make(chan string, 4)
+	a, err := New(context.Background(), Config{Store: st, AuditStore: st.Audit(), Sealer: testhsm.Open(t), DestroyInterval: 20 * time.Millisecond,
+		AdminToken: func(tok string) error { admin = tok; return nil },
+		Lead:       func(ctx context.Context, role string, _ func(context.Context)) { led <- role; <-ctx.Done() }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	a.Start()
+	defer a.Close()
+	p, err := a.Service.Authenticate(context.Background(), admin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		tok, err := st.GetToken(context.Background(), p.TokenID)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if tok.LastUsedAt != nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("a replica that does not lead never wrote down its token uses")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	roles := map[string]bool{<-led: true, <-led: true}
+	if !roles["checkpoints"] || !roles["destruction"] {
+		t.Fatalf("roles campaigned for: %v", roles)
+	}
 }
