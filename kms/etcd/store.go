@@ -166,6 +166,40 @@ func backoff() { time.Sleep(time.Duration(rand.Int64N(int64(4 * time.Millisecond
 // races.
 const maxAttempts = 64
 
+// retry runs attempt (which reads, decides and commits) until it commits or
+// fails for another reason than a lost race (errConflict), backing off
+// between tries, and tells the watchers what the commit changed.
+func (s *Store) retry(what string, attempt func() ([]kms.Change, error)) error {
+	for range maxAttempts {
+		chs, err := attempt()
+		if errors.Is(err, errConflict) {
+			backoff()
+			continue
+		}
+		if err == nil {
+			s.changed(chs)
+		}
+		return err
+	}
+	return fmt.Errorf("%s: %w %d times in a row", what, errConflict, maxAttempts)
+}
+
+// created turns a lost race of a create into ErrAlreadyExists if the record
+// now exists (another writer made it), and leaves it a conflict otherwise.
+func (s *Store) created(ctx context.Context, err error, key, what, name string) error {
+	if !errors.Is(err, errConflict) {
+		return err
+	}
+	resp, gerr := s.get(ctx, key, clientv3.WithCountOnly())
+	if gerr != nil {
+		return gerr
+	}
+	if resp.Count > 0 {
+		return exists(what, name)
+	}
+	return err
+}
+
 // commit runs one transaction: cmps and ops, plus the audit rows of recs
 // (staged in the audit log, guarded by the log's end). flush stages even
 // without records. It returns errConflict if a compare failed.
@@ -295,32 +329,17 @@ func (s *Store) CreateKey(ctx context.Context, k *kms.Key, v *kms.Version, audit
 	if v.Number != 1 || k.Latest != 1 {
 		return errors.New("a new key has version 1 only")
 	}
-	for range maxAttempts {
+	return s.retry("create key "+k.Name, func() ([]kms.Change, error) {
 		owned, err := s.owners(ctx, v)
 		if err != nil {
-			return err
+			return nil, err
 		}
 		cmps := []clientv3.Cmp{clientv3.Compare(clientv3.CreateRevision(s.keyK(k.Name)), "=", 0)}
 		ops := []clientv3.Op{clientv3.OpPut(s.keyK(k.Name), encode(k))}
 		ops, cmps = s.putVersion(ops, cmps, k.Name, v, nil, owned)
-		err = s.commit(ctx, cmps, ops, audit, false)
-		if errors.Is(err, errConflict) {
-			resp, gerr := s.get(ctx, s.keyK(k.Name), clientv3.WithCountOnly())
-			if gerr != nil {
-				return gerr
-			}
-			if resp.Count > 0 {
-				return exists("key", k.Name)
-			}
-			backoff()
-			continue
-		}
-		if err == nil {
-			s.changed([]kms.Change{{Key: k.Name}, {Key: k.Name, Version: 1}})
-		}
-		return err
-	}
-	return fmt.Errorf("create key %q: %w %d times in a row", k.Name, errConflict, maxAttempts)
+		err = s.created(ctx, s.commit(ctx, cmps, ops, audit, false), s.keyK(k.Name), "key", k.Name)
+		return []kms.Change{{Key: k.Name}, {Key: k.Name, Version: 1}}, err
+	})
 }
 
 // GetKey implements kms.Store.
@@ -444,17 +463,17 @@ func (s *Store) DueVersions(ctx context.Context, now time.Time, limit int) ([]km
 // another writer changed the key (or appended to the audit log) first: it
 // must act only through tx.
 func (s *Store) UpdateKey(ctx context.Context, name string, fn func(kms.KeyTx) ([]*kms.AuditRecord, error)) error {
-	for range maxAttempts {
+	return s.retry("update key "+name, func() ([]kms.Change, error) {
 		resp, err := s.get(ctx, s.keyK(name))
 		if err != nil {
-			return err
+			return nil, err
 		}
 		if len(resp.Kvs) == 0 {
-			return notFound("key", name)
+			return nil, notFound("key", name)
 		}
 		k, err := decode[kms.Key]("key", resp.Kvs[0].Value)
 		if err != nil {
-			return err
+			return nil, err
 		}
 		rev := resp.Kvs[0].ModRevision
 		// Versions change only with their header: read at its revision.
@@ -468,10 +487,10 @@ func (s *Store) UpdateKey(ctx context.Context, name string, fn func(kms.KeyTx) (
 		})
 		audit, err := fn(kt)
 		if err != nil {
-			return err
+			return nil, err
 		}
 		if err := kt.Check(name); err != nil {
-			return err
+			return nil, err
 		}
 		all := make([]*kms.Version, 0, len(kt.Loaded)+len(kt.Added))
 		for _, v := range kt.Loaded {
@@ -480,7 +499,7 @@ func (s *Store) UpdateKey(ctx context.Context, name string, fn func(kms.KeyTx) (
 		all = append(all, kt.Added...)
 		owned, err := s.owners(ctx, all...)
 		if err != nil {
-			return err
+			return nil, err
 		}
 		cmps := []clientv3.Cmp{clientv3.Compare(clientv3.ModRevision(s.keyK(name)), "=", rev)}
 		ops := []clientv3.Op{clientv3.OpPut(s.keyK(name), encode(k))}
@@ -493,41 +512,17 @@ func (s *Store) UpdateKey(ctx context.Context, name string, fn func(kms.KeyTx) (
 			ops, cmps = s.putVersion(ops, cmps, name, v, nil, owned)
 			chs = append(chs, kms.Change{Key: name, Version: v.Number})
 		}
-		err = s.commit(ctx, cmps, ops, audit, false)
-		if errors.Is(err, errConflict) {
-			backoff()
-			continue
-		}
-		if err == nil {
-			s.changed(chs)
-		}
-		return err
-	}
-	return fmt.Errorf("update key %q: %w %d times in a row", name, errConflict, maxAttempts)
+		return chs, s.commit(ctx, cmps, ops, audit, false)
+	})
 }
 
 // CreateToken implements kms.Store.
 func (s *Store) CreateToken(ctx context.Context, t *kms.Token, audit []*kms.AuditRecord) error {
-	for range maxAttempts {
+	return s.retry("create token", func() ([]kms.Change, error) {
 		cmps := []clientv3.Cmp{clientv3.Compare(clientv3.CreateRevision(s.tokenK(t.ID)), "=", 0)}
 		err := s.commit(ctx, cmps, []clientv3.Op{clientv3.OpPut(s.tokenK(t.ID), encode(t))}, audit, false)
-		if errors.Is(err, errConflict) {
-			resp, gerr := s.get(ctx, s.tokenK(t.ID), clientv3.WithCountOnly())
-			if gerr != nil {
-				return gerr
-			}
-			if resp.Count > 0 {
-				return exists("token", t.ID)
-			}
-			backoff()
-			continue
-		}
-		if err == nil {
-			s.changed([]kms.Change{{Token: t.ID}})
-		}
-		return err
-	}
-	return fmt.Errorf("create token: %w %d times in a row", errConflict, maxAttempts)
+		return []kms.Change{{Token: t.ID}}, s.created(ctx, err, s.tokenK(t.ID), "token", t.ID)
+	})
 }
 
 // GetToken implements kms.Store.
@@ -560,56 +555,47 @@ func (s *Store) ListTokens(ctx context.Context, after string, limit int) ([]*kms
 // token changed since fn's token was read, so what fn reads of other
 // tokens (the last-admin check) holds at commit; otherwise fn runs again.
 func (s *Store) UpdateToken(ctx context.Context, id string, fn func(t *kms.Token) ([]*kms.AuditRecord, error)) error {
-	for range maxAttempts {
+	return s.retry("update token "+id, func() ([]kms.Change, error) {
 		resp, err := s.get(ctx, s.tokenK(id))
 		if err != nil {
-			return err
+			return nil, err
 		}
 		if len(resp.Kvs) == 0 {
-			return notFound("token", id)
+			return nil, notFound("token", id)
 		}
 		t, err := decode[kms.Token]("token", resp.Kvs[0].Value)
 		if err != nil {
-			return err
+			return nil, err
 		}
 		audit, err := fn(t)
 		if err != nil {
-			return err
+			return nil, err
 		}
 		if t.ID != id {
-			return errors.New("a token's id cannot change")
+			return nil, errors.New("a token's id cannot change")
 		}
 		cmps := []clientv3.Cmp{clientv3.Compare(clientv3.ModRevision(s.p+"t/"), "<", resp.Header.Revision+1).WithPrefix()}
-		err = s.commit(ctx, cmps, []clientv3.Op{clientv3.OpPut(s.tokenK(id), encode(t))}, audit, false)
-		if errors.Is(err, errConflict) {
-			backoff()
-			continue
-		}
-		if err == nil {
-			s.changed([]kms.Change{{Token: id}})
-		}
-		return err
-	}
-	return fmt.Errorf("update token %s: %w %d times in a row", id, errConflict, maxAttempts)
+		return []kms.Change{{Token: id}}, s.commit(ctx, cmps, []clientv3.Op{clientv3.OpPut(s.tokenK(id), encode(t))}, audit, false)
+	})
 }
 
 // RecordTokenUse implements kms.Store.
 func (s *Store) RecordTokenUse(ctx context.Context, used map[string]time.Time) error {
-	for range maxAttempts {
+	return s.retry("record token use", func() ([]kms.Change, error) {
 		var cmps []clientv3.Cmp
 		var ops []clientv3.Op
 		var chs []kms.Change
 		for id, at := range used {
 			resp, err := s.get(ctx, s.tokenK(id))
 			if err != nil {
-				return err
+				return nil, err
 			}
 			if len(resp.Kvs) == 0 {
 				continue
 			}
 			t, err := decode[kms.Token]("token", resp.Kvs[0].Value)
 			if err != nil {
-				return err
+				return nil, err
 			}
 			if t.LastUsedAt != nil && !at.After(*t.LastUsedAt) {
 				continue
@@ -620,17 +606,8 @@ func (s *Store) RecordTokenUse(ctx context.Context, used map[string]time.Time) e
 			ops = append(ops, clientv3.OpPut(s.tokenK(id), encode(t)))
 			chs = append(chs, kms.Change{Token: id})
 		}
-		err := s.commit(ctx, cmps, ops, nil, false)
-		if errors.Is(err, errConflict) {
-			backoff()
-			continue
-		}
-		if err == nil {
-			s.changed(chs)
-		}
-		return err
-	}
-	return fmt.Errorf("record token use: %w %d times in a row", errConflict, maxAttempts)
+		return chs, s.commit(ctx, cmps, ops, nil, false)
+	})
 }
 
 // BlobOwner implements kms.Store.
