@@ -46,9 +46,14 @@ func checkStore(c config) error {
 	if c.etcdEndpoints == "" {
 		return errors.New("--store etcd needs --etcd-endpoints (comma-separated URLs of the cluster's members, e.g. https://10.0.0.1:2379)")
 	}
-	for _, e := range strings.Split(c.etcdEndpoints, ",") {
+	for i, e := range strings.Split(c.etcdEndpoints, ",") {
 		u, err := url.Parse(e)
-		if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" || (u.Path != "" && u.Path != "/") {
+		if err == nil && u.User != nil {
+			// Not echoed: the URL holds a password, which must not reach
+			// a log or an error message.
+			return fmt.Errorf("--etcd-endpoints: endpoint %d carries credentials; kmsd authenticates to etcd with --etcd-cert/--etcd-key only", i+1)
+		}
+		if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" || (u.Path != "" && u.Path != "/") || u.RawQuery != "" || u.Fragment != "" {
 			return fmt.Errorf("--etcd-endpoints: %q is not an http:// or https:// URL of a member", e)
 		}
 		if u.Scheme == "http" && !isLoopback(u.Hostname()) {

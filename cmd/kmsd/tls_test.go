@@ -334,6 +334,15 @@ func TestBadSettingsStopBeforeDisk(t *testing.T) {
 		{nil, []string{"--pkcs11-module", "/nonexistent/libhsm.so", "--pkcs11-pin-file", "/nonexistent/pin"}, "--pkcs11-module"},
 		{nil, []string{"--pkcs11-module", "/nonexistent/libhsm.so"}, "no PIN"},
 		{nil, []string{"--audit-stream", "/nonexistent/dir/audit.jsonl"}, "--audit-stream"},
+		{map[string]string{"KMS_STORE": "mysql"}, nil, `--store "mysql": want bolt`},
+		{nil, []string{"--store", "etcd"}, "needs --etcd-endpoints"},
+		{nil, []string{"--etcd-endpoints", "http://127.0.0.1:2379"}, "is for --store etcd"},
+		{nil, []string{"--store", "etcd", "--etcd-endpoints", "http://10.0.0.1:2379"}, "plain HTTP to a host that is not loopback"},
+		{nil, []string{"--store", "etcd", "--etcd-endpoints", "127.0.0.1:2379"}, "is not an http:// or https:// URL"},
+		{nil, []string{"--store", "etcd", "--etcd-endpoints", "https://kmsd:s3cret-pw@10.0.0.1:2379"}, "endpoint 1 carries credentials"},
+		{nil, []string{"--store", "etcd", "--etcd-endpoints", "https://10.0.0.1:2379", "--etcd-cert", "/nonexistent/c.pem"}, "go together"},
+		{nil, []string{"--store", "etcd", "--etcd-endpoints", "https://10.0.0.1:2379", "--etcd-ca", "/nonexistent/ca.pem"}, "--etcd-ca"},
+		{nil, []string{"--store", "etcd", "--etcd-endpoints", "https://10.0.0.1:2379", "--etcd-prefix", "kmsd"}, "must start with /"},
 	} {
 		dir := filepath.Join(t.TempDir(), "data")
 		var stderr testutil.Buffer
@@ -344,6 +353,9 @@ func TestBadSettingsStopBeforeDisk(t *testing.T) {
 		err := run(ctx, args, func(k string) string { return c.env[k] }, &stderr, nil)
 		if err == nil || !strings.Contains(err.Error(), c.want) {
 			t.Errorf("%v %v: %v, want %q", c.env, c.args, err, c.want)
+		}
+		if err != nil && strings.Contains(err.Error()+stderr.String(), "s3cret-pw") {
+			t.Errorf("%v: a password in a setting reached the error or the log: %v", c.args, err)
 		}
 		if _, err := os.Stat(dir); err == nil {
 			t.Errorf("%v %v: the data dir was made before the setting was checked", c.env, c.args)
