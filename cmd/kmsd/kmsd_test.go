@@ -97,10 +97,17 @@ func freeAddr(t *testing.T) string {
 // start runs kmsd and returns at once; use waitReady or wait.
 func start(t *testing.T, dataDir string, args ...string) *proc {
 	t.Helper()
+	return startEnv(t, dataDir, nil, args...)
+}
+
+// startEnv is start with more environment (env wins over the test's own).
+func startEnv(t *testing.T, dataDir string, env []string, args ...string) *proc {
+	t.Helper()
 	p := &proc{addr: freeAddr(t), dataDir: dataDir, plain: slices.Contains(args, "--insecure-http"), stderr: &testutil.Buffer{}, done: make(chan error, 1)}
 	p.cmd = exec.Command(kmsdBin, append([]string{"--data-dir", dataDir, "--addr", p.addr}, args...)...)
-	p.cmd.Env = append(os.Environ(), "SOFTHSM2_CONF=/nonexistent") // kmsd must set its own
+	p.cmd.Env = append(append(os.Environ(), "SOFTHSM2_CONF=/nonexistent"), env...) // kmsd must set its own, unless env says
 	p.cmd.Stderr = p.stderr
+	p.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := p.cmd.Start(); err != nil {
 		t.Fatal(err)
 	}

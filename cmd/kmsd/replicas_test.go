@@ -7,14 +7,12 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
 	"github.com/kmsd-project/kmsd/api/client"
 	"github.com/kmsd-project/kmsd/hsm/softhsm"
 	"github.com/kmsd-project/kmsd/internal/testetcd"
-	"github.com/kmsd-project/kmsd/internal/testutil"
 	"github.com/kmsd-project/kmsd/kms"
 )
 
@@ -37,25 +35,6 @@ func startReplica(t *testing.T, c *testetcd.Cluster, dataDir, tokenOf string) *p
 		env = append(env, "SOFTHSM2_CONF="+filepath.Join(hsmDir, "softhsm2.conf"))
 	}
 	return startEnv(t, dataDir, env, args...)
-}
-
-// startEnv is start with more environment.
-func startEnv(t *testing.T, dataDir string, env []string, args ...string) *proc {
-	t.Helper()
-	p := &proc{addr: freeAddr(t), dataDir: dataDir, plain: true, stderr: &testutil.Buffer{}, done: make(chan error, 1)}
-	p.cmd = exec.Command(kmsdBin, append([]string{"--data-dir", dataDir, "--addr", p.addr}, args...)...)
-	p.cmd.Env = append(append(os.Environ(), "SOFTHSM2_CONF=/nonexistent"), env...)
-	p.cmd.Stderr = p.stderr
-	p.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := p.cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	go func() { p.done <- p.cmd.Wait() }()
-	t.Cleanup(func() {
-		p.cmd.Process.Kill()
-		<-p.done
-	})
-	return p
 }
 
 // TestThreeReplicasOnEtcd: three kmsd replicas on a three-member etcd

@@ -2,7 +2,6 @@ package etcd_test
 
 import (
 	"context"
-	"encoding/hex"
 	"fmt"
 	"sync"
 	"testing"
@@ -10,11 +9,11 @@ import (
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
-	"golang.org/x/mod/sumdb/tlog"
 
 	"github.com/kmsd-project/kmsd/internal/testetcd"
 	"github.com/kmsd-project/kmsd/kms"
 	"github.com/kmsd-project/kmsd/kms/etcd"
+	"github.com/kmsd-project/kmsd/kms/storetest"
 )
 
 var ctx = context.Background()
@@ -42,68 +41,6 @@ func replicas(t *testing.T, c *testetcd.Cluster, n int) []*etcd.Store {
 		out = append(out, s)
 	}
 	return out
-}
-
-// checkLog reads the whole log through s and checks it: indexes from 0
-// without a gap, each record chained to the one before, the tree built
-// from the stored hashes equal to the one recomputed from the records. It
-// returns the operations in log order.
-func checkLog(t *testing.T, s *etcd.Store) []string {
-	t.Helper()
-	n, err := s.Audit().AuditSize(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	recs, err := s.Audit().AuditRecords(ctx, 0, n)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var leaves []tlog.Hash
-	var ops []string
-	for i, data := range recs {
-		r, err := kms.DecodeAuditRecord(data)
-		if err != nil {
-			t.Fatal(err)
-		}
-		prev := ""
-		if i > 0 {
-			prev = hex.EncodeToString(leaves[i-1][:])
-		}
-		if r.Index != uint64(i) || r.PrevHash != prev {
-			t.Fatalf("record %d: index %d, prev %q, want prev %q", i, r.Index, r.PrevHash, prev)
-		}
-		leaves = append(leaves, tlog.RecordHash(data))
-		ops = append(ops, r.Operation)
-	}
-	if n == 0 {
-		return ops
-	}
-	stored, err := tlog.TreeHash(int64(n), tlog.HashReaderFunc(func(idx []int64) ([]tlog.Hash, error) {
-		hs, err := s.Audit().AuditHashes(ctx, idx)
-		out := make([]tlog.Hash, len(hs))
-		for i, h := range hs {
-			out[i] = h
-		}
-		return out, err
-	}))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if stored != rootOf(leaves) {
-		t.Fatal("the stored tree hashes do not match the records")
-	}
-	return ops
-}
-
-func rootOf(l []tlog.Hash) tlog.Hash {
-	if len(l) == 1 {
-		return l[0]
-	}
-	k := 1
-	for k*2 < len(l) {
-		k *= 2
-	}
-	return tlog.NodeHash(rootOf(l[:k]), rootOf(l[k:]))
 }
 
 // rotate adds version Latest+1 as the primary, with its audit record.
@@ -172,7 +109,7 @@ func TestReplicasSerializeInEtcd(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	ops := checkLog(t, rs[1])
+	ops := storetest.CheckLog(t, rs[1].Audit())
 	if len(ops) != 1+6*perReplica {
 		t.Fatalf("%d records, want %d", len(ops), 1+6*perReplica)
 	}
@@ -296,7 +233,7 @@ func TestMemberKilledUnderLoad(t *testing.T) {
 	close(stop)
 	wg.Wait()
 	c.WaitHealthy()
-	ops := checkLog(t, rs[2])
+	ops := storetest.CheckLog(t, rs[2].Audit())
 	inLog := map[string]bool{}
 	for _, op := range ops {
 		if inLog[op] {
