@@ -284,20 +284,31 @@ func TestEtcdDownFailsClosed(t *testing.T) {
 	}
 	c.Restart(0)
 	c.WaitHealthy()
-	deadline := time.Now().Add(15 * time.Second)
+	back := time.Now()
+	// etcd.ReconnectMax caps the client's reconnect backoff; with gRPC's
+	// default (up to 2 minutes) kmsd stayed unready for 10 s and more.
+	deadline := back.Add(10 * time.Second)
 	for admin.Ready(ctx) != nil {
 		if time.Now().After(deadline) {
-			t.Fatal("not ready again after etcd came back")
+			t.Fatal("not ready again 10 s after etcd came back")
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
+	t.Logf("ready again %v after etcd came back", time.Since(back).Round(time.Millisecond))
 	if _, err := admin.GetKey(ctx, "during"); client.StatusOf(err) != 404 {
 		t.Fatalf("the create refused while etcd was down: %v, want 404", err)
 	}
 	if _, err := admin.CreateKey(ctx, client.CreateKeyRequest{Name: "after", Kind: "ml-dsa-44"}); err != nil {
 		t.Fatal(err)
 	}
+	// The leader may have to be elected again (its session's lease
+	// outlived by the outage) before it signs a checkpoint.
+	deadline = time.Now().Add(20 * time.Second)
 	for {
+		if _, err := admin.AuditCheckpoint(ctx); client.StatusOf(err) == 404 && time.Now().Before(deadline) {
+			time.Sleep(200 * time.Millisecond)
+			continue
+		}
 		_, recs := verifyLog(t, admin)
 		if hasRecord(recs, op{"POST /v1/keys", "before", 1, 201}) && hasRecord(recs, op{"POST /v1/keys", "after", 1, 201}) {
 			break

@@ -13,7 +13,6 @@ import (
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
-	"go.uber.org/zap"
 
 	"github.com/kmsd-project/kmsd/audit/engine"
 	"github.com/kmsd-project/kmsd/internal/tlsutil"
@@ -125,10 +124,7 @@ func openStore(c config, log *slog.Logger) (s backend, close func() error, err e
 	if err != nil {
 		return nil, nil, err
 	}
-	cli, err := clientv3.New(clientv3.Config{
-		Endpoints: strings.Split(c.etcdEndpoints, ","), DialTimeout: 5 * time.Second, TLS: tcfg,
-		Logger: zap.NewNop(), // its retries are answered as errors; kmsd logs those
-	})
+	cli, err := clientv3.New(etcd.ClientConfig(strings.Split(c.etcdEndpoints, ","), tcfg))
 	if err != nil {
 		return nil, nil, fmt.Errorf("etcd: %w", err)
 	}

@@ -8,7 +8,6 @@ import (
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
-	"go.uber.org/zap"
 
 	"github.com/kmsd-project/kmsd/internal/testetcd"
 	"github.com/kmsd-project/kmsd/kms"
@@ -28,7 +27,7 @@ func replicas(t *testing.T, c *testetcd.Cluster, n int) []*etcd.Store {
 	prefix := newPrefix(t)
 	var out []*etcd.Store
 	for range n {
-		cli, err := clientv3.New(clientv3.Config{Endpoints: c.Endpoints(), DialTimeout: 5 * time.Second, Logger: zap.NewNop()})
+		cli, err := clientv3.New(etcd.ClientConfig(c.Endpoints(), nil))
 		if err != nil {
 			t.Fatal(err)
 		}
