@@ -51,7 +51,7 @@ type env struct {
 	idPub   []byte
 	stream  *recordingSink
 	rand    *testutil.RecordingRand
-	blobs   *he.BlobStore
+	blobs   he.Blobs
 	blobDir string
 	api     *api.Server
 }

@@ -1,12 +1,12 @@
 package api
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io"
 	"mime"
 	"net/http"
-	"os"
 	"regexp"
 	"strings"
 	"time"
@@ -19,7 +19,7 @@ import (
 
 // BlobSource opens blobs by digest for streaming ("sha256:<hex>").
 type BlobSource interface {
-	Open(digest string) (*os.File, error)
+	Open(ctx context.Context, digest string) (io.ReadSeekCloser, error)
 }
 
 func blobURL(digest string) string {
@@ -87,7 +87,7 @@ func (s *Server) blob(w http.ResponseWriter, r *http.Request) {
 		writeProblem(w, r, http.StatusNotFound, ProbNotFound, "no such blob")
 		return
 	}
-	f, err := s.opts.Blobs.Open(digest)
+	f, err := s.opts.Blobs.Open(r.Context(), digest)
 	if err != nil {
 		writeError(w, r, kms.Wrap(kms.KindInternal, "open blob", err))
 		return

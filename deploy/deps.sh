@@ -86,8 +86,9 @@ kmsd_bench_deps() {
 # kmsd_test_deps: what deploy/test.sh uses besides kmsd's own needs: Node.js
 # and npm for the OpenAPI lint (Redocly CLI, pinned in deploy/spec-lint), and
 # the tools README.md's walk-throughs call (curl, jq, pkcs11-tool), which a
-# test runs as written, and etcd (Debian's etcd-server), which the tests of
-# the replicated store start for real on loopback.
+# test runs as written, etcd (Debian's etcd-server), which the tests of
+# the replicated store start for real on loopback, and versitygw, the S3
+# server the blob tests start.
 kmsd_test_deps() {
   local need=()
   command -v node >/dev/null 2>&1 || need+=(nodejs)
@@ -100,6 +101,21 @@ kmsd_test_deps() {
     kmsd_apt_install "${need[@]}"
   fi
   command -v etcd >/dev/null 2>&1 || kmsd_install_etcd
+  kmsd_install_versitygw
+}
+
+# kmsd_install_versitygw: the S3-compatible server the blob tests start
+# (versitygw, built from its Go module at a pinned release into GOPATH/bin,
+# which goes on PATH). About a minute the first time.
+kmsd_versitygw_version=v1.8.0
+kmsd_install_versitygw() {
+  local bin
+  bin="$(go env GOPATH)/bin"
+  export PATH="$bin:$PATH"
+  [ -x "$bin/versitygw" ] && [ -e "$bin/.versitygw-$kmsd_versitygw_version" ] && return 0
+  echo "installing: versitygw $kmsd_versitygw_version (go install)" >&2
+  GOBIN="$bin" go install "github.com/versity/versitygw/cmd/versitygw@$kmsd_versitygw_version"
+  touch "$bin/.versitygw-$kmsd_versitygw_version"
 }
 
 # kmsd_install_etcd installs Debian's etcd-server without starting its

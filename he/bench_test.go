@@ -57,7 +57,7 @@ func BenchmarkKeyset(b *testing.B) {
 
 func benchGenerate(b *testing.B, name string, p *Params, sk *rlwe.SecretKey, spec KeySpec, gal []uint64, workers int) {
 	b.Run(name, func(b *testing.B) {
-		store, err := OpenBlobStore(b.TempDir())
+		store, err := OpenDirBlobs(b.TempDir())
 		if err != nil {
 			b.Fatal(err)
 		}
@@ -79,7 +79,7 @@ func benchGenerate(b *testing.B, name string, p *Params, sk *rlwe.SecretKey, spe
 			// a quarter of the usual speed: see BENCHMARKS.md).
 			b.StopTimer()
 			for _, bl := range blobs {
-				if err := store.Remove(bl.Digest); err != nil {
+				if err := store.Remove(context.Background(), bl.Digest); err != nil {
 					b.Fatal(err)
 				}
 			}

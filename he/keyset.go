@@ -8,7 +8,6 @@ import (
 	"slices"
 	"sync"
 
-	"github.com/kmsd-project/kmsd/internal/fileutil"
 
 	"github.com/tuneinsight/lattigo/v6/core/rlwe"
 	"github.com/tuneinsight/lattigo/v6/ring"
@@ -120,12 +119,12 @@ type Progress func(done, total int, bytes int64)
 // Generate makes the public key and the evaluation keys of spec from the
 // secret key, on workers goroutines (0: all cores), streaming each key to
 // the blob store as soon as it is done, so that memory holds about one key
-// per worker. Workers only write and hash; one more goroutine fsyncs and
-// renames the written files in the background, so the disk works while the
-// cores generate. When Generate returns nil every blob is durable; on an
+// per worker. Workers only write and hash; one more goroutine commits the
+// staged blobs (fsync and rename, or upload) in the background, so the
+// disk works while the cores generate. When Generate returns nil every blob is durable; on an
 // error it removes what it wrote. The blobs are returned in a fixed order:
 // public, relinearization, then Galois keys by element.
-func Generate(ctx context.Context, p *Params, sk *rlwe.SecretKey, spec KeySpec, galEls []uint64, store *BlobStore, workers int, progress Progress) ([]Blob, error) {
+func Generate(ctx context.Context, p *Params, sk *rlwe.SecretKey, spec KeySpec, galEls []uint64, store Blobs, workers int, progress Progress) ([]Blob, error) {
 	if workers <= 0 {
 		workers = runtime.GOMAXPROCS(0)
 	}
@@ -161,7 +160,7 @@ func Generate(ctx context.Context, p *Params, sk *rlwe.SecretKey, spec KeySpec, 
 	// The syncer: fsync and rename in the order the workers finish.
 	type written struct {
 		j job
-		p *pendingBlob
+		p *Staged
 	}
 	pending := make(chan written, len(jobs))
 	out := make([]Blob, len(jobs))
@@ -172,17 +171,17 @@ func Generate(ctx context.Context, p *Params, sk *rlwe.SecretKey, spec KeySpec, 
 		done, bytes := 0, int64(0)
 		for w := range pending {
 			if ctx.Err() != nil {
-				store.abort(w.p)
+				store.Abort(w.p)
 				continue
 			}
-			if err := store.commit(w.p); err != nil {
+			if err := store.Commit(ctx, w.p); err != nil {
 				fail(fmt.Errorf("store %s key: %w", w.j.kind, err))
 				continue
 			}
-			committed = append(committed, w.p.digest)
-			out[w.j.i] = Blob{Kind: w.j.kind, GaloisElement: w.j.gal, Digest: w.p.digest, Size: w.p.size}
+			committed = append(committed, w.p.Digest)
+			out[w.j.i] = Blob{Kind: w.j.kind, GaloisElement: w.j.gal, Digest: w.p.Digest, Size: w.p.Size}
 			done++
-			bytes += w.p.size
+			bytes += w.p.Size
 			if progress != nil {
 				progress(done, len(jobs), bytes)
 			}
@@ -217,7 +216,7 @@ func Generate(ctx context.Context, p *Params, sk *rlwe.SecretKey, spec KeySpec, 
 					kgen.GenGaloisKey(j.gal, sk, gk)
 					writeTo = func(w io.Writer) error { _, err := gk.WriteTo(w); return err }
 				}
-				pb, err := store.write(writeTo)
+				pb, err := store.Stage(writeTo)
 				if err != nil {
 					fail(fmt.Errorf("store %s key: %w", j.kind, err))
 					continue
@@ -241,13 +240,13 @@ feed:
 	if firstErr == nil {
 		if err := ctx.Err(); err != nil {
 			firstErr = err
-		} else if err := fileutil.SyncDir(store.dir); err != nil {
+		} else if err := store.Sync(ctx); err != nil {
 			firstErr = fmt.Errorf("store keys: %w", err)
 		}
 	}
 	if firstErr != nil {
 		for _, d := range committed {
-			_ = store.Remove(d)
+			_ = store.Remove(context.Background(), d)
 		}
 		return nil, firstErr
 	}

@@ -10,9 +10,6 @@ import (
 	"errors"
 	"io"
 	"math"
-	"os"
-	"path/filepath"
-	"strings"
 	"testing"
 
 	"github.com/tuneinsight/lattigo/v6/core/rlwe"
@@ -58,13 +55,13 @@ func TestSecretKeyFromSeed(t *testing.T) {
 }
 
 // loadKeys reads the blobs back as Lattigo keys, checking each digest.
-func loadKeys(t *testing.T, store *BlobStore, p *Params, blobs []Blob) (*rlwe.PublicKey, *rlwe.MemEvaluationKeySet) {
+func loadKeys(t *testing.T, store Blobs, p *Params, blobs []Blob) (*rlwe.PublicKey, *rlwe.MemEvaluationKeySet) {
 	t.Helper()
 	var pk *rlwe.PublicKey
 	var rlk *rlwe.RelinearizationKey
 	var gks []*rlwe.GaloisKey
 	for _, b := range blobs {
-		f, err := store.Open(b.Digest)
+		f, err := store.Open(context.Background(), b.Digest)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -109,7 +106,7 @@ func TestCKKSKeysetWorks(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	store, err := OpenBlobStore(t.TempDir())
+	store, err := OpenDirBlobs(t.TempDir())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -176,7 +173,7 @@ func TestBGVKeysetWorks(t *testing.T) {
 	if err != nil || len(gal) != 2 {
 		t.Fatalf("galois elements %v %v", gal, err)
 	}
-	store, _ := OpenBlobStore(t.TempDir())
+	store, _ := OpenDirBlobs(t.TempDir())
 	blobs, err := Generate(context.Background(), p, sk, spec, gal, store, 0, nil)
 	if err != nil {
 		t.Fatal(err)
@@ -221,52 +218,3 @@ func TestGaloisElementRefusals(t *testing.T) {
 	}
 }
 
-func TestBlobStore(t *testing.T) {
-	dir := t.TempDir()
-	os.WriteFile(filepath.Join(dir, tmpPrefix+"crashed"), []byte("half"), 0o600)
-	s, err := OpenBlobStore(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := os.Stat(filepath.Join(dir, tmpPrefix+"crashed")); err == nil {
-		t.Fatal("a temp file from a crash survived Open")
-	}
-	put := func(b string) Digest {
-		d, n, err := s.Put(func(w io.Writer) error { _, err := io.WriteString(w, b); return err })
-		if err != nil || n != int64(len(b)) {
-			t.Fatal(err)
-		}
-		return d
-	}
-	a, b := put("alpha"), put("beta")
-	if put("alpha") != a {
-		t.Fatal("same content, other digest")
-	}
-	if _, _, err := s.Put(func(w io.Writer) error { return errors.New("generation failed") }); err == nil {
-		t.Fatal("a failing writer stored a blob")
-	}
-	if n, err := s.RemoveOrphans(map[Digest]bool{a: true}); err != nil || n != 1 {
-		t.Fatalf("RemoveOrphans = %d, %v", n, err)
-	}
-	if _, err := s.Open(b); err == nil {
-		t.Fatal("an orphan survived")
-	}
-	f, err := s.Open(a)
-	if err != nil {
-		t.Fatal(err)
-	}
-	got, _ := io.ReadAll(f)
-	f.Close()
-	if string(got) != "alpha" {
-		t.Fatalf("blob holds %q", got)
-	}
-	for _, bad := range []Digest{"sha256:../../etc/passwd", "sha256:" + Digest(strings.Repeat("A", 64)), "md5:00", ""} {
-		if _, err := s.Open(bad); err == nil || !strings.Contains(err.Error(), "malformed digest") {
-			t.Errorf("Open(%q) = %v", bad, err)
-		}
-	}
-	ents, _ := os.ReadDir(dir)
-	if len(ents) != 1 {
-		t.Fatalf("%d files left, want 1 (no temp files)", len(ents))
-	}
-}

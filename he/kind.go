@@ -14,7 +14,7 @@ import (
 // blobs in store.
 type Kind struct {
 	scheme  Scheme
-	store   *BlobStore
+	store   Blobs
 	workers int
 }
 
@@ -22,7 +22,7 @@ var _ kms.KeysetKind = (*Kind)(nil)
 
 // Kinds returns the ckks and bgv kinds writing blobs to store with workers
 // goroutines (0: all cores).
-func Kinds(store *BlobStore, workers int) []kms.KeyKind {
+func Kinds(store Blobs, workers int) []kms.KeyKind {
 	return []kms.KeyKind{&Kind{scheme: CKKS, store: store, workers: workers}, &Kind{scheme: BGV, store: store, workers: workers}}
 }
 
@@ -104,6 +104,6 @@ func (k *Kind) GenerateKeyset(ctx context.Context, seed kms.Secret, p kms.Policy
 // RemoveBlobs implements kms.KeysetKind.
 func (k *Kind) RemoveBlobs(digests []string) {
 	for _, d := range digests {
-		_ = k.store.Remove(Digest(d))
+		_ = k.store.Remove(context.Background(), Digest(d))
 	}
 }

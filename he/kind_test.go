@@ -12,7 +12,7 @@ import (
 // TestKindConformance runs the kind suite over the CKKS and BGV keyset
 // kinds at logN 13.
 func TestKindConformance(t *testing.T) {
-	store, err := OpenBlobStore(filepath.Join(t.TempDir(), "blobs"))
+	store, err := OpenDirBlobs(filepath.Join(t.TempDir(), "blobs"))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -85,7 +85,7 @@ func TestGenerateFailureLeavesNothing(t *testing.T) {
 	spec := KeySpec{Rotations: []int{1, 2, 4, 8}, Relinearization: true}
 	gal, _ := GaloisElements(p, spec)
 	dir := t.TempDir()
-	store, _ := OpenBlobStore(dir)
+	store, _ := OpenDirBlobs(dir)
 	ctx, cancel := context.WithCancel(context.Background())
 	calls := 0
 	_, err := Generate(ctx, p, sk, spec, gal, store, 2, func(done, total int, _ int64) {

@@ -350,7 +350,7 @@ func heKeygen(dir, preset string) error {
 	if err != nil {
 		return err
 	}
-	store, err := he.OpenBlobStore(filepath.Join(dir, "blobs"))
+	store, err := he.OpenDirBlobs(filepath.Join(dir, "blobs"))
 	if err != nil {
 		return err
 	}

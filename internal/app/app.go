@@ -12,7 +12,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
-	"os"
+	"io"
 	"time"
 
 	"github.com/kmsd-project/kmsd/api"
@@ -27,7 +27,14 @@ type Config struct {
 	Store      kms.Store
 	AuditStore kms.AuditStore // the audit log's store (the bbolt store, or a wrapper of it); required unless Unaudited
 	Sealer     kms.Sealer
-	BlobDir    string // HE public and evaluation keys; empty: no HE kinds
+	BlobDir    string   // HE public and evaluation keys in a local directory
+	Blobs      he.Blobs // or in this store (S3, say); neither: no HE kinds
+	// OrphanGrace is how old a blob no committed version lists must be
+	// before it is removed as an interrupted generation's. Zero (one
+	// process owns the blobs): at once, at start. Above zero (replicas
+	// share them, and another may be generating): older blobs only, at
+	// start and then under the "blobs" leader every OrphanGrace.
+	OrphanGrace time.Duration
 	HEWorkers  int    // goroutines per HE keyset generation; 0: one per core
 	Logger     *slog.Logger
 	// Service tunes the service; New sets its Store, Sealer, Kinds, Logger
@@ -55,7 +62,7 @@ type Config struct {
 type App struct {
 	Service        *kms.Service
 	Audit          *audit.Log // nil when unaudited
-	Blobs          *he.BlobStore
+	Blobs          he.Blobs
 	API            *api.Server
 	Identity       []byte // the identity public key
 	OrphansRemoved int    // blobs of interrupted generations removed at start
@@ -73,9 +80,11 @@ type App struct {
 }
 
 // blobSource adapts the HE blob store to the API.
-type blobSource struct{ s *he.BlobStore }
+type blobSource struct{ s he.Blobs }
 
-func (b blobSource) Open(digest string) (*os.File, error) { return b.s.Open(he.Digest(digest)) }
+func (b blobSource) Open(ctx context.Context, digest string) (io.ReadSeekCloser, error) {
+	return b.s.Open(ctx, he.Digest(digest))
+}
 
 // New wires the stack and does start-up recovery; nothing runs in the
 // background until Start.
@@ -92,13 +101,18 @@ func New(ctx context.Context, cfg Config) (*App, error) {
 	}
 	a := &App{cfg: cfg, log: log}
 	kinds := pqc.Kinds()
-	if cfg.BlobDir != "" {
-		blobs, err := he.OpenBlobStore(cfg.BlobDir)
+	switch {
+	case cfg.Blobs != nil:
+		a.Blobs = cfg.Blobs
+	case cfg.BlobDir != "":
+		blobs, err := he.OpenDirBlobs(cfg.BlobDir)
 		if err != nil {
 			return nil, fmt.Errorf("blob store: %w", err)
 		}
 		a.Blobs = blobs
-		kinds = append(kinds, he.Kinds(blobs, cfg.HEWorkers)...)
+	}
+	if a.Blobs != nil {
+		kinds = append(kinds, he.Kinds(a.Blobs, cfg.HEWorkers)...)
 	}
 	sc := cfg.Service
 	sc.Store, sc.Sealer, sc.Kinds, sc.Logger, sc.Audit = cfg.Store, cfg.Sealer, kms.NewRegistry(kinds...), log, !cfg.Unaudited
@@ -110,19 +124,8 @@ func New(ctx context.Context, cfg Config) (*App, error) {
 	if a.Blobs != nil {
 		// Blobs of a generation a crash interrupted belong to no committed
 		// version: remove them before serving.
-		keep, err := svc.ReferencedBlobs(ctx)
-		if err != nil {
-			return nil, err
-		}
-		keepD := map[he.Digest]bool{}
-		for d := range keep {
-			keepD[he.Digest(d)] = true
-		}
-		if a.OrphansRemoved, err = a.Blobs.RemoveOrphans(keepD); err != nil {
+		if a.OrphansRemoved, err = a.removeOrphans(ctx); err != nil {
 			return nil, fmt.Errorf("blob store: %w", err)
-		}
-		if a.OrphansRemoved > 0 {
-			log.Info("removed blobs no committed version lists (an interrupted generation)", "count", a.OrphansRemoved)
 		}
 	}
 	if err := svc.EnsureIdentity(ctx); err != nil {
@@ -157,6 +160,27 @@ func New(ctx context.Context, cfg Config) (*App, error) {
 	}
 	a.API = api.New(svc, log, opts)
 	return a, nil
+}
+
+// removeOrphans removes the blobs no committed version lists that are
+// older than OrphanGrace.
+func (a *App) removeOrphans(ctx context.Context) (int, error) {
+	// A generation that runs longer than OrphanGrace could lose its
+	// blobs here: OrphanGrace must be well above the longest one.
+	before := time.Now().Add(-a.cfg.OrphanGrace)
+	keep, err := a.Service.ReferencedBlobs(ctx)
+	if err != nil {
+		return 0, err
+	}
+	keepD := map[he.Digest]bool{}
+	for d := range keep {
+		keepD[he.Digest(d)] = true
+	}
+	n, err := a.Blobs.RemoveOrphans(ctx, keepD, before)
+	if n > 0 {
+		a.log.Info("removed blobs no committed version lists (an interrupted generation)", "count", n, "older_than", a.cfg.OrphanGrace.String())
+	}
+	return n, err
 }
 
 // Handler is the REST API.
@@ -194,6 +218,25 @@ func (a *App) Start() {
 			lead(ctx, "destruction", func(ctx context.Context) { a.Service.RunDestruction(ctx, interval) })
 		}),
 		run(func() { a.Service.RunTokenUseFlush(ctx, interval) }), // every replica, for the uses it saw
+		run(func() {
+			if a.Blobs == nil || a.cfg.OrphanGrace <= 0 {
+				return
+			}
+			lead(ctx, "blobs", func(ctx context.Context) {
+				t := time.NewTicker(a.cfg.OrphanGrace)
+				defer t.Stop()
+				for {
+					select {
+					case <-ctx.Done():
+						return
+					case <-t.C:
+					}
+					if _, err := a.removeOrphans(ctx); err != nil && ctx.Err() == nil {
+						a.log.Error("blob store: removing orphans", "err", err)
+					}
+				}
+			})
+		}),
 		run(func() { a.API.Run(ctx) }))
 }
 
