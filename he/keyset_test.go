@@ -217,4 +217,3 @@ func TestGaloisElementRefusals(t *testing.T) {
 		}
 	}
 }
-

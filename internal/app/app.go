@@ -10,9 +10,9 @@ package app
 import (
 	"context"
 	"fmt"
+	"io"
 	"log/slog"
 	"net/http"
-	"io"
 	"time"
 
 	"github.com/kmsd-project/kmsd/api"
@@ -35,8 +35,8 @@ type Config struct {
 	// share them, and another may be generating): older blobs only, at
 	// start and then under the "blobs" leader every OrphanGrace.
 	OrphanGrace time.Duration
-	HEWorkers  int    // goroutines per HE keyset generation; 0: one per core
-	Logger     *slog.Logger
+	HEWorkers   int // goroutines per HE keyset generation; 0: one per core
+	Logger      *slog.Logger
 	// Service tunes the service; New sets its Store, Sealer, Kinds, Logger
 	// and Audit.
 	Service kms.Config
