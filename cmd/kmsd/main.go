@@ -66,6 +66,11 @@ type config struct {
 	etcdCA          string
 	etcdCert        string
 	etcdKey         string
+	s3Endpoint      string
+	s3Bucket        string
+	s3Prefix        string
+	s3Region        string
+	s3CA            string
 	dataDir         string
 	addr            string
 	module          string
@@ -192,6 +197,9 @@ func checkBeforeDisk(c config, getenv func(string) string) error {
 	if err := checkStore(c); err != nil {
 		return err
 	}
+	if err := checkBlobs(c, getenv); err != nil {
+		return err
+	}
 	if c.module != "" && c.pinFile == "" && getenv("KMS_PKCS11_PIN") == "" {
 		return errors.New("no PIN for --pkcs11-module: pass --pkcs11-pin-file or set KMS_PKCS11_PIN")
 	}
@@ -291,6 +299,11 @@ func newFlagSetErrs(c *config, getenv func(string) string) (*flag.FlagSet, *[]en
 	fs.StringVar(&c.etcdCA, "etcd-ca", env("KMS_ETCD_CA", ""), "with --store etcd: CA certificates (PEM) that the members' certificates chain to (env KMS_ETCD_CA)")
 	fs.StringVar(&c.etcdCert, "etcd-cert", env("KMS_ETCD_CERT", ""), "with --store etcd: client certificate (PEM) kmsd presents to etcd (env KMS_ETCD_CERT)")
 	fs.StringVar(&c.etcdKey, "etcd-key", env("KMS_ETCD_KEY", ""), "with --store etcd: private key of --etcd-cert (PEM) (env KMS_ETCD_KEY)")
+	fs.StringVar(&c.s3Endpoint, "s3-endpoint", env("KMS_S3_ENDPOINT", ""), "keep HE blobs (public and evaluation keys) in an S3-compatible bucket at this URL, https://host[:port] (plain http to loopback only), instead of <data-dir>/blobs; replicas on etcd need it for the HE kinds. Credentials: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (env KMS_S3_ENDPOINT)")
+	fs.StringVar(&c.s3Bucket, "s3-bucket", env("KMS_S3_BUCKET", ""), "with --s3-endpoint: the bucket, which must exist (env KMS_S3_BUCKET)")
+	fs.StringVar(&c.s3Prefix, "s3-prefix", env("KMS_S3_PREFIX", "kmsd/blobs/"), "with --s3-endpoint: objects are named this prefix plus the blob's SHA-256 in hex (env KMS_S3_PREFIX)")
+	fs.StringVar(&c.s3Region, "s3-region", env("KMS_S3_REGION", "us-east-1"), "with --s3-endpoint: the region requests are signed for (env KMS_S3_REGION)")
+	fs.StringVar(&c.s3CA, "s3-ca", env("KMS_S3_CA", ""), "with --s3-endpoint: CA certificates (PEM) that verify the server; empty: the system's (env KMS_S3_CA)")
 	fs.StringVar(&c.dataDir, "data-dir", env("KMS_DATA_DIR", "./data"), "directory for the database, the admin token and the embedded SoftHSM token (env KMS_DATA_DIR)")
 	fs.StringVar(&c.addr, "addr", env("KMS_ADDR", "127.0.0.1:8420"), "address to listen on (env KMS_ADDR)")
 	fs.StringVar(&c.tlsCert, "tls-cert", env("KMS_TLS_CERT", ""), "server certificate (PEM, the chain after the leaf); empty: a local CA and certificate for localhost made under <data-dir>/tls (env KMS_TLS_CERT)")
@@ -439,17 +452,28 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 		log.Warn("AUDIT LOG OFF: KMSD_BENCHMARK_UNAUDITED=1 is for benchmarks only; requests are not recorded")
 	}
 	tokenPath := filepath.Join(c.dataDir, "admin.token")
-	// HE keys keep their public and evaluation keys as blobs in a local
-	// directory, which replicas do not share: on etcd, HE kinds are not
-	// offered (creating one is refused as an unknown kind) until blobs
-	// have a shared store.
+	// HE keys keep their public and evaluation keys as blobs: in a local
+	// directory by default, or in an S3 bucket (--s3-endpoint), which
+	// replicas share. A local directory is not shared, so on etcd without
+	// S3 the HE kinds are not offered (creating one is refused as an
+	// unknown kind).
 	blobDir := filepath.Join(c.dataDir, "blobs")
-	if c.store == "etcd" {
+	blobs, err := openBlobs(ctx, c, getenv)
+	if err != nil {
+		return err
+	}
+	var orphanGrace time.Duration
+	switch {
+	case blobs != nil:
+		blobDir, orphanGrace = "", s3OrphanGrace
+		log.Info("HE blobs: s3", "endpoint", c.s3Endpoint, "bucket", c.s3Bucket, "prefix", c.s3Prefix)
+	case c.store == "etcd":
 		blobDir = ""
-		log.Warn("store etcd: HE key kinds (ckks, bgv) are not offered: their blobs need a store the replicas share")
+		log.Warn("store etcd: HE key kinds (ckks, bgv) are not offered: their blobs need a store the replicas share (--s3-endpoint)")
 	}
 	cfg := app.Config{
-		Store: store, AuditStore: store.Audit(), Sealer: sealer, BlobDir: blobDir, HEWorkers: c.heWorkers, Logger: log,
+		Store: store, AuditStore: store.Audit(), Sealer: sealer, BlobDir: blobDir, Blobs: blobs, OrphanGrace: orphanGrace,
+		HEWorkers: c.heWorkers, Logger: log,
 		Service: kms.Config{CacheTTL: ttl, MaxTokenTTL: c.maxTokenTTL,
 			MaxKeysetBytes: c.maxKeysetMiB << 20, MaxGenerations: c.heGenerations, AsyncKeysetBytes: c.asyncKeysetMiB << 20},
 		Unaudited: !audited, AuditEvery: c.auditEvery, AuditInterval: c.auditInterval,

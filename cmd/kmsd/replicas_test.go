@@ -1,7 +1,9 @@
 package main
 
 import (
+	"encoding/json"
 	"fmt"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -10,9 +12,13 @@ import (
 	"testing"
 	"time"
 
+	"github.com/minio/minio-go/v7"
+
 	"github.com/kmsd-project/kmsd/api/client"
+	"github.com/kmsd-project/kmsd/api/client/hekeys"
 	"github.com/kmsd-project/kmsd/hsm/softhsm"
 	"github.com/kmsd-project/kmsd/internal/testetcd"
+	"github.com/kmsd-project/kmsd/internal/tests3"
 	"github.com/kmsd-project/kmsd/kms"
 )
 
@@ -20,11 +26,15 @@ import (
 // embedded SoftHSM token under its data dir; the others use the same
 // token through --pkcs11-module (the same KEK, as replicas on a real HSM
 // share a partition).
-func startReplica(t *testing.T, c *testetcd.Cluster, dataDir, tokenOf string) *proc {
+func startReplica(t *testing.T, c *testetcd.Cluster, s3 *tests3.Server, dataDir, tokenOf string) *proc {
 	t.Helper()
 	args := []string{"--store", "etcd", "--etcd-endpoints", strings.Join(c.Endpoints(), ","), "--etcd-prefix", "/replicas/",
 		"--audit-checkpoint-interval", "200ms", "--insecure-http"}
 	env := []string{}
+	if s3 != nil {
+		args = append(args, "--s3-endpoint", s3.Endpoint, "--s3-bucket", s3.Bucket)
+		env = append(env, "AWS_ACCESS_KEY_ID="+s3.AccessKey, "AWS_SECRET_ACCESS_KEY="+s3.SecretKey)
+	}
 	if tokenOf != "" {
 		mod, err := softhsm.FindModule()
 		if err != nil {
@@ -47,15 +57,16 @@ func startReplica(t *testing.T, c *testetcd.Cluster, dataDir, tokenOf string) *p
 // verifies against a checkpoint, with no index missing or twice.
 func TestThreeReplicasOnEtcd(t *testing.T) {
 	c := testetcd.Start(t, 3)
+	s3 := tests3.Start(t)
 	dirs := []string{t.TempDir(), t.TempDir(), t.TempDir()}
-	ps := []*proc{startReplica(t, c, dirs[0], "")}
+	ps := []*proc{startReplica(t, c, s3, dirs[0], "")}
 	ps[0].waitReady(t)
 	// One at a time: SoftHSM's file store is not safe for two processes
 	// opening the token at once (on a fresh Debian 12, under the whole
 	// suite's load, one of two replicas started together found no token).
 	// Replicas on a real HSM have no such limit.
 	for _, d := range dirs[1:] {
-		ps = append(ps, startReplica(t, c, d, dirs[0]))
+		ps = append(ps, startReplica(t, c, s3, d, dirs[0]))
 		ps[len(ps)-1].waitReady(t)
 	}
 	if _, err := os.Stat(filepath.Join(dirs[1], "admin.token")); err == nil {
@@ -78,6 +89,15 @@ func TestThreeReplicasOnEtcd(t *testing.T) {
 			t.Fatalf("replica %d signs with a key another made: %v", i, err)
 		}
 	}
+
+	// An HE key made on one replica: its blobs go to the shared bucket,
+	// and the others serve them.
+	small := client.Policy{Params: json.RawMessage(`"ckks-logn13"`), Rotations: []int{1}, Relinearization: true}
+	if _, err := admins[1].CreateKey(ctx, client.CreateKeyRequest{Name: "he-shared", Kind: "ckks", Policy: &small}); err != nil {
+		t.Fatal(err)
+	}
+	heBlobs := fetchHE(t, ps[0], dirs[0], "he-shared")
+	fetchHE(t, ps[2], dirs[0], "he-shared")
 
 	// Concurrent rotations across the replicas.
 	var wg sync.WaitGroup
@@ -193,8 +213,15 @@ func TestThreeReplicasOnEtcd(t *testing.T) {
 	lw.Wait()
 	c.Restart(1)
 	c.WaitHealthy()
-	ps[2] = startReplica(t, c, dirs[2], dirs[0])
+	ps[2] = startReplica(t, c, s3, dirs[2], dirs[0])
 	ps[2].waitReady(t)
+
+	// The restarted replica removed no blob of the HE key as an orphan
+	// (orphans must be an hour old), and serves them.
+	fetchHE(t, ps[2], dirs[0], "he-shared")
+	if n := countObjects(t, s3); n != heBlobs {
+		t.Fatalf("the bucket holds %d objects, want the HE key's %d blobs", n, heBlobs)
+	}
 
 	// A checkpoint past everything acknowledged (checkpoints every 200ms).
 	admin := adminClient(t, ps[2], dirs[0])
@@ -266,7 +293,7 @@ func countAcked(recs []*kms.AuditRecord, acked []op) int {
 func TestEtcdDownFailsClosed(t *testing.T) {
 	c := testetcd.Start(t, 1)
 	dir := t.TempDir()
-	p := startReplica(t, c, dir, "")
+	p := startReplica(t, c, nil, dir, "")
 	p.waitReady(t)
 	admin := adminClient(t, p, dir)
 	if _, err := admin.CreateKey(ctx, client.CreateKeyRequest{Name: "before", Kind: "ml-dsa-44"}); err != nil {
@@ -318,4 +345,41 @@ func TestEtcdDownFailsClosed(t *testing.T) {
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
+}
+
+// fetchHE fetches and verifies an HE key's version 1 (public and
+// evaluation keys, against the signed manifest) through p, and returns
+// how many blobs it has.
+func fetchHE(t *testing.T, p *proc, tokenDir, name string) int {
+	t.Helper()
+	tok, err := os.ReadFile(filepath.Join(tokenDir, "admin.token"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := adminClient(t, p, tokenDir)
+	id, err := c.Identity(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := &hekeys.Fetcher{BaseURL: p.url(), Token: strings.TrimSpace(string(tok)), IdentityKey: id.PublicKey, CacheDir: t.TempDir(), HTTP: http.DefaultClient}
+	k, err := f.Fetch(ctx, name, 1)
+	if err != nil {
+		t.Fatalf("%s through %s: %v", name, p.url(), err)
+	}
+	if k.PublicKey == nil || k.EvaluationKeys == nil || len(k.Manifest.Blobs()) < 3 {
+		t.Fatalf("%s through %s: incomplete keys", name, p.url())
+	}
+	return len(k.Manifest.Blobs())
+}
+
+func countObjects(t *testing.T, s *tests3.Server) int {
+	t.Helper()
+	n := 0
+	for o := range s.Client(t).ListObjects(ctx, s.Bucket, minio.ListObjectsOptions{Recursive: true}) {
+		if o.Err != nil {
+			t.Fatal(o.Err)
+		}
+		n++
+	}
+	return n
 }

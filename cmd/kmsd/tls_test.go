@@ -315,6 +315,7 @@ func TestBadSettingsStopBeforeDisk(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer busy.Close()
+	s3Env := map[string]string{"AWS_ACCESS_KEY_ID": "AKIAEXAMPLE", "AWS_SECRET_ACCESS_KEY": "s3cret-pw"}
 	for _, c := range []struct {
 		env  map[string]string
 		args []string
@@ -343,6 +344,16 @@ func TestBadSettingsStopBeforeDisk(t *testing.T) {
 		{nil, []string{"--store", "etcd", "--etcd-endpoints", "https://10.0.0.1:2379", "--etcd-cert", "/nonexistent/c.pem"}, "go together"},
 		{nil, []string{"--store", "etcd", "--etcd-endpoints", "https://10.0.0.1:2379", "--etcd-ca", "/nonexistent/ca.pem"}, "--etcd-ca"},
 		{nil, []string{"--store", "etcd", "--etcd-endpoints", "https://10.0.0.1:2379", "--etcd-prefix", "kmsd"}, "must start with /"},
+		{nil, []string{"--s3-bucket", "kmsd-blobs"}, "go with --s3-endpoint"},
+		{s3Env, []string{"--s3-endpoint", "http://10.0.0.1:7070", "--s3-bucket", "kmsd-blobs"}, "loopback address only"},
+		{s3Env, []string{"--s3-endpoint", "https://AKIA:s3cret-pw@s3.example.com", "--s3-bucket", "kmsd-blobs"}, "credentials in the URL are refused"},
+		{s3Env, []string{"--s3-endpoint", "https://s3.example.com/bucket", "--s3-bucket", "kmsd-blobs"}, "no path"},
+		{s3Env, []string{"--s3-endpoint", "https://s3.example.com"}, "needs --s3-bucket"},
+		{s3Env, []string{"--s3-endpoint", "https://s3.example.com", "--s3-bucket", "kmsd-blobs", "--s3-prefix", "../x/"}, "--s3-prefix"},
+		{s3Env, []string{"--s3-endpoint", "https://s3.example.com", "--s3-bucket", "kmsd-blobs", "--s3-prefix", "kmsd"}, "--s3-prefix"},
+		{nil, []string{"--s3-endpoint", "https://s3.example.com", "--s3-bucket", "kmsd-blobs"}, "needs credentials in AWS_ACCESS_KEY_ID"},
+		{s3Env, []string{"--s3-endpoint", "https://s3.example.com", "--s3-bucket", "Kmsd_Blobs"}, "not a bucket name"},
+		{s3Env, []string{"--s3-endpoint", "https://s3.example.com", "--s3-bucket", "kmsd-blobs", "--s3-ca", "/nonexistent/ca.pem"}, "--s3-ca"},
 	} {
 		dir := filepath.Join(t.TempDir(), "data")
 		var stderr testutil.Buffer

@@ -2,11 +2,14 @@ package app
 
 import (
 	"context"
+	"errors"
+	"io"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/kmsd-project/kmsd/he"
 	"github.com/kmsd-project/kmsd/internal/testhsm"
 	"github.com/kmsd-project/kmsd/kms/bolt"
 )
@@ -94,5 +97,58 @@ func TestTokenUseFlushedWithoutLeading(t *testing.T) {
 	roles := map[string]bool{<-led: true, <-led: true}
 	if !roles["checkpoints"] || !roles["destruction"] {
 		t.Fatalf("roles campaigned for: %v", roles)
+	}
+}
+
+// TestSharedBlobOrphansWaitTheirGrace: with blobs that replicas share
+// (OrphanGrace > 0), an orphan younger than the grace survives the start,
+// since another replica may still be generating its keyset; the "blobs"
+// leader removes it once it is older.
+func TestSharedBlobOrphansWaitTheirGrace(t *testing.T) {
+	st, err := bolt.Open(filepath.Join(t.TempDir(), "kms.db"), bolt.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	blobs, err := he.OpenDirBlobs(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	orphan, _, err := he.Put(ctx, blobs, func(w io.Writer) error { _, err := io.WriteString(w, "another replica's generation"); return err })
+	if err != nil {
+		t.Fatal(err)
+	}
+	led := make(chan string, 8)
+	a, err := New(ctx, Config{Store: st, AuditStore: st.Audit(), Sealer: testhsm.Open(t), Blobs: blobs, OrphanGrace: 500 * time.Millisecond,
+		Lead: func(ctx context.Context, role string, work func(context.Context)) { led <- role; work(ctx) }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if a.OrphansRemoved != 0 {
+		t.Fatalf("a young orphan was removed at start (%d)", a.OrphansRemoved)
+	}
+	a.Start()
+	defer a.Close()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		r, err := blobs.Open(ctx, orphan)
+		if errors.Is(err, he.ErrBlobNotFound) {
+			break
+		}
+		if err == nil {
+			r.Close()
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the orphan outlived its grace by 10 s")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	roles := map[string]bool{}
+	for len(led) > 0 {
+		roles[<-led] = true
+	}
+	if !roles["blobs"] {
+		t.Fatalf("the sweep ran outside the blobs leader (roles led: %v)", roles)
 	}
 }
