@@ -11,12 +11,16 @@
 # The first replica makes the embedded SoftHSM token under DIR/kmsd-1;
 # the others use that token through --pkcs11-module (one KEK for all, as
 # replicas on a real HSM share a partition). The admin token is
-# DIR/kmsd-1/admin.token.
+# DIR/kmsd-1/admin.token. The HE keys' blobs go to the bucket "kmsd" of a
+# versitygw (an S3-compatible server) on 127.0.0.1:7431, over DIR/s3; its
+# credentials are in DIR/s3.env.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . deploy/deps.sh
 kmsd_deps
 command -v etcd >/dev/null 2>&1 || kmsd_install_etcd
+command -v curl >/dev/null 2>&1 || kmsd_apt_install curl
+kmsd_install_versitygw
 dir="$(realpath -m "${1:-./replicas}")"
 mkdir -p "$dir/bin"
 go build -o "$dir/bin/kmsd" ./cmd/kmsd
@@ -33,8 +37,24 @@ for i in 1 2 3; do
     2>"$dir/etcd-$i.log" &
   pids+=($!)
 done
+if [ ! -f "$dir/s3.env" ]; then
+  ( umask 077; printf 'AWS_ACCESS_KEY_ID=kmsd%s\nAWS_SECRET_ACCESS_KEY=%s\n' "$(head -c 8 /dev/urandom | od -An -tx1 | tr -d ' \n')" \
+    "$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')" >"$dir/s3.env" )
+fi
+set -a; . "$dir/s3.env"; set +a
+mkdir -p "$dir/s3/root" "$dir/s3/sidecar"
+versitygw --port 127.0.0.1:7431 --access "$AWS_ACCESS_KEY_ID" --secret "$AWS_SECRET_ACCESS_KEY" --quiet \
+  posix --sidecar "$dir/s3/sidecar" "$dir/s3/root" >"$dir/s3.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 100); do
+  code=$(curl -s -o /dev/null -w '%{http_code}' --aws-sigv4 "aws:amz:us-east-1:s3" \
+    --user "$AWS_ACCESS_KEY_ID:$AWS_SECRET_ACCESS_KEY" -X PUT http://127.0.0.1:7431/kmsd \
+    -H "x-amz-content-sha256: $(printf '' | sha256sum | cut -d' ' -f1)") || code=000
+  case "$code" in 200|409) break ;; esac   # made, or made before
+  sleep 0.1
+done
 endpoints="http://127.0.0.1:23791,http://127.0.0.1:23792,http://127.0.0.1:23793"
-common=(--store etcd --etcd-endpoints "$endpoints" --etcd-prefix /kmsd/)
+common=(--store etcd --etcd-endpoints "$endpoints" --etcd-prefix /kmsd/ --s3-endpoint http://127.0.0.1:7431 --s3-bucket kmsd)
 "$dir/bin/kmsd" "${common[@]}" --data-dir "$dir/kmsd-1" --addr 127.0.0.1:8431 2>"$dir/kmsd-1.log" &
 pids+=($!)
 for _ in $(seq 200); do

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every check and test: gofmt, go vet, and go test -race over all
-# packages against a real SoftHSM2 token, bbolt files, etcd clusters started
-# on loopback and kmsd over HTTPS on 127.0.0.1, README.md's command blocks as
+# packages against a real SoftHSM2 token, bbolt files, etcd clusters and an
+# S3-compatible server (versitygw) started on loopback and kmsd over HTTPS
+# on 127.0.0.1, README.md's command blocks as
 # written, the MCP Inspector, and Redocly's lint of openapi.yaml. Installs
 # what it needs first (deploy/deps.sh).
 set -euo pipefail

@@ -48,8 +48,9 @@ func startReplica(t *testing.T, c *testetcd.Cluster, s3 *tests3.Server, dataDir,
 }
 
 // TestThreeReplicasOnEtcd: three kmsd replicas on a three-member etcd
-// cluster, sharing the HSM token. A key created on one is read on the
-// others; rotations sent to all three at once all succeed with distinct
+// cluster, sharing the HSM token and an S3 bucket (a real versitygw). A
+// key created on one is read on the others, an HE key's blobs made on one
+// are fetched and verified through the others; rotations sent to all three at once all succeed with distinct
 // versions; a token revoked on one is refused by the others within the
 // watch's bound. Then, under a load of rotations, signs and reads, one
 // replica and one etcd member are killed with SIGKILL: every acknowledged
