@@ -22,6 +22,7 @@ import (
 	"github.com/getkin/kin-openapi/routers"
 	"github.com/getkin/kin-openapi/routers/legacy"
 	"github.com/go-chi/chi/v5"
+	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/kmsd-project/kmsd/api"
 	"github.com/kmsd-project/kmsd/api/client"
@@ -29,10 +30,12 @@ import (
 	"github.com/kmsd-project/kmsd/audit/engine"
 	"github.com/kmsd-project/kmsd/he"
 	"github.com/kmsd-project/kmsd/internal/app"
+	"github.com/kmsd-project/kmsd/internal/testetcd"
 	"github.com/kmsd-project/kmsd/internal/testhsm"
 	"github.com/kmsd-project/kmsd/internal/testutil"
 	"github.com/kmsd-project/kmsd/kms"
 	"github.com/kmsd-project/kmsd/kms/bolt"
+	"github.com/kmsd-project/kmsd/kms/etcd"
 )
 
 func TestMain(m *testing.M) { testhsm.Main(m) }
@@ -41,7 +44,8 @@ type env struct {
 	t       *testing.T
 	url     string
 	svc     *kms.Service
-	store   *bolt.Store
+	store   testStore
+	bolt    *bolt.Store // when the store is bbolt
 	clock   *testutil.Clock
 	admin   string
 	log     *testutil.Buffer
@@ -97,12 +101,47 @@ var testAsyncKeysetBytes int64
 // newEnvWith lets a test wrap the real sealer and stores to inject faults.
 func newEnvWith(t *testing.T, wrapSealer func(kms.Sealer) kms.Sealer, wrapStore func(kms.Store) kms.Store, wrapAudit func(kms.AuditStore) kms.AuditStore) *env {
 	t.Helper()
-	st, err := bolt.Open(filepath.Join(t.TempDir(), "kms.db"), bolt.Options{})
-	if err != nil {
-		t.Fatal(err)
+	return newEnvOn(t, "bolt", wrapSealer, wrapStore, wrapAudit)
+}
+
+// testStore is what the tests need of a store.
+type testStore interface {
+	kms.Store
+	Audit() *engine.Log
+}
+
+// backends are the stores the fault tests run against.
+var backends = []string{"bolt", "etcd"}
+
+// newEnvOn is newEnvWith on the named store: "bolt" (a bbolt file) or
+// "etcd" (a one-member etcd started for the test).
+func newEnvOn(t *testing.T, backend string, wrapSealer func(kms.Sealer) kms.Sealer, wrapStore func(kms.Store) kms.Store, wrapAudit func(kms.AuditStore) kms.AuditStore) *env {
+	t.Helper()
+	e := &env{t: t, clock: testutil.NewClock(time.Now().UTC()), log: &testutil.Buffer{}, stream: &recordingSink{}, rand: &testutil.RecordingRand{}}
+	switch backend {
+	case "bolt":
+		st, err := bolt.Open(filepath.Join(t.TempDir(), "kms.db"), bolt.Options{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { st.Close() })
+		e.store, e.bolt = st, st
+	case "etcd":
+		c := testetcd.Start(t, 1)
+		cli, err := clientv3.New(etcd.ClientConfig(c.Endpoints(), nil))
+		if err != nil {
+			t.Fatal(err)
+		}
+		st, err := etcd.Open(context.Background(), cli, etcd.Options{Prefix: "/api-test/"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { st.Close(); cli.Close() })
+		e.store = st
+	default:
+		t.Fatalf("no backend %q", backend)
 	}
-	t.Cleanup(func() { st.Close() })
-	e := &env{t: t, store: st, clock: testutil.NewClock(time.Now().UTC()), log: &testutil.Buffer{}, stream: &recordingSink{}, rand: &testutil.RecordingRand{}}
+	st := e.store
 	var sealer kms.Sealer = testhsm.Open(t)
 	var store kms.Store = st
 	if wrapSealer != nil {

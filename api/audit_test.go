@@ -255,7 +255,7 @@ func TestNoSecretsInAudit(t *testing.T) {
 		t.Fatalf("only %d secrets seeded", len(secrets))
 	}
 	// And the raw bbolt file holds no seed in plaintext either.
-	db, _ := os.ReadFile(e.store.Path())
+	db, _ := os.ReadFile(e.bolt.Path())
 	for _, s := range secrets[len(secrets)-2:] {
 		if bytes.Contains(db, s) {
 			t.Fatal("a seed is in the database file")
@@ -276,11 +276,17 @@ func (f failingAudit) AppendAudit(ctx context.Context, r *kms.AuditRecord) error
 	return f.AuditStore.AppendAudit(ctx, r)
 }
 
-// TestAuditFailClosed: when a record cannot be made durable the client gets
+// TestAuditFailClosed (on bbolt and on etcd): when a record cannot be made durable the client gets
 // 503 and never the answer (no signature, no shared secret, no key).
 func TestAuditFailClosed(t *testing.T) {
+	for _, b := range backends {
+		t.Run(b, func(t *testing.T) { testAuditFailClosed(t, b) })
+	}
+}
+
+func testAuditFailClosed(t *testing.T, backend string) {
 	var fail atomic.Bool
-	e := newEnvWith(t, nil, nil, func(a kms.AuditStore) kms.AuditStore { return failingAudit{a, &fail} })
+	e := newEnvOn(t, backend, nil, nil, func(a kms.AuditStore) kms.AuditStore { return failingAudit{a, &fail} })
 	admin := e.client(e.admin)
 	admin.CreateKey(ctx, client.CreateKeyRequest{Name: "sig", Kind: "ml-dsa-65"})
 	fail.Store(true)

@@ -48,12 +48,18 @@ func (f fullStore) CreateToken(ctx context.Context, t *kms.Token, a []*kms.Audit
 	return f.Store.CreateToken(ctx, t, a)
 }
 
-// TestFailingHSMAndFullDisk: a failing HSM or a full disk gets a clear 503
+// TestFailingHSMAndFullDisk (on bbolt and on etcd): a failing HSM or a full disk gets a clear 503
 // problem that does not leak the cause, changes nothing, and the service
 // recovers when the fault clears.
 func TestFailingHSMAndFullDisk(t *testing.T) {
+	for _, b := range backends {
+		t.Run(b, func(t *testing.T) { testFailingHSMAndFullDisk(t, b) })
+	}
+}
+
+func testFailingHSMAndFullDisk(t *testing.T, backend string) {
 	var down, full atomic.Bool
-	e := newEnvWith(t,
+	e := newEnvOn(t, backend,
 		func(s kms.Sealer) kms.Sealer { return sealertest.Faulty{Sealer: s, Down: &down} },
 		func(s kms.Store) kms.Store { return fullStore{s, &full} }, nil)
 	c := e.client(e.admin)
