@@ -7,12 +7,14 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/minio/minio-go/v7"
+	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/kmsd-project/kmsd/api/client"
 	"github.com/kmsd-project/kmsd/api/client/hekeys"
@@ -20,6 +22,7 @@ import (
 	"github.com/kmsd-project/kmsd/internal/testetcd"
 	"github.com/kmsd-project/kmsd/internal/tests3"
 	"github.com/kmsd-project/kmsd/kms"
+	"github.com/kmsd-project/kmsd/kms/etcd"
 )
 
 // startReplica runs kmsd on the etcd cluster. The first replica makes the
@@ -383,4 +386,94 @@ func countObjects(t *testing.T, s *tests3.Server) int {
 		n++
 	}
 	return n
+}
+
+// TestEtcdFullFailsClosed: etcd's full disk is its space quota (here a
+// small --quota-backend-bytes; on a real cluster, a full volume raises the
+// same NOSPACE alarm). Once etcd refuses writes, kmsd answers a state
+// change and an audited read with a 503 problem and changes nothing; once
+// the operator makes room (a larger quota, the alarm disarmed), kmsd
+// serves again, and every acknowledged request is in the verified log.
+func TestEtcdFullFailsClosed(t *testing.T) {
+	c := testetcd.StartWith(t, 1, "--quota-backend-bytes", strconv.Itoa(2<<20))
+	dir := t.TempDir()
+	p := startReplica(t, c, nil, dir, "")
+	p.waitReady(t)
+	admin := adminClient(t, p, dir)
+	var acked []string
+	var refused error
+	for i := 0; i < 5000 && refused == nil; i++ {
+		name := fmt.Sprintf("k%d", i)
+		if _, err := admin.CreateKey(ctx, client.CreateKeyRequest{Name: name, Kind: "ml-dsa-44"}); err != nil {
+			refused = err
+			break
+		}
+		acked = append(acked, name)
+	}
+	if refused == nil {
+		t.Fatal("etcd never filled up")
+	}
+	if client.StatusOf(refused) != 503 || !client.IsProblem(refused, "unavailable") {
+		t.Fatalf("create with etcd full: %v, want a 503 unavailable problem", refused)
+	}
+	t.Logf("etcd full after %d creates: %v", len(acked), refused)
+	if _, err := admin.Rotate(ctx, acked[0]); client.StatusOf(err) != 503 {
+		t.Fatalf("rotate with etcd full: %v, want 503", err)
+	}
+	if _, err := admin.GetKey(ctx, acked[0]); client.StatusOf(err) != 503 {
+		t.Fatalf("audited read with etcd full: %v, want 503", err)
+	}
+
+	// The operator makes room: a larger quota (etcd restarted with it),
+	// then the alarm disarmed.
+	c.Kill(0)
+	c.SetFlag("--quota-backend-bytes", strconv.Itoa(64<<20))
+	c.Restart(0)
+	c.WaitHealthy()
+	cli, err := clientv3.New(etcd.ClientConfig(c.Endpoints(), nil))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cli.Close()
+	if _, err := cli.AlarmDisarm(ctx, &clientv3.AlarmMember{}); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(15 * time.Second)
+	for admin.Ready(ctx) != nil {
+		if time.Now().After(deadline) {
+			t.Fatalf("not ready again after the alarm was disarmed: %v", admin.Ready(ctx))
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	k, err := admin.GetKey(ctx, acked[0])
+	if err != nil || k.LatestVersion != 1 {
+		t.Fatalf("the rotation refused while etcd was full: %+v %v, want version 1 only", k, err)
+	}
+	if _, err := admin.GetKey(ctx, fmt.Sprintf("k%d", len(acked))); client.StatusOf(err) != 404 {
+		t.Fatalf("the create refused while etcd was full: %v, want 404", err)
+	}
+	if _, err := admin.CreateKey(ctx, client.CreateKeyRequest{Name: "after", Kind: "ml-dsa-44"}); err != nil {
+		t.Fatal(err)
+	}
+	deadline = time.Now().Add(20 * time.Second)
+	for {
+		if _, err := admin.AuditCheckpoint(ctx); err == nil {
+			_, recs := verifyLog(t, admin)
+			missing := 0
+			for _, name := range append(acked, "after") {
+				if !hasRecord(recs, op{"POST /v1/keys", name, 1, 201}) {
+					missing++
+				}
+			}
+			if missing == 0 {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("%d acknowledged creates have no record in the verified log", missing)
+			}
+		} else if time.Now().After(deadline) {
+			t.Fatal(err)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
 }

@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -56,6 +57,13 @@ func Binary(t testing.TB) string {
 // cleanup stops it.
 func Start(t testing.TB, n int) *Cluster {
 	t.Helper()
+	return StartWith(t, n)
+}
+
+// StartWith is Start with more flags for every member (a small
+// --quota-backend-bytes, say).
+func StartWith(t testing.TB, n int, extra ...string) *Cluster {
+	t.Helper()
 	bin := Binary(t)
 	c := &Cluster{t: t, dir: t.TempDir()}
 	var initial []string
@@ -72,6 +80,7 @@ func Start(t testing.TB, n int) *Cluster {
 			"--listen-peer-urls", "http://"+m.peer, "--initial-advertise-peer-urls", "http://"+m.peer,
 			"--initial-cluster", strings.Join(initial, ","), "--initial-cluster-state", "new",
 			"--initial-cluster-token", filepath.Base(c.dir))
+		m.cmd.Args = append(m.cmd.Args, extra...)
 		c.start(m)
 	}
 	t.Cleanup(c.Stop)
@@ -161,6 +170,17 @@ func (c *Cluster) Restart(i int) {
 		}
 	}
 	c.start(m)
+}
+
+// SetFlag sets a flag of every member for its next (re)start.
+func (c *Cluster) SetFlag(name, value string) {
+	for _, m := range c.members {
+		if i := slices.Index(m.cmd.Args, name); i >= 0 && i+1 < len(m.cmd.Args) {
+			m.cmd.Args[i+1] = value
+		} else {
+			m.cmd.Args = append(m.cmd.Args, name, value)
+		}
+	}
 }
 
 // Stop kills every member.
