@@ -53,6 +53,11 @@ type Store interface {
 	// CreateToken stores a token record and the audit records in one
 	// transaction; ErrAlreadyExists if the id is taken.
 	CreateToken(ctx context.Context, t *Token, audit []*AuditRecord) error
+	// CreateFirstToken is CreateToken only while no token exists (the
+	// bootstrap admin token): ErrAlreadyExists otherwise, checked in the
+	// same transaction, so of replicas starting at once on an empty store
+	// exactly one makes it.
+	CreateFirstToken(ctx context.Context, t *Token, audit []*AuditRecord) error
 	// GetToken returns the token with the id; ErrNotFound if absent.
 	GetToken(ctx context.Context, id string) (*Token, error)
 	// CountTokens returns how many tokens exist.

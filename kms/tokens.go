@@ -110,8 +110,10 @@ func (s *Service) CreateToken(ctx context.Context, creator *Principal, req Token
 // EnsureAdminToken creates an admin token for all keys when the store has no
 // token at all (first start). persist is called with the token text before
 // the token is stored, so a token is never valid unless it was written down;
-// if storing fails, the next start makes a new one. It returns whether a
-// token was made.
+// if storing fails, the next start makes a new one. If another process
+// made the first token meanwhile (replicas starting at once on an empty
+// store), persist is called again with "" to withdraw the unused text. It
+// returns whether a token was made.
 func (s *Service) EnsureAdminToken(ctx context.Context, persist func(token string) error) (bool, error) {
 	n, err := s.store.CountTokens(ctx)
 	if err != nil {
@@ -128,7 +130,12 @@ func (s *Service) EnsureAdminToken(ctx context.Context, persist func(token strin
 		return false, err
 	}
 	t := &Token{ID: id, Name: "bootstrap admin", Role: RoleAdmin, Keys: []string{"*"}, Hash: hash, CreatedAt: s.clock.Now(), CreatedBy: "system"}
-	if err := s.store.CreateToken(ctx, t, s.systemRecord("create bootstrap admin token "+id, "", 0)); err != nil {
+	if err := s.store.CreateFirstToken(ctx, t, s.systemRecord("create bootstrap admin token "+id, "", 0)); err != nil {
+		if errors.Is(err, ErrAlreadyExists) {
+			// Another replica starting on the same empty store made the
+			// first token: this one's secret opens nothing.
+			return false, persist("")
+		}
 		return false, asUnavailable("store", err)
 	}
 	return true, nil

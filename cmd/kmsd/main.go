@@ -3,6 +3,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
@@ -434,8 +435,16 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 	}
 	if sealedUnder == nil {
 		b, _ := json.Marshal(kekRef{Token: c.token, Label: c.kekLabel, ID: sealer.KEKID()})
-		if err := store.PutMeta("sealed-under", b); err != nil {
+		got, err := store.ClaimMeta("sealed-under", b)
+		if err != nil {
 			return fmt.Errorf("record the KEK in the store: %w", err)
+		}
+		if !bytes.Equal(got, b) {
+			// Another replica started on the same empty store at the same
+			// time and recorded its KEK first: this one's seals nothing.
+			var other kekRef
+			_ = json.Unmarshal(got, &other)
+			return fmt.Errorf("another kmsd started on this store at the same time and recorded its KEK first (id %s, labelled %q in token %q); the KEK this one made seals nothing: remove %s and start again with --pkcs11-module and --pkcs11-pin-file of the token that holds that KEK (start the first replica alone)", other.ID, other.Label, other.Token, c.dataDir)
 		}
 	}
 	log.Info("HSM ready", "token", c.token, "kek_label", c.kekLabel, "kek_id", sealer.KEKID(), "new_data_dir", fresh)
@@ -481,6 +490,9 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 		DestroyInterval: c.destroyInterval,
 		Lead:            leader(store),
 		AdminToken: func(tok string) error {
+			if tok == "" {
+				return os.Remove(tokenPath) // another replica made the first token
+			}
 			return fileutil.WriteAtomic(tokenPath, []byte(tok+"\n"), 0o600)
 		},
 	}

@@ -477,3 +477,64 @@ func TestEtcdFullFailsClosed(t *testing.T) {
 		time.Sleep(200 * time.Millisecond)
 	}
 }
+
+// TestConcurrentFirstStart: two replicas started at the same moment on an
+// empty prefix, each with an embedded SoftHSM token of its own (so each
+// would make a KEK): exactly one serves; the other stops with an error
+// that says what to do, and leaves no admin token behind. The store ends
+// with one KEK record and one admin token, whichever way the race goes
+// (three rounds).
+func TestConcurrentFirstStart(t *testing.T) {
+	c := testetcd.Start(t, 1)
+	for round := range 3 {
+		prefix := fmt.Sprintf("/first-%d/", round)
+		dirs := []string{t.TempDir(), t.TempDir()}
+		ps := make([]*proc, 2)
+		for i := range ps {
+			ps[i] = startEnv(t, dirs[i], nil, "--store", "etcd", "--etcd-endpoints", strings.Join(c.Endpoints(), ","),
+				"--etcd-prefix", prefix, "--insecure-http")
+		}
+		serving, stopped := -1, -1
+		deadline := time.Now().Add(30 * time.Second)
+		for serving < 0 || stopped < 0 {
+			for i, p := range ps {
+				select {
+				case err := <-p.done:
+					p.done <- err
+					if stopped >= 0 && stopped != i {
+						t.Fatalf("round %d: neither replica serves:\n%s\n%s", round, ps[0].stderr.String(), ps[1].stderr.String())
+					}
+					stopped = i
+				default:
+					if cl, err := p.client(t, ""); err == nil && cl.Ready(ctx) == nil && i != stopped {
+						serving = i
+					}
+				}
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("round %d: after 30 s, serving %d, stopped %d (both must not serve)", round, serving, stopped)
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+		if code := ps[stopped].wait(t, time.Second); code == 0 {
+			t.Fatalf("round %d: replica %d exited 0", round, stopped)
+		}
+		if _, err := os.Stat(filepath.Join(dirs[stopped], "admin.token")); err == nil {
+			t.Fatalf("round %d: the replica that stopped left an admin token", round)
+		}
+		t.Logf("round %d: replica %d stopped: %s", round, stopped, lastLine(ps[stopped].stderr.String()))
+		ps[serving].waitReady(t)
+		admin := adminClient(t, ps[serving], dirs[serving])
+		toks, err := admin.ListTokens(ctx, 100, "")
+		if err != nil || len(toks.Tokens) != 1 {
+			t.Fatalf("round %d: tokens %+v %v, want the one admin token", round, toks, err)
+		}
+		ps[serving].cmd.Process.Kill()
+		ps[serving].wait(t, 10*time.Second)
+	}
+}
+
+func lastLine(s string) string {
+	s = strings.TrimSpace(s)
+	return s[strings.LastIndexByte(s, '\n')+1:]
+}

@@ -27,6 +27,7 @@ type backend interface {
 	Audit() *engine.Log
 	Meta(key string) ([]byte, error)
 	PutMeta(key string, value []byte) error
+	ClaimMeta(key string, value []byte) ([]byte, error)
 	Empty() (bool, error)
 }
 

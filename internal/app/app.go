@@ -49,7 +49,8 @@ type Config struct {
 	// and Background.
 	API api.Options
 	// AdminToken receives the bootstrap admin token when a new data dir
-	// gets one.
+	// gets one, and "" if another replica made the first token after all
+	// (the text must then be withdrawn).
 	AdminToken      func(token string) error
 	DestroyInterval time.Duration // default 1 minute
 	// Lead runs work (checkpoint signing, scheduled destruction) while

@@ -149,6 +149,22 @@ func (s *Store) PutMeta(key string, value []byte) error {
 	return s.update(func(tx *bbolt.Tx) error { return tx.Bucket(bucketMeta).Put([]byte("x-"+key), value) })
 }
 
+// ClaimMeta sets a value of the store's own metadata unless it is set, and
+// returns the value stored: value if this call set it.
+func (s *Store) ClaimMeta(key string, value []byte) ([]byte, error) {
+	var got []byte
+	err := s.update(func(tx *bbolt.Tx) error {
+		b := tx.Bucket(bucketMeta)
+		if v := b.Get([]byte("x-" + key)); v != nil {
+			got = bytes.Clone(v)
+			return nil
+		}
+		got = value
+		return b.Put([]byte("x-"+key), value)
+	})
+	return got, err
+}
+
 // Empty reports whether the store holds no key and no token: a new data
 // dir.
 func (s *Store) Empty() (bool, error) {
@@ -493,12 +509,26 @@ func (s *Store) UpdateKey(ctx context.Context, name string, fn func(kms.KeyTx) (
 
 // CreateToken implements kms.Store.
 func (s *Store) CreateToken(ctx context.Context, t *kms.Token, audit []*kms.AuditRecord) error {
+	return s.createToken(ctx, t, audit, false)
+}
+
+// CreateFirstToken implements kms.Store.
+func (s *Store) CreateFirstToken(ctx context.Context, t *kms.Token, audit []*kms.AuditRecord) error {
+	return s.createToken(ctx, t, audit, true)
+}
+
+func (s *Store) createToken(ctx context.Context, t *kms.Token, audit []*kms.AuditRecord, first bool) error {
 	buf, err := json.Marshal(t)
 	if err != nil {
 		return err
 	}
 	err = s.update(func(tx *bbolt.Tx) error {
 		b := tx.Bucket(bucketTokens)
+		if first {
+			if k, _ := b.Cursor().First(); k != nil {
+				return exists("token", "(a first one)")
+			}
+		}
 		if b.Get([]byte(t.ID)) != nil {
 			return exists("token", t.ID)
 		}

@@ -25,6 +25,17 @@ func TestConformance(t *testing.T) {
 	})
 }
 
+func TestMetaConformance(t *testing.T) {
+	storetest.RunMeta(t, func(t *testing.T) storetest.MetaStore {
+		s, err := bolt.Open(filepath.Join(t.TempDir(), "kms.db"), bolt.Options{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { s.Close() })
+		return s
+	})
+}
+
 func TestAuditConformance(t *testing.T) {
 	storetest.RunAudit(t, func(t *testing.T) interface {
 		kms.Store

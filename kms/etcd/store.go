@@ -525,6 +525,22 @@ func (s *Store) CreateToken(ctx context.Context, t *kms.Token, audit []*kms.Audi
 	})
 }
 
+// CreateFirstToken implements kms.Store: the token prefix is read empty
+// at a revision and must not have changed by the commit.
+func (s *Store) CreateFirstToken(ctx context.Context, t *kms.Token, audit []*kms.AuditRecord) error {
+	return s.retry("create first token", func() ([]kms.Change, error) {
+		resp, err := s.get(ctx, s.p+"t/", clientv3.WithPrefix(), clientv3.WithCountOnly())
+		if err != nil {
+			return nil, err
+		}
+		if resp.Count > 0 {
+			return nil, exists("token", "(a first one)")
+		}
+		cmps := []clientv3.Cmp{clientv3.Compare(clientv3.ModRevision(s.p+"t/"), "<", resp.Header.Revision+1).WithPrefix()}
+		return []kms.Change{{Token: t.ID}}, s.commit(ctx, cmps, []clientv3.Op{clientv3.OpPut(s.tokenK(t.ID), encode(t))}, audit, false)
+	})
+}
+
 // GetToken implements kms.Store.
 func (s *Store) GetToken(ctx context.Context, id string) (*kms.Token, error) {
 	resp, err := s.get(ctx, s.tokenK(id))
@@ -639,6 +655,27 @@ func (s *Store) PutMeta(key string, value []byte) error {
 		return fmt.Errorf("etcd: %w", err)
 	}
 	return nil
+}
+
+// ClaimMeta sets a value of kmsd's own metadata unless it is set (one
+// transaction), and returns the value stored: value if this call set it.
+// Of replicas starting at once on an empty prefix, one claims.
+func (s *Store) ClaimMeta(key string, value []byte) ([]byte, error) {
+	ctx, cancel := s.ctx(context.Background())
+	defer cancel()
+	k := s.metaK(key)
+	resp, err := s.cli.Txn(ctx).If(clientv3.Compare(clientv3.CreateRevision(k), "=", 0)).
+		Then(clientv3.OpPut(k, string(value))).Else(clientv3.OpGet(k)).Commit()
+	if err != nil {
+		return nil, fmt.Errorf("etcd: %w", err)
+	}
+	if resp.Succeeded {
+		return value, nil
+	}
+	if kvs := resp.Responses[0].GetResponseRange().Kvs; len(kvs) > 0 {
+		return kvs[0].Value, nil
+	}
+	return nil, fmt.Errorf("etcd: meta %s vanished while claimed", key)
 }
 
 // Empty reports whether the prefix holds no key and no token.

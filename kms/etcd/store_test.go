@@ -81,6 +81,10 @@ func TestConformance(t *testing.T) {
 	storetest.Run(t, func(t *testing.T) kms.Store { return open(t, newPrefix(t)) })
 }
 
+func TestMetaConformance(t *testing.T) {
+	storetest.RunMeta(t, func(t *testing.T) storetest.MetaStore { return open(t, newPrefix(t)) })
+}
+
 func TestAuditConformance(t *testing.T) {
 	storetest.RunAudit(t, func(t *testing.T) interface {
 		kms.Store

@@ -3,6 +3,7 @@
 package storetest
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -418,6 +419,34 @@ func Run(t *testing.T, open func(t *testing.T) kms.Store) {
 		}
 	})
 
+	t.Run("CreateFirstToken", func(t *testing.T) {
+		// Replicas starting at once on an empty store: one bootstrap
+		// token, whoever races.
+		s := open(t)
+		var wg sync.WaitGroup
+		errs := make([]error, 8)
+		for i := range errs {
+			wg.Go(func() {
+				errs[i] = s.CreateFirstToken(ctx, &kms.Token{ID: fmt.Sprintf("first%011d", i), Role: kms.RoleAdmin, Keys: []string{"*"}}, nil)
+			})
+		}
+		wg.Wait()
+		made := 0
+		for _, err := range errs {
+			switch {
+			case err == nil:
+				made++
+			case !errors.Is(err, kms.ErrAlreadyExists):
+				t.Fatalf("CreateFirstToken lost a race with %v, want ErrAlreadyExists", err)
+			}
+		}
+		if n, _ := s.CountTokens(ctx); made != 1 || n != 1 {
+			t.Fatalf("8 racing CreateFirstToken made %d tokens (%d stored), want 1", made, n)
+		}
+		if err := s.CreateFirstToken(ctx, &kms.Token{ID: "later0000000000x"}, nil); !errors.Is(err, kms.ErrAlreadyExists) {
+			t.Fatalf("CreateFirstToken with a token stored: %v", err)
+		}
+	})
 	t.Run("BlobOwner", func(t *testing.T) {
 		s := open(t)
 		if _, err := s.BlobOwner(ctx, "sha256:none"); !errors.Is(err, kms.ErrNotFound) {
@@ -587,6 +616,59 @@ func RunAudit(t *testing.T, open func(t *testing.T) interface {
 		n, note, err := s.LatestCheckpoint(ctx)
 		if err != nil || n != 10 || string(note) != "ten" {
 			t.Fatalf("latest: %d %q %v", n, note, err)
+		}
+	})
+}
+
+// MetaStore is the stores' own metadata, which kmsd keeps beside the keys
+// (the KEK it sealed under).
+type MetaStore interface {
+	Meta(key string) ([]byte, error)
+	PutMeta(key string, value []byte) error
+	ClaimMeta(key string, value []byte) ([]byte, error)
+}
+
+// RunMeta checks a MetaStore: ClaimMeta sets a value once, whoever races,
+// and every claimant learns the value that stands.
+func RunMeta(t *testing.T, open func(t *testing.T) MetaStore) {
+	t.Run("ClaimMeta", func(t *testing.T) {
+		s := open(t)
+		if v, err := s.Meta("sealed-under"); err != nil || v != nil {
+			t.Fatalf("Meta of a new store = %q, %v", v, err)
+		}
+		var wg sync.WaitGroup
+		got := make([][]byte, 8)
+		errs := make([]error, 8)
+		for i := range got {
+			wg.Go(func() { got[i], errs[i] = s.ClaimMeta("sealed-under", fmt.Appendf(nil, "kek %d", i)) })
+		}
+		wg.Wait()
+		won := 0
+		for i := range got {
+			if errs[i] != nil {
+				t.Fatal(errs[i])
+			}
+			if !bytes.Equal(got[i], got[0]) {
+				t.Fatalf("claimants saw %q and %q", got[0], got[i])
+			}
+			if bytes.Equal(got[i], fmt.Appendf(nil, "kek %d", i)) {
+				won++
+			}
+		}
+		if won != 1 {
+			t.Fatalf("%d of 8 racing claims won, want 1", won)
+		}
+		if v, err := s.Meta("sealed-under"); err != nil || !bytes.Equal(v, got[0]) {
+			t.Fatalf("Meta after the claims = %q, %v; want %q", v, err, got[0])
+		}
+		if v, err := s.ClaimMeta("sealed-under", []byte("late")); err != nil || !bytes.Equal(v, got[0]) {
+			t.Fatalf("a late claim = %q, %v; want %q", v, err, got[0])
+		}
+		if err := s.PutMeta("sealed-under", []byte("set")); err != nil {
+			t.Fatal(err)
+		}
+		if v, _ := s.Meta("sealed-under"); string(v) != "set" {
+			t.Fatalf("PutMeta did not overwrite: %q", v)
 		}
 	})
 }
