@@ -1,12 +1,17 @@
 package main
 
 import (
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
 	"encoding/json"
 	"fmt"
+	"net"
 	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -537,4 +542,67 @@ func TestConcurrentFirstStart(t *testing.T) {
 func lastLine(s string) string {
 	s = strings.TrimSpace(s)
 	return s[strings.LastIndexByte(s, '\n')+1:]
+}
+
+// TestEtcdMutualTLS: kmsd reaches an etcd that requires client
+// certificates with --etcd-ca, --etcd-cert and --etcd-key; without a
+// certificate, or with one from another CA, it does not start (and says
+// what to check), having written nothing.
+func TestEtcdMutualTLS(t *testing.T) {
+	certs := t.TempDir()
+	ca, caKey := certPair(t, certs, "etcdca", nil, nil, caTmpl("etcd CA"))
+	certPair(t, certs, "server", ca, caKey, &x509.Certificate{Subject: pkix.Name{CommonName: "etcd"}, IPAddresses: []net.IP{net.IPv4(127, 0, 0, 1)},
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}})
+	certPair(t, certs, "kmsd", ca, caKey, &x509.Certificate{Subject: pkix.Name{CommonName: "kmsd"}, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}})
+	other, otherKey := certPair(t, certs, "otherca", nil, nil, caTmpl("other CA"))
+	certPair(t, certs, "stranger", other, otherKey, &x509.Certificate{Subject: pkix.Name{CommonName: "stranger"}, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}})
+	pem := func(name string) string { return filepath.Join(certs, name+".pem") }
+	key := func(name string) string { return filepath.Join(certs, name+"-key.pem") }
+	clientCert, err := tls.LoadX509KeyPair(pem("kmsd"), key("kmsd"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	pool := x509.NewCertPool()
+	pool.AddCert(ca)
+	c := testetcd.StartTLS(t, 1, testetcd.TLS{Cert: pem("server"), Key: key("server"), CA: pem("etcdca"),
+		Client: &tls.Config{RootCAs: pool, Certificates: []tls.Certificate{clientCert}}})
+	base := []string{"--store", "etcd", "--etcd-endpoints", c.Endpoints()[0], "--etcd-ca", pem("etcdca"), "--insecure-http"}
+
+	// Refused first, so that the store is still empty for the good one.
+	var wg sync.WaitGroup
+	for _, name := range []string{"", "stranger"} {
+		wg.Go(func() {
+			args := slices.Clone(base)
+			if name != "" {
+				args = append(args, "--etcd-cert", pem(name), "--etcd-key", key(name))
+			}
+			p := startEnv(t, t.TempDir(), nil, args...)
+			if code := p.wait(t, 60*time.Second); code == 0 {
+				t.Errorf("client certificate %q: kmsd exited 0", name)
+			}
+			t.Logf("client certificate %q: %s", name, lastLine(p.stderr.String()))
+			if out := p.stderr.String(); !strings.Contains(out, "etcd did not answer") || !strings.Contains(out, "--etcd-cert") {
+				t.Errorf("client certificate %q: the error does not say what to check:\n%s", name, out)
+			}
+		})
+	}
+	wg.Wait()
+	dir := t.TempDir()
+	p := startEnv(t, dir, nil, append(base, "--etcd-cert", pem("kmsd"), "--etcd-key", key("kmsd"))...)
+	p.waitReady(t)
+	admin := adminClient(t, p, dir)
+	if _, err := admin.CreateKey(ctx, client.CreateKeyRequest{Name: "over-tls", Kind: "ml-dsa-44"}); err != nil {
+		t.Fatal(err)
+	}
+	cli, err := clientv3.New(etcd.ClientConfig(c.Endpoints(), &tls.Config{RootCAs: pool, Certificates: []tls.Certificate{clientCert}}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cli.Close()
+	if resp, err := cli.Get(ctx, "/kmsd/k/over-tls", clientv3.WithCountOnly()); err != nil || resp.Count != 1 {
+		t.Fatalf("the key in etcd: %v %v", resp, err)
+	}
+	if resp, err := cli.Get(ctx, "/kmsd/t/", clientv3.WithPrefix(), clientv3.WithCountOnly()); err != nil || resp.Count != 1 {
+		t.Fatalf("tokens in etcd: %v %v, want the one admin token (the refused starts wrote none)", resp, err)
+	}
 }

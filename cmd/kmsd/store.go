@@ -134,6 +134,13 @@ func openStore(c config, log *slog.Logger) (s backend, close func() error, err e
 	e, err := etcd.Open(ctx, cli, etcd.Options{Prefix: c.etcdPrefix, Logger: log})
 	if err != nil {
 		cli.Close()
+		if errors.Is(err, context.DeadlineExceeded) {
+			hint := "is etcd running there?"
+			if strings.Contains(c.etcdEndpoints, "https://") {
+				hint = "is etcd running there, does --etcd-ca verify its certificate, and do --etcd-cert/--etcd-key hold a client certificate it accepts?"
+			}
+			return nil, nil, fmt.Errorf("etcd did not answer at %s: %w (%s)", c.etcdEndpoints, err, hint)
+		}
 		return nil, nil, fmt.Errorf("%w (endpoints %s)", err, c.etcdEndpoints)
 	}
 	log.Info("store: etcd", "endpoints", c.etcdEndpoints, "prefix", c.etcdPrefix, "cache_bound", etcd.Bound().String())

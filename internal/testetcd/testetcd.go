@@ -5,6 +5,7 @@ package testetcd
 
 import (
 	"context"
+	"crypto/tls"
 	"fmt"
 	"net"
 	"os"
@@ -25,6 +26,16 @@ type Cluster struct {
 	t       testing.TB
 	dir     string
 	members []*member
+	scheme  string
+	tls     *tls.Config // for the health check, when members serve TLS
+}
+
+// TLS makes Start serve clients over TLS with cert and key, and require
+// client certificates chained to ca.
+type TLS struct {
+	Cert, Key, CA string
+	// Client is the configuration the health check connects with.
+	Client *tls.Config
 }
 
 type member struct {
@@ -64,8 +75,23 @@ func Start(t testing.TB, n int) *Cluster {
 // --quota-backend-bytes, say).
 func StartWith(t testing.TB, n int, extra ...string) *Cluster {
 	t.Helper()
+	return start(t, n, nil, extra)
+}
+
+// StartTLS is Start with client connections over TLS (mutual).
+func StartTLS(t testing.TB, n int, cfg TLS) *Cluster {
+	t.Helper()
+	return start(t, n, &cfg, nil)
+}
+
+func start(t testing.TB, n int, tc *TLS, extra []string) *Cluster {
+	t.Helper()
 	bin := Binary(t)
-	c := &Cluster{t: t, dir: t.TempDir()}
+	c := &Cluster{t: t, dir: t.TempDir(), scheme: "http"}
+	if tc != nil {
+		c.scheme, c.tls = "https", tc.Client
+		extra = append(extra, "--cert-file", tc.Cert, "--key-file", tc.Key, "--trusted-ca-file", tc.CA, "--client-cert-auth")
+	}
 	var initial []string
 	for i := range n {
 		m := &member{name: fmt.Sprintf("m%d", i), client: freePort(t), peer: freePort(t)}
@@ -76,7 +102,7 @@ func StartWith(t testing.TB, n int, extra ...string) *Cluster {
 		m.cmd = exec.Command(bin,
 			"--name", m.name,
 			"--data-dir", filepath.Join(c.dir, m.name),
-			"--listen-client-urls", "http://"+m.client, "--advertise-client-urls", "http://"+m.client,
+			"--listen-client-urls", c.scheme+"://"+m.client, "--advertise-client-urls", c.scheme+"://"+m.client,
 			"--listen-peer-urls", "http://"+m.peer, "--initial-advertise-peer-urls", "http://"+m.peer,
 			"--initial-cluster", strings.Join(initial, ","), "--initial-cluster-state", "new",
 			"--initial-cluster-token", filepath.Base(c.dir))
@@ -109,7 +135,7 @@ func (c *Cluster) start(m *member) {
 func (c *Cluster) Endpoints() []string {
 	var out []string
 	for _, m := range c.members {
-		out = append(out, "http://"+m.client)
+		out = append(out, c.scheme+"://"+m.client)
 	}
 	return out
 }
@@ -125,7 +151,7 @@ func (c *Cluster) WaitHealthy() {
 			continue // killed
 		default:
 		}
-		cli, err := clientv3.New(clientv3.Config{Endpoints: []string{"http://" + m.client}, DialTimeout: 2 * time.Second, Logger: zap.NewNop()})
+		cli, err := clientv3.New(clientv3.Config{Endpoints: []string{c.scheme + "://" + m.client}, TLS: c.tls, DialTimeout: 2 * time.Second, Logger: zap.NewNop()})
 		if err != nil {
 			c.t.Fatal(err)
 		}
