@@ -40,6 +40,7 @@ import (
 //	P a/r/<index>                     audit row (audit/engine)
 //	P a/end                           index after the last audit row
 //	P a/head                          the audit log's position (engine.Batch.Head)
+//	P a/turn                          a starving replica's turn to append (turn.go)
 //	P a/c/<size>                      signed checkpoint of the tree at size
 //	P m/<name>                        kmsd's own metadata
 //
@@ -76,6 +77,9 @@ type Store struct {
 	health  watchHealth
 	// watchFrom is the revision the watch starts at.
 	watchFrom int64
+	turn      turn
+	closeOnce sync.Once
+	closeErr  error
 }
 
 var (
@@ -119,12 +123,15 @@ func Open(ctx context.Context, cli *clientv3.Client, o Options) (*Store, error) 
 // Audit is the store's audit log (a kms.AuditStore).
 func (s *Store) Audit() *engine.Log { return s.audit }
 
-// Close stops the audit log and the watch.
+// Close stops the audit log and the watch; closing again does nothing.
 func (s *Store) Close() error {
-	err := s.audit.Close()
-	close(s.quit)
-	<-s.watched
-	return err
+	s.closeOnce.Do(func() {
+		s.closeErr = s.audit.Close()
+		s.turn.close(s)
+		close(s.quit)
+		<-s.watched
+	})
+	return s.closeErr
 }
 
 func hex16(n uint64) string { return fmt.Sprintf("%016x", n) }
@@ -205,12 +212,14 @@ func (s *Store) created(ctx context.Context, err error, key, what, name string) 
 // without records. It returns errConflict if a compare failed.
 func (s *Store) commit(ctx context.Context, cmps []clientv3.Cmp, ops []clientv3.Op, recs []*kms.AuditRecord, flush bool) (err error) {
 	var b *engine.Batch
+	appends := false
 	if len(recs) > 0 || flush {
 		if b, err = s.audit.Stage(ctx, recs); err != nil {
 			return err
 		}
 		defer func() { b.Done(err) }()
 		if len(b.Rows) > 0 {
+			appends = true
 			if b.First == 0 {
 				cmps = append(cmps, clientv3.Compare(clientv3.Version(s.endK()), "=", 0))
 			} else {
@@ -224,6 +233,13 @@ func (s *Store) commit(ctx context.Context, cmps []clientv3.Cmp, ops []clientv3.
 	}
 	if len(ops) == 0 {
 		return nil
+	}
+	if appends {
+		var release func(committed bool)
+		if cmps, ops, release, err = s.turn.guard(ctx, s, cmps, ops); err != nil {
+			return err
+		}
+		defer func() { release(err == nil) }()
 	}
 	tctx, cancel := s.ctx(ctx)
 	defer cancel()
