@@ -15,6 +15,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -354,6 +355,14 @@ func TestEtcdDownFailsClosed(t *testing.T) {
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
+
+	// SIGTERM with etcd gone ends kmsd (it hung in the election's
+	// clean-up, waiting on etcd without a timeout).
+	c.Kill(0)
+	term := time.Now()
+	p.cmd.Process.Signal(syscall.SIGTERM)
+	p.wait(t, 60*time.Second)
+	t.Logf("stopped %v after SIGTERM with etcd gone", time.Since(term).Round(time.Millisecond))
 }
 
 // fetchHE fetches and verifies an HE key's version 1 (public and

@@ -29,8 +29,22 @@ func (s *Store) Lead(ctx context.Context, role string, work func(context.Context
 			continue
 		}
 		e := concurrency.NewElection(sess, s.p+"lead/"+role)
-		if err := e.Campaign(ctx, id); err != nil {
-			sess.Close()
+		// Campaign, cancelled while it waits its turn, resigns under the
+		// client's own context, which no timeout bounds: with etcd gone
+		// it would hang until the client closes, and kmsd with it on
+		// SIGTERM. So the wait ends with ctx, and the campaign is left to
+		// end when the client closes.
+		campaigned := make(chan error, 1)
+		go func() { campaigned <- e.Campaign(ctx, id) }()
+		select {
+		case err = <-campaigned:
+		case <-ctx.Done():
+			err = ctx.Err()
+		}
+		if err != nil {
+			if ctx.Err() == nil {
+				sess.Close()
+			}
 			sleep(ctx, time.Second)
 			continue
 		}

@@ -359,3 +359,29 @@ func TestStarvingReplicaAppends(t *testing.T) {
 		t.Fatal("no replica claimed a turn under this contention")
 	}
 }
+
+// TestLeadEndsWithEtcdGone: a replica waiting for its turn to lead returns
+// from Lead once its context ends, even with etcd gone. (The election's
+// own clean-up waits on etcd without a timeout: kmsd on SIGTERM hung there
+// for good when its etcd had been stopped first.)
+func TestLeadEndsWithEtcdGone(t *testing.T) {
+	c := testetcd.Start(t, 1)
+	rs := replicas(t, c, 2)
+	leading := make(chan struct{})
+	go rs[0].Lead(ctx, "test", func(ctx context.Context) { close(leading); <-ctx.Done() })
+	<-leading
+	lctx, cancel := context.WithCancel(ctx)
+	ended := make(chan struct{})
+	go func() {
+		rs[1].Lead(lctx, "test", func(context.Context) { t.Error("two leaders at once") })
+		close(ended)
+	}()
+	time.Sleep(500 * time.Millisecond) // campaigning: waiting for the leader to go
+	c.Kill(0)
+	cancel()
+	select {
+	case <-ended:
+	case <-time.After(10 * time.Second):
+		t.Fatal("Lead still running 10 s after its context ended, etcd gone")
+	}
+}
