@@ -6,6 +6,7 @@ import (
 	"errors"
 	"io"
 	"log/slog"
+	mrand "math/rand/v2"
 	"slices"
 	"sync"
 	"time"
@@ -398,8 +399,10 @@ func (s *Service) Rotate(ctx context.Context, name string) (*Key, *Version, erro
 }
 
 // maxRotateAttempts bounds how often a rotation starts over after another
-// replica added a version first.
-const maxRotateAttempts = 16
+// replica added a version first; between attempts it waits a random while,
+// longer each time (up to 32 ms), so that replicas rotating one key at once
+// stop colliding in step.
+const maxRotateAttempts = 64
 
 func (s *Service) rotate(ctx context.Context, name string) (*Key, *Version, error) {
 	// The lock saves this process's own rotations from racing; rotations
@@ -440,7 +443,8 @@ func (s *Service) rotate(ctx context.Context, name string) (*Key, *Version, erro
 		})
 		if err != nil {
 			s.discard(kind, v)
-			if raced && attempt < maxRotateAttempts {
+			if raced && attempt < maxRotateAttempts && ctx.Err() == nil {
+				time.Sleep(time.Duration(mrand.Int64N(int64(min(attempt, 32)) * int64(time.Millisecond))))
 				continue
 			}
 			return nil, nil, err
