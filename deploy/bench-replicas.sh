@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Throughput of public-key reads, ml-dsa-65 signs and rotations at a total
-# concurrency of 16 (wrk over 127.0.0.1, plain HTTP, audited as always), on
-# three set-ups in one run on this machine: kmsd on bbolt; one replica on a
-# one-member etcd; three replicas on a three-member etcd, the load split
+# concurrency of 16 (wrk over 127.0.0.1, plain HTTP, audited unless said), on
+# set-ups in one run on this machine: kmsd on bbolt; one replica on a
+# one-member etcd, audited and (to price the audit log on etcd) with
+# KMSD_BENCHMARK_UNAUDITED=1; three replicas on a three-member etcd, the load split
 # over them (16 connections in all: 6, 5 and 5); answers other than 2xx are
 # counted apart (req/s is wrk's, all answers). Every process shares the
 # same cores: read the figures as what the set-ups cost, not as scaling.
@@ -96,6 +97,14 @@ ready "$a"; tok=$(cat "$work/r1/admin.token")
 bench "etcd-1" "$a" >>"$results"
 kill "${pids[@]}"; wait 2>/dev/null || true; pids=()
 
+# one replica, one member, audit log off: what the log costs on etcd
+etcd_start 1
+a=127.0.0.1:$((19000 + RANDOM % 500))
+KMSD_BENCHMARK_UNAUDITED=1 "$work/kmsd" --store etcd --etcd-endpoints "$eps" --data-dir "$work/r1u" --addr "$a" --insecure-http 2>"$work/kmsd-r1u.log" & pids+=($!)
+ready "$a"; tok=$(cat "$work/r1u/admin.token")
+bench "etcd-1u" "$a" >>"$results"
+kill "${pids[@]}"; wait 2>/dev/null || true; pids=()
+
 # three replicas, three members
 etcd_start 3
 addrs=()
@@ -113,8 +122,8 @@ bench "etcd-3" "${addrs[@]}" >>"$results"
 awk '
   { rps[$1" "$2]=$3; p50[$1" "$2]=$4; p99[$1" "$2]=$5; bad[$1" "$2]=$6; all[$1" "$2]=$7 }
   END {
-    printf "| request (concurrency 16, audited) | bbolt req/s | 1 replica, 1-member etcd | 3 replicas, 3-member etcd | p99 bbolt / 1 / 3 | non-2xx bbolt / 1 / 3 (of requests) |\n|---|---|---|---|---|---|\n"
+    printf "| request (concurrency 16) | bbolt req/s | 1 replica, 1-member etcd | 3 replicas, 3-member etcd | 1 replica, audit off | p99 bbolt / 1 / 3 | non-2xx bbolt / 1 / 3 (of requests) |\n|---|---|---|---|---|---|---|\n"
     split("public-key sign rotate", kinds, " ")
     for (i = 1; i <= 3; i++) { k = kinds[i]
-      printf "| %s | %.0f | %.0f | %.0f | %s / %s / %s | %d / %d / %d (of %d / %d / %d) |\n", k, rps["bbolt " k], rps["etcd-1 " k], rps["etcd-3 " k], p99["bbolt " k], p99["etcd-1 " k], p99["etcd-3 " k], bad["bbolt " k], bad["etcd-1 " k], bad["etcd-3 " k], all["bbolt " k], all["etcd-1 " k], all["etcd-3 " k] }
+      printf "| %s | %.0f | %.0f | %.0f | %.0f | %s / %s / %s | %d / %d / %d (of %d / %d / %d) |\n", k, rps["bbolt " k], rps["etcd-1 " k], rps["etcd-3 " k], rps["etcd-1u " k], p99["bbolt " k], p99["etcd-1 " k], p99["etcd-3 " k], bad["bbolt " k], bad["etcd-1 " k], bad["etcd-3 " k], all["bbolt " k], all["etcd-1 " k], all["etcd-3 " k] }
   }' "$results"
