@@ -32,16 +32,16 @@ wrk.body = '{}'
 wrk.headers["Content-Type"] = "application/json"
 LUA
 
-# etcd_start N: an N-member cluster; sets eps to its client endpoints.
+# etcd_start N NAME: a new N-member cluster; sets eps to its client endpoints.
 etcd_start() {
-  local n="$1" base=$((24000 + RANDOM % 500 * 10)) cluster=""
+  local n="$1" name="$2" base=$((24000 + RANDOM % 500 * 10)) cluster=""
   eps=""
   for i in $(seq "$n"); do cluster+="${cluster:+,}m$i=http://127.0.0.1:$((base + 5 + i))"; eps+="${eps:+,}http://127.0.0.1:$((base + i))"; done
   for i in $(seq "$n"); do
-    etcd --name "m$i" --data-dir "$work/etcd-$n-$i" \
+    etcd --name "m$i" --data-dir "$work/etcd-$name-$i" \
       --listen-client-urls "http://127.0.0.1:$((base + i))" --advertise-client-urls "http://127.0.0.1:$((base + i))" \
       --listen-peer-urls "http://127.0.0.1:$((base + 5 + i))" --initial-advertise-peer-urls "http://127.0.0.1:$((base + 5 + i))" \
-      --initial-cluster "$cluster" --initial-cluster-state new --initial-cluster-token "bench-$n" >"$work/etcd-$n-$i.log" 2>&1 &
+      --initial-cluster "$cluster" --initial-cluster-state new --initial-cluster-token "bench-$name" >"$work/etcd-$name-$i.log" 2>&1 &
     pids+=($!)
   done
 }
@@ -90,7 +90,7 @@ bench bbolt "$a" >>"$results"
 kill "${pids[@]}"; wait 2>/dev/null || true; pids=()
 
 # one replica, one member
-etcd_start 1
+etcd_start 1 r1
 a=127.0.0.1:$((19000 + RANDOM % 500))
 "$work/kmsd" --store etcd --etcd-endpoints "$eps" --data-dir "$work/r1" --addr "$a" --insecure-http 2>"$work/kmsd-r1.log" & pids+=($!)
 ready "$a"; tok=$(cat "$work/r1/admin.token")
@@ -98,7 +98,7 @@ bench "etcd-1" "$a" >>"$results"
 kill "${pids[@]}"; wait 2>/dev/null || true; pids=()
 
 # one replica, one member, audit log off: what the log costs on etcd
-etcd_start 1
+etcd_start 1 r1u
 a=127.0.0.1:$((19000 + RANDOM % 500))
 KMSD_BENCHMARK_UNAUDITED=1 "$work/kmsd" --store etcd --etcd-endpoints "$eps" --data-dir "$work/r1u" --addr "$a" --insecure-http 2>"$work/kmsd-r1u.log" & pids+=($!)
 ready "$a"; tok=$(cat "$work/r1u/admin.token")
@@ -106,7 +106,7 @@ bench "etcd-1u" "$a" >>"$results"
 kill "${pids[@]}"; wait 2>/dev/null || true; pids=()
 
 # three replicas, three members
-etcd_start 3
+etcd_start 3 r3
 addrs=()
 for i in 1 2 3; do addrs+=("127.0.0.1:$((19600 + RANDOM % 300 + i * 300))"); done
 "$work/kmsd" --store etcd --etcd-endpoints "$eps" --data-dir "$work/r3-1" --addr "${addrs[0]}" --insecure-http 2>"$work/kmsd-r3-1.log" & pids+=($!)
