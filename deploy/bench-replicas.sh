@@ -4,7 +4,8 @@
 # set-ups in one run on this machine: kmsd on bbolt; one replica on a
 # one-member etcd, audited and (to price the audit log on etcd) with
 # KMSD_BENCHMARK_UNAUDITED=1; three replicas on a three-member etcd, the load split
-# over them (16 connections in all: 6, 5 and 5); answers other than 2xx are
+# over them (16 connections in all: 6, 5 and 5), then all of it on one of
+# the three; answers other than 2xx are
 # counted apart (req/s is wrk's, all answers). Every process shares the
 # same cores: read the figures as what the set-ups cost, not as scaling.
 # Prints a Markdown table for BENCHMARKS.md.
@@ -118,12 +119,15 @@ for i in 2 3; do
   ready "${addrs[$((i - 1))]}" # one at a time: SoftHSM's file store is not safe for two processes opening the token at once
 done
 bench "etcd-3" "${addrs[@]}" >>"$results"
+# the same three replicas with the whole load on one of them: what the
+# other replicas' appends to the one log cost (contention on its end)
+for kind in public-key sign rotate; do echo "etcd-3one $kind $(load "$kind" "${addrs[0]}")"; done >>"$results"
 
 awk '
   { rps[$1" "$2]=$3; p50[$1" "$2]=$4; p99[$1" "$2]=$5; bad[$1" "$2]=$6; all[$1" "$2]=$7 }
   END {
-    printf "| request (concurrency 16) | bbolt req/s | 1 replica, 1-member etcd | 3 replicas, 3-member etcd | 1 replica, audit off | p99 bbolt / 1 / 3 | non-2xx bbolt / 1 / 3 (of requests) |\n|---|---|---|---|---|---|---|\n"
+    printf "| request (concurrency 16) | bbolt req/s | 1 replica, 1-member etcd | 1 replica, audit off | 3 replicas, 3-member etcd | 3 replicas, load on one | p99 bbolt / 1 / 3 / 3-on-one | non-2xx bbolt / 1 / 3 / 3-on-one (of requests) |\n|---|---|---|---|---|---|---|---|\n"
     split("public-key sign rotate", kinds, " ")
     for (i = 1; i <= 3; i++) { k = kinds[i]
-      printf "| %s | %.0f | %.0f | %.0f | %.0f | %s / %s / %s | %d / %d / %d (of %d / %d / %d) |\n", k, rps["bbolt " k], rps["etcd-1 " k], rps["etcd-3 " k], rps["etcd-1u " k], p99["bbolt " k], p99["etcd-1 " k], p99["etcd-3 " k], bad["bbolt " k], bad["etcd-1 " k], bad["etcd-3 " k], all["bbolt " k], all["etcd-1 " k], all["etcd-3 " k] }
+      printf "| %s | %.0f | %.0f | %.0f | %.0f | %.0f | %s / %s / %s / %s | %d / %d / %d / %d (of %d / %d / %d / %d) |\n", k, rps["bbolt " k], rps["etcd-1 " k], rps["etcd-1u " k], rps["etcd-3 " k], rps["etcd-3one " k], p99["bbolt " k], p99["etcd-1 " k], p99["etcd-3 " k], p99["etcd-3one " k], bad["bbolt " k], bad["etcd-1 " k], bad["etcd-3 " k], bad["etcd-3one " k], all["bbolt " k], all["etcd-1 " k], all["etcd-3 " k], all["etcd-3one " k] }
   }' "$results"

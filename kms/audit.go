@@ -64,8 +64,11 @@ func DecodeAuditRecord(b []byte) (*AuditRecord, error) {
 // the records a state change carries (see Store) in the same transaction as
 // the change.
 type AuditStore interface {
-	// AppendAudit makes rec durable as the next record and sets its Index
-	// and Committed. Concurrent calls share commits (group commit).
+	// AppendAudit makes rec durable as the next record and sets
+	// Committed. Its place in the log is fixed then: a local store sets
+	// Index too; a replicated store writes the index when it seals the
+	// record (in commit order), before any read of the log returns.
+	// Concurrent calls share commits (group commit).
 	AppendAudit(ctx context.Context, rec *AuditRecord) error
 	// Expect announces that a record is on its way (a request is being
 	// served); release says it was handed to AppendAudit or will not

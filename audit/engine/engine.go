@@ -19,6 +19,11 @@
 // journal frame and one fdatasync, and the journal's records move into the
 // store in large batches in the background; without one (a replicated
 // store), a group is one store transaction.
+//
+// A replicated store does not Stage: its transactions keep their records
+// pending, in commit order, and it seals them into rows apart (Seal), so
+// that replicas do not race each other for the log's end on every
+// transaction; it settles what is pending before every read (Settler).
 package engine
 
 import (
@@ -46,7 +51,8 @@ import (
 // carries audit records calls Log.Stage, writes the batch's rows at
 // First, First+1, ... (refusing with ErrConflict if the store's rows do not
 // end at First), commits, and calls Batch.Done with the outcome before it
-// starts the next such transaction.
+// starts the next such transaction. A replicated store instead keeps its
+// transactions' records pending and writes rows through Log.Seal.
 type Rows interface {
 	// WriteAudit runs a transaction of the store's own that stages recs
 	// and changes nothing else. It is called with recs empty to move rows
@@ -68,6 +74,15 @@ type Rows interface {
 // returns nil if the store has none (a log written before heads).
 type HeadReader interface {
 	ReadHead(ctx context.Context) ([]byte, error)
+}
+
+// Settler is implemented by a store whose records become rows some time
+// after they are durable: a replicated store keeps its replicas' records
+// pending, in commit order, and seals them into rows (Seal) apart. The
+// log calls Settle before every read, so that a read sees every record
+// acknowledged before it.
+type Settler interface {
+	Settle(ctx context.Context) error
 }
 
 // ErrConflict is returned by a store whose rows do not end where a batch
@@ -311,10 +326,8 @@ func markCommitted(recs []*kms.AuditRecord) {
 type Batch struct {
 	First uint64
 	Rows  [][]byte
-	// Head is the log's position after the batch (EncodeHead): a
-	// replicated store writes it with the rows, so that a replica that
-	// loses a race learns the new position from it (Conflict) instead of
-	// reading rows.
+	// Head is the log's position after the batch (EncodeHead), which a
+	// store may keep (HeadReader) to load the position in one read.
 	Head []byte
 
 	l     *Log
@@ -323,8 +336,6 @@ type Batch struct {
 	flush int  // pending rows included (a flush batch)
 	held  bool // l.mu is held until Done
 	done  bool
-
-	conflictHead *position // the head found instead (Conflict)
 }
 
 // Stage is called by a store inside a transaction that carries recs (or,
@@ -378,17 +389,6 @@ func decodeHead(b []byte) (position, error) {
 	return p, nil
 }
 
-// Conflict tells the log, before Done, the head the store found in place
-// of the one the batch expected: the log takes its position from it.
-func (b *Batch) Conflict(head []byte) {
-	if b == nil || !b.held {
-		return
-	}
-	if p, err := decodeHead(head); err == nil {
-		b.conflictHead = &p
-	}
-}
-
 // Done tells the log whether the transaction that wrote the batch
 // committed (err nil). Records of a committed batch are marked Committed.
 func (b *Batch) Done(err error) {
@@ -413,16 +413,47 @@ func (b *Batch) Done(err error) {
 		markCommitted(b.recs)
 	case errors.Is(err, ErrConflict):
 		l.conflicts.Add(1)
-		if p := b.conflictHead; p != nil && l.shared {
-			l.next, l.front, l.stale = p.next, p.front, false
-		} else if l.shared {
-			l.stale = true
-		}
+		l.stale = l.shared
 	case l.shared:
 		// A replicated store's transaction may have committed though the
 		// answer was lost: reload the position before the next batch.
 		l.stale = true
 	}
+}
+
+// Seal appends recs, records a replicated store made durable as pending
+// (in their commit order), at the log's end: it gives them the next
+// indexes and calls write with the index of the first, their rows and the
+// log's head after them. write commits all that in one transaction that
+// refuses with ErrConflict unless the rows end at first (another replica
+// sealed first), and then returns the head it found instead, if it has it,
+// so that the next Seal starts there. Seals of one Log run one at a time.
+func (l *Log) Seal(ctx context.Context, recs []*kms.AuditRecord, write func(first uint64, rows [][]byte, head []byte) (found []byte, err error)) error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.stale {
+		if err := l.load(ctx); err != nil {
+			return err
+		}
+	}
+	rows, _, after := l.position().encode(recs)
+	found, err := write(l.next, rows, after.encodeHead())
+	switch {
+	case err == nil:
+		l.next, l.front = after.next, after.front
+		l.groups.Add(1)
+	case errors.Is(err, ErrConflict):
+		l.conflicts.Add(1)
+		if p, derr := decodeHead(found); found != nil && derr == nil {
+			l.next, l.front, l.stale = p.next, p.front, false
+		} else {
+			l.stale = true
+		}
+	default:
+		// The transaction may have committed though the answer was lost.
+		l.stale = true
+	}
+	return err
 }
 
 type appendReq struct {
@@ -624,6 +655,16 @@ func (l *Log) flush() error {
 	return l.rows.WriteAudit(context.Background(), nil)
 }
 
+// settle makes every acknowledged record a row before a read: it moves the
+// journal's rows into the store, or has a Settler store seal its pending
+// records.
+func (l *Log) settle(ctx context.Context) error {
+	if st, ok := l.rows.(Settler); ok {
+		return st.Settle(ctx)
+	}
+	return l.flush()
+}
+
 // flusher moves journal rows into the store when many wait, and every
 // flushInterval when any do.
 func (l *Log) flusher() {
@@ -786,7 +827,7 @@ func (l *Log) AppendAudit(ctx context.Context, rec *kms.AuditRecord) error {
 // AuditSize implements kms.AuditStore. Like every audit read, it first
 // moves the rows waiting in the journal into the store.
 func (l *Log) AuditSize(ctx context.Context) (uint64, error) {
-	if err := l.flush(); err != nil {
+	if err := l.settle(ctx); err != nil {
 		return 0, err
 	}
 	return l.rows.RowsEnd(ctx)
@@ -822,7 +863,7 @@ func (l *Log) AuditRecords(ctx context.Context, start, end uint64) ([][]byte, er
 // AuditHashes implements kms.AuditStore: the hash at (level, m) was stored
 // with record ((m+1) << level) - 1, at position level.
 func (l *Log) AuditHashes(ctx context.Context, indexes []int64) ([][32]byte, error) {
-	if err := l.flush(); err != nil {
+	if err := l.settle(ctx); err != nil {
 		return nil, err
 	}
 	out := make([][32]byte, len(indexes))

@@ -5,10 +5,11 @@
 // Every state change is one etcd transaction guarded by revisions
 // (compare-and-swap): a key's header revision guards the key and its
 // versions; a token write compares every token's revision (so that the
-// last-admin check sees a snapshot); the audit log's end guards the rows a
-// change appends. A transaction that loses a race is re-read and retried,
-// so concurrent writers on different replicas serialize in etcd without
-// in-process locks.
+// last-admin check sees a snapshot). A transaction that loses a race is
+// re-read and retried, so concurrent writers on different replicas
+// serialize in etcd without in-process locks. The audit records a change
+// carries go, pending, into its transaction, and are sealed into the log
+// in commit order apart (seal.go).
 package etcd
 
 import (
@@ -40,6 +41,7 @@ import (
 //	P a/r/<index>                     audit row (audit/engine)
 //	P a/end                           index after the last audit row
 //	P a/head                          the audit log's position (engine.Batch.Head)
+//	P a/q/<writer>/<n>                a pending group of audit records (seal.go)
 //	P a/c/<size>                      signed checkpoint of the tree at size
 //	P m/<name>                        kmsd's own metadata
 //
@@ -78,6 +80,7 @@ type Store struct {
 	watchFrom int64
 	closeOnce sync.Once
 	closeErr  error
+	seal      sealer
 }
 
 var (
@@ -115,6 +118,7 @@ func Open(ctx context.Context, cli *clientv3.Client, o Options) (*Store, error) 
 		return nil, err
 	}
 	go s.watch()
+	s.startSealing()
 	return s, nil
 }
 
@@ -125,6 +129,7 @@ func (s *Store) Audit() *engine.Log { return s.audit }
 func (s *Store) Close() error {
 	s.closeOnce.Do(func() {
 		s.closeErr = s.audit.Close()
+		s.stopSealing()
 		close(s.quit)
 		<-s.watched
 	})
@@ -208,27 +213,14 @@ func (s *Store) created(ctx context.Context, err error, key, what, name string) 
 	return err
 }
 
-// commit runs one transaction: cmps and ops, plus the audit rows of recs
-// (staged in the audit log, guarded by the log's end). flush stages even
-// without records. It returns errConflict if a compare failed.
-func (s *Store) commit(ctx context.Context, cmps []clientv3.Cmp, ops []clientv3.Op, recs []*kms.AuditRecord, flush bool) (err error) {
-	var b *engine.Batch
-	if len(recs) > 0 || flush {
-		if b, err = s.audit.Stage(ctx, recs); err != nil {
-			return err
-		}
-		defer func() { b.Done(err) }()
-		if len(b.Rows) > 0 {
-			if b.First == 0 {
-				cmps = append(cmps, clientv3.Compare(clientv3.Version(s.endK()), "=", 0))
-			} else {
-				cmps = append(cmps, clientv3.Compare(clientv3.Value(s.endK()), "=", hex16(b.First)))
-			}
-			for i, row := range b.Rows {
-				ops = append(ops, clientv3.OpPut(s.rowK(b.First+uint64(i)), string(row)))
-			}
-			ops = append(ops, clientv3.OpPut(s.endK(), hex16(b.First+uint64(len(b.Rows)))), clientv3.OpPut(s.headK(), string(b.Head)))
-		}
+// commit runs one transaction: cmps and ops, plus recs as one pending
+// group of the audit log (seal.go), which the transaction's revision puts
+// in the log's order. Nothing in it compares the log's end, so replicas'
+// transactions do not race each other for the log. It returns errConflict
+// if a compare failed; recs are marked Committed once it commits.
+func (s *Store) commit(ctx context.Context, cmps []clientv3.Cmp, ops []clientv3.Op, recs []*kms.AuditRecord) (err error) {
+	if len(recs) > 0 {
+		ops = append(ops, clientv3.OpPut(s.pendingK(), encodePending(recs)))
 	}
 	if len(ops) == 0 {
 		return nil
@@ -236,9 +228,7 @@ func (s *Store) commit(ctx context.Context, cmps []clientv3.Cmp, ops []clientv3.
 	tctx, cancel := s.ctx(ctx)
 	defer cancel()
 	s.ownMu.RLock()
-	// If a compare fails, the log's head comes back: a replica that lost
-	// the race for the log learns where it ends in the same round trip.
-	resp, err := s.cli.Txn(tctx).If(cmps...).Then(ops...).Else(clientv3.OpGet(s.headK())).Commit()
+	resp, err := s.cli.Txn(tctx).If(cmps...).Then(ops...).Commit()
 	if err == nil && resp.Succeeded {
 		s.noteOwn(resp.Header.Revision)
 	}
@@ -247,14 +237,14 @@ func (s *Store) commit(ctx context.Context, cmps []clientv3.Cmp, ops []clientv3.
 		return fmt.Errorf("etcd: %w", err)
 	}
 	if !resp.Succeeded {
-		if b != nil && len(resp.Responses) == 1 {
-			if kvs := resp.Responses[0].GetResponseRange().GetKvs(); len(kvs) == 1 {
-				b.Conflict(kvs[0].Value)
-			}
-		}
-		// Which compare failed is not said; the audit log reloads its
-		// position from etcd, and the caller re-reads the rest.
-		return fmt.Errorf("%w (%w)", errConflict, engine.ErrConflict)
+		// Which compare failed is not said; the caller re-reads.
+		return errConflict
+	}
+	for _, r := range recs {
+		r.Committed = true
+	}
+	if len(recs) > 0 {
+		s.kick()
 	}
 	return nil
 }
@@ -345,7 +335,7 @@ func (s *Store) CreateKey(ctx context.Context, k *kms.Key, v *kms.Version, audit
 		cmps := []clientv3.Cmp{clientv3.Compare(clientv3.CreateRevision(s.keyK(k.Name)), "=", 0)}
 		ops := []clientv3.Op{clientv3.OpPut(s.keyK(k.Name), encode(k))}
 		ops, cmps = s.putVersion(ops, cmps, k.Name, v, nil, owned)
-		err = s.created(ctx, s.commit(ctx, cmps, ops, audit, false), s.keyK(k.Name), "key", k.Name)
+		err = s.created(ctx, s.commit(ctx, cmps, ops, audit), s.keyK(k.Name), "key", k.Name)
 		return []kms.Change{{Key: k.Name}, {Key: k.Name, Version: 1}}, err
 	})
 }
@@ -520,7 +510,7 @@ func (s *Store) UpdateKey(ctx context.Context, name string, fn func(kms.KeyTx) (
 			ops, cmps = s.putVersion(ops, cmps, name, v, nil, owned)
 			chs = append(chs, kms.Change{Key: name, Version: v.Number})
 		}
-		return chs, s.commit(ctx, cmps, ops, audit, false)
+		return chs, s.commit(ctx, cmps, ops, audit)
 	})
 }
 
@@ -528,7 +518,7 @@ func (s *Store) UpdateKey(ctx context.Context, name string, fn func(kms.KeyTx) (
 func (s *Store) CreateToken(ctx context.Context, t *kms.Token, audit []*kms.AuditRecord) error {
 	return s.retry("create token", func() ([]kms.Change, error) {
 		cmps := []clientv3.Cmp{clientv3.Compare(clientv3.CreateRevision(s.tokenK(t.ID)), "=", 0)}
-		err := s.commit(ctx, cmps, []clientv3.Op{clientv3.OpPut(s.tokenK(t.ID), encode(t))}, audit, false)
+		err := s.commit(ctx, cmps, []clientv3.Op{clientv3.OpPut(s.tokenK(t.ID), encode(t))}, audit)
 		return []kms.Change{{Token: t.ID}}, s.created(ctx, err, s.tokenK(t.ID), "token", t.ID)
 	})
 }
@@ -545,7 +535,7 @@ func (s *Store) CreateFirstToken(ctx context.Context, t *kms.Token, audit []*kms
 			return nil, exists("token", "(a first one)")
 		}
 		cmps := []clientv3.Cmp{clientv3.Compare(clientv3.ModRevision(s.p+"t/"), "<", resp.Header.Revision+1).WithPrefix()}
-		return []kms.Change{{Token: t.ID}}, s.commit(ctx, cmps, []clientv3.Op{clientv3.OpPut(s.tokenK(t.ID), encode(t))}, audit, false)
+		return []kms.Change{{Token: t.ID}}, s.commit(ctx, cmps, []clientv3.Op{clientv3.OpPut(s.tokenK(t.ID), encode(t))}, audit)
 	})
 }
 
@@ -599,7 +589,7 @@ func (s *Store) UpdateToken(ctx context.Context, id string, fn func(t *kms.Token
 			return nil, errors.New("a token's id cannot change")
 		}
 		cmps := []clientv3.Cmp{clientv3.Compare(clientv3.ModRevision(s.p+"t/"), "<", resp.Header.Revision+1).WithPrefix()}
-		return []kms.Change{{Token: id}}, s.commit(ctx, cmps, []clientv3.Op{clientv3.OpPut(s.tokenK(id), encode(t))}, audit, false)
+		return []kms.Change{{Token: id}}, s.commit(ctx, cmps, []clientv3.Op{clientv3.OpPut(s.tokenK(id), encode(t))}, audit)
 	})
 }
 
@@ -630,7 +620,7 @@ func (s *Store) RecordTokenUse(ctx context.Context, used map[string]time.Time) e
 			ops = append(ops, clientv3.OpPut(s.tokenK(id), encode(t)))
 			chs = append(chs, kms.Change{Token: id})
 		}
-		return chs, s.commit(ctx, cmps, ops, nil, false)
+		return chs, s.commit(ctx, cmps, ops, nil)
 	})
 }
 
@@ -700,9 +690,9 @@ func (s *Store) Empty() (bool, error) {
 	return true, nil
 }
 
-// WriteAudit implements engine.Rows.
+// WriteAudit implements engine.Rows: recs become one pending group.
 func (s *Store) WriteAudit(ctx context.Context, recs []*kms.AuditRecord) error {
-	return s.commit(ctx, nil, nil, recs, true)
+	return s.commit(ctx, nil, nil, recs)
 }
 
 // ReadHead implements engine.HeadReader.

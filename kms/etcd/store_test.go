@@ -55,7 +55,7 @@ func TestMain(m *testing.M) {
 // client returns a client of the package's member, closed at the test's
 // end.
 func client(t *testing.T) *clientv3.Client {
-	c, err := clientv3.New(clientv3.Config{Endpoints: member(t).Endpoints()})
+	c, err := clientv3.New(etcd.ClientConfig(member(t).Endpoints(), nil))
 	if err != nil {
 		t.Fatal(err)
 	}

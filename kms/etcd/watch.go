@@ -143,6 +143,9 @@ func (s *Store) watch() {
 				}
 				var chs []kms.Change
 				for _, ev := range s.others(resp.Events, resp.Header.Revision) {
+					if ev.Type == clientv3.EventTypePut && strings.HasPrefix(string(ev.Kv.Key), s.pendingPrefix()) {
+						s.kick() // another replica's records wait to be sealed
+					}
 					if c, ok := s.change(string(ev.Kv.Key)); ok {
 						chs = append(chs, c)
 					}

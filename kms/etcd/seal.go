@@ -1,0 +1,257 @@
+package etcd
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/kmsd-project/kmsd/audit/engine"
+	"github.com/kmsd-project/kmsd/kms"
+)
+
+// The audit log across replicas.
+//
+// A transaction that carries audit records writes them as one pending
+// group (P a/q/<writer>/<n>) beside the change they record, and compares
+// nothing about the log: the transaction's revision, which etcd gives in
+// one total order, is the records' place in the log. Sealing turns the
+// oldest pending groups, in revision order, into rows (index, chain, tree
+// hashes) in one transaction that compares the log's end and that each
+// group is still pending, and deletes them. So a record's index is fixed
+// by the transaction that commits it, and written down when it is sealed.
+//
+// Replicas do not race each other for the log's end on the request path
+// (they did, one compare-and-swap per group, and three replicas served a
+// third of what one did: BENCHMARKS.md, issue 12). The elected "audit"
+// leader seals in the background, woken by pending groups it commits or
+// sees in the watch; any replica seals what is pending before it reads the
+// log (Settle), so a read sees every record acknowledged before it, on any
+// replica. Sealers that race lose only a retry, off the request path.
+
+func (s *Store) pendingPrefix() string { return s.p + "a/q/" }
+
+// pendingK names a new pending group of this store.
+func (s *Store) pendingK() string {
+	return fmt.Sprintf("%s%s/%016x", s.pendingPrefix(), s.seal.writer, s.seal.seq.Add(1))
+}
+
+// encodePending is a pending group's value: the records' canonical
+// encodings (their index and chain not yet set), as a JSON array.
+func encodePending(recs []*kms.AuditRecord) string {
+	raw := make([]json.RawMessage, len(recs))
+	for i, r := range recs {
+		c := *r
+		c.Index, c.PrevHash = 0, ""
+		raw[i] = c.Encode()
+	}
+	b, err := json.Marshal(raw)
+	if err != nil {
+		panic("etcd: audit records do not encode: " + err.Error()) // canonical JSON: cannot happen
+	}
+	return string(b)
+}
+
+func decodePending(v []byte) ([]*kms.AuditRecord, error) {
+	var raw []json.RawMessage
+	if err := json.Unmarshal(v, &raw); err != nil {
+		return nil, fmt.Errorf("etcd: malformed pending audit group: %w", err)
+	}
+	recs := make([]*kms.AuditRecord, len(raw))
+	for i, b := range raw {
+		r, err := kms.DecodeAuditRecord(b)
+		if err != nil {
+			return nil, fmt.Errorf("etcd: malformed pending audit record: %w", err)
+		}
+		recs[i] = r
+	}
+	return recs, nil
+}
+
+type sealer struct {
+	writer string        // this store in its pending keys
+	seq    atomic.Uint64 // its pending groups
+	mu     sync.Mutex    // one seal at a time in this process
+	wake   chan struct{}
+	cancel context.CancelFunc
+	done   chan struct{}
+	rounds atomic.Uint64 // seal transactions committed by this store
+}
+
+// sealOps bounds one seal transaction: its rows, its pending deletes and
+// the end and head keys, under etcd's default --max-txn-ops of 128.
+const sealOps = 120
+
+// SealInterval is how often the leader looks for pending groups that no
+// wake-up announced (a replica's group seen while the watch was down).
+const SealInterval = 100 * time.Millisecond
+
+func (s *Store) startSealing() {
+	b := make([]byte, 8)
+	rand.Read(b)
+	s.seal.writer = hex.EncodeToString(b)
+	s.seal.wake = make(chan struct{}, 1)
+	s.seal.done = make(chan struct{})
+	ctx, cancel := context.WithCancel(context.Background())
+	s.seal.cancel = cancel
+	go func() {
+		defer close(s.seal.done)
+		s.Lead(ctx, "audit", func(ctx context.Context) {
+			t := time.NewTicker(SealInterval)
+			defer t.Stop()
+			for {
+				if err := s.sealAll(ctx, 0); err != nil && ctx.Err() == nil {
+					s.log.Warn("sealing audit records", "err", err)
+				}
+				select {
+				case <-ctx.Done():
+					return
+				case <-s.seal.wake:
+				case <-t.C:
+				}
+			}
+		})
+	}()
+}
+
+// stopSealing ends the leader's loop (groups still pending stay durable
+// for the next leader).
+func (s *Store) stopSealing() {
+	if s.seal.cancel != nil {
+		s.seal.cancel()
+		<-s.seal.done
+	}
+}
+
+// kick wakes the sealer if this replica leads.
+func (s *Store) kick() {
+	select {
+	case s.seal.wake <- struct{}{}:
+	default:
+	}
+}
+
+// Settle implements engine.Settler: every group pending when it starts is
+// sealed when it returns.
+func (s *Store) Settle(ctx context.Context) error {
+	resp, err := s.get(ctx, s.p+"ping")
+	if err != nil {
+		return err
+	}
+	return s.sealAll(ctx, resp.Header.Revision)
+}
+
+// sealAll seals pending groups, oldest first, until none is left that
+// commited at or before upTo (0: none at all), retrying lost races for
+// retryBudget.
+func (s *Store) sealAll(ctx context.Context, upTo int64) error {
+	s.seal.mu.Lock()
+	defer s.seal.mu.Unlock()
+	start := time.Now()
+	for {
+		more, err := s.sealOnce(ctx, upTo)
+		switch {
+		case errors.Is(err, engine.ErrConflict):
+			if time.Since(start) > retryBudget {
+				return fmt.Errorf("audit: sealing lost %v of races to other replicas: %w", retryBudget, err)
+			}
+			backoff()
+		case err != nil:
+			return err
+		case !more:
+			return nil
+		}
+	}
+}
+
+// sealOnce seals the oldest pending groups that fit one transaction and
+// reports whether more may wait.
+func (s *Store) sealOnce(ctx context.Context, upTo int64) (bool, error) {
+	opts := []clientv3.OpOption{clientv3.WithPrefix(), clientv3.WithSort(clientv3.SortByCreateRevision, clientv3.SortAscend), clientv3.WithLimit(sealOps)}
+	if upTo > 0 {
+		opts = append(opts, clientv3.WithMaxCreateRev(upTo))
+	}
+	resp, err := s.get(ctx, s.pendingPrefix(), opts...)
+	if err != nil {
+		return false, err
+	}
+	var recs []*kms.AuditRecord
+	var taken []*mvccKV
+	for _, kv := range resp.Kvs {
+		rs, err := decodePending(kv.Value)
+		if err != nil {
+			return false, fmt.Errorf("%w (%s)", err, kv.Key)
+		}
+		if len(taken) > 0 && len(recs)+len(rs)+len(taken)+1+2 > sealOps {
+			break
+		}
+		recs = append(recs, rs...)
+		taken = append(taken, &mvccKV{key: string(kv.Key), rev: kv.CreateRevision})
+	}
+	if len(taken) == 0 {
+		return false, nil
+	}
+	more := len(taken) < len(resp.Kvs) || resp.More
+	err = s.audit.Seal(ctx, recs, func(first uint64, rows [][]byte, head []byte) ([]byte, error) {
+		var cmps []clientv3.Cmp
+		if first == 0 {
+			cmps = append(cmps, clientv3.Compare(clientv3.Version(s.endK()), "=", 0))
+		} else {
+			cmps = append(cmps, clientv3.Compare(clientv3.Value(s.endK()), "=", hex16(first)))
+		}
+		ops := make([]clientv3.Op, 0, len(rows)+len(taken)+2)
+		for i, row := range rows {
+			ops = append(ops, clientv3.OpPut(s.rowK(first+uint64(i)), string(row)))
+		}
+		ops = append(ops, clientv3.OpPut(s.endK(), hex16(first+uint64(len(rows)))), clientv3.OpPut(s.headK(), string(head)))
+		for _, kv := range taken {
+			// Still pending: not sealed meanwhile by another replica.
+			cmps = append(cmps, clientv3.Compare(clientv3.CreateRevision(kv.key), "=", kv.rev))
+			ops = append(ops, clientv3.OpDelete(kv.key))
+		}
+		tctx, cancel := s.ctx(ctx)
+		defer cancel()
+		// If a compare fails, the log's head comes back: the next try
+		// starts where the log ends without reading rows.
+		tr, err := s.cli.Txn(tctx).If(cmps...).Then(ops...).Else(clientv3.OpGet(s.headK())).Commit()
+		if err != nil {
+			return nil, fmt.Errorf("etcd: %w", err)
+		}
+		if !tr.Succeeded {
+			var found []byte
+			if len(tr.Responses) == 1 {
+				if kvs := tr.Responses[0].GetResponseRange().GetKvs(); len(kvs) == 1 {
+					found = kvs[0].Value
+				}
+			}
+			return found, engine.ErrConflict
+		}
+		s.seal.rounds.Add(1)
+		return nil, nil
+	})
+	return more, err
+}
+
+type mvccKV struct {
+	key string
+	rev int64
+}
+
+// SealRounds counts the seal transactions this store committed.
+func (s *Store) SealRounds() uint64 { return s.seal.rounds.Load() }
+
+// Pending counts the audit groups waiting to be sealed.
+func (s *Store) Pending(ctx context.Context) (int64, error) {
+	resp, err := s.get(ctx, s.pendingPrefix(), clientv3.WithPrefix(), clientv3.WithCountOnly())
+	if err != nil {
+		return 0, err
+	}
+	return resp.Count, nil
+}
