@@ -31,10 +31,9 @@ import (
 // Replicas do not race each other for the log's end on the request path
 // (they did, one compare-and-swap per group, and three replicas served a
 // third of what one did: BENCHMARKS.md, issue 12). The elected "audit"
-// leader seals in the background, woken by pending groups it commits or
-// sees in the watch; any replica seals what is pending before it reads the
-// log (Settle), so a read sees every record acknowledged before it, on any
-// replica. Sealers that race lose only a retry, off the request path.
+// leader seals in the background, every SealInterval; any replica seals
+// what is pending before it reads the log (Settle), so a read sees every record
+// acknowledged before it, on any replica. Sealers that race lose only a retry, off the request path.
 
 func (s *Store) pendingPrefix() string { return s.p + "a/q/" }
 
@@ -79,7 +78,6 @@ type sealer struct {
 	writer string        // this store in its pending keys
 	seq    atomic.Uint64 // its pending groups
 	mu     sync.Mutex    // one seal at a time in this process
-	wake   chan struct{}
 	cancel context.CancelFunc
 	done   chan struct{}
 	rounds atomic.Uint64 // seal transactions committed by this store
@@ -89,15 +87,15 @@ type sealer struct {
 // the end and head keys, under etcd's default --max-txn-ops of 128.
 const sealOps = 120
 
-// SealInterval is how often the leader looks for pending groups that no
-// wake-up announced (a replica's group seen while the watch was down).
-const SealInterval = 100 * time.Millisecond
+// SealInterval is how often the leader seals what is pending: under load
+// one seal transaction takes every group of the interval (up to sealOps
+// operations, then at once the next), instead of one per group.
+const SealInterval = 50 * time.Millisecond
 
 func (s *Store) startSealing() {
 	b := make([]byte, 8)
 	rand.Read(b)
 	s.seal.writer = hex.EncodeToString(b)
-	s.seal.wake = make(chan struct{}, 1)
 	s.seal.done = make(chan struct{})
 	ctx, cancel := context.WithCancel(context.Background())
 	s.seal.cancel = cancel
@@ -113,7 +111,6 @@ func (s *Store) startSealing() {
 				select {
 				case <-ctx.Done():
 					return
-				case <-s.seal.wake:
 				case <-t.C:
 				}
 			}
@@ -127,14 +124,6 @@ func (s *Store) stopSealing() {
 	if s.seal.cancel != nil {
 		s.seal.cancel()
 		<-s.seal.done
-	}
-}
-
-// kick wakes the sealer if this replica leads.
-func (s *Store) kick() {
-	select {
-	case s.seal.wake <- struct{}{}:
-	default:
 	}
 }
 

@@ -243,9 +243,6 @@ func (s *Store) commit(ctx context.Context, cmps []clientv3.Cmp, ops []clientv3.
 	for _, r := range recs {
 		r.Committed = true
 	}
-	if len(recs) > 0 {
-		s.kick()
-	}
 	return nil
 }
 

@@ -110,11 +110,15 @@ func (s *Store) watch() {
 	rev := s.watchFrom // the revision to watch from; 0: from now
 	for ctx.Err() == nil {
 		wctx, wcancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
-		opts := []clientv3.OpOption{clientv3.WithPrefix(), clientv3.WithProgressNotify()}
+		// Only what the caches keep: keys, versions and tokens (k/ to v/;
+		// lead/ and m/ between them change rarely). Not the audit log's
+		// rows and pending groups, which are most of the writes, and which
+		// every replica would otherwise receive.
+		opts := []clientv3.OpOption{clientv3.WithRange(s.p + "w"), clientv3.WithProgressNotify()}
 		if rev > 0 {
 			opts = append(opts, clientv3.WithRev(rev))
 		}
-		ch := s.cli.Watch(wctx, s.p, opts...)
+		ch := s.cli.Watch(wctx, s.p+"k/", opts...)
 		broken := false
 		for !broken {
 			select {
@@ -143,9 +147,6 @@ func (s *Store) watch() {
 				}
 				var chs []kms.Change
 				for _, ev := range s.others(resp.Events, resp.Header.Revision) {
-					if ev.Type == clientv3.EventTypePut && strings.HasPrefix(string(ev.Kv.Key), s.pendingPrefix()) {
-						s.kick() // another replica's records wait to be sealed
-					}
 					if c, ok := s.change(string(ev.Kv.Key)); ok {
 						chs = append(chs, c)
 					}
