@@ -34,6 +34,7 @@ for i in 1 2 3; do
     --listen-client-urls "http://127.0.0.1:2379$i" --advertise-client-urls "http://127.0.0.1:2379$i" \
     --listen-peer-urls "http://127.0.0.1:2380$i" --initial-advertise-peer-urls "http://127.0.0.1:2380$i" \
     --initial-cluster "$cluster" --initial-cluster-state "$state" --initial-cluster-token kmsd-replicas \
+    --auto-compaction-mode periodic --auto-compaction-retention 10m \
     2>"$dir/etcd-$i.log" &
   pids+=($!)
 done
