@@ -441,7 +441,6 @@ func (l *Log) Seal(ctx context.Context, recs []*kms.AuditRecord, write func(firs
 	switch {
 	case err == nil:
 		l.next, l.front = after.next, after.front
-		l.groups.Add(1)
 	case errors.Is(err, ErrConflict):
 		l.conflicts.Add(1)
 		if p, derr := decodeHead(found); found != nil && derr == nil {
