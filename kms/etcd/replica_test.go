@@ -425,3 +425,32 @@ func TestLeadEndsWithEtcdGone(t *testing.T) {
 		t.Fatal("Lead still running 10 s after its context ended, etcd gone")
 	}
 }
+
+// TestCommitOutlivesItsCaller: a caller whose context ends while its
+// transaction is on its way (a client that went away mid-request) does not
+// abandon it: the change and its record commit and the call says so,
+// instead of reporting a failure for a transaction that may commit anyway.
+func TestCommitOutlivesItsCaller(t *testing.T) {
+	s := replicas(t, testetcd.Start(t, 1), 1)[0]
+	cctx, cancel := context.WithCancel(ctx)
+	etcd.SetBeforeCommit(t, cancel)
+	r := rec("create")
+	err := s.CreateKey(cctx, &kms.Key{Name: "k", Kind: "ml-dsa-65", Primary: 1, Latest: 1}, &kms.Version{Number: 1, State: kms.StateEnabled}, []*kms.AuditRecord{r})
+	if err != nil || !r.Committed {
+		t.Fatalf("create whose caller went away as it committed: %v (record committed: %v)", err, r.Committed)
+	}
+	etcd.SetBeforeCommit(t, nil)
+	if _, err := s.GetKey(ctx, "k"); err != nil {
+		t.Fatal(err)
+	}
+	if ops := storetest.CheckLog(t, s.Audit()); len(ops) != 1 || ops[0] != "create" {
+		t.Fatalf("log %v, want the create", ops)
+	}
+	// A caller gone before the transaction is even built changes nothing.
+	if err := s.CreateKey(cctx, &kms.Key{Name: "k2", Kind: "ml-dsa-65", Primary: 1, Latest: 1}, &kms.Version{Number: 1, State: kms.StateEnabled}, []*kms.AuditRecord{rec("create2")}); err == nil {
+		t.Fatal("a create whose caller had gone before it started committed")
+	}
+	if _, err := s.GetKey(ctx, "k2"); err == nil {
+		t.Fatal("k2 exists")
+	}
+}

@@ -225,8 +225,18 @@ func (s *Store) commit(ctx context.Context, cmps []clientv3.Cmp, ops []clientv3.
 	if len(ops) == 0 {
 		return nil
 	}
-	tctx, cancel := s.ctx(ctx)
+	// Once sent, a transaction is not abandoned when the caller's context
+	// ends (a client that went away mid-request): abandoned, it might
+	// still commit, and the caller would report a failure, with a record
+	// of it, for a change that took effect. The timeout still bounds it.
+	if err := ctx.Err(); err != nil {
+		return fmt.Errorf("etcd: %w", err) // gone before anything was sent
+	}
+	tctx, cancel := s.ctx(context.WithoutCancel(ctx))
 	defer cancel()
+	if testHookBeforeCommit != nil {
+		testHookBeforeCommit()
+	}
 	s.ownMu.RLock()
 	resp, err := s.cli.Txn(tctx).If(cmps...).Then(ops...).Commit()
 	if err == nil && resp.Succeeded {
@@ -245,6 +255,9 @@ func (s *Store) commit(ctx context.Context, cmps []clientv3.Cmp, ops []clientv3.
 	}
 	return nil
 }
+
+// testHookBeforeCommit, if set (tests only), runs as a transaction is sent.
+var testHookBeforeCommit func()
 
 func (s *Store) get(ctx context.Context, key string, opts ...clientv3.OpOption) (*clientv3.GetResponse, error) {
 	tctx, cancel := s.ctx(ctx)
