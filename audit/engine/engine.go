@@ -33,7 +33,6 @@ import (
 	"errors"
 	"fmt"
 	"math/bits"
-	"math/rand/v2"
 	"os"
 	"sync"
 	"sync/atomic"
@@ -69,8 +68,8 @@ type Rows interface {
 	LatestCheckpoint(ctx context.Context) (uint64, []byte, error)
 }
 
-// HeadReader is implemented by a store that keeps the Head of the last
-// batch it wrote: the log loads its position from it in one read. ReadHead
+// HeadReader is implemented by a store that keeps the head its last Seal
+// wrote: the log loads its position from it in one read. ReadHead
 // returns nil if the store has none (a log written before heads).
 type HeadReader interface {
 	ReadHead(ctx context.Context) ([]byte, error)
@@ -85,9 +84,9 @@ type Settler interface {
 	Settle(ctx context.Context) error
 }
 
-// ErrConflict is returned by a store whose rows do not end where a batch
-// starts: another writer (a replica) appended first. The engine reloads its
-// position; the store retries the transaction.
+// ErrConflict is returned by a Seal's write whose rows do not start where
+// the store's end: another replica sealed first. The engine takes the
+// position the write found; the store retries.
 var ErrConflict = errors.New("audit: the log grew under this transaction (another writer appended first)")
 
 // Options tune a Log.
@@ -97,9 +96,6 @@ type Options struct {
 	JournalPath string
 	// JournalSize is the journal's size (default DefaultWALSize).
 	JournalSize int64
-	// Shared says other processes append to the same rows (replicas): the
-	// engine expects ErrConflict and reloads its position.
-	Shared bool
 	// MaxGroup bounds the records of one group commit (default 4096): a
 	// store whose transactions hold a bounded number of operations (etcd:
 	// 128 by default) sets it below that.
@@ -109,7 +105,6 @@ type Options struct {
 // Log is the audit log's engine: a kms.AuditStore over a store's Rows.
 type Log struct {
 	rows     Rows
-	shared   bool
 	maxGroup int
 
 	appendCh       chan appendReq
@@ -136,7 +131,7 @@ type Log struct {
 	mu      sync.Mutex
 	next    uint64      // index of the next record
 	front   []tlog.Hash // front[l]: hash of the last complete subtree at level l
-	stale   bool        // the position may be behind the rows (shared, after a conflict)
+	stale   bool        // the position may be behind the rows (after a Seal that lost or was not answered)
 	pending [][]byte    // rows durable in the journal only: [next-len(pending), next)
 
 	wal        *wal // nil without a journal
@@ -159,7 +154,7 @@ func New(rows Rows, o Options) *Log {
 	if o.MaxGroup <= 0 || o.MaxGroup > maxGroup {
 		o.MaxGroup = maxGroup
 	}
-	return &Log{rows: rows, shared: o.Shared, maxGroup: o.MaxGroup, walPath: o.JournalPath, walSize: o.JournalSize,
+	return &Log{rows: rows, maxGroup: o.MaxGroup, walPath: o.JournalPath, walSize: o.JournalSize,
 		appendCh: make(chan appendReq, maxGroup), flushCh: make(chan struct{}, 1),
 		quit: make(chan struct{}), stopped: make(chan struct{}), flusherStopped: make(chan struct{})}
 }
@@ -326,9 +321,6 @@ func markCommitted(recs []*kms.AuditRecord) {
 type Batch struct {
 	First uint64
 	Rows  [][]byte
-	// Head is the log's position after the batch (EncodeHead), which a
-	// store may keep (HeadReader) to load the position in one read.
-	Head []byte
 
 	l     *Log
 	recs  []*kms.AuditRecord
@@ -360,7 +352,7 @@ func (l *Log) Stage(ctx context.Context, recs []*kms.AuditRecord) (*Batch, error
 	if len(l.pending) > 0 {
 		rows = append(append(make([][]byte, 0, len(l.pending)+len(rows)), l.pending...), rows...)
 	}
-	return &Batch{First: l.next - uint64(len(l.pending)), Rows: rows, Head: after.encodeHead(), l: l, recs: recs, after: after, flush: len(l.pending), held: true}, nil
+	return &Batch{First: l.next - uint64(len(l.pending)), Rows: rows, l: l, recs: recs, after: after, flush: len(l.pending), held: true}, nil
 }
 
 // encodeHead is the position as bytes: next (u64, big endian), then the
@@ -411,13 +403,6 @@ func (b *Batch) Done(err error) {
 			l.wal.flushed(b.First + uint64(b.flush))
 		}
 		markCommitted(b.recs)
-	case errors.Is(err, ErrConflict):
-		l.conflicts.Add(1)
-		l.stale = l.shared
-	case l.shared:
-		// A replicated store's transaction may have committed though the
-		// answer was lost: reload the position before the next batch.
-		l.stale = true
 	}
 }
 
@@ -537,31 +522,10 @@ func (l *Log) committer() {
 	}
 }
 
-// conflictBudget bounds how long one group is retried after other writers
-// appended first (replicas racing for the log's end) before it is refused
-// (a variable for tests). A time, not a count: under contention a replica
-// can lose 100 races in a row within a second, and three replicas refused
-// audited requests that way; turns (a starving replica taking the log's
-// end for itself) cost 2.5x the throughput (BENCHMARKS.md, issue 12).
-var conflictBudget = 5 * time.Second
-
 // direct commits recs in a store transaction of their own (which also
-// carries every row waiting in the journal), retrying after conflicts.
+// carries every row waiting in the journal).
 func (l *Log) direct(recs []*kms.AuditRecord) error {
-	start := time.Now()
-	for attempt := 0; ; attempt++ {
-		err := l.rows.WriteAudit(context.Background(), recs)
-		if !errors.Is(err, ErrConflict) || time.Since(start) > conflictBudget {
-			return err
-		}
-		backoff(attempt)
-	}
-}
-
-// backoff waits a random while, longer after each conflict, so that
-// replicas that keep appending at once stop colliding in step.
-func backoff(attempt int) {
-	time.Sleep(time.Duration(rand.Int64N(int64(min(attempt+1, 16)) * int64(time.Millisecond))))
+	return l.rows.WriteAudit(context.Background(), recs)
 }
 
 // commitGroup makes recs durable: as one journal frame, or without a

@@ -26,14 +26,6 @@ func SetFlushInterval(t *testing.T, d time.Duration) {
 	t.Cleanup(func() { flushInterval = old })
 }
 
-// SetConflictBudget sets how long a group is retried after conflicts, for
-// one test.
-func SetConflictBudget(t *testing.T, d time.Duration) {
-	old := conflictBudget
-	conflictBudget = d
-	t.Cleanup(func() { conflictBudget = old })
-}
-
 // Waiting is how many rows wait in the journal.
 func (l *Log) Waiting() int { return l.waiting() }
 

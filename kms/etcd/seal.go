@@ -11,6 +11,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"go.etcd.io/etcd/api/v3/mvccpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/kmsd-project/kmsd/audit/engine"
@@ -104,9 +105,13 @@ func (s *Store) startSealing() {
 		s.Lead(ctx, "audit", func(ctx context.Context) {
 			t := time.NewTicker(SealInterval)
 			defer t.Stop()
+			var warned time.Time
 			for {
-				if err := s.sealAll(ctx, 0); err != nil && ctx.Err() == nil {
-					s.log.Warn("sealing audit records", "err", err)
+				// A failing etcd would fail every round: one warning
+				// every 10 s, not 20 a second.
+				if err := s.sealAll(ctx, 0); err != nil && ctx.Err() == nil && time.Since(warned) > 10*time.Second {
+					s.log.Warn("sealing audit records (they stay pending, durable)", "err", err)
+					warned = time.Now()
 				}
 				select {
 				case <-ctx.Done():
@@ -172,7 +177,7 @@ func (s *Store) sealOnce(ctx context.Context, upTo int64) (bool, error) {
 		return false, err
 	}
 	var recs []*kms.AuditRecord
-	var taken []*mvccKV
+	var taken []*mvccpb.KeyValue
 	for _, kv := range resp.Kvs {
 		rs, err := decodePending(kv.Value)
 		if err != nil {
@@ -182,7 +187,7 @@ func (s *Store) sealOnce(ctx context.Context, upTo int64) (bool, error) {
 			break
 		}
 		recs = append(recs, rs...)
-		taken = append(taken, &mvccKV{key: string(kv.Key), rev: kv.CreateRevision})
+		taken = append(taken, kv)
 	}
 	if len(taken) == 0 {
 		return false, nil
@@ -202,8 +207,8 @@ func (s *Store) sealOnce(ctx context.Context, upTo int64) (bool, error) {
 		ops = append(ops, clientv3.OpPut(s.endK(), hex16(first+uint64(len(rows)))), clientv3.OpPut(s.headK(), string(head)))
 		for _, kv := range taken {
 			// Still pending: not sealed meanwhile by another replica.
-			cmps = append(cmps, clientv3.Compare(clientv3.CreateRevision(kv.key), "=", kv.rev))
-			ops = append(ops, clientv3.OpDelete(kv.key))
+			cmps = append(cmps, clientv3.Compare(clientv3.CreateRevision(string(kv.Key)), "=", kv.CreateRevision))
+			ops = append(ops, clientv3.OpDelete(string(kv.Key)))
 		}
 		tctx, cancel := s.ctx(ctx)
 		defer cancel()
@@ -226,21 +231,4 @@ func (s *Store) sealOnce(ctx context.Context, upTo int64) (bool, error) {
 		return nil, nil
 	})
 	return more, err
-}
-
-type mvccKV struct {
-	key string
-	rev int64
-}
-
-// SealRounds counts the seal transactions this store committed.
-func (s *Store) SealRounds() uint64 { return s.seal.rounds.Load() }
-
-// Pending counts the audit groups waiting to be sealed.
-func (s *Store) Pending(ctx context.Context) (int64, error) {
-	resp, err := s.get(ctx, s.pendingPrefix(), clientv3.WithPrefix(), clientv3.WithCountOnly())
-	if err != nil {
-		return 0, err
-	}
-	return resp.Count, nil
 }

@@ -40,7 +40,7 @@ import (
 //	P t/<id>                          token (JSON kms.Token)
 //	P a/r/<index>                     audit row (audit/engine)
 //	P a/end                           index after the last audit row
-//	P a/head                          the audit log's position (engine.Batch.Head)
+//	P a/head                          the audit log's position after the last seal
 //	P a/q/<writer>/<n>                a pending group of audit records (seal.go)
 //	P a/c/<size>                      signed checkpoint of the tree at size
 //	P m/<name>                        kmsd's own metadata
@@ -113,7 +113,7 @@ func Open(ctx context.Context, cli *clientv3.Client, o Options) (*Store, error) 
 	s.watchFrom = resp.Header.Revision + 1
 	// A group's rows go in one transaction: etcd takes 128 operations
 	// per transaction by default (--max-txn-ops), the end key among them.
-	s.audit = engine.New(s, engine.Options{Shared: true, MaxGroup: 100})
+	s.audit = engine.New(s, engine.Options{MaxGroup: 100})
 	if err := s.audit.Start(ctx); err != nil {
 		return nil, err
 	}
