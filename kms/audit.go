@@ -80,7 +80,8 @@ type AuditStore interface {
 	// AuditRecords returns the encoded records [start, end).
 	AuditRecords(ctx context.Context, start, end uint64) ([][]byte, error)
 	// AuditHashes returns the Merkle tree hashes stored at the given
-	// storage indexes (golang.org/x/mod/sumdb/tlog numbering).
+	// storage indexes (golang.org/x/mod/sumdb/tlog numbering), of a tree
+	// no larger than a size AuditSize returned.
 	AuditHashes(ctx context.Context, indexes []int64) ([][32]byte, error)
 	// PutCheckpoint stores a signed checkpoint of the tree at size.
 	PutCheckpoint(ctx context.Context, size uint64, note []byte) error
