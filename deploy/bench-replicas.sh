@@ -119,8 +119,8 @@ for i in 2 3; do
   ready "${addrs[$((i - 1))]}" # one at a time: SoftHSM's file store is not safe for two processes opening the token at once
 done
 bench "etcd-3" "${addrs[@]}" >>"$results"
-# the same three replicas with the whole load on one of them: what the
-# other replicas' appends to the one log cost (contention on its end)
+# the same three replicas with the whole load on one of them: beside the
+# split load, what spreading it over replicas of one log costs
 for kind in public-key sign rotate; do echo "etcd-3one $kind $(load "$kind" "${addrs[0]}")"; done >>"$results"
 
 awk '
