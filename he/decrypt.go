@@ -150,10 +150,10 @@ func (k *Kind) LoadSecret(seed kms.Secret, manifest []byte) (kms.PrivateKey, err
 	return secretKey{sk}, nil
 }
 
-// Decrypt implements kms.DecryptingKind: CKKS slots' real parts rounded to
-// logPrecision bits with DecodePublic (the mitigation of key-recovery
-// attacks on CKKS decryption results), BGV slots as integers mod t.
-func (k *Kind) Decrypt(priv kms.PrivateKey, manifest []byte, parsed any, logPrecision int) (any, error) {
+// Decrypt implements kms.DecryptingKind: CKKS slots' real parts after
+// noise flooding of the plan's size, rounded to the plan's precision; BGV
+// slots as integers mod t (the plan has shown the decryption correct).
+func (k *Kind) Decrypt(priv kms.PrivateKey, manifest []byte, parsed any, plan kms.DecryptPlan) (any, error) {
 	p, err := k.versionParams(manifest)
 	if err != nil {
 		return nil, err
@@ -164,9 +164,15 @@ func (k *Kind) Decrypt(priv kms.PrivateKey, manifest []byte, parsed any, logPrec
 		return nil, fmt.Errorf("he: wrong key or ciphertext type")
 	}
 	if k.scheme == CKKS {
+		if plan.Precision < MinFloodPrecision || plan.FloodSigmaLog2 <= 0 {
+			return nil, fmt.Errorf("he: a ckks decryption without a flooding plan")
+		}
 		pt := rlwe.NewDecryptor(p.CKKS, sk.sk).DecryptNew(ct)
+		if err := flood(p.RLWE(), pt, plan.FloodSigmaLog2); err != nil {
+			return nil, err
+		}
 		vals := make([]float64, pt.Slots())
-		if err := ckks.NewEncoder(p.CKKS).DecodePublic(pt, vals, float64(logPrecision)); err != nil {
+		if err := ckks.NewEncoder(p.CKKS).DecodePublic(pt, vals, float64(plan.Precision)); err != nil {
 			return nil, err
 		}
 		return vals, nil

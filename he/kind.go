@@ -60,8 +60,8 @@ func (k *Kind) resolve(p kms.Policy) (*Params, KeySpec, []uint64, error) {
 
 // CheckPolicy implements kms.KeysetKind.
 func (k *Kind) CheckPolicy(p kms.Policy) (kms.Policy, int64, error) {
-	if p.DecryptLogPrecision < 0 || p.DecryptLogPrecision > 52 {
-		return p, 0, kms.Errorf(kms.KindInvalid, "decrypt_log_precision must be between 1 and 52 bits")
+	if p.DecryptLogPrecision < 0 || p.DecryptLogPrecision > MaxDecryptLogPrecision {
+		return p, 0, kms.Errorf(kms.KindInvalid, "decrypt_log_precision must be between 1 and %d bits: decryption floods the noise, which leaves no more (README: What decryption reveals)", MaxDecryptLogPrecision)
 	}
 	if p.DecryptLogPrecision != 0 && k.scheme != CKKS {
 		return p, 0, kms.Errorf(kms.KindInvalid, "decrypt_log_precision applies to ckks only")

@@ -98,11 +98,17 @@ func repeat(v, n int) []int {
 }
 
 // presets are chosen so that log2(QP) stays under MaxLogQP with a margin.
+// The CKKS presets are made for decryption with noise flooding (flood.go):
+// a 55-bit scale (50 at 2^13, where the table allows no more) over a
+// 58-60-bit first prime, which leaves room for messages up to 2^4-2^7 in
+// magnitude, and a special modulus P at least as large as a key-switching
+// digit, so key switches add little more than rounding. BENCHMARKS.md
+// gives the precision each keeps after flooding.
 var ckksPresets = map[string]ckks.ParametersLiteral{
-	"ckks-logn13": {LogN: 13, LogQ: []int{45, 35, 35, 35}, LogP: []int{45}, LogDefaultScale: 35},
-	"ckks-logn14": {LogN: 14, LogQ: append([]int{55}, repeat(40, 7)...), LogP: []int{55, 45}, LogDefaultScale: 40},
-	"ckks-logn15": {LogN: 15, LogQ: append([]int{60}, repeat(45, 14)...), LogP: []int{61, 61, 61}, LogDefaultScale: 45},
-	"ckks-logn16": {LogN: 16, LogQ: append([]int{60}, repeat(50, 26)...), LogP: repeat(61, 6), LogDefaultScale: 50},
+	"ckks-logn13": {LogN: 13, LogQ: []int{58, 50, 50}, LogP: []int{58}, LogDefaultScale: 50},
+	"ckks-logn14": {LogN: 14, LogQ: append([]int{60}, repeat(55, 4)...), LogP: []int{60, 60}, LogDefaultScale: 55},
+	"ckks-logn15": {LogN: 15, LogQ: append([]int{60}, repeat(55, 11)...), LogP: []int{60, 60, 60}, LogDefaultScale: 55},
+	"ckks-logn16": {LogN: 16, LogQ: append([]int{60}, repeat(55, 26)...), LogP: repeat(60, 4), LogDefaultScale: 55},
 }
 
 var bgvPresets = map[string]bgv.ParametersLiteral{

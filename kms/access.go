@@ -1,5 +1,7 @@
 package kms
 
+import "slices"
+
 // Permission is what a request needs from its principal.
 type Permission string
 
@@ -19,12 +21,25 @@ const (
 	// PermIntrospect: ask whether a bearer token is active and what it may
 	// do (a worker such as kmsd-mcp checks its own clients' tokens).
 	PermIntrospect Permission = "introspect-tokens"
+	// PermAttestInput: vouch for a ciphertext as an encryption by the
+	// token's holder (a data owner), so that it may be decrypted.
+	PermAttestInput Permission = "attest-input"
+	// PermAttestEvaluation: vouch for a ciphertext as the result of an
+	// evaluation on attested inputs (an evaluator such as kmsd-mcp).
+	PermAttestEvaluation Permission = "attest-evaluation"
 )
 
+// separated are the permissions no role that decrypts may exercise: a
+// token that could both vouch for a ciphertext and decrypt it would be a
+// decryption oracle for chosen ciphertexts. An admin may still grant them
+// (create encryptor and worker tokens).
+var separated = map[Permission]bool{PermAttestInput: true, PermAttestEvaluation: true}
+
 var rolePerms = map[Role][]Permission{
-	RoleAdmin:     {PermReadKey, PermUseKey, PermManageKey, PermManageTokens, PermReadAudit, PermDecrypt, PermIntrospect},
+	RoleAdmin:     {PermReadKey, PermUseKey, PermManageKey, PermManageTokens, PermReadAudit, PermDecrypt, PermIntrospect, PermAttestInput, PermAttestEvaluation},
 	RoleDecryptor: {PermReadKey, PermDecrypt},
-	RoleWorker:    {PermReadKey, PermIntrospect},
+	RoleWorker:    {PermReadKey, PermIntrospect, PermAttestEvaluation},
+	RoleEncryptor: {PermReadKey, PermAttestInput},
 	RoleAuditor:   {PermReadAudit},
 }
 
@@ -41,6 +56,9 @@ func (p *Principal) Authorize(perm Permission, key string) error {
 			allowed = true
 			break
 		}
+	}
+	if allowed && separated[perm] && slices.Contains(rolePerms[p.Role], PermDecrypt) {
+		return Errorf(KindPermissionDenied, "role %s decrypts, so it may not %s (separation of duties: a token that vouches for ciphertexts never decrypts them; use an encryptor or worker token)", p.Role, perm)
 	}
 	if !allowed {
 		return Errorf(KindPermissionDenied, "role %s may not %s", p.Role, perm)

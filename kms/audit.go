@@ -26,8 +26,19 @@ type AuditRecord struct {
 	Token     string `json:"token,omitempty"`   // id (never the secret) of the token a token operation touched
 	Status    int    `json:"status"`            // HTTP status of the answer
 	Problem   string `json:"problem,omitempty"` // problem type on failure
-	ReqBytes  int    `json:"req_bytes,omitempty"`
-	RespBytes int    `json:"resp_bytes,omitempty"` // omitted for state changes: the record commits before the answer is written
+	// The attestation an HE request issued or decrypted under (its id), the
+	// token that vouched for the ciphertext, its type and operation
+	// ("input:encrypt", "evaluation:he_linear"), and an evaluation's inputs
+	// as "<attestation id>:<token id>".
+	Attestation string   `json:"attestation,omitempty"`
+	Attester    string   `json:"attester,omitempty"`
+	AttestedOp  string   `json:"attested_op,omitempty"`
+	Inputs      []string `json:"inputs,omitempty"`
+	// Precision is the bits of precision a CKKS decryption returned after
+	// noise flooding.
+	Precision int `json:"precision,omitempty"`
+	ReqBytes  int `json:"req_bytes,omitempty"`
+	RespBytes int `json:"resp_bytes,omitempty"` // omitted for state changes: the record commits before the answer is written
 	// A summary of requests refused over a rate limit: how many, the first
 	// and the last (RFC 3339, UTC).
 	Count uint64 `json:"count,omitempty"`

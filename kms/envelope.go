@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"io"
 	"math"
 	"regexp"
 )
@@ -23,15 +24,23 @@ type Envelope struct {
 	Slots    int     `json:"slots"`
 	// Ciphertext is the Lattigo ciphertext's MarshalBinary bytes.
 	Ciphertext []byte `json:"ciphertext"`
+	// Attestation is kmsd's signed statement of where the ciphertext comes
+	// from (an attested input, or an evaluation on attested inputs);
+	// decryption requires it. It is not part of the envelope's digest.
+	Attestation *Attestation `json:"attestation,omitempty"`
 }
 
 var paramsIDRE = regexp.MustCompile(`^sha256:[0-9a-f]{64}$`)
 
-// ParseEnvelope decodes an envelope strictly (one JSON object, no unknown
-// or missing fields, nothing after it) and checks its fields' forms; the
+// ParseEnvelope decodes an envelope strictly (one JSON object, no unknown,
+// duplicate, missing or upper-case fields, nothing after it) and checks its
+// fields' forms; the
 // ciphertext must be at most maxCiphertext bytes. It does not look inside
 // the ciphertext: the kind does that against the version's parameters.
 func ParseEnvelope(b []byte, maxCiphertext int) (*Envelope, error) {
+	if err := CheckJSONKeys(b); err != nil {
+		return nil, Errorf(KindInvalid, "not a ciphertext envelope: %s", err.Error())
+	}
 	dec := json.NewDecoder(bytes.NewReader(b))
 	dec.DisallowUnknownFields()
 	var raw struct {
@@ -42,17 +51,19 @@ func ParseEnvelope(b []byte, maxCiphertext int) (*Envelope, error) {
 		Scale      *float64 `json:"scale"`
 		Slots      *int     `json:"slots"`
 		Ciphertext *[]byte  `json:"ciphertext"`
+		// Attestation is optional in the form; decryption requires it.
+		Attestation *Attestation `json:"attestation"`
 	}
 	if err := dec.Decode(&raw); err != nil {
 		return nil, Errorf(KindInvalid, "not a ciphertext envelope: %s", clipErr(err))
 	}
-	if dec.More() {
+	if _, err := dec.Token(); err != io.EOF {
 		return nil, Errorf(KindInvalid, "not a ciphertext envelope: data after the object")
 	}
 	if raw.Key == nil || raw.Version == nil || raw.ParamsID == nil || raw.Level == nil || raw.Scale == nil || raw.Slots == nil || raw.Ciphertext == nil {
 		return nil, Errorf(KindInvalid, "a ciphertext envelope needs key, version, params_id, level, scale, slots and ciphertext")
 	}
-	e := &Envelope{Key: *raw.Key, Version: *raw.Version, ParamsID: *raw.ParamsID, Level: *raw.Level, Scale: *raw.Scale, Slots: *raw.Slots, Ciphertext: *raw.Ciphertext}
+	e := &Envelope{Key: *raw.Key, Version: *raw.Version, ParamsID: *raw.ParamsID, Level: *raw.Level, Scale: *raw.Scale, Slots: *raw.Slots, Ciphertext: *raw.Ciphertext, Attestation: raw.Attestation}
 	if err := e.Check(maxCiphertext); err != nil {
 		return nil, err
 	}

@@ -231,9 +231,31 @@ type DecryptingKind interface {
 	ParseCiphertext(manifest []byte, env *Envelope) (any, error)
 	// LoadSecret derives the version's secret key from its seed.
 	LoadSecret(seed Secret, manifest []byte) (PrivateKey, error)
-	// Decrypt decrypts a parsed ciphertext: CKKS real parts rounded to
-	// logPrecision bits, BGV integers.
-	Decrypt(priv PrivateKey, manifest []byte, ct any, logPrecision int) (any, error)
+	// NoiseBound returns log2 of a bound on the noise of a ciphertext of
+	// the version at level: a fresh public-key encryption (in empty), or
+	// the result of an evaluation on inputs whose bounds are in, which
+	// multiplies their noise by at most amplification and does keySwitches
+	// key switches. Decryption sizes its noise flooding from it.
+	NoiseBound(manifest []byte, level int, in []float64, amplification float64, keySwitches int) (float64, error)
+	// DecryptPlan decides, from public data only (the parameters, the
+	// ciphertext's level and scale, its attested noise bound, the version's
+	// budget), whether and how a ciphertext is decrypted: the flooding and
+	// the precision left for CKKS (at most logPrecision), correctness for
+	// BGV. A refusal is KindInvalid.
+	DecryptPlan(manifest []byte, ct any, noiseLog2 float64, budget uint64, logPrecision int) (DecryptPlan, error)
+	// Decrypt decrypts a parsed ciphertext as planned: CKKS real parts
+	// flooded and rounded, BGV integers.
+	Decrypt(priv PrivateKey, manifest []byte, ct any, plan DecryptPlan) (any, error)
+}
+
+// DecryptPlan is how a decryption is done.
+type DecryptPlan struct {
+	// Precision is the bits a CKKS result is rounded to (0 for BGV).
+	Precision int
+	// FloodSigmaLog2 is log2 of the flooding noise's standard deviation.
+	FloodSigmaLog2 float64
+	// Queries is the number of decryptions the flooding is sized for.
+	Queries float64
 }
 
 // DefaultDecryptLogPrecision is the rounding of CKKS results when the policy
@@ -277,9 +299,33 @@ func (s *Service) Decrypt(ctx context.Context, name string, n uint64, env *Envel
 	if err := env.MatchVersion(name, v.Number, m.ParamsID); err != nil {
 		return nil, 0, err
 	}
+	// Provenance first: only a ciphertext kmsd attested (an input of a
+	// data owner, or an evaluation on attested inputs) is decrypted.
+	if env.Attestation == nil {
+		return nil, 0, Errorf(KindInvalid, "the ciphertext has no attestation: kmsd decrypts only attested inputs (kmsctl he encrypt with an encryptor token) and results an evaluator computed from them (kmsd-mcp), so that a chosen ciphertext cannot turn decryption into a secret-key oracle")
+	}
+	st, err := s.VerifyAttestation(ctx, env.Attestation)
+	if err != nil {
+		return nil, 0, err
+	}
+	if err := st.Covers(env); err != nil {
+		return nil, 0, err
+	}
+	noteAttestation(ctx, st)
 	parsed, err := dk.ParseCiphertext(v.Manifest, env)
 	if err != nil {
 		return nil, 0, err
+	}
+	prec := k.Policy.DecryptLogPrecision
+	if prec == 0 {
+		prec = DefaultDecryptLogPrecision
+	}
+	plan, err := dk.DecryptPlan(v.Manifest, parsed, st.NoiseLog2, k.Policy.DecryptBudget, prec)
+	if err != nil {
+		return nil, 0, err
+	}
+	if rec, _ := ctx.Value(auditKey{}).(*AuditRecord); rec != nil {
+		rec.Precision = plan.Precision
 	}
 	priv, ok := s.cache.get(name, v.Number)
 	if !ok {
@@ -312,11 +358,7 @@ func (s *Service) Decrypt(ctx context.Context, name string, n uint64, env *Envel
 	if err != nil {
 		return nil, 0, err
 	}
-	prec := k.Policy.DecryptLogPrecision
-	if prec == 0 {
-		prec = DefaultDecryptLogPrecision
-	}
-	vals, err := dk.Decrypt(priv, v.Manifest, parsed, prec)
+	vals, err := dk.Decrypt(priv, v.Manifest, parsed, plan)
 	if err != nil {
 		return nil, 0, Wrap(KindInternal, "decrypt", err)
 	}

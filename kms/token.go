@@ -24,6 +24,9 @@ const (
 	RoleAuditor Role = "auditor"
 	// RoleDecryptor may read keys and decrypt HE ciphertexts.
 	RoleDecryptor Role = "decryptor"
+	// RoleEncryptor may read keys and vouch for its own encryptions (HE
+	// inputs) so that they may be decrypted.
+	RoleEncryptor Role = "encryptor"
 )
 
 // Token is a bearer token as stored: its secret is kept only as a hash.
@@ -141,10 +144,10 @@ func (p *Principal) MayUse(name string) bool {
 // ValidateRole checks a role named from outside.
 func ValidateRole(r Role) error {
 	switch r {
-	case RoleAdmin, RoleWorker, RoleAuditor, RoleDecryptor:
+	case RoleAdmin, RoleWorker, RoleAuditor, RoleDecryptor, RoleEncryptor:
 		return nil
 	}
-	return Errorf(KindInvalid, "unknown role: want admin, worker, auditor or decryptor")
+	return Errorf(KindInvalid, "unknown role: want admin, worker, encryptor, auditor or decryptor")
 }
 
 // ValidatePatterns checks key-name patterns named from outside.

@@ -1,0 +1,304 @@
+package kms
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/binary"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"math"
+	"regexp"
+	"time"
+)
+
+// Attestations give HE ciphertexts provenance. kmsd decrypts only a
+// ciphertext whose envelope carries an attestation it signed itself: a
+// statement, signed with the service's ML-DSA-65 identity key, that binds
+// the envelope's digest to the token that vouched for it and how the
+// ciphertext came to be:
+//
+//   - "input": an encryption by a data owner (an encryptor token) under the
+//     version's public key;
+//   - "evaluation": the result of an evaluation (a worker token, such as
+//     kmsd-mcp's) of an operation on attested inputs, whose statements it
+//     names.
+//
+// Each statement also carries kmsd's bound on the ciphertext's noise, from
+// which decryption sizes its noise flooding. A ciphertext someone built
+// (the chosen ciphertexts that recover a secret key from decryptions) has
+// no attestation, or one that names whoever vouched for it.
+
+// AttestationContext is the ML-DSA context string of attestation
+// signatures.
+const AttestationContext = "kmsd attestation v1"
+
+// Statement types.
+const (
+	StatementInput      = "input"
+	StatementEvaluation = "evaluation"
+)
+
+// MaxAttestInputs is how many input attestations one evaluation may name.
+const MaxAttestInputs = 64
+
+// Statement is what an attestation says.
+type Statement struct {
+	Type     string  `json:"type"`
+	ID       string  `json:"id"`
+	Key      string  `json:"key"`
+	Version  uint64  `json:"version"`
+	ParamsID string  `json:"params_id"`
+	Digest   string  `json:"digest"` // the envelope's digest (Envelope.Digest)
+	Level    int     `json:"level"`
+	Scale    float64 `json:"scale"`
+	Slots    int     `json:"slots"`
+	By       string  `json:"by"` // the id of the token that vouched
+	Role     Role    `json:"role"`
+	Op       string  `json:"op"` // "encrypt", or the evaluation's operation
+	// Inputs are the statements an evaluation consumed (evaluation only).
+	Inputs []InputRef `json:"inputs,omitempty"`
+	// Amplification and KeySwitches are what the evaluator declared of
+	// its operation (evaluation only): the largest factor it multiplies an
+	// input's noise by, and how many key switches it does.
+	Amplification float64 `json:"amplification,omitempty"`
+	KeySwitches   int     `json:"key_switches,omitempty"`
+	// NoiseLog2 is kmsd's bound on log2 of the ciphertext's noise (the
+	// largest coefficient of its error polynomial).
+	NoiseLog2 float64 `json:"noise_log2"`
+	Issued    string  `json:"issued"`
+}
+
+// InputRef names an input of an evaluation.
+type InputRef struct {
+	ID     string `json:"id"`
+	Digest string `json:"digest"`
+	By     string `json:"by"`
+	Type   string `json:"type"`
+}
+
+// Attestation is a signed statement: Payload is the statement's JSON,
+// Signature its ML-DSA-65 signature (context AttestationContext) with
+// version SignedBy of the identity key (GET /v1/identity).
+type Attestation struct {
+	Payload   []byte `json:"payload"`
+	Signature []byte `json:"signature"`
+	SignedBy  uint64 `json:"signed_by"`
+}
+
+// AttestRequest is what a token asks kmsd to vouch for: the digest of an
+// envelope (Envelope.Digest) with its level, scale and slots, and, for an
+// evaluation, the attestations of its inputs and the declared shape of its
+// operation.
+type AttestRequest struct {
+	Digest        string
+	Level         int
+	Scale         float64
+	Slots         int
+	Op            string
+	Inputs        []*Attestation
+	Amplification float64
+	KeySwitches   int
+}
+
+var (
+	digestRE = regexp.MustCompile(`^sha256:[0-9a-f]{64}$`)
+	opRE     = regexp.MustCompile(`^[a-z][a-z0-9_.-]{0,63}$`)
+)
+
+// Digest is the SHA-256 of everything the envelope says but its
+// attestation: key, version, parameters, level, scale, slots and the
+// ciphertext, each length-prefixed or of fixed size, as "sha256:<hex>".
+func (e *Envelope) Digest() string {
+	h := sha256.New()
+	var b [8]byte
+	put := func(s []byte) {
+		binary.BigEndian.PutUint64(b[:], uint64(len(s)))
+		h.Write(b[:])
+		h.Write(s)
+	}
+	put([]byte("kmsd envelope v1"))
+	put([]byte(e.Key))
+	binary.BigEndian.PutUint64(b[:], e.Version)
+	h.Write(b[:])
+	put([]byte(e.ParamsID))
+	binary.BigEndian.PutUint64(b[:], uint64(int64(e.Level)))
+	h.Write(b[:])
+	binary.BigEndian.PutUint64(b[:], math.Float64bits(e.Scale))
+	h.Write(b[:])
+	binary.BigEndian.PutUint64(b[:], uint64(int64(e.Slots)))
+	h.Write(b[:])
+	put(e.Ciphertext)
+	return "sha256:" + hex.EncodeToString(h.Sum(nil))
+}
+
+// Attest vouches for a ciphertext of version n of key name on behalf of
+// p: an input (op "encrypt", an encryptor token) or an evaluation (any
+// other op, a worker token, with the attestations of its inputs, all for
+// the same version). The statement is signed with the identity key; the
+// request's audit record names it.
+func (s *Service) Attest(ctx context.Context, p *Principal, name string, n uint64, req AttestRequest) (*Attestation, *Statement, error) {
+	if err := ValidateName(name); err != nil {
+		return nil, nil, err
+	}
+	if n == 0 {
+		return nil, nil, Errorf(KindInvalid, "name the version the ciphertext is under")
+	}
+	switch {
+	case !digestRE.MatchString(req.Digest):
+		return nil, nil, Errorf(KindInvalid, "digest must be sha256:<64 lower-case hex digits> (the envelope's digest)")
+	case req.Level < 0 || req.Level > 64:
+		return nil, nil, Errorf(KindInvalid, "level %d is out of range", req.Level)
+	case !(req.Scale >= 1) || math.IsInf(req.Scale, 0):
+		return nil, nil, Errorf(KindInvalid, "scale must be a finite number of at least 1")
+	case req.Slots < 1 || req.Slots > 1<<16:
+		return nil, nil, Errorf(KindInvalid, "slots must be from 1 to 65536")
+	case !opRE.MatchString(req.Op):
+		return nil, nil, Errorf(KindInvalid, "op must be a lower-case name of at most 64 characters (\"encrypt\" for an input)")
+	}
+	st := &Statement{Key: name, Version: n, Digest: req.Digest, Level: req.Level, Scale: req.Scale, Slots: req.Slots,
+		By: p.TokenID, Role: p.Role, Op: req.Op, Issued: s.clock.Now().UTC().Format(time.RFC3339Nano)}
+	if req.Op == "encrypt" {
+		if err := p.Authorize(PermAttestInput, name); err != nil {
+			return nil, nil, err
+		}
+		if len(req.Inputs) > 0 || req.Amplification != 0 || req.KeySwitches != 0 {
+			return nil, nil, Errorf(KindInvalid, "an input (op \"encrypt\") takes no inputs, amplification or key_switches")
+		}
+		st.Type = StatementInput
+	} else {
+		if err := p.Authorize(PermAttestEvaluation, name); err != nil {
+			return nil, nil, err
+		}
+		switch {
+		case len(req.Inputs) == 0:
+			return nil, nil, Errorf(KindInvalid, "an evaluation names the attestations of its inputs: kmsd vouches only for results computed from attested inputs")
+		case len(req.Inputs) > MaxAttestInputs:
+			return nil, nil, Errorf(KindInvalid, "an evaluation takes at most %d inputs", MaxAttestInputs)
+		case !(req.Amplification >= 1) || req.Amplification > 1<<40:
+			return nil, nil, Errorf(KindInvalid, "amplification must be from 1 to 2^40: the largest factor the operation multiplies an input's noise by (the sum of the absolute weights of an output)")
+		case req.KeySwitches < 0 || req.KeySwitches > 1<<16:
+			return nil, nil, Errorf(KindInvalid, "key_switches must be from 0 to 65536")
+		}
+		st.Type, st.Amplification, st.KeySwitches = StatementEvaluation, req.Amplification, req.KeySwitches
+	}
+	k, v, kind, err := s.usable(ctx, name, n, OpDecrypt)
+	if err != nil {
+		return nil, nil, err
+	}
+	dk, ok := kind.(DecryptingKind)
+	if !ok || v.Manifest == nil {
+		return nil, nil, Errorf(KindFailedPrecondition, "key %q of kind %s does not decrypt", name, k.Kind)
+	}
+	var m Manifest
+	if err := json.Unmarshal(v.Manifest, &m); err != nil {
+		return nil, nil, Wrap(KindInternal, "manifest", err)
+	}
+	st.ParamsID = m.ParamsID
+	var in []float64
+	for i, a := range req.Inputs {
+		ist, err := s.VerifyAttestation(ctx, a)
+		if err != nil {
+			return nil, nil, Errorf(KindInvalid, "input %d: %s", i, errText(err))
+		}
+		if ist.Key != name || ist.Version != n || ist.ParamsID != m.ParamsID {
+			return nil, nil, Errorf(KindInvalid, "input %d is attested for key %q version %d, not %q version %d", i, ist.Key, ist.Version, name, n)
+		}
+		if ist.Level < req.Level {
+			return nil, nil, Errorf(KindInvalid, "input %d is at level %d, below the result's level %d", i, ist.Level, req.Level)
+		}
+		st.Inputs = append(st.Inputs, InputRef{ID: ist.ID, Digest: ist.Digest, By: ist.By, Type: ist.Type})
+		in = append(in, ist.NoiseLog2)
+	}
+	st.NoiseLog2, err = dk.NoiseBound(v.Manifest, req.Level, in, req.Amplification, req.KeySwitches)
+	if err != nil {
+		return nil, nil, err
+	}
+	id := make([]byte, 16)
+	if _, err := s.rand.Read(id); err != nil {
+		return nil, nil, Wrap(KindInternal, "attestation id", err)
+	}
+	st.ID = hex.EncodeToString(id)
+	payload, err := json.Marshal(st)
+	if err != nil {
+		return nil, nil, Wrap(KindInternal, "statement", err)
+	}
+	sig, by, err := s.SignAsIdentity(ctx, payload, []byte(AttestationContext))
+	if err != nil {
+		return nil, nil, err
+	}
+	auditFor(ctx, name, n)
+	noteAttestation(ctx, st)
+	return &Attestation{Payload: payload, Signature: sig, SignedBy: by}, st, nil
+}
+
+// VerifyAttestation checks an attestation's signature with the version of
+// the identity key it names and returns its statement. It does not compare
+// the statement with an envelope: the caller does (Statement.Covers).
+func (s *Service) VerifyAttestation(ctx context.Context, a *Attestation) (*Statement, error) {
+	if a == nil {
+		return nil, Errorf(KindInvalid, "no attestation")
+	}
+	if a.SignedBy == 0 || a.SignedBy > math.MaxUint32 || len(a.Payload) == 0 || len(a.Payload) > 64<<10 || len(a.Signature) == 0 || len(a.Signature) > 8<<10 {
+		return nil, Errorf(KindInvalid, "the attestation is malformed (payload, signature, signed_by)")
+	}
+	_, v, err := s.resolve(ctx, IdentityKeyName, a.SignedBy)
+	if err != nil {
+		return nil, Errorf(KindInvalid, "the attestation is signed by identity version %d, which this kmsd does not have", a.SignedBy)
+	}
+	kind, err := s.kinds.Lookup(IdentityKind)
+	if err != nil {
+		return nil, Wrap(KindInternal, "identity kind", err)
+	}
+	ok, err := kind.(SigningKind).Verify(v.PublicKey, a.Payload, []byte(AttestationContext), a.Signature)
+	if err != nil || !ok {
+		return nil, Errorf(KindInvalid, "the attestation's signature does not verify: kmsd did not issue it, or it was changed")
+	}
+	dec := json.NewDecoder(bytes.NewReader(a.Payload))
+	dec.DisallowUnknownFields()
+	var st Statement
+	if err := dec.Decode(&st); err != nil {
+		return nil, Wrap(KindInternal, "attestation statement", err)
+	}
+	if st.Type != StatementInput && st.Type != StatementEvaluation {
+		return nil, Errorf(KindInternal, "attestation statement of type %q", st.Type)
+	}
+	return &st, nil
+}
+
+// Covers refuses an envelope the statement does not vouch for.
+func (st *Statement) Covers(e *Envelope) error {
+	if st.Key != e.Key || st.Version != e.Version || st.ParamsID != e.ParamsID {
+		return Errorf(KindInvalid, "the attestation is for key %q version %d, not this envelope's %q version %d", st.Key, st.Version, e.Key, e.Version)
+	}
+	if st.Digest != e.Digest() || st.Level != e.Level || st.Scale != e.Scale || st.Slots != e.Slots {
+		return Errorf(KindInvalid, "the attestation does not cover this ciphertext (its digest, level, scale or slots differ): kmsd decrypts only the ciphertexts that were attested")
+	}
+	return nil
+}
+
+// errText is an error's message for a client.
+func errText(err error) string {
+	var e *Error
+	if errors.As(err, &e) {
+		return e.Msg
+	}
+	return "invalid"
+}
+
+// noteAttestation names a statement in the request's audit record.
+func noteAttestation(ctx context.Context, st *Statement) {
+	rec, _ := ctx.Value(auditKey{}).(*AuditRecord)
+	if rec == nil {
+		return
+	}
+	rec.Attestation = st.ID
+	rec.Attester = st.By
+	rec.AttestedOp = st.Type + ":" + st.Op
+	rec.Inputs = nil
+	for _, in := range st.Inputs {
+		rec.Inputs = append(rec.Inputs, fmt.Sprintf("%s:%s", in.ID, in.By))
+	}
+}
