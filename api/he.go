@@ -161,8 +161,9 @@ func (s *Server) decrypt(w http.ResponseWriter, r *http.Request) {
 		writeProblem(w, r, http.StatusUnsupportedMediaType, ProbUnsupportedMedia, "the body must be a ciphertext envelope (application/json): key, version, params_id, level, scale, slots, ciphertext")
 		return
 	}
-	// The envelope carries the ciphertext in base64, plus a few fields.
-	bodyLimit := limit/3*4 + 8<<10
+	// The envelope carries the ciphertext in base64, plus a few fields and
+	// its attestation (an ML-DSA-65 signature and a statement).
+	bodyLimit := limit/3*4 + 96<<10
 	body, err := io.ReadAll(http.MaxBytesReader(nil, r.Body, bodyLimit))
 	var mbe *http.MaxBytesError
 	if errors.As(err, &mbe) {
@@ -180,10 +181,38 @@ func (s *Server) decrypt(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	pending(r, http.StatusOK)
-	vals, v, err := s.svc.Decrypt(r.Context(), name, n, env)
+	res, err := s.svc.Decrypt(r.Context(), name, n, env)
 	if err != nil {
 		writeError(w, r, err)
 		return
 	}
-	writeJSON(w, http.StatusOK, client.DecryptResponse{Values: vals, Version: v})
+	writeJSON(w, http.StatusOK, client.DecryptResponse{Values: res.Values, Version: res.Version, Precision: res.Precision})
+}
+
+// attest vouches for a ciphertext: an input (encryptor) or an evaluation
+// on attested inputs (worker); the service checks the role for the op.
+func (s *Server) attest(w http.ResponseWriter, r *http.Request) {
+	n, err := versionParam(r)
+	if err != nil {
+		writeError(w, r, err)
+		return
+	}
+	if n == 0 {
+		writeProblem(w, r, http.StatusBadRequest, ProbInvalid, "name the version the ciphertext is under")
+		return
+	}
+	var req client.AttestRequest
+	if !readBody(w, r, &req, false) {
+		return
+	}
+	ev := eventFrom(r)
+	ev.version = n
+	a, st, err := s.svc.Attest(r.Context(), ev.principal, chi.URLParam(r, "name"), n, kms.AttestRequest{
+		Digest: req.Digest, Level: req.Level, Scale: req.Scale, Slots: req.Slots, Op: req.Op,
+		Inputs: req.Inputs, Amplification: req.Amplification, KeySwitches: req.KeySwitches})
+	if err != nil {
+		writeError(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, client.AttestResponse{Attestation: a, Statement: st})
 }

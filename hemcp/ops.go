@@ -9,6 +9,7 @@ package hemcp
 import (
 	"errors"
 	"fmt"
+	"math"
 	"math/bits"
 	"sort"
 
@@ -73,14 +74,32 @@ func (e *Engine) Rotations() []int {
 // Relinearization says whether the keyset has a relinearization key.
 func (e *Engine) Relinearization() bool { return e.Keys.Manifest.RelinearizationKey != nil }
 
+// Cost is what an operation declares when kmsd attests its result: the
+// factor by which it can multiply the standard deviation of its inputs'
+// noise (at least 1) and how many key switches it did. kmsd bounds the
+// result's noise from them (he.Kind.NoiseBound), and decryption floods in
+// proportion; TestNoiseBoundHolds checks that the bound holds for every
+// operation here.
+type Cost struct {
+	Amplification float64
+	KeySwitches   int
+}
+
+// PolynomialInputBound is the magnitude of input values the polynomial
+// tool's declared cost assumes; larger inputs make the result noisier than
+// kmsd's bound, and their decryption less protected.
+const PolynomialInputBound = 4
+
 // rotate rotates ct left by k slots, with the key for k or, failing that,
-// as a sum of rotations by powers of two.
-func (e *Engine) rotate(ev *ckks.Evaluator, ct *rlwe.Ciphertext, k int) (*rlwe.Ciphertext, error) {
+// as a sum of rotations by powers of two; each key switch is counted in
+// *ks.
+func (e *Engine) rotate(ev *ckks.Evaluator, ct *rlwe.Ciphertext, k int, ks *int) (*rlwe.Ciphertext, error) {
 	k = ((k % e.slots) + e.slots) % e.slots
 	if k == 0 {
 		return ct.CopyNew(), nil
 	}
 	if e.galois[e.params.GaloisElement(k)] {
+		*ks++
 		return ev.RotateNew(ct, k)
 	}
 	for rest := k; rest != 0; rest &= rest - 1 {
@@ -94,6 +113,7 @@ func (e *Engine) rotate(ev *ckks.Evaluator, ct *rlwe.Ciphertext, k int) (*rlwe.C
 		if err != nil {
 			return nil, err
 		}
+		*ks++
 		out = r
 	}
 	return out, nil
@@ -108,37 +128,55 @@ func (e *Engine) rotate(ev *ckks.Evaluator, ct *rlwe.Ciphertext, k int) (*rlwe.C
 // by b and b - 1 rotations by 1, plus log2(slots/n') for the replication;
 // one level. Rotations missing from the keyset are made from powers of
 // two, or reported as a MissingRotationError.
-func (e *Engine) MatVec(x *rlwe.Ciphertext, W [][]float64) (*rlwe.Ciphertext, error) {
+func (e *Engine) MatVec(x *rlwe.Ciphertext, W [][]float64) (*rlwe.Ciphertext, Cost, error) {
+	ks := 0
+	ct, norm, err := e.matVec(x, W, &ks)
+	if err != nil {
+		return nil, Cost{}, err
+	}
+	return ct, Cost{Amplification: max(norm, 1), KeySwitches: ks}, nil
+}
+
+// matVec is MatVec; it also returns the amplification of the noise: the
+// largest Euclidean norm of a row, times the square root of how many
+// copies of x the replication adds up in a slot.
+func (e *Engine) matVec(x *rlwe.Ciphertext, W [][]float64, ks *int) (*rlwe.Ciphertext, float64, error) {
 	m := len(W)
 	if m == 0 || len(W[0]) == 0 {
-		return nil, errors.New("the matrix is empty")
+		return nil, 0, errors.New("the matrix is empty")
 	}
 	n := len(W[0])
+	norm := 0.0
 	for i, row := range W {
 		if len(row) != n {
-			return nil, fmt.Errorf("row %d has %d columns, row 0 has %d", i, len(row), n)
+			return nil, 0, fmt.Errorf("row %d has %d columns, row 0 has %d", i, len(row), n)
 		}
+		r := 0.0
+		for _, w := range row {
+			r += w * w
+		}
+		norm = max(norm, math.Sqrt(r))
 	}
 	np := 1
 	for np < n {
 		np *= 2
 	}
 	if np > e.slots || m > e.slots {
-		return nil, fmt.Errorf("a %dx%d matrix does not fit %d slots", m, n, e.slots)
+		return nil, 0, fmt.Errorf("a %dx%d matrix does not fit %d slots", m, n, e.slots)
 	}
 	if x.Level() < 1 {
-		return nil, errors.New("the ciphertext is at level 0: no level left for a multiplication")
+		return nil, 0, errors.New("the ciphertext is at level 0: no level left for a multiplication")
 	}
 	ev := e.eval.ShallowCopy()
 	// Replicate x with period np.
 	v := x.CopyNew()
 	for p := np; p < e.slots; p *= 2 {
-		r, err := e.rotate(ev, v, p)
+		r, err := e.rotate(ev, v, p, ks)
 		if err != nil {
-			return nil, err
+			return nil, 0, err
 		}
 		if err := ev.Add(v, r, v); err != nil {
-			return nil, err
+			return nil, 0, err
 		}
 	}
 	logNp := bits.TrailingZeros(uint(np))
@@ -147,9 +185,9 @@ func (e *Engine) MatVec(x *rlwe.Ciphertext, W [][]float64) (*rlwe.Ciphertext, er
 	baby := make([]*rlwe.Ciphertext, b)
 	baby[0] = v
 	for j := 1; j < b; j++ {
-		r, err := e.rotate(ev, baby[j-1], 1)
+		r, err := e.rotate(ev, baby[j-1], 1, ks)
 		if err != nil {
-			return nil, err
+			return nil, 0, err
 		}
 		baby[j] = r
 	}
@@ -177,25 +215,25 @@ func (e *Engine) MatVec(x *rlwe.Ciphertext, W [][]float64) (*rlwe.Ciphertext, er
 			}
 			prod, err := ev.MulNew(baby[j], pd)
 			if err != nil {
-				return nil, err
+				return nil, 0, err
 			}
 			if u == nil {
 				u = prod
 			} else if err := ev.Add(u, prod, u); err != nil {
-				return nil, err
+				return nil, 0, err
 			}
 		}
 		switch {
 		case acc == nil:
 			acc = u
 		default:
-			r, err := e.rotate(ev, acc, b)
+			r, err := e.rotate(ev, acc, b, ks)
 			if err != nil {
-				return nil, err
+				return nil, 0, err
 			}
 			if u != nil {
 				if err := ev.Add(r, u, r); err != nil {
-					return nil, err
+					return nil, 0, err
 				}
 			}
 			acc = r
@@ -204,77 +242,83 @@ func (e *Engine) MatVec(x *rlwe.Ciphertext, W [][]float64) (*rlwe.Ciphertext, er
 	if acc == nil { // an all-zero matrix
 		acc = x.CopyNew()
 		if err := ev.Mul(acc, 0.0, acc); err != nil {
-			return nil, err
+			return nil, 0, err
 		}
 	}
 	if err := ev.Rescale(acc, acc); err != nil {
-		return nil, err
+		return nil, 0, err
 	}
-	return acc, nil
+	return acc, norm * math.Sqrt(float64(e.slots/np)), nil
 }
 
 // Linear is y = W·x + b, with y in the first m slots.
-func (e *Engine) Linear(x *rlwe.Ciphertext, W [][]float64, bias []float64) (*rlwe.Ciphertext, error) {
+func (e *Engine) Linear(x *rlwe.Ciphertext, W [][]float64, bias []float64) (*rlwe.Ciphertext, Cost, error) {
 	if bias != nil && len(bias) != len(W) {
-		return nil, fmt.Errorf("bias has %d values, the weights %d rows", len(bias), len(W))
+		return nil, Cost{}, fmt.Errorf("bias has %d values, the weights %d rows", len(bias), len(W))
 	}
-	y, err := e.MatVec(x, W)
+	y, cost, err := e.MatVec(x, W)
 	if err != nil {
-		return nil, err
+		return nil, Cost{}, err
 	}
 	if bias != nil {
 		if err := e.eval.ShallowCopy().Add(y, bias, y); err != nil {
-			return nil, err
+			return nil, Cost{}, err
 		}
 	}
-	return y, nil
+	return y, cost, nil
 }
 
 // Polynomial evaluates c[0] + c[1]·x + ... + c[d]·x^d on every slot, by
 // Horner's rule: d levels, d-1 relinearized multiplications.
-func (e *Engine) Polynomial(x *rlwe.Ciphertext, c []float64) (*rlwe.Ciphertext, error) {
+func (e *Engine) Polynomial(x *rlwe.Ciphertext, c []float64) (*rlwe.Ciphertext, Cost, error) {
 	d := len(c) - 1
 	for d > 0 && c[d] == 0 {
 		d--
 	}
 	if d < 1 {
-		return nil, errors.New("give at least the coefficients of degree 0 and 1, the highest not 0")
+		return nil, Cost{}, errors.New("give at least the coefficients of degree 0 and 1, the highest not 0")
 	}
 	if x.Level() < d {
-		return nil, fmt.Errorf("a degree-%d polynomial needs %d levels; the ciphertext has %d left", d, d, x.Level())
+		return nil, Cost{}, fmt.Errorf("a degree-%d polynomial needs %d levels; the ciphertext has %d left", d, d, x.Level())
 	}
 	if d > 1 && !e.Relinearization() {
-		return nil, errors.New("this key version has no relinearization key, which a polynomial of degree 2 or more needs")
+		return nil, Cost{}, errors.New("this key version has no relinearization key, which a polynomial of degree 2 or more needs")
 	}
 	ev := e.eval.ShallowCopy()
 	r, err := ev.MulNew(x, c[d])
 	if err != nil {
-		return nil, err
+		return nil, Cost{}, err
 	}
 	if err := ev.Rescale(r, r); err != nil {
-		return nil, err
+		return nil, Cost{}, err
 	}
 	if err := ev.Add(r, c[d-1], r); err != nil {
-		return nil, err
+		return nil, Cost{}, err
 	}
 	for i := d - 2; i >= 0; i-- {
 		if err := ev.MulRelin(r, x, r); err != nil {
-			return nil, err
+			return nil, Cost{}, err
 		}
 		if err := ev.Rescale(r, r); err != nil {
-			return nil, err
+			return nil, Cost{}, err
 		}
 		if err := ev.Add(r, c[i], r); err != nil {
-			return nil, err
+			return nil, Cost{}, err
 		}
 	}
-	return r, nil
+	// d(r·x) = r·dx + x·dr: the noise grows by sum k·|c_k|·M^(k-1) for
+	// inputs of magnitude at most M.
+	amp := 0.0
+	for k := 1; k <= d; k++ {
+		amp += float64(k) * math.Abs(c[k]) * math.Pow(PolynomialInputBound, float64(k-1))
+	}
+	return r, Cost{Amplification: max(amp, 1), KeySwitches: max(d-1, 0)}, nil
 }
 
 // Aggregate sums ciphertexts of this version, or averages them (one level).
-func (e *Engine) Aggregate(cts []*rlwe.Ciphertext, mean bool) (*rlwe.Ciphertext, error) {
+func (e *Engine) Aggregate(cts []*rlwe.Ciphertext, mean bool) (*rlwe.Ciphertext, Cost, error) {
 	if len(cts) == 0 {
-		return nil, errors.New("no ciphertexts")
+		return nil, Cost{}, errors.New("no ciphertexts")
 	}
 	ev := e.eval.ShallowCopy()
 	// Lowest level first, so the sum is taken at the level all share.
@@ -282,20 +326,22 @@ func (e *Engine) Aggregate(cts []*rlwe.Ciphertext, mean bool) (*rlwe.Ciphertext,
 	sum := cts[0].CopyNew()
 	for _, ct := range cts[1:] {
 		if err := ev.Add(sum, ct, sum); err != nil {
-			return nil, err
+			return nil, Cost{}, err
 		}
 	}
+	// The inputs' noises add up (kmsd sums their variances); a mean
+	// divides them.
 	if !mean {
-		return sum, nil
+		return sum, Cost{Amplification: 1}, nil
 	}
 	if sum.Level() < 1 {
-		return nil, errors.New("the ciphertexts are at level 0: no level left for the mean's multiplication")
+		return nil, Cost{}, errors.New("the ciphertexts are at level 0: no level left for the mean's multiplication")
 	}
 	if err := ev.Mul(sum, 1/float64(len(cts)), sum); err != nil {
-		return nil, err
+		return nil, Cost{}, err
 	}
 	if err := ev.Rescale(sum, sum); err != nil {
-		return nil, err
+		return nil, Cost{}, err
 	}
-	return sum, nil
+	return sum, Cost{Amplification: 1}, nil
 }

@@ -180,8 +180,10 @@ func (s *Server) Refresh(ctx context.Context) {
 }
 
 // engine is the engine of a served key version, loading an enabled older
-// version on first use.
-func (s *Server) engine(ctx context.Context, name string, version uint64) (*Engine, error) {
+// version on first use, once its verified manifest shows the envelope's
+// parameters (a version of other parameters is never loaded for it).
+func (s *Server) engine(ctx context.Context, env *client.Envelope) (*Engine, error) {
+	name, version := env.Key, env.Version
 	s.mu.RLock()
 	sk, ok := s.served[name]
 	var eng *Engine
@@ -198,7 +200,14 @@ func (s *Server) engine(ctx context.Context, name string, version uint64) (*Engi
 	case !enabled:
 		return nil, fmt.Errorf("version %d of key %q is not enabled in kmsd (disabled, retired by min_decryption_version, scheduled for destruction, destroyed, or not yet seen: the server polls every %s)", version, name, s.cfg.Refresh)
 	}
-	eng, err := s.load(ctx, name, version)
+	m, err := s.cfg.Fetcher.Manifest(ctx, name, version)
+	if err != nil {
+		return nil, err
+	}
+	if m.ParamsID != env.ParamsID {
+		return nil, fmt.Errorf("the ciphertext was made under parameters %s, but version %d of %q has %s", env.ParamsID, version, name, m.ParamsID)
+	}
+	eng, err = s.load(ctx, name, version)
 	if err != nil {
 		return nil, err
 	}
@@ -219,6 +228,9 @@ type EnvelopeJSON struct {
 	Scale      float64 `json:"scale" jsonschema:"the ciphertext's scale"`
 	Slots      int     `json:"slots" jsonschema:"how many slots hold values"`
 	Ciphertext string  `json:"ciphertext" jsonschema:"the Lattigo ciphertext, standard base64"`
+	// Attestation is kmsd's signed statement of where the ciphertext
+	// comes from; the tools refuse a ciphertext without one.
+	Attestation *kms.Attestation `json:"attestation,omitempty" jsonschema:"kmsd's attestation of the ciphertext (kmsctl he encrypt adds it; results carry theirs): pass it on unchanged"`
 }
 
 // envelope checks the fields as hekeys.ParseEnvelope does (the SDK has
@@ -229,7 +241,7 @@ func (ej EnvelopeJSON) envelope() (*client.Envelope, error) {
 	if err != nil {
 		return nil, kms.Errorf(kms.KindInvalid, "not a ciphertext envelope: ciphertext is not standard base64")
 	}
-	e := &client.Envelope{Key: ej.Key, Version: ej.Version, ParamsID: ej.ParamsID, Level: ej.Level, Scale: ej.Scale, Slots: ej.Slots, Ciphertext: ct}
+	e := &client.Envelope{Key: ej.Key, Version: ej.Version, ParamsID: ej.ParamsID, Level: ej.Level, Scale: ej.Scale, Slots: ej.Slots, Ciphertext: ct, Attestation: ej.Attestation}
 	if err := e.Check(hekeys.MaxEnvelopeCiphertext); err != nil {
 		return nil, err
 	}
@@ -237,12 +249,14 @@ func (ej EnvelopeJSON) envelope() (*client.Envelope, error) {
 }
 
 func fromEnvelope(e *client.Envelope) EnvelopeJSON {
-	return EnvelopeJSON{Key: e.Key, Version: e.Version, ParamsID: e.ParamsID, Level: e.Level, Scale: e.Scale, Slots: e.Slots, Ciphertext: base64.StdEncoding.EncodeToString(e.Ciphertext)}
+	return EnvelopeJSON{Key: e.Key, Version: e.Version, ParamsID: e.ParamsID, Level: e.Level, Scale: e.Scale, Slots: e.Slots, Ciphertext: base64.StdEncoding.EncodeToString(e.Ciphertext), Attestation: e.Attestation}
 }
 
-// open checks an envelope strictly, the caller's right to its key, and
-// that it is under a served, enabled version; it returns the engine and
-// the ciphertext.
+// open checks an envelope strictly, the caller's right to its key, its
+// attestation (kmsd's signature, covering this ciphertext: the server
+// computes only on attested inputs), and that it is under a served,
+// enabled version of the same parameters; it returns the engine and the
+// ciphertext.
 func (s *Server) open(ctx context.Context, req *mcp.CallToolRequest, ej EnvelopeJSON) (*Engine, *rlwe.Ciphertext, *client.Envelope, error) {
 	env, err := ej.envelope()
 	if err != nil {
@@ -251,7 +265,10 @@ func (s *Server) open(ctx context.Context, req *mcp.CallToolRequest, ej Envelope
 	if err := allowed(req, env.Key); err != nil {
 		return nil, nil, nil, err
 	}
-	eng, err := s.engine(ctx, env.Key, env.Version)
+	if _, err := hekeys.VerifyAttestation(s.cfg.Fetcher.IdentityKey, env); err != nil {
+		return nil, nil, nil, err
+	}
+	eng, err := s.engine(ctx, env)
 	if err != nil {
 		return nil, nil, nil, err
 	}
@@ -386,12 +403,25 @@ func (s *Server) describe(ctx context.Context, req *mcp.CallToolRequest, _ Descr
 	return nil, out, nil
 }
 
-func (s *Server) result(eng *Engine, ct *rlwe.Ciphertext, slots int) (*mcp.CallToolResult, CiphertextOut, error) {
-	env, err := eng.Keys.Seal(ct, slots)
+func (s *Server) result(ctx context.Context, eng *Engine, ct *rlwe.Ciphertext, slots int, op string, inputs []*client.Envelope, cost Cost) (*mcp.CallToolResult, CiphertextOut, error) {
+	env, err := s.attested(ctx, eng, ct, slots, op, inputs, cost)
 	if err != nil {
 		return nil, CiphertextOut{}, err
 	}
 	return summary(env), CiphertextOut{Ciphertext: fromEnvelope(env)}, nil
+}
+
+// attested seals a result in an envelope and has kmsd attest it as the
+// evaluation of op on the inputs, with the server's own (worker) token.
+func (s *Server) attested(ctx context.Context, eng *Engine, ct *rlwe.Ciphertext, slots int, op string, inputs []*client.Envelope, cost Cost) (*client.Envelope, error) {
+	env, err := eng.Keys.Seal(ct, slots)
+	if err != nil {
+		return nil, err
+	}
+	if err := hekeys.AttestEvaluation(ctx, s.cfg.Client, env, op, inputs, cost.Amplification, cost.KeySwitches); err != nil {
+		return nil, fmt.Errorf("kmsd did not attest the result: %w", err)
+	}
+	return env, nil
 }
 
 // summary is the text content of a result: a line about the ciphertext in
@@ -424,11 +454,11 @@ func (s *Server) linear(ctx context.Context, req *mcp.CallToolRequest, in Linear
 	if len(W[0]) != env.Slots {
 		return nil, CiphertextOut{}, fmt.Errorf("the weights have %d columns, the ciphertext holds %d values", len(W[0]), env.Slots)
 	}
-	y, err := eng.Linear(ct, W, b)
+	y, cost, err := eng.Linear(ct, W, b)
 	if err != nil {
 		return nil, CiphertextOut{}, err
 	}
-	return s.result(eng, y, len(W))
+	return s.result(ctx, eng, y, len(W), "he_linear", []*client.Envelope{env}, cost)
 }
 
 func (s *Server) polynomial(ctx context.Context, req *mcp.CallToolRequest, in PolynomialIn) (*mcp.CallToolResult, CiphertextOut, error) {
@@ -436,11 +466,11 @@ func (s *Server) polynomial(ctx context.Context, req *mcp.CallToolRequest, in Po
 	if err != nil {
 		return nil, CiphertextOut{}, err
 	}
-	y, err := eng.Polynomial(ct, in.Coefficients)
+	y, cost, err := eng.Polynomial(ct, in.Coefficients)
 	if err != nil {
 		return nil, CiphertextOut{}, err
 	}
-	return s.result(eng, y, env.Slots)
+	return s.result(ctx, eng, y, env.Slots, "he_polynomial", []*client.Envelope{env}, cost)
 }
 
 func (s *Server) aggregate(ctx context.Context, req *mcp.CallToolRequest, in AggregateIn) (*mcp.CallToolResult, CiphertextOut, error) {
@@ -452,6 +482,7 @@ func (s *Server) aggregate(ctx context.Context, req *mcp.CallToolRequest, in Agg
 	}
 	var eng *Engine
 	var first *client.Envelope
+	var envs []*client.Envelope
 	cts := make([]*rlwe.Ciphertext, 0, len(in.Ciphertexts))
 	for i, ej := range in.Ciphertexts {
 		e, ct, env, err := s.open(ctx, req, ej)
@@ -464,12 +495,13 @@ func (s *Server) aggregate(ctx context.Context, req *mcp.CallToolRequest, in Agg
 			return nil, CiphertextOut{}, fmt.Errorf("ciphertext %d is %s; ciphertext 0 is %s: all must be under the same key version with the same slots", i, env, first)
 		}
 		cts = append(cts, ct)
+		envs = append(envs, env)
 	}
-	y, err := eng.Aggregate(cts, in.Op == "mean")
+	y, cost, err := eng.Aggregate(cts, in.Op == "mean")
 	if err != nil {
 		return nil, CiphertextOut{}, err
 	}
-	return s.result(eng, y, first.Slots)
+	return s.result(ctx, eng, y, first.Slots, "he_aggregate", envs, cost)
 }
 
 func (s *Server) similarity(ctx context.Context, req *mcp.CallToolRequest, in SimilarityIn) (*mcp.CallToolResult, SimilarityOut, error) {
@@ -484,11 +516,11 @@ func (s *Server) similarity(ctx context.Context, req *mcp.CallToolRequest, in Si
 	if len(c.Embeddings) == 0 || len(c.Embeddings[0]) != env.Slots {
 		return nil, SimilarityOut{}, fmt.Errorf("context %q has embeddings of %d dimensions, the query %d", in.Context, dim(c.Embeddings), env.Slots)
 	}
-	y, err := eng.MatVec(ct, c.Embeddings)
+	y, cost, err := eng.MatVec(ct, c.Embeddings)
 	if err != nil {
 		return nil, SimilarityOut{}, err
 	}
-	sealed, err := eng.Keys.Seal(y, len(c.Embeddings))
+	sealed, err := s.attested(ctx, eng, y, len(c.Embeddings), "he_similarity", []*client.Envelope{env}, cost)
 	if err != nil {
 		return nil, SimilarityOut{}, err
 	}
@@ -587,6 +619,13 @@ func (s *Server) verify(ctx context.Context, token string, _ *http.Request) (*au
 		s.remember(h, i)
 	}
 	if !info.Active || (info.Exp != 0 && time.Unix(info.Exp, 0).Before(time.Now())) {
+		return nil, auth.ErrInvalidToken
+	}
+	// The tools are for the parties that compute and bring data: worker
+	// and encryptor tokens. An admin, auditor or decryptor token is
+	// refused (a decryptor that could have its own ciphertexts evaluated
+	// and attested would hold both ends of the chain).
+	if info.Role != string(kms.RoleWorker) && info.Role != string(kms.RoleEncryptor) {
 		return nil, auth.ErrInvalidToken
 	}
 	ti := &auth.TokenInfo{UserID: info.TokenID, Extra: map[string]any{"keys": info.Keys, "role": info.Role}}

@@ -275,46 +275,60 @@ func (s *Service) MaxCiphertextSize(ctx context.Context, name string, n uint64) 
 	return dk.MaxCiphertextSize(v.Manifest)
 }
 
+// Decryption is a decryption's result.
+type Decryption struct {
+	Values    any // []float64 (CKKS) or []uint64 (BGV), the slots in use
+	Version   uint64
+	Precision int        // CKKS: bits kept after flooding
+	Statement *Statement // the attestation decrypted under
+}
+
 // Decrypt decrypts an HE ciphertext with version n. The ciphertext is
 // checked and the secret unsealed (or taken from the cache) first; then the
 // version's decryption counter is advanced in one transaction with the
 // request's audit record (a crash can never let the budget be exceeded);
 // then the ciphertext is decrypted.
-func (s *Service) Decrypt(ctx context.Context, name string, n uint64, env *Envelope) (any, uint64, error) {
+func (s *Service) Decrypt(ctx context.Context, name string, n uint64, env *Envelope) (*Decryption, error) {
 	if err := ValidateName(name); err != nil {
-		return nil, 0, err
+		return nil, err
 	}
 	k, v, kind, err := s.usable(ctx, name, n, OpDecrypt)
 	if err != nil {
-		return nil, 0, err
+		return nil, err
 	}
 	dk, ok := kind.(DecryptingKind)
 	if !ok || v.Manifest == nil {
-		return nil, 0, Errorf(KindFailedPrecondition, "key %q of kind %s does not decrypt", name, k.Kind)
+		return nil, Errorf(KindFailedPrecondition, "key %q of kind %s does not decrypt", name, k.Kind)
 	}
 	var m Manifest
 	if err := json.Unmarshal(v.Manifest, &m); err != nil {
-		return nil, 0, Wrap(KindInternal, "manifest", err)
+		return nil, Wrap(KindInternal, "manifest", err)
 	}
 	if err := env.MatchVersion(name, v.Number, m.ParamsID); err != nil {
-		return nil, 0, err
+		return nil, err
 	}
 	// Provenance first: only a ciphertext kmsd attested (an input of a
 	// data owner, or an evaluation on attested inputs) is decrypted.
 	if env.Attestation == nil {
-		return nil, 0, Errorf(KindInvalid, "the ciphertext has no attestation: kmsd decrypts only attested inputs (kmsctl he encrypt with an encryptor token) and results an evaluator computed from them (kmsd-mcp), so that a chosen ciphertext cannot turn decryption into a secret-key oracle")
+		if rec, _ := ctx.Value(auditKey{}).(*AuditRecord); rec != nil {
+			rec.AttestedOp = "unattested"
+		}
+		return nil, Errorf(KindInvalid, "the ciphertext has no attestation: kmsd decrypts only attested inputs (kmsctl he encrypt with an encryptor token) and results an evaluator computed from them (kmsd-mcp), so that a chosen ciphertext cannot turn decryption into a secret-key oracle")
 	}
 	st, err := s.VerifyAttestation(ctx, env.Attestation)
 	if err != nil {
-		return nil, 0, err
+		if rec, _ := ctx.Value(auditKey{}).(*AuditRecord); rec != nil {
+			rec.AttestedOp = "invalid"
+		}
+		return nil, err
 	}
 	if err := st.Covers(env); err != nil {
-		return nil, 0, err
+		return nil, err
 	}
 	noteAttestation(ctx, st)
 	parsed, err := dk.ParseCiphertext(v.Manifest, env)
 	if err != nil {
-		return nil, 0, err
+		return nil, err
 	}
 	prec := k.Policy.DecryptLogPrecision
 	if prec == 0 {
@@ -322,7 +336,7 @@ func (s *Service) Decrypt(ctx context.Context, name string, n uint64, env *Envel
 	}
 	plan, err := dk.DecryptPlan(v.Manifest, parsed, st.NoiseLog2, k.Policy.DecryptBudget, prec)
 	if err != nil {
-		return nil, 0, err
+		return nil, err
 	}
 	if rec, _ := ctx.Value(auditKey{}).(*AuditRecord); rec != nil {
 		rec.Precision = plan.Precision
@@ -331,12 +345,12 @@ func (s *Service) Decrypt(ctx context.Context, name string, n uint64, env *Envel
 	if !ok {
 		secret, err := s.sealer.Unseal(ctx, SealContext{Key: name, Version: v.Number, Kind: k.Kind}, v.Sealed)
 		if err != nil {
-			return nil, 0, asUnavailable("unseal", err)
+			return nil, asUnavailable("unseal", err)
 		}
 		priv, err = dk.LoadSecret(secret, v.Manifest)
 		secret.Wipe()
 		if err != nil {
-			return nil, 0, Wrap(KindInternal, "load "+k.Kind, err)
+			return nil, Wrap(KindInternal, "load "+k.Kind, err)
 		}
 		s.cache.put(name, v.Number, priv)
 	}
@@ -356,11 +370,11 @@ func (s *Service) Decrypt(ctx context.Context, name string, n uint64, env *Envel
 		return auditFor(ctx, name, v.Number), nil
 	})
 	if err != nil {
-		return nil, 0, err
+		return nil, err
 	}
 	vals, err := dk.Decrypt(priv, v.Manifest, parsed, plan)
 	if err != nil {
-		return nil, 0, Wrap(KindInternal, "decrypt", err)
+		return nil, Wrap(KindInternal, "decrypt", err)
 	}
 	// Only the slots in use.
 	switch x := vals.(type) {
@@ -369,5 +383,5 @@ func (s *Service) Decrypt(ctx context.Context, name string, n uint64, env *Envel
 	case []uint64:
 		vals = x[:min(len(x), env.Slots)]
 	}
-	return vals, v.Number, nil
+	return &Decryption{Values: vals, Version: v.Number, Precision: plan.Precision, Statement: st}, nil
 }

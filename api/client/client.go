@@ -521,21 +521,42 @@ func (c *Client) ConsistencyProof(ctx context.Context, old, size uint64) (*Proof
 // slots as their real parts rounded to the key's precision, BGV slots as
 // integers.
 func (c *Client) Decrypt(ctx context.Context, env *Envelope) ([]float64, error) {
+	vals, _, err := c.DecryptFull(ctx, env)
+	return vals, err
+}
+
+// DecryptFull is Decrypt with the precision kept after noise flooding.
+func (c *Client) DecryptFull(ctx context.Context, env *Envelope) ([]float64, int, error) {
 	body, err := json.Marshal(env)
 	if err != nil {
-		return nil, err
+		return nil, 0, err
 	}
 	b, err := c.rawBody(ctx, http.MethodPost, keyPath(env.Key, "versions", strconv.FormatUint(env.Version, 10), "decrypt"), nil, "application/json", body)
 	if err != nil {
-		return nil, err
+		return nil, 0, err
 	}
 	var out struct {
-		Values []float64 `json:"values"`
+		Values    []float64 `json:"values"`
+		Precision int       `json:"precision"`
 	}
 	if err := json.Unmarshal(b, &out); err != nil {
-		return nil, fmt.Errorf("decrypt response: %w", err)
+		return nil, 0, fmt.Errorf("decrypt response: %w", err)
 	}
-	return out.Values, nil
+	return out.Values, out.Precision, nil
+}
+
+// Attest asks kmsd to vouch for a ciphertext of version n of key name
+// (see AttestRequest): an encryptor token for an input, a worker token
+// for an evaluation.
+func (c *Client) Attest(ctx context.Context, name string, n uint64, req AttestRequest) (*AttestResponse, error) {
+	var out AttestResponse
+	if err := c.do(ctx, http.MethodPost, keyPath(name, "versions", strconv.FormatUint(n, 10), "attest"), nil, req, &out); err != nil {
+		return nil, err
+	}
+	if out.Attestation == nil {
+		return nil, errors.New("attest response: no attestation")
+	}
+	return &out, nil
 }
 
 // CreateKeyOrOperation creates a key; a large HE keyset answers 202 and

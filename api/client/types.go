@@ -254,6 +254,38 @@ type Health struct {
 type DecryptResponse struct {
 	Values  any    `json:"values"`
 	Version uint64 `json:"version"`
+	// Precision is the bits of a CKKS result kept after noise flooding
+	// (each value is within 2^-precision of the exact result, but for a
+	// fraction of 2^-14 of slots); absent for BGV, which is exact.
+	Precision int `json:"precision,omitempty"`
+}
+
+// Attestation is kmsd's signed statement of where a ciphertext comes from.
+type Attestation = kms.Attestation
+
+// Statement is what an attestation says.
+type Statement = kms.Statement
+
+// AttestRequest asks kmsd to vouch for a ciphertext: the envelope's digest
+// (Envelope.Digest), level, scale and slots; op "encrypt" for an input
+// (encryptor token), or an evaluation's operation with the attestations of
+// its inputs, its amplification (the largest sum of absolute weights an
+// output has, at least 1) and its key switches (worker token).
+type AttestRequest struct {
+	Digest        string         `json:"digest"`
+	Level         int            `json:"level"`
+	Scale         float64        `json:"scale"`
+	Slots         int            `json:"slots"`
+	Op            string         `json:"op"`
+	Inputs        []*Attestation `json:"inputs,omitempty"`
+	Amplification float64        `json:"amplification,omitempty"`
+	KeySwitches   int            `json:"key_switches,omitempty"`
+}
+
+// AttestResponse is the attestation and, decoded, its statement.
+type AttestResponse struct {
+	Attestation *Attestation `json:"attestation"`
+	Statement   *Statement   `json:"statement"`
 }
 
 // Operation is a long-running generation (answered 202).

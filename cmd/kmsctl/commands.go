@@ -300,10 +300,10 @@ var commands = []command{
 		},
 	},
 	{
-		name: "tokens create", synopsis: "--role admin|worker|auditor|decryptor --keys PATTERNS [--name NAME] [--ttl D]",
+		name: "tokens create", synopsis: "--role admin|worker|encryptor|auditor|decryptor --keys PATTERNS [--name NAME] [--ttl D]",
 		help: "create a bearer token (printed once); it can hold no more than the token that creates it",
 		flags: func(fs *flag.FlagSet) {
-			fs.String("role", "", "admin, worker, auditor or decryptor (required)")
+			fs.String("role", "", "admin, worker, encryptor, auditor or decryptor (required)")
 			fs.String("keys", "", "comma-separated key-name patterns, e.g. 'team-a-*' or '*' (required; auditors take '*' only)")
 			fs.String("name", "", "a name for the token")
 			fs.String("ttl", "", "lifetime, e.g. 90m or 720h (default: the server's --max-token-ttl)")
@@ -411,8 +411,8 @@ func heFlags(fs *flag.FlagSet) {
 	fs.String("rotations", "", "ckks/bgv: comma-separated slot rotations to make Galois keys for")
 	fs.Bool("conjugation", false, "ckks: complex conjugation key; bgv: row rotation key")
 	fs.Bool("relinearization", false, "ckks/bgv: make a relinearization key")
-	fs.Int("decrypt-log-precision", 0, "ckks: round decryption results to this many bits (server default 16)")
-	fs.Uint64("decrypt-budget", 0, "ckks/bgv: decryptions per version (0: no limit)")
+	fs.Int("decrypt-log-precision", 0, "ckks: round decryption results to at most this many bits, 1-30 (server default 16; noise flooding may leave fewer)")
+	fs.Uint64("decrypt-budget", 0, "ckks/bgv: decryptions per version (0: no limit; ckks noise flooding is then sized for 4096); a smaller budget leaves more precision")
 }
 
 // policyFlags builds a policy from the policy flags, or nil if none was

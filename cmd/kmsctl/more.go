@@ -149,7 +149,7 @@ var moreCommands = []command{
 var heCommands = []command{
 	{
 		name: "he encrypt", synopsis: "--key NAME [--version N|primary] [--in FILE] [--identity-key-file FILE] [--cache-dir DIR]",
-		help: "encrypt a JSON array of numbers (stdin, or --in) locally under a ckks key's verified public key; prints the ciphertext envelope", nargs: 0,
+		help: "encrypt a JSON array of numbers (stdin, or --in) locally under a ckks key's verified public key and have kmsd attest it as your input (an encryptor token: kmsd decrypts, and kmsd-mcp computes on, attested ciphertexts only); prints the ciphertext envelope with its attestation", nargs: 0,
 		flags: func(fs *flag.FlagSet) {
 			fs.String("key", "", "ckks key name (required)")
 			fs.String("version", "primary", "version number or primary")
@@ -161,7 +161,7 @@ var heCommands = []command{
 	},
 	{
 		name: "he decrypt", synopsis: "[--in FILE]",
-		help: "decrypt a ciphertext envelope (stdin, or --in) through kmsd (decryptor or admin token); prints the JSON array of the slots in use", nargs: 0,
+		help: "decrypt an attested ciphertext envelope (stdin, or --in) through kmsd (decryptor or admin token); prints the JSON array of the slots in use, ckks values after noise flooding, rounded to the precision kmsd kept", nargs: 0,
 		flags: func(fs *flag.FlagSet) {
 			fs.String("in", "-", "file holding the envelope (- for stdin)")
 		},
@@ -282,6 +282,9 @@ func heEncrypt(e *env, fs *flag.FlagSet, _ []string) (int, error) {
 	envl, err := keys.Encrypt(vals)
 	if err != nil {
 		return 0, usageError{err.Error()}
+	}
+	if err := hekeys.AttestInput(e.ctx, e.c, envl); err != nil {
+		return 0, err
 	}
 	return exitOK, printJSONLine(e.stdout, envl)
 }

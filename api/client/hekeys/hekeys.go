@@ -42,6 +42,9 @@ type Keys struct {
 	BGV            bgv.Parameters  // set for bgv
 	PublicKey      *rlwe.PublicKey
 	EvaluationKeys *rlwe.MemEvaluationKeySet
+	// IdentityKey is the pinned identity key the manifest was verified
+	// with; VerifyAttestation checks attestations with it.
+	IdentityKey []byte
 }
 
 // Fetcher gets keys from one kmsd.
@@ -133,7 +136,7 @@ func (f *Fetcher) FetchPublic(ctx context.Context, name string, version uint64) 
 }
 
 func (f *Fetcher) fetch(ctx context.Context, name string, version uint64, evaluation bool) (*Keys, error) {
-	k := &Keys{}
+	k := &Keys{IdentityKey: f.IdentityKey}
 	raw, _, err := f.manifest(ctx, name, version)
 	if err != nil {
 		return nil, err
@@ -169,6 +172,21 @@ func (f *Fetcher) Download(ctx context.Context, name string, version uint64) (*M
 		if err := os.WriteFile(filepath.Join(f.CacheDir, file), data, 0o644); err != nil {
 			return nil, err
 		}
+	}
+	return &m, nil
+}
+
+// Manifest fetches and verifies the manifest of version (0: primary) of
+// key name, without its blobs: a caller checks a ciphertext's parameters
+// against it before it loads the keys.
+func (f *Fetcher) Manifest(ctx context.Context, name string, version uint64) (*Manifest, error) {
+	raw, _, err := f.manifest(ctx, name, version)
+	if err != nil {
+		return nil, err
+	}
+	var m Manifest
+	if err := json.Unmarshal(raw, &m); err != nil {
+		return nil, verifyErr("malformed manifest")
 	}
 	return &m, nil
 }
