@@ -80,25 +80,24 @@ func (k *Kind) terms(p *Params) noiseTerms {
 	}
 	round := math.Sqrt((h + 1) / 12)
 	nt := noiseTerms{round: round, ks: round, fresh: sigma * math.Sqrt(2*h+1), t: 1}
-	// Hybrid key switching: each digit (up to P's number of Q primes) times
-	// the key's error, summed over the digits and divided by P; then the
-	// ModDown's rounding.
+	// Hybrid key switching: each digit (up to P's number of Q primes, a
+	// uniform residue below its modulus D_i) times the key's error, summed
+	// over the digits and divided by P; then the ModDown's rounding.
 	if nq, np := rp.QCount(), rp.PCount(); np > 0 {
 		q := rp.Q()
-		logD := 0.0
+		logP := 0.0
+		for _, p := range rp.P() {
+			logP += math.Log2(float64(p))
+		}
+		digits := 0.0 // sum of (D_i/P)^2
 		for i := 0; i < nq; i += np {
 			d := 0.0
 			for j := i; j < i+np && j < nq; j++ {
 				d += math.Log2(float64(q[j]))
 			}
-			logD = math.Max(logD, d)
+			digits += math.Exp2(2 * (d - logP))
 		}
-		logP := 0.0
-		for _, p := range rp.P() {
-			logP += math.Log2(float64(p))
-		}
-		dnum := float64((nq + np - 1) / np)
-		nt.ks = math.Sqrt(dnum*n/12)*sigma*math.Exp2(logD-logP) + round
+		nt.ks = math.Sqrt(n/12*digits)*sigma + round
 		nt.fresh = round // Lattigo encrypts in QP and divides by P
 	}
 	if k.scheme == BGV {
@@ -109,11 +108,11 @@ func (k *Kind) terms(p *Params) noiseTerms {
 
 // NoiseBound implements kms.DecryptingKind. The model propagates
 // variances (the average-case analysis of CKKS noise): an evaluation that
-// multiplies its inputs' noise by at most amplification A (the largest
-// sum of absolute weights of an output) and does K key switches and d
-// rescales (d: the levels below the top) has
+// multiplies the standard deviation of its inputs' noise by at most
+// amplification A, does K key switches whose noise no later rescale
+// divides, and d rescales (d: the levels below the top) has
 //
-//	var_out = margin^2 * (A^2 + 1) * (sum var_in + (K + d + 1) * (var_ks + var_round))
+//	var_out = margin^2 * (A^2 + 1) * (sum var_in + K * var_ks + (d + 1) * var_round)
 //
 // and the bound is tail times its standard deviation. TestNoiseBoundHolds
 // (hemcp) checks it against the noise of every kmsd-mcp operation.
@@ -135,8 +134,7 @@ func (k *Kind) NoiseBound(manifest []byte, level int, in []float64, amplificatio
 		sd := math.Exp2(e) / tail
 		v += sd * sd
 	}
-	ops := float64(keySwitches + rp.MaxLevel() - level + 1)
-	v += ops * nt.t * nt.t * (nt.ks*nt.ks + nt.round*nt.round)
+	v += nt.t * nt.t * (float64(keySwitches)*nt.ks*nt.ks + float64(rp.MaxLevel()-level+1)*nt.round*nt.round)
 	v *= noiseMargin * noiseMargin * (amplification*amplification + 1)
 	return math.Log2(tail * math.Sqrt(v)), nil
 }

@@ -76,7 +76,9 @@ func (e *Engine) Relinearization() bool { return e.Keys.Manifest.Relinearization
 
 // Cost is what an operation declares when kmsd attests its result: the
 // factor by which it can multiply the standard deviation of its inputs'
-// noise (at least 1) and how many key switches it did. kmsd bounds the
+// noise (at least 1) and how many key switches it did whose noise no
+// later rescale divides (a key switch on a ciphertext at the square of
+// the scale, before its rescale, adds next to nothing). kmsd bounds the
 // result's noise from them (he.Kind.NoiseBound), and decryption floods in
 // proportion; TestNoiseBoundHolds checks that the bound holds for every
 // operation here.
@@ -137,25 +139,26 @@ func (e *Engine) MatVec(x *rlwe.Ciphertext, W [][]float64) (*rlwe.Ciphertext, Co
 	return ct, Cost{Amplification: max(norm, 1), KeySwitches: ks}, nil
 }
 
-// matVec is MatVec; it also returns the amplification of the noise: the
-// largest Euclidean norm of a row, times the square root of how many
-// copies of x the replication adds up in a slot.
+// matVec is MatVec; it also returns the amplification of the noise:
+// the replication adds slots/n' copies of each slot's noise, and the
+// diagonals weigh them, so that the noise's variance, averaged over all
+// slots (which is what a coefficient of the error polynomial has), is
+// multiplied by ||W||_F^2 / n'. Giant-step rotations act at the square of
+// the scale, before the rescale, and are not counted.
 func (e *Engine) matVec(x *rlwe.Ciphertext, W [][]float64, ks *int) (*rlwe.Ciphertext, float64, error) {
 	m := len(W)
 	if m == 0 || len(W[0]) == 0 {
 		return nil, 0, errors.New("the matrix is empty")
 	}
 	n := len(W[0])
-	norm := 0.0
+	frob := 0.0
 	for i, row := range W {
 		if len(row) != n {
 			return nil, 0, fmt.Errorf("row %d has %d columns, row 0 has %d", i, len(row), n)
 		}
-		r := 0.0
 		for _, w := range row {
-			r += w * w
+			frob += w * w
 		}
-		norm = max(norm, math.Sqrt(r))
 	}
 	np := 1
 	for np < n {
@@ -227,7 +230,7 @@ func (e *Engine) matVec(x *rlwe.Ciphertext, W [][]float64, ks *int) (*rlwe.Ciphe
 		case acc == nil:
 			acc = u
 		default:
-			r, err := e.rotate(ev, acc, b, ks)
+			r, err := e.rotate(ev, acc, b, new(int))
 			if err != nil {
 				return nil, 0, err
 			}
@@ -248,7 +251,7 @@ func (e *Engine) matVec(x *rlwe.Ciphertext, W [][]float64, ks *int) (*rlwe.Ciphe
 	if err := ev.Rescale(acc, acc); err != nil {
 		return nil, 0, err
 	}
-	return acc, norm * math.Sqrt(float64(e.slots/np)), nil
+	return acc, math.Sqrt(frob / float64(np)), nil
 }
 
 // Linear is y = W·x + b, with y in the first m slots.
@@ -312,7 +315,8 @@ func (e *Engine) Polynomial(x *rlwe.Ciphertext, c []float64) (*rlwe.Ciphertext, 
 	for k := 1; k <= d; k++ {
 		amp += float64(k) * math.Abs(c[k]) * math.Pow(PolynomialInputBound, float64(k-1))
 	}
-	return r, Cost{Amplification: max(amp, 1), KeySwitches: max(d-1, 0)}, nil
+	// The relinearizations act before their rescales.
+	return r, Cost{Amplification: max(amp, 1)}, nil
 }
 
 // Aggregate sums ciphertexts of this version, or averages them (one level).
