@@ -47,13 +47,14 @@ func (c *countingTransport) RoundTrip(r *http.Request) (*http.Response, error) {
 }
 
 // TestWorkerCKKSEndToEnd: a worker built on hekeys fetches the keys,
-// encrypts, multiplies, relinearizes and rotates; kmsd's decrypt returns the
-// expected values within the precision. A second fetch costs only
-// conditional requests.
+// encrypts (an encryptor attests the input), multiplies, relinearizes and
+// rotates (a worker attests the evaluation); kmsd's decrypt returns the
+// expected values within the precision it reports after flooding. A second
+// fetch costs only conditional requests.
 func TestWorkerCKKSEndToEnd(t *testing.T) {
 	e := newEnv(t)
 	admin := e.client(e.admin)
-	heKey(t, e, "he-ckks", `{"name":"he-ckks","kind":"ckks","policy":{"params":"ckks-logn13","rotations":[1,2,4],"relinearization":true,"decrypt_log_precision":20}}`)
+	heKey(t, e, "he-ckks", `{"name":"he-ckks","kind":"ckks","policy":{"params":"ckks-logn13","rotations":[1,2,4],"relinearization":true,"decrypt_log_precision":20,"decrypt_budget":16}}`)
 	worker, _ := admin.CreateToken(ctx, client.CreateTokenRequest{Role: "worker", Keys: []string{"he-*"}})
 	decryptor, _ := admin.CreateToken(ctx, client.CreateTokenRequest{Role: "decryptor", Keys: []string{"he-*"}})
 	ct := &countingTransport{next: e.checker}
@@ -77,6 +78,11 @@ func TestWorkerCKKSEndToEnd(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	in, err := keys.Seal(c, len(values))
+	if err != nil {
+		t.Fatal(err)
+	}
+	attestInput(t, e, in)
 	eval := ckks.NewEvaluator(params, keys.EvaluationKeys)
 	sq, err := eval.MulRelinNew(c, c)
 	if err != nil {
@@ -91,23 +97,30 @@ func TestWorkerCKKSEndToEnd(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	got, err := e.client(decryptor.Token).Decrypt(ctx, env)
+	// x^2 of |x| <= 2: the noise grows by 2|x| <= 4; one rotation after
+	// the rescale.
+	attestEvaluation(t, e, env, "square-rotate", []*client.Envelope{in}, 4, 1)
+	got, prec, err := e.client(decryptor.Token).DecryptFull(ctx, env)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if len(got) != len(values) {
 		t.Fatalf("%d values, want %d", len(got), len(values))
 	}
+	// Flooding leaves fewer than the 20 bits the policy asks for.
+	if prec < 6 || prec >= 20 {
+		t.Fatalf("precision %d bits", prec)
+	}
 	for i := range got {
 		x := values[(i+4)%len(values)]
-		if math.Abs(got[i]-x*x) > 1e-3 {
-			t.Fatalf("slot %d: %f, want %f", i, got[i], x*x)
+		if math.Abs(got[i]-x*x) > math.Ldexp(1, -prec) {
+			t.Fatalf("slot %d: %f, want %f within 2^-%d", i, got[i], x*x, prec)
 		}
 	}
-	// Rounded to 20 bits: every value is a multiple of 2^-20 (as a float).
+	// Rounded to the precision: every value is a multiple of 2^-prec.
 	for _, v := range got[:16] {
-		if scaled := v * (1 << 20); math.Abs(scaled-math.Round(scaled)) > 1e-6 {
-			t.Fatalf("value %v is not rounded to 20 bits", v)
+		if scaled := math.Ldexp(v, prec); math.Abs(scaled-math.Round(scaled)) > 1e-6 {
+			t.Fatalf("value %v is not rounded to %d bits", v, prec)
 		}
 	}
 	// A second fetch: only conditional requests, all answered 304.
@@ -145,6 +158,11 @@ func TestWorkerBGVEndToEnd(t *testing.T) {
 	pt := bgv.NewPlaintext(params, params.MaxLevel())
 	enc.Encode(values, pt)
 	c, _ := rlwe.NewEncryptor(params, keys.PublicKey).EncryptNew(pt)
+	in, err := keys.Seal(c, half)
+	if err != nil {
+		t.Fatal(err)
+	}
+	attestInput(t, e, in)
 	eval := bgv.NewEvaluator(params, keys.EvaluationKeys)
 	sq, err := eval.MulRelinNew(c, c)
 	if err != nil {
@@ -158,6 +176,8 @@ func TestWorkerBGVEndToEnd(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// A product of two BGV phases multiplies the noise by about t*sqrt(N).
+	attestEvaluation(t, e, env, "square-rotate", []*client.Envelope{in}, float64(params.PlaintextModulus())*math.Sqrt(float64(params.N())), 1)
 	got, err := e.client(e.admin).Decrypt(ctx, env)
 	if err != nil {
 		t.Fatal(err)
@@ -275,6 +295,7 @@ func TestDecryptRefusals(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	attestInput(t, e, good)
 	goodJSON, _ := json.Marshal(good)
 	// A ciphertext of ckks-logn14.
 	p14, _ := ckks.NewParametersFromLiteral(ckks.ParametersLiteral{LogN: 14, LogQ: []int{55, 40, 40}, LogP: []int{55}, LogDefaultScale: 40})
@@ -285,7 +306,7 @@ func TestDecryptRefusals(t *testing.T) {
 	c14, _ := rlwe.NewEncryptor(p14, sk14).EncryptNew(pt14)
 	foreign, _ := c14.MarshalBinary()
 	// A same-size ciphertext under other moduli.
-	p13b, _ := ckks.NewParametersFromLiteral(ckks.ParametersLiteral{LogN: 13, LogQ: []int{50, 40, 40, 40}, LogP: []int{45}, LogDefaultScale: 35})
+	p13b, _ := ckks.NewParametersFromLiteral(ckks.ParametersLiteral{LogN: 13, LogQ: []int{60, 55, 55}, LogP: []int{55}, LogDefaultScale: 50})
 	skb := rlwe.NewKeyGenerator(p13b).GenSecretKeyNew()
 	ptb := ckks.NewPlaintext(p13b, p13b.MaxLevel())
 	ckks.NewEncoder(p13b).Encode([]float64{1}, ptb)
@@ -298,7 +319,25 @@ func TestDecryptRefusals(t *testing.T) {
 		t.Fatal(err)
 	}
 	otherEnv, _ := otherKeys.Encrypt([]float64{1, 2, 3})
+	attestInput(t, e, otherEnv)
 	otherJSON, _ := json.Marshal(otherEnv)
+	// An honest input of he-d, attested, whose attestation is then put on
+	// the chosen ciphertext (0, 1) of the same size.
+	chosen := *good
+	goodCT, err := keys.Open(good)
+	if err != nil {
+		t.Fatal(err)
+	}
+	zeroOne := goodCT.CopyNew()
+	r := keys.CKKS.RingQ().AtLevel(zeroOne.Level())
+	r.MulScalar(zeroOne.Value[0], 0, zeroOne.Value[0])
+	r.MulScalar(zeroOne.Value[1], 0, zeroOne.Value[1])
+	r.AddScalar(zeroOne.Value[1], 1, zeroOne.Value[1])
+	chosen.Ciphertext, _ = zeroOne.MarshalBinary()
+	forged := *good
+	forged.Attestation = &client.Attestation{Payload: good.Attestation.Payload, Signature: append([]byte{good.Attestation.Signature[0] ^ 1}, good.Attestation.Signature[1:]...), SignedBy: good.Attestation.SignedBy}
+	unattested := *good
+	unattested.Attestation = nil
 	with := func(change func(*client.Envelope)) string {
 		c := *good
 		change(&c)
@@ -326,6 +365,13 @@ func TestDecryptRefusals(t *testing.T) {
 		{"missing field", "application/json", strings.Replace(string(goodJSON), `"slots":3,`, ``, 1), 400, "needs key, version"},
 		{"not JSON", "application/json", "{", 400, "not a ciphertext envelope"},
 		{"raw bytes", "application/octet-stream", string(good.Ciphertext), 415, "ciphertext envelope"},
+		{"no attestation", "application/json", with(func(c *client.Envelope) { *c = unattested }), 400, "has no attestation"},
+		{"chosen ciphertext under an honest attestation", "application/json", with(func(c *client.Envelope) { *c = chosen }), 400, "does not cover this ciphertext"},
+		{"attestation with a flipped signature byte", "application/json", with(func(c *client.Envelope) { *c = forged }), 400, "does not verify"},
+		{"duplicate key field", "application/json", strings.Replace(string(goodJSON), `{`, `{"key":"he-d",`, 1), 400, "duplicate field"},
+		{"a field in another case", "application/json", strings.Replace(string(goodJSON), `"key":`, `"Key":`, 1), 400, "unknown field"},
+		{"trailing brace", "application/json", string(goodJSON) + "}", 400, "not a ciphertext envelope"},
+		{"trailing bracket", "application/json", string(goodJSON) + "]", 400, "not a ciphertext envelope"},
 	} {
 		before := e.snapshot()
 		st, _, body := e.raw("POST", path, e.admin, c.ctype, c.body)

@@ -13,8 +13,34 @@ import (
 	"github.com/cloudflare/circl/sign/mldsa/mldsa65"
 
 	"github.com/kmsd-project/kmsd/api/client"
+	"github.com/kmsd-project/kmsd/api/client/hekeys"
 	"github.com/kmsd-project/kmsd/kms"
 )
+
+// attestInput has an encryptor token (made here, for every key) vouch for
+// env as an input, as kmsctl he encrypt does.
+func attestInput(t *testing.T, e *env, env *client.Envelope) {
+	t.Helper()
+	tok, err := e.client(e.admin).CreateToken(ctx, client.CreateTokenRequest{Role: "encryptor", Keys: []string{"*"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := hekeys.AttestInput(ctx, e.client(tok.Token), env); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// attestEvaluation has a worker token vouch for env as op on inputs.
+func attestEvaluation(t *testing.T, e *env, env *client.Envelope, op string, inputs []*client.Envelope, amplification float64, keySwitches int) {
+	t.Helper()
+	tok, err := e.client(e.admin).CreateToken(ctx, client.CreateTokenRequest{Role: "worker", Keys: []string{"*"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := hekeys.AttestEvaluation(ctx, e.client(tok.Token), env, op, inputs, amplification, keySwitches); err != nil {
+		t.Fatal(err)
+	}
+}
 
 func heKey(t *testing.T, e *env, name, body string) {
 	t.Helper()

@@ -156,10 +156,11 @@ func FloodSigmaLog2(noiseLog2 float64, queries float64) float64 {
 
 // floodPrecision is how many bits of a CKKS slot survive flooding of
 // sigma 2^sigmaLog2 at scale: a slot's error is a Gaussian of standard
-// deviation sigma*sqrt(N/2)/scale, and 4.5 of those bound it for all but
-// 2^-14 of slots.
+// deviation sigma*sqrt(N/2)/scale; six of those (exceeded with probability
+// 2^-28) stay under half of 2^-p, and the rounding to p bits under the
+// other half, so that each value returned is within 2^-p of the exact one.
 func floodPrecision(logN int, scale, sigmaLog2 float64) int {
-	return int(math.Floor(math.Log2(scale) - sigmaLog2 - 0.5*float64(logN-1) - math.Log2(4.5)))
+	return int(math.Floor(math.Log2(scale) - sigmaLog2 - 0.5*float64(logN-1) - math.Log2(6) - 1))
 }
 
 // DecryptPlan implements kms.DecryptingKind: from the ciphertext's

@@ -307,7 +307,11 @@ func (s *Service) Decrypt(ctx context.Context, name string, n uint64, env *Envel
 	if err := env.MatchVersion(name, v.Number, m.ParamsID); err != nil {
 		return nil, err
 	}
-	// Provenance first: only a ciphertext kmsd attested (an input of a
+	parsed, err := dk.ParseCiphertext(v.Manifest, env)
+	if err != nil {
+		return nil, err
+	}
+	// Then provenance: only a ciphertext kmsd attested (an input of a
 	// data owner, or an evaluation on attested inputs) is decrypted.
 	if env.Attestation == nil {
 		if rec, _ := ctx.Value(auditKey{}).(*AuditRecord); rec != nil {
@@ -326,10 +330,6 @@ func (s *Service) Decrypt(ctx context.Context, name string, n uint64, env *Envel
 		return nil, err
 	}
 	noteAttestation(ctx, st)
-	parsed, err := dk.ParseCiphertext(v.Manifest, env)
-	if err != nil {
-		return nil, err
-	}
 	prec := k.Policy.DecryptLogPrecision
 	if prec == 0 {
 		prec = DefaultDecryptLogPrecision
