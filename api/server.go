@@ -330,8 +330,10 @@ func (s *Server) Handler() http.Handler {
 		r.Get("/v1/blobs/sha256/{hex}", s.blob) // authorized against the blob's key inside
 		r.Head("/v1/blobs/sha256/{hex}", s.blob)
 		r.Post("/v1/keys/{name}/versions/{version}/decrypt", allow(kms.PermDecrypt, s.decrypt))
-		r.Post("/v1/keys/{name}/versions/{version}/attest", allow(kms.PermReadKey, s.attest)) // the op's permission checked inside
-		r.Get("/v1/operations/{id}", s.operation)                                             // authorized against the operation's key inside
+		// attest: the op's permission (attest-input or -evaluation) is
+		// checked inside.
+		r.Post("/v1/keys/{name}/versions/{version}/attest", allow(kms.PermReadKey, s.attest))
+		r.Get("/v1/operations/{id}", s.operation) // authorized against the operation's key inside
 		if s.opts.Audit != nil && s.opts.Prover != nil {
 			r.Get("/v1/audit/checkpoint", allow(kms.PermReadAudit, s.auditCheckpoint))
 			r.Get("/v1/audit/records", allow(kms.PermReadAudit, s.auditRecords))
