@@ -291,12 +291,24 @@ func TestHECommands(t *testing.T) {
 	if r := kmsctl(t, env, "keys", "create", "he3", "--kind", "bgv", "--params", "bgv-logn13", "--rotations", "one"); r.code != exitUsage {
 		t.Fatalf("bad rotations: %d %s", r.code, r.stderr)
 	}
-	// he encrypt here, he decrypt in kmsd: the slots in use come back.
+	// he encrypt here (an encryptor token attests the input), he decrypt
+	// in kmsd: the slots in use come back. The admin token may not attest.
 	dir := t.TempDir()
 	in := filepath.Join(dir, "values.json")
 	os.WriteFile(in, []byte("[1.5, -2, 3.25]"), 0o600)
-	r = kmsctl(t, env, "he", "encrypt", "--key", "he1", "--in", in, "--cache-dir", filepath.Join(dir, "cache"))
-	if r.code != exitOK || strings.Count(r.stdout, "\n") != 1 || !strings.Contains(r.stdout, `"key":"he1","version":2`) {
+	if r := kmsctl(t, env, "he", "encrypt", "--key", "he1", "--in", in, "--cache-dir", filepath.Join(dir, "cache")); r.code != exitRefused || !strings.Contains(r.stderr, "separation of duties") {
+		t.Fatalf("he encrypt with an admin token: %d %s %s", r.code, r.stdout, r.stderr)
+	}
+	r = kmsctl(t, env, "tokens", "create", "--role", "encryptor", "--keys", "he*", "-o", "json")
+	var enc struct {
+		Token string `json:"token"`
+	}
+	if err := json.Unmarshal([]byte(r.stdout), &enc); err != nil || enc.Token == "" {
+		t.Fatalf("encryptor token: %d %s %s", r.code, r.stdout, r.stderr)
+	}
+	encEnv := map[string]string{"KMS_URL": url, "KMS_TOKEN": enc.Token}
+	r = kmsctl(t, encEnv, "he", "encrypt", "--key", "he1", "--in", in, "--cache-dir", filepath.Join(dir, "cache"))
+	if r.code != exitOK || strings.Count(r.stdout, "\n") != 1 || !strings.Contains(r.stdout, `"key":"he1","version":2`) || !strings.Contains(r.stdout, `"attestation":{"payload":`) {
 		t.Fatalf("he encrypt: %d %s %s", r.code, r.stdout, r.stderr)
 	}
 	envFile := filepath.Join(dir, "ct.json")
@@ -308,7 +320,7 @@ func TestHECommands(t *testing.T) {
 	}
 	// Plain numbers work too; an envelope naming another key is refused by kmsd.
 	os.WriteFile(in, []byte("1 2\n3"), 0o600)
-	r = kmsctl(t, env, "he", "encrypt", "--key", "he1", "--version", "1", "--in", in, "--cache-dir", filepath.Join(dir, "cache"))
+	r = kmsctl(t, encEnv, "he", "encrypt", "--key", "he1", "--version", "1", "--in", in, "--cache-dir", filepath.Join(dir, "cache"))
 	if r.code != exitOK {
 		t.Fatalf("he encrypt --version 1: %d %s", r.code, r.stderr)
 	}
