@@ -288,7 +288,7 @@ func (e *Engine) Polynomial(x *rlwe.Ciphertext, c []float64) (*rlwe.Ciphertext, 
 		return nil, Cost{}, errors.New("this key version has no relinearization key, which a polynomial of degree 2 or more needs")
 	}
 	ev := e.eval.ShallowCopy()
-	r, err := ev.MulNew(x, c[d])
+	r, err := e.mulConst(ev, x, c[d])
 	if err != nil {
 		return nil, Cost{}, err
 	}
@@ -319,6 +319,18 @@ func (e *Engine) Polynomial(x *rlwe.Ciphertext, c []float64) (*rlwe.Ciphertext, 
 	return r, Cost{Amplification: max(amp, 1)}, nil
 }
 
+// mulConst multiplies ct by the constant c in every slot, encoded at the
+// scale of the prime the next rescale removes, so that the rescale brings
+// the scale back (Lattigo multiplies by an integer constant at scale 1,
+// after which a rescale would leave a scale below 1).
+func (e *Engine) mulConst(ev *ckks.Evaluator, ct *rlwe.Ciphertext, c float64) (*rlwe.Ciphertext, error) {
+	v := make([]float64, e.slots)
+	for i := range v {
+		v[i] = c
+	}
+	return ev.MulNew(ct, v)
+}
+
 // Aggregate sums ciphertexts of this version, or averages them (one level).
 func (e *Engine) Aggregate(cts []*rlwe.Ciphertext, mean bool) (*rlwe.Ciphertext, Cost, error) {
 	if len(cts) == 0 {
@@ -341,7 +353,8 @@ func (e *Engine) Aggregate(cts []*rlwe.Ciphertext, mean bool) (*rlwe.Ciphertext,
 	if sum.Level() < 1 {
 		return nil, Cost{}, errors.New("the ciphertexts are at level 0: no level left for the mean's multiplication")
 	}
-	if err := ev.Mul(sum, 1/float64(len(cts)), sum); err != nil {
+	sum, err := e.mulConst(ev, sum, 1/float64(len(cts)))
+	if err != nil {
 		return nil, Cost{}, err
 	}
 	if err := ev.Rescale(sum, sum); err != nil {

@@ -180,9 +180,11 @@ func (s *Server) Refresh(ctx context.Context) {
 }
 
 // engine is the engine of a served key version, loading an enabled older
-// version on first use, once its verified manifest shows the envelope's
-// parameters (a version of other parameters is never loaded for it).
-func (s *Server) engine(ctx context.Context, env *client.Envelope) (*Engine, error) {
+// version on first use. Before anything is loaded the envelope's
+// parameters are checked against the version's (its verified manifest)
+// and then check runs (the attestation): a version is never loaded for a
+// ciphertext of other parameters or without provenance.
+func (s *Server) engine(ctx context.Context, env *client.Envelope, check func() error) (*Engine, error) {
 	name, version := env.Key, env.Version
 	s.mu.RLock()
 	sk, ok := s.served[name]
@@ -196,6 +198,12 @@ func (s *Server) engine(ctx context.Context, env *client.Envelope) (*Engine, err
 	case !ok:
 		return nil, fmt.Errorf("this server does not serve key %q (it serves %s)", name, strings.Join(s.cfg.Keys, ", "))
 	case eng != nil:
+		if eng.Keys.Manifest.ParamsID != env.ParamsID {
+			return nil, fmt.Errorf("the ciphertext was made under parameters %s, but version %d of %q has %s", env.ParamsID, version, name, eng.Keys.Manifest.ParamsID)
+		}
+		if err := check(); err != nil {
+			return nil, err
+		}
 		return eng, nil
 	case !enabled:
 		return nil, fmt.Errorf("version %d of key %q is not enabled in kmsd (disabled, retired by min_decryption_version, scheduled for destruction, destroyed, or not yet seen: the server polls every %s)", version, name, s.cfg.Refresh)
@@ -206,6 +214,9 @@ func (s *Server) engine(ctx context.Context, env *client.Envelope) (*Engine, err
 	}
 	if m.ParamsID != env.ParamsID {
 		return nil, fmt.Errorf("the ciphertext was made under parameters %s, but version %d of %q has %s", env.ParamsID, version, name, m.ParamsID)
+	}
+	if err := check(); err != nil {
+		return nil, err
 	}
 	eng, err = s.load(ctx, name, version)
 	if err != nil {
@@ -230,7 +241,16 @@ type EnvelopeJSON struct {
 	Ciphertext string  `json:"ciphertext" jsonschema:"the Lattigo ciphertext, standard base64"`
 	// Attestation is kmsd's signed statement of where the ciphertext
 	// comes from; the tools refuse a ciphertext without one.
-	Attestation *kms.Attestation `json:"attestation,omitempty" jsonschema:"kmsd's attestation of the ciphertext (kmsctl he encrypt adds it; results carry theirs): pass it on unchanged"`
+	Attestation *AttestationJSON `json:"attestation,omitempty" jsonschema:"kmsd's attestation of the ciphertext (kmsctl he encrypt adds it; results carry theirs): pass it on unchanged"`
+}
+
+// AttestationJSON is an attestation as the tools take and give it (the
+// same JSON as kms.Attestation, with its schema's binary fields as
+// base64 strings).
+type AttestationJSON struct {
+	Payload   string `json:"payload" jsonschema:"the statement kmsd signed, standard base64"`
+	Signature string `json:"signature" jsonschema:"kmsd's ML-DSA-65 signature, standard base64"`
+	SignedBy  uint64 `json:"signed_by" jsonschema:"the identity key's version"`
 }
 
 // envelope checks the fields as hekeys.ParseEnvelope does (the SDK has
@@ -241,7 +261,15 @@ func (ej EnvelopeJSON) envelope() (*client.Envelope, error) {
 	if err != nil {
 		return nil, kms.Errorf(kms.KindInvalid, "not a ciphertext envelope: ciphertext is not standard base64")
 	}
-	e := &client.Envelope{Key: ej.Key, Version: ej.Version, ParamsID: ej.ParamsID, Level: ej.Level, Scale: ej.Scale, Slots: ej.Slots, Ciphertext: ct, Attestation: ej.Attestation}
+	e := &client.Envelope{Key: ej.Key, Version: ej.Version, ParamsID: ej.ParamsID, Level: ej.Level, Scale: ej.Scale, Slots: ej.Slots, Ciphertext: ct}
+	if a := ej.Attestation; a != nil {
+		payload, err1 := base64.StdEncoding.DecodeString(a.Payload)
+		sig, err2 := base64.StdEncoding.DecodeString(a.Signature)
+		if err1 != nil || err2 != nil {
+			return nil, kms.Errorf(kms.KindInvalid, "not a ciphertext envelope: the attestation's payload and signature must be standard base64")
+		}
+		e.Attestation = &kms.Attestation{Payload: payload, Signature: sig, SignedBy: a.SignedBy}
+	}
 	if err := e.Check(hekeys.MaxEnvelopeCiphertext); err != nil {
 		return nil, err
 	}
@@ -249,14 +277,18 @@ func (ej EnvelopeJSON) envelope() (*client.Envelope, error) {
 }
 
 func fromEnvelope(e *client.Envelope) EnvelopeJSON {
-	return EnvelopeJSON{Key: e.Key, Version: e.Version, ParamsID: e.ParamsID, Level: e.Level, Scale: e.Scale, Slots: e.Slots, Ciphertext: base64.StdEncoding.EncodeToString(e.Ciphertext), Attestation: e.Attestation}
+	ej := EnvelopeJSON{Key: e.Key, Version: e.Version, ParamsID: e.ParamsID, Level: e.Level, Scale: e.Scale, Slots: e.Slots, Ciphertext: base64.StdEncoding.EncodeToString(e.Ciphertext)}
+	if a := e.Attestation; a != nil {
+		ej.Attestation = &AttestationJSON{Payload: base64.StdEncoding.EncodeToString(a.Payload), Signature: base64.StdEncoding.EncodeToString(a.Signature), SignedBy: a.SignedBy}
+	}
+	return ej
 }
 
-// open checks an envelope strictly, the caller's right to its key, its
+// open checks an envelope strictly, the caller's right to its key, that it
+// is under a served, enabled version of the same parameters, its
 // attestation (kmsd's signature, covering this ciphertext: the server
-// computes only on attested inputs), and that it is under a served,
-// enabled version of the same parameters; it returns the engine and the
-// ciphertext.
+// computes only on attested inputs), and its ciphertext; it returns the
+// engine and the ciphertext.
 func (s *Server) open(ctx context.Context, req *mcp.CallToolRequest, ej EnvelopeJSON) (*Engine, *rlwe.Ciphertext, *client.Envelope, error) {
 	env, err := ej.envelope()
 	if err != nil {
@@ -265,10 +297,10 @@ func (s *Server) open(ctx context.Context, req *mcp.CallToolRequest, ej Envelope
 	if err := allowed(req, env.Key); err != nil {
 		return nil, nil, nil, err
 	}
-	if _, err := hekeys.VerifyAttestation(s.cfg.Fetcher.IdentityKey, env); err != nil {
-		return nil, nil, nil, err
-	}
-	eng, err := s.engine(ctx, env)
+	eng, err := s.engine(ctx, env, func() error {
+		_, err := hekeys.VerifyAttestation(s.cfg.Fetcher.IdentityKey, env)
+		return err
+	})
 	if err != nil {
 		return nil, nil, nil, err
 	}

@@ -69,7 +69,7 @@ func newBenchWorld(b *testing.B) *benchWorld {
 	for i := range x {
 		x[i] = rng.Float64()*2 - 1
 	}
-	env, _ := keys.Encrypt(x)
+	env := w.encrypt(b, keys, x)
 	bw.xJSON = envJSON(env)
 	if bw.x, err = full.Open(env); err != nil {
 		b.Fatal(err)

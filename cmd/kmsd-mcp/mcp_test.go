@@ -19,7 +19,6 @@ import (
 
 	"github.com/kmsd-project/kmsd/api/client"
 	"github.com/kmsd-project/kmsd/api/client/hekeys"
-	"github.com/kmsd-project/kmsd/he"
 	"github.com/kmsd-project/kmsd/internal/app"
 	"github.com/kmsd-project/kmsd/internal/testhsm"
 	"github.com/kmsd-project/kmsd/internal/testutil"
@@ -90,15 +89,15 @@ func (w *world) token(t testing.TB, role string, keys ...string) string {
 }
 
 // heKey makes a CKKS key with Galois keys for every power of two below
-// the slot count and a relinearization key; decryption keeps 40 bits, so
-// the comparisons below see the CKKS error, not the rounding.
+// the slot count and a relinearization key; decryption keeps what noise
+// flooding leaves of 30 bits, for a budget of 16 decryptions per version.
 func (w *world) heKey(t testing.TB, name, preset string, slots int) {
 	var rot []int
 	for p := 1; p < slots; p *= 2 {
 		rot = append(rot, p)
 	}
 	_, op, err := w.adminc.CreateKeyOrOperation(context.Background(), client.CreateKeyRequest{Name: name, Kind: "ckks",
-		Policy: &client.Policy{Params: json.RawMessage(`"` + preset + `"`), Rotations: rot, Relinearization: true, DecryptLogPrecision: 40}})
+		Policy: &client.Policy{Params: json.RawMessage(`"` + preset + `"`), Rotations: rot, Relinearization: true, DecryptLogPrecision: 30, DecryptBudget: 16}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -107,6 +106,68 @@ func (w *world) heKey(t testing.TB, name, preset string, slots int) {
 			t.Fatal(err)
 		}
 	}
+}
+
+// encrypt encrypts values under keys, and a data owner's encryptor token
+// has kmsd attest the input, as kmsctl he encrypt does.
+func (w *world) encrypt(t testing.TB, keys *hekeys.Keys, x []float64) *client.Envelope {
+	t.Helper()
+	env, err := keys.Encrypt(x)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.attest(t, env)
+	return env
+}
+
+// attest has an encryptor token attest env as it is.
+func (w *world) attest(t testing.TB, env *client.Envelope) {
+	t.Helper()
+	cfg, err := client.TLSConfig(w.ca, "", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := client.New(w.url, w.token(t, "encryptor", "*"), client.WithTLS(cfg))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := hekeys.AttestInput(context.Background(), c, env); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// attestedJSON is an envelope's JSON, changed by change, attested as it
+// then is: a malformed ciphertext with provenance reaches the checks that
+// look inside.
+func (w *world) attestedJSON(t testing.TB, env *client.Envelope, change func(*client.Envelope)) map[string]any {
+	t.Helper()
+	c := *env
+	c.Attestation = nil
+	change(&c)
+	w.attest(t, &c)
+	return envJSON(&c)
+}
+
+// decrypt has kmsd decrypt a tool's result and checks it against want,
+// within the precision kmsd reports after noise flooding (at least 6 bits).
+func (w *world) decrypt(t testing.TB, what string, out map[string]any, want []float64) int {
+	t.Helper()
+	got, prec, err := w.adminc.DecryptFull(context.Background(), envelopeOf(t, out))
+	if err != nil {
+		t.Fatalf("%s: decrypt: %v", what, err)
+	}
+	if len(got) != len(want) {
+		t.Fatalf("%s: %d values, want %d", what, len(got), len(want))
+	}
+	if prec < 6 {
+		t.Fatalf("%s: precision %d bits", what, prec)
+	}
+	for i := range want {
+		if math.Abs(got[i]-want[i]) > math.Ldexp(1, -prec) {
+			t.Fatalf("%s: slot %d is %v, want %v within 2^-%d", what, i, got[i], want[i], prec)
+		}
+	}
+	return prec
 }
 
 // keysFor fetches a key version's public material as a client would.
@@ -202,32 +263,6 @@ func envelopeOf(t testing.TB, out map[string]any) *client.Envelope {
 	return env
 }
 
-// slotErrorBound is the error a decrypted slot may carry after a fresh
-// public-key encryption, a plaintext operation that weighs input slots
-// with coefficients of Euclidean norm w, and rot key switches. Derivation
-// (average-case CKKS noise, as in Costache et al. 2020 and Lattigo's
-// estimates): a fresh public-key encryption leaves coefficient noise of
-// variance σ²(4N/3 + 1) (e·u with ternary u, plus e0 and e1·s); a slot's
-// real part is a sum of N coefficients under the canonical embedding, so
-// its error has standard deviation s0 = sqrt(N/2·σ²(4N/3+1))/Δ. A weighted
-// sum of slots scales it by w. The matrix-vector product first replicates
-// the input across the slots (slots/n' copies added), so the noise of
-// every slot, not only of the n in use, is summed: pass w times
-// sqrt(slots/n') for it. Key switching, after dividing by the special
-// modulus P > q_i, adds noise of the order of the rounding,
-// sqrt(N·(1+2N/3)/12)/Δ, per switch; the final rescale adds it once more.
-// Six standard deviations hold for every slot of these tests with
-// probability above 1 - 1e-6; decryption rounds to 2^-40.
-func slotErrorBound(p he.Params, w float64, rot int) float64 {
-	N := float64(p.RLWE().N())
-	sigma := 3.2
-	delta := math.Exp2(float64(p.CKKS.LogDefaultScale()))
-	s0 := math.Sqrt(N/2*sigma*sigma*(4*N/3+1)) / delta
-	round := math.Sqrt(N*(1+2*N/3)/12) / delta
-	std := math.Sqrt(w*w*s0*s0 + float64(rot+1)*round*round)
-	return 6*std + math.Exp2(-40)
-}
-
 func TestToolsOverHTTPMatchPlaintext(t *testing.T) {
 	w := newWorld(t)
 	for _, c := range []struct {
@@ -251,50 +286,34 @@ func TestToolsOverHTTPMatchPlaintext(t *testing.T) {
 	}
 	for _, name := range []string{"he13", "he14"} {
 		keys := w.keysFor(t, name, 1)
-		p, _ := he.Resolve(he.CKKS, json.RawMessage(`"ckks-logn`+name[2:]+`"`))
 		x := make([]float64, 16)
 		for i := range x {
 			x[i] = rng.Float64()*2 - 1
 		}
-		env, err := keys.Encrypt(x)
-		if err != nil {
-			t.Fatal(err)
-		}
+		env := w.encrypt(t, keys, x)
 		ej := envJSON(env)
-		check := func(tool string, out map[string]any, msg string, want []float64, weight float64, rot int) {
+		check := func(tool string, out map[string]any, msg string, want []float64) {
 			t.Helper()
 			if msg != "" {
 				t.Fatalf("%s %s: %s", name, tool, msg)
 			}
-			got, err := w.adminc.Decrypt(context.Background(), envelopeOf(t, out))
-			if err != nil {
-				t.Fatalf("%s %s: decrypt: %v", name, tool, err)
+			// The result is attested as the tool's evaluation of env.
+			res := envelopeOf(t, out)
+			st, err := keys.VerifyAttestation(res)
+			if err != nil || st.Type != "evaluation" || st.Op != tool || len(st.Inputs) == 0 {
+				t.Fatalf("%s %s: the result's attestation: %+v %v", name, tool, st, err)
 			}
-			if len(got) != len(want) {
-				t.Fatalf("%s %s: %d values, want %d", name, tool, len(got), len(want))
-			}
-			bound := slotErrorBound(*p, weight, rot)
-			worst := 0.0
-			for i := range want {
-				worst = math.Max(worst, math.Abs(got[i]-want[i]))
-			}
-			if worst > bound {
-				t.Fatalf("%s %s: error %.3g above the bound %.3g", name, tool, worst, bound)
-			}
-			t.Logf("%s %s: worst error %.3g, bound %.3g", name, tool, worst, bound)
+			prec := w.decrypt(t, name+" "+tool, out, want)
+			t.Logf("%s %s: %d bits after flooding (attested noise 2^%.1f)", name, tool, prec, st.NoiseLog2)
 		}
 		// Linear: 5 outputs of 16 features.
 		W := make([][]float64, 5)
 		bias := make([]float64, 5)
-		norm := 0.0
 		for i := range W {
 			W[i] = make([]float64, 16)
-			rowNorm := 0.0
 			for j := range W[i] {
 				W[i][j] = rng.Float64()*2 - 1
-				rowNorm += W[i][j] * W[i][j]
 			}
-			norm = math.Max(norm, math.Sqrt(rowNorm))
 			bias[i] = rng.Float64()
 		}
 		want := make([]float64, 5)
@@ -304,21 +323,16 @@ func TestToolsOverHTTPMatchPlaintext(t *testing.T) {
 				want[i] += W[i][j] * x[j]
 			}
 		}
-		slots := keys.CKKS.MaxSlots()
-		replicas := math.Sqrt(float64(slots / 16))
-		rots := int(math.Log2(float64(slots/16))) + 3 + 3 // replication, baby and giant steps
 		out, msg := call(t, s, "he_linear", map[string]any{"ciphertext": ej, "weights": W, "bias": bias})
-		check("he_linear", out, msg, want, norm*replicas, rots)
-		// Polynomial: degree-3 sigmoid approximation.
-		cf := []float64{0.5, 0.197, 0, -0.004}
+		check("he_linear", out, msg, want)
+		// Polynomial: degree 2 (ckks-logn13 has two levels).
+		cf := []float64{0.5, 0.197, -0.05}
 		want = make([]float64, len(x))
 		for i, v := range x {
-			want[i] = cf[0] + cf[1]*v + cf[3]*v*v*v
+			want[i] = cf[0] + cf[1]*v + cf[2]*v*v
 		}
 		out, msg = call(t, s, "he_polynomial", map[string]any{"ciphertext": ej, "coefficients": cf})
-		// The error of x grows by the derivative (at most 0.21 here) plus
-		// the relinearizations' rounding.
-		check("he_polynomial", out, msg, want, 0.25, 4)
+		check("he_polynomial", out, msg, want)
 		// Aggregate: mean of three parties.
 		var parties []any
 		sum := make([]float64, len(x))
@@ -328,11 +342,10 @@ func TestToolsOverHTTPMatchPlaintext(t *testing.T) {
 				v[i] = rng.Float64()*2 - 1
 				sum[i] += v[i] / 3
 			}
-			e, _ := keys.Encrypt(v)
-			parties = append(parties, envJSON(e))
+			parties = append(parties, envJSON(w.encrypt(t, keys, v)))
 		}
 		out, msg = call(t, s, "he_aggregate", map[string]any{"ciphertexts": parties, "op": "mean"})
-		check("he_aggregate", out, msg, sum, math.Sqrt(3)/3, 1)
+		check("he_aggregate", out, msg, sum)
 		// Similarity against the server's 40 context embeddings.
 		want = make([]float64, len(corpus.Embeddings))
 		for i, e := range corpus.Embeddings {
@@ -341,7 +354,7 @@ func TestToolsOverHTTPMatchPlaintext(t *testing.T) {
 			}
 		}
 		out, msg = call(t, s, "he_similarity", map[string]any{"ciphertext": ej, "context": "docs"})
-		check("he_similarity", out, msg, want, 1*replicas, rots)
+		check("he_similarity", out, msg, want)
 		if ids, _ := out["ids"].([]any); len(ids) != 40 {
 			t.Fatalf("he_similarity ids: %v", out["ids"])
 		}
@@ -417,15 +430,38 @@ func TestRefusals(t *testing.T) {
 	}
 	keys := w.keysFor(t, "he", 1)
 	x := []float64{0.5, -0.25, 1}
-	env, _ := keys.Encrypt(x)
+	env := w.encrypt(t, keys, x)
 	good := envJSON(env)
+	// Provenance: no attestation, another ciphertext's, a forged one, and
+	// the chosen ciphertext (0, 1) alone or summed with an honest input.
+	unattested := envJSON(env)
+	delete(unattested, "attestation")
+	other := w.encrypt(t, keys, []float64{9, 9, 9})
+	swapped := envJSON(other)
+	swapped["attestation"] = good["attestation"]
+	forged := *env
+	forged.Attestation = &client.Attestation{Payload: env.Attestation.Payload, Signature: append([]byte{env.Attestation.Signature[0] ^ 1}, env.Attestation.Signature[1:]...), SignedBy: env.Attestation.SignedBy}
+	zeroOne, err := keys.Open(env)
+	if err != nil {
+		t.Fatal(err)
+	}
+	zeroOne = zeroOne.CopyNew()
+	rq := keys.CKKS.RingQ().AtLevel(zeroOne.Level())
+	rq.MulScalar(zeroOne.Value[0], 0, zeroOne.Value[0])
+	rq.MulScalar(zeroOne.Value[1], 0, zeroOne.Value[1])
+	rq.AddScalar(zeroOne.Value[1], 1, zeroOne.Value[1])
+	chosenEnv, err := keys.Seal(zeroOne, 3)
+	if err != nil {
+		t.Fatal(err)
+	}
+	chosen := envJSON(chosenEnv)
 	with := func(k string, v any) map[string]any {
 		m := envJSON(env)
 		m[k] = v
 		return m
 	}
 	s := connectHTTP(t, url, w.token(t, "worker", "he*"))
-	other := connectHTTP(t, url, w.token(t, "worker", "other-*"))
+	otherSession := connectHTTP(t, url, w.token(t, "worker", "other-*"))
 	ctb, _ := base64.StdEncoding.DecodeString(good["ciphertext"].(string))
 	for _, c := range []struct {
 		name string
@@ -434,14 +470,20 @@ func TestRefusals(t *testing.T) {
 		args map[string]any
 		want string
 	}{
-		{"key outside the token's patterns", other, "he_polynomial", map[string]any{"ciphertext": good, "coefficients": []float64{0, 1, 1}}, `may not use key "he"`},
+		{"no attestation", s, "he_polynomial", map[string]any{"ciphertext": unattested, "coefficients": []float64{0, 1, 1}}, "has no attestation"},
+		{"another ciphertext's attestation", s, "he_polynomial", map[string]any{"ciphertext": swapped, "coefficients": []float64{0, 1, 1}}, "does not cover this ciphertext"},
+		{"a forged attestation", s, "he_polynomial", map[string]any{"ciphertext": envJSON(&forged), "coefficients": []float64{0, 1, 1}}, "not signed by kmsd's identity key"},
+		{"the chosen ciphertext (0, 1)", s, "he_linear", map[string]any{"ciphertext": chosen, "weights": [][]float64{{1, 0, 0}}}, "has no attestation"},
+		{"(0, 1) summed into an honest aggregate", s, "he_aggregate", map[string]any{"ciphertexts": []any{good, chosen}, "op": "sum"}, "has no attestation"},
+		{"key outside the token's patterns", otherSession, "he_polynomial", map[string]any{"ciphertext": good, "coefficients": []float64{0, 1, 1}}, `may not use key "he"`},
 		{"a key the server does not serve", s, "he_polynomial", map[string]any{"ciphertext": with("key", "he-x"), "coefficients": []float64{0, 1, 1}}, `does not serve key "he-x"`},
 		{"a version kmsd does not have enabled", s, "he_polynomial", map[string]any{"ciphertext": with("version", 9), "coefficients": []float64{0, 1, 1}}, "version 9 of key \"he\" is not enabled"},
 		{"another parameter id", s, "he_polynomial", map[string]any{"ciphertext": with("params_id", "sha256:"+strings.Repeat("0", 64)), "coefficients": []float64{0, 1, 1}}, "made under parameters"},
-		{"malformed ciphertext", s, "he_polynomial", map[string]any{"ciphertext": with("ciphertext", "bm90IGEgY2lwaGVydGV4dA=="), "coefficients": []float64{0, 1, 1}}, "not a degree-1 ciphertext"},
-		{"truncated ciphertext", s, "he_polynomial", map[string]any{"ciphertext": with("ciphertext", base64.StdEncoding.EncodeToString(ctb[:len(ctb)/2])), "coefficients": []float64{0, 1, 1}}, "truncated"},
+		{"malformed ciphertext", s, "he_polynomial", map[string]any{"ciphertext": w.attestedJSON(t, env, func(c *client.Envelope) { c.Ciphertext = []byte("not a ciphertext") }), "coefficients": []float64{0, 1, 1}}, "not a degree-1 ciphertext"},
+		{"truncated ciphertext", s, "he_polynomial", map[string]any{"ciphertext": w.attestedJSON(t, env, func(c *client.Envelope) { c.Ciphertext = ctb[:len(ctb)/2] }), "coefficients": []float64{0, 1, 1}}, "truncated"},
 		{"not base64", s, "he_polynomial", map[string]any{"ciphertext": with("ciphertext", "***"), "coefficients": []float64{0, 1, 1}}, "not a ciphertext envelope"},
-		{"wrong level", s, "he_polynomial", map[string]any{"ciphertext": with("level", 0), "coefficients": []float64{0, 1, 1}}, "its ciphertext is at level"},
+		{"wrong level", s, "he_polynomial", map[string]any{"ciphertext": w.attestedJSON(t, env, func(c *client.Envelope) { c.Level = 0 }), "coefficients": []float64{0, 1, 1}}, "its ciphertext is at level"},
+		{"wrong level, attested before", s, "he_polynomial", map[string]any{"ciphertext": with("level", 0), "coefficients": []float64{0, 1, 1}}, "does not cover this ciphertext"},
 		{"weights wider than the vector", s, "he_linear", map[string]any{"ciphertext": good, "weights": [][]float64{{1, 2, 3, 4}}}, "the weights have 4 columns, the ciphertext holds 3 values"},
 		{"more outputs than slots", s, "he_linear", map[string]any{"ciphertext": good, "weights": tall(5000, 3)}, "does not fit 4096 slots"},
 		{"bias of another length", s, "he_linear", map[string]any{"ciphertext": good, "weights": [][]float64{{1, 2, 3}}, "bias": []float64{1, 2}}, "bias has 2 values"},
@@ -458,12 +500,26 @@ func TestRefusals(t *testing.T) {
 	}
 	// Ciphertexts of two versions cannot be aggregated; a missing rotation is named.
 	nk := w.keysFor(t, "he-norot", 1)
-	nenv, _ := nk.Encrypt(x)
+	nenv := w.encrypt(t, nk, x)
 	if _, msg := call(t, s, "he_aggregate", map[string]any{"ciphertexts": []any{good, envJSON(nenv)}, "op": "sum"}); !strings.Contains(msg, "same key version") {
 		t.Errorf("mixed aggregate: %q", msg)
 	}
 	if _, msg := call(t, s, "he_linear", map[string]any{"ciphertext": envJSON(nenv), "weights": [][]float64{{1, 2, 3}}}); !strings.Contains(msg, "no Galois key for rotation") {
 		t.Errorf("linear without rotations: %q", msg)
+	}
+	// Only worker and encryptor tokens may call the tools: an admin, a
+	// decryptor or an auditor token is refused at the door.
+	for _, tok := range []string{w.admin, w.token(t, "decryptor", "he*"), w.token(t, "auditor", "*")} {
+		c := mcp.NewClient(&mcp.Implementation{Name: "test", Version: "1"}, nil)
+		if s, err := c.Connect(context.Background(), &mcp.StreamableClientTransport{Endpoint: url, HTTPClient: &http.Client{Transport: bearer{tok, http.DefaultTransport}}}, nil); err == nil || !strings.Contains(err.Error(), "Unauthorized") {
+			if s != nil {
+				s.Close()
+			}
+			t.Errorf("a token of a role that is not for MCP clients connects: %v", err)
+		}
+	}
+	if _, msg := call(t, connectHTTP(t, url, w.token(t, "encryptor", "he*")), "he_polynomial", map[string]any{"ciphertext": good, "coefficients": []float64{0, 1, 1}}); msg != "" {
+		t.Errorf("an encryptor token computing on its input: %s", msg)
 	}
 	// A revoked token stops working within the introspection TTL.
 	tok, _ := w.adminc.CreateToken(context.Background(), client.CreateTokenRequest{Role: "worker", Keys: []string{"he"}})
@@ -518,15 +574,12 @@ func TestStdioAndCache(t *testing.T) {
 	s := start()
 	keys := w.keysFor(t, "he", 1)
 	x := []float64{0.5, -1, 0.25, 2}
-	env, _ := keys.Encrypt(x)
+	env := w.encrypt(t, keys, x)
 	out, msg := call(t, s, "he_linear", map[string]any{"ciphertext": envJSON(env), "weights": [][]float64{{1, 1, 1, 1}, {2, 0, 0, -1}}, "bias": []float64{0, 1}})
 	if msg != "" {
 		t.Fatal(msg)
 	}
-	got, err := w.adminc.Decrypt(context.Background(), envelopeOf(t, out))
-	if err != nil || len(got) != 2 || math.Abs(got[0]-1.75) > 1e-3 || math.Abs(got[1]-0) > 1e-3 {
-		t.Fatalf("he_linear over stdio: %v %v", got, err)
-	}
+	w.decrypt(t, "he_linear over stdio", out, []float64{1.75, 0})
 	res, err := s.ListResources(context.Background(), nil)
 	if err != nil || len(res.Resources) != 1 || res.Resources[0].URI != "kmsd://keys/he/manifest" {
 		t.Fatalf("resources: %+v %v", res, err)
@@ -571,7 +624,7 @@ func TestRotationWhileServing(t *testing.T) {
 	url := w.startHTTP(t, "--key", "he", "--refresh", "200ms")
 	s := connectHTTP(t, url, w.token(t, "worker", "he"))
 	k1 := w.keysFor(t, "he", 1)
-	e1, _ := k1.Encrypt([]float64{1, 2})
+	e1 := w.encrypt(t, k1, []float64{1, 2})
 	poly := func(env *client.Envelope) string {
 		_, msg := call(t, s, "he_polynomial", map[string]any{"ciphertext": envJSON(env), "coefficients": []float64{1, 2}})
 		return msg
@@ -598,7 +651,7 @@ func TestRotationWhileServing(t *testing.T) {
 		t.Fatal(err)
 	}
 	k2 := w.keysFor(t, "he", 2)
-	e2, _ := k2.Encrypt([]float64{1, 2})
+	e2 := w.encrypt(t, k2, []float64{1, 2})
 	deadline := time.Now().Add(10 * time.Second)
 	for poly(e2) != "" {
 		if time.Now().After(deadline) {
