@@ -119,6 +119,10 @@ func ParseCiphertext(rp rlwe.Parameters, b []byte) (ct *rlwe.Ciphertext, err err
 		return nil, kms.Errorf(kms.KindInvalid, "ciphertext at level %d, the key's parameters have %d: another parameter set", c.Level(), rp.MaxLevel())
 	case c.IsNTT != rp.NTTFlag():
 		return nil, kms.Errorf(kms.KindInvalid, "ciphertext in the wrong domain for these parameters")
+	case !c.IsBatched:
+		// Decryption decodes slots; a ciphertext marked as holding
+		// coefficients would have its plaintext's coefficients returned.
+		return nil, kms.Errorf(kms.KindInvalid, "ciphertext not slot-encoded (IsBatched false): kmsd decrypts slots only")
 	}
 	q := rp.Q()
 	for _, poly := range c.Value {

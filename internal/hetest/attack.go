@@ -71,3 +71,46 @@ func TernaryFraction(s []float64) float64 {
 	}
 	return float64(k) / float64(len(s))
 }
+
+// IsSecret reports whether guess (coefficients) is the secret key of pk:
+// whether b + a*guess, mod the first prime, is as small as the public
+// key's error (a wrong guess leaves it uniform). The public key's
+// polynomials are taken in the NTT domain, with or without Montgomery
+// form (whichever makes the right key check).
+func IsSecret(params ckks.Parameters, pk *rlwe.PublicKey, guess []float64) bool {
+	r := params.RingQ().AtLevel(0)
+	q0 := params.Q()[0]
+	s := r.NewPoly()
+	for i, x := range guess {
+		v := int64(math.Round(x)) % int64(q0)
+		if v < 0 {
+			v += int64(q0)
+		}
+		s.Coeffs[0][i] = uint64(v)
+	}
+	r.NTT(s, s)
+	for _, montgomery := range []bool{true, false} {
+		a, b := r.NewPoly(), r.NewPoly()
+		copy(a.Coeffs[0], pk.Value[1].Q.Coeffs[0])
+		copy(b.Coeffs[0], pk.Value[0].Q.Coeffs[0])
+		if montgomery {
+			r.IMForm(a, a)
+			r.IMForm(b, b)
+		}
+		e := r.NewPoly()
+		r.MulCoeffsBarrett(a, s, e)
+		r.Add(e, b, e)
+		r.INTT(e, e)
+		small := true
+		for _, c := range e.Coeffs[0] {
+			if c > 1<<20 && q0-c > 1<<20 {
+				small = false
+				break
+			}
+		}
+		if small {
+			return true
+		}
+	}
+	return false
+}
