@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"math"
+	"math/bits"
 	"sync"
 
 	"github.com/tuneinsight/lattigo/v6/core/rlwe"
@@ -51,7 +52,7 @@ func (k *Kind) MaxCiphertextSize(manifest []byte) (int64, error) {
 		return 0, err
 	}
 	rp := p.RLWE()
-	return int64(rlwe.NewCiphertext(rp, 1, rp.MaxLevel()).BinarySize()) + 4096, nil
+	return int64(layoutOf(rp, rp.MaxLevel()).size) + 4096, nil
 }
 
 // ParseCiphertext implements kms.DecryptingKind: the envelope's
@@ -62,7 +63,18 @@ func (k *Kind) ParseCiphertext(manifest []byte, env *kms.Envelope) (any, error) 
 	if err != nil {
 		return nil, err
 	}
-	return OpenEnvelope(p.RLWE(), env)
+	ct, err := OpenEnvelope(p.RLWE(), env)
+	if err != nil {
+		return nil, err
+	}
+	want := p.CKKS.LogMaxDimensions()
+	if k.scheme == BGV {
+		want = p.BGV.LogMaxDimensions()
+	}
+	if ct.LogDimensions != want {
+		return nil, kms.Errorf(kms.KindInvalid, "ciphertext of dimensions 2^%d x 2^%d, the key's parameters have 2^%d x 2^%d", ct.LogDimensions.Rows, ct.LogDimensions.Cols, want.Rows, want.Cols)
+	}
+	return ct, nil
 }
 
 // OpenEnvelope parses the envelope's ciphertext for parameters rp and
@@ -86,25 +98,107 @@ func OpenEnvelope(rp rlwe.Parameters, env *kms.Envelope) (*rlwe.Ciphertext, erro
 	return ct, nil
 }
 
+// layout is what every degree-1 ciphertext of one parameter set and level
+// has in common once serialized: its size, and after the metadata the
+// bytes that are not coefficients (vector and polynomial headers).
+type layout struct {
+	size   int    // the whole serialization
+	values []byte // the value section of a zero ciphertext
+	coeff  []bool // which of its bytes are coefficient bytes
+}
+
+var layouts sync.Map // "<moduli> <level>" -> *layout
+
+// metaSize is the size of a serialized rlwe.MetaData (fixed: Lattigo pads
+// its JSON).
+var metaSize = rlwe.MetaData{}.BinarySize()
+
+// layoutOf is the layout of a degree-1 ciphertext of rp at level, built
+// once from two templates: coefficients all zero, and all 0x0101...01
+// cut below each modulus's top bit, so that every byte a coefficient can
+// set differs between them and no header byte does (a coefficient's bytes
+// above its modulus must be zero, and are checked as such).
+func layoutOf(rp rlwe.Parameters, level int) *layout {
+	key := fmt.Sprint(rp.N(), rp.Q(), level)
+	if l, ok := layouts.Load(key); ok {
+		return l.(*layout)
+	}
+	zero := rlwe.NewCiphertext(rp, 1, level)
+	full := rlwe.NewCiphertext(rp, 1, level)
+	for _, poly := range full.Value {
+		for i := 0; i <= level; i++ {
+			for j := range poly.Coeffs[i] {
+				poly.Coeffs[i][j] = 0x0101010101010101 & (1<<(bits.Len64(rp.Q()[i])-1) - 1)
+			}
+		}
+	}
+	zb, err1 := zero.MarshalBinary()
+	fb, err2 := full.MarshalBinary()
+	if err1 != nil || err2 != nil || len(zb) != len(fb) {
+		panic("he: ciphertext templates do not serialize alike")
+	}
+	off := 1 + metaSize
+	l := &layout{size: len(zb), values: zb[off:], coeff: make([]bool, len(zb)-off)}
+	for i := range l.values {
+		l.coeff[i] = zb[off+i] != fb[off+i]
+	}
+	layouts.Store(key, l)
+	return l
+}
+
 // ParseCiphertext parses a degree-1 Lattigo ciphertext for parameters rp.
+// Nothing is handed to Lattigo's decoder before the bytes are shown to be
+// a ciphertext of exactly this shape: one of the sizes a degree-1
+// ciphertext of these parameters has, metadata that says slot-encoded, in
+// the parameters' domain, not in Montgomery form, with every slot, a
+// finite scale of at least 1, and headers identical to a template's (so
+// no length in them can make Lattigo allocate more than the ciphertext).
 // A ciphertext of other parameters is refused where it can be told apart:
-// another ring degree, more levels than the parameters have, a coefficient
-// not below its modulus, another degree or domain.
+// a coefficient not below its modulus, another degree or level.
 func ParseCiphertext(rp rlwe.Parameters, b []byte) (ct *rlwe.Ciphertext, err error) {
 	defer func() {
 		if r := recover(); r != nil {
 			ct, err = nil, kms.Errorf(kms.KindInvalid, "not a Lattigo ciphertext")
 		}
 	}()
-	// A degree-1 ciphertext at level L has exactly one size: refuse any
-	// other before parsing. (Lattigo's UnmarshalBinary recurses forever on
-	// truncated input; ReadFrom on a bytes.Reader reports EOF instead.)
-	sizeOK := false
-	for l := 0; l <= rp.MaxLevel() && !sizeOK; l++ {
-		sizeOK = len(b) == rlwe.NewCiphertext(rp, 1, l).BinarySize()
+	level := -1
+	for l := 0; l <= rp.MaxLevel(); l++ {
+		if len(b) == layoutOf(rp, l).size {
+			level = l
+			break
+		}
 	}
-	if !sizeOK {
+	if level < 0 {
 		return nil, kms.Errorf(kms.KindInvalid, "not a degree-1 ciphertext of the key's parameters (size %d): another parameter set, truncated, or not a Lattigo ciphertext", len(b))
+	}
+	lay := layoutOf(rp, level)
+	if b[0] != 1 {
+		return nil, kms.Errorf(kms.KindInvalid, "not a Lattigo ciphertext: no metadata")
+	}
+	var md rlwe.MetaData
+	if err := md.UnmarshalBinary(b[1 : 1+metaSize]); err != nil {
+		return nil, kms.Errorf(kms.KindInvalid, "not a Lattigo ciphertext: malformed metadata")
+	}
+	scale, _ := md.Scale.Value.Float64()
+	switch {
+	case !md.IsBatched:
+		// Decryption decodes slots; a ciphertext marked as holding
+		// coefficients would have its plaintext's coefficients returned.
+		return nil, kms.Errorf(kms.KindInvalid, "ciphertext not slot-encoded (IsBatched false): kmsd decrypts slots only")
+	case md.LogDimensions.Cols != rp.LogN()-1 || md.LogDimensions.Rows < 0 || md.LogDimensions.Rows > 1:
+		return nil, kms.Errorf(kms.KindInvalid, "ciphertext of dimensions 2^%d x 2^%d: encode with every slot (2^%d columns)", md.LogDimensions.Rows, md.LogDimensions.Cols, rp.LogN()-1)
+	case md.IsNTT != rp.NTTFlag():
+		return nil, kms.Errorf(kms.KindInvalid, "ciphertext in the wrong domain for these parameters")
+	case md.IsMontgomery:
+		return nil, kms.Errorf(kms.KindInvalid, "ciphertext in Montgomery form")
+	case !(scale >= 1) || math.IsInf(scale, 0):
+		return nil, kms.Errorf(kms.KindInvalid, "ciphertext scale must be a finite number of at least 1")
+	}
+	vals := b[1+metaSize:]
+	for i, c := range lay.coeff {
+		if !c && vals[i] != lay.values[i] {
+			return nil, kms.Errorf(kms.KindInvalid, "not a degree-1 ciphertext of the key's parameters at level %d: its headers differ (another parameter set, or not a Lattigo ciphertext)", level)
+		}
 	}
 	c := new(rlwe.Ciphertext)
 	if _, err := c.ReadFrom(bytes.NewReader(b)); err != nil {
@@ -115,14 +209,8 @@ func ParseCiphertext(rp rlwe.Parameters, b []byte) (ct *rlwe.Ciphertext, err err
 		return nil, kms.Errorf(kms.KindInvalid, "ciphertext of degree %d: relinearize to degree 1 first", c.Degree())
 	case c.N() != rp.N():
 		return nil, kms.Errorf(kms.KindInvalid, "ciphertext of ring degree %d, the key's parameters have %d: another parameter set", c.N(), rp.N())
-	case c.Level() > rp.MaxLevel():
+	case c.Level() != level:
 		return nil, kms.Errorf(kms.KindInvalid, "ciphertext at level %d, the key's parameters have %d: another parameter set", c.Level(), rp.MaxLevel())
-	case c.IsNTT != rp.NTTFlag():
-		return nil, kms.Errorf(kms.KindInvalid, "ciphertext in the wrong domain for these parameters")
-	case !c.IsBatched:
-		// Decryption decodes slots; a ciphertext marked as holding
-		// coefficients would have its plaintext's coefficients returned.
-		return nil, kms.Errorf(kms.KindInvalid, "ciphertext not slot-encoded (IsBatched false): kmsd decrypts slots only")
 	}
 	q := rp.Q()
 	for _, poly := range c.Value {

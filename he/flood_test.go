@@ -249,3 +249,49 @@ func BenchmarkDecrypt(b *testing.B) {
 		}
 	}
 }
+
+// TestParseCiphertextHostileHeaders: bytes of the right size whose
+// headers would make Lattigo allocate without bound (a vector length of
+// 2^43: the process died of out-of-memory) or shift by a negative amount
+// (LogDimensions 0xff: a panic that killed kmsd-mcp), or whose metadata
+// says coefficients, Montgomery form or fewer slots, are refused before
+// Lattigo reads them.
+func TestParseCiphertextHostileHeaders(t *testing.T) {
+	_, _, params, _, pk := floodSetup(t)
+	pt := ckks.NewPlaintext(params, params.MaxLevel())
+	ckks.NewEncoder(params).Encode([]float64{1, 2}, pt)
+	ct, err := rlwe.NewEncryptor(params, pk).EncryptNew(pt)
+	if err != nil {
+		t.Fatal(err)
+	}
+	good, _ := ct.MarshalBinary()
+	if _, err := ParseCiphertext(params.Parameters, good); err != nil {
+		t.Fatalf("an honest ciphertext: %v", err)
+	}
+	meta := func(from, to string) []byte {
+		b := append([]byte(nil), good...)
+		m := string(b[1 : 1+metaSize])
+		if !strings.Contains(m, from) || len(from) != len(to) {
+			t.Fatalf("metadata %s has no %s", m, from)
+		}
+		copy(b[1:1+metaSize], strings.Replace(m, from, to, 1))
+		return b
+	}
+	huge := append([]byte(nil), good...)
+	for i, x := range []byte{0, 0, 0, 0, 0, 8, 0, 0} { // 1<<43, little-endian
+		huge[1+metaSize+i] = x
+	}
+	for name, b := range map[string][]byte{
+		"vector length 2^43":    huge,
+		"LogDimensions 0xff":    meta(`"LogDimensions":["0x00","0x0c"]`, `"LogDimensions":["0x00","0xff"]`),
+		"fewer slots":           meta(`"LogDimensions":["0x00","0x0c"]`, `"LogDimensions":["0x00","0x0b"]`),
+		"coefficient-encoded":   meta(`"IsBatched":"0x01"`, `"IsBatched":"0x00"`),
+		"Montgomery form":       meta(`"IsMontgomery":"0x00"`, `"IsMontgomery":"0x01"`),
+		"not in the NTT domain": meta(`"IsNTT":"0x01"`, `"IsNTT":"0x00"`),
+		"no metadata flag":      append([]byte{0}, good[1:]...),
+	} {
+		if _, err := ParseCiphertext(params.Parameters, b); kms.KindOf(err) != kms.KindInvalid {
+			t.Errorf("%s: %v", name, err)
+		}
+	}
+}
