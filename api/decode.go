@@ -71,7 +71,7 @@ func decode(r *http.Request, v any, optional bool) error {
 
 // binaryFields are the fields that hold base64 strings; encoding/json would
 // also take a JSON array of numbers for them, which is refused.
-var binaryFields = map[string]bool{"message": true, "signature": true, "context": true, "ciphertext": true}
+var binaryFields = map[string]bool{"message": true, "signature": true, "context": true, "ciphertext": true, "payload": true}
 
 // fieldMin is the schema's minimum of the number fields whose zero the Go
 // types cannot tell from "absent" (and would read as "the default"): an
@@ -122,7 +122,7 @@ func checkKeys(body []byte) error {
 			if top.keys[k] {
 				return &decodeError{fmt.Sprintf("duplicate field %q", clip(k))}
 			}
-			if k != strings.ToLower(k) && !top.free {
+			if !top.free && !plainKey(k) {
 				return &decodeError{fmt.Sprintf("unknown field %q", clip(k))}
 			}
 			top.keys[k] = true
@@ -189,4 +189,18 @@ func describe(err error) string {
 		return "unknown field " + strings.TrimPrefix(err.Error(), "json: unknown field ")
 	}
 	return "malformed request body"
+}
+
+// plainKey reports whether k is a field name of this API: a-z, 0-9, _.
+// Anything else is refused: encoding/json folds case, and with it 'ſ'
+// (U+017F) to 's' and the Kelvin sign to 'k', so that "ſcale" would set
+// "scale" past the duplicate check.
+func plainKey(k string) bool {
+	for i := 0; i < len(k); i++ {
+		c := k[i]
+		if !(c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '_') {
+			return false
+		}
+	}
+	return true
 }

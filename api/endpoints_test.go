@@ -232,6 +232,7 @@ func TestBadInputs(t *testing.T) {
 		{"mis-cased field", "POST", "/v1/keys", json, `{"Name":"k","kind":"ml-dsa-65"}`, 400, "invalid-request"},
 		{"duplicate field", "POST", "/v1/keys", json, `{"name":"k","name":"k2","kind":"ml-dsa-65"}`, 400, "invalid-request"},
 		{"nested duplicate", "POST", "/v1/keys", json, `{"name":"k","kind":"ml-dsa-65","policy":{"destroy_wait_days":3,"destroy_wait_days":4}}`, 400, "invalid-request"},
+		{"duplicate through a long s (U+017F folds to s)", "POST", "/v1/keys", json, `{"name":"k","kind":"ml-dsa-65","policy":{"destroy_wait_days":3,"de\u017ftroy_wait_days":4}}`, 400, "invalid-request"},
 		{"trailing data", "POST", "/v1/keys", json, `{"name":"k","kind":"ml-dsa-65"} {}`, 400, "invalid-request"},
 		{"trailing garbage", "POST", "/v1/keys", json, `{"name":"k","kind":"ml-dsa-65"}x`, 400, "invalid-request"},
 		{"not an object", "POST", "/v1/keys", json, `["k"]`, 400, "invalid-request"},

@@ -372,6 +372,9 @@ func TestDecryptRefusals(t *testing.T) {
 		{"a field in another case", "application/json", strings.Replace(string(goodJSON), `"key":`, `"Key":`, 1), 400, "unknown field"},
 		{"trailing brace", "application/json", string(goodJSON) + "}", 400, "not a ciphertext envelope"},
 		{"trailing bracket", "application/json", string(goodJSON) + "]", 400, "not a ciphertext envelope"},
+		{"a field with a long s (U+017F)", "application/json", strings.Replace(string(goodJSON), `{`, `{"ſcale":1,`, 1), 400, "unknown field"},
+		{"a Kelvin-sign key", "application/json", strings.Replace(string(goodJSON), `"key":`, `"\u212aey":`, 1), 400, "unknown field"},
+		{"ciphertext as an array of numbers", "application/json", strings.Replace(string(goodJSON), `"ciphertext":"`, `"ciphertext":[1,2],"x":"`, 1), 400, "must be a standard base64 string"},
 	} {
 		before := e.snapshot()
 		st, _, body := e.raw("POST", path, e.admin, c.ctype, c.body)

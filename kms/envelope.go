@@ -30,6 +30,10 @@ type Envelope struct {
 	Attestation *Attestation `json:"attestation,omitempty"`
 }
 
+// envelopeBinary are the envelope's base64 fields, its attestation's
+// included.
+var envelopeBinary = map[string]bool{"ciphertext": true, "payload": true, "signature": true}
+
 var paramsIDRE = regexp.MustCompile(`^sha256:[0-9a-f]{64}$`)
 
 // ParseEnvelope decodes an envelope strictly (one JSON object, no unknown,
@@ -38,7 +42,7 @@ var paramsIDRE = regexp.MustCompile(`^sha256:[0-9a-f]{64}$`)
 // ciphertext must be at most maxCiphertext bytes. It does not look inside
 // the ciphertext: the kind does that against the version's parameters.
 func ParseEnvelope(b []byte, maxCiphertext int) (*Envelope, error) {
-	if err := CheckJSONKeys(b); err != nil {
+	if err := CheckJSONKeys(b, envelopeBinary); err != nil {
 		return nil, Errorf(KindInvalid, "not a ciphertext envelope: %s", err.Error())
 	}
 	dec := json.NewDecoder(bytes.NewReader(b))

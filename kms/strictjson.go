@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"strings"
 )
 
 // MaxJSONDepth is how deeply CheckJSONKeys lets objects and arrays nest.
@@ -14,14 +13,18 @@ const MaxJSONDepth = 32
 
 // CheckJSONKeys refuses what encoding/json would quietly accept in a body
 // whose fields are all lower case: a duplicate key in any object (the last
-// would win), a key in another case (it would match the lower-case field),
-// nesting deeper than MaxJSONDepth, and anything after the first value.
-// Its error says which, without echoing more than 40 bytes of a key.
-func CheckJSONKeys(b []byte) error {
+// would win), a key of any character but a-z, 0-9 and _ (encoding/json
+// folds case, and with it 'ſ' to 's' and the Kelvin sign to 'k', so that
+// "ſcale" would set scale), nesting deeper than MaxJSONDepth, an array
+// where binary names a base64 field (encoding/json takes an array of
+// numbers for []byte), and anything after the first value. Its error says
+// which, without echoing more than 40 bytes of a key.
+func CheckJSONKeys(b []byte, binary map[string]bool) error {
 	type frame struct {
 		object    bool
 		expectKey bool
 		keys      map[string]bool
+		lastKey   string
 	}
 	var stack []*frame
 	done := func() {
@@ -62,15 +65,19 @@ func CheckJSONKeys(b []byte) error {
 			if top.keys[k] {
 				return fmt.Errorf("duplicate field %q", k)
 			}
-			if k != strings.ToLower(k) {
+			if !plainKey(k) {
 				return fmt.Errorf("unknown field %q", k)
 			}
 			top.keys[k] = true
 			top.expectKey = false
+			top.lastKey = k
 			continue
 		}
 		switch tok {
 		case json.Delim('{'), json.Delim('['):
+			if n := len(stack); tok == json.Delim('[') && n > 0 && stack[n-1].object && binary[stack[n-1].lastKey] {
+				return fmt.Errorf("field %q must be a standard base64 string", stack[n-1].lastKey)
+			}
 			if len(stack) >= MaxJSONDepth {
 				return fmt.Errorf("nested deeper than %d", MaxJSONDepth)
 			}
@@ -82,4 +89,15 @@ func CheckJSONKeys(b []byte) error {
 			done()
 		}
 	}
+}
+
+// plainKey reports whether k is a field name of this API: a-z, 0-9, _.
+func plainKey(k string) bool {
+	for i := 0; i < len(k); i++ {
+		c := k[i]
+		if !(c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '_') {
+			return false
+		}
+	}
+	return true
 }
