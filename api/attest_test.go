@@ -19,7 +19,7 @@ func TestAttestSeparationOfDuties(t *testing.T) {
 	heKey(t, e, "team-a-he", `{"name":"team-a-he","kind":"ckks","policy":{"params":"ckks-logn13","decrypt_budget":8}}`)
 	heKey(t, e, "team-b-he", `{"name":"team-b-he","kind":"ckks","policy":{"params":"ckks-logn13","decrypt_budget":8}}`)
 	tokens := map[string]string{}
-	for _, role := range []string{"encryptor", "worker", "decryptor", "auditor"} {
+	for _, role := range []string{"encryptor", "worker", "evaluator", "decryptor", "auditor"} {
 		keys := []string{"team-a-*"}
 		if role == "auditor" {
 			keys = []string{"*"}
@@ -48,9 +48,9 @@ func TestAttestSeparationOfDuties(t *testing.T) {
 	}
 	env.Attestation = res.Attestation
 	eval := client.AttestRequest{Digest: env.Digest(), Level: env.Level, Scale: env.Scale, Slots: env.Slots, Op: "sum", Inputs: []*client.Attestation{env.Attestation}, Amplification: 1}
-	ev, err := e.client(tokens["worker"]).Attest(ctx, "team-a-he", 1, eval)
+	ev, err := e.client(tokens["evaluator"]).Attest(ctx, "team-a-he", 1, eval)
 	if err != nil || ev.Statement.Type != "evaluation" || len(ev.Statement.Inputs) != 1 || ev.Statement.Inputs[0].By != res.Statement.By || ev.Statement.NoiseLog2 < res.Statement.NoiseLog2 {
-		t.Fatalf("worker attests an evaluation: %+v %v", ev, err)
+		t.Fatalf("evaluator attests an evaluation: %+v %v", ev, err)
 	}
 	before := e.snapshot()
 	for _, c := range []struct {
@@ -61,16 +61,18 @@ func TestAttestSeparationOfDuties(t *testing.T) {
 		msg  string
 	}{
 		{"encryptor", "team-a-he", eval, 403, "may not attest-evaluation"},
+		{"evaluator", "team-a-he", input, 403, "may not attest-input"},
 		{"worker", "team-a-he", input, 403, "may not attest-input"},
+		{"worker", "team-a-he", eval, 403, "may not attest-evaluation"},
 		{"decryptor", "team-a-he", input, 403, "may not attest-input"},
 		{"decryptor", "team-a-he", eval, 403, "may not attest-evaluation"},
 		{"admin", "team-a-he", input, 403, "separation of duties"},
 		{"admin", "team-a-he", eval, 403, "separation of duties"},
 		{"auditor", "team-a-he", input, 403, "may not read-key"},
 		{"encryptor", "team-b-he", input, 403, "may not use key"},
-		{"worker", "team-a-he", client.AttestRequest{Digest: env.Digest(), Level: 2, Scale: env.Scale, Slots: 3, Op: "sum", Amplification: 1}, 400, "attestations of its inputs"},
-		{"worker", "team-a-he", client.AttestRequest{Digest: env.Digest(), Level: 2, Scale: env.Scale, Slots: 3, Op: "sum", Inputs: []*client.Attestation{env.Attestation}}, 400, "amplification"},
-		{"worker", "team-a-he", client.AttestRequest{Digest: env.Digest(), Level: 2, Scale: env.Scale, Slots: 3, Op: "sum", Inputs: []*client.Attestation{{Payload: env.Attestation.Payload, Signature: env.Attestation.Signature[1:], SignedBy: 1}}, Amplification: 1}, 400, "does not verify"},
+		{"evaluator", "team-a-he", client.AttestRequest{Digest: env.Digest(), Level: 2, Scale: env.Scale, Slots: 3, Op: "sum", Amplification: 1}, 400, "attestations of its inputs"},
+		{"evaluator", "team-a-he", client.AttestRequest{Digest: env.Digest(), Level: 2, Scale: env.Scale, Slots: 3, Op: "sum", Inputs: []*client.Attestation{env.Attestation}}, 400, "amplification"},
+		{"evaluator", "team-a-he", client.AttestRequest{Digest: env.Digest(), Level: 2, Scale: env.Scale, Slots: 3, Op: "sum", Inputs: []*client.Attestation{{Payload: env.Attestation.Payload, Signature: env.Attestation.Signature[1:], SignedBy: 1}}, Amplification: 1}, 400, "does not verify"},
 		{"encryptor", "team-a-he", client.AttestRequest{Digest: "sha256:00", Level: 2, Scale: env.Scale, Slots: 3, Op: "encrypt"}, 400, "digest"},
 		{"encryptor", "team-a-he", client.AttestRequest{Digest: env.Digest(), Level: 2, Scale: 0.5, Slots: 3, Op: "encrypt"}, 400, "scale"},
 		{"encryptor", "team-a-he", client.AttestRequest{Digest: env.Digest(), Level: 9, Scale: env.Scale, Slots: 3, Op: "encrypt"}, 400, "levels 0 to 2"},
@@ -93,18 +95,19 @@ func TestAttestSeparationOfDuties(t *testing.T) {
 	}
 	cross := eval
 	cross.Inputs = []*client.Attestation{benv.Attestation}
-	if _, err := e.client(tokens["worker"]).Attest(ctx, "team-a-he", 1, cross); client.StatusOf(err) != 400 || !strings.Contains(err.Error(), "team-b-he") {
+	if _, err := e.client(tokens["evaluator"]).Attest(ctx, "team-a-he", 1, cross); client.StatusOf(err) != 400 || !strings.Contains(err.Error(), "team-b-he") {
 		t.Errorf("an input of another key: %v", err)
 	}
 	// Neither attesting role decrypts.
-	for _, role := range []string{"encryptor", "worker"} {
+	for _, role := range []string{"encryptor", "worker", "evaluator"} {
 		if _, err := e.client(tokens[role]).Decrypt(ctx, env); client.StatusOf(err) != 403 {
 			t.Errorf("%s decrypts: %v", role, err)
 		}
 	}
 	// A token cannot make one that does what it may not: a decryptor
-	// makes no encryptor, a worker no encryptor, an encryptor no worker.
-	for _, c := range []struct{ by, role string }{{"decryptor", "encryptor"}, {"worker", "encryptor"}, {"encryptor", "worker"}, {"encryptor", "decryptor"}} {
+	// makes no encryptor, a worker no encryptor or evaluator, an
+	// encryptor no evaluator, an evaluator no encryptor.
+	for _, c := range []struct{ by, role string }{{"decryptor", "encryptor"}, {"worker", "encryptor"}, {"worker", "evaluator"}, {"encryptor", "evaluator"}, {"evaluator", "encryptor"}, {"encryptor", "decryptor"}} {
 		if _, err := e.client(tokens[c.by]).CreateToken(ctx, client.CreateTokenRequest{Role: c.role, Keys: []string{"team-a-*"}}); client.StatusOf(err) != 403 {
 			t.Errorf("%s creates a %s token: %v", c.by, c.role, err)
 		}
@@ -125,5 +128,16 @@ func TestAttestSeparationOfDuties(t *testing.T) {
 	}
 	if !found {
 		t.Fatalf("no decryption record names the attestation %s by %s", res.Statement.ID, res.Statement.By)
+	}
+	// Revoking the encryptor withdraws what it vouched for: its input no
+	// longer decrypts, nor counts as an evaluation's input.
+	if _, err := admin.RevokeToken(ctx, res.Statement.By); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.client(tokens["decryptor"]).Decrypt(ctx, env); client.StatusOf(err) != 400 || !strings.Contains(err.Error(), "revoked or expired") {
+		t.Fatalf("an input of a revoked encryptor: %v", err)
+	}
+	if _, err := e.client(tokens["evaluator"]).Attest(ctx, "team-a-he", 1, eval); client.StatusOf(err) != 400 || !strings.Contains(err.Error(), "revoked or expired") {
+		t.Fatalf("an evaluation on a revoked encryptor's input: %v", err)
 	}
 }

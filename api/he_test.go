@@ -30,10 +30,10 @@ func attestInput(t *testing.T, e *env, env *client.Envelope) {
 	}
 }
 
-// attestEvaluation has a worker token vouch for env as op on inputs.
+// attestEvaluation has an evaluator token vouch for env as op on inputs.
 func attestEvaluation(t *testing.T, e *env, env *client.Envelope, op string, inputs []*client.Envelope, amplification float64, keySwitches int) {
 	t.Helper()
-	tok, err := e.client(e.admin).CreateToken(ctx, client.CreateTokenRequest{Role: "worker", Keys: []string{"*"}})
+	tok, err := e.client(e.admin).CreateToken(ctx, client.CreateTokenRequest{Role: "evaluator", Keys: []string{"*"}})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -28,7 +28,7 @@ for _ in $(seq 200); do curl -sf --cacert "$data/tls/ca.pem" "$KMS_URL/readyz" >
 rot=1; r=2; while [ $r -lt $slots ]; do rot="$rot,$r"; r=$((r * 2)); done
 echo "generating a $preset keyset (rotations $rot)..." >&2
 "$work/kmsctl" keys create bench --kind ckks --params "$preset" --rotations "$rot" --relinearization >/dev/null
-"$work/kmsctl" tokens create --role worker --keys bench | jq -r .token > "$work/worker.token"
+"$work/kmsctl" tokens create --role evaluator --keys bench | jq -r .token > "$work/worker.token"
 curl -sf --cacert "$data/tls/ca.pem" "$KMS_URL/v1/identity" | jq -r .public_key > "$work/identity.pub"
 bytes=$(curl -sf --cacert "$data/tls/ca.pem" -H "Authorization: Bearer $(cat "$data/admin.token")" \
   "$KMS_URL/v1/keys/bench/versions/1/evaluation-keys" | jq '[.public_key.size, (.relinearization_key.size // 0), (.galois_keys[].size)] | add')

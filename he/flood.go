@@ -129,14 +129,41 @@ func (k *Kind) NoiseBound(manifest []byte, level int, in []float64, amplificatio
 	if len(in) == 0 {
 		return math.Log2(tail * nt.t * nt.fresh), nil
 	}
-	v := 0.0
+	// In log2 of variances, so that no bound overflows a float64.
+	var terms []float64
 	for _, e := range in {
-		sd := math.Exp2(e) / tail
-		v += sd * sd
+		if math.IsNaN(e) || math.IsInf(e, 0) {
+			return 0, kms.Errorf(kms.KindInvalid, "an input's noise bound is not a number")
+		}
+		terms = append(terms, 2*(e-math.Log2(tail)))
 	}
-	v += nt.t * nt.t * (float64(keySwitches)*nt.ks*nt.ks + float64(rp.MaxLevel()-level+1)*nt.round*nt.round)
-	v *= noiseMargin * noiseMargin * (amplification*amplification + 1)
-	return math.Log2(tail * math.Sqrt(v)), nil
+	if keySwitches > 0 {
+		terms = append(terms, math.Log2(float64(keySwitches))+2*math.Log2(nt.t*nt.ks))
+	}
+	terms = append(terms, math.Log2(float64(rp.MaxLevel()-level+1))+2*math.Log2(nt.t*nt.round))
+	logVar := log2SumExp2(terms) + 2*math.Log2(noiseMargin) + math.Log2(amplification*amplification+1)
+	bound := math.Log2(tail) + logVar/2
+	logQ := 0.0
+	for _, q := range rp.Q()[:level+1] {
+		logQ += math.Log2(float64(q))
+	}
+	if !(bound < logQ-1) {
+		return 0, kms.Errorf(kms.KindInvalid, "the declared evaluation gives a noise bound of 2^%.0f, more than a ciphertext at level %d holds (2^%.0f): kmsd does not attest what cannot decrypt", bound, level, logQ)
+	}
+	return bound, nil
+}
+
+// log2SumExp2 is log2 of the sum of 2^x over xs, without overflow.
+func log2SumExp2(xs []float64) float64 {
+	m := math.Inf(-1)
+	for _, x := range xs {
+		m = math.Max(m, x)
+	}
+	sum := 0.0
+	for _, x := range xs {
+		sum += math.Exp2(x - m)
+	}
+	return m + math.Log2(sum)
 }
 
 // floodQueries is Q for a policy's budget.

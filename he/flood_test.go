@@ -295,3 +295,25 @@ func TestParseCiphertextHostileHeaders(t *testing.T) {
 		}
 	}
 }
+
+// TestNoiseBoundRefusesTheUndecryptable: a declared evaluation whose bound
+// exceeds what its level holds is refused (a chain of evaluations at the
+// largest amplification overflowed to +Inf, and attest answered 500).
+func TestNoiseBoundRefusesTheUndecryptable(t *testing.T) {
+	k, man, params, _, _ := floodSetup(t)
+	e, err := k.NoiseBound(man, params.MaxLevel(), nil, 0, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 20 && err == nil; i++ {
+		e, err = k.NoiseBound(man, 0, []float64{e}, 1<<40, 0)
+	}
+	if kms.KindOf(err) != kms.KindInvalid || !strings.Contains(err.Error(), "more than a ciphertext at level 0 holds") {
+		t.Fatalf("a chain of amplifications by 2^40: %v, %v", e, err)
+	}
+	for _, bad := range []float64{math.Inf(1), math.NaN(), 1e308} {
+		if _, err := k.NoiseBound(man, 0, []float64{bad}, 1, 0); kms.KindOf(err) != kms.KindInvalid {
+			t.Errorf("input bound %v: %v", bad, err)
+		}
+	}
+}

@@ -1,12 +1,16 @@
 package hemcp
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
+	"log/slog"
 	"math"
 	"math/rand/v2"
+	"strings"
 	"testing"
 
+	"github.com/modelcontextprotocol/go-sdk/mcp"
 	"github.com/tuneinsight/lattigo/v6/core/rlwe"
 	"github.com/tuneinsight/lattigo/v6/schemes/ckks"
 
@@ -180,5 +184,18 @@ func TestNoiseBoundHolds(t *testing.T) {
 			}
 			check("mean of 8", mn, full(mean, 0), ins, cost)
 		})
+	}
+}
+
+// TestToolPanicIsAnError: a panic in a tool is a tool error, not the end
+// of the server (the MCP SDK does not recover handlers).
+func TestToolPanicIsAnError(t *testing.T) {
+	h := safe(slog.New(slog.DiscardHandler), func(context.Context, *mcp.CallToolRequest, struct{}) (*mcp.CallToolResult, struct{}, error) {
+		var s []int
+		_ = s[1<<uint(-1+len(s))]
+		return nil, struct{}{}, nil
+	})
+	if _, _, err := h(context.Background(), nil, struct{}{}); err == nil || !strings.Contains(err.Error(), "internal error") {
+		t.Fatalf("a panicking tool: %v", err)
 	}
 }

@@ -87,10 +87,13 @@ type Cost struct {
 	KeySwitches   int
 }
 
-// PolynomialInputBound is the magnitude of input values the polynomial
-// tool's declared cost assumes; larger inputs make the result noisier than
-// kmsd's bound, and their decryption less protected.
-const PolynomialInputBound = 4
+// inputBound is the largest magnitude a value of this version can have
+// and still decrypt: q0 / (2·scale). The polynomial's declared cost
+// assumes its input within it (nothing smaller can be assumed of data the
+// server does not see).
+func (e *Engine) inputBound() float64 {
+	return max(float64(e.params.Q()[0])/(2*e.params.DefaultScale().Float64()), 1)
+}
 
 // rotate rotates ct left by k slots, with the key for k or, failing that,
 // as a sum of rotations by powers of two; each key switch is counted in
@@ -313,7 +316,7 @@ func (e *Engine) Polynomial(x *rlwe.Ciphertext, c []float64) (*rlwe.Ciphertext, 
 	// inputs of magnitude at most M.
 	amp := 0.0
 	for k := 1; k <= d; k++ {
-		amp += float64(k) * math.Abs(c[k]) * math.Pow(PolynomialInputBound, float64(k-1))
+		amp += float64(k) * math.Abs(c[k]) * math.Pow(e.inputBound(), float64(k-1))
 	}
 	// The relinearizations act before their rescales.
 	return r, Cost{Amplification: max(amp, 1)}, nil

@@ -26,7 +26,7 @@ import (
 
 // Config is what kmsd-mcp is started with.
 type Config struct {
-	Client          *client.Client // kmsd, with the server's own worker token
+	Client          *client.Client // kmsd, with the server's own evaluator token
 	Fetcher         *hekeys.Fetcher
 	Keys            []string      // the keys served
 	Refresh         time.Duration // how often each key is polled for rotations and state changes
@@ -374,7 +374,23 @@ type (
 	}
 )
 
-const toolHelp = `Ciphertexts are envelopes: {"key","version","params_id","level","scale","slots","ciphertext"} (kmsctl he encrypt makes them; kmsctl he decrypt, with a decryptor token, opens results).`
+const toolHelp = `Ciphertexts are envelopes: {"key","version","params_id","level","scale","slots","ciphertext","attestation"}; pass them on unchanged (kmsctl he encrypt, with an encryptor token, makes attested ones; results carry their own attestation; kmsctl he decrypt, with a decryptor token, opens results).`
+
+// safe turns a panic in a tool (a Lattigo corner no check foresaw) into a
+// tool error, logged, instead of the end of the server: the MCP SDK does
+// not recover handlers' panics.
+func safe[In, Out any](log *slog.Logger, h mcp.ToolHandlerFor[In, Out]) mcp.ToolHandlerFor[In, Out] {
+	return func(ctx context.Context, req *mcp.CallToolRequest, in In) (res *mcp.CallToolResult, out Out, err error) {
+		defer func() {
+			if r := recover(); r != nil {
+				log.Error("tool panicked", "panic", fmt.Sprint(r))
+				var zero Out
+				res, out, err = nil, zero, errors.New("internal error in the tool: the server logged it")
+			}
+		}()
+		return h(ctx, req, in)
+	}
+}
 
 // MCPServer builds the MCP server with the tools and the manifests as
 // resources.
@@ -382,11 +398,11 @@ func (s *Server) MCPServer() *mcp.Server {
 	srv := mcp.NewServer(&mcp.Implementation{Name: "kmsd-mcp", Version: "1.0.0"}, &mcp.ServerOptions{
 		Instructions: "Computes on CKKS ciphertexts under keys held in kmsd; never sees a plaintext. " + toolHelp,
 	})
-	mcp.AddTool(srv, &mcp.Tool{Name: "he_describe", Description: "The keys served: versions, parameter ids, slots, scale, levels, the rotations available, and what each tool needs. Example: {}"}, s.describe)
-	mcp.AddTool(srv, &mcp.Tool{Name: "he_linear", Description: "y = W·x + b for an encrypted vector x and plaintext W (m rows of n) and b; y is in the first m slots. Needs rotations by powers of two (or the exact ones it names). Example: {\"ciphertext\": ENVELOPE, \"weights\": [[0.5, -1, 2]], \"bias\": [0.1]} or {\"ciphertext\": ENVELOPE, \"model\": \"risk\"}. " + toolHelp}, s.linear)
-	mcp.AddTool(srv, &mcp.Tool{Name: "he_polynomial", Description: "c0 + c1·x + ... + cd·x^d on every slot (d levels; the relinearization key for d >= 2). Example (degree-3 sigmoid): {\"ciphertext\": ENVELOPE, \"coefficients\": [0.5, 0.197, 0, -0.004]}. " + toolHelp}, s.polynomial)
-	mcp.AddTool(srv, &mcp.Tool{Name: "he_aggregate", Description: "Sum or mean of ciphertexts from several parties under the same key version. Example: {\"ciphertexts\": [ENVELOPE, ENVELOPE], \"op\": \"mean\"}. " + toolHelp}, s.aggregate)
-	mcp.AddTool(srv, &mcp.Tool{Name: "he_similarity", Description: "Dot products of an encrypted query embedding with the plaintext context embeddings the server holds (private retrieval: the server learns nothing of the query); slot i is item i. Example: {\"ciphertext\": ENVELOPE, \"context\": \"docs\"}. " + toolHelp}, s.similarity)
+	mcp.AddTool(srv, &mcp.Tool{Name: "he_describe", Description: "The keys served: versions, parameter ids, slots, scale, levels, the rotations available, and what each tool needs. Example: {}"}, safe(s.log, s.describe))
+	mcp.AddTool(srv, &mcp.Tool{Name: "he_linear", Description: "y = W·x + b for an encrypted vector x and plaintext W (m rows of n) and b; y is in the first m slots. Needs rotations by powers of two (or the exact ones it names). Example: {\"ciphertext\": ENVELOPE, \"weights\": [[0.5, -1, 2]], \"bias\": [0.1]} or {\"ciphertext\": ENVELOPE, \"model\": \"risk\"}. " + toolHelp}, safe(s.log, s.linear))
+	mcp.AddTool(srv, &mcp.Tool{Name: "he_polynomial", Description: "c0 + c1·x + ... + cd·x^d on every slot (d levels; the relinearization key for d >= 2). Example (degree 2): {\"ciphertext\": ENVELOPE, \"coefficients\": [0.5, 0.197, -0.05]}. " + toolHelp}, safe(s.log, s.polynomial))
+	mcp.AddTool(srv, &mcp.Tool{Name: "he_aggregate", Description: "Sum or mean of ciphertexts from several parties under the same key version. Example: {\"ciphertexts\": [ENVELOPE, ENVELOPE], \"op\": \"mean\"}. " + toolHelp}, safe(s.log, s.aggregate))
+	mcp.AddTool(srv, &mcp.Tool{Name: "he_similarity", Description: "Dot products of an encrypted query embedding with the plaintext context embeddings the server holds (private retrieval: the server learns nothing of the query); slot i is item i. Example: {\"ciphertext\": ENVELOPE, \"context\": \"docs\"}. " + toolHelp}, safe(s.log, s.similarity))
 	for _, name := range s.cfg.Keys {
 		name := name
 		srv.AddResource(&mcp.Resource{URI: "kmsd://keys/" + name + "/manifest", Name: name + " manifest", MIMEType: "application/json",
@@ -582,7 +598,7 @@ func sortedKeys[V any](m map[string]V) []string {
 // a bearer token that kmsd's introspection says is active; its key
 // patterns limit the keys a call may use. A refusal is 401 with
 // WWW-Authenticate: Bearer. The client's token goes to kmsd only to be
-// introspected; everything else uses the server's own worker token.
+// introspected; everything else uses the server's own evaluator token.
 func (s *Server) HTTPHandler() http.Handler {
 	srv := s.MCPServer()
 	h := mcp.NewStreamableHTTPHandler(func(*http.Request) *mcp.Server { return srv }, &mcp.StreamableHTTPOptions{MaxRequestBodyBytes: s.cfg.MaxRequestBytes})

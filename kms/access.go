@@ -25,20 +25,22 @@ const (
 	// token's holder (a data owner), so that it may be decrypted.
 	PermAttestInput Permission = "attest-input"
 	// PermAttestEvaluation: vouch for a ciphertext as the result of an
-	// evaluation on attested inputs (an evaluator such as kmsd-mcp).
+	// evaluation on attested inputs (an evaluator service such as
+	// kmsd-mcp; kmsd does not see the evaluation, so this is trust).
 	PermAttestEvaluation Permission = "attest-evaluation"
 )
 
 // separated are the permissions no role that decrypts may exercise: a
 // token that could both vouch for a ciphertext and decrypt it would be a
 // decryption oracle for chosen ciphertexts. An admin may still grant them
-// (create encryptor and worker tokens).
+// (create encryptor and evaluator tokens).
 var separated = map[Permission]bool{PermAttestInput: true, PermAttestEvaluation: true}
 
 var rolePerms = map[Role][]Permission{
 	RoleAdmin:     {PermReadKey, PermUseKey, PermManageKey, PermManageTokens, PermReadAudit, PermDecrypt, PermIntrospect, PermAttestInput, PermAttestEvaluation},
 	RoleDecryptor: {PermReadKey, PermDecrypt},
-	RoleWorker:    {PermReadKey, PermIntrospect, PermAttestEvaluation},
+	RoleWorker:    {PermReadKey, PermIntrospect},
+	RoleEvaluator: {PermReadKey, PermIntrospect, PermAttestEvaluation},
 	RoleEncryptor: {PermReadKey, PermAttestInput},
 	RoleAuditor:   {PermReadAudit},
 }
@@ -58,7 +60,7 @@ func (p *Principal) Authorize(perm Permission, key string) error {
 		}
 	}
 	if allowed && separated[perm] && slices.Contains(rolePerms[p.Role], PermDecrypt) {
-		return Errorf(KindPermissionDenied, "role %s decrypts, so it may not %s (separation of duties: a token that vouches for ciphertexts never decrypts them; use an encryptor or worker token)", p.Role, perm)
+		return Errorf(KindPermissionDenied, "role %s decrypts, so it may not %s (separation of duties: a token that vouches for ciphertexts never decrypts them; use an encryptor or evaluator token)", p.Role, perm)
 	}
 	if !allowed {
 		return Errorf(KindPermissionDenied, "role %s may not %s", p.Role, perm)

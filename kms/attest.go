@@ -22,7 +22,7 @@ import (
 //
 //   - "input": an encryption by a data owner (an encryptor token) under the
 //     version's public key;
-//   - "evaluation": the result of an evaluation (a worker token, such as
+//   - "evaluation": the result of an evaluation (an evaluator token, such as
 //     kmsd-mcp's) of an operation on attested inputs, whose statements it
 //     names.
 //
@@ -136,8 +136,8 @@ func (e *Envelope) Digest() string {
 
 // Attest vouches for a ciphertext of version n of key name on behalf of
 // p: an input (op "encrypt", an encryptor token) or an evaluation (any
-// other op, a worker token, with the attestations of its inputs, all for
-// the same version). The statement is signed with the identity key; the
+// other op, an evaluator token, with the attestations of its inputs, all
+// for the same version). The statement is signed with the identity key; the
 // request's audit record names it.
 func (s *Service) Attest(ctx context.Context, p *Principal, name string, n uint64, req AttestRequest) (*Attestation, *Statement, error) {
 	if err := ValidateName(name); err != nil {
@@ -203,6 +203,9 @@ func (s *Service) Attest(ctx context.Context, p *Principal, name string, n uint6
 		if err != nil {
 			return nil, nil, Errorf(KindInvalid, "input %d: %s", i, errText(err))
 		}
+		if err := s.vouchersActive(ctx, ist); err != nil {
+			return nil, nil, Errorf(KindInvalid, "input %d: %s", i, errText(err))
+		}
 		if ist.Key != name || ist.Version != n || ist.ParamsID != m.ParamsID {
 			return nil, nil, Errorf(KindInvalid, "input %d is attested for key %q version %d, not %q version %d", i, ist.Key, ist.Version, name, n)
 		}
@@ -266,6 +269,27 @@ func (s *Service) VerifyAttestation(ctx context.Context, a *Attestation) (*State
 		return nil, Errorf(KindInternal, "attestation statement of type %q", st.Type)
 	}
 	return &st, nil
+}
+
+// vouchersActive refuses a statement whose token, or an input's token, is
+// no longer active (revoked, expired, gone): revoking an encryptor or an
+// evaluator withdraws what it vouched for.
+func (s *Service) vouchersActive(ctx context.Context, st *Statement) error {
+	ids := []string{st.By}
+	for _, in := range st.Inputs {
+		ids = append(ids, in.By)
+	}
+	now := s.clock.Now()
+	for _, id := range ids {
+		t, err := s.cachedToken(ctx, id)
+		if errors.Is(err, ErrNotFound) || (err == nil && !t.Active(now)) {
+			return Errorf(KindInvalid, "the token %s that vouched for this ciphertext (or one of its inputs) is revoked or expired: its attestations no longer count", clip(id, 20))
+		}
+		if err != nil {
+			return asUnavailable("store", err)
+		}
+	}
+	return nil
 }
 
 // Covers refuses an envelope the statement does not vouch for.

@@ -330,6 +330,9 @@ func (s *Service) Decrypt(ctx context.Context, name string, n uint64, env *Envel
 		return nil, err
 	}
 	noteAttestation(ctx, st)
+	if err := s.vouchersActive(ctx, st); err != nil {
+		return nil, err
+	}
 	prec := k.Policy.DecryptLogPrecision
 	if prec == 0 {
 		prec = DefaultDecryptLogPrecision

@@ -27,6 +27,10 @@ const (
 	// RoleEncryptor may read keys and vouch for its own encryptions (HE
 	// inputs) so that they may be decrypted.
 	RoleEncryptor Role = "encryptor"
+	// RoleEvaluator is a worker that also vouches for the results of its
+	// evaluations on attested inputs: the identity of an evaluator service
+	// such as kmsd-mcp, not of its clients.
+	RoleEvaluator Role = "evaluator"
 )
 
 // Token is a bearer token as stored: its secret is kept only as a hash.
@@ -144,10 +148,10 @@ func (p *Principal) MayUse(name string) bool {
 // ValidateRole checks a role named from outside.
 func ValidateRole(r Role) error {
 	switch r {
-	case RoleAdmin, RoleWorker, RoleAuditor, RoleDecryptor, RoleEncryptor:
+	case RoleAdmin, RoleWorker, RoleEvaluator, RoleAuditor, RoleDecryptor, RoleEncryptor:
 		return nil
 	}
-	return Errorf(KindInvalid, "unknown role: want admin, worker, encryptor, auditor or decryptor")
+	return Errorf(KindInvalid, "unknown role: want admin, worker, evaluator, encryptor, auditor or decryptor")
 }
 
 // ValidatePatterns checks key-name patterns named from outside.

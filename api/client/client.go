@@ -546,7 +546,7 @@ func (c *Client) DecryptFull(ctx context.Context, env *Envelope) ([]float64, int
 }
 
 // Attest asks kmsd to vouch for a ciphertext of version n of key name
-// (see AttestRequest): an encryptor token for an input, a worker token
+// (see AttestRequest): an encryptor token for an input, an evaluator token
 // for an evaluation.
 func (c *Client) Attest(ctx context.Context, name string, n uint64, req AttestRequest) (*AttestResponse, error) {
 	var out AttestResponse

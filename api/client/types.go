@@ -270,7 +270,7 @@ type Statement = kms.Statement
 // (Envelope.Digest), level, scale and slots; op "encrypt" for an input
 // (encryptor token), or an evaluation's operation with the attestations of
 // its inputs, its amplification (the largest sum of absolute weights an
-// output has, at least 1) and its key switches (worker token).
+// output has, at least 1) and its key switches (evaluator token).
 type AttestRequest struct {
 	Digest        string         `json:"digest"`
 	Level         int            `json:"level"`

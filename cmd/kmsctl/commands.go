@@ -300,10 +300,10 @@ var commands = []command{
 		},
 	},
 	{
-		name: "tokens create", synopsis: "--role admin|worker|encryptor|auditor|decryptor --keys PATTERNS [--name NAME] [--ttl D]",
+		name: "tokens create", synopsis: "--role admin|worker|evaluator|encryptor|auditor|decryptor --keys PATTERNS [--name NAME] [--ttl D]",
 		help: "create a bearer token (printed once); it can hold no more than the token that creates it",
 		flags: func(fs *flag.FlagSet) {
-			fs.String("role", "", "admin, worker, encryptor, auditor or decryptor (required)")
+			fs.String("role", "", "admin, worker, evaluator, encryptor, auditor or decryptor (required)")
 			fs.String("keys", "", "comma-separated key-name patterns, e.g. 'team-a-*' or '*' (required; auditors take '*' only)")
 			fs.String("name", "", "a name for the token")
 			fs.String("ttl", "", "lifetime, e.g. 90m or 720h (default: the server's --max-token-ttl)")

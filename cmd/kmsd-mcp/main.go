@@ -83,7 +83,7 @@ func parseFlags(args []string, getenv func(string) string, out io.Writer) (confi
 	}
 	fs.StringVar(&c.kmsURL, "kms-url", env("KMSD_MCP_KMS_URL", "https://127.0.0.1:8420"), "kmsd's URL (env KMSD_MCP_KMS_URL)")
 	fs.StringVar(&c.caCert, "ca-cert", env("KMSD_MCP_CA_CERT", ""), "CA certificate (PEM) to trust for kmsd, e.g. <data-dir>/tls/ca.pem; empty: system roots (env KMSD_MCP_CA_CERT)")
-	fs.StringVar(&c.tokenFile, "token-file", env("KMSD_MCP_TOKEN_FILE", ""), "file holding this server's own worker token; or set KMSD_MCP_TOKEN (never a flag value) (env KMSD_MCP_TOKEN_FILE)")
+	fs.StringVar(&c.tokenFile, "token-file", env("KMSD_MCP_TOKEN_FILE", ""), "file holding this server's own evaluator token (it reads keys, introspects its clients' tokens and has kmsd attest its results); or set KMSD_MCP_TOKEN (never a flag value) (env KMSD_MCP_TOKEN_FILE)")
 	fs.StringVar(&c.identityFile, "identity-key-file", env("KMSD_MCP_IDENTITY_KEY_FILE", ""), "kmsd's identity public key (base64, from GET /v1/identity), pinned: manifests must be signed by it (required) (env KMSD_MCP_IDENTITY_KEY_FILE)")
 	fs.Var(&c.keys, "key", "a ckks key to serve; repeat for more (env KMSD_MCP_KEY, comma-separated)")
 	fs.StringVar(&c.httpAddr, "http", env("KMSD_MCP_HTTP", ""), "serve streamable HTTP at /mcp on this loopback address, e.g. 127.0.0.1:8421; empty: stdio (env KMSD_MCP_HTTP)")
@@ -152,7 +152,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdin i
 		token = strings.TrimSpace(string(b))
 	}
 	if token == "" {
-		return errors.New("no token: give --token-file or set KMSD_MCP_TOKEN (a worker token for the served keys)")
+		return errors.New("no token: give --token-file or set KMSD_MCP_TOKEN (an evaluator token for the served keys)")
 	}
 	idb, err := os.ReadFile(c.identityFile)
 	if err != nil {

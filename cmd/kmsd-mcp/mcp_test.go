@@ -71,7 +71,7 @@ func newWorld(t testing.TB) *world {
 	dir := t.TempDir()
 	w.identityFile = filepath.Join(dir, "identity.pub")
 	os.WriteFile(w.identityFile, []byte(base64.StdEncoding.EncodeToString(pub)), 0o600)
-	wt, err := w.adminc.CreateToken(ctx, client.CreateTokenRequest{Name: "kmsd-mcp", Role: "worker", Keys: []string{"*"}})
+	wt, err := w.adminc.CreateToken(ctx, client.CreateTokenRequest{Name: "kmsd-mcp", Role: "evaluator", Keys: []string{"*"}})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -26,7 +26,7 @@ func AttestInput(ctx context.Context, c *client.Client, env *client.Envelope) er
 }
 
 // AttestEvaluation has kmsd vouch for env as the result of op on the
-// attested inputs (c: a worker token), which multiplies their noise by at
+// attested inputs (c: an evaluator token), which multiplies their noise by at
 // most amplification (the largest sum of absolute weights of an output,
 // at least 1) and does keySwitches key switches, and attaches the
 // attestation.

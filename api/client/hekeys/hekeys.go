@@ -50,7 +50,7 @@ type Keys struct {
 // Fetcher gets keys from one kmsd.
 type Fetcher struct {
 	BaseURL string // e.g. http://127.0.0.1:8420
-	Token   string // a worker token
+	Token   string // a token that reads the keys (worker, evaluator, encryptor, ...)
 	// IdentityKey is the pinned ML-DSA-65 public key of the service (GET
 	// /v1/identity once, over a trusted channel).
 	IdentityKey []byte
