@@ -415,20 +415,23 @@ func TestDecryptRefusals(t *testing.T) {
 	if _, err := admin.Decrypt(ctx, good); client.StatusOf(err) != 429 {
 		t.Fatalf("after an unrelated patch the exhausted version decrypts: %v", err)
 	}
-	// Raising the budget grants the difference only: the used count stays.
-	if _, err := admin.UpdateKey(ctx, "he-d", client.UpdateKeyRequest{Policy: &client.Policy{DecryptBudget: 3}}); err != nil {
-		t.Fatal(err)
+	// The budget can be lowered, not raised: the decryptions answered were
+	// flooded for it. Clearing it (the default, 4096) is a raise too.
+	before := e.snapshot()
+	if _, err := admin.UpdateKey(ctx, "he-d", client.UpdateKeyRequest{Policy: &client.Policy{DecryptBudget: 3}}); client.StatusOf(err) != 400 || !strings.Contains(err.Error(), "lowered, not raised") {
+		t.Fatalf("raise the budget: %v", err)
 	}
-	if _, err := admin.Decrypt(ctx, good); err != nil {
-		t.Fatalf("within the raised budget: %v", err)
+	if _, err := admin.UpdateKey(ctx, "he-d", client.UpdateKeyRequest{ClearPolicy: []string{"decrypt_budget"}}); client.StatusOf(err) != 400 {
+		t.Fatalf("clear the budget: %v", err)
+	}
+	if e.snapshot() != before {
+		t.Fatal("a refused budget change changed the store")
+	}
+	if k, err = admin.UpdateKey(ctx, "he-d", client.UpdateKeyRequest{Policy: &client.Policy{DecryptBudget: 1}}); err != nil || k.Policy.DecryptBudget != 1 || k.Policy.DestroyWaitDays != 7 {
+		t.Fatalf("lower the budget: %+v %v", k, err)
 	}
 	if _, err := admin.Decrypt(ctx, good); client.StatusOf(err) != 429 {
-		t.Fatalf("past the raised budget: %v", err)
-	}
-	// null resets a field to its default (here: no limit), explicitly.
-	k, err = admin.UpdateKey(ctx, "he-d", client.UpdateKeyRequest{ClearPolicy: []string{"decrypt_budget"}})
-	if err != nil || k.Policy.DecryptBudget != 0 || k.Policy.DestroyWaitDays != 7 {
-		t.Fatalf("clear decrypt_budget: %+v %v", k, err)
+		t.Fatalf("past the lowered budget: %v", err)
 	}
 	for _, bad := range []string{`{"policy":[1]}`, `{"policy":"x"}`, `{"policy":{"bogus":1}}`, `{"policy":{"destroy_wait_days":0}}`} {
 		before := e.snapshot()

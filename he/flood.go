@@ -43,8 +43,9 @@ import (
 const (
 	// StatisticalSecurity is s, in bits.
 	StatisticalSecurity = 30
-	// DefaultFloodQueries is Q for a key without a decryption budget.
-	DefaultFloodQueries = 1 << 12
+	// DefaultFloodQueries is Q for a key without a decryption budget: as
+	// many as such a version answers.
+	DefaultFloodQueries = kms.DefaultDecryptBudget
 	// MinFloodPrecision is the fewest bits a CKKS decryption may return
 	// after flooding; below it the decryption is refused.
 	MinFloodPrecision = 6

@@ -258,6 +258,20 @@ type DecryptPlan struct {
 	Queries float64
 }
 
+// DefaultDecryptBudget is how many decryptions a version of an HE key
+// answers when its policy sets no decrypt_budget: noise flooding is sized
+// for a number of decryptions, and a version answers no more.
+const DefaultDecryptBudget = 4096
+
+// EffectiveDecryptBudget is the budget a policy's decrypt_budget means (0:
+// DefaultDecryptBudget).
+func EffectiveDecryptBudget(b uint64) uint64 {
+	if b == 0 {
+		return DefaultDecryptBudget
+	}
+	return b
+}
+
 // DefaultDecryptLogPrecision is the rounding of CKKS results when the policy
 // sets none.
 const DefaultDecryptLogPrecision = 16
@@ -366,7 +380,7 @@ func (s *Service) Decrypt(ctx context.Context, name string, n uint64, env *Envel
 		if _, err := transition(k, v, ActUse, s.clock.Now()); err != nil {
 			return nil, err
 		}
-		if b := k.Policy.DecryptBudget; b > 0 && v.Decryptions >= b {
+		if b := EffectiveDecryptBudget(k.Policy.DecryptBudget); v.Decryptions >= b {
 			return nil, Errorf(KindExhausted, "the decryption budget of version %d of key %q (%d) is spent: rotate the key and encrypt under the new version", v.Number, name, b)
 		}
 		v.Decryptions++

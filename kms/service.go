@@ -356,10 +356,11 @@ func (s *Service) UpdateKey(ctx context.Context, name string, u KeyUpdate) (*Key
 			if p, err = s.checkPolicy(kind, p); err != nil {
 				return nil, err
 			}
-			if old := k.Policy.DecryptBudget; old != 0 && (p.DecryptBudget == 0 || p.DecryptBudget > old) {
-				// Versions' used counts stay: raising the budget grants only
-				// the difference.
-				s.log.Info("decrypt budget raised", "key", name, "from", old, "to", p.DecryptBudget)
+			if _, he := kind.(DecryptingKind); he && EffectiveDecryptBudget(p.DecryptBudget) > EffectiveDecryptBudget(k.Policy.DecryptBudget) {
+				// Flooding is sized for the budget: decryptions already
+				// answered were flooded for the smaller one, and more
+				// would exceed what that flooding covers.
+				return nil, Errorf(KindInvalid, "decrypt_budget can be lowered, not raised (from %d to %d): each decryption's noise flooding was sized for the budget in force; create a new key with the budget you need (README: What decryption reveals)", EffectiveDecryptBudget(k.Policy.DecryptBudget), EffectiveDecryptBudget(p.DecryptBudget))
 			}
 			k.Policy = p
 		}

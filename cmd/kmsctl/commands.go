@@ -412,7 +412,7 @@ func heFlags(fs *flag.FlagSet) {
 	fs.Bool("conjugation", false, "ckks: complex conjugation key; bgv: row rotation key")
 	fs.Bool("relinearization", false, "ckks/bgv: make a relinearization key")
 	fs.Int("decrypt-log-precision", 0, "ckks: round decryption results to at most this many bits, 1-30 (server default 16; noise flooding may leave fewer)")
-	fs.Uint64("decrypt-budget", 0, "ckks/bgv: decryptions per version (0: no limit; ckks noise flooding is then sized for 4096); a smaller budget leaves more precision")
+	fs.Uint64("decrypt-budget", 0, "ckks/bgv: decryptions per version (0: the default, 4096); ckks noise flooding is sized for it, so a smaller budget leaves more precision; it can be lowered, not raised")
 }
 
 // policyFlags builds a policy from the policy flags, or nil if none was
