@@ -464,13 +464,13 @@ func TestMoreCommands(t *testing.T) {
 	var k struct {
 		Policy map[string]any `json:"policy"`
 	}
-	json.Unmarshal([]byte(ok("keys", "update", "he", "--decrypt-budget", "7")), &k)
-	if k.Policy["decrypt_budget"] != 7.0 || k.Policy["relinearization"] != true || k.Policy["params"] != "ckks-logn13" || fmt.Sprint(k.Policy["rotations"]) != "[1]" {
+	json.Unmarshal([]byte(ok("keys", "update", "he", "--decrypt-budget", "4")), &k)
+	if k.Policy["decrypt_budget"] != 4.0 || k.Policy["relinearization"] != true || k.Policy["params"] != "ckks-logn13" || fmt.Sprint(k.Policy["rotations"]) != "[1]" {
 		t.Fatalf("update --decrypt-budget changed more: %v", k.Policy)
 	}
 	k.Policy = nil
 	json.Unmarshal([]byte(ok("keys", "update", "he", "--relinearization=false")), &k)
-	if _, on := k.Policy["relinearization"]; on || k.Policy["decrypt_budget"] != 7.0 {
+	if _, on := k.Policy["relinearization"]; on || k.Policy["decrypt_budget"] != 4.0 {
 		t.Fatalf("update --relinearization=false: %v", k.Policy)
 	}
 
