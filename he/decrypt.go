@@ -2,10 +2,10 @@ package he
 
 import (
 	"bytes"
+	"encoding/binary"
 	"encoding/json"
 	"fmt"
 	"math"
-	"math/bits"
 	"sync"
 
 	"github.com/tuneinsight/lattigo/v6/core/rlwe"
@@ -52,7 +52,7 @@ func (k *Kind) MaxCiphertextSize(manifest []byte) (int64, error) {
 		return 0, err
 	}
 	rp := p.RLWE()
-	return int64(layoutOf(rp, rp.MaxLevel()).size) + 4096, nil
+	return int64(ciphertextSize(rp.N(), rp.MaxLevel())) + 4096, nil
 }
 
 // ParseCiphertext implements kms.DecryptingKind: the envelope's
@@ -98,52 +98,44 @@ func OpenEnvelope(rp rlwe.Parameters, env *kms.Envelope) (*rlwe.Ciphertext, erro
 	return ct, nil
 }
 
-// layout is what every degree-1 ciphertext of one parameter set and level
-// has in common once serialized: its size, and after the metadata the
-// bytes that are not coefficients (vector and polynomial headers).
-type layout struct {
-	size   int    // the whole serialization
-	values []byte // the value section of a zero ciphertext
-	coeff  []bool // which of its bytes are coefficient bytes
-}
-
-var layouts sync.Map // "<moduli> <level>" -> *layout
-
 // metaSize is the size of a serialized rlwe.MetaData (fixed: Lattigo pads
 // its JSON).
 var metaSize = rlwe.MetaData{}.BinarySize()
 
-// layoutOf is the layout of a degree-1 ciphertext of rp at level, built
-// once from two templates: coefficients all zero, and all 0x0101...01
-// cut below each modulus's top bit, so that every byte a coefficient can
-// set differs between them and no header byte does (a coefficient's bytes
-// above its modulus must be zero, and are checked as such).
-func layoutOf(rp rlwe.Parameters, level int) *layout {
-	key := fmt.Sprint(rp.N(), rp.Q(), level)
-	if l, ok := layouts.Load(key); ok {
-		return l.(*layout)
+// ciphertextSize is the size of a serialized degree-1 ciphertext of ring
+// degree n at level: a metadata flag and the metadata, then a vector of two
+// polynomials, each a vector of level+1 rows of n coefficients, every
+// vector preceded by its length as a little-endian uint64.
+func ciphertextSize(n, level int) int {
+	return 1 + metaSize + 8 + 2*(8+(level+1)*(8+8*n))
+}
+
+// headersMatch reports whether the vector lengths in a serialized
+// degree-1 ciphertext of ring degree n at level (b of ciphertextSize) are
+// exactly 2, level+1 and n: no length can make the decoder allocate more
+// than the bytes hold.
+func headersMatch(b []byte, n, level int) bool {
+	o := 1 + metaSize
+	u64 := func(want int) bool {
+		ok := binary.LittleEndian.Uint64(b[o:]) == uint64(want)
+		o += 8
+		return ok
 	}
-	zero := rlwe.NewCiphertext(rp, 1, level)
-	full := rlwe.NewCiphertext(rp, 1, level)
-	for _, poly := range full.Value {
-		for i := 0; i <= level; i++ {
-			for j := range poly.Coeffs[i] {
-				poly.Coeffs[i][j] = 0x0101010101010101 & (1<<(bits.Len64(rp.Q()[i])-1) - 1)
+	if !u64(2) {
+		return false
+	}
+	for range 2 {
+		if !u64(level + 1) {
+			return false
+		}
+		for range level + 1 {
+			if !u64(n) {
+				return false
 			}
+			o += 8 * n
 		}
 	}
-	zb, err1 := zero.MarshalBinary()
-	fb, err2 := full.MarshalBinary()
-	if err1 != nil || err2 != nil || len(zb) != len(fb) {
-		panic("he: ciphertext templates do not serialize alike")
-	}
-	off := 1 + metaSize
-	l := &layout{size: len(zb), values: zb[off:], coeff: make([]bool, len(zb)-off)}
-	for i := range l.values {
-		l.coeff[i] = zb[off+i] != fb[off+i]
-	}
-	layouts.Store(key, l)
-	return l
+	return o == len(b)
 }
 
 // ParseCiphertext parses a degree-1 Lattigo ciphertext for parameters rp.
@@ -151,8 +143,9 @@ func layoutOf(rp rlwe.Parameters, level int) *layout {
 // a ciphertext of exactly this shape: one of the sizes a degree-1
 // ciphertext of these parameters has, metadata that says slot-encoded, in
 // the parameters' domain, not in Montgomery form, with every slot, a
-// finite scale of at least 1, and headers identical to a template's (so
-// no length in them can make Lattigo allocate more than the ciphertext).
+// finite scale of at least 1, and vector lengths that match the size (so
+// no length can make Lattigo allocate more than the ciphertext). Sizes
+// are computed, not measured on a ciphertext built per request.
 // A ciphertext of other parameters is refused where it can be told apart:
 // a coefficient not below its modulus, another degree or level.
 func ParseCiphertext(rp rlwe.Parameters, b []byte) (ct *rlwe.Ciphertext, err error) {
@@ -163,7 +156,7 @@ func ParseCiphertext(rp rlwe.Parameters, b []byte) (ct *rlwe.Ciphertext, err err
 	}()
 	level := -1
 	for l := 0; l <= rp.MaxLevel(); l++ {
-		if len(b) == layoutOf(rp, l).size {
+		if len(b) == ciphertextSize(rp.N(), l) {
 			level = l
 			break
 		}
@@ -171,7 +164,6 @@ func ParseCiphertext(rp rlwe.Parameters, b []byte) (ct *rlwe.Ciphertext, err err
 	if level < 0 {
 		return nil, kms.Errorf(kms.KindInvalid, "not a degree-1 ciphertext of the key's parameters (size %d): another parameter set, truncated, or not a Lattigo ciphertext", len(b))
 	}
-	lay := layoutOf(rp, level)
 	if b[0] != 1 {
 		return nil, kms.Errorf(kms.KindInvalid, "not a Lattigo ciphertext: no metadata")
 	}
@@ -194,11 +186,8 @@ func ParseCiphertext(rp rlwe.Parameters, b []byte) (ct *rlwe.Ciphertext, err err
 	case !(scale >= 1) || math.IsInf(scale, 0):
 		return nil, kms.Errorf(kms.KindInvalid, "ciphertext scale must be a finite number of at least 1")
 	}
-	vals := b[1+metaSize:]
-	for i, c := range lay.coeff {
-		if !c && vals[i] != lay.values[i] {
-			return nil, kms.Errorf(kms.KindInvalid, "not a degree-1 ciphertext of the key's parameters at level %d: its headers differ (another parameter set, or not a Lattigo ciphertext)", level)
-		}
+	if !headersMatch(b, rp.N(), level) {
+		return nil, kms.Errorf(kms.KindInvalid, "not a degree-1 ciphertext of the key's parameters at level %d: its headers differ (another parameter set, or not a Lattigo ciphertext)", level)
 	}
 	c := new(rlwe.Ciphertext)
 	if _, err := c.ReadFrom(bytes.NewReader(b)); err != nil {

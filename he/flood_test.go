@@ -268,6 +268,14 @@ func TestParseCiphertextHostileHeaders(t *testing.T) {
 	if _, err := ParseCiphertext(params.Parameters, good); err != nil {
 		t.Fatalf("an honest ciphertext: %v", err)
 	}
+	// The computed layout is Lattigo's, at every level.
+	for level := 0; level <= params.MaxLevel(); level++ {
+		c := rlwe.NewCiphertext(params, 1, level)
+		b, _ := c.MarshalBinary()
+		if len(b) != ciphertextSize(params.N(), level) || !headersMatch(b, params.N(), level) {
+			t.Fatalf("level %d: Lattigo writes %d bytes, the layout says %d", level, len(b), ciphertextSize(params.N(), level))
+		}
+	}
 	meta := func(from, to string) []byte {
 		b := append([]byte(nil), good...)
 		m := string(b[1 : 1+metaSize])
