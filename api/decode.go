@@ -10,6 +10,8 @@ import (
 	"mime"
 	"net/http"
 	"strings"
+
+	"github.com/kmsd-project/kmsd/kms"
 )
 
 // MaxBody is the largest request body accepted (1 MiB).
@@ -122,7 +124,7 @@ func checkKeys(body []byte) error {
 			if top.keys[k] {
 				return &decodeError{fmt.Sprintf("duplicate field %q", clip(k))}
 			}
-			if !top.free && !plainKey(k) {
+			if !top.free && !kms.PlainKey(k) {
 				return &decodeError{fmt.Sprintf("unknown field %q", clip(k))}
 			}
 			top.keys[k] = true
@@ -189,18 +191,4 @@ func describe(err error) string {
 		return "unknown field " + strings.TrimPrefix(err.Error(), "json: unknown field ")
 	}
 	return "malformed request body"
-}
-
-// plainKey reports whether k is a field name of this API: a-z, 0-9, _.
-// Anything else is refused: encoding/json folds case, and with it 'ſ'
-// (U+017F) to 's' and the Kelvin sign to 'k', so that "ſcale" would set
-// "scale" past the duplicate check.
-func plainKey(k string) bool {
-	for i := 0; i < len(k); i++ {
-		c := k[i]
-		if !(c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '_') {
-			return false
-		}
-	}
-	return true
 }

@@ -7,6 +7,7 @@ import (
 	"testing"
 
 	"github.com/kmsd-project/kmsd/api/client"
+	"github.com/kmsd-project/kmsd/kms"
 )
 
 // FuzzDecode: no body makes the strict decoder panic, and every body it
@@ -55,7 +56,7 @@ func FuzzCheckKeys(f *testing.F) {
 		json.Unmarshal(b2, &k2)
 		body := []byte(`{` + string(b1) + `:1,` + string(b2) + `:{"n":[1,{"m":2}]}}`)
 		err := checkKeys(body)
-		want := k1 != k2 && plainKey(k1) && plainKey(k2)
+		want := k1 != k2 && kms.PlainKey(k1) && kms.PlainKey(k2)
 		if (err == nil) != want {
 			t.Fatalf("checkKeys(%s) = %v, want ok=%v", body, err, want)
 		}

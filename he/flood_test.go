@@ -16,10 +16,15 @@ import (
 
 // floodSetup is a ckks-logn13 version held here: its manifest, its secret
 // key (as kmsd derives it from a seed) and its public key.
-func floodSetup(t *testing.T) (*Kind, []byte, ckks.Parameters, kms.PrivateKey, *rlwe.PublicKey) {
+func floodSetup(t testing.TB) (*Kind, []byte, ckks.Parameters, kms.PrivateKey, *rlwe.PublicKey) {
+	return versionOf(t, "ckks-logn13")
+}
+
+// versionOf is floodSetup for a preset.
+func versionOf(t testing.TB, preset string) (*Kind, []byte, ckks.Parameters, kms.PrivateKey, *rlwe.PublicKey) {
 	t.Helper()
 	k := &Kind{scheme: CKKS}
-	p, err := Resolve(CKKS, json.RawMessage(`"ckks-logn13"`))
+	p, err := Resolve(CKKS, json.RawMessage(`"`+preset+`"`))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -205,20 +210,7 @@ func TestFloodingHidesHonestNoise(t *testing.T) {
 //	go test -run '^$' -bench BenchmarkDecrypt -benchtime 20x ./he
 func BenchmarkDecrypt(b *testing.B) {
 	for _, preset := range []string{"ckks-logn13", "ckks-logn14", "ckks-logn15", "ckks-logn16"} {
-		k := &Kind{scheme: CKKS}
-		p, err := Resolve(CKKS, json.RawMessage(`"`+preset+`"`))
-		if err != nil {
-			b.Fatal(err)
-		}
-		lit, _ := json.Marshal(string(p.JSON))
-		man, _ := json.Marshal(kms.Manifest{Key: "k", Version: 1, Kind: "ckks", ParamsID: p.ID, Params: lit, GaloisKeys: []kms.GaloisRef{}})
-		seed := make([]byte, 32)
-		priv, err := k.LoadSecret(kms.NewSecret(seed), man)
-		if err != nil {
-			b.Fatal(err)
-		}
-		params := p.CKKS
-		pk := rlwe.NewKeyGenerator(params).GenPublicKeyNew(priv.(secretKey).sk)
+		k, man, params, priv, pk := versionOf(b, preset)
 		vals := make([]float64, params.MaxSlots())
 		for i := range vals {
 			vals[i] = math.Sin(float64(i))

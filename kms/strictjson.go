@@ -65,7 +65,7 @@ func CheckJSONKeys(b []byte, binary map[string]bool) error {
 			if top.keys[k] {
 				return fmt.Errorf("duplicate field %q", k)
 			}
-			if !plainKey(k) {
+			if !PlainKey(k) {
 				return fmt.Errorf("unknown field %q", k)
 			}
 			top.keys[k] = true
@@ -91,8 +91,10 @@ func CheckJSONKeys(b []byte, binary map[string]bool) error {
 	}
 }
 
-// plainKey reports whether k is a field name of this API: a-z, 0-9, _.
-func plainKey(k string) bool {
+// PlainKey reports whether k is a field name of this API: a-z, 0-9, _.
+// Anything else is refused: encoding/json folds case, and with it 'ſ'
+// (U+017F) to 's' and the Kelvin sign to 'k'.
+func PlainKey(k string) bool {
 	for i := 0; i < len(k); i++ {
 		c := k[i]
 		if !(c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '_') {
