@@ -135,7 +135,7 @@ func (s *Server) readyz(w http.ResponseWriter, r *http.Request) {
 		writeError(w, r, err)
 		return
 	}
-	writeJSON(w, http.StatusOK, client.Health{Status: "ready"})
+	writeJSON(w, http.StatusOK, client.Health{Status: "ready", BlobsFailingDigest: s.blobs.failing()})
 }
 
 func (s *Server) identity(w http.ResponseWriter, r *http.Request) {

@@ -2,13 +2,18 @@ package api
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
+	"hash"
 	"io"
 	"mime"
 	"net/http"
 	"regexp"
+	"slices"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/go-chi/chi/v5"
@@ -93,11 +98,155 @@ func (s *Server) blob(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	defer f.Close()
+	// The store's bytes are checked against the digest before any is
+	// served as it (once per version of the stored object; a full GET is
+	// also hashed as it streams, and cut off if it differs).
+	version := ""
+	if v, ok := f.(interface{ BlobVersion() string }); ok {
+		version = v.BlobVersion()
+	}
+	if version == "" || !s.blobs.verified(digest, version) {
+		match, err := digestMatches(f, h)
+		if err != nil {
+			writeError(w, r, kms.Wrap(kms.KindUnavailable, "read blob", err))
+			return
+		}
+		if !match {
+			s.blobs.corrupt(digest)
+			s.log.Error("a stored blob does not match its digest: refused; restore it from a backup or regenerate the key version", "digest", digest, "key", owner)
+			writeProblem(w, r, http.StatusInternalServerError, ProbBlobCorrupt, "the blob store holds other bytes under this digest; kmsd does not serve them (the operator is told)")
+			return
+		}
+		s.blobs.remember(digest, version)
+	}
+	var content io.ReadSeeker = f
+	if r.Method == http.MethodGet && r.Header.Get("Range") == "" {
+		content = &hashingReader{r: f, want: h, onMismatch: func() {
+			s.blobs.corrupt(digest)
+			s.log.Error("a stored blob changed while it was served: the answer was cut off", "digest", digest, "key", owner)
+		}}
+	}
 	w.Header().Set("Content-Type", "application/octet-stream")
 	w.Header().Set("ETag", `"`+digest+`"`)
 	w.Header().Set("Cache-Control", "private, max-age=31536000, immutable")
 	streamAudited(w)
-	http.ServeContent(&problemOnError{ResponseWriter: w, r: r}, r, "", time.Time{}, f)
+	http.ServeContent(&problemOnError{ResponseWriter: w, r: r}, r, "", time.Time{}, content)
+}
+
+// digestMatches reads the blob whole and says whether its SHA-256 is the
+// hex digest; it leaves the blob at its start.
+func digestMatches(f io.ReadSeeker, hexDigest string) (bool, error) {
+	if _, err := f.Seek(0, io.SeekStart); err != nil {
+		return false, err
+	}
+	hh := sha256.New()
+	if _, err := io.Copy(hh, f); err != nil {
+		return false, err
+	}
+	if _, err := f.Seek(0, io.SeekStart); err != nil {
+		return false, err
+	}
+	return hex.EncodeToString(hh.Sum(nil)) == hexDigest, nil
+}
+
+// hashingReader hashes what is read from the start to the end and, if the
+// whole differs from the digest, aborts the response (the client sees a
+// cut-off body, which no cache keeps) instead of finishing it.
+type hashingReader struct {
+	r          io.ReadSeeker
+	want       string
+	onMismatch func()
+	h          hash.Hash
+	pos, size  int64
+}
+
+func (h *hashingReader) Seek(off int64, whence int) (int64, error) {
+	n, err := h.r.Seek(off, whence)
+	if err == nil {
+		if whence == io.SeekEnd && off == 0 {
+			h.size = n
+		}
+		h.pos = n
+		if n == 0 {
+			h.h = sha256.New()
+		} else {
+			h.h = nil // not a read from the start: not hashed
+		}
+	}
+	return n, err
+}
+
+func (h *hashingReader) Read(p []byte) (int, error) {
+	n, err := h.r.Read(p)
+	if h.h != nil {
+		h.h.Write(p[:n])
+		h.pos += int64(n)
+		if h.pos == h.size && h.size > 0 {
+			if hex.EncodeToString(h.h.Sum(nil)) != h.want {
+				h.onMismatch()
+				panic(http.ErrAbortHandler)
+			}
+			h.h = nil
+		}
+	}
+	return n, err
+}
+
+// blobChecks remembers which stored blobs matched their digest (by the
+// stored object's version) and which did not.
+type blobChecks struct {
+	mu   sync.Mutex
+	ok   map[string]string // digest -> version checked
+	bad  map[string]bool
+	once sync.Once
+}
+
+func (b *blobChecks) init() {
+	b.once.Do(func() { b.ok, b.bad = map[string]string{}, map[string]bool{} })
+}
+
+func (b *blobChecks) verified(digest, version string) bool {
+	b.init()
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.ok[digest] == version
+}
+
+func (b *blobChecks) remember(digest, version string) {
+	b.init()
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if version == "" {
+		return
+	}
+	if len(b.ok) >= 1<<16 {
+		clear(b.ok)
+	}
+	b.ok[digest] = version
+	delete(b.bad, digest)
+}
+
+func (b *blobChecks) corrupt(digest string) {
+	b.init()
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	delete(b.ok, digest)
+	if len(b.bad) < 1024 {
+		b.bad[digest] = true
+	}
+}
+
+// failing lists the digests whose stored bytes did not match, sorted.
+func (b *blobChecks) failing() []string {
+	b.init()
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	var out []string
+	for d := range b.bad {
+		out = append(out, d)
+	}
+	slices.Sort(out)
+	return out
 }
 
 // problemOnError turns the plain-text errors http.ServeContent writes (416

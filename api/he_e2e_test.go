@@ -12,6 +12,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -263,21 +264,80 @@ func TestWorkerRefusesTampering(t *testing.T) {
 			t.Errorf("%s: %v, want a verification error", name, err)
 		}
 	}
-	// A flipped byte in a blob file on the server's disk.
+	// A byte flipped in transit: the SDK checks every blob's digest.
+	inTransit := fetch(tamperProxy(t, e.url, func(p string, b []byte) []byte {
+		if strings.HasPrefix(p, "/v1/blobs/") && len(b) > 0 {
+			b[len(b)/2] ^= 0x40
+		}
+		return b
+	}), e.idPub, 2)
+	if !errors.Is(inTransit, hekeys.ErrVerify) || !strings.Contains(inTransit.Error(), "digest") {
+		t.Fatalf("a blob flipped in transit: %v", inTransit)
+	}
+	// A byte flipped in a blob file on the server's disk (after the clean
+	// fetch above served, and so checked, every blob): kmsd checks the
+	// stored bytes against the digest before it serves them, by GET, HEAD
+	// or Range, refuses them as blob-corrupt, never as immutable, and lists
+	// them in /readyz.
 	ents, _ := os.ReadDir(e.blobsDir())
-	flipped := 0
+	var paths []string
 	for _, ent := range ents {
-		p := filepath.Join(e.blobsDir(), ent.Name())
+		paths = append(paths, filepath.Join(e.blobsDir(), ent.Name()))
+	}
+	if len(paths) == 0 {
+		t.Fatal("no blob files found")
+	}
+	flip := func(p string) {
 		b, _ := os.ReadFile(p)
 		b[len(b)/2] ^= 0x40
 		os.WriteFile(p, b, 0o600)
-		flipped++
 	}
-	if flipped == 0 {
-		t.Fatal("no blob files found")
+	for _, p := range paths {
+		flip(p)
 	}
-	if err := fetch(e.url, e.idPub, 2); !errors.Is(err, hekeys.ErrVerify) || !strings.Contains(err.Error(), "digest") {
-		t.Fatalf("flipped blob: %v", err)
+	digest := "sha256:" + filepath.Base(paths[0])
+	url := "/v1/blobs/sha256/" + filepath.Base(paths[0])
+	for _, method := range []string{"GET", "HEAD"} {
+		st, h, body := e.raw(method, url, e.admin, "", "")
+		if st != 500 || strings.Contains(h.Get("Cache-Control"), "immutable") || (method == "GET" && !strings.Contains(string(body), "urn:kmsd:problem:blob-corrupt")) {
+			t.Fatalf("%s of a flipped blob: %d %v %s", method, st, h, body)
+		}
+	}
+	req, _ := http.NewRequest("GET", e.url+url, nil)
+	req.Header.Set("Authorization", "Bearer "+e.admin)
+	req.Header.Set("Range", "bytes=0-99")
+	if resp, err := (&http.Client{Transport: testTransport}).Do(req); err != nil || resp.StatusCode != 500 {
+		t.Fatalf("range of a flipped blob: %v %v", resp, err)
+	} else {
+		resp.Body.Close()
+	}
+	if err := fetch(e.url, e.idPub, 2); err == nil {
+		t.Fatal("a fetch of flipped blobs succeeded")
+	}
+	var health client.Health
+	_, _, body := e.raw("GET", "/readyz", "", "", "")
+	if json.Unmarshal(body, &health); !slices.Contains(health.BlobsFailingDigest, digest) {
+		t.Fatalf("readyz does not list the flipped blob: %s", body)
+	}
+	failed := 0
+	for _, line := range e.auditLog() {
+		if strings.Contains(string(line), `"problem":"blob-corrupt"`) {
+			failed++
+		}
+	}
+	if failed < 3 {
+		t.Fatalf("%d refusals of the flipped blob in the audit log", failed)
+	}
+	// Put back, the blobs serve again (their files changed: checked again).
+	for _, p := range paths {
+		flip(p)
+	}
+	if err := fetch(e.url, e.idPub, 2); err != nil {
+		t.Fatalf("after the blobs were restored: %v", err)
+	}
+	_, _, body = e.raw("GET", "/readyz", "", "", "")
+	if health = (client.Health{}); json.Unmarshal(body, &health) != nil || slices.Contains(health.BlobsFailingDigest, digest) {
+		t.Fatalf("readyz after the restore: %s", body)
 	}
 }
 

@@ -31,10 +31,12 @@ const (
 	ProbRange            = "range-not-satisfiable"
 	ProbPrecondition     = "precondition-failed"
 	ProbInternal         = "internal"
+	ProbBlobCorrupt      = "blob-corrupt"
 )
 
 var problemTitles = map[string]string{
 	ProbInvalid:          "The request is invalid",
+	ProbBlobCorrupt:      "The stored blob does not match its digest",
 	ProbBodyTooLarge:     "The request body is too large",
 	ProbUnsupportedMedia: "Unsupported media type",
 	ProbUnauthenticated:  "Authentication required",

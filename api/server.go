@@ -26,6 +26,7 @@ type Server struct {
 	log  *slog.Logger
 	opts Options
 
+	blobs   blobChecks   // stored blobs checked against their digests
 	unauth  *rateLimiter // per source, for anonymous and failed-auth requests; nil: off
 	perTok  *rateLimiter // per token; nil: off
 	refused refusals

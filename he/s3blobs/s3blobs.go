@@ -189,8 +189,9 @@ func (s *Store) Open(ctx context.Context, d he.Digest) (io.ReadSeekCloser, error
 		return nil, err
 	}
 	o, err := s.c.GetObject(ctx, s.bucket, name, minio.GetObjectOptions{})
+	var info minio.ObjectInfo
 	if err == nil {
-		_, err = o.Stat()
+		info, err = o.Stat()
 	}
 	if err != nil {
 		if o != nil {
@@ -201,7 +202,7 @@ func (s *Store) Open(ctx context.Context, d he.Digest) (io.ReadSeekCloser, error
 		}
 		return nil, fmt.Errorf("s3: get %s: %w", d, err)
 	}
-	return o, nil
+	return versioned{o, fmt.Sprintf("s3 %s %d %d %s", info.ETag, info.Size, info.LastModified.UnixNano(), info.VersionID)}, nil
 }
 
 func (s *Store) Remove(ctx context.Context, d he.Digest) error {
@@ -236,3 +237,12 @@ func (s *Store) RemoveOrphans(ctx context.Context, keep map[he.Digest]bool, befo
 	}
 	return n, nil
 }
+
+// versioned is an opened object with what identifies its bytes (he.Versioned).
+type versioned struct {
+	*minio.Object
+	version string
+}
+
+// BlobVersion implements he.Versioned.
+func (v versioned) BlobVersion() string { return v.version }

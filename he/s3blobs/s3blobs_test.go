@@ -136,3 +136,41 @@ func TestServerDown(t *testing.T) {
 		t.Fatalf("spool after a failed commit: %d files, %v; want none", len(ents), err)
 	}
 }
+
+// TestVersionChangesWithTheObject: an opened blob says its version
+// (he.Versioned), and an object rewritten in the bucket (a byte flipped by
+// whoever can write there) has another, so that kmsd checks its digest
+// again before serving it.
+func TestVersionChangesWithTheObject(t *testing.T) {
+	srv := tests3.Start(t)
+	ctx := context.Background()
+	s := open(t, srv, "")
+	d, _, err := he.Put(ctx, s, func(w io.Writer) error { _, err := io.WriteString(w, "public key bytes"); return err })
+	if err != nil {
+		t.Fatal(err)
+	}
+	version := func() string {
+		t.Helper()
+		f, err := s.Open(ctx, d)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		v, ok := f.(he.Versioned)
+		if !ok || v.BlobVersion() == "" {
+			t.Fatalf("an opened blob has no version: %T", f)
+		}
+		return v.BlobVersion()
+	}
+	v1 := version()
+	if v2 := version(); v2 != v1 {
+		t.Fatalf("the version of an unchanged object changed: %q, %q", v1, v2)
+	}
+	h, _ := d.Hex()
+	if _, err := srv.Client(t).PutObject(ctx, srv.Bucket, "kmsd/blobs/"+h, strings.NewReader("public key bytez"), 16, minio.PutObjectOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if v3 := version(); v3 == v1 {
+		t.Fatalf("a rewritten object kept its version %q", v1)
+	}
+}
