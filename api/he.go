@@ -11,7 +11,6 @@ import (
 	"mime"
 	"net/http"
 	"regexp"
-	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -99,92 +98,132 @@ func (s *Server) blob(w http.ResponseWriter, r *http.Request) {
 	}
 	defer f.Close()
 	// The store's bytes are checked against the digest before any is
-	// served as it (once per version of the stored object; a full GET is
-	// also hashed as it streams, and cut off if it differs).
+	// served as it: once per version of the stored object (and again after
+	// blobRecheck), and every GET is hashed as it streams from the start,
+	// cut off if the bytes differ or the size changed.
 	version := ""
 	if v, ok := f.(interface{ BlobVersion() string }); ok {
 		version = v.BlobVersion()
 	}
+	var size int64
 	if version == "" || !s.blobs.verified(digest, version) {
-		match, err := digestMatches(f, h)
+		n, match, err := digestMatches(r.Context(), f, h)
 		if err != nil {
 			writeError(w, r, kms.Wrap(kms.KindUnavailable, "read blob", err))
 			return
 		}
 		if !match {
-			s.blobs.corrupt(digest)
+			s.blobs.corrupt(digest, version)
 			s.log.Error("a stored blob does not match its digest: refused; restore it from a backup or regenerate the key version", "digest", digest, "key", owner)
 			writeProblem(w, r, http.StatusInternalServerError, ProbBlobCorrupt, "the blob store holds other bytes under this digest; kmsd does not serve them (the operator is told)")
 			return
 		}
+		size = n
 		s.blobs.remember(digest, version)
+	} else {
+		n, err := f.Seek(0, io.SeekEnd)
+		if err == nil {
+			_, err = f.Seek(0, io.SeekStart)
+		}
+		if err != nil {
+			writeError(w, r, kms.Wrap(kms.KindUnavailable, "read blob", err))
+			return
+		}
+		size = n
 	}
+	hr := &hashingReader{r: f, want: h, size: size}
 	var content io.ReadSeeker = f
-	if r.Method == http.MethodGet && r.Header.Get("Range") == "" {
-		content = &hashingReader{r: f, want: h, onMismatch: func() {
-			s.blobs.corrupt(digest)
-			s.log.Error("a stored blob changed while it was served: the answer was cut off", "digest", digest, "key", owner)
-		}}
+	if r.Method == http.MethodGet {
+		content = hr
 	}
 	w.Header().Set("Content-Type", "application/octet-stream")
 	w.Header().Set("ETag", `"`+digest+`"`)
 	w.Header().Set("Cache-Control", "private, max-age=31536000, immutable")
 	streamAudited(w)
 	http.ServeContent(&problemOnError{ResponseWriter: w, r: r}, r, "", time.Time{}, content)
+	if hr.mismatch {
+		// In the handler's goroutine (ServeContent copies multipart ranges
+		// from one of its own): the client gets a cut-off answer.
+		s.blobs.corrupt(digest, version)
+		s.log.Error("a stored blob changed while it was served: the answer was cut off", "digest", digest, "key", owner)
+		panic(http.ErrAbortHandler)
+	}
 }
 
-// digestMatches reads the blob whole and says whether its SHA-256 is the
-// hex digest; it leaves the blob at its start.
-func digestMatches(f io.ReadSeeker, hexDigest string) (bool, error) {
+// digestMatches reads the blob whole and says its size and whether its
+// SHA-256 is the hex digest; it leaves the blob at its start and stops when
+// ctx ends.
+func digestMatches(ctx context.Context, f io.ReadSeeker, hexDigest string) (int64, bool, error) {
 	if _, err := f.Seek(0, io.SeekStart); err != nil {
-		return false, err
+		return 0, false, err
 	}
 	hh := sha256.New()
-	if _, err := io.Copy(hh, f); err != nil {
-		return false, err
+	n, err := io.Copy(hh, ctxReader{ctx, f})
+	if err != nil {
+		return 0, false, err
 	}
 	if _, err := f.Seek(0, io.SeekStart); err != nil {
-		return false, err
+		return 0, false, err
 	}
-	return hex.EncodeToString(hh.Sum(nil)) == hexDigest, nil
+	return n, hex.EncodeToString(hh.Sum(nil)) == hexDigest, nil
 }
 
-// hashingReader hashes what is read from the start to the end and, if the
-// whole differs from the digest, aborts the response (the client sees a
-// cut-off body, which no cache keeps) instead of finishing it.
+type ctxReader struct {
+	ctx context.Context
+	r   io.Reader
+}
+
+func (c ctxReader) Read(p []byte) (int, error) {
+	if err := c.ctx.Err(); err != nil {
+		return 0, err
+	}
+	return c.r.Read(p)
+}
+
+var errBlobChanged = errors.New("the stored blob changed while it was served")
+
+// hashingReader serves a checked blob of the checked size: a size that
+// differs is an error (ServeContent answers 500), and what is read from
+// the start to the end is hashed; if the whole differs from the digest,
+// the last read fails without its bytes and mismatch is set, for the
+// handler to cut the answer off (no cache keeps a cut-off answer).
 type hashingReader struct {
-	r          io.ReadSeeker
-	want       string
-	onMismatch func()
-	h          hash.Hash
-	pos, size  int64
+	r        io.ReadSeeker
+	want     string
+	size     int64
+	mismatch bool
+	h        hash.Hash
+	pos      int64
 }
 
 func (h *hashingReader) Seek(off int64, whence int) (int64, error) {
 	n, err := h.r.Seek(off, whence)
-	if err == nil {
-		if whence == io.SeekEnd && off == 0 {
-			h.size = n
-		}
-		h.pos = n
-		if n == 0 {
-			h.h = sha256.New()
-		} else {
-			h.h = nil // not a read from the start: not hashed
-		}
+	if err != nil {
+		return n, err
 	}
-	return n, err
+	if whence == io.SeekEnd && off == 0 && n != h.size {
+		return 0, errBlobChanged
+	}
+	h.pos = n
+	h.h = nil // a read that does not start at 0 is not hashed
+	if n == 0 {
+		h.h = sha256.New()
+	}
+	return n, nil
 }
 
 func (h *hashingReader) Read(p []byte) (int, error) {
+	if h.mismatch {
+		return 0, errBlobChanged
+	}
 	n, err := h.r.Read(p)
 	if h.h != nil {
 		h.h.Write(p[:n])
 		h.pos += int64(n)
-		if h.pos == h.size && h.size > 0 {
-			if hex.EncodeToString(h.h.Sum(nil)) != h.want {
-				h.onMismatch()
-				panic(http.ErrAbortHandler)
+		if h.pos >= h.size {
+			if h.pos != h.size || hex.EncodeToString(h.h.Sum(nil)) != h.want {
+				h.mismatch = true
+				return 0, errBlobChanged
 			}
 			h.h = nil
 		}
@@ -192,61 +231,69 @@ func (h *hashingReader) Read(p []byte) (int, error) {
 	return n, err
 }
 
+// blobRecheck is how long a check of a stored blob's version counts: a
+// change the version does not show (a write through a shared mapping, a
+// coarse clock) is found at the next check.
+const blobRecheck = 10 * time.Minute
+
 // blobChecks remembers which stored blobs matched their digest (by the
-// stored object's version) and which did not.
+// stored object's version, for blobRecheck) and which did not.
 type blobChecks struct {
 	mu   sync.Mutex
-	ok   map[string]string // digest -> version checked
-	bad  map[string]bool
+	ok   map[string]checked // digest -> version checked
+	bad  map[string]string  // digest -> version that did not match
 	once sync.Once
 }
 
+type checked struct {
+	version string
+	at      time.Time
+}
+
 func (b *blobChecks) init() {
-	b.once.Do(func() { b.ok, b.bad = map[string]string{}, map[string]bool{} })
+	b.once.Do(func() { b.ok, b.bad = map[string]checked{}, map[string]string{} })
 }
 
 func (b *blobChecks) verified(digest, version string) bool {
 	b.init()
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	return b.ok[digest] == version
+	c, ok := b.ok[digest]
+	return ok && c.version == version && time.Since(c.at) < blobRecheck
 }
 
 func (b *blobChecks) remember(digest, version string) {
 	b.init()
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	if version == "" {
+	if bad, ok := b.bad[digest]; ok && bad != version {
+		delete(b.bad, digest)
+	}
+	if version == "" || b.bad[digest] == version {
 		return
 	}
 	if len(b.ok) >= 1<<16 {
 		clear(b.ok)
 	}
-	b.ok[digest] = version
-	delete(b.bad, digest)
+	b.ok[digest] = checked{version, time.Now()}
 }
 
-func (b *blobChecks) corrupt(digest string) {
+func (b *blobChecks) corrupt(digest, version string) {
 	b.init()
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	delete(b.ok, digest)
-	if len(b.bad) < 1024 {
-		b.bad[digest] = true
+	if _, ok := b.bad[digest]; ok || len(b.bad) < 1024 {
+		b.bad[digest] = version
 	}
 }
 
-// failing lists the digests whose stored bytes did not match, sorted.
-func (b *blobChecks) failing() []string {
+// failing is how many blobs' stored bytes did not match when last served.
+func (b *blobChecks) failing() int {
 	b.init()
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	var out []string
-	for d := range b.bad {
-		out = append(out, d)
-	}
-	slices.Sort(out)
-	return out
+	return len(b.bad)
 }
 
 // problemOnError turns the plain-text errors http.ServeContent writes (416

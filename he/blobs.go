@@ -219,7 +219,8 @@ func (b *DirBlobs) Open(_ context.Context, d Digest) (io.ReadSeekCloser, error) 
 	if err != nil {
 		return nil, err
 	}
-	f, err := os.Open(p)
+	// Not through a link, not a FIFO or a device someone put there.
+	f, err := os.OpenFile(p, os.O_RDONLY|syscall.O_NOFOLLOW|syscall.O_NONBLOCK, 0)
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil, fmt.Errorf("%w: %s", ErrBlobNotFound, d)
 	}
@@ -227,6 +228,9 @@ func (b *DirBlobs) Open(_ context.Context, d Digest) (io.ReadSeekCloser, error) 
 		return nil, err
 	}
 	fi, err := f.Stat()
+	if err == nil && !fi.Mode().IsRegular() {
+		err = fmt.Errorf("blob %s is not a regular file", d)
+	}
 	if err != nil {
 		f.Close()
 		return nil, err

@@ -1,10 +1,14 @@
 package he_test
 
 import (
+	"context"
+	"fmt"
 	"io"
 	"os"
 	"path/filepath"
+	"syscall"
 	"testing"
+	"time"
 
 	"github.com/kmsd-project/kmsd/he"
 	"github.com/kmsd-project/kmsd/he/blobtest"
@@ -39,5 +43,45 @@ func TestDirBlobsCleanUp(t *testing.T) {
 	ents, _ := os.ReadDir(dir)
 	if len(ents) != 1 {
 		t.Fatalf("%d files left, want 1 (no spool files)", len(ents))
+	}
+}
+
+// TestDirBlobsOpenRegularFilesOnly: a link, a FIFO or a device put where a
+// blob should be is not opened as the blob (a FIFO would hang the request,
+// a link to /dev/zero would be hashed for ever).
+func TestDirBlobsOpenRegularFilesOnly(t *testing.T) {
+	dir := t.TempDir()
+	b, err := he.OpenDirBlobs(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, mk := range []func(p string) error{
+		func(p string) error { return os.Symlink("/dev/zero", p) },
+		func(p string) error { return syscall.Mkfifo(p, 0o600) },
+	} {
+		d := he.Digest(fmt.Sprintf("sha256:%064x", i+1))
+		p, err := b.Path(d)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := mk(p); err != nil {
+			t.Fatal(err)
+		}
+		done := make(chan error, 1)
+		go func() {
+			f, err := b.Open(context.Background(), d)
+			if err == nil {
+				f.Close()
+			}
+			done <- err
+		}()
+		select {
+		case err := <-done:
+			if err == nil {
+				t.Errorf("case %d: opened", i)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatalf("case %d: Open hangs", i)
+		}
 	}
 }

@@ -171,6 +171,10 @@ func ParseCiphertext(rp rlwe.Parameters, b []byte) (ct *rlwe.Ciphertext, err err
 	if err := md.UnmarshalBinary(b[1 : 1+metaSize]); err != nil {
 		return nil, kms.Errorf(kms.KindInvalid, "not a Lattigo ciphertext: malformed metadata")
 	}
+	// One encoding per metadata: what Lattigo writes for what it read.
+	if canon, err := md.MarshalBinary(); err != nil || !bytes.Equal(canon, b[1:1+metaSize]) {
+		return nil, kms.Errorf(kms.KindInvalid, "not a Lattigo ciphertext: metadata not as Lattigo writes it")
+	}
 	scale, _ := md.Scale.Value.Float64()
 	switch {
 	case !md.IsBatched:
@@ -183,6 +187,8 @@ func ParseCiphertext(rp rlwe.Parameters, b []byte) (ct *rlwe.Ciphertext, err err
 		return nil, kms.Errorf(kms.KindInvalid, "ciphertext in the wrong domain for these parameters")
 	case md.IsMontgomery:
 		return nil, kms.Errorf(kms.KindInvalid, "ciphertext in Montgomery form")
+	case md.IsBitReversed:
+		return nil, kms.Errorf(kms.KindInvalid, "ciphertext with bit-reversed slots")
 	case !(scale >= 1) || math.IsInf(scale, 0):
 		return nil, kms.Errorf(kms.KindInvalid, "ciphertext scale must be a finite number of at least 1")
 	}

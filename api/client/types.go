@@ -247,10 +247,10 @@ type Problem struct {
 // Health is the body of /healthz and /readyz.
 type Health struct {
 	Status string `json:"status"`
-	// BlobsFailingDigest (readyz) lists the blobs whose stored bytes did
-	// not match their digest when last served: kmsd refuses to serve them
-	// until they do.
-	BlobsFailingDigest []string `json:"blobs_failing_digest,omitempty"`
+	// BlobsFailingDigest (readyz) is how many blobs' stored bytes did not
+	// match their digest when last served: kmsd refuses to serve them until
+	// they do, and its log names them.
+	BlobsFailingDigest int `json:"blobs_failing_digest,omitempty"`
 }
 
 // DecryptResponse is a decryption's result: CKKS slots' real parts (rounded)
