@@ -456,6 +456,11 @@ func (c *Client) Blob(ctx context.Context, digest string, w io.Writer) error {
 	return nil
 }
 
+// ProblemError turns an error answer into an *Error, from its problem
+// document when it has one (for callers that make their own requests, such
+// as hekeys).
+func ProblemError(status int, body []byte) *Error { return problemError(status, body) }
+
 // problemError turns an error answer into an *Error, from its problem
 // document when it has one.
 func problemError(status int, body []byte) *Error {

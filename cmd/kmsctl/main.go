@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/base64"
 	"encoding/json"
+	"crypto/x509"
 	"errors"
 	"flag"
 	"fmt"
@@ -256,13 +257,48 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 			return exitUsage
 		case client.StatusOf(err) >= 400 && client.StatusOf(err) < 500:
 			fmt.Fprintf(stderr, "kmsctl: %v\n", err)
+			if h := hint(err, g); h != "" {
+				fmt.Fprintf(stderr, "kmsctl: %s\n", h)
+			}
 			return exitRefused
 		default:
 			fmt.Fprintf(stderr, "kmsctl: %v\n", err)
+			if h := hint(err, g); h != "" {
+				fmt.Fprintf(stderr, "kmsctl: %s\n", h)
+			}
 			return exitFailure
 		}
 	}
 	return code
+}
+
+// hint says which flag or variable fixes the commonest failures of a first
+// run: an untrusted CA, plain HTTP against kmsd's HTTPS (and the
+// reverse), no token.
+func hint(err error, g *globals) string {
+	var unknownCA x509.UnknownAuthorityError
+	var certInvalid x509.CertificateInvalidError
+	var hostname x509.HostnameError
+	switch {
+	case errors.As(err, &unknownCA), errors.As(err, &certInvalid):
+		return "kmsd's certificate does not chain to a CA kmsctl trusts: give the CA with --ca-cert FILE or KMS_CACERT (kmsd's own CA, for its embedded default, is <data-dir>/tls/ca.pem)"
+	case errors.As(err, &hostname):
+		return "kmsd's certificate is not for the host in --url/KMS_URL: use a name it was made for (the embedded default's: localhost, 127.0.0.1, ::1)"
+	case strings.Contains(err.Error(), "server gave HTTP response to HTTPS client"):
+		return "kmsd at --url/KMS_URL answers plain HTTP (it runs with --insecure-http): use http:// in --url/KMS_URL"
+	case client.StatusOf(err) == 400 && strings.HasPrefix(g.url, "http://") && !isProblemDocument(err):
+		return "kmsd listens for HTTPS: use https:// in --url/KMS_URL (and --ca-cert or KMS_CACERT for its CA)"
+	case client.StatusOf(err) == 401 && g.token == "":
+		return "no token was given: use --token, KMS_TOKEN, --token-file or KMS_TOKEN_FILE (an admin's is in <data-dir>/admin.token)"
+	}
+	return ""
+}
+
+// isProblemDocument says whether err came with one of kmsd's problem
+// documents (not, say, Go's plain-text 400 to plain HTTP on a TLS port).
+func isProblemDocument(err error) bool {
+	var e *client.Error
+	return errors.As(err, &e) && e.Type != ""
 }
 
 // outputMode resolves -o: table by default on a terminal, JSON otherwise.

@@ -3,18 +3,26 @@ package main
 import (
 	"bytes"
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
 	"crypto/mlkem"
+	crand "crypto/rand"
 	"crypto/sha256"
+	"crypto/x509"
+	"crypto/x509/pkix"
 	"encoding/base64"
 	"encoding/hex"
 	"encoding/json"
+	"encoding/pem"
 	"flag"
 	"fmt"
+	"math/big"
 	"os"
 	"path/filepath"
 	"regexp"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/kmsd-project/kmsd/api/client"
 	"github.com/kmsd-project/kmsd/audit"
@@ -307,6 +315,11 @@ func TestHECommands(t *testing.T) {
 		t.Fatalf("encryptor token: %d %s %s", r.code, r.stdout, r.stderr)
 	}
 	encEnv := map[string]string{"KMS_URL": url, "KMS_TOKEN": enc.Token}
+	// A refusal while fetching the public key is a refusal (exit 3), said
+	// as a problem, not as raw JSON.
+	if r := kmsctl(t, encEnv, "he", "encrypt", "--key", "he-missing", "--in", in, "--cache-dir", filepath.Join(dir, "cache")); r.code != exitRefused || !strings.Contains(r.stderr, "404") || strings.Contains(r.stderr, `{"type"`) {
+		t.Fatalf("he encrypt of a missing key: %d %s", r.code, r.stderr)
+	}
 	r = kmsctl(t, encEnv, "he", "encrypt", "--key", "he1", "--in", in, "--cache-dir", filepath.Join(dir, "cache"))
 	if r.code != exitOK || strings.Count(r.stdout, "\n") != 1 || !strings.Contains(r.stdout, `"key":"he1","version":2`) || !strings.Contains(r.stdout, `"attestation":{"payload":`) {
 		t.Fatalf("he encrypt: %d %s %s", r.code, r.stdout, r.stderr)
@@ -561,5 +574,35 @@ func TestMoreCommands(t *testing.T) {
 	}
 	if r := kmsctl(t, env, "audit", "records", "--start", "3", "--end", "3"); r.code != exitUsage {
 		t.Fatalf("audit records with an empty range: %d", r.code)
+	}
+}
+
+// TestFirstRunHints: the failures of a first run say which flag or
+// variable fixes them: an untrusted CA, plain HTTP against kmsd's HTTPS,
+// and no token.
+func TestFirstRunHints(t *testing.T) {
+	url, admin := server(t)
+	otherCA := filepath.Join(t.TempDir(), "other-ca.pem")
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), crand.Reader)
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "another CA"}, NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour), IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign}
+	der, err := x509.CreateCertificate(crand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	os.WriteFile(otherCA, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o600)
+	for _, c := range []struct {
+		name string
+		env  map[string]string
+		code int
+		want string
+	}{
+		{"another CA", map[string]string{"KMS_URL": url, "KMS_TOKEN": admin, "KMS_CACERT": otherCA}, exitFailure, "--ca-cert FILE or KMS_CACERT"},
+		{"http to the HTTPS port", map[string]string{"KMS_URL": "http://" + strings.TrimPrefix(url, "https://"), "KMS_TOKEN": admin}, exitRefused, "use https:// in --url/KMS_URL"},
+		{"no token", map[string]string{"KMS_URL": url}, exitRefused, "--token, KMS_TOKEN, --token-file or KMS_TOKEN_FILE"},
+	} {
+		r := kmsctl(t, c.env, "keys", "list")
+		if r.code != c.code || !strings.Contains(r.stderr, c.want) {
+			t.Errorf("%s: exit %d, %q; want exit %d naming %q", c.name, r.code, r.stderr, c.code, c.want)
+		}
 	}
 }

@@ -119,7 +119,7 @@ func (f *Fetcher) getAll(ctx context.Context, path string) ([]byte, error) {
 		return nil, err
 	}
 	if resp.StatusCode != http.StatusOK {
-		return nil, fmt.Errorf("GET %s: %d %s", path, resp.StatusCode, strings.TrimSpace(string(b)))
+		return nil, client.ProblemError(resp.StatusCode, b)
 	}
 	return b, nil
 }
@@ -328,7 +328,8 @@ func (f *Fetcher) blob(ctx context.Context, digest string, size int64, pr *progr
 			return data, nil
 		}
 		if resp.StatusCode != http.StatusOK {
-			return nil, fmt.Errorf("GET %s: %d", path, resp.StatusCode)
+			b, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
+			return nil, client.ProblemError(resp.StatusCode, b)
 		}
 	}
 	if err := os.MkdirAll(f.CacheDir, 0o700); err != nil {
@@ -358,7 +359,8 @@ func (f *Fetcher) blob(ctx context.Context, digest string, size int64, pr *progr
 	case resp.StatusCode == http.StatusOK:
 		flags |= os.O_TRUNC
 	default:
-		return nil, fmt.Errorf("GET %s: %d", path, resp.StatusCode)
+		b, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
+		return nil, client.ProblemError(resp.StatusCode, b)
 	}
 	out, err := os.OpenFile(part, flags, 0o600)
 	if err != nil {
