@@ -13,10 +13,18 @@ import (
 	"time"
 
 	"github.com/kmsd-project/kmsd/api/client"
+	"github.com/kmsd-project/kmsd/internal/buildinfo"
 )
 
 // commands is the one table that both dispatch and --help read.
 var commands = []command{
+	{
+		name: "version", synopsis: "", help: "print kmsctl's version, the commit it was built from and its Go version (no server is asked)",
+		run: func(e *env, _ *flag.FlagSet, _ []string) (int, error) {
+			_, err := fmt.Fprintln(e.stdout, buildinfo.String("kmsctl"))
+			return exitOK, err
+		},
+	},
 	{
 		name: "identity", synopsis: "", help: "print the service's ML-DSA-65 identity public key",
 		run: func(e *env, _ *flag.FlagSet, _ []string) (int, error) {

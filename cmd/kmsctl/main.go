@@ -3,9 +3,9 @@ package main
 
 import (
 	"context"
+	"crypto/x509"
 	"encoding/base64"
 	"encoding/json"
-	"crypto/x509"
 	"errors"
 	"flag"
 	"fmt"
@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/kmsd-project/kmsd/api/client"
+	"github.com/kmsd-project/kmsd/internal/buildinfo"
 )
 
 // Exit codes scripts can rely on.
@@ -225,6 +226,10 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	if err != nil {
 		fmt.Fprintf(stderr, "kmsctl: %v\n", err)
 		return exitUsage
+	}
+	if cmd.name == "version" { // needs no server, token or CA
+		fmt.Fprintln(stdout, buildinfo.String("kmsctl"))
+		return exitOK
 	}
 	tok := g.token
 	if tok == "" && g.tokenFile != "" {

@@ -606,3 +606,11 @@ func TestFirstRunHints(t *testing.T) {
 		}
 	}
 }
+
+// TestVersion: kmsctl version needs no server and names the build.
+func TestVersion(t *testing.T) {
+	r := kmsctl(t, map[string]string{"KMS_URL": "https://127.0.0.1:1"}, "version")
+	if r.code != exitOK || !strings.HasPrefix(r.stdout, "kmsctl ") || !strings.Contains(r.stdout, "commit ") || !strings.Contains(r.stdout, "go1.") {
+		t.Fatalf("kmsctl version: %d %q %q", r.code, r.stdout, r.stderr)
+	}
+}

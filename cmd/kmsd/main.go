@@ -31,6 +31,7 @@ import (
 	"github.com/kmsd-project/kmsd/hsm"
 	"github.com/kmsd-project/kmsd/hsm/softhsm"
 	"github.com/kmsd-project/kmsd/internal/app"
+	"github.com/kmsd-project/kmsd/internal/buildinfo"
 	"github.com/kmsd-project/kmsd/internal/fileutil"
 	"github.com/kmsd-project/kmsd/internal/tlsutil"
 	"github.com/kmsd-project/kmsd/kms"
@@ -38,12 +39,19 @@ import (
 	"github.com/kmsd-project/kmsd/kms/pqc"
 )
 
+// errVersion is run's answer to --version: main prints the build.
+var errVersion = errors.New("version asked")
+
 func main() {
 	noCoreDumps()
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 	err := run(ctx, os.Args[1:], os.Getenv, os.Stderr, nil)
 	if errors.Is(err, flag.ErrHelp) {
+		os.Exit(0)
+	}
+	if errors.Is(err, errVersion) {
+		fmt.Println(buildinfo.String("kmsd"))
 		os.Exit(0)
 	}
 	if err != nil {
@@ -355,6 +363,9 @@ func newFlagSetErrs(c *config, getenv func(string) string) (*flag.FlagSet, *[]en
 // run starts kmsd and blocks until ctx ends, then drains and closes. ready,
 // if set, is called with the listening address.
 func run(ctx context.Context, args []string, getenv func(string) string, stderr io.Writer, ready func(addr string)) error {
+	if len(args) == 1 && (args[0] == "--version" || args[0] == "-version" || args[0] == "version") {
+		return errVersion // before anything is checked: it needs no setting
+	}
 	c, err := parseFlags(args, getenv, stderr)
 	if err != nil {
 		return err

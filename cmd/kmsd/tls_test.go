@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -8,12 +9,14 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/pem"
+	"errors"
 	"io"
 	"math/big"
 	"net"
 	"net/http"
 	"os"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strings"
 	"syscall"
@@ -21,6 +24,7 @@ import (
 	"time"
 
 	"github.com/kmsd-project/kmsd/api/client"
+	"github.com/kmsd-project/kmsd/internal/buildinfo"
 	"github.com/kmsd-project/kmsd/internal/testutil"
 	"github.com/kmsd-project/kmsd/internal/tlsutil"
 )
@@ -377,5 +381,19 @@ func TestBadSettingsStopBeforeDisk(t *testing.T) {
 		return map[string]string{"KMS_AUDIT_WAL_MIB": "lots"}[k]
 	}, io.Discard); err != nil {
 		t.Errorf("a flag did not override a bad environment value: %v", err)
+	}
+}
+
+// TestVersion: kmsd --version answers before any setting is checked, and
+// the build line names the program, a version, a commit and the Go that
+// built it.
+func TestVersion(t *testing.T) {
+	for _, arg := range []string{"--version", "-version", "version"} {
+		if err := run(context.Background(), []string{arg}, func(string) string { return "" }, io.Discard, nil); !errors.Is(err, errVersion) {
+			t.Errorf("%s: %v", arg, err)
+		}
+	}
+	if s := buildinfo.String("kmsd"); !regexp.MustCompile(`^kmsd \S+ \(commit \S+.*, go1\.\d+`).MatchString(s) {
+		t.Errorf("build line %q", s)
 	}
 }
