@@ -149,6 +149,13 @@ func checkKeys(body []byte) error {
 			stack = stack[:len(stack)-1]
 			valueDone()
 		default:
+			if n := len(stack); n > 0 && !free && stack[n-1].object && binaryFields[stack[n-1].lastKey] {
+				if str, ok := tok.(string); ok {
+					if _, err := base64.StdEncoding.DecodeString(str); err != nil {
+						return &decodeError{fmt.Sprintf("field %q is not valid standard base64", stack[n-1].lastKey)}
+					}
+				}
+			}
 			if n := len(stack); n > 0 && !free && stack[n-1].object {
 				k := stack[n-1].lastKey
 				if min, ok := fieldMin[k]; ok {

@@ -318,6 +318,11 @@ func TestBadInputs(t *testing.T) {
 			}
 		})
 	}
+	// A base64 field that does not decode is named.
+	st, _, b := e.raw("POST", "/v1/keys/sig/sign", e.admin, json, `{"message":"not base64!"}`)
+	if st != 400 || !strings.Contains(string(b), `field \"message\" is not valid standard base64`) {
+		t.Errorf("sign with bad base64: %d %s", st, b)
+	}
 }
 
 func TestPaginationAndPatch(t *testing.T) {

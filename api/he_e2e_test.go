@@ -436,6 +436,7 @@ func TestDecryptRefusals(t *testing.T) {
 		{"trailing bracket", "application/json", string(goodJSON) + "]", 400, "not a ciphertext envelope"},
 		{"a field with a long s (U+017F)", "application/json", strings.Replace(string(goodJSON), `{`, `{"ſcale":1,`, 1), 400, "unknown field"},
 		{"a Kelvin-sign key", "application/json", strings.Replace(string(goodJSON), `"key":`, `"\u212aey":`, 1), 400, "unknown field"},
+		{"ciphertext not base64", "application/json", strings.Replace(string(goodJSON), `"ciphertext":"`, `"ciphertext":"***`, 1), 400, `field "ciphertext" is not valid standard base64`},
 		{"ciphertext as an array of numbers", "application/json", strings.Replace(string(goodJSON), `"ciphertext":"`, `"ciphertext":[1,2],"x":"`, 1), 400, "must be a standard base64 string"},
 	} {
 		before := e.snapshot()

@@ -2,6 +2,7 @@ package kms
 
 import (
 	"bytes"
+	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -86,6 +87,13 @@ func CheckJSONKeys(b []byte, binary map[string]bool) error {
 			stack = stack[:len(stack)-1]
 			done()
 		default:
+			if n := len(stack); n > 0 && stack[n-1].object && binary[stack[n-1].lastKey] {
+				if s, ok := tok.(string); ok {
+					if _, err := base64.StdEncoding.DecodeString(s); err != nil {
+						return fmt.Errorf("field %q is not valid standard base64", stack[n-1].lastKey)
+					}
+				}
+			}
 			done()
 		}
 	}

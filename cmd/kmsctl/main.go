@@ -220,7 +220,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		return exitUsage
 	}
 	if getenv("KMS_URL") == "" && getenv("KMS_ADDR") != "" && !isSet(gfs, "url") && !isSet(gfs, "addr") && !isSet(fs, "url") && !isSet(fs, "addr") {
-		fmt.Fprintf(stderr, "kmsctl: note: KMS_ADDR is kmsd's listen address and kmsctl does not read it; set KMS_URL (for example https://%s)\n", getenv("KMS_ADDR"))
+		fmt.Fprintf(stderr, "kmsctl: note: KMS_ADDR is kmsd's listen address and kmsctl does not read it; set KMS_URL (for example %s)\n", urlFromAddr(getenv("KMS_ADDR")))
 	}
 	table, err := outputMode(g.output, stdout)
 	if err != nil {
@@ -275,6 +275,15 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		}
 	}
 	return code
+}
+
+// urlFromAddr is the URL for kmsd's listen address addr, which a user may
+// have written as a URL already.
+func urlFromAddr(addr string) string {
+	if strings.HasPrefix(addr, "https://") || strings.HasPrefix(addr, "http://") {
+		return addr
+	}
+	return "https://" + addr
 }
 
 // hint says which flag or variable fixes the commonest failures of a first

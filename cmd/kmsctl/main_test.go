@@ -422,6 +422,11 @@ func TestHelpAndGlobalFlags(t *testing.T) {
 	if !strings.Contains(r.stderr, "set KMS_URL") {
 		t.Fatalf("KMS_ADDR without KMS_URL: no hint: %q", r.stderr)
 	}
+	// Written as a URL already, it is not prefixed again.
+	r = kmsctl(t, map[string]string{"KMS_ADDR": "https://127.0.0.1:1", "KMS_TOKEN": admin}, "keys", "list")
+	if !strings.Contains(r.stderr, "set KMS_URL (for example https://127.0.0.1:1)") || strings.Contains(r.stderr, "https://https://") {
+		t.Fatalf("KMS_ADDR as a URL: %q", r.stderr)
+	}
 	// Output: JSON when not a terminal, tables on request.
 	env := map[string]string{"KMS_URL": url, "KMS_TOKEN": admin}
 	if r := kmsctl(t, env, "keys", "list"); !json.Valid([]byte(r.stdout)) {

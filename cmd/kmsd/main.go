@@ -325,7 +325,7 @@ func newFlagSetErrs(c *config, getenv func(string) string) (*flag.FlagSet, *[]en
 		return nil
 	})
 	fs.BoolVar(&c.insecureHTTP, "insecure-http", getenv("KMS_INSECURE_HTTP") == "1", "serve plain HTTP instead of HTTPS; refused unless --addr is a loopback address (env KMS_INSECURE_HTTP, set to 1)")
-	fs.StringVar(&c.debugAddr, "debug-addr", env("KMS_DEBUG_ADDR", ""), "serve Go's profiles and execution traces (/debug/pprof/, unauthenticated) on this loopback address, e.g. 127.0.0.1:8421; empty: off (env KMS_DEBUG_ADDR)")
+	fs.StringVar(&c.debugAddr, "debug-addr", env("KMS_DEBUG_ADDR", ""), "serve Go's profiles and execution traces (/debug/pprof/, unauthenticated) on this loopback address, e.g. 127.0.0.1:8429 (8421 is kmsd-mcp's in README); empty: off (env KMS_DEBUG_ADDR)")
 	fs.StringVar(&c.module, "pkcs11-module", env("KMS_PKCS11_MODULE", ""), "PKCS#11 library; empty: the embedded SoftHSM2 token under <data-dir>/softhsm (env KMS_PKCS11_MODULE)")
 	fs.StringVar(&c.token, "pkcs11-token", env("KMS_PKCS11_TOKEN", "kmsd"), "label of the PKCS#11 token (env KMS_PKCS11_TOKEN)")
 	fs.StringVar(&c.pinFile, "pkcs11-pin-file", env("KMS_PKCS11_PIN_FILE", ""), "file holding the token's user PIN; or set KMS_PKCS11_PIN (env KMS_PKCS11_PIN_FILE)")
