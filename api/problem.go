@@ -45,7 +45,7 @@ var problemTitles = map[string]string{
 	ProbNotFound:         "Not found",
 	ProbMethod:           "Method not allowed",
 	ProbAlreadyExists:    "Already exists",
-	ProbKeyState:         "The key or version is not in a state that allows this",
+	ProbKeyState:         "Not possible in the current state (the detail says why)",
 	ProbUnavailable:      "Service unavailable",
 	ProbTooLarge:         "The result would be too large",
 	ProbBusy:             "Too many operations of this kind at once",
