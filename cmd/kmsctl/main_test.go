@@ -565,6 +565,11 @@ func TestMoreCommands(t *testing.T) {
 	if len(recs) != 3 || !json.Valid([]byte(recs[2])) || !strings.Contains(recs[2], `"index":2`) {
 		t.Fatalf("audit records: %q", recs)
 	}
+	// -o table is a table (it printed JSON before).
+	rows := strings.Split(strings.TrimSpace(ok("audit", "records", "--start", "0", "--end", "3", "-o", "table")), "\n")
+	if len(rows) != 4 || !regexp.MustCompile(`^INDEX\s+TIME\s+ACTOR`).MatchString(rows[0]) || !strings.HasPrefix(rows[3], "2 ") || json.Valid([]byte(rows[3])) {
+		t.Fatalf("audit records -o table: %q", rows)
+	}
 	var proof struct {
 		Size  uint64   `json:"size"`
 		Proof [][]byte `json:"proof"`
