@@ -27,7 +27,7 @@ import (
 //
 // to the decrypted plaintext before decoding, with s = StatisticalSecurity
 // bits, Q the number of decryptions the version may answer (its budget, or
-// DefaultFloodQueries) and E kmsd's bound on the ciphertext's noise, which
+// kms.DefaultDecryptBudget) and E kmsd's bound on the ciphertext's noise, which
 // its attestation carries (NoiseBound). This is the flooding bound of Li,
 // Micciancio, Schultz and Sorrell (CRYPTO 2022) that OpenFHE's
 // NOISE_FLOODING_DECRYPT mode implements. What remains of the precision is
@@ -43,9 +43,6 @@ import (
 const (
 	// StatisticalSecurity is s, in bits.
 	StatisticalSecurity = 30
-	// DefaultFloodQueries is Q for a key without a decryption budget: as
-	// many as such a version answers.
-	DefaultFloodQueries = kms.DefaultDecryptBudget
 	// MinFloodPrecision is the fewest bits a CKKS decryption may return
 	// after flooding; below it the decryption is refused.
 	MinFloodPrecision = 6
@@ -167,14 +164,6 @@ func log2SumExp2(xs []float64) float64 {
 	return m + math.Log2(sum)
 }
 
-// floodQueries is Q for a policy's budget.
-func floodQueries(budget uint64) float64 {
-	if budget == 0 {
-		return DefaultFloodQueries
-	}
-	return float64(budget)
-}
-
 // FloodSigmaLog2 is log2 of the flooding noise's standard deviation for a
 // ciphertext whose noise bound is noiseLog2, decrypted by a version that
 // answers queries decryptions.
@@ -195,6 +184,7 @@ func floodPrecision(logN int, scale, sigmaLog2 float64) int {
 // attested noise bound and public data only, the precision a CKKS
 // decryption keeps after flooding (refused below MinFloodPrecision), or
 // whether a BGV decryption is sure to be correct (refused otherwise).
+// budget is the version's effective budget (kms.EffectiveDecryptBudget).
 func (k *Kind) DecryptPlan(manifest []byte, parsed any, noiseLog2 float64, budget uint64, logPrecision int) (kms.DecryptPlan, error) {
 	p, err := k.versionParams(manifest)
 	if err != nil {
@@ -205,6 +195,9 @@ func (k *Kind) DecryptPlan(manifest []byte, parsed any, noiseLog2 float64, budge
 		return kms.DecryptPlan{}, fmt.Errorf("he: wrong ciphertext type")
 	}
 	rp := p.RLWE()
+	if budget == 0 {
+		return kms.DecryptPlan{}, fmt.Errorf("he: a decryption plan needs the effective budget (kms.EffectiveDecryptBudget)")
+	}
 	if math.IsNaN(noiseLog2) || math.IsInf(noiseLog2, 0) {
 		return kms.DecryptPlan{}, kms.Errorf(kms.KindInvalid, "the attestation's noise bound is not a number")
 	}
@@ -217,9 +210,9 @@ func (k *Kind) DecryptPlan(manifest []byte, parsed any, noiseLog2 float64, budge
 		if noiseLog2+2 > logQ-1 {
 			return kms.DecryptPlan{}, kms.Errorf(kms.KindInvalid, "the ciphertext's attested noise (2^%.1f) may exceed what level %d decrypts correctly (2^%.1f): kmsd refuses a decryption that could fail, as such failures leak the secret key", noiseLog2, ct.Level(), logQ-3)
 		}
-		return kms.DecryptPlan{Queries: floodQueries(budget)}, nil
+		return kms.DecryptPlan{Queries: float64(budget)}, nil
 	}
-	q := floodQueries(budget)
+	q := float64(budget)
 	sigma := FloodSigmaLog2(noiseLog2, q)
 	scale, _ := ct.Scale.Value.Float64()
 	prec := floodPrecision(rp.LogN(), scale, sigma)

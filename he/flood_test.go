@@ -225,7 +225,7 @@ func BenchmarkDecrypt(b *testing.B) {
 			}
 			b.ReportMetric(0, "bits")
 		})
-		for _, budget := range []uint64{16, 0} {
+		for _, budget := range []uint64{16, kms.EffectiveDecryptBudget(0)} {
 			plan, err := k.DecryptPlan(man, ct, fresh, budget, MaxDecryptLogPrecision)
 			if err != nil {
 				b.Fatal(err)

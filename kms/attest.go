@@ -200,11 +200,14 @@ func (s *Service) Attest(ctx context.Context, p *Principal, name string, n uint6
 	var in []float64
 	for i, a := range req.Inputs {
 		ist, err := s.VerifyAttestation(ctx, a)
-		if err != nil {
-			return nil, nil, Errorf(KindInvalid, "input %d: %s", i, errText(err))
+		if err == nil {
+			err = s.vouchersActive(ctx, ist)
 		}
-		if err := s.vouchersActive(ctx, ist); err != nil {
-			return nil, nil, Errorf(KindInvalid, "input %d: %s", i, errText(err))
+		if KindOf(err) == KindInvalid {
+			return nil, nil, Errorf(KindInvalid, "input %d: %s", i, PublicMessage(err))
+		}
+		if err != nil {
+			return nil, nil, err // the store or the identity key: not the caller's mistake
 		}
 		if ist.Key != name || ist.Version != n || ist.ParamsID != m.ParamsID {
 			return nil, nil, Errorf(KindInvalid, "input %d is attested for key %q version %d, not %q version %d", i, ist.Key, ist.Version, name, n)
@@ -303,18 +306,9 @@ func (st *Statement) Covers(e *Envelope) error {
 	return nil
 }
 
-// errText is an error's message for a client.
-func errText(err error) string {
-	var e *Error
-	if errors.As(err, &e) {
-		return e.Msg
-	}
-	return "invalid"
-}
-
 // noteAttestation names a statement in the request's audit record.
 func noteAttestation(ctx context.Context, st *Statement) {
-	rec, _ := ctx.Value(auditKey{}).(*AuditRecord)
+	rec := auditRecord(ctx)
 	if rec == nil {
 		return
 	}

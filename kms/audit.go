@@ -109,10 +109,16 @@ func WithAudit(ctx context.Context, rec *AuditRecord) context.Context {
 	return context.WithValue(ctx, auditKey{}, rec)
 }
 
+// auditRecord is the pending record of ctx, or nil.
+func auditRecord(ctx context.Context) *AuditRecord {
+	rec, _ := ctx.Value(auditKey{}).(*AuditRecord)
+	return rec
+}
+
 // auditFor returns the pending record of ctx completed for a change to key
 // and version, or nil when ctx carries none (auditing off).
 func auditFor(ctx context.Context, key string, version uint64) []*AuditRecord {
-	rec, _ := ctx.Value(auditKey{}).(*AuditRecord)
+	rec := auditRecord(ctx)
 	if rec == nil {
 		return nil
 	}

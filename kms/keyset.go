@@ -241,7 +241,8 @@ type DecryptingKind interface {
 	// ciphertext's level and scale, its attested noise bound, the version's
 	// budget), whether and how a ciphertext is decrypted: the flooding and
 	// the precision left for CKKS (at most logPrecision), correctness for
-	// BGV. A refusal is KindInvalid.
+	// BGV. budget is the effective one (EffectiveDecryptBudget). A refusal
+	// is KindInvalid.
 	DecryptPlan(manifest []byte, ct any, noiseLog2 float64, budget uint64, logPrecision int) (DecryptPlan, error)
 	// Decrypt decrypts a parsed ciphertext as planned: CKKS real parts
 	// flooded and rounded, BGV integers.
@@ -293,8 +294,7 @@ func (s *Service) MaxCiphertextSize(ctx context.Context, name string, n uint64) 
 type Decryption struct {
 	Values    any // []float64 (CKKS) or []uint64 (BGV), the slots in use
 	Version   uint64
-	Precision int        // CKKS: bits kept after flooding
-	Statement *Statement // the attestation decrypted under
+	Precision int // CKKS: bits kept after flooding
 }
 
 // Decrypt decrypts an HE ciphertext with version n. The ciphertext is
@@ -328,14 +328,14 @@ func (s *Service) Decrypt(ctx context.Context, name string, n uint64, env *Envel
 	// Then provenance: only a ciphertext kmsd attested (an input of a
 	// data owner, or an evaluation on attested inputs) is decrypted.
 	if env.Attestation == nil {
-		if rec, _ := ctx.Value(auditKey{}).(*AuditRecord); rec != nil {
+		if rec := auditRecord(ctx); rec != nil {
 			rec.AttestedOp = "unattested"
 		}
 		return nil, Errorf(KindInvalid, "the ciphertext has no attestation: kmsd decrypts only attested inputs (kmsctl he encrypt with an encryptor token) and results an evaluator computed from them (kmsd-mcp), so that a chosen ciphertext cannot turn decryption into a secret-key oracle")
 	}
 	st, err := s.VerifyAttestation(ctx, env.Attestation)
 	if err != nil {
-		if rec, _ := ctx.Value(auditKey{}).(*AuditRecord); rec != nil {
+		if rec := auditRecord(ctx); rec != nil {
 			rec.AttestedOp = "invalid"
 		}
 		return nil, err
@@ -351,11 +351,11 @@ func (s *Service) Decrypt(ctx context.Context, name string, n uint64, env *Envel
 	if prec == 0 {
 		prec = DefaultDecryptLogPrecision
 	}
-	plan, err := dk.DecryptPlan(v.Manifest, parsed, st.NoiseLog2, k.Policy.DecryptBudget, prec)
+	plan, err := dk.DecryptPlan(v.Manifest, parsed, st.NoiseLog2, EffectiveDecryptBudget(k.Policy.DecryptBudget), prec)
 	if err != nil {
 		return nil, err
 	}
-	if rec, _ := ctx.Value(auditKey{}).(*AuditRecord); rec != nil {
+	if rec := auditRecord(ctx); rec != nil {
 		rec.Precision = plan.Precision
 	}
 	priv, ok := s.cache.get(name, v.Number)
@@ -400,5 +400,5 @@ func (s *Service) Decrypt(ctx context.Context, name string, n uint64, env *Envel
 	case []uint64:
 		vals = x[:min(len(x), env.Slots)]
 	}
-	return &Decryption{Values: vals, Version: v.Number, Precision: plan.Precision, Statement: st}, nil
+	return &Decryption{Values: vals, Version: v.Number, Precision: plan.Precision}, nil
 }
