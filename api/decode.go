@@ -85,95 +85,18 @@ var fieldMin = map[string]float64{
 	"min_decryption_version": 1,
 }
 
-// checkKeys walks the JSON tokens and refuses duplicate keys in any object
-// and keys that are not lower case (encoding/json would match "Name" to
-// "name"; every field of this API is lower case) except inside "params",
-// which holds a Lattigo parameters literal with its own field names.
-func checkKeys(body []byte) error {
-	type frame struct {
-		object    bool
-		keys      map[string]bool
-		expectKey bool
-		free      bool // inside a "params" value: any key case
-		lastKey   string
-	}
-	var stack []*frame
-	// valueDone tells the enclosing object that its value is complete.
-	valueDone := func() {
-		if n := len(stack); n > 0 && stack[n-1].object {
-			stack[n-1].expectKey = true
-		}
-	}
-	dec := json.NewDecoder(bytes.NewReader(body))
-	for {
-		tok, err := dec.Token()
-		if err == io.EOF {
-			return nil
-		}
-		if err != nil {
-			return &decodeError{describe(err)}
-		}
-		if n := len(stack); n > 0 && stack[n-1].object && stack[n-1].expectKey {
-			top := stack[n-1]
-			if tok == json.Delim('}') {
-				stack = stack[:n-1]
-				valueDone()
-				continue
-			}
-			k, _ := tok.(string)
-			if top.keys[k] {
-				return &decodeError{fmt.Sprintf("duplicate field %q", clip(k))}
-			}
-			if !top.free && !kms.PlainKey(k) {
-				return &decodeError{fmt.Sprintf("unknown field %q", clip(k))}
-			}
-			top.keys[k] = true
-			top.expectKey = false
-			top.lastKey = k
-			continue
-		}
-		free := false
-		if n := len(stack); n > 0 {
-			top := stack[n-1]
-			free = top.free || (top.object && top.lastKey == "params")
-		}
-		switch tok {
-		case json.Delim('{'):
-			stack = append(stack, &frame{object: true, keys: map[string]bool{}, expectKey: true, free: free})
-		case json.Delim('['):
-			if n := len(stack); n > 0 && !free && stack[n-1].object && binaryFields[stack[n-1].lastKey] {
-				return &decodeError{fmt.Sprintf("field %q must be a standard base64 string", stack[n-1].lastKey)}
-			}
-			stack = append(stack, &frame{free: free})
-		case json.Delim(']'):
-			stack = stack[:len(stack)-1]
-			valueDone()
-		default:
-			if n := len(stack); n > 0 && !free && stack[n-1].object && binaryFields[stack[n-1].lastKey] {
-				if str, ok := tok.(string); ok {
-					if _, err := base64.StdEncoding.DecodeString(str); err != nil {
-						return &decodeError{fmt.Sprintf("field %q is not valid standard base64", stack[n-1].lastKey)}
-					}
-				}
-			}
-			if n := len(stack); n > 0 && !free && stack[n-1].object {
-				k := stack[n-1].lastKey
-				if min, ok := fieldMin[k]; ok {
-					if f, isNum := tok.(float64); isNum && f < min {
-						return &decodeError{fmt.Sprintf("field %q must be at least %g", k, min)}
-					}
-				}
-			}
-			valueDone()
-		}
-	}
-}
+// bodyRules are the API's JSON rules beyond its Go types: base64 fields,
+// minimums, and "params", which holds a Lattigo parameters literal with
+// field names of its own.
+var bodyRules = kms.JSONRules{Binary: binaryFields, Min: fieldMin, Free: map[string]bool{"params": true}}
 
-func clip(s string) string {
-	if len(s) > 40 {
-		return s[:40] + "..."
+// checkKeys refuses duplicate and non-API field names, bad base64 and
+// numbers below their minimum (kms.CheckJSON with bodyRules).
+func checkKeys(body []byte) error {
+	if err := kms.CheckJSON(body, bodyRules); err != nil {
+		return &decodeError{err.Error()}
 	}
-	return s
+	return nil
 }
 
 // describe turns a decoding error into a message that names the field and

@@ -42,7 +42,7 @@ var paramsIDRE = regexp.MustCompile(`^sha256:[0-9a-f]{64}$`)
 // ciphertext must be at most maxCiphertext bytes. It does not look inside
 // the ciphertext: the kind does that against the version's parameters.
 func ParseEnvelope(b []byte, maxCiphertext int) (*Envelope, error) {
-	if err := CheckJSONKeys(b, envelopeBinary); err != nil {
+	if err := CheckJSON(b, JSONRules{Binary: envelopeBinary}); err != nil {
 		return nil, Errorf(KindInvalid, "not a ciphertext envelope: %s", err.Error())
 	}
 	dec := json.NewDecoder(bytes.NewReader(b))

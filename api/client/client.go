@@ -165,7 +165,7 @@ func (c *Client) doStatus(ctx context.Context, method, path string, query url.Va
 	defer resp.Body.Close()
 	if resp.StatusCode >= 400 {
 		b, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
-		return resp.StatusCode, problemError(resp.StatusCode, b)
+		return resp.StatusCode, ProblemError(resp.StatusCode, b)
 	}
 	out := pick(resp.StatusCode)
 	if out == nil {
@@ -278,7 +278,7 @@ func (c *Client) GetKeyIfChanged(ctx context.Context, name string, limit int, et
 		return nil, etag, nil
 	case resp.StatusCode >= 400:
 		b, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
-		return nil, "", problemError(resp.StatusCode, b)
+		return nil, "", ProblemError(resp.StatusCode, b)
 	}
 	var k Key
 	if err := json.NewDecoder(resp.Body).Decode(&k); err != nil {
@@ -415,7 +415,7 @@ func (c *Client) rawBody(ctx context.Context, method, path string, query url.Val
 		return nil, err
 	}
 	if resp.StatusCode >= 400 {
-		return nil, problemError(resp.StatusCode, b)
+		return nil, ProblemError(resp.StatusCode, b)
 	}
 	return b, nil
 }
@@ -444,7 +444,7 @@ func (c *Client) Blob(ctx context.Context, digest string, w io.Writer) error {
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
 		b, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
-		return problemError(resp.StatusCode, b)
+		return ProblemError(resp.StatusCode, b)
 	}
 	sum := sha256.New()
 	if _, err := io.Copy(io.MultiWriter(w, sum), resp.Body); err != nil {
@@ -457,13 +457,9 @@ func (c *Client) Blob(ctx context.Context, digest string, w io.Writer) error {
 }
 
 // ProblemError turns an error answer into an *Error, from its problem
-// document when it has one (for callers that make their own requests, such
-// as hekeys).
-func ProblemError(status int, body []byte) *Error { return problemError(status, body) }
-
-// problemError turns an error answer into an *Error, from its problem
-// document when it has one.
-func problemError(status int, body []byte) *Error {
+// document when it has one (also for callers that make their own requests,
+// such as hekeys).
+func ProblemError(status int, body []byte) *Error {
 	e := &Error{}
 	if json.Unmarshal(body, &e.Problem) != nil || e.Status == 0 {
 		e.Problem = Problem{Status: status, Title: http.StatusText(status)}
