@@ -37,7 +37,7 @@ func TestSelfTestDetectsWrongVector(t *testing.T) {
 	}
 }
 
-func kind(t *testing.T, name string) kms.KeyKind {
+func kind(t testing.TB, name string) kms.KeyKind {
 	t.Helper()
 	k, err := kms.NewRegistry(Kinds()...).Lookup(name)
 	if err != nil {
@@ -176,4 +176,41 @@ func TestKindConformance(t *testing.T) {
 		},
 	}
 	kindtest.Run(t, Kinds(), encaps, nil)
+}
+
+// BenchmarkAttestationSignature: what an HE attestation costs the identity
+// key (ML-DSA-65 through this kind, as kms.Service.Attest and
+// VerifyAttestation use it) for a 600-byte statement: one signature per
+// attest, one verification per decryption and per evaluation input.
+//
+//	go test -run '^$' -bench BenchmarkAttestationSignature ./kms/pqc
+func BenchmarkAttestationSignature(b *testing.B) {
+	k := kind(b, "ml-dsa-65").(kms.SigningKind)
+	secret, pub, err := k.Generate(rand.Reader)
+	if err != nil {
+		b.Fatal(err)
+	}
+	priv, err := k.Load(secret)
+	if err != nil {
+		b.Fatal(err)
+	}
+	msg, ctx := bytes.Repeat([]byte("s"), 600), []byte(kms.AttestationContext)
+	sig, err := k.Sign(nil, priv, msg, ctx)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Run("sign", func(b *testing.B) {
+		for range b.N {
+			if _, err := k.Sign(nil, priv, msg, ctx); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+	b.Run("verify", func(b *testing.B) {
+		for range b.N {
+			if ok, err := k.Verify(pub, msg, ctx, sig); err != nil || !ok {
+				b.Fatal("does not verify")
+			}
+		}
+	})
 }
