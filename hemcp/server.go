@@ -199,7 +199,7 @@ func (s *Server) engine(ctx context.Context, env *client.Envelope, check func() 
 		return nil, fmt.Errorf("this server does not serve key %q (it serves %s)", name, strings.Join(s.cfg.Keys, ", "))
 	case eng != nil:
 		if eng.Keys.Manifest.ParamsID != env.ParamsID {
-			return nil, fmt.Errorf("the ciphertext was made under parameters %s, but version %d of %q has %s", env.ParamsID, version, name, eng.Keys.Manifest.ParamsID)
+			return nil, otherParams(env, eng.Keys.Manifest.ParamsID)
 		}
 		if err := check(); err != nil {
 			return nil, err
@@ -213,7 +213,7 @@ func (s *Server) engine(ctx context.Context, env *client.Envelope, check func() 
 		return nil, err
 	}
 	if m.ParamsID != env.ParamsID {
-		return nil, fmt.Errorf("the ciphertext was made under parameters %s, but version %d of %q has %s", env.ParamsID, version, name, m.ParamsID)
+		return nil, otherParams(env, m.ParamsID)
 	}
 	if err := check(); err != nil {
 		return nil, err
@@ -228,6 +228,12 @@ func (s *Server) engine(ctx context.Context, env *client.Envelope, check func() 
 	}
 	s.mu.Unlock()
 	return eng, nil
+}
+
+// otherParams says that env was made under other parameters than its
+// version's (has).
+func otherParams(env *client.Envelope, has string) error {
+	return fmt.Errorf("the ciphertext was made under parameters %s, but version %d of %q has %s", env.ParamsID, env.Version, env.Key, has)
 }
 
 // EnvelopeJSON is a ciphertext envelope as the tools take and give it.
@@ -460,7 +466,7 @@ func (s *Server) result(ctx context.Context, eng *Engine, ct *rlwe.Ciphertext, s
 }
 
 // attested seals a result in an envelope and has kmsd attest it as the
-// evaluation of op on the inputs, with the server's own (worker) token.
+// evaluation of op on the inputs, with the server's own evaluator token.
 func (s *Server) attested(ctx context.Context, eng *Engine, ct *rlwe.Ciphertext, slots int, op string, inputs []*client.Envelope, cost Cost) (*client.Envelope, error) {
 	env, err := eng.Keys.Seal(ct, slots)
 	if err != nil {
