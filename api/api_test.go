@@ -120,7 +120,7 @@ func newEnvOn(t *testing.T, backend string, wrapSealer func(kms.Sealer) kms.Seal
 	e := &env{t: t, clock: testutil.NewClock(time.Now().UTC()), log: &testutil.Buffer{}, stream: &recordingSink{}, rand: &testutil.RecordingRand{}}
 	switch backend {
 	case "bolt":
-		st, err := bolt.Open(filepath.Join(t.TempDir(), "kms.db"), bolt.Options{})
+		st, err := bolt.Open(filepath.Join(t.TempDir(), "kms.db"), bolt.Options{Sealer: testhsm.Open(t)})
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -15,6 +15,7 @@ import (
 	"golang.org/x/mod/sumdb/tlog"
 
 	"github.com/kmsd-project/kmsd/audit"
+	"github.com/kmsd-project/kmsd/internal/testhsm"
 	"github.com/kmsd-project/kmsd/kms"
 	"github.com/kmsd-project/kmsd/kms/bolt"
 )
@@ -40,7 +41,7 @@ func sign(sk *mldsa65.PrivateKey) func(context.Context, []byte) ([]byte, error) 
 func newFixture(t testing.TB, n, every int) *fixture {
 	pk, sk, _ := mldsa65.GenerateKey(rand.Reader)
 	pub, _ := pk.MarshalBinary()
-	st, err := bolt.Open(filepath.Join(t.TempDir(), "kms.db"), bolt.Options{})
+	st, err := bolt.Open(filepath.Join(t.TempDir(), "kms.db"), bolt.Options{Sealer: testhsm.Open(t)})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -244,3 +245,5 @@ func TestVerifyRefusesAnotherIdentity(t *testing.T) {
 		t.Fatalf("a checkpoint of another service: %v", err)
 	}
 }
+
+func TestMain(m *testing.M) { testhsm.Main(m) }

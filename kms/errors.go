@@ -122,3 +122,18 @@ func PublicMessage(err error) string {
 	}
 	return e.Msg
 }
+
+// TamperMessage is what a client is told of a record that failed its
+// integrity check.
+const TamperMessage = "a record kmsd keeps failed its integrity check (edited, invented, moved or rolled back in the store); kmsd does not act on it: see the log and the audit record of this request"
+
+// TamperError says which stored record failed its integrity check and how.
+// Stores return it inside a KindInternal *Error.
+type TamperError struct {
+	Path   string // the record's place in the store
+	Reason string
+}
+
+func (e *TamperError) Error() string {
+	return fmt.Sprintf("stored record %q failed its integrity check: %s", e.Path, e.Reason)
+}

@@ -117,7 +117,7 @@ func newEnv(t *testing.T, ttl time.Duration) *env {
 func newEnvCache(t *testing.T, ttl time.Duration, records int) *env {
 	t.Helper()
 	path := filepath.Join(t.TempDir(), "kms.db")
-	st, err := bolt.Open(path, bolt.Options{})
+	st, err := bolt.Open(path, bolt.Options{Sealer: testhsm.Open(t)})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -592,7 +592,7 @@ func TestTokenSubsetRule(t *testing.T) {
 // the bound; the last admin token for all keys cannot be revoked.
 func TestTokenRevokeAndExpire(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "kms.db")
-	st, err := bolt.Open(path, bolt.Options{})
+	st, err := bolt.Open(path, bolt.Options{Sealer: testhsm.Open(t)})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/kmsd-project/kmsd/audit/engine"
+	"github.com/kmsd-project/kmsd/internal/testhsm"
 	"github.com/kmsd-project/kmsd/kms"
 	"github.com/kmsd-project/kmsd/kms/bolt"
 	"github.com/kmsd-project/kmsd/kms/storetest"
@@ -31,7 +32,7 @@ func noBackgroundFlush(t *testing.T) { engine.SetFlushInterval(t, 1<<40) }
 
 func openTest(t *testing.T, path string, walSize int64) *bolt.Store {
 	t.Helper()
-	s, err := bolt.Open(path, bolt.Options{AuditWALSize: walSize})
+	s, err := bolt.Open(path, bolt.Options{Sealer: testhsm.Open(t), AuditWALSize: walSize})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -167,7 +168,7 @@ func TestWALOfAnotherLogRefused(t *testing.T) {
 	}
 	path := crashCopy(t, a)
 	copyFile(t, b.Path()+"-audit-wal", path+"-audit-wal")
-	_, err := bolt.Open(path, bolt.Options{})
+	_, err := bolt.Open(path, bolt.Options{Sealer: testhsm.Open(t)})
 	if err == nil || !strings.Contains(err.Error(), "does not continue the log") {
 		t.Fatalf("Open with a foreign WAL: %v", err)
 	}
@@ -253,7 +254,7 @@ func TestWALFrameLargerThanTheWAL(t *testing.T) {
 func TestWALInvalidatedAtOpen(t *testing.T) {
 	noBackgroundFlush(t)
 	path := filepath.Join(t.TempDir(), "kms.db")
-	s, err := bolt.Open(path, bolt.Options{AuditWALSize: 64 * engine.WALAlign})
+	s, err := bolt.Open(path, bolt.Options{Sealer: testhsm.Open(t), AuditWALSize: 64 * engine.WALAlign})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -289,7 +290,7 @@ func slicesRepeat(s string, n int) []string {
 // each either committed or refused with the store closed.
 func TestAppendDuringCloseNeverHangs(t *testing.T) {
 	for round := 0; round < 20; round++ {
-		s, err := bolt.Open(filepath.Join(t.TempDir(), "kms.db"), bolt.Options{AuditWALSize: 64 * engine.WALAlign})
+		s, err := bolt.Open(filepath.Join(t.TempDir(), "kms.db"), bolt.Options{Sealer: testhsm.Open(t), AuditWALSize: 64 * engine.WALAlign})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -410,7 +411,7 @@ func TestWALDeletedWhileIdle(t *testing.T) {
 // gone says so at open.
 func TestWALMissingAtOpenReported(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "kms.db")
-	s, err := bolt.Open(path, bolt.Options{})
+	s, err := bolt.Open(path, bolt.Options{Sealer: testhsm.Open(t)})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -433,7 +434,7 @@ func TestReopenAtEverySize(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "kms.db")
 	var want []string
 	for n := 0; n < 40; n++ {
-		s, err := bolt.Open(path, bolt.Options{AuditWALSize: 64 * engine.WALAlign})
+		s, err := bolt.Open(path, bolt.Options{Sealer: testhsm.Open(t), AuditWALSize: 64 * engine.WALAlign})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -449,3 +450,5 @@ func TestReopenAtEverySize(t *testing.T) {
 	}
 	verifyLog(t, openTest(t, path, 64*engine.WALAlign), want)
 }
+
+func TestMain(m *testing.M) { testhsm.Main(m) }

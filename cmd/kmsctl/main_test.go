@@ -43,7 +43,7 @@ func server(t *testing.T) (string, string) {
 }
 
 func auditedServer(t *testing.T) (string, string, *audit.Log) {
-	st, err := bolt.Open(filepath.Join(t.TempDir(), "kms.db"), bolt.Options{})
+	st, err := bolt.Open(filepath.Join(t.TempDir(), "kms.db"), bolt.Options{Sealer: testhsm.Open(t)})
 	if err != nil {
 		t.Fatal(err)
 	}

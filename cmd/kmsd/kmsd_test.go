@@ -19,6 +19,7 @@ import (
 
 	"github.com/kmsd-project/kmsd/api/client"
 	"github.com/kmsd-project/kmsd/hsm/softhsm"
+	"github.com/kmsd-project/kmsd/internal/testhsm"
 	"github.com/kmsd-project/kmsd/internal/testutil"
 	"github.com/kmsd-project/kmsd/kms/bolt"
 )
@@ -360,7 +361,7 @@ func TestCrashSafety(t *testing.T) {
 		p.cmd.Process.Signal(syscall.SIGKILL)
 		p.wait(t, 10*time.Second)
 		wg.Wait()
-		st, err := bolt.Open(filepath.Join(dir, "kms.db"), bolt.Options{})
+		st, err := bolt.Open(filepath.Join(dir, "kms.db"), bolt.Options{Sealer: testhsm.Open(t)})
 		if err != nil {
 			t.Fatalf("round %d: open after kill: %v", round, err)
 		}
@@ -448,7 +449,7 @@ func TestNeverASecondTokenOrKEK(t *testing.T) {
 	os.Rename(tokens+".moved", tokens)
 
 	// The store says another KEK: refused.
-	st, err := bolt.Open(filepath.Join(dir, "kms.db"), bolt.Options{})
+	st, err := bolt.Open(filepath.Join(dir, "kms.db"), bolt.Options{Sealer: testhsm.Open(t)})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -456,7 +457,7 @@ func TestNeverASecondTokenOrKEK(t *testing.T) {
 	st.PutMeta("sealed-under", []byte(`{"token":"kmsd","label":"kmsd-kek","id":"00112233445566778899aabbccddeeff"}`))
 	st.Close()
 	exitsWith(t, dir, "sealed under the KEK with id 00112233445566778899aabbccddeeff")
-	st, _ = bolt.Open(filepath.Join(dir, "kms.db"), bolt.Options{})
+	st, _ = bolt.Open(filepath.Join(dir, "kms.db"), bolt.Options{Sealer: testhsm.Open(t)})
 	st.PutMeta("sealed-under", good)
 	st.Close()
 

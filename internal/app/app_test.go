@@ -19,7 +19,7 @@ func TestMain(m *testing.M) { testhsm.Main(m) }
 // TestSetupErrorsAreMessages: a missing part is an error naming it, never
 // a nil-pointer panic; a wired app starts and closes cleanly (twice over).
 func TestSetupErrorsAreMessages(t *testing.T) {
-	st, err := bolt.Open(filepath.Join(t.TempDir(), "kms.db"), bolt.Options{})
+	st, err := bolt.Open(filepath.Join(t.TempDir(), "kms.db"), bolt.Options{Sealer: testhsm.Open(t)})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -61,7 +61,7 @@ func TestSetupErrorsAreMessages(t *testing.T) {
 // TestTokenUseFlushedWithoutLeading: a replica that never leads (another
 // destroys due versions) still writes down the uses of the tokens it saw.
 func TestTokenUseFlushedWithoutLeading(t *testing.T) {
-	st, err := bolt.Open(filepath.Join(t.TempDir(), "kms.db"), bolt.Options{})
+	st, err := bolt.Open(filepath.Join(t.TempDir(), "kms.db"), bolt.Options{Sealer: testhsm.Open(t)})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -105,7 +105,7 @@ func TestTokenUseFlushedWithoutLeading(t *testing.T) {
 // since another replica may still be generating its keyset; the "blobs"
 // leader removes it once it is older.
 func TestSharedBlobOrphansWaitTheirGrace(t *testing.T) {
-	st, err := bolt.Open(filepath.Join(t.TempDir(), "kms.db"), bolt.Options{})
+	st, err := bolt.Open(filepath.Join(t.TempDir(), "kms.db"), bolt.Options{Sealer: testhsm.Open(t)})
 	if err != nil {
 		t.Fatal(err)
 	}

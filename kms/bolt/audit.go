@@ -35,7 +35,7 @@ func auditSize(tx *bbolt.Tx) uint64 {
 // update and writes the batch's rows; update tells the log how the
 // transaction ended. With recs empty and rows waiting in the log's journal
 // (flush), those move.
-func (s *Store) appendAudit(ctx context.Context, tx *bbolt.Tx, recs []*kms.AuditRecord, flush bool) error {
+func (s *Store) appendAudit(ctx context.Context, r *rtx, recs []*kms.AuditRecord, flush bool) error {
 	if len(recs) == 0 && !flush {
 		return nil
 	}
@@ -50,14 +50,13 @@ func (s *Store) appendAudit(ctx context.Context, tx *bbolt.Tx, recs []*kms.Audit
 	if len(b.Rows) == 0 {
 		return nil
 	}
-	if end := auditSize(tx); end != b.First {
+	if end := auditSize(r.Tx); end != b.First {
 		return fmt.Errorf("%w: rows end at %d, the batch starts at %d", engine.ErrConflict, end, b.First)
 	}
-	rb := tx.Bucket(bucketAuditRecords)
 	// Keys only ever grow: pack pages full instead of splitting them in half.
-	rb.FillPercent = 1.0
+	r.Bucket(bucketAuditRecords).FillPercent = 1.0
 	for i, row := range b.Rows {
-		if err := rb.Put(u64(b.First+uint64(i)), row); err != nil {
+		if err := r.put(bucketAuditRecords, u64(b.First+uint64(i)), row); err != nil {
 			return err
 		}
 	}
@@ -66,7 +65,7 @@ func (s *Store) appendAudit(ctx context.Context, tx *bbolt.Tx, recs []*kms.Audit
 
 // WriteAudit implements engine.Rows.
 func (s *Store) WriteAudit(ctx context.Context, recs []*kms.AuditRecord) error {
-	return s.update(func(tx *bbolt.Tx) error { return s.appendAudit(ctx, tx, recs, true) })
+	return s.update(func(r *rtx) error { return s.appendAudit(ctx, r, recs, true) })
 }
 
 // RowsEnd implements engine.Rows.
@@ -86,7 +85,11 @@ func (s *Store) ReadRows(ctx context.Context, start, end uint64) ([][]byte, erro
 			if binary.BigEndian.Uint64(k) != i {
 				return fmt.Errorf("audit: record %d missing", i)
 			}
-			out = append(out, append([]byte(nil), v...))
+			row, _, err := s.auth.Open(recPath(bucketAuditRecords, k), v)
+			if err != nil {
+				return err
+			}
+			out = append(out, append([]byte(nil), row...))
 			i++
 		}
 		if i != end {
@@ -99,9 +102,7 @@ func (s *Store) ReadRows(ctx context.Context, start, end uint64) ([][]byte, erro
 
 // PutCheckpoint implements engine.Rows.
 func (s *Store) PutCheckpoint(ctx context.Context, size uint64, note []byte) error {
-	return s.update(func(tx *bbolt.Tx) error {
-		return tx.Bucket(bucketAuditCheckpoints).Put(u64(size), note)
-	})
+	return s.update(func(r *rtx) error { return r.put(bucketAuditCheckpoints, u64(size), note) })
 }
 
 // LatestCheckpoint implements engine.Rows.
@@ -113,7 +114,11 @@ func (s *Store) LatestCheckpoint(ctx context.Context) (uint64, []byte, error) {
 		if k == nil {
 			return &kms.Error{Kind: kms.KindNotFound, Msg: "no audit checkpoint yet"}
 		}
-		size, note = binary.BigEndian.Uint64(k), append([]byte(nil), v...)
+		body, _, err := s.auth.Open(recPath(bucketAuditCheckpoints, k), v)
+		if err != nil {
+			return err
+		}
+		size, note = binary.BigEndian.Uint64(k), append([]byte(nil), body...)
 		return nil
 	})
 	return size, note, err

@@ -5,6 +5,7 @@ import (
 	"path/filepath"
 	"testing"
 
+	"github.com/kmsd-project/kmsd/internal/testhsm"
 	"github.com/kmsd-project/kmsd/kms"
 	"github.com/kmsd-project/kmsd/kms/bolt"
 )
@@ -17,7 +18,7 @@ func benchRecord() *kms.AuditRecord {
 // BenchmarkAppendAuditSerial is one durable audit record at a time: the
 // latency of one group commit of size 1.
 func BenchmarkAppendAuditSerial(b *testing.B) {
-	s, err := bolt.Open(filepath.Join(b.TempDir(), "kms.db"), bolt.Options{})
+	s, err := bolt.Open(filepath.Join(b.TempDir(), "kms.db"), bolt.Options{Sealer: testhsm.Open(b)})
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -34,7 +35,7 @@ func BenchmarkAppendAuditSerial(b *testing.B) {
 // BenchmarkAppendAuditParallel is 16 goroutines per core appending at once:
 // group commit shares WAL frames (fsyncs) among them.
 func BenchmarkAppendAuditParallel(b *testing.B) {
-	s, err := bolt.Open(filepath.Join(b.TempDir(), "kms.db"), bolt.Options{})
+	s, err := bolt.Open(filepath.Join(b.TempDir(), "kms.db"), bolt.Options{Sealer: testhsm.Open(b)})
 	if err != nil {
 		b.Fatal(err)
 	}

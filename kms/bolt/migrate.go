@@ -4,8 +4,6 @@ import (
 	"encoding/json"
 	"fmt"
 
-	bbolt "go.etcd.io/bbolt"
-
 	"github.com/kmsd-project/kmsd/kms"
 )
 
@@ -19,6 +17,7 @@ type keyV1 struct {
 type migration struct {
 	From, To       string
 	Keys, Versions int
+	Records        int // records that got their first tag (schema 1 and 2)
 }
 
 // Migrated reports what Open migrated: the schemas and how many keys and
@@ -34,11 +33,14 @@ func (s *Store) Migrated() (from, to string, keys, versions int) {
 // on the way (versions numbered 1..n in order, primary and
 // min_decryption_version among them); one that is not refuses the
 // migration, and the file stays as it was.
-func migrateV1(tx *bbolt.Tx) (migration, error) {
-	m := migration{From: "1", To: schemaVersion}
-	keys := tx.Bucket(bucketKeys)
+func migrateV1(r *rtx, m *migration) error {
+	keys := r.Bucket(bucketKeys)
 	var olds []keyV1
-	err := keys.ForEach(func(name, buf []byte) error {
+	err := keys.ForEach(func(name, stored []byte) error {
+		buf, _, err := r.a.Open(recPath(bucketKeys, name), stored)
+		if err != nil {
+			return err
+		}
 		var k keyV1
 		if err := json.Unmarshal(buf, &k); err != nil {
 			return fmt.Errorf("key record %q: %w", name, err)
@@ -65,7 +67,7 @@ func migrateV1(tx *bbolt.Tx) (migration, error) {
 		return nil
 	})
 	if err != nil {
-		return m, err
+		return err
 	}
 	// Written after the walk: bbolt does not allow changing a bucket while
 	// a cursor walks it.
@@ -73,16 +75,16 @@ func migrateV1(tx *bbolt.Tx) (migration, error) {
 		k := &olds[i]
 		h := k.Key
 		h.Latest = uint64(len(k.Versions))
-		if err := putHeader(tx, &h); err != nil {
-			return m, err
+		if err := putHeader(r, &h); err != nil {
+			return err
 		}
 		for j := range k.Versions {
-			if err := putVersion(tx, h.Name, &k.Versions[j], nil); err != nil {
-				return m, err
+			if err := putVersion(r, h.Name, &k.Versions[j], nil); err != nil {
+				return err
 			}
 		}
 		m.Keys++
 		m.Versions += len(k.Versions)
 	}
-	return m, nil
+	return nil
 }

@@ -11,6 +11,7 @@ import (
 
 	bbolt "go.etcd.io/bbolt"
 
+	"github.com/kmsd-project/kmsd/internal/testhsm"
 	"github.com/kmsd-project/kmsd/kms"
 	"github.com/kmsd-project/kmsd/kms/bolt"
 )
@@ -76,12 +77,12 @@ func v1Record(name string, n int) string {
 func TestMigratesSchema1(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "kms.db")
 	writeV1(t, path, map[string]string{"a": v1Record("a", 3), "_identity": v1Record("_identity", 1), "b": v1Record("b", 40)}, nil)
-	s, err := bolt.Open(path, bolt.Options{})
+	s, err := bolt.Open(path, bolt.Options{Sealer: testhsm.Open(t)})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer s.Close()
-	if from, to, keys, versions := s.Migrated(); from != "1" || to != "2" || keys != 3 || versions != 44 {
+	if from, to, keys, versions := s.Migrated(); from != "1" || to != "3" || keys != 3 || versions != 44 {
 		t.Fatalf("Migrated() = %s %s %d %d", from, to, keys, versions)
 	}
 	ctx := context.Background()
@@ -106,8 +107,8 @@ func TestMigratesSchema1(t *testing.T) {
 		t.Fatal(err)
 	}
 	s.Close()
-	// A second open finds schema 2 and migrates nothing.
-	s2, err := bolt.Open(path, bolt.Options{})
+	// A second open finds schema 3 and migrates nothing.
+	s2, err := bolt.Open(path, bolt.Options{Sealer: testhsm.Open(t)})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -133,7 +134,7 @@ func TestRefusesHalfMigratedFile(t *testing.T) {
 		t.Run(name, func(t *testing.T) {
 			path := filepath.Join(t.TempDir(), "kms.db")
 			writeV1(t, path, map[string]string{"a": rec, "z": v1Record("z", 2)}, nil)
-			if s, err := bolt.Open(path, bolt.Options{}); err == nil {
+			if s, err := bolt.Open(path, bolt.Options{Sealer: testhsm.Open(t)}); err == nil {
 				s.Close()
 				t.Fatal("opened")
 			}
@@ -149,7 +150,7 @@ func TestRefusesHalfMigratedFile(t *testing.T) {
 			}
 			return b.Put([]byte("a\x00\x00\x00\x00\x00\x00\x00\x00\x01"), []byte(`{"number":1}`))
 		})
-		_, err := bolt.Open(path, bolt.Options{})
+		_, err := bolt.Open(path, bolt.Options{Sealer: testhsm.Open(t)})
 		if err == nil || !strings.Contains(err.Error(), "half-migrated") {
 			t.Fatalf("Open: %v", err)
 		}
@@ -184,8 +185,8 @@ func assertSchema1(t *testing.T, path string) {
 
 func TestRefusesNewerSchema(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "kms.db")
-	writeV1(t, path, nil, func(tx *bbolt.Tx) error { return tx.Bucket([]byte("meta")).Put([]byte("schema"), []byte("3")) })
-	if _, err := bolt.Open(path, bolt.Options{}); err == nil || !strings.Contains(err.Error(), `"3"`) {
-		t.Fatalf("Open of a schema-3 file: %v", err)
+	writeV1(t, path, nil, func(tx *bbolt.Tx) error { return tx.Bucket([]byte("meta")).Put([]byte("schema"), []byte("4")) })
+	if _, err := bolt.Open(path, bolt.Options{Sealer: testhsm.Open(t)}); err == nil || !strings.Contains(err.Error(), `"4"`) {
+		t.Fatalf("Open of a schema-4 file: %v", err)
 	}
 }

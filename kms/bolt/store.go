@@ -21,17 +21,20 @@ import (
 	"github.com/kmsd-project/kmsd/kms/storekit"
 )
 
-// The file's layout (schema 2):
+// The file's layout (schema 3):
 //
 //	keys         name -> key header (JSON kms.Key)
 //	versions     name 0x00 number(u64 BE) -> version (JSON kms.Version)
 //	destroy_due  destroy_at(unix ns, u64 BE) name 0x00 number -> empty
 //	blob_owners  blob digest -> key name
 //	tokens       id -> token (JSON kms.Token)
-//	meta         "schema" -> "2"; "x-..." -> kmsd's own metadata
+//	meta         "schema" -> "3"; "x-..." -> kmsd's own metadata;
+//	             "record-key", "digest" (auth.go)
 //
-// plus the audit buckets (audit.go). Schema 1 kept every version inside
-// the key's record; Open migrates it (migrate.go).
+// plus the audit buckets (audit.go). Every record carries a tag under the
+// file's record key (auth.go). Schema 1 kept every version inside the
+// key's record, schema 2 had no tags; Open migrates both (migrate.go,
+// auth.go) in one transaction.
 var (
 	bucketBlobs    = []byte("blob_owners")
 	bucketKeys     = []byte("keys")
@@ -42,7 +45,7 @@ var (
 	keySchema      = []byte("schema")
 )
 
-const schemaVersion = "2"
+const schemaVersion = "3"
 
 // ErrLocked is returned by Open when another process holds the file.
 var ErrLocked = errors.New("the database is locked by another process (is another kmsd running on this data dir?)")
@@ -61,6 +64,10 @@ type Store struct {
 	migrated migration
 
 	watchers storekit.Watchers
+
+	auth    *storekit.Auth
+	seenSeq atomic.Uint64 // the highest write count a scrub saw
+	scrubs  storekit.Scrubs
 }
 
 var _ kms.Store = (*Store)(nil)
@@ -73,12 +80,18 @@ type Options struct {
 	// path + "-audit-wal", preallocated at open (default
 	// engine.DefaultWALSize).
 	AuditWALSize int64
+	// Sealer seals the file's record key (storekit.Auth) under the HSM's
+	// KEK; required.
+	Sealer kms.Sealer
 }
 
 // Open opens or creates the database file at path.
 func Open(path string, o Options) (*Store, error) {
 	if o.LockTimeout == 0 {
 		o.LockTimeout = time.Second
+	}
+	if o.Sealer == nil {
+		return nil, errors.New("bolt: Options.Sealer is required (it seals the record key)")
 	}
 	db, err := bbolt.Open(path, 0o600, &bbolt.Options{Timeout: o.LockTimeout})
 	if errors.Is(err, bberrors.ErrTimeout) {
@@ -88,12 +101,13 @@ func Open(path string, o Options) (*Store, error) {
 		return nil, fmt.Errorf("open %s: %w", path, err)
 	}
 	var mig migration
+	var auth *storekit.Auth
 	err = db.Update(func(tx *bbolt.Tx) error {
 		var schema []byte
 		if m := tx.Bucket(bucketMeta); m != nil {
 			schema = m.Get(keySchema)
 		}
-		if schema != nil && string(schema) != "1" && string(schema) != schemaVersion {
+		if schema != nil && string(schema) != "1" && string(schema) != "2" && string(schema) != schemaVersion {
 			return fmt.Errorf("database schema %q is not the supported %q (a newer kmsd's file?)", schema, schemaVersion)
 		}
 		if string(schema) == "1" {
@@ -110,10 +124,21 @@ func Open(path string, o Options) (*Store, error) {
 				return err
 			}
 		}
+		var n int
+		var err error
+		if auth, n, err = openAuth(tx, o.Sealer, string(schema)); err != nil {
+			return err
+		}
+		if schema != nil && string(schema) != schemaVersion {
+			mig = migration{From: string(schema), To: schemaVersion, Records: n}
+		}
 		if string(schema) == "1" {
-			var err error
-			if mig, err = migrateV1(tx); err != nil {
+			r := &rtx{Tx: tx, a: auth}
+			if err := migrateV1(r, &mig); err != nil {
 				return fmt.Errorf("migrate schema 1 to %s: %w", schemaVersion, err)
+			}
+			if err := r.finish(); err != nil {
+				return err
 			}
 		}
 		if string(schema) != schemaVersion {
@@ -125,7 +150,12 @@ func Open(path string, o Options) (*Store, error) {
 		db.Close()
 		return nil, fmt.Errorf("initialize %s: %w", path, err)
 	}
-	s := &Store{db: db, migrated: mig}
+	s := &Store{db: db, migrated: mig, auth: auth}
+	// Checked before anything acts on the file: at every start.
+	if _, err := s.Scrub(context.Background()); err != nil {
+		db.Close()
+		return nil, fmt.Errorf("open %s: %w", path, err)
+	}
 	s.audit = engine.New(s, engine.Options{JournalPath: path + "-audit-wal", JournalSize: o.AuditWALSize})
 	if err := s.audit.Start(context.Background()); err != nil {
 		db.Close()
@@ -138,29 +168,30 @@ func Open(path string, o Options) (*Store, error) {
 func (s *Store) Meta(key string) ([]byte, error) {
 	var v []byte
 	err := s.db.View(func(tx *bbolt.Tx) error {
-		v = bytes.Clone(tx.Bucket(bucketMeta).Get([]byte("x-" + key)))
-		return nil
+		body, err := get(s.auth, tx, bucketMeta, []byte("x-"+key))
+		v = bytes.Clone(body)
+		return err
 	})
 	return v, err
 }
 
 // PutMeta sets a value of the store's own metadata, durably.
 func (s *Store) PutMeta(key string, value []byte) error {
-	return s.update(func(tx *bbolt.Tx) error { return tx.Bucket(bucketMeta).Put([]byte("x-"+key), value) })
+	return s.update(func(r *rtx) error { return r.put(bucketMeta, []byte("x-"+key), value) })
 }
 
 // ClaimMeta sets a value of the store's own metadata unless it is set, and
 // returns the value stored: value if this call set it.
 func (s *Store) ClaimMeta(key string, value []byte) ([]byte, error) {
 	var got []byte
-	err := s.update(func(tx *bbolt.Tx) error {
-		b := tx.Bucket(bucketMeta)
-		if v := b.Get([]byte("x-" + key)); v != nil {
+	err := s.update(func(r *rtx) error {
+		v, err := r.get(bucketMeta, []byte("x-"+key))
+		if err != nil || v != nil {
 			got = bytes.Clone(v)
-			return nil
+			return err
 		}
 		got = value
-		return b.Put([]byte("x-"+key), value)
+		return r.put(bucketMeta, []byte("x-"+key), value)
 	})
 	return got, err
 }
@@ -192,7 +223,7 @@ func (s *Store) Close() error {
 // update runs fn in a write transaction and counts the commit. If fn staged
 // audit records (appendAudit), the audit log learns how the transaction
 // ended, before the next one starts.
-func (s *Store) update(fn func(tx *bbolt.Tx) error) (err error) {
+func (s *Store) update(fn func(r *rtx) error) (err error) {
 	s.writeMu.Lock()
 	defer s.writeMu.Unlock()
 	tx, err := s.db.Begin(true)
@@ -212,7 +243,11 @@ func (s *Store) update(fn func(tx *bbolt.Tx) error) (err error) {
 			s.batch = nil
 		}
 	}()
-	if err := fn(tx); err != nil {
+	r := &rtx{Tx: tx, a: s.auth}
+	if err := fn(r); err != nil {
+		return err
+	}
+	if err := r.finish(); err != nil {
 		return err
 	}
 	if err := tx.Commit(); err != nil {
@@ -282,17 +317,17 @@ func (s *Store) CreateKey(ctx context.Context, k *kms.Key, v *kms.Version, audit
 	if v.Number != 1 || k.Latest != 1 {
 		return errors.New("a new key has version 1 only")
 	}
-	err := s.update(func(tx *bbolt.Tx) error {
-		if tx.Bucket(bucketKeys).Get([]byte(k.Name)) != nil {
+	err := s.update(func(r *rtx) error {
+		if r.Bucket(bucketKeys).Get([]byte(k.Name)) != nil {
 			return exists("key", k.Name)
 		}
-		if err := putHeader(tx, k); err != nil {
+		if err := putHeader(r, k); err != nil {
 			return err
 		}
-		if err := putVersion(tx, k.Name, v, nil); err != nil {
+		if err := putVersion(r, k.Name, v, nil); err != nil {
 			return err
 		}
-		return s.appendAudit(ctx, tx, audit, false)
+		return s.appendAudit(ctx, r, audit, false)
 	})
 	if err == nil {
 		s.changed([]kms.Change{{Key: k.Name}, {Key: k.Name, Version: 1}})
@@ -300,40 +335,40 @@ func (s *Store) CreateKey(ctx context.Context, k *kms.Key, v *kms.Version, audit
 	return err
 }
 
-func putHeader(tx *bbolt.Tx, k *kms.Key) error {
+func putHeader(r *rtx, k *kms.Key) error {
 	buf, err := json.Marshal(k)
 	if err != nil {
 		return err
 	}
-	return tx.Bucket(bucketKeys).Put([]byte(k.Name), buf)
+	return r.put(bucketKeys, []byte(k.Name), buf)
 }
 
 // putVersion writes a version record, moves its destroy-schedule entry
 // (old is the DestroyAt it was indexed under, nil if none) and indexes its
 // blobs.
-func putVersion(tx *bbolt.Tx, name string, v *kms.Version, old *time.Time) error {
+func putVersion(r *rtx, name string, v *kms.Version, old *time.Time) error {
 	buf, err := json.Marshal(v)
 	if err != nil {
 		return err
 	}
-	if err := tx.Bucket(bucketVersions).Put(versionKey(name, v.Number), buf); err != nil {
+	if err := r.put(bucketVersions, versionKey(name, v.Number), buf); err != nil {
 		return err
 	}
-	due := tx.Bucket(bucketDue)
-	if old != nil {
-		if err := due.Delete(dueKey(*old, name, v.Number)); err != nil {
+	at := storekit.ScheduledAt(v)
+	if old != nil && (at == nil || !at.Equal(*old)) {
+		if err := r.del(bucketDue, dueKey(*old, name, v.Number)); err != nil {
 			return err
 		}
 	}
-	if at := storekit.ScheduledAt(v); at != nil {
-		if err := due.Put(dueKey(*at, name, v.Number), nil); err != nil {
+	if at != nil && (old == nil || !at.Equal(*old)) {
+		if err := r.put(bucketDue, dueKey(*at, name, v.Number), nil); err != nil {
 			return err
 		}
 	}
-	blobs := tx.Bucket(bucketBlobs)
+	blobs := r.Bucket(bucketBlobs)
 	for _, d := range v.Blobs {
 		if blobs.Get([]byte(d)) == nil {
-			if err := blobs.Put([]byte(d), []byte(name)); err != nil {
+			if err := r.put(bucketBlobs, []byte(d), []byte(name)); err != nil {
 				return err
 			}
 		}
@@ -353,11 +388,13 @@ func decodeKey(buf []byte) (*kms.Key, error) {
 func (s *Store) GetKey(ctx context.Context, name string) (*kms.Key, error) {
 	var k *kms.Key
 	err := s.db.View(func(tx *bbolt.Tx) error {
-		buf := tx.Bucket(bucketKeys).Get([]byte(name))
+		buf, err := get(s.auth, tx, bucketKeys, []byte(name))
+		if err != nil {
+			return err
+		}
 		if buf == nil {
 			return notFound("key", name)
 		}
-		var err error
 		k, err = decodeKey(buf)
 		return err
 	})
@@ -368,11 +405,13 @@ func (s *Store) GetKey(ctx context.Context, name string) (*kms.Key, error) {
 func (s *Store) GetVersion(ctx context.Context, name string, n uint64) (*kms.Version, error) {
 	var v *kms.Version
 	err := s.db.View(func(tx *bbolt.Tx) error {
-		buf := tx.Bucket(bucketVersions).Get(versionKey(name, n))
+		buf, err := get(s.auth, tx, bucketVersions, versionKey(name, n))
+		if err != nil {
+			return err
+		}
 		if buf == nil {
 			return &kms.Error{Kind: kms.KindNotFound, Msg: fmt.Sprintf("key %q has no version %d", name, n)}
 		}
-		var err error
 		v, err = storekit.DecodeVersion(buf)
 		return err
 	})
@@ -381,14 +420,17 @@ func (s *Store) GetVersion(ctx context.Context, name string, n uint64) (*kms.Ver
 
 // ListKeys implements kms.Store.
 func (s *Store) ListKeys(ctx context.Context, after string, limit int) ([]*kms.Key, error) {
-	return listAfter(s.db, bucketKeys, after, limit, decodeKey)
+	return listAfter(s, bucketKeys, after, limit, decodeKey)
 }
 
 // ListVersions implements kms.Store.
 func (s *Store) ListVersions(ctx context.Context, name string, before uint64, limit int) ([]*kms.Version, error) {
 	var out []*kms.Version
 	err := s.db.View(func(tx *bbolt.Tx) error {
-		buf := tx.Bucket(bucketKeys).Get([]byte(name))
+		buf, err := get(s.auth, tx, bucketKeys, []byte(name))
+		if err != nil {
+			return err
+		}
 		if buf == nil {
 			return notFound("key", name)
 		}
@@ -400,9 +442,11 @@ func (s *Store) ListVersions(ctx context.Context, name string, before uint64, li
 		if before != 0 && before-1 < n {
 			n = before - 1
 		}
-		b := tx.Bucket(bucketVersions)
 		for ; n >= 1 && len(out) < limit; n-- {
-			buf := b.Get(versionKey(name, n))
+			buf, err := get(s.auth, tx, bucketVersions, versionKey(name, n))
+			if err != nil {
+				return err
+			}
 			if buf == nil {
 				return fmt.Errorf("key %q: version record %d of %d is missing", name, n, k.Latest)
 			}
@@ -423,9 +467,12 @@ func (s *Store) DueVersions(ctx context.Context, now time.Time, limit int) ([]km
 	end := uint64(max(now.UnixNano(), 0))
 	err := s.db.View(func(tx *bbolt.Tx) error {
 		c := tx.Bucket(bucketDue).Cursor()
-		for k, _ := c.First(); k != nil && len(out) < limit; k, _ = c.Next() {
+		for k, v := c.First(); k != nil && len(out) < limit; k, v = c.Next() {
 			if len(k) < 8+1+8 || binary.BigEndian.Uint64(k) > end {
 				break
+			}
+			if _, _, err := s.auth.Open(recPath(bucketDue, k), v); err != nil {
+				return err
 			}
 			rest := k[8:]
 			out = append(out, kms.VersionRef{Key: string(rest[:len(rest)-9]), Version: binary.BigEndian.Uint64(rest[len(rest)-8:])})
@@ -437,9 +484,9 @@ func (s *Store) DueVersions(ctx context.Context, now time.Time, limit int) ([]km
 
 // listAfter decodes up to limit values of bucket whose keys sort after
 // `after`, in key order.
-func listAfter[T any](db *bbolt.DB, bucket []byte, after string, limit int, decode func([]byte) (*T, error)) ([]*T, error) {
+func listAfter[T any](s *Store, bucket []byte, after string, limit int, decode func([]byte) (*T, error)) ([]*T, error) {
 	var out []*T
-	err := db.View(func(tx *bbolt.Tx) error {
+	err := s.db.View(func(tx *bbolt.Tx) error {
 		c := tx.Bucket(bucket).Cursor()
 		var k, v []byte
 		if after == "" {
@@ -451,7 +498,11 @@ func listAfter[T any](db *bbolt.DB, bucket []byte, after string, limit int, deco
 			}
 		}
 		for ; k != nil && len(out) < limit; k, v = c.Next() {
-			x, err := decode(v)
+			body, _, err := s.auth.Open(recPath(bucket, k), v)
+			if err != nil {
+				return err
+			}
+			x, err := decode(body)
 			if err != nil {
 				return err
 			}
@@ -466,9 +517,12 @@ func listAfter[T any](db *bbolt.DB, bucket []byte, after string, limit int, deco
 func (s *Store) UpdateKey(ctx context.Context, name string, fn func(kms.KeyTx) ([]*kms.AuditRecord, error)) error {
 	var audit []*kms.AuditRecord
 	var chs []kms.Change
-	err := s.update(func(tx *bbolt.Tx) error {
+	err := s.update(func(r *rtx) error {
 		chs = chs[:0]
-		buf := tx.Bucket(bucketKeys).Get([]byte(name))
+		buf, err := r.get(bucketKeys, []byte(name))
+		if err != nil {
+			return err
+		}
 		if buf == nil {
 			return notFound("key", name)
 		}
@@ -476,30 +530,30 @@ func (s *Store) UpdateKey(ctx context.Context, name string, fn func(kms.KeyTx) (
 		if err != nil {
 			return err
 		}
-		kt := storekit.NewKeyTx(k, func(n uint64) ([]byte, error) { return tx.Bucket(bucketVersions).Get(versionKey(name, n)), nil })
+		kt := storekit.NewKeyTx(k, func(n uint64) ([]byte, error) { return r.get(bucketVersions, versionKey(name, n)) })
 		if audit, err = fn(kt); err != nil {
 			return err
 		}
 		if err := kt.Check(name); err != nil {
 			return err
 		}
-		if err := putHeader(tx, k); err != nil {
+		if err := putHeader(r, k); err != nil {
 			return err
 		}
 		chs = append(chs, kms.Change{Key: name})
 		for n, v := range kt.Loaded {
-			if err := putVersion(tx, name, v, kt.Due[n]); err != nil {
+			if err := putVersion(r, name, v, kt.Due[n]); err != nil {
 				return err
 			}
 			chs = append(chs, kms.Change{Key: name, Version: n})
 		}
 		for _, v := range kt.Added {
-			if err := putVersion(tx, name, v, nil); err != nil {
+			if err := putVersion(r, name, v, nil); err != nil {
 				return err
 			}
 			chs = append(chs, kms.Change{Key: name, Version: v.Number})
 		}
-		return s.appendAudit(ctx, tx, audit, false)
+		return s.appendAudit(ctx, r, audit, false)
 	})
 	if err == nil {
 		s.changed(chs)
@@ -522,8 +576,8 @@ func (s *Store) createToken(ctx context.Context, t *kms.Token, audit []*kms.Audi
 	if err != nil {
 		return err
 	}
-	err = s.update(func(tx *bbolt.Tx) error {
-		b := tx.Bucket(bucketTokens)
+	err = s.update(func(r *rtx) error {
+		b := r.Bucket(bucketTokens)
 		if first {
 			if k, _ := b.Cursor().First(); k != nil {
 				return exists("token", "(a first one)")
@@ -532,10 +586,10 @@ func (s *Store) createToken(ctx context.Context, t *kms.Token, audit []*kms.Audi
 		if b.Get([]byte(t.ID)) != nil {
 			return exists("token", t.ID)
 		}
-		if err := b.Put([]byte(t.ID), buf); err != nil {
+		if err := r.put(bucketTokens, []byte(t.ID), buf); err != nil {
 			return err
 		}
-		return s.appendAudit(ctx, tx, audit, false)
+		return s.appendAudit(ctx, r, audit, false)
 	})
 	if err == nil {
 		s.changed([]kms.Change{{Token: t.ID}})
@@ -547,7 +601,10 @@ func (s *Store) createToken(ctx context.Context, t *kms.Token, audit []*kms.Audi
 func (s *Store) GetToken(ctx context.Context, id string) (*kms.Token, error) {
 	var t kms.Token
 	err := s.db.View(func(tx *bbolt.Tx) error {
-		buf := tx.Bucket(bucketTokens).Get([]byte(id))
+		buf, err := get(s.auth, tx, bucketTokens, []byte(id))
+		if err != nil {
+			return err
+		}
 		if buf == nil {
 			return notFound("token", id)
 		}
@@ -561,7 +618,7 @@ func (s *Store) GetToken(ctx context.Context, id string) (*kms.Token, error) {
 
 // ListTokens implements kms.Store.
 func (s *Store) ListTokens(ctx context.Context, after string, limit int) ([]*kms.Token, error) {
-	return listAfter(s.db, bucketTokens, after, limit, decodeToken)
+	return listAfter(s, bucketTokens, after, limit, decodeToken)
 }
 
 func decodeToken(buf []byte) (*kms.Token, error) {
@@ -575,9 +632,11 @@ func decodeToken(buf []byte) (*kms.Token, error) {
 // UpdateToken implements kms.Store.
 func (s *Store) UpdateToken(ctx context.Context, id string, fn func(t *kms.Token) ([]*kms.AuditRecord, error)) error {
 	var audit []*kms.AuditRecord
-	err := s.update(func(tx *bbolt.Tx) error {
-		b := tx.Bucket(bucketTokens)
-		buf := b.Get([]byte(id))
+	err := s.update(func(r *rtx) error {
+		buf, err := r.get(bucketTokens, []byte(id))
+		if err != nil {
+			return err
+		}
 		if buf == nil {
 			return notFound("token", id)
 		}
@@ -585,7 +644,6 @@ func (s *Store) UpdateToken(ctx context.Context, id string, fn func(t *kms.Token
 		if err := json.Unmarshal(buf, &t); err != nil {
 			return fmt.Errorf("decode token record: %w", err)
 		}
-		var err error
 		if audit, err = fn(&t); err != nil {
 			return err
 		}
@@ -596,10 +654,10 @@ func (s *Store) UpdateToken(ctx context.Context, id string, fn func(t *kms.Token
 		if err != nil {
 			return err
 		}
-		if err := b.Put([]byte(id), out); err != nil {
+		if err := r.put(bucketTokens, []byte(id), out); err != nil {
 			return err
 		}
-		return s.appendAudit(ctx, tx, audit, false)
+		return s.appendAudit(ctx, r, audit, false)
 	})
 	if err == nil {
 		s.changed([]kms.Change{{Token: id}})
@@ -610,11 +668,13 @@ func (s *Store) UpdateToken(ctx context.Context, id string, fn func(t *kms.Token
 // RecordTokenUse implements kms.Store.
 func (s *Store) RecordTokenUse(ctx context.Context, used map[string]time.Time) error {
 	var chs []kms.Change
-	err := s.update(func(tx *bbolt.Tx) error {
+	err := s.update(func(r *rtx) error {
 		chs = chs[:0]
-		b := tx.Bucket(bucketTokens)
 		for id, at := range used {
-			buf := b.Get([]byte(id))
+			buf, err := r.get(bucketTokens, []byte(id))
+			if err != nil {
+				return err
+			}
 			if buf == nil {
 				continue
 			}
@@ -631,7 +691,7 @@ func (s *Store) RecordTokenUse(ctx context.Context, used map[string]time.Time) e
 			if err != nil {
 				return err
 			}
-			if err := b.Put([]byte(id), out); err != nil {
+			if err := r.put(bucketTokens, []byte(id), out); err != nil {
 				return err
 			}
 			chs = append(chs, kms.Change{Token: id})
@@ -658,7 +718,10 @@ func (s *Store) CountTokens(ctx context.Context) (int, error) {
 func (s *Store) BlobOwner(ctx context.Context, digest string) (string, error) {
 	var name string
 	err := s.db.View(func(tx *bbolt.Tx) error {
-		v := tx.Bucket(bucketBlobs).Get([]byte(digest))
+		v, err := get(s.auth, tx, bucketBlobs, []byte(digest))
+		if err != nil {
+			return err
+		}
 		if v == nil {
 			return notFound("blob", digest)
 		}

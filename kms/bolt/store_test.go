@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/kmsd-project/kmsd/internal/testhsm"
 	"github.com/kmsd-project/kmsd/kms"
 	"github.com/kmsd-project/kmsd/kms/bolt"
 	"github.com/kmsd-project/kmsd/kms/storetest"
@@ -16,7 +17,7 @@ import (
 
 func TestConformance(t *testing.T) {
 	storetest.Run(t, func(t *testing.T) kms.Store {
-		s, err := bolt.Open(filepath.Join(t.TempDir(), "kms.db"), bolt.Options{})
+		s, err := bolt.Open(filepath.Join(t.TempDir(), "kms.db"), bolt.Options{Sealer: testhsm.Open(t)})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -27,7 +28,7 @@ func TestConformance(t *testing.T) {
 
 func TestMetaConformance(t *testing.T) {
 	storetest.RunMeta(t, func(t *testing.T) storetest.MetaStore {
-		s, err := bolt.Open(filepath.Join(t.TempDir(), "kms.db"), bolt.Options{})
+		s, err := bolt.Open(filepath.Join(t.TempDir(), "kms.db"), bolt.Options{Sealer: testhsm.Open(t)})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -41,7 +42,7 @@ func TestAuditConformance(t *testing.T) {
 		kms.Store
 		kms.AuditStore
 	} {
-		s, err := bolt.Open(filepath.Join(t.TempDir(), "kms.db"), bolt.Options{})
+		s, err := bolt.Open(filepath.Join(t.TempDir(), "kms.db"), bolt.Options{Sealer: testhsm.Open(t)})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -57,12 +58,12 @@ func TestAuditConformance(t *testing.T) {
 // lock timeout with ErrLocked.
 func TestSecondOpenFailsFast(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "kms.db")
-	s, err := bolt.Open(path, bolt.Options{})
+	s, err := bolt.Open(path, bolt.Options{Sealer: testhsm.Open(t)})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer s.Close()
-	_, err = bolt.Open(path, bolt.Options{LockTimeout: 100 * time.Millisecond})
+	_, err = bolt.Open(path, bolt.Options{Sealer: testhsm.Open(t), LockTimeout: 100 * time.Millisecond})
 	if !errors.Is(err, bolt.ErrLocked) || !strings.Contains(err.Error(), "another kmsd") {
 		t.Fatalf("second open: %v", err)
 	}
@@ -71,13 +72,13 @@ func TestSecondOpenFailsFast(t *testing.T) {
 // TestSurvivesReopen: what was committed is there after close and reopen.
 func TestSurvivesReopen(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "kms.db")
-	s, _ := bolt.Open(path, bolt.Options{})
+	s, _ := bolt.Open(path, bolt.Options{Sealer: testhsm.Open(t)})
 	ctx := context.Background()
 	if err := s.CreateKey(ctx, &kms.Key{Name: "a", Primary: 1, Latest: 1}, &kms.Version{Number: 1, Sealed: []byte("x")}, nil); err != nil {
 		t.Fatal(err)
 	}
 	s.Close()
-	s, err := bolt.Open(path, bolt.Options{})
+	s, err := bolt.Open(path, bolt.Options{Sealer: testhsm.Open(t)})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -93,7 +94,9 @@ func TestSurvivesReopen(t *testing.T) {
 func TestRefusesOtherFiles(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "kms.db")
 	os.WriteFile(path, []byte(strings.Repeat("not a database ", 1000)), 0o600)
-	if _, err := bolt.Open(path, bolt.Options{}); err == nil {
+	if _, err := bolt.Open(path, bolt.Options{Sealer: testhsm.Open(t)}); err == nil {
 		t.Fatal("opened a file that is not a bbolt database")
 	}
 }
+
+func TestMain(m *testing.M) { testhsm.Main(m) }
