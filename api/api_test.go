@@ -132,7 +132,7 @@ func newEnvOn(t *testing.T, backend string, wrapSealer func(kms.Sealer) kms.Seal
 		if err != nil {
 			t.Fatal(err)
 		}
-		st, err := etcd.Open(context.Background(), cli, etcd.Options{Prefix: "/api-test/"})
+		st, err := etcd.Open(context.Background(), cli, etcd.Options{Prefix: "/api-test/", Sealer: testhsm.Open(t)})
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -17,8 +17,9 @@ const TokenLabel = "kmsd-test"
 var setup softhsm.Setup
 
 // Main bootstraps the token in a temp dir, runs the tests and removes it.
-// Call it from TestMain.
-func Main(m *testing.M) {
+// Call it from TestMain. m is a *testing.M, or wraps one to run more
+// around the tests.
+func Main(m interface{ Run() int }) {
 	dir, err := os.MkdirTemp("", "kmsd-softhsm-")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)

@@ -12,6 +12,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/kmsd-project/kmsd/internal/testetcd"
+	"github.com/kmsd-project/kmsd/internal/testhsm"
 	"github.com/kmsd-project/kmsd/kms"
 	"github.com/kmsd-project/kmsd/kms/etcd"
 	"github.com/kmsd-project/kmsd/kms/storetest"
@@ -37,7 +38,7 @@ func replicasOn(t *testing.T, c *testetcd.Cluster, prefix string, n int) []*etcd
 			t.Fatal(err)
 		}
 		t.Cleanup(func() { cli.Close() })
-		s, err := etcd.Open(ctx, cli, etcd.Options{Prefix: prefix})
+		s, err := etcd.Open(ctx, cli, etcd.Options{Prefix: prefix, Sealer: testhsm.Open(t)})
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -93,10 +93,14 @@ const sealOps = 120
 // operations, then at once the next), instead of one per group.
 const SealInterval = 50 * time.Millisecond
 
-func (s *Store) startSealing() {
+// newWriter names this process's pending groups and digest shard.
+func newWriter() string {
 	b := make([]byte, 8)
 	rand.Read(b)
-	s.seal.writer = hex.EncodeToString(b)
+	return hex.EncodeToString(b)
+}
+
+func (s *Store) startSealing() {
 	s.seal.done = make(chan struct{})
 	ctx, cancel := context.WithCancel(context.Background())
 	s.seal.cancel = cancel
@@ -179,7 +183,11 @@ func (s *Store) sealOnce(ctx context.Context, upTo int64) (bool, error) {
 	var recs []*kms.AuditRecord
 	var taken []*mvccpb.KeyValue
 	for _, kv := range resp.Kvs {
-		rs, err := decodePending(kv.Value)
+		body, err := s.open(string(kv.Key), kv.Value)
+		if err != nil {
+			return false, err
+		}
+		rs, err := decodePending(body)
 		if err != nil {
 			return false, fmt.Errorf("%w (%s)", err, kv.Key)
 		}
@@ -194,35 +202,74 @@ func (s *Store) sealOnce(ctx context.Context, upTo int64) (bool, error) {
 	}
 	more := len(taken) < len(resp.Kvs) || resp.More
 	err = s.audit.Seal(ctx, recs, func(first uint64, rows [][]byte, head []byte) ([]byte, error) {
-		var cmps []clientv3.Cmp
-		if first == 0 {
-			cmps = append(cmps, clientv3.Compare(clientv3.Version(s.endK()), "=", 0))
-		} else {
-			cmps = append(cmps, clientv3.Compare(clientv3.Value(s.endK()), "=", hex16(first)))
+		// The end and the head as they are: the transaction overwrites
+		// them (so the digest needs what they held) and compares they
+		// did not change; the end must be where the engine starts.
+		cur, err := s.get(ctx, s.endK(), clientv3.WithRange(s.headK()+"\x00"))
+		if err != nil {
+			return nil, err
 		}
-		ops := make([]clientv3.Op, 0, len(rows)+len(taken)+2)
+		w := s.wtx()
+		var end, oldHead []byte
+		var endRev, headRev int64
+		for _, kv := range cur.Kvs {
+			switch string(kv.Key) {
+			case s.endK():
+				end, endRev = kv.Value, kv.ModRevision
+			case s.headK():
+				oldHead, headRev = kv.Value, kv.ModRevision
+			}
+		}
+		if end == nil && first != 0 {
+			return nil, engine.ErrConflict
+		}
+		if end != nil {
+			n, err := s.parseEnd(end)
+			if err != nil {
+				return nil, err
+			}
+			if n != first {
+				found, err := s.ReadHead(ctx)
+				if err != nil {
+					return nil, err
+				}
+				return found, engine.ErrConflict
+			}
+		}
+		w.cmps = append(w.cmps, clientv3.Compare(clientv3.ModRevision(s.endK()), "=", endRev), clientv3.Compare(clientv3.ModRevision(s.headK()), "=", headRev))
 		for i, row := range rows {
-			ops = append(ops, clientv3.OpPut(s.rowK(first+uint64(i)), string(row)))
+			if err := w.put(s.rowK(first+uint64(i)), nil, row); err != nil {
+				return nil, err
+			}
 		}
-		ops = append(ops, clientv3.OpPut(s.endK(), hex16(first+uint64(len(rows)))), clientv3.OpPut(s.headK(), string(head)))
+		if err := w.put(s.endK(), end, []byte(hex16(first+uint64(len(rows))))); err != nil {
+			return nil, err
+		}
+		if err := w.put(s.headK(), oldHead, head); err != nil {
+			return nil, err
+		}
 		for _, kv := range taken {
 			// Still pending: not sealed meanwhile by another replica.
-			cmps = append(cmps, clientv3.Compare(clientv3.CreateRevision(string(kv.Key)), "=", kv.CreateRevision))
-			ops = append(ops, clientv3.OpDelete(string(kv.Key)))
+			w.cmps = append(w.cmps, clientv3.Compare(clientv3.CreateRevision(string(kv.Key)), "=", kv.CreateRevision))
+			if err := w.del(string(kv.Key), kv.Value); err != nil {
+				return nil, err
+			}
 		}
 		tctx, cancel := s.ctx(ctx)
 		defer cancel()
 		// If a compare fails, the log's head comes back: the next try
 		// starts where the log ends without reading rows.
-		tr, err := s.cli.Txn(tctx).If(cmps...).Then(ops...).Else(clientv3.OpGet(s.headK())).Commit()
+		tr, err := s.send(tctx, w, clientv3.OpGet(s.headK()))
 		if err != nil {
-			return nil, fmt.Errorf("etcd: %w", err)
+			return nil, err
 		}
 		if !tr.Succeeded {
 			var found []byte
 			if len(tr.Responses) == 1 {
 				if kvs := tr.Responses[0].GetResponseRange().GetKvs(); len(kvs) == 1 {
-					found = kvs[0].Value
+					if found, err = s.open(s.headK(), kvs[0].Value); err != nil {
+						return nil, err
+					}
 				}
 			}
 			return found, engine.ErrConflict

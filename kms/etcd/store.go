@@ -55,6 +55,9 @@ type Options struct {
 	Logger *slog.Logger
 	// RequestTimeout bounds each etcd call (default 5s).
 	RequestTimeout time.Duration
+	// Sealer seals the prefix's record key (storekit.Auth) under the
+	// HSM's KEK; required.
+	Sealer kms.Sealer
 }
 
 // Store is a kms.Store and engine.Rows on etcd.
@@ -81,6 +84,11 @@ type Store struct {
 	closeOnce sync.Once
 	closeErr  error
 	seal      sealer
+
+	auth     *storekit.Auth
+	shard    shard
+	scrubs   storekit.Scrubs
+	upgraded int
 }
 
 var (
@@ -103,6 +111,9 @@ func Open(ctx context.Context, cli *clientv3.Client, o Options) (*Store, error) 
 	if o.RequestTimeout == 0 {
 		o.RequestTimeout = 5 * time.Second
 	}
+	if o.Sealer == nil {
+		return nil, errors.New("etcd: Options.Sealer is required (it seals the record key)")
+	}
 	s := &Store{cli: cli, p: o.Prefix, log: o.Logger, timeout: o.RequestTimeout, quit: make(chan struct{}), watched: make(chan struct{}), own: map[int64]bool{}}
 	// The watch starts right after this read's revision: nothing committed
 	// after Open returns is missed, whenever the watch is set up.
@@ -111,6 +122,14 @@ func Open(ctx context.Context, cli *clientv3.Client, o Options) (*Store, error) 
 		return nil, err
 	}
 	s.watchFrom = resp.Header.Revision + 1
+	s.seal.writer = newWriter()
+	if err := s.openAuth(ctx, o.Sealer); err != nil {
+		return nil, err
+	}
+	// Checked before anything acts on the records: at every start.
+	if _, err := s.Scrub(ctx); err != nil {
+		return nil, err
+	}
 	// A group's rows go in one transaction: etcd takes 128 operations
 	// per transaction by default (--max-txn-ops), the end key among them.
 	s.audit = engine.New(s, engine.Options{MaxGroup: 100})
@@ -218,11 +237,13 @@ func (s *Store) created(ctx context.Context, err error, key, what, name string) 
 // in the log's order. Nothing in it compares the log's end, so replicas'
 // transactions do not race each other for the log. It returns errConflict
 // if a compare failed; recs are marked Committed once it commits.
-func (s *Store) commit(ctx context.Context, cmps []clientv3.Cmp, ops []clientv3.Op, recs []*kms.AuditRecord) (err error) {
+func (s *Store) commit(ctx context.Context, w *wtx, recs []*kms.AuditRecord) (err error) {
 	if len(recs) > 0 {
-		ops = append(ops, clientv3.OpPut(s.pendingK(), encodePending(recs)))
+		if err := w.put(s.pendingK(), nil, []byte(encodePending(recs))); err != nil {
+			return err
+		}
 	}
-	if len(ops) == 0 {
+	if len(w.ops) == 0 {
 		return nil
 	}
 	// Once sent, a transaction is not abandoned when the caller's context
@@ -237,14 +258,9 @@ func (s *Store) commit(ctx context.Context, cmps []clientv3.Cmp, ops []clientv3.
 	if testHookBeforeCommit != nil {
 		testHookBeforeCommit()
 	}
-	s.ownMu.RLock()
-	resp, err := s.cli.Txn(tctx).If(cmps...).Then(ops...).Commit()
-	if err == nil && resp.Succeeded {
-		s.noteOwn(resp.Header.Revision)
-	}
-	s.ownMu.RUnlock()
+	resp, err := s.send(tctx, w)
 	if err != nil {
-		return fmt.Errorf("etcd: %w", err)
+		return err
 	}
 	if !resp.Succeeded {
 		// Which compare failed is not said; the caller re-reads.
@@ -275,7 +291,12 @@ func (s *Store) Ping(ctx context.Context) error {
 	return err
 }
 
-func decode[T any](what string, buf []byte) (*T, error) {
+// decode checks the record stored at key and decodes its body.
+func decode[T any](s *Store, what, key string, stored []byte) (*T, error) {
+	buf, err := s.open(key, stored)
+	if err != nil {
+		return nil, err
+	}
 	var x T
 	if err := json.Unmarshal(buf, &x); err != nil {
 		return nil, fmt.Errorf("decode %s record: %w", what, err)
@@ -283,35 +304,45 @@ func decode[T any](what string, buf []byte) (*T, error) {
 	return &x, nil
 }
 
-func encode(x any) string {
+func encode(x any) []byte {
 	b, err := json.Marshal(x)
 	if err != nil {
 		panic("etcd: record does not encode: " + err.Error()) // plain structs: cannot happen
 	}
-	return string(b)
+	return b
 }
 
 // putVersion adds the ops that write a version, move its destroy-schedule
 // entry (old: where it was indexed, nil if nowhere) and index its blobs
 // not yet owned (owned: what the transaction read; a compare keeps them
 // unowned until commit).
-func (s *Store) putVersion(ops []clientv3.Op, cmps []clientv3.Cmp, name string, v *kms.Version, old *time.Time, owned map[string]bool) ([]clientv3.Op, []clientv3.Cmp) {
-	ops = append(ops, clientv3.OpPut(s.versionK(name, v.Number), encode(v)))
+// prev is the version's record as read (nil for a new version).
+func (s *Store) putVersion(w *wtx, name string, v *kms.Version, prev []byte, old *time.Time, owned map[string]bool) error {
+	if err := w.put(s.versionK(name, v.Number), prev, encode(v)); err != nil {
+		return err
+	}
 	at := storekit.ScheduledAt(v)
 	if old != nil && (at == nil || !at.Equal(*old)) {
-		ops = append(ops, clientv3.OpDelete(s.dueK(*old, name, v.Number)))
+		k := s.dueK(*old, name, v.Number)
+		if err := w.del(k, s.index(k, nil)); err != nil {
+			return err
+		}
 	}
 	if at != nil && (old == nil || !at.Equal(*old)) {
-		ops = append(ops, clientv3.OpPut(s.dueK(*at, name, v.Number), ""))
+		if err := w.put(s.dueK(*at, name, v.Number), nil, nil); err != nil {
+			return err
+		}
 	}
 	for _, d := range v.Blobs {
 		if !owned[d] {
 			owned[d] = true
-			ops = append(ops, clientv3.OpPut(s.blobK(d), name))
-			cmps = append(cmps, clientv3.Compare(clientv3.CreateRevision(s.blobK(d)), "=", 0))
+			if err := w.put(s.blobK(d), nil, []byte(name)); err != nil {
+				return err
+			}
+			w.cmps = append(w.cmps, clientv3.Compare(clientv3.CreateRevision(s.blobK(d)), "=", 0))
 		}
 	}
-	return ops, cmps
+	return nil
 }
 
 // owners reads which of the blobs already have an owner.
@@ -342,10 +373,15 @@ func (s *Store) CreateKey(ctx context.Context, k *kms.Key, v *kms.Version, audit
 		if err != nil {
 			return nil, err
 		}
-		cmps := []clientv3.Cmp{clientv3.Compare(clientv3.CreateRevision(s.keyK(k.Name)), "=", 0)}
-		ops := []clientv3.Op{clientv3.OpPut(s.keyK(k.Name), encode(k))}
-		ops, cmps = s.putVersion(ops, cmps, k.Name, v, nil, owned)
-		err = s.created(ctx, s.commit(ctx, cmps, ops, audit), s.keyK(k.Name), "key", k.Name)
+		w := s.wtx()
+		w.cmps = append(w.cmps, clientv3.Compare(clientv3.CreateRevision(s.keyK(k.Name)), "=", 0))
+		if err := w.put(s.keyK(k.Name), nil, encode(k)); err != nil {
+			return nil, err
+		}
+		if err := s.putVersion(w, k.Name, v, nil, nil, owned); err != nil {
+			return nil, err
+		}
+		err = s.created(ctx, s.commit(ctx, w, audit), s.keyK(k.Name), "key", k.Name)
 		return []kms.Change{{Key: k.Name}, {Key: k.Name, Version: 1}}, err
 	})
 }
@@ -359,7 +395,7 @@ func (s *Store) GetKey(ctx context.Context, name string) (*kms.Key, error) {
 	if len(resp.Kvs) == 0 {
 		return nil, notFound("key", name)
 	}
-	return decode[kms.Key]("key", resp.Kvs[0].Value)
+	return decode[kms.Key](s, "key", s.keyK(name), resp.Kvs[0].Value)
 }
 
 // GetVersion implements kms.Store.
@@ -371,7 +407,7 @@ func (s *Store) GetVersion(ctx context.Context, name string, n uint64) (*kms.Ver
 	if len(resp.Kvs) == 0 {
 		return nil, &kms.Error{Kind: kms.KindNotFound, Msg: fmt.Sprintf("key %q has no version %d", name, n)}
 	}
-	return decode[kms.Version]("version", resp.Kvs[0].Value)
+	return decode[kms.Version](s, "version", s.versionK(name, n), resp.Kvs[0].Value)
 }
 
 // listAfter decodes up to limit records under dir whose names sort after
@@ -390,7 +426,7 @@ func listAfter[T any](ctx context.Context, s *Store, dir, what, after string, li
 	}
 	out := make([]*T, 0, len(resp.Kvs))
 	for _, kv := range resp.Kvs {
-		x, err := decode[T](what, kv.Value)
+		x, err := decode[T](s, what, string(kv.Key), kv.Value)
 		if err != nil {
 			return nil, err
 		}
@@ -414,7 +450,7 @@ func (s *Store) ListVersions(ctx context.Context, name string, before uint64, li
 	if len(hresp.Kvs) == 0 {
 		return nil, notFound("key", name)
 	}
-	k, err := decode[kms.Key]("key", hresp.Kvs[0].Value)
+	k, err := decode[kms.Key](s, "key", s.keyK(name), hresp.Kvs[0].Value)
 	if err != nil {
 		return nil, err
 	}
@@ -436,7 +472,7 @@ func (s *Store) ListVersions(ctx context.Context, name string, before uint64, li
 	}
 	out := make([]*kms.Version, 0, len(resp.Kvs))
 	for _, kv := range resp.Kvs {
-		v, err := decode[kms.Version]("version", kv.Value)
+		v, err := decode[kms.Version](s, "version", string(kv.Key), kv.Value)
 		if err != nil {
 			return nil, err
 		}
@@ -448,12 +484,15 @@ func (s *Store) ListVersions(ctx context.Context, name string, before uint64, li
 // DueVersions implements kms.Store.
 func (s *Store) DueVersions(ctx context.Context, now time.Time, limit int) ([]kms.VersionRef, error) {
 	end := s.p + "due/" + hex16(uint64(max(now.UnixNano(), 0))+1)
-	resp, err := s.get(ctx, s.p+"due/", clientv3.WithRange(end), clientv3.WithLimit(int64(limit)), clientv3.WithKeysOnly())
+	resp, err := s.get(ctx, s.p+"due/", clientv3.WithRange(end), clientv3.WithLimit(int64(limit)))
 	if err != nil {
 		return nil, err
 	}
 	var out []kms.VersionRef
 	for _, kv := range resp.Kvs {
+		if _, err := s.open(string(kv.Key), kv.Value); err != nil {
+			return nil, err
+		}
 		parts := strings.Split(strings.TrimPrefix(string(kv.Key), s.p+"due/"), "/")
 		if len(parts) != 3 {
 			return nil, fmt.Errorf("etcd: malformed schedule entry %q", kv.Key)
@@ -479,19 +518,21 @@ func (s *Store) UpdateKey(ctx context.Context, name string, fn func(kms.KeyTx) (
 		if len(resp.Kvs) == 0 {
 			return nil, notFound("key", name)
 		}
-		k, err := decode[kms.Key]("key", resp.Kvs[0].Value)
+		k, err := decode[kms.Key](s, "key", s.keyK(name), resp.Kvs[0].Value)
 		if err != nil {
 			return nil, err
 		}
 		rev := resp.Kvs[0].ModRevision
 		// Versions change only with their header: read at its revision.
 		at := resp.Header.Revision
+		stored := map[uint64][]byte{}
 		kt := storekit.NewKeyTx(k, func(n uint64) ([]byte, error) {
 			r, err := s.get(ctx, s.versionK(name, n), clientv3.WithRev(at))
 			if err != nil || len(r.Kvs) == 0 {
 				return nil, err
 			}
-			return r.Kvs[0].Value, nil
+			stored[n] = r.Kvs[0].Value
+			return s.open(s.versionK(name, n), r.Kvs[0].Value)
 		})
 		audit, err := fn(kt)
 		if err != nil {
@@ -509,26 +550,37 @@ func (s *Store) UpdateKey(ctx context.Context, name string, fn func(kms.KeyTx) (
 		if err != nil {
 			return nil, err
 		}
-		cmps := []clientv3.Cmp{clientv3.Compare(clientv3.ModRevision(s.keyK(name)), "=", rev)}
-		ops := []clientv3.Op{clientv3.OpPut(s.keyK(name), encode(k))}
+		w := s.wtx()
+		w.cmps = append(w.cmps, clientv3.Compare(clientv3.ModRevision(s.keyK(name)), "=", rev))
+		if err := w.put(s.keyK(name), resp.Kvs[0].Value, encode(k)); err != nil {
+			return nil, err
+		}
 		chs := []kms.Change{{Key: name}}
 		for n, v := range kt.Loaded {
-			ops, cmps = s.putVersion(ops, cmps, name, v, kt.Due[n], owned)
+			if err := s.putVersion(w, name, v, stored[n], kt.Due[n], owned); err != nil {
+				return nil, err
+			}
 			chs = append(chs, kms.Change{Key: name, Version: n})
 		}
 		for _, v := range kt.Added {
-			ops, cmps = s.putVersion(ops, cmps, name, v, nil, owned)
+			if err := s.putVersion(w, name, v, nil, nil, owned); err != nil {
+				return nil, err
+			}
 			chs = append(chs, kms.Change{Key: name, Version: v.Number})
 		}
-		return chs, s.commit(ctx, cmps, ops, audit)
+		return chs, s.commit(ctx, w, audit)
 	})
 }
 
 // CreateToken implements kms.Store.
 func (s *Store) CreateToken(ctx context.Context, t *kms.Token, audit []*kms.AuditRecord) error {
 	return s.retry("create token", func() ([]kms.Change, error) {
-		cmps := []clientv3.Cmp{clientv3.Compare(clientv3.CreateRevision(s.tokenK(t.ID)), "=", 0)}
-		err := s.commit(ctx, cmps, []clientv3.Op{clientv3.OpPut(s.tokenK(t.ID), encode(t))}, audit)
+		w := s.wtx()
+		w.cmps = append(w.cmps, clientv3.Compare(clientv3.CreateRevision(s.tokenK(t.ID)), "=", 0))
+		if err := w.put(s.tokenK(t.ID), nil, encode(t)); err != nil {
+			return nil, err
+		}
+		err := s.commit(ctx, w, audit)
 		return []kms.Change{{Token: t.ID}}, s.created(ctx, err, s.tokenK(t.ID), "token", t.ID)
 	})
 }
@@ -544,8 +596,12 @@ func (s *Store) CreateFirstToken(ctx context.Context, t *kms.Token, audit []*kms
 		if resp.Count > 0 {
 			return nil, exists("token", "(a first one)")
 		}
-		cmps := []clientv3.Cmp{clientv3.Compare(clientv3.ModRevision(s.p+"t/"), "<", resp.Header.Revision+1).WithPrefix()}
-		return []kms.Change{{Token: t.ID}}, s.commit(ctx, cmps, []clientv3.Op{clientv3.OpPut(s.tokenK(t.ID), encode(t))}, audit)
+		w := s.wtx()
+		w.cmps = append(w.cmps, clientv3.Compare(clientv3.ModRevision(s.p+"t/"), "<", resp.Header.Revision+1).WithPrefix())
+		if err := w.put(s.tokenK(t.ID), nil, encode(t)); err != nil {
+			return nil, err
+		}
+		return []kms.Change{{Token: t.ID}}, s.commit(ctx, w, audit)
 	})
 }
 
@@ -558,7 +614,7 @@ func (s *Store) GetToken(ctx context.Context, id string) (*kms.Token, error) {
 	if len(resp.Kvs) == 0 {
 		return nil, notFound("token", id)
 	}
-	return decode[kms.Token]("token", resp.Kvs[0].Value)
+	return decode[kms.Token](s, "token", s.tokenK(id), resp.Kvs[0].Value)
 }
 
 // CountTokens implements kms.Store.
@@ -587,7 +643,7 @@ func (s *Store) UpdateToken(ctx context.Context, id string, fn func(t *kms.Token
 		if len(resp.Kvs) == 0 {
 			return nil, notFound("token", id)
 		}
-		t, err := decode[kms.Token]("token", resp.Kvs[0].Value)
+		t, err := decode[kms.Token](s, "token", s.tokenK(id), resp.Kvs[0].Value)
 		if err != nil {
 			return nil, err
 		}
@@ -598,16 +654,19 @@ func (s *Store) UpdateToken(ctx context.Context, id string, fn func(t *kms.Token
 		if t.ID != id {
 			return nil, errors.New("a token's id cannot change")
 		}
-		cmps := []clientv3.Cmp{clientv3.Compare(clientv3.ModRevision(s.p+"t/"), "<", resp.Header.Revision+1).WithPrefix()}
-		return []kms.Change{{Token: id}}, s.commit(ctx, cmps, []clientv3.Op{clientv3.OpPut(s.tokenK(id), encode(t))}, audit)
+		w := s.wtx()
+		w.cmps = append(w.cmps, clientv3.Compare(clientv3.ModRevision(s.p+"t/"), "<", resp.Header.Revision+1).WithPrefix())
+		if err := w.put(s.tokenK(id), resp.Kvs[0].Value, encode(t)); err != nil {
+			return nil, err
+		}
+		return []kms.Change{{Token: id}}, s.commit(ctx, w, audit)
 	})
 }
 
 // RecordTokenUse implements kms.Store.
 func (s *Store) RecordTokenUse(ctx context.Context, used map[string]time.Time) error {
 	return s.retry("record token use", func() ([]kms.Change, error) {
-		var cmps []clientv3.Cmp
-		var ops []clientv3.Op
+		w := s.wtx()
 		var chs []kms.Change
 		for id, at := range used {
 			resp, err := s.get(ctx, s.tokenK(id))
@@ -617,7 +676,7 @@ func (s *Store) RecordTokenUse(ctx context.Context, used map[string]time.Time) e
 			if len(resp.Kvs) == 0 {
 				continue
 			}
-			t, err := decode[kms.Token]("token", resp.Kvs[0].Value)
+			t, err := decode[kms.Token](s, "token", s.tokenK(id), resp.Kvs[0].Value)
 			if err != nil {
 				return nil, err
 			}
@@ -626,11 +685,13 @@ func (s *Store) RecordTokenUse(ctx context.Context, used map[string]time.Time) e
 			}
 			at := at
 			t.LastUsedAt = &at
-			cmps = append(cmps, clientv3.Compare(clientv3.ModRevision(s.tokenK(id)), "=", resp.Kvs[0].ModRevision))
-			ops = append(ops, clientv3.OpPut(s.tokenK(id), encode(t)))
+			w.cmps = append(w.cmps, clientv3.Compare(clientv3.ModRevision(s.tokenK(id)), "=", resp.Kvs[0].ModRevision))
+			if err := w.put(s.tokenK(id), resp.Kvs[0].Value, encode(t)); err != nil {
+				return nil, err
+			}
 			chs = append(chs, kms.Change{Token: id})
 		}
-		return chs, s.commit(ctx, cmps, ops, nil)
+		return chs, s.commit(ctx, w, nil)
 	})
 }
 
@@ -643,7 +704,8 @@ func (s *Store) BlobOwner(ctx context.Context, digest string) (string, error) {
 	if len(resp.Kvs) == 0 {
 		return "", notFound("blob", digest)
 	}
-	return string(resp.Kvs[0].Value), nil
+	name, err := s.open(s.blobK(digest), resp.Kvs[0].Value)
+	return string(name), err
 }
 
 // Meta returns a value of kmsd's own metadata (nil if unset).
@@ -652,17 +714,29 @@ func (s *Store) Meta(key string) ([]byte, error) {
 	if err != nil || len(resp.Kvs) == 0 {
 		return nil, err
 	}
-	return resp.Kvs[0].Value, nil
+	return s.open(s.metaK(key), resp.Kvs[0].Value)
 }
 
 // PutMeta sets a value of kmsd's own metadata.
 func (s *Store) PutMeta(key string, value []byte) error {
-	ctx, cancel := s.ctx(context.Background())
-	defer cancel()
-	if _, err := s.cli.Put(ctx, s.metaK(key), string(value)); err != nil {
-		return fmt.Errorf("etcd: %w", err)
-	}
-	return nil
+	ctx := context.Background()
+	return s.retry("put meta "+key, func() ([]kms.Change, error) {
+		resp, err := s.get(ctx, s.metaK(key))
+		if err != nil {
+			return nil, err
+		}
+		w := s.wtx()
+		var old []byte
+		var rev int64
+		if len(resp.Kvs) > 0 {
+			old, rev = resp.Kvs[0].Value, resp.Kvs[0].ModRevision
+		}
+		w.cmps = append(w.cmps, clientv3.Compare(clientv3.ModRevision(s.metaK(key)), "=", rev))
+		if err := w.put(s.metaK(key), old, value); err != nil {
+			return nil, err
+		}
+		return nil, s.commit(ctx, w, nil)
+	})
 }
 
 // ClaimMeta sets a value of kmsd's own metadata unless it is set (one
@@ -672,16 +746,20 @@ func (s *Store) ClaimMeta(key string, value []byte) ([]byte, error) {
 	ctx, cancel := s.ctx(context.Background())
 	defer cancel()
 	k := s.metaK(key)
-	resp, err := s.cli.Txn(ctx).If(clientv3.Compare(clientv3.CreateRevision(k), "=", 0)).
-		Then(clientv3.OpPut(k, string(value))).Else(clientv3.OpGet(k)).Commit()
+	w := s.wtx()
+	w.cmps = append(w.cmps, clientv3.Compare(clientv3.CreateRevision(k), "=", 0))
+	if err := w.put(k, nil, value); err != nil {
+		return nil, err
+	}
+	resp, err := s.send(ctx, w, clientv3.OpGet(k))
 	if err != nil {
-		return nil, fmt.Errorf("etcd: %w", err)
+		return nil, err
 	}
 	if resp.Succeeded {
 		return value, nil
 	}
 	if kvs := resp.Responses[0].GetResponseRange().Kvs; len(kvs) > 0 {
-		return kvs[0].Value, nil
+		return s.open(k, kvs[0].Value)
 	}
 	return nil, fmt.Errorf("etcd: meta %s vanished while claimed", key)
 }
@@ -702,7 +780,7 @@ func (s *Store) Empty() (bool, error) {
 
 // WriteAudit implements engine.Rows: recs become one pending group.
 func (s *Store) WriteAudit(ctx context.Context, recs []*kms.AuditRecord) error {
-	return s.commit(ctx, nil, nil, recs)
+	return s.commit(ctx, s.wtx(), recs)
 }
 
 // ReadHead implements engine.HeadReader.
@@ -711,7 +789,7 @@ func (s *Store) ReadHead(ctx context.Context) ([]byte, error) {
 	if err != nil || len(resp.Kvs) == 0 {
 		return nil, err
 	}
-	return resp.Kvs[0].Value, nil
+	return s.open(s.headK(), resp.Kvs[0].Value)
 }
 
 // RowsEnd implements engine.Rows.
@@ -723,9 +801,18 @@ func (s *Store) RowsEnd(ctx context.Context) (uint64, error) {
 	if len(resp.Kvs) == 0 {
 		return 0, nil
 	}
-	n, err := strconv.ParseUint(string(resp.Kvs[0].Value), 16, 64)
+	return s.parseEnd(resp.Kvs[0].Value)
+}
+
+// parseEnd checks and decodes the stored log end.
+func (s *Store) parseEnd(stored []byte) (uint64, error) {
+	body, err := s.open(s.endK(), stored)
 	if err != nil {
-		return 0, fmt.Errorf("etcd: malformed audit end %q", resp.Kvs[0].Value)
+		return 0, err
+	}
+	n, err := strconv.ParseUint(string(body), 16, 64)
+	if err != nil {
+		return 0, fmt.Errorf("etcd: malformed audit end %q", body)
 	}
 	return n, nil
 }
@@ -745,7 +832,11 @@ func (s *Store) ReadRows(ctx context.Context, start, end uint64) ([][]byte, erro
 			if string(kv.Key) != s.rowK(start) {
 				return nil, fmt.Errorf("audit: record %d missing", start)
 			}
-			out = append(out, kv.Value)
+			row, err := s.open(string(kv.Key), kv.Value)
+			if err != nil {
+				return nil, err
+			}
+			out = append(out, row)
 			start++
 		}
 	}
@@ -756,7 +847,8 @@ func (s *Store) ReadRows(ctx context.Context, start, end uint64) ([][]byte, erro
 func (s *Store) PutCheckpoint(ctx context.Context, size uint64, note []byte) error {
 	tctx, cancel := s.ctx(ctx)
 	defer cancel()
-	_, err := s.cli.Put(tctx, s.checkpointK(size), string(note))
+	k := s.checkpointK(size)
+	_, err := s.cli.Put(tctx, k, string(s.auth.Seal(s.rel(k), 1, note)))
 	if err != nil {
 		return fmt.Errorf("etcd: %w", err)
 	}
@@ -776,5 +868,6 @@ func (s *Store) LatestCheckpoint(ctx context.Context) (uint64, []byte, error) {
 	if err != nil {
 		return 0, nil, fmt.Errorf("etcd: malformed checkpoint key %q", resp.Kvs[0].Key)
 	}
-	return n, resp.Kvs[0].Value, nil
+	note, err := s.open(string(resp.Kvs[0].Key), resp.Kvs[0].Value)
+	return n, note, err
 }

@@ -11,6 +11,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/kmsd-project/kmsd/internal/testetcd"
+	"github.com/kmsd-project/kmsd/internal/testhsm"
 	"github.com/kmsd-project/kmsd/kms"
 	"github.com/kmsd-project/kmsd/kms/etcd"
 	"github.com/kmsd-project/kmsd/kms/storetest"
@@ -43,13 +44,18 @@ func (p packageTB) TempDir() string {
 	return d
 }
 
-func TestMain(m *testing.M) {
-	code := m.Run()
+func TestMain(m *testing.M) { testhsm.Main(wrapped{m}) }
+
+// wrapped stops the package's etcd member after the tests.
+type wrapped struct{ *testing.M }
+
+func (w wrapped) Run() int {
+	code := w.M.Run()
 	if cluster != nil {
 		cluster.Stop()
 		cluster.RemoveAll()
 	}
-	os.Exit(code)
+	return code
 }
 
 // client returns a client of the package's member, closed at the test's
@@ -69,7 +75,7 @@ func newPrefix(t *testing.T) string {
 
 // open returns a Store on prefix (a replica: several may share one).
 func open(t *testing.T, prefix string) *etcd.Store {
-	s, err := etcd.Open(context.Background(), client(t), etcd.Options{Prefix: prefix})
+	s, err := etcd.Open(context.Background(), client(t), etcd.Options{Prefix: prefix, Sealer: testhsm.Open(t)})
 	if err != nil {
 		t.Fatal(err)
 	}

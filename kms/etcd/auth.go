@@ -1,0 +1,444 @@
+package etcd
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"sync"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/kmsd-project/kmsd/kms"
+	"github.com/kmsd-project/kmsd/kms/storekit"
+)
+
+// Every record under the prefix is authenticated (storekit.Auth), its path
+// being its etcd key without the prefix, except:
+//
+//	P ping, P lead/...                 no record (reads, elections)
+//	P m/record-key                     the record key, sealed under the KEK
+//	P m/upgrade                        set while records written before
+//	                                   tags get theirs (upgradeLegacy)
+//
+// The store digest is kept in shards, one per process that writes
+// (P m/d/<writer>): each transaction moves its own process's shard, so
+// replicas never race each other for it, and the digest is the sum of the
+// shards. A scrub reads every digested record and every shard at one
+// revision. Audit rows (P a/r/) and checkpoints (P a/c/) carry tags but
+// are not digested: the log's tree and signed checkpoints cover them, and
+// they grow without end.
+
+func (s *Store) recordKeyK() string { return s.metaK(storekit.RecordKeyMeta) }
+func (s *Store) upgradeK() string   { return s.metaK("upgrade") }
+func (s *Store) shardK(w string) string {
+	return s.p + "m/d/" + w
+}
+
+// rel is an etcd key's path in the store.
+func (s *Store) rel(key string) string { return strings.TrimPrefix(key, s.p) }
+
+// digestedPrefixes are the ranges a scrub reads (all but the rows and the
+// checkpoints), relative to the prefix.
+var digestedPrefixes = []string{"a/end", "a/head", "a/q/", "b/", "due/", "k/", "m/", "t/", "v/"}
+
+// digested reports whether the record at path counts in the digest.
+func digested(path string) bool {
+	switch {
+	case path == "ping", strings.HasPrefix(path, "lead/"), strings.HasPrefix(path, "a/r/"), strings.HasPrefix(path, "a/c/"),
+		path == "m/"+storekit.RecordKeyMeta, path == "m/upgrade", strings.HasPrefix(path, "m/d/"):
+		return false
+	}
+	return true
+}
+
+// shard is this process's part of the store digest.
+type shard struct {
+	mu  sync.Mutex // held from reading cur to the commit that moves it
+	cur storekit.Digest
+	seq uint64 // writes of the shard
+	rev int64  // its mod revision (0: not written yet)
+}
+
+// wtx collects a transaction's compares and operations over authenticated
+// records and the digest's move.
+type wtx struct {
+	s     *Store
+	cmps  []clientv3.Cmp
+	ops   []clientv3.Op
+	delta storekit.Digest
+	moved bool
+}
+
+func (s *Store) wtx() *wtx { return &wtx{s: s} }
+
+// put writes body at key, which holds old (its stored form, nil if none).
+func (w *wtx) put(key string, old, body []byte) error {
+	var d storekit.Digest
+	stored, err := w.s.auth.Put(&d, w.s.rel(key), old, body)
+	if err != nil {
+		return err
+	}
+	if digested(w.s.rel(key)) {
+		w.delta.Plus(d)
+		w.moved = true
+	}
+	w.ops = append(w.ops, clientv3.OpPut(key, string(stored)))
+	return nil
+}
+
+// del deletes key, which holds old.
+func (w *wtx) del(key string, old []byte) error {
+	var d storekit.Digest
+	if err := w.s.auth.Delete(&d, w.s.rel(key), old); err != nil {
+		return err
+	}
+	if digested(w.s.rel(key)) {
+		w.delta.Plus(d)
+		w.moved = true
+	}
+	w.ops = append(w.ops, clientv3.OpDelete(key))
+	return nil
+}
+
+// open checks a stored record and returns its body.
+func (s *Store) open(key string, stored []byte) ([]byte, error) {
+	body, _, err := s.auth.Open(s.rel(key), stored)
+	return body, err
+}
+
+// index is the stored form of an index entry written once (seq 1): its
+// old value when it is deleted is known without reading it.
+func (s *Store) index(key string, body []byte) []byte {
+	return s.auth.Seal(s.rel(key), 1, body)
+}
+
+// send commits w (with the shard's move, under its lock) and returns the
+// response; ok false if a compare failed.
+func (s *Store) send(ctx context.Context, w *wtx, orElse ...clientv3.Op) (*clientv3.TxnResponse, error) {
+	cmps, ops := w.cmps, w.ops
+	if w.moved {
+		s.shard.mu.Lock()
+		defer s.shard.mu.Unlock()
+		if t := s.auth.Broken(); t != nil {
+			return nil, &kms.Error{Kind: kms.KindInternal, Op: "store", Msg: kms.TamperMessage, Err: t}
+		}
+		next := s.shard.cur
+		next.Plus(w.delta)
+		k := s.shardK(s.seal.writer)
+		cmps = append(cmps, clientv3.Compare(clientv3.ModRevision(k), "=", s.shard.rev))
+		ops = append(ops, clientv3.OpPut(k, string(s.auth.Seal(s.rel(k), s.shard.seq+1, next.Bytes()))))
+		resp, err := s.txn(ctx, cmps, ops, orElse)
+		if err == nil && resp.Succeeded {
+			s.shard.cur, s.shard.seq, s.shard.rev = next, s.shard.seq+1, resp.Header.Revision
+		} else if rerr := s.refreshShard(ctx); rerr != nil {
+			return nil, rerr
+		}
+		return resp, err
+	}
+	return s.txn(ctx, cmps, ops, orElse)
+}
+
+// refreshShard reads this process's shard after a transaction that failed
+// or whose outcome is unknown (it may have committed): a shard that moved
+// on is taken as it is; one that went back is a rollback. Called with
+// s.shard.mu held.
+func (s *Store) refreshShard(ctx context.Context) error {
+	k := s.shardK(s.seal.writer)
+	resp, err := s.get(context.WithoutCancel(ctx), k)
+	if err != nil {
+		return err
+	}
+	if len(resp.Kvs) == 0 {
+		if s.shard.seq > 0 {
+			return s.auth.Tamper(s.rel(k), "this process's shard of the digest was deleted")
+		}
+		return nil
+	}
+	body, seq, err := s.auth.Open(s.rel(k), resp.Kvs[0].Value)
+	if err != nil {
+		return err
+	}
+	d, err := storekit.ParseDigest(body)
+	if err != nil {
+		return s.auth.Tamper(s.rel(k), err.Error())
+	}
+	if seq < s.shard.seq {
+		return s.auth.Tamper(s.rel(k), fmt.Sprintf("this process's shard of the digest went back from write %d to %d", s.shard.seq, seq))
+	}
+	s.shard.cur, s.shard.seq, s.shard.rev = d, seq, resp.Kvs[0].ModRevision
+	return nil
+}
+
+func (s *Store) txn(ctx context.Context, cmps []clientv3.Cmp, ops, orElse []clientv3.Op) (*clientv3.TxnResponse, error) {
+	s.ownMu.RLock()
+	defer s.ownMu.RUnlock()
+	resp, err := s.cli.Txn(ctx).If(cmps...).Then(ops...).Else(orElse...).Commit()
+	if err != nil {
+		return nil, fmt.Errorf("etcd: %w", err)
+	}
+	if resp.Succeeded {
+		s.noteOwn(resp.Header.Revision)
+	}
+	return resp, nil
+}
+
+// openAuth loads the prefix's record key, or makes one for a new prefix,
+// or upgrades a prefix written before records had tags.
+func (s *Store) openAuth(ctx context.Context, sealer kms.Sealer) error {
+	resp, err := s.get(ctx, s.recordKeyK())
+	if err != nil {
+		return err
+	}
+	if len(resp.Kvs) == 0 {
+		a, sealed, err := storekit.NewRecordKey(ctx, sealer)
+		if err != nil {
+			return err
+		}
+		legacy, err := s.holdsRecords(ctx)
+		if err != nil {
+			return err
+		}
+		// One replica's key wins; with records already there, the
+		// upgrade marker goes in with it.
+		k := s.recordKeyK()
+		ops := []clientv3.Op{clientv3.OpPut(k, string(sealed))}
+		if legacy {
+			ops = append(ops, clientv3.OpPut(s.upgradeK(), "from records without tags"))
+		}
+		tctx, cancel := s.ctx(ctx)
+		tr, err := s.cli.Txn(tctx).If(clientv3.Compare(clientv3.CreateRevision(k), "=", 0)).Then(ops...).Commit()
+		cancel()
+		if err != nil {
+			return fmt.Errorf("etcd: %w", err)
+		}
+		if tr.Succeeded {
+			s.auth = a
+			if legacy {
+				s.log.Warn("store: the prefix holds records written before records had tags; giving each its tag (the upgrade is logged once)", "prefix", s.p)
+			}
+			return s.finishUpgrade(ctx)
+		}
+		if resp, err = s.get(ctx, k); err != nil || len(resp.Kvs) == 0 {
+			return fmt.Errorf("etcd: the record key vanished while claimed: %v", err)
+		}
+	}
+	if s.auth, err = storekit.OpenRecordKey(ctx, sealer, resp.Kvs[0].Value); err != nil {
+		return err
+	}
+	return s.finishUpgrade(ctx)
+}
+
+// holdsRecords reports whether the prefix holds any record (of an older
+// kmsd: the record key is missing).
+func (s *Store) holdsRecords(ctx context.Context) (bool, error) {
+	for _, p := range []string{"k/", "t/", "a/", "m/", "v/"} {
+		resp, err := s.get(ctx, s.p+p, clientv3.WithPrefix(), clientv3.WithCountOnly())
+		if err != nil {
+			return false, err
+		}
+		if resp.Count > 0 {
+			return true, nil
+		}
+	}
+	return false, nil
+}
+
+// finishUpgrade gives every record without a tag its tag (seq 1) while the
+// upgrade marker is set, in transactions of up to 100 records, each
+// comparing that the records did not change, then removes the marker. Any
+// replica starting meanwhile does the same (the records each converts are
+// its shard's); one that crashed is taken over by the next start.
+func (s *Store) finishUpgrade(ctx context.Context) error {
+	resp, err := s.get(ctx, s.upgradeK())
+	if err != nil || len(resp.Kvs) == 0 {
+		return err
+	}
+	n := 0
+	for _, dir := range append([]string{"a/r/", "a/c/"}, digestedPrefixes...) {
+		from := s.p + dir
+		end := clientv3.GetPrefixRangeEnd(from)
+		if !strings.HasSuffix(dir, "/") {
+			end = from + "\x00"
+		}
+		for {
+			r, err := s.get(ctx, from, clientv3.WithRange(end), clientv3.WithLimit(100))
+			if err != nil {
+				return err
+			}
+			w := s.wtx()
+			for _, kv := range r.Kvs {
+				key := string(kv.Key)
+				if !digested(s.rel(key)) && !strings.HasPrefix(s.rel(key), "a/") {
+					continue
+				}
+				if _, _, err := s.auth.Open(s.rel(key), kv.Value); err == nil {
+					continue // done already
+				}
+				w.cmps = append(w.cmps, clientv3.Compare(clientv3.ModRevision(key), "=", kv.ModRevision))
+				if !digested(s.rel(key)) {
+					w.ops = append(w.ops, clientv3.OpPut(key, string(s.auth.Seal(s.rel(key), 1, kv.Value))))
+				} else if err := w.put(key, nil, kv.Value); err != nil {
+					return err
+				}
+				n++
+			}
+			// The upgrade is still on: nobody finished it meanwhile.
+			w.cmps = append(w.cmps, clientv3.Compare(clientv3.CreateRevision(s.upgradeK()), "=", resp.Kvs[0].CreateRevision))
+			if len(w.ops) > 0 {
+				tctx, cancel := s.ctx(ctx)
+				tr, err := s.send(tctx, w)
+				cancel()
+				if err != nil {
+					return err
+				}
+				if !tr.Succeeded {
+					return s.finishUpgrade(ctx) // another replica raced: read again
+				}
+			}
+			if !r.More || len(r.Kvs) == 0 {
+				break
+			}
+			from = string(r.Kvs[len(r.Kvs)-1].Key) + "\x00"
+		}
+	}
+	tctx, cancel := s.ctx(ctx)
+	defer cancel()
+	if _, err := s.cli.Txn(tctx).If(clientv3.Compare(clientv3.CreateRevision(s.upgradeK()), "=", resp.Kvs[0].CreateRevision)).
+		Then(clientv3.OpDelete(s.upgradeK())).Commit(); err != nil {
+		return fmt.Errorf("etcd: %w", err)
+	}
+	s.upgraded = n
+	return nil
+}
+
+// Upgraded reports how many records Open gave their first tag.
+func (s *Store) Upgraded() int { return s.upgraded }
+
+// Scrub checks every digested record's tag and that their terms sum to the
+// shards of the store digest, all read at one revision. If they do not,
+// every later read fails (the store is broken until kmsd restarts on a
+// store that passes).
+func (s *Store) Scrub(ctx context.Context) (storekit.ScrubReport, error) {
+	start := time.Now()
+	rep, err := s.scrub(ctx)
+	for tries := 0; errors.Is(err, errCompacted) && tries < 3; tries++ {
+		rep, err = s.scrub(ctx)
+	}
+	rep.Took = time.Since(start)
+	s.scrubs.Note(rep, err)
+	if t := storekit.AsTamper(err); t != nil {
+		s.auth.Break(t)
+		s.log.Error("store: integrity check failed; every record is refused until kmsd restarts on a store that passes", "record", t.Path, "reason", t.Reason)
+	}
+	return rep, err
+}
+
+var errCompacted = errors.New("etcd: the scrub's revision was compacted")
+
+func (s *Store) scrub(ctx context.Context) (storekit.ScrubReport, error) {
+	var rep storekit.ScrubReport
+	// What this process had written before the revision read: the shard
+	// holds at least that at the revision.
+	s.shard.mu.Lock()
+	written := s.shard.seq
+	s.shard.mu.Unlock()
+	head, err := s.get(ctx, s.p+"ping")
+	if err != nil {
+		return rep, err
+	}
+	at := head.Header.Revision
+	var sum, shards storekit.Digest
+	var mine *uint64
+	for _, dir := range digestedPrefixes {
+		from := s.p + dir
+		end := clientv3.GetPrefixRangeEnd(from)
+		if !strings.HasSuffix(dir, "/") {
+			end = from + "\x00"
+		}
+		for {
+			r, err := s.get(ctx, from, clientv3.WithRange(end), clientv3.WithRev(at), clientv3.WithLimit(1000))
+			if err != nil {
+				if strings.Contains(err.Error(), "compacted") {
+					return rep, errCompacted
+				}
+				return rep, err
+			}
+			for _, kv := range r.Kvs {
+				path := s.rel(string(kv.Key))
+				switch {
+				case strings.HasPrefix(path, "m/d/"):
+					body, seq, err := s.auth.Open(path, kv.Value)
+					if err != nil {
+						return rep, err
+					}
+					d, err := storekit.ParseDigest(body)
+					if err != nil {
+						return rep, s.auth.Tamper(path, err.Error())
+					}
+					shards.Plus(d)
+					rep.Seq += seq
+					if path == "m/d/"+s.seal.writer {
+						mine = &seq
+					}
+				case path == "m/upgrade":
+					return rep, s.auth.Tamper(path, "an upgrade of records without tags is marked as under way, after the store had tags")
+				case !digested(path):
+				default:
+					if _, _, err := s.auth.Open(path, kv.Value); err != nil {
+						return rep, err
+					}
+					sum.Plus(s.auth.Term(kv.Value))
+					rep.Records++
+				}
+			}
+			if !r.More || len(r.Kvs) == 0 {
+				break
+			}
+			from = string(r.Kvs[len(r.Kvs)-1].Key) + "\x00"
+		}
+	}
+	if sum != shards {
+		return rep, s.auth.Tamper("m/d/", "the records do not sum to the store digest: one was put back, deleted or added outside kmsd")
+	}
+	if written > 0 && (mine == nil || *mine < written) {
+		return rep, s.auth.Tamper("m/d/"+s.seal.writer, "this process's shard of the digest went back (the prefix was replaced by an earlier copy)")
+	}
+	return rep, nil
+}
+
+// Integrity reports the scrubs and the records refused.
+func (s *Store) Integrity() storekit.Integrity { return s.scrubs.Report(s.auth) }
+
+// Peek reads what kmsd needs before it opens the HSM, without the record
+// key: the metadata value key (its tag unchecked: Open checks every
+// record) and whether the prefix holds no key and no token.
+func Peek(ctx context.Context, cli *clientv3.Client, prefix, key string) (value []byte, empty bool, err error) {
+	if !strings.HasSuffix(prefix, "/") {
+		prefix += "/"
+	}
+	resp, err := cli.Get(ctx, prefix+"m/"+key)
+	if err != nil {
+		return nil, false, fmt.Errorf("etcd: %w", err)
+	}
+	if len(resp.Kvs) > 0 {
+		value = resp.Kvs[0].Value
+		if r, err := cli.Get(ctx, prefix+"m/"+storekit.RecordKeyMeta, clientv3.WithCountOnly()); err != nil {
+			return nil, false, fmt.Errorf("etcd: %w", err)
+		} else if r.Count > 0 {
+			value = storekit.Unverified(value)
+		}
+	}
+	empty = true
+	for _, dir := range []string{"k/", "t/"} {
+		r, err := cli.Get(ctx, prefix+dir, clientv3.WithPrefix(), clientv3.WithCountOnly())
+		if err != nil {
+			return nil, false, fmt.Errorf("etcd: %w", err)
+		}
+		if r.Count > 0 {
+			empty = false
+		}
+	}
+	return value, empty, nil
+}
