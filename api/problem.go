@@ -2,6 +2,7 @@ package api
 
 import (
 	"encoding/json"
+	"errors"
 	"net/http"
 
 	"github.com/kmsd-project/kmsd/api/client"
@@ -32,11 +33,13 @@ const (
 	ProbPrecondition     = "precondition-failed"
 	ProbInternal         = "internal"
 	ProbBlobCorrupt      = "blob-corrupt"
+	ProbStoreTampered    = "store-tampered"
 )
 
 var problemTitles = map[string]string{
 	ProbInvalid:          "The request is invalid",
 	ProbBlobCorrupt:      "The stored blob does not match its digest",
+	ProbStoreTampered:    "A stored record failed its integrity check",
 	ProbBodyTooLarge:     "The request body is too large",
 	ProbUnsupportedMedia: "Unsupported media type",
 	ProbUnauthenticated:  "Authentication required",
@@ -94,6 +97,20 @@ func writeProblem(w http.ResponseWriter, r *http.Request, status int, typ, detai
 // writeError maps a domain error to its problem. Internal causes go to the
 // request's log event, never to the client.
 func writeError(w http.ResponseWriter, r *http.Request, err error) {
+	var t *kms.TamperError
+	if errors.As(err, &t) {
+		// Whatever the operation: a record kmsd keeps was changed
+		// outside it. The log gets the cause, the audit record the
+		// record's path, the client a fixed text.
+		if ev := eventFrom(r); ev != nil {
+			ev.err = err
+			if ev.rec != nil {
+				ev.rec.Tampered = clipField(t.Path, 160)
+			}
+		}
+		writeProblem(w, r, http.StatusInternalServerError, ProbStoreTampered, kms.TamperMessage)
+		return
+	}
 	kp := kindProblems[kms.KindOf(err)]
 	if kp.status >= 500 {
 		if ev := eventFrom(r); ev != nil {

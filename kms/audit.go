@@ -26,6 +26,9 @@ type AuditRecord struct {
 	Token     string `json:"token,omitempty"`   // id (never the secret) of the token a token operation touched
 	Status    int    `json:"status"`            // HTTP status of the answer
 	Problem   string `json:"problem,omitempty"` // problem type on failure
+	// Tampered names the stored record that failed its integrity check
+	// (problem store-tampered).
+	Tampered string `json:"tampered,omitempty"`
 	// The attestation an HE request issued or decrypted under (its id), the
 	// token that vouched for the ciphertext, its type and operation
 	// ("input:encrypt", "evaluation:he_linear"), and an evaluation's inputs

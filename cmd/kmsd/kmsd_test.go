@@ -18,9 +18,10 @@ import (
 	"time"
 
 	"github.com/kmsd-project/kmsd/api/client"
+	"github.com/kmsd-project/kmsd/hsm"
 	"github.com/kmsd-project/kmsd/hsm/softhsm"
-	"github.com/kmsd-project/kmsd/internal/testhsm"
 	"github.com/kmsd-project/kmsd/internal/testutil"
+	"github.com/kmsd-project/kmsd/kms"
 	"github.com/kmsd-project/kmsd/kms/bolt"
 )
 
@@ -313,6 +314,7 @@ func TestCrashSafety(t *testing.T) {
 	}
 	var acked []ack
 	rounds := 8
+	var sl kms.Sealer
 	for round := 0; round < rounds; round++ {
 		p := start(t, dir)
 		p.waitReady(t)
@@ -361,7 +363,10 @@ func TestCrashSafety(t *testing.T) {
 		p.cmd.Process.Signal(syscall.SIGKILL)
 		p.wait(t, 10*time.Second)
 		wg.Wait()
-		st, err := bolt.Open(filepath.Join(dir, "kms.db"), bolt.Options{Sealer: testhsm.Open(t)})
+		if sl == nil {
+			sl = dataSealer(t, dir)
+		}
+		st, err := bolt.Open(filepath.Join(dir, "kms.db"), bolt.Options{Sealer: sl})
 		if err != nil {
 			t.Fatalf("round %d: open after kill: %v", round, err)
 		}
@@ -449,7 +454,8 @@ func TestNeverASecondTokenOrKEK(t *testing.T) {
 	os.Rename(tokens+".moved", tokens)
 
 	// The store says another KEK: refused.
-	st, err := bolt.Open(filepath.Join(dir, "kms.db"), bolt.Options{Sealer: testhsm.Open(t)})
+	sl := dataSealer(t, dir)
+	st, err := bolt.Open(filepath.Join(dir, "kms.db"), bolt.Options{Sealer: sl})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -457,7 +463,7 @@ func TestNeverASecondTokenOrKEK(t *testing.T) {
 	st.PutMeta("sealed-under", []byte(`{"token":"kmsd","label":"kmsd-kek","id":"00112233445566778899aabbccddeeff"}`))
 	st.Close()
 	exitsWith(t, dir, "sealed under the KEK with id 00112233445566778899aabbccddeeff")
-	st, _ = bolt.Open(filepath.Join(dir, "kms.db"), bolt.Options{Sealer: testhsm.Open(t)})
+	st, _ = bolt.Open(filepath.Join(dir, "kms.db"), bolt.Options{Sealer: sl})
 	st.PutMeta("sealed-under", good)
 	st.Close()
 
@@ -560,4 +566,24 @@ func TestTokenGoneAndBackUnderLoad(t *testing.T) {
 	if !strings.Contains(p.stderr.String(), "connection re-established") {
 		t.Fatal("the reconnection was not logged")
 	}
+}
+
+// dataSealer opens the sealer of the embedded token kmsd made in dir (the
+// store's record key is sealed under its KEK), closed at the test's end.
+func dataSealer(t *testing.T, dir string) kms.Sealer {
+	t.Helper()
+	st, err := softhsm.Bootstrap(filepath.Join(dir, "softhsm"), "kmsd", false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pin, err := softhsm.ReadPIN(st.PINFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := hsm.Open(hsm.Config{Module: st.Module, TokenLabel: "kmsd", KEKLabel: "kmsd-kek", PIN: pin})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	return s
 }

@@ -88,6 +88,7 @@ type config struct {
 	kekLabel        string
 	cacheTTL        time.Duration
 	destroyInterval time.Duration
+	scrubInterval   time.Duration
 	shutdownTimeout time.Duration
 	logLevel        string
 	auditEvery      uint64
@@ -129,7 +130,7 @@ func parseFlags(args []string, getenv func(string) string, out io.Writer) (confi
 	if fs.NArg() > 0 {
 		return c, fmt.Errorf("unexpected argument %q", fs.Arg(0))
 	}
-	if c.destroyInterval <= 0 || c.shutdownTimeout <= 0 || c.cacheTTL < 0 || c.auditInterval <= 0 || c.auditStreamWait <= 0 || c.maxTokenTTL < 0 {
+	if c.destroyInterval <= 0 || c.scrubInterval <= 0 || c.shutdownTimeout <= 0 || c.cacheTTL < 0 || c.auditInterval <= 0 || c.auditStreamWait <= 0 || c.maxTokenTTL < 0 {
 		return c, errors.New("durations must be positive (key-cache-ttl and max-token-ttl may be 0)")
 	}
 	if c.auditEvery == 0 {
@@ -332,6 +333,7 @@ func newFlagSetErrs(c *config, getenv func(string) string) (*flag.FlagSet, *[]en
 	fs.StringVar(&c.kekLabel, "kek-label", env("KMS_KEK_LABEL", "kmsd-kek"), "label of the key encryption key in the token (env KMS_KEK_LABEL)")
 	fs.DurationVar(&c.cacheTTL, "key-cache-ttl", dur("KMS_KEY_CACHE_TTL", 5*time.Minute), "how long an unsealed private key stays in memory; 0 turns the cache off (env KMS_KEY_CACHE_TTL)")
 	fs.DurationVar(&c.destroyInterval, "destroy-check-interval", dur("KMS_DESTROY_CHECK_INTERVAL", time.Minute), "how often versions due for destruction are destroyed (env KMS_DESTROY_CHECK_INTERVAL)")
+	fs.DurationVar(&c.scrubInterval, "store-scrub-interval", dur("KMS_STORE_SCRUB_INTERVAL", time.Minute), "how often every record's tag and the store digest are checked (also at every start): a record put back or deleted in the store is found within this (env KMS_STORE_SCRUB_INTERVAL)")
 	fs.DurationVar(&c.shutdownTimeout, "shutdown-timeout", dur("KMS_SHUTDOWN_TIMEOUT", 30*time.Second), "how long SIGTERM waits for requests in flight (env KMS_SHUTDOWN_TIMEOUT)")
 	fs.StringVar(&c.logLevel, "log-level", env("KMS_LOG_LEVEL", "info"), "debug, info, warn or error (env KMS_LOG_LEVEL)")
 	every := uint64(1000)
@@ -392,24 +394,28 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 
 	// The store first: its file lock makes a second kmsd on the same data
 	// dir fail fast, before it touches the HSM.
-	store, closeStore, err := openStore(c, log)
+	conn, err := connectStore(c, log)
 	if err != nil {
 		return err
 	}
-	defer closeStore()
+	defer conn.Close()
 
 	// The store remembers the token and the KEK it was sealed under. Only a
 	// brand-new data dir gets a new embedded token and a new KEK; any other
-	// start finds exactly those, or stops naming what is missing.
-	sealedUnder, err := readKEKRef(store)
+	// start finds exactly those, or stops naming what is missing. Read
+	// before the HSM is open, so before the record's tag can be checked:
+	// it only picks the HSM key, and is checked once the store is open.
+	peeked, empty, err := conn.Peek("sealed-under")
+	if err != nil {
+		return err
+	}
+	sealedUnder, err := parseKEKRef(peeked)
 	if err != nil {
 		return err
 	}
 	fresh := false
 	if sealedUnder == nil {
-		if fresh, err = store.Empty(); err != nil {
-			return err
-		}
+		fresh = empty
 	} else if sealedUnder.Token != c.token || sealedUnder.Label != c.kekLabel {
 		return fmt.Errorf("this data dir was sealed under the key labelled %q in token %q (KEK id %s), but kmsd was started with --pkcs11-token %q --kek-label %q: start it with those", sealedUnder.Label, sealedUnder.Token, sealedUnder.ID, c.token, c.kekLabel)
 	}
@@ -441,6 +447,16 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 		return fmt.Errorf("HSM: %w", err)
 	}
 	defer sealer.Close()
+	store, closeStore, err := conn.Open(sealer)
+	if err != nil {
+		return err
+	}
+	defer closeStore()
+	if checked, err := store.Meta("sealed-under"); err != nil {
+		return err
+	} else if !bytes.Equal(checked, peeked) {
+		return errors.New("the store's record of its KEK changed between two reads at start (another kmsd starting on an empty store?); start again")
+	}
 	if sealedUnder != nil && sealedUnder.ID != sealer.KEKID() {
 		return fmt.Errorf("HSM: the key labelled %q in token %q has id %s, but this data dir was sealed under the KEK with id %s (another token or KEK of the same name?); refusing to start", c.kekLabel, c.token, sealer.KEKID(), sealedUnder.ID)
 	}
@@ -528,6 +544,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 	if a.AdminTokenMade {
 		log.Info("wrote the bootstrap admin token", "path", tokenPath)
 	}
+	go scrubEvery(ctx, store, c.scrubInterval, log)
 	apiSrv := a.API
 	var tlsCfg *tls.Config
 	if !c.insecureHTTP {
@@ -650,10 +667,9 @@ type kekRef struct {
 	ID    string `json:"id"`
 }
 
-func readKEKRef(store backend) (*kekRef, error) {
-	b, err := store.Meta("sealed-under")
-	if err != nil || b == nil {
-		return nil, err
+func parseKEKRef(b []byte) (*kekRef, error) {
+	if b == nil {
+		return nil, nil
 	}
 	var r kekRef
 	if err := json.Unmarshal(b, &r); err != nil {

@@ -19,6 +19,7 @@ import (
 	"github.com/kmsd-project/kmsd/kms"
 	"github.com/kmsd-project/kmsd/kms/bolt"
 	"github.com/kmsd-project/kmsd/kms/etcd"
+	"github.com/kmsd-project/kmsd/kms/storekit"
 )
 
 // backend is what kmsd needs of a store beyond kms.Store.
@@ -29,6 +30,10 @@ type backend interface {
 	PutMeta(key string, value []byte) error
 	ClaimMeta(key string, value []byte) ([]byte, error)
 	Empty() (bool, error)
+	// Scrub checks every record's tag and the store digest.
+	Scrub(ctx context.Context) (storekit.ScrubReport, error)
+	// Integrity is what the scrubs and reads found.
+	Integrity() storekit.Integrity
 }
 
 // checkStore checks the store settings before anything touches the disk.
@@ -103,15 +108,80 @@ func etcdTLS(c config) (*tls.Config, error) {
 	return cfg, nil
 }
 
-// openStore opens the configured store; close closes it (and its client).
-func openStore(c config, log *slog.Logger) (s backend, close func() error, err error) {
+// storeConn is the configured store before it is opened: Peek reads what
+// kmsd needs to open the HSM, Open opens the store with the HSM's sealer
+// (which seals the store's record key).
+type storeConn struct {
+	c   config
+	log *slog.Logger
+	cli *clientv3.Client // etcd only
+}
+
+// connectStore connects to the configured store (etcd) or finds its file.
+func connectStore(c config, log *slog.Logger) (*storeConn, error) {
+	sc := &storeConn{c: c, log: log}
 	if c.store == "bolt" {
-		b, err := bolt.Open(filepath.Join(c.dataDir, "kms.db"), bolt.Options{AuditWALSize: c.auditWALMiB << 20})
+		return sc, nil
+	}
+	tcfg, err := etcdTLS(c)
+	if err != nil {
+		return nil, err
+	}
+	if sc.cli, err = clientv3.New(etcd.ClientConfig(strings.Split(c.etcdEndpoints, ","), tcfg)); err != nil {
+		return nil, fmt.Errorf("etcd: %w", err)
+	}
+	return sc, nil
+}
+
+func (sc *storeConn) boltPath() string { return filepath.Join(sc.c.dataDir, "kms.db") }
+
+// Close closes the etcd client (after the store).
+func (sc *storeConn) Close() error {
+	if sc.cli != nil {
+		return sc.cli.Close()
+	}
+	return nil
+}
+
+// etcdErr says what to check when etcd does not answer.
+func (sc *storeConn) etcdErr(err error) error {
+	if errors.Is(err, context.DeadlineExceeded) {
+		hint := "is etcd running there?"
+		if strings.Contains(sc.c.etcdEndpoints, "https://") {
+			hint = "is etcd running there, does --etcd-ca verify its certificate, and do --etcd-cert/--etcd-key hold a client certificate it accepts?"
+		}
+		return fmt.Errorf("etcd did not answer at %s: %w (%s)", sc.c.etcdEndpoints, err, hint)
+	}
+	return fmt.Errorf("%w (endpoints %s)", err, sc.c.etcdEndpoints)
+}
+
+// Peek reads the store's metadata value key, its tag not checked yet, and
+// whether the store holds no key and no token. On bbolt it fails fast
+// with bolt.ErrLocked while another kmsd has the file, before kmsd
+// touches the HSM.
+func (sc *storeConn) Peek(key string) ([]byte, bool, error) {
+	if sc.cli == nil {
+		return bolt.Peek(sc.boltPath(), key, bolt.Options{})
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	defer cancel()
+	v, empty, err := etcd.Peek(ctx, sc.cli, sc.c.etcdPrefix, key)
+	if err != nil {
+		return nil, false, sc.etcdErr(err)
+	}
+	return v, empty, nil
+}
+
+// Open opens the store; close closes it.
+func (sc *storeConn) Open(sealer kms.Sealer) (s backend, close func() error, err error) {
+	c, log := sc.c, sc.log
+	if sc.cli == nil {
+		b, err := bolt.Open(sc.boltPath(), bolt.Options{AuditWALSize: c.auditWALMiB << 20, Sealer: sealer})
 		if err != nil {
 			return nil, nil, err
 		}
-		if from, to, keys, versions := b.Migrated(); from != "" {
-			log.Info("kms.db migrated: each key version is now a record of its own", "from_schema", from, "to_schema", to, "keys", keys, "versions", versions)
+		if m := b.Migration(); m.From != "" {
+			log.Info("kms.db migrated", "from_schema", m.From, "to_schema", m.To, "keys", m.Keys, "versions", m.Versions, "records_tagged", m.Records)
 		}
 		if b.Audit().JournalMissing() {
 			log.Error("audit WAL: the file kms.db-audit-wal was missing at start beside a database with records: records acknowledged after the last flush before the previous stop, if any, are lost; a new WAL was made")
@@ -121,36 +191,17 @@ func openStore(c config, log *slog.Logger) (s backend, close func() error, err e
 		}
 		return b, b.Close, nil
 	}
-	tcfg, err := etcdTLS(c)
-	if err != nil {
-		return nil, nil, err
-	}
-	cli, err := clientv3.New(etcd.ClientConfig(strings.Split(c.etcdEndpoints, ","), tcfg))
-	if err != nil {
-		return nil, nil, fmt.Errorf("etcd: %w", err)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	e, err := etcd.Open(ctx, cli, etcd.Options{Prefix: c.etcdPrefix, Logger: log})
+	e, err := etcd.Open(ctx, sc.cli, etcd.Options{Prefix: c.etcdPrefix, Logger: log, Sealer: sealer})
 	if err != nil {
-		cli.Close()
-		if errors.Is(err, context.DeadlineExceeded) {
-			hint := "is etcd running there?"
-			if strings.Contains(c.etcdEndpoints, "https://") {
-				hint = "is etcd running there, does --etcd-ca verify its certificate, and do --etcd-cert/--etcd-key hold a client certificate it accepts?"
-			}
-			return nil, nil, fmt.Errorf("etcd did not answer at %s: %w (%s)", c.etcdEndpoints, err, hint)
-		}
-		return nil, nil, fmt.Errorf("%w (endpoints %s)", err, c.etcdEndpoints)
+		return nil, nil, sc.etcdErr(err)
+	}
+	if n := e.Upgraded(); n > 0 {
+		log.Info("store: gave their tags to the records an older kmsd wrote", "records", n)
 	}
 	log.Info("store: etcd", "endpoints", c.etcdEndpoints, "prefix", c.etcdPrefix, "cache_bound", etcd.Bound().String())
-	return e, func() error {
-		err := e.Close()
-		if cerr := cli.Close(); err == nil {
-			err = cerr
-		}
-		return err
-	}, nil
+	return e, e.Close, nil
 }
 
 // leader is how background work elects its replica: nil (always) for the
@@ -160,4 +211,30 @@ func leader(s backend) func(context.Context, string, func(context.Context)) {
 		return e.Lead
 	}
 	return nil
+}
+
+// scrubEvery checks the store's records and digest every interval until
+// ctx ends (Open checked them at start). A failed check breaks the store:
+// from then on every request that reads it gets 500 store-tampered, and
+// /readyz fails, until kmsd restarts on a store that passes.
+func scrubEvery(ctx context.Context, s backend, every time.Duration, log *slog.Logger) {
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		rep, err := s.Scrub(ctx)
+		switch {
+		case storekit.AsTamper(err) != nil:
+			tp := storekit.AsTamper(err)
+			log.Error("STORE TAMPERED: a record kmsd keeps was changed outside kmsd; every record is refused until kmsd restarts on a store that passes (restore the store from a backup; README: Storage trust)", "record", tp.Path, "reason", tp.Reason)
+		case err != nil && ctx.Err() == nil:
+			log.Warn("store scrub did not finish; it runs again at the next interval", "err", err)
+		case err == nil:
+			log.Debug("store scrub", "records", rep.Records, "took", rep.Took.String())
+		}
+	}
 }

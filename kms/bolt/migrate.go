@@ -27,6 +27,12 @@ func (s *Store) Migrated() (from, to string, keys, versions int) {
 	return m.From, m.To, m.Keys, m.Versions
 }
 
+// Migration reports what Open migrated (zero if the file was current).
+type Migration = migration
+
+// Migration returns what Open migrated.
+func (s *Store) Migration() Migration { return s.migrated }
+
 // migrateV1 moves every version out of its key's record into a record of
 // its own and rewrites the header with Latest set, inside tx: the whole
 // file migrates in one transaction or not at all. Every record is checked

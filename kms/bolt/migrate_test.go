@@ -190,3 +190,58 @@ func TestRefusesNewerSchema(t *testing.T) {
 		t.Fatalf("Open of a schema-4 file: %v", err)
 	}
 }
+
+// TestTagsSchema2: a schema-2 file (records without tags) gets a record
+// key and every record its tag, in the one transaction of the first open;
+// the records read back as they were, and the digest sums.
+func TestTagsSchema2(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "kms.db")
+	writeV1(t, path, nil, func(tx *bbolt.Tx) error {
+		for _, b := range []string{"versions", "destroy_due"} {
+			if _, err := tx.CreateBucket([]byte(b)); err != nil {
+				return err
+			}
+		}
+		puts := []struct{ b, k, v string }{
+			{"meta", "schema", "2"},
+			{"meta", "x-sealed-under", `{"token":"kmsd"}`},
+			{"keys", "a", `{"name":"a","kind":"ml-dsa-65","primary":1,"latest":1,"created_at":"2026-02-01T00:00:00Z"}`},
+			{"versions", "a\x00\x00\x00\x00\x00\x00\x00\x00\x01", `{"number":1,"state":"enabled","created_at":"2026-02-01T00:00:00Z","sealed":"eA=="}`},
+			{"tokens", "t1", `{"id":"t1","role":"admin","hash":"aA=="}`},
+		}
+		for _, p := range puts {
+			if err := tx.Bucket([]byte(p.b)).Put([]byte(p.k), []byte(p.v)); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if v, empty, err := bolt.Peek(path, "sealed-under", bolt.Options{}); err != nil || empty || string(v) != `{"token":"kmsd"}` {
+		t.Fatalf("peek of a schema-2 file: %q %v %v", v, empty, err)
+	}
+	s, err := bolt.Open(path, bolt.Options{Sealer: testhsm.Open(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if m := s.Migration(); m.From != "2" || m.To != "3" || m.Records != 4 {
+		t.Fatalf("migration: %+v", m)
+	}
+	ctx := context.Background()
+	if v, err := s.GetVersion(ctx, "a", 1); err != nil || string(v.Sealed) != "x" {
+		t.Fatalf("version after tagging: %+v %v", v, err)
+	}
+	if tk, err := s.GetToken(ctx, "t1"); err != nil || tk.Role != "admin" {
+		t.Fatalf("token after tagging: %+v %v", tk, err)
+	}
+	if v, err := s.Meta("sealed-under"); err != nil || string(v) != `{"token":"kmsd"}` {
+		t.Fatalf("meta after tagging: %q %v", v, err)
+	}
+	if rep, err := s.Scrub(ctx); err != nil || rep.Records != 4 {
+		t.Fatalf("scrub after tagging: %+v %v", rep, err)
+	}
+	s.Close()
+	if v, empty, err := bolt.Peek(path, "sealed-under", bolt.Options{}); err != nil || empty || string(v) != `{"token":"kmsd"}` {
+		t.Fatalf("peek of a schema-3 file: %q %v %v", v, empty, err)
+	}
+}

@@ -276,6 +276,9 @@ func (s *Store) Check() error {
 
 // Ping checks that the file can be read.
 func (s *Store) Ping(ctx context.Context) error {
+	if err := s.auth.Check(); err != nil {
+		return err
+	}
 	return s.db.View(func(tx *bbolt.Tx) error {
 		if tx.Bucket(bucketKeys) == nil {
 			return errors.New("keys bucket missing")

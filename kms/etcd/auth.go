@@ -330,7 +330,6 @@ func (s *Store) Scrub(ctx context.Context) (storekit.ScrubReport, error) {
 	s.scrubs.Note(rep, err)
 	if t := storekit.AsTamper(err); t != nil {
 		s.auth.Break(t)
-		s.log.Error("store: integrity check failed; every record is refused until kmsd restarts on a store that passes", "record", t.Path, "reason", t.Reason)
 	}
 	return rep, err
 }

@@ -25,3 +25,6 @@ func (s *Store) Pending(ctx context.Context) (int64, error) {
 	}
 	return resp.Count, nil
 }
+
+// StopSealing stops this store's sealing of pending audit groups.
+func (s *Store) StopSealing() { s.stopSealing(); s.seal.cancel = nil }

@@ -287,6 +287,9 @@ func (s *Store) get(ctx context.Context, key string, opts ...clientv3.OpOption) 
 
 // Ping implements kms.Store: a linearizable read, which needs a quorum.
 func (s *Store) Ping(ctx context.Context) error {
+	if err := s.auth.Check(); err != nil {
+		return err
+	}
 	_, err := s.get(ctx, s.p+"ping")
 	return err
 }

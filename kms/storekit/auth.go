@@ -165,6 +165,15 @@ func (a *Auth) open(path string, stored []byte) ([]byte, uint64, error) {
 // does not sum to its digest.
 func (a *Auth) Break(t *kms.TamperError) { a.broken.CompareAndSwap(nil, t) }
 
+// Check is nil while the store is whole, and the scrub's finding (a
+// kms.TamperError in a kms.KindInternal error) once Break was called.
+func (a *Auth) Check() error {
+	if t := a.broken.Load(); t != nil {
+		return &kms.Error{Kind: kms.KindInternal, Op: "store", Msg: kms.TamperMessage, Err: t}
+	}
+	return nil
+}
+
 // Broken returns what Break was given, nil if the store is whole.
 func (a *Auth) Broken() *kms.TamperError { return a.broken.Load() }
 

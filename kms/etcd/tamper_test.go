@@ -1,0 +1,231 @@
+package etcd_test
+
+import (
+	"context"
+	"errors"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/kmsd-project/kmsd/internal/testhsm"
+	"github.com/kmsd-project/kmsd/kms"
+	"github.com/kmsd-project/kmsd/kms/etcd"
+	"github.com/kmsd-project/kmsd/kms/storekit"
+)
+
+func rawGet(t *testing.T, cli *clientv3.Client, key string) []byte {
+	t.Helper()
+	r, err := cli.Get(context.Background(), key)
+	if err != nil || len(r.Kvs) != 1 {
+		t.Fatalf("get %s: %v %v", key, r, err)
+	}
+	return r.Kvs[0].Value
+}
+
+func rawPut(t *testing.T, cli *clientv3.Client, key string, v []byte) {
+	t.Helper()
+	if _, err := cli.Put(context.Background(), key, string(v)); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func isTamper(err error, path string) bool {
+	var te *kms.TamperError
+	return errors.As(err, &te) && strings.HasPrefix(te.Path, path) && errors.Is(err, kms.ErrInternal)
+}
+
+// TestEtcdWriterIsNotAdmin is the review's reproduction on a real etcd:
+// whoever can write to etcd forges a token record, edits a version's
+// state, moves a record, puts an earlier authentic record back, or deletes
+// a pending audit group. A forged, edited or moved record is refused when
+// read, naming it; a record put back or deleted is found by the next
+// scrub, after which every record is refused (never acted on).
+func TestEtcdWriterIsNotAdmin(t *testing.T) {
+	ctx := context.Background()
+	cli := client(t)
+	setup := func(t *testing.T) (*etcd.Store, string) {
+		p := newPrefix(t)
+		s := open(t, p)
+		if err := s.CreateKey(ctx, &kms.Key{Name: "k", Primary: 1, Latest: 1}, &kms.Version{Number: 1, State: kms.StateEnabled, Sealed: []byte("x")}, nil); err != nil {
+			t.Fatal(err)
+		}
+		if err := s.CreateToken(ctx, &kms.Token{ID: "admin1", Role: "admin", Hash: []byte("h")}, nil); err != nil {
+			t.Fatal(err)
+		}
+		return s, p
+	}
+	disable := func(t *testing.T, s *etcd.Store) {
+		err := s.UpdateKey(ctx, "k", func(tx kms.KeyTx) ([]*kms.AuditRecord, error) {
+			v, err := tx.Version(1)
+			if err == nil {
+				v.State = kms.StateDisabled
+			}
+			return nil, err
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	t.Run("forged token", func(t *testing.T) {
+		s, p := setup(t)
+		rawPut(t, cli, p+"t/forged", []byte(`{"id":"forged","role":"admin","keys":["*"],"hash":"AAAA"}`))
+		if _, err := s.GetToken(ctx, "forged"); !isTamper(err, "t/forged") {
+			t.Fatalf("forged token read: %v", err)
+		}
+		if _, err := s.ListTokens(ctx, "", 10); !isTamper(err, "t/forged") {
+			t.Fatalf("list with a forged token: %v", err)
+		}
+		if _, err := s.GetToken(ctx, "admin1"); err != nil {
+			t.Fatalf("an untouched token: %v", err)
+		}
+		if _, err := s.Scrub(ctx); !isTamper(err, "t/forged") {
+			t.Fatalf("scrub: %v", err)
+		}
+	})
+	t.Run("version state edited", func(t *testing.T) {
+		s, p := setup(t)
+		disable(t, s)
+		k := p + "v/k/0000000000000001"
+		v := rawGet(t, cli, k)
+		rawPut(t, cli, k, []byte(strings.Replace(string(v), `"disabled"`, `"enabled" `, 1)))
+		if _, err := s.GetVersion(ctx, "k", 1); !isTamper(err, "v/k/") {
+			t.Fatalf("edited version read: %v", err)
+		}
+		err := s.UpdateKey(ctx, "k", func(tx kms.KeyTx) ([]*kms.AuditRecord, error) { _, err := tx.Version(1); return nil, err })
+		if !isTamper(err, "v/k/") {
+			t.Fatalf("update over an edited version: %v", err)
+		}
+	})
+	t.Run("record moved", func(t *testing.T) {
+		s, p := setup(t)
+		rawPut(t, cli, p+"t/admin2", rawGet(t, cli, p+"t/admin1"))
+		if _, err := s.GetToken(ctx, "admin2"); !isTamper(err, "t/admin2") {
+			t.Fatalf("moved token read: %v", err)
+		}
+	})
+	t.Run("earlier version record put back", func(t *testing.T) {
+		s, p := setup(t)
+		k := p + "v/k/0000000000000001"
+		enabled := rawGet(t, cli, k)
+		disable(t, s)
+		if _, err := s.Scrub(ctx); err != nil {
+			t.Fatalf("scrub before: %v", err)
+		}
+		rawPut(t, cli, k, enabled)
+		if _, err := s.Scrub(ctx); !isTamper(err, "m/d/") {
+			t.Fatalf("scrub after the put-back: %v", err)
+		}
+		if _, err := s.GetVersion(ctx, "k", 1); !isTamper(err, "m/d/") {
+			t.Fatalf("the version put back is served: %v", err)
+		}
+		if err := s.Ping(ctx); !isTamper(err, "m/d/") {
+			t.Fatalf("ping of a broken store: %v", err)
+		}
+		if in := s.Integrity(); in.Broken == nil || in.LastError == "" {
+			t.Fatalf("integrity: %+v", in)
+		}
+		// A new process on the store refuses it at start.
+		if _, err := etcd.Open(ctx, cli, etcd.Options{Prefix: p, Sealer: sealer(t)}); !isTamper(err, "m/d/") {
+			t.Fatalf("open of a rolled-back prefix: %v", err)
+		}
+	})
+	t.Run("token revocation undone", func(t *testing.T) {
+		s, p := setup(t)
+		active := rawGet(t, cli, p+"t/admin1")
+		if err := s.UpdateToken(ctx, "admin1", func(tk *kms.Token) ([]*kms.AuditRecord, error) {
+			now := time.Now()
+			tk.RevokedAt = &now
+			return nil, nil
+		}); err != nil {
+			t.Fatal(err)
+		}
+		rawPut(t, cli, p+"t/admin1", active)
+		if _, err := s.Scrub(ctx); !isTamper(err, "m/d/") {
+			t.Fatalf("scrub after un-revoking: %v", err)
+		}
+		if _, err := s.GetToken(ctx, "admin1"); !isTamper(err, "m/d/") {
+			t.Fatalf("the un-revoked token is served: %v", err)
+		}
+	})
+	t.Run("pending audit group deleted", func(t *testing.T) {
+		s, p := setup(t)
+		s.StopSealing()
+		if err := s.WriteAudit(ctx, []*kms.AuditRecord{rec("acknowledged")}); err != nil {
+			t.Fatal(err)
+		}
+		r, err := cli.Get(ctx, p+"a/q/", clientv3.WithPrefix())
+		if err != nil || len(r.Kvs) == 0 {
+			t.Fatalf("no pending group: %v", err)
+		}
+		if _, err := cli.Delete(ctx, string(r.Kvs[0].Key)); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := s.Scrub(ctx); !isTamper(err, "m/d/") {
+			t.Fatalf("scrub after a pending group was deleted: %v", err)
+		}
+	})
+	t.Run("record key deleted", func(t *testing.T) {
+		_, p := setup(t)
+		if _, err := cli.Delete(ctx, p+"m/record-key"); err != nil {
+			t.Fatal(err)
+		}
+		// Records with tags and no key: they do not pass as records of an
+		// older kmsd to tag again.
+		_, err := etcd.Open(ctx, cli, etcd.Options{Prefix: p, Sealer: sealer(t)})
+		if err == nil {
+			t.Fatal("opened a prefix whose record key was deleted")
+		}
+	})
+}
+
+// TestScrubAcrossReplicas: three replicas write one prefix at once (each
+// moving its own shard of the digest) while each scrubs: every scrub
+// passes, and the sum of the shards is the records'.
+func TestScrubAcrossReplicas(t *testing.T) {
+	p := newPrefix(t)
+	rs := []*etcd.Store{open(t, p), open(t, p), open(t, p)}
+	ctx := context.Background()
+	if err := rs[0].CreateKey(ctx, &kms.Key{Name: "k", Primary: 1, Latest: 1}, &kms.Version{Number: 1, State: kms.StateEnabled, Sealed: []byte("x")}, nil); err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	errs := make(chan error, 100)
+	for i, s := range rs {
+		wg.Go(func() {
+			for j := range 10 {
+				if _, err := rotate(s, "k", "rotate"); err != nil {
+					errs <- err
+					return
+				}
+				if err := s.CreateToken(ctx, &kms.Token{ID: string(rune('a'+i)) + string(rune('a'+j)), Role: "reader", Hash: []byte("h")}, []*kms.AuditRecord{rec("token")}); err != nil {
+					errs <- err
+					return
+				}
+				if _, err := s.Scrub(ctx); err != nil {
+					errs <- err
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatal(err)
+	}
+	for _, s := range rs {
+		rep, err := s.Scrub(ctx)
+		if err != nil || rep.Records < 1+31+30 {
+			t.Fatalf("final scrub: %+v %v", rep, err)
+		}
+	}
+	if storekit.AsTamper(nil) != nil {
+		t.Fatal("AsTamper(nil)")
+	}
+}
+
+func sealer(t *testing.T) kms.Sealer { return testhsm.Open(t) }
