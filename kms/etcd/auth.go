@@ -8,6 +8,7 @@ import (
 	"sync"
 	"time"
 
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/kmsd-project/kmsd/kms"
@@ -69,6 +70,7 @@ type wtx struct {
 	ops   []clientv3.Op
 	delta storekit.Digest
 	moved bool
+	rev   int64 // the commit's revision, once it committed
 }
 
 func (s *Store) wtx() *wtx { return &wtx{s: s} }
@@ -116,7 +118,12 @@ func (s *Store) index(key string, body []byte) []byte {
 
 // send commits w (with the shard's move, under its lock) and returns the
 // response; ok false if a compare failed.
-func (s *Store) send(ctx context.Context, w *wtx, orElse ...clientv3.Op) (*clientv3.TxnResponse, error) {
+func (s *Store) send(ctx context.Context, w *wtx, orElse ...clientv3.Op) (resp *clientv3.TxnResponse, err error) {
+	defer func() {
+		if err == nil && resp.Succeeded {
+			w.rev = resp.Header.Revision
+		}
+	}()
 	cmps, ops := w.cmps, w.ops
 	if w.moved {
 		s.shard.mu.Lock()
@@ -440,4 +447,32 @@ func Peek(ctx context.Context, cli *clientv3.Client, prefix, key string) (value 
 		}
 	}
 	return value, empty, nil
+}
+
+// isCompacted reports whether err is etcd's refusal of a read at a
+// revision compacted away.
+func isCompacted(err error) bool {
+	return errors.Is(err, rpctypes.ErrCompacted)
+}
+
+// Compactions counts the compactions destroys requested.
+func (s *Store) Compactions() uint64 { return s.compactions.Load() }
+
+// compactAfterDestroy compacts etcd's history up to the revision that
+// destroyed version n of key name, so that the earlier revisions, which
+// still hold its sealed material, are gone from etcd's history at once,
+// not at the cluster's next compaction. The bytes may stay in free pages
+// of etcd's database file until it is defragmented (README: Storage
+// trust). A failure is logged: the material goes at the next compaction.
+func (s *Store) compactAfterDestroy(ctx context.Context, name string, n uint64, rev int64) {
+	if rev == 0 {
+		return
+	}
+	tctx, cancel := s.ctx(context.WithoutCancel(ctx))
+	defer cancel()
+	if _, err := s.cli.Compact(tctx, rev, clientv3.WithCompactPhysical()); err != nil && !isCompacted(err) {
+		s.log.Warn("etcd: compaction after a destroy failed; the destroyed version's sealed material stays in etcd's history until its next compaction", "key", name, "version", n, "revision", rev, "err", err)
+		return
+	}
+	s.compactions.Add(1)
 }

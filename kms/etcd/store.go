@@ -22,6 +22,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -85,10 +86,11 @@ type Store struct {
 	closeErr  error
 	seal      sealer
 
-	auth     *storekit.Auth
-	shard    shard
-	scrubs   storekit.Scrubs
-	upgraded int
+	auth        *storekit.Auth
+	shard       shard
+	scrubs      storekit.Scrubs
+	upgraded    int
+	compactions atomic.Uint64
 }
 
 var (
@@ -467,6 +469,9 @@ func (s *Store) ListVersions(ctx context.Context, name string, before uint64, li
 	want := min(uint64(limit), n)
 	resp, err := s.get(ctx, s.versionK(name, n-want+1), clientv3.WithRange(s.versionK(name, n+1)),
 		clientv3.WithRev(hresp.Header.Revision), clientv3.WithSort(clientv3.SortByKey, clientv3.SortDescend))
+	if isCompacted(err) {
+		return s.ListVersions(ctx, name, before, limit) // compacted between the reads: read again
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -529,13 +534,23 @@ func (s *Store) UpdateKey(ctx context.Context, name string, fn func(kms.KeyTx) (
 		// Versions change only with their header: read at its revision.
 		at := resp.Header.Revision
 		stored := map[uint64][]byte{}
+		wasDestroyed := map[uint64]bool{}
 		kt := storekit.NewKeyTx(k, func(n uint64) ([]byte, error) {
 			r, err := s.get(ctx, s.versionK(name, n), clientv3.WithRev(at))
+			if isCompacted(err) {
+				return nil, errConflict // compacted after the header was read: read again
+			}
 			if err != nil || len(r.Kvs) == 0 {
 				return nil, err
 			}
 			stored[n] = r.Kvs[0].Value
-			return s.open(s.versionK(name, n), r.Kvs[0].Value)
+			body, err := s.open(s.versionK(name, n), r.Kvs[0].Value)
+			if err == nil {
+				var st struct{ State kms.State }
+				_ = json.Unmarshal(body, &st)
+				wasDestroyed[n] = st.State == kms.StateDestroyed
+			}
+			return body, err
 		})
 		audit, err := fn(kt)
 		if err != nil {
@@ -571,7 +586,16 @@ func (s *Store) UpdateKey(ctx context.Context, name string, fn func(kms.KeyTx) (
 			}
 			chs = append(chs, kms.Change{Key: name, Version: v.Number})
 		}
-		return chs, s.commit(ctx, w, audit)
+		if err := s.commit(ctx, w, audit); err != nil {
+			return nil, err
+		}
+		for n, v := range kt.Loaded {
+			if v.State == kms.StateDestroyed && !wasDestroyed[n] {
+				s.compactAfterDestroy(ctx, name, n, w.rev)
+				break
+			}
+		}
+		return chs, nil
 	})
 }
 
