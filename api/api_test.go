@@ -46,6 +46,8 @@ type env struct {
 	svc     *kms.Service
 	store   testStore
 	bolt    *bolt.Store // when the store is bbolt
+	etcd    *etcd.Store // when the store is etcd, with its client
+	etcdCli *clientv3.Client
 	clock   *testutil.Clock
 	admin   string
 	log     *testutil.Buffer
@@ -137,7 +139,7 @@ func newEnvOn(t *testing.T, backend string, wrapSealer func(kms.Sealer) kms.Seal
 			t.Fatal(err)
 		}
 		t.Cleanup(func() { st.Close(); cli.Close() })
-		e.store = st
+		e.store, e.etcd, e.etcdCli = st, st, cli
 	default:
 		t.Fatalf("no backend %q", backend)
 	}
