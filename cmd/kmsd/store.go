@@ -181,7 +181,9 @@ func (sc *storeConn) Open(sealer kms.Sealer) (s backend, close func() error, err
 			return nil, nil, err
 		}
 		if m := b.Migration(); m.From != "" {
-			log.Info("kms.db migrated", "from_schema", m.From, "to_schema", m.To, "keys", m.Keys, "versions", m.Versions, "records_tagged", m.Records)
+			// A warning: it must happen once per store (README: Storage
+			// trust), at the first start after the upgrade.
+			log.Warn("kms.db migrated; records written before tags got theirs", "from_schema", m.From, "to_schema", m.To, "keys", m.Keys, "versions", m.Versions, "records_tagged", m.Records)
 		}
 		if b.Audit().JournalMissing() {
 			log.Error("audit WAL: the file kms.db-audit-wal was missing at start beside a database with records: records acknowledged after the last flush before the previous stop, if any, are lost; a new WAL was made")
@@ -198,7 +200,7 @@ func (sc *storeConn) Open(sealer kms.Sealer) (s backend, close func() error, err
 		return nil, nil, sc.etcdErr(err)
 	}
 	if n := e.Upgraded(); n > 0 {
-		log.Info("store: gave their tags to the records an older kmsd wrote", "records", n)
+		log.Warn("store: gave their tags to the records an older kmsd wrote (must happen once per prefix: README, Storage trust)", "records", n)
 	}
 	log.Info("store: etcd", "endpoints", c.etcdEndpoints, "prefix", c.etcdPrefix, "cache_bound", etcd.Bound().String())
 	return e, e.Close, nil
