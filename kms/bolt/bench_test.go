@@ -8,6 +8,7 @@ import (
 	"github.com/kmsd-project/kmsd/internal/testhsm"
 	"github.com/kmsd-project/kmsd/kms"
 	"github.com/kmsd-project/kmsd/kms/bolt"
+	"github.com/kmsd-project/kmsd/kms/storetest"
 )
 
 func benchRecord() *kms.AuditRecord {
@@ -51,4 +52,38 @@ func BenchmarkAppendAuditParallel(b *testing.B) {
 		}
 	})
 	b.ReportMetric(float64(s.Fsyncs())/float64(b.N), "fsyncs/op")
+}
+
+// BenchmarkRecords: what the record tags cost on bbolt (storetest.Bench).
+func BenchmarkRecords(b *testing.B) {
+	sealer := testhsm.Open(b)
+	storetest.Bench(b, func(b *testing.B) kms.Store {
+		s, err := bolt.Open(filepath.Join(b.TempDir(), "kms.db"), bolt.Options{Sealer: sealer})
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.Cleanup(func() { s.Close() })
+		return s
+	})
+}
+
+// BenchmarkScrub: a scrub of a store of 1,000 keys with 10 versions each
+// and 1,000 tokens.
+func BenchmarkScrub(b *testing.B) {
+	s, err := bolt.Open(filepath.Join(b.TempDir(), "kms.db"), bolt.Options{Sealer: testhsm.Open(b)})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer s.Close()
+	storetest.FillForScrub(b, s)
+	b.ResetTimer()
+	var n int
+	for b.Loop() {
+		rep, err := s.Scrub(context.Background())
+		if err != nil {
+			b.Fatal(err)
+		}
+		n = rep.Records
+	}
+	b.ReportMetric(float64(n), "records")
 }

@@ -24,7 +24,7 @@ var (
 
 // member is one etcd member for the package's tests, started by the first
 // that needs it; each test takes a prefix of its own (an empty store).
-func member(t *testing.T) *testetcd.Cluster {
+func member(t testing.TB) *testetcd.Cluster {
 	if cluster == nil {
 		cluster = testetcd.Start(packageTB{t}, 1)
 	}
@@ -33,13 +33,13 @@ func member(t *testing.T) *testetcd.Cluster {
 
 // packageTB keeps the member running past the test that starts it
 // (TestMain stops it).
-type packageTB struct{ *testing.T }
+type packageTB struct{ testing.TB }
 
 func (packageTB) Cleanup(func()) {}
 func (p packageTB) TempDir() string {
 	d, err := os.MkdirTemp("", "kmsd-etcd-")
 	if err != nil {
-		p.T.Fatal(err)
+		p.TB.Fatal(err)
 	}
 	return d
 }
@@ -60,7 +60,7 @@ func (w wrapped) Run() int {
 
 // client returns a client of the package's member, closed at the test's
 // end.
-func client(t *testing.T) *clientv3.Client {
+func client(t testing.TB) *clientv3.Client {
 	c, err := clientv3.New(etcd.ClientConfig(member(t).Endpoints(), nil))
 	if err != nil {
 		t.Fatal(err)
@@ -69,7 +69,7 @@ func client(t *testing.T) *clientv3.Client {
 	return c
 }
 
-func newPrefix(t *testing.T) string {
+func newPrefix(t testing.TB) string {
 	return fmt.Sprintf("/test-%d-%s/", prefixes.Add(1), strings.ReplaceAll(t.Name(), "/", "-"))
 }
 
