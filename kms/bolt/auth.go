@@ -54,6 +54,10 @@ type rtx struct {
 // record that fails its check is a tamper error. The body is valid for
 // the transaction only.
 func get(a *storekit.Auth, tx *bbolt.Tx, bucket, key []byte) ([]byte, error) {
+	// A broken store answers no read, not even "not found".
+	if err := a.Check(); err != nil {
+		return nil, err
+	}
 	raw := tx.Bucket(bucket).Get(key)
 	if raw == nil {
 		return nil, nil

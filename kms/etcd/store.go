@@ -278,6 +278,12 @@ func (s *Store) commit(ctx context.Context, w *wtx, recs []*kms.AuditRecord) (er
 var testHookBeforeCommit func()
 
 func (s *Store) get(ctx context.Context, key string, opts ...clientv3.OpOption) (*clientv3.GetResponse, error) {
+	// A broken store answers no read, not even "not found".
+	if s.auth != nil {
+		if err := s.auth.Check(); err != nil {
+			return nil, err
+		}
+	}
 	tctx, cancel := s.ctx(ctx)
 	defer cancel()
 	resp, err := s.cli.Get(tctx, key, opts...)

@@ -2,6 +2,7 @@ package etcd
 
 import (
 	"context"
+	"fmt"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -114,7 +115,7 @@ func (s *Store) watch() {
 		// lead/ and m/ between them change rarely). Not the audit log's
 		// rows and pending groups, which are most of the writes, and which
 		// every replica would otherwise receive.
-		opts := []clientv3.OpOption{clientv3.WithRange(s.p + "w"), clientv3.WithProgressNotify()}
+		opts := []clientv3.OpOption{clientv3.WithRange(s.p + "w"), clientv3.WithProgressNotify(), clientv3.WithPrevKV()}
 		if rev > 0 {
 			opts = append(opts, clientv3.WithRev(rev))
 		}
@@ -147,6 +148,7 @@ func (s *Store) watch() {
 				}
 				var chs []kms.Change
 				for _, ev := range s.others(resp.Events, resp.Header.Revision) {
+					s.checkEvent(ev)
 					if c, ok := s.change(string(ev.Kv.Key)); ok {
 						chs = append(chs, c)
 					}
@@ -162,4 +164,48 @@ func (s *Store) watch() {
 		case <-time.After(100 * time.Millisecond):
 		}
 	}
+}
+
+// checkEvent looks at a change another writer made to a watched record
+// (keys, versions, tokens, metadata, digest shards) as it happens: kmsd
+// never deletes those records, and every write of one counts one more
+// than the value it replaced. A change that breaks either was made
+// outside kmsd (an earlier value put back, a record deleted): the store
+// is broken at once, as a failed scrub would break it, instead of at the
+// next scrub. A value that fails its tag is refused when read (and by the
+// scrub); it is only logged here.
+func (s *Store) checkEvent(ev *clientv3.Event) {
+	path := s.rel(string(ev.Kv.Key))
+	if !strings.HasPrefix(path, "k/") && !strings.HasPrefix(path, "v/") && !strings.HasPrefix(path, "t/") &&
+		!(strings.HasPrefix(path, "m/") && digestedOrShard(path)) {
+		return
+	}
+	if ev.Type == clientv3.EventTypeDelete {
+		s.broke(path, "deleted outside kmsd (kmsd never deletes it)")
+		return
+	}
+	_, seq, err := s.auth.Open(path, ev.Kv.Value)
+	if err != nil {
+		s.log.Error("store: a record failed its check as it changed; it is refused when read", "record", path, "err", err)
+		return
+	}
+	if ev.PrevKv == nil {
+		return
+	}
+	if _, prev, err := s.auth.Open(path, ev.PrevKv.Value); err == nil && seq <= prev {
+		s.broke(path, fmt.Sprintf("write %d replaced write %d: an earlier value was put back", seq, prev))
+	}
+}
+
+// digestedOrShard: metadata records kmsd writes with counts (not the
+// record key or the upgrade marker).
+func digestedOrShard(path string) bool {
+	return digested(path) || strings.HasPrefix(path, "m/d/")
+}
+
+func (s *Store) broke(path, reason string) {
+	t := &kms.TamperError{Path: path, Reason: reason}
+	s.auth.Tampered.Add(1)
+	s.auth.Break(t)
+	s.log.Error("STORE TAMPERED: a record kmsd keeps was changed outside kmsd; every record is refused until kmsd restarts on a store that passes (README: Storage trust)", "record", path, "reason", reason)
 }
