@@ -89,6 +89,7 @@ type config struct {
 	cacheTTL        time.Duration
 	destroyInterval time.Duration
 	scrubInterval   time.Duration
+	upgradeStore    bool
 	shutdownTimeout time.Duration
 	logLevel        string
 	auditEvery      uint64
@@ -334,6 +335,7 @@ func newFlagSetErrs(c *config, getenv func(string) string) (*flag.FlagSet, *[]en
 	fs.DurationVar(&c.cacheTTL, "key-cache-ttl", dur("KMS_KEY_CACHE_TTL", 5*time.Minute), "how long an unsealed private key stays in memory; 0 turns the cache off (env KMS_KEY_CACHE_TTL)")
 	fs.DurationVar(&c.destroyInterval, "destroy-check-interval", dur("KMS_DESTROY_CHECK_INTERVAL", time.Minute), "how often versions due for destruction are destroyed (env KMS_DESTROY_CHECK_INTERVAL)")
 	fs.DurationVar(&c.scrubInterval, "store-scrub-interval", dur("KMS_STORE_SCRUB_INTERVAL", time.Minute), "how often every record's tag and the store digest are checked (also at every start): a record put back or deleted in the store is found within this (env KMS_STORE_SCRUB_INTERVAL)")
+	fs.BoolVar(&c.upgradeStore, "upgrade-untagged-store", getenv("KMS_UPGRADE_UNTAGGED_STORE") == "1", "tag the records of a store written by a kmsd from before records had tags (once, at the first start after upgrading kmsd; without it such a store is refused, since a forged one looks the same) (env KMS_UPGRADE_UNTAGGED_STORE, set to 1)")
 	fs.DurationVar(&c.shutdownTimeout, "shutdown-timeout", dur("KMS_SHUTDOWN_TIMEOUT", 30*time.Second), "how long SIGTERM waits for requests in flight (env KMS_SHUTDOWN_TIMEOUT)")
 	fs.StringVar(&c.logLevel, "log-level", env("KMS_LOG_LEVEL", "info"), "debug, info, warn or error (env KMS_LOG_LEVEL)")
 	every := uint64(1000)

@@ -176,7 +176,7 @@ func (sc *storeConn) Peek(key string) ([]byte, bool, error) {
 func (sc *storeConn) Open(sealer kms.Sealer) (s backend, close func() error, err error) {
 	c, log := sc.c, sc.log
 	if sc.cli == nil {
-		b, err := bolt.Open(sc.boltPath(), bolt.Options{AuditWALSize: c.auditWALMiB << 20, Sealer: sealer})
+		b, err := bolt.Open(sc.boltPath(), bolt.Options{AuditWALSize: c.auditWALMiB << 20, Sealer: sealer, UpgradeUntagged: c.upgradeStore})
 		if err != nil {
 			return nil, nil, err
 		}
@@ -195,7 +195,7 @@ func (sc *storeConn) Open(sealer kms.Sealer) (s backend, close func() error, err
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	e, err := etcd.Open(ctx, sc.cli, etcd.Options{Prefix: c.etcdPrefix, Logger: log, Sealer: sealer})
+	e, err := etcd.Open(ctx, sc.cli, etcd.Options{Prefix: c.etcdPrefix, Logger: log, Sealer: sealer, UpgradeUntagged: c.upgradeStore})
 	if err != nil {
 		return nil, nil, sc.etcdErr(err)
 	}

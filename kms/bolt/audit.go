@@ -23,12 +23,15 @@ var _ engine.Rows = (*Store)(nil)
 
 func u64(n uint64) []byte { return binary.BigEndian.AppendUint64(nil, n) }
 
-func auditSize(tx *bbolt.Tx) uint64 {
+func auditSize(tx *bbolt.Tx) (uint64, error) {
 	k, _ := tx.Bucket(bucketAuditRecords).Cursor().Last()
 	if k == nil {
-		return 0
+		return 0, nil
 	}
-	return binary.BigEndian.Uint64(k) + 1
+	if len(k) != 8 {
+		return 0, fmt.Errorf("audit: malformed row key %x", k)
+	}
+	return binary.BigEndian.Uint64(k) + 1, nil
 }
 
 // appendAudit stages recs in the audit log inside a transaction run by
@@ -50,7 +53,11 @@ func (s *Store) appendAudit(ctx context.Context, r *rtx, recs []*kms.AuditRecord
 	if len(b.Rows) == 0 {
 		return nil
 	}
-	if end := auditSize(r.Tx); end != b.First {
+	end, err := auditSize(r.Tx)
+	if err != nil {
+		return err
+	}
+	if end != b.First {
 		return fmt.Errorf("%w: rows end at %d, the batch starts at %d", engine.ErrConflict, end, b.First)
 	}
 	// Keys only ever grow: pack pages full instead of splitting them in half.
@@ -60,7 +67,7 @@ func (s *Store) appendAudit(ctx context.Context, r *rtx, recs []*kms.AuditRecord
 			return err
 		}
 	}
-	return nil
+	return r.put(bucketMeta, keyAuditEnd, u64(b.First+uint64(len(b.Rows))))
 }
 
 // WriteAudit implements engine.Rows.
@@ -71,7 +78,11 @@ func (s *Store) WriteAudit(ctx context.Context, recs []*kms.AuditRecord) error {
 // RowsEnd implements engine.Rows.
 func (s *Store) RowsEnd(ctx context.Context) (uint64, error) {
 	var n uint64
-	err := s.db.View(func(tx *bbolt.Tx) error { n = auditSize(tx); return nil })
+	err := s.db.View(func(tx *bbolt.Tx) error {
+		var err error
+		n, err = auditSize(tx)
+		return err
+	})
 	return n, err
 }
 
@@ -82,7 +93,7 @@ func (s *Store) ReadRows(ctx context.Context, start, end uint64) ([][]byte, erro
 		c := tx.Bucket(bucketAuditRecords).Cursor()
 		i := start
 		for k, v := c.Seek(u64(start)); k != nil && i < end; k, v = c.Next() {
-			if binary.BigEndian.Uint64(k) != i {
+			if len(k) != 8 || binary.BigEndian.Uint64(k) != i {
 				return fmt.Errorf("audit: record %d missing", i)
 			}
 			row, _, err := s.auth.Open(recPath(bucketAuditRecords, k), v)

@@ -3,6 +3,7 @@ package bolt
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"os"
@@ -24,6 +25,9 @@ import (
 var (
 	keyRecordKey = []byte(storekit.RecordKeyMeta)
 	keyDigest    = []byte("digest")
+	// keyAuditEnd is the audit log's end (u64): a record, digested,
+	// written with the rows, so that rows cut off the end are found.
+	keyAuditEnd = []byte("audit-end")
 )
 
 func recPath(bucket, key []byte) string { return string(bucket) + "/" + string(key) }
@@ -36,7 +40,7 @@ func digested(bucket, key []byte) bool {
 	case bytes.Equal(bucket, bucketAuditRecords), bytes.Equal(bucket, bucketAuditCheckpoints):
 		return false
 	case bytes.Equal(bucket, bucketMeta):
-		return bytes.HasPrefix(key, []byte("x-"))
+		return bytes.HasPrefix(key, []byte("x-")) || bytes.Equal(key, keyAuditEnd)
 	}
 	return true
 }
@@ -136,7 +140,7 @@ var authBuckets = [][]byte{bucketKeys, bucketVersions, bucketDue, bucketBlobs, b
 // openAuth loads the file's record key inside Open's transaction, or makes
 // one: for a new file, or for a file of schema 1 or 2, whose records it
 // then authenticates, all in the one transaction that migrates the file.
-func openAuth(tx *bbolt.Tx, sealer kms.Sealer, schema string) (*storekit.Auth, int, error) {
+func openAuth(tx *bbolt.Tx, sealer kms.Sealer, schema string, upgrade bool) (*storekit.Auth, int, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	m := tx.Bucket(bucketMeta)
@@ -150,6 +154,9 @@ func openAuth(tx *bbolt.Tx, sealer kms.Sealer, schema string) (*storekit.Auth, i
 	}
 	if sealed != nil {
 		return nil, 0, fmt.Errorf("the file says schema %q but holds a record key (schema %s): its schema was rolled back; refusing to start: restore it from a backup", schema, schemaVersion)
+	}
+	if (schema != "" || holdsRecords(tx)) && !upgrade {
+		return nil, 0, ErrUntagged
 	}
 	a, sealed, err := storekit.NewRecordKey(ctx, sealer)
 	if err != nil {
@@ -183,6 +190,15 @@ func openAuth(tx *bbolt.Tx, sealer kms.Sealer, schema string) (*storekit.Auth, i
 			}
 			n++
 		}
+	}
+	end, err := auditSize(tx)
+	if err != nil {
+		return nil, 0, err
+	}
+	stored := a.Seal(recPath(bucketMeta, keyAuditEnd), 1, u64(end))
+	d.Plus(a.Term(stored))
+	if err := m.Put(keyAuditEnd, stored); err != nil {
+		return nil, 0, err
 	}
 	if err := m.Put(keyRecordKey, sealed); err != nil {
 		return nil, 0, err
@@ -220,6 +236,12 @@ func (s *Store) Scrub(ctx context.Context) (storekit.ScrubReport, error) {
 			if err != nil {
 				return err
 			}
+		}
+		if !bytes.Equal(tx.Bucket(bucketMeta).Get(keyRecordKey), s.keyRaw) {
+			return s.auth.Tamper(recPath(bucketMeta, keyRecordKey), "the record key is not the one loaded at start")
+		}
+		if err := checkAuditEnd(s.auth, tx); err != nil {
+			return err
 		}
 		d, seq, err := readDigest(s.auth, tx)
 		if err != nil {
@@ -290,4 +312,43 @@ func Peek(path, key string, o Options) (value []byte, empty bool, err error) {
 		return nil
 	})
 	return value, empty, err
+}
+
+// ErrUntagged: the file holds records without tags.
+var ErrUntagged = errors.New("kms.db holds records without tags: written by a kmsd from before records had tags, or forged by whoever can write the data dir; check it is the file you expect, then start kmsd once with --upgrade-untagged-store to tag its records (README: Storage trust)")
+
+// holdsRecords reports whether any bucket holds a record (the schema
+// aside).
+func holdsRecords(tx *bbolt.Tx) bool {
+	found := false
+	_ = tx.ForEach(func(name []byte, b *bbolt.Bucket) error {
+		k, _ := b.Cursor().First()
+		if k != nil && !(bytes.Equal(name, bucketMeta) && bytes.Equal(k, keySchema) && b.Stats().KeyN == 1) {
+			found = true
+		}
+		return nil
+	})
+	return found
+}
+
+// checkAuditEnd checks that the audit log's rows end where its end record
+// says (so rows cut off the end, or added past it, are found).
+func checkAuditEnd(a *storekit.Auth, tx *bbolt.Tx) error {
+	p := recPath(bucketMeta, keyAuditEnd)
+	raw := tx.Bucket(bucketMeta).Get(keyAuditEnd)
+	if raw == nil {
+		return a.Tamper(p, "the audit log's end record is missing")
+	}
+	body, _, err := a.Open(p, raw)
+	if err != nil {
+		return err
+	}
+	size, err := auditSize(tx)
+	if err != nil {
+		return err
+	}
+	if len(body) != 8 || binary.BigEndian.Uint64(body) != size {
+		return a.Tamper(p, fmt.Sprintf("the audit log's rows end at %d, not where its end record says", size))
+	}
+	return nil
 }

@@ -3,6 +3,7 @@ package bolt_test
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"path/filepath"
 	"strings"
@@ -77,7 +78,10 @@ func v1Record(name string, n int) string {
 func TestMigratesSchema1(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "kms.db")
 	writeV1(t, path, map[string]string{"a": v1Record("a", 3), "_identity": v1Record("_identity", 1), "b": v1Record("b", 40)}, nil)
-	s, err := bolt.Open(path, bolt.Options{Sealer: testhsm.Open(t)})
+	if _, err := bolt.Open(path, bolt.Options{Sealer: testhsm.Open(t)}); !errors.Is(err, bolt.ErrUntagged) {
+		t.Fatalf("open of a schema-1 file without --upgrade-untagged-store: %v", err)
+	}
+	s, err := bolt.Open(path, bolt.Options{Sealer: testhsm.Open(t), UpgradeUntagged: true})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -219,7 +223,10 @@ func TestTagsSchema2(t *testing.T) {
 	if v, empty, err := bolt.Peek(path, "sealed-under", bolt.Options{}); err != nil || empty || string(v) != `{"token":"kmsd"}` {
 		t.Fatalf("peek of a schema-2 file: %q %v %v", v, empty, err)
 	}
-	s, err := bolt.Open(path, bolt.Options{Sealer: testhsm.Open(t)})
+	if _, err := bolt.Open(path, bolt.Options{Sealer: testhsm.Open(t)}); !errors.Is(err, bolt.ErrUntagged) {
+		t.Fatalf("open of a schema-2 file without --upgrade-untagged-store: %v", err)
+	}
+	s, err := bolt.Open(path, bolt.Options{Sealer: testhsm.Open(t), UpgradeUntagged: true})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -237,7 +244,7 @@ func TestTagsSchema2(t *testing.T) {
 	if v, err := s.Meta("sealed-under"); err != nil || string(v) != `{"token":"kmsd"}` {
 		t.Fatalf("meta after tagging: %q %v", v, err)
 	}
-	if rep, err := s.Scrub(ctx); err != nil || rep.Records != 4 {
+	if rep, err := s.Scrub(ctx); err != nil || rep.Records != 5 { // and the audit log's end
 		t.Fatalf("scrub after tagging: %+v %v", rep, err)
 	}
 	s.Close()

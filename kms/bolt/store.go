@@ -66,6 +66,7 @@ type Store struct {
 	watchers storekit.Watchers
 
 	auth    *storekit.Auth
+	keyRaw  []byte        // the sealed record key as loaded
 	seenSeq atomic.Uint64 // the highest write count a scrub saw
 	scrubs  storekit.Scrubs
 }
@@ -83,6 +84,11 @@ type Options struct {
 	// Sealer seals the file's record key (storekit.Auth) under the HSM's
 	// KEK; required.
 	Sealer kms.Sealer
+	// UpgradeUntagged lets Open tag the records of a file written before
+	// records had tags (schema 1 or 2, or records and no schema). Without
+	// it such a file is refused: it is also what a file forged by
+	// whoever can write the data dir looks like.
+	UpgradeUntagged bool
 }
 
 // Open opens or creates the database file at path.
@@ -126,7 +132,7 @@ func Open(path string, o Options) (*Store, error) {
 		}
 		var n int
 		var err error
-		if auth, n, err = openAuth(tx, o.Sealer, string(schema)); err != nil {
+		if auth, n, err = openAuth(tx, o.Sealer, string(schema), o.UpgradeUntagged); err != nil {
 			return err
 		}
 		if schema != nil && string(schema) != schemaVersion {
@@ -151,6 +157,13 @@ func Open(path string, o Options) (*Store, error) {
 		return nil, fmt.Errorf("initialize %s: %w", path, err)
 	}
 	s := &Store{db: db, migrated: mig, auth: auth}
+	if err := db.View(func(tx *bbolt.Tx) error {
+		s.keyRaw = bytes.Clone(tx.Bucket(bucketMeta).Get(keyRecordKey))
+		return nil
+	}); err != nil {
+		db.Close()
+		return nil, err
+	}
 	// Checked before anything acts on the file: at every start.
 	if _, err := s.Scrub(context.Background()); err != nil {
 		db.Close()

@@ -170,3 +170,65 @@ func TestTamperWhileRunning(t *testing.T) {
 		t.Fatalf("integrity: %+v", in)
 	}
 }
+
+// TestForgedUntaggedFileRefused is the outside review's attack: whoever can
+// write the data dir strips the file of its schema, record key, digest and
+// every tag, and adds an admin token. kmsd took it for a new file and
+// tagged everything; now a file with records and no record key is refused
+// unless the operator asks for the upgrade.
+func TestForgedUntaggedFileRefused(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "kms.db")
+	raw(t, path, func(tx *bbolt.Tx) error {
+		b, err := tx.CreateBucket([]byte("tokens"))
+		if err != nil {
+			return err
+		}
+		return b.Put([]byte("0000000000000001"), []byte(`{"id":"0000000000000001","role":"admin","keys":["*"],"hash":"AAAA"}`))
+	})
+	if _, err := bolt.Open(path, bolt.Options{Sealer: testhsm.Open(t)}); !errors.Is(err, bolt.ErrUntagged) {
+		t.Fatalf("open of a file of untagged records: %v", err)
+	}
+}
+
+// TestAuditTruncationFound: rows cut off the end of the audit log (with
+// the WAL zeroed) are found at the next start: the log's end is a
+// digested record written with the rows.
+func TestAuditTruncationFound(t *testing.T) {
+	ctx := context.Background()
+	sealer := testhsm.Open(t)
+	path := filepath.Join(t.TempDir(), "kms.db")
+	s, err := bolt.Open(path, bolt.Options{Sealer: sealer})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for range 5 {
+		if err := s.Audit().AppendAudit(ctx, &kms.AuditRecord{Time: "2026-12-07T00:00:00Z", Actor: "a", Operation: "op", Status: 200}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	s.Close()
+	raw(t, path, func(tx *bbolt.Tx) error {
+		c := tx.Bucket([]byte("audit_records")).Cursor()
+		k, _ := c.Last()
+		return tx.Bucket([]byte("audit_records")).Delete(bytes.Clone(k))
+	})
+	if _, err := bolt.Open(path, bolt.Options{Sealer: sealer}); err == nil || !strings.Contains(err.Error(), "audit-end") {
+		t.Fatalf("open of a log cut short: %v", err)
+	}
+}
+
+// TestMalformedRowKeyRefused: a row key that is not 8 bytes is an error
+// at start, not a panic.
+func TestMalformedRowKeyRefused(t *testing.T) {
+	sealer := testhsm.Open(t)
+	path := filepath.Join(t.TempDir(), "kms.db")
+	s, err := bolt.Open(path, bolt.Options{Sealer: sealer})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+	raw(t, path, func(tx *bbolt.Tx) error { return tx.Bucket([]byte("audit_records")).Put([]byte{0xff}, []byte("x")) })
+	if _, err := bolt.Open(path, bolt.Options{Sealer: sealer}); err == nil {
+		t.Fatal("opened a file with a malformed audit row key")
+	}
+}

@@ -1,6 +1,7 @@
 package etcd
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -191,9 +192,13 @@ func (s *Store) txn(ctx context.Context, cmps []clientv3.Cmp, ops, orElse []clie
 	return resp, nil
 }
 
+// ErrUntagged: the prefix holds records but no record key.
+var ErrUntagged = errors.New("the etcd prefix holds records without tags and no record key: written by a kmsd from before records had tags, or forged by whoever can write etcd; check it is the prefix you expect, then start kmsd once with --upgrade-untagged-store to tag its records (README: Storage trust)")
+
 // openAuth loads the prefix's record key, or makes one for a new prefix,
-// or upgrades a prefix written before records had tags.
-func (s *Store) openAuth(ctx context.Context, sealer kms.Sealer) error {
+// or (with upgrade) for a prefix written before records had tags, whose
+// records it then tags.
+func (s *Store) openAuth(ctx context.Context, sealer kms.Sealer, upgrade bool) error {
 	resp, err := s.get(ctx, s.recordKeyK())
 	if err != nil {
 		return err
@@ -207,8 +212,12 @@ func (s *Store) openAuth(ctx context.Context, sealer kms.Sealer) error {
 		if err != nil {
 			return err
 		}
+		if legacy && !upgrade {
+			return ErrUntagged
+		}
 		// One replica's key wins; with records already there, the
-		// upgrade marker goes in with it.
+		// upgrade marker goes in with it, in the same transaction (so at
+		// the same revision).
 		k := s.recordKeyK()
 		ops := []clientv3.Op{clientv3.OpPut(k, string(sealed))}
 		if legacy {
@@ -221,11 +230,11 @@ func (s *Store) openAuth(ctx context.Context, sealer kms.Sealer) error {
 			return fmt.Errorf("etcd: %w", err)
 		}
 		if tr.Succeeded {
-			s.auth = a
+			s.auth, s.keyRaw, s.keyRev = a, sealed, tr.Header.Revision
 			if legacy {
-				s.log.Warn("store: the prefix holds records written before records had tags; giving each its tag (the upgrade is logged once)", "prefix", s.p)
+				s.log.Warn("store: the prefix holds records written before records had tags; giving each its tag (--upgrade-untagged-store)", "prefix", s.p)
 			}
-			return s.finishUpgrade(ctx)
+			return s.finishUpgrade(ctx, upgrade)
 		}
 		if resp, err = s.get(ctx, k); err != nil || len(resp.Kvs) == 0 {
 			return fmt.Errorf("etcd: the record key vanished while claimed: %v", err)
@@ -234,33 +243,46 @@ func (s *Store) openAuth(ctx context.Context, sealer kms.Sealer) error {
 	if s.auth, err = storekit.OpenRecordKey(ctx, sealer, resp.Kvs[0].Value); err != nil {
 		return err
 	}
-	return s.finishUpgrade(ctx)
+	s.keyRaw, s.keyRev = resp.Kvs[0].Value, resp.Kvs[0].CreateRevision
+	return s.finishUpgrade(ctx, upgrade)
 }
 
-// holdsRecords reports whether the prefix holds any record (of an older
-// kmsd: the record key is missing).
+// holdsRecords reports whether the prefix holds anything but the ping
+// key and elections.
 func (s *Store) holdsRecords(ctx context.Context) (bool, error) {
-	for _, p := range []string{"k/", "t/", "a/", "m/", "v/"} {
-		resp, err := s.get(ctx, s.p+p, clientv3.WithPrefix(), clientv3.WithCountOnly())
+	var counts [3]int64
+	for i, k := range []string{s.p, s.p + "ping", s.p + "lead/"} {
+		opts := []clientv3.OpOption{clientv3.WithCountOnly()}
+		if k != s.p+"ping" {
+			opts = append(opts, clientv3.WithPrefix())
+		}
+		resp, err := s.get(ctx, k, opts...)
 		if err != nil {
 			return false, err
 		}
-		if resp.Count > 0 {
-			return true, nil
-		}
+		counts[i] = resp.Count
 	}
-	return false, nil
+	return counts[0]-counts[1]-counts[2] > 0, nil
 }
 
-// finishUpgrade gives every record without a tag its tag (seq 1) while the
-// upgrade marker is set, in transactions of up to 100 records, each
-// comparing that the records did not change, then removes the marker. Any
-// replica starting meanwhile does the same (the records each converts are
-// its shard's); one that crashed is taken over by the next start.
-func (s *Store) finishUpgrade(ctx context.Context) error {
+// finishUpgrade gives their tag (seq 1) to the records written before the
+// record key while the upgrade marker is set, in transactions of up to
+// 100 records, each comparing that the records did not change, then
+// removes the marker. It runs only with upgrade (a replica that crashed
+// mid-way is taken over by the next start with the flag), only if the
+// marker was written with the record key (same revision), and tags only
+// records older than the key: a record written after it without a tag
+// was forged, and stops the upgrade.
+func (s *Store) finishUpgrade(ctx context.Context, upgrade bool) error {
 	resp, err := s.get(ctx, s.upgradeK())
 	if err != nil || len(resp.Kvs) == 0 {
 		return err
+	}
+	if !upgrade {
+		return fmt.Errorf("%w (an upgrade of the prefix's records is under way: finish it with --upgrade-untagged-store)", ErrUntagged)
+	}
+	if resp.Kvs[0].CreateRevision != s.keyRev {
+		return s.auth.Tamper("m/upgrade", "the upgrade marker was not written with the record key")
 	}
 	n := 0
 	for _, dir := range append([]string{"a/r/", "a/c/"}, digestedPrefixes...) {
@@ -283,6 +305,9 @@ func (s *Store) finishUpgrade(ctx context.Context) error {
 				if _, _, err := s.auth.Open(s.rel(key), kv.Value); err == nil {
 					continue // done already
 				}
+				if kv.ModRevision >= s.keyRev {
+					return s.auth.Tamper(s.rel(key), "a record without a tag was written after the record key")
+				}
 				w.cmps = append(w.cmps, clientv3.Compare(clientv3.ModRevision(key), "=", kv.ModRevision))
 				if !digested(s.rel(key)) {
 					w.ops = append(w.ops, clientv3.OpPut(key, string(s.auth.Seal(s.rel(key), 1, kv.Value))))
@@ -301,7 +326,7 @@ func (s *Store) finishUpgrade(ctx context.Context) error {
 					return err
 				}
 				if !tr.Succeeded {
-					return s.finishUpgrade(ctx) // another replica raced: read again
+					return s.finishUpgrade(ctx, upgrade) // another replica raced: read again
 				}
 			}
 			if !r.More || len(r.Kvs) == 0 {
@@ -330,7 +355,13 @@ func (s *Store) Upgraded() int { return s.upgraded }
 func (s *Store) Scrub(ctx context.Context) (storekit.ScrubReport, error) {
 	start := time.Now()
 	rep, err := s.scrub(ctx)
-	for tries := 0; errors.Is(err, errCompacted) && tries < 3; tries++ {
+	for tries := 1; errors.Is(err, errCompacted); tries++ {
+		if tries == scrubTries {
+			// Compactions keep overtaking the scrub's reads: whoever
+			// can compact etcd could be hiding a change this way.
+			err = s.auth.Tamper("m/d/", fmt.Sprintf("the scrub could not read one revision in %d tries: etcd was compacted under it each time", scrubTries))
+			break
+		}
 		rep, err = s.scrub(ctx)
 	}
 	rep.Took = time.Since(start)
@@ -342,6 +373,9 @@ func (s *Store) Scrub(ctx context.Context) (storekit.ScrubReport, error) {
 }
 
 var errCompacted = errors.New("etcd: the scrub's revision was compacted")
+
+// scrubTries bounds a scrub's reads lost to compactions.
+const scrubTries = 10
 
 func (s *Store) scrub(ctx context.Context) (storekit.ScrubReport, error) {
 	var rep storekit.ScrubReport
@@ -357,6 +391,7 @@ func (s *Store) scrub(ctx context.Context) (storekit.ScrubReport, error) {
 	at := head.Header.Revision
 	var sum, shards storekit.Digest
 	var mine *uint64
+	sawKey := false
 	for _, dir := range digestedPrefixes {
 		from := s.p + dir
 		end := clientv3.GetPrefixRangeEnd(from)
@@ -390,6 +425,11 @@ func (s *Store) scrub(ctx context.Context) (storekit.ScrubReport, error) {
 					}
 				case path == "m/upgrade":
 					return rep, s.auth.Tamper(path, "an upgrade of records without tags is marked as under way, after the store had tags")
+				case path == "m/"+storekit.RecordKeyMeta:
+					sawKey = true
+					if !bytes.Equal(kv.Value, s.keyRaw) || kv.CreateRevision != s.keyRev {
+						return rep, s.auth.Tamper(path, "the record key is not the one loaded at start")
+					}
 				case !digested(path):
 				default:
 					if _, _, err := s.auth.Open(path, kv.Value); err != nil {
@@ -405,8 +445,25 @@ func (s *Store) scrub(ctx context.Context) (storekit.ScrubReport, error) {
 			from = string(r.Kvs[len(r.Kvs)-1].Key) + "\x00"
 		}
 	}
+	if !sawKey {
+		return rep, s.auth.Tamper("m/"+storekit.RecordKeyMeta, "the record key was deleted")
+	}
 	if sum != shards {
 		return rep, s.auth.Tamper("m/d/", "the records do not sum to the store digest: one was put back, deleted or added outside kmsd")
+	}
+	// Elections hold their key under a lease; a key without one was put
+	// there to squat a role (destruction, checkpoints, sealing).
+	lr, err := s.get(ctx, s.p+"lead/", clientv3.WithPrefix(), clientv3.WithRev(at), clientv3.WithKeysOnly())
+	if err != nil {
+		if isCompacted(err) {
+			return rep, errCompacted
+		}
+		return rep, err
+	}
+	for _, kv := range lr.Kvs {
+		if kv.Lease == 0 {
+			return rep, s.auth.Tamper(s.rel(string(kv.Key)), "an election key without a lease (a role squatted outside kmsd)")
+		}
 	}
 	if written > 0 && (mine == nil || *mine < written) {
 		return rep, s.auth.Tamper("m/d/"+s.seal.writer, "this process's shard of the digest went back (the prefix was replaced by an earlier copy)")
@@ -475,4 +532,16 @@ func (s *Store) compactAfterDestroy(ctx context.Context, name string, n uint64, 
 		return
 	}
 	s.compactions.Add(1)
+}
+
+type retryKey struct{}
+
+// compactedRetries counts the re-reads a call made after compactions.
+func compactedRetries(ctx context.Context) int {
+	n, _ := ctx.Value(retryKey{}).(int)
+	return n
+}
+
+func withRetry(ctx context.Context) context.Context {
+	return context.WithValue(ctx, retryKey{}, compactedRetries(ctx)+1)
 }

@@ -5,6 +5,8 @@ import (
 	"testing"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/kmsd-project/kmsd/kms"
 )
 
 // SetBeforeCommit runs f as every transaction of a state change is sent,
@@ -28,3 +30,13 @@ func (s *Store) Pending(ctx context.Context) (int64, error) {
 
 // StopSealing stops this store's sealing of pending audit groups.
 func (s *Store) StopSealing() { s.stopSealing(); s.seal.cancel = nil }
+
+// PutPendingForTest writes a pending audit group at P+rel, as a writer
+// (now dead) with that name would have.
+func (s *Store) PutPendingForTest(ctx context.Context, rel string, recs []*kms.AuditRecord) error {
+	w := s.wtx()
+	if err := w.put(s.p+rel, nil, []byte(encodePending(recs))); err != nil {
+		return err
+	}
+	return s.commit(ctx, w, nil)
+}

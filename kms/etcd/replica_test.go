@@ -367,11 +367,16 @@ func TestPendingSealedByTheNextLeader(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer cli.Close()
+	// A writer that died with ten groups pending (named so that their
+	// keys sort against their commit order).
+	dead := replicasOn(t, c, prefix, 1)[0]
+	dead.StopSealing()
 	for i := range 10 {
-		if _, err := cli.Put(ctx, fmt.Sprintf("%sa/q/dead/%016x", prefix, 100-i), "["+string(rec(fmt.Sprintf("op-%d", i)).Encode())+"]"); err != nil {
+		if err := dead.PutPendingForTest(ctx, fmt.Sprintf("a/q/dead/%016x", 100-i), []*kms.AuditRecord{rec(fmt.Sprintf("op-%d", i))}); err != nil {
 			t.Fatal(err)
 		}
 	}
+	dead.Close()
 	s := replicasOn(t, c, prefix, 1)[0]
 	deadline := time.Now().Add(3 * etcd.LeaseTTL * time.Second)
 	for {

@@ -238,6 +238,9 @@ func (s *Store) sealOnce(ctx context.Context, upTo int64) (bool, error) {
 		}
 		w.cmps = append(w.cmps, clientv3.Compare(clientv3.ModRevision(s.endK()), "=", endRev), clientv3.Compare(clientv3.ModRevision(s.headK()), "=", headRev))
 		for i, row := range rows {
+			// A row is written once: never over one already there (an
+			// end put back must not overwrite acknowledged rows).
+			w.cmps = append(w.cmps, clientv3.Compare(clientv3.CreateRevision(s.rowK(first+uint64(i))), "=", 0))
 			if err := w.put(s.rowK(first+uint64(i)), nil, row); err != nil {
 				return nil, err
 			}

@@ -59,6 +59,11 @@ type Options struct {
 	// Sealer seals the prefix's record key (storekit.Auth) under the
 	// HSM's KEK; required.
 	Sealer kms.Sealer
+	// UpgradeUntagged lets Open tag the records of a prefix that holds
+	// records but no record key (written by a kmsd before records had
+	// tags). Without it such a prefix is refused: it is also what a
+	// prefix forged by whoever can write etcd looks like.
+	UpgradeUntagged bool
 }
 
 // Store is a kms.Store and engine.Rows on etcd.
@@ -87,6 +92,8 @@ type Store struct {
 	seal      sealer
 
 	auth        *storekit.Auth
+	keyRaw      []byte // the sealed record key as loaded, and its create revision
+	keyRev      int64
 	shard       shard
 	scrubs      storekit.Scrubs
 	upgraded    int
@@ -125,13 +132,19 @@ func Open(ctx context.Context, cli *clientv3.Client, o Options) (*Store, error) 
 	}
 	s.watchFrom = resp.Header.Revision + 1
 	s.seal.writer = newWriter()
-	if err := s.openAuth(ctx, o.Sealer); err != nil {
+	if err := s.openAuth(ctx, o.Sealer, o.UpgradeUntagged); err != nil {
 		return nil, err
 	}
 	// Checked before anything acts on the records: at every start.
 	if _, err := s.Scrub(ctx); err != nil {
 		return nil, err
 	}
+	// The watch starts after what Open wrote (the record key, an
+	// upgrade's tags), which it would take for changes made outside.
+	if resp, err = s.get(ctx, s.p+"ping"); err != nil {
+		return nil, err
+	}
+	s.watchFrom = resp.Header.Revision + 1
 	// A group's rows go in one transaction: etcd takes 128 operations
 	// per transaction by default (--max-txn-ops), the end key among them.
 	s.audit = engine.New(s, engine.Options{MaxGroup: 100})
@@ -475,8 +488,8 @@ func (s *Store) ListVersions(ctx context.Context, name string, before uint64, li
 	want := min(uint64(limit), n)
 	resp, err := s.get(ctx, s.versionK(name, n-want+1), clientv3.WithRange(s.versionK(name, n+1)),
 		clientv3.WithRev(hresp.Header.Revision), clientv3.WithSort(clientv3.SortByKey, clientv3.SortDescend))
-	if isCompacted(err) {
-		return s.ListVersions(ctx, name, before, limit) // compacted between the reads: read again
+	if isCompacted(err) && compactedRetries(ctx) < 3 {
+		return s.ListVersions(withRetry(ctx), name, before, limit) // compacted between the reads: read again
 	}
 	if err != nil {
 		return nil, err

@@ -323,3 +323,76 @@ func TestWatchCatchesPutBack(t *testing.T) {
 		})
 	}
 }
+
+// TestUpgradeMarkerCannotBless is the outside review's attack: an untagged
+// admin token and an upgrade marker written into etcd were tagged by the
+// next start, and the forged token accepted. Now a prefix with a record
+// key tags nothing unless the marker came with the key, and only records
+// older than the key; and without --upgrade-untagged-store nothing at all.
+func TestUpgradeMarkerCannotBless(t *testing.T) {
+	ctx := context.Background()
+	cli := client(t)
+	p := newPrefix(t)
+	s := open(t, p)
+	if err := s.CreateToken(ctx, &kms.Token{ID: "admin1", Role: "admin", Hash: []byte("h")}, nil); err != nil {
+		t.Fatal(err)
+	}
+	rawPut(t, cli, p+"t/evil", []byte(`{"id":"evil","role":"admin","keys":["*"],"hash":"AAAA"}`))
+	rawPut(t, cli, p+"m/upgrade", []byte("x"))
+	for _, upgrade := range []bool{false, true} {
+		if _, err := etcd.Open(ctx, cli, etcd.Options{Prefix: p, Sealer: sealer(t), UpgradeUntagged: upgrade}); err == nil {
+			t.Fatalf("open with a marker written after the key (upgrade %v) succeeded", upgrade)
+		}
+	}
+	if _, err := s.GetToken(ctx, "evil"); !isTamper(err, "") {
+		t.Fatalf("the forged token: %v", err)
+	}
+	if _, err := s.Scrub(ctx); !isTamper(err, "") {
+		t.Fatalf("scrub with the marker: %v", err)
+	}
+}
+
+// TestUntaggedPrefixNeedsTheFlag: a prefix an older kmsd wrote (records,
+// no record key) is refused without --upgrade-untagged-store and tagged
+// with it; its records then read back and the scrub passes.
+func TestUntaggedPrefixNeedsTheFlag(t *testing.T) {
+	ctx := context.Background()
+	cli := client(t)
+	p := newPrefix(t)
+	rawPut(t, cli, p+"t/old1", []byte(`{"id":"old1","role":"admin","keys":["*"],"hash":"aA=="}`))
+	rawPut(t, cli, p+"k/k", []byte(`{"name":"k","kind":"ml-dsa-65","primary":1,"latest":1}`))
+	rawPut(t, cli, p+"v/k/0000000000000001", []byte(`{"number":1,"state":"enabled","sealed":"eA=="}`))
+	if _, err := etcd.Open(ctx, cli, etcd.Options{Prefix: p, Sealer: sealer(t)}); !errors.Is(err, etcd.ErrUntagged) {
+		t.Fatalf("open of an untagged prefix without the flag: %v", err)
+	}
+	s, err := etcd.Open(ctx, cli, etcd.Options{Prefix: p, Sealer: sealer(t), UpgradeUntagged: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if s.Upgraded() != 3 {
+		t.Fatalf("%d records tagged", s.Upgraded())
+	}
+	if tk, err := s.GetToken(ctx, "old1"); err != nil || tk.Role != "admin" {
+		t.Fatalf("token after the upgrade: %+v %v", tk, err)
+	}
+	if v, err := s.GetVersion(ctx, "k", 1); err != nil || string(v.Sealed) != "x" {
+		t.Fatalf("version after the upgrade: %+v %v", v, err)
+	}
+	if _, err := s.Scrub(ctx); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestElectionSquatFound: an election key without a lease (a role held
+// outside kmsd, so that nothing is ever destroyed or checkpointed) fails
+// the scrub.
+func TestElectionSquatFound(t *testing.T) {
+	ctx := context.Background()
+	p := newPrefix(t)
+	s := open(t, p)
+	rawPut(t, client(t), p+"lead/destruction/0", []byte("squatter"))
+	if _, err := s.Scrub(ctx); !isTamper(err, "lead/") {
+		t.Fatalf("scrub with a squatted election: %v", err)
+	}
+}

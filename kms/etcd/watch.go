@@ -11,6 +11,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/kmsd-project/kmsd/kms"
+	"github.com/kmsd-project/kmsd/kms/storekit"
 )
 
 // The read caches of every replica are driven by a watch of the prefix:
@@ -176,6 +177,11 @@ func (s *Store) watch() {
 // scrub); it is only logged here.
 func (s *Store) checkEvent(ev *clientv3.Event) {
 	path := s.rel(string(ev.Kv.Key))
+	if path == "m/"+storekit.RecordKeyMeta {
+		// Written once, before any watch starts.
+		s.broke(path, "the record key was changed or deleted outside kmsd")
+		return
+	}
 	if !strings.HasPrefix(path, "k/") && !strings.HasPrefix(path, "v/") && !strings.HasPrefix(path, "t/") &&
 		!(strings.HasPrefix(path, "m/") && digestedOrShard(path)) {
 		return
