@@ -9,6 +9,7 @@ import (
 	"sync"
 	"time"
 
+	"go.etcd.io/etcd/api/v3/etcdserverpb"
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
@@ -140,8 +141,19 @@ func (s *Store) send(ctx context.Context, w *wtx, orElse ...clientv3.Op) (resp *
 		resp, err := s.txn(ctx, cmps, ops, orElse)
 		if err == nil && resp.Succeeded {
 			s.shard.cur, s.shard.seq, s.shard.rev = next, s.shard.seq+1, resp.Header.Revision
-		} else if rerr := s.refreshShard(ctx); rerr != nil {
+			return resp, nil
+		}
+		want := s.shard.seq + 1
+		if rerr := s.refreshShard(ctx); rerr != nil {
 			return nil, rerr
+		}
+		if err != nil && s.shard.seq == want && s.shard.cur == next {
+			// The transaction was applied although the call failed
+			// (etcd applies the write that crosses its space quota and
+			// then answers "database space exceeded"; a timeout after
+			// the commit): the shard it wrote says so. It committed.
+			s.noteOwn(s.shard.rev)
+			return &clientv3.TxnResponse{Succeeded: true, Header: &etcdserverpb.ResponseHeader{Revision: s.shard.rev}}, nil
 		}
 		return resp, err
 	}

@@ -4,6 +4,8 @@ import (
 	"context"
 	b64 "encoding/base64"
 	"errors"
+	"fmt"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -11,6 +13,7 @@ import (
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 
+	"github.com/kmsd-project/kmsd/internal/testetcd"
 	"github.com/kmsd-project/kmsd/internal/testhsm"
 	"github.com/kmsd-project/kmsd/kms"
 	"github.com/kmsd-project/kmsd/kms/etcd"
@@ -394,5 +397,84 @@ func TestElectionSquatFound(t *testing.T) {
 	rawPut(t, client(t), p+"lead/destruction/0", []byte("squatter"))
 	if _, err := s.Scrub(ctx); !isTamper(err, "lead/") {
 		t.Fatalf("scrub with a squatted election: %v", err)
+	}
+}
+
+// TestQuotaCrossingWriteIsKnown: etcd applies the write that crosses its
+// space quota and then answers "database space exceeded". The store reads
+// back its digest shard, which every commit writes, and reports that write
+// as done: a create refused while etcd is full does not exist afterwards,
+// and every create reported done does.
+func TestQuotaCrossingWriteIsKnown(t *testing.T) {
+	c := testetcd.StartWith(t, 1, "--quota-backend-bytes", strconv.Itoa(1<<20))
+	cli, err := clientv3.New(etcd.ClientConfig(c.Endpoints(), nil))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cli.Close()
+	ctx := context.Background()
+	s, err := etcd.Open(ctx, cli, etcd.Options{Prefix: "/quota/", Sealer: sealer(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	// Writers at once, as kmsd's requests and audit groups are: a write
+	// that passed etcd's quota check can be applied after another crossed
+	// the quota, and then answered with the quota error.
+	var mu sync.Mutex
+	var done, refusedAll []string
+	var wg sync.WaitGroup
+	for g := range 2 {
+		// Another writer of the cluster (elections, checkpoints, another
+		// prefix), whose writes race the store's.
+		wg.Go(func() {
+			for i := 0; i < 100000; i++ {
+				if _, err := cli.Put(ctx, fmt.Sprintf("/other/%d/%d", g, i), string(make([]byte, 3000))); err != nil {
+					return
+				}
+			}
+		})
+	}
+	for g := range 4 {
+		wg.Go(func() {
+			for i := 0; i < 10000; i++ {
+				name := fmt.Sprintf("g%d-k%05d", g, i)
+				err := s.CreateKey(ctx, &kms.Key{Name: name, Primary: 1, Latest: 1}, &kms.Version{Number: 1, State: kms.StateEnabled, Sealed: make([]byte, 4000)}, nil)
+				mu.Lock()
+				if err != nil {
+					refusedAll = append(refusedAll, name)
+				} else {
+					done = append(done, name)
+				}
+				mu.Unlock()
+				if err != nil {
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	if len(refusedAll) == 0 {
+		t.Fatal("etcd never filled up")
+	}
+	c.Kill(0)
+	c.SetFlag("--quota-backend-bytes", strconv.Itoa(64<<20))
+	c.Restart(0)
+	c.WaitHealthy()
+	if _, err := cli.AlarmDisarm(ctx, &clientv3.AlarmMember{}); err != nil {
+		t.Fatal(err)
+	}
+	for _, name := range refusedAll {
+		if _, err := s.GetKey(ctx, name); !errors.Is(err, kms.ErrNotFound) {
+			t.Fatalf("%s, refused while etcd was full: %v, want not found", name, err)
+		}
+	}
+	for _, name := range done {
+		if _, err := s.GetKey(ctx, name); err != nil {
+			t.Fatalf("%s, reported created: %v", name, err)
+		}
+	}
+	if _, err := s.Scrub(ctx); err != nil {
+		t.Fatal(err)
 	}
 }
