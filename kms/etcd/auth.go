@@ -152,7 +152,9 @@ func (s *Store) send(ctx context.Context, w *wtx, orElse ...clientv3.Op) (resp *
 			// (etcd applies the write that crosses its space quota and
 			// then answers "database space exceeded"; a timeout after
 			// the commit): the shard it wrote says so. It committed.
+			s.ownMu.RLock() // noteOwn's contract
 			s.noteOwn(s.shard.rev)
+			s.ownMu.RUnlock()
 			return &clientv3.TxnResponse{Succeeded: true, Header: &etcdserverpb.ResponseHeader{Revision: s.shard.rev}}, nil
 		}
 		return resp, err
