@@ -109,4 +109,3 @@ func destroy(t testing.TB, module, token, pin, label string) {
 		}
 	}
 }
-
