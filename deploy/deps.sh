@@ -102,6 +102,9 @@ kmsd_test_deps() {
   fi
   command -v etcd >/dev/null 2>&1 || kmsd_install_etcd
   kmsd_install_versitygw
+  # The second PKCS#11 implementation the tests run on: Debian's
+  # opencryptoki soft token (installed, pkcsslotd started, token set up).
+  kmsd_as_root bash deploy/ock.sh >/dev/null
 }
 
 # kmsd_install_versitygw: the S3-compatible server the blob tests start

@@ -37,6 +37,8 @@ type Module interface {
 	Encrypt(sh pkcs11.SessionHandle, message []byte) ([]byte, error)
 	DecryptInit(sh pkcs11.SessionHandle, m []*pkcs11.Mechanism, o pkcs11.ObjectHandle) error
 	Decrypt(sh pkcs11.SessionHandle, cipher []byte) ([]byte, error)
+	SignInit(sh pkcs11.SessionHandle, m []*pkcs11.Mechanism, o pkcs11.ObjectHandle) error
+	Sign(sh pkcs11.SessionHandle, message []byte) ([]byte, error)
 }
 
 var _ Module = (*pkcs11.Ctx)(nil)

@@ -60,6 +60,16 @@ func (p *pool) get(ctx context.Context) (pkcs11.SessionHandle, error) {
 		sh, err := p.mod.OpenSession(p.slot, pkcs11.CKF_SERIAL_SESSION|pkcs11.CKF_RW_SESSION)
 		if err != nil {
 			<-p.sem
+			// The token allows fewer sessions than the pool would
+			// open: wait for one of those open, if any is.
+			if rv(err) == pkcs11.CKR_SESSION_COUNT && len(p.sem) > 0 {
+				select {
+				case sh := <-p.idle:
+					return sh, nil
+				case <-ctx.Done():
+					return 0, ctx.Err()
+				}
+			}
 			return 0, err
 		}
 		return sh, nil

@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -40,6 +41,10 @@ type Config struct {
 	CreateKEK bool
 	// Sessions bounds the session pool (default 8).
 	Sessions int
+	// Profile is how the KEK protects data keys (default ProfileAuto:
+	// the first the token can do). Blobs sealed under any profile open
+	// as long as the token offers it.
+	Profile Profile
 	// Logger receives connection losses and re-establishments.
 	Logger *slog.Logger
 }
@@ -54,7 +59,8 @@ type Config struct {
 type Sealer struct {
 	mod      Module
 	cfg      Config
-	kekID    string // hex of the KEK's CKA_ID
+	kekID    string  // hex of the KEK's CKA_ID
+	profile  Profile // what Seal uses
 	finalize bool
 	log      *slog.Logger
 
@@ -75,6 +81,8 @@ type Sealer struct {
 type conn struct {
 	slot      uint
 	kek       pkcs11.ObjectHandle
+	mac       pkcs11.ObjectHandle // the cbc-hmac profile's MAC key, 0 if none
+	have      map[uint]bool       // the token's mechanisms
 	loginSess pkcs11.SessionHandle
 	pool      *pool
 }
@@ -108,6 +116,12 @@ func Open(cfg Config) (_ *Sealer, err error) {
 	if cfg.Sessions <= 0 {
 		cfg.Sessions = 8
 	}
+	if cfg.Profile == "" {
+		cfg.Profile = ProfileAuto
+	}
+	if _, err := ParseProfile(string(cfg.Profile)); err != nil {
+		return nil, err
+	}
 	mod := cfg.Loaded
 	if mod == nil {
 		if mod, err = LoadModule(cfg.Module); err != nil {
@@ -132,11 +146,23 @@ func Open(cfg Config) (_ *Sealer, err error) {
 		}
 	}()
 	c, kekID, err := s.connect(cfg.CreateKEK)
+	if errors.Is(err, ErrTokenNotFound) && s.finalize {
+		// opencryptoki 3.8 drops a slot from what C_Initialize finds
+		// when another process writes the token at that moment: once
+		// more, initialized anew.
+		_ = mod.Finalize()
+		if ierr := mod.Initialize(); ierr == nil {
+			c, kekID, err = s.connect(cfg.CreateKEK)
+		}
+	}
 	s.c = c
 	if err != nil {
 		return nil, err
 	}
 	s.kekID = kekID
+	if s.profile, err = s.chooseProfile(c); err != nil {
+		return nil, err
+	}
 	if err := s.selfTest(); err != nil {
 		return nil, err
 	}
@@ -173,10 +199,19 @@ func (s *Sealer) connect(create bool) (c *conn, kekID string, err error) {
 			return c, "", fmt.Errorf("log in to token %q: %w", s.cfg.TokenLabel, err)
 		}
 	}
-	if err := checkMechanisms(s.mod, c.slot); err != nil {
+	if c.have, err = mechanisms(s.mod, c.slot); err != nil {
 		return c, "", err
 	}
+	if create && !c.have[pkcs11.CKM_AES_KEY_GEN] {
+		return c, "", fmt.Errorf("%w: CKM_AES_KEY_GEN (to make the KEK)", ErrMechanism)
+	}
 	if c.kek, kekID, err = findOrCreateKEK(s.mod, c.loginSess, s.cfg.KEKLabel, create); err != nil {
+		return c, "", err
+	}
+	// The cbc-hmac profile's MAC key, made beside the KEK when the token
+	// can do that profile (only with a new KEK), found if it is there.
+	makeMAC := create && ProfileCBCHMAC.lacks(c.have) == "" && (s.cfg.Profile == ProfileCBCHMAC || (s.cfg.Profile == ProfileAuto && !c.have[pkcs11.CKM_AES_GCM]))
+	if c.mac, err = findOrCreateMACKey(s.mod, c.loginSess, s.cfg.KEKLabel+"-mac", kekID, makeMAC); err != nil {
 		return c, "", err
 	}
 	c.pool = newPool(s.mod, c.slot, s.cfg.Sessions)
@@ -285,9 +320,13 @@ func (s *Sealer) reconnect() error {
 		s.closeConn(c)
 		return fmt.Errorf("%w: id %s, was %s", ErrKEKChanged, kekID, s.kekID)
 	}
+	if lacks := s.profile.lacks(c.have); lacks != "" || (s.profile == ProfileCBCHMAC && c.mac == 0) {
+		s.closeConn(c)
+		return fmt.Errorf("%w: after reconnecting, the token no longer offers the %s profile (%s)", ErrMechanism, s.profile, lacks)
+	}
 	// A round trip through the KEK before anyone relies on it.
 	err = c.pool.with(context.Background(), func(sh pkcs11.SessionHandle) error {
-		return s.pingKEK(sh, c.kek)
+		return s.pingKEK(sh, c.keys(), s.profile)
 	})
 	if err != nil {
 		s.closeConn(c)
@@ -318,19 +357,17 @@ func FindToken(mod Module, label string) (uint, error) {
 	return 0, fmt.Errorf("%w: %q", ErrTokenNotFound, label)
 }
 
-func checkMechanisms(mod Module, slot uint) error {
+// mechanisms lists the mechanisms the token offers.
+func mechanisms(mod Module, slot uint) (map[uint]bool, error) {
 	ms, err := mod.GetMechanismList(slot)
 	if err != nil {
-		return fmt.Errorf("list mechanisms: %w", err)
+		return nil, fmt.Errorf("list mechanisms: %w", err)
 	}
-	need := map[uint]string{pkcs11.CKM_AES_GCM: "CKM_AES_GCM", pkcs11.CKM_AES_KEY_GEN: "CKM_AES_KEY_GEN"}
+	have := map[uint]bool{}
 	for _, m := range ms {
-		delete(need, m.Mechanism)
+		have[m.Mechanism] = true
 	}
-	for _, name := range need {
-		return fmt.Errorf("%w: %s", ErrMechanism, name)
-	}
-	return nil
+	return have, nil
 }
 
 func kekTemplate(label string, id []byte) []*pkcs11.Attribute {
@@ -492,9 +529,9 @@ func boolean(b []byte) bool { return len(b) == 1 && b[0] != 0 }
 // KEKAttributes reads the sealer's KEK attributes from the token.
 func (s *Sealer) KEKAttributes(ctx context.Context) (Attributes, error) {
 	var a Attributes
-	err := s.run(ctx, func(sh pkcs11.SessionHandle, kek pkcs11.ObjectHandle) error {
+	err := s.run(ctx, func(sh pkcs11.SessionHandle, k keys) error {
 		var err error
-		a, err = KEKAttributes(s.mod, sh, kek)
+		a, err = KEKAttributes(s.mod, sh, k.kek)
 		return err
 	})
 	return a, err
@@ -503,82 +540,81 @@ func (s *Sealer) KEKAttributes(ctx context.Context) (Attributes, error) {
 // KEKID is the hex CKA_ID of the KEK; it is bound into every blob's AAD.
 func (s *Sealer) KEKID() string { return s.kekID }
 
-// hsmEncrypt encrypts with AES-GCM under key inside the token.
-func (s *Sealer) hsmEncrypt(sh pkcs11.SessionHandle, key pkcs11.ObjectHandle, iv, aad, pt []byte) ([]byte, error) {
-	p := pkcs11.NewGCMParams(iv, aad, gcmTagBits)
-	defer p.Free()
-	if err := s.mod.EncryptInit(sh, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_GCM, p)}, key); err != nil {
-		return nil, fmt.Errorf("C_EncryptInit: %w", err)
-	}
-	ct, err := s.mod.Encrypt(sh, pt)
-	if err != nil {
-		return nil, fmt.Errorf("C_Encrypt: %w", err)
-	}
-	return ct, nil
-}
-
-// hsmDecrypt decrypts AES-GCM under key inside the token.
-func (s *Sealer) hsmDecrypt(sh pkcs11.SessionHandle, key pkcs11.ObjectHandle, iv, aad, ct []byte) ([]byte, error) {
-	p := pkcs11.NewGCMParams(iv, aad, gcmTagBits)
-	defer p.Free()
-	if err := s.mod.DecryptInit(sh, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_GCM, p)}, key); err != nil {
-		return nil, fmt.Errorf("C_DecryptInit: %w", err)
-	}
-	pt, err := s.mod.Decrypt(sh, ct)
-	if err != nil {
-		return nil, fmt.Errorf("C_Decrypt: %w", err)
-	}
-	return pt, nil
-}
-
-// Blob layout, version 1:
+// Blob layouts. Version 1, the gcm profile (the layout kmsd wrote before
+// it had profiles, and still writes for gcm):
 //
 //	"KMS1" | u16 len(kekID) | kekID | 12-byte wrap IV | u16 len(wrappedDEK) | wrappedDEK |
 //	12-byte data nonce | AES-256-GCM(DEK, nonce, plaintext, AAD)
 //
-// wrappedDEK is AES-256-GCM(KEK, wrap IV, DEK, AAD) computed inside the HSM.
-// Both layers authenticate the same AAD (kms.SealContext.AAD), so a blob
-// moved to another key, version, kind or KEK fails to open.
-var blobMagic = []byte("KMS1")
+// Version 2, every other profile:
+//
+//	"KMS2" | profile id | u16 len(kekID) | kekID | u16 len(IV) | IV | u16 len(wrappedDEK) |
+//	wrappedDEK | u16 len(MAC) | MAC | 12-byte data nonce | AES-256-GCM(DEK, nonce, plaintext, AAD)
+//
+// wrappedDEK is the DEK under the KEK, computed inside the HSM by the
+// profile (wrap.go), which authenticates the AAD (kms.SealContext.AAD)
+// too; so does the data layer, so a blob moved to another key, version,
+// kind or KEK fails to open.
+var (
+	blobMagic  = []byte("KMS1")
+	blobMagic2 = []byte("KMS2")
+)
 
 // ErrBlob is returned for a blob that does not open: corrupted, truncated, or
 // sealed for another key, version, kind or KEK.
 var ErrBlob = errors.New("sealed blob does not open in this context")
+
+// Profile is the wrap profile this sealer seals with.
+func (s *Sealer) Profile() Profile { return s.profile }
 
 // Seal implements kms.Sealer.
 func (s *Sealer) Seal(ctx context.Context, sc kms.SealContext, plaintext kms.Secret) ([]byte, error) {
 	aad := sc.AAD(s.kekID)
 	dek := make([]byte, dekSize)
 	defer clear(dek)
-	nonces := make([]byte, 2*gcmNonce)
+	nonce := make([]byte, gcmNonce)
 	if _, err := io.ReadFull(rand.Reader, dek); err != nil {
 		return nil, err
 	}
-	if _, err := io.ReadFull(rand.Reader, nonces); err != nil {
+	if _, err := io.ReadFull(rand.Reader, nonce); err != nil {
 		return nil, err
 	}
-	wrapIV, nonce := nonces[:gcmNonce], nonces[gcmNonce:]
-	var wrapped []byte
-	err := s.run(ctx, func(sh pkcs11.SessionHandle, kek pkcs11.ObjectHandle) error {
+	var w wrapped
+	err := s.run(ctx, func(sh pkcs11.SessionHandle, k keys) error {
 		var err error
-		wrapped, err = s.hsmEncrypt(sh, kek, wrapIV, aad, dek)
+		w, err = wrap(s.mod, sh, k, s.profile, aad, dek)
 		return err
 	})
 	if err != nil {
-		return nil, fmt.Errorf("wrap DEK: %w", err)
+		return nil, fmt.Errorf("wrap DEK (profile %s): %w", s.profile, err)
 	}
 	aead, err := newGCM(dek)
 	if err != nil {
 		return nil, err
 	}
-	out := append([]byte{}, blobMagic...)
-	out = binary.BigEndian.AppendUint16(out, uint16(len(s.kekID)))
-	out = append(out, s.kekID...)
-	out = append(out, wrapIV...)
-	out = binary.BigEndian.AppendUint16(out, uint16(len(wrapped)))
-	out = append(out, wrapped...)
-	out = append(out, nonce...)
+	out := blob{kekID: []byte(s.kekID), w: w, nonce: nonce}.header()
 	return aead.Seal(out, nonce, plaintext.Reveal(), aad), nil
+}
+
+// header encodes the blob up to its data ciphertext.
+func (p blob) header() []byte {
+	var out []byte
+	if p.w.profile == ProfileGCM {
+		out = append(out, blobMagic...)
+		out = binary.BigEndian.AppendUint16(out, uint16(len(p.kekID)))
+		out = append(out, p.kekID...)
+		out = append(out, p.w.iv...)
+		out = binary.BigEndian.AppendUint16(out, uint16(len(p.w.ct)))
+		out = append(out, p.w.ct...)
+	} else {
+		out = append(out, blobMagic2...)
+		out = append(out, profileIDs[p.w.profile])
+		for _, f := range [][]byte{p.kekID, p.w.iv, p.w.ct, p.w.mac} {
+			out = binary.BigEndian.AppendUint16(out, uint16(len(f)))
+			out = append(out, f...)
+		}
+	}
+	return append(out, p.nonce...)
 }
 
 func newGCM(key []byte) (cipher.AEAD, error) {
@@ -590,15 +626,14 @@ func newGCM(key []byte) (cipher.AEAD, error) {
 }
 
 type blob struct {
-	kekID, wrapIV, wrapped, nonce, ct []byte
+	kekID []byte
+	w     wrapped
+	nonce []byte
+	ct    []byte
 }
 
 func parseBlob(b []byte) (blob, error) {
 	var p blob
-	if !bytes.HasPrefix(b, blobMagic) {
-		return p, ErrBlob
-	}
-	b = b[len(blobMagic):]
 	take := func(n int) []byte {
 		if n < 0 || len(b) < n {
 			b = nil
@@ -615,12 +650,37 @@ func parseBlob(b []byte) (blob, error) {
 		}
 		return int(binary.BigEndian.Uint16(v))
 	}
-	p.kekID = take(lenField())
-	p.wrapIV = take(gcmNonce)
-	p.wrapped = take(lenField())
+	switch {
+	case bytes.HasPrefix(b, blobMagic):
+		b = b[len(blobMagic):]
+		p.w.profile = ProfileGCM
+		p.kekID = take(lenField())
+		p.w.iv = take(gcmNonce)
+		p.w.ct = take(lenField())
+	case bytes.HasPrefix(b, blobMagic2) && len(b) > len(blobMagic2):
+		id := b[len(blobMagic2)]
+		b = b[len(blobMagic2)+1:]
+		for pr, pid := range profileIDs {
+			if pid == id {
+				p.w.profile = pr
+			}
+		}
+		if p.w.profile == "" || p.w.profile == ProfileGCM {
+			return p, ErrBlob
+		}
+		p.kekID = take(lenField())
+		p.w.iv = take(lenField())
+		p.w.ct = take(lenField())
+		p.w.mac = take(lenField())
+		if p.w.mac == nil || (p.w.profile == ProfileCBCHMAC) != (len(p.w.mac) > 0) {
+			return p, ErrBlob
+		}
+	default:
+		return p, ErrBlob
+	}
 	p.nonce = take(gcmNonce)
 	p.ct = b
-	if p.kekID == nil || p.wrapIV == nil || p.wrapped == nil || p.nonce == nil || len(p.ct) < 16 {
+	if p.kekID == nil || p.w.iv == nil || p.w.ct == nil || p.nonce == nil || len(p.ct) < 16 {
 		return p, ErrBlob
 	}
 	return p, nil
@@ -637,17 +697,18 @@ func (s *Sealer) Unseal(ctx context.Context, sc kms.SealContext, b []byte) (kms.
 	}
 	aad := sc.AAD(s.kekID)
 	var dek []byte
-	err = s.run(ctx, func(sh pkcs11.SessionHandle, kek pkcs11.ObjectHandle) error {
+	err = s.run(ctx, func(sh pkcs11.SessionHandle, k keys) error {
+		if lacks := p.w.profile.lacks(k.have); lacks != "" {
+			return fmt.Errorf("%w: the blob was sealed with the %s profile, and the token lacks %s", ErrMechanism, p.w.profile, lacks)
+		}
 		var err error
-		dek, err = s.hsmDecrypt(sh, kek, p.wrapIV, aad, p.wrapped)
+		dek, err = unwrap(s.mod, sh, k, aad, p.w)
 		return err
 	})
+	if errors.Is(err, errTag) {
+		return kms.Secret{}, kms.Wrap(kms.KindInternal, "unseal", ErrBlob)
+	}
 	if err != nil {
-		// A GCM tag mismatch inside the HSM: PKCS#11 says
-		// CKR_ENCRYPTED_DATA_INVALID; SoftHSM answers CKR_GENERAL_ERROR.
-		if r := rv(err); r == pkcs11.CKR_ENCRYPTED_DATA_INVALID || r == pkcs11.CKR_ENCRYPTED_DATA_LEN_RANGE || r == pkcs11.CKR_GENERAL_ERROR {
-			return kms.Secret{}, kms.Wrap(kms.KindInternal, "unseal", ErrBlob)
-		}
 		return kms.Secret{}, fmt.Errorf("unwrap DEK: %w", err)
 	}
 	defer clear(dek)
@@ -665,25 +726,37 @@ func (s *Sealer) Unseal(ctx context.Context, sc kms.SealContext, b []byte) (kms.
 // Ping implements kms.Sealer: it encrypts with the KEK in the token, so it
 // fails whenever sealing and unsealing would.
 func (s *Sealer) Ping(ctx context.Context) error {
-	return s.run(ctx, func(sh pkcs11.SessionHandle, kek pkcs11.ObjectHandle) error {
-		return s.pingKEK(sh, kek)
+	return s.run(ctx, func(sh pkcs11.SessionHandle, k keys) error {
+		return s.pingKEK(sh, k, s.profile)
 	})
 }
 
-// pingKEK encrypts a random block with the KEK under a random IV.
-func (s *Sealer) pingKEK(sh pkcs11.SessionHandle, kek pkcs11.ObjectHandle) error {
-	buf := make([]byte, gcmNonce+16)
+// pingKEK wraps a random block with the KEK under profile p and unwraps
+// it back.
+func (s *Sealer) pingKEK(sh pkcs11.SessionHandle, k keys, p Profile) error {
+	buf := make([]byte, 32)
 	if _, err := io.ReadFull(rand.Reader, buf); err != nil {
 		return err
 	}
-	_, err := s.hsmEncrypt(sh, kek, buf[:gcmNonce], []byte("kmsd ping"), buf[gcmNonce:])
-	return err
+	aad := []byte("kmsd ping")
+	w, err := wrap(s.mod, sh, k, p, aad, buf)
+	if err != nil {
+		return err
+	}
+	got, err := unwrap(s.mod, sh, k, aad, w)
+	if err != nil {
+		return err
+	}
+	if !bytes.Equal(got, buf) {
+		return fmt.Errorf("the token's %s round trip gave back other bytes", p)
+	}
+	return nil
 }
 
 // run runs fn on a session of the current connection with its KEK handle.
 // While the connection is lost it fails at once (ErrDisconnected, with the
 // cause); an error that means the connection is gone starts reconnection.
-func (s *Sealer) run(ctx context.Context, fn func(pkcs11.SessionHandle, pkcs11.ObjectHandle) error) error {
+func (s *Sealer) run(ctx context.Context, fn func(pkcs11.SessionHandle, keys) error) error {
 	s.mu.RLock()
 	if s.closed {
 		s.mu.RUnlock()
@@ -697,7 +770,7 @@ func (s *Sealer) run(ctx context.Context, fn func(pkcs11.SessionHandle, pkcs11.O
 		s.mu.RUnlock()
 		return fmt.Errorf("%w: %v", ErrDisconnected, last)
 	}
-	err := c.pool.with(ctx, func(sh pkcs11.SessionHandle) error { return fn(sh, c.kek) })
+	err := c.pool.with(ctx, func(sh pkcs11.SessionHandle) error { return fn(sh, c.keys()) })
 	s.mu.RUnlock()
 	if reconnectable(err) {
 		s.broke(err)
@@ -717,7 +790,118 @@ func (s *Sealer) Close() error {
 		if s.finalize {
 			_ = s.mod.Finalize()
 		}
-		s.mod.Destroy()
+		// The library stays loaded (no dlclose): opencryptoki 3.8
+		// crashes in C_Initialize when it is loaded again in the same
+		// process after being unloaded.
 	})
 	return nil
+}
+
+func (c *conn) keys() keys { return keys{kek: c.kek, mac: c.mac, have: c.have} }
+
+// chooseProfile picks the profile Seal uses: the configured one if the
+// token can do it, or with ProfileAuto the first of Profiles that it can
+// (a token that lists CKM_AES_GCM but refuses an IV from the application,
+// or does not use it, is found by trying). It names what the token lacks.
+func (s *Sealer) chooseProfile(c *conn) (Profile, error) {
+	// A profile whose mechanisms the token lacks is ErrMechanism; one
+	// whose mechanisms it lists but whose round trip fails, ErrSelfTest.
+	tried := false
+	try := func(p Profile) error {
+		if lacks := p.lacks(c.have); lacks != "" {
+			return fmt.Errorf("%w: %s", ErrMechanism, lacks)
+		}
+		if p == ProfileCBCHMAC && c.mac == 0 {
+			return fmt.Errorf("%w: no MAC key labelled %q beside the KEK (kmsd makes it only with a new KEK)", ErrMechanism, s.cfg.KEKLabel+"-mac")
+		}
+		tried = true
+		if err := c.pool.with(context.Background(), func(sh pkcs11.SessionHandle) error { return s.pingKEK(sh, c.keys(), p) }); err != nil {
+			return fmt.Errorf("%w: round trip: %v", ErrSelfTest, err)
+		}
+		return nil
+	}
+	if s.cfg.Profile != ProfileAuto {
+		if err := try(s.cfg.Profile); err != nil {
+			return "", fmt.Errorf("wrap profile %s: %w", s.cfg.Profile, err)
+		}
+		return s.cfg.Profile, nil
+	}
+	var why []string
+	for _, p := range Profiles {
+		err := try(p)
+		if err == nil {
+			s.log.Info("HSM: wrap profile chosen", "profile", string(p))
+			return p, nil
+		}
+		why = append(why, fmt.Sprintf("%s: %v", p, err))
+	}
+	kind := ErrMechanism
+	if tried {
+		kind = ErrSelfTest
+	}
+	return "", fmt.Errorf("%w: the token can do no wrap profile (%s)", kind, strings.Join(why, "; "))
+}
+
+// macTemplate is the cbc-hmac profile's MAC key: a 256-bit generic secret
+// that signs and verifies only, in the token, sensitive, never
+// extractable, with the KEK's id.
+func macTemplate(label string, id []byte) []*pkcs11.Attribute {
+	return []*pkcs11.Attribute{
+		pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_SECRET_KEY),
+		pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_GENERIC_SECRET),
+		pkcs11.NewAttribute(pkcs11.CKA_VALUE_LEN, 32),
+		pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true),
+		pkcs11.NewAttribute(pkcs11.CKA_PRIVATE, true),
+		pkcs11.NewAttribute(pkcs11.CKA_SENSITIVE, true),
+		pkcs11.NewAttribute(pkcs11.CKA_EXTRACTABLE, false),
+		pkcs11.NewAttribute(pkcs11.CKA_SIGN, true),
+		pkcs11.NewAttribute(pkcs11.CKA_VERIFY, true),
+		pkcs11.NewAttribute(pkcs11.CKA_ENCRYPT, false),
+		pkcs11.NewAttribute(pkcs11.CKA_DECRYPT, false),
+		pkcs11.NewAttribute(pkcs11.CKA_WRAP, false),
+		pkcs11.NewAttribute(pkcs11.CKA_UNWRAP, false),
+		pkcs11.NewAttribute(pkcs11.CKA_DERIVE, false),
+		pkcs11.NewAttribute(pkcs11.CKA_MODIFIABLE, false),
+		pkcs11.NewAttribute(pkcs11.CKA_LABEL, label),
+		pkcs11.NewAttribute(pkcs11.CKA_ID, id),
+	}
+}
+
+// findOrCreateMACKey finds the MAC key by label (0 if there is none and
+// create is false) or makes it, and checks that it is safe and belongs to
+// the KEK (same id).
+func findOrCreateMACKey(mod Module, sh pkcs11.SessionHandle, label, kekID string, create bool) (pkcs11.ObjectHandle, error) {
+	objs, err := findByLabel(mod, sh, label)
+	if err != nil {
+		return 0, err
+	}
+	id, _ := hex.DecodeString(kekID)
+	var mac pkcs11.ObjectHandle
+	switch len(objs) {
+	case 0:
+		if !create {
+			return 0, nil
+		}
+		mac, err = mod.GenerateKey(sh, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_GENERIC_SECRET_KEY_GEN, nil)}, macTemplate(label, id))
+		if err != nil {
+			return 0, fmt.Errorf("generate the MAC key %q: %w", label, err)
+		}
+	case 1:
+		mac = objs[0]
+	default:
+		return 0, fmt.Errorf("%w: more than one key is labelled %q", ErrKEK, label)
+	}
+	a, err := KEKAttributes(mod, sh, mac)
+	if err != nil {
+		return 0, err
+	}
+	switch {
+	case a.KeyType != pkcs11.CKK_GENERIC_SECRET || a.ValueLen != 32:
+		return 0, fmt.Errorf("%w: the MAC key %q is not a 256-bit generic secret", ErrKEK, label)
+	case !a.Sensitive || a.Extractable || !a.Token:
+		return 0, fmt.Errorf("%w: the MAC key %q is extractable, not sensitive or not a token object", ErrKEK, label)
+	case !bytes.Equal(a.ID, id):
+		return 0, fmt.Errorf("%w: the MAC key %q does not carry the KEK's id", ErrKEK, label)
+	}
+	return mac, nil
 }

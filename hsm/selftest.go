@@ -3,6 +3,10 @@ package hsm
 import (
 	"bytes"
 	"context"
+	"crypto/aes"
+	"crypto/cipher"
+	"crypto/hmac"
+	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
 
@@ -22,44 +26,105 @@ var (
 	katWrapped, _ = hex.DecodeString("5392920352fe49fee3525418d4e8afa58b876902ca2d9dae6093344c34b8ef8db65171f9960b5a001bc21a38f6b732ee")
 )
 
-// selfTest checks the wrap path two ways before the sealer is used:
-//  1. known answer: the token's AES-GCM, keyed with a known session key,
-//     produces the known ciphertext and decrypts it back;
-//  2. round trip: a blob sealed under the real KEK opens, and fails to open
-//     under another context.
-func (s *Sealer) selfTest() error {
-	ctx := context.Background()
-	err := s.run(ctx, func(sh pkcs11.SessionHandle, _ pkcs11.ObjectHandle) error {
-		key, err := s.mod.CreateObject(sh, []*pkcs11.Attribute{
-			pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_SECRET_KEY),
-			pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_AES),
-			pkcs11.NewAttribute(pkcs11.CKA_TOKEN, false),
-			pkcs11.NewAttribute(pkcs11.CKA_ENCRYPT, true),
-			pkcs11.NewAttribute(pkcs11.CKA_DECRYPT, true),
-			pkcs11.NewAttribute(pkcs11.CKA_VALUE, katKEK),
-		})
-		if err != nil {
-			return fmt.Errorf("create the known-answer key: %w", err)
-		}
-		defer s.mod.DestroyObject(sh, key)
-		ct, err := s.hsmEncrypt(sh, key, katIV, katAAD, katDEK)
+// katCBCIV is the known IV of the cbc-hmac known answer.
+var katCBCIV, _ = hex.DecodeString("000102030405060708090a0b0c0d0e0f")
+
+// knownKey makes a session key of the given type holding a known value,
+// for a known-answer test.
+func (s *Sealer) knownKey(sh pkcs11.SessionHandle, keyType uint, value []byte, attrs ...*pkcs11.Attribute) (pkcs11.ObjectHandle, error) {
+	t := append([]*pkcs11.Attribute{
+		pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_SECRET_KEY),
+		pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, keyType),
+		pkcs11.NewAttribute(pkcs11.CKA_TOKEN, false),
+		pkcs11.NewAttribute(pkcs11.CKA_VALUE, value),
+	}, attrs...)
+	k, err := s.mod.CreateObject(sh, t)
+	if err != nil {
+		return 0, fmt.Errorf("create the known-answer key: %w", err)
+	}
+	return k, nil
+}
+
+// knownAnswer checks the token's primitives of profile p against known
+// answers: AES-GCM (gcm: encryption and decryption; gcm-hsm-iv:
+// decryption, since the token draws the IV of an encryption), or AES-CBC
+// with padding and HMAC-SHA-256 (cbc-hmac), against Go's implementations.
+func (s *Sealer) knownAnswer(sh pkcs11.SessionHandle, p Profile) error {
+	aesKey, err := s.knownKey(sh, pkcs11.CKK_AES, katKEK, pkcs11.NewAttribute(pkcs11.CKA_ENCRYPT, true), pkcs11.NewAttribute(pkcs11.CKA_DECRYPT, true))
+	if err != nil {
+		return err
+	}
+	defer s.mod.DestroyObject(sh, aesKey)
+	switch p {
+	case ProfileGCM:
+		ct, _, err := gcmEncrypt(s.mod, sh, aesKey, katIV, katAAD, katDEK)
 		if err != nil {
 			return err
 		}
 		if !bytes.Equal(ct, katWrapped) {
 			return fmt.Errorf("AES-GCM encryption gave a wrong answer")
 		}
-		pt, err := s.hsmDecrypt(sh, key, katIV, katAAD, ct)
+		fallthrough
+	case ProfileGCMHSMIV:
+		pt, err := gcmDecrypt(s.mod, sh, aesKey, katIV, katAAD, katWrapped)
 		if err != nil {
 			return err
 		}
 		if !bytes.Equal(pt, katDEK) {
 			return fmt.Errorf("AES-GCM decryption gave a wrong answer")
 		}
-		return nil
-	})
+	case ProfileCBCHMAC:
+		want := softCBCPad(katKEK, katCBCIV, katDEK)
+		ct, err := cbcEncrypt(s.mod, sh, aesKey, katCBCIV, katDEK)
+		if err != nil {
+			return err
+		}
+		if !bytes.Equal(ct, want) {
+			return fmt.Errorf("AES-CBC-PAD encryption gave a wrong answer")
+		}
+		if pt, err := cbcDecrypt(s.mod, sh, aesKey, katCBCIV, ct); err != nil || !bytes.Equal(pt, katDEK) {
+			return fmt.Errorf("AES-CBC-PAD decryption gave a wrong answer (%v)", err)
+		}
+		macKey, err := s.knownKey(sh, pkcs11.CKK_GENERIC_SECRET, katKEK, pkcs11.NewAttribute(pkcs11.CKA_SIGN, true))
+		if err != nil {
+			return err
+		}
+		defer s.mod.DestroyObject(sh, macKey)
+		msg := macInput(katAAD, katCBCIV, want)
+		mac, err := hmacSign(s.mod, sh, macKey, msg)
+		if err != nil {
+			return err
+		}
+		h := hmac.New(sha256.New, katKEK)
+		h.Write(msg)
+		if !bytes.Equal(mac, h.Sum(nil)) {
+			return fmt.Errorf("HMAC-SHA-256 gave a wrong answer")
+		}
+	}
+	return nil
+}
+
+// softCBCPad is AES-CBC with PKCS#7 padding in software: the reference
+// the token's answer is checked against.
+func softCBCPad(key, iv, pt []byte) []byte {
+	b, _ := aes.NewCipher(key)
+	n := aes.BlockSize - len(pt)%aes.BlockSize
+	padded := append(bytes.Clone(pt), bytes.Repeat([]byte{byte(n)}, n)...)
+	out := make([]byte, len(padded))
+	cipher.NewCBCEncrypter(b, iv).CryptBlocks(out, padded)
+	return out
+}
+
+// selfTest checks the wrap path two ways before the sealer is used:
+//  1. known answer: the token's primitives of the profile in use, keyed
+//     with known session keys, give the known answers;
+//  2. round trip: a blob sealed under the real KEK opens, and fails to open
+//     under another context.
+func (s *Sealer) selfTest() error {
+	ctx := context.Background()
+	err := s.run(ctx, func(sh pkcs11.SessionHandle, _ keys) error { return s.knownAnswer(sh, s.profile) })
 	if err != nil {
-		return fmt.Errorf("%w: %v", ErrSelfTest, err)
+		return fmt.Errorf("%w: profile %s: %v", ErrSelfTest, s.profile, err)
 	}
 	sc := kms.SealContext{Key: "self-test", Version: 1, Kind: "self-test"}
 	want := []byte("kmsd self-test material")

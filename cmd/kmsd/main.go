@@ -86,6 +86,7 @@ type config struct {
 	token           string
 	pinFile         string
 	kekLabel        string
+	wrapProfile     string
 	cacheTTL        time.Duration
 	destroyInterval time.Duration
 	scrubInterval   time.Duration
@@ -133,6 +134,9 @@ func parseFlags(args []string, getenv func(string) string, out io.Writer) (confi
 	}
 	if c.destroyInterval <= 0 || c.scrubInterval <= 0 || c.shutdownTimeout <= 0 || c.cacheTTL < 0 || c.auditInterval <= 0 || c.auditStreamWait <= 0 || c.maxTokenTTL < 0 {
 		return c, errors.New("durations must be positive (key-cache-ttl and max-token-ttl may be 0)")
+	}
+	if _, err := hsm.ParseProfile(c.wrapProfile); err != nil {
+		return c, fmt.Errorf("--pkcs11-wrap: %w", err)
 	}
 	if c.auditEvery == 0 {
 		return c, errors.New("--audit-checkpoint-every must be at least 1")
@@ -332,6 +336,7 @@ func newFlagSetErrs(c *config, getenv func(string) string) (*flag.FlagSet, *[]en
 	fs.StringVar(&c.token, "pkcs11-token", env("KMS_PKCS11_TOKEN", "kmsd"), "label of the PKCS#11 token (env KMS_PKCS11_TOKEN)")
 	fs.StringVar(&c.pinFile, "pkcs11-pin-file", env("KMS_PKCS11_PIN_FILE", ""), "file holding the token's user PIN; or set KMS_PKCS11_PIN (env KMS_PKCS11_PIN_FILE)")
 	fs.StringVar(&c.kekLabel, "kek-label", env("KMS_KEK_LABEL", "kmsd-kek"), "label of the key encryption key in the token (env KMS_KEK_LABEL)")
+	fs.StringVar(&c.wrapProfile, "pkcs11-wrap", env("KMS_PKCS11_WRAP", "auto"), "how the KEK protects data keys in the token: auto (the first the token can do of gcm, gcm-hsm-iv, cbc-hmac), gcm (AES-GCM, IV from kmsd), gcm-hsm-iv (AES-GCM, IV drawn by the HSM: CloudHSM, Luna in FIPS mode) or cbc-hmac (AES-CBC-PAD then HMAC-SHA-256: tokens without GCM) (env KMS_PKCS11_WRAP)")
 	fs.DurationVar(&c.cacheTTL, "key-cache-ttl", dur("KMS_KEY_CACHE_TTL", 5*time.Minute), "how long an unsealed private key stays in memory; 0 turns the cache off (env KMS_KEY_CACHE_TTL)")
 	fs.DurationVar(&c.destroyInterval, "destroy-check-interval", dur("KMS_DESTROY_CHECK_INTERVAL", time.Minute), "how often versions due for destruction are destroyed (env KMS_DESTROY_CHECK_INTERVAL)")
 	fs.DurationVar(&c.scrubInterval, "store-scrub-interval", dur("KMS_STORE_SCRUB_INTERVAL", time.Minute), "how often every record's tag and the store digest are checked (also at every start): a record put back or deleted in the store is found within this (env KMS_STORE_SCRUB_INTERVAL)")
@@ -421,7 +426,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 	} else if sealedUnder.Token != c.token || sealedUnder.Label != c.kekLabel {
 		return fmt.Errorf("this data dir was sealed under the key labelled %q in token %q (KEK id %s), but kmsd was started with --pkcs11-token %q --kek-label %q: start it with those", sealedUnder.Label, sealedUnder.Token, sealedUnder.ID, c.token, c.kekLabel)
 	}
-	hcfg := hsm.Config{Module: c.module, TokenLabel: c.token, KEKLabel: c.kekLabel, CreateKEK: fresh, Logger: log}
+	hcfg := hsm.Config{Module: c.module, TokenLabel: c.token, KEKLabel: c.kekLabel, CreateKEK: fresh, Logger: log, Profile: hsm.Profile(c.wrapProfile)}
 	pinFile := c.pinFile
 	if c.module == "" {
 		st, err := softhsm.Bootstrap(filepath.Join(c.dataDir, "softhsm"), c.token, fresh)
@@ -476,7 +481,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 			return fmt.Errorf("another kmsd started on this store at the same time and recorded its KEK first (id %s, labelled %q in token %q); the KEK this one made seals nothing: remove %s and start again with --pkcs11-module and --pkcs11-pin-file of the token that holds that KEK (start the first replica alone)", other.ID, other.Label, other.Token, c.dataDir)
 		}
 	}
-	log.Info("HSM ready", "token", c.token, "kek_label", c.kekLabel, "kek_id", sealer.KEKID(), "new_data_dir", fresh)
+	log.Info("HSM ready", "token", c.token, "kek_label", c.kekLabel, "kek_id", sealer.KEKID(), "wrap_profile", string(sealer.Profile()), "new_data_dir", fresh)
 
 	ttl := c.cacheTTL
 	if ttl == 0 {

@@ -1,0 +1,283 @@
+package hsm
+
+import (
+	"bytes"
+	"crypto/rand"
+	"crypto/subtle"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"strings"
+
+	"github.com/miekg/pkcs11"
+)
+
+// Profile is how the KEK protects a data key inside the token. Tokens
+// differ in what they offer; the sealer picks the first profile the token
+// can do (Profile "auto"), or the one configured, and every blob says
+// which profile sealed it.
+type Profile string
+
+const (
+	// ProfileAuto picks, in order: gcm, gcm-hsm-iv, cbc-hmac.
+	ProfileAuto Profile = "auto"
+	// ProfileGCM is AES-256-GCM in the token under an IV kmsd draws
+	// (SoftHSM2, opencryptoki 3.17 and later, most HSMs).
+	ProfileGCM Profile = "gcm"
+	// ProfileGCMHSMIV is AES-256-GCM in the token under an IV the token
+	// draws and writes back (AWS CloudHSM, Thales Luna in FIPS mode,
+	// which refuse an IV from the application). kmsd stores it with the
+	// blob.
+	ProfileGCMHSMIV Profile = "gcm-hsm-iv"
+	// ProfileCBCHMAC is AES-256-CBC with PKCS#7 padding under the KEK,
+	// then HMAC-SHA-256 under a second key in the token over the
+	// associated data, the IV and the ciphertext (encrypt-then-MAC), for
+	// tokens without GCM (Debian 12's opencryptoki 3.8).
+	ProfileCBCHMAC Profile = "cbc-hmac"
+)
+
+// Profiles lists the concrete profiles in the order auto tries them.
+var Profiles = []Profile{ProfileGCM, ProfileGCMHSMIV, ProfileCBCHMAC}
+
+// profile ids in KMS2 blobs.
+var profileIDs = map[Profile]byte{ProfileGCM: 1, ProfileGCMHSMIV: 2, ProfileCBCHMAC: 3}
+
+// ParseProfile checks a configured profile name.
+func ParseProfile(s string) (Profile, error) {
+	p := Profile(s)
+	if p == ProfileAuto || profileIDs[p] != 0 {
+		return p, nil
+	}
+	return "", fmt.Errorf("unknown wrap profile %q: want auto, gcm, gcm-hsm-iv or cbc-hmac", s)
+}
+
+// needs lists the mechanisms a profile uses, by name.
+func (p Profile) needs() map[uint]string {
+	switch p {
+	case ProfileGCM, ProfileGCMHSMIV:
+		return map[uint]string{pkcs11.CKM_AES_GCM: "CKM_AES_GCM"}
+	case ProfileCBCHMAC:
+		return map[uint]string{pkcs11.CKM_AES_CBC_PAD: "CKM_AES_CBC_PAD", pkcs11.CKM_SHA256_HMAC: "CKM_SHA256_HMAC", pkcs11.CKM_GENERIC_SECRET_KEY_GEN: "CKM_GENERIC_SECRET_KEY_GEN"}
+	}
+	return nil
+}
+
+// lacks names the mechanisms of p the token does not list ("" if none).
+func (p Profile) lacks(have map[uint]bool) string {
+	var out []string
+	for m, name := range p.needs() {
+		if !have[m] {
+			out = append(out, name)
+		}
+	}
+	if len(out) > 1 {
+		// Map order: sort for a stable message.
+		for i := range out {
+			for j := i + 1; j < len(out); j++ {
+				if out[j] < out[i] {
+					out[i], out[j] = out[j], out[i]
+				}
+			}
+		}
+	}
+	return strings.Join(out, ", ")
+}
+
+const (
+	cbcIV    = 16
+	macLabel = "kmsd-wrap-cbc-hmac-v1"
+)
+
+// keys are the token objects a profile uses.
+type keys struct {
+	kek  pkcs11.ObjectHandle
+	mac  pkcs11.ObjectHandle // cbc-hmac only
+	have map[uint]bool       // the token's mechanisms
+}
+
+// wrapped is a data key under the KEK.
+type wrapped struct {
+	profile Profile
+	iv      []byte
+	ct      []byte
+	mac     []byte // cbc-hmac only
+}
+
+// gcmEncrypter is implemented by a Module that stands for a token whose
+// AES-GCM encryption differs from the standard call (tests: a token that
+// draws the IV itself, as CloudHSM does). It returns the ciphertext and
+// the IV the token used.
+type gcmEncrypter interface {
+	EncryptGCM(sh pkcs11.SessionHandle, key pkcs11.ObjectHandle, iv, aad, pt []byte) (ct, usedIV []byte, err error)
+}
+
+// gcmEncrypt encrypts with AES-GCM in the token and returns the IV it
+// used: iv as given, unless the token wrote its own into the parameters.
+func gcmEncrypt(mod Module, sh pkcs11.SessionHandle, key pkcs11.ObjectHandle, iv, aad, pt []byte) ([]byte, []byte, error) {
+	if g, ok := mod.(gcmEncrypter); ok {
+		return g.EncryptGCM(sh, key, iv, aad, pt)
+	}
+	p := pkcs11.NewGCMParams(bytes.Clone(iv), aad, gcmTagBits)
+	defer p.Free()
+	if err := mod.EncryptInit(sh, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_GCM, p)}, key); err != nil {
+		return nil, nil, fmt.Errorf("C_EncryptInit: %w", err)
+	}
+	ct, err := mod.Encrypt(sh, pt)
+	if err != nil {
+		return nil, nil, fmt.Errorf("C_Encrypt: %w", err)
+	}
+	used := p.IV()
+	if len(used) != len(iv) {
+		used = bytes.Clone(iv)
+	}
+	return ct, used, nil
+}
+
+func gcmDecrypt(mod Module, sh pkcs11.SessionHandle, key pkcs11.ObjectHandle, iv, aad, ct []byte) ([]byte, error) {
+	p := pkcs11.NewGCMParams(iv, aad, gcmTagBits)
+	defer p.Free()
+	if err := mod.DecryptInit(sh, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_GCM, p)}, key); err != nil {
+		return nil, fmt.Errorf("C_DecryptInit: %w", err)
+	}
+	pt, err := mod.Decrypt(sh, ct)
+	if err != nil {
+		return nil, fmt.Errorf("C_Decrypt: %w", err)
+	}
+	return pt, nil
+}
+
+func cbcEncrypt(mod Module, sh pkcs11.SessionHandle, key pkcs11.ObjectHandle, iv, pt []byte) ([]byte, error) {
+	if err := mod.EncryptInit(sh, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_CBC_PAD, iv)}, key); err != nil {
+		return nil, fmt.Errorf("C_EncryptInit: %w", err)
+	}
+	ct, err := mod.Encrypt(sh, pt)
+	if err != nil {
+		return nil, fmt.Errorf("C_Encrypt: %w", err)
+	}
+	return ct, nil
+}
+
+func cbcDecrypt(mod Module, sh pkcs11.SessionHandle, key pkcs11.ObjectHandle, iv, ct []byte) ([]byte, error) {
+	if err := mod.DecryptInit(sh, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_CBC_PAD, iv)}, key); err != nil {
+		return nil, fmt.Errorf("C_DecryptInit: %w", err)
+	}
+	pt, err := mod.Decrypt(sh, ct)
+	if err != nil {
+		return nil, fmt.Errorf("C_Decrypt: %w", err)
+	}
+	return pt, nil
+}
+
+func hmacSign(mod Module, sh pkcs11.SessionHandle, key pkcs11.ObjectHandle, msg []byte) ([]byte, error) {
+	if err := mod.SignInit(sh, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_SHA256_HMAC, nil)}, key); err != nil {
+		return nil, fmt.Errorf("C_SignInit: %w", err)
+	}
+	mac, err := mod.Sign(sh, msg)
+	if err != nil {
+		return nil, fmt.Errorf("C_Sign: %w", err)
+	}
+	return mac, nil
+}
+
+// macInput is what cbc-hmac authenticates: the associated data, the IV
+// and the ciphertext, each length-prefixed.
+func macInput(aad, iv, ct []byte) []byte {
+	b := append([]byte{}, macLabel...)
+	for _, f := range [][]byte{aad, iv, ct} {
+		b = binary.BigEndian.AppendUint32(b, uint32(len(f)))
+		b = append(b, f...)
+	}
+	return b
+}
+
+// errTag: the token's check of a wrapped key failed (a GCM tag, or the
+// cbc-hmac MAC).
+var errTag = errors.New("the wrapped data key failed its check")
+
+// wrap protects dek under the KEK with profile p.
+func wrap(mod Module, sh pkcs11.SessionHandle, k keys, p Profile, aad, dek []byte) (wrapped, error) {
+	w := wrapped{profile: p}
+	switch p {
+	case ProfileGCM:
+		w.iv = make([]byte, gcmNonce)
+		if _, err := io.ReadFull(rand.Reader, w.iv); err != nil {
+			return w, err
+		}
+		ct, used, err := gcmEncrypt(mod, sh, k.kek, w.iv, aad, dek)
+		if err != nil {
+			return w, err
+		}
+		if !bytes.Equal(used, w.iv) {
+			return w, errors.New("the token used another IV than the one given (it draws its own: use the gcm-hsm-iv profile)")
+		}
+		w.ct = ct
+	case ProfileGCMHSMIV:
+		zero := make([]byte, gcmNonce)
+		ct, used, err := gcmEncrypt(mod, sh, k.kek, zero, aad, dek)
+		if err != nil {
+			return w, err
+		}
+		// A token that took the zero IV as given would reuse it for
+		// every blob: GCM's nonce must never repeat under one key.
+		if len(used) != gcmNonce || subtle.ConstantTimeCompare(used, zero) == 1 {
+			return w, errors.New("the token did not draw an IV of its own (it used the zero IV it was given): use the gcm profile")
+		}
+		w.iv, w.ct = used, ct
+	case ProfileCBCHMAC:
+		w.iv = make([]byte, cbcIV)
+		if _, err := io.ReadFull(rand.Reader, w.iv); err != nil {
+			return w, err
+		}
+		ct, err := cbcEncrypt(mod, sh, k.kek, w.iv, dek)
+		if err != nil {
+			return w, err
+		}
+		mac, err := hmacSign(mod, sh, k.mac, macInput(aad, w.iv, ct))
+		if err != nil {
+			return w, err
+		}
+		w.ct, w.mac = ct, mac
+	default:
+		return w, fmt.Errorf("no wrap profile %q", p)
+	}
+	return w, nil
+}
+
+// unwrap opens w under the KEK; errTag if it fails its check.
+func unwrap(mod Module, sh pkcs11.SessionHandle, k keys, aad []byte, w wrapped) ([]byte, error) {
+	switch w.profile {
+	case ProfileGCM, ProfileGCMHSMIV:
+		dek, err := gcmDecrypt(mod, sh, k.kek, w.iv, aad, w.ct)
+		if err != nil {
+			// A tag mismatch: PKCS#11 says CKR_ENCRYPTED_DATA_INVALID
+			// (opencryptoki, CloudHSM); SoftHSM answers
+			// CKR_GENERAL_ERROR.
+			if r := rv(err); r == pkcs11.CKR_ENCRYPTED_DATA_INVALID || r == pkcs11.CKR_ENCRYPTED_DATA_LEN_RANGE || r == pkcs11.CKR_GENERAL_ERROR {
+				return nil, errTag
+			}
+			return nil, err
+		}
+		return dek, nil
+	case ProfileCBCHMAC:
+		if k.mac == 0 {
+			return nil, fmt.Errorf("%w: the blob was sealed with the cbc-hmac profile, and the token holds no MAC key beside the KEK", ErrMechanism)
+		}
+		mac, err := hmacSign(mod, sh, k.mac, macInput(aad, w.iv, w.ct))
+		if err != nil {
+			return nil, err
+		}
+		if subtle.ConstantTimeCompare(mac, w.mac) != 1 {
+			return nil, errTag
+		}
+		dek, err := cbcDecrypt(mod, sh, k.kek, w.iv, w.ct)
+		if err != nil {
+			if r := rv(err); r == pkcs11.CKR_ENCRYPTED_DATA_INVALID || r == pkcs11.CKR_ENCRYPTED_DATA_LEN_RANGE {
+				return nil, errTag
+			}
+			return nil, err
+		}
+		return dek, nil
+	}
+	return nil, fmt.Errorf("no wrap profile %q", w.profile)
+}
