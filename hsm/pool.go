@@ -3,6 +3,7 @@ package hsm
 import (
 	"context"
 	"sync"
+	"time"
 
 	"github.com/miekg/pkcs11"
 )
@@ -40,41 +41,55 @@ func (p *pool) with(ctx context.Context, fn func(pkcs11.SessionHandle) error) er
 	return err
 }
 
+// sessionWait bounds how long a caller waits for a session when the
+// token allows fewer than the pool would open (CKR_SESSION_COUNT).
+const sessionWait = 5 * time.Second
+
 func (p *pool) get(ctx context.Context) (pkcs11.SessionHandle, error) {
 	select {
 	case sh := <-p.idle:
 		return sh, nil
 	default:
 	}
-	select {
-	case sh := <-p.idle:
-		return sh, nil
-	case p.sem <- struct{}{}:
-		p.mu.Lock()
-		closed := p.closed
-		p.mu.Unlock()
-		if closed {
-			<-p.sem
-			return 0, ErrClosed
-		}
-		sh, err := p.mod.OpenSession(p.slot, pkcs11.CKF_SERIAL_SESSION|pkcs11.CKF_RW_SESSION)
-		if err != nil {
+	var waitUntil time.Time
+	for {
+		select {
+		case sh := <-p.idle:
+			return sh, nil
+		case p.sem <- struct{}{}:
+			p.mu.Lock()
+			closed := p.closed
+			p.mu.Unlock()
+			if closed {
+				<-p.sem
+				return 0, ErrClosed
+			}
+			sh, err := p.mod.OpenSession(p.slot, pkcs11.CKF_SERIAL_SESSION|pkcs11.CKF_RW_SESSION)
+			if err == nil {
+				return sh, nil
+			}
 			<-p.sem
 			// The token allows fewer sessions than the pool would
-			// open: wait for one of those open, if any is.
-			if rv(err) == pkcs11.CKR_SESSION_COUNT && len(p.sem) > 0 {
-				select {
-				case sh := <-p.idle:
-					return sh, nil
-				case <-ctx.Done():
-					return 0, ctx.Err()
-				}
+			// open: wait a moment for one to come back (or to be
+			// closed, freeing room to open one), for sessionWait.
+			if rv(err) != pkcs11.CKR_SESSION_COUNT {
+				return 0, err
 			}
-			return 0, err
+			if waitUntil.IsZero() {
+				waitUntil = time.Now().Add(sessionWait)
+			} else if time.Now().After(waitUntil) {
+				return 0, err
+			}
+			select {
+			case sh := <-p.idle:
+				return sh, nil
+			case <-time.After(5 * time.Millisecond):
+			case <-ctx.Done():
+				return 0, ctx.Err()
+			}
+		case <-ctx.Done():
+			return 0, ctx.Err()
 		}
-		return sh, nil
-	case <-ctx.Done():
-		return 0, ctx.Err()
 	}
 }
 

@@ -57,12 +57,17 @@ type Config struct {
 // after the PIN is refused), KEK found by label (never created) and checked
 // to be the same key, sessions opened anew, a round trip tested.
 type Sealer struct {
-	mod      Module
-	cfg      Config
-	kekID    string  // hex of the KEK's CKA_ID
-	profile  Profile // what Seal uses
-	finalize bool
-	log      *slog.Logger
+	mod     Module
+	cfg     Config
+	kekID   string  // hex of the KEK's CKA_ID
+	profile Profile // what Seal uses
+	ivs     ivGuard
+	// ping is a random block wrapped at start: Ping unwraps it, so a
+	// health check spends no IV under the KEK.
+	pingPlain   []byte
+	pingProfile wrapped
+	finalize    bool
+	log         *slog.Logger
 
 	mu     sync.RWMutex // operations hold it shared while they use c; reconnect and Close exclusively
 	c      *conn        // nil while disconnected
@@ -83,6 +88,7 @@ type conn struct {
 	kek       pkcs11.ObjectHandle
 	mac       pkcs11.ObjectHandle // the cbc-hmac profile's MAC key, 0 if none
 	have      map[uint]bool       // the token's mechanisms
+	ivs       *ivGuard            // shared by the connections of one sealer
 	loginSess pkcs11.SessionHandle
 	pool      *pool
 }
@@ -134,7 +140,7 @@ func Open(cfg Config) (_ *Sealer, err error) {
 	}
 	if err := mod.Initialize(); err != nil {
 		if rv(err) != pkcs11.CKR_CRYPTOKI_ALREADY_INITIALIZED {
-			mod.Destroy()
+			// Not unloaded (see Close).
 			return nil, fmt.Errorf("%w: C_Initialize: %v", ErrModule, err)
 		}
 	} else {
@@ -166,6 +172,9 @@ func Open(cfg Config) (_ *Sealer, err error) {
 	if err := s.selfTest(); err != nil {
 		return nil, err
 	}
+	if err := s.makePing(); err != nil {
+		return nil, fmt.Errorf("%w: %v", ErrSelfTest, err)
+	}
 	return s, nil
 }
 
@@ -174,7 +183,7 @@ func Open(cfg Config) (_ *Sealer, err error) {
 // and a session pool. On failure it closes what it opened; c may still be
 // returned half made for shutdown to close.
 func (s *Sealer) connect(create bool) (c *conn, kekID string, err error) {
-	c = &conn{}
+	c = &conn{ivs: &s.ivs}
 	defer func() {
 		if err != nil {
 			s.closeConn(c)
@@ -210,7 +219,7 @@ func (s *Sealer) connect(create bool) (c *conn, kekID string, err error) {
 	}
 	// The cbc-hmac profile's MAC key, made beside the KEK when the token
 	// can do that profile (only with a new KEK), found if it is there.
-	makeMAC := create && ProfileCBCHMAC.lacks(c.have) == "" && (s.cfg.Profile == ProfileCBCHMAC || (s.cfg.Profile == ProfileAuto && !c.have[pkcs11.CKM_AES_GCM]))
+	makeMAC := create && ProfileCBCHMAC.lacks(c.have) == "" && (s.cfg.Profile == ProfileCBCHMAC || s.cfg.Profile == ProfileAuto)
 	if c.mac, err = findOrCreateMACKey(s.mod, c.loginSess, s.cfg.KEKLabel+"-mac", kekID, makeMAC); err != nil {
 		return c, "", err
 	}
@@ -464,8 +473,8 @@ func (a Attributes) check() error {
 	switch {
 	case a.KeyType != pkcs11.CKK_AES || a.ValueLen != 32:
 		return errors.New("is not an AES-256 key")
-	case !a.Sensitive || a.Extractable:
-		return errors.New("is extractable or not sensitive")
+	case !a.Sensitive || a.Extractable || !a.AlwaysSensitive || !a.NeverExtractable:
+		return errors.New("is extractable or not sensitive, or was once")
 	case !a.Token:
 		return errors.New("is not a token object")
 	case len(a.ID) == 0:
@@ -672,7 +681,7 @@ func parseBlob(b []byte) (blob, error) {
 		p.w.iv = take(lenField())
 		p.w.ct = take(lenField())
 		p.w.mac = take(lenField())
-		if p.w.mac == nil || (p.w.profile == ProfileCBCHMAC) != (len(p.w.mac) > 0) {
+		if p.w.mac == nil {
 			return p, ErrBlob
 		}
 	default:
@@ -680,7 +689,7 @@ func parseBlob(b []byte) (blob, error) {
 	}
 	p.nonce = take(gcmNonce)
 	p.ct = b
-	if p.kekID == nil || p.w.iv == nil || p.w.ct == nil || p.nonce == nil || len(p.ct) < 16 {
+	if p.kekID == nil || p.w.iv == nil || p.w.ct == nil || p.nonce == nil || len(p.ct) < 16 || !p.w.sizesOK() {
 		return p, ErrBlob
 	}
 	return p, nil
@@ -705,6 +714,14 @@ func (s *Sealer) Unseal(ctx context.Context, sc kms.SealContext, b []byte) (kms.
 		dek, err = unwrap(s.mod, sh, k, aad, p.w)
 		return err
 	})
+	if errors.Is(err, errGeneral) {
+		// A bad tag on SoftHSM, or a failing token: if the KEK still
+		// round-trips, it was the blob.
+		if perr := s.Ping(ctx); perr != nil {
+			return kms.Secret{}, fmt.Errorf("unwrap DEK: %w (and the token fails a round trip: %v)", err, perr)
+		}
+		err = errTag
+	}
 	if errors.Is(err, errTag) {
 		return kms.Secret{}, kms.Wrap(kms.KindInternal, "unseal", ErrBlob)
 	}
@@ -712,6 +729,9 @@ func (s *Sealer) Unseal(ctx context.Context, sc kms.SealContext, b []byte) (kms.
 		return kms.Secret{}, fmt.Errorf("unwrap DEK: %w", err)
 	}
 	defer clear(dek)
+	if len(dek) != dekSize {
+		return kms.Secret{}, kms.Wrap(kms.KindInternal, "unseal", ErrBlob)
+	}
 	aead, err := newGCM(dek)
 	if err != nil {
 		return kms.Secret{}, kms.Wrap(kms.KindInternal, "unseal", ErrBlob)
@@ -727,7 +747,27 @@ func (s *Sealer) Unseal(ctx context.Context, sc kms.SealContext, b []byte) (kms.
 // fails whenever sealing and unsealing would.
 func (s *Sealer) Ping(ctx context.Context) error {
 	return s.run(ctx, func(sh pkcs11.SessionHandle, k keys) error {
-		return s.pingKEK(sh, k, s.profile)
+		got, err := unwrap(s.mod, sh, k, []byte("kmsd ping"), s.pingProfile)
+		if err != nil {
+			return err
+		}
+		if !bytes.Equal(got, s.pingPlain) {
+			return errors.New("the token's unwrap of the ping block gave back other bytes")
+		}
+		return nil
+	})
+}
+
+// makePing wraps the block Ping unwraps.
+func (s *Sealer) makePing() error {
+	s.pingPlain = make([]byte, dekSize)
+	if _, err := io.ReadFull(rand.Reader, s.pingPlain); err != nil {
+		return err
+	}
+	return s.run(context.Background(), func(sh pkcs11.SessionHandle, k keys) error {
+		var err error
+		s.pingProfile, err = wrap(s.mod, sh, k, s.profile, []byte("kmsd ping"), s.pingPlain)
+		return err
 	})
 }
 
@@ -797,7 +837,7 @@ func (s *Sealer) Close() error {
 	return nil
 }
 
-func (c *conn) keys() keys { return keys{kek: c.kek, mac: c.mac, have: c.have} }
+func (c *conn) keys() keys { return keys{kek: c.kek, mac: c.mac, have: c.have, ivs: c.ivs} }
 
 // chooseProfile picks the profile Seal uses: the configured one if the
 // token can do it, or with ProfileAuto the first of Profiles that it can
@@ -898,10 +938,11 @@ func findOrCreateMACKey(mod Module, sh pkcs11.SessionHandle, label, kekID string
 	switch {
 	case a.KeyType != pkcs11.CKK_GENERIC_SECRET || a.ValueLen != 32:
 		return 0, fmt.Errorf("%w: the MAC key %q is not a 256-bit generic secret", ErrKEK, label)
-	case !a.Sensitive || a.Extractable || !a.Token:
-		return 0, fmt.Errorf("%w: the MAC key %q is extractable, not sensitive or not a token object", ErrKEK, label)
+	case !a.Sensitive || a.Extractable || !a.AlwaysSensitive || !a.NeverExtractable || !a.Token:
+		return 0, fmt.Errorf("%w: the MAC key %q is or was extractable, not sensitive or not a token object", ErrKEK, label)
 	case !bytes.Equal(a.ID, id):
-		return 0, fmt.Errorf("%w: the MAC key %q does not carry the KEK's id", ErrKEK, label)
+		// Left from another KEK: not this one's, so not used.
+		return 0, nil
 	}
 	return mac, nil
 }

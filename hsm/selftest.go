@@ -73,6 +73,13 @@ func (s *Sealer) knownAnswer(sh pkcs11.SessionHandle, p Profile) error {
 		if !bytes.Equal(pt, katDEK) {
 			return fmt.Errorf("AES-GCM decryption gave a wrong answer")
 		}
+		// And it checks the tag: a wrapped key changed in one bit is
+		// refused.
+		bad := bytes.Clone(katWrapped)
+		bad[len(bad)-1] ^= 1
+		if _, err := gcmDecrypt(s.mod, sh, aesKey, katIV, katAAD, bad); err == nil {
+			return fmt.Errorf("AES-GCM decryption accepted a wrong tag")
+		}
 	case ProfileCBCHMAC:
 		want := softCBCPad(katKEK, katCBCIV, katDEK)
 		ct, err := cbcEncrypt(s.mod, sh, aesKey, katCBCIV, katDEK)

@@ -33,6 +33,10 @@ import (
 type vendorModule struct {
 	hsm.Module
 	hsmIV       bool
+	fixedIV     []byte        // with hsmIV: the token "draws" this IV every time
+	failEncrypt int           // this many C_Encrypt calls fail with CKR_GENERAL_ERROR
+	failAfter   time.Duration // ... after this long
+	generalDec  bool          // every C_Decrypt fails with CKR_GENERAL_ERROR
 	gcmCap      int
 	dataInvalid bool
 	maxSessions int
@@ -57,6 +61,9 @@ func (v *vendorModule) EncryptGCM(sh pkcs11.SessionHandle, key pkcs11.ObjectHand
 		}
 		iv = make([]byte, 12)
 		rand.Read(iv)
+		if v.fixedIV != nil {
+			iv = bytes.Clone(v.fixedIV)
+		}
 		v.mu.Lock()
 		v.drawn = append(v.drawn, bytes.Clone(iv))
 		v.mu.Unlock()
@@ -66,7 +73,7 @@ func (v *vendorModule) EncryptGCM(sh pkcs11.SessionHandle, key pkcs11.ObjectHand
 	if err := v.Module.EncryptInit(sh, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_GCM, p)}, key); err != nil {
 		return nil, nil, err
 	}
-	ct, err := v.Module.Encrypt(sh, pt)
+	ct, err := v.Encrypt(sh, pt)
 	return ct, iv, err
 }
 
@@ -83,12 +90,28 @@ func (v *vendorModule) Encrypt(sh pkcs11.SessionHandle, m []byte) ([]byte, error
 	if err := v.check(); err != nil {
 		return nil, err
 	}
+	v.mu.Lock()
+	fail := v.failEncrypt > 0
+	if fail {
+		v.failEncrypt--
+	}
+	v.mu.Unlock()
+	if fail {
+		time.Sleep(v.failAfter)
+		return nil, pkcs11.Error(pkcs11.CKR_GENERAL_ERROR)
+	}
 	return v.Module.Encrypt(sh, m)
 }
 
 func (v *vendorModule) Decrypt(sh pkcs11.SessionHandle, c []byte) ([]byte, error) {
 	if err := v.check(); err != nil {
 		return nil, err
+	}
+	v.mu.Lock()
+	general := v.generalDec
+	v.mu.Unlock()
+	if general {
+		return nil, pkcs11.Error(pkcs11.CKR_GENERAL_ERROR)
 	}
 	pt, err := v.Module.Decrypt(sh, c)
 	if v.dataInvalid && errors.Is(err, pkcs11.Error(pkcs11.CKR_GENERAL_ERROR)) {
@@ -343,5 +366,103 @@ func TestLoggedOutUnderKmsd(t *testing.T) {
 	}
 	if s.Reconnects() == 0 {
 		t.Fatal("no reconnection")
+	}
+}
+
+// TestRepeatedHSMIVRefused is the outside review's finding: a token that
+// writes back the same non-zero IV every time passed the start-up checks,
+// and every blob was sealed under one GCM IV. kmsd remembers the IVs the
+// token draws and refuses a repeat: such a token does not start.
+func TestRepeatedHSMIVRefused(t *testing.T) {
+	_, err := openVendor(t, &vendorModule{hsmIV: true, fixedIV: []byte("same IV 12by")}, hsm.ProfileAuto)
+	if err == nil || !strings.Contains(err.Error(), "drawn before") {
+		t.Fatalf("a token repeating its IV: %v", err)
+	}
+}
+
+// TestSessionClosedWhileWaiting is the outside review's finding: with the
+// token at its session limit, a caller waited for a session to come back;
+// one closed as broken never did, and the sealer froze. Now waiters try
+// again to open one, and every call ends.
+func TestSessionClosedWhileWaiting(t *testing.T) {
+	v := &vendorModule{maxSessions: 2} // the login session and one more
+	s, err := openVendor(t, v, hsm.ProfileAuto)
+	if err != nil {
+		t.Fatal(err)
+	}
+	v.mu.Lock()
+	v.failEncrypt, v.failAfter = 1, 200*time.Millisecond
+	v.mu.Unlock()
+	// A takes the one session and fails with it (closed as broken); B
+	// asks meanwhile, is refused a second session, and waits.
+	a := make(chan error, 1)
+	go func() {
+		_, err := s.Seal(context.Background(), sc, kms.NewSecret([]byte("a")))
+		a <- err
+	}()
+	time.Sleep(50 * time.Millisecond)
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+	defer cancel()
+	if _, err := s.Seal(ctx, sc, kms.NewSecret([]byte("b"))); err != nil {
+		t.Fatalf("B, waiting while A's session was closed: %v", err)
+	}
+	if err := <-a; err == nil {
+		t.Fatal("A's injected failure did not happen")
+	}
+	if v.refused == 0 {
+		t.Fatal("B was never refused a session: the test did not test")
+	}
+}
+
+// TestGeneralErrorOnAFailingToken: CKR_GENERAL_ERROR is SoftHSM's answer
+// to a bad GCM tag, and other tokens' answer to a failure. A valid blob
+// on a token failing that way is an error saying the token fails, not
+// "the blob does not open".
+func TestGeneralErrorOnAFailingToken(t *testing.T) {
+	v := &vendorModule{}
+	s, err := openVendor(t, v, hsm.ProfileAuto)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	blob, err := s.Seal(ctx, sc, kms.NewSecret([]byte("valid")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	v.mu.Lock()
+	v.generalDec = true
+	v.mu.Unlock()
+	_, err = s.Unseal(ctx, sc, blob)
+	if err == nil || errors.Is(err, hsm.ErrBlob) || !strings.Contains(err.Error(), "round trip") {
+		t.Fatalf("a valid blob on a failing token: %v", err)
+	}
+}
+
+// TestBlobFieldLengths: a blob whose IV, wrapped key or MAC is not the
+// size its profile makes is refused before the token sees it.
+func TestBlobFieldLengths(t *testing.T) {
+	s := testhsm.Open(t)
+	ctx := context.Background()
+	kek := []byte(s.KEKID())
+	field := func(b []byte) []byte { return append([]byte{byte(len(b) >> 8), byte(len(b))}, b...) }
+	for _, c := range []struct {
+		name        string
+		id          byte
+		iv, ct, mac int
+	}{
+		{"empty IV", 2, 0, 48, 0},
+		{"short wrapped key", 2, 12, 20, 0},
+		{"cbc without MAC", 3, 16, 48, 0},
+		{"cbc with a short IV", 3, 8, 48, 32},
+	} {
+		b := append([]byte("KMS2"), c.id)
+		b = append(b, field(kek)...)
+		b = append(b, field(make([]byte, c.iv))...)
+		b = append(b, field(make([]byte, c.ct))...)
+		b = append(b, field(make([]byte, c.mac))...)
+		b = append(b, make([]byte, 12+40)...)
+		if _, err := s.Unseal(ctx, sc, b); !errors.Is(err, hsm.ErrBlob) {
+			t.Errorf("%s: %v", c.name, err)
+		}
 	}
 }

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"strings"
+	"sync"
 
 	"github.com/miekg/pkcs11"
 )
@@ -94,6 +95,41 @@ type keys struct {
 	kek  pkcs11.ObjectHandle
 	mac  pkcs11.ObjectHandle // cbc-hmac only
 	have map[uint]bool       // the token's mechanisms
+	ivs  *ivGuard            // gcm-hsm-iv: the IVs the token drew lately
+}
+
+// ivGuard remembers the IVs a token drew for gcm-hsm-iv (the last
+// ivMemory of them) and refuses one drawn again: GCM's IV must never
+// repeat under one key, and with the HSM drawing it, kmsd checks what it
+// can.
+type ivGuard struct {
+	mu    sync.Mutex
+	seen  map[string]bool
+	order []string
+}
+
+const ivMemory = 1 << 16
+
+func (g *ivGuard) fresh(iv []byte) bool {
+	if g == nil {
+		return true
+	}
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.seen == nil {
+		g.seen = map[string]bool{}
+	}
+	k := string(iv)
+	if g.seen[k] {
+		return false
+	}
+	g.seen[k] = true
+	g.order = append(g.order, k)
+	if len(g.order) > ivMemory {
+		delete(g.seen, g.order[0])
+		g.order = g.order[1:]
+	}
+	return true
 }
 
 // wrapped is a data key under the KEK.
@@ -195,6 +231,21 @@ func macInput(aad, iv, ct []byte) []byte {
 // cbc-hmac MAC).
 var errTag = errors.New("the wrapped data key failed its check")
 
+// errGeneral: the token answered CKR_GENERAL_ERROR to an unwrap, which
+// SoftHSM says for a bad GCM tag and other tokens for a failure.
+var errGeneral = errors.New("the token answered CKR_GENERAL_ERROR")
+
+// Exact sizes of a wrapped 32-byte data key's parts, by profile.
+func (w wrapped) sizesOK() bool {
+	switch w.profile {
+	case ProfileGCM, ProfileGCMHSMIV:
+		return len(w.iv) == gcmNonce && len(w.ct) == dekSize+gcmTagBits/8 && len(w.mac) == 0
+	case ProfileCBCHMAC:
+		return len(w.iv) == cbcIV && len(w.ct) == dekSize+16 && len(w.mac) == 32
+	}
+	return false
+}
+
 // wrap protects dek under the KEK with profile p.
 func wrap(mod Module, sh pkcs11.SessionHandle, k keys, p Profile, aad, dek []byte) (wrapped, error) {
 	w := wrapped{profile: p}
@@ -222,6 +273,9 @@ func wrap(mod Module, sh pkcs11.SessionHandle, k keys, p Profile, aad, dek []byt
 		// every blob: GCM's nonce must never repeat under one key.
 		if len(used) != gcmNonce || subtle.ConstantTimeCompare(used, zero) == 1 {
 			return w, errors.New("the token did not draw an IV of its own (it used the zero IV it was given): use the gcm profile")
+		}
+		if !k.ivs.fresh(used) {
+			return w, errors.New("the token drew an IV it had drawn before: refusing to seal under a repeated GCM IV")
 		}
 		w.iv, w.ct = used, ct
 	case ProfileCBCHMAC:
@@ -252,9 +306,13 @@ func unwrap(mod Module, sh pkcs11.SessionHandle, k keys, aad []byte, w wrapped) 
 		if err != nil {
 			// A tag mismatch: PKCS#11 says CKR_ENCRYPTED_DATA_INVALID
 			// (opencryptoki, CloudHSM); SoftHSM answers
-			// CKR_GENERAL_ERROR.
-			if r := rv(err); r == pkcs11.CKR_ENCRYPTED_DATA_INVALID || r == pkcs11.CKR_ENCRYPTED_DATA_LEN_RANGE || r == pkcs11.CKR_GENERAL_ERROR {
+			// CKR_GENERAL_ERROR, which may also be a failing token:
+			// Unseal tells them apart.
+			switch rv(err) {
+			case pkcs11.CKR_ENCRYPTED_DATA_INVALID, pkcs11.CKR_ENCRYPTED_DATA_LEN_RANGE:
 				return nil, errTag
+			case pkcs11.CKR_GENERAL_ERROR:
+				return nil, errGeneral
 			}
 			return nil, err
 		}
