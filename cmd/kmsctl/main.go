@@ -131,10 +131,26 @@ func commandUsage(w io.Writer, cmd *command) {
 		own := flag.NewFlagSet(cmd.name, flag.ContinueOnError)
 		cmd.flags(own)
 		fmt.Fprintln(w, "\nFlags:")
-		own.SetOutput(w)
-		own.PrintDefaults()
+		printFlags(w, own)
 	}
 	fmt.Fprintf(w, "\n"+globalHelp, defaultURL)
+}
+
+// printFlags lists a command's flags as the global help does: "--name
+// VALUE", its help, and its default when it has one.
+func printFlags(w io.Writer, fs *flag.FlagSet) {
+	fs.VisitAll(func(f *flag.Flag) {
+		name, usage := flag.UnquoteUsage(f)
+		line := "  --" + f.Name
+		if name != "" {
+			line += " " + strings.ToUpper(name)
+		}
+		fmt.Fprintf(w, "%s\n      %s", line, usage)
+		if f.DefValue != "" && f.DefValue != "false" && f.DefValue != "0" {
+			fmt.Fprintf(w, " (default %s)", f.DefValue)
+		}
+		fmt.Fprintln(w)
+	})
 }
 
 // isGroup says whether word is the first word of some command.
@@ -148,6 +164,15 @@ func isGroup(word string) bool {
 }
 
 func isHelp(a string) bool { return a == "-h" || a == "-help" || a == "--help" }
+
+// didYouMean is ` (did you mean "kmsctl X"?)` for the command closest to
+// words, "" if none is close.
+func didYouMean(words []string) string {
+	if s := suggest(words); s != "" {
+		return fmt.Sprintf(" (did you mean \"kmsctl %s\"?)", s)
+	}
+	return ""
+}
 
 func run(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) int {
 	g := newGlobals(getenv)
@@ -190,11 +215,11 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 				groupUsage(stderr, words[0])
 				return exitUsage
 			}
-			fmt.Fprintf(stderr, "kmsctl: unknown command %q\n\n", words[0]+" "+words[1])
+			fmt.Fprintf(stderr, "kmsctl: unknown command %q%s\n\n", words[0]+" "+words[1], didYouMean(words))
 			groupUsage(stderr, words[0])
 			return exitUsage
 		}
-		fmt.Fprintf(stderr, "kmsctl: unknown command %q; run 'kmsctl --help' for the list\n", words[0])
+		fmt.Fprintf(stderr, "kmsctl: unknown command %q%s; run 'kmsctl --help' for the list\n", words[0], didYouMean(words))
 		return exitUsage
 	}
 	if help {
@@ -229,6 +254,13 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	}
 	if cmd.name == "version" { // needs no server, token or CA
 		fmt.Fprintln(stdout, buildinfo.String("kmsctl"))
+		return exitOK
+	}
+	if cmd.name == "completion" { // the same
+		if err := writeCompletion(stdout, pos[0]); err != nil {
+			fmt.Fprintf(stderr, "kmsctl: %v\n", err)
+			return exitUsage
+		}
 		return exitOK
 	}
 	tok := g.token

@@ -18,6 +18,7 @@ import (
 	"fmt"
 	"math/big"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strings"
@@ -387,6 +388,25 @@ func TestHelpMatchesCode(t *testing.T) {
 
 // TestHelpAndGlobalFlags: groups and commands have their own help, global
 // flags work after the command, and KMS_ADDR (kmsd's) is not read.
+// TestBashCompletion: the script kmsctl completion bash prints completes
+// groups and a group's commands in a real bash.
+func TestBashCompletion(t *testing.T) {
+	r := kmsctl(t, nil, "completion", "bash")
+	if r.code != exitOK {
+		t.Fatalf("completion bash: %d %s", r.code, r.stderr)
+	}
+	script := r.stdout + `
+COMP_WORDS=(kmsctl ke); COMP_CWORD=1; _kmsctl; echo "${COMPREPLY[*]}"
+COMP_WORDS=(kmsctl keys ro); COMP_CWORD=2; _kmsctl; echo "${COMPREPLY[*]}"
+COMP_WORDS=(kmsctl audit ""); COMP_CWORD=2; _kmsctl; echo "${COMPREPLY[*]}"
+`
+	out, err := exec.Command("bash", "-c", script).CombinedOutput()
+	lines := strings.Split(strings.TrimSpace(string(out)), "\n")
+	if err != nil || len(lines) != 3 || lines[0] != "keys" || lines[1] != "rotate" || !strings.Contains(lines[2], "inclusion-proof") {
+		t.Fatalf("bash completion: %v %q", err, out)
+	}
+}
+
 func TestHelpAndGlobalFlags(t *testing.T) {
 	url, admin := server(t)
 	for _, c := range []struct {
@@ -401,7 +421,13 @@ func TestHelpAndGlobalFlags(t *testing.T) {
 		{[]string{"keys"}, exitUsage, "", "keys list", ""},
 		{[]string{"keys", "frobnicate"}, exitUsage, "", `unknown command "keys frobnicate"`, ""},
 		{[]string{"help", "keys", "create"}, exitOK, "--url URL", "", ""},
-		{[]string{"keys", "create", "--help"}, exitOK, "-kind string", "", "tokens create"},
+		{[]string{"keys", "create", "--help"}, exitOK, "--kind STRING", "", "tokens create"},
+		{[]string{"key", "list"}, exitUsage, "", `(did you mean "kmsctl keys list"?)`, ""},
+		{[]string{"keys", "lst"}, exitUsage, "", `(did you mean "kmsctl keys list"?)`, ""},
+		{[]string{"rotate", "k"}, exitUsage, "", `(did you mean "kmsctl keys rotate"?)`, ""},
+		{[]string{"frobnicate"}, exitUsage, "", `unknown command "frobnicate"; run`, ""},
+		{[]string{"completion", "fish"}, exitOK, "__fish_seen_subcommand_from keys", "", ""},
+		{[]string{"completion", "tcsh"}, exitUsage, "", "want bash, zsh or fish", ""},
 		{[]string{"audit", "--help"}, exitOK, "audit inclusion-proof", "", ""},
 	} {
 		r := kmsctl(t, nil, c.args...)
