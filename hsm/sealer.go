@@ -35,6 +35,10 @@ type Config struct {
 	PIN string
 	// KEKLabel names the KEK object (default "kmsd-kek").
 	KEKLabel string
+	// KEKID, if set (hex), is the KEK's CKA_ID as the store recorded it:
+	// the KEK is then found by label and id, so other keys of the same
+	// label (another data dir's, made on the same token) do not matter.
+	KEKID string
 	// CreateKEK allows Open to generate the KEK when the token has none
 	// with the label: only for a brand-new data dir. Otherwise a missing
 	// KEK stops Open (ErrKEKMissing): never a second KEK by accident.
@@ -166,6 +170,7 @@ func Open(cfg Config) (_ *Sealer, err error) {
 		return nil, err
 	}
 	s.kekID = kekID
+	s.cfg.KEKID = kekID // reconnections find this KEK, by label and id
 	if s.profile, err = s.chooseProfile(c); err != nil {
 		return nil, err
 	}
@@ -214,7 +219,7 @@ func (s *Sealer) connect(create bool) (c *conn, kekID string, err error) {
 	if create && !c.have[pkcs11.CKM_AES_KEY_GEN] {
 		return c, "", fmt.Errorf("%w: CKM_AES_KEY_GEN (to make the KEK)", ErrMechanism)
 	}
-	if c.kek, kekID, err = findOrCreateKEK(s.mod, c.loginSess, s.cfg.KEKLabel, create); err != nil {
+	if c.kek, kekID, err = findOrCreateKEK(s.mod, c.loginSess, s.cfg.KEKLabel, s.cfg.KEKID, create); err != nil {
 		return c, "", err
 	}
 	// The cbc-hmac profile's MAC key, made beside the KEK when the token
@@ -402,11 +407,14 @@ func kekTemplate(label string, id []byte) []*pkcs11.Attribute {
 	}
 }
 
-func findByLabel(mod Module, sh pkcs11.SessionHandle, label string) ([]pkcs11.ObjectHandle, error) {
+func findByLabel(mod Module, sh pkcs11.SessionHandle, label string, id ...[]byte) ([]pkcs11.ObjectHandle, error) {
 	tmpl := []*pkcs11.Attribute{
 		pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_SECRET_KEY),
 		pkcs11.NewAttribute(pkcs11.CKA_LABEL, label),
 		pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true),
+	}
+	for _, i := range id {
+		tmpl = append(tmpl, pkcs11.NewAttribute(pkcs11.CKA_ID, i))
 	}
 	if err := mod.FindObjectsInit(sh, tmpl); err != nil {
 		return nil, fmt.Errorf("find KEK: %w", err)
@@ -423,8 +431,17 @@ func findByLabel(mod Module, sh pkcs11.SessionHandle, label string) ([]pkcs11.Ob
 
 // findOrCreateKEK finds the KEK by label or, on first start, generates it in
 // the token. Either way it then checks the attributes that make it safe.
-func findOrCreateKEK(mod Module, sh pkcs11.SessionHandle, label string, create bool) (pkcs11.ObjectHandle, string, error) {
-	objs, err := findByLabel(mod, sh, label)
+func findOrCreateKEK(mod Module, sh pkcs11.SessionHandle, label, wantID string, create bool) (pkcs11.ObjectHandle, string, error) {
+	var ids [][]byte
+	if wantID != "" {
+		id, err := hex.DecodeString(wantID)
+		if err != nil {
+			return 0, "", fmt.Errorf("%w: KEK id %q is not hex", ErrKEK, wantID)
+		}
+		ids = append(ids, id)
+		create = false // a recorded KEK is found, never made
+	}
+	objs, err := findByLabel(mod, sh, label, ids...)
 	if err != nil {
 		return 0, "", err
 	}
@@ -432,6 +449,9 @@ func findOrCreateKEK(mod Module, sh pkcs11.SessionHandle, label string, create b
 	switch len(objs) {
 	case 0:
 		if !create {
+			if wantID != "" {
+				return 0, "", fmt.Errorf("%w: no key labelled %q with id %s in the token", ErrKEKMissing, label, wantID)
+			}
 			return 0, "", fmt.Errorf("%w: no key labelled %q in the token", ErrKEKMissing, label)
 		}
 		id := make([]byte, 16)
@@ -911,11 +931,11 @@ func macTemplate(label string, id []byte) []*pkcs11.Attribute {
 // create is false) or makes it, and checks that it is safe and belongs to
 // the KEK (same id).
 func findOrCreateMACKey(mod Module, sh pkcs11.SessionHandle, label, kekID string, create bool) (pkcs11.ObjectHandle, error) {
-	objs, err := findByLabel(mod, sh, label)
+	id, _ := hex.DecodeString(kekID)
+	objs, err := findByLabel(mod, sh, label, id)
 	if err != nil {
 		return 0, err
 	}
-	id, _ := hex.DecodeString(kekID)
 	var mac pkcs11.ObjectHandle
 	switch len(objs) {
 	case 0:

@@ -466,3 +466,53 @@ func TestBlobFieldLengths(t *testing.T) {
 		}
 	}
 }
+
+// TestKEKFoundByLabelAndID: a second key with the KEK's label (another
+// data dir's, made on the same token) made every start fail with "more
+// than one key". With the id the store recorded, the sealer finds its
+// own KEK; without it, the ambiguity is still refused.
+func TestKEKFoundByLabelAndID(t *testing.T) {
+	cfg := testhsm.Config(t)
+	cfg.KEKLabel = "shared-label"
+	first, err := hsm.Open(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := first.KEKID()
+	blob, err := first.Seal(context.Background(), sc, kms.NewSecret([]byte("first data dir")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	first.Close()
+	// Another KEK with the same label, as a second data dir's first start
+	// on the same token would make.
+	mod, _ := hsm.LoadModule(cfg.Module)
+	mod.Initialize()
+	slot, _ := hsm.FindToken(mod, cfg.TokenLabel)
+	sh, _ := mod.OpenSession(slot, pkcs11.CKF_SERIAL_SESSION|pkcs11.CKF_RW_SESSION)
+	mod.Login(sh, pkcs11.CKU_USER, cfg.PIN)
+	other := make([]byte, 16)
+	rand.Read(other)
+	if _, err := mod.GenerateKey(sh, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_KEY_GEN, nil)}, []*pkcs11.Attribute{
+		pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_SECRET_KEY), pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_AES),
+		pkcs11.NewAttribute(pkcs11.CKA_VALUE_LEN, 32), pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true), pkcs11.NewAttribute(pkcs11.CKA_PRIVATE, true),
+		pkcs11.NewAttribute(pkcs11.CKA_SENSITIVE, true), pkcs11.NewAttribute(pkcs11.CKA_EXTRACTABLE, false),
+		pkcs11.NewAttribute(pkcs11.CKA_ENCRYPT, true), pkcs11.NewAttribute(pkcs11.CKA_DECRYPT, true),
+		pkcs11.NewAttribute(pkcs11.CKA_LABEL, "shared-label"), pkcs11.NewAttribute(pkcs11.CKA_ID, other),
+	}); err != nil {
+		t.Fatal(err)
+	}
+	mod.Finalize()
+	if _, err := hsm.Open(cfg); !errors.Is(err, hsm.ErrKEK) || !strings.Contains(err.Error(), "more than one") {
+		t.Fatalf("open by label alone: %v", err)
+	}
+	cfg.KEKID, cfg.CreateKEK = id, false
+	s, err := hsm.Open(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if got, err := s.Unseal(context.Background(), sc, blob); err != nil || string(got.Reveal()) != "first data dir" {
+		t.Fatalf("by label and id: %v", err)
+	}
+}

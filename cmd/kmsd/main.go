@@ -427,6 +427,9 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 		return fmt.Errorf("this data dir was sealed under the key labelled %q in token %q (KEK id %s), but kmsd was started with --pkcs11-token %q --kek-label %q: start it with those", sealedUnder.Label, sealedUnder.Token, sealedUnder.ID, c.token, c.kekLabel)
 	}
 	hcfg := hsm.Config{Module: c.module, TokenLabel: c.token, KEKLabel: c.kekLabel, CreateKEK: fresh, Logger: log, Profile: hsm.Profile(c.wrapProfile)}
+	if sealedUnder != nil {
+		hcfg.KEKID = sealedUnder.ID // the store's KEK, whatever else bears its label
+	}
 	pinFile := c.pinFile
 	if c.module == "" {
 		st, err := softhsm.Bootstrap(filepath.Join(c.dataDir, "softhsm"), c.token, fresh)
@@ -451,6 +454,9 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 	}
 	sealer, err := hsm.Open(hcfg)
 	if err != nil {
+		if sealedUnder != nil && errors.Is(err, hsm.ErrKEKMissing) {
+			return fmt.Errorf("HSM: this data dir was sealed under the KEK with id %s, labelled %q in token %q, and the token holds no such key (another token or KEK of the same name?); refusing to start: %w", sealedUnder.ID, c.kekLabel, c.token, err)
+		}
 		return fmt.Errorf("HSM: %w", err)
 	}
 	defer sealer.Close()
