@@ -498,6 +498,8 @@ func (c *Client) AuditRecords(ctx context.Context, start, end uint64) ([][]byte,
 
 // Proof is an audit inclusion or consistency proof.
 type Proof struct {
+	Index *uint64  `json:"index,omitempty"` // an inclusion proof's record
+	Old   *uint64  `json:"old,omitempty"`   // a consistency proof's older size
 	Size  uint64   `json:"size"`
 	Proof [][]byte `json:"proof"`
 }

@@ -596,16 +596,20 @@ func TestMoreCommands(t *testing.T) {
 	if len(rows) != 4 || !regexp.MustCompile(`^INDEX\s+TIME\s+ACTOR`).MatchString(rows[0]) || !strings.HasPrefix(rows[3], "2 ") || json.Valid([]byte(rows[3])) {
 		t.Fatalf("audit records -o table: %q", rows)
 	}
+	// Every field the API returns, the index and the old size included.
 	var proof struct {
+		Index *uint64  `json:"index"`
+		Old   *uint64  `json:"old"`
 		Size  uint64   `json:"size"`
 		Proof [][]byte `json:"proof"`
 	}
 	json.Unmarshal([]byte(ok("audit", "inclusion-proof", "--index", "2", "--size", fmt.Sprint(size))), &proof)
-	if proof.Size != size || len(proof.Proof) == 0 {
+	if proof.Size != size || len(proof.Proof) == 0 || proof.Index == nil || *proof.Index != 2 {
 		t.Fatalf("inclusion-proof: %+v", proof)
 	}
+	proof.Index = nil
 	json.Unmarshal([]byte(ok("audit", "consistency-proof", "--old", "3", "--size", fmt.Sprint(size))), &proof)
-	if len(proof.Proof) == 0 {
+	if len(proof.Proof) == 0 || proof.Old == nil || *proof.Old != 3 || proof.Index != nil {
 		t.Fatalf("consistency-proof: %+v", proof)
 	}
 	if r := kmsctl(t, env, "audit", "records", "--start", "3", "--end", "3"); r.code != exitUsage {
