@@ -32,7 +32,12 @@ if ! dpkg-query -W -f='${Status}' opencryptoki 2>/dev/null | grep -q 'ok install
     { apt-get update -qq && apt-get install -y -qq --no-install-recommends opencryptoki >/dev/null; }
   [ "$own_policy" = 1 ] && rm -f /usr/sbin/policy-rc.d
 fi
-command -v pkcs11-tool >/dev/null || apt-get install -y -qq --no-install-recommends opensc >/dev/null
+# pkcs11-tool (opensc) checks the login; pgrep (procps, not in a minimal
+# Debian) keeps pkcsslotd from being started twice.
+for tool in pkcs11-tool:opensc pgrep:procps; do
+  command -v "${tool%%:*}" >/dev/null || apt-get install -y -qq --no-install-recommends "${tool#*:}" >/dev/null ||
+    { apt-get update -qq && apt-get install -y -qq --no-install-recommends "${tool#*:}" >/dev/null; }
+done
 module=$(dpkg -L opencryptoki | grep -m1 '/pkcs11/libopencryptoki\.so$')
 
 getent group pkcs11 >/dev/null || addgroup --system pkcs11 >/dev/null

@@ -32,8 +32,6 @@ type backend interface {
 	Empty() (bool, error)
 	// Scrub checks every record's tag and the store digest.
 	Scrub(ctx context.Context) (storekit.ScrubReport, error)
-	// Integrity is what the scrubs and reads found.
-	Integrity() storekit.Integrity
 }
 
 // checkStore checks the store settings before anything touches the disk.

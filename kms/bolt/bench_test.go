@@ -75,15 +75,5 @@ func BenchmarkScrub(b *testing.B) {
 		b.Fatal(err)
 	}
 	defer s.Close()
-	storetest.FillForScrub(b, s)
-	b.ResetTimer()
-	var n int
-	for b.Loop() {
-		rep, err := s.Scrub(context.Background())
-		if err != nil {
-			b.Fatal(err)
-		}
-		n = rep.Records
-	}
-	b.ReportMetric(float64(n), "records")
+	storetest.BenchScrub(b, s)
 }

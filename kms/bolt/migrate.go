@@ -20,13 +20,6 @@ type migration struct {
 	Records        int // records that got their first tag (schema 1 and 2)
 }
 
-// Migrated reports what Open migrated: the schemas and how many keys and
-// versions moved (zero values if the file was current).
-func (s *Store) Migrated() (from, to string, keys, versions int) {
-	m := s.migrated
-	return m.From, m.To, m.Keys, m.Versions
-}
-
 // Migration reports what Open migrated (zero if the file was current).
 type Migration = migration
 

@@ -86,8 +86,8 @@ func TestMigratesSchema1(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer s.Close()
-	if from, to, keys, versions := s.Migrated(); from != "1" || to != "3" || keys != 3 || versions != 44 {
-		t.Fatalf("Migrated() = %s %s %d %d", from, to, keys, versions)
+	if m := s.Migration(); m.From != "1" || m.To != "3" || m.Keys != 3 || m.Versions != 44 {
+		t.Fatalf("Migration() = %+v", m)
 	}
 	ctx := context.Background()
 	for name, n := range map[string]uint64{"a": 3, "b": 40, "_identity": 1} {
@@ -117,8 +117,8 @@ func TestMigratesSchema1(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer s2.Close()
-	if from, _, _, _ := s2.Migrated(); from != "" {
-		t.Fatalf("migrated again from %q", from)
+	if m := s2.Migration(); m.From != "" {
+		t.Fatalf("migrated again from %q", m.From)
 	}
 }
 

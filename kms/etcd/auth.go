@@ -547,15 +547,3 @@ func (s *Store) compactAfterDestroy(ctx context.Context, name string, n uint64, 
 	}
 	s.compactions.Add(1)
 }
-
-type retryKey struct{}
-
-// compactedRetries counts the re-reads a call made after compactions.
-func compactedRetries(ctx context.Context) int {
-	n, _ := ctx.Value(retryKey{}).(int)
-	return n
-}
-
-func withRetry(ctx context.Context) context.Context {
-	return context.WithValue(ctx, retryKey{}, compactedRetries(ctx)+1)
-}

@@ -30,15 +30,5 @@ func BenchmarkRecords(b *testing.B) {
 // BenchmarkScrub: a scrub of a prefix of 1,000 keys with 10 versions each
 // and 1,000 tokens.
 func BenchmarkScrub(b *testing.B) {
-	s := openB(b, testhsm.Open(b))
-	storetest.FillForScrub(b, s)
-	var n int
-	for b.Loop() {
-		rep, err := s.Scrub(context.Background())
-		if err != nil {
-			b.Fatal(err)
-		}
-		n = rep.Records
-	}
-	b.ReportMetric(float64(n), "records")
+	storetest.BenchScrub(b, openB(b, testhsm.Open(b)))
 }

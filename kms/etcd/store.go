@@ -467,6 +467,16 @@ func (s *Store) ListKeys(ctx context.Context, after string, limit int) ([]*kms.K
 // ListVersions implements kms.Store: the header and the versions are read
 // at one revision.
 func (s *Store) ListVersions(ctx context.Context, name string, before uint64, limit int) ([]*kms.Version, error) {
+	for tries := 1; ; tries++ {
+		vs, err := s.listVersions(ctx, name, before, limit)
+		if !isCompacted(err) || tries == 3 {
+			return vs, err
+		}
+		// Compacted between the header's read and the versions': again.
+	}
+}
+
+func (s *Store) listVersions(ctx context.Context, name string, before uint64, limit int) ([]*kms.Version, error) {
 	hresp, err := s.get(ctx, s.keyK(name))
 	if err != nil {
 		return nil, err
@@ -488,9 +498,6 @@ func (s *Store) ListVersions(ctx context.Context, name string, before uint64, li
 	want := min(uint64(limit), n)
 	resp, err := s.get(ctx, s.versionK(name, n-want+1), clientv3.WithRange(s.versionK(name, n+1)),
 		clientv3.WithRev(hresp.Header.Revision), clientv3.WithSort(clientv3.SortByKey, clientv3.SortDescend))
-	if isCompacted(err) && compactedRetries(ctx) < 3 {
-		return s.ListVersions(withRetry(ctx), name, before, limit) // compacted between the reads: read again
-	}
 	if err != nil {
 		return nil, err
 	}

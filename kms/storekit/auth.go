@@ -94,6 +94,7 @@ func NewRecordKey(ctx context.Context, s kms.Sealer) (*Auth, []byte, error) {
 	if err != nil {
 		return nil, nil, err
 	}
+	defer clear(root) // a holds the derived keys; the root lives on only sealed
 	sealed, err := s.Seal(ctx, RecordKeyContext, kms.NewSecret(root))
 	if err != nil {
 		return nil, nil, fmt.Errorf("seal the store's record key in the HSM: %w", err)

@@ -6,7 +6,29 @@ import (
 	"testing"
 
 	"github.com/kmsd-project/kmsd/kms"
+	"github.com/kmsd-project/kmsd/kms/storekit"
 )
+
+// Scrubber is a store with a scrub (bbolt, etcd).
+type Scrubber interface {
+	kms.Store
+	Scrub(ctx context.Context) (storekit.ScrubReport, error)
+}
+
+// BenchScrub fills s (FillForScrub) and times scrubs of it, reporting
+// how many records each checked.
+func BenchScrub(b *testing.B, s Scrubber) {
+	FillForScrub(b, s)
+	var n int
+	for b.Loop() {
+		rep, err := s.Scrub(context.Background())
+		if err != nil {
+			b.Fatal(err)
+		}
+		n = rep.Records
+	}
+	b.ReportMetric(float64(n), "records")
+}
 
 // FillForScrub writes 1,000 keys of 10 versions (4 KB sealed, 2 KB public
 // each) and 1,000 tokens: the store a scrub benchmark reads.
