@@ -59,7 +59,7 @@ func BenchmarkUnsealParallel(b *testing.B) {
 }
 
 // BenchmarkProfiles is a seal and an unseal of a 32-byte seed under each
-// wrap profile on each token: SoftHSM2 (gcm, cbc-hmac; gcm-hsm-iv through
+// wrap profile on each token: SoftHSM2 (gcm, kwp, cbc-hmac; gcm-hsm-iv through
 // the emulation of an HSM that draws the IV, over SoftHSM) and Debian's
 // opencryptoki 3.8 (cbc-hmac, the one it can do).
 func BenchmarkProfiles(b *testing.B) {
@@ -76,12 +76,17 @@ func BenchmarkProfiles(b *testing.B) {
 			cfg := testhsm.Config(b)
 			cfg.KEKLabel, cfg.Profile = "bench-cbc-hmac", hsm.ProfileCBCHMAC
 			mod, _ := hsm.LoadModule(cfg.Module)
-			cfg.Loaded = &faultModule{Module: mod, failMechanism: true} // no GCM: the MAC key is made
+			cfg.Loaded = &noGCM{Module: mod, noKWP: true} // the MAC key is made
+			return openB(b, cfg)
+		},
+		"softhsm2/kwp": func(b *testing.B) *hsm.Sealer {
+			cfg := testhsm.Config(b)
+			cfg.KEKLabel, cfg.Profile = "bench-kwp", hsm.ProfileKWP
 			return openB(b, cfg)
 		},
 		"opencryptoki/cbc-hmac": func(b *testing.B) *hsm.Sealer { return openB(b, testock.Config(b)) },
 	}
-	for _, name := range []string{"softhsm2/gcm", "softhsm2/gcm-hsm-iv(emulated)", "softhsm2/cbc-hmac", "opencryptoki/cbc-hmac"} {
+	for _, name := range []string{"softhsm2/gcm", "softhsm2/gcm-hsm-iv(emulated)", "softhsm2/kwp", "softhsm2/cbc-hmac", "opencryptoki/cbc-hmac"} {
 		b.Run(name, func(b *testing.B) {
 			s := open[name](b)
 			blob, err := s.Seal(ctx, sc, kms.NewSecret(make([]byte, 32)))

@@ -91,6 +91,7 @@ type conn struct {
 	slot      uint
 	kek       pkcs11.ObjectHandle
 	mac       pkcs11.ObjectHandle // the cbc-hmac profile's MAC key, 0 if none
+	kwp       pkcs11.ObjectHandle // the kwp profile's wrap-only key, 0 if none
 	have      map[uint]bool       // the token's mechanisms
 	ivs       *ivGuard            // shared by the connections of one sealer
 	loginSess pkcs11.SessionHandle
@@ -225,7 +226,12 @@ func (s *Sealer) connect(create bool) (c *conn, kekID string, err error) {
 	// The cbc-hmac profile's MAC key, made beside the KEK when the token
 	// can do that profile (only with a new KEK), found if it is there.
 	makeMAC := create && ProfileCBCHMAC.lacks(c.have) == "" && (s.cfg.Profile == ProfileCBCHMAC || s.cfg.Profile == ProfileAuto)
-	if c.mac, err = findOrCreateMACKey(s.mod, c.loginSess, s.cfg.KEKLabel+"-mac", kekID, makeMAC); err != nil {
+	if c.mac, err = findOrCreateSideKey(s.mod, c.loginSess, macKey, s.cfg.KEKLabel+"-mac", kekID, makeMAC); err != nil {
+		return c, "", err
+	}
+	// Likewise the kwp profile's wrap-only key.
+	makeKWP := create && ProfileKWP.lacks(c.have) == "" && (s.cfg.Profile == ProfileKWP || s.cfg.Profile == ProfileAuto)
+	if c.kwp, err = findOrCreateSideKey(s.mod, c.loginSess, kwpKey, s.cfg.KEKLabel+"-kwp", kekID, makeKWP); err != nil {
 		return c, "", err
 	}
 	c.pool = newPool(s.mod, c.slot, s.cfg.Sessions)
@@ -334,7 +340,7 @@ func (s *Sealer) reconnect() error {
 		s.closeConn(c)
 		return fmt.Errorf("%w: id %s, was %s", ErrKEKChanged, kekID, s.kekID)
 	}
-	if lacks := s.profile.lacks(c.have); lacks != "" || (s.profile == ProfileCBCHMAC && c.mac == 0) {
+	if lacks := s.profile.lacks(c.have); lacks != "" || (s.profile == ProfileCBCHMAC && c.mac == 0) || (s.profile == ProfileKWP && c.kwp == 0) {
 		s.closeConn(c)
 		return fmt.Errorf("%w: after reconnecting, the token no longer offers the %s profile (%s)", ErrMechanism, s.profile, lacks)
 	}
@@ -857,7 +863,9 @@ func (s *Sealer) Close() error {
 	return nil
 }
 
-func (c *conn) keys() keys { return keys{kek: c.kek, mac: c.mac, have: c.have, ivs: c.ivs} }
+func (c *conn) keys() keys {
+	return keys{kek: c.kek, mac: c.mac, kwp: c.kwp, have: c.have, ivs: c.ivs}
+}
 
 // chooseProfile picks the profile Seal uses: the configured one if the
 // token can do it, or with ProfileAuto the first of Profiles that it can
@@ -874,7 +882,18 @@ func (s *Sealer) chooseProfile(c *conn) (Profile, error) {
 		if p == ProfileCBCHMAC && c.mac == 0 {
 			return fmt.Errorf("%w: no MAC key labelled %q beside the KEK (kmsd makes it only with a new KEK)", ErrMechanism, s.cfg.KEKLabel+"-mac")
 		}
+		if p == ProfileKWP && c.kwp == 0 {
+			return fmt.Errorf("%w: no key-wrap key labelled %q beside the KEK (kmsd makes it only with a new KEK)", ErrMechanism, s.cfg.KEKLabel+"-kwp")
+		}
 		tried = true
+		if p == ProfileKWP {
+			// CKM_AES_KEY_WRAP_PAD is RFC 5649 on some tokens and
+			// PKCS#7 padding then RFC 3394 on others: only the first
+			// will do, and only a known answer tells them apart.
+			if err := c.pool.with(context.Background(), func(sh pkcs11.SessionHandle) error { return s.knownAnswer(sh, c.have, p) }); err != nil {
+				return fmt.Errorf("%w: known answer: %v", ErrSelfTest, err)
+			}
+		}
 		if err := c.pool.with(context.Background(), func(sh pkcs11.SessionHandle) error { return s.pingKEK(sh, c.keys(), p) }); err != nil {
 			return fmt.Errorf("%w: round trip: %v", ErrSelfTest, err)
 		}
@@ -902,24 +921,39 @@ func (s *Sealer) chooseProfile(c *conn) (Profile, error) {
 	return "", fmt.Errorf("%w: the token can do no wrap profile (%s)", kind, strings.Join(why, "; "))
 }
 
-// macTemplate is the cbc-hmac profile's MAC key: a 256-bit generic secret
-// that signs and verifies only, in the token, sensitive, never
-// extractable, with the KEK's id.
-func macTemplate(label string, id []byte) []*pkcs11.Attribute {
+// sideKey is a token key a profile uses beside the KEK, made with it and
+// bearing its id: cbc-hmac's MAC key, kwp's wrap-only key.
+type sideKey struct {
+	name    string // for messages
+	keyType uint
+	gen     uint // the key generation mechanism
+	sign    bool // CKA_SIGN, CKA_VERIFY
+	wrap    bool // CKA_WRAP, CKA_UNWRAP
+}
+
+var (
+	macKey = sideKey{name: "MAC key", keyType: pkcs11.CKK_GENERIC_SECRET, gen: pkcs11.CKM_GENERIC_SECRET_KEY_GEN, sign: true}
+	kwpKey = sideKey{name: "key-wrap key", keyType: pkcs11.CKK_AES, gen: pkcs11.CKM_AES_KEY_GEN, wrap: true}
+)
+
+// template is the side key: 256 bits, in the token, sensitive, never
+// extractable, with the KEK's id, and able to do one thing: sign (the MAC
+// key) or wrap (the key-wrap key), never encrypt or decrypt.
+func (k sideKey) template(label string, id []byte) []*pkcs11.Attribute {
 	return []*pkcs11.Attribute{
 		pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_SECRET_KEY),
-		pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_GENERIC_SECRET),
+		pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, k.keyType),
 		pkcs11.NewAttribute(pkcs11.CKA_VALUE_LEN, 32),
 		pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true),
 		pkcs11.NewAttribute(pkcs11.CKA_PRIVATE, true),
 		pkcs11.NewAttribute(pkcs11.CKA_SENSITIVE, true),
 		pkcs11.NewAttribute(pkcs11.CKA_EXTRACTABLE, false),
-		pkcs11.NewAttribute(pkcs11.CKA_SIGN, true),
-		pkcs11.NewAttribute(pkcs11.CKA_VERIFY, true),
+		pkcs11.NewAttribute(pkcs11.CKA_SIGN, k.sign),
+		pkcs11.NewAttribute(pkcs11.CKA_VERIFY, k.sign),
 		pkcs11.NewAttribute(pkcs11.CKA_ENCRYPT, false),
 		pkcs11.NewAttribute(pkcs11.CKA_DECRYPT, false),
-		pkcs11.NewAttribute(pkcs11.CKA_WRAP, false),
-		pkcs11.NewAttribute(pkcs11.CKA_UNWRAP, false),
+		pkcs11.NewAttribute(pkcs11.CKA_WRAP, k.wrap),
+		pkcs11.NewAttribute(pkcs11.CKA_UNWRAP, k.wrap),
 		pkcs11.NewAttribute(pkcs11.CKA_DERIVE, false),
 		pkcs11.NewAttribute(pkcs11.CKA_MODIFIABLE, false),
 		pkcs11.NewAttribute(pkcs11.CKA_LABEL, label),
@@ -927,42 +961,42 @@ func macTemplate(label string, id []byte) []*pkcs11.Attribute {
 	}
 }
 
-// findOrCreateMACKey finds the MAC key by label (0 if there is none and
-// create is false) or makes it, and checks that it is safe and belongs to
-// the KEK (same id).
-func findOrCreateMACKey(mod Module, sh pkcs11.SessionHandle, label, kekID string, create bool) (pkcs11.ObjectHandle, error) {
+// findOrCreateSideKey finds a side key by label and the KEK's id (0 if
+// there is none and create is false) or makes it, and checks that it is
+// safe.
+func findOrCreateSideKey(mod Module, sh pkcs11.SessionHandle, k sideKey, label, kekID string, create bool) (pkcs11.ObjectHandle, error) {
 	id, _ := hex.DecodeString(kekID)
 	objs, err := findByLabel(mod, sh, label, id)
 	if err != nil {
 		return 0, err
 	}
-	var mac pkcs11.ObjectHandle
+	var key pkcs11.ObjectHandle
 	switch len(objs) {
 	case 0:
 		if !create {
 			return 0, nil
 		}
-		mac, err = mod.GenerateKey(sh, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_GENERIC_SECRET_KEY_GEN, nil)}, macTemplate(label, id))
+		key, err = mod.GenerateKey(sh, []*pkcs11.Mechanism{pkcs11.NewMechanism(k.gen, nil)}, k.template(label, id))
 		if err != nil {
-			return 0, fmt.Errorf("generate the MAC key %q: %w", label, err)
+			return 0, fmt.Errorf("generate the %s %q: %w", k.name, label, err)
 		}
 	case 1:
-		mac = objs[0]
+		key = objs[0]
 	default:
 		return 0, fmt.Errorf("%w: more than one key is labelled %q", ErrKEK, label)
 	}
-	a, err := KEKAttributes(mod, sh, mac)
+	a, err := KEKAttributes(mod, sh, key)
 	if err != nil {
 		return 0, err
 	}
 	switch {
-	case a.KeyType != pkcs11.CKK_GENERIC_SECRET || a.ValueLen != 32:
-		return 0, fmt.Errorf("%w: the MAC key %q is not a 256-bit generic secret", ErrKEK, label)
+	case a.KeyType != k.keyType || a.ValueLen != 32:
+		return 0, fmt.Errorf("%w: the %s %q is not a 256-bit key of the type kmsd makes", ErrKEK, k.name, label)
 	case !a.Sensitive || a.Extractable || !a.AlwaysSensitive || !a.NeverExtractable || !a.Token:
-		return 0, fmt.Errorf("%w: the MAC key %q is or was extractable, not sensitive or not a token object", ErrKEK, label)
+		return 0, fmt.Errorf("%w: the %s %q is or was extractable, not sensitive or not a token object", ErrKEK, k.name, label)
 	case !bytes.Equal(a.ID, id):
 		// Left from another KEK: not this one's, so not used.
 		return 0, nil
 	}
-	return mac, nil
+	return key, nil
 }

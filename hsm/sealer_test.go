@@ -197,6 +197,18 @@ func (f *faultModule) Encrypt(sh pkcs11.SessionHandle, m []byte) ([]byte, error)
 	return f.Module.Encrypt(sh, m)
 }
 
+// WrapKey fails with Encrypt: a token that fails to encrypt fails every
+// profile.
+func (f *faultModule) WrapKey(sh pkcs11.SessionHandle, m []*pkcs11.Mechanism, wk, key pkcs11.ObjectHandle) ([]byte, error) {
+	f.mu.Lock()
+	fail := f.failEncrypt
+	f.mu.Unlock()
+	if fail {
+		return nil, errInjected
+	}
+	return f.Module.WrapKey(sh, m, wk, key)
+}
+
 func (f *faultModule) Decrypt(sh pkcs11.SessionHandle, c []byte) ([]byte, error) {
 	f.mu.Lock()
 	fail := f.failDecrypt

@@ -7,6 +7,7 @@ import (
 	"crypto/cipher"
 	"crypto/hmac"
 	"crypto/sha256"
+	"encoding/binary"
 	"encoding/hex"
 	"fmt"
 
@@ -49,7 +50,10 @@ func (s *Sealer) knownKey(sh pkcs11.SessionHandle, keyType uint, value []byte, a
 // answers: AES-GCM (gcm: encryption and decryption; gcm-hsm-iv:
 // decryption, since the token draws the IV of an encryption), or AES-CBC
 // with padding and HMAC-SHA-256 (cbc-hmac), against Go's implementations.
-func (s *Sealer) knownAnswer(sh pkcs11.SessionHandle, p Profile) error {
+func (s *Sealer) knownAnswer(sh pkcs11.SessionHandle, have map[uint]bool, p Profile) error {
+	if p == ProfileKWP {
+		return s.knownAnswerKWP(sh, kwpMechanism(have))
+	}
 	aesKey, err := s.knownKey(sh, pkcs11.CKK_AES, katKEK, pkcs11.NewAttribute(pkcs11.CKA_ENCRYPT, true), pkcs11.NewAttribute(pkcs11.CKA_DECRYPT, true))
 	if err != nil {
 		return err
@@ -111,6 +115,82 @@ func (s *Sealer) knownAnswer(sh pkcs11.SessionHandle, p Profile) error {
 	return nil
 }
 
+// knownAnswerKWP checks the token's key wrap (the mechanism kwp uses there)
+// against RFC 5649 in Go: a known value wraps to the known answer, the
+// answer unwraps to the value, and a changed wrap is refused.
+func (s *Sealer) knownAnswerKWP(sh pkcs11.SessionHandle, mech uint) error {
+	if mech == 0 {
+		return fmt.Errorf("the token lists no AES key wrap with padding")
+	}
+	wrapKey, err := s.knownKey(sh, pkcs11.CKK_AES, katKEK, pkcs11.NewAttribute(pkcs11.CKA_WRAP, true), pkcs11.NewAttribute(pkcs11.CKA_UNWRAP, true))
+	if err != nil {
+		return err
+	}
+	defer s.mod.DestroyObject(sh, wrapKey)
+	value := kwpValue(katDEK, katAAD)
+	want := softKWP(katKEK, value)
+	got, err := kwpWrap(s.mod, sh, wrapKey, mech, value)
+	if err != nil {
+		return err
+	}
+	if !bytes.Equal(got, want) {
+		return fmt.Errorf("%s gave another answer than RFC 5649's (%d bytes for %d)", mechName(mech), len(got), len(value))
+	}
+	back, err := kwpUnwrap(s.mod, sh, wrapKey, mech, want)
+	if err != nil {
+		return err
+	}
+	if !bytes.Equal(back, value) {
+		return fmt.Errorf("%s unwrapped a known answer to other bytes", mechName(mech))
+	}
+	bad := bytes.Clone(want)
+	bad[len(bad)-1] ^= 1
+	if _, err := kwpUnwrap(s.mod, sh, wrapKey, mech, bad); err == nil {
+		return fmt.Errorf("%s unwrapped a changed wrap", mechName(mech))
+	}
+	return nil
+}
+
+func mechName(m uint) string {
+	if m == ckmAESKeyWrapKWP {
+		return "CKM_AES_KEY_WRAP_KWP"
+	}
+	return "CKM_AES_KEY_WRAP_PAD"
+}
+
+// softKWP is AES key wrap with padding (RFC 5649) in software: the
+// reference the token's answer is checked against.
+func softKWP(kek, pt []byte) []byte {
+	b, err := aes.NewCipher(kek)
+	if err != nil {
+		panic(err)
+	}
+	// The alternative initial value: 0xA65959A6, then the length.
+	var a [8]byte
+	copy(a[:], []byte{0xa6, 0x59, 0x59, 0xa6})
+	binary.BigEndian.PutUint32(a[4:], uint32(len(pt)))
+	padded := append(bytes.Clone(pt), make([]byte, (8-len(pt)%8)%8)...)
+	n := len(padded) / 8
+	if n == 1 {
+		out := make([]byte, 16)
+		b.Encrypt(out, append(a[:], padded...))
+		return out
+	}
+	// RFC 3394's wrapping process with that initial value.
+	var blk [16]byte
+	for j := 0; j < 6; j++ {
+		for i := 0; i < n; i++ {
+			copy(blk[:8], a[:])
+			copy(blk[8:], padded[8*i:8*i+8])
+			b.Encrypt(blk[:], blk[:])
+			t := uint64(n*j + i + 1)
+			binary.BigEndian.PutUint64(a[:], binary.BigEndian.Uint64(blk[:8])^t)
+			copy(padded[8*i:], blk[8:])
+		}
+	}
+	return append(a[:], padded...)
+}
+
 // softCBCPad is AES-CBC with PKCS#7 padding in software: the reference
 // the token's answer is checked against.
 func softCBCPad(key, iv, pt []byte) []byte {
@@ -129,7 +209,7 @@ func softCBCPad(key, iv, pt []byte) []byte {
 //     under another context.
 func (s *Sealer) selfTest() error {
 	ctx := context.Background()
-	err := s.run(ctx, func(sh pkcs11.SessionHandle, _ keys) error { return s.knownAnswer(sh, s.profile) })
+	err := s.run(ctx, func(sh pkcs11.SessionHandle, k keys) error { return s.knownAnswer(sh, k.have, s.profile) })
 	if err != nil {
 		return fmt.Errorf("%w: profile %s: %v", ErrSelfTest, s.profile, err)
 	}

@@ -230,8 +230,8 @@ func TestGCMHSMIVRefusedWhereTheTokenTakesTheIV(t *testing.T) {
 	}
 }
 
-// TestCBCHMACWithoutGCM: on a token without AES-GCM (Debian 12's
-// opencryptoki), auto makes the MAC key beside a new KEK and seals with
+// TestCBCHMACWithoutGCM: on a token without AES-GCM or key wrap (Debian
+// 12's opencryptoki), auto makes the MAC key beside a new KEK and seals with
 // cbc-hmac; the conformance suite passes; a blob opens on the same token
 // with GCM back, and is refused with a clear error by a token that cannot
 // do HMAC.
@@ -242,7 +242,7 @@ func TestCBCHMACWithoutGCM(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cfg.Loaded = &faultModule{Module: mod, failMechanism: true}
+	cfg.Loaded = &noGCM{Module: mod, noKWP: true}
 	s, err := hsm.Open(cfg)
 	if err != nil {
 		t.Fatal(err)

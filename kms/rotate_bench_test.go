@@ -28,6 +28,11 @@ func BenchmarkRotateByProfile(b *testing.B) {
 			c.KEKLabel, c.Profile = "bench-rotate-cbc-hmac", hsm.ProfileCBCHMAC
 			return c
 		}},
+		{"softhsm2/kwp", func(b *testing.B) hsm.Config {
+			c := testhsm.Config(b)
+			c.KEKLabel, c.Profile = "bench-rotate-kwp", hsm.ProfileKWP
+			return c
+		}},
 		{"opencryptoki/cbc-hmac", func(b *testing.B) hsm.Config { return testock.Config(b) }},
 	}
 	for _, c := range cfgs {

@@ -60,16 +60,21 @@ func runScript(t *testing.T, p *proc, work, script string) {
 }
 
 // TestEveryKindOnBothHSMs runs the same end-to-end script on kmsd over
-// SoftHSM2 (the embedded default) and over Debian's opencryptoki soft
-// token (a second real PKCS#11 implementation, without AES-GCM: kmsd picks
-// the cbc-hmac wrap profile there), restarting kmsd in between.
+// SoftHSM2 (the embedded default; and with --pkcs11-wrap kwp) and over
+// Debian's opencryptoki soft token (a second real PKCS#11 implementation,
+// without AES-GCM: kmsd picks the cbc-hmac wrap profile there), restarting
+// kmsd in between.
 func TestEveryKindOnBothHSMs(t *testing.T) {
-	for _, hsmName := range []string{"softhsm2", "opencryptoki"} {
+	for _, hsmName := range []string{"softhsm2", "softhsm2-kwp", "opencryptoki"} {
 		t.Run(hsmName, func(t *testing.T) {
 			dir := filepath.Join(t.TempDir(), "data")
 			work := t.TempDir()
 			var args []string
 			want := `"wrap_profile":"gcm"`
+			if hsmName == "softhsm2-kwp" {
+				args = []string{"--pkcs11-wrap", "kwp"}
+				want = `"wrap_profile":"kwp"`
+			}
 			if hsmName == "opencryptoki" {
 				cfg := testock.Config(t)
 				_, _, pinFile := testock.Setup(t)
