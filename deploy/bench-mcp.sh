@@ -23,7 +23,7 @@ go build -o "$work/kmsd-mcp" ./cmd/kmsd-mcp
 port=$((18400 + RANDOM % 1000))
 data="$work/data"
 "$work/kmsd" --data-dir "$data" --addr "127.0.0.1:$port" --max-keyset-mib 8192 2>"$work/kmsd.log" &
-export KMS_URL="https://127.0.0.1:$port" KMS_CACERT="$data/tls/ca.pem" KMS_TOKEN_FILE="$data/admin.token"
+export KMS_URL="https://127.0.0.1:$port" KMS_CA_CERT="$data/tls/ca.pem" KMS_TOKEN_FILE="$data/admin.token"
 for _ in $(seq 200); do curl -sf --cacert "$data/tls/ca.pem" "$KMS_URL/readyz" >/dev/null 2>&1 && break; sleep 0.1; done
 rot=1; r=2; while [ $r -lt $slots ]; do rot="$rot,$r"; r=$((r * 2)); done
 echo "generating a $preset keyset (rotations $rot)..." >&2

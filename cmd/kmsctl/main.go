@@ -69,7 +69,7 @@ type globals struct {
 func newGlobals(getenv func(string) string) *globals {
 	return &globals{
 		url: orDefault(getenv("KMS_URL"), defaultURL), token: getenv("KMS_TOKEN"), tokenFile: getenv("KMS_TOKEN_FILE"),
-		caCert: getenv("KMS_CACERT"), clientCert: getenv("KMS_CLIENT_CERT"), clientKey: getenv("KMS_CLIENT_KEY"),
+		caCert: orDefault(getenv("KMS_CA_CERT"), getenv("KMS_CACERT")), clientCert: getenv("KMS_CLIENT_CERT"), clientKey: getenv("KMS_CLIENT_KEY"),
 		output: getenv("KMS_OUTPUT"), timeout: 60 * time.Second,
 	}
 }
@@ -96,14 +96,15 @@ const globalHelp = `Global flags (before or after the command):
   --url URL         kmsd's URL (env KMS_URL, default %s)
   --token TOKEN     bearer token (env KMS_TOKEN)
   --token-file F    file holding the bearer token (env KMS_TOKEN_FILE), e.g. <data-dir>/admin.token
-  --ca-cert F       CA certificate (PEM) to trust for https (env KMS_CACERT); for
-                    the embedded default: <data-dir>/tls/ca.pem. Empty: system roots
+  --ca-cert F       CA certificate (PEM) to trust for https (env KMS_CA_CERT;
+                    KMS_CACERT, its older name, still works); for the
+                    embedded default: <data-dir>/tls/ca.pem. Empty: system roots
   --client-cert F   client certificate (PEM) for mutual TLS (env KMS_CLIENT_CERT)
   --client-key F    its private key (env KMS_CLIENT_KEY)
   -o, --output F    json or table (env KMS_OUTPUT; default: table on a terminal,
                     json otherwise)
-  --timeout D       request timeout (default 60s; background operations are
-                    waited for without it)
+  --timeout D       request timeout (env KMS_TIMEOUT, default 60s; background
+                    operations are waited for without it)
 `
 
 func usage(w io.Writer) {
@@ -176,6 +177,14 @@ func didYouMean(words []string) string {
 
 func run(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) int {
 	g := newGlobals(getenv)
+	if v := getenv("KMS_TIMEOUT"); v != "" {
+		d, err := time.ParseDuration(v)
+		if err != nil || d <= 0 {
+			fmt.Fprintf(stderr, "kmsctl: KMS_TIMEOUT=%q: want a duration such as 30s or 2m\n", v)
+			return exitUsage
+		}
+		g.timeout = d
+	}
 	gfs := flag.NewFlagSet("kmsctl", flag.ContinueOnError)
 	gfs.SetOutput(io.Discard)
 	g.define(gfs)
@@ -327,13 +336,13 @@ func hint(err error, g *globals) string {
 	var hostname x509.HostnameError
 	switch {
 	case errors.As(err, &unknownCA), errors.As(err, &certInvalid):
-		return "kmsd's certificate does not chain to a CA kmsctl trusts: give the CA with --ca-cert FILE or KMS_CACERT (kmsd's own CA, for its embedded default, is <data-dir>/tls/ca.pem)"
+		return "kmsd's certificate does not chain to a CA kmsctl trusts: give the CA with --ca-cert FILE or KMS_CA_CERT (kmsd's own CA, for its embedded default, is <data-dir>/tls/ca.pem)"
 	case errors.As(err, &hostname):
 		return "kmsd's certificate is not for the host in --url/KMS_URL: use a name it was made for (the embedded default's: localhost, 127.0.0.1, ::1)"
 	case strings.Contains(err.Error(), "server gave HTTP response to HTTPS client"):
 		return "kmsd at --url/KMS_URL answers plain HTTP (it runs with --insecure-http): use http:// in --url/KMS_URL"
 	case client.StatusOf(err) == 400 && strings.HasPrefix(g.url, "http://") && !isProblemDocument(err):
-		return "kmsd listens for HTTPS: use https:// in --url/KMS_URL (and --ca-cert or KMS_CACERT for its CA)"
+		return "kmsd listens for HTTPS: use https:// in --url/KMS_URL (and --ca-cert or KMS_CA_CERT for its CA)"
 	case client.StatusOf(err) == 401 && g.token == "":
 		return "no token was given: use --token, KMS_TOKEN, --token-file or KMS_TOKEN_FILE (an admin's is in <data-dir>/admin.token)"
 	}

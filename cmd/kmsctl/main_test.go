@@ -17,6 +17,7 @@ import (
 	"flag"
 	"fmt"
 	"math/big"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -636,7 +637,10 @@ func TestFirstRunHints(t *testing.T) {
 		code int
 		want string
 	}{
-		{"another CA", map[string]string{"KMS_URL": url, "KMS_TOKEN": admin, "KMS_CACERT": otherCA}, exitFailure, "--ca-cert FILE or KMS_CACERT"},
+		{"another CA", map[string]string{"KMS_URL": url, "KMS_TOKEN": admin, "KMS_CACERT": otherCA}, exitFailure, "--ca-cert FILE or KMS_CA_CERT"},
+		// KMS_CA_CERT (the flag's name) wins over KMS_CACERT (its older
+		// name, set here to the right CA).
+		{"another CA by its new name", map[string]string{"KMS_URL": url, "KMS_TOKEN": admin, "KMS_CA_CERT": otherCA}, exitFailure, "--ca-cert FILE or KMS_CA_CERT"},
 		{"http to the HTTPS port", map[string]string{"KMS_URL": "http://" + strings.TrimPrefix(url, "https://"), "KMS_TOKEN": admin}, exitRefused, "use https:// in --url/KMS_URL"},
 		{"no token", map[string]string{"KMS_URL": url}, exitRefused, "--token, KMS_TOKEN, --token-file or KMS_TOKEN_FILE"},
 	} {
@@ -644,6 +648,29 @@ func TestFirstRunHints(t *testing.T) {
 		if r.code != c.code || !strings.Contains(r.stderr, c.want) {
 			t.Errorf("%s: exit %d, %q; want exit %d naming %q", c.name, r.code, r.stderr, c.code, c.want)
 		}
+	}
+}
+
+// TestTimeoutFromEnvironment: KMS_TIMEOUT is --timeout's variable; a
+// value that is not a duration is refused naming it, not ignored.
+func TestTimeoutFromEnvironment(t *testing.T) {
+	r := kmsctl(t, map[string]string{"KMS_URL": "https://127.0.0.1:1", "KMS_TIMEOUT": "soon"}, "keys", "list")
+	if r.code != exitUsage || !strings.Contains(r.stderr, "KMS_TIMEOUT") {
+		t.Fatalf("KMS_TIMEOUT=soon: exit %d, %q", r.code, r.stderr)
+	}
+	// A short timeout applies: a server that never answers fails fast.
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	start := time.Now()
+	r = kmsctl(t, map[string]string{"KMS_URL": "https://" + ln.Addr().String(), "KMS_TOKEN": "x", "KMS_TIMEOUT": "300ms"}, "keys", "list")
+	if r.code == exitOK || time.Since(start) > 20*time.Second {
+		t.Fatalf("KMS_TIMEOUT=300ms against a silent server: exit %d after %v", r.code, time.Since(start))
+	}
+	if !strings.Contains(r.stderr, "deadline") && !strings.Contains(r.stderr, "timeout") && !strings.Contains(r.stderr, "Timeout") {
+		t.Fatalf("KMS_TIMEOUT=300ms: %q does not say it timed out", r.stderr)
 	}
 }
 

@@ -53,7 +53,7 @@ func runScript(t *testing.T, p *proc, work, script string) {
 	cmd := exec.Command("bash", "-c", script)
 	cmd.Dir = work
 	cmd.Env = append(os.Environ(), "KMSCTL="+kmsctlBin, "KMS_URL="+p.url(),
-		"KMS_TOKEN_FILE="+filepath.Join(p.dataDir, "admin.token"), "KMS_CACERT="+filepath.Join(p.dataDir, "tls", "ca.pem"))
+		"KMS_TOKEN_FILE="+filepath.Join(p.dataDir, "admin.token"), "KMS_CA_CERT="+filepath.Join(p.dataDir, "tls", "ca.pem"))
 	if out, err := cmd.CombinedOutput(); err != nil {
 		t.Fatalf("%v\n%s\nkmsd:\n%s", err, out, p.stderr.String())
 	}

@@ -569,7 +569,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 			}
 			certFile, keyFile = local.Cert, local.Key
 			if local.CreatedCA {
-				log.Info("made a local CA for TLS: clients trust it with --ca-cert / KMS_CACERT", "ca", local.CA)
+				log.Info("made a local CA for TLS: clients trust it with --ca-cert / KMS_CA_CERT", "ca", local.CA)
 			}
 			if local.Issued {
 				log.Info("issued the local server certificate", "cert", local.Cert, "hosts", localHosts(c.addr))

@@ -108,6 +108,7 @@ func TestREADMERunsAsWritten(t *testing.T) {
 	p := start(t, filepath.Join(work, "data"))
 	p.waitReady(t)
 	mcpAddr := freeAddr(t)
+	mcpStart := ""
 	var script strings.Builder
 	script.WriteString("set -euo pipefail\n")
 	ran := 0
@@ -118,9 +119,19 @@ func TestREADMERunsAsWritten(t *testing.T) {
 			continue
 		}
 		ran++
-		text := strings.ReplaceAll(b.text, "127.0.0.1:8420", p.addr)
-		text = strings.ReplaceAll(text, "127.0.0.1:8421", mcpAddr)
-		fmt.Fprintf(&script, "echo '### README.md block at line %d' >&2\n%s\n", b.line, text)
+		// kmsd and kmsd-mcp run on other ports than README's defaults,
+		// given through the variables README's blocks read them from
+		// (KMS_URL, KMSD_MCP_HTTP): an address written into a block
+		// instead fails here.
+		rest := strings.ReplaceAll(b.text, "${KMS_URL:-https://127.0.0.1:8420}", "")
+		rest = strings.ReplaceAll(rest, "${KMSD_MCP_HTTP:-127.0.0.1:8421}", "")
+		if m := hardAddr.FindString(rest); m != "" {
+			t.Errorf("README.md block at line %d writes the address %s: take it from $K / $MCP_ADDR", b.line, m)
+		}
+		if strings.Contains(b.text, "bin/kmsd-mcp --kms-url") {
+			mcpStart = b.text
+		}
+		fmt.Fprintf(&script, "echo '### README.md block at line %d' >&2\n%s\n", b.line, b.text)
 	}
 	// Only the commands that run until interrupted (or run this test) may
 	// be skipped; each has a test of its own.
@@ -141,7 +152,7 @@ func TestREADMERunsAsWritten(t *testing.T) {
 			syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
 		}
 	})
-	cmd.Env = append(os.Environ(), "KMS_URL=https://"+p.addr)
+	cmd.Env = append(os.Environ(), "KMS_URL=https://"+p.addr, "KMSD_MCP_HTTP="+mcpAddr)
 	var out testutil.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &out
 	if err := cmd.Run(); err != nil {
@@ -170,4 +181,37 @@ func TestREADMERunsAsWritten(t *testing.T) {
 	if !strings.Contains(out.String(), "audit log intact") {
 		t.Errorf("audit verify did not say the log is intact:\n%s", out.String())
 	}
+
+	// The kmsd-mcp start block given a token kmsd refuses: it ends at
+	// once (kmsd-mcp exits), non-zero, showing the 401 from its log.
+	if mcpStart == "" {
+		t.Fatal("README.md has no block that starts kmsd-mcp")
+	}
+	if err := os.WriteFile(filepath.Join(work, "mcp-worker.token"), []byte("kmsd_not-a-token\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	bad := exec.Command("bash", "-c", "set -euo pipefail\nK=https://"+p.addr+"\n"+mcpStart)
+	bad.Dir = work
+	bad.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	bad.WaitDelay = 5 * time.Second
+	bad.Env = append(os.Environ(), "KMSD_MCP_HTTP="+freeAddr(t))
+	var badOut testutil.Buffer
+	bad.Stdout, bad.Stderr = &badOut, &badOut
+	if err := bad.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { syscall.Kill(-bad.Process.Pid, syscall.SIGKILL) })
+	done := make(chan error, 1)
+	go func() { done <- bad.Wait() }()
+	select {
+	case err := <-done:
+		if err == nil || !strings.Contains(badOut.String(), "401") || !strings.Contains(badOut.String(), "kmsd-mcp is not answering") {
+			t.Fatalf("README's kmsd-mcp start with a refused token: %v, want a failure showing the 401:\n%s", err, badOut.String())
+		}
+	case <-time.After(60 * time.Second):
+		t.Fatalf("README's kmsd-mcp start with a refused token did not end within 60 s (its deadline is 30 s):\n%s", badOut.String())
+	}
 }
+
+// hardAddr is a loopback address written into a README block.
+var hardAddr = regexp.MustCompile(`127\.0\.0\.1:\d+`)

@@ -80,7 +80,7 @@ func TestReplicasScriptOnABasePort(t *testing.T) {
 		c := exec.Command(kmsctlBin, append([]string{"-o", "json"}, args...)...)
 		c.Env = append(os.Environ(),
 			fmt.Sprintf("KMS_URL=https://127.0.0.1:%d", base+i),
-			"KMS_CACERT="+filepath.Join(dir, fmt.Sprintf("kmsd-%d", i), "tls", "ca.pem"),
+			"KMS_CA_CERT="+filepath.Join(dir, fmt.Sprintf("kmsd-%d", i), "tls", "ca.pem"),
 			"KMS_TOKEN_FILE="+filepath.Join(dir, "kmsd-1", "admin.token"))
 		b, err := c.CombinedOutput()
 		return string(b), err
