@@ -48,6 +48,7 @@ func main() {
 	defer stop()
 	err := run(ctx, os.Args[1:], os.Getenv, os.Stderr, nil)
 	if errors.Is(err, flag.ErrHelp) {
+		printUsage(os.Stdout, os.Getenv)
 		os.Exit(0)
 	}
 	if errors.Is(err, errVersion) {
@@ -114,12 +115,16 @@ type config struct {
 }
 
 // parseFlags reads flags, with KMS_* environment variables as defaults.
-func parseFlags(args []string, getenv func(string) string, out io.Writer) (config, error) {
+func parseFlags(args []string, getenv func(string) string) (config, error) {
 	var c config
 	fs, envErrs := newFlagSetErrs(&c, getenv)
-	fs.SetOutput(out)
+	fs.SetOutput(io.Discard) // errors are returned; main prints --help
+	fs.Usage = func() {}
 	if err := fs.Parse(args); err != nil {
-		return c, err
+		if errors.Is(err, flag.ErrHelp) {
+			return c, err
+		}
+		return c, fmt.Errorf("%v (kmsd --help lists the flags)", err)
 	}
 	// An environment variable counts only where its flag was not given.
 	given := map[string]bool{}
@@ -375,7 +380,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 	if len(args) == 1 && (args[0] == "--version" || args[0] == "-version" || args[0] == "version") {
 		return errVersion // before anything is checked: it needs no setting
 	}
-	c, err := parseFlags(args, getenv, stderr)
+	c, err := parseFlags(args, getenv)
 	if err != nil {
 		return err
 	}

@@ -379,7 +379,7 @@ func TestBadSettingsStopBeforeDisk(t *testing.T) {
 	// A flag given on the command line wins over a bad environment value.
 	if _, err := parseFlags([]string{"--audit-wal-mib", "8"}, func(k string) string {
 		return map[string]string{"KMS_AUDIT_WAL_MIB": "lots"}[k]
-	}, io.Discard); err != nil {
+	}); err != nil {
 		t.Errorf("a flag did not override a bad environment value: %v", err)
 	}
 }
