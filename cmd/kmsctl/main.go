@@ -57,6 +57,7 @@ type command struct {
 	help     string
 	flags    func(fs *flag.FlagSet) // optional
 	nargs    int                    // positional arguments
+	optArg   bool                   // and one more may follow (he encrypt NAME, or its older --key NAME)
 	run      func(e *env, fs *flag.FlagSet, args []string) (int, error)
 }
 
@@ -246,7 +247,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		commandUsage(stdout, cmd)
 		return exitOK
 	}
-	if err == nil && len(pos) != cmd.nargs {
+	if err == nil && len(pos) != cmd.nargs && !(cmd.optArg && len(pos) == cmd.nargs+1) {
 		err = fmt.Errorf("%s takes %d argument(s): %s", cmd.name, cmd.nargs, cmd.synopsis)
 	}
 	if err != nil {

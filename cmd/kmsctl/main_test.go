@@ -18,6 +18,7 @@ import (
 	"fmt"
 	"math/big"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -322,7 +323,9 @@ func TestHECommands(t *testing.T) {
 	if r := kmsctl(t, encEnv, "he", "encrypt", "--key", "he-missing", "--in", in, "--cache-dir", filepath.Join(dir, "cache")); r.code != exitRefused || !strings.Contains(r.stderr, "404") || strings.Contains(r.stderr, `{"type"`) {
 		t.Fatalf("he encrypt of a missing key: %d %s", r.code, r.stderr)
 	}
-	r = kmsctl(t, encEnv, "he", "encrypt", "--key", "he1", "--in", in, "--cache-dir", filepath.Join(dir, "cache"))
+	// The key as the argument, as every other command takes it (--key,
+	// the older form, is used below).
+	r = kmsctl(t, encEnv, "he", "encrypt", "he1", "--in", in, "--cache-dir", filepath.Join(dir, "cache"))
 	if r.code != exitOK || strings.Count(r.stdout, "\n") != 1 || !strings.Contains(r.stdout, `"key":"he1","version":2`) || !strings.Contains(r.stdout, `"attestation":{"payload":`) {
 		t.Fatalf("he encrypt: %d %s %s", r.code, r.stdout, r.stderr)
 	}
@@ -348,7 +351,9 @@ func TestHECommands(t *testing.T) {
 		in   string
 		want string
 	}{
-		{[]string{"he", "encrypt", "--in", in}, "1", "--key is required"},
+		{[]string{"he", "encrypt", "--in", in}, "1", "kmsctl he encrypt NAME"},
+		{[]string{"he", "encrypt", "he1", "--key", "he2", "--in", in}, "1", "give it once"},
+		{[]string{"he", "encrypt", "he1", "he2", "--in", in}, "1", "takes"},
 		{[]string{"he", "encrypt", "--key", "he1", "--in", in}, "[1, \"x\"]", "not a JSON array of numbers"},
 		{[]string{"he", "encrypt", "--key", "he1", "--in", in}, "", "no values"},
 		{[]string{"he", "decrypt", "--in", in}, "{\"key\":\"he1\"}", "needs key, version"},
@@ -665,7 +670,8 @@ func TestTimeoutFromEnvironment(t *testing.T) {
 	}
 	defer ln.Close()
 	start := time.Now()
-	r = kmsctl(t, map[string]string{"KMS_URL": "https://" + ln.Addr().String(), "KMS_TOKEN": "x", "KMS_TIMEOUT": "300ms"}, "keys", "list")
+	_, caFile := testutil.TLSServer(t, http.NotFoundHandler()) // a CA file; its server is not the one called
+	r = kmsctl(t, map[string]string{"KMS_URL": "https://" + ln.Addr().String(), "KMS_TOKEN": "x", "KMS_TIMEOUT": "300ms", "KMS_CA_CERT": caFile}, "keys", "list")
 	if r.code == exitOK || time.Since(start) > 20*time.Second {
 		t.Fatalf("KMS_TIMEOUT=300ms against a silent server: exit %d after %v", r.code, time.Since(start))
 	}

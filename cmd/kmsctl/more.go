@@ -176,10 +176,10 @@ var moreCommands = []command{
 
 var heCommands = []command{
 	{
-		name: "he encrypt", synopsis: "--key NAME [--version N|primary] [--in FILE] [--identity-key-file FILE] [--cache-dir DIR]",
-		help: "encrypt a JSON array of numbers (stdin, or --in) locally under a ckks key's verified public key and have kmsd attest it as your input (an encryptor token: kmsd decrypts, and kmsd-mcp computes on, attested ciphertexts only); prints the ciphertext envelope with its attestation", nargs: 0,
+		name: "he encrypt", synopsis: "NAME|--key NAME [--version N|primary] [--in FILE] [--identity-key-file FILE] [--cache-dir DIR]", optArg: true,
+		help: "encrypt a JSON array of numbers (stdin, or --in) locally under a ckks key's verified public key and have kmsd attest it as your input (an encryptor token: kmsd decrypts, and kmsd-mcp computes on, attested ciphertexts only); prints the ciphertext envelope with its attestation (the key as --key NAME, the older form, still works)", nargs: 0,
 		flags: func(fs *flag.FlagSet) {
-			fs.String("key", "", "ckks key name (required)")
+			fs.String("key", "", "the ckks key's name, where it is not given as the argument (the older form)")
 			fs.String("version", "primary", "version number or primary")
 			fs.String("in", "-", "file holding the values: a JSON array, or numbers separated by spaces, commas or newlines (- for stdin)")
 			fs.String("identity-key-file", "", "the pinned identity public key (env KMS_IDENTITY_KEY_FILE); empty: the key kmsd serves over the TLS connection")
@@ -261,10 +261,16 @@ func parseValues(b []byte) ([]float64, error) {
 	return vals, nil
 }
 
-func heEncrypt(e *env, fs *flag.FlagSet, _ []string) (int, error) {
+func heEncrypt(e *env, fs *flag.FlagSet, args []string) (int, error) {
 	name := str(fs, "key")
+	if len(args) == 1 {
+		if name != "" && name != args[0] {
+			return 0, usageError{fmt.Sprintf("the key is %q or %q? give it once, as the argument", args[0], name)}
+		}
+		name = args[0]
+	}
 	if name == "" {
-		return 0, usageError{"--key is required"}
+		return 0, usageError{"name the ckks key: kmsctl he encrypt NAME"}
 	}
 	v, err := parseVersion(str(fs, "version"), true)
 	if err != nil {
