@@ -31,13 +31,19 @@ func TestSoftKWPMatchesRFC5649(t *testing.T) {
 	}
 }
 
-// noGCM is a token without AES-GCM (as Debian 12's opencryptoki), and
-// optionally without AES key wrap, or whose CKM_AES_KEY_WRAP_PAD is not
-// RFC 5649 (PKCS#7 padding, then RFC 3394: eight more bytes).
+// noGCM is a token without AES-GCM (as Debian 12's opencryptoki, unless
+// withGCM), and optionally: without AES key wrap; whose
+// CKM_AES_KEY_WRAP_PAD is not RFC 5649 (PKCS#7 padding, then RFC 3394:
+// eight more bytes); whose key unwrap fails (CKR_GENERAL_ERROR); that
+// will not destroy objects; or whose policy refuses to make wrap keys.
 type noGCM struct {
 	hsm.Module
-	noKWP    bool
-	otherPad bool
+	withGCM       bool
+	noKWP         bool
+	otherPad      bool
+	failUnwrap    bool
+	failDestroy   bool
+	noWrapKeyMade bool
 }
 
 func (n *noGCM) GetMechanismList(slot uint) ([]*pkcs11.Mechanism, error) {
@@ -45,7 +51,7 @@ func (n *noGCM) GetMechanismList(slot uint) ([]*pkcs11.Mechanism, error) {
 	var out []*pkcs11.Mechanism
 	for _, m := range ms {
 		switch {
-		case m.Mechanism == pkcs11.CKM_AES_GCM:
+		case m.Mechanism == pkcs11.CKM_AES_GCM && !n.withGCM:
 		case n.noKWP && (m.Mechanism == pkcs11.CKM_AES_KEY_WRAP_PAD || m.Mechanism == 0x210B):
 		default:
 			out = append(out, m)
@@ -60,6 +66,29 @@ func (n *noGCM) WrapKey(sh pkcs11.SessionHandle, m []*pkcs11.Mechanism, wk, key 
 		ct = append(ct, make([]byte, 8)...)
 	}
 	return ct, err
+}
+
+func (n *noGCM) UnwrapKey(sh pkcs11.SessionHandle, m []*pkcs11.Mechanism, k pkcs11.ObjectHandle, ct []byte, a []*pkcs11.Attribute) (pkcs11.ObjectHandle, error) {
+	if n.failUnwrap {
+		return 0, pkcs11.Error(pkcs11.CKR_GENERAL_ERROR)
+	}
+	return n.Module.UnwrapKey(sh, m, k, ct, a)
+}
+
+func (n *noGCM) DestroyObject(sh pkcs11.SessionHandle, o pkcs11.ObjectHandle) error {
+	if n.failDestroy {
+		return pkcs11.Error(pkcs11.CKR_FUNCTION_FAILED)
+	}
+	return n.Module.DestroyObject(sh, o)
+}
+
+func (n *noGCM) GenerateKey(sh pkcs11.SessionHandle, m []*pkcs11.Mechanism, t []*pkcs11.Attribute) (pkcs11.ObjectHandle, error) {
+	for _, a := range t {
+		if n.noWrapKeyMade && a.Type == pkcs11.CKA_WRAP && len(a.Value) == 1 && a.Value[0] == 1 {
+			return 0, pkcs11.Error(pkcs11.CKR_TEMPLATE_INCONSISTENT)
+		}
+	}
+	return n.Module.GenerateKey(sh, m, t)
 }
 
 func openNoGCM(t *testing.T, n *noGCM, label string, profile hsm.Profile, create bool) (*hsm.Sealer, error) {
@@ -201,6 +230,24 @@ func TestKWPKeyWrapsOnly(t *testing.T) {
 	if kek[pkcs11.CKA_WRAP] || kek[pkcs11.CKA_UNWRAP] {
 		t.Fatalf("KEK attributes %v: the KEK wraps", kek)
 	}
+	// Its one use is AES key wrap with padding (CKA_ALLOWED_MECHANISMS):
+	// C_WrapKey with AES-CBC (a raw AES encryption of a chosen value) is
+	// refused.
+	chosen, err := mod.CreateObject(sh, []*pkcs11.Attribute{
+		pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_SECRET_KEY), pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_GENERIC_SECRET),
+		pkcs11.NewAttribute(pkcs11.CKA_TOKEN, false), pkcs11.NewAttribute(pkcs11.CKA_EXTRACTABLE, true), pkcs11.NewAttribute(pkcs11.CKA_SENSITIVE, false),
+		pkcs11.NewAttribute(pkcs11.CKA_VALUE, make([]byte, 16)),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	wk := find("kwp-attrs-kwp")
+	if _, err := mod.WrapKey(sh, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_CBC, make([]byte, 16))}, wk, chosen); err == nil {
+		t.Fatal("the key-wrap key wraps with AES-CBC")
+	}
+	if _, err := mod.WrapKey(sh, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_KEY_WRAP_PAD, nil)}, wk, chosen); err != nil {
+		t.Fatalf("the key-wrap key does not wrap with CKM_AES_KEY_WRAP_PAD: %v", err)
+	}
 }
 
 // TestKWPPadOfAnotherKind: a token whose CKM_AES_KEY_WRAP_PAD pads with
@@ -218,5 +265,162 @@ func TestKWPPadOfAnotherKind(t *testing.T) {
 	_, err = openNoGCM(t, &noGCM{otherPad: true}, "kwp-other-pad", hsm.ProfileKWP, false)
 	if !errors.Is(err, hsm.ErrSelfTest) || !strings.Contains(err.Error(), "RFC 5649") {
 		t.Fatalf("kwp by name where PAD is not RFC 5649: %v", err)
+	}
+}
+
+// kwpBlob seals a kwp blob on a new KEK labelled label (GCM hidden, so
+// auto picks kwp) and closes that sealer.
+func kwpBlob(t *testing.T, label, text string) []byte {
+	t.Helper()
+	s, err := openNoGCM(t, &noGCM{}, label, hsm.ProfileAuto, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if s.Profile() != hsm.ProfileKWP {
+		t.Fatalf("profile %s", s.Profile())
+	}
+	b, err := s.Seal(context.Background(), sc, kms.NewSecret([]byte(text)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+// TestKWPTokenFailureIsNotABadBlob: a sealer that seals with gcm opens kwp
+// blobs too; when the token's key unwrap fails (CKR_GENERAL_ERROR, as
+// SoftHSM also answers for a bad wrap), the check that tells a failing
+// token from a bad blob must go through the blob's profile: a gcm round
+// trip passed, and every kwp blob was reported as not opening (review
+// finding).
+func TestKWPTokenFailureIsNotABadBlob(t *testing.T) {
+	blob := kwpBlob(t, "kwp-failing-unwrap", "sealed with kwp")
+	n := &noGCM{withGCM: true}
+	s, err := openNoGCM(t, n, "kwp-failing-unwrap", hsm.ProfileAuto, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s.Profile() != hsm.ProfileGCM {
+		t.Fatalf("profile %s", s.Profile())
+	}
+	ctx := context.Background()
+	if got, err := s.Unseal(ctx, sc, blob); err != nil || string(got.Reveal()) != "sealed with kwp" {
+		t.Fatalf("kwp blob on a gcm sealer: %v", err)
+	}
+	n.failUnwrap = true
+	_, err = s.Unseal(ctx, sc, blob)
+	if err == nil || errors.Is(err, hsm.ErrBlob) || !strings.Contains(err.Error(), "kwp round trip") {
+		t.Fatalf("a failing key unwrap: %v, want the token's failure, not a blob that does not open", err)
+	}
+	// A bad kwp blob on a working token is still a blob that does not open.
+	n.failUnwrap = false
+	bad := bytes.Clone(blob)
+	bad[5+2+len(s.KEKID())+2+2+10] ^= 1
+	if _, err := s.Unseal(ctx, sc, bad); !errors.Is(err, hsm.ErrBlob) {
+		t.Fatalf("a changed kwp blob: %v", err)
+	}
+}
+
+// TestKWPDataKeyObjectNotKept: the data key passes through a session
+// object; when the token will not destroy it, the seal fails and the
+// session is closed (which ends its objects), rather than succeeding and
+// leaving the key readable in a pooled session (review finding).
+func TestKWPDataKeyObjectNotKept(t *testing.T) {
+	n := &noGCM{}
+	s, err := openNoGCM(t, n, "kwp-no-destroy", hsm.ProfileAuto, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	blob, err := s.Seal(ctx, sc, kms.NewSecret([]byte("x")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	n.failDestroy = true
+	if _, err := s.Seal(ctx, sc, kms.NewSecret([]byte("y"))); err == nil || !strings.Contains(err.Error(), "session object") {
+		t.Fatalf("seal where the token keeps the object: %v", err)
+	}
+	if _, err := s.Unseal(ctx, sc, blob); err == nil || !strings.Contains(err.Error(), "session object") {
+		t.Fatalf("unseal where the token keeps the object: %v", err)
+	}
+	// Session objects are visible to every session of the process: none
+	// with a value is left.
+	cfg := testhsm.Config(t)
+	slot, _ := hsm.FindToken(n.Module, cfg.TokenLabel)
+	sh, err := n.Module.OpenSession(slot, pkcs11.CKF_SERIAL_SESSION)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer n.Module.CloseSession(sh)
+	n.Module.FindObjectsInit(sh, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_TOKEN, false), pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_SECRET_KEY)})
+	objs, _, _ := n.Module.FindObjects(sh, 10)
+	n.Module.FindObjectsFinal(sh)
+	if len(objs) != 0 {
+		t.Fatalf("%d session key objects left in the token", len(objs))
+	}
+	n.failDestroy = false
+	if got, err := s.Unseal(ctx, sc, blob); err != nil || string(got.Reveal()) != "x" {
+		t.Fatalf("after the token destroys again: %v", err)
+	}
+}
+
+// TestForgedKWPBlobOnAKEKWithoutKWP: a blob relabelled as kwp, under a KEK
+// that never had a key-wrap key (so no kwp blob was ever sealed under
+// it), is a blob that does not open, not an HSM lacking a mechanism (a
+// 503 that points operators at the HSM); readiness holds (review
+// finding).
+func TestForgedKWPBlobOnAKEKWithoutKWP(t *testing.T) {
+	cfg := testhsm.Config(t)
+	cfg.KEKLabel, cfg.Profile = "gcm-only", hsm.ProfileGCM
+	s, err := hsm.Open(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	id := []byte(s.KEKID())
+	field := func(b []byte) []byte { return append([]byte{byte(len(b) >> 8), byte(len(b))}, b...) }
+	b := append([]byte("KMS2\x04"), field(id)...)
+	b = append(b, field(nil)...)
+	b = append(b, field(make([]byte, 72))...)
+	b = append(b, field(nil)...)
+	b = append(b, make([]byte, 12+40)...)
+	ctx := context.Background()
+	if _, err := s.Unseal(ctx, sc, b); !errors.Is(err, hsm.ErrBlob) || errors.Is(err, hsm.ErrMechanism) {
+		t.Fatalf("forged kwp blob: %v", err)
+	}
+	if err := s.Ping(ctx); err != nil {
+		t.Fatalf("ping after a forged blob: %v", err)
+	}
+}
+
+// TestAutoStartsWhereWrapKeysAreRefused: under auto, a token whose policy
+// refuses to make a key that can wrap still starts (with gcm), without
+// the kwp profile; kwp by name is refused there naming why (review
+// finding).
+func TestAutoStartsWhereWrapKeysAreRefused(t *testing.T) {
+	s, err := openNoGCM(t, &noGCM{withGCM: true, noWrapKeyMade: true}, "no-wrap-keys", hsm.ProfileAuto, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s.Profile() != hsm.ProfileGCM {
+		t.Fatalf("profile %s", s.Profile())
+	}
+	if _, err := openNoGCM(t, &noGCM{withGCM: true, noWrapKeyMade: true}, "no-wrap-keys-2", hsm.ProfileKWP, true); err == nil || !strings.Contains(err.Error(), "key-wrap key") {
+		t.Fatalf("kwp by name where wrap keys are refused: %v", err)
+	}
+}
+
+// TestKWPBlobOnATokenFailingTheKnownAnswer: the kwp known answer runs at
+// every connection, not only when kwp is chosen: a gcm sealer on a token
+// whose key wrap is not RFC 5649 refuses kwp blobs naming the known
+// answer, rather than reporting them as blobs that do not open.
+func TestKWPBlobOnATokenFailingTheKnownAnswer(t *testing.T) {
+	blob := kwpBlob(t, "kwp-kat-later", "k")
+	s, err := openNoGCM(t, &noGCM{withGCM: true, otherPad: true}, "kwp-kat-later", hsm.ProfileAuto, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Unseal(context.Background(), sc, blob); !errors.Is(err, hsm.ErrMechanism) || !strings.Contains(err.Error(), "known answer") {
+		t.Fatalf("kwp blob where the key wrap fails its known answer: %v", err)
 	}
 }

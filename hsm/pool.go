@@ -2,6 +2,7 @@ package hsm
 
 import (
 	"context"
+	"errors"
 	"sync"
 	"time"
 
@@ -32,7 +33,7 @@ func (p *pool) with(ctx context.Context, fn func(pkcs11.SessionHandle) error) er
 		return err
 	}
 	err = fn(sh)
-	if broken(err) {
+	if broken(err) || errors.Is(err, errDirtySession) {
 		_ = p.mod.CloseSession(sh)
 		<-p.sem
 		return err

@@ -92,6 +92,7 @@ type conn struct {
 	kek       pkcs11.ObjectHandle
 	mac       pkcs11.ObjectHandle // the cbc-hmac profile's MAC key, 0 if none
 	kwp       pkcs11.ObjectHandle // the kwp profile's wrap-only key, 0 if none
+	kwpErr    error               // the token's key wrap failed its known answer
 	have      map[uint]bool       // the token's mechanisms
 	ivs       *ivGuard            // shared by the connections of one sealer
 	loginSess pkcs11.SessionHandle
@@ -225,14 +226,28 @@ func (s *Sealer) connect(create bool) (c *conn, kekID string, err error) {
 	}
 	// The cbc-hmac profile's MAC key, made beside the KEK when the token
 	// can do that profile (only with a new KEK), found if it is there.
+	// Under auto each is made where the token allows it: a token whose
+	// policy refuses one (a wrap key, say) still starts, without that
+	// profile.
 	makeMAC := create && ProfileCBCHMAC.lacks(c.have) == "" && (s.cfg.Profile == ProfileCBCHMAC || s.cfg.Profile == ProfileAuto)
-	if c.mac, err = findOrCreateSideKey(s.mod, c.loginSess, macKey, s.cfg.KEKLabel+"-mac", kekID, makeMAC); err != nil {
+	if c.mac, err = s.sideKey(c, macKey, s.cfg.KEKLabel+"-mac", kekID, makeMAC); err != nil {
 		return c, "", err
 	}
 	// Likewise the kwp profile's wrap-only key.
 	makeKWP := create && ProfileKWP.lacks(c.have) == "" && (s.cfg.Profile == ProfileKWP || s.cfg.Profile == ProfileAuto)
-	if c.kwp, err = findOrCreateSideKey(s.mod, c.loginSess, kwpKey, s.cfg.KEKLabel+"-kwp", kekID, makeKWP); err != nil {
+	if c.kwp, err = s.sideKey(c, kwpKey, s.cfg.KEKLabel+"-kwp", kekID, makeKWP); err != nil {
 		return c, "", err
+	}
+	if c.kwp != 0 {
+		// CKM_AES_KEY_WRAP_PAD is RFC 5649 on some tokens and PKCS#7
+		// padding then RFC 3394 on others, and firmware changes: a
+		// known answer at every connection, so that kwp is used (and
+		// kwp blobs are opened) only where the token's answers are RFC
+		// 5649's.
+		if kerr := s.knownAnswerKWP(c.loginSess, kwpMechanism(c.have)); kerr != nil {
+			c.kwpErr = fmt.Errorf("%w: the token's AES key wrap fails its known answer: %v", ErrMechanism, kerr)
+			s.log.Warn("HSM: the kwp profile is not usable on this token", "err", c.kwpErr.Error())
+		}
 	}
 	c.pool = newPool(s.mod, c.slot, s.cfg.Sessions)
 	return c, kekID, nil
@@ -340,7 +355,7 @@ func (s *Sealer) reconnect() error {
 		s.closeConn(c)
 		return fmt.Errorf("%w: id %s, was %s", ErrKEKChanged, kekID, s.kekID)
 	}
-	if lacks := s.profile.lacks(c.have); lacks != "" || (s.profile == ProfileCBCHMAC && c.mac == 0) || (s.profile == ProfileKWP && c.kwp == 0) {
+	if lacks := s.profile.lacks(c.have); lacks != "" || (s.profile == ProfileCBCHMAC && c.mac == 0) || (s.profile == ProfileKWP && (c.kwp == 0 || c.kwpErr != nil)) {
 		s.closeConn(c)
 		return fmt.Errorf("%w: after reconnecting, the token no longer offers the %s profile (%s)", ErrMechanism, s.profile, lacks)
 	}
@@ -741,15 +756,18 @@ func (s *Sealer) Unseal(ctx context.Context, sc kms.SealContext, b []byte) (kms.
 		return err
 	})
 	if errors.Is(err, errGeneral) {
-		// A bad tag on SoftHSM, or a failing token: if the KEK still
-		// round-trips, it was the blob.
-		if perr := s.Ping(ctx); perr != nil {
-			return kms.Secret{}, fmt.Errorf("unwrap DEK: %w (and the token fails a round trip: %v)", err, perr)
+		// A bad tag on SoftHSM, or a failing token: if the token still
+		// round-trips through the blob's profile, it was the blob.
+		if perr := s.roundTrip(ctx, p.w.profile); perr != nil {
+			return kms.Secret{}, fmt.Errorf("unwrap DEK: %w (and the token fails a %s round trip: %v)", err, p.w.profile, perr)
 		}
 		err = errTag
 	}
 	if errors.Is(err, errTag) {
 		return kms.Secret{}, kms.Wrap(kms.KindInternal, "unseal", ErrBlob)
+	}
+	if errors.Is(err, errNoSideKey) {
+		return kms.Secret{}, kms.Wrap(kms.KindInternal, "unseal", fmt.Errorf("%w: %v", ErrBlob, err))
 	}
 	if err != nil {
 		return kms.Secret{}, fmt.Errorf("unwrap DEK: %w", err)
@@ -782,6 +800,26 @@ func (s *Sealer) Ping(ctx context.Context) error {
 		}
 		return nil
 	})
+}
+
+// roundTrip checks that the token still does profile p: Ping where p is
+// the profile this sealer seals with (or another AES-GCM one: the same
+// decryption), otherwise a wrap and unwrap under p.
+func (s *Sealer) roundTrip(ctx context.Context, p Profile) error {
+	gcm := func(p Profile) bool { return p == ProfileGCM || p == ProfileGCMHSMIV }
+	if p == s.profile || (gcm(p) && gcm(s.profile)) {
+		return s.Ping(ctx)
+	}
+	if gcm(p) {
+		// A GCM blob on a sealer of another profile: either GCM profile
+		// round-tripping shows the token's AES-GCM works.
+		err := s.run(ctx, func(sh pkcs11.SessionHandle, k keys) error { return s.pingKEK(sh, k, ProfileGCM) })
+		if err == nil {
+			return nil
+		}
+		p = ProfileGCMHSMIV
+	}
+	return s.run(ctx, func(sh pkcs11.SessionHandle, k keys) error { return s.pingKEK(sh, k, p) })
 }
 
 // makePing wraps the block Ping unwraps.
@@ -864,7 +902,7 @@ func (s *Sealer) Close() error {
 }
 
 func (c *conn) keys() keys {
-	return keys{kek: c.kek, mac: c.mac, kwp: c.kwp, have: c.have, ivs: c.ivs}
+	return keys{kek: c.kek, mac: c.mac, kwp: c.kwp, kwpErr: c.kwpErr, have: c.have, ivs: c.ivs}
 }
 
 // chooseProfile picks the profile Seal uses: the configured one if the
@@ -885,15 +923,10 @@ func (s *Sealer) chooseProfile(c *conn) (Profile, error) {
 		if p == ProfileKWP && c.kwp == 0 {
 			return fmt.Errorf("%w: no key-wrap key labelled %q beside the KEK (kmsd makes it only with a new KEK)", ErrMechanism, s.cfg.KEKLabel+"-kwp")
 		}
-		tried = true
-		if p == ProfileKWP {
-			// CKM_AES_KEY_WRAP_PAD is RFC 5649 on some tokens and
-			// PKCS#7 padding then RFC 3394 on others: only the first
-			// will do, and only a known answer tells them apart.
-			if err := c.pool.with(context.Background(), func(sh pkcs11.SessionHandle) error { return s.knownAnswer(sh, c.have, p) }); err != nil {
-				return fmt.Errorf("%w: known answer: %v", ErrSelfTest, err)
-			}
+		if p == ProfileKWP && c.kwpErr != nil {
+			return fmt.Errorf("%w: %v", ErrSelfTest, c.kwpErr)
 		}
+		tried = true
 		if err := c.pool.with(context.Background(), func(sh pkcs11.SessionHandle) error { return s.pingKEK(sh, c.keys(), p) }); err != nil {
 			return fmt.Errorf("%w: round trip: %v", ErrSelfTest, err)
 		}
@@ -936,6 +969,23 @@ var (
 	kwpKey = sideKey{name: "key-wrap key", keyType: pkcs11.CKK_AES, gen: pkcs11.CKM_AES_KEY_GEN, wrap: true}
 )
 
+// allowed is CKA_ALLOWED_MECHANISMS for the side key: the one thing it is
+// for (where the token knows the attribute, it refuses any other
+// mechanism with the key, such as AES-CBC wrapping with the key-wrap key).
+func (k sideKey) allowed() *pkcs11.Attribute {
+	var ms []uint
+	if k.wrap {
+		ms = []uint{pkcs11.CKM_AES_KEY_WRAP_PAD, ckmAESKeyWrapKWP}
+	} else {
+		ms = []uint{pkcs11.CKM_SHA256_HMAC}
+	}
+	var v []byte
+	for _, m := range ms {
+		v = append(v, pkcs11.NewAttribute(0, m).Value...) // a CK_ULONG each
+	}
+	return pkcs11.NewAttribute(pkcs11.CKA_ALLOWED_MECHANISMS, v)
+}
+
 // template is the side key: 256 bits, in the token, sensitive, never
 // extractable, with the KEK's id, and able to do one thing: sign (the MAC
 // key) or wrap (the key-wrap key), never encrypt or decrypt.
@@ -961,6 +1011,21 @@ func (k sideKey) template(label string, id []byte) []*pkcs11.Attribute {
 	}
 }
 
+// errSideKeyGen: the token would not make a side key.
+var errSideKeyGen = errors.New("the token would not make the key")
+
+// sideKey finds or makes a side key of c's KEK. Under auto a key the
+// token refuses to make is logged and left out (its profile is then not
+// offered); a profile named by --pkcs11-wrap needs it.
+func (s *Sealer) sideKey(c *conn, k sideKey, label, kekID string, create bool) (pkcs11.ObjectHandle, error) {
+	h, err := findOrCreateSideKey(s.mod, c.loginSess, k, label, kekID, create)
+	if errors.Is(err, errSideKeyGen) && s.cfg.Profile == ProfileAuto {
+		s.log.Warn("HSM: the token would not make a key beside the KEK; its profile is not offered", "label", label, "err", err.Error())
+		return 0, nil
+	}
+	return h, err
+}
+
 // findOrCreateSideKey finds a side key by label and the KEK's id (0 if
 // there is none and create is false) or makes it, and checks that it is
 // safe.
@@ -976,9 +1041,16 @@ func findOrCreateSideKey(mod Module, sh pkcs11.SessionHandle, k sideKey, label, 
 		if !create {
 			return 0, nil
 		}
-		key, err = mod.GenerateKey(sh, []*pkcs11.Mechanism{pkcs11.NewMechanism(k.gen, nil)}, k.template(label, id))
+		gen := []*pkcs11.Mechanism{pkcs11.NewMechanism(k.gen, nil)}
+		key, err = mod.GenerateKey(sh, gen, append(k.template(label, id), k.allowed()))
+		switch rv(err) {
+		case pkcs11.CKR_ATTRIBUTE_TYPE_INVALID, pkcs11.CKR_ATTRIBUTE_VALUE_INVALID, pkcs11.CKR_TEMPLATE_INCONSISTENT:
+			// A token without CKA_ALLOWED_MECHANISMS (PKCS#11 2.40;
+			// opencryptoki 3.8 has none): the key without the list.
+			key, err = mod.GenerateKey(sh, gen, k.template(label, id))
+		}
 		if err != nil {
-			return 0, fmt.Errorf("generate the %s %q: %w", k.name, label, err)
+			return 0, fmt.Errorf("%w: generate the %s %q: %v", errSideKeyGen, k.name, label, err)
 		}
 	case 1:
 		key = objs[0]

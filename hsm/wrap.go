@@ -130,7 +130,10 @@ type keys struct {
 	kek  pkcs11.ObjectHandle
 	mac  pkcs11.ObjectHandle // cbc-hmac only
 	kwp  pkcs11.ObjectHandle // kwp only: the wrap-only key
-	have map[uint]bool       // the token's mechanisms
+	// kwpErr: the token's key wrap failed its known answer at connect
+	// (kwp is then not used).
+	kwpErr error
+	have   map[uint]bool // the token's mechanisms
 	ivs  *ivGuard            // gcm-hsm-iv: the IVs the token drew lately
 }
 
@@ -279,12 +282,28 @@ func kwpWrap(mod Module, sh pkcs11.SessionHandle, wrapKey pkcs11.ObjectHandle, m
 	if err != nil {
 		return nil, fmt.Errorf("C_CreateObject (the data key to wrap): %w", err)
 	}
-	defer mod.DestroyObject(sh, obj)
 	ct, err := mod.WrapKey(sh, []*pkcs11.Mechanism{pkcs11.NewMechanism(mech, nil)}, wrapKey, obj)
+	if derr := destroyKeyObject(mod, sh, obj); derr != nil {
+		return nil, derr
+	}
 	if err != nil {
 		return nil, fmt.Errorf("C_WrapKey: %w", err)
 	}
 	return ct, nil
+}
+
+// errDirtySession: a session holds a session object with a data key that
+// the token would not destroy; the pool closes the session, which
+// destroys its objects (PKCS#11: session objects end with their session).
+var errDirtySession = errors.New("the token kept a session object holding a data key")
+
+// destroyKeyObject destroys a session object that holds a data key; if the
+// token refuses, the operation fails and its session is closed.
+func destroyKeyObject(mod Module, sh pkcs11.SessionHandle, obj pkcs11.ObjectHandle) error {
+	if err := mod.DestroyObject(sh, obj); err != nil {
+		return fmt.Errorf("%w (C_DestroyObject: %v): closing the session", errDirtySession, err)
+	}
+	return nil
 }
 
 // kwpUnwrap unwraps ct with the token's key wrap into a session object,
@@ -301,8 +320,13 @@ func kwpUnwrap(mod Module, sh pkcs11.SessionHandle, wrapKey pkcs11.ObjectHandle,
 	if err != nil {
 		return nil, fmt.Errorf("C_UnwrapKey: %w", err)
 	}
-	defer mod.DestroyObject(sh, obj)
 	a, err := mod.GetAttributeValue(sh, obj, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_VALUE, nil)})
+	if derr := destroyKeyObject(mod, sh, obj); derr != nil {
+		if err == nil && len(a) == 1 {
+			clear(a[0].Value)
+		}
+		return nil, derr
+	}
 	if err != nil {
 		return nil, fmt.Errorf("read the unwrapped data key: %w", err)
 	}
@@ -326,6 +350,11 @@ func macInput(aad, iv, ct []byte) []byte {
 // errTag: the token's check of a wrapped key failed (a GCM tag, or the
 // cbc-hmac MAC).
 var errTag = errors.New("the wrapped data key failed its check")
+
+// errNoSideKey: a blob names a profile whose key beside the KEK this KEK
+// does not have (made by a kmsd that never made it: a forged or moved
+// blob, since no blob of that profile was sealed under this KEK).
+var errNoSideKey = errors.New("this KEK has no key of the profile the blob names")
 
 // errGeneral: the token answered CKR_GENERAL_ERROR to an unwrap, which
 // SoftHSM says for a bad GCM tag and other tokens for a failure.
@@ -391,6 +420,9 @@ func wrap(mod Module, sh pkcs11.SessionHandle, k keys, p Profile, aad, dek []byt
 		}
 		w.ct, w.mac = ct, mac
 	case ProfileKWP:
+		if k.kwpErr != nil {
+			return w, k.kwpErr
+		}
 		if k.kwp == 0 {
 			return w, fmt.Errorf("%w: no key-wrap key beside the KEK", ErrMechanism)
 		}
@@ -431,7 +463,7 @@ func unwrap(mod Module, sh pkcs11.SessionHandle, k keys, aad []byte, w wrapped) 
 		return dek, nil
 	case ProfileCBCHMAC:
 		if k.mac == 0 {
-			return nil, fmt.Errorf("%w: the blob was sealed with the cbc-hmac profile, and the token holds no MAC key beside the KEK", ErrMechanism)
+			return nil, fmt.Errorf("%w: the blob names the cbc-hmac profile, and the token holds no MAC key beside the KEK", errNoSideKey)
 		}
 		mac, err := hmacSign(mod, sh, k.mac, macInput(aad, w.iv, w.ct))
 		if err != nil {
@@ -449,8 +481,11 @@ func unwrap(mod Module, sh pkcs11.SessionHandle, k keys, aad []byte, w wrapped) 
 		}
 		return dek, nil
 	case ProfileKWP:
+		if k.kwpErr != nil {
+			return nil, k.kwpErr
+		}
 		if k.kwp == 0 {
-			return nil, fmt.Errorf("%w: the blob was sealed with the kwp profile, and the token holds no key-wrap key beside the KEK", ErrMechanism)
+			return nil, fmt.Errorf("%w: the blob names the kwp profile, and the token holds no key-wrap key beside the KEK", errNoSideKey)
 		}
 		v, err := kwpUnwrap(mod, sh, k.kwp, kwpMechanism(k.have), w.ct)
 		if err != nil {
