@@ -127,14 +127,14 @@ const (
 
 // keys are the token objects a profile uses.
 type keys struct {
-	kek  pkcs11.ObjectHandle
-	mac  pkcs11.ObjectHandle // cbc-hmac only
-	kwp  pkcs11.ObjectHandle // kwp only: the wrap-only key
+	kek pkcs11.ObjectHandle
+	mac pkcs11.ObjectHandle // cbc-hmac only
+	kwp pkcs11.ObjectHandle // kwp only: the wrap-only key
 	// kwpErr: the token's key wrap failed its known answer at connect
 	// (kwp is then not used).
 	kwpErr error
 	have   map[uint]bool // the token's mechanisms
-	ivs  *ivGuard            // gcm-hsm-iv: the IVs the token drew lately
+	ivs    *ivGuard      // gcm-hsm-iv: the IVs the token drew lately
 }
 
 // ivGuard remembers the IVs a token drew for gcm-hsm-iv (the last
