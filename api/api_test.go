@@ -34,8 +34,8 @@ import (
 	"github.com/kmsd-project/kmsd/internal/testhsm"
 	"github.com/kmsd-project/kmsd/internal/testutil"
 	"github.com/kmsd-project/kmsd/kms"
-	"github.com/kmsd-project/kmsd/kms/bolt"
-	"github.com/kmsd-project/kmsd/kms/etcd"
+	"github.com/kmsd-project/kmsd/store/bolt"
+	"github.com/kmsd-project/kmsd/store/etcd"
 )
 
 func TestMain(m *testing.M) { testhsm.Main(m) }

@@ -17,7 +17,7 @@ import (
 	"github.com/kmsd-project/kmsd/audit"
 	"github.com/kmsd-project/kmsd/internal/testhsm"
 	"github.com/kmsd-project/kmsd/kms"
-	"github.com/kmsd-project/kmsd/kms/bolt"
+	"github.com/kmsd-project/kmsd/store/bolt"
 )
 
 type fixture struct {

@@ -9,8 +9,8 @@ import (
 	"github.com/kmsd-project/kmsd/internal/testhsm"
 	"github.com/kmsd-project/kmsd/internal/testock"
 	"github.com/kmsd-project/kmsd/kms"
-	"github.com/kmsd-project/kmsd/kms/bolt"
 	"github.com/kmsd-project/kmsd/kms/pqc"
+	"github.com/kmsd-project/kmsd/store/bolt"
 )
 
 // BenchmarkRotateByProfile is one rotation of an ML-DSA-65 key (a key

@@ -18,8 +18,8 @@ import (
 	"github.com/kmsd-project/kmsd/internal/testhsm"
 	"github.com/kmsd-project/kmsd/internal/testutil"
 	"github.com/kmsd-project/kmsd/kms"
-	"github.com/kmsd-project/kmsd/kms/bolt"
 	"github.com/kmsd-project/kmsd/kms/pqc"
+	"github.com/kmsd-project/kmsd/store/bolt"
 )
 
 func TestMain(m *testing.M) { testhsm.Main(m) }

@@ -34,7 +34,7 @@ import (
 	"github.com/kmsd-project/kmsd/hsm/softhsm"
 	"github.com/kmsd-project/kmsd/internal/app"
 	"github.com/kmsd-project/kmsd/kms"
-	"github.com/kmsd-project/kmsd/kms/bolt"
+	"github.com/kmsd-project/kmsd/store/bolt"
 )
 
 func main() {

@@ -22,7 +22,7 @@ import (
 	"github.com/kmsd-project/kmsd/internal/app"
 	"github.com/kmsd-project/kmsd/internal/testhsm"
 	"github.com/kmsd-project/kmsd/internal/testutil"
-	"github.com/kmsd-project/kmsd/kms/bolt"
+	"github.com/kmsd-project/kmsd/store/bolt"
 )
 
 var mcpBin string

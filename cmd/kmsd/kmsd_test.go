@@ -22,7 +22,7 @@ import (
 	"github.com/kmsd-project/kmsd/hsm/softhsm"
 	"github.com/kmsd-project/kmsd/internal/testutil"
 	"github.com/kmsd-project/kmsd/kms"
-	"github.com/kmsd-project/kmsd/kms/bolt"
+	"github.com/kmsd-project/kmsd/store/bolt"
 )
 
 // These tests run the real kmsd binary: embedded SoftHSM token, bbolt file,

@@ -35,8 +35,8 @@ import (
 	"github.com/kmsd-project/kmsd/internal/fileutil"
 	"github.com/kmsd-project/kmsd/internal/tlsutil"
 	"github.com/kmsd-project/kmsd/kms"
-	"github.com/kmsd-project/kmsd/kms/bolt"
 	"github.com/kmsd-project/kmsd/kms/pqc"
+	"github.com/kmsd-project/kmsd/store"
 )
 
 // errVersion is run's answer to --version: main prints the build.
@@ -465,12 +465,12 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 		return fmt.Errorf("HSM: %w", err)
 	}
 	defer sealer.Close()
-	store, closeStore, err := conn.Open(sealer)
+	st, err := conn.Open(sealer)
 	if err != nil {
 		return err
 	}
-	defer closeStore()
-	if checked, err := store.Meta("sealed-under"); err != nil {
+	defer st.Close()
+	if checked, err := st.Meta("sealed-under"); err != nil {
 		return err
 	} else if !bytes.Equal(checked, peeked) {
 		return errors.New("the store's record of its KEK changed between two reads at start (another kmsd starting on an empty store?); start again")
@@ -480,7 +480,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 	}
 	if sealedUnder == nil {
 		b, _ := json.Marshal(kekRef{Token: c.token, Label: c.kekLabel, ID: sealer.KEKID()})
-		got, err := store.ClaimMeta("sealed-under", b)
+		got, err := st.ClaimMeta("sealed-under", b)
 		if err != nil {
 			return fmt.Errorf("record the KEK in the store: %w", err)
 		}
@@ -521,19 +521,19 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 	case blobs != nil:
 		blobDir, orphanGrace = "", s3OrphanGrace
 		log.Info("HE blobs: s3", "endpoint", c.s3Endpoint, "bucket", c.s3Bucket, "prefix", c.s3Prefix)
-	case c.store == "etcd":
+	case st.Shared():
 		blobDir = ""
 		log.Warn("store etcd: HE key kinds (ckks, bgv) are not offered: their blobs need a store the replicas share (--s3-endpoint)")
 	}
 	cfg := app.Config{
-		Store: store, AuditStore: store.Audit(), Sealer: sealer, BlobDir: blobDir, Blobs: blobs, OrphanGrace: orphanGrace,
+		Store: st, AuditStore: st.Audit(), Sealer: sealer, BlobDir: blobDir, Blobs: blobs, OrphanGrace: orphanGrace,
 		HEWorkers: c.heWorkers, Logger: log,
 		Service: kms.Config{CacheTTL: ttl, MaxTokenTTL: c.maxTokenTTL,
 			MaxKeysetBytes: c.maxKeysetMiB << 20, MaxGenerations: c.heGenerations, AsyncKeysetBytes: c.asyncKeysetMiB << 20},
 		Unaudited: !audited, AuditEvery: c.auditEvery, AuditInterval: c.auditInterval,
 		API:             api.Options{UnauthRate: c.unauthRate, UnauthBurst: c.unauthBurst, TokenRate: c.tokenRate},
 		DestroyInterval: c.destroyInterval,
-		Lead:            leader(store),
+		Lead:            st.Lead,
 		AdminToken: func(tok string) error {
 			if tok == "" {
 				return os.Remove(tokenPath) // another replica made the first token
@@ -562,7 +562,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 	if a.AdminTokenMade {
 		log.Info("wrote the bootstrap admin token", "path", tokenPath)
 	}
-	go scrubEvery(ctx, store, c.scrubInterval, log)
+	go store.ScrubEvery(ctx, st, c.scrubInterval, log)
 	apiSrv := a.API
 	var tlsCfg *tls.Config
 	if !c.insecureHTTP {
@@ -657,13 +657,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 	if err := srv.Shutdown(sctx); err != nil {
 		log.Warn("shutdown", "err", err)
 	}
-	al := store.Audit()
-	if b, ok := store.(*bolt.Store); ok {
-		log.Info("stopped", "store_commits", b.Commits(), "audit_group_commits", al.Groups(),
-			"audit_wal_syncs", al.JournalSyncs(), "fsyncs", b.Fsyncs(), "audit_flush_errors", al.FlushErrors(), "audit_wal_recreated", al.JournalRecreated())
-	} else {
-		log.Info("stopped", "audit_group_commits", al.Groups(), "audit_conflicts", al.Conflicts())
-	}
+	log.Info("stopped", st.Stats()...)
 	return nil
 }
 

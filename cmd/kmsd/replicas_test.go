@@ -28,7 +28,7 @@ import (
 	"github.com/kmsd-project/kmsd/internal/testetcd"
 	"github.com/kmsd-project/kmsd/internal/tests3"
 	"github.com/kmsd-project/kmsd/kms"
-	"github.com/kmsd-project/kmsd/kms/etcd"
+	"github.com/kmsd-project/kmsd/store/etcd"
 )
 
 // startReplica runs kmsd on the etcd cluster. The first replica makes the

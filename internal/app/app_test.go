@@ -11,7 +11,7 @@ import (
 
 	"github.com/kmsd-project/kmsd/he"
 	"github.com/kmsd-project/kmsd/internal/testhsm"
-	"github.com/kmsd-project/kmsd/kms/bolt"
+	"github.com/kmsd-project/kmsd/store/bolt"
 )
 
 func TestMain(m *testing.M) { testhsm.Main(m) }

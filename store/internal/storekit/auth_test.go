@@ -4,7 +4,7 @@ import (
 	"bytes"
 	"testing"
 
-	"github.com/kmsd-project/kmsd/kms/storekit"
+	"github.com/kmsd-project/kmsd/store/internal/storekit"
 )
 
 func newAuth(t testing.TB, b byte) *storekit.Auth {

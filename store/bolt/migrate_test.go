@@ -14,7 +14,7 @@ import (
 
 	"github.com/kmsd-project/kmsd/internal/testhsm"
 	"github.com/kmsd-project/kmsd/kms"
-	"github.com/kmsd-project/kmsd/kms/bolt"
+	"github.com/kmsd-project/kmsd/store/bolt"
 )
 
 // writeV1 makes a file as schema 1 laid it out: each key one record with

@@ -13,7 +13,7 @@ import (
 	bberrors "go.etcd.io/bbolt/errors"
 
 	"github.com/kmsd-project/kmsd/kms"
-	"github.com/kmsd-project/kmsd/kms/storekit"
+	"github.com/kmsd-project/kmsd/store/internal/storekit"
 )
 
 // Every record in the file is authenticated (storekit.Auth): its path is

@@ -13,8 +13,8 @@ import (
 
 	"github.com/kmsd-project/kmsd/internal/testhsm"
 	"github.com/kmsd-project/kmsd/kms"
-	"github.com/kmsd-project/kmsd/kms/bolt"
-	"github.com/kmsd-project/kmsd/kms/storekit"
+	"github.com/kmsd-project/kmsd/store/bolt"
+	"github.com/kmsd-project/kmsd/store/internal/storekit"
 )
 
 func versionKey(name string, n uint64) []byte {

@@ -16,7 +16,7 @@ import (
 	"github.com/kmsd-project/kmsd/internal/testetcd"
 	"github.com/kmsd-project/kmsd/internal/testhsm"
 	"github.com/kmsd-project/kmsd/kms"
-	"github.com/kmsd-project/kmsd/kms/etcd"
+	"github.com/kmsd-project/kmsd/store/etcd"
 )
 
 func rawGet(t *testing.T, cli *clientv3.Client, key string) []byte {

@@ -14,8 +14,8 @@ import (
 	"github.com/kmsd-project/kmsd/internal/testetcd"
 	"github.com/kmsd-project/kmsd/internal/testhsm"
 	"github.com/kmsd-project/kmsd/kms"
-	"github.com/kmsd-project/kmsd/kms/etcd"
-	"github.com/kmsd-project/kmsd/kms/storetest"
+	"github.com/kmsd-project/kmsd/store/etcd"
+	"github.com/kmsd-project/kmsd/store/storetest"
 )
 
 var ctx = context.Background()

@@ -29,7 +29,7 @@ import (
 
 	"github.com/kmsd-project/kmsd/audit/engine"
 	"github.com/kmsd-project/kmsd/kms"
-	"github.com/kmsd-project/kmsd/kms/storekit"
+	"github.com/kmsd-project/kmsd/store/internal/storekit"
 )
 
 // Layout under the prefix P (numbers are 16 hex digits, so they sort):

@@ -11,8 +11,8 @@ import (
 
 	"github.com/kmsd-project/kmsd/internal/testhsm"
 	"github.com/kmsd-project/kmsd/kms"
-	"github.com/kmsd-project/kmsd/kms/bolt"
-	"github.com/kmsd-project/kmsd/kms/storetest"
+	"github.com/kmsd-project/kmsd/store/bolt"
+	"github.com/kmsd-project/kmsd/store/storetest"
 )
 
 func TestConformance(t *testing.T) {

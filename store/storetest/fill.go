@@ -6,7 +6,7 @@ import (
 	"testing"
 
 	"github.com/kmsd-project/kmsd/kms"
-	"github.com/kmsd-project/kmsd/kms/storekit"
+	"github.com/kmsd-project/kmsd/store/internal/storekit"
 )
 
 // Scrubber is a store with a scrub (bbolt, etcd).
