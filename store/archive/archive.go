@@ -1,0 +1,213 @@
+// Package archive keeps the audit log as a C2SP tlog-tiles log
+// (c2sp.org/tlog-tiles; paths in api/layout): the records a signed
+// checkpoint covers are written out as entry bundles and Merkle tree
+// tiles, full ones once and never again, with the checkpoint last, to a
+// Bucket (a directory, or an S3-compatible bucket). Any tlog-tiles client
+// reads the log from there, or from kmsd's /v1/audit/tiles/.
+package archive
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strconv"
+	"strings"
+	"sync"
+
+	"golang.org/x/mod/sumdb/tlog"
+
+	"github.com/kmsd-project/kmsd/api/layout"
+	"github.com/kmsd-project/kmsd/kms"
+)
+
+// Bucket is where the archive's resources live.
+type Bucket interface {
+	// Put stores data at path durably before it returns. An immutable
+	// resource (a tile or bundle) is written once: Put of the same bytes
+	// again succeeds, of other bytes fails with ErrConflict and changes
+	// nothing. A mutable one (the checkpoint) is replaced whole.
+	Put(ctx context.Context, path string, data []byte, immutable bool) error
+	// Get returns the resource at path; an error matching
+	// kms.ErrNotFound if there is none.
+	Get(ctx context.Context, path string) ([]byte, error)
+	// String names the bucket for logs.
+	String() string
+}
+
+// ErrConflict: the archive holds other bytes at an immutable path than
+// the log says belong there: another log's archive, or one edited.
+var ErrConflict = errors.New("the archive holds other bytes than the log's at an immutable path")
+
+// Writer archives what the log's checkpoints cover.
+type Writer struct {
+	Bucket Bucket
+	Store  kms.AuditStore
+	Logger *slog.Logger
+
+	mu       sync.Mutex
+	archived uint64 // the size the archive's checkpoint covers
+	loaded   bool
+}
+
+// Archived is the tree size the archive's checkpoint covers (0 before the
+// first Sync).
+func (w *Writer) Archived() uint64 {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.archived
+}
+
+// CheckpointSize reads the tree size from a checkpoint's second line
+// (its signature is the reader's to check).
+func CheckpointSize(note []byte) (uint64, error) {
+	lines := strings.SplitN(string(note), "\n", 3)
+	if len(lines) < 3 {
+		return 0, errors.New("malformed checkpoint")
+	}
+	return strconv.ParseUint(lines[1], 10, 64)
+}
+
+// Sync archives everything the newest checkpoint covers that the archive
+// does not hold yet, then writes that checkpoint. It returns the size the
+// archive covers. A crash at any point leaves an archive whose checkpoint
+// covers what it held before; the next Sync writes the rest (the same
+// bytes at the same paths).
+func (w *Writer) Sync(ctx context.Context) (uint64, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if !w.loaded {
+		b, err := w.Bucket.Get(ctx, layout.CheckpointPath)
+		switch {
+		case errors.Is(err, kms.ErrNotFound):
+		case err != nil:
+			return 0, fmt.Errorf("read the archive's checkpoint: %w", err)
+		default:
+			if w.archived, err = CheckpointSize(b); err != nil {
+				return 0, fmt.Errorf("the archive's checkpoint: %w", err)
+			}
+		}
+		w.loaded = true
+	}
+	size, note, err := w.Store.LatestCheckpoint(ctx)
+	if errors.Is(err, kms.ErrNotFound) || (err == nil && size <= w.archived) {
+		return w.archived, nil
+	}
+	if err != nil {
+		return w.archived, err
+	}
+	hr := hashReader(ctx, w.Store)
+	done := w.archived
+	// Level 0: the entry bundles and the leaf hash tiles that became
+	// full; then every level above where a tile became full.
+	for n := layout.FullTiles(done, 0); n < layout.FullTiles(size, 0); n++ {
+		if err := w.putBundle(ctx, n, layout.TileWidth); err != nil {
+			return w.archived, err
+		}
+	}
+	for level := 0; level < 64 && (layout.FullTiles(size, level) > 0 || layout.PartialWidth(size, level) > 0); level++ {
+		for n := layout.FullTiles(done, level); n < layout.FullTiles(size, level); n++ {
+			if err := w.putTile(ctx, hr, level, n, layout.TileWidth); err != nil {
+				return w.archived, err
+			}
+		}
+		// The partial tile of this checkpoint's size (its path names its
+		// width, so it too is written once).
+		if pw := layout.PartialWidth(size, level); pw > 0 {
+			if err := w.putTile(ctx, hr, level, layout.FullTiles(size, level), pw); err != nil {
+				return w.archived, err
+			}
+		}
+	}
+	if pw := layout.PartialWidth(size, 0); pw > 0 {
+		if err := w.putBundle(ctx, layout.FullTiles(size, 0), pw); err != nil {
+			return w.archived, err
+		}
+	}
+	if err := w.Bucket.Put(ctx, layout.CheckpointPath, note, false); err != nil {
+		return w.archived, fmt.Errorf("archive the checkpoint: %w", err)
+	}
+	w.archived = size
+	return size, nil
+}
+
+// putTile writes tile n of level, width hashes wide.
+func (w *Writer) putTile(ctx context.Context, hr tlog.HashReader, level int, n uint64, width int) error {
+	data, err := tlog.ReadTileData(tlog.Tile{H: layout.TileHeight, L: level, N: int64(n), W: width}, hr)
+	if err != nil {
+		return fmt.Errorf("read tile %d/%d: %w", level, n, err)
+	}
+	return w.put(ctx, layout.TilePath(level, n, width), data)
+}
+
+// putBundle writes entry bundle n, width entries.
+func (w *Writer) putBundle(ctx context.Context, n uint64, width int) error {
+	start := n * layout.TileWidth
+	recs, err := w.Store.AuditRecords(ctx, start, start+uint64(width))
+	if err != nil {
+		return fmt.Errorf("read records %d-%d: %w", start, start+uint64(width)-1, err)
+	}
+	if len(recs) != width {
+		return fmt.Errorf("read records %d-%d: got %d", start, start+uint64(width)-1, len(recs))
+	}
+	b, err := Bundle(recs)
+	if err != nil {
+		return err
+	}
+	return w.put(ctx, layout.EntriesPath(n, width), b)
+}
+
+func (w *Writer) put(ctx context.Context, path string, data []byte) error {
+	if err := w.Bucket.Put(ctx, path, data, true); err != nil {
+		return fmt.Errorf("archive %s: %w", path, err)
+	}
+	return nil
+}
+
+// Bundle encodes entries as an entry bundle: each a big-endian uint16
+// length, then its bytes.
+func Bundle(entries [][]byte) ([]byte, error) {
+	var b bytes.Buffer
+	for i, e := range entries {
+		if len(e) > layout.MaxEntry {
+			return nil, fmt.Errorf("entry %d is %d bytes: a bundle holds at most %d", i, len(e), layout.MaxEntry)
+		}
+		b.Write(binary.BigEndian.AppendUint16(nil, uint16(len(e))))
+		b.Write(e)
+	}
+	return b.Bytes(), nil
+}
+
+// Entries splits an entry bundle.
+func Entries(b []byte) ([][]byte, error) {
+	var out [][]byte
+	for len(b) > 0 {
+		if len(b) < 2 {
+			return nil, errors.New("entry bundle: a truncated length")
+		}
+		n := int(binary.BigEndian.Uint16(b))
+		if len(b) < 2+n {
+			return nil, errors.New("entry bundle: a truncated entry")
+		}
+		out = append(out, b[2:2+n])
+		b = b[2+n:]
+	}
+	return out, nil
+}
+
+// hashReader reads the tree's stored hashes from the store.
+func hashReader(ctx context.Context, s kms.AuditStore) tlog.HashReader {
+	return tlog.HashReaderFunc(func(idx []int64) ([]tlog.Hash, error) {
+		hs, err := s.AuditHashes(ctx, idx)
+		if err != nil {
+			return nil, err
+		}
+		out := make([]tlog.Hash, len(hs))
+		for i, h := range hs {
+			out[i] = h
+		}
+		return out, nil
+	})
+}
