@@ -280,6 +280,8 @@ func TestSpecMatchesRouter(t *testing.T) {
 	var inRouter, inSpec []string
 	h := api.New(nil, nil, api.Options{Audit: &engine.Log{}, Prover: &audit.Log{}}).Handler().(chi.Routes)
 	err := chi.Walk(h, func(method, route string, _ http.Handler, _ ...func(http.Handler) http.Handler) error {
+		// chi's catch-all is OpenAPI's {path} that spans segments.
+		route = strings.Replace(route, "/v1/audit/tiles/*", "/v1/audit/tiles/{path}", 1)
 		inRouter = append(inRouter, method+" "+route)
 		return nil
 	})

@@ -14,6 +14,7 @@ import (
 
 	"github.com/go-chi/chi/v5"
 
+	"github.com/kmsd-project/kmsd/api/layout"
 	"github.com/kmsd-project/kmsd/kms"
 )
 
@@ -227,6 +228,46 @@ func (s *Server) auditCheckpoint(w http.ResponseWriter, r *http.Request) {
 	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 	w.WriteHeader(http.StatusOK)
 	_, _ = w.Write(msg)
+}
+
+// TileSource reads the audit archive's resources by tlog-tiles path.
+type TileSource interface {
+	Get(ctx context.Context, path string) ([]byte, error)
+}
+
+// auditTile serves the archive as the tlog-tiles spec lays it out: the
+// checkpoint (mutable, not cached), tiles and entry bundles (immutable:
+// each path names its width). Only a path in the spec's grammar reaches
+// the archive.
+func (s *Server) auditTile(w http.ResponseWriter, r *http.Request) {
+	if s.opts.Tiles == nil {
+		writeProblem(w, r, http.StatusNotFound, ProbNotFound, "kmsd keeps no audit archive (--audit-archive)")
+		return
+	}
+	res, err := layout.Parse(chi.URLParam(r, "*"))
+	if err != nil {
+		writeProblem(w, r, http.StatusBadRequest, ProbInvalid, "not a tlog-tiles path: checkpoint, tile/<L>/<N>[.p/<W>] or tile/entries/<N>[.p/<W>] (c2sp.org/tlog-tiles)")
+		return
+	}
+	b, err := s.opts.Tiles.Get(r.Context(), res.Path())
+	if err != nil {
+		if errors.Is(err, kms.ErrNotFound) {
+			writeProblem(w, r, http.StatusNotFound, ProbNotFound, "the archive holds no "+res.Path()+" (not archived yet, or beyond the log)")
+			return
+		}
+		writeError(w, r, kms.Wrap(kms.KindUnavailable, "audit archive", err))
+		return
+	}
+	if res.Checkpoint {
+		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+		w.Header().Set("Cache-Control", "no-cache")
+	} else {
+		w.Header().Set("Content-Type", "application/octet-stream")
+		w.Header().Set("Cache-Control", "public, max-age=31536000, immutable")
+	}
+	w.Header().Set("Content-Length", strconv.Itoa(len(b)))
+	w.WriteHeader(http.StatusOK)
+	_, _ = w.Write(b)
 }
 
 func (s *Server) auditRecords(w http.ResponseWriter, r *http.Request) {

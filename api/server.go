@@ -44,6 +44,9 @@ type Options struct {
 	Stream RecordSink
 	// Blobs serves the HE kinds' public and evaluation keys.
 	Blobs BlobSource
+	// Tiles serves the audit archive (a tlog-tiles log) read-only under
+	// /v1/audit/tiles/; nil: no archive (404).
+	Tiles TileSource
 	// Background is the context of long operations (HE generations that
 	// answer 202); cancel it at shutdown. Default: context.Background().
 	Background context.Context
@@ -340,6 +343,7 @@ func (s *Server) Handler() http.Handler {
 			r.Get("/v1/audit/records", allow(kms.PermReadAudit, s.auditRecords))
 			r.Get("/v1/audit/proof/inclusion", allow(kms.PermReadAudit, s.auditInclusion))
 			r.Get("/v1/audit/proof/consistency", allow(kms.PermReadAudit, s.auditConsistency))
+			r.Get("/v1/audit/tiles/*", allow(kms.PermReadAudit, s.auditTile))
 		}
 	})
 	return r

@@ -92,6 +92,8 @@ func TestEveryRefusalIsDeclared(t *testing.T) {
 				return "0123456789abcdef"
 			case "{hex}":
 				return strings.Repeat("0", 64)
+			case "{path}":
+				return "checkpoint"
 			}
 			t.Fatalf("no value for %s", p)
 			return ""

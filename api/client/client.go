@@ -472,6 +472,12 @@ func (c *Client) AuditCheckpoint(ctx context.Context) ([]byte, error) {
 	return c.getRaw(ctx, "/v1/audit/checkpoint", nil)
 }
 
+// AuditTile returns a resource of the audit archive by its tlog-tiles
+// path (checkpoint, tile/<L>/<N>[.p/<W>], tile/entries/<N>[.p/<W>]).
+func (c *Client) AuditTile(ctx context.Context, path string) ([]byte, error) {
+	return c.getRaw(ctx, "/v1/audit/tiles/"+path, nil)
+}
+
 // AuditRecords returns records [start, end), each exactly as hashed into the
 // tree. It pages through the server's per-request limit.
 func (c *Client) AuditRecords(ctx context.Context, start, end uint64) ([][]byte, error) {

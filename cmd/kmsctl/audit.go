@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"encoding/base64"
 	"errors"
 	"flag"
@@ -14,20 +15,25 @@ import (
 
 	"golang.org/x/mod/sumdb/tlog"
 
+	"github.com/kmsd-project/kmsd/api/layout"
 	"github.com/kmsd-project/kmsd/audit"
+	"github.com/kmsd-project/kmsd/he/s3blobs"
 	"github.com/kmsd-project/kmsd/internal/fileutil"
+	"github.com/kmsd-project/kmsd/store/archive"
 )
 
 // auditCommands verify and export the audit log.
 var auditCommands = []command{
 	{
 		name:     "audit verify",
-		synopsis: "--identity-key-file FILE [--fetch-identity] [--export DIR] [--saved-checkpoint FILE] [--save-checkpoint FILE]",
-		help:     "check the audit log's signatures, tree, inclusion and consistency; exit 0 if intact, 1 if not",
+		synopsis: "--identity-key-file FILE [--fetch-identity] [--export DIR | --archive DIR|s3://BUCKET/PREFIX/|kmsd [--s3-endpoint URL]] [--saved-checkpoint FILE] [--save-checkpoint FILE]",
+		help:     "check the audit log's signatures, tree, inclusion and consistency; exit 0 if intact, 1 if not (naming the first record, tile or bundle that does not match)",
 		flags: func(fs *flag.FlagSet) {
 			fs.String("identity-key-file", "", "the service's identity public key, base64 as GET /v1/identity gives it (required)")
 			fs.Bool("fetch-identity", false, "if the identity key file does not exist, fetch the key from the server once and pin it there")
 			fs.String("export", "", "verify an export made by 'audit export' instead of the live server")
+			fs.String("archive", "", "verify the audit archive (a tlog-tiles log: kmsd --audit-archive) instead: a directory, s3://BUCKET/PREFIX/ (with --s3-endpoint and AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY), or kmsd for the tiles kmsd serves")
+			fs.String("s3-endpoint", "", "with --archive s3://...: the S3-compatible server, https://host[:port]")
 			fs.String("saved-checkpoint", "", "a checkpoint saved earlier: the log must extend it (no rollback, no fork)")
 			fs.String("save-checkpoint", "", "after a good verification, save the latest checkpoint here for next time")
 		},
@@ -158,6 +164,12 @@ func auditVerify(e *env, fs *flag.FlagSet, _ []string) (int, error) {
 			return 0, usageError{err.Error()}
 		}
 	}
+	if a := str(fs, "archive"); a != "" {
+		if str(fs, "export") != "" {
+			return 0, usageError{"--archive and --export: give one"}
+		}
+		return verifyArchive(e, fs, a, pub, saved)
+	}
 	var records, checkpoints [][]byte
 	live := str(fs, "export") == ""
 	if !live {
@@ -234,6 +246,62 @@ func auditVerify(e *env, fs *flag.FlagSet, _ []string) (int, error) {
 	fmt.Fprintln(e.stdout, res.String())
 	return exitOK, nil
 }
+
+// verifyArchive checks an audit archive (archive.Verify) in a directory,
+// an S3 bucket, or as kmsd serves it.
+func verifyArchive(e *env, fs *flag.FlagSet, where string, pub, saved []byte) (int, error) {
+	var b archive.Bucket
+	switch {
+	case where == "kmsd":
+		b = tileClient{e}
+	case strings.HasPrefix(where, "s3://"):
+		bucket, prefix, _ := strings.Cut(strings.TrimPrefix(where, "s3://"), "/")
+		endpoint := str(fs, "s3-endpoint")
+		if endpoint == "" {
+			return 0, usageError{"--archive s3://... needs --s3-endpoint"}
+		}
+		if _, err := s3blobs.CheckEndpoint(endpoint); err != nil {
+			return 0, usageError{"--s3-endpoint: " + err.Error()}
+		}
+		s3, err := archive.OpenS3(e.ctx, archive.S3Config{Endpoint: endpoint, Bucket: bucket, Prefix: prefix,
+			AccessKeyID: e.getenv("AWS_ACCESS_KEY_ID"), SecretAccessKey: e.getenv("AWS_SECRET_ACCESS_KEY"), SessionToken: e.getenv("AWS_SESSION_TOKEN")})
+		if err != nil {
+			return 0, err
+		}
+		b = s3
+	default:
+		if fi, err := os.Stat(where); err != nil || !fi.IsDir() {
+			return 0, usageError{fmt.Sprintf("--archive %s: not a directory (or s3://BUCKET/PREFIX/, or kmsd)", where)}
+		}
+		b = archive.Dir{Root: where}
+	}
+	res, err := archive.Verify(e.ctx, b, pub, saved)
+	if err != nil {
+		return notIntact(e, err)
+	}
+	if p := str(fs, "save-checkpoint"); p != "" {
+		note, err := b.Get(e.ctx, layout.CheckpointPath)
+		if err != nil {
+			return 0, err
+		}
+		if err := fileutil.WriteAtomic(p, note, 0o600); err != nil {
+			return 0, usageError{err.Error()}
+		}
+	}
+	fmt.Fprintln(e.stdout, strings.Replace(res.String(), "audit log intact", "audit archive intact ("+b.String()+")", 1))
+	return exitOK, nil
+}
+
+// tileClient reads the archive through kmsd's /v1/audit/tiles/.
+type tileClient struct{ e *env }
+
+func (t tileClient) Get(ctx context.Context, path string) ([]byte, error) {
+	return t.e.c.AuditTile(ctx, path)
+}
+func (t tileClient) Put(context.Context, string, []byte, bool) error {
+	return errors.New("read-only")
+}
+func (t tileClient) String() string { return "kmsd's /v1/audit/tiles/" }
 
 // sample picks up to n indexes spread over [0, size), first and last included.
 func sample(size uint64, n uint64) []uint64 {

@@ -37,6 +37,7 @@ import (
 	"github.com/kmsd-project/kmsd/kms"
 	"github.com/kmsd-project/kmsd/kms/pqc"
 	"github.com/kmsd-project/kmsd/store"
+	"github.com/kmsd-project/kmsd/store/archive"
 )
 
 // errVersion is run's answer to --version: main prints the build.
@@ -97,6 +98,7 @@ type config struct {
 	auditEvery      uint64
 	auditInterval   time.Duration
 	auditStream     string
+	auditArchive    string
 	auditStreamWait time.Duration
 	maxKeysetMiB    int64
 	auditWALMiB     int64
@@ -218,6 +220,9 @@ func checkBeforeDisk(c config, getenv func(string) string) error {
 		return err
 	}
 	if err := checkBlobs(c, getenv); err != nil {
+		return err
+	}
+	if err := checkArchive(c); err != nil {
 		return err
 	}
 	if c.module != "" && c.pinFile == "" && getenv("KMS_PKCS11_PIN") == "" {
@@ -353,6 +358,7 @@ func newFlagSetErrs(c *config, getenv func(string) string) (*flag.FlagSet, *[]en
 	fs.Uint64Var(&c.auditEvery, "audit-checkpoint-every", every, "sign an audit checkpoint once this many records are uncovered (env KMS_AUDIT_CHECKPOINT_EVERY)")
 	fs.DurationVar(&c.auditInterval, "audit-checkpoint-interval", dur("KMS_AUDIT_CHECKPOINT_INTERVAL", 10*time.Second), "and sign one at least this often while any records are uncovered (env KMS_AUDIT_CHECKPOINT_INTERVAL)")
 	fs.StringVar(&c.auditStream, "audit-stream", env("KMS_AUDIT_STREAM", ""), "also append each committed audit record as a JSON line to this file, or - for stdout; empty: off (env KMS_AUDIT_STREAM)")
+	fs.StringVar(&c.auditArchive, "audit-archive", env("KMS_AUDIT_ARCHIVE", ""), "keep the audit log as a C2SP tlog-tiles log in this directory, or in s3://BUCKET/PREFIX/ on --s3-endpoint: what each checkpoint covers is written there and served under /v1/audit/tiles/; empty: off (env KMS_AUDIT_ARCHIVE)")
 	fs.DurationVar(&c.auditStreamWait, "audit-stream-timeout", dur("KMS_AUDIT_STREAM_TIMEOUT", 100*time.Millisecond), "longest a request waits for a stuck stream sink before the record is dropped from the stream (env KMS_AUDIT_STREAM_TIMEOUT)")
 	intEnv := func(name string, def int) int {
 		parsed(name, func(v string) (err error) { def, err = strconv.Atoi(v); return })
@@ -516,6 +522,16 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 	if err != nil {
 		return err
 	}
+	arch, err := openArchive(ctx, c, getenv)
+	if err != nil {
+		return err
+	}
+	if arch != nil {
+		log.Info("audit archive", "at", arch.String())
+		if _, dir := arch.(archive.Dir); dir && st.Shared() {
+			log.Warn("audit archive: a directory on a replicated store: the replica that leads archiving writes to its own; give the replicas one shared directory or s3://")
+		}
+	}
 	var orphanGrace time.Duration
 	switch {
 	case blobs != nil:
@@ -534,6 +550,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 		API:             api.Options{UnauthRate: c.unauthRate, UnauthBurst: c.unauthBurst, TokenRate: c.tokenRate},
 		DestroyInterval: c.destroyInterval,
 		Lead:            st.Lead,
+		Archive:         arch,
 		AdminToken: func(tok string) error {
 			if tok == "" {
 				return os.Remove(tokenPath) // another replica made the first token

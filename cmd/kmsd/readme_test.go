@@ -105,7 +105,8 @@ func TestREADMERunsAsWritten(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	p := start(t, filepath.Join(work, "data"))
+	// As README's audit archive section says kmsd was started.
+	p := start(t, filepath.Join(work, "data"), "--audit-archive", filepath.Join(work, "audit-archive"))
 	p.waitReady(t)
 	mcpAddr := freeAddr(t)
 	mcpStart := ""
@@ -180,6 +181,9 @@ func TestREADMERunsAsWritten(t *testing.T) {
 	}
 	if !strings.Contains(out.String(), "audit log intact") {
 		t.Errorf("audit verify did not say the log is intact:\n%s", out.String())
+	}
+	if n := strings.Count(out.String(), "audit archive intact"); n != 2 {
+		t.Errorf("audit verify --archive said the archive is intact %d times, want 2:\n%s", n, out.String())
 	}
 
 	// The kmsd-mcp start block given a token kmsd refuses: it ends at

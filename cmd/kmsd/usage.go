@@ -18,7 +18,7 @@ var flagGroups = []struct {
 		"s3-endpoint", "s3-bucket", "s3-prefix", "s3-region", "s3-ca", "store-scrub-interval", "upgrade-untagged-store"}},
 	{"HSM (PKCS#11)", []string{"pkcs11-module", "pkcs11-token", "pkcs11-pin-file", "kek-label", "pkcs11-wrap"}},
 	{"Keys", []string{"key-cache-ttl", "destroy-check-interval", "max-keyset-mib", "async-keyset-mib", "he-generations", "he-workers"}},
-	{"Audit log", []string{"audit-checkpoint-every", "audit-checkpoint-interval", "audit-stream", "audit-stream-timeout", "audit-wal-mib"}},
+	{"Audit log", []string{"audit-checkpoint-every", "audit-checkpoint-interval", "audit-archive", "audit-stream", "audit-stream-timeout", "audit-wal-mib"}},
 	{"Tokens and rate limits", []string{"max-token-ttl", "unauth-rate-limit", "unauth-burst", "token-rate-limit"}},
 	{"Operations", []string{"log-level", "debug-addr"}},
 }
@@ -29,7 +29,7 @@ var metavars = map[string]string{
 	"etcd-endpoints": "URL,...", "etcd-prefix": "PREFIX", "s3-endpoint": "URL", "s3-bucket": "BUCKET", "s3-prefix": "PREFIX", "s3-region": "REGION",
 	"etcd-ca": "FILE", "etcd-cert": "FILE", "etcd-key": "FILE", "s3-ca": "FILE", "tls-cert": "FILE", "tls-key": "FILE", "tls-client-ca": "FILE",
 	"pkcs11-module": "FILE", "pkcs11-pin-file": "FILE", "pkcs11-token": "LABEL", "kek-label": "LABEL", "pkcs11-wrap": "PROFILE",
-	"audit-stream": "FILE|-", "log-level": "LEVEL",
+	"audit-stream": "FILE|-", "audit-archive": "DIR|s3://BUCKET/PREFIX/", "log-level": "LEVEL",
 }
 
 // printUsage prints kmsd --help to w, the defaults read from getenv.

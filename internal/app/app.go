@@ -20,6 +20,7 @@ import (
 	"github.com/kmsd-project/kmsd/he"
 	"github.com/kmsd-project/kmsd/kms"
 	"github.com/kmsd-project/kmsd/kms/pqc"
+	"github.com/kmsd-project/kmsd/store/archive"
 )
 
 // Config is what New wires.
@@ -57,12 +58,20 @@ type Config struct {
 	// this process leads for role; replicas elect one (etcd.Store.Lead).
 	// Nil: a single process, which always leads.
 	Lead func(ctx context.Context, role string, work func(context.Context))
+	// Archive, if set, is where the audit log is kept as a tlog-tiles
+	// log: whatever a checkpoint covers is written there (by the
+	// "archive" leader) and served under /v1/audit/tiles/.
+	Archive archive.Bucket
+	// ArchiveInterval is how often the archive catches up with the
+	// newest checkpoint (default 1s).
+	ArchiveInterval time.Duration
 }
 
 // App is a wired kmsd.
 type App struct {
 	Service        *kms.Service
-	Audit          *audit.Log // nil when unaudited
+	Audit          *audit.Log      // nil when unaudited
+	Archiver       *archive.Writer // nil without an archive
 	Blobs          he.Blobs
 	API            *api.Server
 	Identity       []byte // the identity public key
@@ -156,6 +165,10 @@ func New(ctx context.Context, cfg Config) (*App, error) {
 				return sig, err
 			}})
 		opts.Audit, opts.Prover = cfg.AuditStore, a.Audit
+		if cfg.Archive != nil {
+			a.Archiver = &archive.Writer{Bucket: cfg.Archive, Store: cfg.AuditStore, Logger: log}
+			opts.Tiles = cfg.Archive
+		}
 	} else {
 		opts.Audit, opts.Prover = nil, nil
 	}
@@ -239,6 +252,45 @@ func (a *App) Start() {
 			})
 		}),
 		run(func() { a.API.Run(ctx) }))
+	if a.Archiver != nil {
+		a.done = append(a.done, run(func() { lead(ctx, "archive", a.runArchive) }))
+	}
+}
+
+// runArchive brings the archive up to the newest checkpoint every
+// ArchiveInterval until ctx ends. While it fails (a full or unwritable
+// archive, S3 down) kmsd goes on serving and auditing: the log says so
+// when it starts failing, every minute while it does, and when it
+// recovers.
+func (a *App) runArchive(ctx context.Context) {
+	every := a.cfg.ArchiveInterval
+	if every <= 0 {
+		every = time.Second
+	}
+	t := time.NewTicker(every)
+	defer t.Stop()
+	var failingSince, lastSaid time.Time
+	for {
+		n, err := a.Archiver.Sync(ctx)
+		switch {
+		case err != nil && ctx.Err() == nil:
+			if failingSince.IsZero() {
+				failingSince = time.Now()
+			}
+			if time.Since(lastSaid) >= time.Minute {
+				a.log.Error("audit archive: cannot write; kmsd goes on serving and auditing, and archives the rest when it can", "archive", a.cfg.Archive.String(), "archived", n, "failing_for", time.Since(failingSince).Round(time.Second).String(), "err", err)
+				lastSaid = time.Now()
+			}
+		case err == nil && !failingSince.IsZero():
+			a.log.Info("audit archive: writing again", "archive", a.cfg.Archive.String(), "archived", n, "failed_for", time.Since(failingSince).Round(time.Second).String())
+			failingSince, lastSaid = time.Time{}, time.Time{}
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
 }
 
 // Close stops background operations and the background work, writes down

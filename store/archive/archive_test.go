@@ -21,6 +21,7 @@ import (
 	"github.com/kmsd-project/kmsd/api/layout"
 	"github.com/kmsd-project/kmsd/audit"
 	"github.com/kmsd-project/kmsd/internal/testhsm"
+	"github.com/kmsd-project/kmsd/internal/tests3"
 	"github.com/kmsd-project/kmsd/kms"
 	"github.com/kmsd-project/kmsd/store/archive"
 	"github.com/kmsd-project/kmsd/store/bolt"
@@ -306,5 +307,43 @@ func TestVerifyNamesTheEditedTile(t *testing.T) {
 	w.Sync(ctx)
 	if _, err := archive.Verify(ctx, archive.Dir{Root: dir}, g.pub); err == nil {
 		t.Fatal("an archive verified under another identity key")
+	}
+}
+
+// TestArchiveOnS3: the same archive in an S3-compatible bucket (a real
+// versitygw): written, grown, verified; other bytes at an immutable
+// path refused; and the server down fails a sync without moving the
+// checkpoint.
+func TestArchiveOnS3(t *testing.T) {
+	srv := tests3.Start(t)
+	ctx := context.Background()
+	b, err := archive.OpenS3(ctx, archive.S3Config{Endpoint: srv.Endpoint, Bucket: srv.Bucket, Prefix: "kmsd/audit/", AccessKeyID: srv.AccessKey, SecretAccessKey: srv.SecretKey})
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := newLog(t)
+	f.add(t, 300)
+	w := &archive.Writer{Bucket: b, Store: f.store.Audit()}
+	if n, err := w.Sync(ctx); err != nil || n != 300 {
+		t.Fatalf("sync: %d %v", n, err)
+	}
+	f.add(t, 250)
+	if n, err := w.Sync(ctx); err != nil || n != 550 {
+		t.Fatalf("sync: %d %v", n, err)
+	}
+	if res, err := archive.Verify(ctx, b, f.pub); err != nil || res.Size != 550 {
+		t.Fatalf("verify: %v %v", res, err)
+	}
+	// The objects are where the paths say, under the prefix.
+	if _, err := os.Stat(filepath.Join(srv.Dir, srv.Bucket, "kmsd/audit", layout.TilePath(0, 1, 0))); err != nil {
+		t.Fatalf("full tile 1 in the bucket: %v", err)
+	}
+	if err := b.Put(ctx, layout.TilePath(0, 0, 0), []byte("other"), true); !errors.Is(err, archive.ErrConflict) {
+		t.Fatalf("other bytes at a full tile: %v", err)
+	}
+	srv.Stop()
+	f.add(t, 10)
+	if n, err := w.Sync(ctx); err == nil || n != 550 {
+		t.Fatalf("sync with the server down: %d %v", n, err)
 	}
 }

@@ -1,0 +1,87 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/kmsd-project/kmsd/internal/tlsutil"
+	"github.com/kmsd-project/kmsd/store/archive"
+)
+
+// archiveS3 splits --audit-archive s3://BUCKET/PREFIX/ (ok false for a
+// directory).
+func archiveS3(v string) (bucket, prefix string, ok bool) {
+	rest, ok := strings.CutPrefix(v, "s3://")
+	if !ok {
+		return "", "", false
+	}
+	bucket, prefix, _ = strings.Cut(rest, "/")
+	return bucket, prefix, true
+}
+
+// checkArchive checks --audit-archive before anything touches the disk.
+func checkArchive(c config) error {
+	v := c.auditArchive
+	if v == "" {
+		return nil
+	}
+	if bucket, prefix, ok := archiveS3(v); ok {
+		if c.s3Endpoint == "" {
+			return errors.New("--audit-archive s3://...: needs --s3-endpoint (and the credentials the HE blobs use)")
+		}
+		if !s3BucketRE.MatchString(bucket) {
+			return fmt.Errorf("--audit-archive: %q is not a bucket name: 3 to 63 lower-case letters, digits, '.' or '-'", clipFlag(bucket))
+		}
+		if prefix != "" && (!s3PrefixRE.MatchString(prefix) || len(prefix) > 256) {
+			return fmt.Errorf("--audit-archive: the prefix %q: want path segments of letters, digits, '.', '_' or '-', each followed by '/' (e.g. s3://%s/kmsd/audit/)", clipFlag(prefix), bucket)
+		}
+		return nil
+	}
+	if strings.Contains(v, "://") {
+		return fmt.Errorf("--audit-archive %q: want a directory or s3://BUCKET/PREFIX/", clipFlag(v))
+	}
+	if fi, err := os.Stat(v); err == nil && !fi.IsDir() {
+		return fmt.Errorf("--audit-archive %s is not a directory", v)
+	}
+	return nil
+}
+
+// openArchive opens the audit archive; nil without --audit-archive.
+func openArchive(ctx context.Context, c config, getenv func(string) string) (archive.Bucket, error) {
+	v := c.auditArchive
+	if v == "" {
+		return nil, nil
+	}
+	bucket, prefix, ok := archiveS3(v)
+	if !ok {
+		dir, err := filepath.Abs(v)
+		if err != nil {
+			return nil, err
+		}
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			return nil, fmt.Errorf("--audit-archive: %w", err)
+		}
+		return archive.Dir{Root: dir}, nil
+	}
+	cfg := archive.S3Config{Endpoint: c.s3Endpoint, Bucket: bucket, Prefix: prefix, Region: c.s3Region,
+		AccessKeyID: getenv("AWS_ACCESS_KEY_ID"), SecretAccessKey: getenv("AWS_SECRET_ACCESS_KEY"), SessionToken: getenv("AWS_SESSION_TOKEN")}
+	if c.s3CA != "" {
+		pool, err := tlsutil.LoadPool(c.s3CA)
+		if err != nil {
+			return nil, fmt.Errorf("--s3-ca: %w", err)
+		}
+		cfg.RootCAs = pool
+	}
+	ctx, cancel := context.WithTimeout(ctx, 15*time.Second)
+	defer cancel()
+	b, err := archive.OpenS3(ctx, cfg)
+	if err != nil {
+		return nil, fmt.Errorf("--audit-archive: %w", err)
+	}
+	return b, nil
+}

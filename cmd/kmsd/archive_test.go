@@ -1,0 +1,176 @@
+package main
+
+import (
+	"errors"
+	"io"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/kmsd-project/kmsd/api/client"
+	"github.com/kmsd-project/kmsd/api/layout"
+	"github.com/kmsd-project/kmsd/store/archive"
+)
+
+// archivedSize is the size the archive's checkpoint covers (0: none yet).
+func archivedSize(dir string) uint64 {
+	b, err := os.ReadFile(filepath.Join(dir, layout.CheckpointPath))
+	if err != nil {
+		return 0
+	}
+	n, _ := archive.CheckpointSize(b)
+	return n
+}
+
+// waitArchived waits until the archive covers at least n records.
+func waitArchived(t *testing.T, p *proc, dir string, n uint64) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for archivedSize(dir) < n {
+		if time.Now().After(deadline) {
+			t.Fatalf("the archive covers %d records after 30 s, want %d\n%s", archivedSize(dir), n, p.stderr.String())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// TestAuditArchive runs kmsd with --audit-archive on a small tmpfs: the
+// log is archived as a tlog-tiles log that kmsctl verifies from the
+// directory and through kmsd's /v1/audit/tiles/; tiles are served with
+// the spec's caching and only at the spec's paths; with the archive's
+// disk full kmsd goes on serving and auditing, says so, and archives
+// the rest once there is room; an edited tile is found and named. Needs
+// root (mount), as CI has.
+func TestAuditArchive(t *testing.T) {
+	mnt := t.TempDir()
+	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", mnt).CombinedOutput(); err != nil {
+		t.Fatalf("mount a tmpfs for the archive (needs root): %v %s", err, out)
+	}
+	t.Cleanup(func() { exec.Command("umount", "-l", mnt).Run() })
+	arch := filepath.Join(mnt, "archive")
+	dir := filepath.Join(t.TempDir(), "data")
+	p := start(t, dir, "--audit-archive", arch, "--audit-checkpoint-interval", "100ms", "--audit-checkpoint-every", "64")
+	p.waitReady(t)
+	c := adminClient(t, p, dir)
+	if _, err := c.CreateKey(ctx, client.CreateKeyRequest{Name: "archived", Kind: "ml-dsa-65"}); err != nil {
+		t.Fatal(err)
+	}
+	for range 300 {
+		if _, err := c.GetKey(ctx, "archived"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitArchived(t, p, arch, 300)
+	kmsctl := func(args ...string) (string, int) {
+		cmd := exec.Command(kmsctlBin, args...)
+		cmd.Env = append(os.Environ(), "KMS_URL="+p.url(), "KMS_TOKEN_FILE="+filepath.Join(dir, "admin.token"), "KMS_CA_CERT="+filepath.Join(dir, "tls", "ca.pem"))
+		out, err := cmd.CombinedOutput()
+		code := 0
+		var ee *exec.ExitError
+		if errors.As(err, &ee) {
+			code = ee.ExitCode()
+		}
+		return string(out), code
+	}
+	idFile := filepath.Join(t.TempDir(), "id.pub")
+	for _, where := range []string{arch, "kmsd"} {
+		out, code := kmsctl("audit", "verify", "--identity-key-file", idFile, "--fetch-identity", "--archive", where)
+		if code != 0 || !strings.Contains(out, "audit archive intact") {
+			t.Fatalf("verify --archive %s: exit %d\n%s", where, code, out)
+		}
+	}
+
+	// The tiles as a tlog-tiles client fetches them.
+	tok, _ := os.ReadFile(filepath.Join(dir, "admin.token"))
+	tcfg, err := client.TLSConfig(filepath.Join(dir, "tls", "ca.pem"), "", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	hc := &http.Client{Transport: &http.Transport{TLSClientConfig: tcfg}, Timeout: 10 * time.Second}
+	get := func(path string) (*http.Response, []byte) {
+		req, _ := http.NewRequest("GET", p.url()+"/v1/audit/tiles/"+path, nil)
+		req.Header.Set("Authorization", "Bearer "+strings.TrimSpace(string(tok)))
+		resp, err := hc.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp, b
+	}
+	if resp, b := get(layout.TilePath(0, 0, 0)); resp.StatusCode != 200 || len(b) != 8192 || !strings.Contains(resp.Header.Get("Cache-Control"), "immutable") {
+		t.Fatalf("full tile: %d, %d bytes, %q", resp.StatusCode, len(b), resp.Header.Get("Cache-Control"))
+	}
+	if resp, b := get(layout.CheckpointPath); resp.StatusCode != 200 || !strings.HasPrefix(string(b), "github.com/kmsd-project/kmsd/audit/") || resp.Header.Get("Cache-Control") != "no-cache" {
+		t.Fatalf("checkpoint: %d %q %q", resp.StatusCode, b, resp.Header.Get("Cache-Control"))
+	}
+	for _, c := range []struct {
+		path string
+		want int
+	}{{"tile/00/000", 400}, {"tile/0/000.p/256", 400}, {"tile/0/%2e%2e/%2e%2e/kms.db", 400}, {"kms.db", 400}, {"tile/entries/999", 404}} {
+		if resp, b := get(c.path); resp.StatusCode != c.want || !strings.Contains(resp.Header.Get("Content-Type"), "problem+json") {
+			t.Errorf("%s: %d %s", c.path, resp.StatusCode, b)
+		}
+	}
+
+	// The archive's disk full: kmsd serves and audits on, and says the
+	// archive cannot be written.
+	filler, err := os.Create(filepath.Join(mnt, "filler"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for {
+		if _, err := filler.Write(make([]byte, 64<<10)); err != nil {
+			if !errors.Is(err, syscall.ENOSPC) {
+				t.Fatal(err)
+			}
+			break
+		}
+	}
+	filler.Close()
+	before := archivedSize(arch)
+	for range 600 {
+		if _, err := c.GetKey(ctx, "archived"); err != nil {
+			t.Fatalf("a read with the archive's disk full: %v", err)
+		}
+	}
+	deadline := time.Now().Add(20 * time.Second)
+	for !strings.Contains(p.stderr.String(), "audit archive: cannot write") {
+		if time.Now().After(deadline) {
+			t.Fatalf("kmsd did not say the archive cannot be written:\n%s", p.stderr.String())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if got := archivedSize(arch); got > before+512 {
+		t.Fatalf("the archive grew from %d to %d on a full disk", before, got)
+	}
+	if err := c.Ready(ctx); err != nil {
+		t.Fatalf("readyz with the archive's disk full: %v", err)
+	}
+	os.Remove(filepath.Join(mnt, "filler"))
+	waitArchived(t, p, arch, before+600)
+	if !strings.Contains(p.stderr.String(), "audit archive: writing again") {
+		t.Errorf("kmsd did not say the archive recovered:\n%s", p.stderr.String())
+	}
+	if out, code := kmsctl("audit", "verify", "--identity-key-file", idFile, "--archive", arch); code != 0 {
+		t.Fatalf("verify after the disk was full: exit %d\n%s", code, out)
+	}
+
+	// An edited tile is found and named.
+	tp := filepath.Join(arch, layout.TilePath(0, 1, 0))
+	b, err := os.ReadFile(tp)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b[100] ^= 1
+	os.WriteFile(tp, b, 0o644)
+	out, code := kmsctl("audit", "verify", "--identity-key-file", idFile, "--archive", arch)
+	if code != 1 || !strings.Contains(out, layout.TilePath(0, 1, 0)) {
+		t.Fatalf("verify of an edited tile: exit %d\n%s", code, out)
+	}
+}
