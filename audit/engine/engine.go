@@ -84,6 +84,45 @@ type Settler interface {
 	Settle(ctx context.Context) error
 }
 
+// Pruner is implemented by a store that can drop the rows of records an
+// archive holds (retention).
+type Pruner interface {
+	// PruneRows deletes, in one transaction, up to the store's own limit
+	// of the rows below `below` that keep does not hold, and records
+	// `below` as the index under which rows may be absent (never lower
+	// than it was). It returns how many rows it deleted: 0 when none is
+	// left to delete.
+	PruneRows(ctx context.Context, below uint64, keep func(uint64) bool) (int, error)
+	// PrunedBelow is the index under which rows may be absent (0: none
+	// pruned).
+	PrunedBelow(ctx context.Context) (uint64, error)
+}
+
+// Cold serves what pruned rows held, from an archive of the log: the
+// records, and the tree hashes by storage index (tlog numbering).
+type Cold interface {
+	ColdRecords(ctx context.Context, start, end uint64) ([][]byte, error)
+	ColdHashes(ctx context.Context, indexes []int64) ([]tlog.Hash, error)
+}
+
+// Keep is the rows a log pruned below `below` keeps: the row of the last
+// record of each complete subtree in the binary decomposition of below
+// (at most 64). They hold every hash of the records below `below` that
+// the log ever needs again for its own work: the hashes a tree of any
+// size from below on combines (checkpoints), the left siblings of every
+// later record's subtrees (appends), and the position a store without a
+// head loads at start. Proofs and records of other pruned indexes come
+// from the archive (Cold).
+func Keep(below uint64) func(uint64) bool {
+	keep := map[uint64]bool{}
+	for i := 63; i >= 0; i-- {
+		if below&(1<<i) != 0 {
+			keep[below&^(1<<i-1)-1] = true
+		}
+	}
+	return func(n uint64) bool { return keep[n] }
+}
+
 // ErrConflict is returned by a Seal's write whose rows do not start where
 // the store's end: another replica sealed first. The engine takes the
 // position the write found; the store retries.
@@ -134,6 +173,10 @@ type Log struct {
 	stale   bool        // the position may be behind the rows (after a Seal that lost or was not answered)
 	pending [][]byte    // rows durable in the journal only: [next-len(pending), next)
 
+	pruneMu     sync.Mutex    // one Prune at a time
+	prunedBelow atomic.Uint64 // rows below it may be absent: read from cold
+	cold        Cold
+
 	wal        *wal // nil without a journal
 	walPath    string
 	walSize    int64
@@ -166,6 +209,13 @@ func New(rows Rows, o Options) *Log {
 func (l *Log) Start(ctx context.Context) error {
 	if err := l.load(ctx); err != nil {
 		return err
+	}
+	if p, ok := l.rows.(Pruner); ok {
+		pb, err := p.PrunedBelow(ctx)
+		if err != nil {
+			return fmt.Errorf("audit: read where the log was pruned: %w", err)
+		}
+		l.prunedBelow.Store(pb)
 	}
 	if l.walPath != "" {
 		if err := l.recoverWAL(ctx); err != nil {
@@ -796,7 +846,63 @@ func (l *Log) AuditSize(ctx context.Context) (uint64, error) {
 	return l.rows.RowsEnd(ctx)
 }
 
-// AuditRecords implements kms.AuditStore.
+// CanPrune reports whether the log's store can prune rows.
+func (l *Log) CanPrune() bool {
+	_, ok := l.rows.(Pruner)
+	return ok
+}
+
+// SetCold gives the log the archive its pruned rows are read from.
+func (l *Log) SetCold(c Cold) { l.cold = c }
+
+// PrunedBelow is the index under which the store's rows may be absent,
+// their records and hashes read from the archive (0: none pruned).
+func (l *Log) PrunedBelow() uint64 { return l.prunedBelow.Load() }
+
+// ErrNoCold: records were pruned to an archive this log was not given.
+var ErrNoCold = errors.New("audit: records below this index were pruned to the audit archive, which this kmsd was not given (--audit-archive)")
+
+// Prune deletes the rows of records below `below` but the ones Keep
+// holds, in transactions of the store's size, until none is left. The
+// caller makes sure an archive holds those records durably first. Reads
+// of what was pruned go to the archive (SetCold) from the first
+// transaction on.
+func (l *Log) Prune(ctx context.Context, below uint64) (int, error) {
+	p, ok := l.rows.(Pruner)
+	if !ok {
+		return 0, errors.New("audit: this store cannot prune its log")
+	}
+	if l.cold == nil {
+		return 0, ErrNoCold
+	}
+	l.pruneMu.Lock()
+	defer l.pruneMu.Unlock()
+	size, err := l.AuditSize(ctx)
+	if err != nil {
+		return 0, err
+	}
+	if below > size {
+		return 0, fmt.Errorf("audit: cannot prune below %d, past the log's end %d", below, size)
+	}
+	if below < l.prunedBelow.Load() {
+		below = l.prunedBelow.Load()
+	}
+	keep, total := Keep(below), 0
+	for {
+		n, err := p.PruneRows(ctx, below, keep)
+		if err != nil {
+			return total, err
+		}
+		l.prunedBelow.Store(below)
+		total += n
+		if n == 0 {
+			return total, nil
+		}
+	}
+}
+
+// AuditRecords implements kms.AuditStore: records below PrunedBelow come
+// from the archive.
 func (l *Log) AuditRecords(ctx context.Context, start, end uint64) ([][]byte, error) {
 	size, err := l.AuditSize(ctx)
 	if err != nil {
@@ -805,6 +911,33 @@ func (l *Log) AuditRecords(ctx context.Context, start, end uint64) ([][]byte, er
 	if start > end || end > size {
 		return nil, &kms.Error{Kind: kms.KindInvalid, Msg: fmt.Sprintf("records [%d, %d) are outside the log of %d records", start, end, size)}
 	}
+	var out [][]byte
+	if pb := l.prunedBelow.Load(); start < pb {
+		if l.cold == nil {
+			return nil, ErrNoCold
+		}
+		cut := min(end, pb)
+		recs, err := l.cold.ColdRecords(ctx, start, cut)
+		if err != nil {
+			return nil, fmt.Errorf("audit: records [%d, %d) from the archive: %w", start, cut, err)
+		}
+		if uint64(len(recs)) != cut-start {
+			return nil, fmt.Errorf("audit: %d of records [%d, %d) in the archive", len(recs), start, cut)
+		}
+		if cut == end {
+			return recs, nil
+		}
+		out, start = recs, cut
+	}
+	rest, err := l.hotRecords(ctx, start, end)
+	if err != nil {
+		return nil, err
+	}
+	return append(out, rest...), nil
+}
+
+// hotRecords reads records [start, end) from the store's rows.
+func (l *Log) hotRecords(ctx context.Context, start, end uint64) ([][]byte, error) {
 	rows, err := l.rows.ReadRows(ctx, start, end)
 	if err != nil {
 		return nil, err
@@ -831,9 +964,17 @@ func (l *Log) AuditRecords(ctx context.Context, start, end uint64) ([][]byte, er
 func (l *Log) AuditHashes(ctx context.Context, indexes []int64) ([][32]byte, error) {
 	out := make([][32]byte, len(indexes))
 	read := map[uint64][]byte{}
+	pb := l.prunedBelow.Load()
+	keep := Keep(pb)
+	var coldIdx []int64
+	var coldAt []int
 	for i, idx := range indexes {
 		level, m := tlog.SplitStoredHashIndex(idx)
 		rec := uint64((m+1)<<level) - 1
+		if rec < pb && !keep(rec) {
+			coldIdx, coldAt = append(coldIdx, idx), append(coldAt, i)
+			continue
+		}
 		v, ok := read[rec]
 		if !ok {
 			rows, err := l.rows.ReadRows(ctx, rec, rec+1)
@@ -850,6 +991,21 @@ func (l *Log) AuditHashes(ctx context.Context, indexes []int64) ([][32]byte, err
 			return nil, fmt.Errorf("audit: tree hash %d (record %d) missing", idx, rec)
 		}
 		copy(out[i][:], hs[level*tlog.HashSize:])
+	}
+	if len(coldIdx) > 0 {
+		if l.cold == nil {
+			return nil, ErrNoCold
+		}
+		hs, err := l.cold.ColdHashes(ctx, coldIdx)
+		if err != nil {
+			return nil, fmt.Errorf("audit: tree hashes from the archive: %w", err)
+		}
+		if len(hs) != len(coldIdx) {
+			return nil, fmt.Errorf("audit: %d of %d tree hashes in the archive", len(hs), len(coldIdx))
+		}
+		for j, i := range coldAt {
+			out[i] = hs[j]
+		}
 	}
 	return out, nil
 }

@@ -17,6 +17,7 @@ import (
 
 	"github.com/kmsd-project/kmsd/api"
 	"github.com/kmsd-project/kmsd/audit"
+	"github.com/kmsd-project/kmsd/audit/engine"
 	"github.com/kmsd-project/kmsd/he"
 	"github.com/kmsd-project/kmsd/kms"
 	"github.com/kmsd-project/kmsd/kms/pqc"
@@ -65,6 +66,19 @@ type Config struct {
 	// ArchiveInterval is how often the archive catches up with the
 	// newest checkpoint (default 1s).
 	ArchiveInterval time.Duration
+	// AuditRetain, with an Archive, prunes from the store the records
+	// older than this once the archive holds them durably; they are then
+	// read from the archive. Zero: the store keeps every record.
+	AuditRetain time.Duration
+}
+
+// prunable is an audit store that can prune to an archive (the audit
+// engine over a store that prunes).
+type prunable interface {
+	CanPrune() bool
+	SetCold(engine.Cold)
+	Prune(ctx context.Context, below uint64) (int, error)
+	PrunedBelow() uint64
 }
 
 // App is a wired kmsd.
@@ -72,6 +86,7 @@ type App struct {
 	Service        *kms.Service
 	Audit          *audit.Log      // nil when unaudited
 	Archiver       *archive.Writer // nil without an archive
+	pruner         prunable        // nil without retention
 	Blobs          he.Blobs
 	API            *api.Server
 	Identity       []byte // the identity public key
@@ -165,9 +180,25 @@ func New(ctx context.Context, cfg Config) (*App, error) {
 				return sig, err
 			}})
 		opts.Audit, opts.Prover = cfg.AuditStore, a.Audit
+		p, _ := cfg.AuditStore.(prunable)
 		if cfg.Archive != nil {
 			a.Archiver = &archive.Writer{Bucket: cfg.Archive, Store: cfg.AuditStore, Logger: log}
 			opts.Tiles = cfg.Archive
+			if p != nil {
+				p.SetCold(&archive.Cold{Bucket: cfg.Archive})
+			}
+		}
+		if cfg.AuditRetain > 0 {
+			if cfg.Archive == nil {
+				return nil, fmt.Errorf("audit retention needs an archive to keep the records it prunes (--audit-archive)")
+			}
+			if p == nil || !p.CanPrune() {
+				return nil, fmt.Errorf("audit retention: this store cannot prune its audit log yet (bbolt can; etcd cannot)")
+			}
+			a.pruner = p
+		}
+		if p != nil && p.PrunedBelow() > 0 && cfg.Archive == nil {
+			log.Error("the store's audit log was pruned to an archive: records below this index are read from it, and kmsd was started without one (--audit-archive): reading them fails", "pruned_below", p.PrunedBelow())
 		}
 	} else {
 		opts.Audit, opts.Prover = nil, nil
@@ -257,6 +288,65 @@ func (a *App) Start() {
 	}
 }
 
+// retain prunes from the store the records older than AuditRetain that
+// the archive holds (the first archived records of all, up to `archived`):
+// it finds the first younger record by a binary search over their times.
+func (a *App) retain(ctx context.Context, archived uint64) error {
+	lo, hi := a.pruner.PrunedBelow(), archived
+	if lo >= hi {
+		return nil
+	}
+	cutoff := time.Now().Add(-a.cfg.AuditRetain)
+	for lo < hi {
+		mid := lo + (hi-lo)/2
+		recs, err := a.cfg.AuditStore.AuditRecords(ctx, mid, mid+1)
+		if err != nil {
+			return fmt.Errorf("retention: read record %d: %w", mid, err)
+		}
+		r, err := kms.DecodeAuditRecord(recs[0])
+		if err != nil {
+			return fmt.Errorf("retention: record %d: %w", mid, err)
+		}
+		t, err := time.Parse(time.RFC3339Nano, r.Time)
+		if err != nil {
+			return fmt.Errorf("retention: record %d: time %q: %w", mid, r.Time, err)
+		}
+		if t.Before(cutoff) {
+			lo = mid + 1
+		} else {
+			hi = mid
+		}
+	}
+	if lo <= a.pruner.PrunedBelow() {
+		return nil
+	}
+	// The store's copy goes only where the archive holds the same bytes:
+	// an archive edited since it was written is not trusted with them.
+	cold := &archive.Cold{Bucket: a.cfg.Archive}
+	for start := a.pruner.PrunedBelow(); start < lo; start += 4096 {
+		end := min(lo, start+4096)
+		hot, err := a.cfg.AuditStore.AuditRecords(ctx, start, end)
+		if err != nil {
+			return fmt.Errorf("retention: read records [%d, %d): %w", start, end, err)
+		}
+		arch, err := cold.ColdRecords(ctx, start, end)
+		if err != nil {
+			return fmt.Errorf("retention: read records [%d, %d) from the archive: %w", start, end, err)
+		}
+		for i := range hot {
+			if i >= len(arch) || string(hot[i]) != string(arch[i]) {
+				return fmt.Errorf("retention: the archive does not hold record %d as the store does; nothing is pruned (check the archive: kmsctl audit verify --archive)", start+uint64(i))
+			}
+		}
+	}
+	n, err := a.pruner.Prune(ctx, lo)
+	if err != nil {
+		return fmt.Errorf("retention: prune below %d: %w", lo, err)
+	}
+	a.log.Debug("audit retention: pruned the store's rows of archived records", "below", lo, "rows", n)
+	return nil
+}
+
 // runArchive brings the archive up to the newest checkpoint every
 // ArchiveInterval until ctx ends. While it fails (a full or unwritable
 // archive, S3 down) kmsd goes on serving and auditing: the log says so
@@ -272,6 +362,9 @@ func (a *App) runArchive(ctx context.Context) {
 	var failingSince, lastSaid time.Time
 	for {
 		n, err := a.Archiver.Sync(ctx)
+		if err == nil && a.pruner != nil {
+			err = a.retain(ctx, n)
+		}
 		switch {
 		case err != nil && ctx.Err() == nil:
 			if failingSince.IsZero() {

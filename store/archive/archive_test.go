@@ -31,16 +31,20 @@ func TestMain(m *testing.M) { testhsm.Main(m) }
 
 // logFixture is a real bbolt store's audit log with a checkpoint signer.
 type logFixture struct {
-	pub   []byte
-	store *bolt.Store
-	log   *audit.Log
-	n     int
+	pub    []byte
+	store  *bolt.Store
+	log    *audit.Log
+	n      int
+	path   string
+	sealer kms.Sealer
+	sign   func(context.Context, []byte) ([]byte, error)
 }
 
 func newLog(t testing.TB) *logFixture {
 	pk, sk, _ := mldsa65.GenerateKey(rand.Reader)
 	pub, _ := pk.MarshalBinary()
-	st, err := bolt.Open(filepath.Join(t.TempDir(), "kms.db"), bolt.Options{Sealer: testhsm.Open(t)})
+	path, sealer := filepath.Join(t.TempDir(), "kms.db"), testhsm.Open(t)
+	st, err := bolt.Open(path, bolt.Options{Sealer: sealer})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -49,7 +53,22 @@ func newLog(t testing.TB) *logFixture {
 		sig := make([]byte, mldsa65.SignatureSize)
 		return sig, mldsa65.SignTo(sk, msg, nil, true, sig)
 	}
-	return &logFixture{pub: pub, store: st, log: audit.New(audit.Config{Store: st.Audit(), PublicKey: pub, Sign: sign})}
+	return &logFixture{pub: pub, store: st, log: audit.New(audit.Config{Store: st.Audit(), PublicKey: pub, Sign: sign}), path: path, sealer: sealer, sign: sign}
+}
+
+// reopen closes the store and opens it again (a restart).
+func (f *logFixture) reopen(t testing.TB) {
+	t.Helper()
+	if err := f.store.Close(); err != nil {
+		t.Fatal(err)
+	}
+	st, err := bolt.Open(f.path, bolt.Options{Sealer: f.sealer})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	f.store = st
+	f.log = audit.New(audit.Config{Store: st.Audit(), PublicKey: f.pub, Sign: f.sign})
 }
 
 // add appends n records (from 16 goroutines, so the store group-commits

@@ -9,6 +9,7 @@ import (
 
 	"github.com/kmsd-project/kmsd/audit/engine"
 	"github.com/kmsd-project/kmsd/kms"
+	"github.com/kmsd-project/kmsd/store/internal/storekit"
 )
 
 // The audit log's rows (audit/engine decides what they hold) under their
@@ -109,6 +110,76 @@ func (s *Store) ReadRows(ctx context.Context, start, end uint64) ([][]byte, erro
 		return nil
 	})
 	return out, err
+}
+
+var _ engine.Pruner = (*Store)(nil)
+
+// pruneBatch bounds the rows one pruning transaction deletes.
+const pruneBatch = 2048
+
+// PruneRows implements engine.Pruner: bbolt frees the pages of the rows
+// deleted and reuses them for the rows appended later, so the file stops
+// growing once retention is reached.
+func (s *Store) PruneRows(ctx context.Context, below uint64, keep func(uint64) bool) (int, error) {
+	n := 0
+	err := s.update(func(r *rtx) error {
+		n = 0
+		old, err := prunedBelow(r.a, r.Tx)
+		if err != nil {
+			return err
+		}
+		if below < old {
+			below = old
+		}
+		b := r.Bucket(bucketAuditRecords)
+		var del [][]byte
+		c := b.Cursor()
+		for k, _ := c.First(); k != nil && len(del) < pruneBatch; k, _ = c.Next() {
+			if len(k) != 8 {
+				return fmt.Errorf("audit: malformed row key %x", k)
+			}
+			i := binary.BigEndian.Uint64(k)
+			if i >= below {
+				break
+			}
+			if !keep(i) {
+				del = append(del, append([]byte(nil), k...))
+			}
+		}
+		for _, k := range del {
+			if err := b.Delete(k); err != nil {
+				return err
+			}
+		}
+		n = len(del)
+		if below != old {
+			return r.put(bucketMeta, keyAuditPruned, u64(below))
+		}
+		return nil
+	})
+	return n, err
+}
+
+// PrunedBelow implements engine.Pruner.
+func (s *Store) PrunedBelow(ctx context.Context) (uint64, error) {
+	var n uint64
+	err := s.db.View(func(tx *bbolt.Tx) error {
+		var err error
+		n, err = prunedBelow(s.auth, tx)
+		return err
+	})
+	return n, err
+}
+
+func prunedBelow(a *storekit.Auth, tx *bbolt.Tx) (uint64, error) {
+	body, err := get(a, tx, bucketMeta, keyAuditPruned)
+	if err != nil || body == nil {
+		return 0, err
+	}
+	if len(body) != 8 {
+		return 0, fmt.Errorf("audit: malformed %s", keyAuditPruned)
+	}
+	return binary.BigEndian.Uint64(body), nil
 }
 
 // PutCheckpoint implements engine.Rows.

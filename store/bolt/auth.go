@@ -28,6 +28,10 @@ var (
 	// keyAuditEnd is the audit log's end (u64): a record, digested,
 	// written with the rows, so that rows cut off the end are found.
 	keyAuditEnd = []byte("audit-end")
+	// keyAuditPruned is the index below which the audit log's rows may
+	// be absent (u64): pruned to the archive (retention). Digested, so
+	// that it is not moved to hide rows deleted outside kmsd.
+	keyAuditPruned = []byte("audit-pruned")
 )
 
 func recPath(bucket, key []byte) string { return string(bucket) + "/" + string(key) }
@@ -40,7 +44,7 @@ func digested(bucket, key []byte) bool {
 	case bytes.Equal(bucket, bucketAuditRecords), bytes.Equal(bucket, bucketAuditCheckpoints):
 		return false
 	case bytes.Equal(bucket, bucketMeta):
-		return bytes.HasPrefix(key, []byte("x-")) || bytes.Equal(key, keyAuditEnd)
+		return bytes.HasPrefix(key, []byte("x-")) || bytes.Equal(key, keyAuditEnd) || bytes.Equal(key, keyAuditPruned)
 	}
 	return true
 }
