@@ -135,7 +135,11 @@ func (s *Server) readyz(w http.ResponseWriter, r *http.Request) {
 		writeError(w, r, err)
 		return
 	}
-	writeJSON(w, http.StatusOK, client.Health{Status: "ready", BlobsFailingDigest: s.blobs.failing()})
+	h := client.Health{Status: "ready", BlobsFailingDigest: s.blobs.failing()}
+	if s.opts.ArchiveStatus != nil {
+		h.AuditArchive = s.opts.ArchiveStatus(r.Context())
+	}
+	writeJSON(w, http.StatusOK, h)
 }
 
 func (s *Server) identity(w http.ResponseWriter, r *http.Request) {

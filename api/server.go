@@ -17,6 +17,7 @@ import (
 
 	"github.com/go-chi/chi/v5"
 
+	"github.com/kmsd-project/kmsd/api/client"
 	"github.com/kmsd-project/kmsd/kms"
 )
 
@@ -47,6 +48,8 @@ type Options struct {
 	// Tiles serves the audit archive (a tlog-tiles log) read-only under
 	// /v1/audit/tiles/; nil: no archive (404).
 	Tiles TileSource
+	// ArchiveStatus, if set, says in /readyz where the archive stands.
+	ArchiveStatus func(ctx context.Context) *client.ArchiveStatus
 	// Background is the context of long operations (HE generations that
 	// answer 202); cancel it at shutdown. Default: context.Background().
 	Background context.Context

@@ -203,6 +203,13 @@ func (c *Client) Ready(ctx context.Context) error {
 	return c.do(ctx, http.MethodGet, "/readyz", nil, nil, nil)
 }
 
+// Readiness calls GET /readyz and returns what it says (the audit
+// archive's state among it).
+func (c *Client) Readiness(ctx context.Context) (*Health, error) {
+	var out Health
+	return &out, c.do(ctx, http.MethodGet, "/readyz", nil, nil, &out)
+}
+
 // Identity returns the service's identity public key.
 func (c *Client) Identity(ctx context.Context) (*Identity, error) {
 	var out Identity

@@ -251,6 +251,24 @@ type Health struct {
 	// match their digest when last served: kmsd refuses to serve them until
 	// they do, and its log names them.
 	BlobsFailingDigest int `json:"blobs_failing_digest,omitempty"`
+	// AuditArchive (readyz, with --audit-archive) is where the archive
+	// stands.
+	AuditArchive *ArchiveStatus `json:"audit_archive,omitempty"`
+}
+
+// ArchiveStatus is where the audit archive stands.
+type ArchiveStatus struct {
+	// Archived is how many records the archive's checkpoint covers.
+	Archived uint64 `json:"archived"`
+	// Lag is how many records the store's newest checkpoint covers that
+	// the archive does not hold yet.
+	Lag uint64 `json:"lag"`
+	// PrunedBelow: the store no longer holds the records below it
+	// (retention); kmsd reads them from the archive.
+	PrunedBelow uint64 `json:"pruned_below,omitempty"`
+	// FailingSince is when writing the archive started failing (RFC
+	// 3339), while it fails: the log says why.
+	FailingSince string `json:"failing_since,omitempty"`
 }
 
 // DecryptResponse is a decryption's result: CKKS slots' real parts (rounded)

@@ -370,7 +370,7 @@ func TestHECommands(t *testing.T) {
 // synopsis names is a flag the command defines.
 func TestHelpMatchesCode(t *testing.T) {
 	r := kmsctl(t, nil, "--help")
-	flagRE := regexp.MustCompile(`--([a-z-]+)`)
+	flagRE := regexp.MustCompile(`--([a-z0-9-]+)`)
 	for _, c := range commands {
 		if !strings.Contains(r.stdout, "  "+c.name) {
 			t.Errorf("--help lacks %q", c.name)

@@ -99,6 +99,7 @@ type config struct {
 	auditInterval   time.Duration
 	auditStream     string
 	auditArchive    string
+	auditRetain     time.Duration
 	auditStreamWait time.Duration
 	maxKeysetMiB    int64
 	auditWALMiB     int64
@@ -224,6 +225,14 @@ func checkBeforeDisk(c config, getenv func(string) string) error {
 	}
 	if err := checkArchive(c); err != nil {
 		return err
+	}
+	switch {
+	case c.auditRetain < 0:
+		return errors.New("--audit-retain must be positive (or 0: keep every record)")
+	case c.auditRetain > 0 && c.auditArchive == "":
+		return errors.New("--audit-retain needs --audit-archive: records leave the store only for an archive that holds them")
+	case c.auditRetain > 0 && c.store != "bolt":
+		return fmt.Errorf("--audit-retain: the %s store cannot prune its audit log yet (bolt can)", c.store)
 	}
 	if c.module != "" && c.pinFile == "" && getenv("KMS_PKCS11_PIN") == "" {
 		return errors.New("no PIN for --pkcs11-module: pass --pkcs11-pin-file or set KMS_PKCS11_PIN")
@@ -359,6 +368,7 @@ func newFlagSetErrs(c *config, getenv func(string) string) (*flag.FlagSet, *[]en
 	fs.DurationVar(&c.auditInterval, "audit-checkpoint-interval", dur("KMS_AUDIT_CHECKPOINT_INTERVAL", 10*time.Second), "and sign one at least this often while any records are uncovered (env KMS_AUDIT_CHECKPOINT_INTERVAL)")
 	fs.StringVar(&c.auditStream, "audit-stream", env("KMS_AUDIT_STREAM", ""), "also append each committed audit record as a JSON line to this file, or - for stdout; empty: off (env KMS_AUDIT_STREAM)")
 	fs.StringVar(&c.auditArchive, "audit-archive", env("KMS_AUDIT_ARCHIVE", ""), "keep the audit log as a C2SP tlog-tiles log in this directory, or in s3://BUCKET/PREFIX/ on --s3-endpoint: what each checkpoint covers is written there and served under /v1/audit/tiles/; empty: off (env KMS_AUDIT_ARCHIVE)")
+	fs.DurationVar(&c.auditRetain, "audit-retain", dur("KMS_AUDIT_RETAIN", 0), "with --audit-archive: prune from the store the audit records older than this once the archive holds them durably (they are then read from the archive), so the store stops growing; 0: keep every record in the store (env KMS_AUDIT_RETAIN)")
 	fs.DurationVar(&c.auditStreamWait, "audit-stream-timeout", dur("KMS_AUDIT_STREAM_TIMEOUT", 100*time.Millisecond), "longest a request waits for a stuck stream sink before the record is dropped from the stream (env KMS_AUDIT_STREAM_TIMEOUT)")
 	intEnv := func(name string, def int) int {
 		parsed(name, func(v string) (err error) { def, err = strconv.Atoi(v); return })
@@ -551,6 +561,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 		DestroyInterval: c.destroyInterval,
 		Lead:            st.Lead,
 		Archive:         arch,
+		AuditRetain:     c.auditRetain,
 		AdminToken: func(tok string) error {
 			if tok == "" {
 				return os.Remove(tokenPath) // another replica made the first token

@@ -13,9 +13,11 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
+	"sync/atomic"
 	"time"
 
 	"github.com/kmsd-project/kmsd/api"
+	"github.com/kmsd-project/kmsd/api/client"
 	"github.com/kmsd-project/kmsd/audit"
 	"github.com/kmsd-project/kmsd/audit/engine"
 	"github.com/kmsd-project/kmsd/he"
@@ -87,6 +89,7 @@ type App struct {
 	Audit          *audit.Log      // nil when unaudited
 	Archiver       *archive.Writer // nil without an archive
 	pruner         prunable        // nil without retention
+	failingSince   atomic.Int64    // unix ns since the archive fails to be written; 0: it does not
 	Blobs          he.Blobs
 	API            *api.Server
 	Identity       []byte // the identity public key
@@ -184,6 +187,7 @@ func New(ctx context.Context, cfg Config) (*App, error) {
 		if cfg.Archive != nil {
 			a.Archiver = &archive.Writer{Bucket: cfg.Archive, Store: cfg.AuditStore, Logger: log}
 			opts.Tiles = cfg.Archive
+			opts.ArchiveStatus = a.archiveStatus
 			if p != nil {
 				p.SetCold(&archive.Cold{Bucket: cfg.Archive})
 			}
@@ -288,6 +292,21 @@ func (a *App) Start() {
 	}
 }
 
+// archiveStatus is where the archive stands, for /readyz.
+func (a *App) archiveStatus(ctx context.Context) *client.ArchiveStatus {
+	st := &client.ArchiveStatus{Archived: a.Archiver.Archived()}
+	if size, _, err := a.cfg.AuditStore.LatestCheckpoint(ctx); err == nil && size > st.Archived {
+		st.Lag = size - st.Archived
+	}
+	if a.pruner != nil {
+		st.PrunedBelow = a.pruner.PrunedBelow()
+	}
+	if ns := a.failingSince.Load(); ns != 0 {
+		st.FailingSince = time.Unix(0, ns).UTC().Format(time.RFC3339)
+	}
+	return st
+}
+
 // retain prunes from the store the records older than AuditRetain that
 // the archive holds (the first archived records of all, up to `archived`):
 // it finds the first younger record by a binary search over their times.
@@ -369,6 +388,7 @@ func (a *App) runArchive(ctx context.Context) {
 		case err != nil && ctx.Err() == nil:
 			if failingSince.IsZero() {
 				failingSince = time.Now()
+				a.failingSince.Store(failingSince.UnixNano())
 			}
 			if time.Since(lastSaid) >= time.Minute {
 				a.log.Error("audit archive: cannot write; kmsd goes on serving and auditing, and archives the rest when it can", "archive", a.cfg.Archive.String(), "archived", n, "failing_for", time.Since(failingSince).Round(time.Second).String(), "err", err)
@@ -377,6 +397,7 @@ func (a *App) runArchive(ctx context.Context) {
 		case err == nil && !failingSince.IsZero():
 			a.log.Info("audit archive: writing again", "archive", a.cfg.Archive.String(), "archived", n, "failed_for", time.Since(failingSince).Round(time.Second).String())
 			failingSince, lastSaid = time.Time{}, time.Time{}
+			a.failingSince.Store(0)
 		}
 		select {
 		case <-ctx.Done():
