@@ -1,6 +1,7 @@
 package main
 
 import (
+	"fmt"
 	"log/slog"
 	"strings"
 
@@ -29,7 +30,7 @@ func storeConfig(c config, log *slog.Logger) store.Config {
 func checkStore(c config) error {
 	d, err := store.Lookup(c.store)
 	if err != nil {
-		return err
+		return fmt.Errorf("--store %q: want %s", c.store, strings.Join(store.Names(), " or "))
 	}
 	return d.Check(storeConfig(c, nil))
 }
