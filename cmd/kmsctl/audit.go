@@ -19,6 +19,7 @@ import (
 	"github.com/kmsd-project/kmsd/audit"
 	"github.com/kmsd-project/kmsd/he/s3blobs"
 	"github.com/kmsd-project/kmsd/internal/fileutil"
+	"github.com/kmsd-project/kmsd/internal/s3conn"
 	"github.com/kmsd-project/kmsd/store/archive"
 )
 
@@ -263,8 +264,8 @@ func verifyArchive(e *env, fs *flag.FlagSet, where string, pub, saved []byte) (i
 		if _, err := s3blobs.CheckEndpoint(endpoint); err != nil {
 			return 0, usageError{"--s3-endpoint: " + err.Error()}
 		}
-		s3, err := archive.OpenS3(e.ctx, archive.S3Config{Endpoint: endpoint, Bucket: bucket, Prefix: prefix,
-			AccessKeyID: e.getenv("AWS_ACCESS_KEY_ID"), SecretAccessKey: e.getenv("AWS_SECRET_ACCESS_KEY"), SessionToken: e.getenv("AWS_SESSION_TOKEN")})
+		s3, err := archive.OpenS3(e.ctx, archive.S3Config{Bucket: bucket, Prefix: prefix, Config: s3conn.Config{Endpoint: endpoint,
+			AccessKeyID: e.getenv("AWS_ACCESS_KEY_ID"), SecretAccessKey: e.getenv("AWS_SECRET_ACCESS_KEY"), SessionToken: e.getenv("AWS_SESSION_TOKEN")}})
 		if err != nil {
 			return 0, err
 		}

@@ -9,7 +9,6 @@ import (
 	"strings"
 	"time"
 
-	"github.com/kmsd-project/kmsd/internal/tlsutil"
 	"github.com/kmsd-project/kmsd/store/archive"
 )
 
@@ -68,18 +67,13 @@ func openArchive(ctx context.Context, c config, getenv func(string) string) (arc
 		}
 		return archive.Dir{Root: dir}, nil
 	}
-	cfg := archive.S3Config{Endpoint: c.s3Endpoint, Bucket: bucket, Prefix: prefix, Region: c.s3Region,
-		AccessKeyID: getenv("AWS_ACCESS_KEY_ID"), SecretAccessKey: getenv("AWS_SECRET_ACCESS_KEY"), SessionToken: getenv("AWS_SESSION_TOKEN")}
-	if c.s3CA != "" {
-		pool, err := tlsutil.LoadPool(c.s3CA)
-		if err != nil {
-			return nil, fmt.Errorf("--s3-ca: %w", err)
-		}
-		cfg.RootCAs = pool
+	conn, err := s3Conn(c, getenv)
+	if err != nil {
+		return nil, err
 	}
 	ctx, cancel := context.WithTimeout(ctx, 15*time.Second)
 	defer cancel()
-	b, err := archive.OpenS3(ctx, cfg)
+	b, err := archive.OpenS3(ctx, archive.S3Config{Config: conn, Bucket: bucket, Prefix: prefix})
 	if err != nil {
 		return nil, fmt.Errorf("--audit-archive: %w", err)
 	}

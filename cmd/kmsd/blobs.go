@@ -12,6 +12,7 @@ import (
 
 	"github.com/kmsd-project/kmsd/he"
 	"github.com/kmsd-project/kmsd/he/s3blobs"
+	"github.com/kmsd-project/kmsd/internal/s3conn"
 	"github.com/kmsd-project/kmsd/internal/tlsutil"
 )
 
@@ -64,23 +65,35 @@ func clipFlag(s string) string {
 	return s
 }
 
+// s3Conn is the S3 server --s3-endpoint names, with the credentials from
+// the environment and the CA of --s3-ca: the HE blobs' bucket and the
+// audit archive's.
+func s3Conn(c config, getenv func(string) string) (s3conn.Config, error) {
+	cfg := s3conn.Config{Endpoint: c.s3Endpoint, Region: c.s3Region,
+		AccessKeyID: getenv("AWS_ACCESS_KEY_ID"), SecretAccessKey: getenv("AWS_SECRET_ACCESS_KEY"), SessionToken: getenv("AWS_SESSION_TOKEN")}
+	if c.s3CA != "" {
+		pool, err := tlsutil.LoadPool(c.s3CA)
+		if err != nil {
+			return cfg, fmt.Errorf("--s3-ca: %w", err)
+		}
+		cfg.RootCAs = pool
+	}
+	return cfg, nil
+}
+
 // openBlobs opens the S3 blob store; nil when kmsd keeps blobs in
 // <data-dir>/blobs.
 func openBlobs(ctx context.Context, c config, getenv func(string) string) (he.Blobs, error) {
 	if c.s3Endpoint == "" {
 		return nil, nil
 	}
-	cfg := s3blobs.Config{Endpoint: c.s3Endpoint, Bucket: c.s3Bucket, Prefix: c.s3Prefix, Region: c.s3Region,
-		AccessKeyID: getenv("AWS_ACCESS_KEY_ID"), SecretAccessKey: getenv("AWS_SECRET_ACCESS_KEY"), SessionToken: getenv("AWS_SESSION_TOKEN"),
-		SpoolDir: filepath.Join(c.dataDir, "blob-spool")}
-	if c.s3CA != "" {
-		pool, err := tlsutil.LoadPool(c.s3CA)
-		if err != nil {
-			return nil, fmt.Errorf("--s3-ca: %w", err)
-		}
-		cfg.RootCAs = pool
+	conn, err := s3Conn(c, getenv)
+	if err != nil {
+		return nil, err
 	}
 	ctx, cancel := context.WithTimeout(ctx, 15*time.Second)
 	defer cancel()
-	return s3blobs.Open(ctx, cfg)
+	return s3blobs.Open(ctx, s3blobs.Config{Endpoint: conn.Endpoint, Bucket: c.s3Bucket, Prefix: c.s3Prefix, Region: conn.Region,
+		AccessKeyID: conn.AccessKeyID, SecretAccessKey: conn.SecretAccessKey, SessionToken: conn.SessionToken, RootCAs: conn.RootCAs,
+		SpoolDir: filepath.Join(c.dataDir, "blob-spool")})
 }

@@ -11,22 +11,20 @@ package s3blobs
 
 import (
 	"context"
-	"crypto/tls"
 	"crypto/x509"
 	"errors"
 	"fmt"
 	"io"
 	"net"
-	"net/http"
 	"net/url"
 	"os"
 	"strings"
 	"time"
 
 	"github.com/minio/minio-go/v7"
-	"github.com/minio/minio-go/v7/pkg/credentials"
 
 	"github.com/kmsd-project/kmsd/he"
+	"github.com/kmsd-project/kmsd/internal/s3conn"
 )
 
 // Config says where the blobs go.
@@ -98,30 +96,14 @@ func Open(ctx context.Context, cfg Config) (*Store, error) {
 	if cfg.Bucket == "" {
 		return nil, errors.New("s3: a bucket is required")
 	}
-	if cfg.AccessKeyID == "" || cfg.SecretAccessKey == "" {
-		return nil, errors.New("s3: credentials are required (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)")
-	}
 	if cfg.Prefix == "" {
 		cfg.Prefix = "kmsd/blobs/"
-	}
-	if cfg.Region == "" {
-		cfg.Region = "us-east-1"
 	}
 	if cfg.SpoolDir == "" {
 		return nil, errors.New("s3: a spool directory is required")
 	}
-	tr := http.DefaultTransport.(*http.Transport).Clone()
-	tr.TLSClientConfig = &tls.Config{MinVersion: tls.VersionTLS12, RootCAs: cfg.RootCAs}
-	tr.ResponseHeaderTimeout = time.Minute
-	c, err := minio.New(u.Host, &minio.Options{
-		Creds:        credentials.NewStaticV4(cfg.AccessKeyID, cfg.SecretAccessKey, cfg.SessionToken),
-		Secure:       u.Scheme == "https",
-		Region:       cfg.Region,
-		BucketLookup: minio.BucketLookupPath,
-		Transport:    tr,
-	})
-	if err != nil {
-		return nil, fmt.Errorf("s3: %w", err)
+	if cfg.AccessKeyID == "" || cfg.SecretAccessKey == "" {
+		return nil, errors.New("s3: credentials are required (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)")
 	}
 	if err := os.MkdirAll(cfg.SpoolDir, 0o700); err != nil {
 		return nil, err
@@ -129,12 +111,10 @@ func Open(ctx context.Context, cfg Config) (*Store, error) {
 	if err := he.CleanSpool(cfg.SpoolDir, spoolPrefix); err != nil {
 		return nil, err
 	}
-	ok, err := c.BucketExists(ctx, cfg.Bucket)
+	c, err := s3conn.Open(ctx, s3conn.Config{Endpoint: u.String(), Region: cfg.Region, AccessKeyID: cfg.AccessKeyID,
+		SecretAccessKey: cfg.SecretAccessKey, SessionToken: cfg.SessionToken, RootCAs: cfg.RootCAs}, cfg.Bucket)
 	if err != nil {
-		return nil, fmt.Errorf("s3: bucket %q: %w", cfg.Bucket, err)
-	}
-	if !ok {
-		return nil, fmt.Errorf("s3: bucket %q does not exist (kmsd does not create it)", cfg.Bucket)
+		return nil, fmt.Errorf("s3: %w", err)
 	}
 	return &Store{c: c, bucket: cfg.Bucket, prefix: cfg.Prefix, spool: cfg.SpoolDir}, nil
 }
@@ -176,10 +156,7 @@ func (s *Store) Abort(st *he.Staged) { st.Discard() }
 // Sync has nothing to do: S3 acknowledged each upload once it was durable.
 func (s *Store) Sync(context.Context) error { return nil }
 
-func isNotFound(err error) bool {
-	code := minio.ToErrorResponse(err).Code
-	return code == minio.NoSuchKey || code == "NotFound"
-}
+func isNotFound(err error) bool { return s3conn.NotFound(err) }
 
 // Open returns the object, read with ranged GETs as it is read and
 // sought.

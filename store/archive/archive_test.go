@@ -20,6 +20,7 @@ import (
 
 	"github.com/kmsd-project/kmsd/api/layout"
 	"github.com/kmsd-project/kmsd/audit"
+	"github.com/kmsd-project/kmsd/internal/s3conn"
 	"github.com/kmsd-project/kmsd/internal/testhsm"
 	"github.com/kmsd-project/kmsd/internal/tests3"
 	"github.com/kmsd-project/kmsd/kms"
@@ -336,7 +337,8 @@ func TestVerifyNamesTheEditedTile(t *testing.T) {
 func TestArchiveOnS3(t *testing.T) {
 	srv := tests3.Start(t)
 	ctx := context.Background()
-	b, err := archive.OpenS3(ctx, archive.S3Config{Endpoint: srv.Endpoint, Bucket: srv.Bucket, Prefix: "kmsd/audit/", AccessKeyID: srv.AccessKey, SecretAccessKey: srv.SecretKey})
+	b, err := archive.OpenS3(ctx, archive.S3Config{Bucket: srv.Bucket, Prefix: "kmsd/audit/",
+		Config: s3conn.Config{Endpoint: srv.Endpoint, AccessKeyID: srv.AccessKey, SecretAccessKey: srv.SecretKey}})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -4,33 +4,23 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
-	"crypto/tls"
-	"crypto/x509"
 	"errors"
 	"fmt"
 	"io"
-	"net/http"
-	"net/url"
-	"time"
 
 	"github.com/minio/minio-go/v7"
-	"github.com/minio/minio-go/v7/pkg/credentials"
 
 	"github.com/kmsd-project/kmsd/api/layout"
+	"github.com/kmsd-project/kmsd/internal/s3conn"
 	"github.com/kmsd-project/kmsd/kms"
 )
 
-// S3Config is an archive in an S3-compatible bucket, under Prefix.
+// S3Config is an archive in an S3-compatible bucket, under Prefix
+// (ending in "/", or empty).
 type S3Config struct {
-	// Endpoint is https://host[:port] (or http:// to loopback; the caller
-	// checks it).
-	Endpoint string
-	Bucket   string
-	Prefix   string // e.g. "kmsd/audit/": ends in "/" (or is empty)
-	Region   string
-	// AccessKeyID and SecretAccessKey sign requests (AWS Signature V4).
-	AccessKeyID, SecretAccessKey, SessionToken string
-	RootCAs                                    *x509.CertPool
+	s3conn.Config
+	Bucket string
+	Prefix string
 }
 
 // S3 is an archive in an S3-compatible bucket.
@@ -42,32 +32,9 @@ type S3 struct {
 
 // OpenS3 connects and checks that the bucket exists.
 func OpenS3(ctx context.Context, cfg S3Config) (*S3, error) {
-	u, err := url.Parse(cfg.Endpoint)
-	if err != nil || u.Host == "" {
-		return nil, errors.New("s3 archive: the endpoint is not a URL")
-	}
-	if cfg.Region == "" {
-		cfg.Region = "us-east-1"
-	}
-	tr := http.DefaultTransport.(*http.Transport).Clone()
-	tr.TLSClientConfig = &tls.Config{MinVersion: tls.VersionTLS12, RootCAs: cfg.RootCAs}
-	tr.ResponseHeaderTimeout = time.Minute
-	c, err := minio.New(u.Host, &minio.Options{
-		Creds:        credentials.NewStaticV4(cfg.AccessKeyID, cfg.SecretAccessKey, cfg.SessionToken),
-		Secure:       u.Scheme == "https",
-		Region:       cfg.Region,
-		BucketLookup: minio.BucketLookupPath,
-		Transport:    tr,
-	})
+	c, err := s3conn.Open(ctx, cfg.Config, cfg.Bucket)
 	if err != nil {
 		return nil, fmt.Errorf("s3 archive: %w", err)
-	}
-	ok, err := c.BucketExists(ctx, cfg.Bucket)
-	if err != nil {
-		return nil, fmt.Errorf("s3 archive: bucket %q: %w", cfg.Bucket, err)
-	}
-	if !ok {
-		return nil, fmt.Errorf("s3 archive: bucket %q does not exist (kmsd does not create it)", cfg.Bucket)
 	}
 	return &S3{c: c, bucket: cfg.Bucket, prefix: cfg.Prefix}, nil
 }
@@ -129,8 +96,7 @@ func (s *S3) get(ctx context.Context, name string) ([]byte, error) {
 	defer o.Close()
 	b, err := io.ReadAll(io.LimitReader(o, 1<<24))
 	if err != nil {
-		code := minio.ToErrorResponse(err).Code
-		if code == minio.NoSuchKey || code == "NotFound" {
+		if s3conn.NotFound(err) {
 			return nil, kms.Wrap(kms.KindNotFound, "s3 archive", err)
 		}
 		return nil, fmt.Errorf("s3 archive: get %s: %w", name, err)
