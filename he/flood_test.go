@@ -3,6 +3,7 @@ package he
 import (
 	"encoding/json"
 	"fmt"
+	"github.com/kmsd-project/kmsd/he/ciphertext"
 	"math"
 	"strings"
 	"testing"
@@ -264,22 +265,22 @@ func TestParseCiphertextHostileHeaders(t *testing.T) {
 	for level := 0; level <= params.MaxLevel(); level++ {
 		c := rlwe.NewCiphertext(params, 1, level)
 		b, _ := c.MarshalBinary()
-		if len(b) != ciphertextSize(params.N(), level) || !headersMatch(b, params.N(), level) {
-			t.Fatalf("level %d: Lattigo writes %d bytes, the layout says %d", level, len(b), ciphertextSize(params.N(), level))
+		if len(b) != ciphertext.Size(params.N(), level) || !ciphertext.HeadersMatch(b, params.N(), level) {
+			t.Fatalf("level %d: Lattigo writes %d bytes, the layout says %d", level, len(b), ciphertext.Size(params.N(), level))
 		}
 	}
 	meta := func(from, to string) []byte {
 		b := append([]byte(nil), good...)
-		m := string(b[1 : 1+metaSize])
+		m := string(b[1 : 1+ciphertext.MetaSize])
 		if !strings.Contains(m, from) || len(from) != len(to) {
 			t.Fatalf("metadata %s has no %s", m, from)
 		}
-		copy(b[1:1+metaSize], strings.Replace(m, from, to, 1))
+		copy(b[1:1+ciphertext.MetaSize], strings.Replace(m, from, to, 1))
 		return b
 	}
 	huge := append([]byte(nil), good...)
 	for i, x := range []byte{0, 0, 0, 0, 0, 8, 0, 0} { // 1<<43, little-endian
-		huge[1+metaSize+i] = x
+		huge[1+ciphertext.MetaSize+i] = x
 	}
 	for name, b := range map[string][]byte{
 		"vector length 2^43":    huge,

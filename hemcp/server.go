@@ -21,7 +21,7 @@ import (
 
 	"github.com/kmsd-project/kmsd/api/client"
 	"github.com/kmsd-project/kmsd/api/client/hekeys"
-	"github.com/kmsd-project/kmsd/kms"
+	"github.com/kmsd-project/kmsd/api/wire"
 )
 
 // Config is what kmsd-mcp is started with.
@@ -94,7 +94,7 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	}
 	s := &Server{cfg: cfg, log: cfg.Logger, served: map[string]*servedKey{}, intro: map[[32]byte]introEntry{}}
 	for _, name := range cfg.Keys {
-		if err := kms.ValidateName(name); err != nil {
+		if err := wire.ValidateName(name); err != nil {
 			return nil, fmt.Errorf("--key %q: %v", name, err)
 		}
 		s.served[name] = &servedKey{name: name, enabled: map[uint64]bool{}, engines: map[uint64]*Engine{}}
@@ -111,7 +111,7 @@ func (s *Server) refresh(ctx context.Context, name string) error {
 	s.mu.RLock()
 	etag := s.served[name].etag
 	s.mu.RUnlock()
-	k, newTag, err := s.cfg.Client.GetKeyIfChanged(ctx, name, kms.MaxVersionsPage, etag)
+	k, newTag, err := s.cfg.Client.GetKeyIfChanged(ctx, name, wire.MaxVersionsPage, etag)
 	if err != nil {
 		return err
 	}
@@ -251,7 +251,7 @@ type EnvelopeJSON struct {
 }
 
 // AttestationJSON is an attestation as the tools take and give it (the
-// same JSON as kms.Attestation, with its schema's binary fields as
+// same JSON as wire.Attestation, with its schema's binary fields as
 // base64 strings).
 type AttestationJSON struct {
 	Payload   string `json:"payload" jsonschema:"the statement kmsd signed, standard base64"`
@@ -265,16 +265,16 @@ type AttestationJSON struct {
 func (ej EnvelopeJSON) envelope() (*client.Envelope, error) {
 	ct, err := base64.StdEncoding.DecodeString(ej.Ciphertext)
 	if err != nil {
-		return nil, kms.Errorf(kms.KindInvalid, "not a ciphertext envelope: ciphertext is not standard base64")
+		return nil, wire.Errorf(wire.KindInvalid, "not a ciphertext envelope: ciphertext is not standard base64")
 	}
 	e := &client.Envelope{Key: ej.Key, Version: ej.Version, ParamsID: ej.ParamsID, Level: ej.Level, Scale: ej.Scale, Slots: ej.Slots, Ciphertext: ct}
 	if a := ej.Attestation; a != nil {
 		payload, err1 := base64.StdEncoding.DecodeString(a.Payload)
 		sig, err2 := base64.StdEncoding.DecodeString(a.Signature)
 		if err1 != nil || err2 != nil {
-			return nil, kms.Errorf(kms.KindInvalid, "not a ciphertext envelope: the attestation's payload and signature must be standard base64")
+			return nil, wire.Errorf(wire.KindInvalid, "not a ciphertext envelope: the attestation's payload and signature must be standard base64")
 		}
-		e.Attestation = &kms.Attestation{Payload: payload, Signature: sig, SignedBy: a.SignedBy}
+		e.Attestation = &wire.Attestation{Payload: payload, Signature: sig, SignedBy: a.SignedBy}
 	}
 	if err := e.Check(hekeys.MaxEnvelopeCiphertext); err != nil {
 		return nil, err
@@ -325,7 +325,7 @@ func allowed(req *mcp.CallToolRequest, key string) error {
 		return nil
 	}
 	patterns, _ := req.Extra.TokenInfo.Extra["keys"].([]string)
-	if !(&kms.Principal{Keys: patterns}).MayUse(key) {
+	if !wire.MayUse(patterns, key) {
 		return fmt.Errorf("your token may not use key %q", key)
 	}
 	return nil
@@ -679,7 +679,7 @@ func (s *Server) verify(ctx context.Context, token string, _ *http.Request) (*au
 	// and encryptor tokens. An admin, auditor or decryptor token is
 	// refused (a decryptor that could have its own ciphertexts evaluated
 	// and attested would hold both ends of the chain).
-	if info.Role != string(kms.RoleWorker) && info.Role != string(kms.RoleEncryptor) {
+	if info.Role != string(wire.RoleWorker) && info.Role != string(wire.RoleEncryptor) {
 		return nil, auth.ErrInvalidToken
 	}
 	ti := &auth.TokenInfo{UserID: info.TokenID, Extra: map[string]any{"keys": info.Keys, "role": info.Role}}

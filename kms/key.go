@@ -3,7 +3,6 @@ package kms
 import (
 	"encoding/binary"
 	"encoding/json"
-	"regexp"
 	"slices"
 	"strings"
 	"time"
@@ -135,17 +134,6 @@ func (v *Version) Clone() *Version {
 // Allows reports whether the policy lets the key be used for op.
 func (p Policy) Allows(op Operation) bool {
 	return len(p.AllowedOperations) == 0 || slices.Contains(p.AllowedOperations, op)
-}
-
-var nameRE = regexp.MustCompile(`^[a-z0-9][a-z0-9._-]{0,63}$`)
-
-// ValidateName checks a key name supplied from outside.
-func ValidateName(name string) error {
-	if !nameRE.MatchString(name) {
-		// Not echoed: a mistyped or pasted secret must not come back.
-		return Errorf(KindInvalid, "invalid key name (not shown): want 1-64 characters of a-z, 0-9, '.', '_', '-', starting with a letter or digit")
-	}
-	return nil
 }
 
 // clip shortens s for an error message so a huge input is not echoed.

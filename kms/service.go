@@ -241,9 +241,6 @@ func (s *Service) createKey(ctx context.Context, name, kindName string, p Policy
 	return k, &v, nil
 }
 
-// MaxVersionsPage bounds a page of versions.
-const MaxVersionsPage = 1000
-
 // GetKey returns a key's header and up to limit of its versions numbered
 // below `before` (0: from the latest), newest first, and the number to
 // continue below (0 when none is left). Internal keys are not found.

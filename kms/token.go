@@ -12,27 +12,6 @@ import (
 	"time"
 )
 
-// Role is what a bearer token may do.
-type Role string
-
-const (
-	// RoleAdmin may do everything.
-	RoleAdmin Role = "admin"
-	// RoleWorker may read keys and their public keys.
-	RoleWorker Role = "worker"
-	// RoleAuditor may read the audit log, its checkpoints and proofs.
-	RoleAuditor Role = "auditor"
-	// RoleDecryptor may read keys and decrypt HE ciphertexts.
-	RoleDecryptor Role = "decryptor"
-	// RoleEncryptor may read keys and vouch for its own encryptions (HE
-	// inputs) so that they may be decrypted.
-	RoleEncryptor Role = "encryptor"
-	// RoleEvaluator is a worker that also vouches for the results of its
-	// evaluations on attested inputs: the identity of an evaluator service
-	// such as kmsd-mcp, not of its clients.
-	RoleEvaluator Role = "evaluator"
-)
-
 // Token is a bearer token as stored: its secret is kept only as a hash.
 type Token struct {
 	ID        string    `json:"id"`

@@ -5,7 +5,7 @@ import (
 	"encoding/json"
 	"time"
 
-	"github.com/kmsd-project/kmsd/kms"
+	"github.com/kmsd-project/kmsd/api/wire"
 )
 
 // The wire types of the REST API, shared by the server and this client.
@@ -27,7 +27,7 @@ type Policy struct {
 // Envelope is an HE ciphertext as it crosses a process boundary: the key,
 // version and parameters it is under, level, scale, slots in use and the
 // Lattigo ciphertext (base64 in JSON). hekeys makes and opens them.
-type Envelope = kms.Envelope
+type Envelope = wire.Envelope
 
 // Version is one key version.
 type Version struct {
@@ -283,10 +283,10 @@ type DecryptResponse struct {
 }
 
 // Attestation is kmsd's signed statement of where a ciphertext comes from.
-type Attestation = kms.Attestation
+type Attestation = wire.Attestation
 
 // Statement is what an attestation says.
-type Statement = kms.Statement
+type Statement = wire.Statement
 
 // AttestRequest asks kmsd to vouch for a ciphertext: the envelope's digest
 // (Envelope.Digest), level, scale and slots; op "encrypt" for an input

@@ -9,7 +9,7 @@ import (
 	"github.com/cloudflare/circl/sign/mldsa/mldsa65"
 
 	"github.com/kmsd-project/kmsd/api/client"
-	"github.com/kmsd-project/kmsd/kms"
+	"github.com/kmsd-project/kmsd/api/wire"
 )
 
 // AttestInput has kmsd vouch for env as an encryption by the holder of c's
@@ -51,28 +51,28 @@ func AttestEvaluation(ctx context.Context, c *client.Client, env *client.Envelop
 // and that it covers env (its digest, key, version, parameters, level,
 // scale and slots); it returns the statement. An evaluator calls it on
 // every input before it computes: it refuses what kmsd did not attest.
-func (k *Keys) VerifyAttestation(env *client.Envelope) (*kms.Statement, error) {
+func (k *Keys) VerifyAttestation(env *client.Envelope) (*wire.Statement, error) {
 	return VerifyAttestation(k.IdentityKey, env)
 }
 
 // VerifyAttestation is Keys.VerifyAttestation with a pinned identity key.
-func VerifyAttestation(identityKey []byte, env *client.Envelope) (*kms.Statement, error) {
+func VerifyAttestation(identityKey []byte, env *client.Envelope) (*wire.Statement, error) {
 	a := env.Attestation
 	if a == nil {
-		return nil, kms.Errorf(kms.KindInvalid, "the ciphertext has no attestation: encrypt it with kmsctl he encrypt (an encryptor token), or pass the envelope of an earlier result as it was given")
+		return nil, wire.Errorf(wire.KindInvalid, "the ciphertext has no attestation: encrypt it with kmsctl he encrypt (an encryptor token), or pass the envelope of an earlier result as it was given")
 	}
 	var pk mldsa65.PublicKey
 	if err := pk.UnmarshalBinary(identityKey); err != nil {
 		return nil, fmt.Errorf("hekeys: pinned identity key: %w", err)
 	}
-	if !mldsa65.Verify(&pk, a.Payload, []byte(kms.AttestationContext), a.Signature) {
-		return nil, kms.Errorf(kms.KindInvalid, "the ciphertext's attestation is not signed by kmsd's identity key: it was made elsewhere or changed")
+	if !mldsa65.Verify(&pk, a.Payload, []byte(wire.AttestationContext), a.Signature) {
+		return nil, wire.Errorf(wire.KindInvalid, "the ciphertext's attestation is not signed by kmsd's identity key: it was made elsewhere or changed")
 	}
 	dec := json.NewDecoder(bytes.NewReader(a.Payload))
 	dec.DisallowUnknownFields()
-	var st kms.Statement
+	var st wire.Statement
 	if err := dec.Decode(&st); err != nil {
-		return nil, kms.Errorf(kms.KindInvalid, "the attestation's statement does not parse")
+		return nil, wire.Errorf(wire.KindInvalid, "the attestation's statement does not parse")
 	}
 	if err := st.Covers(env); err != nil {
 		return nil, err

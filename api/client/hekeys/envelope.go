@@ -8,8 +8,8 @@ import (
 	"github.com/tuneinsight/lattigo/v6/schemes/ckks"
 
 	"github.com/kmsd-project/kmsd/api/client"
-	"github.com/kmsd-project/kmsd/he"
-	"github.com/kmsd-project/kmsd/kms"
+	"github.com/kmsd-project/kmsd/api/wire"
+	"github.com/kmsd-project/kmsd/he/ciphertext"
 )
 
 // MaxEnvelopeCiphertext bounds the ciphertext of an envelope parsed
@@ -20,7 +20,7 @@ const MaxEnvelopeCiphertext = 32 << 20
 // ParseEnvelope decodes an envelope strictly and checks the form of every
 // field; Keys.Open then checks it against a key version.
 func ParseEnvelope(b []byte) (*client.Envelope, error) {
-	return kms.ParseEnvelope(b, MaxEnvelopeCiphertext)
+	return wire.ParseEnvelope(b, MaxEnvelopeCiphertext)
 }
 
 // rlweParams are the keys' parameters, whichever the scheme.
@@ -72,7 +72,7 @@ func (k *Keys) Open(env *client.Envelope) (*rlwe.Ciphertext, error) {
 	if err := env.MatchVersion(k.Manifest.Key, k.Manifest.Version, k.Manifest.ParamsID); err != nil {
 		return nil, err
 	}
-	return he.OpenEnvelope(k.rlweParams(), env)
+	return ciphertext.Open(k.rlweParams(), env)
 }
 
 // Decrypt has kmsd decrypt an envelope with the key version it names and

@@ -25,14 +25,14 @@ import (
 	"github.com/tuneinsight/lattigo/v6/schemes/ckks"
 
 	"github.com/kmsd-project/kmsd/api/client"
-	"github.com/kmsd-project/kmsd/kms"
+	"github.com/kmsd-project/kmsd/api/wire"
 )
 
 // ManifestContext is the ML-DSA context of manifest signatures.
-const ManifestContext = kms.ManifestContext
+const ManifestContext = wire.ManifestContext
 
 // Manifest is a version's list of blobs, as kmsd signs it.
-type Manifest = kms.Manifest
+type Manifest = wire.Manifest
 
 // Keys are a verified HE version's public material.
 type Keys struct {

@@ -1,7 +1,10 @@
-package kms
+package wire
 
 import (
 	"bytes"
+	"crypto/sha256"
+	"encoding/binary"
+	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -122,4 +125,95 @@ func (e *Envelope) MatchVersion(name string, version uint64, paramsID string) er
 // String names the envelope without its ciphertext.
 func (e *Envelope) String() string {
 	return fmt.Sprintf("%s v%d (%s, level %d, %d slots)", e.Key, e.Version, e.ParamsID, e.Level, e.Slots)
+}
+
+// AttestationContext is the ML-DSA context string of attestation
+// signatures.
+const AttestationContext = "kmsd attestation v1"
+
+// Statement types.
+const (
+	StatementInput      = "input"
+	StatementEvaluation = "evaluation"
+)
+
+// Statement is what an attestation says.
+type Statement struct {
+	Type     string  `json:"type"`
+	ID       string  `json:"id"`
+	Key      string  `json:"key"`
+	Version  uint64  `json:"version"`
+	ParamsID string  `json:"params_id"`
+	Digest   string  `json:"digest"` // the envelope's digest (Envelope.Digest)
+	Level    int     `json:"level"`
+	Scale    float64 `json:"scale"`
+	Slots    int     `json:"slots"`
+	By       string  `json:"by"` // the id of the token that vouched
+	Role     Role    `json:"role"`
+	Op       string  `json:"op"` // "encrypt", or the evaluation's operation
+	// Inputs are the statements an evaluation consumed (evaluation only).
+	Inputs []InputRef `json:"inputs,omitempty"`
+	// Amplification and KeySwitches are what the evaluator declared of
+	// its operation (evaluation only): the largest factor it multiplies an
+	// input's noise by, and how many key switches it does.
+	Amplification float64 `json:"amplification,omitempty"`
+	KeySwitches   int     `json:"key_switches,omitempty"`
+	// NoiseLog2 is kmsd's bound on log2 of the ciphertext's noise (the
+	// largest coefficient of its error polynomial).
+	NoiseLog2 float64 `json:"noise_log2"`
+	Issued    string  `json:"issued"`
+}
+
+// InputRef names an input of an evaluation.
+type InputRef struct {
+	ID     string `json:"id"`
+	Digest string `json:"digest"`
+	By     string `json:"by"`
+	Type   string `json:"type"`
+}
+
+// Attestation is a signed statement: Payload is the statement's JSON,
+// Signature its ML-DSA-65 signature (context AttestationContext) with
+// version SignedBy of the identity key (GET /v1/identity).
+type Attestation struct {
+	Payload   []byte `json:"payload"`
+	Signature []byte `json:"signature"`
+	SignedBy  uint64 `json:"signed_by"`
+}
+
+// Digest is the SHA-256 of everything the envelope says but its
+// attestation: key, version, parameters, level, scale, slots and the
+// ciphertext, each length-prefixed or of fixed size, as "sha256:<hex>".
+func (e *Envelope) Digest() string {
+	h := sha256.New()
+	var b [8]byte
+	put := func(s []byte) {
+		binary.BigEndian.PutUint64(b[:], uint64(len(s)))
+		h.Write(b[:])
+		h.Write(s)
+	}
+	put([]byte("kmsd envelope v1"))
+	put([]byte(e.Key))
+	binary.BigEndian.PutUint64(b[:], e.Version)
+	h.Write(b[:])
+	put([]byte(e.ParamsID))
+	binary.BigEndian.PutUint64(b[:], uint64(int64(e.Level)))
+	h.Write(b[:])
+	binary.BigEndian.PutUint64(b[:], math.Float64bits(e.Scale))
+	h.Write(b[:])
+	binary.BigEndian.PutUint64(b[:], uint64(int64(e.Slots)))
+	h.Write(b[:])
+	put(e.Ciphertext)
+	return "sha256:" + hex.EncodeToString(h.Sum(nil))
+}
+
+// Covers refuses an envelope the statement does not vouch for.
+func (st *Statement) Covers(e *Envelope) error {
+	if st.Key != e.Key || st.Version != e.Version || st.ParamsID != e.ParamsID {
+		return Errorf(KindInvalid, "the attestation is for key %q version %d, not this envelope's %q version %d", st.Key, st.Version, e.Key, e.Version)
+	}
+	if st.Digest != e.Digest() || st.Level != e.Level || st.Scale != e.Scale || st.Slots != e.Slots {
+		return Errorf(KindInvalid, "the attestation does not cover this ciphertext (its digest, level, scale or slots differ): kmsd decrypts only the ciphertexts that were attested")
+	}
+	return nil
 }
