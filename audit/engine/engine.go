@@ -901,9 +901,45 @@ func (l *Log) Prune(ctx context.Context, below uint64) (int, error) {
 	}
 }
 
+// refreshPruned reads where the store's rows were pruned (another
+// replica may have pruned them); it reports whether that moved.
+func (l *Log) refreshPruned(ctx context.Context) (bool, error) {
+	p, ok := l.rows.(Pruner)
+	if !ok {
+		return false, nil
+	}
+	pb, err := p.PrunedBelow(ctx)
+	if err != nil {
+		return false, err
+	}
+	for {
+		cur := l.prunedBelow.Load()
+		if pb <= cur {
+			return false, nil
+		}
+		if l.prunedBelow.CompareAndSwap(cur, pb) {
+			return true, nil
+		}
+	}
+}
+
 // AuditRecords implements kms.AuditStore: records below PrunedBelow come
-// from the archive.
+// from the archive. A read that another replica's pruning overtook is
+// made again, from the archive.
 func (l *Log) AuditRecords(ctx context.Context, start, end uint64) ([][]byte, error) {
+	if _, err := l.refreshPruned(ctx); err != nil {
+		return nil, err
+	}
+	recs, err := l.auditRecords(ctx, start, end)
+	if err != nil {
+		if moved, rerr := l.refreshPruned(ctx); rerr == nil && moved {
+			return l.auditRecords(ctx, start, end)
+		}
+	}
+	return recs, err
+}
+
+func (l *Log) auditRecords(ctx context.Context, start, end uint64) ([][]byte, error) {
 	size, err := l.AuditSize(ctx)
 	if err != nil {
 		return nil, err
@@ -962,6 +998,19 @@ func (l *Log) hotRecords(ctx context.Context, start, end uint64) ([][]byte, erro
 // AuditSize returned, which settled, and so are already in rows (a
 // checkpoint, a proof and CheckLog all size first).
 func (l *Log) AuditHashes(ctx context.Context, indexes []int64) ([][32]byte, error) {
+	if _, err := l.refreshPruned(ctx); err != nil {
+		return nil, err
+	}
+	hs, err := l.auditHashes(ctx, indexes)
+	if err != nil {
+		if moved, rerr := l.refreshPruned(ctx); rerr == nil && moved {
+			return l.auditHashes(ctx, indexes)
+		}
+	}
+	return hs, err
+}
+
+func (l *Log) auditHashes(ctx context.Context, indexes []int64) ([][32]byte, error) {
 	out := make([][32]byte, len(indexes))
 	read := map[uint64][]byte{}
 	pb := l.prunedBelow.Load()

@@ -231,8 +231,6 @@ func checkBeforeDisk(c config, getenv func(string) string) error {
 		return errors.New("--audit-retain must be positive (or 0: keep every record)")
 	case c.auditRetain > 0 && c.auditArchive == "":
 		return errors.New("--audit-retain needs --audit-archive: records leave the store only for an archive that holds them")
-	case c.auditRetain > 0 && c.store != "bolt":
-		return fmt.Errorf("--audit-retain: the %s store cannot prune its audit log yet (bolt can)", c.store)
 	}
 	if c.module != "" && c.pinFile == "" && getenv("KMS_PKCS11_PIN") == "" {
 		return errors.New("no PIN for --pkcs11-module: pass --pkcs11-pin-file or set KMS_PKCS11_PIN")

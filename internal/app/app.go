@@ -197,7 +197,7 @@ func New(ctx context.Context, cfg Config) (*App, error) {
 				return nil, fmt.Errorf("audit retention needs an archive to keep the records it prunes (--audit-archive)")
 			}
 			if p == nil || !p.CanPrune() {
-				return nil, fmt.Errorf("audit retention: this store cannot prune its audit log yet (bbolt can; etcd cannot)")
+				return nil, fmt.Errorf("audit retention: this store cannot prune its audit log")
 			}
 			a.pruner = p
 		}
@@ -382,7 +382,10 @@ func (a *App) runArchive(ctx context.Context) {
 	for {
 		n, err := a.Archiver.Sync(ctx)
 		if err == nil && a.pruner != nil {
-			err = a.retain(ctx, n)
+			if rerr := a.retain(ctx, n); rerr != nil && ctx.Err() == nil {
+				// Nothing is lost: the store keeps what it did not prune.
+				a.log.Warn("audit retention: the store keeps its rows for now; retrying at the next archive pass", "err", rerr)
+			}
 		}
 		switch {
 		case err != nil && ctx.Err() == nil:

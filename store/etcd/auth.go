@@ -44,7 +44,7 @@ func (s *Store) rel(key string) string { return strings.TrimPrefix(key, s.p) }
 
 // digestedPrefixes are the ranges a scrub reads (all but the rows and the
 // checkpoints), relative to the prefix.
-var digestedPrefixes = []string{"a/end", "a/head", "a/q/", "b/", "due/", "k/", "m/", "t/", "v/"}
+var digestedPrefixes = []string{"a/end", "a/head", "a/pruned", "a/q/", "b/", "due/", "k/", "m/", "t/", "v/"}
 
 // digested reports whether the record at path counts in the digest.
 func digested(path string) bool {
