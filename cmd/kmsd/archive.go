@@ -4,11 +4,14 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
+	"math"
 	"os"
 	"path/filepath"
 	"strings"
 	"time"
 
+	"github.com/kmsd-project/kmsd/kms"
 	"github.com/kmsd-project/kmsd/store/archive"
 )
 
@@ -78,4 +81,32 @@ func openArchive(ctx context.Context, c config, getenv func(string) string) (arc
 		return nil, fmt.Errorf("--audit-archive: %w", err)
 	}
 	return b, nil
+}
+
+// logGrowth says at start how fast the audit log has grown in the store
+// (records a day since its first record) when nothing leaves it: without
+// --audit-retain the store holds every record for ever.
+func logGrowth(ctx context.Context, l kms.AuditStore, log *slog.Logger) {
+	size, err := l.AuditSize(ctx)
+	if err != nil || size < 2 {
+		return
+	}
+	recs, err := l.AuditRecords(ctx, 0, 1)
+	if err != nil {
+		return
+	}
+	first, err := kms.DecodeAuditRecord(recs[0])
+	if err != nil {
+		return
+	}
+	t, err := time.Parse(time.RFC3339Nano, first.Time)
+	if err != nil {
+		return
+	}
+	days := time.Since(t).Hours() / 24
+	if days < 1.0/24 {
+		return // under an hour of history says little
+	}
+	log.Info("audit log: the store keeps every record (no --audit-retain); at the pace since its first record it grows this much a day (about 470 bytes a record in kms.db)",
+		"records", size, "since", first.Time, "records_per_day", int64(math.Round(float64(size)/days)), "mib_per_day", int64(math.Round(float64(size)/days*470/(1<<20))))
 }

@@ -3,6 +3,7 @@ package main
 import (
 	"errors"
 	"io"
+	"log/slog"
 	"net/http"
 	"os"
 	"os/exec"
@@ -14,7 +15,10 @@ import (
 
 	"github.com/kmsd-project/kmsd/api/client"
 	"github.com/kmsd-project/kmsd/api/layout"
+	"github.com/kmsd-project/kmsd/internal/testutil"
+	"github.com/kmsd-project/kmsd/kms"
 	"github.com/kmsd-project/kmsd/store/archive"
+	"github.com/kmsd-project/kmsd/store/bolt"
 )
 
 // archivedSize is the size the archive's checkpoint covers (0: none yet).
@@ -253,4 +257,33 @@ func mustIdentity(t *testing.T, c *client.Client) []byte {
 		t.Fatal(err)
 	}
 	return id.PublicKey
+}
+
+// TestStartSaysHowFastTheLogGrows: without --audit-retain, kmsd says at
+// start how many records a day the store's log has been growing by.
+func TestStartSaysHowFastTheLogGrows(t *testing.T) {
+	// A token to seal the store's record key under: a data dir's.
+	dir := filepath.Join(t.TempDir(), "data")
+	p := start(t, dir)
+	p.waitReady(t)
+	p.cmd.Process.Signal(syscall.SIGTERM)
+	p.wait(t, 15*time.Second)
+	st, err := bolt.Open(filepath.Join(t.TempDir(), "kms.db"), bolt.Options{Sealer: dataSealer(t, dir)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	// 48 records over the last two days: 24 a day.
+	start := time.Now().Add(-48 * time.Hour).UTC()
+	for i := range 48 {
+		rec := &kms.AuditRecord{Time: start.Add(time.Duration(i) * time.Hour).Format(time.RFC3339Nano), Actor: "system", Operation: "GET /v1/keys", Status: 200}
+		if err := st.Audit().AppendAudit(ctx, rec); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var out testutil.Buffer
+	logGrowth(ctx, st.Audit(), slog.New(slog.NewJSONHandler(&out, nil)))
+	if !strings.Contains(out.String(), `"records_per_day":24`) || !strings.Contains(out.String(), "no --audit-retain") {
+		t.Fatalf("start log: %s", out.String())
+	}
 }

@@ -588,6 +588,9 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 	if a.AdminTokenMade {
 		log.Info("wrote the bootstrap admin token", "path", tokenPath)
 	}
+	if c.auditRetain == 0 {
+		logGrowth(ctx, st.Audit(), log)
+	}
 	go store.ScrubEvery(ctx, st, c.scrubInterval, log)
 	apiSrv := a.API
 	var tlsCfg *tls.Config
