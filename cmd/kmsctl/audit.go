@@ -42,10 +42,14 @@ var auditCommands = []command{
 	},
 	{
 		name:     "audit export",
-		synopsis: "--out DIR",
-		help:     "write the records covered by the latest checkpoint and the checkpoint to DIR (an older checkpoint there is kept as checkpoint.<size>)",
-		flags:    func(fs *flag.FlagSet) { fs.String("out", "", "directory to write (required)") },
-		run:      auditExport,
+		synopsis: "--out DIR [--archive DIR|s3://BUCKET/PREFIX/|kmsd [--s3-endpoint URL]]",
+		help:     "write the records covered by the latest checkpoint and the checkpoint to DIR (an older checkpoint there is kept as checkpoint.<size>); with --archive, those of the audit archive, read straight from it",
+		flags: func(fs *flag.FlagSet) {
+			fs.String("out", "", "directory to write (required)")
+			fs.String("archive", "", "export the audit archive (kmsd --audit-archive) instead of the live log: a directory, s3://BUCKET/PREFIX/ (with --s3-endpoint and AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY), or kmsd for the tiles kmsd serves")
+			fs.String("s3-endpoint", "", "with --archive s3://...: the S3-compatible server, https://host[:port]")
+		},
+		run: auditExport,
 	},
 }
 
@@ -67,17 +71,34 @@ func auditExport(e *env, fs *flag.FlagSet, _ []string) (int, error) {
 	if out == "" {
 		return 0, usageError{"--out is required"}
 	}
-	cp, err := e.c.AuditCheckpoint(e.ctx)
-	if err != nil {
-		return 0, err
-	}
-	size, err := checkpointSize(cp)
-	if err != nil {
-		return exitFailure, err
-	}
-	recs, err := e.c.AuditRecords(e.ctx, 0, size)
-	if err != nil {
-		return 0, err
+	var cp []byte
+	var recs [][]byte
+	var size uint64
+	var err error
+	if where := str(fs, "archive"); where != "" {
+		b, err := archiveBucket(e, fs, where)
+		if err != nil {
+			return 0, err
+		}
+		if cp, err = b.Get(e.ctx, layout.CheckpointPath); err != nil {
+			return 0, fmt.Errorf("%s: %w", layout.CheckpointPath, err)
+		}
+		if size, err = checkpointSize(cp); err != nil {
+			return exitFailure, err
+		}
+		if recs, err = (&archive.Cold{Bucket: b}).ColdRecords(e.ctx, 0, size); err != nil {
+			return exitFailure, err
+		}
+	} else {
+		if cp, err = e.c.AuditCheckpoint(e.ctx); err != nil {
+			return 0, err
+		}
+		if size, err = checkpointSize(cp); err != nil {
+			return exitFailure, err
+		}
+		if recs, err = e.c.AuditRecords(e.ctx, 0, size); err != nil {
+			return 0, err
+		}
 	}
 	if err := os.MkdirAll(out, 0o700); err != nil {
 		return 0, usageError{err.Error()}
@@ -251,30 +272,9 @@ func auditVerify(e *env, fs *flag.FlagSet, _ []string) (int, error) {
 // verifyArchive checks an audit archive (archive.Verify) in a directory,
 // an S3 bucket, or as kmsd serves it.
 func verifyArchive(e *env, fs *flag.FlagSet, where string, pub, saved []byte) (int, error) {
-	var b archive.Bucket
-	switch {
-	case where == "kmsd":
-		b = tileClient{e}
-	case strings.HasPrefix(where, "s3://"):
-		bucket, prefix, _ := strings.Cut(strings.TrimPrefix(where, "s3://"), "/")
-		endpoint := str(fs, "s3-endpoint")
-		if endpoint == "" {
-			return 0, usageError{"--archive s3://... needs --s3-endpoint"}
-		}
-		if _, err := s3blobs.CheckEndpoint(endpoint); err != nil {
-			return 0, usageError{"--s3-endpoint: " + err.Error()}
-		}
-		s3, err := archive.OpenS3(e.ctx, archive.S3Config{Bucket: bucket, Prefix: prefix, Config: s3conn.Config{Endpoint: endpoint,
-			AccessKeyID: e.getenv("AWS_ACCESS_KEY_ID"), SecretAccessKey: e.getenv("AWS_SECRET_ACCESS_KEY"), SessionToken: e.getenv("AWS_SESSION_TOKEN")}})
-		if err != nil {
-			return 0, err
-		}
-		b = s3
-	default:
-		if fi, err := os.Stat(where); err != nil || !fi.IsDir() {
-			return 0, usageError{fmt.Sprintf("--archive %s: not a directory (or s3://BUCKET/PREFIX/, or kmsd)", where)}
-		}
-		b = archive.Dir{Root: where}
+	b, err := archiveBucket(e, fs, where)
+	if err != nil {
+		return 0, err
 	}
 	res, err := archive.Verify(e.ctx, b, pub, saved)
 	if err != nil {
@@ -291,6 +291,30 @@ func verifyArchive(e *env, fs *flag.FlagSet, where string, pub, saved []byte) (i
 	}
 	fmt.Fprintln(e.stdout, strings.Replace(res.String(), "audit log intact", "audit archive intact ("+b.String()+")", 1))
 	return exitOK, nil
+}
+
+// archiveBucket opens --archive: a directory, an S3 bucket, or kmsd's
+// /v1/audit/tiles/.
+func archiveBucket(e *env, fs *flag.FlagSet, where string) (archive.Bucket, error) {
+	switch {
+	case where == "kmsd":
+		return tileClient{e}, nil
+	case strings.HasPrefix(where, "s3://"):
+		bucket, prefix, _ := strings.Cut(strings.TrimPrefix(where, "s3://"), "/")
+		endpoint := str(fs, "s3-endpoint")
+		if endpoint == "" {
+			return nil, usageError{"--archive s3://... needs --s3-endpoint"}
+		}
+		if _, err := s3blobs.CheckEndpoint(endpoint); err != nil {
+			return nil, usageError{"--s3-endpoint: " + err.Error()}
+		}
+		return archive.OpenS3(e.ctx, archive.S3Config{Bucket: bucket, Prefix: prefix, Config: s3conn.Config{Endpoint: endpoint,
+			AccessKeyID: e.getenv("AWS_ACCESS_KEY_ID"), SecretAccessKey: e.getenv("AWS_SECRET_ACCESS_KEY"), SessionToken: e.getenv("AWS_SESSION_TOKEN")}})
+	}
+	if fi, err := os.Stat(where); err != nil || !fi.IsDir() {
+		return nil, usageError{fmt.Sprintf("--archive %s: not a directory (or s3://BUCKET/PREFIX/, or kmsd)", where)}
+	}
+	return archive.Dir{Root: where}, nil
 }
 
 // tileClient reads the archive through kmsd's /v1/audit/tiles/.

@@ -172,6 +172,16 @@ func TestAuditArchive(t *testing.T) {
 		t.Fatalf("verify after the disk was full: exit %d\n%s", code, out)
 	}
 
+	// The archive exported straight from its directory verifies as an
+	// export.
+	exp := filepath.Join(t.TempDir(), "export")
+	if out, code := kmsctl("audit", "export", "--out", exp, "--archive", arch); code != 0 || !strings.Contains(out, "exported") {
+		t.Fatalf("export --archive: exit %d\n%s", code, out)
+	}
+	if out, code := kmsctl("audit", "verify", "--identity-key-file", idFile, "--export", exp); code != 0 || !strings.Contains(out, "audit log intact") {
+		t.Fatalf("verify of the archive's export: exit %d\n%s", code, out)
+	}
+
 	// An edited tile is found and named.
 	tp := filepath.Join(arch, layout.TilePath(0, 1, 0))
 	b, err := os.ReadFile(tp)
