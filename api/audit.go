@@ -134,8 +134,7 @@ func (s *Server) audited(next http.Handler) http.Handler {
 		defer release()
 		ev := eventFrom(r)
 		rec := &kms.AuditRecord{Time: time.Now().UTC().Format(time.RFC3339Nano), RequestID: ev.id, Actor: "anonymous", Source: r.RemoteAddr}
-		ev.rec = rec
-		r = r.WithContext(kms.WithAudit(r.Context(), rec))
+		ev.rec = rec // the one record of this request (server.call passes it on)
 		bw := &bufferedWriter{header: w.Header(), out: w, body: bodyPool.Get().(*bytes.Buffer)}
 		defer putBody(bw.body)
 		// record completes and commits rec for an answer of status and

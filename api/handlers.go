@@ -167,7 +167,7 @@ func (s *Server) createKey(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	pending(r, http.StatusCreated)
-	k, v, job, err := s.svc.CreateKeyAsync(r.Context(), s.background(r), req.Name, req.Kind, fromPolicy(req.Policy))
+	k, v, job, err := s.call(r).CreateKeyAsync(r.Context(), s.opts.Background, s.backgroundRecord(r), req.Name, req.Kind, fromPolicy(req.Policy))
 	if err != nil {
 		writeError(w, r, err)
 		return
@@ -309,7 +309,7 @@ func (s *Server) updateKey(w http.ResponseWriter, r *http.Request) {
 		u.PatchPolicy = patch
 	}
 	pending(r, http.StatusOK)
-	k, err := s.svc.UpdateKey(r.Context(), chi.URLParam(r, "name"), u)
+	k, err := s.call(r).UpdateKey(r.Context(), chi.URLParam(r, "name"), u)
 	if err != nil {
 		writeError(w, r, err)
 		return
@@ -323,7 +323,7 @@ func (s *Server) rotate(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	pending(r, http.StatusCreated)
-	k, v, job, err := s.svc.RotateAsync(r.Context(), s.background(r), chi.URLParam(r, "name"))
+	k, v, job, err := s.call(r).RotateAsync(r.Context(), s.opts.Background, s.backgroundRecord(r), chi.URLParam(r, "name"))
 	if err != nil {
 		writeError(w, r, err)
 		return
@@ -391,7 +391,7 @@ func (s *Server) versionAction(a kms.Action) http.HandlerFunc {
 		name := chi.URLParam(r, "name")
 		eventFrom(r).version = n
 		pending(r, http.StatusOK)
-		v, err := s.svc.SetVersionState(r.Context(), name, n, a, days)
+		v, err := s.call(r).SetVersionState(r.Context(), name, n, a, days)
 		if err != nil {
 			writeError(w, r, err)
 			return
@@ -500,7 +500,7 @@ func (s *Server) createToken(w http.ResponseWriter, r *http.Request) {
 		ttl = d
 	}
 	pending(r, http.StatusCreated)
-	tok, t, err := s.svc.CreateToken(r.Context(), eventFrom(r).principal, kms.TokenRequest{Name: req.Name, Role: kms.Role(req.Role), Keys: req.Keys, TTL: ttl})
+	tok, t, err := s.call(r).CreateToken(r.Context(), eventFrom(r).principal, kms.TokenRequest{Name: req.Name, Role: kms.Role(req.Role), Keys: req.Keys, TTL: ttl})
 	if err != nil {
 		writeError(w, r, err)
 		return
@@ -541,7 +541,7 @@ func (s *Server) getToken(w http.ResponseWriter, r *http.Request) {
 
 func (s *Server) revokeToken(w http.ResponseWriter, r *http.Request) {
 	pending(r, http.StatusOK)
-	t, err := s.svc.RevokeToken(r.Context(), eventFrom(r).principal, chi.URLParam(r, "id"))
+	t, err := s.call(r).RevokeToken(r.Context(), eventFrom(r).principal, chi.URLParam(r, "id"))
 	if err != nil {
 		writeError(w, r, err)
 		return

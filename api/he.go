@@ -377,7 +377,7 @@ func (s *Server) decrypt(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	pending(r, http.StatusOK)
-	res, err := s.svc.Decrypt(r.Context(), name, n, env)
+	res, err := s.call(r).Decrypt(r.Context(), name, n, env)
 	if err != nil {
 		writeError(w, r, err)
 		return
@@ -403,7 +403,7 @@ func (s *Server) attest(w http.ResponseWriter, r *http.Request) {
 	}
 	ev := eventFrom(r)
 	ev.version = n
-	a, st, err := s.svc.Attest(r.Context(), ev.principal, chi.URLParam(r, "name"), n, kms.AttestRequest{
+	a, st, err := s.call(r).Attest(r.Context(), ev.principal, chi.URLParam(r, "name"), n, kms.AttestRequest{
 		Digest: req.Digest, Level: req.Level, Scale: req.Scale, Slots: req.Slots, Op: req.Op,
 		Inputs: req.Inputs, Amplification: req.Amplification, KeySwitches: req.KeySwitches})
 	if err != nil {

@@ -1,7 +1,6 @@
 package api
 
 import (
-	"context"
 	"net/http"
 
 	"github.com/go-chi/chi/v5"
@@ -10,20 +9,29 @@ import (
 	"github.com/kmsd-project/kmsd/kms"
 )
 
-// background is the context a 202 operation runs in: the server's, with an
-// audit record of its own that commits with the new version (the
-// request's record, status 202, is written when the answer is).
-func (s *Server) background(r *http.Request) context.Context {
-	ctx := s.opts.Background
+// call is the service for request r: its state changes commit with r's
+// audit record (nil when auditing is off).
+func (s *Server) call(r *http.Request) kms.Call {
+	var rec *kms.AuditRecord
+	if ev := eventFrom(r); ev != nil {
+		rec = ev.rec
+	}
+	return s.svc.For(rec)
+}
+
+// backgroundRecord is the audit record a 202 operation's change commits
+// with, in the server's background context: a copy of the request's (whose
+// own record, status 202, is written when the answer is).
+func (s *Server) backgroundRecord(r *http.Request) *kms.AuditRecord {
 	ev := eventFrom(r)
 	if ev == nil || ev.rec == nil {
-		return ctx
+		return nil
 	}
 	rec := *ev.rec
 	rec.Operation = operation(r) + " (completed in the background)"
 	rec.Status = http.StatusCreated
 	rec.Committed = false
-	return kms.WithAudit(ctx, &rec)
+	return &rec
 }
 
 func toOperation(j *kms.Job) client.Operation {

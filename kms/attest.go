@@ -57,7 +57,8 @@ var (
 // other op, an evaluator token, with the attestations of its inputs, all
 // for the same version). The statement is signed with the identity key; the
 // request's audit record names it.
-func (s *Service) Attest(ctx context.Context, p *Principal, name string, n uint64, req AttestRequest) (*Attestation, *Statement, error) {
+func (c Call) Attest(ctx context.Context, p *Principal, name string, n uint64, req AttestRequest) (*Attestation, *Statement, error) {
+	s := c.Service
 	if err := ValidateName(name); err != nil {
 		return nil, nil, err
 	}
@@ -153,9 +154,14 @@ func (s *Service) Attest(ctx context.Context, p *Principal, name string, n uint6
 	if err != nil {
 		return nil, nil, err
 	}
-	auditFor(ctx, name, n)
-	noteAttestation(ctx, st)
+	auditFor(c.rec, name, n)
+	noteAttestation(c.rec, st)
 	return &Attestation{Payload: payload, Signature: sig, SignedBy: by}, st, nil
+}
+
+// Attest is For(nil).Attest.
+func (s *Service) Attest(ctx context.Context, p *Principal, name string, n uint64, req AttestRequest) (*Attestation, *Statement, error) {
+	return s.For(nil).Attest(ctx, p, name, n, req)
 }
 
 // VerifyAttestation checks an attestation's signature with the version of
@@ -214,8 +220,7 @@ func (s *Service) vouchersActive(ctx context.Context, st *Statement) error {
 }
 
 // noteAttestation names a statement in the request's audit record.
-func noteAttestation(ctx context.Context, st *Statement) {
-	rec := auditRecord(ctx)
+func noteAttestation(rec *AuditRecord, st *Statement) {
 	if rec == nil {
 		return
 	}

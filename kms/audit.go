@@ -33,25 +33,25 @@ type AuditStore interface {
 	LatestCheckpoint(ctx context.Context) (uint64, []byte, error)
 }
 
-type auditKey struct{}
-
-// WithAudit attaches a pending record to ctx: a state change made with this
-// ctx commits the record (completed with the key and version it touched) in
-// its own transaction and marks it Committed.
-func WithAudit(ctx context.Context, rec *AuditRecord) context.Context {
-	return context.WithValue(ctx, auditKey{}, rec)
+// Call is one request to the service: the audit record its state change
+// commits with, in the change's own transaction (and marks Committed),
+// completed with the key, version or token it touched, and that its reads
+// fill in (the attestation a decryption went by, the precision it
+// returned). The API builds the record, one per request, in its audit
+// middleware. The Service's own methods are a Call without a record:
+// start-up and tests, which audit nothing.
+type Call struct {
+	*Service
+	rec *AuditRecord
 }
 
-// auditRecord is the pending record of ctx, or nil.
-func auditRecord(ctx context.Context) *AuditRecord {
-	rec, _ := ctx.Value(auditKey{}).(*AuditRecord)
-	return rec
-}
+// For is the service for one request, whose audit record is rec (nil:
+// none).
+func (s *Service) For(rec *AuditRecord) Call { return Call{Service: s, rec: rec} }
 
-// auditFor returns the pending record of ctx completed for a change to key
-// and version, or nil when ctx carries none (auditing off).
-func auditFor(ctx context.Context, key string, version uint64) []*AuditRecord {
-	rec := auditRecord(ctx)
+// auditFor returns rec completed for a change to key and version, or nil
+// without a record.
+func auditFor(rec *AuditRecord, key string, version uint64) []*AuditRecord {
 	if rec == nil {
 		return nil
 	}
@@ -64,10 +64,9 @@ func auditFor(ctx context.Context, key string, version uint64) []*AuditRecord {
 	return []*AuditRecord{rec}
 }
 
-// auditForToken returns the pending record of ctx completed for a change to
-// the token with the id, or nil when ctx carries none.
-func auditForToken(ctx context.Context, id string) []*AuditRecord {
-	rec, _ := ctx.Value(auditKey{}).(*AuditRecord)
+// auditForToken returns rec completed for a change to the token with the
+// id, or nil without a record.
+func auditForToken(rec *AuditRecord, id string) []*AuditRecord {
 	if rec == nil {
 		return nil
 	}

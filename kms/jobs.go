@@ -98,9 +98,11 @@ func progressFrom(ctx context.Context) func(done, total int, bytes int64) {
 // CreateKeyAsync is CreateKey, except that a key whose keyset is larger than
 // the async threshold is generated in the background: it validates
 // everything first and returns a running Job (and a nil key). bg is the
-// context the background work runs in (with its own audit record: the
-// request's was written when the job started).
-func (s *Service) CreateKeyAsync(ctx, bg context.Context, name, kindName string, p Policy) (*Key, *Version, *Job, error) {
+// context the background work runs in, and bgRec the audit record its
+// change commits with (the request's record was written when the job
+// started).
+func (c Call) CreateKeyAsync(ctx, bg context.Context, bgRec *AuditRecord, name, kindName string, p Policy) (*Key, *Version, *Job, error) {
+	s := c.Service
 	if err := ValidateName(name); err != nil {
 		return nil, nil, nil, err
 	}
@@ -109,7 +111,7 @@ func (s *Service) CreateKeyAsync(ctx, bg context.Context, name, kindName string,
 		return nil, nil, nil, err
 	}
 	if !s.asyncWanted(kind, p) {
-		k, v, err := s.CreateKey(ctx, name, kindName, p)
+		k, v, err := c.CreateKey(ctx, name, kindName, p)
 		return k, v, nil, err
 	}
 	if _, err := s.checkPolicy(kind, p); err != nil {
@@ -123,20 +125,21 @@ func (s *Service) CreateKeyAsync(ctx, bg context.Context, name, kindName string,
 	}
 	j := s.newJob(name)
 	go func() {
-		k, _, err := s.createKey(context.WithValue(bg, progressKey{}, s.jobProgress(j)), name, kindName, p, auditFor(bg, name, 1))
+		k, _, err := s.createKey(context.WithValue(bg, progressKey{}, s.jobProgress(j)), name, kindName, p, auditFor(bgRec, name, 1))
 		var v uint64
 		if err == nil {
 			v = k.Primary
 		}
 		s.finishJob(j, v, err)
 	}()
-	c := *j
-	return nil, nil, &c, nil
+	cp := *j
+	return nil, nil, &cp, nil
 }
 
 // RotateAsync is Rotate, in the background for large keysets (see
 // CreateKeyAsync).
-func (s *Service) RotateAsync(ctx, bg context.Context, name string) (*Key, *Version, *Job, error) {
+func (c Call) RotateAsync(ctx, bg context.Context, bgRec *AuditRecord, name string) (*Key, *Version, *Job, error) {
+	s := c.Service
 	if err := ValidateName(name); err != nil {
 		return nil, nil, nil, err
 	}
@@ -149,7 +152,7 @@ func (s *Service) RotateAsync(ctx, bg context.Context, name string) (*Key, *Vers
 		return nil, nil, nil, Wrap(KindInternal, "rotate", err)
 	}
 	if !s.asyncWanted(kind, k.Policy) {
-		k, v, err := s.rotate(ctx, name)
+		k, v, err := s.rotate(ctx, name, c.rec)
 		return k, v, nil, err
 	}
 	if err := s.generationSlotFree(); err != nil {
@@ -157,15 +160,15 @@ func (s *Service) RotateAsync(ctx, bg context.Context, name string) (*Key, *Vers
 	}
 	j := s.newJob(name)
 	go func() {
-		_, v, err := s.rotate(context.WithValue(bg, progressKey{}, s.jobProgress(j)), name)
+		_, v, err := s.rotate(context.WithValue(bg, progressKey{}, s.jobProgress(j)), name, bgRec)
 		var n uint64
 		if err == nil {
 			n = v.Number
 		}
 		s.finishJob(j, n, err)
 	}()
-	c := *j
-	return nil, nil, &c, nil
+	cp := *j
+	return nil, nil, &cp, nil
 }
 
 // generationSlotFree refuses a background generation up front when all

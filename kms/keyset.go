@@ -243,7 +243,8 @@ type Decryption struct {
 // version's decryption counter is advanced in one transaction with the
 // request's audit record (a crash can never let the budget be exceeded);
 // then the ciphertext is decrypted.
-func (s *Service) Decrypt(ctx context.Context, name string, n uint64, env *Envelope) (*Decryption, error) {
+func (c Call) Decrypt(ctx context.Context, name string, n uint64, env *Envelope) (*Decryption, error) {
+	s := c.Service
 	if err := ValidateName(name); err != nil {
 		return nil, err
 	}
@@ -269,14 +270,14 @@ func (s *Service) Decrypt(ctx context.Context, name string, n uint64, env *Envel
 	// Then provenance: only a ciphertext kmsd attested (an input of a
 	// data owner, or an evaluation on attested inputs) is decrypted.
 	if env.Attestation == nil {
-		if rec := auditRecord(ctx); rec != nil {
+		if rec := c.rec; rec != nil {
 			rec.AttestedOp = "unattested"
 		}
 		return nil, Errorf(KindInvalid, "the ciphertext has no attestation: kmsd decrypts only attested inputs (kmsctl he encrypt with an encryptor token) and results an evaluator computed from them (kmsd-mcp), so that a chosen ciphertext cannot turn decryption into a secret-key oracle")
 	}
 	st, err := s.VerifyAttestation(ctx, env.Attestation)
 	if err != nil {
-		if rec := auditRecord(ctx); rec != nil {
+		if rec := c.rec; rec != nil {
 			rec.AttestedOp = "invalid"
 		}
 		return nil, err
@@ -284,7 +285,7 @@ func (s *Service) Decrypt(ctx context.Context, name string, n uint64, env *Envel
 	if err := st.Covers(env); err != nil {
 		return nil, err
 	}
-	noteAttestation(ctx, st)
+	noteAttestation(c.rec, st)
 	if err := s.vouchersActive(ctx, st); err != nil {
 		return nil, err
 	}
@@ -296,7 +297,7 @@ func (s *Service) Decrypt(ctx context.Context, name string, n uint64, env *Envel
 	if err != nil {
 		return nil, err
 	}
-	if rec := auditRecord(ctx); rec != nil {
+	if rec := c.rec; rec != nil {
 		rec.Precision = plan.Precision
 	}
 	priv, ok := s.cache.get(name, v.Number)
@@ -325,7 +326,7 @@ func (s *Service) Decrypt(ctx context.Context, name string, n uint64, env *Envel
 			return nil, Errorf(KindExhausted, "the decryption budget of version %d of key %q (%d) is spent: rotate the key and encrypt under the new version", v.Number, name, b)
 		}
 		v.Decryptions++
-		return auditFor(ctx, name, v.Number), nil
+		return auditFor(c.rec, name, v.Number), nil
 	})
 	if err != nil {
 		return nil, err
@@ -342,4 +343,9 @@ func (s *Service) Decrypt(ctx context.Context, name string, n uint64, env *Envel
 		vals = x[:min(len(x), env.Slots)]
 	}
 	return &Decryption{Values: vals, Version: v.Number, Precision: plan.Precision}, nil
+}
+
+// Decrypt is For(nil).Decrypt.
+func (s *Service) Decrypt(ctx context.Context, name string, n uint64, env *Envelope) (*Decryption, error) {
+	return s.For(nil).Decrypt(ctx, name, n, env)
 }

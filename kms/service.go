@@ -44,7 +44,7 @@ type Config struct {
 	MaxTokenTTL time.Duration
 	// Audit makes the service record the actions it takes on its own
 	// (scheduled destruction, bootstrap) in the audit log. Records of
-	// requests come with the request's ctx (WithAudit).
+	// requests come with the request (Service.For).
 	Audit bool
 }
 
@@ -206,11 +206,18 @@ func asUnavailable(op string, err error) error {
 }
 
 // CreateKey generates version 1 of a new key and stores it.
-func (s *Service) CreateKey(ctx context.Context, name, kindName string, p Policy) (*Key, *Version, error) {
+func (c Call) CreateKey(ctx context.Context, name, kindName string, p Policy) (*Key, *Version, error) {
+	s := c.Service
 	if err := ValidateName(name); err != nil {
 		return nil, nil, err
 	}
-	return s.createKey(ctx, name, kindName, p, auditFor(ctx, name, 1))
+	return s.createKey(ctx, name, kindName, p, auditFor(c.rec, name, 1))
+}
+
+// CreateKey is For(nil).CreateKey: a key made without a request's audit
+// record (start-up, tests).
+func (s *Service) CreateKey(ctx context.Context, name, kindName string, p Policy) (*Key, *Version, error) {
+	return s.For(nil).CreateKey(ctx, name, kindName, p)
 }
 
 func (s *Service) createKey(ctx context.Context, name, kindName string, p Policy, audit []*AuditRecord) (*Key, *Version, error) {
@@ -334,7 +341,8 @@ type KeyUpdate struct {
 }
 
 // UpdateKey changes a key's policy or min_decryption_version.
-func (s *Service) UpdateKey(ctx context.Context, name string, u KeyUpdate) (*Key, error) {
+func (c Call) UpdateKey(ctx context.Context, name string, u KeyUpdate) (*Key, error) {
+	s := c.Service
 	if err := ValidateName(name); err != nil {
 		return nil, err
 	}
@@ -369,9 +377,14 @@ func (s *Service) UpdateKey(ctx context.Context, name string, u KeyUpdate) (*Key
 			k.MinDecryptionVersion = m
 		}
 		out = k.Clone()
-		return auditFor(ctx, name, 0), nil
+		return auditFor(c.rec, name, 0), nil
 	})
 	return out, err
+}
+
+// UpdateKey is For(nil).UpdateKey.
+func (s *Service) UpdateKey(ctx context.Context, name string, u KeyUpdate) (*Key, error) {
+	return s.For(nil).UpdateKey(ctx, name, u)
 }
 
 // update runs fn in one store transaction and maps store errors.
@@ -389,11 +402,17 @@ func (s *Service) update(ctx context.Context, name string, fn func(tx KeyTx) ([]
 // Rotate creates a new version and makes it primary. Material is generated
 // and sealed first; the new version and the primary change then commit in
 // one transaction, so a failure at any point leaves the key as it was.
-func (s *Service) Rotate(ctx context.Context, name string) (*Key, *Version, error) {
+func (c Call) Rotate(ctx context.Context, name string) (*Key, *Version, error) {
+	s := c.Service
 	if err := ValidateName(name); err != nil {
 		return nil, nil, err
 	}
-	return s.rotate(ctx, name)
+	return s.rotate(ctx, name, c.rec)
+}
+
+// Rotate is For(nil).Rotate.
+func (s *Service) Rotate(ctx context.Context, name string) (*Key, *Version, error) {
+	return s.For(nil).Rotate(ctx, name)
 }
 
 // maxRotateAttempts bounds how often a rotation starts over after another
@@ -402,7 +421,7 @@ func (s *Service) Rotate(ctx context.Context, name string) (*Key, *Version, erro
 // stop colliding in step.
 const maxRotateAttempts = 64
 
-func (s *Service) rotate(ctx context.Context, name string) (*Key, *Version, error) {
+func (s *Service) rotate(ctx context.Context, name string, rec *AuditRecord) (*Key, *Version, error) {
 	// The lock saves this process's own rotations from racing; rotations
 	// on other replicas are caught by the store's compare-and-swap, and
 	// the loser starts over with the next number (its material was sealed
@@ -437,7 +456,7 @@ func (s *Service) rotate(ctx context.Context, name string) (*Key, *Version, erro
 			}
 			k.Primary = n
 			out = k.Clone()
-			return auditFor(ctx, name, n), nil
+			return auditFor(rec, name, n), nil
 		})
 		if err != nil {
 			s.discard(kind, v)
@@ -493,7 +512,8 @@ func (s *Service) PublicKey(ctx context.Context, name string, n uint64) (*Key, *
 // SetVersionState applies a state action (disable, enable, schedule-destroy,
 // cancel-destroy) to version n. days is the destroy waiting period for
 // schedule-destroy (0: the key's policy).
-func (s *Service) SetVersionState(ctx context.Context, name string, n uint64, action Action, days int) (*Version, error) {
+func (c Call) SetVersionState(ctx context.Context, name string, n uint64, action Action, days int) (*Version, error) {
+	s := c.Service
 	if err := ValidateName(name); err != nil {
 		return nil, err
 	}
@@ -531,7 +551,7 @@ func (s *Service) SetVersionState(ctx context.Context, name string, n uint64, ac
 		}
 		out = *v
 		out.Sealed = nil
-		return auditFor(ctx, name, n), nil
+		return auditFor(c.rec, name, n), nil
 	})
 	if err != nil {
 		return nil, err
@@ -540,6 +560,11 @@ func (s *Service) SetVersionState(ctx context.Context, name string, n uint64, ac
 		s.cache.evict(name, n)
 	}
 	return &out, nil
+}
+
+// SetVersionState is For(nil).SetVersionState.
+func (s *Service) SetVersionState(ctx context.Context, name string, n uint64, action Action, days int) (*Version, error) {
+	return s.For(nil).SetVersionState(ctx, name, n, action, days)
 }
 
 // DestroyDue erases the sealed material of every version whose destroy time

@@ -689,3 +689,44 @@ func TestTokenRevokeAndExpire(t *testing.T) {
 	}
 	_ = a2
 }
+
+// TestCallCarriesTheAuditRecord: a request's audit record is an explicit
+// part of its call (Service.For), not a value in its context: a rotation
+// through For(rec) commits rec with the change, completed with the key
+// and the new version; the Service's own Rotate commits none.
+func TestCallCarriesTheAuditRecord(t *testing.T) {
+	e := newEnv(t, time.Minute)
+	if _, _, err := e.svc.CreateKey(ctx, "audited", "ml-dsa-44", kms.Policy{}); err != nil {
+		t.Fatal(err)
+	}
+	log := e.store.Store.(*bolt.Store).Audit()
+	before, err := log.AuditSize(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rec := &kms.AuditRecord{Time: "2026-01-01T00:00:00Z", Actor: "0123456789abcdef", Operation: "POST /v1/keys/{name}/rotate", Status: 201}
+	if _, v, err := e.svc.For(rec).Rotate(ctx, "audited"); err != nil || v.Number != 2 {
+		t.Fatalf("rotate: %v", err)
+	}
+	if !rec.Committed || rec.Key != "audited" || rec.Version != 2 {
+		t.Fatalf("the record after the rotation: %+v", rec)
+	}
+	if _, _, err := e.svc.Rotate(ctx, "audited"); err != nil {
+		t.Fatal(err)
+	}
+	after, err := log.AuditSize(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if after != before+1 {
+		t.Fatalf("the log grew by %d records, want 1 (the call's)", after-before)
+	}
+	recs, err := log.AuditRecords(ctx, before, after)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, err := kms.DecodeAuditRecord(recs[0])
+	if err != nil || r.Key != "audited" || r.Version != 2 || r.Operation != rec.Operation {
+		t.Fatalf("the committed record: %+v %v", r, err)
+	}
+}

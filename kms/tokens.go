@@ -57,7 +57,8 @@ func (u *tokenUses) take() map[string]time.Time {
 // no later than creator's. Auditor tokens read the whole log, so they take
 // the pattern "*" only. The token text is returned once and stored only as
 // a hash.
-func (s *Service) CreateToken(ctx context.Context, creator *Principal, req TokenRequest) (string, *Token, error) {
+func (c Call) CreateToken(ctx context.Context, creator *Principal, req TokenRequest) (string, *Token, error) {
+	s := c.Service
 	if creator == nil {
 		return "", nil, Errorf(KindUnauthenticated, "a bearer token is required")
 	}
@@ -101,10 +102,15 @@ func (s *Service) CreateToken(ctx context.Context, creator *Principal, req Token
 		return "", nil, Wrap(KindInternal, "token", err)
 	}
 	t := &Token{ID: id, Name: req.Name, Role: req.Role, Keys: req.Keys, Hash: hash, CreatedAt: now, CreatedBy: creator.TokenID, ExpiresAt: exp}
-	if err := s.store.CreateToken(ctx, t, auditForToken(ctx, id)); err != nil {
+	if err := s.store.CreateToken(ctx, t, auditForToken(c.rec, id)); err != nil {
 		return "", nil, asUnavailable("store", err)
 	}
 	return tok, t, nil
+}
+
+// CreateToken is For(nil).CreateToken.
+func (s *Service) CreateToken(ctx context.Context, creator *Principal, req TokenRequest) (string, *Token, error) {
+	return s.For(nil).CreateToken(ctx, creator, req)
 }
 
 // EnsureAdminToken creates an admin token for all keys when the store has no
@@ -267,7 +273,8 @@ func (s *Service) GetToken(ctx context.Context, p *Principal, id string) (*Token
 // RevokeToken revokes a token p may manage: every later request with it is
 // refused. The last active admin token for all keys cannot be revoked, so
 // the service always keeps an administrator. Revoking twice is refused.
-func (s *Service) RevokeToken(ctx context.Context, p *Principal, id string) (*Token, error) {
+func (c Call) RevokeToken(ctx context.Context, p *Principal, id string) (*Token, error) {
+	s := c.Service
 	if !ValidTokenID(id) {
 		return nil, Errorf(KindInvalid, "a token id is 16 hexadecimal digits")
 	}
@@ -295,7 +302,7 @@ func (s *Service) RevokeToken(ctx context.Context, p *Principal, id string) (*To
 		}
 		t.RevokedAt = &now
 		out = t
-		return auditForToken(ctx, id), nil
+		return auditForToken(c.rec, id), nil
 	})
 	if errors.Is(err, ErrNotFound) && KindOf(err) != KindNotFound {
 		return nil, Errorf(KindNotFound, "token %s not found", id)
@@ -304,6 +311,11 @@ func (s *Service) RevokeToken(ctx context.Context, p *Principal, id string) (*To
 		return nil, asUnavailable("store", err)
 	}
 	return s.withUse(out), nil
+}
+
+// RevokeToken is For(nil).RevokeToken.
+func (s *Service) RevokeToken(ctx context.Context, p *Principal, id string) (*Token, error) {
+	return s.For(nil).RevokeToken(ctx, p, id)
 }
 
 // allKeys reports whether patterns cover every key name.
