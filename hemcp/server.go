@@ -21,7 +21,7 @@ import (
 
 	"github.com/kmsd-project/kmsd/api/client"
 	"github.com/kmsd-project/kmsd/api/client/hekeys"
-	"github.com/kmsd-project/kmsd/api/wire"
+	"github.com/kmsd-project/kmsd/kms/wire"
 )
 
 // Config is what kmsd-mcp is started with.

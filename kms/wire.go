@@ -1,8 +1,8 @@
 package kms
 
-import "github.com/kmsd-project/kmsd/api/wire"
+import "github.com/kmsd-project/kmsd/kms/wire"
 
-// The wire formats and the error kinds live in api/wire, a leaf that the
+// The wire formats and the error kinds live in kms/wire, a leaf that the
 // SDK, kmsd-mcp and the stores import without linking the service; the
 // service uses them under these names.
 

@@ -5,7 +5,7 @@ import (
 	"encoding/json"
 	"time"
 
-	"github.com/kmsd-project/kmsd/api/wire"
+	"github.com/kmsd-project/kmsd/kms/wire"
 )
 
 // The wire types of the REST API, shared by the server and this client.

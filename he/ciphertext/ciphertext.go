@@ -12,7 +12,7 @@ import (
 
 	"github.com/tuneinsight/lattigo/v6/core/rlwe"
 
-	"github.com/kmsd-project/kmsd/api/wire"
+	"github.com/kmsd-project/kmsd/kms/wire"
 )
 
 // Open parses the envelope's ciphertext for parameters rp and

@@ -9,7 +9,7 @@ import (
 	"github.com/cloudflare/circl/sign/mldsa/mldsa65"
 
 	"github.com/kmsd-project/kmsd/api/client"
-	"github.com/kmsd-project/kmsd/api/wire"
+	"github.com/kmsd-project/kmsd/kms/wire"
 )
 
 // AttestInput has kmsd vouch for env as an encryption by the holder of c's

@@ -8,8 +8,8 @@ import (
 	"github.com/tuneinsight/lattigo/v6/schemes/ckks"
 
 	"github.com/kmsd-project/kmsd/api/client"
-	"github.com/kmsd-project/kmsd/api/wire"
 	"github.com/kmsd-project/kmsd/he/ciphertext"
+	"github.com/kmsd-project/kmsd/kms/wire"
 )
 
 // MaxEnvelopeCiphertext bounds the ciphertext of an envelope parsed

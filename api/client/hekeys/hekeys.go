@@ -25,7 +25,7 @@ import (
 	"github.com/tuneinsight/lattigo/v6/schemes/ckks"
 
 	"github.com/kmsd-project/kmsd/api/client"
-	"github.com/kmsd-project/kmsd/api/wire"
+	"github.com/kmsd-project/kmsd/kms/wire"
 )
 
 // ManifestContext is the ML-DSA context of manifest signatures.
