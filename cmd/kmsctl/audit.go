@@ -42,12 +42,14 @@ var auditCommands = []command{
 	},
 	{
 		name:     "audit export",
-		synopsis: "--out DIR [--archive DIR|s3://BUCKET/PREFIX/|kmsd [--s3-endpoint URL]]",
+		synopsis: "--out DIR [--archive DIR|s3://BUCKET/PREFIX/|kmsd [--s3-endpoint URL]] [--start N] [--end M]",
 		help:     "write the records covered by the latest checkpoint and the checkpoint to DIR (an older checkpoint there is kept as checkpoint.<size>); with --archive, those of the audit archive, read straight from it",
 		flags: func(fs *flag.FlagSet) {
 			fs.String("out", "", "directory to write (required)")
 			fs.String("archive", "", "export the audit archive (kmsd --audit-archive) instead of the live log: a directory, s3://BUCKET/PREFIX/ (with --s3-endpoint and AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY), or kmsd for the tiles kmsd serves")
 			fs.String("s3-endpoint", "", "with --archive s3://...: the S3-compatible server, https://host[:port]")
+			fs.Uint64("start", 0, "export records from this index on (default 0)")
+			fs.Uint64("end", 0, "export records below this index (default: all the checkpoint covers); a range that does not start at 0 is for reading: audit verify --export checks whole exports")
 		},
 		run: auditExport,
 	},
@@ -75,6 +77,19 @@ func auditExport(e *env, fs *flag.FlagSet, _ []string) (int, error) {
 	var recs [][]byte
 	var size uint64
 	var err error
+	start, _ := fs.Lookup("start").Value.(flag.Getter).Get().(uint64)
+	end, _ := fs.Lookup("end").Value.(flag.Getter).Get().(uint64)
+	// rng bounds the export to [start, end) within the checkpoint's size.
+	rng := func() (uint64, uint64, error) {
+		e := end
+		if e == 0 {
+			e = size
+		}
+		if start > e || e > size {
+			return 0, 0, usageError{fmt.Sprintf("--start %d --end %d: the checkpoint covers records [0, %d)", start, e, size)}
+		}
+		return start, e, nil
+	}
 	if where := str(fs, "archive"); where != "" {
 		b, err := archiveBucket(e, fs, where)
 		if err != nil {
@@ -86,7 +101,11 @@ func auditExport(e *env, fs *flag.FlagSet, _ []string) (int, error) {
 		if size, err = checkpointSize(cp); err != nil {
 			return exitFailure, err
 		}
-		if recs, err = (&archive.Cold{Bucket: b}).ColdRecords(e.ctx, 0, size); err != nil {
+		from, to, err := rng()
+		if err != nil {
+			return 0, err
+		}
+		if recs, err = (&archive.Cold{Bucket: b}).ColdRecords(e.ctx, from, to); err != nil {
 			return exitFailure, err
 		}
 	} else {
@@ -96,7 +115,11 @@ func auditExport(e *env, fs *flag.FlagSet, _ []string) (int, error) {
 		if size, err = checkpointSize(cp); err != nil {
 			return exitFailure, err
 		}
-		if recs, err = e.c.AuditRecords(e.ctx, 0, size); err != nil {
+		from, to, err := rng()
+		if err != nil {
+			return 0, err
+		}
+		if recs, err = e.c.AuditRecords(e.ctx, from, to); err != nil {
 			return 0, err
 		}
 	}
@@ -121,7 +144,7 @@ func auditExport(e *env, fs *flag.FlagSet, _ []string) (int, error) {
 	if err := fileutil.WriteAtomic(filepath.Join(out, "checkpoint"), cp, 0o600); err != nil {
 		return 0, usageError{err.Error()}
 	}
-	fmt.Fprintf(e.stdout, "exported %d records and the checkpoint of size %d to %s\n", len(recs), size, out)
+	fmt.Fprintf(e.stdout, "exported %d records (from index %d) and the checkpoint of size %d to %s\n", len(recs), start, size, out)
 	return exitOK, nil
 }
 
