@@ -88,11 +88,13 @@ type Settler interface {
 // archive holds (retention).
 type Pruner interface {
 	// PruneRows deletes, in one transaction, up to the store's own limit
-	// of the rows below `below` that keep does not hold, and records
-	// `below` as the index under which rows may be absent (never lower
-	// than it was). It returns how many rows it deleted: 0 when none is
-	// left to delete.
-	PruneRows(ctx context.Context, below uint64, keep func(uint64) bool) (int, error)
+	// of the rows below `below` that Keep(below) does not hold, and
+	// records `below` as the index under which rows may be absent. Where
+	// the store was pruned further already (another replica), it prunes
+	// to that index instead, with that index's Keep: the rows a pruned
+	// log keeps are always those of the index it records. It returns how
+	// many rows it deleted: 0 when none is left to delete.
+	PruneRows(ctx context.Context, below uint64) (int, error)
 	// PrunedBelow is the index under which rows may be absent (0: none
 	// pruned).
 	PrunedBelow(ctx context.Context) (uint64, error)
@@ -887,9 +889,9 @@ func (l *Log) Prune(ctx context.Context, below uint64) (int, error) {
 	if below < l.prunedBelow.Load() {
 		below = l.prunedBelow.Load()
 	}
-	keep, total := Keep(below), 0
+	total := 0
 	for {
-		n, err := p.PruneRows(ctx, below, keep)
+		n, err := p.PruneRows(ctx, below)
 		if err != nil {
 			return total, err
 		}
@@ -927,16 +929,21 @@ func (l *Log) refreshPruned(ctx context.Context) (bool, error) {
 // from the archive. A read that another replica's pruning overtook is
 // made again, from the archive.
 func (l *Log) AuditRecords(ctx context.Context, start, end uint64) ([][]byte, error) {
-	if _, err := l.refreshPruned(ctx); err != nil {
-		return nil, err
-	}
-	recs, err := l.auditRecords(ctx, start, end)
-	if err != nil {
-		if moved, rerr := l.refreshPruned(ctx); rerr == nil && moved {
-			return l.auditRecords(ctx, start, end)
+	for try := 0; ; try++ {
+		if _, err := l.refreshPruned(ctx); err != nil {
+			return nil, err
+		}
+		pb := l.prunedBelow.Load()
+		recs, err := l.auditRecords(ctx, start, end)
+		if err == nil || try == 3 {
+			return recs, err
+		}
+		// A pruning (this process's or another replica's) overtook the
+		// read: read again, from the archive as far as it pruned.
+		if _, rerr := l.refreshPruned(ctx); rerr != nil || l.prunedBelow.Load() == pb {
+			return nil, err
 		}
 	}
-	return recs, err
 }
 
 func (l *Log) auditRecords(ctx context.Context, start, end uint64) ([][]byte, error) {
@@ -998,19 +1005,47 @@ func (l *Log) hotRecords(ctx context.Context, start, end uint64) ([][]byte, erro
 // AuditSize returned, which settled, and so are already in rows (a
 // checkpoint, a proof and CheckLog all size first).
 func (l *Log) AuditHashes(ctx context.Context, indexes []int64) ([][32]byte, error) {
-	if _, err := l.refreshPruned(ctx); err != nil {
-		return nil, err
-	}
-	hs, err := l.auditHashes(ctx, indexes)
-	if err != nil {
-		if moved, rerr := l.refreshPruned(ctx); rerr == nil && moved {
-			return l.auditHashes(ctx, indexes)
+	for try := 0; ; try++ {
+		if _, err := l.refreshPruned(ctx); err != nil {
+			return nil, err
+		}
+		pb := l.prunedBelow.Load()
+		hs, err := l.auditHashes(ctx, indexes, false)
+		if err == nil || try == 3 {
+			return hs, err
+		}
+		if _, rerr := l.refreshPruned(ctx); rerr != nil || l.prunedBelow.Load() == pb {
+			return nil, err
 		}
 	}
-	return hs, err
 }
 
-func (l *Log) auditHashes(ctx context.Context, indexes []int64) ([][32]byte, error) {
+// TrustedRoot is the root of the tree of size n from the store's own
+// rows, never the archive's (n at least PrunedBelow, whose Keep rows hold
+// what that takes): what an archive's checkpoint is checked against.
+func (l *Log) TrustedRoot(ctx context.Context, n uint64) (tlog.Hash, error) {
+	if _, err := l.refreshPruned(ctx); err != nil {
+		return tlog.Hash{}, err
+	}
+	if pb := l.prunedBelow.Load(); n < pb {
+		return tlog.Hash{}, fmt.Errorf("audit: the store was pruned below %d: it cannot vouch for the tree of %d records", pb, n)
+	}
+	return tlog.TreeHash(int64(n), tlog.HashReaderFunc(func(idx []int64) ([]tlog.Hash, error) {
+		hs, err := l.auditHashes(ctx, idx, true)
+		if err != nil {
+			return nil, err
+		}
+		out := make([]tlog.Hash, len(hs))
+		for i, h := range hs {
+			out[i] = h
+		}
+		return out, nil
+	}))
+}
+
+// auditHashes reads hashes from the rows, and the pruned ones from the
+// archive (hotOnly: refused).
+func (l *Log) auditHashes(ctx context.Context, indexes []int64, hotOnly bool) ([][32]byte, error) {
 	out := make([][32]byte, len(indexes))
 	read := map[uint64][]byte{}
 	pb := l.prunedBelow.Load()
@@ -1021,6 +1056,9 @@ func (l *Log) auditHashes(ctx context.Context, indexes []int64) ([][32]byte, err
 		level, m := tlog.SplitStoredHashIndex(idx)
 		rec := uint64((m+1)<<level) - 1
 		if rec < pb && !keep(rec) {
+			if hotOnly {
+				return nil, fmt.Errorf("audit: tree hash %d (record %d) was pruned to the archive", idx, rec)
+			}
 			coldIdx, coldAt = append(coldIdx, idx), append(coldAt, i)
 			continue
 		}

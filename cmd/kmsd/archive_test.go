@@ -239,6 +239,13 @@ func TestAuditRetentionSurvivesKill9(t *testing.T) {
 		p = start(t, dir, args...)
 		p.waitReady(t)
 		c = adminClient(t, p, dir)
+		cur := p
+		t.Cleanup(func() {
+			if t.Failed() {
+				time.Sleep(200 * time.Millisecond) // the failed request's log line
+				t.Logf("kmsd:\n%s", cur.stderr.String())
+			}
+		})
 		res, recs := verifyLog(t, c)
 		n := 0
 		for _, r := range recs {

@@ -24,6 +24,7 @@ import (
 	"github.com/kmsd-project/kmsd/kms"
 	"github.com/kmsd-project/kmsd/kms/pqc"
 	"github.com/kmsd-project/kmsd/store/archive"
+	"golang.org/x/mod/sumdb/tlog"
 )
 
 // Config is what New wires.
@@ -79,6 +80,7 @@ type Config struct {
 type prunable interface {
 	CanPrune() bool
 	SetCold(engine.Cold)
+	TrustedRoot(ctx context.Context, n uint64) (tlog.Hash, error)
 	Prune(ctx context.Context, below uint64) (int, error)
 	PrunedBelow() uint64
 }
@@ -189,7 +191,8 @@ func New(ctx context.Context, cfg Config) (*App, error) {
 			opts.Tiles = cfg.Archive
 			opts.ArchiveStatus = a.archiveStatus
 			if p != nil {
-				p.SetCold(&archive.Cold{Bucket: cfg.Archive})
+				p.SetCold(&archive.Cold{Bucket: cfg.Archive, Root: p.TrustedRoot})
+				a.Archiver.Root = p.TrustedRoot
 			}
 		}
 		if cfg.AuditRetain > 0 {
@@ -341,7 +344,7 @@ func (a *App) retain(ctx context.Context, archived uint64) error {
 	}
 	// The store's copy goes only where the archive holds the same bytes:
 	// an archive edited since it was written is not trusted with them.
-	cold := &archive.Cold{Bucket: a.cfg.Archive}
+	cold := &archive.Cold{Bucket: a.cfg.Archive, Root: a.pruner.TrustedRoot}
 	for start := a.pruner.PrunedBelow(); start < lo; start += 4096 {
 		end := min(lo, start+4096)
 		hot, err := a.cfg.AuditStore.AuditRecords(ctx, start, end)

@@ -16,6 +16,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 
 	"golang.org/x/mod/sumdb/tlog"
 
@@ -46,18 +47,57 @@ type Writer struct {
 	Bucket Bucket
 	Store  kms.AuditStore
 	Logger *slog.Logger
+	// Root is the root of the log's tree of size n from the store's own
+	// rows (engine.Log.TrustedRoot); nil: computed from Store's hashes.
+	Root func(ctx context.Context, n uint64) (tlog.Hash, error)
 
 	mu       sync.Mutex
-	archived uint64 // the size the archive's checkpoint covers
+	archived atomic.Uint64 // the size the archive's checkpoint covers
 	loaded   bool
 }
 
 // Archived is the tree size the archive's checkpoint covers (0 before the
-// first Sync).
-func (w *Writer) Archived() uint64 {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	return w.archived
+// first Sync). It does not wait for a Sync under way.
+func (w *Writer) Archived() uint64 { return w.archived.Load() }
+
+// resumeFrom is where a Sync takes up: the size of the archive's
+// checkpoint, if that checkpoint is this log's (its root is the one the
+// store's rows give for its size). One that is not (another log's
+// archive, or a checkpoint edited to move the writer on or back) is not
+// taken: the archive is written from the start again, immutable
+// resources compared, or, where the store no longer holds the records to
+// write again, archiving stops with an error.
+func (w *Writer) resumeFrom(ctx context.Context, note []byte) (uint64, error) {
+	t, err := ParseCheckpoint(note)
+	if err != nil {
+		return 0, fmt.Errorf("the archive's checkpoint: %w", err)
+	}
+	size, err := w.Store.AuditSize(ctx)
+	if err != nil {
+		return 0, err
+	}
+	var root tlog.Hash
+	if uint64(t.N) <= size {
+		if w.Root != nil {
+			root, err = w.Root(ctx, uint64(t.N))
+		} else {
+			root, err = tlog.TreeHash(t.N, hashReader(ctx, w.Store))
+		}
+	}
+	if uint64(t.N) > size || err != nil || root != t.Hash {
+		if w.Root != nil {
+			if _, rerr := w.Root(ctx, 0); rerr != nil {
+				// The store was pruned: the records cannot be written
+				// again from it.
+				return 0, fmt.Errorf("the archive's checkpoint (size %d) is not this log's, and the store was pruned: check the archive (kmsctl audit verify --archive)", t.N)
+			}
+		}
+		if w.Logger != nil {
+			w.Logger.Error("audit archive: its checkpoint is not this log's (another log's archive, or edited): writing the archive from the start again", "archive", w.Bucket.String(), "checkpoint_size", t.N, "log_size", size)
+		}
+		return 0, nil
+	}
+	return uint64(t.N), nil
 }
 
 // CheckpointSize reads the tree size from a checkpoint's second line
@@ -85,51 +125,53 @@ func (w *Writer) Sync(ctx context.Context) (uint64, error) {
 		case err != nil:
 			return 0, fmt.Errorf("read the archive's checkpoint: %w", err)
 		default:
-			if w.archived, err = CheckpointSize(b); err != nil {
-				return 0, fmt.Errorf("the archive's checkpoint: %w", err)
+			from, err := w.resumeFrom(ctx, b)
+			if err != nil {
+				return 0, err
 			}
+			w.archived.Store(from)
 		}
 		w.loaded = true
 	}
 	size, note, err := w.Store.LatestCheckpoint(ctx)
-	if errors.Is(err, kms.ErrNotFound) || (err == nil && size <= w.archived) {
-		return w.archived, nil
+	if errors.Is(err, kms.ErrNotFound) || (err == nil && size <= w.archived.Load()) {
+		return w.archived.Load(), nil
 	}
 	if err != nil {
-		return w.archived, err
+		return w.archived.Load(), err
 	}
 	hr := hashReader(ctx, w.Store)
-	done := w.archived
+	done := w.archived.Load()
 	// Level 0: the entry bundles and the leaf hash tiles that became
 	// full; then every level above where a tile became full.
 	for n := layout.FullTiles(done, 0); n < layout.FullTiles(size, 0); n++ {
 		if err := w.putBundle(ctx, n, layout.TileWidth); err != nil {
-			return w.archived, err
+			return w.archived.Load(), err
 		}
 	}
 	for level := 0; level < 64 && (layout.FullTiles(size, level) > 0 || layout.PartialWidth(size, level) > 0); level++ {
 		for n := layout.FullTiles(done, level); n < layout.FullTiles(size, level); n++ {
 			if err := w.putTile(ctx, hr, level, n, layout.TileWidth); err != nil {
-				return w.archived, err
+				return w.archived.Load(), err
 			}
 		}
 		// The partial tile of this checkpoint's size (its path names its
 		// width, so it too is written once).
 		if pw := layout.PartialWidth(size, level); pw > 0 {
 			if err := w.putTile(ctx, hr, level, layout.FullTiles(size, level), pw); err != nil {
-				return w.archived, err
+				return w.archived.Load(), err
 			}
 		}
 	}
 	if pw := layout.PartialWidth(size, 0); pw > 0 {
 		if err := w.putBundle(ctx, layout.FullTiles(size, 0), pw); err != nil {
-			return w.archived, err
+			return w.archived.Load(), err
 		}
 	}
 	if err := w.Bucket.Put(ctx, layout.CheckpointPath, note, false); err != nil {
-		return w.archived, fmt.Errorf("archive the checkpoint: %w", err)
+		return w.archived.Load(), fmt.Errorf("archive the checkpoint: %w", err)
 	}
-	w.archived = size
+	w.archived.Store(size)
 	return size, nil
 }
 

@@ -2,7 +2,10 @@ package archive
 
 import (
 	"context"
+	"encoding/base64"
+	"errors"
 	"fmt"
+	"strings"
 	"sync"
 
 	"golang.org/x/mod/sumdb/tlog"
@@ -11,36 +14,179 @@ import (
 )
 
 // Cold reads pruned records and tree hashes back from an archive (the
-// audit engine's engine.Cold), using the tiles the archive's checkpoint
-// covers. What it returns is the archive's: a proof built from an edited
-// tile fails the client's check against the signed root, and kmsd's own
-// checkpoints never read it (engine.Keep).
+// audit engine's engine.Cold). Nothing it returns is the archive's word
+// alone: it takes the tree of the archive's checkpoint only if that
+// checkpoint's root is the one the store's own rows give for its size
+// (Root), and then reads every hash through tlog.TileHashReader, which
+// proves each tile against that root, and checks every record against
+// its proven leaf hash. An edited tile or bundle is an error naming it.
 type Cold struct {
 	Bucket Bucket
+	// Root is the root of the log's tree of size n as the store's own
+	// rows give it (engine.Log.TrustedRoot). Nil: the archive's own
+	// checkpoint is taken (a reader that verifies its signature later).
+	Root func(ctx context.Context, n uint64) (tlog.Hash, error)
 
 	mu   sync.Mutex
-	size uint64 // the archive's checkpoint's size, last read
+	tree tlog.Tree // the archive's checkpoint, once shown to be the store's
 }
 
-// covered is the size the archive's checkpoint covers, read again when
-// an index past the last read is asked for.
-func (c *Cold) covered(ctx context.Context, need uint64) (uint64, error) {
+// ParseCheckpoint reads the tree size and root from a checkpoint's text
+// (its signature is the reader's to check).
+func ParseCheckpoint(note []byte) (tlog.Tree, error) {
+	lines := strings.SplitN(string(note), "\n", 4)
+	if len(lines) < 4 {
+		return tlog.Tree{}, errors.New("malformed checkpoint")
+	}
+	n, err := CheckpointSize(note)
+	if err != nil {
+		return tlog.Tree{}, err
+	}
+	root, err := base64.StdEncoding.DecodeString(lines[2])
+	if err != nil || len(root) != tlog.HashSize {
+		return tlog.Tree{}, errors.New("malformed checkpoint: the root line")
+	}
+	var h tlog.Hash
+	copy(h[:], root)
+	return tlog.Tree{N: int64(n), Hash: h}, nil
+}
+
+// trusted is the archive's tree if it covers need records and its root
+// is the store's for its size.
+func (c *Cold) trusted(ctx context.Context, need uint64) (tlog.Tree, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if c.size >= need {
-		return c.size, nil
+	if uint64(c.tree.N) >= need {
+		return c.tree, nil
 	}
 	b, err := c.Bucket.Get(ctx, layout.CheckpointPath)
 	if err != nil {
-		return 0, err
+		return tlog.Tree{}, err
 	}
-	if c.size, err = CheckpointSize(b); err != nil {
-		return 0, err
+	t, err := ParseCheckpoint(b)
+	if err != nil {
+		return tlog.Tree{}, err
 	}
-	if c.size < need {
-		return 0, fmt.Errorf("the archive covers %d records, not %d", c.size, need)
+	if uint64(t.N) < need {
+		return tlog.Tree{}, fmt.Errorf("the archive covers %d records, not %d", t.N, need)
 	}
-	return c.size, nil
+	if c.Root == nil {
+		// A reader without the store (kmsctl audit export): the tiles
+		// are proven against the archive's own checkpoint, whose
+		// signature the verification of the export checks.
+		c.tree = t
+		return t, nil
+	}
+	root, err := c.Root(ctx, uint64(t.N))
+	if err != nil {
+		return tlog.Tree{}, fmt.Errorf("the store's root of the archive's size %d: %w", t.N, err)
+	}
+	if root != t.Hash {
+		return tlog.Tree{}, fmt.Errorf("%s: its root is not the store's for size %d: the archive is another log's, or was edited", layout.CheckpointPath, t.N)
+	}
+	c.tree = t
+	return t, nil
+}
+
+// tiles reads tiles from the bucket for tlog.TileHashReader.
+type tiles struct {
+	ctx context.Context
+	b   Bucket
+}
+
+func (t tiles) Height() int { return layout.TileHeight }
+
+func (t tiles) ReadTiles(ts []tlog.Tile) ([][]byte, error) {
+	out := make([][]byte, len(ts))
+	for i, tl := range ts {
+		p := layout.TilePath(tl.L, uint64(tl.N), tl.W)
+		b, err := t.b.Get(t.ctx, p)
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", p, err)
+		}
+		if len(b) != tl.W*layout.HashSize {
+			return nil, fmt.Errorf("%s: %d bytes, want %d", p, len(b), tl.W*layout.HashSize)
+		}
+		out[i] = b
+	}
+	return out, nil
+}
+
+func (tiles) SaveTiles([]tlog.Tile, [][]byte) {}
+
+// reader is a hash reader proven against the trusted tree covering need.
+func (c *Cold) reader(ctx context.Context, need uint64) (tlog.HashReader, error) {
+	t, err := c.trusted(ctx, need)
+	if err != nil {
+		return nil, err
+	}
+	return tlog.TileHashReader(t, tiles{ctx, c.Bucket}), nil
+}
+
+// ColdRecords returns records [start, end) from the entry bundles, each
+// checked against its leaf hash as proven from the tiles.
+func (c *Cold) ColdRecords(ctx context.Context, start, end uint64) ([][]byte, error) {
+	if start >= end {
+		return nil, nil
+	}
+	hr, err := c.reader(ctx, end)
+	if err != nil {
+		return nil, err
+	}
+	size := uint64(c.tree.N)
+	var out [][]byte
+	for n := start / layout.TileWidth; n*layout.TileWidth < end; n++ {
+		w := width(size, 0, n)
+		p := layout.EntriesPath(n, w)
+		b, err := c.Bucket.Get(ctx, p)
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", p, err)
+		}
+		entries, err := Entries(b)
+		if err == nil && len(entries) != w {
+			err = fmt.Errorf("%d entries, the archive's checkpoint says %d", len(entries), w)
+		}
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", p, err)
+		}
+		first := n * layout.TileWidth
+		var idx []int64
+		var want [][]byte
+		for i, e := range entries {
+			if k := first + uint64(i); k >= start && k < end {
+				idx = append(idx, tlog.StoredHashIndex(0, int64(k)))
+				want = append(want, e)
+			}
+		}
+		leaves, err := hr.ReadHashes(idx)
+		if err != nil {
+			return nil, err
+		}
+		for i, e := range want {
+			if tlog.RecordHash(e) != leaves[i] {
+				return nil, fmt.Errorf("%s: an entry is not the record the tree holds: the bundle was edited", p)
+			}
+		}
+		out = append(out, want...)
+	}
+	if uint64(len(out)) != end-start {
+		return nil, fmt.Errorf("the archive holds %d of records [%d, %d)", len(out), start, end)
+	}
+	return out, nil
+}
+
+// ColdHashes returns tree hashes by storage index, proven from the tiles.
+func (c *Cold) ColdHashes(ctx context.Context, indexes []int64) ([]tlog.Hash, error) {
+	var need uint64
+	for _, idx := range indexes {
+		level, m := tlog.SplitStoredHashIndex(idx)
+		need = max(need, uint64((m+1)<<level))
+	}
+	hr, err := c.reader(ctx, need)
+	if err != nil {
+		return nil, err
+	}
+	return hr.ReadHashes(indexes)
 }
 
 // width is the width of tile n at level in an archive of size records.
@@ -49,65 +195,4 @@ func width(size uint64, level int, n uint64) int {
 		return layout.TileWidth
 	}
 	return layout.PartialWidth(size, level)
-}
-
-// ColdRecords returns records [start, end) from the entry bundles.
-func (c *Cold) ColdRecords(ctx context.Context, start, end uint64) ([][]byte, error) {
-	if start >= end {
-		return nil, nil
-	}
-	size, err := c.covered(ctx, end)
-	if err != nil {
-		return nil, err
-	}
-	var out [][]byte
-	for n := start / layout.TileWidth; n*layout.TileWidth < end; n++ {
-		p := layout.EntriesPath(n, width(size, 0, n))
-		b, err := c.Bucket.Get(ctx, p)
-		if err != nil {
-			return nil, fmt.Errorf("%s: %w", p, err)
-		}
-		entries, err := Entries(b)
-		if err != nil {
-			return nil, fmt.Errorf("%s: %w", p, err)
-		}
-		first := n * layout.TileWidth
-		for i, e := range entries {
-			if idx := first + uint64(i); idx >= start && idx < end {
-				out = append(out, e)
-			}
-		}
-	}
-	if uint64(len(out)) != end-start {
-		return nil, fmt.Errorf("the archive holds %d of records [%d, %d)", len(out), start, end)
-	}
-	return out, nil
-}
-
-// ColdHashes returns tree hashes by storage index from the tiles.
-func (c *Cold) ColdHashes(ctx context.Context, indexes []int64) ([]tlog.Hash, error) {
-	out := make([]tlog.Hash, len(indexes))
-	tiles := map[string][]byte{}
-	for i, idx := range indexes {
-		level, m := tlog.SplitStoredHashIndex(idx)
-		last := uint64((m + 1) << level) // records the hash covers end here
-		size, err := c.covered(ctx, last)
-		if err != nil {
-			return nil, err
-		}
-		t := tlog.TileForIndex(layout.TileHeight, idx)
-		t.W = width(size, t.L, uint64(t.N))
-		p := layout.TilePath(t.L, uint64(t.N), t.W)
-		data, ok := tiles[p]
-		if !ok {
-			if data, err = c.Bucket.Get(ctx, p); err != nil {
-				return nil, fmt.Errorf("%s: %w", p, err)
-			}
-			tiles[p] = data
-		}
-		if out[i], err = tlog.HashFromTile(t, data, idx); err != nil {
-			return nil, fmt.Errorf("%s: %w", p, err)
-		}
-	}
-	return out, nil
 }

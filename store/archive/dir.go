@@ -7,29 +7,49 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"os"
-	"path/filepath"
+	"path"
+	"syscall"
 
 	"github.com/kmsd-project/kmsd/api/layout"
 	"github.com/kmsd-project/kmsd/kms"
 )
 
 // Dir is an archive in a directory, laid out as the tlog-tiles paths, so
-// that any static file server serves it as the log.
+// that any static file server serves it as the log. Every operation goes
+// through an os.Root on the directory: no path, symbolic link or ".."
+// leads outside it; and only regular files are read, each no larger than
+// its kind of resource can be (MaxSize), so a link to a device, a FIFO or
+// a sparse giant planted in the archive is refused, never read.
 type Dir struct {
 	Root string
 }
 
 func (d Dir) String() string { return d.Root }
 
-// file is path's file under the root. Paths come from api/layout; one
-// that is not a tlog-tiles path is refused.
-func (d Dir) file(path string) (string, error) {
-	if _, err := layout.Parse(path); err != nil {
-		return "", fmt.Errorf("%w: %q", err, path)
+// MaxSize is the largest a resource at path can be: a full tile, a full
+// bundle of the largest entries, or a signed checkpoint.
+func MaxSize(p string) int64 {
+	r, err := layout.Parse(p)
+	switch {
+	case err != nil:
+		return 0
+	case r.Checkpoint:
+		return 64 << 10
+	case r.Entries:
+		return int64(r.Width) * (2 + layout.MaxEntry)
 	}
-	return filepath.Join(d.Root, filepath.FromSlash(path)), nil
+	return int64(r.Width) * layout.HashSize
+}
+
+// open checks p and opens the directory as a root.
+func (d Dir) open(p string) (*os.Root, error) {
+	if _, err := layout.Parse(p); err != nil {
+		return nil, fmt.Errorf("%w: %q", err, p)
+	}
+	return os.OpenRoot(d.Root)
 }
 
 // Put writes data to a temporary file beside the target, fsyncs it, and
@@ -37,58 +57,90 @@ func (d Dir) file(path string) (string, error) {
 // over the target (mutable), and fsyncs the directory. A crash leaves
 // the target as it was or whole, never partly written; at worst a
 // temporary file (".tmp-*"), which no path names.
-func (d Dir) Put(ctx context.Context, path string, data []byte, immutable bool) error {
-	name, err := d.file(path)
+func (d Dir) Put(ctx context.Context, p string, data []byte, immutable bool) error {
+	root, err := d.open(p)
 	if err != nil {
 		return err
 	}
-	dir := filepath.Dir(name)
-	if err := mkdirAll(dir); err != nil {
+	defer root.Close()
+	dir := path.Dir(p)
+	if err := mkdirAll(root, dir); err != nil {
 		return err
 	}
 	suffix := make([]byte, 8)
 	rand.Read(suffix)
-	tmp := filepath.Join(dir, ".tmp-"+hex.EncodeToString(suffix))
-	if err := writeSync(tmp, data); err != nil {
-		os.Remove(tmp)
+	tmp := path.Join(dir, ".tmp-"+hex.EncodeToString(suffix))
+	if err := writeSync(root, tmp, data); err != nil {
+		root.Remove(tmp)
 		return err
 	}
-	defer os.Remove(tmp)
+	defer root.Remove(tmp)
 	if immutable {
-		if err := os.Link(tmp, name); err != nil {
+		if err := root.Link(tmp, p); err != nil {
 			if !errors.Is(err, fs.ErrExist) {
 				return err
 			}
-			have, rerr := os.ReadFile(name)
+			have, rerr := readRegular(root, p)
 			if rerr != nil {
-				return rerr
+				return fmt.Errorf("%w: %s: %v", ErrConflict, p, rerr)
 			}
 			if !bytes.Equal(have, data) {
-				return fmt.Errorf("%w: %s", ErrConflict, path)
+				return fmt.Errorf("%w: %s", ErrConflict, p)
 			}
 			return nil // written before (a Sync cut short)
 		}
-	} else if err := os.Rename(tmp, name); err != nil {
+	} else if err := root.Rename(tmp, p); err != nil {
 		return err
 	}
-	return syncDir(dir)
+	return syncDir(root, dir)
 }
 
-// Get reads the resource at path.
-func (d Dir) Get(ctx context.Context, path string) ([]byte, error) {
-	name, err := d.file(path)
+// Get reads the resource at p: a regular file no larger than MaxSize(p).
+func (d Dir) Get(ctx context.Context, p string) ([]byte, error) {
+	root, err := d.open(p)
 	if err != nil {
 		return nil, err
 	}
-	b, err := os.ReadFile(name)
+	defer root.Close()
+	b, err := readRegular(root, p)
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil, kms.Wrap(kms.KindNotFound, "archive", err)
 	}
 	return b, err
 }
 
-func writeSync(name string, data []byte) error {
-	f, err := os.OpenFile(name, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o644)
+// readRegular reads p if it is a regular file within its size bound,
+// without following a link in its last element and without blocking on a
+// FIFO.
+func readRegular(root *os.Root, p string) ([]byte, error) {
+	f, err := root.OpenFile(p, os.O_RDONLY|syscall.O_NOFOLLOW|syscall.O_NONBLOCK, 0)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return nil, err
+	}
+	max := MaxSize(p)
+	if !fi.Mode().IsRegular() {
+		return nil, fmt.Errorf("%s is not a regular file", p)
+	}
+	if fi.Size() > max {
+		return nil, fmt.Errorf("%s is %d bytes, more than such a resource can be (%d)", p, fi.Size(), max)
+	}
+	b, err := io.ReadAll(io.LimitReader(f, max+1))
+	if err != nil {
+		return nil, err
+	}
+	if int64(len(b)) > max {
+		return nil, fmt.Errorf("%s is more than %d bytes", p, max)
+	}
+	return b, nil
+}
+
+func writeSync(root *os.Root, name string, data []byte) error {
+	f, err := root.OpenFile(name, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o644)
 	if err != nil {
 		return err
 	}
@@ -103,8 +155,8 @@ func writeSync(name string, data []byte) error {
 	return f.Close()
 }
 
-func syncDir(dir string) error {
-	f, err := os.Open(dir)
+func syncDir(root *os.Root, dir string) error {
+	f, err := root.Open(dir)
 	if err != nil {
 		return err
 	}
@@ -112,23 +164,24 @@ func syncDir(dir string) error {
 	return f.Sync()
 }
 
-// mkdirAll makes dir and the directories above it that are missing, each
-// made durable in its parent.
-func mkdirAll(dir string) error {
-	if fi, err := os.Stat(dir); err == nil {
+// mkdirAll makes dir and the directories above it that are missing (all
+// inside the root), each made durable in its parent.
+func mkdirAll(root *os.Root, dir string) error {
+	if dir == "." {
+		return nil
+	}
+	if fi, err := root.Lstat(dir); err == nil {
 		if !fi.IsDir() {
 			return fmt.Errorf("%s is not a directory", dir)
 		}
 		return nil
 	}
-	parent := filepath.Dir(dir)
-	if parent != dir {
-		if err := mkdirAll(parent); err != nil {
-			return err
-		}
-	}
-	if err := os.Mkdir(dir, 0o755); err != nil && !errors.Is(err, fs.ErrExist) {
+	parent := path.Dir(dir)
+	if err := mkdirAll(root, parent); err != nil {
 		return err
 	}
-	return syncDir(parent)
+	if err := root.Mkdir(dir, 0o755); err != nil && !errors.Is(err, fs.ErrExist) {
+		return err
+	}
+	return syncDir(root, parent)
 }

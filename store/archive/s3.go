@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"strings"
 
 	"github.com/minio/minio-go/v7"
 
@@ -94,12 +95,16 @@ func (s *S3) get(ctx context.Context, name string) ([]byte, error) {
 		return nil, fmt.Errorf("s3 archive: get %s: %w", name, err)
 	}
 	defer o.Close()
-	b, err := io.ReadAll(io.LimitReader(o, 1<<24))
+	max := MaxSize(strings.TrimPrefix(name, s.prefix))
+	b, err := io.ReadAll(io.LimitReader(o, max+1))
 	if err != nil {
 		if s3conn.NotFound(err) {
 			return nil, kms.Wrap(kms.KindNotFound, "s3 archive", err)
 		}
 		return nil, fmt.Errorf("s3 archive: get %s: %w", name, err)
+	}
+	if int64(len(b)) > max {
+		return nil, fmt.Errorf("s3 archive: %s is more than such a resource can be (%d bytes)", name, max)
 	}
 	return b, nil
 }

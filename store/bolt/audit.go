@@ -120,7 +120,7 @@ const pruneBatch = 2048
 // PruneRows implements engine.Pruner: bbolt frees the pages of the rows
 // deleted and reuses them for the rows appended later, so the file stops
 // growing once retention is reached.
-func (s *Store) PruneRows(ctx context.Context, below uint64, keep func(uint64) bool) (int, error) {
+func (s *Store) PruneRows(ctx context.Context, below uint64) (int, error) {
 	n := 0
 	err := s.update(func(r *rtx) error {
 		n = 0
@@ -131,6 +131,7 @@ func (s *Store) PruneRows(ctx context.Context, below uint64, keep func(uint64) b
 		if below < old {
 			below = old
 		}
+		keep := engine.Keep(below)
 		b := r.Bucket(bucketAuditRecords)
 		var del [][]byte
 		c := b.Cursor()

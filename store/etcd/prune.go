@@ -25,7 +25,7 @@ func (s *Store) prunedK() string { return s.p + "a/pruned" }
 // absent is a digested record ("a/pruned"), written with the deletions
 // and compared on its revision, so two replicas pruning at once do not
 // both move it.
-func (s *Store) PruneRows(ctx context.Context, below uint64, keep func(uint64) bool) (int, error) {
+func (s *Store) PruneRows(ctx context.Context, below uint64) (int, error) {
 	resp, err := s.get(ctx, s.prunedK())
 	if err != nil {
 		return 0, err
@@ -47,6 +47,7 @@ func (s *Store) PruneRows(ctx context.Context, below uint64, keep func(uint64) b
 	if below < old {
 		below = old
 	}
+	keep := engine.Keep(below)
 	rows, err := s.get(ctx, s.rowK(0), clientv3.WithRange(s.rowK(below)), clientv3.WithKeysOnly(), clientv3.WithLimit(pruneBatch+64))
 	if err != nil {
 		return 0, err
