@@ -13,11 +13,13 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
+	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/kmsd-project/kmsd/api"
 	"github.com/kmsd-project/kmsd/api/client"
+	"github.com/kmsd-project/kmsd/api/layout"
 	"github.com/kmsd-project/kmsd/audit"
 	"github.com/kmsd-project/kmsd/audit/engine"
 	"github.com/kmsd-project/kmsd/he"
@@ -92,6 +94,9 @@ type App struct {
 	Archiver       *archive.Writer // nil without an archive
 	pruner         prunable        // nil without retention
 	failingSince   atomic.Int64    // unix ns since the archive fails to be written; 0: it does not
+	seenMu         sync.Mutex
+	seen           uint64 // the archive's checkpoint size, as a non-leading replica last read it
+	seenAt         time.Time
 	Blobs          he.Blobs
 	API            *api.Server
 	Identity       []byte // the identity public key
@@ -297,7 +302,7 @@ func (a *App) Start() {
 
 // archiveStatus is where the archive stands, for /readyz.
 func (a *App) archiveStatus(ctx context.Context) *client.ArchiveStatus {
-	st := &client.ArchiveStatus{Archived: a.Archiver.Archived()}
+	st := &client.ArchiveStatus{Archived: a.archivedSeen(ctx)}
 	if size, _, err := a.cfg.AuditStore.LatestCheckpoint(ctx); err == nil && size > st.Archived {
 		st.Lag = size - st.Archived
 	}
@@ -308,6 +313,30 @@ func (a *App) archiveStatus(ctx context.Context) *client.ArchiveStatus {
 		st.FailingSince = time.Unix(0, ns).UTC().Format(time.RFC3339)
 	}
 	return st
+}
+
+// archivedSeen is what the archive covers: what this process's writer
+// last wrote, or, on a replica that does not lead the archiving, what the
+// archive's checkpoint says, read at most every 10 s (an unauthenticated
+// /readyz must not become a stream of reads of the bucket).
+func (a *App) archivedSeen(ctx context.Context) uint64 {
+	if n := a.Archiver.Archived(); n > 0 {
+		return n
+	}
+	a.seenMu.Lock()
+	defer a.seenMu.Unlock()
+	if time.Since(a.seenAt) < 10*time.Second {
+		return a.seen
+	}
+	a.seenAt = time.Now()
+	rctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	if b, err := a.cfg.Archive.Get(rctx, layout.CheckpointPath); err == nil {
+		if n, err := archive.CheckpointSize(b); err == nil {
+			a.seen = n
+		}
+	}
+	return a.seen
 }
 
 // retain prunes from the store the records older than AuditRetain that
