@@ -1030,6 +1030,13 @@ func (l *Log) TrustedRoot(ctx context.Context, n uint64) (tlog.Hash, error) {
 	if pb := l.prunedBelow.Load(); n < pb {
 		return tlog.Hash{}, fmt.Errorf("audit: the store was pruned below %d: it cannot vouch for the tree of %d records", pb, n)
 	}
+	size, err := l.AuditSize(ctx)
+	if err != nil {
+		return tlog.Hash{}, err
+	}
+	if n > size {
+		return tlog.Hash{}, fmt.Errorf("audit: the log has %d records, not %d", size, n)
+	}
 	return tlog.TreeHash(int64(n), tlog.HashReaderFunc(func(idx []int64) ([]tlog.Hash, error) {
 		hs, err := l.auditHashes(ctx, idx, true)
 		if err != nil {

@@ -398,6 +398,27 @@ func (a *App) retain(ctx context.Context, archived uint64) error {
 	return nil
 }
 
+// archivePass is one Sync; a panic in it (a bug reached through what the
+// archive holds) is an error of the pass, never the end of kmsd.
+func (a *App) archivePass(ctx context.Context) (n uint64, err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			n, err = a.Archiver.Archived(), fmt.Errorf("archive pass failed: %v", r)
+		}
+	}()
+	return a.Archiver.Sync(ctx)
+}
+
+// retainPass is retain, a panic in it an error of the pass.
+func (a *App) retainPass(ctx context.Context, archived uint64) (err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			err = fmt.Errorf("retention pass failed: %v", r)
+		}
+	}()
+	return a.retain(ctx, archived)
+}
+
 // runArchive brings the archive up to the newest checkpoint every
 // ArchiveInterval until ctx ends. While it fails (a full or unwritable
 // archive, S3 down) kmsd goes on serving and auditing: the log says so
@@ -412,9 +433,9 @@ func (a *App) runArchive(ctx context.Context) {
 	defer t.Stop()
 	var failingSince, lastSaid time.Time
 	for {
-		n, err := a.Archiver.Sync(ctx)
+		n, err := a.archivePass(ctx)
 		if err == nil && a.pruner != nil {
-			if rerr := a.retain(ctx, n); rerr != nil && ctx.Err() == nil {
+			if rerr := a.retainPass(ctx, n); rerr != nil && ctx.Err() == nil {
 				// Nothing is lost: the store keeps what it did not prune.
 				a.log.Warn("audit retention: the store keeps its rows for now; retrying at the next archive pass", "err", rerr)
 			}

@@ -107,8 +107,20 @@ func CheckpointSize(note []byte) (uint64, error) {
 	if len(lines) < 3 {
 		return 0, errors.New("malformed checkpoint")
 	}
-	return strconv.ParseUint(lines[1], 10, 64)
+	n, err := strconv.ParseUint(lines[1], 10, 64)
+	if err != nil {
+		return 0, errors.New("malformed checkpoint: the size line")
+	}
+	// A tree of more records than an int64 counts is no log's (the tree
+	// code works in int64).
+	if n > MaxSize64 {
+		return 0, fmt.Errorf("malformed checkpoint: size %d", n)
+	}
+	return n, nil
 }
+
+// MaxSize64 bounds a checkpoint's size: 2^62 records.
+const MaxSize64 = 1 << 62
 
 // Sync archives everything the newest checkpoint covers that the archive
 // does not hold yet, then writes that checkpoint. It returns the size the

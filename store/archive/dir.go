@@ -44,10 +44,19 @@ func MaxSize(p string) int64 {
 	return int64(r.Width) * layout.HashSize
 }
 
-// open checks p and opens the directory as a root.
+// open checks p and opens the directory as a root; the directory itself
+// must be one, not a link to one (whose target whoever can write beside
+// it could change).
 func (d Dir) open(p string) (*os.Root, error) {
 	if _, err := layout.Parse(p); err != nil {
 		return nil, fmt.Errorf("%w: %q", err, p)
+	}
+	fi, err := os.Lstat(d.Root)
+	if err != nil {
+		return nil, err
+	}
+	if !fi.IsDir() {
+		return nil, fmt.Errorf("the archive %s is not a directory (a symbolic link is refused)", d.Root)
 	}
 	return os.OpenRoot(d.Root)
 }
@@ -126,6 +135,11 @@ func readRegular(root *os.Root, p string) ([]byte, error) {
 	if !fi.Mode().IsRegular() {
 		return nil, fmt.Errorf("%s is not a regular file", p)
 	}
+	// A hard link to a file elsewhere passes O_NOFOLLOW and the root:
+	// the archive's files have one link (its own) and kmsd's owner.
+	if st, ok := fi.Sys().(*syscall.Stat_t); ok && (st.Nlink != 1 || int(st.Uid) != os.Geteuid()) {
+		return nil, fmt.Errorf("%s has %d links or another owner: not a file kmsd wrote", p, st.Nlink)
+	}
 	if fi.Size() > max {
 		return nil, fmt.Errorf("%s is %d bytes, more than such a resource can be (%d)", p, fi.Size(), max)
 	}
@@ -156,7 +170,9 @@ func writeSync(root *os.Root, name string, data []byte) error {
 }
 
 func syncDir(root *os.Root, dir string) error {
-	f, err := root.Open(dir)
+	// A directory, not a link to something that blocks (a FIFO put in its
+	// place since it was made).
+	f, err := root.OpenFile(dir, os.O_RDONLY|syscall.O_DIRECTORY|syscall.O_NOFOLLOW|syscall.O_NONBLOCK, 0)
 	if err != nil {
 		return err
 	}

@@ -10,6 +10,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/kmsd-project/kmsd/api/layout"
 	"github.com/kmsd-project/kmsd/store/archive"
 )
@@ -158,5 +160,102 @@ func TestColdReadsAreProven(t *testing.T) {
 	l.SetCold(&archive.Cold{Bucket: d, Root: l.TrustedRoot})
 	if _, err := l.AuditRecords(ctx, 0, 10); err == nil || !strings.Contains(err.Error(), "not the store's") {
 		t.Fatalf("a checkpoint that is not this log's: %v", err)
+	}
+}
+
+// TestHugeCheckpointSizeIsAnError: a checkpoint whose size line is 2^63
+// or more (a negative tree size to the tree code, which panicked and took
+// kmsd down) is an error to the writer and the reader, not a panic.
+func TestHugeCheckpointSizeIsAnError(t *testing.T) {
+	f := newLog(t)
+	dir := t.TempDir()
+	ctx := context.Background()
+	l := f.store.Audit()
+	d := archive.Dir{Root: dir}
+	f.add(t, 300)
+	if _, err := (&archive.Writer{Bucket: d, Store: l, Root: l.TrustedRoot}).Sync(ctx); err != nil {
+		t.Fatal(err)
+	}
+	good, _ := os.ReadFile(filepath.Join(dir, layout.CheckpointPath))
+	for _, size := range []string{"9223372036854775808", "18446744073709551615", "4611686018427387905"} {
+		os.WriteFile(filepath.Join(dir, layout.CheckpointPath), bytes.Replace(good, []byte("\n300\n"), []byte("\n"+size+"\n"), 1), 0o644)
+		if _, err := (&archive.Writer{Bucket: d, Store: l, Root: l.TrustedRoot}).Sync(ctx); err == nil {
+			t.Errorf("size %s: a writer took it", size)
+		}
+		if _, err := (&archive.Cold{Bucket: d, Root: l.TrustedRoot}).ColdRecords(ctx, 0, 10); err == nil {
+			t.Errorf("size %s: a reader took it", size)
+		}
+	}
+}
+
+// TestHardLinksAndALinkedRootAreRefused: a tile that is a hard link to a
+// file outside the archive (O_NOFOLLOW and the root do not see it) is not
+// read, and an archive directory that is itself a symbolic link is not
+// followed.
+func TestHardLinksAndALinkedRootAreRefused(t *testing.T) {
+	f := newLog(t)
+	dir := t.TempDir()
+	ctx := context.Background()
+	d := archive.Dir{Root: dir}
+	f.add(t, 300)
+	if _, err := (&archive.Writer{Bucket: d, Store: f.store.Audit()}).Sync(ctx); err != nil {
+		t.Fatal(err)
+	}
+	secret := filepath.Join(dir, "..", "outside-secret")
+	os.WriteFile(secret, make([]byte, 8192), 0o600)
+	tile := filepath.Join(dir, layout.TilePath(0, 0, 0))
+	os.Remove(tile)
+	if err := os.Link(secret, tile); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := d.Get(ctx, layout.TilePath(0, 0, 0)); err == nil {
+		t.Fatal("a tile hard-linked to an outside file was read")
+	}
+	elsewhere := t.TempDir()
+	link := filepath.Join(t.TempDir(), "archive")
+	os.Symlink(elsewhere, link)
+	if err := (archive.Dir{Root: link}).Put(ctx, layout.CheckpointPath, []byte("x\n1\nAAAA\n"), false); err == nil {
+		t.Fatal("an archive that is a symbolic link was written through")
+	}
+	if ents, _ := os.ReadDir(elsewhere); len(ents) > 0 {
+		t.Fatalf("wrote %d files through a linked archive directory", len(ents))
+	}
+}
+
+// TestPutNeverBlocksOnADirectorySwappedForAFIFO: a directory swapped, over
+// and over, with a link to a FIFO while kmsd writes into it makes a write
+// fail, never hang (the directory's fsync opened the FIFO and blocked for
+// ever, holding the archive).
+func TestPutNeverBlocksOnADirectorySwappedForAFIFO(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	d := archive.Dir{Root: dir}
+	if err := syscall.Mkfifo(filepath.Join(dir, "fifo"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	os.MkdirAll(filepath.Join(dir, "tile", "0"), 0o755)
+	stop := make(chan struct{})
+	defer close(stop)
+	go func() {
+		real, link := filepath.Join(dir, "tile", "0"), filepath.Join(dir, "tile", "0.link")
+		os.Symlink("../fifo", link)
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			unix.Renameat2(unix.AT_FDCWD, real, unix.AT_FDCWD, link, unix.RENAME_EXCHANGE)
+		}
+	}()
+	deadline := time.Now().Add(6 * time.Second)
+	for i := 0; time.Now().Before(deadline); i++ {
+		done := make(chan error, 1)
+		go func() { done <- d.Put(ctx, layout.TilePath(0, uint64(i), 0), make([]byte, 32*256), true) }()
+		select {
+		case <-done:
+		case <-time.After(3 * time.Second):
+			t.Fatalf("Put %d still blocked after 3 s", i)
+		}
 	}
 }
