@@ -559,6 +559,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 		DestroyInterval: c.destroyInterval,
 		Lead:            st.Lead,
 		Archive:         arch,
+		ArchiveProgress: st,
 		AuditRetain:     c.auditRetain,
 		AdminToken: func(tok string) error {
 			if tok == "" {

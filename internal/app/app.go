@@ -68,6 +68,10 @@ type Config struct {
 	// log: whatever a checkpoint covers is written there (by the
 	// "archive" leader) and served under /v1/audit/tiles/.
 	Archive archive.Bucket
+	// ArchiveProgress keeps in the store how far the archive went (kmsd:
+	// the store's metadata), so that an archive rolled back or wiped is
+	// found.
+	ArchiveProgress archive.Progress
 	// ArchiveInterval is how often the archive catches up with the
 	// newest checkpoint (default 1s).
 	ArchiveInterval time.Duration
@@ -192,7 +196,7 @@ func New(ctx context.Context, cfg Config) (*App, error) {
 		opts.Audit, opts.Prover = cfg.AuditStore, a.Audit
 		p, _ := cfg.AuditStore.(prunable)
 		if cfg.Archive != nil {
-			a.Archiver = &archive.Writer{Bucket: cfg.Archive, Store: cfg.AuditStore, Logger: log}
+			a.Archiver = &archive.Writer{Bucket: cfg.Archive, Store: cfg.AuditStore, Logger: log, Progress: cfg.ArchiveProgress}
 			opts.Tiles = cfg.Archive
 			opts.ArchiveStatus = a.archiveStatus
 			if p != nil {

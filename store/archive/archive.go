@@ -50,10 +50,41 @@ type Writer struct {
 	// Root is the root of the log's tree of size n from the store's own
 	// rows (engine.Log.TrustedRoot); nil: computed from Store's hashes.
 	Root func(ctx context.Context, n uint64) (tlog.Hash, error)
+	// Progress, if set, keeps in the store (tagged, digested) how much the
+	// archive holds, so that an archive rolled back or wiped under kmsd
+	// (an older checkpoint put back, files deleted) is found, not written
+	// over as if it were whole.
+	Progress Progress
 
 	mu       sync.Mutex
 	archived atomic.Uint64 // the size the archive's checkpoint covers
 	loaded   bool
+}
+
+// Progress is where a Writer keeps how far the archive went: kmsd's
+// metadata in its store (store.Backend).
+type Progress interface {
+	Meta(key string) ([]byte, error)
+	PutMeta(key string, value []byte) error
+}
+
+// progressKey is the metadata record of the size the archive holds.
+const progressKey = "x-audit-archived"
+
+// ErrRolledBack: the archive holds less than it did (its checkpoint went
+// back, or is gone): kmsd does not write over it.
+var ErrRolledBack = errors.New("the audit archive holds less than it did: it was rolled back or wiped (restore it; kmsd does not write over it)")
+
+// recorded is the size the store says the archive held (0: none yet).
+func (w *Writer) recorded() (uint64, error) {
+	if w.Progress == nil {
+		return 0, nil
+	}
+	b, err := w.Progress.Meta(progressKey)
+	if err != nil || b == nil {
+		return 0, err
+	}
+	return strconv.ParseUint(string(b), 10, 64)
 }
 
 // Archived is the tree size the archive's checkpoint covers (0 before the
@@ -130,21 +161,37 @@ const MaxSize64 = 1 << 62
 func (w *Writer) Sync(ctx context.Context) (uint64, error) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	if !w.loaded {
-		b, err := w.Bucket.Get(ctx, layout.CheckpointPath)
-		switch {
-		case errors.Is(err, kms.ErrNotFound):
-		case err != nil:
-			return 0, fmt.Errorf("read the archive's checkpoint: %w", err)
-		default:
-			from, err := w.resumeFrom(ctx, b)
-			if err != nil {
-				return 0, err
-			}
-			w.archived.Store(from)
+	// The archive's checkpoint, read at every pass: an archive that went
+	// back under kmsd (or since the store recorded its size) is refused.
+	b, err := w.Bucket.Get(ctx, layout.CheckpointPath)
+	var have uint64
+	switch {
+	case errors.Is(err, kms.ErrNotFound):
+	case err != nil:
+		return w.archived.Load(), fmt.Errorf("read the archive's checkpoint: %w", err)
+	default:
+		if have, err = CheckpointSize(b); err != nil {
+			return w.archived.Load(), fmt.Errorf("the archive's checkpoint: %w", err)
 		}
-		w.loaded = true
 	}
+	rec, err := w.recorded()
+	if err != nil {
+		return w.archived.Load(), fmt.Errorf("read how far the archive went: %w", err)
+	}
+	if have < max(rec, w.archived.Load()) {
+		return w.archived.Load(), fmt.Errorf("%w: its checkpoint covers %d records, it held %d", ErrRolledBack, have, max(rec, w.archived.Load()))
+	}
+	if !w.loaded && have > 0 {
+		from, err := w.resumeFrom(ctx, b)
+		if err != nil {
+			return 0, err
+		}
+		if from < rec {
+			return 0, fmt.Errorf("%w: its checkpoint is not this log's, and it held %d records", ErrRolledBack, rec)
+		}
+		w.archived.Store(from)
+	}
+	w.loaded = true
 	size, note, err := w.Store.LatestCheckpoint(ctx)
 	if errors.Is(err, kms.ErrNotFound) || (err == nil && size <= w.archived.Load()) {
 		return w.archived.Load(), nil
@@ -182,6 +229,11 @@ func (w *Writer) Sync(ctx context.Context) (uint64, error) {
 	}
 	if err := w.Bucket.Put(ctx, layout.CheckpointPath, note, false); err != nil {
 		return w.archived.Load(), fmt.Errorf("archive the checkpoint: %w", err)
+	}
+	if w.Progress != nil {
+		if err := w.Progress.PutMeta(progressKey, []byte(strconv.FormatUint(size, 10))); err != nil {
+			return w.archived.Load(), fmt.Errorf("record how far the archive went: %w", err)
+		}
 	}
 	w.archived.Store(size)
 	return size, nil

@@ -3,6 +3,7 @@ package archive_test
 import (
 	"bytes"
 	"context"
+	"errors"
 	"os"
 	"path/filepath"
 	"strings"
@@ -257,5 +258,50 @@ func TestPutNeverBlocksOnADirectorySwappedForAFIFO(t *testing.T) {
 		case <-time.After(3 * time.Second):
 			t.Fatalf("Put %d still blocked after 3 s", i)
 		}
+	}
+}
+
+// TestArchiveRolledBackIsRefused: with the store keeping how far the
+// archive went, an archive whose checkpoint was put back to an older
+// (genuine) one, or that was wiped, is refused, at a restart and under a
+// running writer, instead of being written on as if it were whole (which
+// left a gap for good, or rewrote only what the store still held).
+func TestArchiveRolledBackIsRefused(t *testing.T) {
+	f := newLog(t)
+	dir := t.TempDir()
+	ctx := context.Background()
+	l := f.store.Audit()
+	d := archive.Dir{Root: dir}
+	w := &archive.Writer{Bucket: d, Store: l, Root: l.TrustedRoot, Progress: f.store}
+	f.add(t, 300)
+	if _, err := w.Sync(ctx); err != nil {
+		t.Fatal(err)
+	}
+	older, _ := os.ReadFile(filepath.Join(dir, layout.CheckpointPath))
+	f.add(t, 300)
+	if n, err := w.Sync(ctx); err != nil || n != 600 {
+		t.Fatalf("sync: %d %v", n, err)
+	}
+	cp := filepath.Join(dir, layout.CheckpointPath)
+	newer, _ := os.ReadFile(cp)
+	os.WriteFile(cp, older, 0o644)
+	if _, err := (&archive.Writer{Bucket: d, Store: l, Root: l.TrustedRoot, Progress: f.store}).Sync(ctx); !errors.Is(err, archive.ErrRolledBack) {
+		t.Fatalf("an older checkpoint put back, at a restart: %v", err)
+	}
+	if _, err := w.Sync(ctx); !errors.Is(err, archive.ErrRolledBack) {
+		t.Fatalf("an older checkpoint put back, under a running writer: %v", err)
+	}
+	os.RemoveAll(filepath.Join(dir, "tile"))
+	os.Remove(cp)
+	f.add(t, 10)
+	if _, err := w.Sync(ctx); !errors.Is(err, archive.ErrRolledBack) {
+		t.Fatalf("a wiped archive: %v", err)
+	}
+	if _, err := os.Stat(cp); err == nil {
+		t.Fatal("a checkpoint was written over a wiped archive")
+	}
+	os.WriteFile(cp, newer, 0o644) // restored (its tiles are not: verify finds that)
+	if _, err := archive.Verify(ctx, d, f.pub); err == nil {
+		t.Fatal("a wiped archive verified")
 	}
 }
