@@ -455,9 +455,9 @@ func (a *App) runArchive(ctx context.Context) {
 				lastSaid = time.Now()
 			}
 		case err == nil && !failingSince.IsZero():
+			a.failingSince.Store(0) // before the log line: /readyz agrees with it
 			a.log.Info("audit archive: writing again", "archive", a.cfg.Archive.String(), "archived", n, "failed_for", time.Since(failingSince).Round(time.Second).String())
 			failingSince, lastSaid = time.Time{}, time.Time{}
-			a.failingSince.Store(0)
 		}
 		select {
 		case <-ctx.Done():
