@@ -50,9 +50,12 @@ func New(cfg Config) *Log {
 }
 
 // HashReader reads the tree's stored hashes.
-func (l *Log) HashReader(ctx context.Context) tlog.HashReader {
+func (l *Log) HashReader(ctx context.Context) tlog.HashReader { return HashReader(ctx, l.cfg.Store) }
+
+// HashReader reads a log's stored tree hashes from its store.
+func HashReader(ctx context.Context, s kms.AuditStore) tlog.HashReader {
 	return tlog.HashReaderFunc(func(idx []int64) ([]tlog.Hash, error) {
-		hs, err := l.cfg.Store.AuditHashes(ctx, idx)
+		hs, err := s.AuditHashes(ctx, idx)
 		if err != nil {
 			return nil, err
 		}

@@ -72,11 +72,12 @@ kmsd_deps() {
 }
 
 # kmsd_bench_deps: what the benchmark scripts use besides kmsd's own needs
-# (wrk loads, curl waits for readiness and sets up keys).
+# (wrk loads, curl waits for readiness and sets up keys, jq reads answers).
 kmsd_bench_deps() {
   local need=()
   command -v wrk >/dev/null 2>&1 || need+=(wrk)
   command -v curl >/dev/null 2>&1 || need+=(curl)
+  command -v jq >/dev/null 2>&1 || need+=(jq) # bench-archive.sh reads /readyz
   if [ ${#need[@]} -gt 0 ]; then
     echo "installing: ${need[*]}" >&2
     kmsd_apt_install "${need[@]}"

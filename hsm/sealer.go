@@ -405,27 +405,10 @@ func mechanisms(mod Module, slot uint) (map[uint]bool, error) {
 	return have, nil
 }
 
+// kekTemplate is the KEK: encrypt and decrypt only (no wrapping of token
+// keys, no MACs).
 func kekTemplate(label string, id []byte) []*pkcs11.Attribute {
-	return []*pkcs11.Attribute{
-		pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_SECRET_KEY),
-		pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_AES),
-		pkcs11.NewAttribute(pkcs11.CKA_VALUE_LEN, 32),
-		pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true),
-		pkcs11.NewAttribute(pkcs11.CKA_PRIVATE, true),
-		pkcs11.NewAttribute(pkcs11.CKA_SENSITIVE, true),
-		pkcs11.NewAttribute(pkcs11.CKA_EXTRACTABLE, false),
-		pkcs11.NewAttribute(pkcs11.CKA_ENCRYPT, true),
-		pkcs11.NewAttribute(pkcs11.CKA_DECRYPT, true),
-		// Only encrypt/decrypt: no wrapping of token keys, no MACs.
-		pkcs11.NewAttribute(pkcs11.CKA_WRAP, false),
-		pkcs11.NewAttribute(pkcs11.CKA_UNWRAP, false),
-		pkcs11.NewAttribute(pkcs11.CKA_SIGN, false),
-		pkcs11.NewAttribute(pkcs11.CKA_VERIFY, false),
-		pkcs11.NewAttribute(pkcs11.CKA_DERIVE, false),
-		pkcs11.NewAttribute(pkcs11.CKA_MODIFIABLE, false),
-		pkcs11.NewAttribute(pkcs11.CKA_LABEL, label),
-		pkcs11.NewAttribute(pkcs11.CKA_ID, id),
-	}
+	return kekKey.template(label, id)
 }
 
 func findByLabel(mod Module, sh pkcs11.SessionHandle, label string, id ...[]byte) ([]pkcs11.ObjectHandle, error) {
@@ -954,17 +937,20 @@ func (s *Sealer) chooseProfile(c *conn) (Profile, error) {
 	return "", fmt.Errorf("%w: the token can do no wrap profile (%s)", kind, strings.Join(why, "; "))
 }
 
-// sideKey is a token key a profile uses beside the KEK, made with it and
-// bearing its id: cbc-hmac's MAC key, kwp's wrap-only key.
+// sideKey is a key kmsd makes in the token: the KEK, and the keys a
+// profile uses beside it, made with it and bearing its id (cbc-hmac's MAC
+// key, kwp's wrap-only key). Each can do one thing.
 type sideKey struct {
 	name    string // for messages
 	keyType uint
 	gen     uint // the key generation mechanism
+	crypt   bool // CKA_ENCRYPT, CKA_DECRYPT (the KEK)
 	sign    bool // CKA_SIGN, CKA_VERIFY
 	wrap    bool // CKA_WRAP, CKA_UNWRAP
 }
 
 var (
+	kekKey = sideKey{name: "KEK", keyType: pkcs11.CKK_AES, gen: pkcs11.CKM_AES_KEY_GEN, crypt: true}
 	macKey = sideKey{name: "MAC key", keyType: pkcs11.CKK_GENERIC_SECRET, gen: pkcs11.CKM_GENERIC_SECRET_KEY_GEN, sign: true}
 	kwpKey = sideKey{name: "key-wrap key", keyType: pkcs11.CKK_AES, gen: pkcs11.CKM_AES_KEY_GEN, wrap: true}
 )
@@ -986,9 +972,9 @@ func (k sideKey) allowed() *pkcs11.Attribute {
 	return pkcs11.NewAttribute(pkcs11.CKA_ALLOWED_MECHANISMS, v)
 }
 
-// template is the side key: 256 bits, in the token, sensitive, never
-// extractable, with the KEK's id, and able to do one thing: sign (the MAC
-// key) or wrap (the key-wrap key), never encrypt or decrypt.
+// template is the key: 256 bits, in the token, sensitive, never
+// extractable, with the KEK's id, and able to do one thing: encrypt and
+// decrypt (the KEK), sign (the MAC key) or wrap (the key-wrap key).
 func (k sideKey) template(label string, id []byte) []*pkcs11.Attribute {
 	return []*pkcs11.Attribute{
 		pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_SECRET_KEY),
@@ -1000,8 +986,8 @@ func (k sideKey) template(label string, id []byte) []*pkcs11.Attribute {
 		pkcs11.NewAttribute(pkcs11.CKA_EXTRACTABLE, false),
 		pkcs11.NewAttribute(pkcs11.CKA_SIGN, k.sign),
 		pkcs11.NewAttribute(pkcs11.CKA_VERIFY, k.sign),
-		pkcs11.NewAttribute(pkcs11.CKA_ENCRYPT, false),
-		pkcs11.NewAttribute(pkcs11.CKA_DECRYPT, false),
+		pkcs11.NewAttribute(pkcs11.CKA_ENCRYPT, k.crypt),
+		pkcs11.NewAttribute(pkcs11.CKA_DECRYPT, k.crypt),
 		pkcs11.NewAttribute(pkcs11.CKA_WRAP, k.wrap),
 		pkcs11.NewAttribute(pkcs11.CKA_UNWRAP, k.wrap),
 		pkcs11.NewAttribute(pkcs11.CKA_DERIVE, false),

@@ -270,15 +270,7 @@ func kwpValue(dek, aad []byte) []byte {
 // wrapKey, then is destroyed. The data key is already in kmsd's memory:
 // it goes into the token, never out of the process.
 func kwpWrap(mod Module, sh pkcs11.SessionHandle, wrapKey pkcs11.ObjectHandle, mech uint, value []byte) ([]byte, error) {
-	obj, err := mod.CreateObject(sh, []*pkcs11.Attribute{
-		pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_SECRET_KEY),
-		pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_GENERIC_SECRET),
-		pkcs11.NewAttribute(pkcs11.CKA_TOKEN, false),
-		pkcs11.NewAttribute(pkcs11.CKA_PRIVATE, true),
-		pkcs11.NewAttribute(pkcs11.CKA_SENSITIVE, false),
-		pkcs11.NewAttribute(pkcs11.CKA_EXTRACTABLE, true),
-		pkcs11.NewAttribute(pkcs11.CKA_VALUE, value),
-	})
+	obj, err := mod.CreateObject(sh, append(dataKeyObject(), pkcs11.NewAttribute(pkcs11.CKA_VALUE, value)))
 	if err != nil {
 		return nil, fmt.Errorf("C_CreateObject (the data key to wrap): %w", err)
 	}
@@ -306,17 +298,24 @@ func destroyKeyObject(mod Module, sh pkcs11.SessionHandle, obj pkcs11.ObjectHand
 	return nil
 }
 
-// kwpUnwrap unwraps ct with the token's key wrap into a session object,
-// reads its value and destroys it.
-func kwpUnwrap(mod Module, sh pkcs11.SessionHandle, wrapKey pkcs11.ObjectHandle, mech uint, ct []byte) ([]byte, error) {
-	obj, err := mod.UnwrapKey(sh, []*pkcs11.Mechanism{pkcs11.NewMechanism(mech, nil)}, wrapKey, ct, []*pkcs11.Attribute{
+// dataKeyObject is the session object kwp passes a data key through: a
+// generic secret in this session only, readable by kmsd for the one call
+// (destroyed after it: destroyKeyObject).
+func dataKeyObject() []*pkcs11.Attribute {
+	return []*pkcs11.Attribute{
 		pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_SECRET_KEY),
 		pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_GENERIC_SECRET),
 		pkcs11.NewAttribute(pkcs11.CKA_TOKEN, false),
 		pkcs11.NewAttribute(pkcs11.CKA_PRIVATE, true),
 		pkcs11.NewAttribute(pkcs11.CKA_SENSITIVE, false),
 		pkcs11.NewAttribute(pkcs11.CKA_EXTRACTABLE, true),
-	})
+	}
+}
+
+// kwpUnwrap unwraps ct with the token's key wrap into a session object,
+// reads its value and destroys it.
+func kwpUnwrap(mod Module, sh pkcs11.SessionHandle, wrapKey pkcs11.ObjectHandle, mech uint, ct []byte) ([]byte, error) {
+	obj, err := mod.UnwrapKey(sh, []*pkcs11.Mechanism{pkcs11.NewMechanism(mech, nil)}, wrapKey, ct, dataKeyObject())
 	if err != nil {
 		return nil, fmt.Errorf("C_UnwrapKey: %w", err)
 	}

@@ -21,6 +21,7 @@ import (
 	"golang.org/x/mod/sumdb/tlog"
 
 	"github.com/kmsd-project/kmsd/api/layout"
+	"github.com/kmsd-project/kmsd/audit"
 	"github.com/kmsd-project/kmsd/kms"
 )
 
@@ -112,7 +113,7 @@ func (w *Writer) resumeFrom(ctx context.Context, note []byte) (uint64, error) {
 		if w.Root != nil {
 			root, err = w.Root(ctx, uint64(t.N))
 		} else {
-			root, err = tlog.TreeHash(t.N, hashReader(ctx, w.Store))
+			root, err = tlog.TreeHash(t.N, audit.HashReader(ctx, w.Store))
 		}
 	}
 	if uint64(t.N) > size || err != nil || root != t.Hash {
@@ -199,7 +200,7 @@ func (w *Writer) Sync(ctx context.Context) (uint64, error) {
 	if err != nil {
 		return w.archived.Load(), err
 	}
-	hr := hashReader(ctx, w.Store)
+	hr := audit.HashReader(ctx, w.Store)
 	done := w.archived.Load()
 	// Level 0: the entry bundles and the leaf hash tiles that became
 	// full; then every level above where a tile became full.
@@ -286,6 +287,24 @@ func Bundle(entries [][]byte) ([]byte, error) {
 	return b.Bytes(), nil
 }
 
+// readBundle reads entry bundle n of width w and splits it; an error
+// names the bundle.
+func readBundle(ctx context.Context, b Bucket, n uint64, w int) ([][]byte, error) {
+	p := layout.EntriesPath(n, w)
+	raw, err := b.Get(ctx, p)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", p, err)
+	}
+	entries, err := Entries(raw)
+	if err == nil && len(entries) != w {
+		err = fmt.Errorf("%d entries, want %d", len(entries), w)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", p, err)
+	}
+	return entries, nil
+}
+
 // Entries splits an entry bundle.
 func Entries(b []byte) ([][]byte, error) {
 	var out [][]byte
@@ -301,19 +320,4 @@ func Entries(b []byte) ([][]byte, error) {
 		b = b[2+n:]
 	}
 	return out, nil
-}
-
-// hashReader reads the tree's stored hashes from the store.
-func hashReader(ctx context.Context, s kms.AuditStore) tlog.HashReader {
-	return tlog.HashReaderFunc(func(idx []int64) ([]tlog.Hash, error) {
-		hs, err := s.AuditHashes(ctx, idx)
-		if err != nil {
-			return nil, err
-		}
-		out := make([]tlog.Hash, len(hs))
-		for i, h := range hs {
-			out[i] = h
-		}
-		return out, nil
-	})
 }

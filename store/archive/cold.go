@@ -138,16 +138,9 @@ func (c *Cold) ColdRecords(ctx context.Context, start, end uint64) ([][]byte, er
 	for n := start / layout.TileWidth; n*layout.TileWidth < end; n++ {
 		w := width(size, 0, n)
 		p := layout.EntriesPath(n, w)
-		b, err := c.Bucket.Get(ctx, p)
+		entries, err := readBundle(ctx, c.Bucket, n, w)
 		if err != nil {
-			return nil, fmt.Errorf("%s: %w", p, err)
-		}
-		entries, err := Entries(b)
-		if err == nil && len(entries) != w {
-			err = fmt.Errorf("%d entries, the archive's checkpoint says %d", len(entries), w)
-		}
-		if err != nil {
-			return nil, fmt.Errorf("%s: %w", p, err)
+			return nil, err
 		}
 		first := n * layout.TileWidth
 		var idx []int64

@@ -42,7 +42,7 @@ func Verify(ctx context.Context, b Bucket, pub []byte, saved ...[]byte) (*audit.
 	}
 	for n := uint64(0); uint64(len(leaves)) < c.Size; n++ {
 		w := width(n, 0)
-		tp, bp := layout.TilePath(0, n, w), layout.EntriesPath(n, w)
+		tp := layout.TilePath(0, n, w)
 		tile, err := b.Get(ctx, tp)
 		if err != nil {
 			return nil, fmt.Errorf("%s: %w", tp, err)
@@ -50,16 +50,9 @@ func Verify(ctx context.Context, b Bucket, pub []byte, saved ...[]byte) (*audit.
 		if len(tile) != w*layout.HashSize {
 			return nil, fmt.Errorf("%s: %d bytes, want %d", tp, len(tile), w*layout.HashSize)
 		}
-		bundle, err := b.Get(ctx, bp)
+		entries, err := readBundle(ctx, b, n, w)
 		if err != nil {
-			return nil, fmt.Errorf("%s: %w", bp, err)
-		}
-		entries, err := Entries(bundle)
-		if err == nil && len(entries) != w {
-			err = fmt.Errorf("%d entries, want %d", len(entries), w)
-		}
-		if err != nil {
-			return nil, fmt.Errorf("%s: %w", bp, err)
+			return nil, err
 		}
 		agree := true
 		for i, e := range entries {

@@ -14,7 +14,38 @@ import (
 	"github.com/kmsd-project/kmsd/audit/engine"
 	"github.com/kmsd-project/kmsd/kms"
 	"github.com/kmsd-project/kmsd/store/archive"
+	"github.com/kmsd-project/kmsd/store/etcd"
 )
+
+// auditFixture is an identity key and a checkpoint signer over the audit
+// log of s, and add, which appends n records to a replica's log from
+// several goroutines (so that they group-commit).
+func auditFixture(t *testing.T, s *etcd.Store) (pub []byte, log *audit.Log, add func(interface{ Audit() *engine.Log }, int)) {
+	pk, sk, _ := mldsa65.GenerateKey(rand.Reader)
+	pub, _ = pk.MarshalBinary()
+	sign := func(_ context.Context, msg []byte) ([]byte, error) {
+		sig := make([]byte, mldsa65.SignatureSize)
+		return sig, mldsa65.SignTo(sk, msg, nil, true, sig)
+	}
+	add = func(r interface{ Audit() *engine.Log }, n int) {
+		var wg sync.WaitGroup
+		for g := range 16 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for i := g; i < n; i += 16 {
+					rec := &kms.AuditRecord{Time: "2026-12-07T00:00:00Z", RequestID: fmt.Sprintf("r%d", i), Actor: "system", Operation: "GET /v1/keys", Status: 200}
+					if err := r.Audit().AppendAudit(context.Background(), rec); err != nil {
+						t.Error(err)
+						return
+					}
+				}
+			}()
+		}
+		wg.Wait()
+	}
+	return pub, audit.New(audit.Config{Store: s.Audit(), PublicKey: pub, Sign: sign}), add
+}
 
 // TestPruneToTheArchive: one replica prunes the audit log's rows to the
 // archive; another replica, which has not heard of it, reads the pruned
@@ -24,32 +55,7 @@ func TestPruneToTheArchive(t *testing.T) {
 	ctx := context.Background()
 	prefix := newPrefix(t)
 	a, b := open(t, prefix), open(t, prefix)
-	pk, sk, _ := mldsa65.GenerateKey(rand.Reader)
-	pub, _ := pk.MarshalBinary()
-	sign := func(_ context.Context, msg []byte) ([]byte, error) {
-		sig := make([]byte, mldsa65.SignatureSize)
-		return sig, mldsa65.SignTo(sk, msg, nil, true, sig)
-	}
-	la := audit.New(audit.Config{Store: a.Audit(), PublicKey: pub, Sign: sign})
-	add := func(s interface {
-		Audit() *engine.Log
-	}, n int) {
-		var wg sync.WaitGroup
-		for g := range 16 {
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				for i := g; i < n; i += 16 {
-					rec := &kms.AuditRecord{Time: "2026-12-07T00:00:00Z", RequestID: fmt.Sprintf("r%d", i), Actor: "system", Operation: "GET /v1/keys", Status: 200}
-					if err := s.Audit().AppendAudit(ctx, rec); err != nil {
-						t.Error(err)
-						return
-					}
-				}
-			}()
-		}
-		wg.Wait()
-	}
+	pub, la, add := auditFixture(t, a)
 	add(a, 600)
 	if _, err := la.Checkpoint(ctx); err != nil {
 		t.Fatal(err)
@@ -103,5 +109,45 @@ func TestPruneToTheArchive(t *testing.T) {
 	}
 	if res, _, err := audit.Verify(pub, recs, [][]byte{note}, nil); err != nil || res.Size != 700 {
 		t.Fatalf("verify after pruning: %v %v", res, err)
+	}
+}
+
+// An outside review's finding: two replicas pruning with different
+// views of the marker.
+
+// TestStalePruneKeepsTheMarkersRows: replica A prunes below 512
+// (Keep(512) = row 511). Replica B, whose in-memory marker is older (in
+// kmsd, a paused former "archive" leader that resumes mid-retain), prunes
+// below 300. The store raises B's `below` to the marker (512), and must
+// keep Keep(512)'s rows, not Keep(300)'s: row 511 holds the hash of [0,
+// 512), which every later checkpoint needs. (It was deleted: no checkpoint
+// could be signed again.)
+func TestStalePruneKeepsTheMarkersRows(t *testing.T) {
+	ctx := context.Background()
+	prefix := newPrefix(t)
+	a, b := open(t, prefix), open(t, prefix)
+	_, la, add := auditFixture(t, a)
+	add(a, 600)
+	if _, err := la.Checkpoint(ctx); err != nil {
+		t.Fatal(err)
+	}
+	dir := archive.Dir{Root: t.TempDir()}
+	if _, err := (&archive.Writer{Bucket: dir, Store: a.Audit()}).Sync(ctx); err != nil {
+		t.Fatal(err)
+	}
+	a.Audit().SetCold(&archive.Cold{Bucket: dir})
+	b.Audit().SetCold(&archive.Cold{Bucket: dir})
+	if _, err := a.Audit().Prune(ctx, 512); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.Audit().Prune(ctx, 300); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.ReadRows(ctx, 511, 512); err != nil {
+		t.Errorf("row 511 (kept by Keep(512), the hash of [0,512)) was deleted: %v", err)
+	}
+	add(a, 10)
+	if _, err := la.Checkpoint(ctx); err != nil {
+		t.Errorf("no checkpoint can be signed any more: %v", err)
 	}
 }
