@@ -405,12 +405,6 @@ func mechanisms(mod Module, slot uint) (map[uint]bool, error) {
 	return have, nil
 }
 
-// kekTemplate is the KEK: encrypt and decrypt only (no wrapping of token
-// keys, no MACs).
-func kekTemplate(label string, id []byte) []*pkcs11.Attribute {
-	return kekKey.template(label, id)
-}
-
 func findByLabel(mod Module, sh pkcs11.SessionHandle, label string, id ...[]byte) ([]pkcs11.ObjectHandle, error) {
 	tmpl := []*pkcs11.Attribute{
 		pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_SECRET_KEY),
@@ -462,7 +456,8 @@ func findOrCreateKEK(mod Module, sh pkcs11.SessionHandle, label, wantID string, 
 		if _, err := rand.Read(id); err != nil {
 			return 0, "", err
 		}
-		kek, err = mod.GenerateKey(sh, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_KEY_GEN, nil)}, kekTemplate(label, id))
+		// Encrypt and decrypt only: no wrapping of token keys, no MACs.
+		kek, err = mod.GenerateKey(sh, []*pkcs11.Mechanism{pkcs11.NewMechanism(kekKey.gen, nil)}, kekKey.template(label, id))
 		if err != nil {
 			return 0, "", fmt.Errorf("generate KEK %q: %w", label, err)
 		}

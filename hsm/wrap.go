@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"slices"
 	"strings"
 	"sync"
 
@@ -89,16 +90,7 @@ func (p Profile) lacks(have map[uint]bool) string {
 			out = append(out, name)
 		}
 	}
-	if len(out) > 1 {
-		// Map order: sort for a stable message.
-		for i := range out {
-			for j := i + 1; j < len(out); j++ {
-				if out[j] < out[i] {
-					out[i], out[j] = out[j], out[i]
-				}
-			}
-		}
-	}
+	slices.Sort(out) // map order: sorted, for a stable message
 	return strings.Join(out, ", ")
 }
 

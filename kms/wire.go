@@ -34,7 +34,6 @@ const (
 	KindExhausted          = wire.KindExhausted
 	KindExpired            = wire.KindExpired
 
-	MaxJSONDepth        = wire.MaxJSONDepth
 	AttestationContext  = wire.AttestationContext
 	StatementInput      = wire.StatementInput
 	StatementEvaluation = wire.StatementEvaluation
@@ -58,8 +57,6 @@ var (
 	ErrUnauthenticated    = wire.ErrUnauthenticated
 	ErrPermissionDenied   = wire.ErrPermissionDenied
 	ErrUnavailable        = wire.ErrUnavailable
-	ErrTooLarge           = wire.ErrTooLarge
-	ErrExhausted          = wire.ErrExhausted
 	ErrExpired            = wire.ErrExpired
 )
 

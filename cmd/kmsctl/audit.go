@@ -308,6 +308,11 @@ func verifyArchive(e *env, fs *flag.FlagSet, where string, pub, saved []byte) (i
 		if err != nil {
 			return 0, err
 		}
+		// Read again: saved only if it is the checkpoint just verified
+		// (the archive may have changed since).
+		if c, err := audit.OpenCheckpoint(note, pub); err != nil || c.Size != res.Size || c.Root != res.Root {
+			return notIntact(e, fmt.Errorf("%s changed during the verification: not saved", layout.CheckpointPath))
+		}
 		if err := fileutil.WriteAtomic(p, note, 0o600); err != nil {
 			return 0, usageError{err.Error()}
 		}

@@ -107,6 +107,6 @@ func logGrowth(ctx context.Context, l kms.AuditStore, log *slog.Logger) {
 	if days < 1.0/24 {
 		return // under an hour of history says little
 	}
-	log.Info("audit log: the store keeps every record (no --audit-retain); at the pace since its first record it grows this much a day (about 470 bytes a record in kms.db)",
-		"records", size, "since", first.Time, "records_per_day", int64(math.Round(float64(size)/days)), "mib_per_day", int64(math.Round(float64(size)/days*470/(1<<20))))
+	log.Info("audit log: the store keeps every record (no --audit-retain); at the pace since its first record it grows by this many records a day",
+		"records", size, "since", first.Time, "records_per_day", int64(math.Round(float64(size)/days)))
 }

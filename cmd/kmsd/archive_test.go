@@ -15,6 +15,7 @@ import (
 
 	"github.com/kmsd-project/kmsd/api/client"
 	"github.com/kmsd-project/kmsd/api/layout"
+	"github.com/kmsd-project/kmsd/audit"
 	"github.com/kmsd-project/kmsd/internal/testutil"
 	"github.com/kmsd-project/kmsd/kms"
 	"github.com/kmsd-project/kmsd/store/archive"
@@ -82,10 +83,19 @@ func TestAuditArchive(t *testing.T) {
 		return string(out), code
 	}
 	idFile := filepath.Join(t.TempDir(), "id.pub")
+	saved := filepath.Join(t.TempDir(), "saved.checkpoint")
 	for _, where := range []string{arch, "kmsd"} {
-		out, code := kmsctl("audit", "verify", "--identity-key-file", idFile, "--fetch-identity", "--archive", where)
+		out, code := kmsctl("audit", "verify", "--identity-key-file", idFile, "--fetch-identity", "--archive", where, "--save-checkpoint", saved)
 		if code != 0 || !strings.Contains(out, "audit archive intact") {
 			t.Fatalf("verify --archive %s: exit %d\n%s", where, code, out)
+		}
+		// The checkpoint saved is one the archive held, signed by kmsd
+		// (the archive may have moved on since: the verifications are
+		// audited too).
+		got, _ := os.ReadFile(saved)
+		cp, err := audit.OpenCheckpoint(got, mustIdentity(t, c))
+		if err != nil || cp.Size < 300 || cp.Size > archivedSize(arch) {
+			t.Fatalf("verify --archive %s saved %q: %v", where, got, err)
 		}
 	}
 

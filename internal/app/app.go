@@ -97,9 +97,11 @@ type App struct {
 	Audit          *audit.Log      // nil when unaudited
 	Archiver       *archive.Writer // nil without an archive
 	pruner         prunable        // nil without retention
+	cold           *archive.Cold   // the archive's reader (proven against the store's root)
 	failingSince   atomic.Int64    // unix ns since the archive fails to be written; 0: it does not
 	seenMu         sync.Mutex
 	seen           uint64 // the archive's checkpoint size, as a non-leading replica last read it
+	seenCheckpoint uint64 // the store's newest checkpoint's size, last read
 	seenAt         time.Time
 	Blobs          he.Blobs
 	API            *api.Server
@@ -200,7 +202,8 @@ func New(ctx context.Context, cfg Config) (*App, error) {
 			opts.Tiles = cfg.Archive
 			opts.ArchiveStatus = a.archiveStatus
 			if p != nil {
-				p.SetCold(&archive.Cold{Bucket: cfg.Archive, Root: p.TrustedRoot})
+				a.cold = &archive.Cold{Bucket: cfg.Archive, Root: p.TrustedRoot}
+				p.SetCold(a.cold)
 				a.Archiver.Root = p.TrustedRoot
 			}
 		}
@@ -306,9 +309,10 @@ func (a *App) Start() {
 
 // archiveStatus is where the archive stands, for /readyz.
 func (a *App) archiveStatus(ctx context.Context) *client.ArchiveStatus {
-	st := &client.ArchiveStatus{Archived: a.archivedSeen(ctx)}
-	if size, _, err := a.cfg.AuditStore.LatestCheckpoint(ctx); err == nil && size > st.Archived {
-		st.Lag = size - st.Archived
+	archived, checkpoint := a.archivedSeen(ctx)
+	st := &client.ArchiveStatus{Archived: archived}
+	if checkpoint > archived {
+		st.Lag = checkpoint - archived
 	}
 	if a.pruner != nil {
 		st.PrunedBelow = a.pruner.PrunedBelow()
@@ -319,28 +323,34 @@ func (a *App) archiveStatus(ctx context.Context) *client.ArchiveStatus {
 	return st
 }
 
-// archivedSeen is what the archive covers: what this process's writer
+// archivedSeen is what the archive covers (what this process's writer
 // last wrote, or, on a replica that does not lead the archiving, what the
-// archive's checkpoint says, read at most every 10 s (an unauthenticated
-// /readyz must not become a stream of reads of the bucket).
-func (a *App) archivedSeen(ctx context.Context) uint64 {
-	if n := a.Archiver.Archived(); n > 0 {
-		return n
-	}
+// archive's checkpoint says) and the size of the store's newest
+// checkpoint, read at most once a second (an unauthenticated /readyz
+// must not become a stream of reads of the store or the bucket).
+func (a *App) archivedSeen(ctx context.Context) (archived, checkpoint uint64) {
 	a.seenMu.Lock()
 	defer a.seenMu.Unlock()
-	if time.Since(a.seenAt) < 10*time.Second {
-		return a.seen
-	}
-	a.seenAt = time.Now()
-	rctx, cancel := context.WithTimeout(ctx, 2*time.Second)
-	defer cancel()
-	if b, err := a.cfg.Archive.Get(rctx, layout.CheckpointPath); err == nil {
-		if n, err := archive.CheckpointSize(b); err == nil {
-			a.seen = n
+	if time.Since(a.seenAt) >= time.Second {
+		a.seenAt = time.Now()
+		rctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		defer cancel()
+		if size, _, err := a.cfg.AuditStore.LatestCheckpoint(rctx); err == nil {
+			a.seenCheckpoint = size
+		}
+		if a.Archiver.Archived() == 0 {
+			if b, err := a.cfg.Archive.Get(rctx, layout.CheckpointPath); err == nil {
+				if n, err := archive.CheckpointSize(b); err == nil {
+					a.seen = n
+				}
+			}
 		}
 	}
-	return a.seen
+	archived = a.Archiver.Archived()
+	if archived == 0 {
+		archived = a.seen
+	}
+	return archived, a.seenCheckpoint
 }
 
 // retain prunes from the store the records older than AuditRetain that
@@ -377,14 +387,13 @@ func (a *App) retain(ctx context.Context, archived uint64) error {
 	}
 	// The store's copy goes only where the archive holds the same bytes:
 	// an archive edited since it was written is not trusted with them.
-	cold := &archive.Cold{Bucket: a.cfg.Archive, Root: a.pruner.TrustedRoot}
 	for start := a.pruner.PrunedBelow(); start < lo; start += 4096 {
 		end := min(lo, start+4096)
 		hot, err := a.cfg.AuditStore.AuditRecords(ctx, start, end)
 		if err != nil {
 			return fmt.Errorf("retention: read records [%d, %d): %w", start, end, err)
 		}
-		arch, err := cold.ColdRecords(ctx, start, end)
+		arch, err := a.cold.ColdRecords(ctx, start, end)
 		if err != nil {
 			return fmt.Errorf("retention: read records [%d, %d) from the archive: %w", start, end, err)
 		}

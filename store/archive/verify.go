@@ -34,14 +34,8 @@ func Verify(ctx context.Context, b Bucket, pub []byte, saved ...[]byte) (*audit.
 		records   [][]byte
 		disagrees []uint64 // bundles whose entries are not their tile's leaves
 	)
-	width := func(n uint64, level int) int {
-		if n < layout.FullTiles(c.Size, level) {
-			return layout.TileWidth
-		}
-		return layout.PartialWidth(c.Size, level)
-	}
 	for n := uint64(0); uint64(len(leaves)) < c.Size; n++ {
-		w := width(n, 0)
+		w := width(c.Size, 0, n)
 		tp := layout.TilePath(0, n, w)
 		tile, err := b.Get(ctx, tp)
 		if err != nil {
@@ -70,13 +64,13 @@ func Verify(ctx context.Context, b Bucket, pub []byte, saved ...[]byte) (*audit.
 	}
 	if treeHash(leaves) != c.Root {
 		if len(disagrees) > 0 {
-			return nil, fmt.Errorf("%s: the tile does not match its entries or the checkpoint's root: it was edited", layout.TilePath(0, disagrees[0], width(disagrees[0], 0)))
+			return nil, fmt.Errorf("%s: the tile does not match its entries or the checkpoint's root: it was edited", layout.TilePath(0, disagrees[0], width(c.Size, 0, disagrees[0])))
 		}
 		return nil, errors.New("the level-0 tiles do not hash to the checkpoint's root: the archive is not this checkpoint's log")
 	}
 	if len(disagrees) > 0 {
 		n := disagrees[0]
-		return nil, fmt.Errorf("%s: its entries are not the ones the tree (and the checkpoint) holds: it was edited", layout.EntriesPath(n, width(n, 0)))
+		return nil, fmt.Errorf("%s: its entries are not the ones the tree (and the checkpoint) holds: it was edited", layout.EntriesPath(n, width(c.Size, 0, n)))
 	}
 	var savedNote []byte
 	if len(saved) > 0 {
@@ -87,7 +81,7 @@ func Verify(ctx context.Context, b Bucket, pub []byte, saved ...[]byte) (*audit.
 		var p *audit.Problem
 		if errors.As(err, &p) && p.Index >= 0 {
 			n := uint64(p.Index) / layout.TileWidth
-			return nil, fmt.Errorf("%s: %w", layout.EntriesPath(n, width(n, 0)), err)
+			return nil, fmt.Errorf("%s: %w", layout.EntriesPath(n, width(c.Size, 0, n)), err)
 		}
 		return nil, err
 	}
@@ -97,7 +91,7 @@ func Verify(ctx context.Context, b Bucket, pub []byte, saved ...[]byte) (*audit.
 			last++
 		}
 		for n := uint64(0); n < last; n++ {
-			w := width(n, level)
+			w := width(c.Size, level, n)
 			p := layout.TilePath(level, n, w)
 			want, err := tlog.ReadTileData(tlog.Tile{H: layout.TileHeight, L: level, N: int64(n), W: w}, tree)
 			if err != nil {
