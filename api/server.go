@@ -48,6 +48,8 @@ type Options struct {
 	// Tiles serves the audit archive (a tlog-tiles log) read-only under
 	// /v1/audit/tiles/; nil: no archive (404).
 	Tiles TileSource
+	// Backup, if set, serves GET /v1/backup.
+	Backup BackupFunc
 	// ArchiveStatus, if set, says in /readyz where the archive stands.
 	ArchiveStatus func(ctx context.Context) *client.ArchiveStatus
 	// Background is the context of long operations (HE generations that
@@ -328,6 +330,7 @@ func (s *Server) Handler() http.Handler {
 		r.Post("/v1/keys/{name}/verify", allow(kms.PermUseKey, s.verify))
 		r.Post("/v1/keys/{name}/decapsulate", allow(kms.PermUseKey, s.decapsulate))
 		r.Post("/v1/tokens", allow(kms.PermManageTokens, s.createToken))
+		r.Get("/v1/backup", s.backup)
 		r.Post("/v1/tokens/introspect", allow(kms.PermIntrospect, s.introspect))
 		r.Get("/v1/tokens", allow(kms.PermManageTokens, s.listTokens))
 		r.Get("/v1/tokens/{id}", allow(kms.PermManageTokens, s.getToken))

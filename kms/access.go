@@ -70,3 +70,16 @@ func (p *Principal) Authorize(perm Permission, key string) error {
 	}
 	return nil
 }
+
+// AuthorizeAll decides whether p may act on the whole service at once (a
+// backup holds every key and token): only an admin token whose patterns
+// include "*".
+func (p *Principal) AuthorizeAll(what string) error {
+	if p == nil {
+		return Errorf(KindUnauthenticated, "a bearer token is required")
+	}
+	if p.Role != RoleAdmin || !slices.Contains(p.Keys, "*") {
+		return Errorf(KindPermissionDenied, "only an admin token over all keys (pattern \"*\") may %s", what)
+	}
+	return nil
+}

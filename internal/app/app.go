@@ -25,6 +25,7 @@ import (
 	"github.com/kmsd-project/kmsd/he"
 	"github.com/kmsd-project/kmsd/kms"
 	"github.com/kmsd-project/kmsd/kms/pqc"
+	"github.com/kmsd-project/kmsd/store"
 	"github.com/kmsd-project/kmsd/store/archive"
 	"golang.org/x/mod/sumdb/tlog"
 )
@@ -221,6 +222,15 @@ func New(ctx context.Context, cfg Config) (*App, error) {
 		}
 	} else {
 		opts.Audit, opts.Prover = nil, nil
+	}
+	if _, ok := cfg.Store.(store.Dumper); ok {
+		opts.Backup = func(ctx context.Context, w io.Writer, withBlobs bool) (string, error) {
+			sum, id, err := a.Backup(ctx, w, withBlobs)
+			if err == nil {
+				log.Info("backup taken", "id", id, "keys", sum.Keys, "versions", sum.Versions, "tokens", sum.Tokens, "audit_size", sum.AuditSize, "blobs", sum.Blobs, "blob_bytes", sum.BlobBytes)
+			}
+			return id, err
+		}
 	}
 	a.API = api.New(svc, log, opts)
 	return a, nil

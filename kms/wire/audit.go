@@ -45,6 +45,11 @@ type AuditRecord struct {
 	First string `json:"first,omitempty"`
 	Last  string `json:"last,omitempty"`
 
+	// Restore says what a restore record (operation "restore") restored:
+	// which backup, how many records the backup's log held, and up to
+	// where the log was read back from an audit archive.
+	Restore *RestoreInfo `json:"restore,omitempty"`
+
 	// Committed is set once the record is durable in the log; not encoded.
 	Committed bool `json:"-"`
 }
@@ -69,4 +74,21 @@ func DecodeAuditRecord(b []byte) (*AuditRecord, error) {
 		return nil, Errorf(KindInvalid, "record is not in canonical form")
 	}
 	return &r, nil
+}
+
+// RestoreOp is the operation of the record a restore appends.
+const RestoreOp = "restore"
+
+// RestoreInfo is what a restore record says about the restore.
+type RestoreInfo struct {
+	// Backup is the SHA-256 (hex) of the backup file before its trailer:
+	// the id kmsctl backup printed.
+	Backup string `json:"backup"`
+	// BackupSize is how many records the backup's log held.
+	BackupSize uint64 `json:"backup_size"`
+	// ArchiveSize is the size of the archive's checkpoint the log was
+	// read back up to (0: no archive, or none beyond the backup).
+	ArchiveSize uint64 `json:"archive_size,omitempty"`
+	// Created is when the backup was made (RFC 3339, UTC).
+	Created string `json:"created"`
 }

@@ -121,6 +121,15 @@ func (c *conn) Peek(key string) ([]byte, bool, error) {
 	if err != nil {
 		return nil, false, c.explain(err)
 	}
+	p := c.cfg.Etcd.Prefix
+	if !strings.HasSuffix(p, "/") {
+		p += "/"
+	}
+	if r, err := c.cli.Get(ctx, restoringK(p), clientv3.WithCountOnly()); err != nil {
+		return nil, false, c.explain(err)
+	} else if r.Count > 0 {
+		return nil, false, ErrRestoreUnfinished
+	}
 	return v, empty, nil
 }
 
