@@ -13,7 +13,7 @@ import (
 
 // Problem says what is wrong with a log: which check failed, and where.
 type Problem struct {
-	Check string // "signature", "record", "chain", "root", "truncated", "rollback", "fork", "proof"
+	Check string // "signature", "record", "chain", "root", "truncated", "rollback", "fork", "proof", "restored"
 	Index int64  // record index, or -1
 	Msg   string
 }
@@ -135,6 +135,9 @@ func Verify(pub []byte, records [][]byte, checkpoints [][]byte, saved []byte) (*
 	}
 	for _, c := range cps {
 		if c.saved && c.c.Size > latest.Size {
+			if p := restoredBefore(records, c.c.Size); p != nil {
+				return nil, nil, p
+			}
 			return nil, nil, problem("rollback", -1, "a saved checkpoint covers %d records but the log's latest checkpoint only %d", c.c.Size, latest.Size)
 		}
 	}
@@ -171,6 +174,9 @@ func Verify(pub []byte, records [][]byte, checkpoints [][]byte, saved []byte) (*
 				what := "the log's checkpoint"
 				if cps[next].saved {
 					what = "the saved checkpoint"
+					if p := restoredBefore(records, cps[next].c.Size); p != nil {
+						return nil, nil, p
+					}
 				}
 				return nil, nil, problem("root", int64(i), "the records [0, %d) do not hash to the root of %s of that size: records were changed or the log was rewritten (fork)", i+1, what)
 			}
@@ -178,4 +184,26 @@ func Verify(pub []byte, records [][]byte, checkpoints [][]byte, saved []byte) (*
 		}
 	}
 	return &Result{Size: latest.Size, Root: latest.Root, Uncovered: len(records) - int(latest.Size)}, tree, nil
+}
+
+// restoredBefore explains a saved checkpoint of size saved that the log
+// does not extend by a restore: a restore record (checked in the log
+// like any record, once the verification reaches it) whose backup held
+// fewer records. Nil if there is none.
+func restoredBefore(records [][]byte, saved uint64) *Problem {
+	for i := len(records) - 1; i >= 0; i-- {
+		r, err := kms.DecodeAuditRecord(records[i])
+		if err != nil || r.Operation != kms.RestoreOp || r.Restore == nil || r.Actor != "system" {
+			continue
+		}
+		// The log after a restore: the backup's records, those read back
+		// from an archive, then the restore record.
+		kept := max(r.Restore.BackupSize, r.Restore.ArchiveSize)
+		if kept >= saved || r.Index != kept {
+			continue
+		}
+		return problem("restored", int64(r.Index), "rolled back by a restore: the saved checkpoint covers %d records, and the log was restored from backup %s (made %s) holding %d records; records %d to %d of the saved checkpoint's log are not in this log (it continues at %d with the restore record). Re-pin a checkpoint of this log once you have checked the restore was intended",
+			saved, r.Restore.Backup, r.Restore.Created, kept, kept, saved-1, r.Index)
+	}
+	return nil
 }

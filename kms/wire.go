@@ -18,6 +18,7 @@ type (
 	GaloisRef   = wire.GaloisRef
 	Manifest    = wire.Manifest
 	AuditRecord = wire.AuditRecord
+	RestoreInfo = wire.RestoreInfo
 	Role        = wire.Role
 )
 
@@ -33,6 +34,8 @@ const (
 	KindTooLarge           = wire.KindTooLarge
 	KindExhausted          = wire.KindExhausted
 	KindExpired            = wire.KindExpired
+
+	RestoreOp = wire.RestoreOp
 
 	AttestationContext  = wire.AttestationContext
 	StatementInput      = wire.StatementInput

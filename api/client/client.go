@@ -645,3 +645,41 @@ func (c *Client) WaitOperation(ctx context.Context, id string, every time.Durati
 		}
 	}
 }
+
+// Backup streams a backup of everything kmsd holds (GET /v1/backup; an
+// admin token over "*") to w and returns its id, which the server sends
+// after the last byte. withBlobs false lists the HE blobs by digest
+// only. A backup cut short (err != nil) has no trailer: every reader
+// refuses it. The caller checks the file (store/backup) before it keeps
+// it.
+func (c *Client) Backup(ctx context.Context, w io.Writer, withBlobs bool) (string, error) {
+	u := *c.base
+	u.Path += "/v1/backup"
+	if !withBlobs {
+		u.RawQuery = "blobs=false"
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u.String(), nil)
+	if err != nil {
+		return "", err
+	}
+	if c.token != "" {
+		req.Header.Set("Authorization", "Bearer "+c.token)
+	}
+	resp, err := c.http.Do(req)
+	if err != nil {
+		return "", err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		b, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
+		return "", ProblemError(resp.StatusCode, b)
+	}
+	if _, err := io.Copy(w, resp.Body); err != nil {
+		return "", fmt.Errorf("the backup stream broke off: %w", err)
+	}
+	id := resp.Trailer.Get("Kmsd-Backup-Id")
+	if id == "" {
+		return "", errors.New("the backup stream ended without its id: kmsd did not finish it")
+	}
+	return id, nil
+}

@@ -27,6 +27,7 @@
 package engine
 
 import (
+	"bytes"
 	"context"
 	"encoding/binary"
 	"encoding/hex"
@@ -1164,3 +1165,45 @@ func (l *Log) JournalMissing() bool { return l.walMissing }
 // JournalRecreated counts the journal files made anew after the one in use
 // was deleted or replaced.
 func (l *Log) JournalRecreated() uint64 { return l.recreated.Load() }
+
+// Continue appends records written before, elsewhere (read back from an
+// archive after a restore), as the log's next ones: each must carry the
+// next index and its predecessor's leaf hash, so that the log becomes the
+// one they were written in. For a log nothing else appends to meanwhile
+// (kmsd restore); records are written in groups of the store's size.
+func (l *Log) Continue(ctx context.Context, datas [][]byte) error {
+	for len(datas) > 0 {
+		n := min(len(datas), l.maxGroup)
+		chunk := datas[:n]
+		datas = datas[n:]
+		if err := l.settle(ctx); err != nil {
+			return err
+		}
+		l.mu.Lock()
+		_, _, err := l.position().decode(chunk)
+		l.mu.Unlock()
+		if err != nil {
+			return fmt.Errorf("audit: %w", err)
+		}
+		recs := make([]*kms.AuditRecord, n)
+		for i, d := range chunk {
+			if recs[i], err = kms.DecodeAuditRecord(d); err != nil {
+				return err
+			}
+		}
+		if err := l.rows.WriteAudit(ctx, recs); err != nil {
+			return err
+		}
+		if s, ok := l.rows.(Settler); ok {
+			if err := s.Settle(ctx); err != nil {
+				return err
+			}
+		}
+		for i, r := range recs {
+			if !bytes.Equal(r.Encode(), chunk[i]) {
+				return fmt.Errorf("audit: record %d was written in another form than it was read", r.Index)
+			}
+		}
+	}
+	return nil
+}

@@ -47,6 +47,19 @@ func main() {
 	noCoreDumps()
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
+	if len(os.Args) > 1 && os.Args[1] == "restore" {
+		err := runRestore(ctx, os.Args[2:], os.Getenv, os.Stdout, os.Stderr)
+		if errors.Is(err, errRestoreHelp) {
+			fmt.Print(restoreUsageHead)
+			printUsage(os.Stdout, os.Getenv)
+			os.Exit(0)
+		}
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "kmsd restore: %v\n", err)
+			os.Exit(1)
+		}
+		return
+	}
 	err := run(ctx, os.Args[1:], os.Getenv, os.Stderr, nil)
 	if errors.Is(err, flag.ErrHelp) {
 		printUsage(os.Stdout, os.Getenv)
@@ -445,38 +458,9 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 	} else if sealedUnder.Token != c.token || sealedUnder.Label != c.kekLabel {
 		return fmt.Errorf("this data dir was sealed under the key labelled %q in token %q (KEK id %s), but kmsd was started with --pkcs11-token %q --kek-label %q: start it with those", sealedUnder.Label, sealedUnder.Token, sealedUnder.ID, c.token, c.kekLabel)
 	}
-	hcfg := hsm.Config{Module: c.module, TokenLabel: c.token, KEKLabel: c.kekLabel, CreateKEK: fresh, Logger: log, Profile: hsm.Profile(c.wrapProfile)}
-	if sealedUnder != nil {
-		hcfg.KEKID = sealedUnder.ID // the store's KEK, whatever else bears its label
-	}
-	pinFile := c.pinFile
-	if c.module == "" {
-		st, err := softhsm.Bootstrap(filepath.Join(c.dataDir, "softhsm"), c.token, fresh)
-		if err != nil {
-			return fmt.Errorf("embedded SoftHSM: %w", err)
-		}
-		hcfg.Module = st.Module
-		if pinFile == "" {
-			pinFile = st.PINFile
-		}
-		log.Info("embedded SoftHSM token", "module", st.Module, "conf", st.Conf, "token", c.token)
-	}
-	switch {
-	case pinFile != "":
-		if hcfg.PIN, err = softhsm.ReadPIN(pinFile); err != nil {
-			return fmt.Errorf("PIN file: %w", err)
-		}
-	case getenv("KMS_PKCS11_PIN") != "":
-		hcfg.PIN = getenv("KMS_PKCS11_PIN")
-	default:
-		return errors.New("no PIN: pass --pkcs11-pin-file or set KMS_PKCS11_PIN")
-	}
-	sealer, err := hsm.Open(hcfg)
+	sealer, err := openSealer(c, sealedUnder, fresh, log, getenv)
 	if err != nil {
-		if sealedUnder != nil && errors.Is(err, hsm.ErrKEKMissing) {
-			return fmt.Errorf("HSM: this data dir was sealed under the KEK with id %s, labelled %q in token %q, and the token holds no such key (another token or KEK of the same name?); refusing to start: %w", sealedUnder.ID, c.kekLabel, c.token, err)
-		}
-		return fmt.Errorf("HSM: %w", err)
+		return err
 	}
 	defer sealer.Close()
 	st, err := conn.Open(sealer)
@@ -699,6 +683,47 @@ func localHosts(addr string) []string {
 		hosts = append(hosts, h)
 	}
 	return hosts
+}
+
+// openSealer opens the HSM: the embedded SoftHSM token under the data dir
+// (made when fresh) or --pkcs11-module's, and the KEK sealedUnder names
+// (nil: the one labelled --kek-label, made when fresh).
+func openSealer(c config, sealedUnder *kekRef, fresh bool, log *slog.Logger, getenv func(string) string) (*hsm.Sealer, error) {
+	var err error
+	hcfg := hsm.Config{Module: c.module, TokenLabel: c.token, KEKLabel: c.kekLabel, CreateKEK: fresh, Logger: log, Profile: hsm.Profile(c.wrapProfile)}
+	if sealedUnder != nil {
+		hcfg.KEKID = sealedUnder.ID // the store's KEK, whatever else bears its label
+	}
+	pinFile := c.pinFile
+	if c.module == "" {
+		st, err := softhsm.Bootstrap(filepath.Join(c.dataDir, "softhsm"), c.token, fresh)
+		if err != nil {
+			return nil, fmt.Errorf("embedded SoftHSM: %w", err)
+		}
+		hcfg.Module = st.Module
+		if pinFile == "" {
+			pinFile = st.PINFile
+		}
+		log.Info("embedded SoftHSM token", "module", st.Module, "conf", st.Conf, "token", c.token)
+	}
+	switch {
+	case pinFile != "":
+		if hcfg.PIN, err = softhsm.ReadPIN(pinFile); err != nil {
+			return nil, fmt.Errorf("PIN file: %w", err)
+		}
+	case getenv("KMS_PKCS11_PIN") != "":
+		hcfg.PIN = getenv("KMS_PKCS11_PIN")
+	default:
+		return nil, errors.New("no PIN: pass --pkcs11-pin-file or set KMS_PKCS11_PIN")
+	}
+	sealer, err := hsm.Open(hcfg)
+	if err != nil {
+		if sealedUnder != nil && errors.Is(err, hsm.ErrKEKMissing) {
+			return nil, fmt.Errorf("HSM: this data dir was sealed under the KEK with id %s, labelled %q in token %q, and the token holds no such key (another token or KEK of the same name?); refusing to start: %w", sealedUnder.ID, c.kekLabel, c.token, err)
+		}
+		return nil, fmt.Errorf("HSM: %w", err)
+	}
+	return sealer, nil
 }
 
 // kekRef is the token and the KEK a data dir's secrets are sealed under,

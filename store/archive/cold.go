@@ -189,3 +189,13 @@ func width(size uint64, level int, n uint64) int {
 	}
 	return layout.PartialWidth(size, level)
 }
+
+// TreeRoot is the root of the archive's tree of n records, from its
+// tiles proven against its checkpoint (which must cover n).
+func (c *Cold) TreeRoot(ctx context.Context, n uint64) (tlog.Hash, error) {
+	hr, err := c.reader(ctx, n)
+	if err != nil {
+		return tlog.Hash{}, err
+	}
+	return tlog.TreeHash(int64(n), hr)
+}
