@@ -341,10 +341,14 @@ func Read(r io.Reader, h Handler) (*File, error) {
 	phase, seen := -1, map[byte]bool{}
 	var rowsEnd uint64
 	for {
+		// The type byte is hashed after the look: the trailer's digest
+		// covers every byte before the trailer frame.
 		var t [1]byte
-		if _, err := io.ReadFull(hr, t[:]); err != nil {
+		if _, err := io.ReadFull(hr.r, t[:]); err != nil {
 			return nil, malformed("it ends before its trailer (cut short: a backup that did not finish, or a truncated copy)")
 		}
+		digest := hr.h.Sum(nil)
+		hr.h.Write(t[:])
 		p, ok := phases[t[0]]
 		if !ok {
 			return nil, malformed("unknown frame type %q", t[0])
@@ -362,7 +366,6 @@ func Read(r io.Reader, h Handler) (*File, error) {
 			}
 			continue
 		}
-		digest := hr.h.Sum(nil) // before the trailer's own bytes
 		var n [4]byte
 		if _, err := io.ReadFull(hr, n[:]); err != nil {
 			return nil, malformed("it ends inside a frame")

@@ -21,6 +21,8 @@ import (
 // being its etcd key without the prefix, except:
 //
 //	P ping, P lead/...                 no record (reads, elections)
+//	P restoring                        no record: a restore is filling the
+//	                                   prefix (dump.go)
 //	P m/record-key                     the record key, sealed under the KEK
 //	P m/upgrade                        set while records written before
 //	                                   tags get theirs (upgradeLegacy)
@@ -264,10 +266,10 @@ func (s *Store) openAuth(ctx context.Context, sealer kms.Sealer, upgrade bool) e
 // holdsRecords reports whether the prefix holds anything but the ping
 // key and elections.
 func (s *Store) holdsRecords(ctx context.Context) (bool, error) {
-	var counts [3]int64
-	for i, k := range []string{s.p, s.p + "ping", s.p + "lead/"} {
+	var counts [4]int64
+	for i, k := range []string{s.p, s.p + "ping", s.p + "lead/", restoringK(s.p)} {
 		opts := []clientv3.OpOption{clientv3.WithCountOnly()}
-		if k != s.p+"ping" {
+		if k != s.p+"ping" && k != restoringK(s.p) {
 			opts = append(opts, clientv3.WithPrefix())
 		}
 		resp, err := s.get(ctx, k, opts...)
@@ -276,7 +278,7 @@ func (s *Store) holdsRecords(ctx context.Context) (bool, error) {
 		}
 		counts[i] = resp.Count
 	}
-	return counts[0]-counts[1]-counts[2] > 0, nil
+	return counts[0]-counts[1]-counts[2]-counts[3] > 0, nil
 }
 
 // finishUpgrade gives their tag (seq 1) to the records written before the

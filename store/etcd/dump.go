@@ -56,6 +56,9 @@ func (s *Store) Dump(ctx context.Context, to store.Sink) error {
 				return err
 			}
 			for _, kv := range resp.Kvs {
+				if !dumped(s.rel(string(kv.Key))) {
+					continue
+				}
 				body, err := s.open(string(kv.Key), kv.Value)
 				if err != nil {
 					return err
@@ -71,11 +74,7 @@ func (s *Store) Dump(ctx context.Context, to store.Sink) error {
 		}
 	}
 	err = each("m/", func(rel string, body []byte, _ *mvccpb.KeyValue) error {
-		name := strings.TrimPrefix(rel, "m/")
-		if name == storekit.RecordKeyMeta || name == "upgrade" || strings.HasPrefix(name, "d/") {
-			return nil
-		}
-		return to.Meta(name, body)
+		return to.Meta(strings.TrimPrefix(rel, "m/"), body)
 	})
 	if err == nil {
 		err = each("k/", func(_ string, body []byte, _ *mvccpb.KeyValue) error {
@@ -188,6 +187,13 @@ func (s *Store) Dump(ctx context.Context, to store.Sink) error {
 		}
 	}
 	return nil
+}
+
+// dumped reports whether the record at path goes into a dump: not the
+// store's own record key, upgrade mark and digest shards (a store made by
+// a load has its own).
+func dumped(path string) bool {
+	return path != "m/"+storekit.RecordKeyMeta && path != "m/upgrade" && !strings.HasPrefix(path, "m/d/")
 }
 
 // ErrTargetNotEmpty: a load into a prefix that holds records.

@@ -1,0 +1,279 @@
+package main
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"encoding/json"
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/kmsd-project/kmsd/api/client"
+	"github.com/kmsd-project/kmsd/hsm/softhsm"
+	"github.com/kmsd-project/kmsd/internal/testetcd"
+	"github.com/kmsd-project/kmsd/internal/tests3"
+	"github.com/kmsd-project/kmsd/store/backup"
+)
+
+// hsmOf is the flags and environment that open the embedded SoftHSM token
+// of data dir dir from another data dir or another store: the HSM the
+// backups of a drill are sealed under, kept apart from the store as an
+// HSM is.
+func hsmOf(t *testing.T, dir string) (args, env []string) {
+	t.Helper()
+	mod, err := softhsm.FindModule()
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := filepath.Join(dir, "softhsm")
+	return []string{"--pkcs11-module", mod, "--pkcs11-pin-file", filepath.Join(h, "pin")}, []string{"SOFTHSM2_CONF=" + filepath.Join(h, "softhsm2.conf")}
+}
+
+// restoreCmd runs kmsd restore and returns its stdout, stderr and exit
+// code.
+func restoreCmd(t *testing.T, env []string, args ...string) (string, string, int) {
+	t.Helper()
+	cmd := exec.Command(kmsdBin, append([]string{"restore"}, args...)...)
+	cmd.Env = append(append(os.Environ(), "SOFTHSM2_CONF=/nonexistent"), env...)
+	var out, errb bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	err := cmd.Run()
+	code := 0
+	var ee *exec.ExitError
+	if errors.As(err, &ee) {
+		code = ee.ExitCode()
+	} else if err != nil {
+		t.Fatal(err)
+	}
+	return out.String(), errb.String(), code
+}
+
+// kmsctlOn runs kmsctl against p with the admin token in tokenDir.
+func kmsctlOn(t *testing.T, p *proc, tokenDir string, args ...string) (string, int) {
+	t.Helper()
+	cmd := exec.Command(kmsctlBin, args...)
+	cmd.Env = append(os.Environ(), "KMS_URL="+p.url(), "KMS_TOKEN_FILE="+filepath.Join(tokenDir, "admin.token"), "KMS_CA_CERT="+filepath.Join(p.dataDir, "tls", "ca.pem"), "KMS_TIMEOUT=5m")
+	out, err := cmd.CombinedOutput()
+	var ee *exec.ExitError
+	if errors.As(err, &ee) {
+		return string(out), ee.ExitCode()
+	} else if err != nil {
+		t.Fatal(err)
+	}
+	return string(out), 0
+}
+
+func fileSum(t *testing.T, path string) [32]byte {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return sha256.Sum256(b)
+}
+
+func stop(t *testing.T, p *proc) {
+	t.Helper()
+	p.cmd.Process.Signal(syscall.SIGTERM)
+	if code := p.wait(t, 30*time.Second); code != 0 {
+		t.Fatalf("kmsd exit %d\n%s", code, p.stderr.String())
+	}
+}
+
+// TestBackupRestoreDrill is the drill README's "Backup and restore"
+// describes: keys of every kind are made and used, kmsctl backup takes a
+// backup while kmsd serves, more changes follow, the store is lost, and
+// kmsd restore brings back every version as it was at the backup (old
+// signatures verify, old KEM ciphertexts decapsulate, HE ciphertexts
+// made before decrypt, new signatures work); what came after is gone and
+// kmsctl audit verify against a checkpoint saved after the backup says
+// "rolled back by a restore" with the sizes. The backup moves the store
+// onto etcd (HE blobs to S3) and back onto bbolt. A tampered and a
+// truncated copy are refused, and so is a restore into a target that
+// holds a store, which is left unchanged.
+func TestBackupRestoreDrill(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "data")
+	work, files := t.TempDir(), t.TempDir()
+	p := start(t, dir, "--audit-checkpoint-interval", "100ms")
+	p.waitReady(t)
+	runScript(t, p, work, endToEnd)
+	b1 := filepath.Join(files, "b1.kmsbak")
+	out, code := kmsctlOn(t, p, dir, "backup", "--out", b1)
+	if code != 0 {
+		t.Fatalf("kmsctl backup: exit %d\n%s\n%s", code, out, p.stderr.String())
+	}
+	if _, err := os.Stat(b1 + ".partial"); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("the .partial file is left beside a finished backup: %v", err)
+	}
+	var rep struct {
+		ID      string         `json:"id"`
+		Summary backup.Summary `json:"summary"`
+	}
+	if err := json.Unmarshal([]byte(out[strings.Index(out, "{"):]), &rep); err != nil {
+		t.Fatalf("%v: %s", err, out)
+	}
+	// Three keys and the identity; two rotated; the admin token and the
+	// encryptor's; one HE keyset's blobs.
+	if s := rep.Summary; s.Keys != 4 || s.Versions != 6 || s.Tokens != 2 || s.Blobs == 0 || s.AuditSize == 0 || s.CheckpointSize == 0 {
+		t.Fatalf("backup summary %+v", s)
+	}
+	if !strings.Contains(p.stderr.String(), `"msg":"backup taken"`) {
+		t.Fatalf("kmsd did not log the backup:\n%s", p.stderr.String())
+	}
+	// The backup is audited, and the backup holds its own record.
+	c := adminClient(t, p, dir)
+	raw, err := c.AuditRecords(ctx, 0, rep.Summary.AuditSize)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(raw[len(raw)-1]), `"operation":"GET /v1/backup"`) {
+		t.Fatalf("the backup's last record is not its own: %s", raw[len(raw)-1])
+	}
+	// Secrets stay sealed: the file holds no key's secret in the clear.
+	if b, _ := os.ReadFile(b1); bytes.Contains(b, []byte(`"secret"`)) || bytes.Contains(b, []byte("BEGIN PRIVATE")) {
+		t.Fatal("the backup holds something that looks like an unsealed secret")
+	}
+
+	// Changes after the backup, and a checkpoint saved after them.
+	if _, err := c.CreateKey(ctx, client.CreateKeyRequest{Name: "after-backup", Kind: "ml-dsa-44"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Rotate(ctx, "e2e-sig"); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(500 * time.Millisecond) // a checkpoint covers them
+	if out, code := kmsctlOn(t, p, dir, "audit", "verify", "--identity-key-file", filepath.Join(work, "id.pub"), "--save-checkpoint", filepath.Join(files, "later.cp")); code != 0 {
+		t.Fatalf("audit verify: %d %s", code, out)
+	}
+	stop(t, p)
+
+	// Tampered and truncated copies are refused, and change nothing.
+	good, err := os.ReadFile(b1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	bad := map[string][]byte{
+		"tampered":  append(append(append([]byte(nil), good[:len(good)/2]...), good[len(good)/2]^1), good[len(good)/2+1:]...),
+		"truncated": good[:len(good)-100],
+		"cut":       good[:len(good)/3],
+	}
+	lost := filepath.Join(t.TempDir(), "lost")
+	if err := os.Rename(filepath.Join(dir, "kms.db"), lost); err != nil {
+		t.Fatal(err)
+	}
+	os.Remove(filepath.Join(dir, "kms.db-audit-wal"))
+	os.RemoveAll(filepath.Join(dir, "blobs"))
+	for name, b := range bad {
+		f := filepath.Join(files, name+".kmsbak")
+		if err := os.WriteFile(f, b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		out, errs, code := restoreCmd(t, nil, "--data-dir", dir, "--from", f)
+		if code == 0 || out != "" || !strings.Contains(errs, "nothing was changed") {
+			t.Fatalf("%s backup: restore exit %d\n%s\n%s", name, code, out, errs)
+		}
+		if _, err := os.Stat(filepath.Join(dir, "kms.db")); !errors.Is(err, os.ErrNotExist) {
+			t.Fatalf("%s backup: a kms.db appeared: %v", name, err)
+		}
+		if o, code := kmsctlOn(t, p, dir, "backup", "verify", f); code != 1 {
+			t.Fatalf("%s backup: kmsctl backup verify exit %d: %s", name, code, o)
+		}
+	}
+
+	// The restore, into the data dir that lost its store (its softhsm/
+	// is the HSM).
+	out, errs, code := restoreCmd(t, nil, "--data-dir", dir, "--from", b1)
+	if code != 0 {
+		t.Fatalf("restore: exit %d\n%s\n%s", code, out, errs)
+	}
+	var res restoreResult
+	if err := json.Unmarshal([]byte(out), &res); err != nil {
+		t.Fatalf("%v: %s", err, out)
+	}
+	if res.Backup != rep.ID || res.AuditSize != rep.Summary.AuditSize+1 || res.Summary.Versions != 6 {
+		t.Fatalf("restore result %+v, backup %+v", res, rep)
+	}
+	// A second restore into the restored data dir is refused and changes
+	// nothing.
+	before := fileSum(t, filepath.Join(dir, "kms.db"))
+	if out, errs, code := restoreCmd(t, nil, "--data-dir", dir, "--from", b1); code == 0 || !strings.Contains(errs, "already holds a kms.db") {
+		t.Fatalf("restore into a data dir with a store: exit %d\n%s\n%s", code, out, errs)
+	}
+	if fileSum(t, filepath.Join(dir, "kms.db")) != before {
+		t.Fatal("a refused restore changed kms.db")
+	}
+
+	p = start(t, dir, "--audit-checkpoint-interval", "100ms")
+	p.waitReady(t)
+	runScript(t, p, work, afterRestart)
+	c = adminClient(t, p, dir)
+	if _, err := c.GetKey(ctx, "after-backup"); client.StatusOf(err) != 404 {
+		t.Fatalf("a key made after the backup is there after the restore: %v", err)
+	}
+	if k, err := c.GetKey(ctx, "e2e-sig"); err != nil || k.LatestVersion != 2 {
+		t.Fatalf("e2e-sig after the restore: %+v %v (want latest version 2, as at the backup)", k, err)
+	}
+	time.Sleep(500 * time.Millisecond)
+	out, code = kmsctlOn(t, p, dir, "audit", "verify", "--identity-key-file", filepath.Join(work, "id.pub"), "--saved-checkpoint", filepath.Join(files, "later.cp"))
+	if code != 1 || !strings.Contains(out, "rolled back by a restore") || !strings.Contains(out, rep.ID) {
+		t.Fatalf("audit verify against a checkpoint saved after the backup: exit %d\n%s", code, out)
+	}
+	if out, code := kmsctlOn(t, p, dir, "audit", "verify", "--identity-key-file", filepath.Join(work, "id.pub")); code != 0 {
+		t.Fatalf("the restored log does not verify: %d %s", code, out)
+	}
+
+	// bbolt -> etcd (HE blobs to S3) -> bbolt.
+	b2 := filepath.Join(files, "b2.kmsbak")
+	if out, code := kmsctlOn(t, p, dir, "backup", "--out", b2); code != 0 {
+		t.Fatalf("backup 2: %d %s", code, out)
+	}
+	stop(t, p)
+	cl := testetcd.Start(t, 1)
+	s3 := tests3.Start(t)
+	hsmArgs, hsmEnv := hsmOf(t, dir)
+	etcdArgs := append([]string{"--store", "etcd", "--etcd-endpoints", strings.Join(cl.Endpoints(), ","), "--etcd-prefix", "/drill/",
+		"--s3-endpoint", s3.Endpoint, "--s3-bucket", s3.Bucket}, hsmArgs...)
+	env := append([]string{"AWS_ACCESS_KEY_ID=" + s3.AccessKey, "AWS_SECRET_ACCESS_KEY=" + s3.SecretKey}, hsmEnv...)
+	eDir := filepath.Join(t.TempDir(), "etcd-node")
+	if out, errs, code := restoreCmd(t, env, append([]string{"--data-dir", eDir, "--from", b2}, etcdArgs...)...); code != 0 {
+		t.Fatalf("restore onto etcd: exit %d\n%s\n%s", code, out, errs)
+	}
+	if out, errs, code := restoreCmd(t, env, append([]string{"--data-dir", eDir, "--from", b2}, etcdArgs...)...); code == 0 || !strings.Contains(errs, "already holds a store") {
+		t.Fatalf("restore into an etcd prefix with a store: exit %d\n%s\n%s", code, out, errs)
+	}
+	pe := startEnv(t, eDir, env, append(etcdArgs, "--audit-checkpoint-interval", "100ms")...)
+	pe.waitReady(t)
+	os.WriteFile(filepath.Join(eDir, "admin.token"), mustRead(t, filepath.Join(dir, "admin.token")), 0o600)
+	runScript(t, pe, work, afterRestart)
+	b3 := filepath.Join(files, "b3.kmsbak")
+	if out, code := kmsctlOn(t, pe, dir, "backup", "--out", b3); code != 0 {
+		t.Fatalf("backup from etcd: %d %s\n%s", code, out, pe.stderr.String())
+	}
+	stop(t, pe)
+	bDir := filepath.Join(t.TempDir(), "back-on-bolt")
+	if out, errs, code := restoreCmd(t, hsmEnv, append([]string{"--data-dir", bDir, "--from", b3}, hsmArgs...)...); code != 0 {
+		t.Fatalf("restore back onto bbolt: exit %d\n%s\n%s", code, out, errs)
+	}
+	pb := startEnv(t, bDir, hsmEnv, append(hsmArgs, "--audit-checkpoint-interval", "100ms")...)
+	pb.waitReady(t)
+	os.WriteFile(filepath.Join(bDir, "admin.token"), mustRead(t, filepath.Join(dir, "admin.token")), 0o600)
+	runScript(t, pb, work, afterRestart)
+	time.Sleep(500 * time.Millisecond)
+	if out, code := kmsctlOn(t, pb, dir, "audit", "verify", "--identity-key-file", filepath.Join(work, "id.pub")); code != 0 {
+		t.Fatalf("the log after two restores does not verify: %d %s", code, out)
+	}
+}
+
+func mustRead(t *testing.T, path string) []byte {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
