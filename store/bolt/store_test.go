@@ -11,6 +11,7 @@ import (
 
 	"github.com/kmsd-project/kmsd/internal/testhsm"
 	"github.com/kmsd-project/kmsd/kms"
+	"github.com/kmsd-project/kmsd/store"
 	"github.com/kmsd-project/kmsd/store/bolt"
 	"github.com/kmsd-project/kmsd/store/storetest"
 )
@@ -100,3 +101,32 @@ func TestRefusesOtherFiles(t *testing.T) {
 }
 
 func TestMain(m *testing.M) { testhsm.Main(m) }
+
+func TestDumpLoad(t *testing.T) {
+	storetest.RunDump(t, func(t *testing.T) store.Backend {
+		s, err := bolt.Open(filepath.Join(t.TempDir(), "kms.db"), bolt.Options{Sealer: testhsm.Open(t)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { s.Close() })
+		return s
+	}, func(t *testing.T) storetest.Target {
+		d, err := store.Lookup("bolt")
+		if err != nil {
+			t.Fatal(err)
+		}
+		c, err := d.Connect(store.Config{DataDir: t.TempDir()})
+		if err != nil {
+			t.Fatal(err)
+		}
+		sealer := testhsm.Open(t)
+		return storetest.Target{Loader: c.(store.Loader), Sealer: sealer, Open: func(t *testing.T) store.Backend {
+			s, err := c.Open(sealer)
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { s.Close() })
+			return s
+		}}
+	})
+}

@@ -13,6 +13,7 @@ import (
 	"github.com/kmsd-project/kmsd/internal/testetcd"
 	"github.com/kmsd-project/kmsd/internal/testhsm"
 	"github.com/kmsd-project/kmsd/kms"
+	"github.com/kmsd-project/kmsd/store"
 	"github.com/kmsd-project/kmsd/store/etcd"
 	"github.com/kmsd-project/kmsd/store/storetest"
 )
@@ -101,5 +102,28 @@ func TestAuditConformance(t *testing.T) {
 			kms.Store
 			kms.AuditStore
 		}{s, s.Audit()}
+	})
+}
+
+func TestDumpLoad(t *testing.T) {
+	storetest.RunDump(t, func(t *testing.T) store.Backend { return open(t, newPrefix(t)) }, func(t *testing.T) storetest.Target {
+		d, err := store.Lookup("etcd")
+		if err != nil {
+			t.Fatal(err)
+		}
+		c, err := d.Connect(store.Config{Etcd: store.Etcd{Endpoints: member(t).Endpoints(), Prefix: newPrefix(t)}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		sealer := testhsm.Open(t)
+		return storetest.Target{Loader: c.(store.Loader), Sealer: sealer, Open: func(t *testing.T) store.Backend {
+			s, err := c.Open(sealer)
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { s.Close() })
+			return s
+		}}
 	})
 }
