@@ -385,6 +385,12 @@ func Read(r io.Reader, h Handler) (*File, error) {
 			if err := strict(payload, &f.Trailer); err != nil {
 				return nil, malformed("trailer: %v", err)
 			}
+			// The digest does not cover the trailer: it must be exactly
+			// the bytes a writer makes of it (JSON field names match
+			// whatever their case, base64 may carry stray bits).
+			if b, _ := json.Marshal(f.Trailer); !bytes.Equal(b, payload) {
+				return nil, malformed("the trailer is not in the form a backup writes it")
+			}
 			f.ID = hex.EncodeToString(digest)
 			if f.Trailer.SHA256 != f.ID {
 				return nil, malformed("its content does not hash to what the trailer says: the file was changed after it was written")
