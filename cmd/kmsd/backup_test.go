@@ -5,6 +5,10 @@ import (
 	"crypto/sha256"
 	"encoding/json"
 	"errors"
+	"fmt"
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"io"
+	mrand "math/rand/v2"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -276,4 +280,220 @@ func mustRead(t *testing.T, path string) []byte {
 		t.Fatal(err)
 	}
 	return b
+}
+
+// killWriter kills kmsd once it has received after bytes.
+type killWriter struct {
+	w     io.Writer
+	n     int
+	after int
+	p     *proc
+}
+
+func (k *killWriter) Write(b []byte) (int, error) {
+	k.n += len(b)
+	if k.n >= k.after && k.p != nil {
+		k.p.cmd.Process.Kill()
+		k.p = nil
+	}
+	return k.w.Write(b)
+}
+
+// fillForDrill makes keys of the PQC kinds and an HE key, and returns the
+// admin client.
+func fillForDrill(t *testing.T, p *proc, dir string, keys int) *client.Client {
+	t.Helper()
+	c := adminClient(t, p, dir)
+	for i := range keys {
+		kind := []string{"ml-dsa-65", "ml-kem-768"}[i%2]
+		if _, err := c.CreateKey(ctx, client.CreateKeyRequest{Name: fmt.Sprintf("k%04d", i), Kind: kind}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := c.CreateKey(ctx, client.CreateKeyRequest{Name: "he", Kind: "ckks", Policy: &client.Policy{Params: json.RawMessage(`"ckks-logn13"`), Rotations: []int{1, 2, 4, 8}}}); err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+// TestBackupKilledMidway: kmsd killed with SIGKILL while a backup streams
+// leaves the client an error and a file every reader refuses (kmsctl
+// backup verify, kmsd restore), never one that looks complete.
+func TestBackupKilledMidway(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "data")
+	p := start(t, dir)
+	p.waitReady(t)
+	c := fillForDrill(t, p, dir, 20)
+	var buf bytes.Buffer
+	_, err := c.Backup(ctx, &killWriter{w: &buf, after: 256 << 10, p: p}, true)
+	if err == nil {
+		t.Fatal("a backup whose server was killed midway reported success")
+	}
+	if buf.Len() < 256<<10 {
+		t.Fatalf("only %d bytes arrived before the kill", buf.Len())
+	}
+	p.wait(t, 10*time.Second)
+	partial := filepath.Join(t.TempDir(), "b.kmsbak.partial")
+	if err := os.WriteFile(partial, buf.Bytes(), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := backup.Read(bytes.NewReader(buf.Bytes()), backup.Discard{}); !errors.Is(err, backup.ErrMalformed) {
+		t.Fatalf("the bytes of a killed backup read as: %v", err)
+	}
+	target := filepath.Join(t.TempDir(), "target")
+	os.MkdirAll(target, 0o700)
+	if err := os.CopyFS(filepath.Join(target, "softhsm"), os.DirFS(filepath.Join(dir, "softhsm"))); err != nil {
+		t.Fatal(err)
+	}
+	if out, errs, code := restoreCmd(t, nil, "--data-dir", target, "--from", partial); code == 0 || !strings.Contains(errs, "cut short") {
+		t.Fatalf("restore of a killed backup: exit %d\n%s\n%s", code, out, errs)
+	}
+	if _, err := os.Stat(filepath.Join(target, "kms.db")); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("a refused restore left a kms.db: %v", err)
+	}
+}
+
+// TestRestoreKilledAtRandomPoints: kmsd restore killed with SIGKILL at
+// random points leaves a target that is empty (kmsd restore runs again
+// and completes) or complete (kmsd starts on it with every key): never
+// half a store. On bbolt the store appears by a rename; on etcd a mark
+// set first and removed last makes kmsd refuse a prefix a restore did not
+// finish, and the next restore replaces it.
+func TestRestoreKilledAtRandomPoints(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "data")
+	p := start(t, dir)
+	p.waitReady(t)
+	const keys = 300
+	fillForDrill(t, p, dir, keys)
+	b := filepath.Join(t.TempDir(), "b.kmsbak")
+	if out, code := kmsctlOn(t, p, dir, "backup", "--out", b); code != 0 {
+		t.Fatalf("backup: %d %s", code, out)
+	}
+	stop(t, p)
+	hsmArgs, hsmEnv := hsmOf(t, dir)
+	cl := testetcd.Start(t, 1)
+	s3 := tests3.Start(t)
+	env := append([]string{"AWS_ACCESS_KEY_ID=" + s3.AccessKey, "AWS_SECRET_ACCESS_KEY=" + s3.SecretKey}, hsmEnv...)
+	token := mustRead(t, filepath.Join(dir, "admin.token"))
+	for _, kind := range []string{"bolt", "etcd"} {
+		t.Run(kind, func(t *testing.T) {
+			target := filepath.Join(t.TempDir(), "target")
+			args := append([]string{"--data-dir", target}, hsmArgs...)
+			if kind == "etcd" {
+				args = append(args, "--store", "etcd", "--etcd-endpoints", strings.Join(cl.Endpoints(), ","), "--etcd-prefix", "/killed/",
+					"--s3-endpoint", s3.Endpoint, "--s3-bucket", s3.Bucket)
+			}
+			// complete checks the target holds the whole store, then
+			// empties it for the next round (wipe).
+			var wipe func()
+			complete := func(round int) {
+				q := startEnv(t, target, env, append(args, "--insecure-http")...)
+				q.waitReady(t)
+				os.WriteFile(filepath.Join(target, "admin.token"), token, 0o600)
+				c := adminClient(t, q, target)
+				n := 0
+				for page := ""; ; {
+					l, err := c.ListKeys(ctx, 1000, page)
+					if err != nil {
+						t.Fatalf("round %d: %v\n%s", round, err, q.stderr.String())
+					}
+					n += len(l.Keys)
+					if page = l.NextPageToken; page == "" {
+						break
+					}
+				}
+				if n != keys+1 {
+					t.Fatalf("round %d: the restored store lists %d keys, want %d", round, n, keys+1)
+				}
+				stop(t, q)
+				wipe()
+			}
+			wipe = func() {
+				if kind == "bolt" {
+					os.Remove(filepath.Join(target, "kms.db"))
+					os.Remove(filepath.Join(target, "kms.db-audit-wal"))
+				} else {
+					ec, err := clientv3.New(clientv3.Config{Endpoints: cl.Endpoints(), DialTimeout: 5 * time.Second})
+					if err != nil {
+						t.Fatal(err)
+					}
+					_, err = ec.Delete(ctx, "/killed/", clientv3.WithPrefix())
+					ec.Close()
+					if err != nil {
+						t.Fatal(err)
+					}
+				}
+			}
+			t0 := time.Now()
+			if out, errs, code := restoreCmd(t, env, append(args, "--from", b)...); code != 0 {
+				t.Fatalf("restore: %d\n%s\n%s", code, out, errs)
+			}
+			took := time.Since(t0)
+			complete(0)
+			empty, whole, refused := 0, 0, 0
+			for round := 1; round <= 12; round++ {
+				cmd := exec.Command(kmsdBin, append([]string{"restore", "--from", b}, args...)...)
+				cmd.Env = append(append(os.Environ(), "SOFTHSM2_CONF=/nonexistent"), env...)
+				if err := cmd.Start(); err != nil {
+					t.Fatal(err)
+				}
+				time.Sleep(time.Duration(mrand.Int64N(int64(took))))
+				cmd.Process.Kill()
+				cmd.Wait()
+				switch kind {
+				case "bolt":
+					if _, err := os.Stat(filepath.Join(target, "kms.db")); err == nil {
+						whole++
+						complete(round)
+						continue
+					}
+				case "etcd":
+					q := startEnv(t, target, env, append(args, "--insecure-http")...)
+					if readyOrExit(t, q) {
+						q.cmd.Process.Kill()
+						q.wait(t, 10*time.Second)
+						if strings.Contains(q.stderr.String(), `"new_data_dir":true`) {
+							// Killed before it wrote anything: kmsd
+							// took the prefix for a new one.
+							wipe()
+						} else {
+							whole++
+							complete(round)
+							continue
+						}
+					} else if !strings.Contains(q.stderr.String(), "did not finish") {
+						t.Fatalf("round %d: kmsd on a killed restore's prefix:\n%s", round, q.stderr.String())
+					} else {
+						refused++
+					}
+				}
+				empty++
+				if out, errs, code := restoreCmd(t, env, append(args, "--from", b)...); code != 0 {
+					t.Fatalf("round %d: restore after a killed one: %d\n%s\n%s", round, code, out, errs)
+				}
+				complete(round)
+			}
+			t.Logf("%s: restore takes %v; of 12 kills, %d left an empty target (%d of them marked unfinished, which kmsd refused), %d a complete one", kind, took.Round(time.Millisecond), empty, refused, whole)
+		})
+	}
+}
+
+// readyOrExit waits until kmsd is ready (true) or exits (false).
+func readyOrExit(t *testing.T, p *proc) bool {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for time.Now().Before(deadline) {
+		select {
+		case err := <-p.done:
+			p.done <- err
+			return false
+		default:
+		}
+		if c, err := p.client(t, ""); err == nil && c.Ready(ctx) == nil {
+			return true
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	t.Fatalf("kmsd neither ready nor gone in 30 s\n%s", p.stderr.String())
+	return false
 }

@@ -368,7 +368,7 @@ func Read(r io.Reader, h Handler) (*File, error) {
 		}
 		var n [4]byte
 		if _, err := io.ReadFull(hr, n[:]); err != nil {
-			return nil, malformed("it ends inside a frame")
+			return nil, malformed("it ends inside a frame (cut short: a backup that did not finish, or a truncated copy)")
 		}
 		size := binary.BigEndian.Uint32(n[:])
 		if size > maxFrame {
@@ -376,7 +376,7 @@ func Read(r io.Reader, h Handler) (*File, error) {
 		}
 		payload := make([]byte, size)
 		if _, err := io.ReadFull(hr, payload); err != nil {
-			return nil, malformed("it ends inside a frame")
+			return nil, malformed("it ends inside a frame (cut short: a backup that did not finish, or a truncated copy)")
 		}
 		if t[0] == 'E' {
 			if !seen['S'] || !seen['A'] {
@@ -419,17 +419,22 @@ func readBlob(hr *hashReader, h Handler, f *File) error {
 		return malformed("a blob of %d bytes", size)
 	}
 	check := sha256.New()
-	lr := io.TeeReader(io.LimitReader(hr, int64(size)), check)
+	limited := &io.LimitedReader{R: hr, N: int64(size)}
+	lr := io.TeeReader(limited, check)
 	if err := h.Blob(d, int64(size), lr); err != nil {
+		if limited.N > 0 {
+			return malformed("it ends inside a blob (cut short: a backup that did not finish, or a truncated copy)")
+		}
 		return err
 	}
 	if _, err := io.Copy(io.Discard, lr); err != nil {
 		return err
 	}
-	// What was read must be the whole blob: LimitReader stops at size,
-	// so a short read means the file ended.
+	if limited.N > 0 {
+		return malformed("it ends inside a blob (cut short: a backup that did not finish, or a truncated copy)")
+	}
 	if !bytes.Equal(check.Sum(nil), d[:]) {
-		return malformed("blob %x does not hash to its name (changed, or the file ends inside it)", d)
+		return malformed("blob %x does not hash to its name: the file was changed", d)
 	}
 	f.Summary.Blobs++
 	f.Summary.BlobBytes += int64(size)
