@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"crypto/sha256"
+	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -21,6 +22,7 @@ import (
 	"github.com/kmsd-project/kmsd/hsm/softhsm"
 	"github.com/kmsd-project/kmsd/internal/testetcd"
 	"github.com/kmsd-project/kmsd/internal/tests3"
+	"github.com/kmsd-project/kmsd/store/archive"
 	"github.com/kmsd-project/kmsd/store/backup"
 )
 
@@ -496,4 +498,110 @@ func readyOrExit(t *testing.T, p *proc) bool {
 	}
 	t.Fatalf("kmsd neither ready nor gone in 30 s\n%s", p.stderr.String())
 	return false
+}
+
+// TestRestoreResumesFromArchive: with --audit-archive, kmsd restore reads
+// the log back from the archive up to its newest checkpoint, so a
+// checkpoint saved after the backup still verifies (no fork), lists the
+// state changes the restored store lacks, and kmsd archives on from
+// there.
+func TestRestoreResumesFromArchive(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "data")
+	arch := filepath.Join(t.TempDir(), "archive")
+	files := t.TempDir()
+	args := []string{"--audit-archive", arch, "--audit-checkpoint-interval", "100ms", "--audit-checkpoint-every", "16"}
+	p := start(t, dir, args...)
+	p.waitReady(t)
+	c := adminClient(t, p, dir)
+	if _, err := c.CreateKey(ctx, client.CreateKeyRequest{Name: "kept", Kind: "ml-dsa-65"}); err != nil {
+		t.Fatal(err)
+	}
+	old, err := c.CreateToken(ctx, client.CreateTokenRequest{Role: "worker", Keys: []string{"kept"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := filepath.Join(files, "b.kmsbak")
+	if out, code := kmsctlOn(t, p, dir, "backup", "--out", b); code != 0 {
+		t.Fatalf("backup: %d %s", code, out)
+	}
+	if _, err := c.RevokeToken(ctx, old.ID); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Rotate(ctx, "kept"); err != nil {
+		t.Fatal(err)
+	}
+	tok, err := c.CreateToken(ctx, client.CreateTokenRequest{Role: "worker", Keys: []string{"kept"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.RevokeToken(ctx, tok.ID); err != nil {
+		t.Fatal(err)
+	}
+	for range 40 {
+		if _, err := c.GetKey(ctx, "kept"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	id := mustIdentity(t, c)
+	idFile := filepath.Join(files, "id.pub")
+	os.WriteFile(idFile, []byte(base64.StdEncoding.EncodeToString(id)+"\n"), 0o644)
+	time.Sleep(300 * time.Millisecond)
+	if out, code := kmsctlOn(t, p, dir, "audit", "verify", "--identity-key-file", idFile, "--save-checkpoint", filepath.Join(files, "later.cp")); code != 0 {
+		t.Fatalf("verify: %d %s", code, out)
+	}
+	saved, _ := archive.CheckpointSize(mustRead(t, filepath.Join(files, "later.cp")))
+	waitArchived(t, p, arch, saved)
+	stop(t, p)
+	os.Rename(filepath.Join(dir, "kms.db"), filepath.Join(files, "lost.db"))
+	os.Remove(filepath.Join(dir, "kms.db-audit-wal"))
+
+	out, errs, code := restoreCmd(t, nil, append([]string{"--data-dir", dir, "--from", b}, args...)...)
+	if code != 0 {
+		t.Fatalf("restore: %d\n%s\n%s", code, out, errs)
+	}
+	var res restoreResult
+	if err := json.Unmarshal([]byte(out), &res); err != nil {
+		t.Fatal(err)
+	}
+	if res.ArchiveSize < saved || res.AuditSize != res.ArchiveSize+2 { // the restore record, the revocation again
+		t.Fatalf("restore result %+v, the archive covered %d", res, saved)
+	}
+	lost := strings.Join(res.LostChanges, "\n")
+	for _, want := range []string{"POST /v1/keys/{name}/rotate key=kept", "POST /v1/tokens token=" + tok.ID, "DELETE /v1/tokens/{id} token=" + tok.ID} {
+		if !strings.Contains(lost, want) {
+			t.Fatalf("lost changes lack %q:\n%s", want, lost)
+		}
+	}
+	p = start(t, dir, args...)
+	p.waitReady(t)
+	c = adminClient(t, p, dir)
+	if k, err := c.GetKey(ctx, "kept"); err != nil || k.LatestVersion != 1 {
+		t.Fatalf("the restored key: %+v %v", k, err)
+	}
+	// A token the backup holds and that was revoked after it stays
+	// revoked; one made after the backup is not there.
+	oc, err := p.client(t, old.Token)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := oc.GetKey(ctx, "kept"); client.StatusOf(err) != 401 {
+		t.Fatalf("a token revoked after the backup works after the restore: %v", err)
+	}
+	if !strings.Contains(errs, "revoked again a token") {
+		t.Fatalf("restore did not say it revoked the token again:\n%s", errs)
+	}
+	if _, err := c.GetToken(ctx, tok.ID); client.StatusOf(err) != 404 {
+		t.Fatalf("a token made after the backup: %v", err)
+	}
+	time.Sleep(300 * time.Millisecond)
+	if out, code := kmsctlOn(t, p, dir, "audit", "verify", "--identity-key-file", idFile, "--saved-checkpoint", filepath.Join(files, "later.cp")); code != 0 {
+		t.Fatalf("a checkpoint saved before the restore does not verify against the log after it: %d %s", code, out)
+	}
+	waitArchived(t, p, arch, res.AuditSize)
+	if out, code := kmsctlOn(t, p, dir, "audit", "verify", "--identity-key-file", idFile, "--archive", arch, "--saved-checkpoint", filepath.Join(files, "later.cp")); code != 0 {
+		t.Fatalf("the archive after the restore: %d %s", code, out)
+	}
+	if strings.Contains(p.stderr.String(), "rolled back") || strings.Contains(p.stderr.String(), `"level":"ERROR"`) {
+		t.Fatalf("kmsd after a restore from the archive:\n%s", p.stderr.String())
+	}
 }

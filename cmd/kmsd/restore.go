@@ -219,8 +219,9 @@ func runRestore(ctx context.Context, args []string, getenv func(string) string, 
 	if err != nil {
 		return err
 	}
+	var revoked []*kms.AuditRecord
 	if arch != nil {
-		if res.ArchiveSize, res.LostChanges, err = resumeFromArchive(ctx, st, arch, identity, log); err != nil {
+		if res.ArchiveSize, res.LostChanges, revoked, err = resumeFromArchive(ctx, st, arch, identity, log); err != nil {
 			return fmt.Errorf("the store is restored, but the audit log could not be read back from the archive %s: %w (kmsd will not archive onto an archive that is ahead of its log; fix the archive flag and run kmsd restore again into an empty target)", arch, err)
 		}
 	}
@@ -228,6 +229,28 @@ func runRestore(ctx context.Context, args []string, getenv func(string) string, 
 		Restore: &kms.RestoreInfo{Backup: f.ID, BackupSize: f.Summary.AuditSize, ArchiveSize: res.ArchiveSize, Created: f.Header.Created}}
 	if err := st.Audit().AppendAudit(ctx, rec); err != nil {
 		return fmt.Errorf("append the restore record: %w", err)
+	}
+	// A token revoked after the backup stays revoked: the restore must
+	// not bring a credential back to life.
+	for _, r := range revoked {
+		at, err := time.Parse(time.RFC3339Nano, r.Time)
+		if err != nil {
+			at = time.Now().UTC()
+		}
+		err = st.UpdateToken(ctx, r.Token, func(t *kms.Token) ([]*kms.AuditRecord, error) {
+			if t.RevokedAt != nil {
+				return nil, errAlreadyRevoked
+			}
+			t.RevokedAt = &at
+			return []*kms.AuditRecord{{Time: time.Now().UTC().Format(time.RFC3339Nano), Actor: "system", Operation: "revoke token revoked after the backup (restore)", Token: r.Token, Status: 200}}, nil
+		})
+		switch {
+		case err == nil:
+			log.Warn("restore: revoked again a token the archive says was revoked after the backup", "token", r.Token, "revoked_at", r.Time)
+		case errors.Is(err, errAlreadyRevoked), errors.Is(err, kms.ErrNotFound):
+		default:
+			return fmt.Errorf("revoke again token %s (revoked after the backup): %w", r.Token, err)
+		}
 	}
 	if res.AuditSize, err = st.Audit().AuditSize(ctx); err != nil {
 		return err
@@ -244,54 +267,58 @@ func runRestore(ctx context.Context, args []string, getenv func(string) string, 
 // resumeFromArchive makes the restored log the archive's, up to its
 // newest checkpoint: the archive must hold the same log (its tree at the
 // backup's size has the backup's root), and its records past the backup
-// are appended as they are. It returns the archive's size and the state
-// changes among those records.
-func resumeFromArchive(ctx context.Context, st store.Backend, arch archive.Bucket, identity []byte, log *slog.Logger) (uint64, []string, error) {
+// are appended as they are. It returns the archive's size, the state
+// changes among those records, and the records of token revocations.
+func resumeFromArchive(ctx context.Context, st store.Backend, arch archive.Bucket, identity []byte, log *slog.Logger) (uint64, []string, []*kms.AuditRecord, error) {
 	note, err := arch.Get(ctx, layout.CheckpointPath)
 	if errors.Is(err, kms.ErrNotFound) {
-		return 0, nil, nil
+		return 0, nil, nil, nil
 	}
 	if err != nil {
-		return 0, nil, err
+		return 0, nil, nil, err
 	}
 	cp, err := audit.OpenCheckpoint(note, identity)
 	if err != nil {
-		return 0, nil, fmt.Errorf("its checkpoint is not signed by this service's identity key: %w", err)
+		return 0, nil, nil, fmt.Errorf("its checkpoint is not signed by this service's identity key: %w", err)
 	}
 	l := st.Audit()
 	n, err := l.AuditSize(ctx)
 	if err != nil {
-		return 0, nil, err
+		return 0, nil, nil, err
 	}
 	cold := &archive.Cold{Bucket: arch}
 	m := cp.Size
 	at := min(m, n)
 	if at == 0 {
-		return m, nil, nil
+		return m, nil, nil, nil
 	}
 	theirs, err := cold.TreeRoot(ctx, at)
 	if err != nil {
-		return 0, nil, err
+		return 0, nil, nil, err
 	}
 	ours, err := l.TrustedRoot(ctx, at)
 	if err != nil {
-		return 0, nil, err
+		return 0, nil, nil, err
 	}
 	if ours != theirs {
-		return 0, nil, fmt.Errorf("the archive holds another log: its tree of %d records is not the backup's", at)
+		return 0, nil, nil, fmt.Errorf("the archive holds another log: its tree of %d records is not the backup's", at)
 	}
 	if m <= n {
-		return m, nil, nil
+		return m, nil, nil, nil
 	}
 	var lost []string
+	var revoked []*kms.AuditRecord
 	const batch = 4096
 	for i := n; i < m; i += batch {
 		recs, err := cold.ColdRecords(ctx, i, min(i+batch, m))
 		if err != nil {
-			return 0, nil, err
+			return 0, nil, nil, err
 		}
 		for _, b := range recs {
 			r, err := kms.DecodeAuditRecord(b)
+			if err == nil && r.Status >= 200 && r.Status < 300 && r.Operation == "DELETE /v1/tokens/{id}" && r.Token != "" {
+				revoked = append(revoked, r)
+			}
 			if err == nil && r.Status >= 200 && r.Status < 300 && changes(r) && len(lost) < 100 {
 				what := r.Operation
 				if r.Key != "" {
@@ -307,19 +334,21 @@ func resumeFromArchive(ctx context.Context, st store.Backend, arch archive.Bucke
 			}
 		}
 		if err := l.Continue(ctx, recs); err != nil {
-			return 0, nil, err
+			return 0, nil, nil, err
 		}
 	}
 	root, err := l.TrustedRoot(ctx, m)
 	if err != nil {
-		return 0, nil, err
+		return 0, nil, nil, err
 	}
 	if root != cp.Root {
-		return 0, nil, errors.New("the log read back from the archive does not hash to the archive's checkpoint")
+		return 0, nil, nil, errors.New("the log read back from the archive does not hash to the archive's checkpoint")
 	}
 	log.Warn("audit log read back from the archive past the backup: the changes it records after the backup are not in the restored store", "backup_size", n, "archive_size", m, "state_changes", len(lost))
-	return m, lost, nil
+	return m, lost, revoked, nil
 }
+
+var errAlreadyRevoked = errors.New("already revoked")
 
 // changes reports whether a record is of a state change (what a restore
 // from an older backup undoes): an API request other than a read, or the
