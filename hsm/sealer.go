@@ -63,7 +63,8 @@ type Config struct {
 type Sealer struct {
 	mod     Module
 	cfg     Config
-	kekID   string  // hex of the KEK's CKA_ID
+	kekID   string   // hex of the primary KEK's CKA_ID (guarded by mu once open)
+	others  []string // the other KEKs of the ring (guarded by mu)
 	profile Profile // what Seal uses
 	ivs     ivGuard
 	// ping is a random block wrapped at start: Ping unwraps it, so a
@@ -89,6 +90,8 @@ type Sealer struct {
 // conn is one established connection to the token.
 type conn struct {
 	slot      uint
+	kekID     string              // the primary KEK's id (the handles below are its)
+	others    map[string]kekSet   // the other KEKs of the ring, by id: they open, never seal
 	kek       pkcs11.ObjectHandle
 	mac       pkcs11.ObjectHandle // the cbc-hmac profile's MAC key, 0 if none
 	kwp       pkcs11.ObjectHandle // the kwp profile's wrap-only key, 0 if none
@@ -249,6 +252,18 @@ func (s *Sealer) connect(create bool) (c *conn, kekID string, err error) {
 			s.log.Warn("HSM: the kwp profile is not usable on this token", "err", c.kwpErr.Error())
 		}
 	}
+	c.kekID = kekID
+	c.others = map[string]kekSet{}
+	for _, id := range s.others {
+		if id == kekID {
+			continue
+		}
+		ks, err := s.findSet(c, id, false)
+		if err != nil {
+			return c, "", fmt.Errorf("KEK %s of the ring: %w", id, err)
+		}
+		c.others[id] = ks
+	}
 	c.pool = newPool(s.mod, c.slot, s.cfg.Sessions)
 	return c, kekID, nil
 }
@@ -309,7 +324,7 @@ func (s *Sealer) supervise() {
 			s.healthy, s.lastErr, s.supervising = true, nil, false
 			s.hmu.Unlock()
 			s.reconnects.Add(1)
-			s.log.Info("HSM: connection re-established", "token", s.cfg.TokenLabel, "kek_id", s.kekID)
+			s.log.Info("HSM: connection re-established", "token", s.cfg.TokenLabel, "kek_id", s.KEKID())
 			return
 		case errors.Is(err, ErrClosed):
 			s.supervising = false
@@ -566,7 +581,11 @@ func (s *Sealer) KEKAttributes(ctx context.Context) (Attributes, error) {
 }
 
 // KEKID is the hex CKA_ID of the KEK; it is bound into every blob's AAD.
-func (s *Sealer) KEKID() string { return s.kekID }
+func (s *Sealer) KEKID() string {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	return s.kekID
+}
 
 // Blob layouts. Version 1, the gcm profile (the layout kmsd wrote before
 // it had profiles, and still writes for gcm):
@@ -597,7 +616,6 @@ func (s *Sealer) Profile() Profile { return s.profile }
 
 // Seal implements kms.Sealer.
 func (s *Sealer) Seal(ctx context.Context, sc kms.SealContext, plaintext kms.Secret) ([]byte, error) {
-	aad := sc.AAD(s.kekID)
 	dek := make([]byte, dekSize)
 	defer clear(dek)
 	nonce := make([]byte, gcmNonce)
@@ -608,7 +626,12 @@ func (s *Sealer) Seal(ctx context.Context, sc kms.SealContext, plaintext kms.Sec
 		return nil, err
 	}
 	var w wrapped
+	var aad []byte
+	var kekID string
 	err := s.run(ctx, func(sh pkcs11.SessionHandle, k keys) error {
+		// The primary KEK, as of this operation (a rotation may switch
+		// it between two).
+		kekID, aad = k.id, sc.AAD(k.id)
 		var err error
 		w, err = wrap(s.mod, sh, k, s.profile, aad, dek)
 		return err
@@ -620,7 +643,7 @@ func (s *Sealer) Seal(ctx context.Context, sc kms.SealContext, plaintext kms.Sec
 	if err != nil {
 		return nil, err
 	}
-	out := blob{kekID: []byte(s.kekID), w: w, nonce: nonce}.header()
+	out := blob{kekID: []byte(kekID), w: w, nonce: nonce}.header()
 	return aead.Seal(out, nonce, plaintext.Reveal(), aad), nil
 }
 
@@ -720,12 +743,12 @@ func (s *Sealer) Unseal(ctx context.Context, sc kms.SealContext, b []byte) (kms.
 	if err != nil {
 		return kms.Secret{}, kms.Wrap(kms.KindInternal, "unseal", err)
 	}
-	if string(p.kekID) != s.kekID {
-		return kms.Secret{}, kms.Wrap(kms.KindInternal, "unseal", fmt.Errorf("%w: sealed under KEK %s, this HSM's KEK is %s", ErrBlob, p.kekID, s.kekID))
+	if err := s.knows(string(p.kekID)); err != nil {
+		return kms.Secret{}, kms.Wrap(kms.KindInternal, "unseal", err)
 	}
-	aad := sc.AAD(s.kekID)
+	aad := sc.AAD(string(p.kekID))
 	var dek []byte
-	err = s.run(ctx, func(sh pkcs11.SessionHandle, k keys) error {
+	err = s.runWith(ctx, string(p.kekID), func(sh pkcs11.SessionHandle, k keys) error {
 		if lacks := p.w.profile.lacks(k.have); lacks != "" {
 			return fmt.Errorf("%w: the blob was sealed with the %s profile, and the token lacks %s", ErrMechanism, p.w.profile, lacks)
 		}
@@ -839,6 +862,11 @@ func (s *Sealer) pingKEK(sh pkcs11.SessionHandle, k keys, p Profile) error {
 // While the connection is lost it fails at once (ErrDisconnected, with the
 // cause); an error that means the connection is gone starts reconnection.
 func (s *Sealer) run(ctx context.Context, fn func(pkcs11.SessionHandle, keys) error) error {
+	return s.runWith(ctx, "", fn)
+}
+
+// runWith is run with the keys of the KEK kekID ("": the primary).
+func (s *Sealer) runWith(ctx context.Context, kekID string, fn func(pkcs11.SessionHandle, keys) error) error {
 	s.mu.RLock()
 	if s.closed {
 		s.mu.RUnlock()
@@ -852,7 +880,15 @@ func (s *Sealer) run(ctx context.Context, fn func(pkcs11.SessionHandle, keys) er
 		s.mu.RUnlock()
 		return fmt.Errorf("%w: %v", ErrDisconnected, last)
 	}
-	err := c.pool.with(ctx, func(sh pkcs11.SessionHandle) error { return fn(sh, c.keys()) })
+	k := c.keys()
+	if kekID != "" {
+		var ok bool
+		if k, ok = c.keysOf(kekID); !ok {
+			s.mu.RUnlock()
+			return fmt.Errorf("%w: sealed under KEK %s, which this sealer does not hold", ErrBlob, kekID)
+		}
+	}
+	err := c.pool.with(ctx, func(sh pkcs11.SessionHandle) error { return fn(sh, k) })
 	s.mu.RUnlock()
 	if reconnectable(err) {
 		s.broke(err)
@@ -880,7 +916,19 @@ func (s *Sealer) Close() error {
 }
 
 func (c *conn) keys() keys {
-	return keys{kek: c.kek, mac: c.mac, kwp: c.kwp, kwpErr: c.kwpErr, have: c.have, ivs: c.ivs}
+	return keys{id: c.kekID, kek: c.kek, mac: c.mac, kwp: c.kwp, kwpErr: c.kwpErr, have: c.have, ivs: c.ivs}
+}
+
+// keysOf is the keys of the KEK with the id, primary or other.
+func (c *conn) keysOf(id string) (keys, bool) {
+	if id == c.kekID {
+		return c.keys(), true
+	}
+	o, ok := c.others[id]
+	if !ok {
+		return keys{}, false
+	}
+	return keys{id: id, kek: o.kek, mac: o.mac, kwp: o.kwp, kwpErr: c.kwpErr, have: c.have, ivs: c.ivs}, true
 }
 
 // chooseProfile picks the profile Seal uses: the configured one if the

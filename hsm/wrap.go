@@ -119,6 +119,7 @@ const (
 
 // keys are the token objects a profile uses.
 type keys struct {
+	id  string // the KEK's id (hex CKA_ID)
 	kek pkcs11.ObjectHandle
 	mac pkcs11.ObjectHandle // cbc-hmac only
 	kwp pkcs11.ObjectHandle // kwp only: the wrap-only key
