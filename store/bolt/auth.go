@@ -241,7 +241,7 @@ func (s *Store) Scrub(ctx context.Context) (storekit.ScrubReport, error) {
 				return err
 			}
 		}
-		if !bytes.Equal(tx.Bucket(bucketMeta).Get(keyRecordKey), s.keyRaw) {
+		if !s.sameRecordKey(ctx, tx.Bucket(bucketMeta).Get(keyRecordKey)) {
 			return s.auth.Tamper(recPath(bucketMeta, keyRecordKey), "the record key is not the one loaded at start")
 		}
 		if err := checkAuditEnd(s.auth, tx); err != nil {
@@ -355,4 +355,55 @@ func checkAuditEnd(a *storekit.Auth, tx *bbolt.Tx) error {
 		return a.Tamper(p, fmt.Sprintf("the audit log's rows end at %d, not where its end record says", size))
 	}
 	return nil
+}
+
+// sameRecordKey reports whether sealed is the record key the file was
+// opened with: the bytes loaded, or the same key sealed again under
+// another KEK (a KEK rotation), which it then takes as the bytes.
+func (s *Store) sameRecordKey(ctx context.Context, sealed []byte) bool {
+	s.keyMu.Lock()
+	defer s.keyMu.Unlock()
+	if bytes.Equal(sealed, s.keyRaw) {
+		return true
+	}
+	if sealed == nil || !s.auth.SameRecordKey(ctx, s.sealer, sealed) {
+		return false
+	}
+	s.keyRaw = bytes.Clone(sealed)
+	return true
+}
+
+// ResealRecordKey seals the file's record key again under the sealer's
+// primary KEK (a KEK rotation); false if it was under the primary
+// already.
+func (s *Store) ResealRecordKey(ctx context.Context) (bool, error) {
+	var next []byte
+	err := s.update(func(r *rtx) error {
+		m := r.Bucket(bucketMeta)
+		var err error
+		if next, err = s.auth.ResealRecordKey(ctx, s.sealer, bytes.Clone(m.Get(keyRecordKey))); err != nil || next == nil {
+			return err
+		}
+		// Not a tagged record: the key that checks the tags.
+		return m.Put(keyRecordKey, next)
+	})
+	if err != nil || next == nil {
+		return false, err
+	}
+	s.keyMu.Lock()
+	s.keyRaw = next
+	s.keyMu.Unlock()
+	return true, nil
+}
+
+// RecordKeyKEK is the KEK the file's record key is sealed under.
+func (s *Store) RecordKeyKEK(ctx context.Context) (string, error) {
+	var sealed []byte
+	if err := s.db.View(func(tx *bbolt.Tx) error {
+		sealed = bytes.Clone(tx.Bucket(bucketMeta).Get(keyRecordKey))
+		return nil
+	}); err != nil {
+		return "", err
+	}
+	return storekit.RecordKeyKEK(s.sealer, sealed)
 }

@@ -66,7 +66,9 @@ type Store struct {
 	watchers storekit.Watchers
 
 	auth    *storekit.Auth
-	keyRaw  []byte        // the sealed record key as loaded
+	sealer  kms.Sealer
+	keyMu   sync.Mutex
+	keyRaw  []byte        // the sealed record key as loaded (or sealed again)
 	seenSeq atomic.Uint64 // the highest write count a scrub saw
 	scrubs  storekit.Scrubs
 }
@@ -156,7 +158,7 @@ func Open(path string, o Options) (*Store, error) {
 		db.Close()
 		return nil, fmt.Errorf("initialize %s: %w", path, err)
 	}
-	s := &Store{db: db, migrated: mig, auth: auth}
+	s := &Store{db: db, migrated: mig, auth: auth, sealer: o.Sealer}
 	if err := db.View(func(tx *bbolt.Tx) error {
 		s.keyRaw = bytes.Clone(tx.Bucket(bucketMeta).Get(keyRecordKey))
 		return nil

@@ -246,7 +246,8 @@ func (s *Store) openAuth(ctx context.Context, sealer kms.Sealer, upgrade bool) e
 			return fmt.Errorf("etcd: %w", err)
 		}
 		if tr.Succeeded {
-			s.auth, s.keyRaw, s.keyRev = a, sealed, tr.Header.Revision
+			s.auth, s.keyRev = a, tr.Header.Revision
+			s.setKeyRaw(sealed)
 			if legacy {
 				s.log.Warn("store: the prefix holds records written before records had tags; giving each its tag (--upgrade-untagged-store)", "prefix", s.p)
 			}
@@ -259,7 +260,8 @@ func (s *Store) openAuth(ctx context.Context, sealer kms.Sealer, upgrade bool) e
 	if s.auth, err = storekit.OpenRecordKey(ctx, sealer, resp.Kvs[0].Value); err != nil {
 		return err
 	}
-	s.keyRaw, s.keyRev = resp.Kvs[0].Value, resp.Kvs[0].CreateRevision
+	s.setKeyRaw(resp.Kvs[0].Value)
+	s.keyRev = resp.Kvs[0].CreateRevision
 	return s.finishUpgrade(ctx, upgrade)
 }
 
@@ -443,7 +445,7 @@ func (s *Store) scrub(ctx context.Context) (storekit.ScrubReport, error) {
 					return rep, s.auth.Tamper(path, "an upgrade of records without tags is marked as under way, after the store had tags")
 				case path == "m/"+storekit.RecordKeyMeta:
 					sawKey = true
-					if !bytes.Equal(kv.Value, s.keyRaw) || kv.CreateRevision != s.keyRev {
+					if kv.CreateRevision != s.keyRev || !s.sameRecordKey(kv.Value) {
 						return rep, s.auth.Tamper(path, "the record key is not the one loaded at start")
 					}
 				case !digested(path):
@@ -548,4 +550,77 @@ func (s *Store) compactAfterDestroy(ctx context.Context, name string, n uint64, 
 		return
 	}
 	s.compactions.Add(1)
+}
+
+// setKeyRaw notes the sealed record key as the store holds it.
+func (s *Store) setKeyRaw(b []byte) {
+	s.keyMu.Lock()
+	s.keyRaw = bytes.Clone(b)
+	s.keyMu.Unlock()
+}
+
+// sameRecordKey reports whether sealed is the record key this store was
+// opened with: the bytes loaded, or the same key sealed again under
+// another KEK (a KEK rotation), which it then takes as the bytes.
+func (s *Store) sameRecordKey(sealed []byte) bool {
+	s.keyMu.Lock()
+	same := bytes.Equal(sealed, s.keyRaw)
+	s.keyMu.Unlock()
+	if same {
+		return true
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if !s.auth.SameRecordKey(ctx, s.sealer, sealed) {
+		return false
+	}
+	s.setKeyRaw(sealed)
+	return true
+}
+
+// ResealRecordKey seals the prefix's record key again under the sealer's
+// primary KEK (a KEK rotation), in a transaction that compares it did not
+// change; false if it was under the primary already.
+func (s *Store) ResealRecordKey(ctx context.Context) (bool, error) {
+	k := s.recordKeyK()
+	resp, err := s.get(ctx, k)
+	if err != nil {
+		return false, err
+	}
+	if len(resp.Kvs) == 0 {
+		return false, errors.New("etcd: the record key is missing")
+	}
+	kv := resp.Kvs[0]
+	next, err := s.auth.ResealRecordKey(ctx, s.sealer, kv.Value)
+	if err != nil || next == nil {
+		return false, err
+	}
+	tctx, cancel := s.ctx(ctx)
+	defer cancel()
+	s.ownMu.RLock()
+	tr, err := s.cli.Txn(tctx).If(clientv3.Compare(clientv3.ModRevision(k), "=", kv.ModRevision)).Then(clientv3.OpPut(k, string(next))).Commit()
+	if err == nil && tr.Succeeded {
+		s.noteOwn(tr.Header.Revision)
+	}
+	s.ownMu.RUnlock()
+	if err != nil {
+		return false, fmt.Errorf("etcd: %w", err)
+	}
+	if !tr.Succeeded {
+		return false, errors.New("etcd: the record key changed while it was sealed again (another replica?); try again")
+	}
+	s.setKeyRaw(next)
+	return true, nil
+}
+
+// RecordKeyKEK is the KEK the prefix's record key is sealed under.
+func (s *Store) RecordKeyKEK(ctx context.Context) (string, error) {
+	resp, err := s.get(ctx, s.recordKeyK())
+	if err != nil {
+		return "", err
+	}
+	if len(resp.Kvs) == 0 {
+		return "", errors.New("etcd: the record key is missing")
+	}
+	return storekit.RecordKeyKEK(s.sealer, resp.Kvs[0].Value)
 }

@@ -92,8 +92,10 @@ type Store struct {
 	seal      sealer
 
 	auth        *storekit.Auth
-	keyRaw      []byte // the sealed record key as loaded, and its create revision
+	keyMu       sync.Mutex
+	keyRaw      []byte // the sealed record key as loaded (or sealed again), and its create revision
 	keyRev      int64
+	sealer      kms.Sealer
 	shard       shard
 	scrubs      storekit.Scrubs
 	upgraded    int
@@ -132,6 +134,7 @@ func Open(ctx context.Context, cli *clientv3.Client, o Options) (*Store, error) 
 	}
 	s.watchFrom = resp.Header.Revision + 1
 	s.seal.writer = newWriter()
+	s.sealer = o.Sealer
 	if err := s.openAuth(ctx, o.Sealer, o.UpgradeUntagged); err != nil {
 		return nil, err
 	}

@@ -178,7 +178,11 @@ func (s *Store) watch() {
 func (s *Store) checkEvent(ev *clientv3.Event) {
 	path := s.rel(string(ev.Kv.Key))
 	if path == "m/"+storekit.RecordKeyMeta {
-		// Written once, before any watch starts.
+		// Written once, before any watch starts, and sealed again (the
+		// same key) by a KEK rotation on another replica.
+		if ev.Type == clientv3.EventTypePut && ev.Kv.CreateRevision == s.keyRev && s.sameRecordKey(ev.Kv.Value) {
+			return
+		}
 		s.broke(path, "the record key was changed or deleted outside kmsd")
 		return
 	}

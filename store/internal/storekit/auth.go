@@ -345,3 +345,60 @@ func Unverified(stored []byte) []byte {
 	}
 	return stored[:len(stored)-overLen]
 }
+
+// sameRoot reports whether a and b derive from one record key.
+func (a *Auth) sameRoot(b *Auth) bool {
+	return subtle.ConstantTimeCompare(a.mac, b.mac) == 1 && subtle.ConstantTimeCompare(a.state, b.state) == 1
+}
+
+// ResealRecordKey seals a store's record key again under the sealer's
+// primary KEK (a KEK rotation): it returns the new sealed form, or nil if
+// sealed is under the primary already. The key must be a's.
+func (a *Auth) ResealRecordKey(ctx context.Context, s kms.Sealer, sealed []byte) ([]byte, error) {
+	ring, ok := s.(kms.KEKRing)
+	if !ok {
+		return nil, kms.ErrNoRing
+	}
+	if id, err := ring.BlobKEK(sealed); err == nil && id == ring.KEKID() {
+		return nil, nil
+	}
+	root, err := s.Unseal(ctx, RecordKeyContext, sealed)
+	if err != nil {
+		return nil, fmt.Errorf("unseal the store's record key: %w", err)
+	}
+	defer root.Wipe()
+	b, err := NewAuth(root.Reveal())
+	if err != nil {
+		return nil, err
+	}
+	if !a.sameRoot(b) {
+		return nil, errors.New("the store's sealed record key is not the one it was opened with")
+	}
+	out, err := s.Seal(ctx, RecordKeyContext, root)
+	if err != nil {
+		return nil, fmt.Errorf("seal the store's record key again: %w", err)
+	}
+	return out, nil
+}
+
+// SameRecordKey reports whether sealed (a record key that is not the
+// bytes loaded at start) is the same key sealed again (by a KEK rotation,
+// here or on another replica).
+func (a *Auth) SameRecordKey(ctx context.Context, s kms.Sealer, sealed []byte) bool {
+	root, err := s.Unseal(ctx, RecordKeyContext, sealed)
+	if err != nil {
+		return false
+	}
+	defer root.Wipe()
+	b, err := NewAuth(root.Reveal())
+	return err == nil && a.sameRoot(b)
+}
+
+// RecordKeyKEK is the KEK a sealed record key is under.
+func RecordKeyKEK(s kms.Sealer, sealed []byte) (string, error) {
+	ring, ok := s.(kms.KEKRing)
+	if !ok {
+		return "", kms.ErrNoRing
+	}
+	return ring.BlobKEK(sealed)
+}
