@@ -65,7 +65,7 @@ type Sealer struct {
 	cfg     Config
 	kekID   string   // hex of the primary KEK's CKA_ID (guarded by mu once open)
 	others  []string // the other KEKs of the ring (guarded by mu)
-	profile Profile // what Seal uses
+	profile Profile  // what Seal uses
 	ivs     ivGuard
 	// ping is a random block wrapped at start: Ping unwraps it, so a
 	// health check spends no IV under the KEK.
@@ -90,8 +90,8 @@ type Sealer struct {
 // conn is one established connection to the token.
 type conn struct {
 	slot      uint
-	kekID     string              // the primary KEK's id (the handles below are its)
-	others    map[string]kekSet   // the other KEKs of the ring, by id: they open, never seal
+	kekID     string            // the primary KEK's id (the handles below are its)
+	others    map[string]kekSet // the other KEKs of the ring, by id: they open, never seal
 	kek       pkcs11.ObjectHandle
 	mac       pkcs11.ObjectHandle // the cbc-hmac profile's MAC key, 0 if none
 	kwp       pkcs11.ObjectHandle // the kwp profile's wrap-only key, 0 if none
