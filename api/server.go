@@ -50,6 +50,8 @@ type Options struct {
 	Tiles TileSource
 	// Backup, if set, serves GET /v1/backup.
 	Backup BackupFunc
+	// KEK, if set, serves /v1/kek (KEK rotation).
+	KEK KEKAdmin
 	// ArchiveStatus, if set, says in /readyz where the archive stands.
 	ArchiveStatus func(ctx context.Context) *client.ArchiveStatus
 	// Background is the context of long operations (HE generations that
@@ -331,6 +333,9 @@ func (s *Server) Handler() http.Handler {
 		r.Post("/v1/keys/{name}/decapsulate", allow(kms.PermUseKey, s.decapsulate))
 		r.Post("/v1/tokens", allow(kms.PermManageTokens, s.createToken))
 		r.Get("/v1/backup", s.backup)
+		r.Get("/v1/kek", s.kekStatus)
+		r.Post("/v1/kek/rotate", s.kekRotate)
+		r.Post("/v1/kek/{id}/retire", s.kekRetire)
 		r.Post("/v1/tokens/introspect", allow(kms.PermIntrospect, s.introspect))
 		r.Get("/v1/tokens", allow(kms.PermManageTokens, s.listTokens))
 		r.Get("/v1/tokens/{id}", allow(kms.PermManageTokens, s.getToken))

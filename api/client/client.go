@@ -683,3 +683,28 @@ func (c *Client) Backup(ctx context.Context, w io.Writer, withBlobs bool) (strin
 	}
 	return id, nil
 }
+
+// KEKStatus is GET /v1/kek (an admin over "*"); count adds how many
+// secrets each KEK seals.
+func (c *Client) KEKStatus(ctx context.Context, count bool) (*KEKStatus, error) {
+	var q url.Values
+	if count {
+		q = url.Values{"count": {"true"}}
+	}
+	var out KEKStatus
+	return &out, c.do(ctx, http.MethodGet, "/v1/kek", q, nil, &out)
+}
+
+// RotateKEK starts a KEK rotation (POST /v1/kek/rotate): a new KEK is
+// primary at once; KEKStatus follows the rewrap.
+func (c *Client) RotateKEK(ctx context.Context) (*KEKStatus, error) {
+	var out KEKStatus
+	return &out, c.do(ctx, http.MethodPost, "/v1/kek/rotate", nil, nil, &out)
+}
+
+// RetireKEK destroys an old KEK in the HSM (POST /v1/kek/{id}/retire),
+// refused while anything is sealed under it.
+func (c *Client) RetireKEK(ctx context.Context, id string) (*KEKStatus, error) {
+	var out KEKStatus
+	return &out, c.do(ctx, http.MethodPost, "/v1/kek/"+url.PathEscape(id)+"/retire", nil, nil, &out)
+}

@@ -326,3 +326,33 @@ type Progress struct {
 	Total int   `json:"total"`
 	Bytes int64 `json:"bytes"`
 }
+
+// KEKStatus is GET /v1/kek: the KEK that seals (primary), the others
+// that still open, and the last rotation.
+type KEKStatus struct {
+	Primary  string       `json:"primary"`
+	Others   []string     `json:"others"`
+	Rotation *KEKRotation `json:"rotation,omitempty"`
+	// With ?count=true: secrets sealed under each KEK, and the KEK the
+	// store's record key is sealed under.
+	SealedUnder  map[string]int `json:"sealed_under,omitempty"`
+	RecordKeyKEK string         `json:"record_key_kek,omitempty"`
+}
+
+// KEKRotation is where a KEK rotation stands.
+type KEKRotation struct {
+	State      string     `json:"state"` // creating, rewrapping, done
+	From       []string   `json:"from"`
+	To         string     `json:"to"`
+	StartedAt  time.Time  `json:"started_at"`
+	FinishedAt *time.Time `json:"finished_at,omitempty"`
+	By         string     `json:"by,omitempty"`     // the token that started it
+	Cursor     string     `json:"cursor,omitempty"` // the last key done in this pass
+	Keys       int        `json:"keys"`             // keys looked at
+	Versions   int        `json:"versions"`         // sealed versions looked at
+	Rewrapped  int        `json:"rewrapped"`        // of those, sealed again under the new KEK
+	Passes     int        `json:"passes"`
+	// SealedUnder counts, once done, the secrets under each KEK.
+	SealedUnder map[string]int `json:"sealed_under,omitempty"`
+	Error       string         `json:"error,omitempty"` // the last error (the rewrap retries)
+}

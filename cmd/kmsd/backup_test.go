@@ -83,7 +83,7 @@ func fileSum(t *testing.T, path string) [32]byte {
 	return sha256.Sum256(b)
 }
 
-func stop(t *testing.T, p *proc) {
+func stopProc(t *testing.T, p *proc) {
 	t.Helper()
 	p.cmd.Process.Signal(syscall.SIGTERM)
 	if code := p.wait(t, 30*time.Second); code != 0 {
@@ -156,7 +156,7 @@ func TestBackupRestoreDrill(t *testing.T) {
 	if out, code := kmsctlOn(t, p, dir, "audit", "verify", "--identity-key-file", filepath.Join(work, "id.pub"), "--save-checkpoint", filepath.Join(files, "later.cp")); code != 0 {
 		t.Fatalf("audit verify: %d %s", code, out)
 	}
-	stop(t, p)
+	stopProc(t, p)
 
 	// Tampered and truncated copies are refused, and change nothing.
 	good, err := os.ReadFile(b1)
@@ -238,7 +238,7 @@ func TestBackupRestoreDrill(t *testing.T) {
 	if out, code := kmsctlOn(t, p, dir, "backup", "--out", b2); code != 0 {
 		t.Fatalf("backup 2: %d %s", code, out)
 	}
-	stop(t, p)
+	stopProc(t, p)
 	cl := testetcd.Start(t, 1)
 	s3 := tests3.Start(t)
 	hsmArgs, hsmEnv := hsmOf(t, dir)
@@ -260,7 +260,7 @@ func TestBackupRestoreDrill(t *testing.T) {
 	if out, code := kmsctlOn(t, pe, dir, "backup", "--out", b3); code != 0 {
 		t.Fatalf("backup from etcd: %d %s\n%s", code, out, pe.stderr.String())
 	}
-	stop(t, pe)
+	stopProc(t, pe)
 	bDir := filepath.Join(t.TempDir(), "back-on-bolt")
 	if out, errs, code := restoreCmd(t, hsmEnv, append([]string{"--data-dir", bDir, "--from", b3}, hsmArgs...)...); code != 0 {
 		t.Fatalf("restore back onto bbolt: exit %d\n%s\n%s", code, out, errs)
@@ -371,7 +371,7 @@ func TestRestoreKilledAtRandomPoints(t *testing.T) {
 	if out, code := kmsctlOn(t, p, dir, "backup", "--out", b); code != 0 {
 		t.Fatalf("backup: %d %s", code, out)
 	}
-	stop(t, p)
+	stopProc(t, p)
 	hsmArgs, hsmEnv := hsmOf(t, dir)
 	cl := testetcd.Start(t, 1)
 	s3 := tests3.Start(t)
@@ -407,7 +407,7 @@ func TestRestoreKilledAtRandomPoints(t *testing.T) {
 				if n != keys+1 {
 					t.Fatalf("round %d: the restored store lists %d keys, want %d", round, n, keys+1)
 				}
-				stop(t, q)
+				stopProc(t, q)
 				wipe()
 			}
 			wipe = func() {
@@ -551,7 +551,7 @@ func TestRestoreResumesFromArchive(t *testing.T) {
 	}
 	saved, _ := archive.CheckpointSize(mustRead(t, filepath.Join(files, "later.cp")))
 	waitArchived(t, p, arch, saved)
-	stop(t, p)
+	stopProc(t, p)
 	os.Rename(filepath.Join(dir, "kms.db"), filepath.Join(files, "lost.db"))
 	os.Remove(filepath.Join(dir, "kms.db-audit-wal"))
 

@@ -17,6 +17,7 @@ import (
 	"github.com/kmsd-project/kmsd/api/layout"
 	"github.com/kmsd-project/kmsd/audit"
 	"github.com/kmsd-project/kmsd/he"
+	"github.com/kmsd-project/kmsd/hsm"
 	"github.com/kmsd-project/kmsd/kms"
 	"github.com/kmsd-project/kmsd/kms/pqc"
 	"github.com/kmsd-project/kmsd/store"
@@ -162,8 +163,11 @@ func runRestore(ctx context.Context, args []string, getenv func(string) string, 
 	// 3. The HSM, and proof that the backup's identity key is sealed
 	// under its KEK.
 	sealer, err := openSealer(c, sealedUnder, false, log, getenv)
+	if errors.Is(err, hsm.ErrKEKMissing) {
+		return fmt.Errorf("the backup is sealed under KEK %s, which the HSM does not hold (retired since, or another HSM: a backup sealed under a retired KEK no longer restores); nothing was changed", sealedUnder.ID)
+	}
 	if err != nil {
-		return err
+		return fmt.Errorf("%w; nothing was changed", err)
 	}
 	defer sealer.Close()
 	if sealedUnder.ID != sealer.KEKID() {

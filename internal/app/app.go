@@ -110,6 +110,8 @@ type App struct {
 	OrphansRemoved int    // blobs of interrupted generations removed at start
 	AdminTokenMade bool
 
+	kek kekState
+
 	cfg       Config
 	log       *slog.Logger
 	bgStop    context.CancelFunc
@@ -170,6 +172,11 @@ func New(ctx context.Context, cfg Config) (*App, error) {
 			return nil, fmt.Errorf("blob store: %w", err)
 		}
 	}
+	// The KEKs the store is sealed under (after a rotation, more than
+	// the one kmsd opened the HSM by), before anything is unsealed.
+	if err := a.followRing(); err != nil {
+		return nil, fmt.Errorf("KEK ring: %w", err)
+	}
 	if err := svc.EnsureIdentity(ctx); err != nil {
 		return nil, fmt.Errorf("identity key: %w", err)
 	}
@@ -223,6 +230,8 @@ func New(ctx context.Context, cfg Config) (*App, error) {
 	} else {
 		opts.Audit, opts.Prover = nil, nil
 	}
+	a.kek.kick = make(chan struct{}, 1)
+	opts.KEK = a
 	if _, ok := cfg.Store.(store.Dumper); ok {
 		opts.Backup = func(ctx context.Context, w io.Writer, withBlobs bool) (string, error) {
 			sum, id, err := a.Backup(ctx, w, withBlobs)
@@ -314,6 +323,9 @@ func (a *App) Start() {
 		run(func() { a.API.Run(ctx) }))
 	if a.Archiver != nil {
 		a.done = append(a.done, run(func() { lead(ctx, "archive", a.runArchive) }))
+	}
+	if _, _, err := a.kekParts(); err == nil {
+		a.done = append(a.done, run(func() { a.runRing(ctx) }), run(func() { lead(ctx, "kek", a.runRewrap) }))
 	}
 }
 

@@ -1,0 +1,443 @@
+package app
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/kmsd-project/kmsd/api/client"
+	"github.com/kmsd-project/kmsd/kms"
+)
+
+// KEK rotation. The store's metadata says which KEKs the data is sealed
+// under: "sealed-under" names the primary (what new secrets are sealed
+// under; kmsd opens the HSM by it at start), "kek-ring" the others that
+// still open, "kek-rotation" where a rotation stands. A rotation makes a
+// new KEK in the token, makes it primary (every replica follows within
+// ringEvery), then one elected process seals every secret again under it
+// (kms.Service.Rewrap, a key at a time, resuming from the last key done
+// after a crash), then the store's record key, then counts that nothing
+// is left under another KEK. kmsctl kek retire then destroys an old KEK
+// in the token, refused while anything is sealed under it.
+
+const (
+	metaSealedUnder = "sealed-under"
+	metaRing        = "kek-ring"
+	metaRotation    = "kek-rotation"
+	// ringEvery is how often every process reads the ring from the store.
+	ringEvery = time.Second
+)
+
+// Rotation states.
+const (
+	RotationCreating   = "creating"   // the new KEK is being made in the token
+	RotationRewrapping = "rewrapping" // the new KEK is primary; secrets are being sealed again
+	RotationDone       = "done"       // nothing is sealed under another KEK
+)
+
+// ring is a sealer with a KEK ring (hsm.Sealer).
+type ring interface {
+	kms.KEKRing
+	NewKEK(ctx context.Context, id string) error
+	SetRing(primary string, others []string) error
+	KEKs() (primary string, others []string)
+	DestroyKEK(ctx context.Context, id string) error
+}
+
+// metaStore is a store's metadata.
+type metaStore interface {
+	Meta(key string) ([]byte, error)
+	PutMeta(key string, value []byte) error
+}
+
+// recordKeyResealer is a store whose record key is sealed under the KEK.
+type recordKeyResealer interface {
+	ResealRecordKey(ctx context.Context) (bool, error)
+	RecordKeyKEK(ctx context.Context) (string, error)
+}
+
+type kekRing struct {
+	Others []string `json:"others"`
+}
+
+// kekState is the KEK rotation's part of App.
+type kekState struct {
+	mu   sync.Mutex    // one rotate or retire at a time in this process
+	kick chan struct{} // wakes the rewrap job
+}
+
+func (a *App) kekParts() (ring, metaStore, error) {
+	r, ok := a.cfg.Sealer.(ring)
+	if !ok {
+		return nil, nil, kms.Errorf(kms.KindFailedPrecondition, "this kmsd's sealer has no KEK ring")
+	}
+	m, ok := a.cfg.Store.(metaStore)
+	if !ok {
+		return nil, nil, kms.Errorf(kms.KindFailedPrecondition, "this kmsd's store keeps no metadata")
+	}
+	return r, m, nil
+}
+
+func (a *App) rotation(m metaStore) (*client.KEKRotation, error) {
+	b, err := m.Meta(metaRotation)
+	if err != nil || b == nil {
+		return nil, err
+	}
+	var r client.KEKRotation
+	if err := json.Unmarshal(b, &r); err != nil {
+		return nil, fmt.Errorf("the store's KEK rotation record does not decode: %w", err)
+	}
+	return &r, nil
+}
+
+func putJSON(m metaStore, key string, v any) error {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	return m.PutMeta(key, b)
+}
+
+// errNoKEKRecord: the store names no KEK (a store kmsd did not start on).
+var errNoKEKRecord = kms.Errorf(kms.KindFailedPrecondition, "the store has no record of the KEK it is sealed under")
+
+// readRing reads the ring from the store: the primary and the others.
+func readRing(m metaStore) (string, []string, error) {
+	b, err := m.Meta(metaSealedUnder)
+	if err != nil {
+		return "", nil, err
+	}
+	var ref struct {
+		ID string `json:"id"`
+	}
+	if b == nil {
+		return "", nil, errNoKEKRecord
+	}
+	if json.Unmarshal(b, &ref) != nil || ref.ID == "" {
+		return "", nil, errors.New("the store's record of its KEK (sealed-under) names none")
+	}
+	var rg kekRing
+	if b, err := m.Meta(metaRing); err != nil {
+		return "", nil, err
+	} else if b != nil {
+		if err := json.Unmarshal(b, &rg); err != nil {
+			return "", nil, fmt.Errorf("the store's KEK ring does not decode: %w", err)
+		}
+	}
+	return ref.ID, slices.DeleteFunc(rg.Others, func(o string) bool { return o == ref.ID }), nil
+}
+
+// setPrimary records id as the primary KEK in the store, the rest of the
+// sealed-under record (token, label) as it was.
+func setPrimary(m metaStore, id string) error {
+	b, err := m.Meta(metaSealedUnder)
+	if err != nil {
+		return err
+	}
+	ref := map[string]any{}
+	if b != nil {
+		if err := json.Unmarshal(b, &ref); err != nil {
+			return err
+		}
+	}
+	ref["id"] = id
+	return putJSON(m, metaSealedUnder, ref)
+}
+
+// followRing makes the sealer's ring the store's.
+func (a *App) followRing() error {
+	r, m, err := a.kekParts()
+	if err != nil {
+		return nil // nothing to follow
+	}
+	primary, others, err := readRing(m)
+	if errors.Is(err, errNoKEKRecord) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	p, o := r.KEKs()
+	slices.Sort(o)
+	want := slices.Sorted(slices.Values(others))
+	if p == primary && slices.Equal(o, want) {
+		return nil
+	}
+	return r.SetRing(primary, others)
+}
+
+// RotateKEK starts a KEK rotation (an admin over "*"): a new KEK made in
+// the token and made primary at once; the rewrap runs in the background
+// (KEKStatus follows it).
+func (a *App) RotateKEK(ctx context.Context, p *kms.Principal) (*client.KEKStatus, error) {
+	if err := p.AuthorizeAll("rotate the KEK"); err != nil {
+		return nil, err
+	}
+	r, m, err := a.kekParts()
+	if err != nil {
+		return nil, err
+	}
+	a.kek.mu.Lock()
+	defer a.kek.mu.Unlock()
+	rot, err := a.rotation(m)
+	if err != nil {
+		return nil, err
+	}
+	if rot != nil && rot.State != RotationDone {
+		return nil, kms.Errorf(kms.KindFailedPrecondition, "a KEK rotation to %s is under way (%s): wait for it to end (kmsctl kek status)", rot.To, rot.State)
+	}
+	if _, _, err := readRing(m); err != nil {
+		return nil, err
+	}
+	if err := a.followRing(); err != nil {
+		return nil, err
+	}
+	primary, others := r.KEKs()
+	raw := make([]byte, 16)
+	if _, err := rand.Read(raw); err != nil {
+		return nil, err
+	}
+	rot = &client.KEKRotation{State: RotationCreating, From: append([]string{primary}, others...), To: hex.EncodeToString(raw), StartedAt: time.Now().UTC(), By: p.TokenID}
+	// Recorded before the KEK is made: a crash leaves a rotation the job
+	// finishes (it finds the KEK by this id, or makes it).
+	if err := putJSON(m, metaRotation, rot); err != nil {
+		return nil, err
+	}
+	if err := a.advanceKEK(ctx, r, m, rot); err != nil {
+		return nil, err
+	}
+	select {
+	case a.kek.kick <- struct{}{}:
+	default:
+	}
+	return a.KEKStatus(ctx, p, false)
+}
+
+// advanceKEK takes a rotation from creating to rewrapping: the new KEK in
+// the token, recorded in the ring, made primary.
+func (a *App) advanceKEK(ctx context.Context, r ring, m metaStore, rot *client.KEKRotation) error {
+	if err := r.NewKEK(ctx, rot.To); err != nil {
+		rot.Error = err.Error()
+		_ = putJSON(m, metaRotation, rot)
+		return kms.Wrap(kms.KindUnavailable, "make the new KEK in the HSM", err)
+	}
+	// The others first: a crash before the primary changes leaves the
+	// old primary both primary and other, which is harmless.
+	if err := putJSON(m, metaRing, kekRing{Others: rot.From}); err != nil {
+		return err
+	}
+	if err := setPrimary(m, rot.To); err != nil {
+		return err
+	}
+	if err := r.SetRing(rot.To, rot.From); err != nil {
+		return err
+	}
+	rot.State, rot.Error = RotationRewrapping, ""
+	a.log.Warn("KEK rotation: a new KEK is primary; sealing every secret again under it", "new_kek", rot.To, "old", rot.From)
+	return putJSON(m, metaRotation, rot)
+}
+
+// KEKStatus is where the KEKs stand (an admin over "*"); count adds how
+// many secrets each KEK seals (a read of every version).
+func (a *App) KEKStatus(ctx context.Context, p *kms.Principal, count bool) (*client.KEKStatus, error) {
+	if err := p.AuthorizeAll("read the KEK status"); err != nil {
+		return nil, err
+	}
+	r, m, err := a.kekParts()
+	if err != nil {
+		return nil, err
+	}
+	if err := a.followRing(); err != nil {
+		return nil, err
+	}
+	st := &client.KEKStatus{}
+	st.Primary, st.Others = r.KEKs()
+	if st.Rotation, err = a.rotation(m); err != nil {
+		return nil, err
+	}
+	if count {
+		if st.SealedUnder, err = a.Service.SealedUnder(ctx); err != nil {
+			return nil, err
+		}
+		if rk, ok := a.cfg.Store.(recordKeyResealer); ok {
+			if st.RecordKeyKEK, err = rk.RecordKeyKEK(ctx); err != nil {
+				return nil, err
+			}
+		}
+	}
+	return st, nil
+}
+
+// RetireKEK destroys an old KEK in the token (an admin over "*"), once
+// no rotation is under way and nothing is sealed under it: not the
+// primary, no version's secret, not the store's record key. Backups
+// sealed under it no longer restore.
+func (a *App) RetireKEK(ctx context.Context, p *kms.Principal, id string) (*client.KEKStatus, error) {
+	if err := p.AuthorizeAll("retire a KEK"); err != nil {
+		return nil, err
+	}
+	r, m, err := a.kekParts()
+	if err != nil {
+		return nil, err
+	}
+	if _, err := hex.DecodeString(id); err != nil || len(id) == 0 || len(id) > 128 {
+		return nil, kms.Errorf(kms.KindInvalid, "a KEK id is hex (kmsctl kek status lists them)")
+	}
+	a.kek.mu.Lock()
+	defer a.kek.mu.Unlock()
+	if err := a.followRing(); err != nil {
+		return nil, err
+	}
+	primary, others := r.KEKs()
+	if id == primary {
+		return nil, kms.Errorf(kms.KindFailedPrecondition, "KEK %s is the primary: it seals new secrets (rotate first)", id)
+	}
+	rot, err := a.rotation(m)
+	if err != nil {
+		return nil, err
+	}
+	if rot != nil && rot.State != RotationDone {
+		return nil, kms.Errorf(kms.KindFailedPrecondition, "a KEK rotation is under way (%s): retire once it is done", rot.State)
+	}
+	counts, err := a.Service.SealedUnder(ctx)
+	if err != nil {
+		return nil, err
+	}
+	if n := counts[id]; n > 0 {
+		return nil, kms.Errorf(kms.KindFailedPrecondition, "%d secrets are still sealed under KEK %s: rotate (or finish the rotation) first", n, id)
+	}
+	if n := counts["?"]; n > 0 {
+		return nil, kms.Errorf(kms.KindFailedPrecondition, "%d sealed secrets name no KEK: refusing to destroy any", n)
+	}
+	if rk, ok := a.cfg.Store.(recordKeyResealer); ok {
+		k, err := rk.RecordKeyKEK(ctx)
+		if err != nil {
+			return nil, err
+		}
+		if k == id {
+			return nil, kms.Errorf(kms.KindFailedPrecondition, "the store's record key is still sealed under KEK %s: finish the rotation first", id)
+		}
+	}
+	rest := slices.DeleteFunc(slices.Clone(others), func(o string) bool { return o == id })
+	if err := putJSON(m, metaRing, kekRing{Others: rest}); err != nil {
+		return nil, err
+	}
+	if err := r.DestroyKEK(ctx, id); err != nil {
+		return nil, kms.Wrap(kms.KindUnavailable, "destroy the KEK in the HSM", err)
+	}
+	if err := r.SetRing(primary, rest); err != nil {
+		return nil, err
+	}
+	a.log.Warn("KEK retired: destroyed in the token; backups sealed under it no longer restore", "kek_id", id)
+	return a.KEKStatus(ctx, p, false)
+}
+
+// runRing makes every process follow the ring the store records.
+func (a *App) runRing(ctx context.Context) {
+	t := time.NewTicker(ringEvery)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		if err := a.followRing(); err != nil && ctx.Err() == nil {
+			a.log.Error("KEK ring: cannot follow the store's", "err", err)
+		}
+	}
+}
+
+// runRewrap is the elected process's part of a rotation: it finishes one
+// that a crash interrupted and rewraps until nothing is left under
+// another KEK.
+func (a *App) runRewrap(ctx context.Context) {
+	r, m, err := a.kekParts()
+	if err != nil {
+		return
+	}
+	wait := 0 * time.Second
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-a.kek.kick:
+		case <-time.After(wait):
+		}
+		wait = 5 * time.Second
+		if err := a.rewrapOnce(ctx, r, m); err != nil && ctx.Err() == nil {
+			a.log.Error("KEK rotation: the rewrap stopped; it goes on in 5 s", "err", err)
+		}
+	}
+}
+
+func (a *App) rewrapOnce(ctx context.Context, r ring, m metaStore) error {
+	a.kek.mu.Lock()
+	rot, err := a.rotation(m)
+	if err != nil || rot == nil || rot.State == RotationDone {
+		a.kek.mu.Unlock()
+		return err
+	}
+	if rot.State == RotationCreating {
+		err = a.advanceKEK(ctx, r, m, rot)
+	}
+	a.kek.mu.Unlock()
+	if err != nil {
+		return err
+	}
+	if err := a.followRing(); err != nil {
+		return err
+	}
+	for {
+		last := time.Now()
+		st, err := a.Service.Rewrap(ctx, rot.Cursor, func(key string, s kms.RewrapStats) error {
+			if time.Since(last) < 500*time.Millisecond {
+				return nil
+			}
+			last = time.Now()
+			cur := *rot
+			cur.Cursor, cur.Keys, cur.Versions, cur.Rewrapped = key, rot.Keys+s.Keys, rot.Versions+s.Versions, rot.Rewrapped+s.Rewrapped
+			return putJSON(m, metaRotation, &cur)
+		})
+		rot.Keys, rot.Versions, rot.Rewrapped = rot.Keys+st.Keys, rot.Versions+st.Versions, rot.Rewrapped+st.Rewrapped
+		if err != nil {
+			rot.Error = err.Error()
+			_ = putJSON(m, metaRotation, rot)
+			return err
+		}
+		if rk, ok := a.cfg.Store.(recordKeyResealer); ok {
+			if _, err := rk.ResealRecordKey(ctx); err != nil {
+				return fmt.Errorf("seal the store's record key again: %w", err)
+			}
+		}
+		// A pass is done: count, since a replica that had not yet
+		// followed the ring may have sealed under the old KEK meanwhile.
+		counts, err := a.Service.SealedUnder(ctx)
+		if err != nil {
+			return err
+		}
+		left := 0
+		for id, n := range counts {
+			if id != rot.To {
+				left += n
+			}
+		}
+		rot.Passes++
+		if left == 0 {
+			now := time.Now().UTC()
+			rot.State, rot.Cursor, rot.FinishedAt, rot.Error, rot.SealedUnder = RotationDone, "", &now, "", counts
+			a.log.Info("KEK rotation done: every secret is sealed under the new KEK; retire the old with kmsctl kek retire", "kek", rot.To, "rewrapped", rot.Rewrapped, "old", rot.From)
+			return putJSON(m, metaRotation, rot)
+		}
+		rot.Cursor = ""
+		if err := putJSON(m, metaRotation, rot); err != nil {
+			return err
+		}
+	}
+}
