@@ -12,7 +12,7 @@ import (
 var kekCommands = []command{
 	{
 		name: "kek status", synopsis: "[--count]",
-		help: "show the KEKs (the primary that seals, the others that still open) and the last rotation (an admin token over \"*\"); --count reads every version to count the secrets under each KEK",
+		help:  "show the KEKs (the primary that seals, the others that still open) and the last rotation (an admin token over \"*\"); --count reads every version to count the secrets under each KEK",
 		flags: func(fs *flag.FlagSet) { fs.Bool("count", false, "count the secrets sealed under each KEK") },
 		run: func(e *env, fs *flag.FlagSet, _ []string) (int, error) {
 			st, err := e.c.KEKStatus(e.ctx, boolFlag(fs, "count"))
@@ -24,7 +24,7 @@ var kekCommands = []command{
 	},
 	{
 		name: "kek rotate", synopsis: "[--wait]",
-		help: "make a new KEK in the HSM and seal every secret again under it, in the background (an admin token over \"*\"); --wait follows it with a progress bar on stderr until it is done (within --timeout)",
+		help:  "make a new KEK in the HSM and seal every secret again under it, in the background (an admin token over \"*\"); --wait follows it with a progress bar on stderr until it is done (within --timeout)",
 		flags: func(fs *flag.FlagSet) { fs.Bool("wait", false, "wait until every secret is sealed under the new KEK") },
 		run: func(e *env, fs *flag.FlagSet, _ []string) (int, error) {
 			st, err := e.c.RotateKEK(e.ctx)
