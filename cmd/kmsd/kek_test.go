@@ -2,14 +2,18 @@ package main
 
 import (
 	"encoding/json"
+	"fmt"
+	mrand "math/rand/v2"
 	"os"
 	"path/filepath"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/kmsd-project/kmsd/api/client"
+	"github.com/kmsd-project/kmsd/internal/testetcd"
 )
 
 // TestKEKRotation is README's "Rotating the KEK": with keys of every kind
@@ -128,5 +132,185 @@ func TestKEKRotation(t *testing.T) {
 	}
 	if _, err := os.Stat(filepath.Join(target, "kms.db")); err == nil {
 		t.Fatal("a refused restore made a kms.db")
+	}
+}
+
+// TestKEKRewrapSurvivesKill9: kmsd killed with SIGKILL at random points
+// of KEK rotations (60 rounds, as the crash tests): each time the
+// restarted kmsd finishes the rotation, every secret ends under the new
+// KEK (and the store's record key), every key still signs, nothing is
+// lost, the old KEK is retired, and the audit log verifies at the end.
+func TestKEKRewrapSurvivesKill9(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "data")
+	p := start(t, dir)
+	p.waitReady(t)
+	c := adminClient(t, p, dir)
+	const keys = 150
+	for i := range keys {
+		if _, err := c.CreateKey(ctx, client.CreateKeyRequest{Name: fmt.Sprintf("k%03d", i), Kind: "ml-dsa-44"}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	signAll := func(round int, every int) {
+		for i := 0; i < keys; i += every {
+			if _, err := c.Sign(ctx, fmt.Sprintf("k%03d", i), []byte("m"), nil); err != nil {
+				t.Fatalf("round %d: key k%03d does not sign: %v", round, i, err)
+			}
+		}
+	}
+	// done waits for the rotation to end and checks where everything is
+	// sealed, then retires the old KEKs.
+	done := func(round int) {
+		deadline := time.Now().Add(60 * time.Second)
+		for {
+			st, err := c.KEKStatus(ctx, false)
+			if err != nil {
+				t.Fatalf("round %d: %v", round, err)
+			}
+			if st.Rotation == nil || st.Rotation.State == "done" {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("round %d: the rotation did not end: %+v\n%s", round, st.Rotation, p.stderr.String())
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+		st, err := c.KEKStatus(ctx, true)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(st.SealedUnder) != 1 || st.SealedUnder[st.Primary] != keys+1 || st.RecordKeyKEK != st.Primary {
+			t.Fatalf("round %d: after the rotation: %+v", round, st)
+		}
+		for _, id := range st.Others {
+			if _, err := c.RetireKEK(ctx, id); err != nil {
+				t.Fatalf("round %d: retire %s: %v", round, id, err)
+			}
+		}
+	}
+	t0 := time.Now()
+	if _, err := c.RotateKEK(ctx); err != nil {
+		t.Fatal(err)
+	}
+	done(0)
+	took := time.Since(t0)
+	rng := mrand.New(mrand.NewPCG(uint64(time.Now().UnixNano()), 1))
+	killedDuring := 0
+	for round := 1; round <= 60; round++ {
+		if _, err := c.RotateKEK(ctx); err != nil {
+			t.Fatalf("round %d: %v", round, err)
+		}
+		time.Sleep(time.Duration(rng.Int64N(int64(took))))
+		if st, err := c.KEKStatus(ctx, false); err == nil && st.Rotation != nil && st.Rotation.State != "done" {
+			killedDuring++
+		}
+		p.cmd.Process.Kill()
+		p.wait(t, 10*time.Second)
+		p = start(t, dir)
+		p.waitReady(t)
+		c = adminClient(t, p, dir)
+		done(round)
+		every := 15
+		if round%10 == 0 {
+			every = 1
+		}
+		signAll(round, every)
+	}
+	t.Logf("a rotation of %d keys takes %v; %d of 60 kills landed while it ran", keys+1, took.Round(time.Millisecond), killedDuring)
+	if killedDuring < 10 {
+		t.Fatalf("only %d of 60 kills landed during a rotation", killedDuring)
+	}
+	time.Sleep(time.Second)
+	if res, _ := verifyLog(t, c); res.Size == 0 {
+		t.Fatal("empty log")
+	}
+}
+
+// TestKEKRotationOnReplicas: two replicas on etcd sharing the token. A
+// rotation started on one is rewrapped once (one audit record per key),
+// while both sign without an error; the other seals under the new KEK as
+// soon as it follows the ring, so nothing is left under the old one,
+// which is then retired while both go on.
+func TestKEKRotationOnReplicas(t *testing.T) {
+	cl := testetcd.Start(t, 1)
+	dirs := []string{t.TempDir(), t.TempDir()}
+	a := startReplica(t, cl, nil, dirs[0], "")
+	a.waitReady(t)
+	b := startReplica(t, cl, nil, dirs[1], dirs[0])
+	b.waitReady(t)
+	ca, cb := adminClient(t, a, dirs[0]), adminClient(t, b, dirs[0])
+	const keys = 60
+	for i := range keys {
+		if _, err := ca.CreateKey(ctx, client.CreateKeyRequest{Name: fmt.Sprintf("r%02d", i), Kind: "ml-dsa-44"}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var stop atomic.Bool
+	var wg sync.WaitGroup
+	for _, c := range []*client.Client{ca, cb} {
+		wg.Go(func() {
+			for i := 0; !stop.Load(); i++ {
+				if _, err := c.Sign(ctx, fmt.Sprintf("r%02d", i%keys), []byte("m"), nil); err != nil {
+					t.Errorf("a signature during the rotation: %v", err)
+					return
+				}
+			}
+		})
+	}
+	if _, err := cb.RotateKEK(ctx); err != nil {
+		t.Fatal(err)
+	}
+	// A key made on the other replica during the rotation.
+	if _, err := ca.CreateKey(ctx, client.CreateKeyRequest{Name: "during", Kind: "ml-kem-768"}); err != nil {
+		t.Fatal(err)
+	}
+	var st *client.KEKStatus
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		var err error
+		if st, err = ca.KEKStatus(ctx, true); err != nil {
+			t.Fatal(err)
+		}
+		if st.Rotation != nil && st.Rotation.State == "done" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the rotation did not end: %+v\n%s\n%s", st.Rotation, a.stderr.String(), b.stderr.String())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	stop.Store(true)
+	wg.Wait()
+	if len(st.SealedUnder) != 1 || st.SealedUnder[st.Primary] != keys+2 || st.RecordKeyKEK != st.Primary {
+		t.Fatalf("after the rotation: %+v", st)
+	}
+	time.Sleep(1500 * time.Millisecond) // both follow the ring
+	if _, err := cb.CreateKey(ctx, client.CreateKeyRequest{Name: "after", Kind: "ml-dsa-44"}); err != nil {
+		t.Fatal(err)
+	}
+	for _, id := range st.Others {
+		if _, err := ca.RetireKEK(ctx, id); err != nil {
+			t.Fatalf("retire %s: %v", id, err)
+		}
+	}
+	for _, c := range []*client.Client{ca, cb} {
+		for _, k := range []string{"r00", "r59", "after"} {
+			if _, err := c.Sign(ctx, k, []byte("m"), nil); err != nil {
+				t.Fatalf("sign with %s after the old KEK was retired: %v", k, err)
+			}
+		}
+	}
+	time.Sleep(500 * time.Millisecond)
+	_, recs := verifyLog(t, ca)
+	rewraps := map[string]int{}
+	for _, r := range recs {
+		if r.Operation == "kek rewrap" {
+			rewraps[r.Key]++
+		}
+	}
+	for i := range keys {
+		if n := rewraps[fmt.Sprintf("r%02d", i)]; n != 1 {
+			t.Fatalf("key r%02d was rewrapped %d times, want once: %v", i, n, rewraps)
+		}
 	}
 }
