@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/kmsd-project/kmsd/api/client"
+	"github.com/kmsd-project/kmsd/hsm"
 	"github.com/kmsd-project/kmsd/kms"
 )
 
@@ -258,6 +259,9 @@ func (a *App) KEKStatus(ctx context.Context, p *kms.Principal, count bool) (*cli
 	}
 	st := &client.KEKStatus{}
 	st.Primary, st.Others = r.KEKs()
+	if st.Others == nil {
+		st.Others = []string{}
+	}
 	if st.Rotation, err = a.rotation(m); err != nil {
 		return nil, err
 	}
@@ -328,7 +332,9 @@ func (a *App) RetireKEK(ctx context.Context, p *kms.Principal, id string) (*clie
 	if err := putJSON(m, metaRing, kekRing{Others: rest}); err != nil {
 		return nil, err
 	}
-	if err := r.DestroyKEK(ctx, id); err != nil {
+	if err := r.DestroyKEK(ctx, id); errors.Is(err, hsm.ErrKEKMissing) {
+		return nil, kms.Errorf(kms.KindNotFound, "the HSM holds no KEK %s (retired already?)", id)
+	} else if err != nil {
 		return nil, kms.Wrap(kms.KindUnavailable, "destroy the KEK in the HSM", err)
 	}
 	if err := r.SetRing(primary, rest); err != nil {
