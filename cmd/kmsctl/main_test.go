@@ -402,7 +402,7 @@ func TestBashCompletion(t *testing.T) {
 		t.Fatalf("completion bash: %d %s", r.code, r.stderr)
 	}
 	script := r.stdout + `
-COMP_WORDS=(kmsctl ke); COMP_CWORD=1; _kmsctl; echo "${COMPREPLY[*]}"
+COMP_WORDS=(kmsctl key); COMP_CWORD=1; _kmsctl; echo "${COMPREPLY[*]}"
 COMP_WORDS=(kmsctl keys ro); COMP_CWORD=2; _kmsctl; echo "${COMPREPLY[*]}"
 COMP_WORDS=(kmsctl audit ""); COMP_CWORD=2; _kmsctl; echo "${COMPREPLY[*]}"
 `
