@@ -33,8 +33,8 @@ var ErrKEKInUse = errors.New("the KEK is the ring's primary: it seals new materi
 func (s *Sealer) findSet(c *conn, id string, create bool) (kekSet, error) {
 	var ks kekSet
 	raw, err := hex.DecodeString(id)
-	if err != nil || len(raw) == 0 {
-		return ks, fmt.Errorf("%w: KEK id %q is not hex", ErrKEK, id)
+	if err != nil || len(raw) == 0 || hex.EncodeToString(raw) != id {
+		return ks, fmt.Errorf("%w: KEK id %q is not lower-case hex", ErrKEK, id)
 	}
 	label := s.cfg.KEKLabel
 	objs, err := findByLabel(s.mod, c.loginSess, label, raw)
@@ -96,6 +96,9 @@ func (s *Sealer) connected() (*conn, error) {
 // (replicas) is found in the token, never made. A KEK the token does not
 // hold is ErrBlob.
 func (s *Sealer) knows(id string) error {
+	if raw, err := hex.DecodeString(id); err != nil || len(raw) == 0 || hex.EncodeToString(raw) != id {
+		return fmt.Errorf("%w: it names KEK %q, not a lower-case hex id", ErrBlob, id)
+	}
 	s.mu.RLock()
 	c, err := s.connected()
 	known := err == nil && (id == c.kekID || c.others[id] != (kekSet{}))
@@ -155,9 +158,12 @@ func (s *Sealer) NewKEK(ctx context.Context, id string) error {
 }
 
 // SetRing makes primary the KEK that seals and others the ones that only
-// open; each must be in the token (found, never made). A KEK left out is
-// dropped from the ring (not destroyed).
+// open. The primary must be in the token (found, never made); another
+// that is not (retired meanwhile by another process of the store) is left
+// out with a warning. A KEK left out is dropped from the ring (not
+// destroyed).
 func (s *Sealer) SetRing(primary string, others []string) error {
+	// 1. Every KEK of the new ring found, under the lock.
 	s.mu.Lock()
 	c, err := s.connected()
 	if err != nil {
@@ -173,11 +179,18 @@ func (s *Sealer) SetRing(primary string, others []string) error {
 			continue
 		}
 		ks, err := s.findSet(c, id, false)
+		if errors.Is(err, ErrKEKMissing) && id != primary {
+			s.log.Warn("HSM: a KEK of the store's ring is not in the token; left out", "kek_id", id)
+			continue
+		}
 		if err != nil {
 			s.mu.Unlock()
 			return err
 		}
 		sets[id] = ks
+		if id != c.kekID {
+			c.others[id] = ks // opens at once; the ring is trimmed below
+		}
 	}
 	p := sets[primary]
 	if s.profile == ProfileCBCHMAC && p.mac == 0 || s.profile == ProfileKWP && p.kwp == 0 {
@@ -185,21 +198,37 @@ func (s *Sealer) SetRing(primary string, others []string) error {
 		return fmt.Errorf("%w: KEK %s has no side key for the %s profile", ErrMechanism, primary, s.profile)
 	}
 	changed := primary != c.kekID
-	c.kekID, c.kek, c.mac, c.kwp = primary, p.kek, p.mac, p.kwp
+	s.mu.Unlock()
+	// 2. A ping block under the new primary, before it is primary: Ping
+	// never meets a block of another KEK.
+	var plain []byte
+	var w wrapped
+	if changed {
+		if plain, w, err = s.newPing(context.Background(), primary); err != nil {
+			return err
+		}
+	}
+	// 3. The switch, with its ping block, at once.
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if c, err = s.connected(); err != nil {
+		return err
+	}
+	if changed {
+		c.kekID, c.kek, c.mac, c.kwp = primary, p.kek, p.mac, p.kwp
+		s.pingPlain, s.pingProfile = plain, w
+	}
 	c.others = map[string]kekSet{}
 	s.others = nil
 	for _, id := range others {
-		if id != primary {
-			c.others[id] = sets[id]
+		if ks, ok := sets[id]; ok && id != primary {
+			c.others[id] = ks
 			s.others = append(s.others, id)
 		}
 	}
 	s.kekID, s.cfg.KEKID = primary, primary
-	s.mu.Unlock()
 	if changed {
 		s.log.Info("HSM: KEK ring changed", "primary", primary, "others", others)
-		// Ping unwraps a block wrapped under the primary.
-		return s.makePing()
 	}
 	return nil
 }
@@ -221,14 +250,16 @@ func (s *Sealer) DestroyKEK(ctx context.Context, id string) error {
 	if err != nil {
 		return err
 	}
+	if raw, err := hex.DecodeString(id); err != nil || hex.EncodeToString(raw) != id {
+		return fmt.Errorf("%w: KEK id %q is not lower-case hex", ErrKEK, id)
+	}
 	if id == c.kekID {
 		return ErrKEKInUse
 	}
+	// Only a KEK of this ring: the token may hold others under the label.
 	ks, ok := c.others[id]
 	if !ok {
-		if ks, err = s.findSet(c, id, false); err != nil {
-			return err
-		}
+		return fmt.Errorf("%w: KEK %s is not in this sealer's ring", ErrKEKMissing, id)
 	}
 	for _, h := range []pkcs11.ObjectHandle{ks.mac, ks.kwp, ks.kek} {
 		if h == 0 {

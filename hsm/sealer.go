@@ -259,6 +259,13 @@ func (s *Sealer) connect(create bool) (c *conn, kekID string, err error) {
 			continue
 		}
 		ks, err := s.findSet(c, id, false)
+		if errors.Is(err, ErrKEKMissing) {
+			// Retired meanwhile (by another process of the store): what
+			// was sealed under it was sealed again before. Only the
+			// primary must be there.
+			s.log.Warn("HSM: a KEK of the ring is no longer in the token; dropped from the ring", "kek_id", id)
+			continue
+		}
 		if err != nil {
 			return c, "", fmt.Errorf("KEK %s of the ring: %w", id, err)
 		}
@@ -823,17 +830,30 @@ func (s *Sealer) roundTrip(ctx context.Context, p Profile) error {
 	return s.run(ctx, func(sh pkcs11.SessionHandle, k keys) error { return s.pingKEK(sh, k, p) })
 }
 
-// makePing wraps the block Ping unwraps.
+// makePing wraps the block Ping unwraps (at Open, before the sealer is
+// shared).
 func (s *Sealer) makePing() error {
-	s.pingPlain = make([]byte, dekSize)
-	if _, err := io.ReadFull(rand.Reader, s.pingPlain); err != nil {
+	plain, w, err := s.newPing(context.Background(), "")
+	if err != nil {
 		return err
 	}
-	return s.run(context.Background(), func(sh pkcs11.SessionHandle, k keys) error {
+	s.pingPlain, s.pingProfile = plain, w
+	return nil
+}
+
+// newPing wraps a fresh ping block under the KEK kekID ("": the primary).
+func (s *Sealer) newPing(ctx context.Context, kekID string) ([]byte, wrapped, error) {
+	plain := make([]byte, dekSize)
+	if _, err := io.ReadFull(rand.Reader, plain); err != nil {
+		return nil, wrapped{}, err
+	}
+	var w wrapped
+	err := s.runWith(ctx, kekID, func(sh pkcs11.SessionHandle, k keys) error {
 		var err error
-		s.pingProfile, err = wrap(s.mod, sh, k, s.profile, []byte("kmsd ping"), s.pingPlain)
+		w, err = wrap(s.mod, sh, k, s.profile, []byte("kmsd ping"), plain)
 		return err
 	})
+	return plain, w, err
 }
 
 // pingKEK wraps a random block with the KEK under profile p and unwraps

@@ -290,17 +290,25 @@ func (a *App) RetireKEK(ctx context.Context, p *kms.Principal, id string) (*clie
 	if err != nil {
 		return nil, err
 	}
-	if _, err := hex.DecodeString(id); err != nil || len(id) == 0 || len(id) > 128 {
-		return nil, kms.Errorf(kms.KindInvalid, "a KEK id is hex (kmsctl kek status lists them)")
+	if raw, err := hex.DecodeString(id); err != nil || len(raw) == 0 || len(id) > 128 || hex.EncodeToString(raw) != id {
+		return nil, kms.Errorf(kms.KindInvalid, "a KEK id is lower-case hex, as kmsctl kek status lists them")
 	}
 	a.kek.mu.Lock()
 	defer a.kek.mu.Unlock()
 	if err := a.followRing(); err != nil {
 		return nil, err
 	}
-	primary, others := r.KEKs()
+	primary, others, err := readRing(m)
+	if err != nil {
+		return nil, err
+	}
 	if id == primary {
 		return nil, kms.Errorf(kms.KindFailedPrecondition, "KEK %s is the primary: it seals new secrets (rotate first)", id)
+	}
+	if !slices.Contains(others, id) {
+		// Only this store's KEKs: the token may hold other data dirs'
+		// under the same label.
+		return nil, kms.Errorf(kms.KindNotFound, "KEK %s is not one of this store's (kmsctl kek status lists them)", id)
 	}
 	rot, err := a.rotation(m)
 	if err != nil {
