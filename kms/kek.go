@@ -2,6 +2,8 @@ package kms
 
 import (
 	"context"
+	"sync"
+	"sync/atomic"
 	"errors"
 	"fmt"
 	"time"
@@ -174,4 +176,37 @@ func (s *Service) SealedUnder(ctx context.Context) (map[string]int, error) {
 		})
 	})
 	return out, err
+}
+
+// sealFence counts new material between its seal and its commit, so that
+// a KEK retire can wait until none is in flight (FenceSeals).
+type sealFence struct {
+	mu       sync.Mutex // held by a fence: no seal of new material starts
+	inflight atomic.Int64
+}
+
+// enter marks a seal of new material as started; the returned func marks
+// it committed or discarded.
+func (f *sealFence) enter() func() {
+	f.mu.Lock()
+	f.inflight.Add(1)
+	f.mu.Unlock()
+	var once sync.Once
+	return func() { once.Do(func() { f.inflight.Add(-1) }) }
+}
+
+// FenceSeals runs fn while no new material is between its seal and its
+// commit in this process, and none starts: what fn counts in the store is
+// all this process has sealed. A retire runs under it.
+func (s *Service) FenceSeals(ctx context.Context, fn func() error) error {
+	s.seals.mu.Lock()
+	defer s.seals.mu.Unlock()
+	for s.seals.inflight.Load() > 0 {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(5 * time.Millisecond):
+		}
+	}
+	return fn()
 }

@@ -61,37 +61,45 @@ func buildManifest(name string, n uint64, kind string, ks *Keyset, at time.Time)
 // newKeysetVersion makes an HE version: a sealed seed, the keyset's blobs,
 // and the manifest signed by the identity key. At most MaxGenerations run
 // at once.
-func (s *Service) newKeysetVersion(ctx context.Context, name string, kind KeysetKind, n uint64, p Policy) (Version, error) {
+func (s *Service) newKeysetVersion(ctx context.Context, name string, kind KeysetKind, n uint64, p Policy) (Version, func(), error) {
 	select {
 	case s.generations <- struct{}{}:
 		defer func() { <-s.generations }()
 	default:
-		return Version{}, Errorf(KindExhausted, "%d HE keyset generation(s) already running; retry later", cap(s.generations))
+		return Version{}, nil, Errorf(KindExhausted, "%d HE keyset generation(s) already running; retry later", cap(s.generations))
 	}
 	seed := make([]byte, 32)
 	if _, err := io.ReadFull(s.rand, seed); err != nil {
-		return Version{}, Wrap(KindInternal, "seed", err)
+		return Version{}, nil, Wrap(KindInternal, "seed", err)
 	}
 	secret := NewSecret(seed)
 	defer secret.Wipe()
-	sealed, err := s.sealer.Seal(ctx, SealContext{Key: name, Version: n, Kind: kind.Name()}, secret)
-	if err != nil {
-		return Version{}, asUnavailable("seal", err)
+	// The HSM answers before minutes of work: a failing one is found now.
+	if err := s.sealer.Ping(ctx); err != nil {
+		return Version{}, nil, asUnavailable("hsm", err)
 	}
 	ks, err := kind.GenerateKeyset(ctx, secret, p, progressFrom(ctx))
 	if err != nil {
-		return Version{}, asUnavailable("generate "+kind.Name()+" keyset", err)
+		return Version{}, nil, asUnavailable("generate "+kind.Name()+" keyset", err)
 	}
-	v := Version{Number: n, State: StateEnabled, CreatedAt: s.clock.Now(), Sealed: sealed, Blobs: ks.Digests()}
+	v := Version{Number: n, State: StateEnabled, CreatedAt: s.clock.Now(), Blobs: ks.Digests()}
 	if v.Manifest, err = buildManifest(name, n, kind.Name(), ks, v.CreatedAt); err != nil {
 		kind.RemoveBlobs(v.Blobs)
-		return Version{}, Wrap(KindInternal, "manifest", err)
+		return Version{}, nil, Wrap(KindInternal, "manifest", err)
 	}
 	if v.ManifestSig, v.ManifestSigBy, err = s.SignAsIdentity(ctx, v.Manifest, []byte(ManifestContext)); err != nil {
 		kind.RemoveBlobs(v.Blobs)
-		return Version{}, err
+		return Version{}, nil, err
 	}
-	return v, nil
+	// Sealed last, just before the commit: under the KEK that is primary
+	// then (a rotation may have switched it during the generation).
+	release := s.seals.enter()
+	if v.Sealed, err = s.sealer.Seal(ctx, SealContext{Key: name, Version: n, Kind: kind.Name()}, secret); err != nil {
+		release()
+		kind.RemoveBlobs(v.Blobs)
+		return Version{}, nil, asUnavailable("seal", err)
+	}
+	return v, release, nil
 }
 
 // discard removes what newVersion wrote outside the store for a version

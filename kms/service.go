@@ -71,6 +71,8 @@ type Service struct {
 
 	locksMu sync.Mutex
 	locks   map[string]*sync.Mutex // per-key locks that serialize rotations
+
+	seals sealFence // new material from its seal to its commit
 }
 
 // NewService builds a Service.
@@ -179,20 +181,27 @@ func (s *Service) checkPolicy(kind KeyKind, p Policy) (Policy, error) {
 // newVersion generates and seals material for version n of a key. Nothing
 // is stored; for HE kinds the keyset's blobs are written (and must be
 // discarded if the version does not commit).
-func (s *Service) newVersion(ctx context.Context, name string, kind KeyKind, n uint64, p Policy) (Version, error) {
+//
+// The material is sealed last, and the returned release must be called
+// once the version committed or was discarded: from the seal to then, a
+// KEK retire in this process waits (FenceSeals), so no version is
+// committed sealed under a KEK destroyed meanwhile.
+func (s *Service) newVersion(ctx context.Context, name string, kind KeyKind, n uint64, p Policy) (Version, func(), error) {
 	if kk, ok := kind.(KeysetKind); ok {
 		return s.newKeysetVersion(ctx, name, kk, n, p)
 	}
 	secret, pub, err := kind.Generate(s.rand)
 	if err != nil {
-		return Version{}, Wrap(KindInternal, "generate "+kind.Name(), err)
+		return Version{}, nil, Wrap(KindInternal, "generate "+kind.Name(), err)
 	}
 	defer secret.Wipe()
+	release := s.seals.enter()
 	sealed, err := s.sealer.Seal(ctx, SealContext{Key: name, Version: n, Kind: kind.Name()}, secret)
 	if err != nil {
-		return Version{}, asUnavailable("seal", err)
+		release()
+		return Version{}, nil, asUnavailable("seal", err)
 	}
-	return Version{Number: n, State: StateEnabled, CreatedAt: s.clock.Now(), PublicKey: pub, Sealed: sealed}, nil
+	return Version{Number: n, State: StateEnabled, CreatedAt: s.clock.Now(), PublicKey: pub, Sealed: sealed}, release, nil
 }
 
 // asUnavailable keeps an *Error's kind and makes anything else "unavailable":
@@ -233,10 +242,11 @@ func (s *Service) createKey(ctx context.Context, name, kindName string, p Policy
 	} else if !errors.Is(err, ErrNotFound) {
 		return nil, nil, asUnavailable("store", err)
 	}
-	v, err := s.newVersion(ctx, name, kind, 1, p)
+	v, release, err := s.newVersion(ctx, name, kind, 1, p)
 	if err != nil {
 		return nil, nil, err
 	}
+	defer release()
 	k := &Key{Name: name, Kind: kind.Name(), Policy: p, CreatedAt: v.CreatedAt, Primary: 1, Latest: 1, MinDecryptionVersion: 1}
 	if err := s.store.CreateKey(ctx, k, &v, audit); err != nil {
 		s.discard(kind, v)
@@ -439,7 +449,7 @@ func (s *Service) rotate(ctx context.Context, name string, rec *AuditRecord) (*K
 			return nil, nil, Wrap(KindInternal, "rotate", err)
 		}
 		n := k.Latest + 1
-		v, err := s.newVersion(ctx, name, kind, n, k.Policy)
+		v, release, err := s.newVersion(ctx, name, kind, n, k.Policy)
 		if err != nil {
 			return nil, nil, err
 		}
@@ -458,6 +468,7 @@ func (s *Service) rotate(ctx context.Context, name string, rec *AuditRecord) (*K
 			out = k.Clone()
 			return auditFor(rec, name, n), nil
 		})
+		release()
 		if err != nil {
 			s.discard(kind, v)
 			if raced && attempt < maxRotateAttempts && ctx.Err() == nil {

@@ -33,6 +33,10 @@ const (
 	metaRotation    = "kek-rotation"
 	// ringEvery is how often every process reads the ring from the store.
 	ringEvery = time.Second
+	// switchGrace is how long after the switch a rotation counts before
+	// it is done: every process follows the ring within ringEvery, and
+	// commits what it sealed before within milliseconds of the seal.
+	switchGrace = 3 * ringEvery
 )
 
 // Rotation states.
@@ -317,35 +321,42 @@ func (a *App) RetireKEK(ctx context.Context, p *kms.Principal, id string) (*clie
 	if rot != nil && rot.State != RotationDone {
 		return nil, kms.Errorf(kms.KindFailedPrecondition, "a KEK rotation is under way (%s): retire once it is done", rot.State)
 	}
-	counts, err := a.Service.SealedUnder(ctx)
-	if err != nil {
-		return nil, err
-	}
-	if n := counts[id]; n > 0 {
-		return nil, kms.Errorf(kms.KindFailedPrecondition, "%d secrets are still sealed under KEK %s: rotate (or finish the rotation) first", n, id)
-	}
-	if n := counts["?"]; n > 0 {
-		return nil, kms.Errorf(kms.KindFailedPrecondition, "%d sealed secrets name no KEK: refusing to destroy any", n)
-	}
-	if rk, ok := a.cfg.Store.(recordKeyResealer); ok {
-		k, err := rk.RecordKeyKEK(ctx)
+	// Counted and destroyed while no new material is between its seal
+	// and its commit in this process (replicas seal under the new
+	// primary within ringEvery of the switch; a rotation is done only
+	// well after that).
+	err = a.Service.FenceSeals(ctx, func() error {
+		counts, err := a.Service.SealedUnder(ctx)
 		if err != nil {
-			return nil, err
+			return err
 		}
-		if k == id {
-			return nil, kms.Errorf(kms.KindFailedPrecondition, "the store's record key is still sealed under KEK %s: finish the rotation first", id)
+		if n := counts[id]; n > 0 {
+			return kms.Errorf(kms.KindFailedPrecondition, "%d secrets are still sealed under KEK %s: rotate (or finish the rotation) first", n, id)
 		}
-	}
-	rest := slices.DeleteFunc(slices.Clone(others), func(o string) bool { return o == id })
-	if err := putJSON(m, metaRing, kekRing{Others: rest}); err != nil {
-		return nil, err
-	}
-	if err := r.DestroyKEK(ctx, id); errors.Is(err, hsm.ErrKEKMissing) {
-		return nil, kms.Errorf(kms.KindNotFound, "the HSM holds no KEK %s (retired already?)", id)
-	} else if err != nil {
-		return nil, kms.Wrap(kms.KindUnavailable, "destroy the KEK in the HSM", err)
-	}
-	if err := r.SetRing(primary, rest); err != nil {
+		if n := counts["?"]; n > 0 {
+			return kms.Errorf(kms.KindFailedPrecondition, "%d sealed secrets name no KEK: refusing to destroy any", n)
+		}
+		if rk, ok := a.cfg.Store.(recordKeyResealer); ok {
+			k, err := rk.RecordKeyKEK(ctx)
+			if err != nil {
+				return err
+			}
+			if k == id {
+				return kms.Errorf(kms.KindFailedPrecondition, "the store's record key is still sealed under KEK %s: finish the rotation first", id)
+			}
+		}
+		rest := slices.DeleteFunc(slices.Clone(others), func(o string) bool { return o == id })
+		if err := putJSON(m, metaRing, kekRing{Others: rest}); err != nil {
+			return err
+		}
+		if err := r.DestroyKEK(ctx, id); errors.Is(err, hsm.ErrKEKMissing) {
+			return kms.Errorf(kms.KindNotFound, "the HSM holds no KEK %s of this ring (retired already?)", id)
+		} else if err != nil {
+			return kms.Wrap(kms.KindUnavailable, "destroy the KEK in the HSM", err)
+		}
+		return r.SetRing(primary, rest)
+	})
+	if err != nil {
 		return nil, err
 	}
 	a.log.Warn("KEK retired: destroyed in the token; backups sealed under it no longer restore", "kek_id", id)
@@ -443,6 +454,17 @@ func (a *App) rewrapOnce(ctx context.Context, r ring, m metaStore) error {
 			}
 		}
 		rot.Passes++
+		if left == 0 && time.Since(rot.StartedAt) < switchGrace {
+			// A replica that had not followed the switch yet may still
+			// commit something sealed under an old KEK: count again
+			// once every process has.
+			select {
+			case <-ctx.Done():
+				return ctx.Err()
+			case <-time.After(switchGrace - time.Since(rot.StartedAt)):
+			}
+			continue
+		}
 		if left == 0 {
 			now := time.Now().UTC()
 			rot.State, rot.Cursor, rot.FinishedAt, rot.Error, rot.SealedUnder = RotationDone, "", &now, "", counts

@@ -9,6 +9,7 @@ import (
 	"errors"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -325,13 +326,17 @@ func TestReviewMidRotationBackupRestoresBroken(t *testing.T) {
 type slowCommit struct {
 	*hsm.Sealer
 	sealed chan struct{}
+	once   *sync.Once
 }
 
 func (s slowCommit) Seal(ctx context.Context, sc kms.SealContext, p kms.Secret) ([]byte, error) {
 	b, err := s.Sealer.Seal(ctx, sc, p)
 	if sc.Key == "slow" {
-		close(s.sealed)
-		time.Sleep(1500 * time.Millisecond)
+		first := false
+		s.once.Do(func() { close(s.sealed); first = true })
+		if first {
+			time.Sleep(1500 * time.Millisecond)
+		}
 	}
 	return b, err
 }
@@ -351,7 +356,7 @@ func TestReviewRetireDuringGeneration(t *testing.T) {
 	}
 	defer hs.Close()
 	old := hs.KEKID()
-	sealer := slowCommit{Sealer: hs, sealed: make(chan struct{})}
+	sealer := slowCommit{Sealer: hs, sealed: make(chan struct{}), once: &sync.Once{}}
 	st, err := bolt.Open(filepath.Join(t.TempDir(), "kms.db"), bolt.Options{Sealer: hs})
 	if err != nil {
 		t.Fatal(err)
