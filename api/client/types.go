@@ -341,6 +341,7 @@ type KEKStatus struct {
 
 // KEKRotation is where a KEK rotation stands.
 type KEKRotation struct {
+	Seq        int        `json:"seq"`   // rotations of this store, counted from 1
 	State      string     `json:"state"` // creating, rewrapping, done
 	From       []string   `json:"from"`
 	To         string     `json:"to"`

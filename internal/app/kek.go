@@ -33,9 +33,10 @@ const (
 	metaRotation    = "kek-rotation"
 	// ringEvery is how often every process reads the ring from the store.
 	ringEvery = time.Second
-	// switchGrace is how long after the switch a rotation counts before
-	// it is done: every process follows the ring within ringEvery, and
-	// commits what it sealed before within milliseconds of the seal.
+	// switchGrace is how long after the switch a rotation on a shared
+	// store counts before it is done: every replica follows the ring
+	// within ringEvery, and commits what it sealed before within
+	// milliseconds of the seal. (One process fences its own.)
 	switchGrace = 3 * ringEvery
 )
 
@@ -59,6 +60,7 @@ type ring interface {
 type metaStore interface {
 	Meta(key string) ([]byte, error)
 	PutMeta(key string, value []byte) error
+	ClaimMeta(key string, value []byte) ([]byte, error)
 }
 
 // recordKeyResealer is a store whose record key is sealed under the KEK.
@@ -208,7 +210,21 @@ func (a *App) RotateKEK(ctx context.Context, p *kms.Principal) (*client.KEKStatu
 	if _, err := rand.Read(raw); err != nil {
 		return nil, err
 	}
-	rot = &client.KEKRotation{State: RotationCreating, From: append([]string{primary}, others...), To: hex.EncodeToString(raw), StartedAt: time.Now().UTC(), By: p.TokenID}
+	seq := 1
+	if rot != nil {
+		seq = rot.Seq + 1
+	}
+	next := hex.EncodeToString(raw)
+	// Rotation seq is claimed in the store (set once, by one process):
+	// of two rotations started at once on two replicas, one goes on.
+	got, err := m.ClaimMeta(fmt.Sprintf("%s-%d", metaRotation, seq), []byte(next))
+	if err != nil {
+		return nil, err
+	}
+	if string(got) != next {
+		return nil, kms.Errorf(kms.KindFailedPrecondition, "another KEK rotation (to %s) started at the same time: wait for it to end (kmsctl kek status)", got)
+	}
+	rot = &client.KEKRotation{Seq: seq, State: RotationCreating, From: append([]string{primary}, others...), To: next, StartedAt: time.Now().UTC(), By: p.TokenID}
 	// Recorded before the KEK is made: a crash leaves a rotation the job
 	// finishes (it finds the KEK by this id, or makes it).
 	if err := putJSON(m, metaRotation, rot); err != nil {
@@ -442,19 +458,35 @@ func (a *App) rewrapOnce(ctx context.Context, r ring, m metaStore) error {
 			}
 		}
 		// A pass is done: count, since a replica that had not yet
-		// followed the ring may have sealed under the old KEK meanwhile.
-		counts, err := a.Service.SealedUnder(ctx)
+		// followed the ring may have sealed under the old KEK meanwhile;
+		// and in this process, once what was sealed before the switch
+		// has committed (the fence).
+		var counts map[string]int
+		err = a.Service.FenceSeals(ctx, func() error {
+			var err error
+			counts, err = a.Service.SealedUnder(ctx)
+			return err
+		})
 		if err != nil {
 			return err
 		}
+		// Left: anything not under the store's primary (the rotation's
+		// target, which its claim makes the only one).
+		primary, _, err := readRing(m)
+		if err != nil {
+			return err
+		}
+		if primary != rot.To {
+			return fmt.Errorf("the store's primary KEK is %s, the rotation's target %s: refusing to go on", primary, rot.To)
+		}
 		left := 0
 		for id, n := range counts {
-			if id != rot.To {
+			if id != primary {
 				left += n
 			}
 		}
 		rot.Passes++
-		if left == 0 && time.Since(rot.StartedAt) < switchGrace {
+		if left == 0 && a.shared() && time.Since(rot.StartedAt) < switchGrace {
 			// A replica that had not followed the switch yet may still
 			// commit something sealed under an old KEK: count again
 			// once every process has.
@@ -475,5 +507,18 @@ func (a *App) rewrapOnce(ctx context.Context, r ring, m metaStore) error {
 		if err := putJSON(m, metaRotation, rot); err != nil {
 			return err
 		}
+		// Another pass, after a pause: what is left was sealed by a
+		// replica that had not followed the switch yet.
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(ringEvery):
+		}
 	}
+}
+
+// shared reports whether other processes (replicas) share the store.
+func (a *App) shared() bool {
+	sh, ok := a.cfg.Store.(interface{ Shared() bool })
+	return ok && sh.Shared()
 }
