@@ -286,3 +286,7 @@ func BlobKEK(b []byte) (string, error) {
 
 // BlobKEK implements kms.KEKRing.
 func (s *Sealer) BlobKEK(b []byte) (string, error) { return BlobKEK(b) }
+
+// HasKEK reports (nil) whether the token holds the KEK with the id: in
+// the ring, or found in the token by label and id (then added to it).
+func (s *Sealer) HasKEK(id string) error { return s.knows(id) }

@@ -115,7 +115,7 @@ func runRestore(ctx context.Context, args []string, getenv func(string) string, 
 		return fmt.Errorf("--from: %w", err)
 	}
 	defer fh.Close()
-	meta := &metaCatcher{}
+	meta := &metaCatcher{KEKs: backup.KEKs{BlobKEK: hsm.BlobKEK}}
 	f, err := backup.Read(fh, meta)
 	if err != nil {
 		return fmt.Errorf("%s: %w; nothing was changed", from, err)
@@ -174,6 +174,9 @@ func runRestore(ctx context.Context, args []string, getenv func(string) string, 
 		return fmt.Errorf("HSM: the key labelled %q has id %s, but the backup was sealed under the KEK with id %s; nothing was changed", c.kekLabel, sealer.KEKID(), sealedUnder.ID)
 	}
 	if err := backup.BindHSM(ctx, sealer, f); err != nil {
+		return fmt.Errorf("%s: %w; nothing was changed", from, err)
+	}
+	if err := meta.CheckKEKs(sealer.HasKEK); err != nil {
 		return fmt.Errorf("%s: %w; nothing was changed", from, err)
 	}
 
@@ -376,9 +379,10 @@ func changes(r *kms.AuditRecord) bool {
 	return false
 }
 
-// metaCatcher checks a file and keeps the KEK record it holds.
+// metaCatcher checks a file and keeps the KEK record it holds and the
+// KEKs its secrets are sealed under.
 type metaCatcher struct {
-	backup.Discard
+	backup.KEKs
 	sealedUnder []byte
 }
 

@@ -37,6 +37,7 @@ import (
 	"fmt"
 	"hash"
 	"io"
+	"strings"
 
 	"github.com/kmsd-project/kmsd/kms"
 	"github.com/kmsd-project/kmsd/kms/pqc"
@@ -622,3 +623,44 @@ func (Discard) Checkpoint(uint64, []byte) error                { return nil }
 func (Discard) Pending([][]byte) error                         { return nil }
 func (Discard) Blob(d [32]byte, size int64, r io.Reader) error { return nil }
 func (Discard) BlobRef([32]byte) error                         { return nil }
+
+// KEKs is a Handler that notes, for each KEK the file's secrets are
+// sealed under, which versions are (up to 20 names each).
+type KEKs struct {
+	Discard
+	// BlobKEK reads the KEK id a sealed blob names (hsm.BlobKEK).
+	BlobKEK func(blob []byte) (string, error)
+	Under   map[string][]string
+	counts  map[string]int
+}
+
+// Version implements Handler.
+func (k *KEKs) Version(key string, v *kms.Version) error {
+	if len(v.Sealed) == 0 {
+		return nil
+	}
+	id, err := k.BlobKEK(v.Sealed)
+	if err != nil {
+		return malformed("the secret of %s version %d is not a sealed blob: %v", key, v.Number, err)
+	}
+	if k.Under == nil {
+		k.Under, k.counts = map[string][]string{}, map[string]int{}
+	}
+	if k.counts[id] < 20 {
+		k.Under[id] = append(k.Under[id], fmt.Sprintf("%s v%d", key, v.Number))
+	}
+	k.counts[id]++
+	return nil
+}
+
+// CheckKEKs checks that the HSM holds every KEK the file's secrets are
+// sealed under (has: nil if it does): a backup taken during a KEK
+// rotation holds secrets under the old KEK, which may be retired since.
+func (k *KEKs) CheckKEKs(has func(id string) error) error {
+	for id, names := range k.Under {
+		if err := has(id); err != nil {
+			return fmt.Errorf("%d secrets of the backup are sealed under KEK %s, which the HSM does not hold (retired after the backup was taken?): %s: %w", k.counts[id], id, strings.Join(names, ", "), err)
+		}
+	}
+	return nil
+}
