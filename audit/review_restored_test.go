@@ -147,3 +147,34 @@ func TestReviewOldRestoreExcusesLaterRollback(t *testing.T) {
 		t.Errorf("a rolled-back log with record 3 edited (it no longer hashes to its checkpoint) reported as %v", err)
 	}
 }
+
+// TestRestoredOnlyWhenStateDoesNotKnowIt: a genuine restore after the
+// checkpoint was saved (the saved state lists no restore) is reported as
+// "restored", with the sizes; the same log against a saved state that
+// lists that restore (it was saved after it) is a rollback.
+func TestRestoredOnlyWhenStateDoesNotKnowIt(t *testing.T) {
+	l := newReviewLog(t)
+	for i := 0; i < 12; i++ {
+		l.op(fmt.Sprintf("POST /v1/keys #%d", i))
+	}
+	saved := l.checkpoint() // 12, saved by the auditor
+	restored := l.truncate(7)
+	restored.add(&kms.AuditRecord{Time: "2026-12-01T00:00:00Z", Actor: "system", Operation: kms.RestoreOp, Status: 200,
+		Restore: &kms.RestoreInfo{Backup: "b7", BackupSize: 7, Created: "2026-11-30T00:00:00Z"}})
+	for i := 0; i < 2; i++ {
+		restored.op("GET /v1/keys")
+	}
+	cp := restored.checkpoint() // 10
+	_, _, err := audit.VerifySaved(l.pub, restored.records, [][]byte{cp}, saved, &audit.SavedState{})
+	if p, ok := err.(*audit.Problem); !ok || p.Check != "restored" || !strings.Contains(err.Error(), "b7") || !strings.Contains(err.Error(), "covers 12 records") {
+		t.Fatalf("a restore after the saved checkpoint: %v", err)
+	}
+	_, _, err = audit.VerifySaved(l.pub, restored.records, [][]byte{cp}, saved, &audit.SavedState{Restores: []uint64{7}})
+	if p, ok := err.(*audit.Problem); !ok || p.Check != "rollback" {
+		t.Fatalf("a restore the saved state knew: %v", err)
+	}
+	_, _, err = audit.Verify(l.pub, restored.records, [][]byte{cp}, saved)
+	if p, ok := err.(*audit.Problem); !ok || p.Check != "rollback" || !strings.Contains(err.Error(), "restore record at 7") {
+		t.Fatalf("without a saved state: %v", err)
+	}
+}

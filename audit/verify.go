@@ -89,6 +89,25 @@ func (m *MemoryTree) Leaf(i uint64) tlog.Hash { return m.leaves[i] }
 // history (fork). checkpoints holds any number of signed checkpoints; the
 // largest is the latest. It returns the first problem found, as a *Problem.
 func Verify(pub []byte, records [][]byte, checkpoints [][]byte, saved []byte) (*Result, *MemoryTree, error) {
+	return VerifySaved(pub, records, checkpoints, saved, nil)
+}
+
+// SavedState is what a verifier keeps beside a checkpoint it saves: the
+// indexes of the restore records the log held then (kmsctl audit verify
+// --save-checkpoint writes it as FILE.restores).
+type SavedState struct {
+	Restores []uint64 `json:"restores"`
+}
+
+// VerifySaved is Verify, with what was kept beside the saved checkpoint
+// (nil: nothing). A saved checkpoint the log does not extend (rollback,
+// fork) is reported as "restored" only for a restore record of the log
+// that the log's own checkpoint covers (so it was verified as every
+// record is) and that state does not list (so it was not in the saved
+// checkpoint's log already); otherwise it is a rollback or a fork, whose
+// message names the log's newest restore record, if any, for the reader
+// to weigh.
+func VerifySaved(pub []byte, records [][]byte, checkpoints [][]byte, saved []byte, state *SavedState) (*Result, *MemoryTree, error) {
 	type cp struct {
 		c     Checkpoint
 		saved bool
@@ -121,8 +140,18 @@ func Verify(pub []byte, records [][]byte, checkpoints [][]byte, saved []byte) (*
 		}
 		return 0
 	})
+	// savedProb is the saved checkpoint's problem, told once the log
+	// itself verified (a restore may explain it).
+	var savedProb *Problem
+	var savedSize uint64
 	for i := 1; i < len(cps); i++ {
 		if cps[i].c.Size == cps[i-1].c.Size && cps[i].c.Root != cps[i-1].c.Root {
+			if cps[i].saved || cps[i-1].saved {
+				if savedProb == nil {
+					savedProb, savedSize = problem("fork", -1, "the saved checkpoint and the log's of size %d have different roots", cps[i].c.Size), cps[i].c.Size
+				}
+				continue
+			}
 			return nil, nil, problem("fork", -1, "two checkpoints of size %d have different roots", cps[i].c.Size)
 		}
 	}
@@ -134,11 +163,8 @@ func Verify(pub []byte, records [][]byte, checkpoints [][]byte, saved []byte) (*
 		}
 	}
 	for _, c := range cps {
-		if c.saved && c.c.Size > latest.Size {
-			if p := restoredBefore(records, c.c.Size); p != nil {
-				return nil, nil, p
-			}
-			return nil, nil, problem("rollback", -1, "a saved checkpoint covers %d records but the log's latest checkpoint only %d", c.c.Size, latest.Size)
+		if c.saved && c.c.Size > latest.Size && savedProb == nil {
+			savedProb, savedSize = problem("rollback", -1, "a saved checkpoint covers %d records but the log's latest checkpoint only %d", c.c.Size, latest.Size), c.c.Size
 		}
 	}
 	if uint64(len(records)) < latest.Size {
@@ -171,39 +197,53 @@ func Verify(pub []byte, records [][]byte, checkpoints [][]byte, saved []byte) (*
 				return nil, nil, err
 			}
 			if root != cps[next].c.Root {
-				what := "the log's checkpoint"
 				if cps[next].saved {
-					what = "the saved checkpoint"
-					if p := restoredBefore(records, cps[next].c.Size); p != nil {
-						return nil, nil, p
+					if savedProb == nil {
+						savedProb, savedSize = problem("root", int64(i), "the records [0, %d) do not hash to the root of the saved checkpoint of that size: records were changed or the log was rewritten (fork)", i+1), cps[next].c.Size
 					}
+					next++
+					continue
 				}
-				return nil, nil, problem("root", int64(i), "the records [0, %d) do not hash to the root of %s of that size: records were changed or the log was rewritten (fork)", i+1, what)
+				return nil, nil, problem("root", int64(i), "the records [0, %d) do not hash to the root of the log's checkpoint of that size: records were changed or the log was rewritten (fork)", i+1)
 			}
 			next++
 		}
 	}
+	if savedProb != nil {
+		// The log verified up to its latest checkpoint: its restore
+		// records can be weighed.
+		return nil, nil, explainSaved(savedProb, records[:latest.Size], savedSize, state)
+	}
 	return &Result{Size: latest.Size, Root: latest.Root, Uncovered: len(records) - int(latest.Size)}, tree, nil
 }
 
-// restoredBefore explains a saved checkpoint of size saved that the log
-// does not extend by a restore: a restore record (checked in the log
-// like any record, once the verification reaches it) whose backup held
-// fewer records. Nil if there is none.
-func restoredBefore(records [][]byte, saved uint64) *Problem {
-	for i := len(records) - 1; i >= 0; i-- {
-		r, err := kms.DecodeAuditRecord(records[i])
-		if err != nil || r.Operation != kms.RestoreOp || r.Restore == nil || r.Actor != "system" {
-			continue
+// RestoreRecords lists the indexes of the restore records among records.
+func RestoreRecords(records [][]byte) []uint64 {
+	var out []uint64
+	for _, b := range records {
+		if r, err := kms.DecodeAuditRecord(b); err == nil && r.Operation == kms.RestoreOp && r.Restore != nil && r.Actor == "system" {
+			out = append(out, r.Index)
 		}
-		// The log after a restore: the backup's records, those read back
-		// from an archive, then the restore record.
-		kept := max(r.Restore.BackupSize, r.Restore.ArchiveSize)
-		if kept >= saved || r.Index != kept {
-			continue
-		}
-		return problem("restored", int64(r.Index), "rolled back by a restore: the saved checkpoint covers %d records, and the log was restored from backup %s (made %s) holding %d records; records %d to %d of the saved checkpoint's log are not in this log (it continues at %d with the restore record). Re-pin a checkpoint of this log once you have checked the restore was intended",
-			saved, r.Restore.Backup, r.Restore.Created, kept, kept, saved-1, r.Index)
 	}
-	return nil
+	return out
+}
+
+// explainSaved returns p, the saved checkpoint's problem, or "restored"
+// when a restore the saved state does not know explains it: the newest
+// restore record of the verified records, made after the saved log's
+// size would have been reached (it kept fewer records than the saved
+// checkpoint covers).
+func explainSaved(p *Problem, verified [][]byte, saved uint64, state *SavedState) *Problem {
+	idx := RestoreRecords(verified)
+	if len(idx) == 0 {
+		return p
+	}
+	newest, _ := kms.DecodeAuditRecord(verified[idx[len(idx)-1]])
+	kept := max(newest.Restore.BackupSize, newest.Restore.ArchiveSize)
+	if state == nil || slices.Contains(state.Restores, newest.Index) || kept >= saved {
+		p.Msg += fmt.Sprintf(" (the log holds a restore record at %d: from backup %s made %s, of %d records; if that restore came after you saved the checkpoint, it explains this: save the checkpoint with kmsctl audit verify --save-checkpoint, which keeps the restores it saw, to have it told apart)", newest.Index, newest.Restore.Backup, newest.Restore.Created, kept)
+		return p
+	}
+	return problem("restored", int64(newest.Index), "rolled back by a restore: the saved checkpoint covers %d records, and the log was restored from backup %s (made %s) holding %d records; records %d to %d of the saved checkpoint's log are not in this log (it continues at %d with the restore record, which the log's checkpoint covers and your saved state did not know). Re-pin a checkpoint of this log once you have checked the restore was intended",
+		saved, newest.Restore.Backup, newest.Restore.Created, kept, kept, saved-1, newest.Index)
 }

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/base64"
+	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -36,7 +37,7 @@ var auditCommands = []command{
 			fs.String("archive", "", "verify the audit archive (a tlog-tiles log: kmsd --audit-archive) instead: a directory, s3://BUCKET/PREFIX/ (with --s3-endpoint and AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY), or kmsd for the tiles kmsd serves")
 			fs.String("s3-endpoint", "", "with --archive s3://...: the S3-compatible server, https://host[:port]")
 			fs.String("saved-checkpoint", "", "a checkpoint saved earlier: the log must extend it (no rollback, no fork)")
-			fs.String("save-checkpoint", "", "after a good verification, save the latest checkpoint here for next time")
+			fs.String("save-checkpoint", "", "after a good verification, save the latest checkpoint here for next time (and, beside it as FILE.restores, the restores the log held, so that a rollback is told apart from a restore made since)")
 		},
 		run: auditVerify,
 	},
@@ -204,8 +205,19 @@ func auditVerify(e *env, fs *flag.FlagSet, _ []string) (int, error) {
 		return 0, err
 	}
 	var saved []byte
+	var state *audit.SavedState
 	if p := str(fs, "saved-checkpoint"); p != "" {
 		if saved, err = os.ReadFile(p); err != nil {
+			return 0, usageError{err.Error()}
+		}
+		// The restores the log held when the checkpoint was saved: a
+		// rollback is told apart from a restore made since.
+		if b, err := os.ReadFile(p + ".restores"); err == nil {
+			state = &audit.SavedState{}
+			if err := json.Unmarshal(b, state); err != nil {
+				return 0, usageError{fmt.Sprintf("%s.restores: %v", p, err)}
+			}
+		} else if !errors.Is(err, errNotExist) {
 			return 0, usageError{err.Error()}
 		}
 	}
@@ -255,7 +267,7 @@ func auditVerify(e *env, fs *flag.FlagSet, _ []string) (int, error) {
 		}
 		checkpoints = [][]byte{cp}
 	}
-	res, tree, err := audit.Verify(pub, records, checkpoints, saved)
+	res, tree, err := audit.VerifySaved(pub, records, checkpoints, saved, state)
 	if err != nil {
 		return notIntact(e, err)
 	}
@@ -284,6 +296,10 @@ func auditVerify(e *env, fs *flag.FlagSet, _ []string) (int, error) {
 		}
 	}
 	if p := str(fs, "save-checkpoint"); p != "" {
+		b, _ := json.Marshal(audit.SavedState{Restores: append([]uint64{}, audit.RestoreRecords(records[:res.Size])...)})
+		if err := fileutil.WriteAtomic(p+".restores", append(b, '\n'), 0o600); err != nil {
+			return 0, usageError{err.Error()}
+		}
 		if err := fileutil.WriteAtomic(p, checkpoints[len(checkpoints)-1], 0o600); err != nil {
 			return 0, usageError{err.Error()}
 		}

@@ -130,7 +130,13 @@ func runBackup(e *env, fs *flag.FlagSet, _ []string) (int, error) {
 		pin = id.PublicKey
 	}
 	partial := out + ".partial"
-	fh, err := os.OpenFile(partial, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+	// A .partial left by a backup that broke off goes; whatever is at
+	// the name (a symbolic link planted there, say) is removed, never
+	// followed, and the file is made new (O_EXCL does not follow links).
+	if err := os.Remove(partial); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return 0, usageError{err.Error()}
+	}
+	fh, err := os.OpenFile(partial, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
 	if err != nil {
 		return 0, usageError{err.Error()}
 	}
