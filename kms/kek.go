@@ -2,10 +2,10 @@ package kms
 
 import (
 	"context"
-	"sync"
-	"sync/atomic"
 	"errors"
 	"fmt"
+	"sync"
+	"sync/atomic"
 	"time"
 )
 
