@@ -47,9 +47,12 @@ type Dumper interface {
 }
 
 // Loader is a Conn that fills an empty store from a dump, all or nothing:
-// feed sends the content to the Sink it is given; if feed or the load
-// fails, the store is left as it was (or as a load that did not finish,
-// which kmsd refuses to start on and a new load replaces).
+// feed sends the content to the Sink it is given; then finish (if set)
+// gets the loaded store, open, to finish it (kmsd restore: the audit log
+// read back from an archive, the restore record) before the store can be
+// started on. If feed, finish or the load fails, the target is left as it
+// was (or as a load that did not finish, which kmsd refuses to start on
+// and a new load replaces).
 type Loader interface {
-	Load(ctx context.Context, sealer kms.Sealer, feed func(Sink) error) error
+	Load(ctx context.Context, sealer kms.Sealer, feed func(Sink) error, finish func(Backend) error) error
 }

@@ -192,7 +192,13 @@ func runRestore(ctx context.Context, args []string, getenv func(string) string, 
 			return err
 		}
 	}
-	err = loader.Load(ctx, sealer, func(sink store.Sink) error {
+	res := restoreResult{Backup: f.ID, Created: f.Header.Created, From: f.Header.Store, Into: c.store, Summary: f.Summary}
+	identity := f.Identity[f.Trailer.IdentityVersion].PublicKey
+	arch, err := openArchive(ctx, c, getenv)
+	if err != nil {
+		return err
+	}
+	feed := func(sink store.Sink) error {
 		if _, err := fh.Seek(0, io.SeekStart); err != nil {
 			return err
 		}
@@ -207,65 +213,55 @@ func runRestore(ctx context.Context, args []string, getenv func(string) string, 
 			return blobs.Sync(ctx)
 		}
 		return nil
-	})
-	if err != nil {
-		return fmt.Errorf("restore: %w", err)
 	}
-	log.Info("store restored", "backup", f.ID, "keys", f.Summary.Keys, "versions", f.Summary.Versions, "tokens", f.Summary.Tokens, "audit_size", f.Summary.AuditSize, "blobs", f.Summary.Blobs)
-
-	// 5. The audit log: read back from the archive, then the restore
-	// record.
-	st, err := conn.Open(sealer)
-	if err != nil {
-		return fmt.Errorf("open the restored store: %w", err)
-	}
-	defer st.Close()
-	res := restoreResult{Backup: f.ID, Created: f.Header.Created, From: f.Header.Store, Into: c.store, Summary: f.Summary}
-	identity := f.Identity[f.Trailer.IdentityVersion].PublicKey
-	arch, err := openArchive(ctx, c, getenv)
-	if err != nil {
-		return err
-	}
-	var revoked []*kms.AuditRecord
-	if arch != nil {
-		if res.ArchiveSize, res.LostChanges, revoked, err = resumeFromArchive(ctx, st, arch, identity, log); err != nil {
-			return fmt.Errorf("the store is restored, but the audit log could not be read back from the archive %s: %w (kmsd will not archive onto an archive that is ahead of its log; fix the archive flag and run kmsd restore again into an empty target)", arch, err)
-		}
-	}
-	rec := &kms.AuditRecord{Time: time.Now().UTC().Format(time.RFC3339Nano), Actor: "system", Operation: kms.RestoreOp, Status: 200,
-		Restore: &kms.RestoreInfo{Backup: f.ID, BackupSize: f.Summary.AuditSize, ArchiveSize: res.ArchiveSize, Created: f.Header.Created}}
-	if err := st.Audit().AppendAudit(ctx, rec); err != nil {
-		return fmt.Errorf("append the restore record: %w", err)
-	}
-	// A token revoked after the backup stays revoked: the restore must
-	// not bring a credential back to life.
-	for _, r := range revoked {
-		at, err := time.Parse(time.RFC3339Nano, r.Time)
-		if err != nil {
-			at = time.Now().UTC()
-		}
-		err = st.UpdateToken(ctx, r.Token, func(t *kms.Token) ([]*kms.AuditRecord, error) {
-			if t.RevokedAt != nil {
-				return nil, errAlreadyRevoked
+	// 5. Before the store can be started on: the audit log read back
+	// from the archive, the restore record, the revocations made after
+	// the backup made again. A restore killed or failing before this
+	// ends leaves no store kmsd starts on.
+	finish := func(st store.Backend) error {
+		var revoked []*kms.AuditRecord
+		if arch != nil {
+			var err error
+			if res.ArchiveSize, res.LostChanges, revoked, err = resumeFromArchive(ctx, st, arch, identity, log); err != nil {
+				return fmt.Errorf("the audit log could not be read back from the archive %s: %w (kmsd does not archive onto an archive that is ahead of its log: fix the archive, or its flag)", arch, err)
 			}
-			t.RevokedAt = &at
-			return []*kms.AuditRecord{{Time: time.Now().UTC().Format(time.RFC3339Nano), Actor: "system", Operation: "revoke token revoked after the backup (restore)", Token: r.Token, Status: 200}}, nil
-		})
-		switch {
-		case err == nil:
-			log.Warn("restore: revoked again a token the archive says was revoked after the backup", "token", r.Token, "revoked_at", r.Time)
-		case errors.Is(err, errAlreadyRevoked), errors.Is(err, kms.ErrNotFound):
-		default:
-			return fmt.Errorf("revoke again token %s (revoked after the backup): %w", r.Token, err)
 		}
-	}
-	if res.AuditSize, err = st.Audit().AuditSize(ctx); err != nil {
+		rec := &kms.AuditRecord{Time: time.Now().UTC().Format(time.RFC3339Nano), Actor: "system", Operation: kms.RestoreOp, Status: 200,
+			Restore: &kms.RestoreInfo{Backup: f.ID, BackupSize: f.Summary.AuditSize, ArchiveSize: res.ArchiveSize, Created: f.Header.Created}}
+		if err := st.Audit().AppendAudit(ctx, rec); err != nil {
+			return fmt.Errorf("append the restore record: %w", err)
+		}
+		// A token revoked after the backup stays revoked: the restore
+		// must not bring a credential back to life.
+		for _, r := range revoked {
+			at, err := time.Parse(time.RFC3339Nano, r.Time)
+			if err != nil {
+				at = time.Now().UTC()
+			}
+			err = st.UpdateToken(ctx, r.Token, func(t *kms.Token) ([]*kms.AuditRecord, error) {
+				if t.RevokedAt != nil {
+					return nil, errAlreadyRevoked
+				}
+				t.RevokedAt = &at
+				return []*kms.AuditRecord{{Time: time.Now().UTC().Format(time.RFC3339Nano), Actor: "system", Operation: "revoke token revoked after the backup (restore)", Token: r.Token, Status: 200}}, nil
+			})
+			switch {
+			case err == nil:
+				log.Warn("restore: revoked again a token the archive says was revoked after the backup", "token", r.Token, "revoked_at", r.Time)
+			case errors.Is(err, errAlreadyRevoked), errors.Is(err, kms.ErrNotFound):
+			default:
+				return fmt.Errorf("revoke again token %s (revoked after the backup): %w", r.Token, err)
+			}
+		}
+		var err error
+		res.AuditSize, err = st.Audit().AuditSize(ctx)
 		return err
 	}
+	if err := loader.Load(ctx, sealer, feed, finish); err != nil {
+		return fmt.Errorf("restore: %w; the target holds no store kmsd starts on: run kmsd restore again once the cause is fixed", err)
+	}
+	log.Info("store restored", "backup", f.ID, "keys", f.Summary.Keys, "versions", f.Summary.Versions, "tokens", f.Summary.Tokens, "audit_size", res.AuditSize, "blobs", f.Summary.Blobs)
 	res.Took = time.Since(start).Round(time.Millisecond).String()
-	if err := st.Close(); err != nil {
-		return err
-	}
 	b, _ := json.MarshalIndent(res, "", "  ")
 	_, err = fmt.Fprintln(stdout, string(b))
 	return err

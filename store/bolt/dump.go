@@ -140,11 +140,16 @@ var ErrTargetNotEmpty = errors.New("the data dir already holds a kms.db: a resto
 // complete and durable. Until then kms.db does not exist, so an
 // interrupted load leaves the data dir as it was (with a leftover
 // kms.db.restore-* file, removed by the next load).
-func (c conn) Load(ctx context.Context, sealer kms.Sealer, feed func(store.Sink) error) (err error) {
-	if _, err := os.Lstat(c.path); err == nil {
-		return ErrTargetNotEmpty
-	} else if !errors.Is(err, os.ErrNotExist) {
-		return err
+func (c conn) Load(ctx context.Context, sealer kms.Sealer, feed func(store.Sink) error, finish func(store.Backend) error) (err error) {
+	for _, p := range []string{c.path, c.path + "-audit-wal"} {
+		if _, err := os.Lstat(p); err == nil {
+			if p != c.path {
+				return fmt.Errorf("the data dir holds %s, the audit journal of a store that is not there: move it away with its kms.db; nothing was changed", filepath.Base(p))
+			}
+			return ErrTargetNotEmpty
+		} else if !errors.Is(err, os.ErrNotExist) {
+			return err
+		}
 	}
 	dir := filepath.Dir(c.path)
 	if err := os.MkdirAll(dir, 0o700); err != nil {
@@ -181,31 +186,41 @@ func (c conn) Load(ctx context.Context, sealer kms.Sealer, feed func(store.Sink)
 	if err != nil {
 		return err
 	}
-	if len(l.pending) > 0 {
+	if len(l.pending) > 0 || finish != nil {
 		// Records the source had not made rows yet follow the rows: the
-		// engine gives them their indexes, reopened on the rows loaded.
+		// engine gives them their indexes, reopened on the rows loaded;
+		// then the caller finishes the store, still under its temporary
+		// name.
 		if s, err = Open(tmp, Options{AuditWALSize: c.cfg.AuditWALSize, Sealer: sealer}); err != nil {
 			return err
 		}
-		err = s.WriteAudit(ctx, l.pending)
+		if len(l.pending) > 0 {
+			if err = s.WriteAudit(ctx, l.pending); err != nil {
+				err = fmt.Errorf("append the dump's pending audit records: %w", err)
+			}
+		}
+		if err == nil && finish != nil {
+			err = finish(s)
+		}
 		if cerr := s.Close(); err == nil {
 			err = cerr
 		}
 		if err != nil {
-			return fmt.Errorf("append the dump's pending audit records: %w", err)
+			return err
 		}
 	}
-	if _, err := os.Lstat(c.path); err == nil {
-		return ErrTargetNotEmpty
+	// Linked, not renamed: a kms.db or journal that appeared meanwhile
+	// is never replaced. The journal goes first: a kms.db is never
+	// without the journal it was closed with.
+	if err := os.Link(tmp+"-audit-wal", c.path+"-audit-wal"); err != nil {
+		return fmt.Errorf("%w (%v)", ErrTargetNotEmpty, err)
 	}
-	// The journal goes first: a kms.db is never without the journal it
-	// was closed with.
-	if err := os.Rename(tmp+"-audit-wal", c.path+"-audit-wal"); err != nil {
-		return err
+	if err := os.Link(tmp, c.path); err != nil {
+		os.Remove(c.path + "-audit-wal")
+		return fmt.Errorf("%w (%v)", ErrTargetNotEmpty, err)
 	}
-	if err := os.Rename(tmp, c.path); err != nil {
-		return err
-	}
+	os.Remove(tmp)
+	os.Remove(tmp + "-audit-wal")
 	return fileutil.SyncDir(dir)
 }
 

@@ -68,7 +68,7 @@ func TestReviewBackupLaundersPutBackRecord(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := c.(store.Loader).Load(ctx, sealer, rec.Replay); err != nil {
+	if err := c.(store.Loader).Load(ctx, sealer, rec.Replay, nil); err != nil {
 		t.Fatal(err)
 	}
 	r, err := c.Open(sealer)

@@ -203,7 +203,7 @@ var ErrTargetNotEmpty = errors.New("the etcd prefix already holds records: a res
 // store there, writes the dump in transactions of about a hundred
 // operations, appends the dump's pending records through the audit log,
 // and removes the mark last.
-func (c *conn) Load(ctx context.Context, sealer kms.Sealer, feed func(store.Sink) error) error {
+func (c *conn) Load(ctx context.Context, sealer kms.Sealer, feed func(store.Sink) error, finish func(store.Backend) error) error {
 	p := c.cfg.Etcd.Prefix
 	if !strings.HasSuffix(p, "/") {
 		p += "/"
@@ -233,12 +233,18 @@ func (c *conn) Load(ctx context.Context, sealer kms.Sealer, feed func(store.Sink
 			return c.explain(err)
 		}
 	} else {
-		tr, err := c.cli.Txn(ctx).If(clientv3.Compare(clientv3.CreateRevision(mark), "=", 0)).Then(clientv3.OpPut(mark, time.Now().UTC().Format(time.RFC3339))).Commit()
+		// The mark goes on only if nothing but election keys and pings
+		// came meanwhile (a kmsd started on the prefix since the read).
+		tr, err := c.cli.Txn(ctx).If(
+			clientv3.Compare(clientv3.CreateRevision(p+"a"), "=", 0).WithRange(p+"l"),
+			clientv3.Compare(clientv3.CreateRevision(p+"lead0"), "=", 0).WithRange(p+"ping"),
+			clientv3.Compare(clientv3.CreateRevision(p+"ping\x00"), "=", 0).WithRange(clientv3.GetPrefixRangeEnd(p)),
+		).Then(clientv3.OpPut(mark, time.Now().UTC().Format(time.RFC3339))).Commit()
 		if err != nil {
 			return c.explain(err)
 		}
 		if !tr.Succeeded {
-			return errors.New("another restore into this etcd prefix started at the same time; nothing was changed by this one")
+			return errors.New("the etcd prefix changed while the restore started (another restore, or a kmsd that started on it); nothing was changed by this one")
 		}
 	}
 	o := Options{Prefix: p, Logger: c.cfg.Logger, Sealer: sealer}
@@ -260,19 +266,31 @@ func (c *conn) Load(ctx context.Context, sealer kms.Sealer, feed func(store.Sink
 	if err != nil {
 		return err
 	}
-	if len(l.pending) > 0 {
+	if len(l.pending) > 0 || finish != nil {
+		// The pending records, then the caller finishes the store, all
+		// before the mark goes.
 		if s, err = Open(ctx, c.cli, o); err != nil {
 			return c.explain(err)
 		}
-		err = s.WriteAudit(ctx, l.pending)
-		if err == nil {
-			err = s.Settle(ctx)
+		if len(l.pending) > 0 {
+			err = s.WriteAudit(ctx, l.pending)
+			if err == nil {
+				err = s.Settle(ctx)
+			}
+			if err != nil {
+				err = fmt.Errorf("append the dump's pending audit records: %w", err)
+			}
+		}
+		if err == nil && finish != nil {
+			if err = finish(s); err == nil {
+				err = s.Settle(ctx)
+			}
 		}
 		if cerr := s.Close(); err == nil {
 			err = cerr
 		}
 		if err != nil {
-			return fmt.Errorf("append the dump's pending audit records: %w", err)
+			return err
 		}
 	}
 	if _, err := c.cli.Delete(ctx, mark); err != nil {

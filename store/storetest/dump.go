@@ -207,7 +207,7 @@ func RunDump(t *testing.T, open func(t *testing.T) store.Backend, target func(t 
 	}
 
 	tg := target(t)
-	if err := tg.Loader.Load(ctx, tg.Sealer, before.Replay); err != nil {
+	if err := tg.Loader.Load(ctx, tg.Sealer, before.Replay, nil); err != nil {
 		t.Fatal(err)
 	}
 	s2 := tg.Open(t)
@@ -240,7 +240,7 @@ func RunDump(t *testing.T, open func(t *testing.T) store.Backend, target func(t 
 	if n, err := l2.AuditSize(ctx); err != nil || n != size+1 {
 		t.Fatalf("the loaded log does not go on: %d %v", n, err)
 	}
-	if err := tg.Loader.Load(ctx, tg.Sealer, before.Replay); err == nil {
+	if err := tg.Loader.Load(ctx, tg.Sealer, before.Replay, nil); err == nil {
 		t.Fatal("a load into a store that holds records was taken")
 	}
 	var again Recording
@@ -260,11 +260,11 @@ func RunDump(t *testing.T, open func(t *testing.T) store.Backend, target func(t 
 			return err
 		}
 		return boom
-	})
+	}, nil)
 	if !errors.Is(err, boom) {
 		t.Fatalf("a failed feed: %v", err)
 	}
-	if err := tg2.Loader.Load(ctx, tg2.Sealer, before.Replay); err != nil {
+	if err := tg2.Loader.Load(ctx, tg2.Sealer, before.Replay, nil); err != nil {
 		t.Fatalf("a load after a failed one: %v", err)
 	}
 }
