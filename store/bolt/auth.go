@@ -222,7 +222,22 @@ type Integrity = storekit.Integrity
 func (s *Store) Scrub(ctx context.Context) (storekit.ScrubReport, error) {
 	start := time.Now()
 	var rep storekit.ScrubReport
-	err := s.db.View(func(tx *bbolt.Tx) error {
+	err := s.db.View(func(tx *bbolt.Tx) error { return s.scrubTx(ctx, tx, &rep) })
+	rep.Took = time.Since(start)
+	s.scrubs.Note(rep, err)
+	if t := storekit.AsTamper(err); t != nil {
+		s.auth.Break(t)
+	}
+	if err == nil {
+		storekit.Raise(&s.seenSeq, rep.Seq)
+	}
+	return rep, err
+}
+
+// scrubTx is a scrub inside the read transaction tx (Scrub's, or a
+// dump's: a backup is only taken of a store that adds up).
+func (s *Store) scrubTx(ctx context.Context, tx *bbolt.Tx, rep *storekit.ScrubReport) error {
+	{
 		var sum storekit.Digest
 		for _, name := range authBuckets {
 			b := tx.Bucket(name)
@@ -259,16 +274,7 @@ func (s *Store) Scrub(ctx context.Context) (storekit.ScrubReport, error) {
 			return s.auth.Tamper(recPath(bucketMeta, keyDigest), fmt.Sprintf("the store went back from write %d to write %d (the file was replaced by an earlier copy)", seen, seq))
 		}
 		return nil
-	})
-	rep.Took = time.Since(start)
-	s.scrubs.Note(rep, err)
-	if t := storekit.AsTamper(err); t != nil {
-		s.auth.Break(t)
 	}
-	if err == nil {
-		storekit.Raise(&s.seenSeq, rep.Seq)
-	}
-	return rep, err
 }
 
 // Integrity reports the scrubs and the records refused.

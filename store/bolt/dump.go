@@ -17,6 +17,7 @@ import (
 	"github.com/kmsd-project/kmsd/internal/fileutil"
 	"github.com/kmsd-project/kmsd/kms"
 	"github.com/kmsd-project/kmsd/store"
+	"github.com/kmsd-project/kmsd/store/internal/storekit"
 )
 
 var (
@@ -35,6 +36,15 @@ func (s *Store) Dump(ctx context.Context, to store.Sink) error {
 		return err
 	}
 	return s.db.View(func(tx *bbolt.Tx) error {
+		// What is dumped adds up to the store digest: a record put back
+		// is found here, not laundered into a signed backup.
+		var rep storekit.ScrubReport
+		if err := s.scrubTx(ctx, tx, &rep); err != nil {
+			if t := storekit.AsTamper(err); t != nil {
+				s.auth.Break(t)
+			}
+			return err
+		}
 		open := func(bucket, k, v []byte) ([]byte, error) {
 			body, _, err := s.auth.Open(recPath(bucket, k), v)
 			return body, err

@@ -406,7 +406,14 @@ func (s *Store) scrub(ctx context.Context) (storekit.ScrubReport, error) {
 	if err != nil {
 		return rep, err
 	}
-	at := head.Header.Revision
+	return s.scrubAt(ctx, head.Header.Revision, written)
+}
+
+// scrubAt is a scrub of the prefix as of revision at (Scrub's, or a
+// dump's: a backup is only taken of a store that adds up); written is
+// what this process's shard held at least by then.
+func (s *Store) scrubAt(ctx context.Context, at int64, written uint64) (storekit.ScrubReport, error) {
+	var rep storekit.ScrubReport
 	var sum, shards storekit.Digest
 	var mine *uint64
 	sawKey := false
