@@ -28,6 +28,11 @@ var (
 // Dump implements store.Dumper: the records the audit journal holds move
 // into the file first, then one read transaction sends everything, each
 // record's tag checked.
+//
+// The read transaction writes into a spool file beside kms.db, which is
+// then sent on: it lasts as long as the disk takes, not as long as the
+// backup's reader (bbolt cannot grow the file while a read transaction
+// is open, so a slow reader would stall every write).
 func (s *Store) Dump(ctx context.Context, to store.Sink) error {
 	if err := s.WriteAudit(ctx, nil); err != nil {
 		return fmt.Errorf("move the audit journal into kms.db: %w", err)
@@ -35,6 +40,18 @@ func (s *Store) Dump(ctx context.Context, to store.Sink) error {
 	if err := s.auth.Check(); err != nil {
 		return err
 	}
+	spool, err := storekit.NewSpool(filepath.Dir(s.db.Path()))
+	if err != nil {
+		return fmt.Errorf("a spool file for the dump: %w", err)
+	}
+	defer spool.Close()
+	if err := s.dump(ctx, spool); err != nil {
+		return err
+	}
+	return spool.Replay(to)
+}
+
+func (s *Store) dump(ctx context.Context, to store.Sink) error {
 	return s.db.View(func(tx *bbolt.Tx) error {
 		// What is dumped adds up to the store digest: a record put back
 		// is found here, not laundered into a signed backup.
