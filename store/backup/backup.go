@@ -54,6 +54,9 @@ const (
 	maxFrame = 64 << 20
 	// maxBlob bounds one blob (a logN 16 Galois key is about 100 MiB).
 	maxBlob = 8 << 30
+	// maxIdentityVersions bounds the identity key's versions a file may
+	// hold (kmsd makes one).
+	maxIdentityVersions = 256
 )
 
 // Header opens a backup.
@@ -484,7 +487,15 @@ func dispatch(t byte, payload []byte, h Handler, f *File, rowsEnd *uint64) error
 			return bad(fmt.Errorf("no version: %v", err))
 		}
 		if v.Key == kms.IdentityKeyName {
-			f.Identity[v.Version.Number] = v.Version
+			// Kept until the trailer names the one that signed: bounded,
+			// whatever the file holds.
+			if len(f.Identity) >= maxIdentityVersions {
+				return malformed("more than %d versions of the identity key", maxIdentityVersions)
+			}
+			if len(v.Version.PublicKey) > 4096 || len(v.Version.Sealed) > 64<<10 {
+				return malformed("an identity key version of %d+%d bytes", len(v.Version.PublicKey), len(v.Version.Sealed))
+			}
+			f.Identity[v.Version.Number] = &kms.Version{Number: v.Version.Number, PublicKey: v.Version.PublicKey, Sealed: v.Version.Sealed}
 		}
 		return h.Version(v.Key, v.Version)
 	case 'T':

@@ -316,6 +316,9 @@ func (l *loader) Checkpoint(size uint64, note []byte) error {
 }
 
 func (l *loader) Pending(recs [][]byte) error {
+	if len(l.pending)+len(recs) > maxPending {
+		return fmt.Errorf("the dump holds more than %d audit records not made rows yet", maxPending)
+	}
 	for _, b := range recs {
 		r, err := kms.DecodeAuditRecord(b)
 		if err != nil {
@@ -328,3 +331,7 @@ func (l *loader) Pending(recs [][]byte) error {
 
 // Driver names the driver, for a backup's header.
 func (s *Store) Driver() string { return "bolt" }
+
+// maxPending bounds the audit records a dump may hold beside the rows (a
+// replicated store's groups not sealed yet: a handful).
+const maxPending = 1 << 16

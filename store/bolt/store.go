@@ -9,6 +9,8 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"os"
+	"path/filepath"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -159,6 +161,13 @@ func Open(path string, o Options) (*Store, error) {
 		return nil, fmt.Errorf("initialize %s: %w", path, err)
 	}
 	s := &Store{db: db, migrated: mig, auth: auth, sealer: o.Sealer}
+	// Spool files of dumps a crash interrupted (this process holds the
+	// file's lock: no dump of another runs).
+	if old, _ := filepath.Glob(filepath.Join(filepath.Dir(path), ".dump-spool-*")); len(old) > 0 {
+		for _, f := range old {
+			os.Remove(f)
+		}
+	}
 	if err := db.View(func(tx *bbolt.Tx) error {
 		s.keyRaw = bytes.Clone(tx.Bucket(bucketMeta).Get(keyRecordKey))
 		return nil
