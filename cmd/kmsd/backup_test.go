@@ -191,9 +191,15 @@ func TestBackupRestoreDrill(t *testing.T) {
 		}
 	}
 
+	// A pinned identity key that is not the service's refuses it.
+	other := filepath.Join(files, "other.pub")
+	os.WriteFile(other, []byte(base64.StdEncoding.EncodeToString(make([]byte, 1952))+"\n"), 0o644)
+	if out, errs, code := restoreCmd(t, nil, "--data-dir", dir, "--from", b1, "--identity-key-file", other); code == 0 || !strings.Contains(errs, "another identity key") {
+		t.Fatalf("restore with another pinned identity: %d\n%s\n%s", code, out, errs)
+	}
 	// The restore, into the data dir that lost its store (its softhsm/
-	// is the HSM).
-	out, errs, code := restoreCmd(t, nil, "--data-dir", dir, "--from", b1)
+	// is the HSM), the identity key pinned.
+	out, errs, code := restoreCmd(t, nil, "--data-dir", dir, "--from", b1, "--identity-key-file="+filepath.Join(work, "id.pub"))
 	if code != 0 {
 		t.Fatalf("restore: exit %d\n%s\n%s", code, out, errs)
 	}

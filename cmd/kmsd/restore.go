@@ -1,7 +1,9 @@
 package main
 
 import (
+	"bytes"
 	"context"
+	"encoding/base64"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -28,7 +30,11 @@ import (
 const restoreUsageHead = `kmsd restore: fill an empty store from a backup (kmsctl backup).
 
 Usage:
-  kmsd restore --from FILE [kmsd's flags]
+  kmsd restore --from FILE [--identity-key-file FILE] [kmsd's flags]
+
+--identity-key-file pins the service's identity key (base64, as
+kmsctl audit verify --fetch-identity saved it): a backup signed by
+another is refused, even one sealed in the same token.
 
 It takes kmsd's own flags: --data-dir or --store etcd with --etcd-*, the
 PKCS#11 flags of the HSM the backup was sealed under (with the embedded
@@ -41,24 +47,28 @@ from the archive up to its newest checkpoint when one is given, and a
 "restore" record is appended. It prints what it restored as JSON.
 `
 
-// splitFrom takes --from FILE (or --from=FILE) out of args.
-func splitFrom(args []string) (from string, rest []string, err error) {
+// splitRestore takes restore's own flags out of args: --from FILE and
+// --identity-key-file FILE (each also as --flag=value).
+func splitRestore(args []string) (from, pin string, rest []string, err error) {
+	own := map[string]*string{"from": &from, "identity-key-file": &pin}
 	for i := 0; i < len(args); i++ {
 		a := args[i]
-		switch {
-		case a == "--from" || a == "-from":
-			if i+1 >= len(args) {
-				return "", nil, errors.New("--from needs a backup file")
-			}
-			from = args[i+1]
-			i++
-		case strings.HasPrefix(a, "--from=") || strings.HasPrefix(a, "-from="):
-			from = a[strings.IndexByte(a, '=')+1:]
-		default:
+		name, value, hasValue := strings.Cut(strings.TrimLeft(a, "-"), "=")
+		dst, ok := own[name]
+		if !ok || !strings.HasPrefix(a, "-") {
 			rest = append(rest, a)
+			continue
 		}
+		if !hasValue {
+			if i+1 >= len(args) {
+				return "", "", nil, fmt.Errorf("--%s needs a file", name)
+			}
+			value = args[i+1]
+			i++
+		}
+		*dst = value
 	}
-	return from, rest, nil
+	return from, pin, rest, nil
 }
 
 // errRestoreHelp is restore's answer to --help.
@@ -83,7 +93,7 @@ type restoreResult struct {
 
 func runRestore(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
 	start := time.Now()
-	from, rest, err := splitFrom(args)
+	from, pinFile, rest, err := splitRestore(args)
 	if err != nil {
 		return err
 	}
@@ -122,6 +132,21 @@ func runRestore(ctx context.Context, args []string, getenv func(string) string, 
 	}
 	if err := backup.Verify(f); err != nil {
 		return fmt.Errorf("%s: %w; nothing was changed", from, err)
+	}
+	if pinFile != "" {
+		// The service's identity key pinned: another deployment's backup
+		// (sealed in the same token) is refused too.
+		b, err := os.ReadFile(pinFile)
+		if err != nil {
+			return fmt.Errorf("--identity-key-file: %w", err)
+		}
+		pub, err := base64.StdEncoding.DecodeString(strings.TrimSpace(string(b)))
+		if err != nil {
+			return fmt.Errorf("--identity-key-file: not base64: %w", err)
+		}
+		if !bytes.Equal(pub, f.Identity[f.Trailer.IdentityVersion].PublicKey) {
+			return fmt.Errorf("%s is signed by another identity key than --identity-key-file's (another deployment's backup?); nothing was changed", from)
+		}
 	}
 	sealedUnder, err := parseKEKRef(meta.sealedUnder)
 	if err != nil {
