@@ -32,15 +32,9 @@ var backupCommands = []command{
 			fs.String("identity-key-file", "", "the service's identity public key, base64 as GET /v1/identity gives it")
 		},
 		run: func(e *env, fs *flag.FlagSet, args []string) (int, error) {
-			var pin []byte
-			if p := str(fs, "identity-key-file"); p != "" {
-				b, err := os.ReadFile(p)
-				if err != nil {
-					return 0, usageError{err.Error()}
-				}
-				if pin, err = decodeIdentity(b); err != nil {
-					return 0, err
-				}
+			pin, err := pinnedIdentity(fs)
+			if err != nil {
+				return 0, err
 			}
 			f, err := checkBackupFile(args[0], pin)
 			if err != nil {
@@ -56,6 +50,19 @@ var backupCommands = []command{
 }
 
 func init() { commands = append(commands, backupCommands...) }
+
+// pinnedIdentity reads --identity-key-file (nil if not given).
+func pinnedIdentity(fs *flag.FlagSet) ([]byte, error) {
+	p := str(fs, "identity-key-file")
+	if p == "" {
+		return nil, nil
+	}
+	b, err := os.ReadFile(p)
+	if err != nil {
+		return nil, usageError{err.Error()}
+	}
+	return decodeIdentity(b)
+}
 
 // checkBackupFile reads a backup through and checks its signature, and
 // that the signing key is pin when pin is set.
@@ -113,16 +120,11 @@ func runBackup(e *env, fs *flag.FlagSet, _ []string) (int, error) {
 	if _, err := os.Lstat(out); err == nil {
 		return 0, usageError{out + " exists: a backup does not overwrite a file (pick another name)"}
 	}
-	var pin []byte
-	if p := str(fs, "identity-key-file"); p != "" {
-		b, err := os.ReadFile(p)
-		if err != nil {
-			return 0, usageError{err.Error()}
-		}
-		if pin, err = decodeIdentity(b); err != nil {
-			return 0, err
-		}
-	} else {
+	pin, err := pinnedIdentity(fs)
+	if err != nil {
+		return 0, err
+	}
+	if pin == nil {
 		id, err := e.c.Identity(e.ctx)
 		if err != nil {
 			return 0, err

@@ -426,22 +426,10 @@ func (l *loader) Checkpoint(size uint64, note []byte) error {
 }
 
 func (l *loader) Pending(recs [][]byte) error {
-	if len(l.pending)+len(recs) > maxPending {
-		return fmt.Errorf("the dump holds more than %d audit records not made rows yet", maxPending)
-	}
-	for _, b := range recs {
-		r, err := kms.DecodeAuditRecord(b)
-		if err != nil {
-			return fmt.Errorf("a pending audit record of the dump: %w", err)
-		}
-		l.pending = append(l.pending, r)
-	}
-	return nil
+	var err error
+	l.pending, err = storekit.AddPending(l.pending, recs)
+	return err
 }
 
 // Driver names the driver, for a backup's header.
 func (s *Store) Driver() string { return "etcd" }
-
-// maxPending bounds the audit records a dump may hold beside the rows (a
-// replicated store's groups not sealed yet: a handful).
-const maxPending = 1 << 16

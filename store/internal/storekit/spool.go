@@ -175,3 +175,23 @@ func (s *Spool) Replay(to SpoolSink) error {
 		}
 	}
 }
+
+// MaxPending bounds the audit records a dump may hold beside the rows (a
+// replicated store's groups not sealed yet: a handful).
+const MaxPending = 1 << 16
+
+// AddPending decodes a dump's pending records onto have, at most
+// MaxPending in all: what a loader appends through the audit log.
+func AddPending(have []*kms.AuditRecord, recs [][]byte) ([]*kms.AuditRecord, error) {
+	if len(have)+len(recs) > MaxPending {
+		return have, fmt.Errorf("the dump holds more than %d audit records not made rows yet", MaxPending)
+	}
+	for _, b := range recs {
+		r, err := kms.DecodeAuditRecord(b)
+		if err != nil {
+			return have, fmt.Errorf("a pending audit record of the dump: %w", err)
+		}
+		have = append(have, r)
+	}
+	return have, nil
+}
