@@ -2,10 +2,13 @@ package storekit
 
 import (
 	"bufio"
+	"bytes"
+	"crypto/sha256"
 	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"hash"
 	"io"
 	"os"
 
@@ -16,10 +19,16 @@ import (
 // what a dump sends in a temporary file, so that a dump's read
 // transaction ends at disk speed, whatever pace its reader takes: Replay
 // then sends it on. Close removes the file.
+//
+// The file is unlinked as soon as it is made (no path leads to it), and
+// what is read back must hash to what was written (SHA-256 kept in
+// memory): whoever can write the data dir cannot slip a record into what
+// a dump sends, which a backup then signs.
 type Spool struct {
-	f   *os.File
-	w   *bufio.Writer
-	err error
+	f     *os.File
+	w     *bufio.Writer
+	wrote hash.Hash
+	err   error
 }
 
 // NewSpool makes a spool file in dir.
@@ -28,14 +37,16 @@ func NewSpool(dir string) (*Spool, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Spool{f: f, w: bufio.NewWriterSize(f, 1<<20)}, nil
+	if err := os.Remove(f.Name()); err != nil {
+		f.Close()
+		return nil, err
+	}
+	h := sha256.New()
+	return &Spool{f: f, w: bufio.NewWriterSize(io.MultiWriter(f, h), 1<<20), wrote: h}, nil
 }
 
-// Close removes the spool file.
-func (s *Spool) Close() {
-	s.f.Close()
-	os.Remove(s.f.Name())
-}
+// Close closes (and so frees) the spool file.
+func (s *Spool) Close() { s.f.Close() }
 
 func (s *Spool) put(kind byte, v any) error {
 	if s.err != nil {
@@ -113,10 +124,14 @@ func (s *Spool) Replay(to SpoolSink) error {
 	if _, err := s.f.Seek(0, io.SeekStart); err != nil {
 		return err
 	}
-	r := bufio.NewReaderSize(s.f, 1<<20)
+	read := sha256.New()
+	r := bufio.NewReaderSize(io.TeeReader(s.f, read), 1<<20)
 	for {
 		var hd [5]byte
 		if _, err := io.ReadFull(r, hd[:]); errors.Is(err, io.EOF) {
+			if !bytes.Equal(read.Sum(nil), s.wrote.Sum(nil)) {
+				return errors.New("spool: the dump's spool file was changed while it was sent on (whoever writes the data dir?): the dump is refused")
+			}
 			return nil
 		} else if err != nil {
 			return err
