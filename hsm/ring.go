@@ -290,3 +290,28 @@ func (s *Sealer) BlobKEK(b []byte) (string, error) { return BlobKEK(b) }
 // HasKEK reports (nil) whether the token holds the KEK with the id: in
 // the ring, or found in the token by label and id (then added to it).
 func (s *Sealer) HasKEK(id string) error { return s.knows(id) }
+
+// FindKEK adds to the ring the KEK with the id, found in the token (never
+// made), and checks that it round-trips: a rotation another process
+// started made it.
+func (s *Sealer) FindKEK(ctx context.Context, id string) error {
+	s.mu.Lock()
+	c, err := s.connected()
+	if err != nil {
+		s.mu.Unlock()
+		return err
+	}
+	if id != c.kekID {
+		ks, err := s.findSet(c, id, false)
+		if err != nil {
+			s.mu.Unlock()
+			return err
+		}
+		c.others[id] = ks
+		if !slices.Contains(s.others, id) {
+			s.others = append(s.others, id)
+		}
+	}
+	s.mu.Unlock()
+	return s.runWith(ctx, id, func(sh pkcs11.SessionHandle, k keys) error { return s.pingKEK(sh, k, s.profile) })
+}

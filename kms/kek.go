@@ -179,7 +179,7 @@ func (s *Service) SealedUnder(ctx context.Context) (map[string]int, error) {
 }
 
 // sealFence counts new material between its seal and its commit, so that
-// a KEK retire can wait until none is in flight (FenceSeals).
+// a KEK rotation or retire can wait until none is in flight (DrainSeals).
 type sealFence struct {
 	mu       sync.Mutex // held by a fence: no seal of new material starts
 	inflight atomic.Int64
@@ -195,10 +195,12 @@ func (f *sealFence) enter() func() {
 	return func() { once.Do(func() { f.inflight.Add(-1) }) }
 }
 
-// FenceSeals runs fn while no new material is between its seal and its
-// commit in this process, and none starts: what fn counts in the store is
-// all this process has sealed. A retire runs under it.
-func (s *Service) FenceSeals(ctx context.Context, fn func() error) error {
+// DrainSeals waits until no new material sealed in this process before
+// the call is between its seal and its commit (new seals wait only for
+// the drain itself, not for what the caller does next). A rotation and a
+// retire drain before they count: what this process sealed under an old
+// KEK before it followed the switch is then in the store.
+func (s *Service) DrainSeals(ctx context.Context) error {
 	s.seals.mu.Lock()
 	defer s.seals.mu.Unlock()
 	for s.seals.inflight.Load() > 0 {
@@ -208,5 +210,5 @@ func (s *Service) FenceSeals(ctx context.Context, fn func() error) error {
 		case <-time.After(5 * time.Millisecond):
 		}
 	}
-	return fn()
+	return nil
 }

@@ -184,7 +184,7 @@ func (s *Service) checkPolicy(kind KeyKind, p Policy) (Policy, error) {
 //
 // The material is sealed last, and the returned release must be called
 // once the version committed or was discarded: from the seal to then, a
-// KEK retire in this process waits (FenceSeals), so no version is
+// KEK rotation or retire in this process waits (DrainSeals), so no version is
 // committed sealed under a KEK destroyed meanwhile.
 func (s *Service) newVersion(ctx context.Context, name string, kind KeyKind, n uint64, p Policy) (Version, func(), error) {
 	if kk, ok := kind.(KeysetKind); ok {

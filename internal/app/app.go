@@ -9,6 +9,8 @@ package app
 
 import (
 	"context"
+	crand "crypto/rand"
+	"encoding/hex"
 	"fmt"
 	"io"
 	"log/slog"
@@ -177,6 +179,9 @@ func New(ctx context.Context, cfg Config) (*App, error) {
 	if err := a.followRing(); err != nil {
 		return nil, fmt.Errorf("KEK ring: %w", err)
 	}
+	if err := a.checkRing(ctx); err != nil {
+		return nil, fmt.Errorf("KEK ring: %w", err)
+	}
 	if err := svc.EnsureIdentity(ctx); err != nil {
 		return nil, fmt.Errorf("identity key: %w", err)
 	}
@@ -231,6 +236,9 @@ func New(ctx context.Context, cfg Config) (*App, error) {
 		opts.Audit, opts.Prover = nil, nil
 	}
 	a.kek.kick = make(chan struct{}, 1)
+	nonce := make([]byte, 8)
+	_, _ = crand.Read(nonce)
+	a.kek.nonce = hex.EncodeToString(nonce)
 	opts.KEK = a
 	if _, ok := cfg.Store.(store.Dumper); ok {
 		opts.Backup = func(ctx context.Context, w io.Writer, withBlobs bool) (string, error) {

@@ -33,6 +33,9 @@ const (
 	metaRotation    = "kek-rotation"
 	// ringEvery is how often every process reads the ring from the store.
 	ringEvery = time.Second
+	// claimantGone is how long a rotation's claimant has to make its KEK
+	// before another process takes the rotation over (and may make it).
+	claimantGone = time.Minute
 	// switchGrace is how long after the switch a rotation on a shared
 	// store counts before it is done: every replica follows the ring
 	// within ringEvery, and commits what it sealed before within
@@ -51,6 +54,7 @@ const (
 type ring interface {
 	kms.KEKRing
 	NewKEK(ctx context.Context, id string) error
+	FindKEK(ctx context.Context, id string) error
 	SetRing(primary string, others []string) error
 	KEKs() (primary string, others []string)
 	DestroyKEK(ctx context.Context, id string) error
@@ -75,8 +79,37 @@ type kekRing struct {
 
 // kekState is the KEK rotation's part of App.
 type kekState struct {
-	mu   sync.Mutex    // one rotate or retire at a time in this process
+	nonce string        // this process, in the rotation claims it makes
+	mu    sync.Mutex    // one rotate or retire at a time in this process
 	kick chan struct{} // wakes the rewrap job
+	// saw is when this process first saw each rotation (by seq) switched
+	// (its monotonic clock): the grace runs from there, whatever the
+	// clocks of the processes that requested and switched it say.
+	sawMu sync.Mutex
+	saw   map[int]time.Time
+}
+
+// rotationClaim is the value a rotation's sequence number is claimed
+// with: the new KEK's id and when.
+type rotationClaim struct {
+	To string    `json:"to"`
+	At time.Time `json:"at"`
+	By string    `json:"by"` // the claiming process (App.nonce)
+}
+
+// sawSwitch is when this process first saw rotation rot switched.
+func (a *App) sawSwitch(rot *client.KEKRotation) time.Time {
+	a.kek.sawMu.Lock()
+	defer a.kek.sawMu.Unlock()
+	if a.kek.saw == nil {
+		a.kek.saw = map[int]time.Time{}
+	}
+	t, ok := a.kek.saw[rot.Seq]
+	if !ok {
+		t = time.Now()
+		a.kek.saw[rot.Seq] = t
+	}
+	return t
 }
 
 func (a *App) kekParts() (ring, metaStore, error) {
@@ -157,6 +190,43 @@ func setPrimary(m metaStore, id string) error {
 	return putJSON(m, metaSealedUnder, ref)
 }
 
+// checkRing refuses a ring of which the token lacks a KEK that secrets
+// are still sealed under (kmsd would start, and those keys fail at use).
+func (a *App) checkRing(ctx context.Context) error {
+	r, m, err := a.kekParts()
+	if err != nil {
+		return nil
+	}
+	_, others, err := readRing(m)
+	if errors.Is(err, errNoKEKRecord) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	_, have := r.KEKs()
+	var missing []string
+	for _, id := range others {
+		if !slices.Contains(have, id) {
+			missing = append(missing, id)
+		}
+	}
+	if len(missing) == 0 {
+		return nil
+	}
+	counts, err := a.Service.SealedUnder(ctx)
+	if err != nil {
+		return err
+	}
+	for _, id := range missing {
+		if n := counts[id]; n > 0 {
+			return fmt.Errorf("%d secrets are sealed under KEK %s of the store's ring, which the token does not hold (destroyed outside kmsd, or an HSM partner it never reached): restore the key in the HSM, or restore the store from a backup", n, id)
+		}
+		a.log.Warn("KEK ring: a KEK of the store's ring is not in the token, and nothing is sealed under it", "kek_id", id)
+	}
+	return nil
+}
+
 // followRing makes the sealer's ring the store's.
 func (a *App) followRing() error {
 	r, m, err := a.kekParts()
@@ -205,7 +275,11 @@ func (a *App) RotateKEK(ctx context.Context, p *kms.Principal) (*client.KEKStatu
 	if err := a.followRing(); err != nil {
 		return nil, err
 	}
-	primary, others := r.KEKs()
+	// The old KEKs are the store's ring (not what the sealer met).
+	primary, others, err := readRing(m)
+	if err != nil {
+		return nil, err
+	}
 	raw := make([]byte, 16)
 	if _, err := rand.Read(raw); err != nil {
 		return nil, err
@@ -214,24 +288,48 @@ func (a *App) RotateKEK(ctx context.Context, p *kms.Principal) (*client.KEKStatu
 	if rot != nil {
 		seq = rot.Seq + 1
 	}
-	next := hex.EncodeToString(raw)
+	mine := rotationClaim{To: hex.EncodeToString(raw), At: time.Now().UTC(), By: a.kek.nonce}
 	// Rotation seq is claimed in the store (set once, by one process):
-	// of two rotations started at once on two replicas, one goes on.
-	got, err := m.ClaimMeta(fmt.Sprintf("%s-%d", metaRotation, seq), []byte(next))
+	// of two rotations started at once on two replicas, one goes on, and
+	// only its claimant makes the KEK.
+	b, _ := json.Marshal(mine)
+	got, err := m.ClaimMeta(fmt.Sprintf("%s-%d", metaRotation, seq), b)
 	if err != nil {
 		return nil, err
 	}
-	if string(got) != next {
-		return nil, kms.Errorf(kms.KindFailedPrecondition, "another KEK rotation (to %s) started at the same time: wait for it to end (kmsctl kek status)", got)
+	var claim rotationClaim
+	if err := json.Unmarshal(got, &claim); err != nil || claim.To == "" {
+		return nil, fmt.Errorf("the store's claim of KEK rotation %d does not decode", seq)
 	}
-	rot = &client.KEKRotation{Seq: seq, State: RotationCreating, From: append([]string{primary}, others...), To: next, StartedAt: time.Now().UTC(), By: p.TokenID}
-	// Recorded before the KEK is made: a crash leaves a rotation the job
-	// finishes (it finds the KEK by this id, or makes it).
-	if err := putJSON(m, metaRotation, rot); err != nil {
-		return nil, err
+	rot = &client.KEKRotation{Seq: seq, State: RotationCreating, From: append([]string{primary}, others...), To: claim.To, StartedAt: claim.At, By: p.TokenID}
+	if claim.By == a.kek.nonce && claim != mine {
+		// This process's own claim, whose record a failed write (or
+		// call) left unwritten: it is still the claimant (kek.mu is
+		// held: no NewKEK of it runs), and goes on with it.
+		a.log.Warn("KEK rotation: going on with this process's claim, never recorded", "seq", seq, "kek", claim.To)
+		claim.By, mine = a.kek.nonce, claim
 	}
-	if err := a.advanceKEK(ctx, r, m, rot); err != nil {
-		return nil, err
+	if claim != mine {
+		if time.Since(claim.At) < claimantGone {
+			return nil, kms.Errorf(kms.KindFailedPrecondition, "another KEK rotation (to %s) started at %s: wait for it to end (kmsctl kek status)", claim.To, claim.At.Format(time.RFC3339))
+		}
+		// Claimed long ago and never recorded: its claimant died (or a
+		// write failed) between the two. This rotation takes it over;
+		// the rewrap job finds its KEK, or makes it.
+		a.log.Warn("KEK rotation: taking over a rotation claimed and never recorded", "seq", seq, "kek", claim.To, "claimed_at", claim.At)
+		if err := putJSON(m, metaRotation, rot); err != nil {
+			return nil, err
+		}
+	} else {
+		// Recorded before the KEK is made: a crash leaves a rotation the
+		// job finishes (it finds the KEK by this id, or, once the
+		// claimant is surely gone, makes it).
+		if err := putJSON(m, metaRotation, rot); err != nil {
+			return nil, err
+		}
+		if err := a.advanceKEK(ctx, r, m, rot, true); err != nil {
+			return nil, err
+		}
 	}
 	select {
 	case a.kek.kick <- struct{}{}:
@@ -242,8 +340,19 @@ func (a *App) RotateKEK(ctx context.Context, p *kms.Principal) (*client.KEKStatu
 
 // advanceKEK takes a rotation from creating to rewrapping: the new KEK in
 // the token, recorded in the ring, made primary.
-func (a *App) advanceKEK(ctx context.Context, r ring, m metaStore, rot *client.KEKRotation) error {
-	if err := r.NewKEK(ctx, rot.To); err != nil {
+//
+// Only the claimant makes the KEK (create); another process (the rewrap
+// job, for a rotation it finds creating) finds it, and makes it only once
+// the claimant is surely gone: two processes making a KEK of one id would
+// leave two keys of one label and id in the token.
+func (a *App) advanceKEK(ctx context.Context, r ring, m metaStore, rot *client.KEKRotation, create bool) error {
+	var err error
+	if create {
+		err = r.NewKEK(ctx, rot.To)
+	} else if err = r.FindKEK(ctx, rot.To); errors.Is(err, hsm.ErrKEKMissing) && time.Since(rot.StartedAt) > claimantGone {
+		err = r.NewKEK(ctx, rot.To)
+	}
+	if err != nil {
 		rot.Error = err.Error()
 		_ = putJSON(m, metaRotation, rot)
 		return kms.Wrap(kms.KindUnavailable, "make the new KEK in the HSM", err)
@@ -341,7 +450,14 @@ func (a *App) RetireKEK(ctx context.Context, p *kms.Principal, id string) (*clie
 	// and its commit in this process (replicas seal under the new
 	// primary within ringEvery of the switch; a rotation is done only
 	// well after that).
-	err = a.Service.FenceSeals(ctx, func() error {
+	// What this process sealed before it followed the switch has
+	// committed once the drain returns; from then on it seals under the
+	// primary only (replicas follow within ringEvery of the switch, and a
+	// rotation is done only well after that).
+	if err := a.Service.DrainSeals(ctx); err != nil {
+		return nil, err
+	}
+	err = func() error {
 		counts, err := a.Service.SealedUnder(ctx)
 		if err != nil {
 			return err
@@ -371,7 +487,7 @@ func (a *App) RetireKEK(ctx context.Context, p *kms.Principal, id string) (*clie
 			return kms.Wrap(kms.KindUnavailable, "destroy the KEK in the HSM", err)
 		}
 		return r.SetRing(primary, rest)
-	})
+	}()
 	if err != nil {
 		return nil, err
 	}
@@ -426,7 +542,7 @@ func (a *App) rewrapOnce(ctx context.Context, r ring, m metaStore) error {
 		return err
 	}
 	if rot.State == RotationCreating {
-		err = a.advanceKEK(ctx, r, m, rot)
+		err = a.advanceKEK(ctx, r, m, rot, false)
 	}
 	a.kek.mu.Unlock()
 	if err != nil {
@@ -435,6 +551,7 @@ func (a *App) rewrapOnce(ctx context.Context, r ring, m metaStore) error {
 	if err := a.followRing(); err != nil {
 		return err
 	}
+	a.sawSwitch(rot) // the grace runs from here at the latest
 	for {
 		last := time.Now()
 		st, err := a.Service.Rewrap(ctx, rot.Cursor, func(key string, s kms.RewrapStats) error {
@@ -461,12 +578,10 @@ func (a *App) rewrapOnce(ctx context.Context, r ring, m metaStore) error {
 		// followed the ring may have sealed under the old KEK meanwhile;
 		// and in this process, once what was sealed before the switch
 		// has committed (the fence).
-		var counts map[string]int
-		err = a.Service.FenceSeals(ctx, func() error {
-			var err error
-			counts, err = a.Service.SealedUnder(ctx)
+		if err := a.Service.DrainSeals(ctx); err != nil {
 			return err
-		})
+		}
+		counts, err := a.Service.SealedUnder(ctx)
 		if err != nil {
 			return err
 		}
@@ -486,14 +601,14 @@ func (a *App) rewrapOnce(ctx context.Context, r ring, m metaStore) error {
 			}
 		}
 		rot.Passes++
-		if left == 0 && a.shared() && time.Since(rot.StartedAt) < switchGrace {
+		if left == 0 && a.shared() && time.Since(a.sawSwitch(rot)) < switchGrace {
 			// A replica that had not followed the switch yet may still
 			// commit something sealed under an old KEK: count again
 			// once every process has.
 			select {
 			case <-ctx.Done():
 				return ctx.Err()
-			case <-time.After(switchGrace - time.Since(rot.StartedAt)):
+			case <-time.After(switchGrace - time.Since(a.sawSwitch(rot))):
 			}
 			continue
 		}
