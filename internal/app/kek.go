@@ -81,7 +81,7 @@ type kekRing struct {
 type kekState struct {
 	nonce string        // this process, in the rotation claims it makes
 	mu    sync.Mutex    // one rotate or retire at a time in this process
-	kick chan struct{} // wakes the rewrap job
+	kick  chan struct{} // wakes the rewrap job
 	// saw is when this process first saw each rotation (by seq) switched
 	// (its monotonic clock): the grace runs from there, whatever the
 	// clocks of the processes that requested and switched it say.
