@@ -101,7 +101,7 @@ func (s *Sealer) knows(id string) error {
 	}
 	s.mu.RLock()
 	c, err := s.connected()
-	known := err == nil && (id == c.kekID || c.others[id] != (kekSet{}))
+	known := err == nil && (id == c.kekID || c.others[id] != (kekSet{}) || c.seen[id] != (kekSet{}))
 	s.mu.RUnlock()
 	if err != nil || known {
 		return err
@@ -111,7 +111,7 @@ func (s *Sealer) knows(id string) error {
 	if c, err = s.connected(); err != nil {
 		return err
 	}
-	if id == c.kekID || c.others[id] != (kekSet{}) {
+	if id == c.kekID || c.others[id] != (kekSet{}) || c.seen[id] != (kekSet{}) {
 		return nil
 	}
 	ks, err := s.findSet(c, id, false)
@@ -121,9 +121,10 @@ func (s *Sealer) knows(id string) error {
 	if err != nil {
 		return err
 	}
-	c.others[id] = ks
-	s.others = append(s.others, id)
-	s.log.Info("HSM: found another KEK of the ring in the token", "kek_id", id)
+	// It opens, and that is all: only the store's ring (SetRing) is
+	// reported, and only a KEK of it is destroyed.
+	c.seen[id] = ks
+	s.log.Info("HSM: found a KEK a blob names in the token", "kek_id", id)
 	return nil
 }
 
@@ -163,14 +164,38 @@ func (s *Sealer) NewKEK(ctx context.Context, id string) error {
 // out with a warning. A KEK left out is dropped from the ring (not
 // destroyed).
 func (s *Sealer) SetRing(primary string, others []string) error {
+	for try := 0; ; try++ {
+		err := s.setRing(primary, others)
+		if !errors.Is(err, errReconnected) || try == 3 {
+			return err
+		}
+	}
+}
+
+// errReconnected: the connection changed under a SetRing; it starts over.
+var errReconnected = errors.New("the HSM connection changed during the ring switch")
+
+func (s *Sealer) setRing(primary string, others []string) error {
 	// 1. Every KEK of the new ring found, under the lock.
 	s.mu.Lock()
 	c, err := s.connected()
+	if errors.Is(err, ErrDisconnected) && !s.closed {
+		// Recorded for the reconnection: it finds this primary (and
+		// wraps its ping block), whatever the ring was when the link
+		// went down.
+		s.kekID, s.cfg.KEKID = primary, primary
+		s.others = slices.DeleteFunc(slices.Clone(others), func(o string) bool { return o == primary })
+		s.mu.Unlock()
+		return err
+	}
 	if err != nil {
 		s.mu.Unlock()
 		return err
 	}
 	sets := map[string]kekSet{c.kekID: {kek: c.kek, mac: c.mac, kwp: c.kwp}}
+	for id, ks := range c.seen {
+		sets[id] = ks
+	}
 	for id, ks := range c.others {
 		sets[id] = ks
 	}
@@ -189,7 +214,7 @@ func (s *Sealer) SetRing(primary string, others []string) error {
 		}
 		sets[id] = ks
 		if id != c.kekID {
-			c.others[id] = ks // opens at once; the ring is trimmed below
+			c.seen[id] = ks // opens at once; the ring is set below
 		}
 	}
 	p := sets[primary]
@@ -208,15 +233,21 @@ func (s *Sealer) SetRing(primary string, others []string) error {
 			return err
 		}
 	}
-	// 3. The switch, with its ping block, at once.
+	// 3. The switch, with its ping block, at once, on the connection the
+	// handles are of (a reconnection meanwhile renumbers them: start
+	// over).
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if c, err = s.connected(); err != nil {
+	now, err := s.connected()
+	if err != nil {
 		return err
+	}
+	if now != c {
+		return errReconnected
 	}
 	if changed {
 		c.kekID, c.kek, c.mac, c.kwp = primary, p.kek, p.mac, p.kwp
-		s.pingPlain, s.pingProfile = plain, w
+		s.pingPlain, s.pingProfile, s.pingKEKID = plain, w, primary
 	}
 	c.others = map[string]kekSet{}
 	s.others = nil
@@ -224,6 +255,7 @@ func (s *Sealer) SetRing(primary string, others []string) error {
 		if ks, ok := sets[id]; ok && id != primary {
 			c.others[id] = ks
 			s.others = append(s.others, id)
+			delete(c.seen, id)
 		}
 	}
 	s.kekID, s.cfg.KEKID = primary, primary

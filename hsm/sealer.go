@@ -71,6 +71,7 @@ type Sealer struct {
 	// health check spends no IV under the KEK.
 	pingPlain   []byte
 	pingProfile wrapped
+	pingKEKID   string // the KEK the ping block is wrapped under
 	finalize    bool
 	log         *slog.Logger
 
@@ -92,6 +93,7 @@ type conn struct {
 	slot      uint
 	kekID     string            // the primary KEK's id (the handles below are its)
 	others    map[string]kekSet // the other KEKs of the ring, by id: they open, never seal
+	seen      map[string]kekSet // KEKs met in blobs and found in the token: they open, are never reported nor destroyed
 	kek       pkcs11.ObjectHandle
 	mac       pkcs11.ObjectHandle // the cbc-hmac profile's MAC key, 0 if none
 	kwp       pkcs11.ObjectHandle // the kwp profile's wrap-only key, 0 if none
@@ -253,7 +255,7 @@ func (s *Sealer) connect(create bool) (c *conn, kekID string, err error) {
 		}
 	}
 	c.kekID = kekID
-	c.others = map[string]kekSet{}
+	c.others, c.seen = map[string]kekSet{}, map[string]kekSet{}
 	for _, id := range s.others {
 		if id == kekID {
 			continue
@@ -381,9 +383,25 @@ func (s *Sealer) reconnect() error {
 		s.closeConn(c)
 		return fmt.Errorf("%w: after reconnecting, the token no longer offers the %s profile (%s)", ErrMechanism, s.profile, lacks)
 	}
-	// A round trip through the KEK before anyone relies on it.
+	// A round trip through the KEK before anyone relies on it; and the
+	// ping block wrapped again if the primary changed while the
+	// connection was down (SetRing records the store's ring then).
 	err = c.pool.with(context.Background(), func(sh pkcs11.SessionHandle) error {
-		return s.pingKEK(sh, c.keys(), s.profile)
+		if err := s.pingKEK(sh, c.keys(), s.profile); err != nil {
+			return err
+		}
+		if s.pingKEKID == kekID {
+			return nil
+		}
+		plain := make([]byte, dekSize)
+		if _, err := io.ReadFull(rand.Reader, plain); err != nil {
+			return err
+		}
+		w, err := wrap(s.mod, sh, c.keys(), s.profile, []byte("kmsd ping"), plain)
+		if err == nil {
+			s.pingPlain, s.pingProfile, s.pingKEKID = plain, w, kekID
+		}
+		return err
 	})
 	if err != nil {
 		s.closeConn(c)
@@ -837,7 +855,7 @@ func (s *Sealer) makePing() error {
 	if err != nil {
 		return err
 	}
-	s.pingPlain, s.pingProfile = plain, w
+	s.pingPlain, s.pingProfile, s.pingKEKID = plain, w, s.kekID
 	return nil
 }
 
@@ -946,7 +964,9 @@ func (c *conn) keysOf(id string) (keys, bool) {
 	}
 	o, ok := c.others[id]
 	if !ok {
-		return keys{}, false
+		if o, ok = c.seen[id]; !ok {
+			return keys{}, false
+		}
 	}
 	return keys{id: id, kek: o.kek, mac: o.mac, kwp: o.kwp, kwpErr: c.kwpErr, have: c.have, ivs: c.ivs}, true
 }
