@@ -40,7 +40,8 @@ func TestReview2PutBackAcrossTwoRestoresIsRestored(t *testing.T) {
 	h1.restore("r1-backup", 7, "2026-01-01T00:00:00Z") // R1 at 7
 	h1.ops(12, "PATCH /v1/keys/{name}")
 	saved := h1.checkpoint() // the auditor's, size 20
-	state := &audit.SavedState{Restores: audit.RestoreRecords(h1.records)}
+	st := audit.StateOf(h1.records) // as kmsctl audit verify --save-checkpoint keeps it
+	state := &st
 	t.Logf("saved checkpoint: size %d, restores %v", len(h1.records), state.Restores)
 
 	_, _, err := audit.VerifySaved(h0.pub, copy15.records, [][]byte{cp15}, saved, state)

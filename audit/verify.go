@@ -5,6 +5,7 @@ import (
 	"encoding/hex"
 	"fmt"
 	"slices"
+	"time"
 
 	"golang.org/x/mod/sumdb/tlog"
 
@@ -97,6 +98,22 @@ func Verify(pub []byte, records [][]byte, checkpoints [][]byte, saved []byte) (*
 // --save-checkpoint writes it as FILE.restores).
 type SavedState struct {
 	Restores []uint64 `json:"restores"`
+	// LastTime is the time of the last record the saved checkpoint
+	// covers (kmsd's clock, as the records say it): a restore whose
+	// record is older was already behind the saved log.
+	LastTime string `json:"last_time,omitempty"`
+}
+
+// StateOf is the state to keep beside a checkpoint of records (all the
+// records it covers).
+func StateOf(records [][]byte) SavedState {
+	st := SavedState{Restores: append([]uint64{}, RestoreRecords(records)...)}
+	if len(records) > 0 {
+		if r, err := kms.DecodeAuditRecord(records[len(records)-1]); err == nil {
+			st.LastTime = r.Time
+		}
+	}
+	return st
 }
 
 // VerifySaved is Verify, with what was kept beside the saved checkpoint
@@ -229,21 +246,36 @@ func RestoreRecords(records [][]byte) []uint64 {
 }
 
 // explainSaved returns p, the saved checkpoint's problem, or "restored"
-// when a restore the saved state does not know explains it: the newest
-// restore record of the verified records, made after the saved log's
-// size would have been reached (it kept fewer records than the saved
-// checkpoint covers).
+// when a restore the saved state did not know explains it: of the
+// verified restore records that the state does not list and that are
+// later than the last record the saved checkpoint covered, the first that
+// kept fewer records than the saved checkpoint covers.
 func explainSaved(p *Problem, verified [][]byte, saved uint64, state *SavedState) *Problem {
 	idx := RestoreRecords(verified)
 	if len(idx) == 0 {
 		return p
 	}
-	newest, _ := kms.DecodeAuditRecord(verified[idx[len(idx)-1]])
-	kept := max(newest.Restore.BackupSize, newest.Restore.ArchiveSize)
-	if state == nil || slices.Contains(state.Restores, newest.Index) || kept >= saved {
-		p.Msg += fmt.Sprintf(" (the log holds a restore record at %d: from backup %s made %s, of %d records; if that restore came after you saved the checkpoint, it explains this: save the checkpoint with kmsctl audit verify --save-checkpoint, which keeps the restores it saw, to have it told apart)", newest.Index, newest.Restore.Backup, newest.Restore.Created, kept)
+	var last time.Time
+	if state != nil && state.LastTime != "" {
+		last, _ = time.Parse(time.RFC3339Nano, state.LastTime)
+	}
+	var found *kms.AuditRecord
+	for _, i := range idx {
+		r, _ := kms.DecodeAuditRecord(verified[i])
+		kept := max(r.Restore.BackupSize, r.Restore.ArchiveSize)
+		at, err := time.Parse(time.RFC3339Nano, r.Time)
+		if state == nil || slices.Contains(state.Restores, r.Index) || kept >= saved || err != nil || !at.After(last) {
+			continue
+		}
+		found = r
+		break
+	}
+	if found == nil {
+		newest, _ := kms.DecodeAuditRecord(verified[idx[len(idx)-1]])
+		p.Msg += fmt.Sprintf(" (the log holds a restore record at %d: from backup %s made %s; if a restore came after you saved the checkpoint, it may explain this: a checkpoint saved with kmsctl audit verify --save-checkpoint keeps what tells them apart)", newest.Index, newest.Restore.Backup, newest.Restore.Created)
 		return p
 	}
-	return problem("restored", int64(newest.Index), "rolled back by a restore: the saved checkpoint covers %d records, and the log was restored from backup %s (made %s) holding %d records; records %d to %d of the saved checkpoint's log are not in this log (it continues at %d with the restore record, which the log's checkpoint covers and your saved state did not know). Re-pin a checkpoint of this log once you have checked the restore was intended",
-		saved, newest.Restore.Backup, newest.Restore.Created, kept, kept, saved-1, newest.Index)
+	kept := max(found.Restore.BackupSize, found.Restore.ArchiveSize)
+	return problem("restored", int64(found.Index), "rolled back by a restore: the saved checkpoint covers %d records, and the log was restored from backup %s (made %s) holding %d records; records %d to %d of the saved checkpoint's log are not in this log (it continues at %d with the restore record of %s, which the log's checkpoint covers and which came after the checkpoint you saved). Re-pin a checkpoint of this log once you have checked the restore was intended",
+		saved, found.Restore.Backup, found.Restore.Created, kept, kept, saved-1, found.Index, found.Time)
 }

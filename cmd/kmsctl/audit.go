@@ -296,7 +296,7 @@ func auditVerify(e *env, fs *flag.FlagSet, _ []string) (int, error) {
 		}
 	}
 	if p := str(fs, "save-checkpoint"); p != "" {
-		b, _ := json.Marshal(audit.SavedState{Restores: append([]uint64{}, audit.RestoreRecords(records[:res.Size])...)})
+		b, _ := json.Marshal(audit.StateOf(records[:res.Size]))
 		if err := fileutil.WriteAtomic(p+".restores", append(b, '\n'), 0o600); err != nil {
 			return 0, usageError{err.Error()}
 		}

@@ -57,6 +57,8 @@ const (
 	// maxIdentityVersions bounds the identity key's versions a file may
 	// hold (kmsd makes one).
 	maxIdentityVersions = 256
+	// maxKEKs bounds the KEKs a file's secrets may be sealed under.
+	maxKEKs = 64
 )
 
 // Header opens a backup.
@@ -656,6 +658,11 @@ func (k *KEKs) Version(key string, v *kms.Version) error {
 	}
 	if k.Under == nil {
 		k.Under, k.counts = map[string][]string{}, map[string]int{}
+	}
+	// Bounded before any signature is checked: a KEK id is 32 hex
+	// digits, and a store has a handful of KEKs.
+	if _, ok := k.Under[id]; !ok && (len(k.Under) >= maxKEKs || len(id) > 64) {
+		return malformed("its secrets name more than %d KEKs, or a KEK id of %d bytes", maxKEKs, len(id))
 	}
 	if k.counts[id] < 20 {
 		k.Under[id] = append(k.Under[id], fmt.Sprintf("%s v%d", key, v.Number))
