@@ -39,7 +39,7 @@ func TestReview2PutBackAcrossTwoRestoresIsRestored(t *testing.T) {
 	h1 := h0.truncate(7)
 	h1.restore("r1-backup", 7, "2026-01-01T00:00:00Z") // R1 at 7
 	h1.ops(12, "PATCH /v1/keys/{name}")
-	saved := h1.checkpoint() // the auditor's, size 20
+	saved := h1.checkpoint()        // the auditor's, size 20
 	st := audit.StateOf(h1.records) // as kmsctl audit verify --save-checkpoint keeps it
 	state := &st
 	t.Logf("saved checkpoint: size %d, restores %v", len(h1.records), state.Restores)
