@@ -457,8 +457,12 @@ func (s *Server) decapsulate(w http.ResponseWriter, r *http.Request) {
 }
 
 func toTokenInfo(t *kms.Token) client.TokenInfo {
-	return client.TokenInfo{ID: t.ID, Name: t.Name, Role: string(t.Role), Keys: t.Keys, CreatedAt: t.CreatedAt, CreatedBy: t.CreatedBy,
-		ExpiresAt: t.ExpiresAt, LastUsedAt: t.LastUsedAt, RevokedAt: t.RevokedAt}
+	ti := client.TokenInfo{ID: t.ID, Name: t.Name, Role: string(t.Role), Keys: t.Keys, CreatedAt: t.CreatedAt, CreatedBy: t.CreatedBy,
+		ExpiresAt: t.ExpiresAt, LastUsedAt: t.LastUsedAt, RevokedAt: t.RevokedAt, MaxExpiresAt: t.MaxExpiresAt, RenewedAt: t.RenewedAt}
+	if t.TTL > 0 {
+		ti.TTL = t.TTL.String()
+	}
+	return ti
 }
 
 // introspect answers whether a token is active and what it may do (RFC
@@ -490,17 +494,23 @@ func (s *Server) createToken(w http.ResponseWriter, r *http.Request) {
 	if !readBody(w, r, &req, false) {
 		return
 	}
-	var ttl time.Duration
-	if req.TTL != "" {
-		d, err := time.ParseDuration(req.TTL)
+	var ttl, maxLife time.Duration
+	for _, f := range []struct {
+		name, v string
+		d       *time.Duration
+	}{{"ttl", req.TTL, &ttl}, {"max_lifetime", req.MaxLifetime, &maxLife}} {
+		if f.v == "" {
+			continue
+		}
+		d, err := time.ParseDuration(f.v)
 		if err != nil || d <= 0 {
-			writeProblem(w, r, http.StatusBadRequest, ProbInvalid, "ttl must be a positive duration such as \"90m\" or \"720h\"")
+			writeProblem(w, r, http.StatusBadRequest, ProbInvalid, f.name+" must be a positive duration such as \"90m\" or \"720h\"")
 			return
 		}
-		ttl = d
+		*f.d = d
 	}
 	pending(r, http.StatusCreated)
-	tok, t, err := s.call(r).CreateToken(r.Context(), eventFrom(r).principal, kms.TokenRequest{Name: req.Name, Role: kms.Role(req.Role), Keys: req.Keys, TTL: ttl})
+	tok, t, err := s.call(r).CreateToken(r.Context(), eventFrom(r).principal, kms.TokenRequest{Name: req.Name, Role: kms.Role(req.Role), Keys: req.Keys, TTL: ttl, MaxLifetime: maxLife})
 	if err != nil {
 		writeError(w, r, err)
 		return
@@ -532,6 +542,23 @@ func (s *Server) listTokens(w http.ResponseWriter, r *http.Request) {
 
 func (s *Server) getToken(w http.ResponseWriter, r *http.Request) {
 	t, err := s.svc.GetToken(r.Context(), eventFrom(r).principal, chi.URLParam(r, "id"))
+	if err != nil {
+		writeError(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, toTokenInfo(t))
+}
+
+// renewToken extends the caller's own token (any role: a token renews
+// itself only).
+func (s *Server) renewToken(w http.ResponseWriter, r *http.Request) {
+	p := eventFrom(r).principal
+	if p == nil {
+		writeError(w, r, kms.Errorf(kms.KindUnauthenticated, "a bearer token is required"))
+		return
+	}
+	pending(r, http.StatusOK)
+	t, err := s.call(r).RenewToken(r.Context(), p)
 	if err != nil {
 		writeError(w, r, err)
 		return

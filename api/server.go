@@ -339,6 +339,7 @@ func (s *Server) Handler() http.Handler {
 		r.Post("/v1/tokens/introspect", allow(kms.PermIntrospect, s.introspect))
 		r.Get("/v1/tokens", allow(kms.PermManageTokens, s.listTokens))
 		r.Get("/v1/tokens/{id}", allow(kms.PermManageTokens, s.getToken))
+		r.Post("/v1/tokens/self/renew", s.renewToken)
 		r.Delete("/v1/tokens/{id}", allow(kms.PermManageTokens, s.revokeToken))
 		r.Get("/v1/keys/{name}/versions/{version}/evaluation-keys", allow(kms.PermReadKey, s.manifest))
 		r.Get("/v1/keys/{name}/versions/{version}/evaluation-keys/signature", allow(kms.PermReadKey, s.manifestSignature))

@@ -27,6 +27,13 @@ type Token struct {
 	ExpiresAt *time.Time `json:"expires_at,omitempty"`
 	// RevokedAt is when the token was revoked; nil: not revoked.
 	RevokedAt *time.Time `json:"revoked_at,omitempty"`
+	// TTL is the lifetime a renewal gives (nanoseconds), and
+	// MaxExpiresAt the latest expiry renewals may reach (max_lifetime at
+	// creation): a token without it does not renew.
+	TTL          time.Duration `json:"ttl,omitempty"`
+	MaxExpiresAt *time.Time    `json:"max_expires_at,omitempty"`
+	// RenewedAt is when the token was last renewed; nil: never.
+	RenewedAt *time.Time `json:"renewed_at,omitempty"`
 	// LastUsedAt is the last time the token authenticated a request, as
 	// last written down (the service keeps newer uses in memory and
 	// writes them about once a minute).

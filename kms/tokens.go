@@ -16,6 +16,10 @@ type TokenRequest struct {
 	// TTL is how long the token lives; 0 means the server's maximum (or no
 	// expiry when the server sets none), capped by the creator's expiry.
 	TTL time.Duration
+	// MaxLifetime, if set (with TTL), makes the token renewable: each
+	// renewal extends it by TTL, never past creation + MaxLifetime
+	// (bounded by the server's maximum token lifetime).
+	MaxLifetime time.Duration
 }
 
 // tokenUses remembers when each token last authenticated, between writes
@@ -80,6 +84,14 @@ func (c Call) CreateToken(ctx context.Context, creator *Principal, req TokenRequ
 	if s.maxTokenTTL > 0 && req.TTL > s.maxTokenTTL {
 		return "", nil, Errorf(KindInvalid, "ttl %s exceeds the server's maximum token lifetime of %s", req.TTL, s.maxTokenTTL)
 	}
+	if req.MaxLifetime != 0 {
+		if req.TTL == 0 || req.MaxLifetime < req.TTL {
+			return "", nil, Errorf(KindInvalid, "max_lifetime needs a ttl, and is at least the ttl")
+		}
+		if s.maxTokenTTL > 0 && req.MaxLifetime > s.maxTokenTTL {
+			return "", nil, Errorf(KindInvalid, "max_lifetime %s exceeds the server's maximum token lifetime of %s", req.MaxLifetime, s.maxTokenTTL)
+		}
+	}
 	now := s.clock.Now()
 	var exp *time.Time
 	switch {
@@ -94,7 +106,17 @@ func (c Call) CreateToken(ctx context.Context, creator *Principal, req TokenRequ
 		t := *creator.ExpiresAt // no ttl asked: live as long as the creator at most
 		exp = &t
 	}
-	if err := creator.covers(req.Role, req.Keys, exp); err != nil {
+	var maxExp *time.Time
+	if req.MaxLifetime > 0 {
+		t := now.Add(req.MaxLifetime)
+		maxExp = &t
+	}
+	// Renewals included, a token lives no longer than its creator.
+	latest := exp
+	if maxExp != nil {
+		latest = maxExp
+	}
+	if err := creator.covers(req.Role, req.Keys, latest); err != nil {
 		return "", nil, err
 	}
 	id, tok, hash, err := newTokenSecret(s.rand)
@@ -102,6 +124,9 @@ func (c Call) CreateToken(ctx context.Context, creator *Principal, req TokenRequ
 		return "", nil, Wrap(KindInternal, "token", err)
 	}
 	t := &Token{ID: id, Name: req.Name, Role: req.Role, Keys: req.Keys, Hash: hash, CreatedAt: now, CreatedBy: creator.TokenID, ExpiresAt: exp}
+	if maxExp != nil {
+		t.TTL, t.MaxExpiresAt = req.TTL, maxExp
+	}
 	if err := s.store.CreateToken(ctx, t, auditForToken(c.rec, id)); err != nil {
 		return "", nil, asUnavailable("store", err)
 	}
@@ -307,6 +332,43 @@ func (c Call) RevokeToken(ctx context.Context, p *Principal, id string) (*Token,
 	if errors.Is(err, ErrNotFound) && KindOf(err) != KindNotFound {
 		return nil, Errorf(KindNotFound, "token %s not found", id)
 	}
+	if err != nil {
+		return nil, asUnavailable("store", err)
+	}
+	return s.withUse(out), nil
+}
+
+// RenewToken extends the caller's own token by its ttl, never past its
+// maximum lifetime: a token made without max_lifetime, or already at it,
+// is refused (409). The caller authenticated with it, so it is neither
+// revoked nor expired; the store transaction checks that again.
+func (c Call) RenewToken(ctx context.Context, p *Principal) (*Token, error) {
+	s := c.Service
+	if p == nil {
+		return nil, Errorf(KindUnauthenticated, "a bearer token is required")
+	}
+	now := s.clock.Now()
+	var out *Token
+	err := s.store.UpdateToken(ctx, p.TokenID, func(t *Token) ([]*AuditRecord, error) {
+		switch {
+		case t.RevokedAt != nil:
+			return nil, Errorf(KindUnauthenticated, "this bearer token was revoked")
+		case t.Expired(now):
+			return nil, Errorf(KindExpired, "this bearer token has expired")
+		case t.MaxExpiresAt == nil || t.TTL <= 0:
+			return nil, Errorf(KindFailedPrecondition, "this token is not renewable: it was made without max_lifetime")
+		}
+		next := now.Add(t.TTL)
+		if next.After(*t.MaxExpiresAt) {
+			next = *t.MaxExpiresAt
+		}
+		if t.ExpiresAt != nil && !next.After(*t.ExpiresAt) {
+			return nil, Errorf(KindFailedPrecondition, "this token is at its maximum lifetime (%s): make a new one", t.MaxExpiresAt.Format(time.RFC3339))
+		}
+		t.ExpiresAt, t.RenewedAt = &next, &now
+		out = t
+		return auditForToken(c.rec, t.ID), nil
+	})
 	if err != nil {
 		return nil, asUnavailable("store", err)
 	}

@@ -708,3 +708,10 @@ func (c *Client) RetireKEK(ctx context.Context, id string) (*KEKStatus, error) {
 	var out KEKStatus
 	return &out, c.do(ctx, http.MethodPost, "/v1/kek/"+url.PathEscape(id)+"/retire", nil, nil, &out)
 }
+
+// RenewToken extends the client's own token by its ttl, up to its
+// maximum lifetime (POST /v1/tokens/self/renew).
+func (c *Client) RenewToken(ctx context.Context) (*TokenInfo, error) {
+	var out TokenInfo
+	return &out, c.do(ctx, http.MethodPost, "/v1/tokens/self/renew", nil, nil, &out)
+}

@@ -190,6 +190,10 @@ type CreateTokenRequest struct {
 	// TTL is the token's lifetime as a Go duration ("24h", "90m");
 	// empty: the server's maximum (--max-token-ttl).
 	TTL string `json:"ttl,omitempty"`
+	// MaxLifetime (with TTL) makes the token renewable (POST
+	// /v1/tokens/self/renew): each renewal extends it by TTL, never past
+	// creation + MaxLifetime (at most --max-token-ttl).
+	MaxLifetime string `json:"max_lifetime,omitempty"`
 }
 
 // TokenInfo is a token's metadata; it never holds the secret.
@@ -203,6 +207,11 @@ type TokenInfo struct {
 	ExpiresAt  *time.Time `json:"expires_at,omitempty"`
 	LastUsedAt *time.Time `json:"last_used_at,omitempty"`
 	RevokedAt  *time.Time `json:"revoked_at,omitempty"`
+	// A renewable token's ttl, the latest expiry renewals reach, and its
+	// last renewal.
+	TTL          string     `json:"ttl,omitempty"`
+	MaxExpiresAt *time.Time `json:"max_expires_at,omitempty"`
+	RenewedAt    *time.Time `json:"renewed_at,omitempty"`
 }
 
 // IntrospectRequest is the body of POST /v1/tokens/introspect.

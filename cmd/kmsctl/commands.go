@@ -308,19 +308,20 @@ var commands = []command{
 		},
 	},
 	{
-		name: "tokens create", synopsis: "--role admin|worker|evaluator|encryptor|auditor|decryptor --keys PATTERNS [--name NAME] [--ttl D]",
+		name: "tokens create", synopsis: "--role admin|worker|evaluator|encryptor|auditor|decryptor --keys PATTERNS [--name NAME] [--ttl D] [--max-lifetime D]",
 		help: "create a bearer token (printed once); it can hold no more than the token that creates it",
 		flags: func(fs *flag.FlagSet) {
 			fs.String("role", "", "admin, worker, evaluator, encryptor, auditor or decryptor (required)")
 			fs.String("keys", "", "comma-separated key-name patterns, e.g. 'team-a-*' or '*' (required; auditors take '*' only)")
 			fs.String("name", "", "a name for the token")
 			fs.String("ttl", "", "lifetime, e.g. 90m or 720h (default: the server's --max-token-ttl)")
+			fs.String("max-lifetime", "", "make the token renewable (kmsctl tokens renew): each renewal extends it by --ttl, never past creation + this (at most the server's --max-token-ttl)")
 		},
 		run: func(e *env, fs *flag.FlagSet, _ []string) (int, error) {
 			if str(fs, "role") == "" || str(fs, "keys") == "" {
 				return 0, usageError{"--role and --keys are required"}
 			}
-			t, err := e.c.CreateToken(e.ctx, client.CreateTokenRequest{Name: str(fs, "name"), Role: str(fs, "role"), Keys: splitList(str(fs, "keys")), TTL: str(fs, "ttl")})
+			t, err := e.c.CreateToken(e.ctx, client.CreateTokenRequest{Name: str(fs, "name"), Role: str(fs, "role"), Keys: splitList(str(fs, "keys")), TTL: str(fs, "ttl"), MaxLifetime: str(fs, "max-lifetime")})
 			if err != nil {
 				return 0, err
 			}
@@ -350,6 +351,16 @@ var commands = []command{
 		name: "tokens show", synopsis: "ID", help: "show a token's metadata (ID: the 16 hex digits after kms_)", nargs: 1,
 		run: func(e *env, _ *flag.FlagSet, args []string) (int, error) {
 			t, err := e.c.GetToken(e.ctx, args[0])
+			if err != nil {
+				return 0, err
+			}
+			return exitOK, e.out(t)
+		},
+	},
+	{
+		name: "tokens renew", synopsis: "", help: "extend this token (the one kmsctl uses) by its ttl, up to the maximum lifetime it was made with (--max-lifetime); refused for a token made without one",
+		run: func(e *env, _ *flag.FlagSet, _ []string) (int, error) {
+			t, err := e.c.RenewToken(e.ctx)
 			if err != nil {
 				return 0, err
 			}

@@ -196,6 +196,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdin i
 	rctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	go s.Refresh(rctx)
+	go renewLoop(rctx, kc, token, log)
 
 	if c.httpAddr == "" {
 		t := &mcp.IOTransport{Reader: io.NopCloser(stdin), Writer: nopWriteCloser{stdout}, MaxLineLength: int(c.maxRequestMiB << 20)}
@@ -241,4 +242,51 @@ func readJSONFile(path string, v any) error {
 	dec := json.NewDecoder(strings.NewReader(string(b)))
 	dec.DisallowUnknownFields()
 	return dec.Decode(v)
+}
+
+// renewLoop keeps kmsd-mcp's own token alive: it renews it (POST
+// /v1/tokens/self/renew) when two thirds of its lifetime have passed,
+// until it reaches the maximum lifetime it was made with, and says so in
+// the log. A token that does not expire, or that is not renewable, is
+// left as it is (the log says when it expires).
+func renewLoop(ctx context.Context, kc *client.Client, token string, log *slog.Logger) {
+	in, err := kc.IntrospectToken(ctx, token)
+	if err != nil || !in.Active {
+		log.Warn("token renewal: cannot read this server's own token", "err", err)
+		return
+	}
+	if in.Exp == 0 {
+		return // never expires
+	}
+	exp := time.Unix(in.Exp, 0)
+	// The first renewal at two thirds of what is left; then at two
+	// thirds of the ttl each renewal gives.
+	next := time.Now().Add(time.Until(exp) * 2 / 3)
+	retry := time.Second
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(time.Until(next)):
+		}
+		t, err := kc.RenewToken(ctx)
+		switch {
+		case err == nil && t.ExpiresAt != nil:
+			ttl, _ := time.ParseDuration(t.TTL)
+			log.Info("token renewed", "token_id", t.ID, "expires_at", t.ExpiresAt.UTC().Format(time.RFC3339), "max_expires_at", t.MaxExpiresAt)
+			if ttl <= 0 {
+				ttl = time.Until(*t.ExpiresAt)
+			}
+			exp, next, retry = *t.ExpiresAt, time.Now().Add(ttl*2/3), time.Second
+		case client.StatusOf(err) == 409:
+			log.Error("token renewal: refused; give kmsd-mcp a new token before this one expires", "expires_at", exp.UTC().Format(time.RFC3339), "err", err)
+			return
+		case ctx.Err() != nil:
+			return
+		default:
+			log.Warn("token renewal failed; retrying", "err", err, "retry_in", retry.String())
+			next = time.Now().Add(retry)
+			retry = min(2*retry, 30*time.Second)
+		}
+	}
 }

@@ -763,3 +763,87 @@ func TestBadSettings(t *testing.T) {
 		}
 	}
 }
+
+// TestRenewsItsOwnToken: kmsd-mcp whose own token lives 3 s (renewable
+// for an hour) keeps serving for 15 s: it renews the token at two thirds
+// of its lifetime (each client request is introspected with it, every
+// 500 ms here), and kmsd records the renewals.
+func TestRenewsItsOwnToken(t *testing.T) {
+	w := newWorld(t)
+	w.heKey(t, "he", "ckks-logn13", 1<<12)
+	ctx := context.Background()
+	wt, err := w.adminc.CreateToken(ctx, client.CreateTokenRequest{Name: "kmsd-mcp", Role: "evaluator", Keys: []string{"*"}, TTL: "3s", MaxLifetime: "1h"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(w.workerTokenFile, []byte(wt.Token+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	url := w.startHTTP(t, "--key", "he", "--introspect-ttl", "500ms")
+	s := connectHTTP(t, url, w.token(t, "worker", "he"))
+	deadline := time.Now().Add(15 * time.Second)
+	for n := 0; time.Now().Before(deadline); n++ {
+		if _, err := s.ListTools(ctx, nil); err != nil {
+			t.Fatalf("after %d s: %v", n/2, err)
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+	info, err := w.adminc.GetToken(ctx, wt.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info.RenewedAt == nil || info.ExpiresAt == nil || !info.ExpiresAt.After(wt.CreatedAt.Add(14*time.Second)) || info.TTL != "3s" {
+		t.Fatalf("kmsd-mcp's token after 15 s: %+v", info)
+	}
+}
+
+// TestRenewalLimits: a token renews by its ttl up to its maximum
+// lifetime and no further; one made without a maximum lifetime does not
+// renew; a revoked one cannot; and a maximum lifetime without a ttl or
+// below it is refused at creation.
+func TestRenewalLimits(t *testing.T) {
+	w := newWorld(t)
+	ctx := context.Background()
+	as := func(tok string) *client.Client {
+		cfg, _ := client.TLSConfig(w.ca, "", "")
+		c, err := client.New(w.url, tok, client.WithTLS(cfg))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}
+	r, err := w.adminc.CreateToken(ctx, client.CreateTokenRequest{Role: "worker", Keys: []string{"he"}, TTL: "2s", MaxLifetime: "3s"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(1500 * time.Millisecond)
+	// 1.5 s in, a renewal by 2 s would pass the 3 s maximum: capped.
+	got, err := as(r.Token).RenewToken(ctx)
+	if err != nil || got.RenewedAt == nil || got.MaxExpiresAt == nil || !got.ExpiresAt.Equal(*got.MaxExpiresAt) || !got.ExpiresAt.After(*r.ExpiresAt) {
+		t.Fatalf("first renewal: %+v %v", got, err)
+	}
+	if _, err := as(r.Token).RenewToken(ctx); client.StatusOf(err) != 409 {
+		t.Fatalf("a renewal at the maximum lifetime: %v", err)
+	}
+	fixed, err := w.adminc.CreateToken(ctx, client.CreateTokenRequest{Role: "worker", Keys: []string{"he"}, TTL: "1h"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := as(fixed.Token).RenewToken(ctx); client.StatusOf(err) != 409 {
+		t.Fatalf("a token made without max_lifetime renewed: %v", err)
+	}
+	if _, err := w.adminc.RevokeToken(ctx, fixed.ID); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := as(fixed.Token).RenewToken(ctx); client.StatusOf(err) != 401 {
+		t.Fatalf("a revoked token renewed: %v", err)
+	}
+	for _, req := range []client.CreateTokenRequest{
+		{Role: "worker", Keys: []string{"he"}, MaxLifetime: "1h"},
+		{Role: "worker", Keys: []string{"he"}, TTL: "2h", MaxLifetime: "1h"},
+	} {
+		if _, err := w.adminc.CreateToken(ctx, req); client.StatusOf(err) != 400 {
+			t.Fatalf("%+v: %v", req, err)
+		}
+	}
+}
