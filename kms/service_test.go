@@ -730,3 +730,59 @@ func TestCallCarriesTheAuditRecord(t *testing.T) {
 		t.Fatalf("the committed record: %+v %v", r, err)
 	}
 }
+
+// TestTokenRenewal: a renewable token renews by its ttl up to creation +
+// max_lifetime (the server's maximum lifetime bounds max_lifetime), an
+// expired one cannot come back, and renewal is what the token asks for
+// itself.
+func TestTokenRenewal(t *testing.T) {
+	st, err := bolt.Open(filepath.Join(t.TempDir(), "kms.db"), bolt.Options{Sealer: testhsm.Open(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	clock := testutil.NewClock(time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC))
+	svc, err := kms.NewService(kms.Config{Store: st, Sealer: testhsm.Open(t), Kinds: kms.NewRegistry(pqc.Kinds()...), Clock: clock, MaxTokenTTL: 24 * time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var admin string
+	if _, err := svc.EnsureAdminToken(ctx, func(tok string) error { admin = tok; return nil }); err != nil {
+		t.Fatal(err)
+	}
+	root, err := svc.Authenticate(ctx, admin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := svc.CreateToken(ctx, root, kms.TokenRequest{Role: kms.RoleWorker, Keys: []string{"*"}, TTL: time.Hour, MaxLifetime: 25 * time.Hour}); !errors.Is(err, kms.ErrInvalid) {
+		t.Fatalf("max_lifetime over the server's maximum: %v", err)
+	}
+	tok, w, err := svc.CreateToken(ctx, root, kms.TokenRequest{Role: kms.RoleWorker, Keys: []string{"*"}, TTL: time.Hour, MaxLifetime: 3 * time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	born := clock.Now()
+	p, err := svc.Authenticate(ctx, tok)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, want := range []time.Duration{90 * time.Minute, 120 * time.Minute, 150 * time.Minute, 3 * time.Hour} {
+		clock.Add(30 * time.Minute)
+		got, err := svc.For(nil).RenewToken(ctx, p)
+		if err != nil || !got.ExpiresAt.Equal(born.Add(want)) || got.RenewedAt == nil {
+			t.Fatalf("renewal %d: %+v %v, want expiry at +%v", i+1, got, err, want)
+		}
+	}
+	clock.Add(30 * time.Minute)
+	if _, err := svc.For(nil).RenewToken(ctx, p); !errors.Is(err, kms.ErrFailedPrecondition) {
+		t.Fatalf("a renewal at the maximum lifetime: %v", err)
+	}
+	clock.Add(2 * time.Hour)
+	if _, err := svc.Authenticate(ctx, tok); !errors.Is(err, kms.ErrExpired) {
+		t.Fatalf("past its maximum lifetime: %v", err)
+	}
+	if _, err := svc.For(nil).RenewToken(ctx, p); kms.KindOf(err) != kms.KindExpired {
+		t.Fatalf("an expired token renewed: %v", err)
+	}
+	_ = w
+}
