@@ -78,6 +78,7 @@ kmsd_bench_deps() {
   command -v wrk >/dev/null 2>&1 || need+=(wrk)
   command -v curl >/dev/null 2>&1 || need+=(curl)
   command -v jq >/dev/null 2>&1 || need+=(jq) # bench-archive.sh reads /readyz
+  command -v pgrep >/dev/null 2>&1 || need+=(procps) # bench-backup.sh stops kmsd by its command line
   if [ ${#need[@]} -gt 0 ]; then
     echo "installing: ${need[*]}" >&2
     kmsd_apt_install "${need[@]}"

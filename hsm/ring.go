@@ -96,15 +96,17 @@ func (s *Sealer) connected() (*conn, error) {
 // (replicas) is found in the token, never made. A KEK the token does not
 // hold is ErrBlob.
 func (s *Sealer) knows(id string) error {
-	if raw, err := hex.DecodeString(id); err != nil || len(raw) == 0 || hex.EncodeToString(raw) != id {
-		return fmt.Errorf("%w: it names KEK %q, not a lower-case hex id", ErrBlob, id)
-	}
+	// Every unseal comes here: a map lookup under the read lock for a
+	// KEK the ring holds; the token is searched only for another.
 	s.mu.RLock()
 	c, err := s.connected()
 	known := err == nil && (id == c.kekID || c.others[id] != (kekSet{}) || c.seen[id] != (kekSet{}))
 	s.mu.RUnlock()
 	if err != nil || known {
 		return err
+	}
+	if raw, err := hex.DecodeString(id); err != nil || len(raw) == 0 || hex.EncodeToString(raw) != id {
+		return fmt.Errorf("%w: it names KEK %q, not a lower-case hex id", ErrBlob, id)
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()

@@ -114,34 +114,15 @@ func (s *Service) discard(kind KeyKind, v Version) {
 // internal ones included), for removing the orphans of a crash at start.
 func (s *Service) ReferencedBlobs(ctx context.Context) (map[string]bool, error) {
 	out := map[string]bool{}
-	after := ""
-	for {
-		keys, err := s.store.ListKeys(ctx, after, 100)
-		if err != nil {
-			return nil, asUnavailable("store", err)
-		}
-		for _, k := range keys {
-			after = k.Name
-			for before := uint64(0); ; {
-				vs, err := s.store.ListVersions(ctx, k.Name, before, 500)
-				if err != nil {
-					return nil, asUnavailable("store", err)
-				}
-				for _, v := range vs {
-					for _, d := range v.Blobs {
-						out[d] = true
-					}
-					before = v.Number
-				}
-				if len(vs) < 500 || before <= 1 {
-					break
-				}
+	err := s.eachKey(ctx, "", func(k *Key) error {
+		return s.versionsOf(ctx, k.Name, func(v *Version) error {
+			for _, d := range v.Blobs {
+				out[d] = true
 			}
-		}
-		if len(keys) < 100 {
-			return out, nil
-		}
-	}
+			return nil
+		})
+	})
+	return out, err
 }
 
 // Manifest returns version n's manifest and its signature, if the version is

@@ -591,21 +591,7 @@ func TestTokenSubsetRule(t *testing.T) {
 // one with KindExpired; the server's maximum lifetime is the default and
 // the bound; the last admin token for all keys cannot be revoked.
 func TestTokenRevokeAndExpire(t *testing.T) {
-	path := filepath.Join(t.TempDir(), "kms.db")
-	st, err := bolt.Open(path, bolt.Options{Sealer: testhsm.Open(t)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer st.Close()
-	clock := testutil.NewClock(time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC))
-	svc, err := kms.NewService(kms.Config{Store: st, Sealer: testhsm.Open(t), Kinds: kms.NewRegistry(pqc.Kinds()...), Clock: clock, MaxTokenTTL: 24 * time.Hour})
-	if err != nil {
-		t.Fatal(err)
-	}
-	var admin string
-	if _, err := svc.EnsureAdminToken(ctx, func(tok string) error { admin = tok; return nil }); err != nil {
-		t.Fatal(err)
-	}
+	svc, st, clock, admin := tokenService(t)
 	root, err := svc.Authenticate(ctx, admin)
 	if err != nil || root.ExpiresAt != nil {
 		t.Fatalf("bootstrap admin: %+v %v", root, err)
@@ -736,20 +722,7 @@ func TestCallCarriesTheAuditRecord(t *testing.T) {
 // expired one cannot come back, and renewal is what the token asks for
 // itself.
 func TestTokenRenewal(t *testing.T) {
-	st, err := bolt.Open(filepath.Join(t.TempDir(), "kms.db"), bolt.Options{Sealer: testhsm.Open(t)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer st.Close()
-	clock := testutil.NewClock(time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC))
-	svc, err := kms.NewService(kms.Config{Store: st, Sealer: testhsm.Open(t), Kinds: kms.NewRegistry(pqc.Kinds()...), Clock: clock, MaxTokenTTL: 24 * time.Hour})
-	if err != nil {
-		t.Fatal(err)
-	}
-	var admin string
-	if _, err := svc.EnsureAdminToken(ctx, func(tok string) error { admin = tok; return nil }); err != nil {
-		t.Fatal(err)
-	}
+	svc, _, clock, admin := tokenService(t)
 	root, err := svc.Authenticate(ctx, admin)
 	if err != nil {
 		t.Fatal(err)
@@ -784,5 +757,28 @@ func TestTokenRenewal(t *testing.T) {
 	if _, err := svc.For(nil).RenewToken(ctx, p); kms.KindOf(err) != kms.KindExpired {
 		t.Fatalf("an expired token renewed: %v", err)
 	}
-	_ = w
+	if w.TTL != time.Hour || !w.MaxExpiresAt.Equal(born.Add(3*time.Hour)) {
+		t.Fatalf("the token as made: %+v", w)
+	}
+}
+
+// tokenService is a service on a fresh bbolt store (returned too) with a fake clock, a
+// maximum token lifetime of a day, and its bootstrap admin token.
+func tokenService(t *testing.T) (*kms.Service, *bolt.Store, *testutil.Clock, string) {
+	t.Helper()
+	st, err := bolt.Open(filepath.Join(t.TempDir(), "kms.db"), bolt.Options{Sealer: testhsm.Open(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	clock := testutil.NewClock(time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC))
+	svc, err := kms.NewService(kms.Config{Store: st, Sealer: testhsm.Open(t), Kinds: kms.NewRegistry(pqc.Kinds()...), Clock: clock, MaxTokenTTL: 24 * time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var admin string
+	if _, err := svc.EnsureAdminToken(ctx, func(tok string) error { admin = tok; return nil }); err != nil {
+		t.Fatal(err)
+	}
+	return svc, st, clock, admin
 }

@@ -269,9 +269,6 @@ func (a *App) RotateKEK(ctx context.Context, p *kms.Principal) (*client.KEKStatu
 	if rot != nil && rot.State != RotationDone {
 		return nil, kms.Errorf(kms.KindFailedPrecondition, "a KEK rotation to %s is under way (%s): wait for it to end (kmsctl kek status)", rot.To, rot.State)
 	}
-	if _, _, err := readRing(m); err != nil {
-		return nil, err
-	}
 	if err := a.followRing(); err != nil {
 		return nil, err
 	}
