@@ -154,7 +154,11 @@ func (s *Server) audited(next http.Handler) http.Handler {
 			capRecord(rec)
 			release()
 			// The answer waits for durability even if the client left.
-			if err := s.opts.Audit.AppendAudit(context.WithoutCancel(r.Context()), rec); err != nil {
+			err := s.opts.Audit.AppendAudit(context.WithoutCancel(r.Context()), rec)
+			if s.opts.Metrics != nil {
+				s.opts.Metrics.Audited(err)
+			}
+			if err != nil {
 				ev.err = fmt.Errorf("audit record not durable: %w", err)
 				for k := range w.Header() {
 					if k != "X-Request-Id" {
@@ -177,6 +181,9 @@ func (s *Server) audited(next http.Handler) http.Handler {
 		}
 		if bw.status == 0 {
 			bw.status = http.StatusOK
+		}
+		if rec.Committed && s.opts.Metrics != nil {
+			s.opts.Metrics.Audited(nil) // with the change, in its transaction
 		}
 		if !rec.Committed && !record(bw.status, bw.body.Len()) {
 			return

@@ -68,6 +68,32 @@ type Options struct {
 	// TokenRate limits each token's requests per second (bursts of twice
 	// that); past it, 429. Zero: no limit.
 	TokenRate float64
+	// Metrics, if set, is told of every request and refusal.
+	Metrics Metrics
+}
+
+// Metrics is told of what the API does (kmsd's Prometheus metrics). Its
+// labels are bounded: route is the route's pattern ("unmatched" for none,
+// never a path, so never a key name or a token), method one of the
+// standard methods or "OTHER".
+type Metrics interface {
+	// Request is one answered request.
+	Request(route, method string, code int, d time.Duration)
+	// RateLimited is one request refused with 429: scope "address" (no
+	// valid token) or "token".
+	RateLimited(scope string)
+	// Audited is one request's audit record made durable (err nil) or
+	// not (err: the request was answered 503).
+	Audited(err error)
+}
+
+// metricMethod bounds the method label: a client chooses the method.
+func metricMethod(m string) string {
+	switch m {
+	case http.MethodGet, http.MethodHead, http.MethodPost, http.MethodPut, http.MethodPatch, http.MethodDelete, http.MethodOptions:
+		return m
+	}
+	return "OTHER"
 }
 
 // New builds a Server. log receives one event per request.
@@ -162,6 +188,13 @@ func (s *Server) observe(next http.Handler) http.Handler {
 			if rc := chi.RouteContext(r.Context()); rc != nil {
 				route = rc.RoutePattern()
 			}
+			if s.opts.Metrics != nil {
+				mroute := route
+				if mroute == "" {
+					mroute = "unmatched"
+				}
+				s.opts.Metrics.Request(mroute, metricMethod(r.Method), sw.status, time.Since(start))
+			}
 			attrs := []slog.Attr{
 				slog.String("request_id", ev.id),
 				slog.String("method", r.Method),
@@ -230,6 +263,9 @@ func (s *Server) limit(next http.Handler) http.Handler {
 			src := sourceOf(r.RemoteAddr)
 			if ok, wait := s.unauth.allow(src); !ok {
 				s.refused.note(src, time.Now())
+				if s.opts.Metrics != nil {
+					s.opts.Metrics.RateLimited("address")
+				}
 				w.Header().Set("Retry-After", strconv.Itoa(int(math.Ceil(wait.Seconds()))))
 				writeProblem(w, r, http.StatusTooManyRequests, ProbRateLimited, "too many requests without a valid token from this address; retry later")
 				return
@@ -248,6 +284,9 @@ func (s *Server) limitToken(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if p := eventFrom(r).principal; p != nil {
 			if ok, wait := s.perTok.allow(p.TokenID); !ok {
+				if s.opts.Metrics != nil {
+					s.opts.Metrics.RateLimited("token")
+				}
 				w.Header().Set("Retry-After", strconv.Itoa(int(math.Ceil(wait.Seconds()))))
 				writeProblem(w, r, http.StatusTooManyRequests, ProbRateLimited, "this token is over its request rate limit; retry later")
 				return

@@ -89,8 +89,9 @@ kmsd_bench_deps() {
 # and npm for the OpenAPI lint (Redocly CLI, pinned in deploy/spec-lint), and
 # the tools README.md's walk-throughs call (curl, jq, pkcs11-tool), which a
 # test runs as written, etcd (Debian's etcd-server), which the tests of
-# the replicated store start for real on loopback, and versitygw, the S3
-# server the blob tests start.
+# the replicated store start for real on loopback, versitygw, the S3
+# server the blob tests start, and promtool (Debian's prometheus), which
+# checks the metrics kmsd serves and the alerting rules.
 kmsd_test_deps() {
   local need=()
   command -v node >/dev/null 2>&1 || need+=(nodejs)
@@ -98,6 +99,7 @@ kmsd_test_deps() {
   command -v curl >/dev/null 2>&1 || need+=(curl)
   command -v jq >/dev/null 2>&1 || need+=(jq)
   command -v pkcs11-tool >/dev/null 2>&1 || need+=(opensc)
+  command -v promtool >/dev/null 2>&1 || need+=(prometheus) # promtool checks the metrics and deploy/prometheus/alerts.yml
   if [ ${#need[@]} -gt 0 ]; then
     echo "installing: ${need[*]}" >&2
     kmsd_apt_install "${need[@]}"

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"time"
 
 	"github.com/miekg/pkcs11"
 )
@@ -134,7 +135,8 @@ func (s *Sealer) knows(id string) error {
 // NewKEK a crash interrupted), with the side key the sealer's profile
 // needs, checks its attributes as at start and that it round-trips, and
 // adds it to the ring. It does not seal until SetRing makes it primary.
-func (s *Sealer) NewKEK(ctx context.Context, id string) error {
+func (s *Sealer) NewKEK(ctx context.Context, id string) (err error) {
+	defer s.observe("generate_kek", time.Now(), &err)
 	s.mu.Lock()
 	c, err := s.connected()
 	if err != nil {
@@ -277,7 +279,8 @@ func (s *Sealer) KEKs() (primary string, others []string) {
 // DestroyKEK destroys the KEK with the id and its side keys in the token
 // (C_DestroyObject) and drops it from the ring: every blob still sealed
 // under it is lost for good. The primary is refused.
-func (s *Sealer) DestroyKEK(ctx context.Context, id string) error {
+func (s *Sealer) DestroyKEK(ctx context.Context, id string) (err error) {
+	defer s.observe("destroy_kek", time.Now(), &err)
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	c, err := s.connected()

@@ -86,6 +86,36 @@ type Sealer struct {
 	pinRefused  bool
 	reconnects  atomic.Uint64
 	closeOnce   sync.Once
+	observer    atomic.Pointer[Observer]
+}
+
+// Observer is told of each operation on the token (seal, unseal, ping,
+// generate_kek, destroy_kek): its name, how long it took and how it
+// ended. It must be fast; it runs on the caller's goroutine.
+type Observer func(op string, d time.Duration, err error)
+
+// SetObserver sets the observer (metrics); nil removes it.
+func (s *Sealer) SetObserver(o Observer) {
+	if o == nil {
+		s.observer.Store(nil)
+		return
+	}
+	s.observer.Store(&o)
+}
+
+// observe reports an operation that started at start; use it deferred.
+func (s *Sealer) observe(op string, start time.Time, err *error) {
+	if o := s.observer.Load(); o != nil {
+		(*o)(op, time.Since(start), *err)
+	}
+}
+
+// Connected reports whether the token is reachable now (false while
+// reconnecting).
+func (s *Sealer) Connected() bool {
+	s.hmu.Lock()
+	defer s.hmu.Unlock()
+	return s.healthy
 }
 
 // conn is one established connection to the token.
@@ -640,7 +670,8 @@ var ErrBlob = errors.New("sealed blob does not open in this context")
 func (s *Sealer) Profile() Profile { return s.profile }
 
 // Seal implements kms.Sealer.
-func (s *Sealer) Seal(ctx context.Context, sc kms.SealContext, plaintext kms.Secret) ([]byte, error) {
+func (s *Sealer) Seal(ctx context.Context, sc kms.SealContext, plaintext kms.Secret) (_ []byte, err error) {
+	defer s.observe("seal", time.Now(), &err)
 	dek := make([]byte, dekSize)
 	defer clear(dek)
 	nonce := make([]byte, gcmNonce)
@@ -653,7 +684,7 @@ func (s *Sealer) Seal(ctx context.Context, sc kms.SealContext, plaintext kms.Sec
 	var w wrapped
 	var aad []byte
 	var kekID string
-	err := s.run(ctx, func(sh pkcs11.SessionHandle, k keys) error {
+	err = s.run(ctx, func(sh pkcs11.SessionHandle, k keys) error {
 		// The primary KEK, as of this operation (a rotation may switch
 		// it between two).
 		kekID, aad = k.id, sc.AAD(k.id)
@@ -763,7 +794,8 @@ func parseBlob(b []byte) (blob, error) {
 }
 
 // Unseal implements kms.Sealer.
-func (s *Sealer) Unseal(ctx context.Context, sc kms.SealContext, b []byte) (kms.Secret, error) {
+func (s *Sealer) Unseal(ctx context.Context, sc kms.SealContext, b []byte) (_ kms.Secret, err error) {
+	defer s.observe("unseal", time.Now(), &err)
 	p, err := parseBlob(b)
 	if err != nil {
 		return kms.Secret{}, kms.Wrap(kms.KindInternal, "unseal", err)
@@ -815,7 +847,8 @@ func (s *Sealer) Unseal(ctx context.Context, sc kms.SealContext, b []byte) (kms.
 
 // Ping implements kms.Sealer: it encrypts with the KEK in the token, so it
 // fails whenever sealing and unsealing would.
-func (s *Sealer) Ping(ctx context.Context) error {
+func (s *Sealer) Ping(ctx context.Context) (err error) {
+	defer s.observe("ping", time.Now(), &err)
 	return s.run(ctx, func(sh pkcs11.SessionHandle, k keys) error {
 		got, err := unwrap(s.mod, sh, k, []byte("kmsd ping"), s.pingProfile)
 		if err != nil {

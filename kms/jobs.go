@@ -175,6 +175,7 @@ func (c Call) RotateAsync(ctx, bg context.Context, bgRec *AuditRecord, name stri
 // generation slots are taken (the generation itself checks again).
 func (s *Service) generationSlotFree() error {
 	if len(s.generations) >= cap(s.generations) {
+		s.counts.genRefused.Add(1)
 		return Errorf(KindExhausted, "%d HE keyset generation(s) already running; retry later", cap(s.generations))
 	}
 	return nil

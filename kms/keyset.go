@@ -66,6 +66,7 @@ func (s *Service) newKeysetVersion(ctx context.Context, name string, kind Keyset
 	case s.generations <- struct{}{}:
 		defer func() { <-s.generations }()
 	default:
+		s.counts.genRefused.Add(1)
 		return Version{}, nil, Errorf(KindExhausted, "%d HE keyset generation(s) already running; retry later", cap(s.generations))
 	}
 	seed := make([]byte, 32)

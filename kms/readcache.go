@@ -94,8 +94,10 @@ func get[K comparable, V any](c *readCache, m map[K]V, k K) (V, bool) {
 // read only).
 func (s *Service) cachedKey(ctx context.Context, name string) (*Key, error) {
 	if k, ok := get(s.rc, s.rc.keys, name); ok {
+		s.counts.readHits.Add(1)
 		return k, nil
 	}
+	s.counts.readMisses.Add(1)
 	gen := s.rc.generation()
 	k, err := s.store.GetKey(ctx, name)
 	if err != nil {
@@ -110,8 +112,10 @@ func (s *Service) cachedKey(ctx context.Context, name string) (*Key, error) {
 func (s *Service) cachedVersion(ctx context.Context, name string, n uint64) (*Version, error) {
 	ref := VersionRef{name, n}
 	if v, ok := get(s.rc, s.rc.versions, ref); ok {
+		s.counts.readHits.Add(1)
 		return v, nil
 	}
+	s.counts.readMisses.Add(1)
 	gen := s.rc.generation()
 	v, err := s.store.GetVersion(ctx, name, n)
 	if err != nil {
@@ -125,8 +129,10 @@ func (s *Service) cachedVersion(ctx context.Context, name string, n uint64) (*Ve
 // read only). Unknown ids are not cached, so guessing fills nothing.
 func (s *Service) cachedToken(ctx context.Context, id string) (*Token, error) {
 	if t, ok := get(s.rc, s.rc.tokens, id); ok {
+		s.counts.readHits.Add(1)
 		return t, nil
 	}
+	s.counts.readMisses.Add(1)
 	gen := s.rc.generation()
 	t, err := s.store.GetToken(ctx, id)
 	if err != nil {

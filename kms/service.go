@@ -67,6 +67,7 @@ type Service struct {
 	maxKeyset   int64
 	asyncBytes  int64
 	generations chan struct{}
+	counts      counts
 	jobs        jobs
 
 	locksMu sync.Mutex
@@ -694,8 +695,10 @@ func (s *Service) every(ctx context.Context, interval time.Duration, fns ...func
 // by unsealing it.
 func (s *Service) privateKey(ctx context.Context, k *Key, v *Version, kind KeyKind) (PrivateKey, error) {
 	if pk, ok := s.cache.get(k.Name, v.Number); ok {
+		s.counts.keyHits.Add(1)
 		return pk, nil
 	}
+	s.counts.keyMisses.Add(1)
 	if v.Sealed == nil {
 		return nil, Errorf(KindFailedPrecondition, "version %d of key %q has no material", v.Number, k.Name)
 	}

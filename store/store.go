@@ -54,6 +54,16 @@ type Backend interface {
 	Close() error
 }
 
+// Observer is told of each write transaction a store ends: how long it
+// took and its outcome ("ok", "error", or "conflict": a compare lost to
+// another writer, re-read and retried).
+type Observer = storekit.Observer
+
+// Observable is a store that reports its write transactions (metrics).
+type Observable interface {
+	SetObserver(Observer)
+}
+
 // ScrubReport is what a scrub checked.
 type ScrubReport = storekit.ScrubReport
 

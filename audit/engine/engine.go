@@ -1162,6 +1162,19 @@ func (l *Log) JournalRecovered() int { return l.walRecovered }
 // crash; records acknowledged only in it are lost.
 func (l *Log) JournalMissing() bool { return l.walMissing }
 
+// JournalUse is the bytes the journal's frames not yet in the store use,
+// and the journal's size (both 0 without a journal). Past half its size
+// the journal is flushed into the store; when it is full, requests wait
+// for the flush.
+func (l *Log) JournalUse() (used, size int64) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.wal == nil {
+		return 0, 0
+	}
+	return l.wal.used, l.wal.size
+}
+
 // JournalRecreated counts the journal files made anew after the one in use
 // was deleted or replaced.
 func (l *Log) JournalRecreated() uint64 { return l.recreated.Load() }

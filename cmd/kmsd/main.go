@@ -33,6 +33,7 @@ import (
 	"github.com/kmsd-project/kmsd/internal/app"
 	"github.com/kmsd-project/kmsd/internal/buildinfo"
 	"github.com/kmsd-project/kmsd/internal/fileutil"
+	"github.com/kmsd-project/kmsd/internal/metrics"
 	"github.com/kmsd-project/kmsd/internal/tlsutil"
 	"github.com/kmsd-project/kmsd/kms"
 	"github.com/kmsd-project/kmsd/kms/pqc"
@@ -128,6 +129,8 @@ type config struct {
 	tlsClientCA     string
 	insecureHTTP    bool
 	debugAddr       string
+	metricsAddr     string
+	metricsToken    string
 }
 
 // parseFlags reads flags, with KMS_* environment variables as defaults.
@@ -173,6 +176,19 @@ func parseFlags(args []string, getenv func(string) string) (config, error) {
 	}
 	if c.debugAddr != "" && !tlsutil.IsLoopback(c.debugAddr) {
 		return c, fmt.Errorf("--debug-addr is refused on %s: the profiling endpoints are served on a loopback address only", c.debugAddr)
+	}
+	if c.metricsAddr != "" {
+		if err := checkHostPort(c.metricsAddr); err != nil {
+			return c, fmt.Errorf("--metrics-addr %q must be host:port: %v", c.metricsAddr, err)
+		}
+		if err := metrics.CheckAddr(c.metricsAddr, c.metricsToken != "" || c.tlsClientCA != ""); err != nil {
+			return c, err
+		}
+		if !tlsutil.IsLoopback(c.metricsAddr) && c.insecureHTTP {
+			return c, fmt.Errorf("--metrics-addr %s is off loopback, where metrics are served over TLS only, and --insecure-http turns TLS off", c.metricsAddr)
+		}
+	} else if c.metricsToken != "" {
+		return c, errors.New("--metrics-token-file needs --metrics-addr")
 	}
 	if (c.tlsCert == "") != (c.tlsKey == "") {
 		return c, errors.New("--tls-cert and --tls-key go together")
@@ -291,7 +307,7 @@ func checkBeforeDisk(c config, getenv func(string) string) error {
 	}
 	// A trial bind: an address in use or not local stops kmsd here rather
 	// than after it made a data dir and an admin token.
-	for _, a := range []struct{ name, addr string }{{"addr", c.addr}, {"debug-addr", c.debugAddr}} {
+	for _, a := range []struct{ name, addr string }{{"addr", c.addr}, {"debug-addr", c.debugAddr}, {"metrics-addr", c.metricsAddr}} {
 		if a.addr == "" {
 			continue
 		}
@@ -362,6 +378,8 @@ func newFlagSetErrs(c *config, getenv func(string) string) (*flag.FlagSet, *[]en
 	})
 	fs.BoolVar(&c.insecureHTTP, "insecure-http", getenv("KMS_INSECURE_HTTP") == "1", "serve plain HTTP instead of HTTPS; refused unless --addr is a loopback address (env KMS_INSECURE_HTTP, set to 1)")
 	fs.StringVar(&c.debugAddr, "debug-addr", env("KMS_DEBUG_ADDR", ""), "serve Go's profiles and execution traces (/debug/pprof/, unauthenticated) on this loopback address, e.g. 127.0.0.1:8429 (8421 is kmsd-mcp's in README); empty: off (env KMS_DEBUG_ADDR)")
+	fs.StringVar(&c.metricsAddr, "metrics-addr", env("KMS_METRICS_ADDR", ""), "serve Prometheus metrics at /metrics on this address, e.g. 127.0.0.1:9420: plain HTTP on a loopback address; off loopback only over TLS with kmsd's certificate and with --metrics-token-file or --tls-client-ca (mutual TLS) protecting it; empty: off (env KMS_METRICS_ADDR)")
+	fs.StringVar(&c.metricsToken, "metrics-token-file", env("KMS_METRICS_TOKEN_FILE", ""), "file (mode 600) holding a bearer token of at least 16 characters that scrapers of --metrics-addr must present (Prometheus: authorization.credentials_file) (env KMS_METRICS_TOKEN_FILE)")
 	fs.StringVar(&c.module, "pkcs11-module", env("KMS_PKCS11_MODULE", ""), "PKCS#11 library; empty: the embedded SoftHSM2 token under <data-dir>/softhsm (env KMS_PKCS11_MODULE)")
 	fs.StringVar(&c.token, "pkcs11-token", env("KMS_PKCS11_TOKEN", "kmsd"), "label of the PKCS#11 token (env KMS_PKCS11_TOKEN)")
 	fs.StringVar(&c.pinFile, "pkcs11-pin-file", env("KMS_PKCS11_PIN_FILE", ""), "file holding the token's user PIN; or set KMS_PKCS11_PIN (env KMS_PKCS11_PIN_FILE)")
@@ -566,6 +584,15 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 		defer stream.Close()
 		cfg.API.Stream = stream
 	}
+	var metricsToken string
+	if c.metricsAddr != "" {
+		if c.metricsToken != "" {
+			if metricsToken, err = metrics.ReadToken(c.metricsToken); err != nil {
+				return err
+			}
+		}
+		cfg.Metrics = metrics.New("kmsd")
+	}
 	a, err := app.New(ctx, cfg)
 	if err != nil {
 		return err
@@ -579,6 +606,8 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 	go store.ScrubEvery(ctx, st, c.scrubInterval, log)
 	apiSrv := a.API
 	var tlsCfg *tls.Config
+	var reloader *tlsutil.Reloader
+	var clientCAs *x509.CertPool
 	if !c.insecureHTTP {
 		certFile, keyFile := c.tlsCert, c.tlsKey
 		if certFile == "" {
@@ -594,11 +623,10 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 				log.Info("issued the local server certificate", "cert", local.Cert, "hosts", localHosts(c.addr))
 			}
 		}
-		reloader, err := tlsutil.NewReloader(certFile, keyFile)
+		reloader, err = tlsutil.NewReloader(certFile, keyFile)
 		if err != nil {
 			return fmt.Errorf("TLS: %w", err)
 		}
-		var clientCAs *x509.CertPool
 		if c.tlsClientCA != "" {
 			if clientCAs, err = tlsutil.LoadPool(c.tlsClientCA); err != nil {
 				return fmt.Errorf("--tls-client-ca: %w", err)
@@ -632,6 +660,28 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 		defer dsrv.Close()
 		go dsrv.Serve(dln)
 		log.Warn("profiling endpoints served without authentication", "url", "http://"+dln.Addr().String()+"/debug/pprof/")
+	}
+	if c.metricsAddr != "" {
+		mln, err := net.Listen("tcp", c.metricsAddr)
+		if err != nil {
+			return err
+		}
+		mux := http.NewServeMux()
+		mux.Handle("GET /metrics", cfg.Metrics.Handler(metricsToken))
+		msrv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second, ReadTimeout: 30 * time.Second, MaxHeaderBytes: 16 << 10,
+			ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn)}
+		defer msrv.Close()
+		mscheme := "http"
+		if tlsutil.IsLoopback(c.metricsAddr) {
+			go msrv.Serve(mln)
+		} else {
+			// Off loopback: TLS with kmsd's certificate, so the bearer
+			// token never travels in clear, and with --tls-client-ca
+			// the scraper's certificate is required as for the API.
+			mscheme, msrv.TLSConfig = "https", tlsutil.ServerConfig(reloader, clientCAs, nil)
+			go msrv.ServeTLS(mln, "", "")
+		}
+		log.Info("metrics", "url", mscheme+"://"+mln.Addr().String()+"/metrics", "bearer_token", metricsToken != "")
 	}
 	srv := &http.Server{
 		Handler:           apiSrv.Handler(),

@@ -25,6 +25,7 @@ import (
 	"github.com/kmsd-project/kmsd/audit"
 	"github.com/kmsd-project/kmsd/audit/engine"
 	"github.com/kmsd-project/kmsd/he"
+	"github.com/kmsd-project/kmsd/internal/metrics"
 	"github.com/kmsd-project/kmsd/kms"
 	"github.com/kmsd-project/kmsd/kms/pqc"
 	"github.com/kmsd-project/kmsd/store"
@@ -82,6 +83,9 @@ type Config struct {
 	// older than this once the archive holds them durably; they are then
 	// read from the archive. Zero: the store keeps every record.
 	AuditRetain time.Duration
+	// Metrics, if set, receives kmsd's Prometheus metrics (the caller
+	// serves them).
+	Metrics *metrics.Registry
 }
 
 // prunable is an audit store that can prune to an archive (the audit
@@ -112,7 +116,8 @@ type App struct {
 	OrphansRemoved int    // blobs of interrupted generations removed at start
 	AdminTokenMade bool
 
-	kek kekState
+	kek     kekState
+	metrics *appMetrics // nil without Config.Metrics
 
 	cfg       Config
 	log       *slog.Logger
@@ -249,6 +254,10 @@ func New(ctx context.Context, cfg Config) (*App, error) {
 			return id, err
 		}
 	}
+	if cfg.Metrics != nil {
+		a.metrics = newMetrics(a, cfg.Metrics)
+		opts.Metrics = a.metrics
+	}
 	a.API = api.New(svc, log, opts)
 	return a, nil
 }
@@ -298,6 +307,9 @@ func (a *App) Start() {
 	lead := a.cfg.Lead
 	if lead == nil {
 		lead = func(ctx context.Context, _ string, work func(context.Context)) { work(ctx) }
+	}
+	if a.metrics != nil {
+		lead = a.metrics.lead(lead)
 	}
 	if a.Audit != nil {
 		actx, acancel := context.WithCancel(context.Background())

@@ -73,7 +73,11 @@ type Store struct {
 	keyRaw  []byte        // the sealed record key as loaded (or sealed again)
 	seenSeq atomic.Uint64 // the highest write count a scrub saw
 	scrubs  storekit.Scrubs
+	obs     storekit.Observed
 }
+
+// SetObserver sets who is told of each write transaction (metrics).
+func (s *Store) SetObserver(o storekit.Observer) { s.obs.Set(o) }
 
 var _ kms.Store = (*Store)(nil)
 
@@ -250,6 +254,7 @@ func (s *Store) Close() error {
 func (s *Store) update(fn func(r *rtx) error) (err error) {
 	s.writeMu.Lock()
 	defer s.writeMu.Unlock()
+	defer func(start time.Time) { s.obs.Done(start, storekit.Outcome(err)) }(time.Now())
 	tx, err := s.db.Begin(true)
 	if err != nil {
 		return err

@@ -91,6 +91,7 @@ type Store struct {
 	closeErr  error
 	seal      sealer
 
+	obs         storekit.Observed
 	auth        *storekit.Auth
 	keyMu       sync.Mutex
 	keyRaw      []byte // the sealed record key as loaded (or sealed again), and its create revision
@@ -276,18 +277,31 @@ func (s *Store) commit(ctx context.Context, w *wtx, recs []*kms.AuditRecord) (er
 	if testHookBeforeCommit != nil {
 		testHookBeforeCommit()
 	}
+	start := time.Now()
 	resp, err := s.send(tctx, w)
 	if err != nil {
+		s.obs.Done(start, "error")
 		return err
 	}
 	if !resp.Succeeded {
 		// Which compare failed is not said; the caller re-reads.
+		s.obs.Done(start, "conflict")
 		return errConflict
 	}
+	s.obs.Done(start, "ok")
 	for _, r := range recs {
 		r.Committed = true
 	}
 	return nil
+}
+
+// SetObserver sets who is told of each write transaction (metrics).
+func (s *Store) SetObserver(o storekit.Observer) { s.obs.Set(o) }
+
+// SinceHeard is how long ago the watch last heard from etcd (an event or
+// a progress notice).
+func (s *Store) SinceHeard() time.Duration {
+	return time.Since(time.Unix(0, s.health.heard.Load()))
 }
 
 // testHookBeforeCommit, if set (tests only), runs as a transaction is sent.

@@ -1,0 +1,181 @@
+package main
+
+import (
+	"io"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/kmsd-project/kmsd/api/client"
+	"github.com/kmsd-project/kmsd/internal/testmetrics"
+)
+
+// TestMetrics scrapes a real kmsd's /metrics around real requests: each
+// counter moves by exactly what the requests did, labels carry route
+// patterns (never a key name, a path or a token), the bearer token is
+// required, and promtool finds nothing to say about what is served.
+func TestMetrics(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "data")
+	tokFile := filepath.Join(t.TempDir(), "metrics.token")
+	const bearer = "scrape-me-0123456789abcdef"
+	if err := os.WriteFile(tokFile, []byte(bearer+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	maddr := freeAddr(t)
+	p := start(t, dir, "--metrics-addr", maddr, "--metrics-token-file", tokFile)
+	p.waitReady(t)
+	c := adminClient(t, p, dir)
+	url := "http://" + maddr + "/metrics"
+	hc := &http.Client{}
+
+	// Without the token, or with another, nothing is served.
+	for _, h := range []string{"", "Bearer wrong-token-0123456789", "Basic " + bearer} {
+		req, _ := http.NewRequest(http.MethodGet, url, nil)
+		if h != "" {
+			req.Header.Set("Authorization", h)
+		}
+		resp, err := hc.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusUnauthorized || strings.Contains(string(body), "kmsd_") {
+			t.Fatalf("scrape with Authorization %q: %d\n%s", h, resp.StatusCode, body)
+		}
+	}
+
+	const keyName = "metrics-secret-name-7f3a"
+	if _, err := c.CreateKey(ctx, client.CreateKeyRequest{Name: keyName, Kind: "ml-dsa-65"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.CreateToken(ctx, client.CreateTokenRequest{Role: "worker", Keys: []string{"*"}, TTL: "2h"}); err != nil {
+		t.Fatal(err)
+	}
+	before := testmetrics.Get(t, hc, url, bearer)
+	testmetrics.Promtool(t, before.Text, "check", "metrics")
+
+	const gets, signs, strays = 5, 2, 3
+	for range gets {
+		if _, err := c.GetKey(ctx, keyName); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for range signs {
+		if _, err := c.Sign(ctx, keyName, []byte("m"), nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Paths no route matches, one carrying what looks like a secret.
+	pc, err := p.client(t, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range strays {
+		req, _ := http.NewRequest(http.MethodGet, p.url()+"/v1/no-such/SECRET-IN-PATH-"+string(rune('a'+i)), nil)
+		if resp, err := pc.HTTPClient().Do(req); err == nil {
+			resp.Body.Close()
+		}
+	}
+	if _, err := c.GetKey(ctx, "absent-key"); err == nil {
+		t.Fatal("absent key found")
+	}
+	after := testmetrics.Get(t, hc, url, bearer)
+	testmetrics.Promtool(t, after.Text, "check", "metrics")
+
+	delta := func(name string, labels ...string) float64 {
+		t.Helper()
+		b, _ := before.Value(name, labels...)
+		return after.Must(t, name, labels...) - b
+	}
+	checks := []struct {
+		name   string
+		labels []string
+		want   float64
+	}{
+		{"kmsd_http_requests_total", []string{"route", "/v1/keys/{name}", "method", "GET", "code", "200"}, gets},
+		{"kmsd_http_requests_total", []string{"route", "/v1/keys/{name}", "method", "GET", "code", "404"}, 1},
+		{"kmsd_http_requests_total", []string{"route", "/v1/keys/{name}/sign", "method", "POST", "code", "200"}, signs},
+		{"kmsd_http_requests_total", []string{"route", "unmatched", "method", "GET", "code", "404"}, strays},
+		{"kmsd_http_request_duration_seconds", []string{"route", "/v1/keys/{name}/sign", "method", "POST"}, signs},
+		// One record per request, each durable before its answer.
+		{"kmsd_audit_request_records_total", []string{"outcome", "written"}, gets + signs + strays + 1},
+		{"kmsd_audit_request_records_total", []string{"outcome", "failed"}, 0},
+		// The first signature unseals the key in the HSM, the second finds it cached.
+		{"kmsd_cache_requests_total", []string{"cache", "private_key", "result", "miss"}, 1},
+		{"kmsd_cache_requests_total", []string{"cache", "private_key", "result", "hit"}, signs - 1},
+		{"kmsd_hsm_operations_total", []string{"op", "unseal", "outcome", "error"}, 0},
+	}
+	for _, ch := range checks {
+		if got := delta(ch.name, ch.labels...); got != ch.want {
+			t.Errorf("%s%v moved by %v, want %v", ch.name, ch.labels, got, ch.want)
+		}
+	}
+	if d := delta("kmsd_hsm_operations_total", "op", "unseal", "outcome", "ok"); d < 1 {
+		t.Errorf("no unseal counted for the first signature (moved by %v)", d)
+	}
+	if d := delta("kmsd_hsm_operation_duration_seconds", "op", "unseal"); d < 1 {
+		t.Errorf("no unseal timed (moved by %v)", d)
+	}
+	for _, g := range []struct {
+		name   string
+		labels []string
+		want   float64
+	}{
+		{"kmsd_hsm_up", nil, 1},
+		{"kmsd_leader", []string{"role", "checkpoints"}, 1},
+		{"kmsd_leader", []string{"role", "destruction"}, 1},
+		{"kmsd_build_info", nil, 1},
+		{"kmsd_tokens_expiring", []string{"within", "24h", "renewable", "false"}, 1},
+		{"kmsd_audit_wal_size_bytes", nil, 16 << 20},
+		{"kmsd_store_conflicts_total", nil, 0},
+	} {
+		if got := after.Must(t, g.name, g.labels...); got != g.want {
+			t.Errorf("%s%v = %v, want %v", g.name, g.labels, got, g.want)
+		}
+	}
+	if after.Must(t, "kmsd_audit_log_records") <= before.Must(t, "kmsd_audit_log_records") {
+		t.Error("the audit log did not grow")
+	}
+	// The key's and the token's creation (before the first scrape; the
+	// reads after it write nothing to bbolt: their records wait in the
+	// audit journal).
+	if n := after.Must(t, "kmsd_store_transaction_duration_seconds", "outcome", "ok"); n < 2 {
+		t.Errorf("%v store transactions counted, want at least 2", n)
+	}
+	// No label value is a key name, a path or a token.
+	admin, _ := os.ReadFile(filepath.Join(dir, "admin.token"))
+	for _, leak := range []string{keyName, "SECRET-IN-PATH", "absent-key", strings.TrimSpace(string(admin)), bearer} {
+		if strings.Contains(string(after.Text), leak) {
+			t.Errorf("the metrics carry %q", leak)
+		}
+	}
+}
+
+// TestMetricsAddrRefusals: metrics off loopback need protection, and a
+// token file readable by others is refused.
+func TestMetricsAddrRefusals(t *testing.T) {
+	tokFile := filepath.Join(t.TempDir(), "metrics.token")
+	if err := os.WriteFile(tokFile, []byte("0123456789abcdef0123\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	short := filepath.Join(t.TempDir(), "short.token")
+	if err := os.WriteFile(short, []byte("short\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--metrics-addr", "0.0.0.0:9420"}, "not a loopback address"},
+		{[]string{"--metrics-addr", "0.0.0.0:9420", "--insecure-http", "--metrics-token-file", short}, "over TLS only"},
+		{[]string{"--metrics-token-file", short}, "needs --metrics-addr"},
+		{[]string{"--metrics-addr", "nonsense"}, "must be host:port"},
+		{[]string{"--metrics-addr", "127.0.0.1:0", "--metrics-token-file", tokFile}, "lets others read it"},
+		{[]string{"--metrics-addr", "127.0.0.1:0", "--metrics-token-file", short}, "at least 16 characters"},
+	} {
+		exitsWith(t, filepath.Join(t.TempDir(), "data"), tc.want, tc.args...)
+	}
+}
