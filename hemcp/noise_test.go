@@ -190,7 +190,7 @@ func TestNoiseBoundHolds(t *testing.T) {
 // TestToolPanicIsAnError: a panic in a tool is a tool error, not the end
 // of the server (the MCP SDK does not recover handlers).
 func TestToolPanicIsAnError(t *testing.T) {
-	h := safe(slog.New(slog.DiscardHandler), func(context.Context, *mcp.CallToolRequest, struct{}) (*mcp.CallToolResult, struct{}, error) {
+	h := safe(&Server{log: slog.New(slog.DiscardHandler), cfg: Config{Metrics: nopMetrics{}}}, "test", func(context.Context, *mcp.CallToolRequest, struct{}) (*mcp.CallToolResult, struct{}, error) {
 		var s []int
 		_ = s[1<<uint(-1+len(s))]
 		return nil, struct{}{}, nil

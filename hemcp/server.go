@@ -35,7 +35,31 @@ type Config struct {
 	IntrospectTTL   time.Duration // how long an introspection answer is kept
 	MaxRequestBytes int64
 	Logger          *slog.Logger
+	// Metrics, if set, is told of tool calls, introspections and key
+	// fetches.
+	Metrics Metrics
 }
+
+// Metrics is told of what the server does (kmsd-mcp's Prometheus
+// metrics). Labels are bounded: tool is one of the server's tools.
+type Metrics interface {
+	// ToolCall is one call of a tool: outcome ok, tool_error (the tool
+	// refused the input, or kmsd refused it something) or panic.
+	ToolCall(tool, outcome string, d time.Duration)
+	// Introspection is one client token checked: from the cache (cached)
+	// or asked of kmsd.
+	Introspection(cached bool)
+	// KeyFetch is one key version's keys fetched from kmsd and verified
+	// (err nil) or not.
+	KeyFetch(d time.Duration, err error)
+}
+
+// nopMetrics is Metrics that records nothing.
+type nopMetrics struct{}
+
+func (nopMetrics) ToolCall(string, string, time.Duration) {}
+func (nopMetrics) Introspection(bool)                     {}
+func (nopMetrics) KeyFetch(time.Duration, error)          {}
 
 // Model is a named linear model: y = W·x + b.
 type Model struct {
@@ -88,6 +112,9 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	}
 	if cfg.MaxRequestBytes <= 0 {
 		cfg.MaxRequestBytes = 64 << 20
+	}
+	if cfg.Metrics == nil {
+		cfg.Metrics = nopMetrics{}
 	}
 	if len(cfg.Keys) == 0 {
 		return nil, errors.New("no keys to serve: give --key NAME")
@@ -154,7 +181,9 @@ func (s *Server) refresh(ctx context.Context, name string) error {
 }
 
 func (s *Server) load(ctx context.Context, name string, version uint64) (*Engine, error) {
+	start := time.Now()
 	keys, err := s.cfg.Fetcher.Fetch(ctx, name, version)
+	s.cfg.Metrics.KeyFetch(time.Since(start), err)
 	if err != nil {
 		return nil, err
 	}
@@ -385,14 +414,20 @@ const toolHelp = `Ciphertexts are envelopes: {"key","version","params_id","level
 // safe turns a panic in a tool (a Lattigo corner no check foresaw) into a
 // tool error, logged, instead of the end of the server: the MCP SDK does
 // not recover handlers' panics.
-func safe[In, Out any](log *slog.Logger, h mcp.ToolHandlerFor[In, Out]) mcp.ToolHandlerFor[In, Out] {
+func safe[In, Out any](s *Server, tool string, h mcp.ToolHandlerFor[In, Out]) mcp.ToolHandlerFor[In, Out] {
 	return func(ctx context.Context, req *mcp.CallToolRequest, in In) (res *mcp.CallToolResult, out Out, err error) {
+		start := time.Now()
 		defer func() {
+			outcome := "ok"
 			if r := recover(); r != nil {
-				log.Error("tool panicked", "panic", fmt.Sprint(r))
+				s.log.Error("tool panicked", "panic", fmt.Sprint(r))
 				var zero Out
 				res, out, err = nil, zero, errors.New("internal error in the tool: the server logged it")
+				outcome = "panic"
+			} else if err != nil || res != nil && res.IsError {
+				outcome = "tool_error"
 			}
+			s.cfg.Metrics.ToolCall(tool, outcome, time.Since(start))
 		}()
 		return h(ctx, req, in)
 	}
@@ -404,11 +439,11 @@ func (s *Server) MCPServer() *mcp.Server {
 	srv := mcp.NewServer(&mcp.Implementation{Name: "kmsd-mcp", Version: "1.0.0"}, &mcp.ServerOptions{
 		Instructions: "Computes on CKKS ciphertexts under keys held in kmsd; never sees a plaintext. " + toolHelp,
 	})
-	mcp.AddTool(srv, &mcp.Tool{Name: "he_describe", Description: "The keys served: versions, parameter ids, slots, scale, levels, the rotations available, and what each tool needs. Example: {}"}, safe(s.log, s.describe))
-	mcp.AddTool(srv, &mcp.Tool{Name: "he_linear", Description: "y = W·x + b for an encrypted vector x and plaintext W (m rows of n) and b; y is in the first m slots. Needs rotations by powers of two (or the exact ones it names). Example: {\"ciphertext\": ENVELOPE, \"weights\": [[0.5, -1, 2]], \"bias\": [0.1]} or {\"ciphertext\": ENVELOPE, \"model\": \"risk\"}. " + toolHelp}, safe(s.log, s.linear))
-	mcp.AddTool(srv, &mcp.Tool{Name: "he_polynomial", Description: "c0 + c1·x + ... + cd·x^d on every slot (d levels; the relinearization key for d >= 2). Example (degree 2): {\"ciphertext\": ENVELOPE, \"coefficients\": [0.5, 0.197, -0.05]}. " + toolHelp}, safe(s.log, s.polynomial))
-	mcp.AddTool(srv, &mcp.Tool{Name: "he_aggregate", Description: "Sum or mean of ciphertexts from several parties under the same key version. Example: {\"ciphertexts\": [ENVELOPE, ENVELOPE], \"op\": \"mean\"}. " + toolHelp}, safe(s.log, s.aggregate))
-	mcp.AddTool(srv, &mcp.Tool{Name: "he_similarity", Description: "Dot products of an encrypted query embedding with the plaintext context embeddings the server holds (private retrieval: the server learns nothing of the query); slot i is item i. Example: {\"ciphertext\": ENVELOPE, \"context\": \"docs\"}. " + toolHelp}, safe(s.log, s.similarity))
+	mcp.AddTool(srv, &mcp.Tool{Name: "he_describe", Description: "The keys served: versions, parameter ids, slots, scale, levels, the rotations available, and what each tool needs. Example: {}"}, safe(s, "he_describe", s.describe))
+	mcp.AddTool(srv, &mcp.Tool{Name: "he_linear", Description: "y = W·x + b for an encrypted vector x and plaintext W (m rows of n) and b; y is in the first m slots. Needs rotations by powers of two (or the exact ones it names). Example: {\"ciphertext\": ENVELOPE, \"weights\": [[0.5, -1, 2]], \"bias\": [0.1]} or {\"ciphertext\": ENVELOPE, \"model\": \"risk\"}. " + toolHelp}, safe(s, "he_linear", s.linear))
+	mcp.AddTool(srv, &mcp.Tool{Name: "he_polynomial", Description: "c0 + c1·x + ... + cd·x^d on every slot (d levels; the relinearization key for d >= 2). Example (degree 2): {\"ciphertext\": ENVELOPE, \"coefficients\": [0.5, 0.197, -0.05]}. " + toolHelp}, safe(s, "he_polynomial", s.polynomial))
+	mcp.AddTool(srv, &mcp.Tool{Name: "he_aggregate", Description: "Sum or mean of ciphertexts from several parties under the same key version. Example: {\"ciphertexts\": [ENVELOPE, ENVELOPE], \"op\": \"mean\"}. " + toolHelp}, safe(s, "he_aggregate", s.aggregate))
+	mcp.AddTool(srv, &mcp.Tool{Name: "he_similarity", Description: "Dot products of an encrypted query embedding with the plaintext context embeddings the server holds (private retrieval: the server learns nothing of the query); slot i is item i. Example: {\"ciphertext\": ENVELOPE, \"context\": \"docs\"}. " + toolHelp}, safe(s, "he_similarity", s.similarity))
 	for _, name := range s.cfg.Keys {
 		name := name
 		srv.AddResource(&mcp.Resource{URI: "kmsd://keys/" + name + "/manifest", Name: name + " manifest", MIMEType: "application/json",
@@ -664,7 +699,9 @@ func (s *Server) verify(ctx context.Context, token string, _ *http.Request) (*au
 	e, ok := s.intro[h]
 	s.introMu.Unlock()
 	info := e.info
-	if !ok || time.Since(e.at) >= s.cfg.IntrospectTTL {
+	cached := ok && time.Since(e.at) < s.cfg.IntrospectTTL
+	s.cfg.Metrics.Introspection(cached)
+	if !cached {
 		i, err := s.cfg.Client.IntrospectToken(ctx, token)
 		if err != nil {
 			return nil, err

@@ -29,6 +29,7 @@ import (
 	"github.com/kmsd-project/kmsd/api/client"
 	"github.com/kmsd-project/kmsd/api/client/hekeys"
 	"github.com/kmsd-project/kmsd/hemcp"
+	"github.com/kmsd-project/kmsd/internal/metrics"
 	"github.com/kmsd-project/kmsd/internal/tlsutil"
 )
 
@@ -55,6 +56,7 @@ func (k *keyList) Set(v string) error {
 
 type config struct {
 	kmsURL, caCert, tokenFile, identityFile, httpAddr, cacheDir, modelsFile, contextFile, logLevel string
+	metricsAddr, metricsToken                                                                      string
 	keys                                                                                           keyList
 	refresh, introspectTTL                                                                         time.Duration
 	maxRequestMiB                                                                                  int64
@@ -93,6 +95,8 @@ func parseFlags(args []string, getenv func(string) string, out io.Writer) (confi
 	fs.StringVar(&c.modelsFile, "models", env("KMSD_MCP_MODELS", ""), "JSON file of named linear models for he_linear: {\"name\": {\"weights\": [[...]], \"bias\": [...]}} (env KMSD_MCP_MODELS)")
 	fs.StringVar(&c.contextFile, "context", env("KMSD_MCP_CONTEXT", ""), "JSON file of named context embeddings for he_similarity: {\"name\": {\"ids\": [...], \"embeddings\": [[...]]}} (env KMSD_MCP_CONTEXT)")
 	fs.Int64Var(&c.maxRequestMiB, "max-request-mib", 64, "largest MCP message over HTTP or stdio, in MiB (ciphertexts are megabytes) (env KMSD_MCP_MAX_REQUEST_MIB)")
+	fs.StringVar(&c.metricsAddr, "metrics-addr", env("KMSD_MCP_METRICS_ADDR", ""), "serve Prometheus metrics at /metrics (plain HTTP) on this loopback address, e.g. 127.0.0.1:9421; empty: off (env KMSD_MCP_METRICS_ADDR)")
+	fs.StringVar(&c.metricsToken, "metrics-token-file", env("KMSD_MCP_METRICS_TOKEN_FILE", ""), "file (mode 600) holding a bearer token of at least 16 characters that scrapers of --metrics-addr must present (env KMSD_MCP_METRICS_TOKEN_FILE)")
 	fs.StringVar(&c.logLevel, "log-level", env("KMSD_MCP_LOG_LEVEL", "info"), "debug, info, warn or error; JSON logs on stderr (env KMSD_MCP_LOG_LEVEL)")
 	if v := getenv("KMSD_MCP_KEY"); v != "" {
 		for _, k := range strings.Split(v, ",") {
@@ -124,6 +128,10 @@ func parseFlags(args []string, getenv func(string) string, out io.Writer) (confi
 		return c, errors.New("give at least one --key NAME")
 	case c.identityFile == "":
 		return c, errors.New("--identity-key-file is required: kmsd-mcp checks every manifest against the pinned identity key")
+	case c.metricsAddr != "" && !tlsutil.IsLoopback(c.metricsAddr):
+		return c, fmt.Errorf("--metrics-addr %s is refused: kmsd-mcp serves metrics on a loopback address only", c.metricsAddr)
+	case c.metricsToken != "" && c.metricsAddr == "":
+		return c, errors.New("--metrics-token-file needs --metrics-addr")
 	case c.refresh <= 0 || c.introspectTTL <= 0 || c.maxRequestMiB < 1:
 		return c, errors.New("--refresh and --introspect-ttl must be positive, --max-request-mib at least 1")
 	case c.httpAddr != "" && !tlsutil.IsLoopback(c.httpAddr):
@@ -179,13 +187,40 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdin i
 	}
 	hc := *kc.HTTPClient()
 	hc.Timeout = 0 // keysets are large; ctx bounds the fetch
+	var mm *mcpMetrics
+	var mreg *metrics.Registry
+	var metricsToken string
+	if c.metricsAddr != "" {
+		if c.metricsToken != "" {
+			if metricsToken, err = metrics.ReadToken(c.metricsToken); err != nil {
+				return err
+			}
+		}
+		mreg = metrics.New("kmsd_mcp")
+		mm = newMCPMetrics(mreg)
+	}
 	cfg := hemcp.Config{Client: kc, Fetcher: &hekeys.Fetcher{BaseURL: c.kmsURL, Token: token, IdentityKey: identity, CacheDir: c.cacheDir, HTTP: &hc},
 		Keys: c.keys, Refresh: c.refresh, IntrospectTTL: c.introspectTTL, MaxRequestBytes: c.maxRequestMiB << 20, Logger: log}
+	if mm != nil {
+		cfg.Metrics = mm
+	}
 	if err := readJSONFile(c.modelsFile, &cfg.Models); err != nil {
 		return fmt.Errorf("--models: %w", err)
 	}
 	if err := readJSONFile(c.contextFile, &cfg.Contexts); err != nil {
 		return fmt.Errorf("--context: %w", err)
+	}
+	if mreg != nil {
+		mln, err := net.Listen("tcp", c.metricsAddr)
+		if err != nil {
+			return fmt.Errorf("--metrics-addr: %w", err)
+		}
+		mux := http.NewServeMux()
+		mux.Handle("GET /metrics", mreg.Handler(metricsToken))
+		msrv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+		defer msrv.Close()
+		go msrv.Serve(mln)
+		log.Info("metrics", "url", "http://"+mln.Addr().String()+"/metrics", "bearer_token", metricsToken != "")
 	}
 	start := time.Now()
 	s, err := hemcp.New(ctx, cfg)
@@ -196,7 +231,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdin i
 	rctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	go s.Refresh(rctx)
-	go renewLoop(rctx, kc, token, log)
+	go renewLoop(rctx, kc, token, log, mm)
 
 	if c.httpAddr == "" {
 		t := &mcp.IOTransport{Reader: io.NopCloser(stdin), Writer: nopWriteCloser{stdout}, MaxLineLength: int(c.maxRequestMiB << 20)}
@@ -249,7 +284,7 @@ func readJSONFile(path string, v any) error {
 // until it reaches the maximum lifetime it was made with, and says so in
 // the log. A token that does not expire, or that is not renewable, is
 // left as it is (the log says when it expires).
-func renewLoop(ctx context.Context, kc *client.Client, token string, log *slog.Logger) {
+func renewLoop(ctx context.Context, kc *client.Client, token string, log *slog.Logger, mm *mcpMetrics) {
 	in, err := kc.IntrospectToken(ctx, token)
 	if err != nil || !in.Active {
 		log.Warn("token renewal: cannot read this server's own token", "err", err)
@@ -259,6 +294,9 @@ func renewLoop(ctx context.Context, kc *client.Client, token string, log *slog.L
 		return // never expires
 	}
 	exp := time.Unix(in.Exp, 0)
+	if mm != nil {
+		mm.expiry.Set(float64(in.Exp))
+	}
 	// The first renewal at two thirds of what is left; then at two
 	// thirds of the ttl each renewal gives.
 	next := time.Now().Add(time.Until(exp) * 2 / 3)
@@ -278,12 +316,15 @@ func renewLoop(ctx context.Context, kc *client.Client, token string, log *slog.L
 				ttl = time.Until(*t.ExpiresAt)
 			}
 			exp, next, retry = *t.ExpiresAt, time.Now().Add(ttl*2/3), time.Second
+			mm.renewed("ok", exp)
 		case client.StatusOf(err) == 409:
+			mm.renewed("refused", time.Time{})
 			log.Error("token renewal: refused; give kmsd-mcp a new token before this one expires", "expires_at", exp.UTC().Format(time.RFC3339), "err", err)
 			return
 		case ctx.Err() != nil:
 			return
 		default:
+			mm.renewed("error", time.Time{})
 			log.Warn("token renewal failed; retrying", "err", err, "retry_in", retry.String())
 			next = time.Now().Add(retry)
 			retry = min(2*retry, 30*time.Second)

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"math"
 	"math/rand/v2"
+	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -21,6 +22,7 @@ import (
 	"github.com/kmsd-project/kmsd/api/client/hekeys"
 	"github.com/kmsd-project/kmsd/internal/app"
 	"github.com/kmsd-project/kmsd/internal/testhsm"
+	"github.com/kmsd-project/kmsd/internal/testmetrics"
 	"github.com/kmsd-project/kmsd/internal/testutil"
 	"github.com/kmsd-project/kmsd/store/bolt"
 )
@@ -779,8 +781,25 @@ func TestRenewsItsOwnToken(t *testing.T) {
 	if err := os.WriteFile(w.workerTokenFile, []byte(wt.Token+"\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	url := w.startHTTP(t, "--key", "he", "--introspect-ttl", "500ms")
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	maddr := ln.Addr().String()
+	ln.Close()
+	url := w.startHTTP(t, "--key", "he", "--introspect-ttl", "500ms", "--metrics-addr", maddr)
+	murl := "http://" + maddr + "/metrics"
 	s := connectHTTP(t, url, w.token(t, "worker", "he"))
+	before := testmetrics.Get(t, http.DefaultClient, murl, "")
+	const describes = 3
+	for range describes {
+		if _, msg := call(t, s, "he_describe", map[string]any{}); msg != "" {
+			t.Fatal(msg)
+		}
+	}
+	if _, msg := call(t, s, "he_aggregate", map[string]any{"ciphertexts": []any{}, "op": "max"}); msg == "" {
+		t.Fatal("he_aggregate took op max")
+	}
 	deadline := time.Now().Add(15 * time.Second)
 	for n := 0; time.Now().Before(deadline); n++ {
 		if _, err := s.ListTools(ctx, nil); err != nil {
@@ -794,6 +813,34 @@ func TestRenewsItsOwnToken(t *testing.T) {
 	}
 	if info.RenewedAt == nil || info.ExpiresAt == nil || !info.ExpiresAt.After(wt.CreatedAt.Add(14*time.Second)) || info.TTL != "3s" {
 		t.Fatalf("kmsd-mcp's token after 15 s: %+v", info)
+	}
+	// The metrics say it too: renewals every 2 s (two thirds of 3 s),
+	// the expiry ahead, the calls made, each client request checked.
+	after := testmetrics.Get(t, http.DefaultClient, murl, "")
+	testmetrics.Promtool(t, after.Text, "check", "metrics")
+	if n := after.Must(t, "kmsd_mcp_token_renewals_total", "outcome", "ok"); n < 5 {
+		t.Errorf("%v renewals in 15 s, want at least 5", n)
+	}
+	if exp := after.Must(t, "kmsd_mcp_token_expiry_timestamp_seconds"); exp < float64(time.Now().Unix()) {
+		t.Errorf("the token's expiry in the metrics (%v) is past", exp)
+	}
+	delta := func(name string, labels ...string) float64 {
+		b, _ := before.Value(name, labels...)
+		return after.Must(t, name, labels...) - b
+	}
+	if d := delta("kmsd_mcp_tool_calls_total", "tool", "he_describe", "outcome", "ok"); d != describes {
+		t.Errorf("he_describe calls moved by %v, want %v", d, describes)
+	}
+	if d := delta("kmsd_mcp_tool_calls_total", "tool", "he_aggregate", "outcome", "tool_error"); d != 1 {
+		t.Errorf("he_aggregate refusals moved by %v, want 1", d)
+	}
+	if n := after.Must(t, "kmsd_mcp_key_fetches_total", "outcome", "ok"); n != 1 {
+		t.Errorf("%v key fetches, want 1 (the one key's primary version)", n)
+	}
+	hits, misses := delta("kmsd_mcp_introspections_total", "result", "hit"), delta("kmsd_mcp_introspections_total", "result", "miss")
+	if misses < 10 || hits < 1 {
+		// A 500 ms cache over 15 s of requests every 500 ms: kmsd is asked again and again, and some answers come from the cache.
+		t.Errorf("introspections: %v hits, %v misses", hits, misses)
 	}
 }
 
