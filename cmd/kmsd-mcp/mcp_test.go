@@ -837,6 +837,11 @@ func TestRenewsItsOwnToken(t *testing.T) {
 	if n := after.Must(t, "kmsd_mcp_key_fetches_total", "outcome", "ok"); n != 1 {
 		t.Errorf("%v key fetches, want 1 (the one key's primary version)", n)
 	}
+	for _, name := range testmetrics.NamesIn(t, "kmsd_mcp_", "../../deploy/prometheus/alerts.yml", "../../deploy/grafana/kmsd.json") {
+		if after.Families[name] == nil {
+			t.Errorf("deploy/ uses %s, which kmsd-mcp does not serve", name)
+		}
+	}
 	hits, misses := delta("kmsd_mcp_introspections_total", "result", "hit"), delta("kmsd_mcp_introspections_total", "result", "miss")
 	if misses < 10 || hits < 1 {
 		// A 500 ms cache over 15 s of requests every 500 ms: kmsd is asked again and again, and some answers come from the cache.

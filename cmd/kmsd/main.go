@@ -245,7 +245,7 @@ func checkHostPort(addr string) error {
 // checkBeforeDisk checks what the flags name (files to read, addresses to
 // listen on) before kmsd creates or changes anything on disk, so a wrong
 // setting stops it with nothing written.
-func checkBeforeDisk(c config, getenv func(string) string) error {
+func checkBeforeDisk(c config, getenv func(string) string, listens bool) error {
 	if err := checkStore(c); err != nil {
 		return err
 	}
@@ -306,7 +306,17 @@ func checkBeforeDisk(c config, getenv func(string) string) error {
 		}
 	}
 	// A trial bind: an address in use or not local stops kmsd here rather
-	// than after it made a data dir and an admin token.
+	// than after it made a data dir and an admin token. (Not for kmsd
+	// restore, which listens on nothing: a drill runs beside the live
+	// kmsd, with its settings.)
+	if !listens {
+		return nil
+	}
+	if c.metricsToken != "" {
+		if _, err := metrics.ReadToken(c.metricsToken); err != nil {
+			return err
+		}
+	}
 	for _, a := range []struct{ name, addr string }{{"addr", c.addr}, {"debug-addr", c.debugAddr}, {"metrics-addr", c.metricsAddr}} {
 		if a.addr == "" {
 			continue
@@ -433,7 +443,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 	if err := level.UnmarshalText([]byte(c.logLevel)); err != nil {
 		return fmt.Errorf("--log-level: %w", err)
 	}
-	if err := checkBeforeDisk(c, getenv); err != nil {
+	if err := checkBeforeDisk(c, getenv, true); err != nil {
 		return err
 	}
 	log := slog.New(slog.NewJSONHandler(stderr, &slog.HandlerOptions{Level: level}))

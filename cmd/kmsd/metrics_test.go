@@ -7,8 +7,10 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/kmsd-project/kmsd/api/client"
+	"github.com/kmsd-project/kmsd/internal/testetcd"
 	"github.com/kmsd-project/kmsd/internal/testmetrics"
 )
 
@@ -24,7 +26,7 @@ func TestMetrics(t *testing.T) {
 		t.Fatal(err)
 	}
 	maddr := freeAddr(t)
-	p := start(t, dir, "--metrics-addr", maddr, "--metrics-token-file", tokFile)
+	p := start(t, dir, "--metrics-addr", maddr, "--metrics-token-file", tokFile, "--audit-archive", filepath.Join(t.TempDir(), "archive"))
 	p.waitReady(t)
 	c := adminClient(t, p, dir)
 	url := "http://" + maddr + "/metrics"
@@ -145,6 +147,16 @@ func TestMetrics(t *testing.T) {
 	if n := after.Must(t, "kmsd_store_transaction_duration_seconds", "outcome", "ok"); n < 2 {
 		t.Errorf("%v store transactions counted, want at least 2", n)
 	}
+	// Every kmsd metric the alerting rules and the dashboard use is one
+	// kmsd serves (the etcd watch's only on etcd: TestReplicaMetrics).
+	for _, name := range testmetrics.NamesIn(t, "kmsd_", "../../deploy/prometheus/alerts.yml", "../../deploy/grafana/kmsd.json") {
+		if strings.HasPrefix(name, "kmsd_mcp_") || name == "kmsd_store_watch_silence_seconds" {
+			continue
+		}
+		if after.Families[name] == nil {
+			t.Errorf("deploy/ uses %s, which kmsd does not serve", name)
+		}
+	}
 	// No label value is a key name, a path or a token.
 	admin, _ := os.ReadFile(filepath.Join(dir, "admin.token"))
 	for _, leak := range []string{keyName, "SECRET-IN-PATH", "absent-key", strings.TrimSpace(string(admin)), bearer} {
@@ -177,5 +189,89 @@ func TestMetricsAddrRefusals(t *testing.T) {
 		{[]string{"--metrics-addr", "127.0.0.1:0", "--metrics-token-file", short}, "at least 16 characters"},
 	} {
 		exitsWith(t, filepath.Join(t.TempDir(), "data"), tc.want, tc.args...)
+	}
+}
+
+// TestAlertRules: the alerting rules load, and each alert fires on the
+// series that should fire it and not on a healthy kmsd (promtool test
+// rules over deploy/prometheus/alerts_test.yml).
+func TestAlertRules(t *testing.T) {
+	testmetrics.Promtool(t, nil, "check", "rules", "../../deploy/prometheus/alerts.yml")
+	testmetrics.Promtool(t, nil, "test", "rules", "../../deploy/prometheus/alerts_test.yml")
+}
+
+// TestReplicaMetrics: three replicas on etcd, each serving metrics. Every
+// elected role is led by exactly one of them, each hears from etcd, and
+// when the replica leading the checkpoints is killed with SIGKILL another
+// takes the role over, as kmsd_leader shows (the KmsdNoLeader alert's
+// series).
+func TestReplicaMetrics(t *testing.T) {
+	c := testetcd.Start(t, 1)
+	dirs := []string{t.TempDir(), t.TempDir(), t.TempDir()}
+	maddrs := make([]string, 3)
+	ps := make([]*proc, 3)
+	for i := range ps {
+		maddrs[i] = freeAddr(t)
+		tokenOf := dirs[0]
+		if i == 0 {
+			tokenOf = ""
+		}
+		ps[i] = startReplica(t, c, nil, dirs[i], tokenOf, "--metrics-addr", maddrs[i])
+		ps[i].waitReady(t)
+	}
+	hc := &http.Client{Timeout: 5 * time.Second}
+	scrape := func(i int) testmetrics.Scrape { return testmetrics.Get(t, hc, "http://"+maddrs[i]+"/metrics", "") }
+	// leaders returns, per role, which of the replicas alive lead it.
+	leaders := func(alive []int) map[string][]int {
+		out := map[string][]int{}
+		for _, i := range alive {
+			s := scrape(i)
+			for _, m := range s.Families["kmsd_leader"].GetMetric() {
+				if m.GetGauge().GetValue() == 1 {
+					role := m.GetLabel()[0].GetValue()
+					out[role] = append(out[role], i)
+				}
+			}
+		}
+		return out
+	}
+	settle := func(alive []int, roles ...string) map[string][]int {
+		t.Helper()
+		var got map[string][]int
+		deadline := time.Now().Add(30 * time.Second)
+		for time.Now().Before(deadline) {
+			got = leaders(alive)
+			ok := true
+			for _, r := range roles {
+				ok = ok && len(got[r]) == 1
+			}
+			if ok {
+				return got
+			}
+			time.Sleep(200 * time.Millisecond)
+		}
+		t.Fatalf("roles %v not led by exactly one replica of %v: %v", roles, alive, got)
+		return nil
+	}
+	got := settle([]int{0, 1, 2}, "checkpoints", "destruction", "kek")
+	for i := range ps {
+		s := scrape(i)
+		testmetrics.Promtool(t, s.Text, "check", "metrics")
+		if silence := s.Must(t, "kmsd_store_watch_silence_seconds"); silence > 5 {
+			t.Errorf("replica %d last heard from etcd %v s ago", i, silence)
+		}
+	}
+	lead := got["checkpoints"][0]
+	ps[lead].cmd.Process.Kill()
+	var alive []int
+	for i := range ps {
+		if i != lead {
+			alive = append(alive, i)
+		}
+	}
+	// The lease (etcd.LeaseTTL) runs out, and another replica leads.
+	after := settle(alive, "checkpoints")
+	if after["checkpoints"][0] == lead {
+		t.Fatal("the killed replica still leads")
 	}
 }

@@ -93,7 +93,7 @@ func readmeBlocks(t *testing.T) []readmeBlock {
 // replaced, kmsctl gets KMS_URL), so the test cannot collide with a kmsd
 // already running.
 func TestREADMERunsAsWritten(t *testing.T) {
-	for _, tool := range []string{"bash", "curl", "jq", "pkcs11-tool"} {
+	for _, tool := range []string{"bash", "curl", "jq", "pkcs11-tool", "promtool"} {
 		if _, err := exec.LookPath(tool); err != nil {
 			t.Fatalf("README.md's commands need %s: deploy/test.sh installs it (deploy/deps.sh kmsd_test_deps)", tool)
 		}
@@ -105,8 +105,9 @@ func TestREADMERunsAsWritten(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	// As README's audit archive section says kmsd was started.
-	p := start(t, filepath.Join(work, "data"), "--audit-archive", filepath.Join(work, "audit-archive"))
+	// As README's audit archive and metrics sections say kmsd was started.
+	metricsAddr := freeAddr(t)
+	p := start(t, filepath.Join(work, "data"), "--audit-archive", filepath.Join(work, "audit-archive"), "--metrics-addr", metricsAddr)
 	p.waitReady(t)
 	mcpAddr := freeAddr(t)
 	mcpStart := ""
@@ -126,6 +127,7 @@ func TestREADMERunsAsWritten(t *testing.T) {
 		// instead fails here.
 		rest := strings.ReplaceAll(b.text, "${KMS_URL:-https://127.0.0.1:8420}", "")
 		rest = strings.ReplaceAll(rest, "${KMSD_MCP_HTTP:-127.0.0.1:8421}", "")
+		rest = strings.ReplaceAll(rest, "${KMS_METRICS_ADDR:-127.0.0.1:9420}", "")
 		if m := hardAddr.FindString(rest); m != "" {
 			t.Errorf("README.md block at line %d writes the address %s: take it from $K / $MCP_ADDR", b.line, m)
 		}
@@ -153,7 +155,7 @@ func TestREADMERunsAsWritten(t *testing.T) {
 			syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
 		}
 	})
-	cmd.Env = append(os.Environ(), "KMS_URL=https://"+p.addr, "KMSD_MCP_HTTP="+mcpAddr)
+	cmd.Env = append(os.Environ(), "KMS_URL=https://"+p.addr, "KMSD_MCP_HTTP="+mcpAddr, "KMS_METRICS_ADDR="+metricsAddr)
 	var out testutil.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &out
 	if err := cmd.Run(); err != nil {

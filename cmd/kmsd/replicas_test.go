@@ -35,10 +35,11 @@ import (
 // embedded SoftHSM token under its data dir; the others use the same
 // token through --pkcs11-module (the same KEK, as replicas on a real HSM
 // share a partition).
-func startReplica(t *testing.T, c *testetcd.Cluster, s3 *tests3.Server, dataDir, tokenOf string) *proc {
+func startReplica(t *testing.T, c *testetcd.Cluster, s3 *tests3.Server, dataDir, tokenOf string, extra ...string) *proc {
 	t.Helper()
 	args := []string{"--store", "etcd", "--etcd-endpoints", strings.Join(c.Endpoints(), ","), "--etcd-prefix", "/replicas/",
 		"--audit-checkpoint-interval", "200ms", "--insecure-http"}
+	args = append(args, extra...)
 	env := []string{}
 	if s3 != nil {
 		args = append(args, "--s3-endpoint", s3.Endpoint, "--s3-bucket", s3.Bucket)

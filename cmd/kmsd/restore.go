@@ -111,7 +111,7 @@ func runRestore(ctx context.Context, args []string, getenv func(string) string, 
 	if err := level.UnmarshalText([]byte(c.logLevel)); err != nil {
 		return fmt.Errorf("--log-level: %w", err)
 	}
-	if err := checkBeforeDisk(c, getenv); err != nil {
+	if err := checkBeforeDisk(c, getenv, false); err != nil {
 		return err
 	}
 	log := slog.New(slog.NewJSONHandler(stderr, &slog.HandlerOptions{Level: level}))

@@ -7,7 +7,9 @@ import (
 	"bytes"
 	"io"
 	"net/http"
+	"os"
 	"os/exec"
+	"regexp"
 	"strings"
 	"testing"
 
@@ -106,4 +108,33 @@ func Promtool(t testing.TB, stdin []byte, args ...string) {
 	if strings.TrimSpace(string(out)) != "" && args[0] == "check" && args[1] == "metrics" {
 		t.Fatalf("promtool check metrics found problems:\n%s", out)
 	}
+}
+
+// NamesIn returns the metric names with prefix that the files (alerting
+// rules, dashboards) use, as the families a scrape has (a histogram's
+// _bucket, _sum and _count under its own name).
+func NamesIn(t testing.TB, prefix string, files ...string) []string {
+	t.Helper()
+	re := regexp.MustCompile(`\b` + regexp.QuoteMeta(prefix) + `[a-z0-9_]+`)
+	seen := map[string]bool{}
+	var out []string
+	for _, f := range files {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, m := range re.FindAllString(string(b), -1) {
+			for _, suf := range []string{"_bucket", "_sum", "_count"} {
+				if strings.HasSuffix(m, suf) && !strings.HasSuffix(m, "_total"+suf) {
+					m = strings.TrimSuffix(m, suf)
+					break
+				}
+			}
+			if !seen[m] {
+				seen[m] = true
+				out = append(out, m)
+			}
+		}
+	}
+	return out
 }
