@@ -34,11 +34,12 @@ import (
 // startReplica runs kmsd on the etcd cluster. The first replica makes the
 // embedded SoftHSM token under its data dir; the others use the same
 // token through --pkcs11-module (the same KEK, as replicas on a real HSM
-// share a partition). The extra flags follow the others.
+// share a partition).
 func startReplica(t *testing.T, c *testetcd.Cluster, s3 *tests3.Server, dataDir, tokenOf string, extra ...string) *proc {
 	t.Helper()
 	args := []string{"--store", "etcd", "--etcd-endpoints", strings.Join(c.Endpoints(), ","), "--etcd-prefix", "/replicas/",
 		"--audit-checkpoint-interval", "200ms", "--insecure-http"}
+	args = append(args, extra...)
 	env := []string{}
 	if s3 != nil {
 		args = append(args, "--s3-endpoint", s3.Endpoint, "--s3-bucket", s3.Bucket)
@@ -53,7 +54,7 @@ func startReplica(t *testing.T, c *testetcd.Cluster, s3 *tests3.Server, dataDir,
 		args = append(args, "--pkcs11-module", mod, "--pkcs11-pin-file", filepath.Join(hsmDir, "pin"))
 		env = append(env, "SOFTHSM2_CONF="+filepath.Join(hsmDir, "softhsm2.conf"))
 	}
-	return startEnv(t, dataDir, env, append(args, extra...)...)
+	return startEnv(t, dataDir, env, args...)
 }
 
 // TestThreeReplicasOnEtcd: three kmsd replicas on a three-member etcd
