@@ -63,6 +63,10 @@ func toKey(k *kms.Key, vs []*kms.Version, next uint64) client.Key {
 	out := client.Key{Name: k.Name, Kind: k.Kind, CreatedAt: k.CreatedAt, PrimaryVersion: k.Primary,
 		LatestVersion: k.Latest, MinDecryptionVersion: k.MinDecryptionVersion,
 		Policy: toPolicy(k.Policy), Versions: toVersions(k, vs), NextVersionsPageToken: versionsPageToken(k.Name, next)}
+	if t, ok := k.NextRotation(); ok {
+		t = t.UTC()
+		out.NextRotationTime = &t
+	}
 	return out
 }
 
@@ -108,22 +112,35 @@ func versionsPageToken(name string, next uint64) string {
 func toPolicy(p kms.Policy) client.Policy {
 	out := client.Policy{DestroyWaitDays: p.DestroyWaitDays, Params: paramsOut(p.Params), Rotations: p.Rotations, Conjugation: p.Conjugation, Relinearization: p.Relinearization,
 		DecryptLogPrecision: p.DecryptLogPrecision, DecryptBudget: p.DecryptBudget}
+	if p.RotationPeriod > 0 {
+		out.RotationPeriod = kms.FormatPeriod(p.RotationPeriod)
+	}
 	for _, op := range p.AllowedOperations {
 		out.AllowedOperations = append(out.AllowedOperations, string(op))
 	}
 	return out
 }
 
-func fromPolicy(p *client.Policy) kms.Policy {
+func fromPolicy(p *client.Policy) (kms.Policy, error) {
 	if p == nil {
-		return kms.Policy{}
+		return kms.Policy{}, nil
 	}
 	out := kms.Policy{DestroyWaitDays: p.DestroyWaitDays, Params: p.Params, Rotations: p.Rotations, Conjugation: p.Conjugation, Relinearization: p.Relinearization,
 		DecryptLogPrecision: p.DecryptLogPrecision, DecryptBudget: p.DecryptBudget}
+	if p.RotationPeriod != "" {
+		d, err := time.ParseDuration(p.RotationPeriod)
+		if err != nil {
+			return out, kms.Errorf(kms.KindInvalid, "rotation_period %q is not a duration: give hours, minutes or seconds, as in \"720h\" or \"90m\" (days are not a unit)", clipField(p.RotationPeriod, 40))
+		}
+		if d <= 0 {
+			return out, kms.Errorf(kms.KindInvalid, "rotation_period must be positive (to turn scheduled rotation off, set it to null or \"\")")
+		}
+		out.RotationPeriod = d
+	}
 	for _, op := range p.AllowedOperations {
 		out.AllowedOperations = append(out.AllowedOperations, kms.Operation(op))
 	}
-	return out
+	return out, nil
 }
 
 func (s *Server) healthz(w http.ResponseWriter, r *http.Request) {
@@ -167,7 +184,12 @@ func (s *Server) createKey(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	pending(r, http.StatusCreated)
-	k, v, job, err := s.call(r).CreateKeyAsync(r.Context(), s.opts.Background, s.backgroundRecord(r), req.Name, req.Kind, fromPolicy(req.Policy))
+	p, err := fromPolicy(req.Policy)
+	if err != nil {
+		writeError(w, r, err)
+		return
+	}
+	k, v, job, err := s.call(r).CreateKeyAsync(r.Context(), s.opts.Background, s.backgroundRecord(r), req.Name, req.Kind, p)
 	if err != nil {
 		writeError(w, r, err)
 		return

@@ -70,6 +70,6 @@ func policyPatcher(patch json.RawMessage) (func(kms.Policy) (kms.Policy, error),
 		if err := dec.Decode(&p); err != nil {
 			return old, kms.Errorf(kms.KindInvalid, "policy: %s", describe(err))
 		}
-		return fromPolicy(&p), nil
+		return fromPolicy(&p)
 	}, nil
 }

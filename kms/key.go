@@ -58,6 +58,12 @@ type Policy struct {
 	// 0 for no limit; past it the key must be rotated.
 	DecryptLogPrecision int    `json:"decrypt_log_precision,omitempty"`
 	DecryptBudget       uint64 `json:"decrypt_budget,omitempty"`
+
+	// RotationPeriod, when set, has the service rotate the key once its
+	// latest version is this old (scheduled rotation, RunRotation); zero:
+	// only on request. Between Config.MinRotationPeriod and
+	// MaxRotationPeriod.
+	RotationPeriod time.Duration `json:"rotation_period,omitempty"`
 }
 
 // hasKeysetFields reports whether any HE field is set.
@@ -98,6 +104,24 @@ type Key struct {
 	Primary              uint64    `json:"primary"`
 	Latest               uint64    `json:"latest"`
 	MinDecryptionVersion uint64    `json:"min_decryption_version"`
+	// LatestCreatedAt is when version Latest was made, so that the
+	// rotation schedule is read from headers alone. Zero in headers
+	// written before it existed: set when a rotation_period is given.
+	LatestCreatedAt time.Time `json:"latest_created_at,omitzero"`
+}
+
+// NextRotation is when the key's scheduled rotation is due: the latest
+// version's creation plus the policy's rotation period; false when the
+// policy sets no period.
+func (k *Key) NextRotation() (time.Time, bool) {
+	if k.Policy.RotationPeriod <= 0 {
+		return time.Time{}, false
+	}
+	base := k.LatestCreatedAt
+	if base.IsZero() {
+		base = k.CreatedAt
+	}
+	return base.Add(k.Policy.RotationPeriod), true
 }
 
 // Clone returns a deep copy.

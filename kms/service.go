@@ -46,6 +46,11 @@ type Config struct {
 	// (scheduled destruction, bootstrap) in the audit log. Records of
 	// requests come with the request (Service.For).
 	Audit bool
+	// MinRotationPeriod is the shortest rotation_period a policy may set
+	// (default 1 hour); RotationCheckInterval is how often RunRotation
+	// looks for keys due (default 1 minute).
+	MinRotationPeriod     time.Duration
+	RotationCheckInterval time.Duration
 }
 
 // Service is the domain: every operation on keys and tokens goes through it.
@@ -74,6 +79,10 @@ type Service struct {
 	locks   map[string]*sync.Mutex // per-key locks that serialize rotations
 
 	seals sealFence // new material from its seal to its commit
+
+	minRotation   time.Duration
+	rotationEvery time.Duration
+	rot           rotationState
 }
 
 // NewService builds a Service.
@@ -120,6 +129,13 @@ func NewService(cfg Config) (*Service, error) {
 		cfg.RecordCacheSize = 4096
 	}
 	s.rc = newReadCache(cfg.RecordCacheSize)
+	s.minRotation, s.rotationEvery = cfg.MinRotationPeriod, cfg.RotationCheckInterval
+	if s.minRotation <= 0 {
+		s.minRotation = DefaultMinRotationPeriod
+	}
+	if s.rotationEvery <= 0 {
+		s.rotationEvery = time.Minute
+	}
 	s.store.Watch(s.rc.invalidate)
 	return s, nil
 }
@@ -164,6 +180,9 @@ func (s *Service) checkPolicy(kind KeyKind, p Policy) (Policy, error) {
 	}
 	if p.DestroyWaitDays < MinDestroyWaitDays || p.DestroyWaitDays > MaxDestroyWaitDays {
 		return p, Errorf(KindInvalid, "destroy_wait_days must be between %d and %d", MinDestroyWaitDays, MaxDestroyWaitDays)
+	}
+	if err := s.checkRotationPeriod(p.RotationPeriod); err != nil {
+		return p, err
 	}
 	ops := kind.Operations()
 	var seen []Operation
@@ -248,7 +267,7 @@ func (s *Service) createKey(ctx context.Context, name, kindName string, p Policy
 		return nil, nil, err
 	}
 	defer release()
-	k := &Key{Name: name, Kind: kind.Name(), Policy: p, CreatedAt: v.CreatedAt, Primary: 1, Latest: 1, MinDecryptionVersion: 1}
+	k := &Key{Name: name, Kind: kind.Name(), Policy: p, CreatedAt: v.CreatedAt, Primary: 1, Latest: 1, MinDecryptionVersion: 1, LatestCreatedAt: v.CreatedAt}
 	if err := s.store.CreateKey(ctx, k, &v, audit); err != nil {
 		s.discard(kind, v)
 		if errors.Is(err, ErrAlreadyExists) {
@@ -379,6 +398,15 @@ func (c Call) UpdateKey(ctx context.Context, name string, u KeyUpdate) (*Key, er
 				return nil, Errorf(KindInvalid, "decrypt_budget can be lowered, not raised (from %d to %d): each decryption's noise flooding was sized for the budget in force; create a new key with the budget you need (README: What decryption reveals)", EffectiveDecryptBudget(k.Policy.DecryptBudget), EffectiveDecryptBudget(p.DecryptBudget))
 			}
 			k.Policy = p
+			if p.RotationPeriod > 0 && k.LatestCreatedAt.IsZero() {
+				// A header from before LatestCreatedAt: the schedule
+				// starts from the latest version's creation.
+				v, err := tx.Version(k.Latest)
+				if err != nil {
+					return nil, err
+				}
+				k.LatestCreatedAt = v.CreatedAt
+			}
 		}
 		if u.MinDecryptionVersion != nil {
 			m := *u.MinDecryptionVersion
@@ -465,7 +493,7 @@ func (s *Service) rotate(ctx context.Context, name string, rec *AuditRecord) (*K
 			if err := tx.AddVersion(v.Clone()); err != nil {
 				return nil, err
 			}
-			k.Primary = n
+			k.Primary, k.LatestCreatedAt = n, v.CreatedAt
 			out = k.Clone()
 			return auditFor(rec, name, n), nil
 		})

@@ -22,6 +22,9 @@ type Policy struct {
 	// DecryptLogPrecision (ckks) and DecryptBudget (decryptions per version).
 	DecryptLogPrecision int    `json:"decrypt_log_precision,omitempty"`
 	DecryptBudget       uint64 `json:"decrypt_budget,omitempty"`
+	// RotationPeriod (a Go duration, "720h") has the server rotate the key
+	// once its latest version is this old; empty: only on request.
+	RotationPeriod string `json:"rotation_period,omitempty"`
 }
 
 // Envelope is an HE ciphertext as it crosses a process boundary: the key,
@@ -45,15 +48,19 @@ type Version struct {
 // continues the versions at GET /v1/keys/{name}/versions. Lists and
 // updates carry no versions.
 type Key struct {
-	Name                  string    `json:"name"`
-	Kind                  string    `json:"kind"`
-	Policy                Policy    `json:"policy"`
-	CreatedAt             time.Time `json:"created_at"`
-	PrimaryVersion        uint64    `json:"primary_version"`
-	LatestVersion         uint64    `json:"latest_version"`
-	MinDecryptionVersion  uint64    `json:"min_decryption_version"`
-	Versions              []Version `json:"versions,omitempty"`
-	NextVersionsPageToken string    `json:"next_versions_page_token,omitempty"`
+	Name                 string    `json:"name"`
+	Kind                 string    `json:"kind"`
+	Policy               Policy    `json:"policy"`
+	CreatedAt            time.Time `json:"created_at"`
+	PrimaryVersion       uint64    `json:"primary_version"`
+	LatestVersion        uint64    `json:"latest_version"`
+	MinDecryptionVersion uint64    `json:"min_decryption_version"`
+	// NextRotationTime is when the server rotates the key (its latest
+	// version's creation plus the policy's rotation_period); nil without
+	// a period. A time in the past: due, rotated at the next check.
+	NextRotationTime      *time.Time `json:"next_rotation_time,omitempty"`
+	Versions              []Version  `json:"versions,omitempty"`
+	NextVersionsPageToken string     `json:"next_versions_page_token,omitempty"`
 }
 
 // VersionList is a page of a key's versions, newest first.

@@ -36,12 +36,13 @@ var commands = []command{
 		},
 	},
 	{
-		name: "keys create", synopsis: "NAME --kind KIND [--destroy-wait-days N] [--allow OPS] [--params P] [--rotations R] [--conjugation] [--relinearization] [--decrypt-log-precision B] [--decrypt-budget N]",
+		name: "keys create", synopsis: "NAME --kind KIND [--destroy-wait-days N] [--allow OPS] [--rotation-period D] [--params P] [--rotations R] [--conjugation] [--relinearization] [--decrypt-log-precision B] [--decrypt-budget N]",
 		help: "create a key (kinds: ml-kem-512|768|1024, ml-dsa-44|65|87, ckks, bgv)", nargs: 1,
 		flags: func(fs *flag.FlagSet) {
 			fs.String("kind", "", "key kind (required)")
 			fs.Int("destroy-wait-days", 0, "default waiting period of schedule-destroy, 1-365 (server default 30)")
 			fs.String("allow", "", "comma-separated operations the key may do (sign, verify, decapsulate, decrypt); default all of its kind's")
+			fs.String("rotation-period", "", "rotate the key on schedule once its latest version is this old, e.g. 720h (at least the server's --min-rotation-period, default 1h); keys show prints next_rotation_time")
 			heFlags(fs)
 		},
 		run: func(e *env, fs *flag.FlagSet, args []string) (int, error) {
@@ -144,12 +145,13 @@ var commands = []command{
 		},
 	},
 	{
-		name: "keys update", synopsis: "NAME [--min-decryption-version N] [--destroy-wait-days N] [--allow OPS] [--params P] [--rotations R] [--conjugation] [--relinearization] [--decrypt-log-precision B] [--decrypt-budget N]",
+		name: "keys update", synopsis: "NAME [--min-decryption-version N] [--destroy-wait-days N] [--allow OPS] [--rotation-period D] [--params P] [--rotations R] [--conjugation] [--relinearization] [--decrypt-log-precision B] [--decrypt-budget N]",
 		help: "change min_decryption_version or policy fields: only the flags given change, a flag given as 0, false or empty resets its field to the default; HE changes apply to later versions", nargs: 1,
 		flags: func(fs *flag.FlagSet) {
 			fs.Uint64("min-decryption-version", 0, "oldest version that may still be used")
 			fs.Int("destroy-wait-days", 0, "default waiting period of schedule-destroy, 1-365")
 			fs.String("allow", "", "comma-separated operations the key may do")
+			fs.String("rotation-period", "", "rotate on schedule once the latest version is this old, e.g. 720h; empty turns scheduled rotation off")
 			heFlags(fs)
 		},
 		run: func(e *env, fs *flag.FlagSet, args []string) (int, error) {
@@ -438,7 +440,7 @@ func heFlags(fs *flag.FlagSet) {
 // given.
 func policyFlags(fs *flag.FlagSet) (*client.Policy, error) {
 	given := false
-	for _, n := range []string{"destroy-wait-days", "allow", "params", "rotations", "conjugation", "relinearization", "decrypt-log-precision", "decrypt-budget"} {
+	for _, n := range []string{"destroy-wait-days", "allow", "rotation-period", "params", "rotations", "conjugation", "relinearization", "decrypt-log-precision", "decrypt-budget"} {
 		if fs.Lookup(n) != nil && isSet(fs, n) {
 			given = true
 		}
@@ -446,7 +448,7 @@ func policyFlags(fs *flag.FlagSet) (*client.Policy, error) {
 	if !given {
 		return nil, nil
 	}
-	p := &client.Policy{DestroyWaitDays: intFlag(fs, "destroy-wait-days"), AllowedOperations: splitList(str(fs, "allow"))}
+	p := &client.Policy{DestroyWaitDays: intFlag(fs, "destroy-wait-days"), AllowedOperations: splitList(str(fs, "allow")), RotationPeriod: str(fs, "rotation-period")}
 	if fs.Lookup("params") == nil {
 		return p, nil
 	}
@@ -476,7 +478,7 @@ func policyFlags(fs *flag.FlagSet) (*client.Policy, error) {
 
 // policyFields maps the policy flags to the policy's JSON fields.
 var policyFields = map[string]string{
-	"destroy-wait-days": "destroy_wait_days", "allow": "allowed_operations", "params": "params",
+	"destroy-wait-days": "destroy_wait_days", "allow": "allowed_operations", "rotation-period": "rotation_period", "params": "params",
 	"rotations": "rotations", "conjugation": "conjugation", "relinearization": "relinearization",
 	"decrypt-log-precision": "decrypt_log_precision", "decrypt-budget": "decrypt_budget",
 }

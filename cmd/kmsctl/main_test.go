@@ -687,3 +687,40 @@ func TestVersion(t *testing.T) {
 		t.Fatalf("kmsctl version: %d %q %q", r.code, r.stdout, r.stderr)
 	}
 }
+
+// TestRotationPeriodFlag: keys create and keys update take
+// --rotation-period, keys show prints next_rotation_time (JSON and table),
+// an empty --rotation-period turns it off, and a period the server refuses
+// is a 400 with its reason.
+func TestRotationPeriodFlag(t *testing.T) {
+	url, admin := server(t)
+	env := map[string]string{"KMS_URL": url, "KMS_TOKEN": admin}
+	ok := okRunner(t, env)
+	ok("keys", "create", "rot", "--kind", "ml-dsa-65", "--rotation-period", "720h")
+	var k struct {
+		Policy struct {
+			RotationPeriod string `json:"rotation_period"`
+		} `json:"policy"`
+		Next *time.Time `json:"next_rotation_time"`
+	}
+	json.Unmarshal([]byte(ok("keys", "show", "rot")), &k)
+	if k.Policy.RotationPeriod != "720h" || k.Next == nil || time.Until(*k.Next) < 719*time.Hour {
+		t.Fatalf("keys show after --rotation-period 720h: %+v", k)
+	}
+	if out := ok("keys", "show", "rot", "-o", "table"); !strings.Contains(out, "NEXT_ROTATION_TIME") {
+		t.Fatalf("the table lacks next_rotation_time:\n%s", out)
+	}
+	ok("keys", "update", "rot", "--rotation-period", "48h")
+	json.Unmarshal([]byte(ok("keys", "show", "rot")), &k)
+	if k.Policy.RotationPeriod != "48h" || time.Until(*k.Next) > 48*time.Hour {
+		t.Fatalf("after --rotation-period 48h: %+v", k)
+	}
+	k.Next, k.Policy.RotationPeriod = nil, ""
+	json.Unmarshal([]byte(ok("keys", "update", "rot", "--rotation-period", "")), &k)
+	if k.Policy.RotationPeriod != "" || k.Next != nil {
+		t.Fatalf("after --rotation-period \"\": %+v", k)
+	}
+	if r := kmsctl(t, env, "keys", "update", "rot", "--rotation-period", "5m"); r.code == exitOK || !strings.Contains(r.stderr, "below this server's minimum of 1h") {
+		t.Fatalf("--rotation-period 5m: exit %d %s", r.code, r.stderr)
+	}
+}

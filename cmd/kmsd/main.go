@@ -105,6 +105,8 @@ type config struct {
 	wrapProfile     string
 	cacheTTL        time.Duration
 	destroyInterval time.Duration
+	minRotation     time.Duration
+	rotationCheck   time.Duration
 	scrubInterval   time.Duration
 	upgradeStore    bool
 	shutdownTimeout time.Duration
@@ -156,7 +158,7 @@ func parseFlags(args []string, getenv func(string) string) (config, error) {
 	if fs.NArg() > 0 {
 		return c, fmt.Errorf("unexpected argument %q", fs.Arg(0))
 	}
-	if c.destroyInterval <= 0 || c.scrubInterval <= 0 || c.shutdownTimeout <= 0 || c.cacheTTL < 0 || c.auditInterval <= 0 || c.auditStreamWait <= 0 || c.maxTokenTTL < 0 {
+	if c.destroyInterval <= 0 || c.scrubInterval <= 0 || c.shutdownTimeout <= 0 || c.cacheTTL < 0 || c.auditInterval <= 0 || c.auditStreamWait <= 0 || c.maxTokenTTL < 0 || c.minRotation <= 0 || c.rotationCheck <= 0 {
 		return c, errors.New("durations must be positive (key-cache-ttl and max-token-ttl may be 0)")
 	}
 	if _, err := hsm.ParseProfile(c.wrapProfile); err != nil {
@@ -397,6 +399,8 @@ func newFlagSetErrs(c *config, getenv func(string) string) (*flag.FlagSet, *[]en
 	fs.StringVar(&c.wrapProfile, "pkcs11-wrap", env("KMS_PKCS11_WRAP", "auto"), "how the KEK protects data keys in the token: auto (the first the token can do of gcm, gcm-hsm-iv, kwp, cbc-hmac), gcm (AES-GCM, IV from kmsd), gcm-hsm-iv (AES-GCM, IV drawn by the HSM: CloudHSM, Luna in FIPS mode), kwp (AES key wrap with padding, RFC 5649) or cbc-hmac (AES-CBC-PAD then HMAC-SHA-256: tokens without GCM) (env KMS_PKCS11_WRAP)")
 	fs.DurationVar(&c.cacheTTL, "key-cache-ttl", dur("KMS_KEY_CACHE_TTL", 5*time.Minute), "how long an unsealed private key stays in memory; 0 turns the cache off (env KMS_KEY_CACHE_TTL)")
 	fs.DurationVar(&c.destroyInterval, "destroy-check-interval", dur("KMS_DESTROY_CHECK_INTERVAL", time.Minute), "how often versions due for destruction are destroyed (env KMS_DESTROY_CHECK_INTERVAL)")
+	fs.DurationVar(&c.minRotation, "min-rotation-period", dur("KMS_MIN_ROTATION_PERIOD", time.Hour), "shortest rotation_period a key's policy may set (env KMS_MIN_ROTATION_PERIOD)")
+	fs.DurationVar(&c.rotationCheck, "rotation-check-interval", dur("KMS_ROTATION_CHECK_INTERVAL", time.Minute), "how often keys whose rotation_period elapsed are rotated; one replica does it (env KMS_ROTATION_CHECK_INTERVAL)")
 	fs.DurationVar(&c.scrubInterval, "store-scrub-interval", dur("KMS_STORE_SCRUB_INTERVAL", time.Minute), "how often every record's tag and the store digest are checked (also at every start): a record put back or deleted in the store is found within this (env KMS_STORE_SCRUB_INTERVAL)")
 	fs.BoolVar(&c.upgradeStore, "upgrade-untagged-store", getenv("KMS_UPGRADE_UNTAGGED_STORE") == "1", "tag the records of a store written by a kmsd from before records had tags (once, at the first start after upgrading kmsd; without it such a store is refused, since a forged one looks the same) (env KMS_UPGRADE_UNTAGGED_STORE, set to 1)")
 	fs.DurationVar(&c.shutdownTimeout, "shutdown-timeout", dur("KMS_SHUTDOWN_TIMEOUT", 30*time.Second), "how long SIGTERM waits for requests in flight (env KMS_SHUTDOWN_TIMEOUT)")
@@ -565,7 +569,8 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 		Store: st, AuditStore: st.Audit(), Sealer: sealer, BlobDir: blobDir, Blobs: blobs, OrphanGrace: orphanGrace,
 		HEWorkers: c.heWorkers, Logger: log,
 		Service: kms.Config{CacheTTL: ttl, MaxTokenTTL: c.maxTokenTTL,
-			MaxKeysetBytes: c.maxKeysetMiB << 20, MaxGenerations: c.heGenerations, AsyncKeysetBytes: c.asyncKeysetMiB << 20},
+			MaxKeysetBytes: c.maxKeysetMiB << 20, MaxGenerations: c.heGenerations, AsyncKeysetBytes: c.asyncKeysetMiB << 20,
+			MinRotationPeriod: c.minRotation, RotationCheckInterval: c.rotationCheck},
 		Unaudited: !audited, AuditEvery: c.auditEvery, AuditInterval: c.auditInterval,
 		API:             api.Options{UnauthRate: c.unauthRate, UnauthBurst: c.unauthBurst, TokenRate: c.tokenRate},
 		DestroyInterval: c.destroyInterval,

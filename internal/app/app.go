@@ -320,6 +320,7 @@ func (a *App) Start() {
 		run(func() {
 			lead(ctx, "destruction", func(ctx context.Context) { a.Service.RunDestruction(ctx, interval) })
 		}),
+		run(func() { lead(ctx, "rotation", a.Service.RunRotation) }),
 		run(func() { a.Service.RunTokenUseFlush(ctx, interval) }), // every replica, for the uses it saw
 		run(func() {
 			if a.Blobs == nil || a.cfg.OrphanGrace <= 0 {

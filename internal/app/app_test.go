@@ -94,8 +94,8 @@ func TestTokenUseFlushedWithoutLeading(t *testing.T) {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
-	roles := map[string]bool{<-led: true, <-led: true, <-led: true}
-	if !roles["checkpoints"] || !roles["destruction"] || !roles["kek"] {
+	roles := map[string]bool{<-led: true, <-led: true, <-led: true, <-led: true}
+	if !roles["checkpoints"] || !roles["destruction"] || !roles["rotation"] || !roles["kek"] {
 		t.Fatalf("roles campaigned for: %v", roles)
 	}
 }

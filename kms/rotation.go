@@ -1,0 +1,252 @@
+package kms
+
+import (
+	"context"
+	"errors"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// Rotation period bounds: the minimum is Config.MinRotationPeriod (kmsd
+// --min-rotation-period), this by default.
+const (
+	DefaultMinRotationPeriod = time.Hour
+	MaxRotationPeriod        = 10 * 365 * 24 * time.Hour
+)
+
+// ScheduledRotationOp is the operation of the audit record a scheduled
+// rotation commits with (actor "system"; the key and the new version are
+// the record's): the reason is in the name, so the record's format is
+// unchanged.
+const ScheduledRotationOp = "scheduled rotation: rotation_period elapsed"
+
+// rotationScanPage is how many key headers one store read of a scan
+// returns.
+const rotationScanPage = 500
+
+func (s *Service) checkRotationPeriod(d time.Duration) error {
+	switch {
+	case d == 0:
+		return nil
+	case d < 0:
+		return Errorf(KindInvalid, "rotation_period must be positive (to turn scheduled rotation off, set it to null or \"\")")
+	case d < s.minRotation:
+		return Errorf(KindInvalid, "rotation_period %s is below this server's minimum of %s (kmsd --min-rotation-period)", FormatPeriod(d), FormatPeriod(s.minRotation))
+	case d > MaxRotationPeriod:
+		return Errorf(KindInvalid, "rotation_period %s is above the maximum of %s (10 years)", FormatPeriod(d), FormatPeriod(MaxRotationPeriod))
+	}
+	return nil
+}
+
+// FormatPeriod writes a duration the short way: 720h, 1h30m, 2s (Go's
+// String writes 720h0m0s).
+func FormatPeriod(d time.Duration) string {
+	out := d.String()
+	if strings.HasSuffix(out, "m0s") {
+		out = strings.TrimSuffix(out, "0s")
+	}
+	if strings.HasSuffix(out, "h0m") {
+		out = strings.TrimSuffix(out, "0m")
+	}
+	return out
+}
+
+// RotationStats is what the rotation scheduler did, for metrics. The
+// counters count since this process started; the last-scan figures are
+// those of the last scan this process ran (only the replica that leads
+// "rotation" scans: on the others they stay zero).
+type RotationStats struct {
+	// ScheduledRotations counts the versions the scheduler committed;
+	// ScheduledFailures the scheduled rotations that failed (an HSM or
+	// store error; the key stays due and is tried again next round).
+	ScheduledRotations uint64
+	ScheduledFailures  uint64
+	// OverdueKeys is how many keys were due at the last scan and still had
+	// no new version when it ended (waiting for a generation slot, in a
+	// background HE generation, or failed); OldestOverdue is how far past
+	// its next_rotation_time the most overdue of them was.
+	OverdueKeys   int
+	OldestOverdue time.Duration
+	// LastScan is when the last scan started; zero if none ran.
+	LastScan time.Time
+}
+
+type rotationState struct {
+	scheduled, failures atomic.Uint64
+	overdue             atomic.Int64
+	oldest              atomic.Int64 // ns
+	lastScan            atomic.Int64 // unix ns
+	heBusy              atomic.Bool  // a scheduled HE generation runs in the background
+	bg                  sync.WaitGroup
+}
+
+// RotationStats returns the scheduler's counters and the figures of its last
+// scan.
+func (s *Service) RotationStats() RotationStats {
+	st := RotationStats{
+		ScheduledRotations: s.rot.scheduled.Load(),
+		ScheduledFailures:  s.rot.failures.Load(),
+		OverdueKeys:        int(s.rot.overdue.Load()),
+		OldestOverdue:      time.Duration(s.rot.oldest.Load()),
+	}
+	if ns := s.rot.lastScan.Load(); ns != 0 {
+		st.LastScan = time.Unix(0, ns).UTC()
+	}
+	return st
+}
+
+// RunRotation rotates the keys that are due (RotateDue) every
+// Config.RotationCheckInterval until ctx ends, then waits for the
+// background HE generations it started: the work of the replica that
+// leads "rotation".
+func (s *Service) RunRotation(ctx context.Context) {
+	defer s.rot.bg.Wait()
+	s.every(ctx, s.rotationEvery, func(ctx context.Context) {
+		if _, err := s.RotateDue(ctx); err != nil && ctx.Err() == nil {
+			s.log.Error("scheduled rotation: scanning keys", "err", err)
+		}
+	})
+}
+
+// RotateDue is one round of scheduled rotation: it reads the key headers
+// (nothing is unsealed, no version read) and rotates each key whose
+// next rotation time has come, once however many periods it missed (the
+// new version is made now, so the next is due a period from now). It
+// returns how many versions it committed in this call.
+//
+// The rotation is guarded: its transaction commits only if the key is
+// still due and its latest version is still the one the scan saw, so a
+// second scheduler (another replica, or a leader that lost its lease
+// mid-way) adds no second version for the same due time; the loser skips.
+//
+// HE keys spread out so that requests keep their generation slots: at
+// most one HE key per round, and none while an earlier scheduled one still
+// generates in the background or when no slot is free (the key stays due
+// for the next round). Keysets above the async threshold are generated in
+// the background, under ctx; the others inline.
+func (s *Service) RotateDue(ctx context.Context) (int, error) {
+	now := s.clock.Now()
+	s.rot.lastScan.Store(now.UnixNano())
+	rotated, overdue := 0, 0
+	var oldest time.Duration
+	heStarted := false
+	after := ""
+	for {
+		batch, err := s.store.ListKeys(ctx, after, rotationScanPage)
+		if err != nil {
+			return rotated, asUnavailable("store", err)
+		}
+		for _, k := range batch {
+			after = k.Name
+			next, ok := k.NextRotation()
+			if !ok || IsInternal(k.Name) || next.After(now) {
+				continue
+			}
+			done, err := s.rotateIfDue(ctx, k, &heStarted)
+			if err != nil {
+				if ctx.Err() != nil {
+					return rotated, ctx.Err()
+				}
+				s.rot.failures.Add(1)
+				s.log.Error("scheduled rotation failed; the key stays due", "key", k.Name, "due", next, "err", err)
+			}
+			if done {
+				rotated++
+				continue
+			}
+			overdue++
+			oldest = max(oldest, now.Sub(next))
+		}
+		if len(batch) < rotationScanPage {
+			break
+		}
+	}
+	s.rot.overdue.Store(int64(overdue))
+	s.rot.oldest.Store(int64(oldest))
+	return rotated, nil
+}
+
+// rotateIfDue rotates the key seen by the scan, or starts its background
+// generation, or leaves it for a later round; done reports a committed
+// version (or one the scan saw as due that another scheduler rotated).
+func (s *Service) rotateIfDue(ctx context.Context, seen *Key, heStarted *bool) (done bool, err error) {
+	kind, err := s.kinds.Lookup(seen.Kind)
+	if err != nil {
+		return false, Wrap(KindInternal, "scheduled rotation", err)
+	}
+	if _, he := kind.(KeysetKind); he {
+		if *heStarted || s.rot.heBusy.Load() || s.generationSlotFree() != nil {
+			return false, nil
+		}
+		*heStarted = true
+		if s.asyncWanted(kind, seen.Policy) {
+			s.rot.heBusy.Store(true)
+			s.rot.bg.Add(1)
+			go func() {
+				defer s.rot.bg.Done()
+				defer s.rot.heBusy.Store(false)
+				if _, err := s.scheduledRotate(ctx, seen, kind); err != nil && ctx.Err() == nil {
+					s.rot.failures.Add(1)
+					s.log.Error("scheduled rotation failed; the key stays due", "key", seen.Name, "err", err)
+				}
+			}()
+			return false, nil
+		}
+	}
+	return s.scheduledRotate(ctx, seen, kind)
+}
+
+// errNotDue ends a scheduled rotation's transaction that found the key
+// changed since the scan.
+var errNotDue = errors.New("no longer due")
+
+// scheduledRotate makes version seen.Latest+1 and commits it if the key is
+// still due and still at seen.Latest; otherwise it discards it and reports
+// done (someone else rotated) or not (the period was changed or removed).
+func (s *Service) scheduledRotate(ctx context.Context, seen *Key, kind KeyKind) (bool, error) {
+	name := seen.Name
+	mu := s.keyLock(name) // this process's own rotations of the key wait
+	mu.Lock()
+	defer mu.Unlock()
+	n := seen.Latest + 1
+	v, release, err := s.newVersion(ctx, name, kind, n, seen.Policy)
+	if KindOf(err) == KindExhausted {
+		return false, nil // a request took the last generation slot: next round
+	}
+	if err != nil {
+		return false, err
+	}
+	var rotatedBy string // who rotated instead, when the guard refused
+	err = s.update(ctx, name, func(tx KeyTx) ([]*AuditRecord, error) {
+		rotatedBy = ""
+		k := tx.Key()
+		next, ok := k.NextRotation()
+		switch {
+		case k.Latest != seen.Latest:
+			rotatedBy = "another"
+			return nil, errNotDue
+		case !ok || next.After(s.clock.Now()):
+			return nil, errNotDue
+		}
+		if err := tx.AddVersion(v.Clone()); err != nil {
+			return nil, err
+		}
+		k.Primary, k.LatestCreatedAt = n, v.CreatedAt
+		return s.systemRecord(ScheduledRotationOp, name, n), nil
+	})
+	release()
+	if errors.Is(err, errNotDue) {
+		s.discard(kind, v)
+		s.log.Info("scheduled rotation skipped: the key changed since the scan", "key", name, "rotated_by_another", rotatedBy != "")
+		return rotatedBy != "", nil
+	}
+	if err != nil {
+		s.discard(kind, v)
+		return false, err
+	}
+	s.rot.scheduled.Add(1)
+	s.log.Info("scheduled rotation", "key", name, "version", n, "period", FormatPeriod(seen.Policy.RotationPeriod))
+	return true, nil
+}

@@ -1,0 +1,271 @@
+package kms_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/kmsd-project/kmsd/internal/testhsm"
+	"github.com/kmsd-project/kmsd/internal/testutil"
+	"github.com/kmsd-project/kmsd/kms"
+	"github.com/kmsd-project/kmsd/kms/pqc"
+	"github.com/kmsd-project/kmsd/store/bolt"
+)
+
+func rotateDue(t *testing.T, s *kms.Service) int {
+	t.Helper()
+	n, err := s.RotateDue(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
+// TestScheduledRotation: with a fake clock, a key with a rotation_period
+// rotates when due and not before, once after several missed periods (the
+// next one a period after that rotation), a manual rotation restarts the
+// schedule, a key without a period is never rotated, and removing the
+// period stops it.
+func TestScheduledRotation(t *testing.T) {
+	e := newEnv(t, 0)
+	day := 24 * time.Hour
+	k := e.create(t, "k", "ml-dsa-65", kms.Policy{RotationPeriod: day})
+	e.create(t, "plain", "ml-kem-768", kms.Policy{})
+	next, ok := k.NextRotation()
+	if !ok || !next.Equal(e.clock.Now().Add(day)) {
+		t.Fatalf("next rotation %v %v, want a day from now", next, ok)
+	}
+	if n := rotateDue(t, e.svc); n != 0 {
+		t.Fatalf("rotated %d keys at creation", n)
+	}
+	e.clock.Add(day - time.Second)
+	if n := rotateDue(t, e.svc); n != 0 {
+		t.Fatalf("rotated %d keys a second before due", n)
+	}
+	e.clock.Add(time.Second)
+	if n := rotateDue(t, e.svc); n != 1 {
+		t.Fatalf("rotated %d keys when due, want 1", n)
+	}
+	k, vs := e.get(t, "k")
+	if k.Latest != 2 || k.Primary != 2 || !vs[1].CreatedAt.Equal(e.clock.Now()) || !k.LatestCreatedAt.Equal(e.clock.Now()) {
+		t.Fatalf("after the due rotation: %+v", k)
+	}
+	if n := rotateDue(t, e.svc); n != 0 {
+		t.Fatalf("rotated %d keys twice at the same time", n)
+	}
+
+	// Downtime: five periods and a bit missed; one rotation.
+	e.clock.Add(5*day + time.Hour)
+	if n := rotateDue(t, e.svc); n != 1 {
+		t.Fatalf("after missing five periods rotated %d, want 1", n)
+	}
+	if n := rotateDue(t, e.svc); n != 0 {
+		t.Fatalf("a second round after the downtime rotated %d", n)
+	}
+	k, _ = e.get(t, "k")
+	if next, _ := k.NextRotation(); k.Latest != 3 || !next.Equal(e.clock.Now().Add(day)) {
+		t.Fatalf("after the downtime: latest %d, next %v; want 3, a day from now", k.Latest, next)
+	}
+
+	// A manual rotation restarts the schedule.
+	e.clock.Add(day / 2)
+	if _, _, err := e.svc.Rotate(ctx, "k"); err != nil {
+		t.Fatal(err)
+	}
+	e.clock.Add(day / 2)
+	if n := rotateDue(t, e.svc); n != 0 {
+		t.Fatalf("rotated %d half a period after a manual rotation", n)
+	}
+	e.clock.Add(day / 2)
+	if n := rotateDue(t, e.svc); n != 1 {
+		t.Fatalf("rotated %d a period after the manual rotation", n)
+	}
+	if st := e.svc.RotationStats(); st.ScheduledRotations != 3 || st.ScheduledFailures != 0 || st.OverdueKeys != 0 || !st.LastScan.Equal(e.clock.Now()) {
+		t.Fatalf("stats %+v", st)
+	}
+
+	// Removing the period turns it off.
+	if _, err := e.svc.UpdateKey(ctx, "k", kms.KeyUpdate{PatchPolicy: func(p kms.Policy) (kms.Policy, error) { p.RotationPeriod = 0; return p, nil }}); err != nil {
+		t.Fatal(err)
+	}
+	e.clock.Add(10 * day)
+	if n := rotateDue(t, e.svc); n != 0 {
+		t.Fatalf("rotated %d keys with no period", n)
+	}
+	if k, _ := e.get(t, "plain"); k.Latest != 1 {
+		t.Fatalf("a key without a period has %d versions", k.Latest)
+	}
+	k, _ = e.get(t, "k")
+	if _, ok := k.NextRotation(); ok || k.Latest != 5 {
+		t.Fatalf("after removing the period: %+v", k)
+	}
+
+	// Setting a period on a key schedules from its latest version.
+	if _, err := e.svc.UpdateKey(ctx, "plain", kms.KeyUpdate{PatchPolicy: func(p kms.Policy) (kms.Policy, error) { p.RotationPeriod = day; return p, nil }}); err != nil {
+		t.Fatal(err)
+	}
+	if n := rotateDue(t, e.svc); n != 1 {
+		t.Fatalf("a key given a period 10 days after its creation: rotated %d", n)
+	}
+}
+
+// TestScheduledRotationFailureStaysDue: a rotation whose commit fails
+// changes nothing, counts as a failure and is tried again next round.
+func TestScheduledRotationFailureStaysDue(t *testing.T) {
+	e := newEnv(t, 0)
+	e.create(t, "k", "ml-kem-768", kms.Policy{RotationPeriod: time.Hour})
+	e.clock.Add(3 * time.Hour)
+	e.store.failUpdate.Store(true)
+	if n := rotateDue(t, e.svc); n != 0 {
+		t.Fatalf("rotated %d with the store failing", n)
+	}
+	st := e.svc.RotationStats()
+	if st.ScheduledFailures != 1 || st.OverdueKeys != 1 || st.OldestOverdue != 2*time.Hour {
+		t.Fatalf("stats after a failure: %+v", st)
+	}
+	if k, _ := e.get(t, "k"); k.Latest != 1 {
+		t.Fatalf("a failed rotation left %d versions", k.Latest)
+	}
+	e.store.failUpdate.Store(false)
+	if n := rotateDue(t, e.svc); n != 1 {
+		t.Fatalf("next round rotated %d", n)
+	}
+	if st := e.svc.RotationStats(); st.OverdueKeys != 0 || st.OldestOverdue != 0 || st.ScheduledRotations != 1 {
+		t.Fatalf("stats after the retry: %+v", st)
+	}
+}
+
+// TestRotationPeriodRefusals: below the server's minimum, negative, above
+// ten years: refused at creation and by an update, with why.
+func TestRotationPeriodRefusals(t *testing.T) {
+	e := newEnv(t, 0)
+	for _, c := range []struct {
+		d    time.Duration
+		want string
+	}{
+		{30 * time.Minute, "below this server's minimum of 1h"},
+		{time.Hour - time.Nanosecond, "below this server's minimum"},
+		{-time.Hour, "must be positive"},
+		{11 * 365 * 24 * time.Hour, "above the maximum"},
+	} {
+		_, _, err := e.svc.CreateKey(ctx, "k", "ml-dsa-44", kms.Policy{RotationPeriod: c.d})
+		if !errors.Is(err, kms.ErrInvalid) || !strings.Contains(kms.PublicMessage(err), c.want) {
+			t.Errorf("create with rotation_period %v: %v, want invalid saying %q", c.d, err, c.want)
+		}
+	}
+	e.create(t, "k", "ml-dsa-44", kms.Policy{RotationPeriod: time.Hour})
+	_, err := e.svc.UpdateKey(ctx, "k", kms.KeyUpdate{PatchPolicy: func(p kms.Policy) (kms.Policy, error) { p.RotationPeriod = time.Second; return p, nil }})
+	if !errors.Is(err, kms.ErrInvalid) {
+		t.Fatalf("update to 1s: %v", err)
+	}
+	if k, _ := e.get(t, "k"); k.Policy.RotationPeriod != time.Hour {
+		t.Fatalf("a refused update changed the period to %v", k.Policy.RotationPeriod)
+	}
+	for d, want := range map[time.Duration]string{720 * time.Hour: "720h", 90 * time.Minute: "1h30m", 2 * time.Second: "2s", time.Minute: "1m", 1500 * time.Millisecond: "1.5s"} {
+		if got := kms.FormatPeriod(d); got != want {
+			t.Errorf("FormatPeriod(%v) = %q, want %q", d, got, want)
+		}
+	}
+}
+
+// gateStore holds UpdateKey until gate closes.
+type gateStore struct {
+	kms.Store
+	entered chan struct{}
+	gate    chan struct{}
+}
+
+func (g *gateStore) UpdateKey(ctx context.Context, name string, fn func(kms.KeyTx) ([]*kms.AuditRecord, error)) error {
+	close(g.entered)
+	<-g.gate
+	return g.Store.UpdateKey(ctx, name, fn)
+}
+
+// TestScheduledRotationGuard: two schedulers (two services, as two
+// replicas are) on one store rotate the same due key: exactly one version
+// is added. First deterministically (A made its version and waits to
+// commit while B rotates; A's transaction finds the key changed and
+// skips), then with many keys at once.
+func TestScheduledRotationGuard(t *testing.T) {
+	st, err := bolt.Open(filepath.Join(t.TempDir(), "kms.db"), bolt.Options{Sealer: testhsm.Open(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	clock := testutil.NewClock(time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC))
+	newSvc := func(s kms.Store) *kms.Service {
+		svc, err := kms.NewService(kms.Config{Store: s, Sealer: testhsm.Open(t), Kinds: kms.NewRegistry(pqc.Kinds()...), Clock: clock, MinRotationPeriod: time.Second})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return svc
+	}
+	gated := &gateStore{Store: st, entered: make(chan struct{}), gate: make(chan struct{})}
+	a, b := newSvc(gated), newSvc(st)
+	if _, _, err := b.CreateKey(ctx, "k", "ml-dsa-65", kms.Policy{RotationPeriod: time.Minute}); err != nil {
+		t.Fatal(err)
+	}
+	clock.Add(time.Minute)
+	aDone := make(chan int)
+	go func() {
+		n, err := a.RotateDue(ctx)
+		if err != nil {
+			t.Error(err)
+		}
+		aDone <- n
+	}()
+	<-gated.entered // A generated version 2 and is about to commit it
+	if n := rotateDue(t, b); n != 1 {
+		t.Fatalf("B rotated %d", n)
+	}
+	close(gated.gate)
+	<-aDone
+	k, err := st.GetKey(ctx, "k")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if k.Latest != 2 {
+		t.Fatalf("two schedulers made %d versions of one due key, want 2", k.Latest)
+	}
+	if sa, sb := a.RotationStats(), b.RotationStats(); sa.ScheduledRotations != 0 || sa.ScheduledFailures != 0 || sb.ScheduledRotations != 1 {
+		t.Fatalf("stats: A %+v, B %+v", sa, sb)
+	}
+
+	// Many keys, both schedulers at once, a few rounds.
+	c, d := newSvc(st), newSvc(st)
+	const keys = 12
+	for i := range keys {
+		if _, _, err := c.CreateKey(ctx, fmt.Sprintf("m%02d", i), "ml-kem-768", kms.Policy{RotationPeriod: time.Minute}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for round := 1; round <= 3; round++ {
+		clock.Add(time.Minute)
+		var wg sync.WaitGroup
+		for _, s := range []*kms.Service{c, d} {
+			wg.Go(func() {
+				if _, err := s.RotateDue(ctx); err != nil {
+					t.Error(err)
+				}
+			})
+		}
+		wg.Wait()
+		for i := range keys {
+			k, err := st.GetKey(ctx, fmt.Sprintf("m%02d", i))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if k.Latest != uint64(1+round) {
+				t.Fatalf("round %d: key %s has %d versions, want %d", round, k.Name, k.Latest, 1+round)
+			}
+		}
+	}
+	if sc, sd := c.RotationStats(), d.RotationStats(); sc.ScheduledRotations+sd.ScheduledRotations != 3*(keys+1) || sc.ScheduledFailures+sd.ScheduledFailures != 0 {
+		t.Fatalf("stats: %+v, %+v; want %d rotations between them (k's too)", sc, sd, 3*(keys+1))
+	}
+}
