@@ -1,12 +1,14 @@
 package main
 
 import (
+	"net/http"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/kmsd-project/kmsd/api/client"
 	"github.com/kmsd-project/kmsd/internal/testetcd"
+	"github.com/kmsd-project/kmsd/internal/testmetrics"
 	"github.com/kmsd-project/kmsd/kms"
 )
 
@@ -138,7 +140,8 @@ func TestScheduledRotationOnBolt(t *testing.T) {
 	p.wait(t, 10*time.Second)
 	time.Sleep(5 * time.Second)
 	restarted := time.Now()
-	p = startEnv(t, dir, nil, rotationFlags...)
+	maddr := freeAddr(t)
+	p = startEnv(t, dir, nil, append([]string{"--metrics-addr", maddr}, rotationFlags...)...)
 	p.waitReady(t)
 	ready := time.Now()
 	admin = adminClient(t, p, dir)
@@ -166,6 +169,24 @@ func TestScheduledRotationOnBolt(t *testing.T) {
 	}
 	if s := versionsOf(t, admin, "still"); len(s) != 1 {
 		t.Fatalf("a key without a period has %d versions", len(s))
+	}
+	// The metrics count this process's scheduled rotations (a rotation
+	// may come between the listing and the scrape), none overdue.
+	m := testmetrics.Get(t, http.DefaultClient, "http://"+maddr+"/metrics", "")
+	if n := m.Must(t, "kmsd_scheduled_rotations_total", "outcome", "ok"); n < float64(len(after)) || n > float64(len(after)+1) {
+		t.Errorf("kmsd_scheduled_rotations_total{outcome=ok} = %v, want %d (or one more)", n, len(after))
+	}
+	for _, g := range []struct {
+		name   string
+		labels []string
+		want   float64
+	}{{"kmsd_scheduled_rotations_total", []string{"outcome", "error"}, 0}, {"kmsd_rotation_overdue_keys", nil, 0}, {"kmsd_leader", []string{"role", "rotation"}, 1}} {
+		if v := m.Must(t, g.name, g.labels...); v != g.want {
+			t.Errorf("%s%v = %v, want %v", g.name, g.labels, v, g.want)
+		}
+	}
+	if ts := m.Must(t, "kmsd_rotation_last_scan_timestamp_seconds"); time.Since(time.Unix(int64(ts), 0)) > 5*time.Second {
+		t.Errorf("the last scan was at %v", time.Unix(int64(ts), 0))
 	}
 	checkAudited(t, admin, "r", uint64(len(vs)))
 	t.Logf("%d versions, made every %v or more; one catch-up after 5 s down", len(vs), testPeriod)

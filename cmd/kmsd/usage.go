@@ -20,12 +20,12 @@ var flagGroups = []struct {
 	{"Keys", []string{"key-cache-ttl", "destroy-check-interval", "min-rotation-period", "rotation-check-interval", "max-keyset-mib", "async-keyset-mib", "he-generations", "he-workers"}},
 	{"Audit log", []string{"audit-checkpoint-every", "audit-checkpoint-interval", "audit-archive", "audit-retain", "audit-stream", "audit-stream-timeout", "audit-wal-mib"}},
 	{"Tokens and rate limits", []string{"max-token-ttl", "unauth-rate-limit", "unauth-burst", "token-rate-limit"}},
-	{"Operations", []string{"log-level", "debug-addr"}},
+	{"Operations", []string{"log-level", "metrics-addr", "metrics-token-file", "debug-addr"}},
 }
 
 // metavars name what a flag's value is, where its type says too little.
 var metavars = map[string]string{
-	"addr": "HOST:PORT", "debug-addr": "HOST:PORT", "data-dir": "DIR", "store": "bolt|etcd",
+	"addr": "HOST:PORT", "debug-addr": "HOST:PORT", "metrics-addr": "HOST:PORT", "metrics-token-file": "FILE", "data-dir": "DIR", "store": "bolt|etcd",
 	"etcd-endpoints": "URL,...", "etcd-prefix": "PREFIX", "s3-endpoint": "URL", "s3-bucket": "BUCKET", "s3-prefix": "PREFIX", "s3-region": "REGION",
 	"etcd-ca": "FILE", "etcd-cert": "FILE", "etcd-key": "FILE", "s3-ca": "FILE", "tls-cert": "FILE", "tls-key": "FILE", "tls-client-ca": "FILE",
 	"pkcs11-module": "FILE", "pkcs11-pin-file": "FILE", "pkcs11-token": "LABEL", "kek-label": "LABEL", "pkcs11-wrap": "PROFILE",

@@ -77,6 +77,10 @@ var (
 	descTokExpiring  = desc("tokens_expiring", "Live tokens whose expiry falls within the window; renewable=\"true\": they can still renew past it.", "within", "renewable")
 	descTokSoonest   = desc("token_final_expiry_timestamp_seconds", "The earliest time a live token stops working for good (its expiry, or its max_lifetime if it renews); absent when no token expires.")
 	descTokScanErr   = desc("token_scan_failed", "1 if the last read of the token records for kmsd_tokens_expiring failed.")
+	descRotations    = desc("scheduled_rotations_total", "Scheduled rotations this process ran, by outcome: ok (a version committed) or error (the key stays due and is tried again).", "outcome")
+	descOverdueKeys  = desc("rotation_overdue_keys", "Keys due for scheduled rotation still without a new version when the last scan ended (on the replica that leads rotation; 0 elsewhere).")
+	descOverdueSecs  = desc("rotation_overdue_seconds", "How far past its next_rotation_time the most overdue key was at the last scan.")
+	descLastScan     = desc("rotation_last_scan_timestamp_seconds", "When this process last scanned for keys due for rotation (absent until it leads rotation).")
 	descWatchSilence = desc("store_watch_silence_seconds", "Seconds since the etcd watch last heard from the cluster (an event or a progress notice).")
 )
 
@@ -172,7 +176,8 @@ func (m *appMetrics) lead(lead func(context.Context, string, func(context.Contex
 func (m *appMetrics) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descCache, descGenRunning, descGenSlots, descGenRefused, descHSMUp, descHSMReconnect,
 		descAuditSize, descCPSize, descUncovered, descBehind, descWALUsed, descWALSize, descArchived, descArchiveLag,
-		descArchiveFail, descPruned, descTokExpiring, descTokSoonest, descTokScanErr, descWatchSilence} {
+		descArchiveFail, descPruned, descTokExpiring, descTokSoonest, descTokScanErr, descWatchSilence,
+		descRotations, descOverdueKeys, descOverdueSecs, descLastScan} {
 		ch <- d
 	}
 }
@@ -196,6 +201,14 @@ func (m *appMetrics) Collect(ch chan<- prometheus.Metric) {
 	gauge(descGenRunning, float64(st.GenerationsRunning))
 	gauge(descGenSlots, float64(st.GenerationSlots))
 	counter(descGenRefused, float64(st.GenerationsRefused))
+	rs := a.Service.RotationStats()
+	counter(descRotations, float64(rs.ScheduledRotations), "ok")
+	counter(descRotations, float64(rs.ScheduledFailures), "error")
+	gauge(descOverdueKeys, float64(rs.OverdueKeys))
+	gauge(descOverdueSecs, rs.OldestOverdue.Seconds())
+	if !rs.LastScan.IsZero() {
+		gauge(descLastScan, float64(rs.LastScan.UnixNano())/1e9)
+	}
 	if s, ok := a.cfg.Sealer.(*hsm.Sealer); ok {
 		up := 0.0
 		if s.Connected() {
