@@ -39,7 +39,7 @@ run() {
   if echo "$out" | grep -q "Non-2xx"; then echo "non-2xx answers in the $mode run" >&2; echo "$out" >&2; exit 1; fi
   if [ "$mode" = on ]; then
     # The run was counted: the requests the metrics saw are the ones wrk made.
-    local seen; seen=$(curl -sf "http://127.0.0.1:$mport/metrics" | awk '/^kmsd_http_requests_total\{.*route="\/v1\/keys\/\{name\}\/versions\/\{version\}\/public-key".*code="200"/ {print $2}')
+    local seen; seen=$(curl -sf "http://127.0.0.1:$mport/metrics" | grep '^kmsd_http_requests_total{' | grep -F 'code="200"' | grep -F 'route="/v1/keys/{name}/versions/{version}/public-key"' | awk '{print $2}')
     echo "$mode counted ${seen:-0}"
   fi
   local rps p50 p99 n
