@@ -34,7 +34,7 @@ var ErrNoRing = errors.New("the sealer has no KEK ring")
 // versionsOf calls fn on every version of the key, newest first.
 func (s *Service) versionsOf(ctx context.Context, name string, fn func(*Version) error) error {
 	for before := uint64(0); ; {
-		vs, err := s.store.ListVersions(ctx, name, before, 500)
+		_, vs, err := s.store.ListVersions(ctx, name, before, 500)
 		if err != nil {
 			return asUnavailable("store", err)
 		}

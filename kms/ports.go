@@ -34,10 +34,12 @@ type Store interface {
 	// ListKeys returns up to limit key headers with names after `after`,
 	// in name order.
 	ListKeys(ctx context.Context, after string, limit int) ([]*Key, error)
-	// ListVersions returns up to limit versions of the key numbered below
-	// `before` (0: from the latest), newest first; ErrNotFound if the key
-	// is absent.
-	ListVersions(ctx context.Context, name string, before uint64, limit int) ([]*Version, error)
+	// ListVersions returns the key's header and up to limit of its
+	// versions numbered below `before` (0: from the latest), newest
+	// first, read in one snapshot (one transaction, one revision): no
+	// version newer than the header's Latest comes with it; ErrNotFound
+	// if the key is absent.
+	ListVersions(ctx context.Context, name string, before uint64, limit int) (*Key, []*Version, error)
 	// UpdateKey runs fn on a transaction over one key: fn changes the
 	// header (tx.Key), versions it loads (tx.Version) and versions it adds
 	// (tx.AddVersion); the store writes them and the audit records fn

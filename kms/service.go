@@ -285,27 +285,21 @@ func (s *Service) GetKey(ctx context.Context, name string, before uint64, limit 
 	if err := ValidateName(name); err != nil {
 		return nil, nil, 0, err
 	}
-	k, err := s.getKey(ctx, name)
-	if err != nil {
-		return nil, nil, 0, err
-	}
-	vs, next, err := s.listVersions(ctx, name, before, limit)
-	if err != nil {
-		return nil, nil, 0, err
-	}
-	return k, vs, next, nil
+	// The header and the versions of one snapshot: a version newer than
+	// the header's latest_version never comes with it.
+	return s.listVersions(ctx, name, before, limit)
 }
 
-func (s *Service) listVersions(ctx context.Context, name string, before uint64, limit int) ([]*Version, uint64, error) {
+func (s *Service) listVersions(ctx context.Context, name string, before uint64, limit int) (*Key, []*Version, uint64, error) {
 	if limit <= 0 || limit > MaxVersionsPage {
-		return nil, 0, Errorf(KindInvalid, "limit must be between 1 and %d", MaxVersionsPage)
+		return nil, nil, 0, Errorf(KindInvalid, "limit must be between 1 and %d", MaxVersionsPage)
 	}
-	vs, err := s.store.ListVersions(ctx, name, before, limit)
+	k, vs, err := s.store.ListVersions(ctx, name, before, limit)
 	if errors.Is(err, ErrNotFound) {
-		return nil, 0, Errorf(KindNotFound, "key %q not found", name)
+		return nil, nil, 0, Errorf(KindNotFound, "key %q not found", name)
 	}
 	if err != nil {
-		return nil, 0, asUnavailable("store", err)
+		return nil, nil, 0, asUnavailable("store", err)
 	}
 	var next uint64
 	// Versions are numbered 1..Latest without gaps: a full page that did
@@ -313,7 +307,7 @@ func (s *Service) listVersions(ctx context.Context, name string, before uint64, 
 	if len(vs) == limit && vs[len(vs)-1].Number > 1 {
 		next = vs[len(vs)-1].Number
 	}
-	return vs, next, nil
+	return k, vs, next, nil
 }
 
 // getKey reads a key's header from the store (not the cache): for the

@@ -57,11 +57,16 @@ type faultStore struct {
 
 	getKey, getVersion, getToken, listVersions atomic.Int64
 	tokenRead                                  func(t *kms.Token) // called with what GetToken read, before it returns
+	keyRead                                    func(name string)  // called after each read of a key's header (GetKey, ListVersions)
 }
 
 func (f *faultStore) GetKey(ctx context.Context, name string) (*kms.Key, error) {
 	f.getKey.Add(1)
-	return f.Store.GetKey(ctx, name)
+	k, err := f.Store.GetKey(ctx, name)
+	if f.keyRead != nil {
+		f.keyRead(name)
+	}
+	return k, err
 }
 
 func (f *faultStore) GetVersion(ctx context.Context, name string, n uint64) (*kms.Version, error) {
@@ -69,9 +74,13 @@ func (f *faultStore) GetVersion(ctx context.Context, name string, n uint64) (*km
 	return f.Store.GetVersion(ctx, name, n)
 }
 
-func (f *faultStore) ListVersions(ctx context.Context, name string, before uint64, limit int) ([]*kms.Version, error) {
+func (f *faultStore) ListVersions(ctx context.Context, name string, before uint64, limit int) (*kms.Key, []*kms.Version, error) {
 	f.listVersions.Add(1)
-	return f.Store.ListVersions(ctx, name, before, limit)
+	k, vs, err := f.Store.ListVersions(ctx, name, before, limit)
+	if f.keyRead != nil {
+		f.keyRead(name)
+	}
+	return k, vs, err
 }
 
 func (f *faultStore) GetToken(ctx context.Context, id string) (*kms.Token, error) {
@@ -781,4 +790,35 @@ func tokenService(t *testing.T) (*kms.Service, *bolt.Store, *testutil.Clock, str
 		t.Fatal(err)
 	}
 	return svc, st, clock, admin
+}
+
+// TestGetKeyIsOneSnapshot is issue 24's first defect: GET /v1/keys/{name}
+// read the header and the versions in two reads, so a rotation committed
+// between them (another replica's) gave an answer listing a version newer
+// than the header's latest_version and primary. A rotation now lands
+// right after the first read of the key's records: the answer is either
+// wholly before it or wholly after.
+func TestGetKeyIsOneSnapshot(t *testing.T) {
+	e := newEnv(t, 0)
+	e.create(t, "k", "ml-dsa-65", kms.Policy{})
+	var rotated atomic.Bool
+	e.store.keyRead = func(name string) {
+		if rotated.CompareAndSwap(false, true) { // the rotation's own reads pass
+			if _, _, err := e.svc.Rotate(ctx, name); err != nil {
+				t.Error(err)
+			}
+		}
+	}
+	k, vs, _, err := e.svc.GetKey(ctx, "k", 0, kms.MaxVersionsPage)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, v := range vs {
+		if v.Number > k.Latest || v.Number > k.Primary && k.Primary == k.Latest && v.Number != k.Latest {
+			t.Fatalf("a torn read: header latest %d primary %d with version %d", k.Latest, k.Primary, v.Number)
+		}
+	}
+	if len(vs) != int(k.Latest) {
+		t.Fatalf("header latest %d with %d versions", k.Latest, len(vs))
+	}
 }

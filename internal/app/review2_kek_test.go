@@ -271,7 +271,7 @@ func TestReview2RotationAdvancedTwice(t *testing.T) {
 // key's versions are one request).
 type slowList struct{ *bolt.Store }
 
-func (s slowList) ListVersions(ctx context.Context, name string, before uint64, limit int) ([]*kms.Version, error) {
+func (s slowList) ListVersions(ctx context.Context, name string, before uint64, limit int) (*kms.Key, []*kms.Version, error) {
 	time.Sleep(5 * time.Millisecond)
 	return s.Store.ListVersions(ctx, name, before, limit)
 }

@@ -456,8 +456,9 @@ func (s *Store) ListKeys(ctx context.Context, after string, limit int) ([]*kms.K
 }
 
 // ListVersions implements kms.Store.
-func (s *Store) ListVersions(ctx context.Context, name string, before uint64, limit int) ([]*kms.Version, error) {
+func (s *Store) ListVersions(ctx context.Context, name string, before uint64, limit int) (*kms.Key, []*kms.Version, error) {
 	var out []*kms.Version
+	var hdr *kms.Key
 	err := s.db.View(func(tx *bbolt.Tx) error {
 		buf, err := get(s.auth, tx, bucketKeys, []byte(name))
 		if err != nil {
@@ -470,6 +471,7 @@ func (s *Store) ListVersions(ctx context.Context, name string, before uint64, li
 		if err != nil {
 			return err
 		}
+		hdr = k
 		n := k.Latest
 		if before != 0 && before-1 < n {
 			n = before - 1
@@ -490,7 +492,10 @@ func (s *Store) ListVersions(ctx context.Context, name string, before uint64, li
 		}
 		return nil
 	})
-	return out, err
+	if err != nil {
+		return nil, nil, err
+	}
+	return hdr, out, nil
 }
 
 // DueVersions implements kms.Store.

@@ -483,53 +483,53 @@ func (s *Store) ListKeys(ctx context.Context, after string, limit int) ([]*kms.K
 
 // ListVersions implements kms.Store: the header and the versions are read
 // at one revision.
-func (s *Store) ListVersions(ctx context.Context, name string, before uint64, limit int) ([]*kms.Version, error) {
+func (s *Store) ListVersions(ctx context.Context, name string, before uint64, limit int) (*kms.Key, []*kms.Version, error) {
 	for tries := 1; ; tries++ {
-		vs, err := s.listVersions(ctx, name, before, limit)
+		k, vs, err := s.listVersions(ctx, name, before, limit)
 		if !isCompacted(err) || tries == 3 {
-			return vs, err
+			return k, vs, err
 		}
 		// Compacted between the header's read and the versions': again.
 	}
 }
 
-func (s *Store) listVersions(ctx context.Context, name string, before uint64, limit int) ([]*kms.Version, error) {
+func (s *Store) listVersions(ctx context.Context, name string, before uint64, limit int) (*kms.Key, []*kms.Version, error) {
 	hresp, err := s.get(ctx, s.keyK(name))
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	if len(hresp.Kvs) == 0 {
-		return nil, notFound("key", name)
+		return nil, nil, notFound("key", name)
 	}
 	k, err := decode[kms.Key](s, "key", s.keyK(name), hresp.Kvs[0].Value)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	n := k.Latest
 	if before != 0 && before-1 < n {
 		n = before - 1
 	}
 	if n < 1 || limit <= 0 {
-		return nil, nil
+		return k, nil, nil
 	}
 	want := min(uint64(limit), n)
 	resp, err := s.get(ctx, s.versionK(name, n-want+1), clientv3.WithRange(s.versionK(name, n+1)),
 		clientv3.WithRev(hresp.Header.Revision), clientv3.WithSort(clientv3.SortByKey, clientv3.SortDescend))
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	if uint64(len(resp.Kvs)) != want {
-		return nil, fmt.Errorf("key %q: %d of versions %d..%d found", name, len(resp.Kvs), n-want+1, n)
+		return nil, nil, fmt.Errorf("key %q: %d of versions %d..%d found", name, len(resp.Kvs), n-want+1, n)
 	}
 	out := make([]*kms.Version, 0, len(resp.Kvs))
 	for _, kv := range resp.Kvs {
 		v, err := decode[kms.Version](s, "version", string(kv.Key), kv.Value)
 		if err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		out = append(out, v)
 	}
-	return out, nil
+	return k, out, nil
 }
 
 // DueVersions implements kms.Store.

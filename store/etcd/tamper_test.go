@@ -272,7 +272,7 @@ func TestDestroyCompactsHistory(t *testing.T) {
 	if _, err := s.Scrub(ctx); err != nil {
 		t.Fatal(err)
 	}
-	if vs, err := s.ListVersions(ctx, "k", 0, 10); err != nil || len(vs) != 3 {
+	if _, vs, err := s.ListVersions(ctx, "k", 0, 10); err != nil || len(vs) != 3 {
 		t.Fatalf("versions: %v %v", vs, err)
 	}
 }

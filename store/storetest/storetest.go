@@ -241,9 +241,12 @@ func Run(t *testing.T, open func(t *testing.T) kms.Store) {
 		}
 		var got []uint64
 		for before := uint64(0); ; {
-			vs, err := s.ListVersions(ctx, "a", before, 4)
+			k, vs, err := s.ListVersions(ctx, "a", before, 4)
 			if err != nil {
 				t.Fatal(err)
+			}
+			if k == nil || k.Name != "a" || k.Latest != 10 {
+				t.Fatalf("ListVersions' header: %+v", k)
 			}
 			for _, v := range vs {
 				got = append(got, v.Number)
@@ -256,13 +259,13 @@ func Run(t *testing.T, open func(t *testing.T) kms.Store) {
 		if !slices.Equal(got, []uint64{10, 9, 8, 7, 6, 5, 4, 3, 2, 1}) {
 			t.Fatalf("listed versions %v", got)
 		}
-		if vs, _ := s.ListVersions(ctx, "a", 100, 2); len(vs) != 2 || vs[0].Number != 10 {
+		if _, vs, _ := s.ListVersions(ctx, "a", 100, 2); len(vs) != 2 || vs[0].Number != 10 {
 			t.Fatalf("ListVersions below a number past the latest: %v", vs)
 		}
-		if vs, _ := s.ListVersions(ctx, "a", 1, 2); len(vs) != 0 {
+		if _, vs, _ := s.ListVersions(ctx, "a", 1, 2); len(vs) != 0 {
 			t.Fatalf("ListVersions below 1: %v", vs)
 		}
-		if _, err := s.ListVersions(ctx, "zz", 0, 2); !errors.Is(err, kms.ErrNotFound) {
+		if _, _, err := s.ListVersions(ctx, "zz", 0, 2); !errors.Is(err, kms.ErrNotFound) {
 			t.Fatalf("ListVersions of a missing key: %v", err)
 		}
 	})
