@@ -74,8 +74,8 @@ type Options struct {
 
 // Metrics is told of what the API does (kmsd's Prometheus metrics). Its
 // labels are bounded: route is the route's pattern ("unmatched" for none,
-// never a path, so never a key name or a token), method one of the
-// standard methods or "OTHER".
+// "rate_limited" for a 429 before routing; never a path, so never a key
+// name or a token), method one of the standard methods or "OTHER".
 type Metrics interface {
 	// Request is one answered request.
 	Request(route, method string, code int, d time.Duration)
@@ -190,7 +190,10 @@ func (s *Server) observe(next http.Handler) http.Handler {
 			}
 			if s.opts.Metrics != nil {
 				mroute := route
-				if mroute == "" {
+				switch {
+				case mroute == "" && ev.problem == ProbRateLimited:
+					mroute = "rate_limited" // refused before routing
+				case mroute == "":
 					mroute = "unmatched"
 				}
 				s.opts.Metrics.Request(mroute, metricMethod(r.Method), sw.status, time.Since(start))

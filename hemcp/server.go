@@ -643,7 +643,15 @@ func sortedKeys[V any](m map[string]V) []string {
 func (s *Server) HTTPHandler() http.Handler {
 	srv := s.MCPServer()
 	h := mcp.NewStreamableHTTPHandler(func(*http.Request) *mcp.Server { return srv }, &mcp.StreamableHTTPOptions{MaxRequestBodyBytes: s.cfg.MaxRequestBytes})
-	withInfo := auth.RequireBearerToken(s.verify, &auth.RequireBearerTokenOptions{AllowMissingExpiration: true})(h)
+	// The SDK's bearer check gets what this handler's verify found (one
+	// introspection, counted once, per request).
+	verified := func(ctx context.Context, token string, r *http.Request) (*auth.TokenInfo, error) {
+		if ti, ok := ctx.Value(verifiedKey{}).(*auth.TokenInfo); ok {
+			return ti, nil
+		}
+		return s.verify(ctx, token, r)
+	}
+	withInfo := auth.RequireBearerToken(verified, &auth.RequireBearerTokenOptions{AllowMissingExpiration: true})(h)
 	mux := http.NewServeMux()
 	mux.Handle("/mcp", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		tok, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
@@ -651,7 +659,8 @@ func (s *Server) HTTPHandler() http.Handler {
 			unauthorized(w, "a bearer token is required")
 			return
 		}
-		if _, err := s.verify(r.Context(), tok, r); err != nil {
+		ti, err := s.verify(r.Context(), tok, r)
+		if err != nil {
 			if errors.Is(err, auth.ErrInvalidToken) {
 				unauthorized(w, "the token is not active in kmsd")
 			} else {
@@ -659,10 +668,13 @@ func (s *Server) HTTPHandler() http.Handler {
 			}
 			return
 		}
-		withInfo.ServeHTTP(w, r)
+		withInfo.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), verifiedKey{}, ti)))
 	}))
 	return mux
 }
+
+// verifiedKey carries the TokenInfo HTTPHandler's verify made.
+type verifiedKey struct{}
 
 func unauthorized(w http.ResponseWriter, msg string) {
 	w.Header().Set("WWW-Authenticate", `Bearer realm="kmsd-mcp", error="invalid_token"`)

@@ -39,16 +39,20 @@ func (s *Service) Stats() Stats {
 }
 
 // Expiring counts the live tokens (neither revoked nor expired) that
-// expire within a window of now.
+// expire within a window of now, among those whose whole lifetime (to
+// their expiry, or to their max_lifetime if they renew) is longer than
+// the window: long-lived credentials about to lapse, not short-lived
+// ones working as made (a 1 h CI token is always "within 24 h").
 type Expiring struct {
 	Within    time.Duration
 	Renewable int // tokens that can still renew past the window (max_lifetime beyond it)
 	Final     int // tokens that cannot: they stop working within the window
 }
 
-// TokenExpiries counts, for each window, the live tokens that expire in
-// it, and returns the earliest expiry of a token that cannot renew past
-// it (zero if none). It reads every token record: call it seldom.
+// TokenExpiries counts, for each window, the long-lived live tokens
+// that expire in it (see Expiring), and returns the earliest time a live
+// token stops working for good (zero if none). It reads every token
+// record: call it seldom.
 func (s *Service) TokenExpiries(ctx context.Context, windows ...time.Duration) ([]Expiring, time.Time, error) {
 	now := s.clock.Now()
 	out := make([]Expiring, len(windows))
@@ -75,7 +79,7 @@ func (s *Service) TokenExpiries(ctx context.Context, windows ...time.Duration) (
 			}
 			for i, w := range windows {
 				limit := now.Add(w)
-				if t.ExpiresAt.After(limit) {
+				if t.ExpiresAt.After(limit) || end.Sub(t.CreatedAt) <= w {
 					continue
 				}
 				if end.After(limit) {

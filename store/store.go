@@ -55,8 +55,9 @@ type Backend interface {
 }
 
 // Observer is told of each write transaction a store ends: how long it
-// took and its outcome ("ok", "error", or "conflict": a compare lost to
-// another writer, re-read and retried).
+// took and its outcome ("ok", "error", "rollback": refused before
+// commit, or "conflict": a compare lost to another writer, re-read and
+// retried).
 type Observer = storekit.Observer
 
 // Observable is a store that reports its write transactions (metrics).

@@ -296,6 +296,7 @@ func renewLoop(ctx context.Context, kc *client.Client, token string, log *slog.L
 	exp := time.Unix(in.Exp, 0)
 	if mm != nil {
 		mm.expiry.Set(float64(in.Exp))
+		mm.ttl.Set(time.Until(exp).Seconds())
 	}
 	// The first renewal at two thirds of what is left; then at two
 	// thirds of the ttl each renewal gives.
@@ -316,15 +317,15 @@ func renewLoop(ctx context.Context, kc *client.Client, token string, log *slog.L
 				ttl = time.Until(*t.ExpiresAt)
 			}
 			exp, next, retry = *t.ExpiresAt, time.Now().Add(ttl*2/3), time.Second
-			mm.renewed("ok", exp)
+			mm.renewed("ok", exp, ttl)
 		case client.StatusOf(err) == 409:
-			mm.renewed("refused", time.Time{})
+			mm.renewed("refused", time.Time{}, 0)
 			log.Error("token renewal: refused; give kmsd-mcp a new token before this one expires", "expires_at", exp.UTC().Format(time.RFC3339), "err", err)
 			return
 		case ctx.Err() != nil:
 			return
 		default:
-			mm.renewed("error", time.Time{})
+			mm.renewed("error", time.Time{}, 0)
 			log.Warn("token renewal failed; retrying", "err", err, "retry_in", retry.String())
 			next = time.Now().Add(retry)
 			retry = min(2*retry, 30*time.Second)

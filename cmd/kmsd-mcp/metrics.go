@@ -19,6 +19,8 @@ type mcpMetrics struct {
 	fetchTime prometheus.Histogram
 	renewals  *prometheus.CounterVec
 	expiry    prometheus.Gauge
+	ttl       prometheus.Gauge
+	renewable prometheus.Gauge
 }
 
 func newMCPMetrics(reg *metrics.Registry) *mcpMetrics {
@@ -36,7 +38,11 @@ func newMCPMetrics(reg *metrics.Registry) *mcpMetrics {
 		renewals: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: "kmsd_mcp", Name: "token_renewals_total",
 			Help: "Renewals of kmsd-mcp's own token, by outcome: ok, error (retried) or refused (at its max_lifetime: it needs a new token)."}, []string{"outcome"}),
 		expiry: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: "kmsd_mcp", Name: "token_expiry_timestamp_seconds",
-			Help: "When kmsd-mcp's own token expires unless renewed (absent value 0: it does not expire)."}),
+			Help: "When kmsd-mcp's own token expires unless renewed (0: it does not expire)."}),
+		ttl: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: "kmsd_mcp", Name: "token_ttl_seconds",
+			Help: "The lifetime each renewal of kmsd-mcp's own token gives (its ttl; before the first renewal, what was left at start). It renews at two thirds: less than a quarter left means renewals fail."}),
+		renewable: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: "kmsd_mcp", Name: "token_renewable",
+			Help: "1 while kmsd-mcp's own token can still renew, 0 once kmsd refused a renewal (its max_lifetime reached, or made without one)."}),
 	}
 	for _, o := range []string{"hit", "miss"} {
 		m.intro.WithLabelValues(o)
@@ -47,7 +53,8 @@ func newMCPMetrics(reg *metrics.Registry) *mcpMetrics {
 	for _, o := range []string{"ok", "error", "refused"} {
 		m.renewals.WithLabelValues(o)
 	}
-	reg.MustRegister(m.calls, m.duration, m.intro, m.fetches, m.fetchTime, m.renewals, m.expiry)
+	m.renewable.Set(1)
+	reg.MustRegister(m.calls, m.duration, m.intro, m.fetches, m.fetchTime, m.renewals, m.expiry, m.ttl, m.renewable)
 	return m
 }
 
@@ -82,13 +89,20 @@ func (m *mcpMetrics) KeyFetch(d time.Duration, err error) {
 	m.fetchTime.Observe(d.Seconds())
 }
 
-// renewed is one renewal of the server's own token.
-func (m *mcpMetrics) renewed(outcome string, expires time.Time) {
+// renewed is one renewal of the server's own token: its outcome, the
+// expiry and ttl it gave (zero: unchanged).
+func (m *mcpMetrics) renewed(outcome string, expires time.Time, ttl time.Duration) {
 	if m == nil {
 		return
 	}
 	m.renewals.WithLabelValues(outcome).Inc()
 	if !expires.IsZero() {
 		m.expiry.Set(float64(expires.Unix()))
+	}
+	if ttl > 0 {
+		m.ttl.Set(ttl.Seconds())
+	}
+	if outcome == "refused" {
+		m.renewable.Set(0)
 	}
 }

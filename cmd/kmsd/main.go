@@ -319,6 +319,13 @@ func checkBeforeDisk(c config, getenv func(string) string, listens bool) error {
 			return err
 		}
 	}
+	// All held open together: two flags naming one address fail here.
+	var held []net.Listener
+	defer func() {
+		for _, ln := range held {
+			ln.Close()
+		}
+	}()
 	for _, a := range []struct{ name, addr string }{{"addr", c.addr}, {"debug-addr", c.debugAddr}, {"metrics-addr", c.metricsAddr}} {
 		if a.addr == "" {
 			continue
@@ -327,7 +334,7 @@ func checkBeforeDisk(c config, getenv func(string) string, listens bool) error {
 		if err != nil {
 			return fmt.Errorf("--%s %s: %w", a.name, a.addr, err)
 		}
-		ln.Close()
+		held = append(held, ln)
 	}
 	return nil
 }

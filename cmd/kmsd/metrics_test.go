@@ -84,6 +84,11 @@ func TestMetrics(t *testing.T) {
 	if _, err := c.GetKey(ctx, "absent-key"); err == nil {
 		t.Fatal("absent key found")
 	}
+	// A change refused inside its transaction (409: version 1 is not
+	// scheduled for destruction) is a rollback, not a store error.
+	if _, err := c.VersionAction(ctx, keyName, 1, "cancel-destroy", 0); client.StatusOf(err) != 409 {
+		t.Fatalf("cancel-destroy of an enabled version: %v", err)
+	}
 	after := testmetrics.Get(t, hc, url, bearer)
 	testmetrics.Promtool(t, after.Text, "check", "metrics")
 
@@ -103,12 +108,14 @@ func TestMetrics(t *testing.T) {
 		{"kmsd_http_requests_total", []string{"route", "unmatched", "method", "GET", "code", "404"}, strays},
 		{"kmsd_http_request_duration_seconds", []string{"route", "/v1/keys/{name}/sign", "method", "POST"}, signs},
 		// One record per request, each durable before its answer.
-		{"kmsd_audit_request_records_total", []string{"outcome", "written"}, gets + signs + strays + 1},
+		{"kmsd_audit_request_records_total", []string{"outcome", "written"}, gets + signs + strays + 2},
 		{"kmsd_audit_request_records_total", []string{"outcome", "failed"}, 0},
 		// The first signature unseals the key in the HSM, the second finds it cached.
 		{"kmsd_cache_requests_total", []string{"cache", "private_key", "result", "miss"}, 1},
 		{"kmsd_cache_requests_total", []string{"cache", "private_key", "result", "hit"}, signs - 1},
 		{"kmsd_hsm_operations_total", []string{"op", "unseal", "outcome", "error"}, 0},
+		{"kmsd_http_requests_total", []string{"route", "/v1/keys/{name}/versions/{version}/cancel-destroy", "method", "POST", "code", "409"}, 1},
+		{"kmsd_store_transaction_duration_seconds", []string{"outcome", "rollback"}, 1},
 	}
 	for _, ch := range checks {
 		if got := delta(ch.name, ch.labels...); got != ch.want {
@@ -130,7 +137,8 @@ func TestMetrics(t *testing.T) {
 		{"kmsd_leader", []string{"role", "checkpoints"}, 1},
 		{"kmsd_leader", []string{"role", "destruction"}, 1},
 		{"kmsd_build_info", nil, 1},
-		{"kmsd_tokens_expiring", []string{"within", "24h", "renewable", "false"}, 1},
+		// The 2 h token is short-lived, not a credential about to lapse.
+		{"kmsd_tokens_expiring", []string{"within", "24h", "renewable", "false"}, 0},
 		{"kmsd_audit_wal_size_bytes", nil, 16 << 20},
 		{"kmsd_store_conflicts_total", nil, 0},
 	} {
@@ -138,8 +146,11 @@ func TestMetrics(t *testing.T) {
 			t.Errorf("%s%v = %v, want %v", g.name, g.labels, got, g.want)
 		}
 	}
-	if after.Must(t, "kmsd_audit_log_records") <= before.Must(t, "kmsd_audit_log_records") {
-		t.Error("the audit log did not grow")
+	// The log's size is read at most every 5 s, so the two scrapes may
+	// show one reading: at least the records of the key's and the
+	// token's creation, and a checkpoint never past the log.
+	if n, cp := after.Must(t, "kmsd_audit_log_records"), after.Must(t, "kmsd_audit_checkpoint_records"); n < 2 || cp > n {
+		t.Errorf("audit log of %v records, checkpoint of %v", n, cp)
 	}
 	// The key's and the token's creation (before the first scrape; the
 	// reads after it write nothing to bbolt: their records wait in the
@@ -147,6 +158,23 @@ func TestMetrics(t *testing.T) {
 	if n := after.Must(t, "kmsd_store_transaction_duration_seconds", "outcome", "ok"); n < 2 {
 		t.Errorf("%v store transactions counted, want at least 2", n)
 	}
+	if _, ok := after.Value("kmsd_store_transaction_duration_seconds", "outcome", "error"); ok {
+		t.Error("a store error was counted")
+	}
+
+	// Requests past the address limit (5/s, bursts of 50) are labelled
+	// rate_limited, not unmatched, and counted once each.
+	for range 80 {
+		if resp, err := pc.HTTPClient().Get(p.url() + "/v1/keys"); err == nil {
+			resp.Body.Close()
+		}
+	}
+	limited := testmetrics.Get(t, hc, url, bearer)
+	n429 := limited.Must(t, "kmsd_http_requests_total", "route", "rate_limited", "method", "GET", "code", "429")
+	if n := limited.Must(t, "kmsd_http_rate_limited_total", "scope", "address"); n429 < 1 || n != n429 {
+		t.Errorf("%v requests labelled rate_limited, %v address refusals counted", n429, n)
+	}
+
 	// Every kmsd metric the alerting rules and the dashboard use is one
 	// kmsd serves (the etcd watch's only on etcd: TestReplicaMetrics).
 	for _, name := range testmetrics.NamesIn(t, "kmsd_", "../../deploy/prometheus/alerts.yml", "../../deploy/grafana/kmsd.json") {
@@ -273,5 +301,18 @@ func TestReplicaMetrics(t *testing.T) {
 	after := settle(alive, "checkpoints")
 	if after["checkpoints"][0] == lead {
 		t.Fatal("the killed replica still leads")
+	}
+}
+
+// TestMetricsAddrTakenTwice: two flags naming one address stop kmsd
+// before it writes anything (the trial binds were made one at a time
+// and closed, so both passed, and kmsd made its data dir and admin token
+// before the second real listen failed).
+func TestMetricsAddrTakenTwice(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "data")
+	a := freeAddr(t)
+	exitsWith(t, dir, "address already in use", "--debug-addr", a, "--metrics-addr", a)
+	if _, err := os.Stat(dir); !os.IsNotExist(err) {
+		t.Fatalf("the data dir was made: %v", err)
 	}
 }

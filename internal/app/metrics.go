@@ -26,8 +26,12 @@ var httpBuckets = []float64{.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2
 // or a remote HSM far more.
 var opBuckets = prometheus.ExponentialBuckets(0.00005, 4, 10) // 50 µs to 13 s
 
-// tokenScanEvery bounds how often a scrape reads every token record.
-const tokenScanEvery = time.Minute
+// tokenScanEvery bounds how often a scrape reads every token record, and
+// auditReadEvery how often it reads the audit log's size and checkpoint.
+const (
+	tokenScanEvery = time.Minute
+	auditReadEvery = 5 * time.Second
+)
 
 type appMetrics struct {
 	a *App
@@ -43,6 +47,9 @@ type appMetrics struct {
 	leader      *prometheus.GaugeVec
 
 	mu         sync.Mutex
+	auditAt    time.Time // when the audit log's size and checkpoint were last read
+	auditOK    bool
+	auditSize  uint64
 	cpSize     uint64    // the newest checkpoint's size, as last read
 	behindFrom time.Time // since when records wait uncovered by a checkpoint of size cpSize; zero: none wait
 	tokAt      time.Time // the last token scan
@@ -74,7 +81,7 @@ var (
 	descArchiveLag   = desc("audit_archive_lag_records", "Records the store's newest checkpoint covers that the archive does not hold yet.")
 	descArchiveFail  = desc("audit_archive_failing_seconds", "How long writing the archive has been failing (0: it is not).")
 	descPruned       = desc("audit_pruned_below_records", "The store holds no audit record below this index (retention): they are read from the archive.")
-	descTokExpiring  = desc("tokens_expiring", "Live tokens whose expiry falls within the window; renewable=\"true\": they can still renew past it.", "within", "renewable")
+	descTokExpiring  = desc("tokens_expiring", "Live tokens whose lifetime is longer than the window and whose expiry falls within it (long-lived credentials about to lapse); renewable=\"true\": they can still renew past it.", "within", "renewable")
 	descTokSoonest   = desc("token_final_expiry_timestamp_seconds", "The earliest time a live token stops working for good (its expiry, or its max_lifetime if it renews); absent when no token expires.")
 	descTokScanErr   = desc("token_scan_failed", "1 if the last read of the token records for kmsd_tokens_expiring failed.")
 	descRotations    = desc("scheduled_rotations_total", "Scheduled rotations this process ran, by outcome: ok (a version committed) or error (the key stays due and is tried again).", "outcome")
@@ -105,7 +112,7 @@ func newMetrics(a *App, reg *metrics.Registry) *appMetrics {
 		hsmDuration: prometheus.NewHistogramVec(prometheus.HistogramOpts{Namespace: "kmsd", Name: "hsm_operation_duration_seconds",
 			Help: "Duration of operations on the PKCS#11 token.", Buckets: opBuckets}, []string{"op"}),
 		txDuration: prometheus.NewHistogramVec(prometheus.HistogramOpts{Namespace: "kmsd", Name: "store_transaction_duration_seconds",
-			Help: "Duration of the store's write transactions (bbolt: to fsync; etcd: the round trip), by outcome: ok, error, or conflict (lost to another replica's write, retried).", Buckets: opBuckets}, []string{"outcome"}),
+			Help: "Duration of the store's write transactions (bbolt: to fsync; etcd: the round trip), by outcome: ok, error (the store failed), rollback (the change was refused before commit), or conflict (lost to another replica's write, retried).", Buckets: opBuckets}, []string{"outcome"}),
 		conflicts: prometheus.NewCounter(prometheus.CounterOpts{Namespace: "kmsd", Name: "store_conflicts_total",
 			Help: "Write transactions that lost a compare to another replica's write and were retried (etcd)."}),
 		leader: prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: "kmsd", Name: "leader",
@@ -220,12 +227,33 @@ func (m *appMetrics) Collect(ch chan<- prometheus.Metric) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
 	if as := a.cfg.AuditStore; as != nil && a.Audit != nil {
-		size, serr := as.AuditSize(ctx)
-		cp, _, cerr := as.LatestCheckpoint(ctx)
-		if cerr != nil {
-			cp = 0 // none yet (or unreadable: then size is left out below)
+		// The log's size and newest checkpoint are store reads (and the
+		// size moves the journal into the store first): read at most once
+		// per auditReadEvery, however often the listener is scraped.
+		m.mu.Lock()
+		now := time.Now()
+		if m.auditAt.IsZero() || now.Sub(m.auditAt) >= auditReadEvery {
+			m.auditAt = now
+			size, serr := as.AuditSize(ctx)
+			cp, _, cerr := as.LatestCheckpoint(ctx)
+			if cerr != nil {
+				cp = 0 // none yet (or unreadable: then the size is left out)
+			}
+			m.auditOK = serr == nil
+			if m.auditOK {
+				uncovered := size > cp
+				switch {
+				case !uncovered:
+					m.behindFrom = time.Time{}
+				case m.behindFrom.IsZero() || cp != m.cpSize:
+					m.behindFrom = now
+				}
+				m.auditSize, m.cpSize = size, cp
+			}
 		}
-		if serr == nil {
+		ok, size, cp, behindFrom := m.auditOK, m.auditSize, m.cpSize, m.behindFrom
+		m.mu.Unlock()
+		if ok {
 			gauge(descAuditSize, float64(size))
 			gauge(descCPSize, float64(cp))
 			uncovered := uint64(0)
@@ -233,20 +261,10 @@ func (m *appMetrics) Collect(ch chan<- prometheus.Metric) {
 				uncovered = size - cp
 			}
 			gauge(descUncovered, float64(uncovered))
-			m.mu.Lock()
-			now := time.Now()
-			switch {
-			case uncovered == 0:
-				m.behindFrom = time.Time{}
-			case m.behindFrom.IsZero() || cp != m.cpSize:
-				m.behindFrom = now
-			}
-			m.cpSize = cp
 			behind := 0.0
-			if !m.behindFrom.IsZero() {
-				behind = now.Sub(m.behindFrom).Seconds()
+			if !behindFrom.IsZero() {
+				behind = now.Sub(behindFrom).Seconds()
 			}
-			m.mu.Unlock()
 			gauge(descBehind, behind)
 		}
 		if e, ok := as.(interface{ JournalUse() (int64, int64) }); ok {

@@ -16,6 +16,7 @@ import (
 	"runtime"
 	"runtime/debug"
 	"strings"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
@@ -57,7 +58,10 @@ func New(namespace string) *Registry {
 // Handler serves the registry in Prometheus's text (or OpenMetrics)
 // format; with a bearer token, only to requests that present it.
 func (r *Registry) Handler(bearer string) http.Handler {
-	h := promhttp.HandlerFor(r.Registry, promhttp.HandlerOpts{ErrorHandling: promhttp.ContinueOnError, EnableOpenMetrics: true})
+	// Two scrapes at a time, each bounded: a scraper looping on the
+	// listener waits (503 past two) instead of taking kmsd's cores.
+	h := promhttp.HandlerFor(r.Registry, promhttp.HandlerOpts{ErrorHandling: promhttp.ContinueOnError, EnableOpenMetrics: true,
+		MaxRequestsInFlight: 2, Timeout: 10 * time.Second})
 	if bearer == "" {
 		return h
 	}

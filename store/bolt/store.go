@@ -254,7 +254,14 @@ func (s *Store) Close() error {
 func (s *Store) update(fn func(r *rtx) error) (err error) {
 	s.writeMu.Lock()
 	defer s.writeMu.Unlock()
-	defer func(start time.Time) { s.obs.Done(start, storekit.Outcome(err)) }(time.Now())
+	rolledBack := false // fn refused the change (a 400, a lost guard): not a store failure
+	defer func(start time.Time) {
+		outcome := storekit.Outcome(err)
+		if rolledBack {
+			outcome = "rollback"
+		}
+		s.obs.Done(start, outcome)
+	}(time.Now())
 	tx, err := s.db.Begin(true)
 	if err != nil {
 		return err
@@ -274,6 +281,7 @@ func (s *Store) update(fn func(r *rtx) error) (err error) {
 	}()
 	r := &rtx{Tx: tx, a: s.auth}
 	if err := fn(r); err != nil {
+		rolledBack = true
 		return err
 	}
 	if err := r.finish(); err != nil {

@@ -6,8 +6,10 @@ import (
 )
 
 // Observer is told of each write transaction a store ends: how long it
-// took and how it ended: "ok", "error", or "conflict" (a compare lost to
-// another writer; the store re-reads and retries).
+// took and how it ended: "ok", "error" (the store failed), "rollback"
+// (the change was refused before commit: a bad request, a guard) or
+// "conflict" (a compare lost to another writer; the store re-reads and
+// retries).
 type Observer func(d time.Duration, outcome string)
 
 // Observed holds a store's Observer; the zero value has none.
