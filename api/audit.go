@@ -166,6 +166,13 @@ func (s *Server) audited(next http.Handler) http.Handler {
 					}
 				}
 				w.Header().Set("Cache-Control", "no-store")
+				if errors.Is(err, kms.ErrOutcomeUnknown) {
+					// The record (saying the answer below was not sent)
+					// may be in the log: say so, add none.
+					ev.outcomeUnknown = true
+					writeProblem(w, r, http.StatusServiceUnavailable, ProbOutcomeUnknown, "the store did not say whether this request's audit record was written, so the request's answer is withheld; retry")
+					return false
+				}
 				writeProblem(w, r, http.StatusServiceUnavailable, ProbUnavailable, "the audit log cannot record this request, so it was not carried out; retry later")
 				return false
 			}
@@ -184,6 +191,14 @@ func (s *Server) audited(next http.Handler) http.Handler {
 		}
 		if rec.Committed && s.opts.Metrics != nil {
 			s.opts.Metrics.Audited(nil) // with the change, in its transaction
+		}
+		if ev.outcomeUnknown && !rec.Committed {
+			// The change's record is in the log exactly if the change
+			// was made: none is added for this answer.
+			s.log.Error("outcome unknown: the request's change and record may or may not have committed", "request_id", ev.id)
+			w.WriteHeader(bw.status)
+			_, _ = w.Write(bw.body.Bytes())
+			return
 		}
 		if !rec.Committed && !record(bw.status, bw.body.Len()) {
 			return

@@ -34,7 +34,12 @@ const (
 	ProbInternal         = "internal"
 	ProbBlobCorrupt      = "blob-corrupt"
 	ProbStoreTampered    = "store-tampered"
+	ProbOutcomeUnknown   = "outcome-unknown"
 )
+
+// outcomeUnknownDetail is what a client is told when the store did not
+// say whether its change committed.
+const outcomeUnknownDetail = "the store did not say whether this change was made (etcd lost its leader or the connection and did not answer in time): it may have been; read the resource, or find this request id in the audit log, before retrying"
 
 var problemTitles = map[string]string{
 	ProbInvalid:          "The request is invalid",
@@ -56,6 +61,7 @@ var problemTitles = map[string]string{
 	ProbRange:            "Range not satisfiable",
 	ProbPrecondition:     "Precondition failed",
 	ProbInternal:         "Internal error",
+	ProbOutcomeUnknown:   "The outcome of the change is unknown",
 }
 
 var kindProblems = map[kms.Kind]struct {
@@ -109,6 +115,16 @@ func writeError(w http.ResponseWriter, r *http.Request, err error) {
 			}
 		}
 		writeProblem(w, r, http.StatusInternalServerError, ProbStoreTampered, kms.TamperMessage)
+		return
+	}
+	if errors.Is(err, kms.ErrOutcomeUnknown) {
+		// The request's record went with the change, or did not: the
+		// log holds it exactly when the change was made, so none is
+		// added for this answer.
+		if ev := eventFrom(r); ev != nil {
+			ev.err, ev.outcomeUnknown = err, true
+		}
+		writeProblem(w, r, http.StatusServiceUnavailable, ProbOutcomeUnknown, outcomeUnknownDetail)
 		return
 	}
 	kp := kindProblems[kms.KindOf(err)]

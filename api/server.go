@@ -126,6 +126,9 @@ type event struct {
 	principal *kms.Principal
 	authErr   error            // why the presented token was refused; nil if none was presented
 	rec       *kms.AuditRecord // pending audit record, nil when auditing is off
+	// outcomeUnknown: the store did not say whether the request's change
+	// (and its record) committed; no second record is written.
+	outcomeUnknown bool
 }
 
 type ctxKey struct{}

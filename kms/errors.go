@@ -25,6 +25,12 @@ func PublicMessage(err error) string {
 	return e.Msg
 }
 
+// ErrOutcomeUnknown: the store did not say whether a change committed
+// (etcd timed out, lost its leader or the connection, and did not answer
+// when asked again within the store's budget). The change may or may not
+// have been made.
+var ErrOutcomeUnknown = errors.New("the store did not say whether the change committed")
+
 // TamperMessage is what a client is told of a record that failed its
 // integrity check.
 const TamperMessage = "a record kmsd keeps failed its integrity check (edited, invented, moved or rolled back in the store); kmsd does not act on it: see the log and the audit record of this request"

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"strings"
 	"sync"
 	"time"
@@ -145,23 +146,78 @@ func (s *Store) send(ctx context.Context, w *wtx, orElse ...clientv3.Op) (resp *
 			s.shard.cur, s.shard.seq, s.shard.rev = next, s.shard.seq+1, resp.Header.Revision
 			return resp, nil
 		}
-		want := s.shard.seq + 1
+		if err != nil {
+			return s.resolve(ctx, next, err)
+		}
 		if rerr := s.refreshShard(ctx); rerr != nil {
 			return nil, rerr
 		}
-		if err != nil && s.shard.seq == want && s.shard.cur == next {
-			// The transaction was applied although the call failed
-			// (etcd applies the write that crosses its space quota and
-			// then answers "database space exceeded"; a timeout after
-			// the commit): the shard it wrote says so. It committed.
-			s.ownMu.RLock() // noteOwn's contract
-			s.noteOwn(s.shard.rev)
-			s.ownMu.RUnlock()
-			return &clientv3.TxnResponse{Succeeded: true, Header: &etcdserverpb.ResponseHeader{Revision: s.shard.rev}}, nil
-		}
-		return resp, err
+		return resp, nil
 	}
 	return s.txn(ctx, cmps, ops, orElse)
+}
+
+// ResolveBudget bounds how long a transaction whose outcome etcd did not
+// say (a timeout, a leader change, a broken connection) is resolved
+// before ErrOutcomeUnknown is returned.
+var ResolveBudget = 10 * time.Second
+
+// resolve finds whether a transaction whose call failed committed. It
+// moved this process's shard from seq to seq+1 (to next), comparing the
+// shard's revision, and nothing else moves the shard: so a shard at
+// seq+1 says it committed. A shard still at seq says nothing yet (the
+// transaction may still be applied, by a new leader): a fence moves it
+// to seq+2 under the same compare, after which the transaction can never
+// apply, so it failed. A shard at seq+2 is the fence's (applied although
+// its own call failed). Called with s.shard.mu held.
+func (s *Store) resolve(ctx context.Context, next storekit.Digest, cause error) (*clientv3.TxnResponse, error) {
+	seq, rev, cur := s.shard.seq, s.shard.rev, s.shard.cur
+	k := s.shardK(s.seal.writer)
+	deadline := time.Now().Add(ResolveBudget)
+	for {
+		rerr := s.refreshShard(ctx)
+		if rerr == nil {
+			switch {
+			case s.shard.seq == seq+1 && s.shard.cur == next:
+				// It committed although the call failed (etcd applies the
+				// write that crosses its space quota, then answers
+				// "database space exceeded"; a timeout after the commit).
+				s.ownMu.RLock() // noteOwn's contract
+				s.noteOwn(s.shard.rev)
+				s.ownMu.RUnlock()
+				return &clientv3.TxnResponse{Succeeded: true, Header: &etcdserverpb.ResponseHeader{Revision: s.shard.rev}}, nil
+			case s.shard.seq == seq+2 && s.shard.cur == cur:
+				return nil, fmt.Errorf("%w (it did not commit: fenced)", cause)
+			case s.shard.seq != seq:
+				return nil, s.auth.Tamper(s.rel(k), fmt.Sprintf("this process's shard of the digest moved from write %d to %d while one transaction was outstanding", seq, s.shard.seq))
+			case errors.Is(cause, rpctypes.ErrNoSpace):
+				// Not applied, and with the space alarm raised etcd
+				// applies no write that is still in flight: it failed.
+				return nil, cause
+			}
+			// Not applied yet: fence it.
+			tctx, cancel := s.ctx(context.WithoutCancel(ctx))
+			fresp, ferr := s.cli.Txn(tctx).If(clientv3.Compare(clientv3.ModRevision(k), "=", rev)).
+				Then(clientv3.OpPut(k, string(s.auth.Seal(s.rel(k), seq+2, cur.Bytes())))).Commit()
+			cancel()
+			if ferr == nil && fresp.Succeeded {
+				s.shard.seq, s.shard.rev = seq+2, fresp.Header.Revision
+				return nil, fmt.Errorf("%w (it did not commit: fenced)", cause)
+			}
+			if errors.Is(ferr, rpctypes.ErrNoSpace) {
+				// etcd filled up meanwhile: the fence is refused before
+				// it is proposed, and the space alarm stops the
+				// transaction too. Read once more to be sure.
+				cause = fmt.Errorf("%v (then: %w)", cause, ferr)
+			}
+			// The fence lost (the transaction applied meanwhile) or its
+			// own outcome is unknown: read the shard again.
+		}
+		if time.Now().After(deadline) {
+			return nil, fmt.Errorf("%w: %v", kms.ErrOutcomeUnknown, cause)
+		}
+		time.Sleep(100*time.Millisecond + time.Duration(rand.Int64N(int64(100*time.Millisecond))))
+	}
 }
 
 // refreshShard reads this process's shard after a transaction that failed
@@ -198,7 +254,16 @@ func (s *Store) refreshShard(ctx context.Context) error {
 func (s *Store) txn(ctx context.Context, cmps []clientv3.Cmp, ops, orElse []clientv3.Op) (*clientv3.TxnResponse, error) {
 	s.ownMu.RLock()
 	defer s.ownMu.RUnlock()
-	resp, err := s.cli.Txn(ctx).If(cmps...).Then(ops...).Else(orElse...).Commit()
+	send := func(ctx context.Context) (*clientv3.TxnResponse, error) {
+		return s.cli.Txn(ctx).If(cmps...).Then(ops...).Else(orElse...).Commit()
+	}
+	var resp *clientv3.TxnResponse
+	var err error
+	if testHookTxn != nil {
+		resp, err = testHookTxn(ctx, send)
+	} else {
+		resp, err = send(ctx)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("etcd: %w", err)
 	}
@@ -207,6 +272,10 @@ func (s *Store) txn(ctx context.Context, cmps []clientv3.Cmp, ops, orElse []clie
 	}
 	return resp, nil
 }
+
+// testHookTxn, if set (tests only), sends a transaction in place of
+// txn: it may delay it, fail the call, or both.
+var testHookTxn func(ctx context.Context, send func(context.Context) (*clientv3.TxnResponse, error)) (*clientv3.TxnResponse, error)
 
 // ErrUntagged: the prefix holds records but no record key.
 var ErrUntagged = errors.New("the etcd prefix holds records without tags and no record key: written by a kmsd from before records had tags, or forged by whoever can write etcd; check it is the prefix you expect, then start kmsd once with --upgrade-untagged-store to tag its records (README: Storage trust)")

@@ -16,6 +16,13 @@ func SetBeforeCommit(t *testing.T, f func()) {
 	t.Cleanup(func() { testHookBeforeCommit = nil })
 }
 
+// SetTxn sends every transaction through f for one test (see
+// testHookTxn).
+func SetTxn(t *testing.T, f func(ctx context.Context, send func(context.Context) (*clientv3.TxnResponse, error)) (*clientv3.TxnResponse, error)) {
+	testHookTxn = f
+	t.Cleanup(func() { testHookTxn = nil })
+}
+
 // SealRounds counts the seal transactions s committed.
 func (s *Store) SealRounds() uint64 { return s.seal.rounds.Load() }
 

@@ -265,6 +265,11 @@ func (s *Store) commit(ctx context.Context, w *wtx, recs []*kms.AuditRecord) (er
 	if len(w.ops) == 0 {
 		return nil
 	}
+	// Every commit moves this process's digest shard, even one that
+	// changes no digested record (an audit group alone): the shard is how
+	// a commit whose call failed is found to have committed or not
+	// (send, resolve).
+	w.moved = true
 	// Once sent, a transaction is not abandoned when the caller's context
 	// ends (a client that went away mid-request): abandoned, it might
 	// still commit, and the caller would report a failure, with a record

@@ -1,0 +1,86 @@
+package etcd_test
+
+import (
+	"context"
+	"errors"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/kmsd-project/kmsd/kms"
+	"github.com/kmsd-project/kmsd/store/etcd"
+)
+
+var errLost = errors.New("injected: the connection broke with the transaction sent")
+
+// TestUnknownOutcomeIsResolved is issue 24's third defect: a transaction
+// whose call fails (an etcd leader killed, a timeout) may still be
+// applied afterwards, by the new leader. kmsd read its shard once, saw
+// nothing yet and answered the change failed (503, and a second audit
+// record for the request), and the change then committed. Here the call
+// fails and the transaction is sent late: either the store says it
+// committed and it did, or it says it failed and it never applies.
+func TestUnknownOutcomeIsResolved(t *testing.T) {
+	s := open(t, newPrefix(t))
+	if err := s.CreateKey(ctx, &kms.Key{Name: "k", Kind: "ml-dsa-65", Primary: 1, Latest: 1}, &kms.Version{Number: 1, State: kms.StateEnabled}, []*kms.AuditRecord{rec("create")}); err != nil {
+		t.Fatal(err)
+	}
+	for _, delay := range []time.Duration{0, 300 * time.Millisecond} {
+		var late sync.WaitGroup
+		var armed atomic.Bool
+		armed.Store(true)
+		etcd.SetTxn(t, func(ctx context.Context, send func(context.Context) (*clientv3.TxnResponse, error)) (*clientv3.TxnResponse, error) {
+			if !armed.CompareAndSwap(true, false) {
+				return send(ctx)
+			}
+			if delay == 0 {
+				// Applied, and the answer lost.
+				if _, err := send(ctx); err != nil {
+					t.Error(err)
+				}
+				return nil, errLost
+			}
+			// Not applied yet: the new leader applies it later (a
+			// proposal in Raft does not end with the client's call).
+			late.Add(1)
+			go func() {
+				defer late.Done()
+				time.Sleep(delay)
+				resp, err := send(context.Background())
+				t.Logf("the late transaction: %v %v", resp != nil && resp.Succeeded, err)
+			}()
+			return nil, errLost
+		})
+		before, err := s.GetKey(ctx, "k")
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, rerr := rotate(s, "k", "rotate")
+		late.Wait()
+		etcd.SetTxn(t, nil)
+		after, err := s.GetKey(ctx, "k")
+		if err != nil {
+			t.Fatal(err)
+		}
+		committed := after.Latest == before.Latest+1
+		switch {
+		case rerr == nil && !committed:
+			t.Fatalf("delay %v: the rotation was answered done and is not in the store", delay)
+		case rerr != nil && committed:
+			t.Fatalf("delay %v: the rotation was answered failed (%v) and committed", delay, rerr)
+		case rerr != nil && !errors.Is(rerr, errLost):
+			t.Fatalf("delay %v: %v", delay, rerr)
+		}
+		t.Logf("delay %v: committed %v, answered %v", delay, committed, rerr)
+	}
+	// The store goes on: the shard the fence moved is taken as it is.
+	if _, err := rotate(s, "k", "again"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Scrub(ctx); err != nil {
+		t.Fatal(err)
+	}
+}
