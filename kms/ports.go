@@ -93,6 +93,15 @@ type Store interface {
 	Watch(fn func([]Change))
 }
 
+// Freshness is a store whose change feed can lag what is committed
+// (replicas: another process's commit reaches Watch's callbacks through
+// etcd's watch). FreshWithin reports whether every change committed more
+// than d ago has reached them, measured on the monotonic clock (a process
+// paused or cut off from etcd is not fresh).
+type Freshness interface {
+	FreshWithin(d time.Duration) bool
+}
+
 // KeyTx is one key inside a Store.UpdateKey transaction.
 type KeyTx interface {
 	// Key is the header, to read and change.

@@ -90,14 +90,27 @@ func get[K comparable, V any](c *readCache, m map[K]V, k K) (V, bool) {
 	return v, ok
 }
 
+// cacheFresh reports whether cached records may be served: always on a
+// store whose change feed does not lag; on replicas only while every
+// change committed more than StaleBound ago has reached the cache (a
+// replica that was paused, partitioned or slow reads from etcd until its
+// watch catches up).
+func (s *Service) cacheFresh() bool {
+	return s.fresh == nil || s.fresh.FreshWithin(s.bound)
+}
+
 // cachedKey returns the header of a key, from the cache or the store (shared:
 // read only).
 func (s *Service) cachedKey(ctx context.Context, name string) (*Key, error) {
-	if k, ok := get(s.rc, s.rc.keys, name); ok {
-		s.counts.readHits.Add(1)
-		return k, nil
+	if s.cacheFresh() {
+		if k, ok := get(s.rc, s.rc.keys, name); ok {
+			s.counts.readHits.Add(1)
+			return k, nil
+		}
+		s.counts.readMisses.Add(1)
+	} else {
+		s.counts.readStale.Add(1)
 	}
-	s.counts.readMisses.Add(1)
 	gen := s.rc.generation()
 	k, err := s.store.GetKey(ctx, name)
 	if err != nil {
@@ -111,11 +124,15 @@ func (s *Service) cachedKey(ctx context.Context, name string) (*Key, error) {
 // (shared: read only).
 func (s *Service) cachedVersion(ctx context.Context, name string, n uint64) (*Version, error) {
 	ref := VersionRef{name, n}
-	if v, ok := get(s.rc, s.rc.versions, ref); ok {
-		s.counts.readHits.Add(1)
-		return v, nil
+	if s.cacheFresh() {
+		if v, ok := get(s.rc, s.rc.versions, ref); ok {
+			s.counts.readHits.Add(1)
+			return v, nil
+		}
+		s.counts.readMisses.Add(1)
+	} else {
+		s.counts.readStale.Add(1)
 	}
-	s.counts.readMisses.Add(1)
 	gen := s.rc.generation()
 	v, err := s.store.GetVersion(ctx, name, n)
 	if err != nil {
@@ -128,11 +145,15 @@ func (s *Service) cachedVersion(ctx context.Context, name string, n uint64) (*Ve
 // cachedToken returns a token record, from the cache or the store (shared:
 // read only). Unknown ids are not cached, so guessing fills nothing.
 func (s *Service) cachedToken(ctx context.Context, id string) (*Token, error) {
-	if t, ok := get(s.rc, s.rc.tokens, id); ok {
-		s.counts.readHits.Add(1)
-		return t, nil
+	if s.cacheFresh() {
+		if t, ok := get(s.rc, s.rc.tokens, id); ok {
+			s.counts.readHits.Add(1)
+			return t, nil
+		}
+		s.counts.readMisses.Add(1)
+	} else {
+		s.counts.readStale.Add(1)
 	}
-	s.counts.readMisses.Add(1)
 	gen := s.rc.generation()
 	t, err := s.store.GetToken(ctx, id)
 	if err != nil {

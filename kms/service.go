@@ -30,6 +30,10 @@ type Config struct {
 	// tokens each are held in memory (default 4096); negative: off. The
 	// cache follows the store's change feed (Store.Watch).
 	RecordCacheSize int
+	// StaleBound: on a store whose change feed can lag (kms.Freshness),
+	// a cached record is served only while the feed is fresh within it;
+	// otherwise the record is read from the store (default 1 s).
+	StaleBound time.Duration
 	// MaxKeysetBytes refuses HE keys whose keyset would be larger (default
 	// 4 GiB). MaxGenerations bounds HE keyset generations at once (default
 	// 1); past it, requests are refused with "exhausted" (429).
@@ -63,6 +67,8 @@ type Service struct {
 	log    *slog.Logger
 	cache  *keyCache
 	rc     *readCache
+	fresh  Freshness // nil: the change feed never lags (one process)
+	bound  time.Duration
 	audit  bool
 
 	maxTokenTTL time.Duration
@@ -129,6 +135,11 @@ func NewService(cfg Config) (*Service, error) {
 		cfg.RecordCacheSize = 4096
 	}
 	s.rc = newReadCache(cfg.RecordCacheSize)
+	s.fresh, _ = cfg.Store.(Freshness)
+	s.bound = cfg.StaleBound
+	if s.bound <= 0 {
+		s.bound = time.Second
+	}
 	s.minRotation, s.rotationEvery = cfg.MinRotationPeriod, cfg.RotationCheckInterval
 	if s.minRotation <= 0 {
 		s.minRotation = DefaultMinRotationPeriod

@@ -10,6 +10,7 @@ import (
 type counts struct {
 	keyHits, keyMisses   atomic.Uint64 // the unsealed-key cache
 	readHits, readMisses atomic.Uint64 // the record cache (headers, versions, tokens)
+	readStale            atomic.Uint64 // reads past the cache while the change feed was not fresh
 	genRefused           atomic.Uint64 // HE generations refused: every slot taken
 }
 
@@ -21,6 +22,9 @@ type Stats struct {
 	// RecordCacheHits and RecordCacheMisses count reads of key headers,
 	// versions and tokens: a miss costs a store read.
 	RecordCacheHits, RecordCacheMisses uint64
+	// RecordCacheStale counts reads that went to the store because the
+	// change feed was not fresh within StaleBound (replicas).
+	RecordCacheStale uint64
 	// GenerationsRunning is the HE keyset generations running now, of
 	// GenerationSlots; GenerationsRefused counts those refused because
 	// every slot was taken.
@@ -32,7 +36,7 @@ type Stats struct {
 func (s *Service) Stats() Stats {
 	return Stats{
 		KeyCacheHits: s.counts.keyHits.Load(), KeyCacheMisses: s.counts.keyMisses.Load(),
-		RecordCacheHits: s.counts.readHits.Load(), RecordCacheMisses: s.counts.readMisses.Load(),
+		RecordCacheHits: s.counts.readHits.Load(), RecordCacheMisses: s.counts.readMisses.Load(), RecordCacheStale: s.counts.readStale.Load(),
 		GenerationsRunning: len(s.generations), GenerationSlots: cap(s.generations),
 		GenerationsRefused: s.counts.genRefused.Load(),
 	}

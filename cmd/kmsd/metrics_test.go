@@ -178,7 +178,7 @@ func TestMetrics(t *testing.T) {
 	// Every kmsd metric the alerting rules and the dashboard use is one
 	// kmsd serves (the etcd watch's only on etcd: TestReplicaMetrics).
 	for _, name := range testmetrics.NamesIn(t, "kmsd_", "../../deploy/prometheus/alerts.yml", "../../deploy/grafana/kmsd.json") {
-		if strings.HasPrefix(name, "kmsd_mcp_") || name == "kmsd_store_watch_silence_seconds" {
+		if strings.HasPrefix(name, "kmsd_mcp_") || name == "kmsd_store_watch_silence_seconds" || name == "kmsd_store_cache_staleness_seconds" {
 			continue
 		}
 		if after.Families[name] == nil {
@@ -287,6 +287,9 @@ func TestReplicaMetrics(t *testing.T) {
 		testmetrics.Promtool(t, s.Text, "check", "metrics")
 		if silence := s.Must(t, "kmsd_store_watch_silence_seconds"); silence > 5 {
 			t.Errorf("replica %d last heard from etcd %v s ago", i, silence)
+		}
+		if stale := s.Must(t, "kmsd_store_cache_staleness_seconds"); stale > 1 {
+			t.Errorf("replica %d's caches %v s behind", i, stale)
 		}
 	}
 	lead := got["checkpoints"][0]

@@ -65,7 +65,7 @@ type tokenCount struct {
 
 // Descriptors of what a scrape reads.
 var (
-	descCache        = desc("cache_requests_total", "Lookups in the service's caches: private_key (a miss unseals in the HSM) and record (key headers, versions, tokens: a miss reads the store).", "cache", "result")
+	descCache        = desc("cache_requests_total", "Lookups in the service's caches: private_key (a miss unseals in the HSM) and record (key headers, versions, tokens: a miss reads the store; stale: read from the store because the replica's change feed was not fresh within the bound).", "cache", "result")
 	descGenRunning   = desc("he_generations_running", "HE keyset generations running now.")
 	descGenSlots     = desc("he_generation_slots", "HE keyset generations that may run at once (--he-generations).")
 	descGenRefused   = desc("he_generations_refused_total", "HE keyset generations refused because every slot was taken (answered 429, or a scheduled rotation left for later).")
@@ -89,6 +89,7 @@ var (
 	descOverdueSecs  = desc("rotation_overdue_seconds", "How far past its next_rotation_time the most overdue key was at the last scan.")
 	descLastScan     = desc("rotation_last_scan_timestamp_seconds", "When this process last scanned for keys due for rotation (absent until it leads rotation).")
 	descWatchSilence = desc("store_watch_silence_seconds", "Seconds since the etcd watch last heard from the cluster (an event or a progress notice).")
+	descStaleness    = desc("store_cache_staleness_seconds", "How far the replica's caches may lag etcd: seconds since its newest heartbeat seen back by its watch was sent. Above 1 s (the bound) cached records are not served: they are read from etcd.")
 )
 
 func desc(name, help string, labels ...string) *prometheus.Desc {
@@ -184,7 +185,7 @@ func (m *appMetrics) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descCache, descGenRunning, descGenSlots, descGenRefused, descHSMUp, descHSMReconnect,
 		descAuditSize, descCPSize, descUncovered, descBehind, descWALUsed, descWALSize, descArchived, descArchiveLag,
 		descArchiveFail, descPruned, descTokExpiring, descTokSoonest, descTokScanErr, descWatchSilence,
-		descRotations, descOverdueKeys, descOverdueSecs, descLastScan} {
+		descRotations, descOverdueKeys, descOverdueSecs, descLastScan, descStaleness} {
 		ch <- d
 	}
 }
@@ -205,6 +206,7 @@ func (m *appMetrics) Collect(ch chan<- prometheus.Metric) {
 	counter(descCache, float64(st.KeyCacheMisses), "private_key", "miss")
 	counter(descCache, float64(st.RecordCacheHits), "record", "hit")
 	counter(descCache, float64(st.RecordCacheMisses), "record", "miss")
+	counter(descCache, float64(st.RecordCacheStale), "record", "stale")
 	gauge(descGenRunning, float64(st.GenerationsRunning))
 	gauge(descGenSlots, float64(st.GenerationSlots))
 	counter(descGenRefused, float64(st.GenerationsRefused))
@@ -289,6 +291,9 @@ func (m *appMetrics) Collect(ch chan<- prometheus.Metric) {
 	m.collectTokens(ctx, gauge)
 	if s, ok := a.cfg.Store.(interface{ SinceHeard() time.Duration }); ok {
 		gauge(descWatchSilence, s.SinceHeard().Seconds())
+	}
+	if s, ok := a.cfg.Store.(interface{ Staleness() time.Duration }); ok {
+		gauge(descStaleness, s.Staleness().Seconds())
 	}
 }
 

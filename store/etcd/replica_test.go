@@ -149,9 +149,9 @@ func TestWatchReachesOtherReplicas(t *testing.T) {
 		t.Fatal(err)
 	}
 	start := time.Now()
-	wait := func(want func(kms.Change) bool, what string) {
+	wait := func(want func(kms.Change) bool, what string, within time.Duration) {
 		t.Helper()
-		deadline := time.After(etcd.Bound() + time.Second)
+		deadline := time.After(within)
 		for {
 			select {
 			case ch := <-changes:
@@ -160,11 +160,11 @@ func TestWatchReachesOtherReplicas(t *testing.T) {
 					return
 				}
 			case <-deadline:
-				t.Fatalf("%s not seen within %v", what, etcd.Bound()+time.Second)
+				t.Fatalf("%s not seen within %v", what, within)
 			}
 		}
 	}
-	wait(func(ch kms.Change) bool { return ch.Token == "tok1" }, "another replica's token change")
+	wait(func(ch kms.Change) bool { return ch.Token == "tok1" }, "another replica's token change", etcd.Bound())
 	if err := rs[0].UpdateToken(ctx, "tok1", func(tk *kms.Token) ([]*kms.AuditRecord, error) {
 		now := time.Now()
 		tk.RevokedAt = &now
@@ -173,10 +173,23 @@ func TestWatchReachesOtherReplicas(t *testing.T) {
 		t.Fatal(err)
 	}
 	start = time.Now()
-	wait(func(ch kms.Change) bool { return ch.Token == "tok1" }, "another replica's revocation")
+	wait(func(ch kms.Change) bool { return ch.Token == "tok1" }, "another replica's revocation", etcd.Bound())
+	if !rs[1].FreshWithin(etcd.Bound()) {
+		t.Fatal("a replica hearing from etcd is not fresh")
+	}
 	c.Kill(0)
 	start = time.Now()
-	wait(func(ch kms.Change) bool { return ch.All }, "drop everything after etcd went silent")
+	// Within the bound the replica stops counting itself fresh (its
+	// caches are read past), and later drops everything.
+	deadline := time.Now().Add(etcd.Bound() + etcd.HeartbeatInterval + 500*time.Millisecond)
+	for rs[1].FreshWithin(etcd.Bound()) {
+		if time.Now().After(deadline) {
+			t.Fatalf("still fresh %v after etcd was killed", time.Since(start))
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	t.Logf("not fresh after %v", time.Since(start).Round(time.Millisecond))
+	wait(func(ch kms.Change) bool { return ch.All }, "drop everything after etcd went silent", etcd.StaleAfter+etcd.ProgressInterval+time.Second)
 	if rs[1].Resets() == 0 {
 		t.Fatal("no reset counted")
 	}

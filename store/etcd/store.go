@@ -155,6 +155,9 @@ func Open(ctx context.Context, cli *clientv3.Client, o Options) (*Store, error) 
 	if err := s.audit.Start(ctx); err != nil {
 		return nil, err
 	}
+	s.health.base = time.Now()
+	s.health.fresh.Store(-1)
+	s.health.sent = map[string]time.Duration{}
 	go s.watch()
 	s.startSealing()
 	return s, nil

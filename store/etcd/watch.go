@@ -2,9 +2,12 @@ package etcd
 
 import (
 	"context"
+	crand "crypto/rand"
+	"encoding/hex"
 	"fmt"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -16,25 +19,134 @@ import (
 
 // The read caches of every replica are driven by a watch of the prefix:
 // a change committed on any replica drops what it names once the watch
-// delivers it (on loopback, milliseconds). The watch asks etcd for a
-// progress notice every ProgressInterval; if it has heard neither an event
-// nor a notice for StaleAfter (a member lost, a partition, a stalled
-// stream), or it ends (compaction, no leader), every watcher is told to
-// drop everything (kms.Change{All: true}), again at every interval until
-// the watch is back. So a token revoked or a version disabled on one
-// replica stops working on all within StaleAfter+ProgressInterval (2.5 s)
-// at worst.
+// delivers it (on loopback, milliseconds). How fresh that is, is measured:
+// every HeartbeatInterval each replica writes its heartbeat key (P
+// lead/hb/<writer>, under a lease) inside the watched range, and notes on
+// the monotonic clock when it sent it. The watch delivers events in
+// revision order, so when the heartbeat's own event arrives, every change
+// acknowledged before the heartbeat was sent has arrived before it:
+// FreshWithin(d) holds while the newest heartbeat seen back was sent
+// within d. The service serves cached records only while it holds
+// (kms.Freshness, StaleBound 1 s), and reads from etcd otherwise: a
+// replica paused (SIGSTOP), cut off from etcd or slow serves nothing
+// older than the bound. (etcd's own progress notices are not used: etcd
+// 3.4 may send one ahead of events an unsynced watcher has not been sent
+// yet.)
+//
+// Besides, if the watch has heard nothing for StaleAfter, or it ends
+// (compaction, no leader), every watcher is told to drop everything
+// (kms.Change{All: true}), again at every ProgressInterval until the
+// watch is back.
 var (
-	ProgressInterval = 500 * time.Millisecond
-	StaleAfter       = 2 * time.Second
+	ProgressInterval  = 500 * time.Millisecond
+	StaleAfter        = 2 * time.Second
+	HeartbeatInterval = 200 * time.Millisecond
 )
 
-// Bound is the longest a replica may serve a record changed elsewhere.
-func Bound() time.Duration { return StaleAfter + ProgressInterval }
+// Bound is the longest the caches may lag: the service's StaleBound (its
+// default, 1 s), which the heartbeats keep.
+func Bound() time.Duration { return time.Second }
 
 type watchHealth struct {
 	heard  atomic.Int64 // unix ns of the last event or progress notice
 	resets atomic.Uint64
+	// fresh: when the newest heartbeat seen back by the watch was sent,
+	// in ns since base (the monotonic clock); -1: none yet.
+	base  time.Time
+	fresh atomic.Int64
+	hbMu  sync.Mutex
+	sent  map[string]time.Duration // heartbeat value -> when it was sent (since base)
+	beats atomic.Uint64
+}
+
+// FreshWithin implements kms.Freshness: every change committed more than
+// d ago has reached the watchers.
+func (s *Store) FreshWithin(d time.Duration) bool {
+	f := s.health.fresh.Load()
+	return f >= 0 && time.Since(s.health.base)-time.Duration(f) <= d
+}
+
+// Staleness is how far behind the caches may be: the time since the
+// newest heartbeat seen back was sent (for metrics).
+func (s *Store) Staleness() time.Duration {
+	f := s.health.fresh.Load()
+	if f < 0 {
+		return time.Since(s.health.base)
+	}
+	return time.Since(s.health.base) - time.Duration(f)
+}
+
+// heartbeatK is this process's heartbeat key.
+func (s *Store) heartbeatK() string { return s.p + "lead/hb/" + s.seal.writer }
+
+// heartbeats writes this process's heartbeat every HeartbeatInterval until
+// ctx ends, under a lease of its own, one at a time.
+func (s *Store) heartbeats(ctx context.Context) {
+	t := time.NewTicker(HeartbeatInterval)
+	defer t.Stop()
+	var lease clientv3.LeaseID
+	for ctx.Err() == nil {
+		if lease == 0 {
+			gctx, cancel := s.ctx(ctx)
+			g, err := s.cli.Grant(gctx, 10)
+			cancel()
+			if err == nil {
+				if ka, err := s.cli.KeepAlive(ctx, g.ID); err == nil {
+					lease = g.ID
+					go func() {
+						for range ka {
+						}
+					}()
+				}
+			}
+		}
+		if lease != 0 {
+			// A random value names the heartbeat: one that is forged or
+			// put back in etcd matches none this process is waiting for.
+			b := make([]byte, 12)
+			_, _ = crand.Read(b)
+			nonce := hex.EncodeToString(b)
+			sent := time.Since(s.health.base)
+			s.health.hbMu.Lock()
+			for n, at := range s.health.sent {
+				if sent-at > 10*time.Second {
+					delete(s.health.sent, n)
+				}
+			}
+			s.health.sent[nonce] = sent
+			s.health.hbMu.Unlock()
+			pctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+			_, err := s.cli.Put(pctx, s.heartbeatK(), nonce, clientv3.WithLease(lease))
+			cancel()
+			s.health.beats.Add(1)
+			if err != nil && strings.Contains(err.Error(), "lease not found") {
+				lease = 0
+			}
+		}
+		select {
+		case <-ctx.Done():
+		case <-t.C:
+		}
+	}
+	if lease != 0 {
+		rctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		_, _ = s.cli.Revoke(rctx, lease)
+		cancel()
+	}
+}
+
+// sawHeartbeat notes a heartbeat of this process the watch delivered.
+func (s *Store) sawHeartbeat(ev *clientv3.Event) {
+	if string(ev.Kv.Key) != s.heartbeatK() || ev.Type != clientv3.EventTypePut {
+		return
+	}
+	s.health.hbMu.Lock()
+	sent, ok := s.health.sent[string(ev.Kv.Value)]
+	delete(s.health.sent, string(ev.Kv.Value))
+	s.health.hbMu.Unlock()
+	if ok && int64(sent) > s.health.fresh.Load() {
+		s.health.fresh.Store(int64(sent))
+	}
 }
 
 // Resets counts how often the watchers were told to drop everything.
@@ -107,6 +219,7 @@ func (s *Store) watch() {
 	defer cancel()
 	go func() { <-s.quit; cancel() }()
 	s.health.heard.Store(time.Now().UnixNano())
+	go s.heartbeats(ctx)
 	tick := time.NewTicker(ProgressInterval)
 	defer tick.Stop()
 	rev := s.watchFrom // the revision to watch from; 0: from now
@@ -149,6 +262,7 @@ func (s *Store) watch() {
 				}
 				var chs []kms.Change
 				for _, ev := range s.others(resp.Events, resp.Header.Revision) {
+					s.sawHeartbeat(ev)
 					s.checkEvent(ev)
 					if c, ok := s.change(string(ev.Kv.Key)); ok {
 						chs = append(chs, c)
