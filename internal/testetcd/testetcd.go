@@ -187,6 +187,13 @@ func (c *Cluster) Kill(i int) {
 	<-m.done
 }
 
+// Signal sends sig to member i (SIGSTOP, SIGCONT: a pause).
+func (c *Cluster) Signal(i int, sig os.Signal) {
+	if p := c.members[i].cmd.Process; p != nil {
+		p.Signal(sig)
+	}
+}
+
 // Restart starts member i again on its data dir (after Kill).
 func (c *Cluster) Restart(i int) {
 	m := c.members[i]
