@@ -55,8 +55,8 @@ func FormatPeriod(d time.Duration) string {
 
 // RotationStats is what the rotation scheduler did, for metrics. The
 // counters count since this process started; the last-scan figures are
-// those of the last scan this process ran (only the replica that leads
-// "rotation" scans: on the others they stay zero).
+// those of the last complete scan this process ran (only the replica that
+// leads "rotation" scans: on the others they stay zero).
 type RotationStats struct {
 	// ScheduledRotations counts the versions the scheduler committed;
 	// ScheduledFailures the scheduled rotations that failed (an HSM or
@@ -69,15 +69,21 @@ type RotationStats struct {
 	// its next_rotation_time the most overdue of them was.
 	OverdueKeys   int
 	OldestOverdue time.Duration
-	// LastScan is when the last scan started; zero if none ran.
-	LastScan time.Time
+	// LastCompleteScan is when the last scan that read every key header
+	// started; zero if none did. A scan that fails (the key listing
+	// fails: the store is down, or a header does not open) leaves it and
+	// the overdue figures as they were and counts in ScanFailures, so a
+	// stale LastCompleteScan says the scheduler cannot see the keys.
+	LastCompleteScan time.Time
+	ScanFailures     uint64
 }
 
 type rotationState struct {
 	scheduled, failures atomic.Uint64
+	scanFailures        atomic.Uint64
 	overdue             atomic.Int64
 	oldest              atomic.Int64 // ns
-	lastScan            atomic.Int64 // unix ns
+	lastComplete        atomic.Int64 // unix ns
 	heBusy              atomic.Bool  // a scheduled HE generation runs in the background
 	bg                  sync.WaitGroup
 }
@@ -90,9 +96,10 @@ func (s *Service) RotationStats() RotationStats {
 		ScheduledFailures:  s.rot.failures.Load(),
 		OverdueKeys:        int(s.rot.overdue.Load()),
 		OldestOverdue:      time.Duration(s.rot.oldest.Load()),
+		ScanFailures:       s.rot.scanFailures.Load(),
 	}
-	if ns := s.rot.lastScan.Load(); ns != 0 {
-		st.LastScan = time.Unix(0, ns).UTC()
+	if ns := s.rot.lastComplete.Load(); ns != 0 {
+		st.LastCompleteScan = time.Unix(0, ns).UTC()
 	}
 	return st
 }
@@ -114,7 +121,9 @@ func (s *Service) RunRotation(ctx context.Context) {
 // (nothing is unsealed, no version read) and rotates each key whose
 // next rotation time has come, once however many periods it missed (the
 // new version is made now, so the next is due a period from now). It
-// returns how many versions it committed in this call.
+// returns how many versions it committed in this call. A scan that cannot
+// list the keys ends there, with an error, and counts in
+// RotationStats.ScanFailures.
 //
 // The rotation is guarded: its transaction commits only if the key is
 // still due and its latest version is still the one the scan saw, so a
@@ -128,7 +137,6 @@ func (s *Service) RunRotation(ctx context.Context) {
 // the background, under ctx; the others inline.
 func (s *Service) RotateDue(ctx context.Context) (int, error) {
 	now := s.clock.Now()
-	s.rot.lastScan.Store(now.UnixNano())
 	rotated, overdue := 0, 0
 	var oldest time.Duration
 	heStarted := false
@@ -136,6 +144,13 @@ func (s *Service) RotateDue(ctx context.Context) (int, error) {
 	for {
 		batch, err := s.store.ListKeys(ctx, after, rotationScanPage)
 		if err != nil {
+			if ctx.Err() != nil {
+				return rotated, ctx.Err()
+			}
+			// No key after this page is seen (the store refuses a whole
+			// page when one header fails its tag): the scan is blind,
+			// and says so.
+			s.rot.scanFailures.Add(1)
 			return rotated, asUnavailable("store", err)
 		}
 		for _, k := range batch {
@@ -165,6 +180,7 @@ func (s *Service) RotateDue(ctx context.Context) (int, error) {
 	}
 	s.rot.overdue.Store(int64(overdue))
 	s.rot.oldest.Store(int64(oldest))
+	s.rot.lastComplete.Store(now.UnixNano())
 	return rotated, nil
 }
 

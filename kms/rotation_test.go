@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -85,7 +86,7 @@ func TestScheduledRotation(t *testing.T) {
 	if n := rotateDue(t, e.svc); n != 1 {
 		t.Fatalf("rotated %d a period after the manual rotation", n)
 	}
-	if st := e.svc.RotationStats(); st.ScheduledRotations != 3 || st.ScheduledFailures != 0 || st.OverdueKeys != 0 || !st.LastScan.Equal(e.clock.Now()) {
+	if st := e.svc.RotationStats(); st.ScheduledRotations != 3 || st.ScheduledFailures != 0 || st.OverdueKeys != 0 || st.ScanFailures != 0 || !st.LastCompleteScan.Equal(e.clock.Now()) {
 		t.Fatalf("stats %+v", st)
 	}
 
@@ -267,5 +268,61 @@ func TestScheduledRotationGuard(t *testing.T) {
 	}
 	if sc, sd := c.RotationStats(), d.RotationStats(); sc.ScheduledRotations+sd.ScheduledRotations != 3*(keys+1) || sc.ScheduledFailures+sd.ScheduledFailures != 0 {
 		t.Fatalf("stats: %+v, %+v; want %d rotations between them (k's too)", sc, sd, 3*(keys+1))
+	}
+}
+
+// listFailStore fails ListKeys while fail is set.
+type listFailStore struct {
+	kms.Store
+	fail atomic.Bool
+}
+
+func (l *listFailStore) ListKeys(ctx context.Context, after string, limit int) ([]*kms.Key, error) {
+	if l.fail.Load() {
+		return nil, errors.New("injected: store unreachable")
+	}
+	return l.Store.ListKeys(ctx, after, limit)
+}
+
+// TestRotationScanFailureIsCounted: a scan whose key listing fails counts
+// as a scan failure and leaves the last complete scan where it was, so a
+// stale timestamp and the counter say the scheduler is blind; the next
+// scan that completes moves it and rotates the overdue key.
+func TestRotationScanFailureIsCounted(t *testing.T) {
+	st, err := bolt.Open(filepath.Join(t.TempDir(), "kms.db"), bolt.Options{Sealer: testhsm.Open(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	clock := testutil.NewClock(time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC))
+	lf := &listFailStore{Store: st}
+	svc, err := kms.NewService(kms.Config{Store: lf, Sealer: testhsm.Open(t), Kinds: kms.NewRegistry(pqc.Kinds()...), Clock: clock})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := svc.CreateKey(ctx, "k", "ml-kem-768", kms.Policy{RotationPeriod: time.Hour}); err != nil {
+		t.Fatal(err)
+	}
+	if n := rotateDue(t, svc); n != 0 {
+		t.Fatalf("rotated %d at creation", n)
+	}
+	complete := clock.Now()
+	clock.Add(5 * time.Hour)
+	lf.fail.Store(true)
+	for range 3 {
+		if _, err := svc.RotateDue(ctx); !errors.Is(err, kms.ErrUnavailable) {
+			t.Fatalf("a scan whose listing fails: %v, want unavailable", err)
+		}
+		clock.Add(time.Minute)
+	}
+	if rs := svc.RotationStats(); rs.ScanFailures != 3 || !rs.LastCompleteScan.Equal(complete) {
+		t.Fatalf("after three failed scans: %+v; want 3 scan failures and the last complete scan at %v", rs, complete)
+	}
+	lf.fail.Store(false)
+	if n := rotateDue(t, svc); n != 1 {
+		t.Fatalf("the scan after the store came back rotated %d", n)
+	}
+	if rs := svc.RotationStats(); rs.ScanFailures != 3 || !rs.LastCompleteScan.Equal(clock.Now()) || rs.ScheduledFailures != 0 {
+		t.Fatalf("after a complete scan: %+v", rs)
 	}
 }

@@ -180,7 +180,7 @@ func TestScheduledRotationOnBolt(t *testing.T) {
 		name   string
 		labels []string
 		want   float64
-	}{{"kmsd_scheduled_rotations_total", []string{"outcome", "error"}, 0}, {"kmsd_rotation_overdue_keys", nil, 0}, {"kmsd_leader", []string{"role", "rotation"}, 1}} {
+	}{{"kmsd_scheduled_rotations_total", []string{"outcome", "error"}, 0}, {"kmsd_rotation_overdue_keys", nil, 0}, {"kmsd_rotation_scan_failures_total", nil, 0}, {"kmsd_leader", []string{"role", "rotation"}, 1}} {
 		if v := m.Must(t, g.name, g.labels...); v != g.want {
 			t.Errorf("%s%v = %v, want %v", g.name, g.labels, v, g.want)
 		}
