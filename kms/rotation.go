@@ -107,8 +107,14 @@ func (s *Service) RotationStats() RotationStats {
 // RunRotation rotates the keys that are due (RotateDue) every
 // Config.RotationCheckInterval until ctx ends, then waits for the
 // background HE generations it started: the work of the replica that
-// leads "rotation".
+// leads "rotation". When it returns (the lease is lost) the overdue
+// figures go back to none: they are the leader's to report, and a
+// former leader's would stay as they were forever.
 func (s *Service) RunRotation(ctx context.Context) {
+	defer func() {
+		s.rot.overdue.Store(0)
+		s.rot.oldest.Store(0)
+	}()
 	defer s.rot.bg.Wait()
 	s.every(ctx, s.rotationEvery, func(ctx context.Context) {
 		if _, err := s.RotateDue(ctx); err != nil && ctx.Err() == nil {

@@ -326,3 +326,24 @@ func TestRotationScanFailureIsCounted(t *testing.T) {
 		t.Fatalf("after a complete scan: %+v", rs)
 	}
 }
+
+// TestRotationFiguresResetWhenLeadershipEnds: a process that stops leading
+// rotation (RunRotation returns) reports no overdue keys: the leader
+// reports them.
+func TestRotationFiguresResetWhenLeadershipEnds(t *testing.T) {
+	e := newEnv(t, 0)
+	e.create(t, "x", "ml-kem-768", kms.Policy{RotationPeriod: time.Hour})
+	e.clock.Add(3 * time.Hour)
+	e.store.failUpdate.Store(true)
+	defer e.store.failUpdate.Store(false)
+	rotateDue(t, e.svc)
+	if rs := e.svc.RotationStats(); rs.OverdueKeys != 1 || rs.OldestOverdue != 2*time.Hour {
+		t.Fatalf("stats while leading: %+v", rs)
+	}
+	cctx, cancel := context.WithCancel(ctx)
+	cancel() // the lease of "rotation" is lost
+	e.svc.RunRotation(cctx)
+	if rs := e.svc.RotationStats(); rs.OverdueKeys != 0 || rs.OldestOverdue != 0 {
+		t.Fatalf("after this process stopped leading rotation: %+v, want no overdue figures", rs)
+	}
+}
