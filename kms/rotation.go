@@ -131,6 +131,9 @@ func (s *Service) RunRotation(ctx context.Context) {
 // list the keys ends there, with an error, and counts in
 // RotationStats.ScanFailures.
 //
+// A key whose latest version is dated in the future (Key.RotationDue:
+// made while the clock ran ahead) is due at once, and logged.
+//
 // The rotation is guarded: its transaction commits only if the key is
 // still due and its latest version is still the one the scan saw, so a
 // second scheduler (another replica, or a leader that lost its lease
@@ -161,9 +164,14 @@ func (s *Service) RotateDue(ctx context.Context) (int, error) {
 		}
 		for _, k := range batch {
 			after = k.Name
-			next, ok := k.NextRotation()
-			if !ok || IsInternal(k.Name) || next.After(now) {
+			next, _ := k.NextRotation()
+			due, ahead := k.RotationDue(now)
+			if !due || IsInternal(k.Name) {
 				continue
+			}
+			if ahead {
+				s.log.Warn("scheduled rotation: the key's latest version is dated in the future (the clock ran ahead when it was made, or was stepped back since); rotating it now so that its schedule runs from the clock as it is",
+					"key", k.Name, "latest_created_at", k.LatestCreatedAt, "now", now)
 			}
 			done, err := s.rotateIfDue(ctx, k, &heStarted)
 			if err != nil {
@@ -178,7 +186,9 @@ func (s *Service) RotateDue(ctx context.Context) (int, error) {
 				continue
 			}
 			overdue++
-			oldest = max(oldest, now.Sub(next))
+			if !ahead {
+				oldest = max(oldest, now.Sub(next))
+			}
 		}
 		if len(batch) < rotationScanPage {
 			break
@@ -244,12 +254,12 @@ func (s *Service) scheduledRotate(ctx context.Context, seen *Key, kind KeyKind) 
 	err = s.update(ctx, name, func(tx KeyTx) ([]*AuditRecord, error) {
 		rotatedBy = ""
 		k := tx.Key()
-		next, ok := k.NextRotation()
+		due, _ := k.RotationDue(s.clock.Now())
 		switch {
 		case k.Latest != seen.Latest:
 			rotatedBy = "another"
 			return nil, errNotDue
-		case !ok || next.After(s.clock.Now()):
+		case !due:
 			return nil, errNotDue
 		}
 		if err := tx.AddVersion(v.Clone()); err != nil {

@@ -347,3 +347,46 @@ func TestRotationFiguresResetWhenLeadershipEnds(t *testing.T) {
 		t.Fatalf("after this process stopped leading rotation: %+v, want no overdue figures", rs)
 	}
 }
+
+// TestScheduledRotationAfterClockStep: the clock steps a year ahead and
+// the scan rotates the key, stamping the version a year ahead; once the
+// clock is put right, the next scan sees a latest version made in the
+// future, rotates the key, and the schedule runs from the right time
+// again instead of a year late.
+func TestScheduledRotationAfterClockStep(t *testing.T) {
+	e := newEnv(t, 0)
+	day := 24 * time.Hour
+	e.create(t, "k", "ml-kem-768", kms.Policy{RotationPeriod: 30 * day})
+	e.create(t, "fine", "ml-kem-768", kms.Policy{RotationPeriod: 30 * day})
+	e.clock.Add(365 * day) // the clock jumps a year ahead
+	if n := rotateDue(t, e.svc); n != 2 {
+		t.Fatalf("rotated %d", n)
+	}
+	e.clock.Add(-365 * day) // and is put right
+	e.clock.Add(time.Hour)
+	// "fine" is made now: only what was stamped in the future is due.
+	if _, _, err := e.svc.Rotate(ctx, "fine"); err != nil {
+		t.Fatal(err)
+	}
+	if n := rotateDue(t, e.svc); n != 1 {
+		t.Fatalf("the scan after the clock was put right rotated %d, want 1 (k)", n)
+	}
+	k, _ := e.get(t, "k")
+	if next, _ := k.NextRotation(); k.Latest != 3 || !k.LatestCreatedAt.Equal(e.clock.Now()) || !next.Equal(e.clock.Now().Add(30*day)) {
+		t.Fatalf("after the clock was put right: latest %d made %v, next rotation %v; want 3, now, 30 days from now", k.Latest, k.LatestCreatedAt, next)
+	}
+	if n := rotateDue(t, e.svc); n != 0 {
+		t.Fatalf("the next scan rotated %d", n)
+	}
+	e.clock.Add(30 * day)
+	if n := rotateDue(t, e.svc); n != 2 {
+		t.Fatalf("a period later rotated %d, want both", n)
+	}
+	// Made within the slack (a clock a few seconds behind another
+	// replica's): not due.
+	e.create(t, "skew", "ml-kem-768", kms.Policy{RotationPeriod: 30 * day})
+	e.clock.Add(-30 * time.Second)
+	if n := rotateDue(t, e.svc); n != 0 {
+		t.Fatalf("a key made 30 s in the future rotated (%d)", n)
+	}
+}
