@@ -86,6 +86,67 @@ type rotationState struct {
 	lastComplete        atomic.Int64 // unix ns
 	heBusy              atomic.Bool  // a scheduled HE generation runs in the background
 	bg                  sync.WaitGroup
+
+	// heRetry holds the HE keys whose scheduled generation failed: each
+	// is left alone until its time, so that one key that always fails
+	// does not take the round's one HE attempt from the others.
+	heMu    sync.Mutex
+	heRetry map[string]heRetry
+}
+
+// heRetry is when a failing HE key is tried again, and how many times in a
+// row it failed.
+type heRetry struct {
+	at    time.Time
+	fails int
+}
+
+// maxHEBackoff bounds how long a failing HE key waits between scheduled
+// attempts (or one check interval, if longer).
+const maxHEBackoff = time.Hour
+
+// heWaits reports whether the HE key's last scheduled generations failed
+// and its next attempt is after now.
+func (s *Service) heWaits(name string, now time.Time) bool {
+	s.rot.heMu.Lock()
+	defer s.rot.heMu.Unlock()
+	r, ok := s.rot.heRetry[name]
+	return ok && now.Before(r.at)
+}
+
+// heOutcome records how a scheduled HE rotation of the key ended: a
+// failure puts its next attempt 2, 4, 8... check intervals later, up to
+// maxHEBackoff; anything else clears it.
+func (s *Service) heOutcome(name string, err error) {
+	s.rot.heMu.Lock()
+	defer s.rot.heMu.Unlock()
+	if err == nil {
+		delete(s.rot.heRetry, name)
+		return
+	}
+	if s.rot.heRetry == nil {
+		s.rot.heRetry = map[string]heRetry{}
+	}
+	r := s.rot.heRetry[name]
+	r.fails++
+	wait := max(maxHEBackoff, s.rotationEvery)
+	if r.fails < 20 {
+		wait = min(wait, s.rotationEvery<<r.fails)
+	}
+	r.at = s.clock.Now().Add(wait)
+	s.rot.heRetry[name] = r
+	s.log.Warn("scheduled rotation of an HE key backs off", "key", name, "failures_in_a_row", r.fails, "retry_at", r.at)
+}
+
+// heForget drops the retry times of keys a complete scan did not find due.
+func (s *Service) heForget(due map[string]bool) {
+	s.rot.heMu.Lock()
+	defer s.rot.heMu.Unlock()
+	for name := range s.rot.heRetry {
+		if !due[name] {
+			delete(s.rot.heRetry, name)
+		}
+	}
 }
 
 // RotationStats returns the scheduler's counters and the figures of its last
@@ -143,12 +204,15 @@ func (s *Service) RunRotation(ctx context.Context) {
 // most one HE key per round, and none while an earlier scheduled one still
 // generates in the background or when no slot is free (the key stays due
 // for the next round). Keysets above the async threshold are generated in
-// the background, under ctx; the others inline.
+// the background, under ctx; the others inline. An HE key whose scheduled
+// rotation failed waits (heOutcome) before it is tried again, and the
+// round's HE attempt goes to the next due HE key.
 func (s *Service) RotateDue(ctx context.Context) (int, error) {
 	now := s.clock.Now()
 	rotated, overdue := 0, 0
 	var oldest time.Duration
 	heStarted := false
+	due := map[string]bool{}
 	after := ""
 	for {
 		batch, err := s.store.ListKeys(ctx, after, rotationScanPage)
@@ -165,15 +229,16 @@ func (s *Service) RotateDue(ctx context.Context) (int, error) {
 		for _, k := range batch {
 			after = k.Name
 			next, _ := k.NextRotation()
-			due, ahead := k.RotationDue(now)
-			if !due || IsInternal(k.Name) {
+			isDue, ahead := k.RotationDue(now)
+			if !isDue || IsInternal(k.Name) {
 				continue
 			}
+			due[k.Name] = true
 			if ahead {
 				s.log.Warn("scheduled rotation: the key's latest version is dated in the future (the clock ran ahead when it was made, or was stepped back since); rotating it now so that its schedule runs from the clock as it is",
 					"key", k.Name, "latest_created_at", k.LatestCreatedAt, "now", now)
 			}
-			done, err := s.rotateIfDue(ctx, k, &heStarted)
+			done, err := s.rotateIfDue(ctx, k, now, &heStarted)
 			if err != nil {
 				if ctx.Err() != nil {
 					return rotated, ctx.Err()
@@ -197,19 +262,20 @@ func (s *Service) RotateDue(ctx context.Context) (int, error) {
 	s.rot.overdue.Store(int64(overdue))
 	s.rot.oldest.Store(int64(oldest))
 	s.rot.lastComplete.Store(now.UnixNano())
+	s.heForget(due)
 	return rotated, nil
 }
 
 // rotateIfDue rotates the key seen by the scan, or starts its background
 // generation, or leaves it for a later round; done reports a committed
 // version (or one the scan saw as due that another scheduler rotated).
-func (s *Service) rotateIfDue(ctx context.Context, seen *Key, heStarted *bool) (done bool, err error) {
+func (s *Service) rotateIfDue(ctx context.Context, seen *Key, now time.Time, heStarted *bool) (done bool, err error) {
 	kind, err := s.kinds.Lookup(seen.Kind)
 	if err != nil {
 		return false, Wrap(KindInternal, "scheduled rotation", err)
 	}
 	if _, he := kind.(KeysetKind); he {
-		if *heStarted || s.rot.heBusy.Load() || s.generationSlotFree() != nil {
+		if s.heWaits(seen.Name, now) || *heStarted || s.rot.heBusy.Load() || s.generationSlotFree() != nil {
 			return false, nil
 		}
 		*heStarted = true
@@ -219,13 +285,23 @@ func (s *Service) rotateIfDue(ctx context.Context, seen *Key, heStarted *bool) (
 			go func() {
 				defer s.rot.bg.Done()
 				defer s.rot.heBusy.Store(false)
-				if _, err := s.scheduledRotate(ctx, seen, kind); err != nil && ctx.Err() == nil {
+				_, err := s.scheduledRotate(ctx, seen, kind)
+				if ctx.Err() != nil {
+					return
+				}
+				if err != nil {
 					s.rot.failures.Add(1)
 					s.log.Error("scheduled rotation failed; the key stays due", "key", seen.Name, "err", err)
 				}
+				s.heOutcome(seen.Name, err)
 			}()
 			return false, nil
 		}
+		done, err := s.scheduledRotate(ctx, seen, kind)
+		if ctx.Err() == nil {
+			s.heOutcome(seen.Name, err)
+		}
+		return done, err
 	}
 	return s.scheduledRotate(ctx, seen, kind)
 }

@@ -2,8 +2,12 @@ package kms_test
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -388,5 +392,112 @@ func TestScheduledRotationAfterClockStep(t *testing.T) {
 	e.clock.Add(-30 * time.Second)
 	if n := rotateDue(t, e.svc); n != 0 {
 		t.Fatalf("a key made 30 s in the future rotated (%d)", n)
+	}
+}
+
+// fakeHE is an HE kind (kms.KeysetKind) whose keyset generation calls gen
+// first, which may fail or hold it, as a real one that takes minutes.
+type fakeHE struct {
+	gen     func(p kms.Policy) error
+	removed atomic.Int64
+}
+
+func (*fakeHE) Name() string                            { return "fake-he" }
+func (*fakeHE) Operations() []kms.Operation             { return []kms.Operation{kms.OpDecrypt} }
+func (*fakeHE) Load(kms.Secret) (kms.PrivateKey, error) { return nil, nil }
+func (*fakeHE) Generate(io.Reader) (kms.Secret, []byte, error) {
+	return kms.Secret{}, nil, errors.New("keyset kind")
+}
+func (*fakeHE) CheckPolicy(p kms.Policy) (kms.Policy, int64, error) { return p, 1 << 10, nil }
+func (f *fakeHE) RemoveBlobs(d []string)                            { f.removed.Add(int64(len(d))) }
+func (f *fakeHE) GenerateKeyset(ctx context.Context, seed kms.Secret, p kms.Policy, _ func(int, int, int64)) (*kms.Keyset, error) {
+	if f.gen != nil {
+		if err := f.gen(p); err != nil {
+			return nil, err
+		}
+	}
+	sum := sha256.Sum256(seed.Reveal())
+	return &kms.Keyset{ParamsID: "fake", Params: json.RawMessage(`{}`), PublicKey: kms.BlobRef{Digest: "sha256:" + hex.EncodeToString(sum[:]), Size: 1}}, nil
+}
+
+// newHEEnv is a service with the fake HE kind and the PQC kinds, an
+// identity key (manifests are signed) and gens generation slots.
+func newHEEnv(t *testing.T, gens int) (*kms.Service, *fakeHE, *testutil.Clock) {
+	t.Helper()
+	st, err := bolt.Open(filepath.Join(t.TempDir(), "kms.db"), bolt.Options{Sealer: testhsm.Open(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	he := &fakeHE{}
+	clock := testutil.NewClock(time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC))
+	svc, err := kms.NewService(kms.Config{Store: st, Sealer: testhsm.Open(t), Kinds: kms.NewRegistry(append(pqc.Kinds(), he)...), Clock: clock, MaxGenerations: gens})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := svc.EnsureIdentity(ctx); err != nil {
+		t.Fatal(err)
+	}
+	return svc, he, clock
+}
+
+func latestOf(t *testing.T, svc *kms.Service, name string) uint64 {
+	t.Helper()
+	k, _, _, err := svc.GetKey(ctx, name, 0, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return k.Latest
+}
+
+// TestScheduledRotationBacksOffFailingHEKey: two due HE keys, the first
+// (by name) fails its generation every time: it does not take the one HE
+// attempt of every round, the second rotates within two rounds, and the
+// failing key is retried later with growing intervals, then rotates once
+// its generation works again.
+func TestScheduledRotationBacksOffFailingHEKey(t *testing.T) {
+	svc, he, clock := newHEEnv(t, 1)
+	for _, n := range []string{"a", "b"} {
+		if _, _, err := svc.CreateKey(ctx, n, "fake-he", kms.Policy{Params: json.RawMessage(`"` + n + `"`), RotationPeriod: time.Hour}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var tries atomic.Int64
+	broken := atomic.Bool{}
+	broken.Store(true)
+	he.gen = func(p kms.Policy) error {
+		if string(p.Params) == `"a"` {
+			tries.Add(1)
+			if broken.Load() {
+				return errors.New("injected: parameters refused")
+			}
+		}
+		return nil
+	}
+	clock.Add(time.Hour)
+	for round := 1; round <= 2 && latestOf(t, svc, "b") == 1; round++ {
+		rotateDue(t, svc)
+		clock.Add(time.Minute) // the default check interval
+	}
+	if latestOf(t, svc, "b") != 2 {
+		t.Fatalf("b was not rotated in two rounds while a fails (a tried %d times)", tries.Load())
+	}
+	// a is retried with growing intervals: over 30 one-minute rounds,
+	// a handful of tries, not 30.
+	tries.Store(0)
+	for range 30 {
+		rotateDue(t, svc)
+		clock.Add(time.Minute)
+	}
+	if n := tries.Load(); n < 2 || n > 6 {
+		t.Fatalf("a failing HE key was tried %d times in 30 rounds, want a few (backing off)", n)
+	}
+	if rs := svc.RotationStats(); rs.OverdueKeys != 1 {
+		t.Fatalf("stats %+v, want a overdue", rs)
+	}
+	broken.Store(false)
+	clock.Add(2 * time.Hour) // past any backoff
+	if n := rotateDue(t, svc); n != 1 || latestOf(t, svc, "a") != 2 {
+		t.Fatalf("once its generation works, a rotated (%d): latest %d", n, latestOf(t, svc, "a"))
 	}
 }
