@@ -313,11 +313,14 @@ var errNotDue = errors.New("no longer due")
 // scheduledRotate makes version seen.Latest+1 and commits it if the key is
 // still due and still at seen.Latest; otherwise it discards it and reports
 // done (someone else rotated) or not (the period was changed or removed).
+//
+// It does not take the key's lock (keyLock): a manual rotation of the key
+// does not wait for a scheduled generation (minutes for an HE keyset).
+// The guard keeps the two apart as it does two replicas: whichever
+// commits second finds the key changed, the scheduler skips, a manual
+// rotation starts over with the next number (rotate).
 func (s *Service) scheduledRotate(ctx context.Context, seen *Key, kind KeyKind) (bool, error) {
 	name := seen.Name
-	mu := s.keyLock(name) // this process's own rotations of the key wait
-	mu.Lock()
-	defer mu.Unlock()
 	n := seen.Latest + 1
 	v, release, err := s.newVersion(ctx, name, kind, n, seen.Policy)
 	if KindOf(err) == KindExhausted {

@@ -501,3 +501,86 @@ func TestScheduledRotationBacksOffFailingHEKey(t *testing.T) {
 		t.Fatalf("once its generation works, a rotated (%d): latest %d", n, latestOf(t, svc, "a"))
 	}
 }
+
+// TestManualRotateDuringScheduledGeneration: a manual rotation of a key
+// whose scheduled HE generation runs does not wait for it; the scheduled
+// one then finds the key rotated and commits nothing.
+func TestManualRotateDuringScheduledGeneration(t *testing.T) {
+	svc, he, clock := newHEEnv(t, 2)
+	if _, _, err := svc.CreateKey(ctx, "k", "fake-he", kms.Policy{RotationPeriod: time.Hour}); err != nil {
+		t.Fatal(err)
+	}
+	entered, release := make(chan struct{}), make(chan struct{})
+	var once sync.Once
+	he.gen = func(kms.Policy) error {
+		first := false
+		once.Do(func() { first = true })
+		if first {
+			close(entered)
+			<-release
+		}
+		return nil
+	}
+	clock.Add(time.Hour)
+	sched := make(chan int)
+	go func() {
+		n, err := svc.RotateDue(ctx)
+		if err != nil {
+			t.Error(err)
+		}
+		sched <- n
+	}()
+	<-entered // the scheduled generation runs
+	manual := make(chan error)
+	go func() {
+		_, v, err := svc.Rotate(ctx, "k")
+		if err == nil && v.Number != 2 {
+			err = fmt.Errorf("manual rotation made version %d, want 2", v.Number)
+		}
+		manual <- err
+	}()
+	select {
+	case err := <-manual:
+		if err != nil {
+			t.Error(err)
+		}
+	case <-time.After(10 * time.Second):
+		close(release)
+		<-sched
+		t.Fatal("a manual rotation waited for the scheduled generation of the same key")
+	}
+	close(release)
+	<-sched
+	if n := latestOf(t, svc, "k"); n != 2 {
+		t.Fatalf("%d versions, want 2 (the manual rotation's; the scheduled one skipped)", n)
+	}
+	if rs := svc.RotationStats(); rs.ScheduledRotations != 0 || rs.ScheduledFailures != 0 || rs.OverdueKeys != 0 {
+		t.Fatalf("stats %+v", rs)
+	}
+	if he.removed.Load() == 0 {
+		t.Fatal("the scheduled generation's blobs were not removed")
+	}
+
+	// The other order: the manual rotation generates, the scheduled one
+	// commits first; the manual one starts over and makes the next version.
+	entered, release, once = make(chan struct{}), make(chan struct{}), sync.Once{}
+	clock.Add(time.Hour)
+	go func() {
+		_, v, err := svc.Rotate(ctx, "k")
+		if err == nil && v.Number != 4 {
+			err = fmt.Errorf("manual rotation made version %d, want 4", v.Number)
+		}
+		manual <- err
+	}()
+	<-entered
+	if n := rotateDue(t, svc); n != 1 {
+		t.Fatalf("the scheduler rotated %d while a manual rotation generated", n)
+	}
+	close(release)
+	if err := <-manual; err != nil {
+		t.Fatal(err)
+	}
+	if n := latestOf(t, svc, "k"); n != 4 {
+		t.Fatalf("%d versions, want 4", n)
+	}
+}
