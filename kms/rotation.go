@@ -1,7 +1,9 @@
 package kms
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"strings"
 	"sync"
@@ -311,8 +313,10 @@ func (s *Service) rotateIfDue(ctx context.Context, seen *Key, now time.Time, heS
 var errNotDue = errors.New("no longer due")
 
 // scheduledRotate makes version seen.Latest+1 and commits it if the key is
-// still due and still at seen.Latest; otherwise it discards it and reports
-// done (someone else rotated) or not (the period was changed or removed).
+// still due, still at seen.Latest and its policy the one it was made with
+// (samePolicy); otherwise it discards it and reports done (someone else
+// rotated) or not (the policy was changed: the key stays due if it still
+// is, and the next round generates with the new policy).
 //
 // It does not take the key's lock (keyLock): a manual rotation of the key
 // does not wait for a scheduled generation (minutes for an HE keyset).
@@ -329,16 +333,19 @@ func (s *Service) scheduledRotate(ctx context.Context, seen *Key, kind KeyKind) 
 	if err != nil {
 		return false, err
 	}
-	var rotatedBy string // who rotated instead, when the guard refused
+	var why string // why the guard refused
 	err = s.update(ctx, name, func(tx KeyTx) ([]*AuditRecord, error) {
-		rotatedBy = ""
 		k := tx.Key()
 		due, _ := k.RotationDue(s.clock.Now())
 		switch {
 		case k.Latest != seen.Latest:
-			rotatedBy = "another"
+			why = "rotated by another"
+			return nil, errNotDue
+		case !samePolicy(k.Policy, seen.Policy):
+			why = "its policy changed: generated again with the new one next round"
 			return nil, errNotDue
 		case !due:
+			why = "no longer due"
 			return nil, errNotDue
 		}
 		if err := tx.AddVersion(v.Clone()); err != nil {
@@ -350,8 +357,8 @@ func (s *Service) scheduledRotate(ctx context.Context, seen *Key, kind KeyKind) 
 	release()
 	if errors.Is(err, errNotDue) {
 		s.discard(kind, v)
-		s.log.Info("scheduled rotation skipped: the key changed since the scan", "key", name, "rotated_by_another", rotatedBy != "")
-		return rotatedBy != "", nil
+		s.log.Info("scheduled rotation skipped: the key changed since the scan", "key", name, "why", why)
+		return why == "rotated by another", nil
 	}
 	if err != nil {
 		s.discard(kind, v)
@@ -360,4 +367,16 @@ func (s *Service) scheduledRotate(ctx context.Context, seen *Key, kind KeyKind) 
 	s.rot.scheduled.Add(1)
 	s.log.Info("scheduled rotation", "key", name, "version", n, "period", FormatPeriod(seen.Policy.RotationPeriod))
 	return true, nil
+}
+
+// samePolicy reports whether a version made under policy b is one policy a
+// would make: the policies are equal but for the rotation period (the
+// guard checks the key is still due under its new period). A PATCH of the
+// HE fields (params, rotations...) during a long generation is not
+// silently lost.
+func samePolicy(a, b Policy) bool {
+	a.RotationPeriod, b.RotationPeriod = 0, 0
+	ja, errA := json.Marshal(a)
+	jb, errB := json.Marshal(b)
+	return errA == nil && errB == nil && bytes.Equal(ja, jb)
 }

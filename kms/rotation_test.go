@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -582,5 +583,56 @@ func TestManualRotateDuringScheduledGeneration(t *testing.T) {
 	}
 	if n := latestOf(t, svc, "k"); n != 4 {
 		t.Fatalf("%d versions, want 4", n)
+	}
+}
+
+// TestScheduledRotationRefusedWhenPolicyChanged: a policy PATCH that
+// commits while the scheduled generation runs (with the policy the scan
+// saw) makes its commit refused; the key stays due and the next round
+// generates with the new policy.
+func TestScheduledRotationRefusedWhenPolicyChanged(t *testing.T) {
+	svc, he, clock := newHEEnv(t, 1)
+	if _, _, err := svc.CreateKey(ctx, "k", "fake-he", kms.Policy{Rotations: []int{1}, RotationPeriod: time.Hour}); err != nil {
+		t.Fatal(err)
+	}
+	var gens []kms.Policy
+	patched := false
+	he.gen = func(p kms.Policy) error {
+		gens = append(gens, p)
+		if !patched {
+			patched = true
+			_, err := svc.UpdateKey(ctx, "k", kms.KeyUpdate{PatchPolicy: func(p kms.Policy) (kms.Policy, error) { p.Rotations = []int{1, 2}; return p, nil }})
+			return err
+		}
+		return nil
+	}
+	clock.Add(time.Hour)
+	if n := rotateDue(t, svc); n != 0 || latestOf(t, svc, "k") != 1 {
+		t.Fatalf("a version generated with the policy from before a PATCH committed (%d)", n)
+	}
+	if rs := svc.RotationStats(); rs.OverdueKeys != 1 || rs.ScheduledFailures != 0 {
+		t.Fatalf("stats %+v, want k overdue and no failure", rs)
+	}
+	if n := rotateDue(t, svc); n != 1 || latestOf(t, svc, "k") != 2 {
+		t.Fatalf("the next round rotated %d", n)
+	}
+	if len(gens) != 2 || !slices.Equal(gens[1].Rotations, []int{1, 2}) {
+		t.Fatalf("generations with %+v, want the second with rotations [1 2]", gens)
+	}
+	// A change of the period alone does not refuse it (the guard checks
+	// the key is still due): two hours after the last rotation, the
+	// period becomes two hours.
+	patched = false
+	he.gen = func(p kms.Policy) error {
+		if !patched {
+			patched = true
+			_, err := svc.UpdateKey(ctx, "k", kms.KeyUpdate{PatchPolicy: func(p kms.Policy) (kms.Policy, error) { p.RotationPeriod = 2 * time.Hour; return p, nil }})
+			return err
+		}
+		return nil
+	}
+	clock.Add(2 * time.Hour)
+	if n := rotateDue(t, svc); n != 1 {
+		t.Fatalf("a PATCH of the period alone (still due) refused the rotation: %d", n)
 	}
 }
