@@ -117,11 +117,40 @@ func (k *Key) NextRotation() (time.Time, bool) {
 	if k.Policy.RotationPeriod <= 0 {
 		return time.Time{}, false
 	}
-	base := k.LatestCreatedAt
-	if base.IsZero() {
-		base = k.CreatedAt
+	return k.latestMade().Add(k.Policy.RotationPeriod), true
+}
+
+// latestMade is when the latest version was made, as far as the header
+// knows.
+func (k *Key) latestMade() time.Time {
+	if k.LatestCreatedAt.IsZero() {
+		return k.CreatedAt
 	}
-	return base.Add(k.Policy.RotationPeriod), true
+	return k.LatestCreatedAt
+}
+
+// RotationClockSlack is how far after now a key's latest version may be
+// dated (replicas' clocks a little apart) before the scheduler takes the
+// date for a clock error.
+const RotationClockSlack = time.Minute
+
+// RotationDue reports whether the key's scheduled rotation is due at now:
+// its next rotation time has come, or (ahead) its latest version is dated
+// more than RotationClockSlack after now. Such a version was made while
+// the clock ran ahead (an NTP step, a VM resumed with a wrong clock) and
+// the clock was put right since: waiting for its next rotation time would
+// postpone the rotation by the clock's error, so it is due now.
+func (k *Key) RotationDue(now time.Time) (due, ahead bool) {
+	next, ok := k.NextRotation()
+	switch {
+	case !ok:
+		return false, false
+	case !next.After(now):
+		return true, false
+	case k.latestMade().After(now.Add(RotationClockSlack)):
+		return true, true
+	}
+	return false, false
 }
 
 // Clone returns a deep copy.

@@ -161,6 +161,12 @@ func parseFlags(args []string, getenv func(string) string) (config, error) {
 	if c.destroyInterval <= 0 || c.scrubInterval <= 0 || c.shutdownTimeout <= 0 || c.cacheTTL < 0 || c.auditInterval <= 0 || c.auditStreamWait <= 0 || c.maxTokenTTL < 0 || c.minRotation <= 0 || c.rotationCheck <= 0 {
 		return c, errors.New("durations must be positive (key-cache-ttl and max-token-ttl may be 0)")
 	}
+	if c.rotationCheck < time.Second {
+		return c, fmt.Errorf("--rotation-check-interval %s is below the minimum of 1s (each check reads every key header)", c.rotationCheck)
+	}
+	if c.minRotation < time.Second {
+		return c, fmt.Errorf("--min-rotation-period %s is below the minimum of 1s", c.minRotation)
+	}
 	if _, err := hsm.ParseProfile(c.wrapProfile); err != nil {
 		return c, fmt.Errorf("--pkcs11-wrap: %w", err)
 	}

@@ -2,6 +2,8 @@ package main
 
 import (
 	"net/http"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -13,10 +15,13 @@ import (
 )
 
 // The scheduled-rotation tests run kmsd with a 2 s rotation_period, checked
-// every 200 ms.
-const testPeriod = 2 * time.Second
+// every second (the least kmsd takes).
+const (
+	testPeriod = 2 * time.Second
+	testCheck  = time.Second
+)
 
-var rotationFlags = []string{"--min-rotation-period", "1s", "--rotation-check-interval", "200ms", "--audit-checkpoint-interval", "200ms", "--insecure-http"}
+var rotationFlags = []string{"--min-rotation-period", "1s", "--rotation-check-interval", "1s", "--audit-checkpoint-interval", "200ms", "--insecure-http"}
 
 // versionsOf returns every version of a key, oldest first.
 func versionsOf(t *testing.T, c *client.Client, name string) []client.Version {
@@ -63,7 +68,7 @@ func checkSchedule(t *testing.T, vs []client.Version) {
 // rotation's time more (bounded by 500 ms here).
 func expectedRange(created, now time.Time) (lo, hi int) {
 	t := now.Sub(created)
-	return 1 + int(t/(testPeriod+500*time.Millisecond)), 1 + int(t/testPeriod)
+	return 1 + int(t/(testPeriod+testCheck+500*time.Millisecond)), 1 + int(t/testPeriod)
 }
 
 // checkAudited fails unless the verified log holds exactly one
@@ -180,7 +185,7 @@ func TestScheduledRotationOnBolt(t *testing.T) {
 		name   string
 		labels []string
 		want   float64
-	}{{"kmsd_scheduled_rotations_total", []string{"outcome", "error"}, 0}, {"kmsd_rotation_overdue_keys", nil, 0}, {"kmsd_leader", []string{"role", "rotation"}, 1}} {
+	}{{"kmsd_scheduled_rotations_total", []string{"outcome", "error"}, 0}, {"kmsd_rotation_overdue_keys", nil, 0}, {"kmsd_rotation_scan_failures_total", nil, 0}, {"kmsd_leader", []string{"role", "rotation"}, 1}} {
 		if v := m.Must(t, g.name, g.labels...); v != g.want {
 			t.Errorf("%s%v = %v, want %v", g.name, g.labels, v, g.want)
 		}
@@ -213,7 +218,7 @@ func rotationLeader(ps []*proc, alive func(i int) bool) int {
 func TestScheduledRotationOnThreeReplicas(t *testing.T) {
 	c := testetcd.Start(t, 3)
 	dirs := []string{t.TempDir(), t.TempDir(), t.TempDir()}
-	extra := []string{"--min-rotation-period", "1s", "--rotation-check-interval", "200ms"}
+	extra := []string{"--min-rotation-period", "1s", "--rotation-check-interval", testCheck.String()}
 	ps := []*proc{startReplica(t, c, nil, dirs[0], "", extra...)}
 	ps[0].waitReady(t)
 	for _, d := range dirs[1:] { // one at a time: see TestThreeReplicasOnEtcd
@@ -244,7 +249,7 @@ func TestScheduledRotationOnThreeReplicas(t *testing.T) {
 	checkSchedule(t, vs)
 
 	// Kill the leader just after a rotation comes due (the check runs
-	// every 200 ms: mid-way through it or about to start it).
+	// every second: mid-way through it or about to start it).
 	got, err := admins[other].GetKey(ctx, "r")
 	if err != nil {
 		t.Fatal(err)
@@ -297,4 +302,38 @@ func TestScheduledRotationOnThreeReplicas(t *testing.T) {
 	}
 	checkAudited(t, admins[other], "r", uint64(len(vs)))
 	t.Logf("%d versions; replica %d led, was killed; replica %d took over, first rotation %v after the kill", len(vs), leader, next, after[0].CreatedAt.Sub(killed).Round(time.Millisecond))
+}
+
+// TestRotationFlagsAtLeastASecond: --rotation-check-interval and
+// --min-rotation-period below 1s (flag or environment) are refused with a
+// line that names the flag, before anything is made.
+func TestRotationFlagsAtLeastASecond(t *testing.T) {
+	noEnv := func(string) string { return "" }
+	for _, c := range []struct {
+		args []string
+		env  map[string]string
+		want string
+	}{
+		{[]string{"--rotation-check-interval", "1ns"}, nil, "--rotation-check-interval 1ns is below the minimum of 1s"},
+		{[]string{"--rotation-check-interval", "999ms"}, nil, "--rotation-check-interval"},
+		{nil, map[string]string{"KMS_ROTATION_CHECK_INTERVAL": "10ms"}, "--rotation-check-interval 10ms"},
+		{[]string{"--min-rotation-period", "500ms"}, nil, "--min-rotation-period 500ms is below the minimum of 1s"},
+		{nil, map[string]string{"KMS_MIN_ROTATION_PERIOD": "1us"}, "--min-rotation-period"},
+	} {
+		env := noEnv
+		if c.env != nil {
+			env = func(k string) string { return c.env[k] }
+		}
+		if _, err := parseFlags(c.args, env); err == nil || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("%v %v: %v, want an error saying %q", c.args, c.env, err, c.want)
+		}
+	}
+	if _, err := parseFlags([]string{"--rotation-check-interval", "1s", "--min-rotation-period", "1s"}, noEnv); err != nil {
+		t.Errorf("1s: %v", err)
+	}
+	dir := filepath.Join(t.TempDir(), "data")
+	exitsWith(t, dir, "--rotation-check-interval 1ns is below the minimum of 1s", "--rotation-check-interval", "1ns")
+	if _, err := os.Stat(dir); err == nil {
+		t.Error("the data dir was made before the setting was checked")
+	}
 }

@@ -87,7 +87,8 @@ var (
 	descRotations    = desc("scheduled_rotations_total", "Scheduled rotations this process ran, by outcome: ok (a version committed) or error (the key stays due and is tried again).", "outcome")
 	descOverdueKeys  = desc("rotation_overdue_keys", "Keys due for scheduled rotation still without a new version when the last scan ended (on the replica that leads rotation; 0 elsewhere).")
 	descOverdueSecs  = desc("rotation_overdue_seconds", "How far past its next_rotation_time the most overdue key was at the last scan.")
-	descLastScan     = desc("rotation_last_scan_timestamp_seconds", "When this process last scanned for keys due for rotation (absent until it leads rotation).")
+	descLastScan     = desc("rotation_last_scan_timestamp_seconds", "When the last scan for keys due for rotation that read every key header started (absent until this process completes one as the rotation leader).")
+	descScanFailures = desc("rotation_scan_failures_total", "Scans for keys due for rotation that could not list the keys (the store is down, or a key header does not open): nothing after the failing page is rotated.")
 	descWatchSilence = desc("store_watch_silence_seconds", "Seconds since the etcd watch last heard from the cluster (an event or a progress notice).")
 	descStaleness    = desc("store_cache_staleness_seconds", "How far the replica's caches may lag etcd: seconds since its newest heartbeat seen back by its watch was sent. Above 1 s (the bound) cached records are not served: they are read from etcd.")
 )
@@ -185,7 +186,7 @@ func (m *appMetrics) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descCache, descGenRunning, descGenSlots, descGenRefused, descHSMUp, descHSMReconnect,
 		descAuditSize, descCPSize, descUncovered, descBehind, descWALUsed, descWALSize, descArchived, descArchiveLag,
 		descArchiveFail, descPruned, descTokExpiring, descTokSoonest, descTokScanErr, descWatchSilence,
-		descRotations, descOverdueKeys, descOverdueSecs, descLastScan, descStaleness} {
+		descRotations, descOverdueKeys, descOverdueSecs, descLastScan, descStaleness, descScanFailures} {
 		ch <- d
 	}
 }
@@ -215,8 +216,9 @@ func (m *appMetrics) Collect(ch chan<- prometheus.Metric) {
 	counter(descRotations, float64(rs.ScheduledFailures), "error")
 	gauge(descOverdueKeys, float64(rs.OverdueKeys))
 	gauge(descOverdueSecs, rs.OldestOverdue.Seconds())
-	if !rs.LastScan.IsZero() {
-		gauge(descLastScan, float64(rs.LastScan.UnixNano())/1e9)
+	counter(descScanFailures, float64(rs.ScanFailures))
+	if !rs.LastCompleteScan.IsZero() {
+		gauge(descLastScan, float64(rs.LastCompleteScan.UnixNano())/1e9)
 	}
 	if s, ok := a.cfg.Sealer.(*hsm.Sealer); ok {
 		up := 0.0
