@@ -9,7 +9,7 @@
 # requests: public-key (the cached, bounded-stale path), get-key (GET
 # /v1/keys/bench: linearizable reads from etcd) and rotate (a write).
 # Prints a Markdown table for BENCHMARKS.md.
-# Usage: deploy/bench-fresh.sh [seconds per run, default 10] [base commit, default 234e867]
+# Usage: deploy/bench-fresh.sh [seconds per run, default 10] [base commit, default 234e867] [order: base-first (default) or new-first]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . deploy/deps.sh
@@ -18,6 +18,7 @@ kmsd_bench_deps
 command -v etcd >/dev/null 2>&1 || kmsd_install_etcd
 secs="${1:-10}"
 base="${2:-234e867}"
+order="${3:-base-first}"
 work=$(mktemp -d)
 pids=()
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; git worktree remove --force "$work/base-src" 2>/dev/null || true; rm -rf "$work"; }
@@ -78,7 +79,7 @@ run() {
   kill "${pids[@]}"; wait 2>/dev/null || true; pids=()
 }
 
-{ run base; run new; } >"$work/results"
+if [ "$order" = new-first ]; then { run new; run base; } >"$work/results"; else { run base; run new; } >"$work/results"; fi
 awk -v base="$base" '
   { rps[$1" "$2]=$3; p50[$1" "$2]=$4; p99[$1" "$2]=$5; bad[$1" "$2]=$6 }
   END {
