@@ -13,6 +13,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 
@@ -557,3 +558,32 @@ func TestWorkerResumesDownload(t *testing.T) {
 type roundTripFunc func(*http.Request) (*http.Response, error)
 
 func (f roundTripFunc) RoundTrip(r *http.Request) (*http.Response, error) { return f(r) }
+
+// TestConcurrentFetchesShareTheCache: eight fetches of one key version at
+// once into one cache dir (kmsd-mcp's tool calls loading a version) all
+// get the keys. They shared one partial file per blob, and an outside
+// review saw 7 of 8 fail, with local paths in the errors agents saw.
+func TestConcurrentFetchesShareTheCache(t *testing.T) {
+	e := newEnv(t)
+	heKey(t, e, "he-c", `{"name":"he-c","kind":"ckks","policy":{"params":"ckks-logn13","rotations":[1,2],"relinearization":true}}`)
+	dir := t.TempDir()
+	var wg sync.WaitGroup
+	errs := make(chan error, 8)
+	for range 8 {
+		wg.Go(func() {
+			f := &hekeys.Fetcher{BaseURL: e.url, Token: e.admin, IdentityKey: e.idPub, CacheDir: dir, HTTP: e.httpc}
+			if _, err := f.Fetch(ctx, "he-c", 1); err != nil {
+				errs <- err
+			}
+		})
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	parts, _ := filepath.Glob(filepath.Join(dir, "*.part"))
+	if len(parts) != 0 {
+		t.Errorf("partial files left: %v", parts)
+	}
+}

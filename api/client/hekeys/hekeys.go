@@ -18,6 +18,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 
 	"github.com/cloudflare/circl/sign/mldsa/mldsa65"
 	"github.com/tuneinsight/lattigo/v6/core/rlwe"
@@ -317,6 +318,17 @@ func (f *Fetcher) blob(ctx context.Context, digest string, size int64, pr *progr
 	}
 	path := "/v1/blobs/sha256/" + h
 	final := filepath.Join(f.CacheDir, h)
+	if err := os.MkdirAll(f.CacheDir, 0o700); err != nil {
+		return nil, err
+	}
+	// One download of a blob at a time into the cache dir (its partial
+	// file is shared so that a download resumes): calls of this process
+	// take turns on a lock, processes sharing the dir on a file lock.
+	unlock, err := lockBlob(ctx, final)
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
 	if data, err := os.ReadFile(final); err == nil && matches(data, h, size) {
 		resp, err := f.get(ctx, path, map[string]string{"If-None-Match": `"` + digest + `"`})
 		if err != nil {
@@ -331,9 +343,6 @@ func (f *Fetcher) blob(ctx context.Context, digest string, size int64, pr *progr
 			b, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
 			return nil, client.ProblemError(resp.StatusCode, b)
 		}
-	}
-	if err := os.MkdirAll(f.CacheDir, 0o700); err != nil {
-		return nil, err
 	}
 	part := final + ".part"
 	var have int64
@@ -402,4 +411,35 @@ func (p progressWriter) Write(b []byte) (int, error) {
 func matches(data []byte, h string, size int64) bool {
 	sum := sha256.Sum256(data)
 	return int64(len(data)) == size && hex.EncodeToString(sum[:]) == h
+}
+
+// blobLocks are this process's locks of blobs being downloaded, by path.
+var blobLocks sync.Map // string -> chan struct{} (a one-slot semaphore)
+
+// lockBlob takes the lock of the blob at final: a semaphore of this
+// process (so that ctx ends the wait), then an exclusive file lock on
+// final+".lock" (another process sharing the cache dir). unlock releases
+// both.
+func lockBlob(ctx context.Context, final string) (unlock func(), err error) {
+	v, _ := blobLocks.LoadOrStore(final, make(chan struct{}, 1))
+	sem := v.(chan struct{})
+	select {
+	case sem <- struct{}{}:
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+	lf, err := os.OpenFile(final+".lock", os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		<-sem
+		return nil, err
+	}
+	if err := flock(lf); err != nil {
+		lf.Close()
+		<-sem
+		return nil, err
+	}
+	return func() {
+		lf.Close() // releases the file lock
+		<-sem
+	}, nil
 }

@@ -1,0 +1,9 @@
+//go:build !unix
+
+package hekeys
+
+import "os"
+
+// flock is a no-op where there is no flock: this process's own lock
+// still orders its downloads.
+func flock(*os.File) error { return nil }
