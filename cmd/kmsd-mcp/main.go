@@ -17,6 +17,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/url"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -83,7 +84,7 @@ func parseFlags(args []string, getenv func(string) string, out io.Writer) (confi
 		}
 		return def
 	}
-	fs.StringVar(&c.kmsURL, "kms-url", env("KMSD_MCP_KMS_URL", "https://127.0.0.1:8420"), "kmsd's URL (env KMSD_MCP_KMS_URL)")
+	fs.StringVar(&c.kmsURL, "kms-url", env("KMSD_MCP_KMS_URL", "https://127.0.0.1:8420"), "kmsd's URL: https://, or plain http:// to a loopback address only (env KMSD_MCP_KMS_URL)")
 	fs.StringVar(&c.caCert, "ca-cert", env("KMSD_MCP_CA_CERT", ""), "CA certificate (PEM) to trust for kmsd, e.g. <data-dir>/tls/ca.pem; empty: system roots (env KMSD_MCP_CA_CERT)")
 	fs.StringVar(&c.tokenFile, "token-file", env("KMSD_MCP_TOKEN_FILE", ""), "file holding this server's own evaluator token (it reads keys, introspects its clients' tokens and has kmsd attest its results); or set KMSD_MCP_TOKEN (never a flag value) (env KMSD_MCP_TOKEN_FILE)")
 	fs.StringVar(&c.identityFile, "identity-key-file", env("KMSD_MCP_IDENTITY_KEY_FILE", ""), "kmsd's identity public key (base64, from GET /v1/identity), pinned: manifests must be signed by it (required) (env KMSD_MCP_IDENTITY_KEY_FILE)")
@@ -122,6 +123,9 @@ func parseFlags(args []string, getenv func(string) string, out io.Writer) (confi
 	}
 	if len(errs) > 0 {
 		return c, errs[0]
+	}
+	if err := checkKMSURL(c.kmsURL); err != nil {
+		return c, err
 	}
 	switch {
 	case len(c.keys) == 0:
@@ -331,4 +335,26 @@ func renewLoop(ctx context.Context, kc *client.Client, token string, log *slog.L
 			retry = min(2*retry, 30*time.Second)
 		}
 	}
+}
+
+// checkKMSURL refuses a kmsd URL that would send the server's token in
+// clear off the machine (plain http to a host that is not loopback), or
+// that carries credentials (which would reach logs).
+func checkKMSURL(raw string) error {
+	u, err := url.Parse(raw)
+	if err == nil && u.User != nil {
+		// Not echoed: it holds a password.
+		return errors.New("--kms-url carries credentials: give kmsd-mcp its token with --token-file or KMSD_MCP_TOKEN")
+	}
+	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" || u.RawQuery != "" || u.Fragment != "" {
+		return fmt.Errorf("--kms-url: %q is not an http:// or https:// URL of kmsd", raw)
+	}
+	port := u.Port()
+	if port == "" {
+		port = "80"
+	}
+	if u.Scheme == "http" && !tlsutil.IsLoopback(net.JoinHostPort(u.Hostname(), port)) {
+		return fmt.Errorf("--kms-url: %q is plain HTTP to a host that is not loopback: kmsd-mcp's token and every ciphertext would cross the network in clear; use https://", raw)
+	}
+	return nil
 }

@@ -5,6 +5,7 @@ import (
 	"encoding/base64"
 	"encoding/json"
 	"fmt"
+	"io"
 	"math"
 	"math/rand/v2"
 	"net"
@@ -896,6 +897,40 @@ func TestRenewalLimits(t *testing.T) {
 	} {
 		if _, err := w.adminc.CreateToken(ctx, req); client.StatusOf(err) != 400 {
 			t.Fatalf("%+v: %v", req, err)
+		}
+	}
+}
+
+// TestKMSURLRefusals: a kmsd URL that would send kmsd-mcp's token (and
+// every ciphertext) in clear off the machine, or that carries
+// credentials, is refused before anything starts (an outside review found
+// --kms-url http://<remote host> accepted); https anywhere and plain http
+// to loopback are taken.
+func TestKMSURLRefusals(t *testing.T) {
+	base := []string{"--key", "he", "--identity-key-file", "/nonexistent"}
+	for _, tc := range []struct {
+		url, want string
+	}{
+		{"http://kms.example.net:8420", "not loopback"},
+		{"http://10.0.0.5:8420", "not loopback"},
+		{"http://kms.example.net", "not loopback"},
+		{"https://user:secret@kms.example.net", "carries credentials"},
+		{"ftp://user:secret@kms.example.net", "carries credentials"},
+		{"ftp://kms.example.net", "not an http"},
+		{"https://", "not an http"},
+		{"https://kms.example.net:8420", ""},
+		{"http://127.0.0.1:8420", ""},
+		{"http://[::1]:8420", ""},
+		{"http://localhost:8420", ""},
+	} {
+		_, err := parseFlags(append([]string{"--kms-url", tc.url}, base...), func(string) string { return "" }, io.Discard)
+		switch {
+		case tc.want == "" && err != nil:
+			t.Errorf("%s: refused: %v", tc.url, err)
+		case tc.want != "" && (err == nil || !strings.Contains(err.Error(), tc.want)):
+			t.Errorf("%s: %v, want an error saying %q", tc.url, err, tc.want)
+		case err != nil && strings.Contains(err.Error(), "secret"):
+			t.Errorf("%s: the error echoes the password: %v", tc.url, err)
 		}
 	}
 }
