@@ -502,6 +502,14 @@ func (s *Server) introspect(w http.ResponseWriter, r *http.Request) {
 	}
 	out := client.Introspection{}
 	if p != nil {
+		// The token checked is named in the record (its id, never its
+		// secret), in scope or not.
+		eventFrom(r).rec.Token = p.TokenID
+	}
+	if p != nil && !eventFrom(r).principal.MayIntrospect(p) {
+		p = nil // beyond the caller's scope: active=false
+	}
+	if p != nil {
 		out = client.Introspection{Active: true, TokenType: "Bearer", TokenID: p.TokenID, Role: string(p.Role), Keys: p.Keys}
 		if p.ExpiresAt != nil {
 			out.Exp = p.ExpiresAt.Unix()

@@ -6,20 +6,28 @@ import (
 	"time"
 
 	"github.com/kmsd-project/kmsd/api/client"
+	"github.com/kmsd-project/kmsd/kms"
 )
 
-// TestIntrospection: a worker learns whether a token is active and what it
-// may do; an inactive token of any kind answers only active=false; roles
-// without the permission, and anonymous callers, are refused; the secret in
-// the body appears in no record or log.
+// TestIntrospection: an evaluator service (kmsd-mcp) learns whether a
+// token of a party it serves is active and what it may do; an inactive
+// token of any kind, and one beyond the caller's scope (another role, or
+// keys outside its patterns: an outside review found any worker could
+// introspect the admin's token), answers only active=false; roles without
+// the permission (workers now among them), and anonymous callers, are
+// refused; the record names the token checked, by id; the secret in the
+// body appears in no record or log.
 func TestIntrospection(t *testing.T) {
 	e := newEnv(t)
 	admin := e.client(e.admin)
-	worker, err := admin.CreateToken(ctx, client.CreateTokenRequest{Name: "mcp", Role: "worker", Keys: []string{"*"}})
+	worker, err := admin.CreateToken(ctx, client.CreateTokenRequest{Name: "mcp", Role: "evaluator", Keys: []string{"team-*"}})
 	if err != nil {
 		t.Fatal(err)
 	}
-	user, _ := admin.CreateToken(ctx, client.CreateTokenRequest{Role: "decryptor", Keys: []string{"team-a-*"}, TTL: "1h"})
+	user, _ := admin.CreateToken(ctx, client.CreateTokenRequest{Role: "worker", Keys: []string{"team-a-*"}, TTL: "1h"})
+	dec, _ := admin.CreateToken(ctx, client.CreateTokenRequest{Role: "decryptor", Keys: []string{"team-a-*"}})
+	wide, _ := admin.CreateToken(ctx, client.CreateTokenRequest{Role: "worker", Keys: []string{"*"}})
+	plainWorker, _ := admin.CreateToken(ctx, client.CreateTokenRequest{Role: "worker", Keys: []string{"team-*"}})
 	revoked, _ := admin.CreateToken(ctx, client.CreateTokenRequest{Role: "worker", Keys: []string{"x"}})
 	admin.RevokeToken(ctx, revoked.ID)
 	short, _ := admin.CreateToken(ctx, client.CreateTokenRequest{Role: "worker", Keys: []string{"x"}, TTL: "1m"})
@@ -29,11 +37,38 @@ func TestIntrospection(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !got.Active || got.Role != "decryptor" || got.TokenID != user.ID || len(got.Keys) != 1 || got.Keys[0] != "team-a-*" || got.TokenType != "Bearer" || got.Exp != user.ExpiresAt.Unix() {
+	if !got.Active || got.Role != "worker" || got.TokenID != user.ID || len(got.Keys) != 1 || got.Keys[0] != "team-a-*" || got.TokenType != "Bearer" || got.Exp != user.ExpiresAt.Unix() {
 		t.Fatalf("introspection of an active token: %+v", got)
 	}
-	if got, _ := w.IntrospectToken(ctx, e.admin); !got.Active || got.Role != "admin" || got.Exp != 0 {
-		t.Fatalf("the bootstrap admin token (no expiry): %+v", got)
+	// Beyond the caller's scope: nothing but active=false.
+	for name, tok := range map[string]string{"the admin's": e.admin, "a decryptor's": dec.Token, "keys beyond its patterns": wide.Token} {
+		if got, err := w.IntrospectToken(ctx, tok); err != nil || got.Active || got.Role != "" || got.TokenID != "" {
+			t.Errorf("%s token: %+v %v", name, got, err)
+		}
+	}
+	// An admin may ask about any token.
+	if got, _ := admin.IntrospectToken(ctx, e.admin); !got.Active || got.Role != "admin" || got.Exp != 0 {
+		t.Fatalf("the bootstrap admin token (no expiry), asked by an admin: %+v", got)
+	}
+	if got, _ := admin.IntrospectToken(ctx, dec.Token); !got.Active || got.Role != "decryptor" {
+		t.Fatalf("a decryptor token, asked by an admin: %+v", got)
+	}
+	// The record names the token checked.
+	st, h, _ := e.raw("POST", "/v1/tokens/introspect", worker.Token, "application/json", `{"token":"`+dec.Token+`"}`)
+	if st != 200 {
+		t.Fatalf("introspect: %d", st)
+	}
+	found := false
+	for _, line := range e.auditLog() {
+		if r, err := kms.DecodeAuditRecord(line); err == nil && r.RequestID == h.Get("X-Request-Id") {
+			found = r.Token == dec.ID
+		}
+	}
+	if !found {
+		t.Error("the introspection's record does not name the token checked")
+	}
+	if _, err := e.client(plainWorker.Token).IntrospectToken(ctx, user.Token); client.StatusOf(err) != 403 {
+		t.Errorf("a worker introspects: %v", err)
 	}
 	e.clock.Add(2 * time.Minute)
 	wrongSecret := user.Token[:len(user.Token)-1] + map[bool]string{true: "b", false: "a"}[strings.HasSuffix(user.Token, "a")]
@@ -49,8 +84,7 @@ func TestIntrospection(t *testing.T) {
 		t.Errorf("introspection marked the token used at %v", info.LastUsedAt)
 	}
 	// Who may ask.
-	dec := e.client(user.Token)
-	if _, err := dec.IntrospectToken(ctx, worker.Token); client.StatusOf(err) != 403 {
+	if _, err := e.client(dec.Token).IntrospectToken(ctx, worker.Token); client.StatusOf(err) != 403 {
 		t.Errorf("a decryptor introspects: %v", err)
 	}
 	if st, h, _ := e.raw("POST", "/v1/tokens/introspect", "", "application/json", `{"token":"`+user.Token+`"}`); st != 401 || h.Get("WWW-Authenticate") == "" {

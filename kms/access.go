@@ -19,7 +19,8 @@ const (
 	// PermDecrypt: decrypt HE ciphertexts.
 	PermDecrypt Permission = "decrypt"
 	// PermIntrospect: ask whether a bearer token is active and what it may
-	// do (a worker such as kmsd-mcp checks its own clients' tokens).
+	// do (an evaluator service such as kmsd-mcp checks its own clients'
+	// tokens; Principal.MayIntrospect bounds what it learns).
 	PermIntrospect Permission = "introspect-tokens"
 	// PermAttestInput: vouch for a ciphertext as an encryption by the
 	// token's holder (a data owner), so that it may be decrypted.
@@ -39,7 +40,7 @@ var separated = map[Permission]bool{PermAttestInput: true, PermAttestEvaluation:
 var rolePerms = map[Role][]Permission{
 	RoleAdmin:     {PermReadKey, PermUseKey, PermManageKey, PermManageTokens, PermReadAudit, PermDecrypt, PermIntrospect, PermAttestInput, PermAttestEvaluation},
 	RoleDecryptor: {PermReadKey, PermDecrypt},
-	RoleWorker:    {PermReadKey, PermIntrospect},
+	RoleWorker:    {PermReadKey},
 	RoleEvaluator: {PermReadKey, PermIntrospect, PermAttestEvaluation},
 	RoleEncryptor: {PermReadKey, PermAttestInput},
 	RoleAuditor:   {PermReadAudit},

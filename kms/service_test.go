@@ -564,7 +564,7 @@ func TestTokenSubsetRule(t *testing.T) {
 		{"scoped auditor refused", kms.Principal{Role: kms.RoleAdmin, Keys: []string{"*"}}, kms.TokenRequest{Role: kms.RoleAuditor, Keys: []string{"team-a-*"}}, kms.ErrInvalid},
 		{"auditor for all", kms.Principal{Role: kms.RoleAdmin, Keys: []string{"*"}}, kms.TokenRequest{Role: kms.RoleAuditor, Keys: []string{"*"}}, nil},
 		{"auditor by a scoped admin", kms.Principal{Role: kms.RoleAdmin, Keys: []string{"team-a-*"}}, kms.TokenRequest{Role: kms.RoleAuditor, Keys: []string{"*"}}, kms.ErrPermissionDenied},
-		{"decryptor creating a worker (which may introspect tokens)", kms.Principal{Role: kms.RoleDecryptor, Keys: []string{"*"}}, kms.TokenRequest{Role: kms.RoleWorker, Keys: []string{"x"}}, kms.ErrPermissionDenied},
+		{"decryptor creating an evaluator (which may introspect tokens)", kms.Principal{Role: kms.RoleDecryptor, Keys: []string{"*"}}, kms.TokenRequest{Role: kms.RoleEvaluator, Keys: []string{"x"}}, kms.ErrPermissionDenied},
 		{"decryptor creating an admin", kms.Principal{Role: kms.RoleDecryptor, Keys: []string{"*"}}, kms.TokenRequest{Role: kms.RoleAdmin, Keys: []string{"x"}}, kms.ErrPermissionDenied},
 		{"worker creating a decryptor", kms.Principal{Role: kms.RoleWorker, Keys: []string{"*"}}, kms.TokenRequest{Role: kms.RoleDecryptor, Keys: []string{"x"}}, kms.ErrPermissionDenied},
 		{"auditor creating a worker", kms.Principal{Role: kms.RoleAuditor, Keys: []string{"*"}}, kms.TokenRequest{Role: kms.RoleWorker, Keys: []string{"x"}}, kms.ErrPermissionDenied},

@@ -125,6 +125,26 @@ func (p *Principal) covers(role Role, keys []string, exp *time.Time) error {
 	return nil
 }
 
+// MayIntrospect reports whether the principal may learn what token t
+// may do: an admin any token; another caller (an evaluator service such as
+// kmsd-mcp) only the tokens of the parties it serves, workers and
+// encryptors, whose key patterns lie within its own. Beyond that the
+// answer is active=false, so a worker cannot probe an admin's token.
+func (p *Principal) MayIntrospect(t *Principal) bool {
+	if p.Role == RoleAdmin {
+		return true
+	}
+	if t.Role != RoleWorker && t.Role != RoleEncryptor {
+		return false
+	}
+	for _, k := range t.Keys {
+		if ok, _ := PatternsContain(p.Keys, k); !ok {
+			return false
+		}
+	}
+	return true
+}
+
 // MayUse reports whether the principal may touch the named key.
 func (p *Principal) MayUse(name string) bool {
 	t := Token{Keys: p.Keys}
