@@ -46,6 +46,10 @@ func TestIntrospection(t *testing.T) {
 			t.Errorf("%s token: %+v %v", name, got, err)
 		}
 	}
+	// A token may ask about itself (kmsd-mcp reads its own expiry).
+	if got, _ := w.IntrospectToken(ctx, worker.Token); !got.Active || got.Role != "evaluator" {
+		t.Fatalf("an evaluator about itself: %+v", got)
+	}
 	// An admin may ask about any token.
 	if got, _ := admin.IntrospectToken(ctx, e.admin); !got.Active || got.Role != "admin" || got.Exp != 0 {
 		t.Fatalf("the bootstrap admin token (no expiry), asked by an admin: %+v", got)
