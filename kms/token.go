@@ -127,10 +127,10 @@ func (p *Principal) covers(role Role, keys []string, exp *time.Time) error {
 
 // MayIntrospect reports whether the principal may learn what token t
 // may do: an admin any token, any caller itself; another caller (an
-// evaluator service such as
-// kmsd-mcp) only the tokens of the parties it serves, workers and
-// encryptors, whose key patterns lie within its own. Beyond that the
-// answer is active=false, so a worker cannot probe an admin's token.
+// evaluator service such as kmsd-mcp) only the tokens of the parties it
+// serves, workers and encryptors, whose key patterns lie within its own.
+// Beyond that the answer is active=false: an evaluator cannot probe an
+// admin's token.
 func (p *Principal) MayIntrospect(t *Principal) bool {
 	if p.Role == RoleAdmin || t.TokenID == p.TokenID {
 		return true // an admin, or a token asking about itself
