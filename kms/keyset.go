@@ -303,6 +303,13 @@ func (c Call) Decrypt(ctx context.Context, name string, n uint64, env *Envelope)
 		}
 		s.cache.put(name, v.Number, priv)
 	}
+	// Decrypted first, released only once the budget's increment (and
+	// the request's record, status 200) is committed: a decryption that
+	// fails spends no budget and is recorded as what it is answered.
+	vals, err := dk.Decrypt(priv, v.Manifest, parsed, plan)
+	if err != nil {
+		return nil, Wrap(KindInternal, "decrypt", err)
+	}
 	err = s.update(ctx, name, func(tx KeyTx) ([]*AuditRecord, error) {
 		k := tx.Key()
 		v, err := tx.Version(v.Number)
@@ -320,10 +327,6 @@ func (c Call) Decrypt(ctx context.Context, name string, n uint64, env *Envelope)
 	})
 	if err != nil {
 		return nil, err
-	}
-	vals, err := dk.Decrypt(priv, v.Manifest, parsed, plan)
-	if err != nil {
-		return nil, Wrap(KindInternal, "decrypt", err)
 	}
 	// Only the slots in use.
 	switch x := vals.(type) {

@@ -65,6 +65,17 @@ type shard struct {
 	cur storekit.Digest
 	seq uint64 // writes of the shard
 	rev int64  // its mod revision (0: not written yet)
+	// unresolved: a commit answered outcome-unknown (it may still apply);
+	// it is settled before the next commit is sent.
+	unresolved *pendingCommit
+}
+
+// pendingCommit is a commit of unknown outcome: it moves the shard from
+// (seq, rev, cur) to seq+1 with digest next, or never applies.
+type pendingCommit struct {
+	seq       uint64
+	rev       int64
+	cur, next storekit.Digest
 }
 
 // wtx collects a transaction's compares and operations over authenticated
@@ -136,6 +147,15 @@ func (s *Store) send(ctx context.Context, w *wtx, orElse ...clientv3.Op) (resp *
 		// reads first, and the read is refused.
 		s.shard.mu.Lock()
 		defer s.shard.mu.Unlock()
+		if u := s.shard.unresolved; u != nil {
+			// Settled first: applied late, it moved the shard (and this
+			// commit's compare would fail); not applied, it is fenced.
+			if _, err := s.settle(ctx, *u, s.timeout); err != nil {
+				// Not sent: this commit did not happen (not "unknown").
+				return nil, fmt.Errorf("etcd: an earlier commit's outcome is still unknown (%v); this change was not sent", err)
+			}
+			s.shard.unresolved = nil
+		}
 		next := s.shard.cur
 		next.Plus(w.delta)
 		k := s.shardK(s.seal.writer)
@@ -162,59 +182,78 @@ func (s *Store) send(ctx context.Context, w *wtx, orElse ...clientv3.Op) (resp *
 // before ErrOutcomeUnknown is returned.
 var ResolveBudget = 10 * time.Second
 
-// resolve finds whether a transaction whose call failed committed. It
-// moved this process's shard from seq to seq+1 (to next), comparing the
-// shard's revision, and nothing else moves the shard: so a shard at
-// seq+1 says it committed. A shard still at seq says nothing yet (the
-// transaction may still be applied, by a new leader): a fence moves it
-// to seq+2 under the same compare, after which the transaction can never
-// apply, so it failed. A shard at seq+2 is the fence's (applied although
-// its own call failed). Called with s.shard.mu held.
+// resolve finds whether a transaction whose call failed committed, within
+// ResolveBudget: it is a commit from this process's shard as it is now to
+// next (see settle). Past the budget it is remembered (the next commit
+// settles it first) and ErrOutcomeUnknown is returned. Called with
+// s.shard.mu held.
 func (s *Store) resolve(ctx context.Context, next storekit.Digest, cause error) (*clientv3.TxnResponse, error) {
-	seq, rev, cur := s.shard.seq, s.shard.rev, s.shard.cur
+	u := pendingCommit{seq: s.shard.seq, rev: s.shard.rev, cur: s.shard.cur, next: next}
+	committed, err := s.settle(ctx, u, ResolveBudget)
+	switch {
+	case errors.Is(err, kms.ErrOutcomeUnknown):
+		s.shard.unresolved = &u
+		return nil, fmt.Errorf("%w: %v", kms.ErrOutcomeUnknown, cause)
+	case err != nil:
+		return nil, err
+	case committed:
+		s.ownMu.RLock() // noteOwn's contract
+		s.noteOwn(s.shard.rev)
+		s.ownMu.RUnlock()
+		return &clientv3.TxnResponse{Succeeded: true, Header: &etcdserverpb.ResponseHeader{Revision: s.shard.rev}}, nil
+	case errors.Is(cause, rpctypes.ErrNoSpace):
+		return nil, cause
+	}
+	return nil, fmt.Errorf("%w (it did not commit: fenced)", cause)
+}
+
+// settle finds whether commit u applied. It moved this process's shard
+// from u.seq to u.seq+1 (to u.next), comparing the shard's revision, and
+// nothing else moves the shard: so a shard at seq+1 says it committed. A
+// shard still at seq says nothing yet (the transaction may still be
+// applied, by a new leader): a fence moves it to seq+2 under the same
+// compare, after which the transaction can never apply, so it failed. A
+// shard at seq+2 is the fence's (applied although its own call failed).
+// With etcd full (the space alarm raised), an unapplied write never
+// applies: no fence is needed. ErrOutcomeUnknown when etcd does not answer
+// within budget. Called with s.shard.mu held; it leaves s.shard as read.
+func (s *Store) settle(ctx context.Context, u pendingCommit, budget time.Duration) (committed bool, err error) {
 	k := s.shardK(s.seal.writer)
-	deadline := time.Now().Add(ResolveBudget)
+	deadline := time.Now().Add(budget)
 	for {
 		rerr := s.refreshShard(ctx)
 		if rerr == nil {
 			switch {
-			case s.shard.seq == seq+1 && s.shard.cur == next:
+			case s.shard.seq == u.seq+1 && s.shard.cur == u.next:
 				// It committed although the call failed (etcd applies the
 				// write that crosses its space quota, then answers
 				// "database space exceeded"; a timeout after the commit).
-				s.ownMu.RLock() // noteOwn's contract
-				s.noteOwn(s.shard.rev)
-				s.ownMu.RUnlock()
-				return &clientv3.TxnResponse{Succeeded: true, Header: &etcdserverpb.ResponseHeader{Revision: s.shard.rev}}, nil
-			case s.shard.seq == seq+2 && s.shard.cur == cur:
-				return nil, fmt.Errorf("%w (it did not commit: fenced)", cause)
-			case s.shard.seq != seq:
-				return nil, s.auth.Tamper(s.rel(k), fmt.Sprintf("this process's shard of the digest moved from write %d to %d while one transaction was outstanding", seq, s.shard.seq))
-			case errors.Is(cause, rpctypes.ErrNoSpace):
-				// Not applied, and with the space alarm raised etcd
-				// applies no write that is still in flight: it failed.
-				return nil, cause
+				return true, nil
+			case s.shard.seq == u.seq+2 && s.shard.cur == u.cur:
+				return false, nil // fenced
+			case s.shard.seq != u.seq:
+				return false, s.auth.Tamper(s.rel(k), fmt.Sprintf("this process's shard of the digest moved from write %d to %d while one transaction was outstanding", u.seq, s.shard.seq))
 			}
 			// Not applied yet: fence it.
 			tctx, cancel := s.ctx(context.WithoutCancel(ctx))
-			fresp, ferr := s.cli.Txn(tctx).If(clientv3.Compare(clientv3.ModRevision(k), "=", rev)).
-				Then(clientv3.OpPut(k, string(s.auth.Seal(s.rel(k), seq+2, cur.Bytes())))).Commit()
+			fresp, ferr := s.cli.Txn(tctx).If(clientv3.Compare(clientv3.ModRevision(k), "=", u.rev)).
+				Then(clientv3.OpPut(k, string(s.auth.Seal(s.rel(k), u.seq+2, u.cur.Bytes())))).Commit()
 			cancel()
 			if ferr == nil && fresp.Succeeded {
-				s.shard.seq, s.shard.rev = seq+2, fresp.Header.Revision
-				return nil, fmt.Errorf("%w (it did not commit: fenced)", cause)
+				s.shard.seq, s.shard.rev = u.seq+2, fresp.Header.Revision
+				return false, nil
 			}
 			if errors.Is(ferr, rpctypes.ErrNoSpace) {
-				// etcd filled up meanwhile: the fence is refused before
-				// it is proposed, and the space alarm stops the
-				// transaction too. Read once more to be sure.
-				cause = fmt.Errorf("%v (then: %w)", cause, ferr)
+				// etcd is full: the fence is refused before it is
+				// proposed, and the space alarm stops the transaction
+				// too (etcd applies no put while it is raised).
+				return false, nil
 			}
 			// The fence lost (the transaction applied meanwhile) or its
 			// own outcome is unknown: read the shard again.
 		}
 		if time.Now().After(deadline) {
-			return nil, fmt.Errorf("%w: %v", kms.ErrOutcomeUnknown, cause)
+			return false, kms.ErrOutcomeUnknown
 		}
 		time.Sleep(100*time.Millisecond + time.Duration(rand.Int64N(int64(100*time.Millisecond))))
 	}

@@ -3,8 +3,11 @@ package etcd_test
 import (
 	"context"
 	"errors"
+	"github.com/kmsd-project/kmsd/internal/testetcd"
+	"github.com/kmsd-project/kmsd/internal/testhsm"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -79,6 +82,78 @@ func TestUnknownOutcomeIsResolved(t *testing.T) {
 	// The store goes on: the shard the fence moved is taken as it is.
 	if _, err := rotate(s, "k", "again"); err != nil {
 		t.Fatal(err)
+	}
+	if _, err := s.Scrub(ctx); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestLateUnknownThenAmbiguous (from an outside review): a commit
+// answered outcome-unknown (etcd stopped answering) that applies later,
+// then a second commit whose answer is lost. The second's resolution saw
+// the shard moved by the first and called it tampering (a 500
+// store-tampered and the store broken, with nothing tampered). Now the
+// first is settled before the second is sent.
+func TestLateUnknownThenAmbiguous(t *testing.T) {
+	c := testetcd.Start(t, 1)
+	cli, err := clientv3.New(etcd.ClientConfig(c.Endpoints(), nil))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cli.Close()
+	s, err := etcd.Open(context.Background(), cli, etcd.Options{Prefix: "/late/", Sealer: testhsm.Open(t), RequestTimeout: 500 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	s.StopSealing()
+	if err := s.CreateKey(ctx, &kms.Key{Name: "k", Kind: "ml-dsa-65", Primary: 1, Latest: 1}, &kms.Version{Number: 1, State: kms.StateEnabled}, []*kms.AuditRecord{rec("create")}); err != nil {
+		t.Fatal(err)
+	}
+	old := etcd.ResolveBudget
+	etcd.ResolveBudget = time.Second
+	defer func() { etcd.ResolveBudget = old }()
+	resume := make(chan struct{})
+	var late sync.WaitGroup
+	var calls atomic.Int32
+	etcd.SetTxn(t, func(ctx context.Context, send func(context.Context) (*clientv3.TxnResponse, error)) (*clientv3.TxnResponse, error) {
+		switch calls.Add(1) {
+		case 1: // A: etcd stops answering; A is applied later
+			c.Signal(0, syscall.SIGSTOP)
+			late.Add(1)
+			go func() {
+				defer late.Done()
+				<-resume
+				send(context.Background())
+			}()
+			return nil, errLost
+		case 2: // B: sent, its answer lost
+			send(ctx)
+			return nil, errLost
+		}
+		return send(ctx)
+	})
+	_, errA := rotate(s, "k", "A")
+	if !errors.Is(errA, kms.ErrOutcomeUnknown) {
+		t.Fatalf("A: %v, want outcome unknown", errA)
+	}
+	c.Signal(0, syscall.SIGCONT)
+	close(resume)
+	late.Wait()
+	_, errB := rotate(s, "k", "B")
+	k, err := s.GetKey(ctx, "k")
+	var te *kms.TamperError
+	if errors.As(errB, &te) || errors.As(err, &te) {
+		t.Fatalf("a false tamper finding: %v / %v", errB, err)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A applied late (version 2); B either committed on top of it
+	// (version 3, answered done) or did not (answered failed).
+	switch {
+	case errB == nil && k.Latest != 3, errB != nil && k.Latest != 2:
+		t.Fatalf("B answered %v, latest version %d", errB, k.Latest)
 	}
 	if _, err := s.Scrub(ctx); err != nil {
 		t.Fatal(err)

@@ -135,18 +135,20 @@ func (s *Store) heartbeats(ctx context.Context) {
 	}
 }
 
-// sawHeartbeat notes a heartbeat of this process the watch delivered.
-func (s *Store) sawHeartbeat(ev *clientv3.Event) {
+// sawHeartbeat returns when the heartbeat of this process the watch
+// delivered was sent (since base), or -1 if ev is none.
+func (s *Store) sawHeartbeat(ev *clientv3.Event) time.Duration {
 	if string(ev.Kv.Key) != s.heartbeatK() || ev.Type != clientv3.EventTypePut {
-		return
+		return -1
 	}
 	s.health.hbMu.Lock()
 	sent, ok := s.health.sent[string(ev.Kv.Value)]
 	delete(s.health.sent, string(ev.Kv.Value))
 	s.health.hbMu.Unlock()
-	if ok && int64(sent) > s.health.fresh.Load() {
-		s.health.fresh.Store(int64(sent))
+	if !ok {
+		return -1
 	}
+	return sent
 }
 
 // Resets counts how often the watchers were told to drop everything.
@@ -250,7 +252,12 @@ func (s *Store) watch() {
 			case resp, ok := <-ch:
 				if !ok || resp.Err() != nil || resp.Canceled {
 					if ok && resp.CompactRevision > 0 {
-						rev = 0 // history gone: start from now, after a reset
+						// History gone: every cache is dropped (reset
+						// below), and the watch goes on from the oldest
+						// revision etcd keeps, so that a record loaded
+						// again meanwhile (at a later revision) and changed
+						// before the new watch starts is still heard of.
+						rev = resp.CompactRevision
 					}
 					s.log.Warn("etcd watch ended; dropping cached records", "err", resp.Err())
 					broken = true
@@ -261,14 +268,20 @@ func (s *Store) watch() {
 					rev = resp.Header.Revision + 1
 				}
 				var chs []kms.Change
+				beat := time.Duration(-1)
 				for _, ev := range s.others(resp.Events, resp.Header.Revision) {
-					s.sawHeartbeat(ev)
+					beat = max(beat, s.sawHeartbeat(ev))
 					s.checkEvent(ev)
 					if c, ok := s.change(string(ev.Kv.Key)); ok {
 						chs = append(chs, c)
 					}
 				}
 				s.changed(chs)
+				// Fresh as of a heartbeat only once the changes before it
+				// (in this response too) have reached the caches.
+				if beat >= 0 && int64(beat) > s.health.fresh.Load() {
+					s.health.fresh.Store(int64(beat))
+				}
 			}
 		}
 		wcancel()
