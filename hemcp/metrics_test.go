@@ -6,6 +6,7 @@ import (
 	"net/http/httptest"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -46,7 +47,7 @@ func TestIntrospectionCountedOnce(t *testing.T) {
 	s := &Server{cfg: Config{Client: kc, Metrics: m, IntrospectTTL: time.Minute, MaxRequestBytes: 1 << 20}, log: slog.New(slog.DiscardHandler), intro: map[[32]byte]introEntry{}, served: map[string]*servedKey{}}
 	h := s.HTTPHandler()
 	req := httptest.NewRequest(http.MethodPost, "/mcp", strings.NewReader(`{"jsonrpc":"2.0","id":1,"method":"ping"}`))
-	req.Header.Set("Authorization", "Bearer client-token")
+	req.Header.Set("Authorization", "Bearer kms_0123456789abcdef_"+strings.Repeat("c", 43))
 	req.Header.Set("Content-Type", "application/json")
 	req.Header.Set("Accept", "application/json, text/event-stream")
 	rr := httptest.NewRecorder()
@@ -54,5 +55,71 @@ func TestIntrospectionCountedOnce(t *testing.T) {
 	t.Logf("status %d; kmsd asked %d times; metrics: miss=%d hit=%d", rr.Code, asked, m.miss, m.hit)
 	if m.miss != 1 || m.hit != 0 || asked != 1 {
 		t.Errorf("one request counted as %d introspections (miss %d, hit %d)", m.miss+m.hit, m.miss, m.hit)
+	}
+}
+
+// TestIntrospectionBounds (issue 25, from an outside review: every bogus
+// token cost one introspection at kmsd, 400 in 3.6 s, and at 4096
+// answers the whole cache was cleared): a token not of kmsd's shape is
+// refused without asking kmsd; requests presenting one new token at once
+// ask kmsd once; a full cache drops its oldest answer, not all of them.
+func TestIntrospectionBounds(t *testing.T) {
+	var asked atomic.Int32
+	kmsd := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		asked.Add(1)
+		time.Sleep(100 * time.Millisecond) // so that the concurrent requests overlap
+		w.Header().Set("Content-Type", "application/json")
+		w.Write([]byte(`{"active":false}`))
+	}))
+	defer kmsd.Close()
+	kc, _ := client.New(kmsd.URL, "srv")
+	s := &Server{cfg: Config{Client: kc, Metrics: nopMetrics{}, IntrospectTTL: time.Minute, MaxRequestBytes: 1 << 20}, log: slog.New(slog.DiscardHandler), intro: map[[32]byte]introEntry{}, served: map[string]*servedKey{}}
+	h := s.HTTPHandler()
+	call := func(tok string) int {
+		req := httptest.NewRequest(http.MethodPost, "/mcp", strings.NewReader(`{"jsonrpc":"2.0","id":1,"method":"ping"}`))
+		req.Header.Set("Authorization", "Bearer "+tok)
+		req.Header.Set("Content-Type", "application/json")
+		rr := httptest.NewRecorder()
+		h.ServeHTTP(rr, req)
+		return rr.Code
+	}
+	for _, bogus := range []string{"garbage", "kms_x", "kms_0123456789abcdef_short", "kms_0123456789ABCDEF_" + strings.Repeat("a", 43), "kms_0123456789abcdef_" + strings.Repeat("a", 42) + "="} {
+		if code := call(bogus); code != http.StatusUnauthorized {
+			t.Errorf("%q: %d", bogus, code)
+		}
+	}
+	if n := asked.Load(); n != 0 {
+		t.Fatalf("kmsd was asked %d times about tokens not of its shape", n)
+	}
+	tok := "kms_0123456789abcdef_" + strings.Repeat("A", 43)
+	var wg sync.WaitGroup
+	for range 8 {
+		wg.Go(func() {
+			if code := call(tok); code != http.StatusUnauthorized {
+				t.Errorf("an inactive token: %d", code)
+			}
+		})
+	}
+	wg.Wait()
+	if n := asked.Load(); n != 1 {
+		t.Fatalf("8 requests with one new token asked kmsd %d times, want 1", n)
+	}
+	// A full cache keeps the answers it has but its oldest.
+	s.intro = map[[32]byte]introEntry{}
+	first := [32]byte{1}
+	s.remember(first, &client.Introspection{})
+	for i := range maxIntro - 1 {
+		s.remember([32]byte{2, byte(i), byte(i >> 8)}, &client.Introspection{})
+	}
+	hot := [32]byte{3}
+	s.remember(hot, &client.Introspection{})
+	if _, ok := s.intro[hot]; !ok || len(s.intro) != maxIntro {
+		t.Fatalf("after %d answers the cache holds %d, the newest: %v", maxIntro+1, len(s.intro), ok)
+	}
+	if _, ok := s.intro[first]; ok {
+		t.Fatal("the oldest answer was kept past the bound")
+	}
+	if _, ok := s.intro[[32]byte{2, 5, 0}]; !ok {
+		t.Fatal("a full cache dropped more than its oldest answer")
 	}
 }

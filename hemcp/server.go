@@ -18,6 +18,7 @@ import (
 	"github.com/modelcontextprotocol/go-sdk/auth"
 	"github.com/modelcontextprotocol/go-sdk/mcp"
 	"github.com/tuneinsight/lattigo/v6/core/rlwe"
+	"golang.org/x/sync/singleflight"
 
 	"github.com/kmsd-project/kmsd/api/client"
 	"github.com/kmsd-project/kmsd/api/client/hekeys"
@@ -76,12 +77,13 @@ type Corpus struct {
 
 // Server serves the configured keys' tools over MCP.
 type Server struct {
-	cfg     Config
-	log     *slog.Logger
-	mu      sync.RWMutex
-	served  map[string]*servedKey
-	introMu sync.Mutex
-	intro   map[[32]byte]introEntry // sha256(token) -> kmsd's answer, at most maxIntro
+	cfg         Config
+	log         *slog.Logger
+	mu          sync.RWMutex
+	served      map[string]*servedKey
+	introMu     sync.Mutex
+	intro       map[[32]byte]introEntry // sha256(token) -> kmsd's answer, at most maxIntro
+	introFlight singleflight.Group
 }
 
 type servedKey struct {
@@ -686,18 +688,24 @@ func unauthorized(w http.ResponseWriter, msg string) {
 const maxIntro = 4096
 
 // remember caches an introspection answer; when the cache is full it drops
-// the expired answers first, and everything if none has expired.
+// the expired answers, and if none has expired the oldest one (never the
+// whole cache: clients presenting ever new tokens must not flush the
+// answers about the others).
 func (s *Server) remember(h [32]byte, info *client.Introspection) {
 	s.introMu.Lock()
 	defer s.introMu.Unlock()
 	if len(s.intro) >= maxIntro {
+		var oldest [32]byte
+		var oldestAt time.Time
 		for k, e := range s.intro {
 			if time.Since(e.at) >= s.cfg.IntrospectTTL {
 				delete(s.intro, k)
+			} else if oldestAt.IsZero() || e.at.Before(oldestAt) {
+				oldest, oldestAt = k, e.at
 			}
 		}
 		if len(s.intro) >= maxIntro {
-			clear(s.intro)
+			delete(s.intro, oldest)
 		}
 	}
 	s.intro[h] = introEntry{info: info, at: time.Now()}
@@ -706,6 +714,10 @@ func (s *Server) remember(h [32]byte, info *client.Introspection) {
 // verify introspects a client's token with kmsd (answers kept
 // IntrospectTTL, keyed by the token's hash) and makes the SDK's TokenInfo.
 func (s *Server) verify(ctx context.Context, token string, _ *http.Request) (*auth.TokenInfo, error) {
+	// Not the shape of a kmsd token: refused here, kmsd is not asked.
+	if !wire.WellFormedToken(token) {
+		return nil, auth.ErrInvalidToken
+	}
 	h := sha256.Sum256([]byte(token))
 	s.introMu.Lock()
 	e, ok := s.intro[h]
@@ -714,12 +726,19 @@ func (s *Server) verify(ctx context.Context, token string, _ *http.Request) (*au
 	cached := ok && time.Since(e.at) < s.cfg.IntrospectTTL
 	s.cfg.Metrics.Introspection(cached)
 	if !cached {
-		i, err := s.cfg.Client.IntrospectToken(ctx, token)
+		// One question to kmsd for the requests presenting one token at
+		// once; its answer (inactive ones too) is kept IntrospectTTL.
+		v, err, _ := s.introFlight.Do(string(h[:]), func() (any, error) {
+			i, err := s.cfg.Client.IntrospectToken(context.WithoutCancel(ctx), token)
+			if err == nil {
+				s.remember(h, i)
+			}
+			return i, err
+		})
 		if err != nil {
 			return nil, err
 		}
-		info = i
-		s.remember(h, i)
+		info = v.(*client.Introspection)
 	}
 	if !info.Active || (info.Exp != 0 && time.Unix(info.Exp, 0).Before(time.Now())) {
 		return nil, auth.ErrInvalidToken

@@ -3,6 +3,7 @@ package wire
 import (
 	"path"
 	"regexp"
+	"strings"
 )
 
 var nameRE = regexp.MustCompile(`^[a-z0-9][a-z0-9._-]{0,63}$`)
@@ -49,4 +50,29 @@ func MayUse(patterns []string, name string) bool {
 		}
 	}
 	return false
+}
+
+// WellFormedToken reports whether tok has the shape of a kmsd bearer
+// token: "kms_", a 16-hex-digit id, "_", and 43 characters of unpadded
+// base64url (256 bits). A server that introspects its clients' tokens
+// refuses any other at once, without asking kmsd.
+func WellFormedToken(tok string) bool {
+	rest, ok := strings.CutPrefix(tok, "kms_")
+	if !ok || len(rest) != 16+1+43 || rest[16] != '_' {
+		return false
+	}
+	for i, c := range rest {
+		switch {
+		case i < 16:
+			if !('0' <= c && c <= '9' || 'a' <= c && c <= 'f') {
+				return false
+			}
+		case i == 16:
+		default:
+			if !('0' <= c && c <= '9' || 'a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || c == '-' || c == '_') {
+				return false
+			}
+		}
+	}
+	return true
 }
