@@ -199,3 +199,41 @@ func TestToolPanicIsAnError(t *testing.T) {
 		t.Fatalf("a panicking tool: %v", err)
 	}
 }
+
+// TestCallsBounded (issue 25, from an outside review: concurrent tool
+// calls were unbounded, and one large call took 1.3 GB): past MaxCalls
+// evaluations at once a call is refused as busy at once, and the slot is
+// free again when a call ends; he_describe, which evaluates nothing, is
+// not counted.
+func TestCallsBounded(t *testing.T) {
+	s := &Server{log: slog.New(slog.DiscardHandler), cfg: Config{Metrics: nopMetrics{}}, calls: make(chan struct{}, 1)}
+	release := make(chan struct{})
+	running := make(chan struct{})
+	slow := safe(s, "he_linear", func(context.Context, *mcp.CallToolRequest, struct{}) (*mcp.CallToolResult, struct{}, error) {
+		close(running)
+		<-release
+		return nil, struct{}{}, nil
+	})
+	quick := safe(s, "he_polynomial", func(context.Context, *mcp.CallToolRequest, struct{}) (*mcp.CallToolResult, struct{}, error) {
+		return nil, struct{}{}, nil
+	})
+	describe := safe(s, "he_describe", func(context.Context, *mcp.CallToolRequest, struct{}) (*mcp.CallToolResult, struct{}, error) {
+		return nil, struct{}{}, nil
+	})
+	done := make(chan error)
+	go func() { _, _, err := slow(context.Background(), nil, struct{}{}); done <- err }()
+	<-running
+	if _, _, err := quick(context.Background(), nil, struct{}{}); err == nil || !strings.Contains(err.Error(), "busy") {
+		t.Fatalf("a call past the bound: %v", err)
+	}
+	if _, _, err := describe(context.Background(), nil, struct{}{}); err != nil {
+		t.Fatalf("he_describe while busy: %v", err)
+	}
+	close(release)
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := quick(context.Background(), nil, struct{}{}); err != nil {
+		t.Fatalf("a call once the slot is free: %v", err)
+	}
+}

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
+	"runtime"
 	"slices"
 	"sort"
 	"strings"
@@ -35,7 +36,12 @@ type Config struct {
 	Contexts        map[string]Corpus
 	IntrospectTTL   time.Duration // how long an introspection answer is kept
 	MaxRequestBytes int64
-	Logger          *slog.Logger
+	// MaxCalls bounds the tool calls evaluating at once (a call past it
+	// is refused as busy, at once); default twice the cores.
+	MaxCalls int
+	// SessionTimeout ends an MCP session idle this long (default 30m).
+	SessionTimeout time.Duration
+	Logger         *slog.Logger
 	// Metrics, if set, is told of tool calls, introspections and key
 	// fetches.
 	Metrics Metrics
@@ -45,7 +51,8 @@ type Config struct {
 // metrics). Labels are bounded: tool is one of the server's tools.
 type Metrics interface {
 	// ToolCall is one call of a tool: outcome ok, tool_error (the tool
-	// refused the input, or kmsd refused it something) or panic.
+	// refused the input, or kmsd refused it something), busy (refused:
+	// MaxCalls evaluations running) or panic.
 	ToolCall(tool, outcome string, d time.Duration)
 	// Introspection is one client token checked: from the cache (cached)
 	// or asked of kmsd.
@@ -84,6 +91,7 @@ type Server struct {
 	introMu     sync.Mutex
 	intro       map[[32]byte]introEntry // sha256(token) -> kmsd's answer, at most maxIntro
 	introFlight singleflight.Group
+	calls       chan struct{} // a slot per tool call evaluating (Config.MaxCalls)
 }
 
 type servedKey struct {
@@ -113,7 +121,13 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 		cfg.IntrospectTTL = 10 * time.Second
 	}
 	if cfg.MaxRequestBytes <= 0 {
-		cfg.MaxRequestBytes = 64 << 20
+		cfg.MaxRequestBytes = 16 << 20
+	}
+	if cfg.MaxCalls <= 0 {
+		cfg.MaxCalls = 2 * runtime.NumCPU()
+	}
+	if cfg.SessionTimeout <= 0 {
+		cfg.SessionTimeout = 30 * time.Minute
 	}
 	if cfg.Metrics == nil {
 		cfg.Metrics = nopMetrics{}
@@ -121,7 +135,7 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	if len(cfg.Keys) == 0 {
 		return nil, errors.New("no keys to serve: give --key NAME")
 	}
-	s := &Server{cfg: cfg, log: cfg.Logger, served: map[string]*servedKey{}, intro: map[[32]byte]introEntry{}}
+	s := &Server{cfg: cfg, log: cfg.Logger, served: map[string]*servedKey{}, intro: map[[32]byte]introEntry{}, calls: make(chan struct{}, cfg.MaxCalls)}
 	for _, name := range cfg.Keys {
 		if err := wire.ValidateName(name); err != nil {
 			return nil, fmt.Errorf("--key %q: %v", name, err)
@@ -419,6 +433,16 @@ const toolHelp = `Ciphertexts are envelopes: {"key","version","params_id","level
 func safe[In, Out any](s *Server, tool string, h mcp.ToolHandlerFor[In, Out]) mcp.ToolHandlerFor[In, Out] {
 	return func(ctx context.Context, req *mcp.CallToolRequest, in In) (res *mcp.CallToolResult, out Out, err error) {
 		start := time.Now()
+		if tool != "he_describe" && s.calls != nil {
+			select {
+			case s.calls <- struct{}{}:
+				defer func() { <-s.calls }()
+			default:
+				s.cfg.Metrics.ToolCall(tool, "busy", 0)
+				var zero Out
+				return nil, zero, fmt.Errorf("busy: %d evaluations are running; retry shortly", cap(s.calls))
+			}
+		}
 		defer func() {
 			outcome := "ok"
 			if r := recover(); r != nil {
@@ -644,7 +668,7 @@ func sortedKeys[V any](m map[string]V) []string {
 // introspected; everything else uses the server's own evaluator token.
 func (s *Server) HTTPHandler() http.Handler {
 	srv := s.MCPServer()
-	h := mcp.NewStreamableHTTPHandler(func(*http.Request) *mcp.Server { return srv }, &mcp.StreamableHTTPOptions{MaxRequestBodyBytes: s.cfg.MaxRequestBytes})
+	h := mcp.NewStreamableHTTPHandler(func(*http.Request) *mcp.Server { return srv }, &mcp.StreamableHTTPOptions{MaxRequestBodyBytes: s.cfg.MaxRequestBytes, SessionTimeout: s.cfg.SessionTimeout})
 	// The SDK's bearer check gets what this handler's verify found (one
 	// introspection, counted once, per request).
 	verified := func(ctx context.Context, token string, r *http.Request) (*auth.TokenInfo, error) {

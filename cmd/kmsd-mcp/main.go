@@ -21,6 +21,8 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"runtime"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -58,6 +60,8 @@ func (k *keyList) Set(v string) error {
 type config struct {
 	kmsURL, caCert, tokenFile, identityFile, httpAddr, cacheDir, modelsFile, contextFile, logLevel string
 	metricsAddr, metricsToken                                                                      string
+	maxCalls                                                                                       int64
+	sessionTimeout                                                                                 time.Duration
 	keys                                                                                           keyList
 	refresh, introspectTTL                                                                         time.Duration
 	maxRequestMiB                                                                                  int64
@@ -95,7 +99,19 @@ func parseFlags(args []string, getenv func(string) string, out io.Writer) (confi
 	fs.DurationVar(&c.introspectTTL, "introspect-ttl", dur("KMSD_MCP_INTROSPECT_TTL", 10*time.Second), "how long kmsd's answer about a client token is kept; a revoked token works at most this long (env KMSD_MCP_INTROSPECT_TTL)")
 	fs.StringVar(&c.modelsFile, "models", env("KMSD_MCP_MODELS", ""), "JSON file of named linear models for he_linear: {\"name\": {\"weights\": [[...]], \"bias\": [...]}} (env KMSD_MCP_MODELS)")
 	fs.StringVar(&c.contextFile, "context", env("KMSD_MCP_CONTEXT", ""), "JSON file of named context embeddings for he_similarity: {\"name\": {\"ids\": [...], \"embeddings\": [[...]]}} (env KMSD_MCP_CONTEXT)")
-	fs.Int64Var(&c.maxRequestMiB, "max-request-mib", 64, "largest MCP message over HTTP or stdio, in MiB (ciphertexts are megabytes) (env KMSD_MCP_MAX_REQUEST_MIB)")
+	num := func(name string, def int64) int64 {
+		if v := getenv(name); v != "" {
+			n, err := strconv.ParseInt(v, 10, 64)
+			if err != nil {
+				errs = append(errs, fmt.Errorf("%s=%q: not a whole number", name, v))
+			}
+			return n
+		}
+		return def
+	}
+	fs.Int64Var(&c.maxRequestMiB, "max-request-mib", num("KMSD_MCP_MAX_REQUEST_MIB", 16), "largest MCP message over HTTP or stdio, in MiB (a logN 15 ciphertext is a few MiB) (env KMSD_MCP_MAX_REQUEST_MIB)")
+	fs.Int64Var(&c.maxCalls, "max-calls", num("KMSD_MCP_MAX_CALLS", int64(2*runtime.NumCPU())), "evaluations at once; a tool call past them is refused as busy (default twice the cores) (env KMSD_MCP_MAX_CALLS)")
+	fs.DurationVar(&c.sessionTimeout, "session-timeout", dur("KMSD_MCP_SESSION_TIMEOUT", 30*time.Minute), "an MCP session idle this long is ended (env KMSD_MCP_SESSION_TIMEOUT)")
 	fs.StringVar(&c.metricsAddr, "metrics-addr", env("KMSD_MCP_METRICS_ADDR", ""), "serve Prometheus metrics at /metrics (plain HTTP) on this loopback address, e.g. 127.0.0.1:9421; empty: off (env KMSD_MCP_METRICS_ADDR)")
 	fs.StringVar(&c.metricsToken, "metrics-token-file", env("KMSD_MCP_METRICS_TOKEN_FILE", ""), "file (mode 600) holding a bearer token of at least 16 characters that scrapers of --metrics-addr must present (env KMSD_MCP_METRICS_TOKEN_FILE)")
 	fs.StringVar(&c.logLevel, "log-level", env("KMSD_MCP_LOG_LEVEL", "info"), "debug, info, warn or error; JSON logs on stderr (env KMSD_MCP_LOG_LEVEL)")
@@ -136,8 +152,8 @@ func parseFlags(args []string, getenv func(string) string, out io.Writer) (confi
 		return c, fmt.Errorf("--metrics-addr %s is refused: kmsd-mcp serves metrics on a loopback address only", c.metricsAddr)
 	case c.metricsToken != "" && c.metricsAddr == "":
 		return c, errors.New("--metrics-token-file needs --metrics-addr")
-	case c.refresh <= 0 || c.introspectTTL <= 0 || c.maxRequestMiB < 1:
-		return c, errors.New("--refresh and --introspect-ttl must be positive, --max-request-mib at least 1")
+	case c.refresh <= 0 || c.introspectTTL <= 0 || c.maxRequestMiB < 1 || c.maxCalls < 1 || c.sessionTimeout < time.Second:
+		return c, errors.New("--refresh and --introspect-ttl must be positive, --max-request-mib and --max-calls at least 1, --session-timeout at least 1s")
 	case c.httpAddr != "" && !tlsutil.IsLoopback(c.httpAddr):
 		return c, fmt.Errorf("--http %s is refused: kmsd-mcp serves plain HTTP, on a loopback address only (put a TLS proxy in front to serve further)", c.httpAddr)
 	}
@@ -204,7 +220,8 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdin i
 		mm = newMCPMetrics(mreg)
 	}
 	cfg := hemcp.Config{Client: kc, Fetcher: &hekeys.Fetcher{BaseURL: c.kmsURL, Token: token, IdentityKey: identity, CacheDir: c.cacheDir, HTTP: &hc},
-		Keys: c.keys, Refresh: c.refresh, IntrospectTTL: c.introspectTTL, MaxRequestBytes: c.maxRequestMiB << 20, Logger: log}
+		Keys: c.keys, Refresh: c.refresh, IntrospectTTL: c.introspectTTL, MaxRequestBytes: c.maxRequestMiB << 20, Logger: log,
+		MaxCalls: int(c.maxCalls), SessionTimeout: c.sessionTimeout}
 	if mm != nil {
 		cfg.Metrics = mm
 	}
@@ -249,7 +266,10 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdin i
 	if err != nil {
 		return err
 	}
-	srv := &http.Server{Handler: s.HTTPHandler(), ReadHeaderTimeout: 10 * time.Second}
+	// No ReadTimeout: it would end the long-lived SSE streams of GET /mcp;
+	// headers have 10 s, an idle connection two minutes, a session
+	// --session-timeout, a body --max-request-mib.
+	srv := &http.Server{Handler: s.HTTPHandler(), ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 2 * time.Minute, MaxHeaderBytes: 64 << 10}
 	log.Info("listening", "url", "http://"+ln.Addr().String()+"/mcp")
 	if ready != nil {
 		ready(ln.Addr().String())

@@ -26,7 +26,7 @@ type mcpMetrics struct {
 func newMCPMetrics(reg *metrics.Registry) *mcpMetrics {
 	m := &mcpMetrics{
 		calls: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: "kmsd_mcp", Name: "tool_calls_total",
-			Help: "Tool calls by tool and outcome: ok, tool_error (the input or kmsd refused) or panic."}, []string{"tool", "outcome"}),
+			Help: "Tool calls by tool and outcome: ok, tool_error (the input or kmsd refused), busy (refused: --max-calls evaluations running) or panic."}, []string{"tool", "outcome"}),
 		duration: prometheus.NewHistogramVec(prometheus.HistogramOpts{Namespace: "kmsd_mcp", Name: "tool_call_duration_seconds",
 			Help: "Duration of tool calls, by tool.", Buckets: []float64{.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30}}, []string{"tool"}),
 		intro: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: "kmsd_mcp", Name: "introspections_total",
