@@ -417,9 +417,9 @@ func matches(data []byte, h string, size int64) bool {
 var blobLocks sync.Map // string -> chan struct{} (a one-slot semaphore)
 
 // lockBlob takes the lock of the blob at final: a semaphore of this
-// process (so that ctx ends the wait), then an exclusive file lock on
-// final+".lock" (another process sharing the cache dir). unlock releases
-// both.
+// process (so that ctx ends the wait), then an exclusive file lock on the
+// cache dir itself (another process sharing it; no lock file is left in
+// the dir, which may be a user's output dir). unlock releases both.
 func lockBlob(ctx context.Context, final string) (unlock func(), err error) {
 	v, _ := blobLocks.LoadOrStore(final, make(chan struct{}, 1))
 	sem := v.(chan struct{})
@@ -428,7 +428,7 @@ func lockBlob(ctx context.Context, final string) (unlock func(), err error) {
 	case <-ctx.Done():
 		return nil, ctx.Err()
 	}
-	lf, err := os.OpenFile(final+".lock", os.O_RDWR|os.O_CREATE, 0o600)
+	lf, err := os.Open(filepath.Dir(final))
 	if err != nil {
 		<-sem
 		return nil, err
