@@ -11,6 +11,7 @@ import (
 	"io/fs"
 	"os"
 	"path"
+	"strings"
 	"syscall"
 
 	"github.com/kmsd-project/kmsd/api/layout"
@@ -137,6 +138,14 @@ func readRegular(root *os.Root, p string) ([]byte, error) {
 	}
 	// A hard link to a file elsewhere passes O_NOFOLLOW and the root:
 	// the archive's files have one link (its own) and kmsd's owner.
+	if st, ok := fi.Sys().(*syscall.Stat_t); ok && st.Nlink == 2 && int(st.Uid) == os.Geteuid() && dropTmpLink(root, p, fi) {
+		// A Put killed between linking its temporary file in and
+		// removing it: the second link was that temporary file, now gone.
+		fi, err = f.Stat()
+		if err != nil {
+			return nil, err
+		}
+	}
 	if st, ok := fi.Sys().(*syscall.Stat_t); ok && (st.Nlink != 1 || int(st.Uid) != os.Geteuid()) {
 		return nil, fmt.Errorf("%s has %d links or another owner: not a file kmsd wrote", p, st.Nlink)
 	}
@@ -151,6 +160,32 @@ func readRegular(root *os.Root, p string) ([]byte, error) {
 		return nil, fmt.Errorf("%s is more than %d bytes", p, max)
 	}
 	return b, nil
+}
+
+// dropTmpLink removes a temporary file (".tmp-*") beside p that is the
+// same file as p (fi): what a Put killed between its link and its remove
+// left. It reports whether it removed one.
+func dropTmpLink(root *os.Root, p string, fi os.FileInfo) bool {
+	dir := path.Dir(p)
+	d, err := root.Open(dir)
+	if err != nil {
+		return false
+	}
+	names, err := d.Readdirnames(-1)
+	d.Close()
+	if err != nil {
+		return false
+	}
+	for _, n := range names {
+		if !strings.HasPrefix(n, ".tmp-") {
+			continue
+		}
+		tmp := path.Join(dir, n)
+		if tfi, err := root.Lstat(tmp); err == nil && os.SameFile(tfi, fi) {
+			return root.Remove(tmp) == nil
+		}
+	}
+	return false
 }
 
 func writeSync(root *os.Root, name string, data []byte) error {

@@ -8,6 +8,7 @@ import (
 	"math/rand/v2"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"go.etcd.io/etcd/api/v3/etcdserverpb"
@@ -298,8 +299,8 @@ func (s *Store) txn(ctx context.Context, cmps []clientv3.Cmp, ops, orElse []clie
 	}
 	var resp *clientv3.TxnResponse
 	var err error
-	if testHookTxn != nil {
-		resp, err = testHookTxn(ctx, send)
+	if hook := testHookTxn.Load(); hook != nil {
+		resp, err = (*hook)(ctx, send)
 	} else {
 		resp, err = send(ctx)
 	}
@@ -314,7 +315,7 @@ func (s *Store) txn(ctx context.Context, cmps []clientv3.Cmp, ops, orElse []clie
 
 // testHookTxn, if set (tests only), sends a transaction in place of
 // txn: it may delay it, fail the call, or both.
-var testHookTxn func(ctx context.Context, send func(context.Context) (*clientv3.TxnResponse, error)) (*clientv3.TxnResponse, error)
+var testHookTxn atomic.Pointer[func(ctx context.Context, send func(context.Context) (*clientv3.TxnResponse, error)) (*clientv3.TxnResponse, error)]
 
 // ErrUntagged: the prefix holds records but no record key.
 var ErrUntagged = errors.New("the etcd prefix holds records without tags and no record key: written by a kmsd from before records had tags, or forged by whoever can write etcd; check it is the prefix you expect, then start kmsd once with --upgrade-untagged-store to tag its records (README: Storage trust)")

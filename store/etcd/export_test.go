@@ -19,8 +19,12 @@ func SetBeforeCommit(t *testing.T, f func()) {
 // SetTxn sends every transaction through f for one test (see
 // testHookTxn).
 func SetTxn(t *testing.T, f func(ctx context.Context, send func(context.Context) (*clientv3.TxnResponse, error)) (*clientv3.TxnResponse, error)) {
-	testHookTxn = f
-	t.Cleanup(func() { testHookTxn = nil })
+	if f == nil {
+		testHookTxn.Store(nil)
+	} else {
+		testHookTxn.Store(&f)
+	}
+	t.Cleanup(func() { testHookTxn.Store(nil) })
 }
 
 // SealRounds counts the seal transactions s committed.
