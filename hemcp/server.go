@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
+	"net/url"
 	"runtime"
 	"slices"
 	"sort"
@@ -92,6 +93,9 @@ type Server struct {
 	intro       map[[32]byte]introEntry // sha256(token) -> kmsd's answer, at most maxIntro
 	introFlight singleflight.Group
 	calls       chan struct{} // a slot per tool call evaluating (Config.MaxCalls)
+	// resource is this server's canonical URL and authServer kmsd's
+	// (RFC 9728 protected-resource metadata); "" until SetResource.
+	resource, authServer string
 }
 
 type servedKey struct {
@@ -679,16 +683,26 @@ func (s *Server) HTTPHandler() http.Handler {
 	}
 	withInfo := auth.RequireBearerToken(verified, &auth.RequireBearerTokenOptions{AllowMissingExpiration: true})(h)
 	mux := http.NewServeMux()
+	if s.resource != "" {
+		meta := s.metadata()
+		for _, p := range s.metadataPaths() {
+			mux.HandleFunc("GET "+p, func(w http.ResponseWriter, r *http.Request) {
+				w.Header().Set("Content-Type", "application/json")
+				w.Header().Set("Cache-Control", "max-age=300")
+				w.Write(meta)
+			})
+		}
+	}
 	mux.Handle("/mcp", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		tok, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
 		if !ok || tok == "" {
-			unauthorized(w, "a bearer token is required")
+			s.unauthorized(w, "", "a bearer token is required")
 			return
 		}
 		ti, err := s.verify(r.Context(), tok, r)
 		if err != nil {
 			if errors.Is(err, auth.ErrInvalidToken) {
-				unauthorized(w, "the token is not active in kmsd")
+				s.unauthorized(w, "invalid_token", "the token is not active in kmsd")
 			} else {
 				http.Error(w, "kmsd could not be asked about the token", http.StatusServiceUnavailable)
 			}
@@ -702,8 +716,64 @@ func (s *Server) HTTPHandler() http.Handler {
 // verifiedKey carries the TokenInfo HTTPHandler's verify made.
 type verifiedKey struct{}
 
-func unauthorized(w http.ResponseWriter, msg string) {
-	w.Header().Set("WWW-Authenticate", `Bearer realm="kmsd-mcp", error="invalid_token"`)
+// SetResource sets this server's canonical URL (https://host[:port]/mcp,
+// the resource clients' tokens are for) and its authorization server's
+// (kmsd's), which the protected-resource metadata (RFC 9728) names. Call
+// it before HTTPHandler.
+func (s *Server) SetResource(resource, authServer string) {
+	s.resource, s.authServer = resource, authServer
+}
+
+// metadataPaths are where the protected-resource metadata is served: the
+// well-known path inserted before the resource's path (RFC 9728 3.1), and
+// at the root for clients that look there.
+func (s *Server) metadataPaths() []string {
+	u, err := url.Parse(s.resource)
+	if err != nil {
+		return nil
+	}
+	out := []string{"/.well-known/oauth-protected-resource"}
+	if p := strings.TrimSuffix(u.Path, "/"); p != "" {
+		out = append(out, "/.well-known/oauth-protected-resource"+p)
+	}
+	return out
+}
+
+// metadataURL is the metadata's URL, for WWW-Authenticate.
+func (s *Server) metadataURL() string {
+	u, err := url.Parse(s.resource)
+	if err != nil {
+		return ""
+	}
+	paths := s.metadataPaths()
+	u.Path, u.RawPath = paths[len(paths)-1], ""
+	return u.String()
+}
+
+// metadata is the protected-resource metadata document (RFC 9728 2).
+func (s *Server) metadata() []byte {
+	b, _ := json.Marshal(map[string]any{
+		"resource":                 s.resource,
+		"authorization_servers":    []string{s.authServer},
+		"scopes_supported":         []string{"worker", "encryptor"},
+		"bearer_methods_supported": []string{"header"},
+		"resource_name":            "kmsd-mcp",
+	})
+	return b
+}
+
+// unauthorized answers 401 with a Bearer challenge (RFC 6750) naming the
+// protected-resource metadata (RFC 9728 5.1); errCode "" when no token
+// was presented.
+func (s *Server) unauthorized(w http.ResponseWriter, errCode, msg string) {
+	ch := `Bearer realm="kmsd-mcp"`
+	if errCode != "" {
+		ch += `, error="` + errCode + `"`
+	}
+	if s.resource != "" {
+		ch += `, resource_metadata="` + s.metadataURL() + `"`
+	}
+	w.Header().Set("WWW-Authenticate", ch)
 	http.Error(w, msg, http.StatusUnauthorized)
 }
 

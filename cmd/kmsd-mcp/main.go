@@ -61,6 +61,7 @@ type config struct {
 	kmsURL, caCert, tokenFile, identityFile, httpAddr, cacheDir, modelsFile, contextFile, logLevel string
 	metricsAddr, metricsToken                                                                      string
 	maxCalls                                                                                       int64
+	tlsCert, tlsKey, publicURL                                                                     string
 	sessionTimeout                                                                                 time.Duration
 	keys                                                                                           keyList
 	refresh, introspectTTL                                                                         time.Duration
@@ -93,7 +94,10 @@ func parseFlags(args []string, getenv func(string) string, out io.Writer) (confi
 	fs.StringVar(&c.tokenFile, "token-file", env("KMSD_MCP_TOKEN_FILE", ""), "file holding this server's own evaluator token (it reads keys, introspects its clients' tokens and has kmsd attest its results); or set KMSD_MCP_TOKEN (never a flag value) (env KMSD_MCP_TOKEN_FILE)")
 	fs.StringVar(&c.identityFile, "identity-key-file", env("KMSD_MCP_IDENTITY_KEY_FILE", ""), "kmsd's identity public key (base64, from GET /v1/identity), pinned: manifests must be signed by it (required) (env KMSD_MCP_IDENTITY_KEY_FILE)")
 	fs.Var(&c.keys, "key", "a ckks key to serve; repeat for more (env KMSD_MCP_KEY, comma-separated)")
-	fs.StringVar(&c.httpAddr, "http", env("KMSD_MCP_HTTP", ""), "serve streamable HTTP at /mcp on this loopback address, e.g. 127.0.0.1:8421; empty: stdio (env KMSD_MCP_HTTP)")
+	fs.StringVar(&c.httpAddr, "http", env("KMSD_MCP_HTTP", ""), "serve streamable HTTP at /mcp on this address, e.g. 127.0.0.1:8421: a loopback address over plain HTTP, any address over HTTPS (--tls-cert); empty: stdio (env KMSD_MCP_HTTP)")
+	fs.StringVar(&c.tlsCert, "tls-cert", env("KMSD_MCP_TLS_CERT", ""), "serve HTTPS (TLS 1.3, X25519MLKEM768 first) with this certificate (PEM, the chain after the leaf); read again on SIGHUP (env KMSD_MCP_TLS_CERT)")
+	fs.StringVar(&c.tlsKey, "tls-key", env("KMSD_MCP_TLS_KEY", ""), "private key of --tls-cert (PEM) (env KMSD_MCP_TLS_KEY)")
+	fs.StringVar(&c.publicURL, "public-url", env("KMSD_MCP_PUBLIC_URL", ""), "this server's canonical URL, https://host[:port]/mcp, as clients reach it (behind a proxy, say); empty: from --http (env KMSD_MCP_PUBLIC_URL)")
 	fs.StringVar(&c.cacheDir, "cache-dir", env("KMSD_MCP_CACHE_DIR", ""), "verified blobs by digest (default: the user cache dir, kmsd-mcp) (env KMSD_MCP_CACHE_DIR)")
 	fs.DurationVar(&c.refresh, "refresh", dur("KMSD_MCP_REFRESH", 30*time.Second), "how often each key is polled for rotations and state changes (env KMSD_MCP_REFRESH)")
 	fs.DurationVar(&c.introspectTTL, "introspect-ttl", dur("KMSD_MCP_INTROSPECT_TTL", 10*time.Second), "how long kmsd's answer about a client token is kept; a revoked token works at most this long (env KMSD_MCP_INTROSPECT_TTL)")
@@ -154,8 +158,18 @@ func parseFlags(args []string, getenv func(string) string, out io.Writer) (confi
 		return c, errors.New("--metrics-token-file needs --metrics-addr")
 	case c.refresh <= 0 || c.introspectTTL <= 0 || c.maxRequestMiB < 1 || c.maxCalls < 1 || c.sessionTimeout < time.Second:
 		return c, errors.New("--refresh and --introspect-ttl must be positive, --max-request-mib and --max-calls at least 1, --session-timeout at least 1s")
-	case c.httpAddr != "" && !tlsutil.IsLoopback(c.httpAddr):
-		return c, fmt.Errorf("--http %s is refused: kmsd-mcp serves plain HTTP, on a loopback address only (put a TLS proxy in front to serve further)", c.httpAddr)
+	case (c.tlsCert == "") != (c.tlsKey == ""):
+		return c, errors.New("--tls-cert and --tls-key go together")
+	case c.tlsCert != "" && c.httpAddr == "":
+		return c, errors.New("--tls-cert needs --http")
+	case c.httpAddr != "" && c.tlsCert == "" && !tlsutil.IsLoopback(c.httpAddr):
+		return c, fmt.Errorf("--http %s is refused: plain HTTP is served on a loopback address only; give --tls-cert and --tls-key to serve HTTPS on it", c.httpAddr)
+	}
+	if c.publicURL != "" {
+		u, err := url.Parse(c.publicURL)
+		if err != nil || u.Scheme != "https" || u.Host == "" || u.User != nil || u.RawQuery != "" || u.Fragment != "" {
+			return c, errors.New("--public-url must be an https:// URL without credentials, query or fragment, e.g. https://mcp.example.net/mcp")
+		}
 	}
 	return c, nil
 }
@@ -262,20 +276,53 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdin i
 		}
 		return err
 	}
+	var reloader *tlsutil.Reloader
+	if c.tlsCert != "" {
+		if reloader, err = tlsutil.NewReloader(c.tlsCert, c.tlsKey); err != nil {
+			return fmt.Errorf("--tls-cert/--tls-key: %w", err)
+		}
+		hup := make(chan os.Signal, 1)
+		signal.Notify(hup, syscall.SIGHUP)
+		defer signal.Stop(hup)
+		go func() {
+			for range hup {
+				if err := reloader.Reload(); err != nil {
+					log.Error("SIGHUP: TLS certificate not reloaded; the previous one stays in use", "err", err)
+					continue
+				}
+				log.Info("SIGHUP: TLS certificate reloaded", "subject", reloader.Leaf().Subject.String())
+			}
+		}()
+	}
 	ln, err := net.Listen("tcp", c.httpAddr)
 	if err != nil {
 		return err
 	}
+	scheme := "http"
+	if reloader != nil {
+		scheme = "https"
+	}
+	canonical := c.publicURL
+	if canonical == "" {
+		canonical = scheme + "://" + ln.Addr().String() + "/mcp"
+	}
+	s.SetResource(canonical, c.kmsURL)
 	// No ReadTimeout: it would end the long-lived SSE streams of GET /mcp;
 	// headers have 10 s, an idle connection two minutes, a session
 	// --session-timeout, a body --max-request-mib.
-	srv := &http.Server{Handler: s.HTTPHandler(), ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 2 * time.Minute, MaxHeaderBytes: 64 << 10}
-	log.Info("listening", "url", "http://"+ln.Addr().String()+"/mcp")
+	srv := &http.Server{Handler: s.HTTPHandler(), ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 2 * time.Minute, MaxHeaderBytes: 64 << 10,
+		ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn)}
+	log.Info("listening", "url", scheme+"://"+ln.Addr().String()+"/mcp", "resource", canonical, "tls", reloader != nil)
 	if ready != nil {
 		ready(ln.Addr().String())
 	}
 	errc := make(chan error, 1)
-	go func() { errc <- srv.Serve(ln) }()
+	if reloader != nil {
+		srv.TLSConfig = tlsutil.ServerConfig(reloader, nil, nil)
+		go func() { errc <- srv.ServeTLS(ln, "", "") }()
+	} else {
+		go func() { errc <- srv.Serve(ln) }()
+	}
 	select {
 	case err := <-errc:
 		return err

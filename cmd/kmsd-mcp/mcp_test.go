@@ -2,9 +2,11 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"encoding/base64"
 	"encoding/json"
 	"fmt"
+	"github.com/kmsd-project/kmsd/internal/tlsutil"
 	"io"
 	"math"
 	"math/rand/v2"
@@ -932,5 +934,74 @@ func TestKMSURLRefusals(t *testing.T) {
 		case err != nil && strings.Contains(err.Error(), "secret"):
 			t.Errorf("%s: the error echoes the password: %v", tc.url, err)
 		}
+	}
+}
+
+// TestHTTPSOffLoopback (issue 25, parts 1 and 2): with --tls-cert and
+// --tls-key kmsd-mcp serves HTTPS (TLS 1.3, X25519MLKEM768) on an address
+// that is not loopback; without them such an address is refused. It
+// serves its protected-resource metadata (RFC 9728) naming its canonical
+// URL and kmsd, and a 401 points to it; the Go SDK's client works over it.
+func TestHTTPSOffLoopback(t *testing.T) {
+	w := newWorld(t)
+	w.heKey(t, "he", "ckks-logn13", 1<<12)
+	if _, err := parseFlags([]string{"--key", "he", "--identity-key-file", "x", "--http", "0.0.0.0:8421"}, func(string) string { return "" }, io.Discard); err == nil || !strings.Contains(err.Error(), "loopback") {
+		t.Fatalf("plain HTTP off loopback: %v", err)
+	}
+	local, err := tlsutil.EnsureLocal(filepath.Join(t.TempDir(), "tls"), []string{"localhost", "127.0.0.1", "::1"}, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	port := ln.Addr().(*net.TCPAddr).Port
+	ln.Close()
+	public := fmt.Sprintf("https://localhost:%d/mcp", port)
+	w.startHTTP(t, "--key", "he", "--http", fmt.Sprintf("0.0.0.0:%d", port), "--tls-cert", local.Cert, "--tls-key", local.Key, "--public-url", public)
+	pool, err := tlsutil.LoadPool(local.CA)
+	if err != nil {
+		t.Fatal(err)
+	}
+	hc := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}}
+	base := fmt.Sprintf("https://localhost:%d", port)
+
+	resp, err := hc.Get(base + "/.well-known/oauth-protected-resource/mcp")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var meta struct {
+		Resource             string   `json:"resource"`
+		AuthorizationServers []string `json:"authorization_servers"`
+		BearerMethods        []string `json:"bearer_methods_supported"`
+	}
+	json.NewDecoder(resp.Body).Decode(&meta)
+	resp.Body.Close()
+	if resp.StatusCode != 200 || meta.Resource != public || len(meta.AuthorizationServers) != 1 || meta.AuthorizationServers[0] != w.url || len(meta.BearerMethods) != 1 || meta.BearerMethods[0] != "header" {
+		t.Fatalf("metadata: %d %+v", resp.StatusCode, meta)
+	}
+	if resp.TLS == nil || resp.TLS.Version != tls.VersionTLS13 || resp.TLS.CurveID != tls.X25519MLKEM768 {
+		t.Fatalf("TLS: %+v", resp.TLS)
+	}
+	req, _ := http.NewRequest("POST", base+"/mcp", strings.NewReader(`{"jsonrpc":"2.0","id":1,"method":"ping"}`))
+	req.Header.Set("Content-Type", "application/json")
+	resp, err = hc.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	want := `resource_metadata="` + base + `/.well-known/oauth-protected-resource/mcp"`
+	if resp.StatusCode != 401 || !strings.Contains(resp.Header.Get("WWW-Authenticate"), want) {
+		t.Fatalf("401 without a token: %d %q, want %s", resp.StatusCode, resp.Header.Get("WWW-Authenticate"), want)
+	}
+	c := mcp.NewClient(&mcp.Implementation{Name: "test", Version: "1"}, nil)
+	s, err := c.Connect(context.Background(), &mcp.StreamableClientTransport{Endpoint: base + "/mcp", HTTPClient: &http.Client{Transport: bearer{w.token(t, "worker", "he"), hc.Transport}}}, nil)
+	if err != nil {
+		t.Fatalf("connect over HTTPS: %v", err)
+	}
+	defer s.Close()
+	if _, msg := call(t, s, "he_describe", map[string]any{}); msg != "" {
+		t.Fatal(msg)
 	}
 }
