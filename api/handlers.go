@@ -480,7 +480,7 @@ func (s *Server) decapsulate(w http.ResponseWriter, r *http.Request) {
 
 func toTokenInfo(t *kms.Token) client.TokenInfo {
 	ti := client.TokenInfo{ID: t.ID, Name: t.Name, Role: string(t.Role), Keys: t.Keys, CreatedAt: t.CreatedAt, CreatedBy: t.CreatedBy,
-		ExpiresAt: t.ExpiresAt, LastUsedAt: t.LastUsedAt, RevokedAt: t.RevokedAt, MaxExpiresAt: t.MaxExpiresAt, RenewedAt: t.RenewedAt}
+		ExpiresAt: t.ExpiresAt, LastUsedAt: t.LastUsedAt, RevokedAt: t.RevokedAt, MaxExpiresAt: t.MaxExpiresAt, RenewedAt: t.RenewedAt, Audience: t.Audience}
 	if t.TTL > 0 {
 		ti.TTL = t.TTL.String()
 	}
@@ -510,7 +510,7 @@ func (s *Server) introspect(w http.ResponseWriter, r *http.Request) {
 		p = nil // beyond the caller's scope: active=false
 	}
 	if p != nil {
-		out = client.Introspection{Active: true, TokenType: "Bearer", TokenID: p.TokenID, Role: string(p.Role), Keys: p.Keys}
+		out = client.Introspection{Active: true, TokenType: "Bearer", TokenID: p.TokenID, Role: string(p.Role), Keys: p.Keys, Aud: p.Audience}
 		if p.ExpiresAt != nil {
 			out.Exp = p.ExpiresAt.Unix()
 		}
@@ -540,7 +540,7 @@ func (s *Server) createToken(w http.ResponseWriter, r *http.Request) {
 		*f.d = d
 	}
 	pending(r, http.StatusCreated)
-	tok, t, err := s.call(r).CreateToken(r.Context(), eventFrom(r).principal, kms.TokenRequest{Name: req.Name, Role: kms.Role(req.Role), Keys: req.Keys, TTL: ttl, MaxLifetime: maxLife})
+	tok, t, err := s.call(r).CreateToken(r.Context(), eventFrom(r).principal, kms.TokenRequest{Name: req.Name, Role: kms.Role(req.Role), Keys: req.Keys, TTL: ttl, MaxLifetime: maxLife, Audience: req.Audience})
 	if err != nil {
 		writeError(w, r, err)
 		return

@@ -106,3 +106,36 @@ func TestIntrospection(t *testing.T) {
 		}
 	}
 }
+
+// TestAudienceBoundTokens (RFC 8707): a token made with an audience is
+// refused by kmsd's own API (no passthrough: it is for another resource),
+// its introspection says its audience, and an audience that is not an
+// absolute https URI (http only to loopback) is refused at creation.
+func TestAudienceBoundTokens(t *testing.T) {
+	e := newEnv(t)
+	admin := e.client(e.admin)
+	ev, _ := admin.CreateToken(ctx, client.CreateTokenRequest{Role: "evaluator", Keys: []string{"*"}})
+	const aud = "https://mcp.example.net/mcp"
+	bound, err := admin.CreateToken(ctx, client.CreateTokenRequest{Role: "worker", Keys: []string{"*"}, Audience: []string{aud}})
+	if err != nil || len(bound.Audience) != 1 || bound.Audience[0] != aud {
+		t.Fatalf("create: %+v %v", bound, err)
+	}
+	if _, err := e.client(bound.Token).ListKeys(ctx, 10, ""); client.StatusOf(err) != 401 {
+		t.Fatalf("kmsd's API took a token bound to another resource: %v", err)
+	}
+	got, err := e.client(ev.Token).IntrospectToken(ctx, bound.Token)
+	if err != nil || !got.Active || len(got.Aud) != 1 || got.Aud[0] != aud {
+		t.Fatalf("introspection of a bound token: %+v %v", got, err)
+	}
+	if info, _ := admin.GetToken(ctx, bound.ID); len(info.Audience) != 1 {
+		t.Fatalf("token metadata: %+v", info)
+	}
+	for _, bad := range [][]string{{"mcp.example.net"}, {"http://mcp.example.net/mcp"}, {"https://u:p@mcp.example.net/"}, {"https://mcp.example.net/#x"}, {"ftp://x/"}, {"a", "b", "c", "d", "e"}} {
+		if _, err := admin.CreateToken(ctx, client.CreateTokenRequest{Role: "worker", Keys: []string{"*"}, Audience: bad}); client.StatusOf(err) != 400 {
+			t.Errorf("audience %q: %v", bad, err)
+		}
+	}
+	if _, err := admin.CreateToken(ctx, client.CreateTokenRequest{Role: "worker", Keys: []string{"*"}, Audience: []string{"http://127.0.0.1:8421/mcp"}}); err != nil {
+		t.Errorf("a loopback http audience: %v", err)
+	}
+}

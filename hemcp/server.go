@@ -42,7 +42,11 @@ type Config struct {
 	MaxCalls int
 	// SessionTimeout ends an MCP session idle this long (default 30m).
 	SessionTimeout time.Duration
-	Logger         *slog.Logger
+	// AllowUnbound accepts tokens bound to no audience over HTTP; by
+	// default a client's token must be bound to this server's canonical
+	// URL (RFC 8707), so that a token made for another service is refused.
+	AllowUnbound bool
+	Logger       *slog.Logger
 	// Metrics, if set, is told of tool calls, introspections and key
 	// fetches.
 	Metrics Metrics
@@ -843,6 +847,14 @@ func (s *Server) verify(ctx context.Context, token string, _ *http.Request) (*au
 	// and attested would hold both ends of the chain).
 	if info.Role != string(wire.RoleWorker) && info.Role != string(wire.RoleEncryptor) {
 		return nil, auth.ErrInvalidToken
+	}
+	// Over HTTP the token must be for this server: its audience holds the
+	// canonical URL (a token for another service, which that service
+	// could present here, is refused: the confused deputy).
+	if s.resource != "" {
+		if len(info.Aud) == 0 && !s.cfg.AllowUnbound || len(info.Aud) > 0 && !slices.Contains(info.Aud, s.resource) {
+			return nil, auth.ErrInvalidToken
+		}
 	}
 	ti := &auth.TokenInfo{UserID: info.TokenID, Extra: map[string]any{"keys": info.Keys, "role": info.Role}}
 	if info.Exp != 0 {

@@ -34,6 +34,10 @@ type Token struct {
 	MaxExpiresAt *time.Time    `json:"max_expires_at,omitempty"`
 	// RenewedAt is when the token was last renewed; nil: never.
 	RenewedAt *time.Time `json:"renewed_at,omitempty"`
+	// Audience, if set, binds the token to these resources (RFC 8707
+	// resource URIs: an MCP server's canonical URL): it works there, whose
+	// server introspects it, and nowhere at kmsd itself.
+	Audience []string `json:"audience,omitempty"`
 	// LastUsedAt is the last time the token authenticated a request, as
 	// last written down (the service keeps newer uses in memory and
 	// writes them about once a minute).
@@ -99,6 +103,7 @@ type Principal struct {
 	Role      Role
 	Keys      []string
 	ExpiresAt *time.Time // nil: the token does not expire
+	Audience  []string   // the resources an audience-bound token is for
 }
 
 // covers reports whether a token of role, patterns keys and expiry exp is

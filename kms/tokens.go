@@ -3,6 +3,8 @@ package kms
 import (
 	"context"
 	"errors"
+	"net"
+	"net/url"
 	"slices"
 	"sync"
 	"time"
@@ -20,6 +22,28 @@ type TokenRequest struct {
 	// renewal extends it by TTL, never past creation + MaxLifetime
 	// (bounded by the server's maximum token lifetime).
 	MaxLifetime time.Duration
+	// Audience binds the token to these resources (RFC 8707): absolute
+	// https:// URIs (http:// to loopback), at most MaxAudience. A bound
+	// token works only where its audience's server introspects it, never
+	// at kmsd's own API.
+	Audience []string
+}
+
+// MaxAudience bounds a token's audience.
+const MaxAudience = 4
+
+// validAudience checks one resource URI of an audience.
+func validAudience(a string) error {
+	u, err := url.Parse(a)
+	if err != nil || len(a) > 512 || u.Host == "" || u.User != nil || u.Fragment != "" || u.RawQuery != "" || (u.Scheme != "https" && u.Scheme != "http") {
+		return Errorf(KindInvalid, "audience %q: want an absolute https:// URI of a resource (an MCP server's URL), without credentials, query or fragment", clip(a, 60))
+	}
+	if u.Scheme == "http" {
+		if ip := net.ParseIP(u.Hostname()); u.Hostname() != "localhost" && (ip == nil || !ip.IsLoopback()) {
+			return Errorf(KindInvalid, "audience %q: plain http:// only for a loopback address", clip(a, 60))
+		}
+	}
+	return nil
 }
 
 // tokenUses remembers when each token last authenticated, between writes
@@ -119,11 +143,19 @@ func (c Call) CreateToken(ctx context.Context, creator *Principal, req TokenRequ
 	if err := creator.covers(req.Role, req.Keys, latest); err != nil {
 		return "", nil, err
 	}
+	if len(req.Audience) > MaxAudience {
+		return "", nil, Errorf(KindInvalid, "a token's audience holds at most %d resources", MaxAudience)
+	}
+	for _, a := range req.Audience {
+		if err := validAudience(a); err != nil {
+			return "", nil, err
+		}
+	}
 	id, tok, hash, err := newTokenSecret(s.rand)
 	if err != nil {
 		return "", nil, Wrap(KindInternal, "token", err)
 	}
-	t := &Token{ID: id, Name: req.Name, Role: req.Role, Keys: req.Keys, Hash: hash, CreatedAt: now, CreatedBy: creator.TokenID, ExpiresAt: exp}
+	t := &Token{ID: id, Name: req.Name, Role: req.Role, Keys: req.Keys, Hash: hash, CreatedAt: now, CreatedBy: creator.TokenID, ExpiresAt: exp, Audience: req.Audience}
 	if maxExp != nil {
 		t.TTL, t.MaxExpiresAt = req.TTL, maxExp
 	}
@@ -197,6 +229,10 @@ func (s *Service) Authenticate(ctx context.Context, token string) (*Principal, e
 	if t.Expired(now) {
 		return nil, Errorf(KindExpired, "this bearer token expired at %s", t.ExpiresAt.UTC().Format(time.RFC3339))
 	}
+	if len(t.Audience) > 0 {
+		// No passthrough: a token for another resource does nothing here.
+		return nil, Errorf(KindUnauthenticated, "this bearer token is bound to another resource (its audience): it works only there")
+	}
 	s.uses.note(t.ID, now)
 	return &Principal{TokenID: t.ID, Role: t.Role, Keys: t.Keys, ExpiresAt: t.ExpiresAt}, nil
 }
@@ -220,7 +256,7 @@ func (s *Service) Introspect(ctx context.Context, token string) (*Principal, err
 	if !t.matches(secret) || t.RevokedAt != nil || t.Expired(s.clock.Now()) {
 		return nil, nil
 	}
-	return &Principal{TokenID: t.ID, Role: t.Role, Keys: t.Keys, ExpiresAt: t.ExpiresAt}, nil
+	return &Principal{TokenID: t.ID, Role: t.Role, Keys: t.Keys, ExpiresAt: t.ExpiresAt, Audience: t.Audience}, nil
 }
 
 // ValidTokenID checks a token id named from outside (16 hex digits).

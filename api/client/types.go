@@ -201,6 +201,9 @@ type CreateTokenRequest struct {
 	// /v1/tokens/self/renew): each renewal extends it by TTL, never past
 	// creation + MaxLifetime (at most --max-token-ttl).
 	MaxLifetime string `json:"max_lifetime,omitempty"`
+	// Audience binds the token to these resources (RFC 8707), such as an
+	// MCP server's canonical URL: it works only there, never at kmsd.
+	Audience []string `json:"audience,omitempty"`
 }
 
 // TokenInfo is a token's metadata; it never holds the secret.
@@ -219,6 +222,8 @@ type TokenInfo struct {
 	TTL          string     `json:"ttl,omitempty"`
 	MaxExpiresAt *time.Time `json:"max_expires_at,omitempty"`
 	RenewedAt    *time.Time `json:"renewed_at,omitempty"`
+	// Audience: the resources the token is bound to (none: kmsd's API).
+	Audience []string `json:"audience,omitempty"`
 }
 
 // IntrospectRequest is the body of POST /v1/tokens/introspect.
@@ -236,6 +241,7 @@ type Introspection struct {
 	Role      string   `json:"role,omitempty"`
 	Keys      []string `json:"keys,omitempty"` // key-name patterns
 	Exp       int64    `json:"exp,omitempty"`  // expiry, seconds since 1970; absent: never
+	Aud       []string `json:"aud,omitempty"`  // the resources an audience-bound token is for
 }
 
 // Token is a created token. Token (the secret) is returned only once.

@@ -310,7 +310,7 @@ var commands = []command{
 		},
 	},
 	{
-		name: "tokens create", synopsis: "--role admin|worker|evaluator|encryptor|auditor|decryptor --keys PATTERNS [--name NAME] [--ttl D] [--max-lifetime D]",
+		name: "tokens create", synopsis: "--role admin|worker|evaluator|encryptor|auditor|decryptor --keys PATTERNS [--name NAME] [--ttl D] [--max-lifetime D] [--audience URL,...]",
 		help: "create a bearer token (printed once); it can hold no more than the token that creates it",
 		flags: func(fs *flag.FlagSet) {
 			fs.String("role", "", "admin, worker, evaluator, encryptor, auditor or decryptor (required)")
@@ -318,12 +318,13 @@ var commands = []command{
 			fs.String("name", "", "a name for the token")
 			fs.String("ttl", "", "lifetime, e.g. 90m or 720h (default: the server's --max-token-ttl)")
 			fs.String("max-lifetime", "", "make the token renewable (kmsctl tokens renew): each renewal extends it by --ttl, never past creation + this (at most the server's --max-token-ttl)")
+			fs.String("audience", "", "bind the token to these resources, comma-separated (an MCP server's canonical URL, https://host/mcp): it works only there, and kmsd's own API refuses it")
 		},
 		run: func(e *env, fs *flag.FlagSet, _ []string) (int, error) {
 			if str(fs, "role") == "" || str(fs, "keys") == "" {
 				return 0, usageError{"--role and --keys are required"}
 			}
-			t, err := e.c.CreateToken(e.ctx, client.CreateTokenRequest{Name: str(fs, "name"), Role: str(fs, "role"), Keys: splitList(str(fs, "keys")), TTL: str(fs, "ttl"), MaxLifetime: str(fs, "max-lifetime")})
+			t, err := e.c.CreateToken(e.ctx, client.CreateTokenRequest{Name: str(fs, "name"), Role: str(fs, "role"), Keys: splitList(str(fs, "keys")), TTL: str(fs, "ttl"), MaxLifetime: str(fs, "max-lifetime"), Audience: splitList(str(fs, "audience"))})
 			if err != nil {
 				return 0, err
 			}

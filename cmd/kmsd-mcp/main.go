@@ -62,6 +62,7 @@ type config struct {
 	metricsAddr, metricsToken                                                                      string
 	maxCalls                                                                                       int64
 	tlsCert, tlsKey, publicURL                                                                     string
+	allowUnbound                                                                                   bool
 	sessionTimeout                                                                                 time.Duration
 	keys                                                                                           keyList
 	refresh, introspectTTL                                                                         time.Duration
@@ -97,6 +98,7 @@ func parseFlags(args []string, getenv func(string) string, out io.Writer) (confi
 	fs.StringVar(&c.httpAddr, "http", env("KMSD_MCP_HTTP", ""), "serve streamable HTTP at /mcp on this address, e.g. 127.0.0.1:8421: a loopback address over plain HTTP, any address over HTTPS (--tls-cert); empty: stdio (env KMSD_MCP_HTTP)")
 	fs.StringVar(&c.tlsCert, "tls-cert", env("KMSD_MCP_TLS_CERT", ""), "serve HTTPS (TLS 1.3, X25519MLKEM768 first) with this certificate (PEM, the chain after the leaf); read again on SIGHUP (env KMSD_MCP_TLS_CERT)")
 	fs.StringVar(&c.tlsKey, "tls-key", env("KMSD_MCP_TLS_KEY", ""), "private key of --tls-cert (PEM) (env KMSD_MCP_TLS_KEY)")
+	fs.BoolVar(&c.allowUnbound, "allow-unbound-tokens", getenv("KMSD_MCP_ALLOW_UNBOUND_TOKENS") == "1", "accept client tokens bound to no audience; by default a token must be bound to this server's canonical URL (kmsctl tokens create --audience URL), so that a token made for another service is refused (env KMSD_MCP_ALLOW_UNBOUND_TOKENS, set to 1)")
 	fs.StringVar(&c.publicURL, "public-url", env("KMSD_MCP_PUBLIC_URL", ""), "this server's canonical URL, https://host[:port]/mcp, as clients reach it (behind a proxy, say); empty: from --http (env KMSD_MCP_PUBLIC_URL)")
 	fs.StringVar(&c.cacheDir, "cache-dir", env("KMSD_MCP_CACHE_DIR", ""), "verified blobs by digest (default: the user cache dir, kmsd-mcp) (env KMSD_MCP_CACHE_DIR)")
 	fs.DurationVar(&c.refresh, "refresh", dur("KMSD_MCP_REFRESH", 30*time.Second), "how often each key is polled for rotations and state changes (env KMSD_MCP_REFRESH)")
@@ -235,7 +237,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdin i
 	}
 	cfg := hemcp.Config{Client: kc, Fetcher: &hekeys.Fetcher{BaseURL: c.kmsURL, Token: token, IdentityKey: identity, CacheDir: c.cacheDir, HTTP: &hc},
 		Keys: c.keys, Refresh: c.refresh, IntrospectTTL: c.introspectTTL, MaxRequestBytes: c.maxRequestMiB << 20, Logger: log,
-		MaxCalls: int(c.maxCalls), SessionTimeout: c.sessionTimeout}
+		MaxCalls: int(c.maxCalls), SessionTimeout: c.sessionTimeout, AllowUnbound: c.allowUnbound}
 	if mm != nil {
 		cfg.Metrics = mm
 	}

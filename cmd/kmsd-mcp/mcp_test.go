@@ -193,7 +193,7 @@ func (w *world) startHTTP(t testing.TB, extra ...string) string {
 	ready := make(chan string, 1)
 	done := make(chan error, 1)
 	args := append([]string{"--kms-url", w.url, "--ca-cert", w.ca, "--token-file", w.workerTokenFile, "--identity-key-file", w.identityFile,
-		"--cache-dir", t.TempDir(), "--http", "127.0.0.1:0"}, extra...)
+		"--cache-dir", t.TempDir(), "--http", "127.0.0.1:0", "--allow-unbound-tokens"}, extra...)
 	var logs testutil.Buffer
 	go func() {
 		done <- run(ctx, args, func(string) string { return "" }, nil, nil, &logs, func(a string) { ready <- a })
@@ -959,7 +959,7 @@ func TestHTTPSOffLoopback(t *testing.T) {
 	port := ln.Addr().(*net.TCPAddr).Port
 	ln.Close()
 	public := fmt.Sprintf("https://localhost:%d/mcp", port)
-	w.startHTTP(t, "--key", "he", "--http", fmt.Sprintf("0.0.0.0:%d", port), "--tls-cert", local.Cert, "--tls-key", local.Key, "--public-url", public)
+	w.startHTTP(t, "--key", "he", "--http", fmt.Sprintf("0.0.0.0:%d", port), "--tls-cert", local.Cert, "--tls-key", local.Key, "--public-url", public, "--allow-unbound-tokens=false")
 	pool, err := tlsutil.LoadPool(local.CA)
 	if err != nil {
 		t.Fatal(err)
@@ -995,10 +995,39 @@ func TestHTTPSOffLoopback(t *testing.T) {
 	if resp.StatusCode != 401 || !strings.Contains(resp.Header.Get("WWW-Authenticate"), want) {
 		t.Fatalf("401 without a token: %d %q, want %s", resp.StatusCode, resp.Header.Get("WWW-Authenticate"), want)
 	}
+	// Audience-bound tokens (RFC 8707): only one for this server's URL is
+	// taken; an unbound one, or one for another service, is refused
+	// (the confused deputy), and kmsd's own API refuses a bound one.
+	mk := func(aud ...string) string {
+		tk, err := w.adminc.CreateToken(context.Background(), client.CreateTokenRequest{Role: "worker", Keys: []string{"he"}, Audience: aud})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return tk.Token
+	}
+	bound := mk(public)
+	for name, tok := range map[string]string{"unbound": mk(), "for another service": mk("https://other.example.net/mcp")} {
+		req, _ := http.NewRequest("POST", base+"/mcp", strings.NewReader(`{"jsonrpc":"2.0","id":1,"method":"ping"}`))
+		req.Header.Set("Content-Type", "application/json")
+		req.Header.Set("Authorization", "Bearer "+tok)
+		resp, err := hc.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != 401 || !strings.Contains(resp.Header.Get("WWW-Authenticate"), `error="invalid_token"`) {
+			t.Errorf("a token %s: %d %q", name, resp.StatusCode, resp.Header.Get("WWW-Authenticate"))
+		}
+	}
+	cfg, _ := client.TLSConfig(w.ca, "", "")
+	kc, _ := client.New(w.url, bound, client.WithTLS(cfg))
+	if _, err := kc.GetKey(context.Background(), "he"); client.StatusOf(err) != 401 {
+		t.Errorf("kmsd's API took a token bound to kmsd-mcp: %v", err)
+	}
 	c := mcp.NewClient(&mcp.Implementation{Name: "test", Version: "1"}, nil)
-	s, err := c.Connect(context.Background(), &mcp.StreamableClientTransport{Endpoint: base + "/mcp", HTTPClient: &http.Client{Transport: bearer{w.token(t, "worker", "he"), hc.Transport}}}, nil)
+	s, err := c.Connect(context.Background(), &mcp.StreamableClientTransport{Endpoint: base + "/mcp", HTTPClient: &http.Client{Transport: bearer{bound, hc.Transport}}}, nil)
 	if err != nil {
-		t.Fatalf("connect over HTTPS: %v", err)
+		t.Fatalf("connect over HTTPS with a token bound to the server: %v", err)
 	}
 	defer s.Close()
 	if _, msg := call(t, s, "he_describe", map[string]any{}); msg != "" {
