@@ -50,7 +50,7 @@ func TestIntrospection(t *testing.T) {
 	if got, _ := w.IntrospectToken(ctx, worker.Token); !got.Active || got.Role != "evaluator" {
 		t.Fatalf("an evaluator about itself: %+v", got)
 	}
-	// An admin may ask about any token.
+	// The bootstrap admin (every key) may ask about any token.
 	if got, _ := admin.IntrospectToken(ctx, e.admin); !got.Active || got.Role != "admin" || got.Exp != 0 {
 		t.Fatalf("the bootstrap admin token (no expiry), asked by an admin: %+v", got)
 	}
@@ -137,5 +137,26 @@ func TestAudienceBoundTokens(t *testing.T) {
 	}
 	if _, err := admin.CreateToken(ctx, client.CreateTokenRequest{Role: "worker", Keys: []string{"*"}, Audience: []string{"http://127.0.0.1:8421/mcp"}}); err != nil {
 		t.Errorf("a loopback http audience: %v", err)
+	}
+	// A wildcard address names every server; a bound token cannot renew
+	// (renewals are made at kmsd, which it does not work at).
+	for _, req := range []client.CreateTokenRequest{
+		{Role: "worker", Keys: []string{"*"}, Audience: []string{"https://0.0.0.0:8421/mcp"}},
+		{Role: "worker", Keys: []string{"*"}, Audience: []string{"https://[::]:8421/mcp"}},
+		{Role: "worker", Keys: []string{"*"}, Audience: []string{aud}, TTL: "1h", MaxLifetime: "24h"},
+	} {
+		if _, err := admin.CreateToken(ctx, req); client.StatusOf(err) != 400 {
+			t.Errorf("%+v: %v", req, err)
+		}
+	}
+	// An admin scoped to some keys learns nothing of tokens beyond them
+	// (the bootstrap admin's, say).
+	scoped, _ := admin.CreateToken(ctx, client.CreateTokenRequest{Role: "admin", Keys: []string{"team-*"}})
+	if got, err := e.client(scoped.Token).IntrospectToken(ctx, e.admin); err != nil || got.Active {
+		t.Errorf("a scoped admin introspected the bootstrap admin's token: %+v %v", got, err)
+	}
+	inScope, _ := admin.CreateToken(ctx, client.CreateTokenRequest{Role: "worker", Keys: []string{"team-a"}})
+	if got, err := e.client(scoped.Token).IntrospectToken(ctx, inScope.Token); err != nil || !got.Active {
+		t.Errorf("a scoped admin, a token within its scope: %+v %v", got, err)
 	}
 }

@@ -756,9 +756,10 @@ func (s *Server) metadataURL() string {
 
 // metadata is the protected-resource metadata document (RFC 9728 2).
 func (s *Server) metadata() []byte {
+	// No authorization_servers yet: kmsd issues tokens (kmsctl tokens
+	// create) but serves no OAuth authorization-server metadata.
 	b, _ := json.Marshal(map[string]any{
 		"resource":                 s.resource,
-		"authorization_servers":    []string{s.authServer},
 		"scopes_supported":         []string{"worker", "encryptor"},
 		"bearer_methods_supported": []string{"header"},
 		"resource_name":            "kmsd-mcp",

@@ -131,14 +131,18 @@ func (p *Principal) covers(role Role, keys []string, exp *time.Time) error {
 }
 
 // MayIntrospect reports whether the principal may learn what token t
-// may do: an admin any token, any caller itself; another caller (an
-// evaluator service such as kmsd-mcp) only the tokens of the parties it
-// serves, workers and encryptors, whose key patterns lie within its own.
+// may do: a caller itself; an admin the tokens within its own scope (it
+// could make them); another caller (an evaluator service such as
+// kmsd-mcp) only the tokens of the parties it serves, workers and
+// encryptors, whose key patterns lie within its own.
 // Beyond that the answer is active=false: an evaluator cannot probe an
 // admin's token.
 func (p *Principal) MayIntrospect(t *Principal) bool {
-	if p.Role == RoleAdmin || t.TokenID == p.TokenID {
-		return true // an admin, or a token asking about itself
+	if t.TokenID == p.TokenID {
+		return true // a token asking about itself
+	}
+	if p.Role == RoleAdmin {
+		return p.covers(t.Role, t.Keys, t.ExpiresAt) == nil // the tokens it could make
 	}
 	if t.Role != RoleWorker && t.Role != RoleEncryptor {
 		return false

@@ -38,6 +38,9 @@ func validAudience(a string) error {
 	if err != nil || len(a) > 512 || u.Host == "" || u.User != nil || u.Fragment != "" || u.RawQuery != "" || (u.Scheme != "https" && u.Scheme != "http") {
 		return Errorf(KindInvalid, "audience %q: want an absolute https:// URI of a resource (an MCP server's URL), without credentials, query or fragment", clip(a, 60))
 	}
+	if ip := net.ParseIP(u.Hostname()); ip != nil && ip.IsUnspecified() {
+		return Errorf(KindInvalid, "audience %q: a wildcard address is every server's: name the server by the URL its clients use", clip(a, 60))
+	}
 	if u.Scheme == "http" {
 		if ip := net.ParseIP(u.Hostname()); u.Hostname() != "localhost" && (ip == nil || !ip.IsLoopback()) {
 			return Errorf(KindInvalid, "audience %q: plain http:// only for a loopback address", clip(a, 60))
@@ -142,6 +145,9 @@ func (c Call) CreateToken(ctx context.Context, creator *Principal, req TokenRequ
 	}
 	if err := creator.covers(req.Role, req.Keys, latest); err != nil {
 		return "", nil, err
+	}
+	if len(req.Audience) > 0 && req.MaxLifetime > 0 {
+		return "", nil, Errorf(KindInvalid, "an audience-bound token does not renew (it does nothing at kmsd, where renewals are made): give it a ttl, and a new token when it ends")
 	}
 	if len(req.Audience) > MaxAudience {
 		return "", nil, Errorf(KindInvalid, "a token's audience holds at most %d resources", MaxAudience)

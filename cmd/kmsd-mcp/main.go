@@ -169,9 +169,14 @@ func parseFlags(args []string, getenv func(string) string, out io.Writer) (confi
 	}
 	if c.publicURL != "" {
 		u, err := url.Parse(c.publicURL)
-		if err != nil || u.Scheme != "https" || u.Host == "" || u.User != nil || u.RawQuery != "" || u.Fragment != "" {
-			return c, errors.New("--public-url must be an https:// URL without credentials, query or fragment, e.g. https://mcp.example.net/mcp")
+		if err != nil || u.Scheme != "https" || u.Host == "" || u.User != nil || u.RawQuery != "" || u.Fragment != "" ||
+			u.String() != c.publicURL || strings.ContainsAny(c.publicURL, "\"\\ {}<>") {
+			return c, errors.New("--public-url must be an https:// URL without credentials, query, fragment or characters that need escaping, e.g. https://mcp.example.net/mcp")
 		}
+	} else if c.httpAddr != "" && !tlsutil.IsLoopback(c.httpAddr) {
+		// The canonical URL is what clients' tokens are bound to: a
+		// wildcard listen address names no server.
+		return c, errors.New("--public-url is required off loopback: the URL clients reach this server at, which their tokens are bound to (e.g. https://mcp.example.net:8421/mcp)")
 	}
 	return c, nil
 }

@@ -2,8 +2,11 @@
 
 package hekeys
 
-import "os"
+import (
+	"context"
+	"os"
+)
 
 // flock is a no-op where there is no flock: this process's own lock
 // still orders its downloads.
-func flock(*os.File) error { return nil }
+func flock(context.Context, *os.File) error { return nil }

@@ -433,7 +433,7 @@ func lockBlob(ctx context.Context, final string) (unlock func(), err error) {
 		<-sem
 		return nil, err
 	}
-	if err := flock(lf); err != nil {
+	if err := flock(ctx, lf); err != nil {
 		lf.Close()
 		<-sem
 		return nil, err
