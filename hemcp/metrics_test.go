@@ -1,6 +1,7 @@
 package hemcp
 
 import (
+	"fmt"
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
@@ -121,5 +122,51 @@ func TestIntrospectionBounds(t *testing.T) {
 	}
 	if _, ok := s.intro[[32]byte{2, 5, 0}]; !ok {
 		t.Fatal("a full cache dropped more than its oldest answer")
+	}
+}
+
+// TestNewTokensLimitedPerAddress (from an outside review: each
+// well-formed bogus token sent to kmsd-mcp cost an introspection and an
+// audit record at kmsd, from anyone): past the burst, an address's
+// requests with tokens not in the cache get 429 without kmsd being
+// asked; another address is served; a token in the cache is not limited.
+func TestNewTokensLimitedPerAddress(t *testing.T) {
+	var asked atomic.Int32
+	kmsd := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		asked.Add(1)
+		w.Header().Set("Content-Type", "application/json")
+		w.Write([]byte(`{"active":false}`))
+	}))
+	defer kmsd.Close()
+	kc, _ := client.New(kmsd.URL, "srv")
+	s := &Server{cfg: Config{Client: kc, Metrics: nopMetrics{}, IntrospectTTL: time.Minute, MaxRequestBytes: 1 << 20, IntrospectRate: 1, IntrospectBurst: 5},
+		log: slog.New(slog.DiscardHandler), intro: map[[32]byte]introEntry{}, served: map[string]*servedKey{}}
+	h := s.HTTPHandler()
+	call := func(tok, remote string) int {
+		req := httptest.NewRequest(http.MethodPost, "/mcp", strings.NewReader(`{"jsonrpc":"2.0","id":1,"method":"ping"}`))
+		req.RemoteAddr = remote
+		req.Header.Set("Authorization", "bearer "+tok) // the scheme is case-insensitive
+		req.Header.Set("Content-Type", "application/json")
+		rr := httptest.NewRecorder()
+		h.ServeHTTP(rr, req)
+		return rr.Code
+	}
+	codes := map[int]int{}
+	first := ""
+	for i := range 20 {
+		tok := fmt.Sprintf("kms_%016x_%s", i, strings.Repeat("B", 43))
+		if i == 0 {
+			first = tok
+		}
+		codes[call(tok, "192.0.2.1:5000")]++
+	}
+	if codes[http.StatusUnauthorized] != 5 || codes[http.StatusTooManyRequests] != 15 || asked.Load() != 5 {
+		t.Fatalf("20 new tokens from one address: %v, kmsd asked %d times; want 5 answered, 15 refused", codes, asked.Load())
+	}
+	if code := call(first, "192.0.2.1:5001"); code != http.StatusUnauthorized {
+		t.Errorf("a token in the cache, from a limited address: %d", code)
+	}
+	if code := call(fmt.Sprintf("kms_%016x_%s", 99, strings.Repeat("B", 43)), "198.51.100.7:5000"); code != http.StatusUnauthorized {
+		t.Errorf("another address: %d", code)
 	}
 }

@@ -7,7 +7,9 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"golang.org/x/time/rate"
 	"log/slog"
+	"net"
 	"net/http"
 	"net/url"
 	"runtime"
@@ -42,6 +44,12 @@ type Config struct {
 	MaxCalls int
 	// SessionTimeout ends an MCP session idle this long (default 30m).
 	SessionTimeout time.Duration
+	// IntrospectRate bounds, per client address, the requests per second
+	// whose token is not in the introspection cache (each costs a
+	// question to kmsd and a record in its audit log), in bursts of
+	// IntrospectBurst; past it, 429. Zero: 5 and 20.
+	IntrospectRate  float64
+	IntrospectBurst int
 	// AllowUnbound accepts tokens bound to no audience over HTTP; by
 	// default a client's token must be bound to this server's canonical
 	// URL (RFC 8707), so that a token made for another service is refused.
@@ -96,7 +104,9 @@ type Server struct {
 	introMu     sync.Mutex
 	intro       map[[32]byte]introEntry // sha256(token) -> kmsd's answer, at most maxIntro
 	introFlight singleflight.Group
-	calls       chan struct{} // a slot per tool call evaluating (Config.MaxCalls)
+	srcMu       sync.Mutex
+	sources     map[string]*rate.Limiter // per client address, for tokens not in the cache
+	calls       chan struct{}            // a slot per tool call evaluating (Config.MaxCalls)
 	// resource is this server's canonical URL and authServer kmsd's
 	// (RFC 9728 protected-resource metadata); "" until SetResource.
 	resource, authServer string
@@ -136,6 +146,12 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	}
 	if cfg.SessionTimeout <= 0 {
 		cfg.SessionTimeout = 30 * time.Minute
+	}
+	if cfg.IntrospectRate <= 0 {
+		cfg.IntrospectRate = 5
+	}
+	if cfg.IntrospectBurst <= 0 {
+		cfg.IntrospectBurst = 20
 	}
 	if cfg.Metrics == nil {
 		cfg.Metrics = nopMetrics{}
@@ -698,9 +714,18 @@ func (s *Server) HTTPHandler() http.Handler {
 		}
 	}
 	mux.Handle("/mcp", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		tok, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
-		if !ok || tok == "" {
+		scheme, tok, ok := strings.Cut(r.Header.Get("Authorization"), " ")
+		if !ok || !strings.EqualFold(scheme, "Bearer") || tok == "" {
 			s.unauthorized(w, "", "a bearer token is required")
+			return
+		}
+		if !wire.WellFormedToken(tok) {
+			s.unauthorized(w, "invalid_token", "the token is not active in kmsd")
+			return
+		}
+		if !s.cachedToken(tok) && !s.allowSource(r.RemoteAddr) {
+			w.Header().Set("Retry-After", "1")
+			http.Error(w, "too many new tokens from this address; retry later", http.StatusTooManyRequests)
 			return
 		}
 		ti, err := s.verify(r.Context(), tok, r)
@@ -715,6 +740,52 @@ func (s *Server) HTTPHandler() http.Handler {
 		withInfo.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), verifiedKey{}, ti)))
 	}))
 	return mux
+}
+
+// cachedToken reports whether kmsd's answer about tok is in the cache (a
+// request that costs kmsd nothing).
+func (s *Server) cachedToken(tok string) bool {
+	h := sha256.Sum256([]byte(tok))
+	s.introMu.Lock()
+	defer s.introMu.Unlock()
+	e, ok := s.intro[h]
+	return ok && time.Since(e.at) < s.cfg.IntrospectTTL
+}
+
+// allowSource takes one of the client address's introspections; at most
+// maxIntro addresses are tracked (when full, the idle ones are dropped,
+// and if none is, all: a flood from many addresses resets the limits
+// rather than growing memory).
+func (s *Server) allowSource(remote string) bool {
+	host, _, err := net.SplitHostPort(remote)
+	if err != nil {
+		host = remote
+	}
+	s.srcMu.Lock()
+	defer s.srcMu.Unlock()
+	if s.sources == nil {
+		s.sources = map[string]*rate.Limiter{}
+	}
+	l, ok := s.sources[host]
+	if !ok {
+		if len(s.sources) >= maxIntro {
+			for k, v := range s.sources {
+				if v.Tokens() >= float64(v.Burst()) {
+					delete(s.sources, k)
+				}
+			}
+			if len(s.sources) >= maxIntro {
+				clear(s.sources)
+			}
+		}
+		r, b := s.cfg.IntrospectRate, s.cfg.IntrospectBurst
+		if r <= 0 || b <= 0 {
+			r, b = 5, 20 // New's defaults
+		}
+		l = rate.NewLimiter(rate.Limit(r), b)
+		s.sources[host] = l
+	}
+	return l.Allow()
 }
 
 // verifiedKey carries the TokenInfo HTTPHandler's verify made.
