@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"github.com/modelcontextprotocol/go-sdk/auth"
 	"log/slog"
 	"math"
 	"math/rand/v2"
@@ -235,5 +236,24 @@ func TestCallsBounded(t *testing.T) {
 	}
 	if _, _, err := quick(context.Background(), nil, struct{}{}); err != nil {
 		t.Fatalf("a call once the slot is free: %v", err)
+	}
+}
+
+// TestToolCallsLogged (issue 25, part 7): each tool call leaves one log
+// line naming the agent's token by id and the outcome, and nothing of
+// the call's arguments.
+func TestToolCallsLogged(t *testing.T) {
+	var buf strings.Builder
+	s := &Server{log: slog.New(slog.NewJSONHandler(&buf, nil)), cfg: Config{Metrics: nopMetrics{}}}
+	h := safe(s, "he_linear", func(context.Context, *mcp.CallToolRequest, struct{ Secret string }) (*mcp.CallToolResult, struct{}, error) {
+		return nil, struct{}{}, nil
+	})
+	req := &mcp.CallToolRequest{Extra: &mcp.RequestExtra{TokenInfo: &auth.TokenInfo{UserID: "0123456789abcdef"}}}
+	if _, _, err := h(context.Background(), req, struct{ Secret string }{"argument-value-xyz"}); err != nil {
+		t.Fatal(err)
+	}
+	line := buf.String()
+	if !strings.Contains(line, `"msg":"tool call"`) || !strings.Contains(line, `"token_id":"0123456789abcdef"`) || !strings.Contains(line, `"outcome":"ok"`) || strings.Contains(line, "argument-value-xyz") {
+		t.Fatalf("log: %s", line)
 	}
 }

@@ -478,6 +478,13 @@ func safe[In, Out any](s *Server, tool string, h mcp.ToolHandlerFor[In, Out]) mc
 				outcome = "tool_error"
 			}
 			s.cfg.Metrics.ToolCall(tool, outcome, time.Since(start))
+			// One line per call, naming the agent's token by id (never
+			// the token, never an argument).
+			who := "stdio"
+			if req != nil && req.Extra != nil && req.Extra.TokenInfo != nil {
+				who = req.Extra.TokenInfo.UserID
+			}
+			s.log.Info("tool call", "tool", tool, "token_id", who, "outcome", outcome, "ms", time.Since(start).Milliseconds())
 		}()
 		return h(ctx, req, in)
 	}
