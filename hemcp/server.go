@@ -107,9 +107,10 @@ type Server struct {
 	srcMu       sync.Mutex
 	sources     map[string]*rate.Limiter // per client address, for tokens not in the cache
 	calls       chan struct{}            // a slot per tool call evaluating (Config.MaxCalls)
-	// resource is this server's canonical URL and authServer kmsd's
-	// (RFC 9728 protected-resource metadata); "" until SetResource.
-	resource, authServer string
+	// resource is this server's canonical URL (RFC 9728
+	// protected-resource metadata, the audience of its clients' tokens);
+	// "" until SetResource.
+	resource string
 }
 
 type servedKey struct {
@@ -798,12 +799,12 @@ func (s *Server) allowSource(remote string) bool {
 // verifiedKey carries the TokenInfo HTTPHandler's verify made.
 type verifiedKey struct{}
 
-// SetResource sets this server's canonical URL (https://host[:port]/mcp,
-// the resource clients' tokens are for) and its authorization server's
-// (kmsd's), which the protected-resource metadata (RFC 9728) names. Call
-// it before HTTPHandler.
-func (s *Server) SetResource(resource, authServer string) {
-	s.resource, s.authServer = resource, authServer
+// SetResource sets this server's canonical URL (https://host[:port]/mcp:
+// the resource its clients' tokens are bound to, which the
+// protected-resource metadata, RFC 9728, names). Call it before
+// HTTPHandler.
+func (s *Server) SetResource(resource string) {
+	s.resource = resource
 }
 
 // metadataPaths are where the protected-resource metadata is served: the

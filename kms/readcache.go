@@ -99,33 +99,12 @@ func (s *Service) cacheFresh() bool {
 	return s.fresh == nil || s.fresh.FreshWithin(s.bound)
 }
 
-// cachedKey returns the header of a key, from the cache or the store (shared:
-// read only).
-func (s *Service) cachedKey(ctx context.Context, name string) (*Key, error) {
+// cached returns m's record under k: from the cache while it may be
+// served (cacheFresh), else read by load and put back (unless a change
+// came meanwhile). Values are shared: read only.
+func cached[K comparable, V any](s *Service, m map[K]V, k K, load func() (V, error)) (V, error) {
 	if s.cacheFresh() {
-		if k, ok := get(s.rc, s.rc.keys, name); ok {
-			s.counts.readHits.Add(1)
-			return k, nil
-		}
-		s.counts.readMisses.Add(1)
-	} else {
-		s.counts.readStale.Add(1)
-	}
-	gen := s.rc.generation()
-	k, err := s.store.GetKey(ctx, name)
-	if err != nil {
-		return nil, err
-	}
-	put(s.rc, s.rc.keys, name, k, gen)
-	return k, nil
-}
-
-// cachedVersion returns version n of a key, from the cache or the store
-// (shared: read only).
-func (s *Service) cachedVersion(ctx context.Context, name string, n uint64) (*Version, error) {
-	ref := VersionRef{name, n}
-	if s.cacheFresh() {
-		if v, ok := get(s.rc, s.rc.versions, ref); ok {
+		if v, ok := get(s.rc, m, k); ok {
 			s.counts.readHits.Add(1)
 			return v, nil
 		}
@@ -134,31 +113,27 @@ func (s *Service) cachedVersion(ctx context.Context, name string, n uint64) (*Ve
 		s.counts.readStale.Add(1)
 	}
 	gen := s.rc.generation()
-	v, err := s.store.GetVersion(ctx, name, n)
+	v, err := load()
 	if err != nil {
-		return nil, err
+		var zero V
+		return zero, err
 	}
-	put(s.rc, s.rc.versions, ref, v, gen)
+	put(s.rc, m, k, v, gen)
 	return v, nil
 }
 
-// cachedToken returns a token record, from the cache or the store (shared:
-// read only). Unknown ids are not cached, so guessing fills nothing.
+// cachedKey returns the header of a key, from the cache or the store.
+func (s *Service) cachedKey(ctx context.Context, name string) (*Key, error) {
+	return cached(s, s.rc.keys, name, func() (*Key, error) { return s.store.GetKey(ctx, name) })
+}
+
+// cachedVersion returns version n of a key, from the cache or the store.
+func (s *Service) cachedVersion(ctx context.Context, name string, n uint64) (*Version, error) {
+	return cached(s, s.rc.versions, VersionRef{name, n}, func() (*Version, error) { return s.store.GetVersion(ctx, name, n) })
+}
+
+// cachedToken returns a token record, from the cache or the store. Unknown
+// ids are not cached (load fails), so guessing fills nothing.
 func (s *Service) cachedToken(ctx context.Context, id string) (*Token, error) {
-	if s.cacheFresh() {
-		if t, ok := get(s.rc, s.rc.tokens, id); ok {
-			s.counts.readHits.Add(1)
-			return t, nil
-		}
-		s.counts.readMisses.Add(1)
-	} else {
-		s.counts.readStale.Add(1)
-	}
-	gen := s.rc.generation()
-	t, err := s.store.GetToken(ctx, id)
-	if err != nil {
-		return nil, err
-	}
-	put(s.rc, s.rc.tokens, id, t, gen)
-	return t, nil
+	return cached(s, s.rc.tokens, id, func() (*Token, error) { return s.store.GetToken(ctx, id) })
 }

@@ -313,7 +313,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdin i
 	if canonical == "" {
 		canonical = scheme + "://" + ln.Addr().String() + "/mcp"
 	}
-	s.SetResource(canonical, c.kmsURL)
+	s.SetResource(canonical)
 	// No ReadTimeout: it would end the long-lived SSE streams of GET /mcp;
 	// headers have 10 s, an idle connection two minutes, a session
 	// --session-timeout, a body --max-request-mib.
