@@ -247,7 +247,10 @@ func (c *specChecker) RoundTrip(req *http.Request) (*http.Response, error) {
 		return nil, err
 	}
 	resp.Body = io.NopCloser(bytes.NewReader(body))
-	if resp.StatusCode >= 400 && resp.Header.Get("Content-Type") != "application/problem+json" {
+	// The OAuth token endpoint's refusals are RFC 6749's application/json
+	// (with the problem fields in them).
+	oauthJSON := req.URL.Path == "/v1/oauth/token" && resp.StatusCode < 500 && resp.Header.Get("Content-Type") == "application/json"
+	if resp.StatusCode >= 400 && resp.Header.Get("Content-Type") != "application/problem+json" && !oauthJSON {
 		c.t.Errorf("%s %s: %d with Content-Type %q, want application/problem+json", req.Method, req.URL.Path, resp.StatusCode, resp.Header.Get("Content-Type"))
 	}
 	route, params, err := c.router.FindRoute(req)

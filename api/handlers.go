@@ -510,7 +510,8 @@ func (s *Server) introspect(w http.ResponseWriter, r *http.Request) {
 		p = nil // beyond the caller's scope: active=false
 	}
 	if p != nil {
-		out = client.Introspection{Active: true, TokenType: "Bearer", TokenID: p.TokenID, Role: string(p.Role), Keys: p.Keys, Aud: p.Audience}
+		out = client.Introspection{Active: true, TokenType: "Bearer", TokenID: p.TokenID, Role: string(p.Role), Keys: p.Keys, Aud: p.Audience,
+			ClientID: p.Client, Scope: kms.Scope(p.Role, p.Keys)}
 		if p.ExpiresAt != nil {
 			out.Exp = p.ExpiresAt.Unix()
 		}

@@ -70,6 +70,8 @@ type Options struct {
 	TokenRate float64
 	// Metrics, if set, is told of every request and refusal.
 	Metrics Metrics
+	// OAuth configures the token endpoint and its metadata.
+	OAuth OAuthOptions
 }
 
 // Metrics is told of what the API does (kmsd's Prometheus metrics). Its
@@ -344,6 +346,11 @@ func allowedMethods(routes chi.Routes, path string) []string {
 	return out
 }
 
+// SetIssuer sets the OAuth issuer (kmsd's URL) when it is known only once
+// the listener is (Options.OAuth.Issuer "" and a port chosen by the
+// system). Call it before Handler.
+func (s *Server) SetIssuer(issuer string) { s.opts.OAuth.Issuer = issuer }
+
 // Handler returns the API's router.
 func (s *Server) Handler() http.Handler {
 	r := chi.NewRouter()
@@ -359,6 +366,10 @@ func (s *Server) Handler() http.Handler {
 	r.Get("/healthz", s.healthz)
 	r.Get("/readyz", s.readyz)
 	r.Get("/v1/identity", s.identity)
+	r.Get("/.well-known/oauth-authorization-server", s.oauthMetadata)
+	// The client authenticates inside (HTTP Basic): the per-address limit
+	// of requests without a valid bearer token bounds guessing.
+	r.Post(TokenEndpoint, s.oauthToken)
 	r.Group(func(r chi.Router) {
 		r.Use(s.authenticate)
 		r.Post("/v1/keys", allow(kms.PermManageKey, s.createKey))

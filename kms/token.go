@@ -38,6 +38,11 @@ type Token struct {
 	// resource URIs: an MCP server's canonical URL): it works there, whose
 	// server introspects it, and nowhere at kmsd itself.
 	Audience []string `json:"audience,omitempty"`
+	// Client is, for an OAuth access token (made by the client
+	// credentials grant), the id of the client token that obtained it:
+	// it works only while that token is active, and is never a client
+	// itself.
+	Client string `json:"client,omitempty"`
 	// LastUsedAt is the last time the token authenticated a request, as
 	// last written down (the service keeps newer uses in memory and
 	// writes them about once a minute).
@@ -104,6 +109,7 @@ type Principal struct {
 	Keys      []string
 	ExpiresAt *time.Time // nil: the token does not expire
 	Audience  []string   // the resources an audience-bound token is for
+	Client    string     // an OAuth access token's client token id
 }
 
 // covers reports whether a token of role, patterns keys and expiry exp is

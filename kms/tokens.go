@@ -259,10 +259,25 @@ func (s *Service) Introspect(ctx context.Context, token string) (*Principal, err
 	if err != nil {
 		return nil, asUnavailable("store", err)
 	}
-	if !t.matches(secret) || t.RevokedAt != nil || t.Expired(s.clock.Now()) {
+	now := s.clock.Now()
+	if !t.matches(secret) || !t.Active(now) {
 		return nil, nil
 	}
-	return &Principal{TokenID: t.ID, Role: t.Role, Keys: t.Keys, ExpiresAt: t.ExpiresAt, Audience: t.Audience}, nil
+	if t.Client != "" {
+		// An access token works while its client does: revoking the
+		// client revokes what it obtained.
+		cl, err := s.cachedToken(ctx, t.Client)
+		if errors.Is(err, ErrNotFound) {
+			return nil, nil
+		}
+		if err != nil {
+			return nil, asUnavailable("store", err)
+		}
+		if !cl.Active(now) {
+			return nil, nil
+		}
+	}
+	return &Principal{TokenID: t.ID, Role: t.Role, Keys: t.Keys, ExpiresAt: t.ExpiresAt, Audience: t.Audience, Client: t.Client}, nil
 }
 
 // ValidTokenID checks a token id named from outside (16 hex digits).

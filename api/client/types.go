@@ -242,6 +242,42 @@ type Introspection struct {
 	Keys      []string `json:"keys,omitempty"` // key-name patterns
 	Exp       int64    `json:"exp,omitempty"`  // expiry, seconds since 1970; absent: never
 	Aud       []string `json:"aud,omitempty"`  // the resources an audience-bound token is for
+	// ClientID is, for an access token obtained by the client
+	// credentials grant, its client's token id (RFC 7662 client_id).
+	ClientID string `json:"client_id,omitempty"`
+	// Scope is the token's scope as the token endpoint would state it:
+	// its role, then key:<pattern> for each of its patterns.
+	Scope string `json:"scope,omitempty"`
+}
+
+// AuthServerMetadata is kmsd's OAuth authorization server metadata
+// (RFC 8414), at /.well-known/oauth-authorization-server.
+type AuthServerMetadata struct {
+	Issuer                            string   `json:"issuer"`
+	TokenEndpoint                     string   `json:"token_endpoint"`
+	GrantTypesSupported               []string `json:"grant_types_supported"`
+	TokenEndpointAuthMethodsSupported []string `json:"token_endpoint_auth_methods_supported"`
+	ScopesSupported                   []string `json:"scopes_supported"`
+	ResponseTypesSupported            []string `json:"response_types_supported"`
+	CodeChallengeMethodsSupported     []string `json:"code_challenge_methods_supported"`
+	IntrospectionEndpoint             string   `json:"introspection_endpoint"`
+	ServiceDocumentation              string   `json:"service_documentation,omitempty"`
+}
+
+// AccessToken is the token endpoint's answer (RFC 6749 5.1).
+type AccessToken struct {
+	AccessToken string `json:"access_token"`
+	TokenType   string `json:"token_type"`
+	ExpiresIn   int64  `json:"expires_in"`
+	Scope       string `json:"scope"`
+}
+
+// OAuthError is the token endpoint's refusal (RFC 6749 5.2), with the
+// problem fields kmsd's other answers carry.
+type OAuthError struct {
+	Error       string `json:"error"`
+	Description string `json:"error_description"`
+	Problem
 }
 
 // Token is a created token. Token (the secret) is returned only once.

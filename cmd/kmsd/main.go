@@ -17,6 +17,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/pprof"
+	"net/url"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -123,6 +124,8 @@ type config struct {
 	heGenerations   int
 	heWorkers       int
 	maxTokenTTL     time.Duration
+	issuer          string
+	oauthTTL        time.Duration
 	unauthRate      float64
 	unauthBurst     int
 	tokenRate       float64
@@ -160,6 +163,14 @@ func parseFlags(args []string, getenv func(string) string) (config, error) {
 	}
 	if c.destroyInterval <= 0 || c.scrubInterval <= 0 || c.shutdownTimeout <= 0 || c.cacheTTL < 0 || c.auditInterval <= 0 || c.auditStreamWait <= 0 || c.maxTokenTTL < 0 || c.minRotation <= 0 || c.rotationCheck <= 0 {
 		return c, errors.New("durations must be positive (key-cache-ttl and max-token-ttl may be 0)")
+	}
+	if c.oauthTTL < time.Minute || c.oauthTTL > 24*time.Hour || (c.maxTokenTTL > 0 && c.oauthTTL > c.maxTokenTTL) {
+		return c, fmt.Errorf("--oauth-token-ttl %s must be from 1m to 24h, and at most --max-token-ttl", c.oauthTTL)
+	}
+	if c.issuer != "" {
+		if err := checkIssuer(c.issuer, c.insecureHTTP); err != nil {
+			return c, err
+		}
 	}
 	if c.rotationCheck < time.Second {
 		return c, fmt.Errorf("--rotation-check-interval %s is below the minimum of 1s (each check reads every key header)", c.rotationCheck)
@@ -226,6 +237,32 @@ func envFlag(env string) string {
 
 // checkHostPort accepts host:port with a numeric port and a host that is an
 // IP address, a DNS name or empty (all interfaces): a URL is refused.
+// checkIssuer checks --issuer: an https URL (http to loopback with
+// --insecure-http) with no path, query, fragment or credentials (RFC 8414
+// 2: the metadata is at the issuer plus the well-known path).
+func checkIssuer(raw string, insecure bool) error {
+	u, err := url.Parse(raw)
+	if err != nil || u.Host == "" || u.User != nil || (u.Path != "" && u.Path != "/") || u.RawQuery != "" || u.Fragment != "" || u.String() != raw {
+		return fmt.Errorf("--issuer %q must be https://host[:port], without a path, query or credentials", raw)
+	}
+	if u.Path == "/" {
+		return fmt.Errorf("--issuer %q: leave out the trailing /", raw)
+	}
+	switch {
+	case u.Scheme == "https":
+		return nil
+	case u.Scheme == "http" && insecure:
+		port := u.Port()
+		if port == "" {
+			port = "80"
+		}
+		if tlsutil.IsLoopback(net.JoinHostPort(u.Hostname(), port)) {
+			return nil
+		}
+	}
+	return fmt.Errorf("--issuer %q must be an https:// URL (plain http only to loopback, with --insecure-http)", raw)
+}
+
 func checkHostPort(addr string) error {
 	host, port, err := net.SplitHostPort(addr)
 	if err != nil {
@@ -434,6 +471,8 @@ func newFlagSetErrs(c *config, getenv func(string) string) (*flag.FlagSet, *[]en
 	fs.Int64Var(&c.maxKeysetMiB, "max-keyset-mib", int64(intEnv("KMS_MAX_KEYSET_MIB", 4096)), "refuse HE keys whose keyset (public and evaluation keys) would be larger than this many MiB (env KMS_MAX_KEYSET_MIB)")
 	fs.Int64Var(&c.asyncKeysetMiB, "async-keyset-mib", int64(intEnv("KMS_ASYNC_KEYSET_MIB", 64)), "HE keysets larger than this many MiB are generated in the background: create and rotate answer 202 with an operation to poll (env KMS_ASYNC_KEYSET_MIB)")
 	fs.IntVar(&c.heGenerations, "he-generations", intEnv("KMS_HE_GENERATIONS", 1), "HE keyset generations at once; more are refused with 429 (env KMS_HE_GENERATIONS)")
+	fs.StringVar(&c.issuer, "issuer", env("KMS_ISSUER", ""), "kmsd's URL as clients reach it, https://host[:port], named as the OAuth issuer in /.well-known/oauth-authorization-server (MCP clients find the token endpoint there); empty: the listen address when it names one host (env KMS_ISSUER)")
+	fs.DurationVar(&c.oauthTTL, "oauth-token-ttl", dur("KMS_OAUTH_TOKEN_TTL", kms.DefaultAccessTokenTTL), "lifetime of an access token issued at "+api.TokenEndpoint+" (client credentials), from 1m to 24h, never past its client token (env KMS_OAUTH_TOKEN_TTL)")
 	fs.DurationVar(&c.maxTokenTTL, "max-token-ttl", dur("KMS_MAX_TOKEN_TTL", 90*24*time.Hour), "longest lifetime of a token created through the API, and the lifetime of one created without a ttl; 0: no maximum, tokens without a ttl do not expire (env KMS_MAX_TOKEN_TTL)")
 	floatEnv := func(name string, def float64) float64 {
 		parsed(name, func(v string) (err error) { def, err = strconv.ParseFloat(v, 64); return })
@@ -585,7 +624,8 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 			MaxKeysetBytes: c.maxKeysetMiB << 20, MaxGenerations: c.heGenerations, AsyncKeysetBytes: c.asyncKeysetMiB << 20,
 			MinRotationPeriod: c.minRotation, RotationCheckInterval: c.rotationCheck},
 		Unaudited: !audited, AuditEvery: c.auditEvery, AuditInterval: c.auditInterval,
-		API:             api.Options{UnauthRate: c.unauthRate, UnauthBurst: c.unauthBurst, TokenRate: c.tokenRate},
+		API: api.Options{UnauthRate: c.unauthRate, UnauthBurst: c.unauthBurst, TokenRate: c.tokenRate,
+			OAuth: api.OAuthOptions{Issuer: c.issuer, AccessTokenTTL: c.oauthTTL}},
 		DestroyInterval: c.destroyInterval,
 		Lead:            st.Lead,
 		Archive:         arch,
@@ -710,6 +750,17 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 			go msrv.ServeTLS(mln, "", "")
 		}
 		log.Info("metrics", "url", mscheme+"://"+mln.Addr().String()+"/metrics", "bearer_token", metricsToken != "")
+	}
+	if c.issuer == "" {
+		if host, _, _ := net.SplitHostPort(c.addr); host != "" && !net.ParseIP(host).IsUnspecified() {
+			scheme := "https"
+			if c.insecureHTTP {
+				scheme = "http"
+			}
+			apiSrv.SetIssuer(scheme + "://" + ln.Addr().String())
+		} else {
+			log.Warn("no OAuth issuer: --addr names no one host; give --issuer https://host:port for MCP clients to find the token endpoint")
+		}
 	}
 	srv := &http.Server{
 		Handler:           apiSrv.Handler(),

@@ -19,7 +19,7 @@ var flagGroups = []struct {
 	{"HSM (PKCS#11)", []string{"pkcs11-module", "pkcs11-token", "pkcs11-pin-file", "kek-label", "pkcs11-wrap"}},
 	{"Keys", []string{"key-cache-ttl", "destroy-check-interval", "min-rotation-period", "rotation-check-interval", "max-keyset-mib", "async-keyset-mib", "he-generations", "he-workers"}},
 	{"Audit log", []string{"audit-checkpoint-every", "audit-checkpoint-interval", "audit-archive", "audit-retain", "audit-stream", "audit-stream-timeout", "audit-wal-mib"}},
-	{"Tokens and rate limits", []string{"max-token-ttl", "unauth-rate-limit", "unauth-burst", "token-rate-limit"}},
+	{"Tokens and rate limits", []string{"max-token-ttl", "issuer", "oauth-token-ttl", "unauth-rate-limit", "unauth-burst", "token-rate-limit"}},
 	{"Operations", []string{"log-level", "metrics-addr", "metrics-token-file", "debug-addr"}},
 }
 
