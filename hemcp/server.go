@@ -1,13 +1,14 @@
 package hemcp
 
 import (
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"golang.org/x/time/rate"
+	"io"
 	"log/slog"
 	"net"
 	"net/http"
@@ -23,6 +24,7 @@ import (
 	"github.com/modelcontextprotocol/go-sdk/mcp"
 	"github.com/tuneinsight/lattigo/v6/core/rlwe"
 	"golang.org/x/sync/singleflight"
+	"golang.org/x/time/rate"
 
 	"github.com/kmsd-project/kmsd/api/client"
 	"github.com/kmsd-project/kmsd/api/client/hekeys"
@@ -54,7 +56,19 @@ type Config struct {
 	// default a client's token must be bound to this server's canonical
 	// URL (RFC 8707), so that a token made for another service is refused.
 	AllowUnbound bool
-	Logger       *slog.Logger
+	// AuthorizationServer is the issuer clients get tokens from (kmsd's
+	// URL, RFC 8414), named in the protected-resource metadata; "" names
+	// none.
+	AuthorizationServer string
+	// Stateless serves each HTTP request on its own (the MCP stateless
+	// mode): no session to keep, so instances behind one address serve
+	// the same client; no server-to-client requests, no GET stream.
+	Stateless bool
+	// AllowedOrigins are the browser origins (scheme://host[:port]) whose
+	// requests are served besides this server's own; a request with any
+	// other Origin is refused (403) before its token is looked at.
+	AllowedOrigins []string
+	Logger         *slog.Logger
 	// Metrics, if set, is told of tool calls, introspections and key
 	// fetches.
 	Metrics Metrics
@@ -111,6 +125,8 @@ type Server struct {
 	// protected-resource metadata, the audience of its clients' tokens);
 	// "" until SetResource.
 	resource string
+	// hosts are the Host headers served (SetHosts; none set: any).
+	hosts map[string]bool
 }
 
 type servedKey struct {
@@ -391,10 +407,18 @@ func (s *Server) open(ctx context.Context, req *mcp.CallToolRequest, ej Envelope
 // On stdio there is no token: the process that started the server is its
 // one client, and the server's configuration decides.
 func allowed(req *mcp.CallToolRequest, key string) error {
-	if req == nil || req.Extra == nil || req.Extra.TokenInfo == nil {
+	if req == nil {
 		return nil
 	}
-	patterns, _ := req.Extra.TokenInfo.Extra["keys"].([]string)
+	return allowedExtra(req.Extra, key)
+}
+
+// allowedExtra is allowed for any request's extra (a resource read's).
+func allowedExtra(extra *mcp.RequestExtra, key string) error {
+	if extra == nil || extra.TokenInfo == nil {
+		return nil
+	}
+	patterns, _ := extra.TokenInfo.Extra["keys"].([]string)
 	if !wire.MayUse(patterns, key) {
 		return fmt.Errorf("your token may not use key %q", key)
 	}
@@ -507,6 +531,9 @@ func (s *Server) MCPServer() *mcp.Server {
 		srv.AddResource(&mcp.Resource{URI: "kmsd://keys/" + name + "/manifest", Name: name + " manifest", MIMEType: "application/json",
 			Description: "the signed manifest of the primary version of " + name + " (parameters, public and evaluation key blobs)"},
 			func(ctx context.Context, req *mcp.ReadResourceRequest) (*mcp.ReadResourceResult, error) {
+				if err := allowedExtra(req.Extra, name); err != nil {
+					return nil, err
+				}
 				s.mu.RLock()
 				sk := s.served[name]
 				eng := sk.engines[sk.primary]
@@ -700,7 +727,8 @@ func sortedKeys[V any](m map[string]V) []string {
 // introspected; everything else uses the server's own evaluator token.
 func (s *Server) HTTPHandler() http.Handler {
 	srv := s.MCPServer()
-	h := mcp.NewStreamableHTTPHandler(func(*http.Request) *mcp.Server { return srv }, &mcp.StreamableHTTPOptions{MaxRequestBodyBytes: s.cfg.MaxRequestBytes, SessionTimeout: s.cfg.SessionTimeout})
+	h := mcp.NewStreamableHTTPHandler(func(*http.Request) *mcp.Server { return srv }, &mcp.StreamableHTTPOptions{MaxRequestBodyBytes: s.cfg.MaxRequestBytes,
+		SessionTimeout: s.cfg.SessionTimeout, Stateless: s.cfg.Stateless})
 	// The SDK's bearer check gets what this handler's verify found (one
 	// introspection, counted once, per request).
 	verified := func(ctx context.Context, token string, r *http.Request) (*auth.TokenInfo, error) {
@@ -722,6 +750,17 @@ func (s *Server) HTTPHandler() http.Handler {
 		}
 	}
 	mux.Handle("/mcp", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		// Where the request says it goes, and for a browser where it
+		// comes from, before the token is looked at (DNS rebinding, a
+		// page of another site).
+		if s.hosts != nil && !s.hosts[strings.ToLower(r.Host)] {
+			http.Error(w, "this server does not answer for that Host", http.StatusMisdirectedRequest)
+			return
+		}
+		if o := r.Header.Get("Origin"); o != "" && !s.originAllowed(o) {
+			http.Error(w, "requests from this Origin are not served (kmsd-mcp --allowed-origin)", http.StatusForbidden)
+			return
+		}
 		scheme, tok, ok := strings.Cut(r.Header.Get("Authorization"), " ")
 		if !ok || !strings.EqualFold(scheme, "Bearer") || tok == "" {
 			s.unauthorized(w, "", "a bearer token is required")
@@ -745,9 +784,116 @@ func (s *Server) HTTPHandler() http.Handler {
 			}
 			return
 		}
+		if r.Method == http.MethodPost {
+			var ok bool
+			if r, ok = s.checkScope(w, r, ti); !ok {
+				return
+			}
+		}
 		withInfo.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), verifiedKey{}, ti)))
 	}))
 	return mux
+}
+
+// originAllowed reports whether a browser's Origin may call: this
+// server's own origin, or one of Config.AllowedOrigins.
+func (s *Server) originAllowed(origin string) bool {
+	if slices.Contains(s.cfg.AllowedOrigins, origin) {
+		return true
+	}
+	u, err := url.Parse(s.resource)
+	return err == nil && s.resource != "" && origin == u.Scheme+"://"+u.Host
+}
+
+// SetHosts sets the Host headers the server answers (host:port, as
+// clients send it); a request for another is refused (421) before its
+// token is looked at. Call it before HTTPHandler.
+func (s *Server) SetHosts(hosts []string) {
+	s.hosts = map[string]bool{}
+	for _, h := range hosts {
+		s.hosts[strings.ToLower(h)] = true
+	}
+}
+
+// checkScope refuses, with 403 and an insufficient_scope challenge (RFC
+// 6750 3.1, the MCP authorization spec's step-up), a request that names a
+// key the token may not use: a tools/call whose ciphertexts are under it,
+// or a resources/read of its manifest. Tokens that may use every served
+// key skip it (no second reading of the body). The body is read (within
+// Config.MaxRequestBytes) and handed on.
+func (s *Server) checkScope(w http.ResponseWriter, r *http.Request, ti *auth.TokenInfo) (*http.Request, bool) {
+	patterns, _ := ti.Extra["keys"].([]string)
+	all := true
+	for _, k := range s.cfg.Keys {
+		all = all && wire.MayUse(patterns, k)
+	}
+	if all {
+		return r, true
+	}
+	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, s.cfg.MaxRequestBytes))
+	if err != nil {
+		http.Error(w, "the request body is too large or could not be read", http.StatusRequestEntityTooLarge)
+		return r, false
+	}
+	r.Body = io.NopCloser(bytes.NewReader(body))
+	for _, k := range keysNamed(body) {
+		if wire.ValidateName(k) == nil && slices.Contains(s.cfg.Keys, k) && !wire.MayUse(patterns, k) {
+			role, _ := ti.Extra["role"].(string)
+			ch := `Bearer realm="kmsd-mcp", error="insufficient_scope", scope="` + role + ` key:` + k + `"`
+			if s.resource != "" {
+				ch += `, resource_metadata="` + s.metadataURL() + `"`
+			}
+			w.Header().Set("WWW-Authenticate", ch)
+			http.Error(w, fmt.Sprintf("your token may not use key %q: it needs the scope key:%s", k, k), http.StatusForbidden)
+			return r, false
+		}
+	}
+	return r, true
+}
+
+// keysNamed lists the keys a JSON-RPC message (or batch) names: the
+// envelopes' keys of a tools/call, the key of a resources/read. Anything
+// it cannot read names none (the SDK answers it).
+func keysNamed(body []byte) []string {
+	type envKey struct {
+		Key string `json:"key"`
+	}
+	type msg struct {
+		Method string `json:"method"`
+		Params struct {
+			URI       string `json:"uri"`
+			Arguments struct {
+				Ciphertext  *envKey  `json:"ciphertext"`
+				Ciphertexts []envKey `json:"ciphertexts"`
+			} `json:"arguments"`
+		} `json:"params"`
+	}
+	var msgs []msg
+	if b := bytes.TrimSpace(body); len(b) > 0 && b[0] == '[' {
+		_ = json.Unmarshal(b, &msgs)
+	} else {
+		var m msg
+		if json.Unmarshal(b, &m) == nil {
+			msgs = []msg{m}
+		}
+	}
+	var out []string
+	for _, m := range msgs {
+		switch m.Method {
+		case "tools/call":
+			if c := m.Params.Arguments.Ciphertext; c != nil {
+				out = append(out, c.Key)
+			}
+			for _, c := range m.Params.Arguments.Ciphertexts {
+				out = append(out, c.Key)
+			}
+		case "resources/read":
+			if k, ok := strings.CutPrefix(m.Params.URI, "kmsd://keys/"); ok {
+				out = append(out, strings.TrimSuffix(k, "/manifest"))
+			}
+		}
+	}
+	return out
 }
 
 // cachedToken reports whether kmsd's answer about tok is in the cache (a
@@ -835,14 +981,18 @@ func (s *Server) metadataURL() string {
 
 // metadata is the protected-resource metadata document (RFC 9728 2).
 func (s *Server) metadata() []byte {
-	// No authorization_servers yet: kmsd issues tokens (kmsctl tokens
-	// create) but serves no OAuth authorization-server metadata.
-	b, _ := json.Marshal(map[string]any{
+	m := map[string]any{
 		"resource":                 s.resource,
 		"scopes_supported":         []string{"worker", "encryptor"},
 		"bearer_methods_supported": []string{"header"},
 		"resource_name":            "kmsd-mcp",
-	})
+	}
+	if s.cfg.AuthorizationServer != "" {
+		// kmsd: clients get tokens for this server at its token endpoint
+		// (client credentials, with this server's URL as the resource).
+		m["authorization_servers"] = []string{s.cfg.AuthorizationServer}
+	}
+	b, _ := json.Marshal(m)
 	return b
 }
 

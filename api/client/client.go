@@ -379,6 +379,13 @@ func (c *Client) IntrospectToken(ctx context.Context, token string) (*Introspect
 	return &out, c.do(ctx, http.MethodPost, "/v1/tokens/introspect", nil, IntrospectRequest{Token: token}, &out)
 }
 
+// AuthServerMetadata reads kmsd's OAuth authorization server metadata
+// (RFC 8414): its issuer and token endpoint.
+func (c *Client) AuthServerMetadata(ctx context.Context) (*AuthServerMetadata, error) {
+	var out AuthServerMetadata
+	return &out, c.do(ctx, http.MethodGet, "/.well-known/oauth-authorization-server", nil, nil, &out)
+}
+
 // RevokeToken revokes a token: every later request with it is refused.
 func (c *Client) RevokeToken(ctx context.Context, id string) (*TokenInfo, error) {
 	var out TokenInfo

@@ -62,6 +62,9 @@ type config struct {
 	metricsAddr, metricsToken                                                                      string
 	maxCalls                                                                                       int64
 	tlsCert, tlsKey, publicURL                                                                     string
+	authServer                                                                                     string
+	stateless                                                                                      bool
+	allowedOrigins, allowedHosts                                                                   keyList
 	allowUnbound                                                                                   bool
 	sessionTimeout                                                                                 time.Duration
 	keys                                                                                           keyList
@@ -100,6 +103,10 @@ func parseFlags(args []string, getenv func(string) string, out io.Writer) (confi
 	fs.StringVar(&c.tlsKey, "tls-key", env("KMSD_MCP_TLS_KEY", ""), "private key of --tls-cert (PEM) (env KMSD_MCP_TLS_KEY)")
 	fs.BoolVar(&c.allowUnbound, "allow-unbound-tokens", getenv("KMSD_MCP_ALLOW_UNBOUND_TOKENS") == "1", "accept client tokens bound to no audience; by default a token must be bound to this server's canonical URL (kmsctl tokens create --audience URL), so that a token made for another service is refused (env KMSD_MCP_ALLOW_UNBOUND_TOKENS, set to 1)")
 	fs.StringVar(&c.publicURL, "public-url", env("KMSD_MCP_PUBLIC_URL", ""), "this server's canonical URL, https://host[:port]/mcp, as clients reach it (behind a proxy, say); empty: from --http (env KMSD_MCP_PUBLIC_URL)")
+	fs.StringVar(&c.authServer, "authorization-server", env("KMSD_MCP_AUTHORIZATION_SERVER", ""), "the OAuth issuer clients get tokens for this server from, named in the protected-resource metadata: kmsd's URL as clients reach it; empty: the issuer kmsd names at --kms-url (env KMSD_MCP_AUTHORIZATION_SERVER)")
+	fs.BoolVar(&c.stateless, "stateless", getenv("KMSD_MCP_STATELESS") == "1", "serve every HTTP request on its own, without MCP sessions, so that instances behind one address serve the same client (no GET stream, no server-to-client requests) (env KMSD_MCP_STATELESS, set to 1)")
+	fs.Var(&c.allowedOrigins, "allowed-origin", "a browser origin (https://host[:port]) whose requests are served besides this server's own; repeat for more; requests with another Origin header are refused (env KMSD_MCP_ALLOWED_ORIGINS, comma-separated)")
+	fs.Var(&c.allowedHosts, "allowed-host", "a Host header (host:port) served besides the --public-url's and the listen address's, e.g. the name a proxy forwards with; repeat for more; requests for another host are refused (env KMSD_MCP_ALLOWED_HOSTS, comma-separated)")
 	fs.StringVar(&c.cacheDir, "cache-dir", env("KMSD_MCP_CACHE_DIR", ""), "verified blobs by digest (default: the user cache dir, kmsd-mcp) (env KMSD_MCP_CACHE_DIR)")
 	fs.DurationVar(&c.refresh, "refresh", dur("KMSD_MCP_REFRESH", 30*time.Second), "how often each key is polled for rotations and state changes (env KMSD_MCP_REFRESH)")
 	fs.DurationVar(&c.introspectTTL, "introspect-ttl", dur("KMSD_MCP_INTROSPECT_TTL", 10*time.Second), "how long kmsd's answer about a client token is kept; a revoked token works at most this long (env KMSD_MCP_INTROSPECT_TTL)")
@@ -133,12 +140,50 @@ func parseFlags(args []string, getenv func(string) string, out io.Writer) (confi
 			errs = append(errs, fmt.Errorf("KMSD_MCP_MAX_REQUEST_MIB=%q: not a number", v))
 		}
 	}
+	for _, l := range []struct {
+		env  string
+		list *keyList
+	}{{"KMSD_MCP_ALLOWED_ORIGINS", &c.allowedOrigins}, {"KMSD_MCP_ALLOWED_HOSTS", &c.allowedHosts}} {
+		for _, v := range strings.Split(getenv(l.env), ",") {
+			if v = strings.TrimSpace(v); v != "" {
+				*l.list = append(*l.list, v)
+			}
+		}
+	}
+	envOrigins, envHosts := len(c.allowedOrigins), len(c.allowedHosts)
 	envKeys := len(c.keys)
 	if err := fs.Parse(args); err != nil {
 		return c, err
 	}
 	if len(c.keys) > envKeys && envKeys > 0 {
 		c.keys = c.keys[envKeys:] // flags win over the environment
+	}
+	if len(c.allowedOrigins) > envOrigins && envOrigins > 0 {
+		c.allowedOrigins = c.allowedOrigins[envOrigins:]
+	}
+	if len(c.allowedHosts) > envHosts && envHosts > 0 {
+		c.allowedHosts = c.allowedHosts[envHosts:]
+	}
+	for _, o := range c.allowedOrigins {
+		u, err := url.Parse(o)
+		if err != nil || (u.Scheme != "https" && u.Scheme != "http") || u.Host == "" || u.Path != "" || u.User != nil || u.RawQuery != "" || u.Fragment != "" || u.String() != o {
+			return c, fmt.Errorf("--allowed-origin %q must be an origin, scheme://host[:port]", o)
+		}
+	}
+	for _, h := range c.allowedHosts {
+		if _, _, err := net.SplitHostPort(h); err != nil {
+			return c, fmt.Errorf("--allowed-host %q must be host:port", h)
+		}
+	}
+	if c.authServer != "" {
+		u, err := url.Parse(c.authServer)
+		if err != nil || u.Scheme != "https" || u.Host == "" || u.Path != "" || u.User != nil || u.RawQuery != "" || u.Fragment != "" || u.String() != c.authServer ||
+			strings.ContainsAny(c.authServer, "\"\\ {}<>") {
+			return c, errors.New("--authorization-server must be kmsd's https:// URL as clients reach it, without a path, e.g. https://kms.example.net:8420")
+		}
+	}
+	if c.introspectTTL > 5*time.Minute {
+		return c, fmt.Errorf("--introspect-ttl %s is over 5m: a revoked token works at kmsd-mcp for up to this long", c.introspectTTL)
 	}
 	if fs.NArg() > 0 {
 		return c, fmt.Errorf("unexpected argument %q", fs.Arg(0))
@@ -242,7 +287,19 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdin i
 	}
 	cfg := hemcp.Config{Client: kc, Fetcher: &hekeys.Fetcher{BaseURL: c.kmsURL, Token: token, IdentityKey: identity, CacheDir: c.cacheDir, HTTP: &hc},
 		Keys: c.keys, Refresh: c.refresh, IntrospectTTL: c.introspectTTL, MaxRequestBytes: c.maxRequestMiB << 20, Logger: log,
-		MaxCalls: int(c.maxCalls), SessionTimeout: c.sessionTimeout, AllowUnbound: c.allowUnbound}
+		MaxCalls: int(c.maxCalls), SessionTimeout: c.sessionTimeout, AllowUnbound: c.allowUnbound,
+		AuthorizationServer: c.authServer, Stateless: c.stateless, AllowedOrigins: c.allowedOrigins}
+	if c.httpAddr != "" && cfg.AuthorizationServer == "" {
+		// The issuer kmsd names: clients get this server's tokens there.
+		mctx, mcancel := context.WithTimeout(ctx, 10*time.Second)
+		meta, err := kc.AuthServerMetadata(mctx)
+		mcancel()
+		if err == nil && meta.Issuer != "" {
+			cfg.AuthorizationServer = meta.Issuer
+		} else {
+			log.Warn("kmsd names no OAuth issuer (start it with --issuer, or give --authorization-server): the protected-resource metadata names no authorization server, so clients cannot find where to get tokens", "err", err)
+		}
+	}
 	if mm != nil {
 		cfg.Metrics = mm
 	}
@@ -314,6 +371,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdin i
 		canonical = scheme + "://" + ln.Addr().String() + "/mcp"
 	}
 	s.SetResource(canonical)
+	s.SetHosts(servedHosts(canonical, ln.Addr().String(), c.allowedHosts))
 	// No ReadTimeout: it would end the long-lived SSE streams of GET /mcp;
 	// headers have 10 s, an idle connection two minutes, a session
 	// --session-timeout, a body --max-request-mib.
@@ -338,6 +396,26 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdin i
 	sctx, scancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer scancel()
 	return srv.Shutdown(sctx)
+}
+
+// servedHosts are the Host headers kmsd-mcp answers: the canonical URL's
+// host (with and without its default port), the listen address, the
+// loopback names of a loopback port, and those given.
+func servedHosts(canonical, listen string, extra []string) []string {
+	out := append([]string{listen}, extra...)
+	if u, err := url.Parse(canonical); err == nil {
+		out = append(out, u.Host)
+		def := map[string]string{"https": "443", "http": "80"}[u.Scheme]
+		if u.Port() == "" {
+			out = append(out, net.JoinHostPort(u.Hostname(), def))
+		} else if u.Port() == def {
+			out = append(out, u.Hostname())
+		}
+	}
+	if _, port, err := net.SplitHostPort(listen); err == nil && tlsutil.IsLoopback(listen) {
+		out = append(out, "localhost:"+port, "127.0.0.1:"+port, "[::1]:"+port)
+	}
+	return out
 }
 
 type nopWriteCloser struct{ io.Writer }

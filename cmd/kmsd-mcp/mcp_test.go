@@ -71,6 +71,7 @@ func newWorld(t testing.TB) *world {
 	pub := a.Identity
 	srv, caFile := testutil.TLSServer(t, a.Handler())
 	w.url, w.ca = srv.URL, caFile
+	a.API.SetIssuer(srv.URL) // kmsd as the OAuth authorization server
 	cfg, _ := client.TLSConfig(caFile, "", "")
 	w.adminc, _ = client.New(w.url, w.admin, client.WithTLS(cfg))
 	dir := t.TempDir()
@@ -480,7 +481,6 @@ func TestRefusals(t *testing.T) {
 		{"a forged attestation", s, "he_polynomial", map[string]any{"ciphertext": envJSON(&forged), "coefficients": []float64{0, 1, 1}}, "not signed by kmsd's identity key"},
 		{"the chosen ciphertext (0, 1)", s, "he_linear", map[string]any{"ciphertext": chosen, "weights": [][]float64{{1, 0, 0}}}, "has no attestation"},
 		{"(0, 1) summed into an honest aggregate", s, "he_aggregate", map[string]any{"ciphertexts": []any{good, chosen}, "op": "sum"}, "has no attestation"},
-		{"key outside the token's patterns", otherSession, "he_polynomial", map[string]any{"ciphertext": good, "coefficients": []float64{0, 1, 1}}, `may not use key "he"`},
 		{"a key the server does not serve", s, "he_polynomial", map[string]any{"ciphertext": with("key", "he-x"), "coefficients": []float64{0, 1, 1}}, `does not serve key "he-x"`},
 		{"a version kmsd does not have enabled", s, "he_polynomial", map[string]any{"ciphertext": with("version", 9), "coefficients": []float64{0, 1, 1}}, "version 9 of key \"he\" is not enabled"},
 		{"another parameter id", s, "he_polynomial", map[string]any{"ciphertext": with("params_id", "sha256:"+strings.Repeat("0", 64)), "coefficients": []float64{0, 1, 1}}, "made under parameters"},
@@ -502,6 +502,11 @@ func TestRefusals(t *testing.T) {
 		if _, msg := call(t, c.s, c.tool, c.args); !strings.Contains(msg, c.want) {
 			t.Errorf("%s: tool error %q, want %q", c.name, msg, c.want)
 		}
+	}
+	// A key outside the token's patterns: 403 insufficient_scope before
+	// the tool runs (TestOAuthClientCredentials reads the challenge).
+	if _, err := otherSession.CallTool(context.Background(), &mcp.CallToolParams{Name: "he_polynomial", Arguments: map[string]any{"ciphertext": good, "coefficients": []float64{0, 1, 1}}}); err == nil || !strings.Contains(err.Error(), "Forbidden") {
+		t.Errorf("key outside the token's patterns: %v", err)
 	}
 	// Ciphertexts of two versions cannot be aggregated; a missing rotation is named.
 	nk := w.keysFor(t, "he-norot", 1)
@@ -760,6 +765,12 @@ func TestBadSettings(t *testing.T) {
 		{[]string{"--key", "k", "--identity-key-file", idFile}, nil, "no token"},
 		{[]string{"--key", "k", "--identity-key-file", idFile, "--token-file", "/nonexistent/token"}, nil, "--token-file"},
 		{[]string{"--key", "k", "--identity-key-file", idFile, "extra"}, nil, "unexpected argument"},
+		{[]string{"--key", "k", "--identity-key-file", idFile, "--allowed-origin", "https://a.example/path"}, nil, "--allowed-origin"},
+		{[]string{"--key", "k", "--identity-key-file", idFile}, map[string]string{"KMSD_MCP_ALLOWED_ORIGINS": "*"}, "--allowed-origin"},
+		{[]string{"--key", "k", "--identity-key-file", idFile, "--allowed-host", "nohostport"}, nil, "--allowed-host"},
+		{[]string{"--key", "k", "--identity-key-file", idFile, "--authorization-server", "http://kms.example:8420"}, nil, "--authorization-server"},
+		{[]string{"--key", "k", "--identity-key-file", idFile, "--authorization-server", "https://kms.example:8420/x"}, nil, "--authorization-server"},
+		{[]string{"--key", "k", "--identity-key-file", idFile, "--introspect-ttl", "10m"}, nil, "over 5m"},
 	} {
 		var stderr testutil.Buffer
 		err := run(context.Background(), c.args, func(k string) string { return c.env[k] }, nil, nil, &stderr, nil)
@@ -989,8 +1000,8 @@ func TestHTTPSOffLoopback(t *testing.T) {
 	}
 	json.NewDecoder(resp.Body).Decode(&meta)
 	resp.Body.Close()
-	// No authorization server is named until kmsd serves OAuth metadata.
-	if resp.StatusCode != 200 || meta.Resource != public || meta.AuthorizationServers != nil || len(meta.BearerMethods) != 1 || meta.BearerMethods[0] != "header" {
+	// kmsd is the authorization server, as it names itself.
+	if resp.StatusCode != 200 || meta.Resource != public || len(meta.AuthorizationServers) != 1 || meta.AuthorizationServers[0] != w.url || len(meta.BearerMethods) != 1 || meta.BearerMethods[0] != "header" {
 		t.Fatalf("metadata: %d %+v", resp.StatusCode, meta)
 	}
 	if resp.TLS == nil || resp.TLS.Version != tls.VersionTLS13 || resp.TLS.CurveID != tls.X25519MLKEM768 {
