@@ -2,6 +2,7 @@ package hemcp
 
 import (
 	"fmt"
+	"io"
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
@@ -168,5 +169,58 @@ func TestNewTokensLimitedPerAddress(t *testing.T) {
 	}
 	if code := call(fmt.Sprintf("kms_%016x_%s", 99, strings.Repeat("B", 43)), "198.51.100.7:5000"); code != http.StatusUnauthorized {
 		t.Errorf("another address: %d", code)
+	}
+}
+
+// TestKnownTokenNotLimited: a client whose token kmsd said is active is
+// asked about again when the answer ages out, without counting against
+// its address's limit for new tokens (the limit is for tokens nobody
+// vouched for; before, a busy client behind a proxy got 429s).
+func TestKnownTokenNotLimited(t *testing.T) {
+	good := "kms_00000000000000aa_" + strings.Repeat("G", 43)
+	var asked atomic.Int32
+	kmsd := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		asked.Add(1)
+		w.Header().Set("Content-Type", "application/json")
+		body, _ := io.ReadAll(r.Body)
+		if strings.Contains(string(body), good) {
+			w.Write([]byte(`{"active":true,"token_id":"00000000000000aa","role":"worker","keys":["*"]}`))
+			return
+		}
+		w.Write([]byte(`{"active":false}`))
+	}))
+	defer kmsd.Close()
+	kc, _ := client.New(kmsd.URL, "srv")
+	s := &Server{cfg: Config{Client: kc, Metrics: nopMetrics{}, IntrospectTTL: time.Millisecond, MaxRequestBytes: 1 << 20, IntrospectRate: 0.001, IntrospectBurst: 2, AllowUnbound: true},
+		log: slog.New(slog.DiscardHandler), intro: map[[32]byte]introEntry{}, served: map[string]*servedKey{}}
+	h := s.HTTPHandler()
+	call := func(tok string) int {
+		req := httptest.NewRequest(http.MethodPost, "/mcp", strings.NewReader(`{"jsonrpc":"2.0","id":1,"method":"ping"}`))
+		req.RemoteAddr = "192.0.2.1:5000"
+		req.Header.Set("Authorization", "Bearer "+tok)
+		req.Header.Set("Content-Type", "application/json")
+		req.Header.Set("Accept", "application/json, text/event-stream")
+		rr := httptest.NewRecorder()
+		h.ServeHTTP(rr, req)
+		return rr.Code
+	}
+	if code := call(good); code == http.StatusUnauthorized || code == http.StatusTooManyRequests {
+		t.Fatalf("an active token: %d", code)
+	}
+	if code := call("kms_00000000000000bb_" + strings.Repeat("B", 43)); code != http.StatusUnauthorized {
+		t.Fatalf("a bogus token: %d", code)
+	}
+	if code := call("kms_00000000000000cc_" + strings.Repeat("B", 43)); code != http.StatusTooManyRequests {
+		t.Fatalf("a new token past the limit: %d", code)
+	}
+	before := asked.Load()
+	for range 5 {
+		time.Sleep(2 * time.Millisecond) // the answer ages out
+		if code := call(good); code == http.StatusTooManyRequests || code == http.StatusUnauthorized {
+			t.Fatalf("the active token, its answer aged out, from the limited address: %d", code)
+		}
+	}
+	if n := asked.Load() - before; n != 5 {
+		t.Fatalf("kmsd asked %d times about the aged-out token, want 5 (each answer had aged out)", n)
 	}
 }

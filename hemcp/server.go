@@ -770,7 +770,7 @@ func (s *Server) HTTPHandler() http.Handler {
 			s.unauthorized(w, "invalid_token", "the token is not active in kmsd")
 			return
 		}
-		if !s.cachedToken(tok) && !s.allowSource(r.RemoteAddr) {
+		if !s.knownToken(tok) && !s.allowSource(r.RemoteAddr) {
 			w.Header().Set("Retry-After", "1")
 			http.Error(w, "too many new tokens from this address; retry later", http.StatusTooManyRequests)
 			return
@@ -896,14 +896,16 @@ func keysNamed(body []byte) []string {
 	return out
 }
 
-// cachedToken reports whether kmsd's answer about tok is in the cache (a
-// request that costs kmsd nothing).
-func (s *Server) cachedToken(tok string) bool {
+// knownToken reports whether tok is not new: kmsd's answer about it is in
+// the cache, or was and said it is active (a client whose answer aged
+// out is asked about again without counting against its address: the
+// limit is for tokens nobody vouched for).
+func (s *Server) knownToken(tok string) bool {
 	h := sha256.Sum256([]byte(tok))
 	s.introMu.Lock()
 	defer s.introMu.Unlock()
 	e, ok := s.intro[h]
-	return ok && time.Since(e.at) < s.cfg.IntrospectTTL
+	return ok && (time.Since(e.at) < s.cfg.IntrospectTTL || e.info.Active)
 }
 
 // allowSource takes one of the client address's introspections; at most

@@ -2,19 +2,24 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"encoding/base64"
 	"encoding/json"
 	"math/rand/v2"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/modelcontextprotocol/go-sdk/mcp"
 	"github.com/tuneinsight/lattigo/v6/core/rlwe"
 
+	"github.com/kmsd-project/kmsd/api/client"
 	"github.com/kmsd-project/kmsd/api/client/hekeys"
 	"github.com/kmsd-project/kmsd/hemcp"
+	"github.com/kmsd-project/kmsd/internal/tlsutil"
 )
 
 // benchWorld is kmsd with a ckks-logn14 key (rotations: powers of two),
@@ -127,4 +132,71 @@ func BenchmarkSimilarity1000x128(b *testing.B) {
 			}
 		}
 	})
+}
+
+// BenchmarkToolCallTransport: the cost of a tool call's transport and
+// authorization, with he_describe (no evaluation) and a degree-2
+// he_polynomial at ckks-logn13: over loopback HTTP with a plain token (as
+// before kmsd-mcp served TLS), over HTTPS (TLS 1.3, X25519MLKEM768) with an
+// audience-bound access token from kmsd's token endpoint and its
+// introspection cached (--introspect-ttl 10s), and the same with every
+// call introspected at kmsd (--introspect-ttl 1ns: the cache never
+// answers).
+func BenchmarkToolCallTransport(b *testing.B) {
+	w := newWorld(b)
+	w.heKey(b, "he", "ckks-logn13", 1<<12)
+	keys := w.keysFor(b, "he", 1)
+	x := envJSON(w.encrypt(b, keys, []float64{0.5, -0.25, 1}))
+	local, err := tlsutil.EnsureLocal(filepath.Join(b.TempDir(), "tls"), []string{"127.0.0.1"}, time.Now())
+	if err != nil {
+		b.Fatal(err)
+	}
+	pool, err := tlsutil.LoadPool(local.CA)
+	if err != nil {
+		b.Fatal(err)
+	}
+	httpsClient := &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}
+	plain := w.startHTTP(b, "--key", "he")
+	startTLS := func(ttl string) (string, string) {
+		u := strings.Replace(w.startHTTP(b, "--key", "he", "--tls-cert", local.Cert, "--tls-key", local.Key, "--allow-unbound-tokens=false", "--introspect-ttl", ttl), "http://", "https://", 1)
+		cl, err := w.adminc.CreateToken(context.Background(), client.CreateTokenRequest{Role: "worker", Keys: []string{"he"}, TTL: "1h"})
+		if err != nil {
+			b.Fatal(err)
+		}
+		st, out := w.accessToken(b, cl.ID, cl.Token, u, "")
+		if st != 200 {
+			b.Fatalf("access token: %d %v", st, out)
+		}
+		return u, out["access_token"].(string)
+	}
+	cachedURL, cachedTok := startTLS("10s")
+	uncachedURL, uncachedTok := startTLS("1ns")
+	for _, v := range []struct {
+		name, url, token string
+		rt               http.RoundTripper
+	}{
+		{"http-loopback", plain, w.token(b, "worker", "he"), http.DefaultTransport},
+		{"https-bound-cached", cachedURL, cachedTok, httpsClient},
+		{"https-bound-uncached", uncachedURL, uncachedTok, httpsClient},
+	} {
+		c := mcp.NewClient(&mcp.Implementation{Name: "bench", Version: "1"}, nil)
+		s, err := c.Connect(context.Background(), &mcp.StreamableClientTransport{Endpoint: v.url, HTTPClient: &http.Client{Transport: bearer{v.token, v.rt}}}, nil)
+		if err != nil {
+			b.Fatalf("%s: connect: %v", v.name, err)
+		}
+		for _, tc := range []struct {
+			tool string
+			args map[string]any
+		}{{"he_describe", map[string]any{}}, {"he_polynomial", map[string]any{"ciphertext": x, "coefficients": []float64{0, 1, 1}}}} {
+			b.Run(tc.tool+"/"+v.name, func(b *testing.B) {
+				for b.Loop() {
+					res, err := s.CallTool(context.Background(), &mcp.CallToolParams{Name: tc.tool, Arguments: tc.args})
+					if err != nil || res.IsError {
+						b.Fatalf("%v %+v", err, res)
+					}
+				}
+			})
+		}
+		s.Close()
+	}
 }
