@@ -505,11 +505,21 @@ func safe[In, Out any](s *Server, tool string, h mcp.ToolHandlerFor[In, Out]) mc
 			s.cfg.Metrics.ToolCall(tool, outcome, time.Since(start))
 			// One line per call, naming the agent's token by id (never
 			// the token, never an argument).
-			who := "stdio"
+			who, client := "stdio", ""
 			if req != nil && req.Extra != nil && req.Extra.TokenInfo != nil {
-				who = req.Extra.TokenInfo.UserID
+				who, _ = req.Extra.TokenInfo.Extra["token_id"].(string)
+				if who == "" {
+					who = req.Extra.TokenInfo.UserID
+				}
+				if u := req.Extra.TokenInfo.UserID; u != who {
+					client = u
+				}
 			}
-			s.log.Info("tool call", "tool", tool, "token_id", who, "outcome", outcome, "ms", time.Since(start).Milliseconds())
+			attrs := []any{"tool", tool, "token_id", who, "outcome", outcome, "ms", time.Since(start).Milliseconds()}
+			if client != "" {
+				attrs = append(attrs, "client_id", client)
+			}
+			s.log.Info("tool call", attrs...)
 		}()
 		return h(ctx, req, in)
 	}
@@ -727,8 +737,16 @@ func sortedKeys[V any](m map[string]V) []string {
 // introspected; everything else uses the server's own evaluator token.
 func (s *Server) HTTPHandler() http.Handler {
 	srv := s.MCPServer()
-	h := mcp.NewStreamableHTTPHandler(func(*http.Request) *mcp.Server { return srv }, &mcp.StreamableHTTPOptions{MaxRequestBodyBytes: s.cfg.MaxRequestBytes,
-		SessionTimeout: s.cfg.SessionTimeout, Stateless: s.cfg.Stateless})
+	opts := &mcp.StreamableHTTPOptions{MaxRequestBodyBytes: s.cfg.MaxRequestBytes, SessionTimeout: s.cfg.SessionTimeout, Stateless: s.cfg.Stateless}
+	if !s.cfg.Stateless {
+		// Resumable streams: each SSE stream starts with a priming event
+		// (its id, for Last-Event-ID) and the events are kept, at most
+		// eventStoreBytes for all sessions, the oldest dropped first.
+		es := mcp.NewMemoryEventStore(nil)
+		es.SetMaxBytes(eventStoreBytes)
+		opts.EventStore = es
+	}
+	h := mcp.NewStreamableHTTPHandler(func(*http.Request) *mcp.Server { return srv }, opts)
 	// The SDK's bearer check gets what this handler's verify found (one
 	// introspection, counted once, per request).
 	verified := func(ctx context.Context, token string, r *http.Request) (*auth.TokenInfo, error) {
@@ -790,10 +808,50 @@ func (s *Server) HTTPHandler() http.Handler {
 				return
 			}
 		}
-		withInfo.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), verifiedKey{}, ti)))
+		withInfo.ServeHTTP(&sseRetry{ResponseWriter: w}, r.WithContext(context.WithValue(r.Context(), verifiedKey{}, ti)))
 	}))
 	return mux
 }
+
+// eventStoreBytes bounds the events kept for resumption, all sessions
+// together.
+const eventStoreBytes = 32 << 20
+
+// sseRetryMillis is the reconnection delay a stream's priming event asks
+// of the client (the SSE retry field).
+const sseRetryMillis = "2000"
+
+// sseRetry adds the SSE retry field to a stream's priming event (the SDK
+// writes the event's name and id, not the retry field the MCP transport
+// spec says a server should send with it): the first write of an event
+// stream that is a priming event gets "retry: <ms>" before its data.
+type sseRetry struct {
+	http.ResponseWriter
+	done bool
+}
+
+func (w *sseRetry) Write(b []byte) (int, error) {
+	if w.done {
+		return w.ResponseWriter.Write(b)
+	}
+	w.done = true
+	if !strings.HasPrefix(w.Header().Get("Content-Type"), "text/event-stream") || !bytes.HasPrefix(b, []byte("event: prime\n")) || bytes.Contains(b, []byte("\nretry:")) {
+		return w.ResponseWriter.Write(b)
+	}
+	i := bytes.Index(b, []byte("data: "))
+	if i < 0 {
+		return w.ResponseWriter.Write(b)
+	}
+	out := make([]byte, 0, len(b)+32)
+	out = append(append(append(out, b[:i]...), "retry: "+sseRetryMillis+"\n"...), b[i:]...)
+	if _, err := w.ResponseWriter.Write(out); err != nil {
+		return 0, err
+	}
+	return len(b), nil
+}
+
+// Unwrap lets http.ResponseController reach the connection (flushes).
+func (w *sseRetry) Unwrap() http.ResponseWriter { return w.ResponseWriter }
 
 // originAllowed reports whether a browser's Origin may call: this
 // server's own origin, or one of Config.AllowedOrigins.
@@ -1088,7 +1146,14 @@ func (s *Server) verify(ctx context.Context, token string, _ *http.Request) (*au
 			return nil, auth.ErrInvalidToken
 		}
 	}
-	ti := &auth.TokenInfo{UserID: info.TokenID, Extra: map[string]any{"keys": info.Keys, "role": info.Role}}
+	// The user a session is bound to is the OAuth client for an access
+	// token (its next access token continues the session; another
+	// client's cannot), the token itself otherwise.
+	user := info.TokenID
+	if info.ClientID != "" {
+		user = info.ClientID
+	}
+	ti := &auth.TokenInfo{UserID: user, Extra: map[string]any{"keys": info.Keys, "role": info.Role, "token_id": info.TokenID}}
 	if info.Exp != 0 {
 		ti.Expiration = time.Unix(info.Exp, 0)
 	}

@@ -312,3 +312,100 @@ func TestStatelessBehindOneAddress(t *testing.T) {
 		}
 	}
 }
+
+// TestSessionFollowsClient: an MCP session is bound to the OAuth client,
+// not to one access token: the client's next access token (after the
+// first expires, every 15 minutes) continues it; another client's token,
+// or a plain token, cannot take it over.
+func TestSessionFollowsClient(t *testing.T) {
+	w := newWorld(t)
+	w.heKey(t, "he", "ckks-logn13", 1<<12)
+	mcpURL := w.startHTTP(t, "--key", "he", "--allow-unbound-tokens=false")
+	ctx := context.Background()
+	mk := func() (string, string) {
+		cl, err := w.adminc.CreateToken(ctx, client.CreateTokenRequest{Role: "worker", Keys: []string{"he"}, Audience: []string{mcpURL}, TTL: "1h"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return cl.ID, cl.Token
+	}
+	id, secret := mk()
+	tok := func(id, secret string) string {
+		st, out := w.accessToken(t, id, secret, "", "")
+		if st != 200 {
+			t.Fatalf("access token: %d %v", st, out)
+		}
+		return out["access_token"].(string)
+	}
+	first, second := tok(id, secret), tok(id, secret)
+	oid, osecret := mk()
+	other := tok(oid, osecret)
+	// A session made with the first access token.
+	init := `{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}`
+	req, _ := http.NewRequest("POST", mcpURL, strings.NewReader(init))
+	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set("Accept", "application/json, text/event-stream")
+	req.Header.Set("Authorization", "Bearer "+first)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	sid := resp.Header.Get("Mcp-Session-Id")
+	if resp.StatusCode != 200 || sid == "" {
+		t.Fatalf("initialize: %d %q", resp.StatusCode, sid)
+	}
+	ping := func(token string) int {
+		req, _ := http.NewRequest("POST", mcpURL, strings.NewReader(`{"jsonrpc":"2.0","id":2,"method":"ping"}`))
+		req.Header.Set("Content-Type", "application/json")
+		req.Header.Set("Accept", "application/json, text/event-stream")
+		req.Header.Set("Mcp-Session-Id", sid)
+		req.Header.Set("Mcp-Protocol-Version", "2025-06-18")
+		req.Header.Set("Authorization", "Bearer "+token)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	if st := ping(second); st != 200 {
+		t.Fatalf("the client's next access token on its session: %d", st)
+	}
+	if st := ping(other); st == 200 {
+		t.Fatal("another client's access token took over the session")
+	}
+}
+
+// TestSSEPrimingEvent: a stream of a client on the 2025-11-25 protocol
+// starts with a priming event that carries its id and the retry field
+// (reconnection delay), and the Go SDK client works against it.
+func TestSSEPrimingEvent(t *testing.T) {
+	w := newWorld(t)
+	w.heKey(t, "he", "ckks-logn13", 1<<12)
+	mcpURL := w.startHTTP(t, "--key", "he")
+	tok := w.token(t, "worker", "he")
+	req, _ := http.NewRequest("POST", mcpURL, strings.NewReader(`{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}`))
+	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set("Accept", "application/json, text/event-stream")
+	req.Header.Set("Authorization", "Bearer "+tok)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	first, _, _ := strings.Cut(string(body), "\n\n")
+	lines := strings.Split(first, "\n")
+	if resp.StatusCode != 200 || len(lines) != 4 || lines[0] != "event: prime" || !strings.HasPrefix(lines[1], "id: ") || lines[2] != "retry: 2000" || lines[3] != "data: " {
+		t.Fatalf("the stream's first event: %d %q", resp.StatusCode, first)
+	}
+	if !strings.Contains(string(body), `"result"`) {
+		t.Fatalf("no initialize result after the priming event: %q", body)
+	}
+	if _, msg := call(t, connectHTTP(t, mcpURL, tok), "he_describe", map[string]any{}); msg != "" {
+		t.Fatal(msg)
+	}
+}
