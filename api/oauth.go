@@ -4,9 +4,11 @@ import (
 	"encoding/base64"
 	"errors"
 	"io"
+	"math"
 	"mime"
 	"net/http"
 	"net/url"
+	"strconv"
 	"strings"
 	"time"
 
@@ -112,7 +114,7 @@ func (s *Server) oauthToken(w http.ResponseWriter, r *http.Request) {
 	for name, vs := range form {
 		switch {
 		case len(vs) > 1:
-			oauthError(w, r, kms.OAuthInvalidRequest, "a parameter is given more than once (RFC 6749 3.2): "+clipField(name, 40))
+			oauthError(w, r, kms.OAuthInvalidRequest, "a parameter is given more than once (RFC 6749 3.2; not shown)")
 			return
 		case name == "client_secret":
 			oauthError(w, r, kms.OAuthInvalidRequest, "give the client's credentials in the Authorization header (HTTP Basic, client_secret_basic), never in the body")
@@ -140,14 +142,30 @@ func (s *Server) oauthToken(w http.ResponseWriter, r *http.Request) {
 		ttl = kms.DefaultAccessTokenTTL
 	}
 	pending(r, http.StatusOK)
-	tok, t, p, err := s.call(r).IssueAccessToken(r.Context(), kms.AccessTokenRequest{ClientID: id, ClientSecret: secret, Resource: form.Get("resource"), Scope: form.Get("scope")}, ttl)
+	tok, t, p, err := s.call(r).IssueAccessToken(r.Context(), kms.AccessTokenRequest{ClientID: id, ClientSecret: secret, Resource: form.Get("resource"), Scope: form.Get("scope")}, ttl,
+		func(clientID string) error {
+			// Per client, once it authenticated: an access token is a
+			// record, and a client needs one per token lifetime.
+			if ok, wait := s.issue.allow(clientID); !ok {
+				return &retryAfter{wait}
+			}
+			return nil
+		})
 	if p != nil {
 		// The record's actor is the client, once it authenticated.
 		ev.tokenID, ev.principal = p.TokenID, p
 		pending(r, http.StatusOK)
 	}
 	var oe *kms.OAuthError
+	var ra *retryAfter
 	switch {
+	case errors.As(err, &ra):
+		w.Header().Set("Retry-After", strconv.Itoa(int(math.Ceil(ra.wait.Seconds()))))
+		if s.opts.Metrics != nil {
+			s.opts.Metrics.RateLimited("token")
+		}
+		writeProblem(w, r, http.StatusTooManyRequests, ProbRateLimited, "this client has asked for access tokens too often (one every 10 s, bursts of 10): reuse the one it has until it expires")
+		return
 	case errors.As(err, &oe):
 		oauthError(w, r, oe.Code, oe.Msg)
 		return
@@ -159,6 +177,19 @@ func (s *Server) oauthToken(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, client.AccessToken{AccessToken: tok, TokenType: "Bearer",
 		ExpiresIn: int64(t.ExpiresAt.Sub(t.CreatedAt) / time.Second), Scope: kms.Scope(t.Role, t.Keys)})
 }
+
+// Access tokens a client may obtain: one every issueEvery, bursts of
+// issueBurst (per kmsd process). With pruning, a client holds at most
+// about ttl/issueEvery + issueBurst token records.
+const (
+	issueEvery = 10 * time.Second
+	issueBurst = 10
+)
+
+// retryAfter is a refusal past the issuance limit.
+type retryAfter struct{ wait time.Duration }
+
+func (e *retryAfter) Error() string { return "too many access tokens" }
 
 // basicAuth reads client_secret_basic credentials: the id and secret are
 // form-encoded before base64 (RFC 6749 2.3.1).

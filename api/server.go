@@ -30,6 +30,7 @@ type Server struct {
 	blobs   blobChecks   // stored blobs checked against their digests
 	unauth  *rateLimiter // per source, for anonymous and failed-auth requests; nil: off
 	perTok  *rateLimiter // per token; nil: off
+	issue   *rateLimiter // access tokens per OAuth client
 	refused refusals
 }
 
@@ -112,6 +113,7 @@ func New(svc *kms.Service, log *slog.Logger, opts Options) *Server {
 	s := &Server{svc: svc, log: log, opts: opts}
 	s.unauth = newRateLimiter(opts.UnauthRate, opts.UnauthBurst, time.Now)
 	s.perTok = newRateLimiter(opts.TokenRate, int(math.Ceil(2*opts.TokenRate)), time.Now)
+	s.issue = newRateLimiter(float64(time.Second)/float64(issueEvery), issueBurst, time.Now)
 	s.refused.window = opts.RefusalWindow
 	return s
 }

@@ -109,7 +109,10 @@ func (s *Service) clientToken(ctx context.Context, id, secret string, now time.T
 // audit record (in c) is written with the token, naming it; the client's
 // principal is returned for the record's actor even on refusal, once the
 // client authenticated.
-func (c Call) IssueAccessToken(ctx context.Context, req AccessTokenRequest, ttl time.Duration) (string, *Token, *Principal, error) {
+//
+// allow, if set, is asked once the client authenticated (the caller's
+// rate limit per client); its error is returned as it is.
+func (c Call) IssueAccessToken(ctx context.Context, req AccessTokenRequest, ttl time.Duration, allow func(clientID string) error) (string, *Token, *Principal, error) {
 	s := c.Service
 	now := s.clock.Now()
 	cl, err := s.clientToken(ctx, req.ClientID, req.ClientSecret, now)
@@ -125,6 +128,11 @@ func (c Call) IssueAccessToken(ctx context.Context, req AccessTokenRequest, ttl 
 	}
 	if err != nil {
 		return "", nil, p, err
+	}
+	if allow != nil {
+		if err := allow(cl.ID); err != nil {
+			return "", nil, p, err
+		}
 	}
 	resource := req.Resource
 	switch {
@@ -165,17 +173,19 @@ func scopeKeys(cl *Token, scope string) ([]string, error) {
 	if len(scope) > MaxScopeLen {
 		return nil, oauthErr(OAuthInvalidScope, "the scope is too long")
 	}
+	// Read and count everything before any pattern is checked: a check
+	// costs a search over the client's patterns.
 	var keys []string
 	for _, sc := range strings.Fields(scope) {
 		if k, ok := strings.CutPrefix(sc, "key:"); ok {
-			if err := ValidatePatterns([]string{k}); err != nil {
-				return nil, oauthErr(OAuthInvalidScope, PublicMessage(err))
-			}
-			if ok, _ := PatternsContain(cl.Keys, k); !ok {
-				return nil, oauthErr(OAuthInvalidScope, "scope "+clip(sc, 60)+" reaches beyond this client's keys")
+			if !scopePattern(k) {
+				return nil, oauthErr(OAuthInvalidScope, "a key scope is key:NAME or key:PREFIX* (a key name, or a prefix of one and a final *); not shown")
 			}
 			if !slices.Contains(keys, k) {
 				keys = append(keys, k)
+			}
+			if len(keys) > 64 {
+				return nil, oauthErr(OAuthInvalidScope, "at most 64 key scopes")
 			}
 			continue
 		}
@@ -184,11 +194,77 @@ func scopeKeys(cl *Token, scope string) ([]string, error) {
 		}
 		return nil, oauthErr(OAuthInvalidScope, "unknown scope (not shown): scopes are worker, encryptor and key:<pattern>")
 	}
+	for _, k := range keys {
+		if ok, _ := PatternsContain(cl.Keys, k); !ok {
+			return nil, oauthErr(OAuthInvalidScope, "scope key:"+k+" reaches beyond this client's keys")
+		}
+	}
 	if len(keys) == 0 {
 		keys = cl.Keys
 	}
-	if len(keys) > 64 {
-		return nil, oauthErr(OAuthInvalidScope, "at most 64 key scopes")
-	}
 	return keys, nil
+}
+
+// scopePattern reports whether k is a key scope's pattern: a key name, or
+// a prefix of one followed by a single final "*" ("*" alone: every key).
+// Nothing else of the glob syntax: the patterns an access token holds are
+// searched at each introspection, so their cost is bounded here.
+func scopePattern(k string) bool {
+	prefix, star := strings.CutSuffix(k, "*")
+	if len(k) == 0 || len(k) > 64 {
+		return false
+	}
+	for i := 0; i < len(prefix); i++ {
+		c := prefix[i]
+		if !('a' <= c && c <= 'z' || '0' <= c && c <= '9' || (i > 0 && strings.IndexByte("._-", c) >= 0)) {
+			return false
+		}
+	}
+	return star || len(prefix) > 0
+}
+
+// AccessTokenRetention is how long an expired access token's record is
+// kept before PruneAccessTokens removes it (its audit records stay).
+const AccessTokenRetention = time.Hour
+
+// PruneAccessTokens removes the records of access tokens that expired
+// more than AccessTokenRetention ago, a transaction of at most 100 at a
+// time, each with an audit record naming the token. A client asking for a
+// token every few minutes would otherwise add tens of thousands of
+// records a year that every token listing reads. Other tokens are kept:
+// their records are the inventory of credentials an admin made.
+func (s *Service) PruneAccessTokens(ctx context.Context) (int, error) {
+	cutoff := s.clock.Now().Add(-AccessTokenRetention)
+	pruned, after := 0, ""
+	for {
+		batch, err := s.store.ListTokens(ctx, after, 500)
+		if err != nil {
+			return pruned, asUnavailable("store", err)
+		}
+		var ids []string
+		for _, t := range batch {
+			after = t.ID
+			if t.Client != "" && t.ExpiresAt != nil && t.ExpiresAt.Before(cutoff) {
+				ids = append(ids, t.ID)
+			}
+		}
+		for len(ids) > 0 {
+			n := min(len(ids), 100)
+			var recs []*AuditRecord
+			for _, id := range ids[:n] {
+				for _, r := range s.systemRecord("prune expired access token", "", 0) {
+					r.Token = id
+					recs = append(recs, r)
+				}
+			}
+			if err := s.store.DeleteTokens(ctx, ids[:n], recs); err != nil {
+				return pruned, asUnavailable("store", err)
+			}
+			pruned += n
+			ids = ids[n:]
+		}
+		if len(batch) < 500 {
+			return pruned, nil
+		}
+	}
 }

@@ -136,7 +136,7 @@ func step(toks []globToken, s nfaSet, c int) nfaSet {
 
 // maxContainStates bounds the search; past it the answer is "not shown to
 // be contained", which refuses (the safe side).
-const maxContainStates = 200000
+const maxContainStates = 20000
 
 // PatternsContain reports whether every key name matched by p is matched by
 // at least one of qs. A false answer comes with an example name p matches
@@ -156,11 +156,9 @@ func PatternsContain(qs []string, p string) (bool, string) {
 	for i := range qt {
 		start.qs = append(start.qs, closure(qt[i], nfaSet{}.with(0)))
 	}
-	seen := map[string]bool{}
-	queue := []state{start}
-	for len(queue) > 0 {
-		st := queue[0]
-		queue = queue[1:]
+	// A state is queued once (seen when queued, not when taken), so the
+	// queue never holds more than maxContainStates.
+	key := func(st state) string {
 		var kb strings.Builder
 		st.p.key(&kb)
 		for _, q := range st.qs {
@@ -168,16 +166,15 @@ func PatternsContain(qs []string, p string) (bool, string) {
 		}
 		// The empty name is not a key name: acceptance counts after one
 		// character at least.
+		kb.WriteByte(map[bool]byte{true: 1, false: 0}[st.name == ""])
+		return kb.String()
+	}
+	seen := map[string]bool{key(start): true}
+	queue := []state{start}
+	for len(queue) > 0 {
+		st := queue[0]
+		queue = queue[1:]
 		first := st.name == ""
-		kb.WriteByte(map[bool]byte{true: 1, false: 0}[first])
-		k := kb.String()
-		if seen[k] {
-			continue
-		}
-		seen[k] = true
-		if len(seen) > maxContainStates {
-			return false, ""
-		}
 		if !first && st.p.accepts(len(pt)) {
 			covered := false
 			for i, q := range st.qs {
@@ -203,6 +200,14 @@ func PatternsContain(qs []string, p string) (bool, string) {
 			next := state{p: np, qs: make([]nfaSet, len(qt)), name: st.name + string(alphabet[j])}
 			for i := range qt {
 				next.qs[i] = step(qt[i], st.qs[i], c)
+			}
+			k := key(next)
+			if seen[k] {
+				continue
+			}
+			seen[k] = true
+			if len(seen) > maxContainStates {
+				return false, ""
 			}
 			queue = append(queue, next)
 		}

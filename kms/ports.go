@@ -71,6 +71,9 @@ type Store interface {
 	// and the audit records fn returns in one transaction if fn returns no
 	// error; ErrNotFound if absent.
 	UpdateToken(ctx context.Context, id string, fn func(t *Token) ([]*AuditRecord, error)) error
+	// DeleteTokens removes the tokens named (those that still exist) and
+	// stores the audit records, in one transaction.
+	DeleteTokens(ctx context.Context, ids []string, audit []*AuditRecord) error
 	// RecordTokenUse sets LastUsedAt of the tokens named (those that still
 	// exist) to the given times when later than what is stored, in one
 	// transaction.

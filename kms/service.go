@@ -688,8 +688,24 @@ func (s *Service) systemRecord(op, key string, version uint64) []*AuditRecord {
 // RunDestruction calls DestroyDue every interval until ctx ends: the part
 // of the maintenance one replica does for all (while it leads).
 func (s *Service) RunDestruction(ctx context.Context, interval time.Duration) {
-	s.every(ctx, interval, s.destroyDue)
+	var lastPrune time.Time
+	s.every(ctx, interval, s.destroyDue, func(ctx context.Context) {
+		// Expired access tokens, every pruneEvery at most (it reads
+		// every token record).
+		if now := s.clock.Now(); now.Sub(lastPrune) >= pruneEvery || now.Before(lastPrune) {
+			lastPrune = now
+			if n, err := s.PruneAccessTokens(ctx); err != nil && ctx.Err() == nil {
+				s.log.Error("pruning expired access tokens", "err", err)
+			} else if n > 0 {
+				s.log.Info("pruned expired access tokens", "count", n)
+			}
+		}
+	})
 }
+
+// pruneEvery is how often the replica that leads destruction prunes
+// expired access tokens.
+const pruneEvery = 10 * time.Minute
 
 // RunTokenUseFlush calls FlushTokenUse every interval until ctx ends: the
 // part every replica does for the uses it saw.

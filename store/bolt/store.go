@@ -710,6 +710,26 @@ func (s *Store) UpdateToken(ctx context.Context, id string, fn func(t *kms.Token
 	return err
 }
 
+// DeleteTokens implements kms.Store.
+func (s *Store) DeleteTokens(ctx context.Context, ids []string, audit []*kms.AuditRecord) error {
+	err := s.update(func(r *rtx) error {
+		for _, id := range ids {
+			if err := r.del(bucketTokens, []byte(id)); err != nil {
+				return err
+			}
+		}
+		return s.appendAudit(ctx, r, audit, false)
+	})
+	if err == nil {
+		chs := make([]kms.Change, len(ids))
+		for i, id := range ids {
+			chs[i] = kms.Change{Token: id}
+		}
+		s.changed(chs)
+	}
+	return err
+}
+
 // RecordTokenUse implements kms.Store.
 func (s *Store) RecordTokenUse(ctx context.Context, used map[string]time.Time) error {
 	var chs []kms.Change

@@ -773,6 +773,30 @@ func (s *Store) RecordTokenUse(ctx context.Context, used map[string]time.Time) e
 	})
 }
 
+// DeleteTokens implements kms.Store: each token read is compared
+// unchanged at the commit.
+func (s *Store) DeleteTokens(ctx context.Context, ids []string, audit []*kms.AuditRecord) error {
+	return s.retry("delete tokens", func() ([]kms.Change, error) {
+		w := s.wtx()
+		var chs []kms.Change
+		for _, id := range ids {
+			resp, err := s.get(ctx, s.tokenK(id))
+			if err != nil {
+				return nil, err
+			}
+			if len(resp.Kvs) == 0 {
+				continue
+			}
+			w.cmps = append(w.cmps, clientv3.Compare(clientv3.ModRevision(s.tokenK(id)), "=", resp.Kvs[0].ModRevision))
+			if err := w.del(s.tokenK(id), resp.Kvs[0].Value); err != nil {
+				return nil, err
+			}
+			chs = append(chs, kms.Change{Token: id})
+		}
+		return chs, s.commit(ctx, w, audit)
+	})
+}
+
 // BlobOwner implements kms.Store.
 func (s *Store) BlobOwner(ctx context.Context, digest string) (string, error) {
 	resp, err := s.get(ctx, s.blobK(digest))
