@@ -109,12 +109,12 @@ func TestIntrospectionBounds(t *testing.T) {
 	// A full cache keeps the answers it has but its oldest.
 	s.intro = map[[32]byte]introEntry{}
 	first := [32]byte{1}
-	s.remember(first, &client.Introspection{})
+	s.remember(first, &client.Introspection{}, time.Now())
 	for i := range maxIntro - 1 {
-		s.remember([32]byte{2, byte(i), byte(i >> 8)}, &client.Introspection{})
+		s.remember([32]byte{2, byte(i), byte(i >> 8)}, &client.Introspection{}, time.Now())
 	}
 	hot := [32]byte{3}
-	s.remember(hot, &client.Introspection{})
+	s.remember(hot, &client.Introspection{}, time.Now())
 	if _, ok := s.intro[hot]; !ok || len(s.intro) != maxIntro {
 		t.Fatalf("after %d answers the cache holds %d, the newest: %v", maxIntro+1, len(s.intro), ok)
 	}

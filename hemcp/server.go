@@ -282,7 +282,7 @@ func (s *Server) engine(ctx context.Context, env *client.Envelope, check func() 
 	s.mu.RUnlock()
 	switch {
 	case !ok:
-		return nil, fmt.Errorf("this server does not serve key %q (it serves %s)", name, strings.Join(s.cfg.Keys, ", "))
+		return nil, fmt.Errorf("this server does not serve key %q (he_describe lists the keys it serves that your token may use)", name)
 	case eng != nil:
 		if eng.Keys.Manifest.ParamsID != env.ParamsID {
 			return nil, otherParams(env, eng.Keys.Manifest.ParamsID)
@@ -536,6 +536,24 @@ func (s *Server) MCPServer() *mcp.Server {
 	mcp.AddTool(srv, &mcp.Tool{Name: "he_polynomial", Description: "c0 + c1·x + ... + cd·x^d on every slot (d levels; the relinearization key for d >= 2). Example (degree 2): {\"ciphertext\": ENVELOPE, \"coefficients\": [0.5, 0.197, -0.05]}. " + toolHelp}, safe(s, "he_polynomial", s.polynomial))
 	mcp.AddTool(srv, &mcp.Tool{Name: "he_aggregate", Description: "Sum or mean of ciphertexts from several parties under the same key version. Example: {\"ciphertexts\": [ENVELOPE, ENVELOPE], \"op\": \"mean\"}. " + toolHelp}, safe(s, "he_aggregate", s.aggregate))
 	mcp.AddTool(srv, &mcp.Tool{Name: "he_similarity", Description: "Dot products of an encrypted query embedding with the plaintext context embeddings the server holds (private retrieval: the server learns nothing of the query); slot i is item i. Example: {\"ciphertext\": ENVELOPE, \"context\": \"docs\"}. " + toolHelp}, safe(s, "he_similarity", s.similarity))
+	// A client sees only the manifests of the keys its token may use
+	// (he_describe likewise lists only those).
+	srv.AddReceivingMiddleware(func(next mcp.MethodHandler) mcp.MethodHandler {
+		return func(ctx context.Context, method string, req mcp.Request) (mcp.Result, error) {
+			res, err := next(ctx, method, req)
+			if lr, ok := res.(*mcp.ListResourcesResult); ok && err == nil && method == "resources/list" {
+				kept := lr.Resources[:0:0]
+				for _, r := range lr.Resources {
+					k := strings.TrimSuffix(strings.TrimPrefix(r.URI, "kmsd://keys/"), "/manifest")
+					if allowedExtra(req.GetExtra(), k) == nil {
+						kept = append(kept, r)
+					}
+				}
+				lr.Resources = kept
+			}
+			return res, err
+		}
+	})
 	for _, name := range s.cfg.Keys {
 		name := name
 		srv.AddResource(&mcp.Resource{URI: "kmsd://keys/" + name + "/manifest", Name: name + " manifest", MIMEType: "application/json",
@@ -894,7 +912,12 @@ func (s *Server) checkScope(w http.ResponseWriter, r *http.Request, ti *auth.Tok
 		return r, false
 	}
 	r.Body = io.NopCloser(bytes.NewReader(body))
-	for _, k := range keysNamed(body) {
+	names, ok := keysNamed(body)
+	if !ok {
+		http.Error(w, "the message has a member named twice: refused (its reading would depend on the reader)", http.StatusBadRequest)
+		return r, false
+	}
+	for _, k := range names {
 		if wire.ValidateName(k) == nil && slices.Contains(s.cfg.Keys, k) && !wire.MayUse(patterns, k) {
 			role, _ := ti.Extra["role"].(string)
 			ch := `Bearer realm="kmsd-mcp", error="insufficient_scope", scope="` + role + ` key:` + k + `"`
@@ -910,48 +933,88 @@ func (s *Server) checkScope(w http.ResponseWriter, r *http.Request, ti *auth.Tok
 }
 
 // keysNamed lists the keys a JSON-RPC message (or batch) names: the
-// envelopes' keys of a tools/call, the key of a resources/read. Anything
-// it cannot read names none (the SDK answers it).
-func keysNamed(body []byte) []string {
-	type envKey struct {
-		Key string `json:"key"`
-	}
-	type msg struct {
-		Method string `json:"method"`
-		Params struct {
-			URI       string `json:"uri"`
-			Arguments struct {
-				Ciphertext  *envKey  `json:"ciphertext"`
-				Ciphertexts []envKey `json:"ciphertexts"`
-			} `json:"arguments"`
-		} `json:"params"`
-	}
-	var msgs []msg
-	if b := bytes.TrimSpace(body); len(b) > 0 && b[0] == '[' {
-		_ = json.Unmarshal(b, &msgs)
-	} else {
-		var m msg
-		if json.Unmarshal(b, &m) == nil {
-			msgs = []msg{m}
+// envelopes' keys of a tools/call, the key of a resources/read. Member
+// names match exactly, as the SDK's decoder matches them (encoding/json's
+// structs would also take "Method" or a Kelvin sign for k, and read
+// something else than the SDK does); a member named twice anywhere on the
+// way is not ok. Anything else it cannot read names none (the SDK
+// answers it).
+func keysNamed(body []byte) ([]string, bool) {
+	b := bytes.TrimSpace(body)
+	var msgs []json.RawMessage
+	if len(b) > 0 && b[0] == '[' {
+		if json.Unmarshal(b, &msgs) != nil {
+			return nil, true
 		}
+	} else {
+		msgs = []json.RawMessage{b}
 	}
 	var out []string
-	for _, m := range msgs {
-		switch m.Method {
+	for _, raw := range msgs {
+		m, ok := members(raw)
+		if !ok {
+			return nil, false
+		}
+		var method string
+		_ = json.Unmarshal(m["method"], &method)
+		params, ok := members(m["params"])
+		if !ok {
+			return nil, false
+		}
+		switch method {
 		case "tools/call":
-			if c := m.Params.Arguments.Ciphertext; c != nil {
-				out = append(out, c.Key)
+			args, ok := members(params["arguments"])
+			if !ok {
+				return nil, false
 			}
-			for _, c := range m.Params.Arguments.Ciphertexts {
-				out = append(out, c.Key)
+			envs := []json.RawMessage{args["ciphertext"]}
+			var list []json.RawMessage
+			_ = json.Unmarshal(args["ciphertexts"], &list)
+			for _, env := range append(envs, list...) {
+				em, ok := members(env)
+				if !ok {
+					return nil, false
+				}
+				var k string
+				if json.Unmarshal(em["key"], &k) == nil && k != "" {
+					out = append(out, k)
+				}
 			}
 		case "resources/read":
-			if k, ok := strings.CutPrefix(m.Params.URI, "kmsd://keys/"); ok {
+			var uri string
+			_ = json.Unmarshal(params["uri"], &uri)
+			if k, ok := strings.CutPrefix(uri, "kmsd://keys/"); ok {
 				out = append(out, strings.TrimSuffix(k, "/manifest"))
 			}
 		}
 	}
-	return out
+	return out, true
+}
+
+// members reads a JSON object's members by their exact names; not ok if a
+// name comes twice. Anything but an object has none.
+func members(raw json.RawMessage) (map[string]json.RawMessage, bool) {
+	out := map[string]json.RawMessage{}
+	dec := json.NewDecoder(bytes.NewReader(raw))
+	if t, err := dec.Token(); err != nil || t != json.Delim('{') {
+		return out, true
+	}
+	for dec.More() {
+		t, err := dec.Token()
+		if err != nil {
+			return out, true
+		}
+		name, _ := t.(string)
+		var v json.RawMessage
+		if err := dec.Decode(&v); err != nil {
+			return out, true
+		}
+		if _, dup := out[name]; dup {
+			return nil, false
+		}
+		out[name] = v
+	}
+	return out, true
 }
 
 // knownToken reports whether tok is not new: kmsd's answer about it is in
@@ -971,35 +1034,58 @@ func (s *Server) knownToken(tok string) bool {
 // and if none is, all: a flood from many addresses resets the limits
 // rather than growing memory).
 func (s *Server) allowSource(remote string) bool {
-	host, _, err := net.SplitHostPort(remote)
-	if err != nil {
-		host = remote
-	}
+	src := sourceKey(remote)
 	s.srcMu.Lock()
 	defer s.srcMu.Unlock()
 	if s.sources == nil {
 		s.sources = map[string]*rate.Limiter{}
 	}
-	l, ok := s.sources[host]
+	r, b := s.cfg.IntrospectRate, s.cfg.IntrospectBurst
+	if r <= 0 || b <= 0 {
+		r, b = 5, 20 // New's defaults
+	}
+	l, ok := s.sources[src]
 	if !ok {
 		if len(s.sources) >= maxIntro {
 			for k, v := range s.sources {
-				if v.Tokens() >= float64(v.Burst()) {
+				if k != overflowSource && v.Tokens() >= float64(v.Burst()) {
 					delete(s.sources, k)
 				}
 			}
-			if len(s.sources) >= maxIntro {
-				clear(s.sources)
+		}
+		if len(s.sources) >= maxIntro {
+			// Full of busy addresses: newcomers share one bucket (never
+			// a reset of everyone's: that would let a flood from many
+			// addresses free the limited ones).
+			src = overflowSource
+			if l = s.sources[src]; l == nil {
+				l = rate.NewLimiter(rate.Limit(r), b)
+				s.sources[src] = l
 			}
+		} else {
+			l = rate.NewLimiter(rate.Limit(r), b)
+			s.sources[src] = l
 		}
-		r, b := s.cfg.IntrospectRate, s.cfg.IntrospectBurst
-		if r <= 0 || b <= 0 {
-			r, b = 5, 20 // New's defaults
-		}
-		l = rate.NewLimiter(rate.Limit(r), b)
-		s.sources[host] = l
 	}
 	return l.Allow()
+}
+
+// overflowSource is the bucket shared by new addresses while the table is
+// full.
+const overflowSource = "overflow"
+
+// sourceKey is the limit's key for a client address: the IPv4 address,
+// or the IPv6 /64 (one host holds a whole /64).
+func sourceKey(remote string) string {
+	host, _, err := net.SplitHostPort(remote)
+	if err != nil {
+		host = remote
+	}
+	ip := net.ParseIP(host)
+	if ip == nil || ip.To4() != nil {
+		return host
+	}
+	return ip.Mask(net.CIDRMask(64, 128)).String() + "/64"
 }
 
 // verifiedKey carries the TokenInfo HTTPHandler's verify made.
@@ -1079,7 +1165,7 @@ const maxIntro = 4096
 // the expired answers, and if none has expired the oldest one (never the
 // whole cache: clients presenting ever new tokens must not flush the
 // answers about the others).
-func (s *Server) remember(h [32]byte, info *client.Introspection) {
+func (s *Server) remember(h [32]byte, info *client.Introspection, at time.Time) {
 	s.introMu.Lock()
 	defer s.introMu.Unlock()
 	if len(s.intro) >= maxIntro {
@@ -1096,8 +1182,12 @@ func (s *Server) remember(h [32]byte, info *client.Introspection) {
 			delete(s.intro, oldest)
 		}
 	}
-	s.intro[h] = introEntry{info: info, at: time.Now()}
+	s.intro[h] = introEntry{info: info, at: at}
 }
+
+// errSlowIntrospection: kmsd's answer about a token came later than the
+// introspection TTL after it was asked (a 503: the client retries).
+var errSlowIntrospection = errors.New("kmsd answered too slowly about the token")
 
 // verify introspects a client's token with kmsd (answers kept
 // IntrospectTTL, keyed by the token's hash) and makes the SDK's TokenInfo.
@@ -1115,18 +1205,30 @@ func (s *Server) verify(ctx context.Context, token string, _ *http.Request) (*au
 	s.cfg.Metrics.Introspection(cached)
 	if !cached {
 		// One question to kmsd for the requests presenting one token at
-		// once; its answer (inactive ones too) is kept IntrospectTTL.
+		// once; its answer (inactive ones too) is kept IntrospectTTL from
+		// when it was asked, not from when it came: an answer that took
+		// longer than that is used by nobody (a slow answer must not
+		// stretch the revocation bound).
 		v, err, _ := s.introFlight.Do(string(h[:]), func() (any, error) {
+			asked := time.Now()
 			i, err := s.cfg.Client.IntrospectToken(context.WithoutCancel(ctx), token)
-			if err == nil {
-				s.remember(h, i)
+			if err != nil {
+				return nil, err
 			}
-			return i, err
+			e := introEntry{info: i, at: asked}
+			if time.Since(asked) < s.cfg.IntrospectTTL {
+				s.remember(h, i, asked)
+			}
+			return e, nil
 		})
 		if err != nil {
 			return nil, err
 		}
-		info = v.(*client.Introspection)
+		e := v.(introEntry)
+		if time.Since(e.at) >= s.cfg.IntrospectTTL {
+			return nil, errSlowIntrospection
+		}
+		info = e.info
 	}
 	if !info.Active || (info.Exp != 0 && time.Unix(info.Exp, 0).Before(time.Now())) {
 		return nil, auth.ErrInvalidToken
