@@ -193,27 +193,38 @@ func Generate(ctx context.Context, p *Params, sk *rlwe.SecretKey, spec KeySpec, 
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			prng, err := newUniformPRNG()
+			kgen, err := newKeyGen(rp, sk) // not safe for concurrent use: one each
 			if err != nil {
-				fail(fmt.Errorf("uniform prng: %w", err))
+				fail(fmt.Errorf("key generator: %w", err))
 				for range ch {
 				}
 				return
 			}
-			kgen := newKeyGenerator(rp, prng) // not safe for concurrent use: one each
-			gk := rlwe.NewGaloisKey(rp)       // reused: one Galois key in memory per worker
+			gk := rlwe.NewGaloisKey(rp) // reused: one Galois key in memory per worker
 			for j := range ch {
+				// Each key's a halves from its own fresh seed.
+				seed, err := newASeed()
+				if err != nil {
+					fail(fmt.Errorf("seed: %w", err))
+					continue
+				}
 				var writeTo func(io.Writer) error
 				switch j.kind {
 				case "public":
-					k := kgen.GenPublicKeyNew(sk)
+					k, kerr := kgen.publicKey(seed)
+					err = kerr
 					writeTo = func(w io.Writer) error { _, err := k.WriteTo(w); return err }
 				case "relinearization":
-					k := kgen.GenRelinearizationKeyNew(sk)
+					k, kerr := kgen.relinearizationKey(seed)
+					err = kerr
 					writeTo = func(w io.Writer) error { _, err := k.WriteTo(w); return err }
 				case "galois":
-					kgen.GenGaloisKey(j.gal, sk, gk)
+					_, err = kgen.galoisKey(j.gal, seed, gk)
 					writeTo = func(w io.Writer) error { _, err := gk.WriteTo(w); return err }
+				}
+				if err != nil {
+					fail(fmt.Errorf("generate %s key: %w", j.kind, err))
+					continue
 				}
 				pb, err := store.Stage(writeTo)
 				if err != nil {
