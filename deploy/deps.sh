@@ -162,3 +162,12 @@ kmsd_lint_spec() {
 kmsd_mcp_inspector() {
   ( cd deploy/mcp-inspector && npm ci --no-audit --no-fund --loglevel=error >/dev/null )
 }
+
+# kmsd_mcp_conformance: the official MCP conformance suite
+# (@modelcontextprotocol/conformance) for the kmsd-mcp test
+# (TestConformance), and the Node.js 22 it needs, both from the npm
+# registry (pinned by deploy/mcp-conformance's lockfile; the Node build is
+# for x86_64 Linux).
+kmsd_mcp_conformance() {
+  ( cd deploy/mcp-conformance && npm ci --no-audit --no-fund --loglevel=error >/dev/null )
+}

@@ -3,8 +3,9 @@
 # packages against a real SoftHSM2 token, bbolt files, etcd clusters and an
 # S3-compatible server (versitygw) started on loopback and kmsd over HTTPS
 # on 127.0.0.1, README.md's command blocks as
-# written, the MCP Inspector, and Redocly's lint of openapi.yaml. Installs
-# what it needs first (deploy/deps.sh).
+# written, the MCP Inspector, the MCP conformance suite (against kmsd-mcp
+# and kmsd), and Redocly's lint of openapi.yaml. Installs what it needs
+# first (deploy/deps.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . deploy/deps.sh
@@ -18,4 +19,5 @@ fi
 go vet ./...
 kmsd_lint_spec
 kmsd_mcp_inspector
+kmsd_mcp_conformance
 go test -race -count=1 -timeout 20m ./...
