@@ -530,6 +530,11 @@ func safe[In, Out any](s *Server, tool string, h mcp.ToolHandlerFor[In, Out]) mc
 func (s *Server) MCPServer() *mcp.Server {
 	srv := mcp.NewServer(&mcp.Implementation{Name: "kmsd-mcp", Version: "1.0.0"}, &mcp.ServerOptions{
 		Instructions: "Computes on CKKS ciphertexts under keys held in kmsd; never sees a plaintext. " + toolHelp,
+		// What kmsd-mcp offers, declared: its tools and resources are
+		// fixed at start (no list_changed), it has no prompts (the SDK
+		// answers prompts/list anyway: an empty prompts capability says
+		// so), and logging, the SDK's default.
+		Capabilities: &mcp.ServerCapabilities{Logging: &mcp.LoggingCapabilities{}, Tools: &mcp.ToolCapabilities{}, Resources: &mcp.ResourceCapabilities{}, Prompts: &mcp.PromptCapabilities{}},
 	})
 	mcp.AddTool(srv, &mcp.Tool{Name: "he_describe", Description: "The keys served: versions, parameter ids, slots, scale, levels, the rotations available, and what each tool needs. Example: {}"}, safe(s, "he_describe", s.describe))
 	mcp.AddTool(srv, &mcp.Tool{Name: "he_linear", Description: "y = W·x + b for an encrypted vector x and plaintext W (m rows of n) and b; y is in the first m slots. Needs rotations by powers of two (or the exact ones it names). Example: {\"ciphertext\": ENVELOPE, \"weights\": [[0.5, -1, 2]], \"bias\": [0.1]} or {\"ciphertext\": ENVELOPE, \"model\": \"risk\"}. " + toolHelp}, safe(s, "he_linear", s.linear))
