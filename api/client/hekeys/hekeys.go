@@ -19,6 +19,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/cloudflare/circl/sign/mldsa/mldsa65"
 	"github.com/tuneinsight/lattigo/v6/core/rlwe"
@@ -63,7 +64,20 @@ type Fetcher struct {
 	// the cache) with the bytes done and the total of the version's blobs.
 	// A Fetcher may be used by several goroutines at once.
 	Progress func(done, total int64)
+	// StallTimeout fails a request to kmsd that makes no progress for
+	// this long: no response headers, or no byte of the body (a blob
+	// download then resumes where it stopped on the next fetch). Zero:
+	// DefaultStallTimeout; negative: none (the context alone bounds the
+	// fetch).
+	StallTimeout time.Duration
 }
+
+// DefaultStallTimeout is a Fetcher's StallTimeout when it sets none.
+const DefaultStallTimeout = 30 * time.Second
+
+// ErrStalled is the class of a request to kmsd that stopped making
+// progress for the Fetcher's StallTimeout.
+var ErrStalled = errors.New("hekeys: the request to kmsd stalled")
 
 // progress counts one Fetch's or Download's bytes.
 type progress struct {
@@ -93,9 +107,25 @@ func verifyErr(format string, args ...any) error {
 	return fmt.Errorf("%w: %s", ErrVerify, fmt.Sprintf(format, args...))
 }
 
+// get sends a GET to kmsd. Unless StallTimeout is negative, a watchdog
+// cancels the request when it makes no progress for StallTimeout: from
+// the start until the response headers, then between reads of the body
+// that return bytes; the error is then ErrStalled.
 func (f *Fetcher) get(ctx context.Context, path string, hdr map[string]string) (*http.Response, error) {
+	stall := f.StallTimeout
+	if stall == 0 {
+		stall = DefaultStallTimeout
+	}
+	var wd *watchdog
+	if stall > 0 {
+		var cancel context.CancelCauseFunc
+		ctx, cancel = context.WithCancelCause(ctx)
+		wd = &watchdog{ctx: ctx, cancel: cancel, d: stall, err: fmt.Errorf("%w: no byte from kmsd for %s (GET %s)", ErrStalled, stall, path)}
+		wd.t = time.AfterFunc(stall, func() { cancel(wd.err) })
+	}
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, strings.TrimRight(f.BaseURL, "/")+path, nil)
 	if err != nil {
+		wd.stop()
 		return nil, err
 	}
 	req.Header.Set("Authorization", "Bearer "+f.Token)
@@ -106,7 +136,63 @@ func (f *Fetcher) get(ctx context.Context, path string, hdr map[string]string) (
 	if hc == nil {
 		hc = http.DefaultClient
 	}
-	return hc.Do(req)
+	resp, err := hc.Do(req)
+	if err != nil {
+		err = wd.cause(err)
+		wd.stop()
+		return nil, err
+	}
+	if wd != nil {
+		wd.t.Reset(stall)
+		resp.Body = &watchedBody{ReadCloser: resp.Body, wd: wd}
+	}
+	return resp, nil
+}
+
+// watchdog cancels a request that makes no progress for d.
+type watchdog struct {
+	ctx    context.Context
+	cancel context.CancelCauseFunc
+	t      *time.Timer
+	d      time.Duration
+	err    error // the cause it cancels with
+}
+
+func (w *watchdog) stop() {
+	if w != nil {
+		w.t.Stop()
+		w.cancel(nil)
+	}
+}
+
+// cause is err, or the watchdog's error if it fired.
+func (w *watchdog) cause(err error) error {
+	if w != nil && errors.Is(context.Cause(w.ctx), ErrStalled) {
+		return w.err
+	}
+	return err
+}
+
+// watchedBody resets its watchdog on every read that returns bytes.
+type watchedBody struct {
+	io.ReadCloser
+	wd *watchdog
+}
+
+func (b *watchedBody) Read(p []byte) (int, error) {
+	n, err := b.ReadCloser.Read(p)
+	if n > 0 {
+		b.wd.t.Reset(b.wd.d)
+	}
+	if err != nil && err != io.EOF {
+		err = b.wd.cause(err)
+	}
+	return n, err
+}
+
+func (b *watchedBody) Close() error {
+	b.wd.stop()
+	return b.ReadCloser.Close()
 }
 
 func (f *Fetcher) getAll(ctx context.Context, path string) ([]byte, error) {
