@@ -420,13 +420,16 @@ func (f *Fetcher) blob(ctx context.Context, digest string, size int64, pr *progr
 		if err != nil {
 			return nil, err
 		}
+		var b []byte
+		if resp.StatusCode != http.StatusNotModified && resp.StatusCode != http.StatusOK {
+			b, _ = io.ReadAll(io.LimitReader(resp.Body, 64<<10))
+		}
 		resp.Body.Close()
 		if resp.StatusCode == http.StatusNotModified {
 			pr.advance(size)
 			return data, nil
 		}
 		if resp.StatusCode != http.StatusOK {
-			b, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
 			return nil, client.ProblemError(resp.StatusCode, b)
 		}
 	}
@@ -499,33 +502,64 @@ func matches(data []byte, h string, size int64) bool {
 	return int64(len(data)) == size && hex.EncodeToString(sum[:]) == h
 }
 
-// blobLocks are this process's locks of blobs being downloaded, by path.
-var blobLocks sync.Map // string -> chan struct{} (a one-slot semaphore)
+// blobLocks are this process's locks of blobs being downloaded, by path:
+// an entry lives while some call holds or waits for it, so that the map
+// does not grow with every blob ever fetched (a long-running server sees
+// a new keyset at every rotation).
+var blobLocks struct {
+	sync.Mutex
+	m map[string]*blobLock
+}
+
+type blobLock struct {
+	sem  chan struct{} // a one-slot semaphore
+	refs int           // calls holding or waiting for it
+}
 
 // lockBlob takes the lock of the blob at final: a semaphore of this
 // process (so that ctx ends the wait), then an exclusive file lock on the
 // cache dir itself (another process sharing it; no lock file is left in
 // the dir, which may be a user's output dir). unlock releases both.
 func lockBlob(ctx context.Context, final string) (unlock func(), err error) {
-	v, _ := blobLocks.LoadOrStore(final, make(chan struct{}, 1))
-	sem := v.(chan struct{})
+	blobLocks.Lock()
+	if blobLocks.m == nil {
+		blobLocks.m = map[string]*blobLock{}
+	}
+	l := blobLocks.m[final]
+	if l == nil {
+		l = &blobLock{sem: make(chan struct{}, 1)}
+		blobLocks.m[final] = l
+	}
+	l.refs++
+	blobLocks.Unlock()
+	release := func() {
+		blobLocks.Lock()
+		if l.refs--; l.refs == 0 {
+			delete(blobLocks.m, final)
+		}
+		blobLocks.Unlock()
+	}
 	select {
-	case sem <- struct{}{}:
+	case l.sem <- struct{}{}:
 	case <-ctx.Done():
+		release()
 		return nil, ctx.Err()
 	}
 	lf, err := os.Open(filepath.Dir(final))
 	if err != nil {
-		<-sem
+		<-l.sem
+		release()
 		return nil, err
 	}
 	if err := flock(ctx, lf); err != nil {
 		lf.Close()
-		<-sem
+		<-l.sem
+		release()
 		return nil, err
 	}
 	return func() {
 		lf.Close() // releases the file lock
-		<-sem
+		<-l.sem
+		release()
 	}, nil
 }

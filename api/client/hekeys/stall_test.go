@@ -184,3 +184,53 @@ func TestSlowDownloadIsNotAStall(t *testing.T) {
 		t.Fatalf("took %s: the test does not show a download longer than StallTimeout", d)
 	}
 }
+
+// heldBlobLocks is how many blob locks this process keeps.
+func heldBlobLocks() int {
+	blobLocks.Lock()
+	defer blobLocks.Unlock()
+	return len(blobLocks.m)
+}
+
+// TestBlobLocksDoNotGrow: the per-blob locks of this process live while a
+// call holds or waits for them; fetching ever new blobs (a long-running
+// kmsd-mcp sees a new keyset at every rotation) leaves none behind, nor
+// does a wait that gives up.
+func TestBlobLocksDoNotGrow(t *testing.T) {
+	blobs := map[string][]byte{}
+	for range 50 {
+		b := make([]byte, 1024)
+		rand.Read(b)
+		sum := sha256.Sum256(b)
+		blobs[hex.EncodeToString(sum[:])] = b
+	}
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Write(blobs[strings.TrimPrefix(r.URL.Path, "/v1/blobs/sha256/")])
+	}))
+	defer srv.Close()
+	f := &Fetcher{BaseURL: srv.URL, Token: "t", CacheDir: t.TempDir()}
+	before := heldBlobLocks()
+	for h, b := range blobs {
+		if _, err := f.blob(context.Background(), "sha256:"+h, int64(len(b)), f.newProgress(&Manifest{})); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// A wait that gives up: the lock is held, the waiter's context ends.
+	var h string
+	for h = range blobs {
+		break
+	}
+	unlock, err := lockBlob(context.Background(), filepath.Join(f.CacheDir, h))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	if _, err := f.blob(ctx, "sha256:"+h, int64(len(blobs[h])), f.newProgress(&Manifest{})); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("a wait for a held lock: %v", err)
+	}
+	cancel()
+	unlock()
+	if n := heldBlobLocks() - before; n != 0 {
+		t.Fatalf("%d blob locks kept after 50 blobs fetched", n)
+	}
+}
