@@ -246,8 +246,11 @@ func (e *Engine) matVec(x *rlwe.Ciphertext, W [][]float64, ks *int) (*rlwe.Ciphe
 		}
 	}
 	if acc == nil { // an all-zero matrix
-		acc = x.CopyNew()
-		if err := ev.Mul(acc, 0.0, acc); err != nil {
+		// At the scale of the prime the rescale removes, as every other
+		// product here (by the integer 0, the rescale left a scale below
+		// 1, which kmsd would not attest).
+		var err error
+		if acc, err = e.mulConst(ev, x, 0); err != nil {
 			return nil, 0, err
 		}
 	}

@@ -1046,3 +1046,20 @@ func TestHTTPSOffLoopback(t *testing.T) {
 		t.Fatal(msg)
 	}
 }
+
+// TestAllZeroWeights: he_linear with weights that are all zero gives an
+// attested encryption of zeros (found while capping he_linear: its
+// product by the integer 0 left a scale below 1 after the rescale, and
+// kmsd refused to attest the result).
+func TestAllZeroWeights(t *testing.T) {
+	w := newWorld(t)
+	w.heKey(t, "he", "ckks-logn13", 1<<12)
+	url := w.startHTTP(t, "--key", "he")
+	s := connectHTTP(t, url, w.token(t, "worker", "he"))
+	env := w.encrypt(t, w.keysFor(t, "he", 1), []float64{0.5, -0.25, 1})
+	out, msg := call(t, s, "he_linear", map[string]any{"ciphertext": envJSON(env), "weights": [][]float64{{0, 0, 0}, {0, 0, 0}}, "bias": []float64{0, 1}})
+	if msg != "" {
+		t.Fatal(msg)
+	}
+	w.decrypt(t, "he_linear with zero weights", out, []float64{0, 1})
+}
