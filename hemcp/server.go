@@ -17,6 +17,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/modelcontextprotocol/go-sdk/auth"
@@ -44,6 +45,11 @@ type Config struct {
 	MaxCalls int
 	// SessionTimeout ends an MCP session idle this long (default 30m).
 	SessionTimeout time.Duration
+	// MaxLoadedVersions bounds the engines of versions other than the
+	// keys' primaries, over all keys: past it, the least recently used is
+	// dropped (it loads again, from the blob cache, when a call needs
+	// it). Zero: 2; negative: none but the primaries.
+	MaxLoadedVersions int
 	// IntrospectRate bounds, per client address, the requests per second
 	// whose token is not in the introspection cache (each costs a
 	// question to kmsd and a record in its audit log), in bursts of
@@ -107,6 +113,9 @@ type Server struct {
 	srcMu       sync.Mutex
 	sources     map[string]*rate.Limiter // per client address, for tokens not in the cache
 	calls       chan struct{}            // a slot per tool call evaluating (Config.MaxCalls)
+	clock       atomic.Int64             // ticks at each use of an engine (loaded.used)
+	loadMu      sync.Mutex
+	loading     map[versionRef]*loadFlight // the loads under way, one per version
 	// resource is this server's canonical URL (RFC 9728
 	// protected-resource metadata, the audience of its clients' tokens);
 	// "" until SetResource.
@@ -118,8 +127,29 @@ type servedKey struct {
 	etag     string
 	primary  uint64
 	enabled  map[uint64]bool
-	engines  map[uint64]*Engine
+	engines  map[uint64]*loaded
 	loadedAt time.Time
+}
+
+// loaded is a version's engine and when it was last used.
+type loaded struct {
+	eng  *Engine
+	used atomic.Int64 // Server.clock at its last use
+}
+
+type versionRef struct {
+	key     string
+	version uint64
+}
+
+// loadFlight is a load of a version's keys that the calls needing it
+// wait for; it is cancelled when the last of them gives up.
+type loadFlight struct {
+	done   chan struct{}
+	eng    *Engine
+	err    error
+	refs   int // calls waiting for it
+	cancel context.CancelFunc
 }
 
 type introEntry struct {
@@ -148,6 +178,12 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	if cfg.SessionTimeout <= 0 {
 		cfg.SessionTimeout = 30 * time.Minute
 	}
+	switch {
+	case cfg.MaxLoadedVersions == 0:
+		cfg.MaxLoadedVersions = 2
+	case cfg.MaxLoadedVersions < 0:
+		cfg.MaxLoadedVersions = 0
+	}
 	if cfg.IntrospectRate <= 0 {
 		cfg.IntrospectRate = 5
 	}
@@ -160,12 +196,13 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	if len(cfg.Keys) == 0 {
 		return nil, errors.New("no keys to serve: give --key NAME")
 	}
-	s := &Server{cfg: cfg, log: cfg.Logger, served: map[string]*servedKey{}, intro: map[[32]byte]introEntry{}, calls: make(chan struct{}, cfg.MaxCalls)}
+	s := &Server{cfg: cfg, log: cfg.Logger, served: map[string]*servedKey{}, intro: map[[32]byte]introEntry{}, calls: make(chan struct{}, cfg.MaxCalls),
+		loading: map[versionRef]*loadFlight{}}
 	for _, name := range cfg.Keys {
 		if err := wire.ValidateName(name); err != nil {
 			return nil, fmt.Errorf("--key %q: %v", name, err)
 		}
-		s.served[name] = &servedKey{name: name, enabled: map[uint64]bool{}, engines: map[uint64]*Engine{}}
+		s.served[name] = &servedKey{name: name, enabled: map[uint64]bool{}, engines: map[uint64]*loaded{}}
 		if err := s.refresh(ctx, name); err != nil {
 			return nil, fmt.Errorf("key %s: %w", name, err)
 		}
@@ -200,7 +237,7 @@ func (s *Server) refresh(ctx context.Context, name string) error {
 	s.mu.RUnlock()
 	var eng *Engine
 	if !have && enabled[k.PrimaryVersion] {
-		if eng, err = s.load(ctx, name, k.PrimaryVersion); err != nil {
+		if eng, err = s.loadShared(ctx, name, k.PrimaryVersion); err != nil {
 			return err
 		}
 	}
@@ -208,8 +245,10 @@ func (s *Server) refresh(ctx context.Context, name string) error {
 	defer s.mu.Unlock()
 	sk := s.served[name]
 	sk.etag, sk.primary, sk.enabled = newTag, k.PrimaryVersion, enabled
-	if eng != nil {
-		sk.engines[k.PrimaryVersion] = eng
+	if eng != nil && sk.engines[k.PrimaryVersion] == nil {
+		l := &loaded{eng: eng}
+		l.used.Store(s.clock.Add(1))
+		sk.engines[k.PrimaryVersion] = l
 		s.log.Info("serving key version", "key", name, "version", k.PrimaryVersion, "primary", true)
 	}
 	for v := range sk.engines {
@@ -218,7 +257,90 @@ func (s *Server) refresh(ctx context.Context, name string) error {
 			s.log.Info("stopped serving key version: not enabled in kmsd", "key", name, "version", v)
 		}
 	}
+	s.evictLocked()
 	return nil
+}
+
+// evictLocked drops the least recently used engines of versions that are
+// not their key's primary, past Config.MaxLoadedVersions of them. s.mu
+// is held.
+func (s *Server) evictLocked() {
+	for {
+		var others int
+		var oldest *servedKey
+		var oldestV uint64
+		var oldestUse int64
+		for _, sk := range s.served {
+			for v, l := range sk.engines {
+				if v == sk.primary {
+					continue
+				}
+				others++
+				if u := l.used.Load(); oldest == nil || u < oldestUse {
+					oldest, oldestV, oldestUse = sk, v, u
+				}
+			}
+		}
+		if others <= s.cfg.MaxLoadedVersions {
+			return
+		}
+		delete(oldest.engines, oldestV)
+		s.log.Info("unloaded key version: least recently used past --max-loaded-versions; it loads again on demand", "key", oldest.name, "version", oldestV)
+	}
+}
+
+// loadShared loads a version's engine once for all the calls that need
+// it at the same time (each would otherwise hold a copy of its keys: most
+// of a GiB at logN 15). A call gives up when its own ctx ends; the load is
+// cancelled when every call waiting for it has. An enabled version's
+// engine is kept (and the least recently used others dropped).
+func (s *Server) loadShared(ctx context.Context, name string, version uint64) (*Engine, error) {
+	ref := versionRef{name, version}
+	s.loadMu.Lock()
+	f := s.loading[ref]
+	if f == nil {
+		lctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+		f = &loadFlight{done: make(chan struct{}), cancel: cancel}
+		s.loading[ref] = f
+		go func() {
+			defer cancel()
+			eng, err := s.load(lctx, name, version)
+			s.loadMu.Lock()
+			if s.loading[ref] == f {
+				delete(s.loading, ref)
+			}
+			s.loadMu.Unlock()
+			if err == nil {
+				s.mu.Lock()
+				if sk := s.served[name]; sk.enabled[version] && sk.engines[version] == nil {
+					l := &loaded{eng: eng}
+					l.used.Store(s.clock.Add(1))
+					sk.engines[version] = l
+					s.log.Info("serving key version", "key", name, "version", version, "primary", version == sk.primary)
+					s.evictLocked()
+				}
+				s.mu.Unlock()
+			}
+			f.eng, f.err = eng, err
+			close(f.done)
+		}()
+	}
+	f.refs++
+	s.loadMu.Unlock()
+	select {
+	case <-f.done:
+		return f.eng, f.err
+	case <-ctx.Done():
+		s.loadMu.Lock()
+		if f.refs--; f.refs == 0 {
+			f.cancel()
+			if s.loading[ref] == f {
+				delete(s.loading, ref)
+			}
+		}
+		s.loadMu.Unlock()
+		return nil, fmt.Errorf("gave up waiting for the keys of %s version %d: %w", name, version, ctx.Err())
+	}
 }
 
 func (s *Server) load(ctx context.Context, name string, version uint64) (*Engine, error) {
@@ -258,16 +380,18 @@ func (s *Server) engine(ctx context.Context, env *client.Envelope, check func() 
 	name, version := env.Key, env.Version
 	s.mu.RLock()
 	sk, ok := s.served[name]
-	var eng *Engine
+	var l *loaded
 	var enabled bool
 	if ok {
-		eng, enabled = sk.engines[version], sk.enabled[version]
+		l, enabled = sk.engines[version], sk.enabled[version]
 	}
 	s.mu.RUnlock()
 	switch {
 	case !ok:
 		return nil, fmt.Errorf("this server does not serve key %q (it serves %s)", name, strings.Join(s.cfg.Keys, ", "))
-	case eng != nil:
+	case l != nil:
+		l.used.Store(s.clock.Add(1))
+		eng := l.eng
 		if eng.Keys.Manifest.ParamsID != env.ParamsID {
 			return nil, otherParams(env, eng.Keys.Manifest.ParamsID)
 		}
@@ -288,16 +412,7 @@ func (s *Server) engine(ctx context.Context, env *client.Envelope, check func() 
 	if err := check(); err != nil {
 		return nil, err
 	}
-	eng, err = s.load(ctx, name, version)
-	if err != nil {
-		return nil, err
-	}
-	s.mu.Lock()
-	if sk.enabled[version] {
-		sk.engines[version] = eng
-	}
-	s.mu.Unlock()
-	return eng, nil
+	return s.loadShared(ctx, name, version)
 }
 
 // otherParams says that env was made under other parameters than its
@@ -509,12 +624,12 @@ func (s *Server) MCPServer() *mcp.Server {
 			func(ctx context.Context, req *mcp.ReadResourceRequest) (*mcp.ReadResourceResult, error) {
 				s.mu.RLock()
 				sk := s.served[name]
-				eng := sk.engines[sk.primary]
+				l := sk.engines[sk.primary]
 				s.mu.RUnlock()
-				if eng == nil {
+				if l == nil {
 					return nil, fmt.Errorf("the primary version of %s is not loaded", name)
 				}
-				b, err := json.Marshal(eng.Keys.Manifest)
+				b, err := json.Marshal(l.eng.Keys.Manifest)
 				if err != nil {
 					return nil, err
 				}
@@ -540,7 +655,8 @@ func (s *Server) describe(ctx context.Context, req *mcp.CallToolRequest, _ Descr
 		}
 		sk := s.served[name]
 		ki := KeyInfo{Name: name, Primary: sk.primary}
-		for v, e := range sk.engines {
+		for v, l := range sk.engines {
+			e := l.eng
 			ki.Versions = append(ki.Versions, VersionInfo{Version: v, ParamsID: e.Keys.Manifest.ParamsID, LogN: e.params.LogN(), Slots: e.Slots(),
 				LogScale: float64(e.params.LogDefaultScale()), Levels: e.params.MaxLevel(), Rotations: e.Rotations(), Relinearization: e.Relinearization()})
 		}

@@ -760,6 +760,8 @@ func TestBadSettings(t *testing.T) {
 		{[]string{"--key", "k", "--identity-key-file", idFile}, nil, "no token"},
 		{[]string{"--key", "k", "--identity-key-file", idFile, "--token-file", "/nonexistent/token"}, nil, "--token-file"},
 		{[]string{"--key", "k", "--identity-key-file", idFile, "extra"}, nil, "unexpected argument"},
+		{[]string{"--key", "k", "--identity-key-file", idFile, "--max-loaded-versions", "-1"}, nil, "--max-loaded-versions must be from 0 to 1000"},
+		{[]string{"--key", "k", "--identity-key-file", idFile}, map[string]string{"KMSD_MCP_MAX_LOADED_VERSIONS": "two"}, `KMSD_MCP_MAX_LOADED_VERSIONS="two"`},
 	} {
 		var stderr testutil.Buffer
 		err := run(context.Background(), c.args, func(k string) string { return c.env[k] }, nil, nil, &stderr, nil)
