@@ -762,6 +762,7 @@ func TestBadSettings(t *testing.T) {
 		{[]string{"--key", "k", "--identity-key-file", idFile, "extra"}, nil, "unexpected argument"},
 		{[]string{"--key", "k", "--identity-key-file", idFile, "--max-loaded-versions", "-1"}, nil, "--max-loaded-versions must be from 0 to 1000"},
 		{[]string{"--key", "k", "--identity-key-file", idFile}, map[string]string{"KMSD_MCP_MAX_LOADED_VERSIONS": "two"}, `KMSD_MCP_MAX_LOADED_VERSIONS="two"`},
+		{[]string{"--key", "k", "--identity-key-file", idFile, "--download-stall-timeout", "0s"}, nil, "--download-stall-timeout positive"},
 	} {
 		var stderr testutil.Buffer
 		err := run(context.Background(), c.args, func(k string) string { return c.env[k] }, nil, nil, &stderr, nil)
