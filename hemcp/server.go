@@ -207,7 +207,44 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 			return nil, fmt.Errorf("key %s: %w", name, err)
 		}
 	}
+	if err := s.checkConfig(); err != nil {
+		return nil, err
+	}
 	return s, nil
+}
+
+// checkConfig holds the server's models and contexts to the caps of the
+// largest version served: a call with them would otherwise be refused,
+// or cost what no call is allowed to.
+func (s *Server) checkConfig() error {
+	slots, _ := s.limits()
+	for _, name := range sortedKeys(s.cfg.Models) {
+		m, ok := s.cfg.Models[name]
+		if !ok {
+			continue
+		}
+		rows, cols, total := matrixShape(m.Weights)
+		if err := matrixCap("the weights", rows, cols, total, slots); err != nil {
+			return fmt.Errorf("model %q: %w", name, err)
+		}
+		if m.Bias != nil && len(m.Bias) != rows {
+			return fmt.Errorf("model %q: the bias has %d values, the weights %d rows", name, len(m.Bias), rows)
+		}
+	}
+	for _, name := range sortedKeys(s.cfg.Contexts) {
+		c, ok := s.cfg.Contexts[name]
+		if !ok {
+			continue
+		}
+		rows, cols, total := matrixShape(c.Embeddings)
+		if err := matrixCap("the embeddings", rows, cols, total, slots); err != nil {
+			return fmt.Errorf("context %q: %w", name, err)
+		}
+		if len(c.IDs) != rows {
+			return fmt.Errorf("context %q: %d ids for %d embeddings", name, len(c.IDs), rows)
+		}
+	}
+	return nil
 }
 
 // refresh polls kmsd for a key (If-None-Match): a new primary is fetched,
@@ -593,17 +630,21 @@ func safe[In, Out any](s *Server, tool string, h mcp.ToolHandlerFor[In, Out]) mc
 			} else if err != nil || res != nil && res.IsError {
 				outcome = "tool_error"
 			}
-			s.cfg.Metrics.ToolCall(tool, outcome, time.Since(start))
-			// One line per call, naming the agent's token by id (never
-			// the token, never an argument).
-			who := "stdio"
-			if req != nil && req.Extra != nil && req.Extra.TokenInfo != nil {
-				who = req.Extra.TokenInfo.UserID
-			}
-			s.log.Info("tool call", "tool", tool, "token_id", who, "outcome", outcome, "ms", time.Since(start).Milliseconds())
+			s.logCall(tool, req, outcome, start)
 		}()
 		return h(ctx, req, in)
 	}
+}
+
+// logCall counts a tool call in the metrics and logs one line, naming
+// the agent's token by id (never the token, never an argument).
+func (s *Server) logCall(tool string, req *mcp.CallToolRequest, outcome string, start time.Time) {
+	s.cfg.Metrics.ToolCall(tool, outcome, time.Since(start))
+	who := "stdio"
+	if req != nil && req.Extra != nil && req.Extra.TokenInfo != nil {
+		who = req.Extra.TokenInfo.UserID
+	}
+	s.log.Info("tool call", "tool", tool, "token_id", who, "outcome", outcome, "ms", time.Since(start).Milliseconds())
 }
 
 // MCPServer builds the MCP server with the tools and the manifests as
@@ -612,6 +653,7 @@ func (s *Server) MCPServer() *mcp.Server {
 	srv := mcp.NewServer(&mcp.Implementation{Name: "kmsd-mcp", Version: "1.0.0"}, &mcp.ServerOptions{
 		Instructions: "Computes on CKKS ciphertexts under keys held in kmsd; never sees a plaintext. " + toolHelp,
 	})
+	srv.AddReceivingMiddleware(s.checkCost)
 	mcp.AddTool(srv, &mcp.Tool{Name: "he_describe", Description: "The keys served: versions, parameter ids, slots, scale, levels, the rotations available, and what each tool needs. Example: {}"}, safe(s, "he_describe", s.describe))
 	mcp.AddTool(srv, &mcp.Tool{Name: "he_linear", Description: "y = W·x + b for an encrypted vector x and plaintext W (m rows of n) and b; y is in the first m slots. Needs rotations by powers of two (or the exact ones it names). Example: {\"ciphertext\": ENVELOPE, \"weights\": [[0.5, -1, 2]], \"bias\": [0.1]} or {\"ciphertext\": ENVELOPE, \"model\": \"risk\"}. " + toolHelp}, safe(s, "he_linear", s.linear))
 	mcp.AddTool(srv, &mcp.Tool{Name: "he_polynomial", Description: "c0 + c1·x + ... + cd·x^d on every slot (d levels; the relinearization key for d >= 2). Example (degree 2): {\"ciphertext\": ENVELOPE, \"coefficients\": [0.5, 0.197, -0.05]}. " + toolHelp}, safe(s, "he_polynomial", s.polynomial))
@@ -714,6 +756,13 @@ func (s *Server) linear(ctx context.Context, req *mcp.CallToolRequest, in Linear
 	if len(W) == 0 {
 		return nil, CiphertextOut{}, errors.New("give weights (one row per output) or a model")
 	}
+	rows, cols, total := matrixShape(W)
+	if err := matrixCap("the weights", rows, cols, total, eng.Slots()); err != nil {
+		return nil, CiphertextOut{}, err
+	}
+	if len(b) > eng.Slots() {
+		return nil, CiphertextOut{}, fmt.Errorf("the bias: %d values; the cap is %d (the slots of the version)", len(b), eng.Slots())
+	}
 	if len(W[0]) != env.Slots {
 		return nil, CiphertextOut{}, fmt.Errorf("the weights have %d columns, the ciphertext holds %d values", len(W[0]), env.Slots)
 	}
@@ -729,6 +778,9 @@ func (s *Server) polynomial(ctx context.Context, req *mcp.CallToolRequest, in Po
 	if err != nil {
 		return nil, CiphertextOut{}, err
 	}
+	if err := polynomialCap(len(in.Coefficients), eng.params.MaxLevel()); err != nil {
+		return nil, CiphertextOut{}, err
+	}
 	y, cost, err := eng.Polynomial(ct, in.Coefficients)
 	if err != nil {
 		return nil, CiphertextOut{}, err
@@ -742,6 +794,9 @@ func (s *Server) aggregate(ctx context.Context, req *mcp.CallToolRequest, in Agg
 	}
 	if len(in.Ciphertexts) == 0 {
 		return nil, CiphertextOut{}, errors.New("give at least one ciphertext")
+	}
+	if err := aggregateCap(len(in.Ciphertexts)); err != nil {
+		return nil, CiphertextOut{}, err
 	}
 	var eng *Engine
 	var first *client.Envelope
@@ -778,6 +833,10 @@ func (s *Server) similarity(ctx context.Context, req *mcp.CallToolRequest, in Si
 	}
 	if len(c.Embeddings) == 0 || len(c.Embeddings[0]) != env.Slots {
 		return nil, SimilarityOut{}, fmt.Errorf("context %q has embeddings of %d dimensions, the query %d", in.Context, dim(c.Embeddings), env.Slots)
+	}
+	rows, cols, total := matrixShape(c.Embeddings)
+	if err := matrixCap(fmt.Sprintf("context %q", in.Context), rows, cols, total, eng.Slots()); err != nil {
+		return nil, SimilarityOut{}, err
 	}
 	y, cost, err := eng.MatVec(ct, c.Embeddings)
 	if err != nil {

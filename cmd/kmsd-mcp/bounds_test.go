@@ -1,7 +1,9 @@
 package main
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net"
@@ -10,6 +12,8 @@ import (
 	"net/http/httputil"
 	neturl "net/url"
 	"os"
+	"path/filepath"
+	"runtime"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -20,7 +24,222 @@ import (
 
 	"github.com/kmsd-project/kmsd/api/client"
 	"github.com/kmsd-project/kmsd/internal/testmetrics"
+	"github.com/kmsd-project/kmsd/internal/testutil"
 )
+
+// zeros is the JSON of an m×n matrix of zeros (2 bytes a value: the most
+// values a message can carry).
+func zeros(m, n int) []byte {
+	var b bytes.Buffer
+	b.WriteByte('[')
+	for i := 0; i < m; i++ {
+		if i > 0 {
+			b.WriteByte(',')
+		}
+		b.WriteByte('[')
+		for j := 0; j < n; j++ {
+			if j > 0 {
+				b.WriteByte(',')
+			}
+			b.WriteByte('0')
+		}
+		b.WriteByte(']')
+	}
+	b.WriteByte(']')
+	return b.Bytes()
+}
+
+// rawArgs is a tool's arguments as raw JSON: the envelope and members
+// given as raw JSON (so that the client does not decode them either).
+func rawArgs(t testing.TB, env map[string]any, members map[string][]byte) json.RawMessage {
+	t.Helper()
+	var b bytes.Buffer
+	b.WriteString(`{`)
+	if env != nil {
+		e, _ := json.Marshal(env)
+		b.WriteString(`"ciphertext":`)
+		b.Write(e)
+	}
+	for k, v := range members {
+		if b.Len() > 1 {
+			b.WriteByte(',')
+		}
+		fmt.Fprintf(&b, "%q:", k)
+		b.Write(v)
+	}
+	b.WriteString(`}`)
+	return b.Bytes()
+}
+
+// costOf is the time and the bytes allocated by this process (kmsd,
+// kmsd-mcp and the client all run in it) while f runs.
+func costOf(f func()) (time.Duration, uint64) {
+	runtime.GC()
+	var before, after runtime.MemStats
+	runtime.ReadMemStats(&before)
+	start := time.Now()
+	f()
+	d := time.Since(start)
+	runtime.ReadMemStats(&after)
+	return d, after.TotalAlloc - before.TotalAlloc
+}
+
+// TestCostCaps (issue 25, part 7, from an outside review: one 33 MiB
+// he_linear call took 1.3 GB and 19 s): every tool input whose cost grows
+// with its size is capped from the version's slots or levels and a
+// documented constant, and refused with the cap and the value before
+// anything is evaluated; a call past a cap is refused before the MCP SDK
+// decodes its arguments, so a 16 MiB refusal costs next to nothing. What
+// kmsd would not attest (more than 64 inputs, an amplification past 2^40)
+// is refused before the evaluation, not after it.
+func TestCostCaps(t *testing.T) {
+	w := newWorld(t)
+	w.heKey(t, "he", "ckks-logn13", 1<<12) // 4,096 slots, 2 levels
+	url := w.startHTTP(t, "--key", "he")
+	s := connectHTTP(t, url, w.token(t, "worker", "he"))
+	keys := w.keysFor(t, "he", 1)
+	full := make([]float64, 4096)
+	for i := range full {
+		full[i] = float64(i%7) / 7
+	}
+	good := envJSON(w.encrypt(t, keys, full))
+	small := envJSON(w.encrypt(t, keys, []float64{0.5, -0.25, 1}))
+	callRaw := func(tool string, args json.RawMessage) (map[string]any, string) {
+		t.Helper()
+		return call(t, s, tool, args)
+	}
+
+	// The review's call, at the default --max-request-mib (16): a
+	// 2,800 x 2,800 matrix, 15.7 MB. The SDK decoded it into 7.8 million
+	// values before any check (1.7 GB allocated); now it is counted and
+	// refused first.
+	var msg string
+	d, alloc := costOf(func() {
+		_, msg = callRaw("he_linear", rawArgs(t, good, map[string][]byte{"weights": zeros(2800, 2800)}))
+	})
+	t.Logf("a 2,800 x 2,800 he_linear: refused in %s, %d MiB allocated: %s", d.Round(time.Millisecond), alloc>>20, msg)
+	if !strings.Contains(msg, "the weights: 2800 rows; the cap is 4096") && !strings.Contains(msg, "the weights: 7840000 values (m·n); the cap is 131072 (32 per slot of a 4096-slot version)") {
+		t.Errorf("a 2,800 x 2,800 he_linear: %q", msg)
+	}
+	// What is left is the SDK's own reading of the message (linear in
+	// its bytes, before any tool code), and the client's writing of it.
+	if alloc > 512<<20 {
+		t.Errorf("a refused 15.7 MB call allocated %d MiB", alloc>>20)
+	}
+
+	for _, c := range []struct {
+		name, tool string
+		args       json.RawMessage
+		want       string
+	}{
+		{"he_linear past m·n", "he_linear", rawArgs(t, good, map[string][]byte{"weights": zeros(33, 4096)}),
+			"the weights: 135168 values (m·n); the cap is 131072 (32 per slot of a 4096-slot version)"},
+		{"he_linear wider than the slots", "he_linear", rawArgs(t, good, map[string][]byte{"weights": zeros(1, 4097)}),
+			"the weights: 4097 columns; the cap is 4096"},
+		{"he_linear with more outputs than slots", "he_linear", rawArgs(t, good, map[string][]byte{"weights": zeros(4097, 1)}),
+			"the weights: 4097 rows; the cap is 4096"},
+		{"he_polynomial past the levels", "he_polynomial", rawArgs(t, good, map[string][]byte{"coefficients": []byte("[0.5,1,1,0]")}),
+			"the coefficients: 4; the cap is 3 (degree 2: the levels of the version)"},
+		{"he_polynomial with a million coefficients", "he_polynomial", rawArgs(t, good, map[string][]byte{"coefficients": zeros(1, 1000000)[1:2000002]}),
+			"the coefficients: 1000000; the cap is 3"},
+		{"he_similarity with a member it does not take", "he_similarity", rawArgs(t, good, map[string][]byte{"context": []byte(`"docs"`), "junk": zeros(1000, 1000)}),
+			"the arguments hold 1001015 JSON values; the cap for he_similarity is 48"},
+		{"an envelope with a member it does not have", "he_polynomial", rawArgs(t, map[string]any{"key": "he", "extra": json.RawMessage(zeros(300, 300))}, map[string][]byte{"coefficients": []byte("[0,1]")}),
+			"the arguments hold 90307 JSON values; the cap for he_polynomial is 52"},
+		// kmsd attests no amplification past 2^40: refused before the
+		// evaluation (it was evaluated, then refused by kmsd).
+		{"he_linear amplifying the noise past 2^40", "he_linear", rawArgs(t, small, map[string][]byte{"weights": []byte("[[1e13,0,0]]")}),
+			"would multiply the noise of its input by 5e+12; the cap is 2^40"},
+		{"he_polynomial amplifying the noise past 2^40", "he_polynomial", rawArgs(t, small, map[string][]byte{"coefficients": []byte("[0,1,1e13]")}),
+			"the cap is 2^40"},
+	} {
+		d, alloc := costOf(func() { _, msg = callRaw(c.tool, c.args) })
+		if !strings.Contains(msg, c.want) {
+			t.Errorf("%s: %q, want %q", c.name, msg, c.want)
+		}
+		if d > 5*time.Second || alloc > 256<<20 {
+			t.Errorf("%s: refused after %s and %d MiB", c.name, d, alloc>>20)
+		}
+	}
+
+	// he_aggregate: kmsd attests at most 64 inputs. 65 were opened,
+	// checked and summed, then kmsd refused the result; now the call is
+	// refused first. (Level-0 ciphertexts, so that 65 fit a message.)
+	low, msg := call(t, s, "he_polynomial", map[string]any{"ciphertext": small, "coefficients": []float64{0, 1, 1}})
+	if msg != "" {
+		t.Fatal(msg)
+	}
+	many := make([]any, 65)
+	for i := range many {
+		many[i] = low["ciphertext"]
+	}
+	if _, msg := call(t, s, "he_aggregate", map[string]any{"ciphertexts": many, "op": "sum"}); !strings.Contains(msg, "the ciphertexts: 65; the cap is 64 (kmsd attests an evaluation of at most 64 inputs)") {
+		t.Errorf("he_aggregate of 65: %q", msg)
+	}
+	if _, msg := call(t, s, "he_aggregate", map[string]any{"ciphertexts": many[:64], "op": "sum"}); msg != "" {
+		t.Errorf("he_aggregate of 64: %s", msg)
+	}
+	// At the caps: taken.
+	if _, msg := callRaw("he_linear", rawArgs(t, small, map[string][]byte{"weights": []byte("[[1,2,3]]"), "bias": []byte("[1]")})); msg != "" {
+		t.Errorf("a small he_linear: %s", msg)
+	}
+	if _, msg := call(t, s, "he_polynomial", map[string]any{"ciphertext": small, "coefficients": []float64{0.5, 1, -0.25}}); msg != "" {
+		t.Errorf("he_polynomial of degree 2 at ckks-logn13: %s", msg)
+	}
+}
+
+// TestConfigCaps: the server's own models and contexts are held to the
+// caps at start: one that no call could use, or that would cost more than
+// a call may, stops kmsd-mcp with the cap and the value.
+func TestConfigCaps(t *testing.T) {
+	w := newWorld(t)
+	w.heKey(t, "he", "ckks-logn13", 1<<12)
+	dir := t.TempDir()
+	write := func(name string, v any) string {
+		b, _ := json.Marshal(v)
+		p := filepath.Join(dir, name)
+		os.WriteFile(p, b, 0o600)
+		return p
+	}
+	rows := func(m, n int) [][]float64 {
+		out := make([][]float64, m)
+		for i := range out {
+			out[i] = make([]float64, n)
+		}
+		return out
+	}
+	ids := func(n int) []string {
+		out := make([]string, n)
+		for i := range out {
+			out[i] = fmt.Sprint(i)
+		}
+		return out
+	}
+	for _, c := range []struct {
+		flag string
+		v    any
+		want string
+	}{
+		{"--context", map[string]any{"big": map[string]any{"ids": ids(1100), "embeddings": rows(1100, 128)}},
+			`context "big": the embeddings: 140800 values (m·n); the cap is 131072 (32 per slot of a 4096-slot version)`},
+		{"--context", map[string]any{"tall": map[string]any{"ids": ids(5000), "embeddings": rows(5000, 4)}},
+			`context "tall": the embeddings: 5000 rows; the cap is 4096`},
+		{"--context", map[string]any{"ids": map[string]any{"ids": ids(3), "embeddings": rows(4, 4)}},
+			`context "ids": 3 ids for 4 embeddings`},
+		{"--models", map[string]any{"wide": map[string]any{"weights": rows(2, 5000)}},
+			`model "wide": the weights: 5000 columns; the cap is 4096`},
+	} {
+		args := []string{"--kms-url", w.url, "--ca-cert", w.ca, "--token-file", w.workerTokenFile, "--identity-key-file", w.identityFile,
+			"--cache-dir", t.TempDir(), "--key", "he", c.flag, write("cfg.json", c.v)}
+		var logs testutil.Buffer
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		err := run(ctx, args, func(string) string { return "" }, strings.NewReader(""), &bytes.Buffer{}, &logs, nil)
+		cancel()
+		if err == nil || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("%s: %v, want %q", c.flag, err, c.want)
+		}
+	}
+}
 
 // TestLoadedVersionsBounded (issue 25, part 7, from an outside review:
 // every enabled older version a call loaded stayed loaded, most of a GiB

@@ -490,18 +490,26 @@ func TestRefusals(t *testing.T) {
 		{"wrong level", s, "he_polynomial", map[string]any{"ciphertext": w.attestedJSON(t, env, func(c *client.Envelope) { c.Level = 0 }), "coefficients": []float64{0, 1, 1}}, "its ciphertext is at level"},
 		{"wrong level, attested before", s, "he_polynomial", map[string]any{"ciphertext": with("level", 0), "coefficients": []float64{0, 1, 1}}, "does not cover this ciphertext"},
 		{"weights wider than the vector", s, "he_linear", map[string]any{"ciphertext": good, "weights": [][]float64{{1, 2, 3, 4}}}, "the weights have 4 columns, the ciphertext holds 3 values"},
-		{"more outputs than slots", s, "he_linear", map[string]any{"ciphertext": good, "weights": tall(5000, 3)}, "does not fit 4096 slots"},
+		{"more outputs than slots", s, "he_linear", map[string]any{"ciphertext": good, "weights": tall(5000, 3)}, "the weights: 5000 rows; the cap is 4096"},
 		{"bias of another length", s, "he_linear", map[string]any{"ciphertext": good, "weights": [][]float64{{1, 2, 3}}, "bias": []float64{1, 2}}, "bias has 2 values"},
 		{"no weights", s, "he_linear", map[string]any{"ciphertext": good}, "give weights"},
 		{"unknown model", s, "he_linear", map[string]any{"ciphertext": good, "model": "nope"}, `no model "nope"`},
 		{"unknown context", s, "he_similarity", map[string]any{"ciphertext": good, "context": "nope"}, `no context "nope"`},
 		{"bad op", s, "he_aggregate", map[string]any{"ciphertexts": []any{good}, "op": "max"}, `op must be "sum" or "mean"`},
-		{"polynomial too deep", s, "he_polynomial", map[string]any{"ciphertext": good, "coefficients": []float64{0, 1, 1, 1, 1, 1}}, "needs 5 levels"},
+		{"polynomial past the levels of the version", s, "he_polynomial", map[string]any{"ciphertext": good, "coefficients": []float64{0, 1, 1, 1, 1, 1}}, "the coefficients: 6; the cap is 3 (degree 2"},
 		{"polynomial of degree 0", s, "he_polynomial", map[string]any{"ciphertext": good, "coefficients": []float64{1}}, "degree 0 and 1"},
 	} {
 		if _, msg := call(t, c.s, c.tool, c.args); !strings.Contains(msg, c.want) {
 			t.Errorf("%s: tool error %q, want %q", c.name, msg, c.want)
 		}
+	}
+	// A polynomial deeper than the levels its ciphertext has left.
+	lower, msg := call(t, s, "he_polynomial", map[string]any{"ciphertext": good, "coefficients": []float64{0, 1}})
+	if msg != "" {
+		t.Fatal(msg)
+	}
+	if _, msg := call(t, s, "he_polynomial", map[string]any{"ciphertext": lower["ciphertext"], "coefficients": []float64{0, 1, 1}}); !strings.Contains(msg, "needs 2 levels; the ciphertext has 1 left") {
+		t.Errorf("polynomial too deep: %q", msg)
 	}
 	// Ciphertexts of two versions cannot be aggregated; a missing rotation is named.
 	nk := w.keysFor(t, "he-norot", 1)
