@@ -19,12 +19,20 @@ import (
 const (
 	// WeightsPerSlot bounds a matrix (he_linear's weights, a --models
 	// model, a --context's embeddings): at most WeightsPerSlot times the
-	// version's slots values (m·n), each of m and n at most the slots.
-	// At ckks-logn13 (4,096 slots): 131,072 values, e.g. 32 outputs of
-	// 4,096 features or 1,000 items of 128 dimensions. The evaluation
-	// itself is bounded by the slots (at most one plaintext product per
-	// slot); the cap bounds the decoding and the matrix walk.
+	// version's slots values (m·n), and at most the slots rows. At
+	// ckks-logn13 (4,096 slots): 131,072 values, e.g. 1,000 items of 128
+	// dimensions. It bounds the decoding and the walk of the matrix.
 	WeightsPerSlot = 32
+	// MatrixWork bounds a matrix's columns: n, rounded up to a power of
+	// two, times the slots, at most MatrixWork (and n at most the slots).
+	// The evaluation does one plaintext product per diagonal (as many as
+	// the rounded columns) and about twice their square root in rotations,
+	// each costing in proportion to the slots, and far more from
+	// ckks-logn14 up, whose scale (2^55) Lattigo encodes in big floats:
+	// 512 columns at ckks-logn13, 256 at ckks-logn14, 128 at ckks-logn15.
+	// Without it, one he_linear over all 8,192 slots of a ckks-logn14
+	// version took 250 s (BENCHMARKS.md).
+	MatrixWork = 1 << 21
 	// MaxAggregateInputs is he_aggregate's most ciphertexts: kmsd attests
 	// an evaluation of at most this many inputs.
 	MaxAggregateInputs = wire.MaxAttestInputs
@@ -36,31 +44,53 @@ const (
 	argsValues = 16
 )
 
-// limits are the largest slots and levels of the versions loaded (the
-// caps a call is held to before its version is known).
-func (s *Server) limits() (slots, levels int) {
+// matrixCaps are the caps of a matrix under a version of slots slots.
+type matrixCaps struct {
+	rows, cols, total int
+	colsSlots         int // the slots cols comes from
+	slots             int // the slots rows and total come from
+}
+
+func capsFor(slots int) matrixCaps {
+	return matrixCaps{rows: slots, cols: min(slots, MatrixWork/slots), total: WeightsPerSlot * slots, colsSlots: slots, slots: slots}
+}
+
+// loosest is, cap by cap, the loosest of c and o.
+func (c matrixCaps) loosest(o matrixCaps) matrixCaps {
+	if o.cols > c.cols {
+		c.cols, c.colsSlots = o.cols, o.colsSlots
+	}
+	if o.slots > c.slots {
+		c.rows, c.total, c.slots = o.rows, o.total, o.slots
+	}
+	return c
+}
+
+// check checks an m×n matrix (total values in all, named what in an
+// error) against the caps.
+func (c matrixCaps) check(what string, rows, cols, total int) error {
+	switch {
+	case rows > c.rows:
+		return fmt.Errorf("%s: %d rows; the cap is %d (the slots of the version)", what, rows, c.rows)
+	case cols > c.cols:
+		return fmt.Errorf("%s: %d columns; the cap is %d (2^21 over the %d slots of the version, at most the slots: the evaluation's work grows with both)", what, cols, c.cols, c.colsSlots)
+	case total > c.total:
+		return fmt.Errorf("%s: %d values (m·n); the cap is %d (%d per slot of the version's %d slots)", what, total, c.total, WeightsPerSlot, c.slots)
+	}
+	return nil
+}
+
+// limits are the loosest caps of the versions loaded, which a call is held
+// to before its version is known, and the largest levels.
+func (s *Server) limits() (caps matrixCaps, levels int) {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
 	for _, sk := range s.served {
 		for _, l := range sk.engines {
-			slots, levels = max(slots, l.eng.Slots()), max(levels, l.eng.params.MaxLevel())
+			caps, levels = caps.loosest(capsFor(l.eng.Slots())), max(levels, l.eng.params.MaxLevel())
 		}
 	}
-	return slots, levels
-}
-
-// matrixCap checks an m×n matrix (total values in all) against a
-// version's slots: what is named what, in an error.
-func matrixCap(what string, rows, cols, total, slots int) error {
-	switch {
-	case rows > slots:
-		return fmt.Errorf("%s: %d rows; the cap is %d (the slots of the version)", what, rows, slots)
-	case cols > slots:
-		return fmt.Errorf("%s: %d columns; the cap is %d (the slots of the version)", what, cols, slots)
-	case total > WeightsPerSlot*slots:
-		return fmt.Errorf("%s: %d values (m·n); the cap is %d (%d per slot of a %d-slot version)", what, total, WeightsPerSlot*slots, WeightsPerSlot, slots)
-	}
-	return nil
+	return caps, levels
 }
 
 // matrixShape is a matrix's rows, widest row and values.
@@ -112,7 +142,8 @@ func (s *Server) checkCost(next mcp.MethodHandler) mcp.MethodHandler {
 
 // precheck counts a tool's arguments against its caps.
 func (s *Server) precheck(tool string, args json.RawMessage) error {
-	slots, levels := s.limits()
+	caps, levels := s.limits()
+	slots := caps.slots
 	var allowed int
 	var sh shape
 	switch tool {
@@ -120,7 +151,7 @@ func (s *Server) precheck(tool string, args json.RawMessage) error {
 		allowed = argsValues
 	case "he_linear":
 		sh = shapeOf(args, "weights", "bias")
-		if err := matrixCap("the weights", sh.items[0], sh.widest[0], sh.leaves[0], slots); err != nil {
+		if err := caps.check("the weights", sh.items[0], sh.widest[0], sh.leaves[0]); err != nil {
 			return err
 		}
 		if sh.items[1] > slots {

@@ -214,17 +214,40 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 }
 
 // checkConfig holds the server's models and contexts to the caps of the
-// largest version served: a call with them would otherwise be refused,
-// or cost what no call is allowed to.
+// versions served: one that no call could use (past the caps of every
+// primary version) stops the server.
 func (s *Server) checkConfig() error {
-	slots, _ := s.limits()
+	var slots []int
+	s.mu.RLock()
+	for _, sk := range s.served {
+		if l := sk.engines[sk.primary]; l != nil && !slices.Contains(slots, l.eng.Slots()) {
+			slots = append(slots, l.eng.Slots())
+		}
+	}
+	s.mu.RUnlock()
+	sort.Sort(sort.Reverse(sort.IntSlice(slots)))
+	// fits is nil if the matrix is within the caps of some version.
+	fits := func(what string, W [][]float64) error {
+		rows, cols, total := matrixShape(W)
+		var first error
+		for _, sl := range slots {
+			err := capsFor(sl).check(what, rows, cols, total)
+			if err == nil {
+				return nil
+			}
+			if first == nil {
+				first = err
+			}
+		}
+		return first
+	}
 	for _, name := range sortedKeys(s.cfg.Models) {
 		m, ok := s.cfg.Models[name]
 		if !ok {
 			continue
 		}
-		rows, cols, total := matrixShape(m.Weights)
-		if err := matrixCap("the weights", rows, cols, total, slots); err != nil {
+		rows := len(m.Weights)
+		if err := fits("the weights", m.Weights); err != nil {
 			return fmt.Errorf("model %q: %w", name, err)
 		}
 		if m.Bias != nil && len(m.Bias) != rows {
@@ -236,8 +259,8 @@ func (s *Server) checkConfig() error {
 		if !ok {
 			continue
 		}
-		rows, cols, total := matrixShape(c.Embeddings)
-		if err := matrixCap("the embeddings", rows, cols, total, slots); err != nil {
+		rows := len(c.Embeddings)
+		if err := fits("the embeddings", c.Embeddings); err != nil {
 			return fmt.Errorf("context %q: %w", name, err)
 		}
 		if len(c.IDs) != rows {
@@ -757,7 +780,7 @@ func (s *Server) linear(ctx context.Context, req *mcp.CallToolRequest, in Linear
 		return nil, CiphertextOut{}, errors.New("give weights (one row per output) or a model")
 	}
 	rows, cols, total := matrixShape(W)
-	if err := matrixCap("the weights", rows, cols, total, eng.Slots()); err != nil {
+	if err := capsFor(eng.Slots()).check("the weights", rows, cols, total); err != nil {
 		return nil, CiphertextOut{}, err
 	}
 	if len(b) > eng.Slots() {
@@ -835,7 +858,7 @@ func (s *Server) similarity(ctx context.Context, req *mcp.CallToolRequest, in Si
 		return nil, SimilarityOut{}, fmt.Errorf("context %q has embeddings of %d dimensions, the query %d", in.Context, dim(c.Embeddings), env.Slots)
 	}
 	rows, cols, total := matrixShape(c.Embeddings)
-	if err := matrixCap(fmt.Sprintf("context %q", in.Context), rows, cols, total, eng.Slots()); err != nil {
+	if err := capsFor(eng.Slots()).check(fmt.Sprintf("context %q", in.Context), rows, cols, total); err != nil {
 		return nil, SimilarityOut{}, err
 	}
 	y, cost, err := eng.MatVec(ct, c.Embeddings)

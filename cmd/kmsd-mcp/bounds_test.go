@@ -29,7 +29,10 @@ import (
 
 // zeros is the JSON of an m×n matrix of zeros (2 bytes a value: the most
 // values a message can carry).
-func zeros(m, n int) []byte {
+func zeros(m, n int) []byte { return digits(m, n, '0') }
+
+// digits is the JSON of an m×n matrix whose values are the digit d.
+func digits(m, n int, d byte) []byte {
 	var b bytes.Buffer
 	b.WriteByte('[')
 	for i := 0; i < m; i++ {
@@ -41,7 +44,7 @@ func zeros(m, n int) []byte {
 			if j > 0 {
 				b.WriteByte(',')
 			}
-			b.WriteByte('0')
+			b.WriteByte(d)
 		}
 		b.WriteByte(']')
 	}
@@ -98,7 +101,7 @@ func TestCostCaps(t *testing.T) {
 	url := w.startHTTP(t, "--key", "he")
 	s := connectHTTP(t, url, w.token(t, "worker", "he"))
 	keys := w.keysFor(t, "he", 1)
-	full := make([]float64, 4096)
+	full := make([]float64, 1024)
 	for i := range full {
 		full[i] = float64(i%7) / 7
 	}
@@ -118,7 +121,7 @@ func TestCostCaps(t *testing.T) {
 		_, msg = callRaw("he_linear", rawArgs(t, good, map[string][]byte{"weights": zeros(2800, 2800)}))
 	})
 	t.Logf("a 2,800 x 2,800 he_linear: refused in %s, %d MiB allocated: %s", d.Round(time.Millisecond), alloc>>20, msg)
-	if !strings.Contains(msg, "the weights: 2800 rows; the cap is 4096") && !strings.Contains(msg, "the weights: 7840000 values (m·n); the cap is 131072 (32 per slot of a 4096-slot version)") {
+	if !strings.Contains(msg, "the weights: 2800 columns; the cap is 512") {
 		t.Errorf("a 2,800 x 2,800 he_linear: %q", msg)
 	}
 	// What is left is the SDK's own reading of the message (linear in
@@ -132,10 +135,10 @@ func TestCostCaps(t *testing.T) {
 		args       json.RawMessage
 		want       string
 	}{
-		{"he_linear past m·n", "he_linear", rawArgs(t, good, map[string][]byte{"weights": zeros(33, 4096)}),
-			"the weights: 135168 values (m·n); the cap is 131072 (32 per slot of a 4096-slot version)"},
-		{"he_linear wider than the slots", "he_linear", rawArgs(t, good, map[string][]byte{"weights": zeros(1, 4097)}),
-			"the weights: 4097 columns; the cap is 4096"},
+		{"he_linear past m·n", "he_linear", rawArgs(t, good, map[string][]byte{"weights": zeros(257, 512)}),
+			"the weights: 131584 values (m·n); the cap is 131072 (32 per slot of the version's 4096 slots)"},
+		{"he_linear past the columns", "he_linear", rawArgs(t, good, map[string][]byte{"weights": zeros(1, 513)}),
+			"the weights: 513 columns; the cap is 512 (2^21 over the 4096 slots of the version"},
 		{"he_linear with more outputs than slots", "he_linear", rawArgs(t, good, map[string][]byte{"weights": zeros(4097, 1)}),
 			"the weights: 4097 rows; the cap is 4096"},
 		{"he_polynomial past the levels", "he_polynomial", rawArgs(t, good, map[string][]byte{"coefficients": []byte("[0.5,1,1,0]")}),
@@ -190,10 +193,12 @@ func TestCostCaps(t *testing.T) {
 
 // TestConfigCaps: the server's own models and contexts are held to the
 // caps at start: one that no call could use, or that would cost more than
-// a call may, stops kmsd-mcp with the cap and the value.
+// a call may with every key served, stops kmsd-mcp with the cap and the
+// value; one within the caps of one of the keys is taken.
 func TestConfigCaps(t *testing.T) {
 	w := newWorld(t)
 	w.heKey(t, "he", "ckks-logn13", 1<<12)
+	w.heKey(t, "he14", "ckks-logn14", 1<<13)
 	dir := t.TempDir()
 	write := func(name string, v any) string {
 		b, _ := json.Marshal(v)
@@ -220,22 +225,24 @@ func TestConfigCaps(t *testing.T) {
 		v    any
 		want string
 	}{
-		{"--context", map[string]any{"big": map[string]any{"ids": ids(1100), "embeddings": rows(1100, 128)}},
-			`context "big": the embeddings: 140800 values (m·n); the cap is 131072 (32 per slot of a 4096-slot version)`},
-		{"--context", map[string]any{"tall": map[string]any{"ids": ids(5000), "embeddings": rows(5000, 4)}},
-			`context "tall": the embeddings: 5000 rows; the cap is 4096`},
+		{"--context", map[string]any{"big": map[string]any{"ids": ids(2100), "embeddings": rows(2100, 128)}},
+			`context "big": the embeddings: 268800 values (m·n); the cap is 262144 (32 per slot of the version's 8192 slots)`},
+		{"--context", map[string]any{"tall": map[string]any{"ids": ids(9000), "embeddings": rows(9000, 4)}},
+			`context "tall": the embeddings: 9000 rows; the cap is 8192`},
 		{"--context", map[string]any{"ids": map[string]any{"ids": ids(3), "embeddings": rows(4, 4)}},
 			`context "ids": 3 ids for 4 embeddings`},
-		{"--models", map[string]any{"wide": map[string]any{"weights": rows(2, 5000)}},
-			`model "wide": the weights: 5000 columns; the cap is 4096`},
+		{"--models", map[string]any{"wide": map[string]any{"weights": rows(2, 513)}},
+			`model "wide": the weights: 513 columns; the cap is 256 (2^21 over the 8192 slots`},
+		// 512 columns: within ckks-logn13's caps, past ckks-logn14's.
+		{"--context", map[string]any{"fits he": map[string]any{"ids": ids(100), "embeddings": rows(100, 512)}}, ""},
 	} {
 		args := []string{"--kms-url", w.url, "--ca-cert", w.ca, "--token-file", w.workerTokenFile, "--identity-key-file", w.identityFile,
-			"--cache-dir", t.TempDir(), "--key", "he", c.flag, write("cfg.json", c.v)}
+			"--cache-dir", t.TempDir(), "--key", "he", "--key", "he14", c.flag, write("cfg.json", c.v)}
 		var logs testutil.Buffer
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		err := run(ctx, args, func(string) string { return "" }, strings.NewReader(""), &bytes.Buffer{}, &logs, nil)
 		cancel()
-		if err == nil || !strings.Contains(err.Error(), c.want) {
+		if c.want == "" && err != nil || c.want != "" && (err == nil || !strings.Contains(err.Error(), c.want)) {
 			t.Errorf("%s: %v, want %q", c.flag, err, c.want)
 		}
 	}
