@@ -4,8 +4,13 @@ import (
 	"encoding/json"
 	"fmt"
 	"math/rand/v2"
+	"slices"
 	"strings"
 	"testing"
+
+	"github.com/tuneinsight/lattigo/v6/schemes/ckks"
+
+	"github.com/kmsd-project/kmsd/he"
 )
 
 // countValues counts a decoded JSON value's values as shapeOf does.
@@ -82,6 +87,37 @@ func TestShapeOf(t *testing.T) {
 		b, _ := json.MarshalIndent(v, "", " ")
 		if got, want := shapeOf(b).values, countValues(v); got != want {
 			t.Fatalf("%s: %d values, want %d", b, got, want)
+		}
+	}
+}
+
+// BenchmarkDiagonalEncoding: encoding one diagonal of a matrix (a
+// plaintext of every slot at the top level), with the precision Lattigo
+// picks for the preset (55 bits from ckks-logn14 up, whose scale is 2^55:
+// big floats) and with 53 (float64). MatVec encodes one per column,
+// rounded up to a power of two; it is most of he_linear's time from
+// ckks-logn14 up (BENCHMARKS.md).
+func BenchmarkDiagonalEncoding(b *testing.B) {
+	for _, preset := range []string{"ckks-logn13", "ckks-logn14", "ckks-logn15"} {
+		p, err := he.Resolve(he.CKKS, json.RawMessage(`"`+preset+`"`))
+		if err != nil {
+			b.Fatal(err)
+		}
+		params := p.CKKS
+		v := make([]float64, params.MaxSlots())
+		for i := range v {
+			v[i] = float64(i%7) / 7
+		}
+		pt := ckks.NewPlaintext(params, params.MaxLevel())
+		for _, prec := range slices.Compact([]uint{params.EncodingPrecision(), 53}) {
+			b.Run(fmt.Sprintf("%s/precision-%d", preset, prec), func(b *testing.B) {
+				enc := ckks.NewEncoder(params, prec)
+				for b.Loop() {
+					if err := enc.Encode(v, pt); err != nil {
+						b.Fatal(err)
+					}
+				}
+			})
 		}
 	}
 }
