@@ -125,8 +125,9 @@ func TestCostCaps(t *testing.T) {
 		t.Errorf("a 2,800 x 2,800 he_linear: %q", msg)
 	}
 	// What is left is the SDK's own reading of the message (linear in
-	// its bytes, before any tool code), and the client's writing of it.
-	if alloc > 512<<20 {
+	// its bytes, before any tool code), and the client's writing of it:
+	// about 370 MiB (the old code: 1,730 MiB).
+	if alloc > 1<<30 {
 		t.Errorf("a refused 15.7 MB call allocated %d MiB", alloc>>20)
 	}
 
@@ -160,7 +161,11 @@ func TestCostCaps(t *testing.T) {
 		if !strings.Contains(msg, c.want) {
 			t.Errorf("%s: %q, want %q", c.name, msg, c.want)
 		}
-		if d > 5*time.Second || alloc > 256<<20 {
+		limit := 5 * time.Second
+		if raceEnabled {
+			limit *= 20
+		}
+		if d > limit || alloc > 256<<20 {
 			t.Errorf("%s: refused after %s and %d MiB", c.name, d, alloc>>20)
 		}
 	}
