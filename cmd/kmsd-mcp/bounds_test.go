@@ -101,11 +101,12 @@ func TestCostCaps(t *testing.T) {
 	url := w.startHTTP(t, "--key", "he")
 	s := connectHTTP(t, url, w.token(t, "worker", "he"))
 	keys := w.keysFor(t, "he", 1)
-	full := make([]float64, 1024)
+	full := make([]float64, 512)
 	for i := range full {
 		full[i] = float64(i%7) / 7
 	}
 	good := envJSON(w.encrypt(t, keys, full))
+	wide := envJSON(w.encrypt(t, keys, append(full, full...)))
 	small := envJSON(w.encrypt(t, keys, []float64{0.5, -0.25, 1}))
 	callRaw := func(tool string, args json.RawMessage) (map[string]any, string) {
 		t.Helper()
@@ -136,10 +137,10 @@ func TestCostCaps(t *testing.T) {
 		args       json.RawMessage
 		want       string
 	}{
-		{"he_linear past m·n", "he_linear", rawArgs(t, good, map[string][]byte{"weights": zeros(257, 512)}),
+		{"he_linear past m·n", "he_linear", rawArgs(t, good, map[string][]byte{"weights": digits(257, 512, '1')}),
 			"the weights: 131584 values (m·n); the cap is 131072 (32 per slot of the version's 4096 slots)"},
-		{"he_linear past the columns", "he_linear", rawArgs(t, good, map[string][]byte{"weights": zeros(1, 513)}),
-			"the weights: 513 columns; the cap is 512 (2^21 over the 4096 slots of the version"},
+		{"he_linear past the columns", "he_linear", rawArgs(t, wide, map[string][]byte{"weights": digits(1, 1024, '1')}),
+			"the weights: 1024 columns; the cap is 512 (2^21 over the 4096 slots of the version"},
 		{"he_linear with more outputs than slots", "he_linear", rawArgs(t, good, map[string][]byte{"weights": zeros(4097, 1)}),
 			"the weights: 4097 rows; the cap is 4096"},
 		{"he_polynomial past the levels", "he_polynomial", rawArgs(t, good, map[string][]byte{"coefficients": []byte("[0.5,1,1,0]")}),
