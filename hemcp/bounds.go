@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"math/bits"
 	"time"
 
 	"github.com/modelcontextprotocol/go-sdk/mcp"
@@ -73,7 +74,7 @@ func (c matrixCaps) check(what string, rows, cols, total int) error {
 	case rows > c.rows:
 		return fmt.Errorf("%s: %d rows; the cap is %d (the slots of the version)", what, rows, c.rows)
 	case cols > c.cols:
-		return fmt.Errorf("%s: %d columns; the cap is %d (2^21 over the %d slots of the version, at most the slots: the evaluation's work grows with both)", what, cols, c.cols, c.colsSlots)
+		return fmt.Errorf("%s: %d columns; the cap is %d (2^%d over the %d slots of the version, at most the slots: the evaluation's work grows with both)", what, cols, c.cols, bits.Len(MatrixWork)-1, c.colsSlots)
 	case total > c.total:
 		return fmt.Errorf("%s: %d values (m·n); the cap is %d (%d per slot of the version's %d slots)", what, total, c.total, WeightsPerSlot, c.slots)
 	}
@@ -120,7 +121,7 @@ func aggregateCap(n int) error {
 
 // checkCost is a receiving middleware: a tools/call whose arguments are
 // past a cap is refused (a tool error) before the SDK decodes them. The
-// caps here are those of the largest version loaded; each tool checks its
+// caps here are the loosest of the versions loaded; each tool checks its
 // own version's once it knows it.
 func (s *Server) checkCost(next mcp.MethodHandler) mcp.MethodHandler {
 	return func(ctx context.Context, method string, req mcp.Request) (mcp.Result, error) {
