@@ -17,6 +17,7 @@ import (
 	"github.com/tuneinsight/lattigo/v6/schemes/ckks"
 
 	"github.com/kmsd-project/kmsd/api/client/hekeys"
+	"github.com/kmsd-project/kmsd/kms/wire"
 )
 
 // Engine evaluates on the ciphertexts of one CKKS key version. It is safe
@@ -170,6 +171,9 @@ func (e *Engine) matVec(x *rlwe.Ciphertext, W [][]float64, ks *int) (*rlwe.Ciphe
 	if np > e.slots || m > e.slots {
 		return nil, 0, fmt.Errorf("a %dx%d matrix does not fit %d slots", m, n, e.slots)
 	}
+	if err := amplificationCap(math.Sqrt(frob / float64(np))); err != nil {
+		return nil, 0, err
+	}
 	if x.Level() < 1 {
 		return nil, 0, errors.New("the ciphertext is at level 0: no level left for a multiplication")
 	}
@@ -246,8 +250,11 @@ func (e *Engine) matVec(x *rlwe.Ciphertext, W [][]float64, ks *int) (*rlwe.Ciphe
 		}
 	}
 	if acc == nil { // an all-zero matrix
-		acc = x.CopyNew()
-		if err := ev.Mul(acc, 0.0, acc); err != nil {
+		// At the scale of the prime the rescale removes, as every other
+		// product here (by the integer 0, the rescale left a scale below
+		// 1, which kmsd would not attest).
+		var err error
+		if acc, err = e.mulConst(ev, x, 0); err != nil {
 			return nil, 0, err
 		}
 	}
@@ -255,6 +262,15 @@ func (e *Engine) matVec(x *rlwe.Ciphertext, W [][]float64, ks *int) (*rlwe.Ciphe
 		return nil, 0, err
 	}
 	return acc, math.Sqrt(frob / float64(np)), nil
+}
+
+// amplificationCap refuses, before anything is evaluated, an operation
+// whose declared noise amplification kmsd would not attest.
+func amplificationCap(amp float64) error {
+	if !(amp <= wire.MaxAmplification) {
+		return fmt.Errorf("the operation would multiply the noise of its input by %.3g; the cap is 2^40 (kmsd attests no more): scale the weights or coefficients down", amp)
+	}
+	return nil
 }
 
 // Linear is y = W·x + b, with y in the first m slots.
@@ -290,6 +306,15 @@ func (e *Engine) Polynomial(x *rlwe.Ciphertext, c []float64) (*rlwe.Ciphertext, 
 	if d > 1 && !e.Relinearization() {
 		return nil, Cost{}, errors.New("this key version has no relinearization key, which a polynomial of degree 2 or more needs")
 	}
+	// d(r·x) = r·dx + x·dr: the noise grows by sum k·|c_k|·M^(k-1) for
+	// inputs of magnitude at most M.
+	amp := 0.0
+	for k := 1; k <= d; k++ {
+		amp += float64(k) * math.Abs(c[k]) * math.Pow(e.inputBound(), float64(k-1))
+	}
+	if err := amplificationCap(amp); err != nil {
+		return nil, Cost{}, err
+	}
 	ev := e.eval.ShallowCopy()
 	r, err := e.mulConst(ev, x, c[d])
 	if err != nil {
@@ -311,12 +336,6 @@ func (e *Engine) Polynomial(x *rlwe.Ciphertext, c []float64) (*rlwe.Ciphertext, 
 		if err := ev.Add(r, c[i], r); err != nil {
 			return nil, Cost{}, err
 		}
-	}
-	// d(r·x) = r·dx + x·dr: the noise grows by sum k·|c_k|·M^(k-1) for
-	// inputs of magnitude at most M.
-	amp := 0.0
-	for k := 1; k <= d; k++ {
-		amp += float64(k) * math.Abs(c[k]) * math.Pow(e.inputBound(), float64(k-1))
 	}
 	// The relinearizations act before their rescales.
 	return r, Cost{Amplification: max(amp, 1)}, nil

@@ -18,6 +18,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/modelcontextprotocol/go-sdk/auth"
@@ -46,6 +47,11 @@ type Config struct {
 	MaxCalls int
 	// SessionTimeout ends an MCP session idle this long (default 30m).
 	SessionTimeout time.Duration
+	// MaxLoadedVersions bounds the engines of versions other than the
+	// keys' primaries, over all keys: past it, the least recently used is
+	// dropped (it loads again, from the blob cache, when a call needs
+	// it). Zero: 2; negative: none but the primaries.
+	MaxLoadedVersions int
 	// IntrospectRate bounds, per client address, the requests per second
 	// whose token is not in the introspection cache (each costs a
 	// question to kmsd and a record in its audit log), in bursts of
@@ -121,6 +127,9 @@ type Server struct {
 	srcMu       sync.Mutex
 	sources     map[string]*rate.Limiter // per client address, for tokens not in the cache
 	calls       chan struct{}            // a slot per tool call evaluating (Config.MaxCalls)
+	clock       atomic.Int64             // ticks at each use of an engine (loaded.used)
+	loadMu      sync.Mutex
+	loading     map[versionRef]*loadFlight // the loads under way, one per version
 	// resource is this server's canonical URL (RFC 9728
 	// protected-resource metadata, the audience of its clients' tokens);
 	// "" until SetResource.
@@ -134,8 +143,29 @@ type servedKey struct {
 	etag     string
 	primary  uint64
 	enabled  map[uint64]bool
-	engines  map[uint64]*Engine
+	engines  map[uint64]*loaded
 	loadedAt time.Time
+}
+
+// loaded is a version's engine and when it was last used.
+type loaded struct {
+	eng  *Engine
+	used atomic.Int64 // Server.clock at its last use
+}
+
+type versionRef struct {
+	key     string
+	version uint64
+}
+
+// loadFlight is a load of a version's keys that the calls needing it
+// wait for; it is cancelled when the last of them gives up.
+type loadFlight struct {
+	done   chan struct{}
+	eng    *Engine
+	err    error
+	refs   int // calls waiting for it
+	cancel context.CancelFunc
 }
 
 type introEntry struct {
@@ -164,6 +194,12 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	if cfg.SessionTimeout <= 0 {
 		cfg.SessionTimeout = 30 * time.Minute
 	}
+	switch {
+	case cfg.MaxLoadedVersions == 0:
+		cfg.MaxLoadedVersions = 2
+	case cfg.MaxLoadedVersions < 0:
+		cfg.MaxLoadedVersions = 0
+	}
 	if cfg.IntrospectRate <= 0 {
 		cfg.IntrospectRate = 5
 	}
@@ -176,17 +212,78 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	if len(cfg.Keys) == 0 {
 		return nil, errors.New("no keys to serve: give --key NAME")
 	}
-	s := &Server{cfg: cfg, log: cfg.Logger, served: map[string]*servedKey{}, intro: map[[32]byte]introEntry{}, calls: make(chan struct{}, cfg.MaxCalls)}
+	s := &Server{cfg: cfg, log: cfg.Logger, served: map[string]*servedKey{}, intro: map[[32]byte]introEntry{}, calls: make(chan struct{}, cfg.MaxCalls),
+		loading: map[versionRef]*loadFlight{}}
 	for _, name := range cfg.Keys {
 		if err := wire.ValidateName(name); err != nil {
 			return nil, fmt.Errorf("--key %q: %v", name, err)
 		}
-		s.served[name] = &servedKey{name: name, enabled: map[uint64]bool{}, engines: map[uint64]*Engine{}}
+		s.served[name] = &servedKey{name: name, enabled: map[uint64]bool{}, engines: map[uint64]*loaded{}}
 		if err := s.refresh(ctx, name); err != nil {
 			return nil, fmt.Errorf("key %s: %w", name, err)
 		}
 	}
+	if err := s.checkConfig(); err != nil {
+		return nil, err
+	}
 	return s, nil
+}
+
+// checkConfig holds the server's models and contexts to the caps of the
+// versions served: one that no call could use (past the caps of every
+// primary version) stops the server.
+func (s *Server) checkConfig() error {
+	var slots []int
+	s.mu.RLock()
+	for _, sk := range s.served {
+		if l := sk.engines[sk.primary]; l != nil && !slices.Contains(slots, l.eng.Slots()) {
+			slots = append(slots, l.eng.Slots())
+		}
+	}
+	s.mu.RUnlock()
+	sort.Sort(sort.Reverse(sort.IntSlice(slots)))
+	// fits is nil if the matrix is within the caps of some version.
+	fits := func(what string, W [][]float64) error {
+		rows, cols, total := matrixShape(W)
+		var first error
+		for _, sl := range slots {
+			err := capsFor(sl).check(what, rows, cols, total)
+			if err == nil {
+				return nil
+			}
+			if first == nil {
+				first = err
+			}
+		}
+		return first
+	}
+	for _, name := range sortedKeys(s.cfg.Models) {
+		m, ok := s.cfg.Models[name]
+		if !ok {
+			continue
+		}
+		rows := len(m.Weights)
+		if err := fits("the weights", m.Weights); err != nil {
+			return fmt.Errorf("model %q: %w", name, err)
+		}
+		if m.Bias != nil && len(m.Bias) != rows {
+			return fmt.Errorf("model %q: the bias has %d values, the weights %d rows", name, len(m.Bias), rows)
+		}
+	}
+	for _, name := range sortedKeys(s.cfg.Contexts) {
+		c, ok := s.cfg.Contexts[name]
+		if !ok {
+			continue
+		}
+		rows := len(c.Embeddings)
+		if err := fits("the embeddings", c.Embeddings); err != nil {
+			return fmt.Errorf("context %q: %w", name, err)
+		}
+		if len(c.IDs) != rows {
+			return fmt.Errorf("context %q: %d ids for %d embeddings", name, len(c.IDs), rows)
+		}
+	}
+	return nil
 }
 
 // refresh polls kmsd for a key (If-None-Match): a new primary is fetched,
@@ -216,7 +313,7 @@ func (s *Server) refresh(ctx context.Context, name string) error {
 	s.mu.RUnlock()
 	var eng *Engine
 	if !have && enabled[k.PrimaryVersion] {
-		if eng, err = s.load(ctx, name, k.PrimaryVersion); err != nil {
+		if eng, err = s.loadShared(ctx, name, k.PrimaryVersion); err != nil {
 			return err
 		}
 	}
@@ -224,8 +321,10 @@ func (s *Server) refresh(ctx context.Context, name string) error {
 	defer s.mu.Unlock()
 	sk := s.served[name]
 	sk.etag, sk.primary, sk.enabled = newTag, k.PrimaryVersion, enabled
-	if eng != nil {
-		sk.engines[k.PrimaryVersion] = eng
+	if eng != nil && sk.engines[k.PrimaryVersion] == nil {
+		l := &loaded{eng: eng}
+		l.used.Store(s.clock.Add(1))
+		sk.engines[k.PrimaryVersion] = l
 		s.log.Info("serving key version", "key", name, "version", k.PrimaryVersion, "primary", true)
 	}
 	for v := range sk.engines {
@@ -234,7 +333,90 @@ func (s *Server) refresh(ctx context.Context, name string) error {
 			s.log.Info("stopped serving key version: not enabled in kmsd", "key", name, "version", v)
 		}
 	}
+	s.evictLocked()
 	return nil
+}
+
+// evictLocked drops the least recently used engines of versions that are
+// not their key's primary, past Config.MaxLoadedVersions of them. s.mu
+// is held.
+func (s *Server) evictLocked() {
+	for {
+		var others int
+		var oldest *servedKey
+		var oldestV uint64
+		var oldestUse int64
+		for _, sk := range s.served {
+			for v, l := range sk.engines {
+				if v == sk.primary {
+					continue
+				}
+				others++
+				if u := l.used.Load(); oldest == nil || u < oldestUse {
+					oldest, oldestV, oldestUse = sk, v, u
+				}
+			}
+		}
+		if others <= s.cfg.MaxLoadedVersions {
+			return
+		}
+		delete(oldest.engines, oldestV)
+		s.log.Info("unloaded key version: least recently used past --max-loaded-versions; it loads again on demand", "key", oldest.name, "version", oldestV)
+	}
+}
+
+// loadShared loads a version's engine once for all the calls that need
+// it at the same time (each would otherwise hold a copy of its keys: most
+// of a GiB at logN 15). A call gives up when its own ctx ends; the load is
+// cancelled when every call waiting for it has. An enabled version's
+// engine is kept (and the least recently used others dropped).
+func (s *Server) loadShared(ctx context.Context, name string, version uint64) (*Engine, error) {
+	ref := versionRef{name, version}
+	s.loadMu.Lock()
+	f := s.loading[ref]
+	if f == nil {
+		lctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+		f = &loadFlight{done: make(chan struct{}), cancel: cancel}
+		s.loading[ref] = f
+		go func() {
+			defer cancel()
+			eng, err := s.load(lctx, name, version)
+			s.loadMu.Lock()
+			if s.loading[ref] == f {
+				delete(s.loading, ref)
+			}
+			s.loadMu.Unlock()
+			if err == nil {
+				s.mu.Lock()
+				if sk := s.served[name]; sk.enabled[version] && sk.engines[version] == nil {
+					l := &loaded{eng: eng}
+					l.used.Store(s.clock.Add(1))
+					sk.engines[version] = l
+					s.log.Info("serving key version", "key", name, "version", version, "primary", version == sk.primary)
+					s.evictLocked()
+				}
+				s.mu.Unlock()
+			}
+			f.eng, f.err = eng, err
+			close(f.done)
+		}()
+	}
+	f.refs++
+	s.loadMu.Unlock()
+	select {
+	case <-f.done:
+		return f.eng, f.err
+	case <-ctx.Done():
+		s.loadMu.Lock()
+		if f.refs--; f.refs == 0 {
+			f.cancel()
+			if s.loading[ref] == f {
+				delete(s.loading, ref)
+			}
+		}
+		s.loadMu.Unlock()
+		return nil, fmt.Errorf("gave up waiting for the keys of %s version %d: %w", name, version, ctx.Err())
+	}
 }
 
 func (s *Server) load(ctx context.Context, name string, version uint64) (*Engine, error) {
@@ -274,16 +456,18 @@ func (s *Server) engine(ctx context.Context, env *client.Envelope, check func() 
 	name, version := env.Key, env.Version
 	s.mu.RLock()
 	sk, ok := s.served[name]
-	var eng *Engine
+	var l *loaded
 	var enabled bool
 	if ok {
-		eng, enabled = sk.engines[version], sk.enabled[version]
+		l, enabled = sk.engines[version], sk.enabled[version]
 	}
 	s.mu.RUnlock()
 	switch {
 	case !ok:
 		return nil, fmt.Errorf("this server does not serve key %q (he_describe lists the keys it serves that your token may use)", name)
-	case eng != nil:
+	case l != nil:
+		l.used.Store(s.clock.Add(1))
+		eng := l.eng
 		if eng.Keys.Manifest.ParamsID != env.ParamsID {
 			return nil, otherParams(env, eng.Keys.Manifest.ParamsID)
 		}
@@ -304,16 +488,7 @@ func (s *Server) engine(ctx context.Context, env *client.Envelope, check func() 
 	if err := check(); err != nil {
 		return nil, err
 	}
-	eng, err = s.load(ctx, name, version)
-	if err != nil {
-		return nil, err
-	}
-	s.mu.Lock()
-	if sk.enabled[version] {
-		sk.engines[version] = eng
-	}
-	s.mu.Unlock()
-	return eng, nil
+	return s.loadShared(ctx, name, version)
 }
 
 // otherParams says that env was made under other parameters than its
@@ -502,27 +677,33 @@ func safe[In, Out any](s *Server, tool string, h mcp.ToolHandlerFor[In, Out]) mc
 			} else if err != nil || res != nil && res.IsError {
 				outcome = "tool_error"
 			}
-			s.cfg.Metrics.ToolCall(tool, outcome, time.Since(start))
-			// One line per call, naming the agent's token by id (never
-			// the token, never an argument).
-			who, client := "stdio", ""
-			if req != nil && req.Extra != nil && req.Extra.TokenInfo != nil {
-				who, _ = req.Extra.TokenInfo.Extra["token_id"].(string)
-				if who == "" {
-					who = req.Extra.TokenInfo.UserID
-				}
-				if u := req.Extra.TokenInfo.UserID; u != who {
-					client = u
-				}
-			}
-			attrs := []any{"tool", tool, "token_id", who, "outcome", outcome, "ms", time.Since(start).Milliseconds()}
-			if client != "" {
-				attrs = append(attrs, "client_id", client)
-			}
-			s.log.Info("tool call", attrs...)
+			s.logCall(tool, req, outcome, start)
 		}()
 		return h(ctx, req, in)
 	}
+}
+
+// logCall counts a tool call in the metrics and logs one line, naming
+// the agent's token by id (never the token, never an argument).
+func (s *Server) logCall(tool string, req *mcp.CallToolRequest, outcome string, start time.Time) {
+	s.cfg.Metrics.ToolCall(tool, outcome, time.Since(start))
+	// One line per call, naming the agent's token by id and, for an
+	// access token, its client (never the token, never an argument).
+	who, client := "stdio", ""
+	if req != nil && req.Extra != nil && req.Extra.TokenInfo != nil {
+		who, _ = req.Extra.TokenInfo.Extra["token_id"].(string)
+		if who == "" {
+			who = req.Extra.TokenInfo.UserID
+		}
+		if u := req.Extra.TokenInfo.UserID; u != who {
+			client = u
+		}
+	}
+	attrs := []any{"tool", tool, "token_id", who, "outcome", outcome, "ms", time.Since(start).Milliseconds()}
+	if client != "" {
+		attrs = append(attrs, "client_id", client)
+	}
+	s.log.Info("tool call", attrs...)
 }
 
 // MCPServer builds the MCP server with the tools and the manifests as
@@ -536,6 +717,7 @@ func (s *Server) MCPServer() *mcp.Server {
 		// so), and logging, the SDK's default.
 		Capabilities: &mcp.ServerCapabilities{Logging: &mcp.LoggingCapabilities{}, Tools: &mcp.ToolCapabilities{}, Resources: &mcp.ResourceCapabilities{}, Prompts: &mcp.PromptCapabilities{}},
 	})
+	srv.AddReceivingMiddleware(s.checkCost)
 	mcp.AddTool(srv, &mcp.Tool{Name: "he_describe", Description: "The keys served: versions, parameter ids, slots, scale, levels, the rotations available, and what each tool needs. Example: {}"}, safe(s, "he_describe", s.describe))
 	mcp.AddTool(srv, &mcp.Tool{Name: "he_linear", Description: "y = W·x + b for an encrypted vector x and plaintext W (m rows of n) and b; y is in the first m slots. Needs rotations by powers of two (or the exact ones it names). Example: {\"ciphertext\": ENVELOPE, \"weights\": [[0.5, -1, 2]], \"bias\": [0.1]} or {\"ciphertext\": ENVELOPE, \"model\": \"risk\"}. " + toolHelp}, safe(s, "he_linear", s.linear))
 	mcp.AddTool(srv, &mcp.Tool{Name: "he_polynomial", Description: "c0 + c1·x + ... + cd·x^d on every slot (d levels; the relinearization key for d >= 2). Example (degree 2): {\"ciphertext\": ENVELOPE, \"coefficients\": [0.5, 0.197, -0.05]}. " + toolHelp}, safe(s, "he_polynomial", s.polynomial))
@@ -569,12 +751,12 @@ func (s *Server) MCPServer() *mcp.Server {
 				}
 				s.mu.RLock()
 				sk := s.served[name]
-				eng := sk.engines[sk.primary]
+				l := sk.engines[sk.primary]
 				s.mu.RUnlock()
-				if eng == nil {
+				if l == nil {
 					return nil, fmt.Errorf("the primary version of %s is not loaded", name)
 				}
-				b, err := json.Marshal(eng.Keys.Manifest)
+				b, err := json.Marshal(l.eng.Keys.Manifest)
 				if err != nil {
 					return nil, err
 				}
@@ -600,7 +782,8 @@ func (s *Server) describe(ctx context.Context, req *mcp.CallToolRequest, _ Descr
 		}
 		sk := s.served[name]
 		ki := KeyInfo{Name: name, Primary: sk.primary}
-		for v, e := range sk.engines {
+		for v, l := range sk.engines {
+			e := l.eng
 			ki.Versions = append(ki.Versions, VersionInfo{Version: v, ParamsID: e.Keys.Manifest.ParamsID, LogN: e.params.LogN(), Slots: e.Slots(),
 				LogScale: float64(e.params.LogDefaultScale()), Levels: e.params.MaxLevel(), Rotations: e.Rotations(), Relinearization: e.Relinearization()})
 		}
@@ -658,6 +841,13 @@ func (s *Server) linear(ctx context.Context, req *mcp.CallToolRequest, in Linear
 	if len(W) == 0 {
 		return nil, CiphertextOut{}, errors.New("give weights (one row per output) or a model")
 	}
+	rows, cols, total := matrixShape(W)
+	if err := capsFor(eng.Slots()).check("the weights", rows, cols, total); err != nil {
+		return nil, CiphertextOut{}, err
+	}
+	if len(b) > eng.Slots() {
+		return nil, CiphertextOut{}, fmt.Errorf("the bias: %d values; the cap is %d (the slots of the version)", len(b), eng.Slots())
+	}
 	if len(W[0]) != env.Slots {
 		return nil, CiphertextOut{}, fmt.Errorf("the weights have %d columns, the ciphertext holds %d values", len(W[0]), env.Slots)
 	}
@@ -673,6 +863,9 @@ func (s *Server) polynomial(ctx context.Context, req *mcp.CallToolRequest, in Po
 	if err != nil {
 		return nil, CiphertextOut{}, err
 	}
+	if err := polynomialCap(len(in.Coefficients), eng.params.MaxLevel()); err != nil {
+		return nil, CiphertextOut{}, err
+	}
 	y, cost, err := eng.Polynomial(ct, in.Coefficients)
 	if err != nil {
 		return nil, CiphertextOut{}, err
@@ -686,6 +879,9 @@ func (s *Server) aggregate(ctx context.Context, req *mcp.CallToolRequest, in Agg
 	}
 	if len(in.Ciphertexts) == 0 {
 		return nil, CiphertextOut{}, errors.New("give at least one ciphertext")
+	}
+	if err := aggregateCap(len(in.Ciphertexts)); err != nil {
+		return nil, CiphertextOut{}, err
 	}
 	var eng *Engine
 	var first *client.Envelope
@@ -722,6 +918,10 @@ func (s *Server) similarity(ctx context.Context, req *mcp.CallToolRequest, in Si
 	}
 	if len(c.Embeddings) == 0 || len(c.Embeddings[0]) != env.Slots {
 		return nil, SimilarityOut{}, fmt.Errorf("context %q has embeddings of %d dimensions, the query %d", in.Context, dim(c.Embeddings), env.Slots)
+	}
+	rows, cols, total := matrixShape(c.Embeddings)
+	if err := capsFor(eng.Slots()).check(fmt.Sprintf("context %q", in.Context), rows, cols, total); err != nil {
+		return nil, SimilarityOut{}, err
 	}
 	y, cost, err := eng.MatVec(ct, c.Embeddings)
 	if err != nil {

@@ -10,6 +10,8 @@ import (
 	"math"
 	"regexp"
 	"time"
+
+	"github.com/kmsd-project/kmsd/kms/wire"
 )
 
 // Attestations give HE ciphertexts provenance. kmsd decrypts only a
@@ -30,7 +32,7 @@ import (
 // no attestation, or one that names whoever vouched for it.
 
 // MaxAttestInputs is how many input attestations one evaluation may name.
-const MaxAttestInputs = 64
+const MaxAttestInputs = wire.MaxAttestInputs
 
 // AttestRequest is what a token asks kmsd to vouch for: the digest of an
 // envelope (Envelope.Digest) with its level, scale and slots, and, for an
@@ -96,9 +98,9 @@ func (c Call) Attest(ctx context.Context, p *Principal, name string, n uint64, r
 			return nil, nil, Errorf(KindInvalid, "an evaluation names the attestations of its inputs: kmsd vouches only for results computed from attested inputs")
 		case len(req.Inputs) > MaxAttestInputs:
 			return nil, nil, Errorf(KindInvalid, "an evaluation takes at most %d inputs", MaxAttestInputs)
-		case !(req.Amplification >= 1) || req.Amplification > 1<<40:
+		case !(req.Amplification >= 1) || req.Amplification > wire.MaxAmplification:
 			return nil, nil, Errorf(KindInvalid, "amplification must be from 1 to 2^40: the largest factor the operation multiplies an input's noise by (the sum of the absolute weights of an output)")
-		case req.KeySwitches < 0 || req.KeySwitches > 1<<16:
+		case req.KeySwitches < 0 || req.KeySwitches > wire.MaxKeySwitches:
 			return nil, nil, Errorf(KindInvalid, "key_switches must be from 0 to 65536")
 		}
 		st.Type, st.Amplification, st.KeySwitches = StatementEvaluation, req.Amplification, req.KeySwitches

@@ -5,16 +5,23 @@ import (
 	"crypto/tls"
 	"encoding/base64"
 	"encoding/json"
+	"fmt"
+	"math"
 	"math/rand/v2"
 	"net/http"
 	"os"
 	"path/filepath"
+	"runtime"
+	"runtime/debug"
+	"runtime/metrics"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/modelcontextprotocol/go-sdk/mcp"
 	"github.com/tuneinsight/lattigo/v6/core/rlwe"
+	"github.com/tuneinsight/lattigo/v6/schemes/ckks"
 
 	"github.com/kmsd-project/kmsd/api/client"
 	"github.com/kmsd-project/kmsd/api/client/hekeys"
@@ -198,5 +205,170 @@ func BenchmarkToolCallTransport(b *testing.B) {
 			})
 		}
 		s.Close()
+	}
+}
+
+// heapLive is the heap the last collection found live (runtime/metrics:
+// read without stopping the world).
+func heapLive() uint64 {
+	s := []metrics.Sample{{Name: "/gc/heap/live:bytes"}}
+	metrics.Read(s)
+	return s[0].Value.Uint64()
+}
+
+// procKiB is a field of /proc/self/status (VmRSS, VmHWM), in KiB.
+func procKiB(b *testing.B, field string) uint64 {
+	st, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		b.Fatal(err)
+	}
+	for _, l := range strings.Split(string(st), "\n") {
+		if v, ok := strings.CutPrefix(l, field+":"); ok {
+			var n uint64
+			fmt.Sscan(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")), &n)
+			return n
+		}
+	}
+	b.Fatalf("no %s in /proc/self/status", field)
+	return 0
+}
+
+// measured runs f and reports, per call, the bytes this process (client,
+// kmsd-mcp and kmsd) allocated, the most heap a collection during the
+// calls found live above what was live before, and how far the resident
+// set grew above what it was before (Linux: the peak is reset through
+// /proc/self/clear_refs).
+func measured(b *testing.B, f func()) {
+	runtime.GC()
+	debug.FreeOSMemory()
+	var before, after runtime.MemStats
+	runtime.ReadMemStats(&before)
+	base := heapLive()
+	rss := procKiB(b, "VmRSS")
+	if err := os.WriteFile("/proc/self/clear_refs", []byte("5"), 0); err != nil {
+		b.Fatal(err)
+	}
+	var peak atomic.Uint64
+	stop := make(chan struct{})
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			if h := heapLive(); h > peak.Load() {
+				peak.Store(h)
+			}
+			select {
+			case <-stop:
+				return
+			case <-time.After(5 * time.Millisecond):
+			}
+		}
+	}()
+	b.ResetTimer()
+	for b.Loop() {
+		f()
+	}
+	b.StopTimer()
+	close(stop)
+	<-done
+	runtime.ReadMemStats(&after)
+	b.ReportMetric(float64(after.TotalAlloc-before.TotalAlloc)/float64(b.N)/(1<<20), "MiB-alloc/op")
+	b.ReportMetric(float64(max(peak.Load(), base)-base)/(1<<20), "MiB-live-peak")
+	b.ReportMetric(float64(max(procKiB(b, "VmHWM"), rss)-rss)/1024, "MiB-RSS-peak")
+}
+
+// BenchmarkWorstAcceptedCall (issue 25, part 7): the costliest call each
+// cap lets through, per preset: he_linear with as many columns as
+// MatrixWork allows (one plaintext product each) and as many rows as
+// WeightsPerSlot·slots values then allow, he_polynomial of the degree the
+// levels allow, and
+// he_aggregate of 64 level-0 ciphertexts (or as many as fit the default
+// 16 MiB message). And, at ckks-logn13 with --max-request-mib 64, a call
+// like the outside review's 33 MiB he_linear (4,096 x 4,096 weights, all
+// 1), now refused.
+func BenchmarkWorstAcceptedCall(b *testing.B) {
+	for _, p := range []struct {
+		preset       string
+		slots, level int
+		ctBytes      int // a level-0 ciphertext, base64
+	}{{"ckks-logn13", 1 << 12, 2, 175 << 10}, {"ckks-logn14", 1 << 13, 4, 350 << 10}, {"ckks-logn15", 1 << 14, 11, 700 << 10}} {
+		b.Run(p.preset, func(b *testing.B) {
+			w := newWorld(b)
+			w.heKey(b, "he", p.preset, p.slots)
+			extra := []string{"--key", "he"}
+			if p.preset == "ckks-logn13" {
+				extra = append(extra, "--max-request-mib", "64")
+			}
+			s := connectHTTP(b, w.startHTTP(b, extra...), w.token(b, "worker", "he"))
+			call := func(tool string, args any, wantErr string) {
+				res, err := s.CallTool(context.Background(), &mcp.CallToolParams{Name: tool, Arguments: args})
+				if err != nil {
+					b.Fatalf("%s: %v", tool, err)
+				}
+				msg := ""
+				if res.IsError {
+					msg = res.Content[0].(*mcp.TextContent).Text
+				}
+				if wantErr == "" && msg != "" || wantErr != "" && !strings.Contains(msg, wantErr) {
+					b.Fatalf("%s: %q, want %q", tool, msg, wantErr)
+				}
+			}
+			keys := w.keysFor(b, "he", 1)
+			rng := rand.New(rand.NewPCG(5, 6))
+			x := make([]float64, p.slots)
+			for i := range x {
+				x[i] = rng.Float64()*2 - 1
+			}
+			xJSON := envJSON(w.encrypt(b, keys, x))
+			cols := hemcp.MatrixWork / p.slots
+			rows := hemcp.WeightsPerSlot * p.slots / cols
+			b.Run(fmt.Sprintf("he_linear-%dx%d", rows, cols), func(b *testing.B) {
+				W := make([][]float64, rows)
+				for i := range W {
+					W[i] = make([]float64, cols)
+					for j := range W[i] {
+						// Three decimals: at ckks-logn15 the ciphertext
+						// alone is 8.4 MiB of the message's 16.
+						W[i][j] = math.Round((rng.Float64()*2-1)*1000) / 1000
+					}
+				}
+				args, _ := json.Marshal(map[string]any{"ciphertext": envJSON(w.encrypt(b, keys, x[:cols])), "weights": W})
+				b.Logf("%.1f MiB of arguments", float64(len(args))/(1<<20))
+				measured(b, func() { call("he_linear", json.RawMessage(args), "") })
+			})
+			b.Run(fmt.Sprintf("he_polynomial-degree%d", p.level), func(b *testing.B) {
+				c := make([]float64, p.level+1)
+				c[0], c[1] = 0.1, 1
+				for k := 2; k < len(c); k++ {
+					c[k] = 1e-4
+				}
+				measured(b, func() { call("he_polynomial", map[string]any{"ciphertext": xJSON, "coefficients": c}, "") })
+			})
+			n := min(hemcp.MaxAggregateInputs, (15<<20)/p.ctBytes)
+			b.Run(fmt.Sprintf("he_aggregate-%d-level0", n), func(b *testing.B) {
+				ct, err := keys.Open(w.encrypt(b, keys, x))
+				if err != nil {
+					b.Fatal(err)
+				}
+				ckks.NewEvaluator(keys.CKKS, nil).DropLevel(ct, ct.Level())
+				env, err := keys.Seal(ct, p.slots)
+				if err != nil {
+					b.Fatal(err)
+				}
+				w.attest(b, env)
+				cts := make([]any, n)
+				for i := range cts {
+					cts[i] = envJSON(env)
+				}
+				measured(b, func() { call("he_aggregate", map[string]any{"ciphertexts": cts, "op": "sum"}, "") })
+			})
+			if p.preset == "ckks-logn13" {
+				b.Run("refused-he_linear-4096x4096", func(b *testing.B) {
+					args := rawArgs(b, xJSON, map[string][]byte{"weights": digits(4096, 4096, '1')})
+					b.Logf("%d MiB of arguments", len(args)>>20)
+					measured(b, func() { call("he_linear", args, "4096 columns; the cap is 512") })
+				})
+			}
+		})
 	}
 }

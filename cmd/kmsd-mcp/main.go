@@ -67,6 +67,8 @@ type config struct {
 	allowedOrigins, allowedHosts                                                                   keyList
 	allowUnbound                                                                                   bool
 	sessionTimeout                                                                                 time.Duration
+	maxLoadedVersions                                                                              int64
+	stallTimeout                                                                                   time.Duration
 	keys                                                                                           keyList
 	refresh, introspectTTL                                                                         time.Duration
 	maxRequestMiB                                                                                  int64
@@ -125,6 +127,8 @@ func parseFlags(args []string, getenv func(string) string, out io.Writer) (confi
 	fs.Int64Var(&c.maxRequestMiB, "max-request-mib", num("KMSD_MCP_MAX_REQUEST_MIB", 16), "largest MCP message over HTTP or stdio, in MiB (a logN 15 ciphertext is a few MiB) (env KMSD_MCP_MAX_REQUEST_MIB)")
 	fs.Int64Var(&c.maxCalls, "max-calls", num("KMSD_MCP_MAX_CALLS", int64(2*runtime.NumCPU())), "evaluations at once; a tool call past them is refused as busy (default twice the cores) (env KMSD_MCP_MAX_CALLS)")
 	fs.DurationVar(&c.sessionTimeout, "session-timeout", dur("KMSD_MCP_SESSION_TIMEOUT", 30*time.Minute), "an MCP session idle this long is ended (env KMSD_MCP_SESSION_TIMEOUT)")
+	fs.Int64Var(&c.maxLoadedVersions, "max-loaded-versions", num("KMSD_MCP_MAX_LOADED_VERSIONS", 2), "key versions kept loaded besides each key's primary, over all keys; past it the least recently used is dropped and loads again, from the blob cache, when a call needs it (env KMSD_MCP_MAX_LOADED_VERSIONS)")
+	fs.DurationVar(&c.stallTimeout, "download-stall-timeout", dur("KMSD_MCP_DOWNLOAD_STALL_TIMEOUT", hekeys.DefaultStallTimeout), "a request to kmsd for keys that gets no byte for this long fails, and the call waiting for it (a download resumes where it stopped) (env KMSD_MCP_DOWNLOAD_STALL_TIMEOUT)")
 	fs.StringVar(&c.metricsAddr, "metrics-addr", env("KMSD_MCP_METRICS_ADDR", ""), "serve Prometheus metrics at /metrics (plain HTTP) on this loopback address, e.g. 127.0.0.1:9421; empty: off (env KMSD_MCP_METRICS_ADDR)")
 	fs.StringVar(&c.metricsToken, "metrics-token-file", env("KMSD_MCP_METRICS_TOKEN_FILE", ""), "file (mode 600) holding a bearer token of at least 16 characters that scrapers of --metrics-addr must present (env KMSD_MCP_METRICS_TOKEN_FILE)")
 	fs.StringVar(&c.logLevel, "log-level", env("KMSD_MCP_LOG_LEVEL", "info"), "debug, info, warn or error; JSON logs on stderr (env KMSD_MCP_LOG_LEVEL)")
@@ -205,6 +209,8 @@ func parseFlags(args []string, getenv func(string) string, out io.Writer) (confi
 		return c, errors.New("--metrics-token-file needs --metrics-addr")
 	case c.refresh <= 0 || c.introspectTTL <= 0 || c.maxRequestMiB < 1 || c.maxCalls < 1 || c.sessionTimeout < time.Second:
 		return c, errors.New("--refresh and --introspect-ttl must be positive, --max-request-mib and --max-calls at least 1, --session-timeout at least 1s")
+	case c.maxLoadedVersions < 0 || c.maxLoadedVersions > 1000 || c.stallTimeout <= 0:
+		return c, errors.New("--max-loaded-versions must be from 0 to 1000, --download-stall-timeout positive")
 	case (c.tlsCert == "") != (c.tlsKey == ""):
 		return c, errors.New("--tls-cert and --tls-key go together")
 	case c.tlsCert != "" && c.httpAddr == "":
@@ -272,7 +278,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdin i
 		c.cacheDir = filepath.Join(base, "kmsd-mcp")
 	}
 	hc := *kc.HTTPClient()
-	hc.Timeout = 0 // keysets are large; ctx bounds the fetch
+	hc.Timeout = 0 // keysets are large: a stall (--download-stall-timeout) or ctx ends the fetch
 	var mm *mcpMetrics
 	var mreg *metrics.Registry
 	var metricsToken string
@@ -289,6 +295,11 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdin i
 		Keys: c.keys, Refresh: c.refresh, IntrospectTTL: c.introspectTTL, MaxRequestBytes: c.maxRequestMiB << 20, Logger: log,
 		MaxCalls: int(c.maxCalls), SessionTimeout: c.sessionTimeout, AllowUnbound: c.allowUnbound,
 		AuthorizationServer: c.authServer, Stateless: c.stateless, AllowedOrigins: c.allowedOrigins}
+	cfg.Fetcher.StallTimeout = c.stallTimeout
+	cfg.MaxLoadedVersions = int(c.maxLoadedVersions)
+	if c.maxLoadedVersions == 0 {
+		cfg.MaxLoadedVersions = -1 // none but the primaries
+	}
 	if c.httpAddr != "" && cfg.AuthorizationServer == "" {
 		// The issuer kmsd names: clients get this server's tokens there.
 		mctx, mcancel := context.WithTimeout(ctx, 10*time.Second)

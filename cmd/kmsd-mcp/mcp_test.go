@@ -490,13 +490,13 @@ func TestRefusals(t *testing.T) {
 		{"wrong level", s, "he_polynomial", map[string]any{"ciphertext": w.attestedJSON(t, env, func(c *client.Envelope) { c.Level = 0 }), "coefficients": []float64{0, 1, 1}}, "its ciphertext is at level"},
 		{"wrong level, attested before", s, "he_polynomial", map[string]any{"ciphertext": with("level", 0), "coefficients": []float64{0, 1, 1}}, "does not cover this ciphertext"},
 		{"weights wider than the vector", s, "he_linear", map[string]any{"ciphertext": good, "weights": [][]float64{{1, 2, 3, 4}}}, "the weights have 4 columns, the ciphertext holds 3 values"},
-		{"more outputs than slots", s, "he_linear", map[string]any{"ciphertext": good, "weights": tall(5000, 3)}, "does not fit 4096 slots"},
+		{"more outputs than slots", s, "he_linear", map[string]any{"ciphertext": good, "weights": tall(5000, 3)}, "the weights: 5000 rows; the cap is 4096"},
 		{"bias of another length", s, "he_linear", map[string]any{"ciphertext": good, "weights": [][]float64{{1, 2, 3}}, "bias": []float64{1, 2}}, "bias has 2 values"},
 		{"no weights", s, "he_linear", map[string]any{"ciphertext": good}, "give weights"},
 		{"unknown model", s, "he_linear", map[string]any{"ciphertext": good, "model": "nope"}, `no model "nope"`},
 		{"unknown context", s, "he_similarity", map[string]any{"ciphertext": good, "context": "nope"}, `no context "nope"`},
 		{"bad op", s, "he_aggregate", map[string]any{"ciphertexts": []any{good}, "op": "max"}, `op must be "sum" or "mean"`},
-		{"polynomial too deep", s, "he_polynomial", map[string]any{"ciphertext": good, "coefficients": []float64{0, 1, 1, 1, 1, 1}}, "needs 5 levels"},
+		{"polynomial past the levels of the version", s, "he_polynomial", map[string]any{"ciphertext": good, "coefficients": []float64{0, 1, 1, 1, 1, 1}}, "the coefficients: 6; the cap is 3 (degree 2"},
 		{"polynomial of degree 0", s, "he_polynomial", map[string]any{"ciphertext": good, "coefficients": []float64{1}}, "degree 0 and 1"},
 	} {
 		if _, msg := call(t, c.s, c.tool, c.args); !strings.Contains(msg, c.want) {
@@ -507,6 +507,14 @@ func TestRefusals(t *testing.T) {
 	// the tool runs (TestOAuthClientCredentials reads the challenge).
 	if _, err := otherSession.CallTool(context.Background(), &mcp.CallToolParams{Name: "he_polynomial", Arguments: map[string]any{"ciphertext": good, "coefficients": []float64{0, 1, 1}}}); err == nil || !strings.Contains(err.Error(), "Forbidden") {
 		t.Errorf("key outside the token's patterns: %v", err)
+	}
+	// A polynomial deeper than the levels its ciphertext has left.
+	lower, msg := call(t, s, "he_polynomial", map[string]any{"ciphertext": good, "coefficients": []float64{0, 1}})
+	if msg != "" {
+		t.Fatal(msg)
+	}
+	if _, msg := call(t, s, "he_polynomial", map[string]any{"ciphertext": lower["ciphertext"], "coefficients": []float64{0, 1, 1}}); !strings.Contains(msg, "needs 2 levels; the ciphertext has 1 left") {
+		t.Errorf("polynomial too deep: %q", msg)
 	}
 	// Ciphertexts of two versions cannot be aggregated; a missing rotation is named.
 	nk := w.keysFor(t, "he-norot", 1)
@@ -771,6 +779,9 @@ func TestBadSettings(t *testing.T) {
 		{[]string{"--key", "k", "--identity-key-file", idFile, "--authorization-server", "http://kms.example:8420"}, nil, "--authorization-server"},
 		{[]string{"--key", "k", "--identity-key-file", idFile, "--authorization-server", "https://kms.example:8420/x"}, nil, "--authorization-server"},
 		{[]string{"--key", "k", "--identity-key-file", idFile, "--introspect-ttl", "10m"}, nil, "over 5m"},
+		{[]string{"--key", "k", "--identity-key-file", idFile, "--max-loaded-versions", "-1"}, nil, "--max-loaded-versions must be from 0 to 1000"},
+		{[]string{"--key", "k", "--identity-key-file", idFile}, map[string]string{"KMSD_MCP_MAX_LOADED_VERSIONS": "two"}, `KMSD_MCP_MAX_LOADED_VERSIONS="two"`},
+		{[]string{"--key", "k", "--identity-key-file", idFile, "--download-stall-timeout", "0s"}, nil, "--download-stall-timeout positive"},
 	} {
 		var stderr testutil.Buffer
 		err := run(context.Background(), c.args, func(k string) string { return c.env[k] }, nil, nil, &stderr, nil)
@@ -1056,4 +1067,21 @@ func TestHTTPSOffLoopback(t *testing.T) {
 	if _, msg := call(t, s, "he_describe", map[string]any{}); msg != "" {
 		t.Fatal(msg)
 	}
+}
+
+// TestAllZeroWeights: he_linear with weights that are all zero gives an
+// attested encryption of zeros (found while capping he_linear: its
+// product by the integer 0 left a scale below 1 after the rescale, and
+// kmsd refused to attest the result).
+func TestAllZeroWeights(t *testing.T) {
+	w := newWorld(t)
+	w.heKey(t, "he", "ckks-logn13", 1<<12)
+	url := w.startHTTP(t, "--key", "he")
+	s := connectHTTP(t, url, w.token(t, "worker", "he"))
+	env := w.encrypt(t, w.keysFor(t, "he", 1), []float64{0.5, -0.25, 1})
+	out, msg := call(t, s, "he_linear", map[string]any{"ciphertext": envJSON(env), "weights": [][]float64{{0, 0, 0}, {0, 0, 0}}, "bias": []float64{0, 1}})
+	if msg != "" {
+		t.Fatal(msg)
+	}
+	w.decrypt(t, "he_linear with zero weights", out, []float64{0, 1})
 }

@@ -137,6 +137,15 @@ const (
 	StatementEvaluation = "evaluation"
 )
 
+// Limits of an evaluation's attestation: kmsd refuses a request past
+// them, and an evaluator checks its operation against them before it
+// computes.
+const (
+	MaxAttestInputs  = 64      // input attestations one evaluation may name
+	MaxAmplification = 1 << 40 // the largest amplification it may declare
+	MaxKeySwitches   = 1 << 16 // the most key switches it may declare
+)
+
 // Statement is what an attestation says.
 type Statement struct {
 	Type     string  `json:"type"`

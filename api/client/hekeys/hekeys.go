@@ -19,6 +19,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/cloudflare/circl/sign/mldsa/mldsa65"
 	"github.com/tuneinsight/lattigo/v6/core/rlwe"
@@ -63,7 +64,20 @@ type Fetcher struct {
 	// the cache) with the bytes done and the total of the version's blobs.
 	// A Fetcher may be used by several goroutines at once.
 	Progress func(done, total int64)
+	// StallTimeout fails a request to kmsd that makes no progress for
+	// this long: no response headers, or no byte of the body (a blob
+	// download then resumes where it stopped on the next fetch). Zero:
+	// DefaultStallTimeout; negative: none (the context alone bounds the
+	// fetch).
+	StallTimeout time.Duration
 }
+
+// DefaultStallTimeout is a Fetcher's StallTimeout when it sets none.
+const DefaultStallTimeout = 30 * time.Second
+
+// ErrStalled is the class of a request to kmsd that stopped making
+// progress for the Fetcher's StallTimeout.
+var ErrStalled = errors.New("hekeys: the request to kmsd stalled")
 
 // progress counts one Fetch's or Download's bytes.
 type progress struct {
@@ -93,9 +107,25 @@ func verifyErr(format string, args ...any) error {
 	return fmt.Errorf("%w: %s", ErrVerify, fmt.Sprintf(format, args...))
 }
 
+// get sends a GET to kmsd. Unless StallTimeout is negative, a watchdog
+// cancels the request when it makes no progress for StallTimeout: from
+// the start until the response headers, then between reads of the body
+// that return bytes; the error is then ErrStalled.
 func (f *Fetcher) get(ctx context.Context, path string, hdr map[string]string) (*http.Response, error) {
+	stall := f.StallTimeout
+	if stall == 0 {
+		stall = DefaultStallTimeout
+	}
+	var wd *watchdog
+	if stall > 0 {
+		var cancel context.CancelCauseFunc
+		ctx, cancel = context.WithCancelCause(ctx)
+		wd = &watchdog{ctx: ctx, cancel: cancel, d: stall, err: fmt.Errorf("%w: no byte from kmsd for %s (GET %s)", ErrStalled, stall, path)}
+		wd.t = time.AfterFunc(stall, func() { cancel(wd.err) })
+	}
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, strings.TrimRight(f.BaseURL, "/")+path, nil)
 	if err != nil {
+		wd.stop()
 		return nil, err
 	}
 	req.Header.Set("Authorization", "Bearer "+f.Token)
@@ -106,7 +136,63 @@ func (f *Fetcher) get(ctx context.Context, path string, hdr map[string]string) (
 	if hc == nil {
 		hc = http.DefaultClient
 	}
-	return hc.Do(req)
+	resp, err := hc.Do(req)
+	if err != nil {
+		err = wd.cause(err)
+		wd.stop()
+		return nil, err
+	}
+	if wd != nil {
+		wd.t.Reset(stall)
+		resp.Body = &watchedBody{ReadCloser: resp.Body, wd: wd}
+	}
+	return resp, nil
+}
+
+// watchdog cancels a request that makes no progress for d.
+type watchdog struct {
+	ctx    context.Context
+	cancel context.CancelCauseFunc
+	t      *time.Timer
+	d      time.Duration
+	err    error // the cause it cancels with
+}
+
+func (w *watchdog) stop() {
+	if w != nil {
+		w.t.Stop()
+		w.cancel(nil)
+	}
+}
+
+// cause is err, or the watchdog's error if it fired.
+func (w *watchdog) cause(err error) error {
+	if w != nil && errors.Is(context.Cause(w.ctx), ErrStalled) {
+		return w.err
+	}
+	return err
+}
+
+// watchedBody resets its watchdog on every read that returns bytes.
+type watchedBody struct {
+	io.ReadCloser
+	wd *watchdog
+}
+
+func (b *watchedBody) Read(p []byte) (int, error) {
+	n, err := b.ReadCloser.Read(p)
+	if n > 0 {
+		b.wd.t.Reset(b.wd.d)
+	}
+	if err != nil && err != io.EOF {
+		err = b.wd.cause(err)
+	}
+	return n, err
+}
+
+func (b *watchedBody) Close() error {
+	b.wd.stop()
+	return b.ReadCloser.Close()
 }
 
 func (f *Fetcher) getAll(ctx context.Context, path string) ([]byte, error) {
@@ -334,13 +420,16 @@ func (f *Fetcher) blob(ctx context.Context, digest string, size int64, pr *progr
 		if err != nil {
 			return nil, err
 		}
+		var b []byte
+		if resp.StatusCode != http.StatusNotModified && resp.StatusCode != http.StatusOK {
+			b, _ = io.ReadAll(io.LimitReader(resp.Body, 64<<10))
+		}
 		resp.Body.Close()
 		if resp.StatusCode == http.StatusNotModified {
 			pr.advance(size)
 			return data, nil
 		}
 		if resp.StatusCode != http.StatusOK {
-			b, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
 			return nil, client.ProblemError(resp.StatusCode, b)
 		}
 	}
@@ -413,33 +502,64 @@ func matches(data []byte, h string, size int64) bool {
 	return int64(len(data)) == size && hex.EncodeToString(sum[:]) == h
 }
 
-// blobLocks are this process's locks of blobs being downloaded, by path.
-var blobLocks sync.Map // string -> chan struct{} (a one-slot semaphore)
+// blobLocks are this process's locks of blobs being downloaded, by path:
+// an entry lives while some call holds or waits for it, so that the map
+// does not grow with every blob ever fetched (a long-running server sees
+// a new keyset at every rotation).
+var blobLocks struct {
+	sync.Mutex
+	m map[string]*blobLock
+}
+
+type blobLock struct {
+	sem  chan struct{} // a one-slot semaphore
+	refs int           // calls holding or waiting for it
+}
 
 // lockBlob takes the lock of the blob at final: a semaphore of this
 // process (so that ctx ends the wait), then an exclusive file lock on the
 // cache dir itself (another process sharing it; no lock file is left in
 // the dir, which may be a user's output dir). unlock releases both.
 func lockBlob(ctx context.Context, final string) (unlock func(), err error) {
-	v, _ := blobLocks.LoadOrStore(final, make(chan struct{}, 1))
-	sem := v.(chan struct{})
+	blobLocks.Lock()
+	if blobLocks.m == nil {
+		blobLocks.m = map[string]*blobLock{}
+	}
+	l := blobLocks.m[final]
+	if l == nil {
+		l = &blobLock{sem: make(chan struct{}, 1)}
+		blobLocks.m[final] = l
+	}
+	l.refs++
+	blobLocks.Unlock()
+	release := func() {
+		blobLocks.Lock()
+		if l.refs--; l.refs == 0 {
+			delete(blobLocks.m, final)
+		}
+		blobLocks.Unlock()
+	}
 	select {
-	case sem <- struct{}{}:
+	case l.sem <- struct{}{}:
 	case <-ctx.Done():
+		release()
 		return nil, ctx.Err()
 	}
 	lf, err := os.Open(filepath.Dir(final))
 	if err != nil {
-		<-sem
+		<-l.sem
+		release()
 		return nil, err
 	}
 	if err := flock(ctx, lf); err != nil {
 		lf.Close()
-		<-sem
+		<-l.sem
+		release()
 		return nil, err
 	}
 	return func() {
 		lf.Close() // releases the file lock
-		<-sem
+		<-l.sem
+		release()
 	}, nil
 }
