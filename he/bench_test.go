@@ -20,9 +20,10 @@ func powersOfTwo(slots int) []int {
 // streamed to the blob store, with plain single-threaded Lattigo making the
 // same keys in memory. Run with -bench Keyset -benchtime 3x.
 //
-// Both sides use Lattigo's NTT and samplers; Generate draws the uniform
-// halves of the keys from AES-256-CTR (prng.go) where Lattigo's default is
-// BLAKE2b, so part of the ratio is that change and part the second core.
+// Both sides use Lattigo's NTT and error sampler; Generate draws the
+// uniform halves of the keys from a per-key seed with AES-256-CTR
+// (seeded.go) where Lattigo's key generator reads crypto/rand (v6.2.0),
+// so part of the ratio is that change and part the second core.
 func BenchmarkKeyset(b *testing.B) {
 	for _, name := range []string{"ckks-logn14", "ckks-logn15"} {
 		p, err := Resolve(CKKS, []byte(`"`+name+`"`))

@@ -21,8 +21,8 @@ import (
 )
 
 // Engine evaluates on the ciphertexts of one CKKS key version. It is safe
-// for concurrent use: each operation works on its own shallow copy of the
-// evaluator.
+// for concurrent use: Lattigo's evaluator is, since v6.2.0 (before, each
+// operation took its own shallow copy).
 type Engine struct {
 	Keys   *hekeys.Keys
 	params ckks.Parameters
@@ -177,7 +177,7 @@ func (e *Engine) matVec(x *rlwe.Ciphertext, W [][]float64, ks *int) (*rlwe.Ciphe
 	if x.Level() < 1 {
 		return nil, 0, errors.New("the ciphertext is at level 0: no level left for a multiplication")
 	}
-	ev := e.eval.ShallowCopy()
+	ev := e.eval
 	// Replicate x with period np.
 	v := x.CopyNew()
 	for p := np; p < e.slots; p *= 2 {
@@ -283,7 +283,7 @@ func (e *Engine) Linear(x *rlwe.Ciphertext, W [][]float64, bias []float64) (*rlw
 		return nil, Cost{}, err
 	}
 	if bias != nil {
-		if err := e.eval.ShallowCopy().Add(y, bias, y); err != nil {
+		if err := e.eval.Add(y, bias, y); err != nil {
 			return nil, Cost{}, err
 		}
 	}
@@ -315,7 +315,7 @@ func (e *Engine) Polynomial(x *rlwe.Ciphertext, c []float64) (*rlwe.Ciphertext, 
 	if err := amplificationCap(amp); err != nil {
 		return nil, Cost{}, err
 	}
-	ev := e.eval.ShallowCopy()
+	ev := e.eval
 	r, err := e.mulConst(ev, x, c[d])
 	if err != nil {
 		return nil, Cost{}, err
@@ -358,7 +358,7 @@ func (e *Engine) Aggregate(cts []*rlwe.Ciphertext, mean bool) (*rlwe.Ciphertext,
 	if len(cts) == 0 {
 		return nil, Cost{}, errors.New("no ciphertexts")
 	}
-	ev := e.eval.ShallowCopy()
+	ev := e.eval
 	// Lowest level first, so the sum is taken at the level all share.
 	sort.SliceStable(cts, func(i, j int) bool { return cts[i].Level() < cts[j].Level() })
 	sum := cts[0].CopyNew()
