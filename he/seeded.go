@@ -1,19 +1,14 @@
 package he
 
 import (
-	"crypto/aes"
-	"crypto/cipher"
 	"crypto/rand"
-	"crypto/sha256"
-	"encoding/binary"
-	"fmt"
-	"io"
-	"math/bits"
 
 	"github.com/tuneinsight/lattigo/v6/core/rlwe"
 	"github.com/tuneinsight/lattigo/v6/ring"
 	"github.com/tuneinsight/lattigo/v6/ring/ringqp"
 	"github.com/tuneinsight/lattigo/v6/utils/sampling"
+
+	"github.com/kmsd-project/kmsd/he/seedkey"
 )
 
 // Keys are generated here rather than by rlwe.KeyGenerator, whose
@@ -29,22 +24,12 @@ import (
 // key is its b halves and its seed, and ExpandA rebuilds the a halves
 // from the seed alone.
 //
-// The a halves are AES-256 in counter mode, one stream per (entry, RNS
-// limb): key SHA-256("kmsd-a-aes-v1" ‖ seed), counter block entry (4
-// bytes) ‖ limb (2 bytes) ‖ zeros; a coefficient is the next 8 bytes,
-// little-endian, masked to the modulus' bit length and rejected unless
-// below it. This is kmsd's own specification, so a stored seed means the
-// same keys whatever Lattigo's samplers do, and limbs expand in parallel
-// on AES-NI at gigabytes a second.
-//
-// The seed is public (it is the a halves): the argument is the usual one
-// for seeded public matrices (AES under a known key as an ideal cipher),
-// and it needs the seed fresh per key from crypto/rand, independent of
-// every secret. Two keys sharing a would leak the secret (the difference
-// of their b halves), so a seed is never reused.
+// The a halves and the seeded form are package seedkey's (its doc has
+// the stream's specification and the security argument); each seed is
+// fresh from crypto/rand for one key.
 
 // ASeedSize is the size of a key's seed for its a halves.
-const ASeedSize = 32
+const ASeedSize = seedkey.SeedSize
 
 // newASeed is a fresh seed from the OS.
 func newASeed() (*[ASeedSize]byte, error) {
@@ -55,74 +40,9 @@ func newASeed() (*[ASeedSize]byte, error) {
 	return &s, nil
 }
 
-// ctrStream is AES-CTR keystream (CTR over zeros).
-type ctrStream struct{ s cipher.Stream }
-
-func (c ctrStream) Read(p []byte) (int, error) {
-	clear(p)
-	c.s.XORKeyStream(p, p)
-	return len(p), nil
-}
-
-// sampleLimb fills coeffs with integers uniform in [0, q) from r: each
-// candidate is the next 8 bytes little-endian, masked to bitlen(q), kept
-// if below q. The result depends on the stream only, not on buf's size.
-func sampleLimb(r io.Reader, q uint64, coeffs []uint64, buf []byte) error {
-	mask := uint64(1)<<uint(bits.Len64(q)) - 1
-	if q >= 1<<62 {
-		return fmt.Errorf("modulus %d is too large", q)
-	}
-	ptr := len(buf)
-	for i := 0; i < len(coeffs); {
-		if ptr == len(buf) {
-			if _, err := io.ReadFull(r, buf); err != nil {
-				return err
-			}
-			ptr = 0
-		}
-		for ; ptr+8 <= len(buf) && i < len(coeffs); ptr += 8 {
-			v := binary.LittleEndian.Uint64(buf[ptr:]) & mask
-			coeffs[i] = v
-			i += int((v - q) >> 63) // 1 iff v < q (both below 2^62)
-		}
-	}
-	return nil
-}
-
-// ExpandA writes the a halves of a key's entries (entry k: the k-th a of
-// the key, row-major over its gadget) from its seed, at levels levelQ and
-// levelP (-1: no P).
+// ExpandA is seedkey.ExpandA.
 func ExpandA(params rlwe.Parameters, seed *[ASeedSize]byte, levelQ, levelP int, entries []ringqp.Poly) error {
-	h := sha256.Sum256(append([]byte("kmsd-a-aes-v1"), seed[:]...))
-	block, err := aes.NewCipher(h[:])
-	if err != nil {
-		return err
-	}
-	qs := params.RingQ().ModuliChain()
-	var ps []uint64
-	if params.RingP() != nil {
-		ps = params.RingP().ModuliChain()
-	}
-	buf := make([]byte, 8<<10)
-	limb := func(e, l int, q uint64, coeffs []uint64) error {
-		var iv [aes.BlockSize]byte
-		binary.BigEndian.PutUint32(iv[0:4], uint32(e))
-		binary.BigEndian.PutUint16(iv[4:6], uint16(l))
-		return sampleLimb(ctrStream{cipher.NewCTR(block, iv[:])}, q, coeffs, buf)
-	}
-	for e, a := range entries {
-		for l := 0; l <= levelQ; l++ {
-			if err := limb(e, l, qs[l], a.Q.Coeffs[l]); err != nil {
-				return err
-			}
-		}
-		for l := 0; l <= levelP; l++ {
-			if err := limb(e, levelQ+1+l, ps[l], a.P.Coeffs[l]); err != nil {
-				return err
-			}
-		}
-	}
-	return nil
+	return seedkey.ExpandA(params, seed, levelQ, levelP, entries)
 }
 
 // keyGen makes keys under one secret key. Not safe for concurrent use

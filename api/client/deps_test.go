@@ -7,8 +7,9 @@ import (
 )
 
 // TestSDKDoesNotLinkTheService: a worker that imports the SDK (and
-// kmsd-mcp, built on it) links the wire formats (kms/wire) and the
-// ciphertext reader (he/ciphertext), never the service, its stores, its
+// kmsd-mcp, built on it) links the wire formats (kms/wire), the
+// ciphertext reader (he/ciphertext) and the seeded keys' expansion
+// (he/seedkey), never the service, its stores, its
 // HSM code or its audit engine.
 func TestSDKDoesNotLinkTheService(t *testing.T) {
 	const mod = "github.com/kmsd-project/kmsd/"
@@ -22,7 +23,7 @@ func TestSDKDoesNotLinkTheService(t *testing.T) {
 			continue
 		}
 		for _, banned := range []string{"kms", "he", "store", "hsm", "audit", "internal/app"} {
-			if (rest == banned || strings.HasPrefix(rest, banned+"/")) && rest != "he/ciphertext" && rest != "kms/wire" {
+			if (rest == banned || strings.HasPrefix(rest, banned+"/")) && rest != "he/ciphertext" && rest != "he/seedkey" && rest != "kms/wire" {
 				t.Errorf("the SDK or kmsd-mcp links %s", p)
 			}
 		}
