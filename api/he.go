@@ -1,9 +1,11 @@
 package api
 
 import (
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"hash"
@@ -18,7 +20,10 @@ import (
 	"github.com/go-chi/chi/v5"
 
 	"github.com/kmsd-project/kmsd/api/client"
+	"github.com/kmsd-project/kmsd/he"
+	"github.com/kmsd-project/kmsd/he/seedkey"
 	"github.com/kmsd-project/kmsd/kms"
+	"github.com/kmsd-project/kmsd/kms/wire"
 )
 
 // BlobSource opens blobs by digest for streaming ("sha256:<hex>").
@@ -130,6 +135,16 @@ func (s *Server) blob(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 		size = n
+	}
+	if form := r.URL.Query().Get("form"); form == "full" {
+		// A seeded key served expanded (its digest checked above), for
+		// clients that cannot expand; a full one as it is.
+		if s.serveExpanded(w, r, f, owner, digest) {
+			return
+		}
+	} else if form != "" {
+		writeProblem(w, r, http.StatusBadRequest, ProbInvalid, "form must be full, or absent (the blob as stored)")
+		return
 	}
 	hr := &hashingReader{r: f, want: h, size: size}
 	var content io.ReadSeeker = f
@@ -411,4 +426,89 @@ func (s *Server) attest(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	writeJSON(w, http.StatusOK, client.AttestResponse{Attestation: a, Statement: st})
+}
+
+// expansions bounds the seeded keys expanded at once for ?form=full (each
+// holds a whole key in memory: hundreds of MiB at logN 16).
+var expansions = make(chan struct{}, 2)
+
+// serveExpanded answers ?form=full for a seeded blob f (its bytes checked
+// against digest): the key expanded, with the full form's digest as its
+// ETag, Range as for any blob. It returns false, having written nothing,
+// when the blob is not seeded (it is then served as it is).
+func (s *Server) serveExpanded(w http.ResponseWriter, r *http.Request, f io.ReadSeeker, owner, digest string) bool {
+	head := make([]byte, 8)
+	if _, err := io.ReadFull(f, head); err != nil || !seedkey.IsSeeded(head) {
+		_, _ = f.Seek(0, io.SeekStart)
+		return false
+	}
+	select {
+	case expansions <- struct{}{}:
+		defer func() { <-expansions }()
+	default:
+		w.Header().Set("Retry-After", "1")
+		writeProblem(w, r, http.StatusServiceUnavailable, ProbBusy, "other keys are being expanded; retry, or fetch the seeded blob and expand it (the SDK does)")
+		return true
+	}
+	fail := func(err error) bool {
+		writeError(w, r, kms.Wrap(kms.KindInternal, "expand seeded key", err))
+		return true
+	}
+	raw, err := s.svc.BlobManifest(r.Context(), owner, digest)
+	if err != nil {
+		writeError(w, r, err)
+		return true
+	}
+	var m wire.Manifest
+	if err := json.Unmarshal(raw, &m); err != nil {
+		return fail(err)
+	}
+	var ref wire.BlobRef
+	kind := seedkey.Kind(0)
+	for i, b := range m.Blobs() {
+		if b.Digest == digest {
+			ref = b
+			switch {
+			case i == 0:
+				kind = seedkey.Public
+			case m.RelinearizationKey != nil && i == 1:
+				kind = seedkey.Relinearization
+			default:
+				kind = seedkey.Galois
+			}
+		}
+	}
+	lit, err := m.Literal()
+	if err != nil || ref.Form != wire.FormSeeded {
+		return fail(fmt.Errorf("the manifest does not list %s as seeded", digest))
+	}
+	p, err := he.Resolve(he.Scheme(m.Kind), lit)
+	if err != nil {
+		return fail(err)
+	}
+	if _, err := f.Seek(0, io.SeekStart); err != nil {
+		return fail(err)
+	}
+	b, err := io.ReadAll(f)
+	if err != nil {
+		return fail(err)
+	}
+	k, err := seedkey.Expand(p.RLWE(), kind, b)
+	if err != nil {
+		return fail(err)
+	}
+	full, err := k.MarshalBinary()
+	if err != nil {
+		return fail(err)
+	}
+	sum := sha256.Sum256(full)
+	if "sha256:"+hex.EncodeToString(sum[:]) != ref.FullDigest {
+		return fail(fmt.Errorf("seeded blob %s does not expand to %s", digest, ref.FullDigest))
+	}
+	w.Header().Set("Content-Type", "application/octet-stream")
+	w.Header().Set("ETag", `"`+ref.FullDigest+`"`)
+	w.Header().Set("Cache-Control", "private, max-age=31536000, immutable")
+	streamAudited(w)
+	http.ServeContent(&problemOnError{ResponseWriter: w, r: r}, r, "", time.Time{}, bytes.NewReader(full))
+	return true
 }

@@ -51,12 +51,13 @@ func BenchmarkKeyset(b *testing.B) {
 			if workers == 1 {
 				label = "generate-one-worker-to-blobs" // the PRNG change alone
 			}
-			benchGenerate(b, name+"/"+label, p, sk, spec, gal, workers)
+			benchGenerate(b, name+"/"+label, p, sk, spec, gal, workers, false)
+			benchGenerate(b, name+"/"+label+"-seeded", p, sk, spec, gal, workers, true)
 		}
 	}
 }
 
-func benchGenerate(b *testing.B, name string, p *Params, sk *rlwe.SecretKey, spec KeySpec, gal []uint64, workers int) {
+func benchGenerate(b *testing.B, name string, p *Params, sk *rlwe.SecretKey, spec KeySpec, gal []uint64, workers int, seeded bool) {
 	b.Run(name, func(b *testing.B) {
 		store, err := OpenDirBlobs(b.TempDir())
 		if err != nil {
@@ -64,7 +65,7 @@ func benchGenerate(b *testing.B, name string, p *Params, sk *rlwe.SecretKey, spe
 		}
 		var bytes int64
 		for b.Loop() {
-			blobs, err := Generate(context.Background(), p, sk, spec, gal, store, workers, nil)
+			blobs, err := Generate(context.Background(), p, sk, spec, gal, store, workers, nil, seeded)
 			if err != nil {
 				b.Fatal(err)
 			}

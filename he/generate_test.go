@@ -21,7 +21,7 @@ func TestGenerateFailureLeavesNothing(t *testing.T) {
 	_, err := Generate(ctx, p, sk, spec, gal, store, 2, func(done, total int, _ int64) {
 		calls++
 		cancel()
-	})
+	}, true)
 	if !errors.Is(err, context.Canceled) {
 		t.Fatalf("Generate = %v, want context.Canceled", err)
 	}

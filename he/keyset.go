@@ -2,6 +2,8 @@ package he
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"fmt"
 	"io"
 	"runtime"
@@ -11,6 +13,10 @@ import (
 	"github.com/tuneinsight/lattigo/v6/core/rlwe"
 	"github.com/tuneinsight/lattigo/v6/ring"
 	"github.com/tuneinsight/lattigo/v6/utils/sampling"
+
+	"github.com/kmsd-project/kmsd/he/seedkey"
+	"github.com/kmsd-project/kmsd/kms"
+	"github.com/kmsd-project/kmsd/kms/wire"
 )
 
 // SeedSize is the size of the sealed secret: the secret key is derived from
@@ -110,6 +116,20 @@ type Blob struct {
 	GaloisElement uint64
 	Digest        Digest
 	Size          int64
+	// Seeded: the blob is the key's seeded form (he/seedkey), and
+	// FullDigest and FullSize are the expanded key's.
+	Seeded     bool
+	FullDigest Digest
+	FullSize   int64
+}
+
+// ref is the blob's reference in a keyset.
+func (b Blob) ref() kms.BlobRef {
+	r := kms.BlobRef{Digest: string(b.Digest), Size: b.Size}
+	if b.Seeded {
+		r.Form, r.FullDigest, r.FullSize = wire.FormSeeded, string(b.FullDigest), b.FullSize
+	}
+	return r
 }
 
 // Progress reports generation progress: keys done of total, bytes written.
@@ -123,7 +143,11 @@ type Progress func(done, total int, bytes int64)
 // disk works while the cores generate. When Generate returns nil every blob is durable; on an
 // error it removes what it wrote. The blobs are returned in a fixed order:
 // public, relinearization, then Galois keys by element.
-func Generate(ctx context.Context, p *Params, sk *rlwe.SecretKey, spec KeySpec, galEls []uint64, store Blobs, workers int, progress Progress) ([]Blob, error) {
+//
+// seeded stores each key in its seeded form (he/seedkey: its b halves and
+// the seed of its a halves, about half the bytes), with the digest and
+// size of its full form alongside.
+func Generate(ctx context.Context, p *Params, sk *rlwe.SecretKey, spec KeySpec, galEls []uint64, store Blobs, workers int, progress Progress, seeded bool) ([]Blob, error) {
 	if workers <= 0 {
 		workers = runtime.GOMAXPROCS(0)
 	}
@@ -158,8 +182,10 @@ func Generate(ctx context.Context, p *Params, sk *rlwe.SecretKey, spec KeySpec, 
 
 	// The syncer: fsync and rename in the order the workers finish.
 	type written struct {
-		j job
-		p *Staged
+		j        job
+		p        *Staged
+		full     Digest
+		fullSize int64
 	}
 	pending := make(chan written, len(jobs))
 	out := make([]Blob, len(jobs))
@@ -178,7 +204,7 @@ func Generate(ctx context.Context, p *Params, sk *rlwe.SecretKey, spec KeySpec, 
 				continue
 			}
 			committed = append(committed, w.p.Digest)
-			out[w.j.i] = Blob{Kind: w.j.kind, GaloisElement: w.j.gal, Digest: w.p.Digest, Size: w.p.Size}
+			out[w.j.i] = Blob{Kind: w.j.kind, GaloisElement: w.j.gal, Digest: w.p.Digest, Size: w.p.Size, Seeded: seeded, FullDigest: w.full, FullSize: w.fullSize}
 			done++
 			bytes += w.p.Size
 			if progress != nil {
@@ -208,30 +234,43 @@ func Generate(ctx context.Context, p *Params, sk *rlwe.SecretKey, spec KeySpec, 
 					fail(fmt.Errorf("seed: %w", err))
 					continue
 				}
-				var writeTo func(io.Writer) error
+				var key interface {
+					seedkey.Key
+					WriteTo(io.Writer) (int64, error)
+				}
 				switch j.kind {
 				case "public":
-					k, kerr := kgen.publicKey(seed)
-					err = kerr
-					writeTo = func(w io.Writer) error { _, err := k.WriteTo(w); return err }
+					key, err = kgen.publicKey(seed)
 				case "relinearization":
-					k, kerr := kgen.relinearizationKey(seed)
-					err = kerr
-					writeTo = func(w io.Writer) error { _, err := k.WriteTo(w); return err }
+					key, err = kgen.relinearizationKey(seed)
 				case "galois":
-					_, err = kgen.galoisKey(j.gal, seed, gk)
-					writeTo = func(w io.Writer) error { _, err := gk.WriteTo(w); return err }
+					key, err = kgen.galoisKey(j.gal, seed, gk)
 				}
 				if err != nil {
 					fail(fmt.Errorf("generate %s key: %w", j.kind, err))
 					continue
+				}
+				writeTo := func(w io.Writer) error { _, err := key.WriteTo(w); return err }
+				var full Digest
+				var fullSize int64
+				if seeded {
+					// The full form's digest and size, for the manifest:
+					// what an expansion must give.
+					h := sha256.New()
+					n, err := key.WriteTo(h)
+					if err != nil {
+						fail(fmt.Errorf("generate %s key: %w", j.kind, err))
+						continue
+					}
+					full, fullSize = Digest("sha256:"+hex.EncodeToString(h.Sum(nil))), n
+					writeTo = func(w io.Writer) error { return seedkey.Encode(w, key, seed) }
 				}
 				pb, err := store.Stage(writeTo)
 				if err != nil {
 					fail(fmt.Errorf("store %s key: %w", j.kind, err))
 					continue
 				}
-				pending <- written{j, pb}
+				pending <- written{j, pb, full, fullSize}
 			}
 		}()
 	}

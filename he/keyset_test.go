@@ -111,7 +111,7 @@ func TestCKKSKeysetWorks(t *testing.T) {
 		t.Fatal(err)
 	}
 	var last int
-	blobs, err := Generate(context.Background(), p, sk, spec, gal, store, 2, func(done, total int, _ int64) { last = done })
+	blobs, err := Generate(context.Background(), p, sk, spec, gal, store, 2, func(done, total int, _ int64) { last = done }, false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -174,7 +174,7 @@ func TestBGVKeysetWorks(t *testing.T) {
 		t.Fatalf("galois elements %v %v", gal, err)
 	}
 	store, _ := OpenDirBlobs(t.TempDir())
-	blobs, err := Generate(context.Background(), p, sk, spec, gal, store, 0, nil)
+	blobs, err := Generate(context.Background(), p, sk, spec, gal, store, 0, nil, false)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -16,14 +16,17 @@ type Kind struct {
 	scheme  Scheme
 	store   Blobs
 	workers int
+	seeded  bool
 }
 
 var _ kms.KeysetKind = (*Kind)(nil)
 
 // Kinds returns the ckks and bgv kinds writing blobs to store with workers
 // goroutines (0: all cores).
-func Kinds(store Blobs, workers int) []kms.KeyKind {
-	return []kms.KeyKind{&Kind{scheme: CKKS, store: store, workers: workers}, &Kind{scheme: BGV, store: store, workers: workers}}
+//
+// seeded stores new keys in their seeded form (he/seedkey).
+func Kinds(store Blobs, workers int, seeded bool) []kms.KeyKind {
+	return []kms.KeyKind{&Kind{scheme: CKKS, store: store, workers: workers, seeded: seeded}, &Kind{scheme: BGV, store: store, workers: workers, seeded: seeded}}
 }
 
 func (k *Kind) Name() string { return string(k.scheme) }
@@ -83,19 +86,20 @@ func (k *Kind) GenerateKeyset(ctx context.Context, seed kms.Secret, p kms.Policy
 	if err != nil {
 		return nil, err
 	}
-	blobs, err := Generate(ctx, params, sk, spec, gal, k.store, k.workers, progress)
+	blobs, err := Generate(ctx, params, sk, spec, gal, k.store, k.workers, progress, k.seeded)
 	if err != nil {
 		return nil, fmt.Errorf("generate keyset: %w", err)
 	}
 	ks := &kms.Keyset{ParamsID: params.ID, Params: params.JSON}
 	for _, b := range blobs {
+		r := b.ref()
 		switch b.Kind {
 		case "public":
-			ks.PublicKey = kms.BlobRef{Digest: string(b.Digest), Size: b.Size}
+			ks.PublicKey = r
 		case "relinearization":
-			ks.Relinearization = &kms.BlobRef{Digest: string(b.Digest), Size: b.Size}
+			ks.Relinearization = &r
 		case "galois":
-			ks.Galois = append(ks.Galois, kms.GaloisRef{GaloisElement: b.GaloisElement, Digest: string(b.Digest), Size: b.Size})
+			ks.Galois = append(ks.Galois, kms.GaloisRef{GaloisElement: b.GaloisElement, Digest: r.Digest, Size: r.Size, Form: r.Form, FullDigest: r.FullDigest, FullSize: r.FullSize})
 		}
 	}
 	return ks, nil

@@ -62,7 +62,7 @@ func manifestFor(t testing.TB, preset string) []byte {
 }
 
 func ckksKind() *he.Kind {
-	for _, k := range he.Kinds(nil, 1) {
+	for _, k := range he.Kinds(nil, 1, false) {
 		if k.Name() == "ckks" {
 			return k.(*he.Kind)
 		}

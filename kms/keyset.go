@@ -1,6 +1,7 @@
 package kms
 
 import (
+	"slices"
 	"context"
 	"encoding/json"
 	"errors"
@@ -149,6 +150,27 @@ func (s *Service) BlobOwner(ctx context.Context, digest string) (string, error) 
 		return "", asUnavailable("store", err)
 	}
 	return name, nil
+}
+
+// BlobManifest returns the signed manifest of the version of key name that
+// lists the blob (newest versions first).
+func (s *Service) BlobManifest(ctx context.Context, name, digest string) ([]byte, error) {
+	before := uint64(0)
+	for {
+		_, vs, next, err := s.listVersions(ctx, name, before, MaxVersionsPage)
+		if err != nil {
+			return nil, err
+		}
+		for _, v := range vs {
+			if slices.Contains(v.Blobs, digest) && v.Manifest != nil {
+				return v.Manifest, nil
+			}
+		}
+		if next == 0 {
+			return nil, Errorf(KindNotFound, "no such blob")
+		}
+		before = next
+	}
 }
 
 // DecryptingKind is a keyset kind whose versions decrypt.

@@ -364,7 +364,7 @@ func heKeygen(dir, preset string) error {
 	var before syscall.Rusage
 	syscall.Getrusage(syscall.RUSAGE_SELF, &before)
 	start := time.Now()
-	blobs, err := he.Generate(context.Background(), p, sk, spec, gal, store, 0, nil)
+	blobs, err := he.Generate(context.Background(), p, sk, spec, gal, store, 0, nil, false)
 	if err != nil {
 		return err
 	}

@@ -123,6 +123,7 @@ type config struct {
 	asyncKeysetMiB  int64
 	heGenerations   int
 	heWorkers       int
+	heKeyForm       string
 	maxTokenTTL     time.Duration
 	issuer          string
 	oauthTTL        time.Duration
@@ -222,6 +223,9 @@ func parseFlags(args []string, getenv func(string) string) (config, error) {
 	}
 	if c.auditWALMiB < 1 {
 		return c, errors.New("--audit-wal-mib must be at least 1")
+	}
+	if c.heKeyForm != "seeded" && c.heKeyForm != "full" {
+		return c, fmt.Errorf("--he-key-form %q: want seeded or full", c.heKeyForm)
 	}
 	if c.maxKeysetMiB < 1 || c.asyncKeysetMiB < 1 || c.heGenerations < 1 || c.heWorkers < 0 {
 		return c, errors.New("--max-keyset-mib, --async-keyset-mib and --he-generations must be at least 1, --he-workers at least 0")
@@ -481,6 +485,7 @@ func newFlagSetErrs(c *config, getenv func(string) string) (*flag.FlagSet, *[]en
 	fs.Float64Var(&c.unauthRate, "unauth-rate-limit", floatEnv("KMS_UNAUTH_RATE_LIMIT", 5), "requests per second each client address may make without a valid token (anonymous or failed authentication); past it 429, summarized in one audit record per address and minute; 0: no limit (env KMS_UNAUTH_RATE_LIMIT)")
 	fs.IntVar(&c.unauthBurst, "unauth-burst", intEnv("KMS_UNAUTH_BURST", 50), "burst allowed above --unauth-rate-limit (env KMS_UNAUTH_BURST)")
 	fs.Float64Var(&c.tokenRate, "token-rate-limit", floatEnv("KMS_TOKEN_RATE_LIMIT", 0), "requests per second each token may make, in bursts of twice that; past it 429; 0: no limit (env KMS_TOKEN_RATE_LIMIT)")
+	fs.StringVar(&c.heKeyForm, "he-key-form", env("KMS_HE_KEY_FORM", "seeded"), "how new HE public and evaluation keys are stored and served: seeded (each key's b halves and the seed of its a halves, half the bytes; the SDK and kmsd-mcp expand them, ?form=full serves them expanded) or full (for clients whose SDK predates seeded keys) (env KMS_HE_KEY_FORM)")
 	fs.IntVar(&c.heWorkers, "he-workers", intEnv("KMS_HE_WORKERS", 0), "goroutines per HE keyset generation; 0: one per core (env KMS_HE_WORKERS)")
 	return fs, &errs
 }
@@ -619,7 +624,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 	}
 	cfg := app.Config{
 		Store: st, AuditStore: st.Audit(), Sealer: sealer, BlobDir: blobDir, Blobs: blobs, OrphanGrace: orphanGrace,
-		HEWorkers: c.heWorkers, Logger: log,
+		HEWorkers: c.heWorkers, HEFullKeys: c.heKeyForm == "full", Logger: log,
 		Service: kms.Config{CacheTTL: ttl, MaxTokenTTL: c.maxTokenTTL,
 			MaxKeysetBytes: c.maxKeysetMiB << 20, MaxGenerations: c.heGenerations, AsyncKeysetBytes: c.asyncKeysetMiB << 20,
 			MinRotationPeriod: c.minRotation, RotationCheckInterval: c.rotationCheck},

@@ -70,8 +70,9 @@ const (
 	headerSize = len(magic) + 1 + 1 + 6 + 8 + SeedSize // 56
 )
 
-// IsSeeded reports whether b is a seeded key (by its header).
-func IsSeeded(b []byte) bool { return len(b) >= headerSize && string(b[:len(magic)]) == magic }
+// IsSeeded reports whether b starts as a seeded key does (its first 8
+// bytes suffice; Expand checks the rest).
+func IsSeeded(b []byte) bool { return len(b) >= len(magic) && string(b[:len(magic)]) == magic }
 
 // ctrStream is AES-CTR keystream (CTR over zeros).
 type ctrStream struct{ s cipher.Stream }
@@ -236,7 +237,7 @@ var ErrMalformed = errors.New("not a seeded key of these parameters")
 // be want. The size is checked before anything is decoded (Lattigo's
 // decoders do not survive a truncated input).
 func Expand(params rlwe.Parameters, want Kind, b []byte) (Key, error) {
-	if !IsSeeded(b) || b[len(magic)] != version || Kind(b[len(magic)+1]) != want {
+	if len(b) < headerSize || !IsSeeded(b) || b[len(magic)] != version || Kind(b[len(magic)+1]) != want {
 		return nil, fmt.Errorf("%w: not a version %d seeded %s key", ErrMalformed, version, want)
 	}
 	for _, c := range b[len(magic)+2 : len(magic)+8] {

@@ -47,7 +47,10 @@ type Config struct {
 	// start and then under the "blobs" leader every OrphanGrace.
 	OrphanGrace time.Duration
 	HEWorkers   int // goroutines per HE keyset generation; 0: one per core
-	Logger      *slog.Logger
+	// HEFullKeys stores new HE keys in their full form instead of the
+	// seeded one (he/seedkey): for clients whose SDK cannot expand.
+	HEFullKeys bool
+	Logger     *slog.Logger
 	// Service tunes the service; New sets its Store, Sealer, Kinds, Logger
 	// and Audit.
 	Service kms.Config
@@ -163,7 +166,7 @@ func New(ctx context.Context, cfg Config) (*App, error) {
 		a.Blobs = blobs
 	}
 	if a.Blobs != nil {
-		kinds = append(kinds, he.Kinds(a.Blobs, cfg.HEWorkers)...)
+		kinds = append(kinds, he.Kinds(a.Blobs, cfg.HEWorkers, !cfg.HEFullKeys)...)
 	}
 	sc := cfg.Service
 	sc.Store, sc.Sealer, sc.Kinds, sc.Logger, sc.Audit = cfg.Store, cfg.Sealer, kms.NewRegistry(kinds...), log, !cfg.Unaudited

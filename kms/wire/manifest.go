@@ -9,13 +9,31 @@ import (
 type BlobRef struct {
 	Digest string `json:"digest"` // "sha256:<hex>"
 	Size   int64  `json:"size"`
+	// Form is FormSeeded for a key stored as its b halves and the seed
+	// of its a halves (package he/seedkey); "": the key's full Lattigo
+	// encoding. FullDigest and FullSize are then the expanded key's: what
+	// the expansion must give, and what ?form=full serves.
+	Form       string `json:"form,omitempty"`
+	FullDigest string `json:"full_digest,omitempty"`
+	FullSize   int64  `json:"full_size,omitempty"`
 }
+
+// FormSeeded is the Form of a seeded key's blob.
+const FormSeeded = "seeded"
 
 // GaloisRef names the blob of one Galois key.
 type GaloisRef struct {
 	GaloisElement uint64 `json:"galois_element"`
 	Digest        string `json:"digest"`
 	Size          int64  `json:"size"`
+	Form          string `json:"form,omitempty"`
+	FullDigest    string `json:"full_digest,omitempty"`
+	FullSize      int64  `json:"full_size,omitempty"`
+}
+
+// Ref is the Galois key's BlobRef.
+func (g GaloisRef) Ref() BlobRef {
+	return BlobRef{Digest: g.Digest, Size: g.Size, Form: g.Form, FullDigest: g.FullDigest, FullSize: g.FullSize}
 }
 
 // ManifestContext is the ML-DSA context string of manifest signatures.
@@ -59,7 +77,7 @@ func (m *Manifest) Blobs() []BlobRef {
 		out = append(out, *m.RelinearizationKey)
 	}
 	for _, g := range m.GaloisKeys {
-		out = append(out, BlobRef{Digest: g.Digest, Size: g.Size})
+		out = append(out, g.Ref())
 	}
 	return out
 }

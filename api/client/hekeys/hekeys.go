@@ -27,6 +27,7 @@ import (
 	"github.com/tuneinsight/lattigo/v6/schemes/ckks"
 
 	"github.com/kmsd-project/kmsd/api/client"
+	"github.com/kmsd-project/kmsd/he/seedkey"
 	"github.com/kmsd-project/kmsd/kms/wire"
 )
 
@@ -355,7 +356,7 @@ func (f *Fetcher) keys(ctx context.Context, k *Keys, evaluation bool) (*Keys, er
 		return nil, err
 	}
 	k.PublicKey = rlwe.NewPublicKey(rp)
-	if err := k.PublicKey.UnmarshalBinary(data); err != nil {
+	if err := decodeKey(rp, m.PublicKey, seedkey.Public, data, k.PublicKey, &k.PublicKey); err != nil {
 		return nil, verifyErr("public key: %v", err)
 	}
 	if !evaluation {
@@ -368,7 +369,7 @@ func (f *Fetcher) keys(ctx context.Context, k *Keys, evaluation bool) (*Keys, er
 			return nil, err
 		}
 		rlk = rlwe.NewRelinearizationKey(rp)
-		if err := rlk.UnmarshalBinary(data); err != nil {
+		if err := decodeKey(rp, *m.RelinearizationKey, seedkey.Relinearization, data, rlk, &rlk); err != nil {
 			return nil, verifyErr("relinearization key: %v", err)
 		}
 	}
@@ -379,7 +380,7 @@ func (f *Fetcher) keys(ctx context.Context, k *Keys, evaluation bool) (*Keys, er
 			return nil, err
 		}
 		gk := rlwe.NewGaloisKey(rp)
-		if err := gk.UnmarshalBinary(data); err != nil {
+		if err := decodeKey(rp, g.Ref(), seedkey.Galois, data, gk, &gk); err != nil {
 			return nil, verifyErr("galois key %d: %v", g.GaloisElement, err)
 		}
 		if gk.GaloisElement != g.GaloisElement {
@@ -389,6 +390,36 @@ func (f *Fetcher) keys(ctx context.Context, k *Keys, evaluation bool) (*Keys, er
 	}
 	k.EvaluationKeys = rlwe.NewMemEvaluationKeySet(rlk, gks...)
 	return k, nil
+}
+
+// decodeKey reads a key from its blob (its digest already checked): the
+// full form into dst, or a seeded form expanded into *out, checked
+// against the full form's digest the signed manifest names.
+func decodeKey[K seedkey.Key](rp rlwe.Parameters, ref wire.BlobRef, kind seedkey.Kind, data []byte, dst interface{ UnmarshalBinary([]byte) error }, out *K) error {
+	switch ref.Form {
+	case "":
+		return dst.UnmarshalBinary(data)
+	case wire.FormSeeded:
+		k, err := seedkey.Expand(rp, kind, data)
+		if err != nil {
+			return err
+		}
+		full, err := k.MarshalBinary()
+		if err != nil {
+			return err
+		}
+		sum := sha256.Sum256(full)
+		if "sha256:"+hex.EncodeToString(sum[:]) != ref.FullDigest || int64(len(full)) != ref.FullSize {
+			return errors.New("the seeded key does not expand to the key the manifest names")
+		}
+		kk, ok := k.(K)
+		if !ok {
+			return fmt.Errorf("the seeded key is a %T", k)
+		}
+		*out = kk
+		return nil
+	}
+	return fmt.Errorf("blob form %q: this SDK knows full and seeded keys", ref.Form)
 }
 
 // blob returns a blob's bytes, from the cache when its digest checks
