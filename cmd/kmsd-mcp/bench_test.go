@@ -372,3 +372,36 @@ func BenchmarkWorstAcceptedCall(b *testing.B) {
 		})
 	}
 }
+
+// BenchmarkFetchKeyset: the SDK fetching a whole keyset (public,
+// relinearization and a Galois key per power of two) into an empty cache
+// from kmsd over HTTPS on loopback and loading it, stored full or seeded
+// (--he-key-form): download, digest checks, and either Lattigo's decoding
+// or the expansion and its check against the full form's digest.
+func BenchmarkFetchKeyset(b *testing.B) {
+	for _, preset := range []struct {
+		name  string
+		slots int
+	}{{"ckks-logn13", 1 << 12}, {"ckks-logn14", 1 << 13}, {"ckks-logn15", 1 << 14}} {
+		for _, form := range []string{"full", "seeded"} {
+			b.Run(preset.name+"/"+form, func(b *testing.B) {
+				w := newWorldWith(b, form == "full")
+				w.heKey(b, "he", preset.name, preset.slots)
+				pub, _ := os.ReadFile(w.identityFile)
+				var bytes int64
+				for b.Loop() {
+					f := &hekeys.Fetcher{BaseURL: w.url, Token: w.admin, IdentityKey: decodeB64(b, string(pub)), CacheDir: b.TempDir(), HTTP: w.adminc.HTTPClient()}
+					k, err := f.Fetch(context.Background(), "he", 1)
+					if err != nil {
+						b.Fatal(err)
+					}
+					bytes = 0
+					for _, r := range k.Manifest.Blobs() {
+						bytes += r.Size
+					}
+				}
+				b.ReportMetric(float64(bytes)/(1<<20), "MiB-fetched")
+			})
+		}
+	}
+}

@@ -54,14 +54,18 @@ type world struct {
 	adminc          *client.Client
 }
 
-func newWorld(t testing.TB) *world {
+func newWorld(t testing.TB) *world { return newWorldWith(t, false) }
+
+// newWorldWith is newWorld; fullKeys has kmsd store HE keys in their full
+// form (--he-key-form full).
+func newWorldWith(t testing.TB, fullKeys bool) *world {
 	st, err := bolt.Open(filepath.Join(t.TempDir(), "kms.db"), bolt.Options{Sealer: testhsm.Open(t)})
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { st.Close() })
 	w := &world{}
-	a, err := app.New(context.Background(), app.Config{Store: st, AuditStore: st.Audit(), Sealer: testhsm.Open(t), BlobDir: filepath.Join(t.TempDir(), "blobs"),
+	a, err := app.New(context.Background(), app.Config{Store: st, AuditStore: st.Audit(), Sealer: testhsm.Open(t), BlobDir: filepath.Join(t.TempDir(), "blobs"), HEFullKeys: fullKeys,
 		AdminToken: func(tok string) error { w.admin = tok; return nil }})
 	if err != nil {
 		t.Fatal(err)
