@@ -31,6 +31,18 @@ type OAuthOptions struct {
 // TokenEndpoint is the path of the OAuth token endpoint.
 const TokenEndpoint = "/v1/oauth/token"
 
+// AuthorizeEndpoint is the path of the authorization endpoint the
+// metadata names: kmsd grants no authorization code, so it answers every
+// request with a refusal.
+const AuthorizeEndpoint = "/v1/oauth/authorize"
+
+// oauthAuthorize refuses: kmsd issues tokens by the client credentials
+// grant only (no user, no redirect). The refusal is not redirected: no
+// client registered a redirect URI (RFC 6749 4.1.2.1).
+func (s *Server) oauthAuthorize(w http.ResponseWriter, r *http.Request) {
+	writeProblem(w, r, http.StatusBadRequest, ProbInvalid, "kmsd grants no authorization code: obtain tokens at "+TokenEndpoint+" with the client credentials grant")
+}
+
 // maxTokenRequest bounds a token request's body: a grant type, a resource
 // URI and a scope.
 const maxTokenRequest = 8 << 10
@@ -54,8 +66,11 @@ func (s *Server) oauthMetadata(w http.ResponseWriter, r *http.Request) {
 		// not say it would require PKCE for the code flow it would run.
 		ResponseTypesSupported:        []string{},
 		CodeChallengeMethodsSupported: []string{"S256"},
-		IntrospectionEndpoint:         iss + "/v1/tokens/introspect",
-		ServiceDocumentation:          "https://github.com/kmsd-project/kmsd#mcp-clients-obtain-tokens-oauth",
+		// Named because MCP client SDKs (the TypeScript one) refuse
+		// metadata without it; it issues nothing (authorize).
+		AuthorizationEndpoint: iss + AuthorizeEndpoint,
+		IntrospectionEndpoint: iss + "/v1/tokens/introspect",
+		ServiceDocumentation:  "https://github.com/kmsd-project/kmsd#mcp-clients-obtain-tokens-oauth",
 	})
 }
 

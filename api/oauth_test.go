@@ -56,8 +56,14 @@ func TestOAuthClientCredentials(t *testing.T) {
 	st, _, body := e.raw("GET", "/.well-known/oauth-authorization-server", "", "", "")
 	var meta client.AuthServerMetadata
 	if err := json.Unmarshal(body, &meta); st != 200 || err != nil || meta.Issuer != e.url || meta.TokenEndpoint != e.url+"/v1/oauth/token" ||
-		!slices.Equal(meta.GrantTypesSupported, []string{"client_credentials"}) || !slices.Equal(meta.TokenEndpointAuthMethodsSupported, []string{"client_secret_basic"}) {
+		!slices.Equal(meta.GrantTypesSupported, []string{"client_credentials"}) || !slices.Equal(meta.TokenEndpointAuthMethodsSupported, []string{"client_secret_basic"}) ||
+		meta.AuthorizationEndpoint != e.url+"/v1/oauth/authorize" {
 		t.Fatalf("metadata: %d %s", st, body)
+	}
+	// The authorization endpoint it names (for SDKs that require one)
+	// grants nothing.
+	if st, _, body := e.raw("GET", "/v1/oauth/authorize?response_type=code&client_id=x", "", "", ""); st != 400 || !strings.Contains(string(body), "client credentials") {
+		t.Fatalf("authorize: %d %s", st, body)
 	}
 
 	ev, _ := admin.CreateToken(ctx, client.CreateTokenRequest{Role: "evaluator", Keys: []string{"*"}})

@@ -372,6 +372,7 @@ func (s *Server) Handler() http.Handler {
 	// The client authenticates inside (HTTP Basic): the per-address limit
 	// of requests without a valid bearer token bounds guessing.
 	r.Post(TokenEndpoint, s.oauthToken)
+	r.Get(AuthorizeEndpoint, s.oauthAuthorize)
 	r.Group(func(r chi.Router) {
 		r.Use(s.authenticate)
 		r.Post("/v1/keys", allow(kms.PermManageKey, s.createKey))

