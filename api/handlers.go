@@ -17,6 +17,7 @@ import (
 
 	"github.com/kmsd-project/kmsd/api/client"
 	"github.com/kmsd-project/kmsd/kms"
+	"github.com/kmsd-project/kmsd/kms/wire"
 )
 
 // readBody decodes the request body into v or writes the problem and
@@ -378,6 +379,11 @@ func (s *Server) publicKey(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 		out.Digest, out.Size, out.URL = m.PublicKey.Digest, m.PublicKey.Size, blobURL(m.PublicKey.Digest)
+		if m.PublicKey.Form == wire.FormSeeded {
+			// The public key as every Lattigo client reads it: the full
+			// form, expanded by kmsd.
+			out.Digest, out.Size, out.URL = m.PublicKey.FullDigest, m.PublicKey.FullSize, blobURL(m.PublicKey.Digest)+"?form=full"
+		}
 	}
 	writeJSON(w, http.StatusOK, out)
 }

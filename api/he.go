@@ -13,6 +13,7 @@ import (
 	"mime"
 	"net/http"
 	"regexp"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -136,14 +137,26 @@ func (s *Server) blob(w http.ResponseWriter, r *http.Request) {
 		}
 		size = n
 	}
-	if form := r.URL.Query().Get("form"); form == "full" {
+	form := r.URL.Query().Get("form")
+	if form != "" && form != "full" && form != "seeded" {
+		writeProblem(w, r, http.StatusBadRequest, ProbInvalid, "form must be seeded (the client expands seeded keys), full, or absent")
+		return
+	}
+	seeded, err := isSeededBlob(f)
+	if err != nil {
+		writeError(w, r, kms.Wrap(kms.KindUnavailable, "read blob", err))
+		return
+	}
+	switch {
+	case seeded && form == "full":
 		// A seeded key served expanded (its digest checked above), for
-		// clients that cannot expand; a full one as it is.
-		if s.serveExpanded(w, r, f, owner, digest) {
-			return
-		}
-	} else if form != "" {
-		writeProblem(w, r, http.StatusBadRequest, ProbInvalid, "form must be full, or absent (the blob as stored)")
+		// clients that cannot expand.
+		s.serveExpanded(w, r, f, owner, digest)
+		return
+	case seeded && form == "":
+		// A client that does not say it expands seeded keys is an older
+		// SDK, which would crash decoding one as a full key.
+		writeProblem(w, r, http.StatusNotAcceptable, ProbNotAcceptable, "this blob is a seeded key: ask ?form=seeded if the client expands seeded keys (kmsd's SDK does), or ?form=full for the key expanded")
 		return
 	}
 	hr := &hashingReader{r: f, want: h, size: size}
@@ -428,40 +441,50 @@ func (s *Server) attest(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, client.AttestResponse{Attestation: a, Statement: st})
 }
 
-// expansions bounds the seeded keys expanded at once for ?form=full (each
-// holds a whole key in memory: hundreds of MiB at logN 16).
-var expansions = make(chan struct{}, 2)
+// isSeededBlob reports whether the blob is a seeded key (its first bytes),
+// leaving it at its start.
+func isSeededBlob(f io.ReadSeeker) (bool, error) {
+	head := make([]byte, 8)
+	n, err := io.ReadFull(f, head)
+	if err != nil && err != io.ErrUnexpectedEOF && err != io.EOF {
+		return false, err
+	}
+	if _, err := f.Seek(0, io.SeekStart); err != nil {
+		return false, err
+	}
+	return seedkey.IsSeeded(head[:n]), nil
+}
+
+// expansions bounds the seeded keys being expanded at once for ?form=full
+// (CPU, and the seeded and full bytes in memory), expanded the answers
+// being written (each holds its full key in memory until written: a
+// client that stops reading is cut off by expandedWriteTimeout).
+var (
+	expansions = make(chan struct{}, 2)
+	expanded   = make(chan struct{}, 4)
+)
+
+// expandedWriteTimeout is how long one write of an expanded key may take
+// (a client that stops reading gives its memory back).
+const expandedWriteTimeout = 30 * time.Second
 
 // serveExpanded answers ?form=full for a seeded blob f (its bytes checked
 // against digest): the key expanded, with the full form's digest as its
-// ETag, Range as for any blob. It returns false, having written nothing,
-// when the blob is not seeded (it is then served as it is).
-func (s *Server) serveExpanded(w http.ResponseWriter, r *http.Request, f io.ReadSeeker, owner, digest string) bool {
-	head := make([]byte, 8)
-	if _, err := io.ReadFull(f, head); err != nil || !seedkey.IsSeeded(head) {
-		_, _ = f.Seek(0, io.SeekStart)
-		return false
-	}
-	select {
-	case expansions <- struct{}{}:
-		defer func() { <-expansions }()
-	default:
-		w.Header().Set("Retry-After", "1")
-		writeProblem(w, r, http.StatusServiceUnavailable, ProbBusy, "other keys are being expanded; retry, or fetch the seeded blob and expand it (the SDK does)")
-		return true
-	}
-	fail := func(err error) bool {
+// ETag, Range as for any blob. HEAD and a matching If-None-Match are
+// answered from the signed manifest, without expanding.
+func (s *Server) serveExpanded(w http.ResponseWriter, r *http.Request, f io.ReadSeeker, owner, digest string) {
+	fail := func(err error) {
 		writeError(w, r, kms.Wrap(kms.KindInternal, "expand seeded key", err))
-		return true
 	}
 	raw, err := s.svc.BlobManifest(r.Context(), owner, digest)
 	if err != nil {
 		writeError(w, r, err)
-		return true
+		return
 	}
 	var m wire.Manifest
 	if err := json.Unmarshal(raw, &m); err != nil {
-		return fail(err)
+		fail(err)
+		return
 	}
 	var ref wire.BlobRef
 	kind := seedkey.Kind(0)
@@ -480,35 +503,85 @@ func (s *Server) serveExpanded(w http.ResponseWriter, r *http.Request, f io.Read
 	}
 	lit, err := m.Literal()
 	if err != nil || ref.Form != wire.FormSeeded {
-		return fail(fmt.Errorf("the manifest does not list %s as seeded", digest))
+		fail(fmt.Errorf("the manifest does not list %s as seeded", digest))
+		return
 	}
-	p, err := he.Resolve(he.Scheme(m.Kind), lit)
-	if err != nil {
-		return fail(err)
-	}
-	if _, err := f.Seek(0, io.SeekStart); err != nil {
-		return fail(err)
-	}
-	b, err := io.ReadAll(f)
-	if err != nil {
-		return fail(err)
-	}
-	k, err := seedkey.Expand(p.RLWE(), kind, b)
-	if err != nil {
-		return fail(err)
-	}
-	full, err := k.MarshalBinary()
-	if err != nil {
-		return fail(err)
-	}
-	sum := sha256.Sum256(full)
-	if "sha256:"+hex.EncodeToString(sum[:]) != ref.FullDigest {
-		return fail(fmt.Errorf("seeded blob %s does not expand to %s", digest, ref.FullDigest))
-	}
+	etag := `"` + ref.FullDigest + `"`
 	w.Header().Set("Content-Type", "application/octet-stream")
-	w.Header().Set("ETag", `"`+ref.FullDigest+`"`)
+	w.Header().Set("ETag", etag)
 	w.Header().Set("Cache-Control", "private, max-age=31536000, immutable")
+	w.Header().Set("Accept-Ranges", "bytes")
+	if inm := r.Header.Get("If-None-Match"); inm != "" && (inm == "*" || strings.Contains(inm, etag)) {
+		w.WriteHeader(http.StatusNotModified)
+		return
+	}
+	if r.Method == http.MethodHead {
+		w.Header().Set("Content-Length", strconv.FormatInt(ref.FullSize, 10))
+		w.WriteHeader(http.StatusOK)
+		return
+	}
+	busy := func() {
+		w.Header().Set("Retry-After", "1")
+		writeProblem(w, r, http.StatusServiceUnavailable, ProbBusy, "other keys are being expanded or sent expanded; retry, or fetch the seeded blob (?form=seeded) and expand it, as the SDK does")
+	}
+	select {
+	case expanded <- struct{}{}:
+		defer func() { <-expanded }()
+	default:
+		busy()
+		return
+	}
+	full, err := func() ([]byte, error) {
+		select {
+		case expansions <- struct{}{}:
+			defer func() { <-expansions }()
+		default:
+			return nil, errBusy
+		}
+		p, err := he.Resolve(he.Scheme(m.Kind), lit)
+		if err != nil {
+			return nil, err
+		}
+		b, err := io.ReadAll(f)
+		if err != nil {
+			return nil, err
+		}
+		k, err := seedkey.Expand(p.RLWE(), kind, b)
+		if err != nil {
+			return nil, err
+		}
+		full, err := k.MarshalBinary()
+		if err != nil {
+			return nil, err
+		}
+		if sum := sha256.Sum256(full); "sha256:"+hex.EncodeToString(sum[:]) != ref.FullDigest {
+			return nil, fmt.Errorf("seeded blob %s does not expand to %s", digest, ref.FullDigest)
+		}
+		return full, nil
+	}()
+	switch {
+	case errors.Is(err, errBusy):
+		busy()
+		return
+	case err != nil:
+		fail(err)
+		return
+	}
 	streamAudited(w)
-	http.ServeContent(&problemOnError{ResponseWriter: w, r: r}, r, "", time.Time{}, bytes.NewReader(full))
-	return true
+	http.ServeContent(&problemOnError{ResponseWriter: &deadlineWriter{ResponseWriter: w, rc: http.NewResponseController(w)}, r: r}, r, "", time.Time{}, bytes.NewReader(full))
 }
+
+var errBusy = errors.New("busy")
+
+// deadlineWriter gives each write expandedWriteTimeout.
+type deadlineWriter struct {
+	http.ResponseWriter
+	rc *http.ResponseController
+}
+
+func (d *deadlineWriter) Write(b []byte) (int, error) {
+	_ = d.rc.SetWriteDeadline(time.Now().Add(expandedWriteTimeout))
+	return d.ResponseWriter.Write(b)
+}
+
+func (d *deadlineWriter) Unwrap() http.ResponseWriter { return d.ResponseWriter }

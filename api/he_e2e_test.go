@@ -296,7 +296,7 @@ func TestWorkerRefusesTampering(t *testing.T) {
 		flip(p)
 	}
 	digest := "sha256:" + filepath.Base(paths[0])
-	url := "/v1/blobs/sha256/" + filepath.Base(paths[0])
+	url := "/v1/blobs/sha256/" + filepath.Base(paths[0]) + "?form=seeded"
 	for _, method := range []string{"GET", "HEAD"} {
 		st, h, body := e.raw(method, url, e.admin, "", "")
 		if st != 500 || strings.Contains(h.Get("Cache-Control"), "immutable") || (method == "GET" && !strings.Contains(string(body), "urn:kmsd:problem:blob-corrupt")) {
@@ -518,8 +518,9 @@ func TestWorkerResumesDownload(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	h := strings.TrimPrefix(pub.Digest, "sha256:")
-	_, _, full := e.raw("GET", pub.URL, e.admin, "", "")
+	// The stored (seeded) blob the public-key URL names.
+	h := strings.TrimPrefix(strings.TrimSuffix(pub.URL, "?form=full"), "/v1/blobs/sha256/")
+	_, _, full := e.raw("GET", "/v1/blobs/sha256/"+h+"?form=seeded", e.admin, "", "")
 	var ranges atomic.Int64
 	tr := roundTripFunc(func(r *http.Request) (*http.Response, error) {
 		if r.Header.Get("Range") != "" {

@@ -35,6 +35,7 @@ const (
 	ProbBlobCorrupt      = "blob-corrupt"
 	ProbStoreTampered    = "store-tampered"
 	ProbOutcomeUnknown   = "outcome-unknown"
+	ProbNotAcceptable    = "not-acceptable"
 )
 
 // outcomeUnknownDetail is what a client is told when the store did not
@@ -62,6 +63,7 @@ var problemTitles = map[string]string{
 	ProbPrecondition:     "Precondition failed",
 	ProbInternal:         "Internal error",
 	ProbOutcomeUnknown:   "The outcome of the change is unknown",
+	ProbNotAcceptable:    "The client did not ask for a form it can read",
 }
 
 var kindProblems = map[kms.Kind]struct {

@@ -54,6 +54,12 @@ func (k *Kind) resolve(p kms.Policy) (*Params, KeySpec, []uint64, error) {
 		return nil, KeySpec{}, nil, err
 	}
 	spec := KeySpec{Rotations: p.Rotations, Conjugation: p.Conjugation, Relinearization: p.Relinearization}
+	if (len(spec.Rotations) > 0 || spec.Conjugation || spec.Relinearization) && params.RLWE().PCount() == 0 {
+		// Without the special primes P, a key switch adds noise as large
+		// as the modulus: the evaluation keys would not work, and the
+		// noise model that sizes decryption's flooding would not hold.
+		return nil, KeySpec{}, nil, kms.Errorf(kms.KindInvalid, "policy.params: evaluation keys (rotations, conjugation, relinearization) need special primes: give P or LogP")
+	}
 	gal, err := GaloisElements(params, spec)
 	if errors.As(err, &pe) {
 		return nil, KeySpec{}, nil, kms.Errorf(kms.KindInvalid, "policy.rotations: %s", pe.Msg)

@@ -434,16 +434,43 @@ func (c *Client) rawBody(ctx context.Context, method, path string, query url.Val
 	return b, nil
 }
 
-// Blob streams the content-addressed blob digest ("sha256:<hex>") to w
-// and checks that what arrived hashes to it. On a mismatch w has received
-// bytes that must be thrown away.
+// Blob streams the content-addressed blob digest ("sha256:<hex>") as
+// stored (a seeded key in its seeded form) to w and checks that what
+// arrived hashes to it. On a mismatch w has received bytes that must be
+// thrown away.
 func (c *Client) Blob(ctx context.Context, digest string, w io.Writer) error {
 	h, ok := strings.CutPrefix(digest, "sha256:")
 	if _, err := hex.DecodeString(h); !ok || err != nil || len(h) != 64 {
 		return fmt.Errorf("malformed blob digest %q", digest)
 	}
+	return c.fetchVerified(ctx, "/v1/blobs/sha256/"+h, url.Values{"form": {"seeded"}}, digest, w)
+}
+
+// PublicKeyBlob streams an HE version's public key (pk from PublicKey:
+// its full form, which kmsd expands from a seeded key) to w and checks
+// that what arrived hashes to pk.Digest.
+func (c *Client) PublicKeyBlob(ctx context.Context, pk *PublicKey, w io.Writer) error {
+	p, rawQuery, _ := strings.Cut(pk.URL, "?")
+	if !strings.HasPrefix(p, "/v1/blobs/sha256/") {
+		return fmt.Errorf("public key URL %q is not a blob of kmsd's", pk.URL)
+	}
+	q, err := url.ParseQuery(rawQuery)
+	if err != nil {
+		return fmt.Errorf("public key URL %q: %v", pk.URL, err)
+	}
+	return c.fetchVerified(ctx, p, q, pk.Digest, w)
+}
+
+// fetchVerified streams path to w and checks that what arrived hashes to
+// digest.
+func (c *Client) fetchVerified(ctx context.Context, path string, query url.Values, digest string, w io.Writer) error {
+	h, ok := strings.CutPrefix(digest, "sha256:")
+	if _, err := hex.DecodeString(h); !ok || err != nil || len(h) != 64 {
+		return fmt.Errorf("malformed blob digest %q", digest)
+	}
 	u := *c.base
-	u.Path += "/v1/blobs/sha256/" + h
+	u.Path += path
+	u.RawQuery = query.Encode()
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u.String(), nil)
 	if err != nil {
 		return err

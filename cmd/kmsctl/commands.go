@@ -203,7 +203,7 @@ var commands = []command{
 			if pk.Digest == "" {
 				return exitOK, writeFileAtomic(out, pk.PublicKey, 0o644)
 			}
-			return exitOK, writeFileWith(out, 0o644, func(w io.Writer) error { return e.c.Blob(e.ctx, pk.Digest, w) })
+			return exitOK, writeFileWith(out, 0o644, func(w io.Writer) error { return e.c.PublicKeyBlob(e.ctx, pk, w) })
 		},
 	},
 	{

@@ -57,20 +57,31 @@ func (w *world) accessToken(t testing.TB, id, secret, resource, scope string) (i
 	return resp.StatusCode, out
 }
 
-// rawMCP posts one JSON-RPC message to kmsd-mcp with a bearer token.
-func rawMCP(t testing.TB, mcpURL, token, body string) *http.Response {
+// doMCP posts one JSON-RPC message to kmsd-mcp with a bearer token and
+// headers (name, value pairs), and returns the answer with its body read.
+func doMCP(t testing.TB, mcpURL, token, body string, headers ...string) (*http.Response, []byte) {
 	t.Helper()
 	req, _ := http.NewRequest("POST", mcpURL, strings.NewReader(body))
 	req.Header.Set("Content-Type", "application/json")
 	req.Header.Set("Accept", "application/json, text/event-stream")
 	req.Header.Set("Mcp-Protocol-Version", "2025-06-18")
 	req.Header.Set("Authorization", "Bearer "+token)
+	for i := 0; i+1 < len(headers); i += 2 {
+		req.Header.Set(headers[i], headers[i+1])
+	}
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
 		t.Fatal(err)
 	}
-	io.Copy(io.Discard, resp.Body)
+	b, _ := io.ReadAll(resp.Body)
 	resp.Body.Close()
+	return resp, b
+}
+
+// rawMCP is doMCP's answer alone.
+func rawMCP(t testing.TB, mcpURL, token, body string) *http.Response {
+	t.Helper()
+	resp, _ := doMCP(t, mcpURL, token, body)
 	return resp
 }
 
@@ -345,33 +356,13 @@ func TestSessionFollowsClient(t *testing.T) {
 	other := tok(oid, osecret)
 	// A session made with the first access token.
 	init := `{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}`
-	req, _ := http.NewRequest("POST", mcpURL, strings.NewReader(init))
-	req.Header.Set("Content-Type", "application/json")
-	req.Header.Set("Accept", "application/json, text/event-stream")
-	req.Header.Set("Authorization", "Bearer "+first)
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	io.Copy(io.Discard, resp.Body)
-	resp.Body.Close()
+	resp, _ := doMCP(t, mcpURL, first, init)
 	sid := resp.Header.Get("Mcp-Session-Id")
 	if resp.StatusCode != 200 || sid == "" {
 		t.Fatalf("initialize: %d %q", resp.StatusCode, sid)
 	}
 	ping := func(token string) int {
-		req, _ := http.NewRequest("POST", mcpURL, strings.NewReader(`{"jsonrpc":"2.0","id":2,"method":"ping"}`))
-		req.Header.Set("Content-Type", "application/json")
-		req.Header.Set("Accept", "application/json, text/event-stream")
-		req.Header.Set("Mcp-Session-Id", sid)
-		req.Header.Set("Mcp-Protocol-Version", "2025-06-18")
-		req.Header.Set("Authorization", "Bearer "+token)
-		resp, err := http.DefaultClient.Do(req)
-		if err != nil {
-			t.Fatal(err)
-		}
-		io.Copy(io.Discard, resp.Body)
-		resp.Body.Close()
+		resp, _ := doMCP(t, mcpURL, token, `{"jsonrpc":"2.0","id":2,"method":"ping"}`, "Mcp-Session-Id", sid)
 		return resp.StatusCode
 	}
 	if st := ping(second); st != 200 {

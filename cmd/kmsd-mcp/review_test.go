@@ -2,7 +2,6 @@ package main
 
 import (
 	"encoding/json"
-	"io"
 	"net/http"
 	"strings"
 	"testing"
@@ -10,21 +9,10 @@ import (
 
 // Regression tests for the outside review of kmsd-mcp's resource server.
 
-// postMCP posts a JSON-RPC body to kmsd-mcp and returns status, headers
-// and body.
+// postMCP is doMCP's status, headers and body.
 func postMCP(t testing.TB, mcpURL, token, body string) (int, http.Header, string) {
 	t.Helper()
-	req, _ := http.NewRequest("POST", mcpURL, strings.NewReader(body))
-	req.Header.Set("Content-Type", "application/json")
-	req.Header.Set("Accept", "application/json, text/event-stream")
-	req.Header.Set("Mcp-Protocol-Version", "2025-06-18")
-	req.Header.Set("Authorization", "Bearer "+token)
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	b, _ := io.ReadAll(resp.Body)
-	resp.Body.Close()
+	resp, b := doMCP(t, mcpURL, token, body)
 	return resp.StatusCode, resp.Header, string(b)
 }
 

@@ -230,6 +230,30 @@ func newKey(params rlwe.Parameters, kind Kind, gal uint64) (Key, error) {
 	return nil, fmt.Errorf("seedkey: unknown kind %d", kind)
 }
 
+// layoutMatches reports whether b, one entry's b half in Lattigo's
+// encoding of a QP polynomial (for Q then P: a count of limbs, then each
+// limb's length and coefficients, 8 bytes each), has the count and length
+// fields of tmpl, the encoding of such a polynomial for the parameters.
+func layoutMatches(b, tmpl []byte, limbsQ, limbsP, n int) bool {
+	if len(b) != len(tmpl) {
+		return false
+	}
+	off := 0
+	for _, limbs := range []int{limbsQ, max(limbsP, 0)} {
+		if off+8 > len(b) || string(b[off:off+8]) != string(tmpl[off:off+8]) {
+			return false
+		}
+		off += 8
+		for i := 0; i < limbs; i++ {
+			if off+8 > len(b) || string(b[off:off+8]) != string(tmpl[off:off+8]) {
+				return false
+			}
+			off += 8 + 8*n
+		}
+	}
+	return off == len(b)
+}
+
 // ErrMalformed: the bytes are not a seeded key of these parameters.
 var ErrMalformed = errors.New("not a seeded key of these parameters")
 
@@ -259,6 +283,18 @@ func Expand(params rlwe.Parameters, want Kind, b []byte) (Key, error) {
 		return nil, err
 	}
 	_, es, lq, lp, _, _ := entries(k)
+	// The layout is the parameters': every count and length field of the
+	// b halves must be what a key of these parameters has (Lattigo's
+	// decoder would trust them, and allocate what they say).
+	tmpl, err := es[0][0].MarshalBinary()
+	if err != nil {
+		return nil, err
+	}
+	for i := range es {
+		if !layoutMatches(b[headerSize+i*len(tmpl):headerSize+(i+1)*len(tmpl)], tmpl, lq+1, lp+1, params.N()) {
+			return nil, fmt.Errorf("%w: entry %d's layout is not the parameters'", ErrMalformed, i)
+		}
+	}
 	r := buffer.NewBuffer(b[headerSize:])
 	as := make([]ringqp.Poly, len(es))
 	for i, e := range es {
