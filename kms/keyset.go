@@ -1,11 +1,11 @@
 package kms
 
 import (
-	"slices"
 	"context"
 	"encoding/json"
 	"errors"
 	"io"
+	"slices"
 	"time"
 )
 
