@@ -563,6 +563,18 @@ func TestMoreCommands(t *testing.T) {
 	if fi, err := os.Stat(pkFile); err != nil || fi.Size() == 0 {
 		t.Fatalf("HE public key file: %v %v", fi, err)
 	}
+	// It is the full form (a seeded key is expanded by kmsd), as the
+	// public-key endpoint names it.
+	{
+		tlsCfg, _ := client.TLSConfig(testCA, "", "")
+		c, _ := client.New(url, admin, client.WithTLS(tlsCfg))
+		pk, err := c.PublicKey(context.Background(), "he", 0)
+		b, _ := os.ReadFile(pkFile)
+		sum := sha256.Sum256(b)
+		if err != nil || "sha256:"+hex.EncodeToString(sum[:]) != pk.Digest || !strings.HasSuffix(pk.URL, "?form=full") {
+			t.Fatalf("HE public key file: not the full form the endpoint names (%+v, %v)", pk, err)
+		}
+	}
 
 	// Operations: a rotation in the background, shown and waited for.
 	r = kmsctl(t, env, "keys", "rotate", "he")
