@@ -395,7 +395,7 @@ func newStallingProxy(t *testing.T, w *world) *stallingProxy {
 			rp.ServeHTTP(rw, r)
 			return
 		}
-		req, _ := http.NewRequestWithContext(r.Context(), r.Method, w.url+r.URL.Path, nil)
+		req, _ := http.NewRequestWithContext(r.Context(), r.Method, w.url+r.URL.RequestURI(), nil)
 		req.Header = r.Header.Clone()
 		resp, err := tr.RoundTrip(req)
 		if err != nil {
