@@ -40,6 +40,32 @@ func hsmOf(t *testing.T, dir string) (args, env []string) {
 	return []string{"--pkcs11-module", mod, "--pkcs11-pin-file", filepath.Join(h, "pin")}, []string{"SOFTHSM2_CONF=" + filepath.Join(h, "softhsm2.conf")}
 }
 
+// softhsmCopy copies data dir dir's SoftHSM token directory and returns
+// the SOFTHSM2_CONF setting that points at the copy.
+func softhsmCopy(t *testing.T, dir string) string {
+	t.Helper()
+	to := filepath.Join(t.TempDir(), "softhsm")
+	if err := os.CopyFS(to, os.DirFS(filepath.Join(dir, "softhsm"))); err != nil {
+		t.Fatal(err)
+	}
+	conf := filepath.Join(to, "softhsm2.conf")
+	b, err := os.ReadFile(conf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var lines []string
+	for _, l := range strings.Split(string(b), "\n") {
+		if strings.HasPrefix(l, "directories.tokendir") {
+			l = "directories.tokendir = " + filepath.Join(to, "tokens")
+		}
+		lines = append(lines, l)
+	}
+	if err := os.WriteFile(conf, []byte(strings.Join(lines, "\n")), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return "SOFTHSM2_CONF=" + conf
+}
+
 // restoreCmd runs kmsd restore and returns its stdout, stderr and exit
 // code.
 func restoreCmd(t *testing.T, env []string, args ...string) (string, string, int) {
@@ -441,7 +467,13 @@ func TestRestoreKilledAtRandomPoints(t *testing.T) {
 			empty, whole, refused := 0, 0, 0
 			for round := 1; round <= 12; round++ {
 				cmd := exec.Command(kmsdBin, append([]string{"restore", "--from", b}, args...)...)
-				cmd.Env = append(append(os.Environ(), "SOFTHSM2_CONF=/nonexistent"), env...)
+				// The killed restore gets a copy of the SoftHSM token:
+				// SoftHSM rewrites its token file in place at every login,
+				// so a kill during the login can leave the token unreadable
+				// ("no token with that label"), a hazard of SoftHSM's file
+				// store that this test of the store's restore is not about
+				// (the closing note of issue 26's session records it).
+				cmd.Env = append(append(append(os.Environ(), "SOFTHSM2_CONF=/nonexistent"), env...), softhsmCopy(t, dir))
 				if err := cmd.Start(); err != nil {
 					t.Fatal(err)
 				}
