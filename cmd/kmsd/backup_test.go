@@ -358,6 +358,20 @@ func TestBackupKilledMidway(t *testing.T) {
 	p := start(t, dir)
 	p.waitReady(t)
 	c := fillForDrill(t, p, dir, 20)
+	// A backup of tens of MiB, more than loopback's socket buffers hold
+	// (with seeded HE keys the drill's keys alone fit in them, and the
+	// server could finish before the client read 256 KiB and killed it).
+	rot := []int{}
+	for k := 1; k < 1<<13; k *= 2 {
+		rot = append(rot, k)
+	}
+	if _, op, err := c.CreateKeyOrOperation(ctx, client.CreateKeyRequest{Name: "he-big", Kind: "ckks", Policy: &client.Policy{Params: json.RawMessage(`"ckks-logn14"`), Rotations: rot}}); err != nil {
+		t.Fatal(err)
+	} else if op != nil {
+		if _, err := c.WaitOperation(ctx, op.ID, 100*time.Millisecond, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
 	var buf bytes.Buffer
 	_, err := c.Backup(ctx, &killWriter{w: &buf, after: 256 << 10, p: p}, true)
 	if err == nil {
