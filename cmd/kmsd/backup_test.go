@@ -482,11 +482,12 @@ func TestRestoreKilledAtRandomPoints(t *testing.T) {
 			for round := 1; round <= 12; round++ {
 				cmd := exec.Command(kmsdBin, append([]string{"restore", "--from", b}, args...)...)
 				// The killed restore gets a copy of the SoftHSM token:
-				// SoftHSM rewrites its token file in place at every login,
-				// so a kill during the login can leave the token unreadable
-				// ("no token with that label"), a hazard of SoftHSM's file
-				// store that this test of the store's restore is not about
-				// (the closing note of issue 26's session records it).
+				// twice under full-suite load, after a restore was killed,
+				// the next kmsd found no token with that label (the cause
+				// is not known: 200 kills during pkcs11-tool logins did not
+				// reproduce it); the token's durability under kill -9 is
+				// not what this test of the store's restore is about, and
+				// is recorded for the HSM work.
 				cmd.Env = append(append(append(os.Environ(), "SOFTHSM2_CONF=/nonexistent"), env...), softhsmCopy(t, dir))
 				if err := cmd.Start(); err != nil {
 					t.Fatal(err)
