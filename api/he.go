@@ -107,10 +107,7 @@ func (s *Server) blob(w http.ResponseWriter, r *http.Request) {
 	// served as it: once per version of the stored object (and again after
 	// blobRecheck), and every GET is hashed as it streams from the start,
 	// cut off if the bytes differ or the size changed.
-	version := ""
-	if v, ok := f.(interface{ BlobVersion() string }); ok {
-		version = v.BlobVersion()
-	}
+	version := blobVersion(f)
 	var size int64
 	if version == "" || !s.blobs.verified(digest, version) {
 		n, match, err := digestMatches(r.Context(), f, h)
@@ -119,9 +116,7 @@ func (s *Server) blob(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 		if !match {
-			s.blobs.corrupt(digest, version)
-			s.log.Error("a stored blob does not match its digest: refused; restore it from a backup or regenerate the key version", "digest", digest, "key", owner)
-			writeProblem(w, r, http.StatusInternalServerError, ProbBlobCorrupt, "the blob store holds other bytes under this digest; kmsd does not serve them (the operator is told)")
+			s.refuseCorrupt(w, r, digest, version, owner)
 			return
 		}
 		size = n
@@ -441,6 +436,22 @@ func (s *Server) attest(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, client.AttestResponse{Attestation: a, Statement: st})
 }
 
+// refuseCorrupt answers a blob whose stored bytes do not match its
+// digest: counted (readyz), logged, 500 blob-corrupt.
+func (s *Server) refuseCorrupt(w http.ResponseWriter, r *http.Request, digest, version, owner string) {
+	s.blobs.corrupt(digest, version)
+	s.log.Error("a stored blob does not match its digest: refused; restore it from a backup or regenerate the key version", "digest", digest, "key", owner)
+	writeProblem(w, r, http.StatusInternalServerError, ProbBlobCorrupt, "the blob store holds other bytes under this digest; kmsd does not serve them (the operator is told)")
+}
+
+// blobVersion is the stored object's version, if the store has one.
+func blobVersion(f any) string {
+	if v, ok := f.(interface{ BlobVersion() string }); ok {
+		return v.BlobVersion()
+	}
+	return ""
+}
+
 // isSeededBlob reports whether the blob is a seeded key (its first bytes),
 // leaving it at its start.
 func isSeededBlob(f io.ReadSeeker) (bool, error) {
@@ -546,6 +557,11 @@ func (s *Server) serveExpanded(w http.ResponseWriter, r *http.Request, f io.Read
 		if err != nil {
 			return nil, err
 		}
+		// The bytes expanded are the ones checked (the check above may be
+		// a remembered one).
+		if sum := sha256.Sum256(b); "sha256:"+hex.EncodeToString(sum[:]) != digest {
+			return nil, errBlobChanged
+		}
 		k, err := seedkey.Expand(p.RLWE(), kind, b)
 		if err != nil {
 			return nil, err
@@ -562,6 +578,9 @@ func (s *Server) serveExpanded(w http.ResponseWriter, r *http.Request, f io.Read
 	switch {
 	case errors.Is(err, errBusy):
 		busy()
+		return
+	case errors.Is(err, errBlobChanged):
+		s.refuseCorrupt(w, r, digest, blobVersion(f), owner)
 		return
 	case err != nil:
 		fail(err)

@@ -167,9 +167,9 @@ func (s *Server) oauthToken(w http.ResponseWriter, r *http.Request) {
 			return nil
 		})
 	if p != nil {
-		// The record's actor is the client, once it authenticated.
+		// The client, once it authenticated, for the log (its record's
+		// actor is set in IssueAccessToken).
 		ev.tokenID, ev.principal = p.TokenID, p
-		pending(r, http.StatusOK)
 	}
 	var oe *kms.OAuthError
 	var ra *retryAfter

@@ -3,7 +3,7 @@
 # packages against a real SoftHSM2 token, bbolt files, etcd clusters and an
 # S3-compatible server (versitygw) started on loopback and kmsd over HTTPS
 # on 127.0.0.1, README.md's command blocks as
-# written, the MCP Inspector, the MCP conformance suite (against kmsd-mcp
+# written, the MCP Inspector and the TypeScript MCP SDK, the MCP conformance suite (against kmsd-mcp
 # and kmsd), and Redocly's lint of openapi.yaml. Installs what it needs
 # first (deploy/deps.sh).
 set -euo pipefail

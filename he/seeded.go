@@ -21,7 +21,7 @@ import (
 //
 // exactly as rlwe.KeyGenerator computes it, e a fresh discrete Gaussian
 // at level Q (from crypto/rand) extended to P, and a from the seed. So a
-// key is its b halves and its seed, and ExpandA rebuilds the a halves
+// key is its b halves and its seed, and seedkey.ExpandA rebuilds the a halves
 // from the seed alone.
 //
 // The a halves and the seeded form are package seedkey's (its doc has
@@ -38,11 +38,6 @@ func newASeed() (*[ASeedSize]byte, error) {
 		return nil, err
 	}
 	return &s, nil
-}
-
-// ExpandA is seedkey.ExpandA.
-func ExpandA(params rlwe.Parameters, seed *[ASeedSize]byte, levelQ, levelP int, entries []ringqp.Poly) error {
-	return seedkey.ExpandA(params, seed, levelQ, levelP, entries)
 }
 
 // keyGen makes keys under one secret key. Not safe for concurrent use
@@ -81,20 +76,18 @@ func (g *keyGen) encryptZero(levelQ, levelP int, skOut, a, b ringqp.Poly) {
 func (g *keyGen) publicKey(seed *[ASeedSize]byte) (*rlwe.PublicKey, error) {
 	pk := rlwe.NewPublicKey(g.params)
 	lq, lp := pk.LevelQ(), pk.LevelP()
-	if err := ExpandA(g.params, seed, lq, lp, []ringqp.Poly{pk.Value[1]}); err != nil {
+	if err := seedkey.ExpandA(g.params, seed, lq, lp, []ringqp.Poly{pk.Value[1]}); err != nil {
 		return nil, err
 	}
 	g.encryptZero(lq, lp, g.sk.Value, pk.Value[1], pk.Value[0])
 	return pk, nil
 }
 
-// gadgetEntries lists a gadget ciphertext's a halves, row-major.
-func gadgetEntries(gct *rlwe.GadgetCiphertext) []ringqp.Poly {
+// aHalves lists a gadget ciphertext's a halves, row-major.
+func aHalves(gct *rlwe.GadgetCiphertext) []ringqp.Poly {
 	var as []ringqp.Poly
-	for i := range gct.Value {
-		for j := range gct.Value[i] {
-			as = append(as, gct.Value[i][j][1])
-		}
+	for _, e := range seedkey.GadgetEntries(gct) {
+		as = append(as, *e[1])
 	}
 	return as
 }
@@ -102,7 +95,7 @@ func gadgetEntries(gct *rlwe.GadgetCiphertext) []ringqp.Poly {
 // gadget fills gct with an encryption of skIn under skOut, a from seed.
 func (g *keyGen) gadget(skIn ring.Poly, skOut ringqp.Poly, gct *rlwe.GadgetCiphertext, seed *[ASeedSize]byte) error {
 	lq, lp := gct.LevelQ(), gct.LevelP()
-	if err := ExpandA(g.params, seed, lq, lp, gadgetEntries(gct)); err != nil {
+	if err := seedkey.ExpandA(g.params, seed, lq, lp, aHalves(gct)); err != nil {
 		return err
 	}
 	for i := range gct.Value {

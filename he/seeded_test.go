@@ -7,6 +7,8 @@ import (
 	"github.com/tuneinsight/lattigo/v6/core/rlwe"
 	"github.com/tuneinsight/lattigo/v6/ring/ringqp"
 	"github.com/tuneinsight/lattigo/v6/schemes/ckks"
+
+	"github.com/kmsd-project/kmsd/he/seedkey"
 )
 
 // TestKeysFromSeed: a key's a halves are its seed's (another key's seed
@@ -61,12 +63,12 @@ func TestKeysFromSeed(t *testing.T) {
 		t.Fatalf("chi-square %.0f over 16 bins: the a halves are not uniform", chi)
 	}
 	full, _ := k1.MarshalBinary()
-	for _, e := range gadgetEntries(&k1.GadgetCiphertext) {
+	for _, e := range aHalves(&k1.GadgetCiphertext) {
 		for _, c := range append(e.Q.Coeffs, e.P.Coeffs...) {
 			clear(c)
 		}
 	}
-	if err := ExpandA(rp, s1, k1.LevelQ(), k1.LevelP(), gadgetEntries(&k1.GadgetCiphertext)); err != nil {
+	if err := seedkey.ExpandA(rp, s1, k1.LevelQ(), k1.LevelP(), aHalves(&k1.GadgetCiphertext)); err != nil {
 		t.Fatal(err)
 	}
 	if again, _ := k1.MarshalBinary(); !bytes.Equal(again, full) {

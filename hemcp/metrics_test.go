@@ -3,7 +3,6 @@ package hemcp
 import (
 	"fmt"
 	"io"
-	"log/slog"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -38,15 +37,12 @@ func (c *countMetrics) Introspection(cached bool) {
 // each called verify). The stand-in for kmsd answers introspections only.
 func TestIntrospectionCountedOnce(t *testing.T) {
 	asked := 0
-	kmsd := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	m := &countMetrics{}
+	s := newTestServer(t, Config{Metrics: m, IntrospectTTL: time.Minute, MaxRequestBytes: 1 << 20}, func(w http.ResponseWriter, r *http.Request) {
 		asked++
 		w.Header().Set("Content-Type", "application/json")
 		w.Write([]byte(`{"active":true,"role":"worker","keys":["*"],"token_id":"t1"}`))
-	}))
-	defer kmsd.Close()
-	kc, _ := client.New(kmsd.URL, "srv")
-	m := &countMetrics{}
-	s := &Server{cfg: Config{Client: kc, Metrics: m, IntrospectTTL: time.Minute, MaxRequestBytes: 1 << 20}, log: slog.New(slog.DiscardHandler), intro: map[[32]byte]introEntry{}, served: map[string]*servedKey{}}
+	})
 	h := s.HTTPHandler()
 	req := httptest.NewRequest(http.MethodPost, "/mcp", strings.NewReader(`{"jsonrpc":"2.0","id":1,"method":"ping"}`))
 	req.Header.Set("Authorization", "Bearer kms_0123456789abcdef_"+strings.Repeat("c", 43))
@@ -67,15 +63,12 @@ func TestIntrospectionCountedOnce(t *testing.T) {
 // ask kmsd once; a full cache drops its oldest answer, not all of them.
 func TestIntrospectionBounds(t *testing.T) {
 	var asked atomic.Int32
-	kmsd := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	s := newTestServer(t, Config{Metrics: nopMetrics{}, IntrospectTTL: time.Minute, MaxRequestBytes: 1 << 20}, func(w http.ResponseWriter, r *http.Request) {
 		asked.Add(1)
 		time.Sleep(100 * time.Millisecond) // so that the concurrent requests overlap
 		w.Header().Set("Content-Type", "application/json")
 		w.Write([]byte(`{"active":false}`))
-	}))
-	defer kmsd.Close()
-	kc, _ := client.New(kmsd.URL, "srv")
-	s := &Server{cfg: Config{Client: kc, Metrics: nopMetrics{}, IntrospectTTL: time.Minute, MaxRequestBytes: 1 << 20}, log: slog.New(slog.DiscardHandler), intro: map[[32]byte]introEntry{}, served: map[string]*servedKey{}}
+	})
 	h := s.HTTPHandler()
 	call := func(tok string) int {
 		req := httptest.NewRequest(http.MethodPost, "/mcp", strings.NewReader(`{"jsonrpc":"2.0","id":1,"method":"ping"}`))
@@ -133,15 +126,11 @@ func TestIntrospectionBounds(t *testing.T) {
 // asked; another address is served; a token in the cache is not limited.
 func TestNewTokensLimitedPerAddress(t *testing.T) {
 	var asked atomic.Int32
-	kmsd := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	s := newTestServer(t, Config{Metrics: nopMetrics{}, IntrospectTTL: time.Minute, MaxRequestBytes: 1 << 20, IntrospectRate: 1, IntrospectBurst: 5}, func(w http.ResponseWriter, r *http.Request) {
 		asked.Add(1)
 		w.Header().Set("Content-Type", "application/json")
 		w.Write([]byte(`{"active":false}`))
-	}))
-	defer kmsd.Close()
-	kc, _ := client.New(kmsd.URL, "srv")
-	s := &Server{cfg: Config{Client: kc, Metrics: nopMetrics{}, IntrospectTTL: time.Minute, MaxRequestBytes: 1 << 20, IntrospectRate: 1, IntrospectBurst: 5},
-		log: slog.New(slog.DiscardHandler), intro: map[[32]byte]introEntry{}, served: map[string]*servedKey{}}
+	})
 	h := s.HTTPHandler()
 	call := func(tok, remote string) int {
 		req := httptest.NewRequest(http.MethodPost, "/mcp", strings.NewReader(`{"jsonrpc":"2.0","id":1,"method":"ping"}`))
@@ -179,7 +168,7 @@ func TestNewTokensLimitedPerAddress(t *testing.T) {
 func TestKnownTokenNotLimited(t *testing.T) {
 	good := "kms_00000000000000aa_" + strings.Repeat("G", 43)
 	var asked atomic.Int32
-	kmsd := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	s := newTestServer(t, Config{Metrics: nopMetrics{}, IntrospectTTL: 200 * time.Millisecond, MaxRequestBytes: 1 << 20, IntrospectRate: 0.001, IntrospectBurst: 2, AllowUnbound: true}, func(w http.ResponseWriter, r *http.Request) {
 		asked.Add(1)
 		w.Header().Set("Content-Type", "application/json")
 		body, _ := io.ReadAll(r.Body)
@@ -188,11 +177,7 @@ func TestKnownTokenNotLimited(t *testing.T) {
 			return
 		}
 		w.Write([]byte(`{"active":false}`))
-	}))
-	defer kmsd.Close()
-	kc, _ := client.New(kmsd.URL, "srv")
-	s := &Server{cfg: Config{Client: kc, Metrics: nopMetrics{}, IntrospectTTL: 200 * time.Millisecond, MaxRequestBytes: 1 << 20, IntrospectRate: 0.001, IntrospectBurst: 2, AllowUnbound: true},
-		log: slog.New(slog.DiscardHandler), intro: map[[32]byte]introEntry{}, served: map[string]*servedKey{}}
+	})
 	h := s.HTTPHandler()
 	call := func(tok string) int {
 		req := httptest.NewRequest(http.MethodPost, "/mcp", strings.NewReader(`{"jsonrpc":"2.0","id":1,"method":"ping"}`))

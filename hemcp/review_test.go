@@ -15,6 +15,20 @@ import (
 	"github.com/kmsd-project/kmsd/api/client"
 )
 
+// newTestServer is a Server whose kmsd is kmsd, a stand-in answering
+// introspections (to inject faults and count questions), configured by
+// cfg (Metrics nop unless set).
+func newTestServer(t *testing.T, cfg Config, kmsd http.HandlerFunc) *Server {
+	t.Helper()
+	srv := httptest.NewServer(kmsd)
+	t.Cleanup(srv.Close)
+	cfg.Client, _ = client.New(srv.URL, "srv")
+	if cfg.Metrics == nil {
+		cfg.Metrics = nopMetrics{}
+	}
+	return &Server{cfg: cfg, log: slog.New(slog.DiscardHandler), intro: map[[32]byte]introEntry{}, served: map[string]*servedKey{}}
+}
+
 // Regression tests for the outside review of kmsd-mcp's resource server.
 // The stand-in kmsd here injects faults (slow answers) and counts
 // questions; the real path is tested in cmd/kmsd-mcp.
@@ -25,15 +39,11 @@ import (
 // bucket.
 func TestAddressLimitNotReset(t *testing.T) {
 	var asked atomic.Int32
-	kmsd := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	s := newTestServer(t, Config{Metrics: nopMetrics{}, IntrospectTTL: time.Minute, MaxRequestBytes: 1 << 20, IntrospectRate: 0.001, IntrospectBurst: 1}, func(w http.ResponseWriter, r *http.Request) {
 		asked.Add(1)
 		w.Header().Set("Content-Type", "application/json")
 		w.Write([]byte(`{"active":false}`))
-	}))
-	defer kmsd.Close()
-	kc, _ := client.New(kmsd.URL, "srv")
-	s := &Server{cfg: Config{Client: kc, Metrics: nopMetrics{}, IntrospectTTL: time.Minute, MaxRequestBytes: 1 << 20, IntrospectRate: 0.001, IntrospectBurst: 1},
-		log: slog.New(slog.DiscardHandler), intro: map[[32]byte]introEntry{}, served: map[string]*servedKey{}}
+	})
 	h := s.HTTPHandler()
 	n := 0
 	call := func(remote string) int {
@@ -72,16 +82,12 @@ func TestAddressLimitNotReset(t *testing.T) {
 func TestSlowIntrospectionNotUsed(t *testing.T) {
 	var delay atomic.Int64
 	var asked atomic.Int32
-	kmsd := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	s := newTestServer(t, Config{Metrics: nopMetrics{}, IntrospectTTL: 300 * time.Millisecond, MaxRequestBytes: 1 << 20, AllowUnbound: true}, func(w http.ResponseWriter, r *http.Request) {
 		asked.Add(1)
 		time.Sleep(time.Duration(delay.Load()))
 		w.Header().Set("Content-Type", "application/json")
 		w.Write([]byte(`{"active":true,"token_id":"00000000000000aa","role":"worker","keys":["*"]}`))
-	}))
-	defer kmsd.Close()
-	kc, _ := client.New(kmsd.URL, "srv")
-	s := &Server{cfg: Config{Client: kc, Metrics: nopMetrics{}, IntrospectTTL: 300 * time.Millisecond, MaxRequestBytes: 1 << 20, AllowUnbound: true},
-		log: slog.New(slog.DiscardHandler), intro: map[[32]byte]introEntry{}, served: map[string]*servedKey{}}
+	})
 	tok := "kms_00000000000000aa_" + strings.Repeat("G", 43)
 	delay.Store(int64(400 * time.Millisecond))
 	if _, err := s.verify(t.Context(), tok, nil); err != errSlowIntrospection {

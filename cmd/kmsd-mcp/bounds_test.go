@@ -6,7 +6,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"net/http/httptest"
 	"net/http/httputil"
@@ -335,12 +334,7 @@ func TestConcurrentCallsLoadOnce(t *testing.T) {
 	if _, err := w.adminc.Rotate(context.Background(), "he"); err != nil {
 		t.Fatal(err)
 	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	maddr := ln.Addr().String()
-	ln.Close()
+	maddr := freeAddr(t)
 	url := w.startHTTP(t, "--key", "he", "--metrics-addr", maddr, "--max-calls", "8")
 	s := connectHTTP(t, url, w.token(t, "worker", "he"))
 	e1 := envJSON(w.encrypt(t, w.keysFor(t, "he", 1), []float64{1, 2}))

@@ -15,6 +15,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -216,6 +217,17 @@ func (w *world) startHTTP(t testing.TB, extra ...string) string {
 		t.Fatal("kmsd-mcp did not start")
 	}
 	return ""
+}
+
+// freeAddr is a 127.0.0.1 address no one listens on (for a moment).
+func freeAddr(t testing.TB) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().String()
 }
 
 // bearer adds a token to every request of an MCP client.
@@ -810,12 +822,7 @@ func TestRenewsItsOwnToken(t *testing.T) {
 	if err := os.WriteFile(w.workerTokenFile, []byte(wt.Token+"\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	maddr := ln.Addr().String()
-	ln.Close()
+	maddr := freeAddr(t)
 	url := w.startHTTP(t, "--key", "he", "--introspect-ttl", "500ms", "--metrics-addr", maddr)
 	murl := "http://" + maddr + "/metrics"
 	s := connectHTTP(t, url, w.token(t, "worker", "he"))
@@ -989,12 +996,8 @@ func TestHTTPSOffLoopback(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	port := ln.Addr().(*net.TCPAddr).Port
-	ln.Close()
+	_, portStr, _ := net.SplitHostPort(freeAddr(t))
+	port, _ := strconv.Atoi(portStr)
 	public := fmt.Sprintf("https://localhost:%d/mcp", port)
 	w.startHTTP(t, "--key", "he", "--http", fmt.Sprintf("0.0.0.0:%d", port), "--tls-cert", local.Cert, "--tls-key", local.Key, "--public-url", public, "--allow-unbound-tokens=false")
 	pool, err := tlsutil.LoadPool(local.CA)

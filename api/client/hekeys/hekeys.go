@@ -355,8 +355,7 @@ func (f *Fetcher) keys(ctx context.Context, k *Keys, evaluation bool) (*Keys, er
 	if err != nil {
 		return nil, err
 	}
-	k.PublicKey = rlwe.NewPublicKey(rp)
-	if err := decodeKey(rp, m.PublicKey, seedkey.Public, data, k.PublicKey, &k.PublicKey); err != nil {
+	if k.PublicKey, err = decodeKey(rp, m.PublicKey, seedkey.Public, data, rlwe.NewPublicKey(rp)); err != nil {
 		return nil, verifyErr("public key: %v", err)
 	}
 	if !evaluation {
@@ -368,8 +367,7 @@ func (f *Fetcher) keys(ctx context.Context, k *Keys, evaluation bool) (*Keys, er
 		if err != nil {
 			return nil, err
 		}
-		rlk = rlwe.NewRelinearizationKey(rp)
-		if err := decodeKey(rp, *m.RelinearizationKey, seedkey.Relinearization, data, rlk, &rlk); err != nil {
+		if rlk, err = decodeKey(rp, *m.RelinearizationKey, seedkey.Relinearization, data, rlwe.NewRelinearizationKey(rp)); err != nil {
 			return nil, verifyErr("relinearization key: %v", err)
 		}
 	}
@@ -379,8 +377,8 @@ func (f *Fetcher) keys(ctx context.Context, k *Keys, evaluation bool) (*Keys, er
 		if err != nil {
 			return nil, err
 		}
-		gk := rlwe.NewGaloisKey(rp)
-		if err := decodeKey(rp, g.Ref(), seedkey.Galois, data, gk, &gk); err != nil {
+		gk, err := decodeKey(rp, g.Ref(), seedkey.Galois, data, rlwe.NewGaloisKey(rp))
+		if err != nil {
 			return nil, verifyErr("galois key %d: %v", g.GaloisElement, err)
 		}
 		if gk.GaloisElement != g.GaloisElement {
@@ -393,38 +391,39 @@ func (f *Fetcher) keys(ctx context.Context, k *Keys, evaluation bool) (*Keys, er
 }
 
 // decodeKey reads a key from its blob (its digest already checked): the
-// full form into dst, or a seeded form expanded into *out, checked
-// against the full form's digest the signed manifest names.
-func decodeKey[K seedkey.Key](rp rlwe.Parameters, ref wire.BlobRef, kind seedkey.Kind, data []byte, dst interface{ UnmarshalBinary([]byte) error }, out *K) error {
+// full form decoded into full (a new key of its kind), or a seeded form
+// expanded and checked against the full form's digest the signed manifest
+// names.
+func decodeKey[K interface {
+	seedkey.Key
+	UnmarshalBinary([]byte) error
+}](rp rlwe.Parameters, ref wire.BlobRef, kind seedkey.Kind, data []byte, full K) (K, error) {
+	var zero K
 	switch ref.Form {
 	case "":
-		return dst.UnmarshalBinary(data)
+		return full, full.UnmarshalBinary(data)
 	case wire.FormSeeded:
 		k, err := seedkey.Expand(rp, kind, data)
 		if err != nil {
-			return err
+			return zero, err
+		}
+		kk, ok := k.(K)
+		wt, ok2 := k.(io.WriterTo)
+		if !ok || !ok2 {
+			return zero, fmt.Errorf("the seeded key is a %T", k)
 		}
 		// The full form hashed as it is written (no copy of the key).
 		h := sha256.New()
-		wt, ok := k.(io.WriterTo)
-		if !ok {
-			return fmt.Errorf("the seeded key is a %T", k)
-		}
 		n, err := wt.WriteTo(h)
 		if err != nil {
-			return err
+			return zero, err
 		}
 		if "sha256:"+hex.EncodeToString(h.Sum(nil)) != ref.FullDigest || n != ref.FullSize {
-			return errors.New("the seeded key does not expand to the key the manifest names")
+			return zero, errors.New("the seeded key does not expand to the key the manifest names")
 		}
-		kk, ok := k.(K)
-		if !ok {
-			return fmt.Errorf("the seeded key is a %T", k)
-		}
-		*out = kk
-		return nil
+		return kk, nil
 	}
-	return fmt.Errorf("blob form %q: this SDK knows full and seeded keys", ref.Form)
+	return zero, fmt.Errorf("blob form %q: this SDK knows full and seeded keys", ref.Form)
 }
 
 // blob returns a blob's bytes, from the cache when its digest checks
