@@ -487,31 +487,18 @@ func (s *Server) serveExpanded(w http.ResponseWriter, r *http.Request, f io.Read
 	fail := func(err error) {
 		writeError(w, r, kms.Wrap(kms.KindInternal, "expand seeded key", err))
 	}
-	raw, err := s.svc.BlobManifest(r.Context(), owner, digest)
+	l, err := s.svc.BlobListing(r.Context(), owner, digest)
 	if err != nil {
 		writeError(w, r, err)
 		return
 	}
 	var m wire.Manifest
-	if err := json.Unmarshal(raw, &m); err != nil {
+	if err := json.Unmarshal(l.Manifest, &m); err != nil {
 		fail(err)
 		return
 	}
-	var ref wire.BlobRef
-	kind := seedkey.Kind(0)
-	for i, b := range m.Blobs() {
-		if b.Digest == digest {
-			ref = b
-			switch {
-			case i == 0:
-				kind = seedkey.Public
-			case m.RelinearizationKey != nil && i == 1:
-				kind = seedkey.Relinearization
-			default:
-				kind = seedkey.Galois
-			}
-		}
-	}
+	ref := l.Ref
+	kind := map[string]seedkey.Kind{"public": seedkey.Public, "relinearization": seedkey.Relinearization, "galois": seedkey.Galois, "switching": seedkey.Switching}[l.Role]
 	lit, err := m.Literal()
 	if err != nil || ref.Form != wire.FormSeeded {
 		fail(fmt.Errorf("the manifest does not list %s as seeded", digest))

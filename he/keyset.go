@@ -148,22 +148,50 @@ type Progress func(done, total int, bytes int64)
 // the seed of its a halves, about half the bytes), with the digest and
 // size of its full form alongside.
 func Generate(ctx context.Context, p *Params, sk *rlwe.SecretKey, spec KeySpec, galEls []uint64, store Blobs, workers int, progress Progress, seeded bool) ([]Blob, error) {
+	jobs := []genJob{{kind: "public"}}
+	if spec.Relinearization {
+		jobs = append(jobs, genJob{kind: "relinearization"})
+	}
+	for _, g := range galEls {
+		jobs = append(jobs, genJob{kind: "galois", gal: g})
+	}
+	return generate(ctx, p.RLWE(), sk, jobs, store, workers, progress, seeded)
+}
+
+// GenerateGalois is Generate for the Galois keys of galEls alone (keys
+// asked for after the version was made), in galEls' order.
+func GenerateGalois(ctx context.Context, p *Params, sk *rlwe.SecretKey, galEls []uint64, store Blobs, workers int, progress Progress, seeded bool) ([]Blob, error) {
+	var jobs []genJob
+	for _, g := range galEls {
+		jobs = append(jobs, genJob{kind: "galois", gal: g})
+	}
+	return generate(ctx, p.RLWE(), sk, jobs, store, workers, progress, seeded)
+}
+
+// GenerateSwitching writes the switching key from skFrom to skTo (two
+// secret keys of parameters p) as a blob.
+func GenerateSwitching(ctx context.Context, p *Params, skFrom, skTo *rlwe.SecretKey, store Blobs, seeded bool) (Blob, error) {
+	out, err := generate(ctx, p.RLWE(), skTo, []genJob{{kind: "switching", skIn: skFrom}}, store, 1, nil, seeded)
+	if err != nil {
+		return Blob{}, err
+	}
+	return out[0], nil
+}
+
+// genJob is one key to generate.
+type genJob struct {
+	i    int
+	kind string // "public", "relinearization", "galois", "switching"
+	gal  uint64
+	skIn *rlwe.SecretKey // switching: the key switched from
+}
+
+// generate makes the keys of jobs with the secret key sk (see Generate).
+func generate(ctx context.Context, rp rlwe.Parameters, sk *rlwe.SecretKey, jobs []genJob, store Blobs, workers int, progress Progress, seeded bool) ([]Blob, error) {
 	if workers <= 0 {
 		workers = runtime.GOMAXPROCS(0)
 	}
-	rp := p.RLWE()
-	type job struct {
-		i    int
-		kind string
-		gal  uint64
-	}
-	jobs := []job{{kind: "public"}}
-	if spec.Relinearization {
-		jobs = append(jobs, job{kind: "relinearization"})
-	}
-	for _, g := range galEls {
-		jobs = append(jobs, job{kind: "galois", gal: g})
-	}
+	type job = genJob
 	for i := range jobs {
 		jobs[i].i = i
 	}
@@ -245,6 +273,8 @@ func Generate(ctx context.Context, p *Params, sk *rlwe.SecretKey, spec KeySpec, 
 					key, err = kgen.relinearizationKey(seed)
 				case "galois":
 					key, err = kgen.galoisKey(j.gal, seed, gk)
+				case "switching":
+					key, err = kgen.switchingKey(j.skIn, seed)
 				}
 				if err != nil {
 					fail(fmt.Errorf("generate %s key: %w", j.kind, err))

@@ -75,6 +75,9 @@ func (k *Kind) CheckPolicy(p kms.Policy) (kms.Policy, int64, error) {
 	if p.DecryptLogPrecision != 0 && k.scheme != CKKS {
 		return p, 0, kms.Errorf(kms.KindInvalid, "decrypt_log_precision applies to ckks only")
 	}
+	if p.OnDemandGaloisKeys < -1 || p.OnDemandGaloisKeys > kms.MaxOnDemandGaloisKeys {
+		return p, 0, kms.Errorf(kms.KindInvalid, "on_demand_galois_keys must be between 1 and %d (-1: none; absent: %d)", kms.MaxOnDemandGaloisKeys, kms.DefaultOnDemandGaloisKeys)
+	}
 	params, spec, gal, err := k.resolve(p)
 	if err != nil {
 		return p, 0, err
@@ -116,4 +119,93 @@ func (k *Kind) RemoveBlobs(digests []string) {
 	for _, d := range digests {
 		_ = k.store.Remove(context.Background(), Digest(d))
 	}
+}
+
+var _ kms.ExtendingKind = (*Kind)(nil)
+
+// evaluationParams are a version's parameters, refused if they have no
+// special primes (no evaluation key works without them).
+func (k *Kind) evaluationParams(manifest []byte) (*Params, error) {
+	p, err := k.versionParams(manifest)
+	if err != nil {
+		return nil, err
+	}
+	if p.RLWE().PCount() == 0 {
+		return nil, kms.Errorf(kms.KindFailedPrecondition, "the version's parameters have no special primes (P): no evaluation key works without them")
+	}
+	return p, nil
+}
+
+// GaloisElements implements kms.ExtendingKind.
+func (k *Kind) GaloisElements(manifest []byte, rotations []int, conjugation bool) ([]uint64, error) {
+	p, err := k.evaluationParams(manifest)
+	if err != nil {
+		return nil, err
+	}
+	els, err := GaloisElements(p, KeySpec{Rotations: rotations, Conjugation: conjugation})
+	var pe *ErrParams
+	if errors.As(err, &pe) {
+		return nil, kms.Errorf(kms.KindInvalid, "rotations: %s", pe.Msg)
+	}
+	return els, err
+}
+
+// KeySize implements kms.ExtendingKind.
+func (k *Kind) KeySize(manifest []byte) (int64, error) {
+	p, err := k.versionParams(manifest)
+	if err != nil {
+		return 0, err
+	}
+	_, _, gk := KeySizes(p)
+	return int64(gk), nil
+}
+
+// GenerateGalois implements kms.ExtendingKind.
+func (k *Kind) GenerateGalois(ctx context.Context, seed kms.Secret, manifest []byte, galEls []uint64, progress func(done, total int, bytes int64)) ([]kms.GaloisRef, error) {
+	p, err := k.evaluationParams(manifest)
+	if err != nil {
+		return nil, err
+	}
+	sk, err := SecretKey(p.RLWE(), seed.Reveal())
+	if err != nil {
+		return nil, err
+	}
+	blobs, err := GenerateGalois(ctx, p, sk, galEls, k.store, k.workers, progress, k.seeded)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]kms.GaloisRef, len(blobs))
+	for i, b := range blobs {
+		r := b.ref()
+		out[i] = kms.GaloisRef{GaloisElement: b.GaloisElement, Digest: r.Digest, Size: r.Size, Form: r.Form, FullDigest: r.FullDigest, FullSize: r.FullSize}
+	}
+	return out, nil
+}
+
+// GenerateSwitching implements kms.ExtendingKind.
+func (k *Kind) GenerateSwitching(ctx context.Context, from kms.Secret, fromManifest []byte, to kms.Secret, toManifest []byte) (kms.BlobRef, error) {
+	p, err := k.evaluationParams(fromManifest)
+	if err != nil {
+		return kms.BlobRef{}, err
+	}
+	pt, err := k.versionParams(toManifest)
+	if err != nil {
+		return kms.BlobRef{}, err
+	}
+	if pt.ID != p.ID {
+		return kms.BlobRef{}, kms.Errorf(kms.KindInvalid, "the two versions have different parameters (%s and %s): a switching key joins versions of the same parameters", p.ID, pt.ID)
+	}
+	skFrom, err := SecretKey(p.RLWE(), from.Reveal())
+	if err != nil {
+		return kms.BlobRef{}, err
+	}
+	skTo, err := SecretKey(p.RLWE(), to.Reveal())
+	if err != nil {
+		return kms.BlobRef{}, err
+	}
+	b, err := GenerateSwitching(ctx, p, skFrom, skTo, k.store, k.seeded)
+	if err != nil {
+		return kms.BlobRef{}, err
+	}
+	return b.ref(), nil
 }

@@ -173,6 +173,8 @@ func (s *Server) precheck(tool string, args json.RawMessage) error {
 		allowed = argsValues + 1 + MaxAggregateInputs*envelopeValues
 	case "he_similarity":
 		allowed = argsValues + envelopeValues
+	case "he_rekey":
+		allowed = argsValues + envelopeValues + 1
 	default:
 		return nil // not a tool of this server: the SDK says so
 	}

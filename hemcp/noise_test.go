@@ -142,7 +142,7 @@ func TestNoiseBoundHolds(t *testing.T) {
 					b[i] = rng.Float64()
 					want[i] += b[i]
 				}
-				y, cost, err := e.Linear(ct, W, b)
+				y, cost, err := e.Linear(context.Background(), ct, W, b)
 				if err != nil {
 					t.Fatal(err)
 				}

@@ -7,11 +7,14 @@
 package hemcp
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"math"
 	"math/bits"
+	"slices"
 	"sort"
+	"sync/atomic"
 
 	"github.com/tuneinsight/lattigo/v6/core/rlwe"
 	"github.com/tuneinsight/lattigo/v6/schemes/ckks"
@@ -22,13 +25,32 @@ import (
 
 // Engine evaluates on the ciphertexts of one CKKS key version. It is safe
 // for concurrent use: Lattigo's evaluator is, since v6.2.0 (before, each
-// operation took its own shallow copy).
+// operation took its own shallow copy), as long as its key set does not
+// change; a Galois key loaded later makes a new evaluator (evalState)
+// for the operations that start after it.
 type Engine struct {
 	Keys   *hekeys.Keys
 	params ckks.Parameters
-	eval   *ckks.Evaluator
 	slots  int
-	galois map[uint64]bool // Galois elements the keyset has
+	state  atomic.Pointer[evalState]
+
+	// load fetches the Galois keys of rotations (nil: the engine has
+	// every key it will ever have). loading serializes loads.
+	load    GaloisLoader
+	loading chan struct{}
+	rlk     *rlwe.RelinearizationKey
+	gks     map[uint64]*rlwe.GaloisKey // guarded by loading
+}
+
+// GaloisLoader fetches the verified Galois keys of rotations (slots to
+// the left) of an engine's key version: from kmsd, which may generate
+// them on demand.
+type GaloisLoader func(ctx context.Context, rotations []int) ([]*rlwe.GaloisKey, error)
+
+// evalState is an evaluator and the Galois elements its keys cover.
+type evalState struct {
+	eval   *ckks.Evaluator
+	galois map[uint64]bool
 }
 
 // MissingRotationError says which slot rotation an operation needs a
@@ -45,31 +67,106 @@ func (e *MissingRotationError) Error() string {
 	return fmt.Sprintf("this key version has no Galois key for rotation %d (needed to make rotation %d from powers of two): add rotation %d or %d to the key's rotations", e.Key, e.Rotation, e.Key, e.Rotation)
 }
 
-// NewEngine makes an engine for a verified CKKS key version.
+// NewEngine makes an engine for a verified CKKS key version with the
+// evaluation keys k holds.
 func NewEngine(k *hekeys.Keys) (*Engine, error) {
+	return NewLazyEngine(k, nil)
+}
+
+// NewLazyEngine makes an engine for a verified CKKS key version whose
+// Galois keys load calls for when an operation first needs them (k holds
+// the relinearization key, and any Galois keys already loaded).
+func NewLazyEngine(k *hekeys.Keys, load GaloisLoader) (*Engine, error) {
 	if k.Scheme != "ckks" {
 		return nil, fmt.Errorf("hemcp: key %s is %s; the tools compute on ckks keys", k.Manifest.Key, k.Scheme)
 	}
-	e := &Engine{Keys: k, params: k.CKKS, eval: ckks.NewEvaluator(k.CKKS, k.EvaluationKeys), slots: k.CKKS.MaxSlots(), galois: map[uint64]bool{}}
-	for _, g := range k.Manifest.GaloisKeys {
-		e.galois[g.GaloisElement] = true
+	e := &Engine{Keys: k, params: k.CKKS, slots: k.CKKS.MaxSlots(), load: load, loading: make(chan struct{}, 1), gks: map[uint64]*rlwe.GaloisKey{}}
+	var evk rlwe.EvaluationKeySet = rlwe.NewMemEvaluationKeySet(nil)
+	if k.EvaluationKeys != nil {
+		evk = k.EvaluationKeys
+		e.rlk, _ = k.EvaluationKeys.GetRelinearizationKey()
+		for _, g := range k.EvaluationKeys.GetGaloisKeysList() {
+			if gk, err := k.EvaluationKeys.GetGaloisKey(g); err == nil {
+				e.gks[g] = gk
+			}
+		}
 	}
+	st := &evalState{eval: ckks.NewEvaluator(k.CKKS, evk), galois: map[uint64]bool{}}
+	for g := range e.gks {
+		st.galois[g] = true
+	}
+	e.state.Store(st)
 	return e, nil
 }
 
 // Slots is how many values a ciphertext of this version holds.
 func (e *Engine) Slots() int { return e.slots }
 
-// Rotations lists the slot rotations (to the left) the keyset has keys
-// for, ascending.
+// Rotations lists the slot rotations (to the left) the version has keys
+// for (loaded, or listed in its signed manifest and extension),
+// ascending.
 func (e *Engine) Rotations() []int {
+	listed := e.Keys.GaloisRefs()
+	st := e.state.Load()
 	var out []int
 	for r := 1; r < e.slots; r++ {
-		if e.galois[e.params.GaloisElement(r)] {
+		g := e.params.GaloisElement(r)
+		if _, ok := listed[g]; ok || st.galois[g] {
 			out = append(out, r)
 		}
 	}
 	return out
+}
+
+// prepare makes sure the engine's evaluator has the Galois keys of
+// rotations, loading those it lacks (a lazy engine); it returns the state
+// to evaluate with. An engine without a loader returns its state as it is
+// (rotate then makes what it can from powers of two).
+func (e *Engine) prepare(ctx context.Context, rotations []int) (*evalState, error) {
+	st := e.state.Load()
+	if e.load == nil {
+		return st, nil
+	}
+	missing := func(st *evalState) []int {
+		var out []int
+		for _, r := range rotations {
+			r = ((r % e.slots) + e.slots) % e.slots
+			if r != 0 && !st.galois[e.params.GaloisElement(r)] && !slices.Contains(out, r) {
+				out = append(out, r)
+			}
+		}
+		return out
+	}
+	if len(missing(st)) == 0 {
+		return st, nil
+	}
+	select {
+	case e.loading <- struct{}{}:
+		defer func() { <-e.loading }()
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+	st = e.state.Load()
+	need := missing(st)
+	if len(need) == 0 {
+		return st, nil
+	}
+	gks, err := e.load(ctx, need)
+	if err != nil {
+		return nil, fmt.Errorf("the Galois keys for rotations %v: %w", need, err)
+	}
+	for _, gk := range gks {
+		e.gks[gk.GaloisElement] = gk
+	}
+	all := make([]*rlwe.GaloisKey, 0, len(e.gks))
+	next := &evalState{galois: map[uint64]bool{}}
+	for g, gk := range e.gks {
+		all = append(all, gk)
+		next.galois[g] = true
+	}
+	next.eval = ckks.NewEvaluator(e.params, rlwe.NewMemEvaluationKeySet(e.rlk, all...))
+	e.state.Store(next)
+	return next, nil
 }
 
 // Relinearization says whether the keyset has a relinearization key.
@@ -99,17 +196,18 @@ func (e *Engine) inputBound() float64 {
 // rotate rotates ct left by k slots, with the key for k or, failing that,
 // as a sum of rotations by powers of two; each key switch is counted in
 // *ks.
-func (e *Engine) rotate(ev *ckks.Evaluator, ct *rlwe.Ciphertext, k int, ks *int) (*rlwe.Ciphertext, error) {
+func (e *Engine) rotate(st *evalState, ct *rlwe.Ciphertext, k int, ks *int) (*rlwe.Ciphertext, error) {
+	ev := st.eval
 	k = ((k % e.slots) + e.slots) % e.slots
 	if k == 0 {
 		return ct.CopyNew(), nil
 	}
-	if e.galois[e.params.GaloisElement(k)] {
+	if st.galois[e.params.GaloisElement(k)] {
 		*ks++
 		return ev.RotateNew(ct, k)
 	}
 	for rest := k; rest != 0; rest &= rest - 1 {
-		if p := 1 << bits.TrailingZeros(uint(rest)); !e.galois[e.params.GaloisElement(p)] {
+		if p := 1 << bits.TrailingZeros(uint(rest)); !st.galois[e.params.GaloisElement(p)] {
 			return nil, &MissingRotationError{Rotation: k, Key: p}
 		}
 	}
@@ -134,9 +232,9 @@ func (e *Engine) rotate(ev *ckks.Evaluator, ct *rlwe.Ciphertext, k int, ks *int)
 // by b and b - 1 rotations by 1, plus log2(slots/n') for the replication;
 // one level. Rotations missing from the keyset are made from powers of
 // two, or reported as a MissingRotationError.
-func (e *Engine) MatVec(x *rlwe.Ciphertext, W [][]float64) (*rlwe.Ciphertext, Cost, error) {
+func (e *Engine) MatVec(ctx context.Context, x *rlwe.Ciphertext, W [][]float64) (*rlwe.Ciphertext, Cost, error) {
 	ks := 0
-	ct, norm, err := e.matVec(x, W, &ks)
+	ct, norm, err := e.matVec(ctx, x, W, &ks)
 	if err != nil {
 		return nil, Cost{}, err
 	}
@@ -149,7 +247,7 @@ func (e *Engine) MatVec(x *rlwe.Ciphertext, W [][]float64) (*rlwe.Ciphertext, Co
 // slots (which is what a coefficient of the error polynomial has), is
 // multiplied by ||W||_F^2 / n'. Giant-step rotations act at the square of
 // the scale, before the rescale, and are not counted.
-func (e *Engine) matVec(x *rlwe.Ciphertext, W [][]float64, ks *int) (*rlwe.Ciphertext, float64, error) {
+func (e *Engine) matVec(ctx context.Context, x *rlwe.Ciphertext, W [][]float64, ks *int) (*rlwe.Ciphertext, float64, error) {
 	m := len(W)
 	if m == 0 || len(W[0]) == 0 {
 		return nil, 0, errors.New("the matrix is empty")
@@ -177,11 +275,18 @@ func (e *Engine) matVec(x *rlwe.Ciphertext, W [][]float64, ks *int) (*rlwe.Ciphe
 	if x.Level() < 1 {
 		return nil, 0, errors.New("the ciphertext is at level 0: no level left for a multiplication")
 	}
-	ev := e.eval
+	logNp := bits.TrailingZeros(uint(np))
+	b := 1 << (logNp / 2)
+	G := np / b
+	st, err := e.prepare(ctx, matVecRotations(np, b, G, e.slots))
+	if err != nil {
+		return nil, 0, err
+	}
+	ev := st.eval
 	// Replicate x with period np.
 	v := x.CopyNew()
 	for p := np; p < e.slots; p *= 2 {
-		r, err := e.rotate(ev, v, p, ks)
+		r, err := e.rotate(st, v, p, ks)
 		if err != nil {
 			return nil, 0, err
 		}
@@ -189,13 +294,10 @@ func (e *Engine) matVec(x *rlwe.Ciphertext, W [][]float64, ks *int) (*rlwe.Ciphe
 			return nil, 0, err
 		}
 	}
-	logNp := bits.TrailingZeros(uint(np))
-	b := 1 << (logNp / 2)
-	G := np / b
 	baby := make([]*rlwe.Ciphertext, b)
 	baby[0] = v
 	for j := 1; j < b; j++ {
-		r, err := e.rotate(ev, baby[j-1], 1, ks)
+		r, err := e.rotate(st, baby[j-1], 1, ks)
 		if err != nil {
 			return nil, 0, err
 		}
@@ -237,7 +339,7 @@ func (e *Engine) matVec(x *rlwe.Ciphertext, W [][]float64, ks *int) (*rlwe.Ciphe
 		case acc == nil:
 			acc = u
 		default:
-			r, err := e.rotate(ev, acc, b, new(int))
+			r, err := e.rotate(st, acc, b, new(int))
 			if err != nil {
 				return nil, 0, err
 			}
@@ -264,6 +366,22 @@ func (e *Engine) matVec(x *rlwe.Ciphertext, W [][]float64, ks *int) (*rlwe.Ciphe
 	return acc, math.Sqrt(frob / float64(np)), nil
 }
 
+// matVecRotations are the rotations matVec makes for a period np, b baby
+// steps and G giant steps: the replication's powers of two, 1 and b.
+func matVecRotations(np, b, G, slots int) []int {
+	var out []int
+	for p := np; p < slots; p *= 2 {
+		out = append(out, p)
+	}
+	if b > 1 {
+		out = append(out, 1)
+	}
+	if G > 1 {
+		out = append(out, b)
+	}
+	return out
+}
+
 // amplificationCap refuses, before anything is evaluated, an operation
 // whose declared noise amplification kmsd would not attest.
 func amplificationCap(amp float64) error {
@@ -274,16 +392,16 @@ func amplificationCap(amp float64) error {
 }
 
 // Linear is y = W·x + b, with y in the first m slots.
-func (e *Engine) Linear(x *rlwe.Ciphertext, W [][]float64, bias []float64) (*rlwe.Ciphertext, Cost, error) {
+func (e *Engine) Linear(ctx context.Context, x *rlwe.Ciphertext, W [][]float64, bias []float64) (*rlwe.Ciphertext, Cost, error) {
 	if bias != nil && len(bias) != len(W) {
 		return nil, Cost{}, fmt.Errorf("bias has %d values, the weights %d rows", len(bias), len(W))
 	}
-	y, cost, err := e.MatVec(x, W)
+	y, cost, err := e.MatVec(ctx, x, W)
 	if err != nil {
 		return nil, Cost{}, err
 	}
 	if bias != nil {
-		if err := e.eval.Add(y, bias, y); err != nil {
+		if err := e.state.Load().eval.Add(y, bias, y); err != nil {
 			return nil, Cost{}, err
 		}
 	}
@@ -315,7 +433,7 @@ func (e *Engine) Polynomial(x *rlwe.Ciphertext, c []float64) (*rlwe.Ciphertext, 
 	if err := amplificationCap(amp); err != nil {
 		return nil, Cost{}, err
 	}
-	ev := e.eval
+	ev := e.state.Load().eval
 	r, err := e.mulConst(ev, x, c[d])
 	if err != nil {
 		return nil, Cost{}, err
@@ -358,7 +476,7 @@ func (e *Engine) Aggregate(cts []*rlwe.Ciphertext, mean bool) (*rlwe.Ciphertext,
 	if len(cts) == 0 {
 		return nil, Cost{}, errors.New("no ciphertexts")
 	}
-	ev := e.eval
+	ev := e.state.Load().eval
 	// Lowest level first, so the sum is taken at the level all share.
 	sort.SliceStable(cts, func(i, j int) bool { return cts[i].Level() < cts[j].Level() })
 	sum := cts[0].CopyNew()

@@ -1,6 +1,7 @@
 package hemcp
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"math"
@@ -92,7 +93,7 @@ func TestOpsMatchPlaintext(t *testing.T) {
 		b[i] = rng.Float64()
 	}
 	ct := encrypt(t, k, x)
-	y, _, err := e.Linear(ct, W, b)
+	y, _, err := e.Linear(context.Background(), ct, W, b)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -133,7 +134,7 @@ func TestOpsMatchPlaintext(t *testing.T) {
 	// A missing rotation is named.
 	k2, _ := localKeys(t, "ckks-logn13", []int{1, 2, 4})
 	e2, _ := NewEngine(k2)
-	_, _, err = e2.Linear(encrypt(t, k2, x), W, b)
+	_, _, err = e2.Linear(context.Background(), encrypt(t, k2, x), W, b)
 	var mr *MissingRotationError
 	if !errors.As(err, &mr) || mr.Key != 128 {
 		t.Fatalf("linear with only rotations 1, 2, 4: %v", err)

@@ -74,7 +74,12 @@ type Config struct {
 	// requests are served besides this server's own; a request with any
 	// other Origin is refused (403) before its token is looked at.
 	AllowedOrigins []string
-	Logger         *slog.Logger
+	// NoGaloisOnDemand: a rotation whose Galois key the version lacks is
+	// made from the powers of two it has (or refused), instead of kmsd
+	// being asked to generate the key (POST .../evaluation-keys, within
+	// the key's on_demand_galois_keys).
+	NoGaloisOnDemand bool
+	Logger           *slog.Logger
 	// Metrics, if set, is told of tool calls, introspections and key
 	// fetches.
 	Metrics Metrics
@@ -421,12 +426,24 @@ func (s *Server) loadShared(ctx context.Context, name string, version uint64) (*
 
 func (s *Server) load(ctx context.Context, name string, version uint64) (*Engine, error) {
 	start := time.Now()
-	keys, err := s.cfg.Fetcher.Fetch(ctx, name, version)
+	// The public and relinearization keys now; each Galois key when a
+	// tool first needs it.
+	keys, err := s.cfg.Fetcher.FetchLazy(ctx, name, version)
 	s.cfg.Metrics.KeyFetch(time.Since(start), err)
 	if err != nil {
 		return nil, err
 	}
-	return NewEngine(keys)
+	return NewLazyEngine(keys, func(ctx context.Context, rotations []int) ([]*rlwe.GaloisKey, error) {
+		if s.cfg.NoGaloisOnDemand {
+			// Only what the version lists; the rest from powers of two.
+			listed := keys.GaloisRefs()
+			rotations = slices.DeleteFunc(slices.Clone(rotations), func(r int) bool {
+				_, ok := listed[keys.GaloisElement(r)]
+				return !ok
+			})
+		}
+		return s.cfg.Fetcher.GaloisKeys(ctx, keys, rotations, false, !s.cfg.NoGaloisOnDemand)
+	})
 }
 
 // Refresh polls every key every Config.Refresh until ctx ends.
@@ -643,6 +660,10 @@ type (
 		Ciphertext EnvelopeJSON `json:"ciphertext" jsonschema:"the query embedding"`
 		Context    string       `json:"context" jsonschema:"the name of a set of context embeddings the server holds"`
 	}
+	RekeyIn struct {
+		Ciphertext EnvelopeJSON `json:"ciphertext" jsonschema:"an envelope under an earlier version of its key"`
+		ToVersion  uint64       `json:"to_version,omitempty" jsonschema:"the later version to re-key into (default: the key's primary version)"`
+	}
 	SimilarityOut struct {
 		Ciphertext EnvelopeJSON `json:"ciphertext" jsonschema:"slot i holds the dot product of the query with context item i"`
 		IDs        []string     `json:"ids" jsonschema:"the context items, in slot order"`
@@ -723,6 +744,7 @@ func (s *Server) MCPServer() *mcp.Server {
 	mcp.AddTool(srv, &mcp.Tool{Name: "he_polynomial", Description: "c0 + c1·x + ... + cd·x^d on every slot (d levels; the relinearization key for d >= 2). Example (degree 2): {\"ciphertext\": ENVELOPE, \"coefficients\": [0.5, 0.197, -0.05]}. " + toolHelp}, safe(s, "he_polynomial", s.polynomial))
 	mcp.AddTool(srv, &mcp.Tool{Name: "he_aggregate", Description: "Sum or mean of ciphertexts from several parties under the same key version. Example: {\"ciphertexts\": [ENVELOPE, ENVELOPE], \"op\": \"mean\"}. " + toolHelp}, safe(s, "he_aggregate", s.aggregate))
 	mcp.AddTool(srv, &mcp.Tool{Name: "he_similarity", Description: "Dot products of an encrypted query embedding with the plaintext context embeddings the server holds (private retrieval: the server learns nothing of the query); slot i is item i. Example: {\"ciphertext\": ENVELOPE, \"context\": \"docs\"}. " + toolHelp}, safe(s, "he_similarity", s.similarity))
+	mcp.AddTool(srv, &mcp.Tool{Name: "he_rekey", Description: "Re-keys a ciphertext of an earlier version of its key into a later one (default: the primary) without decrypting it: one key switch with the switching key kmsd issues (kmsd refuses versions below min_decryption_version and targets that are not enabled). The result decrypts under the later version. Example: {\"ciphertext\": ENVELOPE, \"to_version\": 3}. " + toolHelp}, safe(s, "he_rekey", s.rekey))
 	// A client sees only the manifests of the keys its token may use
 	// (he_describe likewise lists only those).
 	srv.AddReceivingMiddleware(func(next mcp.MethodHandler) mcp.MethodHandler {
@@ -773,6 +795,7 @@ func (s *Server) describe(ctx context.Context, req *mcp.CallToolRequest, _ Descr
 		"he_aggregate":  "ciphertexts under one key version with the same slots; mean takes 1 level",
 		"he_similarity": "a query of the context's dimension; rotations as he_linear; 1 level",
 		"he_describe":   "nothing",
+		"he_rekey":      "a ciphertext under an enabled version older than the target; one key switch, no level",
 	}}
 	s.mu.RLock()
 	defer s.mu.RUnlock()
@@ -851,7 +874,7 @@ func (s *Server) linear(ctx context.Context, req *mcp.CallToolRequest, in Linear
 	if len(W[0]) != env.Slots {
 		return nil, CiphertextOut{}, fmt.Errorf("the weights have %d columns, the ciphertext holds %d values", len(W[0]), env.Slots)
 	}
-	y, cost, err := eng.Linear(ct, W, b)
+	y, cost, err := eng.Linear(ctx, ct, W, b)
 	if err != nil {
 		return nil, CiphertextOut{}, err
 	}
@@ -923,7 +946,7 @@ func (s *Server) similarity(ctx context.Context, req *mcp.CallToolRequest, in Si
 	if err := capsFor(eng.Slots()).check(fmt.Sprintf("context %q", in.Context), rows, cols, total); err != nil {
 		return nil, SimilarityOut{}, err
 	}
-	y, cost, err := eng.MatVec(ct, c.Embeddings)
+	y, cost, err := eng.MatVec(ctx, ct, c.Embeddings)
 	if err != nil {
 		return nil, SimilarityOut{}, err
 	}
@@ -933,6 +956,46 @@ func (s *Server) similarity(ctx context.Context, req *mcp.CallToolRequest, in Si
 	}
 	return summary(sealed), SimilarityOut{Ciphertext: fromEnvelope(sealed), IDs: c.IDs}, nil
 }
+
+func (s *Server) rekey(ctx context.Context, req *mcp.CallToolRequest, in RekeyIn) (*mcp.CallToolResult, CiphertextOut, error) {
+	eng, _, env, err := s.open(ctx, req, in.Ciphertext)
+	if err != nil {
+		return nil, CiphertextOut{}, err
+	}
+	to := in.ToVersion
+	s.mu.RLock()
+	sk := s.served[env.Key]
+	if to == 0 {
+		to = sk.primary
+	}
+	enabled := sk.enabled[to]
+	s.mu.RUnlock()
+	switch {
+	case to <= env.Version:
+		return nil, CiphertextOut{}, fmt.Errorf("the ciphertext is under version %d; re-keying goes to a later version (to_version %d)", env.Version, to)
+	case !enabled:
+		return nil, CiphertextOut{}, fmt.Errorf("version %d of key %q is not enabled in kmsd: ciphertexts are re-keyed only into an enabled version", to, env.Key)
+	}
+	m, err := s.cfg.Fetcher.Manifest(ctx, env.Key, to)
+	if err != nil {
+		return nil, CiphertextOut{}, err
+	}
+	swk, err := s.cfg.Fetcher.SwitchingKey(ctx, eng.Keys, to, true)
+	if err != nil {
+		return nil, CiphertextOut{}, err
+	}
+	out, err := hekeys.Rekey(eng.Keys, m, swk, env)
+	if err != nil {
+		return nil, CiphertextOut{}, err
+	}
+	if err := hekeys.AttestEvaluation(ctx, s.cfg.Client, out, kmsRekeyOp, []*client.Envelope{env}, 1, 1); err != nil {
+		return nil, CiphertextOut{}, fmt.Errorf("kmsd did not attest the result: %w", err)
+	}
+	return summary(out), CiphertextOut{Ciphertext: fromEnvelope(out)}, nil
+}
+
+// kmsRekeyOp is the attestation op of a re-keying (kms.OpRekey).
+const kmsRekeyOp = "rekey"
 
 func dim(e [][]float64) int {
 	if len(e) == 0 {

@@ -29,6 +29,10 @@ const (
 	// evaluation on attested inputs (an evaluator service such as
 	// kmsd-mcp; kmsd does not see the evaluation, so this is trust).
 	PermAttestEvaluation Permission = "attest-evaluation"
+	// PermExtendKeys: have kmsd generate evaluation keys a version lacks
+	// (Galois keys on demand, switching keys to a later version). They
+	// are public, but their generation costs kmsd CPU and storage.
+	PermExtendKeys Permission = "extend-keys"
 )
 
 // separated are the permissions no role that decrypts may exercise: a
@@ -38,10 +42,10 @@ const (
 var separated = map[Permission]bool{PermAttestInput: true, PermAttestEvaluation: true}
 
 var rolePerms = map[Role][]Permission{
-	RoleAdmin:     {PermReadKey, PermUseKey, PermManageKey, PermManageTokens, PermReadAudit, PermDecrypt, PermIntrospect, PermAttestInput, PermAttestEvaluation},
+	RoleAdmin:     {PermReadKey, PermUseKey, PermManageKey, PermManageTokens, PermReadAudit, PermDecrypt, PermIntrospect, PermAttestInput, PermAttestEvaluation, PermExtendKeys},
 	RoleDecryptor: {PermReadKey, PermDecrypt},
-	RoleWorker:    {PermReadKey},
-	RoleEvaluator: {PermReadKey, PermIntrospect, PermAttestEvaluation},
+	RoleWorker:    {PermReadKey, PermExtendKeys},
+	RoleEvaluator: {PermReadKey, PermIntrospect, PermAttestEvaluation, PermExtendKeys},
 	RoleEncryptor: {PermReadKey, PermAttestInput},
 	RoleAuditor:   {PermReadAudit},
 }

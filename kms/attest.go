@@ -105,6 +105,9 @@ func (c Call) Attest(ctx context.Context, p *Principal, name string, n uint64, r
 		}
 		st.Type, st.Amplification, st.KeySwitches = StatementEvaluation, req.Amplification, req.KeySwitches
 	}
+	if req.Op == OpRekey && (len(req.Inputs) != 1 || req.Amplification != 1 || req.KeySwitches != 1) {
+		return nil, nil, Errorf(KindInvalid, "a re-keying (op \"rekey\") has one input, amplification 1 and one key switch")
+	}
 	k, v, kind, err := s.usable(ctx, name, n, OpDecrypt)
 	if err != nil {
 		return nil, nil, err
@@ -130,7 +133,11 @@ func (c Call) Attest(ctx context.Context, p *Principal, name string, n uint64, r
 		if err != nil {
 			return nil, nil, err // the store or the identity key: not the caller's mistake
 		}
-		if ist.Key != name || ist.Version != n || ist.ParamsID != m.ParamsID {
+		if req.Op == OpRekey {
+			if err := s.rekeyInput(ctx, k, n, ist, m.ParamsID); err != nil {
+				return nil, nil, err
+			}
+		} else if ist.Key != name || ist.Version != n || ist.ParamsID != m.ParamsID {
 			return nil, nil, Errorf(KindInvalid, "input %d is attested for key %q version %d, not %q version %d", i, ist.Key, ist.Version, name, n)
 		}
 		if ist.Level < req.Level {
@@ -159,6 +166,35 @@ func (c Call) Attest(ctx context.Context, p *Principal, name string, n uint64, r
 	auditFor(c.rec, name, n)
 	noteAttestation(c.rec, st)
 	return &Attestation{Payload: payload, Signature: sig, SignedBy: by}, st, nil
+}
+
+// OpRekey is the op of an evaluation that re-keyed a ciphertext of an
+// earlier version of the key into the attested version, with the switching
+// key kmsd issued (SwitchingKey).
+const OpRekey = "rekey"
+
+// rekeyInput checks the input of a re-keying into version n of key k: an
+// earlier version of the same key and parameters, not below
+// min_decryption_version, that has a switching key to n.
+func (s *Service) rekeyInput(ctx context.Context, k *Key, n uint64, ist *Statement, paramsID string) error {
+	switch {
+	case ist.Key != k.Name || ist.ParamsID != paramsID:
+		return Errorf(KindInvalid, "the input of a re-keying is attested for key %q (parameters %s), not %q (%s)", ist.Key, ist.ParamsID, k.Name, paramsID)
+	case ist.Version >= n:
+		return Errorf(KindInvalid, "a re-keying goes from an earlier version: the input is under version %d, the result under %d", ist.Version, n)
+	case ist.Version < k.MinDecryptionVersion:
+		return Errorf(KindInvalid, "the input is under version %d, below the key's min_decryption_version (%d): it is not to be decrypted, nor re-keyed", ist.Version, k.MinDecryptionVersion)
+	}
+	_, from, err := s.resolve(ctx, k.Name, ist.Version)
+	if err != nil {
+		return err
+	}
+	if res, ok, err := switchingResult(from, n); err != nil {
+		return err
+	} else if !ok || res.Switching == nil {
+		return Errorf(KindInvalid, "version %d of key %q has no switching key to version %d: kmsd issued none, so no re-keying can have used one", ist.Version, k.Name, n)
+	}
+	return nil
 }
 
 // Attest is For(nil).Attest.

@@ -58,6 +58,10 @@ type Policy struct {
 	// 0 for no limit; past it the key must be rotated.
 	DecryptLogPrecision int    `json:"decrypt_log_precision,omitempty"`
 	DecryptBudget       uint64 `json:"decrypt_budget,omitempty"`
+	// OnDemandGaloisKeys is how many Galois keys beyond its rotations a
+	// version may gain on demand (POST .../evaluation-keys): 0 means
+	// DefaultOnDemandGaloisKeys, -1 none; at most MaxOnDemandGaloisKeys.
+	OnDemandGaloisKeys int `json:"on_demand_galois_keys,omitempty"`
 
 	// RotationPeriod, when set, has the service rotate the key once its
 	// latest version is this old (scheduled rotation, RunRotation); zero:
@@ -68,7 +72,7 @@ type Policy struct {
 
 // hasKeysetFields reports whether any HE field is set.
 func (p Policy) hasKeysetFields() bool {
-	return len(p.Params) > 0 || len(p.Rotations) > 0 || p.Conjugation || p.Relinearization || p.DecryptLogPrecision != 0 || p.DecryptBudget != 0
+	return len(p.Params) > 0 || len(p.Rotations) > 0 || p.Conjugation || p.Relinearization || p.DecryptLogPrecision != 0 || p.DecryptBudget != 0 || p.OnDemandGaloisKeys != 0
 }
 
 // Version is one generation of key material.
@@ -88,6 +92,14 @@ type Version struct {
 	ManifestSig   []byte   `json:"manifest_sig,omitempty"`
 	ManifestSigBy uint64   `json:"manifest_sig_by,omitempty"`
 	Blobs         []string `json:"blobs,omitempty"`
+	// Extension is the signed list of the evaluation keys made for the
+	// version after its manifest (wire.ManifestExtension: Galois keys on
+	// demand, switching keys to later versions), ExtensionSig its
+	// signature by identity version ExtensionSigBy; nil when none. Its
+	// blobs are in Blobs too.
+	Extension      []byte `json:"extension,omitempty"`
+	ExtensionSig   []byte `json:"extension_sig,omitempty"`
+	ExtensionSigBy uint64 `json:"extension_sig_by,omitempty"`
 	// Decryptions counts decryptions with this version (HE budget).
 	Decryptions uint64 `json:"decryptions,omitempty"`
 }
@@ -172,6 +184,8 @@ func (v *Version) Clone() *Version {
 	c.Sealed = slices.Clone(v.Sealed)
 	c.Manifest = slices.Clone(v.Manifest)
 	c.ManifestSig = slices.Clone(v.ManifestSig)
+	c.Extension = slices.Clone(v.Extension)
+	c.ExtensionSig = slices.Clone(v.ExtensionSig)
 	c.Blobs = slices.Clone(v.Blobs)
 	if v.DestroyAt != nil {
 		t := *v.DestroyAt

@@ -152,9 +152,19 @@ func (s *Service) BlobOwner(ctx context.Context, digest string) (string, error) 
 	return name, nil
 }
 
-// BlobManifest returns the signed manifest of the version of key name that
-// lists the blob (newest versions first).
-func (s *Service) BlobManifest(ctx context.Context, name, digest string) ([]byte, error) {
+// BlobListing is how a version's signed manifest or extension lists a
+// blob.
+type BlobListing struct {
+	Ref BlobRef
+	// Role is "public", "relinearization", "galois" or "switching".
+	Role string
+	// Manifest is the listing version's manifest (its parameters).
+	Manifest []byte
+}
+
+// BlobListing finds the version of key name that lists the blob (newest
+// versions first) and how it lists it.
+func (s *Service) BlobListing(ctx context.Context, name, digest string) (*BlobListing, error) {
 	before := uint64(0)
 	for {
 		_, vs, next, err := s.listVersions(ctx, name, before, MaxVersionsPage)
@@ -162,8 +172,36 @@ func (s *Service) BlobManifest(ctx context.Context, name, digest string) ([]byte
 			return nil, err
 		}
 		for _, v := range vs {
-			if slices.Contains(v.Blobs, digest) && v.Manifest != nil {
-				return v.Manifest, nil
+			if !slices.Contains(v.Blobs, digest) || v.Manifest == nil {
+				continue
+			}
+			var m Manifest
+			if err := json.Unmarshal(v.Manifest, &m); err != nil {
+				return nil, Wrap(KindInternal, "manifest", err)
+			}
+			ext, err := extensionOf(v)
+			if err != nil {
+				return nil, err
+			}
+			l := &BlobListing{Manifest: v.Manifest}
+			switch {
+			case m.PublicKey.Digest == digest:
+				l.Ref, l.Role = m.PublicKey, "public"
+			case m.RelinearizationKey != nil && m.RelinearizationKey.Digest == digest:
+				l.Ref, l.Role = *m.RelinearizationKey, "relinearization"
+			}
+			for _, g := range append(slices.Clone(m.GaloisKeys), ext.GaloisKeys...) {
+				if g.Digest == digest {
+					l.Ref, l.Role = g.Ref(), "galois"
+				}
+			}
+			for _, x := range ext.SwitchingKeys {
+				if x.Digest == digest {
+					l.Ref, l.Role = x.Ref(), "switching"
+				}
+			}
+			if l.Role != "" {
+				return l, nil
 			}
 		}
 		if next == 0 {

@@ -78,6 +78,11 @@ type Service struct {
 	maxKeyset   int64
 	asyncBytes  int64
 	generations chan struct{}
+	// extensions bounds the generations of keys for existing versions
+	// (Galois keys on demand, switching keys) at once; extendLocks
+	// serializes those of one version.
+	extensions  chan struct{}
+	extendLocks versionLocks
 	counts      counts
 	jobs        jobs
 
@@ -118,6 +123,7 @@ func NewService(cfg Config) (*Service, error) {
 		cfg.MaxGenerations = 1
 	}
 	s.generations = make(chan struct{}, cfg.MaxGenerations)
+	s.extensions = make(chan struct{}, cfg.MaxGenerations)
 	s.jobs.m = map[string]*Job{}
 	s.asyncBytes = cfg.AsyncKeysetBytes
 	if s.asyncBytes <= 0 {

@@ -7,19 +7,21 @@ import "github.com/kmsd-project/kmsd/kms/wire"
 // service uses them under these names.
 
 type (
-	Kind        = wire.Kind
-	Error       = wire.Error
-	JSONRules   = wire.JSONRules
-	Envelope    = wire.Envelope
-	Statement   = wire.Statement
-	InputRef    = wire.InputRef
-	Attestation = wire.Attestation
-	BlobRef     = wire.BlobRef
-	GaloisRef   = wire.GaloisRef
-	Manifest    = wire.Manifest
-	AuditRecord = wire.AuditRecord
-	RestoreInfo = wire.RestoreInfo
-	Role        = wire.Role
+	Kind              = wire.Kind
+	Error             = wire.Error
+	JSONRules         = wire.JSONRules
+	Envelope          = wire.Envelope
+	Statement         = wire.Statement
+	InputRef          = wire.InputRef
+	Attestation       = wire.Attestation
+	BlobRef           = wire.BlobRef
+	GaloisRef         = wire.GaloisRef
+	SwitchingRef      = wire.SwitchingRef
+	ManifestExtension = wire.ManifestExtension
+	Manifest          = wire.Manifest
+	AuditRecord       = wire.AuditRecord
+	RestoreInfo       = wire.RestoreInfo
+	Role              = wire.Role
 )
 
 const (
@@ -41,6 +43,7 @@ const (
 	StatementInput      = wire.StatementInput
 	StatementEvaluation = wire.StatementEvaluation
 	ManifestContext     = wire.ManifestContext
+	ExtensionContext    = wire.ExtensionContext
 	MaxVersionsPage     = wire.MaxVersionsPage
 
 	RoleAdmin     = wire.RoleAdmin

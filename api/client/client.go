@@ -749,3 +749,39 @@ func (c *Client) RenewToken(ctx context.Context) (*TokenInfo, error) {
 	var out TokenInfo
 	return &out, c.do(ctx, http.MethodPost, "/v1/tokens/self/renew", nil, nil, &out)
 }
+
+// GaloisKeys asks kmsd for the Galois keys of rotations (and the
+// conjugation) of version (0: primary) of key name: those it lacks are
+// generated. A request whose new keys are large answers 202: the
+// operation is returned (WaitOperation, then ask again for the result).
+func (c *Client) GaloisKeys(ctx context.Context, name string, version uint64, req GaloisKeysRequest) (*GaloisKeysResult, *Operation, error) {
+	var res GaloisKeysResult
+	var op Operation
+	st, err := c.doStatus(ctx, http.MethodPost, keyPath(name, "versions", versionRef(version), "evaluation-keys"), nil, req, func(s int) any {
+		if s == http.StatusAccepted {
+			return &op
+		}
+		return &res
+	})
+	if err != nil {
+		return nil, nil, err
+	}
+	if st == http.StatusAccepted {
+		return nil, &op, nil
+	}
+	return &res, nil, nil
+}
+
+// SwitchingKey asks kmsd for the switching key from version from of key
+// name to its later version to, generated the first time.
+func (c *Client) SwitchingKey(ctx context.Context, name string, from, to uint64) (*SwitchingKeyResult, error) {
+	var res SwitchingKeyResult
+	return &res, c.do(ctx, http.MethodPost, keyPath(name, "versions", versionRef(from), "switching-keys"), nil, SwitchingKeyRequest{ToVersion: to}, &res)
+}
+
+// Extension returns the signed extension of version (0: primary) of key
+// name, unverified (hekeys verifies it against the pinned identity key).
+func (c *Client) Extension(ctx context.Context, name string, version uint64) (*SignedExtension, error) {
+	var e SignedExtension
+	return &e, c.do(ctx, http.MethodGet, keyPath(name, "versions", versionRef(version), "evaluation-keys", "extension"), nil, nil, &e)
+}

@@ -416,3 +416,52 @@ type KEKRotation struct {
 	SealedUnder map[string]int `json:"sealed_under,omitempty"`
 	Error       string         `json:"error,omitempty"` // the last error (the rewrap retries)
 }
+
+// GaloisKeysRequest is the body of POST
+// /v1/keys/{name}/versions/{version}/evaluation-keys: the slot rotations
+// (to the left; negative to the right) and the conjugation (CKKS; BGV's
+// row swap) whose Galois keys the caller needs.
+type GaloisKeysRequest struct {
+	Rotations   []int `json:"rotations,omitempty"`
+	Conjugation bool  `json:"conjugation,omitempty"`
+}
+
+// GaloisKeysResult lists the asked Galois keys (by element). The
+// signed manifest or extension lists each of them: a client trusts those,
+// not this answer.
+type GaloisKeysResult struct {
+	Key        string      `json:"key"`
+	Version    uint64      `json:"version"`
+	GaloisKeys []GaloisRef `json:"galois_keys"`
+	// Generated is how many keys this request made (0: all were there).
+	Generated int `json:"generated"`
+	// ExtensionSequence is the extension listing the keys the manifest
+	// does not (0: the manifest lists them all).
+	ExtensionSequence uint64 `json:"extension_sequence"`
+}
+
+// SwitchingKeyRequest is the body of POST
+// /v1/keys/{name}/versions/{version}/switching-keys.
+type SwitchingKeyRequest struct {
+	ToVersion uint64 `json:"to_version"`
+}
+
+// SwitchingKeyResult names the switching key from the path's version to
+// ToVersion; the version's signed extension lists it.
+type SwitchingKeyResult struct {
+	Key               string       `json:"key"`
+	Version           uint64       `json:"version"`
+	SwitchingKey      SwitchingRef `json:"switching_key"`
+	Generated         int          `json:"generated"`
+	ExtensionSequence uint64       `json:"extension_sequence"`
+}
+
+// SignedExtension is a manifest extension's exact bytes and signature
+// (GET .../evaluation-keys/extension).
+type SignedExtension = wire.SignedExtension
+
+// SwitchingRef names a switching key's blob.
+type SwitchingRef = wire.SwitchingRef
+
+// GaloisRef names a Galois key's blob.
+type GaloisRef = wire.GaloisRef

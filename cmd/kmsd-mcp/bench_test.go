@@ -107,7 +107,7 @@ func BenchmarkLinear128(b *testing.B) {
 	})
 	b.Run("in-process", func(b *testing.B) {
 		for b.Loop() {
-			y, _, err := bw.eng.Linear(bw.x, bw.W, nil)
+			y, _, err := bw.eng.Linear(context.Background(), bw.x, bw.W, nil)
 			if err != nil {
 				b.Fatal(err)
 			}
@@ -130,7 +130,7 @@ func BenchmarkSimilarity1000x128(b *testing.B) {
 	})
 	b.Run("in-process", func(b *testing.B) {
 		for b.Loop() {
-			y, _, err := bw.eng.MatVec(bw.x, bw.corpus.Embeddings)
+			y, _, err := bw.eng.MatVec(context.Background(), bw.x, bw.corpus.Embeddings)
 			if err != nil {
 				b.Fatal(err)
 			}

@@ -81,3 +81,62 @@ func (m *Manifest) Blobs() []BlobRef {
 	}
 	return out
 }
+
+// ExtensionContext is the ML-DSA context string of manifest extensions:
+// distinct from ManifestContext, so that neither passes for the other.
+const ExtensionContext = "kms-manifest-extension-v1"
+
+// SwitchingRef names the blob of a switching key from the secret of the
+// version whose extension lists it to the secret of version ToVersion of
+// the same key (re-keying a ciphertext without decrypting it).
+type SwitchingRef struct {
+	ToVersion  uint64 `json:"to_version"`
+	Digest     string `json:"digest"`
+	Size       int64  `json:"size"`
+	Form       string `json:"form,omitempty"`
+	FullDigest string `json:"full_digest,omitempty"`
+	FullSize   int64  `json:"full_size,omitempty"`
+}
+
+// Ref is the switching key's BlobRef.
+func (s SwitchingRef) Ref() BlobRef {
+	return BlobRef{Digest: s.Digest, Size: s.Size, Form: s.Form, FullDigest: s.FullDigest, FullSize: s.FullSize}
+}
+
+// ManifestExtension lists the evaluation keys kmsd generated for a version
+// after its manifest was signed: Galois keys asked for on demand and
+// switching keys to later versions. Each new key makes a new extension
+// (Sequence one higher) that lists every key of the one before, signed by
+// the identity key with ExtensionContext; the manifest itself never
+// changes.
+type ManifestExtension struct {
+	Key           string         `json:"key"`
+	Version       uint64         `json:"version"`
+	ParamsID      string         `json:"params_id"`
+	Sequence      uint64         `json:"sequence"`
+	GaloisKeys    []GaloisRef    `json:"galois_keys"`
+	SwitchingKeys []SwitchingRef `json:"switching_keys"`
+	CreatedAt     time.Time      `json:"created_at"`
+}
+
+// Blobs lists every blob the extension names.
+func (e *ManifestExtension) Blobs() []BlobRef {
+	var out []BlobRef
+	for _, g := range e.GaloisKeys {
+		out = append(out, g.Ref())
+	}
+	for _, s := range e.SwitchingKeys {
+		out = append(out, s.Ref())
+	}
+	return out
+}
+
+// SignedExtension is a manifest extension's exact signed bytes with its
+// signature, as GET .../evaluation-keys/extension serves them.
+type SignedExtension struct {
+	Document        []byte `json:"document"` // the ManifestExtension's JSON (base64 on the wire)
+	Algorithm       string `json:"algorithm"`
+	IdentityVersion uint64 `json:"identity_version"`
+	Context         string `json:"context"`
+	Signature       []byte `json:"signature"`
+}

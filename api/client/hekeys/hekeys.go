@@ -17,6 +17,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -48,6 +49,10 @@ type Keys struct {
 	// IdentityKey is the pinned identity key the manifest was verified
 	// with; VerifyAttestation checks attestations with it.
 	IdentityKey []byte
+
+	mu        sync.Mutex
+	extension *wire.ManifestExtension // verified; nil: none
+	lazy      bool                    // FetchLazy: Galois keys on request
 }
 
 // Fetcher gets keys from one kmsd.
@@ -236,11 +241,11 @@ func (f *Fetcher) fetch(ctx context.Context, name string, version uint64, evalua
 }
 
 // Download fetches and verifies the manifest of version (0: primary) of
-// key name and every blob it lists into CacheDir (blobs named by their hex
+// key name and its extension, and every blob they list, into CacheDir (blobs named by their hex
 // digest, a partial download resumed with Range), without loading them.
 // It writes the manifest's exact signed bytes to manifest-<version>.json
-// and its signature to manifest-<version>.sig.json there too, and returns
-// the manifest.
+// and its signature to manifest-<version>.sig.json there too (and the
+// signed extension to extension-<version>.json), and returns the manifest.
 func (f *Fetcher) Download(ctx context.Context, name string, version uint64) (*Manifest, error) {
 	raw, sig, err := f.manifest(ctx, name, version)
 	if err != nil {
@@ -250,13 +255,28 @@ func (f *Fetcher) Download(ctx context.Context, name string, version uint64) (*M
 	if err := json.Unmarshal(raw, &m); err != nil {
 		return nil, verifyErr("malformed manifest")
 	}
-	pr := f.newProgress(&m)
-	for _, r := range m.Blobs() {
+	ext, extDoc, err := f.extension(ctx, &m)
+	if err != nil {
+		return nil, err
+	}
+	blobs := m.Blobs()
+	if ext != nil {
+		blobs = append(blobs, ext.Blobs()...)
+	}
+	pr := &progress{report: f.Progress}
+	for _, r := range blobs {
+		pr.total += r.Size
+	}
+	for _, r := range blobs {
 		if _, err := f.blob(ctx, r.Digest, r.Size, pr); err != nil {
 			return nil, err
 		}
 	}
-	for file, data := range map[string][]byte{fmt.Sprintf("manifest-%d.json", m.Version): raw, fmt.Sprintf("manifest-%d.sig.json", m.Version): sig} {
+	files := map[string][]byte{fmt.Sprintf("manifest-%d.json", m.Version): raw, fmt.Sprintf("manifest-%d.sig.json", m.Version): sig}
+	if ext != nil {
+		files[fmt.Sprintf("extension-%d.json", m.Version)] = extDoc
+	}
+	for file, data := range files {
 		if err := os.WriteFile(filepath.Join(f.CacheDir, file), data, 0o644); err != nil {
 			return nil, err
 		}
@@ -330,6 +350,11 @@ func (f *Fetcher) keys(ctx context.Context, k *Keys, evaluation bool) (*Keys, er
 	pr := f.newProgress(m)
 	if !evaluation {
 		pr.total = m.PublicKey.Size
+	} else if k.lazy {
+		pr.total = m.PublicKey.Size
+		if m.RelinearizationKey != nil {
+			pr.total += m.RelinearizationKey.Size
+		}
 	}
 	lit, err := m.Literal()
 	if err != nil {
@@ -371,8 +396,22 @@ func (f *Fetcher) keys(ctx context.Context, k *Keys, evaluation bool) (*Keys, er
 			return nil, verifyErr("relinearization key: %v", err)
 		}
 	}
+	ext, _, err := f.extension(ctx, m)
+	if err != nil {
+		return nil, err
+	}
+	k.setExtension(ext)
+	galois := m.GaloisKeys
+	if k.lazy {
+		galois = nil
+	} else if ext != nil {
+		galois = append(slices.Clone(galois), ext.GaloisKeys...)
+		for _, g := range ext.GaloisKeys {
+			pr.total += g.Size
+		}
+	}
 	var gks []*rlwe.GaloisKey
-	for _, g := range m.GaloisKeys {
+	for _, g := range galois {
 		data, err := f.blob(ctx, g.Digest, g.Size, pr)
 		if err != nil {
 			return nil, err
