@@ -112,7 +112,7 @@ func versionsPageToken(name string, next uint64) string {
 
 func toPolicy(p kms.Policy) client.Policy {
 	out := client.Policy{DestroyWaitDays: p.DestroyWaitDays, Params: paramsOut(p.Params), Rotations: p.Rotations, Conjugation: p.Conjugation, Relinearization: p.Relinearization,
-		DecryptLogPrecision: p.DecryptLogPrecision, DecryptBudget: p.DecryptBudget}
+		DecryptLogPrecision: p.DecryptLogPrecision, DecryptBudget: p.DecryptBudget, OnDemandGaloisKeys: p.OnDemandGaloisKeys}
 	if p.RotationPeriod > 0 {
 		out.RotationPeriod = kms.FormatPeriod(p.RotationPeriod)
 	}
@@ -127,7 +127,7 @@ func fromPolicy(p *client.Policy) (kms.Policy, error) {
 		return kms.Policy{}, nil
 	}
 	out := kms.Policy{DestroyWaitDays: p.DestroyWaitDays, Params: p.Params, Rotations: p.Rotations, Conjugation: p.Conjugation, Relinearization: p.Relinearization,
-		DecryptLogPrecision: p.DecryptLogPrecision, DecryptBudget: p.DecryptBudget}
+		DecryptLogPrecision: p.DecryptLogPrecision, DecryptBudget: p.DecryptBudget, OnDemandGaloisKeys: p.OnDemandGaloisKeys}
 	if p.RotationPeriod != "" {
 		d, err := time.ParseDuration(p.RotationPeriod)
 		if err != nil {

@@ -22,6 +22,9 @@ type Policy struct {
 	// DecryptLogPrecision (ckks) and DecryptBudget (decryptions per version).
 	DecryptLogPrecision int    `json:"decrypt_log_precision,omitempty"`
 	DecryptBudget       uint64 `json:"decrypt_budget,omitempty"`
+	// OnDemandGaloisKeys: Galois keys a version may gain on demand beyond
+	// its rotations (0: 64; -1: none).
+	OnDemandGaloisKeys int `json:"on_demand_galois_keys,omitempty"`
 	// RotationPeriod (a Go duration, "720h") has the server rotate the key
 	// once its latest version is this old; empty: only on request.
 	RotationPeriod string `json:"rotation_period,omitempty"`

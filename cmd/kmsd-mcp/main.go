@@ -64,6 +64,7 @@ type config struct {
 	tlsCert, tlsKey, publicURL                                                                     string
 	authServer                                                                                     string
 	stateless                                                                                      bool
+	noGaloisOnDemand                                                                               bool
 	allowedOrigins, allowedHosts                                                                   keyList
 	allowUnbound                                                                                   bool
 	sessionTimeout                                                                                 time.Duration
@@ -106,6 +107,7 @@ func parseFlags(args []string, getenv func(string) string, out io.Writer) (confi
 	fs.BoolVar(&c.allowUnbound, "allow-unbound-tokens", getenv("KMSD_MCP_ALLOW_UNBOUND_TOKENS") == "1", "accept client tokens bound to no audience; by default a token must be bound to this server's canonical URL (kmsctl tokens create --audience URL), so that a token made for another service is refused (env KMSD_MCP_ALLOW_UNBOUND_TOKENS, set to 1)")
 	fs.StringVar(&c.publicURL, "public-url", env("KMSD_MCP_PUBLIC_URL", ""), "this server's canonical URL, https://host[:port]/mcp, as clients reach it (behind a proxy, say); empty: from --http (env KMSD_MCP_PUBLIC_URL)")
 	fs.StringVar(&c.authServer, "authorization-server", env("KMSD_MCP_AUTHORIZATION_SERVER", ""), "the OAuth issuer clients get tokens for this server from, named in the protected-resource metadata: kmsd's URL as clients reach it; empty: the issuer kmsd names at --kms-url (env KMSD_MCP_AUTHORIZATION_SERVER)")
+	fs.BoolVar(&c.noGaloisOnDemand, "no-galois-on-demand", getenv("KMSD_MCP_NO_GALOIS_ON_DEMAND") == "1", "never ask kmsd to generate a Galois key a version lacks: make rotations from the powers of two it has, or refuse (by default kmsd is asked, within the key's on_demand_galois_keys) (env KMSD_MCP_NO_GALOIS_ON_DEMAND, set to 1)")
 	fs.BoolVar(&c.stateless, "stateless", getenv("KMSD_MCP_STATELESS") == "1", "serve every HTTP request on its own, without MCP sessions, so that instances behind one address serve the same client (no GET stream, no server-to-client requests) (env KMSD_MCP_STATELESS, set to 1)")
 	fs.Var(&c.allowedOrigins, "allowed-origin", "a browser origin (https://host[:port]) whose requests are served besides this server's own; repeat for more; requests with another Origin header are refused (env KMSD_MCP_ALLOWED_ORIGINS, comma-separated)")
 	fs.Var(&c.allowedHosts, "allowed-host", "a Host header (host:port) served besides the --public-url's and the listen address's, e.g. the name a proxy forwards with; repeat for more; requests for another host are refused (env KMSD_MCP_ALLOWED_HOSTS, comma-separated)")
@@ -294,7 +296,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdin i
 	cfg := hemcp.Config{Client: kc, Fetcher: &hekeys.Fetcher{BaseURL: c.kmsURL, Token: token, IdentityKey: identity, CacheDir: c.cacheDir, HTTP: &hc},
 		Keys: c.keys, Refresh: c.refresh, IntrospectTTL: c.introspectTTL, MaxRequestBytes: c.maxRequestMiB << 20, Logger: log,
 		MaxCalls: int(c.maxCalls), SessionTimeout: c.sessionTimeout, AllowUnbound: c.allowUnbound,
-		AuthorizationServer: c.authServer, Stateless: c.stateless, AllowedOrigins: c.allowedOrigins}
+		AuthorizationServer: c.authServer, Stateless: c.stateless, AllowedOrigins: c.allowedOrigins, NoGaloisOnDemand: c.noGaloisOnDemand}
 	cfg.Fetcher.StallTimeout = c.stallTimeout
 	cfg.MaxLoadedVersions = int(c.maxLoadedVersions)
 	if c.maxLoadedVersions == 0 {

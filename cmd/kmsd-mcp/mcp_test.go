@@ -428,8 +428,8 @@ func envJSON(e *client.Envelope) map[string]any {
 func TestRefusals(t *testing.T) {
 	w := newWorld(t)
 	w.heKey(t, "he", "ckks-logn13", 1<<12)
-	// A key without Galois keys.
-	if _, err := w.adminc.CreateKey(context.Background(), client.CreateKeyRequest{Name: "he-norot", Kind: "ckks", Policy: &client.Policy{Params: json.RawMessage(`"ckks-logn13"`)}}); err != nil {
+	// A key without Galois keys, none on demand either.
+	if _, err := w.adminc.CreateKey(context.Background(), client.CreateKeyRequest{Name: "he-norot", Kind: "ckks", Policy: &client.Policy{Params: json.RawMessage(`"ckks-logn13"`), OnDemandGaloisKeys: -1}}); err != nil {
 		t.Fatal(err)
 	}
 	url := w.startHTTP(t, "--key", "he", "--key", "he-norot", "--introspect-ttl", "200ms")
@@ -538,7 +538,7 @@ func TestRefusals(t *testing.T) {
 	if _, msg := call(t, s, "he_aggregate", map[string]any{"ciphertexts": []any{good, envJSON(nenv)}, "op": "sum"}); !strings.Contains(msg, "same key version") {
 		t.Errorf("mixed aggregate: %q", msg)
 	}
-	if _, msg := call(t, s, "he_linear", map[string]any{"ciphertext": envJSON(nenv), "weights": [][]float64{{1, 2, 3}}}); !strings.Contains(msg, "no Galois key for rotation") {
+	if _, msg := call(t, s, "he_linear", map[string]any{"ciphertext": envJSON(nenv), "weights": [][]float64{{1, 2, 3}}}); !strings.Contains(msg, "past the key's limit of 0 (policy on_demand_galois_keys)") {
 		t.Errorf("linear without rotations: %q", msg)
 	}
 	// Only worker and encryptor tokens may call the tools: an admin, a
