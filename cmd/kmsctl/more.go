@@ -21,6 +21,7 @@ import (
 	"github.com/cloudflare/circl/kem/mlkem/mlkem512"
 	"github.com/cloudflare/circl/kem/mlkem/mlkem768"
 
+	"github.com/kmsd-project/kmsd/api/client"
 	"github.com/kmsd-project/kmsd/api/client/hekeys"
 	"github.com/kmsd-project/kmsd/internal/fileutil"
 )
@@ -209,6 +210,17 @@ var heCommands = []command{
 			return exitOK, printJSONLine(e.stdout, vals)
 		},
 	},
+	{
+		name: "he rekey", synopsis: "[--to N|primary] [--in FILE] [--identity-key-file FILE] [--cache-dir DIR]",
+		help: "re-key an attested ciphertext envelope (stdin, or --in) of an earlier version of its key into a later one without decrypting it: kmsd issues the switching key (made the first time; refused below min_decryption_version or towards a version that is not enabled), kmsctl applies it locally and has kmsd attest the result as op rekey (an evaluator token: it may ask for the switching key and attest); prints the new envelope", nargs: 0,
+		flags: func(fs *flag.FlagSet) {
+			fs.String("to", "primary", "the later version to re-key into")
+			fs.String("in", "-", "file holding the envelope (- for stdin)")
+			fs.String("identity-key-file", "", "the pinned identity public key (env KMS_IDENTITY_KEY_FILE); empty: the key kmsd serves over the TLS connection")
+			fs.String("cache-dir", "", "where verified keys are kept by digest (default: the user cache dir, kmsctl/hekeys)")
+		},
+		run: heRekey,
+	},
 }
 
 func init() {
@@ -284,31 +296,10 @@ func heEncrypt(e *env, fs *flag.FlagSet, args []string) (int, error) {
 	if err != nil {
 		return 0, err
 	}
-	var pub []byte
-	idFile := str(fs, "identity-key-file")
-	if idFile == "" {
-		idFile = e.getenv("KMS_IDENTITY_KEY_FILE")
+	f, err := e.fetcher(fs)
+	if err != nil {
+		return 0, err
 	}
-	if idFile != "" {
-		if pub, err = readIdentityFile(idFile); err != nil {
-			return 0, err
-		}
-	} else {
-		id, err := e.c.Identity(e.ctx)
-		if err != nil {
-			return 0, err
-		}
-		pub = id.PublicKey
-	}
-	cache := str(fs, "cache-dir")
-	if cache == "" {
-		base, err := os.UserCacheDir()
-		if err != nil {
-			base = os.TempDir()
-		}
-		cache = filepath.Join(base, "kmsctl", "hekeys")
-	}
-	f := &hekeys.Fetcher{BaseURL: e.g.url, Token: e.g.token, IdentityKey: pub, CacheDir: cache, HTTP: e.c.HTTPClient()}
 	keys, err := f.FetchPublic(e.ctx, name, v)
 	if err != nil {
 		return 0, err
@@ -443,4 +434,79 @@ func writeFileWith(path string, mode os.FileMode, fill func(io.Writer) error) er
 		return err
 	}
 	return writeFileAtomic(path, buf.Bytes(), mode)
+}
+
+// fetcher is an SDK fetcher for e's kmsd and token, with the identity key
+// of --identity-key-file (or KMS_IDENTITY_KEY_FILE, or the one kmsd serves
+// over the TLS connection) and the --cache-dir.
+func (e *env) fetcher(fs *flag.FlagSet) (*hekeys.Fetcher, error) {
+	var pub []byte
+	idFile := str(fs, "identity-key-file")
+	if idFile == "" {
+		idFile = e.getenv("KMS_IDENTITY_KEY_FILE")
+	}
+	if idFile != "" {
+		var err error
+		if pub, err = readIdentityFile(idFile); err != nil {
+			return nil, err
+		}
+	} else {
+		id, err := e.c.Identity(e.ctx)
+		if err != nil {
+			return nil, err
+		}
+		pub = id.PublicKey
+	}
+	cache := str(fs, "cache-dir")
+	if cache == "" {
+		base, err := os.UserCacheDir()
+		if err != nil {
+			base = os.TempDir()
+		}
+		cache = filepath.Join(base, "kmsctl", "hekeys")
+	}
+	return &hekeys.Fetcher{BaseURL: e.g.url, Token: e.g.token, IdentityKey: pub, CacheDir: cache, HTTP: e.c.HTTPClient()}, nil
+}
+
+// heRekey re-keys an envelope into a later version of its key.
+func heRekey(e *env, fs *flag.FlagSet, _ []string) (int, error) {
+	to, err := parseVersion(str(fs, "to"), true)
+	if err != nil {
+		return 0, err
+	}
+	b, err := readInput(str(fs, "in"), "in")
+	if err != nil {
+		return 0, err
+	}
+	in, err := hekeys.ParseEnvelope(b)
+	if err != nil {
+		return 0, usageError{err.Error()}
+	}
+	f, err := e.fetcher(fs)
+	if err != nil {
+		return 0, err
+	}
+	from, err := f.FetchPublic(e.ctx, in.Key, in.Version)
+	if err != nil {
+		return 0, err
+	}
+	target, err := f.Manifest(e.ctx, in.Key, to)
+	if err != nil {
+		return 0, err
+	}
+	if target.Version <= in.Version {
+		return 0, usageError{fmt.Sprintf("the ciphertext is under version %d; re-keying goes to a later version (--to %d)", in.Version, target.Version)}
+	}
+	swk, err := f.SwitchingKey(e.ctx, from, target.Version, true)
+	if err != nil {
+		return 0, err
+	}
+	out, err := hekeys.Rekey(from, target, swk, in)
+	if err != nil {
+		return 0, usageError{err.Error()}
+	}
+	if err := hekeys.AttestEvaluation(e.ctx, e.c, out, "rekey", []*client.Envelope{in}, 1, 1); err != nil {
+		return 0, err
+	}
+	return exitOK, printJSONLine(e.stdout, out)
 }
