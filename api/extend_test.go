@@ -376,3 +376,94 @@ func TestRekeyAcrossParameters(t *testing.T) {
 		t.Fatalf("%d %s", st, b)
 	}
 }
+
+// rekeyed encrypts values under version 1 of key name, rotates it, and
+// returns the attested input and its re-keying into version 2.
+func rekeyed(t *testing.T, e *env, name string, values []float64) (in, out *client.Envelope) {
+	t.Helper()
+	f := &hekeys.Fetcher{BaseURL: e.url, Token: mustToken(t, e, "evaluator", name), IdentityKey: e.idPub, CacheDir: t.TempDir(), HTTP: e.httpc}
+	v1, err := f.FetchPublic(ctx, name, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if in, err = v1.Encrypt(values); err != nil {
+		t.Fatal(err)
+	}
+	attestInput(t, e, in)
+	if _, err := e.client(e.admin).Rotate(ctx, name); err != nil {
+		t.Fatal(err)
+	}
+	m2, err := f.Manifest(ctx, name, 2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	swk, err := f.SwitchingKey(ctx, v1, 2, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if out, err = hekeys.Rekey(v1, m2, swk, in); err != nil {
+		t.Fatal(err)
+	}
+	if err := hekeys.AttestEvaluation(ctx, e.client(f.Token), out, "rekey", []*client.Envelope{in}, 1, 1); err != nil {
+		t.Fatal(err)
+	}
+	return in, out
+}
+
+// TestRekeySpendsTheSourceBudget: a re-keyed ciphertext's noise depends
+// on the old version's secret, so decrypting it spends the old version's
+// budget too: once version 1's budget is spent, no ciphertext re-keyed
+// from it is decrypted under version 2 (before, re-keying gave every
+// secret a fresh budget per later version).
+func TestRekeySpendsTheSourceBudget(t *testing.T) {
+	e := newEnv(t)
+	heKey(t, e, "sb", `{"name":"sb","kind":"ckks","policy":{"params":"ckks-logn13","decrypt_budget":2}}`)
+	in, out := rekeyed(t, e, "sb", []float64{1, 2, 3})
+	st, err := hekeys.VerifyAttestation(e.idPub, out)
+	if err != nil || !slices.Equal(st.Sources, []uint64{1}) {
+		t.Fatalf("the re-keyed statement's sources: %+v %v", st, err)
+	}
+	admin := e.client(e.admin)
+	for range 2 {
+		if _, err := admin.Decrypt(ctx, in); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := admin.Decrypt(ctx, in); err == nil {
+		t.Fatal("version 1 decrypted past its budget")
+	}
+	_, err = admin.Decrypt(ctx, out)
+	if err == nil || !strings.Contains(err.Error(), "re-keyed from version 1") || !strings.Contains(err.Error(), "budget") {
+		t.Fatalf("a ciphertext re-keyed from a spent version: %v", err)
+	}
+	// Version 2's own ciphertexts still decrypt: the refusal spent nothing.
+	f := &hekeys.Fetcher{BaseURL: e.url, Token: e.admin, IdentityKey: e.idPub, CacheDir: t.TempDir(), HTTP: e.httpc}
+	v2, _ := f.FetchPublic(ctx, "sb", 2)
+	own, _ := v2.Encrypt([]float64{4})
+	attestInput(t, e, own)
+	for range 2 {
+		if _, err := admin.Decrypt(ctx, own); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// TestRekeyedRetiredWithItsSource: raising min_decryption_version past the
+// version a ciphertext was re-keyed from retires the re-keyed ciphertext
+// too, as README says.
+func TestRekeyedRetiredWithItsSource(t *testing.T) {
+	e := newEnv(t)
+	heKey(t, e, "rt", `{"name":"rt","kind":"ckks","policy":{"params":"ckks-logn13","decrypt_budget":16}}`)
+	_, out := rekeyed(t, e, "rt", []float64{1, 2, 3})
+	admin := e.client(e.admin)
+	if _, err := admin.Decrypt(ctx, out); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := admin.UpdateKey(ctx, "rt", client.UpdateKeyRequest{MinDecryptionVersion: ptr(uint64(2))}); err != nil {
+		t.Fatal(err)
+	}
+	_, err := admin.Decrypt(ctx, out)
+	if err == nil || !strings.Contains(err.Error(), "re-keyed from version 1") || !strings.Contains(err.Error(), "min_decryption_version") {
+		t.Fatalf("a ciphertext re-keyed from a retired version: %v", err)
+	}
+}

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"math"
 	"regexp"
+	"slices"
 	"time"
 
 	"github.com/kmsd-project/kmsd/kms/wire"
@@ -144,7 +145,16 @@ func (c Call) Attest(ctx context.Context, p *Principal, name string, n uint64, r
 			return nil, nil, Errorf(KindInvalid, "input %d is at level %d, below the result's level %d", i, ist.Level, req.Level)
 		}
 		st.Inputs = append(st.Inputs, InputRef{ID: ist.ID, Digest: ist.Digest, By: ist.By, Type: ist.Type})
+		st.Sources = append(st.Sources, ist.Sources...)
+		if req.Op == OpRekey {
+			st.Sources = append(st.Sources, ist.Version)
+		}
 		in = append(in, ist.NoiseLog2)
+	}
+	slices.Sort(st.Sources)
+	st.Sources = slices.Compact(st.Sources)
+	if err := sourcesDecryptable(k, st); err != nil {
+		return nil, nil, err
 	}
 	st.NoiseLog2, err = dk.NoiseBound(v.Manifest, req.Level, in, req.Amplification, req.KeySwitches)
 	if err != nil {
@@ -193,6 +203,18 @@ func (s *Service) rekeyInput(ctx context.Context, k *Key, n uint64, ist *Stateme
 		return err
 	} else if !ok || res.Switching == nil {
 		return Errorf(KindInvalid, "version %d of key %q has no switching key to version %d: kmsd issued none, so no re-keying can have used one", ist.Version, k.Name, n)
+	}
+	return nil
+}
+
+// sourcesDecryptable refuses a statement re-keyed from a version below the
+// key's min_decryption_version: raising it retires the old versions'
+// ciphertexts, re-keyed or not.
+func sourcesDecryptable(k *Key, st *Statement) error {
+	for _, src := range st.Sources {
+		if src < k.MinDecryptionVersion {
+			return Errorf(KindInvalid, "the ciphertext was re-keyed from version %d of key %q, below its min_decryption_version (%d): ciphertexts of retired versions are not decrypted, re-keyed or not", src, k.Name, k.MinDecryptionVersion)
+		}
 	}
 	return nil
 }

@@ -450,6 +450,13 @@ func (c Call) SwitchingKey(ctx context.Context, name string, from, to uint64) (*
 	if res, ok, err := switchingResult(vf, to); ok || err != nil {
 		return res, err
 	}
+	size, err := ek.KeySize(vf.Manifest)
+	if err != nil {
+		return nil, Wrap(KindInternal, "key size", err)
+	}
+	if int64(len(vf.Blobs)+1)*size > s.maxKeyset {
+		return nil, Errorf(KindTooLarge, "version %d of key %q would hold more than %d MiB of keys", vf.Number, name, s.maxKeyset>>20)
+	}
 	unlock, err := s.extendLocks.lock(ctx, VersionRef{name, vf.Number})
 	if err != nil {
 		return nil, err

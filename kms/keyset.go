@@ -339,6 +339,9 @@ func (c Call) Decrypt(ctx context.Context, name string, n uint64, env *Envelope)
 	if err := s.vouchersActive(ctx, st); err != nil {
 		return nil, err
 	}
+	if err := sourcesDecryptable(k, st); err != nil {
+		return nil, err
+	}
 	prec := k.Policy.DecryptLogPrecision
 	if prec == 0 {
 		prec = DefaultDecryptLogPrecision
@@ -383,6 +386,26 @@ func (c Call) Decrypt(ctx context.Context, name string, n uint64, env *Envelope)
 			return nil, Errorf(KindExhausted, "the decryption budget of version %d of key %q (%d) is spent: rotate the key and encrypt under the new version", v.Number, name, b)
 		}
 		v.Decryptions++
+		// A re-keyed ciphertext's noise depends on the secrets of the
+		// versions it came from: their budgets count this decryption
+		// too, so that no secret answers more decryptions than the
+		// flooding was sized for.
+		if err := sourcesDecryptable(k, st); err != nil {
+			return nil, err
+		}
+		for _, src := range st.Sources {
+			if src >= v.Number {
+				return nil, Errorf(KindInvalid, "the attestation names version %d as a source of a version %d ciphertext", src, v.Number)
+			}
+			sv, err := tx.Version(src)
+			if err != nil {
+				return nil, err
+			}
+			if b := EffectiveDecryptBudget(k.Policy.DecryptBudget); sv.Decryptions >= b {
+				return nil, Errorf(KindExhausted, "the ciphertext was re-keyed from version %d of key %q, whose decryption budget (%d) is spent: its secret answers no more decryptions, re-keyed or not", src, name, b)
+			}
+			sv.Decryptions++
+		}
 		return auditFor(c.rec, name, v.Number), nil
 	})
 	if err != nil {

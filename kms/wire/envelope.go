@@ -167,6 +167,12 @@ type Statement struct {
 	// input's noise by, and how many key switches it does.
 	Amplification float64 `json:"amplification,omitempty"`
 	KeySwitches   int     `json:"key_switches,omitempty"`
+	// Sources are the earlier versions of the key the ciphertext was
+	// re-keyed from (op "rekey", directly or through its inputs),
+	// ascending: its noise depends on their secrets too, so decrypting it
+	// spends their decrypt budgets as well, and it is refused once one of
+	// them is below the key's min_decryption_version.
+	Sources []uint64 `json:"sources,omitempty"`
 	// NoiseLog2 is kmsd's bound on log2 of the ciphertext's noise (the
 	// largest coefficient of its error polynomial).
 	NoiseLog2 float64 `json:"noise_log2"`
