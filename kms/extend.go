@@ -97,6 +97,17 @@ func (l *versionLocks) lock(ctx context.Context, ref VersionRef) (func(), error)
 	}
 }
 
+// extensionSlot waits for one of the slots of key generations for existing
+// versions (Config.MaxGenerations of them) until ctx ends.
+func (s *Service) extensionSlot(ctx context.Context) (func(), error) {
+	select {
+	case s.extensions <- struct{}{}:
+		return func() { <-s.extensions }, nil
+	case <-ctx.Done():
+		return nil, Wrap(KindUnavailable, "wait for a generation slot", ctx.Err())
+	}
+}
+
 // extension decodes a version's extension (an empty one if none).
 func extensionOf(v *Version) (*ManifestExtension, error) {
 	e := &ManifestExtension{}
@@ -286,12 +297,11 @@ func (s *Service) addGalois(ctx context.Context, rec *AuditRecord, name string, 
 	if len(missing) == 0 {
 		return galoisResult(v, els, 0)
 	}
-	select {
-	case s.extensions <- struct{}{}:
-		defer func() { <-s.extensions }()
-	case <-ctx.Done():
-		return nil, Wrap(KindUnavailable, "wait for a generation slot", ctx.Err())
+	release, err := s.extensionSlot(ctx)
+	if err != nil {
+		return nil, err
 	}
+	defer release()
 	secret, err := s.sealer.Unseal(ctx, SealContext{Key: name, Version: v.Number, Kind: k.Kind}, v.Sealed)
 	if err != nil {
 		return nil, asUnavailable("unseal", err)
@@ -468,12 +478,11 @@ func (c Call) SwitchingKey(ctx context.Context, name string, from, to uint64) (*
 	if res, ok, err := switchingResult(vf, to); ok || err != nil {
 		return res, err
 	}
-	select {
-	case s.extensions <- struct{}{}:
-		defer func() { <-s.extensions }()
-	case <-ctx.Done():
-		return nil, Wrap(KindUnavailable, "wait for a generation slot", ctx.Err())
+	release, err := s.extensionSlot(ctx)
+	if err != nil {
+		return nil, err
 	}
+	defer release()
 	fromSecret, err := s.sealer.Unseal(ctx, SealContext{Key: name, Version: vf.Number, Kind: k.Kind}, vf.Sealed)
 	if err != nil {
 		return nil, asUnavailable("unseal", err)
