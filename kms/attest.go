@@ -199,6 +199,13 @@ func (s *Service) rekeyInput(ctx context.Context, k *Key, n uint64, ist *Stateme
 	if err != nil {
 		return err
 	}
+	// kmsd does not decrypt a ciphertext of a disabled, scheduled or
+	// destroyed version: it does not vouch for its re-keying either (a
+	// switching key issued earlier would otherwise carry any ciphertext
+	// of a retired or shredded version into one kmsd decrypts).
+	if _, err := transition(k, from, ActUse, s.clock.Now()); err != nil {
+		return Errorf(KindInvalid, "the input of a re-keying is under version %d of key %q, which cannot be used: %s", ist.Version, k.Name, PublicMessage(err))
+	}
 	if res, ok, err := switchingResult(from, n); err != nil {
 		return err
 	} else if !ok || res.Switching == nil {

@@ -1,0 +1,86 @@
+package api_test
+
+import (
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/kmsd-project/kmsd/api/client"
+	"github.com/kmsd-project/kmsd/api/client/hekeys"
+)
+
+// TestRekeyFromRetiredSourceRefused: a ciphertext of a version that is
+// disabled, or destroyed (crypto-shredded), is not decrypted by kmsd, so
+// kmsd must not vouch for its re-keying into a later version either:
+// otherwise whoever kept the (public) switching key turns any old
+// ciphertext of the retired version into one kmsd decrypts under the new
+// version, after the version was disabled or shredded.
+func TestRekeyFromRetiredSourceRefused(t *testing.T) {
+	e := newEnv(t)
+	admin := e.client(e.admin)
+	heKey(t, e, "rs", `{"name":"rs","kind":"ckks","policy":{"params":"ckks-logn13","decrypt_budget":16}}`)
+	ev := mustToken(t, e, "evaluator", "rs")
+	f := &hekeys.Fetcher{BaseURL: e.url, Token: ev, IdentityKey: e.idPub, CacheDir: t.TempDir(), HTTP: e.httpc}
+	v1, err := f.FetchPublic(ctx, "rs", 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	in, err := v1.Encrypt([]float64{1, 2, 3})
+	if err != nil {
+		t.Fatal(err)
+	}
+	attestInput(t, e, in)
+	if _, err := admin.Rotate(ctx, "rs"); err != nil {
+		t.Fatal(err)
+	}
+	m2, err := f.Manifest(ctx, "rs", 2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The switching key is issued while version 1 is enabled (legitimate).
+	swk, err := f.SwitchingKey(ctx, v1, 2, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := hekeys.Rekey(v1, m2, swk, in)
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	// Version 1 disabled: its ciphertexts are not decrypted...
+	if _, err := admin.VersionAction(ctx, "rs", 1, "disable", 0); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := admin.Decrypt(ctx, in); err == nil {
+		t.Fatal("a disabled version decrypted")
+	}
+	// ...nor re-keyed with kmsd's blessing.
+	err = hekeys.AttestEvaluation(ctx, e.client(ev), out, "rekey", []*client.Envelope{in}, 1, 1)
+	if err == nil {
+		if _, derr := admin.Decrypt(ctx, out); derr == nil {
+			t.Error("a ciphertext of disabled version 1 was re-keyed, attested and decrypted under version 2")
+		} else {
+			t.Error("a re-keying from disabled version 1 was attested")
+		}
+	} else if !strings.Contains(err.Error(), "disabled") {
+		t.Errorf("refusal does not say why: %v", err)
+	}
+
+	// Version 1 destroyed (crypto-shredded): the same.
+	if _, err := admin.VersionAction(ctx, "rs", 1, "schedule-destroy", 1); err != nil {
+		t.Fatal(err)
+	}
+	e.clock.Add(48 * time.Hour)
+	if n, err := e.svc.DestroyDue(ctx); n != 1 || err != nil {
+		t.Fatalf("DestroyDue = %d, %v", n, err)
+	}
+	ev2 := mustToken(t, e, "evaluator", "rs")
+	err = hekeys.AttestEvaluation(ctx, e.client(ev2), out, "rekey", []*client.Envelope{in}, 1, 1)
+	if err == nil {
+		if _, derr := admin.Decrypt(ctx, out); derr == nil {
+			t.Error("a ciphertext of destroyed (shredded) version 1 was re-keyed, attested and decrypted under version 2")
+		} else {
+			t.Error("a re-keying from destroyed version 1 was attested")
+		}
+	}
+}
