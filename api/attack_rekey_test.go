@@ -7,6 +7,7 @@ import (
 
 	"github.com/kmsd-project/kmsd/api/client"
 	"github.com/kmsd-project/kmsd/api/client/hekeys"
+	"github.com/kmsd-project/kmsd/he"
 )
 
 // TestRekeyFromRetiredSourceRefused: a ciphertext of a version that is
@@ -82,5 +83,47 @@ func TestRekeyFromRetiredSourceRefused(t *testing.T) {
 		} else {
 			t.Error("a re-keying from destroyed version 1 was attested")
 		}
+	}
+}
+
+// TestDestroyShredsTheSwitchingKey: README (Re-keying without decryption)
+// says destroying version v removes its seed and the switching key's blob
+// (owned by v), so that only a copy kept elsewhere, with a later
+// compromise of w's secret, could recover v's secret. kmsd must then stop
+// serving the blob once v is destroyed.
+func TestDestroyShredsTheSwitchingKey(t *testing.T) {
+	e := newEnv(t)
+	admin := e.client(e.admin)
+	heKey(t, e, "sh", `{"name":"sh","kind":"ckks","policy":{"params":"ckks-logn13"}}`)
+	if _, err := admin.Rotate(ctx, "sh"); err != nil {
+		t.Fatal(err)
+	}
+	res, err := admin.SwitchingKey(ctx, "sh", 1, 2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	path := "/v1/blobs/sha256/" + strings.TrimPrefix(res.SwitchingKey.Digest, "sha256:") + "?form=seeded"
+	reader := mustToken(t, e, "worker", "sh")
+	if st, _, _ := e.raw("HEAD", path, reader, "", ""); st != 200 {
+		t.Fatalf("the switching key before destroy: %d", st)
+	}
+	if _, err := admin.VersionAction(ctx, "sh", 1, "schedule-destroy", 1); err != nil {
+		t.Fatal(err)
+	}
+	e.clock.Add(48 * time.Hour)
+	if n, err := e.svc.DestroyDue(ctx); n != 1 || err != nil {
+		t.Fatalf("DestroyDue = %d, %v", n, err)
+	}
+	reader = mustToken(t, e, "worker", "sh")
+	if st, _, b := e.raw("GET", path, reader, "", ""); st != 404 {
+		t.Errorf("the switching key of destroyed version 1 is still served: %d (%d bytes)", st, len(b))
+	}
+	if _, err := e.blobs.Open(ctx, he.Digest(res.SwitchingKey.Digest)); err == nil {
+		t.Error("the switching key's blob of destroyed version 1 is still stored")
+	}
+	// The version's other keys are public and stay; the store stays
+	// consistent: version 2 still works.
+	if _, err := admin.SwitchingKey(ctx, "sh", 2, 3); err == nil {
+		t.Error("a switching key to a version that does not exist")
 	}
 }

@@ -98,6 +98,12 @@ func (s *Server) blob(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	f, err := s.opts.Blobs.Open(r.Context(), digest)
+	if errors.Is(err, he.ErrBlobNotFound) {
+		// Indexed once but removed since (a destroyed version's
+		// switching key).
+		writeProblem(w, r, http.StatusNotFound, ProbNotFound, "no such blob")
+		return
+	}
 	if err != nil {
 		writeError(w, r, kms.Wrap(kms.KindInternal, "open blob", err))
 		return

@@ -641,8 +641,9 @@ func (s *Service) DestroyDue(ctx context.Context) (int, error) {
 		progress := 0
 		for _, name := range names {
 			var nums []uint64
+			var shred []string
 			err := s.update(ctx, name, func(tx KeyTx) ([]*AuditRecord, error) {
-				nums = nums[:0]
+				nums, shred = nums[:0], shred[:0]
 				k := tx.Key()
 				var recs []*AuditRecord
 				for _, n := range byKey[name] {
@@ -656,6 +657,20 @@ func (s *Service) DestroyDue(ctx context.Context) (int, error) {
 					}
 					clear(v.Sealed)
 					v.State, v.Sealed, v.DestroyAt = st, nil, nil
+					// The switching keys from this version's secret go
+					// with it (README: Re-keying without decryption):
+					// with a later version's secret they would give
+					// this one's back. Dropped from the version's blobs
+					// here, removed once committed (or by the orphan
+					// sweep at start if kmsd stops in between).
+					if ext, err := extensionOf(v); err == nil {
+						for _, sw := range ext.SwitchingKeys {
+							if i := slices.Index(v.Blobs, sw.Digest); i >= 0 {
+								v.Blobs = slices.Delete(slices.Clone(v.Blobs), i, i+1)
+								shred = append(shred, sw.Digest)
+							}
+						}
+					}
 					t := now
 					v.DestroyedAt = &t
 					nums = append(nums, v.Number)
@@ -665,6 +680,13 @@ func (s *Service) DestroyDue(ctx context.Context) (int, error) {
 			})
 			if err != nil {
 				return destroyed, err
+			}
+			if len(shred) > 0 {
+				if k, err := s.getKey(ctx, name); err == nil {
+					if kk, ok := s.kinds[k.Kind].(KeysetKind); ok {
+						kk.RemoveBlobs(shred)
+					}
+				}
 			}
 			for _, n := range nums {
 				s.cache.evict(name, n)
