@@ -100,6 +100,10 @@ var testOptions func(*api.Options)
 // background (tests run one at a time in this package).
 var testAsyncKeysetBytes int64
 
+// testMaxKeysetBytes, when set, is the service's --max-keyset-mib in bytes
+// (tests run one at a time in this package).
+var testMaxKeysetBytes int64
+
 // newEnvWith lets a test wrap the real sealer and stores to inject faults.
 func newEnvWith(t *testing.T, wrapSealer func(kms.Sealer) kms.Sealer, wrapStore func(kms.Store) kms.Store, wrapAudit func(kms.AuditStore) kms.AuditStore) *env {
 	t.Helper()
@@ -159,7 +163,7 @@ func newEnvOn(t *testing.T, backend string, wrapSealer func(kms.Sealer) kms.Seal
 	}
 	cfg := app.Config{Store: store, AuditStore: auditStore, Sealer: sealer, BlobDir: e.blobDir, HEWorkers: 2,
 		Logger:     slog.New(slog.NewJSONHandler(e.log, nil)),
-		Service:    kms.Config{Clock: e.clock, Rand: e.rand, CacheTTL: -1, AsyncKeysetBytes: testAsyncKeysetBytes},
+		Service:    kms.Config{Clock: e.clock, Rand: e.rand, CacheTTL: -1, AsyncKeysetBytes: testAsyncKeysetBytes, MaxKeysetBytes: testMaxKeysetBytes},
 		API:        api.Options{Stream: e.stream},
 		AdminToken: func(tok string) error { e.admin = tok; return nil }}
 	if testOptions != nil {

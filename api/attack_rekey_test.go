@@ -1,7 +1,10 @@
 package api_test
 
 import (
+	"encoding/json"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -125,5 +128,49 @@ func TestDestroyShredsTheSwitchingKey(t *testing.T) {
 	// consistent: version 2 still works.
 	if _, err := admin.SwitchingKey(ctx, "sh", 2, 3); err == nil {
 		t.Error("a switching key to a version that does not exist")
+	}
+}
+
+// TestConcurrentSwitchingKeysStayWithinMaxKeyset: the size check of a
+// switching key ran on the version read before the version's lock and was
+// not repeated under it, so concurrent requests towards different later
+// versions each passed it on the same stale count and together took the
+// version past --max-keyset-mib.
+func TestConcurrentSwitchingKeysStayWithinMaxKeyset(t *testing.T) {
+	p, err := he.Resolve(he.CKKS, json.RawMessage(`"ckks-logn13"`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, _, gk := he.KeySizes(p)
+	// Version 1 holds its public key: room for two switching keys more.
+	testMaxKeysetBytes = 3 * int64(gk)
+	defer func() { testMaxKeysetBytes = 0 }()
+	e := newEnv(t)
+	admin := e.client(e.admin)
+	heKey(t, e, "cs", `{"name":"cs","kind":"ckks","policy":{"params":"ckks-logn13"}}`)
+	for range 6 {
+		if _, err := admin.Rotate(ctx, "cs"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	wc := e.client(mustToken(t, e, "worker", "cs"))
+	var wg sync.WaitGroup
+	var ok atomic.Int32
+	for to := uint64(2); to <= 7; to++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if _, err := wc.SwitchingKey(ctx, "cs", 1, to); err == nil {
+				ok.Add(1)
+			}
+		}()
+	}
+	wg.Wait()
+	v, err := e.store.GetVersion(ctx, "cs", 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := ok.Load(); n > 2 || int64(len(v.Blobs))*int64(gk) > testMaxKeysetBytes {
+		t.Errorf("%d concurrent switching keys issued, version 1 holds %d blobs (%d bytes of keys at most), past the limit of %d bytes", n, len(v.Blobs), int64(len(v.Blobs))*int64(gk), testMaxKeysetBytes)
 	}
 }

@@ -478,6 +478,11 @@ func (c Call) SwitchingKey(ctx context.Context, name string, from, to uint64) (*
 	if res, ok, err := switchingResult(vf, to); ok || err != nil {
 		return res, err
 	}
+	// Again under the lock: a request that held it may have added a key
+	// since the check above.
+	if int64(len(vf.Blobs)+1)*size > s.maxKeyset {
+		return nil, Errorf(KindTooLarge, "version %d of key %q would hold more than %d MiB of keys", vf.Number, name, s.maxKeyset>>20)
+	}
 	release, err := s.extensionSlot(ctx)
 	if err != nil {
 		return nil, err
