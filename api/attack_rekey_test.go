@@ -1,6 +1,7 @@
 package api_test
 
 import (
+	"context"
 	"encoding/json"
 	"strings"
 	"sync"
@@ -11,6 +12,7 @@ import (
 	"github.com/kmsd-project/kmsd/api/client"
 	"github.com/kmsd-project/kmsd/api/client/hekeys"
 	"github.com/kmsd-project/kmsd/he"
+	"github.com/kmsd-project/kmsd/kms"
 )
 
 // TestRekeyFromRetiredSourceRefused: a ciphertext of a version that is
@@ -172,5 +174,58 @@ func TestConcurrentSwitchingKeysStayWithinMaxKeyset(t *testing.T) {
 	}
 	if n := ok.Load(); n > 2 || int64(len(v.Blobs))*int64(gk) > testMaxKeysetBytes {
 		t.Errorf("%d concurrent switching keys issued, version 1 holds %d blobs (%d bytes of keys at most), past the limit of %d bytes", n, len(v.Blobs), int64(len(v.Blobs))*int64(gk), testMaxKeysetBytes)
+	}
+}
+
+// hookSealer runs hook (once) when a secret is unsealed for version
+// hookVersion of any key.
+type hookSealer struct {
+	kms.Sealer
+	version uint64
+	hook    atomic.Pointer[func()]
+}
+
+func (h *hookSealer) Unseal(ctx context.Context, sc kms.SealContext, blob []byte) (kms.Secret, error) {
+	if sc.Version == h.version {
+		if f := h.hook.Swap(nil); f != nil {
+			(*f)()
+		}
+	}
+	return h.Sealer.Unseal(ctx, sc, blob)
+}
+
+// TestSwitchingKeyTargetDisabledMeanwhile: the target version's state was
+// checked only before the switching key's generation; a version disabled
+// (or scheduled for destruction) while the key was made still got a
+// switching key listed in the source's signed extension, against the
+// policy that keys are issued only towards an enabled version.
+func TestSwitchingKeyTargetDisabledMeanwhile(t *testing.T) {
+	hs := &hookSealer{version: 2}
+	e := newEnvWith(t, func(s kms.Sealer) kms.Sealer { hs.Sealer = s; return hs }, nil, nil)
+	admin := e.client(e.admin)
+	heKey(t, e, "td", `{"name":"td","kind":"ckks","policy":{"params":"ckks-logn13"}}`)
+	for range 2 {
+		if _, err := admin.Rotate(ctx, "td"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Version 2 is disabled while kmsd makes the key from 1 to 2 (when it
+	// unseals version 2's secret for it).
+	disable := func() {
+		if _, err := e.svc.SetVersionState(ctx, "td", 2, kms.ActDisable, 0); err != nil {
+			t.Error(err)
+		}
+	}
+	hs.hook.Store(&disable)
+	_, err := e.client(mustToken(t, e, "worker", "td")).SwitchingKey(ctx, "td", 1, 2)
+	if hs.hook.Load() != nil {
+		t.Fatal("the hook did not run")
+	}
+	v, _ := e.store.GetVersion(ctx, "td", 1)
+	if err == nil || v.Extension != nil {
+		t.Errorf("a switching key towards version 2, disabled during its generation, was issued (%v) and listed: %s", err, v.Extension)
+	}
+	if len(v.Blobs) != 1 {
+		t.Errorf("version 1 lists %d blobs after the refusal, want its public key alone", len(v.Blobs))
 	}
 }

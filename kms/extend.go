@@ -334,7 +334,7 @@ func (s *Service) addGalois(ctx context.Context, rec *AuditRecord, name string, 
 			}
 			return 0
 		})
-	})
+	}, nil)
 	if err != nil {
 		ek.RemoveBlobs(digests)
 		return nil, err
@@ -349,7 +349,10 @@ func (s *Service) addGalois(ctx context.Context, rec *AuditRecord, name string, 
 // of digests the committed extension does not list (another process
 // added the same key first) are removed. It returns the committed
 // version.
-func (s *Service) commitExtension(ctx context.Context, rec *AuditRecord, kind KeysetKind, name string, n uint64, digests []string, change func(*ManifestExtension)) (*Version, error) {
+//
+// check, when set, runs in the commit's transaction too: what else must
+// still hold for the change (a switching key's target still enabled).
+func (s *Service) commitExtension(ctx context.Context, rec *AuditRecord, kind KeysetKind, name string, n uint64, digests []string, change func(*ManifestExtension), check func(KeyTx) error) (*Version, error) {
 	for attempt := 0; ; attempt++ {
 		_, v, err := s.resolve(ctx, name, n)
 		if err != nil {
@@ -396,6 +399,11 @@ func (s *Service) commitExtension(ctx context.Context, rec *AuditRecord, kind Ke
 			}
 			if _, err := transition(k, tv, ActUse, s.clock.Now()); err != nil {
 				return nil, err
+			}
+			if check != nil {
+				if err := check(tx); err != nil {
+					return nil, err
+				}
 			}
 			if !bytes.Equal(tv.Extension, base) {
 				raced = true
@@ -513,6 +521,17 @@ func (c Call) SwitchingKey(ctx context.Context, name string, from, to uint64) (*
 			}
 		}
 		ext.SwitchingKeys = append(ext.SwitchingKeys, sr)
+	}, func(tx KeyTx) error {
+		// The target may have been disabled, scheduled for destruction
+		// or destroyed while the key was made.
+		tvt, err := tx.Version(to)
+		if err != nil {
+			return err
+		}
+		if tvt.State != StateEnabled {
+			return Errorf(KindFailedPrecondition, "version %d of key %q is %s: ciphertexts are re-keyed only towards an enabled version", to, name, tvt.State)
+		}
+		return nil
 	})
 	if err != nil {
 		return nil, err
