@@ -44,7 +44,10 @@ func TestRekeyFromRetiredSourceRefused(t *testing.T) {
 		t.Fatal(err)
 	}
 	// The switching key is issued while version 1 is enabled (legitimate).
-	swk, err := f.SwitchingKey(ctx, v1, 2, true)
+	if _, err := admin.SwitchingKey(ctx, "rs", 1, 2); err != nil {
+		t.Fatal(err)
+	}
+	swk, err := f.SwitchingKey(ctx, v1, 2, false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -155,7 +158,7 @@ func TestConcurrentSwitchingKeysStayWithinMaxKeyset(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	wc := e.client(mustToken(t, e, "worker", "cs"))
+	wc := admin
 	var wg sync.WaitGroup
 	var ok atomic.Int32
 	for to := uint64(2); to <= 7; to++ {
@@ -217,7 +220,7 @@ func TestSwitchingKeyTargetDisabledMeanwhile(t *testing.T) {
 		}
 	}
 	hs.hook.Store(&disable)
-	_, err := e.client(mustToken(t, e, "worker", "td")).SwitchingKey(ctx, "td", 1, 2)
+	_, err := e.client(e.admin).SwitchingKey(ctx, "td", 1, 2)
 	if hs.hook.Load() != nil {
 		t.Fatal("the hook did not run")
 	}

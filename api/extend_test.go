@@ -277,7 +277,15 @@ func TestRekey(t *testing.T) {
 		if err := hekeys.AttestEvaluation(ctx, e.client(f.Token), &fake, "rekey", []*client.Envelope{in}, 1, 1); err == nil || !strings.Contains(err.Error(), "has no switching key to version 2") {
 			t.Fatalf("rekey attested without a switching key: %v", err)
 		}
-		swk, err := f.SwitchingKey(ctx, v1, 2, true)
+		// Issuing one is an administrator's decision (it links the two
+		// secrets): an evaluator may fetch and use it, not make it.
+		if _, err := f.SwitchingKey(ctx, v1, 2, true); err == nil || !strings.Contains(err.Error(), "403") {
+			t.Fatalf("an evaluator made a switching key: %v", err)
+		}
+		if _, err := admin.SwitchingKey(ctx, name, 1, 2); err != nil {
+			t.Fatal(err)
+		}
+		swk, err := f.SwitchingKey(ctx, v1, 2, false)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -310,7 +318,7 @@ func TestRekey(t *testing.T) {
 			}
 		}
 		// The same switching key the second time; refusals.
-		res, err := e.client(f.Token).SwitchingKey(ctx, name, 1, 2)
+		res, err := admin.SwitchingKey(ctx, name, 1, 2)
 		if err != nil || res.Generated != 0 || res.SwitchingKey.ToVersion != 2 {
 			t.Fatalf("again: %+v %v", res, err)
 		}
@@ -319,12 +327,14 @@ func TestRekey(t *testing.T) {
 			status            int
 			says              string
 		}{
-			{"/v1/keys/" + name + "/versions/2/switching-keys", f.Token, `{"to_version":1}`, 400, "not after"},
-			{"/v1/keys/" + name + "/versions/2/switching-keys", f.Token, `{"to_version":2}`, 400, "not after"},
-			{"/v1/keys/" + name + "/versions/1/switching-keys", f.Token, `{"to_version":9}`, 404, ""},
-			{"/v1/keys/" + name + "/versions/1/switching-keys", f.Token, `{}`, 400, "to_version is required"},
-			{"/v1/keys/" + name + "/versions/primary/switching-keys", f.Token, `{"to_version":2}`, 400, "name the version"},
+			{"/v1/keys/" + name + "/versions/2/switching-keys", e.admin, `{"to_version":1}`, 400, "not after"},
+			{"/v1/keys/" + name + "/versions/2/switching-keys", e.admin, `{"to_version":2}`, 400, "not after"},
+			{"/v1/keys/" + name + "/versions/1/switching-keys", e.admin, `{"to_version":9}`, 404, ""},
+			{"/v1/keys/" + name + "/versions/1/switching-keys", e.admin, `{}`, 400, "to_version is required"},
+			{"/v1/keys/" + name + "/versions/primary/switching-keys", e.admin, `{"to_version":2}`, 400, "name the version"},
 			{"/v1/keys/" + name + "/versions/1/switching-keys", mustToken(t, e, "decryptor", name), `{"to_version":2}`, 403, ""},
+			{"/v1/keys/" + name + "/versions/1/switching-keys", f.Token, `{"to_version":2}`, 403, ""},
+			{"/v1/keys/" + name + "/versions/1/switching-keys", mustToken(t, e, "worker", name), `{"to_version":2}`, 403, ""},
 		} {
 			st, _, b := e.raw("POST", c.path, c.token, "application/json", c.body)
 			if st != c.status || !strings.Contains(string(b), c.says) {
@@ -340,13 +350,13 @@ func TestRekey(t *testing.T) {
 		if _, err := admin.VersionAction(ctx, name, 3, "disable", 0); err != nil {
 			t.Fatal(err)
 		}
-		if st, _, b := e.raw("POST", "/v1/keys/"+name+"/versions/1/switching-keys", f.Token, "application/json", `{"to_version":3}`); st != 409 || !strings.Contains(string(b), "not enabled") && !strings.Contains(string(b), "disabled") {
+		if st, _, b := e.raw("POST", "/v1/keys/"+name+"/versions/1/switching-keys", e.admin, "application/json", `{"to_version":3}`); st != 409 || !strings.Contains(string(b), "not enabled") && !strings.Contains(string(b), "disabled") {
 			t.Errorf("to a disabled version: %d %s", st, b)
 		}
 		if _, err := admin.UpdateKey(ctx, name, client.UpdateKeyRequest{MinDecryptionVersion: ptr(uint64(2))}); err != nil {
 			t.Fatal(err)
 		}
-		if st, _, b := e.raw("POST", "/v1/keys/"+name+"/versions/1/switching-keys", f.Token, "application/json", `{"to_version":4}`); st != 409 && st != 404 || !strings.Contains(string(b), "min_decryption_version") {
+		if st, _, b := e.raw("POST", "/v1/keys/"+name+"/versions/1/switching-keys", e.admin, "application/json", `{"to_version":4}`); st != 409 && st != 404 || !strings.Contains(string(b), "min_decryption_version") {
 			t.Errorf("from below min_decryption_version: %d %s", st, b)
 		}
 		// The re-keyed ciphertext's attestation names a version 1 input:
@@ -397,7 +407,10 @@ func rekeyed(t *testing.T, e *env, name string, values []float64) (in, out *clie
 	if err != nil {
 		t.Fatal(err)
 	}
-	swk, err := f.SwitchingKey(ctx, v1, 2, true)
+	if _, err := e.client(e.admin).SwitchingKey(ctx, name, 1, 2); err != nil {
+		t.Fatal(err)
+	}
+	swk, err := f.SwitchingKey(ctx, v1, 2, false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -465,5 +478,46 @@ func TestRekeyedRetiredWithItsSource(t *testing.T) {
 	_, err := admin.Decrypt(ctx, out)
 	if err == nil || !strings.Contains(err.Error(), "re-keyed from version 1") || !strings.Contains(err.Error(), "min_decryption_version") {
 		t.Fatalf("a ciphertext re-keyed from a retired version: %v", err)
+	}
+}
+
+// TestGaloisKeyJobsBounded: background requests for Galois keys past
+// kms.MaxExtendJobs are refused (429) before they hold anything.
+func TestGaloisKeyJobsBounded(t *testing.T) {
+	testAsyncKeysetBytes = 1 << 20
+	defer func() { testAsyncKeysetBytes = 0 }()
+	e := newEnv(t)
+	// logN 14: a job's 12 keys take longer than the requests after it.
+	heKey(t, e, "jb", `{"name":"jb","kind":"ckks","policy":{"params":"ckks-logn14","on_demand_galois_keys":1024}}`)
+	wc := e.client(mustToken(t, e, "worker", "jb"))
+	var ops []*client.Operation
+	refused := 0
+	for i := range kms.MaxExtendJobs + 3 {
+		// Each asks for its own 12 rotations.
+		rots := make([]int, 12)
+		for j := range rots {
+			rots[j] = 12*i + j + 1
+		}
+		_, op, err := wc.GaloisKeys(ctx, "jb", 1, client.GaloisKeysRequest{Rotations: rots})
+		switch {
+		case err != nil && strings.Contains(err.Error(), "429"):
+			refused++
+		case err != nil:
+			t.Fatal(err)
+		default:
+			ops = append(ops, op)
+		}
+	}
+	if refused == 0 || len(ops) > kms.MaxExtendJobs {
+		t.Fatalf("%d operations started, %d refused; at most %d may run", len(ops), refused, kms.MaxExtendJobs)
+	}
+	for _, op := range ops {
+		if _, err := wc.WaitOperation(ctx, op.ID, 20*time.Millisecond, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Once they are done, a new one starts.
+	if _, op, err := wc.GaloisKeys(ctx, "jb", 1, client.GaloisKeysRequest{Rotations: []int{100, 101}}); err != nil || op == nil {
+		t.Fatal(op, err)
 	}
 }

@@ -404,7 +404,7 @@ func (s *Server) Handler() http.Handler {
 		r.Get("/v1/keys/{name}/versions/{version}/evaluation-keys/signature", allow(kms.PermReadKey, s.manifestSignature))
 		r.Post("/v1/keys/{name}/versions/{version}/evaluation-keys", allow(kms.PermExtendKeys, s.galoisKeys))
 		r.Get("/v1/keys/{name}/versions/{version}/evaluation-keys/extension", allow(kms.PermReadKey, s.extension))
-		r.Post("/v1/keys/{name}/versions/{version}/switching-keys", allow(kms.PermExtendKeys, s.switchingKey))
+		r.Post("/v1/keys/{name}/versions/{version}/switching-keys", allow(kms.PermManageKey, s.switchingKey))
 		r.Get("/v1/blobs/sha256/{hex}", s.blob) // authorized against the blob's key inside
 		r.Head("/v1/blobs/sha256/{hex}", s.blob)
 		r.Post("/v1/keys/{name}/versions/{version}/decrypt", allow(kms.PermDecrypt, s.decrypt))

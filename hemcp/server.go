@@ -744,7 +744,7 @@ func (s *Server) MCPServer() *mcp.Server {
 	mcp.AddTool(srv, &mcp.Tool{Name: "he_polynomial", Description: "c0 + c1·x + ... + cd·x^d on every slot (d levels; the relinearization key for d >= 2). Example (degree 2): {\"ciphertext\": ENVELOPE, \"coefficients\": [0.5, 0.197, -0.05]}. " + toolHelp}, safe(s, "he_polynomial", s.polynomial))
 	mcp.AddTool(srv, &mcp.Tool{Name: "he_aggregate", Description: "Sum or mean of ciphertexts from several parties under the same key version. Example: {\"ciphertexts\": [ENVELOPE, ENVELOPE], \"op\": \"mean\"}. " + toolHelp}, safe(s, "he_aggregate", s.aggregate))
 	mcp.AddTool(srv, &mcp.Tool{Name: "he_similarity", Description: "Dot products of an encrypted query embedding with the plaintext context embeddings the server holds (private retrieval: the server learns nothing of the query); slot i is item i. Example: {\"ciphertext\": ENVELOPE, \"context\": \"docs\"}. " + toolHelp}, safe(s, "he_similarity", s.similarity))
-	mcp.AddTool(srv, &mcp.Tool{Name: "he_rekey", Description: "Re-keys a ciphertext of an earlier version of its key into a later one (default: the primary) without decrypting it: one key switch with the switching key kmsd issues (kmsd refuses versions below min_decryption_version and targets that are not enabled). The result decrypts under the later version. Example: {\"ciphertext\": ENVELOPE, \"to_version\": 3}. " + toolHelp}, safe(s, "he_rekey", s.rekey))
+	mcp.AddTool(srv, &mcp.Tool{Name: "he_rekey", Description: "Re-keys a ciphertext of an earlier version of its key into a later one (default: the primary) without decrypting it: one key switch with the switching key an administrator had kmsd issue for the two versions (kmsd refuses versions below min_decryption_version and targets that are not enabled). The result decrypts under the later version. Example: {\"ciphertext\": ENVELOPE, \"to_version\": 3}. " + toolHelp}, safe(s, "he_rekey", s.rekey))
 	// A client sees only the manifests of the keys its token may use
 	// (he_describe likewise lists only those).
 	srv.AddReceivingMiddleware(func(next mcp.MethodHandler) mcp.MethodHandler {
@@ -980,7 +980,7 @@ func (s *Server) rekey(ctx context.Context, req *mcp.CallToolRequest, in RekeyIn
 	if err != nil {
 		return nil, CiphertextOut{}, err
 	}
-	swk, err := s.cfg.Fetcher.SwitchingKey(ctx, eng.Keys, to, true)
+	swk, err := s.cfg.Fetcher.SwitchingKey(ctx, eng.Keys, to, false)
 	if err != nil {
 		return nil, CiphertextOut{}, err
 	}

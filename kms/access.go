@@ -29,9 +29,10 @@ const (
 	// evaluation on attested inputs (an evaluator service such as
 	// kmsd-mcp; kmsd does not see the evaluation, so this is trust).
 	PermAttestEvaluation Permission = "attest-evaluation"
-	// PermExtendKeys: have kmsd generate evaluation keys a version lacks
-	// (Galois keys on demand, switching keys to a later version). They
-	// are public, but their generation costs kmsd CPU and storage.
+	// PermExtendKeys: have kmsd generate the Galois keys a version lacks
+	// (on demand). They are public, but their generation costs kmsd CPU
+	// and storage. A switching key between versions links their secrets
+	// (README: Re-keying): issuing one is PermManageKey.
 	PermExtendKeys Permission = "extend-keys"
 )
 

@@ -17,6 +17,10 @@ const (
 	MaxOnDemandGaloisKeys = 1024
 	// MaxGaloisPerRequest bounds the rotations one request names.
 	MaxGaloisPerRequest = 64
+	// MaxExtendJobs bounds the background requests for Galois keys
+	// running or waiting at once (past it, 429): each holds a goroutine
+	// and an operation record before it gets a generation slot.
+	MaxExtendJobs = 4
 	// maxExtendAttempts bounds how often an extension is merged again
 	// after another process changed the version in between.
 	maxExtendAttempts = 16
@@ -205,8 +209,13 @@ func (c Call) GaloisKeys(ctx, bg context.Context, bgRec *AuditRecord, name strin
 		res, err := s.addGalois(ctx, c.rec, k.Name, v.Number, ek, els)
 		return res, nil, err
 	}
+	if s.extendJobs.Add(1) > MaxExtendJobs {
+		s.extendJobs.Add(-1)
+		return nil, nil, Errorf(KindExhausted, "%d evaluation-key generations already run in the background; retry later", MaxExtendJobs)
+	}
 	j := s.newJob(k.Name)
 	go func() {
+		defer s.extendJobs.Add(-1)
 		_, err := s.addGalois(context.WithValue(bg, progressKey{}, s.jobProgress(j)), bgRec, k.Name, v.Number, ek, els)
 		s.finishJob(j, v.Number, err)
 	}()
@@ -438,7 +447,8 @@ func (s *Service) commitExtension(ctx context.Context, rec *AuditRecord, kind Ke
 	}
 }
 
-// SwitchingKey makes sure version from of key name has a switching key
+// SwitchingKey (an administrator's decision: PermManageKey) makes sure
+// version from of key name has a switching key
 // from its secret to that of version to, a later enabled version of the
 // same parameters: a Lattigo evaluation key that re-keys a ciphertext of
 // version from into one of version to without decrypting it. It is

@@ -9,6 +9,7 @@ import (
 	mrand "math/rand/v2"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -83,6 +84,7 @@ type Service struct {
 	// serializes those of one version.
 	extensions  chan struct{}
 	extendLocks versionLocks
+	extendJobs  atomic.Int64
 	counts      counts
 	jobs        jobs
 

@@ -212,7 +212,7 @@ var heCommands = []command{
 	},
 	{
 		name: "he rekey", synopsis: "[--to N|primary] [--in FILE] [--identity-key-file FILE] [--cache-dir DIR]",
-		help: "re-key an attested ciphertext envelope (stdin, or --in) of an earlier version of its key into a later one without decrypting it: kmsd issues the switching key (made the first time; refused below min_decryption_version or towards a version that is not enabled), kmsctl applies it locally and has kmsd attest the result as op rekey (an evaluator token: it may ask for the switching key and attest); prints the new envelope", nargs: 0,
+		help: "re-key an attested ciphertext envelope (stdin, or --in) of an earlier version of its key into a later one without decrypting it: kmsctl fetches the switching key an administrator had kmsd issue (POST /v1/keys/NAME/versions/V/switching-keys; refused below min_decryption_version or towards a version that is not enabled), applies it locally and has kmsd attest the result as op rekey (an evaluator token); prints the new envelope", nargs: 0,
 		flags: func(fs *flag.FlagSet) {
 			fs.String("to", "primary", "the later version to re-key into")
 			fs.String("in", "-", "file holding the envelope (- for stdin)")
@@ -497,7 +497,7 @@ func heRekey(e *env, fs *flag.FlagSet, _ []string) (int, error) {
 	if target.Version <= in.Version {
 		return 0, usageError{fmt.Sprintf("the ciphertext is under version %d; re-keying goes to a later version (--to %d)", in.Version, target.Version)}
 	}
-	swk, err := f.SwitchingKey(e.ctx, from, target.Version, true)
+	swk, err := f.SwitchingKey(e.ctx, from, target.Version, false)
 	if err != nil {
 		return 0, err
 	}

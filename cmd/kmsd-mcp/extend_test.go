@@ -119,8 +119,23 @@ func TestRekeyTool(t *testing.T) {
 	if _, err := w.adminc.Rotate(context.Background(), "rk"); err != nil {
 		t.Fatal(err)
 	}
-	var out map[string]any
+	// No switching key issued yet: the tool says who issues one.
 	deadline := time.Now().Add(10 * time.Second)
+	for {
+		_, msg := call(t, s, "he_rekey", map[string]any{"ciphertext": envJSON(env)})
+		if strings.Contains(msg, "an administrator issues it") {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("he_rekey without a switching key: %q", msg)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if _, err := w.adminc.SwitchingKey(context.Background(), "rk", 1, 2); err != nil {
+		t.Fatal(err)
+	}
+	var out map[string]any
+	deadline = time.Now().Add(10 * time.Second)
 	for {
 		var msg string
 		out, msg = call(t, s, "he_rekey", map[string]any{"ciphertext": envJSON(env)})

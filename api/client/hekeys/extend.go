@@ -235,9 +235,9 @@ func (f *Fetcher) client() (*client.Client, error) {
 
 // SwitchingKey returns the verified switching key from the version of k to
 // its later version to: the one k's extension lists, or, when generate is
-// set, the one kmsd makes (POST .../switching-keys; kmsd checks that to is
-// enabled, of the same parameters, and k's version not below
-// min_decryption_version).
+// set, the one kmsd makes (POST .../switching-keys, an admin token; kmsd
+// checks that to is enabled, of the same parameters, and k's version not
+// below min_decryption_version).
 func (f *Fetcher) SwitchingKey(ctx context.Context, k *Keys, to uint64, generate bool) (*rlwe.EvaluationKey, error) {
 	find := func() (wire.SwitchingRef, bool) {
 		if e := k.Extension(); e != nil {
@@ -258,7 +258,7 @@ func (f *Fetcher) SwitchingKey(ctx context.Context, k *Keys, to uint64, generate
 	}
 	if !ok {
 		if !generate {
-			return nil, fmt.Errorf("hekeys: version %d of %s has no switching key to version %d (ask kmsd to generate it)", k.Manifest.Version, k.Manifest.Key, to)
+			return nil, fmt.Errorf("hekeys: version %d of %s has no switching key to version %d: an administrator issues it (POST /v1/keys/%s/versions/%d/switching-keys {\"to_version\":%d})", k.Manifest.Version, k.Manifest.Key, to, k.Manifest.Key, k.Manifest.Version, to)
 		}
 		c, err := f.client()
 		if err != nil {
