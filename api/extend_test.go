@@ -488,7 +488,15 @@ func TestGaloisKeyJobsBounded(t *testing.T) {
 	defer func() { testAsyncKeysetBytes = 0 }()
 	e := newEnv(t)
 	// logN 14: a job's 12 keys take longer than the requests after it.
-	heKey(t, e, "jb", `{"name":"jb","kind":"ckks","policy":{"params":"ckks-logn14","on_demand_galois_keys":1024}}`)
+	_, cop, err := e.client(e.admin).CreateKeyOrOperation(ctx, client.CreateKeyRequest{Name: "jb", Kind: "ckks", Policy: &client.Policy{Params: json.RawMessage(`"ckks-logn14"`), OnDemandGaloisKeys: 1024}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cop != nil {
+		if _, err := e.client(e.admin).WaitOperation(ctx, cop.ID, 20*time.Millisecond, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
 	wc := e.client(mustToken(t, e, "worker", "jb"))
 	var ops []*client.Operation
 	refused := 0
