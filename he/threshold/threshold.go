@@ -1,0 +1,571 @@
+// Package threshold is the cryptography of kmsd's threshold HE keys: n
+// parties (kmsd nodes) generate a CKKS or BGV key jointly, so that no
+// party ever holds the secret key, and any t of them decrypt together
+// (Lattigo's multiparty protocols: collective public key, relinearization
+// and Galois key generation, Shamir t-of-n sharing, public-key switching).
+//
+// The package is transport-free: each step takes and returns byte
+// messages, and says which go to every party (broadcast) and which to
+// one party alone (a Shamir share of a party's secret: the transport must
+// keep it confidential and authenticated). What a party keeps is its
+// Share, the one secret it seals in its HSM.
+//
+// Setup, for parties 1..n with threshold t and a common reference string
+// (CRS) seed every party agrees on:
+//
+//  1. Round1: each party draws its additive secret s_i (in memory only),
+//     broadcasts its public-key, relinearization (round 1) and Galois
+//     key shares, and sends party j the Shamir share f_i(j) of s_i.
+//  2. Round2: from every party's round-1 broadcast, each party broadcasts
+//     its relinearization round-2 share.
+//  3. Finish: from every broadcast, each party computes the same public,
+//     relinearization and Galois keys (the collective secret is s = Σ s_i),
+//     and from the Shamir shares addressed to it its Share, Σ_i f_i(j), a
+//     point of a degree t-1 polynomial whose value at 0 is s. s_i is
+//     dropped.
+//
+// Decryption of a ciphertext ct for a requester with an ephemeral key pair
+// (pk_r, sk_r): t parties each turn their Share into an additive share of s
+// for that set of parties (Lagrange coefficients) and answer a public-key
+// switching share of ct towards pk_r, flooded with noise of the given
+// standard deviation; the requester combines the t answers into an
+// encryption of the plaintext under pk_r and decrypts it with sk_r. No
+// party and no relay sees the plaintext; fewer than t shares give nothing.
+package threshold
+
+import (
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"math"
+	"slices"
+
+	"github.com/tuneinsight/lattigo/v6/core/rlwe"
+	"github.com/tuneinsight/lattigo/v6/multiparty"
+	"github.com/tuneinsight/lattigo/v6/ring"
+	"github.com/tuneinsight/lattigo/v6/ring/ringqp"
+	"github.com/tuneinsight/lattigo/v6/utils/sampling"
+)
+
+// MaxParties bounds n.
+const MaxParties = 16
+
+// Config is what every party of one setup agrees on.
+type Config struct {
+	Params rlwe.Parameters
+	// N parties, numbered 1..N (their Shamir points); T of them decrypt.
+	N, T int
+	// Self is this party's number.
+	Self int
+	// GaloisElements are the Galois keys to generate (sorted, unique);
+	// Relinearization asks for the relinearization key.
+	GaloisElements  []uint64
+	Relinearization bool
+	// CRS seeds the common reference string: the uniform halves of every
+	// collective key. All parties must use the same; it need not be
+	// secret, but no single party may choose it (kmsd derives it from the
+	// protocol run's id and every party's contribution).
+	CRS [32]byte
+}
+
+func (c *Config) check() error {
+	switch {
+	case c.N < 2 || c.N > MaxParties:
+		return fmt.Errorf("threshold: %d parties; from 2 to %d", c.N, MaxParties)
+	case c.T < 1 || c.T > c.N:
+		return fmt.Errorf("threshold: threshold %d of %d parties", c.T, c.N)
+	case c.Self < 1 || c.Self > c.N:
+		return fmt.Errorf("threshold: party %d of 1..%d", c.Self, c.N)
+	case c.Params.PCount() == 0 && (c.Relinearization || len(c.GaloisElements) > 0):
+		return errors.New("threshold: evaluation keys need parameters with special primes (P)")
+	case !slices.IsSorted(c.GaloisElements) || len(slices.Compact(slices.Clone(c.GaloisElements))) != len(c.GaloisElements):
+		return errors.New("threshold: Galois elements must be sorted and unique")
+	}
+	return nil
+}
+
+// crps are the common reference polynomials of a setup, sampled from the
+// CRS in a fixed order.
+type crps struct {
+	pk  multiparty.PublicKeyGenCRP
+	rlk multiparty.RelinearizationKeyGenCRP
+	gal []multiparty.GaloisKeyGenCRP
+}
+
+func sampleCRPs(c *Config) (*crps, error) {
+	crs, err := sampling.NewKeyedPRNG(append([]byte("kmsd-threshold-crs-v1"), c.CRS[:]...))
+	if err != nil {
+		return nil, err
+	}
+	out := &crps{pk: multiparty.NewPublicKeyGenProtocol(c.Params).SampleCRP(crs)}
+	if c.Relinearization {
+		out.rlk = multiparty.NewRelinearizationKeyGenProtocol(c.Params).SampleCRP(crs)
+	}
+	gkg := multiparty.NewGaloisKeyGenProtocol(c.Params)
+	for range c.GaloisElements {
+		out.gal = append(out.gal, gkg.SampleCRP(crs))
+	}
+	return out, nil
+}
+
+// Setup is one party's state during a setup. It holds the party's
+// additive secret until Finish.
+type Setup struct {
+	cfg   Config
+	crps  *crps
+	sk    *rlwe.SecretKey // s_i
+	ephSk *rlwe.SecretKey // relinearization round 1's ephemeral secret
+	r1    []byte          // this party's round-1 broadcast
+	// privateSelf is this party's Shamir share of its own secret.
+	privateSelf []byte
+}
+
+// NewSetup starts a setup for cfg.Self.
+func NewSetup(cfg Config) (*Setup, error) {
+	if err := cfg.check(); err != nil {
+		return nil, err
+	}
+	cfg.GaloisElements = slices.Clone(cfg.GaloisElements)
+	c, err := sampleCRPs(&cfg)
+	if err != nil {
+		return nil, err
+	}
+	return &Setup{cfg: cfg, crps: c, sk: rlwe.NewKeyGenerator(cfg.Params).GenSecretKeyNew()}, nil
+}
+
+// Round1 returns this party's broadcast (its public-key, relinearization
+// round-1 and Galois key shares) and, for every other party j, the Shamir
+// share f_self(j) of this party's secret: private[j] goes to party j alone.
+func (s *Setup) Round1() (broadcast []byte, private map[int][]byte, err error) {
+	p := s.cfg.Params
+	var w msgWriter
+	ckg := multiparty.NewPublicKeyGenProtocol(p)
+	pkShare := ckg.AllocateShare()
+	ckg.GenShare(s.sk, s.crps.pk, &pkShare)
+	w.put(pkShare)
+	if s.cfg.Relinearization {
+		rkg := multiparty.NewRelinearizationKeyGenProtocol(p)
+		eph, r1, _ := rkg.AllocateShare()
+		rkg.GenShareRoundOne(s.sk, s.crps.rlk, eph, &r1)
+		s.ephSk = eph
+		w.put(r1)
+	}
+	gkg := multiparty.NewGaloisKeyGenProtocol(p)
+	for i, g := range s.cfg.GaloisElements {
+		sh := gkg.AllocateShare()
+		if err := gkg.GenShare(s.sk, g, s.crps.gal[i], &sh); err != nil {
+			return nil, nil, err
+		}
+		w.put(sh)
+	}
+	if w.err != nil {
+		return nil, nil, w.err
+	}
+	thr := multiparty.NewThresholdizer(p)
+	poly, err := thr.GenShamirPolynomial(s.cfg.T, s.sk)
+	if err != nil {
+		return nil, nil, err
+	}
+	private = map[int][]byte{}
+	for j := 1; j <= s.cfg.N; j++ {
+		sh := thr.AllocateThresholdSecretShare()
+		thr.GenShamirSecretShare(multiparty.ShamirPublicPoint(j), poly, &sh)
+		b, err := sh.MarshalBinary()
+		if err != nil {
+			return nil, nil, err
+		}
+		if j == s.cfg.Self {
+			s.privateSelf = b
+			continue
+		}
+		private[j] = b
+	}
+	s.r1 = w.bytes()
+	return s.r1, private, nil
+}
+
+// round1 is a decoded round-1 broadcast.
+type round1 struct {
+	pk  multiparty.PublicKeyGenShare
+	rlk multiparty.RelinearizationKeyGenShare
+	gal []multiparty.GaloisKeyGenShare
+}
+
+func (s *Setup) decodeRound1(b []byte) (*round1, error) {
+	p := s.cfg.Params
+	r := msgReader{b: b}
+	out := &round1{pk: multiparty.NewPublicKeyGenProtocol(p).AllocateShare()}
+	r.get(&out.pk)
+	if s.cfg.Relinearization {
+		_, out.rlk, _ = multiparty.NewRelinearizationKeyGenProtocol(p).AllocateShare()
+		r.get(&out.rlk)
+	}
+	gkg := multiparty.NewGaloisKeyGenProtocol(p)
+	for range s.cfg.GaloisElements {
+		sh := gkg.AllocateShare()
+		r.get(&sh)
+		out.gal = append(out.gal, sh)
+	}
+	return out, r.done()
+}
+
+// checkAll checks that msgs holds one message from each of the N parties.
+func (s *Setup) checkAll(what string, msgs map[int][]byte) error {
+	if len(msgs) != s.cfg.N {
+		return fmt.Errorf("threshold: %d %s messages, want one from each of %d parties", len(msgs), what, s.cfg.N)
+	}
+	for j := 1; j <= s.cfg.N; j++ {
+		if _, ok := msgs[j]; !ok {
+			return fmt.Errorf("threshold: no %s message from party %d", what, j)
+		}
+	}
+	return nil
+}
+
+// aggregateRound1 sums every party's round-1 shares.
+func (s *Setup) aggregateRound1(all map[int][]byte) (*round1, error) {
+	if err := s.checkAll("round-1", all); err != nil {
+		return nil, err
+	}
+	if !bytes.Equal(all[s.cfg.Self], s.r1) {
+		return nil, errors.New("threshold: the round-1 broadcasts list another message as this party's own")
+	}
+	p := s.cfg.Params
+	var agg *round1
+	for j := 1; j <= s.cfg.N; j++ {
+		r, err := s.decodeRound1(all[j])
+		if err != nil {
+			return nil, fmt.Errorf("threshold: round-1 message of party %d: %w", j, err)
+		}
+		if agg == nil {
+			agg = r
+			continue
+		}
+		multiparty.NewPublicKeyGenProtocol(p).AggregateShares(agg.pk, r.pk, &agg.pk)
+		if s.cfg.Relinearization {
+			multiparty.NewRelinearizationKeyGenProtocol(p).AggregateShares(agg.rlk, r.rlk, &agg.rlk)
+		}
+		gkg := multiparty.NewGaloisKeyGenProtocol(p)
+		for i := range agg.gal {
+			if err := gkg.AggregateShares(agg.gal[i], r.gal[i], &agg.gal[i]); err != nil {
+				return nil, err
+			}
+		}
+	}
+	return agg, nil
+}
+
+// Round2 returns this party's relinearization round-2 broadcast, from
+// every party's round-1 broadcast (all[j] from party j, this one's
+// included); nil when the setup makes no relinearization key.
+func (s *Setup) Round2(all map[int][]byte) ([]byte, error) {
+	if !s.cfg.Relinearization {
+		return nil, nil
+	}
+	agg, err := s.aggregateRound1(all)
+	if err != nil {
+		return nil, err
+	}
+	rkg := multiparty.NewRelinearizationKeyGenProtocol(s.cfg.Params)
+	_, _, r2 := rkg.AllocateShare()
+	rkg.GenShareRoundTwo(s.ephSk, s.sk, agg.rlk, &r2)
+	return r2.MarshalBinary()
+}
+
+// Keys are a threshold key's public and evaluation keys, the same at
+// every party.
+type Keys struct {
+	PublicKey       *rlwe.PublicKey
+	Relinearization *rlwe.RelinearizationKey
+	Galois          []*rlwe.GaloisKey
+}
+
+// Finish computes the collective keys from every party's round-1 and
+// round-2 broadcasts and this party's Share from the Shamir shares the
+// other parties sent it (private[j] from party j), and drops the party's
+// additive secret.
+func (s *Setup) Finish(all1, all2 map[int][]byte, private map[int][]byte) (*Keys, *Share, error) {
+	p := s.cfg.Params
+	agg, err := s.aggregateRound1(all1)
+	if err != nil {
+		return nil, nil, err
+	}
+	keys := &Keys{PublicKey: rlwe.NewPublicKey(p)}
+	multiparty.NewPublicKeyGenProtocol(p).GenPublicKey(agg.pk, s.crps.pk, keys.PublicKey)
+	if s.cfg.Relinearization {
+		if err := s.checkAll("round-2", all2); err != nil {
+			return nil, nil, err
+		}
+		rkg := multiparty.NewRelinearizationKeyGenProtocol(p)
+		var sum multiparty.RelinearizationKeyGenShare
+		for j := 1; j <= s.cfg.N; j++ {
+			_, _, r2 := rkg.AllocateShare()
+			if err := decodeExact(all2[j], &r2); err != nil {
+				return nil, nil, fmt.Errorf("threshold: round-2 message of party %d: %w", j, err)
+			}
+			if j == 1 {
+				sum = r2
+			} else {
+				rkg.AggregateShares(sum, r2, &sum)
+			}
+		}
+		keys.Relinearization = rlwe.NewRelinearizationKey(p)
+		rkg.GenRelinearizationKey(agg.rlk, sum, keys.Relinearization)
+	}
+	gkg := multiparty.NewGaloisKeyGenProtocol(p)
+	for i := range s.cfg.GaloisElements {
+		gk := rlwe.NewGaloisKey(p)
+		if err := gkg.GenGaloisKey(agg.gal[i], s.crps.gal[i], gk); err != nil {
+			return nil, nil, err
+		}
+		keys.Galois = append(keys.Galois, gk)
+	}
+	// This party's Share: the sum of the Shamir shares of every party's
+	// secret at this party's point.
+	if len(private) != s.cfg.N-1 {
+		return nil, nil, fmt.Errorf("threshold: %d Shamir shares received, want one from each of the %d other parties", len(private), s.cfg.N-1)
+	}
+	thr := multiparty.NewThresholdizer(p)
+	share := thr.AllocateThresholdSecretShare()
+	if err := decodeExact(s.privateSelf, &share); err != nil {
+		return nil, nil, err
+	}
+	for j := 1; j <= s.cfg.N; j++ {
+		if j == s.cfg.Self {
+			continue
+		}
+		b, ok := private[j]
+		if !ok {
+			return nil, nil, fmt.Errorf("threshold: no Shamir share from party %d", j)
+		}
+		sh := thr.AllocateThresholdSecretShare()
+		if err := decodeExact(b, &sh); err != nil || sh.LevelQ() != share.LevelQ() || sh.LevelP() != share.LevelP() {
+			return nil, nil, fmt.Errorf("threshold: the Shamir share from party %d is malformed", j)
+		}
+		if err := thr.AggregateShares(share, sh, &share); err != nil {
+			return nil, nil, err
+		}
+	}
+	s.wipe()
+	return keys, &Share{Point: s.cfg.Self, N: s.cfg.N, T: s.cfg.T, value: share}, nil
+}
+
+// wipe drops the party's additive secrets.
+func (s *Setup) wipe() {
+	for _, sk := range []*rlwe.SecretKey{s.sk, s.ephSk} {
+		if sk != nil {
+			zeroQP(sk.Value)
+		}
+	}
+	clear(s.privateSelf)
+	s.sk, s.ephSk, s.privateSelf = nil, nil, nil
+}
+
+// Share is a party's threshold secret share: the one secret a party keeps
+// (sealed in its HSM), useless without t-1 others.
+type Share struct {
+	Point, N, T int
+	value       multiparty.ShamirSecretShare
+}
+
+// MarshalBinary encodes the share (for sealing: it is secret).
+func (sh *Share) MarshalBinary() ([]byte, error) {
+	v, err := sh.value.MarshalBinary()
+	if err != nil {
+		return nil, err
+	}
+	out := binary.BigEndian.AppendUint16(nil, uint16(sh.Point))
+	out = binary.BigEndian.AppendUint16(out, uint16(sh.N))
+	out = binary.BigEndian.AppendUint16(out, uint16(sh.T))
+	return append(out, v...), nil
+}
+
+// UnmarshalShare decodes a share for parameters p.
+func UnmarshalShare(p rlwe.Parameters, b []byte) (*Share, error) {
+	if len(b) < 6 {
+		return nil, errors.New("threshold: share too short")
+	}
+	sh := &Share{Point: int(binary.BigEndian.Uint16(b)), N: int(binary.BigEndian.Uint16(b[2:])), T: int(binary.BigEndian.Uint16(b[4:]))}
+	if sh.N < 2 || sh.N > MaxParties || sh.T < 1 || sh.T > sh.N || sh.Point < 1 || sh.Point > sh.N {
+		return nil, errors.New("threshold: malformed share header")
+	}
+	sh.value = multiparty.NewThresholdizer(p).AllocateThresholdSecretShare()
+	if err := decodeExact(b[6:], &sh.value); err != nil {
+		return nil, fmt.Errorf("threshold: share: %w", err)
+	}
+	return sh, nil
+}
+
+// Wipe clears the share's value.
+func (sh *Share) Wipe() { zeroQP(sh.value.Poly) }
+
+// zeroQP overwrites a secret polynomial.
+func zeroQP(p ringqp.Poly) {
+	p.Q.Zero()
+	if p.P.Coeffs != nil {
+		p.P.Zero()
+	}
+}
+
+// checkActive checks a set of decrypting parties: exactly T distinct
+// points of 1..N, ascending, this share's among them.
+func (sh *Share) checkActive(active []int) error {
+	if len(active) != sh.T {
+		return fmt.Errorf("threshold: %d decrypting parties; exactly %d (the threshold) take part", len(active), sh.T)
+	}
+	if !slices.IsSorted(active) || len(slices.Compact(slices.Clone(active))) != len(active) {
+		return errors.New("threshold: the decrypting parties must be listed ascending, once each")
+	}
+	for _, a := range active {
+		if a < 1 || a > sh.N {
+			return fmt.Errorf("threshold: party %d of 1..%d", a, sh.N)
+		}
+	}
+	if !slices.Contains(active, sh.Point) {
+		return fmt.Errorf("threshold: party %d is not among the decrypting parties %v", sh.Point, active)
+	}
+	return nil
+}
+
+// additive turns the share into this party's additive share of the secret
+// for the decrypting parties active.
+func (sh *Share) additive(p rlwe.Parameters, active []int) (*rlwe.SecretKey, error) {
+	if err := sh.checkActive(active); err != nil {
+		return nil, err
+	}
+	var points, all []multiparty.ShamirPublicPoint
+	for _, a := range active {
+		points = append(points, multiparty.ShamirPublicPoint(a))
+	}
+	for j := 1; j <= sh.N; j++ {
+		all = append(all, multiparty.ShamirPublicPoint(j))
+	}
+	cmb := multiparty.NewCombiner(p, multiparty.ShamirPublicPoint(sh.Point), all, sh.T)
+	sk := rlwe.NewSecretKey(p)
+	if err := cmb.GenAdditiveShare(points, multiparty.ShamirPublicPoint(sh.Point), sh.value, sk); err != nil {
+		return nil, err
+	}
+	return sk, nil
+}
+
+// PartialDecrypt is this party's answer to a decryption of ct by the
+// decrypting parties active (T of them, ascending) for the requester's
+// public key target: a public-key switching share of ct towards target,
+// flooded with Gaussian noise of standard deviation 2^floodLog2 (sized by
+// the caller from ct's noise bound, as for kmsd's own decryptions).
+func PartialDecrypt(p rlwe.Parameters, sh *Share, active []int, ct *rlwe.Ciphertext, target *rlwe.PublicKey, floodLog2 float64) ([]byte, error) {
+	if !(floodLog2 >= 0 && floodLog2 <= 60) {
+		return nil, fmt.Errorf("threshold: flooding of 2^%v", floodLog2)
+	}
+	sk, err := sh.additive(p, active)
+	if err != nil {
+		return nil, err
+	}
+	defer zeroQP(sk.Value)
+	sigma := math.Exp2(floodLog2)
+	pcks, err := multiparty.NewPublicKeySwitchProtocol(p, ring.DiscreteGaussian{Sigma: sigma, Bound: 6 * sigma})
+	if err != nil {
+		return nil, err
+	}
+	share := pcks.AllocateShare(ct.Level())
+	pcks.GenShare(sk, target, ct, &share)
+	return share.MarshalBinary()
+}
+
+// Combine is the requester's side: the T partial decryptions of ct
+// (answered for target) summed into ct re-encrypted under target, which
+// the requester decrypts with its secret key.
+func Combine(p rlwe.Parameters, ct *rlwe.Ciphertext, partials [][]byte) (*rlwe.Ciphertext, error) {
+	if len(partials) == 0 {
+		return nil, errors.New("threshold: no partial decryption")
+	}
+	pcks, err := multiparty.NewPublicKeySwitchProtocol(p, ring.DiscreteGaussian{Sigma: 1, Bound: 6})
+	if err != nil {
+		return nil, err
+	}
+	var sum multiparty.PublicKeySwitchShare
+	for i, b := range partials {
+		sh := pcks.AllocateShare(ct.Level())
+		if err := decodeExact(b, &sh); err != nil || sh.Level() != ct.Level() {
+			return nil, fmt.Errorf("threshold: partial decryption %d is malformed", i)
+		}
+		if i == 0 {
+			sum = sh
+		} else if err := pcks.AggregateShares(sum, sh, &sum); err != nil {
+			return nil, err
+		}
+	}
+	out := rlwe.NewCiphertext(p, 1, ct.Level())
+	pcks.KeySwitch(ct, sum, out)
+	return out, nil
+}
+
+// msgWriter concatenates length-prefixed encodings.
+type msgWriter struct {
+	buf bytes.Buffer
+	err error
+}
+
+func (w *msgWriter) put(m interface{ MarshalBinary() ([]byte, error) }) {
+	if w.err != nil {
+		return
+	}
+	b, err := m.MarshalBinary()
+	if err != nil {
+		w.err = err
+		return
+	}
+	w.buf.Write(binary.BigEndian.AppendUint64(nil, uint64(len(b))))
+	w.buf.Write(b)
+}
+
+func (w *msgWriter) bytes() []byte { return w.buf.Bytes() }
+
+// msgReader reads what msgWriter wrote.
+type msgReader struct {
+	b   []byte
+	err error
+}
+
+func (r *msgReader) get(m sized) {
+	if r.err != nil {
+		return
+	}
+	if len(r.b) < 8 {
+		r.err = io.ErrUnexpectedEOF
+		return
+	}
+	n := binary.BigEndian.Uint64(r.b)
+	if n > uint64(len(r.b)-8) {
+		r.err = io.ErrUnexpectedEOF
+		return
+	}
+	r.err = decodeExact(r.b[8:8+n], m)
+	r.b = r.b[8+n:]
+}
+
+// sized is a Lattigo object allocated for the parameters: its BinarySize
+// is what its encoding must be.
+type sized interface {
+	BinarySize() int
+	UnmarshalBinary([]byte) error
+}
+
+// decodeExact decodes b into m, an object allocated for the parameters,
+// refusing any other length first: Lattigo's decoders do not survive a
+// truncated input (a stack overflow, which no recover catches).
+func decodeExact(b []byte, m sized) error {
+	if len(b) != m.BinarySize() {
+		return fmt.Errorf("%d bytes, want %d", len(b), m.BinarySize())
+	}
+	return m.UnmarshalBinary(b)
+}
+
+func (r *msgReader) done() error {
+	if r.err == nil && len(r.b) != 0 {
+		return errors.New("trailing bytes")
+	}
+	return r.err
+}
