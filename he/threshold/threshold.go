@@ -16,9 +16,11 @@
 //  1. Round1: each party draws its additive secret s_i (in memory only),
 //     broadcasts its public-key, relinearization (round 1) and Galois
 //     key shares, and sends party j the Shamir share f_i(j) of s_i.
-//  2. Round2: from every party's round-1 broadcast, each party broadcasts
-//     its relinearization round-2 share.
-//  3. Finish: from every broadcast, each party computes the same public,
+//  2. Anyone (kmsd: the coordinating node) sums the round-1 broadcasts
+//     (Config.AggregateRound1): the sum is public, the size of one.
+//  3. Round2: from that sum, each party answers its relinearization
+//     round-2 share; they are summed too (Config.AggregateRound2).
+//  4. Finish: from the two sums, each party computes the same public,
 //     relinearization and Galois keys (the collective secret is s = Σ s_i),
 //     and from the Shamir shares addressed to it its Share, Σ_i f_i(j), a
 //     point of a degree t-1 polynomial whose value at 0 is s. s_i is
@@ -117,7 +119,6 @@ type Setup struct {
 	crps  *crps
 	sk    *rlwe.SecretKey // s_i
 	ephSk *rlwe.SecretKey // relinearization round 1's ephemeral secret
-	r1    []byte          // this party's round-1 broadcast
 	// privateSelf is this party's Shamir share of its own secret.
 	privateSelf []byte
 }
@@ -182,8 +183,7 @@ func (s *Setup) Round1() (broadcast []byte, private map[int][]byte, err error) {
 		}
 		private[j] = b
 	}
-	s.r1 = w.bytes()
-	return s.r1, private, nil
+	return w.bytes(), private, nil
 }
 
 // round1 is a decoded round-1 broadcast.
@@ -193,17 +193,17 @@ type round1 struct {
 	gal []multiparty.GaloisKeyGenShare
 }
 
-func (s *Setup) decodeRound1(b []byte) (*round1, error) {
-	p := s.cfg.Params
+func decodeRound1(c *Config, b []byte) (*round1, error) {
+	p := c.Params
 	r := msgReader{b: b}
 	out := &round1{pk: multiparty.NewPublicKeyGenProtocol(p).AllocateShare()}
 	r.get(&out.pk)
-	if s.cfg.Relinearization {
+	if c.Relinearization {
 		_, out.rlk, _ = multiparty.NewRelinearizationKeyGenProtocol(p).AllocateShare()
 		r.get(&out.rlk)
 	}
 	gkg := multiparty.NewGaloisKeyGenProtocol(p)
-	for range s.cfg.GaloisElements {
+	for range c.GaloisElements {
 		sh := gkg.AllocateShare()
 		r.get(&sh)
 		out.gal = append(out.gal, sh)
@@ -211,62 +211,99 @@ func (s *Setup) decodeRound1(b []byte) (*round1, error) {
 	return out, r.done()
 }
 
-// checkAll checks that msgs holds one message from each of the N parties.
-func (s *Setup) checkAll(what string, msgs map[int][]byte) error {
-	if len(msgs) != s.cfg.N {
-		return fmt.Errorf("threshold: %d %s messages, want one from each of %d parties", len(msgs), what, s.cfg.N)
-	}
-	for j := 1; j <= s.cfg.N; j++ {
-		if _, ok := msgs[j]; !ok {
-			return fmt.Errorf("threshold: no %s message from party %d", what, j)
-		}
-	}
-	return nil
-}
-
-// aggregateRound1 sums every party's round-1 shares.
-func (s *Setup) aggregateRound1(all map[int][]byte) (*round1, error) {
-	if err := s.checkAll("round-1", all); err != nil {
+// AggregateRound1 sums the round-1 broadcasts of all N parties (in any
+// order): the public sum every party's Round2 and Finish take. It needs no
+// secret; the parties' own Config (any Self) computes it.
+func (c Config) AggregateRound1(all [][]byte) ([]byte, error) {
+	if err := c.check(); err != nil {
 		return nil, err
 	}
-	if !bytes.Equal(all[s.cfg.Self], s.r1) {
-		return nil, errors.New("threshold: the round-1 broadcasts list another message as this party's own")
+	if len(all) != c.N {
+		return nil, fmt.Errorf("threshold: %d round-1 messages, want one from each of %d parties", len(all), c.N)
 	}
-	p := s.cfg.Params
 	var agg *round1
-	for j := 1; j <= s.cfg.N; j++ {
-		r, err := s.decodeRound1(all[j])
+	for i, b := range all {
+		r, err := decodeRound1(&c, b)
 		if err != nil {
-			return nil, fmt.Errorf("threshold: round-1 message of party %d: %w", j, err)
+			return nil, fmt.Errorf("threshold: round-1 message %d: %w", i, err)
 		}
 		if agg == nil {
 			agg = r
 			continue
 		}
-		multiparty.NewPublicKeyGenProtocol(p).AggregateShares(agg.pk, r.pk, &agg.pk)
-		if s.cfg.Relinearization {
-			multiparty.NewRelinearizationKeyGenProtocol(p).AggregateShares(agg.rlk, r.rlk, &agg.rlk)
-		}
-		gkg := multiparty.NewGaloisKeyGenProtocol(p)
-		for i := range agg.gal {
-			if err := gkg.AggregateShares(agg.gal[i], r.gal[i], &agg.gal[i]); err != nil {
-				return nil, err
-			}
+		if err := agg.add(&c, r); err != nil {
+			return nil, err
 		}
 	}
-	return agg, nil
+	return agg.encode(&c)
 }
 
-// Round2 returns this party's relinearization round-2 broadcast, from
-// every party's round-1 broadcast (all[j] from party j, this one's
-// included); nil when the setup makes no relinearization key.
-func (s *Setup) Round2(all map[int][]byte) ([]byte, error) {
+// AggregateRound2 sums the round-2 shares of all N parties; nil when the
+// setup makes no relinearization key.
+func (c Config) AggregateRound2(all [][]byte) ([]byte, error) {
+	if err := c.check(); err != nil {
+		return nil, err
+	}
+	if !c.Relinearization {
+		return nil, nil
+	}
+	if len(all) != c.N {
+		return nil, fmt.Errorf("threshold: %d round-2 messages, want one from each of %d parties", len(all), c.N)
+	}
+	rkg := multiparty.NewRelinearizationKeyGenProtocol(c.Params)
+	var sum multiparty.RelinearizationKeyGenShare
+	for i, b := range all {
+		_, _, r2 := rkg.AllocateShare()
+		if err := decodeExact(b, &r2); err != nil {
+			return nil, fmt.Errorf("threshold: round-2 message %d: %w", i, err)
+		}
+		if i == 0 {
+			sum = r2
+		} else {
+			rkg.AggregateShares(sum, r2, &sum)
+		}
+	}
+	return sum.MarshalBinary()
+}
+
+// add sums r into a.
+func (a *round1) add(c *Config, r *round1) error {
+	p := c.Params
+	multiparty.NewPublicKeyGenProtocol(p).AggregateShares(a.pk, r.pk, &a.pk)
+	if c.Relinearization {
+		multiparty.NewRelinearizationKeyGenProtocol(p).AggregateShares(a.rlk, r.rlk, &a.rlk)
+	}
+	gkg := multiparty.NewGaloisKeyGenProtocol(p)
+	for i := range a.gal {
+		if err := gkg.AggregateShares(a.gal[i], r.gal[i], &a.gal[i]); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (a *round1) encode(c *Config) ([]byte, error) {
+	var w msgWriter
+	w.put(a.pk)
+	if c.Relinearization {
+		w.put(a.rlk)
+	}
+	for _, g := range a.gal {
+		w.put(g)
+	}
+	return w.bytes(), w.err
+}
+
+// Round2 returns this party's relinearization round-2 share, from the
+// sum of the round-1 broadcasts (AggregateRound1); nil when the setup
+// makes no relinearization key.
+func (s *Setup) Round2(agg1 []byte) ([]byte, error) {
 	if !s.cfg.Relinearization {
 		return nil, nil
 	}
-	agg, err := s.aggregateRound1(all)
+	agg, err := decodeRound1(&s.cfg, agg1)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("threshold: round-1 sum: %w", err)
 	}
 	rkg := multiparty.NewRelinearizationKeyGenProtocol(s.cfg.Params)
 	_, _, r2 := rkg.AllocateShare()
@@ -282,34 +319,23 @@ type Keys struct {
 	Galois          []*rlwe.GaloisKey
 }
 
-// Finish computes the collective keys from every party's round-1 and
-// round-2 broadcasts and this party's Share from the Shamir shares the
-// other parties sent it (private[j] from party j), and drops the party's
-// additive secret.
-func (s *Setup) Finish(all1, all2 map[int][]byte, private map[int][]byte) (*Keys, *Share, error) {
+// Finish computes the collective keys from the sums of the round-1 and
+// round-2 messages (AggregateRound1, AggregateRound2) and this party's
+// Share from the Shamir shares the other parties sent it (private[j] from
+// party j), and drops the party's additive secret.
+func (s *Setup) Finish(agg1, agg2 []byte, private map[int][]byte) (*Keys, *Share, error) {
 	p := s.cfg.Params
-	agg, err := s.aggregateRound1(all1)
+	agg, err := decodeRound1(&s.cfg, agg1)
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, fmt.Errorf("threshold: round-1 sum: %w", err)
 	}
 	keys := &Keys{PublicKey: rlwe.NewPublicKey(p)}
 	multiparty.NewPublicKeyGenProtocol(p).GenPublicKey(agg.pk, s.crps.pk, keys.PublicKey)
 	if s.cfg.Relinearization {
-		if err := s.checkAll("round-2", all2); err != nil {
-			return nil, nil, err
-		}
 		rkg := multiparty.NewRelinearizationKeyGenProtocol(p)
-		var sum multiparty.RelinearizationKeyGenShare
-		for j := 1; j <= s.cfg.N; j++ {
-			_, _, r2 := rkg.AllocateShare()
-			if err := decodeExact(all2[j], &r2); err != nil {
-				return nil, nil, fmt.Errorf("threshold: round-2 message of party %d: %w", j, err)
-			}
-			if j == 1 {
-				sum = r2
-			} else {
-				rkg.AggregateShares(sum, r2, &sum)
-			}
+		_, _, sum := rkg.AllocateShare()
+		if err := decodeExact(agg2, &sum); err != nil {
+			return nil, nil, fmt.Errorf("threshold: round-2 sum: %w", err)
 		}
 		keys.Relinearization = rlwe.NewRelinearizationKey(p)
 		rkg.GenRelinearizationKey(agg.rlk, sum, keys.Relinearization)

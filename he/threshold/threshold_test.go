@@ -27,7 +27,8 @@ func preset(t testing.TB, scheme he.Scheme, name string) *he.Params {
 type transcript struct {
 	round1, round2 map[int][]byte
 	private        map[int]map[int][]byte // private[to][from]
-	bytesSent      map[int]int            // by sender: broadcasts counted once per recipient
+	bytesSent      map[int]int            // by party: its round messages to the coordinator and its Shamir shares
+	aggBytes       int                    // what the coordinator sends each party (the sums)
 }
 
 // runSetup runs a setup among n parties (threshold tt) in process, every
@@ -52,24 +53,40 @@ func runSetup(t testing.TB, p rlwe.Parameters, n, tt int, gal []uint64, relin bo
 			t.Fatal(err)
 		}
 		tr.round1[j] = b
-		tr.bytesSent[j] += len(b) * (n - 1)
+		tr.bytesSent[j] += len(b)
 		for to, m := range priv {
 			tr.private[to][j] = m
 			tr.bytesSent[j] += len(m)
 		}
 	}
+	cfg := setups[1].cfg
+	var r1 [][]byte
 	for j := 1; j <= n; j++ {
-		b, err := setups[j].Round2(tr.round1)
+		r1 = append(r1, tr.round1[j])
+	}
+	agg1, err := cfg.AggregateRound1(r1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var r2 [][]byte
+	for j := 1; j <= n; j++ {
+		b, err := setups[j].Round2(agg1)
 		if err != nil {
 			t.Fatal(err)
 		}
 		tr.round2[j] = b
-		tr.bytesSent[j] += len(b) * (n - 1)
+		r2 = append(r2, b)
+		tr.bytesSent[j] += len(b)
 	}
+	agg2, err := cfg.AggregateRound2(r2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tr.aggBytes = len(agg1) + len(agg1) + len(agg2) // round 2 and finish take agg1, finish agg2
 	keys := make([]*Keys, n+1)
 	shares := make([]*Share, n+1)
 	for j := 1; j <= n; j++ {
-		k, sh, err := setups[j].Finish(tr.round1, tr.round2, tr.private[j])
+		k, sh, err := setups[j].Finish(agg1, agg2, tr.private[j])
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -120,7 +137,7 @@ func TestThresholdCKKS(t *testing.T) {
 			t.Fatalf("party %d computed other keys than party 1", j)
 		}
 	}
-	t.Logf("setup: %d, %d, %d bytes sent by parties 1..3", tr.bytesSent[1], tr.bytesSent[2], tr.bytesSent[3])
+	t.Logf("setup: %d, %d, %d bytes sent by parties 1..3; %d to each from the coordinator", tr.bytesSent[1], tr.bytesSent[2], tr.bytesSent[3], tr.aggBytes)
 	enc := ckks.NewEncoder(p)
 	encrypt := func(v []float64) *rlwe.Ciphertext {
 		pt := ckks.NewPlaintext(p, p.MaxLevel())
@@ -316,23 +333,30 @@ func TestSetupRefusals(t *testing.T) {
 		}
 	}
 	var crs [32]byte
-	s1, _ := NewSetup(Config{Params: p, N: 2, T: 2, Self: 1, CRS: crs})
-	s2, _ := NewSetup(Config{Params: p, N: 2, T: 2, Self: 2, CRS: crs})
+	cfg := Config{Params: p, N: 2, T: 2, Self: 1, CRS: crs}
+	s1, _ := NewSetup(cfg)
+	cfg2 := cfg
+	cfg2.Self = 2
+	s2, _ := NewSetup(cfg2)
 	b1, priv1, _ := s1.Round1()
-	b2, priv2, _ := s2.Round1()
-	if _, _, err := s1.Finish(map[int][]byte{1: b1}, nil, priv2); err == nil {
-		t.Error("Finish without party 2's broadcast")
+	b2, _, _ := s2.Round1()
+	if _, err := cfg.AggregateRound1([][]byte{b1}); err == nil {
+		t.Error("a round-1 sum without party 2's message")
 	}
-	if _, _, err := s1.Finish(map[int][]byte{1: b2, 2: b2}, nil, priv2); err == nil {
-		t.Error("Finish with another message as party 1's own")
+	if _, err := cfg.AggregateRound1([][]byte{b1, b2[:len(b2)/2]}); err == nil {
+		t.Error("a round-1 sum with a truncated message")
 	}
-	if _, _, err := s1.Finish(map[int][]byte{1: b1, 2: b2[:len(b2)/2]}, nil, priv2); err == nil {
-		t.Error("Finish with a truncated broadcast")
+	agg1, err := cfg.AggregateRound1([][]byte{b1, b2})
+	if err != nil {
+		t.Fatal(err)
 	}
-	if _, _, err := s2.Finish(map[int][]byte{1: b1, 2: b2}, nil, map[int][]byte{}); err == nil {
+	if _, _, err := s1.Finish(agg1[:len(agg1)-8], nil, map[int][]byte{2: priv1[2]}); err == nil {
+		t.Error("Finish with a truncated sum")
+	}
+	if _, _, err := s2.Finish(agg1, nil, map[int][]byte{}); err == nil {
 		t.Error("Finish without the Shamir share of party 1")
 	}
-	if _, _, err := s2.Finish(map[int][]byte{1: b1, 2: b2}, nil, map[int][]byte{1: priv1[2][:100]}); err == nil {
+	if _, _, err := s2.Finish(agg1, nil, map[int][]byte{1: priv1[2][:100]}); err == nil {
 		t.Error("Finish with a malformed Shamir share")
 	}
 }
