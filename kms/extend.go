@@ -145,6 +145,9 @@ func (s *Service) extendable(ctx context.Context, name string, n uint64) (*Key, 
 	if !ok {
 		return nil, nil, nil, Errorf(KindFailedPrecondition, "key %q of kind %s has no evaluation keys to extend", name, k.Kind)
 	}
+	if k.Policy.Threshold != nil {
+		return nil, nil, nil, Errorf(KindFailedPrecondition, "key %q is a threshold key: its evaluation keys are made jointly by its parties, with the policy's rotations (no Galois key on demand, no switching key)", name)
+	}
 	return k, v, ek, nil
 }
 

@@ -62,6 +62,9 @@ type Policy struct {
 	// version may gain on demand (POST .../evaluation-keys): 0 means
 	// DefaultOnDemandGaloisKeys, -1 none; at most MaxOnDemandGaloisKeys.
 	OnDemandGaloisKeys int `json:"on_demand_galois_keys,omitempty"`
+	// Threshold makes the key a threshold key (its secret only as shares
+	// held by kmsd nodes; t of them decrypt together). Set at creation.
+	Threshold *ThresholdPolicy `json:"threshold,omitempty"`
 
 	// RotationPeriod, when set, has the service rotate the key once its
 	// latest version is this old (scheduled rotation, RunRotation); zero:
@@ -72,7 +75,7 @@ type Policy struct {
 
 // hasKeysetFields reports whether any HE field is set.
 func (p Policy) hasKeysetFields() bool {
-	return len(p.Params) > 0 || len(p.Rotations) > 0 || p.Conjugation || p.Relinearization || p.DecryptLogPrecision != 0 || p.DecryptBudget != 0 || p.OnDemandGaloisKeys != 0
+	return len(p.Params) > 0 || len(p.Rotations) > 0 || p.Conjugation || p.Relinearization || p.DecryptLogPrecision != 0 || p.DecryptBudget != 0 || p.OnDemandGaloisKeys != 0 || p.Threshold != nil
 }
 
 // Version is one generation of key material.
@@ -171,6 +174,9 @@ func (k *Key) Clone() *Key {
 	c.Policy.AllowedOperations = slices.Clone(k.Policy.AllowedOperations)
 	c.Policy.Params = slices.Clone(k.Policy.Params)
 	c.Policy.Rotations = slices.Clone(k.Policy.Rotations)
+	if t := k.Policy.Threshold; t != nil {
+		c.Policy.Threshold = &ThresholdPolicy{Parties: slices.Clone(t.Parties), T: t.T}
+	}
 	return &c
 }
 

@@ -306,6 +306,9 @@ func (c Call) Decrypt(ctx context.Context, name string, n uint64, env *Envelope)
 	if !ok || v.Manifest == nil {
 		return nil, Errorf(KindFailedPrecondition, "key %q of kind %s does not decrypt", name, k.Kind)
 	}
+	if k.Policy.Threshold != nil {
+		return nil, Errorf(KindFailedPrecondition, "key %q is a threshold key: no node holds its secret; decrypt with POST .../threshold-decrypt (the SDK's ThresholdDecrypt), which %d of its parties answer", name, k.Policy.Threshold.T)
+	}
 	var m Manifest
 	if err := json.Unmarshal(v.Manifest, &m); err != nil {
 		return nil, Wrap(KindInternal, "manifest", err)

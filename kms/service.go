@@ -56,6 +56,9 @@ type Config struct {
 	// looks for keys due (default 1 minute).
 	MinRotationPeriod     time.Duration
 	RotationCheckInterval time.Duration
+	// Peers are the kmsd nodes threshold keys are shared with (nil:
+	// none).
+	Peers Peers
 }
 
 // Service is the domain: every operation on keys and tokens goes through it.
@@ -85,6 +88,8 @@ type Service struct {
 	extensions  chan struct{}
 	extendLocks versionLocks
 	extendJobs  atomic.Int64
+	peers       Peers
+	thr         thrRuns
 	counts      counts
 	jobs        jobs
 
@@ -126,6 +131,8 @@ func NewService(cfg Config) (*Service, error) {
 	}
 	s.generations = make(chan struct{}, cfg.MaxGenerations)
 	s.extensions = make(chan struct{}, cfg.MaxGenerations)
+	s.peers = cfg.Peers
+	s.thr.m = map[string]*thrRun{}
 	s.jobs.m = map[string]*Job{}
 	s.asyncBytes = cfg.AsyncKeysetBytes
 	if s.asyncBytes <= 0 {
@@ -182,6 +189,9 @@ func (s *Service) Ready(ctx context.Context) error {
 }
 
 func (s *Service) checkPolicy(kind KeyKind, p Policy) (Policy, error) {
+	if err := s.checkThreshold(kind, p); err != nil {
+		return p, err
+	}
 	if kk, ok := kind.(KeysetKind); ok {
 		var size int64
 		var err error
@@ -280,6 +290,9 @@ func (s *Service) createKey(ctx context.Context, name, kindName string, p Policy
 		return nil, nil, Errorf(KindAlreadyExists, "key %q already exists", name)
 	} else if !errors.Is(err, ErrNotFound) {
 		return nil, nil, asUnavailable("store", err)
+	}
+	if p.Threshold != nil {
+		return nil, nil, Errorf(KindInvalid, "a threshold key is made by its parties together (CreateThresholdKey)")
 	}
 	v, release, err := s.newVersion(ctx, name, kind, 1, p)
 	if err != nil {
@@ -401,6 +414,9 @@ func (c Call) UpdateKey(ctx context.Context, name string, u KeyUpdate) (*Key, er
 			if err != nil {
 				return nil, err
 			}
+			if !sameThreshold(p.Threshold, k.Policy.Threshold) {
+				return nil, Errorf(KindInvalid, "threshold is set when a key is created and never changes (its parties hold the shares)")
+			}
 			if p, err = s.checkPolicy(kind, p); err != nil {
 				return nil, err
 			}
@@ -432,6 +448,13 @@ func (c Call) UpdateKey(ctx context.Context, name string, u KeyUpdate) (*Key, er
 		return auditFor(c.rec, name, 0), nil
 	})
 	return out, err
+}
+
+func sameThreshold(a, b *ThresholdPolicy) bool {
+	if a == nil || b == nil {
+		return a == b
+	}
+	return a.T == b.T && slices.Equal(a.Parties, b.Parties)
 }
 
 // UpdateKey is For(nil).UpdateKey.
@@ -489,6 +512,9 @@ func (s *Service) rotate(ctx context.Context, name string, rec *AuditRecord) (*K
 		kind, err := s.kinds.Lookup(k.Kind)
 		if err != nil {
 			return nil, nil, Wrap(KindInternal, "rotate", err)
+		}
+		if k.Policy.Threshold != nil {
+			return nil, nil, Errorf(KindFailedPrecondition, "key %q is a threshold key: its parties make the next version together (RotateThreshold)", name)
 		}
 		n := k.Latest + 1
 		v, release, err := s.newVersion(ctx, name, kind, n, k.Policy)

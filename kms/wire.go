@@ -18,6 +18,7 @@ type (
 	GaloisRef         = wire.GaloisRef
 	SwitchingRef      = wire.SwitchingRef
 	ManifestExtension = wire.ManifestExtension
+	ThresholdRef      = wire.ThresholdRef
 	Manifest          = wire.Manifest
 	AuditRecord       = wire.AuditRecord
 	RestoreInfo       = wire.RestoreInfo

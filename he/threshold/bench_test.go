@@ -7,8 +7,6 @@ import (
 
 	"github.com/tuneinsight/lattigo/v6/core/rlwe"
 	"github.com/tuneinsight/lattigo/v6/schemes/ckks"
-
-	"github.com/kmsd-project/kmsd/he"
 )
 
 // BenchmarkSetup is a whole setup among 3 parties (t = 2) in one process,
@@ -20,7 +18,7 @@ import (
 // -bench Setup -benchtime 1x.
 func BenchmarkSetup(b *testing.B) {
 	for _, name := range []string{"ckks-logn14", "ckks-logn15"} {
-		p := preset(b, he.CKKS, name).CKKS
+		p := preset(b, name).CKKS
 		var gal []uint64
 		for r := 1; r < p.MaxSlots(); r *= 2 {
 			gal = append(gal, p.GaloisElementForRotation(r))
@@ -46,7 +44,7 @@ func BenchmarkSetup(b *testing.B) {
 // decryption, with 2 and 3 decrypting nodes (t = 2 and t = 3 of 3).
 func BenchmarkDecrypt(b *testing.B) {
 	for _, name := range []string{"ckks-logn14", "ckks-logn15"} {
-		p := preset(b, he.CKKS, name).CKKS
+		p := preset(b, name).CKKS
 		for _, tt := range []int{2, 3} {
 			keys, shares, _ := runSetup(b, p.Parameters, 3, tt, nil, false)
 			pt := ckks.NewPlaintext(p, p.MaxLevel())

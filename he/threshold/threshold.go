@@ -595,3 +595,53 @@ func (r *msgReader) done() error {
 	}
 	return r.err
 }
+
+// EncodeTarget encodes a requester's public key for a decryption request
+// in a form a party decodes without Lattigo's decoder: the coefficients of
+// its two polynomials, each Q limbs then P limbs of N little-endian
+// uint64s, as Lattigo holds them (NTT, Montgomery).
+func EncodeTarget(pk *rlwe.PublicKey) []byte {
+	var out []byte
+	for _, v := range pk.Value {
+		for _, poly := range []ring.Poly{v.Q, v.P} {
+			for _, limb := range poly.Coeffs {
+				for _, c := range limb {
+					out = binary.LittleEndian.AppendUint64(out, c)
+				}
+			}
+		}
+	}
+	return out
+}
+
+// DecodeTarget is EncodeTarget's inverse for parameters p: exactly the
+// size they give, every coefficient below its limb's modulus.
+func DecodeTarget(p rlwe.Parameters, b []byte) (*rlwe.PublicKey, error) {
+	pk := rlwe.NewPublicKey(p)
+	n := p.N()
+	want := 2 * (p.QCount() + p.PCount()) * n * 8
+	if len(b) != want {
+		return nil, fmt.Errorf("threshold: the requester's public key is %d bytes; for these parameters %d", len(b), want)
+	}
+	moduli := append(slices.Clone(p.Q()), p.P()...)
+	off := 0
+	for _, v := range pk.Value {
+		for pi, poly := range []ring.Poly{v.Q, v.P} {
+			for li, limb := range poly.Coeffs {
+				q := moduli[li]
+				if pi == 1 {
+					q = moduli[p.QCount()+li]
+				}
+				for i := range limb {
+					c := binary.LittleEndian.Uint64(b[off:])
+					if c >= q {
+						return nil, errors.New("threshold: the requester's public key has a coefficient out of range")
+					}
+					limb[i] = c
+					off += 8
+				}
+			}
+		}
+	}
+	return pk, nil
+}

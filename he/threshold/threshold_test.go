@@ -3,24 +3,41 @@ package threshold
 import (
 	"bytes"
 	"crypto/rand"
-	"encoding/json"
 	"math"
 	"testing"
 
 	"github.com/tuneinsight/lattigo/v6/core/rlwe"
 	"github.com/tuneinsight/lattigo/v6/schemes/bgv"
 	"github.com/tuneinsight/lattigo/v6/schemes/ckks"
-
-	"github.com/kmsd-project/kmsd/he"
 )
 
-func preset(t testing.TB, scheme he.Scheme, name string) *he.Params {
+// testParams are the parameters of kmsd's presets (he's, which this
+// package's tests cannot import: he imports this package).
+type testParams struct {
+	CKKS ckks.Parameters
+	BGV  bgv.Parameters
+}
+
+func preset(t testing.TB, name string) testParams {
 	t.Helper()
-	p, err := he.Resolve(scheme, json.RawMessage(`"`+name+`"`))
+	var out testParams
+	var err error
+	switch name {
+	case "ckks-logn13":
+		out.CKKS, err = ckks.NewParametersFromLiteral(ckks.ParametersLiteral{LogN: 13, LogQ: []int{58, 50, 50}, LogP: []int{58}, LogDefaultScale: 50})
+	case "ckks-logn14":
+		out.CKKS, err = ckks.NewParametersFromLiteral(ckks.ParametersLiteral{LogN: 14, LogQ: []int{60, 55, 55, 55, 55}, LogP: []int{60, 60}, LogDefaultScale: 55})
+	case "ckks-logn15":
+		out.CKKS, err = ckks.NewParametersFromLiteral(ckks.ParametersLiteral{LogN: 15, LogQ: []int{60, 55, 55, 55, 55, 55, 55, 55, 55, 55, 55, 55}, LogP: []int{60, 60, 60}, LogDefaultScale: 55})
+	case "bgv-logn13":
+		out.BGV, err = bgv.NewParametersFromLiteral(bgv.ParametersLiteral{LogN: 13, LogQ: []int{54, 54, 54}, LogP: []int{55}, PlaintextModulus: 65537})
+	default:
+		t.Fatalf("no preset %s", name)
+	}
 	if err != nil {
 		t.Fatal(err)
 	}
-	return p
+	return out
 }
 
 // transcript is what the parties of one setup sent.
@@ -122,8 +139,7 @@ func decryptWith(t testing.TB, p rlwe.Parameters, shares []*Share, active []int,
 // with them; any two parties decrypt the result for a requester within
 // CKKS precision after flooding; one party alone cannot.
 func TestThresholdCKKS(t *testing.T) {
-	hp := preset(t, he.CKKS, "ckks-logn13")
-	p := hp.CKKS
+	p := preset(t, "ckks-logn13").CKKS
 	gal := []uint64{p.GaloisElementForRotation(1)}
 	keys, shares, tr := runSetup(t, p.Parameters, 3, 2, gal, true)
 	for j := 2; j <= 3; j++ {
@@ -209,8 +225,7 @@ func TestThresholdCKKS(t *testing.T) {
 // weighted as for each decrypting pair, the share with a guessed second
 // share) all give noise.
 func TestOneShareAndItsTranscriptCannotDecrypt(t *testing.T) {
-	hp := preset(t, he.CKKS, "ckks-logn13")
-	p := hp.CKKS
+	p := preset(t, "ckks-logn13").CKKS
 	keys, shares, tr := runSetup(t, p.Parameters, 3, 2, nil, false)
 	enc := ckks.NewEncoder(p)
 	vals := make([]float64, p.MaxSlots())
@@ -272,8 +287,7 @@ func TestOneShareAndItsTranscriptCannotDecrypt(t *testing.T) {
 
 // TestThresholdBGV: BGV decrypts exactly.
 func TestThresholdBGV(t *testing.T) {
-	hp := preset(t, he.BGV, "bgv-logn13")
-	p := hp.BGV
+	p := preset(t, "bgv-logn13").BGV
 	keys, shares, _ := runSetup(t, p.Parameters, 3, 2, nil, true)
 	enc := bgv.NewEncoder(p)
 	vals := make([]uint64, p.MaxSlots())
@@ -306,7 +320,7 @@ func TestThresholdBGV(t *testing.T) {
 // TestShareRoundTrip: a share survives its encoding (for sealing) and a
 // malformed one is refused.
 func TestShareRoundTrip(t *testing.T) {
-	p := preset(t, he.CKKS, "ckks-logn13").CKKS.Parameters
+	p := preset(t, "ckks-logn13").CKKS.Parameters
 	_, shares, _ := runSetup(t, p, 2, 2, nil, false)
 	b, err := shares[2].MarshalBinary()
 	if err != nil {
@@ -325,7 +339,7 @@ func TestShareRoundTrip(t *testing.T) {
 
 // TestSetupRefusals: a party refuses incomplete or inconsistent rounds.
 func TestSetupRefusals(t *testing.T) {
-	p := preset(t, he.CKKS, "ckks-logn13").CKKS.Parameters
+	p := preset(t, "ckks-logn13").CKKS.Parameters
 	for _, c := range []Config{{N: 1, T: 1, Self: 1}, {N: 3, T: 4, Self: 1}, {N: 3, T: 2, Self: 4}, {N: 17, T: 2, Self: 1}, {N: 3, T: 2, Self: 1, GaloisElements: []uint64{5, 3}}} {
 		c.Params = p
 		if _, err := NewSetup(c); err == nil {
@@ -358,5 +372,28 @@ func TestSetupRefusals(t *testing.T) {
 	}
 	if _, _, err := s2.Finish(agg1, nil, map[int][]byte{1: priv1[2][:100]}); err == nil {
 		t.Error("Finish with a malformed Shamir share")
+	}
+}
+
+// TestTargetEncoding: a requester's public key round-trips, and one of
+// another size or with a coefficient out of its limb's range is refused
+// before anything is decoded.
+func TestTargetEncoding(t *testing.T) {
+	p := preset(t, "ckks-logn13").CKKS
+	_, pk := rlwe.NewKeyGenerator(p).GenKeyPairNew()
+	b := EncodeTarget(pk)
+	back, err := DecodeTarget(p.Parameters, b)
+	if err != nil || !back.Equal(pk) {
+		t.Fatalf("round trip: %v", err)
+	}
+	if _, err := DecodeTarget(p.Parameters, b[:len(b)-8]); err == nil {
+		t.Error("a short key was accepted")
+	}
+	bad := bytes.Clone(b)
+	for i := range 8 {
+		bad[i] = 0xff
+	}
+	if _, err := DecodeTarget(p.Parameters, bad); err == nil {
+		t.Error("a coefficient above its modulus was accepted")
 	}
 }

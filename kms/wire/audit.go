@@ -26,6 +26,9 @@ type AuditRecord struct {
 	// Tampered names the stored record that failed its integrity check
 	// (problem store-tampered).
 	Tampered string `json:"tampered,omitempty"`
+	// Run is the threshold protocol run a request took part in: the same
+	// id in the records of every node.
+	Run string `json:"run,omitempty"`
 	// The attestation an HE request issued or decrypted under (its id), the
 	// token that vouched for the ciphertext, its type and operation
 	// ("input:encrypt", "evaluation:he_linear"), and an evaluation's inputs

@@ -52,6 +52,16 @@ type Manifest struct {
 	RelinearizationKey *BlobRef        `json:"relinearization_key"`
 	GaloisKeys         []GaloisRef     `json:"galois_keys"`
 	CreatedAt          time.Time       `json:"created_at"`
+	// Threshold is set for a threshold key: the kmsd nodes that hold its
+	// secret's shares and how many decrypt together (POST
+	// .../threshold-decrypt; plain decryption is refused).
+	Threshold *ThresholdRef `json:"threshold,omitempty"`
+}
+
+// ThresholdRef names a threshold key's parties.
+type ThresholdRef struct {
+	Parties []string `json:"parties"`
+	T       int      `json:"t"`
 }
 
 // Literal is the Lattigo parameters literal the manifest names, as the
