@@ -113,6 +113,9 @@ func versionsPageToken(name string, next uint64) string {
 func toPolicy(p kms.Policy) client.Policy {
 	out := client.Policy{DestroyWaitDays: p.DestroyWaitDays, Params: paramsOut(p.Params), Rotations: p.Rotations, Conjugation: p.Conjugation, Relinearization: p.Relinearization,
 		DecryptLogPrecision: p.DecryptLogPrecision, DecryptBudget: p.DecryptBudget, OnDemandGaloisKeys: p.OnDemandGaloisKeys}
+	if t := p.Threshold; t != nil {
+		out.Threshold = &client.ThresholdPolicy{Parties: t.Parties, T: t.T}
+	}
 	if p.RotationPeriod > 0 {
 		out.RotationPeriod = kms.FormatPeriod(p.RotationPeriod)
 	}
@@ -128,6 +131,9 @@ func fromPolicy(p *client.Policy) (kms.Policy, error) {
 	}
 	out := kms.Policy{DestroyWaitDays: p.DestroyWaitDays, Params: p.Params, Rotations: p.Rotations, Conjugation: p.Conjugation, Relinearization: p.Relinearization,
 		DecryptLogPrecision: p.DecryptLogPrecision, DecryptBudget: p.DecryptBudget, OnDemandGaloisKeys: p.OnDemandGaloisKeys}
+	if t := p.Threshold; t != nil {
+		out.Threshold = &kms.ThresholdPolicy{Parties: t.Parties, T: t.T}
+	}
 	if p.RotationPeriod != "" {
 		d, err := time.ParseDuration(p.RotationPeriod)
 		if err != nil {
@@ -188,6 +194,10 @@ func (s *Server) createKey(w http.ResponseWriter, r *http.Request) {
 	p, err := fromPolicy(req.Policy)
 	if err != nil {
 		writeError(w, r, err)
+		return
+	}
+	if p.Threshold != nil {
+		s.createThresholdKey(w, r, req.Name, req.Kind, p)
 		return
 	}
 	k, v, job, err := s.call(r).CreateKeyAsync(r.Context(), s.opts.Background, s.backgroundRecord(r), req.Name, req.Kind, p)
@@ -346,6 +356,10 @@ func (s *Server) rotate(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	pending(r, http.StatusCreated)
+	if k, err := s.svc.GetKeyHeader(r.Context(), chi.URLParam(r, "name")); err == nil && k.Policy.Threshold != nil {
+		s.rotateThreshold(w, r, k.Name)
+		return
+	}
 	k, v, job, err := s.call(r).RotateAsync(r.Context(), s.opts.Background, s.backgroundRecord(r), chi.URLParam(r, "name"))
 	if err != nil {
 		writeError(w, r, err)

@@ -55,6 +55,9 @@ type Options struct {
 	KEK KEKAdmin
 	// ArchiveStatus, if set, says in /readyz where the archive stands.
 	ArchiveStatus func(ctx context.Context) *client.ArchiveStatus
+	// Peers, if set, are the kmsd nodes this one shares threshold keys
+	// with: POST /v1/peer/{op} answers them.
+	Peers *Peers
 	// Background is the context of long operations (HE generations that
 	// answer 202); cancel it at shutdown. Default: context.Background().
 	Background context.Context
@@ -373,6 +376,8 @@ func (s *Server) Handler() http.Handler {
 	// of requests without a valid bearer token bounds guessing.
 	r.Post(TokenEndpoint, s.oauthToken)
 	r.Get(AuthorizeEndpoint, s.oauthAuthorize)
+	// Other kmsd nodes: authenticated inside, by their identity keys.
+	r.Post("/v1/peer/{op}", s.peerRequest)
 	r.Group(func(r chi.Router) {
 		r.Use(s.authenticate)
 		r.Post("/v1/keys", allow(kms.PermManageKey, s.createKey))
@@ -408,6 +413,7 @@ func (s *Server) Handler() http.Handler {
 		r.Get("/v1/blobs/sha256/{hex}", s.blob) // authorized against the blob's key inside
 		r.Head("/v1/blobs/sha256/{hex}", s.blob)
 		r.Post("/v1/keys/{name}/versions/{version}/decrypt", allow(kms.PermDecrypt, s.decrypt))
+		r.Post("/v1/keys/{name}/versions/{version}/threshold-decrypt", allow(kms.PermDecrypt, s.thresholdDecrypt))
 		// attest: the op's permission (attest-input or -evaluation) is
 		// checked inside.
 		r.Post("/v1/keys/{name}/versions/{version}/attest", allow(kms.PermReadKey, s.attest))

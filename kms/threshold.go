@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"slices"
 	"sync"
 	"time"
@@ -915,10 +916,14 @@ func (c Call) ThresholdDecrypt(ctx context.Context, name string, n uint64, env *
 	cancel()
 	var active []int
 	var missing []string
+	others := 0
 	for i, p := range tp.Parties {
 		switch {
-		case p == self || (alive[p] && len(active) < tp.T-1):
+		case p == self:
 			active = append(active, i+1)
+		case alive[p] && others < tp.T-1:
+			active = append(active, i+1)
+			others++
 		case !alive[p]:
 			missing = append(missing, p)
 		}
@@ -935,7 +940,13 @@ func (c Call) ThresholdDecrypt(ctx context.Context, name string, n uint64, env *
 	if err != nil {
 		return nil, Wrap(KindInternal, "decrypt", err)
 	}
-	out := &ThresholdDecryption{Active: active, Partials: make([][]byte, len(active)), Precision: plan.Precision, Version: v.Number}
+	// Each party floods its own answer: the requester's result carries T
+	// floods, sqrt(T) times one (half a bit per doubling of T).
+	prec := plan.Precision
+	if prec > 0 {
+		prec = max(prec-int(math.Ceil(math.Log2(float64(tp.T))/2)), 0)
+	}
+	out := &ThresholdDecryption{Active: active, Partials: make([][]byte, len(active)), Precision: prec, Version: v.Number}
 	errs := make([]error, len(active))
 	for i, a := range active {
 		party := tp.Parties[a-1]
@@ -979,4 +990,12 @@ func joinNames(names []string) string {
 		out += fmt.Sprintf("%q", n)
 	}
 	return out
+}
+
+// GetKeyHeader returns a key's header (no versions).
+func (s *Service) GetKeyHeader(ctx context.Context, name string) (*Key, error) {
+	if err := ValidateName(name); err != nil {
+		return nil, err
+	}
+	return s.getKey(ctx, name)
 }

@@ -25,6 +25,8 @@ type Policy struct {
 	// OnDemandGaloisKeys: Galois keys a version may gain on demand beyond
 	// its rotations (0: 64; -1: none).
 	OnDemandGaloisKeys int `json:"on_demand_galois_keys,omitempty"`
+	// Threshold makes the key a threshold key (set at creation).
+	Threshold *ThresholdPolicy `json:"threshold,omitempty"`
 	// RotationPeriod (a Go duration, "720h") has the server rotate the key
 	// once its latest version is this old; empty: only on request.
 	RotationPeriod string `json:"rotation_period,omitempty"`
@@ -468,3 +470,30 @@ type SwitchingRef = wire.SwitchingRef
 
 // GaloisRef names a Galois key's blob.
 type GaloisRef = wire.GaloisRef
+
+// ThresholdPolicy makes an HE key a threshold key: the kmsd nodes (peer
+// names) that hold its secret's shares, and how many decrypt together.
+type ThresholdPolicy struct {
+	Parties []string `json:"parties"`
+	T       int      `json:"t"`
+}
+
+// ThresholdDecryptRequest is the body of POST
+// /v1/keys/{name}/versions/{version}/threshold-decrypt: an attested
+// envelope and the requester's ephemeral public key (he/threshold's
+// EncodeTarget), which the parties' answers are encrypted to.
+type ThresholdDecryptRequest struct {
+	Ciphertext *Envelope `json:"ciphertext"`
+	PublicKey  []byte    `json:"public_key"`
+}
+
+// ThresholdDecryptResult are the parties' partial decryptions, for the
+// requester to combine and decrypt with its ephemeral secret key.
+type ThresholdDecryptResult struct {
+	Key       string   `json:"key"`
+	Version   uint64   `json:"version"`
+	Parties   []string `json:"parties"`
+	Active    []int    `json:"active"`
+	Partials  [][]byte `json:"partials"`
+	Precision int      `json:"precision,omitempty"`
+}

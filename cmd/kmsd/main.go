@@ -124,6 +124,7 @@ type config struct {
 	heGenerations   int
 	heWorkers       int
 	heKeyForm       string
+	peersFile       string
 	maxTokenTTL     time.Duration
 	issuer          string
 	oauthTTL        time.Duration
@@ -485,6 +486,7 @@ func newFlagSetErrs(c *config, getenv func(string) string) (*flag.FlagSet, *[]en
 	fs.Float64Var(&c.unauthRate, "unauth-rate-limit", floatEnv("KMS_UNAUTH_RATE_LIMIT", 5), "requests per second each client address may make without a valid token (anonymous or failed authentication); past it 429, summarized in one audit record per address and minute; 0: no limit (env KMS_UNAUTH_RATE_LIMIT)")
 	fs.IntVar(&c.unauthBurst, "unauth-burst", intEnv("KMS_UNAUTH_BURST", 50), "burst allowed above --unauth-rate-limit (env KMS_UNAUTH_BURST)")
 	fs.Float64Var(&c.tokenRate, "token-rate-limit", floatEnv("KMS_TOKEN_RATE_LIMIT", 0), "requests per second each token may make, in bursts of twice that; past it 429; 0: no limit (env KMS_TOKEN_RATE_LIMIT)")
+	fs.StringVar(&c.peersFile, "peers", env("KMS_PEERS", ""), "JSON file of the kmsd nodes this one shares threshold HE keys with: {\"self\": NAME, \"peers\": [{\"name\", \"url\", \"identity\", \"ca_cert\"}]} (README: Threshold keys); empty: none (env KMS_PEERS)")
 	fs.StringVar(&c.heKeyForm, "he-key-form", env("KMS_HE_KEY_FORM", "seeded"), "how new HE public and evaluation keys are stored and served: seeded (each key's b halves and the seed of its a halves, half the bytes; the SDK and kmsd-mcp expand them, ?form=full serves them expanded) or full (for clients whose SDK predates seeded keys) (env KMS_HE_KEY_FORM)")
 	fs.IntVar(&c.heWorkers, "he-workers", intEnv("KMS_HE_WORKERS", 0), "goroutines per HE keyset generation; 0: one per core (env KMS_HE_WORKERS)")
 	return fs, &errs
@@ -622,7 +624,19 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 		blobDir = ""
 		log.Warn("store etcd: HE key kinds (ckks, bgv) are not offered: their blobs need a store the replicas share (--s3-endpoint)")
 	}
+	var peers *api.Peers
+	if c.peersFile != "" {
+		pc, err := api.LoadPeerConfig(c.peersFile)
+		if err == nil {
+			peers, err = api.NewPeers(pc)
+		}
+		if err != nil {
+			return fmt.Errorf("--peers: %w", err)
+		}
+		log.Info("threshold peers", "self", pc.Self, "peers", peers.Names())
+	}
 	cfg := app.Config{
+		Peers: peers,
 		Store: st, AuditStore: st.Audit(), Sealer: sealer, BlobDir: blobDir, Blobs: blobs, OrphanGrace: orphanGrace,
 		HEWorkers: c.heWorkers, HEFullKeys: c.heKeyForm == "full", Logger: log,
 		Service: kms.Config{CacheTTL: ttl, MaxTokenTTL: c.maxTokenTTL,

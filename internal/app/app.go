@@ -89,6 +89,9 @@ type Config struct {
 	// Metrics, if set, receives kmsd's Prometheus metrics (the caller
 	// serves them).
 	Metrics *metrics.Registry
+	// Peers, if set, are the kmsd nodes threshold keys are shared with
+	// (--peers).
+	Peers *api.Peers
 }
 
 // prunable is an audit store that can prune to an archive (the audit
@@ -170,6 +173,9 @@ func New(ctx context.Context, cfg Config) (*App, error) {
 	}
 	sc := cfg.Service
 	sc.Store, sc.Sealer, sc.Kinds, sc.Logger, sc.Audit = cfg.Store, cfg.Sealer, kms.NewRegistry(kinds...), log, !cfg.Unaudited
+	if cfg.Peers != nil {
+		sc.Peers = cfg.Peers
+	}
 	svc, err := kms.NewService(sc)
 	if err != nil {
 		return nil, err
@@ -201,11 +207,26 @@ func New(ctx context.Context, cfg Config) (*App, error) {
 	if _, a.Identity, err = svc.Identity(ctx); err != nil {
 		return nil, fmt.Errorf("identity key: %w", err)
 	}
+	if cfg.Peers != nil {
+		cfg.Peers.SetIdentity(func(ctx context.Context, msg, context []byte) ([]byte, error) {
+			sig, _, err := svc.SignAsIdentity(ctx, msg, context)
+			return sig, err
+		}, func() []byte {
+			_, pub, err := svc.Identity(context.Background())
+			if err != nil {
+				return nil
+			}
+			return pub
+		})
+	}
 	// Background operations (large HE generations) end with the app: an
 	// interrupted one commits nothing and its blobs are removed at the
 	// next start.
 	a.bgCtx, a.bgStop = context.WithCancel(context.Background())
 	opts := cfg.API
+	if cfg.Peers != nil {
+		opts.Peers = cfg.Peers
+	}
 	opts.Background = a.bgCtx
 	if a.Blobs != nil {
 		opts.Blobs = blobSource{a.Blobs}

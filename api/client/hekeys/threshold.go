@@ -1,0 +1,74 @@
+package hekeys
+
+import (
+	"context"
+	"fmt"
+	"math"
+
+	"github.com/tuneinsight/lattigo/v6/core/rlwe"
+	"github.com/tuneinsight/lattigo/v6/schemes/bgv"
+	"github.com/tuneinsight/lattigo/v6/schemes/ckks"
+
+	"github.com/kmsd-project/kmsd/api/client"
+	"github.com/kmsd-project/kmsd/he/threshold"
+)
+
+// ThresholdPlaintext is a threshold decryption's result: CKKS values
+// (rounded to the precision the parties' flooding leaves) or BGV
+// integers, the slots in use, and the parties that answered.
+type ThresholdPlaintext struct {
+	Values    []float64
+	Integers  []uint64
+	Precision int
+	Parties   []string
+}
+
+// ThresholdDecrypt decrypts env, a ciphertext of a threshold key whose
+// verified keys are k, without any party seeing the plaintext: it makes an
+// ephemeral key pair, asks kmsd (c: a decryptor token) for t parties'
+// partial decryptions towards its public key, combines them and decrypts
+// with its secret key, which never leaves this process.
+func ThresholdDecrypt(ctx context.Context, c *client.Client, k *Keys, env *client.Envelope) (*ThresholdPlaintext, error) {
+	if k.Manifest.Threshold == nil {
+		return nil, fmt.Errorf("hekeys: %s version %d is not a threshold key (decrypt it with Decrypt)", k.Manifest.Key, k.Manifest.Version)
+	}
+	ct, err := k.Open(env)
+	if err != nil {
+		return nil, err
+	}
+	rp := k.rlweParams()
+	sk, pk := rlwe.NewKeyGenerator(rp).GenKeyPairNew()
+	defer sk.Value.Q.Zero()
+	res, err := c.ThresholdDecrypt(ctx, env, threshold.EncodeTarget(pk))
+	if err != nil {
+		return nil, err
+	}
+	if len(res.Partials) != k.Manifest.Threshold.T {
+		return nil, verifyErr("%d partial decryptions for a threshold of %d", len(res.Partials), k.Manifest.Threshold.T)
+	}
+	out, err := threshold.Combine(rp, ct, res.Partials)
+	if err != nil {
+		return nil, err
+	}
+	pt := rlwe.NewDecryptor(rp, sk).DecryptNew(out)
+	r := &ThresholdPlaintext{Precision: res.Precision, Parties: res.Parties}
+	switch k.Scheme {
+	case "ckks":
+		vals := make([]float64, k.CKKS.MaxSlots())
+		if err := ckks.NewEncoder(k.CKKS).Decode(pt, vals); err != nil {
+			return nil, err
+		}
+		step := math.Ldexp(1, -max(res.Precision, 0))
+		for i := range vals {
+			vals[i] = math.Round(vals[i]/step) * step
+		}
+		r.Values = vals[:min(env.Slots, len(vals))]
+	case "bgv":
+		ints := make([]uint64, k.BGV.MaxSlots())
+		if err := bgv.NewEncoder(k.BGV).Decode(pt, ints); err != nil {
+			return nil, err
+		}
+		r.Integers = ints[:min(env.Slots, len(ints))]
+	}
+	return r, nil
+}
