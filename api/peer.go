@@ -286,7 +286,9 @@ func (s *Server) peerRequest(w http.ResponseWriter, r *http.Request) {
 	sw.send(http.StatusOK, "application/octet-stream", out)
 }
 
-func (pe *peer) verify(msg, sig []byte) bool { return mldsa65.Verify(pe.pub, msg, []byte(PeerContext), sig) }
+func (pe *peer) verify(msg, sig []byte) bool {
+	return mldsa65.Verify(pe.pub, msg, []byte(PeerContext), sig)
+}
 
 // fresh records a request signature; false if it was seen within the
 // window.
