@@ -12,6 +12,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"mime"
 	"net/http"
 	"net/url"
 	"os"
@@ -248,6 +249,10 @@ func (s *Server) peerRequest(w http.ResponseWriter, r *http.Request) {
 	op := chi.URLParam(r, "op")
 	if p == nil || !slices.Contains(kms.PeerOps, op) {
 		writeProblem(w, r, http.StatusNotFound, ProbNotFound, "no such endpoint")
+		return
+	}
+	if mt, _, _ := mime.ParseMediaType(r.Header.Get("Content-Type")); mt != "application/octet-stream" {
+		writeProblem(w, r, http.StatusUnsupportedMediaType, ProbUnsupportedMedia, "a peer message is application/octet-stream")
 		return
 	}
 	from := r.Header.Get("Kmsd-Peer")

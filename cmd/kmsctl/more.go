@@ -189,10 +189,12 @@ var heCommands = []command{
 		run: heEncrypt,
 	},
 	{
-		name: "he decrypt", synopsis: "[--in FILE]",
-		help: "decrypt an attested ciphertext envelope (stdin, or --in) through kmsd (decryptor or admin token); prints the JSON array of the slots in use, ckks values after noise flooding, rounded to the precision kmsd kept", nargs: 0,
+		name: "he decrypt", synopsis: "[--in FILE] [--identity-key-file FILE] [--cache-dir DIR]",
+		help: "decrypt an attested ciphertext envelope (stdin, or --in) through kmsd (decryptor or admin token); prints the JSON array of the slots in use, ckks values after noise flooding, rounded to the precision kmsd kept. A threshold key's ciphertext is decrypted here: kmsd gathers t parties' partial decryptions towards a key kmsctl makes for the call, and only kmsctl sees the values", nargs: 0,
 		flags: func(fs *flag.FlagSet) {
 			fs.String("in", "-", "file holding the envelope (- for stdin)")
+			fs.String("identity-key-file", "", "threshold keys: the pinned identity public key the key's manifest is checked with (env KMS_IDENTITY_KEY_FILE); empty: the key kmsd serves over the TLS connection")
+			fs.String("cache-dir", "", "threshold keys: where verified keys are kept by digest (default: the user cache dir, kmsctl/hekeys)")
 		},
 		run: func(e *env, fs *flag.FlagSet, _ []string) (int, error) {
 			b, err := readInput(str(fs, "in"), "in")
@@ -202,6 +204,24 @@ var heCommands = []command{
 			envl, err := hekeys.ParseEnvelope(b)
 			if err != nil {
 				return 0, usageError{err.Error()}
+			}
+			if k, err := e.c.GetKey(e.ctx, envl.Key); err == nil && k.Policy.Threshold != nil {
+				f, err := e.fetcher(fs)
+				if err != nil {
+					return 0, err
+				}
+				keys, err := f.FetchPublic(e.ctx, envl.Key, envl.Version)
+				if err != nil {
+					return 0, err
+				}
+				pt, err := hekeys.ThresholdDecrypt(e.ctx, e.c, keys, envl)
+				if err != nil {
+					return 0, err
+				}
+				if pt.Integers != nil {
+					return exitOK, printJSONLine(e.stdout, pt.Integers)
+				}
+				return exitOK, printJSONLine(e.stdout, pt.Values)
 			}
 			vals, err := hekeys.Decrypt(e.ctx, e.c, envl)
 			if err != nil {

@@ -127,6 +127,9 @@ func TestREADMERunsAsWritten(t *testing.T) {
 		// instead fails here.
 		rest := strings.ReplaceAll(b.text, "${KMS_URL:-https://127.0.0.1:8420}", "")
 		rest = strings.ReplaceAll(rest, "${KMSD_MCP_HTTP:-127.0.0.1:8421}", "")
+		for _, n := range []string{"A:-127.0.0.1:8441", "B:-127.0.0.1:8442", "C:-127.0.0.1:8443"} {
+			rest = strings.ReplaceAll(rest, "${KMS_NODE_"+n+"}", "")
+		}
 		rest = strings.ReplaceAll(rest, "${KMS_METRICS_ADDR:-127.0.0.1:9420}", "")
 		if m := hardAddr.FindString(rest); m != "" {
 			t.Errorf("README.md block at line %d writes the address %s: take it from $K / $MCP_ADDR", b.line, m)
@@ -155,7 +158,8 @@ func TestREADMERunsAsWritten(t *testing.T) {
 			syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
 		}
 	})
-	cmd.Env = append(os.Environ(), "KMS_URL=https://"+p.addr, "KMSD_MCP_HTTP="+mcpAddr, "KMS_METRICS_ADDR="+metricsAddr)
+	cmd.Env = append(os.Environ(), "KMS_URL=https://"+p.addr, "KMSD_MCP_HTTP="+mcpAddr, "KMS_METRICS_ADDR="+metricsAddr,
+		"KMS_NODE_A="+freeAddr(t), "KMS_NODE_B="+freeAddr(t), "KMS_NODE_C="+freeAddr(t), "SOFTHSM2_CONF=")
 	var out testutil.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &out
 	if err := cmd.Run(); err != nil {
