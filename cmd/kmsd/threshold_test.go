@@ -250,6 +250,58 @@ func TestThresholdKeyAcrossThreeNodes(t *testing.T) {
 		}
 	}
 	t.Logf("decrypted by %v with %d bits of precision", pt.Parties, pt.Precision)
+	// Policies a node refuses before any party is asked.
+	for _, c := range []struct {
+		tp   *client.ThresholdPolicy
+		says string
+	}{
+		{&client.ThresholdPolicy{Parties: []string{"node-a", "node-b", "node-c"}, T: 1}, "threshold.t must be from 2"},
+		{&client.ThresholdPolicy{Parties: []string{"node-a", "node-b", "node-c"}, T: 4}, "threshold.t must be from 2"},
+		{&client.ThresholdPolicy{Parties: []string{"node-b", "node-c"}, T: 2}, "must include this node"},
+		{&client.ThresholdPolicy{Parties: []string{"node-a", "node-x"}, T: 2}, "not a configured peer"},
+		{&client.ThresholdPolicy{Parties: []string{"node-a", "node-b", "node-b"}, T: 2}, "twice"},
+	} {
+		_, err := a.admin.CreateKey(ctx, client.CreateKeyRequest{Name: "bad", Kind: "ckks", Policy: &client.Policy{Params: json.RawMessage(`"ckks-logn13"`), Threshold: c.tp}})
+		if err == nil || !strings.Contains(err.Error(), c.says) {
+			t.Errorf("threshold %+v: %v, want %q", c.tp, err, c.says)
+		}
+	}
+	for _, n := range nodes {
+		if _, err := n.admin.GetKey(ctx, "bad"); err == nil {
+			t.Fatalf("a refused threshold key exists at %s", n.name)
+		}
+	}
+	// The policy's threshold does not change; the key does not rotate by
+	// itself, nor gain keys on demand.
+	if _, err := a.admin.UpdateKey(ctx, "joint", client.UpdateKeyRequest{Policy: &client.Policy{Threshold: &client.ThresholdPolicy{Parties: []string{"node-a", "node-b"}, T: 2}}}); err == nil || !strings.Contains(err.Error(), "never changes") {
+		t.Errorf("changing the threshold: %v", err)
+	}
+	if _, _, err := a.admin.GaloisKeys(ctx, "joint", 1, client.GaloisKeysRequest{Rotations: []int{1}}); err == nil || !strings.Contains(err.Error(), "threshold key") {
+		t.Errorf("Galois keys on demand: %v", err)
+	}
+	// Rotation at node b: a new setup; every node has version 2 with the
+	// same manifest, and it decrypts.
+	if _, err := nodes[1].admin.Rotate(ctx, "joint"); err != nil {
+		t.Fatal(err)
+	}
+	var m2 []string
+	for _, n := range nodes {
+		m2 = append(m2, string(n.get(t, "/v1/keys/joint/versions/2/evaluation-keys")))
+	}
+	if m2[0] != m2[1] || m2[1] != m2[2] || m2[0] == manifests[0] {
+		t.Fatal("version 2's manifests differ between nodes, or equal version 1's")
+	}
+	keys2 := fetch(nodes[2])
+	env2, err := keys2.Encrypt([]float64{7})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := hekeys.AttestInput(ctx, enc, env2); err != nil {
+		t.Fatal(err)
+	}
+	if pt, err := hekeys.ThresholdDecrypt(ctx, dec, keys2, env2); err != nil || math.Abs(pt.Values[0]-7) > 0.01 {
+		t.Fatalf("version 2: %+v %v", pt, err)
+	}
 	// Node c down: a and b still decrypt; node b down too: refused,
 	// naming both.
 	nodes[2].p.cmd.Process.Kill()
