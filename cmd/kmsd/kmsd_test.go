@@ -75,7 +75,7 @@ func (p *proc) url() string {
 
 // client is a client for p with token, trusting the local CA kmsd made
 // under its data dir.
-func (p *proc) client(t *testing.T, token string) (*client.Client, error) {
+func (p *proc) client(t testing.TB, token string) (*client.Client, error) {
 	t.Helper()
 	if p.plain {
 		return client.New(p.url(), token)
@@ -87,7 +87,7 @@ func (p *proc) client(t *testing.T, token string) (*client.Client, error) {
 	return client.New(p.url(), token, client.WithTLS(cfg))
 }
 
-func freeAddr(t *testing.T) string {
+func freeAddr(t testing.TB) string {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -121,7 +121,7 @@ func startEnv(t *testing.T, dataDir string, env []string, args ...string) *proc 
 	return p
 }
 
-func (p *proc) waitReady(t *testing.T) {
+func (p *proc) waitReady(t testing.TB) {
 	t.Helper()
 	deadline := time.Now().Add(20 * time.Second)
 	for time.Now().Before(deadline) {
@@ -141,7 +141,7 @@ func (p *proc) waitReady(t *testing.T) {
 }
 
 // wait returns the exit code once kmsd ends.
-func (p *proc) wait(t *testing.T, limit time.Duration) int {
+func (p *proc) wait(t testing.TB, limit time.Duration) int {
 	t.Helper()
 	select {
 	case err := <-p.done:

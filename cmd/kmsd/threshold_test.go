@@ -36,7 +36,7 @@ type node struct {
 }
 
 // startAt runs kmsd on a given address.
-func startAt(t *testing.T, dir, addr string, args ...string) *proc {
+func startAt(t testing.TB, dir, addr string, args ...string) *proc {
 	t.Helper()
 	p := &proc{addr: addr, dataDir: dir, stderr: &testutil.Buffer{}, done: make(chan error, 1)}
 	p.cmd = exec.Command(kmsdBin, append([]string{"--data-dir", dir, "--addr", addr}, args...)...)
@@ -57,7 +57,7 @@ func startAt(t *testing.T, dir, addr string, args ...string) *proc {
 // thresholdNodes starts n kmsd nodes that know each other as peers: each
 // starts once alone (it makes its data dir, token, TLS CA and identity),
 // then again with a --peers file naming the others.
-func thresholdNodes(t *testing.T, names ...string) []*node {
+func thresholdNodes(t testing.TB, names ...string) []*node {
 	t.Helper()
 	var nodes []*node
 	for _, name := range names {
@@ -104,7 +104,7 @@ func thresholdNodes(t *testing.T, names ...string) []*node {
 	return nodes
 }
 
-func (n *node) token(t *testing.T, role string, keys ...string) string {
+func (n *node) token(t testing.TB, role string, keys ...string) string {
 	t.Helper()
 	tok, err := n.admin.CreateToken(context.Background(), client.CreateTokenRequest{Role: role, Keys: keys})
 	if err != nil {
@@ -113,7 +113,7 @@ func (n *node) token(t *testing.T, role string, keys ...string) string {
 	return tok.Token
 }
 
-func (n *node) client(t *testing.T, token string) *client.Client {
+func (n *node) client(t testing.TB, token string) *client.Client {
 	t.Helper()
 	c, err := n.p.client(t, token)
 	if err != nil {
@@ -329,7 +329,7 @@ func errorsAs(err error, target **client.Error) bool {
 }
 
 // get reads a path of the node with its admin token.
-func (n *node) get(t *testing.T, path string) []byte {
+func (n *node) get(t testing.TB, path string) []byte {
 	t.Helper()
 	tok, _ := os.ReadFile(filepath.Join(n.dir, "admin.token"))
 	req, _ := http.NewRequest("GET", n.p.url()+path, nil)
