@@ -195,7 +195,7 @@ type round1 struct {
 
 func decodeRound1(c *Config, b []byte) (*round1, error) {
 	p := c.Params
-	r := msgReader{b: b}
+	r := msgReader{b: b, n: p.N()}
 	out := &round1{pk: multiparty.NewPublicKeyGenProtocol(p).AllocateShare()}
 	r.get(&out.pk)
 	if c.Relinearization {
@@ -203,8 +203,9 @@ func decodeRound1(c *Config, b []byte) (*round1, error) {
 		r.get(&out.rlk)
 	}
 	gkg := multiparty.NewGaloisKeyGenProtocol(p)
-	for range c.GaloisElements {
+	for _, g := range c.GaloisElements {
 		sh := gkg.AllocateShare()
+		sh.GaloisElement = g
 		r.get(&sh)
 		out.gal = append(out.gal, sh)
 	}
@@ -254,7 +255,7 @@ func (c Config) AggregateRound2(all [][]byte) ([]byte, error) {
 	var sum multiparty.RelinearizationKeyGenShare
 	for i, b := range all {
 		_, _, r2 := rkg.AllocateShare()
-		if err := decodeExact(b, &r2); err != nil {
+		if err := decodeExact(c.Params.N(), b, &r2); err != nil {
 			return nil, fmt.Errorf("threshold: round-2 message %d: %w", i, err)
 		}
 		if i == 0 {
@@ -334,7 +335,7 @@ func (s *Setup) Finish(agg1, agg2 []byte, private map[int][]byte) (*Keys, *Share
 	if s.cfg.Relinearization {
 		rkg := multiparty.NewRelinearizationKeyGenProtocol(p)
 		_, _, sum := rkg.AllocateShare()
-		if err := decodeExact(agg2, &sum); err != nil {
+		if err := decodeExact(p.N(), agg2, &sum); err != nil {
 			return nil, nil, fmt.Errorf("threshold: round-2 sum: %w", err)
 		}
 		keys.Relinearization = rlwe.NewRelinearizationKey(p)
@@ -355,7 +356,7 @@ func (s *Setup) Finish(agg1, agg2 []byte, private map[int][]byte) (*Keys, *Share
 	}
 	thr := multiparty.NewThresholdizer(p)
 	share := thr.AllocateThresholdSecretShare()
-	if err := decodeExact(s.privateSelf, &share); err != nil {
+	if err := decodeExact(p.N(), s.privateSelf, &share); err != nil {
 		return nil, nil, err
 	}
 	for j := 1; j <= s.cfg.N; j++ {
@@ -367,7 +368,7 @@ func (s *Setup) Finish(agg1, agg2 []byte, private map[int][]byte) (*Keys, *Share
 			return nil, nil, fmt.Errorf("threshold: no Shamir share from party %d", j)
 		}
 		sh := thr.AllocateThresholdSecretShare()
-		if err := decodeExact(b, &sh); err != nil || sh.LevelQ() != share.LevelQ() || sh.LevelP() != share.LevelP() {
+		if err := decodeExact(p.N(), b, &sh); err != nil || sh.LevelQ() != share.LevelQ() || sh.LevelP() != share.LevelP() {
 			return nil, nil, fmt.Errorf("threshold: the Shamir share from party %d is malformed", j)
 		}
 		if err := thr.AggregateShares(share, sh, &share); err != nil {
@@ -418,7 +419,7 @@ func UnmarshalShare(p rlwe.Parameters, b []byte) (*Share, error) {
 		return nil, errors.New("threshold: malformed share header")
 	}
 	sh.value = multiparty.NewThresholdizer(p).AllocateThresholdSecretShare()
-	if err := decodeExact(b[6:], &sh.value); err != nil {
+	if err := decodeExact(p.N(), b[6:], &sh.value); err != nil {
 		return nil, fmt.Errorf("threshold: share: %w", err)
 	}
 	return sh, nil
@@ -514,7 +515,7 @@ func Combine(p rlwe.Parameters, ct *rlwe.Ciphertext, partials [][]byte) (*rlwe.C
 	var sum multiparty.PublicKeySwitchShare
 	for i, b := range partials {
 		sh := pcks.AllocateShare(ct.Level())
-		if err := decodeExact(b, &sh); err != nil || sh.Level() != ct.Level() {
+		if err := decodeExact(p.N(), b, &sh); err != nil || sh.Level() != ct.Level() {
 			return nil, fmt.Errorf("threshold: partial decryption %d is malformed", i)
 		}
 		if i == 0 {
@@ -552,6 +553,7 @@ func (w *msgWriter) bytes() []byte { return w.buf.Bytes() }
 // msgReader reads what msgWriter wrote.
 type msgReader struct {
 	b   []byte
+	n   int // the ring degree
 	err error
 }
 
@@ -568,25 +570,99 @@ func (r *msgReader) get(m sized) {
 		r.err = io.ErrUnexpectedEOF
 		return
 	}
-	r.err = decodeExact(r.b[8:8+n], m)
+	r.err = decodeExact(r.n, r.b[8:8+n], m)
 	r.b = r.b[8+n:]
 }
 
-// sized is a Lattigo object allocated for the parameters: its BinarySize
-// is what its encoding must be.
+// sized is a Lattigo object allocated for the parameters: its encoding
+// (BinarySize bytes, MarshalBinary's layout) is what a message must be.
 type sized interface {
 	BinarySize() int
-	UnmarshalBinary([]byte) error
+	MarshalBinary() ([]byte, error)
+	ReadFrom(io.Reader) (int64, error)
 }
 
-// decodeExact decodes b into m, an object allocated for the parameters,
-// refusing any other length first: Lattigo's decoders do not survive a
-// truncated input (a stack overflow, which no recover catches).
-func decodeExact(b []byte, m sized) error {
+// decodeExact decodes b into m, an object allocated for the parameters
+// (ring degree n), refusing any other length first and any header other
+// than m's own: Lattigo's decoders do not survive a truncated input (a
+// stack overflow) nor a vector length of 2^43 in a message of the right
+// size (an allocation of what the header says: fatal out of memory),
+// neither of which a recover catches. Lattigo reads every header (vector
+// lengths, flags, metadata, Galois elements) with a short read and the
+// coefficients a limb (n words) at a time: every read but a limb's must
+// give the bytes of m's own encoding at the same offset.
+func decodeExact(n int, b []byte, m sized) error {
 	if len(b) != m.BinarySize() {
 		return fmt.Errorf("%d bytes, want %d", len(b), m.BinarySize())
 	}
-	return m.UnmarshalBinary(b)
+	tmpl, err := m.MarshalBinary()
+	if err != nil {
+		return err
+	}
+	if len(tmpl) != len(b) {
+		return fmt.Errorf("%d bytes, want %d", len(b), len(tmpl))
+	}
+	g := &guardedReader{b: b, tmpl: tmpl, limb: 8 * n}
+	if _, err := m.ReadFrom(g); err != nil {
+		return err
+	}
+	if g.err != nil {
+		return g.err
+	}
+	if g.off != len(b) {
+		return errors.New("trailing bytes")
+	}
+	return nil
+}
+
+// errHeader is a message whose structure is not its parameters'.
+var errHeader = errors.New("a header differs from the parameters' layout")
+
+// guardedReader is the buffer.Reader decodeExact gives Lattigo.
+type guardedReader struct {
+	b, tmpl []byte
+	off     int
+	limb    int
+	err     error
+}
+
+func (g *guardedReader) Size() int { return len(g.b) }
+
+func (g *guardedReader) Peek(k int) ([]byte, error) {
+	if g.err != nil {
+		return nil, g.err
+	}
+	if k < 0 || k > len(g.b)-g.off {
+		g.err = io.ErrUnexpectedEOF
+		return nil, g.err
+	}
+	s := g.b[g.off : g.off+k]
+	if k != g.limb && !bytes.Equal(s, g.tmpl[g.off:g.off+k]) {
+		g.err = errHeader
+		return nil, g.err
+	}
+	return s, nil
+}
+
+func (g *guardedReader) Discard(k int) (int, error) {
+	if g.err != nil {
+		return 0, g.err
+	}
+	if k < 0 || k > len(g.b)-g.off {
+		g.err = io.ErrUnexpectedEOF
+		return 0, g.err
+	}
+	g.off += k
+	return k, nil
+}
+
+func (g *guardedReader) Read(p []byte) (int, error) {
+	s, err := g.Peek(len(p))
+	if err != nil {
+		return 0, err
+	}
+	copy(p, s)
+	return g.Discard(len(p))
 }
 
 func (r *msgReader) done() error {
