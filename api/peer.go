@@ -168,7 +168,13 @@ func (p *Peers) Verify(name string, msg, context, sig []byte) bool {
 
 func requestMessage(from, to, op, at string, body []byte) []byte {
 	sum := sha256.Sum256(body)
-	return []byte("kmsd peer request\n" + from + "\n" + to + "\n" + op + "\n" + at + "\n" + hex.EncodeToString(sum[:]))
+	return requestMessageDigest(from, to, op, at, hex.EncodeToString(sum[:]))
+}
+
+// requestMessageDigest is requestMessage from the body's SHA-256 (hex):
+// the receiver checks the signature before it reads the body.
+func requestMessageDigest(from, to, op, at, digest string) []byte {
+	return []byte("kmsd peer request\n" + from + "\n" + to + "\n" + op + "\n" + at + "\n" + digest)
 }
 
 func answerMessage(reqSig []byte, status int, body []byte) []byte {
@@ -201,6 +207,8 @@ func (p *Peers) Send(ctx context.Context, to, op string, body []byte) ([]byte, e
 	req.Header.Set("Kmsd-Peer", p.self)
 	req.Header.Set("Kmsd-Peer-Time", at)
 	req.Header.Set("Kmsd-Peer-Signature", base64.StdEncoding.EncodeToString(sig))
+	sum := sha256.Sum256(body)
+	req.Header.Set("Kmsd-Peer-Body-Sha256", hex.EncodeToString(sum[:]))
 	resp, err := pe.http.Do(req)
 	if err != nil {
 		return nil, kms.Wrap(kms.KindUnavailable, "peer "+to, err)
@@ -257,26 +265,35 @@ func (s *Server) peerRequest(w http.ResponseWriter, r *http.Request) {
 	}
 	from := r.Header.Get("Kmsd-Peer")
 	at := r.Header.Get("Kmsd-Peer-Time")
+	digest := r.Header.Get("Kmsd-Peer-Body-Sha256")
 	sig, err := base64.StdEncoding.DecodeString(r.Header.Get("Kmsd-Peer-Signature"))
+	_, derr := hex.DecodeString(digest)
+	when, terr := strconv.ParseInt(at, 10, 64)
+	// Who sends, when, and the signature over the body's digest, before
+	// the body is read: the endpoint takes no bearer token, and a body
+	// may be large.
+	switch {
+	case err != nil || !p.Known(from) || from == p.self || terr != nil || derr != nil || len(digest) != 2*sha256.Size:
+		writeProblem(w, r, http.StatusUnauthorized, ProbUnauthenticated, "not a peer of this node")
+		return
+	case p.now().Sub(time.Unix(when, 0)).Abs() > peerWindow:
+		writeProblem(w, r, http.StatusUnauthorized, ProbUnauthenticated, "the peer's clock is more than 2m from this node's")
+		return
+	case !p.peers[from].verify(requestMessageDigest(from, p.self, op, at, digest), sig):
+		writeProblem(w, r, http.StatusUnauthorized, ProbUnauthenticated, "the request is not signed by the peer's identity key")
+		return
+	case !p.fresh(sig):
+		writeProblem(w, r, http.StatusUnauthorized, ProbUnauthenticated, "a replayed peer request")
+		return
+	}
 	body, rerr := io.ReadAll(http.MaxBytesReader(nil, r.Body, maxPeerBody))
 	if rerr != nil {
 		writeProblem(w, r, http.StatusRequestEntityTooLarge, ProbBodyTooLarge, "a peer message is at most 5 GiB")
 		return
 	}
 	ev.bytesIn = len(body)
-	when, terr := strconv.ParseInt(at, 10, 64)
-	switch {
-	case err != nil || !p.Known(from) || from == p.self || terr != nil:
-		writeProblem(w, r, http.StatusUnauthorized, ProbUnauthenticated, "not a peer of this node")
-		return
-	case p.now().Sub(time.Unix(when, 0)).Abs() > peerWindow:
-		writeProblem(w, r, http.StatusUnauthorized, ProbUnauthenticated, "the peer's clock is more than 2m from this node's")
-		return
-	case !p.peers[from].verify(requestMessage(from, p.self, op, at, body), sig):
+	if sum := sha256.Sum256(body); hex.EncodeToString(sum[:]) != digest {
 		writeProblem(w, r, http.StatusUnauthorized, ProbUnauthenticated, "the request is not signed by the peer's identity key")
-		return
-	case !p.fresh(sig):
-		writeProblem(w, r, http.StatusUnauthorized, ProbUnauthenticated, "a replayed peer request")
 		return
 	}
 	if ev.rec != nil {
