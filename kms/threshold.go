@@ -191,6 +191,20 @@ type thrMsg struct {
 	From int    `json:"from,omitempty"`
 	// Digest: the manifest's SHA-256 (finish's answer, commit).
 	Digest string `json:"digest,omitempty"`
+	// Signature: finish's answer, the party's identity signature over
+	// the run and its digest (finishWord). Signatures: commit, every
+	// party's, by name: a party commits only a manifest every party
+	// says it made, not on the coordinator's word.
+	Signature  []byte            `json:"signature,omitempty"`
+	Signatures map[string][]byte `json:"signatures,omitempty"`
+}
+
+// finishContext is the ML-DSA context of a party's word on the manifest
+// a setup made.
+const finishContext = "kmsd-threshold-manifest-v1"
+
+func finishWord(run, digest string) []byte {
+	return []byte("kmsd threshold manifest\n" + run + "\n" + digest)
 }
 
 // frames encodes a small JSON header and binary parts: the peer messages
@@ -422,11 +436,24 @@ func (s *Service) thrStep(ctx context.Context, rec *AuditRecord, run *thrRun, op
 		}
 		run.manifest = man
 		sum := sha256.Sum256(man)
-		return frames(thrMsg{Run: run.id, Digest: "sha256:" + hex.EncodeToString(sum[:])})
+		digest := "sha256:" + hex.EncodeToString(sum[:])
+		sig, _, err := s.SignAsIdentity(ctx, finishWord(run.id, digest), []byte(finishContext))
+		if err != nil {
+			return nil, err
+		}
+		return frames(thrMsg{Run: run.id, Digest: digest, Signature: sig})
 	case PeerSetupCommit:
 		sum := sha256.Sum256(run.manifest)
 		if run.keyset == nil || m.Digest != "sha256:"+hex.EncodeToString(sum[:]) {
 			return nil, Errorf(KindFailedPrecondition, "commit of setup %q: not finished, or another manifest", run.id)
+		}
+		// Every party's word on this very manifest (this node's own
+		// included), each by its pinned identity key.
+		for _, party := range run.policy.Threshold.Parties {
+			sig := m.Signatures[party]
+			if len(sig) == 0 || len(sig) > 8<<10 || !s.peers.Verify(party, finishWord(run.id, m.Digest), []byte(finishContext), sig) {
+				return nil, Errorf(KindFailedPrecondition, "commit of setup %q: party %q did not sign this manifest", run.id, clip(party, 64))
+			}
 		}
 		if err := s.thrCommit(ctx, rec, run); err != nil {
 			return nil, err
@@ -581,7 +608,7 @@ func (c Call) runThresholdSetup(ctx context.Context, name, kindName string, n ui
 					var h thrMsg
 					out[i], err = unframe(b, &h, nparts)
 					if err == nil && op == PeerSetupFinish {
-						out[i] = [][]byte{[]byte(h.Digest)}
+						out[i] = [][]byte{[]byte(h.Digest), h.Signature}
 					}
 				}
 				errs[i] = err
@@ -647,7 +674,11 @@ func (c Call) runThresholdSetup(ctx context.Context, name, kindName string, n ui
 			return nil, abort(Errorf(KindInternal, "party %s made another manifest than party %s", parties[i], parties[0]))
 		}
 	}
-	cbody, _ := frames(thrMsg{Run: res.Run, Digest: want})
+	sigs := map[string][]byte{}
+	for i, d := range digests {
+		sigs[parties[i]] = d[1]
+	}
+	cbody, _ := frames(thrMsg{Run: res.Run, Digest: want, Signatures: sigs})
 	if _, err := all(PeerSetupCommit, cbody, 0); err != nil {
 		// Some parties may have committed: the key is then unusable
 		// until every party holds its share (README: Threshold keys).
