@@ -148,6 +148,8 @@ type thrRun struct {
 	share       Secret
 	manifest    []byte
 	expires     time.Time
+	// contribution is this party's share of the CRS seed (begin).
+	contribution []byte
 }
 
 type thrRuns struct {
@@ -367,11 +369,12 @@ func (s *Service) thrBeginAt(ctx context.Context, m thrBegin) ([]byte, error) {
 	run := &thrRun{id: m.Run, coordinator: m.Coordinator, key: m.Key, kind: m.Kind, version: m.Version, policy: p, createdAt: m.CreatedAt.UTC(),
 		self: slices.Index(p.Threshold.Parties, s.peers.Self()) + 1, private: map[int][]byte{}, expires: now.Add(thrRunTTL)}
 	_ = tk
-	s.thr.m[m.Run] = run
 	contribution := make([]byte, 32)
 	if _, err := io.ReadFull(s.rand, contribution); err != nil {
 		return nil, Wrap(KindInternal, "randomness", err)
 	}
+	run.contribution = contribution
+	s.thr.m[m.Run] = run
 	return frames(struct{}{}, contribution)
 }
 
@@ -383,11 +386,17 @@ func (s *Service) thrStep(ctx context.Context, rec *AuditRecord, run *thrRun, op
 		s.dropRun(run, false)
 		return frames(struct{}{})
 	case PeerSetupRound1:
-		if run.setup != nil || len(parts[0]) != 32 {
+		n := len(run.policy.Threshold.Parties)
+		if run.setup != nil || len(parts[0]) != 32*n {
 			return nil, Errorf(KindFailedPrecondition, "round 1 of setup %q: out of order or malformed", run.id)
 		}
+		// The CRS seed from every party's contribution, this one's
+		// among them at its place: the coordinator does not choose it.
+		if !bytes.Equal(parts[0][32*(run.self-1):32*run.self], run.contribution) {
+			return nil, Errorf(KindFailedPrecondition, "round 1 of setup %q: the CRS does not include this party's contribution", run.id)
+		}
 		var crs [32]byte
-		copy(crs[:], parts[0])
+		copy(crs[:], crsSeed(run.id, parts[0]))
 		setup, err := tk.NewThresholdSetup(run.policy, run.self, crs)
 		if err != nil {
 			return nil, Wrap(KindInternal, "threshold setup", err)
@@ -638,14 +647,16 @@ func (c Call) runThresholdSetup(ctx context.Context, name, kindName string, n ui
 	if err != nil {
 		return nil, abort(err)
 	}
-	// The CRS seed: no party chooses it alone.
-	h := sha256.New()
-	h.Write([]byte("kmsd-threshold-crs-v1\x00" + res.Run))
+	// The CRS seed: no party chooses it alone (each party derives it
+	// from every contribution, checking its own).
+	var seeds []byte
 	for _, c := range contribs {
-		h.Write(c[0])
+		if len(c[0]) != 32 {
+			return nil, abort(Errorf(KindInvalid, "a malformed CRS contribution"))
+		}
+		seeds = append(seeds, c[0]...)
 	}
-	crs := h.Sum(nil)
-	r1body, _ := frames(thrMsg{Run: res.Run}, crs)
+	r1body, _ := frames(thrMsg{Run: res.Run}, seeds)
 	r1, err := all(PeerSetupRound1, r1body, 1)
 	if err != nil {
 		return nil, abort(err)
@@ -708,6 +719,15 @@ func (c Call) handleOwn(ctx context.Context, op string, body []byte) ([]byte, er
 		return nil, Errorf(KindNotFound, "no setup %q in progress", m.Run)
 	}
 	return s.thrStep(ctx, c.rec, run, op, m, parts)
+}
+
+// crsSeed is a setup's CRS seed from every party's contribution (32
+// bytes each, in the parties' order).
+func crsSeed(run string, contributions []byte) []byte {
+	h := sha256.New()
+	h.Write([]byte("kmsd-threshold-crs-v1\x00" + run))
+	h.Write(contributions)
+	return h.Sum(nil)
 }
 
 func firstParts(in [][][]byte) [][]byte {

@@ -131,17 +131,25 @@ func TestCoordinatorCannotCommitDifferentManifests(t *testing.T) {
 	for _, name := range []string{"b", "c"} {
 		call := nodes[name].For(nil)
 		begin := frame(map[string]any{"run": run, "coordinator": "a", "key": "joint", "kind": "fake-thr", "version": 1, "policy": pol, "created_at": time.Now().UTC().Truncate(time.Second)})
-		if _, err := call.HandlePeer(ctx, "a", kms.PeerSetupBegin, begin); err != nil {
+		out, err := call.HandlePeer(ctx, "a", kms.PeerSetupBegin, begin)
+		if err != nil {
 			t.Fatal(err)
 		}
 		if _, err := call.HandlePeer(ctx, "a", kms.PeerSetupRound1, frame(header{Run: run}, make([]byte, 32))); err != nil {
-			t.Fatal(err)
+			// The contributions, this party's at its place (kmsd
+			// after the CRS check).
+			seeds := make([]byte, 96)
+			self := map[string]int{"b": 1, "c": 2}[name]
+			copy(seeds[32*self:], out[len(out)-32:])
+			if _, err := call.HandlePeer(ctx, "a", kms.PeerSetupRound1, frame(header{Run: run}, seeds)); err != nil {
+				t.Fatal(err)
+			}
 		}
 		agg1 := []byte("the sum given to " + name)
 		if _, err := call.HandlePeer(ctx, "a", kms.PeerSetupRound2, frame(header{Run: run}, agg1)); err != nil {
 			t.Fatal(err)
 		}
-		out, err := call.HandlePeer(ctx, "a", kms.PeerSetupFinish, frame(header{Run: run}, agg1, []byte("r2")))
+		out, err = call.HandlePeer(ctx, "a", kms.PeerSetupFinish, frame(header{Run: run}, agg1, []byte("r2")))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -171,5 +179,38 @@ func TestCoordinatorCannotCommitDifferentManifests(t *testing.T) {
 	}
 	if committed == 2 {
 		t.Fatal("b and c committed different manifests (different public keys) for version 1 of the same key, on the coordinator's word")
+	}
+}
+
+// TestCoordinatorDoesNotChooseTheCRS: "The CRS seed: no party chooses it
+// alone" (runThresholdSetup). Before, a party took whatever 32 bytes the
+// coordinator sent at round 1 as the seed; now it derives the seed from
+// every party's contribution and checks its own is there.
+func TestCoordinatorDoesNotChooseTheCRS(t *testing.T) {
+	nodes := map[string]*kms.Service{"a": nil, "c": nil}
+	st, err := bolt.Open(filepath.Join(t.TempDir(), "kms.db"), bolt.Options{Sealer: testhsm.Open(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	svc, err := kms.NewService(kms.Config{Store: st, Sealer: testhsm.Open(t), Kinds: kms.NewRegistry(append(pqc.Kinds(), &fakeThr{})...),
+		Clock: testutil.NewClock(time.Now().UTC()), Peers: &fakePeers{self: "b", nodes: nodes}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	nodes["b"] = svc
+	run := "0123456789abcdef0123456789abcdef"
+	pol := kms.Policy{Threshold: &kms.ThresholdPolicy{Parties: []string{"a", "b", "c"}, T: 2}}
+	call := svc.For(nil)
+	begin := frame(map[string]any{"run": run, "coordinator": "a", "key": "joint", "kind": "fake-thr", "version": 1, "policy": pol, "created_at": time.Now().UTC().Truncate(time.Second)})
+	if _, err := call.HandlePeer(ctx, "a", kms.PeerSetupBegin, begin); err != nil {
+		t.Fatal(err)
+	}
+	chosen := bytes.Repeat([]byte{7}, 32)
+	if _, err := call.HandlePeer(ctx, "a", kms.PeerSetupRound1, frame(map[string]string{"run": run}, chosen)); err == nil {
+		t.Fatal("party b took the coordinator's CRS seed")
+	}
+	if _, err := call.HandlePeer(ctx, "a", kms.PeerSetupRound1, frame(map[string]string{"run": run}, bytes.Repeat(chosen, 3))); err == nil {
+		t.Fatal("party b took contributions without its own")
 	}
 }
