@@ -88,6 +88,8 @@ const (
 	PeerPing         = "ping"
 	thrRunTTL        = 10 * time.Minute
 	maxThrRunsActive = 4
+	// maxThrRunsPerPeer: no one coordinator fills the table.
+	maxThrRunsPerPeer = 2
 )
 
 // PeerOps lists the operations a node answers.
@@ -135,6 +137,7 @@ func (s *Service) checkThreshold(kind KeyKind, p Policy) error {
 
 // thrRun is one setup in progress at a party.
 type thrRun struct {
+	step        sync.Mutex // held by the step running
 	id          string
 	coordinator string
 	key, kind   string
@@ -350,6 +353,11 @@ func (s *Service) thrBeginAt(ctx context.Context, m thrBegin) ([]byte, error) {
 		if k.Kind != m.Kind || k.Policy.Threshold == nil || !slices.Equal(k.Policy.Threshold.Parties, p.Threshold.Parties) || k.Policy.Threshold.T != p.Threshold.T || k.Latest+1 != m.Version {
 			return nil, Errorf(KindFailedPrecondition, "key %q here is not the threshold key of this setup, or not at version %d", m.Key, m.Version-1)
 		}
+		// The key material's parameters are this node's policy's, not
+		// the coordinator's word (which could weaken them at rotation).
+		if !bytes.Equal(k.Policy.Params, p.Params) || !slices.Equal(k.Policy.Rotations, p.Rotations) || k.Policy.Conjugation != p.Conjugation || k.Policy.Relinearization != p.Relinearization {
+			return nil, Errorf(KindFailedPrecondition, "the setup's parameters, rotations or relinearization differ from key %q's policy here: its administrators align the policies first", m.Key)
+		}
 	}
 	s.thr.mu.Lock()
 	defer s.thr.mu.Unlock()
@@ -360,8 +368,14 @@ func (s *Service) thrBeginAt(ctx context.Context, m thrBegin) ([]byte, error) {
 			go s.dropRun(r, false)
 		}
 	}
-	if len(s.thr.m) >= maxThrRunsActive {
-		return nil, Errorf(KindExhausted, "%d threshold setups already in progress here", maxThrRunsActive)
+	byCoordinator := 0
+	for _, r := range s.thr.m {
+		if r.coordinator == m.Coordinator {
+			byCoordinator++
+		}
+	}
+	if len(s.thr.m) >= maxThrRunsActive || byCoordinator >= maxThrRunsPerPeer {
+		return nil, Errorf(KindExhausted, "threshold setups already in progress here (%d in all, %d from %q; at most %d and %d)", len(s.thr.m), byCoordinator, m.Coordinator, maxThrRunsActive, maxThrRunsPerPeer)
 	}
 	if _, dup := s.thr.m[m.Run]; dup {
 		return nil, Errorf(KindAlreadyExists, "setup %q already in progress", m.Run)
@@ -380,6 +394,12 @@ func (s *Service) thrBeginAt(ctx context.Context, m thrBegin) ([]byte, error) {
 
 // thrStep runs one step of a setup at this party.
 func (s *Service) thrStep(ctx context.Context, rec *AuditRecord, run *thrRun, op string, m thrMsg, parts [][]byte) ([]byte, error) {
+	// One step of a run at a time: a step sent twice at once would race
+	// on the run's state.
+	if !run.step.TryLock() {
+		return nil, Errorf(KindFailedPrecondition, "setup %q is running another step", run.id)
+	}
+	defer run.step.Unlock()
 	tk := s.kinds[run.kind].(ThresholdKind)
 	switch op {
 	case PeerSetupAbort:

@@ -43,8 +43,13 @@ func ThresholdDecrypt(ctx context.Context, c *client.Client, k *Keys, env *clien
 	if err != nil {
 		return nil, err
 	}
-	if len(res.Partials) != k.Manifest.Threshold.T {
-		return nil, verifyErr("%d partial decryptions for a threshold of %d", len(res.Partials), k.Manifest.Threshold.T)
+	if t := k.Manifest.Threshold.T; len(res.Partials) != t || len(res.Active) != t || len(res.Parties) != t || res.Version != env.Version || res.Key != env.Key {
+		return nil, verifyErr("the answer holds %d partial decryptions of %s version %d for a threshold of %d, of %s version %d", len(res.Partials), res.Key, res.Version, t, env.Key, env.Version)
+	}
+	for i, a := range res.Active {
+		if a < 1 || a > len(k.Manifest.Threshold.Parties) || (i > 0 && a <= res.Active[i-1]) || k.Manifest.Threshold.Parties[a-1] != res.Parties[i] {
+			return nil, verifyErr("the answering parties %v (%v) are not the key's", res.Active, res.Parties)
+		}
 	}
 	out, err := threshold.Combine(rp, ct, res.Partials)
 	if err != nil {
