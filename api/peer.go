@@ -259,10 +259,6 @@ func (s *Server) peerRequest(w http.ResponseWriter, r *http.Request) {
 		writeProblem(w, r, http.StatusNotFound, ProbNotFound, "no such endpoint")
 		return
 	}
-	if mt, _, _ := mime.ParseMediaType(r.Header.Get("Content-Type")); mt != "application/octet-stream" {
-		writeProblem(w, r, http.StatusUnsupportedMediaType, ProbUnsupportedMedia, "a peer message is application/octet-stream")
-		return
-	}
 	from := r.Header.Get("Kmsd-Peer")
 	at := r.Header.Get("Kmsd-Peer-Time")
 	digest := r.Header.Get("Kmsd-Peer-Body-Sha256")
@@ -284,6 +280,10 @@ func (s *Server) peerRequest(w http.ResponseWriter, r *http.Request) {
 		return
 	case !p.fresh(sig):
 		writeProblem(w, r, http.StatusUnauthorized, ProbUnauthenticated, "a replayed peer request")
+		return
+	}
+	if mt, _, _ := mime.ParseMediaType(r.Header.Get("Content-Type")); mt != "application/octet-stream" {
+		writeProblem(w, r, http.StatusUnsupportedMediaType, ProbUnsupportedMedia, "a peer message is application/octet-stream")
 		return
 	}
 	body, rerr := io.ReadAll(http.MaxBytesReader(nil, r.Body, maxPeerBody))
