@@ -114,7 +114,7 @@ func toPolicy(p kms.Policy) client.Policy {
 	out := client.Policy{DestroyWaitDays: p.DestroyWaitDays, Params: paramsOut(p.Params), Rotations: p.Rotations, Conjugation: p.Conjugation, Relinearization: p.Relinearization,
 		DecryptLogPrecision: p.DecryptLogPrecision, DecryptBudget: p.DecryptBudget, OnDemandGaloisKeys: p.OnDemandGaloisKeys}
 	if t := p.Threshold; t != nil {
-		out.Threshold = &client.ThresholdPolicy{Parties: t.Parties, T: t.T}
+		out.Threshold = &client.ThresholdPolicy{Parties: t.Parties, T: t.T, Requesters: t.Requesters}
 	}
 	if p.RotationPeriod > 0 {
 		out.RotationPeriod = kms.FormatPeriod(p.RotationPeriod)
@@ -132,7 +132,7 @@ func fromPolicy(p *client.Policy) (kms.Policy, error) {
 	out := kms.Policy{DestroyWaitDays: p.DestroyWaitDays, Params: p.Params, Rotations: p.Rotations, Conjugation: p.Conjugation, Relinearization: p.Relinearization,
 		DecryptLogPrecision: p.DecryptLogPrecision, DecryptBudget: p.DecryptBudget, OnDemandGaloisKeys: p.OnDemandGaloisKeys}
 	if t := p.Threshold; t != nil {
-		out.Threshold = &kms.ThresholdPolicy{Parties: t.Parties, T: t.T}
+		out.Threshold = &kms.ThresholdPolicy{Parties: t.Parties, T: t.T, Requesters: t.Requesters}
 	}
 	if p.RotationPeriod != "" {
 		d, err := time.ParseDuration(p.RotationPeriod)

@@ -93,8 +93,9 @@ func (s *Server) thresholdDecrypt(w http.ResponseWriter, r *http.Request) {
 	}
 	eventFrom(r).bytesIn = len(body)
 	var req struct {
-		Ciphertext json.RawMessage `json:"ciphertext"`
-		PublicKey  []byte          `json:"public_key"`
+		Ciphertext json.RawMessage         `json:"ciphertext"`
+		PublicKey  []byte                  `json:"public_key"`
+		Requester  *kms.RequesterSignature `json:"requester"`
 	}
 	dec := json.NewDecoder(bytes.NewReader(body))
 	dec.DisallowUnknownFields()
@@ -108,7 +109,7 @@ func (s *Server) thresholdDecrypt(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	pending(r, http.StatusOK)
-	res, err := s.call(r).ThresholdDecrypt(r.Context(), name, n, env, req.PublicKey)
+	res, err := s.call(r).ThresholdDecrypt(r.Context(), name, n, env, req.PublicKey, req.Requester)
 	if err != nil {
 		writeError(w, r, err)
 		return

@@ -175,7 +175,7 @@ func (k *Key) Clone() *Key {
 	c.Policy.Params = slices.Clone(k.Policy.Params)
 	c.Policy.Rotations = slices.Clone(k.Policy.Rotations)
 	if t := k.Policy.Threshold; t != nil {
-		c.Policy.Threshold = &ThresholdPolicy{Parties: slices.Clone(t.Parties), T: t.T}
+		c.Policy.Threshold = &ThresholdPolicy{Parties: slices.Clone(t.Parties), T: t.T, Requesters: slices.Clone(t.Requesters)}
 	}
 	return &c
 }

@@ -454,7 +454,7 @@ func sameThreshold(a, b *ThresholdPolicy) bool {
 	if a == nil || b == nil {
 		return a == b
 	}
-	return a.T == b.T && slices.Equal(a.Parties, b.Parties)
+	return a.T == b.T && slices.Equal(a.Parties, b.Parties) && slices.Equal(a.Requesters, b.Requesters)
 }
 
 // UpdateKey is For(nil).UpdateKey.

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
+	"encoding/base64"
 	"encoding/binary"
 	"encoding/hex"
 	"encoding/json"
@@ -12,8 +13,13 @@ import (
 	"io"
 	"math"
 	"slices"
+	"strings"
 	"sync"
 	"time"
+
+	"github.com/cloudflare/circl/sign/mldsa/mldsa65"
+
+	"github.com/kmsd-project/kmsd/kms/wire"
 )
 
 // Threshold HE keys: a key's secret exists only as Shamir shares held by
@@ -29,7 +35,22 @@ import (
 type ThresholdPolicy struct {
 	Parties []string `json:"parties"`
 	T       int      `json:"t"`
+	// Requesters, if set, are the ML-DSA-65 public keys (base64) whose
+	// holders may have the key decrypt: every party checks the request's
+	// signature by one of them (RequesterSignature), so that no node,
+	// the coordinating one included, can ask for a decryption alone.
+	Requesters []string `json:"requesters,omitempty"`
 }
+
+// MaxRequesters bounds policy.threshold.requesters.
+const MaxRequesters = 16
+
+// RequesterSignature is a requester's signature on a threshold decryption.
+type RequesterSignature = wire.RequesterSignature
+
+// requesterWindow is how far a requester's signature time may be from a
+// party's clock.
+const requesterWindow = 5 * time.Minute
 
 // MaxThresholdParties bounds a threshold key's parties.
 const MaxThresholdParties = 16
@@ -124,6 +145,17 @@ func (s *Service) checkThreshold(kind KeyKind, p Policy) error {
 		seen[name] = true
 		if !s.peers.Known(name) {
 			return Errorf(KindInvalid, "threshold.parties names %q, which is not a configured peer of this node", clip(name, 64))
+		}
+	}
+	if len(tp.Requesters) > MaxRequesters {
+		return Errorf(KindInvalid, "threshold.requesters names %d keys; at most %d", len(tp.Requesters), MaxRequesters)
+	}
+	for i, r := range tp.Requesters {
+		if _, err := requesterKey(r); err != nil {
+			return Errorf(KindInvalid, "threshold.requesters[%d] is not an ML-DSA-65 public key in base64", i)
+		}
+		if slices.Index(tp.Requesters, r) != i {
+			return Errorf(KindInvalid, "threshold.requesters lists a key twice")
 		}
 	}
 	if p.RotationPeriod > 0 {
@@ -350,7 +382,7 @@ func (s *Service) thrBeginAt(ctx context.Context, m thrBegin) ([]byte, error) {
 		if m.Version == 1 {
 			return nil, Errorf(KindAlreadyExists, "key %q already exists", m.Key)
 		}
-		if k.Kind != m.Kind || k.Policy.Threshold == nil || !slices.Equal(k.Policy.Threshold.Parties, p.Threshold.Parties) || k.Policy.Threshold.T != p.Threshold.T || k.Latest+1 != m.Version {
+		if k.Kind != m.Kind || !sameThreshold(k.Policy.Threshold, p.Threshold) || k.Latest+1 != m.Version {
 			return nil, Errorf(KindFailedPrecondition, "key %q here is not the threshold key of this setup, or not at version %d", m.Key, m.Version-1)
 		}
 		// The key material's parameters are this node's policy's, not
@@ -760,9 +792,10 @@ func firstParts(in [][][]byte) [][]byte {
 
 // thrDecrypt asks a party for its partial decryption.
 type thrDecrypt struct {
-	Key     string `json:"key"`
-	Version uint64 `json:"version"`
-	Active  []int  `json:"active"`
+	Key       string              `json:"key"`
+	Version   uint64              `json:"version"`
+	Active    []int               `json:"active"`
+	Requester *RequesterSignature `json:"requester,omitempty"`
 }
 
 // ThresholdDecryption is what the requester combines: the partial
@@ -834,7 +867,10 @@ func (s *Service) thrPrepare(ctx context.Context, name string, n uint64, env *En
 
 // thrPartial computes this node's partial decryption and spends its
 // budget in one transaction with rec.
-func (s *Service) thrPartial(ctx context.Context, rec *AuditRecord, k *Key, v *Version, tk ThresholdKind, parsed any, plan DecryptPlan, st *Statement, active []int, target []byte) ([]byte, error) {
+func (s *Service) thrPartial(ctx context.Context, rec *AuditRecord, k *Key, v *Version, tk ThresholdKind, parsed any, plan DecryptPlan, st *Statement, active []int, env *Envelope, target []byte, rs *RequesterSignature) ([]byte, error) {
+	if err := s.checkRequester(k, v.Number, env, target, rs); err != nil {
+		return nil, err
+	}
 	self := slices.Index(k.Policy.Threshold.Parties, s.peers.Self()) + 1
 	if !slices.Contains(active, self) {
 		return nil, Errorf(KindInvalid, "this node (party %d) is not among the decrypting parties %v", self, active)
@@ -915,7 +951,7 @@ func (c Call) partialFor(ctx context.Context, coordinator string, body []byte) (
 	if len(m.Active) != k.Policy.Threshold.T || !slices.IsSorted(m.Active) || !slices.Contains(m.Active, slices.Index(k.Policy.Threshold.Parties, coordinator)+1) {
 		return nil, Errorf(KindInvalid, "the decrypting parties must be %d, ascending, the coordinator among them", k.Policy.Threshold.T)
 	}
-	out, err := s.thrPartial(ctx, c.rec, k, v, tk, parsed, plan, st, m.Active, parts[1])
+	out, err := s.thrPartial(ctx, c.rec, k, v, tk, parsed, plan, st, m.Active, env, parts[1], m.Requester)
 	if err != nil {
 		return nil, err
 	}
@@ -945,7 +981,10 @@ func (s *Service) verifyPeerAttestation(peer string, a *Attestation) (*Statement
 // own checks and partial, then t-1 more from the first parties that
 // answer a ping, each checking for itself. Fewer than t parties reachable
 // is KindUnavailable naming the missing ones.
-func (c Call) ThresholdDecrypt(ctx context.Context, name string, n uint64, env *Envelope, target []byte) (*ThresholdDecryption, error) {
+//
+// rs is the requester's signature, which every party checks when the
+// key's policy names requesters.
+func (c Call) ThresholdDecrypt(ctx context.Context, name string, n uint64, env *Envelope, target []byte, rs *RequesterSignature) (*ThresholdDecryption, error) {
 	s := c.Service
 	if s.peers == nil {
 		return nil, Errorf(KindFailedPrecondition, "this kmsd has no peers: it holds no threshold key")
@@ -1007,7 +1046,7 @@ func (c Call) ThresholdDecrypt(ctx context.Context, name string, n uint64, env *
 	if err != nil {
 		return nil, Wrap(KindInternal, "envelope", err)
 	}
-	body, err := frames(thrDecrypt{Key: name, Version: v.Number, Active: active}, envb, target)
+	body, err := frames(thrDecrypt{Key: name, Version: v.Number, Active: active, Requester: rs}, envb, target)
 	if err != nil {
 		return nil, Wrap(KindInternal, "decrypt", err)
 	}
@@ -1026,7 +1065,7 @@ func (c Call) ThresholdDecrypt(ctx context.Context, name string, n uint64, env *
 		go func() {
 			defer wg.Done()
 			if party == self {
-				out.Partials[i], errs[i] = s.thrPartial(ctx, c.rec, k, v, tk, parsed, plan, st, active, target)
+				out.Partials[i], errs[i] = s.thrPartial(ctx, c.rec, k, v, tk, parsed, plan, st, active, env, target, rs)
 				return
 			}
 			b, err := s.peers.Send(ctx, party, PeerDecrypt, body)
@@ -1038,16 +1077,28 @@ func (c Call) ThresholdDecrypt(ctx context.Context, name string, n uint64, env *
 				}
 			}
 			if err != nil {
-				errs[i] = fmt.Errorf("party %s: %w", party, err)
+				errs[i] = err
 			}
 		}()
 	}
 	wg.Wait()
-	if err := errors.Join(errs...); err != nil {
-		if KindOf(err) == KindInternal {
-			return nil, Errorf(KindUnavailable, "a party did not give its partial decryption: %s", err.Error())
+	// Every refusal, each party's own words (the first refusal's kind).
+	var msgs []string
+	kind := KindInternal
+	for i, err := range errs {
+		if err == nil {
+			continue
 		}
-		return nil, err
+		if kind == KindInternal {
+			kind = KindOf(err)
+		}
+		msgs = append(msgs, "party "+out.Parties[i]+": "+strings.TrimPrefix(PublicMessage(err), "peer "+out.Parties[i]+": "))
+	}
+	if len(msgs) > 0 {
+		if kind == KindInternal {
+			kind = KindUnavailable
+		}
+		return nil, Errorf(kind, "%s", strings.Join(msgs, "; "))
 	}
 	return out, nil
 }
@@ -1069,4 +1120,44 @@ func (s *Service) GetKeyHeader(ctx context.Context, name string) (*Key, error) {
 		return nil, err
 	}
 	return s.getKey(ctx, name)
+}
+
+// requesterKey decodes a policy's requester public key.
+func requesterKey(b64 string) (*mldsa65.PublicKey, error) {
+	raw, err := base64.StdEncoding.DecodeString(b64)
+	if err != nil {
+		return nil, err
+	}
+	var pub mldsa65.PublicKey
+	if err := pub.UnmarshalBinary(raw); err != nil {
+		return nil, err
+	}
+	return &pub, nil
+}
+
+// checkRequester verifies, when the key's policy names requesters, that
+// one of them signed this request (key, version, ciphertext, target key)
+// within requesterWindow of this node's clock.
+func (s *Service) checkRequester(k *Key, n uint64, env *Envelope, target []byte, rs *RequesterSignature) error {
+	req := k.Policy.Threshold.Requesters
+	if len(req) == 0 {
+		return nil
+	}
+	if rs == nil {
+		return Errorf(KindPermissionDenied, "key %q decrypts only for its requesters: the request must be signed by one of their keys (policy.threshold.requesters)", k.Name)
+	}
+	if rs.Index < 0 || rs.Index >= len(req) || len(rs.Signature) == 0 || len(rs.Signature) > 8<<10 {
+		return Errorf(KindPermissionDenied, "the requester's signature names no requester of key %q", k.Name)
+	}
+	if s.clock.Now().Sub(time.Unix(rs.Time, 0)).Abs() > requesterWindow {
+		return Errorf(KindPermissionDenied, "the requester's signature is more than %s from this node's clock", requesterWindow)
+	}
+	pub, err := requesterKey(req[rs.Index])
+	if err != nil {
+		return Wrap(KindInternal, "requester key", err)
+	}
+	if !mldsa65.Verify(pub, wire.ThresholdRequestMessage(k.Name, n, env.Digest(), target, rs.Time), []byte(wire.ThresholdRequestContext), rs.Signature) {
+		return Errorf(KindPermissionDenied, "the request is not signed by requester %d of key %q (over this ciphertext and this target key)", rs.Index, k.Name)
+	}
+	return nil
 }

@@ -789,7 +789,7 @@ func (c *Client) Extension(ctx context.Context, name string, version uint64) (*S
 // ThresholdDecrypt asks kmsd for the partial decryptions of env by a
 // threshold key's parties towards publicKey (hekeys.ThresholdDecrypt does
 // the rest).
-func (c *Client) ThresholdDecrypt(ctx context.Context, env *Envelope, publicKey []byte) (*ThresholdDecryptResult, error) {
+func (c *Client) ThresholdDecrypt(ctx context.Context, env *Envelope, publicKey []byte, requester *RequesterSignature) (*ThresholdDecryptResult, error) {
 	var res ThresholdDecryptResult
-	return &res, c.do(ctx, http.MethodPost, keyPath(env.Key, "versions", versionRef(env.Version), "threshold-decrypt"), nil, ThresholdDecryptRequest{Ciphertext: env, PublicKey: publicKey}, &res)
+	return &res, c.do(ctx, http.MethodPost, keyPath(env.Key, "versions", versionRef(env.Version), "threshold-decrypt"), nil, ThresholdDecryptRequest{Ciphertext: env, PublicKey: publicKey, Requester: requester}, &res)
 }

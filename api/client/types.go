@@ -476,6 +476,9 @@ type GaloisRef = wire.GaloisRef
 type ThresholdPolicy struct {
 	Parties []string `json:"parties"`
 	T       int      `json:"t"`
+	// Requesters: ML-DSA-65 public keys (base64); when set, every party
+	// decrypts only requests one of them signed.
+	Requesters []string `json:"requesters,omitempty"`
 }
 
 // ThresholdDecryptRequest is the body of POST
@@ -483,9 +486,14 @@ type ThresholdPolicy struct {
 // envelope and the requester's ephemeral public key (he/threshold's
 // EncodeTarget), which the parties' answers are encrypted to.
 type ThresholdDecryptRequest struct {
-	Ciphertext *Envelope `json:"ciphertext"`
-	PublicKey  []byte    `json:"public_key"`
+	Ciphertext *Envelope           `json:"ciphertext"`
+	PublicKey  []byte              `json:"public_key"`
+	Requester  *RequesterSignature `json:"requester,omitempty"`
 }
+
+// RequesterSignature is a requester's signature on a threshold
+// decryption request (wire.ThresholdRequestMessage).
+type RequesterSignature = wire.RequesterSignature
 
 // ThresholdDecryptResult are the parties' partial decryptions, for the
 // requester to combine and decrypt with its ephemeral secret key.

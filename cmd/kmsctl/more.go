@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"crypto/rand"
 	"encoding/base64"
 	"encoding/json"
 	"flag"
@@ -11,6 +12,7 @@ import (
 	"math"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"text/tabwriter"
@@ -20,6 +22,7 @@ import (
 	"github.com/cloudflare/circl/kem/mlkem/mlkem1024"
 	"github.com/cloudflare/circl/kem/mlkem/mlkem512"
 	"github.com/cloudflare/circl/kem/mlkem/mlkem768"
+	"github.com/cloudflare/circl/sign/mldsa/mldsa65"
 
 	"github.com/kmsd-project/kmsd/api/client"
 	"github.com/kmsd-project/kmsd/api/client/hekeys"
@@ -195,6 +198,7 @@ var heCommands = []command{
 			fs.String("in", "-", "file holding the envelope (- for stdin)")
 			fs.String("identity-key-file", "", "threshold keys: the pinned identity public key the key's manifest is checked with (env KMS_IDENTITY_KEY_FILE); empty: the key kmsd serves over the TLS connection")
 			fs.String("cache-dir", "", "threshold keys: where verified keys are kept by digest (default: the user cache dir, kmsctl/hekeys)")
+			fs.String("requester-key", "", "threshold keys whose policy names requesters: the file of your requester private key (kmsctl he requester-key), which signs the request")
 		},
 		run: func(e *env, fs *flag.FlagSet, _ []string) (int, error) {
 			b, err := readInput(str(fs, "in"), "in")
@@ -214,7 +218,11 @@ var heCommands = []command{
 				if err != nil {
 					return 0, err
 				}
-				pt, err := hekeys.ThresholdDecrypt(e.ctx, e.c, keys, envl)
+				priv, index, err := requesterFor(str(fs, "requester-key"), k.Policy.Threshold.Requesters)
+				if err != nil {
+					return 0, err
+				}
+				pt, err := hekeys.ThresholdDecryptAs(e.ctx, e.c, keys, envl, priv, index)
 				if err != nil {
 					return 0, err
 				}
@@ -228,6 +236,37 @@ var heCommands = []command{
 				return 0, err
 			}
 			return exitOK, printJSONLine(e.stdout, vals)
+		},
+	},
+	{
+		name: "he requester-key", synopsis: "--out FILE",
+		help: "make an ML-DSA-65 key pair for requesting decryptions of threshold keys: writes the private key to FILE (0600, base64) and prints the public key (base64) for the key's policy.threshold.requesters", nargs: 0,
+		flags: func(fs *flag.FlagSet) {
+			fs.String("out", "", "file to write the private key to (required; not overwritten)")
+		},
+		run: func(e *env, fs *flag.FlagSet, _ []string) (int, error) {
+			out := str(fs, "out")
+			if out == "" {
+				return 0, usageError{"--out FILE is required"}
+			}
+			pub, priv, err := mldsa65.GenerateKey(rand.Reader)
+			if err != nil {
+				return 0, err
+			}
+			pb, _ := pub.MarshalBinary()
+			sb, _ := priv.MarshalBinary()
+			f, err := os.OpenFile(out, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+			if err != nil {
+				return 0, usageError{fmt.Sprintf("--out: %v", err)}
+			}
+			if _, err := f.WriteString(base64.StdEncoding.EncodeToString(sb) + "\n"); err != nil {
+				f.Close()
+				return 0, err
+			}
+			if err := f.Close(); err != nil {
+				return 0, err
+			}
+			return exitOK, printJSONLine(e.stdout, map[string]string{"public_key": base64.StdEncoding.EncodeToString(pb), "private_key_file": out})
 		},
 	},
 	{
@@ -529,4 +568,27 @@ func heRekey(e *env, fs *flag.FlagSet, _ []string) (int, error) {
 		return 0, err
 	}
 	return exitOK, printJSONLine(e.stdout, out)
+}
+
+// requesterFor reads a requester private key file and finds its place in
+// a threshold key's requesters (nil, 0 when no file is given).
+func requesterFor(file string, requesters []string) (*mldsa65.PrivateKey, int, error) {
+	if file == "" {
+		return nil, 0, nil
+	}
+	b, err := os.ReadFile(file)
+	if err != nil {
+		return nil, 0, usageError{fmt.Sprintf("--requester-key: %v", err)}
+	}
+	raw, err := base64.StdEncoding.DecodeString(strings.TrimSpace(string(b)))
+	var priv mldsa65.PrivateKey
+	if err != nil || priv.UnmarshalBinary(raw) != nil {
+		return nil, 0, usageError{"--requester-key: not an ML-DSA-65 private key in base64 (kmsctl he requester-key makes one)"}
+	}
+	pb, _ := priv.Public().(*mldsa65.PublicKey).MarshalBinary()
+	i := slices.Index(requesters, base64.StdEncoding.EncodeToString(pb))
+	if i < 0 {
+		return nil, 0, usageError{"--requester-key: its public key is not among the key's policy.threshold.requesters"}
+	}
+	return &priv, i, nil
 }

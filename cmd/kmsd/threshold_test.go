@@ -17,6 +17,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cloudflare/circl/sign/mldsa/mldsa65"
 	"github.com/modelcontextprotocol/go-sdk/mcp"
 
 	"github.com/kmsd-project/kmsd/api"
@@ -174,14 +175,15 @@ func TestThresholdKeyAcrossThreeNodes(t *testing.T) {
 		}
 	}
 	// Two data owners encrypt at node a (its encryptor tokens attest).
-	fetch := func(n *node) *hekeys.Keys {
-		f := &hekeys.Fetcher{BaseURL: n.p.url(), Token: n.token(t, "worker", "joint"), IdentityKey: n.identity, CacheDir: t.TempDir(), HTTP: n.client(t, "").HTTPClient()}
-		k, err := f.Fetch(ctx, "joint", 1)
+	fetchKey := func(n *node, name string) *hekeys.Keys {
+		f := &hekeys.Fetcher{BaseURL: n.p.url(), Token: n.token(t, "worker", name), IdentityKey: n.identity, CacheDir: t.TempDir(), HTTP: n.client(t, "").HTTPClient()}
+		k, err := f.Fetch(ctx, name, 0)
 		if err != nil {
 			t.Fatal(err)
 		}
 		return k
 	}
+	fetch := func(n *node) *hekeys.Keys { return fetchKey(n, "joint") }
 	keys := fetch(a)
 	if kb := fetch(nodes[1]); !kb.PublicKey.Equal(keys.PublicKey) {
 		t.Fatal("node b serves another public key")
@@ -250,6 +252,34 @@ func TestThresholdKeyAcrossThreeNodes(t *testing.T) {
 		}
 	}
 	t.Logf("decrypted by %v with %d bits of precision", pt.Parties, pt.Precision)
+	// A key whose policy names its requesters: every party decrypts only
+	// a request one of them signed, over this ciphertext and this target
+	// key (a node alone, coordinating, cannot ask).
+	rpub, rpriv, _ := mldsa65.GenerateKey(nil)
+	_, other, _ := mldsa65.GenerateKey(nil)
+	rb, _ := rpub.MarshalBinary()
+	if _, err := a.admin.CreateKey(ctx, client.CreateKeyRequest{Name: "signed", Kind: "ckks", Policy: &client.Policy{Params: json.RawMessage(`"ckks-logn13"`), DecryptBudget: 16,
+		Threshold: &client.ThresholdPolicy{Parties: []string{"node-a", "node-b", "node-c"}, T: 2, Requesters: []string{base64.StdEncoding.EncodeToString(rb)}}}}); err != nil {
+		t.Fatal(err)
+	}
+	skeys := fetchKey(nodes[1], "signed")
+	senv, err := skeys.Encrypt([]float64{4, 5})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := hekeys.AttestInput(ctx, a.client(t, a.token(t, "encryptor", "signed")), senv); err != nil {
+		t.Fatal(err)
+	}
+	sdec := a.client(t, a.token(t, "decryptor", "signed"))
+	if _, err := hekeys.ThresholdDecrypt(ctx, sdec, skeys, senv); err == nil || !strings.Contains(err.Error(), "party node-b") || !strings.Contains(err.Error(), "requesters") {
+		t.Fatalf("an unsigned request: %v", err)
+	}
+	if _, err := hekeys.ThresholdDecryptAs(ctx, sdec, skeys, senv, other, 0); err == nil || !strings.Contains(err.Error(), "not signed by requester 0") {
+		t.Fatalf("a request signed by another key: %v", err)
+	}
+	if pt, err := hekeys.ThresholdDecryptAs(ctx, sdec, skeys, senv, rpriv, 0); err != nil || math.Abs(pt.Values[1]-5) > 0.01 {
+		t.Fatalf("a signed request: %+v %v", pt, err)
+	}
 	// Policies a node refuses before any party is asked.
 	for _, c := range []struct {
 		tp   *client.ThresholdPolicy

@@ -232,3 +232,26 @@ func (st *Statement) Covers(e *Envelope) error {
 	}
 	return nil
 }
+
+// ThresholdRequestContext is the ML-DSA context of a requester's signature
+// on a threshold decryption request.
+const ThresholdRequestContext = "kmsd-threshold-request-v1"
+
+// RequesterSignature is a requester's signature on a threshold decryption
+// request, by the key at Index of the key's policy.threshold.requesters:
+// every party checks it, so that no node alone (the coordinating one
+// included) can have the parties decrypt a ciphertext of its choosing or
+// for a key of its own.
+type RequesterSignature struct {
+	Index     int    `json:"index"`
+	Time      int64  `json:"time"` // Unix seconds
+	Signature []byte `json:"signature"`
+}
+
+// ThresholdRequestMessage is what a requester signs: the key, version,
+// the envelope's digest (Envelope.Digest), the SHA-256 of its ephemeral
+// public key (the target of the partial decryptions) and the time.
+func ThresholdRequestMessage(key string, version uint64, envelopeDigest string, target []byte, at int64) []byte {
+	sum := sha256.Sum256(target)
+	return []byte(fmt.Sprintf("kmsd threshold decryption request\n%s\n%d\n%s\n%s\n%d", key, version, envelopeDigest, hex.EncodeToString(sum[:]), at))
+}

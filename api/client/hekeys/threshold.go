@@ -4,6 +4,9 @@ import (
 	"context"
 	"fmt"
 	"math"
+	"time"
+
+	"github.com/cloudflare/circl/sign/mldsa/mldsa65"
 
 	"github.com/tuneinsight/lattigo/v6/core/rlwe"
 	"github.com/tuneinsight/lattigo/v6/schemes/bgv"
@@ -11,6 +14,7 @@ import (
 
 	"github.com/kmsd-project/kmsd/api/client"
 	"github.com/kmsd-project/kmsd/he/threshold"
+	"github.com/kmsd-project/kmsd/kms/wire"
 )
 
 // ThresholdPlaintext is a threshold decryption's result: CKKS values
@@ -29,6 +33,13 @@ type ThresholdPlaintext struct {
 // partial decryptions towards its public key, combines them and decrypts
 // with its secret key, which never leaves this process.
 func ThresholdDecrypt(ctx context.Context, c *client.Client, k *Keys, env *client.Envelope) (*ThresholdPlaintext, error) {
+	return ThresholdDecryptAs(ctx, c, k, env, nil, 0)
+}
+
+// ThresholdDecryptAs is ThresholdDecrypt signed by a requester: requester
+// is the private key whose public key is policy.threshold.requesters[index]
+// (every party checks the signature when the policy names requesters).
+func ThresholdDecryptAs(ctx context.Context, c *client.Client, k *Keys, env *client.Envelope, requester *mldsa65.PrivateKey, index int) (*ThresholdPlaintext, error) {
 	if k.Manifest.Threshold == nil {
 		return nil, fmt.Errorf("hekeys: %s version %d is not a threshold key (decrypt it with Decrypt)", k.Manifest.Key, k.Manifest.Version)
 	}
@@ -39,7 +50,17 @@ func ThresholdDecrypt(ctx context.Context, c *client.Client, k *Keys, env *clien
 	rp := k.rlweParams()
 	sk, pk := rlwe.NewKeyGenerator(rp).GenKeyPairNew()
 	defer sk.Value.Q.Zero()
-	res, err := c.ThresholdDecrypt(ctx, env, threshold.EncodeTarget(pk))
+	target := threshold.EncodeTarget(pk)
+	var rs *client.RequesterSignature
+	if requester != nil {
+		at := time.Now().Unix()
+		sig := make([]byte, mldsa65.SignatureSize)
+		if err := mldsa65.SignTo(requester, wire.ThresholdRequestMessage(env.Key, env.Version, env.Digest(), target, at), []byte(wire.ThresholdRequestContext), true, sig); err != nil {
+			return nil, err
+		}
+		rs = &client.RequesterSignature{Index: index, Time: at, Signature: sig}
+	}
+	res, err := c.ThresholdDecrypt(ctx, env, target, rs)
 	if err != nil {
 		return nil, err
 	}
