@@ -362,30 +362,41 @@ func (p *problemOnError) Write(b []byte) (int, error) {
 	return p.ResponseWriter.Write(b)
 }
 
-// decrypt takes a Lattigo ciphertext (MarshalBinary) as the body, limited
-// to the size a ciphertext of the version's parameters can have.
-func (s *Server) decrypt(w http.ResponseWriter, r *http.Request) {
+// decryptionOf resolves a decryption's key, version (named: not primary)
+// and the largest ciphertext of its parameters, and checks the body is
+// JSON (media says what it must hold); it writes the problem otherwise.
+func (s *Server) decryptionOf(w http.ResponseWriter, r *http.Request, media string) (string, uint64, int64, bool) {
 	n, err := versionParam(r)
 	if err != nil {
 		writeError(w, r, err)
-		return
+		return "", 0, 0, false
 	}
 	if n == 0 {
 		writeProblem(w, r, http.StatusBadRequest, ProbInvalid, "name the version the ciphertext was encrypted under")
-		return
+		return "", 0, 0, false
 	}
 	name := chi.URLParam(r, "name")
-	ev := eventFrom(r)
-	ev.version = n
+	eventFrom(r).version = n
 	limit, err := s.svc.MaxCiphertextSize(r.Context(), name, n)
 	if err != nil {
 		writeError(w, r, err)
-		return
+		return "", 0, 0, false
 	}
 	if mt, _, _ := mime.ParseMediaType(r.Header.Get("Content-Type")); mt != "application/json" {
-		writeProblem(w, r, http.StatusUnsupportedMediaType, ProbUnsupportedMedia, "the body must be a ciphertext envelope (application/json): key, version, params_id, level, scale, slots, ciphertext")
+		writeProblem(w, r, http.StatusUnsupportedMediaType, ProbUnsupportedMedia, media)
+		return "", 0, 0, false
+	}
+	return name, n, limit, true
+}
+
+// decrypt takes a Lattigo ciphertext (MarshalBinary) as the body, limited
+// to the size a ciphertext of the version's parameters can have.
+func (s *Server) decrypt(w http.ResponseWriter, r *http.Request) {
+	name, n, limit, ok := s.decryptionOf(w, r, "the body must be a ciphertext envelope (application/json): key, version, params_id, level, scale, slots, ciphertext")
+	if !ok {
 		return
 	}
+	ev := eventFrom(r)
 	// The envelope carries the ciphertext in base64, plus a few fields and
 	// its attestation (an ML-DSA-65 signature and a statement).
 	bodyLimit := limit/3*4 + 96<<10

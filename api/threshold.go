@@ -6,11 +6,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"mime"
 	"net/http"
 	"net/url"
-
-	"github.com/go-chi/chi/v5"
 
 	"github.com/kmsd-project/kmsd/api/client"
 	"github.com/kmsd-project/kmsd/kms"
@@ -58,24 +55,8 @@ func (s *Server) thresholdDone(w http.ResponseWriter, r *http.Request, name stri
 // thresholdDecrypt answers POST .../threshold-decrypt: t parties' partial
 // decryptions of an attested ciphertext towards the requester's key.
 func (s *Server) thresholdDecrypt(w http.ResponseWriter, r *http.Request) {
-	n, err := versionParam(r)
-	if err != nil {
-		writeError(w, r, err)
-		return
-	}
-	if n == 0 {
-		writeProblem(w, r, http.StatusBadRequest, ProbInvalid, "name the version the ciphertext was encrypted under")
-		return
-	}
-	name := chi.URLParam(r, "name")
-	eventFrom(r).version = n
-	limit, err := s.svc.MaxCiphertextSize(r.Context(), name, n)
-	if err != nil {
-		writeError(w, r, err)
-		return
-	}
-	if mt, _, _ := mime.ParseMediaType(r.Header.Get("Content-Type")); mt != "application/json" {
-		writeProblem(w, r, http.StatusUnsupportedMediaType, ProbUnsupportedMedia, "the body must be application/json: ciphertext (an envelope) and public_key")
+	name, n, limit, ok := s.decryptionOf(w, r, "the body must be application/json: ciphertext (an envelope) and public_key")
+	if !ok {
 		return
 	}
 	// The envelope and the requester's public key (a degree-1 ciphertext's

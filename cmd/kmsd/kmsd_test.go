@@ -105,7 +105,15 @@ func start(t *testing.T, dataDir string, args ...string) *proc {
 // startEnv is start with more environment (env wins over the test's own).
 func startEnv(t *testing.T, dataDir string, env []string, args ...string) *proc {
 	t.Helper()
-	p := &proc{addr: freeAddr(t), dataDir: dataDir, plain: slices.Contains(args, "--insecure-http"), stderr: &testutil.Buffer{}, done: make(chan error, 1)}
+	p := startAt(t, dataDir, freeAddr(t), env, args...)
+	p.plain = slices.Contains(args, "--insecure-http")
+	return p
+}
+
+// startAt is startEnv on a given address.
+func startAt(t testing.TB, dataDir, addr string, env []string, args ...string) *proc {
+	t.Helper()
+	p := &proc{addr: addr, dataDir: dataDir, stderr: &testutil.Buffer{}, done: make(chan error, 1)}
 	p.cmd = exec.Command(kmsdBin, append([]string{"--data-dir", dataDir, "--addr", p.addr}, args...)...)
 	p.cmd.Env = append(append(os.Environ(), "SOFTHSM2_CONF=/nonexistent"), env...) // kmsd must set its own, unless env says
 	p.cmd.Stderr = p.stderr

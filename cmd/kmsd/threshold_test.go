@@ -23,7 +23,6 @@ import (
 	"github.com/kmsd-project/kmsd/api"
 	"github.com/kmsd-project/kmsd/api/client"
 	"github.com/kmsd-project/kmsd/api/client/hekeys"
-	"github.com/kmsd-project/kmsd/internal/testutil"
 	"github.com/kmsd-project/kmsd/kms"
 )
 
@@ -36,25 +35,6 @@ type node struct {
 	admin           *client.Client
 }
 
-// startAt runs kmsd on a given address.
-func startAt(t testing.TB, dir, addr string, args ...string) *proc {
-	t.Helper()
-	p := &proc{addr: addr, dataDir: dir, stderr: &testutil.Buffer{}, done: make(chan error, 1)}
-	p.cmd = exec.Command(kmsdBin, append([]string{"--data-dir", dir, "--addr", addr}, args...)...)
-	p.cmd.Env = append(os.Environ(), "SOFTHSM2_CONF=/nonexistent")
-	p.cmd.Stderr = p.stderr
-	p.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := p.cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	go func() { p.done <- p.cmd.Wait() }()
-	t.Cleanup(func() {
-		p.cmd.Process.Kill()
-		<-p.done
-	})
-	return p
-}
-
 // thresholdNodes starts n kmsd nodes that know each other as peers: each
 // starts once alone (it makes its data dir, token, TLS CA and identity),
 // then again with a --peers file naming the others.
@@ -63,7 +43,7 @@ func thresholdNodes(t testing.TB, names ...string) []*node {
 	var nodes []*node
 	for _, name := range names {
 		n := &node{name: name, dir: filepath.Join(t.TempDir(), name), addr: freeAddr(t)}
-		p := startAt(t, n.dir, n.addr)
+		p := startAt(t, n.dir, n.addr, nil)
 		p.waitReady(t)
 		c, err := p.client(t, "")
 		if err != nil {
@@ -90,7 +70,7 @@ func thresholdNodes(t testing.TB, names ...string) []*node {
 		if err := os.WriteFile(file, b, 0o600); err != nil {
 			t.Fatal(err)
 		}
-		n.p = startAt(t, n.dir, n.addr, "--peers", file)
+		n.p = startAt(t, n.dir, n.addr, nil, "--peers", file)
 	}
 	for _, n := range nodes {
 		n.p.waitReady(t)
