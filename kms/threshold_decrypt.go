@@ -4,8 +4,10 @@ import (
 	"bytes"
 	"context"
 	"encoding/base64"
+	"encoding/hex"
 	"encoding/json"
 	"fmt"
+	"io"
 	"math"
 	"slices"
 	"strings"
@@ -26,6 +28,8 @@ type thrDecrypt struct {
 	Version   uint64              `json:"version"`
 	Active    []int               `json:"active"`
 	Requester *RequesterSignature `json:"requester,omitempty"`
+	// Run names the decryption in every party's audit record.
+	Run string `json:"run"`
 }
 
 // ThresholdDecryption is what the requester combines: the partial
@@ -163,7 +167,10 @@ func (c Call) partialFor(ctx context.Context, coordinator string, body []byte) (
 	if err != nil {
 		return nil, err
 	}
-	noteRun(c.rec, "", m.Key, m.Version)
+	if len(m.Run) != 32 {
+		return nil, Errorf(KindInvalid, "malformed run id")
+	}
+	noteRun(c.rec, m.Run, m.Key, m.Version)
 	limit, err := s.MaxCiphertextSize(ctx, m.Key, m.Version)
 	if err != nil {
 		return nil, err
@@ -276,7 +283,13 @@ func (c Call) ThresholdDecrypt(ctx context.Context, name string, n uint64, env *
 	if err != nil {
 		return nil, Wrap(KindInternal, "envelope", err)
 	}
-	body, err := frames(thrDecrypt{Key: name, Version: v.Number, Active: active, Requester: rs}, envb, target)
+	idb := make([]byte, 16)
+	if _, err := io.ReadFull(s.rand, idb); err != nil {
+		return nil, Wrap(KindInternal, "randomness", err)
+	}
+	run := hex.EncodeToString(idb)
+	noteRun(c.rec, run, name, v.Number)
+	body, err := frames(thrDecrypt{Key: name, Version: v.Number, Active: active, Requester: rs, Run: run}, envb, target)
 	if err != nil {
 		return nil, Wrap(KindInternal, "decrypt", err)
 	}

@@ -232,6 +232,26 @@ func TestThresholdKeyAcrossThreeNodes(t *testing.T) {
 		}
 	}
 	t.Logf("decrypted by %v with %d bits of precision", pt.Parties, pt.Precision)
+	// The decryption is in both answering nodes' audit logs under one run
+	// id (the partial at node b, the request at node a).
+	decRuns := map[string]int{}
+	for _, n := range nodes[:2] {
+		for deadline := time.Now().Add(15 * time.Second); time.Now().Before(deadline); time.Sleep(200 * time.Millisecond) {
+			found := false
+			for _, r := range auditRecords(t, n.admin) {
+				if r.Run != "" && r.Run != run && r.Key == "joint" && r.Version == 1 && r.Status == 200 && (strings.HasSuffix(r.Operation, "/threshold-decrypt") || strings.HasSuffix(r.Operation, "/v1/peer/{op}")) {
+					decRuns[r.Run]++
+					found = true
+				}
+			}
+			if found {
+				break
+			}
+		}
+	}
+	if len(decRuns) != 1 {
+		t.Fatalf("the decryption's run ids in nodes a and b: %v, want one in both", decRuns)
+	}
 	// A key whose policy names its requesters: every party decrypts only
 	// a request one of them signed, over this ciphertext and this target
 	// key (a node alone, coordinating, cannot ask).
