@@ -94,6 +94,8 @@ func TestEveryRefusalIsDeclared(t *testing.T) {
 				return strings.Repeat("0", 64)
 			case "{path}":
 				return "checkpoint"
+			case "{op}":
+				return "ping"
 			}
 			t.Fatalf("no value for %s", p)
 			return ""

@@ -192,7 +192,7 @@ var heCommands = []command{
 		run: heEncrypt,
 	},
 	{
-		name: "he decrypt", synopsis: "[--in FILE] [--identity-key-file FILE] [--cache-dir DIR]",
+		name: "he decrypt", synopsis: "[--in FILE] [--identity-key-file FILE] [--cache-dir DIR] [--requester-key FILE]",
 		help: "decrypt an attested ciphertext envelope (stdin, or --in) through kmsd (decryptor or admin token); prints the JSON array of the slots in use, ckks values after noise flooding, rounded to the precision kmsd kept. A threshold key's ciphertext is decrypted here: kmsd gathers t parties' partial decryptions towards a key kmsctl makes for the call, and only kmsctl sees the values", nargs: 0,
 		flags: func(fs *flag.FlagSet) {
 			fs.String("in", "-", "file holding the envelope (- for stdin)")
