@@ -17,7 +17,7 @@ var flagGroups = []struct {
 	{"Storage", []string{"data-dir", "store", "etcd-endpoints", "etcd-prefix", "etcd-ca", "etcd-cert", "etcd-key",
 		"s3-endpoint", "s3-bucket", "s3-prefix", "s3-region", "s3-ca", "store-scrub-interval", "upgrade-untagged-store"}},
 	{"HSM (PKCS#11)", []string{"pkcs11-module", "pkcs11-token", "pkcs11-pin-file", "kek-label", "pkcs11-wrap"}},
-	{"Keys", []string{"key-cache-ttl", "destroy-check-interval", "min-rotation-period", "rotation-check-interval", "max-keyset-mib", "async-keyset-mib", "he-generations", "he-workers", "he-key-form"}},
+	{"Keys", []string{"key-cache-ttl", "destroy-check-interval", "min-rotation-period", "rotation-check-interval", "max-keyset-mib", "async-keyset-mib", "he-generations", "he-workers", "he-key-form", "peers"}},
 	{"Audit log", []string{"audit-checkpoint-every", "audit-checkpoint-interval", "audit-archive", "audit-retain", "audit-stream", "audit-stream-timeout", "audit-wal-mib"}},
 	{"Tokens and rate limits", []string{"max-token-ttl", "issuer", "oauth-token-ttl", "unauth-rate-limit", "unauth-burst", "token-rate-limit"}},
 	{"Operations", []string{"log-level", "metrics-addr", "metrics-token-file", "debug-addr"}},
