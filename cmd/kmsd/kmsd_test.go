@@ -113,8 +113,18 @@ func startEnv(t *testing.T, dataDir string, env []string, args ...string) *proc 
 // startAt is startEnv on a given address.
 func startAt(t testing.TB, dataDir, addr string, env []string, args ...string) *proc {
 	t.Helper()
+	return startIn(t, "", dataDir, addr, env, args...)
+}
+
+// startIn is startAt in working directory cwd ("": the test's).
+func startIn(t testing.TB, cwd, dataDir, addr string, env []string, args ...string) *proc {
+	t.Helper()
 	p := &proc{addr: addr, dataDir: dataDir, stderr: &testutil.Buffer{}, done: make(chan error, 1)}
+	if cwd != "" && !filepath.IsAbs(dataDir) {
+		p.dataDir = filepath.Join(cwd, dataDir) // for the test's own reads
+	}
 	p.cmd = exec.Command(kmsdBin, append([]string{"--data-dir", dataDir, "--addr", p.addr}, args...)...)
+	p.cmd.Dir = cwd
 	p.cmd.Env = append(append(os.Environ(), "SOFTHSM2_CONF=/nonexistent"), env...) // kmsd must set its own, unless env says
 	p.cmd.Stderr = p.stderr
 	p.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}

@@ -852,6 +852,9 @@ func openSealer(c config, sealedUnder *kekRef, fresh bool, log *slog.Logger, get
 		if pinFile == "" {
 			pinFile = st.PINFile
 		}
+		if st.ConfUpdated {
+			log.Info("embedded SoftHSM: softhsm2.conf now names the data dir's token directory by its absolute path (the data dir moved, or was first given relative to another working directory)", "conf", st.Conf)
+		}
 		log.Info("embedded SoftHSM token", "module", st.Module, "conf", st.Conf, "token", c.token)
 	}
 	switch {

@@ -43,7 +43,14 @@ type Setup struct {
 	Conf       string // SOFTHSM2_CONF
 	TokenLabel string
 	PINFile    string
+	// ConfUpdated: the conf named another token directory than the data
+	// dir's (moved, or first given relative to another working
+	// directory) and was rewritten.
+	ConfUpdated bool
 }
+
+// confHeader starts the softhsm2.conf kmsd writes (and keeps up to date).
+const confHeader = "# written by kmsd on first start"
 
 // ErrMissing: a part of the embedded token is gone from a data dir that
 // had one; Bootstrap makes a new token only when asked to (a new data dir).
@@ -72,11 +79,30 @@ func Bootstrap(dir, label string, create bool) (Setup, error) {
 	if err := os.MkdirAll(tokens, 0o700); err != nil {
 		return st, err
 	}
-	if _, err := os.Stat(st.Conf); errors.Is(err, fs.ErrNotExist) {
-		conf := fmt.Sprintf("# written by kmsd on first start\ndirectories.tokendir = %s\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n", tokens)
+	// The token directory is the one in this data dir, named by its
+	// absolute path: SoftHSM reads a relative one from its working
+	// directory, and a conf that kept the path of another place (the data
+	// dir moved to a new disk, or first given relative to another working
+	// directory) would point at no token. A conf kmsd wrote is brought up
+	// to date at every start; one it did not write is left as it is.
+	abs, err := filepath.Abs(tokens)
+	if err != nil {
+		return st, err
+	}
+	conf := fmt.Sprintf("%s\ndirectories.tokendir = %s\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n", confHeader, abs)
+	cur, err := os.ReadFile(st.Conf)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
 		if err := fileutil.WriteAtomic(st.Conf, []byte(conf), 0o600); err != nil {
 			return st, err
 		}
+	case err != nil:
+		return st, err
+	case strings.HasPrefix(string(cur), confHeader) && string(cur) != conf:
+		if err := fileutil.WriteAtomic(st.Conf, []byte(conf), 0o600); err != nil {
+			return st, err
+		}
+		st.ConfUpdated = true
 	}
 	if err := os.Setenv("SOFTHSM2_CONF", st.Conf); err != nil {
 		return st, err
