@@ -295,66 +295,13 @@ type Decryption struct {
 // then the ciphertext is decrypted.
 func (c Call) Decrypt(ctx context.Context, name string, n uint64, env *Envelope) (*Decryption, error) {
 	s := c.Service
-	if err := ValidateName(name); err != nil {
-		return nil, err
-	}
-	k, v, kind, err := s.usable(ctx, name, n, OpDecrypt)
+	d, err := s.checkDecryption(ctx, c.rec, name, n, env, false, true, func(a *Attestation) (*Statement, error) { return s.VerifyAttestation(ctx, a) })
 	if err != nil {
 		return nil, err
 	}
-	dk, ok := kind.(DecryptingKind)
-	if !ok || v.Manifest == nil {
-		return nil, Errorf(KindFailedPrecondition, "key %q of kind %s does not decrypt", name, k.Kind)
-	}
-	if k.Policy.Threshold != nil {
-		return nil, Errorf(KindFailedPrecondition, "key %q is a threshold key: no node holds its secret; decrypt with POST .../threshold-decrypt (the SDK's ThresholdDecrypt), which %d of its parties answer", name, k.Policy.Threshold.T)
-	}
-	var m Manifest
-	if err := json.Unmarshal(v.Manifest, &m); err != nil {
-		return nil, Wrap(KindInternal, "manifest", err)
-	}
-	if err := env.MatchVersion(name, v.Number, m.ParamsID); err != nil {
-		return nil, err
-	}
-	parsed, err := dk.ParseCiphertext(v.Manifest, env)
-	if err != nil {
-		return nil, err
-	}
-	// Then provenance: only a ciphertext kmsd attested (an input of a
-	// data owner, or an evaluation on attested inputs) is decrypted.
-	if env.Attestation == nil {
-		if rec := c.rec; rec != nil {
-			rec.AttestedOp = "unattested"
-		}
-		return nil, Errorf(KindInvalid, "the ciphertext has no attestation: kmsd decrypts only attested inputs (kmsctl he encrypt with an encryptor token) and results an evaluator computed from them (kmsd-mcp), so that a chosen ciphertext cannot turn decryption into a secret-key oracle")
-	}
-	st, err := s.VerifyAttestation(ctx, env.Attestation)
-	if err != nil {
-		if rec := c.rec; rec != nil {
-			rec.AttestedOp = "invalid"
-		}
-		return nil, err
-	}
-	if err := st.Covers(env); err != nil {
-		return nil, err
-	}
-	noteAttestation(c.rec, st)
-	if err := s.vouchersActive(ctx, st); err != nil {
-		return nil, err
-	}
-	if err := sourcesDecryptable(k, st); err != nil {
-		return nil, err
-	}
-	prec := k.Policy.DecryptLogPrecision
-	if prec == 0 {
-		prec = DefaultDecryptLogPrecision
-	}
-	plan, err := dk.DecryptPlan(v.Manifest, parsed, st.NoiseLog2, EffectiveDecryptBudget(k.Policy.DecryptBudget), prec)
-	if err != nil {
-		return nil, err
-	}
+	k, v, dk := d.k, d.v, d.kind
 	if rec := c.rec; rec != nil {
-		rec.Precision = plan.Precision
+		rec.Precision = d.plan.Precision
 	}
 	priv, ok := s.cache.get(name, v.Number)
 	if !ok {
@@ -372,42 +319,13 @@ func (c Call) Decrypt(ctx context.Context, name string, n uint64, env *Envelope)
 	// Decrypted first, released only once the budget's increment (and
 	// the request's record, status 200) is committed: a decryption that
 	// fails spends no budget and is recorded as what it is answered.
-	vals, err := dk.Decrypt(priv, v.Manifest, parsed, plan)
+	vals, err := dk.Decrypt(priv, v.Manifest, d.parsed, d.plan)
 	if err != nil {
 		return nil, Wrap(KindInternal, "decrypt", err)
 	}
 	err = s.update(ctx, name, func(tx KeyTx) ([]*AuditRecord, error) {
-		k := tx.Key()
-		v, err := tx.Version(v.Number)
-		if err != nil {
+		if err := s.spendDecryption(tx, v.Number, d.st, ""); err != nil {
 			return nil, err
-		}
-		if _, err := transition(k, v, ActUse, s.clock.Now()); err != nil {
-			return nil, err
-		}
-		if b := EffectiveDecryptBudget(k.Policy.DecryptBudget); v.Decryptions >= b {
-			return nil, Errorf(KindExhausted, "the decryption budget of version %d of key %q (%d) is spent: rotate the key and encrypt under the new version", v.Number, name, b)
-		}
-		v.Decryptions++
-		// A re-keyed ciphertext's noise depends on the secrets of the
-		// versions it came from: their budgets count this decryption
-		// too, so that no secret answers more decryptions than the
-		// flooding was sized for.
-		if err := sourcesDecryptable(k, st); err != nil {
-			return nil, err
-		}
-		for _, src := range st.Sources {
-			if src >= v.Number {
-				return nil, Errorf(KindInvalid, "the attestation names version %d as a source of a version %d ciphertext", src, v.Number)
-			}
-			sv, err := tx.Version(src)
-			if err != nil {
-				return nil, err
-			}
-			if b := EffectiveDecryptBudget(k.Policy.DecryptBudget); sv.Decryptions >= b {
-				return nil, Errorf(KindExhausted, "the ciphertext was re-keyed from version %d of key %q, whose decryption budget (%d) is spent: its secret answers no more decryptions, re-keyed or not", src, name, b)
-			}
-			sv.Decryptions++
 		}
 		return auditFor(c.rec, name, v.Number), nil
 	})
@@ -421,7 +339,131 @@ func (c Call) Decrypt(ctx context.Context, name string, n uint64, env *Envelope)
 	case []uint64:
 		vals = x[:min(len(x), env.Slots)]
 	}
-	return &Decryption{Values: vals, Version: v.Number, Precision: plan.Precision}, nil
+	return &Decryption{Values: vals, Version: v.Number, Precision: d.plan.Precision}, nil
+}
+
+// checkedDecryption is a decryption that passed its checks.
+type checkedDecryption struct {
+	k      *Key
+	v      *Version
+	kind   DecryptingKind
+	parsed any
+	st     *Statement
+	plan   DecryptPlan
+}
+
+// checkDecryption runs the checks every decryption makes before a secret
+// is touched: the version usable for decryption, the envelope of its
+// parameters, the ciphertext's attestation (verify checks its signature:
+// this node's identity key, or the coordinating peer's) covering it, its
+// sources decryptable, and the plan (flooding, precision). threshold says
+// whether the key must be a threshold key (its parties' partial
+// decryptions) or must not be (a plain decryption); vouchers checks that
+// the tokens that vouched are active (only the node that attested knows
+// them). rec notes the attestation.
+func (s *Service) checkDecryption(ctx context.Context, rec *AuditRecord, name string, n uint64, env *Envelope, threshold, vouchers bool, verify func(*Attestation) (*Statement, error)) (*checkedDecryption, error) {
+	if err := ValidateName(name); err != nil {
+		return nil, err
+	}
+	k, v, kind, err := s.usable(ctx, name, n, OpDecrypt)
+	if err != nil {
+		return nil, err
+	}
+	dk, ok := kind.(DecryptingKind)
+	if !ok || v.Manifest == nil {
+		return nil, Errorf(KindFailedPrecondition, "key %q of kind %s does not decrypt", name, k.Kind)
+	}
+	switch {
+	case threshold && k.Policy.Threshold == nil:
+		return nil, Errorf(KindFailedPrecondition, "key %q is not a threshold key", name)
+	case !threshold && k.Policy.Threshold != nil:
+		return nil, Errorf(KindFailedPrecondition, "key %q is a threshold key: no node holds its secret; decrypt with POST .../threshold-decrypt (the SDK's ThresholdDecrypt), which %d of its parties answer", name, k.Policy.Threshold.T)
+	}
+	var m Manifest
+	if err := json.Unmarshal(v.Manifest, &m); err != nil {
+		return nil, Wrap(KindInternal, "manifest", err)
+	}
+	if err := env.MatchVersion(name, v.Number, m.ParamsID); err != nil {
+		return nil, err
+	}
+	parsed, err := dk.ParseCiphertext(v.Manifest, env)
+	if err != nil {
+		return nil, err
+	}
+	// Then provenance: only a ciphertext kmsd attested (an input of a
+	// data owner, or an evaluation on attested inputs) is decrypted.
+	if env.Attestation == nil {
+		if rec != nil {
+			rec.AttestedOp = "unattested"
+		}
+		return nil, Errorf(KindInvalid, "the ciphertext has no attestation: kmsd decrypts only attested inputs (kmsctl he encrypt with an encryptor token) and results an evaluator computed from them (kmsd-mcp), so that a chosen ciphertext cannot turn decryption into a secret-key oracle")
+	}
+	st, err := verify(env.Attestation)
+	if err != nil {
+		if rec != nil {
+			rec.AttestedOp = "invalid"
+		}
+		return nil, err
+	}
+	if err := st.Covers(env); err != nil {
+		return nil, err
+	}
+	noteAttestation(rec, st)
+	if vouchers {
+		if err := s.vouchersActive(ctx, st); err != nil {
+			return nil, err
+		}
+	}
+	if err := sourcesDecryptable(k, st); err != nil {
+		return nil, err
+	}
+	prec := k.Policy.DecryptLogPrecision
+	if prec == 0 {
+		prec = DefaultDecryptLogPrecision
+	}
+	plan, err := dk.DecryptPlan(v.Manifest, parsed, st.NoiseLog2, EffectiveDecryptBudget(k.Policy.DecryptBudget), prec)
+	if err != nil {
+		return nil, err
+	}
+	return &checkedDecryption{k: k, v: v, kind: dk, parsed: parsed, st: st, plan: plan}, nil
+}
+
+// spendDecryption counts one decryption with version n against its
+// budget, in tx, and against the budgets of the versions the ciphertext
+// was re-keyed from: its noise depends on their secrets, and no secret
+// answers more decryptions than the flooding was sized for. at names the
+// node in a refusal ("" for a plain decryption).
+func (s *Service) spendDecryption(tx KeyTx, n uint64, st *Statement, at string) error {
+	k := tx.Key()
+	v, err := tx.Version(n)
+	if err != nil {
+		return err
+	}
+	if _, err := transition(k, v, ActUse, s.clock.Now()); err != nil {
+		return err
+	}
+	if err := sourcesDecryptable(k, st); err != nil {
+		return err
+	}
+	b := EffectiveDecryptBudget(k.Policy.DecryptBudget)
+	if v.Decryptions >= b {
+		return Errorf(KindExhausted, "the decryption budget of version %d of key %q (%d) is spent%s: rotate the key and encrypt under the new version", v.Number, k.Name, b, at)
+	}
+	v.Decryptions++
+	for _, src := range st.Sources {
+		if src >= v.Number {
+			return Errorf(KindInvalid, "the attestation names version %d as a source of a version %d ciphertext", src, v.Number)
+		}
+		sv, err := tx.Version(src)
+		if err != nil {
+			return err
+		}
+		if sv.Decryptions >= b {
+			return Errorf(KindExhausted, "the ciphertext was re-keyed from version %d of key %q, whose decryption budget (%d) is spent%s: its secret answers no more decryptions, re-keyed or not", src, k.Name, b, at)
+		}
+		sv.Decryptions++
+	}
+	return nil
 }
 
 // Decrypt is For(nil).Decrypt.

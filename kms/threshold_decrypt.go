@@ -43,65 +43,11 @@ type ThresholdDecryption struct {
 	Version   uint64
 }
 
-// thrPrepare runs this node's checks of a decryption of env by version n
-// of threshold key name (the same as for a decryption: provenance,
-// parameters, policy, budget) and returns what the partial decryption
-// needs. verify checks the attestation (against this node's identity, or
-// the coordinator's).
-func (s *Service) thrPrepare(ctx context.Context, name string, n uint64, env *Envelope, verify func(*Attestation) (*Statement, error)) (*Key, *Version, ThresholdKind, any, DecryptPlan, *Statement, error) {
-	fail := func(err error) (*Key, *Version, ThresholdKind, any, DecryptPlan, *Statement, error) {
-		return nil, nil, nil, nil, DecryptPlan{}, nil, err
-	}
-	if err := ValidateName(name); err != nil {
-		return fail(err)
-	}
-	k, v, kind, err := s.usable(ctx, name, n, OpDecrypt)
-	if err != nil {
-		return fail(err)
-	}
-	tk, ok := kind.(ThresholdKind)
-	dk, ok2 := kind.(DecryptingKind)
-	if !ok || !ok2 || k.Policy.Threshold == nil || v.Manifest == nil {
-		return fail(Errorf(KindFailedPrecondition, "key %q is not a threshold key", name))
-	}
-	var m Manifest
-	if err := json.Unmarshal(v.Manifest, &m); err != nil {
-		return fail(Wrap(KindInternal, "manifest", err))
-	}
-	if err := env.MatchVersion(name, v.Number, m.ParamsID); err != nil {
-		return fail(err)
-	}
-	parsed, err := dk.ParseCiphertext(v.Manifest, env)
-	if err != nil {
-		return fail(err)
-	}
-	if env.Attestation == nil {
-		return fail(Errorf(KindInvalid, "the ciphertext has no attestation: kmsd decrypts only attested inputs and results computed from them"))
-	}
-	st, err := verify(env.Attestation)
-	if err != nil {
-		return fail(err)
-	}
-	if err := st.Covers(env); err != nil {
-		return fail(err)
-	}
-	if err := sourcesDecryptable(k, st); err != nil {
-		return fail(err)
-	}
-	prec := k.Policy.DecryptLogPrecision
-	if prec == 0 {
-		prec = DefaultDecryptLogPrecision
-	}
-	plan, err := dk.DecryptPlan(v.Manifest, parsed, st.NoiseLog2, EffectiveDecryptBudget(k.Policy.DecryptBudget), prec)
-	if err != nil {
-		return fail(err)
-	}
-	return k, v, tk, parsed, plan, st, nil
-}
-
-// thrPartial computes this node's partial decryption and spends its
-// budget in one transaction with rec.
-func (s *Service) thrPartial(ctx context.Context, rec *AuditRecord, k *Key, v *Version, tk ThresholdKind, parsed any, plan DecryptPlan, st *Statement, active []int, env *Envelope, target []byte, rs *RequesterSignature) ([]byte, error) {
+// thrPartial computes this node's partial decryption of d (checked by
+// checkDecryption, threshold) and spends its budget in one transaction
+// with rec.
+func (s *Service) thrPartial(ctx context.Context, rec *AuditRecord, d *checkedDecryption, active []int, env *Envelope, target []byte, rs *RequesterSignature) ([]byte, error) {
+	k, v := d.k, d.v
 	if err := s.checkRequester(k, v.Number, env, target, rs); err != nil {
 		return nil, err
 	}
@@ -109,47 +55,27 @@ func (s *Service) thrPartial(ctx context.Context, rec *AuditRecord, k *Key, v *V
 	if !slices.Contains(active, self) {
 		return nil, Errorf(KindInvalid, "this node (party %d) is not among the decrypting parties %v", self, active)
 	}
+	tk, ok := d.kind.(ThresholdKind)
+	if !ok {
+		return nil, Errorf(KindFailedPrecondition, "key %q of kind %s has no threshold decryption", k.Name, k.Kind)
+	}
 	share, err := s.sealer.Unseal(ctx, SealContext{Key: k.Name, Version: v.Number, Kind: k.Kind}, v.Sealed)
 	if err != nil {
 		return nil, asUnavailable("unseal", err)
 	}
-	out, err := tk.PartialDecrypt(share, v.Manifest, active, parsed, target, plan)
+	out, err := tk.PartialDecrypt(share, v.Manifest, active, d.parsed, target, d.plan)
 	share.Wipe()
 	if err != nil {
 		return nil, Errorf(KindInvalid, "partial decryption: %v", err)
 	}
 	if rec != nil {
-		rec.Precision = plan.Precision
-		noteAttestation(rec, st)
+		rec.Precision = d.plan.Precision
 	}
 	err = s.update(ctx, k.Name, func(tx KeyTx) ([]*AuditRecord, error) {
-		k := tx.Key()
-		tv, err := tx.Version(v.Number)
-		if err != nil {
+		if err := s.spendDecryption(tx, v.Number, d.st, fmt.Sprintf(" at node %q", s.peers.Self())); err != nil {
 			return nil, err
 		}
-		if _, err := transition(k, tv, ActUse, s.clock.Now()); err != nil {
-			return nil, err
-		}
-		if err := sourcesDecryptable(k, st); err != nil {
-			return nil, err
-		}
-		b := EffectiveDecryptBudget(k.Policy.DecryptBudget)
-		if tv.Decryptions >= b {
-			return nil, Errorf(KindExhausted, "the decryption budget of version %d of key %q (%d) is spent at node %q: rotate the key", tv.Number, k.Name, b, s.peers.Self())
-		}
-		tv.Decryptions++
-		for _, src := range st.Sources {
-			sv, err := tx.Version(src)
-			if err != nil {
-				return nil, err
-			}
-			if sv.Decryptions >= b {
-				return nil, Errorf(KindExhausted, "the ciphertext was re-keyed from version %d, whose decryption budget is spent", src)
-			}
-			sv.Decryptions++
-		}
-		return auditFor(rec, k.Name, tv.Number), nil
+		return auditFor(rec, k.Name, v.Number), nil
 	})
 	if err != nil {
 		return nil, err
@@ -179,16 +105,17 @@ func (c Call) partialFor(ctx context.Context, coordinator string, body []byte) (
 	if err != nil {
 		return nil, err
 	}
-	k, v, tk, parsed, plan, st, err := s.thrPrepare(ctx, m.Key, m.Version, env, func(a *Attestation) (*Statement, error) {
+	d, err := s.checkDecryption(ctx, c.rec, m.Key, m.Version, env, true, false, func(a *Attestation) (*Statement, error) {
 		return s.verifyPeerAttestation(coordinator, a)
 	})
 	if err != nil {
 		return nil, err
 	}
+	k := d.k
 	if len(m.Active) != k.Policy.Threshold.T || !slices.IsSorted(m.Active) || !slices.Contains(m.Active, slices.Index(k.Policy.Threshold.Parties, coordinator)+1) {
 		return nil, Errorf(KindInvalid, "the decrypting parties must be %d, ascending, the coordinator among them", k.Policy.Threshold.T)
 	}
-	out, err := s.thrPartial(ctx, c.rec, k, v, tk, parsed, plan, st, m.Active, env, parts[1], m.Requester)
+	out, err := s.thrPartial(ctx, c.rec, d, m.Active, env, parts[1], m.Requester)
 	if err != nil {
 		return nil, err
 	}
@@ -226,17 +153,11 @@ func (c Call) ThresholdDecrypt(ctx context.Context, name string, n uint64, env *
 	if s.peers == nil {
 		return nil, Errorf(KindFailedPrecondition, "this kmsd has no peers: it holds no threshold key")
 	}
-	k, v, tk, parsed, plan, st, err := s.thrPrepare(ctx, name, n, env, func(a *Attestation) (*Statement, error) {
-		st, err := s.VerifyAttestation(ctx, a)
-		if err == nil {
-			err = s.vouchersActive(ctx, st)
-		}
-		return st, err
-	})
+	d, err := s.checkDecryption(ctx, c.rec, name, n, env, true, true, func(a *Attestation) (*Statement, error) { return s.VerifyAttestation(ctx, a) })
 	if err != nil {
 		return nil, err
 	}
-	noteAttestation(c.rec, st)
+	k, v, plan := d.k, d.v, d.plan
 	tp := k.Policy.Threshold
 	self := s.peers.Self()
 	// Who answers: this node and the first others to answer a ping.
@@ -308,7 +229,7 @@ func (c Call) ThresholdDecrypt(ctx context.Context, name string, n uint64, env *
 		go func() {
 			defer wg.Done()
 			if party == self {
-				out.Partials[i], errs[i] = s.thrPartial(ctx, c.rec, k, v, tk, parsed, plan, st, active, env, target, rs)
+				out.Partials[i], errs[i] = s.thrPartial(ctx, c.rec, d, active, env, target, rs)
 				return
 			}
 			b, err := s.peers.Send(ctx, party, PeerDecrypt, body)
