@@ -300,6 +300,9 @@ func (s *Server) peerRequest(w http.ResponseWriter, r *http.Request) {
 		ev.rec.Actor, ev.rec.Role = "peer:"+from, "peer"
 	}
 	out, herr := s.call(r).HandlePeer(r.Context(), from, op, body)
+	// The body may hold a Shamir share of a party's secret; nothing
+	// HandlePeer keeps points into it.
+	clear(body)
 	sw := &signedAnswer{ResponseWriter: w, s: s, r: r, reqSig: sig}
 	if herr != nil {
 		sw.fail(herr)

@@ -59,9 +59,9 @@ func (s *Server) thresholdDecrypt(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
-	// The envelope and the requester's public key (a degree-1 ciphertext's
-	// size at the top level, over QP: at most twice the ciphertext).
-	bodyLimit := 3*limit/3*4 + 128<<10
+	// The envelope's ciphertext and the requester's public key (two
+	// polynomials over QP: at most twice a ciphertext), in base64.
+	bodyLimit := (limit+2*limit)/3*4 + 128<<10
 	body, err := io.ReadAll(http.MaxBytesReader(nil, r.Body, bodyLimit))
 	var mbe *http.MaxBytesError
 	if errors.As(err, &mbe) {

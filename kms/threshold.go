@@ -205,6 +205,12 @@ func (s *Service) dropRun(run *thrRun, committed bool) {
 		}
 	}
 	run.share.Wipe()
+	// The other parties' Shamir shares of their secrets, too.
+	s.thr.mu.Lock()
+	for _, b := range run.private {
+		clear(b)
+	}
+	s.thr.mu.Unlock()
 }
 
 // thrBegin opens a setup at a party.
@@ -352,7 +358,7 @@ func (s *Service) thrBeginAt(ctx context.Context, m thrBegin) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	tk, ok := kind.(ThresholdKind)
+	_, ok := kind.(ThresholdKind)
 	if !ok || m.Policy.Threshold == nil {
 		return nil, Errorf(KindInvalid, "not a threshold setup")
 	}
@@ -409,7 +415,6 @@ func (s *Service) thrBeginAt(ctx context.Context, m thrBegin) ([]byte, error) {
 	}
 	run := &thrRun{id: m.Run, coordinator: m.Coordinator, key: m.Key, kind: m.Kind, version: m.Version, policy: p, createdAt: m.CreatedAt.UTC(),
 		self: slices.Index(p.Threshold.Parties, s.peers.Self()) + 1, private: map[int][]byte{}, expires: now.Add(thrRunTTL)}
-	_ = tk
 	contribution := make([]byte, 32)
 	if _, err := io.ReadFull(s.rand, contribution); err != nil {
 		return nil, Wrap(KindInternal, "randomness", err)
@@ -453,16 +458,22 @@ func (s *Service) thrStep(ctx context.Context, rec *AuditRecord, run *thrRun, op
 		if err != nil {
 			return nil, Wrap(KindInternal, "threshold round 1", err)
 		}
+		defer func() {
+			for _, sh := range private {
+				clear(sh)
+			}
+		}()
 		// Each other party's Shamir share goes to it directly.
 		for j, sh := range private {
 			msg, err := frames(thrMsg{Run: run.id, From: run.self}, sh)
 			if err != nil {
 				return nil, err
 			}
-			if _, err := s.peers.Send(ctx, run.policy.Threshold.Parties[j-1], PeerSetupShamir, msg); err != nil {
+			_, err = s.peers.Send(ctx, run.policy.Threshold.Parties[j-1], PeerSetupShamir, msg)
+			clear(msg)
+			if err != nil {
 				return nil, asUnavailable(fmt.Sprintf("send party %d its share", j), err)
 			}
-			clear(sh)
 		}
 		return frames(struct{}{}, b)
 	case PeerSetupRound2:

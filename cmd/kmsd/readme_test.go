@@ -159,7 +159,7 @@ func TestREADMERunsAsWritten(t *testing.T) {
 		}
 	})
 	cmd.Env = append(os.Environ(), "KMS_URL=https://"+p.addr, "KMSD_MCP_HTTP="+mcpAddr, "KMS_METRICS_ADDR="+metricsAddr,
-		"KMS_NODE_A="+freeAddr(t), "KMS_NODE_B="+freeAddr(t), "KMS_NODE_C="+freeAddr(t), "SOFTHSM2_CONF=")
+		"KMS_NODE_A="+freeAddr(t), "KMS_NODE_B="+freeAddr(t), "KMS_NODE_C="+freeAddr(t))
 	var out testutil.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &out
 	if err := cmd.Run(); err != nil {
