@@ -1,7 +1,6 @@
 package main
 
 import (
-	"context"
 	"os"
 	"path/filepath"
 	"strings"
@@ -22,14 +21,7 @@ func TestDataDirRelativeThenMoved(t *testing.T) {
 	work := t.TempDir()
 	p := startIn(t, work, "data", freeAddr(t), nil)
 	p.waitReady(t)
-	c, err := p.client(t, "")
-	if err != nil {
-		t.Fatal(err)
-	}
-	id, err := c.Identity(context.Background())
-	if err != nil {
-		t.Fatal(err)
-	}
+	id := p.identity(t)
 	p.cmd.Process.Signal(syscall.SIGTERM)
 	p.wait(t, 20*time.Second)
 	conf, _ := os.ReadFile(filepath.Join(work, "data", "softhsm", "softhsm2.conf"))
@@ -45,15 +37,7 @@ func TestDataDirRelativeThenMoved(t *testing.T) {
 	}
 	q := startIn(t, t.TempDir(), moved, freeAddr(t), nil)
 	q.waitReady(t)
-	c2, err := q.client(t, "")
-	if err != nil {
-		t.Fatal(err)
-	}
-	id2, err := c2.Identity(context.Background())
-	if err != nil {
-		t.Fatal(err)
-	}
-	if string(id2.PublicKey) != string(id.PublicKey) {
+	if string(q.identity(t)) != string(id) {
 		t.Fatal("the moved data dir serves another identity key")
 	}
 }

@@ -110,6 +110,20 @@ func startEnv(t *testing.T, dataDir string, env []string, args ...string) *proc 
 	return p
 }
 
+// identity is the ML-DSA-65 identity public key p serves.
+func (p *proc) identity(t testing.TB) []byte {
+	t.Helper()
+	c, err := p.client(t, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	id, err := c.Identity(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return id.PublicKey
+}
+
 // startAt is startEnv on a given address.
 func startAt(t testing.TB, dataDir, addr string, env []string, args ...string) *proc {
 	t.Helper()

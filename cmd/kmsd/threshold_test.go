@@ -45,15 +45,7 @@ func thresholdNodes(t testing.TB, names ...string) []*node {
 		n := &node{name: name, dir: filepath.Join(t.TempDir(), name), addr: freeAddr(t)}
 		p := startAt(t, n.dir, n.addr, nil)
 		p.waitReady(t)
-		c, err := p.client(t, "")
-		if err != nil {
-			t.Fatal(err)
-		}
-		id, err := c.Identity(context.Background())
-		if err != nil {
-			t.Fatal(err)
-		}
-		n.identity = id.PublicKey
+		n.identity = p.identity(t)
 		p.cmd.Process.Signal(syscall.SIGTERM)
 		p.wait(t, 20*time.Second)
 		nodes = append(nodes, n)
